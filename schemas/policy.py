@@ -1,0 +1,214 @@
+"""The curation and certification policy: one nested, frozen Pydantic config.
+
+Every stage reads its own small section.  Unknown keys and out-of-range values are
+rejected with the key path and the allowed range before any work starts.  The
+policy's hash (canonical JSON, sha256) is part of version ids and cache keys.
+
+Load with :func:`load_policy` from TOML (``.toml``) or YAML (``.yaml``/``.yml``);
+``docs/policy.md`` documents every key, ``prefpipe policy show`` prints the effective
+policy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+FlagAction = Literal["drop", "downweight", "warn"]
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(_Cfg):
+    max_errors_shown: int = Field(20, ge=0, description="errors printed by `validate`")
+    batch_rows: int = Field(50_000, ge=1_000, description="rows parsed per streaming batch")
+
+
+class NearDuplicateConfig(_Cfg):
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    threshold: float = Field(0.7, gt=0.0, lt=1.0, description="LSH Jaccard threshold")
+    shingle_size: int = Field(5, ge=2, le=16, description="character shingle length on dedup_key text")
+    seed: int = 1
+
+
+class AggregationConfig(_Cfg):
+    ai_mode: Literal["human_first", "separate", "vote", "ignore_ai"] = Field(
+        "human_first",
+        description=(
+            "human_first: humans decide when any human judged the pair, AI labels only pairs no human judged; "
+            "separate: AI-only and human-only labels are kept, pairs where they disagree are escalated; "
+            "vote: AI judgments vote with weight ai_weight; ignore_ai: AI judgments are not used for labels"
+        ),
+    )
+    ai_weight: float = Field(0.5, ge=0.0, le=1.0)
+    ds_iterations: int = Field(50, ge=1, le=1000, description="Dawid-Skene EM iterations")
+
+
+class AgreementConfig(_Cfg):
+    low_agreement_threshold: float = Field(0.6, ge=0.0, le=1.0, description="per-pair agreement below this -> low_agreement")
+    min_judgments: int = Field(2, ge=2, description="pairs with fewer judgments are not scored")
+    bootstrap: int = Field(200, ge=0, le=10_000, description="bootstrap resamples for confidence intervals")
+    seed: int = 0
+
+
+class AnnotatorTestConfig(_Cfg):
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="significance level (Benjamini-Hochberg FDR)")
+    min_judgments: int = Field(20, ge=5, description="fewer decisive judgments -> insufficient_data, never a flag")
+
+
+class LanguageConfig(_Cfg):
+    enabled: bool = True
+    min_chars: int = Field(40, ge=1, description="texts shorter than this (letters only) give no evidence")
+    min_probability: float = Field(0.95, gt=0.0, le=1.0)
+    max_chars: int = Field(600, ge=50, description="characters of a text passed to langdetect")
+    seed: int = 0
+
+
+class ChecksConfig(_Cfg):
+    near_duplicate: NearDuplicateConfig = NearDuplicateConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    agreement: AgreementConfig = AgreementConfig()
+    reliability: AnnotatorTestConfig = AnnotatorTestConfig()
+    position_bias: AnnotatorTestConfig = AnnotatorTestConfig()
+    length_bias: AnnotatorTestConfig = AnnotatorTestConfig()
+    language: LanguageConfig = LanguageConfig()
+    max_label_share: float = Field(0.65, gt=0.5, le=1.0, description="a/b share above this in a slice -> label_imbalance")
+    easy_strength: float = Field(0.9, ge=0.0, le=1.0, description="unanimous pairs at least this strong are too_easy")
+    ambiguous_strength: float = Field(0.3, ge=0.0, le=1.0, description="split pairs at most this strong are ambiguous")
+
+
+class SelectConfig(_Cfg):
+    flag_actions: dict[str, FlagAction] = Field(
+        default_factory=lambda: {
+            "exact_duplicate": "drop",
+            "identical_responses": "drop",
+            "near_duplicate": "warn",
+            "low_agreement": "drop",
+            "language_mismatch": "drop",
+            "position_bias": "downweight",
+            "length_bias": "downweight",
+            "low_reliability": "drop",
+        },
+        description="what each flag reason does to the judgments/pairs it names",
+    )
+    downweight_factor: float = Field(0.5, ge=0.0, le=1.0)
+    route: dict[str, Literal["route", "drop"]] = Field(
+        default_factory=lambda: {"tie": "route", "both_bad": "route", "escalate": "route"},
+    )
+    min_strength: float = Field(0.0, ge=0.0, le=1.0)
+    weight_by: Literal["agreement", "agreement_x_strength", "none"] = "agreement"
+    max_tokens_per_pair: int = Field(4096, ge=16)
+    tokenizer: str = Field("chars/4", description="'chars/4' estimate, or a local tokenizer path")
+
+    @model_validator(mode="after")
+    def _known_reasons(self) -> SelectConfig:
+        from schemas.records import FlagReason
+
+        known = {r.value for r in FlagReason}
+        bad = sorted(set(self.flag_actions) - known)
+        if bad:
+            raise ValueError(f"select.flag_actions: unknown reason(s) {bad}; allowed: {sorted(known)}")
+        bad_routes = sorted(set(self.route) - {"tie", "both_bad", "escalate"})
+        if bad_routes:
+            raise ValueError(f"select.route: unknown label(s) {bad_routes}; allowed: tie, both_bad, escalate")
+        return self
+
+
+class SplitConfig(_Cfg):
+    train: float = Field(0.8, ge=0.0, le=1.0)
+    validation: float = Field(0.1, ge=0.0, le=1.0)
+    test: float = Field(0.1, ge=0.0, le=1.0)
+    seed: int = 17
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitConfig:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"split fractions must sum to 1.0, found {total:g}")
+        return self
+
+
+class CertifyConfig(_Cfg):
+    min_pairs_per_split: dict[str, int] = Field(default_factory=lambda: {"train": 20, "validation": 2, "test": 2})
+    min_pairs_per_locale: int = Field(5, ge=0)
+    min_krippendorff_alpha: float = Field(0.2, ge=-1.0, le=1.0)
+    max_biased_annotator_share: float = Field(0.10, ge=0.0, le=1.0)
+    max_exact_duplicate_rate: float = Field(0.05, ge=0.0, le=1.0)
+    max_near_duplicate_rate: float = Field(0.10, ge=0.0, le=1.0)
+    max_quarantine_rate: float = Field(0.05, ge=0.0, le=1.0)
+    label_balance: tuple[float, float] = (0.35, 0.65)
+    ai_share: tuple[float, float] = (0.0, 0.8)
+    require_expectations: bool = True
+    train_after_certify: bool = False
+
+
+class Policy(_Cfg):
+    """The whole policy. Defaults are a sensible starting point for mixed human/AI data."""
+
+    name: str = "default"
+    ingest: IngestConfig = IngestConfig()
+    checks: ChecksConfig = ChecksConfig()
+    select: SelectConfig = SelectConfig()
+    split: SplitConfig = SplitConfig()
+    certify: CertifyConfig = CertifyConfig()
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def policy_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the key and the rule."""
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"invalid policy {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (found {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def policy_from_dict(data: dict[str, Any], source: str = "<dict>") -> Policy:
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as err:
+        raise PolicyError(_format_validation(err, source)) from err
+
+
+def load_policy(path: str | Path | None) -> Policy:
+    """Read a TOML or YAML policy file; ``None`` gives the defaults."""
+    if path is None:
+        return Policy()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise PolicyError(f"cannot read policy file {p}: {err.strerror}") from err
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise PolicyError(f"policy file {p}: expected .toml, .yaml or .yml, found {p.suffix or 'no suffix'!r}")
+    except (tomllib.TOMLDecodeError, ValueError) as err:
+        if isinstance(err, PolicyError):
+            raise
+        raise PolicyError(f"policy file {p} is not valid {p.suffix[1:].upper()}: {err}") from err
+    if not isinstance(data, dict):
+        raise PolicyError(f"policy file {p}: expected a mapping at the top level")
+    return policy_from_dict(data, str(p))

@@ -1,0 +1,255 @@
+"""Record shapes: the raw judgment (input contract), the canonical judgment row, the pair,
+the DPO row, quarantine rows, flags and annotator statistics.
+
+These Pydantic models are the single source of truth: Arrow/Parquet/Polars schemas are
+derived from them by :mod:`schemas.arrow`.  The hot path validates whole columns with
+Polars; ``RawJudgment`` is run only on rows that failed, to produce the precise message.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+Label = Literal["a", "b", "tie", "both_bad", "escalate"]
+DecisiveLabel = Literal["a", "b"]
+Side = Literal["a", "b"]
+AnnotatorKind = Literal["human", "ai"]
+PairAnnotatorKind = Literal["human", "ai", "mixed"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+LABELS: tuple[str, ...] = ("a", "b", "tie", "both_bad", "escalate")
+ROUTED_LABELS: tuple[str, ...] = ("tie", "both_bad", "escalate")
+ANNOTATOR_KINDS: tuple[str, ...] = ("human", "ai")
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+
+NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class QuarantineReason(StrEnum):
+    """Why a row was quarantined at ingest."""
+
+    INVALID_JSON = "invalid_json"  # the line is not a JSON object
+    MISSING_FIELD = "missing_field"  # a required field is absent or null
+    INVALID_TYPE = "invalid_type"  # a field has the wrong JSON type
+    INVALID_VALUE = "invalid_value"  # right type, value outside what is allowed
+    EMPTY_TEXT = "empty_text"  # prompt or response is empty after normalisation
+    DUPLICATE_ID = "duplicate_comparison_id"  # comparison_id seen before with different content
+    UNPAIRABLE = "unpairable"  # adapter could not build a pair (e.g. < 2 candidates)
+
+
+class FlagReason(StrEnum):
+    """Reason codes of ``flags.parquet`` (``../shared/spec/outputs.md``)."""
+
+    EXACT_DUPLICATE = "exact_duplicate"
+    NEAR_DUPLICATE = "near_duplicate"
+    IDENTICAL_RESPONSES = "identical_responses"
+    LOW_AGREEMENT = "low_agreement"
+    LANGUAGE_MISMATCH = "language_mismatch"
+    POSITION_BIAS = "position_bias"
+    LENGTH_BIAS = "length_bias"
+    LOW_RELIABILITY = "low_reliability"
+    LABEL_IMBALANCE = "label_imbalance"
+    TOO_EASY = "too_easy"
+    AMBIGUOUS = "ambiguous"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Role
+    content: str
+
+
+class ResponseObject(BaseModel):
+    """A candidate given as an object rather than a bare string."""
+
+    model_config = ConfigDict(extra="allow")
+    text: str
+    model: str | None = None
+    model_version: str | None = None
+    generation: Any = None
+
+
+class RawJudgment(BaseModel):
+    """One line of a canonical raw batch (``../shared/spec/raw-comparisons.md``).
+
+    Unknown extra fields are allowed and carried through as metadata.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=False)
+
+    comparison_id: NonEmptyStr
+    batch_id: str | None = None
+    pair_id: str | None = None
+    prompt: str | list[Message]
+    response_a: str | ResponseObject
+    response_b: str | ResponseObject
+    shown_first: Side | None = None
+    label: Label
+    strength: Unit | None = None
+    confidence: Unit | None = None
+    annotator_id: NonEmptyStr
+    annotator_kind: AnnotatorKind
+    rubric: str | None = None
+    critique: str | None = None
+    locale: str | None = None
+    tags: list[str] | None = None
+    created_at: datetime | None = None
+    gold_label: Label | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v: str | list[Message]) -> str | list[Message]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("expected a non-empty list of messages")
+            if v[-1].role != "user":
+                raise ValueError(f"a conversation must end with a user turn, found role {v[-1].role!r}")
+            if not any(m.content.strip() for m in v):
+                raise ValueError("expected non-empty text, found only empty messages")
+        elif not v.strip():
+            raise ValueError("expected non-empty text, found an empty string")
+        return v
+
+    @model_validator(mode="after")
+    def _responses_not_empty(self) -> RawJudgment:
+        for side in ("response_a", "response_b"):
+            r = getattr(self, side)
+            text = r.text if isinstance(r, ResponseObject) else r
+            if not text.strip():
+                raise ValueError(f"{side}: expected non-empty text, found an empty string")
+        return self
+
+
+class Judgment(BaseModel):
+    """The canonical judgment row after ingest (one row of the judgments frame).
+
+    Texts are normalised (:func:`schemas.text.normalize_text`); ``*_hash`` are content
+    hashes of the normalised texts; ``pair_id`` is given or derived from content.
+    """
+
+    comparison_id: str
+    batch_id: str
+    pair_id: str
+    prompt: list[Message]
+    prompt_text: str
+    response_a: str
+    response_b: str
+    model_a: str | None = None
+    model_b: str | None = None
+    model_version_a: str | None = None
+    model_version_b: str | None = None
+    shown_first: Side | None = None
+    label: Label
+    strength: float | None = None
+    confidence: float | None = None
+    annotator_id: str
+    annotator_kind: AnnotatorKind
+    rubric: str | None = None
+    critique: str | None = None
+    locale: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    created_at: datetime | None = None
+    gold_label: Label | None = None
+    extra: str | None = Field(None, description="unknown input fields and response generation info, as JSON")
+    source_file: str
+    source_line: int = Field(description="1-based line (JSONL/CSV: physical line; Parquet: row number)")
+    prompt_hash: str
+    a_hash: str
+    b_hash: str
+
+
+class PairRecord(BaseModel):
+    """Judgments of one pair aggregated (``pipeline.aggregate``)."""
+
+    pair_id: str
+    prompt: list[Message]
+    prompt_text: str
+    response_a: str
+    response_b: str
+    model_a: str | None = None
+    model_b: str | None = None
+    locale: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    n_judgments: int
+    n_human: int
+    n_ai: int
+    count_a: int
+    count_b: int
+    count_tie: int
+    count_both_bad: int
+    count_escalate: int
+    label_majority: Label | None = None
+    label_human: Label | None = None
+    label_ai: Label | None = None
+    label_consensus: Label | None = Field(None, description="final label under the policy's human/AI combination")
+    p_a_weighted: float | None = Field(None, description="Dawid-Skene-style accuracy-weighted P(a beats b)")
+    agreement: float = Field(description="share of judgments agreeing with the consensus label")
+    strength: float | None = None
+    annotator_kind: PairAnnotatorKind
+    source_comparison_ids: list[str]
+
+
+class DPORow(BaseModel):
+    """One row of ``data/{train,validation,test}.parquet`` (TRL conversational format)."""
+
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    pair_id: str
+    weight: float = 1.0
+    agreement: float
+    n_judgments: int
+    strength: float | None = None
+    locale: str | None = None
+    annotator_kind: PairAnnotatorKind
+    chosen_model: str | None = None
+    rejected_model: str | None = None
+    source_comparison_ids: list[str]
+    near_dup_cluster: str | None = None
+
+
+class QuarantineRow(BaseModel):
+    """One row of ``quarantine.parquet``."""
+
+    source_file: str
+    line: int = Field(description="1-based line number (Parquet: 1-based row number)")
+    raw: str = Field(description="the raw text of the row as read")
+    reason: QuarantineReason
+    field: str | None = None
+    error: str = Field(description="names the field, what was expected and what was found")
+
+
+class Flag(BaseModel):
+    """One finding of a check (``flags.parquet``)."""
+
+    subject_kind: Literal["judgment", "pair", "annotator", "batch", "slice"]
+    subject_id: str
+    check: str
+    reason: FlagReason
+    severity: Literal["info", "warn", "error"] = "warn"
+    detail: str = ""
+
+
+class AnnotatorStats(BaseModel):
+    """One row of ``annotators.parquet``."""
+
+    annotator_id: str
+    annotator_kind: AnnotatorKind
+    n_judgments: int
+    n_decisive: int = 0
+    agreement_with_consensus: float | None = None
+    gold_n: int = 0
+    gold_accuracy: float | None = None
+    ds_accuracy: float | None = Field(None, description="Dawid-Skene estimated accuracy")
+    first_shown_rate: float | None = None
+    position_p_value: float | None = None
+    order_consistency: float | None = None
+    longer_chosen_rate: float | None = None
+    length_p_value: float | None = None
+    reliability_p_value: float | None = None
+    status: Literal["ok", "flagged", "insufficient_data"] = "ok"
+    flags: list[str] = Field(default_factory=list)
