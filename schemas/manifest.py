@@ -1,0 +1,116 @@
+"""Ledger, sources, splits, manifest and certification records."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class IngestLedger(BaseModel):
+    """Where every input row went at ingest.  ``rows_in == rows_valid + quarantined``."""
+
+    rows_in: int = 0
+    rows_valid: int = 0
+    quarantined: int = 0
+    quarantined_by_reason: dict[str, int] = Field(default_factory=dict)
+    judgments: int = Field(0, description="judgments produced by valid rows (adapters may expand one row into several)")
+    skipped: dict[str, int] = Field(default_factory=dict, description="candidate pairs not formed, by reason")
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> IngestLedger:
+        if self.rows_in != self.rows_valid + self.quarantined:
+            raise ValueError(f"ledger does not add up: rows_in {self.rows_in} != valid {self.rows_valid} + quarantined {self.quarantined}")
+        if sum(self.quarantined_by_reason.values()) != self.quarantined:
+            raise ValueError("ledger does not add up: quarantined_by_reason does not sum to quarantined")
+        return self
+
+    def merged(self, other: IngestLedger) -> IngestLedger:
+        def add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+            return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(set(a) | set(b))}
+
+        return IngestLedger(
+            rows_in=self.rows_in + other.rows_in,
+            rows_valid=self.rows_valid + other.rows_valid,
+            quarantined=self.quarantined + other.quarantined,
+            quarantined_by_reason=add(self.quarantined_by_reason, other.quarantined_by_reason),
+            judgments=self.judgments + other.judgments,
+            skipped=add(self.skipped, other.skipped),
+        )
+
+
+class SourceInfo(BaseModel):
+    path: str
+    sha256: str
+    bytes: int
+    format: str
+    rows_in: int
+    rows_valid: int
+    quarantined: int
+    judgments: int
+
+
+class SplitInfo(BaseModel):
+    path: str
+    rows: int
+    sha256: str
+
+
+class Ledger(BaseModel):
+    """The version-level ledger (``manifest.json``); every number adds up."""
+
+    rows_in: int
+    quarantined: int
+    judgments_valid: int
+    judgments_dropped: dict[str, int] = Field(default_factory=dict)
+    pairs: int
+    pairs_kept: int
+    routed: dict[str, int] = Field(default_factory=lambda: {"tie": 0, "both_bad": 0, "escalate": 0})
+    dropped: dict[str, int] = Field(default_factory=dict)
+    splits: dict[str, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> Ledger:
+        if self.pairs != self.pairs_kept + sum(self.routed.values()) + sum(self.dropped.values()):
+            raise ValueError(
+                f"ledger does not add up: pairs {self.pairs} != kept {self.pairs_kept} + routed "
+                f"{sum(self.routed.values())} + dropped {sum(self.dropped.values())}"
+            )
+        if self.splits and sum(self.splits.values()) != self.pairs_kept:
+            raise ValueError(f"ledger does not add up: split rows {sum(self.splits.values())} != pairs_kept {self.pairs_kept}")
+        return self
+
+
+class Manifest(BaseModel):
+    version_id: str
+    created_at: datetime
+    parent_version: str | None = None
+    code_version: str
+    policy_hash: str
+    policy: dict[str, Any]
+    ledger: Ledger
+    ingest: IngestLedger
+    sources: list[SourceInfo]
+    splits: dict[str, SplitInfo]
+    files: dict[str, SplitInfo] = Field(default_factory=dict, description="other files of the version with sha256")
+    checks: list[dict[str, Any]]
+    annotators: dict[str, Any] = Field(default_factory=dict)
+    lineage: dict[str, Any] = Field(default_factory=dict)
+
+
+class GateResult(BaseModel):
+    name: str
+    value: Any
+    threshold: Any
+    passed: bool
+    detail: str = ""
+
+
+class Certification(BaseModel):
+    version_id: str
+    verdict: Literal["certified", "rejected"]
+    gates: list[GateResult]
+    policy_hash: str
+    policy: dict[str, Any]
+    certified_at: datetime
+    code_version: str
