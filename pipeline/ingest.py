@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,18 +111,28 @@ def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[
                   "annotator_id", "annotator_kind", "rubric", "critique", "locale", "tags", "created_at",
                   "gold_label"):
             cols[k].append(g(k))
+        if isinstance(cols["created_at"][-1], datetime):  # Parquet timestamps arrive as datetime
+            ts = cols["created_at"][-1]
+            cols["created_at"][-1] = (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).isoformat()
         cols["extra"].append(dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else None)
     return cols, errors
 
 
 def _strict_series(name: str, values: list[Any], dtype: pl.DataType) -> tuple[pl.Series, list[int]]:
     """Build a typed Series; on a type error find the offending rows and null them."""
+    if isinstance(dtype, pl.List) and not all(type(v) is list for v in values if v is not None):
+        return _strict_series_slow(name, values, dtype)
     try:
         return pl.Series(name, values, dtype=dtype, strict=True), []
     except (TypeError, pl.exceptions.PolarsError, OverflowError, ValueError):
-        bad = [i for i, v in enumerate(values) if v is not None and not _fits(v, dtype)]
-        cleaned = [None if i in set(bad) else v for i, v in enumerate(values)] if bad else values
-        return pl.Series(name, cleaned, dtype=dtype, strict=False), bad
+        return _strict_series_slow(name, values, dtype)
+
+
+def _strict_series_slow(name: str, values: list[Any], dtype: pl.DataType) -> tuple[pl.Series, list[int]]:
+    bad = [i for i, v in enumerate(values) if v is not None and not _fits(v, dtype)]
+    bad_set = set(bad)
+    cleaned = [None if i in bad_set else v for i, v in enumerate(values)] if bad else values
+    return pl.Series(name, cleaned, dtype=dtype, strict=False), bad
 
 
 def _fits(v: Any, dtype: pl.DataType) -> bool:
@@ -151,6 +162,8 @@ def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
         ("comparison_id", "invalid_value", c("comparison_id").str.strip_chars() == ""),
         ("prompt", "missing_field", c("prompt").is_null()),
         ("prompt", "invalid_value", c("prompt").list.len() == 0),
+        ("prompt", "invalid_type", c("prompt").list.eval(
+            pl.element().struct.field("role").is_null() | pl.element().struct.field("content").is_null()).list.any()),
         ("prompt", "invalid_value", ~roles_ok),
         ("prompt", "invalid_value", last_role != "user"),
         ("prompt", "empty_text", last_content == ""),
@@ -207,7 +220,7 @@ def error_message(record: dict[str, Any], field_name: str, reason: str) -> str:
     if field_name in ("response_a", "response_b") and isinstance(value, dict):
         value = value.get("text")
     if reason == "missing_field":
-        msg = f"field {field_name!r}: required ({_EXPECTED.get(field_name, 'a value')}), found nothing"
+        msg = f"field {field_name!r}: required, expected {_EXPECTED.get(field_name, 'a value')}, found nothing"
     elif reason == "empty_text":
         msg = f"field {field_name!r}: expected non-empty text, found {_found(value)} (empty after normalisation)"
     else:

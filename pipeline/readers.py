@@ -64,11 +64,18 @@ def _check_utf8(path: Path) -> None:
         raise UnreadableFile(path, f"cannot read: {err}") from err
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise UnreadableFile(path, "not UTF-8: found a UTF-16 byte-order mark")
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(head) - 4:  # a multi-byte char cut by the sniff window is fine
-            raise UnreadableFile(path, f"not UTF-8: invalid byte 0x{head[err.start]:02x} at offset {err.start}") from err
+    # a few bad lines are quarantined row by row; a file that is mostly not UTF-8 is rejected
+    lines = [ln for ln in head.split(b"\n")[:-1] if ln.strip()] or [head]
+    bad = 0
+    first_err = None
+    for ln in lines:
+        try:
+            ln.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad += 1
+            first_err = first_err or f"invalid byte 0x{ln[err.start]:02x}"
+    if bad and bad >= max(2, len(lines) // 10) or (bad and len(lines) == 1):
+        raise UnreadableFile(path, f"not UTF-8: {bad} of the first {len(lines)} lines do not decode ({first_err})")
 
 
 def _jsonl_rows(path: Path, batch_rows: int) -> Iterator[list[RawRow]]:

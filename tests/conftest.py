@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def canonical(i: int = 0, **over) -> dict:
+    """A valid canonical raw judgment; override any field."""
+    row = {
+        "comparison_id": f"c-{i:05d}",
+        "batch_id": "b-test",
+        "prompt": [{"role": "user", "content": f"How do I bake bread number {i}?"}],
+        "response_a": {"text": f"Mix flour, water, yeast and salt, then knead ({i}).", "model": "m-1", "model_version": "v1"},
+        "response_b": f"Buy it at the store ({i}).",
+        "shown_first": "a",
+        "label": "a",
+        "strength": 0.7,
+        "confidence": 0.9,
+        "annotator_id": "rev-01",
+        "annotator_kind": "human",
+        "locale": "en",
+        "tags": ["cooking"],
+        "created_at": "2026-11-20T09:14:03Z",
+    }
+    row.update(over)
+    return {k: v for k, v in row.items() if v is not ...}
+
+
+def write_jsonl(path: Path, rows: list, raw_lines: dict[int, str] | None = None) -> Path:
+    """Write rows as JSONL; ``raw_lines`` maps 0-based positions to literal lines to insert."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    for pos, text in sorted((raw_lines or {}).items()):
+        lines.insert(pos, text)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_jsonl(tmp_path):
+    def _make(rows, name="batch.jsonl", raw_lines=None):
+        return write_jsonl(tmp_path / name, rows, raw_lines)
+
+    return _make
