@@ -17,7 +17,7 @@ def out_console() -> Console:
 
 @cache
 def err_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @contextmanager

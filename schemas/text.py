@@ -25,24 +25,27 @@ from collections.abc import Iterable, Sequence
 
 import polars as pl
 
-_WS_RUN = re.compile(r"\s+")
+# One definition of whitespace for both twins (Python's str.isspace set; Rust's differs on \x1c-\x1f)
+WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
+_WS_CLASS = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in WHITESPACE) + "]"
+_WS_RUN = re.compile("[" + re.escape(WHITESPACE) + "]+")
 _NEWLINES = re.compile(r"\r\n?")
 HASH_HEX_LEN = 16
 
 
 def normalize_text(text: str) -> str:
     """NFC, CRLF/CR -> LF, strip surrounding whitespace."""
-    return unicodedata.normalize("NFC", _NEWLINES.sub("\n", text)).strip()
+    return unicodedata.normalize("NFC", _NEWLINES.sub("\n", text)).strip(WHITESPACE)
 
 
 def dedup_key(text: str) -> str:
     """``normalize_text`` + casefold + whitespace runs collapsed to one space."""
-    return _WS_RUN.sub(" ", normalize_text(text).casefold()).strip()
+    return _WS_RUN.sub(" ", normalize_text(text).casefold()).strip(WHITESPACE)
 
 
 def normalize_text_expr(expr: pl.Expr) -> pl.Expr:
     """Polars twin of :func:`normalize_text`."""
-    return expr.str.replace_all(r"\r\n?", "\n").str.normalize("NFC").str.strip_chars()
+    return expr.str.replace_all(r"\r\n?", "\n").str.normalize("NFC").str.strip_chars(WHITESPACE)
 
 
 def dedup_key_expr(expr: pl.Expr) -> pl.Expr:
@@ -53,7 +56,7 @@ def dedup_key_expr(expr: pl.Expr) -> pl.Expr:
     """
     lowered = normalize_text_expr(expr).str.to_lowercase()
     folded = lowered.str.replace_all("ß", "ss", literal=True).str.replace_all("ς", "σ", literal=True)
-    return folded.str.replace_all(r"\s+", " ").str.strip_chars()
+    return folded.str.replace_all(_WS_CLASS + "+", " ").str.strip_chars(WHITESPACE)
 
 
 def content_hash(text: str) -> str:

@@ -48,6 +48,14 @@ def test_normalisation_nfc_and_whitespace():
     assert j["response_b"][0] == "Caf\u00e9"
 
 
+def test_timestamps_mixed_formats_in_one_batch():
+    stamps = ["2026-11-20", "2026-11-20T09:14:03+09:00", "2026-11-20T09:14:03Z", "2026-11-20 09:14:03.5", None]
+    j = judgments_from_records([canonical(i, created_at=t) for i, t in enumerate(stamps)])
+    got = [None if t is None else t.isoformat() for t in j["created_at"].to_list()]
+    assert got == ["2026-11-20T00:00:00+00:00", "2026-11-20T00:14:03+00:00", "2026-11-20T09:14:03+00:00",
+                   "2026-11-20T09:14:03.500000+00:00", None]
+
+
 def test_pair_id_order_independent_and_given_id_kept():
     base = canonical(0)
     swapped = canonical(0, comparison_id="c-swapped", response_a=base["response_b"], response_b=base["response_a"], label="b")

