@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 import polars as pl
+import pyarrow as pa
 from pydantic import ValidationError
 
 from pipeline.adapters import FORMATS, AdapterContext, AdapterError, adapt, detect_format
@@ -118,21 +119,32 @@ def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[
     return cols, errors
 
 
+_ARROW_TYPES: dict[str, pa.DataType] = {}
+
+
+def _arrow_type(dtype: pl.DataType) -> pa.DataType:
+    key = str(dtype)
+    if key not in _ARROW_TYPES:
+        _ARROW_TYPES[key] = pl.Series([], dtype=dtype).to_arrow().type
+    return _ARROW_TYPES[key]
+
+
 def _strict_series(name: str, values: list[Any], dtype: pl.DataType) -> tuple[pl.Series, list[int]]:
-    """Build a typed Series; on a type error find the offending rows and null them."""
+    """Build a typed Series (via Arrow, in C); on a type error find the offending rows and null them."""
     if isinstance(dtype, pl.List) and not all(type(v) is list for v in values if v is not None):
-        return _strict_series_slow(name, values, dtype)
+        return _strict_series_slow(name, values, dtype)  # Arrow would read a string as a list of chars
     try:
-        return pl.Series(name, values, dtype=dtype, strict=True), []
-    except (TypeError, pl.exceptions.PolarsError, OverflowError, ValueError):
+        arr = pa.array(values, type=_arrow_type(dtype), from_pandas=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
         return _strict_series_slow(name, values, dtype)
+    return pl.Series(name, arr), []
 
 
 def _strict_series_slow(name: str, values: list[Any], dtype: pl.DataType) -> tuple[pl.Series, list[int]]:
     bad = [i for i, v in enumerate(values) if v is not None and not _fits(v, dtype)]
     bad_set = set(bad)
     cleaned = [None if i in bad_set else v for i, v in enumerate(values)] if bad else values
-    return pl.Series(name, cleaned, dtype=dtype, strict=False), bad
+    return pl.Series(name, pa.array(cleaned, type=_arrow_type(dtype))), bad
 
 
 def _fits(v: Any, dtype: pl.DataType) -> bool:
@@ -152,11 +164,17 @@ def _fits(v: Any, dtype: pl.DataType) -> bool:
 
 # ---------------------------------------------------------------- vectorised validation
 def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
-    """Add ``_err_field`` / ``_err_reason``: the first failed rule per row (null if valid)."""
+    """Normalise texts, then add ``_err_field`` / ``_err_reason``: the first failed rule per row (null if valid)."""
     c = pl.col
+    df = df.with_columns(
+        prompt=c("prompt").list.eval(pl.struct(
+            role=pl.element().struct.field("role"), content=normalize_text_expr(pl.element().struct.field("content")))),
+        response_a=normalize_text_expr(c("response_a")),
+        response_b=normalize_text_expr(c("response_b")),
+    )
     roles_ok = c("prompt").list.eval(pl.element().struct.field("role").is_in(list(ROLES))).list.all()
     last_role = c("prompt").list.last().struct.field("role")
-    last_content = normalize_text_expr(c("prompt").list.last().struct.field("content"))
+    last_content = c("prompt").list.last().struct.field("content")
     rules: list[tuple[str, str, pl.Expr]] = [
         ("comparison_id", "missing_field", c("comparison_id").is_null()),
         ("comparison_id", "invalid_value", c("comparison_id").str.strip_chars() == ""),
@@ -168,9 +186,9 @@ def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
         ("prompt", "invalid_value", last_role != "user"),
         ("prompt", "empty_text", last_content == ""),
         ("response_a", "missing_field", c("response_a").is_null()),
-        ("response_a", "empty_text", normalize_text_expr(c("response_a")) == ""),
+        ("response_a", "empty_text", c("response_a") == ""),
         ("response_b", "missing_field", c("response_b").is_null()),
-        ("response_b", "empty_text", normalize_text_expr(c("response_b")) == ""),
+        ("response_b", "empty_text", c("response_b") == ""),
         ("label", "missing_field", c("label").is_null()),
         ("label", "invalid_value", ~c("label").is_in(list(LABELS))),
         ("shown_first", "invalid_value", c("shown_first").is_not_null() & ~c("shown_first").is_in(["a", "b"])),
@@ -190,9 +208,20 @@ def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
         cond = cond.fill_null(False)
         field_expr = pl.when(cond).then(pl.lit(fname)).otherwise(field_expr)
         reason_expr = pl.when(cond).then(pl.lit(reason)).otherwise(reason_expr)
-    return df.with_columns(
-        _created=c("created_at").str.to_datetime(time_zone="UTC", strict=False, time_unit="us")
-    ).with_columns(_err_field=field_expr, _err_reason=reason_expr)
+    return df.with_columns(_created=parse_timestamp_expr(c("created_at"))).with_columns(_err_field=field_expr, _err_reason=reason_expr)
+
+
+def parse_timestamp_expr(expr: pl.Expr) -> pl.Expr:
+    """ISO 8601 text -> UTC timestamp (null when unparseable); naive times are taken as UTC.
+
+    Explicit formats, coalesced: Polars' format inference looks at the first value only.
+    """
+    e = expr.str.strip_chars().str.replace(r"[Zz]$", "+00:00").str.replace(r"^(\d{4}-\d\d-\d\d) ", "${1}T")
+    aware = [e.str.strptime(pl.Datetime("us", "UTC"), f, strict=False)
+             for f in ("%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M%:z")]
+    naive = [e.str.strptime(pl.Datetime("us"), f, strict=False).dt.replace_time_zone("UTC")
+             for f in ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")]
+    return pl.coalesce(aware + naive)
 
 
 _EXPECTED = {
@@ -304,17 +333,11 @@ def _process_batch(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: st
 
 
 def _finish(df: pl.DataFrame, batch_id: str, source: str) -> pl.DataFrame:
-    """Normalise texts, hash them, derive ids: the canonical judgments frame."""
+    """Hash the (already normalised) texts, derive ids: the canonical judgments frame."""
     if df.height == 0:
         return empty_frame(Judgment)
     c = pl.col
-    norm_prompt = c("prompt").list.eval(
-        pl.struct(role=pl.element().struct.field("role"), content=normalize_text_expr(pl.element().struct.field("content")))
-    )
-    df = df.with_columns(
-        prompt=norm_prompt,
-        response_a=normalize_text_expr(c("response_a")),
-        response_b=normalize_text_expr(c("response_b")),
+    df = df.with_columns(  # texts were normalised before validation
         batch_id=c("batch_id").fill_null(pl.lit(batch_id)),
         created_at=c("_created"),
         tags=c("tags").fill_null(pl.lit([], dtype=pl.List(pl.String))),

@@ -34,9 +34,14 @@ class UnreadableFile(Exception):
 @dataclass(slots=True)
 class RawRow:
     line: int
-    raw: str
+    raw_data: str | bytes  # decoded lazily: only quarantined rows need their text
     obj: dict[str, Any] | None
     error: str | None = None  # set when obj is None: why it could not be decoded
+
+    @property
+    def raw(self) -> str:
+        d = self.raw_data
+        return d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d
 
 
 def container_of(path: Path) -> str:
@@ -89,15 +94,13 @@ def _jsonl_rows(path: Path, batch_rows: int) -> Iterator[list[RawRow]]:
             try:
                 obj = loads(stripped)
             except orjson.JSONDecodeError as err:
-                raw = stripped.decode("utf-8", errors="replace")
                 why = "invalid UTF-8" if "utf-8" in str(err).lower() else str(err)
-                batch.append(RawRow(lineno, raw, None, f"expected a JSON object, found invalid JSON ({why})"))
+                batch.append(RawRow(lineno, stripped, None, f"expected a JSON object, found invalid JSON ({why})"))
             else:
-                raw = stripped.decode("utf-8", errors="replace")
-                if isinstance(obj, dict):
-                    batch.append(RawRow(lineno, raw, obj))
+                if type(obj) is dict:
+                    batch.append(RawRow(lineno, stripped, obj))
                 else:
-                    batch.append(RawRow(lineno, raw, None, f"expected a JSON object, found {type(obj).__name__}"))
+                    batch.append(RawRow(lineno, stripped, None, f"expected a JSON object, found {type(obj).__name__}"))
             if len(batch) >= batch_rows:
                 yield batch
                 batch = []

@@ -58,8 +58,22 @@ class AgreementConfig(_Cfg):
 
 
 class AnnotatorTestConfig(_Cfg):
+    """Per-annotator tests (reliability, position bias, length bias); docs/checks-stats.md."""
+
     alpha: float = Field(0.05, gt=0.0, lt=0.5, description="significance level (Benjamini-Hochberg FDR)")
     min_judgments: int = Field(20, ge=5, description="fewer decisive judgments -> insufficient_data, never a flag")
+    power: float = Field(
+        0.9, gt=0.5, lt=1.0,
+        description="reliability only: a 'no better than chance' test is run only when it would detect an annotator "
+        "at the reliable_margin level with at least this power; otherwise insufficient_data",
+    )
+    reliable_margin: float = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="reliability only: the alternative rate for the power rule, chance + margin * (1 - chance)",
+    )
+    min_length_ratio: float = Field(
+        1.1, ge=1.0, le=10.0, description="length bias only: pairs whose longer/shorter char ratio is below this are ignored",
+    )
 
 
 class LanguageConfig(_Cfg):
@@ -81,6 +95,10 @@ class ChecksConfig(_Cfg):
     max_label_share: float = Field(0.65, gt=0.5, le=1.0, description="a/b share above this in a slice -> label_imbalance")
     easy_strength: float = Field(0.9, ge=0.0, le=1.0, description="unanimous pairs at least this strong are too_easy")
     ambiguous_strength: float = Field(0.3, ge=0.0, le=1.0, description="split pairs at most this strong are ambiguous")
+    imbalance_alpha: float = Field(
+        0.01, gt=0.0, lt=0.5, description="label_imbalance needs the a/b share to differ from 0.5 at this level (BH across slices)"
+    )
+    min_slice_pairs: int = Field(20, ge=1, description="slices with fewer decisive-consensus pairs are not tested for imbalance")
 
 
 class SelectConfig(_Cfg):
