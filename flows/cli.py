@@ -114,6 +114,156 @@ def _print_ledger(result) -> None:
         con.print(f"candidate pairs not formed: {led.skipped}", highlight=False)
 
 
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Version store directory.", envvar="PREFPIPE_STORE")]
+
+
+def _load_policy_or_exit(policy: Path | None):
+    from schemas.policy import PolicyError, load_policy
+
+    try:
+        return load_policy(policy)
+    except PolicyError as err:
+        _fail_usage(str(err))
+
+
+def _open_store(store: Path, *, must_exist: bool = True):
+    from pipeline.store import Store
+
+    if must_exist and not (store / "versions").is_dir():
+        _fail_usage(f"{store} is not a prefpipe store (no versions/ directory); create one with `prefpipe curate ... --store {store}`")
+    return Store(store)
+
+
+def _resolve_or_exit(st, ref: str):
+    from pipeline.store import VersionNotFound
+
+    try:
+        return st.resolve(ref)
+    except VersionNotFound as err:
+        _fail_usage(str(err))
+
+
+@app.command()
+def curate(
+    files: FilesArg,
+    store: StoreOpt = Path("store"),
+    policy: PolicyOpt = None,
+    parent: Annotated[str | None, typer.Option("--parent", help="Build a child of this version (id, prefix or 'latest'): its judgments + the new batch.")] = None,
+    fmt: FormatOpt = None,
+    batch_id: Annotated[str | None, typer.Option(help="batch_id for rows without one (default: the file name).")] = None,
+    annotator_id: Annotated[str | None, typer.Option(help="annotator_id for formats without one (trl, hh, rated).")] = None,
+    annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human|ai) for formats without one.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest, check, select, split and write a new immutable dataset version.
+
+    Prints the version id as the last line of stdout.  Re-running the same inputs with the
+    same policy (and parent) returns the existing version and writes nothing.
+    Exit 0 written (or already there); 2 bad usage or unreadable input (nothing written).
+    """
+    from pipeline.curate import CurateOptions
+    from pipeline.curate import curate as run_curate
+    from pipeline.readers import UnreadableFile
+
+    pol = _load_policy_or_exit(policy)
+    st = _open_store(store, must_exist=False)
+    if parent:
+        _resolve_or_exit(st, parent)
+    opts = CurateOptions(fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind)
+    con = err_console()
+    try:
+        with progress_for("curating", None, unit="stages", enabled=not as_json) as advance:
+            res = run_curate(files, st, pol, parent=parent, options=opts, on_stage=lambda n, s: advance(1))
+    except UnreadableFile as err:
+        _fail_usage(f"cannot read {err.path}: {err.why} (nothing written)")
+    m = res.handle.manifest()
+    if as_json:
+        print(json.dumps({"version_id": res.version_id, "created": res.created, "path": str(res.handle.path),
+                          "ledger": m.ledger.model_dump(), "checks": [{k: c[k] for k in ("name", "status")} for c in m.checks],
+                          "timings_s": res.timings}, indent=2))
+    else:
+        state = "written" if res.created else "already exists (nothing written)"
+        con.print(f"version {res.version_id} {state}: {res.handle.path}")
+        _print_version_summary(m)
+    print(res.version_id)
+
+
+def _print_version_summary(m) -> None:
+    con = out_console()
+    led = m.ledger
+    con.print(f"ledger: rows in {led.rows_in:,} -> quarantined {led.quarantined:,}, judgments {led.judgments_valid:,}"
+              f" (dropped {sum(led.judgments_dropped.values()):,} {led.judgments_dropped or ''})")
+    con.print(f"        pairs {led.pairs:,} = kept {led.pairs_kept:,} + routed {sum(led.routed.values()):,} {led.routed}"
+              f" + dropped {sum(led.dropped.values()):,} {led.dropped or ''}")
+    con.print("splits: " + ", ".join(f"{k} {v.rows:,}" for k, v in m.splits.items()))
+    status_style = {"pass": "green", "warn": "yellow", "fail": "red"}
+    con.print("checks: " + "  ".join(f"[{status_style.get(c['status'], 'white')}]{c['name']}={c['status']}[/]" for c in m.checks))
+
+
+@app.command()
+def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
+    """List versions: id, created, parent, pairs kept, certified?"""
+    from rich.table import Table
+
+    st = _open_store(store)
+    rows = []
+    for vid in st.list_ids():
+        h = st.get(vid)
+        m = h.manifest()
+        cert = h.certification()
+        rows.append({"version_id": vid, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
+                     "pairs_kept": m.ledger.pairs_kept, "certified": None if cert is None else cert["verdict"] == "certified"})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title=f"versions in {store}")
+    for col in ("version", "created", "parent", "pairs kept", "certified"):
+        t.add_column(col)
+    for r in rows:
+        cert = "-" if r["certified"] is None else ("yes" if r["certified"] else "rejected")
+        t.add_row(r["version_id"], r["created_at"], r["parent"] or "-", f"{r['pairs_kept']:,}", cert)
+    out_console().print(t)
+
+
+@app.command()
+def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
+         store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
+    """Show a version: ledger, checks, splits, annotator summary, certification."""
+    st = _open_store(store)
+    h = _resolve_or_exit(st, version)
+    m = h.manifest()
+    if as_json:
+        print(json.dumps({**m.model_dump(mode="json"), "certification": h.certification(), "path": str(h.path)}, indent=2))
+        return
+    con = out_console()
+    con.print(f"[bold]{m.version_id}[/]  created {m.created_at:%Y-%m-%d %H:%M:%S}Z  parent {m.parent_version or '-'}  code {m.code_version}")
+    con.print(f"path: {h.path}")
+    _print_version_summary(m)
+    for c in m.checks:
+        con.print(f"  {c['name']:16s} {c['status']:5s} {c.get('summary', '')}  {c.get('flag_counts') or ''}")
+    cert = h.certification()
+    con.print(f"certification: {'none yet' if cert is None else cert['verdict']}")
+
+
+@app.command()
+def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[str, typer.Argument(help="Newer version.")],
+         store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
+    """Compare two versions: pairs added/removed, label flips, metric deltas."""
+    from pipeline.diff import diff_versions
+
+    st = _open_store(store)
+    d = diff_versions(_resolve_or_exit(st, a), _resolve_or_exit(st, b))
+    if as_json:
+        print(json.dumps(d, indent=2, default=str))
+        return
+    con = out_console()
+    con.print(f"{d['a']} -> {d['b']}")
+    con.print(f"pairs kept: +{d['pairs_added']} added, -{d['pairs_removed']} removed, {d['label_flips']} label flips, "
+              f"{d['pairs_common']} in both")
+    for k, (x, y) in d["metrics"].items():
+        con.print(f"  {k:40s} {x!s:>12} -> {y!s:<12}")
+
+
 @policy_app.command("show")
 def policy_show(
     policy: PolicyOpt = None,

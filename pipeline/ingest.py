@@ -420,6 +420,7 @@ def ingest_files(
                 frames.append(out.valid)
             if on_progress:
                 on_progress(len(rows))
+        quarantine[q_before:] = sorted(quarantine[q_before:], key=lambda q: q["line"])
         n_q = len(quarantine) - q_before
         by_reason: dict[str, int] = {}
         for q in quarantine[q_before:]:

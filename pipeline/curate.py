@@ -1,0 +1,255 @@
+"""Curate: ingest -> checks -> select -> split -> store, as plain functions (no Prefect here).
+
+The version id is computed first, from the sha256 of every input file, the parent version
+id, the policy hash, the ingest options and the code version; if that version exists,
+nothing is read or written (idempotent re-runs).  ``flows/`` wraps these steps in Prefect
+tasks; the CLI calls :func:`curate` directly or through the flow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline import aggregate as agg
+from pipeline import select as sel
+from pipeline.checks import CHECK_MODULES, all_flags, run_checks
+from pipeline.ingest import IngestResult, file_sha256, ingest_files
+from pipeline.split import SPLITS, assign_splits, leakage
+from pipeline.store import Store, VersionHandle, write_parquet
+from schemas.check import CheckResult
+from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo
+from schemas.policy import Policy
+
+ROOT = Path(__file__).resolve().parent.parent
+__version__ = "0.1.0"
+
+
+@cache
+def code_version() -> str:
+    """Package version + hash of the data-logic source (schemas/ and pipeline/)."""
+    h = hashlib.sha256()
+    for sub in ("schemas", "pipeline"):
+        for p in sorted((ROOT / sub).rglob("*.py")):
+            h.update(p.relative_to(ROOT).as_posix().encode())
+            h.update(p.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:10]}"
+
+
+@dataclass
+class CurateOptions:
+    fmt: str | None = None
+    batch_id: str | None = None
+    annotator_id: str | None = None
+    annotator_kind: str | None = None
+
+    def key(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def plan_version_id(source_shas: list[str], parent: str | None, policy: Policy, options: CurateOptions) -> str:
+    key = json.dumps({"sources": sorted(source_shas), "parent": parent, "policy": policy.policy_hash(),
+                      "code": code_version(), "options": options.key()}, sort_keys=True)
+    return "v-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CurateResult:
+    version_id: str
+    created: bool
+    store: Store
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def handle(self) -> VersionHandle:
+        return self.store.get(self.version_id)
+
+
+class _Timer:
+    def __init__(self, cb: Callable[[str, float], None] | None):
+        self.t: dict[str, float] = {}
+        self.cb = cb
+
+    def lap(self, name: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.t[name] = round(now - t0, 3)
+        if self.cb:
+            self.cb(name, now - t0)
+        return now
+
+
+def curate(
+    paths: list[str | Path],
+    store: Store,
+    policy: Policy,
+    *,
+    parent: str | None = None,
+    options: CurateOptions | None = None,
+    on_stage: Callable[[str, float], None] | None = None,
+) -> CurateResult:
+    """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing."""
+    options = options or CurateOptions()
+    timer = _Timer(on_stage)
+    t = time.perf_counter()
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            from pipeline.readers import UnreadableFile
+
+            raise UnreadableFile(p, "no such file")
+    parent_handle = store.resolve(parent) if parent else None
+    parent_id = parent_handle.version_id if parent_handle else None
+    version_id = plan_version_id([file_sha256(p) for p in paths], parent_id, policy, options)
+    t = timer.lap("hash_inputs", t)
+    if store.exists(version_id):
+        return CurateResult(version_id, False, store, timer.t)
+
+    ingest = ingest_files(paths, fmt=options.fmt, batch_id=options.batch_id, annotator_id=options.annotator_id,
+                          annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows)
+    t = timer.lap("ingest", t)
+
+    def build(stage: Path) -> Manifest:
+        return _build_version(stage, version_id, ingest, parent_handle, policy, timer)
+
+    vid, created = store.write_version(version_id, build)
+    return CurateResult(vid, created, store, timer.t)
+
+
+def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple[pl.DataFrame, int]:
+    """Parent judgments first, then the new batch; judgments whose comparison_id is already
+    known (a batch delivered twice) are not added again.  Returns (union, repeated count)."""
+    if parent is None:
+        return new, 0
+    old = parent.read("judgments.parquet")
+    fresh = new.join(old.select("comparison_id"), on="comparison_id", how="anti")
+    return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
+
+
+def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
+                   policy: Policy, timer: _Timer) -> Manifest:
+    t = time.perf_counter()
+    judgments, repeated = _union_with_parent(ingest.judgments, parent)
+    # a comparison_id used twice inside the input: keep the first, count the rest
+    dup_ids = judgments.select(pl.col("comparison_id").is_duplicated() & ~pl.col("comparison_id").is_first_distinct()).to_series()
+    n_dup_ids = int(dup_ids.sum())
+    judgments = judgments.filter(~dup_ids)
+
+    prelim = agg.aggregate(judgments, policy.checks.aggregation)
+    t = timer.lap("aggregate_preliminary", t)
+    extra: dict[str, dict[str, Any]] = {}
+    index_path = parent.file("prompt_index") if parent else None
+    if index_path is not None:
+        extra["near_duplicates"] = {"index_path": index_path}
+    results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra,
+                         on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
+    t = time.perf_counter()
+    flags = all_flags(results)
+
+    jsel = sel.filter_judgments(judgments, flags, policy.select)
+    final = agg.aggregate(jsel.kept, policy.checks.aggregation)
+    clusters = results["near_duplicates"].tables.get("clusters")
+    psel = sel.select_pairs(
+        final.pairs, flags, policy.select, all_pair_ids=prelim.pairs["pair_id"], clusters=clusters,
+        downweight_share=sel.downweight_shares(jsel.kept, jsel.downweighted_annotators), judgments=jsel.kept,
+    )
+    t = timer.lap("select", t)
+    dpo = assign_splits(psel.dpo, policy.split)
+    split_frames = {s: dpo.filter(pl.col("split") == s).drop("split") for s in SPLITS}
+    leaks = leakage(split_frames, judgments.select("pair_id", "prompt_hash"))
+    t = timer.lap("split", t)
+
+    splits = {s: _rel(write_parquet(f, stage / "data" / f"{s}.parquet"), stage) for s, f in split_frames.items()}
+    annotators = agg.annotator_table(results, final.annotators.select("annotator_id", "ds_accuracy"))
+    files: dict[str, SplitInfo] = {}
+    for name, frame in (
+        ("judgments.parquet", judgments),
+        ("pairs.parquet", psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"])),
+        ("quarantine.parquet", ingest.quarantine),
+        ("flags.parquet", flags),
+        ("routed.parquet", psel.routed.drop("_reasons", strict=False)),
+        ("annotators.parquet", annotators),
+    ):
+        files[name] = _rel(write_parquet(frame, stage / name), stage)
+    index = results["near_duplicates"].tables.get("_index_writer")
+    nd_mod = __import__("pipeline.checks.near_duplicates", fromlist=["save_index"])
+    if hasattr(nd_mod, "save_index"):
+        for rel in nd_mod.save_index(results["near_duplicates"], stage / "prompt_index"):
+            files[rel] = SplitInfo(path=rel, rows=0, sha256=_sha(stage / rel))
+    del index
+    t = timer.lap("write", t)
+
+    checks = [r.manifest_entry() for r in results.values()]
+    checks.append(_split_check(leaks, {s: f.height for s, f in split_frames.items()}))
+    ledger = Ledger(
+        rows_in=ingest.ledger.rows_in + (parent.manifest().ledger.rows_in if parent else 0),
+        quarantined=ingest.ledger.quarantined + (parent.manifest().ledger.quarantined if parent else 0),
+        judgments_valid=judgments.height,
+        judgments_dropped={**jsel.dropped_by_reason, **({"duplicate_comparison_id": n_dup_ids} if n_dup_ids else {}),
+                           **({"already_in_parent": repeated} if repeated else {})},
+        pairs=prelim.pairs.height,
+        pairs_kept=psel.dpo.height,
+        routed=psel.routed_by_label,
+        dropped=psel.dropped_by_reason,
+        splits={s: f.height for s, f in split_frames.items()},
+    )
+    sources = list(ingest.sources)
+    if parent:
+        pm = parent.manifest()
+        sources = [SourceInfo(**{**s.model_dump(), "path": s.path}) for s in pm.sources] + sources
+    return Manifest(
+        version_id=version_id,
+        created_at=datetime.now(UTC),
+        parent_version=parent.version_id if parent else None,
+        code_version=code_version(),
+        policy_hash=policy.policy_hash(),
+        policy=policy.model_dump(mode="json"),
+        ledger=ledger,
+        ingest=ingest.ledger if not parent else parent.manifest().ingest.merged(ingest.ledger),
+        sources=sources,
+        splits=splits,
+        files=files,
+        checks=checks,
+        annotators=_annotator_summary(annotators),
+        lineage={"parent_version": parent.version_id if parent else None,
+                 "new_sources": [s.model_dump() for s in ingest.sources],
+                 "timings_s": dict(timer.t)},
+    )
+
+
+def _sha(p: Path) -> str:
+    from pipeline.store import sha256_file
+
+    return sha256_file(p)
+
+
+def _rel(info: SplitInfo, stage: Path) -> SplitInfo:
+    return SplitInfo(path=str(Path(info.path).relative_to(stage)), rows=info.rows, sha256=info.sha256)
+
+
+def _split_check(leaks: dict[str, int], sizes: dict[str, int]) -> dict[str, Any]:
+    bad = any(v for v in leaks.values())
+    return {"name": "split_leakage", "status": "fail" if bad else "pass", "metrics": {**leaks, "rows": sizes},
+            "flag_counts": {}, "summary": "near-duplicate clusters never straddle splits" if not bad else "LEAK between splits"}
+
+
+def _annotator_summary(ann: pl.DataFrame) -> dict[str, Any]:
+    if ann.height == 0:
+        return {"n": 0}
+    return {
+        "n": ann.height,
+        "by_kind": dict(ann.group_by("annotator_kind").len().sort("annotator_kind").iter_rows()),
+        "flagged": ann.filter(pl.col("status") == "flagged")["annotator_id"].to_list(),
+        "insufficient_data": ann.filter(pl.col("status") == "insufficient_data")["annotator_id"].to_list(),
+    }
+
+
+__all__ = ["CHECK_MODULES", "CheckResult", "CurateOptions", "CurateResult", "IngestLedger", "code_version", "curate",
+           "plan_version_id"]

@@ -1,0 +1,184 @@
+"""Select: apply the policy to check results.  The only stage that decides what is kept.
+
+Two steps, both vectorised:
+
+1. :func:`filter_judgments` — judgment-level decisions before the final aggregation:
+   judgments flagged ``exact_duplicate`` and judgments of annotators whose flag reasons
+   map to ``drop`` (e.g. ``low_reliability``) are removed, counted by reason; annotators
+   whose reasons map to ``downweight`` (e.g. ``position_bias``) are listed for step 2.
+2. :func:`select_pairs` — every aggregated pair ends as exactly one of: a DPO row, a routed
+   item (tie / both_bad / escalate, per ``select.route``), or a drop with one reason.
+   Precedence of reasons (first wins): ``identical_responses``, ``all_judgments_dropped``,
+   ``language_mismatch``, routing, ``no_consensus``, ``low_agreement``, ``near_duplicate``,
+   ``too_long``, ``below_min_strength``.  Flag reasons act only when the policy maps them to
+   ``drop``; ``downweight`` multiplies the weight by ``downweight_factor``; ``warn`` keeps.
+
+Weight (``select.weight_by``): ``agreement`` (share of used judgments agreeing with the
+consensus), ``agreement_x_strength`` (missing strength counts as 1), or ``none`` (1.0);
+then times ``1 - s * (1 - downweight_factor)`` where ``s`` is the share of the pair's
+judgments that came from down-weighted annotators, and times ``downweight_factor`` for each
+pair-level reason mapped to ``downweight``.  Weights are in (0, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from schemas.arrow import conform, polars_schema
+from schemas.policy import SelectConfig
+from schemas.records import ROUTED_LABELS, DPORow
+
+PAIR_DROP_ORDER = ("identical_responses", "all_judgments_dropped", "language_mismatch")
+LATE_DROP_ORDER = ("no_consensus", "low_agreement", "near_duplicate", "too_long", "below_min_strength")
+
+
+@dataclass
+class JudgmentSelection:
+    kept: pl.DataFrame
+    dropped_by_reason: dict[str, int]
+    downweighted_annotators: list[str] = field(default_factory=list)
+
+
+def _reasons_with(cfg: SelectConfig, action: str) -> set[str]:
+    return {r for r, a in cfg.flag_actions.items() if a == action}
+
+
+def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectConfig) -> JudgmentSelection:
+    drop_reasons = _reasons_with(cfg, "drop")
+    jf = flags.filter((pl.col("subject_kind") == "judgment") & pl.col("reason").is_in(list(drop_reasons)))
+    af = flags.filter(pl.col("subject_kind") == "annotator")
+    drop_ann = af.filter(pl.col("reason").is_in(list(drop_reasons)))
+    down_ann = af.filter(pl.col("reason").is_in(list(_reasons_with(cfg, "downweight"))))
+
+    # one reason per dropped judgment: judgment-level first, then annotator-level
+    by_j = jf.group_by("subject_id").agg(pl.col("reason").sort().first().alias("_drop")).rename({"subject_id": "comparison_id"})
+    by_a = drop_ann.group_by("subject_id").agg(pl.col("reason").sort().first().alias("_drop_a")).rename({"subject_id": "annotator_id"})
+    j = judgments.join(by_j, on="comparison_id", how="left").join(by_a, on="annotator_id", how="left")
+    j = j.with_columns(_drop=pl.coalesce("_drop", "_drop_a")).drop("_drop_a")
+    counts = dict(j.filter(pl.col("_drop").is_not_null()).group_by("_drop").len().sort("_drop").iter_rows())
+    kept = j.filter(pl.col("_drop").is_null()).drop("_drop")
+    return JudgmentSelection(kept, counts, sorted(set(down_ann["subject_id"].to_list())))
+
+
+def _pair_flag_sets(flags: pl.DataFrame) -> pl.DataFrame:
+    pf = flags.filter(pl.col("subject_kind") == "pair")
+    return pf.group_by("subject_id").agg(pl.col("reason").unique().sort().alias("_reasons")).rename({"subject_id": "pair_id"})
+
+
+def estimate_tokens_expr(cfg: SelectConfig) -> pl.Expr:
+    """Tokens of prompt + longer response; ``chars/4`` estimate unless a tokenizer is named."""
+    chars = pl.col("prompt_text").str.len_chars() + pl.max_horizontal(
+        pl.col("response_a").str.len_chars(), pl.col("response_b").str.len_chars())
+    return (chars / 4).ceil().cast(pl.Int64)
+
+
+@dataclass
+class PairSelection:
+    pairs: pl.DataFrame  # every pair with its ``decision`` (keep / route / drop), ``reason``, ``weight``
+    dpo: pl.DataFrame  # DPORow columns (+ near_dup_cluster), kept pairs only
+    routed: pl.DataFrame
+    dropped_by_reason: dict[str, int]
+    routed_by_label: dict[str, int]
+
+
+def select_pairs(
+    pairs: pl.DataFrame,
+    flags: pl.DataFrame,
+    cfg: SelectConfig,
+    *,
+    all_pair_ids: pl.Series | None = None,
+    clusters: pl.DataFrame | None = None,
+    downweight_share: pl.DataFrame | None = None,
+    judgments: pl.DataFrame | None = None,
+) -> PairSelection:
+    """Decide every pair.  ``all_pair_ids``: pairs that existed before judgment-level drops
+    (those missing from ``pairs`` now are dropped as ``all_judgments_dropped``)."""
+    c = pl.col
+    drop_r = _reasons_with(cfg, "drop")
+    down_r = _reasons_with(cfg, "downweight")
+    p = pairs.join(_pair_flag_sets(flags), on="pair_id", how="left").with_columns(
+        _reasons=c("_reasons").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+        _tokens=estimate_tokens_expr(cfg),
+    )
+    if clusters is not None and clusters.height:
+        p = p.join(clusters.select("pair_id", "near_dup_cluster"), on="pair_id", how="left")
+    if "near_dup_cluster" not in p.columns:
+        p = p.with_columns(near_dup_cluster=pl.lit(None, dtype=pl.String))
+    p = p.with_columns(near_dup_cluster=c("near_dup_cluster").fill_null(c("pair_id")))
+    if downweight_share is not None and downweight_share.height:
+        p = p.join(downweight_share, on="pair_id", how="left")
+    if "_down_share" not in p.columns:
+        p = p.with_columns(_down_share=pl.lit(0.0))
+    p = p.with_columns(_down_share=c("_down_share").fill_null(0.0))
+
+    def flagged(reason: str) -> pl.Expr:
+        return c("_reasons").list.contains(reason) & pl.lit(reason in drop_r)
+
+    label = c("label_consensus")
+    route_action = {k: v for k, v in cfg.route.items()}
+    decision = pl.lit(None, dtype=pl.String)
+    reason = pl.lit(None, dtype=pl.String)
+    conds: list[tuple[str, str, pl.Expr]] = []
+    for r in PAIR_DROP_ORDER:
+        if r != "all_judgments_dropped":
+            conds.append(("drop", r, flagged(r)))
+    for lab in ROUTED_LABELS:
+        act = route_action.get(lab, "route")
+        conds.append(("route" if act == "route" else "drop", lab if act == "route" else f"routed_label_{lab}", label == lab))
+    conds += [
+        ("drop", "no_consensus", label.is_null()),
+        ("drop", "low_agreement", flagged("low_agreement")),
+        ("drop", "near_duplicate", flagged("near_duplicate")),
+        ("drop", "too_long", c("_tokens") > cfg.max_tokens_per_pair),
+        ("drop", "below_min_strength", c("strength").fill_null(1.0) < cfg.min_strength),
+    ]
+    for dec, why, cond in reversed(conds):
+        cond = cond.fill_null(False)
+        decision = pl.when(cond).then(pl.lit(dec)).otherwise(decision)
+        reason = pl.when(cond).then(pl.lit(why)).otherwise(reason)
+    p = p.with_columns(decision=decision.fill_null("keep"), reason=reason)
+
+    base = {"agreement": c("agreement"), "agreement_x_strength": c("agreement") * c("strength").fill_null(1.0),
+            "none": pl.lit(1.0)}[cfg.weight_by]
+    factor = cfg.downweight_factor
+    n_down = pl.sum_horizontal([c("_reasons").list.contains(r).cast(pl.Int32) for r in sorted(down_r)]) if down_r else pl.lit(0)
+    weight = base.fill_null(1.0) * (1 - c("_down_share") * (1 - factor)) * pl.lit(factor).pow(n_down)
+    p = p.with_columns(weight=weight.clip(1e-6, 1.0))
+
+    if all_pair_ids is not None:
+        gone = all_pair_ids.to_frame("pair_id").join(p.select("pair_id"), on="pair_id", how="anti")
+    else:
+        gone = pl.DataFrame(schema={"pair_id": pl.String})
+
+    kept = p.filter(c("decision") == "keep")
+    chosen_is_a = c("label_consensus") == "a"
+    msg = lambda text: pl.concat_list(pl.struct(role=pl.lit("assistant"), content=text))  # noqa: E731
+    dpo = kept.with_columns(
+        chosen=msg(pl.when(chosen_is_a).then(c("response_a")).otherwise(c("response_b"))),
+        rejected=msg(pl.when(chosen_is_a).then(c("response_b")).otherwise(c("response_a"))),
+        chosen_model=pl.when(chosen_is_a).then(c("model_a")).otherwise(c("model_b")),
+        rejected_model=pl.when(chosen_is_a).then(c("model_b")).otherwise(c("model_a")),
+    )
+    dpo = conform(dpo, DPORow).select(list(polars_schema(DPORow)))
+
+    routed = p.filter(c("decision") == "route")
+    if judgments is not None and routed.height:
+        js = judgments.group_by("pair_id").agg(
+            pl.struct("comparison_id", "annotator_id", "annotator_kind", "label", "shown_first", "critique").alias("judgments"))
+        routed = routed.join(js, on="pair_id", how="left")
+    routed = routed.rename({"reason": "route"}).drop("decision", "_tokens", "_down_share", strict=False)
+
+    dropped = dict(p.filter(c("decision") == "drop").group_by("reason").len().sort("reason").iter_rows())
+    if gone.height:
+        dropped["all_judgments_dropped"] = gone.height
+    routed_by = {lab: 0 for lab in ROUTED_LABELS}
+    routed_by.update(dict(routed.group_by("route").len().iter_rows()) if routed.height else {})
+    return PairSelection(p.drop("_tokens", "_down_share"), dpo, routed, dropped, routed_by)
+
+
+def downweight_shares(judgments: pl.DataFrame, annotators: list[str]) -> pl.DataFrame:
+    """Per pair: share of its judgments made by down-weighted annotators (``_down_share``)."""
+    if not annotators:
+        return pl.DataFrame(schema={"pair_id": pl.String, "_down_share": pl.Float64})
+    return judgments.group_by("pair_id").agg(_down_share=pl.col("annotator_id").is_in(annotators).mean())

@@ -1,0 +1,153 @@
+"""Store: atomic, immutable, idempotent versions; crash and concurrency behaviour; integrity checks."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import ROOT
+
+from pipeline.store import IntegrityError, Store, VersionNotFound, write_parquet
+from schemas.manifest import Certification, GateResult, IngestLedger, Ledger, Manifest
+
+
+def _manifest(vid: str, splits, files=None) -> Manifest:
+    return Manifest(
+        version_id=vid, created_at=datetime.now(UTC), code_version="test", policy_hash="p", policy={},
+        ledger=Ledger(rows_in=2, quarantined=0, judgments_valid=2, pairs=2, pairs_kept=2,
+                      splits={k: v.rows for k, v in splits.items()}),
+        ingest=IngestLedger(rows_in=2, rows_valid=2, judgments=2), sources=[], splits=splits, files=files or {}, checks=[],
+    )
+
+
+def _builder(vid: str, calls: list | None = None):
+    def build(stage: Path) -> Manifest:
+        if calls is not None:
+            calls.append(stage)
+        df = pl.DataFrame({"pair_id": ["x", "y"], "weight": [1.0, 0.5]})
+        info = write_parquet(df, stage / "data" / "train.parquet")
+        info = info.model_copy(update={"path": "data/train.parquet"})
+        return _manifest(vid, {"train": info})
+
+    return build
+
+
+def test_write_then_idempotent(tmp_path):
+    st = Store(tmp_path / "s")
+    calls: list = []
+    assert st.write_version("v-1", _builder("v-1", calls)) == ("v-1", True)
+    assert st.write_version("v-1", _builder("v-1", calls)) == ("v-1", False)
+    assert len(calls) == 1  # the second call did no work
+    h = st.get("v-1")
+    assert h.verify() == [] and h.manifest().ledger.pairs_kept == 2
+    assert st.list_ids() == ["v-1"] and st.resolve("latest").version_id == "v-1" and st.resolve("v-").version_id == "v-1"
+    assert not any((tmp_path / "s" / ".staging").iterdir())
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    st = Store(tmp_path / "s")
+
+    def boom(stage: Path):
+        (stage / "half.parquet").write_bytes(b"partial")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        st.write_version("v-2", boom)
+    assert not st.exists("v-2") and st.list_ids() == []
+    assert not any((tmp_path / "s" / ".staging").iterdir())
+    with pytest.raises(VersionNotFound):
+        st.get("v-2")
+
+
+def test_tampered_file_detected(tmp_path):
+    st = Store(tmp_path / "s")
+    st.write_version("v-3", _builder("v-3"))
+    h = st.get("v-3")
+    p = h.split_path("train")
+    pl.DataFrame({"pair_id": ["x", "y"], "weight": [1.0, 1.0]}).write_parquet(p)
+    assert h.verify() == ["data/train.parquet: sha256 differs from the manifest (file changed after the version was written)"]
+    p.unlink()
+    assert h.verify() == ["data/train.parquet: missing"]
+
+
+def test_manifest_mismatch_refused(tmp_path):
+    st = Store(tmp_path / "s")
+
+    def lying(stage: Path):
+        m = _builder("v-4")(stage)
+        (stage / "data" / "train.parquet").write_bytes(b"changed after hashing")
+        return m
+
+    with pytest.raises(IntegrityError):
+        st.write_version("v-4", lying)
+    assert not st.exists("v-4")
+
+
+_WRITER = textwrap.dedent("""
+    import sys, time, os
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from test_store import _builder
+    from pipeline.store import Store
+    st = Store(sys.argv[1])
+    mode = sys.argv[2]
+    def build(stage):
+        m = _builder("v-c")(stage)
+        open(os.path.join(sys.argv[1], "built." + str(os.getpid())), "w").close()
+        time.sleep(30 if mode == "hang" else 1.0)
+        return m
+    print(st.write_version("v-c", build))
+""")
+
+
+def _spawn(store: Path, mode: str) -> subprocess.Popen:
+    code = _WRITER.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    return subprocess.Popen([sys.executable, "-c", code, str(store), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_minus_9_mid_write_leaves_no_visible_version(tmp_path):
+    store = tmp_path / "s"
+    proc = _spawn(store, "hang")
+    deadline = time.time() + 30
+    while not list(store.glob("built.*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(store.glob("built.*")), proc.stderr.read() if proc.poll() is not None else "writer never started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    st = Store(store)
+    assert st.list_ids() == [] and not st.exists("v-c")
+    assert any((store / ".staging").iterdir())  # the half-written stage is there, but invisible
+    assert st.write_version("v-c", _builder("v-c")) == ("v-c", True)  # the next run succeeds
+    assert st.get("v-c").verify() == []
+    assert not any((store / ".staging").iterdir())  # and swept the dead writer's stage
+
+
+def test_two_concurrent_writers_same_version(tmp_path):
+    store = tmp_path / "s"
+    procs = [_spawn(store, "slow") for _ in range(2)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    results = sorted(o[0].strip() for o in outs)
+    assert results == ["('v-c', False)", "('v-c', True)"]
+    assert len(list(store.glob("built.*"))) == 1  # the loser waited on the lock and did no work
+    assert Store(store).get("v-c").verify() == []
+
+
+def test_certification_history_is_kept(tmp_path):
+    st = Store(tmp_path / "s")
+    st.write_version("v-5", _builder("v-5"))
+    before = {p: p.stat().st_mtime_ns for p in st.get("v-5").path.rglob("*")}
+    for verdict, ph in (("rejected", "p1"), ("certified", "p2")):
+        st.add_certification(Certification(version_id="v-5", verdict=verdict, policy_hash=ph, policy={},
+                                           gates=[GateResult(name="g", value=1, threshold=0, passed=verdict == "certified")],
+                                           certified_at=datetime.now(UTC), code_version="t"))
+    hist = st.certification_history("v-5")
+    assert [h["verdict"] for h in hist] == ["rejected", "certified"]
+    assert st.latest_certification("v-5")["policy_hash"] == "p2"
+    assert {p: p.stat().st_mtime_ns for p in st.get("v-5").path.rglob("*")} == before  # version untouched
