@@ -1,0 +1,103 @@
+"""Select (every pair ends as kept / routed / dropped-with-reason) and split (grouped, stratified, deterministic)."""
+from __future__ import annotations
+
+import polars as pl
+
+from pipeline.select import filter_judgments, select_pairs
+from pipeline.split import assign_splits, leakage
+from schemas.check import make_flags
+from schemas.policy import SelectConfig, SplitConfig
+
+
+def _pairs(n: int, **cols) -> pl.DataFrame:
+    base = {
+        "pair_id": [f"p{i}" for i in range(n)],
+        "prompt": [[{"role": "user", "content": f"q{i}"}] for i in range(n)],
+        "prompt_text": [f"q{i}" for i in range(n)],
+        "response_a": [f"good answer {i}" for i in range(n)],
+        "response_b": [f"bad answer {i}" for i in range(n)],
+        "model_a": ["ma"] * n, "model_b": ["mb"] * n, "locale": ["en"] * n,
+        "label_consensus": ["a"] * n, "agreement": [1.0] * n, "strength": [0.8] * n, "n_judgments": [3] * n,
+        "annotator_kind": ["human"] * n, "source_comparison_ids": [[f"c{i}"] for i in range(n)],
+    }
+    base.update(cols)
+    return pl.DataFrame(base)
+
+
+def test_every_pair_has_exactly_one_fate():
+    labels = ["a", "b", "tie", "both_bad", "escalate", "a", "a", "a", None, "a"]
+    pairs = _pairs(10, label_consensus=labels, agreement=[1.0, 1.0, 1.0, 1.0, 1.0, 0.4, 1.0, 1.0, None, 1.0])
+    flags = pl.concat([
+        make_flags(["p5"], subject_kind="pair", check="agreement", reason="low_agreement"),
+        make_flags(["p6"], subject_kind="pair", check="duplicates", reason="identical_responses"),
+        make_flags(["p7"], subject_kind="pair", check="near_duplicates", reason="near_duplicate"),  # warn by default
+        make_flags(["p2"], subject_kind="pair", check="language", reason="language_mismatch"),  # beats routing
+    ])
+    res = select_pairs(pairs, flags, SelectConfig(), all_pair_ids=pl.Series([f"p{i}" for i in range(11)]))
+    fate = dict(res.pairs.select("pair_id", "decision").iter_rows())
+    assert fate == {"p0": "keep", "p1": "keep", "p2": "drop", "p3": "route", "p4": "route", "p5": "drop",
+                    "p6": "drop", "p7": "keep", "p8": "drop", "p9": "keep"}
+    assert res.dropped_by_reason == {"identical_responses": 1, "language_mismatch": 1, "low_agreement": 1,
+                                     "no_consensus": 1, "all_judgments_dropped": 1}
+    assert res.routed_by_label == {"tie": 0, "both_bad": 1, "escalate": 1}
+    assert res.dpo.height + sum(res.routed_by_label.values()) + sum(res.dropped_by_reason.values()) == 11
+    row = res.dpo.filter(pl.col("pair_id") == "p1").row(0, named=True)
+    assert row["chosen"] == [{"role": "assistant", "content": "bad answer 1"}]  # label b -> response_b chosen
+    assert row["rejected_model"] == "ma"
+
+
+def test_policy_actions_drop_downweight_and_weights():
+    pairs = _pairs(3, agreement=[1.0, 0.75, 0.5], strength=[0.5, None, 1.0])
+    flags = make_flags(["p0"], subject_kind="pair", check="near_duplicates", reason="near_duplicate")
+    cfg = SelectConfig(flag_actions={"near_duplicate": "downweight"}, downweight_factor=0.5, weight_by="agreement_x_strength")
+    res = select_pairs(pairs, flags, cfg)
+    w = dict(res.dpo.select("pair_id", "weight").iter_rows())
+    assert w == {"p0": 0.25, "p1": 0.75, "p2": 0.5}
+    cfg = SelectConfig(flag_actions={"near_duplicate": "drop"}, min_strength=0.6)
+    res = select_pairs(pairs, flags, cfg)
+    assert res.dropped_by_reason == {"near_duplicate": 1}  # p0 dropped once, by the first reason only
+    cfg = SelectConfig(max_tokens_per_pair=16)
+    res = select_pairs(_pairs(1, response_a=["x" * 200]), flags.clear(), cfg)
+    assert res.dropped_by_reason == {"too_long": 1}
+
+
+def test_filter_judgments_drops_duplicates_and_unreliable_annotators():
+    j = pl.DataFrame({"comparison_id": ["c1", "c2", "c3", "c4"], "annotator_id": ["r1", "r1", "r2", "r3"], "pair_id": ["p"] * 4})
+    flags = pl.concat([
+        make_flags(["c2"], subject_kind="judgment", check="duplicates", reason="exact_duplicate"),
+        make_flags(["r2"], subject_kind="annotator", check="reliability", reason="low_reliability"),
+        make_flags(["r3"], subject_kind="annotator", check="position_bias", reason="position_bias"),
+    ])
+    sel = filter_judgments(j, flags, SelectConfig())
+    assert sel.kept["comparison_id"].to_list() == ["c1", "c4"]
+    assert sel.dropped_by_reason == {"exact_duplicate": 1, "low_reliability": 1}
+    assert sel.downweighted_annotators == ["r3"]
+
+
+def _dpo(n: int, clusters: list[str], locales: list[str]) -> pl.DataFrame:
+    return pl.DataFrame({"pair_id": [f"p{i}" for i in range(n)], "near_dup_cluster": clusters, "locale": locales,
+                         "annotator_kind": ["human"] * n})
+
+
+def test_split_groups_clusters_and_is_deterministic():
+    n = 400
+    clusters = [f"k{i // 4}" for i in range(n)]  # clusters of 4 near-duplicate prompts
+    locales = ["en"] * 300 + ["ja-JP"] * 100
+    dpo = _dpo(n, clusters, locales)
+    a = assign_splits(dpo, SplitConfig())
+    b = assign_splits(dpo.sample(fraction=1.0, shuffle=True, seed=3), SplitConfig())
+    assert dict(a.select("pair_id", "split").iter_rows()) == dict(b.select("pair_id", "split").iter_rows())
+    frames = {s: a.filter(pl.col("split") == s) for s in ("train", "validation", "test")}
+    assert leakage(frames) == {"clusters_in_several_splits": 0, "pairs_in_several_splits": 0, "prompts_in_several_splits": 0}
+    sizes = a.group_by("locale", "split").len()
+    for loc, total in (("en", 300), ("ja-JP", 100)):
+        got = dict(sizes.filter(pl.col("locale") == loc).select("split", "len").iter_rows())
+        assert abs(got["train"] - 0.8 * total) <= 4 and abs(got["test"] - 0.1 * total) <= 4  # stratified per locale
+    other = assign_splits(dpo, SplitConfig(seed=99))
+    assert not other["split"].equals(a["split"])
+
+
+def test_leakage_detects_straddling_cluster():
+    tr = _dpo(2, ["k1", "k2"], ["en", "en"])
+    te = _dpo(1, ["k1"], ["en"]).with_columns(pair_id=pl.lit("p9"))
+    assert leakage({"train": tr, "test": te})["clusters_in_several_splits"] == 1
