@@ -201,6 +201,43 @@ def _print_version_summary(m) -> None:
 
 
 @app.command()
+def certify(
+    version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
+    store: StoreOpt = Path("store"),
+    policy: PolicyOpt = None,
+    no_expectations: Annotated[bool, typer.Option("--no-expectations", help="Skip the Great Expectations suite (gate fails if the policy requires it).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate a version against the policy's certification gates.
+
+    Writes certifications/VERSION.json beside the version (history kept; the version is
+    never edited) and Great Expectations results + Data Docs under certifications/VERSION/.
+    Exit 0 certified, 3 rejected (failing gates printed), 2 bad usage.
+    """
+    from pipeline.certify import certify_version
+
+    pol = _load_policy_or_exit(policy)
+    st = _open_store(store)
+    h = _resolve_or_exit(st, version)
+    with progress_for("certifying", None, unit="", enabled=not as_json):
+        cert = certify_version(st, h.version_id, pol, run_gx=not no_expectations)
+    if as_json:
+        print(json.dumps({**cert.model_dump(mode="json"), "record": str(st.certification_path(h.version_id))}, indent=2))
+    else:
+        con = out_console()
+        for g in cert.gates:
+            mark = "[green]PASS[/]" if g.passed else "[red]FAIL[/]"
+            con.print(f"  {mark} {g.name:34s} value {g.value!s:<12} threshold {g.threshold!s:<14} {g.detail}")
+        failing = [g.name for g in cert.gates if not g.passed]
+        if failing:
+            con.print(f"[bold red]REJECTED[/] {h.version_id}: failing gates: {', '.join(failing)}")
+        else:
+            con.print(f"[bold green]CERTIFIED[/] {h.version_id}")
+        con.print(f"record: {st.certification_path(h.version_id)}")
+    raise typer.Exit(EXIT_OK if cert.verdict == "certified" else EXIT_REJECTED)
+
+
+@app.command()
 def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
     """List versions: id, created, parent, pairs kept, certified?"""
     from rich.table import Table

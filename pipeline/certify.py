@@ -1,0 +1,157 @@
+"""Certify: evaluate a version against the policy's gates; write a record beside it.
+
+Gates (``policy.certify``), each recorded with value / threshold / passed:
+
+* ``min_pairs.<split>``            rows per split >= ``min_pairs_per_split[split]``
+* ``min_pairs.locale=<loc>``       kept pairs per locale >= ``min_pairs_per_locale``
+* ``krippendorff_alpha.<kind>``    α (nominal) of human (and AI, if present) judgments >= ``min_krippendorff_alpha``
+                                   (not computable -> passes with a note: e.g. one judgment per pair)
+* ``biased_annotator_share``       share of kept pairs with a judgment by an annotator flagged for
+                                   position or length bias (not dropped by the policy) <= ``max_biased_annotator_share``
+* ``exact_duplicate_rate``         exact-duplicate judgments / valid judgments <= ``max_exact_duplicate_rate``
+* ``near_duplicate_rate``          near-duplicate-flagged pairs / pairs <= ``max_near_duplicate_rate``
+* ``split_leakage``                clusters/prompts in several splits == 0
+* ``quarantine_rate``              quarantined / rows in <= ``max_quarantine_rate``
+* ``label_balance``                share of kept pairs whose chosen response is ``a``, within ``label_balance``
+* ``ai_share``                     share of kept pairs labelled by AI judges only, within ``ai_share``
+* ``expectations``                 every Great Expectations expectation met on every split
+
+The record goes to ``STORE/certifications/VERSION.json`` (history kept); GX results and Data
+Docs to ``STORE/certifications/VERSION/``.  The version directory is never touched.
+"""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.store import SPLITS, Store, VersionHandle
+from schemas.manifest import Certification, GateResult
+from schemas.policy import Policy
+
+BIAS_REASONS = ("position_bias", "length_bias")
+
+
+def _check(m, name: str) -> dict[str, Any]:
+    return next((c for c in m.checks if c["name"] == name), {"metrics": {}, "flag_counts": {}})
+
+
+def _gate(name: str, value: Any, threshold: Any, passed: bool, detail: str = "") -> GateResult:
+    if isinstance(value, float):
+        value = round(value, 4)
+    return GateResult(name=name, value=value, threshold=threshold, passed=bool(passed), detail=detail)
+
+
+def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_dir: Path | None = None) -> list[GateResult]:
+    cfg = policy.certify
+    m = h.manifest()
+    gates: list[GateResult] = []
+    for split in SPLITS:
+        need = cfg.min_pairs_per_split.get(split, 0)
+        rows = m.splits[split].rows if split in m.splits else 0
+        gates.append(_gate(f"min_pairs.{split}", rows, need, rows >= need))
+
+    kept = pl.concat([pl.read_parquet(h.split_path(s)) for s in SPLITS])
+    for loc, n in sorted(kept.group_by(pl.col("locale").fill_null("(none)")).len().iter_rows()):
+        gates.append(_gate(f"min_pairs.locale={loc}", n, cfg.min_pairs_per_locale, n >= cfg.min_pairs_per_locale))
+
+    agreement = _check(m, "agreement").get("metrics", {})
+    for kind in ("human", "ai"):
+        alpha = (agreement.get(kind) or {}).get("krippendorff_alpha")
+        if kind == "ai" and alpha is None:
+            continue
+        if alpha is None:
+            gates.append(_gate(f"krippendorff_alpha.{kind}", None, cfg.min_krippendorff_alpha, True,
+                               "not computable (fewer than two judgments per pair); gate not applicable"))
+        else:
+            gates.append(_gate(f"krippendorff_alpha.{kind}", float(alpha), cfg.min_krippendorff_alpha,
+                               alpha >= cfg.min_krippendorff_alpha))
+
+    flags = h.read("flags.parquet")
+    biased = flags.filter((pl.col("subject_kind") == "annotator") & pl.col("reason").is_in(list(BIAS_REASONS)))
+    biased_ids = sorted(set(biased["subject_id"].to_list()))
+    share = 0.0
+    if kept.height and biased_ids:
+        j = h.read("judgments.parquet").select("comparison_id", "annotator_id")
+        by_pair = kept.select("pair_id", "source_comparison_ids").explode("source_comparison_ids").join(
+            j, left_on="source_comparison_ids", right_on="comparison_id", how="left")
+        touched = by_pair.filter(pl.col("annotator_id").is_in(biased_ids))["pair_id"].n_unique()
+        share = touched / kept.height
+    gates.append(_gate("biased_annotator_share", share, cfg.max_biased_annotator_share,
+                       share <= cfg.max_biased_annotator_share, f"flagged: {', '.join(biased_ids) or 'none'}"))
+
+    n_j = max(m.ledger.judgments_valid, 1)
+    exact = flags.filter(pl.col("reason") == "exact_duplicate").height
+    gates.append(_gate("exact_duplicate_rate", exact / n_j, cfg.max_exact_duplicate_rate, exact / n_j <= cfg.max_exact_duplicate_rate,
+                       f"{exact} of {m.ledger.judgments_valid} judgments"))
+    near = flags.filter(pl.col("reason") == "near_duplicate")["subject_id"].n_unique()
+    rate = near / max(m.ledger.pairs, 1)
+    gates.append(_gate("near_duplicate_rate", rate, cfg.max_near_duplicate_rate, rate <= cfg.max_near_duplicate_rate,
+                       f"{near} of {m.ledger.pairs} pairs"))
+
+    leak = _check(m, "split_leakage").get("metrics", {})
+    n_leak = sum(int(leak.get(k, 0)) for k in ("clusters_in_several_splits", "pairs_in_several_splits", "prompts_in_several_splits"))
+    gates.append(_gate("split_leakage", n_leak, 0, n_leak == 0 and bool(leak), "" if leak else "leakage not measured"))
+
+    q_rate = m.ledger.quarantined / max(m.ledger.rows_in, 1)
+    gates.append(_gate("quarantine_rate", q_rate, cfg.max_quarantine_rate, q_rate <= cfg.max_quarantine_rate,
+                       f"{m.ledger.quarantined} of {m.ledger.rows_in} rows"))
+
+    pairs = h.read("pairs.parquet").filter(pl.col("decision") == "keep")
+    a_share = (pairs["label_consensus"] == "a").mean() if pairs.height else 0.5
+    lo, hi = cfg.label_balance
+    gates.append(_gate("label_balance", float(a_share), [lo, hi], lo <= a_share <= hi, "share of kept pairs where a is chosen"))
+    ai = (kept["annotator_kind"] == "ai").mean() if kept.height else 0.0
+    lo, hi = cfg.ai_share
+    gates.append(_gate("ai_share", float(ai), [lo, hi], lo <= ai <= hi, "share of kept pairs labelled by AI judges only"))
+
+    if cfg.require_expectations and run_gx:
+        from pipeline.expectations import run_expectations
+
+        gx = run_expectations({s: h.split_path(s) for s in SPLITS}, gx_dir or Path("gx"))
+        failed = {s: r["failed"] for s, r in gx["splits"].items() if r["failed"]}
+        total = sum(r["evaluated"] for r in gx["splits"].values())
+        gates.append(_gate("expectations", total - sum(len(v) for v in failed.values()), total, gx["success"],
+                           f"failed: {failed}" if failed else f"all {total} expectations met; Data Docs: {gx['docs_index']}"))
+    return gates
+
+
+def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = True) -> Certification:
+    """Evaluate the gates, refuse a tampered version, append the record.  Never edits the version."""
+    h = store.resolve(ref)
+    problems = h.verify()
+    if problems:
+        gates = [_gate("integrity", len(problems), 0, False, "; ".join(problems))]
+    else:
+        gx_dir = store.root / "certifications" / h.version_id / f"gx-{policy.policy_hash()}"
+        gates = [_gate("integrity", 0, 0, True, "every file matches its sha256 in the manifest")]
+        gates += evaluate_gates(h, policy, run_gx=run_gx, gx_dir=gx_dir)
+    from pipeline.curate import code_version
+
+    cert = Certification(
+        version_id=h.version_id,
+        verdict="certified" if all(g.passed for g in gates) else "rejected",
+        gates=gates,
+        policy_hash=policy.policy_hash(),
+        policy=policy.model_dump(mode="json"),
+        certified_at=datetime.now(UTC),
+        code_version=code_version(),
+    )
+    store.add_certification(cert)
+    return cert
+
+
+def is_certified(h: VersionHandle) -> tuple[bool, str]:
+    """(ok, reason) for the trainer: latest record certified and files unchanged."""
+    cert = h.certification()
+    if cert is None:
+        return False, f"version {h.version_id} has no certification record; run `prefpipe certify {h.version_id}`"
+    if cert["verdict"] != "certified":
+        failing = [g["name"] for g in cert["gates"] if not g["passed"]]
+        return False, f"version {h.version_id} was rejected by its latest certification (failing gates: {', '.join(failing)})"
+    problems = h.verify()
+    if problems:
+        return False, f"version {h.version_id} files do not match its manifest: {'; '.join(problems)}"
+    return True, "certified"
