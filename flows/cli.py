@@ -301,6 +301,45 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
         con.print(f"  {k:40s} {x!s:>12} -> {y!s:<12}")
 
 
+@app.command()
+def serve(
+    inbox: Annotated[Path, typer.Option("--inbox", help="Directory where new batch files arrive (each finished file gets a FILE.done marker).")],
+    store: StoreOpt = Path("store"),
+    policy: PolicyOpt = None,
+    cron: Annotated[str | None, typer.Option("--cron", help='Cron schedule, e.g. "*/15 * * * *".')] = None,
+    interval: Annotated[int | None, typer.Option("--interval", help="Run every N seconds (instead of --cron).")] = None,
+    train_model: Annotated[str | None, typer.Option("--train-model", help="Model for training after certification (if the policy enables it).")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Process the inbox once now (as a schedule tick would) and exit.")] = False,
+) -> None:
+    """Serve the inbox deployment on a schedule with Prefect (`serve`); see runs in the Prefect UI.
+
+    Without PREFECT_API_URL Prefect starts its temporary local server; start `prefect server start`
+    and set PREFECT_API_URL=http://127.0.0.1:4200/api to see runs in the UI.
+    """
+    if not once and not cron and not interval:
+        _fail_usage("give --cron, --interval or --once")
+    if not inbox.is_dir():
+        _fail_usage(f"inbox {inbox} is not a directory")
+    from flows.flows import process_inbox
+
+    params = {"inbox": str(inbox.resolve()), "store": str(store.resolve()),
+              "policy_path": str(policy.resolve()) if policy else None, "train_model": train_model}
+    if once:
+        try:
+            outcomes = process_inbox(**params)
+        except Exception as err:  # the flow run failed visibly; say why and exit non-zero
+            err_console().print(f"[bold red]inbox run failed:[/] {err}")
+            raise typer.Exit(1) from None
+        for o in outcomes:
+            out_console().print(o)
+        return
+    from prefect import serve as prefect_serve
+
+    dep = process_inbox.to_deployment(name="prefpipe-inbox", parameters=params, cron=cron, interval=interval)
+    err_console().print(f"serving deployment process-inbox/prefpipe-inbox ({'cron ' + cron if cron else f'every {interval}s'}); Ctrl-C to stop")
+    prefect_serve(dep)
+
+
 @policy_app.command("show")
 def policy_show(
     policy: PolicyOpt = None,

@@ -112,12 +112,24 @@ def curate(
     if store.exists(version_id):
         return CurateResult(version_id, False, store, timer.t)
 
-    ingest = ingest_files(paths, fmt=options.fmt, batch_id=options.batch_id, annotator_id=options.annotator_id,
-                          annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows)
+    ingest = ingest_source(paths, options, policy)
     t = timer.lap("ingest", t)
+    return build_version(store, version_id, ingest, parent_handle, policy, timer)
+
+
+def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy) -> IngestResult:
+    """Ingest one or more files with the curate options (a flow maps this over files)."""
+    return ingest_files(paths, fmt=options.fmt, batch_id=options.batch_id, annotator_id=options.annotator_id,
+                        annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows)
+
+
+def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
+                  policy: Policy, timer: _Timer | None = None) -> CurateResult:
+    """Checks -> select -> split -> write, atomically, unless the version exists."""
+    timer = timer or _Timer(None)
 
     def build(stage: Path) -> Manifest:
-        return _build_version(stage, version_id, ingest, parent_handle, policy, timer)
+        return _build_version(stage, version_id, ingest, parent, policy, timer)
 
     vid, created = store.write_version(version_id, build)
     return CurateResult(vid, created, store, timer.t)

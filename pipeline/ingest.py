@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import UTC, datetime
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -63,6 +64,41 @@ class IngestResult:
     quarantine: pl.DataFrame
     ledger: IngestLedger
     sources: list[SourceInfo] = field(default_factory=list)
+
+    def save(self, directory: Path) -> Path:
+        """Persist (for flows: tasks pass paths, not frames).  Written to a temp dir, then renamed."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.judgments.write_parquet(tmp / "judgments.parquet")
+        self.quarantine.write_parquet(tmp / "quarantine.parquet")
+        meta = {"ledger": self.ledger.model_dump(), "sources": [s.model_dump() for s in self.sources]}
+        (tmp / "ingest.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another worker saved the same content first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> IngestResult:
+        directory = Path(directory)
+        meta = json.loads((directory / "ingest.json").read_text())
+        return cls(pl.read_parquet(directory / "judgments.parquet"), pl.read_parquet(directory / "quarantine.parquet"),
+                   IngestLedger(**meta["ledger"]), [SourceInfo(**s) for s in meta["sources"]])
+
+    @classmethod
+    def merge(cls, parts: list[IngestResult]) -> IngestResult:
+        ledger = IngestLedger()
+        for p in parts:
+            ledger = ledger.merged(p.ledger)
+        js = [p.judgments for p in parts if p.judgments.height]
+        qs = [p.quarantine for p in parts if p.quarantine.height]
+        return cls(pl.concat(js) if js else empty_frame(Judgment),
+                   pl.concat(qs) if qs else pl.DataFrame(schema=QUARANTINE_SCHEMA),
+                   ledger, [s for p in parts for s in p.sources])
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,0 +1,200 @@
+"""Prefect flows: wiring only.  The logic lives in ``pipeline/`` and ``trainer/``.
+
+* ``curate_batch``      plan -> ingest (one task per file, mapped; cached on file content) ->
+                        build version (checks, select, split, store) -> artifacts
+* ``certify_version``   certification gates + GX -> record + artifacts
+* ``train_on_version``  refuses uncertified or tampered versions, then trains
+* ``process_inbox``     picks up finished batch files (``<file>.done`` marker) from an inbox,
+                        curates each new one as a child of the latest version, certifies it
+                        and, if the policy says so, trains.  A batch whose sha256 is already a
+                        source of a version is never processed twice.
+
+Tasks pass file paths and content hashes, never DataFrames.  Retries only where I/O can fail.
+With no configuration Prefect runs on its temporary local server; ``PREFECT_API_URL`` points
+the same flows at a real server.  Set ``PREFPIPE_DASK=local`` (or a scheduler address) to run
+the mapped ingest tasks on a ``DaskTaskRunner``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from pipeline import inbox as inbox_logic
+from pipeline.curate import CurateOptions, build_version, code_version, ingest_source, plan_version_id
+from pipeline.ingest import IngestResult, file_sha256
+from pipeline.store import Store
+from schemas.policy import Policy, load_policy
+from schemas.text import content_hash
+
+SUPPORTED = (".jsonl", ".jsonl.gz", ".parquet", ".csv")
+
+
+def _opts_key(options: dict[str, Any]) -> str:
+    return json.dumps(options, sort_keys=True)
+
+
+def _ingest_cache_key(context, parameters) -> str:
+    return f"ingest-{parameters['sha256']}-{parameters['batch_rows']}-{_opts_key(parameters['options'])}-{code_version()}"
+
+
+@task(retries=2, retry_delay_seconds=2, persist_result=False)
+def hash_file(path: str) -> str:
+    return file_sha256(path)
+
+
+@task(retries=1, retry_delay_seconds=2, cache_key_fn=_ingest_cache_key, cache_expiration=timedelta(days=30),
+      task_run_name="ingest {path}")
+def ingest_file(path: str, sha256: str, options: dict[str, Any], batch_rows: int, work_dir: str) -> str:
+    """Ingest one file into ``work_dir/<content key>/`` (skipped when already there)."""
+    key = f"{sha256[:24]}-{content_hash(_opts_key(options))[:8]}-{batch_rows}"
+    out = Path(work_dir) / key
+    if not (out / "ingest.json").exists():
+        pol = Policy.model_validate({"ingest": {"batch_rows": batch_rows}})
+        ingest_source([Path(path)], CurateOptions(**options), pol).save(out)
+    return str(out)
+
+
+@task(persist_result=False)
+def build_version_task(store_dir: str, version_id: str, ingest_dirs: list[str], parent: str | None, policy_json: str) -> dict[str, Any]:
+    store = Store(store_dir)
+    policy = Policy.model_validate_json(policy_json)
+    parts = [IngestResult.load(Path(d)) for d in ingest_dirs]
+    parent_h = store.resolve(parent) if parent else None
+    res = build_version(store, version_id, IngestResult.merge(parts), parent_h, policy)
+    return {"version_id": res.version_id, "created": res.created, "timings": res.timings}
+
+
+@task(persist_result=False)
+def publish_version_artifacts(store_dir: str, version_id: str) -> None:
+    from pipeline.artifacts import version_tables
+
+    h = Store(store_dir).get(version_id)
+    tables = version_tables(h)
+    key = version_id.replace("_", "-").lower()
+    md = h.file("report.md")
+    create_markdown_artifact(md.read_text(encoding="utf-8") if md.exists() else tables["markdown"],
+                             key=f"report-{key}", description=f"prefpipe report for {version_id}")
+    create_table_artifact(tables["ledger"], key=f"ledger-{key}", description="ledger: where every row went")
+    create_table_artifact(tables["checks"], key=f"checks-{key}", description="check verdicts")
+    create_table_artifact(tables["annotators"], key=f"annotators-{key}", description="annotator statistics")
+    report = h.file("report.html")
+    if report.exists():
+        create_link_artifact(report.resolve().as_uri(), link_text=f"report.html of {version_id}", key=f"report-html-{key}")
+
+
+def _task_runner():
+    where = os.environ.get("PREFPIPE_DASK")
+    if not where:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if where == "local":
+        return DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(address=where)
+
+
+@flow(name="curate-batch", log_prints=True)
+def curate_batch(files: list[str], store: str, policy_path: str | None = None, parent: str | None = None,
+                 options: dict[str, Any] | None = None) -> str:
+    """Ingest -> checks -> select -> split -> store; publishes the report and tables as artifacts."""
+    log = get_run_logger()
+    options = options or {}
+    policy = load_policy(policy_path)
+    st = Store(store).ensure()
+    parent_id = st.resolve(parent).version_id if parent else None
+    shas = [hash_file.submit(f) for f in files]
+    sha_values = [s.result() for s in shas]
+    version_id = plan_version_id(sha_values, parent_id, policy, CurateOptions(**options))
+    if st.exists(version_id):
+        log.info("version %s already exists: nothing to do", version_id)
+    else:
+        work = str(st.root / ".work" / "ingest")
+        futures = [ingest_file.submit(f, s, options, policy.ingest.batch_rows, work) for f, s in zip(files, sha_values, strict=True)]
+        dirs = [fu.result() for fu in futures]
+        res = build_version_task(store, version_id, dirs, parent_id, policy.model_dump_json())
+        log.info("version %s %s", res["version_id"], "written" if res["created"] else "already existed")
+    publish_version_artifacts(store, version_id)
+    return version_id
+
+
+def curate_batch_with_runner():
+    runner = _task_runner()
+    return curate_batch.with_options(task_runner=runner) if runner else curate_batch
+
+
+@task(persist_result=False)
+def certify_task(store: str, version: str, policy_json: str, run_gx: bool) -> dict[str, Any]:
+    from pipeline.certify import certify_version as certify_logic
+
+    cert = certify_logic(Store(store), version, Policy.model_validate_json(policy_json), run_gx=run_gx)
+    return cert.model_dump(mode="json")
+
+
+@flow(name="certify-version", log_prints=True)
+def certify_version(store: str, version: str, policy_path: str | None = None, run_gx: bool = True) -> dict[str, Any]:
+    policy = load_policy(policy_path)
+    cert = certify_task(store, version, policy.model_dump_json(), run_gx)
+    rows = [{"gate": g["name"], "value": str(g["value"]), "threshold": str(g["threshold"]),
+             "passed": g["passed"], "detail": g["detail"]} for g in cert["gates"]]
+    key = cert["version_id"].lower()
+    create_table_artifact(rows, key=f"certification-{key}", description=f"{cert['verdict']}: {cert['version_id']}")
+    get_run_logger().info("%s: %s", cert["version_id"], cert["verdict"])
+    return cert
+
+
+@flow(name="train-on-version", log_prints=True)
+def train_on_version(store: str, version: str, model: str = "tiny-llama", max_steps: int = 50,
+                     extra: dict[str, Any] | None = None) -> str:
+    """Refuses uncertified or tampered versions (raises); returns the run directory."""
+    from pipeline.certify import is_certified
+
+    h = Store(store).resolve(version)
+    ok, why = is_certified(h)
+    if not ok:
+        raise RuntimeError(f"refusing to train: {why}")
+    from trainer.train import train_version  # the trainer's public entry
+
+    run_dir = train_version(Store(store), h.version_id, model=model, max_steps=max_steps, **(extra or {}))
+    create_link_artifact(Path(run_dir).resolve().as_uri(), link_text=f"training run on {h.version_id}",
+                         key=f"train-{h.version_id.lower()}")
+    return str(run_dir)
+
+
+@flow(name="process-inbox", log_prints=True)
+def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_model: str | None = None) -> list[dict[str, Any]]:
+    """Curate each new finished batch of the inbox as a child of the latest version, certify it,
+    and train when the policy's ``certify.train_after_certify`` is set.  Returns what happened
+    per batch; the run fails (visibly, with the reasons) if any batch failed, after the others ran."""
+    log = get_run_logger()
+    policy = load_policy(policy_path)
+    st = Store(store).ensure()
+    pending = inbox_logic.pending_batches(Path(inbox), st)
+    if not pending:
+        log.info("inbox %s: no new finished batches", inbox)
+        return []
+    outcomes: list[dict[str, Any]] = []
+    for batch in pending:
+        parent = st.list_ids()[-1] if st.list_ids() else None
+        try:
+            vid = curate_batch(files=[str(batch.path)], store=store, policy_path=policy_path, parent=parent)
+            cert = certify_version(store=store, version=vid, policy_path=policy_path)
+            out: dict[str, Any] = {"batch": batch.path.name, "sha256": batch.sha256, "version": vid, "verdict": cert["verdict"]}
+            if cert["verdict"] == "certified" and policy.certify.train_after_certify:
+                out["run"] = train_on_version(store=store, version=vid, model=train_model or "tiny-llama")
+        except Exception as err:  # noqa: BLE001 - one bad batch must not block the next
+            log.error("batch %s failed: %s", batch.path.name, err)
+            inbox_logic.record_failure(st, batch, str(err))
+            out = {"batch": batch.path.name, "sha256": batch.sha256, "error": str(err)}
+        outcomes.append(out)
+    failed = [o for o in outcomes if "error" in o]
+    create_table_artifact([{k: str(v) for k, v in o.items()} for o in outcomes], key="inbox-last-run",
+                          description=f"inbox {inbox}: {len(outcomes)} batch(es), {len(failed)} failed")
+    if failed:
+        raise RuntimeError("; ".join(f"{o['batch']}: {o['error']}" for o in failed))
+    return outcomes

@@ -1,0 +1,36 @@
+"""Small human-facing tables of a version (for Prefect artifacts and terminals)."""
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from pipeline.store import VersionHandle
+
+
+def version_tables(h: VersionHandle) -> dict[str, Any]:
+    m = h.manifest()
+    led = m.ledger
+    ledger = [
+        {"stage": "rows in", "count": led.rows_in},
+        {"stage": "quarantined", "count": led.quarantined},
+        {"stage": "judgments valid", "count": led.judgments_valid},
+        *[{"stage": f"judgments dropped: {k}", "count": v} for k, v in led.judgments_dropped.items()],
+        {"stage": "pairs", "count": led.pairs},
+        *[{"stage": f"routed: {k}", "count": v} for k, v in led.routed.items()],
+        *[{"stage": f"pairs dropped: {k}", "count": v} for k, v in led.dropped.items()],
+        {"stage": "pairs kept (DPO rows)", "count": led.pairs_kept},
+        *[{"stage": f"split {k}", "count": v} for k, v in led.splits.items()],
+    ]
+    checks = [{"check": c["name"], "status": c["status"], "flags": ", ".join(f"{k}={v}" for k, v in c.get("flag_counts", {}).items()),
+               "summary": c.get("summary", "")} for c in m.checks]
+    ann = h.read("annotators.parquet")
+    cols = [c for c in ("annotator_id", "annotator_kind", "n_judgments", "agreement_with_consensus", "gold_accuracy",
+                        "first_shown_rate", "position_p_value", "order_consistency", "longer_chosen_rate", "status", "flags")
+            if c in ann.columns]
+    annotators = ann.select(cols).with_columns(pl.col("flags").list.join(",")).with_columns(
+        pl.col(pl.Float64).round(3)).to_dicts() if ann.height else []
+    md = [f"# prefpipe version {m.version_id}", "", "| stage | count |", "|---|---|"]
+    md += [f"| {r['stage']} | {r['count']:,} |" for r in ledger]
+    md += ["", "| check | status | flags |", "|---|---|---|"] + [f"| {c['check']} | {c['status']} | {c['flags']} |" for c in checks]
+    return {"ledger": ledger, "checks": checks, "annotators": annotators, "markdown": "\n".join(md)}

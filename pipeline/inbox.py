@@ -1,0 +1,71 @@
+"""Inbox logic for scheduled runs (pure; the Prefect flow in ``flows/`` wires it).
+
+A producer drops ``batch.jsonl`` into the inbox and, when the file is complete, creates
+``batch.jsonl.done`` (an empty marker).  Only files with their marker are picked up, so a
+half-copied or still-growing file is never read.  A batch is identified by its sha256: one
+already among the sources of any version in the store is never processed again (this also
+makes a killed run resume correctly: the next tick redoes only what has no version yet).
+A batch that failed is recorded in ``STORE/inbox/failed.jsonl`` and skipped until its
+content changes (or the record is removed).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.ingest import file_sha256
+from pipeline.store import Store
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet", ".csv")
+MARKER = ".done"
+
+
+@dataclass(frozen=True)
+class Batch:
+    path: Path
+    sha256: str
+
+
+def processed_hashes(store: Store) -> set[str]:
+    seen: set[str] = set()
+    for vid in store.list_ids():
+        seen.update(s.sha256 for s in store.get(vid).manifest().sources)
+    return seen
+
+
+def failed_hashes(store: Store) -> set[str]:
+    p = store.root / "inbox" / "failed.jsonl"
+    if not p.exists():
+        return set()
+    return {json.loads(line)["sha256"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()}
+
+
+def pending_batches(inbox: Path, store: Store) -> list[Batch]:
+    """Finished batch files not yet processed, oldest name first."""
+    if not inbox.is_dir():
+        raise FileNotFoundError(f"inbox {inbox} does not exist")
+    done = processed_hashes(store) | failed_hashes(store)
+    out: list[Batch] = []
+    seen_now: set[str] = set()
+    for p in sorted(inbox.iterdir()):
+        if not p.is_file() or not p.name.lower().endswith(SUFFIXES):
+            continue
+        if not p.with_name(p.name + MARKER).exists():
+            continue  # still being written: no .done marker yet
+        sha = file_sha256(p)
+        if sha in done or sha in seen_now:
+            continue
+        seen_now.add(sha)
+        out.append(Batch(p, sha))
+    return out
+
+
+def record_failure(store: Store, batch: Batch, reason: str) -> None:
+    d = store.root / "inbox"
+    d.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"file": str(batch.path), "sha256": batch.sha256, "reason": reason,
+                       "at": datetime.now(UTC).isoformat()}) + "\n"
+    with store.lock("inbox-failed"), open(d / "failed.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(line)
