@@ -2,139 +2,246 @@
 
 Method
 ------
-1. **Canonical orientation** (:func:`orient`).  Judgments of a derived ``pair_id`` may name
-   the two responses in either a/b order.  The orientation of the pair's *first judgment
-   in frame order* is canonical (for data given consistently this is simply the input's
-   own orientation, and the pair's texts are that judgment's texts).  A judgment whose
-   ``a_hash``/``b_hash`` are that orientation swapped is flipped: its ``label``,
-   ``shown_first`` and ``gold_label`` have ``a`` and ``b`` exchanged (``c_label``,
-   ``c_shown_first``, ``c_gold``).  All counts below are in canonical orientation.
-2. **One vote per annotator per pair.**  An annotator who judged a pair k times (an AI
+1. **Encoding** (:func:`encode`, shared with the checks).  Pairs, annotators and
+   (pair, annotator) units become dense integer codes in first-seen order; labels become
+   codes 0..4 (a, b, tie, both_bad, escalate).  Every statistic below is then a
+   ``np.bincount`` -- no per-row Python, no string group-bys.
+2. **Canonical orientation.**  Judgments of a derived ``pair_id`` may name the two
+   responses in either a/b order.  The orientation of the pair's *first judgment in frame
+   order* is canonical (for data given consistently that is the input's own orientation,
+   and the pair's texts are that judgment's texts).  A judgment whose ``a_hash``/``b_hash``
+   are that orientation swapped is *flipped*: its label, ``shown_first`` and
+   ``gold_label`` have ``a`` and ``b`` exchanged.  All counts are in canonical orientation.
+3. **One vote per annotator per pair.**  An annotator who judged a pair k times (an AI
    judge run in both display orders) gives each of those judgments weight 1/k, so
    repeating a judgment never outvotes a second opinion.
-3. **Per-kind labels** ``label_human`` / ``label_ai``: plurality of the votes of that kind
-   over the five labels.  A tie between ``a`` and ``b`` is broken by the Dawid-Skene
-   weighted estimate (below) of the same judgments; any other unresolved tie (or exactly
-   balanced evidence) gives ``escalate``.  ``label_majority`` is the plain plurality of
-   all raw judgments (null on a tie), for reference only.
-4. **Dawid-Skene (one-coin)** on decisive (a/b) judgments, :func:`dawid_skene`: each
-   annotator j has an accuracy r_j; the pair posterior is
-   ``logit P(a) = sum_i w_i * v_i * log(r_j / (1 - r_j))`` (v = +1 for a, -1 for b,
-   flat class prior because a/b are names, not positions); r_j is re-estimated as the
-   posterior-expected share of j's decisive judgments that are right, with a Beta(3.5, 1.5)
-   prior (mean 0.7, weight of 5 judgments) so annotators with few judgments stay near a
-   typical accuracy.  EM for ``ds_iterations`` rounds (stops early on convergence),
-   vectorised with ``np.bincount``.  AI judgments enter the E-step with weight
-   ``ai_weight`` (0 under ``ignore_ai``); every annotator's accuracy is estimated.
-5. **Consensus** ``label_consensus`` per ``AggregationConfig.ai_mode`` -- an AI judge never
+4. **Per-kind labels** ``label_human`` / ``label_ai``: plurality of the votes of that kind
+   over the five labels.  A tie of exactly ``a`` and ``b`` is broken by the Dawid-Skene
+   estimate (below) from the same judgments; any other tie, or exactly balanced
+   evidence, gives ``escalate``.  ``label_majority`` is the plain plurality of all raw
+   judgments (null on a tie), for reference only.
+5. **Dawid-Skene (one-coin)** on decisive (a/b) judgments, :func:`dawid_skene`: annotator
+   j has accuracy r_j; ``logit P(a) = sum_i w_i v_i log(r_j / (1 - r_j))`` (v = +1 for a,
+   -1 for b; flat class prior, because a/b are names, not positions).  r_j is
+   re-estimated as the posterior-expected share of j's decisive judgments that are
+   right, with a Beta(3.5, 1.5) prior (mean 0.7, weight of 5 judgments) so annotators
+   with few judgments stay near a typical accuracy; clipped to [0.02, 0.98].  EM for
+   ``ds_iterations`` rounds (stops early on convergence).  AI judgments enter the pair
+   posterior with weight ``ai_weight`` (0 under ``ignore_ai``); every annotator's
+   accuracy is estimated.
+6. **Consensus** ``label_consensus`` per ``AggregationConfig.ai_mode`` -- an AI judge never
    silently outvotes a human:
 
    * ``human_first`` (default): ``label_human`` when any human judged the pair, else
      ``label_ai``.
    * ``separate``: the label both kinds agree on; when only one kind judged, that kind's
      label; when they disagree, ``escalate``.
-   * ``vote``: plurality of human votes + ``ai_weight`` * AI votes (DS tie-break with
+   * ``vote``: plurality of human votes + ``ai_weight`` x AI votes (DS tie-break with
      the same weights).
-   * ``ignore_ai``: ``label_human`` only (AI-only pairs get no consensus: null label and
+   * ``ignore_ai``: ``label_human`` only; AI-only pairs get no consensus (null label and
      null agreement).
 
-   "Judgments used" are those of the kinds the mode consults for the pair (human only or
-   AI only under ``human_first``; both under ``separate``/``vote``; human under
-   ``ignore_ai``).  ``agreement`` = share of the used judgments whose label equals the
-   consensus; ``strength`` = mean strength of the used judgments agreeing with it;
-   ``annotator_kind`` = human / ai / mixed from the used judgments; ``p_a_weighted`` = the
-   DS posterior from the used judgments.  ``count_*`` / ``n_*`` count all judgments.
-
-Everything is one Polars group-by over the judgments plus numpy bincounts; no per-row
-Python.
+   "Judgments used" are those of the kinds the mode consults for the pair (human only,
+   or AI only when no human judged it, under ``human_first``; both under
+   ``separate``/``vote``; human under ``ignore_ai``).  ``agreement`` = share of the used
+   judgments whose label equals the consensus; ``strength`` = mean strength of the used
+   judgments agreeing with it; ``annotator_kind`` = human / ai / mixed from the used
+   judgments (all judgments when none was used); ``p_a_weighted`` = the DS posterior from
+   the used judgments.  ``count_*`` and ``n_*`` count all judgments.  ``locale`` is the
+   first non-null locale of the pair, ``tags`` the sorted union of its judgments' tags.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 from scipy.special import expit
 
-from schemas.arrow import conform, empty_frame, polars_schema
+from schemas.arrow import empty_frame, polars_schema
 from schemas.check import CheckResult
 from schemas.policy import AggregationConfig
 from schemas.records import LABELS, AnnotatorStats, PairRecord
 
-__all__ = ["Aggregation", "aggregate", "orient", "dawid_skene", "annotator_votes", "plurality_expr", "annotator_table"]
+__all__ = ["Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "plurality", "label_strings",
+           "pair_locale", "pair_tags", "n_used_expr", "annotator_table"]
 
+A, B, TIE, BOTH_BAD, ESCALATE = range(5)
+NONE = -1  # "no label" code
+_LABEL_ENUM = pl.Enum(list(LABELS))
+_SIDE_ENUM = pl.Enum(["a", "b"])
 _EPS = 1e-9
 _PRIOR_A, _PRIOR_B = 3.5, 1.5  # Beta prior on annotator accuracy: mean 0.7, weight 5
 _ACC_CLIP = (0.02, 0.98)
-_SWAP = {"a": "b", "b": "a"}
+
+
+# ---------------------------------------------------------------- encoding
+def dense_codes(s: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(codes in first-seen order, first row of each code) for a string column without nulls.
+
+    Fast path: 64-bit hashes; the result is verified (every row equals its code's first
+    row), and a collision falls back to an exact string window.
+    """
+    n = len(s)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    s = s.rechunk()
+    _, first, inv = np.unique(s.hash().to_numpy(), return_index=True, return_inverse=True)
+    if not bool((s.gather(first[inv]) == s).all()):
+        first_of_row = s.to_frame("k").with_row_index("_r").select(pl.col("_r").min().over("k")).to_series().to_numpy()
+        first, inv = np.unique(first_of_row, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(first), np.int64)
+    rank[order] = np.arange(len(first))
+    return rank[inv.ravel()], first[order].astype(np.int64)
+
+
+def _codes(s: pl.Series, enum: pl.Enum) -> np.ndarray:
+    return s.cast(enum).to_physical().cast(pl.Int8).fill_null(NONE).to_numpy()
 
 
 @dataclass(frozen=True)
-class Aggregation:
-    """``pairs``: PairRecord columns, one row per pair (first-seen order).
-    ``annotators``: annotator_id, annotator_kind, n_judgments, n_decisive, ds_accuracy."""
+class Encoded:
+    """Integer view of a judgments frame (row i of every (N,) array is judgment i)."""
 
-    pairs: pl.DataFrame
-    annotators: pl.DataFrame
+    pair: np.ndarray  # (N,) pair code, first-seen order
+    pair_first: np.ndarray  # (P,) row of each pair's first judgment (ascending)
+    pair_ids: pl.Series  # (P,) pair_id per code
+    ann: np.ndarray  # (N,) annotator code, first-seen order
+    ann_ids: pl.Series  # (A,)
+    ann_kind: pl.Series  # (A,) annotator_kind of the annotator's first judgment
+    human: np.ndarray  # (N,) bool
+    label: np.ndarray  # (N,) int8 canonical label code (0 a, 1 b, 2 tie, 3 both_bad, 4 escalate)
+    raw_label: np.ndarray  # (N,) label code as written
+    shown: np.ndarray  # (N,) int8 canonical shown_first (0 a, 1 b, -1 missing)
+    raw_shown: np.ndarray  # (N,) shown_first as written
+    gold: np.ndarray  # (N,) int8 gold_label code as written (-1 missing)
+    flipped: np.ndarray  # (N,) bool: named the responses the other way round
+    strength: np.ndarray  # (N,) float, NaN when missing
+    unit: np.ndarray  # (N,) code of (pair, annotator)
+    unit_pair: np.ndarray  # (U,)
+    unit_ann: np.ndarray  # (U,)
+
+    @property
+    def n(self) -> int:
+        return len(self.pair)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pair_first)
+
+    @property
+    def n_annotators(self) -> int:
+        return len(self.ann_ids)
+
+    @property
+    def n_units(self) -> int:
+        return len(self.unit_pair)
+
+    def first_mask(self) -> pl.Series:
+        """Boolean mask of each pair's first (canonical) judgment; filtering by it gives one
+        row per pair in pair-code order (much cheaper than a gather of text columns)."""
+        m = np.zeros(self.n, bool)
+        m[self.pair_first] = True
+        return pl.Series(m)
+
+    def per_pair(self, weights: np.ndarray | None = None, codes: np.ndarray | None = None, k: int = 5) -> np.ndarray:
+        """(P, k) sums of ``weights`` by pair and ``codes`` (default: canonical label); rows
+        with a negative code are skipped."""
+        return _by(self.pair, self.n_pairs, self.label if codes is None else codes, weights, k)
+
+    def per_ann(self, weights: np.ndarray | None = None, codes: np.ndarray | None = None, k: int = 5) -> np.ndarray:
+        """(A, k) sums by annotator and code (default: canonical label)."""
+        return _by(self.ann, self.n_annotators, self.label if codes is None else codes, weights, k)
+
+    def per_unit(self, weights: np.ndarray | None = None, codes: np.ndarray | None = None, k: int = 5) -> np.ndarray:
+        """(U, k) sums by (pair, annotator) unit and code (default: canonical label)."""
+        return _by(self.unit, self.n_units, self.label if codes is None else codes, weights, k)
 
 
-# ---------------------------------------------------------------- orientation
-def orient(judgments: pl.DataFrame) -> pl.DataFrame:
-    """Add ``flipped``, ``c_label``, ``c_shown_first``, ``c_gold`` (canonical orientation).
+def _by(group: np.ndarray, n_groups: int, codes: np.ndarray, weights: np.ndarray | None, k: int) -> np.ndarray:
+    ok = codes >= 0
+    w = None if weights is None else np.asarray(weights, float)[ok]
+    out = np.bincount(group[ok] * k + codes[ok], weights=w, minlength=n_groups * k)
+    return out.reshape(n_groups, k).astype(float)
 
-    Needs ``pair_id``, ``a_hash``, ``b_hash``, ``label``; ``shown_first`` and
-    ``gold_label`` are used when present.  Row order and all columns are kept.
+
+_LAST: list[tuple[weakref.ref, int, tuple[str, ...], Encoded]] = []  # one-entry cache
+
+
+def encode(judgments: pl.DataFrame) -> Encoded:
+    """Encode a judgments frame (``schemas.records.Judgment`` columns; at least pair_id,
+    a_hash, b_hash, label, annotator_id, annotator_kind).
+
+    The last result is cached by frame identity (weak reference, plus height and column
+    names), so aggregation and the checks run on the same frame encode it once.
     """
-    c = pl.col
-    canon_a = c("a_hash").first().over("pair_id")
-    out = judgments.with_columns(flipped=((c("a_hash") != canon_a) & (c("b_hash") == canon_a)).fill_null(False))
-
-    def swap(name: str) -> pl.Expr:
-        return pl.when(c("flipped")).then(c(name).replace(_SWAP)).otherwise(c(name))
-
-    cols = [swap("label").alias("c_label")]
-    cols.append(swap("shown_first").alias("c_shown_first") if "shown_first" in out.columns
-                else pl.lit(None, dtype=pl.String).alias("c_shown_first"))
-    cols.append(swap("gold_label").alias("c_gold") if "gold_label" in out.columns
-                else pl.lit(None, dtype=pl.String).alias("c_gold"))
-    return out.with_columns(cols)
+    if _LAST:
+        ref, height, names, enc = _LAST[0]
+        if ref() is judgments and height == judgments.height and names == tuple(judgments.columns):
+            return enc
+    enc = _encode(judgments)
+    _LAST[:] = [(weakref.ref(judgments), judgments.height, tuple(judgments.columns), enc)]
+    return enc
 
 
-# ---------------------------------------------------------------- votes and plurality
-def annotator_votes(oj: pl.DataFrame, by: tuple[str, ...] = ("pair_id", "annotator_id")) -> pl.DataFrame:
-    """Per (pair, annotator): vote share of each label (``v_a`` .. ``v_escalate``, summing to 1)
-    from an :func:`orient`-ed frame; plus ``annotator_kind`` and ``n`` (judgments)."""
-    lab = pl.col("c_label")
-    return oj.group_by(list(by)).agg(
-        pl.col("annotator_kind").first(),
-        pl.len().alias("n"),
-        *[(lab == x).mean().alias(f"v_{x}") for x in LABELS],
+def _encode(judgments: pl.DataFrame) -> Encoded:
+    cols = judgments.columns
+    pair, pair_first = dense_codes(judgments["pair_id"])
+    ann, ann_first = dense_codes(judgments["annotator_id"])
+    a_hash = judgments["a_hash"].rechunk()
+    canon_a = a_hash.gather(pair_first[pair]) if len(pair) else a_hash
+    flipped = ((a_hash != canon_a) & (judgments["b_hash"] == canon_a)).fill_null(False).to_numpy()
+    raw_label = _codes(judgments["label"], _LABEL_ENUM)
+    raw_shown = _codes(judgments["shown_first"], _SIDE_ENUM) if "shown_first" in cols else np.full(len(pair), NONE, np.int8)
+    gold = _codes(judgments["gold_label"], _LABEL_ENUM) if "gold_label" in cols else np.full(len(pair), NONE, np.int8)
+
+    def canon(x: np.ndarray) -> np.ndarray:
+        return np.where(flipped & (x >= 0) & (x <= 1), 1 - x, x).astype(np.int8)
+
+    n_ann = len(ann_first)
+    keys = pair.astype(np.int64) * max(n_ann, 1) + ann
+    ukeys, unit = np.unique(keys, return_inverse=True)
+    strength = judgments["strength"].cast(pl.Float64).fill_null(np.nan).to_numpy() if "strength" in cols \
+        else np.full(len(pair), np.nan)
+    return Encoded(
+        pair=pair, pair_first=pair_first, pair_ids=judgments["pair_id"].rechunk().gather(pair_first),
+        ann=ann, ann_ids=judgments["annotator_id"].rechunk().gather(ann_first),
+        ann_kind=judgments["annotator_kind"].rechunk().gather(ann_first),
+        human=(judgments["annotator_kind"] == "human").fill_null(False).to_numpy(),
+        label=canon(raw_label), raw_label=raw_label, shown=canon(raw_shown), raw_shown=raw_shown,
+        gold=gold, flipped=flipped, strength=strength, unit=unit.ravel(),
+        unit_pair=ukeys // max(n_ann, 1), unit_ann=ukeys % max(n_ann, 1),
     )
 
 
-def plurality_expr(prefix: str, p_a: str | None, unresolved: str | None) -> pl.Expr:
-    """Label with the most votes among columns ``{prefix}{label}``.
+# ---------------------------------------------------------------- plurality and Dawid-Skene
+def plurality(votes: np.ndarray, p_a: np.ndarray | None = None, unresolved: int = NONE) -> np.ndarray:
+    """Row-wise label code with the most votes in (n, 5) ``votes``.
 
-    A tie of exactly ``a`` and ``b`` is broken by column ``p_a`` (P(a), e.g. the DS
-    estimate) when given and not 0.5; any other tie gives ``unresolved``.  No votes -> null.
+    A tie of exactly ``a`` and ``b`` is broken by ``p_a`` (P(a), e.g. the DS estimate) when
+    it is not 0.5 / NaN; any other tie gives ``unresolved``.  No votes -> ``NONE``.
     """
-    cols = [pl.col(f"{prefix}{x}") for x in LABELS]
-    mx = pl.max_horizontal(cols)
-    top = [col >= mx - _EPS for col in cols]
-    n_top = pl.sum_horizontal([t.cast(pl.Int32) for t in top])
-    first = pl.when(top[0]).then(pl.lit("a"))
-    for x, t in zip(LABELS[1:], top[1:], strict=True):
-        first = first.when(t).then(pl.lit(x))
-    expr = pl.when(mx <= _EPS).then(pl.lit(None, dtype=pl.String)).when(n_top == 1).then(first.otherwise(None))
+    mx = votes.max(axis=1) if votes.size else np.zeros(votes.shape[0])
+    top = votes >= (mx - _EPS)[:, None]
+    n_top = top.sum(axis=1)
+    out = np.where(n_top == 1, top.argmax(axis=1), unresolved)
     if p_a is not None:
-        ab = (n_top == 2) & top[0] & top[1]
-        pa = pl.col(p_a)
-        expr = expr.when(ab & (pa > 0.5 + _EPS)).then(pl.lit("a")).when(ab & (pa < 0.5 - _EPS)).then(pl.lit("b"))
-    return expr.otherwise(pl.lit(unresolved, dtype=pl.String))
+        ab = (n_top == 2) & top[:, A] & top[:, B]
+        with np.errstate(invalid="ignore"):
+            out = np.where(ab & (p_a > 0.5 + _EPS), A, np.where(ab & (p_a < 0.5 - _EPS), B, out))
+    return np.where(mx <= _EPS, NONE, out).astype(np.int64)
 
 
-# ---------------------------------------------------------------- Dawid-Skene
+def label_strings(codes: np.ndarray) -> pl.Series:
+    """Label codes -> strings (``NONE`` -> null)."""
+    return pl.Series(codes, dtype=pl.Int64).replace_strict(
+        {i: x for i, x in enumerate(LABELS)}, default=None, return_dtype=pl.String
+    )
+
+
 def dawid_skene(
     pair_idx: np.ndarray,
     ann_idx: np.ndarray,
@@ -144,161 +251,195 @@ def dawid_skene(
     n_pairs: int,
     n_annotators: int,
     iterations: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One-coin Dawid-Skene EM on decisive judgments.
+) -> np.ndarray:
+    """One-coin Dawid-Skene EM on decisive judgments; returns the accuracy per annotator.
 
     ``vote`` is +1 (a) / -1 (b); ``weight`` the judgment's weight in the pair posterior
-    (the M-step counts every judgment once).  Returns (accuracy per annotator,
-    log-likelihood-ratio weight per annotator ``log(r / (1 - r))``).
+    (the M-step counts every judgment once).
     """
     vote = vote.astype(float)
     s = np.bincount(pair_idx, weights=weight * vote, minlength=n_pairs)
     t = np.bincount(pair_idx, weights=weight, minlength=n_pairs)
-    q = np.where(t > 0, 0.5 + 0.5 * s / np.maximum(t, _EPS), 0.5)  # weighted vote share of a
+    q = np.where(t > 0, 0.5 + 0.5 * s / np.maximum(t, _EPS), 0.5)  # start: weighted vote share of a
     n_j = np.bincount(ann_idx, minlength=n_annotators).astype(float)
     acc = np.full(n_annotators, _PRIOR_A / (_PRIOR_A + _PRIOR_B))
     for _ in range(max(iterations, 1)):
         qp = q[pair_idx]
         right = np.where(vote > 0, qp, 1.0 - qp)
-        new_acc = (_PRIOR_A + np.bincount(ann_idx, weights=right, minlength=n_annotators)) / (_PRIOR_A + _PRIOR_B + n_j)
-        new_acc = np.clip(new_acc, *_ACC_CLIP)
-        llr = np.log(new_acc / (1.0 - new_acc))
+        new = (_PRIOR_A + np.bincount(ann_idx, weights=right, minlength=n_annotators)) / (_PRIOR_A + _PRIOR_B + n_j)
+        new = np.clip(new, *_ACC_CLIP)
+        llr = np.log(new / (1.0 - new))
         q = expit(np.bincount(pair_idx, weights=weight * vote * llr[ann_idx], minlength=n_pairs))
-        converged = np.max(np.abs(new_acc - acc)) < 1e-7
-        acc = new_acc
-        if converged:
+        done = np.max(np.abs(new - acc), initial=0.0) < 1e-6
+        acc = new
+        if done:
             break
-    return acc, np.log(acc / (1.0 - acc))
+    return acc
 
 
-def _posterior(pair_idx: np.ndarray, vote: np.ndarray, weight: np.ndarray, llr_j: np.ndarray, n_pairs: int) -> np.ndarray:
+def ds_accuracy(e: Encoded, cfg: AggregationConfig | None = None) -> np.ndarray:
+    """(A,) Dawid-Skene accuracy per annotator code, as used by :func:`aggregate`."""
+    cfg = cfg or AggregationConfig()
+    dec = (e.label >= A) & (e.label <= B)
+    w = (1.0 / np.bincount(e.unit)[e.unit])[dec]
+    ai_w = 0.0 if cfg.ai_mode == "ignore_ai" else cfg.ai_weight
+    return dawid_skene(e.pair[dec], e.ann[dec], np.where(e.label[dec] == A, 1.0, -1.0), w * np.where(e.human[dec], 1.0, ai_w),
+                       n_pairs=e.n_pairs, n_annotators=e.n_annotators, iterations=cfg.ds_iterations)
+
+
+def _posterior(pair_idx: np.ndarray, vote: np.ndarray, weight: np.ndarray, llr_i: np.ndarray, n_pairs: int) -> np.ndarray:
     """P(a) per pair from the judgments with weight > 0; NaN where there are none."""
-    logit = np.bincount(pair_idx, weights=weight * vote * llr_j, minlength=n_pairs)
+    logit = np.bincount(pair_idx, weights=weight * vote * llr_i, minlength=n_pairs)
     has = np.bincount(pair_idx, weights=(weight > 0).astype(float), minlength=n_pairs) > 0
     return np.where(has, expit(logit), np.nan)
 
 
 # ---------------------------------------------------------------- aggregate
-_NEEDED = ("pair_id", "a_hash", "b_hash", "label", "shown_first", "gold_label", "annotator_id",
-           "annotator_kind", "strength", "comparison_id", "locale", "tags")
-_TEXT_COLS = ("prompt", "prompt_text", "response_a", "response_b", "model_a", "model_b")
+@dataclass(frozen=True)
+class Aggregation:
+    """``pairs``: PairRecord columns, one row per pair (first-seen order).
+    ``annotators``: annotator_id, annotator_kind, n_judgments, n_decisive, ds_accuracy."""
+
+    pairs: pl.DataFrame
+    annotators: pl.DataFrame
 
 
-def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None) -> Aggregation:
-    """Judgments frame (``schemas.records.Judgment`` columns) -> :class:`Aggregation`."""
+def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None) -> Aggregation:
+    """Judgments frame (``schemas.records.Judgment`` columns) -> :class:`Aggregation`.
+    ``encoded``: :func:`encode` of the same frame, to share the work with the checks."""
     cfg = cfg or AggregationConfig()
     if judgments.height == 0:
         return Aggregation(empty_frame(PairRecord), _empty_annotators())
-    c = pl.col
-    lab = c("c_label")
-    j = orient(judgments.select(list(_NEEDED)).with_row_index("_row"))
-    pids = j.select("pair_id").unique(maintain_order=True).with_row_index("_p")
-    anns = j.group_by("annotator_id", maintain_order=True).agg(c("annotator_kind").first()).with_row_index("_j")
-    j = j.join(pids, on="pair_id", how="left", maintain_order="left").join(
-        anns.select("annotator_id", "_j"), on="annotator_id", how="left", maintain_order="left"
-    )
-    is_h = c("annotator_kind") == "human"
-    n_h = is_h.sum().over("_p")
-    used = {
-        "human_first": pl.when(n_h > 0).then(is_h).otherwise(~is_h),
-        "separate": pl.lit(True),
-        "vote": pl.lit(True),
-        "ignore_ai": is_h,
-    }[cfg.ai_mode]
-    j = j.with_columns(_h=is_h, _used=used, _w=1.0 / pl.len().over(["_p", "annotator_id"]).cast(pl.Float64))
+    e = encoded or encode(judgments)
+    P, h = e.n_pairs, e.human
+    w = 1.0 / np.bincount(e.unit)[e.unit]  # one vote per annotator per pair
+    n_h = np.bincount(e.pair, weights=h, minlength=P)
+    used = {"human_first": h | (n_h[e.pair] == 0), "separate": np.ones(e.n, bool), "vote": np.ones(e.n, bool),
+            "ignore_ai": h}[cfg.ai_mode]
 
-    # Dawid-Skene on decisive judgments
-    n_pairs, n_ann = pids.height, anns.height
-    dec = j.filter(lab.is_in(["a", "b"])).select("_p", "_j", "_h", "_w", vote=pl.when(lab == "a").then(1.0).otherwise(-1.0))
-    p_idx = dec["_p"].to_numpy().astype(np.int64)
-    a_idx = dec["_j"].to_numpy().astype(np.int64)
-    vote = dec["vote"].to_numpy()
-    hmask = dec["_h"].to_numpy()
-    w = dec["_w"].to_numpy()
-    ai_w_em = 0.0 if cfg.ai_mode == "ignore_ai" else cfg.ai_weight
-    acc, llr = dawid_skene(p_idx, a_idx, vote, w * np.where(hmask, 1.0, ai_w_em),
-                           n_pairs=n_pairs, n_annotators=n_ann, iterations=cfg.ds_iterations)
-    llr_i = llr[a_idx]
-    p_h = _posterior(p_idx, vote, w * hmask, llr_i, n_pairs)
-    p_ai = _posterior(p_idx, vote, w * ~hmask, llr_i, n_pairs)
-    p_vote = _posterior(p_idx, vote, w * np.where(hmask, 1.0, cfg.ai_weight), llr_i, n_pairs)
+    dec = (e.label >= A) & (e.label <= B)
+    p_idx, a_idx, hd, wd = e.pair[dec], e.ann[dec], h[dec], w[dec]
+    vote = np.where(e.label[dec] == A, 1.0, -1.0)
+    acc = ds_accuracy(e, cfg)
+    llr_i = np.log(acc / (1.0 - acc))[a_idx]
+    p_h = _posterior(p_idx, vote, wd * hd, llr_i, P)
+    p_ai = _posterior(p_idx, vote, wd * ~hd, llr_i, P)
+    p_vote = _posterior(p_idx, vote, wd * np.where(hd, 1.0, cfg.ai_weight), llr_i, P)
 
-    used_c, st = c("_used"), c("strength")
-    per = j.group_by("_p").agg(
-        pl.len().alias("n_judgments"),
-        c("_h").sum().alias("n_human"),
-        *[(lab == x).sum().alias(f"count_{x}") for x in LABELS],
-        *[((lab == x) & c("_h")).cast(pl.Float64).dot(c("_w")).alias(f"_hv_{x}") for x in LABELS],
-        *[((lab == x) & ~c("_h")).cast(pl.Float64).dot(c("_w")).alias(f"_av_{x}") for x in LABELS],
-        *[(used_c & (lab == x)).sum().alias(f"_u_{x}") for x in LABELS],
-        *[st.filter(used_c & (lab == x)).sum().alias(f"_us_{x}") for x in LABELS],
-        *[st.filter(used_c & (lab == x)).count().alias(f"_un_{x}") for x in LABELS],
-        (used_c & c("_h")).any().alias("_used_h"),
-        (used_c & ~c("_h")).any().alias("_used_ai"),
-        c("_row").first().alias("_first_row"),
-        c("locale").drop_nulls().first().alias("locale"),
-        c("tags").flatten().drop_nulls().unique().sort().alias("tags"),
-        c("comparison_id").alias("source_comparison_ids"),
-    ).sort("_p")
-    per = per.with_columns(
-        n_ai=c("n_judgments") - c("n_human"),
-        _p_h=pl.Series(p_h).fill_nan(None), _p_ai=pl.Series(p_ai).fill_nan(None), _p_vote=pl.Series(p_vote).fill_nan(None),
-        **{f"_vv_{x}": c(f"_hv_{x}") + cfg.ai_weight * c(f"_av_{x}") for x in LABELS},
-    ).with_columns(
-        label_majority=plurality_expr("count_", None, None),
-        label_human=plurality_expr("_hv_", "_p_h", "escalate"),
-        label_ai=plurality_expr("_av_", "_p_ai", "escalate"),
-        _label_vote=plurality_expr("_vv_", "_p_vote", "escalate"),
-    )
-    consensus, p_weighted = _consensus(cfg)
-    per = per.with_columns(label_consensus=consensus, p_a_weighted=p_weighted)
-    per = per.with_columns(
-        agreement=_pick("_u_", "label_consensus") / pl.sum_horizontal([c(f"_u_{x}") for x in LABELS]),
-        strength=_pick("_us_", "label_consensus") / _pick("_un_", "label_consensus"),
-        annotator_kind=pl.when(c("_used_h") & c("_used_ai")).then(pl.lit("mixed"))
-        .when(c("_used_h")).then(pl.lit("human")).when(c("_used_ai")).then(pl.lit("ai"))
-        .when((c("n_human") > 0) & (c("n_ai") > 0)).then(pl.lit("mixed"))
-        .when(c("n_human") > 0).then(pl.lit("human")).otherwise(pl.lit("ai")),
-    ).with_columns(agreement=pl.when(c("label_consensus").is_null()).then(None).otherwise(c("agreement")))
+    counts = e.per_pair()
+    hv, av = e.per_pair(w * h), e.per_pair(w * ~h)
+    label_h = plurality(hv, p_h, ESCALATE)
+    label_ai = plurality(av, p_ai, ESCALATE)
+    has_h = n_h > 0
+    if cfg.ai_mode == "human_first":
+        cons, p_w = np.where(has_h, label_h, label_ai), np.where(has_h, p_h, p_ai)
+    elif cfg.ai_mode == "ignore_ai":
+        cons, p_w = label_h, p_h
+    elif cfg.ai_mode == "vote":
+        cons, p_w = plurality(hv + cfg.ai_weight * av, p_vote, ESCALATE), p_vote
+    else:  # separate
+        cons = np.where(label_h == NONE, label_ai, np.where((label_ai == NONE) | (label_h == label_ai), label_h, ESCALATE))
+        p_w = p_vote
+    u = e.per_pair(used.astype(float))
+    st = np.nan_to_num(e.strength)
+    us, un = e.per_pair(used * st), e.per_pair(used * ~np.isnan(e.strength))
+    rows = np.arange(P)
+    ci = np.maximum(cons, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        agreement = np.where(cons >= 0, u[rows, ci] / u.sum(axis=1), np.nan)
+        strength = np.where((cons >= 0) & (un[rows, ci] > 0), us[rows, ci] / un[rows, ci], np.nan)
+    used_h = np.bincount(e.pair, weights=used & h, minlength=P) > 0
+    used_ai = np.bincount(e.pair, weights=used & ~h, minlength=P) > 0
+    any_h, any_ai = has_h, np.bincount(e.pair, weights=~h, minlength=P) > 0
+    kind_h = np.where(used_h | used_ai, used_h, any_h)
+    kind_ai = np.where(used_h | used_ai, used_ai, any_ai)
+    pair_kind = np.where(kind_h & kind_ai, "mixed", np.where(kind_h, "human", "ai"))
 
-    texts = judgments.select(list(_TEXT_COLS))[per["_first_row"]]
-    pairs = pl.concat([pids.select("pair_id"), texts, per], how="horizontal")
-    pairs = conform(pairs, PairRecord).select(list(polars_schema(PairRecord)))
-
-    ann_stats = j.group_by("_j").agg(pl.len().alias("n_judgments"), lab.is_in(["a", "b"]).sum().alias("n_decisive"))
-    annotators = (
-        anns.join(ann_stats, on="_j", how="left")
-        .sort("_j")
-        .with_columns(ds_accuracy=pl.Series(acc))
-        .with_columns(ds_accuracy=pl.when(c("n_decisive") > 0).then(c("ds_accuracy")))
-        .select("annotator_id", "annotator_kind", "n_judgments", "n_decisive", "ds_accuracy")
-    )
+    mask = e.first_mask()
+    texts = judgments.select("prompt", "prompt_text", "response_a", "response_b", "model_a", "model_b").filter(mask)
+    n_j = np.bincount(e.pair, minlength=P)
+    pairs = pl.DataFrame({
+        "pair_id": e.pair_ids,
+        **texts.to_dict(),
+        "locale": pair_locale(judgments, e),
+        "tags": pair_tags(judgments, e),
+        "n_judgments": n_j, "n_human": n_h.astype(np.int64), "n_ai": n_j - n_h.astype(np.int64),
+        **{f"count_{x}": counts[:, i].astype(np.int64) for i, x in enumerate(LABELS)},
+        "label_majority": label_strings(plurality(counts)),
+        "label_human": label_strings(label_h), "label_ai": label_strings(label_ai),
+        "label_consensus": label_strings(cons),
+        "p_a_weighted": pl.Series(p_w).fill_nan(None),
+        "agreement": pl.Series(agreement).fill_nan(None),
+        "strength": pl.Series(strength).fill_nan(None),
+        "annotator_kind": pair_kind,
+        "source_comparison_ids": _pair_lists(judgments["comparison_id"], e),
+    })
+    pairs = pairs.select([pl.col(k).cast(t) for k, t in polars_schema(PairRecord).items()])
+    annotators = pl.DataFrame({
+        "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
+        "n_judgments": np.bincount(e.ann, minlength=e.n_annotators).astype(np.int64),
+        "n_decisive": np.bincount(e.ann, weights=dec, minlength=e.n_annotators).astype(np.int64),
+        "ds_accuracy": acc,
+    }).with_columns(ds_accuracy=pl.when(pl.col("n_decisive") > 0).then(pl.col("ds_accuracy")))
     return Aggregation(pairs, annotators)
 
 
-def _pick(prefix: str, label_col: str) -> pl.Expr:
-    """Value of column ``{prefix}{label}`` where label is the row's ``label_col``."""
-    lc = pl.col(label_col)
-    expr = pl.when(lc == "a").then(pl.col(f"{prefix}a"))
-    for x in LABELS[1:]:
-        expr = expr.when(lc == x).then(pl.col(f"{prefix}{x}"))
-    return expr.otherwise(None).cast(pl.Float64)
+def pair_locale(judgments: pl.DataFrame, e: Encoded) -> pl.Series:
+    """(P,) first non-null locale of each pair (usually the first judgment's)."""
+    loc = judgments["locale"].rechunk()
+    first = loc.filter(e.first_mask())
+    if first.null_count() and loc.null_count() < len(loc):
+        rows = np.flatnonzero(loc.is_not_null().to_numpy())
+        pcodes, idx = np.unique(e.pair[rows], return_index=True)
+        fill = np.full(e.n_pairs, -1)
+        fill[pcodes] = rows[idx]
+        alt = loc.gather(np.maximum(fill, 0)).to_frame("x").select(pl.when(pl.Series(fill >= 0)).then(pl.col("x"))).to_series()
+        first = first.fill_null(alt)
+    return first
 
 
-def _consensus(cfg: AggregationConfig) -> tuple[pl.Expr, pl.Expr]:
-    c = pl.col
-    has_h = c("n_human") > 0
-    if cfg.ai_mode == "human_first":
-        return (pl.when(has_h).then(c("label_human")).otherwise(c("label_ai")),
-                pl.when(has_h).then(c("_p_h")).otherwise(c("_p_ai")))
-    if cfg.ai_mode == "ignore_ai":
-        return c("label_human"), c("_p_h")
-    if cfg.ai_mode == "vote":
-        return c("_label_vote"), c("_p_vote")
-    lh, la = c("label_human"), c("label_ai")  # separate
-    label = (pl.when(lh.is_null()).then(la).when(la.is_null()).then(lh)
-             .when(lh == la).then(lh).otherwise(pl.lit("escalate")))
-    return label, c("_p_vote")
+def pair_tags(judgments: pl.DataFrame, e: Encoded) -> pl.Series:
+    """(P,) sorted union of the tags of each pair's judgments.
+
+    Usually every judgment of a pair carries the same tags and they need no work: only
+    pairs whose judgments differ (or whose list has several tags) are exploded, deduped
+    and sorted.  (Polars' ``list.sort`` is avoided: it is very slow on many short lists.)
+    """
+    tags = judgments["tags"].rechunk()
+    first = tags.filter(e.first_mask())
+    th = tags.hash().to_numpy()
+    differ_rows = th != th[e.pair_first[e.pair]]
+    differ = np.zeros(e.n_pairs, bool)
+    differ[e.pair[differ_rows]] = True
+    need = differ | (first.list.len().fill_null(0).to_numpy() >= 2)
+    if not need.any():
+        return first.fill_null(pl.lit([], dtype=pl.List(pl.String))).alias("tags")
+    is_first = np.zeros(e.n, bool)
+    is_first[e.pair_first] = True
+    rows = need[e.pair] & (differ[e.pair] | is_first)
+    fixed = (
+        pl.DataFrame({"_p": e.pair[rows], "tags": tags.filter(pl.Series(rows))})
+        .explode("tags").drop_nulls("tags").unique().sort("_p", "tags")
+        .group_by("_p", maintain_order=True).agg("tags")
+    )
+    out = pl.DataFrame({"_p": np.arange(e.n_pairs), "tags": first}).join(fixed, on="_p", how="left", suffix="_u")
+    out = out.with_columns(tags=pl.when(pl.Series(need)).then(pl.col("tags_u").fill_null(pl.lit([], dtype=pl.List(pl.String))))
+                           .otherwise(pl.col("tags")))
+    return out["tags"].fill_null(pl.lit([], dtype=pl.List(pl.String))).alias("tags")
+
+
+def _pair_lists(values: pl.Series, e: Encoded) -> pl.Series:
+    """Per pair, the list of ``values`` of its judgments in frame order."""
+    order = np.argsort(e.pair, kind="stable")
+    df = pl.DataFrame({"_p": pl.Series(e.pair[order]).set_sorted(), "v": values.rechunk().gather(order)})
+    return df.group_by("_p", maintain_order=True).agg("v")["v"]
+
+
+def n_used_expr() -> pl.Expr:
+    """Number of judgments a pair's consensus used, from PairRecord columns: the pair's
+    ``annotator_kind`` names the kinds used (human -> n_human, ai -> n_ai, mixed -> all)."""
+    k = pl.col("annotator_kind")
+    return pl.when(k == "human").then(pl.col("n_human")).when(k == "ai").then(pl.col("n_ai")).otherwise(pl.col("n_judgments"))
 
 
 def _empty_annotators() -> pl.DataFrame:
@@ -307,9 +448,6 @@ def _empty_annotators() -> pl.DataFrame:
 
 
 # ---------------------------------------------------------------- annotators.parquet
-_STATUS_RANK = {"flagged": 2, "insufficient_data": 1, "ok": 0}
-
-
 def annotator_table(
     results: Iterable[CheckResult] | Mapping[str, CheckResult],
     ds_accuracy: pl.DataFrame | None = None,
@@ -332,21 +470,23 @@ def annotator_table(
     tables = [t for t in tables if t.height]
     if not tables:
         return empty_frame(AnnotatorStats)
-    merged = tables[0].rename({"status": "_status_0"}) if "status" in tables[0].columns else tables[0]
-    for i, t in enumerate(tables[1:], start=1):
+    merged = None
+    for i, t in enumerate(tables):
         t = t.rename({"status": f"_status_{i}"}) if "status" in t.columns else t
+        if merged is None:
+            merged = t
+            continue
         common = [x for x in t.columns if x in merged.columns and x != "annotator_id"]
         merged = merged.join(t, on="annotator_id", how="full", coalesce=True, suffix="__r")
         merged = merged.with_columns([pl.coalesce(x, f"{x}__r").alias(x) for x in common]).drop([f"{x}__r" for x in common])
-    flag_frames = [r.flags.filter(pl.col("subject_kind") == "annotator") for r in res]
+    assert merged is not None
+    flag_frames = [r.flags.filter(pl.col("subject_kind") == "annotator").select("subject_id", "reason") for r in res]
     flags = pl.concat(flag_frames) if flag_frames else pl.DataFrame(schema={"subject_id": pl.String, "reason": pl.String})
     per_ann = flags.group_by("subject_id").agg(pl.col("reason").unique().sort().alias("flags")).rename({"subject_id": "annotator_id"})
     merged = merged.drop("flags", strict=False).join(per_ann, on="annotator_id", how="left")
     status_cols = [x for x in merged.columns if x.startswith("_status_")]
     insufficient = pl.any_horizontal([pl.col(x) == "insufficient_data" for x in status_cols]) if status_cols else pl.lit(False)
-    merged = merged.with_columns(
-        flags=pl.col("flags").fill_null(pl.lit([], dtype=pl.List(pl.String))),
-    ).with_columns(
+    merged = merged.with_columns(flags=pl.col("flags").fill_null(pl.lit([], dtype=pl.List(pl.String)))).with_columns(
         status=pl.when(pl.col("flags").list.len() > 0).then(pl.lit("flagged"))
         .when(insufficient.fill_null(False)).then(pl.lit("insufficient_data")).otherwise(pl.lit("ok"))
     ).drop(status_cols)

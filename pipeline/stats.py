@@ -27,6 +27,7 @@ __all__ = [
     "unit_terms_fleiss",
     "kappa_from_sums",
     "fleiss_kappa",
+    "compress_rows",
     "bootstrap_sums_ci",
 ]
 
@@ -191,6 +192,24 @@ def fleiss_kappa(counts: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- bootstrap
+def compress_rows(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of an integer (units, k) array and how many units have each.
+
+    Category counts of pairs take few distinct values (a pair has a handful of ratings),
+    so statistics and bootstraps over 300k pairs run over a few dozen patterns."""
+    counts = np.asarray(counts)
+    if counts.shape[0] == 0:
+        return counts.reshape(0, counts.shape[1] if counts.ndim == 2 else 0), np.zeros(0, np.int64)
+    counts = counts.astype(np.int64)
+    base = int(counts.max()) + 1 if counts.size else 1
+    if counts.min(initial=0) >= 0 and base ** counts.shape[1] < 2**62:  # one int64 key per row: fast path
+        key = counts @ (base ** np.arange(counts.shape[1], dtype=np.int64))
+        _, first, mult = np.unique(key, return_index=True, return_counts=True)
+        return counts[first], mult
+    rows, mult = np.unique(counts, axis=0, return_counts=True)
+    return rows, mult
+
+
 def bootstrap_sums_ci(
     terms: np.ndarray,
     stat: Callable[[np.ndarray], np.ndarray],
@@ -198,31 +217,40 @@ def bootstrap_sums_ci(
     resamples: int,
     seed: int,
     level: float = 0.95,
+    multiplicity: np.ndarray | None = None,
     chunk: int = 25,
 ) -> tuple[float | None, float | None]:
     """Percentile bootstrap CI over units for a statistic of column sums.
 
-    ``terms`` is (units, k) additive per-unit terms; each resample draws units with
-    replacement (multinomial counts), sums the weighted terms with one matrix product
-    and applies ``stat`` to the (resamples, k) sums.  Cost: O(resamples * units) with
-    no Python per unit.  ``(None, None)`` when there are no units, no resamples, or the
-    statistic is undefined in every resample.
+    ``terms`` is (rows, k) additive per-unit terms; ``multiplicity[r]`` says how many units
+    share row r (:func:`compress_rows`; default one unit per row).  A resample draws the
+    units with replacement, i.e. multinomial counts over rows with probabilities
+    multiplicity / total -- exactly the unit bootstrap, at a cost of O(resamples * rows).
+    Sums are one matrix product; ``stat`` maps (resamples, k) sums to (resamples,) values.
+    ``(None, None)`` when there are no units, no resamples, or the statistic is undefined
+    in every resample.
     """
     terms = np.asarray(terms, dtype=float)
-    units = terms.shape[0]
-    if units == 0 or resamples <= 0:
+    rows = terms.shape[0]
+    mult = np.ones(rows, np.int64) if multiplicity is None else np.asarray(multiplicity, np.int64)
+    total = int(mult.sum())
+    if rows == 0 or total == 0 or resamples <= 0:
         return None, None
     rng = np.random.default_rng(seed)
-    values = []
-    done = 0
-    while done < resamples:
-        b = min(chunk, resamples - done)
-        idx = rng.integers(0, units, size=(b, units))
-        flat = (idx + (np.arange(b) * units)[:, None]).ravel()
-        w = np.bincount(flat, minlength=b * units).reshape(b, units).astype(float)
-        values.append(stat(w @ terms))
-        done += b
-    v = np.concatenate(values)
+    if multiplicity is not None:
+        draws = rng.multinomial(total, mult / total, size=resamples).astype(float)
+        v = stat(draws @ terms)
+    else:
+        values = []
+        done = 0
+        while done < resamples:
+            b = min(chunk, resamples - done)
+            idx = rng.integers(0, rows, size=(b, rows))
+            flat = (idx + (np.arange(b) * rows)[:, None]).ravel()
+            w = np.bincount(flat, minlength=b * rows).reshape(b, rows).astype(float)
+            values.append(stat(w @ terms))
+            done += b
+        v = np.concatenate(values)
     v = v[~np.isnan(v)]
     if v.size == 0:
         return None, None

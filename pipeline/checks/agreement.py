@@ -1,0 +1,193 @@
+"""Inter-annotator agreement: Krippendorff's alpha and Fleiss' kappa, per annotator kind
+and per slice, with bootstrap confidence intervals; per-pair ``low_agreement`` flags.
+
+Method
+------
+* Ratings are labels in canonical orientation (:func:`pipeline.aggregate.orient`), so a
+  judgment that named the responses the other way round is compared correctly.
+* Categories are nominal ``a`` / ``b`` / ``tie``.  ``both_bad`` and ``escalate`` are not
+  answers to "which is better" (one rejects both candidates, the other declines to
+  answer), so they are treated as **missing values**: they neither agree nor disagree.
+* Each judgment is one rating.  An annotator who judged a pair twice (an AI judge in
+  both display orders) contributes two ratings, so order inconsistency lowers alpha --
+  intended: an answer that flips with the display order is not reproducible.
+* **Krippendorff's alpha (nominal)** over all pairs with >= 2 ratings (missing data
+  allowed): alpha = 1 - (n - 1) * sum_u D_u / (n^2 - sum_c n_c^2), see
+  :mod:`pipeline.stats`.  **Fleiss' kappa** needs a constant number of ratings per unit,
+  so it uses the pairs with the modal number m of ratings (ties -> the larger m).
+* Both are computed for ``human``, ``ai`` and ``all`` judgments; each with a 95 %
+  percentile bootstrap CI over pairs (``AgreementConfig.bootstrap`` resamples, seeded).
+  Per slice (``locale=<x>``, ``tag=<t>``, locale and tags of the pair) the point estimates
+  only (CIs would multiply the cost by the number of slices).
+* ``low_agreement`` (subject ``pair``): the pair's ``agreement`` (share of the judgments
+  used for its consensus that agree with it, :mod:`pipeline.aggregate`) is below
+  ``low_agreement_threshold`` and at least ``min_judgments`` judgments were used.  Under
+  the default ``human_first`` mode these are the human judgments whenever a human judged
+  the pair (AI-only pairs are scored on the AI judgments).  Pairs without a consensus are
+  not scored.
+
+Status: ``warn`` when human alpha (or, without human pairs, AI alpha) is below 0.2 --
+Krippendorff's "no reliable agreement" zone; certification applies its own threshold.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline.aggregate import TIE, Encoded, aggregate, dense_codes, encode, n_used_expr, pair_locale, pair_tags
+from pipeline.stats import (
+    alpha_from_sums,
+    bootstrap_sums_ci,
+    compress_rows,
+    kappa_from_sums,
+    unit_terms_alpha,
+    unit_terms_fleiss,
+)
+from schemas.check import CheckResult, empty_flags, make_flags
+from schemas.policy import AgreementConfig, ChecksConfig
+
+NAME = "agreement"
+CATEGORIES = ("a", "b", "tie")
+KINDS = ("human", "ai", "all")
+WARN_ALPHA = 0.2
+MAX_SLICES_IN_METRICS = 200
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def unit_counts(e: Encoded) -> np.ndarray:
+    """(P, 2, 3) counts of a / b / tie ratings per pair and kind (0 human, 1 ai), canonical
+    orientation; both_bad / escalate are missing values."""
+    cat = np.where(e.label <= TIE, e.label, -1)
+    codes = np.where(cat >= 0, np.where(e.human, 0, 3) + cat, -1)
+    return e.per_pair(codes=codes, k=6).reshape(e.n_pairs, 2, 3)
+
+
+def _kind_metrics(counts: np.ndarray, cfg: AgreementConfig, seed: int) -> dict[str, Any]:
+    """Alpha and kappa (+ bootstrap CIs over pairs) from (pairs, 3) rating counts."""
+    m = counts.sum(axis=1)
+    rows, mult = compress_rows(counts[m >= 2])  # distinct count patterns x how many pairs
+    out: dict[str, Any] = {"n_pairs": int(mult.sum()), "n_ratings": int((rows.sum(axis=1) * mult).sum())}
+    a_terms = unit_terms_alpha(rows)
+    out["krippendorff_alpha"] = _num(float(alpha_from_sums(mult @ a_terms)))
+    lo, hi = bootstrap_sums_ci(a_terms, alpha_from_sums, resamples=cfg.bootstrap, seed=seed, multiplicity=mult)
+    out["krippendorff_alpha_ci"] = [lo, hi] if lo is not None else None
+    if rows.shape[0]:
+        pm = rows.sum(axis=1)
+        per_m = np.bincount(pm, weights=mult)
+        modal = int(np.flatnonzero(per_m == per_m.max())[-1])  # ties -> the larger m
+        sel = pm == modal
+        f_terms = unit_terms_fleiss(rows[sel])
+        out["fleiss_m"] = modal
+        out["fleiss_n_pairs"] = int(mult[sel].sum())
+        out["fleiss_kappa"] = _num(float(kappa_from_sums(mult[sel] @ f_terms)))
+        lo, hi = bootstrap_sums_ci(f_terms, kappa_from_sums, resamples=cfg.bootstrap, seed=seed + 1, multiplicity=mult[sel])
+        out["fleiss_kappa_ci"] = [lo, hi] if lo is not None else None
+    else:
+        out.update(fleiss_m=None, fleiss_n_pairs=0, fleiss_kappa=None, fleiss_kappa_ci=None)
+    return out
+
+
+def _slice_members(judgments: pl.DataFrame, e: Encoded, pairs: pl.DataFrame | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Slice membership of pairs: (pair code, slice code) arrays and the slice names
+    (``locale=<x>`` and ``tag=<t>`` of each pair)."""
+    ids = pl.DataFrame({"pair_id": e.pair_ids, "_p": np.arange(e.n_pairs)})
+    if pairs is not None and {"locale", "tags"} <= set(pairs.columns):
+        meta = ids.join(pairs.select("pair_id", "locale", "tags"), on="pair_id", how="left", maintain_order="left")
+    else:
+        meta = ids.with_columns(locale=pair_locale(judgments, e), tags=pair_tags(judgments, e))
+    loc = meta.select("_p", slice=pl.lit("locale=") + pl.col("locale").fill_null("unknown"))
+    tags = meta.select("_p", "tags").explode("tags").drop_nulls("tags").select("_p", slice=pl.lit("tag=") + pl.col("tags"))
+    members = pl.concat([loc, tags])  # a pair's tags are already unique (pair_tags / PairRecord)
+    codes, first = dense_codes(members["slice"])
+    return members["_p"].to_numpy(), codes, members["slice"].gather(first).to_list()
+
+
+def _slice_table(uc: np.ndarray, members: tuple[np.ndarray, np.ndarray, list[str]]) -> pl.DataFrame:
+    """Alpha and kappa per (slice, kind): per-pair terms summed per slice with bincounts."""
+    mp, ms, names = members
+    n_s = len(names)
+    out = []
+    for kind, counts in (("human", uc[:, 0]), ("ai", uc[:, 1]), ("all", uc.sum(axis=1))):
+        m = counts.sum(axis=1)
+        ok = (m >= 2)[mp]
+        p, sl = mp[ok], ms[ok]
+        terms = unit_terms_alpha(counts)[p]  # [D, m, n_a, n_b, n_tie] per member
+        sums = np.column_stack([np.bincount(sl, weights=terms[:, i], minlength=n_s) for i in range(terms.shape[1])])
+        n_pairs = np.bincount(sl, minlength=n_s)
+        mm = m[p].astype(np.int64)
+        top = int(mm.max()) + 1 if mm.size else 1
+        per_m = np.bincount(sl * top + mm, minlength=n_s * top).reshape(n_s, top)
+        modal = top - 1 - np.argmax(per_m[:, ::-1], axis=1)  # most frequent m, ties -> the larger
+        sel = mm == modal[sl]
+        f_terms = unit_terms_fleiss(counts[p[sel]])
+        f_sums = np.column_stack([np.bincount(sl[sel], weights=f_terms[:, i], minlength=n_s) for i in range(f_terms.shape[1])])
+        has = n_pairs > 0
+        out.append(pl.DataFrame({
+            "slice": [names[i] for i in np.flatnonzero(has)], "kind": kind, "n_pairs": n_pairs[has].astype(np.int64),
+            "krippendorff_alpha": pl.Series(alpha_from_sums(sums[has])).fill_nan(None),
+            "fleiss_kappa": pl.Series(kappa_from_sums(f_sums[has])).fill_nan(None),
+        }, schema_overrides={"slice": pl.String, "kind": pl.String}))
+    return pl.concat(out).sort("slice", "kind")
+
+
+def run(
+    judgments: pl.DataFrame,
+    cfg: AgreementConfig | ChecksConfig | None = None,
+    *,
+    pairs: pl.DataFrame | None = None,
+    encoded: Encoded | None = None,
+) -> CheckResult:
+    """Agreement over a judgments frame; ``pairs`` from :func:`pipeline.aggregate.aggregate`
+    (computed with the default/ChecksConfig aggregation settings when not given);
+    ``encoded``: :func:`pipeline.aggregate.encode` of the same frame, to share work."""
+    agg_cfg = cfg.aggregation if isinstance(cfg, ChecksConfig) else None
+    cfg = cfg.agreement if isinstance(cfg, ChecksConfig) else (cfg or AgreementConfig())
+    if judgments.height == 0:
+        return CheckResult(name=NAME, status="pass", metrics={k: {"n_pairs": 0} for k in KINDS}, flags=empty_flags(),
+                           summary="no judgments")
+    e = encoded or encode(judgments)
+    if pairs is None:
+        pairs = aggregate(judgments, agg_cfg, encoded=e).pairs
+    uc = unit_counts(e)
+    metrics: dict[str, Any] = {}
+    for i, (kind, counts) in enumerate((("human", uc[:, 0]), ("ai", uc[:, 1]), ("all", uc.sum(axis=1)))):
+        metrics[kind] = _kind_metrics(counts, cfg, cfg.seed + 10 * i)
+    metrics["ratings_treated_as_missing"] = int((e.label > TIE).sum())
+
+    slices = _slice_table(uc, _slice_members(judgments, e, pairs))
+    top = slices.group_by("slice").agg(pl.col("n_pairs").max()).sort("n_pairs", "slice", descending=True).head(MAX_SLICES_IN_METRICS)
+    metrics["slices"] = {}
+    for s, kind, n, a, k in slices.filter(pl.col("slice").is_in(top["slice"].implode())).iter_rows():
+        metrics["slices"].setdefault(s, {})[kind] = {"n_pairs": int(n), "krippendorff_alpha": _num(a), "fleiss_kappa": _num(k)}
+
+    scored = pairs.filter(pl.col("agreement").is_not_null() & (n_used_expr() >= cfg.min_judgments))
+    low = scored.filter(pl.col("agreement") < cfg.low_agreement_threshold)
+    detail = low.select(
+        pl.format("agreement {} over {} judgments (consensus {})", pl.col("agreement").round(3), n_used_expr(),
+                  pl.col("label_consensus"))
+    ).to_series()
+    flags = make_flags(low["pair_id"], subject_kind="pair", check=NAME, reason="low_agreement", detail=detail)
+    metrics.update(
+        pairs_scored=scored.height,
+        low_agreement_pairs=low.height,
+        low_agreement_rate=(low.height / scored.height) if scored.height else None,
+        mean_agreement=_num(scored["agreement"].mean()) if scored.height else None,
+    )
+    ref = metrics["human"] if metrics["human"]["n_pairs"] else metrics["ai"]
+    alpha = ref.get("krippendorff_alpha")
+    status = "warn" if alpha is not None and alpha < WARN_ALPHA else "pass"
+    summary = (
+        f"alpha human={_fmt(metrics['human'].get('krippendorff_alpha'))} ai={_fmt(metrics['ai'].get('krippendorff_alpha'))}; "
+        f"{low.height} of {scored.height} scored pairs below agreement {cfg.low_agreement_threshold}"
+    )
+    return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags, tables={"slices": slices}, summary=summary)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

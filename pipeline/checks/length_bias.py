@@ -1,0 +1,158 @@
+"""Length (verbosity) bias: does an annotator choose the longer response more often than
+the other annotators do on the same pairs?
+
+Method
+------
+* Length = number of Unicode characters of the normalised response (a token estimate
+  such as chars/4 would give the same ratios; characters need no tokenizer and work the
+  same for CJK, where each character is roughly a token, as for Latin scripts -- both
+  responses of a pair are in the same language, so only the ratio matters).  Pairs whose
+  longer/shorter ratio is below ``min_length_ratio`` (1.1) are ignored: "longer" means
+  nothing there.
+* Per decisive judgment on such a pair: x = 1 when the longer response was chosen.
+* **Paired comparison with the leave-one-out consensus.**  For annotator j on pair p,
+  e = mean over the *other* annotators (one vote each: the mean x of their decisive
+  judgments on p).  Discordance weights: W+ = sum x (1 - e) ("j chose longer, the others
+  shorter"), W- = sum (1 - x) e.  This is the McNemar / sign test on discordant
+  (j, other) comparisons with each judgment's comparisons weighted 1/K (K others), so a
+  judgment counts at most once.  Comparing with other *individuals* rather than with the
+  majority label keeps the test fair when length correlates with quality: an honest
+  annotator's errors then look "longer" (or "shorter") exactly as often as the other
+  annotators' errors do, whereas a majority label errs less and would make every
+  annotator look biased.
+* One-sided test (H1: j prefers longer more than the others), the exact binomial tail
+  extended to fractional counts (:func:`pipeline.stats.fractional_sign_test`).
+  Annotators with fewer than ``min_judgments`` comparable judgments are not tested
+  (``insufficient_data``).  Benjamini-Hochberg at ``alpha`` -> ``length_bias``.
+* Batch level: chosen-longer rate over decisive judgments and over pairs with a decisive
+  consensus, and the chosen/rejected character-ratio distribution of consensus pairs
+  (quantiles; ``tables["length_ratio_hist"]`` with log2-ratio bins for the report).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline.aggregate import A, B, Encoded, encode
+from pipeline.stats import bh_adjust, fractional_sign_test
+from schemas.check import CheckResult, empty_flags, make_flags
+from schemas.policy import AnnotatorTestConfig, ChecksConfig
+
+NAME = "length_bias"
+HIST_EDGES = np.arange(-3.0, 3.01, 0.25)  # log2(chosen/rejected), clipped to the outer bins
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def pair_lengths(judgments: pl.DataFrame, e: Encoded) -> tuple[np.ndarray, np.ndarray]:
+    """(P,) character lengths of the canonical response a and b (the pair's first judgment)."""
+    first = judgments.select("response_a", "response_b").filter(e.first_mask())
+    return (first["response_a"].str.len_chars().cast(pl.Int64).to_numpy(),
+            first["response_b"].str.len_chars().cast(pl.Int64).to_numpy())
+
+
+def run(
+    judgments: pl.DataFrame,
+    cfg: AnnotatorTestConfig | ChecksConfig | None = None,
+    *,
+    pairs: pl.DataFrame | None = None,
+    encoded: Encoded | None = None,
+) -> CheckResult:
+    """Length bias per annotator.  ``pairs`` (from aggregation) is used only for the
+    batch-level consensus figures; ``encoded``: :func:`pipeline.aggregate.encode` of the
+    same frame, to share work."""
+    cfg = cfg.length_bias if isinstance(cfg, ChecksConfig) else (cfg or AnnotatorTestConfig())
+    if judgments.height == 0:
+        return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments")
+    c = pl.col
+    e = encoded or encode(judgments)
+    na = e.n_annotators
+    len_a, len_b = pair_lengths(judgments, e)
+    ratio = np.maximum(len_a, len_b) / np.maximum(np.minimum(len_a, len_b), 1)
+    longer = np.where(len_a > len_b, A, B)
+    d = (e.label >= A) & (e.label <= B) & (ratio >= cfg.min_length_ratio)[e.pair]  # decisive, lengths differ
+    x = d & (e.label == longer[e.pair])  # chose the longer response
+    nd = np.bincount(e.unit, weights=d, minlength=e.n_units)
+    has = nd > 0
+    xm = np.where(has, np.bincount(e.unit, weights=x, minlength=e.n_units) / np.maximum(nd, 1), 0.0)
+    k_pair = np.bincount(e.unit_pair, weights=has, minlength=e.n_pairs)[e.unit_pair]
+    s_pair = np.bincount(e.unit_pair, weights=xm * has, minlength=e.n_pairs)[e.unit_pair]
+    comp = has & (k_pair >= 2)
+    others = np.where(comp, (s_pair - xm) / np.maximum(k_pair - 1, 1), 0.0)  # the others' mean choice
+
+    def per_ann(w: np.ndarray, by: np.ndarray = e.unit_ann) -> np.ndarray:
+        return np.bincount(by, weights=w, minlength=na)
+
+    n = per_ann(nd * comp)
+    w_plus = per_ann(nd * comp * xm * (1 - others))
+    w_minus = per_ann(nd * comp * (1 - xm) * others)
+    tested = n >= cfg.min_judgments
+    p = np.where(tested, fractional_sign_test(w_plus, w_minus), np.nan)
+    p = np.where(tested & np.isnan(p), 1.0, p)  # tested but no discordance at all: no evidence of bias
+    q = bh_adjust(p)
+    biased = np.where(np.isnan(q), False, q <= cfg.alpha)
+    n_d = per_ann(d, e.ann)
+    dec = (e.label >= A) & (e.label <= B)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table = pl.DataFrame({
+            "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
+            "n_judgments": per_ann(np.ones(e.n), e.ann).astype(np.int64), "n_decisive": per_ann(dec, e.ann).astype(np.int64),
+            "length_n": n.astype(np.int64),
+            "longer_chosen_rate": pl.Series(per_ann(x, e.ann) / n_d).fill_nan(None),
+            "others_longer_rate": pl.Series(per_ann(nd * comp * others) / n).fill_nan(None),
+            "length_p_value": pl.Series(p).fill_nan(None), "length_q_value": pl.Series(q).fill_nan(None),
+            "status": np.where(biased, "flagged", np.where(tested, "ok", "insufficient_data")),
+            "_biased": biased,
+        })
+    bad = table.filter(c("_biased"))
+    detail = bad.select(
+        pl.format(
+            "chose the longer response at rate {} vs the others {} on the same pairs ({} comparable judgments, p={}, BH q={})",
+            c("longer_chosen_rate").round(3), c("others_longer_rate").round(3), c("length_n"),
+            c("length_p_value").round(6), c("length_q_value").round(6),
+        )
+    ).to_series()
+    flags = make_flags(bad["annotator_id"], subject_kind="annotator", check=NAME, reason="length_bias", detail=detail)
+
+    metrics: dict[str, Any] = {
+        "annotators": na,
+        "tested": int(tested.sum()),
+        "insufficient_data": int((~tested).sum()),
+        "length_biased": int(biased.sum()),
+        "min_length_ratio": cfg.min_length_ratio,
+        "judgments_with_length_difference": int(d.sum()),
+        "chosen_longer_rate_judgments": float(x.sum() / d.sum()) if d.any() else None,
+    }
+    tables = {"annotators": table.drop("_biased")}
+    if pairs is not None and "label_consensus" in pairs.columns:
+        lengths = pl.DataFrame({"pair_id": e.pair_ids, "len_a": len_a, "len_b": len_b})
+        metrics.update(_ratio_metrics(pairs, lengths, cfg.min_length_ratio, tables))
+    status = "warn" if biased.any() else "pass"
+    summary = f"{int(biased.sum())} of {int(tested.sum())} tested annotators prefer longer responses more than the others do"
+    return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags, tables=tables, summary=summary)
+
+
+def _ratio_metrics(pairs: pl.DataFrame, lengths: pl.DataFrame, min_ratio: float, tables: dict[str, pl.DataFrame]) -> dict[str, Any]:
+    c = pl.col
+    cp = pairs.filter(c("label_consensus").is_in(["a", "b"])).select("pair_id", "label_consensus").join(
+        lengths, on="pair_id", how="inner"
+    )
+    if cp.height == 0:
+        tables["length_ratio_hist"] = pl.DataFrame(schema={"log2_ratio_lo": pl.Float64, "log2_ratio_hi": pl.Float64, "pairs": pl.Int64})
+        return {"chosen_longer_rate_pairs": None, "chosen_rejected_ratio_quantiles": None}
+    la, lb = cp["len_a"].to_numpy().astype(float), cp["len_b"].to_numpy().astype(float)
+    is_a = (cp["label_consensus"] == "a").to_numpy()
+    chosen, rejected = np.where(is_a, la, lb), np.where(is_a, lb, la)
+    r = chosen / np.maximum(rejected, 1)
+    differ = np.maximum(la, lb) / np.maximum(np.minimum(la, lb), 1) >= min_ratio
+    lr = np.clip(np.log2(np.maximum(r, 1e-9)), HIST_EDGES[0], HIST_EDGES[-1])
+    counts, _ = np.histogram(lr, bins=HIST_EDGES)
+    tables["length_ratio_hist"] = pl.DataFrame(
+        {"log2_ratio_lo": HIST_EDGES[:-1], "log2_ratio_hi": HIST_EDGES[1:], "pairs": counts.astype(np.int64)}
+    )
+    return {
+        "chosen_longer_rate_pairs": float((r[differ] > 1).mean()) if differ.any() else None,
+        "chosen_rejected_ratio_quantiles": {str(qq): float(v) for qq, v in zip(QUANTILES, np.quantile(r, QUANTILES), strict=True)},
+        "consensus_pairs_with_length_difference": int(differ.sum()),
+    }

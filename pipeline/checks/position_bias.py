@@ -1,0 +1,158 @@
+"""Position bias: does an annotator (human or AI judge) prefer a display position?
+
+Method
+------
+* Per annotator, over decisive judgments (``a``/``b``) with ``shown_first``: k = number
+  won by the first-shown candidate, n = their number; ``first_shown_rate`` = k / n.
+  Ties, ``both_bad`` and ``escalate`` are excluded (they favour no position).
+* Exact two-sided binomial test of k against Bin(n, 1/2): favouring the second position
+  is a bias too.  Annotators with fewer than ``min_judgments`` such judgments are not
+  tested (status ``insufficient_data``, never a flag).  Benjamini-Hochberg at ``alpha``
+  across the tested annotators -> ``position_bias`` (subject ``annotator``).  The test
+  assumes the better response is shown first half of the time, which holds when display
+  order is randomised -- checked below.
+* ``order_consistency``: over pairs the same annotator judged in both display orders
+  (canonical orientation, :func:`pipeline.aggregate.orient`, so "a first" means the same
+  physical response), the share where the verdict (any label) was the same both times;
+  the first judgment of each order is used.  Null if there are none.
+* Batch level: overall first-shown win rate; whether display order was randomised:
+  share of judgments showing canonical ``a`` first among those with ``shown_first``
+  (``randomised`` is false when it differs from 0.5 by more than 0.1 *and* a two-sided
+  binomial test rejects 0.5 at 0.01 -- big batches are not failed for 0.51), and the
+  share with no ``shown_first`` at all.
+
+Status: ``warn`` when an annotator is flagged, display order is not randomised (the
+per-annotator tests are then confounded with quality differences between a and b), or
+more than half of the judgments lack ``shown_first`` (position bias mostly untestable).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline.aggregate import A, B, Encoded, encode
+from pipeline.stats import bh_adjust, binom_two_sided_half
+from schemas.check import CheckResult, empty_flags, make_flags
+from schemas.policy import AnnotatorTestConfig, ChecksConfig
+
+NAME = "position_bias"
+RANDOMISED_MAX_DEVIATION = 0.1
+RANDOMISED_ALPHA = 0.01
+MIN_FOR_RANDOMISATION = 20
+
+
+def order_consistency(e: Encoded) -> tuple[np.ndarray, np.ndarray]:
+    """Per annotator: (pairs judged in both display orders, how many got the same verdict).
+
+    Canonical ``shown_first`` identifies the physical response shown first; the first
+    judgment of each (pair, annotator, order) is used."""
+    rows = np.flatnonzero(e.shown >= 0)
+    key = e.unit[rows].astype(np.int64) * 2 + e.shown[rows]
+    uk, first = np.unique(key, return_index=True)
+    lab = e.label[rows[first]]
+    la = np.full(e.n_units, -9, np.int64)
+    lb = np.full(e.n_units, -9, np.int64)
+    side_a = uk % 2 == 0
+    la[uk[side_a] // 2] = lab[side_a]
+    lb[uk[~side_a] // 2] = lab[~side_a]
+    both = (la >= 0) & (lb >= 0)
+    n = np.bincount(e.unit_ann, weights=both, minlength=e.n_annotators)
+    same = np.bincount(e.unit_ann, weights=both & (la == lb), minlength=e.n_annotators)
+    return n, same
+
+
+def run(
+    judgments: pl.DataFrame,
+    cfg: AnnotatorTestConfig | ChecksConfig | None = None,
+    *,
+    pairs: pl.DataFrame | None = None,  # noqa: ARG001 - same signature as the other checks
+    encoded: Encoded | None = None,
+) -> CheckResult:
+    """Position bias per annotator over a judgments frame (no consensus needed);
+    ``encoded``: :func:`pipeline.aggregate.encode` of the same frame, to share work."""
+    cfg = cfg.position_bias if isinstance(cfg, ChecksConfig) else (cfg or AnnotatorTestConfig())
+    if judgments.height == 0:
+        return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments")
+    c = pl.col
+    e = encoded or encode(judgments)
+    na = e.n_annotators
+
+    def per_ann(w: np.ndarray) -> np.ndarray:
+        return np.bincount(e.ann, weights=w, minlength=na)
+
+    decisive = (e.raw_label >= A) & (e.raw_label <= B)
+    known = e.raw_shown >= 0
+    n = per_ann(decisive & known)
+    k = per_ann(decisive & known & (e.raw_label == e.raw_shown))
+    a_first, n_known = per_ann(e.shown == A), per_ann(known)
+    tested = n >= cfg.min_judgments
+    p = np.where(tested, binom_two_sided_half(k, n), np.nan)
+    q = bh_adjust(p)
+    biased = np.where(np.isnan(q), False, q <= cfg.alpha)
+    n_both, n_same = order_consistency(e)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table = pl.DataFrame({
+            "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
+            "n_judgments": per_ann(np.ones(e.n)).astype(np.int64), "n_decisive": per_ann(decisive).astype(np.int64),
+            "position_n": n.astype(np.int64), "first_won": k.astype(np.int64),
+            "first_shown_rate": pl.Series(k / n).fill_nan(None),
+            "position_p_value": pl.Series(p).fill_nan(None), "position_q_value": pl.Series(q).fill_nan(None),
+            "order_consistency": pl.Series(n_same / n_both).fill_nan(None), "order_pairs": n_both.astype(np.int64),
+            "shown_first_a_share": pl.Series(a_first / n_known).fill_nan(None),
+            "status": np.where(biased, "flagged", np.where(tested, "ok", "insufficient_data")),
+            "_biased": biased,
+        })
+    bad = table.filter(c("_biased"))
+    detail = bad.select(
+        pl.format(
+            "{}-shown candidate won {} of {} decisive judgments (first-shown rate {}, p={}, BH q={})",
+            pl.when(c("first_shown_rate") >= 0.5).then(pl.lit("first")).otherwise(pl.lit("second")),
+            pl.when(c("first_shown_rate") >= 0.5).then(c("first_won")).otherwise(c("position_n") - c("first_won")),
+            c("position_n"), c("first_shown_rate").round(3), c("position_p_value").round(6), c("position_q_value").round(6),
+        )
+    ).to_series()
+    flags = make_flags(bad["annotator_id"], subject_kind="annotator", check=NAME, reason="position_bias", detail=detail)
+
+    metrics = _batch_metrics(e.n, int(n_known.sum()), int(a_first.sum()), int(n.sum()), int(k.sum()))
+    rate = k / np.maximum(n, 1)
+    metrics.update(
+        annotators=na,
+        tested=int(tested.sum()),
+        insufficient_data=int((~tested).sum()),
+        position_biased=int(biased.sum()),
+        favour_first=int((biased & (rate >= 0.5)).sum()),
+        favour_second=int((biased & (rate < 0.5)).sum()),
+        pairs_judged_in_both_orders=int(n_both.sum()),
+        order_consistency=float(n_same.sum() / n_both.sum()) if n_both.sum() else None,
+    )
+    problems = []
+    if biased.any():
+        problems.append(f"{int(biased.sum())} position-biased annotator(s)")
+    if metrics["randomised"] is False:
+        problems.append(f"display order not randomised (canonical a shown first {metrics['shown_first_a_share']:.2f})")
+    if metrics["missing_shown_first_share"] > 0.5:
+        problems.append(f"shown_first missing for {metrics['missing_shown_first_share']:.0%} of judgments")
+    status = "warn" if problems else "pass"
+    summary = "; ".join(problems) or f"no position bias among {int(tested.sum())} tested annotators"
+    return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags,
+                       tables={"annotators": table.drop("_biased", "first_won")}, summary=summary)
+
+
+def _batch_metrics(n_all: int, known: int, a_first: int, n_pos: int, first_won: int) -> dict[str, Any]:
+    share = a_first / known if known else None
+    randomised: bool | None = None
+    p_rand = None
+    if known >= MIN_FOR_RANDOMISATION:
+        p_rand = float(binom_two_sided_half(np.array([a_first]), np.array([known]))[0])
+        randomised = not (abs(share - 0.5) > RANDOMISED_MAX_DEVIATION and p_rand < RANDOMISED_ALPHA)  # type: ignore[operator]
+    return {
+        "judgments": n_all,
+        "first_shown_win_rate": first_won / n_pos if n_pos else None,
+        "decisive_with_shown_first": n_pos,
+        "shown_first_a_share": share,
+        "randomisation_p_value": p_rand,
+        "randomised": randomised,
+        "missing_shown_first_share": (n_all - known) / n_all if n_all else 0.0,
+    }
