@@ -1,0 +1,138 @@
+"""Chat-template tokenisation: prefix property, special tokens, masks, truncation ledger, the repo tokenizer."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from trainer.tokenize import (
+    TINY_TOKENIZER,
+    PrefixMismatchError,
+    TokenizeConfig,
+    load_tokenizer,
+    tokenize_rows,
+    tokenizer_fingerprint,
+)
+
+BOS, EOS = 1, 2
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def row(pid="p-1", prompt="How do I bake bread?", chosen="Mix flour, water and yeast.", rejected="Buy it.", weight=0.5,
+        turns=None):
+    msgs = turns or [{"role": "user", "content": prompt}]
+    return {"pair_id": pid, "prompt": msgs, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "weight": weight}
+
+
+def test_repo_tokenizer_is_small_offline_and_multilingual(tok):
+    size = sum(p.stat().st_size for p in TINY_TOKENIZER.iterdir())
+    assert size < 1_000_000
+    assert 2000 <= len(tok) <= 4096
+    cfg = json.loads((TINY_TOKENIZER / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "chat_template" in cfg and tok.chat_template == cfg["chat_template"]
+    for text in ("为什么人们喜欢在水族馆里游泳？", "昨日注文した商品をキャンセルしたいのですが。", "naïve café ☕ 🙂"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    # trained on the repo's zh/ja text: common CJK characters are merged, not 3 bytes each
+    assert len(tok("为什么人们喜欢", add_special_tokens=False)["input_ids"]) < 3 * 7
+
+
+def test_prompt_is_prefix_and_masks_cover_only_the_completion(tok):
+    (p,), ledger = tokenize_rows(tok, [row()], TokenizeConfig(max_length=128))
+    assert ledger.counts["kept"] == 1 and p.weight == 0.5
+    for side, text in (("chosen", "Mix flour, water and yeast."), ("rejected", "Buy it.")):
+        full = tok.apply_chat_template(row()["prompt"] + row()[side], tokenize=False)
+        assert p.input_ids(side) == tok(full, add_special_tokens=False)["input_ids"]
+        mask = p.completion_mask(side)
+        comp = [t for t, m in zip(p.input_ids(side), mask) if m]
+        assert tok.decode(comp) == text + "<|im_end|>\n"
+        assert mask[:len(p.prompt_ids)] == [0] * len(p.prompt_ids)
+    assert tok.decode(p.prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_exactly_one_bos_and_one_eos(tok):
+    (p,), _ = tokenize_rows(tok, [row()], TokenizeConfig(max_length=128))
+    for side in ("chosen", "rejected"):
+        ids = p.input_ids(side)
+        assert ids[0] == BOS and ids.count(BOS) == 1
+        comp = p.chosen_ids if side == "chosen" else p.rejected_ids
+        assert comp.count(EOS) == 1
+
+
+def test_tokenizer_that_adds_bos_itself_does_not_double_it(tok):
+    from tokenizers.processors import TemplateProcessing
+
+    t2 = copy.deepcopy(tok)
+    t2.backend_tokenizer.post_processor = TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", BOS)])
+    assert t2("hi")["input_ids"][0] == BOS  # this tokenizer adds a BOS on encode ...
+    (p,), _ = tokenize_rows(t2, [row()], TokenizeConfig(max_length=128))
+    assert p.input_ids("chosen")[:2] != [BOS, BOS] and p.input_ids("chosen").count(BOS) == 1  # ... still one
+    # and a template without a BOS gets the one the tokenizer would add, once
+    t2.chat_template = t2.chat_template.replace("{{ bos_token }}", "")
+    (p,), _ = tokenize_rows(t2, [row()], TokenizeConfig(max_length=128))
+    assert p.input_ids("chosen")[0] == BOS and p.input_ids("chosen").count(BOS) == 1
+
+
+def test_template_without_eos_gets_one_appended(tok):
+    t2 = copy.deepcopy(tok)
+    t2.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] + ':\n' + m['content'] + '\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}")
+    (p,), _ = tokenize_rows(t2, [row()], TokenizeConfig(max_length=128))
+    assert p.chosen_ids[-1] == EOS and p.chosen_ids.count(EOS) == 1
+
+
+def test_template_breaking_the_prefix_property_names_the_pair(tok):
+    t2 = copy.deepcopy(tok)
+    # the generation prompt says "assistant", the rendered reply turn says "bot": not a prefix
+    t2.chat_template = tok.chat_template.replace(
+        "'<|im_start|>' + message['role']",
+        "'<|im_start|>' + ('bot' if message['role'] == 'assistant' else message['role'])")
+    with pytest.raises(PrefixMismatchError) as err:
+        tokenize_rows(t2, [row(pid="pair-42")], TokenizeConfig(max_length=128))
+    assert err.value.pair_id == "pair-42" and "pair-42" in str(err.value) and "prefix" in str(err.value)
+
+
+def test_truncation_policy_and_ledger(tok):
+    long_prompt = " ".join(["river stone cloud"] * 40)
+    rows = [
+        row("short"),
+        row("prompt-too-long", prompt=long_prompt),  # prompt alone > budget: dropped
+        row("long-reply", chosen=" ".join(["garden window lamp"] * 30)),  # completion cut at the end
+        row("long-both", turns=[{"role": "user", "content": "first turn " * 3},
+                                {"role": "assistant", "content": "ok"},
+                                {"role": "user", "content": "the actual question?"}],
+            chosen=" ".join(["garden window"] * 8)),
+    ]
+    cfg = TokenizeConfig(max_length=48, max_prompt_length=20)
+    pairs, ledger = tokenize_rows(tok, rows, cfg)
+    c = ledger.counts
+    assert c["rows_in"] == 4 and c["kept"] == 3 and c["dropped_prompt_too_long"] == 1
+    assert c["rows_in"] == c["kept"] + c["dropped_prompt_too_long"] + c["dropped_empty_completion"]
+    assert ledger.dropped_ids["dropped_prompt_too_long"] == ["prompt-too-long"]
+    by_id = {p.pair_id: p for p in pairs}
+    assert all(len(p.input_ids(s)) <= 48 for p in pairs for s in ("chosen", "rejected"))
+    cut = by_id["long-reply"]
+    assert c["completion_truncated"] >= 1 and cut.chosen_ids.count(EOS) == 0  # cut replies lose their EOS
+    lb = by_id["long-both"]
+    assert c["prompt_truncated"] >= 1
+    assert lb.prompt_ids[0] == BOS  # BOS kept in front ...
+    assert tok.decode(lb.prompt_ids).endswith("the actual question?<|im_end|>\n<|im_start|>assistant\n")  # ... and the end
+    assert len(lb.prompt_ids) >= 20  # never cut below max_prompt_length
+
+
+def test_fingerprint_tracks_template(tok):
+    t2 = copy.deepcopy(tok)
+    t2.chat_template = tok.chat_template + " "
+    a, b = tokenizer_fingerprint(tok), tokenizer_fingerprint(t2)
+    assert a["tokenizer_sha256"] == b["tokenizer_sha256"] and a["chat_template_sha256"] != b["chat_template_sha256"]
+
+
+def test_config_refuses_a_prompt_budget_without_room():
+    with pytest.raises(ValueError, match="no room"):
+        TokenizeConfig(max_length=32, max_prompt_length=32)

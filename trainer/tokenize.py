@@ -1,0 +1,277 @@
+"""Chat-template tokenisation of DPO rows: prompt ids, completion ids, completion masks.
+
+For each pair (TRL conversational format: ``prompt`` a list of messages, ``chosen`` /
+``rejected`` one assistant message each) and each side s in {chosen, rejected}::
+
+    P   = encode(template(prompt, add_generation_prompt=True))
+    F_s = encode(template(prompt + s))
+    F_s[:len(P)] == P          else PrefixMismatchError naming the pair_id (no silent repair)
+    C_s = F_s[len(P):]         the completion, including the turn-closing EOS the template emits
+
+    input_ids_s       = P + C_s                               (P, C_s after truncation)
+    completion_mask_s = [0] * len(P) + [1] * len(C_s)         only completion tokens count
+
+Special tokens: the text is encoded with ``add_special_tokens=False``, so the chat template
+is the one source of BOS/EOS and nothing is doubled.  Two repairs for templates that differ:
+a BOS is prepended only when the tokenizer would add one (its post-processor or
+``add_bos_token``) and the template did not emit one; a run of BOS at the start is collapsed
+to one.  An EOS is appended to a completion only if it contains none (templates that do not
+close the assistant turn); a completion ending in EOS EOS loses the second.
+
+Truncation policy (``max_length`` L, the budget for prompt + completion of each side;
+``max_prompt_length`` Lp, default L // 2; longest = max(len(C_chosen), len(C_rejected))):
+
+1. **drop** the pair when the prompt alone leaves fewer than ``min_completion_tokens`` of the
+   budget (len(P) + min_completion_tokens > L): counted as ``dropped_prompt_too_long``;
+2. **keep the prompt's end**: when len(P) + longest > L and len(P) > Lp, the prompt is
+   left-truncated to max(Lp, L - longest) tokens -- the end (the last user turn and the
+   assistant header the completion follows) is kept, the start is cut; a leading BOS is
+   kept in front.  Counted as ``prompt_truncated``;
+3. **then the completions' end**: completions longer than L - len(P) keep their start
+   (the truncated one then has no EOS, correctly: the sequence did not end there).
+   Counted as ``completion_truncated``.
+
+Every row ends in exactly one ledger bucket (``kept`` or a ``dropped_*`` reason);
+``prompt_truncated`` / ``completion_truncated`` count kept pairs that were cut.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TINY_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny-chat-tokenizer"
+
+
+class TokenizeConfig(BaseModel):
+    """Sequence budget; part of the reference-cache key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_length: int = Field(512, ge=8, description="budget for prompt + completion, per side")
+    max_prompt_length: int | None = Field(None, ge=1, description="prompts are never cut below this; default max_length // 2")
+    min_completion_tokens: int = Field(1, ge=1, description="drop pairs whose prompt leaves less room than this")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> TokenizeConfig:
+        if self.max_prompt_length is not None and self.max_prompt_length + self.min_completion_tokens > self.max_length:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} leaves no room for a completion "
+                             f"within max_length={self.max_length}")
+        return self
+
+    @property
+    def prompt_floor(self) -> int:
+        return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
+
+
+class PrefixMismatchError(ValueError):
+    """The chat template renders the prompt differently alone than followed by a reply."""
+
+    def __init__(self, pair_id: str, side: str, position: int, prompt_tail: str, full_at: str):
+        self.pair_id, self.side, self.position = pair_id, side, position
+        super().__init__(
+            f"pair {pair_id!r} ({side}): the tokenized prompt is not a prefix of the tokenized prompt + {side} "
+            f"reply; they differ at token {position}: prompt has {prompt_tail!r}, prompt + reply has {full_at!r}. "
+            "The chat template must render the prompt (with add_generation_prompt=True) exactly as it begins "
+            "the full conversation; fix the template or use one that has this property")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedPair:
+    """One DPO pair after tokenisation and truncation."""
+
+    pair_id: str
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]  # completion tokens only
+    rejected_ids: tuple[int, ...]
+    weight: float = 1.0
+
+    def input_ids(self, side: str) -> list[int]:
+        return [*self.prompt_ids, *(self.chosen_ids if side == "chosen" else self.rejected_ids)]
+
+    def completion_mask(self, side: str) -> list[int]:
+        comp = self.chosen_ids if side == "chosen" else self.rejected_ids
+        return [0] * len(self.prompt_ids) + [1] * len(comp)
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-pad tokens of both sequences (what tokens/s counts)."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+LEDGER_KEYS = ("rows_in", "kept", "dropped_prompt_too_long", "dropped_empty_completion",
+               "prompt_truncated", "completion_truncated")
+
+
+@dataclass
+class TokenizeLedger:
+    """Where each row went: rows_in = kept + dropped_*; *_truncated count kept rows that were cut."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEDGER_KEYS, 0))
+    dropped_ids: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, key: str, pair_id: str | None = None) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if pair_id is not None and key.startswith("dropped_"):
+            self.dropped_ids.setdefault(key, []).append(pair_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.counts, "dropped_pair_ids": {k: v[:50] for k, v in self.dropped_ids.items()}}
+
+
+# ---------------------------------------------------------------- tokenizer loading / identity
+def load_tokenizer(path: str | Path | None = None):
+    """A local tokenizer (default: the repo's tiny chat tokenizer); never downloads."""
+    from transformers import AutoTokenizer
+
+    src = Path(path) if path is not None else TINY_TOKENIZER
+    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer at {src} has no chat_template; DPO rows are conversations and need one")
+    if tok.pad_token_id is None:  # right padding never reaches the loss; any id works
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> dict[str, str]:
+    """sha256 of the tokenizer's vocabulary/merges/normaliser (its JSON) and of its chat template."""
+    backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    specials = json.dumps({"bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token}, sort_keys=True)
+    return {
+        "tokenizer_sha256": hashlib.sha256((body + specials).encode("utf-8")).hexdigest(),
+        "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode("utf-8")).hexdigest(),
+    }
+
+
+# ---------------------------------------------------------------- special-token rules
+@dataclass(frozen=True)
+class _Specials:
+    bos: int | None
+    eos: int | None
+    tokenizer_adds_bos: bool
+
+
+def _specials(tok) -> _Specials:
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    with_special = tok("x", add_special_tokens=True)["input_ids"]
+    adds_bos = bos is not None and len(with_special) > 0 and with_special[0] == bos
+    return _Specials(bos, eos, adds_bos)
+
+
+def _fix_bos(ids: list[int], sp: _Specials) -> list[int]:
+    if sp.bos is None:
+        return ids
+    n = 0
+    while n < len(ids) and ids[n] == sp.bos:
+        n += 1
+    if n > 1:
+        return ids[n - 1:]  # a run of BOS -> one
+    if n == 0 and sp.tokenizer_adds_bos:
+        return [sp.bos, *ids]  # the model was trained with a BOS the template does not emit
+    return ids
+
+
+def _fix_eos(comp: list[int], sp: _Specials) -> list[int]:
+    if sp.eos is None:
+        return comp
+    if sp.eos not in comp:
+        return [*comp, sp.eos]
+    if len(comp) >= 2 and comp[-1] == sp.eos and comp[-2] == sp.eos:
+        return comp[:-1]
+    return comp
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+# ---------------------------------------------------------------- the public functions
+def _messages(value: Any, what: str, pair_id: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": "assistant" if what != "prompt" else "user", "content": value}]
+    try:
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    except (TypeError, KeyError) as err:
+        raise ValueError(f"pair {pair_id!r}: {what} must be a list of {{role, content}} messages, got {value!r:.120}") from err
+
+
+def _render(tok, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+
+def _encode(tok, texts: list[str]) -> list[list[int]]:
+    return tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig,
+                  ledger: TokenizeLedger | None = None) -> tuple[list[TokenizedPair], TokenizeLedger]:
+    """Tokenise DPO rows (dicts with prompt, chosen, rejected, pair_id, optional weight).
+
+    Returns the kept pairs in input order and the ledger.  Raises PrefixMismatchError on the
+    first pair whose template breaks the prefix property.
+    """
+    ledger = ledger or TokenizeLedger()
+    rows = list(rows)
+    sp = _specials(tok)
+    prompts, fulls = [], []
+    for r in rows:
+        pid = str(r["pair_id"])
+        prompt = _messages(r["prompt"], "prompt", pid)
+        prompts.append(_render(tok, prompt, generation_prompt=True))
+        for side in ("chosen", "rejected"):
+            fulls.append(_render(tok, prompt + _messages(r[side], side, pid), generation_prompt=False))
+    p_ids, f_ids = _encode(tok, prompts), _encode(tok, fulls)
+
+    out: list[TokenizedPair] = []
+    for i, r in enumerate(rows):
+        pid = str(r["pair_id"])
+        ledger.add("rows_in")
+        raw_prompt = p_ids[i]
+        comps = []
+        for j, side in enumerate(("chosen", "rejected")):
+            full = f_ids[2 * i + j]
+            if full[:len(raw_prompt)] != raw_prompt:
+                k = _first_difference(raw_prompt, full)
+                raise PrefixMismatchError(pid, side, k, tok.decode(raw_prompt[k:k + 8]), tok.decode(full[k:k + 8]))
+            comps.append(_fix_eos(full[len(raw_prompt):], sp))
+        prompt = _fix_bos(raw_prompt, sp)
+        weight = 1.0 if r.get("weight") is None else float(r["weight"])
+        pair = _truncate(pid, prompt, comps[0], comps[1], weight, cfg, sp, ledger)
+        if pair is not None:
+            out.append(pair)
+    return out, ledger
+
+
+def _truncate(pid: str, prompt: list[int], chosen: list[int], rejected: list[int], weight: float,
+              cfg: TokenizeConfig, sp: _Specials, ledger: TokenizeLedger) -> TokenizedPair | None:
+    """Apply the module's truncation policy; record the outcome in the ledger."""
+    L = cfg.max_length
+    if not chosen or not rejected:
+        ledger.add("dropped_empty_completion", pid)
+        return None
+    if len(prompt) + cfg.min_completion_tokens > L:
+        ledger.add("dropped_prompt_too_long", pid)
+        return None
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest > L and len(prompt) > cfg.prompt_floor:
+        keep = max(cfg.prompt_floor, L - longest)
+        if sp.bos is not None and prompt[0] == sp.bos:
+            prompt = [sp.bos, *prompt[len(prompt) - keep + 1:]]
+        else:
+            prompt = prompt[len(prompt) - keep:]
+        ledger.add("prompt_truncated")
+    room = L - len(prompt)
+    if longest > room:
+        chosen, rejected = chosen[:room], rejected[:room]
+        ledger.add("completion_truncated")
+    ledger.add("kept")
+    return TokenizedPair(pid, tuple(prompt), tuple(chosen), tuple(rejected), weight)
