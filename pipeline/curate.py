@@ -216,7 +216,7 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     if parent:
         pm = parent.manifest()
         sources = [SourceInfo(**{**s.model_dump(), "path": s.path}) for s in pm.sources] + sources
-    return Manifest(
+    manifest = Manifest(
         version_id=version_id,
         created_at=datetime.now(UTC),
         parent_version=parent.version_id if parent else None,
@@ -234,6 +234,15 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
                  "new_sources": [s.model_dump() for s in ingest.sources],
                  "timings_s": dict(timer.t)},
     )
+    t = time.perf_counter()
+    from pipeline.report import ReportInputs, write_report
+
+    inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=psel.pairs.with_columns(flag_reasons=psel.pairs["_reasons"]),
+                          flags=flags, annotators=annotators, routed=psel.routed, quarantine=ingest.quarantine, results=results)
+    for path in write_report(inputs, stage):
+        manifest.files[path.name] = SplitInfo(path=path.name, rows=0, sha256=_sha(path))
+    timer.lap("report", t)
+    return manifest
 
 
 def _sha(p: Path) -> str:

@@ -1,0 +1,318 @@
+"""The human report of a version: ``report.html`` (self-contained, inline SVG, no JS/network)
+and ``report.md`` (the same numbers, for terminals and Prefect artifacts).
+
+Read top to bottom in two minutes: verdicts and the ledger first, then the plots, then the
+worst offenders with example pairs.  Rendered at curate time from the staged files plus the
+in-memory check results (for tables that are not persisted, e.g. the length-ratio histogram).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline import svg
+from schemas.check import CheckResult
+from schemas.manifest import Manifest
+
+STATUS_COLOR = {"pass": "#16a34a", "warn": "#d97706", "fail": "#dc2626"}
+LABEL_ORDER = ("a", "b", "tie", "both_bad", "escalate")
+MAX_EXAMPLES = 8
+MIN_SLICE_PAIRS = 10
+
+
+@dataclass
+class ReportInputs:
+    manifest: Manifest
+    judgments: pl.DataFrame
+    pairs: pl.DataFrame  # every pair with decision / reason / weight
+    flags: pl.DataFrame
+    annotators: pl.DataFrame
+    routed: pl.DataFrame
+    quarantine: pl.DataFrame
+    results: dict[str, CheckResult] = field(default_factory=dict)
+
+
+def _check(inp: ReportInputs, name: str) -> dict[str, Any]:
+    return next((c for c in inp.manifest.checks if c["name"] == name), {"metrics": {}, "status": "pass", "flag_counts": {}})
+
+
+def _short(text: str | None, n: int = 140) -> str:
+    if text is None:
+        return ""
+    t = " ".join(str(text).split())
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
+def _quantiles(q: dict[str, float] | None) -> str:
+    return ", ".join(f"p{float(k) * 100:g}={v:.2f}" for k, v in (q or {}).items()) or "–"
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+# ---------------------------------------------------------------- sections as data (shared by html + md)
+def ledger_rows(m: Manifest) -> list[tuple[str, int]]:
+    led = m.ledger
+    rows = [("rows in", led.rows_in), ("quarantined", led.quarantined), ("judgments valid", led.judgments_valid)]
+    rows += [(f"judgments dropped: {k}", v) for k, v in sorted(led.judgments_dropped.items())]
+    rows += [("pairs", led.pairs)]
+    rows += [(f"routed: {k}", v) for k, v in led.routed.items()]
+    rows += [(f"dropped: {k}", v) for k, v in sorted(led.dropped.items())]
+    rows += [("DPO rows (kept pairs)", led.pairs_kept)] + [(f"  {k}", v) for k, v in led.splits.items()]
+    return rows
+
+
+def flow_chart(m: Manifest) -> str:
+    led = m.ledger
+    return svg.stacked_hbars("ledger-flow", "Ledger: where every row went", [
+        ("rows in", [("valid", led.rows_in - led.quarantined), ("quarantined", led.quarantined)]),
+        ("judgments", [("used", led.judgments_valid - sum(led.judgments_dropped.values()))]
+         + [(k, v) for k, v in led.judgments_dropped.items()]),
+        ("pairs", [(f"kept: {k}", v) for k, v in led.splits.items()]
+         + [(f"routed: {k}", v) for k, v in led.routed.items()] + [(f"dropped: {k}", v) for k, v in led.dropped.items()]),
+    ])
+
+
+def label_distribution(inp: ReportInputs) -> tuple[list[str], dict[str, list[float]]]:
+    j = inp.judgments
+    if j.height == 0:
+        return [], {}
+    sl = j.with_columns(slice=pl.concat_str([pl.col("locale").fill_null("?"), pl.col("annotator_kind")], separator=" · "))
+    counts = sl.group_by("slice", "label").len()
+    slices = sorted(counts["slice"].unique().to_list())
+    series = {lab: [float(counts.filter((pl.col("slice") == s) & (pl.col("label") == lab))["len"].sum()) for s in slices]
+              for lab in LABEL_ORDER}
+    totals = [sum(series[lab][i] for lab in LABEL_ORDER) or 1 for i in range(len(slices))]
+    return slices, {lab: [v / t for v, t in zip(vals, totals, strict=True)] for lab, vals in series.items()}
+
+
+def position_items(ann: pl.DataFrame) -> list[tuple[str, float, float, float, bool]]:
+    if ann.height == 0 or "first_shown_rate" not in ann.columns:
+        return []
+    rows = ann.filter(pl.col("first_shown_rate").is_not_null()).sort("first_shown_rate", descending=True)
+    items = []
+    for r in rows.iter_rows(named=True):
+        n = r.get("position_n") or r.get("n_decisive") or 0
+        lo, hi = svg.wilson(r["first_shown_rate"] * n, n)
+        hot = "position_bias" in (r.get("flags") or [])
+        items.append((f"{r['annotator_id']} (n={n})", r["first_shown_rate"], lo, hi, hot))
+    return items
+
+
+def agreement_rows(inp: ReportInputs) -> list[tuple[str, str, Any, Any, Any]]:
+    met = _check(inp, "agreement").get("metrics", {})
+    rows = []
+    for kind in ("human", "ai"):
+        k = met.get(kind) or {}
+        if k.get("n_pairs"):
+            rows.append(("all", kind, k.get("n_pairs"), k.get("krippendorff_alpha"), k.get("fleiss_kappa")))
+    for s, kinds in sorted((met.get("slices") or {}).items()):
+        for kind, k in sorted(kinds.items()):
+            rows.append((s, kind, k.get("n_pairs"), k.get("krippendorff_alpha"), k.get("fleiss_kappa")))
+    return rows
+
+
+def language_matrix(inp: ReportInputs) -> tuple[list[str], list[str], list[list[float]]]:
+    met = _check(inp, "language").get("metrics", {})
+    mat = met.get("matrix") or met.get("locale_x_detected") or {}
+    if isinstance(mat, list):  # list of {locale, detected, count}
+        tmp: dict[str, dict[str, float]] = {}
+        for r in mat:
+            tmp.setdefault(str(r.get("locale")), {})[str(r.get("detected"))] = float(r.get("count", r.get("n", 0)))
+        mat = tmp
+    rows = sorted(mat)
+    cols = sorted({c for r in mat.values() for c in r})
+    return rows, cols, [[float(mat[r].get(c, 0)) for c in cols] for r in rows]
+
+
+def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
+    p = inp.pairs
+    if "near_dup_cluster" not in p.columns or p.height == 0:
+        return pl.DataFrame()
+    cl = p.group_by("near_dup_cluster").agg(pl.len().alias("pairs"), pl.col("prompt_text").unique().alias("prompts"))
+    cl = cl.with_columns(n_prompts=pl.col("prompts").list.len()).filter(pl.col("n_prompts") > 1)
+    return cl.sort(["n_prompts", "pairs"], descending=True)
+
+
+def offender_pairs(inp: ReportInputs, reason: str) -> pl.DataFrame:
+    ids = inp.flags.filter((pl.col("subject_kind") == "pair") & (pl.col("reason") == reason)).unique("subject_id")
+    if ids.height == 0:
+        return pl.DataFrame()
+    return ids.join(inp.pairs, left_on="subject_id", right_on="pair_id", how="inner").head(MAX_EXAMPLES)
+
+
+# ---------------------------------------------------------------- HTML
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#0f172a;background:#f8fafc}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e2e8f0;padding-bottom:4px}
+.meta{color:#475569;font-size:13px} .card{background:white;border:1px solid #e2e8f0;border-radius:8px;padding:14px;margin:10px 0}
+table{border-collapse:collapse;font-size:13px;width:100%} th,td{border-bottom:1px solid #e2e8f0;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f1f5f9} td.n{text-align:right;font-variant-numeric:tabular-nums}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:white;font-size:12px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:8px}
+.verdict{border-left:4px solid;padding:6px 10px;background:white;border-radius:4px;font-size:13px}
+.small{font-size:12px;color:#475569} svg.chart{max-width:100%;height:auto;display:block}
+"""
+
+
+def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
+    numeric = numeric or set()
+    th = "".join(f"<th>{svg.esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f'<td{" class=n" if i in numeric else ""}>{svg.esc(_num(v) if not isinstance(v, str) else v)}</td>'
+                                    for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(inp: ReportInputs) -> str:
+    m = inp.manifest
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>prefpipe report {svg.esc(m.version_id)}</title>"
+             f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style></head><body><main>"]
+    parts.append(f"<h1>prefpipe report · {svg.esc(m.version_id)}</h1><div class=meta>created {m.created_at:%Y-%m-%d %H:%M} UTC · "
+                 f"parent {svg.esc(m.parent_version or '–')} · code {svg.esc(m.code_version)} · policy {svg.esc(m.policy_hash)} · "
+                 f"{len(m.sources)} source file(s)</div>")
+    # verdicts
+    parts.append("<h2>Check verdicts</h2><div class=grid>")
+    for c in m.checks:
+        col = STATUS_COLOR.get(c["status"], "#64748b")
+        flags = ", ".join(f"{k}: {v}" for k, v in (c.get("flag_counts") or {}).items()) or "no flags"
+        parts.append(f"<div class=verdict style='border-color:{col}'><b>{svg.esc(c['name'])}</b> "
+                     f"<span class=badge style='background:{col}'>{c['status']}</span><div class=small>{svg.esc(flags)}</div>"
+                     f"<div class=small>{svg.esc(_short(c.get('summary'), 160))}</div></div>")
+    parts.append("</div>")
+    # ledger
+    parts.append("<h2>Ledger: from rows in to DPO rows</h2><div class=card>" + flow_chart(m))
+    parts.append(_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)], {1}) + "</div>")
+    # plots
+    slices, series = label_distribution(inp)
+    parts.append("<h2>Label distribution per slice</h2><div class=card>"
+                 + svg.vbars("label-distribution", "Share of judgment labels per slice (locale · annotator kind)", slices, series,
+                             y_label="share of judgments") + "</div>")
+    pos = position_items(inp.annotators)
+    pm = _check(inp, "position_bias").get("metrics", {})
+    parts.append("<h2>Position bias: first-shown win rate per annotator (95% CI)</h2><div class=card>"
+                 + svg.dot_ci("position-bias", "First-shown win rate per annotator", pos, x_label="share of decisive judgments won by the first-shown response")
+                 + f"<div class=small>batch first-shown win rate {_num(pm.get('first_shown_win_rate'))}; display order randomised: "
+                 f"{svg.esc(pm.get('randomised'))} (share of a shown first {_num(pm.get('shown_first_a_share'))}); "
+                 f"shown_first missing for {_num(pm.get('missing_shown_first_share'))} of judgments. Red = flagged after Benjamini–Hochberg.</div></div>")
+    hist = inp.results.get("length_bias").tables.get("length_ratio_hist") if inp.results.get("length_bias") else None
+    lm = _check(inp, "length_bias").get("metrics", {})
+    if hist is not None and hist.height:
+        labels = [f"{2 ** lo:.2g}–{2 ** hi:.2g}" for lo, hi in hist.select("log2_ratio_lo", "log2_ratio_hi").iter_rows()]
+        chart = svg.vbars("length-ratio", "Chosen/rejected length ratio of consensus pairs", labels,
+                          {"pairs": [float(v) for v in hist["pairs"]]}, y_label="pairs")
+    else:
+        chart = svg.vbars("length-ratio", "Chosen/rejected length ratio", [], {})
+    parts.append("<h2>Length: chosen / rejected length ratio</h2><div class=card>" + chart
+                 + f"<div class=small>chosen is longer in {_num(lm.get('chosen_longer_rate_pairs'))} of consensus pairs with a length difference;"
+                 f" ratio quantiles {svg.esc(_quantiles(lm.get('chosen_rejected_ratio_quantiles')))}</div></div>")
+    ag = [r for r in agreement_rows(inp) if (r[2] or 0) >= MIN_SLICE_PAIRS]
+    main_ag = [r for r in ag if r[0] == "all" or r[0].startswith("locale=")]
+    parts.append("<h2>Agreement per slice</h2><div class=card>"
+                 + svg.vbars("agreement", "Krippendorff's alpha and Fleiss' kappa, overall and per locale", [f"{s.removeprefix('locale=')} · {k}" for s, k, *_ in main_ag],
+                             {"Krippendorff α": [float(a or 0) for _, _, _, a, _ in main_ag], "Fleiss κ": [float(k or 0) for *_, k in main_ag]},
+                             stacked=False, y_label="agreement", label_every=1, height=260)
+                 + f"<div class=small>All slices with at least {MIN_SLICE_PAIRS} pairs (locale, tag, annotator kind):</div>"
+                 + _table(["slice", "kind", "pairs", "Krippendorff α", "Fleiss κ"], [list(r) for r in ag], {2, 3, 4}) + "</div>")
+    ann = inp.annotators
+    pts = []
+    if ann.height and {"agreement_with_consensus", "gold_accuracy"} <= set(ann.columns):
+        for r in ann.filter(pl.col("agreement_with_consensus").is_not_null() & pl.col("gold_accuracy").is_not_null()).iter_rows(named=True):
+            pts.append((r["annotator_id"], r["agreement_with_consensus"], r["gold_accuracy"], bool(r.get("flags"))))
+    parts.append("<h2>Annotator reliability: agreement with consensus vs gold accuracy</h2><div class=card>"
+                 + svg.scatter("reliability", "Annotator agreement with leave-one-out consensus vs gold accuracy", pts,
+                               x_label="agreement with consensus", y_label="gold accuracy") + "</div>")
+    cl = near_dup_clusters(inp)
+    cl_rows = [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 70) for t in r["prompts"][:3])]
+               for r in cl.head(MAX_EXAMPLES).iter_rows(named=True)] if cl.height else []
+    parts.append("<h2>Near-duplicate prompt clusters</h2><div class=card>"
+                 + svg.vbars("near-duplicates", "Largest near-duplicate clusters (distinct prompts per cluster)",
+                             [r[0] for r in cl_rows], {"distinct prompts": [float(r[1]) for r in cl_rows]}, y_label="prompts")
+                 + (_table(["cluster", "prompts", "pairs", "examples"], cl_rows, {1, 2}) if cl_rows else "<p class=small>no near-duplicate clusters</p>")
+                 + "</div>")
+    rows_l, cols_l, vals = language_matrix(inp)
+    parts.append("<h2>Language: locale vs detected</h2><div class=card>"
+                 + svg.heatmap("language", "Texts by declared locale (rows) and detected language (columns)", rows_l, cols_l, vals) + "</div>")
+    # offenders
+    parts.append("<h2>Worst offenders</h2>")
+    flagged = ann.filter(pl.col("flags").list.len() > 0) if ann.height else ann
+    if flagged.height:
+        cols = [c for c in ("annotator_id", "annotator_kind", "n_judgments", "agreement_with_consensus", "gold_accuracy",
+                            "first_shown_rate", "position_p_value", "longer_chosen_rate", "order_consistency") if c in flagged.columns]
+        rows = [[*(r[c] for c in cols), ", ".join(r["flags"])] for r in flagged.select(*cols, "flags").iter_rows(named=True)]
+        parts.append("<div class=card><b>Flagged annotators</b>" + _table(cols + ["flags"], rows, set(range(2, len(cols)))) + "</div>")
+    for reason in ("low_agreement", "language_mismatch", "identical_responses", "near_duplicate"):
+        ex = offender_pairs(inp, reason)
+        if ex.height:
+            rows = [[r["subject_id"][:14], _short(r["prompt_text"], 90), _short(r["response_a"], 80), _short(r["response_b"], 80),
+                     f"a {r['count_a']} / b {r['count_b']} / tie {r['count_tie']}", r["decision"], _short(r["detail"], 60)]
+                    for r in ex.iter_rows(named=True)]
+            parts.append(f"<div class=card><b>{reason}</b> ({inp.flags.filter(pl.col('reason') == reason)['subject_id'].n_unique()} pairs; examples)"
+                         + _table(["pair", "prompt", "response a", "response b", "votes", "decision", "detail"], rows) + "</div>")
+    if inp.quarantine.height:
+        rows = [[Path(r["source_file"]).name, r["line"], r["reason"], _short(r["error"], 160)] for r in inp.quarantine.head(MAX_EXAMPLES).iter_rows(named=True)]
+        parts.append("<div class=card><b>Quarantine</b> (first rows)" + _table(["file", "line", "reason", "error"], rows, {1}) + "</div>")
+    parts.append("<p class=small>Generated by prefpipe. Splits, flags, annotators, routed items and quarantine are in the version directory as Parquet.</p>")
+    parts.append("</main></body></html>")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------- Markdown
+def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join((_num(v) if not isinstance(v, str) else v).replace("|", "/") for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def render_markdown(inp: ReportInputs) -> str:
+    m = inp.manifest
+    md = [f"# prefpipe report: {m.version_id}", "",
+          f"created {m.created_at:%Y-%m-%d %H:%M} UTC · parent {m.parent_version or '-'} · code {m.code_version} · policy {m.policy_hash}", "",
+          "## Check verdicts", "",
+          _md_table(["check", "status", "flags", "summary"], [[c["name"], c["status"], ", ".join(f"{k}={v}" for k, v in (c.get("flag_counts") or {}).items()),
+                                                               _short(c.get("summary"), 120)] for c in m.checks]),
+          "", "## Ledger", "", _md_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)]), ""]
+    ag = agreement_rows(inp)
+    if ag:
+        md += ["## Agreement", "", _md_table(["slice", "kind", "pairs", "Krippendorff α", "Fleiss κ"], [list(r) for r in ag]), ""]
+    pos = position_items(inp.annotators)
+    if pos:
+        md += ["## Position bias (first-shown win rate, 95% CI)", "",
+               _md_table(["annotator", "rate", "CI low", "CI high", "flagged"], [[a, v, lo, hi, "yes" if hot else ""] for a, v, lo, hi, hot in pos]), ""]
+    ann = inp.annotators
+    if ann.height:
+        cols = [c for c in ("annotator_id", "annotator_kind", "n_judgments", "agreement_with_consensus", "gold_accuracy",
+                            "first_shown_rate", "order_consistency", "longer_chosen_rate", "status") if c in ann.columns]
+        md += ["## Annotators", "", _md_table(cols + ["flags"], [[*(r[c] for c in cols), ",".join(r["flags"])] for r in ann.iter_rows(named=True)]), ""]
+    rows_l, cols_l, vals = language_matrix(inp)
+    if rows_l:
+        md += ["## Language (locale × detected)", "", _md_table(["locale"] + cols_l, [[r, *[int(v) for v in vr]] for r, vr in zip(rows_l, vals, strict=True)]), ""]
+    cl = near_dup_clusters(inp)
+    if cl.height:
+        md += ["## Near-duplicate clusters", "", _md_table(["cluster", "prompts", "pairs", "examples"],
+               [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " <-> ".join(_short(t, 60) for t in r["prompts"][:3])]
+                for r in cl.head(MAX_EXAMPLES).iter_rows(named=True)]), ""]
+    for reason in ("low_agreement", "language_mismatch", "identical_responses"):
+        ex = offender_pairs(inp, reason)
+        if ex.height:
+            md += [f"## Examples: {reason}", "", _md_table(["pair", "prompt", "a", "b", "decision"],
+                   [[r["subject_id"][:14], _short(r["prompt_text"], 70), _short(r["response_a"], 50), _short(r["response_b"], 50), r["decision"]]
+                    for r in ex.iter_rows(named=True)]), ""]
+    return "\n".join(md)
+
+
+def write_report(inp: ReportInputs, directory: Path) -> list[Path]:
+    html_path, md_path = directory / "report.html", directory / "report.md"
+    html_path.write_text(render_html(inp), encoding="utf-8")
+    md_path.write_text(render_markdown(inp), encoding="utf-8")
+    return [html_path, md_path]
