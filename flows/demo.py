@@ -1,29 +1,36 @@
-"""The README's main job: run prefpipe end to end on data/samples/ with embedded defaults.
+"""The README's main job: prefpipe end to end on data/samples/ with embedded defaults.
 
-Stages grow with the project; each prints what it did and where its output is.
-Usage: ``./dev demo [--store DIR]`` (default store: ./store).
+1. ``prefpipe validate`` on the sample batches (ledger + quarantined rows with line numbers);
+2. the ``curate-batch`` Prefect flow (ingest -> checks -> select -> split -> immutable version),
+   run on Prefect's temporary local server unless ``PREFECT_API_URL`` points at a real one;
+3. the ``certify-version`` flow (policy gates + Great Expectations);
+4. a short DPO training run on the version when it is certified (tiny random-init model,
+   the repo's tokenizer; skip with ``--no-train``);
+and prints where the report, the certification record and the run directory are.
+
+Usage: ``./dev demo [--store DIR] [--no-train]`` (default store: ./store).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "data" / "samples").glob("*.jsonl"))
 
 
-def _run(args: list[str]) -> int:
+def _validate(files: list[str]) -> int:
     from flows.cli import app
 
-    print(f"\n$ prefpipe {' '.join(args)}", flush=True)
+    print(f"$ prefpipe validate {' '.join(files)}", flush=True)
     try:
-        app(args, standalone_mode=False)
-    except SystemExit as e:  # typer.Exit surfaces as SystemExit/Exit
+        app(["validate", *files], standalone_mode=False)
+    except SystemExit as e:
         return int(e.code or 0)
-    except Exception as e:  # click.exceptions.Exit
+    except Exception as e:  # click's Exit carries exit_code
         code = getattr(e, "exit_code", None)
         if code is None:
             raise
@@ -32,19 +39,59 @@ def _run(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--store", default=str(ROOT / "store"), help="version store directory")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default=str(ROOT / "store"), help="version store directory (default ./store)")
+    parser.add_argument("--no-train", action="store_true", help="stop after certification")
     args = parser.parse_args(argv)
     if not SAMPLES:
         print("no sample batches under data/samples/", file=sys.stderr)
         return 2
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     t0 = time.perf_counter()
-    files = [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in SAMPLES]
-    rc = _run(["validate", *files])
-    # validate exits 1 when rows were quarantined: the samples contain planted malformed rows on purpose
-    if rc not in (0, 1):
+    files = [str(p.relative_to(ROOT)) for p in SAMPLES]
+    rc = _validate(files)
+    if rc not in (0, 1):  # 1 = rows quarantined: the samples contain planted malformed rows on purpose
         return rc
-    print(f"\ndemo finished in {time.perf_counter() - t0:.1f}s (store: {args.store})")
+
+    where = os.environ.get("PREFECT_API_URL") or "Prefect's temporary local server"
+    print(f"\n== curate-batch flow on {where} ==", flush=True)
+    from flows.flows import certify_version, curate_batch_with_runner
+    from pipeline.store import Store
+
+    version = curate_batch_with_runner()(files=[str(ROOT / f) for f in files], store=args.store)
+    h = Store(args.store).get(version)
+    m = h.manifest()
+    led = m.ledger
+    print(f"version {version}: {led.rows_in} rows in -> {led.quarantined} quarantined, {led.pairs} pairs -> "
+          f"{led.pairs_kept} DPO rows {dict(led.splits)}, routed {dict(led.routed)}, dropped {dict(led.dropped)}")
+    print("checks: " + ", ".join(f"{c['name']}={c['status']}" for c in m.checks))
+
+    print("\n== certify-version flow ==", flush=True)
+    cert = certify_version(store=args.store, version=version)
+    for g in cert["gates"]:
+        if not g["passed"]:
+            print(f"  FAIL {g['name']}: value {g['value']} threshold {g['threshold']} {g['detail']}")
+    print(f"verdict: {cert['verdict'].upper()} ({sum(g['passed'] for g in cert['gates'])}/{len(cert['gates'])} gates passed)")
+
+    run_dir = None
+    if cert["verdict"] == "certified" and not args.no_train:
+        try:
+            from flows.flows import train_on_version
+        except ImportError:
+            train_on_version = None
+        if train_on_version is not None:
+            print("\n== train-on-version flow (tiny model, a few steps) ==", flush=True)
+            run_dir = train_on_version(store=args.store, version=version, model="tiny-llama", max_steps=20)
+
+    print("\n== where to look ==")
+    print(f"report:        {h.file('report.html')}")
+    print(f"               {h.file('report.md')}")
+    print(f"certification: {Store(args.store).certification_path(version)}")
+    if run_dir:
+        print(f"training run:  {run_dir}")
+    print(f"versions:      .venv/bin/prefpipe versions --store {args.store}")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s")
     return 0
 
 

@@ -70,8 +70,12 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
                                alpha >= cfg.min_krippendorff_alpha))
 
     flags = h.read("flags.parquet")
-    biased = flags.filter((pl.col("subject_kind") == "annotator") & pl.col("reason").is_in(list(BIAS_REASONS)))
-    biased_ids = sorted(set(biased["subject_id"].to_list()))
+    ann_flags = flags.filter(pl.col("subject_kind") == "annotator")
+    # "unresolved": flagged for bias, and not removed by the policy (a drop action on any of its flags)
+    drop_reasons = [r for r, a in m.policy.get("select", {}).get("flag_actions", {}).items() if a == "drop"]
+    dropped_ids = set(ann_flags.filter(pl.col("reason").is_in(drop_reasons))["subject_id"].to_list())
+    biased = ann_flags.filter(pl.col("reason").is_in(list(BIAS_REASONS)))
+    biased_ids = sorted(set(biased["subject_id"].to_list()) - dropped_ids)
     share = 0.0
     if kept.height and biased_ids:
         j = h.read("judgments.parquet").select("comparison_id", "annotator_id")
