@@ -1,0 +1,243 @@
+"""The DPO training loop: refuses bad versions, accumulation, exact resume, cache, lineage, learning."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_toys import make_store, planted_rows
+
+from trainer.train import (
+    ResumeMismatch,
+    VersionNotCertified,
+    VersionTampered,
+    lr_factor,
+    make_config,
+    train,
+)
+
+TINY = "tiny-llama:layers=1,hidden=32,heads=2"
+FAST = dict(model=TINY, max_length=64, threads=1, lr=1e-3, warmup_steps=2, eval_every=0)
+
+
+def splits(n_train=24, n_val=8):
+    return {"train": planted_rows(n_train), "validation": planted_rows(n_val, seed=1, prefix="v"),
+            "test": planted_rows(4, seed=2, prefix="t")}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return make_store(tmp_path / "store", splits())
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(ckpt, map_location="cpu", weights_only=False)
+
+
+def train_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+# ---------------------------------------------------------------- refusing versions
+def test_refuses_version_without_certification(tmp_path):
+    st = make_store(tmp_path / "s", splits(), certified=None)
+    with pytest.raises(VersionNotCertified, match="no certification record"):
+        train(make_config(st.root, "v-toy", max_steps=1, **FAST))
+    assert not (st.root / "runs").exists()
+
+
+def test_refuses_rejected_version(tmp_path):
+    st = make_store(tmp_path / "s", splits(), certified=False)
+    with pytest.raises(VersionNotCertified, match="rejected"):
+        train(make_config(st.root, "v-toy", max_steps=1, **FAST))
+
+
+def test_refuses_tampered_version(store):
+    path = store.get("v-toy").split_path("validation")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(VersionTampered, match="validation.parquet: sha256 differs"):
+        train(make_config(store.root, "v-toy", max_steps=1, **FAST))
+    assert not (store.root / "runs").exists()
+
+
+# ---------------------------------------------------------------- the math of the loop
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
+    assert all(a >= b for a, b in zip(f[4:], f[5:])) and abs(f[20] - 0.1) < 1e-12
+
+
+def test_grad_accumulation_4x1_equals_1x4(store):
+    a = train(make_config(store.root, "v-toy", run_id="acc-1x4", batch_size=4, grad_accum=1, max_steps=3, **FAST))
+    b = train(make_config(store.root, "v-toy", run_id="acc-4x1", batch_size=1, grad_accum=4, max_steps=3, **FAST))
+    sa, sb = final_state(a.run_dir)["model"], final_state(b.run_dir)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
+    la, lb = train_metrics(a.run_dir), train_metrics(b.run_dir)
+    for x, y in zip(la, lb):
+        assert abs(x["loss"] - y["loss"]) < 1e-5
+        assert x["tokens"] == y["tokens"]  # the same pairs in the same order
+
+
+def test_checkpoint_resume_continues_exactly(store):
+    cfg = dict(max_steps=6, checkpoint_every=3, batch_size=3, **FAST)
+    full = train(make_config(store.root, "v-toy", run_id="uninterrupted", **cfg))
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_3(kind, payload):
+        if kind == "step" and payload["step"] == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(make_config(store.root, "v-toy", run_id="interrupted", **cfg), on_event=crash_after_3)
+    resumed = train(make_config(store.root, "v-toy", run_id="interrupted", resume=True, **cfg))
+    assert resumed.steps == 6
+    s1, s2 = final_state(full.run_dir), final_state(resumed.run_dir)
+    for k in s1["model"]:
+        assert torch.equal(s1["model"][k], s2["model"][k]), k
+    for (k1, v1), (k2, v2) in zip(s1["optimizer"]["state"].items(), s2["optimizer"]["state"].items()):
+        assert torch.equal(v1["exp_avg"], v2["exp_avg"]) and torch.equal(v1["exp_avg_sq"], v2["exp_avg_sq"])
+    assert s1["scheduler"] == s2["scheduler"] and s1["data_position"] == s2["data_position"] == 18
+    m1, m2 = train_metrics(full.run_dir), train_metrics(resumed.run_dir)
+    assert [r["step"] for r in m2] == [1, 2, 3, 4, 5, 6]  # nothing duplicated after the resume
+    assert [r["loss"] for r in m1] == [r["loss"] for r in m2]
+    lineage = [json.loads(x) for x in (store.root / "lineage" / "v-toy.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in lineage if e["run_id"] == "interrupted"] == ["started", "resumed", "finished"]
+
+
+def test_resume_refuses_changed_settings(store):
+    train(make_config(store.root, "v-toy", run_id="r", max_steps=2, **FAST))
+    with pytest.raises(ResumeMismatch, match="lr"):
+        train(make_config(store.root, "v-toy", run_id="r", resume=True, max_steps=2, **{**FAST, "lr": 5e-4}))
+
+
+# ---------------------------------------------------------------- run outputs
+def test_run_outputs_reference_cache_and_lineage(store):
+    version_dir = store.get("v-toy").path
+    before = sorted(p.relative_to(version_dir) for p in version_dir.rglob("*"))
+    r1 = train(make_config(store.root, "v-toy", run_id="one", max_steps=2, beta=0.2, loss_type="ipo", **FAST))
+    r2 = train(make_config(store.root, "v-toy", run_id="two", max_steps=2, beta=0.2, loss_type="ipo", **FAST))
+    # the version itself is untouched; the cache sits beside it
+    assert sorted(p.relative_to(version_dir) for p in version_dir.rglob("*")) == before
+    assert store.get("v-toy").verify() == []
+    run1, run2 = (json.loads((r.run_dir / "run.json").read_text()) for r in (r1, r2))
+    cache = Path(run1["reference_cache"]["path"])
+    assert cache.parent == store.root / "runs" / "reference-cache" / "v-toy" and cache.exists()
+    assert run1["reference_cache"]["hit"] is False and run2["reference_cache"]["hit"] is True
+    assert run1["reference_cache"]["key"] == run2["reference_cache"]["key"]
+    assert json.loads(cache.with_suffix(".json").read_text())["version_id"] == "v-toy"
+    # lineage in the run dir
+    assert run1["version_id"] == "v-toy" and run1["status"] == "finished"
+    assert run1["beta"] == 0.2 and run1["objective"] == "ipo"
+    assert len(run1["tokenizer"]["tokenizer_sha256"]) == 64 and len(run1["tokenizer"]["chat_template_sha256"]) == 64
+    assert run1["code_version"]["version"].startswith("0.1.0+") and run1["certification"]["verdict"] == "certified"
+    assert run1["tokenize_ledger"]["train"]["kept"] == 24
+    # metrics + plot
+    rec = train_metrics(r1.run_dir)[-1]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "tokens/s", "peak_rss_mib", "lr", "grad_norm"):
+        assert key in rec, key
+    assert (r1.run_dir / "metrics.svg").read_text().startswith("<svg")
+    # the version's lineage record
+    events = [json.loads(x) for x in (store.root / "lineage" / "v-toy.jsonl").read_text().splitlines()]
+    assert [(e["run_id"], e["event"]) for e in events] == [("one", "started"), ("one", "finished"),
+                                                           ("two", "started"), ("two", "finished")]
+    # a different max_length is a different cache entry
+    r3 = train(make_config(store.root, "v-toy", run_id="three", max_steps=1, **{**FAST, "max_length": 48}))
+    assert json.loads((r3.run_dir / "run.json").read_text())["reference_cache"]["key"] != run1["reference_cache"]["key"]
+
+
+def test_pair_weights_scale_the_loss(tmp_path):
+    rows = planted_rows(8)
+    half = [{**r, "weight": 0.5} for r in rows]
+    outs = []
+    for name, data in (("w1", [{**r, "weight": 1.0} for r in rows]), ("mixed", [{**r, "weight": w} for r, w in
+                                                                                zip(rows, [1.0, 0.25] * 4)])):
+        st = make_store(tmp_path / name, {"train": data, "validation": half[:4], "test": half[:2]})
+        outs.append(train(make_config(st.root, "v-toy", run_id=name, max_steps=1, batch_size=8, **FAST)))
+    l_uniform, l_mixed = (train_metrics(o.run_dir)[0]["loss"] for o in outs)
+    assert l_uniform == pytest.approx(l_mixed, rel=1e-6)  # at step 1 every pair's loss is log 2: weights only re-mix
+
+
+@pytest.mark.slow
+def test_planted_preference_is_learned_on_held_out_pairs(tmp_path):
+    st = make_store(tmp_path / "s", {"train": planted_rows(96), "validation": planted_rows(48, seed=7, prefix="v"),
+                                     "test": planted_rows(8, seed=8, prefix="t")})
+    res = train(make_config(st.root, "v-toy", model="tiny-llama:layers=2,hidden=64,heads=4", max_length=64, threads=1,
+                            max_steps=200, batch_size=8, lr=1e-3, warmup_steps=10, eval_every=50, beta=0.1))
+    evals = [r for r in map(json.loads, (res.run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert evals[-1]["eval/rewards/accuracies"] >= 0.9  # chance is 0.5
+    assert evals[-1]["eval/rewards/margins"] > 0.5
+
+
+def test_sequence_logps_length_groups_match_full_logits():
+    """Our forward (length groups, no attention mask, fused lm-head) equals the plain one in float64."""
+    from trainer.model import build_model, length_groups, parse_model, sequence_logps
+
+    torch.manual_seed(0)
+    model = build_model(parse_model("tiny-llama:layers=2,hidden=32,heads=2"), 301).double()
+    lengths = [17, 5, 30, 29, 12, 30, 2]
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, 301, (n,))
+        mask[i, n // 2:n] = True  # second half is the completion
+    attn = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    ours = sequence_logps(model, ids, mask, chunk_size=7).summed
+    ours.sum().backward()
+    g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V): the plain reference
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    plain = (lp * mask[:, 1:]).sum(1)
+    plain.sum().backward()
+    torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-10)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-8, atol=1e-10, msg=n)
+    assert sorted(i for g in length_groups(lengths) for i in g) == list(range(len(lengths)))
+
+
+# ---------------------------------------------------------------- the command
+def _cli():
+    import typer
+
+    from flows.train_cmd import train as train_cmd
+
+    app = typer.Typer()
+    app.command()(train_cmd)
+    app.command("noop")(lambda: None)  # two commands: typer keeps the subcommand name
+    return app
+
+
+def test_cli_refuses_tampered_and_uncertified_with_exit_4(tmp_path):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    st = make_store(tmp_path / "a", splits(), certified=None)
+    res = runner.invoke(_cli(), ["train", "v-toy", "--store", str(st.root), "--model", TINY, "--steps", "1"])
+    assert res.exit_code == 4 and "refused" in res.output and "no certification record" in res.output
+    st = make_store(tmp_path / "b", splits())
+    st.get("v-toy").split_path("train").write_bytes(b"not the file the manifest names")
+    res = runner.invoke(_cli(), ["train", "v-toy", "--store", str(st.root), "--model", TINY, "--steps", "1"])
+    assert res.exit_code == 4 and "do not match the manifest" in res.output
+
+
+def test_cli_trains_and_prints_the_run_dir(store):
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(_cli(), ["train", "v-toy", "--store", str(store.root), "--model", TINY, "--steps", "2",
+                                      "--max-length", "64", "--threads", "1", "--run-id", "cli-run", "--loss-type", "hinge"])
+    assert res.exit_code == 0, res.output
+    run_dir = Path(res.stdout.strip().splitlines()[-1])
+    assert run_dir == store.root / "runs" / "cli-run" and (run_dir / "run.json").exists()
+    assert json.loads((run_dir / "run.json").read_text())["objective"] == "hinge"
+    res = CliRunner().invoke(_cli(), ["train", "v-toy", "--store", str(store.root), "--model", "gpt-17:huge", "--steps", "1"])
+    assert res.exit_code == 2 and "neither a tiny spec" in res.output

@@ -1,0 +1,346 @@
+"""DPO training on a certified dataset version, top to bottom (in the spirit of nanoGPT's train.py).
+
+    cfg = TrainConfig(store="store", version="v-...", model="tiny-llama:layers=4,hidden=256,heads=4")
+    result = train(cfg)            # -> RunResult(run_dir, ...); STORE/runs/<run_id>/
+
+Steps: (1) open the version, refusing it unless every split matches its sha256 in the
+manifest and its latest certification says "certified"; (2) tokenise train and validation
+with the chat template (``trainer.tokenize``; drops and truncations go to the run ledger);
+(3) reference log-probs, cached beside the version (``trainer.reference``; the reference
+model is freed before the policy exists); (4) policy, AdamW, warmup + cosine schedule;
+(5) run directory, lineage, or resume from the latest checkpoint; (6) the loop: gradient
+accumulation, clipping, eval every ``eval_every`` steps, checkpoints every
+``checkpoint_every``; (7) final eval, checkpoint, plot, lineage.
+
+Loss per optimizer step over its K micro-batches (pairs i, weights w_i = the row's
+``weight`` when ``use_pair_weights``): L = sum_i w_i l_i / sum_i w_i, with l_i the DPO-family
+loss of ``trainer.objectives`` on policy log-probs from the fused lm-head
+(``trainer.model.sequence_logps``).  Each micro-batch backpropagates its share
+sum_{i in mb} w_i l_i / sum_i w_i, so K x B and 1 x (K*B) give the same gradient.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.certify import is_certified
+from pipeline.store import SPLITS, Store, VersionHandle
+from trainer import runs
+from trainer.data import Batch, PairStream, batches_in_order, collate, read_split_rows
+from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
+from trainer.objectives import DPOLossConfig, dpo_objective
+from trainer.plot import write_metrics_svg
+from trainer.reference import cache_key_material, load_or_compute
+from trainer.tokenize import TINY_TOKENIZER, TokenizeConfig, load_tokenizer, tokenize_rows, tokenizer_fingerprint
+
+
+class TrainConfig(BaseModel):
+    """Everything a run depends on; frozen, so its hash names the run and guards resumes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: Path
+    version: str = Field(description="version id, unique prefix or 'latest'")
+    model: str = Field("tiny-llama", description="local HF causal-LM directory or a tiny spec, e.g. tiny-llama:layers=4,hidden=256,heads=4")
+    tokenizer: str | None = Field(None, description="local tokenizer dir; default: the model dir, else the repo's tiny tokenizer")
+    reference_model: str | None = Field(None, description="default: the policy's initial weights")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    max_length: int = Field(512, ge=8)
+    max_prompt_length: int | None = Field(None, ge=1)
+    loss: DPOLossConfig = DPOLossConfig()
+    use_pair_weights: bool = True
+    batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    chunk_size: int = Field(256, ge=1, description="tokens per fused lm-head tile")
+    eval_every: int = Field(50, ge=0, description="0: only at the end")
+    eval_max_pairs: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(100, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    ref_batch_size: int = Field(8, ge=1)
+    threads: int | None = Field(None, ge=1)
+    run_id: str | None = None
+    resume: bool = False
+    mlflow: bool = False
+
+    # fields that do not change what is computed; a resume may change them
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"run_id", "resume", "mlflow", "threads", "eval_every", "eval_max_pairs",
+                                                "checkpoint_every", "keep_checkpoints", "ref_batch_size", "store"})
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
+
+
+class VersionRefused(Exception):
+    """The trainer will not read this version (CLI exit code 4)."""
+
+
+class VersionTampered(VersionRefused):
+    pass
+
+
+class VersionNotCertified(VersionRefused):
+    pass
+
+
+class ResumeMismatch(ValueError):
+    pass
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    steps: int
+    final: dict[str, Any]
+
+
+def open_certified_version(store: Store, ref: str) -> VersionHandle:
+    """The version, after checking every file's sha256 against the manifest and its certification."""
+    handle = store.resolve(ref)
+    problems = handle.verify()
+    if problems:
+        raise VersionTampered(f"refusing to train on {handle.version_id}: its files do not match the manifest "
+                              f"({'; '.join(problems)}); re-create the version instead of editing it")
+    ok, why = is_certified(handle)
+    if not ok:
+        raise VersionNotCertified(f"refusing to train on {handle.version_id}: {why}")
+    return handle
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def dpo_batch_loss(model, b: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(w_i * l_i per pair (B,), weights used (B,), metrics) for one micro-batch."""
+    lp = sequence_logps(model, b.input_ids, b.completion_mask, chunk_size=cfg.chunk_size)
+    n = b.size
+    weight = b.weight if cfg.use_pair_weights else torch.ones_like(b.weight)
+    losses, metrics = dpo_objective(lp.summed[:n], lp.summed[n:], b.ref_chosen, b.ref_rejected, cfg.loss,
+                                    chosen_lengths=lp.num_tokens[:n], rejected_lengths=lp.num_tokens[n:], weight=weight)
+    return losses, weight, metrics
+
+
+@torch.no_grad()
+def evaluate(model, pairs, ref, pad_id: int, cfg: TrainConfig) -> dict[str, float]:
+    """Validation metrics over every pair: loss = sum w l / sum w; the rest are means over pairs."""
+    model.eval()
+    sums: dict[str, float] = {}
+    wl = wsum = n = 0.0
+    for group in batches_in_order(pairs, cfg.batch_size * 2):
+        b = collate(group, pad_id, ref)
+        losses, weight, metrics = dpo_batch_loss(model, b, cfg)
+        wl, wsum, n = wl + float(losses.sum()), wsum + float(weight.sum()), n + b.size
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * b.size
+    model.train()
+    return {"eval/loss": wl / max(wsum, 1e-12), **{f"eval/{k}": v / n for k, v in sums.items()}, "eval/pairs": int(n)}
+
+
+def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> RunResult:
+    emit = on_event or (lambda kind, payload: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # ---- 1. data: only a certified version whose files match the manifest
+    store = Store(cfg.store)
+    handle = open_certified_version(store, cfg.version)
+    manifest, cert = handle.manifest(), handle.certification()
+    rows = {split: read_split_rows(handle, split) for split in ("train", "validation")}
+
+    # ---- 2. tokenizer and tokenisation (drops and truncations are counted in the ledger)
+    src: ModelSource = parse_model(cfg.model, default_seed=cfg.seed)
+    tok_path = cfg.tokenizer or (src.value if src.kind == "path" and _has_tokenizer(Path(src.value)) else str(TINY_TOKENIZER))
+    tok = load_tokenizer(tok_path)
+    tcfg = TokenizeConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    pairs, ledger = {}, {}
+    for split, split_rows in rows.items():
+        pairs[split], led = tokenize_rows(tok, split_rows, tcfg)
+        ledger[split] = led.as_dict()
+    if cfg.eval_max_pairs is not None:
+        pairs["validation"] = pairs["validation"][:cfg.eval_max_pairs]
+    vocab = len(tok)
+    emit("tokenized", ledger)
+
+    # ---- 3. reference log-probs, computed once per key and cached beside the version
+    ref_src = parse_model(cfg.reference_model, default_seed=cfg.seed) if cfg.reference_model else src
+    material = cache_key_material(
+        version_id=handle.version_id, split_sha256={s: i.sha256 for s, i in manifest.splits.items()},
+        reference=ref_src.identity(vocab), tokenizer=tokenizer_fingerprint(tok), tokenize_cfg=tcfg, dtype=cfg.dtype)
+    ref = load_or_compute(store, handle.version_id, material, pairs, lambda: build_model(ref_src, vocab, dtype=cfg.dtype),
+                          pad_id=tok.pad_token_id, batch_size=cfg.ref_batch_size, chunk_size=cfg.chunk_size,
+                          on_batch=lambda k: emit("reference", {"pairs": k}))
+
+    # ---- 4. policy, optimizer (no decay on norms/biases, as nanoGPT), warmup + cosine schedule
+    model = build_model(src, vocab, dtype=cfg.dtype)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio))
+    stream = PairStream(pairs["train"], seed=cfg.seed)
+
+    # ---- 5. run directory + lineage, or resume from the latest checkpoint
+    fingerprint = cfg.fingerprint()
+    run_id = cfg.run_id or f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{_short_hash(fingerprint)}"
+    run_dir = store.root / "runs" / run_id
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    if cfg.resume:
+        ckpt = runs.latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ResumeMismatch(f"cannot resume {run_id}: no checkpoint under {runs.checkpoint_dir(run_dir)}")
+        state = runs.load_checkpoint(ckpt)
+        if state["fingerprint"] != fingerprint:
+            diff = sorted(k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k))
+            raise ResumeMismatch(f"cannot resume {run_id} from {ckpt.name}: settings differ in {', '.join(diff)}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.position, step = state["data_position"], state["step"]
+        tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
+        lineage = {**_read_json(run_dir / "run.json"), "status": "running", "resumed_from": ckpt.name}
+    else:
+        if run_dir.exists():
+            raise FileExistsError(f"run directory {run_dir} exists; pick another run_id or pass resume=True")
+        lineage = {
+            "run_id": run_id, "status": "running", "started_at": runs.now(), "version_id": handle.version_id,
+            "certification": {k: (cert or {}).get(k) for k in ("verdict", "policy_hash", "certified_at")},
+            "split_sha256": {s: i.sha256 for s, i in manifest.splits.items()},
+            "model": {**src.identity(vocab), **describe(model)}, "reference_model": ref_src.identity(vocab),
+            "reference_cache": {"key": ref.key, "path": str(ref.path)},
+            "tokenizer": {"path": str(tok_path), **tokenizer_fingerprint(tok)},
+            "beta": cfg.loss.beta, "objective": cfg.loss.loss_type, "loss": cfg.loss.model_dump(),
+            "code_version": runs.code_version(), "torch": torch.__version__, "tokenize_ledger": ledger,
+        }
+        runs.write_json(run_dir / "config.json", cfg.model_dump(mode="json"))
+    lineage["reference_cache"]["hit"] = ref.hit
+    runs.write_json(run_dir / "run.json", lineage)
+    runs.append_lineage(store, handle.version_id, {"event": "resumed" if cfg.resume else "started", "at": runs.now(),
+                                                   "run_id": run_id, "run_dir": str(run_dir), "step": step,
+                                                   **{k: lineage[k] for k in ("beta", "objective", "code_version")}})
+    log = runs.MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if cfg.resume else None)
+    sink = runs.MlflowSink(cfg.mlflow, run_id, {**fingerprint, "version_id": handle.version_id})
+    emit("start", {"run_id": run_id, "run_dir": str(run_dir), "step": step, "max_steps": cfg.max_steps,
+                   "reference_cache_hit": ref.hit, "train_pairs": len(pairs["train"])})
+
+    def checkpoint() -> None:
+        runs.save_checkpoint(run_dir, step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "data_position": stream.position, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
+            "fingerprint": fingerprint}, keep=cfg.keep_checkpoints)
+
+    def run_eval() -> dict[str, Any]:
+        record = {"kind": "eval", "step": step, **evaluate(model, pairs["validation"], ref.logps, tok.pad_token_id, cfg)}
+        log.write(record)
+        sink.log(record)
+        emit("eval", record)
+        return record
+
+    # ---- 6. the loop
+    last_eval: dict[str, Any] = {}
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        micro = [collate(stream.take(cfg.batch_size), tok.pad_token_id, ref.logps) for _ in range(cfg.grad_accum)]
+        total_weight = sum(float(b.weight.sum()) if cfg.use_pair_weights else b.size for b in micro)
+        step_loss, sums = 0.0, {}
+        for b in micro:
+            losses, _, metrics = dpo_batch_loss(model, b, cfg)
+            loss = losses.sum() / max(total_weight, 1e-12)  # this micro-batch's share of the step loss
+            loss.backward()
+            step_loss += float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / len(micro)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        tokens = sum(b.num_tokens for b in micro)
+        tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + dt
+        record = {"kind": "train", "step": step, "epoch": round(stream.epoch, 4), "lr": lr, "loss": step_loss,
+                  **sums, "grad_norm": float(grad_norm), "tokens": tokens, "tokens/s": tokens / dt,
+                  "peak_rss_mib": round(runs.peak_rss_mib(), 1), "time_s": round(dt, 4)}
+        log.write(record)
+        sink.log(record)
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            last_eval = run_eval()
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
+            checkpoint()
+        emit("step", record)
+
+    # ---- 7. final eval, plot, lineage
+    if last_eval.get("step") != step:
+        last_eval = run_eval()
+    log.close()
+    svg = write_metrics_svg(log.records, run_dir / "metrics.svg", title=f"{run_id} on {handle.version_id}")
+    final = {"step": step, "tokens_seen": tokens_seen, "train_seconds": round(train_seconds, 3),
+             "tokens_per_s": tokens_seen / max(train_seconds, 1e-9), "peak_rss_mib": round(runs.peak_rss_mib(), 1),
+             **{k: v for k, v in last_eval.items() if k.startswith("eval/")}}
+    lineage.update({"status": "finished", "finished_at": runs.now(), "final": final, "mlflow": sink.status})
+    runs.write_json(run_dir / "run.json", lineage)
+    runs.append_lineage(store, handle.version_id, {"event": "finished", "at": runs.now(), "run_id": run_id,
+                                                   "run_dir": str(run_dir), "final": final})
+    sink.finish([svg, run_dir / "run.json"])
+    emit("done", {"run_dir": str(run_dir), **final})
+    return RunResult(run_id, run_dir, step, final)
+
+
+def make_config(store: Path | str, version: str, **options: Any) -> TrainConfig:
+    """TrainConfig from flat options; beta / loss_type / label_smoothing / rpo_alpha go into ``loss``."""
+    loss_keys = set(DPOLossConfig.model_fields)
+    loss = {k: options.pop(k) for k in list(options) if k in loss_keys}
+    if loss:
+        options["loss"] = DPOLossConfig(**loss)
+    return TrainConfig(store=Path(store), version=version, **options)
+
+
+def train_version(store: Store | Path | str, version: str, **options: Any) -> Path:
+    """Train on ``version`` with flat options (see :func:`make_config`); returns the run directory."""
+    root = store.root if isinstance(store, Store) else Path(store)
+    return train(make_config(root, version, **options)).run_dir
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+
+
+def _short_hash(obj: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+__all__ = ["SPLITS", "TrainConfig", "RunResult", "VersionRefused", "VersionTampered", "VersionNotCertified",
+           "ResumeMismatch", "open_certified_version", "train", "train_version", "make_config", "lr_factor"]
