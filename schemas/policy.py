@@ -67,6 +67,10 @@ class AnnotatorTestConfig(_Cfg):
         description="reliability only: a 'no better than chance' test is run only when it would detect an annotator "
         "at the reliable_margin level with at least this power; otherwise insufficient_data",
     )
+    chance_margin: float = Field(
+        0.05, ge=0.0, lt=0.5,
+        description="reliability only: 'better than chance' means agreement above chance + margin * (1 - chance)",
+    )
     reliable_margin: float = Field(
         0.5, gt=0.0, lt=1.0,
         description="reliability only: the alternative rate for the power rule, chance + margin * (1 - chance)",
