@@ -65,7 +65,7 @@ from schemas.check import CheckResult
 from schemas.policy import AggregationConfig
 from schemas.records import LABELS, AnnotatorStats, PairRecord
 
-__all__ = ["Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "plurality", "label_strings",
+__all__ = ["Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_reference", "plurality", "label_strings",
            "pair_locale", "pair_tags", "n_used_expr", "annotator_table"]
 
 A, B, TIE, BOTH_BAD, ESCALATE = range(5)
@@ -292,6 +292,32 @@ def _posterior(pair_idx: np.ndarray, vote: np.ndarray, weight: np.ndarray, llr_i
     logit = np.bincount(pair_idx, weights=weight * vote * llr_i, minlength=n_pairs)
     has = np.bincount(pair_idx, weights=(weight > 0).astype(float), minlength=n_pairs) > 0
     return np.where(has, expit(logit), np.nan)
+
+
+LOO_MIN_POSTERIOR = 0.9
+
+
+def loo_reference(e: Encoded, accuracy: np.ndarray | None = None) -> np.ndarray:
+    """(U,) label code of the *other* annotators' consensus for each (pair, annotator) unit.
+
+    One vote per annotator (all of the annotator's own judgments on the pair are left
+    out).  With ``accuracy`` (per annotator code, e.g. :func:`ds_accuracy`) this is the
+    Dawid-Skene weighted estimate from the others' a/b votes, used only when it is
+    confident: P >= ``LOO_MIN_POSTERIOR`` (0.9; with typical accuracies that takes two
+    agreeing colleagues, and a random colleague -- weight ~0 -- cannot sway it).  Without
+    ``accuracy``: the others' plain plurality over all labels.  ``NONE`` when there is no
+    (confident, unique) reference.
+    """
+    n_unit = np.bincount(e.unit, minlength=e.n_units).astype(float)
+    own = e.per_unit() / np.maximum(n_unit, 1)[:, None]  # each unit's vote shares
+    if accuracy is None:
+        tot = np.column_stack([np.bincount(e.unit_pair, weights=own[:, k], minlength=e.n_pairs) for k in range(5)])
+        return plurality(tot[e.unit_pair] - own, None, NONE)
+    r = np.clip(np.nan_to_num(accuracy, nan=0.5), *_ACC_CLIP)
+    evidence = np.log(r / (1 - r))[e.unit_ann] * (own[:, A] - own[:, B])
+    others = np.bincount(e.unit_pair, weights=evidence, minlength=e.n_pairs)[e.unit_pair] - evidence
+    t = float(np.log(LOO_MIN_POSTERIOR / (1 - LOO_MIN_POSTERIOR)))
+    return np.where(others >= t - _EPS, A, np.where(others <= -t + _EPS, B, NONE))
 
 
 # ---------------------------------------------------------------- aggregate

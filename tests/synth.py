@@ -84,6 +84,7 @@ class Planted:
     clean_slices: set[str]
     insufficient: set[str]
     annotator_kinds: dict[str, str] = field(default_factory=dict)
+    pair_truth: dict[str, str] = field(default_factory=dict)  # pair_id -> better side (canonical a/b)
 
     def judgments(self) -> pl.DataFrame:
         return judgments_from_records(self.records)
@@ -274,4 +275,5 @@ def make_planted(
         clean_slices={"locale=en", "locale=ja-JP", "locale=zh", "annotator_kind=human", "annotator_kind=ai"},
         insufficient=insufficient,
         annotator_kinds=kinds,
+        pair_truth={p.pair_id: p.truth for p in pairs},
     )

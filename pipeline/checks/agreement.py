@@ -54,6 +54,8 @@ CATEGORIES = ("a", "b", "tie")
 KINDS = ("human", "ai", "all")
 WARN_ALPHA = 0.2
 MAX_SLICES_IN_METRICS = 200
+_SLICE_SCHEMA = {"slice": pl.String, "kind": pl.String, "n_pairs": pl.Int64, "krippendorff_alpha": pl.Float64,
+                 "fleiss_kappa": pl.Float64}
 
 
 def _num(x: float | None) -> float | None:
@@ -132,7 +134,7 @@ def _slice_table(uc: np.ndarray, members: tuple[np.ndarray, np.ndarray, list[str
             "slice": [names[i] for i in np.flatnonzero(has)], "kind": kind, "n_pairs": n_pairs[has].astype(np.int64),
             "krippendorff_alpha": pl.Series(alpha_from_sums(sums[has])).fill_nan(None),
             "fleiss_kappa": pl.Series(kappa_from_sums(f_sums[has])).fill_nan(None),
-        }, schema_overrides={"slice": pl.String, "kind": pl.String}))
+        }, schema=_SLICE_SCHEMA))
     return pl.concat(out).sort("slice", "kind")
 
 

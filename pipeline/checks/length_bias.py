@@ -36,7 +36,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import A, B, Encoded, encode
-from pipeline.stats import bh_adjust, fractional_sign_test
+from pipeline.stats import bh_adjust, bh_reject, fractional_sign_test
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
 
@@ -73,34 +73,51 @@ def run(
     longer = np.where(len_a > len_b, A, B)
     d = (e.label >= A) & (e.label <= B) & (ratio >= cfg.min_length_ratio)[e.pair]  # decisive, lengths differ
     x = d & (e.label == longer[e.pair])  # chose the longer response
-    nd = np.bincount(e.unit, weights=d, minlength=e.n_units)
+    nd = np.bincount(e.unit, weights=d, minlength=e.n_units)  # per (pair, annotator) unit
     has = nd > 0
     xm = np.where(has, np.bincount(e.unit, weights=x, minlength=e.n_units) / np.maximum(nd, 1), 0.0)
-    k_pair = np.bincount(e.unit_pair, weights=has, minlength=e.n_pairs)[e.unit_pair]
-    s_pair = np.bincount(e.unit_pair, weights=xm * has, minlength=e.n_pairs)[e.unit_pair]
-    comp = has & (k_pair >= 2)
-    others = np.where(comp, (s_pair - xm) / np.maximum(k_pair - 1, 1), 0.0)  # the others' mean choice
 
-    def per_ann(w: np.ndarray, by: np.ndarray = e.unit_ann) -> np.ndarray:
-        return np.bincount(by, weights=w, minlength=na)
+    def compare(ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per annotator: comparable judgments, W+, W-, and the sum of the others' rate,
+        against the annotators with ``ref`` (bool per annotator code) as the reference."""
+        r = ref[e.unit_ann] & has
+        k = np.bincount(e.unit_pair, weights=r, minlength=e.n_pairs)[e.unit_pair] - r
+        s_ = np.bincount(e.unit_pair, weights=xm * r, minlength=e.n_pairs)[e.unit_pair] - xm * r
+        comp = has & (k >= 1)
+        others = np.where(comp, s_ / np.maximum(k, 1), 0.0)  # the other annotators' mean choice
+        w = nd * comp
+        return (np.bincount(e.unit_ann, weights=w, minlength=na),
+                np.bincount(e.unit_ann, weights=w * xm * (1 - others), minlength=na),
+                np.bincount(e.unit_ann, weights=w * (1 - xm) * others, minlength=na),
+                np.bincount(e.unit_ann, weights=w * others, minlength=na))
 
-    n = per_ann(nd * comp)
-    w_plus = per_ann(nd * comp * xm * (1 - others))
-    w_minus = per_ann(nd * comp * (1 - xm) * others)
+    # pass 1: everyone is a reference; annotators biased either way (two-sided, BH) are then
+    # dropped from the reference, so a strongly biased colleague cannot make others look biased
+    n, w_plus, w_minus, _ = compare(np.ones(na, bool))
+    tested = n >= cfg.min_judgments
+    two_sided = np.minimum(1.0, 2 * np.fmin(fractional_sign_test(w_plus, w_minus), fractional_sign_test(w_minus, w_plus)))
+    excluded = bh_reject(np.where(tested, two_sided, np.nan), cfg.alpha)
+    # pass 2: one-sided test against the remaining reference
+    n, w_plus, w_minus, others_sum = compare(~excluded)
     tested = n >= cfg.min_judgments
     p = np.where(tested, fractional_sign_test(w_plus, w_minus), np.nan)
     p = np.where(tested & np.isnan(p), 1.0, p)  # tested but no discordance at all: no evidence of bias
     q = bh_adjust(p)
     biased = np.where(np.isnan(q), False, q <= cfg.alpha)
-    n_d = per_ann(d, e.ann)
+
+    def per_ann(w: np.ndarray) -> np.ndarray:
+        return np.bincount(e.ann, weights=w, minlength=na)
+
+    n_d = per_ann(d)
     dec = (e.label >= A) & (e.label <= B)
     with np.errstate(invalid="ignore", divide="ignore"):
         table = pl.DataFrame({
             "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
-            "n_judgments": per_ann(np.ones(e.n), e.ann).astype(np.int64), "n_decisive": per_ann(dec, e.ann).astype(np.int64),
+            "n_judgments": per_ann(np.ones(e.n)).astype(np.int64), "n_decisive": per_ann(dec).astype(np.int64),
             "length_n": n.astype(np.int64),
-            "longer_chosen_rate": pl.Series(per_ann(x, e.ann) / n_d).fill_nan(None),
-            "others_longer_rate": pl.Series(per_ann(nd * comp * others) / n).fill_nan(None),
+            "longer_chosen_rate": pl.Series(per_ann(x) / n_d).fill_nan(None),
+            "others_longer_rate": pl.Series(others_sum / n).fill_nan(None),
+            "reference_excluded": excluded,
             "length_p_value": pl.Series(p).fill_nan(None), "length_q_value": pl.Series(q).fill_nan(None),
             "status": np.where(biased, "flagged", np.where(tested, "ok", "insufficient_data")),
             "_biased": biased,
@@ -108,7 +125,8 @@ def run(
     bad = table.filter(c("_biased"))
     detail = bad.select(
         pl.format(
-            "chose the longer response at rate {} vs the others {} on the same pairs ({} comparable judgments, p={}, BH q={})",
+            "chose the longer response at rate {} vs {} for the other annotators on the same pairs "
+            "({} comparable judgments, p={}, BH q={})",
             c("longer_chosen_rate").round(3), c("others_longer_rate").round(3), c("length_n"),
             c("length_p_value").round(6), c("length_q_value").round(6),
         )

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.aggregate import A, B, NONE, Encoded, encode, plurality
+from pipeline.aggregate import A, B, Encoded, encode, loo_reference
 from pipeline.aggregate import ds_accuracy as ds_accuracy_of
 from pipeline.stats import bh_reject, binom_greater, reliability_power
 from schemas.check import CheckResult, empty_flags, make_flags
@@ -48,27 +48,19 @@ NAME = "reliability"
 
 def _test(k: np.ndarray, n: np.ndarray, chance: np.ndarray, enough: np.ndarray, cfg: AnnotatorTestConfig):
     """(p-value, tested, better-than-chance) per annotator for one family of comparisons."""
+    p0 = chance + cfg.chance_margin * (1.0 - chance)
     p1 = chance + cfg.reliable_margin * (1.0 - chance)
-    power = reliability_power(n, chance, p1, cfg.alpha)
-    tested = enough & (n > 0) & (power >= cfg.power)
-    p = binom_greater(k, n, chance)
+    power = reliability_power(n, p0, p1, cfg.alpha)
+    tested = enough & (n > 0) & (power >= cfg.power) & (p1 > p0)
+    p = binom_greater(k, n, p0)
     better = bh_reject(np.where(tested, p, np.nan), cfg.alpha)
     return p, tested, better
 
 
-def loo_reference(e: Encoded) -> np.ndarray:
-    """(U,) label code of the other annotators' plurality for each (pair, annotator) unit
-    (one vote per annotator; ``NONE`` on a tie or when nobody else judged the pair)."""
-    n_unit = np.bincount(e.unit, minlength=e.n_units).astype(float)
-    own = e.per_unit() / np.maximum(n_unit, 1)[:, None]  # each unit's vote shares
-    tot = np.column_stack([np.bincount(e.unit_pair, weights=own[:, k], minlength=e.n_pairs) for k in range(5)])
-    return plurality(tot[e.unit_pair] - own, None, NONE)
-
-
-def _loo_counts(e: Encoded) -> dict[str, np.ndarray]:
+def _loo_counts(e: Encoded, accuracy: np.ndarray | None) -> dict[str, np.ndarray]:
     """Per annotator: ``loo_n`` judgments whose LOO reference is a or b, ``loo_k`` agreeing,
     ``loo_chance`` = p(a) q(a) + p(b) q(b) (own label shares x reference shares)."""
-    ref = loo_reference(e)
+    ref = loo_reference(e, accuracy)
     valid = (ref == A) | (ref == B)
     n_unit = np.bincount(e.unit, minlength=e.n_units).astype(float)
     own = e.per_unit()  # counts per unit and label
@@ -120,7 +112,10 @@ def run(
                        ds_accuracy_of(e, agg_cfg), np.nan)
         ds_accuracy = pl.DataFrame({"annotator_id": e.ann_ids, "ds_accuracy": pl.Series(acc).fill_nan(None)})
     dec = (e.label >= A) & (e.label <= B)
-    loo, gold = _loo_counts(e), _gold_counts(e)
+    acc = pl.DataFrame({"annotator_id": e.ann_ids}).join(
+        ds_accuracy.select("annotator_id", "ds_accuracy"), on="annotator_id", how="left", maintain_order="left"
+    )["ds_accuracy"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    loo, gold = _loo_counts(e, acc), _gold_counts(e)
     t = pl.DataFrame({
         "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
         "n_judgments": np.bincount(e.ann, minlength=e.n_annotators).astype(np.int64),

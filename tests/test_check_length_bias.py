@@ -1,0 +1,84 @@
+"""Length-bias check: paired comparison with the other annotators, robustness when length
+correlates with quality, near-equal lengths ignored, batch figures."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.aggregate import aggregate
+from pipeline.checks import length_bias
+from pipeline.ingest import judgments_from_records
+from schemas.policy import AnnotatorTestConfig, ChecksConfig
+from tests.synth import make_planted
+from tests.test_aggregate import rec
+
+
+def _table(res) -> dict[str, dict]:
+    return {r["annotator_id"]: r for r in res.tables["annotators"].iter_rows(named=True)}
+
+
+def test_planted_length_bias() -> None:
+    pt = make_planted(8)
+    j = pt.judgments()
+    pairs = aggregate(j).pairs
+    res = length_bias.run(j, ChecksConfig(), pairs=pairs)
+    flagged = set(res.flags["subject_id"])
+    assert pt.truth["length_bias"] <= flagged and not flagged & pt.clean_annotators
+    assert set(res.flags["reason"]) == {"length_bias"}
+    t = _table(res)
+    for a in pt.truth["length_bias"]:
+        assert t[a]["longer_chosen_rate"] > t[a]["others_longer_rate"] + 0.1
+    for a in pt.insufficient:
+        assert t[a]["status"] == "insufficient_data" and a not in flagged
+    hist = res.tables["length_ratio_hist"]
+    assert hist["pairs"].sum() == pairs.filter(pairs["label_consensus"].is_in(["a", "b"])).height
+    q = res.metrics["chosen_rejected_ratio_quantiles"]
+    assert q["0.05"] < q["0.5"] < q["0.95"]
+    assert 0.5 < res.metrics["chosen_longer_rate_pairs"] < 0.7  # the generator's longer_better = 0.6
+
+
+@pytest.mark.parametrize("longer_better", [0.15, 0.85])
+def test_honest_annotators_not_flagged_when_length_predicts_quality(longer_better: float) -> None:
+    # a majority label errs less than one annotator; comparing with the other annotators'
+    # individual choices keeps honest annotators unflagged whichever way length correlates
+    pt = make_planted(9, longer_better=longer_better)
+    res = length_bias.run(pt.judgments())
+    flagged = set(res.flags["subject_id"])
+    assert not flagged & pt.clean_annotators
+    if longer_better < 0.5:  # (when longer is nearly always right a longer-bias is mostly invisible)
+        assert pt.truth["length_bias"] <= flagged
+
+
+def _pairs_with_ratio(ratio: float, n: int, chooser) -> list[dict]:  # noqa: ANN001
+    rng = np.random.default_rng(0)
+    recs = []
+    for p in range(n):
+        short, long_ = "x" * 100, "y" * int(100 * ratio)
+        truth = "a" if rng.random() < 0.5 else "b"
+        for h in range(3):
+            lab = truth if rng.random() < 0.85 else {"a": "b", "b": "a"}[truth]
+            recs.append(rec(f"h{h}-{p}", lab, f"h{h}", prompt=f"q{p}", ra=short, rb=long_))
+        recs.append(rec(f"z-{p}", chooser(truth), "z", prompt=f"q{p}", ra=short, rb=long_))
+    return recs
+
+
+def test_near_equal_lengths_are_ignored() -> None:
+    res = length_bias.run(judgments_from_records(_pairs_with_ratio(1.05, 60, lambda t: "b")))
+    t = _table(res)
+    assert res.flags.height == 0 and t["z"]["length_n"] == 0 and t["z"]["status"] == "insufficient_data"
+    res = length_bias.run(judgments_from_records(_pairs_with_ratio(1.5, 60, lambda t: "b")))
+    assert set(res.flags["subject_id"]) == {"z"} and _table(res)["z"]["longer_chosen_rate"] == 1.0
+
+
+def test_shorter_preference_is_not_length_bias() -> None:
+    res = length_bias.run(judgments_from_records(_pairs_with_ratio(1.5, 60, lambda t: "a")), AnnotatorTestConfig())
+    assert res.flags.height == 0 and _table(res)["z"]["length_p_value"] > 0.9
+
+
+def test_edge_cases() -> None:
+    one = judgments_from_records([rec("c1", "a", "h1")])
+    r = length_bias.run(one)
+    assert r.flags.height == 0 and _table(r)["h1"]["length_p_value"] is None
+    assert length_bias.run(one.head(0)).flags.height == 0
+    r = length_bias.run(one, pairs=aggregate(one).pairs)
+    assert r.metrics["chosen_longer_rate_pairs"] == 0.0  # "short" chosen over "a longer answer"

@@ -1,0 +1,115 @@
+"""Reliability check: leave-one-out consensus, gold accuracy, chance rate, power rule."""
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.aggregate import encode
+from pipeline.checks import reliability
+from pipeline.aggregate import loo_reference
+from pipeline.ingest import judgments_from_records
+from schemas.policy import AnnotatorTestConfig, ChecksConfig
+from tests.synth import make_planted
+from tests.test_aggregate import rec
+
+
+def _table(res) -> dict[str, dict]:
+    return {r["annotator_id"]: r for r in res.tables["annotators"].iter_rows(named=True)}
+
+
+def _panel(rng: np.random.Generator, n_pairs: int, extra: dict[str, callable], *, honest: int = 4) -> list[dict]:
+    """n_pairs pairs, each judged by 3 of ``honest`` 85 %-accurate humans and by every extra annotator
+    (a function truth -> label)."""
+    recs = []
+    for p in range(n_pairs):
+        truth = "a" if rng.random() < 0.5 else "b"
+        for h in rng.choice(honest, 3, replace=False):
+            lab = truth if rng.random() < 0.85 else {"a": "b", "b": "a"}[truth]
+            recs.append(rec(f"h{h}-{p}", lab, f"h{h}", prompt=f"q{p}"))
+        for name, f in extra.items():
+            recs.append(rec(f"{name}-{p}", f(truth), name, prompt=f"q{p}"))
+    return recs
+
+
+def test_planted_random_annotators_flagged_clean_not() -> None:
+    pt = make_planted(5)
+    res = reliability.run(pt.judgments(), ChecksConfig())
+    flagged = set(res.flags["subject_id"])
+    assert pt.truth["low_reliability"] <= flagged
+    assert not flagged & pt.clean_annotators
+    assert set(res.flags["reason"]) == {"low_reliability"} and set(res.flags["subject_kind"]) == {"annotator"}
+    t = _table(res)
+    for a in pt.insufficient:
+        assert t[a]["status"] == "insufficient_data" and a not in flagged
+    for a in pt.clean_annotators:
+        assert t[a]["agreement_with_consensus"] > 0.6 and t[a]["reliability_p_value"] < 0.01
+    assert t["rand-0"]["gold_n"] >= 80 and t["rand-0"]["gold_accuracy"] < 0.7
+    assert 0.45 < t["rand-2"]["loo_chance"] < 0.55
+
+
+def test_loo_reference_excludes_all_own_judgments() -> None:
+    j = judgments_from_records([
+        rec("x1", "a", "x", kind="ai", shown_first="a"), rec("x2", "a", "x", kind="ai", shown_first="b"),
+        rec("y1", "b", "y"),
+    ])
+    e = encode(j)
+    ref = loo_reference(e)
+    by_ann = {e.ann_ids[int(a)]: int(r) for a, r in zip(e.unit_ann, ref, strict=True)}
+    assert by_ann == {"x": 1, "y": 0}  # x is compared with y's "b"; y with x's one (double) vote "a"
+
+
+def test_gold_only_annotators_are_tested_on_gold() -> None:
+    rng = np.random.default_rng(1)
+    recs = []
+    for p in range(60):  # pairs judged by one annotator each: no consensus reference, only gold
+        truth = "a" if rng.random() < 0.5 else "b"
+        recs.append(rec(f"r{p}", str(rng.choice(["a", "b"])), "g-rand", prompt=f"r{p}", gold_label=truth))
+        lab = truth if rng.random() < 0.9 else {"a": "b", "b": "a"}[truth]
+        recs.append(rec(f"g{p}", lab, "g-good", prompt=f"g{p}", gold_label=truth))
+    res = reliability.run(judgments_from_records(recs))
+    t = _table(res)
+    assert set(res.flags["subject_id"]) == {"g-rand"}
+    assert res.metrics["flagged_by_gold"] == 1 and res.metrics["flagged_by_consensus"] == 0
+    assert t["g-rand"]["reliability_p_value"] is None and t["g-rand"]["gold_p_value"] > 0.05
+    assert t["g-good"]["status"] == "ok" and t["g-good"]["gold_accuracy"] > 0.8
+    assert "gold accuracy" in res.flags["detail"][0]
+
+
+def test_gold_orientation_is_the_judgments_own() -> None:
+    # a swapped judgment writes label and gold_label in its own orientation: still correct
+    recs = [rec(f"c{p}", "a", "g", prompt="q", ra=f"x{p}", rb=f"y{p}", gold_label="a", swap=p % 2 == 1) for p in range(40)]
+    recs += [rec(f"d{p}", "b", "g", prompt="q", ra=f"x{p}", rb=f"y{p}", gold_label="a", swap=p % 2 == 1) for p in range(10)]
+    t = _table(reliability.run(judgments_from_records(recs)))
+    assert t["g"]["gold_n"] == 50 and t["g"]["gold_accuracy"] == pytest.approx(40 / 50)
+
+
+def test_always_a_annotator_is_no_better_than_chance() -> None:
+    rng = np.random.default_rng(2)
+    res = reliability.run(judgments_from_records(_panel(rng, 120, {"always-a": lambda t: "a"})))
+    assert set(res.flags["subject_id"]) == {"always-a"}
+    t = _table(res)
+    assert t["always-a"]["loo_chance"] == pytest.approx(t["always-a"]["agreement_with_consensus"], abs=0.06)
+
+
+def test_power_rule_gives_insufficient_data_not_a_flag() -> None:
+    rng = np.random.default_rng(3)
+    coin = lambda t: str(rng.choice(["a", "b"]))  # noqa: E731
+    few = reliability.run(judgments_from_records(_panel(rng, 25, {"coin": coin})), AnnotatorTestConfig())
+    t = _table(few)
+    assert few.flags.height == 0 and t["coin"]["status"] == "insufficient_data" and t["coin"]["reliability_p_value"] is None
+    many = reliability.run(judgments_from_records(_panel(rng, 150, {"coin": coin})), AnnotatorTestConfig())
+    assert set(many.flags["subject_id"]) == {"coin"}
+
+
+def test_ds_accuracy_column_and_edge_cases() -> None:
+    rng = np.random.default_rng(4)
+    res = reliability.run(judgments_from_records(_panel(rng, 60, {})))
+    t = res.tables["annotators"]
+    assert t["ds_accuracy"].drop_nulls().len() == t.height and t["ds_accuracy"].min() > 0.6
+    one = judgments_from_records([rec("c1", "tie", "h1")])
+    r = reliability.run(one)
+    assert r.flags.height == 0 and _table(r)["h1"]["status"] == "insufficient_data"
+    assert reliability.run(one.head(0)).flags.height == 0
+    ext = pl.DataFrame({"annotator_id": ["h1"], "ds_accuracy": [0.42]})
+    assert _table(reliability.run(one, ds_accuracy=ext))["h1"]["ds_accuracy"] == 0.42
