@@ -481,7 +481,8 @@ def annotator_table(
     """Merge the per-check ``tables["annotators"]`` into one ``AnnotatorStats`` table.
 
     Columns present in several tables (``annotator_kind``, ``n_judgments``,
-    ``n_decisive``...) are coalesced in the order the results are given.  ``flags`` is the
+    ``n_decisive``...) are coalesced in the order the results are given (``ds_accuracy``,
+    when given, first).  ``flags`` is the
     sorted list of reason codes of all annotator flags of the given results;
     ``status`` is ``flagged`` when there is any, else ``insufficient_data`` when some check
     had too few judgments to test the annotator, else ``ok``.  ``ds_accuracy`` may come
@@ -491,8 +492,8 @@ def annotator_table(
     res = list(results.values()) if isinstance(results, Mapping) else list(results)
     schema = polars_schema(AnnotatorStats)
     tables = [r.tables["annotators"] for r in res if "annotators" in r.tables]
-    if ds_accuracy is not None:
-        tables.append(ds_accuracy)
+    if ds_accuracy is not None:  # given explicitly: takes precedence over the checks' own estimate
+        tables.insert(0, ds_accuracy)
     tables = [t for t in tables if t.height]
     if not tables:
         return empty_frame(AnnotatorStats)

@@ -238,7 +238,7 @@ def test_matches_plain_python_reference_on_planted_batch() -> None:
 # ---------------------------------------------------------------- annotator table
 def test_annotator_table_merges_checks() -> None:
     t1 = pl.DataFrame({"annotator_id": ["a1", "a2", "a3"], "annotator_kind": ["human", "human", "ai"],
-                       "n_judgments": [50, 4, 30], "first_shown_rate": [0.9, None, 0.5],
+                       "n_judgments": [50, 4, 30], "first_shown_rate": [0.9, None, 0.5], "ds_accuracy": [0.1, 0.2, 0.3],
                        "status": ["flagged", "insufficient_data", "ok"]})
     t2 = pl.DataFrame({"annotator_id": ["a1", "a2", "a3"], "n_judgments": [50, 4, 30], "longer_chosen_rate": [0.5, None, 0.6],
                        "status": ["ok", "insufficient_data", "ok"]})
@@ -254,6 +254,7 @@ def test_annotator_table_merges_checks() -> None:
     assert rows["a2"]["status"] == "insufficient_data" and rows["a2"]["flags"] == []
     assert rows["a3"]["status"] == "ok" and rows["a3"]["ds_accuracy"] == 0.9 and rows["a3"]["longer_chosen_rate"] == 0.6
     assert rows["a3"]["annotator_kind"] == "ai" and rows["a1"]["n_judgments"] == 50
+    assert rows["a2"]["ds_accuracy"] == 0.2  # explicit ds_accuracy wins where given, the check's value elsewhere
     assert annotator_table([]).height == 0
 
 

@@ -10,20 +10,28 @@ Method
   longer/shorter ratio is below ``min_length_ratio`` (1.1) are ignored: "longer" means
   nothing there.
 * Per decisive judgment on such a pair: x = 1 when the longer response was chosen.
-* **Paired comparison with the leave-one-out consensus.**  For annotator j on pair p,
-  e = mean over the *other* annotators (one vote each: the mean x of their decisive
-  judgments on p).  Discordance weights: W+ = sum x (1 - e) ("j chose longer, the others
-  shorter"), W- = sum (1 - x) e.  This is the McNemar / sign test on discordant
-  (j, other) comparisons with each judgment's comparisons weighted 1/K (K others), so a
-  judgment counts at most once.  Comparing with other *individuals* rather than with the
-  majority label keeps the test fair when length correlates with quality: an honest
-  annotator's errors then look "longer" (or "shorter") exactly as often as the other
-  annotators' errors do, whereas a majority label errs less and would make every
-  annotator look biased.
-* One-sided test (H1: j prefers longer more than the others), the exact binomial tail
-  extended to fractional counts (:func:`pipeline.stats.fractional_sign_test`).
-  Annotators with fewer than ``min_judgments`` comparable judgments are not tested
-  (``insufficient_data``).  Benjamini-Hochberg at ``alpha`` -> ``length_bias``.
+* **Paired comparison with the leave-one-out consensus rate.**  For annotator j on pair
+  p, e = the other annotators' rate of choosing the longer response on p (one vote each:
+  the mean x of each one's decisive judgments).  Discordance weights: W+ = sum x (1 - e)
+  ("j chose longer, the others shorter"), W- = sum (1 - x) e.  This is the McNemar /
+  sign test on discordant (j, other) comparisons with each judgment's comparisons
+  weighted 1/K (K others), so a judgment counts at most once; one-sided (H1: j prefers
+  longer more than the others), the exact binomial tail extended to fractional counts
+  (:func:`pipeline.stats.fractional_sign_test`).
+* Why the others' *individual* choices and not the majority label: when length
+  correlates with quality, an annotator's honest errors point to the shorter (or
+  longer) response exactly as often as a colleague's errors do, but a majority label
+  errs much less -- every annotator would look length-biased against it.  (A stratified
+  test against a confident consensus was tried: consensus errors concentrate in the rare
+  stratum and gave false flags when longer is usually better.)
+* **Two passes.**  A strongly biased colleague shifts e for everyone who shares pairs with
+  them (a brevity-biased one would make honest annotators look verbose).  Pass 1 tests
+  every annotator two-sided against everyone; those biased either way (BH at ``alpha``)
+  are dropped from the reference (``reference_excluded``), and pass 2 runs the one-sided
+  test against the remaining annotators.
+* Annotators with fewer than ``min_judgments`` comparable judgments are not tested
+  (``insufficient_data``).  Benjamini-Hochberg at ``alpha`` -> ``length_bias``.  Brevity
+  bias is not flagged (the reason code means "prefers the longer candidate").
 * Batch level: chosen-longer rate over decisive judgments and over pairs with a decisive
   consensus, and the chosen/rejected character-ratio distribution of consensus pairs
   (quantiles; ``tables["length_ratio_hist"]`` with log2-ratio bins for the report).
