@@ -52,8 +52,8 @@ Method
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import weakref
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
