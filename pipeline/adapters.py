@@ -12,6 +12,11 @@
                  ``tie``; two candidates with the same text never make a pair (counted
                  as skipped ``identical_candidates``).
 
+Chosen/rejected formats (``trl``, ``hh``) say which response won but not which was "a": the
+adapter assigns ``a``/``b`` by a content hash (half the pairs get chosen as ``a``, label ``a``;
+the others chosen as ``b``, label ``b``), deterministically, so that label-balance statistics
+stay meaningful and the pair id (order-independent anyway) does not change.
+
 Non-canonical rows have no annotator: ``annotator_id`` defaults to ``<format>:<batch>``
 and ``annotator_kind`` to ``human`` (``ai`` for ``rated``: such scores usually come from
 an AI judge); both can be set on the command line.  Fields an adapter does not consume
@@ -23,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.text import normalize_text
+from schemas.text import content_hash, normalize_text
 
 FORMATS = ("canonical", "trl", "hh", "rated")
 
@@ -93,6 +98,13 @@ def _completion_text(value: Any, field: str) -> tuple[list[dict[str, str]], str]
     return msgs[:-1], msgs[-1]["content"]
 
 
+def _oriented(chosen: str, rejected: str) -> dict[str, str]:
+    """Content-hash orientation of a chosen/rejected pair (see the module docstring)."""
+    if int(content_hash(chosen + "\x00" + rejected)[-1], 16) % 2:
+        return {"response_a": rejected, "response_b": chosen, "label": "b"}
+    return {"response_a": chosen, "response_b": rejected, "label": "a"}
+
+
 def _defaults(obj: dict[str, Any], ctx: AdapterContext, fmt: str, kind: str) -> dict[str, Any]:
     return {
         "annotator_id": obj.get("annotator_id") or ctx.annotator_id or f"{fmt}:{ctx.batch_id}",
@@ -113,7 +125,7 @@ def _from_trl(obj: dict[str, Any], ctx: AdapterContext, line: int) -> list[dict[
             raise AdapterError("unpairable", "chosen", "implicit-prompt row: chosen and rejected do not share a prompt prefix")
         prompt = ctx_c
     out = {"comparison_id": obj.get("comparison_id") or obj.get("id") or f"{ctx.stem}:{line}",
-           **rest, "prompt": prompt, "response_a": chosen, "response_b": rejected, "label": "a"}
+           **rest, "prompt": prompt, **_oriented(chosen, rejected)}
     out.update(_defaults(obj, ctx, "trl", "human"))
     return [out]
 
@@ -143,7 +155,7 @@ def _from_hh(obj: dict[str, Any], ctx: AdapterContext, line: int) -> list[dict[s
     if p_c != p_r:
         raise AdapterError("unpairable", "rejected", "chosen and rejected transcripts have different prompts")
     out = {"comparison_id": obj.get("comparison_id") or obj.get("id") or f"{ctx.stem}:{line}",
-           **rest, "prompt": p_c, "response_a": a, "response_b": b, "label": "a"}
+           **rest, "prompt": p_c, **_oriented(a, b)}
     out.update(_defaults(obj, ctx, "hh", "human"))
     return [out]
 

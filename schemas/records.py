@@ -187,7 +187,7 @@ class PairRecord(BaseModel):
     label_ai: Label | None = None
     label_consensus: Label | None = Field(None, description="final label under the policy's human/AI combination")
     p_a_weighted: float | None = Field(None, description="Dawid-Skene-style accuracy-weighted P(a beats b)")
-    agreement: float = Field(description="share of judgments agreeing with the consensus label")
+    agreement: float | None = Field(None, description="share of judgments agreeing with the consensus label (null without consensus)")
     strength: float | None = None
     annotator_kind: PairAnnotatorKind
     source_comparison_ids: list[str]

@@ -28,8 +28,9 @@ def test_trl_standard_and_conversational(tmp_path):
     ]
     r = ingest_files([write_jsonl(tmp_path / "trl.jsonl", rows)], annotator_id="vendor-x")
     j = r.judgments
-    assert r.ledger.rows_valid == 2 and j["label"].to_list() == ["a", "a"]
-    assert j["response_a"].to_list() == ["4", "4"] and j["response_b"].to_list() == ["5", "5"]
+    assert r.ledger.rows_valid == 2
+    chosen = [ra if lab == "a" else rb for ra, rb, lab in j.select("response_a", "response_b", "label").iter_rows()]
+    assert chosen == ["4", "4"] and set(j["response_a"]) | set(j["response_b"]) == {"4", "5"}
     assert j["pair_id"][0] == j["pair_id"][1]  # same content, two shapes -> same pair
     assert j["annotator_id"].to_list() == ["vendor-x"] * 2 and j["annotator_kind"][0] == "human"
     assert j["comparison_id"].to_list() == ["trl:1", "trl:2"]
@@ -40,7 +41,7 @@ def test_trl_implicit_prompt():
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Joke?"}]
     obj = {"chosen": conv + [{"role": "assistant", "content": "Knock knock."}], "rejected": conv + [{"role": "assistant", "content": "No."}]}
     (out,), _ = adapt("trl", obj, CTX, 1)
-    assert out["prompt"] == conv and out["response_a"] == "Knock knock." and out["response_b"] == "No."
+    assert out["prompt"] == conv and _chosen(out) == "Knock knock." and {out["response_a"], out["response_b"]} == {"Knock knock.", "No."}
 
 
 def test_trl_mismatched_prefix_is_unpairable(tmp_path):
@@ -61,8 +62,21 @@ def test_hh_transcript_split_real_text():
         {"role": "assistant", "content": "Are you looking for practical joke ideas?"},
         {"role": "user", "content": "yep"},
     ]
-    assert out["response_a"] == "Try making a fake ink blot." and out["response_b"] == "Draw on their face."
-    assert out["label"] == "a" and out["comparison_id"] == "f:4"
+    assert _chosen(out) == "Try making a fake ink blot." and "Draw on their face." in (out["response_a"], out["response_b"])
+    assert out["comparison_id"] == "f:4"
+
+
+def _chosen(out: dict) -> str:
+    return out["response_a"] if out["label"] == "a" else out["response_b"]
+
+
+def test_chosen_rejected_orientation_is_balanced_and_stable():
+    outs = [adapt("trl", {"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}, CTX, i)[0][0] for i in range(200)]
+    share_a = sum(o["label"] == "a" for o in outs) / len(outs)
+    assert 0.35 < share_a < 0.65
+    assert all(_chosen(o).startswith("good") for o in outs)
+    again = [adapt("trl", {"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}, CTX, i)[0][0]["label"] for i in range(200)]
+    assert again == [o["label"] for o in outs]
 
 
 def test_hh_bad_transcripts(tmp_path):
