@@ -340,6 +340,11 @@ def serve(
     prefect_serve(dep)
 
 
+from flows.train_cmd import train as _train  # noqa: E402  (registered here; the command lives in its own module)
+
+app.command(name="train")(_train)
+
+
 @policy_app.command("show")
 def policy_show(
     policy: PolicyOpt = None,
@@ -356,20 +361,38 @@ def policy_show(
     if as_json:
         print(json.dumps({"policy_hash": pol.policy_hash(), "policy": data}, indent=2))
         return
-    print(f"# effective policy  (hash {pol.policy_hash()}; source: {policy or 'built-in defaults'})")
-    _print_toml(data)
+    print(f"# effective prefpipe policy (hash {pol.policy_hash()}; source: {policy or 'built-in defaults'})")
+    print(policy_toml(pol))
 
 
-def _print_toml(data: dict, prefix: str = "") -> None:
-    """Print a nested dict as TOML: scalars first, then one [section] per nested dict."""
-    for k, v in data.items():
-        if not isinstance(v, dict):
-            print(f"{k} = {json.dumps(v, ensure_ascii=False)}")
-    for k, v in data.items():
-        if isinstance(v, dict):
-            name = f"{prefix}.{k}" if prefix else k
-            print(f"\n[{name}]")
-            _print_toml(v, name)
+def policy_toml(model, prefix: str = "") -> str:
+    """A policy as TOML with each key's description as a comment (scalars first, then sections)."""
+    from pydantic import BaseModel
+
+    lines: list[str] = []
+    doc = (type(model).__doc__ or "").strip().splitlines()
+    if prefix and doc:
+        lines.append(f"# {doc[0]}")
+    fields = type(model).model_fields
+    nested = []
+    for name, info in fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            nested.append((name, value))
+            continue
+        if info.description:
+            lines.append(f"# {info.description}")
+        dumped = value if not isinstance(value, tuple) else list(value)
+        if isinstance(dumped, dict):
+            body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in dumped.items())
+            lines.append(f"{name} = {{ {body} }}")
+        else:
+            lines.append(f"{name} = {json.dumps(dumped, ensure_ascii=False)}")
+    for name, value in nested:
+        section = f"{prefix}.{name}" if prefix else name
+        lines.append(f"\n[{section}]")
+        lines.append(policy_toml(value, section))
+    return "\n".join(lines)
 
 
 def main() -> None:  # pragma: no cover - console entry
