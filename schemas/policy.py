@@ -31,10 +31,31 @@ class IngestConfig(_Cfg):
 
 
 class NearDuplicateConfig(_Cfg):
+    """Near-duplicate prompts (``pipeline.checks.near_duplicates``; measurements in ``docs/checks-text.md``).
+
+    Shingles are word n-grams of the lower-cased prompt with punctuation dropped (scripts
+    without spaces: characters and character bigrams are words).  ``shingle_size`` 1 (the set of
+    words) keeps a one-word edit of a 5-60-word prompt at Jaccard >= 0.8, where character
+    4-grams and word 2/3-grams drop to 0.4-0.6 on short prompts.  ``threshold`` 0.7 on the
+    estimated Jaccard catches >= 98 % of such edits while < 1 % of unrelated real prompts
+    reach it.  128 permutations give a standard error of <= 0.045 on the estimate; the
+    banding uses datasketch's optimal (b, r) for ``candidate_threshold`` 0.5 (25 x 5), so a
+    pair at J = 0.7 is a candidate with probability 0.99.  ``max_chars`` bounds the work
+    per prompt (a longer prompt is compared on its first ``max_chars`` characters).
+    """
+
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
-    threshold: float = Field(0.7, gt=0.0, lt=1.0, description="LSH Jaccard threshold")
-    shingle_size: int = Field(5, ge=2, le=16, description="character shingle length on dedup_key text")
-    seed: int = 1
+    threshold: float = Field(0.7, gt=0.0, lt=1.0, description="estimated Jaccard at or above which prompts are near duplicates")
+    candidate_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="LSH banding threshold (<= threshold)")
+    shingle_size: int = Field(1, ge=1, le=5, description="word n-gram size (1 = set of words)")
+    max_chars: int = Field(2000, ge=50, le=100_000, description="characters of a prompt that are shingled")
+    seed: int = Field(1, ge=0, description="datasketch permutation seed")
+
+    @model_validator(mode="after")
+    def _candidate_below_threshold(self) -> NearDuplicateConfig:
+        if self.candidate_threshold > self.threshold:
+            raise ValueError(f"candidate_threshold ({self.candidate_threshold}) must be <= threshold ({self.threshold})")
+        return self
 
 
 class AggregationConfig(_Cfg):

@@ -1,0 +1,640 @@
+"""Near-duplicate prompts: MinHash signatures + LSH banding over word shingles.
+
+Method
+------
+* **Text**: the prompt's messages (already NFC-normalised by ingest) without system turns
+  and role labels -- a system prompt shared by many items would otherwise make them all
+  look alike -- cut to its first ``max_chars`` characters, lower-cased (``str.lower``),
+  then split into tokens: runs of letters, digits and combining marks are words; in scripts
+  written without spaces (Han, kana, Thai, Lao, Khmer, Myanmar) every character and every
+  two adjacent characters are tokens (a word of 1-2 characters added to a short Chinese
+  prompt then moves Jaccard about as much as one English word does).  Everything else --
+  whitespace, punctuation, symbols -- only separates tokens, so case, punctuation and
+  whitespace edits change nothing.  A prompt with no token at all (only punctuation or
+  emoji) gets one shingle: the hash of its whole text.
+* **Shingles**: the set of token n-grams (``shingle_size``, default 1 = the set of
+  words); a prompt with fewer tokens than n is one shingle.  Measured on the real
+  prompts of ``/work/shared/data`` (``docs/checks-text.md``): adding or dropping one word
+  keeps a word set at Jaccard >= 0.8 even for 5-7-word prompts, where char 4-grams or
+  word 2/3-grams fall to 0.4-0.6, while unrelated real prompts rarely exceed 0.7.
+* **Hashing** (vectorised, numpy, stable across processes and versions, 32-bit as
+  datasketch's ``affine32`` scheme expects): a word is the polynomial hash of its code
+  points mod 2^32 (from one prefix sum per chunk of prompts), a character or bigram a
+  multiply-add of its code points, each mixed with ``fmix32``; n-grams add ``fmix32``
+  terms of their token hashes.
+* **MinHash**: datasketch's ``affine32`` scheme reproduced exactly -- ``h' = fmix32(h)``,
+  then ``min over shingles of (a_k h' + b_k) mod 2^32`` for the ``num_perm``
+  permutations ``(a_k, b_k)`` that ``datasketch.MinHash(num_perm, seed)`` draws -- so a
+  signature equals ``MinHash(hashfunc=identity).update_batch(shingle_hashes)`` bit for
+  bit (tested), at ~1/50 of the cost: shingles are hashed once, and the permutations
+  run over cache-sized blocks with ``np.minimum.reduceat`` per prompt.
+* **LSH**: the banding of ``datasketch.MinHashLSH`` at ``candidate_threshold`` (its
+  optimal (b, r) for that threshold and ``num_perm``): two prompts are candidates when
+  all r values of some band agree.  Candidates are kept when their estimated Jaccard
+  (share of equal signature values) is >= ``threshold``.  The candidate threshold is
+  lower than the decision threshold so that the banding loses almost nothing above it
+  (P(candidate | J = threshold) ~ 0.99 with the defaults); the estimate then decides.
+  In memory the banding is vectorised (sort by band key); with a ``storage_config``
+  (e.g. Redis) a real ``datasketch.MinHashLSH`` with that storage holds the bands and is
+  queried instead.  A band bucket with more than ``_SMALL`` members (many variants of one
+  template) pairs each member with the bucket's first member and its successor only, so
+  the work stays linear; the bucket still ends up connected.
+* **Index** (:class:`PromptIndex`): signatures keyed by ``prompt_hash`` and the verified
+  edges between them, saved as one ``.npz`` (atomic write).  A new batch only hashes
+  prompts the index does not know; they are compared with every prompt of earlier
+  versions.
+* **Output**: ``near_duplicate`` (subject ``pair``) for each pair whose prompt has a near
+  duplicate under another ``prompt_hash`` (in this frame or an earlier version), and the
+  table ``clusters`` (pair_id -> ``near_dup_cluster``): connected components over
+  near-duplicate edges (and prompts that share a pair id), named by their smallest
+  ``prompt_hash``.  Every pair gets a cluster; pairs with the same prompt share one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+import unicodedata
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from schemas.check import CheckResult, empty_flags, make_flags
+from schemas.policy import ChecksConfig, NearDuplicateConfig
+from schemas.text import content_hash
+
+NAME = "near_duplicates"
+FORMAT = "prefpipe-prompt-index/1"  # bump when tokenisation or hashing changes
+_CP_LETTERS = 0x323B0  # no letters or digits above CJK ext. H (tags, private use)
+_NO_SPACE_SCRIPTS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3040, 0x30FF), (0x31F0, 0x31FF),
+                     (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F), (0x20000, 0x323AF))
+_TEXT_CHUNK = 4096  # prompts tokenised per numpy pass
+_BLOCK = 1 << 16  # shingles per cache-sized block of the permutation loop
+_SMALL = 16  # band buckets larger than this are paired as a star + chain, not all pairs
+_U64 = np.uint64
+_M64 = (_U64(0xFF51AFD7ED558CCD), _U64(0xC4CEB9FE1A85EC53))
+_M32 = (np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
+_K = [_U64(x) for x in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x2545F4914F6CDD1D,
+                       0x5851F42D4C957F2D, 0x14057B7EF767814F)]
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> _U64(33))
+    h = h * _M64[0]
+    h = h ^ (h >> _U64(33))
+    h = h * _M64[1]
+    return h ^ (h >> _U64(33))
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, as datasketch's ``affine32`` pre-mix."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * _M32[0]
+    h = h ^ (h >> np.uint32(13))
+    h = h * _M32[1]
+    return h ^ (h >> np.uint32(16))
+
+
+@lru_cache(maxsize=1)
+def _classes() -> np.ndarray:
+    """Class per code point: 0 separator, 1 word character (letter, digit, combining mark),
+    2 character of a script written without spaces (tokenised as characters and bigrams)."""
+    cls = np.zeros(0x110000, dtype=np.uint8)
+    for i in range(_CP_LETTERS):
+        ch = chr(i)
+        if ch.isalnum() or unicodedata.category(ch)[0] == "M":  # marks (e.g. Devanagari vowel signs) join words
+            cls[i] = 1
+    for lo, hi in _NO_SPACE_SCRIPTS:
+        cls[lo:hi + 1] = np.where(cls[lo:hi + 1] == 1, 2, 0)
+    cls[0x3005] = 2  # iteration mark
+    return cls
+
+
+# ---------------------------------------------------------------- shingles
+_P = np.uint32(0x9E3779B1)  # odd: invertible mod 2^32
+_POW: list[np.ndarray] = [np.ones(1, np.uint32), np.ones(1, np.uint32)]  # P^k and P^-k, grown on demand
+_U32 = np.uint32
+_POW_LOCK = threading.Lock()
+_K32 = [_U32(x) for x in (0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0x9E3779B9, 0x7FEB352D)]
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    pw = _POW[:]
+    if pw[0].size >= n:
+        return pw[0], pw[1]
+    with _POW_LOCK:
+        if _POW[0].size < n:
+            size = max(n, 2 * _POW[0].size)
+            fwd, inv = np.full(size, _P, _U32), np.full(size, _U32(pow(int(_P), -1, 1 << 32)), _U32)
+            fwd[0] = inv[0] = 1
+            _POW[:] = [np.cumprod(fwd, dtype=_U32), np.cumprod(inv, dtype=_U32)]  # wraps mod 2^32
+        return _POW[0], _POW[1]
+
+
+def _token_hashes(texts: list[str], max_chars: int) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit token hashes (in text order) and the token count of each text.
+
+    The lower-cased texts are joined with a NUL between them (a separator: nothing joins
+    across texts).  A word's hash is its polynomial hash ``sum_k c_k P^k mod 2^32`` (k =
+    offset in the word), taken from one prefix sum over the chunk; characters and bigrams
+    are a multiply-add of their code points; each is mixed with ``fmix32``."""
+    cls_table = _classes()
+    cut = [t[:max_chars].lower() for t in texts]
+    lens = np.fromiter(map(len, cut), np.int64, len(cut)) + 1
+    starts = np.cumsum(lens) - lens
+    cp = np.frombuffer(("\0".join(cut) + "\0").encode("utf-32-le"), dtype="<u4")
+    cls = cls_table[cp]
+    n = cp.size
+
+    word = cls == 1
+    edge = np.flatnonzero(word[1:] != word[:-1]) + 1
+    if word[0]:
+        edge = np.concatenate([[0], edge])
+    w_start, w_end = edge[0::2], edge[1::2]  # the text ends with a separator: every run ends
+    fwd, inv = _powers(n)
+    prefix = np.zeros(n + 1, _U32)
+    np.cumsum(cp * fwd[:n], dtype=_U32, out=prefix[1:])
+    w_hash = _fmix32(((prefix[w_end] - prefix[w_start]) * inv[w_start]) ^ _K32[0])
+
+    lone_pos = np.flatnonzero(cls == 2)
+    pair_pos = lone_pos[cls[lone_pos + 1] == 2]
+    lone_hash = _fmix32(cp[lone_pos] * _K32[1] + _K32[2])
+    pair_hash = _fmix32(cp[pair_pos] * _K32[1] + cp[pair_pos + 1] * _K32[3] + _K32[4])
+
+    pos = np.concatenate([w_start, lone_pos, pair_pos])
+    hashes = np.concatenate([w_hash, lone_hash, pair_hash])
+    if lone_pos.size:
+        order = np.argsort(pos, kind="stable")
+        pos, hashes = pos[order], hashes[order]
+    counts = np.diff(np.searchsorted(pos, np.append(starts, n))).astype(np.int64)
+    return hashes, counts
+
+
+def shingle_hashes(texts: list[str], max_chars: int = 2000, shingle_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit shingle hashes of each text, concatenated, and per-text counts (each >= 1)."""
+    tok, counts = _token_hashes(texts, max_chars)
+    if shingle_size > 1 and tok.size:
+        text_of = np.repeat(np.arange(len(texts)), counts)
+        acc = np.zeros(tok.size, _U32)
+        ok = np.ones(tok.size, bool)
+        for k in range(shingle_size):
+            j = np.arange(tok.size) + k
+            ok = j < tok.size
+            ok[ok] = text_of[j[ok]] == text_of[ok]
+            acc[ok] += _fmix32(tok[j[ok]] * _K32[k % 6] + _U32(k + 1))
+        first_of_text = np.ones(tok.size, bool)
+        first_of_text[1:] = text_of[1:] != text_of[:-1]
+        keep = ok | (first_of_text & (counts[text_of] < shingle_size))
+        tok, text_of = _fmix32(acc[keep]), text_of[keep]
+        counts = np.bincount(text_of, minlength=len(texts)).astype(np.int64)
+    sh = tok
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:  # no token at all: one shingle from the whole text (rare, done in Python)
+        fill = np.array([int(content_hash(texts[i][:max_chars])[:8], 16) for i in empty], np.uint32)
+        sh = np.insert(sh, np.cumsum(counts)[empty], fill)
+        counts[empty] = 1
+    return sh, counts
+
+
+@lru_cache(maxsize=8)
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``affine32`` permutation parameters datasketch draws for (num_perm, seed)."""
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+    return np.ascontiguousarray(a, np.uint32), np.ascontiguousarray(b, np.uint32)
+
+
+def minhash_signatures(shingles: np.ndarray, counts: np.ndarray, num_perm: int = 128, seed: int = 1) -> np.ndarray:
+    """(n_texts, num_perm) uint32 MinHash signatures of grouped 32-bit shingle hashes."""
+    a, b = permutations(num_perm, seed)
+    n = counts.size
+    out = np.empty((num_perm, n), np.uint32)
+    if n == 0:
+        return out.T
+    hv = _fmix32(shingles.astype(np.uint32))
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    buf = np.empty(_BLOCK + int(counts.max()), np.uint32)
+    t0 = 0
+    while t0 < n:  # blocks of whole texts holding about _BLOCK shingles
+        t1 = max(t0 + 1, int(np.searchsorted(ends, starts[t0] + _BLOCK, side="right")))
+        s, e = starts[t0], ends[t1 - 1]
+        seg = starts[t0:t1] - s
+        x, tmp = hv[s:e], buf[: e - s]
+        for k in range(num_perm):
+            np.multiply(x, a[k], out=tmp)
+            np.add(tmp, b[k], out=tmp)
+            out[k, t0:t1] = np.minimum.reduceat(tmp, seg)
+        t0 = t1
+    return np.ascontiguousarray(out.T)
+
+
+def signatures(texts: list[str], cfg: NearDuplicateConfig | None = None, workers: int | None = None) -> np.ndarray:
+    """MinHash signatures of prompt texts, ``(len(texts), cfg.num_perm)`` uint32.
+
+    Chunks of ``_TEXT_CHUNK`` texts run on ``workers`` threads (numpy releases the GIL in
+    the permutation loop; default: up to 2, the machine's cores)."""
+    cfg = cfg or NearDuplicateConfig()
+    chunks = [texts[i:i + _TEXT_CHUNK] for i in range(0, len(texts), _TEXT_CHUNK)]
+
+    def one(chunk: list[str]) -> np.ndarray:
+        sh, counts = shingle_hashes(chunk, cfg.max_chars, cfg.shingle_size)
+        return minhash_signatures(sh, counts, cfg.num_perm, cfg.seed)
+
+    workers = workers or min(2, os.cpu_count() or 1)
+    if workers > 1 and len(chunks) > 1:
+        _classes()
+        permutations(cfg.num_perm, cfg.seed)
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(one, chunks))
+    else:
+        parts = [one(c) for c in chunks]
+    return np.concatenate(parts) if parts else np.zeros((0, cfg.num_perm), np.uint32)
+
+
+# ---------------------------------------------------------------- LSH banding
+def band_params(cfg: NearDuplicateConfig) -> tuple[int, int]:
+    """datasketch's optimal (bands, rows) for ``candidate_threshold`` and ``num_perm``."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(cfg.candidate_threshold, cfg.num_perm, 0.5, 0.5)
+
+
+def _band_keys(sigs: np.ndarray, b: int, r: int) -> np.ndarray:
+    """(b, n) uint64: one hash per band of r signature values (a multiply-add chain, then
+    ``fmix64``; a rare collision only adds a candidate that verification drops)."""
+    v = sigs[:, :b * r].reshape(sigs.shape[0], b, r)
+    acc = v[:, :, 0].astype(_U64)
+    for j in range(1, r):
+        acc *= _K[1]
+        acc += v[:, :, j]
+    return np.ascontiguousarray(_fmix64(acc).T)
+
+
+def _bucket_pairs(keys: np.ndarray, new_from: int) -> np.ndarray:
+    """Unique (i, j), i < j, of rows sharing a band key (``keys``: (b, n)), with j >= ``new_from``.
+
+    A bucket of up to ``_SMALL`` members gives all its pairs; a bigger one (many copies or
+    templated variants of one text) gives each member paired with the bucket's first
+    member and with its successor, so the work stays linear while the bucket still ends
+    up connected (the verified edges decide).
+    """
+    b, n = keys.shape
+    codes = []
+    for band in range(b):
+        col = keys[band]
+        idx = np.flatnonzero(pl.Series(col).is_duplicated().to_numpy())  # hash-based, O(n)
+        if idx.size == 0:
+            continue
+        order = np.argsort(col[idx], kind="stable")
+        k, node = col[idx][order], idx[order]
+        new_group = np.r_[True, k[1:] != k[:-1]]
+        gid = np.cumsum(new_group) - 1
+        size = np.bincount(gid)[gid]
+        leader = node[new_group][gid]
+        small = size <= _SMALL
+        chain = ~small[:-1] & (gid[1:] == gid[:-1])
+        i_parts, j_parts = [node[~small], node[:-1][chain]], [leader[~small], node[1:][chain]]
+        for d in range(1, min(_SMALL, int(size[small].max(initial=1)))):
+            same = small[d:] & (gid[d:] == gid[:-d])
+            i_parts.append(node[:-d][same])
+            j_parts.append(node[d:][same])
+        i, j = np.concatenate(i_parts), np.concatenate(j_parts)
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        keep = (lo != hi) & (hi >= new_from)
+        codes.append(np.unique(lo[keep] * n + hi[keep]))
+    if not codes:
+        return np.zeros((0, 2), np.int64)
+    c = np.unique(np.concatenate(codes))
+    return np.stack([c // n, c % n], 1)
+
+
+def estimated_jaccard(sigs_a: np.ndarray, sigs_b: np.ndarray, rows_a: np.ndarray | None = None,
+                      rows_b: np.ndarray | None = None) -> np.ndarray:
+    """Share of equal MinHash values of ``sigs_a[rows_a]`` and ``sigs_b[rows_b]`` row by row
+    (all rows when not given), gathered in chunks to bound memory."""
+    ra = np.arange(sigs_a.shape[0]) if rows_a is None else rows_a
+    rb = np.arange(sigs_b.shape[0]) if rows_b is None else rows_b
+    out = np.empty(ra.size, np.float32)
+    for s in range(0, ra.size, 32768):
+        eq = sigs_a[ra[s:s + 32768]] == sigs_b[rb[s:s + 32768]]
+        out[s:s + 32768] = np.count_nonzero(eq, axis=1) / sigs_a.shape[1]
+    return out
+
+
+# ---------------------------------------------------------------- the persistent index
+class PromptIndex:
+    """MinHash signatures keyed by ``prompt_hash`` plus the verified near-duplicate edges.
+
+    ``add`` hashes only keys the index does not hold and finds their near duplicates among
+    all keys; ``query`` does the same without adding.  ``save``/``load`` use one ``.npz``
+    (keys, signatures, edges, parameters; no pickle), written atomically.  With
+    ``storage_config`` (datasketch's, e.g. ``{"type": "redis", "redis": {...}}``) the LSH
+    bands live in a ``datasketch.MinHashLSH`` with that storage (``basename`` names it),
+    which is filled by ``add`` and asked by ``add``/``query``; signatures and edges stay
+    in the ``.npz``.
+    """
+
+    def __init__(self, cfg: NearDuplicateConfig | None = None, *, storage_config: dict | None = None,
+                 basename: bytes = b"prefpipe-prompts") -> None:
+        self.cfg = cfg or NearDuplicateConfig()
+        self.b, self.r = band_params(self.cfg)
+        self.keys: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._sigs = [np.zeros((0, self.cfg.num_perm), np.uint32)]
+        self.edges = np.zeros((0, 2), np.int64)
+        self.edge_jaccard = np.zeros(0, np.float32)
+        self._lsh = None
+        if storage_config is not None:
+            from datasketch import MinHashLSH
+
+            self._lsh = MinHashLSH(threshold=self.cfg.candidate_threshold, num_perm=self.cfg.num_perm,
+                                   storage_config={**storage_config, "basename": basename})
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._pos
+
+    @property
+    def signatures(self) -> np.ndarray:
+        if len(self._sigs) > 1:
+            self._sigs = [np.concatenate(self._sigs)]
+        return self._sigs[0]
+
+    def params(self) -> dict[str, Any]:
+        """What a saved index must match to be reused (``threshold`` may differ)."""
+        c = self.cfg
+        return {"format": FORMAT, "num_perm": c.num_perm, "seed": c.seed, "shingle_size": c.shingle_size,
+                "max_chars": c.max_chars, "scheme": "affine32"}
+
+    def add(self, keys: list[str], texts: list[str] | None = None, sigs: np.ndarray | None = None) -> np.ndarray:
+        """Add prompts not yet held (``texts`` are hashed only for those, or ``sigs`` are
+        taken as given); returns the mask of keys that were new."""
+        new_mask = np.fromiter((k not in self._pos for k in keys), bool, len(keys))
+        first = np.zeros(len(keys), bool)
+        seen: set[str] = set()
+        for i in np.flatnonzero(new_mask):
+            if keys[i] not in seen:
+                seen.add(keys[i])
+                first[i] = True
+        idx = np.flatnonzero(first)
+        if idx.size == 0:
+            return new_mask
+        new_sigs = sigs[idx] if sigs is not None else signatures([texts[i] for i in idx], self.cfg)
+        n_old = len(self.keys)
+        for i in idx:
+            self._pos[keys[i]] = len(self.keys)
+            self.keys.append(keys[i])
+        self._sigs.append(np.ascontiguousarray(new_sigs, np.uint32))
+        all_sigs = self.signatures
+        if self._lsh is None:
+            cand = _bucket_pairs(_band_keys(all_sigs, self.b, self.r), n_old)
+        else:
+            cand = self._lsh_pairs(np.arange(n_old, len(self.keys)), insert=True)
+        self._add_edges(cand)
+        return new_mask
+
+    def _add_edges(self, cand: np.ndarray) -> None:
+        if cand.size == 0:
+            return
+        sigs = self.signatures
+        jac = estimated_jaccard(sigs, sigs, cand[:, 0], cand[:, 1])
+        keep = jac >= self.cfg.threshold
+        self.edges = np.concatenate([self.edges, cand[keep]])
+        self.edge_jaccard = np.concatenate([self.edge_jaccard, jac[keep]])
+
+    def _lsh_pairs(self, rows: np.ndarray, *, insert: bool) -> np.ndarray:
+        """Candidate pairs through the datasketch LSH (any storage backend)."""
+        from datasketch import LeanMinHash
+
+        sigs = self.signatures
+        lean = [LeanMinHash(seed=self.cfg.seed, hashvalues=sigs[i], scheme="affine32") for i in rows]
+        if insert:
+            with self._lsh.insertion_session() as session:
+                for i, m in zip(rows, lean):
+                    session.insert(self.keys[i], m, check_duplication=False)
+        pairs = [(min(i, self._pos[k]), max(i, self._pos[k])) for i, m in zip(rows, lean)
+                 for k in self._lsh.query(m) if k in self._pos and self._pos[k] != i]
+        return np.unique(np.array(pairs, np.int64).reshape(-1, 2), axis=0)
+
+    def query(self, texts: list[str] | None = None, sigs: np.ndarray | None = None) -> pl.DataFrame:
+        """Near duplicates in the index of prompts not added: (query row, key, jaccard)."""
+        q = sigs if sigs is not None else signatures(texts or [], self.cfg)
+        if self._lsh is None:
+            allk = _band_keys(np.concatenate([self.signatures, q]), self.b, self.r)  # (b, n + m)
+            cand = _bucket_pairs(allk, len(self.keys))
+            cand = cand[cand[:, 0] < len(self.keys)]
+            qi, ki = cand[:, 1] - len(self.keys), cand[:, 0]
+        else:
+            from datasketch import LeanMinHash
+
+            hits = [(i, self._pos[k]) for i in range(len(q))
+                    for k in self._lsh.query(LeanMinHash(seed=self.cfg.seed, hashvalues=q[i], scheme="affine32"))
+                    if k in self._pos]
+            arr = np.array(hits, np.int64).reshape(-1, 2)
+            qi, ki = arr[:, 0], arr[:, 1]
+        jac = estimated_jaccard(q, self.signatures, qi, ki)
+        keep = jac >= self.cfg.threshold
+        return pl.DataFrame({"query": qi[keep], "key": [self.keys[i] for i in ki[keep]], "jaccard": jac[keep]})
+
+    def edge_frame(self) -> pl.DataFrame:
+        """Verified near-duplicate edges by key: ``left``, ``right``, ``jaccard``."""
+        keys = pl.Series(self.keys, dtype=pl.String)
+        return pl.DataFrame({"left": keys.gather(self.edges[:, 0]), "right": keys.gather(self.edges[:, 1]),
+                             "jaccard": self.edge_jaccard})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index as ``.npz`` (temp file + rename: readers never see half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, keys=np.array(self.keys, dtype=str), signatures=self.signatures, edges=self.edges,
+                         edge_jaccard=self.edge_jaccard,
+                         params=np.array(json.dumps({**self.params(), "threshold": self.cfg.threshold})))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: NearDuplicateConfig | None = None, *, storage_config: dict | None = None,
+             basename: bytes = b"prefpipe-prompts") -> PromptIndex:
+        """Read a saved index.  Raises ``ValueError`` if it was built with other hashing
+        parameters (its signatures cannot be compared); a different ``threshold`` only
+        re-verifies the saved candidates' edges with the vectorised banding."""
+        index = cls(cfg, storage_config=storage_config, basename=basename)
+        with np.load(Path(path), allow_pickle=False) as z:
+            saved = json.loads(str(z["params"]))
+            want = index.params()
+            diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+            if diff:
+                raise ValueError(f"prompt index {path} was built with other parameters (saved, wanted): {diff}")
+            index.keys = [str(k) for k in z["keys"]]
+            index._sigs = [np.ascontiguousarray(z["signatures"], np.uint32)]
+            edges, jac = z["edges"].astype(np.int64).reshape(-1, 2), z["edge_jaccard"].astype(np.float32)
+        index._pos = {k: i for i, k in enumerate(index.keys)}
+        if index._lsh is not None:  # a fresh storage gets the saved prompts; a persistent one (Redis) keeps them
+            missing = np.array([i for i, k in enumerate(index.keys) if k not in index._lsh], np.int64)
+            if missing.size:
+                index._lsh_pairs(missing, insert=True)
+        if saved.get("threshold") == index.cfg.threshold:
+            index.edges, index.edge_jaccard = edges, jac
+        else:
+            index._add_edges(_bucket_pairs(_band_keys(index.signatures, index.b, index.r), 0))
+        return index
+
+
+# ---------------------------------------------------------------- the check
+def shingle_text(prompts: pl.DataFrame) -> pl.Series:
+    """The text that is shingled: the prompt's turns without system messages (a shared
+    system prompt would make every prompt that carries it look alike) and without role
+    labels; ``prompt_text`` when there is no ``prompt`` column."""
+    if "prompt" not in prompts.columns:
+        return prompts["prompt_text"]
+    el = pl.element()
+    turns = pl.col("prompt").list.eval(el.filter(el.struct.field("role") != "system").struct.field("content"))
+    return prompts.select(turns.list.join("\n")).to_series()
+
+
+def _clusters(index: PromptIndex, pair_prompts: pl.DataFrame) -> pl.DataFrame:
+    """pair_id -> near_dup_cluster: components over near-duplicate edges and shared pair ids,
+    each named by its smallest prompt_hash."""
+    pos = pair_prompts["prompt_hash"].replace_strict(index._pos, return_dtype=pl.Int64).to_numpy()
+    pair_code = pair_prompts["pair_id"].rank("dense").cast(pl.Int64).to_numpy() - 1
+    # prompts of one pair id are linked through the pair's first prompt
+    first = np.full(pair_code.max() + 1 if pair_code.size else 0, -1, np.int64)
+    first[pair_code[::-1]] = pos[::-1]
+    links = np.stack([pos, first[pair_code]], 1)
+    edges = np.concatenate([index.edges, links])
+    n = len(index)
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    names = pl.DataFrame({"comp": comp, "key": index.keys}).group_by("comp").agg(pl.col("key").min())
+    name_of = dict(zip(names["comp"].to_list(), names["key"].to_list()))
+    pc = pl.DataFrame({"pair_id": pair_prompts["pair_id"], "comp": comp[pos]})
+    return (pc.group_by("pair_id").agg(pl.col("comp").first())
+            .with_columns(near_dup_cluster=pl.col("comp").replace_strict(name_of, return_dtype=pl.String))
+            .select("pair_id", "near_dup_cluster").sort("pair_id"))
+
+
+def run(
+    judgments: pl.DataFrame,
+    cfg: NearDuplicateConfig | ChecksConfig | None = None,
+    *,
+    pairs: pl.DataFrame | None = None,  # noqa: ARG001 - same signature as the other checks
+    index: PromptIndex | None = None,
+    index_path: str | Path | None = None,
+) -> CheckResult:
+    """Near-duplicate prompts of a judgments frame (columns pair_id, prompt_hash, prompt_text).
+
+    ``index``: the prompts of earlier versions (updated in place with this frame's prompts);
+    else ``index_path``: a saved index to start from (read only; a missing file or one built
+    with other parameters starts a fresh index).  The index after the run is returned in
+    the tables ``prompt_index`` / ``prompt_index_edges`` for :func:`save_index`.
+    """
+    cfg = cfg.near_duplicate if isinstance(cfg, ChecksConfig) else (cfg or NearDuplicateConfig())
+    reset = None
+    if index is None:
+        index = PromptIndex(cfg)
+        if index_path is not None:
+            p = Path(index_path)
+            p = p if p.exists() else p.with_suffix(".npz")
+            if p.exists():
+                try:
+                    index = PromptIndex.load(p, cfg)
+                except ValueError as err:
+                    reset = str(err)
+    held_before = len(index)
+    first = judgments.select(pl.col("prompt_hash").is_first_distinct()).to_series()
+    prompts = judgments.filter(first).select(
+        "prompt_hash", *(["prompt"] if "prompt" in judgments.columns else []), "prompt_text").sort("prompt_hash")
+    new = index.add(prompts["prompt_hash"].to_list(), shingle_text(prompts).to_list())
+    pair_prompts = judgments.select("pair_id", "prompt_hash").unique().sort("pair_id", "prompt_hash")
+
+    edges = index.edge_frame()
+    both = pl.concat([edges, edges.select(left="right", right="left", jaccard="jaccard")])
+    best = (both.filter(pl.col("left").is_in(prompts["prompt_hash"].implode()))
+            .sort(["left", "jaccard", "right"], descending=[False, True, False])
+            .group_by("left", maintain_order=True)
+            .agg(neighbour=pl.col("right").first(), jaccard=pl.col("jaccard").first(), n=pl.len()))
+    here = set(prompts["prompt_hash"].to_list())
+    flagged = pair_prompts.join(best, left_on="prompt_hash", right_on="left", how="inner") \
+        .sort(["pair_id", "jaccard"], descending=[False, True]).unique("pair_id", keep="first", maintain_order=True)
+    detail = flagged.select(pl.format(
+        "prompt {} is a near duplicate of prompt {} (estimated Jaccard {}; {} near-duplicate prompt(s)){}",
+        "prompt_hash", "neighbour", pl.col("jaccard").round(2), "n",
+        pl.when(pl.col("neighbour").is_in(list(here))).then(pl.lit("")).otherwise(pl.lit(" from an earlier version")),
+    )).to_series() if flagged.height else ""
+    flags = make_flags(flagged["pair_id"], subject_kind="pair", check=NAME, reason="near_duplicate", detail=detail) \
+        if flagged.height else empty_flags()
+    clusters = _clusters(index, pair_prompts) if pair_prompts.height else pl.DataFrame(
+        schema={"pair_id": pl.String, "near_dup_cluster": pl.String})
+
+    n_pairs = pair_prompts["pair_id"].n_unique()
+    sizes = clusters.group_by("near_dup_cluster").len()
+    metrics: dict[str, Any] = {
+        "prompts": prompts.height,
+        "prompts_hashed": int(new.sum()),
+        "index_prompts_before": held_before,
+        "index_prompts": len(index),
+        "near_duplicate_prompts": best.height,
+        "near_duplicate_pairs": flagged.height,
+        "near_duplicate_rate": flagged.height / n_pairs if n_pairs else 0.0,
+        "pairs": n_pairs,
+        "clusters": sizes.height,
+        "largest_cluster_pairs": int(sizes["len"].max()) if sizes.height else 0,
+        "multi_pair_clusters": int((sizes["len"] > 1).sum()) if sizes.height else 0,
+        "index": {**index.params(), "threshold": cfg.threshold, "candidate_threshold": cfg.candidate_threshold,
+                  "bands": index.b, "rows": index.r, "backend": "datasketch" if index._lsh is not None else "numpy"},
+    }
+    if reset:
+        metrics["index_reset"] = reset
+    summary = (f"{flagged.height} of {n_pairs} pairs have a near-duplicate prompt ({best.height} prompts); "
+               f"{sizes.height} clusters")
+    tables = {
+        "clusters": clusters,
+        "prompt_index": pl.DataFrame({"key": index.keys, "signature": index.signatures}),
+        "prompt_index_edges": pl.DataFrame({"i": index.edges[:, 0], "j": index.edges[:, 1],
+                                            "jaccard": index.edge_jaccard}),
+    }
+    return CheckResult(name=NAME, status="warn" if flagged.height else "pass", metrics=metrics, flags=flags,
+                       tables=tables, summary=summary)
+
+
+def index_from_result(result: CheckResult, cfg: NearDuplicateConfig | None = None) -> PromptIndex:
+    """Rebuild the :class:`PromptIndex` a :func:`run` ended with from its tables."""
+    p = result.metrics["index"]
+    cfg = cfg or NearDuplicateConfig(num_perm=p["num_perm"], seed=p["seed"], shingle_size=p["shingle_size"],
+                                     max_chars=p["max_chars"], threshold=p["threshold"],
+                                     candidate_threshold=p["candidate_threshold"])
+    index = PromptIndex(cfg)
+    t, e = result.tables["prompt_index"], result.tables["prompt_index_edges"]
+    index.keys = t["key"].to_list()
+    index._pos = {k: i for i, k in enumerate(index.keys)}
+    index._sigs = [t["signature"].to_numpy().astype(np.uint32, copy=False).reshape(-1, cfg.num_perm)]
+    index.edges = np.stack([e["i"].to_numpy(), e["j"].to_numpy()], 1).astype(np.int64).reshape(-1, 2)
+    index.edge_jaccard = e["jaccard"].to_numpy().astype(np.float32)
+    return index
+
+
+def save_index(result: CheckResult, base: str | Path) -> list[str]:
+    """Save the index of a :func:`run` result as ``<base>.npz``; returns the file names
+    relative to ``base``'s directory (what the version manifest lists)."""
+    base = Path(base)
+    path = index_from_result(result).save(base.with_suffix(".npz"))
+    return [path.name]
