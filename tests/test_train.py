@@ -12,7 +12,7 @@ from trainer.train import (
     ResumeMismatch,
     VersionNotCertified,
     VersionTampered,
-    lr_factor,
+    lr_schedule,
     make_config,
     train,
 )
@@ -67,9 +67,39 @@ def test_refuses_tampered_version(store):
 
 # ---------------------------------------------------------------- the math of the loop
 def test_lr_schedule_warmup_then_cosine():
-    f = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
-    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
-    assert all(a >= b for a, b in zip(f[4:], f[5:])) and abs(f[20] - 0.1) < 1e-12
+    f = [lr_schedule(s, peak=2.0, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
+    assert f[:4] == [0.5, 1.0, 1.5, 2.0] and f[4] == 2.0
+    assert all(a >= b for a, b in zip(f[4:], f[5:])) and abs(f[20] - 0.2) < 1e-12
+
+
+def test_adamw_equals_torch_adamw_bit_for_bit():
+    from trainer.optim import AdamW
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    ours = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    ours.load_state_dict(ref.state_dict())
+
+    def groups(m):
+        ps = list(m.parameters())
+        return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
+                {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+
+    t_opt = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    o_opt = AdamW(groups(ours), betas=(0.9, 0.95))
+    for step in range(5):
+        x = torch.randn(4, 7)
+        lr = 1e-2 * (step + 1) / 5
+        for g in t_opt.param_groups:
+            g["lr"] = lr
+        for m in (ref, ours):
+            m(x).pow(2).sum().backward()
+        t_opt.step()
+        t_opt.zero_grad()
+        o_opt.step(lr)
+        o_opt.zero_grad()
+    for (n, a), b in zip(ref.named_parameters(), ours.parameters()):
+        assert torch.equal(a, b), n
 
 
 def test_grad_accumulation_4x1_equals_1x4(store):
@@ -102,9 +132,10 @@ def test_checkpoint_resume_continues_exactly(store):
     s1, s2 = final_state(full.run_dir), final_state(resumed.run_dir)
     for k in s1["model"]:
         assert torch.equal(s1["model"][k], s2["model"][k]), k
-    for (k1, v1), (k2, v2) in zip(s1["optimizer"]["state"].items(), s2["optimizer"]["state"].items()):
-        assert torch.equal(v1["exp_avg"], v2["exp_avg"]) and torch.equal(v1["exp_avg_sq"], v2["exp_avg_sq"])
-    assert s1["scheduler"] == s2["scheduler"] and s1["data_position"] == s2["data_position"] == 18
+    for key in ("exp_avg", "exp_avg_sq"):
+        for g1, g2 in zip(s1["optimizer"][key], s2["optimizer"][key]):
+            assert all(torch.equal(a, b) for a, b in zip(g1, g2)), key
+    assert s1["optimizer"]["t"] == s2["optimizer"]["t"] == 6 and s1["data_position"] == s2["data_position"] == 18
     m1, m2 = train_metrics(full.run_dir), train_metrics(resumed.run_dir)
     assert [r["step"] for r in m2] == [1, 2, 3, 4, 5, 6]  # nothing duplicated after the resume
     assert [r["loss"] for r in m1] == [r["loss"] for r in m2]
@@ -178,11 +209,14 @@ def test_planted_preference_is_learned_on_held_out_pairs(tmp_path):
 
 
 def test_sequence_logps_length_groups_match_full_logits():
-    """Our forward (length groups, no attention mask, fused lm-head) equals the plain one in float64."""
+    """Our forward (tiny_llama, length groups, no attention mask, fused lm-head) equals transformers'
+    LlamaForCausalLM with an attention mask and full logits, in float64."""
     from trainer.model import build_model, length_groups, parse_model, sequence_logps
+    from trainer.tiny_llama import to_hf
 
     torch.manual_seed(0)
-    model = build_model(parse_model("tiny-llama:layers=2,hidden=32,heads=2"), 301).double()
+    model = build_model(parse_model("tiny-llama:layers=2,hidden=32,heads=2,kv_heads=1"), 301).double()
+    hf = to_hf(model).double()
     lengths = [17, 5, 30, 29, 12, 30, 2]
     T = max(lengths)
     ids = torch.zeros(len(lengths), T, dtype=torch.long)
@@ -194,13 +228,12 @@ def test_sequence_logps_length_groups_match_full_logits():
     ours = sequence_logps(model, ids, mask, chunk_size=7).summed
     ours.sum().backward()
     g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V): the plain reference
+    logits = hf(input_ids=ids, attention_mask=attn).logits  # (B, T, V): the plain reference
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
     plain = (lp * mask[:, 1:]).sum(1)
     plain.sum().backward()
     torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-10)
-    for n, p in model.named_parameters():
+    for n, p in hf.named_parameters():
         torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-8, atol=1e-10, msg=n)
     assert sorted(i for g in length_groups(lengths) for i in g) == list(range(len(lengths)))
 

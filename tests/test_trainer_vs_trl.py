@@ -3,7 +3,8 @@
 TRL is a test-only anchor: it tokenises the rows itself (its ``_prepare_dataset``), collates
 them with its own collator and computes its loss with ``DPOTrainer.compute_loss`` (its own
 concatenated forward over [chosen; rejected] with full per-token log-probs and a separate
-reference model).  We compute the same quantities with ``trainer.tokenize``,
+reference model).  The models are ``trainer.tiny_llama`` models for us and the equivalent transformers
+``LlamaForCausalLM`` (same weights, ``to_hf``) for TRL.  We compute the same quantities with ``trainer.tokenize``,
 ``trainer.reference`` (reference log-probs), ``trainer.model.sequence_logps`` (fused lm-head)
 and ``trainer.objectives``; loss, reward metrics and the policy gradient must agree.
 """
@@ -20,6 +21,7 @@ from trainer.data import collate  # noqa: E402
 from trainer.model import build_model, parse_model  # noqa: E402
 from trainer.objectives import DPOLossConfig, reduce_pair_loss  # noqa: E402
 from trainer.reference import compute_reference_logps  # noqa: E402
+from trainer.tiny_llama import to_hf  # noqa: E402
 from trainer.tokenize import TokenizeConfig, load_tokenizer, tokenize_rows  # noqa: E402
 from trainer.train import TrainConfig, dpo_batch_loss  # noqa: E402
 
@@ -42,12 +44,13 @@ def test_loss_and_gradients_match_trl(tmp_path):
     rows = [{**r, "weight": 1.0} for r in rows]  # TRL has no per-pair weights
     policy = build_model(parse_model("tiny-llama:layers=2,hidden=32,heads=2,seed=1"), len(tok))
     reference = build_model(parse_model("tiny-llama:layers=2,hidden=32,heads=2,seed=2"), len(tok)).eval()
+    hf_policy, hf_reference = to_hf(policy), to_hf(reference).eval()  # the same weights as transformers models
     beta = 0.1
 
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_length=None,
                      beta=beta, report_to="none", use_cpu=True, save_strategy="no")
     ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    trl = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=ds, processing_class=tok)
+    trl = DPOTrainer(model=hf_policy, ref_model=hf_reference, args=args, train_dataset=ds, processing_class=tok)
 
     # 1. tokenisation: the same prompt / completion ids as TRL's own
     pairs, _ = tokenize_rows(tok, rows, TokenizeConfig(max_length=4096))
@@ -61,10 +64,10 @@ def test_loss_and_gradients_match_trl(tmp_path):
         # 2. TRL's loss, metrics and gradient
         trl.loss_types, trl.loss_weights = [loss_type], [1.0]
         trl.model.train()
-        policy.zero_grad(set_to_none=True)
+        hf_policy.zero_grad(set_to_none=True)
         trl_loss = trl.compute_loss(trl.model, batch)
         trl_loss.backward()
-        trl_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+        trl_grads = {n: p.grad.clone() for n, p in hf_policy.named_parameters()}
         trl_metrics = {k: v[-1] for k, v in trl._metrics["train"].items()}
         policy.zero_grad(set_to_none=True)
 

@@ -19,13 +19,13 @@ DPO_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "weight")
 
 def read_split_rows(handle, split: str) -> list[dict]:
     """DPO rows of one split through the store's public reader (``VersionHandle.split_path``)."""
-    import pyarrow.parquet as pq
+    import polars as pl  # the store's own reader library (pyarrow's reader costs ~90 MiB more RSS)
 
     path = handle.split_path(split)
     if not path.exists():
         return []
-    table = pq.read_table(path, columns=[c for c in DPO_COLUMNS if c in pq.read_schema(path).names])
-    return table.to_pylist()
+    names = pl.read_parquet_schema(path)
+    return pl.read_parquet(path, columns=[c for c in DPO_COLUMNS if c in names]).to_dicts()
 
 
 @dataclass

@@ -6,7 +6,8 @@
   ``local_files_only=True`` (nothing is downloaded), or
 * a spec for a tiny random-init model, e.g. ``tiny-llama:layers=4,hidden=256,heads=4``
   (keys: layers, hidden, heads, kv_heads, intermediate, max_pos, tie, seed); the vocabulary
-  size is the tokenizer's.  The same spec and seed always give the same weights, so the
+  size is the tokenizer's.  Built with ``trainer.tiny_llama`` (plain PyTorch, the Hugging
+  Face Llama's numerics and parameter names, without transformers' import cost).  The same spec and seed always give the same weights, so the
   reference model of a spec is "the policy at step 0", rebuilt when needed.
 
 :func:`sequence_logps` runs the model *body* (``get_decoder()``) to get the final hidden
@@ -78,20 +79,17 @@ def parse_model(model: str, *, default_seed: int = 0) -> ModelSource:
 def build_model(src: ModelSource, vocab_size: int, *, dtype: str = "float32") -> nn.Module:
     """The causal LM named by ``src``, in train mode (use ``.eval()`` for a reference)."""
     if src.kind == "spec":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from trainer.tiny_llama import TinyLlamaConfig, TinyLlamaForCausalLM, default_intermediate
 
         p = dict(src.params)
-        hidden = p["hidden"]
-        config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-            num_key_value_heads=p.get("kv_heads", p["heads"]),
-            intermediate_size=p.get("intermediate", -(-8 * hidden // 3 // 16) * 16),  # Llama's 8/3 ratio, multiple of 16
-            max_position_embeddings=p.get("max_pos", 4096), tie_word_embeddings=bool(p.get("tie", 0)),
-            rms_norm_eps=1e-5, attention_dropout=0.0,
-        )
+        config = TinyLlamaConfig(
+            vocab_size=vocab_size, hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+            num_attention_heads=p["heads"], num_key_value_heads=p.get("kv_heads", p["heads"]),
+            intermediate_size=p.get("intermediate", default_intermediate(p["hidden"])),
+            max_position_embeddings=p.get("max_pos", 4096), tie_word_embeddings=bool(p.get("tie", 0)))
         with torch.random.fork_rng(devices=[]):  # the init must not move the caller's RNG stream
             torch.manual_seed(p["seed"])
-            model = LlamaForCausalLM(config)
+            model = TinyLlamaForCausalLM(config)
         return model.to(_DTYPES[dtype])
     from transformers import AutoModelForCausalLM
 

@@ -101,8 +101,7 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
 
     ``build_reference()`` is called only on a miss; the model is dropped before returning.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import polars as pl
 
     key = cache_key(material)
     d = cache_dir(store.root, version_id)
@@ -112,7 +111,7 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
     def read() -> dict[str, tuple[float, float]] | None:
         if not path.exists():
             return None
-        t = pq.read_table(path).to_pydict()
+        t = pl.read_parquet(path).to_dict(as_series=False)
         got = {pid: (w, r) for pid, w, r in zip(t["pair_id"], t["ref_chosen_logps"], t["ref_rejected_logps"])}
         return got if wanted <= got.keys() else None  # a file that lacks pairs is not this key's file
 
@@ -129,18 +128,18 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
         del model
         gc.collect()
         rows = [(split, p) for split, ps in pairs_by_split.items() for p in ps]
-        table = pa.table({
+        table = pl.DataFrame({
             "pair_id": [p.pair_id for _, p in rows],
             "split": [s for s, _ in rows],
-            "ref_chosen_logps": pa.array([logps[p.pair_id][0] for _, p in rows], pa.float64()),
-            "ref_rejected_logps": pa.array([logps[p.pair_id][1] for _, p in rows], pa.float64()),
+            "ref_chosen_logps": pl.Series([logps[p.pair_id][0] for _, p in rows], dtype=pl.Float64),
+            "ref_rejected_logps": pl.Series([logps[p.pair_id][1] for _, p in rows], dtype=pl.Float64),
             "chosen_tokens": [len(p.chosen_ids) for _, p in rows],
             "rejected_tokens": [len(p.rejected_ids) for _, p in rows],
         })
         d.mkdir(parents=True, exist_ok=True)
         _atomic(d / f"{key}.json", (json.dumps(material, indent=2, sort_keys=True) + "\n").encode())
         tmp = d / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.parquet.tmp"
-        pq.write_table(table, tmp)
+        table.write_parquet(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -12,11 +12,12 @@ model is freed before the policy exists); (4) policy, AdamW, warmup + cosine sch
 accumulation, clipping, eval every ``eval_every`` steps, checkpoints every
 ``checkpoint_every``; (7) final eval, checkpoint, plot, lineage.
 
-Loss per optimizer step over its K micro-batches (pairs i, weights w_i = the row's
+Loss per optimizer step over its K micro-batches of B pairs (pairs i, weights w_i = the row's
 ``weight`` when ``use_pair_weights``): L = sum_i w_i l_i / sum_i w_i, with l_i the DPO-family
 loss of ``trainer.objectives`` on policy log-probs from the fused lm-head
-(``trainer.model.sequence_logps``).  Each micro-batch backpropagates its share
-sum_{i in mb} w_i l_i / sum_i w_i, so K x B and 1 x (K*B) give the same gradient.
+(``trainer.model.sequence_logps``).  Each forward pass (``pairs_per_forward`` pairs)
+backpropagates its share sum_{i in part} w_i l_i / sum_i w_i, so K x B, 1 x (K*B) and any
+``pairs_per_forward`` give the same gradient; only the activation memory differs.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from trainer import runs
 from trainer.data import Batch, PairStream, batches_in_order, collate, read_split_rows
 from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
+from trainer.optim import AdamW
 from trainer.plot import write_metrics_svg
 from trainer.reference import cache_key_material, load_or_compute
 from trainer.tokenize import TINY_TOKENIZER, TokenizeConfig, load_tokenizer, tokenize_rows, tokenizer_fingerprint
@@ -61,6 +63,8 @@ class TrainConfig(BaseModel):
     use_pair_weights: bool = True
     batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
     grad_accum: int = Field(1, ge=1)
+    pairs_per_forward: int = Field(1, ge=1, description="pairs per forward+backward pass; bounds activation memory, "
+                                                        "not the math (the step's gradient is the same)")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -75,13 +79,16 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     ref_batch_size: int = Field(8, ge=1)
     threads: int | None = Field(None, ge=1)
+    mmap_threshold_kib: int | None = Field(128, ge=1, description="glibc malloc mmap threshold (caps heap "
+                                                                  "fragmentation); None: leave malloc alone")
     run_id: str | None = None
     resume: bool = False
     mlflow: bool = False
 
     # fields that do not change what is computed; a resume may change them
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"run_id", "resume", "mlflow", "threads", "eval_every", "eval_max_pairs",
-                                                "checkpoint_every", "keep_checkpoints", "ref_batch_size", "store"})
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "run_id", "resume", "mlflow", "threads", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
+        "ref_batch_size", "store", "mmap_threshold_kib"})
 
     def fingerprint(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
@@ -124,12 +131,13 @@ def open_certified_version(store: Store, ref: str) -> VersionHandle:
     return handle
 
 
-def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+def lr_schedule(step: int, *, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``peak`` over ``warmup``
+    steps, then cosine down to ``min_ratio * peak`` at ``total``."""
     if step < warmup:
-        return (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def dpo_batch_loss(model, b: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -162,6 +170,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     emit = on_event or (lambda kind, payload: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    runs.cap_heap_fragmentation(cfg.mmap_threshold_kib)
 
     # ---- 1. data: only a certified version whose files match the manifest
     store = Store(cfg.store)
@@ -192,15 +201,14 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                           pad_id=tok.pad_token_id, batch_size=cfg.ref_batch_size, chunk_size=cfg.chunk_size,
                           on_batch=lambda k: emit("reference", {"pairs": k}))
 
-    # ---- 4. policy, optimizer (no decay on norms/biases, as nanoGPT), warmup + cosine schedule
+    # ---- 4. policy, AdamW (no decay on norms/biases, as nanoGPT), warmup + cosine schedule
     model = build_model(src, vocab, dtype=cfg.dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio))
+    optimizer = AdamW(groups, betas=cfg.adam_betas)
+    get_lr = partial(lr_schedule, peak=cfg.lr, warmup=cfg.warmup_steps, total=cfg.max_steps, min_ratio=cfg.min_lr_ratio)
     stream = PairStream(pairs["train"], seed=cfg.seed)
 
     # ---- 5. run directory + lineage, or resume from the latest checkpoint
@@ -217,8 +225,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
             diff = sorted(k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k))
             raise ResumeMismatch(f"cannot resume {run_id} from {ckpt.name}: settings differ in {', '.join(diff)}")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state["optimizer"])  # the schedule is a function of `step`
         stream.position, step = state["data_position"], state["step"]
         tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
         lineage = {**_read_json(run_dir / "run.json"), "status": "running", "resumed_from": ckpt.name}
@@ -248,7 +255,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
 
     def checkpoint() -> None:
         runs.save_checkpoint(run_dir, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "data_position": stream.position, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
             "fingerprint": fingerprint}, keep=cfg.keep_checkpoints)
 
@@ -263,24 +270,27 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     last_eval: dict[str, Any] = {}
     while step < cfg.max_steps:
         t0 = time.perf_counter()
-        micro = [collate(stream.take(cfg.batch_size), tok.pad_token_id, ref.logps) for _ in range(cfg.grad_accum)]
-        total_weight = sum(float(b.weight.sum()) if cfg.use_pair_weights else b.size for b in micro)
-        step_loss, sums = 0.0, {}
-        for b in micro:
-            losses, _, metrics = dpo_batch_loss(model, b, cfg)
-            loss = losses.sum() / max(total_weight, 1e-12)  # this micro-batch's share of the step loss
-            loss.backward()
-            step_loss += float(loss.detach())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / len(micro)
+        micro = [stream.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the step's pairs, K x B
+        total_weight = sum(p.weight if cfg.use_pair_weights else 1.0 for mb in micro for p in mb)
+        step_loss, sums, tokens = 0.0, {}, 0
+        for mb in micro:
+            # A pair's loss needs only its own two sequences, so the micro-batch is run a few pairs
+            # at a time: activations of `pairs_per_forward` pairs are alive at once, the gradient
+            # is the same sum.  Metrics are means over the step's pairs.
+            for i in range(0, len(mb), cfg.pairs_per_forward):
+                b = collate(mb[i:i + cfg.pairs_per_forward], tok.pad_token_id, ref.logps)
+                losses, _, metrics = dpo_batch_loss(model, b, cfg)
+                loss = losses.sum() / max(total_weight, 1e-12)  # this part's share of the step loss
+                loss.backward()
+                step_loss, tokens = step_loss + float(loss.detach()), tokens + b.num_tokens
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * b.size / (len(micro) * cfg.batch_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = get_lr(step)
+        optimizer.step(lr)
+        optimizer.zero_grad()
         step += 1
         dt = time.perf_counter() - t0
-        tokens = sum(b.num_tokens for b in micro)
         tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + dt
         record = {"kind": "train", "step": step, "epoch": round(stream.epoch, 4), "lr": lr, "loss": step_loss,
                   **sums, "grad_norm": float(grad_norm), "tokens": tokens, "tokens/s": tokens / dt,
@@ -343,4 +353,4 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 __all__ = ["SPLITS", "TrainConfig", "RunResult", "VersionRefused", "VersionTampered", "VersionNotCertified",
-           "ResumeMismatch", "open_certified_version", "train", "train_version", "make_config", "lr_factor"]
+           "ResumeMismatch", "open_certified_version", "train", "train_version", "make_config", "lr_schedule"]
