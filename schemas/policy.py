@@ -102,10 +102,27 @@ class AnnotatorTestConfig(_Cfg):
 
 
 class LanguageConfig(_Cfg):
+    """Language vs locale (``pipeline.checks.language``; measurements in ``docs/checks-text.md``).
+
+    A text is profiled on its first ``profile_chars`` characters (script counts, function
+    words); it is evidence only with >= ``min_chars`` letters (>= ``min_cjk_chars`` CJK
+    characters for the CJK rule), and Latin text with more than ``max_code_share`` code
+    symbols per letter is treated as code (no language).  langdetect (seeded) is asked only
+    about Latin texts of >= ``min_words`` words whose function words are not conclusive, at
+    most ``max_langdetect`` per run (~3-7 ms each), and counts only with probability >=
+    ``min_probability``.  With these gates the real HH-RLHF / LLaMA-Factory en+zh rows give
+    no flag while planted mismatches of a sentence or more are caught.
+    """
+
     enabled: bool = True
-    min_chars: int = Field(40, ge=1, description="texts shorter than this (letters only) give no evidence")
-    min_probability: float = Field(0.95, gt=0.0, le=1.0)
+    min_chars: int = Field(40, ge=1, description="texts with fewer letters give no evidence")
+    min_cjk_chars: int = Field(12, ge=1, description="CJK characters needed for the CJK script rule")
+    min_words: int = Field(8, ge=1, description="Latin words needed before langdetect is asked")
+    min_probability: float = Field(0.95, gt=0.0, le=1.0, description="langdetect probability needed")
+    max_code_share: float = Field(0.15, ge=0.0, description="code symbols per letter above which Latin text is code")
+    profile_chars: int = Field(400, ge=50, le=100_000, description="characters of a text that are profiled")
     max_chars: int = Field(600, ge=50, description="characters of a text passed to langdetect")
+    max_langdetect: int = Field(2000, ge=0, description="texts sent to langdetect per run at most")
     seed: int = 0
 
 

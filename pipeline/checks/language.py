@@ -1,123 +1,253 @@
-"""Language / locale: ``language_mismatch`` when a pair's text contradicts its ``locale``.
+"""Language vs locale: does the prompt or a response contradict the pair's ``locale``?
 
-Texts checked per pair with a locale: the last user turn of the prompt and both responses.
-Each distinct text is classified once, in three tiers, cheapest first:
+Method
+------
+Each distinct text (the prompt's non-system turns joined, ``response_a``, ``response_b``) of
+the pairs that have a ``locale`` is profiled once, on its first ``profile_chars``
+characters, vectorised over code points (numpy):
 
-1. **Script** (vectorised Polars regex counts on the text with code blocks, inline code and
-   URLs removed, first ``max_chars`` characters): kana (+Han) -> ``ja``; Hangul -> ``ko``;
-   Han without kana -> ``zh``; Cyrillic -> ``ru`` family; mostly Latin -> tier 2.  Fewer than
-   ``min_chars`` script letters -> ``und`` (no evidence, never a flag): short answers, code,
-   numbers.  Japanese always mixes Han and kana, so Han+kana is Japanese, not a mismatch.
-2. **English function words** (vectorised): a Latin text whose words are >= 20 % English
-   function words ("the", "and", "is", ...) is English.  Real English prose is 35-50 %.
-3. **langdetect** (seeded: ``DetectorFactory.seed = cfg.seed``, deterministic) only for the
-   remaining Latin texts with >= 8 words; a result counts only at probability >=
-   ``min_probability``, else ``und``.  At most ``max_langdetect`` texts per run are sent
-   (~3 ms each); any beyond are reported as ``undetermined`` in the metrics (never flagged).
+1. **Script counts**: letters per script (Latin, Han, kana, Hangul, Cyrillic, Arabic, Greek,
+   Hebrew, Thai, Devanagari, other) and code symbols (``{}[]()<>=;_|\\/#$*`~^@&%+``).
+2. **Script decision** (no language model needed): a text with at least ``min_cjk_chars``
+   CJK characters that are also >= 10 % of its letters is Chinese, Japanese or Korean --
+   Japanese when kana are >= 10 % of its Han + kana (Japanese text always mixes Han and
+   kana; a few katakana names do not make Chinese Japanese), Korean when Hangul dominates,
+   else Chinese, so Chinese with code or English terms stays Chinese.  A text whose letters
+   are mostly of another non-Latin script gets that script.
+3. **Word decision** for mostly-Latin texts: counts of the frequent function words of
+   English, French, German, Spanish, Portuguese, Italian and Dutch among its words.  A
+   language is *decided* when it has >= 3 of them, >= 8 % of the words and twice the
+   count of the runner-up; *strong* with >= 5, >= 15 % and four times.
+4. **langdetect** (seeded: ``DetectorFactory.seed = seed``, deterministic, on the first
+   ``max_chars`` characters) only where the word decision is needed and weak: at most
+   ``max_langdetect`` texts per run (the most letters first); its top language counts only
+   with probability >= ``min_probability``.
 
-A text contradicts the locale when its language is known (not ``und``) and differs from the
-locale's primary subtag (``ja-JP`` -> ``ja``, ``zh-CN``/``zh-TW`` -> ``zh``; langdetect's
-``zh-cn``/``zh-tw`` -> ``zh``).  Latin-script languages are told apart only by tiers 2-3, so
-an ``en`` locale is never flagged on script alone for another Latin-script language.
+Gates against weak evidence (none of these ever flags): fewer than ``min_chars`` letters;
+more than ``max_code_share`` code symbols per letter outside the CJK rule (code is not a
+language); Latin text with neither a decided word language nor a confident langdetect
+answer; a Han-only text under ``min_chars`` characters for a Japanese locale (short
+Japanese can be all kanji).
+
+**Mismatch** (``language_mismatch``, subject ``pair``): compared on the locale's primary
+subtag (``ja-JP`` -> ja, ``zh-CN``/``zh-TW``/``zh-Hant`` -> zh, langdetect's ``zh-cn`` ->
+zh, ``nb``/``nn`` -> no).  A text contradicts locale L when its decided language or script
+is not L's: e.g. kana/Han/Hangul text for a Latin-script locale, English words for
+``ja-JP``, strong French words for ``en``.  For a Latin-script locale without a word list
+(e.g. ``pl``), only a decided *other* word language, a non-Latin script or a confident
+langdetect answer contradicts it.  Pairs without locale are not checked.
+
+Metrics: ``matrix`` = locale (primary subtag) x detected language, counting pair texts
+(prompt, a, b; ``und`` = no evidence), texts checked, langdetect calls, flags.  Measured on
+``/work/shared/data`` (all HH-RLHF en + LLaMA-Factory en/zh rows with their locale): 0
+flags; planted mismatches are caught (``docs/checks-text.md``).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig, LanguageConfig
 
 NAME = "language"
-EN_FUNCTION_WORDS = [
-    "the", "a", "an", "and", "or", "but", "of", "to", "in", "on", "at", "by", "for", "with", "from", "as", "is", "are",
-    "was", "were", "be", "been", "it", "its", "this", "that", "these", "those", "you", "your", "i", "my", "me", "we",
-    "our", "they", "their", "he", "she", "his", "her", "not", "no", "do", "does", "did", "have", "has", "had", "can",
-    "could", "will", "would", "should", "if", "so", "what", "how", "why", "when", "which", "who", "there", "here",
-    "about", "some", "any", "all", "more", "also", "just", "than", "then", "into", "out", "up", "one", "like",
-]
-_KANA = r"[\x{3040}-\x{30ff}\x{31f0}-\x{31ff}\x{ff66}-\x{ff9f}]"
-_HAN = r"[\x{4e00}-\x{9fff}\x{3400}-\x{4dbf}\x{f900}-\x{faff}]"
-_HANGUL = r"[\x{ac00}-\x{d7af}\x{1100}-\x{11ff}\x{3130}-\x{318f}]"
-_LATIN = r"[A-Za-z\x{00c0}-\x{024f}]"
-_CYRILLIC = r"[\x{0400}-\x{04ff}]"
-_ARABIC = r"[\x{0600}-\x{06ff}]"
-_CODE = r"(?s)```.*?```|`[^`\n]*`|https?://\S+|\S+@\S+\.\w+"
+_CHUNK = 8192  # texts profiled per numpy pass
+# script classes
+OTHER, LATIN, HAN, KANA, HANGUL, CYRILLIC, ARABIC, GREEK, HEBREW, THAI, DEVANAGARI, LETTER, CODE = range(13)
+_NCLS = 16
+SCRIPT_NAMES = {CYRILLIC: "cyrillic", ARABIC: "arabic", GREEK: "greek", HEBREW: "hebrew", THAI: "thai",
+                DEVANAGARI: "devanagari"}
+# the script a language is written in (default Latin); languages of the same script are
+# told apart by words only where a word list exists
+LANG_SCRIPT: dict[str, str] = {
+    "ja": "ja", "zh": "zh", "ko": "ko", "ru": "cyrillic", "uk": "cyrillic", "bg": "cyrillic", "sr": "cyrillic",
+    "mk": "cyrillic", "be": "cyrillic", "kk": "cyrillic", "mn": "cyrillic", "ar": "arabic", "fa": "arabic",
+    "ur": "arabic", "ps": "arabic", "el": "greek", "he": "hebrew", "iw": "hebrew", "yi": "hebrew", "th": "thai",
+    "hi": "devanagari", "mr": "devanagari", "ne": "devanagari",
+}
+_ALIASES = {"zh-cn": "zh", "zh-tw": "zh", "nb": "no", "nn": "no", "iw": "he", "in": "id", "fil": "tl"}
+STOPWORDS: dict[str, str] = {
+    "en": "the and you your that this with have has for not what how can will would there they their them it its "
+          "of to be are was were is i me my we our he she his her him if but or at from which about just like all "
+          "do does did don so some any when who why where been being than then also into because could should very "
+          "more most only other such these those while",
+    "fr": "le la les des est une et pas pour que qui dans sur avec vous nous je il elle ce cette sont mais ou du au "
+          "aux ne plus être avoir fait comme tout bien très sans leur leurs mon mes ton ta tes sa ses notre votre "
+          "vos ils elles été était peut aussi donc",
+    "de": "der die das und ist nicht ich sie es ein eine einen einem einer zu den dem des mit auf für von sich auch "
+          "wie wir sind wird oder aber noch nach bei kann wenn dass haben nur werden mehr schon sehr mir mich dir "
+          "dich uns ihr ihre diese dieser dieses",
+    "es": "el los las que del por para con una uno es está están son muy pero más como este esta estos estas su "
+          "sus lo les se ya también hay ser tiene puede sobre sin entre cuando donde porque yo tú usted ella ellos "
+          "nosotros",
+    "pt": "os as do da dos das em um uma para com não por mais ao aos é são foi você isso isto está estão seu sua "
+          "seus suas mas como também pelo pela nos nas muito já ele ela eles elas eu meu minha tem ter",
+    "it": "il lo gli della delle dei degli di che per non con sono è del nel nella ma anche questo questa più alla "
+          "alle ho hai ha cosa sia essere molto tutto tutti mio mia suo sua loro io tu lui lei noi voi",
+    "nl": "de het een en van ik te dat die niet op je met voor zijn maar er ook als dit wat naar kan bij nog wordt "
+          "worden heeft hebben geen deze moet meer zo dan hij zij wij jullie mijn jouw onze",
+}
+WORD_LANGS = tuple(STOPWORDS)
+_P = np.uint32(0x9E3779B1)
 
 
-def expected_language(locale: str | None) -> str | None:
-    if not locale:
-        return None
-    return locale.replace("_", "-").split("-")[0].lower()
+def primary_subtag(locale: pl.Expr) -> pl.Expr:
+    """``ja-JP`` -> ``ja``, ``zh_TW`` -> ``zh``, ``nb-NO`` -> ``no`` (lower case)."""
+    p = locale.str.to_lowercase().str.replace("_", "-", literal=True)
+    full = p.replace(_ALIASES)
+    return full.str.split("-").list.first().replace(_ALIASES)
 
 
-def _script_language(texts: pl.DataFrame, cfg: LanguageConfig) -> pl.DataFrame:
-    """Add ``script_lang`` (ja/ko/zh/ru/ar/latin/und) and ``en_share`` to a frame with ``text``."""
+@lru_cache(maxsize=1)
+def _script_table() -> np.ndarray:
+    ranges = [
+        (HAN, 0x3400, 0x4DBF), (HAN, 0x4E00, 0x9FFF), (HAN, 0xF900, 0xFAFF), (HAN, 0x20000, 0x323AF),
+        (KANA, 0x3040, 0x30FF), (KANA, 0x31F0, 0x31FF), (KANA, 0xFF66, 0xFF9F),
+        (HANGUL, 0x1100, 0x11FF), (HANGUL, 0x3130, 0x318F), (HANGUL, 0xAC00, 0xD7AF),
+        (CYRILLIC, 0x0400, 0x052F), (ARABIC, 0x0600, 0x06FF), (ARABIC, 0x0750, 0x077F), (GREEK, 0x0370, 0x03FF),
+        (HEBREW, 0x0590, 0x05FF), (THAI, 0x0E00, 0x0E7F), (DEVANAGARI, 0x0900, 0x097F),
+        (LATIN, 0x0041, 0x024F), (LATIN, 0x1E00, 0x1EFF), (LATIN, 0xFF21, 0xFF5A),
+    ]
+    t = np.zeros(0x110000, np.uint8)
+    alpha = np.array([chr(i).isalpha() for i in range(0x323B0)], bool)
+    t[:0x323B0][alpha] = LETTER
+    for cls, lo, hi in ranges:
+        seg = t[lo:hi + 1]
+        t[lo:hi + 1] = np.where(seg == LETTER, cls, seg)
+    t[[0x3005, 0x3007]] = HAN
+    t[0x30FC] = KANA
+    t[[ord(c) for c in "{}[]()<>=;_|\\/#$*`~^@&%+"]] = CODE
+    return t
+
+
+@lru_cache(maxsize=1)
+def _stopword_table() -> tuple[np.ndarray, np.ndarray]:
+    """Sorted 32-bit word hashes and, per hash, a bit mask of the languages using the word."""
+    masks: dict[int, int] = {}
+    for bit, lang in enumerate(WORD_LANGS):
+        for w in STOPWORDS[lang].split():
+            h = _word_hash_py(w)
+            masks[h] = masks.get(h, 0) | (1 << bit)
+    keys = np.array(sorted(masks), np.uint32)
+    return keys, np.array([masks[int(k)] for k in keys], np.uint32)
+
+
+def _word_hash_py(w: str) -> int:
+    return sum(ord(c) * pow(int(_P), k, 1 << 32) for k, c in enumerate(w)) & 0xFFFFFFFF
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P^k and P^-k mod 2^32 for k < n (cached, grown on demand)."""
+    if _POWS[0].size < n:
+        size = max(n, 2 * _POWS[0].size)
+        fwd, inv = np.full(size, _P, np.uint32), np.full(size, np.uint32(pow(int(_P), -1, 1 << 32)), np.uint32)
+        fwd[0] = inv[0] = 1
+        _POWS[:] = [np.cumprod(fwd, dtype=np.uint32), np.cumprod(inv, dtype=np.uint32)]
+    return _POWS[0], _POWS[1]
+
+
+_POWS: list[np.ndarray] = [np.ones(1, np.uint32), np.ones(1, np.uint32)]
+
+
+def profile(texts: list[str], head: int) -> pl.DataFrame:
+    """Per text (its first ``head`` characters, lower-cased): letters per script, code
+    symbols, Latin words and function words per language of :data:`STOPWORDS`."""
+    scripts = _script_table()
+    stop_keys, stop_masks = _stopword_table()
+    parts = []
+    for s in range(0, len(texts), _CHUNK):
+        cut = [t[:head].lower() for t in texts[s:s + _CHUNK]]
+        n = len(cut)
+        lens = np.fromiter(map(len, cut), np.int64, n) + 1
+        cp = np.frombuffer(("\0".join(cut) + "\0").encode("utf-32-le"), dtype="<u4")
+        cls = scripts[cp]
+        owner = np.repeat(np.arange(n, dtype=np.int64), lens)
+        counts = np.bincount(owner * _NCLS + cls, minlength=n * _NCLS).reshape(n, _NCLS)
+        # Latin words: polynomial hash sum_k c_k P^k mod 2^32 (k = offset in the word)
+        lat = cls == LATIN
+        edge = np.flatnonzero(lat[1:] != lat[:-1]) + 1
+        if lat[0]:
+            edge = np.concatenate([[0], edge])
+        w_start, w_end = edge[0::2], edge[1::2]  # every text ends with a NUL: every run ends
+        fwd, inv = _powers(cp.size)
+        prefix = np.zeros(cp.size + 1, np.uint32)
+        np.cumsum(cp * fwd[:cp.size], dtype=np.uint32, out=prefix[1:])
+        wh = (prefix[w_end] - prefix[w_start]) * inv[w_start]
+        w_owner = owner[w_start]
+        idx = np.minimum(np.searchsorted(stop_keys, wh), stop_keys.size - 1)
+        mask = np.where(stop_keys[idx] == wh, stop_masks[idx], 0)
+        cols: dict[str, Any] = {
+            "letters": counts[:, LATIN:LETTER + 1].sum(1), "latin": counts[:, LATIN], "han": counts[:, HAN],
+            "kana": counts[:, KANA], "hangul": counts[:, HANGUL], "code": counts[:, CODE],
+            "words": np.bincount(w_owner, minlength=n),
+            "script_top": np.argmax(counts[:, CYRILLIC:DEVANAGARI + 1], 1) + CYRILLIC,
+            "script_top_n": counts[:, CYRILLIC:DEVANAGARI + 1].max(1),
+        }
+        for bit, lang in enumerate(WORD_LANGS):
+            cols[f"w_{lang}"] = np.bincount(w_owner, weights=(mask >> np.uint32(bit)) & 1, minlength=n).astype(np.int64)
+        parts.append(pl.DataFrame(cols))
+    return pl.concat(parts) if parts else pl.DataFrame()
+
+
+def classify(prof: pl.DataFrame, cfg: LanguageConfig) -> pl.DataFrame:
+    """Script and word decisions per profiled text (see the module docstring)."""
     c = pl.col
-    t = c("text").str.slice(0, cfg.max_chars).str.replace_all(_CODE, " ")
-    df = texts.with_columns(_t=t).with_columns(
-        kana=c("_t").str.count_matches(_KANA), han=c("_t").str.count_matches(_HAN),
-        hangul=c("_t").str.count_matches(_HANGUL), latin=c("_t").str.count_matches(_LATIN),
-        cyr=c("_t").str.count_matches(_CYRILLIC), arabic=c("_t").str.count_matches(_ARABIC),
-        words=c("_t").str.to_lowercase().str.extract_all(r"[a-z']+"),
-    )
-    letters = c("kana") + c("han") + c("hangul") + c("latin") + c("cyr") + c("arabic")
-    df = df.with_columns(letters=letters, n_words=c("words").list.len(),
-                         en_share=c("words").list.eval(pl.element().is_in(EN_FUNCTION_WORDS)).list.mean().fill_null(0.0))
-    cjk = c("kana") + c("han")
+    cjk = c("han") + c("kana") + c("hangul")
+    ws = [c(f"w_{lang}") for lang in WORD_LANGS]
+    best = pl.max_horizontal(ws)
+    second = pl.concat_list(ws).list.sort(descending=True).list.get(1)
+    best_lang = pl.concat_list(ws).list.arg_max().replace_strict(dict(enumerate(WORD_LANGS)), return_dtype=pl.String)
+    script_name = c("script_top").replace_strict(SCRIPT_NAMES, return_dtype=pl.String)
     script = (
-        pl.when(c("letters") < cfg.min_chars).then(pl.lit("und"))
-        .when((c("kana") > 0) & (cjk >= 0.3 * c("letters")) & (c("kana") >= 0.05 * cjk)).then(pl.lit("ja"))
-        .when(c("hangul") >= 0.3 * c("letters")).then(pl.lit("ko"))
-        .when((c("han") >= 0.3 * c("letters")) & (c("kana") == 0)).then(pl.lit("zh"))
-        .when(c("cyr") >= 0.5 * c("letters")).then(pl.lit("ru"))
-        .when(c("arabic") >= 0.5 * c("letters")).then(pl.lit("ar"))
-        .when(c("latin") >= 0.9 * c("letters")).then(pl.lit("latin"))
+        pl.when((cjk >= cfg.min_cjk_chars) & (cjk >= 0.1 * c("letters")))
+        .then(pl.when((c("kana") >= 3) & (c("kana") >= 0.1 * (c("han") + c("kana")))).then(pl.lit("ja"))
+              .when(c("hangul") >= c("han") + c("kana")).then(pl.lit("ko"))
+              .otherwise(pl.lit("zh")))
+        .when(c("letters") < cfg.min_chars).then(pl.lit("und"))
+        .when(c("script_top_n") >= 0.5 * c("letters")).then(script_name)
+        .when((c("latin") >= 0.5 * c("letters")) & (c("code") <= cfg.max_code_share * c("letters"))).then(pl.lit("latin"))
         .otherwise(pl.lit("und"))
     )
-    return df.with_columns(script_lang=script).drop("_t", "words")
+    out = prof.with_columns(script=script, best=best, second=second, best_lang=best_lang)
+    latin = c("script") == "latin"
+    decided = latin & (c("best") >= 3) & (c("best") >= 0.08 * c("words")) & (c("best") >= 2 * c("second"))
+    strong = latin & (c("best") >= 5) & (c("best") >= 0.15 * c("words")) & (c("best") >= 4 * c("second"))
+    return out.with_columns(
+        word_lang=pl.when(decided).then(c("best_lang")),
+        word_strong=strong,
+        zh_strong=(c("script") == "zh") & (c("han") >= cfg.min_chars) & (c("kana") == 0),
+    )
 
 
-def _langdetect(texts: list[str], cfg: LanguageConfig) -> list[str]:
+def _langdetect(texts: list[str], cfg: LanguageConfig) -> tuple[list[str | None], list[float]]:
+    """Seeded langdetect on the first ``max_chars`` characters: (top language, probability)."""
     from langdetect import DetectorFactory, detect_langs
     from langdetect.lang_detect_exception import LangDetectException
 
     DetectorFactory.seed = cfg.seed
-    out = []
+    langs: list[str | None] = []
+    probs: list[float] = []
     for text in texts:
         try:
-            best = detect_langs(text[: cfg.max_chars])[0]
+            top = detect_langs(text[: cfg.max_chars])[0]
         except LangDetectException:
-            out.append("und")
+            langs.append(None)
+            probs.append(0.0)
             continue
-        lang = best.lang.split("-")[0]
-        out.append(lang if best.prob >= cfg.min_probability else "und")
-    return out
+        langs.append(_ALIASES.get(top.lang, top.lang))
+        probs.append(float(top.prob))
+    return langs, probs
 
 
-def classify_texts(texts: pl.Series, cfg: LanguageConfig, max_langdetect: int = 20_000) -> pl.DataFrame:
-    """Distinct texts -> ``text``, ``lang`` (ISO 639-1 or ``und``), ``tier``."""
-    df = _script_language(pl.DataFrame({"text": texts.unique().drop_nulls()}), cfg)
-    c = pl.col
-    df = df.with_columns(
-        lang=pl.when(c("script_lang") != "latin").then(c("script_lang"))
-        .when((c("en_share") >= 0.2) & (c("n_words") >= 5)).then(pl.lit("en"))
-        .otherwise(pl.lit(None, dtype=pl.String)),
-        tier=pl.when(c("script_lang") != "latin").then(pl.lit("script"))
-        .when((c("en_share") >= 0.2) & (c("n_words") >= 5)).then(pl.lit("function_words"))
-        .otherwise(pl.lit("langdetect")),
-    )
-    todo = df.filter(c("lang").is_null() & (c("n_words") >= 8))
-    undetermined = 0
-    if todo.height:
-        sent = todo.head(max_langdetect)
-        undetermined = todo.height - sent.height
-        detected = pl.DataFrame({"text": sent["text"], "_ld": _langdetect(sent["text"].to_list(), cfg)})
-        df = df.join(detected, on="text", how="left").with_columns(lang=pl.coalesce("lang", "_ld")).drop("_ld")
-    df = df.with_columns(lang=c("lang").fill_null("und"))
-    df = df.with_columns(tier=pl.when(c("lang") == "und").then(pl.lit("none")).otherwise(c("tier")))
-    return df.select("text", "lang", "tier", "letters").with_columns(pl.lit(undetermined).alias("_undetermined"))
+def _prompt_text(frame: pl.DataFrame) -> pl.Expr:
+    """The prompt's non-system turns joined (``prompt_text`` without a ``prompt`` column)."""
+    if "prompt" not in frame.columns:
+        return pl.col("prompt_text")
+    el = pl.element()
+    return pl.col("prompt").list.eval(el.filter(el.struct.field("role") != "system").struct.field("content")).list.join("\n")
 
 
 def run(
@@ -125,43 +255,103 @@ def run(
     cfg: LanguageConfig | ChecksConfig | None = None,
     *,
     pairs: pl.DataFrame | None = None,  # noqa: ARG001 - same signature as the other checks
-    max_langdetect: int = 20_000,
 ) -> CheckResult:
+    """Language of the prompt and responses of every pair with a ``locale`` vs that locale."""
     cfg = cfg.language if isinstance(cfg, ChecksConfig) else (cfg or LanguageConfig())
-    if not cfg.enabled or judgments.height == 0:
-        return CheckResult(name=NAME, status="pass", metrics={"enabled": cfg.enabled, "pairs_checked": 0}, summary="not run")
     c = pl.col
-    per_pair = judgments.filter(c("locale").is_not_null()).group_by("pair_id").agg(
-        c("locale").first(), c("prompt").first(), c("response_a").first(), c("response_b").first())
-    if per_pair.height == 0:
-        return CheckResult(name=NAME, status="pass", metrics={"pairs_checked": 0}, summary="no pair has a locale")
-    last_user = c("prompt").list.eval(pl.element().filter(pl.element().struct.field("role") == "user")).list.last()
-    per_pair = per_pair.with_columns(prompt_last=last_user.struct.field("content"),
-                                     expected=c("locale").map_elements(expected_language, return_dtype=pl.String))
-    long = pl.concat([per_pair.select("pair_id", "locale", "expected", text=c(col), part=pl.lit(name))
-                      for col, name in (("prompt_last", "prompt"), ("response_a", "response_a"), ("response_b", "response_b"))])
-    langs = classify_texts(long["text"], cfg, max_langdetect)
-    undetermined = int(langs["_undetermined"][0]) if langs.height else 0
-    long = long.join(langs.drop("_undetermined"), on="text", how="left")
-    mism = long.filter((c("lang") != "und") & (c("lang") != c("expected")))
-    by_pair = mism.group_by("pair_id").agg(
-        pl.format("{} is {} (locale {}; by {})", "part", "lang", "locale", "tier").str.join("; ").alias("detail")).sort("pair_id")
+    with_locale = judgments.filter(c("locale").is_not_null()) if "locale" in judgments.columns else judgments.clear()
+    if not cfg.enabled or with_locale.height == 0:
+        return CheckResult(name=NAME, status="pass", metrics={"enabled": cfg.enabled, "pairs_checked": 0, "matrix": {}},
+                           summary="disabled" if not cfg.enabled else "no pair has a locale")
+    first = with_locale.select(pl.struct("pair_id", "locale").is_first_distinct()).to_series()
+    pp = with_locale.filter(first)
+    pp = pp.select("pair_id", "locale", "prompt_hash", "a_hash", "b_hash", "response_a", "response_b",
+                   prompt_txt=_prompt_text(pp))
+    long = pl.concat([
+        pp.select("pair_id", "locale", part=pl.lit("prompt"), key=pl.lit("p:") + c("prompt_hash"), text=c("prompt_txt")),
+        pp.select("pair_id", "locale", part=pl.lit("response_a"), key=pl.lit("r:") + c("a_hash"), text=c("response_a")),
+        pp.select("pair_id", "locale", part=pl.lit("response_b"), key=pl.lit("r:") + c("b_hash"), text=c("response_b")),
+    ])
+    texts = long.filter(c("key").is_first_distinct()).select("key", "text")
+    prof = classify(profile(texts["text"].to_list(), cfg.profile_chars), cfg).with_columns(key=texts["key"])
+    long = long.drop("text").join(prof, on="key", how="left")
+
+    lp = primary_subtag(c("locale"))
+    exp = lp.replace_strict(LANG_SCRIPT, default="latin")
+    has_list = lp.is_in(list(WORD_LANGS))
+    c_lp = pl.coalesce([pl.when(lp == lang).then(c(f"w_{lang}")) for lang in WORD_LANGS]).fill_null(0)
+    long = long.with_columns(lp=lp, exp=exp, has_list=has_list, c_lp=c_lp)
+    consistent = c("has_list") & ((c("word_lang") == c("lp")) | ((c("c_lp") >= 3) & (c("c_lp") >= 0.5 * c("best"))))
+    strong_other = c("word_strong") & (c("word_lang") != c("lp"))
+    latin_text = (c("script") == "latin") & (c("words") >= cfg.min_words)
+    need_ld = latin_text & (
+        pl.when(c("exp") == "latin")
+        .then(pl.when(c("has_list")).then(~consistent & ~strong_other)
+              .otherwise(c("word_lang").is_not_null() & ~c("word_strong")))
+        .otherwise(~c("word_strong"))
+    ).fill_null(False)
+    long = long.with_columns(_need=need_ld, _consistent=consistent.fill_null(False), _strong_other=strong_other.fill_null(False))
+
+    # langdetect: distinct texts that some (text, locale) needs, most letters first, capped
+    ask = (long.filter(c("_need")).select("key", "letters").unique("key")
+           .sort(["letters", "key"], descending=[True, False]))
+    sent = ask.head(cfg.max_langdetect)
+    ld_lang, ld_prob = _langdetect(texts.join(sent.select("key"), on="key", how="semi")
+                                   .join(sent, on="key").sort(["letters", "key"], descending=[True, False])["text"].to_list(),
+                                   cfg) if sent.height else ([], [])
+    ld = pl.DataFrame({"key": sent.sort(["letters", "key"], descending=[True, False])["key"],
+                       "ld_lang": pl.Series(ld_lang, dtype=pl.String), "ld_prob": pl.Series(ld_prob, dtype=pl.Float64)})
+    long = long.join(ld, on="key", how="left")
+    ld_ok = c("ld_lang").is_not_null() & (c("ld_prob") >= cfg.min_probability)
+    ld_other = ld_ok & (c("ld_lang") != c("lp"))
+
+    s = c("script")
+    cjk_script = s.is_in(["ja", "zh", "ko"])
+    mismatch = (
+        pl.when(s == "und").then(False)
+        .when(s == c("exp")).then(False)
+        .when(c("exp").is_in(["ja", "zh", "ko"]) & cjk_script)
+        .then(pl.when((c("exp") == "ja") & (s == "zh")).then(c("zh_strong")).otherwise(True))
+        .when(s == "latin")
+        .then(pl.when(c("exp") != "latin").then(c("word_strong") | ld_other)
+              .when(c("has_list")).then(~c("_consistent") & (c("_strong_other") | (ld_other & (c("word_lang").is_null() | (c("word_lang") != c("lp"))))))
+              .otherwise(c("word_strong") | (c("word_lang").is_not_null() & ld_other)))
+        .otherwise(c("exp") != s)  # another script than the locale's
+    ).fill_null(False)
+    detected = (
+        pl.when(s == "latin")
+        .then(pl.coalesce(c("word_lang"), pl.when(ld_ok).then(c("ld_lang")), pl.lit("und")))
+        .otherwise(s)
+    )
+    by = (pl.when(s.is_in(["latin", "und"]).not_()).then(pl.lit("script"))
+          .when(c("word_lang").is_not_null()).then(pl.lit("words"))
+          .when(ld_ok).then(pl.lit("langdetect")).otherwise(pl.lit("none")))
+    long = long.with_columns(mismatch=mismatch, detected=detected, by=by)
+
+    bad = long.filter(c("mismatch")).sort("pair_id", "part")
+    by_pair = bad.group_by("pair_id", maintain_order=True).agg(
+        pl.format("{} is {} (locale {}; by {})", "part", "detected", "locale", "by").str.join("; ").alias("detail"))
     flags = make_flags(by_pair["pair_id"], subject_kind="pair", check=NAME, reason="language_mismatch",
                        detail=by_pair["detail"]) if by_pair.height else empty_flags()
     matrix: dict[str, dict[str, int]] = {}
-    for loc, lang, n in long.group_by("locale", "lang").len().sort("locale", "lang").iter_rows():
+    for loc, lang, n in long.group_by("locale", "detected").len().sort("locale", "detected").iter_rows():
         matrix.setdefault(loc, {})[lang] = int(n)
-    tiers = dict(long.group_by("tier").len().sort("tier").iter_rows())
+    table = long.select("pair_id", "locale", "part", "detected").pivot(on="part", index=["pair_id", "locale"],
+                                                                     values="detected")
+    n_pairs = pp["pair_id"].n_unique()
     metrics: dict[str, Any] = {
-        "pairs_checked": per_pair.height,
+        "pairs_checked": n_pairs,
         "texts_checked": long.height,
-        "distinct_texts": langs.height,
+        "distinct_texts": texts.height,
         "mismatched_pairs": by_pair.height,
-        "mismatch_rate": by_pair.height / per_pair.height,
+        "mismatch_rate": by_pair.height / n_pairs,
         "matrix": matrix,
-        "decided_by": tiers,
-        "undetermined_over_langdetect_cap": undetermined,
+        "decided_by": dict(long.group_by("by").len().sort("by").iter_rows()),
+        "langdetect_calls": sent.height,
+        "langdetect_skipped": ask.height - sent.height,
     }
-    summary = f"{by_pair.height} of {per_pair.height} pairs contradict their locale"
-    status = "warn" if by_pair.height or undetermined else "pass"
-    return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags, summary=summary)
+    summary = f"{by_pair.height} of {n_pairs} pairs contradict their locale"
+    if metrics["langdetect_skipped"]:
+        summary += f"; {metrics['langdetect_skipped']} weak-evidence texts left undecided (langdetect cap)"
+    return CheckResult(name=NAME, status="warn" if by_pair.height else "pass", metrics=metrics, flags=flags,
+                       tables={"languages": table.sort("pair_id", "locale")}, summary=summary)
