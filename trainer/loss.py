@@ -251,8 +251,13 @@ class _RecomputeFn(torch.autograd.Function):
         grad_w = torch.empty(V, H, dtype=weight.dtype, device=device) if need_w else None
         grad_b = torch.zeros(V, dtype=cd, device=device) if need_b else None
         if N and (need_h or need_w or need_b):
+            # d loss / d l_tv = coef_t * (onehot(y_t)_v - p_tv) * dz/dl_tv, p = softmax(z_t). The per-token
+            # coef_t (and a constant dz/dl = 1/temperature) is folded into the small (n, H) operand of each
+            # matmul, so a logits tile is touched only by sub + exp (and dz/dl with soft-capping).
             _, dz_y = _target_logits(h, weight, bias, sel.targets, spec, cd)
-            coef_y = coef * dz_y  # (N,) gradient through the target logit (the one-hot term)
+            coef_y = coef * dz_y  # (N,) the one-hot half, through the target logit
+            coef_k = coef if spec.softcap is not None else coef / spec.temperature  # (N,)
+            h_k = h * coef_k[:, None] if need_w else None  # (N, H)
             blocks = _vocab_blocks(V, spec)
             width = blocks[0][1] - blocks[0][0]
             buf = _tile_buffer(min(spec.chunk_size, N), width, cd, device)
@@ -260,9 +265,9 @@ class _RecomputeFn(torch.autograd.Function):
             for v0, v1 in blocks:
                 w = weight[v0:v1].to(cd)
                 b = None if bias is None else bias[v0:v1].to(cd)
-                gw = None
                 if need_w:  # accumulate this block's weight gradient in cd, write it once
-                    gw = grad_w[v0:v1] if grad_w.dtype == cd else torch.empty(v1 - v0, H, dtype=cd, device=device)
+                    direct = grad_w.dtype == cd
+                    gw = grad_w[v0:v1] if direct else torch.empty(v1 - v0, H, dtype=cd, device=device)
                     gw.zero_()
                 for t0 in range(0, N, spec.chunk_size):
                     t1 = min(t0 + spec.chunk_size, N)
@@ -270,24 +275,24 @@ class _RecomputeFn(torch.autograd.Function):
                     if spec.softcap is not None:
                         dzdl = _dz_dl_from_z_(dzdl_buf[: z.numel()].view_as(z).copy_(z), spec)
                     p = z.sub_(lse[t0:t1, None]).exp_()  # softmax(z), (n, v)
-                    # the softmax half of d loss / d l = coef * (onehot - p) * dz/dl, sign kept in alpha=-1
-                    g = p.mul_(dzdl) if spec.softcap is not None else p
-                    g.mul_((coef[t0:t1] / spec.temperature if spec.softcap is None else coef[t0:t1])[:, None])
-                    if need_h:
-                        grad_h[t0:t1].addmm_(g, w, alpha=-1.0)
+                    if spec.softcap is not None:
+                        p.mul_(dzdl)
+                    if need_h:  # sum_v p_tv dz/dl_tv W_v, scaled by -coef_k below
+                        grad_h[t0:t1].addmm_(p, w)
                     if need_w:
-                        gw.addmm_(g.t(), h[t0:t1], alpha=-1.0)
+                        gw.addmm_(p.t(), h_k[t0:t1], alpha=-1.0)
                     if need_b:
-                        grad_b[v0:v1].sub_(g.sum(0))
-                if need_w:  # one-hot half for targets inside this block
+                        grad_b[v0:v1].addmv_(p.t(), coef_k[t0:t1], alpha=-1.0)
+                if need_w:  # one-hot half for the targets inside this block
                     inside = ((sel.targets >= v0) & (sel.targets < v1)).nonzero().squeeze(1)
                     gw.index_add_(0, sel.targets[inside] - v0, h[inside] * coef_y[inside, None])
-                    if gw is not grad_w[v0:v1]:
+                    if not direct:
                         grad_w[v0:v1].copy_(gw)
             if need_h:
+                grad_h.mul_(-coef_k[:, None])
                 for t0 in range(0, N, spec.chunk_size):
-                    y = sel.targets[t0:t0 + spec.chunk_size]
-                    grad_h[t0:t0 + spec.chunk_size].add_(weight.index_select(0, y).to(cd) * coef_y[t0:t0 + spec.chunk_size, None])
+                    t1 = min(t0 + spec.chunk_size, N)
+                    grad_h[t0:t1].add_(weight.index_select(0, sel.targets[t0:t1]).to(cd) * coef_y[t0:t1, None])
             if need_b:
                 grad_b.index_add_(0, sel.targets, coef_y)
         elif need_w:
