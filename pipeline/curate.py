@@ -22,6 +22,7 @@ import polars as pl
 from pipeline import aggregate as agg
 from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, run_checks
+from pipeline.checks.near_duplicates import save_index
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from pipeline.split import SPLITS, assign_splits, leakage
 from pipeline.store import Store, VersionHandle, write_parquet
@@ -190,12 +191,9 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
         ("annotators.parquet", annotators),
     ):
         files[name] = _rel(write_parquet(frame, stage / name), stage)
-    index = results["near_duplicates"].tables.get("_index_writer")
-    nd_mod = __import__("pipeline.checks.near_duplicates", fromlist=["save_index"])
-    if hasattr(nd_mod, "save_index"):
-        for rel in nd_mod.save_index(results["near_duplicates"], stage / "prompt_index"):
-            files[rel] = SplitInfo(path=rel, rows=0, sha256=_sha(stage / rel))
-    del index
+    # the MinHash index of every prompt so far: a child version starts from it without re-hashing
+    for rel in save_index(results["near_duplicates"], stage / "prompt_index"):
+        files[rel] = SplitInfo(path=rel, rows=0, sha256=_sha(stage / rel))
     t = timer.lap("write", t)
 
     checks = [r.manifest_entry() for r in results.values()]

@@ -73,3 +73,14 @@ def test_policy_show_and_bad_policy(tmp_path):
     good.write_text("checks:\n  agreement:\n    low_agreement_threshold: 0.75\n")
     res = runner.invoke(app, ["policy", "show", "--policy", str(good), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["policy"]["checks"]["agreement"]["low_agreement_threshold"] == 0.75
+
+
+def test_policy_show_round_trips(tmp_path):
+    from schemas.policy import Policy, load_policy
+
+    res = runner.invoke(app, ["policy", "show"])
+    p = tmp_path / "effective.toml"
+    p.write_text(res.stdout)
+    assert load_policy(p).policy_hash() == Policy().policy_hash()  # the printed policy is a valid, complete file
+    assert (ROOT / "policies" / "default.toml").exists()
+    assert load_policy(ROOT / "policies" / "default.toml").policy_hash() == Policy().policy_hash()

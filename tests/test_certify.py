@@ -1,0 +1,106 @@
+"""Certification: a clean sample version passes; a planted-problem version is rejected for the right reasons."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipeline.certify import certify_version, is_certified
+from pipeline.curate import curate
+from pipeline.store import Store
+from schemas.policy import Policy, policy_from_dict
+
+CLEAN = ROOT / "data" / "samples" / "batch-2026-11-02.jsonl"
+runner = CliRunner()
+
+
+def _planted_batch(tmp_path: Path) -> Path:
+    """The clean batch plus: 10 % re-delivered duplicates, 8 % malformed lines, and an annotator
+    who always picks the first-shown response on 80 pairs."""
+    rng = random.Random(7)
+    rows = [json.loads(line) for line in CLEAN.read_text(encoding="utf-8").splitlines()]
+    out = list(rows)
+    for i, r in enumerate(rng.sample(rows, len(rows) // 10)):
+        out.append({**r, "comparison_id": f"redelivered-{i}"})
+    pairs = {}
+    for r in rows:
+        pairs.setdefault(r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"]), r)
+    for i, r in enumerate(list(pairs.values())[:80]):
+        shown = rng.choice("ab")
+        out.append({**r, "comparison_id": f"biased-{i}", "annotator_id": "rev-biased", "annotator_kind": "human",
+                    "shown_first": shown, "label": shown, "gold_label": None})
+    lines = [json.dumps(r, ensure_ascii=False) for r in out]
+    for i in range(len(lines) * 8 // 100):
+        lines.insert(rng.randrange(len(lines)), '{"comparison_id": "broken-%d", "label": ' % i)
+    p = tmp_path / "planted.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return Store(tmp_path_factory.mktemp("certstore"))
+
+
+def test_clean_sample_version_is_certified(store):
+    res = curate([CLEAN], store, Policy())
+    cert = certify_version(store, res.version_id, Policy())
+    failing = {g.name: (g.value, g.threshold, g.detail) for g in cert.gates if not g.passed}
+    assert cert.verdict == "certified", failing
+    names = {g.name for g in cert.gates}
+    assert {"integrity", "min_pairs.train", "krippendorff_alpha.human", "biased_annotator_share", "split_leakage",
+            "quarantine_rate", "exact_duplicate_rate", "label_balance", "ai_share", "expectations"} <= names
+    ok, why = is_certified(store.get(res.version_id))
+    assert ok, why
+    gx_docs = list((store.root / "certifications" / res.version_id).rglob("index.html"))
+    assert gx_docs, "Great Expectations Data Docs were not built beside the version"
+
+
+def test_planted_version_rejected_with_reasons(store, tmp_path):
+    policy = policy_from_dict({"select": {"flag_actions": {"low_reliability": "warn", "exact_duplicate": "warn"}}})
+    res = curate([_planted_batch(tmp_path)], store, policy)
+    cert = certify_version(store, res.version_id, policy, run_gx=False)
+    failing = {g.name for g in cert.gates if not g.passed}
+    assert cert.verdict == "rejected"
+    assert {"quarantine_rate", "exact_duplicate_rate", "biased_annotator_share"} <= failing, failing
+    bias = next(g for g in cert.gates if g.name == "biased_annotator_share")
+    assert "rev-biased" in bias.detail
+    ok, why = is_certified(store.get(res.version_id))
+    assert not ok and "rejected" in why and "quarantine_rate" in why
+
+
+def test_cli_exit_codes_history_and_tamper(store):
+    vid = curate([CLEAN], store, Policy()).version_id
+    res = runner.invoke(app, ["certify", vid, "--store", str(store.root), "--no-expectations",
+                              "--policy", str(_policy_file(store.root, require_expectations=False))])
+    assert res.exit_code == 0, res.output
+    strict = _policy_file(store.root, min_pairs_per_split={"train": 100000, "validation": 1, "test": 1}, name="strict")
+    res = runner.invoke(app, ["certify", vid, "--store", str(store.root), "--no-expectations", "--policy", str(strict)])
+    assert res.exit_code == 3 and "min_pairs.train" in res.output and "REJECTED" in res.output
+    hist = store.certification_history(vid)
+    assert len(hist) >= 3 and hist[-1]["verdict"] == "rejected"  # history kept, newest last
+    assert len({h["policy_hash"] for h in hist}) >= 2
+    # a changed file: certify refuses (integrity gate) and the trainer check says why
+    split = store.get(vid).split_path("test")
+    split.write_bytes(split.read_bytes() + b"\0")
+    res = runner.invoke(app, ["certify", vid, "--store", str(store.root), "--no-expectations"])
+    assert res.exit_code == 3 and "integrity" in res.output
+    ok, why = is_certified(store.get(vid))
+    assert not ok
+
+
+def _policy_file(root: Path, name: str = "p", **certify) -> Path:
+    p = root / f"{name}.json.toml"
+    lines = ["[certify]"]
+    for k, v in certify.items():
+        if isinstance(v, dict):
+            lines.append(f"{k} = {{ " + ", ".join(f'{kk} = {vv}' for kk, vv in v.items()) + " }")
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    p.write_text("\n".join(lines) + "\n")
+    return p
