@@ -297,6 +297,10 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
     con.print(f"{d['a']} -> {d['b']}")
     con.print(f"pairs kept: +{d['pairs_added']} added, -{d['pairs_removed']} removed, {d['label_flips']} label flips, "
               f"{d['pairs_common']} in both")
+    if d["label_flip_pair_ids"]:
+        shown = d["label_flip_pair_ids"][:10]
+        more = len(d["label_flip_pair_ids"]) - len(shown)
+        con.print("label flipped: " + ", ".join(shown) + (f" (+{more} more)" if more else ""))
     for k, (x, y) in d["metrics"].items():
         con.print(f"  {k:40s} {x!s:>12} -> {y!s:<12}")
 

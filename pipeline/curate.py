@@ -136,6 +136,11 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
     return CurateResult(vid, created, store, timer.t)
 
 
+# valid judgments removed before the checks see them (counted in judgments_valid and
+# judgments_dropped, absent from judgments.parquet); a child carries its parent's counts
+PRE_CHECK_DROPS = ("duplicate_comparison_id", "already_in_parent")
+
+
 def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple[pl.DataFrame, int]:
     """Parent judgments first, then the new batch; judgments whose comparison_id is already
     known (a batch delivered twice) are not added again.  Returns (union, repeated count)."""
@@ -146,14 +151,26 @@ def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple
     return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
 
 
+def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> pl.DataFrame:
+    """A version's quarantine holds every quarantined row its ledger counts: the parent's, then the new ones."""
+    if parent is None:
+        return new
+    return pl.concat([parent.read("quarantine.parquet"), new], how="vertical_relaxed")
+
+
 def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
                    policy: Policy, timer: _Timer) -> Manifest:
     t = time.perf_counter()
     judgments, repeated = _union_with_parent(ingest.judgments, parent)
+    quarantine = _quarantine_with_parent(ingest.quarantine, parent)
     # a comparison_id used twice inside the input: keep the first, count the rest
     dup_ids = judgments.select(pl.col("comparison_id").is_duplicated() & ~pl.col("comparison_id").is_first_distinct()).to_series()
     n_dup_ids = int(dup_ids.sum())
     judgments = judgments.filter(~dup_ids)
+    parent_drops = parent.manifest().ledger.judgments_dropped if parent else {}
+    pre_check = {"duplicate_comparison_id": parent_drops.get("duplicate_comparison_id", 0) + n_dup_ids,
+                 "already_in_parent": parent_drops.get("already_in_parent", 0) + repeated}
+    pre_check = {k: v for k, v in pre_check.items() if v}
 
     prelim = agg.aggregate(judgments, policy.checks.aggregation)
     t = timer.lap("aggregate_preliminary", t)
@@ -185,7 +202,7 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     for name, frame in (
         ("judgments.parquet", judgments),
         ("pairs.parquet", psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"])),
-        ("quarantine.parquet", ingest.quarantine),
+        ("quarantine.parquet", quarantine),
         ("flags.parquet", flags),
         ("routed.parquet", psel.routed.drop("_reasons", strict=False)),
         ("annotators.parquet", annotators),
@@ -201,9 +218,9 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     ledger = Ledger(
         rows_in=ingest.ledger.rows_in + (parent.manifest().ledger.rows_in if parent else 0),
         quarantined=ingest.ledger.quarantined + (parent.manifest().ledger.quarantined if parent else 0),
-        judgments_valid=judgments.height,
-        judgments_dropped={**jsel.dropped_by_reason, **({"duplicate_comparison_id": n_dup_ids} if n_dup_ids else {}),
-                           **({"already_in_parent": repeated} if repeated else {})},
+        # every valid judgment that came in: used + dropped with a reason (pre-check drops included)
+        judgments_valid=judgments.height + sum(pre_check.values()),
+        judgments_dropped={**jsel.dropped_by_reason, **pre_check},
         pairs=prelim.pairs.height,
         pairs_kept=psel.dpo.height,
         routed=psel.routed_by_label,
@@ -236,7 +253,7 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     from pipeline.report import ReportInputs, write_report
 
     inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=psel.pairs.with_columns(flag_reasons=psel.pairs["_reasons"]),
-                          flags=flags, annotators=annotators, routed=psel.routed, quarantine=ingest.quarantine, results=results)
+                          flags=flags, annotators=annotators, routed=psel.routed, quarantine=quarantine, results=results)
     for path in write_report(inputs, stage):
         manifest.files[path.name] = SplitInfo(path=path.name, rows=0, sha256=_sha(path))
     timer.lap("report", t)

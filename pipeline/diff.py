@@ -40,13 +40,15 @@ def diff_versions(a: VersionHandle, b: VersionHandle) -> dict[str, Any]:
     both = ka.join(kb, on="pair_id", suffix="_b")
     ma, mb = _metrics(a), _metrics(b)
     keys = sorted(set(ma) | set(mb))
+    flips = both.filter(pl.col("chosen_text") != pl.col("chosen_text_b"))
     return {
         "a": a.version_id,
         "b": b.version_id,
         "pairs_added": kb.join(ka, on="pair_id", how="anti").height,
         "pairs_removed": ka.join(kb, on="pair_id", how="anti").height,
         "pairs_common": both.height,
-        "label_flips": both.filter(pl.col("chosen_text") != pl.col("chosen_text_b")).height,
+        "label_flips": flips.height,
+        "label_flip_pair_ids": sorted(flips["pair_id"].to_list()),
         "split_moves": both.filter(pl.col("split") != pl.col("split_b")).height,
         "metrics": {k: (ma.get(k), mb.get(k)) for k in keys if ma.get(k) != mb.get(k)},
     }
