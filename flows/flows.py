@@ -40,7 +40,9 @@ def _opts_key(options: dict[str, Any]) -> str:
 
 
 def _ingest_cache_key(context, parameters) -> str:
-    return f"ingest-{parameters['sha256']}-{parameters['batch_rows']}-{_opts_key(parameters['options'])}-{code_version()}"
+    # the work dir is part of the key: a cached result is a path, valid only for that store
+    return content_hash(f"ingest|{parameters['sha256']}|{parameters['batch_rows']}|{_opts_key(parameters['options'])}"
+                        f"|{code_version()}|{Path(parameters['work_dir']).resolve()}")
 
 
 @task(retries=2, retry_delay_seconds=2, persist_result=False)

@@ -1,0 +1,99 @@
+"""Prefect orchestration: the inbox as the schedule runs it, artifacts in the API, failures, Dask."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+import flows  # noqa: F401  (sets the temporary-server defaults before prefect is imported)
+from pipeline.store import Store
+
+SAMPLES = sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))
+pytestmark = pytest.mark.slow
+
+
+def _drop(inbox: Path, src: Path, *, done: bool = True) -> Path:
+    dst = inbox / src.name
+    shutil.copyfile(src, dst)
+    if done:
+        (inbox / (src.name + ".done")).touch()
+    return dst
+
+
+async def _artifact_keys() -> set[str]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        arts = await client.read_artifacts(limit=200)
+    return {a.key for a in arts if a.key}
+
+
+def test_inbox_three_batches_chain_and_never_reprocess(tmp_path):
+    from flows.flows import process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    st = Store(store)
+    _drop(inbox, SAMPLES[0])
+    _drop(inbox, SAMPLES[1], done=False)  # still being copied: no .done marker yet
+    out1 = process_inbox(inbox=str(inbox), store=str(store))
+    assert [o["batch"] for o in out1] == [SAMPLES[0].name]
+    (inbox / (SAMPLES[1].name + ".done")).touch()
+    out2 = process_inbox(inbox=str(inbox), store=str(store))
+    _drop(inbox, SAMPLES[2])
+    out3 = process_inbox(inbox=str(inbox), store=str(store))
+    assert [o["batch"] for o in out2 + out3] == [SAMPLES[1].name, SAMPLES[2].name]
+
+    ids = st.list_ids()
+    assert len(ids) == 3
+    parents = [st.get(v).manifest().parent_version for v in ids]
+    assert parents == [None, ids[0], ids[1]]  # chained: each batch is a child of the latest version
+    last = st.get(ids[-1]).manifest()
+    assert last.ledger.rows_in == sum(sum(1 for line in p.open() if line.strip()) for p in SAMPLES)
+    assert {s.sha256 for s in last.sources} >= {o["sha256"] for o in out1 + out2 + out3}
+    for v in ids:
+        rec = st.latest_certification(v)
+        assert rec is not None and rec["verdict"] in ("certified", "rejected")
+
+    assert process_inbox(inbox=str(inbox), store=str(store)) == []  # fourth run: nothing new
+    assert st.list_ids() == ids
+
+    keys = asyncio.run(_artifact_keys())
+    for v in ids:
+        k = v.lower()
+        assert {f"report-{k}", f"ledger-{k}", f"checks-{k}", f"annotators-{k}", f"certification-{k}"} <= keys
+
+
+def test_failed_batch_is_visible_and_does_not_block(tmp_path):
+    from flows.flows import process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    bad = inbox / "a-broken.jsonl"
+    bad.write_bytes("".join(f'{{"comparison_id": "caf\xe9 {i}"}}\n' for i in range(5)).encode("latin-1"))
+    (inbox / "a-broken.jsonl.done").touch()
+    _drop(inbox, SAMPLES[0])
+    with pytest.raises(RuntimeError, match="a-broken.jsonl.*not UTF-8"):
+        process_inbox(inbox=str(inbox), store=str(store))
+    st = Store(store)
+    assert len(st.list_ids()) == 1  # the good batch after it was processed
+    assert "a-broken.jsonl" in (store / "inbox" / "failed.jsonl").read_text()
+    assert process_inbox(inbox=str(inbox), store=str(store)) == []  # not retried, nothing re-done
+
+
+def test_dask_runner_gives_identical_version(tmp_path, monkeypatch):
+    pytest.importorskip("prefect_dask")
+    from flows.flows import curate_batch, curate_batch_with_runner
+
+    files = [str(p) for p in SAMPLES[:2]]
+    v_default = curate_batch(files=files, store=str(tmp_path / "a"))
+    monkeypatch.setenv("PREFPIPE_DASK", "local")
+    v_dask = curate_batch_with_runner()(files=files, store=str(tmp_path / "b"))
+    assert v_default == v_dask
+    ma, mb = Store(tmp_path / "a").get(v_default).manifest(), Store(tmp_path / "b").get(v_dask).manifest()
+    assert {k: s.sha256 for k, s in ma.splits.items()} == {k: s.sha256 for k, s in mb.splits.items()}
+    assert {k: f.sha256 for k, f in ma.files.items() if k.endswith(".parquet")} == \
+           {k: f.sha256 for k, f in mb.files.items() if k.endswith(".parquet")}
