@@ -72,28 +72,39 @@ def ledger_rows(m: Manifest) -> list[tuple[str, int]]:
     return rows
 
 
+LEDGER_COLORS = {"valid": "#16a34a", "used": "#16a34a", "kept: train": "#16a34a", "kept: validation": "#4ade80",
+                 "kept: test": "#86efac", "quarantined": "#dc2626", "routed: tie": "#f59e0b", "routed: both_bad": "#d97706",
+                 "routed: escalate": "#fbbf24"}
+DROP_COLORS = ["#dc2626", "#f87171", "#991b1b", "#fb7185", "#b91c1c", "#fca5a5"]
+
+
 def flow_chart(m: Manifest) -> str:
+    """Where rows went: green = on to training, amber = routed to people, red = dropped (same colour = same fate)."""
     led = m.ledger
-    return svg.stacked_hbars("ledger-flow", "Ledger: where every row went", [
+    drops = sorted({*led.judgments_dropped, *led.dropped})
+    colors = {**LEDGER_COLORS, **{f"dropped: {k}": DROP_COLORS[i % len(DROP_COLORS)] for i, k in enumerate(drops)}}
+    return svg.stacked_hbars("ledger-flow", "Ledger: where every row went", colors=colors, rows=[
         ("rows in", [("valid", led.rows_in - led.quarantined), ("quarantined", led.quarantined)]),
         ("judgments", [("used", led.judgments_valid - sum(led.judgments_dropped.values()))]
-         + [(k, v) for k, v in led.judgments_dropped.items()]),
+         + [(f"dropped: {k}", v) for k, v in led.judgments_dropped.items()]),
         ("pairs", [(f"kept: {k}", v) for k, v in led.splits.items()]
          + [(f"routed: {k}", v) for k, v in led.routed.items()] + [(f"dropped: {k}", v) for k, v in led.dropped.items()]),
     ])
 
 
-def label_distribution(inp: ReportInputs) -> tuple[list[str], dict[str, list[float]]]:
+def label_distribution(inp: ReportInputs) -> tuple[list[str], dict[str, list[float]], list[int]]:
+    """(slices, share of each label per slice, judgments per slice)."""
     j = inp.judgments
     if j.height == 0:
-        return [], {}
+        return [], {}, []
     sl = j.with_columns(slice=pl.concat_str([pl.col("locale").fill_null("?"), pl.col("annotator_kind")], separator=" · "))
     counts = sl.group_by("slice", "label").len()
     slices = sorted(counts["slice"].unique().to_list())
     series = {lab: [float(counts.filter((pl.col("slice") == s) & (pl.col("label") == lab))["len"].sum()) for s in slices]
               for lab in LABEL_ORDER}
-    totals = [sum(series[lab][i] for lab in LABEL_ORDER) or 1 for i in range(len(slices))]
-    return slices, {lab: [v / t for v, t in zip(vals, totals, strict=True)] for lab, vals in series.items()}
+    totals = [sum(series[lab][i] for lab in LABEL_ORDER) for i in range(len(slices))]
+    shares = {lab: [v / (t or 1) for v, t in zip(vals, totals, strict=True)] for lab, vals in series.items()}
+    return slices, shares, [int(t) for t in totals]
 
 
 def position_items(ann: pl.DataFrame) -> list[tuple[str, float, float, float, bool]]:
@@ -112,14 +123,37 @@ def position_items(ann: pl.DataFrame) -> list[tuple[str, float, float, float, bo
 def agreement_rows(inp: ReportInputs) -> list[tuple[str, str, Any, Any, Any]]:
     met = _check(inp, "agreement").get("metrics", {})
     rows = []
-    for kind in ("human", "ai"):
+    for kind in ("human", "ai", "all"):
         k = met.get(kind) or {}
         if k.get("n_pairs"):
             rows.append(("all", kind, k.get("n_pairs"), k.get("krippendorff_alpha"), k.get("fleiss_kappa")))
+    kind_order = {"human": 0, "ai": 1, "all": 2}
     for s, kinds in sorted((met.get("slices") or {}).items()):
-        for kind, k in sorted(kinds.items()):
+        for kind, k in sorted(kinds.items(), key=lambda kv: (kind_order.get(kv[0], 3), kv[0])):
             rows.append((s, kind, k.get("n_pairs"), k.get("krippendorff_alpha"), k.get("fleiss_kappa")))
     return rows
+
+
+def agreement_cis(inp: ReportInputs, kind: str) -> tuple[Any, Any]:
+    """95 % CIs (krippendorff_alpha_ci, fleiss_kappa_ci) of the overall figures of one annotator kind."""
+    k = _check(inp, "agreement").get("metrics", {}).get(kind) or {}
+    return k.get("krippendorff_alpha_ci"), k.get("fleiss_kappa_ci")
+
+
+def length_ratio_ticks(hist: pl.DataFrame) -> tuple[list[str], list[tuple[float, str]], float | None]:
+    """Bin labels (the outer bins hold everything beyond them), axis ticks at whole powers of two, position of ratio 1."""
+    edges = [float(e) for e in hist["log2_ratio_lo"]] + [float(hist["log2_ratio_hi"][-1])]
+    n = len(edges) - 1
+    labels = [f"{2 ** lo:.2g}–{2 ** hi:.2g}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    labels[0], labels[-1] = f"< {2 ** edges[1]:.2g}", f"≥ {2 ** edges[-2]:.2g}"
+
+    def name(e: float) -> str:
+        return f"{2 ** e:g}×" if e >= 0 else f"1/{2 ** -e:g}"
+
+    ticks = [(0.5, labels[0])] + [(float(i), name(e)) for i, e in enumerate(edges) if float(e).is_integer() and 1 < i < n - 1]
+    ticks.append((n - 0.5, labels[-1]))  # the open-ended outer bins are labelled under their bars
+    one = next((float(i) for i, e in enumerate(edges) if e == 0), None)
+    return labels, ticks, one
 
 
 def language_matrix(inp: ReportInputs) -> tuple[list[str], list[str], list[list[float]]]:
@@ -153,23 +187,28 @@ def offender_pairs(inp: ReportInputs, reason: str) -> pl.DataFrame:
 
 # ---------------------------------------------------------------- HTML
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#0f172a;background:#f8fafc}
+body{font-family:system-ui,-apple-system,"Segoe UI","DejaVu Sans","Noto Sans","Noto Sans CJK SC","Noto Sans CJK JP","PingFang SC","Hiragino Sans","Microsoft YaHei",sans-serif;margin:0;color:#0f172a;background:#f8fafc}
 main{max-width:1100px;margin:0 auto;padding:24px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e2e8f0;padding-bottom:4px}
-.meta{color:#475569;font-size:13px} .card{background:white;border:1px solid #e2e8f0;border-radius:8px;padding:14px;margin:10px 0}
+.meta{color:#475569;font-size:13px} .card{background:white;border:1px solid #e2e8f0;border-radius:8px;padding:14px;margin:10px 0;overflow-x:auto}
 table{border-collapse:collapse;font-size:13px;width:100%} th,td{border-bottom:1px solid #e2e8f0;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f1f5f9} td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f1f5f9} td.n,th.n{text-align:right;font-variant-numeric:tabular-nums} td.id{white-space:nowrap;font-family:ui-monospace,monospace;font-size:12px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:white;font-size:12px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:8px}
 .verdict{border-left:4px solid;padding:6px 10px;background:white;border-radius:4px;font-size:13px}
-.small{font-size:12px;color:#475569} svg.chart{max-width:100%;height:auto;display:block}
+.small{font-size:12px;color:#475569} .card>.small{margin-top:6px} svg.chart{max-width:100%;height:auto;display:block}
 """
 
 
-def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
-    numeric = numeric or set()
-    th = "".join(f"<th>{svg.esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f'<td{" class=n" if i in numeric else ""}>{svg.esc(_num(v) if not isinstance(v, str) else v)}</td>'
+def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = None, ids: set[int] | None = None) -> str:
+    """Headers are shown with spaces for underscores so long column names can wrap; ``ids`` columns never wrap."""
+    numeric, ids = numeric or set(), ids or set()
+
+    def cls(i: int) -> str:
+        return " class=n" if i in numeric else " class=id" if i in ids else ""
+
+    th = "".join(f"<th{' class=n' if i in numeric else ''}>{svg.esc(h.replace('_', ' '))}</th>" for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f"<td{cls(i)}>{svg.esc(_num(v) if not isinstance(v, str) else v)}</td>"
                                     for i, v in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -194,10 +233,11 @@ def render_html(inp: ReportInputs) -> str:
     parts.append("<h2>Ledger: from rows in to DPO rows</h2><div class=card>" + flow_chart(m))
     parts.append(_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)], {1}) + "</div>")
     # plots
-    slices, series = label_distribution(inp)
+    slices, series, n_slice = label_distribution(inp)
     parts.append("<h2>Label distribution per slice</h2><div class=card>"
-                 + svg.vbars("label-distribution", "Share of judgment labels per slice (locale · annotator kind)", slices, series,
-                             y_label="share of judgments") + "</div>")
+                 + svg.vbars("label-distribution", "Share of judgment labels per slice (locale · annotator kind)",
+                             [f"{s}\n{n:,} judgments" for s, n in zip(slices, n_slice, strict=True)], series,
+                             y_label="share of judgments", y_range=(0, 1)) + "</div>")
     pos = position_items(inp.annotators)
     pm = _check(inp, "position_bias").get("metrics", {})
     parts.append("<h2>Position bias: first-shown win rate per annotator (95% CI)</h2><div class=card>"
@@ -208,9 +248,10 @@ def render_html(inp: ReportInputs) -> str:
     hist = inp.results.get("length_bias").tables.get("length_ratio_hist") if inp.results.get("length_bias") else None
     lm = _check(inp, "length_bias").get("metrics", {})
     if hist is not None and hist.height:
-        labels = [f"{2 ** lo:.2g}–{2 ** hi:.2g}" for lo, hi in hist.select("log2_ratio_lo", "log2_ratio_hi").iter_rows()]
+        labels, ticks, one = length_ratio_ticks(hist)
         chart = svg.vbars("length-ratio", "Chosen/rejected length ratio of consensus pairs", labels,
-                          {"pairs": [float(v) for v in hist["pairs"]]}, y_label="pairs")
+                          {"pairs": [float(v) for v in hist["pairs"]]}, y_label="consensus pairs", integer=True, x_ticks=ticks, x_ref=one,
+                          x_label="length of chosen / length of rejected (log scale; red line = equal length)")
     else:
         chart = svg.vbars("length-ratio", "Chosen/rejected length ratio", [], {})
     parts.append("<h2>Length: chosen / rejected length ratio</h2><div class=card>" + chart
@@ -218,10 +259,14 @@ def render_html(inp: ReportInputs) -> str:
                  f" ratio quantiles {svg.esc(_quantiles(lm.get('chosen_rejected_ratio_quantiles')))}</div></div>")
     ag = [r for r in agreement_rows(inp) if (r[2] or 0) >= MIN_SLICE_PAIRS]
     main_ag = [r for r in ag if r[0] == "all" or r[0].startswith("locale=")]
+    cis = [agreement_cis(inp, k) if s == "all" else (None, None) for s, k, *_ in main_ag]
     parts.append("<h2>Agreement per slice</h2><div class=card>"
-                 + svg.vbars("agreement", "Krippendorff's alpha and Fleiss' kappa, overall and per locale", [f"{s.removeprefix('locale=')} · {k}" for s, k, *_ in main_ag],
+                 + svg.vbars("agreement", "Krippendorff's alpha and Fleiss' kappa, overall and per locale",
+                             [f"{'overall' if s == 'all' else s.removeprefix('locale=')}\n{k}\n{n} pairs" for s, k, n, *_ in main_ag],
                              {"Krippendorff α": [float(a or 0) for _, _, _, a, _ in main_ag], "Fleiss κ": [float(k or 0) for *_, k in main_ag]},
-                             stacked=False, y_label="agreement", label_every=1, height=260)
+                             stacked=False, y_label="agreement (1 = perfect, 0 = chance)", y_range=(0, 1), values=True, height=300,
+                             errors={"Krippendorff α": [c[0] for c in cis], "Fleiss κ": [c[1] for c in cis]})
+                 + "<div class=small>Whiskers: 95% bootstrap CIs of the overall figures (per-slice figures are point estimates).</div>"
                  + f"<div class=small>All slices with at least {MIN_SLICE_PAIRS} pairs (locale, tag, annotator kind):</div>"
                  + _table(["slice", "kind", "pairs", "Krippendorff α", "Fleiss κ"], [list(r) for r in ag], {2, 3, 4}) + "</div>")
     ann = inp.annotators
@@ -231,18 +276,27 @@ def render_html(inp: ReportInputs) -> str:
             pts.append((r["annotator_id"], r["agreement_with_consensus"], r["gold_accuracy"], bool(r.get("flags"))))
     parts.append("<h2>Annotator reliability: agreement with consensus vs gold accuracy</h2><div class=card>"
                  + svg.scatter("reliability", "Annotator agreement with leave-one-out consensus vs gold accuracy", pts,
-                               x_label="agreement with consensus", y_label="gold accuracy") + "</div>")
+                               x_label="agreement with consensus", y_label="gold accuracy")
+                 + "<div class=small>One dot per annotator with gold items (hover for the id); red = flagged by a check. "
+                 "Reliable annotators sit top right.</div></div>")
     cl = near_dup_clusters(inp)
-    cl_rows = [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 70) for t in r["prompts"][:3])]
-               for r in cl.head(MAX_EXAMPLES).iter_rows(named=True)] if cl.height else []
+    top_cl = list(cl.head(MAX_EXAMPLES).iter_rows(named=True)) if cl.height else []
+    cl_rows = [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 70) for t in r["prompts"][:3])] for r in top_cl]
+    nm = _check(inp, "near_duplicates").get("metrics", {})
     parts.append("<h2>Near-duplicate prompt clusters</h2><div class=card>"
-                 + svg.vbars("near-duplicates", "Largest near-duplicate clusters (distinct prompts per cluster)",
-                             [r[0] for r in cl_rows], {"distinct prompts": [float(r[1]) for r in cl_rows]}, y_label="prompts")
-                 + (_table(["cluster", "prompts", "pairs", "examples"], cl_rows, {1, 2}) if cl_rows else "<p class=small>no near-duplicate clusters</p>")
+                 + svg.hbars("near-duplicates", "Largest near-duplicate clusters: pairs per cluster",
+                             [(_short(min(r["prompts"], key=len), 80), float(r["pairs"]), f"pairs · {r['n_prompts']} prompts") for r in top_cl],
+                             x_label="pairs in the cluster (labelled by its shortest prompt)")
+                 + f"<div class=small>{_num(nm.get('near_duplicate_pairs'))} of {_num(nm.get('pairs'))} pairs have a near-duplicate prompt; "
+                 f"{_num(cl.height)} cluster(s) with more than one distinct prompt "
+                 f"(clusters are kept within one split; split_leakage check: {_check(inp, 'split_leakage')['status']}).</div>"
+                 + (_table(["cluster", "prompts", "pairs", "examples"], cl_rows, {1, 2}, ids={0}) if cl_rows else "<p class=small>no near-duplicate clusters</p>")
                  + "</div>")
     rows_l, cols_l, vals = language_matrix(inp)
     parts.append("<h2>Language: locale vs detected</h2><div class=card>"
-                 + svg.heatmap("language", "Texts by declared locale (rows) and detected language (columns)", rows_l, cols_l, vals) + "</div>")
+                 + svg.heatmap("language", "Texts by declared locale (rows) and detected language (columns)", rows_l, cols_l, vals,
+                               row_title="declared locale", col_title="detected language")
+                 + "<div class=small>und = language not determined (short text, mostly code, or no confident decision).</div></div>")
     # offenders
     parts.append("<h2>Worst offenders</h2>")
     flagged = ann.filter(pl.col("flags").list.len() > 0) if ann.height else ann
@@ -250,18 +304,19 @@ def render_html(inp: ReportInputs) -> str:
         cols = [c for c in ("annotator_id", "annotator_kind", "n_judgments", "agreement_with_consensus", "gold_accuracy",
                             "first_shown_rate", "position_p_value", "longer_chosen_rate", "order_consistency") if c in flagged.columns]
         rows = [[*(r[c] for c in cols), ", ".join(r["flags"])] for r in flagged.select(*cols, "flags").iter_rows(named=True)]
-        parts.append("<div class=card><b>Flagged annotators</b>" + _table(cols + ["flags"], rows, set(range(2, len(cols)))) + "</div>")
+        parts.append("<div class=card><b>Flagged annotators</b>" + _table(cols + ["flags"], rows, set(range(2, len(cols))), ids={0}) + "</div>")
     for reason in ("low_agreement", "language_mismatch", "identical_responses", "near_duplicate"):
         ex = offender_pairs(inp, reason)
         if ex.height:
             rows = [[r["subject_id"][:14], _short(r["prompt_text"], 90), _short(r["response_a"], 80), _short(r["response_b"], 80),
-                     f"a {r['count_a']} / b {r['count_b']} / tie {r['count_tie']}", r["decision"], _short(r["detail"], 60)]
+                     f"a\u00a0{r['count_a']} · b\u00a0{r['count_b']} · tie\u00a0{r['count_tie']}", r["decision"], _short(r["detail"], 60)]
                     for r in ex.iter_rows(named=True)]
-            parts.append(f"<div class=card><b>{reason}</b> ({inp.flags.filter(pl.col('reason') == reason)['subject_id'].n_unique()} pairs; examples)"
-                         + _table(["pair", "prompt", "response a", "response b", "votes", "decision", "detail"], rows) + "</div>")
+            n = inp.flags.filter(pl.col("reason") == reason)["subject_id"].n_unique()
+            parts.append(f"<div class=card><b>{reason}</b> ({n} pair{'s' if n != 1 else ''}; examples)"
+                         + _table(["pair", "prompt", "response a", "response b", "votes", "decision", "detail"], rows, ids={0}) + "</div>")
     if inp.quarantine.height:
         rows = [[Path(r["source_file"]).name, r["line"], r["reason"], _short(r["error"], 160)] for r in inp.quarantine.head(MAX_EXAMPLES).iter_rows(named=True)]
-        parts.append("<div class=card><b>Quarantine</b> (first rows)" + _table(["file", "line", "reason", "error"], rows, {1}) + "</div>")
+        parts.append("<div class=card><b>Quarantine</b> (first rows)" + _table(["file", "line", "reason", "error"], rows, {1}, ids={0}) + "</div>")
     parts.append("<p class=small>Generated by prefpipe. Splits, flags, annotators, routed items and quarantine are in the version directory as Parquet.</p>")
     parts.append("</main></body></html>")
     return "".join(parts)
