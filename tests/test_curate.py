@@ -310,6 +310,10 @@ def test_child_names_its_parent_and_holds_the_union(chain):
     pj, cj = set(p.read("judgments.parquet")["comparison_id"]), set(c.read("judgments.parquet")["comparison_id"])
     assert cj == pj | new_ids and not pj & new_ids
     assert c.verify() == []
+    # the same child again (parent by id prefix): same id, nothing read or written
+    before = snapshot(chain.store)
+    assert curate_cli(B3, "--store", chain.store, "--parent", chain.v1[:10]) == chain.v2
+    assert snapshot(chain.store) == before
 
 
 def test_child_finds_duplicates_of_parent_prompts_without_rehashing_them(chain):
