@@ -192,7 +192,8 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     )
     t = timer.lap("select", t)
     dpo = assign_splits(psel.dpo, policy.split)
-    split_frames = {s: dpo.filter(pl.col("split") == s).drop("split") for s in SPLITS}
+    # rows in pair_id order: the same version id gives the same bytes whatever the order of the input files
+    split_frames = {s: dpo.filter(pl.col("split") == s).drop("split").sort("pair_id") for s in SPLITS}
     leaks = leakage(split_frames, judgments.select("pair_id", "prompt_hash"))
     t = timer.lap("split", t)
 

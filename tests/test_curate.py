@@ -298,6 +298,16 @@ def test_changed_policy_gives_a_new_version(tmp_path):
     assert snapshot(store) == before
 
 
+def test_input_order_gives_the_same_id_and_the_same_split_bytes(chain, tmp_path):
+    """The id ignores the order of the files, so the DPO files must not depend on it either
+    (the trainer's epoch permutations run over the file's row order)."""
+    vid = curate_cli(B2, B1, "--store", tmp_path / "store")
+    assert vid == chain.v1
+    mine, theirs = Store(tmp_path / "store").get(vid).manifest(), chain.h(chain.v1).manifest()
+    assert {s: i.sha256 for s, i in mine.splits.items()} == {s: i.sha256 for s, i in theirs.splits.items()}
+    assert mine.ledger == theirs.ledger
+
+
 # ---------------------------------------------------------------- incremental
 def test_child_names_its_parent_and_holds_the_union(chain):
     p, c = chain.h(chain.v1), chain.h(chain.v2)
