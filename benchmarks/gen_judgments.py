@@ -2,7 +2,9 @@
 
 Structure of the output (canonical JSONL): ~3.3 judgments per pair (2-3 humans, sometimes an
 AI judge, sometimes in both display orders), ~1.25 pairs per prompt, prompts and responses of
-random pseudo-words sized so the average line is ``--row-bytes`` long, 200 human annotators
+real words sampled at their corpus frequency from the repo's source texts (``data/source``:
+English for ``en``, Japanese and Chinese character pieces for ``ja-JP``/``zh-CN``), sized so the
+average line is ``--row-bytes`` long, 200 human annotators
 (one position-biased), 4 AI judges, locales en/ja-JP/zh-CN, 1 % re-delivered duplicates,
 2 % near-duplicate prompts and 0.1 % malformed rows.
 
@@ -17,35 +19,62 @@ from pathlib import Path
 
 import orjson
 
-_SYL = ["ka", "to", "ri", "mo", "ne", "sa", "lu", "pe", "di", "ga", "xo", "in", "er", "an", "ol", "us", "ve", "qui"]
+GEN_VERSION = 2  # part of cached file names: bump when the generated text changes
+SOURCE = Path(__file__).resolve().parent.parent / "data" / "source"
 
 
-def _vocab(rng: random.Random, n: int = 6000) -> list[str]:
-    return ["".join(rng.choices(_SYL, k=rng.randint(1, 4))) for _ in range(n)]
+def _texts(name: str) -> list[str]:
+    out = []
+    for line in (SOURCE / name).read_text(encoding="utf-8").splitlines():
+        row = orjson.loads(line)
+        prompt = row["prompt"] if isinstance(row["prompt"], str) else " ".join(m["content"] for m in row["prompt"])
+        out += [prompt, row.get("chosen") or "", row.get("rejected") or ""]
+    return [t for t in out if t]
+
+
+def _vocab() -> dict[str, tuple[list[str], str]]:
+    """Per locale: tokens with their corpus frequency (a list with repeats) and the joiner.
+    Random text from it has the function-word and script statistics of real text."""
+    en = [w for t in _texts("hh_harmless.jsonl") + _texts("llamafactory_dpo_en.jsonl") for w in t.split()]
+
+    def pieces(name: str) -> list[str]:  # CJK: 2-character pieces of the running text
+        chars = "".join(ch for t in _texts(name) for ch in t if not ch.isspace())
+        return [chars[i:i + 2] for i in range(0, len(chars) - 1, 2)]
+
+    return {"en": (en, " "), "ja-JP": (pieces("ja_handwritten.jsonl"), ""), "zh-CN": (pieces("llamafactory_dpo_zh.jsonl"), "")}
 
 
 def generate(out: Path, judgments: int, row_bytes: int = 1600, seed: int = 0, uniform: bool = False) -> dict[str, int]:
     """Write the batch; ``uniform`` gives every row the same shape and no malformed rows, so that
     the bare Arrow/Polars JSON readers (which reject mixed types and bad lines) can parse it too."""
     rng = random.Random(seed)
-    vocab = _vocab(rng)
+    vocabs = _vocab()
     # ~7 bytes per word; a row is ~200 bytes of fields + prompt + 2 responses (prompt : resp = 1 : 2 : 2)
     words_total = max(30, (row_bytes - 330) * 10 // 60)
     w_prompt, w_resp = max(8, words_total // 5), max(10, 2 * words_total // 5)
     n_pairs = max(1, int(judgments / 3.3))
     n_prompts = max(1, int(n_pairs / 1.25))
 
-    def text(k: int) -> str:
-        return " ".join(rng.choices(vocab, k=max(3, int(rng.gauss(k, k / 4)))))
+    locales = ["en"] * 8 + ["ja-JP", "zh-CN"]
 
-    prompts = [text(w_prompt) for _ in range(n_prompts)]
-    for i in rng.sample(range(n_prompts), k=n_prompts // 50):  # near-duplicate prompts: one word changed
-        words = prompts[i - 1].split()
-        words[rng.randrange(len(words))] = rng.choice(vocab)
-        prompts[i] = " ".join(words)
+    def words(loc: str, k: int) -> list[str]:
+        return rng.choices(vocabs[loc][0], k=max(3, int(rng.gauss(k, k / 4))))
+
+    def text(loc: str, k: int) -> str:
+        return vocabs[loc][1].join(words(loc, k))
+
+    prompt_words = [words(locales[p % len(locales)], w_prompt) for p in range(n_prompts)]
+    for i in rng.sample(range(1, n_prompts), k=n_prompts // 50):  # near-duplicate prompts: one word changed
+        loc = locales[i % len(locales)]
+        if loc != locales[(i - 1) % len(locales)]:
+            continue
+        w = list(prompt_words[i - 1])
+        w[rng.randrange(len(w))] = rng.choice(vocabs[loc][0])
+        prompt_words[i] = w
+    prompts = [vocabs[locales[p % len(locales)]][1].join(w) for p, w in enumerate(prompt_words)]
+    del prompt_words
     humans = [f"rev-{i:03d}" for i in range(200)]
     ais = ["judge-alpha", "judge-beta", "judge-gamma", "judge-delta"]
-    locales = ["en"] * 8 + ["ja-JP", "zh-CN"]
     written = dups = bad = 0
     cid = 0
     t0 = time.perf_counter()
@@ -53,12 +82,12 @@ def generate(out: Path, judgments: int, row_bytes: int = 1600, seed: int = 0, un
         pair = 0
         while written < judgments:
             p = pair % n_prompts
-            ra, rb = text(w_resp), text(w_resp)
+            loc = locales[p % len(locales)]
+            ra, rb = text(loc, w_resp), text(loc, w_resp)
             truth = rng.random() < 0.5
             raters = [(h, "human") for h in rng.sample(humans, rng.choice((2, 3, 3)))]
             if rng.random() < 0.3:
                 raters.append((rng.choice(ais), "ai"))
-            loc = locales[p % len(locales)]
             for who, kind in raters:
                 if written >= judgments:
                     break

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import PEAK_SNIPPET, machine_line, run_measured, table, write_section  # noqa: E402
-from gen_judgments import generate  # noqa: E402
+from gen_judgments import GEN_VERSION, generate  # noqa: E402
 
 STEPS = {
     "bare parse: polars.read_ndjson": "import polars as pl; df = pl.read_ndjson({path!r}); print(df.height)",
@@ -41,8 +41,8 @@ def main() -> None:
     a = ap.parse_args()
     cache = Path(tempfile.gettempdir()) / "prefpipe-bench"
     cache.mkdir(exist_ok=True)
-    uniform = cache / f"uniform-{a.judgments}-{a.row_bytes}.jsonl"
-    messy = cache / f"messy-{a.judgments}-{a.row_bytes}.jsonl"
+    uniform = cache / f"uniform-v{GEN_VERSION}-{a.judgments}-{a.row_bytes}.jsonl"
+    messy = cache / f"messy-v{GEN_VERSION}-{a.judgments}-{a.row_bytes}.jsonl"
     for path, uni in ((uniform, True), (messy, False)):
         if not path.exists():
             print(f"generating {path} ...", flush=True)
