@@ -314,21 +314,24 @@ def serve(
     interval: Annotated[int | None, typer.Option("--interval", help="Run every N seconds (instead of --cron).")] = None,
     train_model: Annotated[str | None, typer.Option("--train-model", help="Model for training after certification (if the policy enables it).")] = None,
     once: Annotated[bool, typer.Option("--once", help="Process the inbox once now (as a schedule tick would) and exit.")] = False,
+    port: Annotated[int, typer.Option("--port", help="Port of the local Prefect server (UI) started when PREFECT_API_URL is not set.")] = 4200,
 ) -> None:
     """Serve the inbox deployment on a schedule with Prefect (`serve`); see runs in the Prefect UI.
 
-    Without PREFECT_API_URL Prefect starts its temporary local server; start `prefect server start`
-    and set PREFECT_API_URL=http://127.0.0.1:4200/api to see runs in the UI.
+    With PREFECT_API_URL set, the deployment is served against that server.  Without it, a
+    local Prefect server with the UI is started on 127.0.0.1:PORT (or one already running there
+    is reused), because Prefect's temporary server does not run the scheduler.  `--once`
+    processes the inbox a single time on Prefect's temporary server and exits.
     """
     if not once and not cron and not interval:
         _fail_usage("give --cron, --interval or --once")
     if not inbox.is_dir():
         _fail_usage(f"inbox {inbox} is not a directory")
-    from flows.flows import process_inbox
-
     params = {"inbox": str(inbox.resolve()), "store": str(store.resolve()),
               "policy_path": str(policy.resolve()) if policy else None, "train_model": train_model}
     if once:
+        from flows.flows import process_inbox
+
         try:
             outcomes = process_inbox(**params)
         except Exception as err:  # the flow run failed visibly; say why and exit non-zero
@@ -337,11 +340,25 @@ def serve(
         for o in outcomes:
             out_console().print(o)
         return
-    from prefect import serve as prefect_serve
+    import contextlib
+    import os
 
-    dep = process_inbox.to_deployment(name="prefpipe-inbox", parameters=params, cron=cron, interval=interval)
-    err_console().print(f"serving deployment process-inbox/prefpipe-inbox ({'cron ' + cron if cron else f'every {interval}s'}); Ctrl-C to stop")
-    prefect_serve(dep)
+    from flows.server import local_server
+
+    ctx = contextlib.nullcontext(os.environ["PREFECT_API_URL"]) if os.environ.get("PREFECT_API_URL") else \
+        local_server(port, log_path=store.resolve() / "logs" / f"prefect-server-{port}.log")
+    if not os.environ.get("PREFECT_API_URL"):
+        err_console().print(f"starting a local Prefect server on 127.0.0.1:{port} (PREFECT_API_URL is not set)...")
+    with ctx as api:  # prefect is imported only now, so that it reads PREFECT_API_URL
+        from prefect import serve as prefect_serve
+
+        from flows.flows import process_inbox
+
+        dep = process_inbox.to_deployment(name="prefpipe-inbox", parameters=params, cron=cron, interval=interval)
+        ui = api.removesuffix("/api")
+        err_console().print(f"serving deployment process-inbox/prefpipe-inbox ({'cron ' + cron if cron else f'every {interval}s'}) "
+                            f"on {api}; runs in the UI at {ui}/runs; Ctrl-C to stop")
+        prefect_serve(dep)
 
 
 from flows.train_cmd import train as _train  # noqa: E402  (registered here; the command lives in its own module)

@@ -97,3 +97,58 @@ def test_dask_runner_gives_identical_version(tmp_path, monkeypatch):
     assert {k: s.sha256 for k, s in ma.splits.items()} == {k: s.sha256 for k, s in mb.splits.items()}
     assert {k: f.sha256 for k, f in ma.files.items() if k.endswith(".parquet")} == \
            {k: f.sha256 for k, f in mb.files.items() if k.endswith(".parquet")}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_the_inbox_on_its_schedule(tmp_path):
+    """`prefpipe serve --interval` with no PREFECT_API_URL: starts a local Prefect server (the
+    temporary one has no scheduler), the schedule creates runs, a dropped batch is curated and
+    certified, and stopping serve stops the server."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--inbox", str(inbox), "--store", str(store),
+                             "--interval", "5", "--port", str(port)], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _drop(inbox, SAMPLES[0])
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            st = Store(store)
+            ids = st.list_ids() if (store / "versions").exists() else []
+            if ids and st.latest_certification(ids[0]) is not None:
+                break
+            time.sleep(2)
+        assert proc.poll() is None, proc.stdout.read()
+        ids = Store(store).list_ids()
+        assert len(ids) == 1 and Store(store).latest_certification(ids[0])["verdict"] in ("certified", "rejected")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=60) as r:
+            assert r.status == 200  # the UI/API server is up while serving
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+    assert f"127.0.0.1:{port}" in out
+    import urllib.error
+
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=3)
