@@ -49,10 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     t0 = time.perf_counter()
+    stages: list[tuple[str, float]] = []
+
+    def lap(name: str) -> None:
+        stages.append((name, time.perf_counter() - t0 - sum(t for _, t in stages)))
+
     files = [str(p.relative_to(ROOT)) for p in SAMPLES]
     rc = _validate(files)
     if rc not in (0, 1):  # 1 = rows quarantined: the samples contain planted malformed rows on purpose
         return rc
+    lap("validate")
 
     where = os.environ.get("PREFECT_API_URL") or "Prefect's temporary local server"
     print(f"\n== curate-batch flow on {where} ==", flush=True)
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"version {version}: {led.rows_in} rows in -> {led.quarantined} quarantined, {led.pairs} pairs -> "
           f"{led.pairs_kept} DPO rows {dict(led.splits)}, routed {dict(led.routed)}, dropped {dict(led.dropped)}")
     print("checks: " + ", ".join(f"{c['name']}={c['status']}" for c in m.checks))
+    lap("curate flow (incl. Prefect server start)")
 
     print("\n== certify-version flow ==", flush=True)
     cert = certify_version(store=args.store, version=version)
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if not g["passed"]:
             print(f"  FAIL {g['name']}: value {g['value']} threshold {g['threshold']} {g['detail']}")
     print(f"verdict: {cert['verdict'].upper()} ({sum(g['passed'] for g in cert['gates'])}/{len(cert['gates'])} gates passed)")
+    lap("certify flow (gates + Great Expectations)")
 
     run_dir = None
     if cert["verdict"] == "certified" and not args.no_train:
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if train_on_version is not None:
             print("\n== train-on-version flow (tiny model, a few steps) ==", flush=True)
             run_dir = train_on_version(store=args.store, version=version, model="tiny-llama", max_steps=20)
+            lap("train flow (reference log-probs + 20 steps)")
 
     print("\n== where to look ==")
     print(f"report:        {h.file('report.html')}")
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if run_dir:
         print(f"training run:  {run_dir}")
     print(f"versions:      .venv/bin/prefpipe versions --store {args.store}")
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s (" + ", ".join(f"{n} {t:.0f}s" for n, t in stages) + ")")
     return 0
 
 
