@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             train_on_version = None
         if train_on_version is not None:
             print("\n== train-on-version flow (tiny model, a few steps) ==", flush=True)
-            run_dir = train_on_version(store=args.store, version=version, model="tiny-llama", max_steps=20)
-            lap("train flow (reference log-probs + 20 steps)")
+            # a smoke-sized run: tiny random-init Llama, short sequences (docs/trainer.md has real settings)
+            run_dir = train_on_version(store=args.store, version=version, model="tiny-llama:layers=2,hidden=64,heads=4",
+                                       max_steps=10, extra={"max_length": 256, "batch_size": 2, "eval_every": 10,
+                                                            "eval_max_pairs": 16})
+            lap("train flow (reference log-probs + 10 steps)")
 
     print("\n== where to look ==")
     print(f"report:        {h.file('report.html')}")
