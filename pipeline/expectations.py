@@ -84,7 +84,7 @@ def run_expectations(split_paths: dict[str, Path], out_dir: Path) -> dict[str, A
         ctx.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
-    docs_dir = out_dir / "data_docs"
+    docs_dir = out_dir.resolve() / "data_docs"  # GX needs an absolute base_directory
     ctx.add_data_docs_site(site_name="prefpipe", site_config={
         "class_name": "SiteBuilder",
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},

@@ -104,3 +104,16 @@ def _policy_file(root: Path, name: str = "p", **certify) -> Path:
             lines.append(f"{k} = {json.dumps(v)}")
     p.write_text("\n".join(lines) + "\n")
     return p
+
+
+@pytest.mark.slow
+def test_cli_certify_with_relative_store_and_expectations(tmp_path, monkeypatch):
+    """Great Expectations needs absolute paths: a relative --store must still work end to end."""
+    monkeypatch.chdir(tmp_path)
+    vid = curate([CLEAN], Store(Path("rel-store")), Policy()).version_id
+    res = runner.invoke(app, ["certify", "latest", "--store", "rel-store"])
+    assert res.exit_code == 0, res.output
+    rec = Store(tmp_path / "rel-store").latest_certification(vid)
+    assert rec["verdict"] == "certified"
+    assert any(g["name"].startswith("expectations") and g["passed"] for g in rec["gates"]), rec["gates"]
+    assert list((tmp_path / "rel-store" / "certifications").glob(f"{vid}/gx-*/data_docs/index.html"))
