@@ -184,19 +184,23 @@ def _logsumexp_tiled(h: Tensor, weight: Tensor, bias: Tensor | None, spec: _Spec
     """(N,) log-sum-exp of z over the vocabulary, online over vocabulary blocks (fp32 or fp64)."""
     N, V = h.shape[0], weight.shape[0]
     blocks = _vocab_blocks(V, spec)
-    m = torch.full((N,), float("-inf"), dtype=cd, device=h.device)  # running max
-    s = torch.zeros(N, dtype=cd, device=h.device)  # running sum of exp(z - m)
+    m = torch.empty(N, dtype=cd, device=h.device)  # running max
+    s = torch.empty(N, dtype=cd, device=h.device)  # running sum of exp(z - m)
     buf = _tile_buffer(min(spec.chunk_size, N), blocks[0][1] - blocks[0][0], cd, h.device)
-    for v0, v1 in blocks:  # vocabulary outside: the weight block stays in cache across token chunks
+    for i, (v0, v1) in enumerate(blocks):  # vocabulary outside: the weight block stays in cache
         w = weight[v0:v1].to(cd)
         b = None if bias is None else bias[v0:v1].to(cd)
         for t0 in range(0, N, spec.chunk_size):
             t1 = min(t0 + spec.chunk_size, N)
             z = _scale_logits_(_raw_logits(h[t0:t1], w, b, buf), spec)  # (n, v)
+            if i == 0:  # first block: its own max, no rescaling
+                torch.amax(z, 1, out=m[t0:t1])
+                torch.sum(z.sub_(m[t0:t1, None]).exp_(), 1, out=s[t0:t1])
+                continue
             m_new = torch.maximum(m[t0:t1], z.amax(1))
             s[t0:t1].mul_(torch.exp(m[t0:t1] - m_new)).add_(z.sub_(m_new[:, None]).exp_().sum(1))
             m[t0:t1] = m_new
-    return m + s.log()
+    return s.log_().add_(m)
 
 
 def _forward_core(hidden, weight, bias, sel: _Selection, spec: _Spec) -> tuple[Tensor, Tensor]:
@@ -247,28 +251,31 @@ class _RecomputeFn(torch.autograd.Function):
         N, H, V = lse.shape[0], hidden.shape[-1], weight.shape[0]
         h = _gather_hidden(hidden, sel, cd)  # (N, H), gathered again rather than kept alive
         coef = _row_coef(grad_summed, grad_mean, sel, cd, device).index_select(0, sel.rows)  # (N,)
-        grad_h = torch.zeros(N, H, dtype=cd, device=device) if need_h else None
+        grad_h = torch.empty(N, H, dtype=cd, device=device) if need_h else None
         grad_w = torch.empty(V, H, dtype=weight.dtype, device=device) if need_w else None
         grad_b = torch.zeros(V, dtype=cd, device=device) if need_b else None
         if N and (need_h or need_w or need_b):
             # d loss / d l_tv = coef_t * (onehot(y_t)_v - p_tv) * dz/dl_tv, p = softmax(z_t). The per-token
             # coef_t (and a constant dz/dl = 1/temperature) is folded into the small (n, H) operand of each
-            # matmul, so a logits tile is touched only by sub + exp (and dz/dl with soft-capping).
-            _, dz_y = _target_logits(h, weight, bias, sel.targets, spec, cd)
-            coef_y = coef * dz_y  # (N,) the one-hot half, through the target logit
-            coef_k = coef if spec.softcap is not None else coef / spec.temperature  # (N,)
-            h_k = h * coef_k[:, None] if need_w else None  # (N, H)
+            # matmul, so a logits tile is touched only by sub + exp (and dz/dl with soft-capping). The first
+            # product into each accumulator writes it (mm out=), so nothing is zero-filled.
+            if spec.softcap is not None:
+                _, dz_y = _target_logits(h, weight, bias, sel.targets, spec, cd)
+                coef_y, coef_k = coef * dz_y, coef  # (N,) the one-hot half; the softmax half
+            else:
+                coef_y = coef_k = coef / spec.temperature
+            h_k = h * (-coef_k)[:, None] if need_w else None  # (N, H), the sign folded in too
             blocks = _vocab_blocks(V, spec)
             width = blocks[0][1] - blocks[0][0]
-            buf = _tile_buffer(min(spec.chunk_size, N), width, cd, device)
-            dzdl_buf = _tile_buffer(min(spec.chunk_size, N), width, cd, device) if spec.softcap is not None else None
-            for v0, v1 in blocks:
+            n = min(spec.chunk_size, N)
+            buf = _tile_buffer(n, width, cd, device)
+            dzdl_buf = _tile_buffer(n, width, cd, device) if spec.softcap is not None else None
+            direct = grad_w is not None and grad_w.dtype == cd
+            gw_buf = None if (not need_w or direct) else torch.empty(width, H, dtype=cd, device=device)
+            for i, (v0, v1) in enumerate(blocks):
                 w = weight[v0:v1].to(cd)
                 b = None if bias is None else bias[v0:v1].to(cd)
-                if need_w:  # accumulate this block's weight gradient in cd, write it once
-                    direct = grad_w.dtype == cd
-                    gw = grad_w[v0:v1] if direct else torch.empty(v1 - v0, H, dtype=cd, device=device)
-                    gw.zero_()
+                gw = (grad_w[v0:v1] if direct else gw_buf[: v1 - v0]) if need_w else None  # this block's grad, in cd
                 for t0 in range(0, N, spec.chunk_size):
                     t1 = min(t0 + spec.chunk_size, N)
                     z = _scale_logits_(_raw_logits(h[t0:t1], w, b, buf), spec)
@@ -278,16 +285,23 @@ class _RecomputeFn(torch.autograd.Function):
                     if spec.softcap is not None:
                         p.mul_(dzdl)
                     if need_h:  # sum_v p_tv dz/dl_tv W_v, scaled by -coef_k below
-                        grad_h[t0:t1].addmm_(p, w)
+                        if i == 0:
+                            torch.mm(p, w, out=grad_h[t0:t1])
+                        else:
+                            grad_h[t0:t1].addmm_(p, w)
                     if need_w:
-                        gw.addmm_(p.t(), h_k[t0:t1], alpha=-1.0)
+                        if t0 == 0:
+                            torch.mm(p.t(), h_k[t0:t1], out=gw)
+                        else:
+                            gw.addmm_(p.t(), h_k[t0:t1])
                     if need_b:
                         grad_b[v0:v1].addmv_(p.t(), coef_k[t0:t1], alpha=-1.0)
-                if need_w:  # one-hot half for the targets inside this block
+                if need_w and not direct:  # one-hot half for the targets inside this block, then cast once
                     inside = ((sel.targets >= v0) & (sel.targets < v1)).nonzero().squeeze(1)
                     gw.index_add_(0, sel.targets[inside] - v0, h[inside] * coef_y[inside, None])
-                    if not direct:
-                        grad_w[v0:v1].copy_(gw)
+                    grad_w[v0:v1].copy_(gw)
+            if need_w and direct:  # one-hot half: row y_t of grad W gets coef_y[t] * h_t
+                grad_w.index_add_(0, sel.targets, h * coef_y[:, None])
             if need_h:
                 grad_h.mul_(-coef_k[:, None])
                 for t0 in range(0, N, spec.chunk_size):
@@ -470,7 +484,9 @@ def naive_sequence_logprobs(
     logits = torch.nn.functional.linear(hidden, weight, bias).to(cd)  # (B, T, V)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    logps = torch.log_softmax(logits / temperature, dim=-1)  # (B, T, V)
+    if temperature != 1.0:  # no extra pass over the (B, T, V) logits when it would divide by 1
+        logits = logits / temperature
+    logps = torch.log_softmax(logits, dim=-1)  # (B, T, V)
     m = mask.bool()
     safe_targets = torch.where(m, targets.long(), torch.zeros_like(targets, dtype=torch.long))
     token_logps = logps.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1) * m  # (B, T)
