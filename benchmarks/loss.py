@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/loss.py                      # vocab 32k and 128k, writes docs
     .venv/bin/python benchmarks/loss.py --vocab 131072 --variants fused,fused-accumulate --no-write
 
-Each variant computes the sigmoid DPO loss of P pairs (2P rows of T completion tokens, hidden H,
-fp32) from final hidden states and the lm-head weight, then backpropagates into both:
+Each variant computes the sigmoid DPO loss of P pairs (2P rows of T tokens, hidden H, fp32)
+from final hidden states and the lm-head weight, then backpropagates into both:
 
     naive             trainer.loss.naive_sequence_logprobs (full (2P, T, V) logits) + dpo_objective
     fused             trainer.loss.fused_sequence_logprobs (backward="recompute") + dpo_objective
@@ -12,11 +12,27 @@ fp32) from final hidden states and the lm-head weight, then backpropagates into 
     liger             liger_kernel's LigerFusedLinearDPOLoss(compiled=False) called directly
 
 Reference log-probs are constants (0, as Liger's use_ref_model=False), so only the policy pass
-is measured and every variant computes the same loss: the printed |grad W| must agree. Every (variant, vocab) runs in a fresh subprocess: inputs are built, the resident set
-size is read (VmRSS), the kernel's peak counter is reset (write 5 to /proc/self/clear_refs),
+is measured and every variant computes the same loss: the printed |grad W| must agree.
+
+Prompt share (``--prompt-shares 0 0.5``): the first share of each row's T positions are prompt
+tokens (mask false, Liger target -100). Shape and inputs are the same for every variant; naive
+(like TRL) still computes logits for every position, Liger chunks over whole pairs, fused skips
+prompt positions by design. Share 0 (every position a completion token) is the like-for-like row;
+other shares are extra rows, never a replacement.
+
+Every (share, vocab, variant) cell runs in a fresh subprocess: inputs are built, the resident
+set size is read (VmRSS), the kernel's peak counter is reset (write 5 to /proc/self/clear_refs),
 one forward+backward runs, and the peak increase is VmHWM - VmRSS before the call (fallback:
 ru_maxrss - VmRSS). Time is the median wall time of --repeats forward+backward calls in the same
-process (the first included; gradients are dropped between calls, so each call allocates them).
+process (the first included; gradients are dropped between calls, so each call allocates them);
+CPU time is the process's user+system time over the same calls (all threads). With --rounds R
+the whole sweep runs R times, interleaved, and medians are taken over all calls (drift in the
+machine's load then hits every variant alike).
+
+Threads: torch's default (all cores) unless --threads. OpenMP waiting: every child gets the same
+OMP_WAIT_POLICY (default PASSIVE, --omp-wait-policy ""/ACTIVE to change): idle OpenMP threads
+then sleep instead of spinning, which matters only when other jobs share the cores (the spin
+time would count as CPU time and steal the core from the thread doing work).
 
 Liger needs triton (~1 GB), so it lives in a separate venv, never in .venv:
 
@@ -26,9 +42,9 @@ Liger needs triton (~1 GB), so it lives in a separate venv, never in .venv:
 
 The liger column runs with --liger-python (default /tmp/bench-venv/bin/python when it exists,
 else this interpreter); when liger_kernel cannot be imported there, the column is skipped with
-a note. The machine is shared: the load average at start is printed and recorded, and variants
-never run in parallel. Prints a table and rewrites the "Fused loss" section of
-docs/benchmarks.md (unless --no-write).
+a note. The machine is shared: the 1-minute load average is recorded before and after every
+cell, and variants never run in parallel. Prints a table and rewrites the "Fused loss" section
+of docs/benchmarks.md (unless --no-write).
 """
 from __future__ import annotations
 
@@ -75,7 +91,8 @@ def child(args: argparse.Namespace) -> None:
     hidden = (torch.randn(2 * P, T, H, generator=g)).requires_grad_()
     weight = (torch.randn(V, H, generator=g) * H**-0.5).requires_grad_()
     targets = torch.randint(0, V, (2 * P, T), generator=g)
-    mask = torch.ones(2 * P, T, dtype=torch.bool)  # every position is a completion token: no prompt skipped
+    mask = torch.ones(2 * P, T, dtype=torch.bool)
+    mask[:, : int(round(args.prompt_shares[0] * T))] = False  # prompt positions: never a completion token
     # Liger's use_ref_model=False means reference log-probs 0; ours get the same constants, so all
     # variants compute the same loss and |grad W| printed per cell must agree (a correctness check).
     ref_chosen = ref_rejected = torch.zeros(P)
@@ -84,9 +101,10 @@ def child(args: argparse.Namespace) -> None:
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
         liger = LigerFusedLinearDPOLoss(beta=0.1, compiled=False, use_ref_model=False)
+        liger_targets = targets.masked_fill(~mask, -100)  # Liger's ignore_index
 
         def step():
-            out = liger(weight, hidden, targets)
+            out = liger(weight, hidden, liger_targets)
             loss = out[0] if isinstance(out, tuple) else out
             loss.backward()
     else:
@@ -147,12 +165,22 @@ def _has_liger(python: str) -> bool:
     return probe.returncode == 0
 
 
-def _run_child(python: str, variant: str, vocab: int, args: argparse.Namespace) -> dict:
+def _liger_version(python: str) -> str:
+    probe = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('liger-kernel'))"],
+                           capture_output=True, text=True, cwd=ROOT)
+    return probe.stdout.strip() or "?"
+
+
+def _run_child(python: str, variant: str, vocab: int, share: float, args: argparse.Namespace) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--child", variant, "--vocab", str(vocab),
-           "--pairs", str(args.pairs), "--seq", str(args.seq), "--hidden", str(args.hidden),
-           "--repeats", str(args.repeats), "--chunk-size", str(args.chunk_size),
+           "--prompt-shares", str(share), "--pairs", str(args.pairs), "--seq", str(args.seq),
+           "--hidden", str(args.hidden), "--repeats", str(args.repeats), "--chunk-size", str(args.chunk_size),
            "--vocab-block", str(args.vocab_block), "--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    else:
+        env.pop("OMP_WAIT_POLICY", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode:
         raise RuntimeError(f"{variant} at vocab {vocab} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -162,14 +190,18 @@ def _run_child(python: str, variant: str, vocab: int, args: argparse.Namespace) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--prompt-shares", type=float, nargs="+", default=[0.0],
+                    help="fractions of each row that are prompt (extra rows; 0 = all completion)")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep, interleaved; medians over all")
     ap.add_argument("--variants", default="naive,fused,liger", help=f"comma list of {VARIANTS}")
     ap.add_argument("--chunk-size", type=int, default=None, help="fused: tokens per tile (default: trainer.loss's)")
     ap.add_argument("--vocab-block", type=int, default=None, help="fused: vocab per tile, 0 = whole vocabulary")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for every child ('' = inherit none)")
     ap.add_argument("--liger-python", default=None, help="interpreter with liger_kernel (see docstring)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -196,33 +228,50 @@ def main() -> None:
                      "(install it in a separate venv, see benchmarks/loss.py).")
         variants.remove("liger")
         print("note:", notes[-1], flush=True)
-    load = os.getloadavg()
-    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    liger_version = _liger_version(liger_py) if "liger" in variants else None
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
 
-    results: dict[tuple[int, str], dict] = {}
-    for vocab in args.vocab:
-        for variant in variants:
+    cells = [(share, vocab, variant) for share in args.prompt_shares for vocab in args.vocab for variant in variants]
+    results: dict[tuple[float, int, str], dict] = {}
+    for rnd in range(args.rounds):
+        for share, vocab, variant in cells:
             python = liger_py if variant == "liger" else sys.executable
-            r = _run_child(python, variant, vocab, args)
-            r["time"], r["cpu_time"] = statistics.median(r["times"]), statistics.median(r["cpu"])
-            results[(vocab, variant)] = r
-            print(f"vocab {vocab:>6} {variant:<17} peak +{r['peak_mib']:8.1f} MiB  median {r['time']:6.2f} s (cpu {r['cpu_time']:6.2f} s)  "
-                  f"runs {', '.join(f'{t:.2f}' for t in r['times'])}  |grad W| {r['grad_norm']:.4g}", flush=True)
+            before = os.getloadavg()[0]
+            r = _run_child(python, variant, vocab, share, args)
+            after = os.getloadavg()[0]
+            acc = results.setdefault((share, vocab, variant), {"times": [], "cpu": [], "peaks": [], "loads": []})
+            acc["times"] += r["times"]
+            acc["cpu"] += r["cpu"]
+            acc["peaks"].append(r["peak_mib"])
+            acc["loads"] += [before, after]
+            acc["grad_norm"], acc["threads"] = r["grad_norm"], r["threads"]
+            print(f"round {rnd + 1} prompt {share:.2f} vocab {vocab:>6} {variant:<17} peak +{r['peak_mib']:8.1f} MiB  "
+                  f"median {statistics.median(r['times']):6.2f} s (cpu {statistics.median(r['cpu']):6.2f} s)  "
+                  f"runs {', '.join(f'{t:.2f}' for t in r['times'])}  |grad W| {r['grad_norm']:.4g}  "
+                  f"load {before:.2f} -> {after:.2f}", flush=True)
+    for r in results.values():
+        r["time"], r["cpu_time"] = statistics.median(r["times"]), statistics.median(r["cpu"])
+        r["peak_mib"] = max(r["peaks"])
 
-    headers = ["vocab", "variant", "peak extra MiB", "time s (median)", "CPU s (median)", "memory vs naive",
-               "time vs naive"]
+    headers = ["prompt share", "vocab", "variant", "peak extra MiB", "time s (median)", "CPU s (median)",
+               "memory vs naive", "time vs naive", "CPU vs naive", "load (1 min) during"]
     rows = []
-    for (vocab, variant), r in results.items():
-        base = results.get((vocab, "naive"))
+    for (share, vocab, variant), r in results.items():
+        base = results.get((share, vocab, "naive"))
         mem_ratio = f"{r['peak_mib'] / base['peak_mib']:.3f}x" if base else "-"
         time_ratio = f"{r['time'] / base['time']:.2f}x" if base else "-"
-        rows.append([f"{vocab:,}", variant, f"{r['peak_mib']:.0f}", f"{r['time']:.2f}", f"{r['cpu_time']:.2f}",
-                     mem_ratio, time_ratio])
+        cpu_ratio = f"{r['cpu_time'] / base['cpu_time']:.2f}x" if base else "-"
+        rows.append([f"{share:.2f}", f"{vocab:,}", variant, f"{r['peak_mib']:.0f}", f"{r['time']:.2f}",
+                     f"{r['cpu_time']:.2f}", mem_ratio, time_ratio, cpu_ratio,
+                     f"{min(r['loads']):.2f}-{max(r['loads']):.2f}"])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _report import machine_line, table
 
     tbl = table(headers, rows)
     print(tbl)
+    load_end = os.getloadavg()
+    print(f"load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}", flush=True)
     if args.no_write:
         return
     from _report import write_section
@@ -230,23 +279,27 @@ def main() -> None:
     threads = next(iter(results.values()))["threads"] if results else args.threads
     cmd = " ".join([".venv/bin/python benchmarks/loss.py", *sys.argv[1:]])
     body = "\n".join([
-        f"DPO (sigmoid) forward+backward from final hidden states, {args.pairs} pairs x {args.seq} tokens "
-        f"(all completion), hidden {args.hidden}, fp32, reference log-probs constant. "
+        f"DPO (sigmoid) forward+backward from final hidden states, {args.pairs} pairs x {args.seq} tokens, "
+        f"hidden {args.hidden}, fp32, reference log-probs constant. Prompt share 0: every position is a "
+        f"completion token (like for like); other shares: that fraction of each row is prompt, which naive "
+        f"still computes logits for and fused skips by design (extra rows). "
         f"Fused: chunk_size={args.chunk_size}, vocab_block={args.vocab_block or 'whole vocabulary'}, "
-        f"backward=recompute. Liger: LigerFusedLinearDPOLoss(compiled=False), liger-kernel 0.8.5.",
+        f"backward=recompute. Liger: LigerFusedLinearDPOLoss(compiled=False)"
+        + (f", liger-kernel {liger_version}." if liger_version else "."),
         "",
-        f"Machine: {machine_line()}, {threads} torch threads; load average at start "
-        f"{load[0]:.2f} (shared machine: times are indicative).",
+        f"Machine: {machine_line()}, {threads} torch threads, OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'} "
+        f"for every variant; 1-minute load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end "
+        f"(per cell in the last column; shared machine: wall times move with the load, CPU times less).",
         "",
         f"Reproduce: `{cmd}` (Liger from a separate venv, see the script's docstring). Peak = increase of "
         f"the resident set over the call (VmHWM after resetting it), in a fresh process per cell; time = "
-        f"median of {args.repeats} calls (wall clock; CPU = process CPU time over all threads, less "
-        f"sensitive to other jobs on the machine).",
+        f"median of {args.repeats * args.rounds} calls over {args.rounds} interleaved round(s) (wall clock; "
+        f"CPU = process CPU time over all threads).",
         "",
         tbl,
         *(["", *("Note: " + n for n in notes)] if notes else []),
         "",
-        "Design and the recompute-vs-accumulate measurements: docs/fused-loss.md.",
+        "Design, tile-size and recompute-vs-accumulate measurements: docs/fused-loss.md.",
     ])
     write_section("Fused loss", body)
     print("wrote the 'Fused loss' section of docs/benchmarks.md")
