@@ -119,6 +119,9 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
         total = sum(r["evaluated"] for r in gx["splits"].values())
         gates.append(_gate("expectations", total - sum(len(v) for v in failed.values()), total, gx["success"],
                            f"failed: {failed}" if failed else f"all {total} expectations met; Data Docs: {gx['docs_index']}"))
+    elif cfg.require_expectations:  # the policy requires the suite: skipping it cannot certify
+        gates.append(_gate("expectations", None, "run", False,
+                           "Great Expectations suite not run (--no-expectations) but certify.require_expectations is set"))
     return gates
 
 

@@ -10,7 +10,7 @@ Two steps, both vectorised:
    item (tie / both_bad / escalate, per ``select.route``), or a drop with one reason.
    Precedence of reasons (first wins): ``identical_responses``, ``all_judgments_dropped``,
    ``language_mismatch``, routing, ``no_consensus``, ``low_agreement``, ``near_duplicate``,
-   ``too_long``, ``below_min_strength``.  Flag reasons act only when the policy maps them to
+   ``too_easy``, ``ambiguous``, ``too_long``, ``below_min_strength``.  Flag reasons act only when the policy maps them to
    ``drop``; ``downweight`` multiplies the weight by ``downweight_factor``; ``warn`` keeps.
 
 Weight (``select.weight_by``): ``agreement`` (share of used judgments agreeing with the
@@ -22,6 +22,8 @@ pair-level reason mapped to ``downweight``.  Weights are in (0, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 import polars as pl
 
@@ -30,7 +32,8 @@ from schemas.policy import SelectConfig
 from schemas.records import ROUTED_LABELS, DPORow
 
 PAIR_DROP_ORDER = ("identical_responses", "all_judgments_dropped", "language_mismatch")
-LATE_DROP_ORDER = ("no_consensus", "low_agreement", "near_duplicate", "too_long", "below_min_strength")
+LATE_DROP_ORDER = ("no_consensus", "low_agreement", "near_duplicate", "too_easy", "ambiguous", "too_long",
+                   "below_min_strength")
 
 
 @dataclass
@@ -66,11 +69,47 @@ def _pair_flag_sets(flags: pl.DataFrame) -> pl.DataFrame:
     return pf.group_by("subject_id").agg(pl.col("reason").unique().sort().alias("_reasons")).rename({"subject_id": "pair_id"})
 
 
-def estimate_tokens_expr(cfg: SelectConfig) -> pl.Expr:
-    """Tokens of prompt + longer response; ``chars/4`` estimate unless a tokenizer is named."""
+def estimate_tokens_expr(cfg: SelectConfig) -> pl.Expr:  # noqa: ARG001 - kept for callers
+    """``chars/4`` estimate of the tokens of prompt + longer response."""
     chars = pl.col("prompt_text").str.len_chars() + pl.max_horizontal(
         pl.col("response_a").str.len_chars(), pl.col("response_b").str.len_chars())
     return (chars / 4).ceil().cast(pl.Int64)
+
+
+@lru_cache(maxsize=4)
+def _load_tokenizer(spec: str):
+    from tokenizers import Tokenizer
+
+    path = Path(spec)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"select.tokenizer: no tokenizer.json at {spec!r} (give a local tokenizer directory "
+                                "or file, or 'chars/4')")
+    return Tokenizer.from_file(str(file))
+
+
+def pair_tokens(p: pl.DataFrame, cfg: SelectConfig) -> pl.Series:
+    """Tokens of prompt + longer response per pair (``select.tokenizer``).
+
+    ``chars/4``: an estimate.  A tokenizer path: exact counts with that tokenizer (no special
+    tokens, no chat template), computed only for the pairs that could exceed
+    ``max_tokens_per_pair``: a byte-level BPE never has more tokens than UTF-8 bytes, so a
+    pair of at most that many bytes fits and is not tokenised (its count is reported as the
+    byte count, an upper bound)."""
+    if cfg.tokenizer == "chars/4":
+        return p.select(estimate_tokens_expr(cfg)).to_series()
+    c = pl.col
+    longer = pl.when(c("response_a").str.len_bytes() >= c("response_b").str.len_bytes()) \
+        .then(c("response_a")).otherwise(c("response_b"))
+    t = p.select(nbytes=c("prompt_text").str.len_bytes() + longer.str.len_bytes(), prompt=c("prompt_text"), longer=longer)
+    need = t.with_row_index("_i").filter(c("nbytes") > cfg.max_tokens_per_pair)
+    counts = t["nbytes"].cast(pl.Int64).to_numpy().copy()
+    if need.height:
+        tok = _load_tokenizer(cfg.tokenizer)
+        a = tok.encode_batch(need["prompt"].to_list(), add_special_tokens=False)
+        b = tok.encode_batch(need["longer"].to_list(), add_special_tokens=False)
+        counts[need["_i"].to_numpy()] = [len(x.ids) + len(y.ids) for x, y in zip(a, b, strict=True)]
+    return pl.Series("_tokens", counts)
 
 
 @dataclass
@@ -99,8 +138,8 @@ def select_pairs(
     down_r = _reasons_with(cfg, "downweight")
     p = pairs.join(_pair_flag_sets(flags), on="pair_id", how="left").with_columns(
         _reasons=c("_reasons").fill_null(pl.lit([], dtype=pl.List(pl.String))),
-        _tokens=estimate_tokens_expr(cfg),
     )
+    p = p.with_columns(_tokens=pair_tokens(p, cfg))
     if clusters is not None and clusters.height:
         p = p.join(clusters.select("pair_id", "near_dup_cluster"), on="pair_id", how="left")
     if "near_dup_cluster" not in p.columns:
@@ -130,6 +169,8 @@ def select_pairs(
         ("drop", "no_consensus", label.is_null()),
         ("drop", "low_agreement", flagged("low_agreement")),
         ("drop", "near_duplicate", flagged("near_duplicate")),
+        ("drop", "too_easy", flagged("too_easy")),
+        ("drop", "ambiguous", flagged("ambiguous")),
         ("drop", "too_long", c("_tokens") > cfg.max_tokens_per_pair),
         ("drop", "below_min_strength", c("strength").fill_null(1.0) < cfg.min_strength),
     ]

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FlagAction = Literal["drop", "downweight", "warn"]
 
@@ -164,7 +164,16 @@ class SelectConfig(_Cfg):
     min_strength: float = Field(0.0, ge=0.0, le=1.0)
     weight_by: Literal["agreement", "agreement_x_strength", "none"] = "agreement"
     max_tokens_per_pair: int = Field(4096, ge=16)
-    tokenizer: str = Field("chars/4", description="'chars/4' estimate, or a local tokenizer path")
+    tokenizer: str = Field("chars/4", description="how max_tokens_per_pair counts prompt + longer response: 'chars/4' "
+                           "(estimate) or a local tokenizer directory/tokenizer.json (exact, e.g. "
+                           "trainer/assets/tiny-chat-tokenizer)")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_exists(cls, v: str) -> str:
+        if v != "chars/4" and not (Path(v).is_file() or (Path(v) / "tokenizer.json").is_file()):
+            raise ValueError(f"expected 'chars/4' or a local tokenizer directory/tokenizer.json, found {v!r} (no such file)")
+        return v
 
     @model_validator(mode="after")
     def _known_reasons(self) -> SelectConfig:
@@ -240,9 +249,19 @@ def _format_validation(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def policy_from_dict(data: dict[str, Any], source: str = "<dict>") -> Policy:
+    """The defaults with ``data`` merged in, key by key at every level: a file that sets
+    ``select.flag_actions.near_duplicate`` keeps the default action of every other reason.
+    Unknown keys and out-of-range values raise :class:`PolicyError` naming them."""
     try:
-        return Policy.model_validate(data)
+        return Policy.model_validate(_deep_merge(Policy().model_dump(mode="json"), data))
     except ValidationError as err:
         raise PolicyError(_format_validation(err, source)) from err
 
@@ -265,9 +284,9 @@ def load_policy(path: str | Path | None) -> Policy:
             data = yaml.safe_load(text) or {}
         else:
             raise PolicyError(f"policy file {p}: expected .toml, .yaml or .yml, found {p.suffix or 'no suffix'!r}")
-    except (tomllib.TOMLDecodeError, ValueError) as err:
-        if isinstance(err, PolicyError):
-            raise
+    except PolicyError:
+        raise
+    except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError (any syntax error)
         raise PolicyError(f"policy file {p} is not valid {p.suffix[1:].upper()}: {err}") from err
     if not isinstance(data, dict):
         raise PolicyError(f"policy file {p}: expected a mapping at the top level")

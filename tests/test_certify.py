@@ -117,3 +117,12 @@ def test_cli_certify_with_relative_store_and_expectations(tmp_path, monkeypatch)
     assert rec["verdict"] == "certified"
     assert any(g["name"].startswith("expectations") and g["passed"] for g in rec["gates"]), rec["gates"]
     assert list((tmp_path / "rel-store" / "certifications").glob(f"{vid}/gx-*/data_docs/index.html"))
+
+
+def test_skipping_required_expectations_cannot_certify(tmp_path):
+    st = Store(tmp_path / "s")
+    vid = curate([CLEAN], st, Policy()).version_id
+    res = runner.invoke(app, ["certify", vid, "--store", str(st.root), "--no-expectations"])
+    assert res.exit_code == 3 and "expectations" in res.output, res.output
+    gate = [g for g in st.latest_certification(vid)["gates"] if g["name"] == "expectations"]
+    assert gate and not gate[0]["passed"] and "not run" in gate[0]["detail"]

@@ -84,3 +84,20 @@ def test_policy_show_round_trips(tmp_path):
     assert load_policy(p).policy_hash() == Policy().policy_hash()  # the printed policy is a valid, complete file
     assert (ROOT / "policies" / "default.toml").exists()
     assert load_policy(ROOT / "policies" / "default.toml").policy_hash() == Policy().policy_hash()
+    import tomllib
+
+    # complete: every key of the effective policy is written out (regenerate with `prefpipe policy show`)
+    file_data = tomllib.loads((ROOT / "policies" / "default.toml").read_text(encoding="utf-8"))
+    assert file_data == Policy().model_dump(mode="json", exclude_none=True)
+
+
+def test_policy_files_merge_into_defaults_and_bad_yaml_is_exit_2(tmp_path):
+    part = tmp_path / "part.yaml"
+    part.write_text("select:\n  flag_actions:\n    near_duplicate: drop\n")
+    res = runner.invoke(app, ["policy", "show", "--policy", str(part), "--json"])
+    actions = json.loads(res.stdout)["policy"]["select"]["flag_actions"]
+    assert actions["near_duplicate"] == "drop" and actions["exact_duplicate"] == "drop"  # other defaults kept
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("select: [a\n  b: {\n")
+    res = runner.invoke(app, ["policy", "show", "--policy", str(bad)])
+    assert res.exit_code == 2 and "not valid YAML" in res.output

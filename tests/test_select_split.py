@@ -101,3 +101,42 @@ def test_leakage_detects_straddling_cluster():
     tr = _dpo(2, ["k1", "k2"], ["en", "en"])
     te = _dpo(1, ["k1"], ["en"]).with_columns(pair_id=pl.lit("p9"))
     assert leakage({"train": tr, "test": te})["clusters_in_several_splits"] == 1
+
+
+def test_routing_flags_act_when_the_policy_says_so():
+    pairs = _pairs(3)
+    flags = pl.concat([make_flags(["p0"], subject_kind="pair", check="routing", reason="too_easy"),
+                       make_flags(["p1"], subject_kind="pair", check="routing", reason="ambiguous")])
+    assert select_pairs(pairs, flags, SelectConfig()).dpo.height == 3  # reported only, by default
+    res = select_pairs(pairs, flags, SelectConfig(flag_actions={"too_easy": "drop", "ambiguous": "downweight"}))
+    assert res.dropped_by_reason == {"too_easy": 1}
+    assert dict(res.dpo.select("pair_id", "weight").iter_rows()) == {"p1": 0.5, "p2": 1.0}
+
+
+def test_max_tokens_with_a_real_tokenizer_counts_exactly():
+    from conftest import ROOT
+
+    tok = str(ROOT / "trainer" / "assets" / "tiny-chat-tokenizer")
+    words = " ".join(["preference"] * 40)  # 10-letter word: chars/4 says ~100 tokens per response
+    pairs = _pairs(2, response_a=[words, "short"], response_b=["tiny", "short"])
+    est = select_pairs(pairs, pl.DataFrame(schema=make_flags([], subject_kind="pair", check="x", reason="x").schema),
+                       SelectConfig(max_tokens_per_pair=60))
+    assert est.dropped_by_reason == {"too_long": 1}
+    from tokenizers import Tokenizer
+
+    n = len(Tokenizer.from_file(tok + "/tokenizer.json").encode(words, add_special_tokens=False).ids)
+    n += len(Tokenizer.from_file(tok + "/tokenizer.json").encode("q0", add_special_tokens=False).ids)
+    flags = make_flags([], subject_kind="pair", check="x", reason="x")
+    at = select_pairs(pairs, flags, SelectConfig(max_tokens_per_pair=n, tokenizer=tok))
+    assert at.dropped_by_reason == {}  # exactly at the limit: kept
+    over = select_pairs(pairs, flags, SelectConfig(max_tokens_per_pair=n - 1, tokenizer=tok))
+    assert over.dropped_by_reason == {"too_long": 1}
+
+
+def test_tokenizer_path_is_checked_before_any_work(tmp_path):
+    import pytest
+
+    from schemas.policy import PolicyError, policy_from_dict
+
+    with pytest.raises(PolicyError, match="tokenizer"):
+        policy_from_dict({"select": {"tokenizer": str(tmp_path / "nope")}})
