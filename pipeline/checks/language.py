@@ -309,11 +309,13 @@ def run(
     cjk_script = s.is_in(["ja", "zh", "ko"])
     mismatch = (
         pl.when(s == "und").then(False)
-        .when(s == c("exp")).then(False)
+        .when((s == c("exp")) & (s != "latin")).then(False)  # same non-Latin script; Latin goes on to the words
         .when(c("exp").is_in(["ja", "zh", "ko"]) & cjk_script)
         .then(pl.when((c("exp") == "ja") & (s == "zh")).then(c("zh_strong")).otherwise(True))
         .when(s == "latin")
-        .then(pl.when(c("exp") != "latin").then(c("word_strong") | ld_other)
+        # Latin text under a non-Latin locale: only strong function-word evidence (langdetect reads
+        # code and SQL as English; measured in docs/checks-text.md)
+        .then(pl.when(c("exp") != "latin").then(c("word_strong"))
               .when(c("has_list")).then(~c("_consistent") & (c("_strong_other") | (ld_other & (c("word_lang").is_null() | (c("word_lang") != c("lp"))))))
               .otherwise(c("word_strong") | (c("word_lang").is_not_null() & ld_other)))
         .otherwise(c("exp") != s)  # another script than the locale's
