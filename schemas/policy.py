@@ -26,7 +26,6 @@ class _Cfg(BaseModel):
 
 
 class IngestConfig(_Cfg):
-    max_errors_shown: int = Field(20, ge=0, description="errors printed by `validate`")
     batch_rows: int = Field(50_000, ge=1_000, description="rows parsed per streaming batch")
 
 
