@@ -5,21 +5,31 @@
 Generates (once, cached under $TMPDIR/prefpipe-bench/) a uniform canonical JSONL batch that the
 bare readers can parse (one row shape, no malformed lines), then runs, each in a fresh process:
 Polars `read_ndjson` (bare parse), PyArrow `json.read_json` (bare parse), `prefpipe validate`'s
-path (read + adapt + validate + normalise + hash, judgments discarded batch by batch), and the
-`curate` path (same, judgments kept in memory). Also runs the validate path on the messy
-variant (mixed shapes + malformed rows) that the bare readers reject. Prints a table and rewrites
-the "Ingest" section of docs/benchmarks.md.
+path (read + adapt + validate + normalise, judgments discarded batch by batch), and the
+`curate` path (same + hashes and ids, judgments kept in memory). Also runs the validate path on the
+messy variant (mixed shapes + malformed rows) that the bare readers reject. Prints a table and
+rewrites the "Ingest" section of docs/benchmarks.md.
+
+The machine may be shared: each step records the 1-minute load average before it starts and the
+CPU time (user + sys) of its process and the processes it waited for. Ratios are against the Polars
+bare parse of the same run. Peak RSS is the largest resident set of the step's main process and,
+separately, of the largest worker process it started (ingest's parse workers), so their sum bounds
+the step's memory.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import PEAK_SNIPPET, machine_line, run_measured, table, write_section  # noqa: E402
+from _report import ROOT, machine_line, table, write_section  # noqa: E402
 from gen_judgments import GEN_VERSION, generate  # noqa: E402
 
 STEPS = {
@@ -30,6 +40,31 @@ STEPS = {
     "prefpipe ingest (judgments kept in memory)": (
         "from pipeline.ingest import ingest_files; r = ingest_files([{path!r}]); print(r.judgments.height)"),
 }
+MESSY = "prefpipe validate on the messy variant"
+
+# the child reports its own peak and that of the largest process it waited for (parse workers)
+PEAKS = ("\nimport resource as _r; print('PEAK_RSS_KB=%d CHILD_PEAK_RSS_KB=%d' % "
+         "(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss, _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss))\n")
+
+
+def run_step(code: str) -> dict[str, float]:
+    """Run ``python -c code`` in a fresh process: wall s, CPU s, load before, peaks (MiB)."""
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code + PEAKS], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark step failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    peak = child_peak = float("nan")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("PEAK_RSS_KB="):
+            a, b = line.split()
+            peak, child_peak = int(a.split("=")[1]) / 1024, int(b.split("=")[1]) / 1024
+            break
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "load": load, "peak": peak, "child_peak": child_peak}
 
 
 def main() -> None:
@@ -46,28 +81,33 @@ def main() -> None:
     for path, uni in ((uniform, True), (messy, False)):
         if not path.exists():
             print(f"generating {path} ...", flush=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
             print(generate(tmp, a.judgments, a.row_bytes, seed=0, uniform=uni))
             tmp.replace(path)
     size_mb = uniform.stat().st_size / 1e6
     results = []
-    runs = list(STEPS.items()) + [("prefpipe validate on the messy variant", STEPS["prefpipe validate (read+validate, streaming)"])]
+    runs = list(STEPS.items()) + [(MESSY, STEPS["prefpipe validate (read+validate, streaming)"])]
     for name, code in runs:
-        path = messy if "messy" in name else uniform
-        walls, peaks = [], []
-        for _ in range(a.repeats):
-            wall, peak, _ = run_measured(code.format(path=str(path)) + PEAK_SNIPPET)
-            walls.append(wall)
-            peaks.append(peak)
-        results.append((name, statistics.median(walls), max(peaks)))
-        print(f"{name:50s} {statistics.median(walls):7.1f} s  {a.judgments / statistics.median(walls):9,.0f} judgments/s  peak {max(peaks):7.0f} MiB", flush=True)
+        path = messy if name == MESSY else uniform
+        ms = [run_step(code.format(path=str(path))) for _ in range(a.repeats)]
+        r = {k: statistics.median(m[k] for m in ms) for k in ("wall", "cpu")}
+        r.update(load=max(m["load"] for m in ms), peak=max(m["peak"] for m in ms), child_peak=max(m["child_peak"] for m in ms))
+        results.append((name, r))
+        print(f"{name:46s} {r['wall']:6.1f} s wall {r['cpu']:6.1f} s CPU  {a.judgments / r['wall']:9,.0f} judgments/s  "
+              f"peak {r['peak']:6.0f} + {r['child_peak']:5.0f} MiB  load {r['load']:.2f}", flush=True)
     base = results[0][1]
-    rows = [[n, f"{w:.1f}", f"{a.judgments / w:,.0f}", f"{p:,.0f}", f"{w / base:.2f}x"] for n, w, p in results]
+    rows = [[n, f"{r['wall']:.1f}", f"{r['cpu']:.1f}", f"{a.judgments / r['wall']:,.0f}",
+             f"{r['peak']:,.0f}" + (f" + {r['child_peak']:,.0f}" if r["child_peak"] > 1 else ""),
+             f"{r['wall'] / base['wall']:.2f}x", f"{r['cpu'] / base['cpu']:.2f}x", f"{r['load']:.2f}"]
+            for n, r in results]
     body = (
         f"`{' '.join(['.venv/bin/python', 'benchmarks/ingest.py', '--judgments', str(a.judgments), '--row-bytes', str(a.row_bytes)])}`"
         f" — {machine_line()}; {a.judgments:,} judgments, {size_mb:,.0f} MB of JSONL (~{a.row_bytes} B per row); "
-        f"each step in a fresh process (wall time incl. imports; peak RSS of the whole process); median of {a.repeats}.\n\n"
-        + table(["step", "seconds", "judgments/s", "peak RSS MiB", "time vs polars bare parse"], rows)
+        f"each step in a fresh process (wall time incl. imports; CPU = user + sys of the step's processes; "
+        f"peak RSS of the main process + of its largest worker process, if any); median of {a.repeats}; "
+        f"load = 1-minute load average when the step started (the machine is shared: compare the ratios within one run).\n\n"
+        + table(["step", "wall s", "CPU s", "judgments/s", "peak RSS MiB", "wall vs polars bare parse",
+                 "CPU vs polars bare parse", "load"], rows)
         + "\n\nTargets (foundation issue): validate within 1.5x of the bare parse, peak RSS <= 2 GB at 1M judgments."
     )
     print("\n" + body)

@@ -16,26 +16,45 @@ so (``rows_in == rows_valid + quarantined``), per file and in total.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
+import unicodedata
 from datetime import UTC, datetime
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from pipeline.adapters import FORMATS, AdapterContext, AdapterError, adapt, detect_format
-from pipeline.readers import RawRow, UnreadableFile, iter_raw_rows, peek_objects
+from pipeline.readers import (
+    ArrowPart,
+    LineBlock,
+    RawRow,
+    UnreadableFile,
+    candidate_lines,
+    container_of,
+    decode_line,
+    iter_raw_rows,
+    jsonl_blocks,
+    lines_array,
+    parse_block_arrow,
+    peek_objects,
+)
 from schemas.arrow import conform, empty_frame, polars_schema
 from schemas.manifest import IngestLedger, SourceInfo
 from schemas.records import ANNOTATOR_KINDS, LABELS, ROLES, Judgment, QuarantineRow, RawJudgment
-from schemas.text import derive_pair_id_expr, hash_series, normalize_text_expr, prompt_text_expr
+from schemas.text import WHITESPACE, derive_pair_id_expr, hash_series, prompt_text_expr
 
 __all__ = ["IngestResult", "UnreadableFile", "ingest_files", "judgments_from_records", "file_sha256"]
 
@@ -118,7 +137,6 @@ def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[
     """
     cols: dict[str, list[Any]] = {k: [] for k in _RAW_COLUMNS}
     errors: dict[int, tuple[str, str]] = {}
-    dumps = orjson.dumps
     for i, d in enumerate(records):
         g = d.get
         prompt = g("prompt")
@@ -127,15 +145,11 @@ def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[
         elif prompt is not None and not isinstance(prompt, list):
             errors[i] = ("prompt", "invalid_type")
             prompt = None
-        extra = {k: d[k] for k in d.keys() - KNOWN_FIELDS} if len(d) > 0 else {}
         for side, col in (("a", "response_a"), ("b", "response_b")):
             r = g(col)
             model = version = None
             if isinstance(r, dict):
                 model, version = r.get("model"), r.get("model_version")
-                more = {k: v for k, v in r.items() if k not in _RESPONSE_KEYS}
-                if more:
-                    extra[f"{col}_meta"] = more
                 r = r.get("text")
             elif r is not None and not isinstance(r, str):
                 errors.setdefault(i, (col, "invalid_type"))
@@ -151,8 +165,20 @@ def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[
         if isinstance(cols["created_at"][-1], datetime):  # Parquet timestamps arrive as datetime
             ts = cols["created_at"][-1]
             cols["created_at"][-1] = (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).isoformat()
-        cols["extra"].append(dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else None)
+        cols["extra"].append(_extra_json(d))
     return cols, errors
+
+
+def _extra_json(d: dict[str, Any]) -> str | None:
+    """Unknown fields and extra response-object keys of one raw row, as sorted JSON (or None)."""
+    extra = {k: d[k] for k in d.keys() - KNOWN_FIELDS} if len(d) > 0 else {}
+    for col in ("response_a", "response_b"):
+        r = d.get(col)
+        if isinstance(r, dict):
+            more = {k: v for k, v in r.items() if k not in _RESPONSE_KEYS}
+            if more:
+                extra[f"{col}_meta"] = more
+    return orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else None
 
 
 _ARROW_TYPES: dict[str, pa.DataType] = {}
@@ -169,9 +195,17 @@ def _strict_series(name: str, values: list[Any], dtype: pl.DataType) -> tuple[pl
     """Build a typed Series (via Arrow, in C); on a type error find the offending rows and null them."""
     if isinstance(dtype, pl.List) and not all(type(v) is list for v in values if v is not None):
         return _strict_series_slow(name, values, dtype)  # Arrow would read a string as a list of chars
+    # Arrow is more lenient than ``_fits`` in places (and then only in some batches): true as 1.0,
+    # messages with missing or extra keys, nulls inside lists
+    if dtype == pl.Float64 and any(type(v) is bool for v in values):
+        return _strict_series_slow(name, values, dtype)
+    if dtype == pl.List(_MSG) and not all(_fits(v, dtype) for v in values if v is not None):
+        return _strict_series_slow(name, values, dtype)
     try:
         arr = pa.array(values, type=_arrow_type(dtype), from_pandas=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, ValueError):
+        return _strict_series_slow(name, values, dtype)
+    if dtype == pl.List(pl.String) and arr.flatten().null_count:
         return _strict_series_slow(name, values, dtype)
     return pl.Series(name, arr), []
 
@@ -180,6 +214,8 @@ def _strict_series_slow(name: str, values: list[Any], dtype: pl.DataType) -> tup
     bad = [i for i, v in enumerate(values) if v is not None and not _fits(v, dtype)]
     bad_set = set(bad)
     cleaned = [None if i in bad_set else v for i, v in enumerate(values)] if bad else values
+    if dtype == pl.Float64:  # Arrow refuses integers a double cannot hold exactly; the range rule reports them
+        cleaned = [float(v) if type(v) is int else v for v in cleaned]
     return pl.Series(name, pa.array(cleaned, type=_arrow_type(dtype))), bad
 
 
@@ -199,14 +235,71 @@ def _fits(v: Any, dtype: pl.DataType) -> bool:
 
 
 # ---------------------------------------------------------------- vectorised validation
+@functools.cache
+def _nfc_unstable_class() -> str:
+    """Regex class of the characters a text must contain for NFC to change it.
+
+    A character outside it is assigned (in this Python's Unicode version), has combining
+    class 0, is unchanged by NFC and never combines with a preceding character (not the
+    second of a canonical pair, not a Hangul vowel/trailing jamo): NFC_Quick_Check=Yes.  A
+    text of such characters is NFC, and by Unicode's normalization stability it stays NFC in
+    later versions, so Polars' (slow) NFC pass would return it unchanged.
+    """
+    decomposition, category, combining, normalize = (unicodedata.decomposition, unicodedata.category,
+                                                      unicodedata.combining, unicodedata.normalize)
+    unstable = set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))  # Hangul V and T jamo
+    for cp in range(0x80, 0x32000):
+        if 0xD800 <= cp < 0xE000:
+            continue  # surrogates never occur in text
+        ch = chr(cp)
+        d = decomposition(ch)
+        if d and d[0] != "<":  # canonical decomposition
+            parts = d.split()
+            if len(parts) == 2:
+                unstable.add(int(parts[1], 16))
+            if normalize("NFC", ch) != ch:
+                unstable.add(cp)
+                continue
+        if combining(ch) or category(ch) == "Cn":
+            unstable.add(cp)
+    ranges: list[list[int]] = []
+    for cp in sorted(unstable):
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    ranges += [[0x32000, 0xDFFFF], [0xE1000, 0x10FFFF]]  # rarely used planes: always normalised
+    return "[" + "".join(f"\\x{{{a:x}}}" + (f"-\\x{{{b:x}}}" if b > a else "") for a, b in ranges) + "]"
+
+
+def _nfc_where_needed(s: pl.Series) -> pl.Series:
+    """NFC, applied only to the texts it could change (``schemas.text._nfc_non_ascii`` does it
+    to every non-ASCII text; the results are the same, see ``_nfc_unstable_class``)."""
+    non_ascii = (s.str.len_bytes() != s.str.len_chars()).fill_null(False)
+    if not non_ascii.any():
+        return s
+    unstable = _nfc_unstable_class()
+    if not s.filter(non_ascii).unique().str.contains(unstable).any():  # texts repeat: test each once
+        return s
+    idx = s.str.contains(unstable).fill_null(False).arg_true()
+    return s.scatter(idx, s.gather(idx).str.normalize("NFC"))
+
+
+def _normalize_expr(expr: pl.Expr) -> pl.Expr:
+    """Same result as :func:`schemas.text.normalize_text_expr` (CRLF/CR -> LF, NFC, strip), faster."""
+    nfc = expr.str.replace_all(r"\r\n?", "\n").map_batches(_nfc_where_needed, return_dtype=pl.String, is_elementwise=True)
+    return nfc.str.strip_chars(WHITESPACE)
+
+
 def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
     """Normalise texts, then add ``_err_field`` / ``_err_reason``: the first failed rule per row (null if valid)."""
     c = pl.col
     df = df.with_columns(
         prompt=c("prompt").list.eval(pl.struct(
-            role=pl.element().struct.field("role"), content=normalize_text_expr(pl.element().struct.field("content")))),
-        response_a=normalize_text_expr(c("response_a")),
-        response_b=normalize_text_expr(c("response_b")),
+            role=pl.element().struct.field("role"), content=_normalize_expr(pl.element().struct.field("content")))),
+        response_a=_normalize_expr(c("response_a")),
+        response_b=_normalize_expr(c("response_b")),
+        _created=parse_timestamps(df["created_at"]),
     )
     roles_ok = c("prompt").list.eval(pl.element().struct.field("role").is_in(list(ROLES))).list.all()
     last_role = c("prompt").list.last().struct.field("role")
@@ -244,7 +337,21 @@ def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
         cond = cond.fill_null(False)
         field_expr = pl.when(cond).then(pl.lit(fname)).otherwise(field_expr)
         reason_expr = pl.when(cond).then(pl.lit(reason)).otherwise(reason_expr)
-    return df.with_columns(_created=parse_timestamp_expr(c("created_at"))).with_columns(_err_field=field_expr, _err_reason=reason_expr)
+    return df.with_columns(_err_field=field_expr, _err_reason=reason_expr)
+
+
+_AWARE_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M%:z")
+_NAIVE_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
+
+
+def _timestamp_text(expr: pl.Expr) -> pl.Expr:
+    return expr.str.strip_chars().str.replace(r"[Zz]$", "+00:00").str.replace(r"^(\d{4}-\d\d-\d\d) ", "${1}T")
+
+
+def _strptime(expr: pl.Expr, fmt: str) -> pl.Expr:
+    if fmt in _AWARE_FORMATS:
+        return expr.str.strptime(pl.Datetime("us", "UTC"), fmt, strict=False)
+    return expr.str.strptime(pl.Datetime("us"), fmt, strict=False).dt.replace_time_zone("UTC")
 
 
 def parse_timestamp_expr(expr: pl.Expr) -> pl.Expr:
@@ -252,12 +359,23 @@ def parse_timestamp_expr(expr: pl.Expr) -> pl.Expr:
 
     Explicit formats, coalesced: Polars' format inference looks at the first value only.
     """
-    e = expr.str.strip_chars().str.replace(r"[Zz]$", "+00:00").str.replace(r"^(\d{4}-\d\d-\d\d) ", "${1}T")
-    aware = [e.str.strptime(pl.Datetime("us", "UTC"), f, strict=False)
-             for f in ("%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M%:z")]
-    naive = [e.str.strptime(pl.Datetime("us"), f, strict=False).dt.replace_time_zone("UTC")
-             for f in ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d")]
-    return pl.coalesce(aware + naive)
+    e = _timestamp_text(expr)
+    return pl.coalesce([_strptime(e, f) for f in _AWARE_FORMATS + _NAIVE_FORMATS])
+
+
+def parse_timestamps(s: pl.Series) -> pl.Series:
+    """:func:`parse_timestamp_expr` on a Series, trying a format only on the values still unparsed."""
+    text = pl.select(_timestamp_text(pl.lit(s))).to_series()
+    out = None
+    for fmt in _AWARE_FORMATS + _NAIVE_FORMATS:
+        if out is None:
+            out = pl.select(_strptime(pl.lit(text), fmt)).to_series()
+        else:
+            todo = (out.is_null() & text.is_not_null()).arg_true()
+            if not len(todo):
+                break
+            out = out.scatter(todo, pl.select(_strptime(pl.lit(text.gather(todo)), fmt)).to_series())
+    return out.alias("_created")
 
 
 _EXPECTED = {
@@ -300,13 +418,24 @@ def error_message(record: dict[str, Any], field_name: str, reason: str) -> str:
     return msg
 
 
-# ---------------------------------------------------------------- one batch
+# ---------------------------------------------------------------- one batch, row by row
 @dataclass
 class _BatchOut:
+    valid: pl.DataFrame  # judgments (empty when not finished: validate-only runs skip hashing)
+    quarantine: list[dict[str, Any]]
+    rows_in: int
+    rows_valid: int
+    judgments: int
+    skipped: int
+
+
+@dataclass
+class _Checked:
+    """Rows validated, texts normalised; hashes and ids not derived yet (see :func:`_finish`)."""
+
     valid: pl.DataFrame
     quarantine: list[dict[str, Any]]
     rows_valid: int
-    judgments: int
     skipped: int
 
 
@@ -314,7 +443,7 @@ def _quarantine_row(source: str, row: RawRow, reason: str, fname: str | None, er
     return {"source_file": source, "line": row.line, "raw": row.raw, "reason": reason, "field": fname, "error": error}
 
 
-def _process_batch(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: str) -> _BatchOut:
+def _validate_rows(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: str) -> _Checked:
     quarantine: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     owner: list[int] = []  # index into rows for each record
@@ -365,7 +494,201 @@ def _process_batch(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: st
         bad_rec_ids = [r for r, o in enumerate(owner) if o in bad_owner_rows]
         df = df.filter(~pl.col("_rec").is_in(bad_rec_ids))
     valid_rows = len({owner[r] for r in df["_rec"].to_list()}) if df.height else 0
-    return _BatchOut(_finish(df, ctx.batch_id, source), quarantine, valid_rows, df.height, skipped)
+    return _Checked(df, quarantine, valid_rows, skipped)
+
+
+def _process_batch(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: str, finish: bool = True) -> _BatchOut:
+    ch = _validate_rows(rows, fmt, ctx, source)
+    valid = _finish(ch.valid, ctx.batch_id, source) if finish else empty_frame(Judgment)
+    return _BatchOut(valid, ch.quarantine, len(rows), ch.rows_valid, ch.valid.height, ch.skipped)
+
+
+# ---------------------------------------------------------------- one JSONL block, vectorised (canonical rows)
+# Lines that Arrow's strict reader parses are taken column-wise; a line it cannot parse, or
+# whose values it may read differently from orjson, and every row that fails validation go
+# through the per-row path above, which decides the quarantine reason and message.  So the
+# result is the per-row result (tests/test_ingest.py compares the two).
+FAST_JSONL = True  # tests switch it off to compare with the per-row path
+
+_PA_MSG = pa.struct([("role", pa.string()), ("content", pa.string())])
+_PA_RESPONSE = pa.struct([("text", pa.string()), ("model", pa.string()), ("model_version", pa.string())])
+_POLY = ("prompt", "response_a", "response_b")  # a JSON string or structured (messages / response object)
+_STRING_SHAPE = tuple(rf'"{f}"\s*:\s*"' for f in _POLY)
+_KEY_WITH_ESCAPE = r'\\(?:[^"\\]|\\.)*"\s*:'  # a key written with an escape (the regexes below would miss it)
+_EXACT_INT = 2.0 ** 53  # orjson keeps larger integers exact; Arrow rounds them to float
+
+
+@functools.cache
+def _canonical_schema(shape: tuple[bool, ...]) -> pa.Schema:
+    """Explicit Arrow schema of a canonical row; ``shape`` says which of ``_POLY`` are strings."""
+    structured = {"prompt": pa.list_(_PA_MSG), "response_a": _PA_RESPONSE, "response_b": _PA_RESPONSE}
+    other = {"strength": pa.float64(), "confidence": pa.float64(), "tags": pa.list_(pa.string())}
+    return pa.schema([
+        pa.field(name, (pa.string() if shape[_POLY.index(name)] else structured[name]) if name in _POLY
+                 else other.get(name, pa.string()))
+        for name in RawJudgment.model_fields
+    ])
+
+
+def _unknown_children(got: pa.DataType, want: pa.DataType) -> list[str]:
+    if pa.types.is_list(got):
+        got, want = got.value_type, want.value_type
+    known = {want.field(i).name for i in range(want.num_fields)}
+    return [got.field(i).name for i in range(got.num_fields) if got.field(i).name not in known]
+
+
+def _known_only(arr: pa.Array, typ: pa.DataType) -> pa.Array:
+    """A struct (or list of structs) array cut down to the children of ``typ``."""
+    if pa.types.is_list(typ):
+        return pa.ListArray.from_arrays(arr.offsets, _known_only(arr.values, typ.value_type), mask=arr.is_null())
+    children = dict(zip([arr.type.field(i).name for i in range(arr.type.num_fields)], arr.flatten(), strict=True))
+    names = [typ.field(i).name for i in range(typ.num_fields)]
+    return pa.StructArray.from_arrays([children[n] for n in names], names=names, mask=arr.is_null())
+
+
+def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[int]]:
+    """Raw columns (as ``_extract`` + ``_strict_series`` build them) of the rows of one parsed
+    part, and the lines that must go the per-row way instead."""
+    table, shape = part.table, part.shape
+    schema = _canonical_schema(shape)
+    unknown = [n for n in table.column_names if n not in schema.names]
+    nested = {f: _unknown_children(table.schema.field(f).type, schema.field(f).type)
+              for f in _POLY if table.schema.field(f).type != schema.field(f).type}
+    if unknown or nested:  # Polars sees only the canonical fields
+        table = pa.table([table[f.name] if f.type == table.schema.field(f.name).type else
+                          pa.chunked_array([_known_only(ch, f.type) for ch in table[f.name].chunks], type=f.type)
+                          for f in schema], schema=schema)
+    df = pl.from_arrow(table)
+    c = pl.col
+    # Arrow accepts NaN/Infinity (orjson does not), reads -0 as -0.0 (orjson: int 0) and rounds
+    # huge integers; a null inside a list is a type error per row
+    suspect = pl.lit(False)
+    for f in ("strength", "confidence"):
+        x = c(f)
+        suspect = suspect | (x.is_nan() | x.is_infinite() | (x.abs() >= _EXACT_INT) | ((x == 0) & (1.0 / x < 0))).fill_null(False)
+    if not shape[0]:
+        msg = pl.element().struct
+        suspect = suspect | c("prompt").list.eval(msg.field("role").is_null() | msg.field("content").is_null()).list.any().fill_null(False)
+    suspect = suspect | (c("tags").list.len() != c("tags").list.drop_nulls().list.len()).fill_null(False)
+    suspect_np = df.select(suspect.alias("suspect"))["suspect"].to_numpy().copy()
+    # rows with unknown keys need their ``extra`` JSON from the row itself: a key is in the line
+    # as written (any value, null too) or written with an escape
+    present_np = np.zeros(df.height, dtype=bool)
+    if unknown or nested:
+        names = unknown + [ch for children in nested.values() for ch in children]
+        lines = lines_array(block).take(pa.array(part.lines))
+        present_np |= pc.match_substring_regex(lines, "(?:" + "|".join(re.escape(json.dumps(n)) for n in names) + r")\s*:").to_numpy(zero_copy_only=False)
+        present_np |= pc.match_substring_regex(lines, _KEY_WITH_ESCAPE).to_numpy(zero_copy_only=False)
+    if "prompt" in nested:  # messages with unknown keys are invalid: the per-row path says how
+        suspect_np |= present_np
+    extra: list[str | None] = [None] * df.height
+    for k in np.flatnonzero(present_np & ~suspect_np).tolist():
+        try:
+            obj = orjson.loads(block.line(int(part.lines[k])).strip())
+            if type(obj) is not dict:
+                raise ValueError("not an object")
+            extra[k] = _extra_json(obj)
+        except Exception:  # noqa: BLE001 - whatever it is, the per-row path reports it
+            suspect_np[k] = True
+    prompt = c("prompt")
+    if shape[0]:
+        prompt = pl.when(prompt.is_not_null()).then(pl.concat_list(pl.struct(role=pl.lit("user"), content=prompt)))
+    cols: dict[str, pl.Expr] = {"prompt": prompt}
+    for side, f in (("a", "response_a"), ("b", "response_b")):
+        if shape[_POLY.index(f)]:
+            cols[f], cols[f"model_{side}"], cols[f"model_version_{side}"] = c(f), pl.lit(None), pl.lit(None)
+        else:
+            cols[f] = c(f).struct.field("text")
+            cols[f"model_{side}"] = c(f).struct.field("model")
+            cols[f"model_version_{side}"] = c(f).struct.field("model_version")
+    cols["extra"] = pl.Series(extra, dtype=pl.String) if present_np.any() else pl.lit(None)
+    out = df.select(
+        *[(cols[name] if name in cols else c(name)).cast(dtype).alias(name) for name, dtype in _RAW_COLUMNS.items()],
+        _line=pl.Series(part.lines + block.first_line, dtype=pl.Int64),
+    )
+    if suspect_np.any():
+        out = out.filter(pl.Series(~suspect_np))
+    return out, part.lines[suspect_np].tolist()
+
+
+def _shape_of(obj: dict[str, Any] | None) -> tuple[bool, ...]:
+    return tuple(isinstance((obj or {}).get(f), str) for f in _POLY)
+
+
+@dataclass
+class _ParsedBlock:
+    block: LineBlock
+    parts: list[ArrowPart]
+    slow: set[int]  # block line indices for the per-row path
+
+
+def _parse_blocks(path: Path, batch_rows: int) -> Iterator[_ParsedBlock]:
+    """Read and Arrow-parse the blocks of a canonical JSONL file (runs ahead in a thread)."""
+    shape: tuple[bool, ...] | None = None
+    for block in jsonl_blocks(path, batch_rows):
+        cand = candidate_lines(block, block.starts)
+        slow: set[int] = set(np.flatnonzero(~cand).tolist())  # blank lines too: they are dropped as rows
+        idx = np.flatnonzero(cand)
+        parts: list[ArrowPart] = []
+        if len(idx):
+            if shape is None:  # the first row's shape; then the main shape of the previous block
+                first = decode_line(0, block.line(int(idx[0])))
+                shape = _shape_of(first.obj if first is not None else None)
+            parts, failed = parse_block_arrow(block, idx, _canonical_schema, _POLY, _STRING_SHAPE, shape)
+            slow.update(failed)
+            if parts:
+                shape = max(parts, key=lambda p: p.table.num_rows).shape
+        yield _ParsedBlock(block, parts, slow)
+
+
+def _process_block(parsed: _ParsedBlock, ctx: AdapterContext, source: str, finish: bool) -> _BatchOut:
+    """One block of canonical JSONL: Arrow-parsed columns, per-row path for the rest."""
+    block, slow = parsed.block, parsed.slow
+    frames: list[pl.DataFrame] = []
+    for part in parsed.parts:
+        df, lines = _part_frame(part, block)
+        slow.update(lines)
+        if df.height:
+            frames.append(df)
+    fast = None
+    if frames:
+        fast = pl.concat(frames, how="vertical")
+        if len(frames) > 1:
+            fast = fast.sort("_line")
+        fast = _error_columns(fast.with_columns(_rec=pl.int_range(pl.len(), dtype=pl.Int64)).select(*_RAW_COLUMNS, "_rec", "_line"))
+        failed_rows = fast["_err_reason"].is_not_null()
+        if failed_rows.any():  # the per-row path gives them their reason and message
+            slow.update((fast.filter(failed_rows)["_line"] - block.first_line).to_list())
+            fast = fast.filter(~failed_rows)
+    rows = block.raw_rows(sorted(slow))
+    checked = _validate_rows(rows, "canonical", ctx, source) if rows else None
+    valid = [d for d in (fast, checked.valid if checked else None) if d is not None and d.height]
+    if len(valid) == 2:
+        valid = [pl.concat([valid[0], valid[1].select(valid[0].columns)], how="vertical").sort("_line")]
+    n_fast = fast.height if fast is not None else 0
+    n_valid = n_fast + (checked.rows_valid if checked else 0)
+    judgments = sum(d.height for d in valid)
+    out = _finish(valid[0], ctx.batch_id, source) if finish and valid else empty_frame(Judgment)
+    return _BatchOut(out, checked.quarantine if checked else [], n_fast + len(rows), n_valid, judgments,
+                     checked.skipped if checked else 0)
+
+
+_END = object()
+
+
+def _run_ahead(items: Iterator[Any], pool: ThreadPoolExecutor) -> Iterator[Any]:
+    """Yield ``items``, computing the next one in ``pool`` while the caller works on this one.
+
+    Arrow's parse and Polars release the GIL, so reading + parsing block k+1 overlaps with
+    validating and hashing block k (two cores).  At most one item is computed ahead.
+    """
+    fut = pool.submit(next, items, _END)
+    while True:
+        item = fut.result()
+        if item is _END:
+            return
+        fut = pool.submit(next, items, _END)
+        yield item
 
 
 def _finish(df: pl.DataFrame, batch_id: str, source: str) -> pl.DataFrame:
@@ -437,35 +760,43 @@ def ingest_files(
         plans.append((p, resolve_format(p, fmt)))
 
     ledger = IngestLedger()
-    frames: list[pl.DataFrame] = []
-    quarantine: list[dict[str, Any]] = []
-    sources: list[SourceInfo] = []
-    for p, f in plans:
-        ctx = AdapterContext(stem=_batch_name(p), batch_id=batch_id or _batch_name(p),
-                             annotator_id=annotator_id, annotator_kind=annotator_kind)
-        n_in = n_valid = n_j = n_skip = 0
-        q_before = len(quarantine)
-        for rows in iter_raw_rows(p, batch_rows):
-            out = _process_batch(rows, f, ctx, str(p))
-            n_in += len(rows)
-            n_valid += out.rows_valid
-            n_j += out.judgments
-            n_skip += out.skipped
-            quarantine.extend(out.quarantine)
-            if keep_judgments and out.valid.height:
-                frames.append(out.valid)
-            if on_progress:
-                on_progress(len(rows))
-        quarantine[q_before:] = sorted(quarantine[q_before:], key=lambda q: q["line"])
-        n_q = len(quarantine) - q_before
-        by_reason: dict[str, int] = {}
-        for q in quarantine[q_before:]:
-            by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + 1
-        file_ledger = IngestLedger(rows_in=n_in, rows_valid=n_valid, quarantined=n_q, quarantined_by_reason=by_reason,
-                                   judgments=n_j, skipped={"identical_candidates": n_skip} if n_skip else {})
-        ledger = ledger.merged(file_ledger)
-        sources.append(SourceInfo(path=str(p), sha256=file_sha256(p), bytes=p.stat().st_size, format=f,
-                                  rows_in=n_in, rows_valid=n_valid, quarantined=n_q, judgments=n_j))
+    pool = ThreadPoolExecutor(2)  # file hash and parse-ahead: both release the GIL (see _run_ahead)
+    try:
+        frames: list[pl.DataFrame] = []
+        quarantine: list[dict[str, Any]] = []
+        sources: list[SourceInfo] = []
+        for p, f in plans:
+            ctx = AdapterContext(stem=_batch_name(p), batch_id=batch_id or _batch_name(p),
+                                 annotator_id=annotator_id, annotator_kind=annotator_kind)
+            sha = pool.submit(file_sha256, p)
+            n_in = n_valid = n_j = n_skip = 0
+            q_before = len(quarantine)
+            if FAST_JSONL and f == "canonical" and container_of(p) == "jsonl":
+                batches = (_process_block(b, ctx, str(p), keep_judgments) for b in _run_ahead(_parse_blocks(p, batch_rows), pool))
+            else:
+                batches = (_process_batch(rows, f, ctx, str(p), keep_judgments) for rows in iter_raw_rows(p, batch_rows))
+            for out in batches:
+                n_in += out.rows_in
+                n_valid += out.rows_valid
+                n_j += out.judgments
+                n_skip += out.skipped
+                quarantine.extend(out.quarantine)
+                if keep_judgments and out.valid.height:
+                    frames.append(out.valid)
+                if on_progress:
+                    on_progress(out.rows_in)
+            quarantine[q_before:] = sorted(quarantine[q_before:], key=lambda q: q["line"])
+            n_q = len(quarantine) - q_before
+            by_reason: dict[str, int] = {}
+            for q in quarantine[q_before:]:
+                by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + 1
+            file_ledger = IngestLedger(rows_in=n_in, rows_valid=n_valid, quarantined=n_q, quarantined_by_reason=by_reason,
+                                       judgments=n_j, skipped={"identical_candidates": n_skip} if n_skip else {})
+            ledger = ledger.merged(file_ledger)
+            sources.append(SourceInfo(path=str(p), sha256=sha.result(), bytes=p.stat().st_size, format=f,
+                                      rows_in=n_in, rows_valid=n_valid, quarantined=n_q, judgments=n_j))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     judgments = pl.concat(frames, how="vertical") if frames else empty_frame(Judgment)
     qframe = pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA) if quarantine else pl.DataFrame(schema=QUARANTINE_SCHEMA)
     return IngestResult(judgments, qframe, ledger, sources)

@@ -91,6 +91,7 @@ def test_pair_id_stable_across_processes():
         ({"annotator_kind": "robot"}, "invalid_value", "annotator_kind"),
         ({"strength": 1.7}, "invalid_value", "strength"),
         ({"strength": "high"}, "invalid_type", "strength"),
+        ({"strength": True}, "invalid_type", "strength"),
         ({"confidence": -0.1}, "invalid_value", "confidence"),
         ({"shown_first": "left"}, "invalid_value", "shown_first"),
         ({"gold_label": "yes"}, "invalid_value", "gold_label"),
@@ -106,6 +107,10 @@ def test_pair_id_stable_across_processes():
         ({"prompt": [{"role": "wizard", "content": "hi"}]}, "invalid_value", "prompt"),
         ({"prompt": [{"role": "user", "text": "hi"}]}, "invalid_type", "prompt"),
         ({"tags": "a,b"}, "invalid_type", "tags"),
+        ({"tags": ["a", None]}, "invalid_type", "tags"),
+        ({"prompt": [{"role": "user", "content": None}]}, "invalid_type", "prompt"),
+        ({"prompt": [{"role": "user", "content": "hi", "name": "x"}]}, "invalid_type", "prompt"),
+        ({"comparison_id": None, "tags": ["a", None]}, "invalid_type", "tags"),  # a wrong type is reported first
         ({"batch_id": 7}, "invalid_type", "batch_id"),
     ],
 )
@@ -237,3 +242,259 @@ def test_streaming_batches_give_same_result(tmp_path):
 def test_validate_mode_keeps_no_judgments(make_jsonl):
     r = ingest_files([make_jsonl([canonical(i) for i in range(10)])], keep_judgments=False)
     assert r.judgments.height == 0 and r.ledger.rows_valid == 10
+
+
+# ---------------------------------------------------------------- vectorised JSONL path == per-row path
+import re  # noqa: E402
+
+from pipeline import ingest as ingest_mod  # noqa: E402
+from pipeline import readers  # noqa: E402
+from schemas.text import _nfc_non_ascii  # noqa: E402
+
+
+def _per_row(monkeypatch, paths, **kw):
+    with monkeypatch.context() as m:
+        m.setattr(ingest_mod, "FAST_JSONL", False)
+        return ingest_files(paths, **kw)
+
+
+def _ingest_or_error(paths, **kw):
+    try:
+        return ingest_files(paths, **kw)
+    except UnreadableFile as err:
+        return str(err)
+
+
+def _assert_same(fast, slow):
+    if isinstance(fast, str) or isinstance(slow, str):  # a file rejected as a whole
+        assert fast == slow
+        return
+    assert fast.ledger == slow.ledger
+    assert fast.sources == slow.sources
+    assert fast.judgments.equals(slow.judgments)
+    assert fast.quarantine.equals(slow.quarantine)
+
+
+def _spy_per_row(monkeypatch) -> list[int]:
+    """Record the lines that go through the per-row path."""
+    seen: list[int] = []
+    real = ingest_mod._validate_rows
+
+    def spy(rows, *a, **kw):
+        seen.extend(r.line for r in rows)
+        return real(rows, *a, **kw)
+
+    monkeypatch.setattr(ingest_mod, "_validate_rows", spy)
+    return seen
+
+
+def test_fast_path_takes_valid_rows_and_sends_bad_lines_per_row(make_jsonl, monkeypatch):
+    rows = [canonical(i) for i in range(300)]
+    rows[40] = canonical(40, strength="high")  # wrong type inside an otherwise parseable block
+    rows[41] = canonical(41, label="maybe")  # parses, fails validation
+    path = make_jsonl(rows, raw_lines={120: '{"comparison_id": "c-x", "prompt": "trunc'})
+    seen = _spy_per_row(monkeypatch)
+    r = ingest_files([path])
+    assert sorted(seen) == [41, 42, 121]  # 1-based lines; everything else went column-wise
+    assert r.quarantine.select("line", "reason", "field").rows() == [
+        (41, "invalid_type", "strength"), (42, "invalid_value", "label"), (121, "invalid_json", None)]
+    assert r.ledger.rows_in == 301 and r.ledger.rows_valid == 298
+    assert r.judgments["source_line"].to_list() == [n for n in range(1, 302) if n not in (41, 42, 121)]
+    monkeypatch.undo()
+    _assert_same(r, _per_row(monkeypatch, [path]))
+
+
+def test_mixed_shapes_in_one_block_all_go_column_wise(tmp_path, monkeypatch):
+    rows = []
+    for i in range(60):
+        row = canonical(i, locale=None if i % 5 == 0 else "en")
+        if i % 2:
+            row["prompt"] = row["prompt"][0]["content"]
+        if i % 3 == 0:
+            row["response_a"] = row["response_a"]["text"]
+        if i % 7 == 0:
+            row["response_b"] = {"text": row["response_b"], "model": "m-2"}
+        rows.append(row)
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    seen = _spy_per_row(monkeypatch)
+    r = ingest_files([path])
+    assert seen == [] and r.ledger.rows_valid == 60
+    monkeypatch.undo()
+    _assert_same(r, _per_row(monkeypatch, [path]))
+
+
+def test_unknown_fields_reach_extra_the_same_way(tmp_path, monkeypatch):
+    rows = [canonical(0, task_id="t-1"), canonical(1), canonical(2, task_id=None),
+            canonical(3, response_a={"text": "A.", "model": "m", "generation": {"t": 0.7}}),
+            canonical(4, meta={"k": [1, 2.5, None]}), canonical(5)]
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    lines.append(json.dumps(canonical(6)).replace('"batch_id"', '"task\\u005fid": null, "batch_id"'))  # escaped key
+    path = tmp_path / "extra.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    r = ingest_files([path])
+    extra = dict(zip(r.judgments["comparison_id"], r.judgments["extra"], strict=True))
+    assert json.loads(extra["c-00000"]) == {"task_id": "t-1"} and extra["c-00001"] is None
+    assert json.loads(extra["c-00002"]) == {"task_id": None}  # present with null: still carried
+    assert json.loads(extra["c-00003"]) == {"response_a_meta": {"generation": {"t": 0.7}}}
+    assert json.loads(extra["c-00006"]) == {"task_id": None}
+    _assert_same(r, _per_row(monkeypatch, [path]))
+
+
+def test_line_numbers_across_blocks_and_read_boundaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 700)  # a read ends mid-line; some lines are longer than a read
+    monkeypatch.setattr(readers, "FIRST_READ_BYTES", 300)
+    lines = []
+    for i in range(40):
+        row = canonical(i, label="bad" if i % 9 == 4 else "a", critique="x" * (900 if i % 13 == 5 else 3))
+        lines.append(json.dumps(row) + ("\r" if i % 4 == 1 else ""))
+        if i % 11 == 3:
+            lines.append("   ")
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")  # no final newline
+    r = ingest_files([path], batch_rows=6)
+    assert r.ledger.rows_in == 40
+    expect = [n for n, ln in enumerate(lines, 1) if ln.strip()]
+    assert sorted(r.judgments["source_line"].to_list() + r.quarantine["line"].to_list()) == expect
+    assert r.quarantine["line"].to_list() == [n for n, ln in enumerate(lines, 1) if '"label": "bad"' in ln]
+    _assert_same(r, _per_row(monkeypatch, [path], batch_rows=6))
+    gz = tmp_path / "b.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    g = ingest_files([gz], batch_rows=6)
+    assert g.judgments.drop("source_file").equals(r.judgments.drop("source_file"))
+
+
+def test_threaded_parse_errors_find_their_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "THREADED_PARSE_BYTES", 2000)  # parse in parallel chunks even here
+    rows = [canonical(i, **({"batch_id": 7} if i in (17, 90) else {})) for i in range(150)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    r = ingest_files([path])
+    assert r.quarantine.select("line", "reason", "field").rows() == [(18, "invalid_type", "batch_id"), (91, "invalid_type", "batch_id")]
+    _assert_same(r, _per_row(monkeypatch, [path]))
+
+
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**66), 2**66),
+                    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6))
+_json_value = st.recursive(_scalar, lambda ch: st.lists(ch, max_size=3) | st.dictionaries(st.text(max_size=4), ch, max_size=3),
+                           max_leaves=5)
+_FIELDS = ["comparison_id", "batch_id", "pair_id", "prompt", "response_a", "response_b", "shown_first", "label", "strength",
+           "confidence", "annotator_id", "annotator_kind", "rubric", "locale", "tags", "created_at", "gold_label", "note"]
+_RAW_EDITS = [None] * 8 + ["truncate", "two_values", "nan", "infinity", "neg_zero", "big_int", "dup_key", "escaped_key",
+                           "indent", "crlf", "blank", "bad_utf8", "array", "empty", "msg_extra", "msg_no_content",
+                           "tag_null", "resp_extra", "resp_null_text", "bool"]
+
+
+@st.composite
+def _jsonl_line(draw, i: int) -> bytes:
+    row = canonical(i, label=draw(st.sampled_from(["a", "b", "tie"])), locale=draw(st.sampled_from(["en", "ja-JP", None])))
+    row = {k: v for k, v in row.items() if v is not None}
+    if draw(st.booleans()):
+        row["prompt"] = draw(st.sampled_from([row["prompt"][0]["content"], "Caf\u0065\u0301 ?\r\n", "  "]))
+    if draw(st.booleans()):
+        row["response_a"] = row["response_a"]["text"]
+    if draw(st.booleans()):
+        row["response_b"] = {"text": row["response_b"], "model": draw(st.sampled_from(["m", None]))}
+    for _ in range(draw(st.integers(0, 2))):
+        field = draw(st.sampled_from(_FIELDS))
+        if draw(st.booleans()):
+            row.pop(field, None)
+        else:
+            row[field] = draw(_json_value)
+    items = list(row.items())
+    if draw(st.booleans()):
+        items.reverse()
+    edit = draw(st.sampled_from(_RAW_EDITS))
+    obj = dict(items)
+    if edit == "msg_extra" and isinstance(obj.get("prompt"), list) and obj["prompt"] and isinstance(obj["prompt"][0], dict):
+        obj["prompt"][0] = {**obj["prompt"][0], "name": draw(st.sampled_from(["bob", None]))}
+    elif edit == "msg_no_content" and isinstance(obj.get("prompt"), list) and obj["prompt"] and isinstance(obj["prompt"][0], dict):
+        obj["prompt"][0] = {"role": "user"}
+    elif edit == "tag_null":
+        obj["tags"] = ["x", None]
+    elif edit == "resp_extra" and isinstance(obj.get("response_a"), dict):
+        obj["response_a"] = {**obj["response_a"], "generation": draw(st.sampled_from([None, {"t": 1}]))}
+    elif edit == "resp_null_text":
+        obj["response_b"] = {"text": None, "model": "m"}
+    elif edit == "bool":
+        obj["confidence"] = True
+    text = json.dumps(obj, ensure_ascii=draw(st.booleans()), separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])))
+    number = r'("strength"\s*:\s*)[^,}]+'
+    if edit == "truncate":
+        text = text[: draw(st.integers(0, max(0, len(text) - 1)))]
+    elif edit == "two_values":
+        text += " {}"
+    elif edit in ("nan", "infinity", "neg_zero", "big_int"):
+        value = {"nan": "NaN", "infinity": "-Infinity", "neg_zero": "-0", "big_int": "123456789012345678901"}[edit]
+        text = re.sub(number, lambda m: m.group(1) + value, text)
+    elif edit == "dup_key":
+        text = text[:-1] + ', "label": "b"}' if text.endswith("}") and len(text) > 2 else text
+    elif edit == "escaped_key":
+        text = text.replace('"label"', '"l\\u0061bel"').replace('"note"', '"n\\u006fte"')
+    elif edit == "indent":
+        text = "  " + text
+    elif edit == "crlf":
+        text += "\r"
+    elif edit == "blank":
+        text = ""
+    elif edit == "array":
+        text = "[1, 2]"
+    elif edit == "empty":
+        text = "{}"
+    data = text.encode("utf-8")
+    if edit == "bad_utf8":
+        data = data.replace(b'"c-', b'"\xff-', 1)
+    return data
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data(), n=st.integers(1, 24), batch_rows=st.sampled_from([5, 50_000]),
+       small_reads=st.booleans(), threaded=st.booleans())
+def test_fast_path_equals_per_row_property(tmp_path_factory, monkeypatch, data, n, batch_rows, small_reads, threaded):
+    """Whatever the lines, the vectorised path gives the per-row path's judgments, quarantine and ledger."""
+    lines = [data.draw(_jsonl_line(i)) for i in range(n)]
+    path = tmp_path_factory.mktemp("fast") / "b.jsonl"
+    path.write_bytes(b"\n".join(lines) + data.draw(st.sampled_from([b"\n", b""])))
+    with monkeypatch.context() as m:
+        if small_reads:
+            m.setattr(readers, "BLOCK_BYTES", 1500)
+            m.setattr(readers, "FIRST_READ_BYTES", 200)
+        if threaded:
+            m.setattr(readers, "THREADED_PARSE_BYTES", 300)
+        fast = _ingest_or_error([path], fmt="canonical", batch_rows=batch_rows)
+        m.setattr(ingest_mod, "FAST_JSONL", False)
+        slow = _ingest_or_error([path], fmt="canonical", batch_rows=50_000)  # and batching changes nothing
+    _assert_same(fast, slow)
+
+
+_stamp = st.one_of(
+    st.none(), st.text(max_size=12),
+    st.datetimes().map(lambda d: d.isoformat()), st.datetimes().map(lambda d: d.isoformat() + "Z"),
+    st.datetimes().map(lambda d: d.strftime("%Y-%m-%d %H:%M")), st.dates().map(str),
+    st.datetimes().map(lambda d: d.strftime("%Y-%m-%dT%H:%M+05:30")),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(stamps=st.lists(_stamp, max_size=20))
+def test_parse_timestamps_equals_expression(stamps):
+    s = pl.Series("created_at", stamps, dtype=pl.String)
+    expect = pl.select(ingest_mod.parse_timestamp_expr(pl.lit(s))).to_series()
+    assert ingest_mod.parse_timestamps(s).to_list() == expect.to_list()
+
+
+_unicode_samples = ["e\u0301", "\u1100\u1161\u11a8", "\uf900", "\u2126", "\u00e9", "\u3099\u304b\u3099", "\u0344",
+                    "\u0b47\u0b3e", "\U0001d15e", "\u212b", "\u2000", "\u30ac", "\u4e2d\u6587", "\u2019", "\U000e0100"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(st.one_of(st.text(max_size=10), st.lists(st.sampled_from(_unicode_samples + ["a", " "]), max_size=6).map("".join)),
+                      max_size=10))
+def test_nfc_only_where_needed_equals_nfc_of_all_non_ascii(texts):
+    s = pl.Series(texts, dtype=pl.String)
+    assert ingest_mod._nfc_where_needed(s).to_list() == _nfc_non_ascii(s).to_list()
+
+
+def test_huge_integer_strength_is_quarantined_not_a_crash(make_jsonl, monkeypatch):
+    path = make_jsonl([canonical(0), json.loads(json.dumps(canonical(1)).replace('"strength": 0.7', '"strength": 18446744073709551615'))])
+    r = ingest_files([path])
+    assert r.quarantine.select("line", "reason", "field").rows() == [(2, "invalid_value", "strength")]
+    _assert_same(r, _per_row(monkeypatch, [path]))
