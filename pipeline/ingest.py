@@ -54,7 +54,7 @@ from pipeline.readers import (
 from schemas.arrow import conform, empty_frame, polars_schema
 from schemas.manifest import IngestLedger, SourceInfo
 from schemas.records import ANNOTATOR_KINDS, LABELS, ROLES, Judgment, QuarantineRow, RawJudgment
-from schemas.text import WHITESPACE, derive_pair_id_expr, hash_series, prompt_text_expr
+from schemas.text import HASH_HEX_LEN, WHITESPACE, prompt_text_expr
 
 __all__ = ["IngestResult", "UnreadableFile", "ingest_files", "judgments_from_records", "file_sha256"]
 
@@ -285,10 +285,15 @@ def _nfc_where_needed(s: pl.Series) -> pl.Series:
     return s.scatter(idx, s.gather(idx).str.normalize("NFC"))
 
 
+def _lf_nfc(s: pl.Series) -> pl.Series:
+    if s.str.contains("\r", literal=True).any():
+        s = s.str.replace_all(r"\r\n?", "\n")
+    return _nfc_where_needed(s)
+
+
 def _normalize_expr(expr: pl.Expr) -> pl.Expr:
     """Same result as :func:`schemas.text.normalize_text_expr` (CRLF/CR -> LF, NFC, strip), faster."""
-    nfc = expr.str.replace_all(r"\r\n?", "\n").map_batches(_nfc_where_needed, return_dtype=pl.String, is_elementwise=True)
-    return nfc.str.strip_chars(WHITESPACE)
+    return expr.map_batches(_lf_nfc, return_dtype=pl.String, is_elementwise=True).str.strip_chars(WHITESPACE)
 
 
 def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
@@ -364,7 +369,16 @@ def parse_timestamp_expr(expr: pl.Expr) -> pl.Expr:
 
 
 def parse_timestamps(s: pl.Series) -> pl.Series:
-    """:func:`parse_timestamp_expr` on a Series, trying a format only on the values still unparsed."""
+    """:func:`parse_timestamp_expr` on a Series, trying a format only on the values still
+    unparsed, and each distinct value once when values repeat."""
+    uniq = s.unique()
+    if len(uniq) * 2 < len(s):
+        parsed = _parse_timestamps(uniq.drop_nulls())
+        return s.replace_strict(uniq.drop_nulls(), parsed, default=None, return_dtype=parsed.dtype).alias("_created")
+    return _parse_timestamps(s)
+
+
+def _parse_timestamps(s: pl.Series) -> pl.Series:
     text = pl.select(_timestamp_text(pl.lit(s))).to_series()
     out = None
     for fmt in _AWARE_FORMATS + _NAIVE_FORMATS:
@@ -691,6 +705,26 @@ def _run_ahead(items: Iterator[Any], pool: ThreadPoolExecutor) -> Iterator[Any]:
         yield item
 
 
+def _content_hashes(s: pl.Series) -> pl.Series:
+    """:func:`schemas.text.hash_series` (``content_hash`` of each value, each distinct value
+    hashed once), hashing the UTF-8 bytes in Arrow's buffer: no Python string per text."""
+    uniq = s.unique().drop_nulls()
+    arr = uniq.to_arrow().cast(pa.large_string())
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1].tolist()
+    data = memoryview(arr.buffers()[2]) if len(arr) else memoryview(b"")
+    b2, size = hashlib.blake2b, HASH_HEX_LEN // 2
+    digests = [b2(data[a:b], digest_size=size).hexdigest() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    lut = pl.DataFrame({"_k": uniq, "_h": pl.Series(digests, dtype=pl.String)})
+    out = pl.DataFrame({"_k": s}).join(lut, on="_k", how="left", maintain_order="left")
+    return out["_h"].alias(s.name)
+
+
+def _pair_ids(prompt_hash: pl.Expr, a_hash: pl.Expr, b_hash: pl.Expr) -> pl.Expr:
+    """:func:`schemas.text.derive_pair_id_expr` with :func:`_content_hashes`."""
+    key = pl.concat_str([prompt_hash, pl.min_horizontal(a_hash, b_hash), pl.max_horizontal(a_hash, b_hash)], separator="|")
+    return pl.lit("p-") + key.map_batches(_content_hashes, return_dtype=pl.String)
+
+
 def _finish(df: pl.DataFrame, batch_id: str, source: str) -> pl.DataFrame:
     """Hash the (already normalised) texts, derive ids: the canonical judgments frame."""
     if df.height == 0:
@@ -704,10 +738,10 @@ def _finish(df: pl.DataFrame, batch_id: str, source: str) -> pl.DataFrame:
         source_line=c("_line"),
     ).with_columns(prompt_text=prompt_text_expr(c("prompt")))
     df = df.with_columns(
-        prompt_hash=hash_series(df["prompt_text"]),
-        a_hash=hash_series(df["response_a"]),
-        b_hash=hash_series(df["response_b"]),
-    ).with_columns(pair_id=c("pair_id").fill_null(derive_pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash"))))
+        prompt_hash=_content_hashes(df["prompt_text"]),
+        a_hash=_content_hashes(df["response_a"]),
+        b_hash=_content_hashes(df["response_b"]),
+    ).with_columns(pair_id=c("pair_id").fill_null(_pair_ids(c("prompt_hash"), c("a_hash"), c("b_hash"))))
     return conform(df, Judgment).select(list(polars_schema(Judgment)))
 
 

@@ -476,9 +476,10 @@ _stamp = st.one_of(
 @settings(max_examples=60, deadline=None)
 @given(stamps=st.lists(_stamp, max_size=20))
 def test_parse_timestamps_equals_expression(stamps):
-    s = pl.Series("created_at", stamps, dtype=pl.String)
-    expect = pl.select(ingest_mod.parse_timestamp_expr(pl.lit(s))).to_series()
-    assert ingest_mod.parse_timestamps(s).to_list() == expect.to_list()
+    for values in (stamps, stamps * 3):  # distinct values, and repeated ones (parsed once each)
+        s = pl.Series("created_at", values, dtype=pl.String)
+        expect = pl.select(ingest_mod.parse_timestamp_expr(pl.lit(s))).to_series()
+        assert ingest_mod.parse_timestamps(s).to_list() == expect.to_list()
 
 
 _unicode_samples = ["e\u0301", "\u1100\u1161\u11a8", "\uf900", "\u2126", "\u00e9", "\u3099\u304b\u3099", "\u0344",
@@ -498,3 +499,17 @@ def test_huge_integer_strength_is_quarantined_not_a_crash(make_jsonl, monkeypatc
     r = ingest_files([path])
     assert r.quarantine.select("line", "reason", "field").rows() == [(2, "invalid_value", "strength")]
     _assert_same(r, _per_row(monkeypatch, [path]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["", "same", "Caf\u00e9", "\U0001f600"])), max_size=30))
+def test_content_hashes_equal_schema_hashing(texts):
+    from schemas.text import content_hash, derive_pair_id_expr, hash_series
+
+    s = pl.Series("t", texts, dtype=pl.String)
+    assert ingest_mod._content_hashes(s).to_list() == hash_series(s).to_list()
+    assert ingest_mod._content_hashes(s).to_list() == [None if t is None else content_hash(t) for t in texts]
+    h = pl.DataFrame({"p": hash_series(s), "a": hash_series(s.reverse()), "b": hash_series(s.shift(1))})
+    ours = h.select(ingest_mod._pair_ids(pl.col("p"), pl.col("a"), pl.col("b")))
+    theirs = h.select(derive_pair_id_expr(pl.col("p"), pl.col("a"), pl.col("b")))
+    assert ours.to_series().to_list() == theirs.to_series().to_list()
