@@ -1,15 +1,19 @@
 """Ingest: read raw batch files, adapt, validate, normalise -> judgments + quarantine + ledger.
 
-Hot path (per streaming batch of rows):
-1. the container reader decodes rows (orjson for JSONL);
-2. an adapter maps non-canonical rows to canonical judgments;
-3. one light Python pass pulls fields into column lists (the input is polymorphic:
-   prompts are strings or message lists, responses strings or objects);
-4. columns are built strictly typed; Polars validates all rows at once (required
-   fields, value sets, ranges, empty text, timestamps) and normalises/hashes texts
-   (each distinct text hashed once);
-5. only rows that failed are run through the Pydantic model ``RawJudgment`` to get a
-   precise message (field, what was expected, what was found), then quarantined.
+Hot path for canonical JSON Lines (per block of whole lines, no Python object per row):
+1. Arrow's JSON reader parses the block with an explicit canonical schema, once per shape
+   (prompt / responses as strings or structured); it is as strict as ``orjson`` except in a
+   few checked places, so the columns are what the per-row path would build;
+2. Polars validates all rows at once (required fields, value sets, ranges, empty text,
+   timestamps) and normalises texts; hashes and ids are derived per distinct text;
+3. lines Arrow cannot take and rows that fail validation go the per-row path below, where
+   the Pydantic model ``RawJudgment`` gives a failed row its precise message (field, what
+   was expected, what was found), and they are quarantined;
+4. the next block is read and parsed in a thread meanwhile (Arrow and Polars release the GIL).
+
+Per-row path (other formats and containers, and the lines above): the reader decodes rows
+(orjson for JSONL), an adapter maps them to canonical judgments, one light Python pass pulls
+fields into strictly typed columns, then the same vectorised validation.
 
 Nothing is lost: every input row is either valid or in quarantine, and the ledger says
 so (``rows_in == rows_valid + quarantined``), per file and in total.
@@ -171,7 +175,7 @@ def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[
 
 def _extra_json(d: dict[str, Any]) -> str | None:
     """Unknown fields and extra response-object keys of one raw row, as sorted JSON (or None)."""
-    extra = {k: d[k] for k in d.keys() - KNOWN_FIELDS} if len(d) > 0 else {}
+    extra = {k: v for k, v in d.items() if k not in KNOWN_FIELDS}
     for col in ("response_a", "response_b"):
         r = d.get(col)
         if isinstance(r, dict):
@@ -596,9 +600,11 @@ def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[i
     if "prompt" in nested:  # messages with unknown keys are invalid: the per-row path says how
         suspect_np |= present_np
     extra: list[str | None] = [None] * df.height
-    for k in np.flatnonzero(present_np & ~suspect_np).tolist():
+    todo = np.flatnonzero(present_np & ~suspect_np)
+    data, loads = block.data, orjson.loads
+    for k, a, b in zip(todo.tolist(), block.starts[part.lines[todo]].tolist(), block.ends[part.lines[todo]].tolist(), strict=True):
         try:
-            obj = orjson.loads(block.line(int(part.lines[k])).strip())
+            obj = loads(data[a:b])  # the line parsed before, so it has no surrounding blanks but maybe a CR
             if type(obj) is not dict:
                 raise ValueError("not an object")
             extra[k] = _extra_json(obj)
@@ -639,6 +645,7 @@ class _ParsedBlock:
 def _parse_blocks(path: Path, batch_rows: int) -> Iterator[_ParsedBlock]:
     """Read and Arrow-parse the blocks of a canonical JSONL file (runs ahead in a thread)."""
     shape: tuple[bool, ...] | None = None
+    split: frozenset[str] = frozenset()  # fields whose shape varied in the previous block
     for block in jsonl_blocks(path, batch_rows):
         cand = candidate_lines(block, block.starts)
         slow: set[int] = set(np.flatnonzero(~cand).tolist())  # blank lines too: they are dropped as rows
@@ -648,7 +655,7 @@ def _parse_blocks(path: Path, batch_rows: int) -> Iterator[_ParsedBlock]:
             if shape is None:  # the first row's shape; then the main shape of the previous block
                 first = decode_line(0, block.line(int(idx[0])))
                 shape = _shape_of(first.obj if first is not None else None)
-            parts, failed = parse_block_arrow(block, idx, _canonical_schema, _POLY, _STRING_SHAPE, shape)
+            parts, failed, split = parse_block_arrow(block, idx, _canonical_schema, _POLY, _STRING_SHAPE, shape, split)
             slow.update(failed)
             if parts:
                 shape = max(parts, key=lambda p: p.table.num_rows).shape

@@ -354,25 +354,26 @@ def candidate_lines(block: LineBlock, starts: np.ndarray) -> np.ndarray:
     return (last > starts) & (arr[starts] == 123) & (arr[np.maximum(last, 0)] == 125)
 
 
-def _invalid_utf8(block: LineBlock, starts: np.ndarray, idx: np.ndarray) -> list[int]:
-    """Lines of ``idx`` that are not UTF-8 (Arrow's JSON reader does not check string bytes)."""
+def _is_utf8(buf: bytes) -> bool:
+    """Whether ``buf`` is valid UTF-8 (Arrow's vectorised check; its JSON reader does not check string bytes)."""
     import pyarrow as pa
 
-    def ok(sub: np.ndarray) -> bool:
-        buf = _lines_buffer(block, starts, sub)
-        arr = pa.Array.from_buffers(pa.large_binary(), 1, [None, pa.py_buffer(np.array([0, len(buf)], dtype=np.int64)),
-                                                           pa.py_buffer(buf)])
-        try:
-            arr.cast(pa.large_string())  # validates (fast, vectorised)
-        except pa.ArrowInvalid:
-            return False
-        return True
+    arr = pa.Array.from_buffers(pa.large_binary(), 1, [None, pa.py_buffer(np.array([0, len(buf)], dtype=np.int64)),
+                                                       pa.py_buffer(buf)])
+    try:
+        arr.cast(pa.large_string())
+    except pa.ArrowInvalid:
+        return False
+    return True
 
+
+def _invalid_utf8(block: LineBlock, starts: np.ndarray, idx: np.ndarray) -> list[int]:
+    """Lines of ``idx`` that are not UTF-8 (bisection with the vectorised check)."""
     bad: list[int] = []
     todo = [idx]
     while todo:
         sub = todo.pop()
-        if not len(sub) or ok(sub):
+        if not len(sub) or _is_utf8(_lines_buffer(block, starts, sub)):
             continue
         if len(sub) <= 8:
             for i in sub.tolist():
@@ -407,34 +408,52 @@ def _read_json(buf: bytes, schema: Any, threads: bool) -> Any:
 
 
 def parse_block_arrow(block: LineBlock, idx: np.ndarray, schema_of: Callable[[tuple[bool, ...]], Any],
-                      poly: tuple[str, ...], string_patterns: tuple[str, ...],
-                      shape: tuple[bool, ...]) -> tuple[list[ArrowPart], list[int]]:
+                      poly: tuple[str, ...], string_patterns: tuple[str, ...], shape: tuple[bool, ...],
+                      split_first: frozenset[str] = frozenset()) -> tuple[list[ArrowPart], list[int], frozenset[str]]:
     """Parse lines ``idx`` of a block with Arrow's strict JSON reader.
 
     ``poly`` names the fields that may be either a JSON string or structured; each has a
     regex in ``string_patterns`` that matches a line where it is a string.  Lines are tried
     with ``shape`` first; when Arrow reports a polymorphic field of another shape, the lines
-    are split by shape.  Returns the parsed parts and the lines for the per-row path.
+    are split by shape (up front for the fields in ``split_first``: the previous block's).
+    Returns the parsed parts, the lines for the per-row path and the fields split on.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     starts = block.starts
     parts: list[ArrowPart] = []
-    slow: list[int] = _invalid_utf8(block, starts, idx)
-    if slow:
-        idx = np.setdiff1d(idx, slow)
+    slow: list[int] = []
+    split_fields: set[str] = set()
     budget = 16 + len(idx) // 200  # parse failures allowed before the rest goes the per-row way
     string_shape: dict[str, np.ndarray] = {}
-    todo: list[tuple[np.ndarray, tuple[bool, ...], frozenset[str], bool]] = [(idx, shape, frozenset(), True)]
+
+    def by_shape(sub: np.ndarray, shp: tuple[bool, ...], field: str) -> list[tuple[np.ndarray, tuple[bool, ...]]]:
+        k = poly.index(field)
+        if field not in string_shape:
+            string_shape[field] = pc.match_substring_regex(lines_array(block), string_patterns[k]).to_numpy(zero_copy_only=False)
+        split_fields.add(field)
+        is_str = string_shape[field][sub]
+        return [(sub[is_str == flag], shp[:k] + (flag,) + shp[k + 1:]) for flag in (True, False)]
+
+    utf8_checked = _is_utf8(block.data)  # else each buffer is checked before it is parsed
+    # work items: (lines, shape, fields already split on, parse in threads, lines known to be UTF-8)
+    todo: list[tuple[np.ndarray, tuple[bool, ...], frozenset[str], bool, bool]] = [(idx, shape, frozenset(), True, utf8_checked)]
+    for field in sorted(split_first):
+        todo = [(g, gs, done | {field}, True, ok) for sub, shp, done, _, ok in todo for g, gs in by_shape(sub, shp, field)]
     while todo:
-        sub, shp, split_on, threads = todo.pop()
+        sub, shp, split_on, threads, utf8 = todo.pop()
         if not len(sub):
             continue
         if budget <= 0:
             slow.extend(sub.tolist())
             continue
         buf = _lines_buffer(block, starts, sub)
+        if not utf8 and not _is_utf8(buf):
+            bad = _invalid_utf8(block, starts, sub)
+            slow.extend(bad)
+            todo.append((np.setdiff1d(sub, bad), shp, split_on, threads, True))
+            continue
         threaded = threads and len(buf) > THREADED_PARSE_BYTES
         try:
             table = _read_json(buf, schema_of(shp), threaded)
@@ -443,38 +462,28 @@ def parse_block_arrow(block: LineBlock, idx: np.ndarray, schema_of: Callable[[tu
             col = _ERR_COLUMN.search(msg)
             field = col.group(1) if col else None
             if field in poly and field not in split_on and "changed from" in msg:
-                k = poly.index(field)
-                if field not in string_shape:
-                    string_shape[field] = pc.match_substring_regex(lines_array(block), string_patterns[k]).to_numpy(zero_copy_only=False)
-                is_str = string_shape[field][sub]
-                for flag in (True, False):
-                    todo.append((sub[is_str == flag], shp[:k] + (flag,) + shp[k + 1:], split_on | {field}, True))
+                todo += [(g, gs, split_on | {field}, True, True) for g, gs in by_shape(sub, shp, field)]
                 continue
             if threaded:  # chunk-relative row numbers: parse again as one chunk to find the row
-                todo.append((sub, shp, split_on, False))
+                todo.append((sub, shp, split_on, False, True))
                 continue
             budget -= 1
             row = _ERR_ROW.search(msg)
             if row is not None and int(row.group(1)) < len(sub):
                 r = int(row.group(1))
                 slow.append(int(sub[r]))
-                todo.append((sub[:r], shp, split_on, True))
-                todo.append((sub[r + 1:], shp, split_on, True))
+                todo += [(sub[:r], shp, split_on, True, True), (sub[r + 1:], shp, split_on, True, True)]
             elif len(sub) <= 64:
                 slow.extend(sub.tolist())
             else:
-                half = len(sub) // 2
-                todo.append((sub[:half], shp, split_on, True))
-                todo.append((sub[half:], shp, split_on, True))
+                todo += [(sub[:len(sub) // 2], shp, split_on, True, True), (sub[len(sub) // 2:], shp, split_on, True, True)]
             continue
         if table.num_rows != len(sub):  # a line held more than one JSON value
             budget -= 1
             if len(sub) <= 64:
                 slow.extend(sub.tolist())
             else:
-                half = len(sub) // 2
-                todo.append((sub[:half], shp, split_on, True))
-                todo.append((sub[half:], shp, split_on, True))
+                todo += [(sub[:len(sub) // 2], shp, split_on, True, True), (sub[len(sub) // 2:], shp, split_on, True, True)]
             continue
         parts.append(ArrowPart(table, sub, shp))
-    return parts, slow
+    return parts, slow, frozenset(split_fields)
