@@ -93,9 +93,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def write_parquet(frame: pl.DataFrame, path: Path) -> SplitInfo:
-    """Write a Parquet file (zstd), fsync it, re-read its row count and return path/rows/sha256."""
+    """Write a Parquet file (zstd level 1), fsync it, re-read its row count and return path/rows/sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(path, compression="zstd", statistics=True)
+    # zstd level 1: half the write time of the default level 3 for ~20 % larger files (measured
+    # on 1M judgments: 4.1 s vs 8.1 s, 169 vs 136 MB)
+    frame.write_parquet(path, compression="zstd", compression_level=1, statistics=True)
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
     rows = pl.scan_parquet(path).select(pl.len()).collect().item()

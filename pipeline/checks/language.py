@@ -152,14 +152,19 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
 _POWS: list[np.ndarray] = [np.ones(1, np.uint32), np.ones(1, np.uint32)]
 
 
-def profile(texts: list[str], head: int) -> pl.DataFrame:
+def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
     """Per text (its first ``head`` characters, lower-cased): letters per script, code
-    symbols, Latin words and function words per language of :data:`STOPWORDS`."""
+    symbols, Latin words and function words per language of :data:`STOPWORDS`.  A Series is
+    cut and lower-cased in Polars and turned into Python strings one chunk at a time (memory
+    stays bounded by the chunk, not by all texts)."""
     scripts = _script_table()
     stop_keys, stop_masks = _stopword_table()
+    if isinstance(texts, pl.Series):
+        texts = texts.str.slice(0, head).str.to_lowercase()
     parts = []
     for s in range(0, len(texts), _CHUNK):
-        cut = [t[:head].lower() for t in texts[s:s + _CHUNK]]
+        chunk = texts[s:s + _CHUNK]
+        cut = chunk.fill_null("").to_list() if isinstance(chunk, pl.Series) else [t[:head].lower() for t in chunk]
         n = len(cut)
         lens = np.fromiter(map(len, cut), np.int64, n) + 1
         cp = np.frombuffer(("\0".join(cut) + "\0").encode("utf-32-le"), dtype="<u4")
@@ -273,7 +278,7 @@ def run(
         pp.select("pair_id", "locale", part=pl.lit("response_b"), key=pl.lit("r:") + c("b_hash"), text=c("response_b")),
     ])
     texts = long.filter(c("key").is_first_distinct()).select("key", "text")
-    prof = classify(profile(texts["text"].to_list(), cfg.profile_chars), cfg).with_columns(key=texts["key"])
+    prof = classify(profile(texts["text"], cfg.profile_chars), cfg).with_columns(key=texts["key"])
     long = long.drop("text").join(prof, on="key", how="left")
 
     lp = primary_subtag(c("locale"))
