@@ -340,13 +340,16 @@ def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
         ("locale", "invalid_value", c("locale").is_not_null() & ~c("locale").str.contains(_LOCALE_RE)),
         ("created_at", "invalid_value", c("created_at").is_not_null() & c("_created").is_null()),
     ]
-    field_expr = pl.lit(None, dtype=pl.String)
-    reason_expr = pl.lit(None, dtype=pl.String)
-    for fname, reason, cond in reversed(rules):  # first rule wins
-        cond = cond.fill_null(False)
-        field_expr = pl.when(cond).then(pl.lit(fname)).otherwise(field_expr)
-        reason_expr = pl.when(cond).then(pl.lit(reason)).otherwise(reason_expr)
-    return df.with_columns(_err_field=field_expr, _err_reason=reason_expr)
+    failed = df.select([cond.fill_null(False).alias(str(i)) for i, (_, _, cond) in enumerate(rules)]).to_numpy()
+    rows = np.flatnonzero(failed.any(axis=1))
+    if not len(rows):
+        return df.with_columns(_err_field=pl.lit(None, dtype=pl.String), _err_reason=pl.lit(None, dtype=pl.String))
+    first = failed[rows].argmax(axis=1)  # the first rule that failed wins
+    err_field: list[str | None] = [None] * df.height
+    err_reason: list[str | None] = [None] * df.height
+    for r, k in zip(rows.tolist(), first.tolist(), strict=True):
+        err_field[r], err_reason[r] = rules[k][0], rules[k][1]
+    return df.with_columns(_err_field=pl.Series(err_field, dtype=pl.String), _err_reason=pl.Series(err_reason, dtype=pl.String))
 
 
 _AWARE_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M%:z")
