@@ -301,10 +301,10 @@ def peek_objects(path: str | Path, n: int = 20) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- strict Arrow parse of JSONL blocks
 # Arrow's JSON reader with an explicit schema is strict where the per-row path is (wrong JSON
-# types, duplicate keys, invalid UTF-8, bad surrogates and malformed JSON all fail), so a row
-# it accepts decodes to the same values as ``orjson.loads``; the few things it is lenient about
-# (NaN/Infinity, -0, huge integers, nulls inside lists) are checked by the caller.  A failure
-# names the row; that line goes the per-row way and the rest is parsed again.
+# types, duplicate keys, bad surrogates and malformed JSON all fail), so a row it accepts
+# decodes to the same values as ``orjson.loads``.  What it lets through is checked: UTF-8 of
+# the bytes here; NaN/Infinity, -0, huge integers and nulls inside lists by the caller.  A
+# failure names the row; that line goes the per-row way and the rest is parsed again.
 _ERR_ROW = re.compile(r" in row (\d+)")
 _ERR_COLUMN = re.compile(r"Column\(/([^/)]*)")
 THREADED_PARSE_BYTES = 8 << 20  # buffers above this are parsed in parallel chunks

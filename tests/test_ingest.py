@@ -445,7 +445,7 @@ def _jsonl_line(draw, i: int) -> bytes:
     return data
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data(), n=st.integers(1, 24), batch_rows=st.sampled_from([5, 50_000]),
        small_reads=st.booleans(), threaded=st.booleans())
 def test_fast_path_equals_per_row_property(tmp_path_factory, monkeypatch, data, n, batch_rows, small_reads, threaded):
