@@ -43,7 +43,8 @@ Liger needs triton (~1 GB), so it lives in a separate venv, never in .venv:
 The liger column runs with --liger-python (default /tmp/bench-venv/bin/python when it exists,
 else this interpreter); when liger_kernel cannot be imported there, the column is skipped with
 a note. The machine is shared: the 1-minute load average is recorded before and after every
-cell, and variants never run in parallel. Prints a table and rewrites the "Fused loss" section
+cell, with the share of all cores that other processes used while it ran (/proc/stat busy time
+minus the cell's own CPU time), and variants never run in parallel. Prints a table and rewrites the "Fused loss" section
 of docs/benchmarks.md (unless --no-write).
 """
 from __future__ import annotations
@@ -171,6 +172,12 @@ def _liger_version(python: str) -> str:
     return probe.stdout.strip() or "?"
 
 
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores, /proc/stat), for the others' share."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
 def _run_child(python: str, variant: str, vocab: int, share: float, args: argparse.Namespace) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--child", variant, "--vocab", str(vocab),
            "--prompt-shares", str(share), "--pairs", str(args.pairs), "--seq", str(args.seq),
@@ -181,10 +188,18 @@ def _run_child(python: str, variant: str, vocab: int, share: float, args: argpar
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     else:
         env.pop("OMP_WAIT_POLICY", None)
+    import resource
+
+    usage0, busy0, wall0 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    usage1, busy1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_seconds(), time.perf_counter() - wall0
     if proc.returncode:
         raise RuntimeError(f"{variant} at vocab {vocab} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    own = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # CPU the rest of the machine used while this cell ran, as a share of all cores (0 = quiet machine)
+    result["others_share"] = max(0.0, (busy1 - busy0 - own) / (wall * (os.cpu_count() or 1)))
+    return result
 
 
 def main() -> None:
@@ -240,7 +255,9 @@ def main() -> None:
             before = os.getloadavg()[0]
             r = _run_child(python, variant, vocab, share, args)
             after = os.getloadavg()[0]
-            acc = results.setdefault((share, vocab, variant), {"times": [], "cpu": [], "peaks": [], "loads": []})
+            acc = results.setdefault((share, vocab, variant), {"times": [], "cpu": [], "peaks": [], "loads": [],
+                                                                "others": []})
+            acc["others"].append(r["others_share"])
             acc["times"] += r["times"]
             acc["cpu"] += r["cpu"]
             acc["peaks"].append(r["peak_mib"])
@@ -249,13 +266,13 @@ def main() -> None:
             print(f"round {rnd + 1} prompt {share:.2f} vocab {vocab:>6} {variant:<17} peak +{r['peak_mib']:8.1f} MiB  "
                   f"median {statistics.median(r['times']):6.2f} s (cpu {statistics.median(r['cpu']):6.2f} s)  "
                   f"runs {', '.join(f'{t:.2f}' for t in r['times'])}  |grad W| {r['grad_norm']:.4g}  "
-                  f"load {before:.2f} -> {after:.2f}", flush=True)
+                  f"load {before:.2f} -> {after:.2f}, other jobs {100 * r['others_share']:.0f}% of the CPU", flush=True)
     for r in results.values():
         r["time"], r["cpu_time"] = statistics.median(r["times"]), statistics.median(r["cpu"])
         r["peak_mib"] = max(r["peaks"])
 
     headers = ["prompt share", "vocab", "variant", "peak extra MiB", "time s (median)", "CPU s (median)",
-               "memory vs naive", "time vs naive", "CPU vs naive", "load (1 min) during"]
+               "memory vs naive", "time vs naive", "CPU vs naive", "load (1 min)", "other jobs' CPU"]
     rows = []
     for (share, vocab, variant), r in results.items():
         base = results.get((share, vocab, "naive"))
@@ -264,7 +281,7 @@ def main() -> None:
         cpu_ratio = f"{r['cpu_time'] / base['cpu_time']:.2f}x" if base else "-"
         rows.append([f"{share:.2f}", f"{vocab:,}", variant, f"{r['peak_mib']:.0f}", f"{r['time']:.2f}",
                      f"{r['cpu_time']:.2f}", mem_ratio, time_ratio, cpu_ratio,
-                     f"{min(r['loads']):.2f}-{max(r['loads']):.2f}"])
+                     f"{min(r['loads']):.2f}-{max(r['loads']):.2f}", f"{100 * max(r['others']):.0f}%"])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _report import machine_line, table
 
@@ -289,7 +306,9 @@ def main() -> None:
         "",
         f"Machine: {machine_line()}, {threads} torch threads, OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'} "
         f"for every variant; 1-minute load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end "
-        f"(per cell in the last column; shared machine: wall times move with the load, CPU times less).",
+        f"(per cell: the load average before/after, and the largest share of the machine's CPU that other "
+        f"jobs used while the cell ran, from /proc/stat minus the cell's own CPU; shared machine: wall times "
+        f"move with the load, CPU times less).",
         "",
         f"Reproduce: `{cmd}` (Liger from a separate venv, see the script's docstring). Peak = increase of "
         f"the resident set over the call (VmHWM after resetting it), in a fresh process per cell; time = "

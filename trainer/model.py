@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer.loss import SequenceLogProbs, fused_sequence_logprobs
+from trainer.loss import DEFAULT_CHUNK_SIZE, SequenceLogProbs, fused_sequence_logprobs
 
 SPEC_FAMILIES = ("tiny-llama",)
 _SPEC_KEYS = {"layers", "hidden", "heads", "kv_heads", "intermediate", "max_pos", "tie", "seed"}
@@ -134,7 +134,7 @@ def length_groups(lengths: list[int], max_waste: float = 0.15) -> list[list[int]
 
 
 def sequence_logps(model: nn.Module, input_ids: Tensor, completion_mask: Tensor, *,
-                   chunk_size: int = 256) -> SequenceLogProbs:
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> SequenceLogProbs:
     """Summed completion log-probs per row of a right-padded batch.
 
     input_ids, completion_mask: (N, T).  Rows are run through the body in length groups

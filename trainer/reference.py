@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from trainer.data import batches_in_order, collate
+from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import sequence_logps
 from trainer.tokenize import TokenizeConfig, TokenizedPair
 
@@ -79,7 +80,7 @@ def cache_dir(store_root: Path, version_id: str) -> Path:
 
 
 def compute_reference_logps(model: torch.nn.Module, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8,
-                            chunk_size: int = 256, on_batch: Callable[[int], None] | None = None) -> dict[str, tuple[float, float]]:
+                            chunk_size: int = DEFAULT_CHUNK_SIZE, on_batch: Callable[[int], None] | None = None) -> dict[str, tuple[float, float]]:
     """(chosen, rejected) summed completion log-probs of each pair under ``model`` (no grad)."""
     out: dict[str, tuple[float, float]] = {}
     model.eval()
@@ -96,7 +97,7 @@ def compute_reference_logps(model: torch.nn.Module, pairs: list[TokenizedPair], 
 
 def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_split: dict[str, list[TokenizedPair]],
                     build_reference: Callable[[], torch.nn.Module], *, pad_id: int, batch_size: int = 8,
-                    chunk_size: int = 256, on_batch: Callable[[int], None] | None = None) -> ReferenceLogps:
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, on_batch: Callable[[int], None] | None = None) -> ReferenceLogps:
     """Read the cached reference log-probs for ``material``, or compute and cache them.
 
     ``build_reference()`` is called only on a miss; the model is dropped before returning.

@@ -37,6 +37,7 @@ from pipeline.certify import is_certified
 from pipeline.store import SPLITS, Store, VersionHandle
 from trainer import runs
 from trainer.data import Batch, PairStream, batches_in_order, collate, read_split_rows
+from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
@@ -72,7 +73,7 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
-    chunk_size: int = Field(256, ge=1, description="tokens per fused lm-head tile")
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="tokens per fused lm-head tile")
     eval_every: int = Field(50, ge=0, description="0: only at the end")
     eval_max_pairs: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(100, ge=0, description="0: only at the end")
