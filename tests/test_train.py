@@ -238,6 +238,33 @@ def test_sequence_logps_length_groups_match_full_logits():
     assert sorted(i for g in length_groups(lengths) for i in g) == list(range(len(lengths)))
 
 
+def test_light_tokenizer_equals_autotokenizer():
+    """train() loads the repo's tokenizer without transformers; ids, ledger, specials, template
+    rendering and the fingerprint (part of the reference-cache key) must equal AutoTokenizer's."""
+    from trainer_toys import source_rows
+
+    from trainer.tokenize import ChatTokenizer, TokenizeConfig, load_tokenizer, tokenize_rows, tokenizer_fingerprint
+
+    auto, light = load_tokenizer(), load_tokenizer(light=True)
+    assert isinstance(light, ChatTokenizer) and not isinstance(auto, ChatTokenizer)
+    rows = source_rows() + planted_rows(8)
+    for max_length in (48, 256):
+        cfg = TokenizeConfig(max_length=max_length)
+        (pa, la), (pb, lb) = tokenize_rows(auto, rows, cfg), tokenize_rows(light, rows, cfg)
+        assert pa == pb and la.as_dict() == lb.as_dict()
+    assert tokenizer_fingerprint(auto) == tokenizer_fingerprint(light)
+    for name in ("bos_token", "eos_token", "pad_token", "bos_token_id", "eos_token_id", "pad_token_id", "chat_template"):
+        assert getattr(auto, name) == getattr(light, name), name
+    assert len(auto) == len(light) and auto.get_vocab() == light.get_vocab()
+    msgs = [{"role": "user", "content": " two  spaces\nand 日本語 "}, {"role": "assistant", "content": "<|im_end|>x"}]
+    for gen in (True, False):
+        text = auto.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+        assert light.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False) == text
+        ids = auto(text, add_special_tokens=False)["input_ids"]
+        assert light(text, add_special_tokens=False)["input_ids"] == ids and light.decode(ids) == auto.decode(ids)
+    assert light("x")["input_ids"] == auto("x")["input_ids"]  # what _specials probes for an added BOS
+
+
 # ---------------------------------------------------------------- the command
 def _cli():
     import typer

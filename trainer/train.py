@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     # ---- 2. tokenizer and tokenisation (drops and truncations are counted in the ledger)
     src: ModelSource = parse_model(cfg.model, default_seed=cfg.seed)
     tok_path = cfg.tokenizer or (src.value if src.kind == "path" and _has_tokenizer(Path(src.value)) else str(TINY_TOKENIZER))
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(tok_path, light=True)  # the repo's tokenizer without importing transformers
     tcfg = TokenizeConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     pairs, ledger = {}, {}
     for split, split_rows in rows.items():
