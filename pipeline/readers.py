@@ -25,7 +25,10 @@ import numpy as np
 import orjson
 
 SNIFF_BYTES = 64 * 1024
-BLOCK_BYTES = 32 << 20  # JSONL is read in blocks of whole lines of about this size
+# JSONL is read in blocks of whole lines of about this size: below glibc's largest mmap threshold
+# (32 MB), so freed buffers are reused instead of mapped and faulted in afresh (1M rows of 1.6 KB:
+# 2-4x fewer page faults, about 2 s less system time than with 32 MB blocks)
+BLOCK_BYTES = 16 << 20
 FIRST_READ_BYTES = 1 << 20
 
 
