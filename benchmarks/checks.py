@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _report import machine_line, table, write_section  # noqa: E402
-from gen_judgments import GEN_VERSION, generate  # noqa: E402
+from gen_judgments import cached_batch  # noqa: E402
 
 
 def main() -> None:
@@ -28,14 +27,7 @@ def main() -> None:
     ap.add_argument("--row-bytes", type=int, default=1000)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
-    cache = Path(tempfile.gettempdir()) / "prefpipe-bench"
-    cache.mkdir(exist_ok=True)
-    src = cache / f"messy-v{GEN_VERSION}-{a.judgments}-{a.row_bytes}.jsonl"
-    if not src.exists():
-        print(f"generating {src} ...", flush=True)
-        tmp = src.with_suffix(".tmp")
-        print(generate(tmp, a.judgments, a.row_bytes, seed=0))
-        tmp.replace(src)
+    src = cached_batch(a.judgments, a.row_bytes)
     parq = src.with_suffix(".judgments.parquet")
     import polars as pl
 

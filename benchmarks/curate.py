@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, machine_line, table, write_section  # noqa: E402
-from gen_judgments import GEN_VERSION, generate  # noqa: E402
+from gen_judgments import GEN_VERSION, cached_batch, generate  # noqa: E402
 
 CLI = [sys.executable, "-m", "flows.cli"]
 
@@ -49,13 +49,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
-    cache = Path(tempfile.gettempdir()) / "prefpipe-bench"
-    cache.mkdir(exist_ok=True)
-    big = cache / f"messy-v{GEN_VERSION}-{a.judgments}-{a.row_bytes}.jsonl"
-    if not big.exists():
-        tmp = big.with_suffix(".tmp")
-        print(generate(tmp, a.judgments, a.row_bytes, seed=0))
-        tmp.replace(big)
+    big = cached_batch(a.judgments, a.row_bytes)
+    cache = big.parent
     tiny = cache / f"tiny-v{GEN_VERSION}-12.jsonl"
     generate(tiny, 12, 600, seed=1, uniform=True)
 

@@ -126,6 +126,21 @@ def generate(out: Path, judgments: int, row_bytes: int = 1600, seed: int = 0, un
             "malformed": bad, "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def cached_batch(judgments: int, row_bytes: int, *, prefix: str = "messy", seed: int = 0, uniform: bool = False) -> Path:
+    """The generated batch under $TMPDIR/prefpipe-bench/ (generated once, atomically)."""
+    import tempfile
+
+    cache = Path(tempfile.gettempdir()) / "prefpipe-bench"
+    cache.mkdir(exist_ok=True)
+    path = cache / f"{prefix}-v{GEN_VERSION}-{judgments}-{row_bytes}.jsonl"
+    if not path.exists():
+        print(f"generating {path} ...", flush=True)
+        tmp = path.with_suffix(".tmp")
+        print(generate(tmp, judgments, row_bytes, seed=seed, uniform=uniform), flush=True)
+        tmp.replace(path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
