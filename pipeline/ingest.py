@@ -125,11 +125,10 @@ class IngestResult:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file's bytes (the content key of a source)."""
+    from pipeline.store import sha256_file
+
+    return sha256_file(path)
 
 
 # ---------------------------------------------------------------- extraction (one Python pass)
