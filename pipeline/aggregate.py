@@ -321,21 +321,40 @@ def loo_reference(e: Encoded, accuracy: np.ndarray | None = None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- aggregate
+# columns of a pair's texts: the same for every judgment of the pair (up to a/b orientation)
+PAIR_TEXT_COLUMNS = ("prompt", "prompt_text", "response_a", "response_b", "model_a", "model_b")
+_SWAP = {"response_a": "response_b", "response_b": "response_a", "model_a": "model_b", "model_b": "model_a"}
+
+
 @dataclass(frozen=True)
 class Aggregation:
     """``pairs``: PairRecord columns, one row per pair (first-seen order).
-    ``annotators``: annotator_id, annotator_kind, n_judgments, n_decisive, ds_accuracy."""
+    ``annotators``: annotator_id, annotator_kind, n_judgments, n_decisive, ds_accuracy.
+    ``a_hash``: (P,) hash of each pair's canonical response ``a`` (the orientation of ``pairs``)."""
 
     pairs: pl.DataFrame
     annotators: pl.DataFrame
+    a_hash: pl.Series | None = None
+
+    def texts(self) -> pl.DataFrame:
+        """pair_id, a_hash and :data:`PAIR_TEXT_COLUMNS`: the ``texts`` argument of a later
+        :func:`aggregate` over a subset of the same judgments."""
+        assert self.a_hash is not None
+        return self.pairs.select("pair_id", *PAIR_TEXT_COLUMNS).with_columns(a_hash=self.a_hash)
 
 
-def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None) -> Aggregation:
+def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None,
+              texts: pl.DataFrame | None = None) -> Aggregation:
     """Judgments frame (``schemas.records.Judgment`` columns) -> :class:`Aggregation`.
-    ``encoded``: :func:`encode` of the same frame, to share the work with the checks."""
+    ``encoded``: :func:`encode` of the same frame, to share the work with the checks.
+    ``texts``: the pairs' texts (:meth:`Aggregation.texts` of an aggregation that covered
+    every pair); the judgments may then lack :data:`PAIR_TEXT_COLUMNS`, which saves
+    copying the large text columns when aggregating a filtered frame.  A pair whose
+    canonical orientation here differs from the one in ``texts`` gets its responses and
+    models swapped to match."""
     cfg = cfg or AggregationConfig()
     if judgments.height == 0:
-        return Aggregation(empty_frame(PairRecord), _empty_annotators())
+        return Aggregation(empty_frame(PairRecord), _empty_annotators(), pl.Series("a_hash", [], pl.String))
     e = encoded or encode(judgments)
     P, h = e.n_pairs, e.human
     w = 1.0 / np.bincount(e.unit)[e.unit]  # one vote per annotator per pair
@@ -381,8 +400,8 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     kind_ai = np.where(used_h | used_ai, used_ai, any_ai)
     pair_kind = np.where(kind_h & kind_ai, "mixed", np.where(kind_h, "human", "ai"))
 
-    mask = e.first_mask()
-    texts = judgments.select("prompt", "prompt_text", "response_a", "response_b", "model_a", "model_b").filter(mask)
+    canon_a = judgments["a_hash"].rechunk().gather(e.pair_first)
+    texts = _pair_texts(judgments, e, canon_a, texts)
     n_j = np.bincount(e.pair, minlength=P)
     pairs = pl.DataFrame({
         "pair_id": e.pair_ids,
@@ -407,7 +426,21 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         "n_decisive": np.bincount(e.ann, weights=dec, minlength=e.n_annotators).astype(np.int64),
         "ds_accuracy": acc,
     }).with_columns(ds_accuracy=pl.when(pl.col("n_decisive") > 0).then(pl.col("ds_accuracy")))
-    return Aggregation(pairs, annotators)
+    return Aggregation(pairs, annotators, canon_a.alias("a_hash"))
+
+
+def _pair_texts(judgments: pl.DataFrame, e: Encoded, canon_a: pl.Series, texts: pl.DataFrame | None) -> pl.DataFrame:
+    """(P rows) :data:`PAIR_TEXT_COLUMNS` in pair-code order and canonical orientation."""
+    if texts is None:
+        return judgments.select(*PAIR_TEXT_COLUMNS).filter(e.first_mask())
+    keys = pl.DataFrame({"pair_id": e.pair_ids, "_canon_a": canon_a})
+    t = keys.join(texts, on="pair_id", how="left", maintain_order="left")
+    missing = t["a_hash"].null_count()
+    if missing:
+        raise ValueError(f"aggregate: texts lack {missing} of the pairs (first: {t.filter(pl.col('a_hash').is_null())['pair_id'][0]})")
+    swap = pl.col("a_hash") != pl.col("_canon_a")
+    return t.select([pl.when(swap).then(pl.col(_SWAP[c])).otherwise(pl.col(c)).alias(c) if c in _SWAP else pl.col(c)
+                     for c in PAIR_TEXT_COLUMNS])
 
 
 def pair_locale(judgments: pl.DataFrame, e: Encoded) -> pl.Series:

@@ -126,7 +126,10 @@ def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy) -> 
 
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
                   policy: Policy, timer: _Timer | None = None) -> CurateResult:
-    """Checks -> select -> split -> write, atomically, unless the version exists."""
+    """Checks -> select -> split -> write, atomically, unless the version exists.
+
+    Takes the rows out of ``ingest`` (:meth:`IngestResult.take_judgments`): the wide
+    judgments frame is written first and released after the checks."""
     timer = timer or _Timer(None)
 
     def build(stage: Path) -> Manifest:
@@ -161,17 +164,21 @@ def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> 
 def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
                    policy: Policy, timer: _Timer) -> Manifest:
     t = time.perf_counter()
-    judgments, repeated = _union_with_parent(ingest.judgments, parent)
+    judgments, repeated = _union_with_parent(ingest.take_judgments(), parent)
     quarantine = _quarantine_with_parent(ingest.quarantine, parent)
     # a comparison_id used twice inside the input: keep the first, count the rest
     dup_ids = judgments.select(pl.col("comparison_id").is_duplicated() & ~pl.col("comparison_id").is_first_distinct()).to_series()
     n_dup_ids = int(dup_ids.sum())
-    judgments = judgments.filter(~dup_ids)
+    if n_dup_ids:  # a filter copies every column: only when there is something to remove
+        judgments = judgments.filter(~dup_ids)
     parent_drops = parent.manifest().ledger.judgments_dropped if parent else {}
     pre_check = {"duplicate_comparison_id": parent_drops.get("duplicate_comparison_id", 0) + n_dup_ids,
                  "already_in_parent": parent_drops.get("already_in_parent", 0) + repeated}
     pre_check = {k: v for k, v in pre_check.items() if v}
 
+    files: dict[str, SplitInfo] = {"judgments.parquet": _rel(write_parquet(judgments, stage / "judgments.parquet"), stage)}
+    n_judgments = judgments.height
+    t = timer.lap("write_judgments", t)
     prelim = agg.aggregate(judgments, policy.checks.aggregation)
     t = timer.lap("aggregate_preliminary", t)
     extra: dict[str, dict[str, Any]] = {}
@@ -184,24 +191,31 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     flags = all_flags(results)
 
     jsel = sel.filter_judgments(judgments, flags, policy.select)
-    final = agg.aggregate(jsel.kept, policy.checks.aggregation)
+    # from here on only these columns are read (split leakage, report): release the wide frame
+    judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
+    # the kept judgments carry no texts: the final aggregation takes them from the preliminary pairs
+    all_pair_ids, n_pairs = prelim.pairs["pair_id"], prelim.pairs.height
+    final = agg.aggregate(jsel.kept, policy.checks.aggregation, texts=prelim.texts())
+    del prelim
     clusters = results["near_duplicates"].tables.get("clusters")
     psel = sel.select_pairs(
-        final.pairs, flags, policy.select, all_pair_ids=prelim.pairs["pair_id"], clusters=clusters,
+        final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
         downweight_share=sel.downweight_shares(jsel.kept, jsel.downweighted_annotators), judgments=jsel.kept,
     )
     t = timer.lap("select", t)
-    dpo = assign_splits(psel.dpo, policy.split)
-    # rows in pair_id order: the same version id gives the same bytes whatever the order of the input files
-    split_frames = {s: dpo.filter(pl.col("split") == s).drop("split").sort("pair_id") for s in SPLITS}
+    n_kept = psel.dpo.height
+    # rows in pair_id order: the same version id gives the same bytes whatever the order of the input
+    # files; one sort (a gather), then filters, which share the string buffers
+    dpo = assign_splits(psel.dpo, policy.split).sort("pair_id")
+    psel.dpo = psel.dpo.clear()  # from here the split frames hold the rows
+    split_frames = {s: dpo.filter(pl.col("split") == s).drop("split") for s in SPLITS}
+    del dpo
     leaks = leakage(split_frames, judgments.select("pair_id", "prompt_hash"))
     t = timer.lap("split", t)
 
     splits = {s: _rel(write_parquet(f, stage / "data" / f"{s}.parquet"), stage) for s, f in split_frames.items()}
     annotators = agg.annotator_table(results, final.annotators.select("annotator_id", "ds_accuracy"))
-    files: dict[str, SplitInfo] = {}
     for name, frame in (
-        ("judgments.parquet", judgments),
         ("pairs.parquet", psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"])),
         ("quarantine.parquet", quarantine),
         ("flags.parquet", flags),
@@ -220,10 +234,10 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
         rows_in=ingest.ledger.rows_in + (parent.manifest().ledger.rows_in if parent else 0),
         quarantined=ingest.ledger.quarantined + (parent.manifest().ledger.quarantined if parent else 0),
         # every valid judgment that came in: used + dropped with a reason (pre-check drops included)
-        judgments_valid=judgments.height + sum(pre_check.values()),
+        judgments_valid=n_judgments + sum(pre_check.values()),
         judgments_dropped={**jsel.dropped_by_reason, **pre_check},
-        pairs=prelim.pairs.height,
-        pairs_kept=psel.dpo.height,
+        pairs=n_pairs,
+        pairs_kept=n_kept,
         routed=psel.routed_by_label,
         dropped=psel.dropped_by_reason,
         splits={s: f.height for s, f in split_frames.items()},

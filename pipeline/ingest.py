@@ -105,6 +105,13 @@ class IngestResult:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
+    def take_judgments(self) -> pl.DataFrame:
+        """Hand the judgments frame over to the caller; this result keeps an empty frame of
+        the same schema.  Curate takes the rows so that it can release the wide frame once
+        it is written, which bounds its peak memory."""
+        frame, self.judgments = self.judgments, self.judgments.clear()
+        return frame
+
     @classmethod
     def load(cls, directory: Path) -> IngestResult:
         directory = Path(directory)

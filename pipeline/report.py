@@ -97,7 +97,7 @@ def label_distribution(inp: ReportInputs) -> tuple[list[str], dict[str, list[flo
     j = inp.judgments
     if j.height == 0:
         return [], {}, []
-    sl = j.with_columns(slice=pl.concat_str([pl.col("locale").fill_null("?"), pl.col("annotator_kind")], separator=" · "))
+    sl = j.select("label", slice=pl.concat_str([pl.col("locale").fill_null("?"), pl.col("annotator_kind")], separator=" · "))
     counts = sl.group_by("slice", "label").len()
     slices = sorted(counts["slice"].unique().to_list())
     series = {lab: [float(counts.filter((pl.col("slice") == s) & (pl.col("label") == lab))["len"].sum()) for s in slices]
@@ -170,19 +170,32 @@ def language_matrix(inp: ReportInputs) -> tuple[list[str], list[str], list[list[
 
 
 def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
+    """Clusters with more than one distinct prompt, largest first (prompts in first-seen order).
+
+    Distinct prompts are counted by hash, and texts are gathered only for those clusters:
+    collecting every pair's prompt text per cluster would copy all prompts."""
     p = inp.pairs
     if "near_dup_cluster" not in p.columns or p.height == 0:
         return pl.DataFrame()
-    cl = p.group_by("near_dup_cluster").agg(pl.len().alias("pairs"), pl.col("prompt_text").unique().alias("prompts"))
-    cl = cl.with_columns(n_prompts=pl.col("prompts").list.len()).filter(pl.col("n_prompts") > 1)
-    return cl.sort(["n_prompts", "pairs"], descending=True)
+    c = pl.col
+    cl = (p.select("near_dup_cluster", _h=c("prompt_text").hash())
+          .group_by("near_dup_cluster").agg(pairs=pl.len(), n_prompts=c("_h").n_unique())
+          .filter(c("n_prompts") > 1))
+    if cl.height == 0:
+        return pl.DataFrame()
+    prompts = (p.select("near_dup_cluster", "prompt_text").join(cl.select("near_dup_cluster"), on="near_dup_cluster", how="semi")
+               .group_by("near_dup_cluster").agg(prompts=c("prompt_text").unique(maintain_order=True)))
+    return cl.join(prompts, on="near_dup_cluster").select("near_dup_cluster", "pairs", "prompts", "n_prompts") \
+        .sort(["n_prompts", "pairs", "near_dup_cluster"], descending=[True, True, False])
 
 
 def offender_pairs(inp: ReportInputs, reason: str) -> pl.DataFrame:
-    ids = inp.flags.filter((pl.col("subject_kind") == "pair") & (pl.col("reason") == reason)).unique("subject_id")
+    ids = inp.flags.filter((pl.col("subject_kind") == "pair") & (pl.col("reason") == reason)).unique("subject_id", maintain_order=True)
     if ids.height == 0:
         return pl.DataFrame()
-    return ids.join(inp.pairs, left_on="subject_id", right_on="pair_id", how="inner").head(MAX_EXAMPLES)
+    # look up the first examples only (a join of every flagged pair would copy their texts)
+    ids = ids.join(inp.pairs.select("pair_id"), left_on="subject_id", right_on="pair_id", how="semi").head(MAX_EXAMPLES)
+    return ids.join(inp.pairs, left_on="subject_id", right_on="pair_id", how="inner", maintain_order="left")
 
 
 # ---------------------------------------------------------------- HTML

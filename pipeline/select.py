@@ -27,6 +27,7 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline.aggregate import PAIR_TEXT_COLUMNS
 from schemas.arrow import conform, polars_schema
 from schemas.policy import SelectConfig
 from schemas.records import ROUTED_LABELS, DPORow
@@ -36,9 +37,14 @@ LATE_DROP_ORDER = ("no_consensus", "low_agreement", "near_duplicate", "too_easy"
                    "below_min_strength")
 
 
+# judgment columns no stage after the checks reads (they stay in judgments.parquet)
+PROVENANCE_COLUMNS = ("batch_id", "source_file", "source_line", "extra", "rubric", "model_version_a", "model_version_b",
+                      "created_at", "confidence", "prompt_hash")
+
+
 @dataclass
 class JudgmentSelection:
-    kept: pl.DataFrame
+    kept: pl.DataFrame  # kept judgments, without PAIR_TEXT_COLUMNS and PROVENANCE_COLUMNS
     dropped_by_reason: dict[str, int]
     downweighted_annotators: list[str] = field(default_factory=list)
 
@@ -57,10 +63,15 @@ def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectCo
     # one reason per dropped judgment: judgment-level first, then annotator-level
     by_j = jf.group_by("subject_id").agg(pl.col("reason").sort().first().alias("_drop")).rename({"subject_id": "comparison_id"})
     by_a = drop_ann.group_by("subject_id").agg(pl.col("reason").sort().first().alias("_drop_a")).rename({"subject_id": "annotator_id"})
-    j = judgments.join(by_j, on="comparison_id", how="left").join(by_a, on="annotator_id", how="left")
-    j = j.with_columns(_drop=pl.coalesce("_drop", "_drop_a")).drop("_drop_a")
-    counts = dict(j.filter(pl.col("_drop").is_not_null()).group_by("_drop").len().sort("_drop").iter_rows())
-    kept = j.filter(pl.col("_drop").is_null()).drop("_drop")
+    j = judgments.select("comparison_id", "annotator_id")
+    j = j.join(by_j, on="comparison_id", how="left", maintain_order="left").join(by_a, on="annotator_id", how="left",
+                                                                                 maintain_order="left")
+    drop = j.select(pl.coalesce("_drop", "_drop_a")).to_series()
+    counts = dict(drop.drop_nulls().value_counts().sort(drop.name).iter_rows())
+    # the columns later stages need, without the pair texts (take those from the pairs) and
+    # per-judgment provenance: a filter copies 16 bytes per row of every string column
+    narrow = judgments.drop([c for c in (*PAIR_TEXT_COLUMNS, *PROVENANCE_COLUMNS) if c in judgments.columns])
+    kept = narrow.filter(drop.is_null()) if drop.null_count() < len(drop) else narrow
     return JudgmentSelection(kept, counts, sorted(set(down_ann["subject_id"].to_list())))
 
 
@@ -205,7 +216,7 @@ def select_pairs(
 
     routed = p.filter(c("decision") == "route")
     if judgments is not None and routed.height:
-        js = judgments.group_by("pair_id").agg(
+        js = judgments.join(routed.select("pair_id"), on="pair_id", how="semi").group_by("pair_id").agg(
             pl.struct("comparison_id", "annotator_id", "annotator_kind", "label", "shown_first", "critique").alias("judgments"))
         routed = routed.join(js, on="pair_id", how="left")
     routed = routed.rename({"reason": "route"}).drop("decision", "_tokens", "_down_share", strict=False)

@@ -261,3 +261,26 @@ def test_annotator_table_merges_checks() -> None:
 def test_module_exports() -> None:
     for name in agg_mod.__all__:
         assert hasattr(agg_mod, name)
+
+
+def test_aggregate_with_texts_matches_aggregate_with_text_columns_when_orientation_changes() -> None:
+    """curate aggregates the kept judgments without their text columns and takes the texts
+    from the preliminary pairs; when the dropped first judgment fixed the other orientation,
+    the texts are swapped so the result equals aggregating the full rows."""
+    short, long = {"text": "short", "model": "m-short"}, {"text": "a longer answer", "model": "m-long"}
+    j = judgments_from_records([
+        rec("c1", "a", "h1", ra=short, rb=long),
+        rec("c2", "b", "h2", swap=True, ra=short, rb=long),
+        rec("c3", "b", "h3", swap=True, ra=short, rb=long),
+        rec("c4", "a", "h1", prompt="p2"),
+    ])
+    prelim = aggregate(j)
+    kept = j.filter(pl.col("comparison_id") != "c1")  # canonical orientation of pair p1 flips
+    expected = aggregate(kept).pairs
+    got = aggregate(kept.drop(agg_mod.PAIR_TEXT_COLUMNS), texts=prelim.texts()).pairs
+    assert got.equals(expected)
+    p1 = one_pair(got, prompt_text="p1")
+    assert (p1["response_a"], p1["model_a"]) == ("a longer answer", "m-long")
+    assert p1["label_consensus"] == "a"  # both kept judgments prefer the longer answer, now named a
+    with pytest.raises(ValueError, match="texts lack 1 of the pairs"):
+        aggregate(kept.drop(agg_mod.PAIR_TEXT_COLUMNS), texts=prelim.texts().filter(pl.col("prompt_text") == "p1"))

@@ -111,12 +111,13 @@ def identical_response_pairs(judgments: pl.DataFrame) -> pl.Series:
         return pl.Series("pair_id", [], dtype=pl.String)
     c = pl.col
     first = judgments.select(pl.struct("pair_id", "a_hash", "b_hash").is_first_distinct()).to_series()
-    cand = judgments.filter(first & (c("a_hash") != c("b_hash"))).select("pair_id", "response_a", "response_b")
+    cand = judgments.select("pair_id", "a_hash", "b_hash", "response_a", "response_b").filter(first & (c("a_hash") != c("b_hash"))) \
+        .drop("a_hash", "b_hash")  # narrow first: a filter copies every column it keeps
     for head in _HEADS:
         if cand.height:
             cand = cand.filter(_could_match(cand, head))
     same_key = cand.filter(_fold(c("response_a")) == _fold(c("response_b")))["pair_id"]
-    same_hash = judgments.filter(c("a_hash") == c("b_hash"))["pair_id"]
+    same_hash = judgments.select("pair_id", "a_hash", "b_hash").filter(c("a_hash") == c("b_hash"))["pair_id"]
     return pl.concat([same_hash, same_key]).unique().sort()
 
 

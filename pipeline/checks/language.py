@@ -159,12 +159,11 @@ def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
     stays bounded by the chunk, not by all texts)."""
     scripts = _script_table()
     stop_keys, stop_masks = _stopword_table()
-    if isinstance(texts, pl.Series):
-        texts = texts.str.slice(0, head).str.to_lowercase()
     parts = []
     for s in range(0, len(texts), _CHUNK):
         chunk = texts[s:s + _CHUNK]
-        cut = chunk.fill_null("").to_list() if isinstance(chunk, pl.Series) else [t[:head].lower() for t in chunk]
+        cut = chunk.str.slice(0, head).str.to_lowercase().fill_null("").to_list() if isinstance(chunk, pl.Series) \
+            else [t[:head].lower() for t in chunk]
         n = len(cut)
         lens = np.fromiter(map(len, cut), np.int64, n) + 1
         cp = np.frombuffer(("\0".join(cut) + "\0").encode("utf-32-le"), dtype="<u4")
@@ -264,7 +263,10 @@ def run(
     """Language of the prompt and responses of every pair with a ``locale`` vs that locale."""
     cfg = cfg.language if isinstance(cfg, ChecksConfig) else (cfg or LanguageConfig())
     c = pl.col
-    with_locale = judgments.filter(c("locale").is_not_null()) if "locale" in judgments.columns else judgments.clear()
+    # narrow first: a filter copies every column it keeps
+    cols = [x for x in ("pair_id", "locale", "prompt_hash", "a_hash", "b_hash", "response_a", "response_b", "prompt",
+                        "prompt_text") if x in judgments.columns]
+    with_locale = judgments.select(cols).filter(c("locale").is_not_null()) if "locale" in judgments.columns else judgments.clear()
     if not cfg.enabled or with_locale.height == 0:
         return CheckResult(name=NAME, status="pass", metrics={"enabled": cfg.enabled, "pairs_checked": 0, "matrix": {}},
                            summary="disabled" if not cfg.enabled else "no pair has a locale")
@@ -279,6 +281,9 @@ def run(
     ])
     texts = long.filter(c("key").is_first_distinct()).select("key", "text")
     prof = classify(profile(texts["text"], cfg.profile_chars), cfg).with_columns(key=texts["key"])
+    # only what the decisions below read, counts as Int32: this is joined onto 3 rows per pair
+    counts = ["letters", "words", "best", *(f"w_{lang}" for lang in WORD_LANGS)]
+    prof = prof.select("key", "script", "word_lang", "word_strong", "zh_strong", *(c(x).cast(pl.Int32) for x in counts))
     long = long.drop("text").join(prof, on="key", how="left")
 
     lp = primary_subtag(c("locale"))

@@ -561,8 +561,8 @@ def run(
                     reset = str(err)
     held_before = len(index)
     first = judgments.select(pl.col("prompt_hash").is_first_distinct()).to_series()
-    prompts = judgments.filter(first).select(
-        "prompt_hash", *(["prompt"] if "prompt" in judgments.columns else []), "prompt_text").sort("prompt_hash")
+    prompts = judgments.select(
+        "prompt_hash", *(["prompt"] if "prompt" in judgments.columns else []), "prompt_text").filter(first).sort("prompt_hash")
     new = index.add(prompts["prompt_hash"].to_list(), shingle_text(prompts).to_list())
     pair_prompts = judgments.select("pair_id", "prompt_hash").unique().sort("pair_id", "prompt_hash")
 
