@@ -55,6 +55,7 @@ from schemas.policy import ChecksConfig, LanguageConfig
 
 NAME = "language"
 _CHUNK = 8192  # texts profiled per numpy pass
+_THREADS = 2  # chunks profiled at once
 # script classes
 OTHER, LATIN, HAN, KANA, HANGUL, CYRILLIC, ARABIC, GREEK, HEBREW, THAI, DEVANAGARI, LETTER, CODE = range(13)
 _NCLS = 16
@@ -124,15 +125,33 @@ def _script_table() -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _stopword_table() -> tuple[np.ndarray, np.ndarray]:
-    """Sorted 32-bit word hashes and, per hash, a bit mask of the languages using the word."""
+def _stopword_table() -> tuple[np.ndarray, np.ndarray, int]:
+    """Open-addressing-free hash table of the function words: ``keys[slot]`` is the 32-bit
+    word hash stored in that slot (0 = empty) and ``masks[slot]`` a bit mask of the
+    languages using the word; ``slot = (hash * _M) >> shift``.  The multiplier is chosen
+    so that no two function words share a slot, so a lookup is two gathers (much faster
+    than a binary search over tens of millions of words)."""
     masks: dict[int, int] = {}
     for bit, lang in enumerate(WORD_LANGS):
         for w in STOPWORDS[lang].split():
             h = _word_hash_py(w)
             masks[h] = masks.get(h, 0) | (1 << bit)
-    keys = np.array(sorted(masks), np.uint32)
-    return keys, np.array([masks[int(k)] for k in keys], np.uint32)
+    bits = 16
+    for m in range(1, 1 << 16, 2):  # the first odd multiplier without collisions
+        mult = (int(_M) * m) & 0xFFFFFFFF
+        slots = {((h * mult) & 0xFFFFFFFF) >> (32 - bits) for h in masks}
+        if len(slots) == len(masks) and 0 not in masks:
+            break
+    else:  # pragma: no cover - 450 words in 65,536 slots
+        raise RuntimeError("no collision-free multiplier for the function-word table")
+    keys, vals = np.zeros(1 << bits, np.uint32), np.zeros(1 << bits, np.uint32)
+    for h, v in masks.items():
+        slot = ((h * mult) & 0xFFFFFFFF) >> (32 - bits)
+        keys[slot], vals[slot] = h, v
+    return keys, vals, mult
+
+
+_M = np.uint32(0x85EBCA6B)
 
 
 def _word_hash_py(w: str) -> int:
@@ -140,27 +159,35 @@ def _word_hash_py(w: str) -> int:
 
 
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """P^k and P^-k mod 2^32 for k < n (cached, grown on demand)."""
-    if _POWS[0].size < n:
-        size = max(n, 2 * _POWS[0].size)
+    """P^k and P^-k mod 2^32 for k < n (cached, grown on demand; the pair is swapped in as one
+    tuple, so concurrent callers always get a consistent pair of at least the size they asked)."""
+    fwd, inv = _POWS[0]
+    if fwd.size < n:
+        size = max(n, 2 * fwd.size)
         fwd, inv = np.full(size, _P, np.uint32), np.full(size, np.uint32(pow(int(_P), -1, 1 << 32)), np.uint32)
         fwd[0] = inv[0] = 1
-        _POWS[:] = [np.cumprod(fwd, dtype=np.uint32), np.cumprod(inv, dtype=np.uint32)]
-    return _POWS[0], _POWS[1]
+        fwd, inv = np.cumprod(fwd, dtype=np.uint32), np.cumprod(inv, dtype=np.uint32)
+        _POWS[0] = (fwd, inv)
+    return fwd, inv
 
 
-_POWS: list[np.ndarray] = [np.ones(1, np.uint32), np.ones(1, np.uint32)]
+_POWS: list[tuple[np.ndarray, np.ndarray]] = [(np.ones(1, np.uint32), np.ones(1, np.uint32))]
 
 
 def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
     """Per text (its first ``head`` characters, lower-cased): letters per script, code
-    symbols, Latin words and function words per language of :data:`STOPWORDS`.  A Series is
-    cut and lower-cased in Polars and turned into Python strings one chunk at a time (memory
-    stays bounded by the chunk, not by all texts)."""
+    symbols, Latin words and function words per language of :data:`STOPWORDS` (``w_<lang>``,
+    plus ``best``/``second`` count and ``best_lang``).  A Series is cut and lower-cased in
+    Polars and turned into Python strings one chunk at a time (memory stays bounded by the
+    chunk, not by all texts)."""
     scripts = _script_table()
-    stop_keys, stop_masks = _stopword_table()
-    parts = []
-    for s in range(0, len(texts), _CHUNK):
+    stop_keys, stop_masks, mult = _stopword_table()
+    mult = np.uint32(mult)
+    shift = np.uint32(32 - int(np.log2(stop_keys.size)))
+    n_lang = len(WORD_LANGS)
+    lang_bits = np.uint32(1) << np.arange(n_lang, dtype=np.uint32)
+
+    def one(s: int) -> pl.DataFrame:
         chunk = texts[s:s + _CHUNK]
         cut = chunk.str.slice(0, head).str.to_lowercase().fill_null("").to_list() if isinstance(chunk, pl.Series) \
             else [t[:head].lower() for t in chunk]
@@ -181,18 +208,31 @@ def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
         np.cumsum(cp * fwd[:cp.size], dtype=np.uint32, out=prefix[1:])
         wh = (prefix[w_end] - prefix[w_start]) * inv[w_start]
         w_owner = owner[w_start]
-        idx = np.minimum(np.searchsorted(stop_keys, wh), stop_keys.size - 1)
-        mask = np.where(stop_keys[idx] == wh, stop_masks[idx], 0)
+        slot = (wh * mult) >> shift
+        hit = np.flatnonzero(stop_keys[slot] == wh)
+        # (function word, language) incidences -> one bincount over text x language
+        word, lang = np.nonzero((stop_masks[slot[hit]][:, None] & lang_bits) != 0)
+        wl = np.bincount(w_owner[hit][word] * n_lang + lang, minlength=n * n_lang).reshape(n, n_lang)
+        top2 = np.sort(wl, axis=1)[:, -2:] if n_lang >= 2 else np.column_stack([np.zeros(n, np.int64), wl.max(1)])
         cols: dict[str, Any] = {
             "letters": counts[:, LATIN:LETTER + 1].sum(1), "latin": counts[:, LATIN], "han": counts[:, HAN],
             "kana": counts[:, KANA], "hangul": counts[:, HANGUL], "code": counts[:, CODE],
             "words": np.bincount(w_owner, minlength=n),
             "script_top": np.argmax(counts[:, CYRILLIC:DEVANAGARI + 1], 1) + CYRILLIC,
             "script_top_n": counts[:, CYRILLIC:DEVANAGARI + 1].max(1),
+            **{f"w_{x}": wl[:, i] for i, x in enumerate(WORD_LANGS)},
+            "best": top2[:, 1], "second": top2[:, 0], "best_lang": np.asarray(WORD_LANGS)[np.argmax(wl, 1)],
         }
-        for bit, lang in enumerate(WORD_LANGS):
-            cols[f"w_{lang}"] = np.bincount(w_owner, weights=(mask >> np.uint32(bit)) & 1, minlength=n).astype(np.int64)
-        parts.append(pl.DataFrame(cols))
+        return pl.DataFrame(cols)
+
+    starts = range(0, len(texts), _CHUNK)
+    if len(starts) < 4:
+        parts = [one(s) for s in starts]
+    else:  # numpy releases the GIL in the large array operations: two chunks at a time
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(_THREADS) as pool:
+            parts = list(pool.map(one, starts))
     return pl.concat(parts) if parts else pl.DataFrame()
 
 
@@ -200,10 +240,6 @@ def classify(prof: pl.DataFrame, cfg: LanguageConfig) -> pl.DataFrame:
     """Script and word decisions per profiled text (see the module docstring)."""
     c = pl.col
     cjk = c("han") + c("kana") + c("hangul")
-    ws = [c(f"w_{lang}") for lang in WORD_LANGS]
-    best = pl.max_horizontal(ws)
-    second = pl.concat_list(ws).list.sort(descending=True).list.get(1)
-    best_lang = pl.concat_list(ws).list.arg_max().replace_strict(dict(enumerate(WORD_LANGS)), return_dtype=pl.String)
     script_name = c("script_top").replace_strict(SCRIPT_NAMES, return_dtype=pl.String)
     script = (
         pl.when((cjk >= cfg.min_cjk_chars) & (cjk >= 0.1 * c("letters")))
@@ -215,7 +251,7 @@ def classify(prof: pl.DataFrame, cfg: LanguageConfig) -> pl.DataFrame:
         .when((c("latin") >= 0.5 * c("letters")) & (c("code") <= cfg.max_code_share * c("letters"))).then(pl.lit("latin"))
         .otherwise(pl.lit("und"))
     )
-    out = prof.with_columns(script=script, best=best, second=second, best_lang=best_lang)
+    out = prof.with_columns(script=script)
     latin = c("script") == "latin"
     decided = latin & (c("best") >= 3) & (c("best") >= 0.08 * c("words")) & (c("best") >= 2 * c("second"))
     strong = latin & (c("best") >= 5) & (c("best") >= 0.15 * c("words")) & (c("best") >= 4 * c("second"))
@@ -286,11 +322,12 @@ def run(
     prof = prof.select("key", "script", "word_lang", "word_strong", "zh_strong", *(c(x).cast(pl.Int32) for x in counts))
     long = long.drop("text").join(prof, on="key", how="left")
 
-    lp = primary_subtag(c("locale"))
-    exp = lp.replace_strict(LANG_SCRIPT, default="latin")
-    has_list = lp.is_in(list(WORD_LANGS))
-    c_lp = pl.coalesce([pl.when(lp == lang).then(c(f"w_{lang}")) for lang in WORD_LANGS]).fill_null(0)
-    long = long.with_columns(lp=lp, exp=exp, has_list=has_list, c_lp=c_lp)
+    # per distinct locale (a handful), not per text
+    loc = long.select(c("locale").unique()).with_columns(lp=primary_subtag(c("locale")))
+    loc = loc.with_columns(exp=c("lp").replace_strict(LANG_SCRIPT, default="latin"), has_list=c("lp").is_in(list(WORD_LANGS)))
+    long = long.join(loc, on="locale", how="left", maintain_order="left")
+    c_lp = pl.coalesce([pl.when(c("lp") == lang).then(c(f"w_{lang}")) for lang in WORD_LANGS]).fill_null(0)
+    long = long.with_columns(c_lp=c_lp)
     consistent = c("has_list") & ((c("word_lang") == c("lp")) | ((c("c_lp") >= 3) & (c("c_lp") >= 0.5 * c("best"))))
     strong_other = c("word_strong") & (c("word_lang") != c("lp"))
     latin_text = (c("script") == "latin") & (c("words") >= cfg.min_words)
