@@ -11,6 +11,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -176,18 +177,23 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
                  "already_in_parent": parent_drops.get("already_in_parent", 0) + repeated}
     pre_check = {k: v for k, v in pre_check.items() if v}
 
-    files: dict[str, SplitInfo] = {"judgments.parquet": _rel(write_parquet(judgments, stage / "judgments.parquet"), stage)}
     n_judgments = judgments.height
-    t = timer.lap("write_judgments", t)
-    prelim = agg.aggregate(judgments, policy.checks.aggregation)
-    t = timer.lap("aggregate_preliminary", t)
     extra: dict[str, dict[str, Any]] = {}
     index_path = parent.file("prompt_index") if parent else None
     if index_path is not None:
         extra["near_duplicates"] = {"index_path": index_path}
-    results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra,
-                         on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
-    t = time.perf_counter()
+    # judgments.parquet is written on a second thread while the checks run (Polars releases
+    # the GIL while it encodes); leaving the block waits for it, also on an error
+    with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-write") as pool:
+        written = pool.submit(write_parquet, judgments, stage / "judgments.parquet")
+        t = timer.lap("union_inputs", t)
+        prelim = agg.aggregate(judgments, policy.checks.aggregation)
+        t = timer.lap("aggregate_preliminary", t)
+        results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra,
+                             on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
+        t = time.perf_counter()
+        files: dict[str, SplitInfo] = {"judgments.parquet": _rel(written.result(), stage)}
+        t = timer.lap("write_judgments (wait)", t)
     flags = all_flags(results)
 
     jsel = sel.filter_judgments(judgments, flags, policy.select)

@@ -41,18 +41,31 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig) -> pl.DataFrame:
         .group_by("_cl", maintain_order=True)
         .agg(c("_stratum").first(), c("len").sum().alias("n"))
     )
-    clusters = clusters.with_columns(_key=c("_cl").map_elements(lambda x: _order_key(cfg.seed, x), return_dtype=pl.String))
-    targets = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
-    assignment: dict[str, str] = {}
-    for (stratum,), grp in clusters.sort("_stratum", "_key").group_by("_stratum", maintain_order=True):
+    seed = cfg.seed
+    keys = [_order_key(seed, x) for x in clusters["_cl"].to_list()]
+    clusters = clusters.with_columns(_key=pl.Series(keys, dtype=pl.String))
+    targets = [cfg.train, cfg.validation, cfg.test]
+    out_cl: list[str] = []
+    out_split: list[str] = []
+    for (_stratum,), grp in clusters.sort("_stratum", "_key").group_by("_stratum", maintain_order=True):
         total = grp["n"].sum()
-        have = dict.fromkeys(SPLITS, 0)
-        for cl, n in grp.select("_cl", "n").iter_rows():
-            # the split with the largest deficit against its target (ties: train, validation, test)
-            best = max(SPLITS, key=lambda s: (targets[s] * (total) - have[s]) if targets[s] > 0 else float("-inf"))
-            assignment[cl] = best
+        # deficit of each split against its target share (a split with target 0 never receives)
+        goal = [t * total if t > 0 else None for t in targets]
+        have = [0, 0, 0]
+        names = grp["_cl"].to_list()
+        picks = []
+        for n in grp["n"].to_list():
+            # the split with the largest deficit (ties: train, validation, test)
+            best, best_d = -1, 0.0
+            for i in (0, 1, 2):
+                g = goal[i]
+                if g is not None and (best < 0 or g - have[i] > best_d):
+                    best, best_d = i, g - have[i]
+            picks.append(best)
             have[best] += n
-    amap = pl.DataFrame({"_cl": list(assignment), "split": list(assignment.values())})
+        out_cl += names
+        out_split += [SPLITS[i] for i in picks]
+    amap = pl.DataFrame({"_cl": out_cl, "split": out_split})
     return rows.join(amap, on="_cl", how="left").drop("_cl", "_stratum")
 
 
