@@ -410,3 +410,10 @@ def test_system_prompt_shared_by_many_items_does_not_make_them_near_duplicates()
 def test_config_rejects_candidate_threshold_above_threshold():
     with pytest.raises(ValueError, match="candidate_threshold"):
         NearDuplicateConfig(threshold=0.6, candidate_threshold=0.8)
+
+
+@pytest.mark.parametrize("threshold,num_perm", [(0.5, 128), (0.7, 128), (0.3, 64), (0.8, 256), (0.55, 100)])
+def test_band_parameters_equal_datasketch_optimum(threshold, num_perm):
+    from datasketch.lsh import _optimal_param
+
+    assert nd.optimal_bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
