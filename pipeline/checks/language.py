@@ -302,20 +302,22 @@ def run(
     # narrow first: a filter copies every column it keeps
     cols = [x for x in ("pair_id", "locale", "prompt_hash", "a_hash", "b_hash", "response_a", "response_b", "prompt",
                         "prompt_text") if x in judgments.columns]
-    with_locale = judgments.select(cols).filter(c("locale").is_not_null()) if "locale" in judgments.columns else judgments.clear()
-    if not cfg.enabled or with_locale.height == 0:
+    # one row per (pair, locale): its first judgment
+    pp = judgments.select(cols).filter(c("locale").is_not_null() & pl.struct("pair_id", "locale").is_first_distinct()) \
+        if "locale" in judgments.columns else judgments.clear()
+    if not cfg.enabled or pp.height == 0:
         return CheckResult(name=NAME, status="pass", metrics={"enabled": cfg.enabled, "pairs_checked": 0, "matrix": {}},
                            summary="disabled" if not cfg.enabled else "no pair has a locale")
-    first = with_locale.select(pl.struct("pair_id", "locale").is_first_distinct()).to_series()
-    pp = with_locale.filter(first)
     pp = pp.select("pair_id", "locale", "prompt_hash", "a_hash", "b_hash", "response_a", "response_b",
                    prompt_txt=_prompt_text(pp))
+    n_pairs = pp["pair_id"].n_unique()
     long = pl.concat([
         pp.select("pair_id", "locale", part=pl.lit("prompt"), key=pl.lit("p:") + c("prompt_hash"), text=c("prompt_txt")),
         pp.select("pair_id", "locale", part=pl.lit("response_a"), key=pl.lit("r:") + c("a_hash"), text=c("response_a")),
         pp.select("pair_id", "locale", part=pl.lit("response_b"), key=pl.lit("r:") + c("b_hash"), text=c("response_b")),
     ])
-    texts = long.filter(c("key").is_first_distinct()).select("key", "text")
+    del pp
+    texts = long.select("key", "text").filter(c("key").is_first_distinct())
     prof = classify(profile(texts["text"], cfg.profile_chars), cfg).with_columns(key=texts["key"])
     # only what the decisions below read, counts as Int32: this is joined onto 3 rows per pair
     counts = ["letters", "words", "best", *(f"w_{lang}" for lang in WORD_LANGS)]
@@ -387,7 +389,6 @@ def run(
         matrix.setdefault(loc, {})[lang] = int(n)
     table = long.select("pair_id", "locale", "part", "detected").pivot(on="part", index=["pair_id", "locale"],
                                                                      values="detected")
-    n_pairs = pp["pair_id"].n_unique()
     metrics: dict[str, Any] = {
         "pairs_checked": n_pairs,
         "texts_checked": long.height,
