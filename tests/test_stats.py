@@ -214,3 +214,22 @@ def test_bootstrap_degenerate_inputs() -> None:
     assert bootstrap_sums_ci(unit_terms_alpha(np.array([[2, 0, 0]])), alpha_from_sums, resamples=0, seed=0) == (None, None)
     # every resample undefined (a single category everywhere)
     assert bootstrap_sums_ci(unit_terms_alpha(np.array([[2, 0, 0], [3, 0, 0]])), alpha_from_sums, resamples=20, seed=0) == (None, None)
+
+
+def test_binomial_tails_equal_scipy_stats():
+    """pipeline.stats computes binomial tails with scipy.special (scipy.stats costs ~0.5 s to import)."""
+    from scipy import stats as st
+
+    from pipeline import stats as ps
+
+    rng = np.random.default_rng(5)
+    n = np.concatenate([np.arange(0, 60), rng.integers(60, 3000, 200)]).astype(float)
+    p = rng.uniform(0.01, 0.99, n.size)
+    k = np.floor(rng.uniform(-2, 1.1, n.size) * n)
+    np.testing.assert_allclose(ps._sf(k, n, p), st.binom.sf(k, n, p), rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(ps._cdf(k, n, p), st.binom.cdf(k, n, p), rtol=1e-9, atol=1e-300)
+    for q in (1e-6, 0.01, 0.05, 0.5, 0.999, 1.0):  # q = 0 depends on where a tail underflows
+        np.testing.assert_array_equal(ps._isf(q, n, p), st.binom.isf(q, n, p))
+    ns = np.arange(1, 200, dtype=float)
+    np.testing.assert_allclose(ps.reliability_power(ns, 0.5, 0.75, 0.05),
+                               st.binom.sf(st.binom.isf(0.05, ns, 0.5), ns, 0.75), rtol=1e-9)
