@@ -97,6 +97,11 @@ def main() -> None:
         + table(["stage", "seconds", "share"], rows)
         + "\n\nTargets (curate issue): >= 25k judgments/s, <= 3 GB peak RSS, fixed cost <= 5 s. The CLI runs the pipeline "
         "in-process and never pays Prefect's server start-up; flows (`./dev demo`, `prefpipe serve`) use Prefect."
+        "\n\nWhat bounds the memory (Polars strings are 16-byte views into shared buffers, and any filter or join copies "
+        "the views of every column it keeps): ingest stores each block's repeated texts once; frames are narrowed before "
+        "they are filtered; the final aggregation runs on the kept judgments without their text columns and takes the "
+        "texts from the preliminary pairs (re-oriented where the first kept judgment names the responses the other "
+        "way); judgments.parquet is written first and the wide judgments frame is released after the checks."
     )
     print(body)
     if not a.no_write:
