@@ -122,7 +122,8 @@ def curate(
 def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy) -> IngestResult:
     """Ingest one or more files with the curate options (a flow maps this over files)."""
     return ingest_files(paths, fmt=options.fmt, batch_id=options.batch_id, annotator_id=options.annotator_id,
-                        annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows)
+                        annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows,
+                        limits=policy.ingest)
 
 
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,

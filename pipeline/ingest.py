@@ -20,13 +20,15 @@ so (``rows_in == rows_valid + quarantined``), per file and in total.
 """
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
 import os
 import re
 import unicodedata
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ from pipeline.readers import (
 )
 from schemas.arrow import conform, empty_frame, polars_schema
 from schemas.manifest import IngestLedger, SourceInfo
+from schemas.policy import IngestConfig
 from schemas.records import ANNOTATOR_KINDS, LABELS, ROLES, Judgment, QuarantineRow, RawJudgment
 from schemas.text import HASH_HEX_LEN, WHITESPACE, prompt_text_expr
 
@@ -179,6 +182,28 @@ def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[
     return cols, errors
 
 
+def _iso_duration(td: timedelta) -> str:
+    ns = getattr(td, "value", None)  # pandas.Timedelta (Arrow's nanosecond durations): total nanoseconds
+    if type(ns) is not int:
+        ns = td // timedelta(microseconds=1) * 1000
+    seconds, frac = divmod(abs(ns), 1_000_000_000)
+    return f"{'-' if ns < 0 else ''}PT{seconds}{f'.{frac:09d}'.rstrip('0') if frac else ''}S"
+
+
+def _json_text(value: Any) -> Any:
+    """A value with no JSON type (Parquet extra columns), as the text that ``extra`` carries:
+    binary as base64, decimals exactly (``"12.500"``), durations as ISO 8601 (``"PT90.0005S"``)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, timedelta):
+        return _iso_duration(value)
+    if isinstance(value, tuple):  # e.g. month-day-nano intervals
+        return list(value)
+    return str(value)
+
+
 def _extra_json(d: dict[str, Any]) -> str | None:
     """Unknown fields and extra response-object keys of one raw row, as sorted JSON (or None)."""
     extra = {k: v for k, v in d.items() if k not in KNOWN_FIELDS}
@@ -188,7 +213,7 @@ def _extra_json(d: dict[str, Any]) -> str | None:
             more = {k: v for k, v in r.items() if k not in _RESPONSE_KEYS}
             if more:
                 extra[f"{col}_meta"] = more
-    return orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else None
+    return orjson.dumps(extra, default=_json_text, option=orjson.OPT_SORT_KEYS).decode() if extra else None
 
 
 _ARROW_TYPES: dict[str, pa.DataType] = {}
@@ -409,7 +434,7 @@ _EXPECTED = {
     "comparison_id": "a non-empty string", "prompt": "a non-empty string or a list of {role, content} messages ending with a user turn",
     "response_a": "a non-empty string or an object with non-empty 'text'", "response_b": "a non-empty string or an object with non-empty 'text'",
     "label": f"one of {list(LABELS)}", "shown_first": "'a' or 'b'", "strength": "a number in [0, 1]",
-    "confidence": "a number in [0, 1]", "annotator_id": "a non-empty string", "annotator_kind": "'human' or 'ai'",
+    "confidence": "a number in [0, 1]", "annotator_id": "a non-empty string", "annotator_kind": "'human', 'ai' or 'unknown'",
     "gold_label": f"one of {list(LABELS)}", "locale": "a BCP 47 tag such as 'en' or 'ja-JP'",
     "created_at": "an ISO 8601 timestamp", "tags": "a list of strings", "batch_id": "a string", "pair_id": "a string",
     "rubric": "a string", "critique": "a string",
@@ -651,11 +676,11 @@ class _ParsedBlock:
     slow: set[int]  # block line indices for the per-row path
 
 
-def _parse_blocks(path: Path, batch_rows: int) -> Iterator[_ParsedBlock]:
+def _parse_blocks(path: Path, batch_rows: int, limits: IngestConfig) -> Iterator[_ParsedBlock]:
     """Read and Arrow-parse the blocks of a canonical JSONL file (runs ahead in a thread)."""
     shape: tuple[bool, ...] | None = None
     split: frozenset[str] = frozenset()  # fields whose shape varied in the previous block
-    for block in jsonl_blocks(path, batch_rows):
+    for block in jsonl_blocks(path, batch_rows, limits):
         cand = candidate_lines(block, block.starts)
         slow: set[int] = set(np.flatnonzero(~cand).tolist())  # blank lines too: they are dropped as rows
         idx = np.flatnonzero(cand)
@@ -779,12 +804,12 @@ def _batch_name(path: Path) -> str:
     return name
 
 
-def resolve_format(path: Path, fmt: str | None) -> str:
+def resolve_format(path: Path, fmt: str | None, limits: IngestConfig | None = None) -> str:
     if fmt is not None:
         if fmt not in FORMATS:
             raise UnreadableFile(path, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         return fmt
-    detected = detect_format(peek_objects(path, 50))
+    detected = detect_format(peek_objects(path, 50, limits or IngestConfig()))
     if detected is None:
         raise UnreadableFile(
             path,
@@ -805,18 +830,22 @@ def ingest_files(
     batch_rows: int = 50_000,
     keep_judgments: bool = True,
     on_progress: Callable[[int], None] | None = None,
+    limits: IngestConfig | None = None,
 ) -> IngestResult:
-    """Ingest files; raises :class:`UnreadableFile` before reading rows if any file is unusable.
+    """Ingest files; raises :class:`UnreadableFile` before reading rows if any file is unusable
+    as a whole, and while reading for damage found on the way (a corrupt gzip stream or Parquet
+    page, a line or a decompressed size beyond the caps of ``limits``, the policy's ``ingest``).
 
     With ``keep_judgments=False`` valid rows are counted and discarded batch by batch
     (``validate``: memory stays flat whatever the input size).
     """
+    limits = limits or IngestConfig()
     paths = [Path(p) for p in paths]
     plans = []
     for p in paths:  # check every file before any work: unreadable input writes nothing
         if not p.exists():
             raise UnreadableFile(p, "no such file")
-        plans.append((p, resolve_format(p, fmt)))
+        plans.append((p, resolve_format(p, fmt, limits)))
 
     ledger = IngestLedger()
     pool = ThreadPoolExecutor(2)  # file hash and parse-ahead: both release the GIL (see _run_ahead)
@@ -831,9 +860,9 @@ def ingest_files(
             n_in = n_valid = n_j = n_skip = 0
             q_before = len(quarantine)
             if FAST_JSONL and f == "canonical" and container_of(p) == "jsonl":
-                batches = (_process_block(b, ctx, str(p), keep_judgments) for b in _run_ahead(_parse_blocks(p, batch_rows), pool))
+                batches = (_process_block(b, ctx, str(p), keep_judgments) for b in _run_ahead(_parse_blocks(p, batch_rows, limits), pool))
             else:
-                batches = (_process_batch(rows, f, ctx, str(p), keep_judgments) for rows in iter_raw_rows(p, batch_rows))
+                batches = (_process_batch(rows, f, ctx, str(p), keep_judgments) for rows in iter_raw_rows(p, batch_rows, limits))
             for out in batches:
                 n_in += out.rows_in
                 n_valid += out.rows_valid

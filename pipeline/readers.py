@@ -5,17 +5,24 @@ large inputs.  A row carries its 1-based line number, its raw text (for quaranti
 the decoded object, or the reason it could not be decoded.  JSON Lines are also available
 as :class:`LineBlock` objects (whole lines in one bytes block plus newline offsets), which
 the vectorised ingest path parses without creating an object per line.  A file that cannot
-be read as a whole (missing, not UTF-8, unknown container) raises :class:`UnreadableFile`
-before anything is yielded.
+be read as a whole (missing, not UTF-8, unknown container, a duplicated CSV column) raises
+:class:`UnreadableFile` before anything is yielded; damage found while streaming (a corrupt
+gzip or Parquet page, a line longer than ``ingest.max_line_bytes``, more decompressed bytes
+than ``ingest.max_decompressed_bytes``) raises it with the line where reading stopped.
+
+Input is never silently changed: a UTF-8 byte-order mark before line 1 is skipped; a JSON
+object with a duplicated key, or nested deeper than :data:`MAX_JSON_DEPTH`, is not decoded
+(the row is quarantined, see :func:`loads_json`); CSV bytes that are not UTF-8 quarantine
+their record instead of becoming U+FFFD.
 """
 from __future__ import annotations
 
 import csv
 import functools
 import gzip
-import io
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +31,105 @@ from typing import Any
 import numpy as np
 import orjson
 
+from schemas.policy import IngestConfig
+
 SNIFF_BYTES = 64 * 1024
 # JSONL is read in blocks of whole lines of about this size: below glibc's largest mmap threshold
 # (32 MB), so freed buffers are reused instead of mapped and faulted in afresh (1M rows of 1.6 KB:
 # 2-4x fewer page faults, about 2 s less system time than with 32 MB blocks)
 BLOCK_BYTES = 16 << 20
 FIRST_READ_BYTES = 1 << 20
+UTF8_BOM = b"\xef\xbb\xbf"
+# orjson writes at most 254 nesting levels, and a row's unknown fields are written back as JSON
+# (the ``extra`` column): a row nested deeper is refused when it is read, on every path
+MAX_JSON_DEPTH = 254
+DEFAULT_LIMITS = IngestConfig()
 
 
 class UnreadableFile(Exception):
-    """The file as a whole cannot be read; nothing from it is used."""
+    """The file as a whole cannot be read; nothing from it is used.  ``line``: where reading
+    stopped, when the damage was found while streaming (1-based; Parquet: row)."""
 
-    def __init__(self, path: str | Path, why: str):
-        super().__init__(f"{path}: {why}")
+    def __init__(self, path: str | Path, why: str, line: int | None = None):
         self.path = str(path)
-        self.why = why
+        self.line = line
+        self.why = why if line is None else f"line {line}: {why}"
+        super().__init__(f"{self.path}: {self.why}")
+
+
+class JSONValueError(ValueError):
+    """Well-formed JSON that is refused anyway: a duplicated key, or nested too deep."""
+
+
+_KEY_END = re.compile(rb'"[ \t\r\n]*:')
+
+
+def _entries_and_depth(value: Any) -> tuple[int, int]:
+    """(key/value entries in all objects, nesting depth) of a decoded JSON value, level by level."""
+    entries = depth = 0
+    level = [value]
+    while level:
+        depth += 1
+        nxt: list[Any] = []
+        for x in level:
+            if type(x) is dict:
+                entries += len(x)
+                x = x.values()
+            nxt.extend(v for v in x if type(v) is dict or type(v) is list)
+        level = nxt
+    return entries, depth
+
+
+def _duplicate_key(text: bytes) -> str | None:
+    """The first key that an object of ``text`` (valid JSON) repeats, or None."""
+    found: list[str] = []
+
+    def pairs(kv: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(kv)
+        if len(d) < len(kv) and not found:
+            seen: set[str] = set()
+            found.append(next(k for k, _ in kv if k in seen or seen.add(k)))
+        return d
+
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+    except ValueError:  # e.g. an integer beyond Python's digit limit: orjson's reading stands
+        return None
+    return found[0] if found else None
+
+
+def loads_json(text: bytes) -> Any:
+    """``orjson.loads``, refusing what it would silently change or what cannot be written back.
+
+    Raises ``orjson.JSONDecodeError`` for malformed JSON and :class:`JSONValueError` for a
+    duplicated key (orjson keeps the last value) or nesting deeper than :data:`MAX_JSON_DEPTH`.
+    Duplicates are found without a second parse in the usual case: every key is a closing
+    quote, optional blanks and a colon, so when ``text`` has no more such sequences than the
+    decoded objects have entries, no key was repeated; otherwise Python's parser, which sees
+    every pair, decides.
+    """
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as err:
+        if str(err).startswith("depth limit"):  # orjson stops at 1,024 levels
+            raise JSONValueError(f"expected JSON nested at most {MAX_JSON_DEPTH} levels deep, found more than 1,024 "
+                                 "levels") from err
+        raise
+    if type(value) is not dict and type(value) is not list:
+        return value
+    entries, depth = _entries_and_depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise JSONValueError(f"expected JSON nested at most {MAX_JSON_DEPTH} levels deep, found {depth} levels")
+    if b'" ' in text or b'"\t' in text or b'"\r' in text or b'"\n' in text:
+        key_ends = len(_KEY_END.findall(text))  # blanks may stand between a key and its colon
+    else:
+        key_ends = text.count(b'":')
+    if key_ends > entries:
+        key = _duplicate_key(text)
+        if key is not None:
+            raise JSONValueError(f"expected a JSON object with unique keys, found key {key!r} twice "
+                                 "(a JSON reader would keep only one of its values)")
+    return value
 
 
 @dataclass(slots=True)
@@ -64,19 +155,61 @@ def container_of(path: Path) -> str:
     raise UnreadableFile(path, f"unknown file type {path.suffix or '(no suffix)'!r}; expected .jsonl, .jsonl.gz, .parquet or .csv")
 
 
-def _open_binary(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+class _Stream:
+    """A binary input file read through one object: decompressed (``.gz``) bytes are counted
+    against ``ingest.max_decompressed_bytes``, and read errors (a damaged or truncated gzip
+    stream, an I/O error) become :class:`UnreadableFile` naming the file."""
+
+    def __init__(self, path: Path, limits: IngestConfig):
+        self.path = path
+        self.gz = path.name.lower().endswith(".gz")
+        self.cap = int(limits.max_decompressed_bytes)
+        self.total = 0
+        try:
+            self.fh = gzip.open(path, "rb") if self.gz else open(path, "rb")  # noqa: SIM115 - closed by __exit__
+        except OSError as err:
+            raise UnreadableFile(path, f"cannot read: {err}") from err
+
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+
+    def _counted(self, data: bytes) -> bytes:
+        self.total += len(data)
+        if self.gz and self.total > self.cap:
+            raise UnreadableFile(self.path, f"decompresses to more than ingest.max_decompressed_bytes ({self.cap:,} bytes); "
+                                 "not read further (raise the cap with --max-decompressed-bytes or the policy if the file is genuine)")
+        return data
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self._counted(self.fh.read(size))
+        except (OSError, EOFError, zlib.error) as err:
+            raise UnreadableFile(self.path, f"{'damaged gzip data' if self.gz else 'read error'}: {err}") from err
+
+    def readline(self, limit: int) -> bytes:
+        try:
+            return self._counted(self.fh.readline(limit))
+        except (OSError, EOFError, zlib.error) as err:
+            raise UnreadableFile(self.path, f"{'damaged gzip data' if self.gz else 'read error'}: {err}") from err
 
 
-def _check_utf8(path: Path) -> None:
+def _at_line(err: UnreadableFile, line: int) -> UnreadableFile:
+    """``err`` with the line where reading stopped (unless it names one already)."""
+    return err if err.line is not None else UnreadableFile(err.path, err.why, line)
+
+
+def _line_too_long(path: Path, line: int, cap: int) -> UnreadableFile:
+    return UnreadableFile(path, f"longer than ingest.max_line_bytes ({cap:,} bytes); not read (raise the cap with "
+                          "--max-line-bytes or the policy if the line is genuine)", line)
+
+
+def _check_utf8(path: Path, limits: IngestConfig = DEFAULT_LIMITS) -> None:
     """Sniff the head of the file: a file that is not UTF-8 is rejected as a whole."""
-    try:
-        with _open_binary(path) as fh:
-            head = fh.read(SNIFF_BYTES)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise UnreadableFile(path, f"cannot read: {err}") from err
+    with _Stream(path, limits) as fh:
+        head = fh.read(SNIFF_BYTES)
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise UnreadableFile(path, "not UTF-8: found a UTF-16 byte-order mark")
     # a few bad lines are quarantined row by row; a file that is mostly not UTF-8 is rejected
@@ -136,10 +269,12 @@ def decode_line(lineno: int, line: bytes) -> RawRow | None:
     if not stripped:
         return None
     try:
-        obj = orjson.loads(stripped)
+        obj = loads_json(stripped)
     except orjson.JSONDecodeError as err:
         why = "invalid UTF-8" if "utf-8" in str(err).lower() else str(err)
         return RawRow(lineno, stripped, None, f"expected a JSON object, found invalid JSON ({why})")
+    except JSONValueError as err:
+        return RawRow(lineno, stripped, None, str(err))
     if type(obj) is dict:
         return RawRow(lineno, stripped, obj)
     return RawRow(lineno, stripped, None, f"expected a JSON object, found {type(obj).__name__}")
@@ -156,63 +291,123 @@ def _newlines(data: bytes) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def iter_line_blocks(path: str | Path, max_lines: int, block_bytes: int = BLOCK_BYTES) -> Iterator[LineBlock]:
+def iter_line_blocks(path: str | Path, max_lines: int, block_bytes: int = BLOCK_BYTES,
+                     limits: IngestConfig = DEFAULT_LIMITS) -> Iterator[LineBlock]:
     """Stream a JSONL file (optionally gzip) as blocks of at most ``max_lines`` whole lines.
 
     Blocks are cut at newlines; the first reads are small (a format sniff needs only a few
-    lines) and grow to ``block_bytes``.  A final line without a newline gets one.
+    lines) and grow to ``block_bytes``.  A final line without a newline gets one; a UTF-8
+    byte-order mark before line 1 is skipped.  A line longer than ``limits.max_line_bytes``
+    raises :class:`UnreadableFile` as soon as it is that long (memory stays below the cap
+    plus one read), as does damaged gzip data or too many decompressed bytes.
     """
-    line = 1
-    carry = b""
+    p = Path(path)
+    cap = int(limits.max_line_bytes)
+    line = 1  # the line that ``carry`` starts
+    carry: list[bytes] = []  # the start of a line that no read has ended yet
+    carried = 0
     size = min(FIRST_READ_BYTES, block_bytes)
-    with _open_binary(Path(path)) as fh:
+    first = True
+    with _Stream(p, limits) as fh:
         while True:
-            chunk = fh.read(size)
+            try:
+                chunk = fh.read(size)
+            except UnreadableFile as err:
+                raise _at_line(err, line) from err
+            if first and chunk.startswith(UTF8_BOM):
+                chunk = chunk[len(UTF8_BOM):]
+            first = False
             size = min(size * 4, block_bytes)
             if not chunk:
                 if not carry:
                     return
-                data = carry if carry.endswith(b"\n") else carry + b"\n"
-                carry = b""
+                data = b"".join(carry)
+                data = data if data.endswith(b"\n") else data + b"\n"
+                carry, carried = [], 0
             else:
                 cut = chunk.rfind(b"\n") + 1
                 if cut == 0:  # no line ends in this chunk
-                    carry += chunk
+                    carry.append(chunk)
+                    carried += len(chunk)
+                    if carried > cap:
+                        raise _line_too_long(p, line, cap)
                     continue
-                data = b"".join((carry, memoryview(chunk)[:cut])) if carry or cut < len(chunk) else chunk
-                carry = chunk[cut:]
+                data = b"".join((*carry, memoryview(chunk)[:cut])) if carry or cut < len(chunk) else chunk
+                carry, carried = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
             ends = _newlines(data)
+            if len(data) > cap:  # only then can a line of it be longer than the cap
+                long = np.flatnonzero(np.diff(ends, prepend=-1) - 1 > cap)
+                if len(long):
+                    raise _line_too_long(p, line + int(long[0]), cap)
             for k in range(0, len(ends), max_lines):
                 part = ends[k:k + max_lines]
                 lo = int(ends[k - 1]) + 1 if k else 0
                 hi = int(part[-1]) + 1
                 yield LineBlock(line + k, data if (lo, hi) == (0, len(data)) else data[lo:hi], part - lo)
             line += len(ends)
+            if carried > cap:
+                raise _line_too_long(p, line, cap)
             if not chunk:
                 return
 
 
-def _jsonl_rows(path: Path, batch_rows: int) -> Iterator[list[RawRow]]:
-    for block in iter_line_blocks(path, batch_rows):
+def _jsonl_rows(path: Path, batch_rows: int, limits: IngestConfig) -> Iterator[list[RawRow]]:
+    for block in iter_line_blocks(path, batch_rows, limits=limits):
         rows = block.raw_rows()
         if rows:
             yield rows
+
+
+def _duplicate_field(fields: Iterable[Any], where: str = "") -> str | None:
+    """The first name a Parquet schema (or one of its structs) uses twice, as ``a.b``; None."""
+    import pyarrow as pa
+
+    seen: set[str] = set()
+    for f in fields:
+        if f.name in seen:
+            return where + f.name
+        seen.add(f.name)
+        t = f.type
+        while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            t = t.value_type
+        if pa.types.is_struct(t):
+            found = _duplicate_field([t.field(i) for i in range(t.num_fields)], f"{where}{f.name}.")
+            if found:
+                return found
+    return None
 
 
 def _open_parquet(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
     except Exception as err:  # pyarrow raises several types for a corrupt file
         raise UnreadableFile(path, f"not a readable Parquet file: {err}") from err
+    dup = _duplicate_field(schema)
+    if dup is not None:
+        raise UnreadableFile(path, f"Parquet column {dup!r} is defined twice; every column name must be unique "
+                             "(a reader would keep only one of its values)")
+    return pf
 
 
-def _parquet_rows(pf, batch_rows: int) -> Iterator[list[RawRow]]:
+def _parquet_rows(pf, batch_rows: int, path: Path) -> Iterator[list[RawRow]]:
+    import pyarrow as pa
+
     row = 0
-    for rb in pf.iter_batches(batch_size=batch_rows):
+    batches = pf.iter_batches(batch_size=batch_rows)
+    while True:
+        try:
+            rb = next(batches, None)
+            objs = rb.to_pylist() if rb is not None else None
+        except (OSError, pa.ArrowException) as err:  # a damaged page or column chunk
+            why = " ".join(str(err).split())
+            raise UnreadableFile(path, f"damaged Parquet data (reading rows from {row + 1:,} on): {why}") from err
+        if objs is None:
+            return
         out = []
-        for obj in rb.to_pylist():
+        for obj in objs:
             row += 1
             out.append(RawRow(row, json.dumps(obj, ensure_ascii=False, default=str), obj))
         yield out
@@ -222,14 +417,18 @@ _CSV_JSON_FIELDS = {"prompt", "response_a", "response_b", "tags", "chosen", "rej
 
 
 def _csv_value(key: str, value: str | None) -> Any:
+    """A CSV cell as a value (docs/input-format.md); raises :class:`JSONValueError` for a JSON
+    cell with a duplicated key or nested too deep (JSON that is not well-formed stays text)."""
     if value is None or value == "":
         return None
     v = value.strip()
     if key in _CSV_JSON_FIELDS and v[:1] in "[{":
         try:
-            return json.loads(v)
-        except ValueError:
+            return loads_json(v.encode())
+        except orjson.JSONDecodeError:
             return value
+        except JSONValueError as err:
+            raise JSONValueError(f"field {key!r}: {err}") from err
     if key == "tags":
         return [t.strip() for t in v.split(";") if t.strip()]
     if key in ("strength", "confidence"):
@@ -240,23 +439,81 @@ def _csv_value(key: str, value: str | None) -> Any:
     return value
 
 
-def _csv_rows(path: Path, batch_rows: int) -> Iterator[list[RawRow]]:
-    with _open_binary(path) as bfh:
-        fh = io.TextIOWrapper(bfh, encoding="utf-8", errors="replace", newline="")
-        reader = csv.reader(fh)
-        header = next(reader, None)
+def _csv_lines(fh: _Stream, path: Path, cap: int, bad_bytes: list[tuple[int, int]]) -> Iterator[str]:
+    """Physical lines of a CSV file (as ``open(newline="")`` splits them), read at most
+    ``cap`` bytes at a time.  A line that is not UTF-8 is decoded with surrogate escapes and
+    recorded in ``bad_bytes`` as (line, first bad byte), so that its record is quarantined."""
+    lineno = 0
+    while True:
+        try:
+            b = fh.readline(cap + 1)
+        except UnreadableFile as err:
+            raise _at_line(err, lineno + 1) from err
+        if not b:
+            return
+        if len(b) > cap and not b.endswith(b"\n"):
+            raise _line_too_long(path, lineno + 1, cap)
+        if lineno == 0 and b.startswith(UTF8_BOM):
+            b = b[len(UTF8_BOM):]
+        parts = b.splitlines(keepends=True) if b"\r" in b[:-2] else [b]  # a lone CR ends a line too
+        for part in parts:
+            lineno += 1
+            try:
+                yield part.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad_bytes.append((lineno, part[err.start]))
+                yield part.decode("utf-8", "surrogateescape")
+
+
+def _printable(text: str) -> str:
+    """Text with the surrogate escapes of undecodable bytes shown as U+FFFD (for ``raw``)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _csv_rows(path: Path, batch_rows: int, limits: IngestConfig) -> Iterator[list[RawRow]]:
+    cap = int(limits.max_line_bytes)
+    if csv.field_size_limit() < cap:  # a field may be as long as a line (the csv default is 128 KiB)
+        csv.field_size_limit(cap)
+    bad_bytes: list[tuple[int, int]] = []
+    with _Stream(path, limits) as fh:
+        reader = csv.reader(_csv_lines(fh, path, cap, bad_bytes))
+        try:
+            header = next(reader, None)
+        except csv.Error as err:
+            raise UnreadableFile(path, f"CSV header: {err}", reader.line_num) from err
         if header is None:
             return
+        if bad_bytes:
+            raise UnreadableFile(path, f"CSV header: not UTF-8 (byte 0x{bad_bytes[0][1]:02x})", bad_bytes[0][0])
         header = [h.strip() for h in header]
+        for i, h in enumerate(header):
+            if h in header[:i]:
+                raise UnreadableFile(path, f"CSV header names column {h!r} twice (columns {header.index(h) + 1} and "
+                                     f"{i + 1}); every column name must be unique", 1)
         batch: list[RawRow] = []
         start = reader.line_num + 1
-        for values in reader:
+        while True:
+            try:
+                values = next(reader, None)
+            except csv.Error as err:  # e.g. a field longer than the cap over several lines
+                raise UnreadableFile(path, f"CSV record starting here: {err}", start) from err
+            if values is None:
+                break
             raw = ",".join(values)
-            if len(values) != len(header):
+            if bad_bytes and bad_bytes[0][0] <= reader.line_num:
+                at, byte = bad_bytes[0]
+                batch.append(RawRow(start, _printable(raw), None, f"expected UTF-8 text, found invalid UTF-8 "
+                                    f"(byte 0x{byte:02x} on line {at})"))
+                del bad_bytes[:sum(1 for ln, _ in bad_bytes if ln <= reader.line_num)]
+            elif len(values) != len(header):
                 batch.append(RawRow(start, raw, None, f"expected {len(header)} CSV columns, found {len(values)}"))
             else:
-                obj = {k: _csv_value(k, v) for k, v in zip(header, values, strict=True)}
-                batch.append(RawRow(start, raw, {k: v for k, v in obj.items() if v is not None}))
+                try:
+                    obj = {k: _csv_value(k, v) for k, v in zip(header, values, strict=True)}
+                except JSONValueError as err:
+                    batch.append(RawRow(start, raw, None, str(err)))
+                else:
+                    batch.append(RawRow(start, raw, {k: v for k, v in obj.items() if v is not None}))
             start = reader.line_num + 1
             if len(batch) >= batch_rows:
                 yield batch
@@ -273,29 +530,30 @@ def _checked_kind(p: Path) -> str:
     return container_of(p)
 
 
-def iter_raw_rows(path: str | Path, batch_rows: int = 50_000) -> Iterator[list[RawRow]]:
-    """Yield batches of raw rows. Raises :class:`UnreadableFile` before the first batch."""
+def iter_raw_rows(path: str | Path, batch_rows: int = 50_000, limits: IngestConfig = DEFAULT_LIMITS) -> Iterator[list[RawRow]]:
+    """Yield batches of raw rows. Raises :class:`UnreadableFile` before the first batch for a
+    file unusable as a whole, and while streaming for damage found on the way."""
     p = Path(path)
     kind = _checked_kind(p)
     if kind == "parquet":
-        return _parquet_rows(_open_parquet(p), batch_rows)
-    _check_utf8(p)
-    return _jsonl_rows(p, batch_rows) if kind == "jsonl" else _csv_rows(p, batch_rows)
+        return _parquet_rows(_open_parquet(p), batch_rows, p)
+    _check_utf8(p, limits)
+    return _jsonl_rows(p, batch_rows, limits) if kind == "jsonl" else _csv_rows(p, batch_rows, limits)
 
 
-def jsonl_blocks(path: str | Path, max_lines: int = 50_000) -> Iterator[LineBlock]:
+def jsonl_blocks(path: str | Path, max_lines: int = 50_000, limits: IngestConfig = DEFAULT_LIMITS) -> Iterator[LineBlock]:
     """:func:`iter_line_blocks` after the checks of :func:`iter_raw_rows` (raises :class:`UnreadableFile`)."""
     p = Path(path)
     if _checked_kind(p) != "jsonl":
         raise UnreadableFile(p, "not a JSON Lines file")
-    _check_utf8(p)
-    return iter_line_blocks(p, max_lines, BLOCK_BYTES)
+    _check_utf8(p, limits)
+    return iter_line_blocks(p, max_lines, BLOCK_BYTES, limits)
 
 
-def peek_objects(path: str | Path, n: int = 20) -> list[dict[str, Any]]:
+def peek_objects(path: str | Path, n: int = 20, limits: IngestConfig = DEFAULT_LIMITS) -> list[dict[str, Any]]:
     """The first ``n`` decodable objects of a file (for format detection)."""
     out: list[dict[str, Any]] = []
-    for batch in iter_raw_rows(path, batch_rows=max(n, 1)):
+    for batch in iter_raw_rows(path, batch_rows=max(n, 1), limits=limits):
         out.extend(r.obj for r in batch if r.obj is not None)
         if len(out) >= n:
             break
@@ -343,8 +601,18 @@ def lines_array(block: LineBlock) -> Any:
     return pa.Array.from_buffers(pa.large_binary(), len(block.ends), [None, pa.py_buffer(offsets), pa.py_buffer(block.data)])
 
 
+# Arrow infers a type for every unknown field; a value nested d levels deep costs it ~0.1 us per
+# row of the block per level (1,000 levels in a block of 100k rows: 10 s) and ~15,000 levels
+# overflow its stack (a crash, not an error).  A line that could nest that deep goes the
+# per-row way, where orjson refuses more than 1,024 levels and ``loads_json`` more than
+# MAX_JSON_DEPTH: only lines longer than DEEP_CHECK_BYTES can, so only they are counted.
+DEEP_CHECK_BYTES = 2048
+_MAX_OPENERS = MAX_JSON_DEPTH + 2  # the row's own object and one level of slack
+
+
 def candidate_lines(block: LineBlock, starts: np.ndarray) -> np.ndarray:
-    """Lines that start with '{' and end with '}' (optionally '\\r').
+    """Lines that start with '{' and end with '}' (optionally '\\r'), and cannot nest deeper
+    than Arrow's parse handles well (above).
 
     Only such lines go to Arrow: then one row can never span two lines (a value ending in '}'
     followed by one starting with '{' is not JSON), so equal row and line counts prove that
@@ -354,7 +622,14 @@ def candidate_lines(block: LineBlock, starts: np.ndarray) -> np.ndarray:
     ends = block.ends
     last = ends - 1
     last = last - ((last >= starts) & (arr[np.maximum(last, 0)] == 13))  # a CR before the newline
-    return (last > starts) & (arr[starts] == 123) & (arr[np.maximum(last, 0)] == 125)
+    cand = (last > starts) & (arr[starts] == 123) & (arr[np.maximum(last, 0)] == 125)
+    long = np.flatnonzero(cand & (ends - starts > DEEP_CHECK_BYTES))
+    if len(long):
+        count = block.data.count
+        for i, a, b in zip(long.tolist(), starts[long].tolist(), ends[long].tolist(), strict=True):
+            if count(b"[", a, b) + count(b"{", a, b) > _MAX_OPENERS:
+                cand[i] = False
+    return cand
 
 
 def _is_utf8(buf: bytes) -> bool:

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 FlagAction = Literal["drop", "downweight", "warn"]
 
@@ -26,7 +26,21 @@ class _Cfg(BaseModel):
 
 
 class IngestConfig(_Cfg):
+    """Reading input files (``pipeline.readers``, ``docs/input-format.md``).
+
+    The two caps bound what one hostile file can cost: memory per line stays below
+    ``max_line_bytes`` (a line is never read whole beyond it), and the work a gzip bomb can
+    cause stops at ``max_decompressed_bytes``.  Exceeding either makes the file unreadable
+    (exit 2, nothing written).  Sizes are bytes, or text such as "64MiB" or "2GB".
+    """
+
     batch_rows: int = Field(50_000, ge=1_000, description="rows parsed per streaming batch")
+    max_line_bytes: ByteSize = Field(
+        64 << 20, ge=1 << 10,
+        description="a JSONL or CSV line longer than this makes the file unreadable (exit 2, naming the line)")
+    max_decompressed_bytes: ByteSize = Field(
+        64 << 30, ge=1 << 20,
+        description="a .gz input that decompresses to more than this is unreadable (exit 2): stops gzip bombs early")
 
 
 class NearDuplicateConfig(_Cfg):
@@ -153,8 +167,9 @@ class SelectConfig(_Cfg):
             "position_bias": "downweight",
             "length_bias": "downweight",
             "low_reliability": "drop",
+            "pair_id_conflict": "drop",
         },
-        description="what each flag reason does to the judgments/pairs it names",
+        description="what each flag reason does to the judgments/pairs it names (pair_id_conflict: drop only)",
     )
     downweight_factor: float = Field(0.5, ge=0.0, le=1.0)
     route: dict[str, Literal["route", "drop"]] = Field(
@@ -182,6 +197,10 @@ class SelectConfig(_Cfg):
         bad = sorted(set(self.flag_actions) - known)
         if bad:
             raise ValueError(f"select.flag_actions: unknown reason(s) {bad}; allowed: {sorted(known)}")
+        if self.flag_actions.get("pair_id_conflict", "drop") != "drop":
+            # one pair_id naming different texts must never be merged into one DPO row
+            raise ValueError(f"select.flag_actions.pair_id_conflict: expected 'drop' (judgments whose pair_id names "
+                             f"different texts are never merged), found {self.flag_actions['pair_id_conflict']!r}")
         bad_routes = sorted(set(self.route) - {"tie", "both_bad", "escalate"})
         if bad_routes:
             raise ValueError(f"select.route: unknown label(s) {bad_routes}; allowed: tie, both_bad, escalate")
@@ -274,6 +293,9 @@ def load_policy(path: str | Path | None) -> Policy:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise PolicyError(f"cannot read policy file {p}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise PolicyError(f"policy file {p}: expected UTF-8 text, found byte 0x{err.object[err.start]:02x} "
+                          f"at offset {err.start}") from err
     try:
         if p.suffix == ".toml":
             data = tomllib.loads(text)

@@ -16,13 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 Label = Literal["a", "b", "tie", "both_bad", "escalate"]
 DecisiveLabel = Literal["a", "b"]
 Side = Literal["a", "b"]
-AnnotatorKind = Literal["human", "ai"]
-PairAnnotatorKind = Literal["human", "ai", "mixed"]
+# "unknown": the source does not say who judged (trl / hh / rated rows without --annotator-kind);
+# such judgments never count as human
+AnnotatorKind = Literal["human", "ai", "unknown"]
+# a pair: the kind of the judgments used for its label, "mixed" when they are of more than one kind
+PairAnnotatorKind = Literal["human", "ai", "unknown", "mixed"]
 Role = Literal["system", "user", "assistant", "tool"]
 
 LABELS: tuple[str, ...] = ("a", "b", "tie", "both_bad", "escalate")
 ROUTED_LABELS: tuple[str, ...] = ("tie", "both_bad", "escalate")
-ANNOTATOR_KINDS: tuple[str, ...] = ("human", "ai")
+ANNOTATOR_KINDS: tuple[str, ...] = ("human", "ai", "unknown")
+PAIR_ANNOTATOR_KINDS: tuple[str, ...] = ("human", "ai", "unknown", "mixed")
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
@@ -55,6 +59,7 @@ class FlagReason(StrEnum):
     LABEL_IMBALANCE = "label_imbalance"
     TOO_EASY = "too_easy"
     AMBIGUOUS = "ambiguous"
+    PAIR_ID_CONFLICT = "pair_id_conflict"  # judgment: its pair_id names other texts elsewhere; never merged
 
 
 class Message(BaseModel):
