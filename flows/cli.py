@@ -38,6 +38,11 @@ FormatOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", "-p", help="Policy file (.toml/.yaml); default: built-in defaults.")]
+MaxLineOpt = Annotated[str | None, typer.Option(
+    "--max-line-bytes", help="Longest input line accepted (bytes, or e.g. 64MiB); default: the policy's ingest.max_line_bytes.")]
+MaxGzipOpt = Annotated[str | None, typer.Option(
+    "--max-decompressed-bytes", help="Most bytes a .gz input may decompress to (e.g. 64GiB); default: the policy's "
+    "ingest.max_decompressed_bytes.")]
 
 
 def _fail_usage(message: str) -> None:
@@ -53,6 +58,8 @@ def validate(
     max_errors: Annotated[int, typer.Option("--max-errors", help="How many quarantined rows to print.")] = 20,
     annotator_id: Annotated[str | None, typer.Option(help="annotator_id for formats without one (trl, hh, rated).")] = None,
     annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human|ai) for formats without one.")] = None,
+    max_line_bytes: MaxLineOpt = None,
+    max_decompressed_bytes: MaxGzipOpt = None,
 ) -> None:
     """Read and validate raw batch files; print the ledger and the first errors with line numbers.
 
@@ -60,6 +67,9 @@ def validate(
     2 when a file cannot be read at all.
     """
     from pipeline.ingest import UnreadableFile, ingest_files
+    from schemas.policy import Policy
+
+    limits = _with_ingest_caps(Policy(), max_line_bytes, max_decompressed_bytes).ingest
 
     total_bytes = sum(p.stat().st_size for p in files if p.exists())
     try:
@@ -71,10 +81,10 @@ def validate(
                 advance(n)
 
             result = ingest_files(files, fmt=fmt, keep_judgments=False, on_progress=on_rows,
-                                  annotator_id=annotator_id, annotator_kind=annotator_kind)
+                                  annotator_id=annotator_id, annotator_kind=annotator_kind, limits=limits)
     except UnreadableFile as err:
         if as_json:
-            print(json.dumps({"ok": False, "error": str(err), "file": err.path}))
+            print(json.dumps({"ok": False, "error": str(err), "file": err.path, "line": err.line}))
             raise typer.Exit(EXIT_USAGE) from None
         _fail_usage(f"cannot read {err.path}: {err.why}")
     q = result.quarantine
@@ -126,6 +136,20 @@ def _load_policy_or_exit(policy: Path | None):
         _fail_usage(str(err))
 
 
+def _with_ingest_caps(pol, max_line_bytes: str | None, max_decompressed_bytes: str | None):
+    """``pol`` with the command line's ingest caps (part of the policy, so of a version's id)."""
+    from schemas.policy import PolicyError, policy_from_dict
+
+    caps = {k: v for k, v in (("max_line_bytes", max_line_bytes), ("max_decompressed_bytes", max_decompressed_bytes)) if v}
+    if not caps:
+        return pol
+    try:
+        return policy_from_dict({**pol.model_dump(mode="json"), "ingest": {**pol.ingest.model_dump(mode="json"), **caps}},
+                                "(command-line options)")
+    except PolicyError as err:
+        _fail_usage(str(err))
+
+
 def _open_store(store: Path, *, must_exist: bool = True):
     from pipeline.store import Store
 
@@ -153,6 +177,8 @@ def curate(
     batch_id: Annotated[str | None, typer.Option(help="batch_id for rows without one (default: the file name).")] = None,
     annotator_id: Annotated[str | None, typer.Option(help="annotator_id for formats without one (trl, hh, rated).")] = None,
     annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human|ai) for formats without one.")] = None,
+    max_line_bytes: MaxLineOpt = None,
+    max_decompressed_bytes: MaxGzipOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest, check, select, split and write a new immutable dataset version.
@@ -165,7 +191,7 @@ def curate(
     from pipeline.curate import curate as run_curate
     from pipeline.readers import UnreadableFile
 
-    pol = _load_policy_or_exit(policy)
+    pol = _with_ingest_caps(_load_policy_or_exit(policy), max_line_bytes, max_decompressed_bytes)
     st = _open_store(store, must_exist=False)
     if parent:
         _resolve_or_exit(st, parent)

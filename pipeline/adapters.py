@@ -17,10 +17,11 @@ adapter assigns ``a``/``b`` by a content hash (half the pairs get chosen as ``a`
 the others chosen as ``b``, label ``b``), deterministically, so that label-balance statistics
 stay meaningful and the pair id (order-independent anyway) does not change.
 
-Non-canonical rows have no annotator: ``annotator_id`` defaults to ``<format>:<batch>``
-and ``annotator_kind`` to ``human`` (``ai`` for ``rated``: such scores usually come from
-an AI judge); both can be set on the command line.  Fields an adapter does not consume
-are carried through unchanged (they end up in ``extra``).
+Non-canonical rows do not say who judged: ``annotator_id`` defaults to ``<format>:<batch>``
+and ``annotator_kind`` to ``unknown`` (never ``human``: a TRL or HH dataset may well be
+AI-labelled, and unknown judgments never count as human agreement); a row's own fields, or
+``--annotator-id`` / ``--annotator-kind``, say otherwise.  Fields an adapter does not
+consume are carried through unchanged (they end up in ``extra``).
 """
 from __future__ import annotations
 
@@ -105,10 +106,10 @@ def _oriented(chosen: str, rejected: str) -> dict[str, str]:
     return {"response_a": chosen, "response_b": rejected, "label": "a"}
 
 
-def _defaults(obj: dict[str, Any], ctx: AdapterContext, fmt: str, kind: str) -> dict[str, Any]:
+def _defaults(obj: dict[str, Any], ctx: AdapterContext, fmt: str) -> dict[str, Any]:
     return {
         "annotator_id": obj.get("annotator_id") or ctx.annotator_id or f"{fmt}:{ctx.batch_id}",
-        "annotator_kind": obj.get("annotator_kind") or ctx.annotator_kind or kind,
+        "annotator_kind": obj.get("annotator_kind") or ctx.annotator_kind or "unknown",
     }
 
 
@@ -126,7 +127,7 @@ def _from_trl(obj: dict[str, Any], ctx: AdapterContext, line: int) -> list[dict[
         prompt = ctx_c
     out = {"comparison_id": obj.get("comparison_id") or obj.get("id") or f"{ctx.stem}:{line}",
            **rest, "prompt": prompt, **_oriented(chosen, rejected)}
-    out.update(_defaults(obj, ctx, "trl", "human"))
+    out.update(_defaults(obj, ctx, "trl"))
     return [out]
 
 
@@ -156,7 +157,7 @@ def _from_hh(obj: dict[str, Any], ctx: AdapterContext, line: int) -> list[dict[s
         raise AdapterError("unpairable", "rejected", "chosen and rejected transcripts have different prompts")
     out = {"comparison_id": obj.get("comparison_id") or obj.get("id") or f"{ctx.stem}:{line}",
            **rest, "prompt": p_c, **_oriented(a, b)}
-    out.update(_defaults(obj, ctx, "hh", "human"))
+    out.update(_defaults(obj, ctx, "hh"))
     return [out]
 
 
@@ -191,7 +192,7 @@ def _from_rated(obj: dict[str, Any], ctx: AdapterContext, line: int) -> tuple[li
         parsed.append((text, float(score), c.get("model")))
     rest = {k: v for k, v in obj.items() if k not in (pkey, lkey)}
     base_id = obj.get("comparison_id") or obj.get("id") or f"{ctx.stem}:{line}"
-    defaults = _defaults(obj, ctx, "rated", "ai")
+    defaults = _defaults(obj, ctx, "rated")
     out, skipped = [], 0
     for i in range(len(parsed)):
         for j in range(i + 1, len(parsed)):

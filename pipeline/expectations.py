@@ -7,7 +7,7 @@ GX is imported lazily (its import costs ~4-5 s).
 
 The suite (per split): the DPO schema (exact column set in order), non-null required
 columns, ``pair_id`` unique, ``weight`` in (0, 1], ``agreement`` in [0, 1], ``strength``
-in [0, 1], ``n_judgments`` >= 1, ``annotator_kind`` in {human, ai, mixed}, chosen text !=
+in [0, 1], ``n_judgments`` >= 1, ``annotator_kind`` in {human, ai, unknown, mixed}, chosen text !=
 rejected text, prompt ends with a user turn, chosen/rejected are one assistant message
 (derived scalar columns: GX validates flat pandas columns).
 """
@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 
 from schemas.arrow import polars_schema
-from schemas.records import DPORow
+from schemas.records import PAIR_ANNOTATOR_KINDS, DPORow
 
 REQUIRED_NON_NULL = ("prompt", "chosen", "rejected", "pair_id", "weight", "agreement", "n_judgments", "annotator_kind")
 
@@ -56,7 +56,7 @@ def build_suite(gx):
     suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="agreement", min_value=0, max_value=1))
     suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="strength", min_value=0, max_value=1, mostly=1.0))
     suite.add_expectation(E.ExpectColumnValuesToBeBetween(column="n_judgments", min_value=1))
-    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="annotator_kind", value_set=["human", "ai", "mixed"]))
+    suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="annotator_kind", value_set=list(PAIR_ANNOTATOR_KINDS)))
     suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="chosen_differs_from_rejected", value_set=[True]))
     suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="chosen_role", value_set=["assistant"]))
     suite.add_expectation(E.ExpectColumnValuesToBeInSet(column="rejected_role", value_set=["assistant"]))

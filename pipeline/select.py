@@ -3,9 +3,11 @@
 Two steps, both vectorised:
 
 1. :func:`filter_judgments` — judgment-level decisions before the final aggregation:
-   judgments flagged ``exact_duplicate`` and judgments of annotators whose flag reasons
-   map to ``drop`` (e.g. ``low_reliability``) are removed, counted by reason; annotators
-   whose reasons map to ``downweight`` (e.g. ``position_bias``) are listed for step 2.
+   judgments flagged ``exact_duplicate`` or ``pair_id_conflict`` and judgments of annotators
+   whose flag reasons map to ``drop`` (e.g. ``low_reliability``) are removed, counted by
+   reason (``pair_id_conflict`` first, then judgment reasons, then annotator reasons, each in
+   alphabetical order); annotators whose reasons map to ``downweight`` (e.g.
+   ``position_bias``) are listed for step 2.
 2. :func:`select_pairs` — every aggregated pair ends as exactly one of: a DPO row, a routed
    item (tie / both_bad / escalate, per ``select.route``), or a drop with one reason.
    Precedence of reasons (first wins): ``identical_responses``, ``all_judgments_dropped``,
@@ -60,8 +62,9 @@ def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectCo
     drop_ann = af.filter(pl.col("reason").is_in(list(drop_reasons)))
     down_ann = af.filter(pl.col("reason").is_in(list(_reasons_with(cfg, "downweight"))))
 
-    # one reason per dropped judgment: judgment-level first, then annotator-level
-    by_j = jf.group_by("subject_id").agg(pl.col("reason").sort().first().alias("_drop")).rename({"subject_id": "comparison_id"})
+    # one reason per dropped judgment: judgment-level first (a pair_id conflict before any other), then annotator-level
+    first = pl.col("reason").sort_by(pl.col("reason") != "pair_id_conflict", "reason").first()
+    by_j = jf.group_by("subject_id").agg(first.alias("_drop")).rename({"subject_id": "comparison_id"})
     by_a = drop_ann.group_by("subject_id").agg(pl.col("reason").sort().first().alias("_drop_a")).rename({"subject_id": "annotator_id"})
     j = judgments.select("comparison_id", "annotator_id")
     j = j.join(by_j, on="comparison_id", how="left", maintain_order="left").join(by_a, on="annotator_id", how="left",
@@ -73,6 +76,24 @@ def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectCo
     narrow = judgments.drop([c for c in (*PAIR_TEXT_COLUMNS, *PROVENANCE_COLUMNS) if c in judgments.columns])
     kept = narrow.filter(drop.is_null()) if drop.null_count() < len(drop) else narrow
     return JudgmentSelection(kept, counts, sorted(set(down_ann["subject_id"].to_list())))
+
+
+def with_unknown_kinds(pairs: pl.DataFrame, judgments: pl.DataFrame | None) -> pl.DataFrame:
+    """Pairs' ``annotator_kind`` with ``unknown`` judges told apart from AI judges.
+
+    ``pipeline.aggregate`` counts every judgment that is not ``human`` as AI, so it names a
+    pair without a human judgment ``ai``; among those, a pair whose judgments are all
+    ``unknown`` is ``unknown`` and one with both ``unknown`` and ``ai`` judgments is
+    ``mixed``.  Other pairs keep their kind."""
+    c = pl.col
+    if judgments is None or "annotator_kind" not in judgments.columns or not (judgments["annotator_kind"] == "unknown").any():
+        return pairs
+    kinds = judgments.group_by("pair_id").agg(_unknown=(c("annotator_kind") == "unknown").any(),
+                                              _ai=(c("annotator_kind") == "ai").any())
+    kind = pl.when((c("annotator_kind") == "ai") & c("_unknown").fill_null(False)) \
+        .then(pl.when(c("_ai")).then(pl.lit("mixed")).otherwise(pl.lit("unknown"))).otherwise(c("annotator_kind"))
+    return pairs.join(kinds, on="pair_id", how="left", maintain_order="left").with_columns(annotator_kind=kind) \
+        .drop("_unknown", "_ai")
 
 
 def _pair_flag_sets(flags: pl.DataFrame) -> pl.DataFrame:
@@ -143,11 +164,13 @@ def select_pairs(
     judgments: pl.DataFrame | None = None,
 ) -> PairSelection:
     """Decide every pair.  ``all_pair_ids``: pairs that existed before judgment-level drops
-    (those missing from ``pairs`` now are dropped as ``all_judgments_dropped``)."""
+    (those missing from ``pairs`` now are dropped as ``all_judgments_dropped``); ``judgments``:
+    the kept judgments (routed pairs carry theirs; ``unknown`` judges set the pair kind,
+    :func:`with_unknown_kinds`)."""
     c = pl.col
     drop_r = _reasons_with(cfg, "drop")
     down_r = _reasons_with(cfg, "downweight")
-    p = pairs.join(_pair_flag_sets(flags), on="pair_id", how="left").with_columns(
+    p = with_unknown_kinds(pairs, judgments).join(_pair_flag_sets(flags), on="pair_id", how="left").with_columns(
         _reasons=c("_reasons").fill_null(pl.lit([], dtype=pl.List(pl.String))),
     )
     p = p.with_columns(_tokens=pair_tokens(p, cfg))

@@ -189,6 +189,15 @@ class SelectConfig(_Cfg):
             raise ValueError(f"expected 'chars/4' or a local tokenizer directory/tokenizer.json, found {v!r} (no such file)")
         return v
 
+    @field_validator("flag_actions")
+    @classmethod
+    def _conflicts_always_dropped(cls, v: dict[str, FlagAction]) -> dict[str, FlagAction]:
+        # one pair_id naming different texts must never be merged into one DPO row
+        if v.get("pair_id_conflict", "drop") != "drop":
+            raise ValueError(f"pair_id_conflict: expected 'drop' (judgments whose pair_id names different texts are "
+                             f"never merged), found {v['pair_id_conflict']!r}")
+        return {**v, "pair_id_conflict": "drop"}
+
     @model_validator(mode="after")
     def _known_reasons(self) -> SelectConfig:
         from schemas.records import FlagReason
@@ -197,10 +206,6 @@ class SelectConfig(_Cfg):
         bad = sorted(set(self.flag_actions) - known)
         if bad:
             raise ValueError(f"select.flag_actions: unknown reason(s) {bad}; allowed: {sorted(known)}")
-        if self.flag_actions.get("pair_id_conflict", "drop") != "drop":
-            # one pair_id naming different texts must never be merged into one DPO row
-            raise ValueError(f"select.flag_actions.pair_id_conflict: expected 'drop' (judgments whose pair_id names "
-                             f"different texts are never merged), found {self.flag_actions['pair_id_conflict']!r}")
         bad_routes = sorted(set(self.route) - {"tie", "both_bad", "escalate"})
         if bad_routes:
             raise ValueError(f"select.route: unknown label(s) {bad_routes}; allowed: tie, both_bad, escalate")

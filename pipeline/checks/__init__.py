@@ -19,6 +19,7 @@ from schemas.policy import ChecksConfig
 # module name -> reason codes it can emit (documentation + report grouping)
 CHECK_MODULES: dict[str, tuple[str, ...]] = {
     "duplicates": ("exact_duplicate", "identical_responses"),
+    "pair_id_conflict": ("pair_id_conflict",),
     "near_duplicates": ("near_duplicate",),
     "language": ("language_mismatch",),
     "agreement": ("low_agreement",),

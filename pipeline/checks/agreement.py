@@ -15,7 +15,8 @@ Method
   allowed): alpha = 1 - (n - 1) * sum_u D_u / (n^2 - sum_c n_c^2), see
   :mod:`pipeline.stats`.  **Fleiss' kappa** needs a constant number of ratings per unit,
   so it uses the pairs with the modal number m of ratings (ties -> the larger m).
-* Both are computed for ``human``, ``ai`` and ``all`` judgments; each with a 95 %
+* Both are computed for ``human``, ``ai``, ``unknown`` (judges of an unknown kind, e.g. TRL
+  rows without ``--annotator-kind``: never counted as human or AI) and ``all`` judgments; each with a 95 %
   percentile bootstrap CI over pairs (``AgreementConfig.bootstrap`` resamples, seeded).
   Per slice (``locale=<x>``, ``tag=<t>``, locale and tags of the pair) the point estimates
   only (CIs would multiply the cost by the number of slices).
@@ -51,7 +52,8 @@ from schemas.policy import AgreementConfig, ChecksConfig
 
 NAME = "agreement"
 CATEGORIES = ("a", "b", "tie")
-KINDS = ("human", "ai", "all")
+KINDS = ("human", "ai", "unknown", "all")
+_KIND_CODE = {"human": 0, "ai": 1, "unknown": 2}
 WARN_ALPHA = 0.2
 MAX_SLICES_IN_METRICS = 200
 _SLICE_SCHEMA = {"slice": pl.String, "kind": pl.String, "n_pairs": pl.Int64, "krippendorff_alpha": pl.Float64,
@@ -62,12 +64,17 @@ def _num(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def unit_counts(e: Encoded) -> np.ndarray:
-    """(P, 2, 3) counts of a / b / tie ratings per pair and kind (0 human, 1 ai), canonical
-    orientation; both_bad / escalate are missing values."""
+def unit_counts(e: Encoded, kinds: pl.Series | None = None) -> np.ndarray:
+    """(P, 3, 3) counts of a / b / tie ratings per pair and kind (0 human, 1 ai, 2 unknown),
+    canonical orientation; both_bad / escalate are missing values.  ``kinds``: the judgments'
+    ``annotator_kind`` (without it, every judgment that is not human counts as ai)."""
     cat = np.where(e.label <= TIE, e.label, -1)
-    codes = np.where(cat >= 0, np.where(e.human, 0, 3) + cat, -1)
-    return e.per_pair(codes=codes, k=6).reshape(e.n_pairs, 2, 3)
+    if kinds is None:
+        kind = np.where(e.human, 0, 1)
+    else:
+        kind = kinds.replace_strict(_KIND_CODE, default=1, return_dtype=pl.Int8).to_numpy()
+    codes = np.where(cat >= 0, 3 * kind + cat, -1)
+    return e.per_pair(codes=codes, k=9).reshape(e.n_pairs, 3, 3)
 
 
 def _kind_metrics(counts: np.ndarray, cfg: AgreementConfig, seed: int) -> dict[str, Any]:
@@ -115,7 +122,7 @@ def _slice_table(uc: np.ndarray, members: tuple[np.ndarray, np.ndarray, list[str
     mp, ms, names = members
     n_s = len(names)
     out = []
-    for kind, counts in (("human", uc[:, 0]), ("ai", uc[:, 1]), ("all", uc.sum(axis=1))):
+    for kind, counts in (("human", uc[:, 0]), ("ai", uc[:, 1]), ("unknown", uc[:, 2]), ("all", uc.sum(axis=1))):
         m = counts.sum(axis=1)
         ok = (m >= 2)[mp]
         p, sl = mp[ok], ms[ok]
@@ -156,9 +163,9 @@ def run(
     e = encoded or encode(judgments)
     if pairs is None:
         pairs = aggregate(judgments, agg_cfg, encoded=e).pairs
-    uc = unit_counts(e)
+    uc = unit_counts(e, judgments["annotator_kind"] if "annotator_kind" in judgments.columns else None)
     metrics: dict[str, Any] = {}
-    for i, (kind, counts) in enumerate((("human", uc[:, 0]), ("ai", uc[:, 1]), ("all", uc.sum(axis=1)))):
+    for i, (kind, counts) in enumerate((("human", uc[:, 0]), ("ai", uc[:, 1]), ("all", uc.sum(axis=1)), ("unknown", uc[:, 2]))):
         metrics[kind] = _kind_metrics(counts, cfg, cfg.seed + 10 * i)
     metrics["ratings_treated_as_missing"] = int((e.label > TIE).sum())
 

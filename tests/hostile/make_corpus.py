@@ -120,8 +120,8 @@ def pair_id_conflict_jsonl(d: Path) -> Path:
         _line(row(0, pair_id="shared", prompt=p1, response_a="Yes.", response_b="No.", annotator_id="r1")),
         _line(row(1, pair_id="shared", prompt=p1, response_a="Yes.", response_b="No.", annotator_id="r2")),
         _line(row(2, pair_id="shared", prompt=p2, response_a="Yes.", response_b="No.", annotator_id="r3")),
-        _line(row(3, pair_id="swap", response_a="Water it.", response_b="Never water it.", annotator_id="r1")),
-        _line(row(4, pair_id="swap", response_a="Never water it.", response_b="Water it.", label="b",
+        _line(row(3, pair_id="swap", prompt=p1, response_a="Blue, yes.", response_b="Green.", annotator_id="r1")),
+        _line(row(4, pair_id="swap", prompt=p1, response_a="Green.", response_b="Blue, yes.", label="b",
                   shown_first="b", annotator_id="r2")),
     ]
     return _write_lines(d / "pair_id_conflict.jsonl", lines)
