@@ -99,6 +99,60 @@ def test_a_key_repeated_only_inside_a_text_is_no_duplicate(tmp_path):
     assert loads_json(text) == {"a": 'x": 1, "a": 2', "b": {"a": 1}, "c": [{"a": 1}, {"a": 2}]}
 
 
+def _json_text(value, draw) -> str:
+    """``value`` as JSON text written the many ways JSON allows: blanks around colons and
+    commas, characters written as \\u escapes (quotes and colons too), and sometimes a key
+    written twice (``{"k": 1, "k": 2}``)."""
+    import hypothesis.strategies as st
+
+    blank = lambda: draw(st.sampled_from(["", "", " ", "\t", "  \r"]))  # noqa: E731
+
+    def string(t: str) -> str:
+        out = []
+        for ch in t:
+            how = draw(st.integers(0, 3)) if ch in '":' else 0
+            out.append(f"\\u{ord(ch):04x}" if how == 1 else '\\"' if ch == '"' else json.dumps(ch)[1:-1])
+        return '"' + "".join(out) + '"'
+
+    if isinstance(value, dict):
+        items = list(value.items())
+        if items and draw(st.booleans()):
+            items.insert(draw(st.integers(0, len(items))), draw(st.sampled_from(items)))  # a repeated key
+        return "{" + ",".join(f"{blank()}{string(k)}{blank()}:{blank()}{_json_text(v, draw)}" for k, v in items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(blank() + _json_text(v, draw) for v in value) + "]"
+    return string(value) if isinstance(value, str) else json.dumps(value)
+
+
+def test_loads_json_refuses_exactly_the_texts_that_repeat_a_key():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from pipeline.readers import JSONValueError, loads_json
+
+    keys = st.text(alphabet='ab":\\ ', min_size=0, max_size=3)
+    values = st.recursive(st.none() | st.integers(-5, 5) | st.text(alphabet='xy":\\ ', max_size=4),
+                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=4), max_leaves=12)
+
+    def repeats(text: str) -> bool:  # reference: Python's parser sees every pair
+        seen = []
+        json.loads(text, object_pairs_hook=lambda kv: seen.append(len(kv) != len(dict(kv))) or dict(kv))
+        return any(seen)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.dictionaries(keys, values, min_size=1, max_size=4), st.data())
+    def check(value, data):
+        text = _json_text(value, data.draw)
+        try:
+            got = loads_json(text.encode())
+        except JSONValueError:
+            assert repeats(text)
+        else:
+            assert not repeats(text) and got == json.loads(text)
+
+    check()
+
+
 @pytest.mark.parametrize("builder", ["bom_jsonl", "bom_csv"])
 def test_utf8_bom_before_line_1_is_accepted(tmp_path, builder):
     path = corpus.build(builder, tmp_path)
