@@ -80,9 +80,9 @@ def test_duplicate_json_keys_quarantine_the_row_naming_the_key(tmp_path, monkeyp
     code, data = validate_json(path)
     assert code == 1 and data["ledger"]["rows_valid"] == 2
     errs = {e["line"]: e for e in data["errors"]}
-    assert set(errs) == {2, 3} and {e["reason"] for e in errs.values()} == {"invalid_json"}
+    assert set(errs) == {2, 3, 5} and {e["reason"] for e in errs.values()} == {"invalid_json"}
     assert "key 'label' twice" in errs[2]["error"] and "line 2" in errs[2]["error"]
-    assert "key 'text' twice" in errs[3]["error"]
+    assert "key 'text' twice" in errs[3]["error"] and "key 'label' twice" in errs[5]["error"]
 
 
 def test_duplicate_json_keys_in_an_adapted_format(tmp_path):
@@ -234,6 +234,19 @@ def test_formats_without_a_judge_are_unknown_never_human(tmp_path):
     assert agreement["human"]["n_ratings"] == 0 and agreement["ai"]["n_ratings"] == 0
     code, _, m_ai = curate(tmp_path / "store", path, "--annotator-kind", "ai")
     assert code == 0 and set(dpo_rows(tmp_path / "store", m_ai)["annotator_kind"]) == {"ai"}
+
+
+def test_agreement_never_counts_unknown_judges_as_human():
+    from pipeline.checks import agreement
+    from pipeline.ingest import judgments_from_records
+
+    rows = [corpus.row(10 * p + k, prompt=f"Question {p}?", response_a=f"Answer {p}.", response_b=f"No answer {p}.",
+                       annotator_id=f"judge-{k}", annotator_kind=kind, label="ab"[(p + (k == 2)) % 2])
+            for p in range(6) for k, kind in enumerate(["unknown", "unknown", "human"])]
+    metrics = agreement.run(judgments_from_records(rows)).metrics
+    assert metrics["human"]["n_pairs"] == 0 and metrics["ai"]["n_pairs"] == 0  # one human rating per pair: nothing to agree with
+    assert metrics["unknown"]["n_pairs"] == 6 and metrics["unknown"]["krippendorff_alpha"] == 1.0
+    assert metrics["all"]["n_pairs"] == 6
 
 
 def test_unknown_and_ai_judges_of_one_pair_make_it_mixed():

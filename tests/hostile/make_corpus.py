@@ -66,10 +66,12 @@ def _csv_values(r: dict) -> list[str]:
 # ---------------------------------------------------------------- 1. input is never silently changed
 def duplicate_keys_jsonl(d: Path) -> Path:
     """Line 2 says ``label`` twice ("a" then "b"); line 3 has ``text`` twice inside
-    ``response_a``.  Both lines: quarantined ``invalid_json`` naming the key; lines 1, 4 valid."""
+    ``response_a``; line 5 writes the second ``label`` with an escape (``"l\\u0061bel"``).
+    These lines: quarantined ``invalid_json`` naming the key; lines 1, 4 valid."""
     dup_top = _line(row(1))[:-1] + ', "label": "b"}'
     dup_nested = _line(row(2)).replace('"text": ', '"text": "first", "text": ', 1)
-    return _write_lines(d / "duplicate_keys.jsonl", [_line(row(0)), dup_top, dup_nested, _line(row(3))])
+    dup_escaped = _line(row(4))[:-1] + ', "l\\u0061bel": "b"}'
+    return _write_lines(d / "duplicate_keys.jsonl", [_line(row(0)), dup_top, dup_nested, _line(row(3)), dup_escaped])
 
 
 def duplicate_keys_trl_jsonl(d: Path) -> Path:
