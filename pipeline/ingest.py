@@ -135,10 +135,13 @@ class IngestResult:
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (the content key of a source)."""
+    """sha256 of a file's bytes (the content key of a source); :class:`UnreadableFile` if it cannot be read."""
     from pipeline.store import sha256_file
 
-    return sha256_file(path)
+    try:
+        return sha256_file(path)
+    except OSError as err:
+        raise UnreadableFile(path, f"cannot read: {err.strerror or err}") from err
 
 
 # ---------------------------------------------------------------- extraction (one Python pass)
