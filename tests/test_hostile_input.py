@@ -221,6 +221,21 @@ def test_pair_id_conflict_across_files_and_across_versions(tmp_path):
     assert sorted(_conflict_flags(store, child)["subject_id"]) == ["h-0010", "h-0011"]
 
 
+def test_a_pair_id_conflict_is_the_reason_a_judgment_is_dropped_for_whatever_else_flags_it():
+    from pipeline.select import filter_judgments
+    from schemas.check import make_flags
+    from schemas.policy import SelectConfig
+
+    judgments = pl.DataFrame({"comparison_id": ["c1", "c2", "c3"], "annotator_id": ["r", "r", "s"], "pair_id": ["p", "p", "q"]})
+    flags = pl.concat([
+        make_flags(["c1", "c2"], subject_kind="judgment", check="duplicates", reason="exact_duplicate"),
+        make_flags(["c1"], subject_kind="judgment", check="pair_id_conflict", reason="pair_id_conflict"),
+    ])
+    sel = filter_judgments(judgments, flags, SelectConfig())
+    assert sel.dropped_by_reason == {"exact_duplicate": 1, "pair_id_conflict": 1}
+    assert sel.kept["comparison_id"].to_list() == ["c3"]
+
+
 # ---------------------------------------------------------------- 2. unknown judges are unknown
 def test_formats_without_a_judge_are_unknown_never_human(tmp_path):
     path = corpus.build("trl_without_annotator_jsonl", tmp_path)
