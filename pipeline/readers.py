@@ -625,17 +625,20 @@ def lines_array(block: LineBlock) -> Any:
     return pa.Array.from_buffers(pa.large_binary(), len(block.ends), [None, pa.py_buffer(offsets), pa.py_buffer(block.data)])
 
 
-# Arrow infers a type for every unknown field; a value nested d levels deep costs it ~0.1 us per
-# row of the block per level (1,000 levels in a block of 100k rows: 10 s) and ~15,000 levels
-# overflow its stack (a crash, not an error).  A line that could nest that deep goes the
-# per-row way, where orjson refuses more than 1,024 levels and ``loads_json`` more than
-# MAX_JSON_DEPTH: only lines longer than DEEP_CHECK_BYTES can, so only they are counted.
+# Arrow infers a type for every unknown field; an array nested d levels deep costs it ~0.1 us per
+# row of the block per level (1,000 levels in a block of 100k rows: 10 s; objects cost far less)
+# and ~15,000 levels of either overflow its stack (a crash, not an error).  A line that could
+# nest that deep goes the per-row way, where orjson refuses more than 1,024 levels and
+# ``loads_json`` more than MAX_JSON_DEPTH.  Only a line longer than DEEP_CHECK_BYTES can hold
+# that many '[', so only such lines are counted (one pass over them); '{' (at least 4 bytes a
+# level: '{"":') only in lines longer than DEEP_OBJECT_CHECK_BYTES.
 DEEP_CHECK_BYTES = 2048
+DEEP_OBJECT_CHECK_BYTES = 32 << 10
 _MAX_OPENERS = MAX_JSON_DEPTH + 2  # the row's own object and one level of slack
 
 
 def candidate_lines(block: LineBlock, starts: np.ndarray) -> np.ndarray:
-    """Lines that start with '{' and end with '}' (optionally '\\r'), and cannot nest deeper
+    """Lines that start with '{' and end with '}' (optionally '\\r') and cannot nest deeper
     than Arrow's parse handles well (above).
 
     Only such lines go to Arrow: then one row can never span two lines (a value ending in '}'
@@ -651,7 +654,7 @@ def candidate_lines(block: LineBlock, starts: np.ndarray) -> np.ndarray:
     if len(long):
         count = block.data.count
         for i, a, b in zip(long.tolist(), starts[long].tolist(), ends[long].tolist(), strict=True):
-            if count(b"[", a, b) + count(b"{", a, b) > _MAX_OPENERS:
+            if count(b"[", a, b) > _MAX_OPENERS or (b - a > DEEP_OBJECT_CHECK_BYTES and count(b"{", a, b) > _MAX_OPENERS):
                 cand[i] = False
     return cand
 
