@@ -416,6 +416,25 @@ def _open_parquet(path: Path):
     return pf
 
 
+def _parquet_row_not_utf8(one: Any, row: int) -> RawRow:
+    """A one-row batch whose strings do not all decode: the row to quarantine (``raw`` with
+    U+FFFD for the bad bytes), naming the first column at fault."""
+    import pyarrow as pa
+
+    raw: dict[str, Any] = {}
+    bad: list[str] = []
+    for name, col in zip(one.schema.names, one.columns, strict=True):
+        try:
+            raw[name] = col.to_pylist()[0]
+        except UnicodeDecodeError:
+            bad.append(name)
+            binary = col.view(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()) \
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) else None
+            raw[name] = binary.to_pylist()[0].decode("utf-8", "replace") if binary is not None else "<not UTF-8>"
+    return RawRow(row, json.dumps(raw, ensure_ascii=False, default=str), None,
+                  f"expected UTF-8 text, found invalid UTF-8 in column {bad[0]!r}")
+
+
 def _parquet_rows(pf, batch_rows: int, path: Path) -> Iterator[list[RawRow]]:
     import pyarrow as pa
 
@@ -424,16 +443,24 @@ def _parquet_rows(pf, batch_rows: int, path: Path) -> Iterator[list[RawRow]]:
     while True:
         try:
             rb = next(batches, None)
-            objs = rb.to_pylist() if rb is not None else None
         except (OSError, pa.ArrowException) as err:  # a damaged page or column chunk
             why = " ".join(str(err).split())
             raise UnreadableFile(path, f"damaged Parquet data (reading rows from {row + 1:,} on): {why}") from err
-        if objs is None:
+        if rb is None:
             return
+        try:
+            objs = rb.to_pylist()
+        except UnicodeDecodeError:  # Parquet does not check that strings are UTF-8: find the rows
+            objs = []
+            for i in range(rb.num_rows):
+                try:
+                    objs.append(rb.slice(i, 1).to_pylist()[0])
+                except UnicodeDecodeError:
+                    objs.append(_parquet_row_not_utf8(rb.slice(i, 1), row + i + 1))
         out = []
         for obj in objs:
             row += 1
-            out.append(RawRow(row, json.dumps(obj, ensure_ascii=False, default=str), obj))
+            out.append(obj if isinstance(obj, RawRow) else RawRow(row, json.dumps(obj, ensure_ascii=False, default=str), obj))
         yield out
 
 

@@ -300,6 +300,14 @@ def test_parquet_extra_columns_of_binary_decimal_duration_are_carried_as_text(tm
     assert extra[2] == {"blob": None, "price": None, "took": None}
 
 
+def test_parquet_strings_that_are_not_utf8_quarantine_the_row(tmp_path):
+    path = corpus.build("parquet_not_utf8", tmp_path)
+    code, data = validate_json(path)
+    assert code == 1 and data["ledger"]["rows_valid"] == 2
+    [e] = data["errors"]
+    assert (e["line"], e["reason"]) == (2, "invalid_json") and "invalid UTF-8 in column 'response_b'" in e["error"]
+
+
 def test_csv_cell_nested_thousands_deep_is_quarantined(tmp_path):
     path = corpus.build("deep_csv", tmp_path)
     code, data = validate_json(path)

@@ -224,6 +224,20 @@ def parquet_extra_types(d: Path) -> Path:
     return p
 
 
+def parquet_not_utf8(d: Path) -> Path:
+    """Row 2's ``response_b`` string holds bytes that are not UTF-8 (Parquet does not check):
+    row 2 quarantined, rows 1 and 3 valid."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = _parquet_table(3)
+    bad = pa.array([b"Plants need no water.", b"Plants do \xff\xfenot", b"Never."], type=pa.binary()).view(pa.string())
+    t = t.set_column(t.schema.get_field_index("response_b"), "response_b", bad)
+    p = d / "not_utf8.parquet"
+    pq.write_table(t, p)
+    return p
+
+
 def deep_csv(d: Path, depth: int = 5000) -> Path:
     """Row 1's ``prompt`` cell is a list nested ``depth`` deep: quarantined; row 2 valid."""
     deep = _csv_values(row(0))
@@ -264,7 +278,7 @@ BUILDERS: dict[str, Callable[[Path], object]] = {
     f.__name__: f for f in (
         duplicate_keys_jsonl, duplicate_keys_trl_jsonl, bom_jsonl, bom_csv, bad_bytes_csv, duplicate_header_csv,
         pair_id_conflict_jsonl, pair_id_conflict_files, trl_without_annotator_jsonl, corrupt_gzip, truncated_gzip,
-        gzip_bomb, long_line_jsonl, corrupt_parquet_page, parquet_extra_types, deep_csv, deep_jsonl, long_field_csv,
+        gzip_bomb, long_line_jsonl, corrupt_parquet_page, parquet_extra_types, parquet_not_utf8, deep_csv, deep_jsonl, long_field_csv,
         latin1_policy,
     )
 }
