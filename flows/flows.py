@@ -154,12 +154,12 @@ def certify_version(store: str, version: str, policy_path: str | None = None, ru
 def train_on_version(store: str, version: str, model: str = "tiny-llama", max_steps: int = 50,
                      extra: dict[str, Any] | None = None) -> str:
     """Refuses uncertified or tampered versions (raises); returns the run directory."""
-    from pipeline.certify import is_certified
+    from pipeline.store import NotCertified
 
-    h = Store(store).resolve(version)
-    ok, why = is_certified(h)
-    if not ok:
-        raise RuntimeError(f"refusing to train: {why}")
+    try:
+        h = Store(store).open_certified(version)
+    except NotCertified as err:
+        raise RuntimeError(f"refusing to train ({err.link} link broken): {err}") from None
     from trainer.train import train_version  # the trainer's public entry
 
     run_dir = train_version(Store(store), h.version_id, model=model, max_steps=max_steps, **(extra or {}))

@@ -26,7 +26,7 @@ from pipeline.checks import CHECK_MODULES, all_flags, run_checks
 from pipeline.checks.near_duplicates import save_index
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from pipeline.split import SPLITS, assign_splits, leakage
-from pipeline.store import Store, VersionHandle, write_parquet
+from pipeline.store import Store, VersionHandle, file_info, write_parquet
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo
 from schemas.policy import Policy
@@ -155,6 +155,14 @@ def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple
     return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
 
 
+def _parent_index(parent: VersionHandle | None) -> Path | None:
+    """The parent's persisted MinHash index, verified against its manifest (None: start a fresh one)."""
+    if parent is None:
+        return None
+    rel = next((r for r in parent.manifest().files if r.startswith("prompt_index")), None)
+    return parent.verified_path(rel) if rel else None
+
+
 def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> pl.DataFrame:
     """A version's quarantine holds every quarantined row its ledger counts: the parent's, then the new ones."""
     if parent is None:
@@ -179,7 +187,7 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
 
     n_judgments = judgments.height
     extra: dict[str, dict[str, Any]] = {}
-    index_path = parent.file("prompt_index") if parent else None
+    index_path = _parent_index(parent)
     if index_path is not None:
         extra["near_duplicates"] = {"index_path": index_path}
     # judgments.parquet is written on a second thread while the checks run (Polars releases
@@ -231,7 +239,7 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
         files[name] = _rel(write_parquet(frame, stage / name), stage)
     # the MinHash index of every prompt so far: a child version starts from it without re-hashing
     for rel in save_index(results["near_duplicates"], stage / "prompt_index"):
-        files[rel] = SplitInfo(path=rel, rows=0, sha256=_sha(stage / rel))
+        files[rel] = file_info(stage / rel, rel)
     t = timer.lap("write", t)
 
     checks = [r.manifest_entry() for r in results.values()]
@@ -276,19 +284,13 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=psel.pairs.with_columns(flag_reasons=psel.pairs["_reasons"]),
                           flags=flags, annotators=annotators, routed=psel.routed, quarantine=quarantine, results=results)
     for path in write_report(inputs, stage):
-        manifest.files[path.name] = SplitInfo(path=path.name, rows=0, sha256=_sha(path))
+        manifest.files[path.name] = file_info(path, path.name)
     timer.lap("report", t)
     return manifest
 
 
-def _sha(p: Path) -> str:
-    from pipeline.store import sha256_file
-
-    return sha256_file(p)
-
-
 def _rel(info: SplitInfo, stage: Path) -> SplitInfo:
-    return SplitInfo(path=str(Path(info.path).relative_to(stage)), rows=info.rows, sha256=info.sha256)
+    return info.model_copy(update={"path": str(Path(info.path).relative_to(stage))})
 
 
 def _split_check(leaks: dict[str, int], sizes: dict[str, int]) -> dict[str, Any]:

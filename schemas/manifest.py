@@ -54,6 +54,7 @@ class SplitInfo(BaseModel):
     path: str
     rows: int
     sha256: str
+    bytes: int | None = Field(None, description="file size (a cheap first check before hashing; absent in old manifests)")
 
 
 class Ledger(BaseModel):
@@ -107,6 +108,10 @@ class GateResult(BaseModel):
 
 
 class Certification(BaseModel):
+    """One certification record.  It binds the version's content: ``manifest_sha256`` is the
+    sha256 of the exact ``manifest.json`` bytes that were evaluated (the manifest holds every
+    file's sha256), so a record counts only for that content (``pipeline.store.verify_chain``)."""
+
     version_id: str
     verdict: Literal["certified", "rejected"]
     gates: list[GateResult]
@@ -114,3 +119,5 @@ class Certification(BaseModel):
     policy: dict[str, Any]
     certified_at: datetime
     code_version: str
+    manifest_sha256: str | None = Field(None, description="sha256 of the certified manifest.json bytes")
+    opt_outs: list[str] = Field(default_factory=list, description="gates the policy explicitly opted out of")
