@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
-from flows.console import err_console, out_console, progress_for
+from flows.console import err_console, json_text, markup, out_console, plain, progress_for
 
 app = typer.Typer(
     name="prefpipe",
@@ -41,7 +42,7 @@ PolicyOpt = Annotated[Path | None, typer.Option("--policy", "-p", help="Policy f
 
 
 def _fail_usage(message: str) -> None:
-    err_console().print(f"[bold red]error:[/] {message}")
+    err_console().print(markup("[bold red]error:[/] {message}", message=plain(message, multiline=True)))
     raise typer.Exit(EXIT_USAGE)
 
 
@@ -85,14 +86,15 @@ def validate(
             "sources": [s.model_dump() for s in result.sources],
             "errors": q.select("source_file", "line", "reason", "field", "error").head(max_errors).to_dicts(),
         }
-        print(json.dumps(payload, ensure_ascii=False, indent=2))
+        print(json_text(payload, indent=2))
     else:
         _print_ledger(result)
         if q.height:
             con = out_console()
-            con.print(f"\n[bold]First {min(max_errors, q.height)} of {q.height} quarantined rows:[/]")
+            con.print(markup("\n[bold]First {shown} of {total} quarantined rows:[/]", shown=min(max_errors, q.height), total=q.height))
             for r in q.head(max_errors).iter_rows(named=True):
-                con.print(f"  {r['source_file']}:{r['line']}  [yellow]{r['reason']}[/]  {r['error']}", highlight=False, soft_wrap=True)
+                con.print(markup("  {file}:{line}  [yellow]{reason}[/]  {error}", file=r["source_file"], line=r["line"],
+                                 reason=r["reason"], error=r["error"]), soft_wrap=True)
     raise typer.Exit(EXIT_QUARANTINE if result.ledger.quarantined else EXIT_OK)
 
 
@@ -104,9 +106,9 @@ def _print_ledger(result) -> None:
     for col in ("file", "format", "rows in", "valid", "quarantined", "judgments"):
         t.add_column(col, justify="left" if col in ("file", "format") else "right")
     for s in result.sources:
-        t.add_row(s.path, s.format, f"{s.rows_in:,}", f"{s.rows_valid:,}", f"{s.quarantined:,}", f"{s.judgments:,}")
+        t.add_row(plain(s.path), plain(s.format), f"{s.rows_in:,}", f"{s.rows_valid:,}", f"{s.quarantined:,}", f"{s.judgments:,}")
     led = result.ledger
-    t.add_row("[bold]total[/]", "", f"{led.rows_in:,}", f"{led.rows_valid:,}", f"{led.quarantined:,}", f"{led.judgments:,}")
+    t.add_row(plain("total", style="bold"), "", f"{led.rows_in:,}", f"{led.rows_valid:,}", f"{led.quarantined:,}", f"{led.judgments:,}")
     con.print(t)
     con.print(f"rows in {led.rows_in:,} = valid {led.rows_valid:,} + quarantined {led.quarantined:,}"
               + (f"  (quarantined by reason: {led.quarantined_by_reason})" if led.quarantined else ""), highlight=False)
@@ -197,7 +199,8 @@ def _print_version_summary(m) -> None:
               f" + dropped {sum(led.dropped.values()):,} {led.dropped or ''}")
     con.print("splits: " + ", ".join(f"{k} {v.rows:,}" for k, v in m.splits.items()))
     status_style = {"pass": "green", "warn": "yellow", "fail": "red"}
-    con.print("checks: " + "  ".join(f"[{status_style.get(c['status'], 'white')}]{c['name']}={c['status']}[/]" for c in m.checks))
+    con.print(Text("checks: ") + Text("  ").join(plain(f"{c['name']}={c['status']}", style=status_style.get(c["status"], "white"))
+                                              for c in m.checks))
 
 
 @app.command()
@@ -226,13 +229,13 @@ def certify(
     else:
         con = out_console()
         for g in cert.gates:
-            mark = "[green]PASS[/]" if g.passed else "[red]FAIL[/]"
-            con.print(f"  {mark} {g.name:34s} value {g.value!s:<12} threshold {g.threshold!s:<14} {g.detail}")
+            mark = plain("PASS", style="green") if g.passed else plain("FAIL", style="red")
+            con.print(markup("  {mark} {g.name:34s} value {g.value!s:<12} threshold {g.threshold!s:<14} {g.detail}", mark=mark, g=g))
         failing = [g.name for g in cert.gates if not g.passed]
         if failing:
-            con.print(f"[bold red]REJECTED[/] {h.version_id}: failing gates: {', '.join(failing)}")
+            con.print(markup("[bold red]REJECTED[/] {vid}: failing gates: {gates}", vid=h.version_id, gates=", ".join(failing)))
         else:
-            con.print(f"[bold green]CERTIFIED[/] {h.version_id}")
+            con.print(markup("[bold green]CERTIFIED[/] {vid}", vid=h.version_id))
         con.print(f"record: {st.certification_path(h.version_id)}")
     raise typer.Exit(EXIT_OK if cert.verdict == "certified" else EXIT_REJECTED)
 
@@ -273,11 +276,13 @@ def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix,
         print(json.dumps({**m.model_dump(mode="json"), "certification": h.certification(), "path": str(h.path)}, indent=2))
         return
     con = out_console()
-    con.print(f"[bold]{m.version_id}[/]  created {m.created_at:%Y-%m-%d %H:%M:%S}Z  parent {m.parent_version or '-'}  code {m.code_version}")
+    con.print(markup("[bold]{m.version_id}[/]  created {m.created_at:%Y-%m-%d %H:%M:%S}Z  parent {parent}  code {m.code_version}",
+                     m=m, parent=m.parent_version or "-"))
     con.print(f"path: {h.path}")
     _print_version_summary(m)
     for c in m.checks:
-        con.print(f"  {c['name']:16s} {c['status']:5s} {c.get('summary', '')}  {c.get('flag_counts') or ''}")
+        con.print(markup("  {name:16s} {status:5s} {summary}  {flags}", name=c["name"], status=c["status"],
+                         summary=c.get("summary", ""), flags=c.get("flag_counts") or ""))
     cert = h.certification()
     con.print(f"certification: {'none yet' if cert is None else cert['verdict']}")
 
@@ -300,9 +305,9 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
     if d["label_flip_pair_ids"]:
         shown = d["label_flip_pair_ids"][:10]
         more = len(d["label_flip_pair_ids"]) - len(shown)
-        con.print("label flipped: " + ", ".join(shown) + (f" (+{more} more)" if more else ""))
+        con.print(markup("label flipped: {ids}{more}", ids=", ".join(shown), more=f" (+{more} more)" if more else ""))
     for k, (x, y) in d["metrics"].items():
-        con.print(f"  {k:40s} {x!s:>12} -> {y!s:<12}")
+        con.print(markup("  {k:40s} {x!s:>12} -> {y!s:<12}", k=k, x=x, y=y))
 
 
 @app.command()
@@ -335,7 +340,7 @@ def serve(
         try:
             outcomes = process_inbox(**params)
         except Exception as err:  # the flow run failed visibly; say why and exit non-zero
-            err_console().print(f"[bold red]inbox run failed:[/] {err}")
+            err_console().print(markup("[bold red]inbox run failed:[/] {err}", err=plain(err, multiline=True)))
             raise typer.Exit(1) from None
         for o in outcomes:
             out_console().print(o)

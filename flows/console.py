@@ -1,23 +1,102 @@
-"""Console helpers for the CLI: stdout for results, stderr for progress and errors."""
+"""Console helpers for the CLI: stdout for results, stderr for progress and errors.
+
+User text (ids, labels, tags, file names, check details) never reaches the terminal as Rich
+markup or as raw control characters:
+
+* the two consoles interpret no markup and no ``:emoji:`` codes in the strings they print,
+  and show control characters other than newline and tab as escapes (``\\x1b``), so a plain
+  f-string with user text in it prints literally;
+* styling is written only in literal templates: ``markup("[red]error:[/] {msg}", msg=err)``
+  escapes every value (markup, control characters, line breaks) and returns a ``Text``;
+* ``plain(value)`` is one value as ``Text`` (table cells, pieces with a style).
+"""
 from __future__ import annotations
 
+import json
+import string
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import Any, LiteralString
 
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+from pipeline.escape import CONTROL_CHARS, visible_controls
+
+
+class SafeConsole(Console):
+    """A Console that shows the control characters of any string it renders (print, table cells,
+    titles) as escapes; newline and tab keep their meaning (they are layout in our templates)."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(visible_controls(text, keep="\n\t"), **kwargs)
+
+
+def _console(**kwargs: Any) -> Console:
+    return SafeConsole(markup=False, emoji=False, highlight=False, **kwargs)
 
 
 @cache
 def out_console() -> Console:
     # wide when piped (logs, CI) so paths and messages are not cut
-    return Console(soft_wrap=False, highlight=False, width=None if sys.stdout.isatty() else 160)
+    return _console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 
 
 @cache
 def err_console() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return _console(stderr=True, soft_wrap=True)
+
+
+class _EscapingFormatter(string.Formatter):
+    """``str.format`` whose every replacement field is escaped for Rich markup.
+
+    The value is formatted first (so ``{name:30s}`` pads the visible text), then its control
+    characters are written as escapes and its markup escaped.  A ``Text`` value is inserted
+    with its own style (e.g. ``plain("FAIL", style="red")``) and takes no format spec.
+    """
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if isinstance(value, Text):
+            if format_spec:
+                raise ValueError(f"a Text value takes no format spec (got {format_spec!r})")
+            return visible_controls(value.markup, keep="\n\t")
+        return escape(visible_controls(format(value, format_spec)))
+
+
+_FORMATTER = _EscapingFormatter()
+
+
+def markup(template: LiteralString, /, **values: Any) -> Text:
+    """Rich text from a literal markup ``template`` and values that are shown as they are.
+
+    ``markup("[bold red]REJECTED[/] {vid}: {gates}", vid=..., gates=...)``: only the template's
+    own tags style the output; ``[/x]``, ``[link=...]``, ANSI sequences or a line break in a
+    value are printed as visible text.
+    """
+    return Text.from_markup(_FORMATTER.vformat(template, (), values), emoji=False)
+
+
+def plain(value: object, *, style: str = "", multiline: bool = False) -> Text:
+    """One value as literal ``Text``: control characters and line breaks as escapes.
+
+    ``multiline``: for a message our code composed over several lines around user values (a
+    policy error listing keys): line breaks are kept, and every line after the first is
+    indented, so no part of it can pass for a line of its own (a forged "CERTIFIED")."""
+    text = str(value)
+    if multiline:
+        return Text("\n  ".join(visible_controls(line) for line in text.split("\n")), style=style)
+    return Text(visible_controls(text), style=style)
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for a terminal: non-ASCII text stays readable (as with ``ensure_ascii=False``),
+    but DEL, C1 controls, line separators and bidi overrides become ``\\uXXXX`` escapes.  Same
+    data, valid JSON: json already escapes C0 in strings, so a raw newline is layout (``indent``)."""
+    dumped = json.dumps(obj, ensure_ascii=False, **kwargs)
+    return CONTROL_CHARS.sub(lambda m: m[0] if m[0] == "\n" else f"\\u{ord(m[0]):04x}", dumped)
 
 
 @contextmanager
