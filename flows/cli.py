@@ -41,8 +41,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", "-p", help="Policy file (.toml/.yaml); default: built-in defaults.")]
 
 
-def _fail_usage(message: str) -> None:
-    err_console().print(markup("[bold red]error:[/] {message}", message=plain(message, multiline=True)))
+def _fail_usage(message: str, *, multiline: bool = False) -> None:
+    """Print ``error: message`` (shown literally; a line break in it as ``\\n`` unless ``multiline``:
+    a message our code lays out over several lines) and exit 2."""
+    err_console().print(markup("[bold red]error:[/] {message}", message=plain(message, multiline=multiline)))
     raise typer.Exit(EXIT_USAGE)
 
 
@@ -125,7 +127,7 @@ def _load_policy_or_exit(policy: Path | None):
     try:
         return load_policy(policy)
     except PolicyError as err:
-        _fail_usage(str(err))
+        _fail_usage(str(err), multiline=True)
 
 
 def _open_store(store: Path, *, must_exist: bool = True):
@@ -340,7 +342,7 @@ def serve(
         try:
             outcomes = process_inbox(**params)
         except Exception as err:  # the flow run failed visibly; say why and exit non-zero
-            err_console().print(markup("[bold red]inbox run failed:[/] {err}", err=plain(err, multiline=True)))
+            err_console().print(markup("[bold red]inbox run failed:[/] {err}", err=err))
             raise typer.Exit(1) from None
         for o in outcomes:
             out_console().print(o)
@@ -382,7 +384,7 @@ def policy_show(
     try:
         pol = load_policy(policy)
     except PolicyError as err:
-        _fail_usage(str(err))
+        _fail_usage(str(err), multiline=True)
     data = pol.model_dump(mode="json")
     if as_json:
         print(json.dumps({"policy_hash": pol.policy_hash(), "policy": data}, indent=2))

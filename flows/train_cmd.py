@@ -82,10 +82,10 @@ def train(
         try:
             result = run_training(cfg, on_event=progress.on_event)
         except VersionRefused as err:
-            con.print(markup("[bold red]refused:[/] {err}", err=plain(err, multiline=True)))
+            con.print(markup("[bold red]refused:[/] {err}", err=err))
             raise typer.Exit(EXIT_NOT_CERTIFIED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError) as err:
-            con.print(markup("[bold red]error:[/] {err}", err=plain(err, multiline=True)))
+            con.print(markup("[bold red]error:[/] {err}", err=err))
             raise typer.Exit(EXIT_USAGE) from None
     f = result.final
     con.print(f"trained {f['step']} steps, {f['tokens_seen']:,} tokens at {f['tokens_per_s']:.0f} tokens/s, "
