@@ -149,9 +149,16 @@ def test_curate_versions_show_diff_certify(hostile_store):
 @pytest.mark.parametrize("args", [["validate", f"missing{CLOSE}{ANSI}{HEADING}.jsonl"], ["show", f"v{CLOSE}{ANSI}", "--store"],
                                   ["diff", f"v{CLOSE}", f"{LINK}", "--store"]])
 def test_usage_errors_name_the_value_literally(hostile_store, args):
+    """In-process (CliRunner, output not a terminal): the error message names the bad value as it is."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
     if args[-1] == "--store":
         args = [*args, str(hostile_store["store"])]
-    out = assert_inert_terminal_output(run_cli(*args), 2)
+    res = CliRunner().invoke(app, args)
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    out = assert_inert_terminal_output(subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr), 2)
     assert CLOSE in out and "error:" in out, out
 
 
