@@ -7,12 +7,14 @@ markup or as raw control characters:
   and show control characters other than newline and tab as escapes (``\\x1b``), so a plain
   f-string with user text in it prints literally;
 * styling is written only in literal templates: ``markup("[red]error:[/] {msg}", msg=err)``
-  escapes every value (markup, control characters, line breaks) and returns a ``Text``;
+  returns a ``Text`` in which every value is literal text (never parsed as markup; control
+  characters and line breaks shown as escapes);
 * ``plain(value)`` is one value as ``Text`` (table cells, pieces with a style).
 """
 from __future__ import annotations
 
 import json
+import re
 import string
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +23,6 @@ from functools import cache
 from typing import Any, LiteralString
 
 from rich.console import Console
-from rich.markup import escape
 from rich.text import Text
 
 from pipeline.escape import CONTROL_CHARS, visible_controls
@@ -50,33 +51,51 @@ def err_console() -> Console:
     return _console(stderr=True, soft_wrap=True)
 
 
-class _EscapingFormatter(string.Formatter):
-    """``str.format`` whose every replacement field is escaped for Rich markup.
+_FIELD = re.compile("\ue000(\\d+)\ue001")  # private-use marks: never in our literal templates
 
-    The value is formatted first (so ``{name:30s}`` pads the visible text), then its control
-    characters are written as escapes and its markup escaped.  A ``Text`` value is inserted
-    with its own style (e.g. ``plain("FAIL", style="red")``) and takes no format spec.
-    """
+
+class _FieldCollector(string.Formatter):
+    """``str.format`` that sets each formatted value aside as ``Text`` and leaves a numbered mark
+    in its place, so the template can be parsed as markup without the values being parsed too."""
+
+    def __init__(self) -> None:
+        self.values: list[Text] = []
 
     def format_field(self, value: Any, format_spec: str) -> str:
-        if isinstance(value, Text):
+        if isinstance(value, Text):  # a styled piece, e.g. plain("FAIL", style="red")
             if format_spec:
                 raise ValueError(f"a Text value takes no format spec (got {format_spec!r})")
-            return visible_controls(value.markup, keep="\n\t")
-        return escape(visible_controls(format(value, format_spec)))
-
-
-_FORMATTER = _EscapingFormatter()
+            piece = value.copy()
+            piece.plain = visible_controls(piece.plain, keep="\n\t")
+        else:  # formatted first, so that {name:30s} pads the visible text
+            piece = Text(visible_controls(format(value, format_spec)))
+        self.values.append(piece)
+        return f"\ue000{len(self.values) - 1}\ue001"
 
 
 def markup(template: LiteralString, /, **values: Any) -> Text:
     """Rich text from a literal markup ``template`` and values that are shown as they are.
 
     ``markup("[bold red]REJECTED[/] {vid}: {gates}", vid=..., gates=...)``: only the template's
-    own tags style the output; ``[/x]``, ``[link=...]``, ANSI sequences or a line break in a
-    value are printed as visible text.
+    own tags style the output (a value takes the style around its field); ``[/x]``,
+    ``[link=...]``, backslashes, ANSI sequences or a line break in a value are shown as text.
+    Values are never parsed as markup: the template is parsed with marks in their place.
     """
-    return Text.from_markup(_FORMATTER.vformat(template, (), values), emoji=False)
+    fields = _FieldCollector()
+    styled = Text.from_markup(fields.vformat(template, (), values), emoji=False)
+    out, pos = Text(style=styled.style), 0
+    for m in _FIELD.finditer(styled.plain):
+        out.append_text(styled[pos:m.start()])
+        piece = fields.values[int(m[1])]
+        around = Text(piece.plain)
+        for span in styled[m.start():m.end()].spans:  # the template's styles at the field, under the value's own
+            around.stylize(span.style)
+        around.stylize(piece.style)
+        around.spans.extend(piece.spans)
+        out.append_text(around)
+        pos = m.end()
+    out.append_text(styled[pos:])
+    return out
 
 
 def plain(value: object, *, style: str = "", multiline: bool = False) -> Text:
