@@ -126,7 +126,7 @@ def progress_for(description: str, total: int | None, *, unit: str = "rows", ena
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                   TimeElapsedColumn(), console=err_console(), transient=True) as prog:
         task = prog.add_task(description, total=None)
         yield lambda n: prog.advance(task, n)
