@@ -9,7 +9,7 @@ from pipeline.store import SPLITS, VersionHandle
 
 
 def _kept(h: VersionHandle) -> pl.DataFrame:
-    frames = [pl.read_parquet(h.split_path(s)).select("pair_id", "chosen").with_columns(split=pl.lit(s)) for s in SPLITS]
+    frames = [h.read_split(s, columns=["pair_id", "chosen"]).with_columns(split=pl.lit(s)) for s in SPLITS]
     df = pl.concat(frames)
     return df.with_columns(chosen_text=pl.col("chosen").list.first().struct.field("content")).drop("chosen")
 
