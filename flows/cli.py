@@ -364,6 +364,13 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
         shown = d["label_flip_pair_ids"][:10]
         more = len(d["label_flip_pair_ids"]) - len(shown)
         con.print("label flipped: " + ", ".join(shown) + (f" (+{more} more)" if more else ""))
+    if d["split_moves"]:
+        con.print(f"split moves: {d['split_moves']} pairs", markup=False)
+        for key, n in d["split_moves_by"].items():
+            src, dst = key.split("->")
+            ids = [p for p in d["split_move_pair_ids"]][:5]
+            con.print(f"  {src} -> {dst}: {n}" + (" (held-out pairs now in train)" if dst == "train" else ""), markup=False)
+        con.print("  e.g. " + ", ".join(ids), markup=False)
     for k, (x, y) in d["metrics"].items():
         con.print(f"  {k:40s} {x!s:>12} -> {y!s:<12}")
 
