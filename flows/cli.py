@@ -3,9 +3,10 @@
 Exit codes (every command):
   0  success (validate: every row valid; certify: certified)
   1  validate: some rows were quarantined (the report says which)
-  2  bad usage, or an input file / policy that cannot be used as a whole (nothing written)
+  2  bad usage, or an input file / policy / store / id / key that cannot be used as a whole
+     (the message names the file and the reason; nothing written)
   3  certify: the version was rejected
-  4  train: the version is not certified or its files do not match the manifest
+  4  train: the version is not certified (certificate -> manifest -> files does not verify)
 """
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
     pairs and its alpha >= ``min_krippendorff_alpha``; pairs judged only by annotators of
     unknown kind cannot be measured.  ``require_agreement = false`` opts out (recorded)."""
     if not cfg.require_agreement:
-        return [_gate("agreement", None, "opted out", True, "certify.require_agreement = false: agreement was not "
+        return [_gate("agreement", None, "opted out", True, "opted out by the policy (certify.require_agreement = false): agreement was not "
                       "required by the policy (recorded in the certificate's opt_outs)")]
     from pipeline.overlap import COLUMNS, overlap_agreement, required_overlap
 
