@@ -3,9 +3,10 @@
 Exit codes (every command):
   0  success (validate: every row valid; certify: certified)
   1  validate: some rows were quarantined (the report says which)
-  2  bad usage, or an input file / policy that cannot be used as a whole (nothing written)
+  2  bad usage, or an input file / policy / store / id / key that cannot be used as a whole
+     (the message names the file and the reason; nothing written)
   3  certify: the version was rejected
-  4  train: the version is not certified or its files do not match the manifest
+  4  train: the version is not certified (certificate -> manifest -> files does not verify)
 """
 from __future__ import annotations
 
@@ -48,7 +49,43 @@ def _fail_usage(message: str, *, multiline: bool = False) -> None:
     raise typer.Exit(EXIT_USAGE)
 
 
-@app.command()
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.readers import UnreadableFile
+    from pipeline.signing import SigningConfigError
+    from pipeline.store import StoreError
+    from schemas.ids import UnsafeId
+    from schemas.policy import PolicyError
+
+    return StoreError, UnreadableFile, PolicyError, UnsafeId, SigningConfigError, OSError
+
+
+def guarded(fn):
+    """Run a command so that a broken store, an unreadable file, a bad id or key, or a failing
+    disk (full, read-only) ends in exit 2 with the file and the reason, never a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _known_errors() as err:
+            _fail_usage(_describe_error(err))
+
+    return run
+
+
+def _describe_error(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:  # disk full, read-only, permission: the file and the reason
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err)
+
+
+def command(*args, **kwargs):
+    """``@app.command()`` with :func:`guarded` applied."""
+    return lambda fn: app.command(*args, **kwargs)(guarded(fn))
+
+
+@command()
 def validate(
     files: FilesArg,
     fmt: FormatOpt = None,
@@ -147,7 +184,7 @@ def _resolve_or_exit(st, ref: str):
         _fail_usage(str(err))
 
 
-@app.command()
+@command()
 def curate(
     files: FilesArg,
     store: StoreOpt = Path("store"),
@@ -205,7 +242,7 @@ def _print_version_summary(m) -> None:
                                               for c in m.checks))
 
 
-@app.command()
+@command()
 def certify(
     version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
     store: StoreOpt = Path("store"),
@@ -242,19 +279,33 @@ def certify(
     raise typer.Exit(EXIT_OK if cert.verdict == "certified" else EXIT_REJECTED)
 
 
-@app.command()
-def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
-    """List versions: id, created, parent, pairs kept, certified?"""
+@command()
+def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
+             fast: Annotated[bool, typer.Option("--fast", help="Check certificate -> manifest only; do not hash the data files.")] = False) -> None:
+    """List versions: id, created, parent, pairs kept, certified?
+
+    "certified" means the whole chain holds: a certified record for this version whose manifest
+    sha256 (and signature, when signing is configured) verifies, and every file matching the
+    manifest.  Damaged versions are listed as DAMAGED."""
     from rich.table import Table
+
+    from pipeline.store import VersionHandle
 
     st = _open_store(store)
     rows = []
-    for vid in st.list_ids():
-        h = st.get(vid)
+    for e in st.list_versions():
+        if e.damaged:
+            rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
+                         "certified": False, "damaged": e.damaged, "trust": {"ok": False, "link": "manifest", "reason": e.damaged}})
+            continue
+        h = VersionHandle(st, e.version_id)
         m = h.manifest()
-        cert = h.certification()
-        rows.append({"version_id": vid, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
-                     "pairs_kept": m.ledger.pairs_kept, "certified": None if cert is None else cert["verdict"] == "certified"})
+        chain = h.verify_chain(files=not fast)
+        rows.append({"version_id": e.version_id, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
+                     "pairs_kept": m.ledger.pairs_kept, "damaged": None,
+                     # null: never certified; false: a record exists but the chain does not hold
+                     "certified": chain.ok if st.certification_path(e.version_id).exists() else None,
+                     "trust": {"ok": chain.ok, "link": chain.link, "reason": chain.reason}})
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -262,20 +313,30 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
     for col in ("version", "created", "parent", "pairs kept", "certified"):
         t.add_column(col)
     for r in rows:
-        cert = "-" if r["certified"] is None else ("yes" if r["certified"] else "rejected")
+        if r["damaged"]:
+            t.add_row(r["version_id"], "-", "-", "-", "DAMAGED")
+            continue
+        link = r["trust"]["link"]
+        cert = "yes" if r["certified"] else {"certificate": "-", "verdict": "rejected"}.get(link, f"no ({link} changed)")
         t.add_row(r["version_id"], r["created_at"], r["parent"] or "-", f"{r['pairs_kept']:,}", cert)
-    out_console().print(t)
+    out_console().print(t, markup=False)
+    for r in rows:
+        if r["damaged"] or (r["trust"]["link"] not in (None, "certificate", "verdict")):
+            err_console().print(markup("{vid}: {reason}", vid=r["version_id"], reason=r["trust"]["reason"]))
 
 
-@app.command()
+@command()
 def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
          store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
-    """Show a version: ledger, checks, splits, annotator summary, certification."""
+    """Show a version: ledger, checks, splits, annotator summary, certification (verified: certificate -> manifest -> files)."""
     st = _open_store(store)
     h = _resolve_or_exit(st, version)
     m = h.manifest()
+    chain = h.verify_chain()
+    trust = {"ok": chain.ok, "link": chain.link, "reason": chain.reason}
     if as_json:
-        print(json.dumps({**m.model_dump(mode="json"), "certification": h.certification(), "path": str(h.path)}, indent=2))
+        print(json.dumps({**m.model_dump(mode="json"), "certification": h.certification(), "trust": trust,
+                          "path": str(h.path)}, indent=2))
         return
     con = out_console()
     con.print(markup("[bold]{m.version_id}[/]  created {m.created_at:%Y-%m-%d %H:%M:%S}Z  parent {parent}  code {m.code_version}",
@@ -285,11 +346,12 @@ def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix,
     for c in m.checks:
         con.print(markup("  {name:16s} {status:5s} {summary}  {flags}", name=c["name"], status=c["status"],
                          summary=c.get("summary", ""), flags=c.get("flag_counts") or ""))
-    cert = h.certification()
-    con.print(f"certification: {'none yet' if cert is None else cert['verdict']}")
+    state = "CERTIFIED" if chain.ok else ("none yet" if chain.link == "certificate" and h.certification() is None
+                                          else f"NOT certified ({chain.link}): {chain.reason}")
+    con.print(markup("certification: {state}", state=state))
 
 
-@app.command()
+@command()
 def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[str, typer.Argument(help="Newer version.")],
          store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
     """Compare two versions: pairs added/removed, label flips, metric deltas."""
@@ -308,11 +370,18 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
         shown = d["label_flip_pair_ids"][:10]
         more = len(d["label_flip_pair_ids"]) - len(shown)
         con.print(markup("label flipped: {ids}{more}", ids=", ".join(shown), more=f" (+{more} more)" if more else ""))
+    if d["split_moves"]:
+        con.print(f"split moves: {d['split_moves']} pairs", markup=False)
+        for key, n in d["split_moves_by"].items():
+            src, dst = key.split("->")
+            ids = [p for p in d["split_move_pair_ids"]][:5]
+            con.print(f"  {src} -> {dst}: {n}" + (" (held-out pairs now in train)" if dst == "train" else ""), markup=False)
+        con.print(markup("  e.g. {ids}", ids=", ".join(ids)))
     for k, (x, y) in d["metrics"].items():
         con.print(markup("  {k:40s} {x!s:>12} -> {y!s:<12}", k=k, x=x, y=y))
 
 
-@app.command()
+@command()
 def serve(
     inbox: Annotated[Path, typer.Option("--inbox", help="Directory where new batch files arrive (each finished file gets a FILE.done marker).")],
     store: StoreOpt = Path("store"),
@@ -370,10 +439,11 @@ def serve(
 
 from flows.train_cmd import train as _train  # noqa: E402  (registered here; the command lives in its own module)
 
-app.command(name="train")(_train)
+app.command(name="train")(guarded(_train))
 
 
 @policy_app.command("show")
+@guarded
 def policy_show(
     policy: PolicyOpt = None,
     as_json: JsonOpt = False,

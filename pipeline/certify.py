@@ -14,6 +14,7 @@ Gates (``policy.certify``), each recorded with value / threshold / passed:
                                    position or length bias (not dropped by the policy) <= ``max_biased_annotator_share``
 * ``exact_duplicate_rate``         exact-duplicate judgments / valid judgments <= ``max_exact_duplicate_rate``
 * ``near_duplicate_rate``          near-duplicate-flagged pairs / pairs <= ``max_near_duplicate_rate``
+* ``split_stability``              no pair of the parent's (or an ancestor's) validation/test split is in train
 * ``split_leakage``                clusters/prompts in several splits == 0
 * ``quarantine_rate``              quarantined / rows in <= ``max_quarantine_rate``
 * ``label_balance``                share of kept pairs whose chosen response is ``a``, within ``label_balance``
@@ -31,7 +32,7 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.store import SPLITS, Store, VersionHandle
+from pipeline.store import SPLITS, Store, StoreError, VersionHandle
 from schemas.manifest import Certification, GateResult
 from schemas.policy import CertifyConfig, Policy
 
@@ -89,6 +90,8 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     gates.append(_gate("near_duplicate_rate", rate, cfg.max_near_duplicate_rate, rate <= cfg.max_near_duplicate_rate,
                        f"{near} of {m.ledger.pairs} pairs"))
 
+    gates.append(stability_gate(h))
+
     leak = _check(m, "split_leakage").get("metrics", {})
     n_leak = sum(int(leak.get(k, 0)) for k in ("clusters_in_several_splits", "pairs_in_several_splits", "prompts_in_several_splits"))
     gates.append(_gate("split_leakage", n_leak, 0, n_leak == 0 and bool(leak), "" if leak else "leakage not measured"))
@@ -119,13 +122,40 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     return gates
 
 
+def stability_gate(h: VersionHandle) -> GateResult:
+    """No pair of the parent's validation/test (nor of any ancestor's: the assignment table is
+    inherited) is in this version's train split.  Recomputed from the parent's files, not taken
+    from the child's own report; when the parent is gone, the child's recorded figure is used."""
+    from pipeline.split import prior_assignments, split_moves
+
+    m = h.manifest()
+    if not m.parent_version:
+        return _gate("split_stability", 0, 0, True, "first version: no parent to compare with")
+    try:
+        parent = h.store.get(m.parent_version)
+        prior = prior_assignments(parent)
+    except StoreError as err:
+        rec = _check(m, "split_stability").get("metrics", {})
+        n = int(rec.get("into_train_from_held_out", 0) or 0)
+        return _gate("split_stability", n, 0, n == 0 and bool(rec),
+                     f"parent {m.parent_version} not readable ({err}); figure recorded at curate time")
+    now = pl.concat([h.read_split(s, columns=["pair_id"]).with_columns(split=pl.lit(s)) for s in SPLITS])
+    moves = split_moves(prior, now)
+    bad = moves.filter((pl.col("to") == "train") & (pl.col("from") != "train"))
+    by = ", ".join(f"{a}->{b} {n}" for a, b, n in moves.group_by("from", "to").len().sort("from", "to").iter_rows())
+    detail = f"pairs moved since {m.parent_version}: {by or 'none'}"
+    if bad.height:
+        detail += f"; held-out pairs now in train: {', '.join(bad['pair_id'].head(10).to_list())}"
+    return _gate("split_stability", bad.height, 0, bad.height == 0, detail)
+
+
 def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
     """Agreement must be measured before labels are trusted: per annotator kind present, an
     independent overlap subset of at least ``min(min_overlap_share x pairs, min_overlap_pairs)``
     pairs and its alpha >= ``min_krippendorff_alpha``; pairs judged only by annotators of
     unknown kind cannot be measured.  ``require_agreement = false`` opts out (recorded)."""
     if not cfg.require_agreement:
-        return [_gate("agreement", None, "opted out", True, "certify.require_agreement = false: agreement was not "
+        return [_gate("agreement", None, "opted out", True, "opted out by the policy (certify.require_agreement = false): agreement was not "
                       "required by the policy (recorded in the certificate's opt_outs)")]
     from pipeline.overlap import COLUMNS, overlap_agreement, required_overlap
 

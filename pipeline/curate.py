@@ -25,7 +25,7 @@ from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, run_checks
 from pipeline.checks.near_duplicates import save_index
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
-from pipeline.split import SPLITS, assign_splits, leakage
+from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
 from pipeline.store import Store, VersionHandle, file_info, write_parquet
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo
@@ -220,7 +220,10 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     n_kept = psel.dpo.height
     # rows in pair_id order: the same version id gives the same bytes whatever the order of the input
     # files; one sort (a gather), then filters, which share the string buffers
-    dpo = assign_splits(psel.dpo, policy.split).sort("pair_id")
+    prior = prior_assignments(parent)
+    dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters).sort("pair_id")
+    assigned = assignments(dpo, prior, version_id)
+    moves = split_moves(prior, dpo.select("pair_id", "split"))
     psel.dpo = psel.dpo.clear()  # from here the split frames hold the rows
     split_frames = {s: dpo.filter(pl.col("split") == s).drop("split") for s in SPLITS}
     del dpo
@@ -228,6 +231,7 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     t = timer.lap("split", t)
 
     splits = {s: _rel(write_parquet(f, stage / "data" / f"{s}.parquet"), stage) for s, f in split_frames.items()}
+    files["split_assignments.parquet"] = _rel(write_parquet(assigned, stage / "split_assignments.parquet"), stage)
     annotators = agg.annotator_table(results, final.annotators.select("annotator_id", "ds_accuracy"))
     for name, frame in (
         ("pairs.parquet", psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"])),
@@ -244,6 +248,7 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
 
     checks = [r.manifest_entry() for r in results.values()]
     checks.append(_split_check(leaks, {s: f.height for s, f in split_frames.items()}))
+    checks.append(_stability_check(moves, parent))
     ledger = Ledger(
         rows_in=ingest.ledger.rows_in + (parent.manifest().ledger.rows_in if parent else 0),
         quarantined=ingest.ledger.quarantined + (parent.manifest().ledger.quarantined if parent else 0),
@@ -297,6 +302,17 @@ def _split_check(leaks: dict[str, int], sizes: dict[str, int]) -> dict[str, Any]
     bad = any(v for v in leaks.values())
     return {"name": "split_leakage", "status": "fail" if bad else "pass", "metrics": {**leaks, "rows": sizes},
             "flag_counts": {}, "summary": "near-duplicate clusters never straddle splits" if not bad else "LEAK between splits"}
+
+
+def _stability_check(moves: pl.DataFrame, parent: VersionHandle | None) -> dict[str, Any]:
+    """Split moves against the ancestors' assignments (sticky splits: only ever towards test)."""
+    by = {f"{a}->{b}": n for a, b, n in moves.group_by("from", "to").len().sort("from", "to").iter_rows()}
+    into_train = moves.filter((pl.col("to") == "train") & (pl.col("from") != "train")).height
+    return {"name": "split_stability", "status": "fail" if into_train else "pass",
+            "metrics": {"parent_version": parent.version_id if parent else None, "moved": moves.height, "moves": by,
+                        "into_train_from_held_out": into_train, "moved_pair_ids": moves["pair_id"].head(50).to_list()},
+            "flag_counts": {}, "summary": f"{moves.height} pairs changed split ({by or 'none'})" if parent
+            else "first version: nothing to compare"}
 
 
 def _annotator_summary(ann: pl.DataFrame) -> dict[str, Any]:
