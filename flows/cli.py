@@ -69,7 +69,9 @@ def guarded(fn):
         try:
             return fn(*args, **kwargs)
         except _known_errors() as err:
-            _fail_usage(_describe_error(err))
+            from schemas.policy import PolicyError
+
+            _fail_usage(_describe_error(err), multiline=isinstance(err, PolicyError))
 
     return run
 

@@ -27,7 +27,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from pipeline import inbox as inbox_logic
 from pipeline.curate import CurateOptions, build_version, code_version, ingest_source, plan_version_id
-from pipeline.escape import md_escape  # artifact descriptions are Markdown
+from pipeline.escape import md_escape, visible_controls  # artifact descriptions are Markdown; log lines plain
 from pipeline.ingest import IngestResult, file_sha256
 from pipeline.store import Store
 from schemas.policy import Policy, load_policy
@@ -178,7 +178,7 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
     st = Store(store).ensure()
     pending = inbox_logic.pending_batches(Path(inbox), st)
     if not pending:
-        log.info("inbox %s: no new finished batches", inbox)
+        log.info("inbox %s: no new finished batches", visible_controls(str(inbox)))
         return []
     outcomes: list[dict[str, Any]] = []
     for batch in pending:
@@ -190,7 +190,7 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
             if cert["verdict"] == "certified" and policy.certify.train_after_certify:
                 out["run"] = train_on_version(store=store, version=vid, model=train_model or "tiny-llama")
         except Exception as err:  # noqa: BLE001 - one bad batch must not block the next
-            log.error("batch %s failed: %s", batch.path.name, err)
+            log.error("batch %s failed: %s", visible_controls(batch.path.name), visible_controls(str(err)))
             inbox_logic.record_failure(st, batch, str(err))
             out = {"batch": batch.path.name, "sha256": batch.sha256, "error": str(err)}
         outcomes.append(out)
