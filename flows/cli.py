@@ -495,6 +495,111 @@ def policy_toml(model, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+review_app = typer.Typer(help="Send routed pairs to human review and take the answers back (JSONL, Label Studio, Argilla).",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
+ReviewFormatOpt = Annotated[str, typer.Option("--format", "-f", help="jsonl, label-studio or argilla.", show_default=False)]
+
+
+@review_app.command("export")
+@guarded
+def review_export(
+    version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
+    fmt: ReviewFormatOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="jsonl: the tasks file; label-studio: the tasks JSON (the labeling "
+                                      "config goes beside it as .xml); argilla: a new directory (Dataset.to_disk layout).",
+                                      show_default=False)],
+    store: StoreOpt = Path("store"),
+    reasons: Annotated[str | None, typer.Option("--reasons", help="Routing reasons to export, comma-separated "
+                                                "(tie, both_bad, escalate, low_agreement, ambiguous); default: all.")] = None,
+    dimensions: Annotated[str | None, typer.Option("--dimensions", help="Rubric dimensions to ask about, comma-separated, "
+                                                   "e.g. helpfulness,harmlessness (label-studio, argilla).")] = None,
+    dataset_name: Annotated[str | None, typer.Option("--dataset-name", help="argilla: the dataset to create "
+                                                     "(default prefpipe-review-VERSION).")] = None,
+    workspace: Annotated[str | None, typer.Option("--workspace", help="argilla: the workspace (default: ARGILLA_WORKSPACE "
+                                                  "or the server's default).")] = None,
+    no_push: Annotated[bool, typer.Option("--no-push", help="argilla: write to disk only, even with ARGILLA_API_URL "
+                                          "and ARGILLA_API_KEY set.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a version's routed pairs as review tasks, each shown in a randomized (recorded) order.
+
+    Prints the written path(s) last on stdout.  Exit 0 written; 2 unknown version, format, reason or
+    dimension, or an Argilla push that failed (nothing written)."""
+    from pipeline.review import PushError, check_format, export_review, parse_dimensions
+    from pipeline.review.tasks import parse_reasons
+
+    try:
+        check_format(fmt)
+        asked, dims = parse_reasons(reasons), parse_dimensions(dimensions)
+    except ValueError as err:
+        _fail_usage(str(err))
+    st = _open_store(store)
+    h = _resolve_or_exit(st, version)
+    try:
+        res = export_review(st, h.version_id, fmt=fmt, out=out, reasons=asked, dimensions=dims,
+                            dataset_name=dataset_name, workspace=workspace, push=not no_push)
+    except PushError as err:
+        _fail_usage(f"{err} (nothing written)")
+    if as_json:
+        print(json_text({"version_id": res.version_id, "format": res.fmt, "tasks": res.tasks, "by_reason": res.by_reason,
+                         "reasons": list(asked), "dimensions": list(dims), "files": [str(p) for p in res.files],
+                         "pushed": res.pushed}, indent=2))
+        return
+    by = ", ".join(f"{k} {v}" for k, v in res.by_reason.items()) or "none routed for " + ", ".join(asked)
+    err_console().print(markup("exported {n} review tasks of {vid} ({by}) as {fmt}", n=res.tasks, vid=res.version_id, by=by, fmt=fmt))
+    if res.pushed:
+        err_console().print(markup("pushed to Argilla as dataset {name}", name=dataset_name or f"prefpipe-review-{res.version_id}"))
+    for p in res.files:
+        out_console().print(plain(p))
+
+
+@review_app.command("import")
+@guarded
+def review_import(
+    file: Annotated[Path, typer.Argument(help="The review tool's export (argilla: a JSON/JSONL file or a to_disk directory).",
+                                         show_default=False)],
+    fmt: ReviewFormatOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The batch of judgments to write (JSON Lines).", show_default=False)],
+    store: Annotated[Path | None, typer.Option("--store", "-s", help="Check every task against the routed pairs of this "
+                                               "store (on when given).", envvar="PREFPIPE_STORE")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="With --store: every task must belong to this version "
+                                                "(default: the version each task names).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn a review tool's export into canonical judgments with review_of set.
+
+    Prints the ledger (items in = judgments out + skipped by reason) and the batch path last.
+    Exit 0 written; 2 unreadable, not an export of that tool, or a task that does not match what
+    was exported or routed (the message names the file, the task and the field; nothing written)."""
+    from pipeline.review import check_format, import_review
+
+    try:
+        check_format(fmt)
+    except ValueError as err:
+        _fail_usage(str(err))
+    if version and store is None:
+        _fail_usage("--version needs --store (the store whose routed pairs the reviews are checked against)")
+    st = _open_store(store) if store is not None else None
+    if st is not None and version:
+        _resolve_or_exit(st, version)
+    res = import_review(file, fmt=fmt, out=out, store=st, version=version)
+    led = res.ledger
+    if as_json:
+        print(json_text({"file": str(file), "format": fmt, "out": str(out), "ledger": led.model_dump(),
+                         "checked_against": res.checked_against}, indent=2))
+        return
+    con = out_console()
+    con.print(markup("review import {file} ({fmt}): {tasks} tasks", file=file, fmt=fmt, tasks=led.tasks_in))
+    skipped = ", ".join(f"{k} {v}" for k, v in led.skipped.items())
+    con.print(markup("items in {n} = judgments out {j} + skipped {s}{detail}", n=led.items_in, j=led.judgments_out,
+                     s=sum(led.skipped.values()), detail=f" ({skipped})" if skipped else ""))
+    con.print(markup("checked against {where}", where=res.checked_against) if res.checked_against else
+              markup("[yellow]not checked against a store[/] (texts checked against the hashes recorded at export; "
+                     "give --store to check the routed pairs)"))
+    con.print(plain(out))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
