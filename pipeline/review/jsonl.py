@@ -52,12 +52,21 @@ def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer 
         try:
             row = orjson.loads(raw)
         except orjson.JSONDecodeError as err:
-            raise reader.fail(f"not a JSON object ({err})", where=where) from None
+            raise reader.fail(f"not a JSON object ({err}){_whole_document_hint(data)}", where=where) from None
         if not isinstance(row, dict):
-            raise reader.fail(f"expected a JSON object, found {type(row).__name__}", where=where)
+            raise reader.fail(f"not a prefpipe review task row (expected a JSON object per line, found "
+                              f"{type(row).__name__}){looks_like(row)}", where=where)
         if lineno == 1 or "task_id" not in row:
             _check_shape(row, reader, where)
         yield _answer(row, reader, where, lineno), True
+
+
+def _whole_document_hint(data: bytes) -> str:
+    """A pretty-printed JSON document given as JSON Lines: say which tool's export it looks like."""
+    try:
+        return looks_like(orjson.loads(data)) or " (a JSON document, not JSON Lines)"
+    except orjson.JSONDecodeError:
+        return ""
 
 
 def _check_shape(row: dict[str, Any], reader: TaskReader, where: str) -> None:
