@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline.review import argilla, jsonl, label_studio
 from pipeline.review.argilla import PushError
 from pipeline.review.tasks import (ReviewFileError, RoutedIndex, TaskReader, check_out_path, dumps_jsonl, env_flag,
-                                   routed_pairs, tasks_from_routed)
+                                   first_error, routed_pairs, tasks_from_routed)
 from pipeline.store import Store, _fsync_dir
 from schemas.review import REVIEW_FORMATS, ROUTE_REASONS, ImportLedger, ReviewAnswer, ReviewJudgment, dimension_name
 
@@ -142,7 +142,10 @@ def _collect(items: Iterator[tuple[ReviewAnswer | str, bool]], reader: TaskReade
         if isinstance(item, str):
             skipped[item] += 1
             continue
-        j = item.judgment()
+        try:
+            j = item.judgment()
+        except ValueError as err:  # e.g. a conversation that does not end with a user turn
+            raise reader.fail(first_error(err), where=f"task {item.task.task_id}") from None
         if judgments.setdefault(j.comparison_id, j) is not j:
             raise reader.fail(f"the same answer ({item.answer_key}) appears twice", where=f"task {item.task.task_id}")
     ledger = ImportLedger(tasks_in=tasks, items_in=n, judgments_out=len(judgments), skipped=dict(sorted(skipped.items())))

@@ -162,9 +162,12 @@ class TaskReader:
                                 f"{data[f'{key}_hash']}): the reviewer did not see the pair's text", where=where, field=key)
         a, b = (text_values["response_1"], text_values["response_2"])[:: 1 if first == "a" else -1]
         prompt = self._prompt(data, text_values["prompt"], where)
-        task = ReviewTask(task_id=data["task_id"], version_id=vid, pair_id=pid, route=data["route"], shown_first=first,
-                          prompt=prompt, prompt_text=normalize_text(text_values["prompt"]), response_a=normalize_text(a),
-                          response_b=normalize_text(b), locale=_opt_str(data.get("locale")), tags=_tags(data.get("tags")))
+        try:
+            task = ReviewTask(task_id=data["task_id"], version_id=vid, pair_id=pid, route=data["route"], shown_first=first,
+                              prompt=prompt, prompt_text=normalize_text(text_values["prompt"]), response_a=normalize_text(a),
+                              response_b=normalize_text(b), locale=_opt_str(data.get("locale")), tags=_tags(data.get("tags")))
+        except ValueError as err:
+            raise self.fail(first_error(err), where=where) from None
         if self.routed is not None:
             task = self._against_store(task, where)
         known = self._seen.setdefault(task.task_id, task)
