@@ -502,6 +502,14 @@ def test_texts_that_differ_from_the_pair_are_refused(built, ls_tasks, tmp_path):
     refuse(built, "label-studio", f, "tasks[2]", "'response_2'", "differs from the pair's")
 
 
+def test_a_task_of_a_version_the_store_does_not_have_is_refused_with_its_place(built, ls_tasks, tmp_path):
+    d = ls_tasks[6]["data"]
+    d.update(version_id="v-ffffffffffffffff", task_id=task_id_for("v-ffffffffffffffff", d["pair_id"]),
+             shown_first=shown_first_for("v-ffffffffffffffff", d["pair_id"]))
+    f = _write(tmp_path / "ls.json", label_studio_export(ls_tasks, {6: [pick("left")]}))
+    refuse(built, "label-studio", f, "tasks[6]", "'version_id'", "no version 'v-ffffffffffffffff'")
+
+
 def test_a_swapped_display_order_is_refused(built, ls_tasks, tmp_path):
     d = ls_tasks[4]["data"]
     d["shown_first"] = "b" if d["shown_first"] == "a" else "a"

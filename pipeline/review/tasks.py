@@ -22,7 +22,7 @@ import orjson
 import polars as pl
 
 from pipeline.readers import UnreadableFile
-from pipeline.store import Store, VersionHandle
+from pipeline.store import Store, StoreError, VersionHandle
 from schemas.ids import is_safe_id
 from schemas.records import Message
 from schemas.review import ROUTE_REASONS, ReviewTask, text_hash
@@ -192,7 +192,10 @@ class TaskReader:
         if self.routed.version is not None and task.version_id != self.routed.version:
             raise self.fail(f"the task belongs to version {task.version_id!r}, not {self.routed.version!r} (--version)",
                             where=where, field="version_id")
-        pair = self.routed.pair(task.version_id, task.pair_id)
+        try:
+            pair = self.routed.pair(task.version_id, task.pair_id)
+        except StoreError as err:  # a version the store does not have, or a damaged one
+            raise self.fail(str(err), where=where, field="version_id") from None
         if pair is None:
             raise self.fail(f"version {task.version_id} never routed pair {task.pair_id!r}", where=where, field="pair_id")
         for key, mine in (("prompt", task.prompt_text), ("response_a", task.response_a), ("response_b", task.response_b)):
