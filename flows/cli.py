@@ -384,6 +384,46 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
 
 
 @command()
+def gc(
+    store: StoreOpt = Path("store"),
+    delete: Annotated[list[str] | None, typer.Option("--delete", help="Delete this version (repeatable); its parts shared with other versions stay.")] = None,
+    keep_last: Annotated[int | None, typer.Option("--keep-last", min=1, help="Delete every version except the N newest and every certified one.")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Remove what is listed (default: dry run, nothing removed).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Garbage-collect the store: parts no version links, staging dirs of dead writers, and (with
+    --delete / --keep-last) whole versions.  A dry run unless --apply.
+
+    Parts are shared between versions (hard links into STORE/objects/): deleting a version frees
+    only the parts no other version uses.  Certification records of deleted versions are kept aside
+    as VERSION.json.deleted-<time>."""
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = _open_store(store)
+    doomed = list(delete or [])
+    for ref in doomed:
+        _resolve_or_exit(st, ref)
+    doomed = [st.resolve(r).version_id for r in doomed]
+    if keep_last is not None:
+        ids = st.list_ids()
+        keep = set(ids[-keep_last:]) | {v for v in ids if st.get(v).verify_chain(files=False).ok}
+        doomed += [v for v in ids if v not in keep]
+    plan = plan_gc(st, delete_versions=doomed)
+    if apply:
+        collect_garbage(st, plan)
+    summary = {"applied": apply, "versions": plan.versions, "objects": len(plan.objects), "object_bytes": plan.bytes,
+               "staging": [d.name for d in plan.staging]}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    con = out_console()
+    verb = "removed" if apply else "would remove (dry run; --apply to remove)"
+    con.print(markup("{verb}: {nv} version(s) {vs}, {no} unreferenced part(s) ({mb} MB), {ns} staging dir(s)",
+                     verb=verb, nv=len(plan.versions), vs=", ".join(plan.versions) or "", no=len(plan.objects),
+                     mb=f"{plan.bytes / 1e6:,.1f}", ns=len(plan.staging)))
+
+
+@command()
 def serve(
     inbox: Annotated[Path, typer.Option("--inbox", help="Directory where new batch files arrive (each finished file gets a FILE.done marker).")],
     store: StoreOpt = Path("store"),

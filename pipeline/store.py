@@ -46,7 +46,7 @@ from typing import Any
 import polars as pl
 
 from schemas.ids import UnsafeId, is_safe_id, safe_id
-from schemas.manifest import Certification, Manifest, SplitInfo
+from schemas.manifest import Certification, Manifest, SplitInfo, TableInfo
 
 SPLITS = ("train", "validation", "test")
 STALE_STAGING_SECONDS = 6 * 3600
@@ -147,22 +147,47 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> SplitInfo:
 
 # ---------------------------------------------------------------- store
 def _file_entries(m: Manifest) -> dict[str, SplitInfo]:
-    """Every file a manifest names, by path relative to the version directory."""
+    """Every file a manifest names, by path relative to the version directory: the parts of its
+    tables and its other files (a manifest from before tables names its splits as single files)."""
+    if m.tables:
+        return {**{p.path: p for t in m.tables.values() for p in t.parts}, **m.files}
     return {**{f"data/{k}.parquet": v for k, v in m.splits.items()}, **m.files}
 
 
-def verify_files(m: Manifest, root: Path) -> list[str]:
-    """Every file named in the manifest exists under ``root`` with its sha256; returns problems (empty = ok)."""
+def table_sha256(parts: list[SplitInfo]) -> str:
+    """The hash of a table: its ordered parts (path and sha256)."""
+    return hashlib.sha256("".join(f"{p.path}\t{p.sha256}\n" for p in parts).encode()).hexdigest()
+
+
+def verify_files(m: Manifest, root: Path, *, objects: Path | None = None) -> list[str]:
+    """Every file named in the manifest exists under ``root`` with its sha256; returns problems (empty = ok).
+
+    ``objects``: the store's object directory; a file that *is* (same inode) the object named by
+    its sha256 is not hashed again (used when a writer checks its own staged version: it linked
+    parts it had hashed, or its parent's, which were verified when read)."""
     problems = []
+    for key, t in m.tables.items():
+        if table_sha256(t.parts) != t.sha256 or sum(p.rows for p in t.parts) != t.rows:
+            problems.append(f"{key}/: the list of parts does not match the table's sha256 or row count")
     for name, info in _file_entries(m).items():
         p = root / name
         if not p.is_file():
             problems.append(f"{name}: missing")
+        elif objects is not None and _is_object(p, objects, info.sha256):
+            continue
         elif info.bytes is not None and p.stat().st_size != info.bytes:
             problems.append(f"{name}: {p.stat().st_size} bytes, the manifest says {info.bytes} (file changed after the version was written)")
         elif sha256_file(p) != info.sha256:
             problems.append(f"{name}: sha256 differs from the manifest (file changed after the version was written)")
     return problems
+
+
+def _is_object(p: Path, objects: Path, sha: str) -> bool:
+    obj = objects / sha[:2] / f"{sha}.parquet"
+    try:
+        return os.path.samefile(p, obj)
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -248,20 +273,44 @@ class VersionHandle:
         self.read_bytes(rel)
         return self.path / rel
 
+    def table(self, name: str) -> TableInfo | None:
+        """The table ``name`` (``judgments``, ``data/train``; a ``.parquet`` suffix is ignored) if the
+        version stores it as a folder of parts."""
+        return self.manifest().tables.get(name.removesuffix(".parquet"))
+
+    def has(self, rel: str) -> bool:
+        """The version has this table or file."""
+        return self.table(rel) is not None or rel in _file_entries(self.manifest())
+
     def read(self, rel: str, columns: list[str] | None = None) -> pl.DataFrame:
-        """A Parquet file of the version, verified against the manifest, parsed from the verified bytes."""
-        data = self.read_bytes(rel)
-        try:
-            return pl.read_parquet(io.BytesIO(data), columns=columns)
-        except Exception as err:  # noqa: BLE001 - a file that hashes right but does not parse is a damaged version
-            raise DamagedVersion(f"{self.path / rel}: not readable as Parquet ({err})") from err
+        """A table or Parquet file of the version, every part verified against the manifest and
+        parsed from the verified bytes; a table's parts are concatenated in order."""
+        t = self.table(rel)
+        names = [p.path for p in t.parts] if t is not None else [rel]
+        frames = []
+        for name in names:
+            data = self.read_bytes(name)
+            try:
+                frames.append(pl.read_parquet(io.BytesIO(data), columns=columns))
+            except Exception as err:  # noqa: BLE001 - a file that hashes right but does not parse is a damaged version
+                raise DamagedVersion(f"{self.path / name}: not readable as Parquet ({err})") from err
+        return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
 
     def split_path(self, split: str) -> Path:
-        return self.path / "data" / f"{split}.parquet"
+        """The split as other tools read it: a folder of Parquet parts (``data/train/``), or the
+        single file of a version written before tables (``data/train.parquet``)."""
+        t = self.table(f"data/{split}")
+        return self.path / (t.path if t is not None else f"data/{split}.parquet")
+
+    def split_files(self, split: str) -> list[Path]:
+        """The Parquet files of one split, in order."""
+        t = self.table(f"data/{split}")
+        return [self.path / p.path for p in t.parts] if t is not None else [self.path / "data" / f"{split}.parquet"]
 
     def read_split(self, split: str, columns: list[str] | None = None) -> pl.DataFrame:
         """DPO rows of one split, verified (see :meth:`read`)."""
-        return self.read(f"data/{split}.parquet", columns=columns)
+        t = self.table(f"data/{split}")
+        return self.read(f"data/{split}" if t is not None else f"data/{split}.parquet", columns=columns)
 
     def verify(self) -> list[str]:
         """Every file named in the manifest exists with its sha256; returns problems (empty = ok)."""
@@ -461,7 +510,7 @@ class Store:
                 if manifest.version_id != version_id:
                     raise StoreError(f"manifest names {manifest.version_id}, expected {version_id}")
                 atomic_write_json(stage / "manifest.json", manifest.model_dump(mode="json"))
-                problems = verify_files(manifest, stage)
+                problems = verify_files(manifest, stage, objects=self.root / "objects")
                 if problems:
                     raise IntegrityError(f"staged version {version_id} failed its own check: {problems}")
                 _fsync_dir(stage)

@@ -57,6 +57,17 @@ class SplitInfo(BaseModel):
     bytes: int | None = Field(None, description="file size (a cheap first check before hashing; absent in old manifests)")
 
 
+class TableInfo(BaseModel):
+    """A table stored as a folder of Parquet parts (each part a hard link into the store's
+    content-addressed ``objects/``, shared by every version whose part has the same bytes).
+    ``sha256`` hashes the ordered list of (part path, part sha256)."""
+
+    path: str
+    rows: int
+    sha256: str
+    parts: list[SplitInfo]
+
+
 class Ledger(BaseModel):
     """The version-level ledger (``manifest.json``); every number adds up."""
 
@@ -94,6 +105,8 @@ class Manifest(BaseModel):
     sources: list[SourceInfo]
     splits: dict[str, SplitInfo]
     files: dict[str, SplitInfo] = Field(default_factory=dict, description="other files of the version with sha256")
+    tables: dict[str, TableInfo] = Field(default_factory=dict, description="tables stored as folders of parts, by name "
+                                         "('judgments', 'data/train', ...); every part's sha256 is listed")
     checks: list[dict[str, Any]]
     annotators: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, Any] = Field(default_factory=dict)

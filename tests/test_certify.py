@@ -86,7 +86,7 @@ def test_cli_exit_codes_history_and_tamper(store):
     assert len(hist) >= 3 and hist[-1]["verdict"] == "rejected"  # history kept, newest last
     assert len({h["policy_hash"] for h in hist}) >= 2
     # a changed file: certify refuses (integrity gate) and the trainer check says why
-    split = store.get(vid).split_path("test")
+    split = store.get(vid).split_files("test")[0]
     split.write_bytes(split.read_bytes() + b"\0")
     res = runner.invoke(app, ["certify", vid, "--store", str(store.root), "--no-expectations"])
     assert res.exit_code == 3 and "integrity" in res.output

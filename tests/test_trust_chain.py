@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from flows.cli import app
 from pipeline.certify import certify_version
 from pipeline.curate import curate
-from pipeline.store import NotCertified, Store, sha256_file
+from pipeline.store import NotCertified, Store, sha256_file, table_sha256
+from schemas.manifest import SplitInfo
 from schemas.policy import policy_from_dict
 
 SAMPLES = sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))
@@ -79,13 +80,16 @@ def test_certified_version_verifies_whole_chain(store):
 def test_swapped_labels_with_rewritten_manifest_sha_is_not_certified(store, tmp_path):
     """The attack of the issue: swap chosen/rejected in train.parquet, write the new sha256 into the manifest."""
     st, vid = store
-    path = st.versions_dir / vid / "data" / "train.parquet"
+    path = st.get(vid).split_files("train")[0]
     df = pl.read_parquet(path)
+    path.unlink()  # (a hard link to the shared object: write a new file, as an editor would)
     df.with_columns(chosen=df["rejected"], rejected=df["chosen"]).write_parquet(path)
 
     def fix(doc):
-        doc["splits"]["train"]["sha256"] = sha256_file(path)
-        doc["splits"]["train"]["bytes"] = path.stat().st_size
+        table = doc["tables"]["data/train"]
+        part = next(p for p in table["parts"] if st.versions_dir / vid / p["path"] == path)
+        part.update(sha256=sha256_file(path), bytes=path.stat().st_size)
+        table["sha256"] = doc["splits"]["train"]["sha256"] = table_sha256([SplitInfo(**p) for p in table["parts"]])
 
     rewrite_manifest(st, vid, fix)
     assert st.get(vid).verify() == []  # the files match the (rewritten) manifest ...
@@ -105,12 +109,12 @@ def test_swapped_labels_with_rewritten_manifest_sha_is_not_certified(store, tmp_
 
 def test_changed_file_breaks_the_files_link(store):
     st, vid = store
-    path = st.versions_dir / vid / "data" / "test.parquet"
+    path = st.get(vid).split_files("test")[0]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     status = st.get(vid).verify_chain()
-    assert not status.ok and status.link == "files" and "test.parquet" in status.reason
+    assert not status.ok and status.link == "files" and "data/test/part-" in status.reason
     assert st.get(vid).verify_chain(files=False).ok  # the fast listing does not hash: it says so in its help
     listed = json.loads(cli("versions", "--store", str(st.root), "--json").stdout)
     assert listed[0]["certified"] is False and listed[0]["trust"]["link"] == "files"
@@ -119,11 +123,11 @@ def test_changed_file_breaks_the_files_link(store):
 def test_verified_read_refuses_a_file_changed_after_open(store):
     st, vid = store
     h = st.open_certified(vid)
-    path = st.versions_dir / vid / "data" / "validation.parquet"
+    path = st.get(vid).split_files("validation")[0]
     path.write_bytes(path.read_bytes()[:-1] + b"\0")  # swapped between the check and the read
     from pipeline.store import IntegrityError
 
-    with pytest.raises(IntegrityError, match="validation.parquet: sha256 differs"):
+    with pytest.raises(IntegrityError, match="validation/part-.*: sha256 differs"):
         h.read_split("validation")
 
 
