@@ -51,12 +51,18 @@ def curate(store: Path, *args: object) -> tuple[int, str, dict | None]:
     return code, err, json.loads((store / "versions" / vid / "manifest.json").read_text())
 
 
-def version_dir(store: Path, m: dict) -> Path:
-    return store / "versions" / m["version_id"]
+def read(store: Path, m: dict, table: str) -> pl.DataFrame:
+    """A table of the version written (through the store's verified reader)."""
+    from pipeline.store import Store
+
+    return Store(store).get(m["version_id"]).read(table)
 
 
 def dpo_rows(store: Path, m: dict) -> pl.DataFrame:
-    return pl.concat([pl.read_parquet(version_dir(store, m) / "data" / f"{s}.parquet") for s in ("train", "validation", "test")])
+    from pipeline.store import Store
+
+    h = Store(store).get(m["version_id"])
+    return pl.concat([h.read_split(s) for s in ("train", "validation", "test")])
 
 
 def assert_ledger_adds_up(m: dict) -> None:
@@ -184,7 +190,7 @@ def test_duplicated_csv_header_column_is_exit_2(tmp_path):
 
 
 def _conflict_flags(store: Path, m: dict) -> pl.DataFrame:
-    return pl.read_parquet(version_dir(store, m) / "flags.parquet").filter(pl.col("reason") == "pair_id_conflict")
+    return read(store, m, "flags.parquet").filter(pl.col("reason") == "pair_id_conflict")
 
 
 def test_pair_id_with_different_texts_is_never_merged(tmp_path):
@@ -242,7 +248,7 @@ def test_formats_without_a_judge_are_unknown_never_human(tmp_path):
     code, _, m = curate(tmp_path / "store", path)
     assert code == 0
     assert_ledger_adds_up(m)
-    j = pl.read_parquet(version_dir(tmp_path / "store", m) / "judgments.parquet")
+    j = read(tmp_path / "store", m, "judgments.parquet")
     assert set(j["annotator_kind"]) == {"unknown"}
     assert set(dpo_rows(tmp_path / "store", m)["annotator_kind"]) == {"unknown"}
     agreement = next(c for c in m["checks"] if c["name"] == "agreement")["metrics"]
@@ -294,7 +300,7 @@ def test_parquet_extra_columns_of_binary_decimal_duration_are_carried_as_text(tm
     code, data = validate_json(path)
     assert code == 0 and data["ledger"]["rows_valid"] == 3
     _, _, m = curate(tmp_path / "store", path)
-    j = pl.read_parquet(version_dir(tmp_path / "store", m) / "judgments.parquet").sort("source_line")
+    j = read(tmp_path / "store", m, "judgments.parquet").sort("source_line")
     extra = [json.loads(e) for e in j["extra"]]
     assert extra[0] == {"blob": "AP9yYXc=", "price": "12.500", "took": "PT90.0005S"}  # base64, exact decimal, ISO 8601
     assert extra[2] == {"blob": None, "price": None, "took": None}
