@@ -36,7 +36,8 @@ FILE_NAME = f"b[link=evil.example]x[bold]<script>{PIPES}{HEADING}{ANSI}.jsonl"
 def hostile_rows(flip: bool = False) -> list[dict]:
     """6 pairs (one per hostile value) x 4 annotators; odd pairs split 2-2 (low agreement), even ones
     unanimous for "a" (for "b" with ``flip``: label flips for ``diff``); plus 2 rows quarantined for
-    a hostile label and a hostile locale."""
+    a hostile label and a hostile locale.  A pair's texts are the same in all its judgments (a pair_id
+    naming other texts would be a pair_id_conflict and dropped)."""
     rows = []
     for p, h in enumerate(HOSTILE):
         for k in range(4):
@@ -44,7 +45,7 @@ def hostile_rows(flip: bool = False) -> list[dict]:
             rows.append(canonical(
                 p * 4 + k, comparison_id=f"c{p}-{k}-{HOSTILE[(p + k) % 6]}", pair_id=f"pair-{p}-{h}",
                 prompt=[{"role": "user", "content": f"Question {p}: what is {h}?"}],
-                response_a=f"answer a {h}", response_b=f"answer b {HOSTILE[k]}{OTHER_CONTROLS}", label=label,
+                response_a=f"answer a {h}", response_b=f"answer b {HOSTILE[(p + 1) % 6]}{OTHER_CONTROLS}", label=label,
                 annotator_id=f"ann-{HOSTILE[k]}" if k < 3 else f"ann-{HOSTILE[(p + 4) % 6]}{OTHER_CONTROLS}",
                 shown_first="ab"[(p + k) % 2], tags=[h, HOSTILE[k], OTHER_CONTROLS], rubric=h))
     for p in range(40):  # an annotator who always picks the first-shown response: flagged, named by certify
