@@ -99,7 +99,7 @@ def validate(
     as_json: JsonOpt = False,
     max_errors: Annotated[int, typer.Option("--max-errors", help="How many quarantined rows to print.")] = 20,
     annotator_id: Annotated[str | None, typer.Option(help="annotator_id for formats without one (trl, hh, rated).")] = None,
-    annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human|ai) for formats without one.")] = None,
+    annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human, ai or unknown) for formats that do not say who judged (trl, hh, rated; default unknown).")] = None,
     max_line_bytes: MaxLineOpt = None,
     max_decompressed_bytes: MaxGzipOpt = None,
 ) -> None:
@@ -217,7 +217,7 @@ def curate(
     fmt: FormatOpt = None,
     batch_id: Annotated[str | None, typer.Option(help="batch_id for rows without one (default: the file name).")] = None,
     annotator_id: Annotated[str | None, typer.Option(help="annotator_id for formats without one (trl, hh, rated).")] = None,
-    annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human|ai) for formats without one.")] = None,
+    annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human, ai or unknown) for formats that do not say who judged (trl, hh, rated; default unknown).")] = None,
     max_line_bytes: MaxLineOpt = None,
     max_decompressed_bytes: MaxGzipOpt = None,
     as_json: JsonOpt = False,
