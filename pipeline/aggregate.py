@@ -60,13 +60,14 @@ import numpy as np
 import polars as pl
 from scipy.special import expit
 
+from pipeline import position_ds
 from schemas.arrow import empty_frame, polars_schema
 from schemas.check import CheckResult
 from schemas.policy import AggregationConfig
 from schemas.records import LABELS, AnnotatorStats, PairRecord
 
 __all__ = ["Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_reference", "plurality", "label_strings",
-           "pair_locale", "pair_tags", "n_used_expr", "annotator_table"]
+           "pair_locale", "pair_tags", "n_used_expr", "annotator_table", "order_aware", "pair_gold", "evidence_share"]
 
 A, B, TIE, BOTH_BAD, ESCALATE = range(5)
 NONE = -1  # "no label" code
@@ -287,11 +288,57 @@ def ds_accuracy(e: Encoded, cfg: AggregationConfig | None = None) -> np.ndarray:
                        n_pairs=e.n_pairs, n_annotators=e.n_annotators, iterations=cfg.ds_iterations)
 
 
-def _posterior(pair_idx: np.ndarray, vote: np.ndarray, weight: np.ndarray, llr_i: np.ndarray, n_pairs: int) -> np.ndarray:
-    """P(a) per pair from the judgments with weight > 0; NaN where there are none."""
-    logit = np.bincount(pair_idx, weights=weight * vote * llr_i, minlength=n_pairs)
+def evidence_share(pair_idx: np.ndarray, evidence: np.ndarray, weight: np.ndarray, n_pairs: int) -> np.ndarray:
+    """(P,) share of the weighted evidence that points to ``a``: sum w max(e, 0) / sum w |e|.
+
+    ``evidence``: each judgment's log-odds for a (a vote for b by a worse-than-chance
+    annotator points to a).  Same side as the posterior, but bounded by the split of the
+    evidence: an evenly split panel gives 0.5 however many judged, a unanimous one 1 -- with
+    equally reliable annotators it is the share of votes for a.  0.5 when the evidence is
+    all zero, NaN for pairs without a judgment of positive weight."""
+    pos = np.bincount(pair_idx, weights=weight * np.maximum(evidence, 0.0), minlength=n_pairs)
+    tot = np.bincount(pair_idx, weights=weight * np.abs(evidence), minlength=n_pairs)
     has = np.bincount(pair_idx, weights=(weight > 0).astype(float), minlength=n_pairs) > 0
-    return np.where(has, expit(logit), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(has, np.where(tot > _EPS, pos / tot, 0.5), np.nan)
+
+
+def pair_gold(e: Encoded) -> np.ndarray:
+    """(P,) canonical gold label code per pair: 0 a / 1 b from its judgments' ``gold_label``
+    (the last one given wins), -1 when none is a or b."""
+    g = np.full(e.n_pairs, NONE, np.int64)
+    rows = np.flatnonzero((e.gold == A) | (e.gold == B))
+    g[e.pair[rows]] = np.where(e.flipped[rows], 1 - e.gold[rows], e.gold[rows])
+    return g
+
+
+def order_aware(e: Encoded, cfg: AggregationConfig | None = None) -> tuple[np.ndarray, position_ds.OrderAwareDS]:
+    """Order-aware Dawid-Skene (:mod:`pipeline.position_ds`) over all decisive judgments,
+    one vote per annotator per pair, anchored on gold labels.  Returns (decisive mask (N,),
+    fitted model; its ``judgment_evidence`` is aligned with the decisive rows)."""
+    cfg = cfg or AggregationConfig()
+    dec = (e.label >= A) & (e.label <= B)
+    w = (1.0 / np.bincount(e.unit, minlength=e.n_units)[e.unit])[dec]
+    shown = e.shown[dec]
+    model = position_ds.fit(
+        pair=e.pair[dec], judge=e.ann[dec], unit=e.unit[dec], n_units=e.n_units, chose_a=e.label[dec] == A,
+        shown_a=np.where(shown < 0, -1, (shown == A).astype(np.int8)), weight=w, n_pairs=e.n_pairs,
+        n_judges=e.n_annotators, gold=pair_gold(e), iterations=cfg.ds_iterations,
+    )
+    return dec, model
+
+
+def decide_side(votes: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+    """Label codes from (n, 5) ``votes`` where the evidence decides a vs b: when a or b leads
+    the vote (alone, or a and b tied) the side is the sign of ``evidence`` (0 or NaN ->
+    ``ESCALATE``); otherwise the plurality (tie / both_bad / escalate; other ties escalate)."""
+    base = plurality(votes, None, ESCALATE)
+    mx = votes.max(axis=1) if votes.size else np.zeros(votes.shape[0])
+    top = votes >= (mx - _EPS)[:, None]
+    ab_lead = (top[:, A] | top[:, B]) & ~top[:, TIE:].any(axis=1) & (mx > _EPS)
+    with np.errstate(invalid="ignore"):
+        side = np.where(evidence > _EPS, A, np.where(evidence < -_EPS, B, ESCALATE))
+    return np.where(ab_lead, side, base).astype(np.int64)
 
 
 LOO_MIN_POSTERIOR = 0.9
@@ -362,19 +409,20 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     used = {"human_first": h | (n_h[e.pair] == 0), "separate": np.ones(e.n, bool), "vote": np.ones(e.n, bool),
             "ignore_ai": h}[cfg.ai_mode]
 
-    dec = (e.label >= A) & (e.label <= B)
+    dec, oa = order_aware(e, cfg)
     p_idx, a_idx, hd, wd = e.pair[dec], e.ann[dec], h[dec], w[dec]
     vote = np.where(e.label[dec] == A, 1.0, -1.0)
     acc = ds_accuracy(e, cfg)
-    llr_i = np.log(acc / (1.0 - acc))[a_idx]
-    p_h = _posterior(p_idx, vote, wd * hd, llr_i, P)
-    p_ai = _posterior(p_idx, vote, wd * ~hd, llr_i, P)
-    p_vote = _posterior(p_idx, vote, wd * np.where(hd, 1.0, cfg.ai_weight), llr_i, P)
+    ev_h = vote * np.log(acc / (1.0 - acc))[a_idx]  # one-coin evidence: humans, and the vote modes
+    p_h = evidence_share(p_idx, ev_h, wd * hd, P)
+    p_ai = evidence_share(p_idx, oa.judgment_evidence, wd * ~hd, P)
+    p_vote = evidence_share(p_idx, ev_h, wd * np.where(hd, 1.0, cfg.ai_weight), P)
+    ev_ai = np.bincount(p_idx, weights=(wd * ~hd) * oa.judgment_evidence, minlength=P)
 
     counts = e.per_pair()
     hv, av = e.per_pair(w * h), e.per_pair(w * ~h)
     label_h = plurality(hv, p_h, ESCALATE)
-    label_ai = plurality(av, p_ai, ESCALATE)
+    label_ai = decide_side(av, ev_ai)
     has_h = n_h > 0
     if cfg.ai_mode == "human_first":
         cons, p_w = np.where(has_h, label_h, label_ai), np.where(has_h, p_h, p_ai)
@@ -425,7 +473,9 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         "n_judgments": np.bincount(e.ann, minlength=e.n_annotators).astype(np.int64),
         "n_decisive": np.bincount(e.ann, weights=dec, minlength=e.n_annotators).astype(np.int64),
         "ds_accuracy": acc,
-    }).with_columns(ds_accuracy=pl.when(pl.col("n_decisive") > 0).then(pl.col("ds_accuracy")))
+        "accuracy_better_first": oa.alpha, "accuracy_better_second": oa.beta,
+    }).with_columns([pl.when(pl.col("n_decisive") > 0).then(pl.col(x)).alias(x)
+                     for x in ("ds_accuracy", "accuracy_better_first", "accuracy_better_second")])
     return Aggregation(pairs, annotators, canon_a.alias("a_hash"))
 
 
@@ -503,7 +553,8 @@ def n_used_expr() -> pl.Expr:
 
 def _empty_annotators() -> pl.DataFrame:
     return pl.DataFrame(schema={"annotator_id": pl.String, "annotator_kind": pl.String, "n_judgments": pl.Int64,
-                                "n_decisive": pl.Int64, "ds_accuracy": pl.Float64})
+                                "n_decisive": pl.Int64, "ds_accuracy": pl.Float64, "accuracy_better_first": pl.Float64,
+                                "accuracy_better_second": pl.Float64})
 
 
 # ---------------------------------------------------------------- annotators.parquet

@@ -62,12 +62,15 @@ CLIP = (0.02, 0.98)
 class OrderAwareDS:
     """Fitted model.  ``alpha`` / ``beta`` (J,): P(right) when the better response was shown
     first / second; ``p_a`` (P,): posterior P(a better) from the weighted judgments (NaN for
-    pairs without one); ``evidence`` (P,): its log-odds; ``iterations`` run."""
+    pairs without one); ``evidence`` (P,): its log-odds; ``judgment_evidence`` (N,): each
+    judgment's own log-odds for a (unweighted; the pair's is the weighted sum);
+    ``iterations`` run."""
 
     alpha: np.ndarray
     beta: np.ndarray
     p_a: np.ndarray
     evidence: np.ndarray
+    judgment_evidence: np.ndarray
     iterations: int
 
     @property
@@ -81,6 +84,7 @@ def fit(
     pair: np.ndarray,
     judge: np.ndarray,
     unit: np.ndarray,
+    n_units: int,
     chose_a: np.ndarray,
     shown_a: np.ndarray,
     weight: np.ndarray,
@@ -92,23 +96,18 @@ def fit(
 ) -> OrderAwareDS:
     """EM over decisive judgments (all arrays (N,) over the judgments to use).
 
-    ``unit``: code of (pair, judge) (any integers, equal for one judge's judgments of one
-    pair); ``chose_a``: bool verdict; ``shown_a``: 1 canonical a shown first, 0 b shown
+    ``unit``: dense code (< ``n_units``) of (pair, judge); ``chose_a``: bool verdict; ``shown_a``: 1 canonical a shown first, 0 b shown
     first, -1 unknown; ``weight``: the judgment's weight in the pair posterior (one vote per
     judge: 1/k, times e.g. ``ai_weight``; 0 = estimate the judge, do not use for the pair);
     ``gold`` (P,): 0 a / 1 b / -1 none, canonical.
     """
-    n = len(pair)
     v = np.where(chose_a, 1.0, -1.0)
     known = shown_a >= 0
     first = known & (chose_a == (shown_a == 1))  # chose the first-shown response
     # units judged in one display order only get the position-aware evidence
-    _, inv = np.unique(unit, return_inverse=True)
-    inv = inv.ravel()
-    n_u = int(inv.max()) + 1 if n else 0
-    orders = (np.bincount(inv, weights=known & (shown_a == 1), minlength=n_u) > 0).astype(int) \
-        + (np.bincount(inv, weights=known & (shown_a == 0), minlength=n_u) > 0)
-    single = known & (orders[inv] == 1)
+    orders = (np.bincount(unit, weights=known & (shown_a == 1), minlength=n_units) > 0).astype(np.int8) \
+        + (np.bincount(unit, weights=known & (shown_a == 0), minlength=n_units) > 0)
+    single = known & (orders[unit] == 1)
     w = np.asarray(weight, float)
     g = np.full(n_pairs, -1) if gold is None else np.asarray(gold)
     clamp = g >= 0
@@ -129,21 +128,20 @@ def fit(
                         / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=na, minlength=n_judges)), *CLIP)
         new_b = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=kb, minlength=n_judges))
                         / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=nb, minlength=n_judges)), *CLIP)
-        q = expit(_evidence(pair, judge, v, first, single, w, new_a, new_b, n_pairs))
+        q = expit(np.bincount(pair, weights=w * _judgment_evidence(judge, v, first, single, new_a, new_b), minlength=n_pairs))
         done = max(float(np.max(np.abs(new_a - alpha), initial=0.0)), float(np.max(np.abs(new_b - beta), initial=0.0))) < tol
         alpha, beta = new_a, new_b
         if done:
             break
-    ev = _evidence(pair, judge, v, first, single, w, alpha, beta, n_pairs)
+    e = _judgment_evidence(judge, v, first, single, alpha, beta)
+    ev = np.bincount(pair, weights=w * e, minlength=n_pairs)
     has = np.bincount(pair, weights=(w > 0).astype(float), minlength=n_pairs) > 0
-    return OrderAwareDS(alpha, beta, np.where(has, expit(ev), np.nan), np.where(has, ev, np.nan), it)
+    return OrderAwareDS(alpha, beta, np.where(has, expit(ev), np.nan), np.where(has, ev, np.nan), e, it)
 
 
-def _evidence(pair: np.ndarray, judge: np.ndarray, v: np.ndarray, first: np.ndarray, single: np.ndarray, w: np.ndarray, alpha: np.ndarray, beta: np.ndarray, n_pairs: int) -> np.ndarray:
-    """(P,) log-odds of a: one-coin logit(r_j) per verdict, position-aware for single-order units."""
+def _judgment_evidence(judge: np.ndarray, v: np.ndarray, first: np.ndarray, single: np.ndarray,
+                       alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """(N,) log-odds of a per judgment: one-coin logit(r_j), position-aware for single-order units."""
     al, be = alpha[judge], beta[judge]
-    one_coin = v * logit(0.5 * (al + be))
-    # single order: evidence for the chosen response, signed towards a
-    for_chosen = np.where(first, np.log(al / (1.0 - be)), np.log(be / (1.0 - al)))
-    e = np.where(single, v * for_chosen, one_coin)
-    return np.bincount(pair, weights=w * e, minlength=n_pairs)
+    for_chosen = np.where(first, np.log(al / (1.0 - be)), np.log(be / (1.0 - al)))  # evidence for the chosen response
+    return np.where(single, v * for_chosen, v * logit(0.5 * (al + be)))
