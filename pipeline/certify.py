@@ -31,7 +31,7 @@ from pipeline.store import SPLITS, Store, VersionHandle
 from schemas.manifest import Certification, GateResult
 from schemas.policy import Policy
 
-BIAS_REASONS = ("position_bias", "length_bias")
+BIAS_REASONS = ("position_bias", "length_bias", "order_inconsistent")
 
 
 def _check(m, name: str) -> dict[str, Any]:
