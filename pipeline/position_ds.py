@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit, logit
 
-__all__ = ["OrderAwareDS", "fit"]
+__all__ = ["OrderAwareDS", "engaged_share", "fit"]
 
 PRIOR_RIGHT, PRIOR_WRONG = 3.5, 1.5  # Beta prior on alpha_j and beta_j: mean 0.7, weight 5
 CLIP = (0.02, 0.98)
@@ -61,13 +61,15 @@ CLIP = (0.02, 0.98)
 @dataclass(frozen=True)
 class OrderAwareDS:
     """Fitted model.  ``alpha`` / ``beta`` (J,): P(right) when the better response was shown
-    first / second; ``p_a`` (P,): posterior P(a better) from the weighted judgments (NaN for
+    first / second; ``engaged`` (J,): :func:`engaged_share`, the factor on each of the
+    judge's verdicts; ``p_a`` (P,): posterior P(a better) from the weighted judgments (NaN for
     pairs without one); ``evidence`` (P,): its log-odds; ``judgment_evidence`` (N,): each
     judgment's own log-odds for a (unweighted; the pair's is the weighted sum);
     ``iterations`` run."""
 
     alpha: np.ndarray
     beta: np.ndarray
+    engaged: np.ndarray
     p_a: np.ndarray
     evidence: np.ndarray
     judgment_evidence: np.ndarray
@@ -105,9 +107,11 @@ def fit(
     known = shown_a >= 0
     first = known & (chose_a == (shown_a == 1))  # chose the first-shown response
     # units judged in one display order only get the position-aware evidence
-    orders = (np.bincount(unit, weights=known & (shown_a == 1), minlength=n_units) > 0).astype(np.int8) \
-        + (np.bincount(unit, weights=known & (shown_a == 0), minlength=n_units) > 0)
-    single = known & (orders[unit] == 1)
+    n_af = np.bincount(unit, weights=known & (shown_a == 1), minlength=n_units)
+    n_bf = np.bincount(unit, weights=known & (shown_a == 0), minlength=n_units)
+    single = known & ((n_af > 0) != (n_bf > 0))[unit]
+    engaged = engaged_share(unit=unit, n_units=n_units, judge=judge, n_judges=n_judges, chose_a=chose_a, shown_a=shown_a)
+    engaged_j = engaged[judge]
     w = np.asarray(weight, float)
     g = np.full(n_pairs, -1) if gold is None else np.asarray(gold)
     clamp = g >= 0
@@ -128,15 +132,46 @@ def fit(
                         / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=na, minlength=n_judges)), *CLIP)
         new_b = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=kb, minlength=n_judges))
                         / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=nb, minlength=n_judges)), *CLIP)
-        q = expit(np.bincount(pair, weights=w * _judgment_evidence(judge, v, first, single, new_a, new_b), minlength=n_pairs))
+        q = expit(np.bincount(pair, weights=w * engaged_j * _judgment_evidence(judge, v, first, single, new_a, new_b),
+                              minlength=n_pairs))
         done = max(float(np.max(np.abs(new_a - alpha), initial=0.0)), float(np.max(np.abs(new_b - beta), initial=0.0))) < tol
         alpha, beta = new_a, new_b
         if done:
             break
-    e = _judgment_evidence(judge, v, first, single, alpha, beta)
+    e = engaged_j * _judgment_evidence(judge, v, first, single, alpha, beta)
     ev = np.bincount(pair, weights=w * e, minlength=n_pairs)
     has = np.bincount(pair, weights=(w > 0).astype(float), minlength=n_pairs) > 0
-    return OrderAwareDS(alpha, beta, np.where(has, expit(ev), np.nan), np.where(has, ev, np.nan), e, it)
+    return OrderAwareDS(alpha, beta, engaged, np.where(has, expit(ev), np.nan), np.where(has, ev, np.nan), e, it)
+
+
+def engaged_share(*, unit: np.ndarray, n_units: int, judge: np.ndarray, n_judges: int, chose_a: np.ndarray,
+                  shown_a: np.ndarray) -> np.ndarray:
+    """(J,) pi_j = max(2 kappa_j - 1, 0) / kappa_j, 1 for a judge with no pair judged in both orders.
+
+    kappa_j: the judge's order consistency, the share of its pairs judged (decisively) in
+    both display orders whose verdict was the same in both (with several verdicts in one
+    order, the expected share under a random pairing of the verdicts).  A judge that does
+    not engage with a pair falls back on something unrelated to the pair (the display
+    position, a coin, a surface feature) and, with a fallback no better than a coin, gives
+    the same verdict in both orders at most half the time; so kappa_j = e_j + (1 - e_j) / 2
+    at most, e_j >= 2 kappa_j - 1 engaged, and pi_j = e_j / kappa_j is the share of its
+    consistent verdicts that the fallback cannot explain.  Its verdicts' evidence is scaled
+    by pi_j: a judge consistent on only half of the pairs says nothing, one always
+    consistent keeps its full weight."""
+    known = shown_a >= 0
+    af, bf = known & (shown_a == 1), known & (shown_a == 0)
+    n_af = np.bincount(unit, weights=af, minlength=n_units)
+    n_bf = np.bincount(unit, weights=bf, minlength=n_units)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = np.bincount(unit, weights=af & chose_a, minlength=n_units) / n_af  # share of "a" with a shown first
+        y = np.bincount(unit, weights=bf & chose_a, minlength=n_units) / n_bf
+    both = (n_af > 0) & (n_bf > 0)
+    same = np.where(both, x * y + (1 - x) * (1 - y), 0.0)
+    unit_judge = np.zeros(n_units, np.int64)
+    unit_judge[unit] = judge
+    n = np.bincount(unit_judge, weights=both, minlength=n_judges)
+    kappa = np.bincount(unit_judge, weights=same, minlength=n_judges) / np.maximum(n, 1)
+    return np.where(n > 0, np.maximum(2 * kappa - 1, 0.0) / np.maximum(kappa, 1e-9), 1.0)
 
 
 def _judgment_evidence(judge: np.ndarray, v: np.ndarray, first: np.ndarray, single: np.ndarray,
