@@ -26,6 +26,7 @@ CHECK_MODULES: dict[str, tuple[str, ...]] = {
     "position_bias": ("position_bias", "order_inconsistent"),
     "length_bias": ("length_bias",),
     "routing": ("label_imbalance", "too_easy", "ambiguous"),
+    "consensus": ("ambiguous",),
 }
 
 
