@@ -3,47 +3,56 @@
 Why
 ---
 A judge (an LLM judge above all) may prefer a display *position* instead of a response:
-one that picks whatever is shown first says "a" when a is shown first and "b" when b is.
-Plurality counts those verdicts as votes, and one vote per judge hides that the judge
-contradicted itself.  This model gives each verdict the evidence it carries.
+one that picks whatever is shown first says "a" when a is shown first and "b" when b is,
+and a judge may do so on some pairs only.  Plurality counts those verdicts as votes;
+Dawid-Skene, which trusts a judge by its agreement with the panel, is pulled towards
+judges that share their errors (one model family, the same surface preferences).  This
+model weighs each verdict by what it can carry.
 
 Model (per judge j; a/b are names, so the two classes are symmetric, flat class prior)
 -------------------------------------------------------------------------------------
 * alpha_j = P(right | the better response was shown first), beta_j = P(right | it was
-  shown second): the judge's confusion conditioned on display order.  A judge biased
-  towards the first position has alpha_j > beta_j, towards the second alpha_j < beta_j;
-  its accuracy in a random display order is r_j = (alpha_j + beta_j) / 2.
-* **A verdict that flips with the display order carries no evidence for that pair**: the
-  judge judged the pair in both orders and named a different response each time, so one
-  of the two verdicts is right and one wrong whichever response is better (a flip counts
-  as one right and one wrong verdict for the judge's r_j: inconsistent judges weigh less
-  on every pair).  A consistent verdict in both orders is evidence logit(r_j) for its side.
-* A verdict given in **one display order only** is weighed by its position:
-  choosing the first-shown response is evidence log(alpha_j / (1 - beta_j)) for it,
-  choosing the second-shown log(beta_j / (1 - alpha_j)) -- a judge that nearly always picks
-  the first position says little when it does, and much when it picks the second.
-* A verdict **without display order** is evidence logit(r_j).
-* One vote per judge per pair: the k verdicts of a judge on a pair each weigh 1/k in the
-  pair's evidence (times the caller's weight, e.g. ``ai_weight``).
+  shown second): the judge's confusion conditioned on display order (a judge biased to the
+  first position has alpha_j > beta_j); r_j = (alpha_j + beta_j) / 2 its accuracy in a
+  random display order.
+* **A verdict that flips with the display order carries no evidence for that pair**: one of
+  the two verdicts is right and one wrong whichever response is better.  The flip counts
+  as one right and one wrong verdict for r_j, so order-inconsistent judges weigh less on
+  every pair.  A consistent verdict is evidence logit(r_j) for its side (one vote per judge
+  per pair: the k verdicts of a judge on a pair each weigh 1/k, times the caller's weight).
+* A verdict given in **one display order only** is weighed by its position: choosing the
+  first-shown response is evidence log(alpha_j / (1 - beta_j)) for it, the second-shown
+  log(beta_j / (1 - alpha_j)) -- a judge that nearly always picks the first position says
+  little when it does.  A verdict without display order is evidence logit(r_j).
+* **Engagement** pi_j (:func:`engaged_share`): every verdict's evidence is scaled by the share
+  of the judge's consistent verdicts that a fallback no better than a coin cannot explain,
+  pi_j = max(2 kappa_j - 1, 0) / kappa_j with kappa_j its order consistency.  A judge that
+  is consistent on only half of the pairs it judged in both orders says nothing; one that
+  is always consistent keeps its full weight; a judge never seen in both orders keeps 1.
+  Order consistency is the one signal a group of judges that err together cannot inflate
+  by agreeing with each other.
 
-Why a consistent verdict counts logit(r_j) rather than the exact two-coin likelihood
-logit(alpha_j) + logit(beta_j): the two-coin likelihood assumes judges err independently
-given the pair, and then credits a strongly position-biased judge's rare consistent
-verdict as strong evidence.  Real judges' strong preferences come largely from surface
-features they share (length, style, model family), so those verdicts err *together*; the
-one-coin weight, where flips count as errors, discounts judges by their order
-inconsistency.  On the synthetic panels of ``benchmarks/quality.py`` (correlated
-judges) the one-coin weight is 0.02-0.03 more accurate, and equal without correlation.
+Why logit(r_j) for a consistent verdict rather than the two-coin likelihood logit(alpha_j)
++ logit(beta_j), and why pi_j: both would be unnecessary if judges erred independently
+given the pair (then the exact likelihood is optimal, and on such panels this model is
+within 0.01-0.02 of it).  Real judges' strong preferences come partly from features they
+share, so a position-biased judge's rare consistent verdict and a family's common taste
+err together; the one-coin weight and pi_j discount exactly the judges whose verdicts
+depend on the display order.  Measured in ``benchmarks/consensus_quality.py`` (docs/
+benchmarks.md): on panels with correlated judges pi_j adds 0.02-0.07 accuracy.
 
 Estimation: EM (Dawid & Skene 1979).  E-step: ``logit q_p`` = sum of the weighted evidence
 of pair p.  M-step, every judgment once: alpha_j = share of right verdicts among the
 judge's judgments whose better response was shown first (expected under q), with a
 Beta(3.5, 1.5) prior (mean 0.7, weight of 5 judgments: small judges stay near a typical
 judge, and the a <-> b label switch is excluded); beta_j the same for shown second;
-judgments without display order count half to each; clipped to [0.02, 0.98].  Pairs with
-a gold label have q fixed to it in the M-step (their own posterior is still the
-judgments'), so 5-10 % gold anchors every judge.  Start: the plain vote with flips
-cancelling.  All sums are ``np.bincount``; one EM round is O(judgments).
+judgments without display order count half to each; clipped to [0.02, 0.98].  Start: the
+plain vote with flips cancelling.  **Gold**: pairs with a gold label have q fixed to it in
+the M-step (their own posterior is still the judgments'), and a judge with >= 10
+judgments on gold pairs is measured on those alone: unlike agreement with the panel, gold
+accuracy cannot be inflated by errors shared with others (10 % gold: +0.04-0.10 accuracy on
+correlated panels, against +0.01-0.02 when gold only anchors the EM).  All sums are
+``np.bincount``; one EM round is O(judgments).
 """
 from __future__ import annotations
 
@@ -115,6 +124,7 @@ def fit(
     w = np.asarray(weight, float)
     g = np.full(n_pairs, -1) if gold is None else np.asarray(gold)
     clamp = g >= 0
+    mw = _mstep_weights(judge, clamp[pair], n_judges)
     q = expit(np.bincount(pair, weights=w * v, minlength=n_pairs))  # start: the vote, flips cancel
     alpha = np.full(n_judges, PRIOR_RIGHT / (PRIOR_RIGHT + PRIOR_WRONG))
     beta = alpha.copy()
@@ -124,10 +134,10 @@ def fit(
         p_better_first = np.where(shown_a == 1, qp, 1.0 - qp)  # P(the better response was shown first)
         right = np.where(chose_a, qp, 1.0 - qp)
         # alpha: right | better first  (= chose first); beta: right | better second (= chose second)
-        na = np.where(known, p_better_first, 0.5)
-        ka = np.where(known, p_better_first * first, 0.5 * right)
-        nb = np.where(known, 1.0 - p_better_first, 0.5)
-        kb = np.where(known, (1.0 - p_better_first) * (known & ~first), 0.5 * right)
+        na = mw * np.where(known, p_better_first, 0.5)
+        ka = mw * np.where(known, p_better_first * first, 0.5 * right)
+        nb = mw * np.where(known, 1.0 - p_better_first, 0.5)
+        kb = mw * np.where(known, (1.0 - p_better_first) * (known & ~first), 0.5 * right)
         new_a = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=ka, minlength=n_judges))
                         / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=na, minlength=n_judges)), *CLIP)
         new_b = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=kb, minlength=n_judges))
@@ -142,6 +152,17 @@ def fit(
     ev = np.bincount(pair, weights=w * e, minlength=n_pairs)
     has = np.bincount(pair, weights=(w > 0).astype(float), minlength=n_pairs) > 0
     return OrderAwareDS(alpha, beta, engaged, np.where(has, expit(ev), np.nan), np.where(has, ev, np.nan), e, it)
+
+
+MIN_GOLD_JUDGMENTS = 10  # a judge with this many judgments on gold pairs is measured on gold only
+
+
+def _mstep_weights(judge: np.ndarray, on_gold: np.ndarray, n_judges: int) -> np.ndarray:
+    """(N,) weight of each judgment in the M-step: a judge with >= MIN_GOLD_JUDGMENTS judgments
+    on gold pairs is estimated from those alone (the panel's agreement would pull a judge
+    that shares its errors with many others towards them); any other judge from all."""
+    n_gold = np.bincount(judge, weights=on_gold, minlength=n_judges)
+    return np.where((n_gold >= MIN_GOLD_JUDGMENTS)[judge], on_gold.astype(float), 1.0)
 
 
 def engaged_share(*, unit: np.ndarray, n_units: int, judge: np.ndarray, n_judges: int, chose_a: np.ndarray,
