@@ -313,11 +313,15 @@ def pair_gold(e: Encoded) -> np.ndarray:
 
 
 def order_aware(e: Encoded, cfg: AggregationConfig | None = None) -> tuple[np.ndarray, position_ds.OrderAwareDS]:
-    """Order-aware Dawid-Skene (:mod:`pipeline.position_ds`) over all decisive judgments,
-    one vote per annotator per pair, anchored on gold labels.  Returns (decisive mask (N,),
-    fitted model; its ``judgment_evidence`` is aligned with the decisive rows)."""
+    """Order-aware Dawid-Skene (:mod:`pipeline.position_ds`) over the decisive judgments of
+    the pairs an AI judge judged (AI and human judgments: humans anchor the AI judges on
+    shared pairs; human-only pairs are decided by the human plurality and left out, which
+    keeps the EM to the AI part of a batch), one vote per annotator per pair, anchored on
+    gold labels.  Returns (mask (N,) of the judgments used, fitted model; its
+    ``judgment_evidence`` is aligned with the masked rows)."""
     cfg = cfg or AggregationConfig()
-    dec = (e.label >= A) & (e.label <= B)
+    has_ai = np.bincount(e.pair, weights=~e.human, minlength=e.n_pairs) > 0
+    dec = (e.label >= A) & (e.label <= B) & has_ai[e.pair]
     w = (1.0 / np.bincount(e.unit, minlength=e.n_units)[e.unit])[dec]
     shown = e.shown[dec]
     model = position_ds.fit(
@@ -409,15 +413,19 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     used = {"human_first": h | (n_h[e.pair] == 0), "separate": np.ones(e.n, bool), "vote": np.ones(e.n, bool),
             "ignore_ai": h}[cfg.ai_mode]
 
-    dec, oa = order_aware(e, cfg)
+    dec = (e.label >= A) & (e.label <= B)
     p_idx, a_idx, hd, wd = e.pair[dec], e.ann[dec], h[dec], w[dec]
     vote = np.where(e.label[dec] == A, 1.0, -1.0)
     acc = ds_accuracy(e, cfg)
     ev_h = vote * np.log(acc / (1.0 - acc))[a_idx]  # one-coin evidence: humans, and the vote modes
     p_h = evidence_share(p_idx, ev_h, wd * hd, P)
-    p_ai = evidence_share(p_idx, oa.judgment_evidence, wd * ~hd, P)
     p_vote = evidence_share(p_idx, ev_h, wd * np.where(hd, 1.0, cfg.ai_weight), P)
-    ev_ai = np.bincount(p_idx, weights=(wd * ~hd) * oa.judgment_evidence, minlength=P)
+    used_oa, oa = order_aware(e, cfg)  # AI: order-aware evidence
+    ai_oa = ~h[used_oa]
+    wo = w[used_oa] * ai_oa
+    p_ai = evidence_share(e.pair[used_oa], oa.judgment_evidence, wo, P)
+    ev_ai = np.bincount(e.pair[used_oa], weights=wo * oa.judgment_evidence, minlength=P)
+    fitted = np.bincount(e.ann[used_oa], minlength=e.n_annotators) > 0
 
     counts = e.per_pair()
     hv, av = e.per_pair(w * h), e.per_pair(w * ~h)
@@ -474,9 +482,9 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         "n_judgments": np.bincount(e.ann, minlength=e.n_annotators).astype(np.int64),
         "n_decisive": np.bincount(e.ann, weights=dec, minlength=e.n_annotators).astype(np.int64),
         "ds_accuracy": acc,
-        "accuracy_better_first": oa.alpha, "accuracy_better_second": oa.beta,
-    }).with_columns([pl.when(pl.col("n_decisive") > 0).then(pl.col(x)).alias(x)
-                     for x in ("ds_accuracy", "accuracy_better_first", "accuracy_better_second")])
+        "accuracy_better_first": np.where(fitted, oa.alpha, np.nan), "accuracy_better_second": np.where(fitted, oa.beta, np.nan),
+        "order_engagement": np.where(fitted, oa.engaged, np.nan),
+    }).with_columns(ds_accuracy=pl.when(pl.col("n_decisive") > 0).then(pl.col("ds_accuracy"))).fill_nan(None)
     return Aggregation(pairs, annotators, canon_a.alias("a_hash"))
 
 
@@ -555,7 +563,7 @@ def n_used_expr() -> pl.Expr:
 def _empty_annotators() -> pl.DataFrame:
     return pl.DataFrame(schema={"annotator_id": pl.String, "annotator_kind": pl.String, "n_judgments": pl.Int64,
                                 "n_decisive": pl.Int64, "ds_accuracy": pl.Float64, "accuracy_better_first": pl.Float64,
-                                "accuracy_better_second": pl.Float64})
+                                "accuracy_better_second": pl.Float64, "order_engagement": pl.Float64})
 
 
 # ---------------------------------------------------------------- annotators.parquet
