@@ -429,3 +429,29 @@ def make_judge_panel(
                 rec["gold_label"] = tr(p["truth"])
             out.append(rec)
     return Panel(out, truth, gold, judges, first_rate)
+
+
+def verdict_records(verdicts: list[tuple[str, str, str, str]], *, kind: str = "ai",
+                    gold: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Raw judgments from (pair key, judge, shown_first, label) rows: pair ``k`` has prompt
+    ``"question k"`` and responses ``"answer A to k"`` / ``"answer B to k"``; ``gold``: pair key
+    -> gold label.  For hand-planted panels with exact expectations."""
+    out = []
+    for n, (key, judge, first, label) in enumerate(verdicts):
+        r: dict[str, Any] = {"comparison_id": f"v{n}", "prompt": f"question {key}", "response_a": f"answer A to {key}",
+                             "response_b": f"answer B to {key}", "label": label, "shown_first": first,
+                             "annotator_id": judge, "annotator_kind": kind}
+        if gold and key in gold:
+            r["gold_label"] = gold[key]
+        out.append(r)
+    return out
+
+
+def both_orders(key: str, judge: str, behaviour: str, truth: str) -> list[tuple[str, str, str, str]]:
+    """One judge's verdicts on one pair in both display orders: ``right`` / ``wrong`` (the
+    same verdict twice), ``first`` / ``second`` (the position, so the verdict flips)."""
+    rows = []
+    for first in "ab":
+        lab = {"right": truth, "wrong": _flip(truth), "first": first, "second": _flip(first)}[behaviour]
+        rows.append((key, judge, first, lab))
+    return rows
