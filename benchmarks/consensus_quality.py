@@ -62,6 +62,24 @@ PANELS: list[tuple[str, str, dict]] = [
                                                 "judges_per_pair": 3, "both_orders": 0.0, "appeal": 0.5}),
     ("humans: make_planted batches", "planted", {}),
 ]
+HEADER = """Consensus accuracy against known answers (issue 17) on synthetic judge panels
+(`tests/synth.py`: `make_judge_panel`, 400 pairs, 18 judges -- 3 good, 10 biased to the first or
+the second position at first-shown rates 0.6-0.95, 3 order-inconsistent with first-shown rate ~0.5,
+2 weak -- every pair in both display orders unless said otherwise; a latent-preference judge, not
+the consensus model, with errors correlated through a shared surface appeal and, with families,
+a per-pair taste shared by a family of judges), and on human panels.  "issue-like" is the setting
+whose baselines look like the issue's real panel (majority ~0.64, crowd-kit DS below majority,
+the consistency vote above it).  Accuracy over the pairs without gold; no a/b answer counts 1/2.
+Cells: mean (min-max) over seeds 100-109 (development used seeds 0-5).  "prefpipe before" is the
+main checkout's `aggregate` on the same data; "after judgment drops" is the consensus `curate`
+computes (annotators flagged `low_reliability` removed first, default policy)."""
+FOOTER = """Reading it: the order-aware model (`pipeline/position_ds.py`, `docs/checks-stats.md`) gains
+where judges' verdicts depend on the display order and where a few judges are consistent and the
+rest are not; gold is used to measure judges directly.  It loses to majority where one family
+of judges that err together is large and consistent ("strong taste", "one family of 15"): nothing
+without gold tells such a family's agreement from the truth, and its members are as order-
+consistent as good judges.  Human panels (3 annotators, one order) keep the plurality: identical
+to before by construction."""
 METHODS = ("majority", "consistency vote", "crowd-kit DS", "crowd-kit DS (judge x order)", "prefpipe before",
            "prefpipe", "prefpipe after judgment drops")
 
@@ -220,13 +238,22 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=list(range(100, 110)))
     ap.add_argument("--before-code", type=Path, help="a prefpipe checkout whose aggregate fills 'prefpipe before'")
     ap.add_argument("--prefpipe-json", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-write", action="store_true", help="print only; do not rewrite the Consensus section of docs/benchmarks.md")
     a = ap.parse_args()
     if a.prefpipe_json:
         sys.path.insert(0, str(Path.cwd()))
         print(json.dumps(run_prefpipe_only(a.seeds)))
         return
     sys.path.insert(0, str(ROOT))
-    print(bench_consensus(a.seeds, a.before_code.resolve() if a.before_code else None))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _report import machine_line, write_section
+
+    table = bench_consensus(a.seeds, a.before_code.resolve() if a.before_code else None)
+    cmd = "`.venv/bin/python benchmarks/consensus_quality.py" + (" --before-code ../main" if a.before_code else "") + "`"
+    body = (f"{cmd} — {machine_line()}; crowd-kit 1.4.2.\n\n{HEADER}\n\n{table}\n\n{FOOTER}")
+    print(body)
+    if not a.no_write:
+        write_section("Consensus", body)
 
 
 if __name__ == "__main__":
