@@ -79,9 +79,13 @@ rest are not; gold is used to measure judges directly.  It loses to majority whe
 of judges that err together is large and consistent ("strong taste", "one family of 15"): nothing
 without gold tells such a family's agreement from the truth, and its members are as order-
 consistent as good judges.  Human panels (3 annotators, one order) keep the plurality: identical
-to before by construction."""
+to before by construction.  "After judgment drops" with gold: the reliability check's gold test
+flags judges not shown better than chance (+ margin) -- on these panels most judges at 0.55-0.65
+accuracy -- and the default `low_reliability = "drop"` removes them, which costs the order-aware
+consensus (it already gives weak judges little weight) much of its gain; with
+`select.flag_actions.low_reliability = "downweight"` the curate consensus is the "prefpipe" column."""
 METHODS = ("majority", "consistency vote", "crowd-kit DS", "crowd-kit DS (judge x order)", "prefpipe before",
-           "prefpipe", "prefpipe after judgment drops")
+           "prefpipe before, after judgment drops", "prefpipe", "prefpipe after judgment drops")
 
 
 def _load_synth():
@@ -226,6 +230,7 @@ def bench_consensus(seeds: list[int], before_code: Path | None = None) -> str:
                 got[k].append(v)
             if before is not None:
                 got["prefpipe before"].append(before[name][i]["prefpipe"])
+                got["prefpipe before, after judgment drops"].append(before[name][i]["prefpipe after judgment drops"])
         rows.append([name, *(_cell(got[m]) for m in METHODS), f"{_cell(got['decided'])} / {_cell(got['coverage'])}"])
     head = [*("panel", *METHODS), "prefpipe: decided pairs' accuracy / their share"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
