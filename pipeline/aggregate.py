@@ -15,11 +15,16 @@ Method
 3. **One vote per annotator per pair.**  An annotator who judged a pair k times (an AI
    judge run in both display orders) gives each of those judgments weight 1/k, so
    repeating a judgment never outvotes a second opinion.
-4. **Per-kind labels** ``label_human`` / ``label_ai``: plurality of the votes of that kind
-   over the five labels.  A tie of exactly ``a`` and ``b`` is broken by the Dawid-Skene
-   estimate (below) from the same judgments; any other tie, or exactly balanced
-   evidence, gives ``escalate``.  ``label_majority`` is the plain plurality of all raw
-   judgments (null on a tie), for reference only.
+4. **Per-kind labels.**  ``label_human``: plurality of the human votes over the five labels;
+   a tie of exactly ``a`` and ``b`` is broken by the Dawid-Skene estimate (below) from the
+   same judgments; any other tie, or exactly balanced evidence, gives ``escalate``.
+   ``label_ai``: the plurality of the AI votes says whether the judges gave a verdict (a or
+   b leading, alone or tied) or tie / both_bad / escalate; the verdict's side is the sign
+   of the **order-aware Dawid-Skene** evidence (:mod:`pipeline.position_ds`: a verdict that
+   flips with the display order is no evidence, one-order verdicts are weighed by display
+   position, judges by order consistency and gold), ``escalate`` when it is exactly 0.
+   ``label_majority`` is the plain plurality of all raw judgments (null on a tie), for
+   reference only.
 5. **Dawid-Skene (one-coin)** on decisive (a/b) judgments, :func:`dawid_skene`: annotator
    j has accuracy r_j; ``logit P(a) = sum_i w_i v_i log(r_j / (1 - r_j))`` (v = +1 for a,
    -1 for b; flat class prior, because a/b are names, not positions).  r_j is
@@ -46,8 +51,10 @@ Method
    ``separate``/``vote``; human under ``ignore_ai``).  ``agreement`` = share of the used
    judgments whose label equals the consensus; ``strength`` = mean strength of the used
    judgments agreeing with it; ``annotator_kind`` = human / ai / mixed from the used
-   judgments (all judgments when none was used); ``p_a_weighted`` = the DS posterior from
-   the used judgments.  ``count_*`` and ``n_*`` count all judgments.  ``locale`` is the
+   judgments (all judgments when none was used); ``p_a_weighted`` = the share of the
+   accuracy-weighted evidence of the used judgments that points to a
+   (:func:`evidence_share`; order-aware evidence for AI judgments), the consensus'
+   confidence that ``select`` weighs DPO rows by and ``checks/consensus.py`` abstains on.  ``count_*`` and ``n_*`` count all judgments.  ``locale`` is the
    first non-null locale of the pair, ``tags`` the sorted union of its judgments' tags.
 """
 from __future__ import annotations
