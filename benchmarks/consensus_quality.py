@@ -68,7 +68,7 @@ the second position at first-shown rates 0.6-0.95, 3 order-inconsistent with fir
 2 weak -- every pair in both display orders unless said otherwise; a latent-preference judge, not
 the consensus model, with errors correlated through a shared surface appeal and, with families,
 a per-pair taste shared by a family of judges), and on human panels.  "issue-like" is the setting
-whose baselines look like the issue's real panel (majority ~0.64, crowd-kit DS below majority,
+whose baselines look like the issue's real panel (majority 0.64-0.68, crowd-kit DS below it,
 the consistency vote above it).  Accuracy over the pairs without gold; no a/b answer counts 1/2.
 Cells: mean (min-max) over seeds 100-109 (development used seeds 0-5).  "prefpipe before" is the
 main checkout's `aggregate` on the same data; "after judgment drops" is the consensus `curate`
