@@ -3,9 +3,10 @@
 Exit codes (every command):
   0  success (validate: every row valid; certify: certified)
   1  validate: some rows were quarantined (the report says which)
-  2  bad usage, or an input file / policy that cannot be used as a whole (nothing written)
+  2  bad usage, or an input file / policy / store / id / key that cannot be used as a whole
+     (the message names the file and the reason; nothing written)
   3  certify: the version was rejected
-  4  train: the version is not certified or its files do not match the manifest
+  4  train: the version is not certified (certificate -> manifest -> files does not verify)
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
-from flows.console import err_console, out_console, progress_for
+from flows.console import err_console, json_text, markup, out_console, plain, progress_for
 
 app = typer.Typer(
     name="prefpipe",
@@ -40,12 +42,52 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", "-p", help="Policy file (.toml/.yaml); default: built-in defaults.")]
 
 
-def _fail_usage(message: str) -> None:
-    err_console().print(f"[bold red]error:[/] {message}")
+def _fail_usage(message: str, *, multiline: bool = False) -> None:
+    """Print ``error: message`` (shown literally; a line break in it as ``\\n`` unless ``multiline``:
+    a message our code lays out over several lines) and exit 2."""
+    err_console().print(markup("[bold red]error:[/] {message}", message=plain(message, multiline=multiline)))
     raise typer.Exit(EXIT_USAGE)
 
 
-@app.command()
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.readers import UnreadableFile
+    from pipeline.signing import SigningConfigError
+    from pipeline.store import StoreError
+    from schemas.ids import UnsafeId
+    from schemas.policy import PolicyError
+
+    return StoreError, UnreadableFile, PolicyError, UnsafeId, SigningConfigError, OSError
+
+
+def guarded(fn):
+    """Run a command so that a broken store, an unreadable file, a bad id or key, or a failing
+    disk (full, read-only) ends in exit 2 with the file and the reason, never a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _known_errors() as err:
+            from schemas.policy import PolicyError
+
+            _fail_usage(_describe_error(err), multiline=isinstance(err, PolicyError))
+
+    return run
+
+
+def _describe_error(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:  # disk full, read-only, permission: the file and the reason
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err)
+
+
+def command(*args, **kwargs):
+    """``@app.command()`` with :func:`guarded` applied."""
+    return lambda fn: app.command(*args, **kwargs)(guarded(fn))
+
+
+@command()
 def validate(
     files: FilesArg,
     fmt: FormatOpt = None,
@@ -85,14 +127,15 @@ def validate(
             "sources": [s.model_dump() for s in result.sources],
             "errors": q.select("source_file", "line", "reason", "field", "error").head(max_errors).to_dicts(),
         }
-        print(json.dumps(payload, ensure_ascii=False, indent=2))
+        print(json_text(payload, indent=2))
     else:
         _print_ledger(result)
         if q.height:
             con = out_console()
-            con.print(f"\n[bold]First {min(max_errors, q.height)} of {q.height} quarantined rows:[/]")
+            con.print(markup("\n[bold]First {shown} of {total} quarantined rows:[/]", shown=min(max_errors, q.height), total=q.height))
             for r in q.head(max_errors).iter_rows(named=True):
-                con.print(f"  {r['source_file']}:{r['line']}  [yellow]{r['reason']}[/]  {r['error']}", highlight=False, soft_wrap=True)
+                con.print(markup("  {file}:{line}  [yellow]{reason}[/]  {error}", file=r["source_file"], line=r["line"],
+                                 reason=r["reason"], error=r["error"]), soft_wrap=True)
     raise typer.Exit(EXIT_QUARANTINE if result.ledger.quarantined else EXIT_OK)
 
 
@@ -104,9 +147,9 @@ def _print_ledger(result) -> None:
     for col in ("file", "format", "rows in", "valid", "quarantined", "judgments"):
         t.add_column(col, justify="left" if col in ("file", "format") else "right")
     for s in result.sources:
-        t.add_row(s.path, s.format, f"{s.rows_in:,}", f"{s.rows_valid:,}", f"{s.quarantined:,}", f"{s.judgments:,}")
+        t.add_row(plain(s.path), plain(s.format), f"{s.rows_in:,}", f"{s.rows_valid:,}", f"{s.quarantined:,}", f"{s.judgments:,}")
     led = result.ledger
-    t.add_row("[bold]total[/]", "", f"{led.rows_in:,}", f"{led.rows_valid:,}", f"{led.quarantined:,}", f"{led.judgments:,}")
+    t.add_row(plain("total", style="bold"), "", f"{led.rows_in:,}", f"{led.rows_valid:,}", f"{led.quarantined:,}", f"{led.judgments:,}")
     con.print(t)
     con.print(f"rows in {led.rows_in:,} = valid {led.rows_valid:,} + quarantined {led.quarantined:,}"
               + (f"  (quarantined by reason: {led.quarantined_by_reason})" if led.quarantined else ""), highlight=False)
@@ -123,7 +166,7 @@ def _load_policy_or_exit(policy: Path | None):
     try:
         return load_policy(policy)
     except PolicyError as err:
-        _fail_usage(str(err))
+        _fail_usage(str(err), multiline=True)
 
 
 def _open_store(store: Path, *, must_exist: bool = True):
@@ -143,7 +186,7 @@ def _resolve_or_exit(st, ref: str):
         _fail_usage(str(err))
 
 
-@app.command()
+@command()
 def curate(
     files: FilesArg,
     store: StoreOpt = Path("store"),
@@ -197,10 +240,11 @@ def _print_version_summary(m) -> None:
               f" + dropped {sum(led.dropped.values()):,} {led.dropped or ''}")
     con.print("splits: " + ", ".join(f"{k} {v.rows:,}" for k, v in m.splits.items()))
     status_style = {"pass": "green", "warn": "yellow", "fail": "red"}
-    con.print("checks: " + "  ".join(f"[{status_style.get(c['status'], 'white')}]{c['name']}={c['status']}[/]" for c in m.checks))
+    con.print(Text("checks: ") + Text("  ").join(plain(f"{c['name']}={c['status']}", style=status_style.get(c["status"], "white"))
+                                              for c in m.checks))
 
 
-@app.command()
+@command()
 def certify(
     version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
     store: StoreOpt = Path("store"),
@@ -226,30 +270,44 @@ def certify(
     else:
         con = out_console()
         for g in cert.gates:
-            mark = "[green]PASS[/]" if g.passed else "[red]FAIL[/]"
-            con.print(f"  {mark} {g.name:34s} value {g.value!s:<12} threshold {g.threshold!s:<14} {g.detail}")
+            mark = plain("PASS", style="green") if g.passed else plain("FAIL", style="red")
+            con.print(markup("  {mark} {g.name:34s} value {g.value!s:<12} threshold {g.threshold!s:<14} {g.detail}", mark=mark, g=g))
         failing = [g.name for g in cert.gates if not g.passed]
         if failing:
-            con.print(f"[bold red]REJECTED[/] {h.version_id}: failing gates: {', '.join(failing)}")
+            con.print(markup("[bold red]REJECTED[/] {vid}: failing gates: {gates}", vid=h.version_id, gates=", ".join(failing)))
         else:
-            con.print(f"[bold green]CERTIFIED[/] {h.version_id}")
+            con.print(markup("[bold green]CERTIFIED[/] {vid}", vid=h.version_id))
         con.print(f"record: {st.certification_path(h.version_id)}")
     raise typer.Exit(EXIT_OK if cert.verdict == "certified" else EXIT_REJECTED)
 
 
-@app.command()
-def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
-    """List versions: id, created, parent, pairs kept, certified?"""
+@command()
+def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
+             fast: Annotated[bool, typer.Option("--fast", help="Check certificate -> manifest only; do not hash the data files.")] = False) -> None:
+    """List versions: id, created, parent, pairs kept, certified?
+
+    "certified" means the whole chain holds: a certified record for this version whose manifest
+    sha256 (and signature, when signing is configured) verifies, and every file matching the
+    manifest.  Damaged versions are listed as DAMAGED."""
     from rich.table import Table
+
+    from pipeline.store import VersionHandle
 
     st = _open_store(store)
     rows = []
-    for vid in st.list_ids():
-        h = st.get(vid)
+    for e in st.list_versions():
+        if e.damaged:
+            rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
+                         "certified": False, "damaged": e.damaged, "trust": {"ok": False, "link": "manifest", "reason": e.damaged}})
+            continue
+        h = VersionHandle(st, e.version_id)
         m = h.manifest()
-        cert = h.certification()
-        rows.append({"version_id": vid, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
-                     "pairs_kept": m.ledger.pairs_kept, "certified": None if cert is None else cert["verdict"] == "certified"})
+        chain = h.verify_chain(files=not fast)
+        rows.append({"version_id": e.version_id, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
+                     "pairs_kept": m.ledger.pairs_kept, "damaged": None,
+                     # null: never certified; false: a record exists but the chain does not hold
+                     "certified": chain.ok if st.certification_path(e.version_id).exists() else None,
+                     "trust": {"ok": chain.ok, "link": chain.link, "reason": chain.reason}})
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -257,32 +315,45 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
     for col in ("version", "created", "parent", "pairs kept", "certified"):
         t.add_column(col)
     for r in rows:
-        cert = "-" if r["certified"] is None else ("yes" if r["certified"] else "rejected")
+        if r["damaged"]:
+            t.add_row(r["version_id"], "-", "-", "-", "DAMAGED")
+            continue
+        link = r["trust"]["link"]
+        cert = "yes" if r["certified"] else {"certificate": "-", "verdict": "rejected"}.get(link, f"no ({link} changed)")
         t.add_row(r["version_id"], r["created_at"], r["parent"] or "-", f"{r['pairs_kept']:,}", cert)
-    out_console().print(t)
+    out_console().print(t, markup=False)
+    for r in rows:
+        if r["damaged"] or (r["trust"]["link"] not in (None, "certificate", "verdict")):
+            err_console().print(markup("{vid}: {reason}", vid=r["version_id"], reason=r["trust"]["reason"]))
 
 
-@app.command()
+@command()
 def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
          store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
-    """Show a version: ledger, checks, splits, annotator summary, certification."""
+    """Show a version: ledger, checks, splits, annotator summary, certification (verified: certificate -> manifest -> files)."""
     st = _open_store(store)
     h = _resolve_or_exit(st, version)
     m = h.manifest()
+    chain = h.verify_chain()
+    trust = {"ok": chain.ok, "link": chain.link, "reason": chain.reason}
     if as_json:
-        print(json.dumps({**m.model_dump(mode="json"), "certification": h.certification(), "path": str(h.path)}, indent=2))
+        print(json.dumps({**m.model_dump(mode="json"), "certification": h.certification(), "trust": trust,
+                          "path": str(h.path)}, indent=2))
         return
     con = out_console()
-    con.print(f"[bold]{m.version_id}[/]  created {m.created_at:%Y-%m-%d %H:%M:%S}Z  parent {m.parent_version or '-'}  code {m.code_version}")
+    con.print(markup("[bold]{m.version_id}[/]  created {m.created_at:%Y-%m-%d %H:%M:%S}Z  parent {parent}  code {m.code_version}",
+                     m=m, parent=m.parent_version or "-"))
     con.print(f"path: {h.path}")
     _print_version_summary(m)
     for c in m.checks:
-        con.print(f"  {c['name']:16s} {c['status']:5s} {c.get('summary', '')}  {c.get('flag_counts') or ''}")
-    cert = h.certification()
-    con.print(f"certification: {'none yet' if cert is None else cert['verdict']}")
+        con.print(markup("  {name:16s} {status:5s} {summary}  {flags}", name=c["name"], status=c["status"],
+                         summary=c.get("summary", ""), flags=c.get("flag_counts") or ""))
+    state = "CERTIFIED" if chain.ok else ("none yet" if chain.link == "certificate" and h.certification() is None
+                                          else f"NOT certified ({chain.link}): {chain.reason}")
+    con.print(markup("certification: {state}", state=state))
 
 
-@app.command()
+@command()
 def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[str, typer.Argument(help="Newer version.")],
          store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
     """Compare two versions: pairs added/removed, label flips, metric deltas."""
@@ -300,12 +371,59 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
     if d["label_flip_pair_ids"]:
         shown = d["label_flip_pair_ids"][:10]
         more = len(d["label_flip_pair_ids"]) - len(shown)
-        con.print("label flipped: " + ", ".join(shown) + (f" (+{more} more)" if more else ""))
+        con.print(markup("label flipped: {ids}{more}", ids=", ".join(shown), more=f" (+{more} more)" if more else ""))
+    if d["split_moves"]:
+        con.print(f"split moves: {d['split_moves']} pairs", markup=False)
+        for key, n in d["split_moves_by"].items():
+            src, dst = key.split("->")
+            ids = [p for p in d["split_move_pair_ids"]][:5]
+            con.print(f"  {src} -> {dst}: {n}" + (" (held-out pairs now in train)" if dst == "train" else ""), markup=False)
+        con.print(markup("  e.g. {ids}", ids=", ".join(ids)))
     for k, (x, y) in d["metrics"].items():
-        con.print(f"  {k:40s} {x!s:>12} -> {y!s:<12}")
+        con.print(markup("  {k:40s} {x!s:>12} -> {y!s:<12}", k=k, x=x, y=y))
 
 
-@app.command()
+@command()
+def gc(
+    store: StoreOpt = Path("store"),
+    delete: Annotated[list[str] | None, typer.Option("--delete", help="Delete this version (repeatable); its parts shared with other versions stay.")] = None,
+    keep_last: Annotated[int | None, typer.Option("--keep-last", min=1, help="Delete every version except the N newest and every certified one.")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="Remove what is listed (default: dry run, nothing removed).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Garbage-collect the store: parts no version links, staging dirs of dead writers, and (with
+    --delete / --keep-last) whole versions.  A dry run unless --apply.
+
+    Parts are shared between versions (hard links into STORE/objects/): deleting a version frees
+    only the parts no other version uses.  Certification records of deleted versions are kept aside
+    as VERSION.json.deleted-<time>."""
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = _open_store(store)
+    doomed = list(delete or [])
+    for ref in doomed:
+        _resolve_or_exit(st, ref)
+    doomed = [st.resolve(r).version_id for r in doomed]
+    if keep_last is not None:
+        ids = st.list_ids()
+        keep = set(ids[-keep_last:]) | {v for v in ids if st.get(v).verify_chain(files=False).ok}
+        doomed += [v for v in ids if v not in keep]
+    plan = plan_gc(st, delete_versions=doomed)
+    if apply:
+        collect_garbage(st, plan)
+    summary = {"applied": apply, "versions": plan.versions, "objects": len(plan.objects), "object_bytes": plan.bytes,
+               "staging": [d.name for d in plan.staging]}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    con = out_console()
+    verb = "removed" if apply else "would remove (dry run; --apply to remove)"
+    con.print(markup("{verb}: {nv} version(s) {vs}, {no} unreferenced part(s) ({mb} MB), {ns} staging dir(s)",
+                     verb=verb, nv=len(plan.versions), vs=", ".join(plan.versions) or "", no=len(plan.objects),
+                     mb=f"{plan.bytes / 1e6:,.1f}", ns=len(plan.staging)))
+
+
+@command()
 def serve(
     inbox: Annotated[Path, typer.Option("--inbox", help="Directory where new batch files arrive (each finished file gets a FILE.done marker).")],
     store: StoreOpt = Path("store"),
@@ -335,7 +453,7 @@ def serve(
         try:
             outcomes = process_inbox(**params)
         except Exception as err:  # the flow run failed visibly; say why and exit non-zero
-            err_console().print(f"[bold red]inbox run failed:[/] {err}")
+            err_console().print(markup("[bold red]inbox run failed:[/] {err}", err=err))
             raise typer.Exit(1) from None
         for o in outcomes:
             out_console().print(o)
@@ -363,10 +481,11 @@ def serve(
 
 from flows.train_cmd import train as _train  # noqa: E402  (registered here; the command lives in its own module)
 
-app.command(name="train")(_train)
+app.command(name="train")(guarded(_train))
 
 
 @policy_app.command("show")
+@guarded
 def policy_show(
     policy: PolicyOpt = None,
     as_json: JsonOpt = False,
@@ -377,7 +496,7 @@ def policy_show(
     try:
         pol = load_policy(policy)
     except PolicyError as err:
-        _fail_usage(str(err))
+        _fail_usage(str(err), multiline=True)
     data = pol.model_dump(mode="json")
     if as_json:
         print(json.dumps({"policy_hash": pol.policy_hash(), "policy": data}, indent=2))
@@ -414,6 +533,111 @@ def policy_toml(model, prefix: str = "") -> str:
         lines.append(f"\n[{section}]")
         lines.append(policy_toml(value, section))
     return "\n".join(lines)
+
+
+review_app = typer.Typer(help="Send routed pairs to human review and take the answers back (JSONL, Label Studio, Argilla).",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
+ReviewFormatOpt = Annotated[str, typer.Option("--format", "-f", help="jsonl, label-studio or argilla.", show_default=False)]
+
+
+@review_app.command("export")
+@guarded
+def review_export(
+    version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
+    fmt: ReviewFormatOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="jsonl: the tasks file; label-studio: the tasks JSON (the labeling "
+                                      "config goes beside it as .xml); argilla: a new directory (Dataset.to_disk layout).",
+                                      show_default=False)],
+    store: StoreOpt = Path("store"),
+    reasons: Annotated[str | None, typer.Option("--reasons", help="Routing reasons to export, comma-separated "
+                                                "(tie, both_bad, escalate, low_agreement, ambiguous); default: all.")] = None,
+    dimensions: Annotated[str | None, typer.Option("--dimensions", help="Rubric dimensions to ask about, comma-separated, "
+                                                   "e.g. helpfulness,harmlessness (label-studio, argilla).")] = None,
+    dataset_name: Annotated[str | None, typer.Option("--dataset-name", help="argilla: the dataset to create "
+                                                     "(default prefpipe-review-VERSION).")] = None,
+    workspace: Annotated[str | None, typer.Option("--workspace", help="argilla: the workspace (default: ARGILLA_WORKSPACE "
+                                                  "or the server's default).")] = None,
+    no_push: Annotated[bool, typer.Option("--no-push", help="argilla: write to disk only, even with ARGILLA_API_URL "
+                                          "and ARGILLA_API_KEY set.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a version's routed pairs as review tasks, each shown in a randomized (recorded) order.
+
+    Prints the written path(s) last on stdout.  Exit 0 written; 2 unknown version, format, reason or
+    dimension, or an Argilla push that failed (nothing written)."""
+    from pipeline.review import PushError, check_format, export_review, parse_dimensions
+    from pipeline.review.tasks import parse_reasons
+
+    try:
+        check_format(fmt)
+        asked, dims = parse_reasons(reasons), parse_dimensions(dimensions)
+    except ValueError as err:
+        _fail_usage(str(err))
+    st = _open_store(store)
+    h = _resolve_or_exit(st, version)
+    try:
+        res = export_review(st, h.version_id, fmt=fmt, out=out, reasons=asked, dimensions=dims,
+                            dataset_name=dataset_name, workspace=workspace, push=not no_push)
+    except PushError as err:
+        _fail_usage(f"{err} (nothing written)")
+    if as_json:
+        print(json_text({"version_id": res.version_id, "format": res.fmt, "tasks": res.tasks, "by_reason": res.by_reason,
+                         "reasons": list(asked), "dimensions": list(dims), "files": [str(p) for p in res.files],
+                         "pushed": res.pushed}, indent=2))
+        return
+    by = ", ".join(f"{k} {v}" for k, v in res.by_reason.items()) or "none routed for " + ", ".join(asked)
+    err_console().print(markup("exported {n} review tasks of {vid} ({by}) as {fmt}", n=res.tasks, vid=res.version_id, by=by, fmt=fmt))
+    if res.pushed:
+        err_console().print(markup("pushed to Argilla as dataset {name}", name=dataset_name or f"prefpipe-review-{res.version_id}"))
+    for p in res.files:
+        out_console().print(plain(p))
+
+
+@review_app.command("import")
+@guarded
+def review_import(
+    file: Annotated[Path, typer.Argument(help="The review tool's export (argilla: a JSON/JSONL file or a to_disk directory).",
+                                         show_default=False)],
+    fmt: ReviewFormatOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The batch of judgments to write (JSON Lines).", show_default=False)],
+    store: Annotated[Path | None, typer.Option("--store", "-s", help="Check every task against the routed pairs of this "
+                                               "store (on when given).", envvar="PREFPIPE_STORE")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="With --store: every task must belong to this version "
+                                                "(default: the version each task names).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn a review tool's export into canonical judgments with review_of set.
+
+    Prints the ledger (items in = judgments out + skipped by reason) and the batch path last.
+    Exit 0 written; 2 unreadable, not an export of that tool, or a task that does not match what
+    was exported or routed (the message names the file, the task and the field; nothing written)."""
+    from pipeline.review import check_format, import_review
+
+    try:
+        check_format(fmt)
+    except ValueError as err:
+        _fail_usage(str(err))
+    if version and store is None:
+        _fail_usage("--version needs --store (the store whose routed pairs the reviews are checked against)")
+    st = _open_store(store) if store is not None else None
+    if st is not None and version:
+        _resolve_or_exit(st, version)
+    res = import_review(file, fmt=fmt, out=out, store=st, version=version)
+    led = res.ledger
+    if as_json:
+        print(json_text({"file": str(file), "format": fmt, "out": str(out), "ledger": led.model_dump(),
+                         "checked_against": res.checked_against}, indent=2))
+        return
+    con = out_console()
+    con.print(markup("review import {file} ({fmt}): {tasks} tasks", file=file, fmt=fmt, tasks=led.tasks_in))
+    skipped = ", ".join(f"{k} {v}" for k, v in led.skipped.items())
+    con.print(markup("items in {n} = judgments out {j} + skipped {s}{detail}", n=led.items_in, j=led.judgments_out,
+                     s=sum(led.skipped.values()), detail=f" ({skipped})" if skipped else ""))
+    con.print(markup("checked against {where}", where=res.checked_against) if res.checked_against else
+              markup("[yellow]not checked against a store[/] (texts checked against the hashes recorded at export; "
+                     "give --store to check the routed pairs)"))
+    con.print(plain(out))
 
 
 def main() -> None:  # pragma: no cover - console entry

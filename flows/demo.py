@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     where = os.environ.get("PREFECT_API_URL") or "Prefect's temporary local server"
     print(f"\n== curate-batch flow on {where} ==", flush=True)
     from flows.flows import certify_version, curate_batch_with_runner
+    from pipeline.escape import visible_controls  # check details quote data: no control characters to the terminal
     from pipeline.store import Store
 
     version = curate_batch_with_runner()(files=[str(ROOT / f) for f in files], store=args.store)
@@ -71,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     led = m.ledger
     print(f"version {version}: {led.rows_in} rows in -> {led.quarantined} quarantined, {led.pairs} pairs -> "
           f"{led.pairs_kept} DPO rows {dict(led.splits)}, routed {dict(led.routed)}, dropped {dict(led.dropped)}")
-    print("checks: " + ", ".join(f"{c['name']}={c['status']}" for c in m.checks))
+    print(visible_controls("checks: " + ", ".join(f"{c['name']}={c['status']}" for c in m.checks)))
     lap("curate flow (incl. Prefect server start)")
 
     print("\n== certify-version flow ==", flush=True)
     cert = certify_version(store=args.store, version=version)
     for g in cert["gates"]:
         if not g["passed"]:
-            print(f"  FAIL {g['name']}: value {g['value']} threshold {g['threshold']} {g['detail']}")
+            print(visible_controls(f"  FAIL {g['name']}: value {g['value']} threshold {g['threshold']} {g['detail']}"))
     print(f"verdict: {cert['verdict'].upper()} ({sum(g['passed'] for g in cert['gates'])}/{len(cert['gates'])} gates passed)")
     lap("certify flow (gates + Great Expectations)")
 

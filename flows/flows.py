@@ -27,6 +27,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from pipeline import inbox as inbox_logic
 from pipeline.curate import CurateOptions, build_version, code_version, ingest_source, plan_version_id
+from pipeline.escape import md_escape, visible_controls  # artifact descriptions are Markdown; log lines plain
 from pipeline.ingest import IngestResult, file_sha256
 from pipeline.store import Store
 from schemas.policy import Policy, load_policy
@@ -74,14 +75,13 @@ def build_version_task(store_dir: str, version_id: str, ingest_dirs: list[str], 
 
 @task(persist_result=False)
 def publish_version_artifacts(store_dir: str, version_id: str) -> None:
-    from pipeline.artifacts import version_tables
+    from pipeline.artifacts import report_markdown, version_tables
 
     h = Store(store_dir).get(version_id)
     tables = version_tables(h)
     key = version_id.replace("_", "-").lower()
-    md = h.file("report.md")
-    create_markdown_artifact(md.read_text(encoding="utf-8") if md.exists() else tables["markdown"],
-                             key=f"report-{key}", description=f"prefpipe report for {version_id}")
+    create_markdown_artifact(report_markdown(h, tables["markdown"]), key=f"report-{key}",
+                             description=f"prefpipe report for {md_escape(version_id)}")
     create_table_artifact(tables["ledger"], key=f"ledger-{key}", description="ledger: where every row went")
     create_table_artifact(tables["checks"], key=f"checks-{key}", description="check verdicts")
     create_table_artifact(tables["annotators"], key=f"annotators-{key}", description="annotator statistics")
@@ -145,7 +145,7 @@ def certify_version(store: str, version: str, policy_path: str | None = None, ru
     rows = [{"gate": g["name"], "value": str(g["value"]), "threshold": str(g["threshold"]),
              "passed": g["passed"], "detail": g["detail"]} for g in cert["gates"]]
     key = cert["version_id"].lower()
-    create_table_artifact(rows, key=f"certification-{key}", description=f"{cert['verdict']}: {cert['version_id']}")
+    create_table_artifact(rows, key=f"certification-{key}", description=f"{md_escape(cert['verdict'])}: {md_escape(cert['version_id'])}")
     get_run_logger().info("%s: %s", cert["version_id"], cert["verdict"])
     return cert
 
@@ -154,12 +154,12 @@ def certify_version(store: str, version: str, policy_path: str | None = None, ru
 def train_on_version(store: str, version: str, model: str = "tiny-llama", max_steps: int = 50,
                      extra: dict[str, Any] | None = None) -> str:
     """Refuses uncertified or tampered versions (raises); returns the run directory."""
-    from pipeline.certify import is_certified
+    from pipeline.store import NotCertified
 
-    h = Store(store).resolve(version)
-    ok, why = is_certified(h)
-    if not ok:
-        raise RuntimeError(f"refusing to train: {why}")
+    try:
+        h = Store(store).open_certified(version)
+    except NotCertified as err:
+        raise RuntimeError(f"refusing to train ({err.link} link broken): {err}") from None
     from trainer.train import train_version  # the trainer's public entry
 
     run_dir = train_version(Store(store), h.version_id, model=model, max_steps=max_steps, **(extra or {}))
@@ -178,7 +178,7 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
     st = Store(store).ensure()
     pending = inbox_logic.pending_batches(Path(inbox), st)
     if not pending:
-        log.info("inbox %s: no new finished batches", inbox)
+        log.info("inbox %s: no new finished batches", visible_controls(str(inbox)))
         return []
     outcomes: list[dict[str, Any]] = []
     for batch in pending:
@@ -190,13 +190,13 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
             if cert["verdict"] == "certified" and policy.certify.train_after_certify:
                 out["run"] = train_on_version(store=store, version=vid, model=train_model or "tiny-llama")
         except Exception as err:  # noqa: BLE001 - one bad batch must not block the next
-            log.error("batch %s failed: %s", batch.path.name, err)
+            log.error("batch %s failed: %s", visible_controls(batch.path.name), visible_controls(str(err)))
             inbox_logic.record_failure(st, batch, str(err))
             out = {"batch": batch.path.name, "sha256": batch.sha256, "error": str(err)}
         outcomes.append(out)
     failed = [o for o in outcomes if "error" in o]
     create_table_artifact([{k: str(v) for k, v in o.items()} for o in outcomes], key="inbox-last-run",
-                          description=f"inbox {inbox}: {len(outcomes)} batch(es), {len(failed)} failed")
+                          description=f"inbox {md_escape(inbox)}: {len(outcomes)} batch(es), {len(failed)} failed")
     if failed:
         raise RuntimeError("; ".join(f"{o['batch']}: {o['error']}" for o in failed))
     return outcomes

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from flows.console import err_console
+from flows.console import err_console, markup, plain
 
 EXIT_USAGE, EXIT_NOT_CERTIFIED = 2, 4
 
@@ -64,7 +64,7 @@ def train(
 
     con = err_console()
     if not (store / "versions").is_dir():
-        con.print(f"[bold red]error:[/] {store} is not a prefpipe store (no versions/ directory)")
+        con.print(markup("[bold red]error:[/] {store} is not a prefpipe store (no versions/ directory)", store=store))
         raise typer.Exit(EXIT_USAGE)
     try:
         cfg = make_config(
@@ -75,17 +75,17 @@ def train(
             use_pair_weights=not no_pair_weights, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
             threads=threads, run_id=resume or run_id, resume=resume is not None, mlflow=mlflow)
     except ValidationError as err:
-        con.print(f"[bold red]error:[/] bad training options:\n{err}")
+        con.print(markup("[bold red]error:[/] bad training options:\n  {err}", err=plain(err, multiline=True)))
         raise typer.Exit(EXIT_USAGE) from None
 
     with _Progress(cfg.max_steps, enabled=sys.stderr.isatty()) as progress:
         try:
             result = run_training(cfg, on_event=progress.on_event)
         except VersionRefused as err:
-            con.print(f"[bold red]refused:[/] {err}")
+            con.print(markup("[bold red]refused:[/] {err}", err=err))
             raise typer.Exit(EXIT_NOT_CERTIFIED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError) as err:
-            con.print(f"[bold red]error:[/] {err}")
+            con.print(markup("[bold red]error:[/] {err}", err=err))
             raise typer.Exit(EXIT_USAGE) from None
     f = result.final
     con.print(f"trained {f['step']} steps, {f['tokens_seen']:,} tokens at {f['tokens_per_s']:.0f} tokens/s, "
@@ -104,8 +104,8 @@ class _Progress:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            self.prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            self.prog = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
                                  console=err_console(), transient=False)
             self.prog.__enter__()
             self.task = self.prog.add_task("preparing", total=self.total, info="")

@@ -1,10 +1,15 @@
-"""Small human-facing tables of a version (for Prefect artifacts and terminals)."""
+"""Small human-facing tables of a version (for Prefect artifacts and terminals).
+
+The tables are data (Prefect shows table artifacts cell by cell); the Markdown summary escapes
+every value like ``report.md`` does (``md_table``)."""
 from __future__ import annotations
 
 from typing import Any
 
 import polars as pl
 
+from pipeline.escape import md_escape
+from pipeline.report import md_table
 from pipeline.store import VersionHandle
 
 
@@ -30,7 +35,18 @@ def version_tables(h: VersionHandle) -> dict[str, Any]:
             if c in ann.columns]
     annotators = ann.select(cols).with_columns(pl.col("flags").list.join(",")).with_columns(
         pl.col(pl.Float64).round(3)).to_dicts() if ann.height else []
-    md = [f"# prefpipe version {m.version_id}", "", "| stage | count |", "|---|---|"]
-    md += [f"| {r['stage']} | {r['count']:,} |" for r in ledger]
-    md += ["", "| check | status | flags |", "|---|---|---|"] + [f"| {c['check']} | {c['status']} | {c['flags']} |" for c in checks]
+    md = [f"# prefpipe version {md_escape(m.version_id)}", "", md_table(["stage", "count"], [[r["stage"], r["count"]] for r in ledger]), "",
+          md_table(["check", "status", "flags"], [[c["check"], c["status"], c["flags"]] for c in checks])]
     return {"ledger": ledger, "checks": checks, "annotators": annotators, "markdown": "\n".join(md)}
+
+
+def report_markdown(h: VersionHandle, summary: str) -> str:
+    """The Markdown to publish for a version: its ``report.md`` when this code version wrote it,
+    else ``summary`` (built now).  A report.md written by other code may predate the escaping of
+    user text, and the version is immutable, so it is never published as is."""
+    from pipeline.curate import code_version
+
+    md = h.file("report.md")
+    if md.exists() and h.manifest().code_version == code_version():
+        return md.read_text(encoding="utf-8")
+    return summary

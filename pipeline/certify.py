@@ -4,12 +4,17 @@ Gates (``policy.certify``), each recorded with value / threshold / passed:
 
 * ``min_pairs.<split>``            rows per split >= ``min_pairs_per_split[split]``
 * ``min_pairs.locale=<loc>``       kept pairs per locale >= ``min_pairs_per_locale``
-* ``krippendorff_alpha.<kind>``    α (nominal) of human (and AI, if present) judgments >= ``min_krippendorff_alpha``
-                                   (not computable -> passes with a note: e.g. one judgment per pair)
+* ``agreement_overlap.<kind>``     per kind present (human, ai): pairs judged by >= 2 different annotators of that
+                                   kind >= min(``min_overlap_share`` x pairs, ``min_overlap_pairs``)
+* ``krippendorff_alpha.<kind>``    α (nominal) on that overlap subset >= ``min_krippendorff_alpha``; not computable
+                                   (e.g. one judgment per pair) -> fails: agreement was not measured
+* ``agreement.unknown_kind``       no pair judged only by annotators of unknown kind (their agreement cannot be
+                                   measured); ``require_agreement = false`` replaces these gates by a recorded opt-out
 * ``biased_annotator_share``       share of kept pairs with a judgment by an annotator flagged for
                                    position or length bias (not dropped by the policy) <= ``max_biased_annotator_share``
 * ``exact_duplicate_rate``         exact-duplicate judgments / valid judgments <= ``max_exact_duplicate_rate``
 * ``near_duplicate_rate``          near-duplicate-flagged pairs / pairs <= ``max_near_duplicate_rate``
+* ``split_stability``              no pair of the parent's (or an ancestor's) validation/test split is in train
 * ``split_leakage``                clusters/prompts in several splits == 0
 * ``quarantine_rate``              quarantined / rows in <= ``max_quarantine_rate``
 * ``label_balance``                share of kept pairs whose chosen response is ``a``, within ``label_balance``
@@ -27,9 +32,9 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.store import SPLITS, Store, VersionHandle
+from pipeline.store import SPLITS, Store, StoreError, VersionHandle
 from schemas.manifest import Certification, GateResult
-from schemas.policy import Policy
+from schemas.policy import CertifyConfig, Policy
 
 BIAS_REASONS = ("position_bias", "length_bias", "order_inconsistent")
 
@@ -53,21 +58,11 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
         rows = m.splits[split].rows if split in m.splits else 0
         gates.append(_gate(f"min_pairs.{split}", rows, need, rows >= need))
 
-    kept = pl.concat([pl.read_parquet(h.split_path(s)) for s in SPLITS])
+    kept = pl.concat([h.read_split(s) for s in SPLITS])
     for loc, n in sorted(kept.group_by(pl.col("locale").fill_null("(none)")).len().iter_rows()):
         gates.append(_gate(f"min_pairs.locale={loc}", n, cfg.min_pairs_per_locale, n >= cfg.min_pairs_per_locale))
 
-    agreement = _check(m, "agreement").get("metrics", {})
-    for kind in ("human", "ai"):
-        alpha = (agreement.get(kind) or {}).get("krippendorff_alpha")
-        if kind == "ai" and alpha is None:
-            continue
-        if alpha is None:
-            gates.append(_gate(f"krippendorff_alpha.{kind}", None, cfg.min_krippendorff_alpha, True,
-                               "not computable (fewer than two judgments per pair); gate not applicable"))
-        else:
-            gates.append(_gate(f"krippendorff_alpha.{kind}", float(alpha), cfg.min_krippendorff_alpha,
-                               alpha >= cfg.min_krippendorff_alpha))
+    gates += agreement_gates(h, cfg)
 
     flags = h.read("flags.parquet")
     ann_flags = flags.filter(pl.col("subject_kind") == "annotator")
@@ -78,7 +73,7 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     biased_ids = sorted(set(biased["subject_id"].to_list()) - dropped_ids)
     share = 0.0
     if kept.height and biased_ids:
-        j = h.read("judgments.parquet").select("comparison_id", "annotator_id")
+        j = h.read("judgments.parquet", columns=["comparison_id", "annotator_id"])
         by_pair = kept.select("pair_id", "source_comparison_ids").explode("source_comparison_ids").join(
             j, left_on="source_comparison_ids", right_on="comparison_id", how="left")
         touched = by_pair.filter(pl.col("annotator_id").is_in(biased_ids))["pair_id"].n_unique()
@@ -94,6 +89,8 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     rate = near / max(m.ledger.pairs, 1)
     gates.append(_gate("near_duplicate_rate", rate, cfg.max_near_duplicate_rate, rate <= cfg.max_near_duplicate_rate,
                        f"{near} of {m.ledger.pairs} pairs"))
+
+    gates.append(stability_gate(h))
 
     leak = _check(m, "split_leakage").get("metrics", {})
     n_leak = sum(int(leak.get(k, 0)) for k in ("clusters_in_several_splits", "pairs_in_several_splits", "prompts_in_several_splits"))
@@ -125,9 +122,80 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     return gates
 
 
+def stability_gate(h: VersionHandle) -> GateResult:
+    """No pair of the parent's validation/test (nor of any ancestor's: the assignment table is
+    inherited) is in this version's train split.  Recomputed from the parent's files, not taken
+    from the child's own report; when the parent is gone, the child's recorded figure is used."""
+    from pipeline.split import prior_assignments, split_moves
+
+    m = h.manifest()
+    if not m.parent_version:
+        return _gate("split_stability", 0, 0, True, "first version: no parent to compare with")
+    try:
+        parent = h.store.get(m.parent_version)
+        prior = prior_assignments(parent)
+    except StoreError as err:
+        rec = _check(m, "split_stability").get("metrics", {})
+        n = int(rec.get("into_train_from_held_out", 0) or 0)
+        return _gate("split_stability", n, 0, n == 0 and bool(rec),
+                     f"parent {m.parent_version} not readable ({err}); figure recorded at curate time")
+    now = pl.concat([h.read_split(s, columns=["pair_id"]).with_columns(split=pl.lit(s)) for s in SPLITS])
+    moves = split_moves(prior, now)
+    bad = moves.filter((pl.col("to") == "train") & (pl.col("from") != "train"))
+    by = ", ".join(f"{a}->{b} {n}" for a, b, n in moves.group_by("from", "to").len().sort("from", "to").iter_rows())
+    detail = f"pairs moved since {m.parent_version}: {by or 'none'}"
+    if bad.height:
+        detail += f"; held-out pairs now in train: {', '.join(bad['pair_id'].head(10).to_list())}"
+    return _gate("split_stability", bad.height, 0, bad.height == 0, detail)
+
+
+def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
+    """Agreement must be measured before labels are trusted: per annotator kind present, an
+    independent overlap subset of at least ``min(min_overlap_share x pairs, min_overlap_pairs)``
+    pairs and its alpha >= ``min_krippendorff_alpha``; pairs judged only by annotators of
+    unknown kind cannot be measured.  ``require_agreement = false`` opts out (recorded)."""
+    if not cfg.require_agreement:
+        return [_gate("agreement", None, "opted out", True, "opted out by the policy (certify.require_agreement = false): agreement was not "
+                      "required by the policy (recorded in the certificate's opt_outs)")]
+    from pipeline.overlap import COLUMNS, overlap_agreement, required_overlap
+
+    ov = overlap_agreement(h.read("judgments.parquet", columns=list(COLUMNS)))
+    gates = []
+    for kind in ("human", "ai"):
+        o = ov[kind]
+        if o["pairs"] == 0:
+            continue
+        need = required_overlap(o["pairs"], cfg.min_overlap_share, cfg.min_overlap_pairs)
+        have, alpha = o["overlap_pairs"], o["krippendorff_alpha"]
+        gates.append(_gate(f"agreement_overlap.{kind}", have, need, have >= need,
+                           f"{have} of {o['pairs']} pairs judged by >= 2 different {kind} annotators "
+                           f"(need min({cfg.min_overlap_share:g} x pairs, {cfg.min_overlap_pairs}))"))
+        if alpha is None:
+            gates.append(_gate(f"krippendorff_alpha.{kind}", None, cfg.min_krippendorff_alpha, False,
+                               f"not computable on the {have} overlap pairs (no pair with two ratings, or every rating "
+                               "the same): agreement was not measured"))
+        else:
+            gates.append(_gate(f"krippendorff_alpha.{kind}", float(alpha), cfg.min_krippendorff_alpha,
+                               alpha >= cfg.min_krippendorff_alpha, f"nominal alpha on the {have} independent overlap pairs"))
+    unknown_only = ov["unknown"]["unknown_only_pairs"]
+    if ov["unknown"]["pairs"]:
+        gates.append(_gate("agreement.unknown_kind", unknown_only, 0, unknown_only == 0,
+                           f"{unknown_only} pairs were judged only by annotators of unknown kind: their agreement cannot "
+                           "be measured (give --annotator-kind human|ai when the source says who judged, or opt out "
+                           "with certify.require_agreement = false)" if unknown_only else
+                           "judgments of unknown kind only on pairs that human or AI annotators also judged"))
+    if not gates:
+        gates.append(_gate("agreement", None, "measured", False, "no judgments: agreement was not measured"))
+    return gates
+
+
 def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = True) -> Certification:
-    """Evaluate the gates, refuse a tampered version, append the record.  Never edits the version."""
+    """Evaluate the gates, refuse a tampered version, append the record.  Never edits the version.
+
+    The record binds what was evaluated: the sha256 of the manifest bytes read (the manifest
+    binds every file), and the policy hash."""
     h = store.resolve(ref)
+    manifest_sha = h.manifest_sha256()
     problems = h.verify()
     if problems:
         gates = [_gate("integrity", len(problems), 0, False, "; ".join(problems))]
@@ -145,20 +213,8 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
         policy=policy.model_dump(mode="json"),
         certified_at=datetime.now(UTC),
         code_version=code_version(),
+        manifest_sha256=manifest_sha,
+        opt_outs=[] if policy.certify.require_agreement else ["agreement"],
     )
     store.add_certification(cert)
     return cert
-
-
-def is_certified(h: VersionHandle) -> tuple[bool, str]:
-    """(ok, reason) for the trainer: latest record certified and files unchanged."""
-    cert = h.certification()
-    if cert is None:
-        return False, f"version {h.version_id} has no certification record; run `prefpipe certify {h.version_id}`"
-    if cert["verdict"] != "certified":
-        failing = [g["name"] for g in cert["gates"] if not g["passed"]]
-        return False, f"version {h.version_id} was rejected by its latest certification (failing gates: {', '.join(failing)})"
-    problems = h.verify()
-    if problems:
-        return False, f"version {h.version_id} files do not match its manifest: {'; '.join(problems)}"
-    return True, "certified"

@@ -25,10 +25,11 @@ from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, run_checks
 from pipeline.checks.near_duplicates import save_index
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
-from pipeline.split import SPLITS, assign_splits, leakage
-from pipeline.store import Store, VersionHandle, write_parquet
+from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
+from pipeline.parts import TableWriter, parent_parts
+from pipeline.store import Store, VersionHandle, file_info
 from schemas.check import CheckResult
-from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo
+from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
 from schemas.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +135,7 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
     timer = timer or _Timer(None)
 
     def build(stage: Path) -> Manifest:
-        return _build_version(stage, version_id, ingest, parent, policy, timer)
+        return _build_version(store, stage, version_id, ingest, parent, policy, timer)
 
     vid, created = store.write_version(version_id, build)
     return CurateResult(vid, created, store, timer.t)
@@ -155,6 +156,14 @@ def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple
     return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
 
 
+def _parent_index(parent: VersionHandle | None) -> Path | None:
+    """The parent's persisted MinHash index, verified against its manifest (None: start a fresh one)."""
+    if parent is None:
+        return None
+    rel = next((r for r in parent.manifest().files if r.startswith("prompt_index")), None)
+    return parent.verified_path(rel) if rel else None
+
+
 def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> pl.DataFrame:
     """A version's quarantine holds every quarantined row its ledger counts: the parent's, then the new ones."""
     if parent is None:
@@ -162,10 +171,11 @@ def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> 
     return pl.concat([parent.read("quarantine.parquet"), new], how="vertical_relaxed")
 
 
-def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
+def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
                    policy: Policy, timer: _Timer) -> Manifest:
     t = time.perf_counter()
     judgments, repeated = _union_with_parent(ingest.take_judgments(), parent)
+    n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
     quarantine = _quarantine_with_parent(ingest.quarantine, parent)
     # a comparison_id used twice inside the input: keep the first, count the rest
     dup_ids = judgments.select(pl.col("comparison_id").is_duplicated() & ~pl.col("comparison_id").is_first_distinct()).to_series()
@@ -179,20 +189,22 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
 
     n_judgments = judgments.height
     extra: dict[str, dict[str, Any]] = {}
-    index_path = parent.file("prompt_index") if parent else None
+    index_path = _parent_index(parent)
     if index_path is not None:
         extra["near_duplicates"] = {"index_path": index_path}
     # judgments.parquet is written on a second thread while the checks run (Polars releases
     # the GIL while it encodes); leaving the block waits for it, also on an error
+    tables: dict[str, TableInfo] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-write") as pool:
-        written = pool.submit(write_parquet, judgments, stage / "judgments.parquet")
+        written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id)
         t = timer.lap("union_inputs", t)
         prelim = agg.aggregate(judgments, policy.checks.aggregation)
         t = timer.lap("aggregate_preliminary", t)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
         t = time.perf_counter()
-        files: dict[str, SplitInfo] = {"judgments.parquet": _rel(written.result(), stage)}
+        tables["judgments"] = written.result()
+        files: dict[str, SplitInfo] = {}
         t = timer.lap("write_judgments (wait)", t)
     flags = all_flags(results)
 
@@ -212,30 +224,42 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     n_kept = psel.dpo.height
     # rows in pair_id order: the same version id gives the same bytes whatever the order of the input
     # files; one sort (a gather), then filters, which share the string buffers
-    dpo = assign_splits(psel.dpo, policy.split).sort("pair_id")
+    prior = prior_assignments(parent)
+    dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters).sort("pair_id")
+    assigned = assignments(dpo, prior, version_id)
+    moves = split_moves(prior, dpo.select("pair_id", "split"))
     psel.dpo = psel.dpo.clear()  # from here the split frames hold the rows
     split_frames = {s: dpo.filter(pl.col("split") == s).drop("split") for s in SPLITS}
     del dpo
     leaks = leakage(split_frames, judgments.select("pair_id", "prompt_hash"))
     t = timer.lap("split", t)
 
-    splits = {s: _rel(write_parquet(f, stage / "data" / f"{s}.parquet"), stage) for s, f in split_frames.items()}
+    # pair tables in parts by the version where each pair first appeared: a child rewrites only
+    # the generations whose rows changed and links the others (pipeline/parts.py)
+    pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"])
+    pairs_out = pairs_out.join(first_versions(parent, pairs_out["pair_id"], version_id), on="pair_id", how="left")
+    gen = pairs_out.select("pair_id", _part="first_version")
+    for s, f in split_frames.items():
+        tables[f"data/{s}"] = _grouped_table(store, stage, f"data/{s}", f.join(gen, on="pair_id", how="left"))
+    splits = {s: SplitInfo(path=t.path, rows=t.rows, sha256=t.sha256) for s in SPLITS for t in [tables[f"data/{s}"]]}
+    tables["split_assignments"] = _grouped_table(store, stage, "split_assignments", assigned.join(gen, on="pair_id", how="left"))
+    tables["pairs"] = _grouped_table(store, stage, "pairs", pairs_out.with_columns(_part=pl.col("first_version")))
+    tables["routed"] = _grouped_table(store, stage, "routed", psel.routed.drop("_reasons", strict=False).join(gen, on="pair_id", how="left"))
+    tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
+                                           quarantine.height - ingest.quarantine.height if parent else 0, version_id)
     annotators = agg.annotator_table(results, final.annotators.select("annotator_id", "ds_accuracy"))
-    for name, frame in (
-        ("pairs.parquet", psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"])),
-        ("quarantine.parquet", quarantine),
-        ("flags.parquet", flags),
-        ("routed.parquet", psel.routed.drop("_reasons", strict=False)),
-        ("annotators.parquet", annotators),
-    ):
-        files[name] = _rel(write_parquet(frame, stage / name), stage)
+    for name, frame in (("flags", flags), ("annotators", annotators)):
+        w = TableWriter(store, stage, name)
+        w.write("all", frame)
+        tables[name] = w.info()
     # the MinHash index of every prompt so far: a child version starts from it without re-hashing
     for rel in save_index(results["near_duplicates"], stage / "prompt_index"):
-        files[rel] = SplitInfo(path=rel, rows=0, sha256=_sha(stage / rel))
+        files[rel] = file_info(stage / rel, rel)
     t = timer.lap("write", t)
 
     checks = [r.manifest_entry() for r in results.values()]
     checks.append(_split_check(leaks, {s: f.height for s, f in split_frames.items()}))
+    checks.append(_stability_check(moves, parent))
     ledger = Ledger(
         rows_in=ingest.ledger.rows_in + (parent.manifest().ledger.rows_in if parent else 0),
         quarantined=ingest.ledger.quarantined + (parent.manifest().ledger.quarantined if parent else 0),
@@ -264,6 +288,7 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
         sources=sources,
         splits=splits,
         files=files,
+        tables=tables,
         checks=checks,
         annotators=_annotator_summary(annotators),
         lineage={"parent_version": parent.version_id if parent else None,
@@ -276,25 +301,62 @@ def _build_version(stage: Path, version_id: str, ingest: IngestResult, parent: V
     inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=psel.pairs.with_columns(flag_reasons=psel.pairs["_reasons"]),
                           flags=flags, annotators=annotators, routed=psel.routed, quarantine=quarantine, results=results)
     for path in write_report(inputs, stage):
-        manifest.files[path.name] = SplitInfo(path=path.name, rows=0, sha256=_sha(path))
+        manifest.files[path.name] = file_info(path, path.name)
     timer.lap("report", t)
     return manifest
 
 
-def _sha(p: Path) -> str:
-    from pipeline.store import sha256_file
+def first_versions(parent: VersionHandle | None, pair_ids: pl.Series, version_id: str) -> pl.DataFrame:
+    """pair_id -> first_version: the version where each pair first appeared (the parent's record,
+    else this version).  A parent without the column (older layout) counts as its pairs' first."""
+    ids = pair_ids.to_frame("pair_id")
+    if parent is None:
+        return ids.with_columns(first_version=pl.lit(version_id))
+    if parent.table("pairs") is not None:  # written with tables: carries first_version
+        known = parent.read("pairs", columns=["pair_id", "first_version"])
+    else:
+        known = parent.read("pairs.parquet", columns=["pair_id"]).with_columns(first_version=pl.lit(parent.version_id))
+    return ids.join(known, on="pair_id", how="left").with_columns(pl.col("first_version").fill_null(version_id))
 
-    return sha256_file(p)
+
+def _grouped_table(store: Store, stage: Path, name: str, frame: pl.DataFrame) -> TableInfo:
+    w = TableWriter(store, stage, name)
+    w.write_grouped(frame, "_part")
+    return w.info()
 
 
-def _rel(info: SplitInfo, stage: Path) -> SplitInfo:
-    return SplitInfo(path=str(Path(info.path).relative_to(stage)), rows=info.rows, sha256=info.sha256)
+def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle | None, frame: pl.DataFrame,
+                    n_parent_rows: int, version_id: str) -> TableInfo:
+    """A table that only grows (judgments, quarantine): the parent's parts as they are, plus one
+    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``)."""
+    w = TableWriter(store, stage, name)
+    inherited = parent_parts(parent, name)
+    if inherited and sum(p.rows for p in inherited) == n_parent_rows:
+        for part in inherited:
+            w.inherit(parent, part)
+        fresh = frame.slice(n_parent_rows)
+    else:  # first version, or a parent of the older single-file layout: everything in this version's part
+        fresh = frame
+    if fresh.height or not w.parts:
+        w.write(version_id, fresh)
+    return w.info()
 
 
 def _split_check(leaks: dict[str, int], sizes: dict[str, int]) -> dict[str, Any]:
     bad = any(v for v in leaks.values())
     return {"name": "split_leakage", "status": "fail" if bad else "pass", "metrics": {**leaks, "rows": sizes},
             "flag_counts": {}, "summary": "near-duplicate clusters never straddle splits" if not bad else "LEAK between splits"}
+
+
+def _stability_check(moves: pl.DataFrame, parent: VersionHandle | None) -> dict[str, Any]:
+    """Split moves against the ancestors' assignments (sticky splits: only ever towards test)."""
+    by = {f"{a}->{b}": n for a, b, n in moves.group_by("from", "to").len().sort("from", "to").iter_rows()}
+    into_train = moves.filter((pl.col("to") == "train") & (pl.col("from") != "train")).height
+    return {"name": "split_stability", "status": "fail" if into_train else "pass",
+            "metrics": {"parent_version": parent.version_id if parent else None, "moved": moves.height, "moves": by,
+                        "into_train_from_held_out": into_train, "moved_pair_ids": moves["pair_id"].head(50).to_list()},
+            "flag_counts": {}, "summary": f"{moves.height} pairs changed split ({by or 'none'})" if parent
+            else "first version: nothing to compare"}
 
 
 def _annotator_summary(ann: pl.DataFrame) -> dict[str, Any]:

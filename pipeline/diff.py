@@ -9,7 +9,7 @@ from pipeline.store import SPLITS, VersionHandle
 
 
 def _kept(h: VersionHandle) -> pl.DataFrame:
-    frames = [pl.read_parquet(h.split_path(s)).select("pair_id", "chosen").with_columns(split=pl.lit(s)) for s in SPLITS]
+    frames = [h.read_split(s, columns=["pair_id", "chosen"]).with_columns(split=pl.lit(s)) for s in SPLITS]
     df = pl.concat(frames)
     return df.with_columns(chosen_text=pl.col("chosen").list.first().struct.field("content")).drop("chosen")
 
@@ -41,6 +41,7 @@ def diff_versions(a: VersionHandle, b: VersionHandle) -> dict[str, Any]:
     ma, mb = _metrics(a), _metrics(b)
     keys = sorted(set(ma) | set(mb))
     flips = both.filter(pl.col("chosen_text") != pl.col("chosen_text_b"))
+    moves = both.filter(pl.col("split") != pl.col("split_b"))
     return {
         "a": a.version_id,
         "b": b.version_id,
@@ -49,6 +50,8 @@ def diff_versions(a: VersionHandle, b: VersionHandle) -> dict[str, Any]:
         "pairs_common": both.height,
         "label_flips": flips.height,
         "label_flip_pair_ids": sorted(flips["pair_id"].to_list()),
-        "split_moves": both.filter(pl.col("split") != pl.col("split_b")).height,
+        "split_moves": moves.height,
+        "split_moves_by": {f"{x}->{y}": n for x, y, n in moves.group_by("split", "split_b").len().sort("split", "split_b").iter_rows()},
+        "split_move_pair_ids": moves["pair_id"].sort().to_list(),
         "metrics": {k: (ma.get(k), mb.get(k)) for k in keys if ma.get(k) != mb.get(k)},
     }

@@ -95,7 +95,7 @@ def run_expectations(split_paths: dict[str, Path], out_dir: Path) -> dict[str, A
     results: dict[str, Any] = {}
     ok = True
     for name, path in split_paths.items():
-        df = pl.read_parquet(path)
+        df = pl.read_parquet(path, glob=False)
         asset = ds.add_dataframe_asset(name)
         bd = asset.add_batch_definition_whole_dataframe(f"{name}_all")
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"dpo_{name}", data=bd, suite=suite))

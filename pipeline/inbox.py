@@ -11,6 +11,7 @@ content changes (or the record is removed).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from pipeline.ingest import file_sha256
 from pipeline.store import Store
 
+log = logging.getLogger(__name__)
 SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet", ".csv")
 MARKER = ".done"
 
@@ -36,10 +38,25 @@ def processed_hashes(store: Store) -> set[str]:
 
 
 def failed_hashes(store: Store) -> set[str]:
+    """sha256 of the batches recorded as failed.  A damaged line (not JSON, no sha256) is skipped
+    (with a warning), so one bad line cannot stop every later tick."""
     p = store.root / "inbox" / "failed.jsonl"
     if not p.exists():
         return set()
-    return {json.loads(line)["sha256"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()}
+    out: set[str] = set()
+    for n, line in enumerate(p.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            sha = rec["sha256"] if isinstance(rec, dict) else None
+        except (ValueError, KeyError):
+            sha = None
+        if isinstance(sha, str) and len(sha) == 64:
+            out.add(sha)
+        else:
+            log.warning("%s:%d: damaged failure record skipped (not a JSON object with a sha256)", p, n)
+    return out
 
 
 def pending_batches(inbox: Path, store: Store) -> list[Batch]:

@@ -116,7 +116,7 @@ class IngestResult:
     def load(cls, directory: Path) -> IngestResult:
         directory = Path(directory)
         meta = json.loads((directory / "ingest.json").read_text())
-        return cls(pl.read_parquet(directory / "judgments.parquet"), pl.read_parquet(directory / "quarantine.parquet"),
+        return cls(pl.read_parquet(directory / "judgments.parquet", glob=False), pl.read_parquet(directory / "quarantine.parquet", glob=False),
                    IngestLedger(**meta["ledger"]), [SourceInfo(**s) for s in meta["sources"]])
 
     @classmethod

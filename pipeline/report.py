@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 
 from pipeline import svg
+from pipeline.escape import md_escape, visible_controls
 from schemas.check import CheckResult
 from schemas.manifest import Manifest
 
@@ -239,7 +240,7 @@ def render_html(inp: ReportInputs) -> str:
         col = STATUS_COLOR.get(c["status"], "#64748b")
         flags = ", ".join(f"{k}: {v}" for k, v in (c.get("flag_counts") or {}).items()) or "no flags"
         parts.append(f"<div class=verdict style='border-color:{col}'><b>{svg.esc(c['name'])}</b> "
-                     f"<span class=badge style='background:{col}'>{c['status']}</span><div class=small>{svg.esc(flags)}</div>"
+                     f"<span class=badge style='background:{col}'>{svg.esc(c['status'])}</span><div class=small>{svg.esc(flags)}</div>"
                      f"<div class=small>{svg.esc(_short(c.get('summary'), 160))}</div></div>")
     parts.append("</div>")
     # ledger
@@ -249,15 +250,15 @@ def render_html(inp: ReportInputs) -> str:
     slices, series, n_slice = label_distribution(inp)
     parts.append("<h2>Label distribution per slice</h2><div class=card>"
                  + svg.vbars("label-distribution", "Share of judgment labels per slice (locale · annotator kind)",
-                             [f"{s}\n{n:,} judgments" for s, n in zip(slices, n_slice, strict=True)], series,
+                             [f"{visible_controls(s)}\n{n:,} judgments" for s, n in zip(slices, n_slice, strict=True)], series,
                              y_label="share of judgments", y_range=(0, 1)) + "</div>")
     pos = position_items(inp.annotators)
     pm = _check(inp, "position_bias").get("metrics", {})
     parts.append("<h2>Position bias: first-shown win rate per annotator (95% CI)</h2><div class=card>"
                  + svg.dot_ci("position-bias", "First-shown win rate per annotator", pos, x_label="share of decisive judgments won by the first-shown response")
-                 + f"<div class=small>batch first-shown win rate {_num(pm.get('first_shown_win_rate'))}; display order randomised: "
-                 f"{svg.esc(pm.get('randomised'))} (share of a shown first {_num(pm.get('shown_first_a_share'))}); "
-                 f"shown_first missing for {_num(pm.get('missing_shown_first_share'))} of judgments. Red = flagged after Benjamini–Hochberg.</div></div>")
+                 + f"<div class=small>batch first-shown win rate {svg.esc(_num(pm.get('first_shown_win_rate')))}; display order randomised: "
+                 f"{svg.esc(pm.get('randomised'))} (share of a shown first {svg.esc(_num(pm.get('shown_first_a_share')))}); "
+                 f"shown_first missing for {svg.esc(_num(pm.get('missing_shown_first_share')))} of judgments. Red = flagged after Benjamini–Hochberg.</div></div>")
     hist = inp.results.get("length_bias").tables.get("length_ratio_hist") if inp.results.get("length_bias") else None
     lm = _check(inp, "length_bias").get("metrics", {})
     if hist is not None and hist.height:
@@ -268,14 +269,15 @@ def render_html(inp: ReportInputs) -> str:
     else:
         chart = svg.vbars("length-ratio", "Chosen/rejected length ratio", [], {})
     parts.append("<h2>Length: chosen / rejected length ratio</h2><div class=card>" + chart
-                 + f"<div class=small>chosen is longer in {_num(lm.get('chosen_longer_rate_pairs'))} of consensus pairs with a length difference;"
+                 + f"<div class=small>chosen is longer in {svg.esc(_num(lm.get('chosen_longer_rate_pairs')))} of consensus pairs with a length difference;"
                  f" ratio quantiles {svg.esc(_quantiles(lm.get('chosen_rejected_ratio_quantiles')))}</div></div>")
     ag = [r for r in agreement_rows(inp) if (r[2] or 0) >= MIN_SLICE_PAIRS]
     main_ag = [r for r in ag if r[0] == "all" or r[0].startswith("locale=")]
     cis = [agreement_cis(inp, k) if s == "all" else (None, None) for s, k, *_ in main_ag]
     parts.append("<h2>Agreement per slice</h2><div class=card>"
                  + svg.vbars("agreement", "Krippendorff's alpha and Fleiss' kappa, overall and per locale",
-                             [f"{'overall' if s == 'all' else s.removeprefix('locale=')}\n{k}\n{n} pairs" for s, k, n, *_ in main_ag],
+                             [f"{'overall' if s == 'all' else visible_controls(s.removeprefix('locale='))}\n{visible_controls(k)}\n{n} pairs"
+                              for s, k, n, *_ in main_ag],
                              {"Krippendorff α": [float(a or 0) for _, _, _, a, _ in main_ag], "Fleiss κ": [float(k or 0) for *_, k in main_ag]},
                              stacked=False, y_label="agreement (1 = perfect, 0 = chance)", y_range=(0, 1), values=True, height=300,
                              errors={"Krippendorff α": [c[0] for c in cis], "Fleiss κ": [c[1] for c in cis]})
@@ -300,9 +302,9 @@ def render_html(inp: ReportInputs) -> str:
                  + svg.hbars("near-duplicates", "Largest near-duplicate clusters: pairs per cluster",
                              [(_short(min(r["prompts"], key=len), 80), float(r["pairs"]), f"pairs · {r['n_prompts']} prompts") for r in top_cl],
                              x_label="pairs in the cluster (labelled by its shortest prompt)")
-                 + f"<div class=small>{_num(nm.get('near_duplicate_pairs'))} of {_num(nm.get('pairs'))} pairs have a near-duplicate prompt; "
+                 + f"<div class=small>{svg.esc(_num(nm.get('near_duplicate_pairs')))} of {svg.esc(_num(nm.get('pairs')))} pairs have a near-duplicate prompt; "
                  f"{_num(cl.height)} cluster(s) with more than one distinct prompt "
-                 f"(clusters are kept within one split; split_leakage check: {_check(inp, 'split_leakage')['status']}).</div>"
+                 f"(clusters are kept within one split; split_leakage check: {svg.esc(_check(inp, 'split_leakage')['status'])}).</div>"
                  + (_table(["cluster", "prompts", "pairs", "examples"], cl_rows, {1, 2}, ids={0}) if cl_rows else "<p class=small>no near-duplicate clusters</p>")
                  + "</div>")
     rows_l, cols_l, vals = language_matrix(inp)
@@ -336,44 +338,46 @@ def render_html(inp: ReportInputs) -> str:
 
 
 # ---------------------------------------------------------------- Markdown
-def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join((_num(v) if not isinstance(v, str) else v).replace("|", "/") for v in r) + " |" for r in rows]
+def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GFM table; every header and cell goes through ``md_escape`` (a ``|`` or line break in a value stays in its cell)."""
+    out = ["| " + " | ".join(md_escape(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(md_escape(_num(v) if not isinstance(v, str) else v) for v in r) + " |" for r in rows]
     return "\n".join(out)
 
 
 def render_markdown(inp: ReportInputs) -> str:
     m = inp.manifest
-    md = [f"# prefpipe report: {m.version_id}", "",
-          f"created {m.created_at:%Y-%m-%d %H:%M} UTC · parent {m.parent_version or '-'} · code {m.code_version} · policy {m.policy_hash}", "",
+    md = [f"# prefpipe report: {md_escape(m.version_id)}", "",
+          f"created {m.created_at:%Y-%m-%d %H:%M} UTC · parent {md_escape(m.parent_version or '-')} · code {md_escape(m.code_version)}"
+          f" · policy {md_escape(m.policy_hash)}", "",
           "## Check verdicts", "",
-          _md_table(["check", "status", "flags", "summary"], [[c["name"], c["status"], ", ".join(f"{k}={v}" for k, v in (c.get("flag_counts") or {}).items()),
+          md_table(["check", "status", "flags", "summary"], [[c["name"], c["status"], ", ".join(f"{k}={v}" for k, v in (c.get("flag_counts") or {}).items()),
                                                                _short(c.get("summary"), 120)] for c in m.checks]),
-          "", "## Ledger", "", _md_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)]), ""]
+          "", "## Ledger", "", md_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)]), ""]
     ag = agreement_rows(inp)
     if ag:
-        md += ["## Agreement", "", _md_table(["slice", "kind", "pairs", "Krippendorff α", "Fleiss κ"], [list(r) for r in ag]), ""]
+        md += ["## Agreement", "", md_table(["slice", "kind", "pairs", "Krippendorff α", "Fleiss κ"], [list(r) for r in ag]), ""]
     pos = position_items(inp.annotators)
     if pos:
         md += ["## Position bias (first-shown win rate, 95% CI)", "",
-               _md_table(["annotator", "rate", "CI low", "CI high", "flagged"], [[a, v, lo, hi, "yes" if hot else ""] for a, v, lo, hi, hot in pos]), ""]
+               md_table(["annotator", "rate", "CI low", "CI high", "flagged"], [[a, v, lo, hi, "yes" if hot else ""] for a, v, lo, hi, hot in pos]), ""]
     ann = inp.annotators
     if ann.height:
         cols = [c for c in ("annotator_id", "annotator_kind", "n_judgments", "agreement_with_consensus", "gold_accuracy",
                             "first_shown_rate", "order_consistency", "longer_chosen_rate", "status") if c in ann.columns]
-        md += ["## Annotators", "", _md_table(cols + ["flags"], [[*(r[c] for c in cols), ",".join(r["flags"])] for r in ann.iter_rows(named=True)]), ""]
+        md += ["## Annotators", "", md_table(cols + ["flags"], [[*(r[c] for c in cols), ",".join(r["flags"])] for r in ann.iter_rows(named=True)]), ""]
     rows_l, cols_l, vals = language_matrix(inp)
     if rows_l:
-        md += ["## Language (locale × detected)", "", _md_table(["locale"] + cols_l, [[r, *[int(v) for v in vr]] for r, vr in zip(rows_l, vals, strict=True)]), ""]
+        md += ["## Language (locale × detected)", "", md_table(["locale"] + cols_l, [[r, *[int(v) for v in vr]] for r, vr in zip(rows_l, vals, strict=True)]), ""]
     cl = near_dup_clusters(inp)
     if cl.height:
-        md += ["## Near-duplicate clusters", "", _md_table(["cluster", "prompts", "pairs", "examples"],
-               [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " <-> ".join(_short(t, 60) for t in r["prompts"][:3])]
+        md += ["## Near-duplicate clusters", "", md_table(["cluster", "prompts", "pairs", "examples"],
+               [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 60) for t in r["prompts"][:3])]
                 for r in cl.head(MAX_EXAMPLES).iter_rows(named=True)]), ""]
     for reason in ("low_agreement", "language_mismatch", "identical_responses"):
         ex = offender_pairs(inp, reason)
         if ex.height:
-            md += [f"## Examples: {reason}", "", _md_table(["pair", "prompt", "a", "b", "decision"],
+            md += [f"## Examples: {md_escape(reason)}", "", md_table(["pair", "prompt", "a", "b", "decision"],
                    [[r["subject_id"][:14], _short(r["prompt_text"], 70), _short(r["response_a"], 50), _short(r["response_b"], 50), r["decision"]]
                     for r in ex.iter_rows(named=True)]), ""]
     return "\n".join(md)

@@ -7,7 +7,11 @@
   pairs; within a stratum clusters are visited in a seeded pseudo-random order (a hash of
   seed + cluster id, so the result does not depend on input order) and each goes to the
   split furthest below its target share of that stratum's pairs.
-* **Deterministic**: same pairs + same seed -> same assignment, on any machine.
+* **Deterministic**: same pairs + same seed (+ same prior assignments) -> same assignment, on any machine.
+* **Sticky across versions**: a child version keeps every pair, and every member of its
+  near-duplicate cluster, in the split its ancestors gave it (``split_assignments.parquet``
+  carries the assignments down the lineage, also of pairs a version does not keep); only
+  clusters never seen before are assigned fresh.
 
 :func:`leakage` counts clusters and prompts that appear in more than one split (must be 0).
 """
@@ -26,8 +30,24 @@ def _order_key(seed: int, cluster: str) -> str:
     return hashlib.blake2b(f"{seed}|{cluster}".encode(), digest_size=8).hexdigest()
 
 
-def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig) -> pl.DataFrame:
-    """Add a ``split`` column to the DPO rows (needs pair_id, near_dup_cluster, locale, annotator_kind)."""
+# most protected first: a cluster whose members were assigned to several splits goes to the first
+PROTECTION = ("test", "validation", "train")
+ASSIGNMENT_SCHEMA = {"pair_id": pl.String, "cluster": pl.String, "split": pl.String, "assigned_in": pl.String}
+
+
+def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | None = None,
+                  clusters: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Add a ``split`` column to the DPO rows (needs pair_id, near_dup_cluster, locale, annotator_kind).
+
+    **Sticky**: ``prior`` (pair_id -> split, the ancestors' assignments, :func:`assignments`)
+    fixes the split of every pair assigned before, and of every cluster with such a member:
+    a new pair joining an existing cluster takes that cluster's split.  ``clusters``
+    (pair_id -> near_dup_cluster for *all* pairs of the version, kept or not) lets a cluster
+    reach prior members that are not kept this time.  A cluster whose members were assigned
+    to different splits (a new pair bridged two clusters) goes to the most protected of them
+    (test, then validation, then train): a pair may move towards test, never out of it.
+    Only clusters with no prior member are assigned fresh, filling each stratum's deficits
+    against its targets, counting the sticky rows of the stratum."""
     if dpo.height == 0:
         return dpo.with_columns(split=pl.lit(None, dtype=pl.String))
     c = pl.col
@@ -35,23 +55,29 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig) -> pl.DataFrame:
         _cl=c("near_dup_cluster").fill_null(c("pair_id")),
         _stratum=pl.concat_str([c("locale").fill_null("-"), c("annotator_kind").fill_null("-")], separator="|"),
     )
-    clusters = (
+    sticky = _sticky_clusters(rows, prior, clusters)
+    cluster_stats = (
         rows.group_by("_cl", "_stratum").len()
         .sort(["_cl", "len", "_stratum"], descending=[False, True, False])
         .group_by("_cl", maintain_order=True)
         .agg(c("_stratum").first(), c("len").sum().alias("n"))
+        .join(sticky, on="_cl", how="left")
     )
+    fresh = cluster_stats.filter(c("split").is_null())
+    # rows already placed, per stratum and split (the fresh clusters fill the remaining deficits)
+    placed = {(st, sp): n for st, sp, n in cluster_stats.filter(c("split").is_not_null())
+              .group_by("_stratum", "split").agg(c("n").sum()).iter_rows()}
     seed = cfg.seed
-    keys = [_order_key(seed, x) for x in clusters["_cl"].to_list()]
-    clusters = clusters.with_columns(_key=pl.Series(keys, dtype=pl.String))
+    fresh = fresh.with_columns(_key=pl.Series([_order_key(seed, x) for x in fresh["_cl"].to_list()], dtype=pl.String))
     targets = [cfg.train, cfg.validation, cfg.test]
+    totals = dict(cluster_stats.group_by("_stratum").agg(c("n").sum()).iter_rows())
     out_cl: list[str] = []
     out_split: list[str] = []
-    for (_stratum,), grp in clusters.sort("_stratum", "_key").group_by("_stratum", maintain_order=True):
-        total = grp["n"].sum()
+    for (stratum,), grp in fresh.sort("_stratum", "_key").group_by("_stratum", maintain_order=True):
+        total = totals[stratum]
         # deficit of each split against its target share (a split with target 0 never receives)
         goal = [t * total if t > 0 else None for t in targets]
-        have = [0, 0, 0]
+        have = [placed.get((stratum, name), 0) for name in SPLITS]
         names = grp["_cl"].to_list()
         picks = []
         for n in grp["n"].to_list():
@@ -65,8 +91,70 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig) -> pl.DataFrame:
             have[best] += n
         out_cl += names
         out_split += [SPLITS[i] for i in picks]
-    amap = pl.DataFrame({"_cl": out_cl, "split": out_split})
+    amap = pl.concat([sticky, pl.DataFrame({"_cl": out_cl, "split": out_split}, schema=sticky.schema)])
     return rows.join(amap, on="_cl", how="left").drop("_cl", "_stratum")
+
+
+def _sticky_clusters(rows: pl.DataFrame, prior: pl.DataFrame | None, clusters: pl.DataFrame | None) -> pl.DataFrame:
+    """_cl -> split for the clusters of ``rows`` that have a member assigned before (most protected wins)."""
+    empty = pl.DataFrame(schema={"_cl": pl.String, "split": pl.String})
+    if prior is None or prior.height == 0:
+        return empty
+    c = pl.col
+    members = rows.select("pair_id", "_cl")
+    if clusters is not None and clusters.height:
+        # prior members that are not kept now still pin their cluster
+        kept_cl = members.select("_cl").unique()
+        extra = clusters.select("pair_id", _cl=c("near_dup_cluster")).join(kept_cl, on="_cl", how="semi")
+        members = pl.concat([members, extra]).unique(["pair_id", "_cl"])
+    rank = {name: i for i, name in enumerate(PROTECTION)}
+    return (
+        members.join(prior.select("pair_id", "split"), on="pair_id", how="inner")
+        .with_columns(_rank=c("split").replace_strict(rank, return_dtype=pl.Int8))
+        .group_by("_cl").agg(c("_rank").min())
+        .select("_cl", split=c("_rank").replace_strict({i: n for n, i in rank.items()}, return_dtype=pl.String))
+        .sort("_cl")
+    )
+
+
+def assignments(dpo: pl.DataFrame, prior: pl.DataFrame | None, version_id: str) -> pl.DataFrame:
+    """The assignment table a version stores (``split_assignments.parquet``): every pair ever
+    assigned in its lineage (the ancestors' rows, updated where a pair moved towards test) plus
+    this version's new ones, sorted by pair_id.  Children read it as their ``prior``."""
+    now = dpo.select("pair_id", cluster=pl.col("near_dup_cluster").fill_null(pl.col("pair_id")), split="split")
+    if prior is None or prior.height == 0:
+        table = now.with_columns(assigned_in=pl.lit(version_id))
+    else:
+        old = prior.select(list(ASSIGNMENT_SCHEMA))
+        moved_or_new = now.join(old.select("pair_id", "split"), on=["pair_id", "split"], how="anti")
+        table = pl.concat([
+            old.join(moved_or_new, on="pair_id", how="anti"),
+            moved_or_new.with_columns(assigned_in=pl.lit(version_id)),
+        ])
+    return table.select(list(ASSIGNMENT_SCHEMA)).cast(ASSIGNMENT_SCHEMA).sort("pair_id")
+
+
+def prior_assignments(parent) -> pl.DataFrame | None:
+    """The assignments a child inherits: the parent's ``split_assignments.parquet`` (verified read),
+    or, for a parent written before that file existed, its kept pairs' splits."""
+    if parent is None:
+        return None
+    if "split_assignments.parquet" in parent.manifest().files:
+        return parent.read("split_assignments.parquet")
+    frames = [parent.read_split(s, columns=["pair_id", "near_dup_cluster"]).with_columns(split=pl.lit(s))
+              for s in SPLITS if s in parent.manifest().splits]
+    table = pl.concat(frames) if frames else pl.DataFrame(schema={"pair_id": pl.String, "near_dup_cluster": pl.String,
+                                                                   "split": pl.String})
+    return table.select("pair_id", cluster=pl.col("near_dup_cluster").fill_null(pl.col("pair_id")), split="split",
+                        assigned_in=pl.lit(parent.version_id)).cast(ASSIGNMENT_SCHEMA)
+
+
+def split_moves(prior: pl.DataFrame | None, now: pl.DataFrame) -> pl.DataFrame:
+    """Pairs whose split differs from ``prior`` (pair_id, from, to); ``now`` has pair_id and split."""
+    if prior is None or prior.height == 0 or now.height == 0:
+        return pl.DataFrame(schema={"pair_id": pl.String, "from": pl.String, "to": pl.String})
+    return (now.select("pair_id", to="split").join(prior.select("pair_id", **{"from": pl.col("split")}), on="pair_id")
+            .filter(pl.col("from") != pl.col("to")).select("pair_id", "from", "to").sort("pair_id"))
 
 
 def leakage(split_frames: dict[str, pl.DataFrame], prompt_hash: pl.DataFrame | None = None) -> dict[str, int]:

@@ -11,10 +11,11 @@ shortened with an ellipsis, thinned out, or moved into a legend line under the b
 """
 from __future__ import annotations
 
-import html
 import math
 import unicodedata
 from collections.abc import Sequence
+
+from pipeline.escape import html_escape, visible_controls
 
 PALETTE = ["#3b82f6", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#64748b", "#ec4899", "#14b8a6", "#a3a3a3"]
 RED, GREY, GREEN = "#dc2626", "#94a3b8", "#16a34a"
@@ -26,18 +27,18 @@ FONT = f'font-family="{FONT_STACK}"'
 WIDTH = 1000  # the report's card is ~1020 CSS px wide; charts scale down (max-width:100%) on narrow screens
 
 
-def esc(s: object) -> str:
-    return html.escape(str(s), quote=True)
+esc = html_escape  # every label, title and attribute value below goes through it (user text included)
 
 
 def text_width(s: str, size: float = 11) -> float:
     """Estimated rendered width in px: wide East Asian characters 1 em, others 0.64 em (a generous sans average)."""
-    return size * sum(1.0 if unicodedata.east_asian_width(c) in "WF" else 0.64 for c in str(s))
+    return size * sum(1.0 if unicodedata.east_asian_width(c) in "WF" else 0.64 for c in visible_controls(str(s)))
 
 
 def fit(s: str, width: float, size: float = 11) -> str:
-    """``s`` shortened with an ellipsis so that it fits in ``width`` px (may return "")."""
-    s = str(s)
+    """``s`` shortened with an ellipsis so that it fits in ``width`` px (may return ""); control characters
+    are measured and cut as the escapes ``esc`` will show."""
+    s = visible_controls(str(s))
     if text_width(s, size) <= width:
         return s
     while s and text_width(s + "…", size) > width:

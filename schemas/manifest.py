@@ -54,6 +54,18 @@ class SplitInfo(BaseModel):
     path: str
     rows: int
     sha256: str
+    bytes: int | None = Field(None, description="file size (a cheap first check before hashing; absent in old manifests)")
+
+
+class TableInfo(BaseModel):
+    """A table stored as a folder of Parquet parts (each part a hard link into the store's
+    content-addressed ``objects/``, shared by every version whose part has the same bytes).
+    ``sha256`` hashes the ordered list of (part path, part sha256)."""
+
+    path: str
+    rows: int
+    sha256: str
+    parts: list[SplitInfo]
 
 
 class Ledger(BaseModel):
@@ -93,6 +105,8 @@ class Manifest(BaseModel):
     sources: list[SourceInfo]
     splits: dict[str, SplitInfo]
     files: dict[str, SplitInfo] = Field(default_factory=dict, description="other files of the version with sha256")
+    tables: dict[str, TableInfo] = Field(default_factory=dict, description="tables stored as folders of parts, by name "
+                                         "('judgments', 'data/train', ...); every part's sha256 is listed")
     checks: list[dict[str, Any]]
     annotators: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, Any] = Field(default_factory=dict)
@@ -107,6 +121,10 @@ class GateResult(BaseModel):
 
 
 class Certification(BaseModel):
+    """One certification record.  It binds the version's content: ``manifest_sha256`` is the
+    sha256 of the exact ``manifest.json`` bytes that were evaluated (the manifest holds every
+    file's sha256), so a record counts only for that content (``pipeline.store.verify_chain``)."""
+
     version_id: str
     verdict: Literal["certified", "rejected"]
     gates: list[GateResult]
@@ -114,3 +132,5 @@ class Certification(BaseModel):
     policy: dict[str, Any]
     certified_at: datetime
     code_version: str
+    manifest_sha256: str | None = Field(None, description="sha256 of the certified manifest.json bytes")
+    opt_outs: list[str] = Field(default_factory=list, description="gates the policy explicitly opted out of")

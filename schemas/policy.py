@@ -208,7 +208,13 @@ class SplitConfig(_Cfg):
 class CertifyConfig(_Cfg):
     min_pairs_per_split: dict[str, int] = Field(default_factory=lambda: {"train": 20, "validation": 2, "test": 2})
     min_pairs_per_locale: int = Field(5, ge=0)
-    min_krippendorff_alpha: float = Field(0.2, ge=-1.0, le=1.0)
+    min_krippendorff_alpha: float = Field(0.3, ge=-1.0, le=1.0, description="minimum nominal alpha on the independent "
+                                          "overlap subset, per annotator kind (see docs/policy.md for the choice)")
+    require_agreement: bool = Field(True, description="agreement must be measured before certifying; false opts out "
+                                    "(the certificate records the opt-out)")
+    min_overlap_share: float = Field(0.10, ge=0.0, le=1.0, description="share of a kind's pairs that >= 2 different "
+                                     "annotators of that kind must have judged ...")
+    min_overlap_pairs: int = Field(200, ge=1, description="... capped at this many pairs: need min(share x pairs, this)")
     max_biased_annotator_share: float = Field(0.10, ge=0.0, le=1.0)
     max_exact_duplicate_rate: float = Field(0.05, ge=0.0, le=1.0)
     max_near_duplicate_rate: float = Field(0.10, ge=0.0, le=1.0)

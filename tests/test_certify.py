@@ -10,7 +10,7 @@ from conftest import ROOT
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.certify import certify_version, is_certified
+from pipeline.certify import certify_version
 from pipeline.curate import curate
 from pipeline.store import Store
 from schemas.policy import Policy, policy_from_dict
@@ -55,8 +55,8 @@ def test_clean_sample_version_is_certified(store):
     names = {g.name for g in cert.gates}
     assert {"integrity", "min_pairs.train", "krippendorff_alpha.human", "biased_annotator_share", "split_leakage",
             "quarantine_rate", "exact_duplicate_rate", "label_balance", "ai_share", "expectations"} <= names
-    ok, why = is_certified(store.get(res.version_id))
-    assert ok, why
+    status = store.get(res.version_id).verify_chain()
+    assert status.ok, status.reason
     gx_docs = list((store.root / "certifications" / res.version_id).rglob("index.html"))
     assert gx_docs, "Great Expectations Data Docs were not built beside the version"
 
@@ -70,8 +70,8 @@ def test_planted_version_rejected_with_reasons(store, tmp_path):
     assert {"quarantine_rate", "exact_duplicate_rate", "biased_annotator_share"} <= failing, failing
     bias = next(g for g in cert.gates if g.name == "biased_annotator_share")
     assert "rev-biased" in bias.detail
-    ok, why = is_certified(store.get(res.version_id))
-    assert not ok and "rejected" in why and "quarantine_rate" in why
+    status = store.get(res.version_id).verify_chain()
+    assert not status.ok and status.link == "verdict" and "quarantine_rate" in status.reason
 
 
 def test_cli_exit_codes_history_and_tamper(store):
@@ -86,12 +86,12 @@ def test_cli_exit_codes_history_and_tamper(store):
     assert len(hist) >= 3 and hist[-1]["verdict"] == "rejected"  # history kept, newest last
     assert len({h["policy_hash"] for h in hist}) >= 2
     # a changed file: certify refuses (integrity gate) and the trainer check says why
-    split = store.get(vid).split_path("test")
+    split = store.get(vid).split_files("test")[0]
     split.write_bytes(split.read_bytes() + b"\0")
     res = runner.invoke(app, ["certify", vid, "--store", str(store.root), "--no-expectations"])
     assert res.exit_code == 3 and "integrity" in res.output
-    ok, why = is_certified(store.get(vid))
-    assert not ok
+    status = store.get(vid).verify_chain()
+    assert not status.ok and status.link in ("verdict", "files")
 
 
 def _policy_file(root: Path, name: str = "p", **certify) -> Path:

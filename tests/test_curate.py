@@ -139,12 +139,16 @@ def chain(tmp_path_factory) -> Chain:
 def test_version_has_every_file_of_the_spec(full):
     h = full.h
     files = {p.relative_to(h.path).as_posix() for p in h.path.rglob("*") if p.is_file()}
-    spec = {"manifest.json", "data/train.parquet", "data/validation.parquet", "data/test.parquet", "quarantine.parquet",
-            "flags.parquet", "routed.parquet", "annotators.parquet", "report.html", "report.md"}
-    assert spec <= files, spec - files
-    assert {"judgments.parquet", "pairs.parquet", "prompt_index.npz"} <= files
+    # the spec's NAME.parquet tables are folders NAME/ of Parquet parts (outputs.md, "shared parts")
+    tables = {"data/train", "data/validation", "data/test", "quarantine", "flags", "routed", "annotators", "judgments",
+              "pairs", "split_assignments"}
+    for t in tables:
+        assert [f for f in files if f.startswith(t + "/part-") and f.endswith(".parquet")], t
+    assert {"manifest.json", "report.html", "report.md", "prompt_index.npz"} <= files
     m = h.manifest()
-    assert set(m.files) | {f"data/{s}.parquet" for s in m.splits} | {"manifest.json"} == files  # nothing unlisted
+    assert set(m.tables) == tables
+    parts = {p.path for t in m.tables.values() for p in t.parts}
+    assert set(m.files) | parts | {"manifest.json"} == files  # nothing unlisted
     assert h.verify() == []
     assert m.version_id == full.vid and m.parent_version is None and m.code_version
     assert [s.path for s in m.sources] == [str(B1), str(B2), str(B3)]
@@ -155,7 +159,7 @@ def test_version_has_every_file_of_the_spec(full):
     for kind in ("human", "ai"):
         assert {"krippendorff_alpha", "fleiss_kappa"} <= set(agreement[kind])
     for s in SPLITS:
-        assert DPO_COLUMNS <= set(pl.read_parquet_schema(h.split_path(s)))
+        assert DPO_COLUMNS <= set(pl.read_parquet_schema(h.split_files(s)[0]))
     assert ANNOTATOR_COLUMNS <= set(h.read("annotators.parquet").columns)
     assert {"source_file", "line", "raw", "reason", "error"} <= set(h.read("quarantine.parquet").columns)
     assert {"subject_kind", "subject_id", "check", "reason", "severity", "detail"} <= set(h.read("flags.parquet").columns)
@@ -197,9 +201,11 @@ def test_split_sha256s_match_the_files(full):
     m = h.manifest()
     assert set(m.splits) == set(SPLITS)
     for s, info in m.splits.items():
-        assert info.path == f"data/{s}.parquet"
-        assert sha256(h.path / info.path) == info.sha256
-        assert pl.read_parquet(h.path / info.path).height == info.rows
+        t = m.tables[f"data/{s}"]
+        assert info.path == t.path == f"data/{s}" and info.sha256 == t.sha256 and info.rows == t.rows
+        assert pl.read_parquet(h.path / info.path).height == info.rows  # the folder reads as one table
+        for part in t.parts:
+            assert sha256(h.path / part.path) == part.sha256 and pl.read_parquet(h.path / part.path).height == part.rows
     for name, info in m.files.items():
         assert sha256(h.path / info.path) == info.sha256, name
 
@@ -362,7 +368,12 @@ def test_child_equals_building_everything_at_once(chain, full):
     assert dict(counts.iter_rows()) == dict(ca.select("annotator_id", "n_judgments").iter_rows())
     biased = ca.filter(pl.col("annotator_id") == PLANTED["position_bias"]["annotator_id"]).to_dicts()[0]
     assert biased["n_judgments"] == PLANTED["position_bias"]["n_judgments"]  # judgments from batches 2 and 3
-    assert kept(c).sort("pair_id").equals(kept(f).sort("pair_id"))
+    # the same DPO rows; splits differ by design: the child keeps its parent's assignments (sticky
+    # splits), a one-shot build of all batches assigns everything fresh
+    assert kept(c).drop("split").sort("pair_id").equals(kept(f).drop("split").sort("pair_id"))
+    parent_split = dict(kept(chain.h(chain.v1)).select("pair_id", "split").iter_rows())
+    child_split = dict(kept(c).select("pair_id", "split").iter_rows())
+    assert all(child_split[p] == s for p, s in parent_split.items() if p in child_split)
 
 
 def _flip_batch(chain: Chain, path: Path) -> tuple[Path, str, list[str]]:

@@ -49,7 +49,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def dataset(version, tmp_path_factory):
-    files = {s: str(version.split_path(s)) for s in SPLITS}
+    # a split is a folder of Parquet parts: HF datasets takes a glob (docs/input-format.md, "reading a version")
+    files = {s: f"{version.split_path(s)}/*.parquet" for s in SPLITS}
     return datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path_factory.mktemp("hf-cache")))
 
 
@@ -110,9 +111,10 @@ def test_polars_pandas_duckdb_read_the_same(version, dataset):
         p = pl.read_parquet(path)
         pdf = pd.read_parquet(path)
         con = duckdb.connect()
-        duck_cols = [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()]
+        glob = f"{path}/*.parquet"
+        duck_cols = [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [glob]).fetchall()]
         duck = con.execute("SELECT pair_id, weight, prompt, chosen, rejected, source_comparison_ids "
-                           "FROM read_parquet(?)", [str(path)]).fetchall()
+                           "FROM read_parquet(?)", [glob]).fetchall()
         assert p.columns == list(pdf.columns) == duck_cols == dataset[s].column_names
         assert p.height == len(pdf) == len(duck) == version.manifest().splits[s].rows
         assert p["pair_id"].to_list() == pdf["pair_id"].tolist() == [r[0] for r in duck] == dataset[s]["pair_id"]

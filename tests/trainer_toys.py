@@ -80,5 +80,6 @@ def make_store(root: Path, splits: dict[str, list[dict]], *, version_id: str = "
         gate = GateResult(name="toy", value=1, threshold=1, passed=certified)
         store.add_certification(Certification(
             version_id=version_id, verdict="certified" if certified else "rejected", gates=[gate], policy_hash="p",
-            policy={}, certified_at=datetime.now(UTC), code_version="test"))
+            policy={}, certified_at=datetime.now(UTC), code_version="test",
+            manifest_sha256=store.get(version_id).manifest_sha256()))
     return store

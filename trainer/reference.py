@@ -112,7 +112,7 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
     def read() -> dict[str, tuple[float, float]] | None:
         if not path.exists():
             return None
-        t = pl.read_parquet(path).to_dict(as_series=False)
+        t = pl.read_parquet(path, glob=False).to_dict(as_series=False)
         got = {pid: (w, r) for pid, w, r in zip(t["pair_id"], t["ref_chosen_logps"], t["ref_rejected_logps"])}
         return got if wanted <= got.keys() else None  # a file that lacks pairs is not this key's file
 

@@ -33,8 +33,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.certify import is_certified
-from pipeline.store import SPLITS, Store, VersionHandle
+from pipeline.store import SPLITS, NotCertified, Store, VersionHandle
 from trainer import runs
 from trainer.data import Batch, PairStream, batches_in_order, collate, read_split_rows
 from trainer.loss import DEFAULT_CHUNK_SIZE
@@ -120,16 +119,13 @@ class RunResult:
 
 
 def open_certified_version(store: Store, ref: str) -> VersionHandle:
-    """The version, after checking every file's sha256 against the manifest and its certification."""
-    handle = store.resolve(ref)
-    problems = handle.verify()
-    if problems:
-        raise VersionTampered(f"refusing to train on {handle.version_id}: its files do not match the manifest "
-                              f"({'; '.join(problems)}); re-create the version instead of editing it")
-    ok, why = is_certified(handle)
-    if not ok:
-        raise VersionNotCertified(f"refusing to train on {handle.version_id}: {why}")
-    return handle
+    """The version, after verifying the chain certificate -> manifest -> files (``Store.open_certified``);
+    its files are verified again when read (``VersionHandle.read_split``)."""
+    try:
+        return store.open_certified(ref)
+    except NotCertified as err:
+        cls = VersionTampered if err.link in ("manifest", "files", "signature") else VersionNotCertified
+        raise cls(f"refusing to train ({err.link} link broken): {err}") from None
 
 
 def lr_schedule(step: int, *, peak: float, warmup: int, total: int, min_ratio: float) -> float:

@@ -1,0 +1,192 @@
+"""Tables as folders of content-addressed Parquet parts, shared between versions.
+
+A table (``judgments``, ``pairs``, ``data/train``, ...) of a version is a folder of parts
+``<table>/part-<key>.parquet``.  Every part is also an object of the store,
+``STORE/objects/<sha[:2]>/<sha256>.parquet``, and the version's file is a *hard link* to it:
+two versions whose part has the same bytes share one inode on disk, and the version folder
+stays a plain folder of Parquet files that Polars, pandas, DuckDB and HF ``datasets`` read
+as one table.
+
+Parts are grouped by a key the caller chooses so that unchanged rows produce unchanged bytes:
+judgments and quarantine by the version they arrived in (a child links its parent's parts and
+adds one), pair tables by the version where the pair first appeared (a child rewrites only
+the generations whose rows changed).  Objects are immutable; a part nobody links any more
+(``st_nlink == 1``) is garbage (:func:`collect_garbage`).
+
+On a filesystem without hard links the parts are plain files (no sharing, same layout).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.store import SplitInfo, Store, StoreError, VersionHandle, table_sha256, write_parquet
+from schemas.ids import safe_id
+from schemas.manifest import TableInfo
+
+OBJECTS = "objects"
+EMPTY_KEY = "empty"
+_NO_LINKS = (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP)
+
+
+def object_path(store: Store, sha: str) -> Path:
+    return store.root / OBJECTS / sha[:2] / f"{sha}.parquet"
+
+
+def share(store: Store, path: Path, sha: str) -> None:
+    """Make ``path`` (a freshly written part with this sha256) and the store's object one inode:
+    link the file into ``objects/`` or, when the object exists, replace the file by a link to it."""
+    obj = object_path(store, sha)
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, obj)
+        return
+    except FileExistsError:
+        pass
+    except OSError as err:
+        if err.errno in _NO_LINKS:
+            return  # no hard links here: the part stays a plain file
+        raise
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.lnk")
+    try:
+        os.link(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if err.errno not in _NO_LINKS:
+            raise
+
+
+def link_part(src: Path, dst: Path) -> None:
+    """Put an existing part (of a parent version) into a staged table without copying it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError as err:
+        if err.errno not in _NO_LINKS:
+            raise
+        shutil.copyfile(src, dst)
+
+
+@dataclass
+class TableWriter:
+    """Collects the parts of one table of a staged version; :meth:`info` gives its manifest entry."""
+
+    store: Store
+    stage: Path
+    name: str
+    parts: list[SplitInfo] = field(default_factory=list)
+
+    def _part_rel(self, key: str) -> str:
+        return f"{self.name}/part-{safe_id(key, what='part key')}.parquet"
+
+    def inherit(self, parent: VersionHandle, part: SplitInfo) -> None:
+        """Reuse a part of the parent version as it is (a hard link; no bytes written)."""
+        link_part(parent.path / part.path, self.stage / part.path)
+        self.parts.append(part)
+
+    def write(self, key: str, frame: pl.DataFrame) -> SplitInfo:
+        rel = self._part_rel(key)
+        info = write_parquet(frame, self.stage / rel)
+        share(self.store, self.stage / rel, info.sha256)
+        part = info.model_copy(update={"path": rel})
+        self.parts.append(part)
+        return part
+
+    def write_grouped(self, frame: pl.DataFrame, key_column: str) -> None:
+        """One part per value of ``key_column`` (sorted; the column itself is not written).
+        An empty frame still gets one empty part, so readers see the schema."""
+        if frame.height == 0:
+            self.write(EMPTY_KEY, frame.drop(key_column))
+            return
+        for (key,), group in frame.sort(key_column, maintain_order=True).group_by(key_column, maintain_order=True):
+            self.write(str(key), group.drop(key_column))
+
+    def info(self) -> TableInfo:
+        parts = sorted(self.parts, key=lambda p: p.path)
+        return TableInfo(path=self.name, rows=sum(p.rows for p in parts), sha256=table_sha256(parts), parts=parts)
+
+
+def parent_parts(parent: VersionHandle | None, name: str) -> list[SplitInfo]:
+    """The parts of a parent's table (a parent written before tables has none: its rows are rewritten)."""
+    if parent is None:
+        return []
+    t = parent.table(name)
+    return list(t.parts) if t is not None else []
+
+
+# ---------------------------------------------------------------- garbage collection
+@dataclass
+class GcPlan:
+    versions: list[str] = field(default_factory=list)  # versions to delete (retention)
+    objects: list[Path] = field(default_factory=list)  # objects no version links
+    staging: list[Path] = field(default_factory=list)  # staging dirs of dead writers
+    bytes: int = 0
+
+
+def plan_gc(store: Store, *, delete_versions: Iterable[str] = ()) -> GcPlan:
+    """What :func:`collect_garbage` would remove: the given versions, objects that no version
+    (other than those) links, and staging directories of dead writers."""
+    plan = GcPlan(versions=sorted(set(delete_versions)))
+    doomed: Counter[tuple[int, int]] = Counter()  # links into objects held by the versions being deleted
+    for vid in plan.versions:
+        for p in (store.versions_dir / safe_id(vid, what="version id")).rglob("*.parquet"):
+            st = p.stat()
+            doomed[(st.st_dev, st.st_ino)] += 1
+    objects = store.root / OBJECTS
+    if objects.is_dir():
+        for obj in sorted(objects.glob("*/*.parquet")):
+            st = obj.stat()
+            # an object's links: its own name + one per version part that is this object
+            if st.st_nlink - 1 - doomed[(st.st_dev, st.st_ino)] <= 0:
+                plan.objects.append(obj)
+                plan.bytes += st.st_size
+    staging = store.root / ".staging"
+    if staging.is_dir():
+        from pipeline.store import _pid_alive
+
+        for d in sorted(staging.iterdir()):
+            try:
+                pid = int(d.name.split(".")[1])
+            except (IndexError, ValueError):
+                pid = -1
+            if not (pid > 0 and _pid_alive(pid)):
+                plan.staging.append(d)
+    return plan
+
+
+def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
+    """Remove what the plan lists: versions first (moved aside atomically, then deleted, with
+    their certification records kept aside), then unlinked objects and dead staging dirs."""
+    trash = store.root / ".staging"
+    trash.mkdir(parents=True, exist_ok=True)
+    for vid in plan.versions:
+        src = store.versions_dir / safe_id(vid, what="version id")
+        if not src.is_dir():
+            raise StoreError(f"gc: no version {vid} in {store.root}")
+        aside = trash / f"gc-{vid}.0.{uuid.uuid4().hex[:8]}"
+        os.rename(src, aside)  # the version disappears at once for readers
+        shutil.rmtree(aside, ignore_errors=True)
+        cert = store.certification_path(vid)
+        if cert.exists():
+            os.rename(cert, cert.with_name(f"{cert.name}.deleted-{int(time.time())}"))
+    for obj in plan.objects:
+        if obj.exists() and obj.stat().st_nlink == 1:
+            obj.unlink()
+    for d in plan.staging:
+        shutil.rmtree(d, ignore_errors=True)
+    return plan
+
+
+__all__ = ["GcPlan", "TableWriter", "collect_garbage", "link_part", "object_path", "parent_parts", "plan_gc", "share"]
