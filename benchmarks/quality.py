@@ -37,6 +37,8 @@ Checks measured
   the exact duplicate rows the LLaMA-Factory files really contain.
 * statistical checks (synth): position_bias, length_bias, low_reliability, low_agreement,
   label_imbalance, too_easy, and "insufficient_data" for annotators with 3-12 judgments.
+* consensus: accuracy against known answers on judge panels (``benchmarks/consensus_quality.py``,
+  with majority vote and crowd-kit's Dawid-Skene; needs crowd-kit, see requirements-bench.txt).
 """
 from __future__ import annotations
 
@@ -777,11 +779,11 @@ def bench_stats(seeds: list[int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=["near_duplicates", "language", "duplicates", "stats"])
+    ap.add_argument("--only", nargs="*", choices=["near_duplicates", "language", "duplicates", "stats", "consensus"])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2, 3], help="synth seeds (duplicates, stats)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the parameter sweeps (near duplicates, language)")
     a = ap.parse_args()
-    todo = a.only or ["near_duplicates", "language", "duplicates", "stats"]
+    todo = a.only or ["near_duplicates", "language", "duplicates", "stats", "consensus"]
     print(f"`.venv/bin/python benchmarks/quality.py` — real data: data/source/"
           f"{' + ../shared/data/' if SHARED.exists() else ' (../shared/data not found)'}")
     if "near_duplicates" in todo:
@@ -792,6 +794,12 @@ def main() -> None:
         bench_duplicates(a.seeds)
     if "stats" in todo:
         bench_stats(a.seeds)
+    if "consensus" in todo:  # benchmarks/consensus_quality.py: needs crowd-kit (requirements-bench.txt)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from consensus_quality import bench_consensus
+
+        section("consensus accuracy on judge panels with known answers (benchmarks/consensus_quality.py, seeds 100-109)")
+        print(bench_consensus(list(range(100, 110))))
 
 
 if __name__ == "__main__":

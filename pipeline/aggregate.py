@@ -15,11 +15,16 @@ Method
 3. **One vote per annotator per pair.**  An annotator who judged a pair k times (an AI
    judge run in both display orders) gives each of those judgments weight 1/k, so
    repeating a judgment never outvotes a second opinion.
-4. **Per-kind labels** ``label_human`` / ``label_ai``: plurality of the votes of that kind
-   over the five labels.  A tie of exactly ``a`` and ``b`` is broken by the Dawid-Skene
-   estimate (below) from the same judgments; any other tie, or exactly balanced
-   evidence, gives ``escalate``.  ``label_majority`` is the plain plurality of all raw
-   judgments (null on a tie), for reference only.
+4. **Per-kind labels.**  ``label_human``: plurality of the human votes over the five labels;
+   a tie of exactly ``a`` and ``b`` is broken by the Dawid-Skene estimate (below) from the
+   same judgments; any other tie, or exactly balanced evidence, gives ``escalate``.
+   ``label_ai``: the plurality of the AI votes says whether the judges gave a verdict (a or
+   b leading, alone or tied) or tie / both_bad / escalate; the verdict's side is the sign
+   of the **order-aware Dawid-Skene** evidence (:mod:`pipeline.position_ds`: a verdict that
+   flips with the display order is no evidence, one-order verdicts are weighed by display
+   position, judges by order consistency and gold), ``escalate`` when it is exactly 0.
+   ``label_majority`` is the plain plurality of all raw judgments (null on a tie), for
+   reference only.
 5. **Dawid-Skene (one-coin)** on decisive (a/b) judgments, :func:`dawid_skene`: annotator
    j has accuracy r_j; ``logit P(a) = sum_i w_i v_i log(r_j / (1 - r_j))`` (v = +1 for a,
    -1 for b; flat class prior, because a/b are names, not positions).  r_j is
@@ -46,8 +51,10 @@ Method
    ``separate``/``vote``; human under ``ignore_ai``).  ``agreement`` = share of the used
    judgments whose label equals the consensus; ``strength`` = mean strength of the used
    judgments agreeing with it; ``annotator_kind`` = human / ai / mixed from the used
-   judgments (all judgments when none was used); ``p_a_weighted`` = the DS posterior from
-   the used judgments.  ``count_*`` and ``n_*`` count all judgments.  ``locale`` is the
+   judgments (all judgments when none was used); ``p_a_weighted`` = the share of the
+   accuracy-weighted evidence of the used judgments that points to a
+   (:func:`evidence_share`; order-aware evidence for AI judgments), the consensus'
+   confidence that ``select`` weighs DPO rows by and ``checks/consensus.py`` abstains on.  ``count_*`` and ``n_*`` count all judgments.  ``locale`` is the
    first non-null locale of the pair, ``tags`` the sorted union of its judgments' tags.
 """
 from __future__ import annotations
@@ -60,13 +67,14 @@ import numpy as np
 import polars as pl
 from scipy.special import expit
 
+from pipeline import position_ds
 from schemas.arrow import empty_frame, polars_schema
 from schemas.check import CheckResult
 from schemas.policy import AggregationConfig
 from schemas.records import LABELS, AnnotatorStats, PairRecord
 
 __all__ = ["Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_reference", "plurality", "label_strings",
-           "pair_locale", "pair_tags", "n_used_expr", "annotator_table"]
+           "pair_locale", "pair_tags", "n_used_expr", "annotator_table", "order_aware", "pair_gold", "evidence_share"]
 
 A, B, TIE, BOTH_BAD, ESCALATE = range(5)
 NONE = -1  # "no label" code
@@ -287,11 +295,61 @@ def ds_accuracy(e: Encoded, cfg: AggregationConfig | None = None) -> np.ndarray:
                        n_pairs=e.n_pairs, n_annotators=e.n_annotators, iterations=cfg.ds_iterations)
 
 
-def _posterior(pair_idx: np.ndarray, vote: np.ndarray, weight: np.ndarray, llr_i: np.ndarray, n_pairs: int) -> np.ndarray:
-    """P(a) per pair from the judgments with weight > 0; NaN where there are none."""
-    logit = np.bincount(pair_idx, weights=weight * vote * llr_i, minlength=n_pairs)
+def evidence_share(pair_idx: np.ndarray, evidence: np.ndarray, weight: np.ndarray, n_pairs: int) -> np.ndarray:
+    """(P,) share of the weighted evidence that points to ``a``: sum w max(e, 0) / sum w |e|.
+
+    ``evidence``: each judgment's log-odds for a (a vote for b by a worse-than-chance
+    annotator points to a).  Same side as the posterior, but bounded by the split of the
+    evidence: an evenly split panel gives 0.5 however many judged, a unanimous one 1 -- with
+    equally reliable annotators it is the share of votes for a.  0.5 when the evidence is
+    all zero, NaN for pairs without a judgment of positive weight."""
+    pos = np.bincount(pair_idx, weights=weight * np.maximum(evidence, 0.0), minlength=n_pairs)
+    tot = np.bincount(pair_idx, weights=weight * np.abs(evidence), minlength=n_pairs)
     has = np.bincount(pair_idx, weights=(weight > 0).astype(float), minlength=n_pairs) > 0
-    return np.where(has, expit(logit), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(has, np.where(tot > _EPS, pos / tot, 0.5), np.nan)
+
+
+def pair_gold(e: Encoded) -> np.ndarray:
+    """(P,) canonical gold label code per pair: 0 a / 1 b from its judgments' ``gold_label``
+    (the last one given wins), -1 when none is a or b."""
+    g = np.full(e.n_pairs, NONE, np.int64)
+    rows = np.flatnonzero((e.gold == A) | (e.gold == B))
+    g[e.pair[rows]] = np.where(e.flipped[rows], 1 - e.gold[rows], e.gold[rows])
+    return g
+
+
+def order_aware(e: Encoded, cfg: AggregationConfig | None = None) -> tuple[np.ndarray, position_ds.OrderAwareDS]:
+    """Order-aware Dawid-Skene (:mod:`pipeline.position_ds`) over the decisive judgments of
+    the pairs an AI judge judged (AI and human judgments: humans anchor the AI judges on
+    shared pairs; human-only pairs are decided by the human plurality and left out, which
+    keeps the EM to the AI part of a batch), one vote per annotator per pair, anchored on
+    gold labels.  Returns (mask (N,) of the judgments used, fitted model; its
+    ``judgment_evidence`` is aligned with the masked rows)."""
+    cfg = cfg or AggregationConfig()
+    has_ai = np.bincount(e.pair, weights=~e.human, minlength=e.n_pairs) > 0
+    dec = (e.label >= A) & (e.label <= B) & has_ai[e.pair]
+    w = (1.0 / np.bincount(e.unit, minlength=e.n_units)[e.unit])[dec]
+    shown = e.shown[dec]
+    model = position_ds.fit(
+        pair=e.pair[dec], judge=e.ann[dec], unit=e.unit[dec], n_units=e.n_units, chose_a=e.label[dec] == A,
+        shown_a=np.where(shown < 0, -1, (shown == A).astype(np.int8)), weight=w, n_pairs=e.n_pairs,
+        n_judges=e.n_annotators, gold=pair_gold(e), iterations=cfg.ds_iterations,
+    )
+    return dec, model
+
+
+def decide_side(votes: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+    """Label codes from (n, 5) ``votes`` where the evidence decides a vs b: when a or b leads
+    the vote (alone, or a and b tied) the side is the sign of ``evidence`` (0 or NaN ->
+    ``ESCALATE``); otherwise the plurality (tie / both_bad / escalate; other ties escalate)."""
+    base = plurality(votes, None, ESCALATE)
+    mx = votes.max(axis=1) if votes.size else np.zeros(votes.shape[0])
+    top = votes >= (mx - _EPS)[:, None]
+    ab_lead = (top[:, A] | top[:, B]) & ~top[:, TIE:].any(axis=1) & (mx > _EPS)
+    with np.errstate(invalid="ignore"):
+        side = np.where(evidence > _EPS, A, np.where(evidence < -_EPS, B, ESCALATE))
+    return np.where(ab_lead, side, base).astype(np.int64)
 
 
 LOO_MIN_POSTERIOR = 0.9
@@ -366,15 +424,20 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     p_idx, a_idx, hd, wd = e.pair[dec], e.ann[dec], h[dec], w[dec]
     vote = np.where(e.label[dec] == A, 1.0, -1.0)
     acc = ds_accuracy(e, cfg)
-    llr_i = np.log(acc / (1.0 - acc))[a_idx]
-    p_h = _posterior(p_idx, vote, wd * hd, llr_i, P)
-    p_ai = _posterior(p_idx, vote, wd * ~hd, llr_i, P)
-    p_vote = _posterior(p_idx, vote, wd * np.where(hd, 1.0, cfg.ai_weight), llr_i, P)
+    ev_h = vote * np.log(acc / (1.0 - acc))[a_idx]  # one-coin evidence: humans, and the vote modes
+    p_h = evidence_share(p_idx, ev_h, wd * hd, P)
+    p_vote = evidence_share(p_idx, ev_h, wd * np.where(hd, 1.0, cfg.ai_weight), P)
+    used_oa, oa = order_aware(e, cfg)  # AI: order-aware evidence
+    ai_oa = ~h[used_oa]
+    wo = w[used_oa] * ai_oa
+    p_ai = evidence_share(e.pair[used_oa], oa.judgment_evidence, wo, P)
+    ev_ai = np.bincount(e.pair[used_oa], weights=wo * oa.judgment_evidence, minlength=P)
+    fitted = np.bincount(e.ann[used_oa], minlength=e.n_annotators) > 0
 
     counts = e.per_pair()
     hv, av = e.per_pair(w * h), e.per_pair(w * ~h)
     label_h = plurality(hv, p_h, ESCALATE)
-    label_ai = plurality(av, p_ai, ESCALATE)
+    label_ai = decide_side(av, ev_ai)
     has_h = n_h > 0
     if cfg.ai_mode == "human_first":
         cons, p_w = np.where(has_h, label_h, label_ai), np.where(has_h, p_h, p_ai)
@@ -413,7 +476,8 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         "label_majority": label_strings(plurality(counts)),
         "label_human": label_strings(label_h), "label_ai": label_strings(label_ai),
         "label_consensus": label_strings(cons),
-        "p_a_weighted": pl.Series(p_w).fill_nan(None),
+        # rounded: a sum of floats depends on the judgments' order, the DPO weight (select) must not
+        "p_a_weighted": pl.Series(np.round(p_w, 9)).fill_nan(None),
         "agreement": pl.Series(agreement).fill_nan(None),
         "strength": pl.Series(strength).fill_nan(None),
         "annotator_kind": pair_kind,
@@ -425,7 +489,9 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         "n_judgments": np.bincount(e.ann, minlength=e.n_annotators).astype(np.int64),
         "n_decisive": np.bincount(e.ann, weights=dec, minlength=e.n_annotators).astype(np.int64),
         "ds_accuracy": acc,
-    }).with_columns(ds_accuracy=pl.when(pl.col("n_decisive") > 0).then(pl.col("ds_accuracy")))
+        "accuracy_better_first": np.where(fitted, oa.alpha, np.nan), "accuracy_better_second": np.where(fitted, oa.beta, np.nan),
+        "order_engagement": np.where(fitted, oa.engaged, np.nan),
+    }).with_columns(ds_accuracy=pl.when(pl.col("n_decisive") > 0).then(pl.col("ds_accuracy"))).fill_nan(None)
     return Aggregation(pairs, annotators, canon_a.alias("a_hash"))
 
 
@@ -503,7 +569,8 @@ def n_used_expr() -> pl.Expr:
 
 def _empty_annotators() -> pl.DataFrame:
     return pl.DataFrame(schema={"annotator_id": pl.String, "annotator_kind": pl.String, "n_judgments": pl.Int64,
-                                "n_decisive": pl.Int64, "ds_accuracy": pl.Float64})
+                                "n_decisive": pl.Int64, "ds_accuracy": pl.Float64, "accuracy_better_first": pl.Float64,
+                                "accuracy_better_second": pl.Float64, "order_engagement": pl.Float64})
 
 
 # ---------------------------------------------------------------- annotators.parquet

@@ -36,7 +36,7 @@ from pipeline.store import SPLITS, Store, StoreError, VersionHandle
 from schemas.manifest import Certification, GateResult
 from schemas.policy import CertifyConfig, Policy
 
-BIAS_REASONS = ("position_bias", "length_bias")
+BIAS_REASONS = ("position_bias", "length_bias", "order_inconsistent")
 
 
 def _check(m, name: str) -> dict[str, Any]:

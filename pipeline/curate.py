@@ -248,7 +248,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     tables["routed"] = _grouped_table(store, stage, "routed", psel.routed.drop("_reasons", strict=False).join(gen, on="pair_id", how="left"))
     tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
                                            quarantine.height - ingest.quarantine.height if parent else 0, version_id)
-    annotators = agg.annotator_table(results, final.annotators.select("annotator_id", "ds_accuracy"))
+    annotators = agg.annotator_table(results, final.annotators.select(
+        "annotator_id", "ds_accuracy", "accuracy_better_first", "accuracy_better_second", "order_engagement"))
     for name, frame in (("flags", flags), ("annotators", annotators)):
         w = TableWriter(store, stage, name)
         w.write("all", frame)

@@ -15,8 +15,12 @@ Two steps, both vectorised:
    ``too_easy``, ``ambiguous``, ``too_long``, ``below_min_strength``.  Flag reasons act only when the policy maps them to
    ``drop``; ``downweight`` multiplies the weight by ``downweight_factor``; ``warn`` keeps.
 
-Weight (``select.weight_by``): ``agreement`` (share of used judgments agreeing with the
-consensus), ``agreement_x_strength`` (missing strength counts as 1), or ``none`` (1.0);
+Weight (``select.weight_by``): ``confidence`` (default: the accuracy-weighted share of the
+evidence for the consensus side, ``p_a_weighted`` or 1 - it -- equal to ``agreement`` when
+the annotators are equally reliable, about 0.5 for a pair the panel barely decided, e.g.
+one whose AI verdicts flip with the display order; ``agreement`` where there is no share),
+``agreement`` (share of used judgments agreeing with the consensus),
+``agreement_x_strength`` (missing strength counts as 1), or ``none`` (1.0);
 then times ``1 - s * (1 - downweight_factor)`` where ``s`` is the share of the pair's
 judgments that came from down-weighted annotators, and times ``downweight_factor`` for each
 pair-level reason mapped to ``downweight``.  Weights are in (0, 1].
@@ -214,8 +218,8 @@ def select_pairs(
         reason = pl.when(cond).then(pl.lit(why)).otherwise(reason)
     p = p.with_columns(decision=decision.fill_null("keep"), reason=reason)
 
-    base = {"agreement": c("agreement"), "agreement_x_strength": c("agreement") * c("strength").fill_null(1.0),
-            "none": pl.lit(1.0)}[cfg.weight_by]
+    base = {"confidence": consensus_confidence_expr(p.columns), "agreement": c("agreement"),
+            "agreement_x_strength": c("agreement") * c("strength").fill_null(1.0), "none": pl.lit(1.0)}[cfg.weight_by]
     factor = cfg.downweight_factor
     n_down = pl.sum_horizontal([c("_reasons").list.contains(r).cast(pl.Int32) for r in sorted(down_r)]) if down_r else pl.lit(0)
     weight = base.fill_null(1.0) * (1 - c("_down_share") * (1 - factor)) * pl.lit(factor).pow(n_down)
@@ -250,6 +254,18 @@ def select_pairs(
     routed_by = {lab: 0 for lab in ROUTED_LABELS}
     routed_by.update(dict(routed.group_by("route").len().iter_rows()) if routed.height else {})
     return PairSelection(p.drop("_tokens", "_down_share"), dpo, routed, dropped, routed_by)
+
+
+def consensus_confidence_expr(columns: list[str]) -> pl.Expr:
+    """The consensus' confidence: ``p_a_weighted`` (the accuracy-weighted share of the evidence
+    for a, :func:`pipeline.aggregate.evidence_share`) for an ``a`` consensus, 1 - it for
+    ``b``; ``agreement`` where there is no share (no decisive judgment, or no column)."""
+    c = pl.col
+    if "p_a_weighted" not in columns:
+        return c("agreement")
+    lab = c("label_consensus")
+    share = pl.when(lab == "a").then(c("p_a_weighted")).when(lab == "b").then(1.0 - c("p_a_weighted"))
+    return share.fill_null(c("agreement"))
 
 
 def downweight_shares(judgments: pl.DataFrame, annotators: list[str]) -> pl.DataFrame:

@@ -167,6 +167,7 @@ class SelectConfig(_Cfg):
             "position_bias": "downweight",
             "length_bias": "downweight",
             "low_reliability": "drop",
+            "order_inconsistent": "downweight",
             "pair_id_conflict": "drop",
         },
         description="what each flag reason does to the judgments/pairs it names (pair_id_conflict: drop only)",
@@ -176,7 +177,9 @@ class SelectConfig(_Cfg):
         default_factory=lambda: {"tie": "route", "both_bad": "route", "escalate": "route"},
     )
     min_strength: float = Field(0.0, ge=0.0, le=1.0)
-    weight_by: Literal["agreement", "agreement_x_strength", "none"] = "agreement"
+    weight_by: Literal["confidence", "agreement", "agreement_x_strength", "none"] = Field(
+        "confidence", description="base weight of a DPO row: confidence (the accuracy-weighted share of the evidence for "
+        "the consensus side; agreement where there is none), agreement, agreement x strength, or none (1.0)")
     max_tokens_per_pair: int = Field(4096, ge=16)
     tokenizer: str = Field("chars/4", description="how max_tokens_per_pair counts prompt + longer response: 'chars/4' "
                            "(estimate) or a local tokenizer directory/tokenizer.json (exact, e.g. "

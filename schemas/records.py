@@ -56,6 +56,7 @@ class FlagReason(StrEnum):
     POSITION_BIAS = "position_bias"
     LENGTH_BIAS = "length_bias"
     LOW_RELIABILITY = "low_reliability"
+    ORDER_INCONSISTENT = "order_inconsistent"
     LABEL_IMBALANCE = "label_imbalance"
     TOO_EASY = "too_easy"
     AMBIGUOUS = "ambiguous"

@@ -36,6 +36,7 @@ pairs are judged by honest humans only).
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -277,3 +278,180 @@ def make_planted(
         annotator_kinds=kinds,
         pair_truth={p.pair_id: p.truth for p in pairs},
     )
+
+
+# ---------------------------------------------------------------- judge panels (consensus benchmark)
+@dataclass
+class Panel:
+    """A judge panel with known answers: ``records`` (canonical raw dicts), ``truth``
+    (pair_id -> better side in canonical a/b), ``gold`` (pair ids whose judgments carry
+    ``gold_label``), ``judges`` (annotator_id -> role) and ``first_rate`` (annotator_id ->
+    the judge's expected first-shown rate)."""
+
+    records: list[dict[str, Any]]
+    truth: dict[str, str]
+    gold: set[str]
+    judges: dict[str, str]
+    first_rate: dict[str, float]
+
+    def judgments(self) -> pl.DataFrame:
+        return judgments_from_records(self.records)
+
+
+def _sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
+
+
+def _solve_offset(target: float, us: list[float]) -> float:
+    """Position offset beta with mean_u (sigmoid(u + beta) + sigmoid(-u + beta)) / 2 = target (bisection)."""
+    lo, hi = -20.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        rate = sum(_sig(u + mid) + _sig(-u + mid) for u in us) / (2 * len(us))
+        lo, hi = (mid, hi) if rate < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def make_judge_panel(
+    seed: int,
+    *,
+    n_pairs: int = 400,
+    n_good: int = 3,
+    n_biased: int = 10,
+    n_inconsistent: int = 3,
+    n_weak: int = 2,
+    bias_range: tuple[float, float] = (0.6, 0.95),
+    clarity: tuple[float, float] = (1.0, 1.0),
+    appeal: float = 1.0,
+    family_size: int = 1,
+    taste: float = 0.0,
+    both_orders: float = 1.0,
+    coverage: float = 1.0,
+    judges_per_pair: int | None = None,
+    gold_share: float = 0.0,
+    tie_rate: float = 0.02,
+    swap_share: float = 0.3,
+    kind: str = "ai",
+) -> Panel:
+    """A judge panel with position-biased and order-inconsistent judges and known answers.
+
+    The generator is a latent-preference (Thurstone / Bradley-Terry) judge, *not* the
+    consensus model: judge j's view of pair i is ``u = s_j c_i + l_j a_i + e_ij`` (its
+    preference for the better response; shared by both display orders), where ``c_i ~
+    |N(clarity)|`` is how clear the pair is, ``a_i ~ N(0, appeal)`` a surface appeal of the
+    better (> 0) or worse (< 0) response that every judge sees (length, style: errors
+    correlated across judges), ``e_ij ~ N(0, 1)`` the judge's own view.  In each display order
+    the judge picks the first-shown response with probability ``sigmoid(+-u + beta_j +
+    z_ij)`` (+ when the better one is shown first); beta_j is a position bias, z_ij a
+    per-pair position preference.  A preference weaker than the position bias flips with
+    the display order; a strong one gives the same verdict in both orders, right or wrong.
+
+    * **good** (``n_good``): skill 1.5-2.5, appeal weight 0-0.3, first-shown rate 0.5-0.6;
+    * **biased** (``n_biased``): skill 0.3-1.2, appeal weight 0.5-1.5, beta set so that the
+      first-shown rate is U(``bias_range``), towards the first or the second position at random;
+    * **inconsistent** (``n_inconsistent``): skill 0.3-1.0, appeal weight 0.5-1, no overall
+      bias but z_ij ~ N(0, 3): per pair, a strong preference for one position (first-shown
+      rate ~0.5, verdicts flip with the order on most pairs);
+    * **weak** (``n_weak``): skill 0-0.3, appeal weight 1, first-shown rate 0.5-0.7.
+
+    **Families**: the judges other than the good ones form groups of ``family_size`` (one
+    model family, one prompt template) that share a per-pair taste ``f ~ N(0, taste)``
+    added to u: verdicts that agree within the family, whatever the truth.
+
+    Each judge judges a share ``coverage`` of the pairs (or ``judges_per_pair`` judges per
+    pair), in both orders with probability ``both_orders`` (else one random order);
+    ``tie_rate`` of the verdicts are ``tie``; ``gold_share`` of the pairs carry
+    ``gold_label``; ``swap_share`` of the judgments (never a pair's first) name the
+    responses the other way round.  ``kind="human"`` labels every judge human.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n_pairs):
+        prompt = f"panel {seed} question {i}"
+        ra, rb = f"answer one to {i} (seed {seed})", f"answer two to {i}, worded otherwise (seed {seed})"
+        pairs.append({"prompt": prompt, "a": ra, "b": rb, "truth": rng.choice("ab"), "c": abs(rng.gauss(*clarity)),
+                      "appeal": rng.gauss(0.0, appeal), "gold": rng.random() < gold_share})
+    roles = ["good"] * n_good + ["biased"] * n_biased + ["inconsistent"] * n_inconsistent + ["weak"] * n_weak
+    judges: dict[str, str] = {}
+    par: dict[str, tuple[float, float, float, float]] = {}  # skill, appeal weight, beta, z sd
+    first_rate: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for role in roles:
+        a = f"{role}-{count.setdefault(role, 0)}"
+        count[role] += 1
+        judges[a] = role
+        skill, lam, target, zsd = {
+            "good": (rng.uniform(1.5, 2.5), rng.uniform(0.0, 0.3), rng.uniform(0.5, 0.6), 0.0),
+            "biased": (rng.uniform(0.3, 1.2), rng.uniform(0.5, 1.5), rng.uniform(*bias_range), 0.0),
+            "inconsistent": (rng.uniform(0.3, 1.0), rng.uniform(0.5, 1.0), 0.5, 3.0),
+            "weak": (rng.uniform(0.0, 0.3), 1.0, rng.uniform(0.5, 0.7), 0.0),
+        }[role]
+        if rng.random() < 0.5:
+            target = 1.0 - target
+        us = [skill * p["c"] + lam * p["appeal"] + rng.gauss(0.0, 1.0) for p in pairs[:200]]
+        beta = 0.0 if zsd else _solve_offset(target, us)
+        par[a] = (skill, lam, beta, zsd)
+        first_rate[a] = target
+    names = list(judges)
+    family = {a: f"fam{k // max(family_size, 1)}" for k, a in enumerate(x for x in names if judges[x] != "good")}
+    out: list[dict[str, Any]] = []
+    truth: dict[str, str] = {}
+    gold: set[str] = set()
+    for i, p in enumerate(pairs):
+        fam_taste = {f: rng.gauss(0.0, taste) if taste else 0.0 for f in sorted(set(family.values()))}
+        pid = derive_pair_id(content_hash(p["prompt"]), content_hash(p["a"]), content_hash(p["b"]))
+        truth[pid] = p["truth"]
+        if p["gold"]:
+            gold.add(pid)
+        panel = rng.sample(names, judges_per_pair) if judges_per_pair else [a for a in names if rng.random() < coverage]
+        rows = []
+        for a in panel:
+            skill, lam, beta, zsd = par[a]
+            u = skill * p["c"] + lam * p["appeal"] + rng.gauss(0.0, 1.0) + (fam_taste[family[a]] if a in family else 0.0)
+            z = rng.gauss(0.0, zsd) if zsd else 0.0
+            for first in (["a", "b"] if rng.random() < both_orders else [rng.choice("ab")]):
+                if rng.random() < tie_rate:
+                    rows.append((a, "tie", first))
+                    continue
+                better_first = first == p["truth"]
+                pick_first = rng.random() < _sig((u if better_first else -u) + beta + z)
+                rows.append((a, first if pick_first else _flip(first), first))
+        rng.shuffle(rows)
+        for n, (a, lab, first) in enumerate(rows):
+            swap = n > 0 and rng.random() < swap_share
+            tr = _flip if swap else (lambda x: x)
+            rec: dict[str, Any] = {
+                "comparison_id": f"panel{seed}-{i}-{n}", "prompt": p["prompt"],
+                "response_a": p["b"] if swap else p["a"], "response_b": p["a"] if swap else p["b"],
+                "label": tr(lab), "shown_first": tr(first), "annotator_id": a, "annotator_kind": kind,
+            }
+            if p["gold"]:
+                rec["gold_label"] = tr(p["truth"])
+            out.append(rec)
+    return Panel(out, truth, gold, judges, first_rate)
+
+
+def verdict_records(verdicts: list[tuple[str, str, str, str]], *, kind: str = "ai",
+                    gold: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Raw judgments from (pair key, judge, shown_first, label) rows: pair ``k`` has prompt
+    ``"question k"`` and responses ``"answer A to k"`` / ``"answer B to k"``; ``gold``: pair key
+    -> gold label.  For hand-planted panels with exact expectations."""
+    out = []
+    for n, (key, judge, first, label) in enumerate(verdicts):
+        r: dict[str, Any] = {"comparison_id": f"v{n}", "prompt": f"question {key}", "response_a": f"answer A to {key}",
+                             "response_b": f"answer B to {key}", "label": label, "shown_first": first,
+                             "annotator_id": judge, "annotator_kind": kind}
+        if gold and key in gold:
+            r["gold_label"] = gold[key]
+        out.append(r)
+    return out
+
+
+def both_orders(key: str, judge: str, behaviour: str, truth: str) -> list[tuple[str, str, str, str]]:
+    """One judge's verdicts on one pair in both display orders: ``right`` / ``wrong`` (the
+    same verdict twice), ``first`` / ``second`` (the position, so the verdict flips)."""
+    rows = []
+    for first in "ab":
+        lab = {"right": truth, "wrong": _flip(truth), "first": first, "second": _flip(first)}[behaviour]
+        rows.append((key, judge, first, lab))
+    return rows

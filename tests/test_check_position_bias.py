@@ -88,3 +88,85 @@ def test_edge_cases() -> None:
     assert r.flags.height == 0 and _table(r)["h1"]["first_shown_rate"] == 0.0 and _table(r)["h1"]["order_consistency"] is None
     assert position_bias.run(one.head(0)).flags.height == 0
     assert set(pl.DataFrame(r.tables["annotators"]).columns) >= {"first_shown_rate", "position_p_value", "order_consistency"}
+
+
+# ---------------------------------------------------------------- order inconsistency
+def _flip_panel() -> pl.DataFrame:
+    """30 pairs in both orders: 'flipper' picks the first position on even pairs and the second
+    on odd ones (verdict flips every time, first-shown rate exactly 0.5), 'first' always the
+    first position, 'steady' the same (right) verdict in both orders."""
+    from tests.synth import both_orders, verdict_records
+
+    rows = []
+    for p in range(30):
+        truth = "ab"[p % 2]
+        rows += both_orders(str(p), "flipper", "first" if p % 2 == 0 else "second", truth)
+        rows += both_orders(str(p), "first", "first", truth)
+        rows += both_orders(str(p), "steady", "right", truth)
+    return judgments_from_records(verdict_records(rows))
+
+
+def test_order_inconsistent_judge_with_first_shown_rate_one_half_is_flagged() -> None:
+    res = position_bias.run(_flip_panel())
+    t = _table(res)
+    by = {(r["subject_id"], r["reason"]) for r in res.flags.iter_rows(named=True)}
+    assert t["flipper"]["first_shown_rate"] == 0.5 and t["flipper"]["order_flip_rate"] == 1.0
+    assert t["flipper"]["order_decisive_pairs"] == 30 and t["flipper"]["order_flips"] == 30
+    assert by == {("flipper", "order_inconsistent"), ("first", "position_bias"), ("first", "order_inconsistent")}
+    assert t["steady"]["order_flips"] == 0 and t["steady"]["status"] == "ok"
+    assert res.metrics["order_inconsistent"] == 2 and res.status == "warn"
+    detail = res.flags.filter((pl.col("subject_id") == "flipper"))["detail"][0]
+    assert "30 of 30 pairs" in detail and "first-shown rate 0.5" in detail
+
+
+def test_order_inconsistency_needs_more_flips_than_an_order_blind_judge() -> None:
+    # 14 flips of 24 pairs (0.58): p = 0.27, not flagged; 20 of 24: flagged; < 20 pairs: not tested
+    from tests.synth import both_orders, verdict_records
+
+    def run(n_flip: int, n: int):
+        rows = []
+        for p in range(n):
+            rows += both_orders(str(p), "j", ("first", "second")[p % 2] if p < n_flip else "right", "a")
+        t = _table(position_bias.run(judgments_from_records(verdict_records(rows))))["j"]
+        return t["status"], t["order_p_value"]
+
+    assert run(14, 24)[0] == "ok" and run(14, 24)[1] == pytest.approx(0.2706, abs=1e-4)
+    assert run(20, 24)[0] == "flagged"
+    assert run(19, 19) == ("ok", None)  # 19 pairs: order test not run (the position test is: 38 judgments)
+
+
+def test_certify_gate_fails_on_an_order_inconsistent_judge(tmp_path) -> None:
+    """The clean sample batch plus an AI judge that follows the display position pair by pair
+    on 80 pairs in both orders: flagged order_inconsistent (never position_bias), and the
+    biased-annotator gate of certify fails naming it."""
+    import json
+
+    from conftest import ROOT
+
+    from pipeline.certify import BIAS_REASONS, certify_version
+    from pipeline.curate import curate
+    from pipeline.store import Store
+    from schemas.policy import policy_from_dict
+
+    clean = ROOT / "data" / "samples" / "batch-2026-11-02.jsonl"
+    rows = [json.loads(line) for line in clean.read_text(encoding="utf-8").splitlines()]
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(json.dumps(r["prompt"]), r)
+    extra = []
+    for i, r in enumerate(list(firsts.values())[:80]):
+        for first in "ab":
+            pos = first if i % 2 == 0 else {"a": "b", "b": "a"}[first]
+            extra.append({**r, "comparison_id": f"flip-{i}-{first}", "annotator_id": "ai-flipper", "annotator_kind": "ai",
+                          "shown_first": first, "label": pos, "gold_label": None})
+    batch = tmp_path / "flipper.jsonl"
+    batch.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in rows + extra) + "\n", encoding="utf-8")
+    assert "order_inconsistent" in BIAS_REASONS
+    policy = policy_from_dict({"select": {"flag_actions": {"low_reliability": "warn"}}})
+    store = Store(tmp_path / "store")
+    res = curate([batch], store, policy)
+    flags = store.get(res.version_id).read("flags.parquet").filter(pl.col("subject_id") == "ai-flipper")
+    assert set(flags["reason"]) >= {"order_inconsistent"} and "position_bias" not in set(flags["reason"])
+    cert = certify_version(store, res.version_id, policy, run_gx=False)
+    gate = next(g for g in cert.gates if g.name == "biased_annotator_share")
+    assert not gate.passed and "ai-flipper" in gate.detail and cert.verdict == "rejected"

@@ -24,9 +24,10 @@ CHECK_MODULES: dict[str, tuple[str, ...]] = {
     "language": ("language_mismatch",),
     "agreement": ("low_agreement",),
     "reliability": ("low_reliability",),
-    "position_bias": ("position_bias",),
+    "position_bias": ("position_bias", "order_inconsistent"),
     "length_bias": ("length_bias",),
     "routing": ("label_imbalance", "too_easy", "ambiguous"),
+    "consensus": ("ambiguous",),
 }
 
 

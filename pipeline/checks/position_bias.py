@@ -12,16 +12,28 @@ Method
   assumes the better response is shown first half of the time, which holds when display
   order is randomised -- checked below.
 * ``order_consistency``: over pairs the same annotator judged in both display orders
-  (canonical orientation, :func:`pipeline.aggregate.orient`, so "a first" means the same
-  physical response), the share where the verdict (any label) was the same both times;
-  the first judgment of each order is used.  Null if there are none.
+  (canonical orientation, so "a first" means the same physical response), the share where
+  the verdict (any label) was the same both times; the first judgment of each order is
+  used.  Null if there are none.
+* **Order inconsistency** (reason ``order_inconsistent``, its own reason beside
+  ``position_bias``): over the pairs the annotator judged *decisively* (a/b) in both
+  orders, f = pairs whose verdict flipped (it named the first-shown response both times or
+  the second-shown both times).  An annotator whose verdict does not depend on the display
+  order flips with probability 2 p (1 - p) <= 1/2 on a pair it calls ``a`` with probability
+  p, so a flip rate above one half is more than chance allows: one-sided exact binomial
+  test of f against Bin(n, 1/2), BH at ``alpha`` across annotators with >= ``min_judgments``
+  such pairs.  This catches the judge whose verdict follows the display order pair by pair
+  (first on some pairs, second on others) with an overall first-shown rate of 0.5, which
+  the first-shown test cannot see; a strongly position-biased judge flips on most pairs
+  too and then carries both reasons.  A flipped verdict is no evidence for the pair
+  (:mod:`pipeline.position_ds`); the flag tells the policy and certify about the judge.
 * Batch level: overall first-shown win rate; whether display order was randomised:
   share of judgments showing canonical ``a`` first among those with ``shown_first``
   (``randomised`` is false when it differs from 0.5 by more than 0.1 *and* a two-sided
   binomial test rejects 0.5 at 0.01 -- big batches are not failed for 0.51), and the
   share with no ``shown_first`` at all.
 
-Status: ``warn`` when an annotator is flagged, display order is not randomised (the
+Status: ``warn`` when an annotator is flagged (either reason), display order is not randomised (the
 per-annotator tests are then confounded with quality differences between a and b), or
 more than half of the judgments lack ``shown_first`` (position bias mostly untestable).
 """
@@ -33,7 +45,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import A, B, Encoded, encode
-from pipeline.stats import bh_adjust, binom_two_sided_half
+from pipeline.stats import bh_adjust, binom_greater, binom_two_sided_half
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
 
@@ -43,12 +55,13 @@ RANDOMISED_ALPHA = 0.01
 MIN_FOR_RANDOMISATION = 20
 
 
-def order_consistency(e: Encoded) -> tuple[np.ndarray, np.ndarray]:
+def order_consistency(e: Encoded, *, decisive: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per annotator: (pairs judged in both display orders, how many got the same verdict).
 
     Canonical ``shown_first`` identifies the physical response shown first; the first
-    judgment of each (pair, annotator, order) is used."""
-    rows = np.flatnonzero(e.shown >= 0)
+    judgment of each (pair, annotator, order) is used (``decisive``: the first a/b one, and
+    only pairs with an a/b verdict in both orders count)."""
+    rows = np.flatnonzero((e.shown >= 0) & ((e.label <= B) if decisive else True))
     key = e.unit[rows].astype(np.int64) * 2 + e.shown[rows]
     uk, first = np.unique(key, return_index=True)
     lab = e.label[rows[first]]
@@ -92,6 +105,12 @@ def run(
     q = bh_adjust(p)
     biased = np.where(np.isnan(q), False, q <= cfg.alpha)
     n_both, n_same = order_consistency(e)
+    n_ord, n_same_ord = order_consistency(e, decisive=True)
+    flips = n_ord - n_same_ord
+    ord_tested = n_ord >= cfg.min_judgments
+    ord_p = np.where(ord_tested, binom_greater(flips, n_ord, 0.5), np.nan)
+    ord_q = bh_adjust(ord_p)
+    inconsistent = np.where(np.isnan(ord_q), False, ord_q <= cfg.alpha)
     with np.errstate(invalid="ignore", divide="ignore"):
         table = pl.DataFrame({
             "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
@@ -100,9 +119,12 @@ def run(
             "first_shown_rate": pl.Series(k / n).fill_nan(None),
             "position_p_value": pl.Series(p).fill_nan(None), "position_q_value": pl.Series(q).fill_nan(None),
             "order_consistency": pl.Series(n_same / n_both).fill_nan(None), "order_pairs": n_both.astype(np.int64),
+            "order_decisive_pairs": n_ord.astype(np.int64), "order_flips": flips.astype(np.int64),
+            "order_flip_rate": pl.Series(flips / n_ord).fill_nan(None),
+            "order_p_value": pl.Series(ord_p).fill_nan(None), "order_q_value": pl.Series(ord_q).fill_nan(None),
             "shown_first_a_share": pl.Series(a_first / n_known).fill_nan(None),
-            "status": np.where(biased, "flagged", np.where(tested, "ok", "insufficient_data")),
-            "_biased": biased,
+            "status": np.where(biased | inconsistent, "flagged", np.where(tested | ord_tested, "ok", "insufficient_data")),
+            "_biased": biased, "_inconsistent": inconsistent,
         })
     bad = table.filter(c("_biased"))
     detail = bad.select(
@@ -114,6 +136,15 @@ def run(
         )
     ).to_series()
     flags = make_flags(bad["annotator_id"], subject_kind="annotator", check=NAME, reason="position_bias", detail=detail)
+    flip = table.filter(c("_inconsistent"))
+    flip_detail = flip.select(pl.format(
+        "verdict flipped with the display order on {} of {} pairs judged in both orders (flip rate {}; an order-blind "
+        "judge flips on at most half, p={}, BH q={}); first-shown rate {}",
+        c("order_flips"), c("order_decisive_pairs"), c("order_flip_rate").round(3), c("order_p_value").round(6),
+        c("order_q_value").round(6), c("first_shown_rate").round(3),
+    )).to_series()
+    flags = pl.concat([flags, make_flags(flip["annotator_id"], subject_kind="annotator", check=NAME,
+                                         reason="order_inconsistent", detail=flip_detail)])
 
     metrics = _batch_metrics(e.n, int(n_known.sum()), int(a_first.sum()), int(n.sum()), int(k.sum()))
     rate = k / np.maximum(n, 1)
@@ -124,12 +155,16 @@ def run(
         position_biased=int(biased.sum()),
         favour_first=int((biased & (rate >= 0.5)).sum()),
         favour_second=int((biased & (rate < 0.5)).sum()),
+        order_tested=int(ord_tested.sum()),
+        order_inconsistent=int(inconsistent.sum()),
         pairs_judged_in_both_orders=int(n_both.sum()),
         order_consistency=float(n_same.sum() / n_both.sum()) if n_both.sum() else None,
     )
     problems = []
     if biased.any():
         problems.append(f"{int(biased.sum())} position-biased annotator(s)")
+    if inconsistent.any():
+        problems.append(f"{int(inconsistent.sum())} order-inconsistent annotator(s)")
     if metrics["randomised"] is False:
         problems.append(f"display order not randomised (canonical a shown first {metrics['shown_first_a_share']:.2f})")
     if metrics["missing_shown_first_share"] > 0.5:
@@ -137,7 +172,7 @@ def run(
     status = "warn" if problems else "pass"
     summary = "; ".join(problems) or f"no position bias among {int(tested.sum())} tested annotators"
     return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags,
-                       tables={"annotators": table.drop("_biased", "first_won")}, summary=summary)
+                       tables={"annotators": table.drop("_biased", "_inconsistent", "first_won")}, summary=summary)
 
 
 def _batch_metrics(n_all: int, known: int, a_first: int, n_pos: int, first_won: int) -> dict[str, Any]:

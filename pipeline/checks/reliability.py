@@ -22,7 +22,11 @@ Method
   (1 - chance) (0.525 for chance 0.5), H1: rate > p0.  Benjamini-Hochberg at ``alpha``
   across annotators (LOO and gold are separate families) controls the share of
   annotators wrongly *declared reliable*.  ``low_reliability`` when the annotator is not
-  declared better than chance by LOO agreement or by gold accuracy.  The small margin
+  declared better than chance by gold accuracy, or -- when the gold test could not be run
+  for it -- by LOO agreement.  Gold takes precedence because the LOO consensus is only a
+  proxy: on an AI panel where a family of judges errs together, the consensus follows the
+  family, and a judge that is right on gold would otherwise be dropped for disagreeing
+  with it.  The small margin
   lifts recall of random annotators from ~95 % (a plain test at level 0.05 lets 5 % of
   them through) to ~99 % on the planted batches, at no cost for honest annotators.
 * **Power rule (why the flag is safe).**  "Not shown better than chance" is also what
@@ -136,8 +140,10 @@ def run(
     gold_p, gold_tested, gold_better = _test(
         gold["gold_k"], gold["gold_n"], np.nan_to_num(gold["gold_chance"], nan=0.5), enough, cfg
     )
-    flag_loo = loo_tested & ~loo_better
     flag_gold = gold_tested & ~gold_better
+    # gold, when it can be tested, decides: the others' consensus is only a proxy for the truth,
+    # and one a group of judges that err together can pull away from it
+    flag_loo = ~gold_tested & loo_tested & ~loo_better
     flagged = flag_loo | flag_gold
     t = t.with_columns(
         agreement_with_consensus=pl.when(c("loo_n") > 0).then(c("loo_k") / c("loo_n")),

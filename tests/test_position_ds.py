@@ -1,0 +1,200 @@
+"""Order-aware Dawid-Skene (pipeline/position_ds.py) against a plain-Python reference, and
+on hand-planted panels with exact expected labels and abstentions."""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from pipeline import position_ds
+from pipeline.aggregate import aggregate, encode, order_aware
+from pipeline.checks import consensus
+from pipeline.ingest import judgments_from_records
+from tests.synth import both_orders, verdict_records
+
+
+# ---------------------------------------------------------------- plain reference
+def _reference(rows: list[tuple[int, int, int, bool, int, float]], n_pairs: int, n_judges: int, gold: list[int],
+               iterations: int) -> tuple[list[float], list[float], list[float], list[float]]:
+    """rows: (pair, judge, unit, chose_a, shown_a (1 a first / 0 b first / -1), weight); loops only."""
+    pr, pw = position_ds.PRIOR_RIGHT, position_ds.PRIOR_WRONG
+    lo, hi = position_ds.CLIP
+    orders: dict[int, set[int]] = {}
+    for _, _, u, _, s, _ in rows:
+        if s >= 0:
+            orders.setdefault(u, set()).add(s)
+    # engagement: share of a verdicts per (unit, order), consistency per judge
+    share: dict[tuple[int, int], list[int]] = {}
+    unit_judge = {}
+    for _, j, u, a, s, _ in rows:
+        unit_judge[u] = j
+        if s >= 0:
+            share.setdefault((u, s), []).append(int(a))
+    same = [0.0] * n_judges
+    both = [0] * n_judges
+    for u, j in unit_judge.items():
+        if (u, 1) in share and (u, 0) in share:
+            x = sum(share[(u, 1)]) / len(share[(u, 1)])
+            y = sum(share[(u, 0)]) / len(share[(u, 0)])
+            same[j] += x * y + (1 - x) * (1 - y)
+            both[j] += 1
+    pi = [max(2 * (same[j] / both[j]) - 1, 0) / max(same[j] / both[j], 1e-9) if both[j] else 1.0 for j in range(n_judges)]
+    n_gold = [0] * n_judges
+    for p, j, *_ in rows:
+        n_gold[j] += gold[p] >= 0
+    use_gold_only = [n_gold[j] >= position_ds.MIN_GOLD_JUDGMENTS for j in range(n_judges)]
+
+    def evidence(p_row, al, be):
+        _, j, u, a, s, _ = p_row
+        v = 1.0 if a else -1.0
+        single = s >= 0 and len(orders[u]) == 1
+        if single:
+            first = a == (s == 1)
+            e = math.log(al[j] / (1 - be[j])) if first else math.log(be[j] / (1 - al[j]))
+            return pi[j] * v * e
+        r = (al[j] + be[j]) / 2
+        return pi[j] * v * math.log(r / (1 - r))
+
+    s0 = [0.0] * n_pairs
+    for p, _, _, a, _, w in rows:
+        s0[p] += w * (1.0 if a else -1.0)
+    q = [1 / (1 + math.exp(-x)) for x in s0]
+    al = [pr / (pr + pw)] * n_judges
+    be = list(al)
+    for _ in range(iterations):
+        ka, na, kb, nb = [0.0] * n_judges, [0.0] * n_judges, [0.0] * n_judges, [0.0] * n_judges
+        for p, j, u, a, s, w in rows:
+            if use_gold_only[j] and gold[p] < 0:
+                continue
+            qp = (1.0 if gold[p] == 0 else 0.0) if gold[p] >= 0 else q[p]
+            right = qp if a else 1 - qp
+            if s < 0:
+                ka[j] += 0.5 * right
+                kb[j] += 0.5 * right
+                na[j] += 0.5
+                nb[j] += 0.5
+                continue
+            pbf = qp if s == 1 else 1 - qp
+            first = a == (s == 1)
+            na[j] += pbf
+            nb[j] += 1 - pbf
+            ka[j] += pbf * first
+            kb[j] += (1 - pbf) * (not first)
+        al = [min(max((pr + ka[j]) / (pr + pw + na[j]), lo), hi) for j in range(n_judges)]
+        be = [min(max((pr + kb[j]) / (pr + pw + nb[j]), lo), hi) for j in range(n_judges)]
+        ev = [0.0] * n_pairs
+        for row in rows:
+            ev[row[0]] += row[5] * evidence(row, al, be)
+        q = [1 / (1 + math.exp(-x)) for x in ev]
+    ev = [0.0] * n_pairs
+    for row in rows:
+        ev[row[0]] += row[5] * evidence(row, al, be)
+    return al, be, ev, pi
+
+
+@pytest.mark.parametrize(("seed", "n_pairs", "n_judges", "gold_share"), [(0, 7, 3, 0.0), (1, 23, 5, 0.0), (2, 41, 4, 0.3)])
+def test_matches_plain_reference(seed: int, n_pairs: int, n_judges: int, gold_share: float) -> None:
+    rng = random.Random(seed)
+    rows = []
+    unit = 0
+    for p in range(n_pairs):
+        for j in range(n_judges):
+            if rng.random() < 0.25:
+                continue
+            shows = rng.choice([[1, 0], [1], [0], [-1], [1, 1, 0]])
+            for s in shows:
+                rows.append((p, j, unit, rng.random() < (0.7 if s != 0 else 0.4), s, 0.0))
+            unit += 1
+    k = np.bincount([r[2] for r in rows])
+    rows = [(p, j, u, a, s, 1.0 / k[u]) for p, j, u, a, s, _ in rows]
+    gold = [rng.choice([0, 1]) if rng.random() < gold_share else -1 for _ in range(n_pairs)]
+    arr = {name: np.array([r[i] for r in rows]) for i, name in enumerate(("pair", "judge", "unit", "chose_a", "shown_a", "weight"))}
+    m = position_ds.fit(pair=arr["pair"], judge=arr["judge"], unit=arr["unit"], n_units=unit, chose_a=arr["chose_a"].astype(bool),
+                        shown_a=arr["shown_a"], weight=arr["weight"], n_pairs=n_pairs, n_judges=n_judges,
+                        gold=np.array(gold), iterations=7, tol=0.0)
+    al, be, ev, pi = _reference(rows, n_pairs, n_judges, gold, 7)
+    np.testing.assert_allclose(m.alpha, al, atol=1e-12)
+    np.testing.assert_allclose(m.beta, be, atol=1e-12)
+    np.testing.assert_allclose(m.engaged, pi, atol=1e-12)
+    has = np.bincount(arr["pair"], minlength=n_pairs) > 0
+    np.testing.assert_allclose(m.evidence[has], np.array(ev)[has], atol=1e-9)
+    assert m.iterations == 7
+
+
+# ---------------------------------------------------------------- planted panels
+def _panel() -> tuple[list, dict[str, str]]:
+    """30 calibration pairs (truth alternates a/b): good-1 always right in both orders, good-2
+    right except on pair c0, good-3 right; first-1..4 always pick the first position (their
+    verdicts flip); flipper picks the first position on even pairs, the second on odd ones."""
+    rows, truth = [], {}
+    for p in range(30):
+        key, t = f"c{p}", "ab"[p % 2]
+        truth[key] = t
+        for g in ("good-1", "good-2", "good-3"):
+            rows += both_orders(key, g, "wrong" if (g == "good-2" and p == 0) else "right", t)
+        for f in ("first-1", "first-2", "first-3", "first-4"):
+            rows += both_orders(key, f, "first", t)
+        rows += both_orders(key, "flipper", "first" if p % 2 == 0 else "second", t)
+    return rows, truth
+
+
+def test_planted_panel_labels_and_abstentions() -> None:
+    rows, truth = _panel()
+    # T1: the good judges say b in both orders; the first-biased judges saw it once, a first,
+    # and said a: 4 one-order "a" votes against 3 -- plurality a, the order-aware consensus b
+    rows += both_orders("T1", "good-1", "right", "b") + both_orders("T1", "good-2", "right", "b") \
+        + both_orders("T1", "good-3", "right", "b")
+    rows += [("T1", f, "a", "a") for f in ("first-1", "first-2", "first-3", "first-4")]
+    # T2: every verdict flips with the display order: no evidence at all -> escalate (routed)
+    for jdg in ("good-1", "first-1", "first-2", "flipper"):
+        rows += both_orders("T2", jdg, "first", "a")
+    # T3: good-1 (never wrong) says a, good-2 (wrong once) says b, the rest flip: decided a by a
+    # hair -> abstains (ambiguous)
+    rows += both_orders("T3", "good-1", "right", "a") + both_orders("T3", "good-2", "wrong", "a")
+    for jdg in ("first-1", "first-2", "first-3", "first-4", "flipper"):
+        rows += both_orders("T3", jdg, "first", "a")
+    j = judgments_from_records(verdict_records(rows))
+    pairs = aggregate(j).pairs
+    by = {r["prompt_text"].removeprefix("question "): r for r in pairs.iter_rows(named=True)}
+    for key, t in truth.items():
+        assert by[key]["label_consensus"] == t, key
+    assert (by["T1"]["count_a"], by["T1"]["count_b"]) == (4, 6)  # one vote per judge: 4 a against 3 b
+    assert by["T1"]["label_consensus"] == "b"
+    assert by["T1"]["p_a_weighted"] < 0.05  # the first-biased judges' "a" is (nearly) no evidence
+    assert by["T2"]["label_consensus"] == "escalate" and by["T2"]["p_a_weighted"] == 0.5
+    assert by["T3"]["label_consensus"] == "a" and 0.5 < by["T3"]["p_a_weighted"] < 0.55
+    res = consensus.run(j, pairs=pairs)
+    flagged = {r["subject_id"] for r in res.flags.iter_rows(named=True)}
+    pid = dict(zip(pairs["prompt_text"], pairs["pair_id"], strict=True))
+    assert flagged == {pid["question T3"]} and set(res.flags["reason"]) == {"ambiguous"}
+    assert res.metrics["abstained"] == 1 and res.metrics["decided_pairs"] == 32
+    # the judges: the first-biased ones and the flipper carry no weight (never consistent)
+    e = encode(j)
+    _, m = order_aware(e)
+    eng = dict(zip(e.ann_ids.to_list(), m.engaged, strict=True))
+    assert eng["first-1"] == 0.0 and eng["flipper"] == 0.0
+    assert eng["good-2"] == 1.0  # wrong twice, but consistently: consistency is not accuracy
+    assert eng["good-1"] == pytest.approx(31 / 32)  # flipped on T2: kappa 32/33, pi = (2 kappa - 1) / kappa
+
+
+def test_gold_measures_judges_that_err_together() -> None:
+    """5 judges of one family are wrong together on every third pair, 2 good judges never: without
+    gold the family outvotes them there; with gold on 15 pairs (each judge 30 gold judgments)
+    the judges are measured on gold and the contested non-gold pairs are decided right."""
+    rows, truth = [], {}
+    for p in range(45):
+        key, t = f"p{p}", "ab"[p % 2]
+        truth[key] = t
+        for g in ("good-1", "good-2"):
+            rows += both_orders(key, g, "right", t)
+        for f in range(5):
+            rows += both_orders(key, f"fam-{f}", "wrong" if p % 3 == 0 else "right", t)
+    gold = {f"p{p}": truth[f"p{p}"] for p in range(15)}
+    contested = [f"p{p}" for p in range(15, 45) if p % 3 == 0]
+    for g, expect_right in ((None, False), (gold, True)):
+        pairs = aggregate(judgments_from_records(verdict_records(rows, gold=g))).pairs
+        lab = {r["prompt_text"].removeprefix("question "): r["label_consensus"] for r in pairs.iter_rows(named=True)}
+        assert all((lab[k] == truth[k]) == expect_right for k in contested), (g is not None, [lab[k] for k in contested])
+        assert all(lab[k] == truth[k] for k in truth if k not in contested and int(k[1:]) % 3 != 0)
