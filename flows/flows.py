@@ -42,7 +42,7 @@ def _opts_key(options: dict[str, Any]) -> str:
 
 def _ingest_cache_key(context, parameters) -> str:
     # the work dir is part of the key: a cached result is a path, valid only for that store
-    return content_hash(f"ingest|{parameters['sha256']}|{parameters['batch_rows']}|{_opts_key(parameters['options'])}"
+    return content_hash(f"ingest|{parameters['sha256']}|{parameters['ingest_json']}|{_opts_key(parameters['options'])}"
                         f"|{code_version()}|{Path(parameters['work_dir']).resolve()}")
 
 
@@ -53,12 +53,13 @@ def hash_file(path: str) -> str:
 
 @task(retries=1, retry_delay_seconds=2, cache_key_fn=_ingest_cache_key, cache_expiration=timedelta(days=30),
       task_run_name="ingest {path}")
-def ingest_file(path: str, sha256: str, options: dict[str, Any], batch_rows: int, work_dir: str) -> str:
-    """Ingest one file into ``work_dir/<content key>/`` (skipped when already there)."""
-    key = f"{sha256[:24]}-{content_hash(_opts_key(options))[:8]}-{batch_rows}"
+def ingest_file(path: str, sha256: str, options: dict[str, Any], ingest_json: str, work_dir: str) -> str:
+    """Ingest one file into ``work_dir/<content key>/`` (skipped when already there) with the
+    policy's ingest settings (block size, line and decompressed-size caps), which are part of the key."""
+    key = f"{sha256[:24]}-{content_hash(_opts_key(options))[:8]}-{content_hash(ingest_json)[:8]}"
     out = Path(work_dir) / key
     if not (out / "ingest.json").exists():
-        pol = Policy.model_validate({"ingest": {"batch_rows": batch_rows}})
+        pol = Policy.model_validate({"ingest": json.loads(ingest_json)})
         ingest_source([Path(path)], CurateOptions(**options), pol).save(out)
     return str(out)
 
@@ -117,7 +118,8 @@ def curate_batch(files: list[str], store: str, policy_path: str | None = None, p
         log.info("version %s already exists: nothing to do", version_id)
     else:
         work = str(st.root / ".work" / "ingest")
-        futures = [ingest_file.submit(f, s, options, policy.ingest.batch_rows, work) for f, s in zip(files, sha_values, strict=True)]
+        ingest_json = policy.ingest.model_dump_json()
+        futures = [ingest_file.submit(f, s, options, ingest_json, work) for f, s in zip(files, sha_values, strict=True)]
         dirs = [fu.result() for fu in futures]
         res = build_version_task(store, version_id, dirs, parent_id, policy.model_dump_json())
         log.info("version %s %s", res["version_id"], "written" if res["created"] else "already existed")

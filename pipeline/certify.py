@@ -159,7 +159,12 @@ def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
                       "required by the policy (recorded in the certificate's opt_outs)")]
     from pipeline.overlap import COLUMNS, overlap_agreement, required_overlap
 
-    ov = overlap_agreement(h.read("judgments.parquet", columns=list(COLUMNS)))
+    judgments = h.read("judgments.parquet", columns=["comparison_id", *COLUMNS])
+    conflicts = h.read("flags.parquet", columns=["subject_kind", "reason", "subject_id"]).filter(
+        (pl.col("subject_kind") == "judgment") & (pl.col("reason") == "pair_id_conflict"))
+    if conflicts.height:  # a pair_id naming two different pairs is no pair to agree on
+        judgments = judgments.join(conflicts.select(comparison_id="subject_id"), on="comparison_id", how="anti")
+    ov = overlap_agreement(judgments)
     gates = []
     for kind in ("human", "ai"):
         o = ov[kind]
