@@ -171,10 +171,12 @@ StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Version store dir
 
 
 def _load_policy_or_exit(policy: Path | None):
+    """The policy, parsed once and resolved against the declared checks (exit 2 naming the key if it cannot be used)."""
+    from pipeline.checks import resolve_policy
     from schemas.policy import PolicyError, load_policy
 
     try:
-        return load_policy(policy)
+        return resolve_policy(load_policy(policy))
     except PolicyError as err:
         _fail_usage(str(err), multiline=True)
 
@@ -514,19 +516,31 @@ def policy_show(
     policy: PolicyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print the effective policy (defaults merged with --policy) as TOML-like text or JSON."""
-    from schemas.policy import PolicyError, load_policy
-
-    try:
-        pol = load_policy(policy)
-    except PolicyError as err:
-        _fail_usage(str(err), multiline=True)
+    """Print the effective policy (defaults merged with --policy, every reason's action filled in) as TOML or JSON."""
+    pol = _load_policy_or_exit(policy)
     data = pol.model_dump(mode="json")
     if as_json:
         print(json.dumps({"policy_hash": pol.policy_hash(), "policy": data}, indent=2))
         return
     print(f"# effective prefpipe policy (hash {pol.policy_hash()}; source: {policy or 'built-in defaults'})")
     print(policy_toml(pol))
+
+
+@policy_app.command("reasons")
+@guarded
+def policy_reasons(as_json: JsonOpt = False) -> None:
+    """List every reason code the checks declare: subject, check, default action, allowed actions, meaning.
+
+    This is the table of docs/policy.md ("Reasons"); set an action with select.flag_actions.REASON."""
+    from pipeline.checks import CHECKS, REASONS, reasons_table
+
+    if as_json:
+        owner = {r.code: c.name for c in CHECKS for r in c.reasons}
+        print(json.dumps([{"reason": code, "subject": r.subject, "check": owner[code], "default_action": r.default_action,
+                           "actions": list(r.actions), "precedence": r.precedence if r.subject == "pair" else None,
+                           "meaning": r.doc} for code, r in sorted(REASONS.items())], indent=2))
+        return
+    print(reasons_table())
 
 
 def policy_toml(model, prefix: str = "") -> str:

@@ -30,6 +30,7 @@ from pipeline.curate import CurateOptions, build_version, code_version, ingest_s
 from pipeline.escape import md_escape, visible_controls  # artifact descriptions are Markdown; log lines plain
 from pipeline.ingest import IngestResult, file_sha256
 from pipeline.store import Store
+from pipeline.checks import resolve_policy
 from schemas.policy import Policy, load_policy
 from schemas.text import content_hash
 
@@ -108,7 +109,7 @@ def curate_batch(files: list[str], store: str, policy_path: str | None = None, p
     """Ingest -> checks -> select -> split -> store; publishes the report and tables as artifacts."""
     log = get_run_logger()
     options = options or {}
-    policy = load_policy(policy_path)
+    policy = resolve_policy(load_policy(policy_path))
     st = Store(store).ensure()
     parent_id = st.resolve(parent).version_id if parent else None
     shas = [hash_file.submit(f) for f in files]
@@ -142,7 +143,7 @@ def certify_task(store: str, version: str, policy_json: str, run_gx: bool) -> di
 
 @flow(name="certify-version", log_prints=True)
 def certify_version(store: str, version: str, policy_path: str | None = None, run_gx: bool = True) -> dict[str, Any]:
-    policy = load_policy(policy_path)
+    policy = resolve_policy(load_policy(policy_path))
     cert = certify_task(store, version, policy.model_dump_json(), run_gx)
     rows = [{"gate": g["name"], "value": str(g["value"]), "threshold": str(g["threshold"]),
              "passed": g["passed"], "detail": g["detail"]} for g in cert["gates"]]
@@ -176,7 +177,7 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
     and train when the policy's ``certify.train_after_certify`` is set.  Returns what happened
     per batch; the run fails (visibly, with the reasons) if any batch failed, after the others ran."""
     log = get_run_logger()
-    policy = load_policy(policy_path)
+    policy = resolve_policy(load_policy(policy_path))
     st = Store(store).ensure()
     pending = inbox_logic.pending_batches(Path(inbox), st)
     if not pending:

@@ -34,7 +34,8 @@ import polars as pl
 
 from pipeline.store import SPLITS, Store, StoreError, VersionHandle
 from schemas.manifest import Certification, GateResult
-from schemas.policy import CertifyConfig, Policy
+from pipeline.checks import flag_actions, resolve_policy
+from schemas.policy import CertifyConfig, Policy, SelectConfig
 
 BIAS_REASONS = ("position_bias", "length_bias", "order_inconsistent")
 
@@ -67,7 +68,7 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     flags = h.read("flags.parquet")
     ann_flags = flags.filter(pl.col("subject_kind") == "annotator")
     # "unresolved": flagged for bias, and not removed by the policy (a drop action on any of its flags)
-    drop_reasons = [r for r, a in m.policy.get("select", {}).get("flag_actions", {}).items() if a == "drop"]
+    drop_reasons = [r for r, a in flag_actions(SelectConfig.model_validate(m.policy.get("select", {}))).items() if a == "drop"]
     dropped_ids = set(ann_flags.filter(pl.col("reason").is_in(drop_reasons))["subject_id"].to_list())
     biased = ann_flags.filter(pl.col("reason").is_in(list(BIAS_REASONS)))
     biased_ids = sorted(set(biased["subject_id"].to_list()) - dropped_ids)
@@ -199,6 +200,7 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
 
     The record binds what was evaluated: the sha256 of the manifest bytes read (the manifest
     binds every file), and the policy hash."""
+    policy = resolve_policy(policy)
     h = store.resolve(ref)
     manifest_sha = h.manifest_sha256()
     problems = h.verify()

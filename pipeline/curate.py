@@ -22,7 +22,7 @@ import polars as pl
 
 from pipeline import aggregate as agg
 from pipeline import select as sel
-from pipeline.checks import CHECK_MODULES, all_flags, run_checks
+from pipeline.checks import CHECK_MODULES, all_flags, resolve_policy, run_checks
 from pipeline.checks.near_duplicates import save_index
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
@@ -100,6 +100,7 @@ def curate(
 ) -> CurateResult:
     """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing."""
     options = options or CurateOptions()
+    policy = resolve_policy(policy)  # parsed once by the caller, resolved once here; recorded as resolved
     timer = _Timer(on_stage)
     t = time.perf_counter()
     paths = [Path(p) for p in paths]
@@ -134,6 +135,7 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
     Takes the rows out of ``ingest`` (:meth:`IngestResult.take_judgments`): the wide
     judgments frame is written first and released after the checks."""
     timer = timer or _Timer(None)
+    policy = resolve_policy(policy)
 
     def build(stage: Path) -> Manifest:
         return _build_version(store, stage, version_id, ingest, parent, policy, timer)

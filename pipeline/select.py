@@ -10,10 +10,13 @@ Two steps, both vectorised:
    ``position_bias``) are listed for step 2.
 2. :func:`select_pairs` — every aggregated pair ends as exactly one of: a DPO row, a routed
    item (tie / both_bad / escalate, per ``select.route``), or a drop with one reason.
-   Precedence of reasons (first wins): ``identical_responses``, ``all_judgments_dropped``,
-   ``language_mismatch``, routing, ``no_consensus``, ``low_agreement``, ``near_duplicate``,
-   ``too_easy``, ``ambiguous``, ``too_long``, ``below_min_strength``.  Flag reasons act only when the policy maps them to
-   ``drop``; ``downweight`` multiplies the weight by ``downweight_factor``; ``warn`` keeps.
+   Precedence of reasons (first wins, :func:`drop_order`): each check's pair reasons at the place
+   they declare, among select's own outcomes -- today ``identical_responses``,
+   ``all_judgments_dropped``, ``language_mismatch``, routing, ``no_consensus``, ``low_agreement``,
+   ``near_duplicate``, ``too_easy``, ``ambiguous``, ``too_long``, ``below_min_strength``.  Flag
+   reasons act only when the policy maps them to ``drop``; ``downweight`` multiplies the weight by
+   ``downweight_factor``; ``warn`` keeps.  Any declared pair reason can be dropped on: none is
+   ignored.
 
 Weight (``select.weight_by``): ``confidence`` (default: the accuracy-weighted share of the
 evidence for the consensus side, ``p_a_weighted`` or 1 - it -- equal to ``agreement`` when
@@ -38,9 +41,19 @@ from schemas.arrow import conform, polars_schema
 from schemas.policy import SelectConfig
 from schemas.records import ROUTED_LABELS, DPORow
 
-PAIR_DROP_ORDER = ("identical_responses", "all_judgments_dropped", "language_mismatch")
-LATE_DROP_ORDER = ("no_consensus", "low_agreement", "near_duplicate", "too_easy", "ambiguous", "too_long",
-                   "below_min_strength")
+# select's own pair outcomes and their place among the checks' pair reasons (``Reason.precedence``:
+# identical_responses 10, language_mismatch 30, low_agreement 60, near_duplicate 70, too_easy 80,
+# ambiguous 90; a new check's pair reason takes the place it declares)
+OWN_PRECEDENCE = {"all_judgments_dropped": 20, "<routing>": 40, "no_consensus": 50, "too_long": 100,
+                  "below_min_strength": 110}
+
+
+def drop_order() -> list[str]:
+    """Every pair outcome in order of precedence (first wins): the checks' pair reasons and select's own."""
+    from pipeline.checks import pair_reasons
+
+    items = [(r.precedence, r.code) for r in pair_reasons()] + [(v, k) for k, v in OWN_PRECEDENCE.items()]
+    return [code for _, code in sorted(items)]
 
 
 # judgment columns no stage after the checks reads (they stay in judgments.parquet)
@@ -56,7 +69,9 @@ class JudgmentSelection:
 
 
 def _reasons_with(cfg: SelectConfig, action: str) -> set[str]:
-    return {r for r, a in cfg.flag_actions.items() if a == action}
+    from pipeline.checks import flag_actions
+
+    return {r for r, a in flag_actions(cfg).items() if a == action}
 
 
 def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectConfig) -> JudgmentSelection:
@@ -196,22 +211,19 @@ def select_pairs(
     route_action = {k: v for k, v in cfg.route.items()}
     decision = pl.lit(None, dtype=pl.String)
     reason = pl.lit(None, dtype=pl.String)
+    own = {"no_consensus": label.is_null(), "too_long": c("_tokens") > cfg.max_tokens_per_pair,
+           "below_min_strength": c("strength").fill_null(1.0) < cfg.min_strength}
     conds: list[tuple[str, str, pl.Expr]] = []
-    for r in PAIR_DROP_ORDER:
-        if r != "all_judgments_dropped":
+    for r in drop_order():
+        if r == "<routing>":
+            for lab in ROUTED_LABELS:
+                act = route_action.get(lab, "route")
+                conds.append(("route" if act == "route" else "drop", lab if act == "route" else f"routed_label_{lab}",
+                              label == lab))
+        elif r in own:
+            conds.append(("drop", r, own[r]))
+        elif r != "all_judgments_dropped":  # counted from all_pair_ids below
             conds.append(("drop", r, flagged(r)))
-    for lab in ROUTED_LABELS:
-        act = route_action.get(lab, "route")
-        conds.append(("route" if act == "route" else "drop", lab if act == "route" else f"routed_label_{lab}", label == lab))
-    conds += [
-        ("drop", "no_consensus", label.is_null()),
-        ("drop", "low_agreement", flagged("low_agreement")),
-        ("drop", "near_duplicate", flagged("near_duplicate")),
-        ("drop", "too_easy", flagged("too_easy")),
-        ("drop", "ambiguous", flagged("ambiguous")),
-        ("drop", "too_long", c("_tokens") > cfg.max_tokens_per_pair),
-        ("drop", "below_min_strength", c("strength").fill_null(1.0) < cfg.min_strength),
-    ]
     for dec, why, cond in reversed(conds):
         cond = cond.fill_null(False)
         decision = pl.when(cond).then(pl.lit(dec)).otherwise(decision)

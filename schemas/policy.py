@@ -158,19 +158,9 @@ class ChecksConfig(_Cfg):
 
 class SelectConfig(_Cfg):
     flag_actions: dict[str, FlagAction] = Field(
-        default_factory=lambda: {
-            "exact_duplicate": "drop",
-            "identical_responses": "drop",
-            "near_duplicate": "warn",
-            "low_agreement": "drop",
-            "language_mismatch": "drop",
-            "position_bias": "downweight",
-            "length_bias": "downweight",
-            "low_reliability": "drop",
-            "order_inconsistent": "downweight",
-            "pair_id_conflict": "drop",
-        },
-        description="what each flag reason does to the judgments/pairs it names (pair_id_conflict: drop only)",
+        default_factory=dict,
+        description="what each flag reason does to the judgments/pairs/annotators it names; a reason not listed takes "
+                    "its check's declared default (`prefpipe policy reasons`; pair_id_conflict: drop only)",
     )
     downweight_factor: float = Field(0.5, ge=0.0, le=1.0)
     route: dict[str, Literal["route", "drop"]] = Field(
@@ -192,23 +182,10 @@ class SelectConfig(_Cfg):
             raise ValueError(f"expected 'chars/4' or a local tokenizer directory/tokenizer.json, found {v!r} (no such file)")
         return v
 
-    @field_validator("flag_actions")
-    @classmethod
-    def _conflicts_always_dropped(cls, v: dict[str, FlagAction]) -> dict[str, FlagAction]:
-        # one pair_id naming different texts must never be merged into one DPO row
-        if v.get("pair_id_conflict", "drop") != "drop":
-            raise ValueError(f"pair_id_conflict: expected 'drop' (judgments whose pair_id names different texts are "
-                             f"never merged), found {v['pair_id_conflict']!r}")
-        return {**v, "pair_id_conflict": "drop"}
-
     @model_validator(mode="after")
-    def _known_reasons(self) -> SelectConfig:
-        from schemas.records import FlagReason
-
-        known = {r.value for r in FlagReason}
-        bad = sorted(set(self.flag_actions) - known)
-        if bad:
-            raise ValueError(f"select.flag_actions: unknown reason(s) {bad}; allowed: {sorted(known)}")
+    def _known_routes(self) -> SelectConfig:
+        # flag_actions' reasons and actions are checked against the declared checks by
+        # pipeline.checks.resolve_policy (schemas/ does not import the checks)
         bad_routes = sorted(set(self.route) - {"tie", "both_bad", "escalate"})
         if bad_routes:
             raise ValueError(f"select.route: unknown label(s) {bad_routes}; allowed: tie, both_bad, escalate")

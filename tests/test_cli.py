@@ -76,19 +76,22 @@ def test_policy_show_and_bad_policy(tmp_path):
 
 
 def test_policy_show_round_trips(tmp_path):
+    from pipeline.checks import resolve_policy
     from schemas.policy import Policy, load_policy
 
+    effective = resolve_policy(Policy())
     res = runner.invoke(app, ["policy", "show"])
     p = tmp_path / "effective.toml"
     p.write_text(res.stdout)
-    assert load_policy(p).policy_hash() == Policy().policy_hash()  # the printed policy is a valid, complete file
+    assert load_policy(p).policy_hash() == effective.policy_hash()  # the printed policy is a valid, complete file
+    assert resolve_policy(load_policy(p)) == effective
     assert (ROOT / "policies" / "default.toml").exists()
-    assert load_policy(ROOT / "policies" / "default.toml").policy_hash() == Policy().policy_hash()
+    assert load_policy(ROOT / "policies" / "default.toml").policy_hash() == effective.policy_hash()
     import tomllib
 
     # complete: every key of the effective policy is written out (regenerate with `prefpipe policy show`)
     file_data = tomllib.loads((ROOT / "policies" / "default.toml").read_text(encoding="utf-8"))
-    assert file_data == Policy().model_dump(mode="json", exclude_none=True)
+    assert file_data == effective.model_dump(mode="json", exclude_none=True)
 
 
 def test_policy_files_merge_into_defaults_and_bad_yaml_is_exit_2(tmp_path):

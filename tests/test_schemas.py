@@ -56,8 +56,13 @@ def test_policy_rejects_unknown_keys_and_ranges():
         policy_from_dict({"bogus": 1})
     with pytest.raises(PolicyError, match="sum to 1.0"):
         policy_from_dict({"split": {"train": 0.5}})
+    # reasons are the checks' declarations: resolved (and refused) against the registry, not in schemas/
+    from pipeline.checks import resolve_policy
+
     with pytest.raises(PolicyError, match="unknown reason"):
-        policy_from_dict({"select": {"flag_actions": {"vibes": "drop"}}})
+        resolve_policy(policy_from_dict({"select": {"flag_actions": {"vibes": "drop"}}}))
+    with pytest.raises(PolicyError, match=r"pair_id_conflict: expected one of \['drop'\]"):
+        resolve_policy(policy_from_dict({"select": {"flag_actions": {"pair_id_conflict": "warn"}}}))
     assert Policy().policy_hash() == Policy().policy_hash()
     assert Policy().policy_hash() != policy_from_dict({"split": {"seed": 3}}).policy_hash()
 

@@ -73,7 +73,9 @@ def test_certified_version_verifies_whole_chain(store):
     assert status.ok and status.link is None
     rec = st.latest_certification(vid)
     assert rec["manifest_sha256"] == sha256_file(st.versions_dir / vid / "manifest.json")
-    assert rec["policy_hash"] == POLICY.policy_hash()
+    from pipeline.checks import resolve_policy
+
+    assert rec["policy_hash"] == resolve_policy(POLICY).policy_hash()
     assert st.open_certified(vid).version_id == vid
 
 

@@ -49,6 +49,7 @@ from pipeline.stats import (
 )
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AgreementConfig, ChecksConfig
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "agreement"
 CATEGORIES = ("a", "b", "tie")
@@ -200,3 +201,10 @@ def run(
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+CHECK = CheckSpec(
+    name=NAME, run=run, config="agreement", doc="inter-annotator agreement (alpha, kappa with CIs); per-pair agreement",
+    reasons=(
+        Reason("low_agreement", "pair", "drop", "judgments disagree beyond the policy threshold", precedence=60),
+    ))

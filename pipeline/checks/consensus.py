@@ -36,6 +36,7 @@ import polars as pl
 from pipeline.aggregate import aggregate
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "consensus"
 ABSTAIN_MARGIN = 0.1  # abstain when |2 confidence - 1| < this
@@ -84,3 +85,7 @@ def run(
     metrics["by_kind"] = {k: summary_of(dec.filter(c("annotator_kind") == k)) for k in sorted(set(dec["annotator_kind"]))}
     summary = f"{abst.height} of {dec.height} decided pairs abstained (confidence < {low})"
     return CheckResult(name=NAME, status="pass", metrics=metrics, flags=flags, summary=summary)
+
+
+CHECK = CheckSpec(name=NAME, run=run, emits=("ambiguous",),
+                  doc="the consensus abstains where the weighted evidence nearly cancels")

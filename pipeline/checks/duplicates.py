@@ -31,6 +31,7 @@ import polars as pl
 
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "duplicates"
 _HEADS = (16, 160)  # identical_responses pre-filters: characters looked at, in turn
@@ -159,3 +160,13 @@ def run(
         tables={"exact_duplicates": dups},
         summary="; ".join(problems) or f"no exact duplicates among {n} judgments",
     )
+
+
+CHECK = CheckSpec(
+    name=NAME, run=run, doc="exact duplicate judgments; pairs whose two responses are the same text",
+    reasons=(
+        Reason("exact_duplicate", "judgment", "drop", "same annotator, prompt, two responses, display order and verdict "
+               "as an earlier judgment (a re-judgment in the other display order is not a duplicate)"),
+        Reason("identical_responses", "pair", "drop", "the two candidates are the same text after normalisation",
+               precedence=10),
+    ))

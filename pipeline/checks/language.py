@@ -52,6 +52,7 @@ import polars as pl
 
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig, LanguageConfig
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "language"
 _CHUNK = 8192  # texts profiled per numpy pass
@@ -405,3 +406,11 @@ def run(
         summary += f"; {metrics['langdetect_skipped']} weak-evidence texts left undecided (langdetect cap)"
     return CheckResult(name=NAME, status="warn" if by_pair.height else "pass", metrics=metrics, flags=flags,
                        tables={"languages": table.sort("pair_id", "locale")}, summary=summary)
+
+
+CHECK = CheckSpec(
+    name=NAME, run=run, config="language", doc="detected language of prompt and responses against the locale",
+    reasons=(
+        Reason("language_mismatch", "pair", "drop", "detected language of prompt/responses differs from `locale`",
+               precedence=30),
+    ))

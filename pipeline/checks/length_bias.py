@@ -47,6 +47,7 @@ from pipeline.aggregate import A, B, Encoded, encode
 from pipeline.stats import bh_adjust, bh_reject, fractional_sign_test
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "length_bias"
 HIST_EDGES = np.arange(-3.0, 3.01, 0.25)  # log2(chosen/rejected), clipped to the outer bins
@@ -182,3 +183,11 @@ def _ratio_metrics(pairs: pl.DataFrame, lengths: pl.DataFrame, min_ratio: float,
         "chosen_rejected_ratio_quantiles": {str(qq): float(v) for qq, v in zip(QUANTILES, np.quantile(r, QUANTILES), strict=True)},
         "consensus_pairs_with_length_difference": int(differ.sum()),
     }
+
+
+CHECK = CheckSpec(
+    name=NAME, run=run, config="length_bias", doc="annotators preferring the longer response more than the consensus does",
+    reasons=(
+        Reason("length_bias", "annotator", "downweight", "prefers the longer candidate significantly more than the "
+               "consensus does"),
+    ))

@@ -69,6 +69,7 @@ from scipy.sparse.csgraph import connected_components
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig, NearDuplicateConfig
 from schemas.text import content_hash
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "near_duplicates"
 FORMAT = "prefpipe-prompt-index/1"  # bump when tokenisation or hashing changes
@@ -662,3 +663,12 @@ def save_index(result: CheckResult, base: str | Path) -> list[str]:
     base = Path(base)
     path = index_from_result(result).save(base.with_suffix(".npz"))
     return [path.name]
+
+
+CHECK = CheckSpec(
+    name=NAME, run=run, config="near_duplicate", inputs=("pairs", "index_path", "index"),
+    doc="near-duplicate prompts (MinHash LSH), also against the parent version's persisted index",
+    reasons=(
+        Reason("near_duplicate", "pair", "warn", "prompt (or whole pair) is a near-duplicate of another pair",
+               precedence=70),
+    ))

@@ -27,6 +27,7 @@ import polars as pl
 
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "pair_id_conflict"
 
@@ -66,3 +67,11 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.D
     }
     return CheckResult(name=NAME, status="warn", metrics=metrics, flags=flags,
                        summary=f"{bad.height} pair_id(s) name different texts: {flagged.height} judgments flagged")
+
+
+CHECK = CheckSpec(
+    name=NAME, run=run, doc="one pair_id naming different texts",
+    reasons=(
+        Reason("pair_id_conflict", "judgment", "drop", "the judgment's pair_id is used elsewhere with a different prompt "
+               "or different responses; never merged (drop is the only action)", actions=("drop",)),
+    ))

@@ -48,6 +48,7 @@ from pipeline.aggregate import A, B, Encoded, encode
 from pipeline.stats import bh_adjust, binom_greater, binom_two_sided_half
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "position_bias"
 RANDOMISED_MAX_DEVIATION = 0.1
@@ -191,3 +192,13 @@ def _batch_metrics(n_all: int, known: int, a_first: int, n_pos: int, first_won: 
         "randomised": randomised,
         "missing_shown_first_share": (n_all - known) / n_all if n_all else 0.0,
     }
+
+
+CHECK = CheckSpec(
+    name=NAME, run=run, config="position_bias", doc="annotators preferring a display position; verdicts that flip with it",
+    reasons=(
+        Reason("position_bias", "annotator", "downweight", "prefers one display position (first or second) "
+               "significantly more than chance"),
+        Reason("order_inconsistent", "annotator", "downweight", "verdicts flip with the display order on more pairs "
+               "than chance allows"),
+    ))

@@ -52,6 +52,7 @@ from pipeline.aggregate import ds_accuracy as ds_accuracy_of
 from pipeline.stats import bh_reject, binom_greater, reliability_power
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "reliability"
 
@@ -192,3 +193,10 @@ def run(
 def _median(s: pl.Series) -> float | None:
     v = s.drop_nulls()
     return float(v.median()) if v.len() else None  # type: ignore[arg-type]
+
+
+CHECK = CheckSpec(
+    name=NAME, run=run, config="reliability", doc="annotator reliability: gold accuracy, agreement with the consensus",
+    reasons=(
+        Reason("low_reliability", "annotator", "drop", "agreement with consensus / gold accuracy no better than chance"),
+    ))

@@ -31,6 +31,7 @@ from pipeline.stats import bh_adjust, binom_two_sided_half
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig
 from schemas.records import LABELS, ROUTED_LABELS
+from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "routing"
 
@@ -118,3 +119,14 @@ def run(
     summary = f"{routed} pairs routed; {int(imbalanced.sum())} imbalanced slice(s); {easy.height} too easy, {amb.height} ambiguous"
     return CheckResult(name=NAME, status=status, metrics=metrics, flags=pl.concat([imb_flags, easy_flags, amb_flags]),
                        tables={"slices": shares}, summary=summary)
+
+
+CHECK = CheckSpec(
+    name=NAME, run=run, doc="label imbalance per slice; too-easy and ambiguous pairs",
+    reasons=(
+        Reason("label_imbalance", "slice", "warn", "a slice's a/b share differs from 0.5 beyond `max_label_share`",
+               actions=("warn",)),
+        Reason("too_easy", "pair", "warn", "unanimous and at least `easy_strength` strong: little to learn", precedence=80),
+        Reason("ambiguous", "pair", "warn", "split and weak, or the consensus abstained: the evidence nearly cancels",
+               precedence=90),
+    ))
