@@ -248,7 +248,7 @@ def curate(
     m = res.handle.manifest()
     if as_json:
         print(json.dumps({"version_id": res.version_id, "created": res.created, "path": str(res.handle.path),
-                          "ledger": m.ledger.model_dump(), "checks": [{k: c[k] for k in ("name", "status")} for c in m.checks],
+                          "ledger": m.ledger.model_dump(), "checks": [{"name": c.name, "status": c.status} for c in m.checks],
                           "timings_s": res.timings}, indent=2))
     else:
         state = "written" if res.created else "already exists (nothing written)"
@@ -266,7 +266,7 @@ def _print_version_summary(m) -> None:
               f" + dropped {sum(led.dropped.values()):,} {led.dropped or ''}")
     con.print("splits: " + ", ".join(f"{k} {v.rows:,}" for k, v in m.splits.items()))
     status_style = {"pass": "green", "warn": "yellow", "fail": "red"}
-    con.print(Text("checks: ") + Text("  ").join(plain(f"{c['name']}={c['status']}", style=status_style.get(c["status"], "white"))
+    con.print(Text("checks: ") + Text("  ").join(plain(f"{c.name}={c.status}", style=status_style.get(c.status, "white"))
                                               for c in m.checks))
 
 
@@ -372,8 +372,8 @@ def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix,
     con.print(f"path: {h.path}")
     _print_version_summary(m)
     for c in m.checks:
-        con.print(markup("  {name:16s} {status:5s} {summary}  {flags}", name=c["name"], status=c["status"],
-                         summary=c.get("summary", ""), flags=c.get("flag_counts") or ""))
+        con.print(markup("  {name:16s} {status:5s} {summary}  {flags}", name=c.name, status=c.status,
+                         summary=c.summary, flags=c.flag_counts or ""))
     state = "CERTIFIED" if chain.ok else ("none yet" if chain.link == "certificate" and h.certification() is None
                                           else f"NOT certified ({chain.link}): {chain.reason}")
     con.print(markup("certification: {state}", state=state))

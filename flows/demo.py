@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     led = m.ledger
     print(f"version {version}: {led.rows_in} rows in -> {led.quarantined} quarantined, {led.pairs} pairs -> "
           f"{led.pairs_kept} DPO rows {dict(led.splits)}, routed {dict(led.routed)}, dropped {dict(led.dropped)}")
-    print(visible_controls("checks: " + ", ".join(f"{c['name']}={c['status']}" for c in m.checks)))
+    print(visible_controls("checks: " + ", ".join(f"{c.name}={c.status}" for c in m.checks)))
     lap("curate flow (incl. Prefect server start)")
 
     print("\n== certify-version flow ==", flush=True)

@@ -26,7 +26,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from pipeline import inbox as inbox_logic
-from pipeline.curate import CurateOptions, build_version, code_version, ingest_source, plan_version_id
+from pipeline.curate import CurateOptions, build_version, ingest_source, plan_version_id
+from schemas.version import code_version
 from pipeline.escape import md_escape, visible_controls  # artifact descriptions are Markdown; log lines plain
 from pipeline.ingest import IngestResult, file_sha256
 from pipeline.store import Store

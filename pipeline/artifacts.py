@@ -27,8 +27,8 @@ def version_tables(h: VersionHandle) -> dict[str, Any]:
         {"stage": "pairs kept (DPO rows)", "count": led.pairs_kept},
         *[{"stage": f"split {k}", "count": v} for k, v in led.splits.items()],
     ]
-    checks = [{"check": c["name"], "status": c["status"], "flags": ", ".join(f"{k}={v}" for k, v in c.get("flag_counts", {}).items()),
-               "summary": c.get("summary", "")} for c in m.checks]
+    checks = [{"check": c.name, "status": c.status, "flags": ", ".join(f"{k}={v}" for k, v in c.flag_counts.items()),
+               "summary": c.summary} for c in m.checks]
     ann = h.read("annotators.parquet")
     cols = [c for c in ("annotator_id", "annotator_kind", "n_judgments", "agreement_with_consensus", "gold_accuracy",
                         "first_shown_rate", "position_p_value", "order_consistency", "longer_chosen_rate", "status", "flags")
@@ -44,7 +44,7 @@ def report_markdown(h: VersionHandle, summary: str) -> str:
     """The Markdown to publish for a version: its ``report.md`` when this code version wrote it,
     else ``summary`` (built now).  A report.md written by other code may predate the escaping of
     user text, and the version is immutable, so it is never published as is."""
-    from pipeline.curate import code_version
+    from schemas.version import code_version
 
     md = h.file("report.md")
     if md.exists() and h.manifest().code_version == code_version():

@@ -35,13 +35,14 @@ import polars as pl
 from pipeline.store import SPLITS, Store, StoreError, VersionHandle
 from schemas.manifest import Certification, GateResult
 from pipeline.checks import flag_actions, resolve_policy
-from schemas.policy import CertifyConfig, Policy, SelectConfig
+from schemas.policy import CertifyConfig, Policy
+from schemas.version import code_version
 
 BIAS_REASONS = ("position_bias", "length_bias", "order_inconsistent")
 
 
 def _check(m, name: str) -> dict[str, Any]:
-    return next((c for c in m.checks if c["name"] == name), {"metrics": {}, "flag_counts": {}})
+    return m.check(name).model_dump()
 
 
 def _gate(name: str, value: Any, threshold: Any, passed: bool, detail: str = "") -> GateResult:
@@ -68,7 +69,7 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     flags = h.read("flags.parquet")
     ann_flags = flags.filter(pl.col("subject_kind") == "annotator")
     # "unresolved": flagged for bias, and not removed by the policy (a drop action on any of its flags)
-    drop_reasons = [r for r, a in flag_actions(SelectConfig.model_validate(m.policy.get("select", {}))).items() if a == "drop"]
+    drop_reasons = [r for r, a in flag_actions(m.policy.select).items() if a == "drop"]
     dropped_ids = set(ann_flags.filter(pl.col("reason").is_in(drop_reasons))["subject_id"].to_list())
     biased = ann_flags.filter(pl.col("reason").is_in(list(BIAS_REASONS)))
     biased_ids = sorted(set(biased["subject_id"].to_list()) - dropped_ids)
@@ -210,8 +211,6 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
         gx_dir = store.root / "certifications" / h.version_id / f"gx-{policy.policy_hash()}"
         gates = [_gate("integrity", 0, 0, True, "every file matches its sha256 in the manifest")]
         gates += evaluate_gates(h, policy, run_gx=run_gx, gx_dir=gx_dir)
-    from pipeline.curate import code_version
-
     cert = Certification(
         version_id=h.version_id,
         verdict="certified" if all(g.passed for g in gates) else "rejected",

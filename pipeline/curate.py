@@ -14,7 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +31,7 @@ from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
 from schemas.policy import Policy
 
-ROOT = Path(__file__).resolve().parent.parent
-__version__ = "0.1.0"
-
-
-@cache
-def code_version() -> str:
-    """Package version + hash of the data-logic source (schemas/ and pipeline/)."""
-    h = hashlib.sha256()
-    for sub in ("schemas", "pipeline"):
-        for p in sorted((ROOT / sub).rglob("*.py")):
-            h.update(p.relative_to(ROOT).as_posix().encode())
-            h.update(p.read_bytes())
-    return f"{__version__}+{h.hexdigest()[:10]}"
+from schemas.version import ROOT, __version__, code_version  # noqa: F401 - re-exported (one code version)
 
 
 @dataclass

@@ -25,13 +25,13 @@ def _metrics(h: VersionHandle) -> dict[str, Any]:
         **{f"splits.{k}": v.rows for k, v in m.splits.items()},
     }
     for c in m.checks:
-        out[f"check.{c['name']}.status"] = c["status"]
+        out[f"check.{c.name}.status"] = c.status
         for kind in ("human", "ai"):
-            sub = c.get("metrics", {}).get(kind)
+            sub = c.metrics.get(kind)
             if isinstance(sub, dict):
                 for key in ("krippendorff_alpha", "fleiss_kappa"):
                     if isinstance(sub.get(key), int | float):
-                        out[f"check.{c['name']}.{kind}.{key}"] = round(sub[key], 4)
+                        out[f"check.{c.name}.{kind}.{key}"] = round(sub[key], 4)
     return out
 
 

@@ -37,7 +37,7 @@ class ReportInputs:
 
 
 def _check(inp: ReportInputs, name: str) -> dict[str, Any]:
-    return next((c for c in inp.manifest.checks if c["name"] == name), {"metrics": {}, "status": "pass", "flag_counts": {}})
+    return inp.manifest.check(name).model_dump()
 
 
 def _short(text: str | None, n: int = 140) -> str:
@@ -236,7 +236,7 @@ def render_html(inp: ReportInputs) -> str:
                  f"{len(m.sources)} source file(s)</div>")
     # verdicts
     parts.append("<h2>Check verdicts</h2><div class=grid>")
-    for c in m.checks:
+    for c in (c.model_dump() for c in m.checks):
         col = STATUS_COLOR.get(c["status"], "#64748b")
         flags = ", ".join(f"{k}: {v}" for k, v in (c.get("flag_counts") or {}).items()) or "no flags"
         parts.append(f"<div class=verdict style='border-color:{col}'><b>{svg.esc(c['name'])}</b> "
@@ -352,7 +352,7 @@ def render_markdown(inp: ReportInputs) -> str:
           f" · policy {md_escape(m.policy_hash)}", "",
           "## Check verdicts", "",
           md_table(["check", "status", "flags", "summary"], [[c["name"], c["status"], ", ".join(f"{k}={v}" for k, v in (c.get("flag_counts") or {}).items()),
-                                                               _short(c.get("summary"), 120)] for c in m.checks]),
+                                                               _short(c.get("summary"), 120)] for c in (c.model_dump() for c in m.checks)]),
           "", "## Ledger", "", md_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)]), ""]
     ag = agreement_rows(inp)
     if ag:

@@ -45,7 +45,7 @@ class CheckResult(BaseModel):
         return v.select(list(FLAG_SCHEMA)).cast(FLAG_SCHEMA)  # type: ignore[arg-type]
 
     def manifest_entry(self) -> dict[str, Any]:
-        """What the manifest stores for this check."""
+        """What the manifest stores for this check (``schemas.manifest.CheckSummary``)."""
         counts = (
             self.flags.group_by("reason").len().sort("reason").rows()
             if self.flags.height

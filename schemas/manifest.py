@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from schemas.policy import Policy
+
 
 class IngestLedger(BaseModel):
     """Where every input row went at ingest.  ``rows_in == rows_valid + quarantined``."""
@@ -93,13 +95,26 @@ class Ledger(BaseModel):
         return self
 
 
+class CheckSummary(BaseModel):
+    """What the manifest keeps of one check: status, metrics (JSON), flag counts by reason, summary."""
+
+    name: str
+    status: Literal["pass", "warn", "fail"]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    flag_counts: dict[str, int] = Field(default_factory=dict)
+    summary: str = ""
+
+
+EMPTY_CHECK = CheckSummary(name="(not run)", status="pass")
+
+
 class Manifest(BaseModel):
     version_id: str
     created_at: datetime
     parent_version: str | None = None
     code_version: str
     policy_hash: str
-    policy: dict[str, Any]
+    policy: Policy = Field(description="the resolved policy the version was built with (every reason's action)")
     ledger: Ledger
     ingest: IngestLedger
     sources: list[SourceInfo]
@@ -107,9 +122,13 @@ class Manifest(BaseModel):
     files: dict[str, SplitInfo] = Field(default_factory=dict, description="other files of the version with sha256")
     tables: dict[str, TableInfo] = Field(default_factory=dict, description="tables stored as folders of parts, by name "
                                          "('judgments', 'data/train', ...); every part's sha256 is listed")
-    checks: list[dict[str, Any]]
+    checks: list[CheckSummary]
     annotators: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, Any] = Field(default_factory=dict)
+
+    def check(self, name: str) -> CheckSummary:
+        """The summary of check ``name`` (an empty one, status pass, if the version has none)."""
+        return next((c for c in self.checks if c.name == name), EMPTY_CHECK)
 
 
 class GateResult(BaseModel):

@@ -45,24 +45,6 @@ class QuarantineReason(StrEnum):
     UNPAIRABLE = "unpairable"  # adapter could not build a pair (e.g. < 2 candidates)
 
 
-class FlagReason(StrEnum):
-    """Reason codes of ``flags.parquet`` (``../shared/spec/outputs.md``)."""
-
-    EXACT_DUPLICATE = "exact_duplicate"
-    NEAR_DUPLICATE = "near_duplicate"
-    IDENTICAL_RESPONSES = "identical_responses"
-    LOW_AGREEMENT = "low_agreement"
-    LANGUAGE_MISMATCH = "language_mismatch"
-    POSITION_BIAS = "position_bias"
-    LENGTH_BIAS = "length_bias"
-    LOW_RELIABILITY = "low_reliability"
-    ORDER_INCONSISTENT = "order_inconsistent"
-    LABEL_IMBALANCE = "label_imbalance"
-    TOO_EASY = "too_easy"
-    AMBIGUOUS = "ambiguous"
-    PAIR_ID_CONFLICT = "pair_id_conflict"  # judgment: its pair_id names other texts elsewhere; never merged
-
-
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     role: Role
@@ -235,7 +217,7 @@ class Flag(BaseModel):
     subject_kind: Literal["judgment", "pair", "annotator", "batch", "slice"]
     subject_id: str
     check: str
-    reason: FlagReason
+    reason: str = Field(description="a reason code declared by a check (pipeline/checks registry; `prefpipe policy reasons`)")
     severity: Literal["info", "warn", "error"] = "warn"
     detail: str = ""
 

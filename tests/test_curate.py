@@ -153,9 +153,9 @@ def test_version_has_every_file_of_the_spec(full):
     assert m.version_id == full.vid and m.parent_version is None and m.code_version
     assert [s.path for s in m.sources] == [str(B1), str(B2), str(B3)]
     assert [s.sha256 for s in m.sources] == [sha256(p) for p in (B1, B2, B3)]
-    assert {c["name"] for c in m.checks} >= {"duplicates", "near_duplicates", "language", "agreement", "reliability",
+    assert {c.name for c in m.checks} >= {"duplicates", "near_duplicates", "language", "agreement", "reliability",
                                              "position_bias", "length_bias", "routing", "split_leakage"}
-    agreement = next(c for c in m.checks if c["name"] == "agreement")["metrics"]
+    agreement = m.check("agreement").metrics
     for kind in ("human", "ai"):
         assert {"krippendorff_alpha", "fleiss_kappa"} <= set(agreement[kind])
     for s in SPLITS:
@@ -241,7 +241,7 @@ def test_near_duplicate_prompts_share_a_cluster_and_never_straddle_splits(full):
     rows = kept(h)
     assert rows.group_by("near_dup_cluster").agg(pl.col("split").n_unique()).filter(pl.col("split") > 1).height == 0
     assert rows["pair_id"].is_unique().all()
-    leak = next(c for c in h.manifest().checks if c["name"] == "split_leakage")
+    leak = h.manifest().check("split_leakage").model_dump()
     assert leak["status"] == "pass"
     assert {k: v for k, v in leak["metrics"].items() if k != "rows"} == {
         "clusters_in_several_splits": 0, "pairs_in_several_splits": 0, "prompts_in_several_splits": 0}
@@ -297,7 +297,7 @@ def test_changed_policy_gives_a_new_version(tmp_path):
     assert v_strict != v_default
     st = Store(store)
     assert sorted(st.list_ids()) == sorted([v_default, v_strict])
-    assert st.get(v_strict).manifest().policy["checks"]["agreement"]["low_agreement_threshold"] == 0.7
+    assert st.get(v_strict).manifest().policy.checks.agreement.low_agreement_threshold == 0.7
     assert st.get(v_strict).manifest().policy_hash != st.get(v_default).manifest().policy_hash
     before = snapshot(store)
     assert curate_cli(B1, "--store", store, "--policy", pol) == v_strict  # same policy again: same id
@@ -340,7 +340,7 @@ def test_child_finds_duplicates_of_parent_prompts_without_rehashing_them(chain):
     assert 0 < len(new_prompts) < len(child_prompts)
     # only the new batch's prompts went through MinHash; the parent's came from its persisted index
     assert chain.hashed_texts == len(new_prompts)
-    nd = next(x for x in c.manifest().checks if x["name"] == "near_duplicates")["metrics"]
+    nd = c.manifest().check("near_duplicates").metrics
     assert nd["prompts_hashed"] == len(new_prompts)
     assert nd["index_prompts_before"] == len(parent_prompts) and nd["index_prompts"] == len(child_prompts)
     # the near duplicate whose original lives in the parent (task-0219 of batch 3 ~ task-0310 of batch 2)

@@ -179,7 +179,7 @@ def test_report_md_and_html_escape_every_value(hostile_store):
 
 def test_prefect_artifact_markdown(hostile_store, monkeypatch):
     """The markdown artifact is report.md (escaped) for versions this code wrote, else the summary."""
-    import pipeline.curate
+    import schemas.version
     from pipeline.artifacts import report_markdown, version_tables
     from pipeline.store import Store
 
@@ -188,7 +188,7 @@ def test_prefect_artifact_markdown(hostile_store, monkeypatch):
     assert_inert_markdown(tables["markdown"])
     published = report_markdown(h, tables["markdown"])
     assert published == h.file("report.md").read_text(encoding="utf-8")
-    monkeypatch.setattr(pipeline.curate, "code_version", lambda: "0.0.0+older")
+    monkeypatch.setattr(schemas.version, "code_version", lambda: "0.0.0+older")
     assert report_markdown(h, tables["markdown"]) == tables["markdown"]
 
 

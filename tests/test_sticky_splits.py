@@ -112,8 +112,7 @@ def test_sample_chain_moves_no_pair_and_diff_reports_moves(tmp_path):
         for pid, s in now.items():
             assert RANK[s] <= RANK[split_of.get(pid, s)], (vid, pid, split_of[pid], s)
         split_of.update(now)
-        stab = next(c for c in h.manifest().checks if c["name"] == "split_stability")
-        assert stab["metrics"]["into_train_from_held_out"] == 0
+        assert h.manifest().check("split_stability").metrics["into_train_from_held_out"] == 0
         assert store.get(vid).read("split_assignments.parquet")["pair_id"].is_unique().all()
     res = CliRunner().invoke(app, ["diff", v1, v2, "--store", str(store.root), "--json"])
     d = json.loads(res.stdout)
