@@ -44,6 +44,9 @@ def train(
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run directory under STORE/runs/.")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="Resume this run id from its latest checkpoint (same settings).")] = None,
     mlflow: Annotated[bool, typer.Option("--mlflow", help="Also log to MLflow (skipped with a note if not installed).")] = False,
+    on_template_mismatch: Annotated[str, typer.Option("--on-template-mismatch", help="A pair whose chat template renders the "
+                                    "prompt differently alone than before a reply: 'skip' it (counted in the ledger) or "
+                                    "'fail' the run (exit 2) naming it.")] = "skip",
 ) -> None:
     """Train a policy with DPO on a certified dataset version.
 
@@ -57,14 +60,26 @@ def train(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from pydantic import ValidationError
 
+    from rich.markup import escape
+
     from pipeline.store import VersionNotFound
+    from schemas.ids import UnsafeId, safe_id
     from trainer.model import ModelSpecError
+    from trainer.runs import CheckpointError
+    from trainer.tokenize import PrefixMismatchError, ledger_summary
     from trainer.train import ResumeMismatch, VersionRefused, make_config
     from trainer.train import train as run_training
 
     con = err_console()
+    try:  # before any path is built from them
+        for value in (run_id, resume):
+            if value is not None:
+                safe_id(value, what="run id")
+    except UnsafeId as err:
+        con.print(f"[bold red]error:[/] {escape(str(err))}")
+        raise typer.Exit(EXIT_USAGE) from None
     if not (store / "versions").is_dir():
-        con.print(f"[bold red]error:[/] {store} is not a prefpipe store (no versions/ directory)")
+        con.print(f"[bold red]error:[/] {escape(str(store))} is not a prefpipe store (no versions/ directory)")
         raise typer.Exit(EXIT_USAGE)
     try:
         cfg = make_config(
@@ -73,21 +88,26 @@ def train(
             grad_clip=grad_clip, max_length=max_length, max_prompt_length=max_prompt_length, beta=beta,
             loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
             use_pair_weights=not no_pair_weights, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
-            threads=threads, run_id=resume or run_id, resume=resume is not None, mlflow=mlflow)
+            threads=threads, run_id=resume or run_id, resume=resume is not None, mlflow=mlflow,
+            on_template_mismatch=on_template_mismatch)
     except ValidationError as err:
-        con.print(f"[bold red]error:[/] bad training options:\n{err}")
+        con.print(f"[bold red]error:[/] bad training options:\n{escape(str(err))}")
         raise typer.Exit(EXIT_USAGE) from None
 
     with _Progress(cfg.max_steps, enabled=sys.stderr.isatty()) as progress:
         try:
             result = run_training(cfg, on_event=progress.on_event)
         except VersionRefused as err:
-            con.print(f"[bold red]refused:[/] {err}")
+            con.print(f"[bold red]refused:[/] {escape(str(err))}")
             raise typer.Exit(EXIT_NOT_CERTIFIED) from None
-        except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError) as err:
-            con.print(f"[bold red]error:[/] {err}")
+        except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
+                PrefixMismatchError) as err:
+            con.print(f"[bold red]error:[/] {escape(str(err))}")
             raise typer.Exit(EXIT_USAGE) from None
     f = result.final
+    con.print("data (tokenize ledger):", highlight=False)
+    for split, led in (result.ledger or {}).items():
+        con.print("  " + escape(ledger_summary(led, split)), highlight=False)
     con.print(f"trained {f['step']} steps, {f['tokens_seen']:,} tokens at {f['tokens_per_s']:.0f} tokens/s, "
               f"peak RSS {f['peak_rss_mib']:.0f} MiB; validation loss {f.get('eval/loss', float('nan')):.4f}, "
               f"reward accuracy {f.get('eval/rewards/accuracies', float('nan')):.3f}")

@@ -32,8 +32,9 @@ def store(tmp_path):
 
 
 def final_state(run_dir: Path) -> dict:
-    ckpt = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(ckpt, map_location="cpu", weights_only=False)
+    from trainer.runs import latest_checkpoint, load_checkpoint
+
+    return load_checkpoint(latest_checkpoint(run_dir))
 
 
 def train_metrics(run_dir: Path) -> list[dict]:

@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.certify import is_certified
 from pipeline.store import SPLITS, Store, VersionHandle
+from schemas.ids import safe_id
 from trainer import runs
 from trainer.data import Batch, PairStream, batches_in_order, collate, read_split_rows
 from trainer.loss import DEFAULT_CHUNK_SIZE
@@ -82,6 +83,9 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     mmap_threshold_kib: int | None = Field(128, ge=1, description="glibc malloc mmap threshold (caps heap "
                                                                   "fragmentation); None: leave malloc alone")
+    on_template_mismatch: Literal["skip", "fail"] = Field(
+        "skip", description="a pair whose chat template breaks the prompt-prefix property: skip it (counted in the "
+                            "ledger with its pair id) or fail the run naming it")
     run_id: str | None = None
     resume: bool = False
     mlflow: bool = False
@@ -90,6 +94,11 @@ class TrainConfig(BaseModel):
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({
         "run_id", "resume", "mlflow", "threads", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
         "ref_batch_size", "store", "mmap_threshold_kib"})
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_plain_name(cls, v: str | None) -> str | None:
+        return None if v is None else safe_id(v, what="run id")  # it becomes STORE/runs/<run_id>
 
     def fingerprint(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
@@ -117,6 +126,7 @@ class RunResult:
     run_dir: Path
     steps: int
     final: dict[str, Any]
+    ledger: dict[str, Any] = None  # type: ignore[assignment]  # split -> tokenize ledger
 
 
 def open_certified_version(store: Store, ref: str) -> VersionHandle:
@@ -186,7 +196,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     tcfg = TokenizeConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     pairs, ledger = {}, {}
     for split, split_rows in rows.items():
-        pairs[split], led = tokenize_rows(tok, split_rows, tcfg)
+        pairs[split], led = tokenize_rows(tok, split_rows, tcfg, on_mismatch=cfg.on_template_mismatch)
         ledger[split] = led.as_dict()
     if cfg.eval_max_pairs is not None:
         pairs["validation"] = pairs["validation"][:cfg.eval_max_pairs]
@@ -255,10 +265,10 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                    "reference_cache_hit": ref.hit, "train_pairs": len(pairs["train"])})
 
     def checkpoint() -> None:
-        runs.save_checkpoint(run_dir, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "data_position": stream.position, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
-            "fingerprint": fingerprint}, keep=cfg.keep_checkpoints)
+        runs.save_checkpoint(run_dir, step, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                             meta={"data_position": stream.position, "tokens_seen": tokens_seen,
+                                   "train_seconds": train_seconds, "fingerprint": fingerprint},
+                             keep=cfg.keep_checkpoints)
 
     def run_eval() -> dict[str, Any]:
         record = {"kind": "eval", "step": step, **evaluate(model, pairs["validation"], ref.logps, tok.pad_token_id, cfg)}
@@ -318,7 +328,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                                                    "run_dir": str(run_dir), "final": final})
     sink.finish([svg, run_dir / "run.json"])
     emit("done", {"run_dir": str(run_dir), **final})
-    return RunResult(run_id, run_dir, step, final)
+    return RunResult(run_id, run_dir, step, final, ledger)
 
 
 def make_config(store: Path | str, version: str, **options: Any) -> TrainConfig:
