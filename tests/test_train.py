@@ -209,9 +209,11 @@ def test_planted_preference_is_learned_on_held_out_pairs(tmp_path):
     assert evals[-1]["eval/rewards/margins"] > 0.5
 
 
-def test_sequence_logps_length_groups_match_full_logits():
-    """Our forward (tiny_llama, length groups, no attention mask, fused lm-head) equals transformers'
-    LlamaForCausalLM with an attention mask and full logits, in float64."""
+@pytest.mark.parametrize("pack", [True, False])
+def test_sequence_logps_length_groups_match_full_logits(pack):
+    """Our forward (tiny_llama, packed sequences with block-diagonal attention, or length groups
+    without an attention mask; fused lm-head) equals transformers' LlamaForCausalLM with an
+    attention mask and full logits, in float64."""
     from trainer.model import build_model, length_groups, parse_model, sequence_logps
     from trainer.tiny_llama import to_hf
 
@@ -226,7 +228,7 @@ def test_sequence_logps_length_groups_match_full_logits():
         ids[i, :n] = torch.randint(1, 301, (n,))
         mask[i, n // 2:n] = True  # second half is the completion
     attn = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
-    ours = sequence_logps(model, ids, mask, chunk_size=7).summed
+    ours = sequence_logps(model, ids, mask, chunk_size=7, pack=pack).summed
     ours.sum().backward()
     g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     logits = hf(input_ids=ids, attention_mask=attn).logits  # (B, T, V): the plain reference
@@ -237,6 +239,39 @@ def test_sequence_logps_length_groups_match_full_logits():
     for n, p in hf.named_parameters():
         torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-8, atol=1e-10, msg=n)
     assert sorted(i for g in length_groups(lengths) for i in g) == list(range(len(lengths)))
+
+
+def test_packed_forward_equals_separate_forwards():
+    """seq_lens packing: each sequence's hidden states equal running it alone (positions restart,
+    no attention across sequences), with grouped-query attention, in float64."""
+    from trainer.model import build_model, parse_model
+
+    torch.manual_seed(1)
+    body = build_model(parse_model("tiny-llama:layers=2,hidden=32,heads=4,kv_heads=2"), 97).double().get_decoder()
+    seqs = [torch.randint(0, 97, (n,)) for n in (5, 1, 12, 7)]
+    packed = body(torch.cat(seqs)[None], seq_lens=[len(x) for x in seqs]).last_hidden_state[0]
+    for got, x in zip(packed.split([len(x) for x in seqs]), seqs):
+        torch.testing.assert_close(got, body(x[None]).last_hidden_state[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="packed input"):
+        body(torch.cat(seqs)[None], seq_lens=[5, 1])
+
+
+def test_forward_parts_are_whole_pairs_within_the_budget():
+    from trainer.data import forward_parts
+    from trainer.tokenize import TokenizedPair
+
+    pairs = [TokenizedPair(f"p{i}", (1,) * n, (2,) * n, (3,) * n) for i, n in enumerate([3, 3, 10, 1, 1, 1])]
+    parts = forward_parts(pairs, max_tokens=12)  # num_tokens = 4n: 12, 12, 40, 4, 4, 4
+    assert [[p.pair_id for p in part] for part in parts] == [["p0"], ["p1"], ["p2"], ["p3", "p4", "p5"]]
+    assert [len(x) for x in forward_parts(pairs, max_tokens=100, max_pairs=2)] == [2, 2, 2]
+
+
+def test_pack_budget_does_not_change_the_step(store):
+    a = train(make_config(store.root, "v-toy", run_id="pack-all", batch_size=4, max_steps=2, **FAST))
+    b = train(make_config(store.root, "v-toy", run_id="pack-one", batch_size=4, max_steps=2, pairs_per_forward=1, **FAST))
+    sa, sb = final_state(a.run_dir)["model"], final_state(b.run_dir)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_light_tokenizer_equals_autotokenizer():

@@ -91,6 +91,21 @@ class PairStream:
         return self.position / len(self.pairs)
 
 
+def forward_parts(pairs: list[TokenizedPair], max_tokens: int, max_pairs: int | None = None) -> list[list[TokenizedPair]]:
+    """Consecutive runs of whole pairs with at most ``max_tokens`` tokens (both sequences) and
+    ``max_pairs`` pairs each; a pair longer than ``max_tokens`` forms a part of its own."""
+    parts: list[list[TokenizedPair]] = []
+    size = 0
+    for p in pairs:
+        if parts and size + p.num_tokens <= max_tokens and (max_pairs is None or len(parts[-1]) < max_pairs):
+            parts[-1].append(p)
+            size += p.num_tokens
+        else:
+            parts.append([p])
+            size = p.num_tokens
+    return parts
+
+
 def batches_in_order(pairs: list[TokenizedPair], batch_size: int) -> list[list[TokenizedPair]]:
     """Fixed-order batches (evaluation, reference precompute), longest first to fail fast on memory."""
     order = sorted(pairs, key=lambda p: -max(len(p.chosen_ids), len(p.rejected_ids)) - len(p.prompt_ids))

@@ -15,9 +15,10 @@ accumulation, clipping, eval every ``eval_every`` steps, checkpoints every
 Loss per optimizer step over its K micro-batches of B pairs (pairs i, weights w_i = the row's
 ``weight`` when ``use_pair_weights``): L = sum_i w_i l_i / sum_i w_i, with l_i the DPO-family
 loss of ``trainer.objectives`` on policy log-probs from the fused lm-head
-(``trainer.model.sequence_logps``).  Each forward pass (``pairs_per_forward`` pairs)
-backpropagates its share sum_{i in part} w_i l_i / sum_i w_i, so K x B, 1 x (K*B) and any
-``pairs_per_forward`` give the same gradient; only the activation memory differs.
+(``trainer.model.sequence_logps``: the part's sequences packed into one padding-free forward).
+Each forward pass (whole pairs, at most ``pack_tokens`` tokens) backpropagates its share
+sum_{i in part} w_i l_i / sum_i w_i, so K x B, 1 x (K*B) and any ``pack_tokens`` give the same
+gradient; only the activation memory differs.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from pipeline.certify import is_certified
 from pipeline.store import SPLITS, Store, VersionHandle
 from schemas.ids import safe_id
 from trainer import runs
-from trainer.data import Batch, PairStream, batches_in_order, collate, read_split_rows
+from trainer.data import Batch, PairStream, batches_in_order, collate, forward_parts, read_split_rows
 from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
@@ -65,8 +66,10 @@ class TrainConfig(BaseModel):
     use_pair_weights: bool = True
     batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
     grad_accum: int = Field(1, ge=1)
-    pairs_per_forward: int = Field(1, ge=1, description="pairs per forward+backward pass; bounds activation memory, "
-                                                        "not the math (the step's gradient is the same)")
+    pack_tokens: int = Field(4096, ge=1, description="tokens per packed forward+backward pass (whole pairs, packed "
+                                                     "back to back; a longer pair runs alone); bounds activation "
+                                                     "memory, not the math (the step's gradient is the same)")
+    pairs_per_forward: int | None = Field(None, ge=1, description="also at most this many pairs per forward pass")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -285,11 +288,12 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         total_weight = sum(p.weight if cfg.use_pair_weights else 1.0 for mb in micro for p in mb)
         step_loss, sums, tokens = 0.0, {}, 0
         for mb in micro:
-            # A pair's loss needs only its own two sequences, so the micro-batch is run a few pairs
-            # at a time: activations of `pairs_per_forward` pairs are alive at once, the gradient
-            # is the same sum.  Metrics are means over the step's pairs.
-            for i in range(0, len(mb), cfg.pairs_per_forward):
-                b = collate(mb[i:i + cfg.pairs_per_forward], tok.pad_token_id, ref.logps)
+            # A pair's loss needs only its own two sequences, so the micro-batch runs in parts of at
+            # most `pack_tokens` tokens, each part's sequences packed into one padding-free forward:
+            # only one part's activations are alive at once, the gradient is the same sum.
+            # Metrics are means over the step's pairs.
+            for part in forward_parts(mb, cfg.pack_tokens, cfg.pairs_per_forward):
+                b = collate(part, tok.pad_token_id, ref.logps)
                 losses, _, metrics = dpo_batch_loss(model, b, cfg)
                 loss = losses.sum() / max(total_weight, 1e-12)  # this part's share of the step loss
                 loss.backward()
