@@ -337,3 +337,18 @@ def test_cli_trains_and_prints_the_run_dir(store):
     assert json.loads((run_dir / "run.json").read_text())["objective"] == "hinge"
     res = CliRunner().invoke(_cli(), ["train", "v-toy", "--store", str(store.root), "--model", "gpt-17:huge", "--steps", "1"])
     assert res.exit_code == 2 and "neither a tiny spec" in res.output
+
+
+def test_bf16_mixed_precision_trains_with_fp32_state(store):
+    import math
+
+    res = train(make_config(store.root, "v-toy", run_id="bf16", max_steps=3, batch_size=4, precision="bf16-mixed",
+                            **FAST))
+    recs = train_metrics(res.run_dir)
+    assert abs(recs[0]["loss"] - math.log(2)) < 1e-3  # the reference pass ran at the same precision
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    state = final_state(res.run_dir)
+    assert all(v.dtype == torch.float32 for v in state["model"].values())
+    run = json.loads((res.run_dir / "run.json").read_text())
+    fp32 = train(make_config(store.root, "v-toy", run_id="fp32", max_steps=1, batch_size=4, **FAST))
+    assert json.loads((fp32.run_dir / "run.json").read_text())["reference_cache"]["key"] != run["reference_cache"]["key"]

@@ -58,7 +58,9 @@ class TrainConfig(BaseModel):
     model: str = Field("tiny-llama", description="local HF causal-LM directory or a tiny spec, e.g. tiny-llama:layers=4,hidden=256,heads=4")
     tokenizer: str | None = Field(None, description="local tokenizer dir; default: the model dir, else the repo's tiny tokenizer")
     reference_model: str | None = Field(None, description="default: the policy's initial weights")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights' dtype")
+    precision: Literal["fp32", "bf16-mixed"] = Field("fp32", description="bf16-mixed: float32 weights and optimizer, "
+                                                     "bf16 matmuls (autocast body + fused lm-head), float32 reductions")
     seed: int = 0
     max_length: int = Field(512, ge=8)
     max_prompt_length: int | None = Field(None, ge=1)
@@ -156,7 +158,7 @@ def lr_schedule(step: int, *, peak: float, warmup: int, total: int, min_ratio: f
 
 def dpo_batch_loss(model, b: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(w_i * l_i per pair (B,), weights used (B,), metrics) for one micro-batch."""
-    lp = sequence_logps(model, b.input_ids, b.completion_mask, chunk_size=cfg.chunk_size)
+    lp = sequence_logps(model, b.input_ids, b.completion_mask, chunk_size=cfg.chunk_size, precision=cfg.precision)
     n = b.size
     weight = b.weight if cfg.use_pair_weights else torch.ones_like(b.weight)
     losses, metrics = dpo_objective(lp.summed[:n], lp.summed[n:], b.ref_chosen, b.ref_rejected, cfg.loss,
@@ -210,10 +212,11 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     ref_src = parse_model(cfg.reference_model, default_seed=cfg.seed) if cfg.reference_model else src
     material = cache_key_material(
         version_id=handle.version_id, split_sha256={s: i.sha256 for s, i in manifest.splits.items()},
-        reference=ref_src.identity(vocab), tokenizer=tokenizer_fingerprint(tok), tokenize_cfg=tcfg, dtype=cfg.dtype)
+        reference=ref_src.identity(vocab), tokenizer=tokenizer_fingerprint(tok), tokenize_cfg=tcfg,
+        dtype=cfg.dtype if cfg.precision == "fp32" else f"{cfg.dtype}+{cfg.precision}")
     ref = load_or_compute(store, handle.version_id, material, pairs, lambda: build_model(ref_src, vocab, dtype=cfg.dtype),
                           pad_id=tok.pad_token_id, batch_size=cfg.ref_batch_size, chunk_size=cfg.chunk_size,
-                          on_batch=lambda k: emit("reference", {"pairs": k}))
+                          on_batch=lambda k: emit("reference", {"pairs": k}), precision=cfg.precision)
 
     # ---- 4. policy, AdamW (no decay on norms/biases, as nanoGPT), warmup + cosine schedule
     model = build_model(src, vocab, dtype=cfg.dtype)
