@@ -44,6 +44,10 @@ def train(
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run directory under STORE/runs/.")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="Resume this run id from its latest checkpoint (same settings).")] = None,
     mlflow: Annotated[bool, typer.Option("--mlflow", help="Also log to MLflow (skipped with a note if not installed).")] = False,
+    test_eval: Annotated[bool, typer.Option("--test-eval/--no-test-eval", help="After training, evaluate policy vs "
+                         "reference on the test split per slice (eval.json, eval.parquet, report.html).")] = True,
+    test_eval_every: Annotated[int, typer.Option("--test-eval-every", help="Also log test-split metrics every N steps "
+                               "(0: off).", min=0)] = 0,
     on_template_mismatch: Annotated[str, typer.Option("--on-template-mismatch", help="A pair whose chat template renders the "
                                     "prompt differently alone than before a reply: 'skip' it (counted in the ledger) or "
                                     "'fail' the run (exit 2) naming it.")] = "skip",
@@ -52,7 +56,8 @@ def train(
 
     Refuses (exit 4) a version without a "certified" record or whose files differ from the
     sha256s in its manifest.  Writes STORE/runs/RUN_ID/ (config, lineage run.json,
-    metrics.jsonl, metrics.svg, checkpoints) and appends to STORE/lineage/VERSION.jsonl;
+    metrics.jsonl, metrics.svg, checkpoints, eval.json + eval.parquet + report.html/.md of the
+    test-split evaluation) and appends to STORE/lineage/VERSION.jsonl;
     prints the run directory as the last line of stdout.
     """
     # Idle OpenMP threads spin by default; on a shared CPU that steals cycles from everyone
@@ -66,6 +71,7 @@ def train(
     from schemas.ids import UnsafeId, safe_id
     from trainer.model import ModelSpecError
     from trainer.runs import CheckpointError
+    from trainer.evaluate import summary_lines
     from trainer.tokenize import PrefixMismatchError, ledger_summary
     from trainer.train import ResumeMismatch, VersionRefused, make_config
     from trainer.train import train as run_training
@@ -89,7 +95,7 @@ def train(
             loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
             use_pair_weights=not no_pair_weights, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
             threads=threads, run_id=resume or run_id, resume=resume is not None, mlflow=mlflow,
-            on_template_mismatch=on_template_mismatch)
+            on_template_mismatch=on_template_mismatch, test_eval=test_eval, test_eval_every=test_eval_every)
     except ValidationError as err:
         con.print(f"[bold red]error:[/] bad training options:\n{escape(str(err))}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -108,6 +114,10 @@ def train(
     con.print("data (tokenize ledger):", highlight=False)
     for split, led in (result.ledger or {}).items():
         con.print("  " + escape(ledger_summary(led, split)), highlight=False)
+    if result.evaluation is not None:
+        for line in summary_lines(result.evaluation):
+            con.print(escape(line), highlight=False)
+        con.print(f"report: {escape(str(result.run_dir / 'report.html'))}", highlight=False)
     con.print(f"trained {f['step']} steps, {f['tokens_seen']:,} tokens at {f['tokens_per_s']:.0f} tokens/s, "
               f"peak RSS {f['peak_rss_mib']:.0f} MiB; validation loss {f.get('eval/loss', float('nan')):.4f}, "
               f"reward accuracy {f.get('eval/rewards/accuracies', float('nan')):.3f}")

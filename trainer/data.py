@@ -17,15 +17,31 @@ from trainer.tokenize import TokenizedPair
 DPO_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "weight")
 
 
-def read_split_rows(handle, split: str) -> list[dict]:
-    """DPO rows of one split through the store's public reader (``VersionHandle.split_path``)."""
+SLICE_COLUMNS = ("locale", "annotator_kind", "agreement", "strength")
+
+
+def read_split_rows(handle, split: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    """DPO rows of one split through the store's public reader (``VersionHandle.split_path``);
+    ``extra``: further columns to read when present (e.g. the evaluation's slice columns)."""
     import polars as pl  # the store's own reader library (pyarrow's reader costs ~90 MiB more RSS)
 
     path = handle.split_path(split)
     if not path.exists():
         return []
     names = pl.read_parquet_schema(path)
-    return pl.read_parquet(path, columns=[c for c in DPO_COLUMNS if c in names]).to_dicts()
+    return pl.read_parquet(path, columns=[c for c in (*DPO_COLUMNS, *extra) if c in names]).to_dicts()
+
+
+def read_pair_tags(handle) -> dict[str, list[str]] | None:
+    """pair_id -> tags from the version's ``pairs.parquet`` (read through the handle), or None
+    when the version has no such file or column (then the evaluation has no tag slices)."""
+    import polars as pl
+
+    path = handle.file("pairs.parquet")
+    if not path.exists() or "tags" not in pl.read_parquet_schema(path):
+        return None
+    t = pl.read_parquet(path, columns=["pair_id", "tags"])
+    return {str(pid): [str(x) for x in (tags or [])] for pid, tags in zip(t["pair_id"].to_list(), t["tags"].to_list())}
 
 
 @dataclass

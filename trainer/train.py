@@ -38,13 +38,24 @@ from pipeline.certify import is_certified
 from pipeline.store import SPLITS, Store, VersionHandle
 from schemas.ids import safe_id
 from trainer import runs
-from trainer.data import Batch, PairStream, batches_in_order, collate, forward_parts, read_split_rows
+from trainer.data import (
+    SLICE_COLUMNS,
+    Batch,
+    PairStream,
+    batches_in_order,
+    collate,
+    forward_parts,
+    read_pair_tags,
+    read_split_rows,
+)
+from trainer.evaluate import BootstrapConfig, evaluate_slices
 from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
 from trainer.plot import write_metrics_svg
-from trainer.reference import cache_key_material, load_or_compute
+from trainer.reference import cache_key_material, compute_reference_logps, load_or_compute
+from trainer.report import write_run_report
 from trainer.tokenize import TINY_TOKENIZER, TokenizeConfig, load_tokenizer, tokenize_rows, tokenizer_fingerprint
 
 
@@ -82,6 +93,10 @@ class TrainConfig(BaseModel):
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="tokens per fused lm-head tile")
     eval_every: int = Field(50, ge=0, description="0: only at the end")
     eval_max_pairs: int | None = Field(None, ge=1)
+    test_eval: bool = Field(True, description="after training: per-slice evaluation on the test split (eval.json, "
+                                              "eval.parquet, report.html / report.md)")
+    test_eval_every: int = Field(0, ge=0, description="also log test-split loss / reward metrics every N steps (0: off)")
+    bootstrap_resamples: int = Field(1000, ge=10, description="bootstrap resamples for the evaluation's CIs")
     checkpoint_every: int = Field(100, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     ref_batch_size: int = Field(8, ge=1)
@@ -98,7 +113,7 @@ class TrainConfig(BaseModel):
     # fields that do not change what is computed; a resume may change them
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({
         "run_id", "resume", "mlflow", "threads", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
-        "ref_batch_size", "store", "mmap_threshold_kib"})
+        "ref_batch_size", "store", "mmap_threshold_kib", "test_eval", "test_eval_every", "bootstrap_resamples"})
 
     @field_validator("run_id")
     @classmethod
@@ -132,6 +147,7 @@ class RunResult:
     steps: int
     final: dict[str, Any]
     ledger: dict[str, Any] = None  # type: ignore[assignment]  # split -> tokenize ledger
+    evaluation: dict[str, Any] | None = None  # eval.json's summary (test split, per slice)
 
 
 def open_certified_version(store: Store, ref: str) -> VersionHandle:
@@ -193,6 +209,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     handle = open_certified_version(store, cfg.version)
     manifest, cert = handle.manifest(), handle.certification()
     rows = {split: read_split_rows(handle, split) for split in ("train", "validation")}
+    rows["test"] = read_split_rows(handle, "test", extra=SLICE_COLUMNS) if (cfg.test_eval or cfg.test_eval_every) else []
 
     # ---- 2. tokenizer and tokenisation (drops and truncations are counted in the ledger)
     src: ModelSource = parse_model(cfg.model, default_seed=cfg.seed)
@@ -276,11 +293,15 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                                    "train_seconds": train_seconds, "fingerprint": fingerprint},
                              keep=cfg.keep_checkpoints)
 
-    def run_eval() -> dict[str, Any]:
-        record = {"kind": "eval", "step": step, **evaluate(model, pairs["validation"], ref.logps, tok.pad_token_id, cfg)}
+    def run_eval(split: str = "validation") -> dict[str, Any]:
+        metrics = evaluate(model, pairs[split], ref.logps, tok.pad_token_id, cfg)
+        if split == "validation":
+            record = {"kind": "eval", "step": step, **metrics}
+        else:  # the test split's curve: same metrics, "test/" names
+            record = {"kind": "test", "step": step, **{"test/" + k.split("/", 1)[1]: v for k, v in metrics.items()}}
         log.write(record)
         sink.log(record)
-        emit("eval", record)
+        emit("eval" if split == "validation" else "test", record)
         return record
 
     # ---- 6. the loop
@@ -317,11 +338,13 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         sink.log(record)
         if cfg.eval_every and step % cfg.eval_every == 0:
             last_eval = run_eval()
+        if cfg.test_eval_every and step % cfg.test_eval_every == 0 and pairs["test"]:
+            run_eval("test")
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
             checkpoint()
         emit("step", record)
 
-    # ---- 7. final eval, plot, lineage
+    # ---- 7. final eval, test-split evaluation per slice, plot, report, lineage
     if last_eval.get("step") != step:
         last_eval = run_eval()
     log.close()
@@ -329,13 +352,55 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     final = {"step": step, "tokens_seen": tokens_seen, "train_seconds": round(train_seconds, 3),
              "tokens_per_s": tokens_seen / max(train_seconds, 1e-9), "peak_rss_mib": round(runs.peak_rss_mib(), 1),
              **{k: v for k, v in last_eval.items() if k.startswith("eval/")}}
+    test_summary = None
+    if cfg.test_eval:
+        test_summary = _evaluate_test_split(cfg, handle, rows["test"], pairs["test"], ref.logps, model, src, vocab,
+                                            tok.pad_token_id, run_dir)
+        emit("test_eval", test_summary)
+        if test_summary.get("overall"):
+            o = test_summary["overall"]
+            final["test"] = {"pairs": test_summary["pairs"],
+                             **{f"{ph}/{m}": o[ph][m]["mean"] for ph in ("before", "after") for m in test_summary["metrics"]}}
     lineage.update({"status": "finished", "finished_at": runs.now(), "final": final, "mlflow": sink.status})
     runs.write_json(run_dir / "run.json", lineage)
+    report = write_run_report(run_dir)
     runs.append_lineage(store, handle.version_id, {"event": "finished", "at": runs.now(), "run_id": run_id,
                                                    "run_dir": str(run_dir), "final": final})
-    sink.finish([svg, run_dir / "run.json"])
+    sink.finish([svg, run_dir / "run.json", *report])
     emit("done", {"run_dir": str(run_dir), **final})
-    return RunResult(run_id, run_dir, step, final, ledger)
+    return RunResult(run_id, run_dir, step, final, ledger, test_summary)
+
+
+def _evaluate_test_split(cfg: TrainConfig, handle: VersionHandle, test_rows: list[dict], test_pairs, ref_logps,
+                         model, src: ModelSource, vocab: int, pad_id: int, run_dir: Path) -> dict[str, Any]:
+    """Policy after vs before training against the reference on the test split, per slice, with
+    bootstrap CIs (``trainer.evaluate``); writes eval.json, eval.parquet, eval_pairs.parquet."""
+    import polars as pl
+
+    if not test_pairs:
+        summary = {"split": "test", "pairs": 0, "overall": None, "slices": [],
+                   "note": "the version's test split is empty" if not test_rows else "no test pair survived tokenisation"}
+        runs.write_json(run_dir / "eval.json", summary)
+        return summary
+    logp = {"reference": {p.pair_id: ref_logps[p.pair_id] for p in test_pairs}}
+    logp["after"] = compute_reference_logps(model, test_pairs, pad_id=pad_id, batch_size=cfg.ref_batch_size,
+                                            chunk_size=cfg.chunk_size, precision=cfg.precision)
+    if cfg.reference_model is None:  # the reference is the initial policy: "before" is the reference itself
+        logp["before"] = logp["reference"]
+    else:
+        logp["before"] = compute_reference_logps(build_model(src, vocab, dtype=cfg.dtype), test_pairs, pad_id=pad_id,
+                                                 batch_size=cfg.ref_batch_size, chunk_size=cfg.chunk_size,
+                                                 precision=cfg.precision)
+    kept = {p.pair_id for p in test_pairs}
+    rows = [r for r in test_rows if str(r["pair_id"]) in kept]
+    lengths = {p.pair_id: (len(p.chosen_ids), len(p.rejected_ids)) for p in test_pairs}
+    summary, tidy, per_pair = evaluate_slices(rows, logp, lengths, cfg.loss, tags=read_pair_tags(handle),
+                                              boot=BootstrapConfig(resamples=cfg.bootstrap_resamples, seed=cfg.seed))
+    summary["version_id"] = handle.version_id
+    runs.write_json(run_dir / "eval.json", summary)
+    pl.DataFrame(tidy).write_parquet(run_dir / "eval.parquet")
+    pl.DataFrame(per_pair).write_parquet(run_dir / "eval_pairs.parquet")
+    return summary
 
 
 def make_config(store: Path | str, version: str, **options: Any) -> TrainConfig:
