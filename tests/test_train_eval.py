@@ -136,3 +136,32 @@ def test_cli_prints_the_evaluation_summary(tmp_path):
     assert res.exit_code == 0, res.output
     assert "test split: 9 pairs" in res.output and "DPO loss" in res.output and "report.html" in res.output
     assert "<b>x|y</b>" in res.output or "x|y" in res.output  # printed literally, not as markup
+
+
+def test_evaluation_end_to_end_on_the_samples(tmp_path):
+    """The three sample batches curated and certified by the pipeline, then a short run: the test
+    split is evaluated per locale, tag (from pairs.parquet), annotator kind and buckets."""
+    from conftest import ROOT
+
+    from pipeline.certify import certify_version
+    from pipeline.curate import curate
+    from pipeline.store import Store
+    from schemas.policy import policy_from_dict
+
+    policy = policy_from_dict({"certify": {"require_expectations": False}})  # Great Expectations: not this test's subject
+    store = Store(tmp_path / "store")
+    samples = sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))
+    vid = curate(samples, store, policy).version_id
+    cert = certify_version(store, vid, policy, run_gx=False)
+    if cert.verdict != "certified":
+        pytest.skip(f"the samples' version is not certified under the default policy here: "
+                    f"{[g.name for g in cert.gates if not g.passed]}")
+    res = train(make_config(store.root, vid, run_id="samples", max_steps=2, bootstrap_resamples=100,
+                            **{**FAST, "max_length": 256}))
+    ev = res.evaluation
+    test_rows = pl.read_parquet(store.get(vid).split_path("test"))
+    assert ev["pairs"] == res.ledger["test"]["kept"] <= test_rows.height and ev["pairs"] > 0
+    kinds = {s["kind"] for s in ev["slices"]}
+    assert {"all", "locale", "tag", "annotator_kind", "agreement", "strength"} <= kinds
+    assert {s["value"] for s in ev["slices"] if s["kind"] == "locale"} <= set(test_rows["locale"].fill_null("n/a"))
+    assert (res.run_dir / "report.html").exists() and (res.run_dir / "eval.parquet").exists()

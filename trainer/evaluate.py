@@ -171,3 +171,15 @@ def summary_lines(summary: dict[str, Any], *, max_slices: int = 12) -> list[str]
 
 def tags_by_pair(frame_rows: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
     return {str(r["pair_id"]): [str(t) for t in (r.get("tags") or [])] for r in frame_rows}
+
+
+def run_summary_lines(run_dir) -> list[str]:
+    """:func:`summary_lines` of a finished run directory's ``eval.json`` (what ``./dev demo`` prints last)."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "eval.json"
+    if not path.exists():
+        return [f"no evaluation in {run_dir} (trained with test_eval=False?)"]
+    lines = summary_lines(json.loads(path.read_text(encoding="utf-8")))
+    return [*lines, f"  run report: {Path(run_dir) / 'report.html'} (and report.md)"]
