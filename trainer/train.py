@@ -91,6 +91,8 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="tokens per fused lm-head tile")
+    compile: bool = Field(False, description="torch.compile the model body's forward (dynamic shapes); measured in "
+                                             "docs/benchmarks.md, off by default")
     eval_every: int = Field(50, ge=0, description="0: only at the end")
     eval_max_pairs: int | None = Field(None, ge=1)
     test_eval: bool = Field(True, description="after training: per-slice evaluation on the test split (eval.json, "
@@ -238,6 +240,9 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     # ---- 4. policy, AdamW (no decay on norms/biases, as nanoGPT), warmup + cosine schedule
     model = build_model(src, vocab, dtype=cfg.dtype)
     model.train()
+    if cfg.compile:  # the forward only: parameter names (checkpoints) stay those of the module
+        body = model.get_decoder()
+        body.forward = torch.compile(body.forward, dynamic=True)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
