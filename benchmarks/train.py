@@ -88,12 +88,14 @@ ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_
 
 
 # ---------------------------------------------------------------- data shared by both trainers
-def splits() -> dict[str, list[dict]]:
+def splits(train_pairs: int | None = None) -> dict[str, list[dict]]:
+    """64 validation pairs, the rest (or its first ``train_pairs``) train; the test split is unused."""
     sys.path.insert(0, str(ROOT / "tests"))
     from trainer_toys import source_rows
 
     rows = source_rows()
-    return {"train": rows[N_VAL:], "validation": rows[:N_VAL], "test": rows[:8]}
+    train = rows[N_VAL:] if train_pairs is None else rows[N_VAL:N_VAL + train_pairs]
+    return {"train": train, "validation": rows[:N_VAL], "test": []}
 
 
 def train_order(train_rows: list[dict], n: int) -> list[dict]:
@@ -157,7 +159,7 @@ def child_ours(job: dict) -> dict:
     from trainer.runs import latest_checkpoint, load_checkpoint
     from trainer.train import make_config, train
 
-    data = splits()
+    data = splits(job.get("train_pairs"))
     store = make_store(Path(job["tmp"]) / f"store-{os.getpid()}", data, version_id="v-bench").root  # no cache hit
     marks: list[tuple[float, int]] = []
     seen = {"tokens": 0, "start": None}
@@ -171,7 +173,8 @@ def child_ours(job: dict) -> dict:
 
     cfg = make_config(store, "v-bench", model=SHAPES[job["shape"]], batch_size=BATCH, max_length=MAX_LEN,
                       max_steps=job["steps"], lr=LR, beta=BETA, warmup_steps=0, min_lr_ratio=MIN_LR, eval_every=0,
-                      checkpoint_every=0, run_id=f"bench-{job['name']}-{os.getpid()}", **OURS_CONFIGS[job["config"]])
+                      checkpoint_every=0, run_id=f"bench-{job['name']}-{os.getpid()}", test_eval=False,
+                      **OURS_CONFIGS[job["config"]])
     res = train(cfg, on_event=on_event)
     peak = _peak_mib()
     tps, sps = _rate(marks)
@@ -194,7 +197,7 @@ def child_trl(job: dict) -> dict:
     from trainer.tiny_llama import to_hf
     from trainer.tokenize import load_tokenizer
 
-    data = splits()
+    data = splits(job.get("train_pairs"))
     tok = load_tokenizer()
     spec = SHAPES[job["shape"]]
     overrides = TRL_CONFIGS[job["config"]]
@@ -277,6 +280,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["tiny"], choices=sorted(SHAPES))
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--rounds", type=int, default=1, help="repeat every run, interleaved; medians over rounds")
+    ap.add_argument("--train-pairs", type=int, default=None,
+                    help="train split = the first N non-validation rows (default: all 278); both trainers "
+                         "precompute reference log-probs for all of them, so this bounds the set-up time")
     ap.add_argument("--trl", nargs="+", default=list(TRL_CONFIGS), choices=list(TRL_CONFIGS))
     ap.add_argument("--ours", nargs="+", default=["fp32", "bf16"], choices=list(OURS_CONFIGS))
     ap.add_argument("--out", type=Path, help="also append every run's JSON to this file")
@@ -301,7 +307,7 @@ def main() -> None:
                     jobs.reverse()  # alternate the order so drifting load hits both sides
                 for trainer, config in jobs:
                     job = {"trainer": trainer, "config": config, "shape": shape, "steps": args.steps, "tmp": tmp,
-                           "name": f"{trainer}-{config}-{shape}"}
+                           "name": f"{trainer}-{config}-{shape}", "train_pairs": args.train_pairs}
                     print(f"[round {rnd + 1}] {job['name']} ...", file=sys.stderr, flush=True)
                     r = run_job(job)
                     print(f"  {json.dumps({k: v for k, v in r.items() if k != 'train_losses'})}", file=sys.stderr,
@@ -328,7 +334,8 @@ def main() -> None:
                          ", ".join(r["load"] for r in rs)])
     body = "\n".join([
         f"`python benchmarks/train.py --shapes {' '.join(args.shapes)} --steps {args.steps} --rounds {args.rounds} "
-        f"--trl {' '.join(args.trl)} --ours {' '.join(args.ours)}`",
+        + (f"--train-pairs {args.train_pairs} " if args.train_pairs else "")
+        + f"--trl {' '.join(args.trl)} --ours {' '.join(args.ours)}`",
         "",
         f"Machine: {machine_line()}; OMP_WAIT_POLICY=PASSIVE for every run; shared with other jobs (load = "
         "1-minute load average at the start and end of each run).",
