@@ -43,7 +43,6 @@ def train(
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run directory under STORE/runs/.")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="Resume this run id from its latest checkpoint (same settings).")] = None,
-    mlflow: Annotated[bool, typer.Option("--mlflow", help="Also log to MLflow (skipped with a note if not installed).")] = False,
     test_eval: Annotated[bool, typer.Option("--test-eval/--no-test-eval", help="After training, evaluate policy vs "
                          "reference on the test split per slice (eval.json, eval.parquet, report.html).")] = True,
     test_eval_every: Annotated[int, typer.Option("--test-eval-every", help="Also log test-split metrics every N steps "
@@ -94,7 +93,7 @@ def train(
             grad_clip=grad_clip, max_length=max_length, max_prompt_length=max_prompt_length, beta=beta,
             loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
             use_pair_weights=not no_pair_weights, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
-            threads=threads, run_id=resume or run_id, resume=resume is not None, mlflow=mlflow,
+            threads=threads, run_id=resume or run_id, resume=resume is not None,
             on_template_mismatch=on_template_mismatch, test_eval=test_eval, test_eval_every=test_eval_every)
     except ValidationError as err:
         con.print(f"[bold red]error:[/] bad training options:\n{escape(str(err))}")

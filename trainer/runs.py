@@ -269,36 +269,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-class MlflowSink:
-    """Optional MLflow logging: active only when asked for and importable; never required."""
-
-    def __init__(self, enabled: bool, run_name: str, params: dict[str, Any]):
-        self.mlflow = None
-        self.status = "off"
-        if not enabled:
-            return
-        try:
-            import mlflow
-        except ImportError:
-            self.status = "requested but mlflow is not installed; skipped"
-            return
-        self.mlflow = mlflow
-        mlflow.start_run(run_name=run_name)
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        self.status = "logging"
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.mlflow is not None:
-            self.mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in record.items()
-                                     if isinstance(v, (int, float)) and k != "step"}, step=int(record["step"]))
-
-    def finish(self, artifacts: list[Path]) -> None:
-        if self.mlflow is not None:
-            for a in artifacts:
-                self.mlflow.log_artifact(str(a))
-            self.mlflow.end_run()
-
-
 def cap_heap_fragmentation(mmap_threshold_kib: int | None) -> bool:
     """glibc malloc: serve allocations above the threshold with mmap, returned to the OS on free.
 

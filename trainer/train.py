@@ -53,7 +53,6 @@ from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
-from trainer.plot import write_metrics_svg
 from trainer.reference import cache_key_material, compute_reference_logps, load_or_compute
 from trainer.report import write_run_report
 from trainer.tokenize import TINY_TOKENIZER, TokenizeConfig, load_tokenizer, tokenize_rows, tokenizer_fingerprint
@@ -110,11 +109,10 @@ class TrainConfig(BaseModel):
                             "ledger with its pair id) or fail the run naming it")
     run_id: str | None = None
     resume: bool = False
-    mlflow: bool = False
 
     # fields that do not change what is computed; a resume may change them
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({
-        "run_id", "resume", "mlflow", "threads", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
+        "run_id", "resume", "threads", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
         "ref_batch_size", "store", "mmap_threshold_kib", "test_eval", "test_eval_every", "bootstrap_resamples"})
 
     @field_validator("run_id")
@@ -288,7 +286,6 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                                                    "run_id": run_id, "run_dir": str(run_dir), "step": step,
                                                    **{k: lineage[k] for k in ("beta", "objective", "code_version")}})
     log = runs.MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if cfg.resume else None)
-    sink = runs.MlflowSink(cfg.mlflow, run_id, {**fingerprint, "version_id": handle.version_id})
     emit("start", {"run_id": run_id, "run_dir": str(run_dir), "step": step, "max_steps": cfg.max_steps,
                    "reference_cache_hit": ref.hit, "train_pairs": len(pairs["train"])})
 
@@ -305,7 +302,6 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         else:  # the test split's curve: same metrics, "test/" names
             record = {"kind": "test", "step": step, **{"test/" + k.split("/", 1)[1]: v for k, v in metrics.items()}}
         log.write(record)
-        sink.log(record)
         emit("eval" if split == "validation" else "test", record)
         return record
 
@@ -340,7 +336,6 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                   **sums, "grad_norm": float(grad_norm), "tokens": tokens, "tokens/s": tokens / dt,
                   "peak_rss_mib": round(runs.peak_rss_mib(), 1), "time_s": round(dt, 4)}
         log.write(record)
-        sink.log(record)
         if cfg.eval_every and step % cfg.eval_every == 0:
             last_eval = run_eval()
         if cfg.test_eval_every and step % cfg.test_eval_every == 0 and pairs["test"]:
@@ -353,7 +348,6 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     if last_eval.get("step") != step:
         last_eval = run_eval()
     log.close()
-    svg = write_metrics_svg(log.records, run_dir / "metrics.svg", title=f"{run_id} on {handle.version_id}")
     final = {"step": step, "tokens_seen": tokens_seen, "train_seconds": round(train_seconds, 3),
              "tokens_per_s": tokens_seen / max(train_seconds, 1e-9), "peak_rss_mib": round(runs.peak_rss_mib(), 1),
              **{k: v for k, v in last_eval.items() if k.startswith("eval/")}}
@@ -366,12 +360,11 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
             o = test_summary["overall"]
             final["test"] = {"pairs": test_summary["pairs"],
                              **{f"{ph}/{m}": o[ph][m]["mean"] for ph in ("before", "after") for m in test_summary["metrics"]}}
-    lineage.update({"status": "finished", "finished_at": runs.now(), "final": final, "mlflow": sink.status})
+    lineage.update({"status": "finished", "finished_at": runs.now(), "final": final})
     runs.write_json(run_dir / "run.json", lineage)
-    report = write_run_report(run_dir)
+    write_run_report(run_dir)
     runs.append_lineage(store, handle.version_id, {"event": "finished", "at": runs.now(), "run_id": run_id,
                                                    "run_dir": str(run_dir), "final": final})
-    sink.finish([svg, run_dir / "run.json", *report])
     emit("done", {"run_dir": str(run_dir), **final})
     return RunResult(run_id, run_dir, step, final, ledger, test_summary)
 
