@@ -4,6 +4,7 @@ Registered in flows/cli.py as ``app.command()(train)``.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -47,6 +48,11 @@ def train(
                          "reference on the test split per slice (eval.json, eval.parquet, report.html).")] = True,
     test_eval_every: Annotated[int, typer.Option("--test-eval-every", help="Also log test-split metrics every N steps "
                                "(0: off).", min=0)] = 0,
+    export: Annotated[bool, typer.Option("--export", help="Write the final policy to RUN/export/ (save_pretrained "
+                      "layout: config.json, model.safetensors, tokenizer).")] = False,
+    eval_cmd: Annotated[str | None, typer.Option("--eval-cmd", help="After training, run this command on the exported "
+                        "checkpoint ('{checkpoint}' = its directory; split like a shell, run without one) and record "
+                        "its JSON output in the run and the lineage.")] = None,
     on_template_mismatch: Annotated[str, typer.Option("--on-template-mismatch", help="A pair whose chat template renders the "
                                     "prompt differently alone than before a reply: 'skip' it (counted in the ledger) or "
                                     "'fail' the run (exit 2) naming it.")] = "skip",
@@ -94,7 +100,8 @@ def train(
             loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
             use_pair_weights=not no_pair_weights, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
             threads=threads, run_id=resume or run_id, resume=resume is not None,
-            on_template_mismatch=on_template_mismatch, test_eval=test_eval, test_eval_every=test_eval_every)
+            on_template_mismatch=on_template_mismatch, test_eval=test_eval, test_eval_every=test_eval_every,
+            export=export, eval_cmd=eval_cmd)
     except ValidationError as err:
         con.print(f"[bold red]error:[/] bad training options:\n{escape(str(err))}")
         raise typer.Exit(EXIT_USAGE) from None
@@ -117,6 +124,9 @@ def train(
         for line in summary_lines(result.evaluation):
             con.print(escape(line), highlight=False)
         con.print(f"report: {escape(str(result.run_dir / 'report.html'))}", highlight=False)
+    if "external_eval" in f:
+        con.print(f"external eval ({escape(str(f['external_eval']['status']))}): "
+                  f"{escape(json.dumps(f['external_eval']['result'])[:500])}", highlight=False)
     con.print(f"trained {f['step']} steps, {f['tokens_seen']:,} tokens at {f['tokens_per_s']:.0f} tokens/s, "
               f"peak RSS {f['peak_rss_mib']:.0f} MiB; validation loss {f.get('eval/loss', float('nan')):.4f}, "
               f"reward accuracy {f.get('eval/rewards/accuracies', float('nan')):.3f}")

@@ -170,6 +170,7 @@ class ChatTokenizer:
         from tokenizers import Tokenizer
 
         cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        self.source_dir = path
         self.backend_tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.chat_template: str | None = cfg.get("chat_template")
         self.bos_token, self.eos_token, self.pad_token = cfg.get("bos_token"), cfg.get("eos_token"), cfg.get("pad_token")

@@ -49,6 +49,7 @@ from trainer.data import (
     read_split_rows,
 )
 from trainer.evaluate import BootstrapConfig, evaluate_slices
+from trainer.external import export_checkpoint, run_eval_cmd
 from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
@@ -98,6 +99,11 @@ class TrainConfig(BaseModel):
                                               "eval.parquet, report.html / report.md)")
     test_eval_every: int = Field(0, ge=0, description="also log test-split loss / reward metrics every N steps (0: off)")
     bootstrap_resamples: int = Field(1000, ge=10, description="bootstrap resamples for the evaluation's CIs")
+    export: bool = Field(False, description="write the final policy to RUN/export/ (save_pretrained layout, safetensors)")
+    eval_cmd: str | None = Field(None, description="after training, run this command once on the exported checkpoint "
+                                                   "('{checkpoint}' is replaced by its directory; no shell); its JSON "
+                                                   "stdout goes into external_eval.json, run.json and the lineage")
+    eval_cmd_timeout: float = Field(3600.0, gt=0)
     checkpoint_every: int = Field(100, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     ref_batch_size: int = Field(8, ge=1)
@@ -113,7 +119,8 @@ class TrainConfig(BaseModel):
     # fields that do not change what is computed; a resume may change them
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({
         "run_id", "resume", "threads", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
-        "ref_batch_size", "store", "mmap_threshold_kib", "test_eval", "test_eval_every", "bootstrap_resamples"})
+        "ref_batch_size", "store", "mmap_threshold_kib", "test_eval", "test_eval_every", "bootstrap_resamples",
+        "export", "eval_cmd", "eval_cmd_timeout"})
 
     @field_validator("run_id")
     @classmethod
@@ -360,6 +367,13 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
             o = test_summary["overall"]
             final["test"] = {"pairs": test_summary["pairs"],
                              **{f"{ph}/{m}": o[ph][m]["mean"] for ph in ("before", "after") for m in test_summary["metrics"]}}
+    if cfg.export or cfg.eval_cmd:  # external benchmarks read a standard checkpoint, not our run dir
+        lineage["export"] = str(export_checkpoint(model, tok, run_dir / "export"))
+        if cfg.eval_cmd:
+            ext = run_eval_cmd(cfg.eval_cmd, run_dir / "export", cwd=run_dir, timeout=cfg.eval_cmd_timeout)
+            runs.write_json(run_dir / "external_eval.json", ext)
+            final["external_eval"] = {k: ext.get(k) for k in ("status", "result", "seconds")}
+            emit("external_eval", ext)
     lineage.update({"status": "finished", "finished_at": runs.now(), "final": final})
     runs.write_json(run_dir / "run.json", lineage)
     write_run_report(run_dir)
