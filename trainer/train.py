@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
     use_pair_weights: bool = True
     batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
     grad_accum: int = Field(1, ge=1)
-    pack_tokens: int = Field(4096, ge=1, description="tokens per packed forward+backward pass (whole pairs, packed "
+    pack_tokens: int = Field(2048, ge=1, description="tokens per packed forward+backward pass (whole pairs, packed "
                                                      "back to back; a longer pair runs alone); bounds activation "
                                                      "memory, not the math (the step's gradient is the same)")
     pairs_per_forward: int | None = Field(None, ge=1, description="also at most this many pairs per forward pass")
