@@ -20,7 +20,7 @@ from typing import Any
 from trainer.plot import write_metrics_svg
 from trainer.tokenize import ledger_summary
 
-BAR_W, ROW_H, LABEL_W, PAD = 360, 18, 190, 8
+BAR_W, ROW_H, LABEL_W, PAD, LABEL_CHARS = 360, 18, 210, 8, 30
 COLORS = {"before": "#9aa5b1", "after": "#1f77b4"}
 
 
@@ -59,6 +59,7 @@ def slice_bars_svg(slices: list[dict[str, Any]], metric: str, phases: tuple[str,
     y = 24.0
     for s in slices:
         label = f"{s['kind']}={s['value']} ({s['pairs']})"
+        shown = label if len(label) <= LABEL_CHARS else label[:LABEL_CHARS - 1] + "\u2026"  # the full name is in <title>
         for j, ph in enumerate(phases):
             st = s[ph][metric]
             m = st["mean"] if st["mean"] is not None and math.isfinite(st["mean"]) else 0.0
@@ -66,7 +67,7 @@ def slice_bars_svg(slices: list[dict[str, Any]], metric: str, phases: tuple[str,
             tip = escape(f"{label} {ph}: {_fmt(st, pct)}")
             if j == 0:
                 out.append(f'<text x="{LABEL_W - 6}" y="{y + ROW_H * len(phases) / 2 + 4:.1f}" text-anchor="end" '
-                           f'font-size="11">{escape(label)}</text>')
+                           f'font-size="11">{escape(shown)}<title>{escape(label)}</title></text>')
             out.append(f'<rect x="{x0:.1f}" y="{y + 2:.1f}" width="{max(x1 - x0, 0.5):.1f}" height="{ROW_H - 5}" '
                        f'fill="{COLORS.get(ph, "#1f77b4")}"><title>{tip}</title></rect>')
             if math.isfinite(st["ci_low"]) and math.isfinite(st["ci_high"]):
