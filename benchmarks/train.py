@@ -80,6 +80,8 @@ TRL_CONFIGS = {  # DPOConfig overrides
 OURS_CONFIGS = {  # TrainConfig overrides
     "fp32": {},
     "fp32-pair": {"pairs_per_forward": 1},
+    "fp32-malloc": {"mmap_threshold_kib": None},  # glibc's own (dynamic) mmap threshold
+    "bf16-malloc": {"precision": "bf16-mixed", "mmap_threshold_kib": None},
     "bf16": {"precision": "bf16-mixed"},
     "bf16-compile": {"precision": "bf16-mixed", "compile": True},
 }
