@@ -42,7 +42,8 @@ prefpipe variants (``--ours``): ``fp32`` (defaults: a micro-batch's sequences pa
 padding-free forward), ``fp32-pair`` (one pair per forward, the previous default), ``bf16``
 (``precision="bf16-mixed"``: float32 master weights and optimizer, bf16 matmuls in the body
 and the fused lm-head with float32 log-sum-exp), ``bf16-compile`` (the same with the model body
-under ``torch.compile(dynamic=True)``).
+under ``torch.compile(dynamic=True)``), ``fp32-malloc`` / ``bf16-malloc`` (glibc's own mmap
+threshold instead of the trainer's 128 KiB: more CPU throughput, more memory).
 
     python benchmarks/train.py --shapes tiny --steps 25 --rounds 2
     python benchmarks/train.py --shapes 32k 128k --steps 8 --trl bf16 fp32 --ours bf16 fp32
