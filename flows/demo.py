@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"certification: {Store(args.store).certification_path(version)}")
     if run_dir:
         print(f"training run:  {run_dir}")
+        from pipeline.escape import visible_controls
+        from trainer.evaluate import run_summary_lines
+
+        print("\n== evaluation (test split, before -> after training) ==")
+        print("\n".join(visible_controls(line) for line in run_summary_lines(run_dir)))
     print(f"versions:      .venv/bin/prefpipe versions --store {args.store}")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s (" + ", ".join(f"{n} {t:.0f}s" for n, t in stages) + ")")
     return 0

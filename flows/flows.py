@@ -169,6 +169,10 @@ def train_on_version(store: str, version: str, model: str = "tiny-llama", max_st
     run_dir = train_version(Store(store), h.version_id, model=model, max_steps=max_steps, **(extra or {}))
     create_link_artifact(Path(run_dir).resolve().as_uri(), link_text=f"training run on {h.version_id}",
                          key=f"train-{h.version_id.lower()}")
+    report = Path(run_dir) / "report.md"  # the run's evaluation report (user text escaped by trainer/report.py)
+    if report.is_file():
+        create_markdown_artifact(report.read_text(encoding="utf-8"), key=f"train-report-{h.version_id.lower()}",
+                                 description=md_escape(f"training run {Path(run_dir).name} on {h.version_id}: evaluation"))
     return str(run_dir)
 
 

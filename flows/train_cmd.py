@@ -4,6 +4,7 @@ Registered in flows/cli.py as ``app.command()(train)``.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -43,13 +44,25 @@ def train(
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name of the run directory under STORE/runs/.")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="Resume this run id from its latest checkpoint (same settings).")] = None,
-    mlflow: Annotated[bool, typer.Option("--mlflow", help="Also log to MLflow (skipped with a note if not installed).")] = False,
+    test_eval: Annotated[bool, typer.Option("--test-eval/--no-test-eval", help="After training, evaluate policy vs "
+                         "reference on the test split per slice (eval.json, eval.parquet, report.html).")] = True,
+    test_eval_every: Annotated[int, typer.Option("--test-eval-every", help="Also log test-split metrics every N steps "
+                               "(0: off).", min=0)] = 0,
+    export: Annotated[bool, typer.Option("--export", help="Write the final policy to RUN/export/ (save_pretrained "
+                      "layout: config.json, model.safetensors, tokenizer).")] = False,
+    eval_cmd: Annotated[str | None, typer.Option("--eval-cmd", help="After training, run this command on the exported "
+                        "checkpoint ('{checkpoint}' = its directory; split like a shell, run without one) and record "
+                        "its JSON output in the run and the lineage.")] = None,
+    on_template_mismatch: Annotated[str, typer.Option("--on-template-mismatch", help="A pair whose chat template renders the "
+                                    "prompt differently alone than before a reply: 'skip' it (counted in the ledger) or "
+                                    "'fail' the run (exit 2) naming it.")] = "skip",
 ) -> None:
     """Train a policy with DPO on a certified dataset version.
 
     Refuses (exit 4) a version without a "certified" record or whose files differ from the
     sha256s in its manifest.  Writes STORE/runs/RUN_ID/ (config, lineage run.json,
-    metrics.jsonl, metrics.svg, checkpoints) and appends to STORE/lineage/VERSION.jsonl;
+    metrics.jsonl, metrics.svg, checkpoints, eval.json + eval.parquet + report.html/.md of the
+    test-split evaluation) and appends to STORE/lineage/VERSION.jsonl;
     prints the run directory as the last line of stdout.
     """
     # Idle OpenMP threads spin by default; on a shared CPU that steals cycles from everyone
@@ -58,11 +71,22 @@ def train(
     from pydantic import ValidationError
 
     from pipeline.store import VersionNotFound
+    from schemas.ids import UnsafeId, safe_id
     from trainer.model import ModelSpecError
+    from trainer.runs import CheckpointError
+    from trainer.evaluate import summary_lines
+    from trainer.tokenize import PrefixMismatchError, ledger_summary
     from trainer.train import ResumeMismatch, VersionRefused, make_config
     from trainer.train import train as run_training
 
     con = err_console()
+    try:  # before any path is built from them
+        for value in (run_id, resume):
+            if value is not None:
+                safe_id(value, what="run id")
+    except UnsafeId as err:
+        con.print(markup("[bold red]error:[/] {err}", err=err))
+        raise typer.Exit(EXIT_USAGE) from None
     if not (store / "versions").is_dir():
         con.print(markup("[bold red]error:[/] {store} is not a prefpipe store (no versions/ directory)", store=store))
         raise typer.Exit(EXIT_USAGE)
@@ -73,7 +97,9 @@ def train(
             grad_clip=grad_clip, max_length=max_length, max_prompt_length=max_prompt_length, beta=beta,
             loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
             use_pair_weights=not no_pair_weights, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
-            threads=threads, run_id=resume or run_id, resume=resume is not None, mlflow=mlflow)
+            threads=threads, run_id=resume or run_id, resume=resume is not None,
+            on_template_mismatch=on_template_mismatch, test_eval=test_eval, test_eval_every=test_eval_every,
+            export=export, eval_cmd=eval_cmd)
     except ValidationError as err:
         con.print(markup("[bold red]error:[/] bad training options:\n  {err}", err=plain(err, multiline=True)))
         raise typer.Exit(EXIT_USAGE) from None
@@ -84,10 +110,20 @@ def train(
         except VersionRefused as err:
             con.print(markup("[bold red]refused:[/] {err}", err=err))
             raise typer.Exit(EXIT_NOT_CERTIFIED) from None
-        except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError) as err:
+        except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
+                PrefixMismatchError) as err:
             con.print(markup("[bold red]error:[/] {err}", err=err))
             raise typer.Exit(EXIT_USAGE) from None
     f = result.final
+    con.print("data (tokenize ledger):", highlight=False)
+    for split, led in (result.ledger or {}).items():
+        con.print(plain("  " + ledger_summary(led, split)))
+    if result.evaluation is not None:
+        for line in summary_lines(result.evaluation):
+            con.print(plain(line))
+        con.print(plain(f"report: {result.run_dir / 'report.html'}"))
+    if "external_eval" in f:
+        con.print(plain(f"external eval ({f['external_eval']['status']}): {json.dumps(f['external_eval']['result'])[:500]}"))
     con.print(f"trained {f['step']} steps, {f['tokens_seen']:,} tokens at {f['tokens_per_s']:.0f} tokens/s, "
               f"peak RSS {f['peak_rss_mib']:.0f} MiB; validation loss {f.get('eval/loss', float('nan')):.4f}, "
               f"reward accuracy {f.get('eval/rewards/accuracies', float('nan')):.3f}")

@@ -142,6 +142,32 @@ def test_temperature_and_softcap(softcap, temperature, mode):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap, bias", [(None, False), (None, True), (3.0, True)])
+@pytest.mark.parametrize("shape, chunk_size, vocab_block", [((3, 37, 24, 301), 16, 64), ((2, 130, 64, 2000), 64, None)])
+def test_bf16_matmuls_fp32_everything_else(shape, chunk_size, vocab_block, softcap, bias):
+    """matmul_dtype=bf16 (mixed precision): fp32 inputs, outputs and gradients; only the tile
+    matmuls round their operands to bf16 (8 mantissa bits), so log-probs move by ~1e-2 per token
+    at these O(1..10) logits and gradients by ~1 % -- and nothing else changes."""
+    case = make_case(*shape, bias=bias, seed=5)
+    out, grads = run(fused_sequence_logprobs, *case, chunk_size=chunk_size, vocab_block=vocab_block, softcap=softcap,
+                     matmul_dtype=torch.bfloat16)
+    ref, ref_grads = reference(*case, softcap=softcap)
+    assert out.summed.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert_close_sum(out.summed, ref.summed, ref.num_tokens, per_token=3e-2, rtol=1e-2)
+    for g, r in zip(grads, ref_grads):
+        assert float((g - r).norm() / r.norm()) < 2e-2
+    exact, _ = run(fused_sequence_logprobs, *case, chunk_size=chunk_size, vocab_block=vocab_block, softcap=softcap)
+    assert not torch.equal(exact.summed, out.summed)  # the bf16 path really ran
+    with torch.no_grad():  # the forward-only path (reference model) takes it too
+        nog = fused_sequence_logprobs(*case[:5], chunk_size=chunk_size, vocab_block=vocab_block, softcap=softcap,
+                                      matmul_dtype=torch.bfloat16)
+    torch.testing.assert_close(nog.summed, out.summed.detach(), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        fused_sequence_logprobs(*case[:5], matmul_dtype=torch.float16)
+    with pytest.raises(ValueError, match="recompute"):
+        fused_sequence_logprobs(*case[:5], matmul_dtype=torch.bfloat16, backward="accumulate")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_bf16_inputs_accumulate_in_fp32(mode):
     """bf16 in, fp32 log-probs out; compared with the fp32 reference on the same (rounded) values."""

@@ -136,3 +136,18 @@ def test_fingerprint_tracks_template(tok):
 def test_config_refuses_a_prompt_budget_without_room():
     with pytest.raises(ValueError, match="no room"):
         TokenizeConfig(max_length=32, max_prompt_length=32)
+
+
+def test_prefix_mismatch_can_be_skipped_and_counted(tok):
+    t2 = copy.deepcopy(tok)
+    t2.chat_template = tok.chat_template.replace(
+        "'<|im_start|>' + message['role']",
+        "'<|im_start|>' + ('bot' if message['role'] == 'assistant' else message['role'])")
+    pairs, ledger = tokenize_rows(t2, [row(pid="pair-42"), row(pid="pair-43")], TokenizeConfig(max_length=128),
+                                  on_mismatch="skip")
+    c = ledger.counts
+    assert pairs == [] and c["rows_in"] == 2 and c["skipped_template_mismatch"] == 2 and c["kept"] == 0
+    assert ledger.dropped_ids["skipped_template_mismatch"] == ["pair-42", "pair-43"]
+    assert [s["side"] for s in ledger.skipped] == ["chosen", "chosen"]
+    with pytest.raises(ValueError, match="on_mismatch"):
+        tokenize_rows(tok, [row()], TokenizeConfig(max_length=128), on_mismatch="ignore")

@@ -32,8 +32,9 @@ def store(tmp_path):
 
 
 def final_state(run_dir: Path) -> dict:
-    ckpt = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(ckpt, map_location="cpu", weights_only=False)
+    from trainer.runs import latest_checkpoint, load_checkpoint
+
+    return load_checkpoint(latest_checkpoint(run_dir))
 
 
 def train_metrics(run_dir: Path) -> list[dict]:
@@ -208,9 +209,11 @@ def test_planted_preference_is_learned_on_held_out_pairs(tmp_path):
     assert evals[-1]["eval/rewards/margins"] > 0.5
 
 
-def test_sequence_logps_length_groups_match_full_logits():
-    """Our forward (tiny_llama, length groups, no attention mask, fused lm-head) equals transformers'
-    LlamaForCausalLM with an attention mask and full logits, in float64."""
+@pytest.mark.parametrize("pack", [True, False])
+def test_sequence_logps_length_groups_match_full_logits(pack):
+    """Our forward (tiny_llama, packed sequences with block-diagonal attention, or length groups
+    without an attention mask; fused lm-head) equals transformers' LlamaForCausalLM with an
+    attention mask and full logits, in float64."""
     from trainer.model import build_model, length_groups, parse_model, sequence_logps
     from trainer.tiny_llama import to_hf
 
@@ -225,7 +228,7 @@ def test_sequence_logps_length_groups_match_full_logits():
         ids[i, :n] = torch.randint(1, 301, (n,))
         mask[i, n // 2:n] = True  # second half is the completion
     attn = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
-    ours = sequence_logps(model, ids, mask, chunk_size=7).summed
+    ours = sequence_logps(model, ids, mask, chunk_size=7, pack=pack).summed
     ours.sum().backward()
     g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     logits = hf(input_ids=ids, attention_mask=attn).logits  # (B, T, V): the plain reference
@@ -236,6 +239,39 @@ def test_sequence_logps_length_groups_match_full_logits():
     for n, p in hf.named_parameters():
         torch.testing.assert_close(g_ours[n], p.grad, rtol=1e-8, atol=1e-10, msg=n)
     assert sorted(i for g in length_groups(lengths) for i in g) == list(range(len(lengths)))
+
+
+def test_packed_forward_equals_separate_forwards():
+    """seq_lens packing: each sequence's hidden states equal running it alone (positions restart,
+    no attention across sequences), with grouped-query attention, in float64."""
+    from trainer.model import build_model, parse_model
+
+    torch.manual_seed(1)
+    body = build_model(parse_model("tiny-llama:layers=2,hidden=32,heads=4,kv_heads=2"), 97).double().get_decoder()
+    seqs = [torch.randint(0, 97, (n,)) for n in (5, 1, 12, 7)]
+    packed = body(torch.cat(seqs)[None], seq_lens=[len(x) for x in seqs]).last_hidden_state[0]
+    for got, x in zip(packed.split([len(x) for x in seqs]), seqs):
+        torch.testing.assert_close(got, body(x[None]).last_hidden_state[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="packed input"):
+        body(torch.cat(seqs)[None], seq_lens=[5, 1])
+
+
+def test_forward_parts_are_whole_pairs_within_the_budget():
+    from trainer.data import forward_parts
+    from trainer.tokenize import TokenizedPair
+
+    pairs = [TokenizedPair(f"p{i}", (1,) * n, (2,) * n, (3,) * n) for i, n in enumerate([3, 3, 10, 1, 1, 1])]
+    parts = forward_parts(pairs, max_tokens=12)  # num_tokens = 4n: 12, 12, 40, 4, 4, 4
+    assert [[p.pair_id for p in part] for part in parts] == [["p0"], ["p1"], ["p2"], ["p3", "p4", "p5"]]
+    assert [len(x) for x in forward_parts(pairs, max_tokens=100, max_pairs=2)] == [2, 2, 2]
+
+
+def test_pack_budget_does_not_change_the_step(store):
+    a = train(make_config(store.root, "v-toy", run_id="pack-all", batch_size=4, max_steps=2, **FAST))
+    b = train(make_config(store.root, "v-toy", run_id="pack-one", batch_size=4, max_steps=2, pairs_per_forward=1, **FAST))
+    sa, sb = final_state(a.run_dir)["model"], final_state(b.run_dir)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_light_tokenizer_equals_autotokenizer():
@@ -301,3 +337,18 @@ def test_cli_trains_and_prints_the_run_dir(store):
     assert json.loads((run_dir / "run.json").read_text())["objective"] == "hinge"
     res = CliRunner().invoke(_cli(), ["train", "v-toy", "--store", str(store.root), "--model", "gpt-17:huge", "--steps", "1"])
     assert res.exit_code == 2 and "neither a tiny spec" in res.output
+
+
+def test_bf16_mixed_precision_trains_with_fp32_state(store):
+    import math
+
+    res = train(make_config(store.root, "v-toy", run_id="bf16", max_steps=3, batch_size=4, precision="bf16-mixed",
+                            **FAST))
+    recs = train_metrics(res.run_dir)
+    assert abs(recs[0]["loss"] - math.log(2)) < 1e-3  # the reference pass ran at the same precision
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    state = final_state(res.run_dir)
+    assert all(v.dtype == torch.float32 for v in state["model"].values())
+    run = json.loads((res.run_dir / "run.json").read_text())
+    fp32 = train(make_config(store.root, "v-toy", run_id="fp32", max_steps=1, batch_size=4, **FAST))
+    assert json.loads((fp32.run_dir / "run.json").read_text())["reference_cache"]["key"] != run["reference_cache"]["key"]

@@ -17,13 +17,28 @@ from trainer.tokenize import TokenizedPair
 DPO_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "weight")
 
 
-def read_split_rows(handle, split: str) -> list[dict]:
-    """DPO rows of one split through the store's public reader (``VersionHandle.read_split``:
-    the bytes are checked against the manifest's sha256 before they are parsed)."""
-    if f"{split}" not in handle.manifest().splits:
+SLICE_COLUMNS = ("locale", "annotator_kind", "agreement", "strength")
+
+
+def read_split_rows(handle, split: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    """DPO rows of one split through the store's public reader (``VersionHandle.read_split``: every
+    part's bytes are checked against the manifest's sha256 before they are parsed); ``extra``:
+    further columns to keep when present (e.g. the evaluation's slice columns)."""
+    if split not in handle.manifest().splits:
         return []
     frame = handle.read_split(split)
-    return frame.select([c for c in DPO_COLUMNS if c in frame.columns]).to_dicts()
+    return frame.select([c for c in (*DPO_COLUMNS, *extra) if c in frame.columns]).to_dicts()
+
+
+def read_pair_tags(handle) -> dict[str, list[str]] | None:
+    """pair_id -> tags from the version's ``pairs`` table (read through the handle, verified), or
+    None when the version has no such table or column (then the evaluation has no tag slices)."""
+    if not handle.has("pairs.parquet"):
+        return None
+    t = handle.read("pairs.parquet")
+    if "tags" not in t.columns:
+        return None
+    return {str(pid): [str(x) for x in (tags or [])] for pid, tags in zip(t["pair_id"].to_list(), t["tags"].to_list())}
 
 
 @dataclass
@@ -87,6 +102,21 @@ class PairStream:
     @property
     def epoch(self) -> float:
         return self.position / len(self.pairs)
+
+
+def forward_parts(pairs: list[TokenizedPair], max_tokens: int, max_pairs: int | None = None) -> list[list[TokenizedPair]]:
+    """Consecutive runs of whole pairs with at most ``max_tokens`` tokens (both sequences) and
+    ``max_pairs`` pairs each; a pair longer than ``max_tokens`` forms a part of its own."""
+    parts: list[list[TokenizedPair]] = []
+    size = 0
+    for p in pairs:
+        if parts and size + p.num_tokens <= max_tokens and (max_pairs is None or len(parts[-1]) < max_pairs):
+            parts[-1].append(p)
+            size += p.num_tokens
+        else:
+            parts.append([p])
+            size = p.num_tokens
+    return parts
 
 
 def batches_in_order(pairs: list[TokenizedPair], batch_size: int) -> list[list[TokenizedPair]]:

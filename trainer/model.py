@@ -5,8 +5,9 @@
 * a local directory with a Hugging Face causal LM (``config.json`` + weights), loaded with
   ``local_files_only=True`` (nothing is downloaded), or
 * a spec for a tiny random-init model, e.g. ``tiny-llama:layers=4,hidden=256,heads=4``
-  (keys: layers, hidden, heads, kv_heads, intermediate, max_pos, tie, seed); the vocabulary
-  size is the tokenizer's.  Built with ``trainer.tiny_llama`` (plain PyTorch, the Hugging
+  (keys: layers, hidden, heads, kv_heads, intermediate, max_pos, tie, seed, vocab); the vocabulary
+  size is the tokenizer's, or ``vocab`` if larger (output rows no token id reaches, as real
+  models pad theirs: the benchmark's 32k / 128k shapes with the repo's 3k tokenizer).  Built with ``trainer.tiny_llama`` (plain PyTorch, the Hugging
   Face Llama's numerics and parameter names, without transformers' import cost).  The same spec and seed always give the same weights, so the
   reference model of a spec is "the policy at step 0", rebuilt when needed.
 
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from trainer.loss import DEFAULT_CHUNK_SIZE, SequenceLogProbs, fused_sequence_logprobs
 
 SPEC_FAMILIES = ("tiny-llama",)
-_SPEC_KEYS = {"layers", "hidden", "heads", "kv_heads", "intermediate", "max_pos", "tie", "seed"}
+_SPEC_KEYS = {"layers", "hidden", "heads", "kv_heads", "intermediate", "max_pos", "tie", "seed", "vocab"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -83,7 +84,7 @@ def build_model(src: ModelSource, vocab_size: int, *, dtype: str = "float32") ->
 
         p = dict(src.params)
         config = TinyLlamaConfig(
-            vocab_size=vocab_size, hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+            vocab_size=max(vocab_size, p.get("vocab", 0)), hidden_size=p["hidden"], num_hidden_layers=p["layers"],
             num_attention_heads=p["heads"], num_key_value_heads=p.get("kv_heads", p["heads"]),
             intermediate_size=p.get("intermediate", default_intermediate(p["hidden"])),
             max_position_embeddings=p.get("max_pos", 4096), tie_word_embeddings=bool(p.get("tie", 0)))
@@ -133,33 +134,56 @@ def length_groups(lengths: list[int], max_waste: float = 0.15) -> list[list[int]
     return groups
 
 
+PRECISIONS = ("fp32", "bf16-mixed")
+
+
 def sequence_logps(model: nn.Module, input_ids: Tensor, completion_mask: Tensor, *,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> SequenceLogProbs:
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, pack: bool = True, precision: str = "fp32") -> SequenceLogProbs:
     """Summed completion log-probs per row of a right-padded batch.
 
-    input_ids, completion_mask: (N, T).  Rows are run through the body in length groups
-    (:func:`length_groups`; a row's length is up to its last completion token), so little
-    compute goes to padding; inside a group the padding is on the right and attention is
-    causal, so a real token never attends to a pad position and no attention mask is needed
-    (SDPA's causal fast path).  Pad positions' hidden states are never selected by the mask.
+    input_ids, completion_mask: (N, T).  A row's length is up to its last completion token;
+    padding never enters the body.
+
+    * **packed** (``pack`` and a body with ``supports_packing``, e.g. ``trainer.tiny_llama``): the
+      N rows are laid back to back in one (1, sum of lengths) sequence with positions restarting
+      per row and block-diagonal causal attention (``seq_lens``): one forward, large matmuls, no
+      padding at all.
+    * otherwise (transformers models): rows run through the body in length groups
+      (:func:`length_groups`) with right padding and causal attention, so a real token never
+      attends to a pad position and no attention mask is needed (SDPA's causal fast path).
+
+    Then the hidden states of each row go to the fused lm-head loss: the (N, T, V) logits never exist.
+
+    ``precision="bf16-mixed"``: the body runs under ``torch.autocast("cpu", bfloat16)`` and the
+    fused lm-head's tile matmuls take bf16 operands; weights, gradients, log-sum-exps and the
+    returned log-probs stay float32 (AMP's recipe; bf16 matmuls are ~3x faster than float32 on
+    CPUs with AVX512-BF16).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    mixed = precision == "bf16-mixed"
     N, T = input_ids.shape
     has = completion_mask.any(1)
     last = torch.where(has, T - 1 - completion_mask.flip(1).int().argmax(1), torch.zeros_like(has, dtype=torch.long))
     lengths = (last + 1).tolist()  # tokens needed per row: through its last completion token
     body = model.get_decoder()
-    rows: list[Tensor | None] = [None] * N
-    for g in length_groups(lengths):
-        Lg = lengths[g[0]]
-        h = body(input_ids=input_ids[g, :Lg], use_cache=False).last_hidden_state  # (len(g), Lg, H)
-        for k, i in enumerate(g):
-            rows[i] = h[k, :lengths[i]]
-    hidden = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (N, T', H), T' = max length
-    Tp = hidden.shape[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+        if pack and getattr(body, "supports_packing", False):
+            flat = torch.cat([input_ids[i, :n] for i, n in enumerate(lengths)])[None]  # (1, sum n)
+            rows = list(body(input_ids=flat, use_cache=False, seq_lens=lengths).last_hidden_state[0].split(lengths))
+        else:
+            rows: list[Tensor | None] = [None] * N
+            for g in length_groups(lengths):
+                Lg = lengths[g[0]]
+                h = body(input_ids=input_ids[g, :Lg], use_cache=False).last_hidden_state  # (len(g), Lg, H)
+                for k, i in enumerate(g):
+                    rows[i] = h[k, :lengths[i]]
     head = model.get_output_embeddings()
+    hidden = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(head.weight.dtype)  # (N, T', H)
+    Tp = hidden.shape[1]
     return fused_sequence_logprobs(
         hidden[:, :-1], head.weight, head.bias, input_ids[:, 1:Tp], completion_mask[:, 1:Tp],
-        chunk_size=chunk_size, **_logit_options(model))
+        chunk_size=chunk_size, matmul_dtype=torch.bfloat16 if mixed else None, **_logit_options(model))
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

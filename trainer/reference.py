@@ -80,14 +80,15 @@ def cache_dir(store_root: Path, version_id: str) -> Path:
 
 
 def compute_reference_logps(model: torch.nn.Module, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int = 8,
-                            chunk_size: int = DEFAULT_CHUNK_SIZE, on_batch: Callable[[int], None] | None = None) -> dict[str, tuple[float, float]]:
+                            chunk_size: int = DEFAULT_CHUNK_SIZE, on_batch: Callable[[int], None] | None = None,
+                            precision: str = "fp32") -> dict[str, tuple[float, float]]:
     """(chosen, rejected) summed completion log-probs of each pair under ``model`` (no grad)."""
     out: dict[str, tuple[float, float]] = {}
     model.eval()
     with torch.no_grad():
         for group in batches_in_order(pairs, batch_size):
             b = collate(group, pad_id)
-            lp = sequence_logps(model, b.input_ids, b.completion_mask, chunk_size=chunk_size).summed
+            lp = sequence_logps(model, b.input_ids, b.completion_mask, chunk_size=chunk_size, precision=precision).summed
             for i, pid in enumerate(b.pair_ids):
                 out[pid] = (float(lp[i]), float(lp[b.size + i]))
             if on_batch:
@@ -97,7 +98,8 @@ def compute_reference_logps(model: torch.nn.Module, pairs: list[TokenizedPair], 
 
 def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_split: dict[str, list[TokenizedPair]],
                     build_reference: Callable[[], torch.nn.Module], *, pad_id: int, batch_size: int = 8,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE, on_batch: Callable[[int], None] | None = None) -> ReferenceLogps:
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, on_batch: Callable[[int], None] | None = None,
+                    precision: str = "fp32") -> ReferenceLogps:
     """Read the cached reference log-probs for ``material``, or compute and cache them.
 
     ``build_reference()`` is called only on a miss; the model is dropped before returning.
@@ -125,7 +127,8 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
             return ReferenceLogps(key, path, True, cached)
         model = build_reference()
         logps = compute_reference_logps(model, [p for ps in pairs_by_split.values() for p in ps], pad_id=pad_id,
-                                        batch_size=batch_size, chunk_size=chunk_size, on_batch=on_batch)
+                                        batch_size=batch_size, chunk_size=chunk_size, on_batch=on_batch,
+                                        precision=precision)
         del model
         gc.collect()
         rows = [(split, p) for split, ps in pairs_by_split.items() for p in ps]

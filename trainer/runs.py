@@ -8,7 +8,7 @@ Layout::
                                tokenizer identities, beta, objective, code version, ledger, status
       metrics.jsonl            one line per optimizer step ("kind": "train") and per evaluation ("eval")
       metrics.svg              plot of metrics.jsonl
-      checkpoints/step-000100.pt
+      checkpoints/step-000100/   model + optimizer as safetensors, state.json, checkpoint.json (sha256s)
     STORE/lineage/<version_id>.jsonl   one line per run event (started / finished), appended
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import uuid
 from datetime import UTC, datetime
@@ -92,34 +93,158 @@ class MetricsLog:
 
 
 # ---------------------------------------------------------------- checkpoints
+# A checkpoint is a directory of plain data, never a pickle (unpickling a file from the run
+# directory would run whatever code it names):
+#
+#   checkpoints/step-000200/
+#     model.safetensors       the model's state dict
+#     optimizer.safetensors   AdamW moments: exp_avg/<group>/<index>, exp_avg_sq/<group>/<index>
+#     state.json              step, data position, tokens seen, fingerprint, optimizer scalars, RNG states
+#     checkpoint.json         format + sha256 and size of the three files above, written last
+#
+# Reading checks every file against checkpoint.json before parsing it; anything else in the
+# checkpoints directory (an old ``step-N.pt`` pickle, a planted file) is refused, not loaded.
+CHECKPOINT_FORMAT = "prefpipe-checkpoint/1"
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+_MAX_JSON_BYTES = 64 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or read; the message names the file and the reason."""
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted(checkpoint_dir(run_dir).glob("step-*.pt"))
-    return ckpts[-1] if ckpts else None
+    """The newest ``step-*`` entry, or None; raises CheckpointError if it is not a checkpoint directory."""
+    entries = sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if not p.name.startswith("."))
+    if not entries:
+        return None
+    newest = entries[-1]
+    if not (newest.is_dir() and (newest / "checkpoint.json").is_file()):
+        raise CheckpointError(
+            f"{newest} is not a prefpipe checkpoint directory (step-NNNNNN/ with checkpoint.json); a pickle "
+            "checkpoint (.pt, from before the safetensors format) or a foreign file is never loaded, because "
+            "unpickling can run code: start a new run instead of resuming this one")
+    return newest
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Model/optimizer/RNG/data position at ``step``; atomic; keeps the newest ``keep``."""
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors stores no aliases: a tensor sharing storage with an earlier one (tied
+    embeddings) is written as its own copy; load_state_dict copies both into the one parameter."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    meta: dict[str, Any], keep: int) -> Path:
+    """Model, optimizer, RNG and ``meta`` (data position, fingerprint, ...) at ``step``.
+
+    Written into a temp directory and renamed into place (atomic); keeps the newest ``keep``.
+    """
+    from safetensors.torch import save_file
+
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"step-{step:06d}.pt"
-    tmp = d / f".{path.name}.{os.getpid()}.tmp"
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    torch.save({**state, "step": step, "rng": rng}, tmp)
-    os.replace(tmp, path)
-    for old in sorted(d.glob("step-*.pt"))[:-keep]:
-        old.unlink()
-    return path
+    final = d / f"step-{step:06d}"
+    tmp = d / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    moments = {f"{name}/{g}/{i}": t for name in ("exp_avg", "exp_avg_sq")
+               for g, group in enumerate(optimizer_state[name]) for i, t in enumerate(group)}
+    save_file(_unshared(model_state), str(tmp / "model.safetensors"))
+    save_file(_unshared(moments), str(tmp / "optimizer.safetensors"))
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        **meta, "step": step,
+        "optimizer": {k: v for k, v in optimizer_state.items() if k not in ("exp_avg", "exp_avg_sq")},
+        "optimizer_groups": [len(g) for g in optimizer_state["exp_avg"]],
+        "rng": {"torch": torch.get_rng_state().tolist(), "python": [py_version, list(py_state), py_gauss]},
+    }
+    (tmp / "state.json").write_text(json.dumps(state, default=str), encoding="utf-8")
+    files = {name: {"sha256": _sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in CHECKPOINT_FILES}
+    for name in CHECKPOINT_FILES:
+        with open(tmp / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    atomic_write_text(tmp / "checkpoint.json", json.dumps({"format": CHECKPOINT_FORMAT, "step": step, "files": files},
+                                                          indent=2) + "\n")
+    if final.exists():  # a re-run of the same step (resume after a crash right after saving)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(p for p in d.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _read_json_checked(path: Path) -> Any:
+    if path.stat().st_size > _MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than a checkpoint's JSON can be")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid UTF-8 JSON ({err})") from err
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    return state
+    """Verify every file of the checkpoint directory against checkpoint.json, then read it.
+
+    Returns {"model": state dict, "optimizer": AdamW state dict, "step", ...meta}; restores the
+    torch and python RNG states.  Raises CheckpointError naming the file on any mismatch.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index_path = path / "checkpoint.json"
+    if not path.is_dir() or not index_path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory with checkpoint.json; refusing to read it")
+    index = _read_json_checked(index_path)
+    if not isinstance(index, dict) or index.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{index_path}: format {index.get('format') if isinstance(index, dict) else None!r}, "
+                              f"expected {CHECKPOINT_FORMAT!r}")
+    for name in CHECKPOINT_FILES:
+        want = (index.get("files") or {}).get(name) or {}
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint")
+        got = _sha256_file(f)
+        if got != want.get("sha256"):
+            raise CheckpointError(f"{f}: sha256 {got[:16]}... differs from the {str(want.get('sha256'))[:16]}... "
+                                  "written when the checkpoint was saved; the file was changed or damaged")
+    try:
+        model_state = load_file(str(path / "model.safetensors"))
+        moments = load_file(str(path / "optimizer.safetensors"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from err
+    state = _read_json_checked(path / "state.json")
+    try:
+        groups = state.pop("optimizer_groups")
+        optimizer = {**state.pop("optimizer"),
+                     **{name: [[moments[f"{name}/{g}/{i}"] for i in range(n)] for g, n in enumerate(groups)]
+                        for name in ("exp_avg", "exp_avg_sq")}}
+        rng = state.pop("rng")
+        torch_rng = torch.tensor(rng["torch"], dtype=torch.uint8)
+        py_version, py_state, py_gauss = rng["python"]
+        py_rng = (int(py_version), tuple(int(x) for x in py_state), py_gauss)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / 'state.json'}: missing or malformed entry ({err!r})") from err
+    torch.set_rng_state(torch_rng)
+    random.setstate(py_rng)
+    return {**state, "model": model_state, "optimizer": optimizer}
 
 
 # ---------------------------------------------------------------- lineage
@@ -142,36 +267,6 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-class MlflowSink:
-    """Optional MLflow logging: active only when asked for and importable; never required."""
-
-    def __init__(self, enabled: bool, run_name: str, params: dict[str, Any]):
-        self.mlflow = None
-        self.status = "off"
-        if not enabled:
-            return
-        try:
-            import mlflow
-        except ImportError:
-            self.status = "requested but mlflow is not installed; skipped"
-            return
-        self.mlflow = mlflow
-        mlflow.start_run(run_name=run_name)
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        self.status = "logging"
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.mlflow is not None:
-            self.mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in record.items()
-                                     if isinstance(v, (int, float)) and k != "step"}, step=int(record["step"]))
-
-    def finish(self, artifacts: list[Path]) -> None:
-        if self.mlflow is not None:
-            for a in artifacts:
-                self.mlflow.log_artifact(str(a))
-            self.mlflow.end_run()
 
 
 def cap_heap_fragmentation(mmap_threshold_kib: int | None) -> bool:

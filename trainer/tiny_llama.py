@@ -73,7 +73,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: list[int] | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -82,7 +82,13 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # causal; no padding mask (right padding)
+        if seq_lens is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # causal; no padding mask (right padding)
+        else:
+            # Packed sequences (B = 1): block-diagonal causal attention, one causal SDPA per sequence
+            # (varlen attention: no T x T mask, no score computed across sequences).
+            y = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True) for qs, ks, vs in
+                           zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))], dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -105,8 +111,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seq_lens: list[int] | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, seq_lens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -116,7 +122,15 @@ class BodyOutput:
 
 
 class LlamaBody(nn.Module):
-    """Embeddings + blocks + final norm: what ``model.get_decoder()`` returns."""
+    """Embeddings + blocks + final norm: what ``model.get_decoder()`` returns.
+
+    ``forward(input_ids)``: a right-padded batch (B, T), causal attention.
+    ``forward(input_ids, seq_lens=[n1, n2, ...])``: input_ids (1, sum n_i) holds several sequences
+    packed back to back; positions restart at 0 for each and no token attends across sequences
+    (the result equals running each sequence alone).
+    """
+
+    supports_packing = True
 
     def __init__(self, c: TinyLlamaConfig):
         super().__init__()
@@ -125,12 +139,19 @@ class LlamaBody(nn.Module):
         self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, input_ids: Tensor, use_cache: bool = False) -> BodyOutput:
+    def forward(self, input_ids: Tensor, use_cache: bool = False, seq_lens: list[int] | None = None) -> BodyOutput:
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        cos, sin = rotary(torch.arange(input_ids.shape[1]), self.config.hidden_size // self.config.num_attention_heads,
+        if seq_lens is None:
+            positions = torch.arange(input_ids.shape[1])
+        else:
+            if input_ids.shape[0] != 1 or sum(seq_lens) != input_ids.shape[1]:
+                raise ValueError(f"packed input must be (1, sum(seq_lens)); got {tuple(input_ids.shape)} for "
+                                 f"{len(seq_lens)} sequences of {sum(seq_lens)} tokens")
+            positions = torch.cat([torch.arange(n) for n in seq_lens])  # restart at 0 in every sequence
+        cos, sin = rotary(positions, self.config.hidden_size // self.config.num_attention_heads,
                           self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, seq_lens)
         return BodyOutput(self.norm(x))
 
 

@@ -5,7 +5,8 @@ For each pair (TRL conversational format: ``prompt`` a list of messages, ``chose
 
     P   = encode(template(prompt, add_generation_prompt=True))
     F_s = encode(template(prompt + s))
-    F_s[:len(P)] == P          else PrefixMismatchError naming the pair_id (no silent repair)
+    F_s[:len(P)] == P          else the pair is skipped and counted (``skipped_template_mismatch``,
+                               with its pair_id), or PrefixMismatchError naming it (``on_mismatch="fail"``)
     C_s = F_s[len(P):]         the completion, including the turn-closing EOS the template emits
 
     input_ids_s       = P + C_s                               (P, C_s after truncation)
@@ -31,7 +32,7 @@ Truncation policy (``max_length`` L, the budget for prompt + completion of each 
    (the truncated one then has no EOS, correctly: the sequence did not end there).
    Counted as ``completion_truncated``.
 
-Every row ends in exactly one ledger bucket (``kept`` or a ``dropped_*`` reason);
+Every row ends in exactly one ledger bucket (``kept``, a ``dropped_*`` or a ``skipped_*`` reason);
 ``prompt_truncated`` / ``completion_truncated`` count kept pairs that were cut.
 """
 from __future__ import annotations
@@ -105,23 +106,30 @@ class TokenizedPair:
 
 
 LEDGER_KEYS = ("rows_in", "kept", "dropped_prompt_too_long", "dropped_empty_completion",
-               "prompt_truncated", "completion_truncated")
+               "skipped_template_mismatch", "prompt_truncated", "completion_truncated")
+LEDGER_IDS_KEPT = 50  # pair ids listed per reason (the counts are complete)
 
 
 @dataclass
 class TokenizeLedger:
-    """Where each row went: rows_in = kept + dropped_*; *_truncated count kept rows that were cut."""
+    """Where each row went: rows_in = kept + dropped_* + skipped_*; *_truncated count kept rows that were cut.
+
+    ``skipped_*`` rows are bad for a reason of the template, not of length (a prompt that the
+    chat template renders differently alone than followed by a reply); ``skipped`` lists them
+    with the side and token position where the two renderings differ."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LEDGER_KEYS, 0))
     dropped_ids: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, key: str, pair_id: str | None = None) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
-        if pair_id is not None and key.startswith("dropped_"):
+        if pair_id is not None and key.startswith(("dropped_", "skipped_")):
             self.dropped_ids.setdefault(key, []).append(pair_id)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.counts, "dropped_pair_ids": {k: v[:50] for k, v in self.dropped_ids.items()}}
+        return {**self.counts, "dropped_pair_ids": {k: v[:LEDGER_IDS_KEPT] for k, v in self.dropped_ids.items()},
+                "skipped": self.skipped[:LEDGER_IDS_KEPT]}
 
 
 # ---------------------------------------------------------------- tokenizer loading / identity
@@ -162,6 +170,7 @@ class ChatTokenizer:
         from tokenizers import Tokenizer
 
         cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        self.source_dir = path
         self.backend_tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.chat_template: str | None = cfg.get("chat_template")
         self.bos_token, self.eos_token, self.pad_token = cfg.get("bos_token"), cfg.get("eos_token"), cfg.get("pad_token")
@@ -273,13 +282,16 @@ def _encode(tok, texts: list[str]) -> list[list[int]]:
     return tok(texts, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig,
-                  ledger: TokenizeLedger | None = None) -> tuple[list[TokenizedPair], TokenizeLedger]:
+def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledger: TokenizeLedger | None = None, *,
+                  on_mismatch: str = "fail") -> tuple[list[TokenizedPair], TokenizeLedger]:
     """Tokenise DPO rows (dicts with prompt, chosen, rejected, pair_id, optional weight).
 
-    Returns the kept pairs in input order and the ledger.  Raises PrefixMismatchError on the
-    first pair whose template breaks the prefix property.
+    Returns the kept pairs in input order and the ledger.  A pair whose template breaks the
+    prefix property raises PrefixMismatchError (``on_mismatch="fail"``) or is skipped and
+    recorded as ``skipped_template_mismatch`` with its pair id, side and position (``"skip"``).
     """
+    if on_mismatch not in ("fail", "skip"):
+        raise ValueError(f"on_mismatch must be 'fail' or 'skip', got {on_mismatch!r}")
     ledger = ledger or TokenizeLedger()
     rows = list(rows)
     sp = _specials(tok)
@@ -302,8 +314,15 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig,
             full = f_ids[2 * i + j]
             if full[:len(raw_prompt)] != raw_prompt:
                 k = _first_difference(raw_prompt, full)
-                raise PrefixMismatchError(pid, side, k, tok.decode(raw_prompt[k:k + 8]), tok.decode(full[k:k + 8]))
+                err = PrefixMismatchError(pid, side, k, tok.decode(raw_prompt[k:k + 8]), tok.decode(full[k:k + 8]))
+                if on_mismatch == "fail":
+                    raise err
+                ledger.add("skipped_template_mismatch", pid)
+                ledger.skipped.append({"pair_id": pid, "reason": "template_mismatch", "side": side, "position": k})
+                break
             comps.append(_fix_eos(full[len(raw_prompt):], sp))
+        if len(comps) < 2:
+            continue
         prompt = _fix_bos(raw_prompt, sp)
         weight = 1.0 if r.get("weight") is None else float(r["weight"])
         pair = _truncate(pid, prompt, comps[0], comps[1], weight, cfg, sp, ledger)
@@ -336,3 +355,26 @@ def _truncate(pid: str, prompt: list[int], chosen: list[int], rejected: list[int
         ledger.add("completion_truncated")
     ledger.add("kept")
     return TokenizedPair(pid, tuple(prompt), tuple(chosen), tuple(rejected), weight)
+
+
+def ledger_summary(ledger: dict[str, Any], split: str) -> str:
+    """One line per split for humans: rows in, used, dropped / skipped with reasons and ids, truncated."""
+    def reasons(prefix: str) -> str:
+        parts = []
+        for key, n in ledger.items():
+            if key.startswith(prefix) and isinstance(n, int) and n:
+                ids = ledger.get("dropped_pair_ids", {}).get(key, [])
+                shown = ", ".join(ids[:3]) + (", ..." if n > 3 else "")
+                parts.append(f"{key[len(prefix):]} {n}" + (f" ({shown})" if shown else ""))
+        return "; ".join(parts)
+
+    dropped = sum(n for k, n in ledger.items() if k.startswith("dropped_") and isinstance(n, int))
+    skipped = sum(n for k, n in ledger.items() if k.startswith("skipped_") and isinstance(n, int))
+    line = f"{split}: {ledger.get('rows_in', 0)} rows in, {ledger.get('kept', 0)} used, {dropped} dropped"
+    if dropped:
+        line += f" [{reasons('dropped_')}]"
+    line += f", {skipped} skipped"
+    if skipped:
+        line += f" [{reasons('skipped_')}]"
+    return line + (f", truncated: prompt {ledger.get('prompt_truncated', 0)}, "
+                   f"completion {ledger.get('completion_truncated', 0)}")

@@ -15,9 +15,10 @@ accumulation, clipping, eval every ``eval_every`` steps, checkpoints every
 Loss per optimizer step over its K micro-batches of B pairs (pairs i, weights w_i = the row's
 ``weight`` when ``use_pair_weights``): L = sum_i w_i l_i / sum_i w_i, with l_i the DPO-family
 loss of ``trainer.objectives`` on policy log-probs from the fused lm-head
-(``trainer.model.sequence_logps``).  Each forward pass (``pairs_per_forward`` pairs)
-backpropagates its share sum_{i in part} w_i l_i / sum_i w_i, so K x B, 1 x (K*B) and any
-``pairs_per_forward`` give the same gradient; only the activation memory differs.
+(``trainer.model.sequence_logps``: the part's sequences packed into one padding-free forward).
+Each forward pass (whole pairs, at most ``pack_tokens`` tokens) backpropagates its share
+sum_{i in part} w_i l_i / sum_i w_i, so K x B, 1 x (K*B) and any ``pack_tokens`` give the same
+gradient; only the activation memory differs.
 """
 from __future__ import annotations
 
@@ -31,17 +32,29 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.store import SPLITS, NotCertified, Store, VersionHandle
+from schemas.ids import safe_id
 from trainer import runs
-from trainer.data import Batch, PairStream, batches_in_order, collate, read_split_rows
+from trainer.data import (
+    SLICE_COLUMNS,
+    Batch,
+    PairStream,
+    batches_in_order,
+    collate,
+    forward_parts,
+    read_pair_tags,
+    read_split_rows,
+)
+from trainer.evaluate import BootstrapConfig, evaluate_slices
+from trainer.external import export_checkpoint, run_eval_cmd
 from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
-from trainer.plot import write_metrics_svg
-from trainer.reference import cache_key_material, load_or_compute
+from trainer.reference import cache_key_material, compute_reference_logps, load_or_compute
+from trainer.report import write_run_report
 from trainer.tokenize import TINY_TOKENIZER, TokenizeConfig, load_tokenizer, tokenize_rows, tokenizer_fingerprint
 
 
@@ -55,7 +68,9 @@ class TrainConfig(BaseModel):
     model: str = Field("tiny-llama", description="local HF causal-LM directory or a tiny spec, e.g. tiny-llama:layers=4,hidden=256,heads=4")
     tokenizer: str | None = Field(None, description="local tokenizer dir; default: the model dir, else the repo's tiny tokenizer")
     reference_model: str | None = Field(None, description="default: the policy's initial weights")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights' dtype")
+    precision: Literal["fp32", "bf16-mixed"] = Field("fp32", description="bf16-mixed: float32 weights and optimizer, "
+                                                     "bf16 matmuls (autocast body + fused lm-head), float32 reductions")
     seed: int = 0
     max_length: int = Field(512, ge=8)
     max_prompt_length: int | None = Field(None, ge=1)
@@ -63,8 +78,10 @@ class TrainConfig(BaseModel):
     use_pair_weights: bool = True
     batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
     grad_accum: int = Field(1, ge=1)
-    pairs_per_forward: int = Field(1, ge=1, description="pairs per forward+backward pass; bounds activation memory, "
-                                                        "not the math (the step's gradient is the same)")
+    pack_tokens: int = Field(2048, ge=1, description="tokens per packed forward+backward pass (whole pairs, packed "
+                                                     "back to back; a longer pair runs alone); bounds activation "
+                                                     "memory, not the math (the step's gradient is the same)")
+    pairs_per_forward: int | None = Field(None, ge=1, description="also at most this many pairs per forward pass")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     lr: float = Field(5e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -73,22 +90,41 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1, description="tokens per fused lm-head tile")
+    compile: bool = Field(False, description="torch.compile the model body's forward (dynamic shapes); measured in "
+                                             "docs/benchmarks.md, off by default")
     eval_every: int = Field(50, ge=0, description="0: only at the end")
     eval_max_pairs: int | None = Field(None, ge=1)
+    test_eval: bool = Field(True, description="after training: per-slice evaluation on the test split (eval.json, "
+                                              "eval.parquet, report.html / report.md)")
+    test_eval_every: int = Field(0, ge=0, description="also log test-split loss / reward metrics every N steps (0: off)")
+    bootstrap_resamples: int = Field(1000, ge=10, description="bootstrap resamples for the evaluation's CIs")
+    export: bool = Field(False, description="write the final policy to RUN/export/ (save_pretrained layout, safetensors)")
+    eval_cmd: str | None = Field(None, description="after training, run this command once on the exported checkpoint "
+                                                   "('{checkpoint}' is replaced by its directory; no shell); its JSON "
+                                                   "stdout goes into external_eval.json, run.json and the lineage")
+    eval_cmd_timeout: float = Field(3600.0, gt=0)
     checkpoint_every: int = Field(100, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     ref_batch_size: int = Field(8, ge=1)
     threads: int | None = Field(None, ge=1)
     mmap_threshold_kib: int | None = Field(128, ge=1, description="glibc malloc mmap threshold (caps heap "
                                                                   "fragmentation); None: leave malloc alone")
+    on_template_mismatch: Literal["skip", "fail"] = Field(
+        "skip", description="a pair whose chat template breaks the prompt-prefix property: skip it (counted in the "
+                            "ledger with its pair id) or fail the run naming it")
     run_id: str | None = None
     resume: bool = False
-    mlflow: bool = False
 
     # fields that do not change what is computed; a resume may change them
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({
-        "run_id", "resume", "mlflow", "threads", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
-        "ref_batch_size", "store", "mmap_threshold_kib"})
+        "run_id", "resume", "threads", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
+        "ref_batch_size", "store", "mmap_threshold_kib", "test_eval", "test_eval_every", "bootstrap_resamples",
+        "export", "eval_cmd", "eval_cmd_timeout"})
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_plain_name(cls, v: str | None) -> str | None:
+        return None if v is None else safe_id(v, what="run id")  # it becomes STORE/runs/<run_id>
 
     def fingerprint(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
@@ -116,6 +152,8 @@ class RunResult:
     run_dir: Path
     steps: int
     final: dict[str, Any]
+    ledger: dict[str, Any] = None  # type: ignore[assignment]  # split -> tokenize ledger
+    evaluation: dict[str, Any] | None = None  # eval.json's summary (test split, per slice)
 
 
 def open_certified_version(store: Store, ref: str) -> VersionHandle:
@@ -139,7 +177,7 @@ def lr_schedule(step: int, *, peak: float, warmup: int, total: int, min_ratio: f
 
 def dpo_batch_loss(model, b: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(w_i * l_i per pair (B,), weights used (B,), metrics) for one micro-batch."""
-    lp = sequence_logps(model, b.input_ids, b.completion_mask, chunk_size=cfg.chunk_size)
+    lp = sequence_logps(model, b.input_ids, b.completion_mask, chunk_size=cfg.chunk_size, precision=cfg.precision)
     n = b.size
     weight = b.weight if cfg.use_pair_weights else torch.ones_like(b.weight)
     losses, metrics = dpo_objective(lp.summed[:n], lp.summed[n:], b.ref_chosen, b.ref_rejected, cfg.loss,
@@ -174,6 +212,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     handle = open_certified_version(store, cfg.version)
     manifest, cert = handle.manifest(), handle.certification()
     rows = {split: read_split_rows(handle, split) for split in ("train", "validation")}
+    rows["test"] = read_split_rows(handle, "test", extra=SLICE_COLUMNS) if (cfg.test_eval or cfg.test_eval_every) else []
 
     # ---- 2. tokenizer and tokenisation (drops and truncations are counted in the ledger)
     src: ModelSource = parse_model(cfg.model, default_seed=cfg.seed)
@@ -182,7 +221,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     tcfg = TokenizeConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     pairs, ledger = {}, {}
     for split, split_rows in rows.items():
-        pairs[split], led = tokenize_rows(tok, split_rows, tcfg)
+        pairs[split], led = tokenize_rows(tok, split_rows, tcfg, on_mismatch=cfg.on_template_mismatch)
         ledger[split] = led.as_dict()
     if cfg.eval_max_pairs is not None:
         pairs["validation"] = pairs["validation"][:cfg.eval_max_pairs]
@@ -193,14 +232,18 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     ref_src = parse_model(cfg.reference_model, default_seed=cfg.seed) if cfg.reference_model else src
     material = cache_key_material(
         version_id=handle.version_id, split_sha256={s: i.sha256 for s, i in manifest.splits.items()},
-        reference=ref_src.identity(vocab), tokenizer=tokenizer_fingerprint(tok), tokenize_cfg=tcfg, dtype=cfg.dtype)
+        reference=ref_src.identity(vocab), tokenizer=tokenizer_fingerprint(tok), tokenize_cfg=tcfg,
+        dtype=cfg.dtype if cfg.precision == "fp32" else f"{cfg.dtype}+{cfg.precision}")
     ref = load_or_compute(store, handle.version_id, material, pairs, lambda: build_model(ref_src, vocab, dtype=cfg.dtype),
                           pad_id=tok.pad_token_id, batch_size=cfg.ref_batch_size, chunk_size=cfg.chunk_size,
-                          on_batch=lambda k: emit("reference", {"pairs": k}))
+                          on_batch=lambda k: emit("reference", {"pairs": k}), precision=cfg.precision)
 
     # ---- 4. policy, AdamW (no decay on norms/biases, as nanoGPT), warmup + cosine schedule
     model = build_model(src, vocab, dtype=cfg.dtype)
     model.train()
+    if cfg.compile:  # the forward only: parameter names (checkpoints) stay those of the module
+        body = model.get_decoder()
+        body.forward = torch.compile(body.forward, dynamic=True)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -246,21 +289,23 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                                                    "run_id": run_id, "run_dir": str(run_dir), "step": step,
                                                    **{k: lineage[k] for k in ("beta", "objective", "code_version")}})
     log = runs.MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if cfg.resume else None)
-    sink = runs.MlflowSink(cfg.mlflow, run_id, {**fingerprint, "version_id": handle.version_id})
     emit("start", {"run_id": run_id, "run_dir": str(run_dir), "step": step, "max_steps": cfg.max_steps,
                    "reference_cache_hit": ref.hit, "train_pairs": len(pairs["train"])})
 
     def checkpoint() -> None:
-        runs.save_checkpoint(run_dir, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "data_position": stream.position, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
-            "fingerprint": fingerprint}, keep=cfg.keep_checkpoints)
+        runs.save_checkpoint(run_dir, step, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                             meta={"data_position": stream.position, "tokens_seen": tokens_seen,
+                                   "train_seconds": train_seconds, "fingerprint": fingerprint},
+                             keep=cfg.keep_checkpoints)
 
-    def run_eval() -> dict[str, Any]:
-        record = {"kind": "eval", "step": step, **evaluate(model, pairs["validation"], ref.logps, tok.pad_token_id, cfg)}
+    def run_eval(split: str = "validation") -> dict[str, Any]:
+        metrics = evaluate(model, pairs[split], ref.logps, tok.pad_token_id, cfg)
+        if split == "validation":
+            record = {"kind": "eval", "step": step, **metrics}
+        else:  # the test split's curve: same metrics, "test/" names
+            record = {"kind": "test", "step": step, **{"test/" + k.split("/", 1)[1]: v for k, v in metrics.items()}}
         log.write(record)
-        sink.log(record)
-        emit("eval", record)
+        emit("eval" if split == "validation" else "test", record)
         return record
 
     # ---- 6. the loop
@@ -271,11 +316,12 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         total_weight = sum(p.weight if cfg.use_pair_weights else 1.0 for mb in micro for p in mb)
         step_loss, sums, tokens = 0.0, {}, 0
         for mb in micro:
-            # A pair's loss needs only its own two sequences, so the micro-batch is run a few pairs
-            # at a time: activations of `pairs_per_forward` pairs are alive at once, the gradient
-            # is the same sum.  Metrics are means over the step's pairs.
-            for i in range(0, len(mb), cfg.pairs_per_forward):
-                b = collate(mb[i:i + cfg.pairs_per_forward], tok.pad_token_id, ref.logps)
+            # A pair's loss needs only its own two sequences, so the micro-batch runs in parts of at
+            # most `pack_tokens` tokens, each part's sequences packed into one padding-free forward:
+            # only one part's activations are alive at once, the gradient is the same sum.
+            # Metrics are means over the step's pairs.
+            for part in forward_parts(mb, cfg.pack_tokens, cfg.pairs_per_forward):
+                b = collate(part, tok.pad_token_id, ref.logps)
                 losses, _, metrics = dpo_batch_loss(model, b, cfg)
                 loss = losses.sum() / max(total_weight, 1e-12)  # this part's share of the step loss
                 loss.backward()
@@ -293,28 +339,76 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                   **sums, "grad_norm": float(grad_norm), "tokens": tokens, "tokens/s": tokens / dt,
                   "peak_rss_mib": round(runs.peak_rss_mib(), 1), "time_s": round(dt, 4)}
         log.write(record)
-        sink.log(record)
         if cfg.eval_every and step % cfg.eval_every == 0:
             last_eval = run_eval()
+        if cfg.test_eval_every and step % cfg.test_eval_every == 0 and pairs["test"]:
+            run_eval("test")
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
             checkpoint()
         emit("step", record)
 
-    # ---- 7. final eval, plot, lineage
+    # ---- 7. final eval, test-split evaluation per slice, plot, report, lineage
     if last_eval.get("step") != step:
         last_eval = run_eval()
     log.close()
-    svg = write_metrics_svg(log.records, run_dir / "metrics.svg", title=f"{run_id} on {handle.version_id}")
     final = {"step": step, "tokens_seen": tokens_seen, "train_seconds": round(train_seconds, 3),
              "tokens_per_s": tokens_seen / max(train_seconds, 1e-9), "peak_rss_mib": round(runs.peak_rss_mib(), 1),
              **{k: v for k, v in last_eval.items() if k.startswith("eval/")}}
-    lineage.update({"status": "finished", "finished_at": runs.now(), "final": final, "mlflow": sink.status})
+    test_summary = None
+    if cfg.test_eval:
+        test_summary = _evaluate_test_split(cfg, handle, rows["test"], pairs["test"], ref.logps, model, src, vocab,
+                                            tok.pad_token_id, run_dir)
+        emit("test_eval", test_summary)
+        if test_summary.get("overall"):
+            o = test_summary["overall"]
+            final["test"] = {"pairs": test_summary["pairs"],
+                             **{f"{ph}/{m}": o[ph][m]["mean"] for ph in ("before", "after") for m in test_summary["metrics"]}}
+    if cfg.export or cfg.eval_cmd:  # external benchmarks read a standard checkpoint, not our run dir
+        lineage["export"] = str(export_checkpoint(model, tok, run_dir / "export"))
+        if cfg.eval_cmd:
+            ext = run_eval_cmd(cfg.eval_cmd, run_dir / "export", cwd=run_dir, timeout=cfg.eval_cmd_timeout)
+            runs.write_json(run_dir / "external_eval.json", ext)
+            final["external_eval"] = {k: ext.get(k) for k in ("status", "result", "seconds")}
+            emit("external_eval", ext)
+    lineage.update({"status": "finished", "finished_at": runs.now(), "final": final})
     runs.write_json(run_dir / "run.json", lineage)
+    write_run_report(run_dir)
     runs.append_lineage(store, handle.version_id, {"event": "finished", "at": runs.now(), "run_id": run_id,
                                                    "run_dir": str(run_dir), "final": final})
-    sink.finish([svg, run_dir / "run.json"])
     emit("done", {"run_dir": str(run_dir), **final})
-    return RunResult(run_id, run_dir, step, final)
+    return RunResult(run_id, run_dir, step, final, ledger, test_summary)
+
+
+def _evaluate_test_split(cfg: TrainConfig, handle: VersionHandle, test_rows: list[dict], test_pairs, ref_logps,
+                         model, src: ModelSource, vocab: int, pad_id: int, run_dir: Path) -> dict[str, Any]:
+    """Policy after vs before training against the reference on the test split, per slice, with
+    bootstrap CIs (``trainer.evaluate``); writes eval.json, eval.parquet, eval_pairs.parquet."""
+    import polars as pl
+
+    if not test_pairs:
+        summary = {"split": "test", "pairs": 0, "overall": None, "slices": [],
+                   "note": "the version's test split is empty" if not test_rows else "no test pair survived tokenisation"}
+        runs.write_json(run_dir / "eval.json", summary)
+        return summary
+    logp = {"reference": {p.pair_id: ref_logps[p.pair_id] for p in test_pairs}}
+    logp["after"] = compute_reference_logps(model, test_pairs, pad_id=pad_id, batch_size=cfg.ref_batch_size,
+                                            chunk_size=cfg.chunk_size, precision=cfg.precision)
+    if cfg.reference_model is None:  # the reference is the initial policy: "before" is the reference itself
+        logp["before"] = logp["reference"]
+    else:
+        logp["before"] = compute_reference_logps(build_model(src, vocab, dtype=cfg.dtype), test_pairs, pad_id=pad_id,
+                                                 batch_size=cfg.ref_batch_size, chunk_size=cfg.chunk_size,
+                                                 precision=cfg.precision)
+    kept = {p.pair_id for p in test_pairs}
+    rows = [r for r in test_rows if str(r["pair_id"]) in kept]
+    lengths = {p.pair_id: (len(p.chosen_ids), len(p.rejected_ids)) for p in test_pairs}
+    summary, tidy, per_pair = evaluate_slices(rows, logp, lengths, cfg.loss, tags=read_pair_tags(handle),
+                                              boot=BootstrapConfig(resamples=cfg.bootstrap_resamples, seed=cfg.seed))
+    summary["version_id"] = handle.version_id
+    runs.write_json(run_dir / "eval.json", summary)
+    pl.DataFrame(tidy).write_parquet(run_dir / "eval.parquet")
+    pl.DataFrame(per_pair).write_parquet(run_dir / "eval_pairs.parquet")
+    return summary
 
 
 def make_config(store: Path | str, version: str, **options: Any) -> TrainConfig:

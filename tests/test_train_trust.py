@@ -1,0 +1,176 @@
+"""The trainer executes nothing it reads and writes only under STORE/runs/ (issue 13, trainer items).
+
+Checkpoints are safetensors + JSON, verified against the sha256s written at save time; a pickle
+where a checkpoint is expected is refused without being unpickled; run ids are validated
+before any path is built; a pair whose chat template breaks the prefix property is skipped
+and counted (or fails the run, exit 2, naming it); the CLI prints the tokenize ledger.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from trainer_toys import make_store, planted_rows
+
+from trainer.runs import CheckpointError, latest_checkpoint, load_checkpoint
+from trainer.tokenize import TINY_TOKENIZER
+from trainer.train import make_config, train
+
+TINY = "tiny-llama:layers=1,hidden=32,heads=2"
+FAST = dict(model=TINY, max_length=64, threads=1, lr=1e-3, warmup_steps=2, eval_every=0)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return make_store(tmp_path / "store", {"train": planted_rows(12), "validation": planted_rows(4, seed=1, prefix="v"),
+                                           "test": planted_rows(4, seed=2, prefix="t")})
+
+
+def _cli():
+    import typer
+
+    from flows.train_cmd import train as train_cmd
+
+    app = typer.Typer()
+    app.command()(train_cmd)
+    app.command("noop")(lambda: None)
+    return app
+
+
+def _invoke(*args: str):
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(_cli(), ["train", *args])
+
+
+def _pickle_payload(marker: Path) -> bytes:
+    """Bytes whose unpickling creates ``marker`` (what a hostile writer of the run dir would plant)."""
+    import pickle  # tests only: builds the hostile file
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    return pickle.dumps({"model": Payload()})
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_is_safetensors_plus_json_with_sha256s(store):
+    res = train(make_config(store.root, "v-toy", run_id="ck", max_steps=2, checkpoint_every=1, keep_checkpoints=2, **FAST))
+    ckpts = sorted((res.run_dir / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-000001", "step-000002"]
+    assert sorted(p.name for p in ckpts[-1].iterdir()) == ["checkpoint.json", "model.safetensors",
+                                                          "optimizer.safetensors", "state.json"]
+    index = json.loads((ckpts[-1] / "checkpoint.json").read_text())
+    assert set(index["files"]) == {"model.safetensors", "optimizer.safetensors", "state.json"}
+    assert all(len(f["sha256"]) == 64 for f in index["files"].values())
+    state = load_checkpoint(ckpts[-1])
+    assert state["step"] == 2 and state["optimizer"]["t"] == 2 and state["data_position"] == 8
+    assert "lm_head.weight" in state["model"]
+
+
+def test_resume_refuses_a_planted_pickle_and_never_runs_it(store, tmp_path):
+    train(make_config(store.root, "v-toy", run_id="victim", max_steps=2, **FAST))
+    marker = tmp_path / "PWNED"
+    ckdir = store.root / "runs" / "victim" / "checkpoints"
+    (ckdir / "step-000099.pt").write_bytes(_pickle_payload(marker))  # the newest entry, old format
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "3", "--max-length", "64",
+                  "--threads", "1", "--resume", "victim")
+    assert res.exit_code == 2, res.output
+    assert "step-000099.pt" in res.output and "unpickling can run code" in res.output
+    assert "Traceback" not in res.output
+    assert not marker.exists()
+
+
+def test_a_pickle_inside_a_checkpoint_directory_is_refused(store, tmp_path):
+    res = train(make_config(store.root, "v-toy", run_id="victim", max_steps=2, **FAST))
+    ckpt = latest_checkpoint(res.run_dir)
+    marker = tmp_path / "PWNED"
+    # the payload replaces the model file: its sha256 no longer matches
+    (ckpt / "model.safetensors").write_bytes(_pickle_payload(marker))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 .* differs"):
+        load_checkpoint(ckpt)
+    # ... and with the index rewritten to match, the bytes are still parsed only as safetensors
+    index = json.loads((ckpt / "checkpoint.json").read_text())
+    import hashlib
+    index["files"]["model.safetensors"]["sha256"] = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+    (ckpt / "checkpoint.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="unreadable safetensors"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+
+
+def test_a_damaged_checkpoint_names_the_file(store):
+    res = train(make_config(store.root, "v-toy", run_id="r", max_steps=2, **FAST))
+    ckpt = latest_checkpoint(res.run_dir)
+    data = bytearray((ckpt / "optimizer.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt / "optimizer.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"optimizer\.safetensors: sha256"):
+        train(make_config(store.root, "v-toy", run_id="r", resume=True, max_steps=3, **FAST))
+
+
+# ---------------------------------------------------------------- run ids
+@pytest.mark.parametrize("flag", ["--run-id", "--resume"])
+@pytest.mark.parametrize("bad", ["../../x", "/tmp/abs-run", "a/b", ".hidden", "x..y"])
+def test_unsafe_run_ids_exit_2_and_write_nothing(store, tmp_path, flag, bad):
+    before = sorted(p for p in tmp_path.rglob("*"))
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", flag, bad)
+    assert res.exit_code == 2, res.output
+    assert "run id" in res.output and "is not allowed" in res.output and "Traceback" not in res.output
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not Path("/tmp/abs-run").exists()
+
+
+def test_unsafe_run_id_refused_by_the_config_too(store):
+    with pytest.raises(ValueError, match="run id"):
+        make_config(store.root, "v-toy", run_id="../escape", **FAST)
+
+
+# ---------------------------------------------------------------- template mismatch
+def _mismatching_tokenizer(dst: Path) -> Path:
+    """The repo tokenizer with a template that renders the assistant turn differently for replies
+    containing 'MISMATCH' (so their prompt is not a prefix of prompt + reply)."""
+    shutil.copytree(TINY_TOKENIZER, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg["chat_template"] = cfg["chat_template"].replace(
+        "'<|im_start|>' + message['role']",
+        "'<|im_start|>' + ('bot' if 'MISMATCH' in message['content'] else message['role'])")
+    assert cfg["chat_template"] != json.loads((TINY_TOKENIZER / "tokenizer_config.json").read_text())["chat_template"]
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return dst
+
+
+@pytest.fixture
+def mismatch_store(tmp_path):
+    train_rows = planted_rows(12)
+    train_rows[3] = {**train_rows[3], "pair_id": "bad-pair",
+                     "rejected": [{"role": "assistant", "content": "MISMATCH here"}]}
+    return make_store(tmp_path / "mm", {"train": train_rows, "validation": planted_rows(4, seed=1, prefix="v"),
+                                        "test": planted_rows(4, seed=2, prefix="t")})
+
+
+def test_template_mismatch_pair_is_skipped_and_counted(mismatch_store, tmp_path):
+    tok = _mismatching_tokenizer(tmp_path / "tok")
+    res = _invoke("v-toy", "--store", str(mismatch_store.root), "--model", TINY, "--tokenizer", str(tok), "--steps", "1",
+                  "--max-length", "64", "--threads", "1", "--run-id", "mm")
+    assert res.exit_code == 0, res.output
+    led = json.loads((mismatch_store.root / "runs" / "mm" / "run.json").read_text())["tokenize_ledger"]["train"]
+    assert led["rows_in"] == 12 and led["kept"] == 11 and led["skipped_template_mismatch"] == 1
+    assert led["dropped_pair_ids"]["skipped_template_mismatch"] == ["bad-pair"]
+    assert led["skipped"] == [{"pair_id": "bad-pair", "reason": "template_mismatch", "side": "rejected",
+                               "position": led["skipped"][0]["position"]}]
+    # the summary prints the ledger, not only run.json
+    assert "train: 12 rows in, 11 used, 0 dropped, 1 skipped [template_mismatch 1 (bad-pair)]" in res.output
+    assert "validation: 4 rows in, 4 used" in res.output
+
+
+def test_template_mismatch_fails_the_run_when_asked(mismatch_store, tmp_path):
+    tok = _mismatching_tokenizer(tmp_path / "tok")
+    res = _invoke("v-toy", "--store", str(mismatch_store.root), "--model", TINY, "--tokenizer", str(tok), "--steps", "1",
+                  "--max-length", "64", "--threads", "1", "--run-id", "mm", "--on-template-mismatch", "fail")
+    assert res.exit_code == 2, res.output
+    assert "bad-pair" in res.output and "prefix" in res.output and "Traceback" not in res.output
+    assert not (mismatch_store.root / "runs" / "mm").exists()
