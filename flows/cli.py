@@ -410,6 +410,32 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
 
 
 @command()
+def protect(
+    version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
+    store: StoreOpt = Path("store"),
+    split: Annotated[str, typer.Option("--split", help="The split to protect.")] = "test",
+    as_json: JsonOpt = False,
+) -> None:
+    """Protect a version's test split as an evaluation set: no version may train on its pairs.
+
+    Writes STORE/protected/VERSION-SPLIT.json (pair ids, their near-duplicate clusters, prompt
+    hashes).  From then on the certify gate protected_contamination fails any version with one of
+    those pairs, a member of their clusters or the same prompt in train or validation, and
+    `prefpipe train` refuses such a version (exit 4) even with an older certificate."""
+    from pipeline.protect import protect_version
+
+    st = _open_store(store)
+    h = _resolve_or_exit(st, version)
+    path, rec = protect_version(st, h.version_id, split)
+    if as_json:
+        print(json.dumps({"record": str(path), "version_id": rec.version_id, "split": rec.split,
+                          "pairs": len(rec.pair_ids), "clusters": len(rec.clusters), "prompts": len(rec.prompt_hashes)}))
+        return
+    out_console().print(plain(f"protected {rec.version_id}/{rec.split}: {len(rec.pair_ids)} pairs, {len(rec.clusters)} "
+                              f"clusters, {len(rec.prompt_hashes)} prompts -> {path}"))
+
+
+@command()
 def gc(
     store: StoreOpt = Path("store"),
     delete: Annotated[list[str] | None, typer.Option("--delete", help="Delete this version (repeatable); its parts shared with other versions stay.")] = None,
@@ -496,13 +522,20 @@ def serve(
     with ctx as api:  # prefect is imported only now, so that it reads PREFECT_API_URL
         from prefect import serve as prefect_serve
 
-        from flows.flows import process_inbox
+        from flows.flows import process_inbox, train_on_version
 
         dep = process_inbox.to_deployment(name="prefpipe-inbox", parameters=params, cron=cron, interval=interval)
+        # on demand (no schedule): "Run" in the UI, or `prefect deployment run train-on-version/prefpipe-train
+        # -p version=V`; refuses a version whose certificate -> manifest -> files chain does not verify
+        train_dep = train_on_version.to_deployment(
+            name="prefpipe-train", parameters={"store": params["store"], "version": "latest",
+                                               "model": train_model or "tiny-llama", "max_steps": 50},
+            description="DPO training on a certified dataset version; publishes the run and its evaluation report")
         ui = api.removesuffix("/api")
-        err_console().print(f"serving deployment process-inbox/prefpipe-inbox ({'cron ' + cron if cron else f'every {interval}s'}) "
-                            f"on {api}; runs in the UI at {ui}/runs; Ctrl-C to stop")
-        prefect_serve(dep)
+        err_console().print(plain(f"serving process-inbox/prefpipe-inbox ({'cron ' + cron if cron else f'every {interval}s'}) "
+                                  f"and train-on-version/prefpipe-train (on demand) on {api}; runs in the UI at "
+                                  f"{ui}/runs; Ctrl-C to stop"))
+        prefect_serve(dep, train_dep)
 
 
 from flows.train_cmd import train as _train  # noqa: E402  (registered here; the command lives in its own module)

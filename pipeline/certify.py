@@ -15,6 +15,8 @@ Gates (``policy.certify``), each recorded with value / threshold / passed:
 * ``exact_duplicate_rate``         exact-duplicate judgments / valid judgments <= ``max_exact_duplicate_rate``
 * ``near_duplicate_rate``          near-duplicate-flagged pairs / pairs <= ``max_near_duplicate_rate``
 * ``split_stability``              no pair of the parent's (or an ancestor's) validation/test split is in train
+* ``protected_contamination``      no pair of a protected evaluation set (same pair, near-duplicate cluster or prompt)
+                                   in train or validation (``prefpipe protect``)
 * ``split_leakage``                clusters/prompts in several splits == 0
 * ``quarantine_rate``              quarantined / rows in <= ``max_quarantine_rate``
 * ``label_balance``                share of kept pairs whose chosen response is ``a``, within ``label_balance``
@@ -93,6 +95,7 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
                        f"{near} of {m.ledger.pairs} pairs"))
 
     gates.append(stability_gate(h))
+    gates.append(protection_gate(h))
 
     leak = _check(m, "split_leakage").get("metrics", {})
     n_leak = sum(int(leak.get(k, 0)) for k in ("clusters_in_several_splits", "pairs_in_several_splits", "prompts_in_several_splits"))
@@ -149,6 +152,20 @@ def stability_gate(h: VersionHandle) -> GateResult:
     if bad.height:
         detail += f"; held-out pairs now in train: {', '.join(bad['pair_id'].head(10).to_list())}"
     return _gate("split_stability", bad.height, 0, bad.height == 0, detail)
+
+
+def protection_gate(h: VersionHandle) -> GateResult:
+    """No pair of a protected evaluation set (``prefpipe protect``) in train or validation."""
+    from pipeline.protect import contamination, load_protections
+
+    records = load_protections(h.store)
+    if not records:
+        return _gate("protected_contamination", 0, 0, True, "no protected evaluation sets in this store")
+    hits = contamination(h, records)
+    by = ", ".join(f"{w} {n}" for w, n in hits.group_by("why").len().sort("why").iter_rows())
+    detail = (f"{len(records)} protected set(s); " + (f"{hits.height} train/validation pairs covered ({by}): "
+              f"{', '.join(hits['pair_id'].head(10).to_list())}" if hits.height else "none in train or validation"))
+    return _gate("protected_contamination", hits.height, 0, hits.height == 0, detail)
 
 
 def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:

@@ -578,6 +578,12 @@ class Store:
             atomic_write_json(path, doc)
         return path
 
+    def protected_pair_ids(self) -> set[str]:
+        """Pair ids of every protected evaluation set of the store (``prefpipe protect``)."""
+        from pipeline.protect import protected_pair_ids
+
+        return protected_pair_ids(self)
+
     def open_certified(self, ref: str) -> VersionHandle:
         """The version behind ``ref`` after verifying certificate -> manifest -> files; raises
         :class:`NotCertified` naming the broken link otherwise.  Read its files with
@@ -586,6 +592,13 @@ class Store:
         status = h.verify_chain()
         if not status.ok:
             raise NotCertified(status.link or "certificate", status.reason)
+        from pipeline.protect import contamination, load_protections
+
+        hits = contamination(h, load_protections(self))
+        if hits.height:  # a protection added after the certificate still counts
+            shown = ", ".join(f"{p} ({w} of {b})" for p, w, b in hits.select("pair_id", "why", "protected_by").head(5).iter_rows())
+            raise NotCertified("protected", f"{hits.height} pairs of {h.version_id}'s train/validation splits belong to a "
+                               f"protected evaluation set: {shown}")
         return h
 
 

@@ -1,6 +1,9 @@
 """Prefect orchestration: the inbox as the schedule runs it, artifacts in the API, failures, Dask."""
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import asyncio
 import shutil
 from pathlib import Path
@@ -140,6 +143,24 @@ def test_serve_runs_the_inbox_on_its_schedule(tmp_path):
         assert len(ids) == 1 and Store(store).latest_certification(ids[0])["verdict"] in ("certified", "rejected")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=60) as r:
             assert r.status == 200  # the UI/API server is up while serving
+        # the train deployment is served too: run it for the certified version as a user would from the UI
+        api = f"http://127.0.0.1:{port}/api"
+
+        def post(path: str, body: dict) -> Any:
+            req = urllib.request.Request(api + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+
+        deps = {d["name"]: d for d in post("/deployments/filter", {})}
+        assert {"prefpipe-inbox", "prefpipe-train"} <= set(deps)
+        if Store(store).latest_certification(ids[0])["verdict"] == "certified":
+            post(f"/deployments/{deps['prefpipe-train']['id']}/create_flow_run",
+                 {"parameters": {"version": ids[0], "model": "tiny-llama:layers=1,hidden=32,heads=2", "max_steps": 2}})
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not list((store / "runs").glob("*/eval.json")):
+                time.sleep(2)
+            assert list((store / "runs").glob("*/eval.json")), "the train-on-version deployment did not finish a run"
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -34,7 +34,7 @@ import numpy as np
 from trainer.objectives import DPOLossConfig
 
 METRICS = ("dpo_loss", "reward_accuracy", "reward_margin", "logp_accuracy")
-SLICE_KINDS = ("all", "locale", "tag", "annotator_kind", "agreement", "strength")
+SLICE_KINDS = ("all", "protected", "locale", "tag", "annotator_kind", "agreement", "strength")
 BUCKETS = ((0.6, "< 0.6"), (0.8, "0.6-0.8"), (math.inf, ">= 0.8"))
 
 
@@ -68,8 +68,10 @@ def pair_metrics(logp_chosen: np.ndarray, logp_rejected: np.ndarray, ref_chosen:
             "reward_chosen": rc.numpy(), "reward_rejected": rr.numpy()}
 
 
-def slice_members(rows: list[dict[str, Any]], tags: dict[str, list[str]] | None = None) -> dict[tuple[str, str], list[int]]:
-    """(kind, value) -> indices of ``rows`` in that slice."""
+def slice_members(rows: list[dict[str, Any]], tags: dict[str, list[str]] | None = None,
+                  protected: set[str] | None = None) -> dict[tuple[str, str], list[int]]:
+    """(kind, value) -> indices of ``rows`` in that slice.  ``protected``: pair ids of protected
+    evaluation sets (``prefpipe protect``): their test pairs form the slice ``protected/yes``."""
     out: dict[tuple[str, str], list[int]] = {}
     for i, r in enumerate(rows):
         keys = [("all", "all"), ("locale", str(r.get("locale") or "n/a")),
@@ -77,6 +79,8 @@ def slice_members(rows: list[dict[str, Any]], tags: dict[str, list[str]] | None 
                 ("agreement", bucket(r.get("agreement"))), ("strength", bucket(r.get("strength")))]
         if tags is not None:
             keys += [("tag", t) for t in (tags.get(str(r["pair_id"])) or ["(none)"])]
+        if protected and str(r["pair_id"]) in protected:
+            keys.append(("protected", "yes"))
         for k in keys:
             out.setdefault(k, []).append(i)
     order = {k: n for n, k in enumerate(SLICE_KINDS)}
@@ -103,7 +107,8 @@ def bootstrap(values: dict[str, np.ndarray], idx: np.ndarray, cfg: BootstrapConf
 
 def evaluate_slices(rows: list[dict[str, Any]], logps: dict[str, dict[str, tuple[float, float]]],
                     lengths: dict[str, tuple[int, int]], loss: DPOLossConfig, *,
-                    tags: dict[str, list[str]] | None = None, boot: BootstrapConfig = BootstrapConfig()
+                    tags: dict[str, list[str]] | None = None, protected: set[str] | None = None,
+                    boot: BootstrapConfig = BootstrapConfig()
                     ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Evaluate the test ``rows`` (kept pairs, with their slice columns).
 
@@ -118,7 +123,7 @@ def evaluate_slices(rows: list[dict[str, Any]], logps: dict[str, dict[str, tuple
     per = {ph: pair_metrics(*arr[ph], *arr["reference"], loss, lens) for ph in ("before", "after")}
     delta = {m: per["after"][m] - per["before"][m] for m in METRICS}
     slices, tidy = [], []
-    for (kind, value), members in slice_members(rows, tags).items():
+    for (kind, value), members in slice_members(rows, tags, protected).items():
         idx = np.asarray(members, dtype=np.int64)
         entry: dict[str, Any] = {"kind": kind, "value": value, "pairs": len(members)}
         for phase, values in (("before", per["before"]), ("after", per["after"]), ("delta", delta)):

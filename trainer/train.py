@@ -403,6 +403,7 @@ def _evaluate_test_split(cfg: TrainConfig, handle: VersionHandle, test_rows: lis
     rows = [r for r in test_rows if str(r["pair_id"]) in kept]
     lengths = {p.pair_id: (len(p.chosen_ids), len(p.rejected_ids)) for p in test_pairs}
     summary, tidy, per_pair = evaluate_slices(rows, logp, lengths, cfg.loss, tags=read_pair_tags(handle),
+                                              protected=handle.store.protected_pair_ids(),
                                               boot=BootstrapConfig(resamples=cfg.bootstrap_resamples, seed=cfg.seed))
     summary["version_id"] = handle.version_id
     runs.write_json(run_dir / "eval.json", summary)
