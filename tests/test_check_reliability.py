@@ -79,7 +79,7 @@ def test_gold_only_annotators_are_tested_on_gold() -> None:
 def test_gold_orientation_is_the_judgments_own() -> None:
     # a swapped judgment writes label and gold_label in its own orientation: still correct
     recs = [rec(f"c{p}", "a", "g", prompt="q", ra=f"x{p}", rb=f"y{p}", gold_label="a", swap=p % 2 == 1) for p in range(40)]
-    recs += [rec(f"d{p}", "b", "g", prompt="q", ra=f"x{p}", rb=f"y{p}", gold_label="a", swap=p % 2 == 1) for p in range(10)]
+    recs += [rec(f"d{p}", "b", "g", prompt="q", ra=f"u{p}", rb=f"v{p}", gold_label="a", swap=p % 2 == 1) for p in range(10)]
     t = _table(reliability.run(judgments_from_records(recs)))
     assert t["g"]["gold_n"] == 50 and t["g"]["gold_accuracy"] == pytest.approx(40 / 50)
 
