@@ -132,7 +132,7 @@ def _unit_counts(e: Encoded, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 def _loo_counts(e: Encoded, accuracy: np.ndarray | None) -> dict[str, np.ndarray]:
     """Per annotator: ``loo_n`` units whose LOO reference is a or b, ``loo_k`` agreeing (vote
     shares), ``loo_chance`` = p(a) q(a) + p(b) q(b) (own label shares x reference shares)."""
-    n, k, chance = _unit_counts(e, loo_reference(e, accuracy))
+    n, k, chance = _unit_counts(e, loo_reference(e, accuracy, decorrelate=True))
     return {"loo_n": n, "loo_k": k, "loo_chance": chance}
 
 
