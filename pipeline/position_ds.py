@@ -31,6 +31,12 @@ Model (per judge j; a/b are names, so the two classes are symmetric, flat class 
   is always consistent keeps its full weight; a judge never seen in both orders keeps 1.
   Order consistency is the one signal a group of judges that err together cannot inflate
   by agreeing with each other.
+* **Independence** omega_j (:func:`independence`): judges whose verdicts agree beyond what
+  their accuracies explain -- one model family, one prompt template -- share one vote.  The
+  model is fitted, omega_j computed from the pairwise agreement of the judges' verdicts
+  against the fitted posterior's accuracies, and fitted again with every verdict of judge j
+  scaled by pi_j omega_j.  Without gold this is where families are caught (issue-like
+  panels: +0.09 accuracy); pi_j cannot see a family that is order-consistent.
 
 Why logit(r_j) for a consistent verdict rather than the two-coin likelihood logit(alpha_j)
 + logit(beta_j), and why pi_j: both would be unnecessary if judges erred independently
@@ -229,11 +235,12 @@ def independence(*, pair: np.ndarray, judge: np.ndarray, unit: np.ndarray, n_uni
     exact binomial test of their disagreements against the count the baseline explains
     (n_jk (1 - s_j s_k - b_jk sqrt(...)) / 2) says fewer at level EXCESS_P, else 0 (two nearly
     perfect judges that never disagree on 30 pairs are no family: too few disagreements were
-    expected to tell).  A family of m judges that share a taste gets omega ~ 1 / (1 + (m - 1) x): its m
-    votes count like 1 + ... rather than m independent ones (the effective number of
-    independent judges in an exchangeable group); a judge outside any family keeps 1.  A
-    family that is most of the panel sets the median itself and is not discounted (no
-    method without gold can tell such a family's agreement from the truth).
+    expected to tell).  A family of m judges whose errors correlate by x gets omega = 1 / (1 +
+    (m - 1) x): together its m votes count m / (1 + (m - 1) x), the effective number of
+    independent judges in an exchangeable group; a judge outside any family keeps 1.  A family
+    that is most of the panel sets the medians itself and is not discounted (no method without
+    gold can tell such a family's agreement from the truth); the few judges outside it then
+    look like a family of their own and are discounted instead (measured: docs/benchmarks.md).
 
     Sparse products over (pair x judge) verdicts: O(sum over pairs of judges^2) for the
     agreement counts, then O(judge pairs that share verdicts)."""
