@@ -96,6 +96,8 @@ class _Family:
 
 
 def _test(k: np.ndarray, n: np.ndarray, chance: np.ndarray, enough: np.ndarray, cfg: AnnotatorTestConfig) -> _Family:
+    """Both one-sided tests of one family for every annotator: ``k`` agreeing of ``n`` units
+    (vote shares, rounded), chance rate ``chance``; ``enough``: >= ``min_judgments`` decisive."""
     k = np.round(k)
     ok = enough & (n > 0)
     p0 = chance + cfg.chance_margin * (1.0 - chance)
