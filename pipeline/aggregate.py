@@ -355,7 +355,7 @@ def decide_side(votes: np.ndarray, evidence: np.ndarray) -> np.ndarray:
 LOO_MIN_POSTERIOR = 0.9
 
 
-def loo_reference(e: Encoded, accuracy: np.ndarray | None = None) -> np.ndarray:
+def loo_reference(e: Encoded, accuracy: np.ndarray | None = None, *, decorrelate: bool = False) -> np.ndarray:
     """(U,) label code of the *other* annotators' consensus for each (pair, annotator) unit.
 
     One vote per annotator (all of the annotator's own judgments on the pair are left
@@ -364,7 +364,10 @@ def loo_reference(e: Encoded, accuracy: np.ndarray | None = None) -> np.ndarray:
     confident: P >= ``LOO_MIN_POSTERIOR`` (0.9; with typical accuracies that takes two
     agreeing colleagues, and a random colleague -- weight ~0 -- cannot sway it).  Without
     ``accuracy``: the others' plain plurality over all labels.  ``NONE`` when there is no
-    (confident, unique) reference.
+    (confident, unique) reference.  ``decorrelate`` (with ``accuracy``): each annotator's
+    evidence is scaled by :func:`pipeline.position_ds.independence` (from the posterior of all
+    annotators' weighted votes), so a group that errs together -- one family of AI judges --
+    does not make the reference its own.
     """
     n_unit = np.bincount(e.unit, minlength=e.n_units).astype(float)
     own = e.per_unit() / np.maximum(n_unit, 1)[:, None]  # each unit's vote shares
@@ -373,6 +376,12 @@ def loo_reference(e: Encoded, accuracy: np.ndarray | None = None) -> np.ndarray:
         return plurality(tot[e.unit_pair] - own, None, NONE)
     r = np.clip(np.nan_to_num(accuracy, nan=0.5), *_ACC_CLIP)
     evidence = np.log(r / (1 - r))[e.unit_ann] * (own[:, A] - own[:, B])
+    if decorrelate:
+        dec = (e.label >= A) & (e.label <= B)
+        p_a = expit(np.bincount(e.unit_pair, weights=evidence, minlength=e.n_pairs))
+        indep = position_ds.independence(pair=e.pair[dec], judge=e.ann[dec], unit=e.unit[dec], n_units=e.n_units,
+                                         chose_a=e.label[dec] == A, n_pairs=e.n_pairs, n_judges=e.n_annotators, p_a=p_a)
+        evidence = evidence * indep[e.unit_ann]
     others = np.bincount(e.unit_pair, weights=evidence, minlength=e.n_pairs)[e.unit_pair] - evidence
     t = float(np.log(LOO_MIN_POSTERIOR / (1 - LOO_MIN_POSTERIOR)))
     return np.where(others >= t - _EPS, A, np.where(others <= -t + _EPS, B, NONE))

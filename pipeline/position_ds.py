@@ -31,6 +31,12 @@ Model (per judge j; a/b are names, so the two classes are symmetric, flat class 
   is always consistent keeps its full weight; a judge never seen in both orders keeps 1.
   Order consistency is the one signal a group of judges that err together cannot inflate
   by agreeing with each other.
+* **Independence** omega_j (:func:`independence`): judges whose verdicts agree beyond what
+  their accuracies explain -- one model family, one prompt template -- share one vote.  The
+  model is fitted, omega_j computed from the pairwise agreement of the judges' verdicts
+  against the fitted posterior's accuracies, and fitted again with every verdict of judge j
+  scaled by pi_j omega_j.  Without gold this is where families are caught (issue-like
+  panels: +0.09 accuracy); pi_j cannot see a family that is order-consistent.
 
 Why logit(r_j) for a consistent verdict rather than the two-coin likelihood logit(alpha_j)
 + logit(beta_j), and why pi_j: both would be unnecessary if judges erred independently
@@ -59,9 +65,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.special import expit, logit
 
-__all__ = ["OrderAwareDS", "engaged_share", "fit"]
+from pipeline.stats import binom_less
+
+__all__ = ["OrderAwareDS", "engaged_share", "fit", "independence"]
 
 PRIOR_RIGHT, PRIOR_WRONG = 3.5, 1.5  # Beta prior on alpha_j and beta_j: mean 0.7, weight 5
 CLIP = (0.02, 0.98)
@@ -74,7 +83,7 @@ class OrderAwareDS:
     judge's verdicts; ``p_a`` (P,): posterior P(a better) from the weighted judgments (NaN for
     pairs without one); ``evidence`` (P,): its log-odds; ``judgment_evidence`` (N,): each
     judgment's own log-odds for a (unweighted; the pair's is the weighted sum);
-    ``iterations`` run."""
+    ``iterations`` run (in the last fit); ``independence`` (J,): :func:`independence`."""
 
     alpha: np.ndarray
     beta: np.ndarray
@@ -83,6 +92,7 @@ class OrderAwareDS:
     evidence: np.ndarray
     judgment_evidence: np.ndarray
     iterations: int
+    independence: np.ndarray | None = None  # (J,) :func:`independence`, the other factor on each verdict
 
     @property
     def accuracy(self) -> np.ndarray:
@@ -104,13 +114,15 @@ def fit(
     gold: np.ndarray | None = None,
     iterations: int = 50,
     tol: float = 1e-6,
+    decorrelate: bool = True,
 ) -> OrderAwareDS:
     """EM over decisive judgments (all arrays (N,) over the judgments to use).
 
     ``unit``: dense code (< ``n_units``) of (pair, judge); ``chose_a``: bool verdict; ``shown_a``: 1 canonical a shown first, 0 b shown
     first, -1 unknown; ``weight``: the judgment's weight in the pair posterior (one vote per
     judge: 1/k, times e.g. ``ai_weight``; 0 = estimate the judge, do not use for the pair);
-    ``gold`` (P,): 0 a / 1 b / -1 none, canonical.
+    ``gold`` (P,): 0 a / 1 b / -1 none, canonical.  ``decorrelate``: fit once, weigh judges by
+    :func:`independence`, fit again (else every judge's independence is 1).
     """
     v = np.where(chose_a, 1.0, -1.0)
     known = shown_a >= 0
@@ -120,38 +132,45 @@ def fit(
     n_bf = np.bincount(unit, weights=known & (shown_a == 0), minlength=n_units)
     single = known & ((n_af > 0) != (n_bf > 0))[unit]
     engaged = engaged_share(unit=unit, n_units=n_units, judge=judge, n_judges=n_judges, chose_a=chose_a, shown_a=shown_a)
-    engaged_j = engaged[judge]
     w = np.asarray(weight, float)
     g = np.full(n_pairs, -1) if gold is None else np.asarray(gold)
     clamp = g >= 0
     mw = _mstep_weights(judge, clamp[pair], n_judges)
-    q = expit(np.bincount(pair, weights=w * v, minlength=n_pairs))  # start: the vote, flips cancel
-    alpha = np.full(n_judges, PRIOR_RIGHT / (PRIOR_RIGHT + PRIOR_WRONG))
-    beta = alpha.copy()
-    it = 0
-    for it in range(1, max(iterations, 1) + 1):
-        qp = np.where(clamp, (g == 0).astype(float), q)[pair]
-        p_better_first = np.where(shown_a == 1, qp, 1.0 - qp)  # P(the better response was shown first)
-        right = np.where(chose_a, qp, 1.0 - qp)
-        # alpha: right | better first  (= chose first); beta: right | better second (= chose second)
-        na = mw * np.where(known, p_better_first, 0.5)
-        ka = mw * np.where(known, p_better_first * first, 0.5 * right)
-        nb = mw * np.where(known, 1.0 - p_better_first, 0.5)
-        kb = mw * np.where(known, (1.0 - p_better_first) * (known & ~first), 0.5 * right)
-        new_a = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=ka, minlength=n_judges))
-                        / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=na, minlength=n_judges)), *CLIP)
-        new_b = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=kb, minlength=n_judges))
-                        / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=nb, minlength=n_judges)), *CLIP)
-        q = expit(np.bincount(pair, weights=w * engaged_j * _judgment_evidence(judge, v, first, single, new_a, new_b),
-                              minlength=n_pairs))
-        done = max(float(np.max(np.abs(new_a - alpha), initial=0.0)), float(np.max(np.abs(new_b - beta), initial=0.0))) < tol
-        alpha, beta = new_a, new_b
-        if done:
-            break
-    e = engaged_j * _judgment_evidence(judge, v, first, single, alpha, beta)
+    indep = np.ones(n_judges)
+    for rnd in range(2 if decorrelate else 1):
+        if rnd:
+            indep = independence(pair=pair, judge=judge, unit=unit, n_units=n_units, chose_a=chose_a, n_pairs=n_pairs,
+                                 n_judges=n_judges, p_a=np.where(clamp, (g == 0).astype(float), q), measure=mw)
+        factor = (engaged * indep)[judge]
+        # both fits start from the vote (flips cancel): started where the first ended, the second
+        # stays near the family-led fixed point (development seeds: -0.04 to -0.08 on family panels)
+        q = expit(np.bincount(pair, weights=w * v, minlength=n_pairs))
+        alpha = np.full(n_judges, PRIOR_RIGHT / (PRIOR_RIGHT + PRIOR_WRONG))
+        beta = alpha.copy()
+        it = 0
+        for it in range(1, max(iterations, 1) + 1):
+            qp = np.where(clamp, (g == 0).astype(float), q)[pair]
+            p_better_first = np.where(shown_a == 1, qp, 1.0 - qp)  # P(the better response was shown first)
+            right = np.where(chose_a, qp, 1.0 - qp)
+            # alpha: right | better first  (= chose first); beta: right | better second (= chose second)
+            na = mw * np.where(known, p_better_first, 0.5)
+            ka = mw * np.where(known, p_better_first * first, 0.5 * right)
+            nb = mw * np.where(known, 1.0 - p_better_first, 0.5)
+            kb = mw * np.where(known, (1.0 - p_better_first) * (known & ~first), 0.5 * right)
+            new_a = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=ka, minlength=n_judges))
+                            / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=na, minlength=n_judges)), *CLIP)
+            new_b = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=kb, minlength=n_judges))
+                            / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=nb, minlength=n_judges)), *CLIP)
+            q = expit(np.bincount(pair, weights=w * factor * _judgment_evidence(judge, v, first, single, new_a, new_b),
+                                  minlength=n_pairs))
+            done = max(float(np.max(np.abs(new_a - alpha), initial=0.0)), float(np.max(np.abs(new_b - beta), initial=0.0))) < tol
+            alpha, beta = new_a, new_b
+            if done:
+                break
+    e = factor * _judgment_evidence(judge, v, first, single, alpha, beta)
     ev = np.bincount(pair, weights=w * e, minlength=n_pairs)
     has = np.bincount(pair, weights=(w > 0).astype(float), minlength=n_pairs) > 0
-    return OrderAwareDS(alpha, beta, engaged, np.where(has, expit(ev), np.nan), np.where(has, ev, np.nan), e, it)
+    return OrderAwareDS(alpha, beta, engaged, np.where(has, expit(ev), np.nan), np.where(has, ev, np.nan), e, it, indep)
 
 
 MIN_GOLD_JUDGMENTS = 10  # a judge with this many judgments on gold pairs is measured on gold only
@@ -193,6 +212,91 @@ def engaged_share(*, unit: np.ndarray, n_units: int, judge: np.ndarray, n_judges
     n = np.bincount(unit_judge, weights=both, minlength=n_judges)
     kappa = np.bincount(unit_judge, weights=same, minlength=n_judges) / np.maximum(n, 1)
     return np.where(n > 0, np.maximum(2 * kappa - 1, 0.0) / np.maximum(kappa, 1e-9), 1.0)
+
+
+MIN_SHARED = 20  # judge pairs with fewer shared verdicts are not compared
+EXCESS_P = 0.025  # an excess is counted only when the exact test against the baseline rejects at this level
+
+
+def independence(*, pair: np.ndarray, judge: np.ndarray, unit: np.ndarray, n_units: int, chose_a: np.ndarray,
+                 n_pairs: int, n_judges: int, p_a: np.ndarray, measure: np.ndarray | None = None) -> np.ndarray:
+    """(J,) omega_j = 1 / (1 + sum_k x_jk): the share of a judge's vote left once the judges
+    whose errors go with its errors beyond what the accuracies explain are accounted for.
+
+    Verdicts are per (pair, judge) unit, v = sign of the net vote (+1 a, -1 b; a verdict that
+    flips with the display order, 0, is left out).  For judges j, k with >= MIN_SHARED shared
+    verdicts: M_jk = mean v_j v_k.  Judges that err independently given the better response
+    have E[v_j v_k] = s_j s_k with s = 2 r - 1 and r the accuracy of a judge's verdicts (under
+    the posterior ``p_a``, on gold pairs alone for a judge with ``measure`` 0 elsewhere -- the
+    M-step's weights: a posterior the panel's errors pull is a poor yardstick for accurate
+    judges; clipped to [0.02, 0.98]), so rho_jk = (M_jk - s_j s_k) /
+    sqrt((1 - s_j^2)(1 - s_k^2)) is the correlation of their errors.  Some correlation is
+    common to every pair of judges (hard pairs are hard for all; a surface appeal fools all),
+    so the baseline is b_jk = (median_k rho_jk + median_j rho_jk) / 2, the typical
+    correlation of each of the two with the rest of the panel; x_jk = rho_jk - b_jk when the
+    exact binomial test of their disagreements against the count the baseline explains
+    (n_jk (1 - s_j s_k - b_jk sqrt(...)) / 2) says fewer at level EXCESS_P, else 0 (two nearly
+    perfect judges that never disagree on 30 pairs are no family: too few disagreements were
+    expected to tell).  A family of m judges whose errors correlate by x gets omega = 1 / (1 +
+    (m - 1) x): together its m votes count m / (1 + (m - 1) x), the effective number of
+    independent judges in an exchangeable group; a judge outside any family keeps 1.  A family
+    that is most of the panel sets the medians itself and is not discounted (no method without
+    gold can tell such a family's agreement from the truth); the few judges outside it then
+    look like a family of their own and are discounted instead (measured: docs/benchmarks.md).
+
+    Sparse products over (pair x judge) verdicts: O(sum over pairs of judges^2) for the
+    agreement counts, then O(judge pairs that share verdicts)."""
+    v = np.bincount(unit, weights=np.where(chose_a, 1.0, -1.0), minlength=n_units)
+    unit_judge = np.zeros(n_units, np.int64)
+    unit_pair = np.zeros(n_units, np.int64)
+    unit_judge[unit], unit_pair[unit] = judge, pair
+    verdict = np.sign(v) != 0  # absent units have v = 0 too
+    up, uj, uv = unit_pair[verdict], unit_judge[verdict], np.sign(v[verdict])
+    q = np.nan_to_num(p_a, nan=0.5)[up]
+    right = np.where(uv > 0, q, 1.0 - q)
+    um = np.ones(n_units)
+    if measure is not None:
+        um[unit] = measure
+    um = um[verdict]
+    # no prior here: a prior pulls an accurate judge's r down, and two accurate judges that
+    # never disagree would then look like a family (judges compared have >= MIN_SHARED verdicts)
+    r = np.bincount(uj, weights=um * right, minlength=n_judges) / np.maximum(np.bincount(uj, weights=um, minlength=n_judges), 1e-9)
+    s = 2.0 * np.clip(r, *CLIP) - 1.0
+    shape = (n_pairs, n_judges)
+    votes = sp.csr_matrix((uv, (up, uj)), shape=shape)  # (P, J) +-1
+    present = votes.copy()
+    present.data = np.abs(present.data)
+    shared = (present.T @ present).tocoo()  # verdicts two judges share
+    net = (votes.T @ votes).tocsr()  # agreements - disagreements
+    j, k, n = shared.row, shared.col, shared.data
+    keep = (j != k) & (n >= MIN_SHARED)
+    j, k, n = j[keep], k[keep], n[keep]
+    if not len(j):
+        return np.ones(n_judges)
+    m = np.asarray(net[j, k]).ravel() / n
+    scale = np.sqrt(np.maximum(1.0 - s[j] ** 2, 1e-3) * np.maximum(1.0 - s[k] ** 2, 1e-3))
+    rho = (m - s[j] * s[k]) / scale
+    med = _group_median(j, rho, n_judges)
+    base = 0.5 * (med[j] + med[k])
+    # disagreements expected at the baseline correlation: exact one-sided binomial test of fewer
+    d0 = np.clip(0.5 * (1.0 - s[j] * s[k] - base * scale), 1e-9, 1.0)
+    fewer = binom_less(np.round(0.5 * n * (1.0 - m)), n, d0) <= EXCESS_P
+    x = np.where(fewer & (rho > base), rho - base, 0.0)
+    return 1.0 / (1.0 + np.bincount(j, weights=x, minlength=n_judges))
+
+
+def _group_median(group: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_groups,) median of ``values`` per group (0 for an empty group), vectorised by one sort."""
+    order = np.lexsort((values, group))
+    g, x = group[order], values[order]
+    count = np.bincount(g, minlength=n_groups)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    lo = start + (count - 1) // 2
+    hi = start + count // 2
+    ok = count > 0
+    out = np.zeros(n_groups)
+    out[ok] = 0.5 * (x[lo[ok]] + x[hi[ok]])
+    return out
 
 
 def _judgment_evidence(judge: np.ndarray, v: np.ndarray, first: np.ndarray, single: np.ndarray,

@@ -19,10 +19,13 @@ __all__ = [
     "binom_sf",
     "binom_two_sided_half",
     "binom_greater",
+    "binom_less",
     "fractional_sign_test",
     "bh_adjust",
     "bh_reject",
     "reliability_power",
+    "chance_power",
+    "binom_upper_bound",
     "unit_terms_alpha",
     "alpha_from_sums",
     "krippendorff_alpha_nominal",
@@ -75,6 +78,15 @@ def _isf(q: float, n: np.ndarray, p: np.ndarray | float) -> np.ndarray:
 def binom_greater(k: np.ndarray, n: np.ndarray, p: np.ndarray | float) -> np.ndarray:
     """One-sided exact binomial p-value for H1: success rate > ``p`` (``P(X >= k)``)."""
     return binom_sf(k, n, p)
+
+
+def binom_less(k: np.ndarray, n: np.ndarray, p: np.ndarray | float) -> np.ndarray:
+    """One-sided exact binomial p-value for H1: success rate < ``p`` (``P(X <= k)``); NaN where n == 0.
+    ``binom_less(k, n, p) <= alpha`` <=> the exact (Clopper-Pearson) one-sided 1 - alpha upper
+    confidence bound of the rate is below ``p``."""
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    return np.where(n > 0, _cdf(k, n, p), np.nan)
 
 
 def binom_two_sided_half(k: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -142,6 +154,32 @@ def reliability_power(n: np.ndarray, chance: np.ndarray, p1: np.ndarray, alpha: 
     # smallest k with P(X >= k | chance) <= alpha is isf(alpha) + 1
     kcrit = _isf(alpha, n, chance)
     power = _sf(kcrit, n, p1)
+    return np.where(n > 0, np.nan_to_num(power, nan=0.0), 0.0)
+
+
+def binom_upper_bound(k: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
+    """Exact (Clopper-Pearson) one-sided 1 - ``alpha`` upper confidence bound of a binomial rate
+    from ``k`` successes in ``n`` trials (element-wise; NaN where n == 0, 1 where k == n)."""
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ub = special.betaincinv(k + 1.0, np.maximum(n - k, 1e-12), 1.0 - alpha)
+    return np.where(n > 0, np.where(k >= n, 1.0, ub), np.nan)
+
+
+def chance_power(n: np.ndarray, chance: np.ndarray, useful: np.ndarray, alpha: float) -> np.ndarray:
+    """Power of the one-sided exact test 'below ``useful``' (:func:`binom_less` <= ``alpha``)
+    against an annotator exactly at ``chance``, for ``n`` trials (element-wise; 0 where n == 0):
+    the probability that the test finds an annotator at chance."""
+    n = np.asarray(n, dtype=float)
+    useful = np.broadcast_to(np.clip(np.asarray(useful, dtype=float), 1e-9, 1 - 1e-9), n.shape)
+    # largest k in [-1, n] with P(X <= k | useful) <= alpha, by a vectorised bisection on the monotone cdf
+    lo, hi = np.full(n.shape, -1.0), np.floor(np.nan_to_num(n)) + 1.0  # cdf(-1) = 0 <= alpha; cdf(n) = 1 > alpha
+    while np.any(hi - lo > 1):
+        mid = np.floor((lo + hi) / 2)
+        ok = _cdf(mid, n, useful) <= alpha
+        lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+    power = _cdf(lo, n, np.clip(np.asarray(chance, dtype=float), 1e-9, 1 - 1e-9))
     return np.where(n > 0, np.nan_to_num(power, nan=0.0), 0.0)
 
 

@@ -79,7 +79,7 @@ def test_gold_only_annotators_are_tested_on_gold() -> None:
 def test_gold_orientation_is_the_judgments_own() -> None:
     # a swapped judgment writes label and gold_label in its own orientation: still correct
     recs = [rec(f"c{p}", "a", "g", prompt="q", ra=f"x{p}", rb=f"y{p}", gold_label="a", swap=p % 2 == 1) for p in range(40)]
-    recs += [rec(f"d{p}", "b", "g", prompt="q", ra=f"x{p}", rb=f"y{p}", gold_label="a", swap=p % 2 == 1) for p in range(10)]
+    recs += [rec(f"d{p}", "b", "g", prompt="q", ra=f"u{p}", rb=f"v{p}", gold_label="a", swap=p % 2 == 1) for p in range(10)]
     t = _table(reliability.run(judgments_from_records(recs)))
     assert t["g"]["gold_n"] == 50 and t["g"]["gold_accuracy"] == pytest.approx(40 / 50)
 
@@ -113,3 +113,90 @@ def test_ds_accuracy_column_and_edge_cases() -> None:
     assert reliability.run(one.head(0)).flags.height == 0
     ext = pl.DataFrame({"annotator_id": ["h1"], "ds_accuracy": [0.42]})
     assert _table(reliability.run(one, ds_accuracy=ext))["h1"]["ds_accuracy"] == 0.42
+
+
+# ---------------------------------------------------------------- the decision rule (exact error rates)
+def _flag_probability(rate: float, n: int, chance: float = 0.5) -> float:
+    """P(at-chance flag) of one family for an annotator with agreement ``rate`` over ``n`` units: exact,
+    by enumerating the outcomes k (one annotator, so Benjamini-Hochberg is the plain test)."""
+    from scipy.stats import binom
+
+    cfg = AnnotatorTestConfig()
+    ks = np.arange(n + 1, dtype=float)
+    flags = np.array([reliability._test(np.array([k]), np.array([float(n)]), np.array([chance]), np.array([True]), cfg).at_chance[0]
+                      for k in ks])
+    return float(binom.pmf(ks, n, rate)[flags].sum())
+
+
+@pytest.mark.parametrize("n", [20, 45, 60, 115, 400])
+def test_flag_error_rates(n: int) -> None:
+    """An annotator at the useful level (0.7 at chance 0.5) or above is flagged with probability <= alpha
+    at any n; one at chance is found with probability >= power once the test runs (about 60 units;
+    below, never flagged); one at 0.6 -- better than chance -- at most about half the time near 100
+    units, less as units accumulate (docs/checks-stats.md has the table)."""
+    assert _flag_probability(0.7, n) <= 0.05 and _flag_probability(0.8, n) <= 0.01
+    at_chance = _flag_probability(0.5, n)
+    assert at_chance == 0.0 if n < 50 else at_chance >= 0.9
+    assert _flag_probability(0.6, n) <= 0.56
+    assert _flag_probability(0.6, 1000) < 0.05
+
+
+def test_order_flips_are_no_verdict() -> None:
+    """An AI judge judged in both display orders: a verdict that flips with the order is no verdict.
+    ``first`` always picks the first-shown response (every verdict flips: nothing to test, position
+    bias is its own reason); ``flippy`` follows the position on 85 % of the pairs and is right on the
+    rest -- 0.58 per judgment, 1.0 per verdict: not at chance."""
+    rng = np.random.default_rng(7)
+    recs = _panel(rng, 120, {})
+    for p in range(120):
+        truth = next(r["label"] for r in recs if r["prompt"] == f"q{p}")  # a colleague's label is close enough
+        consistent = rng.random() < 0.15
+        for first in "ab":
+            recs.append(rec(f"first-{p}-{first}", first, "first", kind="ai", prompt=f"q{p}", shown_first=first))
+            lab = truth if consistent else first
+            recs.append(rec(f"flippy-{p}-{first}", lab, "flippy", kind="ai", prompt=f"q{p}", shown_first=first))
+    res = reliability.run(judgments_from_records(recs))
+    t = _table(res)
+    assert not {"first", "flippy"} & set(res.flags["subject_id"])
+    assert t["first"]["loo_n"] == 0 and t["first"]["status"] == "insufficient_data"
+    assert 5 < t["flippy"]["loo_n"] < 40 and t["flippy"]["agreement_with_consensus"] > 0.7
+
+
+def test_gold_at_chance_is_not_cleared_by_agreeing_copies() -> None:
+    """Four copies of one coin (the same random answer per pair: a family that errs together) agree
+    with each other's consensus far above chance, but gold -- which their shared errors cannot
+    inflate -- finds them at chance: flagged, by gold."""
+    rng = np.random.default_rng(8)
+    recs = []
+    for p in range(100):
+        truth = "a" if rng.random() < 0.5 else "b"
+        coin = str(rng.choice(["a", "b"]))
+        for h in range(3):
+            lab = truth if rng.random() < 0.85 else {"a": "b", "b": "a"}[truth]
+            recs.append(rec(f"h{h}-{p}", lab, f"h{h}", prompt=f"q{p}", gold_label=truth))
+        for c in range(4):
+            recs.append(rec(f"c{c}-{p}", coin, f"copy-{c}", prompt=f"q{p}", gold_label=truth))
+    res = reliability.run(judgments_from_records(recs))
+    t = _table(res)
+    assert set(res.flags["subject_id"]) == {f"copy-{c}" for c in range(4)}
+    assert res.metrics["flagged_by_gold"] == 4
+    assert all(t[f"copy-{c}"]["agreement_with_consensus"] > 0.8 for c in range(4))
+
+
+def test_stats_helpers_match_scipy() -> None:
+    from scipy.stats import binom
+
+    from pipeline.stats import binom_less, binom_upper_bound, chance_power
+
+    ks, ns = np.array([0, 3, 14, 50, 20, 7]), np.array([10, 10, 28, 80, 20, 9])
+    np.testing.assert_allclose(binom_less(ks, ns, 0.6), binom.cdf(ks, ns, 0.6), rtol=1e-12)
+    ub = binom_upper_bound(ks, ns, 0.05)
+    below = ks < ns
+    np.testing.assert_allclose(binom.cdf(ks[below], ns[below], ub[below]), 0.05, rtol=1e-9)  # Clopper-Pearson
+    assert ub[~below].tolist() == [1.0] and np.isnan(binom_upper_bound(np.array([0]), np.array([0]), 0.05))[0]
+    for n in (0, 1, 7, 33, 60, 200):
+        for chance, useful in ((0.5, 0.7), (0.4, 0.64)):
+            k = np.arange(n + 1)
+            crit = k[binom.cdf(k, n, useful) <= 0.05]
+            brute = binom.cdf(crit.max(), n, chance) if len(crit) else 0.0
+            assert chance_power(np.array([n]), np.array([chance]), np.array([useful]), 0.05)[0] == pytest.approx(brute, abs=1e-12)

@@ -113,7 +113,7 @@ def test_matches_plain_reference(seed: int, n_pairs: int, n_judges: int, gold_sh
     arr = {name: np.array([r[i] for r in rows]) for i, name in enumerate(("pair", "judge", "unit", "chose_a", "shown_a", "weight"))}
     m = position_ds.fit(pair=arr["pair"], judge=arr["judge"], unit=arr["unit"], n_units=unit, chose_a=arr["chose_a"].astype(bool),
                         shown_a=arr["shown_a"], weight=arr["weight"], n_pairs=n_pairs, n_judges=n_judges,
-                        gold=np.array(gold), iterations=7, tol=0.0)
+                        gold=np.array(gold), iterations=7, tol=0.0, decorrelate=False)
     al, be, ev, pi = _reference(rows, n_pairs, n_judges, gold, 7)
     np.testing.assert_allclose(m.alpha, al, atol=1e-12)
     np.testing.assert_allclose(m.beta, be, atol=1e-12)
@@ -198,3 +198,97 @@ def test_gold_measures_judges_that_err_together() -> None:
         lab = {r["prompt_text"].removeprefix("question "): r["label_consensus"] for r in pairs.iter_rows(named=True)}
         assert all((lab[k] == truth[k]) == expect_right for k in contested), (g is not None, [lab[k] for k in contested])
         assert all(lab[k] == truth[k] for k in truth if k not in contested and int(k[1:]) % 3 != 0)
+
+
+# ---------------------------------------------------------------- independence weights
+def _independence_reference(verdicts: dict[tuple[int, int], int], p_a: list[float], n_judges: int) -> list[float]:
+    """verdicts: (pair, judge) -> +1 / -1 (net vote's sign); plain loops and the formulas of the docstring."""
+    right = [0.0] * n_judges
+    cnt = [0] * n_judges
+    for (p, j), v in verdicts.items():
+        right[j] += p_a[p] if v > 0 else 1 - p_a[p]
+        cnt[j] += 1
+    lo, hi = position_ds.CLIP
+    s = [2 * min(max(right[j] / cnt[j], lo), hi) - 1 if cnt[j] else 2 * lo - 1 for j in range(n_judges)]
+    pairs_of = {j: {p for (p, jj) in verdicts if jj == j} for j in range(n_judges)}
+    stats = {}
+    for j in range(n_judges):
+        for k in range(n_judges):
+            shared = pairs_of[j] & pairs_of[k]
+            if j == k or len(shared) < position_ds.MIN_SHARED:
+                continue
+            n = len(shared)
+            m = sum(verdicts[(p, j)] * verdicts[(p, k)] for p in shared) / n
+            scale = math.sqrt(max(1 - s[j] ** 2, 1e-3) * max(1 - s[k] ** 2, 1e-3))
+            stats[(j, k)] = (n, m, scale, (m - s[j] * s[k]) / scale)
+    med = []
+    for j in range(n_judges):
+        row = sorted(v[3] for (a, _), v in stats.items() if a == j)
+        med.append(0.5 * (row[(len(row) - 1) // 2] + row[len(row) // 2]) if row else 0.0)
+    total = [0.0] * n_judges
+    for (j, k), (n, m, scale, rho) in stats.items():
+        base = 0.5 * (med[j] + med[k])
+        d0 = min(max(0.5 * (1 - s[j] * s[k] - base * scale), 1e-9), 1.0)
+        dis = round(0.5 * n * (1 - m))
+        tail = sum(math.comb(n, i) * d0 ** i * (1 - d0) ** (n - i) for i in range(dis + 1))
+        if tail <= position_ds.EXCESS_P and rho > base:
+            total[j] += rho - base
+    return [1 / (1 + t) for t in total]
+
+
+def test_independence_matches_plain_reference() -> None:
+    rng = random.Random(5)
+    n_pairs, n_judges = 60, 6
+    truth = [rng.random() < 0.5 for _ in range(n_pairs)]
+    rows = []  # (pair, judge, unit, chose_a)
+    unit = 0
+    for p in range(n_pairs):
+        taste = rng.random() < 0.3  # judges 0-2 share a taste: wrong together on 30 % of the pairs
+        for j in range(n_judges):
+            if rng.random() < 0.15:
+                continue
+            right = (not taste) if j < 3 else rng.random() < 0.75
+            lab = truth[p] if right else not truth[p]
+            for _ in range(rng.choice([1, 2])):  # some units twice (both orders), sometimes flipping
+                rows.append((p, j, unit, lab if rng.random() < 0.9 else not lab))
+            unit += 1
+    arr = {k: np.array([r[i] for r in rows]) for i, k in enumerate(("pair", "judge", "unit", "chose_a"))}
+    p_a = [rng.uniform(0.05, 0.95) if rng.random() < 0.2 else (0.9 if t else 0.1) for t in truth]
+    got = position_ds.independence(pair=arr["pair"], judge=arr["judge"], unit=arr["unit"], n_units=unit,
+                                   chose_a=arr["chose_a"].astype(bool), n_pairs=n_pairs, n_judges=n_judges, p_a=np.array(p_a))
+    net: dict[tuple[int, int], float] = {}
+    for p, j, _, a in rows:
+        net[(p, j)] = net.get((p, j), 0.0) + (1 if a else -1)
+    verdicts = {key: (1 if x > 0 else -1) for key, x in net.items() if x != 0}
+    np.testing.assert_allclose(got, _independence_reference(verdicts, p_a, n_judges), atol=1e-12)
+    assert np.sort(got[:3])[1] < 0.8 and got[3:].min() > 0.9  # the family shares its vote, the others keep theirs
+
+
+def test_family_shares_one_vote_and_independent_panels_lose_nothing() -> None:
+    """make_judge_panel: with families of 8 the family members' verdicts are discounted, the good
+    judges' much less.  On panels whose judges err independently the good judges are discounted
+    too -- shared difficulty (hard pairs are hard for every good judge) and a posterior that
+    underrates accurate judges read as a shared error -- but alike, so the labels barely move."""
+    from tests.synth import make_judge_panel
+
+    p = make_judge_panel(0, family_size=8, taste=2.0, appeal=1.0, clarity=(0.3, 1.0))
+    e = encode(p.judgments())
+    _, m = order_aware(e)
+    w = dict(zip(e.ann_ids.to_list(), m.independence, strict=True))
+    good = [w[a] for a, role in p.judges.items() if role == "good"]
+    rest = [w[a] for a, role in p.judges.items() if role != "good"]
+    assert min(good) > 2 * np.median(rest) and np.median(rest) < 0.4, (good, rest)
+    acc = []
+    for seed in range(6):
+        p = make_judge_panel(seed, appeal=0.0, clarity=(0.5, 1.0))
+        e = encode(p.judgments())
+        dec = e.label <= 1
+        truth = np.array([0 if p.truth[x] == "a" else 1 for x in e.pair_ids.to_list()])
+        for decorrelate in (False, True):
+            fitted = position_ds.fit(pair=e.pair[dec], judge=e.ann[dec], unit=e.unit[dec], n_units=e.n_units,
+                                     chose_a=e.label[dec] == 0, shown_a=np.where(e.shown[dec] < 0, -1, (e.shown[dec] == 0)),
+                                     weight=1.0 / np.bincount(e.unit)[e.unit][dec], n_pairs=e.n_pairs, n_judges=e.n_annotators,
+                                     decorrelate=decorrelate)
+            acc.append(np.mean(np.where(fitted.evidence > 0, 0, 1) == truth))
+    without, with_ = np.mean(acc[0::2]), np.mean(acc[1::2])
+    assert with_ >= without - 0.01, (without, with_)  # per seed within +-0.02

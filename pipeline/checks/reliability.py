@@ -1,55 +1,73 @@
 """Annotator reliability: agreement with the leave-one-out consensus, gold accuracy and
-Dawid-Skene accuracy per annotator; ``low_reliability`` when an annotator is no better
-than chance.
+Dawid-Skene accuracy per annotator; ``low_reliability`` when the evidence says an annotator
+is at chance or worse.
 
 Method
 ------
+* **Verdicts, not judgments.**  Every comparison is made per (pair, annotator) unit, one vote
+  per annotator per pair (k judgments of a unit weigh 1/k each, as in the aggregation).  A
+  unit whose a and b votes cancel -- an AI judge that named a different response in each
+  display order -- is **no verdict** and is left out when the reference is a or b: one of
+  the two is right whichever response is better, so counting it as one right and one wrong
+  would call a judge that is often order-inconsistent "at chance" even when its consistent
+  verdicts are accurate.  Order inconsistency has its own reason (``order_inconsistent``,
+  checks/position_bias.py) and its own weight in the consensus (pipeline/position_ds.py).
+  For an annotator with one judgment per pair (humans) unit = judgment.
 * **Leave-one-out (LOO) consensus** (:func:`pipeline.aggregate.loo_reference`).  For each
-  judgment of annotator j on a pair, the reference is the Dawid-Skene weighted a/b
-  estimate of the *other* annotators on that pair (one vote per annotator, canonical
-  orientation, any kind), used only when it is confident (P >= 0.9: typically two
-  agreeing colleagues).  A random colleague has weight ~0, so the reference stays
-  accurate (~97 % on the planted batches vs ~92 % for a plain plurality), which is what
-  separates honest annotators from random ones.  Agreement = share of j's judgments on
-  such pairs equal to the reference (a tie or both_bad answer counts as disagreement).
-* **Gold.**  On items with ``gold_label``: share of j's judgments equal to it (both in the
-  judgment's own orientation).
+  unit of annotator j, the reference is the Dawid-Skene weighted a/b estimate of the *other*
+  annotators on that pair (one vote per annotator, canonical orientation, any kind), used
+  only when it is confident (P >= 0.9: typically two agreeing colleagues).  A random
+  colleague has weight ~0, so the reference stays accurate (~97 % on the planted batches vs
+  ~92 % for a plain plurality).  Agreement = j's vote share on the reference's label (a tie
+  or both_bad answer counts as disagreement).
+* **Gold.**  On pairs with ``gold_label``: j's vote share on the gold label (canonical
+  orientation; a judgment writes label and gold in its own).
 * **Chance rate** of each comparison = sum_c p_j(c) * q_j(c), with p_j the annotator's
   own label distribution and q_j the reference (or gold) label distribution on the same
-  items -- the agreement an annotator would reach by answering independently of the
-  item (e.g. always "a" in a batch where the reference says "a" 70 % of the time).
-* **Test.**  One-sided exact binomial, H0: rate <= p0 = chance + ``chance_margin`` *
-  (1 - chance) (0.525 for chance 0.5), H1: rate > p0.  Benjamini-Hochberg at ``alpha``
-  across annotators (LOO and gold are separate families) controls the share of
-  annotators wrongly *declared reliable*.  ``low_reliability`` when the annotator is not
-  declared better than chance by gold accuracy, or -- when the gold test could not be run
-  for it -- by LOO agreement.  Gold takes precedence because the LOO consensus is only a
-  proxy: on an AI panel where a family of judges errs together, the consensus follows the
-  family, and a judge that is right on gold would otherwise be dropped for disagreeing
-  with it.  The small margin
-  lifts recall of random annotators from ~95 % (a plain test at level 0.05 lets 5 % of
-  them through) to ~99 % on the planted batches, at no cost for honest annotators.
-* **Power rule (why the flag is safe).**  "Not shown better than chance" is also what
-  too few comparisons give, so a test is run only when it has power >= ``power`` against
-  an annotator at chance + ``reliable_margin`` * (1 - chance) (0.75 for chance 0.5), and
-  the annotator has >= ``min_judgments`` decisive judgments.  Otherwise the test is
-  skipped; when no test could be run the annotator's status is ``insufficient_data``,
-  never a flag.  With the defaults about 42 comparisons are needed at chance 0.5.
+  units -- the agreement an annotator would reach by answering independently of the item
+  (e.g. always "a" in a batch where the reference says "a" 70 % of the time).
+* **Two one-sided exact binomial tests per family** (gold; LOO), rate = agreement:
 
-``reliability_p_value`` in the table is the LOO test's p-value (small = reliable);
-``gold_p_value`` the gold test's.  ``ds_accuracy`` comes from the aggregation's
-Dawid-Skene model (passed in, or computed).
+  - *better than chance*: H0 rate <= p0 = chance + ``chance_margin`` * (1 - chance) (0.525
+    at chance 0.5), Benjamini-Hochberg at ``alpha`` across annotators.
+  - *at chance*: the exact one-sided 1 - ``alpha`` upper confidence bound of the rate is
+    below the useful level p_u = chance + USEFUL_MARGIN * (1 - chance) (0.7 at chance 0.5),
+    and the annotator is not shown better than chance.  **Power rule**: this test is run
+    only when it finds an annotator exactly at chance with probability >= ``power`` (about
+    60 units at chance 0.5), and the annotator has >= ``min_judgments`` decisive judgments.
+
+* **Flag** ``low_reliability`` when gold says at chance, or the LOO consensus says at chance
+  and gold does not show the annotator better than chance.  The asymmetry is deliberate:
+  agreement with the others can be inflated by errors shared with them (one family of AI
+  judges), so it may neither clear an annotator whom gold finds at chance nor flag one whom
+  gold shows better than chance; gold accuracy cannot be inflated that way.
+* **Status**: ``flagged``; else ``ok`` when a family shows the annotator better than chance
+  or had the power to find it at chance; else ``insufficient_data`` (never a flag).
+
+Error rates (exact, per annotator, one family at chance 0.5; the table in docs/checks-stats.md):
+an annotator at the useful level or above is flagged with probability <= ``alpha`` at any
+number of units; one exactly at chance is found with probability >= ``power`` once the test
+runs (>= 0.92 at 60 units, 0.99 at 115); one between (0.6, say) is flagged at most about half
+the time near 100 units and less and less as units accumulate (the better-than-chance test
+clears it).  No rule separates 0.5 from 0.6 reliably at 100 units; 0.7 keeps every planted
+random annotator of the synthetic batches found (tests/test_planted_targets.py).
+
+``reliability_p_value`` in the table is the LOO better-than-chance test's p-value (small =
+reliable), ``gold_p_value`` the gold one's, each where that family was tested (powered, or
+shown better than chance).  ``ds_accuracy`` comes from the aggregation's Dawid-Skene model
+(passed in, or computed).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from pipeline.aggregate import A, B, Encoded, encode, loo_reference
+from pipeline.aggregate import A, B, NONE, Encoded, encode, loo_reference
 from pipeline.aggregate import ds_accuracy as ds_accuracy_of
-from pipeline.stats import bh_reject, binom_greater, reliability_power
+from pipeline.stats import bh_reject, binom_greater, binom_less, binom_upper_bound, chance_power
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
 from pipeline.checks.spec import CheckSpec, Reason
@@ -57,47 +75,77 @@ from pipeline.checks.spec import CheckSpec, Reason
 NAME = "reliability"
 
 
-def _test(k: np.ndarray, n: np.ndarray, chance: np.ndarray, enough: np.ndarray, cfg: AnnotatorTestConfig):
-    """(p-value, tested, better-than-chance) per annotator for one family of comparisons."""
+# the useful level of the at-chance test: p_u = chance + USEFUL_MARGIN * (1 - chance), 0.7 at chance 0.5.
+# A constant rather than a policy field until AnnotatorTestConfig carries one (schemas/ is not this module's).
+USEFUL_MARGIN = 0.4
+
+
+@dataclass(frozen=True)
+class _Family:
+    """One family of comparisons (gold or LOO), per annotator."""
+
+    p_value: np.ndarray  # better-than-chance test
+    better: np.ndarray  # shown better than chance (BH)
+    powered: np.ndarray  # the at-chance test would find an annotator at chance with probability >= power
+    at_chance: np.ndarray  # upper confidence bound below the useful level, powered, not better
+    upper: np.ndarray  # the upper confidence bound of the rate
+    useful: np.ndarray  # the useful level p_u
+
+    @property
+    def tested(self) -> np.ndarray:
+        return self.powered | self.better
+
+
+def _test(k: np.ndarray, n: np.ndarray, chance: np.ndarray, enough: np.ndarray, cfg: AnnotatorTestConfig) -> _Family:
+    """Both one-sided tests of one family for every annotator: ``k`` agreeing of ``n`` units
+    (vote shares, rounded), chance rate ``chance``; ``enough``: >= ``min_judgments`` decisive."""
+    k = np.round(k)
+    ok = enough & (n > 0)
     p0 = chance + cfg.chance_margin * (1.0 - chance)
-    p1 = chance + cfg.reliable_margin * (1.0 - chance)
-    power = reliability_power(n, p0, p1, cfg.alpha)
-    tested = enough & (n > 0) & (power >= cfg.power) & (p1 > p0)
+    pu = chance + USEFUL_MARGIN * (1.0 - chance)
     p = binom_greater(k, n, p0)
-    better = bh_reject(np.where(tested, p, np.nan), cfg.alpha)
-    return p, tested, better
+    better = bh_reject(np.where(ok, p, np.nan), cfg.alpha)
+    powered = ok & (chance_power(n, chance, pu, cfg.alpha) >= cfg.power)
+    below = np.nan_to_num(binom_less(k, n, pu), nan=1.0) <= cfg.alpha
+    return _Family(p, better, powered, powered & below & ~better, binom_upper_bound(k, n, cfg.alpha), pu)
 
 
-def _loo_counts(e: Encoded, accuracy: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Per annotator: ``loo_n`` judgments whose LOO reference is a or b, ``loo_k`` agreeing,
-    ``loo_chance`` = p(a) q(a) + p(b) q(b) (own label shares x reference shares)."""
-    ref = loo_reference(e, accuracy)
-    valid = (ref == A) | (ref == B)
+def _unit_counts(e: Encoded, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per annotator (n, k, chance) of the units' agreement with ``ref`` (U,) label codes (-1 none):
+    one vote per unit (a unit's k judgments weigh 1/k), units whose a and b votes cancel left
+    out when ``ref`` is a or b (no verdict); chance = sum_c p(c) q(c) over the counted units."""
     n_unit = np.bincount(e.unit, minlength=e.n_units).astype(float)
-    own = e.per_unit()  # counts per unit and label
+    own = e.per_unit() / np.maximum(n_unit, 1)[:, None]  # each unit's vote shares
+    no_verdict = (own[:, A] > 0) & (np.abs(own[:, A] - own[:, B]) < 1e-9) & ((ref == A) | (ref == B))
+    valid = (ref >= 0) & ~no_verdict
     rows = np.arange(e.n_units)
-    k_unit = np.where(valid, own[rows, np.clip(ref, 0, 4)], 0.0)
     na = e.n_annotators
 
     def s(wts: np.ndarray) -> np.ndarray:
         return np.bincount(e.unit_ann, weights=wts, minlength=na)
 
-    n = s(n_unit * valid)
-    pa, pb, qa = s(own[:, A] * valid), s(own[:, B] * valid), s(n_unit * (ref == A))
+    n = s(valid.astype(float))
+    p = np.column_stack([s(own[:, c] * valid) for c in range(5)])
+    q = np.column_stack([s(((ref == c) & valid).astype(float)) for c in range(5)])
     with np.errstate(invalid="ignore", divide="ignore"):
-        chance = (pa / n) * (qa / n) + (pb / n) * ((n - qa) / n)
-    return {"loo_n": n, "loo_k": s(k_unit), "loo_chance": chance}
+        chance = (p * q).sum(axis=1) / (n * n)
+    return n, s(np.where(valid, own[rows, np.clip(ref, 0, 4)], 0.0)), chance
+
+
+def _loo_counts(e: Encoded, accuracy: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per annotator: ``loo_n`` units whose LOO reference is a or b, ``loo_k`` agreeing (vote
+    shares), ``loo_chance`` = p(a) q(a) + p(b) q(b) (own label shares x reference shares)."""
+    n, k, chance = _unit_counts(e, loo_reference(e, accuracy, decorrelate=True))
+    return {"loo_n": n, "loo_k": k, "loo_chance": chance}
 
 
 def _gold_counts(e: Encoded) -> dict[str, np.ndarray]:
-    """Per annotator: ``gold_n``, ``gold_k`` (label == gold_label, as written), ``gold_chance``."""
-    g = (e.gold >= 0).astype(float)
-    n = np.bincount(e.ann, weights=g, minlength=e.n_annotators)
-    k = np.bincount(e.ann, weights=g * (e.raw_label == e.gold), minlength=e.n_annotators)
-    own = e.per_ann(g, codes=e.raw_label)
-    gold = e.per_ann(g, codes=e.gold)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        chance = (own * gold).sum(axis=1) / (n * n)
+    """Per annotator: ``gold_n`` units on gold pairs, ``gold_k`` vote share on the gold label, ``gold_chance``."""
+    g = np.where(e.flipped & (e.gold >= A) & (e.gold <= B), 1 - e.gold, e.gold)  # canonical, like the labels
+    ref = np.full(e.n_units, NONE, np.int64)
+    rows = np.flatnonzero(g >= 0)
+    ref[e.unit[rows]] = g[rows]
+    n, k, chance = _unit_counts(e, ref)
     return {"gold_n": n, "gold_k": k, "gold_chance": chance}
 
 
@@ -135,37 +183,39 @@ def run(
     }).join(ds_accuracy.select("annotator_id", "ds_accuracy"), on="annotator_id", how="left", maintain_order="left")
     t = t.with_columns(c("loo_n", "gold_n").fill_null(0).cast(pl.Int64))
     enough = (t["n_decisive"] >= cfg.min_judgments).to_numpy()
-    loo_p, loo_tested, loo_better = _test(
-        np.round(loo["loo_k"]), loo["loo_n"], np.nan_to_num(loo["loo_chance"], nan=0.5), enough, cfg
-    )
-    gold_p, gold_tested, gold_better = _test(
-        gold["gold_k"], gold["gold_n"], np.nan_to_num(gold["gold_chance"], nan=0.5), enough, cfg
-    )
-    flag_gold = gold_tested & ~gold_better
-    # gold, when it can be tested, decides: the others' consensus is only a proxy for the truth,
-    # and one a group of judges that err together can pull away from it
-    flag_loo = ~gold_tested & loo_tested & ~loo_better
+    lf = _test(loo["loo_k"], loo["loo_n"], np.nan_to_num(loo["loo_chance"], nan=0.5), enough, cfg)
+    gf = _test(gold["gold_k"], gold["gold_n"], np.nan_to_num(gold["gold_chance"], nan=0.5), enough, cfg)
+    # gold decides where it can; the others' consensus only where gold does not show the
+    # annotator better than chance, and it never clears one gold finds at chance: agreement
+    # with the others can be inflated by errors shared with them, gold accuracy cannot
+    flag_gold = gf.at_chance
+    flag_loo = ~flag_gold & lf.at_chance & ~gf.better
     flagged = flag_loo | flag_gold
+    tested = lf.tested | gf.tested
     t = t.with_columns(
         agreement_with_consensus=pl.when(c("loo_n") > 0).then(c("loo_k") / c("loo_n")),
         gold_accuracy=pl.when(c("gold_n") > 0).then(c("gold_k") / c("gold_n")),
-        reliability_p_value=pl.Series(np.where(loo_tested, loo_p, np.nan)).fill_nan(None),
-        gold_p_value=pl.Series(np.where(gold_tested, gold_p, np.nan)).fill_nan(None),
+        reliability_p_value=pl.Series(np.where(lf.tested, lf.p_value, np.nan)).fill_nan(None),
+        gold_p_value=pl.Series(np.where(gf.tested, gf.p_value, np.nan)).fill_nan(None),
+        _loo_upper=pl.Series(lf.upper).fill_nan(None), _loo_useful=pl.Series(lf.useful),
+        _gold_upper=pl.Series(gf.upper).fill_nan(None), _gold_useful=pl.Series(gf.useful),
         _flag_loo=pl.Series(flag_loo),
         _flag_gold=pl.Series(flag_gold),
-        status=pl.Series(np.where(flagged, "flagged", np.where(loo_tested | gold_tested, "ok", "insufficient_data"))),
+        status=pl.Series(np.where(flagged, "flagged", np.where(tested, "ok", "insufficient_data"))),
     )
     bad = t.filter(c("_flag_loo") | c("_flag_gold"))
     detail = bad.select(
         pl.concat_str(
             [
                 pl.when(c("_flag_loo")).then(pl.format(
-                    "agreement with the others' consensus {} over {} (chance {}, p={}); ",
-                    c("agreement_with_consensus").round(3), c("loo_n"), c("loo_chance").round(3), c("reliability_p_value").round(4),
+                    "agreement with the others' consensus {} over {} (chance {}; upper bound {} < useful {}); ",
+                    c("agreement_with_consensus").round(3), c("loo_n"), c("loo_chance").round(3), c("_loo_upper").round(3),
+                    c("_loo_useful").round(3),
                 )).otherwise(pl.lit("")),
                 pl.when(c("_flag_gold")).then(pl.format(
-                    "gold accuracy {} over {} (chance {}, p={})",
-                    c("gold_accuracy").round(3), c("gold_n"), c("gold_chance").round(3), c("gold_p_value").round(4),
+                    "gold accuracy {} over {} (chance {}; upper bound {} < useful {})",
+                    c("gold_accuracy").round(3), c("gold_n"), c("gold_chance").round(3), c("_gold_upper").round(3),
+                    c("_gold_useful").round(3),
                 )).otherwise(pl.lit("")),
             ]
         ).str.strip_chars("; ")
@@ -177,8 +227,8 @@ def run(
     ).with_columns(c("gold_n").fill_null(0).cast(pl.Int64))
     metrics: dict[str, Any] = {
         "annotators": t.height,
-        "tested": int((loo_tested | gold_tested).sum()),
-        "insufficient_data": int((~(loo_tested | gold_tested)).sum()),
+        "tested": int((tested | flagged).sum()),
+        "insufficient_data": int((~(tested | flagged)).sum()),
         "low_reliability": int(flagged.sum()),
         "flagged_by_consensus": int(flag_loo.sum()),
         "flagged_by_gold": int(flag_gold.sum()),
@@ -186,7 +236,7 @@ def run(
         "median_gold_accuracy": _median(table["gold_accuracy"]),
     }
     status = "warn" if flagged.any() else "pass"
-    summary = f"{int(flagged.sum())} of {int((loo_tested | gold_tested).sum())} testable annotators no better than chance"
+    summary = f"{int(flagged.sum())} of {int((tested | flagged).sum())} testable annotators at chance or worse"
     return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags, tables={"annotators": table}, summary=summary)
 
 
