@@ -40,6 +40,9 @@ FormatOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")]
 PolicyOpt = Annotated[Path | None, typer.Option("--policy", "-p", help="Policy file (.toml/.yaml); default: built-in defaults.")]
+AnnotatorsOpt = Annotated[Path | None, typer.Option(
+    "--annotators", help="Annotator registry, CSV or TOML (docs/input-format.md): every judgment is checked against it "
+    "(unknown_annotator, kind_mismatch, unqualified_reviewer); replaces the policy's `annotators`.")]
 MaxLineOpt = Annotated[str | None, typer.Option(
     "--max-line-bytes", help="Longest input line accepted (bytes, or e.g. 64MiB); default: the policy's ingest.max_line_bytes.")]
 MaxGzipOpt = Annotated[str | None, typer.Option(
@@ -60,8 +63,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.store import StoreError
     from schemas.ids import UnsafeId
     from schemas.policy import PolicyError
+    from schemas.registry import RegistryError
 
-    return StoreError, UnreadableFile, PolicyError, UnsafeId, SigningConfigError, OSError
+    return StoreError, UnreadableFile, PolicyError, RegistryError, UnsafeId, SigningConfigError, OSError
 
 
 def guarded(fn):
@@ -75,8 +79,9 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except _known_errors() as err:
             from schemas.policy import PolicyError
+            from schemas.registry import RegistryError
 
-            _fail_usage(_describe_error(err), multiline=isinstance(err, PolicyError))
+            _fail_usage(_describe_error(err), multiline=isinstance(err, PolicyError | RegistryError))
 
     return run
 
@@ -102,16 +107,27 @@ def validate(
     annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human, ai or unknown) for formats that do not say who judged (trl, hh, rated; default unknown).")] = None,
     max_line_bytes: MaxLineOpt = None,
     max_decompressed_bytes: MaxGzipOpt = None,
+    annotators: AnnotatorsOpt = None,
 ) -> None:
     """Read and validate raw batch files; print the ledger and the first errors with line numbers.
 
-    Nothing is written.  Exit 0 when every row is valid, 1 when rows were quarantined,
-    2 when a file cannot be read at all.
+    Nothing is written.  Exit 0 when every row is valid, 1 when rows were quarantined (or, with
+    --annotators, judgments were flagged against the registry), 2 when a file or the registry
+    cannot be used at all.
     """
     from pipeline.ingest import UnreadableFile, ingest_files
     from schemas.policy import Policy
+    from schemas.registry import RegistryError, load_registry
 
     limits = _with_ingest_caps(Policy(), max_line_bytes, max_decompressed_bytes).ingest
+    try:
+        registry = load_registry(annotators) if annotators else None
+    except RegistryError as err:
+        if as_json:
+            print(json.dumps({"ok": False, "error": str(err), "file": err.path,
+                              "problems": [{"line": ln, "field": f, "error": m} for ln, f, m in err.problems]}))
+            raise typer.Exit(EXIT_USAGE) from None
+        raise
 
     total_bytes = sum(p.stat().st_size for p in files if p.exists())
     try:
@@ -122,7 +138,8 @@ def validate(
                 sizes["rows"] = sizes.get("rows", 0) + n
                 advance(n)
 
-            result = ingest_files(files, fmt=fmt, keep_judgments=False, on_progress=on_rows,
+            # with a registry the judgments are kept for the registry check (memory grows with the input)
+            result = ingest_files(files, fmt=fmt, keep_judgments=registry is not None, on_progress=on_rows,
                                   annotator_id=annotator_id, annotator_kind=annotator_kind, limits=limits)
     except UnreadableFile as err:
         if as_json:
@@ -130,13 +147,19 @@ def validate(
             raise typer.Exit(EXIT_USAGE) from None
         _fail_usage(f"cannot read {err.path}: {err.why}")
     q = result.quarantine
+    found = _registry_findings(result.take_judgments(), registry) if registry is not None else None
+    flagged = found.height if found is not None else 0
     if as_json:
         payload = {
-            "ok": result.ledger.quarantined == 0,
+            "ok": result.ledger.quarantined == 0 and flagged == 0,
             "ledger": result.ledger.model_dump(),
             "sources": [s.model_dump() for s in result.sources],
             "errors": q.select("source_file", "line", "reason", "field", "error").head(max_errors).to_dicts(),
         }
+        if registry is not None:
+            payload["registry"] = {"file": str(annotators), "sha256": registry.sha256(), "annotators": len(registry.annotator),
+                                   "flag_counts": dict(sorted(found.group_by("reason").len().iter_rows())),
+                                   "flags": found.head(max_errors).to_dicts()}
         print(json_text(payload, indent=2))
     else:
         _print_ledger(result)
@@ -146,7 +169,30 @@ def validate(
             for r in q.head(max_errors).iter_rows(named=True):
                 con.print(markup("  {file}:{line}  [yellow]{reason}[/]  {error}", file=r["source_file"], line=r["line"],
                                  reason=r["reason"], error=r["error"]), soft_wrap=True)
-    raise typer.Exit(EXIT_QUARANTINE if result.ledger.quarantined else EXIT_OK)
+        if registry is not None:
+            _print_registry_findings(found, registry, annotators, max_errors)
+    raise typer.Exit(EXIT_QUARANTINE if result.ledger.quarantined or flagged else EXIT_OK)
+
+
+def _registry_findings(judgments, registry):
+    """Judgments flagged against the registry, with their file and line, in file order."""
+    from pipeline.checks.registry import findings
+
+    found = findings(judgments, registry)
+    return found.join(judgments.select("comparison_id", "source_file", line="source_line"), on="comparison_id", how="left") \
+        .sort("source_file", "line").select("source_file", "line", "comparison_id", "reason", "detail")
+
+
+def _print_registry_findings(found, registry, path: Path, max_errors: int) -> None:
+    con = out_console()
+    counts = dict(found.group_by("reason").len().iter_rows())
+    con.print(markup("\n[bold]Annotator registry[/] {path} ({n} annotators, sha256 {sha}): {counts}", path=str(path),
+                     n=len(registry.annotator), sha=registry.sha256()[:12],
+                     counts=", ".join(f"{r} {counts.get(r, 0)}" for r in ("unknown_annotator", "kind_mismatch",
+                                                                           "unqualified_reviewer"))))
+    for r in found.head(max_errors).iter_rows(named=True):
+        con.print(markup("  {file}:{line}  [yellow]{reason}[/]  {detail}", file=r["source_file"], line=r["line"],
+                         reason=r["reason"], detail=r["detail"]), soft_wrap=True)
 
 
 def _print_ledger(result) -> None:
@@ -222,6 +268,7 @@ def curate(
     annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human, ai or unknown) for formats that do not say who judged (trl, hh, rated; default unknown).")] = None,
     max_line_bytes: MaxLineOpt = None,
     max_decompressed_bytes: MaxGzipOpt = None,
+    annotators: AnnotatorsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest, check, select, split and write a new immutable dataset version.
@@ -235,6 +282,10 @@ def curate(
     from pipeline.readers import UnreadableFile
 
     pol = _with_ingest_caps(_load_policy_or_exit(policy), max_line_bytes, max_decompressed_bytes)
+    if annotators:  # part of the policy from here on: its content is in the policy hash, so in the version id
+        from schemas.registry import load_registry
+
+        pol = pol.model_copy(update={"annotators": load_registry(annotators)})
     st = _open_store(store, must_exist=False)
     if parent:
         _resolve_or_exit(st, parent)
@@ -248,7 +299,8 @@ def curate(
     m = res.handle.manifest()
     if as_json:
         print(json.dumps({"version_id": res.version_id, "created": res.created, "path": str(res.handle.path),
-                          "ledger": m.ledger.model_dump(), "checks": [{"name": c.name, "status": c.status} for c in m.checks],
+                          "ledger": m.ledger.model_dump(), "registry_sha256": m.registry_sha256,
+                          "checks": [{"name": c.name, "status": c.status} for c in m.checks],
                           "timings_s": res.timings}, indent=2))
     else:
         state = "written" if res.created else "already exists (nothing written)"
@@ -585,14 +637,20 @@ def policy_toml(model, prefix: str = "") -> str:
     if prefix and doc:
         lines.append(f"# {doc[0]}")
     fields = type(model).model_fields
-    nested = []
+    nested, tables = [], []
     for name, info in fields.items():
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             nested.append((name, value))
             continue
+        if isinstance(value, tuple) and value and all(isinstance(v, BaseModel) for v in value):
+            tables.append((name, value))  # an array of tables (the annotator registry's entries)
+            continue
         if info.description:
             lines.append(f"# {info.description}")
+        if value is None:  # TOML has no null: an unset optional key stays a comment
+            lines.append(f"# {name} = (not set)")
+            continue
         dumped = value if not isinstance(value, tuple) else list(value)
         if isinstance(dumped, dict):
             body = ", ".join(f"{k} = {json.dumps(v)}" for k, v in dumped.items())
@@ -603,6 +661,10 @@ def policy_toml(model, prefix: str = "") -> str:
         section = f"{prefix}.{name}" if prefix else name
         lines.append(f"\n[{section}]")
         lines.append(policy_toml(value, section))
+    for name, items in tables:
+        for item in items:
+            lines.append(f"\n[[{prefix}.{name}]]" if prefix else f"\n[[{name}]]")
+            lines += [f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in item.model_dump(mode="json").items() if v is not None]
     return "\n".join(lines)
 
 

@@ -10,6 +10,9 @@ Gates (``policy.certify``), each recorded with value / threshold / passed:
                                    (e.g. one judgment per pair) -> fails: agreement was not measured
 * ``agreement.unknown_kind``       no pair judged only by annotators of unknown kind (their agreement cannot be
                                    measured); ``require_agreement = false`` replaces these gates by a recorded opt-out
+* ``qualified_overlap.locale=<loc>`` built with an annotator registry: per locale of the kept pairs, pairs judged by
+                                   >= 2 different qualified humans >= min(``min_overlap_share`` x the locale's pairs,
+                                   ``min_qualified_overlap_pairs_per_locale``); no gate without a registry
 * ``biased_annotator_share``       share of kept pairs with a judgment by an annotator flagged for
                                    position or length bias (not dropped by the policy) <= ``max_biased_annotator_share``
 * ``exact_duplicate_rate``         exact-duplicate judgments / valid judgments <= ``max_exact_duplicate_rate``
@@ -67,6 +70,7 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
         gates.append(_gate(f"min_pairs.locale={loc}", n, cfg.min_pairs_per_locale, n >= cfg.min_pairs_per_locale))
 
     gates += agreement_gates(h, cfg)
+    gates += qualified_overlap_gates(h, cfg)
 
     flags = h.read("flags.parquet")
     ann_flags = flags.filter(pl.col("subject_kind") == "annotator")
@@ -210,6 +214,39 @@ def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
                            "judgments of unknown kind only on pairs that human or AI annotators also judged"))
     if not gates:
         gates.append(_gate("agreement", None, "measured", False, "no judgments: agreement was not measured"))
+    return gates
+
+
+def qualified_overlap_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
+    """Built with an annotator registry: per locale of the kept pairs, pairs judged by >= 2 different
+    *qualified* humans (judgments the registry check did not flag, whatever the policy did with the
+    flags) >= min(``min_overlap_share`` x the locale's pairs, ``min_qualified_overlap_pairs_per_locale``).
+    Overlap as in :mod:`pipeline.overlap` (one a/b/tie rating per annotator and pair).  No gate without one."""
+    m = h.manifest()
+    if m.policy.annotators is None:
+        return []
+    from pipeline.checks.registry import REASONS
+    from pipeline.overlap import COLUMNS, overlap_agreement, required_overlap
+
+    flags = h.read("flags.parquet", columns=["subject_kind", "reason", "subject_id"]).filter(
+        (pl.col("subject_kind") == "judgment") & pl.col("reason").is_in([*REASONS, "pair_id_conflict"]))
+    j = h.read("judgments.parquet", columns=["comparison_id", "locale", *COLUMNS]).with_columns(
+        pl.col("locale").fill_null("(none)"))
+    qualified = j.join(flags.select(comparison_id="subject_id"), on="comparison_id", how="anti").filter(
+        pl.col("annotator_kind") == "human")
+    kept = pl.concat([h.read_split(s, columns=["locale"]) for s in SPLITS])
+    pairs_of = dict(j.group_by("locale").agg(pl.col("pair_id").n_unique()).iter_rows())
+    by_locale = qualified.partition_by("locale", as_dict=True)
+    gates = []
+    for loc in sorted(set(kept["locale"].fill_null("(none)").to_list())):
+        pairs = pairs_of.get(loc, 0)
+        o = overlap_agreement(by_locale.get((loc,), qualified.clear()))["human"]
+        need = required_overlap(pairs, cfg.min_overlap_share, cfg.min_qualified_overlap_pairs_per_locale)
+        alpha = "n/a" if o["krippendorff_alpha"] is None else f"{o['krippendorff_alpha']:.3f}"
+        gates.append(_gate(f"qualified_overlap.locale={loc}", o["overlap_pairs"], need, o["overlap_pairs"] >= need,
+                           f"{o['overlap_pairs']} of the locale's {pairs} pairs judged by >= 2 different qualified humans "
+                           f"(registry {m.registry_sha256[:12]}; need min({cfg.min_overlap_share:g} x pairs, "
+                           f"{cfg.min_qualified_overlap_pairs_per_locale}); their alpha {alpha})"))
     return gates
 
 

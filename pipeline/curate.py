@@ -178,7 +178,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     pre_check = {k: v for k, v in pre_check.items() if v}
 
     n_judgments = judgments.height
-    extra: dict[str, dict[str, Any]] = {}
+    extra: dict[str, dict[str, Any]] = {"registry": {"registry": policy.annotators}}  # None: the check does nothing
     index_path = _parent_index(parent)
     if index_path is not None:
         extra["near_duplicates"] = {"index_path": index_path}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, computed_field, model_validator
 
 from schemas.policy import Policy
 
@@ -125,6 +125,12 @@ class Manifest(BaseModel):
     checks: list[CheckSummary]
     annotators: dict[str, Any] = Field(default_factory=dict)
     lineage: dict[str, Any] = Field(default_factory=dict)
+
+    @computed_field(description="sha256 of the canonical JSON of the annotator registry the version was built with "
+                    "(policy.annotators; null without one): written into manifest.json, so a certificate binds it")
+    @property
+    def registry_sha256(self) -> str | None:
+        return self.policy.annotators.sha256() if self.policy.annotators is not None else None
 
     def check(self, name: str) -> CheckSummary:
         """The summary of check ``name`` (an empty one, status pass, if the version has none)."""

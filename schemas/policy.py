@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.registry import AnnotatorRegistry, RegistryError, load_registry
+
 FlagAction = Literal["drop", "downweight", "warn"]
 
 
@@ -216,6 +218,9 @@ class CertifyConfig(_Cfg):
     min_overlap_share: float = Field(0.10, ge=0.0, le=1.0, description="share of a kind's pairs that >= 2 different "
                                      "annotators of that kind must have judged ...")
     min_overlap_pairs: int = Field(200, ge=1, description="... capped at this many pairs: need min(share x pairs, this)")
+    min_qualified_overlap_pairs_per_locale: int = Field(
+        50, ge=1, description="with an annotator registry: pairs of each locale that >= 2 different qualified humans must "
+        "have judged, min(min_overlap_share x the locale's pairs, this)")
     max_biased_annotator_share: float = Field(0.10, ge=0.0, le=1.0)
     max_exact_duplicate_rate: float = Field(0.05, ge=0.0, le=1.0)
     max_near_duplicate_rate: float = Field(0.10, ge=0.0, le=1.0)
@@ -230,6 +235,9 @@ class Policy(_Cfg):
     """The whole policy. Defaults are a sensible starting point for mixed human/AI data."""
 
     name: str = "default"
+    annotators: AnnotatorRegistry | None = Field(
+        None, description="annotator registry (docs/input-format.md): in a policy file the path of a CSV or TOML "
+        "registry, relative to the policy file; its content (not its path) is part of the policy hash")
     ingest: IngestConfig = IngestConfig()
     checks: ChecksConfig = ChecksConfig()
     select: SelectConfig = SelectConfig()
@@ -265,10 +273,17 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def policy_from_dict(data: dict[str, Any], source: str = "<dict>") -> Policy:
+def policy_from_dict(data: dict[str, Any], source: str = "<dict>", *, base: Path | None = None) -> Policy:
     """The defaults with ``data`` merged in, key by key at every level: a file that sets
     ``select.flag_actions.near_duplicate`` keeps the default action of every other reason.
-    Unknown keys and out-of-range values raise :class:`PolicyError` naming them."""
+    Unknown keys and out-of-range values raise :class:`PolicyError` naming them.  ``annotators``
+    given as a path is read relative to ``base`` (the policy file's folder; default: the current one)."""
+    if isinstance(data.get("annotators"), str):
+        path = (base or Path()) / data["annotators"]
+        try:
+            data = {**data, "annotators": load_registry(path).model_dump(mode="json")}
+        except RegistryError as err:
+            raise PolicyError(f"invalid policy {source}: annotators = {data['annotators']!r}: {err}") from err
     try:
         return Policy.model_validate(_deep_merge(Policy().model_dump(mode="json"), data))
     except ValidationError as err:
@@ -302,4 +317,4 @@ def load_policy(path: str | Path | None) -> Policy:
         raise PolicyError(f"policy file {p} is not valid {p.suffix[1:].upper()}: {err}") from err
     if not isinstance(data, dict):
         raise PolicyError(f"policy file {p}: expected a mapping at the top level")
-    return policy_from_dict(data, str(p))
+    return policy_from_dict(data, str(p), base=p.parent)

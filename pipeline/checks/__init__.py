@@ -21,6 +21,7 @@ from pipeline.checks import (
     near_duplicates,
     pair_id_conflict,
     position_bias,
+    registry,
     reliability,
     routing,
 )
@@ -32,6 +33,7 @@ from schemas.policy import ChecksConfig, Policy, PolicyError, SelectConfig
 CHECKS: tuple[CheckSpec, ...] = (
     duplicates.CHECK,
     pair_id_conflict.CHECK,
+    registry.CHECK,
     near_duplicates.CHECK,
     language.CHECK,
     agreement.CHECK,
