@@ -50,9 +50,11 @@ def registry_frame(registry: AnnotatorRegistry) -> pl.DataFrame:
     """One row per registered annotator (small): kind, lower-cased locale tags, rubrics, dates."""
     rows = [{"annotator_id": e.annotator_id, "_kind": e.annotator_kind,
              "_locales": [t.lower() for t in e.locales], "_rubrics": list(e.rubrics),
-             "_from": e.qualified_from, "_until": e.qualified_until} for e in registry.annotator]
+             "_from": e.qualified_from, "_until": e.qualified_until,
+             "_locales_s": ";".join(e.locales), "_rubrics_s": ";".join(e.rubrics)} for e in registry.annotator]
     return pl.DataFrame(rows, schema={"annotator_id": pl.String, "_kind": pl.String, "_locales": pl.List(pl.String),
-                                      "_rubrics": pl.List(pl.String), "_from": pl.Date, "_until": pl.Date})
+                                      "_rubrics": pl.List(pl.String), "_from": pl.Date, "_until": pl.Date,
+                                      "_locales_s": pl.String, "_rubrics_s": pl.String})
 
 
 def _combos(keys: pl.DataFrame, reg: pl.DataFrame) -> pl.DataFrame:
@@ -79,7 +81,7 @@ def findings(judgments: pl.DataFrame, registry: AnnotatorRegistry) -> pl.DataFra
     c = pl.col
     reg = registry_frame(registry)
     j = judgments.select(
-        "comparison_id", "annotator_id", "annotator_kind",
+        "comparison_id", "annotator_id", "annotator_kind", _locale=_column(judgments, "locale", pl.String),
         _loc=_column(judgments, "locale", pl.String).str.replace_all("_", "-", literal=True).str.to_lowercase()
         .fill_null(_NONE),
         _rubric=_column(judgments, "rubric", pl.String).fill_null(_NONE),
@@ -100,11 +102,11 @@ def findings(judgments: pl.DataFrame, registry: AnnotatorRegistry) -> pl.DataFra
         return flagged.select("comparison_id", "reason", detail=pl.lit(None, pl.String), _loc_out="_loc_out",
                               _rub_out="_rub_out", _date_out=c("_early") | c("_late"), annotator_id="annotator_id")
     # details only for the flagged rows, from the registry's (small) lists
-    shown = reg.select("annotator_id", _locales_s=c("_locales").list.join(";"), _rubrics_s=c("_rubrics").list.join(";"))
-    flagged = flagged.join(shown, on="annotator_id", how="left", maintain_order="left")
+    flagged = flagged.join(reg.select("annotator_id", "_locales_s", "_rubrics_s"), on="annotator_id", how="left",
+                           maintain_order="left")
     ann = c("annotator_id")
     unq = pl.concat_str([
-        pl.when(c("_loc_out")).then(pl.format("locale {} outside the qualified locales ({})", c("_loc"), c("_locales_s"))),
+        pl.when(c("_loc_out")).then(pl.format("locale {} outside the qualified locales ({})", c("_locale"), c("_locales_s"))),
         pl.when(c("_rub_out")).then(pl.format("rubric {} outside the qualified rubrics ({})", c("_rubric"), c("_rubrics_s"))),
         pl.when(c("_early")).then(pl.format("judged on {}, before qualified_from {}", c("_day"), c("_from"))),
         pl.when(c("_late")).then(pl.format("judged on {}, after qualified_until {}", c("_day"), c("_until"))),
