@@ -35,13 +35,14 @@ MAX_BYTES = 64 << 20  # a registry is a small table; a file beyond this is a mis
 MAX_PROBLEMS = 20
 _LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+Problem = tuple[int | None, str, str]  # (line, field, message)
 _SAFE_RULE = "1-128 characters of A-Z a-z 0-9 . _ - (not starting with '.' or '-', no '..')"
 
 
 class RegistryError(ValueError):
     """A registry file that cannot be used; the message names the file, and each problem's line and field."""
 
-    def __init__(self, path: str | Path, problems: list[tuple[int | None, str, str]]):
+    def __init__(self, path: str | Path, problems: list[Problem]):
         self.path, self.problems = str(path), problems
         shown = [f"  line {line}, field {fld}: {msg}" if line else f"  field {fld}: {msg}" if fld else f"  {msg}"
                  for line, fld, msg in problems[:MAX_PROBLEMS]]
@@ -84,7 +85,9 @@ class AnnotatorEntry(BaseModel):
     @field_validator("annotator_id", mode="before")
     @classmethod
     def _safe_id(cls, v: Any) -> Any:
-        if not isinstance(v, str) or not v.strip():
+        if not isinstance(v, str):
+            raise ValueError(f"expected a string, found {v!r}")
+        if not v.strip():
             raise ValueError("required: a non-empty id")
         if not is_safe_id(v.strip()):
             raise ValueError(f"expected {_SAFE_RULE}, found {v!r}")
@@ -167,7 +170,7 @@ class AnnotatorRegistry(BaseModel):
 
 # ----------------------------------------------------------------------------- reading files
 
-Problem = tuple[int | None, str, str]  # (line, field, message)
+Row = tuple[dict[str, Any], int, dict[str, int]]  # (the entry's fields, its line, the line of each field)
 
 
 def _entry_problems(err: ValidationError) -> list[tuple[str, str]]:
@@ -183,7 +186,7 @@ def _entry_problems(err: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def _entries(path: Path, rows: list[tuple[dict[str, Any], int, dict[str, int]]], problems: list[Problem]) -> AnnotatorRegistry:
+def _entries(path: Path, rows: list[Row], problems: list[Problem]) -> AnnotatorRegistry:
     """Validate (row, line, field lines) triples into a registry, collecting every problem."""
     entries: list[AnnotatorEntry] = []
     first_line: dict[str, int] = {}
@@ -207,7 +210,7 @@ def _entries(path: Path, rows: list[tuple[dict[str, Any], int, dict[str, int]]],
     return AnnotatorRegistry(annotator=tuple(entries))
 
 
-def _csv_rows(text: str, problems: list[Problem]) -> list[tuple[dict[str, Any], int, dict[str, int]]]:
+def _csv_rows(text: str, problems: list[Problem]) -> list[Row]:
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
@@ -250,7 +253,7 @@ _HEADER = re.compile(r"\s*\[\[\s*annotator\s*\]\]\s*(#.*)?")
 _KEY = re.compile(r"\s*\"?([A-Za-z_][A-Za-z0-9_-]*)\"?\s*=")
 
 
-def _toml_rows(text: str, problems: list[Problem]) -> list[tuple[dict[str, Any], int, dict[str, int]]]:
+def _toml_rows(text: str, problems: list[Problem]) -> list[Row]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -304,17 +307,15 @@ def load_registry(path: str | Path) -> AnnotatorRegistry:
 
 
 def _field_at(raw: bytes, offset: int, suffix: str) -> str:
-    """The field a byte offset falls in (for the not-UTF-8 message): CSV column or TOML key."""
-    text = raw.decode("utf-8-sig", errors="replace")
-    lines = raw[:offset].decode("utf-8-sig", errors="replace").splitlines(keepends=True)
-    line_text = text.splitlines()[len(lines) - 1] if lines else ""
+    """The field a byte offset falls in (for the not-UTF-8 message): the CSV column or the TOML key."""
+    start = raw.rfind(b"\n", 0, offset) + 1
+    prefix = raw[start:offset].decode("utf-8-sig", errors="replace")  # its line, up to the bad byte
     if suffix == ".toml":
-        k = _KEY.match(line_text)
+        k = _KEY.match(prefix)
         return k.group(1) if k else "(unknown)"
-    header = next(csv.reader([text.splitlines()[0]])) if text else []
-    prefix = lines[-1] if lines else ""
-    column = next(csv.reader([prefix]), [""]).__len__() - 1 if prefix.strip() else 0
-    return header[column].strip() if 0 <= column < len(header) else "(unknown)"
+    header = next(csv.reader([raw.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")]), [])
+    column = max(len(next(csv.reader([prefix]), [])) - 1, 0)
+    return header[column].strip() if column < len(header) else "(unknown)"
 
 
 __all__ = ["FIELDS", "AnnotatorEntry", "AnnotatorRegistry", "RegistryError", "canonical_locale", "load_registry"]

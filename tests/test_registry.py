@@ -112,6 +112,7 @@ BAD = {  # name: (suffix, content, (line, field, words in the message))
     "toml kind": (".toml", '[[annotator]]\nannotator_id = "a"\n\nannotator_kind = "Human"\n', (4, "annotator_kind", "'Human'")),
     "toml datetime": (".toml", '[[annotator]]\nannotator_id = "a"\nannotator_kind = "ai"\nqualified_until = 2026-01-01T00:00:00\n',
                       (4, "qualified_until", "ISO date")),
+    "toml number as id": (".toml", '[[annotator]]\nannotator_id = 7\nannotator_kind = "ai"\n', (2, "annotator_id", "expected a string, found 7")),
     "toml syntax": (".toml", '[[annotator]]\nannotator_id = "a\n', (2, "(syntax)", "not valid TOML")),
     "toml top-level key": (".toml", 'version = 2\n[[annotator]]\nannotator_id = "a"\nannotator_kind = "ai"\n',
                            (1, "version", "unknown top-level key")),
