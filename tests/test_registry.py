@@ -81,6 +81,8 @@ def test_csv_and_toml_of_the_same_content_are_the_same_registry(tmp_path):
         "annotator_id": "rev-old", "annotator_kind": "human", "locales": [], "rubrics": [],
         "qualified_from": "2026-11-10", "qualified_until": "2026-11-19"}
     assert next(e for e in a.annotator if e.annotator_id == "rev-jajp").locales == ("ja-JP",)
+    # the flows pass the policy between tasks as JSON: the registry survives it
+    assert Policy.model_validate_json(Policy(annotators=a).model_dump_json()) == Policy(annotators=a)
     # a byte order mark (spreadsheet exports) is fine; so are blank lines and padded cells
     c = load_registry(_write(tmp_path / "bom.csv", b"\xef\xbb\xbf" + REGISTRY_CSV.replace(",en,", ", en ,").encode() + b"\n\n"))
     assert c.sha256() == a.sha256()
