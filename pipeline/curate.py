@@ -25,6 +25,7 @@ from pipeline.checks import CHECK_MODULES, all_flags, resolve_policy, run_checks
 from pipeline.checks.near_duplicates import save_index
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
+from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import TableWriter, parent_parts
 from pipeline.store import Store, VersionHandle, file_info
 from schemas.check import CheckResult
@@ -190,7 +191,13 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         t = timer.lap("union_inputs", t)
         prelim = agg.aggregate(judgments, policy.checks.aggregation)
         t = timer.lap("aggregate_preliminary", t)
-        results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra,
+        given = None
+        if has_state(parent) and parent_judgments_intact(parent, n_parent_judgments):
+            # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
+            given = run_touched(judgments, n_parent_judgments, parent, policy.checks,
+                                Totals(judgments=judgments.height, pairs=prelim.pairs.height))
+            t = timer.lap("checks:touched_pairs", t)
+        results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
         t = time.perf_counter()
         tables["judgments"] = written.result()
@@ -235,6 +242,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     tables["split_assignments"] = _grouped_table(store, stage, "split_assignments", assigned.join(gen, on="pair_id", how="left"))
     tables["pairs"] = _grouped_table(store, stage, "pairs", pairs_out.with_columns(_part=pl.col("first_version")))
     tables["routed"] = _grouped_table(store, stage, "routed", psel.routed.drop("_reasons", strict=False).join(gen, on="pair_id", how="left"))
+    for name, frame in state_frames(results).items():  # what a child's pair-scoped checks start from
+        tables[name] = _grouped_table(store, stage, name, frame.join(gen, on="pair_id", how="left").with_columns(
+            _part=pl.col("_part").fill_null(version_id)))
     tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
                                            quarantine.height - ingest.quarantine.height if parent else 0, version_id)
     annotators = agg.annotator_table(results, final.annotators.select(
@@ -295,6 +305,12 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         manifest.files[path.name] = file_info(path, path.name)
     timer.lap("report", t)
     return manifest
+
+
+def parent_judgments_intact(parent: VersionHandle, n_parent_rows: int) -> bool:
+    """The union starts with all of the parent's judgments (the child's merge relies on it)."""
+    t = parent.table("judgments")
+    return t is not None and t.rows == n_parent_rows
 
 
 def first_versions(parent: VersionHandle | None, pair_ids: pl.Series, version_id: str) -> pl.DataFrame:

@@ -100,16 +100,17 @@ class AnnotatorTestConfig(_Cfg):
     min_judgments: int = Field(20, ge=5, description="fewer decisive judgments -> insufficient_data, never a flag")
     power: float = Field(
         0.9, gt=0.5, lt=1.0,
-        description="reliability only: a 'no better than chance' test is run only when it would detect an annotator "
-        "at the reliable_margin level with at least this power; otherwise insufficient_data",
+        description="reliability only: the at-chance test runs only when it would find an annotator exactly at chance "
+        "with at least this power; otherwise insufficient_data",
     )
     chance_margin: float = Field(
         0.05, ge=0.0, lt=0.5,
         description="reliability only: 'better than chance' means agreement above chance + margin * (1 - chance)",
     )
-    reliable_margin: float = Field(
-        0.5, gt=0.0, lt=1.0,
-        description="reliability only: the alternative rate for the power rule, chance + margin * (1 - chance)",
+    useful_margin: float = Field(
+        0.4, gt=0.0, lt=1.0,
+        description="reliability only: the useful level chance + margin * (1 - chance) (0.7 at chance 0.5); an annotator "
+        "is flagged when the upper confidence bound of its agreement is below it",
     )
     min_length_ratio: float = Field(
         1.1, ge=1.0, le=10.0, description="length bias only: pairs whose longer/shorter char ratio is below this are ignored",

@@ -114,14 +114,19 @@ def run_checks(
     pairs: pl.DataFrame,
     extra_kwargs: dict[str, dict[str, Any]] | None = None,
     on_check: Callable[[str, float], None] | None = None,
+    given: dict[str, CheckResult] | None = None,
 ) -> dict[str, CheckResult]:
     """Run every registered check in order; returns results by name (timings via ``on_check``).
-    Each check gets the inputs it declares: ``pairs`` and any of ``extra_kwargs[name]``."""
+    Each check gets the inputs it declares: ``pairs`` and any of ``extra_kwargs[name]``.
+    ``given``: results computed another way (a child's merged pair-scoped checks), not run again."""
     results: dict[str, CheckResult] = {}
     for check in CHECKS:
+        if given and check.name in given:
+            results[check.name] = given[check.name]
+            continue
         t0 = time.perf_counter()
-        given = {"pairs": pairs, **(extra_kwargs or {}).get(check.name, {})}
-        kwargs = {k: v for k, v in given.items() if k in check.inputs}
+        inputs = {"pairs": pairs, **(extra_kwargs or {}).get(check.name, {})}
+        kwargs = {k: v for k, v in inputs.items() if k in check.inputs}
         results[check.name] = check.run(judgments, cfg, **kwargs)
         if on_check:
             on_check(check.name, time.perf_counter() - t0)
@@ -129,9 +134,12 @@ def run_checks(
 
 
 def all_flags(results: dict[str, CheckResult]) -> pl.DataFrame:
+    """Every check's flags, in registry order, each check's sorted by subject (the same rows give
+    the same bytes however they were computed: a full run or a child's merge)."""
     from schemas.check import empty_flags
 
-    frames = [r.flags for r in results.values() if r.flags.height]
+    order = ["subject_kind", "subject_id", "reason", "detail"]
+    frames = [r.flags.sort(order) for r in results.values() if r.flags.height]
     return pl.concat(frames) if frames else empty_flags()
 
 

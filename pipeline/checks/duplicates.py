@@ -49,8 +49,8 @@ def _swap_side(col: str, swapped: pl.Expr) -> pl.Expr:
 
 
 def exact_duplicates(judgments: pl.DataFrame) -> pl.DataFrame:
-    """Later copies of re-delivered judgments: ``comparison_id``, ``kept_id``, ``copies``."""
-    out_schema = {"comparison_id": pl.String, "kept_id": pl.String, "copies": pl.UInt32}
+    """Later copies of re-delivered judgments: ``comparison_id``, ``pair_id``, ``kept_id``, ``copies``."""
+    out_schema = {"comparison_id": pl.String, "pair_id": pl.String, "kept_id": pl.String, "copies": pl.UInt32}
     if judgments.height < 2:
         return pl.DataFrame(schema=out_schema)
     c = pl.col
@@ -59,7 +59,7 @@ def exact_duplicates(judgments: pl.DataFrame) -> pl.DataFrame:
     order = [o for o in _ORDER if o in judgments.columns]
     shown = _swap_side("shown_first", swapped) if "shown_first" in judgments.columns else pl.lit(None, pl.String)
     k = judgments.select(
-        "annotator_id", "prompt_hash", *order,
+        "annotator_id", "prompt_hash", "pair_id", *order,
         _lo=pl.min_horizontal("a_hash", "b_hash"), _hi=pl.max_horizontal("a_hash", "b_hash"),
         _shown=shown, _label=_swap_side("label", swapped),
     )
@@ -72,7 +72,7 @@ def exact_duplicates(judgments: pl.DataFrame) -> pl.DataFrame:
         copies=pl.len().over(key).cast(pl.UInt32),
     )
     return k.filter(c("comparison_id") != c("kept_id")).unique("comparison_id", keep="first", maintain_order=True) \
-        .select("comparison_id", "kept_id", "copies")
+        .select("comparison_id", "pair_id", "kept_id", "copies")
 
 
 def _fold(expr: pl.Expr) -> pl.Expr:
@@ -141,22 +141,29 @@ def run(
                    detail="response_a and response_b are the same text after normalisation"),
     ]
     flag_frame = pl.concat([f for f in flags if f.height]) if dups.height or same.len() else empty_flags()
+    return summarize(dups, flag_frame, n, n_pairs)
+
+
+def summarize(dups: pl.DataFrame, flags: pl.DataFrame, n: int, n_pairs: int) -> CheckResult:
+    """The result from the duplicates table, the flags and the version's judgment and pair counts
+    (a child merges its parent's rows with the touched pairs', ``pipeline/incremental.py``)."""
+    same = flags.filter(pl.col("reason") == "identical_responses").height
     metrics = {
         "judgments": n,
         "exact_duplicates": dups.height,
         "exact_duplicate_rate": dups.height / n if n else 0.0,
         "duplicate_groups": dups["kept_id"].n_unique() if dups.height else 0,
         "pairs": n_pairs,
-        "identical_responses": same.len(),
-        "identical_response_rate": same.len() / n_pairs if n_pairs else 0.0,
+        "identical_responses": same,
+        "identical_response_rate": same / n_pairs if n_pairs else 0.0,
     }
     problems = []
     if dups.height:
         problems.append(f"{dups.height} re-delivered judgment(s) in {metrics['duplicate_groups']} group(s)")
-    if same.len():
-        problems.append(f"{same.len()} pair(s) with identical responses")
+    if same:
+        problems.append(f"{same} pair(s) with identical responses")
     return CheckResult(
-        name=NAME, status="warn" if problems else "pass", metrics=metrics, flags=flag_frame,
+        name=NAME, status="warn" if problems else "pass", metrics=metrics, flags=flags,
         tables={"exact_duplicates": dups},
         summary="; ".join(problems) or f"no exact duplicates among {n} judgments",
     )

@@ -352,7 +352,9 @@ def run(
     ld = pl.DataFrame({"key": sent.sort(["letters", "key"], descending=[True, False])["key"],
                        "ld_lang": pl.Series(ld_lang, dtype=pl.String), "ld_prob": pl.Series(ld_prob, dtype=pl.Float64)})
     long = long.join(ld, on="key", how="left")
-    ld_ok = c("ld_lang").is_not_null() & (c("ld_prob") >= cfg.min_probability)
+    # only rows that asked for langdetect use its answer: a text shared by another pair (under another
+    # locale) must not change this row's result, so a pair's result depends on its own texts and locale
+    ld_ok = c("_need") & c("ld_lang").is_not_null() & (c("ld_prob") >= cfg.min_probability)
     ld_other = ld_ok & (c("ld_lang") != c("lp"))
 
     s = c("script")
@@ -385,27 +387,41 @@ def run(
         pl.format("{} is {} (locale {}; by {})", "part", "detected", "locale", "by").str.join("; ").alias("detail"))
     flags = make_flags(by_pair["pair_id"], subject_kind="pair", check=NAME, reason="language_mismatch",
                        detail=by_pair["detail"]) if by_pair.height else empty_flags()
+    texts_table = long.select("pair_id", "locale", "part", "detected", "by").sort("pair_id", "locale", "part")
+    counters = {"distinct_texts": texts.height, "langdetect_calls": sent.height,
+                "langdetect_skipped": ask.height - sent.height}
+    return summarize(texts_table, flags, counters)
+
+
+def summarize(texts_table: pl.DataFrame, flags: pl.DataFrame, counters: dict[str, int]) -> CheckResult:
+    """The check's result from its per-text table (pair_id, locale, part, detected, by) and flags.
+
+    Everything but ``counters`` (this run's distinct texts and langdetect calls) is a function of
+    the per-pair rows, so a child version merges its parent's rows with the touched pairs' and
+    gets the same figures as a run over all pairs (``pipeline/incremental.py``)."""
+    n_pairs = texts_table["pair_id"].n_unique()
+    mismatched = flags["subject_id"].n_unique() if flags.height else 0
     matrix: dict[str, dict[str, int]] = {}
-    for loc, lang, n in long.group_by("locale", "detected").len().sort("locale", "detected").iter_rows():
+    for loc, lang, n in texts_table.group_by("locale", "detected").len().sort("locale", "detected").iter_rows():
         matrix.setdefault(loc, {})[lang] = int(n)
-    table = long.select("pair_id", "locale", "part", "detected").pivot(on="part", index=["pair_id", "locale"],
-                                                                     values="detected")
+    table = texts_table.select("pair_id", "locale", "part", "detected").pivot(on="part", index=["pair_id", "locale"],
+                                                                            values="detected")
     metrics: dict[str, Any] = {
         "pairs_checked": n_pairs,
-        "texts_checked": long.height,
-        "distinct_texts": texts.height,
-        "mismatched_pairs": by_pair.height,
-        "mismatch_rate": by_pair.height / n_pairs,
+        "texts_checked": texts_table.height,
+        "distinct_texts": counters.get("distinct_texts", 0),
+        "mismatched_pairs": mismatched,
+        "mismatch_rate": mismatched / n_pairs if n_pairs else 0.0,
         "matrix": matrix,
-        "decided_by": dict(long.group_by("by").len().sort("by").iter_rows()),
-        "langdetect_calls": sent.height,
-        "langdetect_skipped": ask.height - sent.height,
+        "decided_by": dict(texts_table.group_by("by").len().sort("by").iter_rows()),
+        "langdetect_calls": counters.get("langdetect_calls", 0),
+        "langdetect_skipped": counters.get("langdetect_skipped", 0),
     }
-    summary = f"{by_pair.height} of {n_pairs} pairs contradict their locale"
+    summary = f"{mismatched} of {n_pairs} pairs contradict their locale"
     if metrics["langdetect_skipped"]:
         summary += f"; {metrics['langdetect_skipped']} weak-evidence texts left undecided (langdetect cap)"
-    return CheckResult(name=NAME, status="warn" if by_pair.height else "pass", metrics=metrics, flags=flags,
-                       tables={"languages": table.sort("pair_id", "locale")}, summary=summary)
+    return CheckResult(name=NAME, status="warn" if mismatched else "pass", metrics=metrics, flags=flags,
+                       tables={"languages": table.sort("pair_id", "locale"), "texts": texts_table}, summary=summary)
 
 
 CHECK = CheckSpec(

@@ -45,12 +45,10 @@ def conflicts(judgments: pl.DataFrame) -> pl.DataFrame:
 
 def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.DataFrame | None = None) -> CheckResult:  # noqa: ARG001 - one check signature
     if judgments.height == 0:
-        return CheckResult(name=NAME, status="pass", metrics={"conflicting_pair_ids": 0, "flagged_judgments": 0},
-                           flags=empty_flags(), summary="no judgments")
+        return summarize(conflicts(judgments.clear() if judgments.width else _EMPTY_J), empty_flags())
     bad = conflicts(judgments)
     if bad.height == 0:
-        return CheckResult(name=NAME, status="pass", metrics={"conflicting_pair_ids": 0, "flagged_judgments": 0},
-                           flags=empty_flags(), summary="every pair_id names one prompt and one pair of responses")
+        return summarize(bad, empty_flags())
     c = pl.col
     flagged = judgments.select("comparison_id", "pair_id").join(bad, on="pair_id", how="inner").sort("pair_id", "comparison_id")
     detail = flagged.select(pl.format(
@@ -58,15 +56,29 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.D
         c("pair_id"), c("n_prompts"), c("n_response_sets"), c("n_judgments"))).to_series()
     flags = make_flags(flagged["comparison_id"], subject_kind="judgment", check=NAME, reason="pair_id_conflict",
                        severity="error", detail=detail)
+    return summarize(bad, flags)
+
+
+_EMPTY_J = pl.DataFrame(schema={"pair_id": pl.String, "prompt_hash": pl.String, "a_hash": pl.String, "b_hash": pl.String})
+
+
+def summarize(bad: pl.DataFrame, flags: pl.DataFrame) -> CheckResult:
+    """The result from the conflicts table and the flags (a child merges its parent's rows with the
+    touched pairs', ``pipeline/incremental.py``)."""
+    if bad.height == 0:
+        return CheckResult(name=NAME, status="pass", metrics={"conflicting_pair_ids": 0, "flagged_judgments": 0},
+                           flags=empty_flags(), tables={"conflicts": bad},
+                           summary="every pair_id names one prompt and one pair of responses")
+    bad = bad.sort("pair_id")
     metrics = {
         "conflicting_pair_ids": bad.height,
-        "flagged_judgments": flagged.height,
+        "flagged_judgments": flags.height,
         "prompt_differs": int((bad["n_prompts"] > 1).sum()),
         "responses_differ": int((bad["n_response_sets"] > 1).sum()),
         "examples": bad["pair_id"].head(10).to_list(),
     }
-    return CheckResult(name=NAME, status="warn", metrics=metrics, flags=flags,
-                       summary=f"{bad.height} pair_id(s) name different texts: {flagged.height} judgments flagged")
+    return CheckResult(name=NAME, status="warn", metrics=metrics, flags=flags, tables={"conflicts": bad},
+                       summary=f"{bad.height} pair_id(s) name different texts: {flags.height} judgments flagged")
 
 
 CHECK = CheckSpec(

@@ -31,7 +31,7 @@ Method
   - *better than chance*: H0 rate <= p0 = chance + ``chance_margin`` * (1 - chance) (0.525
     at chance 0.5), Benjamini-Hochberg at ``alpha`` across annotators.
   - *at chance*: the exact one-sided 1 - ``alpha`` upper confidence bound of the rate is
-    below the useful level p_u = chance + USEFUL_MARGIN * (1 - chance) (0.7 at chance 0.5),
+    below the useful level p_u = chance + ``useful_margin`` * (1 - chance) (0.7 at chance 0.5),
     and the annotator is not shown better than chance.  **Power rule**: this test is run
     only when it finds an annotator exactly at chance with probability >= ``power`` (about
     60 units at chance 0.5), and the annotator has >= ``min_judgments`` decisive judgments.
@@ -75,11 +75,6 @@ from pipeline.checks.spec import CheckSpec, Reason
 NAME = "reliability"
 
 
-# the useful level of the at-chance test: p_u = chance + USEFUL_MARGIN * (1 - chance), 0.7 at chance 0.5.
-# A constant rather than a policy field until AnnotatorTestConfig carries one (schemas/ is not this module's).
-USEFUL_MARGIN = 0.4
-
-
 @dataclass(frozen=True)
 class _Family:
     """One family of comparisons (gold or LOO), per annotator."""
@@ -102,7 +97,7 @@ def _test(k: np.ndarray, n: np.ndarray, chance: np.ndarray, enough: np.ndarray, 
     k = np.round(k)
     ok = enough & (n > 0)
     p0 = chance + cfg.chance_margin * (1.0 - chance)
-    pu = chance + USEFUL_MARGIN * (1.0 - chance)
+    pu = chance + cfg.useful_margin * (1.0 - chance)
     p = binom_greater(k, n, p0)
     better = bh_reject(np.where(ok, p, np.nan), cfg.alpha)
     powered = ok & (chance_power(n, chance, pu, cfg.alpha) >= cfg.power)

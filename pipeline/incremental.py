@@ -1,0 +1,131 @@
+"""A child version's checks over the pairs its batch touches, merged with its parent's results.
+
+The pair-scoped checks whose result for a pair depends only on that pair's own judgments
+(``PAIR_SCOPED``: exact duplicates and identical responses, pair-id conflicts, language) are
+not run again over the whole history: a child runs them over the judgments of the *touched*
+pairs -- the pairs of its new judgments, and the parent's pairs that share a prompt and
+response set with one of them (an exact duplicate or a pair-id conflict can reach across
+pair ids) -- and merges:
+
+* flags: the parent's flags of that check whose subject is not touched, plus the new ones;
+* the check's state table (``state/<check>``, one row per flagged or profiled subject, kept
+  in the version as generation parts like the pair tables), the same way;
+* metrics: the check's ``summarize`` over the merged state and flags, with the version's
+  judgment and pair counts.
+
+The result equals a run over the parent's judgments plus the batch (``tests/test_incremental.py``
+checks it on random chains), except the language check's run counters (``distinct_texts``,
+``langdetect_calls``, ``langdetect_skipped``: this run's work) and where the langdetect cap
+(``checks.language.max_langdetect`` texts per run) binds: a child spends its budget on its own
+texts, where a run over everything would spend it on the longest texts of the whole history.
+
+Checks whose result for a pair depends on other pairs (agreement, reliability, bias, routing,
+consensus: through the consensus and the annotator statistics; near duplicates: through the
+prompt index) still run over the whole union here; see docs/incremental.md.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polars as pl
+
+from pipeline.checks import duplicates, language, pair_id_conflict
+from pipeline.store import VersionHandle
+from schemas.check import CheckResult, empty_flags
+from schemas.policy import ChecksConfig
+
+STATE_PREFIX = "state/"
+
+
+@dataclass(frozen=True)
+class PairScoped:
+    """How a pair-scoped check is run on touched pairs and merged: its state table, the columns
+    that say which pair a state row belongs to, and how to rebuild the result."""
+
+    name: str
+    table: str  # key of CheckResult.tables holding the state rows (each with a pair_id column)
+    summarize: Callable[[pl.DataFrame, pl.DataFrame, "Totals"], CheckResult]
+
+
+@dataclass(frozen=True)
+class Totals:
+    judgments: int
+    pairs: int
+
+
+PAIR_SCOPED: dict[str, PairScoped] = {
+    "duplicates": PairScoped("duplicates", "exact_duplicates",
+                             lambda state, flags, t: duplicates.summarize(state, flags, t.judgments, t.pairs)),
+    "pair_id_conflict": PairScoped("pair_id_conflict", "conflicts",
+                                   lambda state, flags, t: pair_id_conflict.summarize(state, flags)),
+    "language": PairScoped("language", "texts", lambda state, flags, t: language.summarize(state, flags, {})),
+}
+RUNNERS = {"duplicates": duplicates.run, "pair_id_conflict": pair_id_conflict.run, "language": language.run}
+
+
+def state_table(name: str) -> str:
+    return f"{STATE_PREFIX}{name}"
+
+
+def touched_pairs(judgments: pl.DataFrame, n_parent_rows: int) -> pl.Series:
+    """Pair ids the batch touches: those of the judgments after the parent's rows, and the
+    parent's pairs with the same prompt and response set as one of them."""
+    new = judgments.slice(n_parent_rows)
+    lo, hi = pl.min_horizontal("a_hash", "b_hash"), pl.max_horizontal("a_hash", "b_hash")
+    keys = new.select("prompt_hash", _lo=lo, _hi=hi).unique()
+    same_content = judgments.slice(0, n_parent_rows).select("pair_id", "prompt_hash", _lo=lo, _hi=hi).join(
+        keys, on=["prompt_hash", "_lo", "_hi"], how="semi")["pair_id"]
+    return pl.concat([new["pair_id"], same_content]).unique().sort()
+
+
+def has_state(parent: VersionHandle | None) -> bool:
+    return parent is not None and all(parent.table(state_table(n)) is not None for n in PAIR_SCOPED)
+
+
+def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: ChecksConfig,
+                totals: Totals) -> dict[str, CheckResult]:
+    """The pair-scoped checks of a child: run over the touched pairs, merged with the parent's."""
+    touched = touched_pairs(judgments, n_parent_rows)
+    jt = judgments.filter(pl.col("pair_id").is_in(touched.implode()))
+    touched_judgments = jt["comparison_id"]
+    parent_flags = parent.read("flags.parquet")
+    out = {}
+    for name, spec in PAIR_SCOPED.items():
+        res = RUNNERS[name](jt, cfg)
+        old_flags = parent_flags.filter(pl.col("check") == name)
+        keep = ~((pl.col("subject_kind") == "pair") & pl.col("subject_id").is_in(touched.implode())
+                 | (pl.col("subject_kind") == "judgment") & pl.col("subject_id").is_in(touched_judgments.implode()))
+        flags = pl.concat([old_flags.filter(keep), res.flags]) if res.flags.height else old_flags.filter(keep)
+        old_state = parent.read(state_table(name))
+        new_state = res.tables.get(spec.table)
+        state = old_state.filter(~pl.col("pair_id").is_in(touched.implode()))
+        if new_state is not None and new_state.height:
+            state = pl.concat([state, new_state.select(state.columns)], how="vertical_relaxed")
+        merged = spec.summarize(state, flags if flags.height else empty_flags(), totals)
+        merged.metrics["incremental"] = {"touched_pairs": touched.len(), "touched_judgments": jt.height}
+        out[name] = merged
+    return out
+
+
+def state_frames(results: dict[str, CheckResult]) -> dict[str, pl.DataFrame]:
+    """The state tables a version keeps for its children, by table name."""
+    out = {}
+    for name, spec in PAIR_SCOPED.items():
+        frame = results[name].tables.get(spec.table)
+        if frame is None:  # e.g. no pair has a locale: an empty state with the columns a child reads
+            frame = _EMPTY[name]
+        out[state_table(name)] = frame
+    return out
+
+
+_EMPTY = {
+    "duplicates": pl.DataFrame(schema={"comparison_id": pl.String, "pair_id": pl.String, "kept_id": pl.String,
+                                       "copies": pl.UInt32}),
+    "pair_id_conflict": pl.DataFrame(schema={"pair_id": pl.String, "n_prompts": pl.UInt32, "n_response_sets": pl.UInt32,
+                                             "n_judgments": pl.UInt32}),
+    "language": pl.DataFrame(schema={"pair_id": pl.String, "locale": pl.String, "part": pl.String, "detected": pl.String,
+                                     "by": pl.String}),
+}
+
+__all__ = ["PAIR_SCOPED", "Totals", "has_state", "run_touched", "state_frames", "state_table", "touched_pairs"]

@@ -1,0 +1,99 @@
+"""A child's pair-scoped checks run over the touched pairs only and merge with its parent's:
+the same flags and figures as a run over the whole union (pipeline/incremental.py)."""
+from __future__ import annotations
+
+import random
+
+import polars as pl
+from conftest import canonical, write_jsonl
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from pipeline.checks import CHECKS, run_checks
+from pipeline.curate import curate
+from pipeline.incremental import PAIR_SCOPED
+from pipeline.store import Store
+from schemas.policy import Policy, policy_from_dict
+
+EN = ["How do I keep bread fresh for a week without a freezer at home", "What is the best way to learn to play the piano as an adult",
+      "Can you explain why the sky looks blue during the day but red at sunset", "Which plants grow well on a shady balcony in the city"]
+JA = ["パンを一週間新鮮に保つにはどうすればいいですか", "大人になってからピアノを習う一番良い方法は何ですか"]
+ANSWERS = ["Keep it in a cloth bag in a cool dry place and slice only what you need each day.",
+           "Practice a little every day, start with simple pieces, and find a patient teacher.",
+           "Sunlight scatters off air molecules; blue light scatters more, and at sunset the path is longer.",
+           "Ferns, hostas and begonias do well with little direct light and regular watering."]
+POLICY = policy_from_dict({"certify": {"require_expectations": False}})
+COMPARED = {"duplicates": ["judgments", "exact_duplicates", "exact_duplicate_rate", "duplicate_groups", "pairs",
+                           "identical_responses", "identical_response_rate"],
+            "pair_id_conflict": ["conflicting_pair_ids", "flagged_judgments", "prompt_differs", "responses_differ"],
+            "language": ["pairs_checked", "texts_checked", "mismatched_pairs", "mismatch_rate", "matrix", "decided_by"]}
+
+
+def _batch(rng: random.Random, step: int, old: list[dict]) -> list[dict]:
+    rows = []
+    for i in range(rng.randint(4, 14)):
+        ja = rng.random() < 0.2
+        prompt = rng.choice(JA if ja else EN) + f" ({step}-{i})"
+        a, b = rng.sample(ANSWERS, 2)
+        if rng.random() < 0.1:
+            b = a  # identical responses
+        locale = "ja-JP" if ja else "en"
+        if rng.random() < 0.1:
+            locale = "en" if ja else "ja-JP"  # language mismatch
+        for k in range(rng.randint(1, 3)):
+            rows.append(canonical(0, comparison_id=f"c{step}-{i}-{k}", prompt=prompt, response_a=a, response_b=b,
+                                  annotator_id=f"ann-{rng.randint(0, 4)}", label=rng.choice("ab"), shown_first=rng.choice("ab"),
+                                  locale=locale, tags=None))
+    if old:
+        for r in rng.sample(old, min(len(old), rng.randint(0, 3))):
+            rows.append({**r, "comparison_id": f"redelivered-{step}-{r['comparison_id']}"})  # exact duplicates
+        for r in rng.sample(old, min(len(old), rng.randint(0, 2))):
+            rows.append({**r, "comparison_id": f"rejudged-{step}-{r['comparison_id']}", "annotator_id": "ann-late",
+                         "shown_first": "b" if r["shown_first"] == "a" else "a"})  # an old pair judged again
+        if rng.random() < 0.5:
+            r = rng.choice(old)
+            rows.append({**r, "comparison_id": f"conflict-{step}", "pair_id": f"given-{step}",
+                         "response_b": "A different answer under the same given pair id."})
+            rows.append({**r, "comparison_id": f"conflict-{step}-x", "pair_id": f"given-{step}"})
+    return rows
+
+
+@settings(max_examples=5, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 10_000), st.integers(2, 3))
+def test_child_checks_equal_a_run_over_the_union(tmp_path_factory, seed, n_batches):
+    rng = random.Random(seed)
+    tmp = tmp_path_factory.mktemp("inc")
+    store = Store(tmp / "s")
+    parent, old = None, []
+    for step in range(n_batches):
+        rows = _batch(rng, step, old)
+        old += rows
+        path = write_jsonl(tmp / f"b{step}.jsonl", rows)
+        vid = curate([path], store, POLICY, parent=parent).version_id
+        h = store.get(vid)
+        if parent is not None:
+            # the child took the merged path ...
+            assert all("incremental" in h.manifest().check(n).metrics for n in PAIR_SCOPED)
+            # ... and equals the checks run over its whole judgments table
+            judgments = h.read("judgments")
+            full = run_checks(judgments, Policy().checks, pairs=_pairs(judgments))
+            stored = h.read("flags")
+            for name in PAIR_SCOPED:
+                want = full[name].flags.sort("subject_kind", "subject_id", "reason", "detail")
+                got = stored.filter(pl.col("check") == name).sort("subject_kind", "subject_id", "reason", "detail")
+                assert got.equals(want), name
+                m = h.manifest().check(name).metrics
+                assert {k: m.get(k) for k in COMPARED[name]} == {k: full[name].metrics.get(k) for k in COMPARED[name]}, name
+        parent = vid
+
+
+def _pairs(judgments: pl.DataFrame) -> pl.DataFrame:
+    from pipeline.aggregate import aggregate
+
+    return aggregate(judgments).pairs
+
+
+def test_only_pair_scoped_checks_take_the_merged_path():
+    assert set(PAIR_SCOPED) <= {c.name for c in CHECKS}
+    assert "near_duplicates" not in PAIR_SCOPED and "agreement" not in PAIR_SCOPED
