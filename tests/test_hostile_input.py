@@ -364,8 +364,13 @@ def test_decompressed_size_cap_is_exit_2(tmp_path):
 
 def _run_real_cli(*args: object) -> tuple[subprocess.CompletedProcess, int]:
     """``python -m flows.cli ARGS`` in a child process: (result, its peak RSS in MiB)."""
-    code = ("import atexit, resource, runpy, sys\n"
-            "atexit.register(lambda: print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+    # VmHWM, not ru_maxrss: Linux carries the forking process's peak RSS (here pytest's, ~1 GB late in
+    # the suite) into the child's ru_maxrss across exec; VmHWM belongs to the child's own address space.
+    code = ("import atexit, runpy, sys\n"
+            "def _hwm():\n"
+            "    for ln in open('/proc/self/status'):\n"
+            "        if ln.startswith('VmHWM:'): return int(ln.split()[1])\n"
+            "atexit.register(lambda: print('PEAK_RSS_KB', _hwm(), file=sys.stderr))\n"
             f"sys.argv = ['prefpipe', *{[str(a) for a in args]!r}]\n"
             "runpy.run_module('flows.cli', run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
