@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.policy import DimensionsConfig
 from schemas.text import content_hash, normalize_text
 
 FORMATS = ("canonical", "trl", "hh", "rated")
@@ -55,6 +56,7 @@ class AdapterContext:
     batch_id: str
     annotator_id: str | None = None
     annotator_kind: str | None = None
+    dimension_rule: DimensionsConfig | None = None  # derives a missing label from ``dimensions`` (policy [dimensions])
 
 
 def detect_format(objs: list[dict[str, Any]]) -> str | None:
