@@ -204,14 +204,16 @@ def for_training(judgments: pl.DataFrame, cfg: DimensionsConfig) -> tuple[pl.Dat
 # ---------------------------------------------------------------- consensus per dimension
 _CACHE: list[tuple[weakref.ref, int, tuple[str, ...], AggregationConfig, pl.DataFrame]] = []
 LONG_COLUMNS = ("pair_id", "name", "label", "agreement", "strength", "p_a_weighted", "n_judgments", "n_human", "n_ai",
-                "annotator_kind", "label_human", "label_ai")
+                "annotator_kind", "label_human", "label_ai", "swapped")
 
 
-def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None) -> pl.DataFrame | None:
+def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Any = None) -> pl.DataFrame | None:
     """Per (pair, dimension): the consensus of the judgments' verdicts on that dimension, in
     the pair's canonical orientation (columns :data:`LONG_COLUMNS`; ``label`` is the consensus
-    label).  None when no judgment gives dimensions.  The last result is cached by frame
-    identity (aggregation and the dimensions check share it)."""
+    label; ``swapped``: the dimension's own first verdict named the responses the other way
+    round).  None when no judgment gives dimensions.  The last result is cached by frame
+    identity (aggregation and the dimensions check share it).  ``encoded``:
+    :func:`pipeline.aggregate.encode` of the same frame."""
     from pipeline import aggregate as agg
 
     if not has_dimensions(judgments):
@@ -221,7 +223,7 @@ def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None) -> 
         ref, height, cols, ccfg, out = _CACHE[0]
         if ref() is judgments and height == judgments.height and cols == tuple(judgments.columns) and ccfg == cfg:
             return out
-    e = agg.encode(judgments)  # the overall orientation (cached: aggregation encoded this frame)
+    e = encoded or agg.encode(judgments)  # the overall orientation
     canon = pl.DataFrame({"pair_id": e.pair_ids, "_canon_a": judgments["a_hash"].rechunk().gather(e.pair_first)})
     c = pl.col
     keep = [x for x in ("comparison_id", "pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "shown_first")
@@ -255,13 +257,23 @@ def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None) -> 
         "pair_id", "name", label=turned("label_consensus"), agreement=c("agreement"), strength=c("strength"),
         p_a_weighted=pl.when(swap).then(1.0 - c("p_a_weighted")).otherwise(c("p_a_weighted")),
         n_judgments=c("n_judgments"), n_human=c("n_human"), n_ai=c("n_ai"), annotator_kind=c("annotator_kind"),
-        label_human=turned("label_human"), label_ai=turned("label_ai"),
+        label_human=turned("label_human"), label_ai=turned("label_ai"), swapped=swap,
     ).sort("pair_id", "name")
     _CACHE[:] = [(weakref.ref(judgments), judgments.height, tuple(judgments.columns), cfg, out)]
     return out
 
 
 PAIR_STRUCT_FIELDS = ("name", "label", "agreement", "strength", "n_judgments")
+
+
+def as_written(long: pl.DataFrame) -> pl.DataFrame:
+    """:func:`consensus` rows turned back to the orientation of each dimension's first verdict
+    (the orientation :func:`dimension_frame` aggregates in), labels as ``label_consensus``."""
+    c = pl.col
+    return long.with_columns(
+        label_consensus=pl.when(c("swapped")).then(c("label").replace({"a": "b", "b": "a"})).otherwise(c("label")),
+        p_a_weighted=pl.when(c("swapped")).then(1.0 - c("p_a_weighted")).otherwise(c("p_a_weighted")),
+    ).drop("label")
 
 
 def pair_column(long: pl.DataFrame | None, pair_ids: pl.Series) -> pl.Series:
@@ -276,6 +288,18 @@ def pair_column(long: pl.DataFrame | None, pair_ids: pl.Series) -> pl.Series:
         pl.struct(*PAIR_STRUCT_FIELDS).alias("dimensions"))  # long is sorted by (pair_id, name)
     out = pair_ids.to_frame("pair_id").join(lists, on="pair_id", how="left", maintain_order="left")
     return out["dimensions"].cast(dtype)
+
+
+def dpo_expr(chosen_is_a: pl.Expr) -> pl.Expr:
+    """``DPORow.dimensions`` from a pair's ``dimensions``: each verdict said as ``chosen`` /
+    ``rejected`` (a DPO row has no a/b), with its agreement."""
+    el = pl.element().struct
+
+    def said(a: str, b: str) -> pl.Expr:
+        lab = el.field("label").replace({"a": a, "b": b})
+        return pl.col("dimensions").list.eval(pl.struct(name=el.field("name"), label=lab, agreement=el.field("agreement")))
+
+    return pl.when(chosen_is_a).then(said("chosen", "rejected")).otherwise(said("rejected", "chosen"))
 
 
 def conflicts(long: pl.DataFrame) -> pl.DataFrame:
