@@ -65,8 +65,8 @@ def per_dimension(judgments: pl.DataFrame, cfg: ChecksConfig, long: pl.DataFrame
         "judgments": fd.height, "pairs": pd.height,
         "consensus": {str(k) if k is not None else "none": int(v) for k, v in labels.items()},
         "agreement": _agreement_metrics(ag.metrics),
-        "position_bias": {k: pb.metrics.get(k) for k in ("first_shown_rate", "randomised", "shown_first_a_share",
-                                                          "missing_shown_first_share", "annotators_tested")
+        "position_bias": {k: pb.metrics.get(k) for k in ("first_shown_win_rate", "randomised", "shown_first_a_share",
+                                                          "missing_shown_first_share", "decisive_with_shown_first")
                           if k in pb.metrics} | {"flagged": _flagged(pb)},
         "length_bias": {k: lb.metrics.get(k) for k in ("chosen_longer_rate_judgments", "chosen_longer_rate_pairs",
                                                         "judgments_with_length_difference")
