@@ -112,6 +112,90 @@ def parse_dimensions(value: Any) -> tuple[list[dict[str, Any]] | None, tuple[str
     return out, None
 
 
+# ---------------------------------------------------------------- column-wise (the fast JSON Lines path)
+_EXACT = 2.0 ** 53
+
+
+def from_arrow(col: Any) -> tuple[pl.Series, Any]:
+    """``dimensions`` as Arrow's JSON reader inferred it (an object of free keys: a struct whose
+    children are the dimension names) -> (the typed verdict lists of the rows taken here, null
+    elsewhere; mask of the rows *not* taken: a verdict Arrow typed otherwise than a bare label
+    or a ``{label, strength, critique}`` object of the expected types, or any value
+    :func:`parse_dimensions` would refuse or read differently).  Those rows are left to
+    :func:`parse_dimensions` on the decoded line, so the result is the per-row path's."""
+    import numpy as np
+    import pyarrow as pa
+
+    n = len(col)
+    present = col.is_valid().to_numpy(zero_copy_only=False)
+    dtype = pl.List(DIM_STRUCT)
+    if not pa.types.is_struct(col.type) or not present.any():
+        return pl.Series("dimensions", [None] * n, dtype=dtype), present.copy()
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    other = np.zeros(n, dtype=bool)  # rows for parse_dimensions
+    cols: dict[str, Any] = {}
+    verdicts: list[tuple[str, str]] = []  # (dimension, frame column prefix)
+    typ = arr.type
+    for i, name in sorted(enumerate(typ.field(k).name for k in range(typ.num_fields)), key=lambda t: t[1]):
+        child = arr.field(i)
+        if pa.types.is_null(child.type):
+            continue
+        has = child.is_valid().to_numpy(zero_copy_only=False) & present
+        if not has.any():
+            continue
+        if len(name) > DIMENSION_NAME_MAX or not _NAME.fullmatch(name):
+            other |= has
+            continue
+        key = f"d{len(verdicts)}"
+        if pa.types.is_string(child.type) or pa.types.is_large_string(child.type):
+            label, strength, critique = child, None, None
+        elif pa.types.is_struct(child.type):
+            sub = {child.type.field(k).name: child.field(k) for k in range(child.type.num_fields)}
+            label, strength, critique = sub.get("label"), sub.get("strength"), sub.get("critique")
+            typed = (set(sub) <= set(_OBJECT_KEYS) and label is not None
+                     and (pa.types.is_string(label.type) or pa.types.is_null(label.type))
+                     and (strength is None or pa.types.is_null(strength.type) or pa.types.is_floating(strength.type)
+                          or pa.types.is_integer(strength.type))
+                     and (critique is None or pa.types.is_null(critique.type) or pa.types.is_string(critique.type)))
+            if not typed:  # unknown keys (even null-valued ones) or other types: decided per row
+                other |= has
+                continue
+        else:
+            other |= has
+            continue
+        cols[f"{key}_label"] = label.cast(pa.string()) if not pa.types.is_null(label.type) else pa.nulls(n, pa.string())
+        cols[f"{key}_strength"] = (strength.cast(pa.float64()) if strength is not None and not pa.types.is_null(strength.type)
+                                   else pa.nulls(n, pa.float64()))
+        cols[f"{key}_critique"] = (critique if critique is not None and pa.types.is_string(critique.type)
+                                   else pa.nulls(n, pa.string()))
+        cols[f"{key}_has"] = pa.array(has)
+        verdicts.append((name, key))
+    if not verdicts:
+        out = pl.Series("dimensions", [None] * n, dtype=dtype)
+        return out, other
+    df = pl.from_arrow(pa.table(cols))
+    c = pl.col
+    bad = pl.lit(False)
+    for _, key in verdicts:
+        lab, st, has = c(f"{key}_label"), c(f"{key}_strength"), c(f"{key}_has")
+        # orjson refuses NaN / Infinity and reads -0 as 0; huge integers are exact there
+        odd = (st.is_nan() | st.is_infinite() | (st.abs() >= _EXACT) | ((st == 0) & (1.0 / st < 0))).fill_null(False)
+        bad = bad | (has & (~lab.is_in(list(DIMENSION_LABELS)).fill_null(False) | ~st.is_between(0.0, 1.0).fill_null(True)
+                            | odd))
+    structs = [pl.when(c(f"{key}_has")).then(pl.struct(name=pl.lit(name), label=c(f"{key}_label"),
+                                                        strength=c(f"{key}_strength"), critique=c(f"{key}_critique")))
+               for name, key in verdicts]
+    lists = pl.concat_list(structs).list.drop_nulls()
+    got = df.select(bad=bad, d=pl.when(lists.list.len() > 0).then(lists))
+    bad_np = got["bad"].to_numpy()
+    other = other | bad_np
+    keep = present & ~other
+    out = got["d"].cast(dtype)
+    if not keep.all():
+        out = pl.select(pl.when(pl.Series(keep)).then(pl.lit(out))).to_series()
+    return out.alias("dimensions").cast(dtype), other
+
+
 # ---------------------------------------------------------------- the dimension rule (vectorised)
 def dimension_label(col: pl.Expr, name: str, field: str = "label") -> pl.Expr:
     """The ``field`` of dimension ``name`` in a list-of-struct column (null when absent)."""

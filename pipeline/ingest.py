@@ -44,6 +44,7 @@ from pydantic import ValidationError
 
 from pipeline.adapters import FORMATS, AdapterContext, AdapterError, adapt, detect_format
 from pipeline.dimensions import DIM_STRUCT, derive_labels, parse_dimensions
+from pipeline.dimensions import from_arrow as dimensions_from_arrow
 from pipeline.readers import (
     ArrowPart,
     LineBlock,
@@ -646,10 +647,12 @@ def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[i
     part, and the lines that must go the per-row way instead."""
     table, shape = part.table, part.shape
     schema = _canonical_schema(shape)
-    # rows with dimensions (Arrow inferred the object): taken from the line itself, below
+    # rows with dimensions (Arrow inferred the object): column-wise where Arrow typed them as
+    # expected, the others (dims_np) from the line itself, below
     dims_np = np.zeros(table.num_rows, dtype=bool)
+    dims_col: pl.Series | None = None
     if "dimensions" in table.column_names:
-        dims_np = table["dimensions"].is_valid().to_numpy(zero_copy_only=False).copy()
+        dims_col, dims_np = dimensions_from_arrow(table["dimensions"])
         table = table.drop_columns(["dimensions"])
     unknown = [n for n in table.column_names if n not in schema.names]
     nested = {f: _unknown_children(table.schema.field(f).type, schema.field(f).type)
@@ -682,7 +685,7 @@ def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[i
     if "prompt" in nested:  # messages with unknown keys are invalid: the per-row path says how
         suspect_np |= present_np
     extra: list[str | None] = [None] * df.height
-    dims: list[list[dict[str, Any]] | None] | None = [None] * df.height if dims_np.any() else None
+    dims: dict[int, list[dict[str, Any]] | None] = {}
     todo = np.flatnonzero((present_np | dims_np) & ~suspect_np)
     data, loads = block.data, orjson.loads
     for k, a, b in zip(todo.tolist(), block.starts[part.lines[todo]].tolist(), block.ends[part.lines[todo]].tolist(), strict=True):
@@ -710,8 +713,15 @@ def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[i
             cols[f"model_{side}"] = c(f).struct.field("model")
             cols[f"model_version_{side}"] = c(f).struct.field("model_version")
     cols["extra"] = pl.Series(extra, dtype=pl.String) if present_np.any() else pl.lit(None)
-    cols["dimensions"] = pl.Series(pa.array(dims, type=_arrow_type(_RAW_COLUMNS["dimensions"]))) if dims is not None \
-        else pl.lit(None)
+    if dims:  # the rows parsed from their line replace the column-wise nulls
+        full: list[list[dict[str, Any]] | None] = [None] * df.height
+        for i, v in dims.items():
+            full[i] = v
+        per_row = pl.Series(pa.array(full, type=_arrow_type(_RAW_COLUMNS["dimensions"])))
+        taken = np.zeros(df.height, dtype=bool)
+        taken[list(dims)] = True
+        dims_col = pl.select(pl.when(pl.Series(taken)).then(pl.lit(per_row)).otherwise(pl.lit(dims_col))).to_series()
+    cols["dimensions"] = dims_col if dims_col is not None else pl.lit(None)
     out = df.select(
         *[(cols[name] if name in cols else c(name)).cast(dtype).alias(name) for name, dtype in _RAW_COLUMNS.items()],
         _line=pl.Series(part.lines + block.first_line, dtype=pl.Int64),
