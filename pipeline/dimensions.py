@@ -138,13 +138,13 @@ def from_arrow(col: Any) -> tuple[pl.Series, Any]:
     typ = arr.type
     for i, name in sorted(enumerate(typ.field(k).name for k in range(typ.num_fields)), key=lambda t: t[1]):
         child = arr.field(i)
+        if len(name) > DIMENSION_NAME_MAX or not _NAME.fullmatch(name):
+            other |= present  # a null value reads as absent here; the line says whether the bad name is there
+            continue
         if pa.types.is_null(child.type):
             continue
         has = child.is_valid().to_numpy(zero_copy_only=False) & present
         if not has.any():
-            continue
-        if len(name) > DIMENSION_NAME_MAX or not _NAME.fullmatch(name):
-            other |= has
             continue
         key = f"d{len(verdicts)}"
         if pa.types.is_string(child.type) or pa.types.is_large_string(child.type):
