@@ -182,18 +182,26 @@ def from_arrow(col: Any) -> tuple[pl.Series, Any]:
         odd = (st.is_nan() | st.is_infinite() | (st.abs() >= _EXACT) | ((st == 0) & (1.0 / st < 0))).fill_null(False)
         bad = bad | (has & (~lab.is_in(list(DIMENSION_LABELS)).fill_null(False) | ~st.is_between(0.0, 1.0).fill_null(True)
                             | odd))
-    structs = [pl.when(c(f"{key}_has")).then(pl.struct(name=pl.lit(name), label=c(f"{key}_label"),
-                                                        strength=c(f"{key}_strength"), critique=c(f"{key}_critique")))
-               for name, key in verdicts]
-    lists = pl.concat_list(structs).list.drop_nulls()
-    got = df.select(bad=bad, d=pl.when(lists.list.len() > 0).then(lists))
-    bad_np = got["bad"].to_numpy()
-    other = other | bad_np
+    other = other | df.select(bad=bad)["bad"].to_numpy()
     keep = present & ~other
-    out = got["d"].cast(dtype)
-    if not keep.all():
-        out = pl.select(pl.when(pl.Series(keep)).then(pl.lit(out))).to_series()
-    return out.alias("dimensions").cast(dtype), other
+    # the lists, in Arrow: row r holds its verdicts in name order (row-major over the has matrix)
+    has = np.column_stack([cols[f"{key}_has"].to_numpy(zero_copy_only=False) for _, key in verdicts]) & keep[:, None]
+    rows, which = np.nonzero(has)
+    at = pa.array(which.astype(np.int64) * n + rows)
+    counts = has.sum(axis=1)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    values = pa.StructArray.from_arrays(
+        [pa.array([name for name, _ in verdicts], pa.string()).take(pa.array(which)),
+         *(pa.concat_arrays([cols[f"{key}_{f}"] for _, key in verdicts]).take(at) for f in ("label", "strength", "critique"))],
+        fields=list(_arrow_dim_struct()))
+    lists = pa.ListArray.from_arrays(offsets, values, mask=pa.array(counts == 0))
+    return pl.Series("dimensions", lists).cast(dtype), other
+
+
+def _arrow_dim_struct() -> Any:
+    import pyarrow as pa
+
+    return pa.struct([("name", pa.string()), ("label", pa.string()), ("strength", pa.float64()), ("critique", pa.string())])
 
 
 # ---------------------------------------------------------------- the dimension rule (vectorised)
