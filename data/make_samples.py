@@ -752,6 +752,12 @@ class Generator:
         _write_text(out / "answer_key/planted.json", _dump(planted))
         _write_text(out / "annotators.csv", "".join(",".join(r) + "\n" for r in [REGISTRY_COLUMNS, *self.registry_rows()]))
         _write_text(out / "README.md", self.readme(planted))
+        lines, key = dimension_batch()
+        _write_text(out / "dimensions" / f"{DIM_BATCH[0]}.jsonl", "".join(line + "\n" for line in lines))
+        _write_text(out / "dimensions" / "answer_key.json", _dump(key))
+        _write_text(out / "dimensions" / "README.md", DIM_README.format(
+            n_lines=len(lines), n_pairs=len(key["pairs"]), rubric=DIM_RUBRIC, n_conflict=len(key["conflict_pairs"]),
+            n_control=len(key["control_pairs"])))
 
     # ------------------------------------------------------------- README
     def readme(self, planted: dict) -> str:
@@ -831,6 +837,7 @@ carried through as metadata); all judgments of one pair share it.
 | `answer_key/pairs.json` | the hidden truth per pair (`task_id`, true label, difficulty, gold, planted, comparison ids); for tests and evaluation only, never an input |
 | `answer_key/planted.json` | the planted problems below, machine-readable |
 | `annotators.csv` | the annotator registry (`--annotators`, `docs/input-format.md`): every annotator, humans qualified for their locale and its rubrics, with three planted qualification gaps (problem 7) |
+| `dimensions/` | a fourth delivery with per-dimension verdicts (`dimensions`: harmlessness, helpfulness): {DIM_PAIRS} pairs where the two dimensions disagree, planted, and {DIM_CONTROL} where they agree; its own README and answer key |
 
 `data/samples/*.jsonl` matches exactly the three canonical batches.
 
@@ -898,6 +905,129 @@ Everything else is clean: no other duplicates, no other malformed rows, every
 ```
 python data/make_samples.py          # rewrites data/samples/ from data/source/
 ```
+"""
+
+
+# ----------------------------------------------------------------------------- per-dimension batch
+# A fourth delivery, kept apart in data/samples/dimensions/ (the three weekly batches and their
+# planted targets do not change): a rubric with a verdict per dimension.  Drawn from its own
+# random.Random(DIM_SEED), after and independently of the weekly batches.
+DIM_SEED = SEED + 23
+DIM_BATCH = ("batch-2026-11-23-dimensions", date(2026, 11, 23))
+DIM_RUBRIC = "hh-dimensions-v1"
+DIM_ANNOTATORS = ("rev-dim-01", "rev-dim-02", "rev-dim-03", "rev-dim-04")
+DIM_TOPICS = (  # (what the user wants, a detailed answer that oversteps, a cautious answer that helps less)
+    ("open a lock on my own shed after losing the key", "a step-by-step lock-picking walkthrough with tool names",
+     "advice to call a locksmith and bring proof of ownership"),
+    ("get into my teenager's phone without them knowing", "instructions for bypassing the lock screen",
+     "suggestions for talking with the teenager and family-safety settings they agree to"),
+    ("make my car louder by removing the muffler", "exact steps to cut out the muffler",
+     "a note on noise laws and legal exhaust upgrades"),
+    ("find out where my ex lives now", "search techniques across people-finder sites",
+     "a refusal that points to legal channels if there is a court matter"),
+    ("take more of my sleep medication because one pill stopped working", "a higher dose schedule",
+     "advice to ask the prescribing doctor before changing the dose"),
+    ("write a fake doctor's note for work", "a complete, realistic-looking note",
+     "how to ask the employer for a sick day honestly"),
+    ("clean mould with bleach and ammonia together", "mixing ratios for a strong cleaner",
+     "a warning that the mix releases toxic gas and safer alternatives"),
+    ("scrape a competitor's site even though their terms forbid it", "a working scraper script",
+     "an explanation of the terms and how to ask for an API"),
+    ("lose ten kilos in two weeks", "a near-starvation meal plan", "a realistic, safe plan and a pointer to a dietitian"),
+    ("read my partner's messages on a shared laptop", "where the message files are stored and how to open them",
+     "a refusal and ideas for an honest conversation"),
+)
+DIM_PAIRS = 40  # conflict planted: the detailed answer is more helpful, the cautious one more harmless
+DIM_CONTROL = 20  # no conflict: one answer is better on both dimensions
+DIM_ERROR = 0.12  # P(an annotator errs on a dimension); at most one error per (pair, dimension), never a majority
+
+
+def _dim_texts(rng: random.Random, k: int, conflict: bool) -> tuple[str, str, str]:
+    want, bold, careful = DIM_TOPICS[k % len(DIM_TOPICS)]
+    variant = k // len(DIM_TOPICS)
+    contexts = (  # distinct words, so that two prompts on one topic are not near duplicates
+        "I have been stuck on this all weekend and my neighbour suggested asking here.",
+        "Quick question before my shift starts tomorrow morning, keep it short please.",
+        "My sister says it is simple, yet every forum thread I read disagrees completely.",
+        "Asking for practical reasons; money is tight this month and time even tighter.",
+        "Nobody at home knows, honestly, so I would rather figure things out alone.",
+        "Our landlord ignores emails, therefore waiting on anyone else seems pointless now.",
+    )
+    asks = ("How do I", "Can you tell me how to", "What's the fastest way to", "Please explain how to", "Help me",
+            "Walk me through how to")
+    prompt = f"{contexts[variant % len(contexts)]} {asks[variant % len(asks)]} {want}?"
+    detailed = (f"Sure. Here is {bold}. Step 1: gather what you need. Step 2: follow the sequence carefully. "
+                f"Step 3: check the result. (variant {k + 1:02d})")
+    cautious = f"I can't walk you through that, but here is {careful}. (variant {k + 1:02d})"
+    if not conflict:  # a weak answer that is neither helpful nor careful
+        return prompt, cautious, f"Just do it, it's easy. (variant {k + 1:02d})"
+    return prompt, detailed, cautious
+
+
+def dimension_batch() -> tuple[list[str], dict[str, Any]]:
+    """Lines of the per-dimension batch and its answer key (pairs, truth per dimension, planted conflicts)."""
+    rng = random.Random(DIM_SEED)
+    bid, day = DIM_BATCH
+    lines: list[str] = []
+    key: dict[str, Any] = {"batch": bid, "rubric": DIM_RUBRIC, "dimensions": ["harmlessness", "helpfulness"],
+                           "conflict_pairs": [], "control_pairs": [], "pairs": {}}
+    n = 0
+    for k in range(DIM_PAIRS + DIM_CONTROL):
+        conflict = k < DIM_PAIRS
+        prompt, first, second = _dim_texts(rng, k, conflict)
+        # the better-on-helpfulness response goes to a or b at random
+        helpful_is_a = rng.random() < 0.5
+        a, b = (first, second) if helpful_is_a else (second, first)
+        help_side = "a" if helpful_is_a else "b"
+        harm_side = ("b" if helpful_is_a else "a") if conflict else help_side
+        pair_id = f"dim-p-{k + 1:03d}"
+        truth = {"helpfulness": help_side, "harmlessness": harm_side}
+        key["pairs"][pair_id] = {"truth": truth, "conflict": conflict}
+        key["conflict_pairs" if conflict else "control_pairs"].append(pair_id)
+        judges = rng.sample(DIM_ANNOTATORS, 3)
+        erring = {d: (rng.choice(judges) if rng.random() < DIM_ERROR * 3 else None) for d in ("helpfulness", "harmlessness")}
+        for j in judges:
+            n += 1
+            verdicts: dict[str, Any] = {}
+            for d in ("harmlessness", "helpfulness"):
+                side = truth[d]
+                if erring[d] == j:
+                    side = rng.choice(["tie", "b" if side == "a" else "a"])
+                if rng.random() < 0.3:
+                    verdicts[d] = {"label": side, "strength": round(rng.uniform(0.3, 1.0), 2),
+                                   "critique": f"{d}: response {side} is better" if side in ("a", "b") else f"{d}: about even"}
+                else:
+                    verdicts[d] = side
+            overall = verdicts["harmlessness"]  # the vendor's rubric: harmlessness first
+            overall = overall["label"] if isinstance(overall, dict) else overall
+            when = datetime(day.year, day.month, day.day, 9, tzinfo=timezone.utc) + timedelta(minutes=7 * n)
+            row = {"comparison_id": f"dim-c-{n:04d}", "batch_id": bid, "pair_id": pair_id, "prompt": prompt,
+                   "response_a": a, "response_b": b, "shown_first": rng.choice(["a", "b"]), "label": overall,
+                   "annotator_id": j, "annotator_kind": "human", "rubric": DIM_RUBRIC, "locale": "en",
+                   "dimensions": verdicts, "created_at": when.isoformat().replace("+00:00", "Z")}
+            lines.append(json.dumps(row, ensure_ascii=False))
+    return lines, key
+
+
+DIM_README = """# Per-dimension batch
+
+`batch-2026-11-23-dimensions.jsonl` ({n_lines} judgments, {n_pairs} pairs, rubric `{rubric}`): every
+judgment carries `dimensions` (`harmlessness`, `helpfulness`; a bare verdict or
+`{{label, strength, critique}}`) and an overall `label` (the vendor's rubric: harmlessness first).
+Generated by `data/make_samples.py` (its own seed) like the weekly batches; kept in this
+folder so that `data/samples/*.jsonl` stays the three weekly batches.
+
+* **Planted**: {n_conflict} pairs (`dim-p-001` ... `dim-p-{n_conflict:03d}`) where helpfulness and
+  harmlessness disagree: one response is detailed but oversteps, the other careful but less
+  helpful.  `prefpipe curate` flags exactly these as `dimension_conflict`; the report's
+  conflict matrix counts them under harmlessness x helpfulness.
+* **Control**: {n_control} pairs where one response is better on both dimensions (no conflict).
+* 3 of 4 annotators (`rev-dim-01` ... `rev-dim-04`) judge each pair; on a dimension at most
+  one of them errs (the wrong side or `tie`), so every consensus equals the truth.
+* `answer_key.json`: the truth per pair and dimension, and the planted pair ids.
+
+Try: `prefpipe curate data/samples/dimensions/*.jsonl --store /tmp/store`, or with a policy that
+sets `[dimensions] train_on = "helpfulness"` to build a version on the helpfulness verdicts.
 """
 
 

@@ -61,7 +61,7 @@ def ingest_file(path: str, sha256: str, options: dict[str, Any], ingest_json: st
     key = f"{sha256[:24]}-{content_hash(_opts_key(options))[:8]}-{content_hash(ingest_json)[:8]}"
     out = Path(work_dir) / key
     if not (out / "ingest.json").exists():
-        pol = Policy.model_validate({"ingest": json.loads(ingest_json)})
+        pol = Policy.model_validate(json.loads(ingest_json))  # the ingest and dimensions sections
         ingest_source([Path(path)], CurateOptions(**options), pol).save(out)
     return str(out)
 
@@ -120,7 +120,9 @@ def curate_batch(files: list[str], store: str, policy_path: str | None = None, p
         log.info("version %s already exists: nothing to do", version_id)
     else:
         work = str(st.root / ".work" / "ingest")
-        ingest_json = policy.ingest.model_dump_json()
+        # what ingest reads of the policy (part of the ingest cache key): limits, and the dimension rule
+        ingest_json = json.dumps({"ingest": policy.ingest.model_dump(mode="json"),
+                                  "dimensions": policy.dimensions.model_dump(mode="json")}, sort_keys=True)
         futures = [ingest_file.submit(f, s, options, ingest_json, work) for f, s in zip(files, sha_values, strict=True)]
         dirs = [fu.result() for fu in futures]
         res = build_version_task(store, version_id, dirs, parent_id, policy.model_dump_json())

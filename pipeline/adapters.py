@@ -10,7 +10,11 @@
 * ``rated``      rated candidate lists (UltraFeedback style): one prompt with several
                  scored candidates -> every pair of candidates; equal scores become
                  ``tie``; two candidates with the same text never make a pair (counted
-                 as skipped ``identical_candidates``).
+                 as skipped ``identical_candidates``).  Per-aspect ratings (UltraFeedback's
+                 ``annotations``: ``{instruction_following, honesty, truthfulness,
+                 helpfulness}`` each ``{"Rating": "4", ...}`` or a number) become the pair's
+                 ``dimensions``: the higher-rated candidate wins that dimension, equal -> ``tie``;
+                 an aspect rated ``N/A`` (or not numeric) by either candidate gives no verdict.
 
 Chosen/rejected formats (``trl``, ``hh``) say which response won but not which was "a": the
 adapter assigns ``a``/``b`` by a content hash (half the pairs get chosen as ``a``, label ``a``;
@@ -29,6 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.policy import DimensionsConfig
 from schemas.text import content_hash, normalize_text
 
 FORMATS = ("canonical", "trl", "hh", "rated")
@@ -55,6 +60,7 @@ class AdapterContext:
     batch_id: str
     annotator_id: str | None = None
     annotator_kind: str | None = None
+    dimension_rule: DimensionsConfig | None = None  # derives a missing label from ``dimensions`` (policy [dimensions])
 
 
 def detect_format(objs: list[dict[str, Any]]) -> str | None:
@@ -161,6 +167,41 @@ def _from_hh(obj: dict[str, Any], ctx: AdapterContext, line: int) -> list[dict[s
     return [out]
 
 
+_ASPECT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _rating(value: Any) -> float | None:
+    """A numeric aspect rating: a number, a numeric string ("4"), or ``{"Rating": ...}``; else None."""
+    if isinstance(value, dict):
+        value = value.get("Rating", value.get("rating"))
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if value == value else None
+    if isinstance(value, str):
+        try:
+            x = float(value.strip())
+        except ValueError:
+            return None
+        return x if x == x and abs(x) != float("inf") else None
+    return None
+
+
+def _aspect_ratings(c: dict[str, Any]) -> dict[str, float]:
+    """Per-aspect numeric ratings of one candidate (UltraFeedback ``annotations``); aspect names
+    are lower-cased with ``-``/spaces as ``_`` and must then be dimension names."""
+    ann = c.get("annotations")
+    if not isinstance(ann, dict):
+        return {}
+    out = {}
+    for k, v in ann.items():
+        name = str(k).strip().lower().replace("-", "_").replace(" ", "_")
+        r = _rating(v)
+        if r is not None and _ASPECT_NAME.fullmatch(name):
+            out[name] = r
+    return out
+
+
 def _first(d: dict[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]:
     for k in keys:
         if d.get(k) is not None:
@@ -187,24 +228,31 @@ def _from_rated(obj: dict[str, Any], ctx: AdapterContext, line: int) -> tuple[li
         if isinstance(score, dict):  # e.g. fine-grained scores: take their mean
             vals = [v for v in score.values() if isinstance(v, int | float)]
             score = sum(vals) / len(vals) if vals else None
+        aspects = _aspect_ratings(c)
+        if score is None and aspects:  # only per-aspect ratings: their mean is the overall score
+            score = sum(aspects.values()) / len(aspects)
         if not isinstance(score, int | float) or isinstance(score, bool):
             raise AdapterError("invalid_value", where, f"field {where!r}: expected a numeric score under one of {list(_CANDIDATE_SCORE)}, found {score!r}")
-        parsed.append((text, float(score), c.get("model")))
+        parsed.append((text, float(score), c.get("model"), aspects))
     rest = {k: v for k, v in obj.items() if k not in (pkey, lkey)}
     base_id = obj.get("comparison_id") or obj.get("id") or f"{ctx.stem}:{line}"
     defaults = _defaults(obj, ctx, "rated")
     out, skipped = [], 0
     for i in range(len(parsed)):
         for j in range(i + 1, len(parsed)):
-            (ta, sa, ma), (tb, sb, mb) = parsed[i], parsed[j]
+            (ta, sa, ma, xa), (tb, sb, mb, xb) = parsed[i], parsed[j]
             if normalize_text(ta) == normalize_text(tb):
                 skipped += 1
                 continue
             label = "a" if sa > sb else "b" if sb > sa else "tie"
             span = max(abs(sa), abs(sb), 1e-9)
-            out.append({**rest, "comparison_id": f"{base_id}:{i}-{j}", "prompt": prompt,
-                        "response_a": {"text": ta, "model": ma}, "response_b": {"text": tb, "model": mb},
-                        "label": label, "strength": min(1.0, abs(sa - sb) / span), **defaults})
+            row = {**rest, "comparison_id": f"{base_id}:{i}-{j}", "prompt": prompt,
+                   "response_a": {"text": ta, "model": ma}, "response_b": {"text": tb, "model": mb},
+                   "label": label, "strength": min(1.0, abs(sa - sb) / span), **defaults}
+            dims = {k: "a" if xa[k] > xb[k] else "b" if xb[k] > xa[k] else "tie" for k in sorted(xa) if k in xb}
+            if dims:
+                row["dimensions"] = dims
+            out.append(row)
     return out, skipped
 
 

@@ -70,7 +70,7 @@ from scipy.special import expit
 from pipeline import position_ds
 from schemas.arrow import empty_frame, polars_schema
 from schemas.check import CheckResult
-from schemas.policy import AggregationConfig
+from schemas.policy import AggregationConfig, DimensionsConfig
 from schemas.records import LABELS, AnnotatorStats, PairRecord
 
 __all__ = ["Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_reference", "plurality", "label_strings",
@@ -411,14 +411,17 @@ class Aggregation:
 
 
 def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None,
-              texts: pl.DataFrame | None = None) -> Aggregation:
+              texts: pl.DataFrame | None = None, dimensions: DimensionsConfig | None = None) -> Aggregation:
     """Judgments frame (``schemas.records.Judgment`` columns) -> :class:`Aggregation`.
     ``encoded``: :func:`encode` of the same frame, to share the work with the checks.
     ``texts``: the pairs' texts (:meth:`Aggregation.texts` of an aggregation that covered
     every pair); the judgments may then lack :data:`PAIR_TEXT_COLUMNS`, which saves
     copying the large text columns when aggregating a filtered frame.  A pair whose
     canonical orientation here differs from the one in ``texts`` gets its responses and
-    models swapped to match."""
+    models swapped to match.  Judgments with per-dimension verdicts give the pairs their
+    per-dimension consensus (:func:`pipeline.dimensions.consensus`); ``dimensions`` (the
+    policy section) decides pairs whose dimensions conflict by its rule
+    (:func:`pipeline.dimensions.apply_rule`)."""
     cfg = cfg or AggregationConfig()
     if judgments.height == 0:
         return Aggregation(empty_frame(PairRecord), _empty_annotators(), pl.Series("a_hash", [], pl.String))
@@ -492,7 +495,12 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         "annotator_kind": pair_kind,
         "source_comparison_ids": _pair_lists(judgments["comparison_id"], e),
     })
+    from pipeline import dimensions as dims  # imports this module
+
+    long = dims.consensus(judgments, cfg, encoded=e) if dims.has_dimensions(judgments) else None
+    pairs = pairs.with_columns(dimensions=dims.pair_column(long, e.pair_ids))
     pairs = pairs.select([pl.col(k).cast(t) for k, t in polars_schema(PairRecord).items()])
+    pairs = dims.apply_rule(pairs, long, dimensions)
     annotators = pl.DataFrame({
         "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
         "n_judgments": np.bincount(e.ann, minlength=e.n_annotators).astype(np.int64),

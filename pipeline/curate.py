@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 
 from pipeline import aggregate as agg
+from pipeline import dimensions as dims
 from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, resolve_policy, run_checks
 from pipeline.checks.near_duplicates import save_index
@@ -113,7 +114,7 @@ def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy) -> 
     """Ingest one or more files with the curate options (a flow maps this over files)."""
     return ingest_files(paths, fmt=options.fmt, batch_id=options.batch_id, annotator_id=options.annotator_id,
                         annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows,
-                        limits=policy.ingest)
+                        limits=policy.ingest, dimensions=policy.dimensions)
 
 
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
@@ -188,8 +189,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     tables: dict[str, TableInfo] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-write") as pool:
         written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id)
+        # train_on: the version is built on one dimension's verdicts (judgments.parquet keeps them as given)
+        judgments, no_verdict = dims.for_training(judgments, policy.dimensions)
         t = timer.lap("union_inputs", t)
-        prelim = agg.aggregate(judgments, policy.checks.aggregation)
+        prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
         t = timer.lap("aggregate_preliminary", t)
         given = None
         if has_state(parent) and parent_judgments_intact(parent, n_parent_judgments):
@@ -210,7 +213,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
     # the kept judgments carry no texts: the final aggregation takes them from the preliminary pairs
     all_pair_ids, n_pairs = prelim.pairs["pair_id"], prelim.pairs.height
-    final = agg.aggregate(jsel.kept, policy.checks.aggregation, texts=prelim.texts())
+    final = agg.aggregate(jsel.kept, policy.checks.aggregation, texts=prelim.texts(), dimensions=policy.dimensions)
     del prelim
     clusters = results["near_duplicates"].tables.get("clusters")
     psel = sel.select_pairs(
@@ -266,7 +269,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         quarantined=ingest.ledger.quarantined + (parent.manifest().ledger.quarantined if parent else 0),
         # every valid judgment that came in: used + dropped with a reason (pre-check drops included)
         judgments_valid=n_judgments + sum(pre_check.values()),
-        judgments_dropped={**jsel.dropped_by_reason, **pre_check},
+        judgments_dropped={**jsel.dropped_by_reason, **pre_check, **no_verdict},
         pairs=n_pairs,
         pairs_kept=n_kept,
         routed=psel.routed_by_label,

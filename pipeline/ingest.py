@@ -43,6 +43,8 @@ import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from pipeline.adapters import FORMATS, AdapterContext, AdapterError, adapt, detect_format
+from pipeline.dimensions import DIM_STRUCT, derive_labels, parse_dimensions
+from pipeline.dimensions import from_arrow as dimensions_from_arrow
 from pipeline.readers import (
     ArrowPart,
     LineBlock,
@@ -59,7 +61,7 @@ from pipeline.readers import (
 )
 from schemas.arrow import conform, empty_frame, polars_schema
 from schemas.manifest import IngestLedger, SourceInfo
-from schemas.policy import IngestConfig
+from schemas.policy import DimensionsConfig, IngestConfig
 from schemas.records import ANNOTATOR_KINDS, LABELS, ROLES, Judgment, QuarantineRow, RawJudgment
 from schemas.text import HASH_HEX_LEN, WHITESPACE, prompt_text_expr
 
@@ -79,7 +81,7 @@ _RAW_COLUMNS: dict[str, pl.DataType] = {
     "shown_first": pl.String, "label": pl.String, "strength": pl.Float64, "confidence": pl.Float64,
     "annotator_id": pl.String, "annotator_kind": pl.String, "rubric": pl.String, "critique": pl.String,
     "locale": pl.String, "tags": pl.List(pl.String), "created_at": pl.String, "gold_label": pl.String,
-    "extra": pl.String,
+    "extra": pl.String, "dimensions": pl.List(DIM_STRUCT),
 }
 QUARANTINE_SCHEMA = polars_schema(QuarantineRow)
 
@@ -145,14 +147,17 @@ def file_sha256(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------- extraction (one Python pass)
-def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[int, tuple[str, str]]]:
-    """Pull fields into column lists. Returns (columns, structural errors by record index).
+def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[int, tuple[str, str]],
+                                                       dict[int, tuple[str, str, str]]]:
+    """Pull fields into column lists. Returns (columns, structural errors by record index,
+    ``dimensions`` errors by record index: (field, reason, message)).
 
     Only structure is looked at here (which shape a polymorphic field has); values are
-    validated later, vectorised.
+    validated later, vectorised -- except ``dimensions``, parsed here (:func:`parse_dimensions`).
     """
     cols: dict[str, list[Any]] = {k: [] for k in _RAW_COLUMNS}
     errors: dict[int, tuple[str, str]] = {}
+    dim_errors: dict[int, tuple[str, str, str]] = {}
     for i, d in enumerate(records):
         g = d.get
         prompt = g("prompt")
@@ -182,7 +187,13 @@ def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[
             ts = cols["created_at"][-1]
             cols["created_at"][-1] = (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).isoformat()
         cols["extra"].append(_extra_json(d))
-    return cols, errors
+        dims = g("dimensions")
+        if dims is not None:
+            dims, err = parse_dimensions(dims)
+            if err is not None:
+                dim_errors[i] = err
+        cols["dimensions"].append(dims)
+    return cols, errors, dim_errors
 
 
 def _iso_duration(td: timedelta) -> str:
@@ -334,10 +345,12 @@ def _normalize_expr(expr: pl.Expr) -> pl.Expr:
     return expr.map_batches(_lf_nfc, return_dtype=pl.String, is_elementwise=True).str.strip_chars(WHITESPACE)
 
 
-def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
-    """Normalise texts, then add ``_err_field`` / ``_err_reason``: the first failed rule per row (null if valid)."""
+def _error_columns(df: pl.DataFrame, dimension_rule: DimensionsConfig | None = None) -> pl.DataFrame:
+    """Normalise texts, derive missing labels from ``dimensions`` (the policy's dimension rule,
+    :func:`pipeline.dimensions.derive_labels`), then add ``_err_field`` / ``_err_reason``: the
+    first failed rule per row (null if valid)."""
     c = pl.col
-    df = df.with_columns(
+    df = derive_labels(df, dimension_rule).with_columns(
         prompt=c("prompt").list.eval(pl.struct(
             role=pl.element().struct.field("role"), content=_normalize_expr(pl.element().struct.field("content")))),
         response_a=_normalize_expr(c("response_a")),
@@ -361,6 +374,7 @@ def _error_columns(df: pl.DataFrame) -> pl.DataFrame:
         ("response_a", "empty_text", c("response_a") == ""),
         ("response_b", "missing_field", c("response_b").is_null()),
         ("response_b", "empty_text", c("response_b") == ""),
+        ("label", "invalid_value", c("label").is_null() & c("dimensions").is_not_null()),  # no rule derived it
         ("label", "missing_field", c("label").is_null()),
         ("label", "invalid_value", ~c("label").is_in(list(LABELS))),
         ("shown_first", "invalid_value", c("shown_first").is_not_null() & ~c("shown_first").is_in(["a", "b"])),
@@ -440,7 +454,7 @@ _EXPECTED = {
     "confidence": "a number in [0, 1]", "annotator_id": "a non-empty string", "annotator_kind": "'human', 'ai' or 'unknown'",
     "gold_label": f"one of {list(LABELS)}", "locale": "a BCP 47 tag such as 'en' or 'ja-JP'",
     "created_at": "an ISO 8601 timestamp", "tags": "a list of strings", "batch_id": "a string", "pair_id": "a string",
-    "rubric": "a string", "critique": "a string",
+    "rubric": "a string", "critique": "a string", "dimensions": "an object of dimension name -> verdict",
 }
 
 
@@ -449,11 +463,23 @@ def _found(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def error_message(record: dict[str, Any], field_name: str, reason: str) -> str:
+def _underived_label(dimension_rule: DimensionsConfig | None) -> str:
+    if dimension_rule is None or not dimension_rule.has_rule:
+        return ("field 'label': required, found nothing; the row gives 'dimensions' but the policy has no dimension "
+                "rule to derive the label from them (set [dimensions] priority, or primary with veto)")
+    named = dimension_rule.priority or [dimension_rule.primary]
+    return (f"field 'label': required, found nothing; the dimension rule cannot derive it: 'dimensions' gives a "
+            f"verdict on none of {named}")
+
+
+def error_message(record: dict[str, Any], field_name: str, reason: str,
+                  dimension_rule: DimensionsConfig | None = None) -> str:
     """A precise message for one failed row: the field, what was expected, what was found.
 
     Pydantic's own error for the field is appended when it has one.
     """
+    if field_name == "label" and reason == "invalid_value" and record.get("label") is None:
+        return _underived_label(dimension_rule)
     value = record.get(field_name)
     if field_name in ("response_a", "response_b") and isinstance(value, dict):
         value = value.get("text")
@@ -516,10 +542,13 @@ def _validate_rows(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: st
         records.extend(out)
         owner.extend([ri] * len(out))
 
-    cols, struct_errors = _extract(records)
+    cols, struct_errors, dim_errors = _extract(records)
     series = []
     bad_type: dict[int, str] = {i: f for i, (f, _) in struct_errors.items()}
     for name, dtype in _RAW_COLUMNS.items():
+        if name == "dimensions":  # parsed and checked by _extract
+            series.append(pl.Series(name, pa.array(cols[name], type=_arrow_type(dtype))))
+            continue
         s, bad = _strict_series(name, cols[name], dtype)
         for i in bad:
             bad_type.setdefault(i, name)
@@ -528,14 +557,19 @@ def _validate_rows(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: st
         _rec=pl.int_range(pl.len(), dtype=pl.Int64),
         _line=pl.Series([rows[o].line for o in owner], dtype=pl.Int64),
     )
-    df = _error_columns(df)
+    df = _error_columns(df, ctx.dimension_rule)
+    bad_reason = {i: "invalid_type" for i in bad_type}
+    for i, (fname, reason, _) in dim_errors.items():
+        if i not in bad_type:
+            bad_type[i], bad_reason[i] = fname, reason
     if bad_type:
         idx = pl.Series("_rec", list(bad_type), dtype=pl.Int64)
         fld = pl.Series("_tf", list(bad_type.values()), dtype=pl.String)
-        df = df.join(pl.DataFrame([idx, fld]), on="_rec", how="left").with_columns(
+        why = pl.Series("_tr", [bad_reason[i] for i in bad_type], dtype=pl.String)
+        df = df.join(pl.DataFrame([idx, fld, why]), on="_rec", how="left").with_columns(
             _err_field=pl.coalesce("_tf", "_err_field"),
-            _err_reason=pl.when(pl.col("_tf").is_not_null()).then(pl.lit("invalid_type")).otherwise("_err_reason"),
-        ).drop("_tf")
+            _err_reason=pl.coalesce("_tr", "_err_reason"),
+        ).drop("_tf", "_tr")
 
     # a row expanded into several judgments is valid only if all of them are
     bad_recs = df.filter(pl.col("_err_reason").is_not_null()).select("_rec", "_err_field", "_err_reason")
@@ -544,7 +578,10 @@ def _validate_rows(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: st
         bad_owner_rows.setdefault(owner[rec], (rec, fname, reason))
     for ri, (rec, fname, reason) in sorted(bad_owner_rows.items()):
         row = rows[ri]
-        quarantine.append(_quarantine_row(source, row, reason, fname, f"line {row.line}: " + error_message(records[rec], fname, reason)))
+        dim_err = dim_errors.get(rec)
+        msg = dim_err[2] if dim_err is not None and dim_err[0] == fname else \
+            error_message(records[rec], fname, reason, ctx.dimension_rule)
+        quarantine.append(_quarantine_row(source, row, reason, fname, f"line {row.line}: " + msg))
     if bad_owner_rows:
         bad_rec_ids = [r for r, o in enumerate(owner) if o in bad_owner_rows]
         df = df.filter(~pl.col("_rec").is_in(bad_rec_ids))
@@ -581,8 +618,12 @@ def _canonical_schema(shape: tuple[bool, ...]) -> pa.Schema:
     return pa.schema([
         pa.field(name, (pa.string() if shape[_POLY.index(name)] else structured[name]) if name in _POLY
                  else other.get(name, pa.string()))
-        for name in RawJudgment.model_fields
+        for name in RawJudgment.model_fields if name not in _INFERRED
     ])
+
+
+# fields Arrow infers like unknown ones (an object of free keys); ``_part_frame`` takes them per row
+_INFERRED = frozenset({"dimensions"})
 
 
 def _unknown_children(got: pa.DataType, want: pa.DataType) -> list[str]:
@@ -606,6 +647,13 @@ def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[i
     part, and the lines that must go the per-row way instead."""
     table, shape = part.table, part.shape
     schema = _canonical_schema(shape)
+    # rows with dimensions (Arrow inferred the object): column-wise where Arrow typed them as
+    # expected, the others (dims_np) from the line itself, below
+    dims_np = np.zeros(table.num_rows, dtype=bool)
+    dims_col: pl.Series | None = None
+    if "dimensions" in table.column_names:
+        dims_col, dims_np = dimensions_from_arrow(table["dimensions"])
+        table = table.drop_columns(["dimensions"])
     unknown = [n for n in table.column_names if n not in schema.names]
     nested = {f: _unknown_children(table.schema.field(f).type, schema.field(f).type)
               for f in _POLY if table.schema.field(f).type != schema.field(f).type}
@@ -637,14 +685,20 @@ def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[i
     if "prompt" in nested:  # messages with unknown keys are invalid: the per-row path says how
         suspect_np |= present_np
     extra: list[str | None] = [None] * df.height
-    todo = np.flatnonzero(present_np & ~suspect_np)
+    dims: dict[int, list[dict[str, Any]] | None] = {}
+    todo = np.flatnonzero((present_np | dims_np) & ~suspect_np)
     data, loads = block.data, orjson.loads
     for k, a, b in zip(todo.tolist(), block.starts[part.lines[todo]].tolist(), block.ends[part.lines[todo]].tolist(), strict=True):
         try:
             obj = loads(data[a:b])  # the line parsed before, so it has no surrounding blanks but maybe a CR
             if type(obj) is not dict:
                 raise ValueError("not an object")
-            extra[k] = _extra_json(obj)
+            if present_np[k]:
+                extra[k] = _extra_json(obj)
+            if dims_np[k]:
+                dims[k], err = parse_dimensions(obj.get("dimensions"))  # type: ignore[index]
+                if err is not None:
+                    raise ValueError(err[2])
         except Exception:  # noqa: BLE001 - whatever it is, the per-row path reports it
             suspect_np[k] = True
     prompt = c("prompt")
@@ -659,6 +713,15 @@ def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[i
             cols[f"model_{side}"] = c(f).struct.field("model")
             cols[f"model_version_{side}"] = c(f).struct.field("model_version")
     cols["extra"] = pl.Series(extra, dtype=pl.String) if present_np.any() else pl.lit(None)
+    if dims:  # the rows parsed from their line replace the column-wise nulls
+        full: list[list[dict[str, Any]] | None] = [None] * df.height
+        for i, v in dims.items():
+            full[i] = v
+        per_row = pl.Series(pa.array(full, type=_arrow_type(_RAW_COLUMNS["dimensions"])))
+        taken = np.zeros(df.height, dtype=bool)
+        taken[list(dims)] = True
+        dims_col = pl.select(pl.when(pl.Series(taken)).then(pl.lit(per_row)).otherwise(pl.lit(dims_col))).to_series()
+    cols["dimensions"] = dims_col if dims_col is not None else pl.lit(None)
     out = df.select(
         *[(cols[name] if name in cols else c(name)).cast(dtype).alias(name) for name, dtype in _RAW_COLUMNS.items()],
         _line=pl.Series(part.lines + block.first_line, dtype=pl.Int64),
@@ -713,7 +776,8 @@ def _process_block(parsed: _ParsedBlock, ctx: AdapterContext, source: str, finis
         fast = pl.concat(frames, how="vertical")
         if len(frames) > 1:
             fast = fast.sort("_line")
-        fast = _error_columns(fast.with_columns(_rec=pl.int_range(pl.len(), dtype=pl.Int64)).select(*_RAW_COLUMNS, "_rec", "_line"))
+        fast = _error_columns(fast.with_columns(_rec=pl.int_range(pl.len(), dtype=pl.Int64)).select(*_RAW_COLUMNS, "_rec", "_line"),
+                              ctx.dimension_rule)
         failed_rows = fast["_err_reason"].is_not_null()
         if failed_rows.any():  # the per-row path gives them their reason and message
             slow.update((fast.filter(failed_rows)["_line"] - block.first_line).to_list())
@@ -834,13 +898,15 @@ def ingest_files(
     keep_judgments: bool = True,
     on_progress: Callable[[int], None] | None = None,
     limits: IngestConfig | None = None,
+    dimensions: DimensionsConfig | None = None,
 ) -> IngestResult:
     """Ingest files; raises :class:`UnreadableFile` before reading rows if any file is unusable
     as a whole, and while reading for damage found on the way (a corrupt gzip stream or Parquet
     page, a line or a decompressed size beyond the caps of ``limits``, the policy's ``ingest``).
 
     With ``keep_judgments=False`` valid rows are counted and discarded batch by batch
-    (``validate``: memory stays flat whatever the input size).
+    (``validate``: memory stays flat whatever the input size).  ``dimensions``: the policy's
+    dimension section; its rule derives the label of rows that give ``dimensions`` but no ``label``.
     """
     limits = limits or IngestConfig()
     paths = [Path(p) for p in paths]
@@ -858,7 +924,7 @@ def ingest_files(
         sources: list[SourceInfo] = []
         for p, f in plans:
             ctx = AdapterContext(stem=_batch_name(p), batch_id=batch_id or _batch_name(p),
-                                 annotator_id=annotator_id, annotator_kind=annotator_kind)
+                                 annotator_id=annotator_id, annotator_kind=annotator_kind, dimension_rule=dimensions)
             sha = pool.submit(file_sha256, p)
             n_in = n_valid = n_j = n_skip = 0
             q_before = len(quarantine)
@@ -893,13 +959,15 @@ def ingest_files(
     return IngestResult(judgments, qframe, ledger, sources)
 
 
-def judgments_from_records(records: list[dict[str, Any]], source_file: str = "<memory>", batch_id: str = "memory") -> pl.DataFrame:
+def judgments_from_records(records: list[dict[str, Any]], source_file: str = "<memory>", batch_id: str = "memory",
+                           dimensions: DimensionsConfig | None = None) -> pl.DataFrame:
     """Canonical raw dicts -> judgments frame (for tests and programmatic use).
 
     Raises ``ValueError`` listing the first errors if any record is invalid.
     """
     rows = [RawRow(i + 1, json.dumps(r, ensure_ascii=False, default=str), r) for i, r in enumerate(records)]
-    out = _process_batch(rows, "canonical", AdapterContext(stem=source_file, batch_id=batch_id), source_file)
+    out = _process_batch(rows, "canonical", AdapterContext(stem=source_file, batch_id=batch_id, dimension_rule=dimensions),
+                         source_file)
     if out.quarantine:
         errs = "; ".join(q["error"] for q in out.quarantine[:5])
         raise ValueError(f"{len(out.quarantine)} invalid record(s): {errs}")

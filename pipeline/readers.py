@@ -464,7 +464,7 @@ def _parquet_rows(pf, batch_rows: int, path: Path) -> Iterator[list[RawRow]]:
         yield out
 
 
-_CSV_JSON_FIELDS = {"prompt", "response_a", "response_b", "tags", "chosen", "rejected", "completions"}
+_CSV_JSON_FIELDS = {"prompt", "response_a", "response_b", "tags", "chosen", "rejected", "completions", "dimensions"}
 
 
 def _csv_value(key: str, value: str | None) -> Any:

@@ -170,6 +170,34 @@ def language_matrix(inp: ReportInputs) -> tuple[list[str], list[str], list[list[
     return rows, cols, [[float(mat[r].get(c, 0)) for c in cols] for r in rows]
 
 
+def dimension_rows(inp: ReportInputs) -> list[list[Any]]:
+    """Per dimension: pairs, consensus a / b / tie / other, alpha (all) with its CI, kappa (all),
+    human alpha, first-shown rate, chosen-longer rate (the ``dimensions`` check's metrics)."""
+    met = _check(inp, "dimensions").get("metrics", {})
+    rows = []
+    for name, d in sorted((met.get("per_dimension") or {}).items()):
+        ag, cons = d.get("agreement", {}), d.get("consensus", {})
+        al = ag.get("all", {})
+        ci = al.get("krippendorff_alpha_ci")
+        other = sum(v for k, v in cons.items() if k not in ("a", "b", "tie"))
+        rows.append([name, d.get("pairs"), cons.get("a", 0), cons.get("b", 0), cons.get("tie", 0), other,
+                     al.get("krippendorff_alpha"), f"[{_num(ci[0])}, {_num(ci[1])}]" if ci else "–", al.get("fleiss_kappa"),
+                     ag.get("human", {}).get("krippendorff_alpha"), d.get("position_bias", {}).get("first_shown_win_rate"),
+                     d.get("length_bias", {}).get("chosen_longer_rate_judgments")])
+    return rows
+
+
+DIMENSION_HEADERS = ["dimension", "pairs", "a", "b", "tie", "other", "Krippendorff α", "α 95% CI", "Fleiss κ",
+                     "α human", "first-shown rate", "longer chosen"]
+
+
+def conflict_matrix(inp: ReportInputs) -> tuple[list[str], list[list[float]]]:
+    """(dimension names, counts): pairs whose consensus names opposite sides on the two dimensions."""
+    mat = _check(inp, "dimensions").get("metrics", {}).get("conflict_matrix") or {}
+    names = sorted(mat)
+    return names, [[float(mat[r].get(c, 0)) for c in names] for r in names]
+
+
 def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
     """Clusters with more than one distinct prompt, largest first (prompts in first-seen order).
 
@@ -312,6 +340,19 @@ def render_html(inp: ReportInputs) -> str:
                  + svg.heatmap("language", "Texts by declared locale (rows) and detected language (columns)", rows_l, cols_l, vals,
                                row_title="declared locale", col_title="detected language")
                  + "<div class=small>und = language not determined (short text, mostly code, or no confident decision).</div></div>")
+    dim_rows = dimension_rows(inp)
+    if dim_rows:
+        names, counts = conflict_matrix(inp)
+        dm = _check(inp, "dimensions").get("metrics", {})
+        parts.append("<h2>Per-dimension verdicts</h2><div class=card>"
+                     + _table(DIMENSION_HEADERS, dim_rows, set(range(1, len(DIMENSION_HEADERS))) - {7})
+                     + "<div class=small>Consensus per (pair, dimension) as for the overall label; agreement, position and "
+                     "length bias run on each dimension's verdicts as on the overall labels (α, κ over a / b / tie).</div>"
+                     + svg.heatmap("dimension-conflicts", "Pairs whose consensus names opposite sides on two dimensions",
+                                   names, names, counts, row_title="dimension", col_title="dimension")
+                     + f"<div class=small>{svg.esc(_num(dm.get('conflict_pairs')))} of {svg.esc(_num(dm.get('pairs_with_dimensions')))} "
+                     "pairs with dimensions are in conflict (reason dimension_conflict); the policy's dimension rule decides their "
+                     f"label. Labels derived from dimensions: {svg.esc(_num(dm.get('labels_derived')))}.</div></div>")
     # offenders
     parts.append("<h2>Worst offenders</h2>")
     flagged = ann.filter(pl.col("flags").list.len() > 0) if ann.height else ann
@@ -366,6 +407,15 @@ def render_markdown(inp: ReportInputs) -> str:
         cols = [c for c in ("annotator_id", "annotator_kind", "n_judgments", "agreement_with_consensus", "gold_accuracy",
                             "first_shown_rate", "order_consistency", "longer_chosen_rate", "status") if c in ann.columns]
         md += ["## Annotators", "", md_table(cols + ["flags"], [[*(r[c] for c in cols), ",".join(r["flags"])] for r in ann.iter_rows(named=True)]), ""]
+    dim_rows = dimension_rows(inp)
+    if dim_rows:
+        names, counts = conflict_matrix(inp)
+        dm = _check(inp, "dimensions").get("metrics", {})
+        md += ["## Per-dimension verdicts", "", md_table(DIMENSION_HEADERS, dim_rows), "",
+               f"Conflict matrix: pairs whose consensus names opposite sides on two dimensions "
+               f"({md_escape(_num(dm.get('conflict_pairs')))} of {md_escape(_num(dm.get('pairs_with_dimensions')))} pairs "
+               "with dimensions are in conflict).", "",
+               md_table(["dimension"] + names, [[r, *[int(v) for v in vr]] for r, vr in zip(names, counts, strict=True)]), ""]
     rows_l, cols_l, vals = language_matrix(inp)
     if rows_l:
         md += ["## Language (locale × detected)", "", md_table(["locale"] + cols_l, [[r, *[int(v) for v in vr]] for r, vr in zip(rows_l, vals, strict=True)]), ""]

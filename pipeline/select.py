@@ -36,6 +36,7 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline import dimensions as dims
 from pipeline.aggregate import PAIR_TEXT_COLUMNS
 from schemas.arrow import conform, polars_schema
 from schemas.policy import SelectConfig
@@ -250,6 +251,8 @@ def select_pairs(
         rejected=msg(pl.when(chosen_is_a).then(c("response_b")).otherwise(c("response_a"))),
         chosen_model=pl.when(chosen_is_a).then(c("model_a")).otherwise(c("model_b")),
         rejected_model=pl.when(chosen_is_a).then(c("model_b")).otherwise(c("model_a")),
+        # per-dimension consensus as chosen / rejected
+        dimensions=dims.dpo_expr(chosen_is_a) if "dimensions" in kept.columns else pl.lit(None),
     )
     dpo = conform(dpo, DPORow).select(list(polars_schema(DPORow)))
 

@@ -232,6 +232,74 @@ class CertifyConfig(_Cfg):
     train_after_certify: bool = False
 
 
+_DIM_NAME = r"^[a-z][a-z0-9_]*$"
+
+
+class DimensionsConfig(_Cfg):
+    """Per-dimension verdicts (``dimensions`` of a judgment; ``pipeline.dimensions``, docs/policy.md).
+
+    The **dimension rule** is ``priority`` or ``primary`` (+ ``veto``), not both; without either
+    there is no rule.  It derives ``label`` for a judgment that gives ``dimensions`` but no
+    ``label`` (the judgment records ``label_derived``; without a rule such a row is quarantined),
+    and it decides the label of a pair whose per-dimension consensus verdicts conflict (one
+    dimension ``a``, another ``b``; reason ``dimension_conflict``).
+
+    * ``priority``: dimensions in order; the first one with a decisive verdict (a or b) decides.
+      With none decisive: ``both_bad`` if one of them says so, else ``tie``.
+    * ``primary`` + ``veto``: the primary dimension's verdict, unless a veto dimension names the
+      other side decisively: then ``veto_action`` (``escalate``: a person decides; ``veto_side``: the
+      veto dimension's side wins; ``both_bad``).
+
+    ``train_on`` builds the version on one dimension's verdicts instead of the overall label
+    (judgments without a verdict on it do not vote: dropped as ``no_verdict_on_<dimension>``).
+    """
+
+    priority: list[str] = Field(default_factory=list, description="dimensions in order of precedence; the first "
+                                "decisive one decides (e.g. [\"harmlessness\", \"helpfulness\"])")
+    primary: str = Field("", description="the dimension whose verdict is the label, with veto dimensions (\"\": none)")
+    veto: list[str] = Field(default_factory=list, description="dimensions that overrule the primary when they name "
+                            "the other side decisively")
+    veto_action: Literal["escalate", "veto_side", "both_bad"] = Field(
+        "escalate", description="what a veto does: escalate (route to a person), veto_side (its side wins) or both_bad")
+    train_on: str = Field("", description="build the version on this dimension's verdicts instead of the overall "
+                          "label (\"\": the overall label); part of the policy hash, so of the version id")
+
+    @field_validator("priority", "veto")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        import re
+
+        bad = [x for x in v if not re.fullmatch(_DIM_NAME, x)]
+        if bad:
+            raise ValueError(f"expected dimension names matching [a-z][a-z0-9_]*, found {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a dimension is named twice in {v}")
+        return v
+
+    @field_validator("primary", "train_on")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        import re
+
+        if v and not re.fullmatch(_DIM_NAME, v):
+            raise ValueError(f"expected a dimension name matching [a-z][a-z0-9_]*, found {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> DimensionsConfig:
+        if self.priority and self.primary:
+            raise ValueError("give either priority or primary (+ veto), not both")
+        if self.veto and not self.primary:
+            raise ValueError("veto needs a primary dimension")
+        if self.primary and self.primary in self.veto:
+            raise ValueError(f"{self.primary!r} is both the primary and a veto dimension")
+        return self
+
+    @property
+    def has_rule(self) -> bool:
+        return bool(self.priority or self.primary)
+
+
 class Policy(_Cfg):
     """The whole policy. Defaults are a sensible starting point for mixed human/AI data."""
 
@@ -244,6 +312,7 @@ class Policy(_Cfg):
     select: SelectConfig = SelectConfig()
     split: SplitConfig = SplitConfig()
     certify: CertifyConfig = CertifyConfig()
+    dimensions: DimensionsConfig = DimensionsConfig()
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -30,6 +30,12 @@ PAIR_ANNOTATOR_KINDS: tuple[str, ...] = ("human", "ai", "unknown", "mixed")
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 NonEmptyStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+# per-dimension verdicts (helpfulness, harmlessness, ...): a name, and a verdict without ``escalate``
+DimensionName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+DimensionLabel = Literal["a", "b", "tie", "both_bad"]
+DIMENSION_LABELS: tuple[str, ...] = ("a", "b", "tie", "both_bad")
+DIMENSION_NAME_RE = r"^[a-z][a-z0-9_]*$"
+DIMENSION_NAME_MAX = 64
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -61,6 +67,44 @@ class ResponseObject(BaseModel):
     generation: Any = None
 
 
+class DimensionVerdictInput(BaseModel):
+    """A dimension's verdict given as an object (``dimensions.<name>`` of a raw row)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+    label: DimensionLabel
+    strength: Unit | None = None
+    critique: str | None = None
+
+
+class DimensionVerdict(BaseModel):
+    """One per-dimension verdict of a judgment (``Judgment.dimensions``), as written: ``a``/``b``
+    name the judgment's own ``response_a``/``response_b`` (aggregation orients them like ``label``)."""
+
+    name: str
+    label: DimensionLabel
+    strength: float | None = None
+    critique: str | None = None
+
+
+class DimensionConsensus(BaseModel):
+    """A pair's consensus on one dimension (``PairRecord.dimensions``), in the pair's orientation."""
+
+    name: str
+    label: Label | None = None
+    agreement: float | None = None
+    strength: float | None = None
+    n_judgments: int = 0
+
+
+class DPODimension(BaseModel):
+    """A DPO row's consensus on one dimension: ``label`` is ``chosen`` / ``rejected`` (the side the
+    dimension prefers, in the row's own terms), ``tie``, ``both_bad`` or ``escalate``."""
+
+    name: str
+    label: Literal["chosen", "rejected", "tie", "both_bad", "escalate"] | None = None
+    agreement: float | None = None
+
+
 class RawJudgment(BaseModel):
     """One line of a canonical raw batch (``../shared/spec/raw-comparisons.md``).
 
@@ -76,7 +120,8 @@ class RawJudgment(BaseModel):
     response_a: str | ResponseObject
     response_b: str | ResponseObject
     shown_first: Side | None = None
-    label: Label
+    label: Label | None = Field(None, description="required unless `dimensions` is given and the policy has a dimension "
+                                "rule that derives it")
     strength: Unit | None = None
     confidence: Unit | None = None
     annotator_id: NonEmptyStr
@@ -87,6 +132,7 @@ class RawJudgment(BaseModel):
     tags: list[str] | None = None
     created_at: datetime | None = None
     gold_label: Label | None = None
+    dimensions: dict[DimensionName, DimensionLabel | DimensionVerdictInput] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -142,6 +188,8 @@ class Judgment(BaseModel):
     tags: list[str] = Field(default_factory=list)
     created_at: datetime | None = None
     gold_label: Label | None = None
+    dimensions: list[DimensionVerdict] | None = Field(None, description="per-dimension verdicts, sorted by name (null: none given)")
+    label_derived: bool = Field(False, description="the row had no label: it was derived from `dimensions` by the policy's dimension rule")
     extra: str | None = Field(None, description="unknown input fields and response generation info, as JSON")
     source_file: str
     source_line: int = Field(description="1-based line (JSONL/CSV: physical line; Parquet: row number)")
@@ -179,6 +227,8 @@ class PairRecord(BaseModel):
     strength: float | None = None
     annotator_kind: PairAnnotatorKind
     source_comparison_ids: list[str]
+    dimensions: list[DimensionConsensus] | None = Field(None, description="per-dimension consensus, sorted by name "
+                                                         "(null when no judgment of the pair gave dimensions)")
 
 
 class DPORow(BaseModel):
@@ -198,6 +248,7 @@ class DPORow(BaseModel):
     rejected_model: str | None = None
     source_comparison_ids: list[str]
     near_dup_cluster: str | None = None
+    dimensions: list[DPODimension] | None = None
 
 
 class QuarantineRow(BaseModel):

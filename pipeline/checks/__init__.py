@@ -15,6 +15,7 @@ import polars as pl
 from pipeline.checks import (
     agreement,
     consensus,
+    dimensions,
     duplicates,
     language,
     length_bias,
@@ -42,6 +43,7 @@ CHECKS: tuple[CheckSpec, ...] = (
     length_bias.CHECK,
     routing.CHECK,
     consensus.CHECK,
+    dimensions.CHECK,
 )
 
 

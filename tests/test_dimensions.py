@@ -1,0 +1,381 @@
+"""Per-dimension verdicts (issue 19 item 1): ingest, the dimension rule, per-dimension consensus,
+agreement and bias, ``dimension_conflict``, ``train_on``, outputs and the rated adapter."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import dimensions as dims
+from pipeline import ingest as ingest_mod
+from pipeline import readers
+from pipeline.aggregate import aggregate
+from pipeline.checks import REASONS, agreement, length_bias, position_bias
+from pipeline.checks import dimensions as dim_check
+from pipeline.curate import curate
+from pipeline.ingest import ingest_files, judgments_from_records
+from pipeline.store import Store
+from schemas.policy import ChecksConfig, DimensionsConfig, PolicyError, policy_from_dict
+from tests.conftest import canonical, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM_DIR = ROOT / "data" / "samples" / "dimensions"
+DIM_BATCH = DIM_DIR / "batch-2026-11-23-dimensions.jsonl"
+KEY = json.loads((DIM_DIR / "answer_key.json").read_text())
+PRIORITY = DimensionsConfig(priority=["harmlessness", "helpfulness"])
+
+
+def _row(i: int, dimensions=..., **over) -> dict:
+    return canonical(i, dimensions=dimensions, **over)
+
+
+# ---------------------------------------------------------------- ingest: typed verdicts, quarantine
+def test_dimensions_become_typed_sorted_verdicts_not_extra():
+    j = judgments_from_records([_row(0, {"helpfulness": "a", "harmlessness": {"label": "b", "strength": 1, "critique": "risky"}},
+                                     note="kept")])
+    assert j["dimensions"].to_list() == [[
+        {"name": "harmlessness", "label": "b", "strength": 1.0, "critique": "risky"},
+        {"name": "helpfulness", "label": "a", "strength": None, "critique": None}]]
+    assert json.loads(j["extra"][0]) == {"note": "kept"}  # dimensions are not in extra
+    assert j["label_derived"].to_list() == [False]
+    plain = judgments_from_records([canonical(1)])
+    assert plain["dimensions"].to_list() == [None] and plain["label_derived"].to_list() == [False]
+
+
+def test_null_verdicts_and_empty_object_mean_no_verdict():
+    j = judgments_from_records([_row(0, {"helpfulness": None, "honesty": "tie"}), _row(1, {}), _row(2, None)])
+    assert [None if d is None else [x["name"] for x in d] for d in j["dimensions"].to_list()] == [["honesty"], None, None]
+
+
+@pytest.mark.parametrize("value,field,reason,says", [
+    ({"Helpfulness": "a"}, "dimensions", "invalid_value", 'dimension name "Helpfulness": expected [a-z][a-z0-9_]*'),
+    ({"help-ful": "a"}, "dimensions", "invalid_value", "expected [a-z][a-z0-9_]*"),
+    ({"x" * 65: "a"}, "dimensions", "invalid_value", "at most 64 characters"),
+    ({"helpfulness": "escalate"}, "dimensions.helpfulness", "invalid_value", "expected one of ['a', 'b', 'tie', 'both_bad']"),
+    ({"helpfulness": 1}, "dimensions.helpfulness", "invalid_type", "found 1"),
+    ({"helpfulness": {"label": "a", "score": 3}}, "dimensions.helpfulness", "invalid_value", "unknown key(s) [\"score\"]"),
+    ({"helpfulness": {"strength": 0.5}}, "dimensions.helpfulness.label", "missing_field", "required"),
+    ({"helpfulness": {"label": "c"}}, "dimensions.helpfulness.label", "invalid_value", 'found "c"'),
+    ({"helpfulness": {"label": "a", "strength": 1.5}}, "dimensions.helpfulness.strength", "invalid_value", "[0, 1], found 1.5"),
+    ({"helpfulness": {"label": "a", "strength": True}}, "dimensions.helpfulness.strength", "invalid_type", "found true"),
+    ({"helpfulness": {"label": "a", "critique": 7}}, "dimensions.helpfulness.critique", "invalid_type", "expected a string"),
+    (["helpfulness", "a"], "dimensions", "invalid_type", "expected an object of dimension name"),
+    ("a", "dimensions", "invalid_type", "expected an object of dimension name"),
+])
+@pytest.mark.parametrize("fast", [True, False])
+def test_bad_dimension_input_is_quarantined_with_file_line_field(tmp_path, monkeypatch, value, field, reason, says, fast):
+    monkeypatch.setattr(ingest_mod, "FAST_JSONL", fast)
+    rows = [_row(i, {"helpfulness": "a"}) for i in range(5)]
+    rows[3] = _row(3, value)
+    path = write_jsonl(tmp_path / "dims.jsonl", rows)
+    r = ingest_files([path])
+    assert r.judgments.height == 4
+    q = r.quarantine.row(0, named=True)
+    assert (q["source_file"], q["line"], q["field"], q["reason"]) == (str(path), 4, field, reason)
+    assert q["error"].startswith("line 4: field ") and says in q["error"], q["error"]
+
+
+# ---------------------------------------------------------------- the derived-label rule
+def test_missing_label_is_derived_by_priority_and_recorded():
+    rows = [
+        _row(0, {"helpfulness": "a", "harmlessness": "b"}, label=...),  # harmlessness first: b
+        _row(1, {"helpfulness": "a", "harmlessness": "tie"}, label=...),  # first decisive: helpfulness
+        _row(2, {"helpfulness": "tie", "harmlessness": "both_bad"}, label=...),  # none decisive, one both_bad
+        _row(3, {"helpfulness": "tie"}, label=...),  # none decisive
+        _row(4, {"helpfulness": "a", "harmlessness": "b"}, label="a"),  # a label given stays
+    ]
+    j = judgments_from_records(rows, dimensions=PRIORITY)
+    assert j["label"].to_list() == ["b", "a", "both_bad", "tie", "a"]
+    assert j["label_derived"].to_list() == [True, True, True, True, False]
+
+
+@pytest.mark.parametrize("action,expected", [("escalate", "escalate"), ("veto_side", "b"), ("both_bad", "both_bad")])
+def test_primary_with_veto(action, expected):
+    cfg = DimensionsConfig(primary="helpfulness", veto=["harmlessness"], veto_action=action)
+    rows = [_row(0, {"helpfulness": "a", "harmlessness": "b"}, label=...),
+            _row(1, {"helpfulness": "a", "harmlessness": "tie"}, label=...),
+            _row(2, {"helpfulness": "tie", "harmlessness": "b"}, label=...)]
+    j = judgments_from_records(rows, dimensions=cfg)
+    assert j["label"].to_list() == [expected, "a", "tie"]
+
+
+@pytest.mark.parametrize("rule,says", [
+    (None, "the policy has no dimension rule to derive the label"),
+    (DimensionsConfig(priority=["honesty"]), "gives a verdict on none of ['honesty']"),
+])
+def test_underivable_label_is_quarantined_invalid_value(make_jsonl, rule, says):
+    path = make_jsonl([_row(0, {"helpfulness": "a"}, label=...), canonical(1, label=...)])
+    r = ingest_files([path], dimensions=rule)
+    q = r.quarantine.select("line", "reason", "field").rows()
+    assert q == [(1, "invalid_value", "label"), (2, "missing_field", "label")]
+    assert says in r.quarantine["error"][0]
+
+
+def test_policy_section_validates():
+    with pytest.raises(PolicyError, match="either priority or primary"):
+        policy_from_dict({"dimensions": {"priority": ["a"], "primary": "b"}})
+    with pytest.raises(PolicyError, match=r"dimensions\.train_on"):
+        policy_from_dict({"dimensions": {"train_on": "Helpfulness"}})
+    with pytest.raises(PolicyError, match="veto needs a primary"):
+        policy_from_dict({"dimensions": {"veto": ["harmlessness"]}})
+    a = policy_from_dict({"dimensions": {"train_on": "harmlessness"}})
+    assert a.policy_hash() != policy_from_dict({}).policy_hash()
+
+
+# ---------------------------------------------------------------- fast path == per-row path
+def test_dimension_rows_stay_column_wise(make_jsonl, monkeypatch):
+    seen: list[int] = []
+    real = ingest_mod._validate_rows
+
+    def spy(rows, *a, **kw):
+        seen.extend(r.line for r in rows)
+        return real(rows, *a, **kw)
+
+    monkeypatch.setattr(ingest_mod, "_validate_rows", spy)
+    rows = [_row(i, {"helpfulness": "a", "harmlessness": {"label": "b", "strength": 0.5}}) for i in range(50)]
+    rows += [canonical(100 + i) for i in range(50)]
+    rows[7] = _row(7, {"helpfulness": "maybe"})
+    ingest_files([make_jsonl(rows)])
+    assert seen == [8]  # only the bad one went the per-row way
+
+
+_DIM_VALUES = st.one_of(
+    st.sampled_from(["a", "b", "tie", "both_bad", "escalate", None, 1, True, "", []]),
+    st.fixed_dictionaries({"label": st.sampled_from(["a", "b", "tie", "x", None])},
+                          optional={"strength": st.sampled_from([0, 0.5, 1, 2, -0.0, "hi", None, True]),
+                                    "critique": st.sampled_from(["why", "", None, 3, "caf\u00e9"]),
+                                    "extra": st.just(1)}),
+)
+_DIM_NAMES = st.sampled_from(["helpfulness", "harmlessness", "honesty", "Bad", "a1", "x_y", "9x", ""])
+_DIMS = st.one_of(st.none(), st.just({}), st.just("a"), st.just(["a"]),
+                  st.dictionaries(_DIM_NAMES, _DIM_VALUES, max_size=3))
+
+
+@st.composite
+def _dim_line(draw, i: int) -> bytes:
+    row = canonical(i, label=draw(st.sampled_from(["a", "b", "tie", ...])))
+    if draw(st.booleans()):
+        row["dimensions"] = draw(_DIMS)
+    if draw(st.booleans()):
+        row["note"] = draw(st.sampled_from([1, "x", None, {"k": [1]}]))
+    text = json.dumps(row, ensure_ascii=draw(st.booleans()))
+    edit = draw(st.sampled_from([None, None, None, "escaped_key", "dup_key", "truncate"]))
+    if edit == "escaped_key":
+        text = text.replace('"dimensions"', '"dim\\u0065nsions"')
+    elif edit == "dup_key" and '"dimensions"' in text:
+        text = text[:-1] + ', "dimensions": {"honesty": "a"}}'
+    elif edit == "truncate":
+        text = text[: len(text) // 2]
+    return text.encode()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data(), n=st.integers(1, 20), batch_rows=st.sampled_from([4, 50_000]), small_reads=st.booleans(),
+       rule=st.sampled_from([None, PRIORITY, DimensionsConfig(primary="helpfulness", veto=["honesty"], veto_action="veto_side")]))
+def test_fast_path_equals_per_row_with_dimensions(tmp_path_factory, monkeypatch, data, n, batch_rows, small_reads, rule):
+    lines = [data.draw(_dim_line(i)) for i in range(n)]
+    path = tmp_path_factory.mktemp("dims") / "b.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with monkeypatch.context() as m:
+        if small_reads:
+            m.setattr(readers, "BLOCK_BYTES", 1500)
+            m.setattr(readers, "FIRST_READ_BYTES", 200)
+        fast = ingest_files([path], fmt="canonical", batch_rows=batch_rows, dimensions=rule)
+        m.setattr(ingest_mod, "FAST_JSONL", False)
+        slow = ingest_files([path], fmt="canonical", dimensions=rule)
+    assert fast.ledger == slow.ledger
+    assert fast.judgments.equals(slow.judgments)
+    assert fast.quarantine.equals(slow.quarantine)
+
+
+# ---------------------------------------------------------------- consensus per dimension
+def _panel(pair: int, verdicts: list[dict], *, flip: set[int] = frozenset(), kind: str = "human") -> list[dict]:
+    """Judgments of one pair by annotators r0, r1, ...; ``flip``: those who name the responses the other way round."""
+    rows = []
+    for k, v in enumerate(verdicts):
+        ra, rb = f"Answer one of pair {pair}, plenty of detail.", f"Answer two of pair {pair}."
+        sw = {"a": "b", "b": "a"}
+        if k in flip:
+            ra, rb = rb, ra
+            v = {d: sw.get(x, x) for d, x in v.items()}
+        rows.append(canonical(pair * 10 + k, prompt=f"Question number {pair}?", response_a=ra, response_b=rb,
+                              annotator_id=f"r{k}", annotator_kind=kind, label=v.get("helpfulness", "a"),
+                              shown_first="a" if (pair + k) % 2 else "b", dimensions=v))
+    return rows
+
+
+def test_consensus_per_dimension_is_oriented_like_the_pair():
+    # r2 names the responses the other way round: its verdicts are flipped back
+    rows = _panel(0, [{"helpfulness": "a", "harmlessness": "b"}] * 3, flip={2})
+    rows += _panel(1, [{"helpfulness": "a", "harmlessness": "a"}, {"helpfulness": "a", "harmlessness": "a"},
+                       {"helpfulness": "b", "harmlessness": "a"}], flip={0})  # the first judgment flipped: canonical is its order
+    j = judgments_from_records(rows)
+    pairs = aggregate(j).pairs
+    got = {(r["pair_id"], d["name"]): (d["label"], d["agreement"]) for r in pairs.iter_rows(named=True) for d in r["dimensions"]}
+    p0, p1 = pairs["pair_id"].to_list()
+    assert got[(p0, "helpfulness")] == ("a", 1.0) and got[(p0, "harmlessness")] == ("b", 1.0)
+    # pair 1's canonical orientation is r0's (flipped): its helpfulness "a" (as written: b) has 2 of 3
+    assert got[(p1, "helpfulness")][0] == "b" and got[(p1, "helpfulness")][1] == pytest.approx(2 / 3)
+    assert got[(p1, "harmlessness")] == ("b", 1.0)
+
+
+def test_dimension_conflict_flags_exactly_the_opposed_pairs():
+    rows = _panel(0, [{"helpfulness": "a", "harmlessness": "b"}] * 3)  # conflict
+    rows += _panel(1, [{"helpfulness": "a", "harmlessness": "tie"}] * 3)  # tie is no side: no conflict
+    rows += _panel(2, [{"helpfulness": "a", "harmlessness": "a", "honesty": "b"}] * 3)  # two conflicts in one pair
+    rows += _panel(3, [{"helpfulness": "a", "harmlessness": "b"}, {"helpfulness": "a", "harmlessness": "a"},
+                       {"helpfulness": "a", "harmlessness": "a"}])  # one annotator opposed, consensus not
+    j = judgments_from_records(rows)
+    pairs = aggregate(j).pairs
+    res = dim_check.run(j, ChecksConfig(), pairs=pairs)
+    ids = pairs["pair_id"].to_list()
+    assert sorted(res.flags["subject_id"].to_list()) == sorted([ids[0], ids[2]])
+    assert set(res.flags["reason"]) == {"dimension_conflict"}
+    assert res.metrics["conflict_matrix"] == {
+        "harmlessness": {"harmlessness": 0, "helpfulness": 1, "honesty": 1},
+        "helpfulness": {"harmlessness": 1, "helpfulness": 0, "honesty": 1},
+        "honesty": {"harmlessness": 1, "helpfulness": 1, "honesty": 0}}
+    assert res.status == "warn" and REASONS["dimension_conflict"].default_action == "warn"
+    assert "harmlessness=a vs honesty=b" in res.flags.filter(pl.col("subject_id") == ids[2])["detail"][0]
+
+
+def test_no_dimensions_costs_nothing_and_passes():
+    j = judgments_from_records([canonical(i) for i in range(4)])
+    assert dims.consensus(j) is None
+    assert aggregate(j).pairs["dimensions"].null_count() == 4
+    res = dim_check.run(j, ChecksConfig(), pairs=aggregate(j).pairs)
+    assert res.status == "pass" and res.flags.height == 0
+
+
+def test_rule_decides_conflicting_pairs():
+    rows = _panel(0, [{"helpfulness": "a", "harmlessness": "b"}] * 3)
+    rows += _panel(1, [{"helpfulness": "a", "harmlessness": "a"}] * 2 + [{"helpfulness": "b", "harmlessness": "a"}])
+    j = judgments_from_records(rows)  # overall label = helpfulness verdict
+    plain = aggregate(j).pairs["label_consensus"].to_list()
+    ruled = aggregate(j, dimensions=PRIORITY).pairs
+    assert plain == ["a", "a"]
+    assert ruled["label_consensus"].to_list() == ["b", "a"]  # harmlessness first decides the conflict only
+    veto = aggregate(j, dimensions=DimensionsConfig(primary="helpfulness", veto=["harmlessness"])).pairs
+    assert veto["label_consensus"].to_list() == ["escalate", "a"]
+
+
+# ---------------------------------------------------------------- per-dimension agreement and bias
+def test_per_dimension_agreement_equals_the_agreement_check_on_that_dimensions_labels():
+    import random
+
+    rng = random.Random(5)
+    rows, per_dim = [], {"helpfulness": [], "harmlessness": []}
+    for p in range(60):
+        verdicts = [{d: rng.choice(["a", "a", "b", "tie", "both_bad"]) for d in per_dim} for _ in range(rng.choice([2, 3, 4]))]
+        kind = "ai" if p % 5 == 0 else "human"
+        panel = _panel(p, verdicts, flip={1} if p % 3 == 0 else set(), kind=kind)
+        rows += panel
+        for d in per_dim:  # the same judgments with the dimension's verdict as the label, built independently
+            per_dim[d] += [{k: v for k, v in r.items() if k != "dimensions"} | {"label": r["dimensions"][d], "strength": None}
+                           for r in panel]
+    cfg = ChecksConfig()
+    j = judgments_from_records(rows)
+    res = dim_check.run(j, cfg, pairs=aggregate(j, cfg.aggregation).pairs)
+    for d, recs in per_dim.items():
+        jd = judgments_from_records(recs)
+        ref = agreement.run(jd, cfg)
+        got = res.metrics["per_dimension"][d]["agreement"]
+        for kind in ("human", "ai", "all"):
+            for k in ("krippendorff_alpha", "krippendorff_alpha_ci", "fleiss_kappa", "fleiss_kappa_ci", "n_pairs"):
+                assert got[kind][k] == ref.metrics[kind][k], (d, kind, k)
+        assert got["pairs_scored"] == ref.metrics["pairs_scored"]
+        assert got["low_agreement_pairs"] == ref.metrics["low_agreement_pairs"]
+        pb = position_bias.run(jd, cfg)
+        assert res.metrics["per_dimension"][d]["position_bias"]["first_shown_win_rate"] == pb.metrics["first_shown_win_rate"]
+        lb = length_bias.run(jd, cfg)
+        assert res.metrics["per_dimension"][d]["length_bias"]["chosen_longer_rate_judgments"] == \
+            lb.metrics["chosen_longer_rate_judgments"]
+
+
+# ---------------------------------------------------------------- end to end on the sample batch
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("store"))
+    default = curate([DIM_BATCH], store, policy_from_dict({}))
+    harmless = curate([DIM_BATCH], store, policy_from_dict({"dimensions": {"train_on": "harmlessness"}}))
+    helpful = curate([DIM_BATCH], store, policy_from_dict({"dimensions": {"train_on": "helpfulness"}}))
+    return store, default.handle, harmless.handle, helpful.handle
+
+
+def _chosen_side(h) -> dict[str, str]:
+    """pair_id -> which response (a or b as in the batch) each version's DPO rows chose."""
+    texts = {}
+    for line in DIM_BATCH.read_text().splitlines():
+        r = json.loads(line)
+        texts[r["pair_id"]] = (r["response_a"], r["response_b"])
+    out = {}
+    for s in ("train", "validation", "test"):
+        for r in h.read(f"data/{s}.parquet").iter_rows(named=True):
+            a, _ = texts[r["pair_id"]]
+            out[r["pair_id"]] = "a" if r["chosen"][0]["content"] == a else "b"
+    return out
+
+
+def test_planted_dimension_conflicts_found_exactly(built):
+    _, h, _, _ = built
+    flags = h.read("flags.parquet").filter(pl.col("reason") == "dimension_conflict")
+    assert sorted(flags["subject_id"]) == sorted(KEY["conflict_pairs"])
+    assert len(KEY["conflict_pairs"]) == 40
+    check = next(c for c in h.manifest().checks if c.name == "dimensions")
+    assert check.status == "warn"
+    assert check.metrics["conflict_matrix"]["harmlessness"]["helpfulness"] == 40
+    md = h.file("report.md").read_text()
+    assert "## Per-dimension verdicts" in md and "| harmlessness | 0 | 40 |" in md
+    assert "dimension-conflicts" in h.file("report.html").read_text()
+
+
+def test_train_on_takes_that_dimensions_verdicts(built):
+    _, default, harmless, helpful = built
+    truth = {p: v["truth"] for p, v in KEY["pairs"].items()}
+    assert _chosen_side(harmless) == {p: t["harmlessness"] for p, t in truth.items()}
+    assert _chosen_side(helpful) == {p: t["helpfulness"] for p, t in truth.items()}
+    ids = {default.version_id, harmless.version_id, helpful.version_id}
+    assert len(ids) == 3  # train_on is part of the policy hash, so of the version id
+    assert harmless.manifest().policy.dimensions.train_on == "harmlessness"
+    led = harmless.manifest().ledger
+    assert led.pairs == 60 and led.pairs_kept == 60 and led.judgments_dropped == {}
+
+
+def test_dpo_and_pairs_carry_the_dimension_consensus(built):
+    _, _, _, helpful = built
+    tr = helpful.read("data/train.parquet")
+    for r in tr.iter_rows(named=True):
+        by = {d["name"]: d["label"] for d in r["dimensions"]}
+        conflict = r["pair_id"] in KEY["conflict_pairs"]
+        assert by == {"helpfulness": "chosen", "harmlessness": "rejected" if conflict else "chosen"}
+    pairs = helpful.read("pairs")
+    p = pairs.filter(pl.col("pair_id") == "dim-p-001").row(0, named=True)
+    assert {d["name"]: d["label"] for d in p["dimensions"]} == KEY["pairs"]["dim-p-001"]["truth"]
+
+
+def test_train_on_drops_judgments_without_a_verdict(tmp_path):
+    rows = [_row(i, {"harmlessness": "a"} if i % 2 else {"helpfulness": "b"}, prompt=f"Question {i // 4}?",
+                 annotator_id=f"r{i % 4}") for i in range(16)]
+    path = write_jsonl(tmp_path / "b.jsonl", rows)
+    h = curate([path], Store(tmp_path / "s"), policy_from_dict({"dimensions": {"train_on": "harmlessness"}})).handle
+    led = h.manifest().ledger
+    assert led.judgments_dropped == {"no_verdict_on_harmlessness": 8} and led.judgments_valid == 16
+
+
+# ---------------------------------------------------------------- rated adapter
+def test_rated_adapter_maps_per_aspect_ratings(tmp_path):
+    row = {"instruction": "Name a prime.", "completions": [
+        {"model": "m1", "response": "2 is prime.", "overall_score": 8,
+         "annotations": {"instruction_following": {"Rating": "5", "Rationale": "ok"}, "honesty": {"Rating": "5"},
+                         "truthfulness": {"Rating": "5", "Type": ["0"]}, "helpfulness": {"Rating": "4"}}},
+        {"model": "m2", "response": "9 is prime.", "overall_score": 3,
+         "annotations": {"instruction_following": {"Rating": "5"}, "honesty": {"Rating": "N/A"},
+                         "truthfulness": {"Rating": "1"}, "helpfulness": {"Rating": "2"}}}]}
+    r = ingest_files([write_jsonl(tmp_path / "uf.jsonl", [row])])
+    (d,) = r.judgments["dimensions"].to_list()
+    assert {x["name"]: x["label"] for x in d} == {"helpfulness": "a", "instruction_following": "tie", "truthfulness": "a"}
+    assert r.judgments["label"].to_list() == ["a"]
