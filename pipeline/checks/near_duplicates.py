@@ -302,14 +302,36 @@ def _band_keys(sigs: np.ndarray, b: int, r: int) -> np.ndarray:
     return np.ascontiguousarray(_fmix64(acc).T)
 
 
-def _bucket_pairs(keys: np.ndarray, new_from: int) -> np.ndarray:
-    """Unique (i, j), i < j, of rows sharing a band key (``keys``: (b, n)), with j >= ``new_from``.
+def group_pairs(group: np.ndarray, node: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs ``(i, j)`` of LSH buckets under the rule of the full run.
 
-    A bucket of up to ``_SMALL`` members gives all its pairs; a bigger one (many copies or
-    templated variants of one text) gives each member paired with the bucket's first
-    member and with its successor, so the work stays linear while the bucket still ends
-    up connected (the verified edges decide).
-    """
+    ``node`` lists the members of every bucket, bucket after bucket, each bucket's members in
+    prompt order (rows sorted by ``prompt_hash``); ``group`` (same length) is equal for the
+    members of one bucket and differs between neighbouring buckets.  A bucket of up to
+    ``_SMALL`` members gives all its pairs; a bigger one (many copies or templated variants of
+    one text) gives each member paired with the bucket's first member (a star, including the
+    first member with itself) and with its successor (a chain), so the work stays linear while
+    the bucket still ends up connected (the verified edges decide).  Pairs are neither ordered
+    nor deduplicated (the star and the chain share the first two members' pair)."""
+    if group.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    new_group = np.r_[True, group[1:] != group[:-1]]
+    gid = np.cumsum(new_group) - 1
+    size = np.bincount(gid)[gid]
+    leader = node[new_group][gid]
+    small = size <= _SMALL
+    chain = ~small[:-1] & (gid[1:] == gid[:-1])
+    i_parts, j_parts = [node[~small], node[:-1][chain]], [leader[~small], node[1:][chain]]
+    for d in range(1, min(_SMALL, int(size[small].max(initial=1)))):
+        same = small[d:] & (gid[d:] == gid[:-d])
+        i_parts.append(node[:-d][same])
+        j_parts.append(node[d:][same])
+    return np.concatenate(i_parts), np.concatenate(j_parts)
+
+
+def _bucket_pairs(keys: np.ndarray, new_from: int) -> np.ndarray:
+    """Unique (i, j), i < j, of rows sharing a band key (``keys``: (b, n)), with j >= ``new_from``;
+    the rows are in prompt order, the candidates of each bucket follow :func:`group_pairs`."""
     b, n = keys.shape
     codes = []
     # rows whose key repeats in their band: hash-based, O(n), all bands at once (in parallel)
@@ -320,19 +342,7 @@ def _bucket_pairs(keys: np.ndarray, new_from: int) -> np.ndarray:
         if idx.size == 0:
             continue
         order = np.argsort(col[idx], kind="stable")
-        k, node = col[idx][order], idx[order]
-        new_group = np.r_[True, k[1:] != k[:-1]]
-        gid = np.cumsum(new_group) - 1
-        size = np.bincount(gid)[gid]
-        leader = node[new_group][gid]
-        small = size <= _SMALL
-        chain = ~small[:-1] & (gid[1:] == gid[:-1])
-        i_parts, j_parts = [node[~small], node[:-1][chain]], [leader[~small], node[1:][chain]]
-        for d in range(1, min(_SMALL, int(size[small].max(initial=1)))):
-            same = small[d:] & (gid[d:] == gid[:-d])
-            i_parts.append(node[:-d][same])
-            j_parts.append(node[d:][same])
-        i, j = np.concatenate(i_parts), np.concatenate(j_parts)
+        i, j = group_pairs(col[idx][order], idx[order])
         lo, hi = np.minimum(i, j), np.maximum(i, j)
         keep = (lo != hi) & (hi >= new_from)
         codes.append(lo[keep] * n + hi[keep])
@@ -536,6 +546,39 @@ def shingle_text(prompts: pl.DataFrame) -> pl.Series:
     return prompts.select(turns.list.join("\n")).to_series()
 
 
+def best_neighbours(edges: pl.DataFrame, prompts: pl.Series | None = None) -> pl.DataFrame:
+    """Per prompt with a near duplicate (among ``prompts``, all when None): ``neighbour`` (the
+    highest Jaccard, then the smallest prompt_hash), its ``jaccard`` and ``n``, the number of
+    near-duplicate prompts.  ``edges``: verified edges ``left``, ``right``, ``jaccard``."""
+    both = pl.concat([edges.select("left", "right", "jaccard"), edges.select(left="right", right="left", jaccard="jaccard")])
+    if prompts is not None:
+        both = both.filter(pl.col("left").is_in(prompts.implode()))
+    return (both.sort(["left", "jaccard", "right"], descending=[False, True, False])
+            .group_by("left", maintain_order=True)
+            .agg(neighbour=pl.col("right").first(), jaccard=pl.col("jaccard").first(), n=pl.len()))
+
+
+def pair_flags(pair_prompts: pl.DataFrame, best: pl.DataFrame, *, here: pl.Series | None = None
+               ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The ``near_duplicate`` flags of pairs (``pair_prompts``: pair_id, prompt_hash) given their
+    prompts' :func:`best_neighbours`: a pair is flagged when one of its prompts has a near
+    duplicate; the detail names its best prompt (highest Jaccard, then smallest prompt_hash).
+    ``here``: the prompts of the checked frame; a neighbour outside it is "from an earlier
+    version" (None: no such note).  Returns (flagged pairs with their best prompt, flags)."""
+    flagged = (pair_prompts.join(best, left_on="prompt_hash", right_on="left", how="inner")
+               .sort(["pair_id", "jaccard", "prompt_hash"], descending=[False, True, False])
+               .unique("pair_id", keep="first", maintain_order=True))
+    if flagged.height == 0:
+        return flagged, empty_flags()
+    earlier = pl.lit("") if here is None else pl.when(pl.col("neighbour").is_in(here.implode())).then(
+        pl.lit("")).otherwise(pl.lit(" from an earlier version"))
+    detail = flagged.select(pl.format(
+        "prompt {} is a near duplicate of prompt {} (estimated Jaccard {}; {} near-duplicate prompt(s)){}",
+        "prompt_hash", "neighbour", pl.col("jaccard").round(2), "n", earlier)).to_series()
+    return flagged, make_flags(flagged["pair_id"], subject_kind="pair", check=NAME, reason="near_duplicate",
+                               detail=detail)
+
+
 def _clusters(index: PromptIndex, pair_prompts: pl.DataFrame) -> pl.DataFrame:
     """pair_id -> near_dup_cluster: components over near-duplicate edges and shared pair ids,
     each named by its smallest prompt_hash."""
@@ -591,22 +634,8 @@ def run(
     new = index.add(prompts["prompt_hash"].to_list(), shingle_text(prompts).to_list())
     pair_prompts = judgments.select("pair_id", "prompt_hash").unique().sort("pair_id", "prompt_hash")
 
-    edges = index.edge_frame()
-    both = pl.concat([edges, edges.select(left="right", right="left", jaccard="jaccard")])
-    best = (both.filter(pl.col("left").is_in(prompts["prompt_hash"].implode()))
-            .sort(["left", "jaccard", "right"], descending=[False, True, False])
-            .group_by("left", maintain_order=True)
-            .agg(neighbour=pl.col("right").first(), jaccard=pl.col("jaccard").first(), n=pl.len()))
-    here = set(prompts["prompt_hash"].to_list())
-    flagged = pair_prompts.join(best, left_on="prompt_hash", right_on="left", how="inner") \
-        .sort(["pair_id", "jaccard"], descending=[False, True]).unique("pair_id", keep="first", maintain_order=True)
-    detail = flagged.select(pl.format(
-        "prompt {} is a near duplicate of prompt {} (estimated Jaccard {}; {} near-duplicate prompt(s)){}",
-        "prompt_hash", "neighbour", pl.col("jaccard").round(2), "n",
-        pl.when(pl.col("neighbour").is_in(list(here))).then(pl.lit("")).otherwise(pl.lit(" from an earlier version")),
-    )).to_series() if flagged.height else ""
-    flags = make_flags(flagged["pair_id"], subject_kind="pair", check=NAME, reason="near_duplicate", detail=detail) \
-        if flagged.height else empty_flags()
+    best = best_neighbours(index.edge_frame(), prompts["prompt_hash"])
+    flagged, flags = pair_flags(pair_prompts, best, here=prompts["prompt_hash"])
     clusters = _clusters(index, pair_prompts) if pair_prompts.height else pl.DataFrame(
         schema={"pair_id": pl.String, "near_dup_cluster": pl.String})
 
