@@ -206,11 +206,13 @@ def shingle_hashes(texts: list[str], max_chars: int = 2000, shingle_size: int = 
 
 @lru_cache(maxsize=8)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``affine32`` permutation parameters datasketch draws for (num_perm, seed)."""
-    from datasketch import MinHash
-
-    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
-    return np.ascontiguousarray(a, np.uint32), np.ascontiguousarray(b, np.uint32)
+    """The ``affine32`` permutation parameters datasketch draws for (num_perm, seed): odd ``a``
+    and any ``b`` from ``numpy.random.RandomState(seed)``, as ``MinHash._init_permutations``
+    does (tested equal; drawn here so that a run does not import datasketch, ~1 s)."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
 def minhash_signatures(shingles: np.ndarray, counts: np.ndarray, num_perm: int = 128, seed: int = 1) -> np.ndarray:

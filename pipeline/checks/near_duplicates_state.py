@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -186,6 +187,7 @@ class NearDupState:
     inherited: dict[str, list[SplitInfo]] = field(default_factory=dict)
     pending: dict[str, list[tuple[str, pl.DataFrame]]] = field(default_factory=dict)
     origin: str = "empty"
+    multi_prompt_rows: pl.DataFrame | None = None  # cache of links()
 
     @classmethod
     def empty(cls, cfg: NearDuplicateConfig | ChecksConfig | None = None) -> NearDupState:
@@ -214,7 +216,9 @@ class NearDupState:
 
     def links(self) -> pl.DataFrame:
         """Rows of pairs with more than one prompt (they join their prompts' clusters)."""
-        return self.pair_prompts.filter(pl.col("pair_id").is_duplicated())
+        if self.multi_prompt_rows is None:
+            self.multi_prompt_rows = self.pair_prompts.filter(pl.col("pair_id").is_duplicated())
+        return self.multi_prompt_rows
 
 
 def _cfg(cfg: NearDuplicateConfig | ChecksConfig | None) -> NearDuplicateConfig:
@@ -408,13 +412,19 @@ class IncrementalResult:
         return out
 
     def child_state(self) -> NearDupState:
-        """The state after this run, in memory (what ``load_state`` of the child would read)."""
+        """The state after this run, in memory (what ``load_state`` of the child would read;
+        built on demand: curate writes the parts and a child reads them back)."""
         c = self._child
-        return NearDupState(cfg=c["cfg"], hashes=c["hashes"], bands=c["bands"], sketches=c["sketches"],
-                            sig_chunks=c["sig_chunks"], pair_prompts=c["pair_prompts"], edges=c["edges"],
-                            n_pairs=self.metrics["pairs"], n_flagged_pairs=self.metrics["near_duplicate_pairs"],
-                            cluster_sizes=c["cluster_sizes"], parent=self.parent, inherited=self.inherit,
-                            pending=self.write, origin="in memory")
+        old: NearDupState = c["state"]
+        n_old, m = len(old), c["fresh"].len()
+        return NearDupState(
+            cfg=old.cfg, hashes=pl.concat([old.hashes, c["fresh"]]), bands=np.concatenate([old.bands, c["bands"]], axis=1),
+            sketches=np.concatenate([old.sketches, c["sketches"]]),
+            sig_chunks=[*old.sig_chunks, *([_SigChunk(n_old, n_old + m, array=c["sigs"])] if m else [])],
+            pair_prompts=pl.concat([old.pair_prompts, c["pair_prompts"]]), edges=c["edges"],
+            n_pairs=self.metrics["pairs"], n_flagged_pairs=self.metrics["near_duplicate_pairs"],
+            cluster_sizes=c["cluster_sizes"], parent=self.parent, inherited=self.inherit, pending=self.write,
+            origin="in memory", multi_prompt_rows=c["links"])
 
 
 def run_incremental(batch: pl.DataFrame, state: NearDupState, *, generation: str) -> IncrementalResult:
@@ -427,10 +437,15 @@ def run_incremental(batch: pl.DataFrame, state: NearDupState, *, generation: str
     first = batch.select(pl.col("prompt_hash").is_first_distinct()).to_series()
     prompts = batch.select("prompt_hash", *(["prompt"] if "prompt" in batch.columns else []),
                            *(["prompt_text"] if "prompt_text" in batch.columns else [])).filter(first)
-    fresh = prompts.filter(~pl.col("prompt_hash").is_in(state.hashes.implode())).sort("prompt_hash")
+    t0 = time.perf_counter()
+    fresh = prompts.join(state.hashes.to_frame("prompt_hash"), on="prompt_hash", how="anti").sort("prompt_hash")
+    t1 = time.perf_counter()
     sigs = nd.signatures(nd.shingle_text(fresh).to_list(), cfg) if fresh.height else np.zeros((0, cfg.num_perm), np.uint32)
     pp = batch.select(pl.col("pair_id").cast(pl.String), pl.col("prompt_hash").cast(pl.String)).unique()
-    return _advance(state, pp, fresh["prompt_hash"], sigs, generation=generation)
+    t2 = time.perf_counter()
+    res = _advance(state, pp, fresh["prompt_hash"], sigs, generation=generation)
+    res.stats["seconds"] = {"known_prompts": round(t1 - t0, 4), "hash_new_prompts": round(t2 - t1, 4), **res.stats["seconds"]}
+    return res
 
 
 def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs: np.ndarray, *,
@@ -439,6 +454,7 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     cfg, num_perm = state.cfg, state.cfg.num_perm
     b, r = nd.band_params(cfg)
     m = fresh.len()
+    clock = _Clock()
     bands_new = nd._band_keys(sigs, b, r) if m else np.zeros((b, 0), _U64)
     sk_new = sketch(sigs)
 
@@ -459,6 +475,7 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     gained, lost = _bucket_changes(state, bands_new, lambda rows: rank[np.searchsorted(old_rows, rows)],
                                    rank[old_rows.size:], is_new, hits)
 
+    clock.lap("buckets")
     # 2. verify the gained candidates: estimated Jaccard; against an old prompt, the sketch first
     codes, support = np.unique(gained, return_counts=True)
     lo, hi = codes // max(n, 1), codes % max(n, 1)
@@ -476,6 +493,7 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     added = pl.DataFrame({"left": hash_of.gather(lo[keep]), "right": hash_of.gather(hi[keep]), "jaccard": jac[keep],
                           "support": support[keep]}).cast(EDGE_SCHEMA).with_columns(_part=pl.lit(generation))
 
+    clock.lap("verify")
     # 3. old edges that lost buckets (a bucket grew past 16 members, or its chain / first member changed)
     lcodes, lcount = np.unique(lost, return_counts=True)
     loss = pl.DataFrame({"left": hash_of.gather(lcodes // max(n, 1)), "right": hash_of.gather(lcodes % max(n, 1)),
@@ -489,48 +507,58 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     edges = pl.concat([old_edges.join(changed, on=["left", "right"], how="anti"),
                        changed.filter(pl.col("support") > 0), added]).sort("left", "right")
 
-    # 4. flags of the pairs whose prompts' edges changed, and of the batch's pairs
+    clock.lap("edges")
+    # 4. the pair rows a child needs: two passes over the parent's rows, by pair id then by prompt
     pp_old = state.pair_prompts
-    pp_new = batch_pp.join(pp_old, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash")
-    touched_prompts = pl.concat([added["left"], added["right"], removed["left"], removed["right"]]).unique()
-    recomputed = pl.concat([batch_pp["pair_id"], pp_old.filter(pl.col("prompt_hash").is_in(touched_prompts.implode()))["pair_id"]]
+    batch_pairs = batch_pp.select("pair_id").unique()
+    pp_bo = pp_old.join(batch_pairs, on="pair_id", how="semi")  # the parent's rows of the batch's pairs
+    pp_new = batch_pp.join(pp_bo, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash")
+    n_new_pairs = batch_pairs.join(pp_bo, on="pair_id", how="anti").height
+    grown = pl.concat([pp_bo.join(pp_new, on="pair_id", how="semi"), pp_new])  # every row of a pair that gained one
+    links_old = state.links()
+    links_new = pl.concat([links_old.join(pp_new, on="pair_id", how="anti"), grown.filter(pl.col("pair_id").is_duplicated())])
+    # clusters: components of the small graph (edges + pairs with several prompts), before and after
+    comp_old, comp_new = _components(old_edges, links_old), _components(edges, links_new)
+    both_names = comp_old.join(comp_new, on="prompt_hash", how="full", coalesce=True, suffix="_new").with_columns(
+        pl.col("cluster").fill_null(pl.col("prompt_hash")), pl.col("cluster_new").fill_null(pl.col("prompt_hash")))
+    renamed = both_names.filter(pl.col("cluster") != pl.col("cluster_new"))["prompt_hash"]
+    touched = pl.concat([added["left"], added["right"], removed["left"], removed["right"]]).unique().rename("prompt_hash")
+    # the clusters around every change (an edge, or a pair row, which links its pair's old prompts too)
+    moved = pl.concat([touched, grown["prompt_hash"]]).unique()
+    around_old = _members(comp_old, moved.filter(~moved.is_in(fresh.implode())))
+    around_new = _members(comp_new, moved)
+    need = pl.concat([touched, renamed, around_old["prompt_hash"], around_new["prompt_hash"]]).unique().to_frame("prompt_hash")
+    rows_old = pl.concat([pp_bo, pp_old.join(need, on="prompt_hash", how="semi"), links_old]).unique()
+    rows_new = pl.concat([rows_old, pp_new])
+
+    clock.lap("pair_rows")
+    # 5. flags of the batch's pairs and of the pairs whose prompts' edges changed
+    recomputed = pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(touched.implode()))["pair_id"]]
                            ).unique().sort()
-    pp_touched_old = pp_old.filter(pl.col("pair_id").is_in(recomputed.implode()))
-    pp_touched = pl.concat([pp_touched_old, pp_new])
+    pp_touched_old = rows_old.filter(pl.col("pair_id").is_in(recomputed.implode()))
+    pp_touched = rows_new.filter(pl.col("pair_id").is_in(recomputed.implode()))
     _, flags = nd.pair_flags(pp_touched, nd.best_neighbours(edges, pp_touched["prompt_hash"].unique()))
     before = pp_touched_old.join(nd.best_neighbours(old_edges, pp_touched_old["prompt_hash"].unique()),
                                  left_on="prompt_hash", right_on="left", how="semi")["pair_id"].n_unique()
     n_flagged = state.n_flagged_pairs + flags.height - before
 
-    # 5. clusters: components of the small graph (edges + pairs with several prompts), before and after
-    links_old = state.links()
-    pp_changed_pairs = pl.concat([pp_old.filter(pl.col("pair_id").is_in(pp_new["pair_id"].implode())), pp_new])
-    links_new = pl.concat([links_old.join(pp_new.select("pair_id").unique(), on="pair_id", how="anti"),
-                           pp_changed_pairs.filter(pl.col("pair_id").is_duplicated())])
-    comp_old, comp_new = _components(old_edges, links_old), _components(edges, links_new)
-    both_names = comp_old.join(comp_new, on="prompt_hash", how="full", coalesce=True, suffix="_new").with_columns(
-        pl.col("cluster").fill_null(pl.col("prompt_hash")), pl.col("cluster_new").fill_null(pl.col("prompt_hash")))
-    renamed = both_names.filter(pl.col("cluster") != pl.col("cluster_new"))["prompt_hash"]
-    cluster_pairs = pl.concat([batch_pp["pair_id"], pp_old.filter(pl.col("prompt_hash").is_in(renamed.implode()))["pair_id"]]).unique()
-    pp_cl = pl.concat([pp_old.filter(pl.col("pair_id").is_in(cluster_pairs.implode())), pp_new])
-    clusters = (pp_cl.join(comp_new, on="prompt_hash", how="left")
+    # 6. clusters of the batch's pairs and of the pairs of renamed prompts; cluster sizes (pairs per
+    # cluster) updated by the clusters around every change, before and after
+    cluster_pairs = pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(renamed.implode()))["pair_id"]])
+    clusters = (rows_new.filter(pl.col("pair_id").is_in(cluster_pairs.implode())).join(comp_new, on="prompt_hash", how="left")
                 .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
                 .group_by("pair_id").agg(pl.col("near_dup_cluster").first()).sort("pair_id"))
-
-    # 6. cluster sizes (pairs per cluster): the clusters around every changed prompt, before and after
-    # (a new pair row links its pair's old prompts too: they are part of the change)
-    moved = pl.concat([touched_prompts, pp_changed_pairs["prompt_hash"]]).unique()
-    known = moved.filter(~moved.is_in(fresh.implode()))
     sizes = dict(state.cluster_sizes)
-    for sign, comp, prompts, pairs in ((-1, comp_old, known, [pp_old]), (1, comp_new, moved, [pp_old, pp_new])):
-        for size in _cluster_pairs(comp, prompts, pairs):
+    for sign, around, rows in ((-1, around_old, rows_old), (1, around_new, rows_new)):
+        for size in rows.join(around, on="prompt_hash").group_by("cluster").agg(pl.col("pair_id").n_unique())["pair_id"]:
             sizes[size] = sizes.get(size, 0) + sign
     if any(v < 0 for v in sizes.values()):
         raise StateError("the cluster-size histogram went negative: the state is inconsistent")
     sizes = {k: v for k, v in sorted(sizes.items()) if v}
 
+    clock.lap("cluster_sizes")
     n_prompts = len(state) + m
-    n_pairs = state.n_pairs + batch_pp["pair_id"].unique().is_in(pp_old["pair_id"].implode()).not_().sum()
+    n_pairs = state.n_pairs + n_new_pairs
     nd_prompts = pl.concat([edges["left"], edges["right"]]).n_unique()
     metrics: dict[str, Any] = {
         "prompts": n_prompts,
@@ -573,18 +601,29 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
         if not inherit[t] and not write[t]:  # a table always has a part, so that readers see its columns
             write[t].append((generation, _empty_table(t, b, num_perm) if schema is None else pl.DataFrame(schema=schema)))
 
-    child = {"cfg": cfg, "hashes": pl.concat([state.hashes, fresh.rename("prompt_hash")]),
-             "bands": np.concatenate([state.bands, bands_new], axis=1),
-             "sketches": np.concatenate([state.sketches, sk_new]),
-             "sig_chunks": [*state.sig_chunks, *([_SigChunk(len(state), n_prompts, array=sigs)] if m else [])],
-             "pair_prompts": pl.concat([pp_old, pp_new]), "edges": edges, "cluster_sizes": sizes}
+    clock.lap("parts")
+    child = {"state": state, "fresh": fresh.rename("prompt_hash"), "bands": bands_new, "sketches": sk_new, "sigs": sigs,
+             "pair_prompts": pp_new, "links": links_new, "edges": edges, "cluster_sizes": sizes}
     stats = {"prompts_hashed": m, "old_bucket_members": int(old_rows.size), "candidates_gained": int(codes.size),
              "candidates_lost": int(lcodes.size), "sketch_passed": int(maybe.size),
              "signature_parts_read": sum(c.handle is not None and c.array is not None for c in state.sig_chunks),
              "edges_added": added.height, "edges_removed": removed.height, "recomputed_pairs": recomputed.len(),
-             "changed_clusters_pairs": clusters.height, "origin": state.origin}
+             "changed_clusters_pairs": clusters.height, "origin": state.origin, "seconds": clock.laps}
     return IncrementalResult(flags=flags, recomputed=recomputed, clusters=clusters, metrics=metrics, write=write,
                              inherit=inherit, parent=state.parent, stats=stats, _child=child)
+
+
+class _Clock:
+    """Seconds per phase of a run (in ``stats``: where the time of a child goes)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 4)
+        self._t = now
 
 
 def _empty_table(table: str, b: int, num_perm: int) -> pl.DataFrame:
@@ -611,16 +650,14 @@ def _components(edges: pl.DataFrame, links: pl.DataFrame) -> pl.DataFrame:
             .with_columns(cluster=pl.col("prompt_hash").first().over("comp")).select("prompt_hash", "cluster"))
 
 
-def _cluster_pairs(comp: pl.DataFrame, prompts: pl.Series, pair_tables: list[pl.DataFrame]) -> list[int]:
-    """The number of pairs of every cluster that holds one of ``prompts`` (graph clusters from
-    ``comp``; a prompt outside the graph is its own cluster)."""
+def _members(comp: pl.DataFrame, prompts: pl.Series) -> pl.DataFrame:
+    """(prompt_hash, cluster) of every member of the clusters that hold one of ``prompts``
+    (graph clusters from ``comp``; a prompt outside the graph is its own cluster)."""
     names = prompts.to_frame("prompt_hash").join(comp, on="prompt_hash", how="left").select(
         pl.col("cluster").fill_null(pl.col("prompt_hash"))).to_series().unique()
-    members = pl.concat([comp.filter(pl.col("cluster").is_in(names.implode())),
-                         prompts.to_frame("prompt_hash").join(comp, on="prompt_hash", how="anti")
-                         .with_columns(cluster=pl.col("prompt_hash"))])
-    rows = pl.concat([t.filter(pl.col("prompt_hash").is_in(members["prompt_hash"].implode())) for t in pair_tables])
-    return rows.join(members, on="prompt_hash").group_by("cluster").agg(pl.col("pair_id").n_unique())["pair_id"].to_list()
+    return pl.concat([comp.filter(pl.col("cluster").is_in(names.implode())),
+                      prompts.to_frame("prompt_hash").join(comp, on="prompt_hash", how="anti")
+                      .with_columns(cluster=pl.col("prompt_hash"))])
 
 
 # ---------------------------------------------------------------- merging with the parent's outputs
