@@ -217,6 +217,7 @@ def test_state_round_trips_through_the_store_and_children_link_the_parents_parts
         mem = res.child_state()
         assert again.hashes.equals(mem.hashes) and np.array_equal(again.bands, mem.bands)
         assert np.array_equal(again.sketches, mem.sketches) and again.pair_prompts.equals(mem.pair_prompts)
+        assert again.links.sort("pair_id", "prompt_hash").equals(mem.links.sort("pair_id", "prompt_hash"))
         assert again.edges.drop("_part").sort("left", "right").equals(mem.edges.drop("_part").sort("left", "right"))
         assert np.array_equal(again.old_signatures(np.arange(len(again))), mem.old_signatures(np.arange(len(mem))))
         parent = h

@@ -23,6 +23,9 @@ links, every part of its parent's except the few it rewrites)
     one of its edges lost a bucket (see "exactness"), and adds one part for its new edges.
 ``state/near_dup_pair_prompts`` -- every distinct (``pair_id``, ``prompt_hash``) so far; parts
     by the version where the combination first appeared.  Append only.
+``state/near_dup_links`` -- the rows of pairs with more than one prompt (they join their
+    prompts' clusters); parts by the version where the pair got its second (third, ...)
+    prompt, which adds all of the pair's rows not there yet.  Append only.
 ``state/near_dup_summary`` -- one row, rewritten by every version: the parameters (a child
     whose configuration differs rebuilds), ``n_prompts``, ``n_pairs``, ``n_flagged_pairs`` and
     the cluster-size histogram (``cluster_pairs`` -> ``cluster_count``), from which the
@@ -56,7 +59,7 @@ How curate calls it
     state = NearDupState.empty(cfg)                     # or load_state(None, cfg)
     res = run_incremental(judgments, state, generation=version_id)
     results["near_duplicates"] = res.check_result()    # flags/clusters: every pair
-    tables.update(res.write_state(store, stage))        # the five state tables
+    tables.update(res.write_state(store, stage))        # the six state tables
 
 (ii) child version (``batch``: the new judgments only, any already-known pairs included)::
 
@@ -89,9 +92,10 @@ from schemas.manifest import SplitInfo, TableInfo
 from schemas.policy import ChecksConfig, NearDuplicateConfig
 
 STATE_FORMAT = "prefpipe-near-dup-state/1"  # bump when a table's meaning changes
-PROMPTS, SIGNATURES, EDGES, PAIR_PROMPTS, SUMMARY = (f"state/near_dup_{t}" for t in
-                                                     ("prompts", "signatures", "edges", "pair_prompts", "summary"))
-TABLES = (PROMPTS, SIGNATURES, EDGES, PAIR_PROMPTS, SUMMARY)
+PROMPTS, SIGNATURES, EDGES, PAIR_PROMPTS, LINKS, SUMMARY = (
+    f"state/near_dup_{t}" for t in ("prompts", "signatures", "edges", "pair_prompts", "links", "summary"))
+TABLES = (PROMPTS, SIGNATURES, EDGES, PAIR_PROMPTS, LINKS, SUMMARY)
+APPEND_ONLY = (PROMPTS, SIGNATURES, PAIR_PROMPTS, LINKS)
 CHUNK = 4096  # prompts per part of the prompts / signatures tables (a signature part is ~2 MB)
 _PREFILTER_BITS = 20  # slots of the bit table that screens old band keys before the exact match
 _NIBBLE_MASK = np.uint64(0x1111111111111111)
@@ -187,7 +191,7 @@ class NearDupState:
     inherited: dict[str, list[SplitInfo]] = field(default_factory=dict)
     pending: dict[str, list[tuple[str, pl.DataFrame]]] = field(default_factory=dict)
     origin: str = "empty"
-    multi_prompt_rows: pl.DataFrame | None = None  # cache of links()
+    links: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=PAIR_PROMPT_SCHEMA))  # rows of pairs with several prompts
 
     @classmethod
     def empty(cls, cfg: NearDuplicateConfig | ChecksConfig | None = None) -> NearDupState:
@@ -213,12 +217,6 @@ class NearDupState:
             chunk = self.sig_chunks[ci]
             out[sel] = chunk.load(self.cfg.num_perm)[rows[sel] - chunk.start]
         return out
-
-    def links(self) -> pl.DataFrame:
-        """Rows of pairs with more than one prompt (they join their prompts' clusters)."""
-        if self.multi_prompt_rows is None:
-            self.multi_prompt_rows = self.pair_prompts.filter(pl.col("pair_id").is_duplicated())
-        return self.multi_prompt_rows
 
 
 def _cfg(cfg: NearDuplicateConfig | ChecksConfig | None) -> NearDuplicateConfig:
@@ -281,8 +279,8 @@ def _read_state(parent: VersionHandle, cfg: NearDuplicateConfig, summary: pl.Dat
         sketches=sketches, sig_chunks=chunks, pair_prompts=parent.read(PAIR_PROMPTS).cast(PAIR_PROMPT_SCHEMA),
         edges=edges, n_pairs=row["n_pairs"], n_flagged_pairs=row["n_flagged_pairs"],
         cluster_sizes=dict(zip(row["cluster_pairs"], row["cluster_count"])), parent=parent,
-        inherited={t: list(parent.table(t).parts) for t in (PROMPTS, SIGNATURES, EDGES, PAIR_PROMPTS)},
-        origin=f"state of {parent.version_id}")
+        links=parent.read(LINKS).cast(PAIR_PROMPT_SCHEMA),
+        inherited={t: list(parent.table(t).parts) for t in (*APPEND_ONLY, EDGES)}, origin=f"state of {parent.version_id}")
 
 
 def _convert(parent: VersionHandle, cfg: NearDuplicateConfig) -> NearDupState:
@@ -424,7 +422,7 @@ class IncrementalResult:
             pair_prompts=pl.concat([old.pair_prompts, c["pair_prompts"]]), edges=c["edges"],
             n_pairs=self.metrics["pairs"], n_flagged_pairs=self.metrics["near_duplicate_pairs"],
             cluster_sizes=c["cluster_sizes"], parent=self.parent, inherited=self.inherit, pending=self.write,
-            origin="in memory", multi_prompt_rows=c["links"])
+            origin="in memory", links=c["links"])
 
 
 def run_incremental(batch: pl.DataFrame, state: NearDupState, *, generation: str) -> IncrementalResult:
@@ -515,8 +513,10 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     pp_new = batch_pp.join(pp_bo, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash")
     n_new_pairs = batch_pairs.join(pp_bo, on="pair_id", how="anti").height
     grown = pl.concat([pp_bo.join(pp_new, on="pair_id", how="semi"), pp_new])  # every row of a pair that gained one
-    links_old = state.links()
-    links_new = pl.concat([links_old.join(pp_new, on="pair_id", how="anti"), grown.filter(pl.col("pair_id").is_duplicated())])
+    links_old = state.links
+    links_add = (grown.filter(pl.col("pair_id").is_duplicated())  # a pair with a second prompt joins the links
+                 .join(links_old, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash"))
+    links_new = pl.concat([links_old, links_add])
     # clusters: components of the small graph (edges + pairs with several prompts), before and after
     comp_old, comp_new = _components(old_edges, links_old), _components(edges, links_new)
     both_names = comp_old.join(comp_new, on="prompt_hash", how="full", coalesce=True, suffix="_new").with_columns(
@@ -577,16 +577,17 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     }
 
     # 7. the child's parts: the parent's linked, the new generation and rewritten edge parts written
-    write = {t: list(state.pending.get(t, [])) for t in TABLES if t not in (EDGES, SUMMARY)}
+    write = {t: list(state.pending.get(t, [])) for t in APPEND_ONLY}
     for i in range(0, m, CHUNK):
         key = f"{generation}-{i // CHUNK:03d}"
         h = fresh.slice(i, CHUNK)
         write[PROMPTS].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_band_cols(b), bands_new[:, i:i + CHUNK])),
                                                   **dict(zip(_sketch_cols(num_perm), sk_new[i:i + CHUNK].T))})))
         write[SIGNATURES].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_sig_cols(num_perm), sigs[i:i + CHUNK].T))})))
-    if pp_new.height:
-        write[PAIR_PROMPTS].append((generation, pp_new))
-    inherit = {t: list(state.inherited.get(t, [])) for t in (PROMPTS, SIGNATURES, PAIR_PROMPTS)}
+    for t, rows in ((PAIR_PROMPTS, pp_new), (LINKS, links_add)):
+        if rows.height:
+            write[t].append((generation, rows))
+    inherit = {t: list(state.inherited.get(t, [])) for t in APPEND_ONLY}
     rewrite = set(changed["_part"].to_list()) | {generation}
     edge_parts = {_part_key(p): p for p in state.inherited.get(EDGES, [])}
     inherit[EDGES] = [p for k, p in edge_parts.items() if k not in rewrite]
@@ -597,7 +598,8 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
         "n_flagged_pairs": [n_flagged], "cluster_pairs": [list(sizes)], "cluster_count": [list(sizes.values())]},
         schema={"params": pl.String, "n_prompts": pl.Int64, "n_pairs": pl.Int64, "n_flagged_pairs": pl.Int64,
                 "cluster_pairs": pl.List(pl.Int64), "cluster_count": pl.List(pl.Int64)}))]
-    for t, schema in ((PROMPTS, None), (SIGNATURES, None), (EDGES, EDGE_SCHEMA), (PAIR_PROMPTS, PAIR_PROMPT_SCHEMA)):
+    for t, schema in ((PROMPTS, None), (SIGNATURES, None), (EDGES, EDGE_SCHEMA), (PAIR_PROMPTS, PAIR_PROMPT_SCHEMA),
+                      (LINKS, PAIR_PROMPT_SCHEMA)):
         if not inherit[t] and not write[t]:  # a table always has a part, so that readers see its columns
             write[t].append((generation, _empty_table(t, b, num_perm) if schema is None else pl.DataFrame(schema=schema)))
 
