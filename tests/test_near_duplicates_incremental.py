@@ -195,7 +195,8 @@ def _write_version(store: Store, vid: str, res, *, judgments: pl.DataFrame | Non
     return store.get(vid)
 
 
-def test_state_round_trips_through_the_store_and_children_link_the_parents_parts(tmp_path):
+def test_state_round_trips_through_the_store_and_children_link_the_parents_parts(tmp_path, monkeypatch):
+    monkeypatch.setattr(nds, "CHUNK", 5)  # several parts per generation: signatures read part by part
     store = Store(tmp_path / "s")
     frames = _frames(_chain(7, 4))
     parent, flags, clusters = None, empty_flags(), EMPTY_CLUSTERS
@@ -223,7 +224,8 @@ def test_state_round_trips_through_the_store_and_children_link_the_parents_parts
         parent = h
 
 
-def test_a_tampered_state_part_is_refused(tmp_path):
+def test_a_tampered_state_part_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(nds, "CHUNK", 5)
     store = Store(tmp_path / "s")
     frames = _frames(_chain(3, 2))
     h = _write_version(store, "v0", nds.run_incremental(frames[0], nds.NearDupState.empty(), generation="v0"))
@@ -233,6 +235,7 @@ def test_a_tampered_state_part_is_refused(tmp_path):
     os.unlink(part)  # a hard link to the object: replace the file, do not write through it
     part.write_bytes(bytes(data))
     state = nds.load_state(h)  # the prompts table is intact; signatures are read on demand
+    assert state.old_signatures(np.arange(5, len(state))).shape[0] == len(state) - 5  # other parts: fine
     with pytest.raises(IntegrityError):
         state.old_signatures(np.arange(len(state)))
     bad = h.path / h.table(nds.PROMPTS).parts[0].path
