@@ -275,3 +275,20 @@ def test_other_parameters_rebuild_the_state_from_the_parents_judgments(tmp_path)
     parent_run = nd.run(frames[0], cfg)
     _assert_equal_to_full(pl.concat(frames), nds.merge_flags(parent_run.flags, res),
                           nds.merge_clusters(parent_run.tables["clusters"], res), res, len(state), cfg)
+
+
+def test_empty_and_already_known_batches(tmp_path):
+    frames = _frames(_chain(13, 2))
+    empty_batch = frames[0].clear()
+    first = nds.run_incremental(empty_batch, nds.NearDupState.empty(), generation="v0")
+    assert first.metrics["prompts"] == 0 and first.flags.height == 0 and first.clusters.height == 0
+    store = Store(tmp_path / "s")
+    h = _write_version(store, "v0", first)
+    assert all(h.table(t).parts for t in nds.TABLES)  # every table has a part, so its columns are known
+    res = nds.run_incremental(frames[0], nds.load_state(h), generation="v1")
+    _assert_equal_to_full(frames[0], res.flags, res.clusters, res, 0)
+    again = nds.run_incremental(frames[0], res.child_state(), generation="v2")  # the same batch delivered twice
+    assert again.metrics["prompts_hashed"] == 0 and len(again.write[nds.PROMPTS]) == len(res.write[nds.PROMPTS])
+    assert {k: v for k, v in again.metrics.items() if k not in RUN_ONLY} == \
+        {k: v for k, v in res.metrics.items() if k not in RUN_ONLY}
+    assert again.flags.sort("subject_id").equals(res.flags.sort("subject_id")) and again.clusters.equals(res.clusters)

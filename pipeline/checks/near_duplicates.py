@@ -40,14 +40,56 @@ Method
   template) pairs each member with the bucket's first member and its successor only, so
   the work stays linear; the bucket still ends up connected.
 * **Index** (:class:`PromptIndex`): signatures keyed by ``prompt_hash`` and the verified
-  edges between them, saved as one ``.npz`` (atomic write).  A new batch only hashes
-  prompts the index does not know; they are compared with every prompt of earlier
-  versions.
+  edges between them, in memory (or with its bands in a datasketch storage such as Redis),
+  saved as one ``.npz``.  :func:`run` uses it for a full recompute; versions no longer keep
+  it (below).
+* **State of a version** (:mod:`pipeline.checks.near_duplicates_state`): what a child needs,
+  as tables of content-addressed parts that a child *extends* (it links its parent's parts
+  and writes parts for its own batch): per prompt its band keys and a 4-bit sketch
+  (``state/near_dup_prompts``), its signature (``state/near_dup_signatures``, read part by
+  part when needed), the verified edges with the number of buckets that make them a
+  candidate (``state/near_dup_edges``), pair -> prompt rows (``state/near_dup_pair_prompts``,
+  ``state/near_dup_links``) and the version's sums (``state/near_dup_summary``).  A child
+  hashes only the prompts the state does not know and finds their candidates among all
+  earlier prompts through the persisted band keys; its flags, clusters and metrics equal
+  :func:`run` over all judgments so far (tested on random chains).
 * **Output**: ``near_duplicate`` (subject ``pair``) for each pair whose prompt has a near
   duplicate under another ``prompt_hash`` (in this frame or an earlier version), and the
   table ``clusters`` (pair_id -> ``near_dup_cluster``): connected components over
   near-duplicate edges (and prompts that share a pair id), named by their smallest
   ``prompt_hash``.  Every pair gets a cluster; pairs with the same prompt share one.
+
+How curate calls it
+-------------------
+Full recompute (``curate --full``, or checking a frame outside the store): ``run(judgments,
+cfg)`` as today.  Versions keep the state tables, not ``prompt_index.npz``
+(``nds`` = :mod:`pipeline.checks.near_duplicates_state`):
+
+(i) first version -- ``judgments``: every judgment of the version::
+
+    res = nds.run_incremental(judgments, nds.NearDupState.empty(cfg), generation=version_id)
+    results["near_duplicates"] = res.check_result()  # status, metrics; flags and clusters of every pair
+    tables.update(res.write_state(store, stage))      # the tables nds.TABLES, by those names
+
+(ii) child version -- ``batch``: the judgments that are new in this version (pair_id,
+prompt_hash, prompt, prompt_text; pairs and prompts the parent knows may be among them)::
+
+    state = nds.load_state(parent, cfg)            # verified reads; an old prompt_index.npz converts once
+    res = nds.run_incremental(batch, state, generation=version_id)
+    entry = res.check_result()                     # metrics of the whole version, status, summary
+    flags = nds.merge_flags(parent_flags, res)     # drops the parent's near_duplicate flags of res.recomputed, adds res.flags
+    clusters = nds.merge_clusters(parent_clusters, res)  # pair_id -> near_dup_cluster of every pair (res.clusters: changed ones)
+    tables.update(res.write_state(store, stage))   # parent's unchanged parts hard-linked, new parts written
+
+``res.recomputed`` lists the pairs whose flags were recomputed (the batch's pairs, and old
+pairs whose prompts gained or lost a near-duplicate edge); ``res.clusters`` holds every pair
+whose cluster is new or changed (the batch's pairs and the members of merged or split
+clusters).  ``res.stats`` reports the run's work (prompts hashed, candidates, signature parts
+read, seconds per phase).  ``NearDupState.empty(cfg)`` also serves a parent without any index.
+
+Redis (``storage_config``): :class:`PromptIndex` with a datasketch storage works as before for
+:func:`run` and queries; the state tables do not use it (their band keys are the on-disk LSH
+table), so curate's versions no longer fill a Redis LSH.
 """
 from __future__ import annotations
 
