@@ -40,14 +40,56 @@ Method
   template) pairs each member with the bucket's first member and its successor only, so
   the work stays linear; the bucket still ends up connected.
 * **Index** (:class:`PromptIndex`): signatures keyed by ``prompt_hash`` and the verified
-  edges between them, saved as one ``.npz`` (atomic write).  A new batch only hashes
-  prompts the index does not know; they are compared with every prompt of earlier
-  versions.
+  edges between them, in memory (or with its bands in a datasketch storage such as Redis),
+  saved as one ``.npz``.  :func:`run` uses it for a full recompute; versions no longer keep
+  it (below).
+* **State of a version** (:mod:`pipeline.checks.near_duplicates_state`): what a child needs,
+  as tables of content-addressed parts that a child *extends* (it links its parent's parts
+  and writes parts for its own batch): per prompt its band keys and a 4-bit sketch
+  (``state/near_dup_prompts``), its signature (``state/near_dup_signatures``, read part by
+  part when needed), the verified edges with the number of buckets that make them a
+  candidate (``state/near_dup_edges``), pair -> prompt rows (``state/near_dup_pair_prompts``,
+  ``state/near_dup_links``) and the version's sums (``state/near_dup_summary``).  A child
+  hashes only the prompts the state does not know and finds their candidates among all
+  earlier prompts through the persisted band keys; its flags, clusters and metrics equal
+  :func:`run` over all judgments so far (tested on random chains).
 * **Output**: ``near_duplicate`` (subject ``pair``) for each pair whose prompt has a near
   duplicate under another ``prompt_hash`` (in this frame or an earlier version), and the
   table ``clusters`` (pair_id -> ``near_dup_cluster``): connected components over
   near-duplicate edges (and prompts that share a pair id), named by their smallest
   ``prompt_hash``.  Every pair gets a cluster; pairs with the same prompt share one.
+
+How curate calls it
+-------------------
+Full recompute (``curate --full``, or checking a frame outside the store): ``run(judgments,
+cfg)`` as today.  Versions keep the state tables, not ``prompt_index.npz``
+(``nds`` = :mod:`pipeline.checks.near_duplicates_state`):
+
+(i) first version -- ``judgments``: every judgment of the version::
+
+    res = nds.run_incremental(judgments, nds.NearDupState.empty(cfg), generation=version_id)
+    results["near_duplicates"] = res.check_result()  # status, metrics; flags and clusters of every pair
+    tables.update(res.write_state(store, stage))      # the tables nds.TABLES, by those names
+
+(ii) child version -- ``batch``: the judgments that are new in this version (pair_id,
+prompt_hash, prompt, prompt_text; pairs and prompts the parent knows may be among them)::
+
+    state = nds.load_state(parent, cfg)            # verified reads; an old prompt_index.npz converts once
+    res = nds.run_incremental(batch, state, generation=version_id)
+    entry = res.check_result()                     # metrics of the whole version, status, summary
+    flags = nds.merge_flags(parent_flags, res)     # drops the parent's near_duplicate flags of res.recomputed, adds res.flags
+    clusters = nds.merge_clusters(parent_clusters, res)  # pair_id -> near_dup_cluster of every pair (res.clusters: changed ones)
+    tables.update(res.write_state(store, stage))   # parent's unchanged parts hard-linked, new parts written
+
+``res.recomputed`` lists the pairs whose flags were recomputed (the batch's pairs, and old
+pairs whose prompts gained or lost a near-duplicate edge); ``res.clusters`` holds every pair
+whose cluster is new or changed (the batch's pairs and the members of merged or split
+clusters).  ``res.stats`` reports the run's work (prompts hashed, candidates, signature parts
+read, seconds per phase).  ``NearDupState.empty(cfg)`` also serves a parent without any index.
+
+Redis (``storage_config``): :class:`PromptIndex` with a datasketch storage works as before for
+:func:`run` and queries; the state tables do not use it (their band keys are the on-disk LSH
+table), so curate's versions no longer fill a Redis LSH.
 """
 from __future__ import annotations
 
@@ -206,11 +248,13 @@ def shingle_hashes(texts: list[str], max_chars: int = 2000, shingle_size: int = 
 
 @lru_cache(maxsize=8)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``affine32`` permutation parameters datasketch draws for (num_perm, seed)."""
-    from datasketch import MinHash
-
-    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
-    return np.ascontiguousarray(a, np.uint32), np.ascontiguousarray(b, np.uint32)
+    """The ``affine32`` permutation parameters datasketch draws for (num_perm, seed): odd ``a``
+    and any ``b`` from ``numpy.random.RandomState(seed)``, as ``MinHash._init_permutations``
+    does (tested equal; drawn here so that a run does not import datasketch, ~1 s)."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
 
 def minhash_signatures(shingles: np.ndarray, counts: np.ndarray, num_perm: int = 128, seed: int = 1) -> np.ndarray:
@@ -302,14 +346,36 @@ def _band_keys(sigs: np.ndarray, b: int, r: int) -> np.ndarray:
     return np.ascontiguousarray(_fmix64(acc).T)
 
 
-def _bucket_pairs(keys: np.ndarray, new_from: int) -> np.ndarray:
-    """Unique (i, j), i < j, of rows sharing a band key (``keys``: (b, n)), with j >= ``new_from``.
+def group_pairs(group: np.ndarray, node: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs ``(i, j)`` of LSH buckets under the rule of the full run.
 
-    A bucket of up to ``_SMALL`` members gives all its pairs; a bigger one (many copies or
-    templated variants of one text) gives each member paired with the bucket's first
-    member and with its successor, so the work stays linear while the bucket still ends
-    up connected (the verified edges decide).
-    """
+    ``node`` lists the members of every bucket, bucket after bucket, each bucket's members in
+    prompt order (rows sorted by ``prompt_hash``); ``group`` (same length) is equal for the
+    members of one bucket and differs between neighbouring buckets.  A bucket of up to
+    ``_SMALL`` members gives all its pairs; a bigger one (many copies or templated variants of
+    one text) gives each member paired with the bucket's first member (a star, including the
+    first member with itself) and with its successor (a chain), so the work stays linear while
+    the bucket still ends up connected (the verified edges decide).  Pairs are neither ordered
+    nor deduplicated (the star and the chain share the first two members' pair)."""
+    if group.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    new_group = np.r_[True, group[1:] != group[:-1]]
+    gid = np.cumsum(new_group) - 1
+    size = np.bincount(gid)[gid]
+    leader = node[new_group][gid]
+    small = size <= _SMALL
+    chain = ~small[:-1] & (gid[1:] == gid[:-1])
+    i_parts, j_parts = [node[~small], node[:-1][chain]], [leader[~small], node[1:][chain]]
+    for d in range(1, min(_SMALL, int(size[small].max(initial=1)))):
+        same = small[d:] & (gid[d:] == gid[:-d])
+        i_parts.append(node[:-d][same])
+        j_parts.append(node[d:][same])
+    return np.concatenate(i_parts), np.concatenate(j_parts)
+
+
+def _bucket_pairs(keys: np.ndarray, new_from: int) -> np.ndarray:
+    """Unique (i, j), i < j, of rows sharing a band key (``keys``: (b, n)), with j >= ``new_from``;
+    the rows are in prompt order, the candidates of each bucket follow :func:`group_pairs`."""
     b, n = keys.shape
     codes = []
     # rows whose key repeats in their band: hash-based, O(n), all bands at once (in parallel)
@@ -320,19 +386,7 @@ def _bucket_pairs(keys: np.ndarray, new_from: int) -> np.ndarray:
         if idx.size == 0:
             continue
         order = np.argsort(col[idx], kind="stable")
-        k, node = col[idx][order], idx[order]
-        new_group = np.r_[True, k[1:] != k[:-1]]
-        gid = np.cumsum(new_group) - 1
-        size = np.bincount(gid)[gid]
-        leader = node[new_group][gid]
-        small = size <= _SMALL
-        chain = ~small[:-1] & (gid[1:] == gid[:-1])
-        i_parts, j_parts = [node[~small], node[:-1][chain]], [leader[~small], node[1:][chain]]
-        for d in range(1, min(_SMALL, int(size[small].max(initial=1)))):
-            same = small[d:] & (gid[d:] == gid[:-d])
-            i_parts.append(node[:-d][same])
-            j_parts.append(node[d:][same])
-        i, j = np.concatenate(i_parts), np.concatenate(j_parts)
+        i, j = group_pairs(col[idx][order], idx[order])
         lo, hi = np.minimum(i, j), np.maximum(i, j)
         keep = (lo != hi) & (hi >= new_from)
         codes.append(lo[keep] * n + hi[keep])
@@ -536,6 +590,39 @@ def shingle_text(prompts: pl.DataFrame) -> pl.Series:
     return prompts.select(turns.list.join("\n")).to_series()
 
 
+def best_neighbours(edges: pl.DataFrame, prompts: pl.Series | None = None) -> pl.DataFrame:
+    """Per prompt with a near duplicate (among ``prompts``, all when None): ``neighbour`` (the
+    highest Jaccard, then the smallest prompt_hash), its ``jaccard`` and ``n``, the number of
+    near-duplicate prompts.  ``edges``: verified edges ``left``, ``right``, ``jaccard``."""
+    both = pl.concat([edges.select("left", "right", "jaccard"), edges.select(left="right", right="left", jaccard="jaccard")])
+    if prompts is not None:
+        both = both.filter(pl.col("left").is_in(prompts.implode()))
+    return (both.sort(["left", "jaccard", "right"], descending=[False, True, False])
+            .group_by("left", maintain_order=True)
+            .agg(neighbour=pl.col("right").first(), jaccard=pl.col("jaccard").first(), n=pl.len()))
+
+
+def pair_flags(pair_prompts: pl.DataFrame, best: pl.DataFrame, *, here: pl.Series | None = None
+               ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The ``near_duplicate`` flags of pairs (``pair_prompts``: pair_id, prompt_hash) given their
+    prompts' :func:`best_neighbours`: a pair is flagged when one of its prompts has a near
+    duplicate; the detail names its best prompt (highest Jaccard, then smallest prompt_hash).
+    ``here``: the prompts of the checked frame; a neighbour outside it is "from an earlier
+    version" (None: no such note).  Returns (flagged pairs with their best prompt, flags)."""
+    flagged = (pair_prompts.join(best, left_on="prompt_hash", right_on="left", how="inner")
+               .sort(["pair_id", "jaccard", "prompt_hash"], descending=[False, True, False])
+               .unique("pair_id", keep="first", maintain_order=True))
+    if flagged.height == 0:
+        return flagged, empty_flags()
+    earlier = pl.lit("") if here is None else pl.when(pl.col("neighbour").is_in(here.implode())).then(
+        pl.lit("")).otherwise(pl.lit(" from an earlier version"))
+    detail = flagged.select(pl.format(
+        "prompt {} is a near duplicate of prompt {} (estimated Jaccard {}; {} near-duplicate prompt(s)){}",
+        "prompt_hash", "neighbour", pl.col("jaccard").round(2), "n", earlier)).to_series()
+    return flagged, make_flags(flagged["pair_id"], subject_kind="pair", check=NAME, reason="near_duplicate",
+                               detail=detail)
+
+
 def _clusters(index: PromptIndex, pair_prompts: pl.DataFrame) -> pl.DataFrame:
     """pair_id -> near_dup_cluster: components over near-duplicate edges and shared pair ids,
     each named by its smallest prompt_hash."""
@@ -591,22 +678,8 @@ def run(
     new = index.add(prompts["prompt_hash"].to_list(), shingle_text(prompts).to_list())
     pair_prompts = judgments.select("pair_id", "prompt_hash").unique().sort("pair_id", "prompt_hash")
 
-    edges = index.edge_frame()
-    both = pl.concat([edges, edges.select(left="right", right="left", jaccard="jaccard")])
-    best = (both.filter(pl.col("left").is_in(prompts["prompt_hash"].implode()))
-            .sort(["left", "jaccard", "right"], descending=[False, True, False])
-            .group_by("left", maintain_order=True)
-            .agg(neighbour=pl.col("right").first(), jaccard=pl.col("jaccard").first(), n=pl.len()))
-    here = set(prompts["prompt_hash"].to_list())
-    flagged = pair_prompts.join(best, left_on="prompt_hash", right_on="left", how="inner") \
-        .sort(["pair_id", "jaccard"], descending=[False, True]).unique("pair_id", keep="first", maintain_order=True)
-    detail = flagged.select(pl.format(
-        "prompt {} is a near duplicate of prompt {} (estimated Jaccard {}; {} near-duplicate prompt(s)){}",
-        "prompt_hash", "neighbour", pl.col("jaccard").round(2), "n",
-        pl.when(pl.col("neighbour").is_in(list(here))).then(pl.lit("")).otherwise(pl.lit(" from an earlier version")),
-    )).to_series() if flagged.height else ""
-    flags = make_flags(flagged["pair_id"], subject_kind="pair", check=NAME, reason="near_duplicate", detail=detail) \
-        if flagged.height else empty_flags()
+    best = best_neighbours(index.edge_frame(), prompts["prompt_hash"])
+    flagged, flags = pair_flags(pair_prompts, best, here=prompts["prompt_hash"])
     clusters = _clusters(index, pair_prompts) if pair_prompts.height else pl.DataFrame(
         schema={"pair_id": pl.String, "near_dup_cluster": pl.String})
 

@@ -1,0 +1,683 @@
+"""The near-duplicate check's state as shared parts, and the incremental run over a new batch.
+
+A child version hashes only the prompts its parent's state does not know, finds their
+candidates through the persisted band keys (old prompts are never banded again), verifies
+them, and updates flags, clusters and metrics for what changed.  The result equals a full
+:func:`pipeline.checks.near_duplicates.run` over all judgments so far (same flagged pairs and
+details, same cluster partition and names, same metrics; ``tests/test_near_duplicates_incremental.py``).
+
+State tables (written with :class:`pipeline.parts.TableWriter`; a child inherits, i.e. hard
+links, every part of its parent's except the few it rewrites)
+-------------------------------------------------------------------------------------------
+``state/near_dup_prompts`` -- one row per prompt: ``prompt_hash``, its LSH band keys
+    ``band_000`` .. (uint64, one column per band) and a 4-bit sketch of its signature
+    ``sketch_00`` .. (uint64, 16 signature values' low 4 bits per column).  Parts
+    ``part-<generation>-<chunk>``: the prompts first seen in version ``<generation>``, sorted
+    by prompt_hash, at most :data:`CHUNK` per part.  Append only.
+``state/near_dup_signatures`` -- the same rows (same part keys, same order): ``prompt_hash``
+    and the MinHash signature ``h_0000`` .. (uint32).  Read only part by part, for the few
+    old prompts whose sketch passes (below).  Append only.
+``state/near_dup_edges`` -- verified near-duplicate edges ``left`` < ``right`` (prompt_hash),
+    ``jaccard`` (float32), ``support`` (the number of LSH buckets in which the pair is a
+    candidate).  Parts by the version that found the edge; a child rewrites a part only when
+    one of its edges lost a bucket (see "exactness"), and adds one part for its new edges.
+``state/near_dup_pair_prompts`` -- every distinct (``pair_id``, ``prompt_hash``) so far; parts
+    by the version where the combination first appeared.  Append only.
+``state/near_dup_links`` -- the rows of pairs with more than one prompt (they join their
+    prompts' clusters); parts by the version where the pair got its second (third, ...)
+    prompt, which adds all of the pair's rows not there yet.  Append only.
+``state/near_dup_summary`` -- one row, rewritten by every version: the parameters (a child
+    whose configuration differs rebuilds), ``n_prompts``, ``n_pairs``, ``n_flagged_pairs`` and
+    the cluster-size histogram (``cluster_pairs`` -> ``cluster_count``), from which the
+    version's metrics follow without scanning anything.
+
+Every part is read through :meth:`VersionHandle.read` (its sha256 checked against the
+manifest before parsing); nothing is memory-mapped.  A child reads the prompts table, the
+pair-prompts table and the edges in full (the band keys are what its candidates are found
+with: ~200 bytes a prompt), and of the signatures only the parts holding an old prompt that
+passed the sketch test: parts stay small (:data:`CHUNK` prompts, ~2 MB) so that such a read
+costs little and is still verified part by part.
+
+Exactness
+---------
+Candidates follow the full run's rule (:func:`~pipeline.checks.near_duplicates.group_pairs`
+over buckets in prompt_hash order: all pairs up to 16 members, else star + chain).  Every
+candidate pair a new prompt brings is a pair with a new member, so a child only *adds*
+candidates with new prompts; it may *remove* old pairs of a bucket that grows past 16
+members or whose chain or first member changes.  An old edge keeps its ``support`` (the
+buckets in which it is a candidate) and disappears when that reaches 0, exactly as a full
+run would not find it.  A new pair is verified by its estimated Jaccard; against an old
+prompt the 4-bit sketch gives an upper bound (equal values have equal low bits), and only
+pairs whose bound reaches the threshold read the old signature.  Clusters are the connected
+components of the small graph of edges and of pairs with several prompts, recomputed for
+parent and child; every other prompt is its own cluster, named by its prompt_hash.
+
+How curate calls it
+-------------------
+(i) first version::
+
+    state = NearDupState.empty(cfg)                     # or load_state(None, cfg)
+    res = run_incremental(judgments, state, generation=version_id)
+    results["near_duplicates"] = res.check_result()    # flags/clusters: every pair
+    tables.update(res.write_state(store, stage))        # the six state tables
+
+(ii) child version (``batch``: the new judgments only, any already-known pairs included)::
+
+    state = load_state(parent, cfg)                     # verified reads; converts an old prompt_index.npz
+    res = run_incremental(batch, state, generation=version_id)
+    flags = merge_flags(parent_flags, res)              # parent's flags, minus res.recomputed, plus res.flags
+    clusters = merge_clusters(parent_clusters, res)     # pair_id -> near_dup_cluster for every pair
+    entry = res.check_result()                          # metrics of the whole version
+    tables.update(res.write_state(store, stage))        # parent's parts linked, new parts written
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from pipeline.checks import near_duplicates as nd
+from pipeline.store import Store, VersionHandle
+from schemas.check import CheckResult
+from schemas.manifest import SplitInfo, TableInfo
+from schemas.policy import ChecksConfig, NearDuplicateConfig
+
+STATE_FORMAT = "prefpipe-near-dup-state/1"  # bump when a table's meaning changes
+PROMPTS, SIGNATURES, EDGES, PAIR_PROMPTS, LINKS, SUMMARY = (
+    f"state/near_dup_{t}" for t in ("prompts", "signatures", "edges", "pair_prompts", "links", "summary"))
+TABLES = (PROMPTS, SIGNATURES, EDGES, PAIR_PROMPTS, LINKS, SUMMARY)
+APPEND_ONLY = (PROMPTS, SIGNATURES, PAIR_PROMPTS, LINKS)
+CHUNK = 16384  # prompts per part of the prompts / signatures tables (a signature part: 8 MB of values, ~3 MB on disk)
+_PREFILTER_BITS = 20  # slots of the bit table that screens old band keys before the exact match
+_NIBBLE_MASK = np.uint64(0x1111111111111111)
+_U64 = np.uint64
+EDGE_SCHEMA = {"left": pl.String, "right": pl.String, "jaccard": pl.Float32, "support": pl.UInt16}
+PAIR_PROMPT_SCHEMA = {"pair_id": pl.String, "prompt_hash": pl.String}
+
+
+class StateError(ValueError):
+    """A state table contradicts itself (e.g. an edge losing more buckets than it had)."""
+
+
+def state_params(cfg: NearDuplicateConfig) -> dict[str, Any]:
+    """What a parent's state must match to be extended (anything else: rebuilt once)."""
+    b, r = nd.band_params(cfg)
+    return {**nd.PromptIndex(cfg).params(), "state": STATE_FORMAT, "threshold": cfg.threshold,
+            "candidate_threshold": cfg.candidate_threshold, "bands": b, "rows": r, "small": nd._SMALL}
+
+
+def _band_cols(b: int) -> list[str]:
+    return [f"band_{t:03d}" for t in range(b)]
+
+
+def _sketch_cols(num_perm: int) -> list[str]:
+    return [f"sketch_{w:02d}" for w in range(-(-num_perm // 16))]
+
+
+def _sig_cols(num_perm: int) -> list[str]:
+    return [f"h_{k:04d}" for k in range(num_perm)]
+
+
+# ---------------------------------------------------------------- sketch: a 4-bit upper bound
+def sketch(sigs: np.ndarray) -> np.ndarray:
+    """(n, ceil(P / 16)) uint64: the low 4 bits of every signature value, 16 to a word."""
+    n, p = sigs.shape
+    w = -(-p // 16)
+    nib = np.zeros((n, w * 16), _U64)
+    nib[:, :p] = sigs & np.uint32(0xF)
+    return np.bitwise_or.reduce(nib.reshape(n, w, 16) << (np.arange(16, dtype=_U64) * _U64(4)), axis=2)
+
+
+def sketch_jaccard(a: np.ndarray, b: np.ndarray, num_perm: int) -> np.ndarray:
+    """Upper bound of :func:`~pipeline.checks.near_duplicates.estimated_jaccard` row by row:
+    the share of equal low nibbles (equal values have equal nibbles), rounded the same way."""
+    x = a ^ b
+    x |= x >> _U64(1)
+    x |= x >> _U64(2)
+    x &= _NIBBLE_MASK
+    equal = a.shape[1] * 16 - np.bitwise_count(x).sum(axis=1, dtype=np.int64) - (a.shape[1] * 16 - num_perm)
+    out = np.empty(equal.size, np.float32)
+    out[:] = equal / num_perm
+    return out
+
+
+# ---------------------------------------------------------------- the state in memory
+@dataclass
+class _SigChunk:
+    """Signatures of state rows ``start:stop``: in memory, or one verified part read on demand."""
+
+    start: int
+    stop: int
+    array: np.ndarray | None = None
+    handle: VersionHandle | None = None
+    path: str = ""
+
+    def load(self, num_perm: int) -> np.ndarray:
+        if self.array is None:
+            df = self.handle.read(self.path, columns=_sig_cols(num_perm))
+            self.array = np.ascontiguousarray(df.to_numpy(), np.uint32).reshape(-1, num_perm)
+            if self.array.shape[0] != self.stop - self.start:
+                raise StateError(f"{self.path}: {self.array.shape[0]} signatures, the prompts part has {self.stop - self.start}")
+        return self.array
+
+
+@dataclass
+class NearDupState:
+    """Everything a child needs of its parent's near-duplicate state (see the module docstring).
+
+    ``inherited`` lists the parent's parts a child links as they are; ``pending`` holds parts
+    not yet written anywhere (a converted old index, or an in-memory chain of versions)."""
+
+    cfg: NearDuplicateConfig
+    hashes: pl.Series  # prompt_hash of each row
+    bands: np.ndarray  # (bands, rows) uint64
+    sketches: np.ndarray  # (rows, words) uint64
+    sig_chunks: list[_SigChunk]
+    pair_prompts: pl.DataFrame  # pair_id, prompt_hash
+    edges: pl.DataFrame  # left, right, jaccard, support, _part
+    n_pairs: int = 0
+    n_flagged_pairs: int = 0
+    cluster_sizes: dict[int, int] = field(default_factory=dict)  # pairs in a cluster -> number of such clusters
+    parent: VersionHandle | None = None
+    inherited: dict[str, list[SplitInfo]] = field(default_factory=dict)
+    pending: dict[str, list[tuple[str, pl.DataFrame]]] = field(default_factory=dict)
+    origin: str = "empty"
+    links: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=PAIR_PROMPT_SCHEMA))  # rows of pairs with several prompts
+
+    @classmethod
+    def empty(cls, cfg: NearDuplicateConfig | ChecksConfig | None = None) -> NearDupState:
+        cfg = _cfg(cfg)
+        b, _ = nd.band_params(cfg)
+        return cls(cfg=cfg, hashes=pl.Series("prompt_hash", [], pl.String), bands=np.zeros((b, 0), _U64),
+                   sketches=np.zeros((0, len(_sketch_cols(cfg.num_perm))), _U64), sig_chunks=[],
+                   pair_prompts=pl.DataFrame(schema=PAIR_PROMPT_SCHEMA),
+                   edges=pl.DataFrame(schema={**EDGE_SCHEMA, "_part": pl.String}))
+
+    def __len__(self) -> int:
+        return self.hashes.len()
+
+    def old_signatures(self, rows: np.ndarray) -> np.ndarray:
+        """Signatures of state rows (reading, verified, only the parts that hold them)."""
+        out = np.empty((rows.size, self.cfg.num_perm), np.uint32)
+        if rows.size == 0:
+            return out
+        starts = np.array([c.start for c in self.sig_chunks])
+        which = np.searchsorted(starts, rows, side="right") - 1
+        for ci in np.unique(which):
+            sel = which == ci
+            chunk = self.sig_chunks[ci]
+            out[sel] = chunk.load(self.cfg.num_perm)[rows[sel] - chunk.start]
+        return out
+
+
+def _cfg(cfg: NearDuplicateConfig | ChecksConfig | None) -> NearDuplicateConfig:
+    return cfg.near_duplicate if isinstance(cfg, ChecksConfig) else (cfg or NearDuplicateConfig())
+
+
+def _part_key(part: SplitInfo) -> str:
+    return Path(part.path).name.removeprefix("part-").removesuffix(".parquet")
+
+
+# ---------------------------------------------------------------- reading a parent's state
+def load_state(parent: VersionHandle | None, cfg: NearDuplicateConfig | ChecksConfig | None = None) -> NearDupState:
+    """The parent's state, every part verified when read.  A parent without state tables (an
+    older version with ``prompt_index.npz``) is converted once from that index and its
+    judgments' pair ids; one built with other parameters is rebuilt from its judgments.
+    ``origin`` says which happened."""
+    cfg = _cfg(cfg)
+    if parent is None:
+        return NearDupState.empty(cfg)
+    if all(parent.table(t) is not None for t in TABLES):
+        summary = parent.read(SUMMARY)
+        saved = json.loads(summary["params"][0])
+        want = state_params(cfg)
+        if saved == want:
+            return _read_state(parent, cfg, summary)
+        diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+        return _rebuild(parent, cfg, f"state of {parent.version_id} has other parameters (saved, wanted): {diff}")
+    return _convert(parent, cfg)
+
+
+def _read_state(parent: VersionHandle, cfg: NearDuplicateConfig, summary: pl.DataFrame) -> NearDupState:
+    b, _ = nd.band_params(cfg)
+    pt, st = parent.table(PROMPTS), parent.table(SIGNATURES)
+    if [_part_key(p) for p in pt.parts] != [_part_key(p) for p in st.parts] or \
+            [p.rows for p in pt.parts] != [p.rows for p in st.parts]:
+        raise StateError(f"{parent.version_id}: the prompts and signatures tables have different parts")
+    n = pt.rows
+    cols = ["prompt_hash", *_band_cols(b), *_sketch_cols(cfg.num_perm)]
+    jobs = [(p.path, cols) for p in pt.parts] + [(p.path, None) for t in (PAIR_PROMPTS, LINKS, EDGES)
+                                                  for p in parent.table(t).parts]
+    with ThreadPoolExecutor(2) as pool:  # reading, hashing and Parquet decoding release the GIL
+        frames = list(pool.map(lambda job: parent.read(job[0], columns=job[1]), jobs))
+    prompts = pl.concat(frames[:len(pt.parts)]) if pt.parts else _empty_table(PROMPTS, b, cfg.num_perm)
+    bands = np.ascontiguousarray(prompts.select(_band_cols(b)).to_numpy().T, _U64)
+    sketches = np.ascontiguousarray(prompts.select(_sketch_cols(cfg.num_perm)).to_numpy(), _U64)
+    starts = np.cumsum([0, *(p.rows for p in pt.parts)])
+    chunks = [_SigChunk(int(a), int(z), handle=parent, path=sp.path) for a, z, sp in zip(starts, starts[1:], st.parts)]
+    rest = iter(frames[len(pt.parts):])
+    pp, links, edges = ([next(rest).cast(PAIR_PROMPT_SCHEMA if t != EDGES else EDGE_SCHEMA)
+                         .with_columns(*([pl.lit(_part_key(p)).alias("_part")] if t == EDGES else []))
+                         for p in parent.table(t).parts] for t in (PAIR_PROMPTS, LINKS, EDGES))
+    row = summary.row(0, named=True)
+    if row["n_prompts"] != n:
+        raise StateError(f"{parent.version_id}: the summary counts {row['n_prompts']} prompts, the prompts table {n}")
+    return NearDupState(
+        cfg=cfg, hashes=prompts["prompt_hash"], bands=bands, sketches=sketches, sig_chunks=chunks,
+        pair_prompts=pl.concat(pp), edges=pl.concat(edges), n_pairs=row["n_pairs"], n_flagged_pairs=row["n_flagged_pairs"],
+        cluster_sizes=dict(zip(row["cluster_pairs"], row["cluster_count"])), parent=parent,
+        links=pl.concat(links),
+        inherited={t: list(parent.table(t).parts) for t in (*APPEND_ONLY, EDGES)}, origin=f"state of {parent.version_id}")
+
+
+def _convert(parent: VersionHandle, cfg: NearDuplicateConfig) -> NearDupState:
+    """A parent of the single-file layout: its ``prompt_index.npz`` signatures (verified bytes)
+    are banded once; everything else is derived from them and the parent's pair ids."""
+    rel = next((r for r in parent.manifest().files if r.startswith("prompt_index") and r.endswith(".npz")), None)
+    if rel is None:
+        return _rebuild(parent, cfg, f"{parent.version_id} has neither state tables nor a prompt index")
+    with np.load(io.BytesIO(parent.read_bytes(rel)), allow_pickle=False) as z:
+        saved = json.loads(str(z["params"]))
+        want = nd.PromptIndex(cfg).params()
+        if any(saved.get(k) != v for k, v in want.items()):
+            return _rebuild(parent, cfg, f"{rel} of {parent.version_id} was built with other hashing parameters")
+        keys = pl.Series("prompt_hash", [str(k) for k in z["keys"]], pl.String)
+        sigs = np.ascontiguousarray(z["signatures"], np.uint32)
+    pp = parent.read("judgments.parquet", columns=["pair_id", "prompt_hash"]).unique()
+    if not pp["prompt_hash"].is_in(keys.implode()).all():
+        return _rebuild(parent, cfg, f"{rel} of {parent.version_id} lacks prompts of its judgments")
+    order = keys.arg_sort().to_numpy()
+    res = _advance(NearDupState.empty(cfg), pp, keys.gather(order), sigs[order], generation=parent.version_id)
+    return replace(res.child_state(), origin=f"converted from {rel} of {parent.version_id}")
+
+
+def _rebuild(parent: VersionHandle, cfg: NearDuplicateConfig, reason: str) -> NearDupState:
+    """Hash every prompt of the parent's judgments again (once; the child then carries the state)."""
+    cols = ["pair_id", "prompt_hash", "prompt", "prompt_text"]
+    judgments = parent.read("judgments.parquet", columns=cols)
+    res = run_incremental(judgments, NearDupState.empty(cfg), generation=parent.version_id)
+    return replace(res.child_state(), origin=f"rebuilt: {reason}")
+
+
+# ---------------------------------------------------------------- candidates of the new prompts
+def _probe(old: np.ndarray, new: np.ndarray) -> list[np.ndarray]:
+    """Per band: the old rows whose band key equals some new prompt's key in that band.
+    A bit table over the keys' low bits screens the old keys; the few that pass are matched
+    exactly (the keys are fmix64 outputs, so their low bits are uniform)."""
+    b = old.shape[0]
+    if old.shape[1] == 0 or new.shape[1] == 0:
+        return [np.zeros(0, np.int64) for _ in range(b)]
+    mask = np.uint32((1 << _PREFILTER_BITS) - 1)
+    table = np.zeros(1 << _PREFILTER_BITS, bool)
+    out = []
+    for t in range(b):
+        nk = _unique(new[t])[0]
+        slots = nk.view(np.uint32)[::2] & mask  # low 32 bits (little-endian) of each key
+        table[slots] = True
+        cand = np.flatnonzero(table[old[t].view(np.uint32)[::2] & mask])
+        table[slots] = False
+        v = old[t, cand]
+        pos = np.minimum(np.searchsorted(nk, v), nk.size - 1)
+        out.append(cand[nk[pos] == v])
+    return out
+
+
+def _unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values and their counts (``np.unique`` of numpy 2.4 hashes int64 arrays
+    and is ~15x slower than a sort here)."""
+    s = np.sort(a)
+    first = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if s.size else np.zeros(0, np.int64)
+    return s[first], np.diff(np.r_[first, s.size])
+
+
+def _pair_codes(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    keep = lo != hi
+    return pl.Series(lo[keep] * n + hi[keep], dtype=pl.Int64).unique().to_numpy()
+
+
+def _bucket_changes(state: NearDupState, bands_new: np.ndarray, node_of_old: Any, node_of_new: np.ndarray,
+                    is_new: np.ndarray, hits: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs (codes ``lo * n + hi`` over nodes in prompt_hash order) gained and lost
+    in every bucket a new prompt joins, one entry per bucket (a pair's count = its buckets)."""
+    n = is_new.size
+    gained, lost = [], []
+    for t in range(bands_new.shape[0]):
+        keys = np.concatenate([state.bands[t, hits[t]], bands_new[t]])
+        nodes = np.concatenate([node_of_old(hits[t]), node_of_new])
+        rep = pl.Series(keys).is_duplicated().to_numpy()
+        if not rep.any():
+            continue
+        keys, nodes = keys[rep], nodes[rep]
+        o = np.lexsort((nodes, keys))
+        keys, nodes = keys[o], nodes[o]
+        now = _pair_codes(*nd.group_pairs(keys, nodes), n)
+        gained.append(now[is_new[now // n] | is_new[now % n]])  # before, no candidate had a new member
+        old = ~is_new[nodes]
+        if old.sum() > 1:
+            before = _pair_codes(*nd.group_pairs(keys[old], nodes[old]), n)
+            lost.append(before[~np.isin(before, now, assume_unique=True)])
+    return (np.concatenate(gained) if gained else np.zeros(0, np.int64),
+            np.concatenate(lost) if lost else np.zeros(0, np.int64))
+
+
+# ---------------------------------------------------------------- the incremental run
+@dataclass
+class IncrementalResult:
+    """What a child's near-duplicate step produced (see the module docstring for its use)."""
+
+    flags: pl.DataFrame  # near_duplicate flags of the recomputed pairs that are flagged
+    recomputed: pl.Series  # pair ids whose flags were recomputed: the batch's pairs and pairs whose prompts' edges changed
+    clusters: pl.DataFrame  # pair_id -> near_dup_cluster of every pair whose cluster is new or changed
+    metrics: dict[str, Any]  # of the whole version, the keys of run()
+    write: dict[str, list[tuple[str, pl.DataFrame]]]  # state parts to write: table -> [(part key, frame)]
+    inherit: dict[str, list[SplitInfo]]  # state parts to link from the parent, per table
+    parent: VersionHandle | None
+    stats: dict[str, Any]  # this run's work (not metrics: they describe the version)
+    _child: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return "warn" if self.metrics["near_duplicate_pairs"] else "pass"
+
+    def check_result(self) -> CheckResult:
+        """The check's entry for the version: metrics of the whole version; flags and the
+        ``clusters`` table only for the recomputed / changed pairs (merge them with the parent's)."""
+        m = self.metrics
+        summary = (f"{m['near_duplicate_pairs']} of {m['pairs']} pairs have a near-duplicate prompt "
+                   f"({m['near_duplicate_prompts']} prompts); {m['clusters']} clusters")
+        return CheckResult(name=nd.NAME, status=self.status, metrics=m, flags=self.flags,
+                           tables={"clusters": self.clusters}, summary=summary)
+
+    def write_state(self, store: Store, stage: Path) -> dict[str, TableInfo]:
+        """Write the state tables into a staged version: the parent's unchanged parts as hard
+        links, the new and rewritten parts as objects.  Returns the manifest's table entries."""
+        from pipeline.parts import TableWriter
+
+        out = {}
+        for name in TABLES:
+            w = TableWriter(store, stage, name)
+            for part in self.inherit.get(name, []):
+                w.inherit(self.parent, part)
+            for key, frame in self.write.get(name, []):
+                w.write(key, frame)
+            out[name] = w.info()
+        return out
+
+    def child_state(self) -> NearDupState:
+        """The state after this run, in memory (what ``load_state`` of the child would read;
+        built on demand: curate writes the parts and a child reads them back)."""
+        c = self._child
+        old: NearDupState = c["state"]
+        n_old, m = len(old), c["fresh"].len()
+        return NearDupState(
+            cfg=old.cfg, hashes=pl.concat([old.hashes, c["fresh"]]), bands=np.concatenate([old.bands, c["bands"]], axis=1),
+            sketches=np.concatenate([old.sketches, c["sketches"]]),
+            sig_chunks=[*old.sig_chunks, *([_SigChunk(n_old, n_old + m, array=c["sigs"])] if m else [])],
+            pair_prompts=pl.concat([old.pair_prompts, c["pair_prompts"]]), edges=c["edges"],
+            n_pairs=self.metrics["pairs"], n_flagged_pairs=self.metrics["near_duplicate_pairs"],
+            cluster_sizes=c["cluster_sizes"], parent=self.parent, inherited=self.inherit, pending=self.write,
+            origin="in memory", links=c["links"])
+
+
+def run_incremental(batch: pl.DataFrame, state: NearDupState, *, generation: str) -> IncrementalResult:
+    """The near-duplicate check of a child version whose parent's state is ``state``.
+
+    ``batch``: the new judgments (pair_id, prompt_hash, prompt and/or prompt_text); pairs and
+    prompts the state knows already may be among them.  Only prompts new to the state are
+    hashed.  ``generation`` (the child's version id) names the parts it writes."""
+    cfg = state.cfg
+    first = batch.select(pl.col("prompt_hash").is_first_distinct()).to_series()
+    prompts = batch.select("prompt_hash", *(["prompt"] if "prompt" in batch.columns else []),
+                           *(["prompt_text"] if "prompt_text" in batch.columns else [])).filter(first)
+    t0 = time.perf_counter()
+    fresh = prompts.join(state.hashes.to_frame("prompt_hash"), on="prompt_hash", how="anti").sort("prompt_hash")
+    t1 = time.perf_counter()
+    sigs = nd.signatures(nd.shingle_text(fresh).to_list(), cfg) if fresh.height else np.zeros((0, cfg.num_perm), np.uint32)
+    pp = batch.select(pl.col("pair_id").cast(pl.String), pl.col("prompt_hash").cast(pl.String)).unique()
+    t2 = time.perf_counter()
+    res = _advance(state, pp, fresh["prompt_hash"], sigs, generation=generation)
+    res.stats["seconds"] = {"known_prompts": round(t1 - t0, 4), "hash_new_prompts": round(t2 - t1, 4), **res.stats["seconds"]}
+    return res
+
+
+def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs: np.ndarray, *,
+             generation: str) -> IncrementalResult:
+    """:func:`run_incremental` once the new prompts (``fresh``, not in the state) are hashed."""
+    cfg, num_perm = state.cfg, state.cfg.num_perm
+    b, r = nd.band_params(cfg)
+    m = fresh.len()
+    clock = _Clock()
+    bands_new = nd._band_keys(sigs, b, r) if m else np.zeros((b, 0), _U64)
+    sk_new = sketch(sigs)
+
+    # 1. the buckets the new prompts join: old members found through the persisted band keys
+    hits = _probe(state.bands, bands_new)
+    old_rows = _unique(np.concatenate(hits))[0] if hits else np.zeros(0, np.int64)
+    node_hash = pl.concat([state.hashes.gather(old_rows), fresh.rename("prompt_hash")])
+    order = node_hash.arg_sort().to_numpy()  # nodes numbered in prompt_hash order, as rows of a full run
+    n = order.size
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    hash_of = node_hash.gather(order)
+    is_new = np.zeros(n, bool)
+    is_new[rank[old_rows.size:]] = True
+    row_of = np.full(n, -1, np.int64)  # node -> old row or new row
+    row_of[rank[:old_rows.size]] = old_rows
+    row_of[rank[old_rows.size:]] = np.arange(m)
+    gained, lost = _bucket_changes(state, bands_new, lambda rows: rank[np.searchsorted(old_rows, rows)],
+                                   rank[old_rows.size:], is_new, hits)
+
+    clock.lap("buckets")
+    # 2. verify the gained candidates: estimated Jaccard; against an old prompt, the sketch first
+    codes, support = _unique(gained)
+    lo, hi = codes // max(n, 1), codes % max(n, 1)
+    jac = np.zeros(codes.size, np.float32)
+    both = is_new[lo] & is_new[hi]
+    jac[both] = nd.estimated_jaccard(sigs, sigs, row_of[lo[both]], row_of[hi[both]])
+    new_side, old_side = np.where(is_new[lo], lo, hi)[~both], np.where(is_new[lo], hi, lo)[~both]
+    bound = sketch_jaccard(sk_new[row_of[new_side]], state.sketches[row_of[old_side]], num_perm)
+    maybe = np.flatnonzero(bound >= cfg.threshold)
+    mixed = np.zeros(new_side.size, np.float32)
+    old_sigs = state.old_signatures(row_of[old_side[maybe]])
+    mixed[maybe] = nd.estimated_jaccard(sigs, old_sigs, row_of[new_side[maybe]], np.arange(maybe.size))
+    jac[~both] = mixed
+    keep = jac >= cfg.threshold
+    added = pl.DataFrame({"left": hash_of.gather(lo[keep]), "right": hash_of.gather(hi[keep]), "jaccard": jac[keep],
+                          "support": support[keep]}).cast(EDGE_SCHEMA).with_columns(_part=pl.lit(generation))
+
+    clock.lap("verify")
+    # 3. old edges that lost buckets (a bucket grew past 16 members, or its chain / first member changed)
+    lcodes, lcount = _unique(lost)
+    loss = pl.DataFrame({"left": hash_of.gather(lcodes // max(n, 1)), "right": hash_of.gather(lcodes % max(n, 1)),
+                         "_lost": lcount.astype(np.int64)})
+    old_edges = state.edges
+    hit_edges = old_edges.join(loss, on=["left", "right"], how="inner")
+    if (hit_edges["support"].cast(pl.Int64) < hit_edges["_lost"]).any():
+        raise StateError("an edge lost more LSH buckets than it was a candidate in: the state is inconsistent")
+    changed = hit_edges.with_columns(support=(pl.col("support").cast(pl.Int64) - pl.col("_lost")).cast(pl.UInt16)).drop("_lost")
+    removed = changed.filter(pl.col("support") == 0)
+    edges = pl.concat([old_edges.join(changed, on=["left", "right"], how="anti"),
+                       changed.filter(pl.col("support") > 0), added]).sort("left", "right")
+
+    clock.lap("edges")
+    # 4. the pair rows a child needs: two passes over the parent's rows, by pair id then by prompt
+    pp_old = state.pair_prompts
+    batch_pairs = batch_pp.select("pair_id").unique()
+    pp_bo = pp_old.join(batch_pairs, on="pair_id", how="semi")  # the parent's rows of the batch's pairs
+    pp_new = batch_pp.join(pp_bo, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash")
+    n_new_pairs = batch_pairs.join(pp_bo, on="pair_id", how="anti").height
+    grown = pl.concat([pp_bo.join(pp_new, on="pair_id", how="semi"), pp_new])  # every row of a pair that gained one
+    links_old = state.links
+    links_add = (grown.filter(pl.col("pair_id").is_duplicated())  # a pair with a second prompt joins the links
+                 .join(links_old, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash"))
+    links_new = pl.concat([links_old, links_add])
+    # clusters: components of the small graph (edges + pairs with several prompts), before and after
+    comp_old, comp_new = _components(old_edges, links_old), _components(edges, links_new)
+    both_names = comp_old.join(comp_new, on="prompt_hash", how="full", coalesce=True, suffix="_new").with_columns(
+        pl.col("cluster").fill_null(pl.col("prompt_hash")), pl.col("cluster_new").fill_null(pl.col("prompt_hash")))
+    renamed = both_names.filter(pl.col("cluster") != pl.col("cluster_new"))["prompt_hash"]
+    touched = pl.concat([added["left"], added["right"], removed["left"], removed["right"]]).unique().rename("prompt_hash")
+    # the clusters around every change (an edge, or a pair row, which links its pair's old prompts too)
+    moved = pl.concat([touched, grown["prompt_hash"]]).unique()
+    around_old = _members(comp_old, moved.filter(~moved.is_in(fresh.implode())))
+    around_new = _members(comp_new, moved)
+    need = pl.concat([touched, renamed, around_old["prompt_hash"], around_new["prompt_hash"]]).unique().to_frame("prompt_hash")
+    rows_old = pl.concat([pp_bo, pp_old.join(need, on="prompt_hash", how="semi"), links_old]).unique()
+    rows_new = pl.concat([rows_old, pp_new])
+
+    clock.lap("pair_rows")
+    # 5. flags of the batch's pairs and of the pairs whose prompts' edges changed
+    recomputed = pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(touched.implode()))["pair_id"]]
+                           ).unique().sort()
+    pp_touched_old = rows_old.filter(pl.col("pair_id").is_in(recomputed.implode()))
+    pp_touched = rows_new.filter(pl.col("pair_id").is_in(recomputed.implode()))
+    _, flags = nd.pair_flags(pp_touched, nd.best_neighbours(edges, pp_touched["prompt_hash"].unique()))
+    before = pp_touched_old.join(nd.best_neighbours(old_edges, pp_touched_old["prompt_hash"].unique()),
+                                 left_on="prompt_hash", right_on="left", how="semi")["pair_id"].n_unique()
+    n_flagged = state.n_flagged_pairs + flags.height - before
+
+    # 6. clusters of the batch's pairs and of the pairs of renamed prompts; cluster sizes (pairs per
+    # cluster) updated by the clusters around every change, before and after
+    cluster_pairs = pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(renamed.implode()))["pair_id"]])
+    clusters = (rows_new.filter(pl.col("pair_id").is_in(cluster_pairs.implode())).join(comp_new, on="prompt_hash", how="left")
+                .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
+                .group_by("pair_id").agg(pl.col("near_dup_cluster").first()).sort("pair_id"))
+    sizes = dict(state.cluster_sizes)
+    for sign, around, rows in ((-1, around_old, rows_old), (1, around_new, rows_new)):
+        for size in rows.join(around, on="prompt_hash").group_by("cluster").agg(pl.col("pair_id").n_unique())["pair_id"]:
+            sizes[size] = sizes.get(size, 0) + sign
+    if any(v < 0 for v in sizes.values()):
+        raise StateError("the cluster-size histogram went negative: the state is inconsistent")
+    sizes = {k: v for k, v in sorted(sizes.items()) if v}
+
+    clock.lap("cluster_sizes")
+    n_prompts = len(state) + m
+    n_pairs = state.n_pairs + n_new_pairs
+    nd_prompts = pl.concat([edges["left"], edges["right"]]).n_unique()
+    metrics: dict[str, Any] = {
+        "prompts": n_prompts,
+        "prompts_hashed": m,
+        "index_prompts_before": len(state),
+        "index_prompts": n_prompts,
+        "near_duplicate_prompts": nd_prompts,
+        "near_duplicate_pairs": n_flagged,
+        "near_duplicate_rate": n_flagged / n_pairs if n_pairs else 0.0,
+        "pairs": n_pairs,
+        "clusters": sum(sizes.values()),
+        "largest_cluster_pairs": max(sizes, default=0),
+        "multi_pair_clusters": sum(v for k, v in sizes.items() if k > 1),
+        "index": {**nd.PromptIndex(cfg).params(), "threshold": cfg.threshold, "candidate_threshold": cfg.candidate_threshold,
+                  "bands": b, "rows": r, "backend": "numpy"},
+    }
+
+    # 7. the child's parts: the parent's linked, the new generation and rewritten edge parts written
+    write = {t: list(state.pending.get(t, [])) for t in APPEND_ONLY}
+    for i in range(0, m, CHUNK):
+        key = f"{generation}-{i // CHUNK:03d}"
+        h = fresh.slice(i, CHUNK)
+        write[PROMPTS].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_band_cols(b), bands_new[:, i:i + CHUNK])),
+                                                  **dict(zip(_sketch_cols(num_perm), sk_new[i:i + CHUNK].T))})))
+        write[SIGNATURES].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_sig_cols(num_perm), sigs[i:i + CHUNK].T))})))
+    for t, rows in ((PAIR_PROMPTS, pp_new), (LINKS, links_add)):
+        if rows.height:
+            write[t].append((generation, rows))
+    inherit = {t: list(state.inherited.get(t, [])) for t in APPEND_ONLY}
+    rewrite = set(changed["_part"].to_list()) | {generation}
+    edge_parts = {_part_key(p): p for p in state.inherited.get(EDGES, [])}
+    inherit[EDGES] = [p for k, p in edge_parts.items() if k not in rewrite]
+    write[EDGES] = [(k, g.drop("_part")) for (k,), g in edges.group_by("_part", maintain_order=True)
+                    if k in rewrite or k not in edge_parts]
+    write[SUMMARY] = [("all", pl.DataFrame({
+        "params": [json.dumps(state_params(cfg), sort_keys=True)], "n_prompts": [n_prompts], "n_pairs": [n_pairs],
+        "n_flagged_pairs": [n_flagged], "cluster_pairs": [list(sizes)], "cluster_count": [list(sizes.values())]},
+        schema={"params": pl.String, "n_prompts": pl.Int64, "n_pairs": pl.Int64, "n_flagged_pairs": pl.Int64,
+                "cluster_pairs": pl.List(pl.Int64), "cluster_count": pl.List(pl.Int64)}))]
+    for t, schema in ((PROMPTS, None), (SIGNATURES, None), (EDGES, EDGE_SCHEMA), (PAIR_PROMPTS, PAIR_PROMPT_SCHEMA),
+                      (LINKS, PAIR_PROMPT_SCHEMA)):
+        if not inherit[t] and not write[t]:  # a table always has a part, so that readers see its columns
+            write[t].append((generation, _empty_table(t, b, num_perm) if schema is None else pl.DataFrame(schema=schema)))
+
+    clock.lap("parts")
+    child = {"state": state, "fresh": fresh.rename("prompt_hash"), "bands": bands_new, "sketches": sk_new, "sigs": sigs,
+             "pair_prompts": pp_new, "links": links_new, "edges": edges, "cluster_sizes": sizes}
+    stats = {"prompts_hashed": m, "old_bucket_members": int(old_rows.size), "candidates_gained": int(codes.size),
+             "candidates_lost": int(lcodes.size), "sketch_passed": int(maybe.size),
+             "signature_parts_read": sum(c.handle is not None and c.array is not None for c in state.sig_chunks),
+             "edges_added": added.height, "edges_removed": removed.height, "recomputed_pairs": recomputed.len(),
+             "changed_clusters_pairs": clusters.height, "origin": state.origin, "seconds": clock.laps}
+    return IncrementalResult(flags=flags, recomputed=recomputed, clusters=clusters, metrics=metrics, write=write,
+                             inherit=inherit, parent=state.parent, stats=stats, _child=child)
+
+
+class _Clock:
+    """Seconds per phase of a run (in ``stats``: where the time of a child goes)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 4)
+        self._t = now
+
+
+def _empty_table(table: str, b: int, num_perm: int) -> pl.DataFrame:
+    cols = _band_cols(b) + _sketch_cols(num_perm) if table == PROMPTS else _sig_cols(num_perm)
+    dtype = pl.UInt64 if table == PROMPTS else pl.UInt32
+    return pl.DataFrame(schema={"prompt_hash": pl.String, **{c: dtype for c in cols}})
+
+
+def _components(edges: pl.DataFrame, links: pl.DataFrame) -> pl.DataFrame:
+    """prompt_hash -> cluster (the smallest prompt_hash of its component) for every prompt of the
+    graph of near-duplicate edges and of pairs with several prompts; other prompts are alone."""
+    first = links.group_by("pair_id").agg(first=pl.col("prompt_hash").min())
+    tie = links.join(first, on="pair_id").select(left="prompt_hash", right="first").filter(pl.col("left") != pl.col("right"))
+    e = pl.concat([edges.select("left", "right"), tie])
+    nodes = pl.concat([e["left"], e["right"]]).unique().sort()
+    if nodes.len() == 0:
+        return pl.DataFrame(schema={"prompt_hash": pl.String, "cluster": pl.String})
+    index = pl.DataFrame({"h": nodes, "i": np.arange(nodes.len())})
+    ij = e.join(index, left_on="left", right_on="h").join(index, left_on="right", right_on="h", suffix="_r")
+    n = nodes.len()
+    graph = coo_matrix((np.ones(ij.height, np.int8), (ij["i"].to_numpy(), ij["i_r"].to_numpy())), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    return (pl.DataFrame({"prompt_hash": nodes, "comp": comp})  # nodes are sorted: a component's first is its smallest
+            .with_columns(cluster=pl.col("prompt_hash").first().over("comp")).select("prompt_hash", "cluster"))
+
+
+def _members(comp: pl.DataFrame, prompts: pl.Series) -> pl.DataFrame:
+    """(prompt_hash, cluster) of every member of the clusters that hold one of ``prompts``
+    (graph clusters from ``comp``; a prompt outside the graph is its own cluster)."""
+    names = prompts.to_frame("prompt_hash").join(comp, on="prompt_hash", how="left").select(
+        pl.col("cluster").fill_null(pl.col("prompt_hash"))).to_series().unique()
+    return pl.concat([comp.filter(pl.col("cluster").is_in(names.implode())),
+                      prompts.to_frame("prompt_hash").join(comp, on="prompt_hash", how="anti")
+                      .with_columns(cluster=pl.col("prompt_hash"))])
+
+
+# ---------------------------------------------------------------- merging with the parent's outputs
+def merge_flags(parent_flags: pl.DataFrame, res: IncrementalResult) -> pl.DataFrame:
+    """The version's flags: the parent's, without this check's flags of the recomputed pairs, plus the new ones."""
+    stale = (pl.col("check") == nd.NAME) & (pl.col("subject_kind") == "pair") & pl.col("subject_id").is_in(res.recomputed.implode())
+    return pl.concat([parent_flags.filter(~stale), res.flags], how="vertical_relaxed")
+
+
+def merge_clusters(parent_clusters: pl.DataFrame, res: IncrementalResult) -> pl.DataFrame:
+    """pair_id -> near_dup_cluster for every pair of the version (the parent's, updated)."""
+    return pl.concat([parent_clusters.join(res.clusters, on="pair_id", how="anti"), res.clusters]).sort("pair_id")
+
+
+__all__ = ["EDGES", "PAIR_PROMPTS", "PROMPTS", "SIGNATURES", "SUMMARY", "TABLES", "IncrementalResult", "NearDupState",
+           "StateError", "load_state", "merge_clusters", "merge_flags", "run_incremental", "sketch", "sketch_jaccard",
+           "state_params"]
