@@ -23,9 +23,9 @@ from pipeline import aggregate as agg
 from pipeline import dimensions as dims
 from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, resolve_policy, run_checks
-from pipeline.checks.near_duplicates import save_index
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
+from pipeline import incremental as inc
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import TableWriter, parent_parts
 from pipeline.store import Store, VersionHandle, file_info
@@ -148,14 +148,6 @@ def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple
     return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
 
 
-def _parent_index(parent: VersionHandle | None) -> Path | None:
-    """The parent's persisted MinHash index, verified against its manifest (None: start a fresh one)."""
-    if parent is None:
-        return None
-    rel = next((r for r in parent.manifest().files if r.startswith("prompt_index")), None)
-    return parent.verified_path(rel) if rel else None
-
-
 def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> pl.DataFrame:
     """A version's quarantine holds every quarantined row its ledger counts: the parent's, then the new ones."""
     if parent is None:
@@ -181,9 +173,6 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     n_judgments = judgments.height
     extra: dict[str, dict[str, Any]] = {"registry": {"registry": policy.annotators}}  # None: the check does nothing
-    index_path = _parent_index(parent)
-    if index_path is not None:
-        extra["near_duplicates"] = {"index_path": index_path}
     # judgments.parquet is written on a second thread while the checks run (Polars releases
     # the GIL while it encodes); leaving the block waits for it, also on an error
     tables: dict[str, TableInfo] = {}
@@ -194,12 +183,20 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         t = timer.lap("union_inputs", t)
         prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
         t = timer.lap("aggregate_preliminary", t)
-        given = None
-        if has_state(parent) and parent_judgments_intact(parent, n_parent_judgments):
+        given: dict[str, CheckResult] = {}
+        # the union starts with the parent's judgments as they are (train_on may drop some: then everything is rerun)
+        intact = parent is not None and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
+        parent_flags = parent.read("flags.parquet") if intact else None
+        if intact and has_state(parent):
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
             given = run_touched(judgments, n_parent_judgments, parent, policy.checks,
-                                Totals(judgments=judgments.height, pairs=prelim.pairs.height))
+                                Totals(judgments=judgments.height, pairs=prelim.pairs.height), parent_flags=parent_flags)
             t = timer.lap("checks:touched_pairs", t)
+        # near duplicates through the state tables: a child hashes and bands only its new prompts
+        given["near_duplicates"], near_dup = inc.near_duplicates(
+            judgments, parent, policy.checks, version_id=version_id, parent_flags=parent_flags,
+            n_parent_rows=n_parent_judgments if intact else None)
+        t = timer.lap("check:near_duplicates", t)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
         t = time.perf_counter()
@@ -256,9 +253,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         w = TableWriter(store, stage, name)
         w.write("all", frame)
         tables[name] = w.info()
-    # the MinHash index of every prompt so far: a child version starts from it without re-hashing
-    for rel in save_index(results["near_duplicates"], stage / "prompt_index"):
-        files[rel] = file_info(stage / rel, rel)
+    # the near-duplicate state: a child links these parts and adds its own (pipeline/checks/near_duplicates_state.py)
+    tables.update(near_dup.write_state(store, stage))
     t = timer.lap("write", t)
 
     checks = [r.manifest_entry() for r in results.values()]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from pipeline.checks import duplicates, language, pair_id_conflict
+from pipeline.checks import near_duplicates_state as nds
 from pipeline.store import VersionHandle
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
@@ -84,12 +85,13 @@ def has_state(parent: VersionHandle | None) -> bool:
 
 
 def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: ChecksConfig,
-                totals: Totals) -> dict[str, CheckResult]:
+                totals: Totals, parent_flags: pl.DataFrame | None = None) -> dict[str, CheckResult]:
     """The pair-scoped checks of a child: run over the touched pairs, merged with the parent's."""
     touched = touched_pairs(judgments, n_parent_rows)
     jt = judgments.filter(pl.col("pair_id").is_in(touched.implode()))
     touched_judgments = jt["comparison_id"]
-    parent_flags = parent.read("flags.parquet")
+    if parent_flags is None:
+        parent_flags = parent.read("flags.parquet")
     out = {}
     for name, spec in PAIR_SCOPED.items():
         res = RUNNERS[name](jt, cfg)
@@ -106,6 +108,31 @@ def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
         merged.metrics["incremental"] = {"touched_pairs": touched.len(), "touched_judgments": jt.height}
         out[name] = merged
     return out
+
+
+def near_duplicates(judgments: pl.DataFrame, parent: VersionHandle | None, cfg: ChecksConfig, *, version_id: str,
+                    n_parent_rows: int | None, parent_flags: pl.DataFrame | None = None,
+                    ) -> tuple[CheckResult, nds.IncrementalResult]:
+    """The near-duplicate check of a version through its state tables
+    (:mod:`pipeline.checks.near_duplicates_state`).
+
+    ``n_parent_rows``: the union starts with that many judgments of the parent, whose state is
+    extended with the rest (only new prompts hashed); None: no usable parent state (a first
+    version, ``curate --full``, a parent whose judgments are not the union's first rows) -- the
+    state is built from every judgment.  Returns the check's entry for the version (flags of
+    every pair, the ``clusters`` table of every pair) and the run, whose
+    :meth:`~pipeline.checks.near_duplicates_state.IncrementalResult.write_state` writes the tables."""
+    if n_parent_rows is None or parent is None:
+        res = nds.run_incremental(judgments, nds.NearDupState.empty(cfg), generation=version_id)
+        flags = res.flags
+    else:
+        res = nds.run_incremental(judgments.slice(n_parent_rows), nds.load_state(parent, cfg), generation=version_id)
+        pf = parent.read("flags.parquet") if parent_flags is None else parent_flags
+        flags = nds.merge_flags(pf.filter(pl.col("check") == nds.nd.NAME), res)
+    entry = res.check_result()
+    entry = CheckResult(name=entry.name, status=entry.status, metrics=entry.metrics, summary=entry.summary,
+                        flags=flags if flags.height else empty_flags(), tables={"clusters": res.all_clusters()})
+    return entry, res
 
 
 def state_frames(results: dict[str, CheckResult]) -> dict[str, pl.DataFrame]:
@@ -128,4 +155,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["PAIR_SCOPED", "Totals", "has_state", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["PAIR_SCOPED", "Totals", "has_state", "near_duplicates", "run_touched", "state_frames", "state_table", "touched_pairs"]

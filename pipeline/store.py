@@ -7,7 +7,7 @@ Layout (``../shared/spec/outputs.md``)::
         manifest.json               ledger, checks, splits/files with sha256, lineage, policy, code version
         data/{train,validation,test}.parquet
         judgments.parquet pairs.parquet quarantine.parquet flags.parquet routed.parquet annotators.parquet
-        prompt_index.*              persisted MinHash signatures (children reuse them)
+        state/near_dup_*/           near-duplicate state as parts (children link them and add their own)
       certifications/VERSION_ID.json
       .staging/                     in-progress writes (never read)
       .locks/                       advisory locks, one per version id

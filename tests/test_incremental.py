@@ -22,6 +22,7 @@ ANSWERS = ["Keep it in a cloth bag in a cool dry place and slice only what you n
            "Practice a little every day, start with simple pieces, and find a patient teacher.",
            "Sunlight scatters off air molecules; blue light scatters more, and at sunset the path is longer.",
            "Ferns, hostas and begonias do well with little direct light and regular watering."]
+ND_RUN_ONLY = ("prompts_hashed", "index_prompts_before", "index")  # this run's work; the index backend
 POLICY = policy_from_dict({"certify": {"require_expectations": False}})
 COMPARED = {"duplicates": ["judgments", "exact_duplicates", "exact_duplicate_rate", "duplicate_groups", "pairs",
                            "identical_responses", "identical_response_rate"],
@@ -85,6 +86,16 @@ def test_child_checks_equal_a_run_over_the_union(tmp_path_factory, seed, n_batch
                 assert got.equals(want), name
                 m = h.manifest().check(name).metrics
                 assert {k: m.get(k) for k in COMPARED[name]} == {k: full[name].metrics.get(k) for k in COMPARED[name]}, name
+            # near duplicates extend the parent's state tables: the same flags, figures and clusters
+            nd = full["near_duplicates"]
+            order = ["subject_kind", "subject_id", "reason", "detail"]
+            assert stored.filter(pl.col("check") == "near_duplicates").sort(order).equals(nd.flags.sort(order))
+            m = h.manifest().check("near_duplicates").metrics
+            assert {k: v for k, v in m.items() if k not in ND_RUN_ONLY} == \
+                {k: v for k, v in nd.metrics.items() if k not in ND_RUN_ONLY}
+            assert m["prompts_hashed"] < m["index_prompts"]  # the parent's prompts were not hashed again
+            clusters = h.read("pairs", columns=["pair_id", "near_dup_cluster"]).sort("pair_id")
+            assert clusters.equals(nd.tables["clusters"].join(clusters.select("pair_id"), on="pair_id", how="semi"))
         parent = vid
 
 

@@ -413,6 +413,15 @@ class IncrementalResult:
             out[name] = w.info()
         return out
 
+    def all_clusters(self) -> pl.DataFrame:
+        """pair_id -> near_dup_cluster of *every* pair of the version (what a full run's ``clusters``
+        table holds): the state's pair rows after this run joined with the components of its graph."""
+        c = self._child
+        rows = pl.concat([c["state"].pair_prompts, c["pair_prompts"]])
+        return (rows.join(c["components"], on="prompt_hash", how="left")
+                .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
+                .unique("pair_id", keep="any").sort("pair_id"))
+
     def child_state(self) -> NearDupState:
         """The state after this run, in memory (what ``load_state`` of the child would read;
         built on demand: curate writes the parts and a child reads them back)."""
@@ -609,7 +618,7 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
 
     clock.lap("parts")
     child = {"state": state, "fresh": fresh.rename("prompt_hash"), "bands": bands_new, "sketches": sk_new, "sigs": sigs,
-             "pair_prompts": pp_new, "links": links_new, "edges": edges, "cluster_sizes": sizes}
+             "pair_prompts": pp_new, "links": links_new, "edges": edges, "cluster_sizes": sizes, "components": comp_new}
     stats = {"prompts_hashed": m, "old_bucket_members": int(old_rows.size), "candidates_gained": int(codes.size),
              "candidates_lost": int(lcodes.size), "sketch_passed": int(maybe.size),
              "signature_parts_read": sum(c.handle is not None and c.array is not None for c in state.sig_chunks),
