@@ -47,6 +47,28 @@ finally:
 """
 
 
+def fresh_batch(n: int, row_bytes: int, seed: int) -> Path:
+    """A new batch for a child: generated like the parent (another seed: new prompts and pairs), its
+    comparison ids renamed (the generator numbers them from 0 in every file: the parent has them all)."""
+    import orjson
+
+    src = cached_batch(n, row_bytes, prefix=f"batch-s{seed}", seed=seed)
+    out = src.with_name(f"child-{src.name}")
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            for line in fi:
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    fo.write(line)  # the generator's malformed rows stay malformed
+                    continue
+                row["comparison_id"] = f"child-s{seed}-{row['comparison_id']}"
+                fo.write(orjson.dumps(row) + b"\n")
+        tmp.replace(out)
+    return out
+
+
 def run_cli(args: list[str]) -> dict:
     """One `prefpipe ARGS` in a fresh process: wall s, cpu s, peak MiB, stdout."""
     t0 = time.perf_counter()
@@ -124,7 +146,7 @@ def main() -> None:
     tiny = cache / f"tiny-v{GEN_VERSION}-12.jsonl"
     if not tiny.exists():
         generate(tiny, 12, 600, seed=1, uniform=True)
-    batches = [cached_batch(a.batch, a.row_bytes, prefix=f"batch-s{s}", seed=s) for s in range(1, max(a.chain, 1) + 1)]
+    batches = [fresh_batch(a.batch, a.row_bytes, s) for s in range(1, max(a.chain, 1) + 1)]
 
     fixed = []
     for _ in range(a.repeats):

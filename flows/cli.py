@@ -269,6 +269,7 @@ def curate(
     max_line_bytes: MaxLineOpt = None,
     max_decompressed_bytes: MaxGzipOpt = None,
     annotators: AnnotatorsOpt = None,
+    full: Annotated[bool, typer.Option("--full", help="With --parent: recompute every check and pair from all judgments instead of extending the parent's state (still a child: lineage, sticky splits).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest, check, select, split and write a new immutable dataset version.
@@ -293,7 +294,7 @@ def curate(
     con = err_console()
     try:
         with progress_for("curating", None, unit="stages", enabled=not as_json) as advance:
-            res = run_curate(files, st, pol, parent=parent, options=opts, on_stage=lambda n, s: advance(1))
+            res = run_curate(files, st, pol, parent=parent, options=opts, on_stage=lambda n, s: advance(1), full=full)
     except UnreadableFile as err:
         _fail_usage(f"cannot read {err.path}: {err.why} (nothing written)")
     m = res.handle.manifest()

@@ -47,9 +47,15 @@ class CurateOptions:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def plan_version_id(source_shas: list[str], parent: str | None, policy: Policy, options: CurateOptions) -> str:
-    key = json.dumps({"sources": sorted(source_shas), "parent": parent, "policy": policy.policy_hash(),
-                      "code": code_version(), "options": options.key()}, sort_keys=True)
+def plan_version_id(source_shas: list[str], parent: str | None, policy: Policy, options: CurateOptions,
+                    *, full: bool = False) -> str:
+    """``full``: a child recomputed from all its judgments (``curate --full``) is another version
+    than the incremental child of the same inputs (docs/incremental.md: the two may differ by rule)."""
+    key = {"sources": sorted(source_shas), "parent": parent, "policy": policy.policy_hash(),
+           "code": code_version(), "options": options.key()}
+    if full and parent is not None:
+        key["full"] = True
+    key = json.dumps(key, sort_keys=True)
     return "v-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -86,8 +92,12 @@ def curate(
     parent: str | None = None,
     options: CurateOptions | None = None,
     on_stage: Callable[[str, float], None] | None = None,
+    full: bool = False,
 ) -> CurateResult:
-    """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing."""
+    """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing.
+
+    ``full``: a child recomputes everything from its judgments instead of extending its parent's
+    state (still a child: lineage, sticky splits; ``prefpipe curate --full``)."""
     options = options or CurateOptions()
     policy = resolve_policy(policy)  # parsed once by the caller, resolved once here; recorded as resolved
     timer = _Timer(on_stage)
@@ -100,14 +110,14 @@ def curate(
             raise UnreadableFile(p, "no such file")
     parent_handle = store.resolve(parent) if parent else None
     parent_id = parent_handle.version_id if parent_handle else None
-    version_id = plan_version_id([file_sha256(p) for p in paths], parent_id, policy, options)
+    version_id = plan_version_id([file_sha256(p) for p in paths], parent_id, policy, options, full=full)
     t = timer.lap("hash_inputs", t)
     if store.exists(version_id):
         return CurateResult(version_id, False, store, timer.t)
 
     ingest = ingest_source(paths, options, policy)
     t = timer.lap("ingest", t)
-    return build_version(store, version_id, ingest, parent_handle, policy, timer)
+    return build_version(store, version_id, ingest, parent_handle, policy, timer, full=full)
 
 
 def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy) -> IngestResult:
@@ -118,7 +128,7 @@ def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy) -> 
 
 
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
-                  policy: Policy, timer: _Timer | None = None) -> CurateResult:
+                  policy: Policy, timer: _Timer | None = None, *, full: bool = False) -> CurateResult:
     """Checks -> select -> split -> write, atomically, unless the version exists.
 
     Takes the rows out of ``ingest`` (:meth:`IngestResult.take_judgments`): the wide
@@ -127,7 +137,7 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
     policy = resolve_policy(policy)
 
     def build(stage: Path) -> Manifest:
-        return _build_version(store, stage, version_id, ingest, parent, policy, timer)
+        return _build_version(store, stage, version_id, ingest, parent, policy, timer, full)
 
     vid, created = store.write_version(version_id, build)
     return CurateResult(vid, created, store, timer.t)
@@ -156,7 +166,7 @@ def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> 
 
 
 def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
-                   policy: Policy, timer: _Timer) -> Manifest:
+                   policy: Policy, timer: _Timer, full: bool = False) -> Manifest:
     t = time.perf_counter()
     judgments, repeated = _union_with_parent(ingest.take_judgments(), parent)
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
@@ -185,7 +195,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         t = timer.lap("aggregate_preliminary", t)
         given: dict[str, CheckResult] = {}
         # the union starts with the parent's judgments as they are (train_on may drop some: then everything is rerun)
-        intact = parent is not None and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
+        # --full: the parent's state is not used (everything recomputed from the union)
+        intact = parent is not None and not full and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
         parent_flags = parent.read("flags.parquet") if intact else None
         if intact and has_state(parent):
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
