@@ -7,6 +7,7 @@ tasks; the CLI calls :func:`curate` directly or through the flow.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -217,12 +218,24 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     flags = all_flags(results)
 
     jsel = sel.filter_judgments(judgments, flags, policy.select)
+    # the rule of a child (docs/incremental.md): pairs whose judgments, judgment flags and annotators'
+    # status are unchanged keep their parent's consensus; same policy only (else everything is recomputed)
+    recompute = None
+    if parent_flags is not None and parent.table("pairs") is not None \
+            and parent.manifest().policy_hash == policy.policy_hash():
+        recompute = inc.pairs_to_recompute(judgments, n_parent_judgments, parent_flags, flags)
     # from here on only these columns are read (split leakage, report): release the wide frame
     judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
     # the kept judgments carry no texts: the final aggregation takes them from the preliminary pairs
     all_pair_ids, n_pairs = prelim.pairs["pair_id"], prelim.pairs.height
     final = agg.aggregate(jsel.kept, policy.checks.aggregation, texts=prelim.texts(), dimensions=policy.dimensions)
     del prelim
+    rule: dict[str, Any] = {"mode": "full" if parent is not None and full else "incremental" if recompute is not None
+                            else "recomputed"}
+    if recompute is not None:
+        kept_pairs, figures = inc.keep_parent_pairs(final.pairs, parent, recompute)
+        final = dataclasses.replace(final, pairs=kept_pairs)
+        rule.update(figures)
     clusters = results["near_duplicates"].tables.get("clusters")
     psel = sel.select_pairs(
         final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
@@ -244,7 +257,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     # pair tables in parts by the version where each pair first appeared: a child rewrites only
     # the generations whose rows changed and links the others (pipeline/parts.py)
-    pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"])
+    # in pair_id order: a generation's part has the same bytes however its rows were computed
+    pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"]).sort("pair_id")
     pairs_out = pairs_out.join(first_versions(parent, pairs_out["pair_id"], version_id), on="pair_id", how="left")
     gen = pairs_out.select("pair_id", _part="first_version")
     for s, f in split_frames.items():
@@ -252,7 +266,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     splits = {s: SplitInfo(path=t.path, rows=t.rows, sha256=t.sha256) for s in SPLITS for t in [tables[f"data/{s}"]]}
     tables["split_assignments"] = _grouped_table(store, stage, "split_assignments", assigned.join(gen, on="pair_id", how="left"))
     tables["pairs"] = _grouped_table(store, stage, "pairs", pairs_out.with_columns(_part=pl.col("first_version")))
-    tables["routed"] = _grouped_table(store, stage, "routed", psel.routed.drop("_reasons", strict=False).join(gen, on="pair_id", how="left"))
+    tables["routed"] = _grouped_table(store, stage, "routed", psel.routed.drop("_reasons", strict=False).sort("pair_id").join(gen, on="pair_id", how="left"))
     for name, frame in state_frames(results).items():  # what a child's pair-scoped checks start from
         tables[name] = _grouped_table(store, stage, name, frame.join(gen, on="pair_id", how="left").with_columns(
             _part=pl.col("_part").fill_null(version_id)))
@@ -304,7 +318,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         annotators=_annotator_summary(annotators),
         lineage={"parent_version": parent.version_id if parent else None,
                  "new_sources": [s.model_dump() for s in ingest.sources],
-                 "timings_s": dict(timer.t)},
+                 "timings_s": dict(timer.t), **({"consensus": rule} if parent else {})},
     )
     t = time.perf_counter()
     from pipeline.report import ReportInputs, write_report

@@ -135,6 +135,50 @@ def near_duplicates(judgments: pl.DataFrame, parent: VersionHandle | None, cfg: 
     return entry, res
 
 
+# ---------------------------------------------------------------- the consensus rule of a child
+def pairs_to_recompute(judgments: pl.DataFrame, n_parent_rows: int, parent_flags: pl.DataFrame,
+                       flags: pl.DataFrame) -> pl.Series:
+    """The pairs whose consensus a child takes from its own aggregation (the others keep their
+    parent's row, :func:`keep_parent_pairs`): the pairs of its new judgments, the pairs of every
+    judgment whose judgment-level flags changed, and every pair an annotator whose status changed
+    judged (status: the set of the annotator's flag reasons -- flagged / unflagged, dropped /
+    downweighted all change it).  ``judgments``: the union, the parent's ``n_parent_rows`` first."""
+    def changed(kind: str) -> pl.Series:
+        a, b = (f.filter(pl.col("subject_kind") == kind).select("subject_id", "reason").unique() for f in (parent_flags, flags))
+        return pl.concat([a.join(b, on=["subject_id", "reason"], how="anti"),
+                          b.join(a, on=["subject_id", "reason"], how="anti")])["subject_id"].unique()
+
+    cj, ca = changed("judgment"), changed("annotator")
+    hit = judgments.select("pair_id", "comparison_id", "annotator_id").filter(
+        pl.col("comparison_id").is_in(cj.implode()) | pl.col("annotator_id").is_in(ca.implode()))["pair_id"]
+    return pl.concat([judgments.slice(n_parent_rows)["pair_id"], hit]).unique().sort()
+
+
+def keep_parent_pairs(pairs: pl.DataFrame, parent: VersionHandle, recompute: pl.Series) -> tuple[pl.DataFrame, dict]:
+    """The rule of a child (docs/incremental.md): a pair not in ``recompute`` that its parent has
+    keeps the parent's consensus columns (every column of ``pairs``: labels, agreement, strength,
+    ``p_a_weighted``, counts, texts); the drift of the annotator parameters does not rewrite old
+    pairs.  ``pairs``: the child's own aggregation of every pair (kept judgments), whose row order
+    is kept.  Returns the pairs and the rule's figures: how many pairs kept their parent's row,
+    and how far those rows are from the child's own aggregation (labels that differ, the largest
+    difference of ``p_a_weighted``) -- the bound ``curate --full`` would close."""
+    old = parent.read("pairs", columns=pairs.columns).cast(dict(pairs.schema))
+    keep = old.join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
+    idx = pairs.with_row_index("_i")
+    kept = idx.select("_i", "pair_id").join(keep, on="pair_id", how="inner")
+    fresh = idx.join(keep.select("pair_id"), on="pair_id", how="anti")
+    both = kept.select("pair_id", "label_consensus", "p_a_weighted").join(
+        pairs.select("pair_id", "label_consensus", "p_a_weighted"), on="pair_id", suffix="_own")
+    figures = {
+        "pairs_recomputed": fresh.height, "pairs_from_parent": kept.height,
+        "from_parent_label_differs": both.filter(pl.col("label_consensus").ne_missing(pl.col("label_consensus_own"))).height,
+        "from_parent_max_abs_p_a_weighted_diff": float(both.select(
+            (pl.col("p_a_weighted") - pl.col("p_a_weighted_own")).abs().max()).item() or 0.0),
+    }
+    out = pl.concat([kept.select(idx.columns), fresh]).sort("_i").drop("_i")
+    return out, figures
+
+
 def state_frames(results: dict[str, CheckResult]) -> dict[str, pl.DataFrame]:
     """The state tables a version keeps for its children, by table name."""
     out = {}
@@ -155,4 +199,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["PAIR_SCOPED", "Totals", "has_state", "near_duplicates", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["PAIR_SCOPED", "Totals", "has_state", "keep_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
