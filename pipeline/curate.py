@@ -28,7 +28,7 @@ from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
 from pipeline import incremental as inc
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
-from pipeline.parts import TableWriter, parent_parts
+from pipeline.parts import FINGERPRINTS, PartReuse, TableWriter, parent_parts
 from pipeline.store import Store, VersionHandle, file_info
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
@@ -261,20 +261,21 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"]).sort("pair_id")
     pairs_out = pairs_out.join(first_versions(parent, pairs_out["pair_id"], version_id), on="pair_id", how="left")
     gen = pairs_out.select("pair_id", _part="first_version")
+    reuse = PartReuse.of(parent)  # a generation whose rows are the parent's is linked, not written again
     for s, f in split_frames.items():
-        tables[f"data/{s}"] = _grouped_table(store, stage, f"data/{s}", f.join(gen, on="pair_id", how="left"))
+        tables[f"data/{s}"] = _grouped_table(reuse, store, stage, f"data/{s}", f.join(gen, on="pair_id", how="left"))
     splits = {s: SplitInfo(path=t.path, rows=t.rows, sha256=t.sha256) for s in SPLITS for t in [tables[f"data/{s}"]]}
-    tables["split_assignments"] = _grouped_table(store, stage, "split_assignments", assigned.join(gen, on="pair_id", how="left"))
-    tables["pairs"] = _grouped_table(store, stage, "pairs", pairs_out.with_columns(_part=pl.col("first_version")))
-    tables["routed"] = _grouped_table(store, stage, "routed", psel.routed.drop("_reasons", strict=False).sort("pair_id").join(gen, on="pair_id", how="left"))
+    tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", assigned.join(gen, on="pair_id", how="left"))
+    tables["pairs"] = _grouped_table(reuse, store, stage, "pairs", pairs_out.with_columns(_part=pl.col("first_version")))
+    tables["routed"] = _grouped_table(reuse, store, stage, "routed", psel.routed.drop("_reasons", strict=False).sort("pair_id").join(gen, on="pair_id", how="left"))
     for name, frame in state_frames(results).items():  # what a child's pair-scoped checks start from
-        tables[name] = _grouped_table(store, stage, name, frame.join(gen, on="pair_id", how="left").with_columns(
+        tables[name] = _grouped_table(reuse, store, stage, name, frame.join(gen, on="pair_id", how="left").with_columns(
             _part=pl.col("_part").fill_null(version_id)))
     tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
                                            quarantine.height - ingest.quarantine.height if parent else 0, version_id)
     annotators = agg.annotator_table(results, final.annotators.select(
         "annotator_id", "ds_accuracy", "accuracy_better_first", "accuracy_better_second", "order_engagement"))
-    for name, frame in (("flags", flags), ("annotators", annotators)):
+    for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame())):
         w = TableWriter(store, stage, name)
         w.write("all", frame)
         tables[name] = w.info()
@@ -318,7 +319,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         annotators=_annotator_summary(annotators),
         lineage={"parent_version": parent.version_id if parent else None,
                  "new_sources": [s.model_dump() for s in ingest.sources],
-                 "timings_s": dict(timer.t), **({"consensus": rule} if parent else {})},
+                 "timings_s": dict(timer.t), **({"consensus": rule} if parent else {}),
+                 "pair_table_parts": {"linked": reuse.linked, "written": reuse.written}},
     )
     t = time.perf_counter()
     from pipeline.report import ReportInputs, write_report
@@ -350,9 +352,9 @@ def first_versions(parent: VersionHandle | None, pair_ids: pl.Series, version_id
     return ids.join(known, on="pair_id", how="left").with_columns(pl.col("first_version").fill_null(version_id))
 
 
-def _grouped_table(store: Store, stage: Path, name: str, frame: pl.DataFrame) -> TableInfo:
+def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame: pl.DataFrame) -> TableInfo:
     w = TableWriter(store, stage, name)
-    w.write_grouped(frame, "_part")
+    w.write_grouped(frame, "_part", reuse)
     return w.info()
 
 

@@ -18,6 +18,7 @@ On a filesystem without hard links the parts are plain files (no sharing, same l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import errno
 import os
 import shutil
@@ -104,18 +105,74 @@ class TableWriter:
         self.parts.append(part)
         return part
 
-    def write_grouped(self, frame: pl.DataFrame, key_column: str) -> None:
+    def write_grouped(self, frame: pl.DataFrame, key_column: str, reuse: PartReuse | None = None) -> None:
         """One part per value of ``key_column`` (sorted; the column itself is not written).
-        An empty frame still gets one empty part, so readers see the schema."""
-        if frame.height == 0:
-            self.write(EMPTY_KEY, frame.drop(key_column))
-            return
-        for (key,), group in frame.sort(key_column, maintain_order=True).group_by(key_column, maintain_order=True):
-            self.write(str(key), group.drop(key_column))
+        An empty frame still gets one empty part, so readers see the schema.  ``reuse``: a
+        parent's part with the same rows is linked, not written again."""
+        groups = [(EMPTY_KEY, frame.drop(key_column))] if frame.height == 0 else [
+            (str(key), group.drop(key_column))
+            for (key,), group in frame.sort(key_column, maintain_order=True).group_by(key_column, maintain_order=True)]
+        for key, group in groups:
+            if reuse is None:
+                self.write(key, group)
+                continue
+            rel, fp = self._part_rel(key), fingerprint(group)
+            old = reuse.known.get(rel)
+            if old is not None and old[0] == fp and old[1].rows == group.height:
+                self.inherit(reuse.parent, old[1])
+                reuse.linked += 1
+            else:
+                self.write(key, group)
+                reuse.written += 1
+            reuse.seen[rel] = fp
 
     def info(self) -> TableInfo:
         parts = sorted(self.parts, key=lambda p: p.path)
         return TableInfo(path=self.name, rows=sum(p.rows for p in parts), sha256=table_sha256(parts), parts=parts)
+
+
+# ---------------------------------------------------------------- reusing a parent's unchanged parts
+FINGERPRINTS = "state/part_fingerprints"
+
+
+def fingerprint(frame: pl.DataFrame) -> str:
+    """A digest of a part's rows as they are in memory: its schema, height and two seeded row
+    hashes (with the row index: order counts) summed modulo 2**64.  Equal digests mean the frame
+    would be written as the part its parent wrote (the Polars version is part of the digest: its
+    row hash is not stable across versions, so an upgrade only costs one rewrite)."""
+    import numpy as np
+
+    ix = frame.with_row_index("_fp_row")
+    sums = [int(ix.hash_rows(seed=s).to_numpy().sum(dtype=np.uint64)) for s in (0x5EED, 0xC0FFEE)]
+    head = "|".join(f"{k}:{v}" for k, v in frame.schema.items())
+    return f"{pl.__version__}/{frame.height}/{hashlib.sha256(head.encode()).hexdigest()[:16]}/{sums[0]:016x}{sums[1]:016x}"
+
+
+@dataclass
+class PartReuse:
+    """Links a parent's part instead of writing a new one when the rows are the same (same
+    :func:`fingerprint` for the same part path).  A child writes only the generations whose rows
+    changed; it costs one row hash per part instead of encoding, hashing and re-reading it.
+    ``seen`` collects path -> fingerprint of every part written or linked (the version's
+    :data:`FINGERPRINTS` table, what its children compare with)."""
+
+    parent: VersionHandle | None = None
+    known: dict[str, tuple[str, SplitInfo]] = field(default_factory=dict)  # path -> (fingerprint, part)
+    seen: dict[str, str] = field(default_factory=dict)
+    linked: int = 0
+    written: int = 0
+
+    @classmethod
+    def of(cls, parent: VersionHandle | None) -> PartReuse:
+        if parent is None or parent.table(FINGERPRINTS) is None:
+            return cls(parent)
+        prints = dict(parent.read(FINGERPRINTS).select("path", "fingerprint").iter_rows())
+        parts = {p.path: p for t in parent.manifest().tables.values() for p in t.parts}
+        return cls(parent, {path: (fp, parts[path]) for path, fp in prints.items() if path in parts})
+
+    def frame(self) -> pl.DataFrame:
+        return pl.DataFrame({"path": list(self.seen), "fingerprint": list(self.seen.values())},
+                            schema={"path": pl.String, "fingerprint": pl.String}).sort("path")
 
 
 def parent_parts(parent: VersionHandle | None, name: str) -> list[SplitInfo]:
@@ -189,4 +246,4 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
     return plan
 
 
-__all__ = ["GcPlan", "TableWriter", "collect_garbage", "link_part", "object_path", "parent_parts", "plan_gc", "share"]
+__all__ = ["FINGERPRINTS", "GcPlan", "PartReuse", "TableWriter", "fingerprint", "collect_garbage", "link_part", "object_path", "parent_parts", "plan_gc", "share"]

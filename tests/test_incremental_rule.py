@@ -94,3 +94,19 @@ def test_a_child_keeps_the_rows_of_untouched_pairs_and_shares_their_parts(tmp_pa
     assert rule["pairs_from_parent"] == h1.table("pairs").rows
     old_parts = {p.sha256 for p in h1.table("pairs").parts}
     assert old_parts <= {p.sha256 for p in h2.table("pairs").parts}
+    assert h2.manifest().lineage["pair_table_parts"]["linked"] >= len(old_parts)
+
+
+def test_fingerprint_sees_every_change():
+    from pipeline.parts import fingerprint
+
+    f = pl.DataFrame({"pair_id": ["p1", "p2"], "w": [0.5, 1.0],
+                      "chosen": [[{"role": "assistant", "content": "x"}], [{"role": "assistant", "content": "y"}]]})
+    fp = fingerprint(f)
+    assert fingerprint(f.clone()) == fp
+    assert fingerprint(f.reverse()) != fp  # order: the bytes of a part depend on it
+    assert fingerprint(f.with_columns(w=pl.Series([0.5, 1.0 + 1e-12]))) != fp
+    assert fingerprint(f.with_columns(chosen=pl.Series([[{"role": "assistant", "content": "x"}],
+                                                        [{"role": "assistant", "content": "z"}]]))) != fp
+    assert fingerprint(f.with_columns(pl.col("w").cast(pl.Float32))) != fp  # the schema too
+    assert fingerprint(f.head(1)) != fp
