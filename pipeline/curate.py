@@ -28,7 +28,7 @@ from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
 from pipeline import incremental as inc
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
-from pipeline.parts import FINGERPRINTS, PartReuse, TableWriter, parent_parts
+from pipeline.parts import FINGERPRINTS, PartReuse, TableWriter, bucket_counts, parent_parts, part_keys
 from pipeline.store import Store, VersionHandle, file_info
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
@@ -260,17 +260,29 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # in pair_id order: a generation's part has the same bytes however its rows were computed
     pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"]).sort("pair_id")
     pairs_out = pairs_out.join(first_versions(parent, pairs_out["pair_id"], version_id), on="pair_id", how="left")
-    gen = pairs_out.select("pair_id", _part="first_version")
-    reuse = PartReuse.of(parent)  # a generation whose rows are the parent's is linked, not written again
+    # a big generation is split into buckets by a hash of the pair id: a changed pair rewrites its bucket only
+    sizes = dict(pairs_out.group_by("first_version").len().iter_rows())
+    buckets = bucket_counts(parent, "pairs", {**sizes, version_id: sizes.get(version_id, 0)})
+    gen = part_keys(pairs_out.select("pair_id", _gen="first_version"), buckets)
+
+    def keyed(frame: pl.DataFrame) -> pl.DataFrame:  # pairs absent from the pairs table: this version's generation
+        k = frame.join(gen, on="pair_id", how="left", maintain_order="left")
+        if k["_part"].null_count():
+            missing = k.filter(pl.col("_part").is_null()).select("pair_id").unique().with_columns(_gen=pl.lit(version_id))
+            fill = part_keys(missing, buckets).rename({"_part": "_fill"})
+            k = k.join(fill, on="pair_id", how="left", maintain_order="left").with_columns(
+                _part=pl.coalesce("_part", "_fill")).drop("_fill")
+        return k
+
+    reuse = PartReuse.of(parent)  # a part whose rows are the parent's is linked, not written again
     for s, f in split_frames.items():
-        tables[f"data/{s}"] = _grouped_table(reuse, store, stage, f"data/{s}", f.join(gen, on="pair_id", how="left"))
+        tables[f"data/{s}"] = _grouped_table(reuse, store, stage, f"data/{s}", keyed(f))
     splits = {s: SplitInfo(path=t.path, rows=t.rows, sha256=t.sha256) for s in SPLITS for t in [tables[f"data/{s}"]]}
-    tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", assigned.join(gen, on="pair_id", how="left"))
-    tables["pairs"] = _grouped_table(reuse, store, stage, "pairs", pairs_out.with_columns(_part=pl.col("first_version")))
-    tables["routed"] = _grouped_table(reuse, store, stage, "routed", psel.routed.drop("_reasons", strict=False).sort("pair_id").join(gen, on="pair_id", how="left"))
+    tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned))
+    tables["pairs"] = _grouped_table(reuse, store, stage, "pairs", keyed(pairs_out))
+    tables["routed"] = _grouped_table(reuse, store, stage, "routed", keyed(psel.routed.drop("_reasons", strict=False)))
     for name, frame in state_frames(results).items():  # what a child's pair-scoped checks start from
-        tables[name] = _grouped_table(reuse, store, stage, name, frame.join(gen, on="pair_id", how="left").with_columns(
-            _part=pl.col("_part").fill_null(version_id)))
+        tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
     tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
                                            quarantine.height - ingest.quarantine.height if parent else 0, version_id)
     annotators = agg.annotator_table(results, final.annotators.select(
@@ -353,6 +365,11 @@ def first_versions(parent: VersionHandle | None, pair_ids: pl.Series, version_id
 
 
 def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame: pl.DataFrame) -> TableInfo:
+    """One part per ``_part`` value, rows in a canonical order (pair_id, then the other flat
+    columns): a part has the same bytes however its rows were computed or joined."""
+    flat = [c for c, t in frame.schema.items() if c not in ("_part", "pair_id") and not t.is_nested()]
+    frame = frame.sort(["_part", *(["pair_id"] if "pair_id" in frame.columns else []), *flat], nulls_last=True,
+                       maintain_order=True)
     w = TableWriter(store, stage, name)
     w.write_grouped(frame, "_part", reuse)
     return w.info()

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import errno
 import os
+import re
 import shutil
 import time
 import uuid
@@ -129,6 +130,51 @@ class TableWriter:
     def info(self) -> TableInfo:
         parts = sorted(self.parts, key=lambda p: p.path)
         return TableInfo(path=self.name, rows=sum(p.rows for p in parts), sha256=table_sha256(parts), parts=parts)
+
+
+# ---------------------------------------------------------------- generations in buckets
+PART_PAIRS = 4096  # a generation with more pairs is split into buckets of about this many
+MAX_BUCKETS = 1024
+_BUCKET_KEY = re.compile(r"^(?P<gen>.+)\.b(?P<b>\d{4})of(?P<k>\d{4})$")
+_BUCKET_SEED = 0x9E3779B9
+
+
+def _part_key(part: SplitInfo) -> str:
+    return Path(part.path).name.removeprefix("part-").removesuffix(".parquet")
+
+
+def bucket_counts(parent: VersionHandle | None, table: str, sizes: dict[str, int]) -> dict[str, int]:
+    """Generation -> number of buckets its parts are split into.  A generation keeps the count it
+    was first written with (read from the parent's part names: ``part-<gen>.b<i>of<k>``; a plain
+    ``part-<gen>`` is one bucket); a new one gets the power of two that makes its buckets hold
+    at most :data:`PART_PAIRS` pairs (``sizes``: its pairs)."""
+    known: dict[str, int] = {}
+    for part in parent_parts(parent, table):
+        key = _part_key(part)
+        m = _BUCKET_KEY.match(key)
+        known[m["gen"] if m else key] = int(m["k"]) if m else 1
+    out = {}
+    for gen, n in sizes.items():
+        if gen in known:
+            out[gen] = known[gen]
+        else:
+            k = 1
+            while k * PART_PAIRS < n and k < MAX_BUCKETS:
+                k *= 2
+            out[gen] = k
+    return out
+
+
+def part_keys(pair_gen: pl.DataFrame, buckets: dict[str, int]) -> pl.DataFrame:
+    """pair_id -> ``_part``: the generation, or ``<gen>.b<i>of<k>`` for a generation in k buckets
+    (i from a seeded hash of the pair id: a changed pair rewrites only its bucket).  ``pair_gen``:
+    pair_id and ``_gen``.  (Polars' hash is not stable across its versions: an upgrade moves
+    pairs between buckets once -- more parts written, the same rows.)"""
+    k = pl.col("_gen").replace_strict(buckets, return_dtype=pl.UInt64)
+    b = pl.col("pair_id").hash(_BUCKET_SEED) % k
+    key = pl.when(k == 1).then(pl.col("_gen")).otherwise(pl.format(
+        "{}.b{}of{}", pl.col("_gen"), b.cast(pl.String).str.zfill(4), k.cast(pl.String).str.zfill(4)))
+    return pair_gen.select("pair_id", _part=key)
 
 
 # ---------------------------------------------------------------- reusing a parent's unchanged parts
@@ -246,4 +292,4 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
     return plan
 
 
-__all__ = ["FINGERPRINTS", "GcPlan", "PartReuse", "TableWriter", "fingerprint", "collect_garbage", "link_part", "object_path", "parent_parts", "plan_gc", "share"]
+__all__ = ["FINGERPRINTS", "GcPlan", "PART_PAIRS", "PartReuse", "TableWriter", "bucket_counts", "fingerprint", "part_keys", "collect_garbage", "link_part", "object_path", "parent_parts", "plan_gc", "share"]

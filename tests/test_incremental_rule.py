@@ -110,3 +110,31 @@ def test_fingerprint_sees_every_change():
                                                         [{"role": "assistant", "content": "z"}]]))) != fp
     assert fingerprint(f.with_columns(pl.col("w").cast(pl.Float32))) != fp  # the schema too
     assert fingerprint(f.head(1)) != fp
+
+
+def test_a_big_generation_is_bucketed_and_a_changed_pair_rewrites_its_bucket_only(tmp_path, monkeypatch):
+    import pipeline.parts as parts
+
+    monkeypatch.setattr(parts, "PART_PAIRS", 3)
+    rng = random.Random(11)
+    first = _batch(rng, 0, []) + _batch(rng, 1, [])
+    store = Store(tmp_path / "s")
+    v1 = curate([write_jsonl(tmp_path / "a.jsonl", first)], store, POLICY).version_id
+    h1 = store.get(v1)
+    names = [p.path.rsplit("/", 1)[1] for p in h1.table("pairs").parts]
+    k = int(names[0].split("of")[1][:4])
+    assert k >= 4 and all(f".b" in n and n.endswith(f"of{k:04d}.parquet") for n in names), names
+    # one old pair judged again by another annotator: its bucket changes, the other buckets are linked
+    r = first[0]
+    again = [{**r, "comparison_id": "again-1", "annotator_id": "ann-new", "label": "b" if r["label"] == "a" else "a"}]
+    v2 = curate([write_jsonl(tmp_path / "b.jsonl", again)], store, POLICY, parent=v1).version_id
+    h2 = store.get(v2)
+    rule = h2.manifest().lineage["consensus"]
+    changed_pairs = rule["pairs_recomputed"]
+    old = {p.path: p.sha256 for p in h1.table("pairs").parts}
+    new = {p.path: p.sha256 for p in h2.table("pairs").parts}
+    assert set(new) == set(old)  # the same buckets (no pair is new)
+    rewritten = [p for p in old if old[p] != new[p]]
+    assert 1 <= len(rewritten) <= changed_pairs + 1, (rewritten, rule)  # + a pair whose flags changed with it
+    assert len(rewritten) < len(old)
+    assert h2.read("pairs").height == h1.read("pairs").height and h2.verify() == []
