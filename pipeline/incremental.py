@@ -154,6 +154,10 @@ def pairs_to_recompute(judgments: pl.DataFrame, n_parent_rows: int, parent_flags
     return pl.concat([judgments.slice(n_parent_rows)["pair_id"], hit]).unique().sort()
 
 
+# the columns of a pair that depend on the annotator parameters (the rest depends on its judgments only)
+PARAMETER_COLUMNS = ("label_human", "label_ai", "label_consensus", "p_a_weighted", "agreement", "strength", "dimensions")
+
+
 def keep_parent_pairs(pairs: pl.DataFrame, parent: VersionHandle, recompute: pl.Series) -> tuple[pl.DataFrame, dict]:
     """The rule of a child (docs/incremental.md): a pair not in ``recompute`` that its parent has
     keeps the parent's consensus columns (every column of ``pairs``: labels, agreement, strength,
@@ -162,10 +166,13 @@ def keep_parent_pairs(pairs: pl.DataFrame, parent: VersionHandle, recompute: pl.
     is kept.  Returns the pairs and the rule's figures: how many pairs kept their parent's row,
     and how far those rows are from the child's own aggregation (labels that differ, the largest
     difference of ``p_a_weighted``) -- the bound ``curate --full`` would close."""
-    old = parent.read("pairs", columns=pairs.columns).cast(dict(pairs.schema))
+    cols = ["pair_id", *(c for c in PARAMETER_COLUMNS if c in pairs.columns)]
+    old = parent.read("pairs", columns=cols).cast({c: pairs.schema[c] for c in cols})
     keep = old.join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
     idx = pairs.with_row_index("_i")
-    kept = idx.select("_i", "pair_id").join(keep, on="pair_id", how="inner")
+    # the other columns (texts, counts, kinds, comparison ids) follow from the pair's judgments alone:
+    # unchanged judgments give the parent's values, so they are taken from this aggregation
+    kept = idx.drop(cols[1:]).join(keep, on="pair_id", how="inner")
     fresh = idx.join(keep.select("pair_id"), on="pair_id", how="anti")
     both = kept.select("pair_id", "label_consensus", "p_a_weighted").join(
         pairs.select("pair_id", "label_consensus", "p_a_weighted"), on="pair_id", suffix="_own")

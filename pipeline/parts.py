@@ -182,16 +182,15 @@ FINGERPRINTS = "state/part_fingerprints"
 
 
 def fingerprint(frame: pl.DataFrame) -> str:
-    """A digest of a part's rows as they are in memory: its schema, height and two seeded row
+    """A digest of a part's rows as they are in memory: its schema, height and the seeded row
     hashes (with the row index: order counts) summed modulo 2**64.  Equal digests mean the frame
     would be written as the part its parent wrote (the Polars version is part of the digest: its
     row hash is not stable across versions, so an upgrade only costs one rewrite)."""
     import numpy as np
 
-    ix = frame.with_row_index("_fp_row")
-    sums = [int(ix.hash_rows(seed=s).to_numpy().sum(dtype=np.uint64)) for s in (0x5EED, 0xC0FFEE)]
+    total = int(frame.with_row_index("_fp_row").hash_rows(seed=0x5EED).to_numpy().sum(dtype=np.uint64))
     head = "|".join(f"{k}:{v}" for k, v in frame.schema.items())
-    return f"{pl.__version__}/{frame.height}/{hashlib.sha256(head.encode()).hexdigest()[:16]}/{sums[0]:016x}{sums[1]:016x}"
+    return f"{pl.__version__}/{frame.height}/{hashlib.sha256(head.encode()).hexdigest()[:16]}/{total:016x}"
 
 
 @dataclass
