@@ -22,11 +22,11 @@ import polars as pl
 
 from pipeline import aggregate as agg
 from pipeline import dimensions as dims
+from pipeline import incremental as inc
 from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, resolve_policy, run_checks
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
-from pipeline import incremental as inc
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import FINGERPRINTS, PartReuse, TableWriter, bucket_counts, parent_parts, part_keys
 from pipeline.store import Store, VersionHandle, file_info
@@ -233,9 +233,13 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     rule: dict[str, Any] = {"mode": "full" if parent is not None and full else "incremental" if recompute is not None
                             else "recomputed"}
     if recompute is not None:
-        kept_pairs, figures = inc.keep_parent_pairs(final.pairs, parent, recompute)
-        final = dataclasses.replace(final, pairs=kept_pairs)
-        rule.update(figures)
+        try:
+            kept_pairs, figures = inc.keep_parent_pairs(final.pairs, parent, recompute)
+        except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
+            rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
+        else:
+            final = dataclasses.replace(final, pairs=kept_pairs)
+            rule.update(figures)
     clusters = results["near_duplicates"].tables.get("clusters")
     psel = sel.select_pairs(
         final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
@@ -379,8 +383,11 @@ def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame
 def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle | None, frame: pl.DataFrame,
                     n_parent_rows: int, version_id: str) -> TableInfo:
     """A table that only grows (judgments, quarantine): the parent's parts as they are, plus one
-    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``)."""
-    w = TableWriter(store, stage, name)
+    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``).
+    The manifest lists the parts in arrival order, so that a child's union has the rows in the
+    order its parent's had (first-seen orders, a pair's canonical orientation, its list of
+    comparison ids do not depend on how version ids sort)."""
+    w = TableWriter(store, stage, name, arrival_order=True)
     inherited = parent_parts(parent, name)
     if inherited and sum(p.rows for p in inherited) == n_parent_rows:
         for part in inherited:

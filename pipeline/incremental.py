@@ -19,9 +19,14 @@ checks it on random chains), except the language check's run counters (``distinc
 (``checks.language.max_langdetect`` texts per run) binds: a child spends its budget on its own
 texts, where a run over everything would spend it on the longest texts of the whole history.
 
-Checks whose result for a pair depends on other pairs (agreement, reliability, bias, routing,
-consensus: through the consensus and the annotator statistics; near duplicates: through the
-prompt index) still run over the whole union here; see docs/incremental.md.
+Near duplicates run through their own state tables (:func:`near_duplicates`,
+:mod:`pipeline.checks.near_duplicates_state`): only the batch's new prompts are hashed.
+Checks whose result for a pair depends on other pairs through the consensus and the annotator
+statistics (agreement, reliability, bias, routing, consensus) still run over the whole union.
+
+The consensus rule of a child (:func:`pairs_to_recompute`, :func:`keep_parent_pairs`): a pair
+keeps its parent's consensus unless its judgments, its judgments' flags or the status of one
+of its annotators changed; docs/incremental.md gives the rule and the bound it records.
 """
 from __future__ import annotations
 

@@ -89,6 +89,9 @@ class TableWriter:
     stage: Path
     name: str
     parts: list[SplitInfo] = field(default_factory=list)
+    # keep the parts in the order they were added (a table that only grows: its rows in arrival
+    # order, whatever the part names); otherwise the manifest lists them by path
+    arrival_order: bool = False
 
     def _part_rel(self, key: str) -> str:
         return f"{self.name}/part-{safe_id(key, what='part key')}.parquet"
@@ -128,7 +131,7 @@ class TableWriter:
             reuse.seen[rel] = fp
 
     def info(self) -> TableInfo:
-        parts = sorted(self.parts, key=lambda p: p.path)
+        parts = list(self.parts) if self.arrival_order else sorted(self.parts, key=lambda p: p.path)
         return TableInfo(path=self.name, rows=sum(p.rows for p in parts), sha256=table_sha256(parts), parts=parts)
 
 

@@ -139,7 +139,7 @@ def prior_assignments(parent) -> pl.DataFrame | None:
     or, for a parent written before that file existed, its kept pairs' splits."""
     if parent is None:
         return None
-    if "split_assignments.parquet" in parent.manifest().files:
+    if parent.has("split_assignments.parquet"):  # a table of parts, or the older single file
         return parent.read("split_assignments.parquet")
     frames = [parent.read_split(s, columns=["pair_id", "near_dup_cluster"]).with_columns(split=pl.lit(s))
               for s in SPLITS if s in parent.manifest().splits]

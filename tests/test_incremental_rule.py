@@ -79,6 +79,10 @@ def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, 
             now = pl.concat([v.read(f"data/{s}", columns=["pair_id"]).with_columns(split=pl.lit(s)) for s in SPLITS])
             moved = now.join(prior, on="pair_id").filter(pl.col("split") != pl.col("old_split"))
             assert moved.filter((pl.col("old_split") == "test") | (pl.col("split") == "train")).height == 0
+        # the assignment table carries the ancestors' rows as they were (a pair not moved keeps its assigned_in)
+        mine_sa = h.read("split_assignments")
+        assert prior.height and p.read("split_assignments").join(mine_sa, on=list(mine_sa.columns), how="anti").join(
+            mine_sa.filter(pl.col("assigned_in") == vid), on="pair_id", how="anti").height == 0
         assert h.verify() == [] and f.verify() == []
         parent = vid
 
