@@ -183,6 +183,11 @@ def main() -> None:
             print(f"chain {i + 1}/{a.chain}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU, {r['peak']:,.0f} MiB, "
                   f"load {r['load']:.1f}", flush=True)
 
+        # control: the last batch as a child of the parent itself, right after the chain (the same
+        # load on the shared machine; a history 1 batch long instead of N)
+        control = child(store, batches[-1], parent)
+        print(f"control (last batch on the parent): {control['wall']:.1f} s wall, {control['cpu']:.1f} s CPU", flush=True)
+
     n = a.parent_judgments
     beyond = c["wall"] - fixed_s
     rows = [
@@ -216,7 +221,9 @@ def main() -> None:
                  f"{r['load']:.1f}"] for i, r in enumerate(chain)]
         body += (f"\n\nChain: {len(chain)} batches of {a.batch:,}, each a child of the previous, on the {n:,}-judgment "
                  f"parent. Last / first: wall {last['wall'] / first['wall']:.2f}x, CPU {last['cpu'] / first['cpu']:.2f}x "
-                 "(target <= 1.3x).\n\n"
+                 f"(target <= 1.3x). Control, measured right after the chain under the same load: the last batch as a "
+                 f"direct child of the parent took {control['wall']:.1f} s wall, {control['cpu']:.1f} s CPU; last link / "
+                 f"control: wall {last['wall'] / control['wall']:.2f}x, CPU {last['cpu'] / control['cpu']:.2f}x.\n\n"
                  + table(["batch", "wall s", "CPU s", "peak MiB", "new disk", "load"], crow))
     print(body)
     if not a.no_write:
