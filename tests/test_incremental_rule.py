@@ -145,3 +145,27 @@ def test_a_big_generation_is_bucketed_and_a_changed_pair_rewrites_its_bucket_onl
     assert 1 <= len(rewritten) <= changed_pairs + 1, (rewritten, rule)  # + a pair whose flags changed with it
     assert len(rewritten) < len(old)
     assert h2.read("pairs").height == h1.read("pairs").height and h2.verify() == []
+
+
+def test_cli_full_flag_builds_a_recomputed_child(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    rng = random.Random(3)
+    a = write_jsonl(tmp_path / "a.jsonl", _batch(rng, 0, []))
+    b = write_jsonl(tmp_path / "b.jsonl", _batch(rng, 1, []))
+    store = tmp_path / "s"
+    run = CliRunner()
+
+    def curate_cli(*args) -> str:
+        res = run.invoke(app, ["curate", *map(str, args), "--store", str(store)])
+        assert res.exit_code == 0, res.output
+        return res.stdout.strip().splitlines()[-1]
+
+    v1 = curate_cli(a)
+    inc_id, full_id = curate_cli(b, "--parent", v1), curate_cli(b, "--parent", v1, "--full")
+    assert inc_id != full_id and curate_cli(b, "--parent", v1, "--full") == full_id  # idempotent
+    m = Store(store).get(full_id).manifest()
+    assert m.parent_version == v1 and m.lineage["consensus"]["mode"] == "full"
+    assert Store(store).get(inc_id).manifest().lineage["consensus"]["mode"] == "incremental"
