@@ -371,12 +371,11 @@ def first_versions(parent: VersionHandle | None, pair_ids: pl.Series, version_id
 def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame: pl.DataFrame) -> TableInfo:
     """One part per ``_part`` value, rows in a canonical order (pair_id, then the other flat
     columns): a part has the same bytes however its rows were computed or joined."""
-    keys = ["_part", "pair_id"]
+    keys = ["pair_id"]
     if frame["pair_id"].is_duplicated().any():  # state tables: several rows a pair
-        keys += [c for c, t in frame.schema.items() if c not in keys and not t.is_nested()]
-    frame = frame.sort(keys, nulls_last=True, maintain_order=True)
+        keys += [c for c, t in frame.schema.items() if c not in (*keys, "_part") and not t.is_nested()]
     w = TableWriter(store, stage, name)
-    w.write_grouped(frame, "_part", reuse)
+    w.write_grouped(frame, "_part", reuse, order_by=tuple(keys))
     return w.info()
 
 

@@ -18,8 +18,8 @@ On a filesystem without hard links the parts are plain files (no sharing, same l
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from pipeline.store import SplitInfo, Store, StoreError, VersionHandle, table_sha256, write_parquet
@@ -109,24 +110,36 @@ class TableWriter:
         self.parts.append(part)
         return part
 
-    def write_grouped(self, frame: pl.DataFrame, key_column: str, reuse: PartReuse | None = None) -> None:
-        """One part per value of ``key_column`` (sorted; the column itself is not written).
-        An empty frame still gets one empty part, so readers see the schema.  ``reuse``: a
-        parent's part with the same rows is linked, not written again."""
-        groups = [(EMPTY_KEY, frame.drop(key_column))] if frame.height == 0 else [
-            (str(key), group.drop(key_column))
-            for (key,), group in frame.sort(key_column, maintain_order=True).group_by(key_column, maintain_order=True)]
-        for key, group in groups:
+    def write_grouped(self, frame: pl.DataFrame, key_column: str, reuse: PartReuse | None = None,
+                      order_by: tuple[str, ...] = ()) -> None:
+        """One part per value of ``key_column`` (sorted; the column itself is not written), its
+        rows sorted by ``order_by`` (stable).  An empty frame still gets one empty part, so
+        readers see the schema.  ``reuse``: a parent's part with the same rows (same
+        :func:`fingerprint`) is linked, not written again.  Only the narrow key columns are
+        sorted; the rows of a part are gathered only when it is written."""
+        if frame.height == 0:
+            self.write(EMPTY_KEY, frame.drop(key_column))
+            return
+        keys = frame.select(key_column, *order_by).with_row_index("_row")
+        order = keys.sort([key_column, *order_by], nulls_last=True, maintain_order=True)["_row"].to_numpy()
+        part_of = frame[key_column].gather(order)
+        bounds = np.flatnonzero((part_of != part_of.shift(1)).fill_null(True).to_numpy())
+        bounds = np.append(bounds, len(order))
+        body = frame.drop(key_column)
+        hashes = body.hash_rows(seed=_FP_SEED).to_numpy()[order] if reuse is not None else None
+        head = _fingerprint_head(body)
+        for a, z in zip(bounds[:-1], bounds[1:]):
+            key = str(part_of[int(a)])
             if reuse is None:
-                self.write(key, group)
+                self.write(key, body[order[a:z]])
                 continue
-            rel, fp = self._part_rel(key), fingerprint(group)
+            rel, fp = self._part_rel(key), _digest(head, hashes[a:z])
             old = reuse.known.get(rel)
-            if old is not None and old[0] == fp and old[1].rows == group.height:
+            if old is not None and old[0] == fp and old[1].rows == z - a:
                 self.inherit(reuse.parent, old[1])
                 reuse.linked += 1
             else:
-                self.write(key, group)
+                self.write(key, body[order[a:z]])
                 reuse.written += 1
             reuse.seen[rel] = fp
 
@@ -184,16 +197,32 @@ def part_keys(pair_gen: pl.DataFrame, buckets: dict[str, int]) -> pl.DataFrame:
 FINGERPRINTS = "state/part_fingerprints"
 
 
+_FP_SEED = 0x5EED
+_U64 = np.uint64
+
+
+def _fingerprint_head(frame: pl.DataFrame) -> str:
+    cols = "|".join(f"{k}:{v}" for k, v in frame.schema.items())
+    return f"{pl.__version__}/{hashlib.sha256(cols.encode()).hexdigest()[:16]}"
+
+
+def _digest(head: str, row_hashes: np.ndarray) -> str:
+    """Order-sensitive digest of a part's seeded row hashes: each mixed with its position
+    (a 64-bit finaliser), summed modulo 2**64."""
+    x = row_hashes.astype(_U64) ^ (np.arange(row_hashes.size, dtype=_U64) * _U64(0x9E3779B97F4A7C15))
+    x ^= x >> _U64(33)
+    x *= _U64(0xFF51AFD7ED558CCD)
+    x ^= x >> _U64(33)
+    return f"{head}/{row_hashes.size}/{int(x.sum(dtype=_U64)):016x}"
+
+
 def fingerprint(frame: pl.DataFrame) -> str:
     """A digest of a part's rows as they are in memory: its schema, height and the seeded row
-    hashes (with the row index: order counts) summed modulo 2**64.  Equal digests mean the frame
-    would be written as the part its parent wrote (the Polars version is part of the digest: its
-    row hash is not stable across versions, so an upgrade only costs one rewrite)."""
-    import numpy as np
-
-    total = int(frame.with_row_index("_fp_row").hash_rows(seed=0x5EED).to_numpy().sum(dtype=np.uint64))
-    head = "|".join(f"{k}:{v}" for k, v in frame.schema.items())
-    return f"{pl.__version__}/{frame.height}/{hashlib.sha256(head.encode()).hexdigest()[:16]}/{total:016x}"
+    hashes, each mixed with its row position (order counts), summed modulo 2**64.  Equal
+    digests mean the frame would be written as the part its parent wrote (the Polars version is
+    part of the digest: its row hash is not stable across versions, so an upgrade only costs
+    one rewrite)."""
+    return _digest(_fingerprint_head(frame), frame.hash_rows(seed=_FP_SEED).to_numpy())
 
 
 @dataclass
