@@ -9,8 +9,10 @@ as one table.
 
 Parts are grouped by a key the caller chooses so that unchanged rows produce unchanged bytes:
 judgments and quarantine by the version they arrived in (a child links its parent's parts and
-adds one), pair tables by the version where the pair first appeared (a child rewrites only
-the generations whose rows changed).  Objects are immutable; a part nobody links any more
+adds one; the manifest lists them in arrival order), pair tables by the version where the pair
+first appeared, a big generation in buckets by a hash of the pair id (:func:`part_keys`).  A
+child links every part whose rows are its parent's (same :func:`fingerprint`, kept in
+``state/part_fingerprints``) and writes the others.  Objects are immutable; a part nobody links any more
 (``st_nlink == 1``) is garbage (:func:`collect_garbage`).
 
 On a filesystem without hard links the parts are plain files (no sharing, same layout).
@@ -195,8 +197,6 @@ def part_keys(pair_gen: pl.DataFrame, buckets: dict[str, int]) -> pl.DataFrame:
 
 # ---------------------------------------------------------------- reusing a parent's unchanged parts
 FINGERPRINTS = "state/part_fingerprints"
-
-
 _FP_SEED = 0x5EED
 _U64 = np.uint64
 
@@ -323,4 +323,5 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
     return plan
 
 
-__all__ = ["FINGERPRINTS", "GcPlan", "PART_PAIRS", "PartReuse", "TableWriter", "bucket_counts", "fingerprint", "part_keys", "collect_garbage", "link_part", "object_path", "parent_parts", "plan_gc", "share"]
+__all__ = ["FINGERPRINTS", "PART_PAIRS", "GcPlan", "PartReuse", "TableWriter", "bucket_counts", "collect_garbage",
+           "fingerprint", "link_part", "object_path", "parent_parts", "part_keys", "plan_gc", "share"]
