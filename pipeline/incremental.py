@@ -75,14 +75,19 @@ def state_table(name: str) -> str:
 
 
 def touched_pairs(judgments: pl.DataFrame, n_parent_rows: int) -> pl.Series:
-    """Pair ids the batch touches: those of the judgments after the parent's rows, and the
-    parent's pairs with the same prompt and response set as one of them."""
-    new = judgments.slice(n_parent_rows)
+    """Pair ids the batch touches: those of the judgments after the parent's rows, and every pair
+    with a judgment of the same prompt and response set as a judgment of a touched pair (closed
+    under that relation: an old pair judged again brings the pairs its old judgments duplicate)."""
     lo, hi = pl.min_horizontal("a_hash", "b_hash"), pl.max_horizontal("a_hash", "b_hash")
-    keys = new.select("prompt_hash", _lo=lo, _hi=hi).unique()
-    same_content = judgments.slice(0, n_parent_rows).select("pair_id", "prompt_hash", _lo=lo, _hi=hi).join(
-        keys, on=["prompt_hash", "_lo", "_hi"], how="semi")["pair_id"]
-    return pl.concat([new["pair_id"], same_content]).unique().sort()
+    keyed = judgments.select("pair_id", "prompt_hash", _lo=lo, _hi=hi)
+    on = ["prompt_hash", "_lo", "_hi"]
+    pairs = judgments.slice(n_parent_rows)["pair_id"].unique()
+    while True:
+        keys = keyed.filter(pl.col("pair_id").is_in(pairs.implode())).select(on).unique()
+        grown = keyed.join(keys, on=on, how="semi")["pair_id"].unique()
+        if grown.len() == pairs.len():  # grown contains pairs: equal sizes, equal sets
+            return pairs.sort()
+        pairs = grown
 
 
 def has_state(parent: VersionHandle | None) -> bool:

@@ -12,7 +12,7 @@ import random
 
 import polars as pl
 from conftest import write_jsonl
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from test_incremental import POLICY, _batch
 
@@ -30,6 +30,7 @@ def _pairs(h) -> pl.DataFrame:
 @settings(max_examples=4, deadline=None, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.integers(0, 10_000), st.integers(2, 3))
+@example(35, 3)  # an old pair judged again whose old judgment duplicates another pair's
 def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, n_batches):
     rng = random.Random(seed)
     tmp = tmp_path_factory.mktemp("rule")
