@@ -145,13 +145,15 @@ def classify(judgments: pl.DataFrame, ctx: ReviewContext | None) -> pl.DataFrame
 
         found = findings(_registry_input(judgments), ctx.registry)
         unqualified = found.filter(c("reason").is_in(list(_REGISTRY_REASONS)))["comparison_id"].to_list()
+    rv = rv.with_columns(_known=c("review_of").is_in(known["pair_id"].implode()),
+                         _before=c("review_of").is_in(before["pair_id"].implode()))
     status = (pl.when(c("pair_id") != c("review_of")).then(pl.lit("text_mismatch"))
-              .when(~c("review_of").is_in(known["pair_id"]) & ~c("review_of").is_in(before["pair_id"])).then(pl.lit("unknown_pair"))
-              .when(~c("review_of").is_in(before["pair_id"])).then(pl.lit("not_routed"))
+              .when(~c("_known") & ~c("_before")).then(pl.lit("unknown_pair"))
+              .when(~c("_before")).then(pl.lit("not_routed"))
               .when(c("annotator_kind") != "human").then(pl.lit("not_human"))
-              .when(c("comparison_id").is_in(unqualified)).then(pl.lit("unqualified"))
+              .when(c("comparison_id").is_in(pl.Series(unqualified, dtype=pl.String).implode())).then(pl.lit("unqualified"))
               .otherwise(pl.lit("qualified")))
-    return rv.with_columns(status=status)
+    return rv.with_columns(status=status).drop("_known", "_before")
 
 
 def _registry_input(judgments: pl.DataFrame) -> pl.DataFrame:
@@ -246,7 +248,7 @@ def finish(ctx: ReviewContext, *, version_id: str, created_at: datetime, pairs: 
         .when(c("_was") == "resolved").then(pl.coalesce("_rin", pl.lit(version_id))).otherwise(pl.lit(version_id)),
         outcome=outcome, reviews=c("reviews").fill_null(0).cast(pl.Int64),
         qualified_reviews=c("qualified_reviews").fill_null(0).cast(pl.Int64),
-        review_label=c("review_label"), exported=c("pair_id").is_in(list(ctx.exported)),
+        review_label=c("review_label"), exported=c("pair_id").is_in(pl.Series(sorted(ctx.exported), dtype=pl.String).implode()),
     ).cast(STATE_SCHEMA).sort("pair_id")  # type: ignore[arg-type]
     by_reviews = st.filter((c("status") == "resolved") & c("review_label").is_in(["a", "b"]) & pl.lit(ctx.mode == "resolve"))
     ties = votes_tied(reviews, decided_by_reviews)
@@ -255,7 +257,7 @@ def finish(ctx: ReviewContext, *, version_id: str, created_at: datetime, pairs: 
         judgments=n_review_judgments, judgments_of_routed=of_routed.height,
         routed_ever=st.height, exported=int(st["exported"].sum()), reviewed=int((st["reviews"] > 0).sum()),
         resolved=int((st["status"] == "resolved").sum()), resolved_by_reviews=by_reviews.height,
-        kept_routed_by_review_tie=st.filter(c("pair_id").is_in(ties) & (c("status") == "open")).height,
+        kept_routed_by_review_tie=st.filter(c("pair_id").is_in(pl.Series(ties, dtype=pl.String).implode()) & (c("status") == "open")).height,
         open=int((st["status"] == "open").sum()),
     )
     return st, ledger
