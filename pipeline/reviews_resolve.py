@@ -275,5 +275,13 @@ def open_reviews(state: pl.DataFrame, now: datetime) -> pl.DataFrame:
     ).sort("routed_at", "pair_id")
 
 
+def open_reviews_of(handle: VersionHandle, now: datetime | None = None) -> pl.DataFrame:
+    """A version's open reviews (:func:`open_reviews`): pair_id, route, routed_in, routed_at, age_days, reviews."""
+    from datetime import UTC
+
+    st = open_reviews(state_of(handle), now or datetime.now(UTC))
+    return st.select("pair_id", "route", "routed_in", "routed_at", "age_days", "reviews")
+
+
 __all__ = ["LABELS", "STATE", "STATE_SCHEMA", "ReviewContext", "attach", "classify", "context", "empty_state", "finish",
-           "has_reviews", "open_reviews", "resolve", "state_of", "votes"]
+           "has_reviews", "open_reviews", "open_reviews_of", "resolve", "state_of", "votes"]
