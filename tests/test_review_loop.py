@@ -146,6 +146,8 @@ def test_show_lists_open_reviews_with_their_age(samples_round):
     assert d["ledger"]["reviews"]["open"] == d["open_reviews"]["total"] == len(d["open_reviews"]["listed"]) > 0
     assert "review_not_routed" in json.dumps(d["policy"])  # the new reasons are in the policy shown
     parent_created = st.get(samples_round["parent"]).manifest().created_at
+    state = child.read(rr.STATE)
+    assert (state["routed_at"] == parent_created).all()  # the age counts from the version that routed the pair
     age_now = (datetime.now(UTC) - parent_created).total_seconds() / 86400
     for o in d["open_reviews"]["listed"]:
         assert o["routed_in"] == samples_round["parent"] and o["route"] in ("tie", "both_bad", "escalate")
@@ -353,6 +355,34 @@ def test_review_of_is_a_typed_field_on_both_ingest_paths(tmp_path, monkeypatch):
         assert q[5]["field"] == "review_of" and q[5]["reason"] == "invalid_value"
         assert q[6]["field"] == "review_of" and q[6]["reason"] == "invalid_type"
     assert results[0].judgments.drop("source_file").equals(results[1].judgments.drop("source_file"))
+
+
+def test_review_of_in_csv_and_parquet(tmp_path):
+    rows = [canonical(0, review_of="p-x"), canonical(1)]
+    flat = [{**r, "prompt": r["prompt"][0]["content"], "response_a": r["response_a"]["text"]} for r in rows]
+    flat = [{k: v for k, v in r.items() if k != "tags"} for r in flat]
+    cols = list(flat[0])
+    csv = tmp_path / "b.csv"
+    import csv as csvmod
+
+    with open(csv, "w", newline="", encoding="utf-8") as fh:
+        w = csvmod.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows([{k: r.get(k, "") for k in cols} for r in flat])
+    pq = tmp_path / "b.parquet"
+    pl.DataFrame(flat).write_parquet(pq)
+    for path in (csv, pq):
+        res = ingest_files([path])
+        assert res.quarantine.height == 0, res.quarantine["error"].to_list()
+        assert res.judgments["review_of"].to_list() == ["p-x", None]
+        assert res.judgments["pair_id"][0] == "p-x"
+
+
+def test_the_scripted_reviewer_is_deterministic(samples_round, tmp_path):
+    out = tmp_path / "again.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "data" / "review_bot.py"), str(samples_round["dir"] / "tasks.jsonl"),
+                    "--out", str(out)], check=True, capture_output=True)
+    assert out.read_bytes() == (samples_round["dir"] / "answers.jsonl").read_bytes()
 
 
 def test_validate_reports_a_review_of_another_pair_with_exit_code(tmp_path):
