@@ -171,8 +171,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     t = time.perf_counter()
     created_at = datetime.now(UTC)
     judgments, repeated = _union_with_parent(ingest.take_judgments(), parent)
-    judgments = rr.attach(judgments)  # a review whose texts differ from its pair's is never merged into it
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
+    # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
+    judgments = rr.attach(judgments, from_row=n_parent_judgments)
     quarantine = _quarantine_with_parent(ingest.quarantine, parent)
     # a comparison_id used twice inside the input: keep the first, count the rest
     dup_ids = judgments.select(pl.col("comparison_id").is_duplicated() & ~pl.col("comparison_id").is_first_distinct()).to_series()

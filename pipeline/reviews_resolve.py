@@ -97,15 +97,17 @@ def has_reviews(judgments: pl.DataFrame) -> bool:
 
 
 # ---------------------------------------------------------------- 1. attach
-def attach(judgments: pl.DataFrame) -> pl.DataFrame:
-    """Reviews whose prompt or responses differ from the pair they name get their own
-    content-derived pair_id (never merged into that pair).  Unchanged (same frame) without reviews."""
-    if not has_reviews(judgments):
+def attach(judgments: pl.DataFrame, *, from_row: int = 0) -> pl.DataFrame:
+    """Reviews (at row ``from_row`` or later: the rows a child adds to its parent's) whose prompt or
+    responses differ from the pair they name get their own content-derived pair_id (never merged
+    into that pair).  Unchanged (the same frame) without such reviews."""
+    if not has_reviews(judgments.slice(from_row)):
         return judgments
     c = pl.col
     ref = _reference(judgments)
     rows = judgments.select("review_of", "prompt_hash", "a_hash", "b_hash").with_row_index("_r") \
-        .filter(c("review_of").is_not_null()).join(ref, left_on="review_of", right_on="pair_id", how="inner")
+        .filter(c("review_of").is_not_null() & (c("_r") >= from_row)) \
+        .join(ref, left_on="review_of", right_on="pair_id", how="inner")
     bad = rows.filter((c("prompt_hash") != c("_ph")) | (pl.min_horizontal("a_hash", "b_hash") != c("_lo"))
                       | (pl.max_horizontal("a_hash", "b_hash") != c("_hi")))
     if bad.height == 0:

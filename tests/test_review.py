@@ -296,7 +296,8 @@ def test_import_without_store_checks_hashes_and_gives_the_same_verdicts(built, l
 
 
 def test_import_then_curate_as_child(built, ls_round):
-    """The imported batch curates as a child of the version (resolution of routed pairs comes later)."""
+    """The imported batch curates as a child of the version, whose reviews resolve routed pairs
+    (the rule itself: tests/test_review_loop.py)."""
     store_copy = built["dir"] / "store-copy"
     import shutil
 
@@ -306,6 +307,9 @@ def test_import_then_curate_as_child(built, ls_round):
     assert summary["created"] is True
     child = Store(store_copy).resolve(summary["version_id"]).manifest()
     assert child.parent_version == built["vid"] and child.ledger.judgments_valid == 40 + 10
+    r = child.ledger.reviews
+    assert r.judgments == r.judgments_of_routed == 10 and r.routed_ever == 12 == r.resolved + r.open
+    assert r.resolved_by_reviews > 0
 
 
 # ---------------------------------------------------------------- Argilla round trip
