@@ -390,6 +390,27 @@ def test_argilla_round_trip(built, argilla_round, tmp_path):
     validate_ok(batch)
 
 
+def test_argilla_round_resolves_the_pairs_in_a_child(built, argilla_round, tmp_path):
+    """Five records got one decisive submitted answer: resolved; record 0 got a decisive answer and a
+    tie from another reviewer: a tie between reviews keeps it routed; drafts and discarded ones never count."""
+    import shutil
+
+    batch = tmp_path / "argilla-batch.jsonl"
+    import_(built, "argilla", argilla_round["flat"], batch)
+    store = tmp_path / "store"
+    shutil.copytree(built["store"], store)
+    summary, _ = json.JSONDecoder().raw_decode(cli("curate", batch, "--store", store, "--parent", built["vid"], "--json").stdout)
+    child = Store(store).resolve(summary["version_id"])
+    r = child.manifest().ledger.reviews
+    assert (r.judgments, r.reviewed, r.resolved_by_reviews, r.kept_routed_by_review_tie) == (7, 6, 5, 1)
+    assert r.exported == 12 and r.routed_ever == 12 == r.resolved + r.open
+    still = set(child.read("routed.parquet")["pair_id"].to_list())
+    recs = argilla_round["records"]
+    assert recs[0]["metadata"]["pair_id"] in still
+    assert not {recs[i]["metadata"]["pair_id"] for i in range(1, 6)} & still
+    assert {recs[i]["metadata"]["pair_id"] for i in (6, 7, 8)} <= still
+
+
 def test_argilla_nested_export_without_statuses_is_not_trusted(built, argilla_round, tmp_path):
     res = json.loads(import_(built, "argilla", argilla_round["nested"], tmp_path / "n.jsonl").stdout)
     led = res["ledger"]

@@ -172,6 +172,19 @@ def test_report_shows_the_funnel(samples_round):
     assert "review-funnel" in html and "Reviews: routed" in html
 
 
+def test_the_next_round_exports_exactly_the_open_pairs(samples_round, tmp_path):
+    out = tmp_path / "round-2.jsonl"
+    cli("review", "export", samples_round["child"], "--store", samples_round["store"], "--format", "jsonl", "--out", out)
+    exported = {json.loads(x)["pair_id"] for x in out.read_text().splitlines()}
+    child = Store(samples_round["store"]).get(samples_round["child"])
+    assert exported == set(child.read("routed.parquet")["pair_id"].to_list())
+    assert len(exported) == child.manifest().ledger.reviews.open
+    for rec in read_exports(Store(samples_round["store"])):  # leave the log as the other tests expect it
+        if rec.version_id == samples_round["child"]:
+            for p in exports_dir(Store(samples_round["store"])).glob(f"*-{samples_round['child']}-*.json"):
+                p.unlink()
+
+
 def test_export_log_counts_exports_of_the_lineage(samples_round):
     st = Store(samples_round["store"])
     recs = read_exports(st)
