@@ -53,6 +53,7 @@ STATE_SCHEMA: dict[str, pl.DataType] = {
     "qualified_reviews": pl.Int64, "review_label": pl.String, "exported": pl.Boolean,
 }
 STATUSES = ("text_mismatch", "unknown_pair", "not_routed", "not_human", "unqualified", "qualified")
+_OF_ROUTED = ["not_human", "unqualified", "qualified"]  # reviews of a pair the lineage routed
 _REGISTRY_REASONS = ("unknown_annotator", "kind_mismatch", "unqualified_reviewer")
 
 
@@ -174,11 +175,11 @@ def votes(reviews: pl.DataFrame, pairs: pl.DataFrame, a_hash: pl.Series | None) 
                   "strength": pl.Float64, "qualified_reviews": pl.Int64}
     if q.height == 0:
         return pl.DataFrame(schema=out_schema)
-    canon = pl.DataFrame({"pair_id": pairs["pair_id"], "_ca": a_hash if a_hash is not None else pl.Series([None] * pairs.height, dtype=pl.String)})
-    swap = {"a": "b", "b": "a"}
-    q = q.join(canon, on="pair_id", how="inner").with_columns(
+    # a review naming the responses the other way round than the pair's canonical orientation: a <-> b
+    canon_a = a_hash if a_hash is not None else pl.Series([None] * pairs.height, dtype=pl.String)
+    q = q.join(pl.DataFrame({"pair_id": pairs["pair_id"], "_ca": canon_a}), on="pair_id", how="inner").with_columns(
         label=pl.when(c("_ca").is_not_null() & (c("a_hash") != c("_ca")) & c("label").is_in(["a", "b"]))
-        .then(c("label").replace(swap)).otherwise(c("label")))
+        .then(c("label").replace({"a": "b", "b": "a"})).otherwise(c("label")))
     q = q.with_columns(_w=1.0 / pl.len().over("pair_id", "annotator_id"))  # one vote per reviewer per pair
     per = q.group_by("pair_id", "label").agg(_v=c("_w").sum(), _s=c("strength").mean())
     tot = per.group_by("pair_id").agg(_tot=c("_v").sum(), _top=c("_v").max(),
@@ -200,7 +201,7 @@ def resolve(aggr: Aggregation, reviews: pl.DataFrame, ctx: ReviewContext) -> Agg
     ``reviews``: :func:`classify` of the judgments aggregated.  Unchanged under mode ``vote``."""
     from pipeline.aggregate import Aggregation
 
-    of_routed = reviews.filter(pl.col("status").is_in(["not_human", "unqualified", "qualified"]))
+    of_routed = reviews.filter(pl.col("status").is_in(_OF_ROUTED))
     if ctx.mode != "resolve" or of_routed.height == 0:
         return aggr
     c = pl.col
@@ -234,7 +235,7 @@ def finish(ctx: ReviewContext, *, version_id: str, created_at: datetime, pairs: 
         "pair_id", "route", routed_in=pl.lit(version_id), routed_at=now)
     base = pl.concat([ctx.before.select("pair_id", "route", "routed_in", "routed_at", _was="status", _rin="resolved_in"),
                       new.with_columns(_was=pl.lit(None, pl.String), _rin=pl.lit(None, pl.String))], how="vertical_relaxed")
-    of_routed = reviews.filter(c("status").is_in(["not_human", "unqualified", "qualified"]))
+    of_routed = reviews.filter(c("status").is_in(_OF_ROUTED))
     counts = of_routed.group_by("pair_id").agg(reviews=pl.len(), qualified_reviews=(c("status") == "qualified").sum())
     now_routed = routed.select("pair_id", _now_route="route")
     fate = pairs.select("pair_id", "decision", "reason")
@@ -252,21 +253,18 @@ def finish(ctx: ReviewContext, *, version_id: str, created_at: datetime, pairs: 
         qualified_reviews=c("qualified_reviews").fill_null(0).cast(pl.Int64),
         review_label=c("review_label"), exported=c("pair_id").is_in(pl.Series(sorted(ctx.exported), dtype=pl.String).implode()),
     ).cast(STATE_SCHEMA).sort("pair_id")  # type: ignore[arg-type]
-    by_reviews = st.filter((c("status") == "resolved") & c("review_label").is_in(["a", "b"]) & pl.lit(ctx.mode == "resolve"))
-    ties = votes_tied(reviews, decided_by_reviews)
+    resolving = ctx.mode == "resolve"
+    by_reviews = st.filter((c("status") == "resolved") & c("review_label").is_in(["a", "b"]) & pl.lit(resolving))
+    ties = decided_by_reviews.filter(c("tie") & pl.lit(resolving)).select("pair_id")
     ledger = ReviewLedger(
         mode=ctx.mode,  # type: ignore[arg-type]
         judgments=n_review_judgments, judgments_of_routed=of_routed.height,
         routed_ever=st.height, exported=int(st["exported"].sum()), reviewed=int((st["reviews"] > 0).sum()),
         resolved=int((st["status"] == "resolved").sum()), resolved_by_reviews=by_reviews.height,
-        kept_routed_by_review_tie=st.filter(c("pair_id").is_in(pl.Series(ties, dtype=pl.String).implode()) & (c("status") == "open")).height,
+        kept_routed_by_review_tie=st.filter(c("status") == "open").join(ties, on="pair_id", how="semi").height,
         open=int((st["status"] == "open").sum()),
     )
     return st, ledger
-
-
-def votes_tied(reviews: pl.DataFrame, decided: pl.DataFrame) -> list[str]:  # noqa: ARG001 - reviews kept for symmetry
-    return decided.filter(pl.col("tie"))["pair_id"].to_list() if decided.height else []
 
 
 def open_reviews(state: pl.DataFrame, now: datetime) -> pl.DataFrame:
