@@ -55,7 +55,7 @@ def review_round(store: str, version: str) -> str | None:
     from pipeline.store import Store
 
     print("\n== review round: routed pairs -> reviewers -> a child version ==", flush=True)
-    work = Path(store).resolve().parent / "review"
+    work = Path(store).resolve() / "reviews" / "demo-round"  # inside the store: nothing written next to it
     tasks, answers, batch = work / f"{version}-tasks.jsonl", work / f"{version}-answers.jsonl", work / f"{version}-judgments.jsonl"
     if _cli(["review", "export", version, "--store", store, "--format", "jsonl", "--out", str(tasks)]) != 0:
         return None
