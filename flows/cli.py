@@ -310,6 +310,24 @@ def curate(
     print(res.version_id)
 
 
+SHOW_OPEN_TEXT, SHOW_OPEN_JSON = 10, 1000  # open reviews listed by `show` (oldest first)
+
+
+def _print_open_reviews(waiting) -> None:
+    """The routed pairs still waiting for a review, oldest first, with their age."""
+    con = out_console()
+    if waiting.height == 0:
+        con.print("open reviews: none")
+        return
+    con.print(markup("open reviews: {n} routed pairs waiting (oldest {age} days; `prefpipe review export` sends them out)",
+                     n=f"{waiting.height:,}", age=f"{waiting['age_days'][0]:.1f}"))
+    for r in waiting.head(SHOW_OPEN_TEXT).iter_rows(named=True):
+        con.print(markup("  {pid}  {route:8s} routed in {vin}  age {age} d  reviews {n}", pid=r["pair_id"], route=r["route"],
+                         vin=r["routed_in"], age=f"{r['age_days']:.1f}", n=r["reviews"]))
+    if waiting.height > SHOW_OPEN_TEXT:
+        con.print(f"  ... {waiting.height - SHOW_OPEN_TEXT:,} more (show --json lists up to {SHOW_OPEN_JSON:,})")
+
+
 def _print_version_summary(m) -> None:
     con = out_console()
     led = m.ledger
@@ -317,6 +335,11 @@ def _print_version_summary(m) -> None:
               f" (dropped {sum(led.judgments_dropped.values()):,} {led.judgments_dropped or ''})")
     con.print(f"        pairs {led.pairs:,} = kept {led.pairs_kept:,} + routed {sum(led.routed.values()):,} {led.routed}"
               f" + dropped {sum(led.dropped.values()):,} {led.dropped or ''}")
+    if led.reviews is not None:
+        r = led.reviews
+        con.print(f"reviews: {r.judgments:,} review judgments; routed pairs {r.routed_ever:,} -> exported {r.exported:,}"
+                  f" -> reviewed {r.reviewed:,} -> resolved {r.resolved:,} ({r.resolved_by_reviews:,} by reviews,"
+                  f" mode {r.mode}); open {r.open:,}")
     con.print("splits: " + ", ".join(f"{k} {v.rows:,}" for k, v in m.splits.items()))
     status_style = {"pass": "green", "warn": "yellow", "fail": "red"}
     con.print(Text("checks: ") + Text("  ").join(plain(f"{c.name}={c.status}", style=status_style.get(c.status, "white"))
@@ -415,9 +438,19 @@ def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix,
     m = h.manifest()
     chain = h.verify_chain()
     trust = {"ok": chain.ok, "link": chain.link, "reason": chain.reason}
+    import polars as pl
+
+    from pipeline.reviews_resolve import open_reviews_of
+
+    waiting = open_reviews_of(h)
     if as_json:
+        listed = waiting.head(SHOW_OPEN_JSON).with_columns(routed_at=pl.col("routed_at").dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ"))
         print(json.dumps({**m.model_dump(mode="json"), "certification": h.certification(), "trust": trust,
-                          "path": str(h.path)}, indent=2))
+                          "path": str(h.path),
+                          "open_reviews": {"total": waiting.height, "listed": listed.to_dicts(),
+                                           "truncated": waiting.height > SHOW_OPEN_JSON,
+                                           "age": "days since the version that routed the pair was created"}},
+                         indent=2))
         return
     con = out_console()
     con.print(markup("[bold]{m.version_id}[/]  created {m.created_at:%Y-%m-%d %H:%M:%S}Z  parent {parent}  code {m.code_version}",
@@ -427,6 +460,7 @@ def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix,
     for c in m.checks:
         con.print(markup("  {name:16s} {status:5s} {summary}  {flags}", name=c.name, status=c.status,
                          summary=c.summary, flags=c.flag_counts or ""))
+    _print_open_reviews(waiting)
     state = "CERTIFIED" if chain.ok else ("none yet" if chain.link == "certificate" and h.certification() is None
                                           else f"NOT certified ({chain.link}): {chain.reason}")
     con.print(markup("certification: {state}", state=state))

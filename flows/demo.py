@@ -4,6 +4,8 @@
 2. the ``curate-batch`` Prefect flow (ingest -> checks -> select -> split -> immutable version),
    run on Prefect's temporary local server unless ``PREFECT_API_URL`` points at a real one;
 3. the ``certify-version`` flow (policy gates + Great Expectations);
+   then one review round: the routed pairs exported, answered by a scripted reviewer
+   (``data/review_bot.py``), imported and curated as a child version that resolves them;
 4. a short DPO training run on the version when it is certified (tiny random-init model,
    the repo's tokenizer; skip with ``--no-train``);
 and prints where the report, the certification record and the run directory are.
@@ -23,11 +25,16 @@ SAMPLES = sorted((ROOT / "data" / "samples").glob("*.jsonl"))
 
 
 def _validate(files: list[str]) -> int:
+    return _cli(["validate", *files])
+
+
+def _cli(args: list[str]) -> int:
+    """Run one ``prefpipe`` command in this process, as typed (exit code returned)."""
     from flows.cli import app
 
-    print(f"$ prefpipe validate {' '.join(files)}", flush=True)
+    print(f"$ prefpipe {' '.join(args)}", flush=True)
     try:
-        app(["validate", *files], standalone_mode=False)
+        app(args, standalone_mode=False)
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # click's Exit carries exit_code
@@ -36,6 +43,35 @@ def _validate(files: list[str]) -> int:
             raise
         return int(code)
     return 0
+
+
+def review_round(store: str, version: str) -> str | None:
+    """One review round trip: the version's routed pairs out as JSONL tasks, a scripted reviewer
+    (``data/review_bot.py``) answers, the answers come back as judgments with ``review_of``, and a
+    child version curated with them resolves the pairs the reviews decide (docs/reviews.md)."""
+    import subprocess
+
+    from flows.flows import curate_batch_with_runner
+    from pipeline.store import Store
+
+    print("\n== review round: routed pairs -> reviewers -> a child version ==", flush=True)
+    work = Path(store).resolve() / "reviews" / "demo-round"  # inside the store: nothing written next to it
+    tasks, answers, batch = work / f"{version}-tasks.jsonl", work / f"{version}-answers.jsonl", work / f"{version}-judgments.jsonl"
+    if _cli(["review", "export", version, "--store", store, "--format", "jsonl", "--out", str(tasks)]) != 0:
+        return None
+    print(f"$ python data/review_bot.py {tasks} --out {answers}   # the scripted reviewer", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "data" / "review_bot.py"), str(tasks), "--out", str(answers)], check=True)
+    if _cli(["review", "import", str(answers), "--format", "jsonl", "--store", store, "--out", str(batch)]) != 0:
+        return None
+    print(f"$ prefpipe curate {batch} --store {store} --parent {version}   # here: the curate-batch flow", flush=True)
+    child = curate_batch_with_runner()(files=[str(batch)], store=store, parent=version)
+    r = Store(store).get(child).manifest().ledger.reviews
+    if r is not None:
+        print(f"child {child}: routed {r.routed_ever} -> exported {r.exported} -> reviewed {r.reviewed} -> "
+              f"resolved {r.resolved} ({r.resolved_by_reviews} by the reviews' majority); still open {r.open} "
+              f"({r.kept_routed_by_review_tie} kept routed by a tie between reviews)")
+    print(f"open reviews with their age: .venv/bin/prefpipe show {child} --store {store}")
+    return child
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             print(visible_controls(f"  FAIL {g['name']}: value {g['value']} threshold {g['threshold']} {g['detail']}"))
     print(f"verdict: {cert['verdict'].upper()} ({sum(g['passed'] for g in cert['gates'])}/{len(cert['gates'])} gates passed)")
     lap("certify flow (gates + Great Expectations)")
+
+    review_round(args.store, version)
+    lap("review round (export, scripted reviewer, import, child version)")
 
     run_dir = None
     if cert["verdict"] == "certified" and not args.no_train:

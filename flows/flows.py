@@ -7,7 +7,9 @@
 * ``process_inbox``     picks up finished batch files (``<file>.done`` marker) from an inbox,
                         curates each new one as a child of the latest version, certifies it
                         and, if the policy says so, trains.  A batch whose sha256 is already a
-                        source of a version is never processed twice.
+                        source of a version is never processed twice.  A review batch
+                        (``prefpipe review import`` output) is a batch like any other: its child
+                        version resolves the routed pairs it reviews (docs/reviews.md).
 
 Tasks pass file paths and content hashes, never DataFrames.  Retries only where I/O can fail.
 With no configuration Prefect runs on its temporary local server; ``PREFECT_API_URL`` points

@@ -27,6 +27,12 @@ def version_tables(h: VersionHandle) -> dict[str, Any]:
         {"stage": "pairs kept (DPO rows)", "count": led.pairs_kept},
         *[{"stage": f"split {k}", "count": v} for k, v in led.splits.items()],
     ]
+    if led.reviews is not None and led.reviews.routed_ever:  # the review funnel (docs/reviews.md)
+        r = led.reviews
+        ledger += [{"stage": f"reviews: {k}", "count": v} for k, v in (
+            ("routed pairs (lineage)", r.routed_ever), ("exported", r.exported), ("reviewed", r.reviewed),
+            ("resolved", r.resolved), ("resolved by reviews", r.resolved_by_reviews), ("open", r.open),
+            ("review judgments", r.judgments))]
     checks = [{"check": c.name, "status": c.status, "flags": ", ".join(f"{k}={v}" for k, v in c.flag_counts.items()),
                "summary": c.summary} for c in m.checks]
     ann = h.read("annotators.parquet")

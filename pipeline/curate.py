@@ -23,6 +23,7 @@ import polars as pl
 from pipeline import aggregate as agg
 from pipeline import dimensions as dims
 from pipeline import incremental as inc
+from pipeline import reviews_resolve as rr
 from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, resolve_policy, run_checks
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
@@ -155,6 +156,8 @@ def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple
     if parent is None:
         return new, 0
     old = parent.read("judgments.parquet")
+    if "review_of" not in old.columns:  # a parent written before reviews were a field
+        old = old.with_columns(review_of=pl.lit(None, pl.String)).select(new.columns)
     fresh = new.join(old.select("comparison_id"), on="comparison_id", how="anti")
     return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
 
@@ -169,8 +172,11 @@ def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> 
 def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
                    policy: Policy, timer: _Timer, full: bool = False) -> Manifest:
     t = time.perf_counter()
+    created_at = datetime.now(UTC)
     judgments, repeated = _union_with_parent(ingest.take_judgments(), parent)
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
+    # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
+    judgments = rr.attach(judgments, from_row=n_parent_judgments)
     quarantine = _quarantine_with_parent(ingest.quarantine, parent)
     # a comparison_id used twice inside the input: keep the first, count the rest
     dup_ids = judgments.select(pl.col("comparison_id").is_duplicated() & ~pl.col("comparison_id").is_first_distinct()).to_series()
@@ -184,6 +190,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     n_judgments = judgments.height
     extra: dict[str, dict[str, Any]] = {"registry": {"registry": policy.annotators}}  # None: the check does nothing
+    review_ctx = _review_context(store, parent, policy)
+    extra["reviews"] = {"reviews": review_ctx}
     # judgments.parquet is written on a second thread while the checks run (Polars releases
     # the GIL while it encodes); leaving the block waits for it, also on an error
     tables: dict[str, TableInfo] = {}
@@ -193,6 +201,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         judgments, no_verdict = dims.for_training(judgments, policy.dimensions)
         t = timer.lap("union_inputs", t)
         prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
+        reviews = rr.classify(judgments, review_ctx)
+        prelim = rr.resolve(prelim, reviews, review_ctx)  # reviews decide routed pairs (pipeline/reviews_resolve.py)
         t = timer.lap("aggregate_preliminary", t)
         given: dict[str, CheckResult] = {}
         # the union starts with the parent's judgments as they are (train_on may drop some: then everything is rerun)
@@ -229,6 +239,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # the kept judgments carry no texts: the final aggregation takes them from the preliminary pairs
     all_pair_ids, n_pairs = prelim.pairs["pair_id"], prelim.pairs.height
     final = agg.aggregate(jsel.kept, policy.checks.aggregation, texts=prelim.texts(), dimensions=policy.dimensions)
+    kept_reviews = reviews.join(jsel.kept.select("comparison_id"), on="comparison_id", how="semi")
+    final = rr.resolve(final, kept_reviews, review_ctx)
+    decided = rr.votes(kept_reviews, final.pairs, final.a_hash)
     del prelim
     rule: dict[str, Any] = {"mode": "full" if parent is not None and full else "incremental" if recompute is not None
                             else "recomputed"}
@@ -287,6 +300,12 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     tables["routed"] = _grouped_table(reuse, store, stage, "routed", keyed(psel.routed.drop("_reasons", strict=False)))
     for name, frame in state_frames(results).items():  # what a child's pair-scoped checks start from
         tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
+    review_state, review_ledger = rr.finish(
+        review_ctx, version_id=version_id, created_at=created_at, pairs=psel.pairs, routed=psel.routed,
+        reviews=reviews, decided_by_reviews=decided, n_review_judgments=reviews.height)
+    w = TableWriter(store, stage, rr.STATE)
+    w.write("all", review_state)
+    tables[rr.STATE] = w.info()
     tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
                                            quarantine.height - ingest.quarantine.height if parent else 0, version_id)
     annotators = agg.annotator_table(results, final.annotators.select(
@@ -313,6 +332,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         routed=psel.routed_by_label,
         dropped=psel.dropped_by_reason,
         splits={s: f.height for s, f in split_frames.items()},
+        reviews=review_ledger,
     )
     sources = list(ingest.sources)
     if parent:
@@ -320,7 +340,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         sources = [SourceInfo(**{**s.model_dump(), "path": s.path}) for s in pm.sources] + sources
     manifest = Manifest(
         version_id=version_id,
-        created_at=datetime.now(UTC),
+        created_at=created_at,
         parent_version=parent.version_id if parent else None,
         code_version=code_version(),
         policy_hash=policy.policy_hash(),
@@ -347,6 +367,14 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         manifest.files[path.name] = file_info(path, path.name)
     timer.lap("report", t)
     return manifest
+
+
+def _review_context(store: Store, parent: VersionHandle | None, policy: Policy) -> rr.ReviewContext:
+    """What the build knows of reviews: the lineage's routed pairs and which of them were exported."""
+    from pipeline.review.exports import exported_pairs, lineage
+
+    return rr.context(parent, mode=policy.reviews.mode, registry=policy.annotators,
+                      exported=exported_pairs(store, lineage(parent)) if parent is not None else frozenset())
 
 
 def parent_judgments_intact(parent: VersionHandle, n_parent_rows: int) -> bool:

@@ -81,7 +81,7 @@ _RAW_COLUMNS: dict[str, pl.DataType] = {
     "shown_first": pl.String, "label": pl.String, "strength": pl.Float64, "confidence": pl.Float64,
     "annotator_id": pl.String, "annotator_kind": pl.String, "rubric": pl.String, "critique": pl.String,
     "locale": pl.String, "tags": pl.List(pl.String), "created_at": pl.String, "gold_label": pl.String,
-    "extra": pl.String, "dimensions": pl.List(DIM_STRUCT),
+    "extra": pl.String, "dimensions": pl.List(DIM_STRUCT), "review_of": pl.String,
 }
 QUARANTINE_SCHEMA = polars_schema(QuarantineRow)
 
@@ -181,7 +181,7 @@ def _extract(records: list[dict[str, Any]]) -> tuple[dict[str, list[Any]], dict[
         cols["prompt"].append(prompt)
         for k in ("comparison_id", "batch_id", "pair_id", "shown_first", "label", "strength", "confidence",
                   "annotator_id", "annotator_kind", "rubric", "critique", "locale", "tags", "created_at",
-                  "gold_label"):
+                  "gold_label", "review_of"):
             cols[k].append(g(k))
         if isinstance(cols["created_at"][-1], datetime):  # Parquet timestamps arrive as datetime
             ts = cols["created_at"][-1]
@@ -387,6 +387,10 @@ def _error_columns(df: pl.DataFrame, dimension_rule: DimensionsConfig | None = N
         ("gold_label", "invalid_value", c("gold_label").is_not_null() & ~c("gold_label").is_in(list(LABELS))),
         ("locale", "invalid_value", c("locale").is_not_null() & ~c("locale").str.contains(_LOCALE_RE)),
         ("created_at", "invalid_value", c("created_at").is_not_null() & c("_created").is_null()),
+        # a review is a judgment of the pair it reviews: pair_id (when given) must name that pair
+        ("review_of", "invalid_value", c("review_of").str.strip_chars() == ""),
+        ("review_of", "invalid_value", c("review_of").is_not_null() & c("pair_id").is_not_null()
+         & (c("pair_id") != c("review_of"))),
     ]
     failed = df.select([cond.fill_null(False).alias(str(i)) for i, (_, _, cond) in enumerate(rules)]).to_numpy()
     rows = np.flatnonzero(failed.any(axis=1))
@@ -455,6 +459,7 @@ _EXPECTED = {
     "gold_label": f"one of {list(LABELS)}", "locale": "a BCP 47 tag such as 'en' or 'ja-JP'",
     "created_at": "an ISO 8601 timestamp", "tags": "a list of strings", "batch_id": "a string", "pair_id": "a string",
     "rubric": "a string", "critique": "a string", "dimensions": "an object of dimension name -> verdict",
+    "review_of": "the pair_id of the routed pair this judgment reviews (a non-empty string equal to pair_id when both are given)",
 }
 
 
@@ -480,6 +485,10 @@ def error_message(record: dict[str, Any], field_name: str, reason: str,
     """
     if field_name == "label" and reason == "invalid_value" and record.get("label") is None:
         return _underived_label(dimension_rule)
+    if field_name == "review_of" and reason == "invalid_value" and isinstance(record.get("review_of"), str) \
+            and record["review_of"].strip() and record.get("pair_id") is not None:
+        return (f"field 'review_of': {_found(record['review_of'])} differs from pair_id {_found(record['pair_id'])}; "
+                "a review is a judgment of the pair it reviews (give the same id, or leave pair_id out)")
     value = record.get(field_name)
     if field_name in ("response_a", "response_b") and isinstance(value, dict):
         value = value.get("text")
@@ -858,7 +867,7 @@ def _finish(df: pl.DataFrame, batch_id: str, source: str) -> pl.DataFrame:
         source_line=c("_line"),
     ).with_columns(prompt_text=prompt_text_expr(c("prompt")))
     (pt, ph), (ra, ah), (rb, bh) = (_hash_distinct(df[c], dedup=True) for c in ("prompt_text", "response_a", "response_b"))
-    df = df.with_columns(prompt_text=pt, response_a=ra, response_b=rb, prompt_hash=ph, a_hash=ah, b_hash=bh).with_columns(pair_id=c("pair_id").fill_null(_pair_ids(c("prompt_hash"), c("a_hash"), c("b_hash"))))
+    df = df.with_columns(prompt_text=pt, response_a=ra, response_b=rb, prompt_hash=ph, a_hash=ah, b_hash=bh).with_columns(pair_id=pl.coalesce(c("pair_id"), c("review_of"), _pair_ids(c("prompt_hash"), c("a_hash"), c("b_hash"))))
     return conform(df, Judgment).select(list(polars_schema(Judgment)))
 
 

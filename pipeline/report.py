@@ -73,6 +73,17 @@ def ledger_rows(m: Manifest) -> list[tuple[str, int]]:
     return rows
 
 
+def review_funnel(m: Manifest) -> list[tuple[str, int, str]]:
+    """The review funnel of ``ledger.reviews``: routed -> exported -> reviewed -> resolved (+ still open)."""
+    r = m.ledger.reviews
+    if r is None:
+        return []
+    return [("routed (this lineage)", r.routed_ever, ""), ("exported for review", r.exported, ""),
+            ("reviewed (≥ 1 review)", r.reviewed, f"{r.judgments_of_routed:,} review judgments"),
+            ("resolved", r.resolved, f"{r.resolved_by_reviews:,} by the reviews' majority"),
+            ("still open", r.open, f"{r.kept_routed_by_review_tie:,} kept routed by a tie between reviews")]
+
+
 LEDGER_COLORS = {"valid": "#16a34a", "used": "#16a34a", "kept: train": "#16a34a", "kept: validation": "#4ade80",
                  "kept: test": "#86efac", "quarantined": "#dc2626", "routed: tie": "#f59e0b", "routed: both_bad": "#d97706",
                  "routed: escalate": "#fbbf24"}
@@ -274,6 +285,14 @@ def render_html(inp: ReportInputs) -> str:
     # ledger
     parts.append("<h2>Ledger: from rows in to DPO rows</h2><div class=card>" + flow_chart(m))
     parts.append(_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)], {1}) + "</div>")
+    funnel = review_funnel(m)
+    if funnel:
+        r = m.ledger.reviews
+        parts.append("<h2>Reviews: routed → exported → reviewed → resolved</h2><div class=card>"
+                     + svg.hbars("review-funnel", "Routed pairs and their reviews", funnel, x_label="pairs")
+                     + f"<div class=small>mode {svg.esc(r.mode)}; {r.judgments:,} judgments with review_of in this version "
+                     f"({r.judgments - r.judgments_of_routed:,} of pairs never routed or unknown: see the reviews check). "
+                     "Open pairs are listed by <code>prefpipe show</code> with their age.</div></div>")
     # plots
     slices, series, n_slice = label_distribution(inp)
     parts.append("<h2>Label distribution per slice</h2><div class=card>"
@@ -395,6 +414,11 @@ def render_markdown(inp: ReportInputs) -> str:
           md_table(["check", "status", "flags", "summary"], [[c["name"], c["status"], ", ".join(f"{k}={v}" for k, v in (c.get("flag_counts") or {}).items()),
                                                                _short(c.get("summary"), 120)] for c in (c.model_dump() for c in m.checks)]),
           "", "## Ledger", "", md_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)]), ""]
+    funnel = review_funnel(m)
+    if funnel:
+        md += ["## Reviews: routed → exported → reviewed → resolved", "",
+               md_table(["stage", "pairs", "note"], [list(f) for f in funnel]), "",
+               f"mode {md_escape(m.ledger.reviews.mode)}; {m.ledger.reviews.judgments:,} judgments with review_of.", ""]
     ag = agreement_rows(inp)
     if ag:
         md += ["## Agreement", "", md_table(["slice", "kind", "pairs", "Krippendorff α", "Fleiss κ"], [list(r) for r in ag]), ""]

@@ -70,6 +70,36 @@ class TableInfo(BaseModel):
     parts: list[SplitInfo]
 
 
+class ReviewLedger(BaseModel):
+    """``ledger.reviews``: reviews of routed pairs and what became of the pairs (``pipeline/reviews_resolve.py``).
+
+    ``routed_ever`` counts the pairs any version of the lineage (this one included) routed away
+    from training; each is now ``resolved`` (it leaves as a DPO row or a drop) or ``open`` (still
+    routed: waiting for a review).  The funnel ``routed_ever >= exported``, ``reviewed``
+    (>= 1 review judgment), ``resolved`` is what the report draws."""
+
+    mode: Literal["resolve", "vote"] = "resolve"
+    judgments: int = Field(0, description="judgment rows with review_of")
+    judgments_of_routed: int = Field(0, description="... of them reviewing a pair the lineage routed")
+    routed_ever: int = 0
+    exported: int = Field(0, description="routed pairs in a `review export` of a version of the lineage before this one")
+    reviewed: int = Field(0, description="routed pairs with at least one review judgment")
+    resolved: int = Field(0, description="routed pairs that now leave as DPO rows or drops")
+    resolved_by_reviews: int = Field(0, description="... of them decided by the reviews' majority (mode resolve)")
+    kept_routed_by_review_tie: int = Field(0, description="reviewed pairs kept routed: the reviews tie")
+    open: int = Field(0, description="routed pairs still waiting (= the routed pairs of this version)")
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> ReviewLedger:
+        if self.routed_ever != self.resolved + self.open:
+            raise ValueError(f"ledger.reviews does not add up: routed_ever {self.routed_ever} != resolved {self.resolved} "
+                             f"+ open {self.open}")
+        if max(self.exported, self.reviewed) > self.routed_ever or self.resolved_by_reviews > self.resolved \
+                or self.judgments_of_routed > self.judgments:
+            raise ValueError(f"ledger.reviews does not add up: {self.model_dump()}")
+        return self
+
+
 class Ledger(BaseModel):
     """The version-level ledger (``manifest.json``); every number adds up."""
 
@@ -82,9 +112,12 @@ class Ledger(BaseModel):
     routed: dict[str, int] = Field(default_factory=lambda: {"tie": 0, "both_bad": 0, "escalate": 0})
     dropped: dict[str, int] = Field(default_factory=dict)
     splits: dict[str, int] = Field(default_factory=dict)
+    reviews: ReviewLedger | None = None  # null in versions written before reviews resolved routed pairs
 
     @model_validator(mode="after")
     def _adds_up(self) -> Ledger:
+        if self.reviews is not None and self.reviews.open != sum(self.routed.values()):
+            raise ValueError(f"ledger does not add up: reviews.open {self.reviews.open} != routed {sum(self.routed.values())}")
         if self.pairs != self.pairs_kept + sum(self.routed.values()) + sum(self.dropped.values()):
             raise ValueError(
                 f"ledger does not add up: pairs {self.pairs} != kept {self.pairs_kept} + routed "

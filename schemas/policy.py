@@ -300,6 +300,15 @@ class DimensionsConfig(_Cfg):
         return bool(self.priority or self.primary)
 
 
+class ReviewsConfig(_Cfg):
+    """Reviews of routed pairs (judgments with ``review_of``; ``pipeline/reviews_resolve.py``, docs/reviews.md)."""
+
+    mode: Literal["resolve", "vote"] = Field(
+        "resolve", description="resolve: a pair an ancestor routed that a qualified human reviewed decisively takes the "
+        "reviews' majority verdict (a tie between reviews keeps it routed; its agreement and weight come from the "
+        "reviews); vote: reviews are ordinary votes next to the original judgments")
+
+
 class Policy(_Cfg):
     """The whole policy. Defaults are a sensible starting point for mixed human/AI data."""
 
@@ -313,6 +322,7 @@ class Policy(_Cfg):
     split: SplitConfig = SplitConfig()
     certify: CertifyConfig = CertifyConfig()
     dimensions: DimensionsConfig = DimensionsConfig()
+    reviews: ReviewsConfig = ReviewsConfig()
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -133,6 +133,22 @@ class RawJudgment(BaseModel):
     created_at: datetime | None = None
     gold_label: Label | None = None
     dimensions: dict[DimensionName, DimensionLabel | DimensionVerdictInput] | None = None
+    review_of: str | None = Field(None, description="this judgment reviews the routed pair with this pair_id "
+                                  "(`prefpipe review import` writes it); pair_id defaults to it and must equal it")
+
+    @field_validator("review_of")
+    @classmethod
+    def _review_of_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("expected a pair_id, found an empty string")
+        return v
+
+    @model_validator(mode="after")
+    def _review_of_is_the_pair(self) -> RawJudgment:
+        if self.review_of is not None and self.pair_id is not None and self.pair_id != self.review_of:
+            raise ValueError(f"review_of {self.review_of!r} differs from pair_id {self.pair_id!r} (a review is a "
+                             "judgment of the pair it reviews)")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -190,6 +206,8 @@ class Judgment(BaseModel):
     gold_label: Label | None = None
     dimensions: list[DimensionVerdict] | None = Field(None, description="per-dimension verdicts, sorted by name (null: none given)")
     label_derived: bool = Field(False, description="the row had no label: it was derived from `dimensions` by the policy's dimension rule")
+    review_of: str | None = Field(None, description="the routed pair this judgment reviews (equal to pair_id; null: "
+                                  "an ordinary judgment); pipeline/reviews_resolve.py")
     extra: str | None = Field(None, description="unknown input fields and response generation info, as JSON")
     source_file: str
     source_line: int = Field(description="1-based line (JSONL/CSV: physical line; Parquet: row number)")

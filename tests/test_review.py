@@ -296,7 +296,8 @@ def test_import_without_store_checks_hashes_and_gives_the_same_verdicts(built, l
 
 
 def test_import_then_curate_as_child(built, ls_round):
-    """The imported batch curates as a child of the version (resolution of routed pairs comes later)."""
+    """The imported batch curates as a child of the version, whose reviews resolve routed pairs
+    (the rule itself: tests/test_review_loop.py)."""
     store_copy = built["dir"] / "store-copy"
     import shutil
 
@@ -306,6 +307,9 @@ def test_import_then_curate_as_child(built, ls_round):
     assert summary["created"] is True
     child = Store(store_copy).resolve(summary["version_id"]).manifest()
     assert child.parent_version == built["vid"] and child.ledger.judgments_valid == 40 + 10
+    r = child.ledger.reviews
+    assert r.judgments == r.judgments_of_routed == 10 and r.routed_ever == 12 == r.resolved + r.open
+    assert r.resolved_by_reviews > 0
 
 
 # ---------------------------------------------------------------- Argilla round trip
@@ -384,6 +388,27 @@ def test_argilla_round_trip(built, argilla_round, tmp_path):
             if x["annotator_id"] == f"argilla-{u2}"] == ["tie"]
     assert {argilla_round["records"][i]["metadata"]["shown_first"] for i in range(6)} == {"a", "b"}
     validate_ok(batch)
+
+
+def test_argilla_round_resolves_the_pairs_in_a_child(built, argilla_round, tmp_path):
+    """Five records got one decisive submitted answer: resolved; record 0 got a decisive answer and a
+    tie from another reviewer: a tie between reviews keeps it routed; drafts and discarded ones never count."""
+    import shutil
+
+    batch = tmp_path / "argilla-batch.jsonl"
+    import_(built, "argilla", argilla_round["flat"], batch)
+    store = tmp_path / "store"
+    shutil.copytree(built["store"], store)
+    summary, _ = json.JSONDecoder().raw_decode(cli("curate", batch, "--store", store, "--parent", built["vid"], "--json").stdout)
+    child = Store(store).resolve(summary["version_id"])
+    r = child.manifest().ledger.reviews
+    assert (r.judgments, r.reviewed, r.resolved_by_reviews, r.kept_routed_by_review_tie) == (7, 6, 5, 1)
+    assert r.exported == 12 and r.routed_ever == 12 == r.resolved + r.open
+    still = set(child.read("routed.parquet")["pair_id"].to_list())
+    recs = argilla_round["records"]
+    assert recs[0]["metadata"]["pair_id"] in still
+    assert not {recs[i]["metadata"]["pair_id"] for i in range(1, 6)} & still
+    assert {recs[i]["metadata"]["pair_id"] for i in (6, 7, 8)} <= still
 
 
 def test_argilla_nested_export_without_statuses_is_not_trusted(built, argilla_round, tmp_path):

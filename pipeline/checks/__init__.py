@@ -24,6 +24,7 @@ from pipeline.checks import (
     position_bias,
     registry,
     reliability,
+    reviews,
     routing,
 )
 from pipeline.checks.spec import CheckSpec, Reason
@@ -35,6 +36,7 @@ CHECKS: tuple[CheckSpec, ...] = (
     duplicates.CHECK,
     pair_id_conflict.CHECK,
     registry.CHECK,
+    reviews.CHECK,
     near_duplicates.CHECK,
     language.CHECK,
     agreement.CHECK,

@@ -5,8 +5,9 @@ verified reader) into review tasks for one tool; ``import_review`` turns that to
 into canonical raw judgments with ``review_of`` set, a ledger that adds up, and nothing written
 unless the whole file is usable.  One module per tool format: :mod:`.jsonl`,
 :mod:`.label_studio`, :mod:`.argilla`; what they share (display order, text hashes, checks
-against the store) is in :mod:`.tasks`.  How reviews *resolve* routed pairs in a child version is
-not here: the imported batch is curated like any batch (``prefpipe curate BATCH --parent V``).
+against the store) is in :mod:`.tasks`; the export log (which pairs went out) in :mod:`.exports`.
+How reviews *resolve* routed pairs in a child version is :mod:`pipeline.reviews_resolve`: the
+imported batch is curated like any batch (``prefpipe curate BATCH --parent V``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from pipeline.review import argilla, jsonl, label_studio
 from pipeline.review.argilla import PushError
+from pipeline.review.exports import record_export
 from pipeline.review.tasks import (ReviewFileError, RoutedIndex, TaskReader, check_out_path, dumps_jsonl, env_flag,
                                    first_error, routed_pairs, tasks_from_routed)
 from pipeline.store import Store, _fsync_dir
@@ -81,8 +83,11 @@ def export_review(store: Store, ref: str, *, fmt: str, out: Path, reasons: tuple
             shutil.rmtree(stage, ignore_errors=True)
             raise
         _fsync_dir(out.parent)
+        record_export(store, version_id=handle.version_id, fmt=fmt, pair_ids=[t.pair_id for t in tasks], out=out)
         return ExportResult(handle.version_id, fmt, len(tasks), by_reason, [out], pushed)
     write_files(files)
+    # the export log (STORE/reviews/exports/, beside the versions): the funnel's "exported"
+    record_export(store, version_id=handle.version_id, fmt=fmt, pair_ids=[t.pair_id for t in tasks], out=out)
     return ExportResult(handle.version_id, fmt, len(tasks), by_reason, list(files))
 
 
