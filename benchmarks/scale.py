@@ -1,0 +1,188 @@
+"""`prefpipe curate` time and peak memory against input size (issue 15's baseline and goal).
+
+    .venv/bin/python benchmarks/scale.py [--sizes 100000 300000 1000000 [3000000 ...]] [--row-bytes 1000]
+
+For each size: the generated batch (``benchmarks/gen_judgments.py`` ``cached_batch``, files under
+$TMPDIR/prefpipe-bench/), then one fresh ``prefpipe curate BATCH --store NEW --json`` process.
+Measured from outside: wall clock; CPU (user + sys) from the child's rusage (``os.wait4``);
+peak RSS from the child's own ``/proc/self/status`` VmHWM, printed by a tiny launcher at exit --
+not ``ru_maxrss``, which Linux carries over from the forking parent across ``exec`` (so a child
+of a big parent would report the parent's peak); the 1-minute load average before and after
+(the machine is shared: other jobs' load shows up in wall time, less in CPU time).
+
+Prints a table, writes the "Scale" section of docs/benchmarks.md and a plot of wall time and
+peak RSS against judgments (``docs/scale.png``; Pillow, which the lock already carries -- there is
+no matplotlib).  ``--from-issue N:WALL:PEAK_GB`` adds a row quoted from issue 15 (marked so)
+for a size not measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, machine_line, table, write_section  # noqa: E402
+from gen_judgments import cached_batch  # noqa: E402
+
+PLOT = ROOT / "docs" / "scale.png"
+
+# runs the CLI in this process and prints its own peak resident set (VmHWM) to stderr at exit
+LAUNCHER = (
+    "import atexit, runpy, sys\n"
+    "def _hwm():\n"
+    "    for ln in open('/proc/self/status'):\n"
+    "        if ln.startswith('VmHWM:'): return int(ln.split()[1])\n"
+    "atexit.register(lambda: print('PEAK_RSS_KB', _hwm(), file=sys.stderr, flush=True))\n"
+    "sys.argv = ['prefpipe', *sys.argv[1:]]\n"
+    "runpy.run_module('flows.cli', run_name='__main__')\n"
+)
+
+
+@dataclass
+class Row:
+    judgments: int
+    input_mb: float
+    wall: float
+    cpu: float
+    peak_mib: float
+    load_before: float
+    load_after: float
+    pairs: int | None = None
+    timings: dict[str, float] | None = None
+    source: str = "measured"
+
+
+def run_curate(batch: Path) -> tuple[float, float, float, dict, tuple[float, float]]:
+    """(wall s, CPU s, peak RSS MiB from VmHWM, the --json output, load before/after) of one curate."""
+    store = Path(tempfile.mkdtemp(prefix="pp-scale-"))
+    load0 = os.getloadavg()[0]
+    try:
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "curate", str(batch), "--store", str(store), "--json"],
+                                    stdout=out, stderr=err, text=True, cwd=ROOT, env=os.environ.copy())
+            _, status, ru = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        if os.waitstatus_to_exitcode(status):
+            raise RuntimeError(f"curate {batch} failed:\n{stderr[-3000:]}")
+        peaks = [int(ln.split()[1]) for ln in stderr.splitlines() if ln.startswith("PEAK_RSS_KB")]
+        if not peaks:
+            raise RuntimeError(f"curate {batch}: the launcher printed no VmHWM:\n{stderr[-2000:]}")
+        # --json prints the JSON document, then the version id as the last line
+        data = json.loads(stdout[: stdout.rstrip().rfind("\n")])
+        return wall, ru.ru_utime + ru.ru_stime, peaks[-1] / 1024, data, (load0, os.getloadavg()[0])
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Two panels (wall s, peak RSS GB) against judgments; quoted rows drawn hollow."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    W, H, pad_l, pad_r, pad_t, pad_b = 520, 380, 70, 20, 40, 55
+    img = Image.new("RGB", (2 * W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=14)
+    small = ImageFont.load_default(size=12)
+    xs = [r.judgments / 1e6 for r in rows]
+    panels = [("curate wall time (s)", [r.wall for r in rows], "#2563eb"),
+              ("peak RSS (GB, VmHWM)", [r.peak_mib * 2**20 / 1e9 for r in rows], "#dc2626")]
+    x_max = max(xs) * 1.05
+    for k, (title, ys, colour) in enumerate(panels):
+        ox = k * W
+        pw, ph = W - pad_l - pad_r, H - pad_t - pad_b
+        y_max = max(ys) * 1.15
+        sx = lambda v: ox + pad_l + pw * v / x_max  # noqa: E731
+        sy = lambda v: pad_t + ph - ph * v / y_max  # noqa: E731
+        d.text((ox + pad_l, 10), title, fill="#0f172a", font=font)
+        for i in range(6):  # grid and ticks
+            yv, xv = y_max * i / 5, x_max * i / 5
+            d.line([(ox + pad_l, sy(yv)), (ox + pad_l + pw, sy(yv))], fill="#e2e8f0")
+            d.text((ox + pad_l - 8, sy(yv)), f"{yv:.3g}", fill="#475569", font=small, anchor="rm")
+            d.text((sx(xv), pad_t + ph + 8), f"{xv:.2g}", fill="#475569", font=small, anchor="mt")
+        d.rectangle([ox + pad_l, pad_t, ox + pad_l + pw, pad_t + ph], outline="#94a3b8")
+        d.text((ox + pad_l + pw / 2, H - 18), "judgments (millions)", fill="#334155", font=small, anchor="mm")
+        pts = [(sx(x), sy(y)) for x, y in zip(xs, ys, strict=True)]
+        d.line(pts, fill=colour, width=2)
+        for (px, py), r, y in zip(pts, rows, ys, strict=True):
+            box = [px - 5, py - 5, px + 5, py + 5]
+            d.ellipse(box, outline=colour, width=2, fill="white" if r.source != "measured" else colour)
+            d.text((px + 8, py - 8), f"{y:.3g}" + ("*" if r.source != "measured" else ""), fill=colour, font=small, anchor="ls")
+    d.text((W * 2 - 10, 16), "hollow, *: quoted from issue 15", fill="#64748b", font=small, anchor="rm")
+    tmp = path.with_suffix(".png.tmp")
+    img.save(tmp, format="PNG", optimize=True)
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    ap.add_argument("--row-bytes", type=int, default=1000)
+    ap.add_argument("--from-issue", action="append", default=[], metavar="N:WALL:PEAK_GB",
+                    help="a row quoted from issue 15 (not measured here), e.g. 3000000:84:6.8")
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    rows: list[Row] = []
+    for n in sorted(a.sizes):
+        batch = cached_batch(n, a.row_bytes)
+        wall, cpu, peak, data, (l0, l1) = run_curate(batch)
+        rows.append(Row(n, batch.stat().st_size / 1e6, wall, cpu, peak, l0, l1, data["ledger"].get("pairs"), data.get("timings_s")))
+        print(f"{n:>10,} judgments: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak {peak:,.0f} MiB, load {l0:.2f}-{l1:.2f}", flush=True)
+    for spec in a.from_issue:
+        n, wall, peak_gb = spec.split(":")
+        rows.append(Row(int(n), float("nan"), float(wall), float("nan"), float(peak_gb) * 1e9 / 2**20, float("nan"), float("nan"),
+                        source="from the issue"))
+    rows.sort(key=lambda r: r.judgments)
+
+    def cell(v: float, fmt: str) -> str:
+        return "-" if v != v else format(v, fmt)
+
+    measured = [r for r in rows if r.source == "measured"]
+    slope = ""
+    if len(measured) >= 2:
+        lo, hi = measured[0], measured[-1]
+        per_m = (hi.peak_mib - lo.peak_mib) / ((hi.judgments - lo.judgments) / 1e6)
+        per_m_s = (hi.wall - lo.wall) / ((hi.judgments - lo.judgments) / 1e6)
+        slope = (f"Between {lo.judgments:,} and {hi.judgments:,} judgments the peak grows by {per_m:,.0f} MiB "
+                 f"({per_m * 2**20 / 1e9:.2f} GB) and the wall time by {per_m_s:.1f} s per million judgments (today every "
+                 "stage holds the whole frame; issue 15 bounds it by the partition size).")
+    body = (
+        f"`.venv/bin/python benchmarks/scale.py --sizes {' '.join(str(s) for s in a.sizes)} --row-bytes {a.row_bytes}` — "
+        f"{machine_line()}; each size one fresh `prefpipe curate BATCH --store NEW --json` process on a "
+        "`benchmarks/gen_judgments.py` batch (~1 KB a judgment). Wall clock from outside; CPU = user + sys of the "
+        "child (wait4); peak RSS = the child's own VmHWM (`/proc/self/status`, printed at exit by a launcher; "
+        "`ru_maxrss` would carry the parent's peak over across exec); load = 1-minute load average before/after "
+        "(shared 2-core machine: other jobs' load inflates wall time, less CPU time).\n\n"
+        + table(["judgments", "input MB", "pairs", "wall s", "CPU s", "judgments/s", "peak RSS MiB", "peak GB", "load", "source"], [
+            [f"{r.judgments:,}", cell(r.input_mb, ",.0f"), f"{r.pairs:,}" if r.pairs else "-", f"{r.wall:.1f}", cell(r.cpu, ".1f"),
+             f"{r.judgments / r.wall:,.0f}", f"{r.peak_mib:,.0f}", f"{r.peak_mib * 2**20 / 1e9:.2f}",
+             f"{r.load_before:.2f}-{r.load_after:.2f}" if r.load_before == r.load_before else "-", r.source] for r in rows])
+        + "\n\n" + slope
+        + "\n\nGoal (issue 15): 10M judgments ≤ 4 GB peak and ≥ 25k judgments/s end to end; 1M ≤ 1.5 GB; memory flat in "
+        "input size beyond the partition size. Rows marked \"from the issue\" are quoted, not measured in this run "
+        "(inputs above 1M were not run while another benchmark needed the machine's memory).\n\n"
+        f"![curate wall time and peak RSS against judgments]({PLOT.name})"
+    )
+    if measured and measured[-1].timings:
+        top = sorted(measured[-1].timings.items(), key=lambda kv: -kv[1])[:8]
+        body += (f"\n\nLargest stages at {measured[-1].judgments:,} judgments (`timings_s`): "
+                 + ", ".join(f"{k} {v:.1f} s" for k, v in top) + ".")
+    print(body)
+    if not a.no_write:
+        plot(rows, PLOT)
+        write_section("Scale", body)
+
+
+if __name__ == "__main__":
+    main()
