@@ -1,0 +1,244 @@
+"""Map a step over partition files, in process or on a Dask cluster; reduce in partition order.
+
+The unit of work of issue 15: a *step* is a pure function from one partition file's path to a
+few small tables (its state: per-annotator sums, duplicate groups, ...), and a reduce that merges
+those states in partition order.  A worker reads its partition itself -- the driver sends a path
+and receives the state, never the judgments -- so the partitions must live where every worker
+can read them (a shared mount; ``docs/scale-out.md``).
+
+Where the tasks run (``PREFPIPE_DASK``, or ``runner=`` explicitly):
+
+* unset / empty: in this process, one partition after another;
+* ``local``: a ``dask.distributed.LocalCluster`` of 2 worker *processes* (1 thread each);
+* ``tcp://host:8786``: an existing Dask scheduler.
+
+Results are byte-identical whichever runs them: a state travels as Arrow IPC bytes (no pickle of
+data; Dask only ships the function and these bytes), every state is cached on the driver as an
+IPC file, and the reduce reads the states back in partition order.
+
+Failure and retry: every task runs to its end; the states of the tasks that finished are cached
+under ``cache_dir`` by (step name, step version, partition sha256); if any failed,
+:class:`PartitionTaskError` names every failed partition (index, file, cause) and nothing is
+reduced.  Running again computes only the partitions without a cached state.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+__all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
+           "refs_of", "encode_state", "decode_state", "PartitionChanged", "ENV"]
+
+ENV = "PREFPIPE_DASK"
+State = dict[str, pl.DataFrame]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A pair-scoped computation: ``run(path) -> state`` per partition, ``reduce([state, ...]) -> state``
+    over the states in partition order.  ``version`` is part of the cache key: bump it when
+    ``run`` changes what it returns.  ``run`` must be importable by workers (a module-level
+    function, or a ``functools.partial`` of one)."""
+
+    name: str
+    version: str
+    run: Callable[[str], State]
+    reduce: Callable[[list[State]], State]
+
+
+@dataclass(frozen=True)
+class PartitionRef:
+    index: int
+    path: str
+    sha256: str  # the partition file's content: the cache key of its state
+
+
+@dataclass
+class RunStats:
+    computed: list[int] = field(default_factory=list)  # partitions whose task ran in this call
+    cached: list[int] = field(default_factory=list)  # partitions whose state was cached before
+    runner: str = "process"
+
+
+class PartitionTaskError(RuntimeError):
+    """One or more partitions' tasks failed; ``failed`` maps partition index -> message."""
+
+    def __init__(self, step: str, failed: dict[int, str], refs: dict[int, PartitionRef], finished: int) -> None:
+        self.step, self.failed = step, failed
+        lines = [f"partition {i} ({Path(refs[i].path).name}, sha256 {refs[i].sha256[:12]}): {msg}" for i, msg in sorted(failed.items())]
+        super().__init__(
+            f"step {step!r}: {len(failed)} of {len(refs)} partition task(s) failed -- " + "; ".join(lines)
+            + f". {finished} finished and are cached; run again to compute only the missing partition(s).")
+
+
+# ---------------------------------------------------------------- state <-> Arrow IPC bytes
+def encode_state(state: State) -> dict[str, bytes]:
+    """A state as Arrow IPC (stream) bytes per table: what a worker sends back."""
+    out = {}
+    for name, frame in state.items():
+        if not isinstance(frame, pl.DataFrame):
+            raise TypeError(f"state table {name!r} is a {type(frame).__name__}; a step returns Polars DataFrames")
+        buf = io.BytesIO()
+        # the oldest compat level writes strings as offsets + bytes: canonical bytes for equal
+        # frames (Polars' string views point into buffers whose layout depends on the history)
+        frame.write_ipc_stream(buf, compression="uncompressed", compat_level=pl.CompatLevel.oldest())
+        out[name] = buf.getvalue()
+    return out
+
+
+def decode_state(blobs: dict[str, bytes]) -> State:
+    return {name: pl.read_ipc_stream(io.BytesIO(b)) for name, b in sorted(blobs.items())}
+
+
+class PartitionChanged(ValueError):
+    """A partition file's bytes are not those its ledger names (damaged, replaced, half-copied)."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _task(run: Callable[[str], State], path: str, sha256: str) -> dict[str, bytes]:
+    """What runs on a worker: check the partition file against its sha256 (the cache key must
+    describe what was read), run the step on it, return the state's bytes."""
+    got = _sha256(path)
+    if got != sha256:
+        raise PartitionChanged(f"{path}: sha256 {got[:12]}..., the partition ledger says {sha256[:12]}...")
+    return encode_state(run(path))
+
+
+# ---------------------------------------------------------------- the cache of states
+def _cache_key(step: Step, ref: PartitionRef) -> str:
+    doc = json.dumps({"step": step.name, "version": step.version, "partition_sha256": ref.sha256}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def _cache_read(cache_dir: Path, key: str) -> dict[str, bytes] | None:
+    d = cache_dir / key
+    if not (d / "DONE").exists():
+        return None
+    names = json.loads((d / "DONE").read_text(encoding="utf-8"))
+    return {n: (d / f"{n}.arrow").read_bytes() for n in names}
+
+
+def _cache_write(cache_dir: Path, key: str, blobs: dict[str, bytes]) -> None:
+    """A state directory, staged and renamed into place (a reader sees all of it or nothing)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / key
+    if (final / "DONE").exists():
+        return
+    tmp = cache_dir / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    for name, b in sorted(blobs.items()):
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"state table name {name!r}: expected a plain name")
+        (tmp / f"{name}.arrow").write_bytes(b)
+    (tmp / "DONE").write_text(json.dumps(sorted(blobs)), encoding="utf-8")
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another driver cached the same state first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- runners
+@contextmanager
+def open_runner(spec: str | None = None) -> Iterator[Any]:
+    """``None``/``""``: in process (yields None); ``local``: a 2-process LocalCluster; ``tcp://...``: that
+    scheduler.  Yields a ``distributed.Client`` (closed, with its cluster, on exit)."""
+    spec = (os.environ.get(ENV, "") if spec is None else spec).strip()
+    if not spec:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if spec == "local":
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                          silence_logs=40) as cluster, Client(cluster) as client:
+            yield client
+    elif spec.startswith(("tcp://", "tls://")):
+        with Client(spec) as client:
+            yield client
+    else:
+        raise ValueError(f"{ENV}={spec!r}: expected 'local' or a scheduler address tcp://host:port")
+
+
+def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None) -> tuple[list[State], RunStats]:
+    """Every partition's state, in partition order (cached ones read back, the others computed
+    in this process or on ``client``'s cluster).  Raises :class:`PartitionTaskError` after all
+    tasks ended if any failed (the finished ones are cached)."""
+    cache_dir = Path(cache_dir)
+    refs = sorted(refs, key=lambda r: r.index)
+    by_index = {r.index: r for r in refs}
+    if len(by_index) != len(refs):
+        raise ValueError("partition indexes must be unique")
+    stats = RunStats(runner="process" if client is None else "dask")
+    blobs: dict[int, dict[str, bytes]] = {}
+    todo: list[PartitionRef] = []
+    for r in refs:
+        got = _cache_read(cache_dir, _cache_key(step, r))
+        if got is None:
+            todo.append(r)
+        else:
+            blobs[r.index] = got
+            stats.cached.append(r.index)
+    failed: dict[int, str] = {}
+    first_error: BaseException | None = None
+    if client is None:
+        for r in todo:
+            try:
+                out = _task(step.run, r.path, r.sha256)
+            except Exception as err:  # noqa: BLE001 - every partition runs; all failures are reported
+                failed[r.index] = f"{type(err).__name__}: {err}"
+                first_error = first_error or err
+                continue
+            _cache_write(cache_dir, _cache_key(step, r), out)
+            blobs[r.index] = out
+            stats.computed.append(r.index)
+    elif todo:
+        from distributed import as_completed
+
+        futures = {client.submit(_task, step.run, r.path, r.sha256, key=f"{step.name}-{r.index}-{uuid.uuid4().hex[:8]}",
+                                 pure=False, retries=0): r for r in todo}
+        for fut in as_completed(list(futures)):
+            r = futures[fut]
+            if fut.status == "error":
+                err = fut.exception()
+                failed[r.index] = f"{type(err).__name__}: {err}"
+                first_error = first_error or err
+                continue
+            out = fut.result()
+            fut.release()
+            _cache_write(cache_dir, _cache_key(step, r), out)
+            blobs[r.index] = out
+            stats.computed.append(r.index)
+    stats.computed.sort()
+    if failed:
+        raise PartitionTaskError(step.name, failed, by_index, len(blobs)) from first_error
+    return [decode_state(blobs[r.index]) for r in refs], stats
+
+
+def run_step(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None) -> tuple[State, RunStats]:
+    """:func:`map_partitions`, then ``step.reduce`` over the states in partition order."""
+    states, stats = map_partitions(step, refs, cache_dir, client=client)
+    return step.reduce(states), stats
+
+
+def refs_of(partition_set: Any) -> list[PartitionRef]:
+    """The tasks of a :class:`pipeline.partition.PartitionSet` (absolute paths: workers open them)."""
+    return [PartitionRef(p.index, str((Path(partition_set.directory) / p.path).resolve()), p.sha256)
+            for p in partition_set.partitions]

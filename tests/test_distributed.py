@@ -1,0 +1,126 @@
+"""pipeline/distributed.py: a step mapped over partitions, in process and on a 2-process LocalCluster."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline import partition_stats
+from pipeline.checks.duplicates import exact_duplicates
+from pipeline.checks.pair_id_conflict import conflicts
+from pipeline.distributed import (PartitionRef, PartitionTaskError, encode_state, map_partitions, open_runner, refs_of,
+                                  run_step)
+from pipeline.ingest import ingest_files
+from pipeline.partition import partition_files
+from tests.conftest import ROOT, canonical, write_jsonl
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gen_judgments import generate  # noqa: E402
+
+N_PARTS = 6
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("in")
+    gen = d / "gen.jsonl"
+    generate(gen, 8000, 700, seed=5)
+    same = canonical(100, pair_id="given-1", annotator_id="rev-9")
+    rows = [same, {**same, "comparison_id": "c-again", "pair_id": "given-2"},  # a re-delivery under another id
+            canonical(200, pair_id="given-x"), canonical(201, pair_id="given-x"),  # one id, two contents
+            canonical(300, pair_id="given-y"), canonical(300, pair_id="given-y", comparison_id="c-300b", annotator_id="rev-2")]
+    return [gen, write_jsonl(d / "planted.jsonl", rows)]
+
+
+@pytest.fixture(scope="module")
+def parts(inputs, tmp_path_factory):
+    return partition_files(inputs, tmp_path_factory.mktemp("parts") / "set", n_partitions=N_PARTS, flush_rows=1000)
+
+
+def _bytes(state) -> dict[str, str]:
+    return {k: hashlib.sha256(v).hexdigest() for k, v in encode_state(state).items()}
+
+
+def test_reduce_equals_the_whole_input_computation(inputs, parts, tmp_path):
+    out, stats = run_step(partition_stats.STEP, refs_of(parts), tmp_path / "cache")
+    assert stats.computed == list(range(N_PARTS)) and stats.cached == [] and stats.runner == "process"
+    whole = ingest_files(inputs).judgments
+    assert out["exact_duplicates"].equals(exact_duplicates(whole).sort("comparison_id"))
+    assert out["exact_duplicates"].height > 20 and "c-again" in out["exact_duplicates"]["comparison_id"].to_list()
+    want = partition_stats.annotator_sums(whole)
+    assert out["annotator_sums"].select(want.columns).equals(want)
+    assert out["pair_id_conflicts"]["pair_id"].to_list() == conflicts(whole)["pair_id"].to_list() == ["given-x"]
+    assert out["counts"].row(0) == (whole.height, whole.select(partition_stats.content_key_hash().n_unique()).item())
+    # the same figures from another partition count (states merge; nothing depends on the cut)
+    other = partition_files(inputs, tmp_path / "p3", n_partitions=3, flush_rows=4000)
+    out3, _ = run_step(partition_stats.STEP, refs_of(other), tmp_path / "cache3")
+    assert _bytes(out3) == _bytes(out)
+    # a second run reads every state from the cache
+    again, stats = run_step(partition_stats.STEP, refs_of(parts), tmp_path / "cache")
+    assert stats.computed == [] and stats.cached == list(range(N_PARTS)) and _bytes(again) == _bytes(out)
+
+
+def _damage(path: Path) -> bytes:
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    return good
+
+
+def test_a_failed_partition_fails_the_run_and_a_retry_computes_only_it(parts, tmp_path):
+    refs = refs_of(parts)
+    target = Path(refs[4].path)
+    good = _damage(target)
+    try:
+        with pytest.raises(PartitionTaskError, match=r"partition 4 \(part-00004\.parquet, sha256 [0-9a-f]{12}\): PartitionChanged") as err:
+            map_partitions(partition_stats.STEP, refs, tmp_path / "cache")
+        assert set(err.value.failed) == {4} and "5 finished and are cached" in str(err.value)
+    finally:
+        target.write_bytes(good)
+    _, stats = map_partitions(partition_stats.STEP, refs, tmp_path / "cache")
+    assert stats.computed == [4] and stats.cached == [0, 1, 2, 3, 5]
+
+
+def test_bad_runner_spec_and_refs():
+    with pytest.raises(ValueError, match="PREFPIPE_DASK='udp://x'"), open_runner("udp://x"):
+        pass
+    ref = PartitionRef(0, "/nonexistent", "0" * 64)
+    with pytest.raises(ValueError, match="unique"):
+        map_partitions(partition_stats.STEP, [ref, ref], "/tmp/unused")
+
+
+def test_two_worker_local_cluster_is_byte_identical_fails_visibly_and_retries(parts, tmp_path):
+    """A real LocalCluster of 2 worker processes: same reduce bytes as in process; one damaged
+    partition fails the run naming it; the retry computes only that partition."""
+    local, _ = run_step(partition_stats.STEP, refs_of(parts), tmp_path / "local-cache")
+    copy = tmp_path / "copy"  # a copy of the set, so the damage below does not touch the shared fixture
+    shutil.copytree(parts.directory, copy)
+    from pipeline.partition import PartitionSet
+
+    refs = refs_of(PartitionSet.load(copy))
+    t0 = time.perf_counter()
+    with open_runner("local") as client:
+        info = client.scheduler_info()
+        workers = info["workers"].values()
+        assert len(workers) == 2 and all(w["nthreads"] == 1 for w in workers)
+        pids = set(client.run(lambda: __import__("os").getpid()).values())
+        assert len(pids) == 2 and __import__("os").getpid() not in pids  # processes, not threads
+        dist, stats = run_step(partition_stats.STEP, refs, tmp_path / "dask-cache", client=client)
+        assert stats.runner == "dask" and stats.computed == list(range(N_PARTS))
+        assert _bytes(dist) == _bytes(local)
+        for name in local:
+            assert dist[name].equals(local[name])
+
+        good = _damage(Path(refs[2].path))
+        with pytest.raises(PartitionTaskError, match=r"partition 2 \(part-00002\.parquet") as err:
+            run_step(partition_stats.STEP, refs, tmp_path / "dask-cache-2", client=client)
+        assert set(err.value.failed) == {2}
+        Path(refs[2].path).write_bytes(good)
+        retry, stats = run_step(partition_stats.STEP, refs, tmp_path / "dask-cache-2", client=client)
+        assert stats.computed == [2] and stats.cached == [0, 1, 3, 4, 5]
+        assert _bytes(retry) == _bytes(local)
+    print(f"cluster test: {time.perf_counter() - t0:.1f} s")
