@@ -12,7 +12,9 @@ of a big parent would report the parent's peak); the 1-minute load average befor
 
 Prints a table, writes the "Scale" section of docs/benchmarks.md and a plot of wall time and
 peak RSS against judgments (``docs/scale.png``; Pillow, which the lock already carries -- there is
-no matplotlib).  ``--from-issue N:WALL:PEAK_GB`` adds a row quoted from issue 15 (marked so)
+no matplotlib).  Then the partitioned building blocks of issue 15 on the same batches (``--no-partitioned``
+skips them): partitioning (ingest into hash partitions), a pair-scoped step per partition in process
+and on a 2-process Dask ``LocalCluster``.  ``--from-issue N:WALL:PEAK_GB`` adds a row quoted from issue 15 (marked so)
 for a size not measured here.
 """
 from __future__ import annotations
@@ -60,30 +62,111 @@ class Row:
     source: str = "measured"
 
 
-def run_curate(batch: Path) -> tuple[float, float, float, dict, tuple[float, float]]:
-    """(wall s, CPU s, peak RSS MiB from VmHWM, the --json output, load before/after) of one curate."""
-    store = Path(tempfile.mkdtemp(prefix="pp-scale-"))
+def run_child(code: str, args: list[str]) -> tuple[float, float, float, str, tuple[float, float]]:
+    """(wall s, CPU s, peak RSS MiB from the child's VmHWM, stdout, load before/after) of ``python -c code ARGS``."""
     load0 = os.getloadavg()[0]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, text=True, cwd=ROOT,
+                                env=os.environ.copy())
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{args} failed:\n{stderr[-3000:]}")
+    peaks = [int(ln.split()[1]) for ln in stderr.splitlines() if ln.startswith("PEAK_RSS_KB")]
+    if not peaks:
+        raise RuntimeError(f"{args}: the launcher printed no VmHWM:\n{stderr[-2000:]}")
+    return wall, ru.ru_utime + ru.ru_stime, peaks[-1] / 1024, stdout, (load0, os.getloadavg()[0])
+
+
+def run_curate(batch: Path) -> tuple[float, float, float, dict, tuple[float, float]]:
+    """(wall s, CPU s, peak RSS MiB, the --json output, load before/after) of one curate."""
+    store = Path(tempfile.mkdtemp(prefix="pp-scale-"))
     try:
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "curate", str(batch), "--store", str(store), "--json"],
-                                    stdout=out, stderr=err, text=True, cwd=ROOT, env=os.environ.copy())
-            _, status, ru = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - t0
-            out.seek(0)
-            err.seek(0)
-            stdout, stderr = out.read(), err.read()
-        if os.waitstatus_to_exitcode(status):
-            raise RuntimeError(f"curate {batch} failed:\n{stderr[-3000:]}")
-        peaks = [int(ln.split()[1]) for ln in stderr.splitlines() if ln.startswith("PEAK_RSS_KB")]
-        if not peaks:
-            raise RuntimeError(f"curate {batch}: the launcher printed no VmHWM:\n{stderr[-2000:]}")
+        wall, cpu, peak, stdout, loads = run_child(LAUNCHER, ["curate", str(batch), "--store", str(store), "--json"])
         # --json prints the JSON document, then the version id as the last line
-        data = json.loads(stdout[: stdout.rstrip().rfind("\n")])
-        return wall, ru.ru_utime + ru.ru_stime, peaks[-1] / 1024, data, (load0, os.getloadavg()[0])
+        return wall, cpu, peak, json.loads(stdout[: stdout.rstrip().rfind("\n")]), loads
     finally:
         shutil.rmtree(store, ignore_errors=True)
+
+
+_HWM = ("import atexit, json, sys, time\n"
+        "def _hwm():\n"
+        "    for ln in open('/proc/self/status'):\n"
+        "        if ln.startswith('VmHWM:'): return int(ln.split()[1])\n"
+        "atexit.register(lambda: print('PEAK_RSS_KB', _hwm(), file=sys.stderr, flush=True))\n")
+# partition a batch (ingest -> partitions) in a fresh process
+PARTITION = _HWM + (
+    "from pipeline.partition import partition_files\n"
+    "t0 = time.perf_counter()\n"
+    "ps = partition_files([sys.argv[1]], sys.argv[2], partition_rows=int(sys.argv[3]))\n"
+    "print(json.dumps({'n': ps.n_partitions, 'judgments': ps.ledger.judgments, 'seconds': time.perf_counter() - t0,\n"
+    "                  'bytes': sum(p.bytes for p in ps.partitions)}))\n")
+# the partition_stats step over a partition set: each partition timed in process, then the reduce
+STATS_LOCAL = _HWM + (
+    "from pipeline import partition_stats\n"
+    "from pipeline.distributed import encode_state, refs_of\n"
+    "from pipeline.partition import PartitionSet\n"
+    "ps = PartitionSet.load(sys.argv[1])\n"
+    "states, secs, size = [], [], 0\n"
+    "for ref in refs_of(ps):\n"
+    "    t0 = time.perf_counter(); st = partition_stats.run(ref.path); secs.append(time.perf_counter() - t0)\n"
+    "    size += sum(len(b) for b in encode_state(st).values()); states.append(st)\n"
+    "t0 = time.perf_counter(); partition_stats.reduce(states); red = time.perf_counter() - t0\n"
+    "print(json.dumps({'task_s': secs, 'reduce_s': red, 'state_bytes': size}))\n")
+# the same step on a 2-process LocalCluster: wall incl. cluster start, the workers' VmHWM
+STATS_DASK = _HWM + (
+    "import tempfile\n"
+    "from pipeline import partition_stats\n"
+    "from pipeline.distributed import open_runner, refs_of, run_step\n"
+    "from pipeline.partition import PartitionSet\n"
+    "ps = PartitionSet.load(sys.argv[1])\n"
+    "t0 = time.perf_counter()\n"
+    "with open_runner('local') as client:\n"
+    "    t1 = time.perf_counter()\n"
+    "    run_step(partition_stats.STEP, refs_of(ps), tempfile.mkdtemp(prefix='pp-scale-cache-'), client=client)\n"
+    "    t2 = time.perf_counter()\n"
+    "    hwm = client.run(_hwm)\n"
+    "print(json.dumps({'start_s': t1 - t0, 'map_reduce_s': t2 - t1, 'worker_peak_kb': max(hwm.values())}))\n")
+
+
+@dataclass
+class PartRow:
+    judgments: int
+    n: int
+    partition_rows: int
+    part_wall: float
+    part_cpu: float
+    part_peak: float
+    part_bytes: int
+    task_s: list[float]
+    reduce_s: float
+    state_bytes: int
+    stats_peak: float
+    dask_start: float
+    dask_map: float
+    dask_driver_peak: float
+    dask_worker_peak: float
+    load: tuple[float, float]
+
+
+def run_partitioned(batch: Path, n: int, partition_rows: int) -> PartRow:
+    out = Path(tempfile.mkdtemp(prefix="pp-scale-parts-")) / "set"
+    try:
+        pw, pc, pp, so, l0 = run_child(PARTITION, [str(batch), str(out), str(partition_rows)])
+        part = json.loads(so)
+        _, _, sp, so, _ = run_child(STATS_LOCAL, [str(out)])
+        local = json.loads(so)
+        _, _, dp, so, l1 = run_child(STATS_DASK, [str(out)])
+        dask = json.loads(so)
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    return PartRow(n, part["n"], partition_rows, pw, pc, pp, part["bytes"], local["task_s"], local["reduce_s"],
+                   local["state_bytes"], sp, dask["start_s"], dask["map_reduce_s"], dp, dask["worker_peak_kb"] / 1024,
+                   (l0[0], l1[1]))
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -131,6 +214,8 @@ def main() -> None:
     ap.add_argument("--row-bytes", type=int, default=1000)
     ap.add_argument("--from-issue", action="append", default=[], metavar="N:WALL:PEAK_GB",
                     help="a row quoted from issue 15 (not measured here), e.g. 3000000:84:6.8")
+    ap.add_argument("--partition-rows", type=int, default=250_000, help="target judgments per partition (partitioned part)")
+    ap.add_argument("--no-partitioned", action="store_true", help="skip the partitioned building blocks")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     rows: list[Row] = []
@@ -178,10 +263,45 @@ def main() -> None:
         top = sorted(measured[-1].timings.items(), key=lambda kv: -kv[1])[:8]
         body += (f"\n\nLargest stages at {measured[-1].judgments:,} judgments (`timings_s`): "
                  + ", ".join(f"{k} {v:.1f} s" for k, v in top) + ".")
+    if not a.no_partitioned:
+        body += "\n\n" + partitioned_section(a)
     print(body)
     if not a.no_write:
         plot(rows, PLOT)
         write_section("Scale", body)
+
+
+def partitioned_section(a: argparse.Namespace) -> str:
+    prs = []
+    for n in sorted(a.sizes):
+        pr = run_partitioned(cached_batch(n, a.row_bytes), n, a.partition_rows)
+        prs.append(pr)
+        print(f"partitioned {n:,}: {pr.n} partitions, partition {pr.part_wall:.1f} s / {pr.part_peak:,.0f} MiB, "
+              f"tasks {sum(pr.task_s):.1f} s, dask {pr.dask_map:.1f} s (+{pr.dask_start:.1f} s start)", flush=True)
+    rows = []
+    for pr in prs:
+        per = sum(pr.task_s) / pr.n
+        rows.append([f"{pr.judgments:,}", f"{pr.n} x {pr.judgments // pr.n:,}", f"{pr.part_wall:.1f}", f"{pr.part_cpu:.1f}",
+                     f"{pr.part_peak:,.0f}", f"{pr.part_bytes / 1e6:,.0f}",
+                     f"{per:.2f} ({min(pr.task_s):.2f} - {max(pr.task_s):.2f})", f"{per / (pr.judgments / pr.n) * 1e6:.2f}",
+                     f"{pr.state_bytes / 1e6:.2f}", f"{pr.reduce_s:.3f}", f"{pr.stats_peak:,.0f}",
+                     f"{pr.dask_map:.1f} (+{pr.dask_start:.1f})", f"{pr.dask_driver_peak:,.0f} / {pr.dask_worker_peak:,.0f}",
+                     f"{pr.load[0]:.2f}-{pr.load[1]:.2f}"])
+    return (
+        "### Partitioned building blocks (issue 15, not yet wired into curate)\n\n"
+        f"Same batches. **partition**: `pipeline.partition.partition_files` (ingest straight into hash partitions by "
+        f"content key, `partition_rows={a.partition_rows:,}`, default `flush_rows`), a fresh process (wall, CPU, VmHWM). "
+        "**step**: `pipeline.partition_stats` (exact-duplicate groups, per-annotator first-shown / longer-chosen sums, "
+        "given-id keys) on each partition in one fresh process, each task timed alone (mean, min - max), the states' "
+        "Arrow IPC size, the reduce, that process's VmHWM. **dask**: the same step through `pipeline.distributed` on a "
+        "2-process `LocalCluster` (map + reduce wall; cluster start-up in brackets; VmHWM of the driver / the largest "
+        "worker).\n\n"
+        + table(["judgments", "partitions", "partition wall s", "partition CPU s", "partition peak MiB", "partition files MB",
+                 "step per partition s", "step µs per judgment", "states MB", "reduce s", "step peak MiB",
+                 "dask map+reduce s", "dask driver / worker peak MiB", "load"], rows)
+        + "\n\nThe step is a fraction of what a partitioned curate will run per partition (language, near-duplicate "
+        "bands, consensus, select and split over the partition); its cost here is the read of a partition's narrow "
+        "columns plus the duplicate grouping.")
 
 
 if __name__ == "__main__":
