@@ -17,7 +17,8 @@ data; Dask only ships the function and these bytes), every state is cached on th
 IPC file, and the reduce reads the states back in partition order.
 
 Failure and retry: every task runs to its end; the states of the tasks that finished are cached
-under ``cache_dir`` by (step name, step version, partition sha256); if any failed,
+under ``cache_dir`` by (step name, step version, partition sha256), each table with its sha256
+(checked when read back); if any failed,
 :class:`PartitionTaskError` names every failed partition (index, file, cause) and nothing is
 reduced.  Running again computes only the partitions without a cached state.
 """
@@ -48,7 +49,8 @@ State = dict[str, pl.DataFrame]
 class Step:
     """A pair-scoped computation: ``run(path) -> state`` per partition, ``reduce([state, ...]) -> state``
     over the states in partition order.  ``version`` is part of the cache key: bump it when
-    ``run`` changes what it returns.  ``run`` must be importable by workers (a module-level
+    ``run`` changes what it returns, and include any parameter bound into ``run`` (a config's
+    hash).  ``run`` must be importable by workers (a module-level
     function, or a ``functools.partial`` of one)."""
 
     name: str
@@ -129,18 +131,24 @@ def _cache_key(step: Step, ref: PartitionRef) -> str:
 
 
 def _cache_read(cache_dir: Path, key: str) -> dict[str, bytes] | None:
+    """A cached state, each table checked against the sha256 its DONE file lists; a state that
+    is missing, partial or altered counts as not cached (its task runs again)."""
     d = cache_dir / key
-    if not (d / "DONE").exists():
+    try:
+        digests = json.loads((d / "DONE").read_text(encoding="utf-8"))
+        blobs = {n: (d / f"{n}.arrow").read_bytes() for n in digests}
+    except (OSError, ValueError):
         return None
-    names = json.loads((d / "DONE").read_text(encoding="utf-8"))
-    return {n: (d / f"{n}.arrow").read_bytes() for n in names}
+    if not isinstance(digests, dict) or any(hashlib.sha256(b).hexdigest() != digests[n] for n, b in blobs.items()):
+        return None
+    return blobs
 
 
 def _cache_write(cache_dir: Path, key: str, blobs: dict[str, bytes]) -> None:
     """A state directory, staged and renamed into place (a reader sees all of it or nothing)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / key
-    if (final / "DONE").exists():
+    if _cache_read(cache_dir, key) is not None:
         return
     tmp = cache_dir / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -148,7 +156,10 @@ def _cache_write(cache_dir: Path, key: str, blobs: dict[str, bytes]) -> None:
         if "/" in name or name.startswith("."):
             raise ValueError(f"state table name {name!r}: expected a plain name")
         (tmp / f"{name}.arrow").write_bytes(b)
-    (tmp / "DONE").write_text(json.dumps(sorted(blobs)), encoding="utf-8")
+    digests = {name: hashlib.sha256(b).hexdigest() for name, b in sorted(blobs.items())}
+    (tmp / "DONE").write_text(json.dumps(digests, sort_keys=True), encoding="utf-8")
+    if final.exists():  # a damaged earlier copy (no valid DONE): replace it
+        shutil.rmtree(final, ignore_errors=True)
     try:
         os.rename(tmp, final)
     except OSError:  # another driver cached the same state first

@@ -83,6 +83,13 @@ def test_a_failed_partition_fails_the_run_and_a_retry_computes_only_it(parts, tm
         target.write_bytes(good)
     _, stats = map_partitions(partition_stats.STEP, refs, tmp_path / "cache")
     assert stats.computed == [4] and stats.cached == [0, 1, 2, 3, 5]
+    # a cached state altered on disk is not trusted: that partition is computed again
+    state_dir = next(d for d in (tmp_path / "cache").iterdir() if (d / "counts.arrow").exists())
+    (state_dir / "counts.arrow").write_bytes(b"not arrow")
+    _, stats = map_partitions(partition_stats.STEP, refs, tmp_path / "cache")
+    assert len(stats.computed) == 1 and len(stats.cached) == N_PARTS - 1
+    _, stats = map_partitions(partition_stats.STEP, refs, tmp_path / "cache")
+    assert stats.computed == []
 
 
 def test_bad_runner_spec_and_refs():
