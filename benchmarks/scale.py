@@ -113,7 +113,7 @@ STATS_LOCAL = _HWM + (
     "ps = PartitionSet.load(sys.argv[1])\n"
     "states, secs, size = [], [], 0\n"
     "for ref in refs_of(ps):\n"
-    "    t0 = time.perf_counter(); st = partition_stats.run(ref.path); secs.append(time.perf_counter() - t0)\n"
+    "    t0 = time.perf_counter(); st = partition_stats.run(list(ref.paths)); secs.append(time.perf_counter() - t0)\n"
     "    size += sum(len(b) for b in encode_state(st).values()); states.append(st)\n"
     "t0 = time.perf_counter(); partition_stats.reduce(states); red = time.perf_counter() - t0\n"
     "print(json.dumps({'task_s': secs, 'reduce_s': red, 'state_bytes': size}))\n")

@@ -47,7 +47,8 @@ State = dict[str, pl.DataFrame]
 
 @dataclass(frozen=True)
 class Step:
-    """A pair-scoped computation: ``run(path) -> state`` per partition, ``reduce([state, ...]) -> state``
+    """A pair-scoped computation: ``run(paths) -> state`` per partition (its part files, see
+    :class:`PartitionRef`), ``reduce([state, ...]) -> state``
     over the states in partition order.  ``version`` is part of the cache key: bump it when
     ``run`` changes what it returns, and include any parameter bound into ``run`` (a config's
     hash).  ``run`` must be importable by workers (a module-level
@@ -55,15 +56,25 @@ class Step:
 
     name: str
     version: str
-    run: Callable[[str], State]
+    run: Callable[[list[str]], State]
     reduce: Callable[[list[State]], State]
 
 
 @dataclass(frozen=True)
 class PartitionRef:
+    """Partition ``index``: its part file(s) (one per input file partitioned on its own, in input
+    order) and their sha256s."""
+
     index: int
-    path: str
-    sha256: str  # the partition file's content: the cache key of its state
+    paths: tuple[str, ...]
+    sha256s: tuple[str, ...]
+
+    @property
+    def sha256(self) -> str:
+        """The partition's content: its file's sha256, or a digest of its files' sha256s in order."""
+        if len(self.sha256s) == 1:
+            return self.sha256s[0]
+        return hashlib.sha256(("partition-files\n" + "\n".join(self.sha256s)).encode()).hexdigest()
 
 
 @dataclass
@@ -78,7 +89,7 @@ class PartitionTaskError(RuntimeError):
 
     def __init__(self, step: str, failed: dict[int, str], refs: dict[int, PartitionRef], finished: int) -> None:
         self.step, self.failed = step, failed
-        lines = [f"partition {i} ({Path(refs[i].path).name}, sha256 {refs[i].sha256[:12]}): {msg}" for i, msg in sorted(failed.items())]
+        lines = [f"partition {i} ({', '.join(Path(p).name for p in refs[i].paths)}, sha256 {refs[i].sha256[:12]}): {msg}" for i, msg in sorted(failed.items())]
         super().__init__(
             f"step {step!r}: {len(failed)} of {len(refs)} partition task(s) failed -- " + "; ".join(lines)
             + f". {finished} finished and are cached; run again to compute only the missing partition(s).")
@@ -115,13 +126,14 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _task(run: Callable[[str], State], path: str, sha256: str) -> dict[str, bytes]:
-    """What runs on a worker: check the partition file against its sha256 (the cache key must
-    describe what was read), run the step on it, return the state's bytes."""
-    got = _sha256(path)
-    if got != sha256:
-        raise PartitionChanged(f"{path}: sha256 {got[:12]}..., the partition ledger says {sha256[:12]}...")
-    return encode_state(run(path))
+def _task(run: Callable[[list[str]], State], paths: tuple[str, ...], sha256s: tuple[str, ...]) -> dict[str, bytes]:
+    """What runs on a worker: check the partition's files against their sha256 (the cache key
+    must describe what was read), run the step on them, return the state's bytes."""
+    for path, want in zip(paths, sha256s, strict=True):
+        got = _sha256(path)
+        if got != want:
+            raise PartitionChanged(f"{path}: sha256 {got[:12]}..., the partition ledger says {want[:12]}...")
+    return encode_state(run(list(paths)))
 
 
 # ---------------------------------------------------------------- the cache of states
@@ -212,7 +224,7 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
     if client is None:
         for r in todo:
             try:
-                out = _task(step.run, r.path, r.sha256)
+                out = _task(step.run, r.paths, r.sha256s)
             except Exception as err:  # noqa: BLE001 - every partition runs; all failures are reported
                 failed[r.index] = f"{type(err).__name__}: {err}"
                 first_error = first_error or err
@@ -223,7 +235,7 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
     elif todo:
         from distributed import as_completed
 
-        futures = {client.submit(_task, step.run, r.path, r.sha256, key=f"{step.name}-{r.index}-{uuid.uuid4().hex[:8]}",
+        futures = {client.submit(_task, step.run, r.paths, r.sha256s, key=f"{step.name}-{r.index}-{uuid.uuid4().hex[:8]}",
                                  pure=False, retries=0): r for r in todo}
         for fut in as_completed(list(futures)):
             r = futures[fut]
@@ -249,7 +261,15 @@ def run_step(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *,
     return step.reduce(states), stats
 
 
-def refs_of(partition_set: Any) -> list[PartitionRef]:
-    """The tasks of a :class:`pipeline.partition.PartitionSet` (absolute paths: workers open them)."""
-    return [PartitionRef(p.index, str((Path(partition_set.directory) / p.path).resolve()), p.sha256)
-            for p in partition_set.partitions]
+def refs_of(*partition_sets: Any) -> list[PartitionRef]:
+    """The tasks of one :class:`pipeline.partition.PartitionSet`, or of several with the same
+    partition count (one per input file, in input order): partition ``i`` is every set's
+    partition ``i``.  Paths are absolute: workers open them."""
+    if not partition_sets:
+        raise ValueError("refs_of: no partition set")
+    ns = {ps.n_partitions for ps in partition_sets}
+    if len(ns) != 1:
+        raise ValueError(f"refs_of: partition sets with different partition counts {sorted(ns)}")
+    return [PartitionRef(i, tuple(str((Path(ps.directory) / ps.partitions[i].path).resolve()) for ps in partition_sets),
+                         tuple(ps.partitions[i].sha256 for ps in partition_sets))
+            for i in range(ns.pop())]

@@ -42,7 +42,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +59,8 @@ from schemas.policy import DimensionsConfig, IngestConfig
 from schemas.records import Judgment
 from schemas.text import derive_pair_id_expr
 
-__all__ = ["PartitionSet", "PartitionInfo", "partition_files", "partition_index", "content_key_hash",
-           "partition_count", "read_partition", "DEFAULT_PARTITION_ROWS", "DEFAULT_FLUSH_ROWS"]
+__all__ = ["PartitionSet", "PartitionInfo", "partition_files", "partition_inputs", "partition_index", "content_key_hash",
+           "partition_count", "read_partition", "merged_ledger", "DEFAULT_PARTITION_ROWS", "DEFAULT_FLUSH_ROWS"]
 
 LEDGER = "partitions.json"
 KEY = "blake2b-64(prompt_hash|min(a_hash,b_hash)|max(a_hash,b_hash)) mod n"
@@ -153,9 +153,50 @@ class PartitionSet:
                    IngestLedger(**meta["ledger"]), [SourceInfo(**s) for s in meta["sources"]], meta["flush_rows"])
 
 
-def read_partition(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
-    """One partition's judgments (what a worker reads; ``columns`` to read narrow)."""
-    return pl.read_parquet(path, columns=columns, glob=False)
+def read_partition(paths: str | Path | Sequence[str | Path], columns: list[str] | None = None) -> pl.DataFrame:
+    """One partition's judgments (what a worker reads; ``columns`` to read narrow).  A partition
+    of several input files is the list of their part files, read in input order."""
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    frames = [pl.read_parquet(p, columns=columns, glob=False) for p in paths]
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+
+
+def merged_ledger(sets: Sequence[PartitionSet]) -> IngestLedger:
+    """The ingest ledger of several partition sets (one per input file) together."""
+    ledger = IngestLedger()
+    for ps in sets:
+        ledger = ledger.merged(ps.ledger)
+    return ledger
+
+
+def _partition_one(path: str, work_dir: str, n_partitions: int, options: dict[str, Any]) -> str:
+    """One input file into ``WORK/<file sha256>-n<N>`` (kept if it is there already): a task."""
+    from pipeline.ingest import file_sha256
+
+    out = Path(work_dir) / f"{file_sha256(path)}-n{n_partitions}"
+    if not (out / LEDGER).exists():
+        partition_files([path], out, n_partitions=n_partitions, **options)
+    return str(out)
+
+
+def partition_inputs(paths: Iterable[str | Path], work_dir: str | Path, *, n_partitions: int, client: Any = None,
+                     **options: Any) -> list[PartitionSet]:
+    """Partition every input file on its own (in this process, or in parallel on ``client``'s Dask
+    workers, which read the file and write its set themselves), one set per file under
+    ``work_dir`` named by the file's sha256 and ``n_partitions``: a retry or a later run with the
+    same file reuses the set.  Partition ``i`` of the input is partition ``i`` of every set, in
+    input order (``pipeline.distributed.refs_of(*sets)``); its rows are those
+    :func:`partition_files` of all files would put in partition ``i``, in the same order.
+    ``options``: the ingest options of :func:`partition_files`.  Raises the first task's error."""
+    paths = [str(Path(p).resolve()) for p in paths]
+    work = str(Path(work_dir).resolve())
+    Path(work).mkdir(parents=True, exist_ok=True)
+    if client is None:
+        dirs = [_partition_one(p, work, n_partitions, options) for p in paths]
+    else:
+        futures = [client.submit(_partition_one, p, work, n_partitions, options, pure=False) for p in paths]
+        dirs = client.gather(futures)
+    return [PartitionSet.load(d) for d in dirs]
 
 
 class _Spill:

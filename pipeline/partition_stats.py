@@ -54,8 +54,8 @@ def given_id_keys(judgments: pl.DataFrame) -> pl.DataFrame:
     return keyed.filter(pl.col("pair_id") != pl.col("_key")).unique().rename({"_key": "content_key"}).sort("pair_id", "content_key")
 
 
-def run(path: str) -> State:
-    judgments = read_partition(path, columns=COLUMNS)
+def run(paths: list[str]) -> State:
+    judgments = read_partition(paths, columns=COLUMNS)
     return {
         "exact_duplicates": exact_duplicates(judgments).sort("comparison_id"),
         "annotator_sums": annotator_sums(judgments),

@@ -73,7 +73,7 @@ def _damage(path: Path) -> bytes:
 
 def test_a_failed_partition_fails_the_run_and_a_retry_computes_only_it(parts, tmp_path):
     refs = refs_of(parts)
-    target = Path(refs[4].path)
+    target = Path(refs[4].paths[0])
     good = _damage(target)
     try:
         with pytest.raises(PartitionTaskError, match=r"partition 4 \(part-00004\.parquet, sha256 [0-9a-f]{12}\): PartitionChanged") as err:
@@ -95,7 +95,7 @@ def test_a_failed_partition_fails_the_run_and_a_retry_computes_only_it(parts, tm
 def test_bad_runner_spec_and_refs():
     with pytest.raises(ValueError, match="PREFPIPE_DASK='udp://x'"), open_runner("udp://x"):
         pass
-    ref = PartitionRef(0, "/nonexistent", "0" * 64)
+    ref = PartitionRef(0, ("/nonexistent",), ("0" * 64,))
     with pytest.raises(ValueError, match="unique"):
         map_partitions(partition_stats.STEP, [ref, ref], "/tmp/unused")
 
@@ -122,12 +122,49 @@ def test_two_worker_local_cluster_is_byte_identical_fails_visibly_and_retries(pa
         for name in local:
             assert dist[name].equals(local[name])
 
-        good = _damage(Path(refs[2].path))
+        good = _damage(Path(refs[2].paths[0]))
         with pytest.raises(PartitionTaskError, match=r"partition 2 \(part-00002\.parquet") as err:
             run_step(partition_stats.STEP, refs, tmp_path / "dask-cache-2", client=client)
         assert set(err.value.failed) == {2}
-        Path(refs[2].path).write_bytes(good)
+        Path(refs[2].paths[0]).write_bytes(good)
         retry, stats = run_step(partition_stats.STEP, refs, tmp_path / "dask-cache-2", client=client)
         assert stats.computed == [2] and stats.cached == [0, 1, 3, 4, 5]
         assert _bytes(retry) == _bytes(local)
     print(f"cluster test: {time.perf_counter() - t0:.1f} s")
+
+
+def _split_input(inputs: list[Path], d: Path) -> list[Path]:
+    """The generated batch cut into 3 files (+ the planted one): several inputs."""
+    lines = inputs[0].read_text().splitlines(keepends=True)
+    cut = [lines[:2500], lines[2500:6000], lines[6000:]]
+    files = [d / f"in-{k}.jsonl" for k in range(3)]
+    for f, chunk in zip(files, cut, strict=True):
+        f.write_text("".join(chunk))
+    return files + [inputs[1]]
+
+
+def test_per_file_partitions_equal_one_set_in_process_and_on_the_cluster(inputs, tmp_path):
+    """Each input file partitioned on its own (in parallel on 2 worker processes): partition i is
+    the list of every file's part i; the same rows, ledger and reduce bytes as one set of all files."""
+    from pipeline.partition import merged_ledger, partition_inputs, read_partition
+
+    files = _split_input(inputs, tmp_path)
+    whole = partition_files(files, tmp_path / "whole", n_partitions=N_PARTS, flush_rows=1000)
+    want, _ = run_step(partition_stats.STEP, refs_of(whole), tmp_path / "c-whole")
+    local_sets = partition_inputs(files, tmp_path / "work-local", n_partitions=N_PARTS, flush_rows=1000)
+    assert merged_ledger(local_sets) == whole.ledger and len(local_sets) == 4
+    refs = refs_of(*local_sets)
+    assert all(len(r.paths) == 4 for r in refs)
+    for r in refs:
+        assert read_partition(list(r.paths)).equals(read_partition(whole.path(r.index)))
+    got, _ = run_step(partition_stats.STEP, refs, tmp_path / "c-local")
+    assert _bytes(got) == _bytes(want)
+    with open_runner("local") as client:
+        dask_sets = partition_inputs(files, tmp_path / "work-dask", n_partitions=N_PARTS, client=client, flush_rows=1000)
+        assert [[p.sha256 for p in s.partitions] for s in dask_sets] == [[p.sha256 for p in s.partitions] for s in local_sets]
+        got, stats = run_step(partition_stats.STEP, refs_of(*dask_sets), tmp_path / "c-dask", client=client)
+    assert stats.runner == "dask" and _bytes(got) == _bytes(want)
+    # a second call finds every file's set by its content: nothing is partitioned again
+    before = {d: d.stat().st_mtime_ns for d in (tmp_path / "work-local").iterdir()}
+    partition_inputs(files, tmp_path / "work-local", n_partitions=N_PARTS)
+    assert {d: d.stat().st_mtime_ns for d in (tmp_path / "work-local").iterdir()} == before
