@@ -17,7 +17,7 @@ data; Dask only ships the function and these bytes), every state is cached on th
 IPC file, and the reduce reads the states back in partition order.
 
 Failure and retry: every task runs to its end; the states of the tasks that finished are cached
-under ``cache_dir`` by (step name, step version, partition sha256), each table with its sha256
+under ``cache_dir`` by (step name, step version, code version, partition sha256), each table with its sha256
 (checked when read back); if any failed,
 :class:`PartitionTaskError` names every failed partition (index, file, cause) and nothing is
 reduced.  Running again computes only the partitions without a cached state.
@@ -138,7 +138,10 @@ def _task(run: Callable[[list[str]], State], paths: tuple[str, ...], sha256s: tu
 
 # ---------------------------------------------------------------- the cache of states
 def _cache_key(step: Step, ref: PartitionRef) -> str:
-    doc = json.dumps({"step": step.name, "version": step.version, "partition_sha256": ref.sha256}, sort_keys=True)
+    from schemas.version import code_version
+
+    doc = json.dumps({"step": step.name, "version": step.version, "code": code_version(), "partition_sha256": ref.sha256},
+                     sort_keys=True)
     return hashlib.sha256(doc.encode()).hexdigest()
 
 

@@ -37,6 +37,7 @@ change them: row groups are cut at fixed row counts; the writer's options are fi
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -169,11 +170,26 @@ def merged_ledger(sets: Sequence[PartitionSet]) -> IngestLedger:
     return ledger
 
 
+_MEMORY_KNOBS = frozenset({"flush_rows", "batch_rows"})  # change memory, never rows or bytes
+
+
+def _set_name(file_sha: str, n_partitions: int, options: dict[str, Any]) -> str:
+    """A per-file set's directory name: the file's content, the partition count, the ingest
+    options (they change the rows) and the code version (so does the code)."""
+    from schemas.version import code_version
+
+    opts = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in sorted(options.items())
+            if k not in _MEMORY_KNOBS}
+    doc = json.dumps({"options": opts, "code": code_version(), "key": KEY, "format": _FORMAT_VERSION},
+                     sort_keys=True, default=str)
+    return f"{file_sha}-n{n_partitions}-{hashlib.sha256(doc.encode()).hexdigest()[:12]}"
+
+
 def _partition_one(path: str, work_dir: str, n_partitions: int, options: dict[str, Any]) -> str:
-    """One input file into ``WORK/<file sha256>-n<N>`` (kept if it is there already): a task."""
+    """One input file into ``WORK/<file sha256>-n<N>-<options>`` (kept if it is there already): a task."""
     from pipeline.ingest import file_sha256
 
-    out = Path(work_dir) / f"{file_sha256(path)}-n{n_partitions}"
+    out = Path(work_dir) / _set_name(file_sha256(path), n_partitions, options)
     if not (out / LEDGER).exists():
         partition_files([path], out, n_partitions=n_partitions, **options)
     return str(out)
@@ -183,8 +199,8 @@ def partition_inputs(paths: Iterable[str | Path], work_dir: str | Path, *, n_par
                      **options: Any) -> list[PartitionSet]:
     """Partition every input file on its own (in this process, or in parallel on ``client``'s Dask
     workers, which read the file and write its set themselves), one set per file under
-    ``work_dir`` named by the file's sha256 and ``n_partitions``: a retry or a later run with the
-    same file reuses the set.  Partition ``i`` of the input is partition ``i`` of every set, in
+    ``work_dir`` named by the file's sha256, ``n_partitions``, the options and the code version:
+    a retry or a later run with the same file reuses the set.  Partition ``i`` of the input is partition ``i`` of every set, in
     input order (``pipeline.distributed.refs_of(*sets)``); its rows are those
     :func:`partition_files` of all files would put in partition ``i``, in the same order.
     ``options``: the ingest options of :func:`partition_files`.  Raises the first task's error."""

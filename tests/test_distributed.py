@@ -168,3 +168,14 @@ def test_per_file_partitions_equal_one_set_in_process_and_on_the_cluster(inputs,
     before = {d: d.stat().st_mtime_ns for d in (tmp_path / "work-local").iterdir()}
     partition_inputs(files, tmp_path / "work-local", n_partitions=N_PARTS)
     assert {d: d.stat().st_mtime_ns for d in (tmp_path / "work-local").iterdir()} == before
+
+
+def test_per_file_sets_are_keyed_by_the_ingest_options(inputs, tmp_path):
+    """A set made with other ingest options (they can change the rows) is not reused for these."""
+    from pipeline.partition import partition_inputs
+
+    a = partition_inputs(inputs[1:], tmp_path / "w", n_partitions=2)
+    b = partition_inputs(inputs[1:], tmp_path / "w", n_partitions=2, batch_id="other-batch")
+    c = partition_inputs(inputs[1:], tmp_path / "w", n_partitions=2)
+    assert a[0].directory != b[0].directory and c[0].directory == a[0].directory
+    assert len(list((tmp_path / "w").iterdir())) == 2
