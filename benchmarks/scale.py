@@ -117,6 +117,25 @@ STATS_LOCAL = _HWM + (
     "    size += sum(len(b) for b in encode_state(st).values()); states.append(st)\n"
     "t0 = time.perf_counter(); partition_stats.reduce(states); red = time.perf_counter() - t0\n"
     "print(json.dumps({'task_s': secs, 'reduce_s': red, 'state_bytes': size}))\n")
+# today's pair-scoped stages on each partition alone (what a partitioned curate will run per
+# partition): preliminary aggregation, duplicates, pair-id conflicts, language; seconds per stage
+STAGES = _HWM + (
+    "from pipeline import aggregate as agg\n"
+    "from pipeline.checks import duplicates, language, pair_id_conflict\n"
+    "from pipeline.distributed import refs_of\n"
+    "from pipeline.partition import PartitionSet, read_partition\n"
+    "from schemas.policy import Policy\n"
+    "pol = Policy()\n"
+    "ps = PartitionSet.load(sys.argv[1])\n"
+    "out = []\n"
+    "for ref in refs_of(ps):\n"
+    "    row = {}\n"
+    "    t = time.perf_counter(); j = read_partition(list(ref.paths)); row['read'] = time.perf_counter() - t\n"
+    "    t = time.perf_counter(); agg.aggregate(j, pol.checks.aggregation, dimensions=pol.dimensions); row['aggregate'] = time.perf_counter() - t\n"
+    "    for name, mod in (('duplicates', duplicates), ('pair_id_conflict', pair_id_conflict), ('language', language)):\n"
+    "        t = time.perf_counter(); mod.run(j, pol.checks); row[name] = time.perf_counter() - t\n"
+    "    out.append(row); del j\n"
+    "print(json.dumps(out))\n")
 # the same step on a 2-process LocalCluster: wall incl. cluster start, the workers' VmHWM
 STATS_DASK = _HWM + (
     "import tempfile\n"
@@ -151,6 +170,8 @@ class PartRow:
     dask_driver_peak: float
     dask_worker_peak: float
     load: tuple[float, float]
+    stages: list[dict[str, float]] | None = None
+    stages_peak: float = float("nan")
 
 
 def run_partitioned(batch: Path, n: int, partition_rows: int) -> PartRow:
@@ -162,11 +183,13 @@ def run_partitioned(batch: Path, n: int, partition_rows: int) -> PartRow:
         local = json.loads(so)
         _, _, dp, so, l1 = run_child(STATS_DASK, [str(out)])
         dask = json.loads(so)
+        _, _, stp, so, _ = run_child(STAGES, [str(out)])
+        stages = json.loads(so)
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     return PartRow(n, part["n"], partition_rows, pw, pc, pp, part["bytes"], local["task_s"], local["reduce_s"],
                    local["state_bytes"], sp, dask["start_s"], dask["map_reduce_s"], dp, dask["worker_peak_kb"] / 1024,
-                   (l0[0], l1[1]))
+                   (l0[0], l1[1]), stages, stp)
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -299,9 +322,23 @@ def partitioned_section(a: argparse.Namespace) -> str:
         + table(["judgments", "partitions", "partition wall s", "partition CPU s", "partition peak MiB", "partition files MB",
                  "step per partition s", "step µs per judgment", "states MB", "reduce s", "step peak MiB",
                  "dask map+reduce s", "dask driver / worker peak MiB", "load"], rows)
-        + "\n\nThe step is a fraction of what a partitioned curate will run per partition (language, near-duplicate "
-        "bands, consensus, select and split over the partition); its cost here is the read of a partition's narrow "
-        "columns plus the duplicate grouping.")
+        + "\n\nThe step is a fraction of what a partitioned curate will run per partition; its cost here is the read "
+        "of a partition's narrow columns plus the duplicate grouping. Today's pair-scoped stages run on each partition "
+        "alone (fresh process; read = the whole partition, all columns; aggregate = the preliminary consensus with the "
+        "default policy, whose annotator model then sees only the partition; the language check spends its langdetect "
+        "budget per call), seconds per partition, mean over partitions:\n\n"
+        + stages_table(prs))
+
+
+def stages_table(prs: list[PartRow]) -> str:
+    names = list(prs[-1].stages[0]) if prs and prs[-1].stages else []
+    rows = []
+    for pr in prs:
+        mean = {k: sum(r[k] for r in pr.stages) / len(pr.stages) for k in names}
+        total = sum(mean.values())
+        rows.append([f"{pr.judgments:,}", f"{pr.n} x {pr.judgments // pr.n:,}"] + [f"{mean[k]:.2f}" for k in names]
+                    + [f"{total:.2f}", f"{total / (pr.judgments / pr.n) * 1e6:.1f}", f"{pr.stages_peak:,.0f}"])
+    return table(["judgments", "partitions"] + names + ["sum s", "µs per judgment", "peak MiB"], rows)
 
 
 if __name__ == "__main__":

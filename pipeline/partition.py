@@ -54,6 +54,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.readers import UnreadableFile
 from schemas.arrow import empty_frame
 from schemas.manifest import IngestLedger, SourceInfo
 from schemas.policy import DimensionsConfig, IngestConfig
@@ -203,15 +204,25 @@ def partition_inputs(paths: Iterable[str | Path], work_dir: str | Path, *, n_par
     a retry or a later run with the same file reuses the set.  Partition ``i`` of the input is partition ``i`` of every set, in
     input order (``pipeline.distributed.refs_of(*sets)``); its rows are those
     :func:`partition_files` of all files would put in partition ``i``, in the same order.
-    ``options``: the ingest options of :func:`partition_files`.  Raises the first task's error."""
+    ``options``: the ingest options of :func:`partition_files`.  Raises ``UnreadableFile`` (the
+    first in input order) or an error naming the file, after every file's task has ended."""
     paths = [str(Path(p).resolve()) for p in paths]
     work = str(Path(work_dir).resolve())
     Path(work).mkdir(parents=True, exist_ok=True)
     if client is None:
         dirs = [_partition_one(p, work, n_partitions, options) for p in paths]
     else:
+        from distributed import wait
+
         futures = [client.submit(_partition_one, p, work, n_partitions, options, pure=False) for p in paths]
-        dirs = client.gather(futures)
+        wait(futures)  # every file's task ends (finished sets stay for a retry) before an error is raised
+        for p, fut in zip(paths, futures, strict=True):
+            if fut.status == "error":
+                err = fut.exception()
+                if isinstance(err, UnreadableFile):
+                    raise err
+                raise RuntimeError(f"partitioning {p} failed on a worker: {type(err).__name__}: {err}") from err
+        dirs = [fut.result() for fut in futures]
     return [PartitionSet.load(d) for d in dirs]
 
 

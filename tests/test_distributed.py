@@ -17,6 +17,7 @@ from pipeline.distributed import (PartitionRef, PartitionTaskError, encode_state
                                   run_step)
 from pipeline.ingest import ingest_files
 from pipeline.partition import partition_files
+from pipeline.readers import UnreadableFile
 from tests.conftest import ROOT, canonical, write_jsonl
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -163,6 +164,11 @@ def test_per_file_partitions_equal_one_set_in_process_and_on_the_cluster(inputs,
         dask_sets = partition_inputs(files, tmp_path / "work-dask", n_partitions=N_PARTS, client=client, flush_rows=1000)
         assert [[p.sha256 for p in s.partitions] for s in dask_sets] == [[p.sha256 for p in s.partitions] for s in local_sets]
         got, stats = run_step(partition_stats.STEP, refs_of(*dask_sets), tmp_path / "c-dask", client=client)
+        # an unreadable input on a worker reaches the driver as UnreadableFile, naming the file
+        bad = tmp_path / "bad.jsonl.gz"
+        bad.write_bytes(b"not gzip at all")
+        with pytest.raises(UnreadableFile, match="bad.jsonl.gz"):
+            partition_inputs([files[0], bad], tmp_path / "work-bad", n_partitions=N_PARTS, client=client)
     assert stats.runner == "dask" and _bytes(got) == _bytes(want)
     # a second call finds every file's set by its content: nothing is partitioned again
     before = {d: d.stat().st_mtime_ns for d in (tmp_path / "work-local").iterdir()}
