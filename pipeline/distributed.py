@@ -203,10 +203,14 @@ def open_runner(spec: str | None = None) -> Iterator[Any]:
         raise ValueError(f"{ENV}={spec!r}: expected 'local' or a scheduler address tcp://host:port")
 
 
-def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None) -> tuple[list[State], RunStats]:
+def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,
+                   on_partition: Callable[[int], None] | None = None) -> tuple[list[State], RunStats]:
     """Every partition's state, in partition order (cached ones read back, the others computed
     in this process or on ``client``'s cluster).  Raises :class:`PartitionTaskError` after all
-    tasks ended if any failed (the finished ones are cached)."""
+    tasks ended if any failed (the finished ones are cached).  ``on_partition(index)``: called
+    on the driver as each partition's state is ready, cached or computed (a progress bar's
+    partitions)."""
+    done = on_partition or (lambda _i: None)
     cache_dir = Path(cache_dir)
     refs = sorted(refs, key=lambda r: r.index)
     by_index = {r.index: r for r in refs}
@@ -222,6 +226,7 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
         else:
             blobs[r.index] = got
             stats.cached.append(r.index)
+            done(r.index)
     failed: dict[int, str] = {}
     first_error: BaseException | None = None
     if client is None:
@@ -235,6 +240,7 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
             _cache_write(cache_dir, _cache_key(step, r), out)
             blobs[r.index] = out
             stats.computed.append(r.index)
+            done(r.index)
     elif todo:
         from distributed import as_completed
 
@@ -252,15 +258,17 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
             _cache_write(cache_dir, _cache_key(step, r), out)
             blobs[r.index] = out
             stats.computed.append(r.index)
+            done(r.index)
     stats.computed.sort()
     if failed:
         raise PartitionTaskError(step.name, failed, by_index, len(blobs)) from first_error
     return [decode_state(blobs[r.index]) for r in refs], stats
 
 
-def run_step(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None) -> tuple[State, RunStats]:
+def run_step(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,
+             on_partition: Callable[[int], None] | None = None) -> tuple[State, RunStats]:
     """:func:`map_partitions`, then ``step.reduce`` over the states in partition order."""
-    states, stats = map_partitions(step, refs, cache_dir, client=client)
+    states, stats = map_partitions(step, refs, cache_dir, client=client, on_partition=on_partition)
     return step.reduce(states), stats
 
 

@@ -43,7 +43,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +344,7 @@ def partition_files(
     batch_rows: int = 50_000,
     limits: IngestConfig | None = None,
     dimensions: DimensionsConfig | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> PartitionSet:
     """Ingest ``paths`` straight into ``n_partitions`` hash partitions under ``directory``.
 
@@ -353,6 +354,7 @@ def partition_files(
     staged copy removed.  Raises ``UnreadableFile`` like :func:`pipeline.ingest.ingest_files`
     (nothing published).  Every valid judgment lands in exactly one partition: the
     partitions' judgments sum to the ingest ledger's (checked before publishing).
+    ``on_progress(rows)``: input rows read, per block (a progress bar's rows).
     """
     from pipeline.ingest import ingest_files
     from pipeline.store import sha256_file
@@ -370,7 +372,8 @@ def partition_files(
     spill = _Spill(stage, n, flush_rows)
     try:
         res = ingest_files(paths, fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind,
-                           batch_rows=batch_rows, limits=limits, dimensions=dimensions, on_judgments=spill.add)
+                           batch_rows=batch_rows, limits=limits, dimensions=dimensions, on_judgments=spill.add,
+                           on_progress=on_progress)
         spill.close()
         if sum(spill.rows) != res.ledger.judgments:
             raise RuntimeError(f"partitioning lost rows: {sum(spill.rows)} judgments in partitions, "

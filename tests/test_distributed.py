@@ -61,9 +61,11 @@ def test_reduce_equals_the_whole_input_computation(inputs, parts, tmp_path):
     other = partition_files(inputs, tmp_path / "p3", n_partitions=3, flush_rows=4000)
     out3, _ = run_step(partition_stats.STEP, refs_of(other), tmp_path / "cache3")
     assert _bytes(out3) == _bytes(out)
-    # a second run reads every state from the cache
-    again, stats = run_step(partition_stats.STEP, refs_of(parts), tmp_path / "cache")
+    # a second run reads every state from the cache; progress is reported per partition either way
+    seen: list[int] = []
+    again, stats = run_step(partition_stats.STEP, refs_of(parts), tmp_path / "cache", on_partition=seen.append)
     assert stats.computed == [] and stats.cached == list(range(N_PARTS)) and _bytes(again) == _bytes(out)
+    assert seen == list(range(N_PARTS))
 
 
 def _damage(path: Path) -> bytes:
@@ -117,8 +119,9 @@ def test_two_worker_local_cluster_is_byte_identical_fails_visibly_and_retries(pa
         assert len(workers) == 2 and all(w["nthreads"] == 1 for w in workers)
         pids = set(client.run(lambda: __import__("os").getpid()).values())
         assert len(pids) == 2 and __import__("os").getpid() not in pids  # processes, not threads
-        dist, stats = run_step(partition_stats.STEP, refs, tmp_path / "dask-cache", client=client)
-        assert stats.runner == "dask" and stats.computed == list(range(N_PARTS))
+        seen: list[int] = []
+        dist, stats = run_step(partition_stats.STEP, refs, tmp_path / "dask-cache", client=client, on_partition=seen.append)
+        assert stats.runner == "dask" and stats.computed == list(range(N_PARTS)) and sorted(seen) == stats.computed
         assert _bytes(dist) == _bytes(local)
         for name in local:
             assert dist[name].equals(local[name])

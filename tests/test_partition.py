@@ -46,12 +46,13 @@ def bench_file(tmp_path_factory) -> Path:
 
 def test_every_row_lands_in_exactly_one_partition(tmp_path, bench_file):
     planted = _planted(tmp_path)
-    ps = partition_files([bench_file, planted], tmp_path / "parts", n_partitions=5, flush_rows=700)
+    read: list[int] = []
+    ps = partition_files([bench_file, planted], tmp_path / "parts", n_partitions=5, flush_rows=700, on_progress=read.append)
     whole = ingest_files([bench_file, planted])
     parts = _all(ps)
     assert ps.n_partitions == 5 and len(ps.partitions) == 5
     assert sum(p.judgments for p in ps.partitions) == ps.ledger.judgments == whole.ledger.judgments == parts.height
-    assert ps.ledger == whole.ledger and ps.ledger.quarantined > 0
+    assert ps.ledger == whole.ledger and ps.ledger.quarantined > 0 and sum(read) == ps.ledger.rows_in
     assert pl.read_parquet(ps.quarantine_path).height == ps.ledger.quarantined
     assert parts["comparison_id"].n_unique() == parts.height  # no row twice
     # the same rows, values and dtypes as a plain ingest; within a partition in input order
