@@ -13,7 +13,17 @@ Per partition (``run``, on a worker, reading only its partition file):
 * ``given_id_keys``: the distinct (``pair_id``, content key) of rows whose ``pair_id`` is not
   the derived one (given ids, ``review_of``): a conflicting given id may span partitions, so
   conflicts are found in the reduce, from this small table (empty for derived ids);
-* ``counts``: judgments and distinct content keys (pairs).
+* ``counts``: judgments and distinct content keys (pairs);
+* ``agreement_profiles``: Krippendorff's alpha and Fleiss' kappa are sums of per-pair terms of
+  the pair's a / b / tie rating counts, so a partition sends the histogram of those count
+  profiles per annotator kind (few distinct rows) -- the same compression the agreement check
+  bootstraps over; pairs with a given id go as ``agreement_given_units`` (one row per pair and
+  kind) and are merged by id in the reduce, since a conflicting given id may span partitions.
+  The reduce computes alpha, kappa and their bootstrap CIs exactly as
+  :mod:`pipeline.checks.agreement` does on the whole input (same profiles in the same order,
+  same seeds); a conflicting id whose contents name the same two responses the other way
+  round in different partitions is oriented per partition (documented limit; such judgments
+  are dropped as ``pair_id_conflict`` anyway).
 
 ``reduce`` concatenates the states in partition order and merges them: sums by annotator,
 duplicates and id keys sorted, conflicts = given ids with more than one content key.  The
@@ -23,13 +33,21 @@ from __future__ import annotations
 
 import polars as pl
 
+import numpy as np
+
+from pipeline.aggregate import encode
+from pipeline.checks.agreement import unit_counts
 from pipeline.checks.duplicates import exact_duplicates
 from pipeline.distributed import State, Step
 from pipeline.partition import content_key_hash, read_partition
+from pipeline.stats import alpha_from_sums, bootstrap_sums_ci, kappa_from_sums, unit_terms_alpha, unit_terms_fleiss
+from schemas.policy import AgreementConfig
 
-VERSION = "1"
-COLUMNS = ["comparison_id", "pair_id", "prompt_hash", "a_hash", "b_hash", "annotator_id", "shown_first", "label",
-           "response_a", "response_b", "created_at", "batch_id", "source_file", "source_line"]
+VERSION = "2"
+COLUMNS = ["comparison_id", "pair_id", "prompt_hash", "a_hash", "b_hash", "annotator_id", "annotator_kind", "shown_first",
+           "label", "response_a", "response_b", "created_at", "batch_id", "source_file", "source_line"]
+KINDS = ("human", "ai", "all", "unknown")  # the agreement check's order: its bootstrap seed is cfg.seed + 10 * index
+_PROFILE = {"kind": pl.String, "n_a": pl.Int64, "n_b": pl.Int64, "n_tie": pl.Int64}
 _SUM_COLUMNS = ["judgments", "decisive_shown", "first_chosen", "decisive_len", "longer_chosen"]
 
 
@@ -54,9 +72,71 @@ def given_id_keys(judgments: pl.DataFrame) -> pl.DataFrame:
     return keyed.filter(pl.col("pair_id") != pl.col("_key")).unique().rename({"_key": "content_key"}).sort("pair_id", "content_key")
 
 
+def _kind_counts(uc: np.ndarray) -> dict[str, np.ndarray]:
+    return {"human": uc[:, 0], "ai": uc[:, 1], "all": uc.sum(axis=1), "unknown": uc[:, 2]}
+
+
+def agreement_states(judgments: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(profiles: kind, n_a, n_b, n_tie, pairs -- pairs with a derived id and >= 2 ratings;
+    given units: pair_id, kind, n_a, n_b, n_tie -- one row per pair with a given id)."""
+    if judgments.height == 0:
+        return (pl.DataFrame(schema={**_PROFILE, "pairs": pl.Int64}),
+                pl.DataFrame(schema={"pair_id": pl.String, **_PROFILE}))
+    e = encode(judgments)
+    uc = unit_counts(e, judgments["annotator_kind"])
+    given_j = judgments.select((pl.col("pair_id") != content_key_hash()).alias("g"))["g"].to_numpy()
+    given = given_j[e.pair_first]
+    profiles, units = [], []
+    for kind, counts in _kind_counts(uc).items():
+        mine = counts[~given]
+        mine = mine[mine.sum(axis=1) >= 2]
+        prof = pl.DataFrame({"n_a": mine[:, 0], "n_b": mine[:, 1], "n_tie": mine[:, 2]}, schema={k: pl.Int64 for k in ("n_a", "n_b", "n_tie")})
+        profiles.append(prof.group_by("n_a", "n_b", "n_tie").agg(pairs=pl.len().cast(pl.Int64)).select(pl.lit(kind).alias("kind"), pl.all()))
+        g = counts[given]
+        units.append(pl.DataFrame({"pair_id": e.pair_ids.filter(pl.Series(given)), "kind": [kind] * len(g),
+                                   "n_a": g[:, 0], "n_b": g[:, 1], "n_tie": g[:, 2]}, schema={"pair_id": pl.String, **_PROFILE}))
+    return (pl.concat(profiles).sort("kind", "n_tie", "n_b", "n_a"), pl.concat(units).sort("pair_id", "kind"))
+
+
+def agreement_from_profiles(profiles: pl.DataFrame, cfg: AgreementConfig | None = None) -> pl.DataFrame:
+    """Per kind, the agreement check's alpha / kappa figures from merged count profiles."""
+    cfg = cfg or AgreementConfig()
+    out = []
+    for i, kind in enumerate(KINDS):
+        # compress_rows' order: the profile as a mixed-radix number, last category most significant
+        prof = profiles.filter(pl.col("kind") == kind).sort("n_tie", "n_b", "n_a")
+        # C order, as compress_rows returns it: a float sum over a Fortran-ordered array can differ in the last bit
+        rows = np.ascontiguousarray(prof.select("n_a", "n_b", "n_tie").to_numpy(), dtype=np.int64).reshape(-1, 3)
+        mult = prof["pairs"].to_numpy().astype(np.int64)
+        seed = cfg.seed + 10 * i
+        a_terms = unit_terms_alpha(rows)
+        alpha = float(alpha_from_sums(mult @ a_terms)) if rows.shape[0] else float("nan")
+        a_ci = bootstrap_sums_ci(a_terms, alpha_from_sums, resamples=cfg.bootstrap, seed=seed, multiplicity=mult)
+        row = {"kind": kind, "n_pairs": int(mult.sum()), "n_ratings": int((rows.sum(axis=1) * mult).sum()),
+               "krippendorff_alpha": alpha, "alpha_lo": a_ci[0], "alpha_hi": a_ci[1],
+               "fleiss_m": None, "fleiss_n_pairs": 0, "fleiss_kappa": None, "kappa_lo": None, "kappa_hi": None}
+        if rows.shape[0]:
+            pm = rows.sum(axis=1)
+            per_m = np.bincount(pm, weights=mult)
+            modal = int(np.flatnonzero(per_m == per_m.max())[-1])  # ties -> the larger m
+            sel = pm == modal
+            f_terms = unit_terms_fleiss(rows[sel])
+            k_ci = bootstrap_sums_ci(f_terms, kappa_from_sums, resamples=cfg.bootstrap, seed=seed + 1, multiplicity=mult[sel])
+            row.update(fleiss_m=modal, fleiss_n_pairs=int(mult[sel].sum()), fleiss_kappa=float(kappa_from_sums(mult[sel] @ f_terms)),
+                       kappa_lo=k_ci[0], kappa_hi=k_ci[1])
+        out.append(row)
+    schema = {"kind": pl.String, "n_pairs": pl.Int64, "n_ratings": pl.Int64, "krippendorff_alpha": pl.Float64,
+              "alpha_lo": pl.Float64, "alpha_hi": pl.Float64, "fleiss_m": pl.Int64, "fleiss_n_pairs": pl.Int64,
+              "fleiss_kappa": pl.Float64, "kappa_lo": pl.Float64, "kappa_hi": pl.Float64}
+    return pl.DataFrame(out, schema=schema).with_columns(pl.col(pl.Float64).fill_nan(None))
+
+
 def run(paths: list[str]) -> State:
     judgments = read_partition(paths, columns=COLUMNS)
+    profiles, given_units = agreement_states(judgments)
     return {
+        "agreement_profiles": profiles,
+        "agreement_given_units": given_units,
         "exact_duplicates": exact_duplicates(judgments).sort("comparison_id"),
         "annotator_sums": annotator_sums(judgments),
         "given_id_keys": given_id_keys(judgments),
@@ -73,7 +153,13 @@ def reduce(states: list[State]) -> State:
     sums = cat("annotator_sums").group_by("annotator_id").agg(pl.col(_SUM_COLUMNS).sum()).sort("annotator_id")
     keys = cat("given_id_keys").unique().sort("pair_id", "content_key")
     conflicts = keys.group_by("pair_id").agg(content_keys=pl.len().cast(pl.Int64)).filter(pl.col("content_keys") > 1).sort("pair_id")
+    units = cat("agreement_given_units").group_by("pair_id", "kind").agg(pl.col("n_a", "n_b", "n_tie").sum())
+    units = units.filter(pl.sum_horizontal("n_a", "n_b", "n_tie") >= 2)
+    profiles = pl.concat([cat("agreement_profiles"),
+                          units.group_by("kind", "n_a", "n_b", "n_tie").agg(pairs=pl.len().cast(pl.Int64))], how="diagonal")
+    profiles = profiles.group_by("kind", "n_a", "n_b", "n_tie").agg(pl.col("pairs").sum()).sort("kind", "n_tie", "n_b", "n_a")
     out = {
+        "agreement": agreement_from_profiles(profiles),
         "exact_duplicates": cat("exact_duplicates").sort("comparison_id"),
         "annotator_sums": sums.with_columns(
             first_shown_rate=pl.col("first_chosen") / pl.col("decisive_shown"),

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from pipeline import partition_stats
+from pipeline.checks import agreement
 from pipeline.checks.duplicates import exact_duplicates
 from pipeline.checks.pair_id_conflict import conflicts
 from pipeline.distributed import (PartitionRef, PartitionTaskError, encode_state, map_partitions, open_runner, refs_of,
@@ -18,6 +19,7 @@ from pipeline.distributed import (PartitionRef, PartitionTaskError, encode_state
 from pipeline.ingest import ingest_files
 from pipeline.partition import partition_files
 from pipeline.readers import UnreadableFile
+from schemas.policy import ChecksConfig
 from tests.conftest import ROOT, canonical, write_jsonl
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -57,6 +59,16 @@ def test_reduce_equals_the_whole_input_computation(inputs, parts, tmp_path):
     assert out["annotator_sums"].select(want.columns).equals(want)
     assert out["pair_id_conflicts"]["pair_id"].to_list() == conflicts(whole)["pair_id"].to_list() == ["given-x"]
     assert out["counts"].row(0) == (whole.height, whole.select(partition_stats.content_key_hash().n_unique()).item())
+    # alpha, kappa and their bootstrap CIs from merged count profiles: exactly the agreement check's on the whole input
+    check = agreement.run(whole, ChecksConfig()).metrics
+    for row in out["agreement"].iter_rows(named=True):
+        want_k = check[row["kind"]]
+        assert row["n_pairs"] == want_k["n_pairs"] > 0 or row["kind"] == "unknown"
+        if row["n_pairs"]:
+            assert (row["krippendorff_alpha"], [row["alpha_lo"], row["alpha_hi"]]) == \
+                (want_k["krippendorff_alpha"], want_k["krippendorff_alpha_ci"])
+            assert (row["fleiss_kappa"], [row["kappa_lo"], row["kappa_hi"]], row["fleiss_m"]) == \
+                (want_k["fleiss_kappa"], want_k["fleiss_kappa_ci"], want_k["fleiss_m"])
     # the same figures from another partition count (states merge; nothing depends on the cut)
     other = partition_files(inputs, tmp_path / "p3", n_partitions=3, flush_rows=4000)
     out3, _ = run_step(partition_stats.STEP, refs_of(other), tmp_path / "cache3")
