@@ -315,7 +315,7 @@ def partitioned_section(a: argparse.Namespace) -> str:
         f"Same batches. **partition**: `pipeline.partition.partition_files` (ingest straight into hash partitions by "
         f"content key, `partition_rows={a.partition_rows:,}`, default `flush_rows`), a fresh process (wall, CPU, VmHWM). "
         "**step**: `pipeline.partition_stats` (exact-duplicate groups, per-annotator first-shown / longer-chosen sums, "
-        "given-id keys) on each partition in one fresh process, each task timed alone (mean, min - max), the states' "
+        "given-id keys, agreement count profiles) on each partition in one fresh process, each task timed alone (mean, min - max), the states' "
         "Arrow IPC size, the reduce, that process's VmHWM. **dask**: the same step through `pipeline.distributed` on a "
         "2-process `LocalCluster` (map + reduce wall; cluster start-up in brackets; VmHWM of the driver / the largest "
         "worker).\n\n"
@@ -323,7 +323,7 @@ def partitioned_section(a: argparse.Namespace) -> str:
                  "step per partition s", "step µs per judgment", "states MB", "reduce s", "step peak MiB",
                  "dask map+reduce s", "dask driver / worker peak MiB", "load"], rows)
         + "\n\nThe step is a fraction of what a partitioned curate will run per partition; its cost here is the read "
-        "of a partition's narrow columns plus the duplicate grouping. Today's pair-scoped stages run on each partition "
+        "of a partition's narrow columns, the duplicate grouping, the annotator sums and the agreement profiles (one encode). Today's pair-scoped stages run on each partition "
         "alone (fresh process; read = the whole partition, all columns; aggregate = the preliminary consensus with the "
         "default policy, whose annotator model then sees only the partition; the language check spends its langdetect "
         "budget per call), seconds per partition, mean over partitions:\n\n"

@@ -16,7 +16,7 @@ derived ``pair_id`` is made of), not the ``pair_id`` column:
 * a *given* ``pair_id`` (or ``review_of``) names one content key unless it is a
   ``pair_id_conflict``; a conflicting id may span partitions.  Its judgments are all dropped,
   and finding it needs only the small table of (given pair_id, content key) rows whose id is not
-  the derived one, reduced on the driver (``pipeline/distributed.py``, ``given_id_keys``);
+  the derived one, reduced on the driver (``pipeline/partition_stats.py``, ``given_id_keys``);
 * blake2b, unlike Polars' ``hash``, is stable across library versions, so a partition's
   content -- and the cache key of its task -- does not move when Polars is upgraded.
 
@@ -65,7 +65,7 @@ __all__ = ["PartitionSet", "PartitionInfo", "partition_files", "partition_inputs
            "partition_count", "read_partition", "merged_ledger", "DEFAULT_PARTITION_ROWS", "DEFAULT_FLUSH_ROWS"]
 
 LEDGER = "partitions.json"
-KEY = "blake2b-64(prompt_hash|min(a_hash,b_hash)|max(a_hash,b_hash)) mod n"
+KEY = "first 60 bits of blake2b-64(prompt_hash|min(a_hash,b_hash)|max(a_hash,b_hash)) mod n"
 DEFAULT_PARTITION_ROWS = 250_000  # target judgments per partition (~250 MB of 1 KB judgments as JSONL)
 DEFAULT_FLUSH_ROWS = 100_000  # rows buffered across all partitions before they are spilled
 MAX_PARTITIONS = 4096

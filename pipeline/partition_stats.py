@@ -92,14 +92,20 @@ def agreement_states(judgments: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFram
         mine = mine[mine.sum(axis=1) >= 2]
         prof = pl.DataFrame({"n_a": mine[:, 0], "n_b": mine[:, 1], "n_tie": mine[:, 2]}, schema={k: pl.Int64 for k in ("n_a", "n_b", "n_tie")})
         profiles.append(prof.group_by("n_a", "n_b", "n_tie").agg(pairs=pl.len().cast(pl.Int64)).select(pl.lit(kind).alias("kind"), pl.all()))
-        g = counts[given]
-        units.append(pl.DataFrame({"pair_id": e.pair_ids.filter(pl.Series(given)), "kind": [kind] * len(g),
+        keep = given & (counts.sum(axis=1) > 0)  # a kind with no rating adds nothing to the merged unit
+        g = counts[keep]
+        units.append(pl.DataFrame({"pair_id": e.pair_ids.filter(pl.Series(keep)), "kind": [kind] * len(g),
                                    "n_a": g[:, 0], "n_b": g[:, 1], "n_tie": g[:, 2]}, schema={"pair_id": pl.String, **_PROFILE}))
     return (pl.concat(profiles).sort("kind", "n_tie", "n_b", "n_a"), pl.concat(units).sort("pair_id", "kind"))
 
 
 def agreement_from_profiles(profiles: pl.DataFrame, cfg: AgreementConfig | None = None) -> pl.DataFrame:
-    """Per kind, the agreement check's alpha / kappa figures from merged count profiles."""
+    """Per kind, the agreement check's alpha / kappa figures from merged count profiles.
+
+    Mirrors ``_kind_metrics`` of :mod:`pipeline.checks.agreement` on (distinct rows, multiplicity)
+    instead of per-pair counts; ``tests/test_distributed.py`` pins the two to the last bit.  When
+    the partitioned path is wired in, the check should take this histogram itself (one
+    implementation)."""
     cfg = cfg or AgreementConfig()
     out = []
     for i, kind in enumerate(KINDS):
