@@ -159,7 +159,7 @@ def _split_input(inputs: list[Path], d: Path) -> list[Path]:
     return files + [inputs[1]]
 
 
-def test_per_file_partitions_equal_one_set_in_process_and_on_the_cluster(inputs, tmp_path):
+def test_per_file_partitions_equal_one_set_in_process_and_on_the_cluster(inputs, tmp_path, monkeypatch):
     """Each input file partitioned on its own (in parallel on 2 worker processes): partition i is
     the list of every file's part i; the same rows, ledger and reduce bytes as one set of all files."""
     from pipeline.partition import merged_ledger, partition_inputs, read_partition
@@ -176,6 +176,17 @@ def test_per_file_partitions_equal_one_set_in_process_and_on_the_cluster(inputs,
     got, _ = run_step(partition_stats.STEP, refs, tmp_path / "c-local")
     assert _bytes(got) == _bytes(want)
     with open_runner("local") as client:
+        # the driver never reads judgments: its Parquet and JSONL readers fail if called (the workers are
+        # other processes with their own modules)
+        import pipeline.ingest
+        import pyarrow.parquet
+
+        def refuse(*_a, **_k):
+            raise AssertionError("the driver read data")
+
+        for mod, name in ((pl, "read_parquet"), (pl, "scan_parquet"), (pyarrow.parquet, "read_table"),
+                          (pipeline.ingest, "ingest_files")):
+            monkeypatch.setattr(mod, name, refuse)
         dask_sets = partition_inputs(files, tmp_path / "work-dask", n_partitions=N_PARTS, client=client, flush_rows=1000)
         assert [[p.sha256 for p in s.partitions] for s in dask_sets] == [[p.sha256 for p in s.partitions] for s in local_sets]
         got, stats = run_step(partition_stats.STEP, refs_of(*dask_sets), tmp_path / "c-dask", client=client)
@@ -184,6 +195,7 @@ def test_per_file_partitions_equal_one_set_in_process_and_on_the_cluster(inputs,
         bad.write_bytes(b"not gzip at all")
         with pytest.raises(UnreadableFile, match="bad.jsonl.gz"):
             partition_inputs([files[0], bad], tmp_path / "work-bad", n_partitions=N_PARTS, client=client)
+        monkeypatch.undo()
     assert stats.runner == "dask" and _bytes(got) == _bytes(want)
     # a second call finds every file's set by its content: nothing is partitioned again
     before = {d: d.stat().st_mtime_ns for d in (tmp_path / "work-local").iterdir()}
