@@ -138,7 +138,7 @@ STAGES = _HWM + (
     "print(json.dumps(out))\n")
 # the same step on a 2-process LocalCluster: wall incl. cluster start, the workers' VmHWM
 STATS_DASK = _HWM + (
-    "import tempfile\n"
+    "import shutil, tempfile\n"
     "from pipeline import partition_stats\n"
     "from pipeline.distributed import open_runner, refs_of, run_step\n"
     "from pipeline.partition import PartitionSet\n"
@@ -146,9 +146,11 @@ STATS_DASK = _HWM + (
     "t0 = time.perf_counter()\n"
     "with open_runner('local') as client:\n"
     "    t1 = time.perf_counter()\n"
-    "    run_step(partition_stats.STEP, refs_of(ps), tempfile.mkdtemp(prefix='pp-scale-cache-'), client=client)\n"
+    "    cache = tempfile.mkdtemp(prefix='pp-scale-cache-')\n"
+    "    run_step(partition_stats.STEP, refs_of(ps), cache, client=client)\n"
     "    t2 = time.perf_counter()\n"
     "    hwm = client.run(_hwm)\n"
+    "shutil.rmtree(cache, ignore_errors=True)\n"
     "print(json.dumps({'start_s': t1 - t0, 'map_reduce_s': t2 - t1, 'worker_peak_kb': max(hwm.values())}))\n")
 
 
