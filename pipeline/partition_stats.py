@@ -13,6 +13,11 @@ Per partition (``run``, on a worker, reading only its partition file):
 * ``given_id_keys``: the distinct (``pair_id``, content key) of rows whose ``pair_id`` is not
   the derived one (given ids, ``review_of``): a conflicting given id may span partitions, so
   conflicts are found in the reduce, from this small table (empty for derived ids);
+* ``identical_response_pairs``: pairs whose two responses are the same text
+  (:func:`pipeline.checks.duplicates.identical_response_pairs`, pair-scoped);
+* ``order_sums``: per annotator, pairs judged in both display orders and how many got the same
+  verdict (any label, and a/b only): the counts behind order consistency
+  (:func:`pipeline.checks.position_bias.order_consistency`), summed in the reduce;
 * ``counts``: judgments and distinct content keys (pairs);
 * ``agreement_profiles``: Krippendorff's alpha and Fleiss' kappa are sums of per-pair terms of
   the pair's a / b / tie rating counts, so a partition sends the histogram of those count
@@ -37,13 +42,14 @@ import numpy as np
 
 from pipeline.aggregate import encode
 from pipeline.checks.agreement import unit_counts
-from pipeline.checks.duplicates import exact_duplicates
+from pipeline.checks.duplicates import exact_duplicates, identical_response_pairs
+from pipeline.checks.position_bias import order_consistency
 from pipeline.distributed import State, Step
 from pipeline.partition import content_key_hash, read_partition
 from pipeline.stats import alpha_from_sums, bootstrap_sums_ci, kappa_from_sums, unit_terms_alpha, unit_terms_fleiss
 from schemas.policy import AgreementConfig
 
-VERSION = "2"
+VERSION = "3"
 COLUMNS = ["comparison_id", "pair_id", "prompt_hash", "a_hash", "b_hash", "annotator_id", "annotator_kind", "shown_first",
            "label", "response_a", "response_b", "created_at", "batch_id", "source_file", "source_line"]
 KINDS = ("human", "ai", "all", "unknown")  # the agreement check's order: its bootstrap seed is cfg.seed + 10 * index
@@ -137,10 +143,30 @@ def agreement_from_profiles(profiles: pl.DataFrame, cfg: AgreementConfig | None 
     return pl.DataFrame(out, schema=schema).with_columns(pl.col(pl.Float64).fill_nan(None))
 
 
+_ORDER_SUMS = {"annotator_id": pl.String, "order_pairs": pl.Int64, "order_same": pl.Int64,
+               "decisive_order_pairs": pl.Int64, "decisive_order_same": pl.Int64}
+
+
+def order_sums(judgments: pl.DataFrame) -> pl.DataFrame:
+    """Per annotator: pairs judged in both display orders and how many got the same verdict (any
+    label / a-b only): the counts behind :mod:`pipeline.checks.position_bias`'s order
+    consistency and order-inconsistency test.  Annotators without such pairs are left out."""
+    if judgments.height == 0:
+        return pl.DataFrame(schema=_ORDER_SUMS)
+    e = encode(judgments)  # the frame agreement_states encoded: a cache hit
+    n, same = order_consistency(e)
+    nd, samed = order_consistency(e, decisive=True)
+    out = pl.DataFrame({"annotator_id": e.ann_ids, "order_pairs": n, "order_same": same, "decisive_order_pairs": nd,
+                        "decisive_order_same": samed}).cast({k: v for k, v in _ORDER_SUMS.items() if k != "annotator_id"})
+    return out.filter(pl.col("order_pairs") > 0).sort("annotator_id")
+
+
 def run(paths: list[str]) -> State:
     judgments = read_partition(paths, columns=COLUMNS)
     profiles, given_units = agreement_states(judgments)
     return {
+        "order_sums": order_sums(judgments),
+        "identical_response_pairs": identical_response_pairs(judgments).to_frame(),
         "agreement_profiles": profiles,
         "agreement_given_units": given_units,
         "exact_duplicates": exact_duplicates(judgments).sort("comparison_id"),
@@ -164,7 +190,10 @@ def reduce(states: list[State]) -> State:
     profiles = pl.concat([cat("agreement_profiles"),
                           units.group_by("kind", "n_a", "n_b", "n_tie").agg(pairs=pl.len().cast(pl.Int64))], how="diagonal")
     profiles = profiles.group_by("kind", "n_a", "n_b", "n_tie").agg(pl.col("pairs").sum()).sort("kind", "n_tie", "n_b", "n_a")
+    order = cat("order_sums").group_by("annotator_id").agg(pl.exclude("annotator_id").sum()).sort("annotator_id")
     out = {
+        "order_consistency": order.with_columns(order_consistency=pl.col("order_same") / pl.col("order_pairs")),
+        "identical_response_pairs": cat("identical_response_pairs").unique().sort("pair_id"),
         "agreement": agreement_from_profiles(profiles),
         "exact_duplicates": cat("exact_duplicates").sort("comparison_id"),
         "annotator_sums": sums.with_columns(

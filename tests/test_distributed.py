@@ -12,7 +12,9 @@ import pytest
 
 from pipeline import partition_stats
 from pipeline.checks import agreement
-from pipeline.checks.duplicates import exact_duplicates
+from pipeline.aggregate import encode
+from pipeline.checks.duplicates import exact_duplicates, identical_response_pairs
+from pipeline.checks.position_bias import order_consistency
 from pipeline.checks.pair_id_conflict import conflicts
 from pipeline.distributed import (PartitionRef, PartitionTaskError, encode_state, map_partitions, open_runner, refs_of,
                                   run_step)
@@ -36,7 +38,9 @@ def inputs(tmp_path_factory) -> list[Path]:
     same = canonical(100, pair_id="given-1", annotator_id="rev-9")
     rows = [same, {**same, "comparison_id": "c-again", "pair_id": "given-2"},  # a re-delivery under another id
             canonical(200, pair_id="given-x"), canonical(201, pair_id="given-x"),  # one id, two contents
-            canonical(300, pair_id="given-y"), canonical(300, pair_id="given-y", comparison_id="c-300b", annotator_id="rev-2")]
+            canonical(300, pair_id="given-y"), canonical(300, pair_id="given-y", comparison_id="c-300b", annotator_id="rev-2"),
+            canonical(400, response_b="Mix flour, water, yeast and salt, then knead (400)."),  # identical responses
+            canonical(401, response_b="MIX flour,  water, yeast and salt, then knead (401).")]  # the same up to case/space
     return [gen, write_jsonl(d / "planted.jsonl", rows)]
 
 
@@ -59,6 +63,16 @@ def test_reduce_equals_the_whole_input_computation(inputs, parts, tmp_path):
     assert out["annotator_sums"].select(want.columns).equals(want)
     assert out["pair_id_conflicts"]["pair_id"].to_list() == conflicts(whole)["pair_id"].to_list() == ["given-x"]
     assert out["counts"].row(0) == (whole.height, whole.select(partition_stats.content_key_hash().n_unique()).item())
+    assert out["identical_response_pairs"]["pair_id"].equals(identical_response_pairs(whole))
+    assert out["identical_response_pairs"].height == 2
+    e = encode(whole)
+    n, same = order_consistency(e)
+    nd, samed = order_consistency(e, decisive=True)
+    want_order = pl.DataFrame({"annotator_id": e.ann_ids, "order_pairs": n.astype(int), "order_same": same.astype(int),
+                               "decisive_order_pairs": nd.astype(int), "decisive_order_same": samed.astype(int)})
+    want_order = want_order.filter(pl.col("order_pairs") > 0).sort("annotator_id")
+    assert want_order.height >= 4  # the AI judges judge in both orders
+    assert out["order_consistency"].select(want_order.columns).equals(want_order)
     # alpha, kappa and their bootstrap CIs from merged count profiles: exactly the agreement check's on the whole input
     check = agreement.run(whole, ChecksConfig()).metrics
     for row in out["agreement"].iter_rows(named=True):
