@@ -908,6 +908,7 @@ def ingest_files(
     on_progress: Callable[[int], None] | None = None,
     limits: IngestConfig | None = None,
     dimensions: DimensionsConfig | None = None,
+    on_judgments: Callable[[pl.DataFrame], None] | None = None,
 ) -> IngestResult:
     """Ingest files; raises :class:`UnreadableFile` before reading rows if any file is unusable
     as a whole, and while reading for damage found on the way (a corrupt gzip stream or Parquet
@@ -916,6 +917,8 @@ def ingest_files(
     With ``keep_judgments=False`` valid rows are counted and discarded batch by batch
     (``validate``: memory stays flat whatever the input size).  ``dimensions``: the policy's
     dimension section; its rule derives the label of rows that give ``dimensions`` but no ``label``.
+    ``on_judgments``: each block's valid judgments (in input order) are handed to it instead of
+    being kept (the result's judgments are then empty): ``pipeline.partition`` spills them.
     """
     limits = limits or IngestConfig()
     paths = [Path(p) for p in paths]
@@ -948,7 +951,10 @@ def ingest_files(
                 n_skip += out.skipped
                 quarantine.extend(out.quarantine)
                 if keep_judgments and out.valid.height:
-                    frames.append(out.valid)
+                    if on_judgments is not None:
+                        on_judgments(out.valid)
+                    else:
+                        frames.append(out.valid)
                 if on_progress:
                     on_progress(out.rows_in)
             quarantine[q_before:] = sorted(quarantine[q_before:], key=lambda q: q["line"])

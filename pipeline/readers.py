@@ -53,8 +53,12 @@ class UnreadableFile(Exception):
     def __init__(self, path: str | Path, why: str, line: int | None = None):
         self.path = str(path)
         self.line = line
+        self._why = why
         self.why = why if line is None else f"line {line}: {why}"
         super().__init__(f"{self.path}: {self.why}")
+
+    def __reduce__(self):  # survives pickling (a Dask worker's error reaches the driver as this type)
+        return (type(self), (self.path, self._why, self.line))
 
 
 class JSONValueError(ValueError):

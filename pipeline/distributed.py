@@ -1,0 +1,286 @@
+"""Map a step over partition files, in process or on a Dask cluster; reduce in partition order.
+
+The unit of work of issue 15: a *step* is a pure function from one partition file's path to a
+few small tables (its state: per-annotator sums, duplicate groups, ...), and a reduce that merges
+those states in partition order.  A worker reads its partition itself -- the driver sends a path
+and receives the state, never the judgments -- so the partitions must live where every worker
+can read them (a shared mount; ``docs/scale-out.md``).
+
+Where the tasks run (``PREFPIPE_DASK``, or ``runner=`` explicitly):
+
+* unset / empty: in this process, one partition after another;
+* ``local``: a ``dask.distributed.LocalCluster`` of 2 worker *processes* (1 thread each);
+* ``tcp://host:8786``: an existing Dask scheduler.
+
+Results are byte-identical whichever runs them: a state travels as Arrow IPC bytes (no pickle of
+data; Dask only ships the function and these bytes), every state is cached on the driver as an
+IPC file, and the reduce reads the states back in partition order.
+
+Failure and retry: every task runs to its end; the states of the tasks that finished are cached
+under ``cache_dir`` by (step name, step version, code version, partition sha256), each table with its sha256
+(checked when read back); if any failed,
+:class:`PartitionTaskError` names every failed partition (index, file, cause) and nothing is
+reduced.  Running again computes only the partitions without a cached state.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+__all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
+           "refs_of", "encode_state", "decode_state", "PartitionChanged", "ENV"]
+
+ENV = "PREFPIPE_DASK"
+State = dict[str, pl.DataFrame]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A pair-scoped computation: ``run(paths) -> state`` per partition (its part files, see
+    :class:`PartitionRef`), ``reduce([state, ...]) -> state``
+    over the states in partition order.  ``version`` is part of the cache key: bump it when
+    ``run`` changes what it returns, and include any parameter bound into ``run`` (a config's
+    hash).  ``run`` must be importable by workers (a module-level
+    function, or a ``functools.partial`` of one)."""
+
+    name: str
+    version: str
+    run: Callable[[list[str]], State]
+    reduce: Callable[[list[State]], State]
+
+
+@dataclass(frozen=True)
+class PartitionRef:
+    """Partition ``index``: its part file(s) (one per input file partitioned on its own, in input
+    order) and their sha256s."""
+
+    index: int
+    paths: tuple[str, ...]
+    sha256s: tuple[str, ...]
+
+    @property
+    def sha256(self) -> str:
+        """The partition's content: its file's sha256, or a digest of its files' sha256s in order."""
+        if len(self.sha256s) == 1:
+            return self.sha256s[0]
+        return hashlib.sha256(("partition-files\n" + "\n".join(self.sha256s)).encode()).hexdigest()
+
+
+@dataclass
+class RunStats:
+    computed: list[int] = field(default_factory=list)  # partitions whose task ran in this call
+    cached: list[int] = field(default_factory=list)  # partitions whose state was cached before
+    runner: str = "process"
+
+
+class PartitionTaskError(RuntimeError):
+    """One or more partitions' tasks failed; ``failed`` maps partition index -> message."""
+
+    def __init__(self, step: str, failed: dict[int, str], refs: dict[int, PartitionRef], finished: int) -> None:
+        self.step, self.failed = step, failed
+        lines = [f"partition {i} ({', '.join(Path(p).name for p in refs[i].paths)}, sha256 {refs[i].sha256[:12]}): {msg}" for i, msg in sorted(failed.items())]
+        super().__init__(
+            f"step {step!r}: {len(failed)} of {len(refs)} partition task(s) failed -- " + "; ".join(lines)
+            + f". {finished} finished and are cached; run again to compute only the missing partition(s).")
+
+
+# ---------------------------------------------------------------- state <-> Arrow IPC bytes
+def encode_state(state: State) -> dict[str, bytes]:
+    """A state as Arrow IPC (stream) bytes per table: what a worker sends back."""
+    out = {}
+    for name, frame in state.items():
+        if not isinstance(frame, pl.DataFrame):
+            raise TypeError(f"state table {name!r} is a {type(frame).__name__}; a step returns Polars DataFrames")
+        buf = io.BytesIO()
+        # the oldest compat level writes strings as offsets + bytes: canonical bytes for equal
+        # frames (Polars' string views point into buffers whose layout depends on the history)
+        frame.write_ipc_stream(buf, compression="uncompressed", compat_level=pl.CompatLevel.oldest())
+        out[name] = buf.getvalue()
+    return out
+
+
+def decode_state(blobs: dict[str, bytes]) -> State:
+    return {name: pl.read_ipc_stream(io.BytesIO(b)) for name, b in sorted(blobs.items())}
+
+
+class PartitionChanged(ValueError):
+    """A partition file's bytes are not those its ledger names (damaged, replaced, half-copied)."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _task(run: Callable[[list[str]], State], paths: tuple[str, ...], sha256s: tuple[str, ...]) -> dict[str, bytes]:
+    """What runs on a worker: check the partition's files against their sha256 (the cache key
+    must describe what was read), run the step on them, return the state's bytes."""
+    for path, want in zip(paths, sha256s, strict=True):
+        got = _sha256(path)
+        if got != want:
+            raise PartitionChanged(f"{path}: sha256 {got[:12]}..., the partition ledger says {want[:12]}...")
+    return encode_state(run(list(paths)))
+
+
+# ---------------------------------------------------------------- the cache of states
+def _cache_key(step: Step, ref: PartitionRef) -> str:
+    from schemas.version import code_version
+
+    doc = json.dumps({"step": step.name, "version": step.version, "code": code_version(), "partition_sha256": ref.sha256},
+                     sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def _cache_read(cache_dir: Path, key: str) -> dict[str, bytes] | None:
+    """A cached state, each table checked against the sha256 its DONE file lists; a state that
+    is missing, partial or altered counts as not cached (its task runs again)."""
+    d = cache_dir / key
+    try:
+        digests = json.loads((d / "DONE").read_text(encoding="utf-8"))
+        blobs = {n: (d / f"{n}.arrow").read_bytes() for n in digests}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(digests, dict) or any(hashlib.sha256(b).hexdigest() != digests[n] for n, b in blobs.items()):
+        return None
+    return blobs
+
+
+def _cache_write(cache_dir: Path, key: str, blobs: dict[str, bytes]) -> None:
+    """A state directory, staged and renamed into place (a reader sees all of it or nothing)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / key
+    if _cache_read(cache_dir, key) is not None:
+        return
+    tmp = cache_dir / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    for name, b in sorted(blobs.items()):
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"state table name {name!r}: expected a plain name")
+        (tmp / f"{name}.arrow").write_bytes(b)
+    digests = {name: hashlib.sha256(b).hexdigest() for name, b in sorted(blobs.items())}
+    (tmp / "DONE").write_text(json.dumps(digests, sort_keys=True), encoding="utf-8")
+    if final.exists():  # a damaged earlier copy (no valid DONE): replace it
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another driver cached the same state first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- runners
+@contextmanager
+def open_runner(spec: str | None = None) -> Iterator[Any]:
+    """``None``/``""``: in process (yields None); ``local``: a 2-process LocalCluster; ``tcp://...``: that
+    scheduler.  Yields a ``distributed.Client`` (closed, with its cluster, on exit)."""
+    spec = (os.environ.get(ENV, "") if spec is None else spec).strip()
+    if not spec:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if spec == "local":
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                          silence_logs=40) as cluster, Client(cluster) as client:
+            yield client
+    elif spec.startswith(("tcp://", "tls://")):
+        with Client(spec) as client:
+            yield client
+    else:
+        raise ValueError(f"{ENV}={spec!r}: expected 'local' or a scheduler address tcp://host:port")
+
+
+def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,
+                   on_partition: Callable[[int], None] | None = None) -> tuple[list[State], RunStats]:
+    """Every partition's state, in partition order (cached ones read back, the others computed
+    in this process or on ``client``'s cluster).  Raises :class:`PartitionTaskError` after all
+    tasks ended if any failed (the finished ones are cached).  ``on_partition(index)``: called
+    on the driver as each partition's state is ready, cached or computed (a progress bar's
+    partitions)."""
+    done = on_partition or (lambda _i: None)
+    cache_dir = Path(cache_dir)
+    refs = sorted(refs, key=lambda r: r.index)
+    by_index = {r.index: r for r in refs}
+    if len(by_index) != len(refs):
+        raise ValueError("partition indexes must be unique")
+    stats = RunStats(runner="process" if client is None else "dask")
+    blobs: dict[int, dict[str, bytes]] = {}
+    todo: list[PartitionRef] = []
+    for r in refs:
+        got = _cache_read(cache_dir, _cache_key(step, r))
+        if got is None:
+            todo.append(r)
+        else:
+            blobs[r.index] = got
+            stats.cached.append(r.index)
+            done(r.index)
+    failed: dict[int, str] = {}
+    first_error: BaseException | None = None
+    if client is None:
+        for r in todo:
+            try:
+                out = _task(step.run, r.paths, r.sha256s)
+            except Exception as err:  # noqa: BLE001 - every partition runs; all failures are reported
+                failed[r.index] = f"{type(err).__name__}: {err}"
+                first_error = first_error or err
+                continue
+            _cache_write(cache_dir, _cache_key(step, r), out)
+            blobs[r.index] = out
+            stats.computed.append(r.index)
+            done(r.index)
+    elif todo:
+        from distributed import as_completed
+
+        futures = {client.submit(_task, step.run, r.paths, r.sha256s, key=f"{step.name}-{r.index}-{uuid.uuid4().hex[:8]}",
+                                 pure=False, retries=0): r for r in todo}
+        for fut in as_completed(list(futures)):
+            r = futures[fut]
+            if fut.status == "error":
+                err = fut.exception()
+                failed[r.index] = f"{type(err).__name__}: {err}"
+                first_error = first_error or err
+                continue
+            out = fut.result()
+            fut.release()
+            _cache_write(cache_dir, _cache_key(step, r), out)
+            blobs[r.index] = out
+            stats.computed.append(r.index)
+            done(r.index)
+    stats.computed.sort()
+    if failed:
+        raise PartitionTaskError(step.name, failed, by_index, len(blobs)) from first_error
+    return [decode_state(blobs[r.index]) for r in refs], stats
+
+
+def run_step(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,
+             on_partition: Callable[[int], None] | None = None) -> tuple[State, RunStats]:
+    """:func:`map_partitions`, then ``step.reduce`` over the states in partition order."""
+    states, stats = map_partitions(step, refs, cache_dir, client=client, on_partition=on_partition)
+    return step.reduce(states), stats
+
+
+def refs_of(*partition_sets: Any) -> list[PartitionRef]:
+    """The tasks of one :class:`pipeline.partition.PartitionSet`, or of several with the same
+    partition count (one per input file, in input order): partition ``i`` is every set's
+    partition ``i``.  Paths are absolute: workers open them."""
+    if not partition_sets:
+        raise ValueError("refs_of: no partition set")
+    ns = {ps.n_partitions for ps in partition_sets}
+    if len(ns) != 1:
+        raise ValueError(f"refs_of: partition sets with different partition counts {sorted(ns)}")
+    return [PartitionRef(i, tuple(str((Path(ps.directory) / ps.partitions[i].path).resolve()) for ps in partition_sets),
+                         tuple(ps.partitions[i].sha256 for ps in partition_sets))
+            for i in range(ns.pop())]
