@@ -34,7 +34,7 @@ def _cli(args: list[str]) -> int:
 
     print(f"$ prefpipe {' '.join(args)}", flush=True)
     try:
-        app(args, standalone_mode=False)
+        rc = app(args, standalone_mode=False)  # click returns the exit code instead of raising here
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # click's Exit carries exit_code
@@ -42,7 +42,7 @@ def _cli(args: list[str]) -> int:
         if code is None:
             raise
         return int(code)
-    return 0
+    return int(rc) if isinstance(rc, int) else 0
 
 
 def review_round(store: str, version: str) -> str | None:
@@ -55,12 +55,13 @@ def review_round(store: str, version: str) -> str | None:
     from pipeline.store import Store
 
     print("\n== review round: routed pairs -> reviewers -> a child version ==", flush=True)
-    work = Path(store).resolve() / "reviews" / "demo-round"  # inside the store: nothing written next to it
+    work = Path(store).resolve().parent / "review"  # beside the store: review files are never written inside one
     tasks, answers, batch = work / f"{version}-tasks.jsonl", work / f"{version}-answers.jsonl", work / f"{version}-judgments.jsonl"
     if _cli(["review", "export", version, "--store", store, "--format", "jsonl", "--out", str(tasks)]) != 0:
         return None
     print(f"$ python data/review_bot.py {tasks} --out {answers}   # the scripted reviewer", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "data" / "review_bot.py"), str(tasks), "--out", str(answers)], check=True)
+    if subprocess.run([sys.executable, str(ROOT / "data" / "review_bot.py"), str(tasks), "--out", str(answers)]).returncode != 0:
+        return None
     if _cli(["review", "import", str(answers), "--format", "jsonl", "--store", store, "--out", str(batch)]) != 0:
         return None
     print(f"$ prefpipe curate {batch} --store {store} --parent {version}   # here: the curate-batch flow", flush=True)
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"verdict: {cert['verdict'].upper()} ({sum(g['passed'] for g in cert['gates'])}/{len(cert['gates'])} gates passed)")
     lap("certify flow (gates + Great Expectations)")
 
-    review_round(args.store, version)
+    if review_round(args.store, version) is None:
+        print("demo: the review round failed (see above)", file=sys.stderr)
+        return 1
     lap("review round (export, scripted reviewer, import, child version)")
 
     run_dir = None
