@@ -38,6 +38,8 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.store import sha256_file
+
 __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
            "refs_of", "encode_state", "decode_state", "PartitionChanged", "ENV"]
 
@@ -118,19 +120,11 @@ class PartitionChanged(ValueError):
     """A partition file's bytes are not those its ledger names (damaged, replaced, half-copied)."""
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _task(run: Callable[[list[str]], State], paths: tuple[str, ...], sha256s: tuple[str, ...]) -> dict[str, bytes]:
     """What runs on a worker: check the partition's files against their sha256 (the cache key
     must describe what was read), run the step on them, return the state's bytes."""
     for path, want in zip(paths, sha256s, strict=True):
-        got = _sha256(path)
+        got = sha256_file(path)
         if got != want:
             raise PartitionChanged(f"{path}: sha256 {got[:12]}..., the partition ledger says {want[:12]}...")
     return encode_state(run(list(paths)))

@@ -41,12 +41,11 @@ import polars as pl
 import numpy as np
 
 from pipeline.aggregate import encode
-from pipeline.checks.agreement import unit_counts
+from pipeline.checks.agreement import profile_metrics, unit_counts
 from pipeline.checks.duplicates import exact_duplicates, identical_response_pairs
 from pipeline.checks.position_bias import order_consistency
 from pipeline.distributed import State, Step
 from pipeline.partition import content_key_hash, read_partition
-from pipeline.stats import alpha_from_sums, bootstrap_sums_ci, kappa_from_sums, unit_terms_alpha, unit_terms_fleiss
 from schemas.policy import AgreementConfig
 
 VERSION = "3"
@@ -108,10 +107,9 @@ def agreement_states(judgments: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFram
 def agreement_from_profiles(profiles: pl.DataFrame, cfg: AgreementConfig | None = None) -> pl.DataFrame:
     """Per kind, the agreement check's alpha / kappa figures from merged count profiles.
 
-    Mirrors ``_kind_metrics`` of :mod:`pipeline.checks.agreement` on (distinct rows, multiplicity)
-    instead of per-pair counts; ``tests/test_distributed.py`` pins the two to the last bit.  When
-    the partitioned path is wired in, the check should take this histogram itself (one
-    implementation)."""
+    The same :func:`pipeline.checks.agreement.profile_metrics` the check runs, on the merged
+    (distinct rows, multiplicity) histogram instead of the check's compressed per-pair counts;
+    ``tests/test_distributed.py`` pins the two to the last bit."""
     cfg = cfg or AgreementConfig()
     out = []
     for i, kind in enumerate(KINDS):
@@ -119,23 +117,11 @@ def agreement_from_profiles(profiles: pl.DataFrame, cfg: AgreementConfig | None 
         prof = profiles.filter(pl.col("kind") == kind).sort("n_tie", "n_b", "n_a")
         # C order, as compress_rows returns it: a float sum over a Fortran-ordered array can differ in the last bit
         rows = np.ascontiguousarray(prof.select("n_a", "n_b", "n_tie").to_numpy(), dtype=np.int64).reshape(-1, 3)
-        mult = prof["pairs"].to_numpy().astype(np.int64)
-        seed = cfg.seed + 10 * i
-        a_terms = unit_terms_alpha(rows)
-        alpha = float(alpha_from_sums(mult @ a_terms)) if rows.shape[0] else float("nan")
-        a_ci = bootstrap_sums_ci(a_terms, alpha_from_sums, resamples=cfg.bootstrap, seed=seed, multiplicity=mult)
-        row = {"kind": kind, "n_pairs": int(mult.sum()), "n_ratings": int((rows.sum(axis=1) * mult).sum()),
-               "krippendorff_alpha": alpha, "alpha_lo": a_ci[0], "alpha_hi": a_ci[1],
-               "fleiss_m": None, "fleiss_n_pairs": 0, "fleiss_kappa": None, "kappa_lo": None, "kappa_hi": None}
-        if rows.shape[0]:
-            pm = rows.sum(axis=1)
-            per_m = np.bincount(pm, weights=mult)
-            modal = int(np.flatnonzero(per_m == per_m.max())[-1])  # ties -> the larger m
-            sel = pm == modal
-            f_terms = unit_terms_fleiss(rows[sel])
-            k_ci = bootstrap_sums_ci(f_terms, kappa_from_sums, resamples=cfg.bootstrap, seed=seed + 1, multiplicity=mult[sel])
-            row.update(fleiss_m=modal, fleiss_n_pairs=int(mult[sel].sum()), fleiss_kappa=float(kappa_from_sums(mult[sel] @ f_terms)),
-                       kappa_lo=k_ci[0], kappa_hi=k_ci[1])
+        f = profile_metrics(rows, prof["pairs"].to_numpy().astype(np.int64), cfg.bootstrap, cfg.seed + 10 * i)
+        row = {"kind": kind, "n_pairs": f["n_pairs"], "n_ratings": f["n_ratings"],
+               "krippendorff_alpha": f["krippendorff_alpha"], "alpha_lo": f["alpha_ci"][0], "alpha_hi": f["alpha_ci"][1],
+               "fleiss_m": f["fleiss_m"], "fleiss_n_pairs": f["fleiss_n_pairs"], "fleiss_kappa": f["fleiss_kappa"],
+               "kappa_lo": f["kappa_ci"][0], "kappa_hi": f["kappa_ci"][1]}
         out.append(row)
     schema = {"kind": pl.String, "n_pairs": pl.Int64, "n_ratings": pl.Int64, "krippendorff_alpha": pl.Float64,
               "alpha_lo": pl.Float64, "alpha_hi": pl.Float64, "fleiss_m": pl.Int64, "fleiss_n_pairs": pl.Int64,

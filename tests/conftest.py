@@ -61,3 +61,18 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001 - pytest hook sig
     import logging
 
     logging.getLogger("prefect").setLevel(logging.WARNING)
+
+
+def spy_per_row(monkeypatch) -> list[int]:
+    """Record the lines that go through ingest's per-row validation path (the fast path skips it)."""
+    from pipeline import ingest as ingest_mod
+
+    seen: list[int] = []
+    real = ingest_mod._validate_rows
+
+    def spy(rows, *a, **kw):
+        seen.extend(r.line for r in rows)
+        return real(rows, *a, **kw)
+
+    monkeypatch.setattr(ingest_mod, "_validate_rows", spy)
+    return seen

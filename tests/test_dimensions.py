@@ -20,7 +20,7 @@ from pipeline.curate import curate
 from pipeline.ingest import ingest_files, judgments_from_records
 from pipeline.store import Store
 from schemas.policy import ChecksConfig, DimensionsConfig, PolicyError, policy_from_dict
-from tests.conftest import canonical, write_jsonl
+from tests.conftest import canonical, spy_per_row, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM_DIR = ROOT / "data" / "samples" / "dimensions"
@@ -128,14 +128,7 @@ def test_policy_section_validates():
 
 # ---------------------------------------------------------------- fast path == per-row path
 def test_dimension_rows_stay_column_wise(make_jsonl, monkeypatch):
-    seen: list[int] = []
-    real = ingest_mod._validate_rows
-
-    def spy(rows, *a, **kw):
-        seen.extend(r.line for r in rows)
-        return real(rows, *a, **kw)
-
-    monkeypatch.setattr(ingest_mod, "_validate_rows", spy)
+    seen = spy_per_row(monkeypatch)
     rows = [_row(i, {"helpfulness": "a", "harmlessness": {"label": "b", "strength": 0.5}}) for i in range(50)]
     rows += [canonical(100 + i) for i in range(50)]
     rows[7] = _row(7, {"helpfulness": "maybe"})

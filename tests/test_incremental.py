@@ -59,20 +59,27 @@ def _batch(rng: random.Random, step: int, old: list[dict]) -> list[dict]:
     return rows
 
 
+def curate_chain(store: Store, seed: int, n_batches: int):
+    """Curate ``n_batches`` random batches (``_batch``), each a child of the one before, into ``store``
+    (batch files beside it); yields (batch path, version id, parent id or None) after each."""
+    rng = random.Random(seed)
+    parent, old = None, []
+    for step in range(n_batches):
+        rows = _batch(rng, step, old)
+        old += rows
+        path = write_jsonl(store.root.parent / f"b{step}.jsonl", rows)
+        vid = curate([path], store, POLICY, parent=parent).version_id
+        yield path, vid, parent
+        parent = vid
+
+
 @settings(max_examples=5, deadline=None, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.integers(0, 10_000), st.integers(2, 3))
 @example(35, 3)  # an old pair judged again whose old judgment duplicates another pair's
 def test_child_checks_equal_a_run_over_the_union(tmp_path_factory, seed, n_batches):
-    rng = random.Random(seed)
-    tmp = tmp_path_factory.mktemp("inc")
-    store = Store(tmp / "s")
-    parent, old = None, []
-    for step in range(n_batches):
-        rows = _batch(rng, step, old)
-        old += rows
-        path = write_jsonl(tmp / f"b{step}.jsonl", rows)
-        vid = curate([path], store, POLICY, parent=parent).version_id
+    store = Store(tmp_path_factory.mktemp("inc") / "s")
+    for _path, vid, parent in curate_chain(store, seed, n_batches):
         h = store.get(vid)
         if parent is not None:
             # the child took the merged path ...
@@ -97,7 +104,6 @@ def test_child_checks_equal_a_run_over_the_union(tmp_path_factory, seed, n_batch
             assert m["prompts_hashed"] < m["index_prompts"]  # the parent's prompts were not hashed again
             clusters = h.read("pairs", columns=["pair_id", "near_dup_cluster"]).sort("pair_id")
             assert clusters.equals(nd.tables["clusters"].join(clusters.select("pair_id"), on="pair_id", how="semi"))
-        parent = vid
 
 
 def _pairs(judgments: pl.DataFrame) -> pl.DataFrame:

@@ -14,7 +14,7 @@ import polars as pl
 from conftest import write_jsonl
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from test_incremental import POLICY, _batch
+from test_incremental import POLICY, _batch, curate_chain
 
 from pipeline.curate import curate
 from pipeline.incremental import pairs_to_recompute
@@ -32,17 +32,9 @@ def _pairs(h) -> pl.DataFrame:
 @given(st.integers(0, 10_000), st.integers(2, 3))
 @example(35, 3)  # an old pair judged again whose old judgment duplicates another pair's
 def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, n_batches):
-    rng = random.Random(seed)
-    tmp = tmp_path_factory.mktemp("rule")
-    store = Store(tmp / "s")
-    parent, old = None, []
-    for step in range(n_batches):
-        rows = _batch(rng, step, old)
-        old += rows
-        path = write_jsonl(tmp / f"b{step}.jsonl", rows)
-        vid = curate([path], store, POLICY, parent=parent).version_id
+    store = Store(tmp_path_factory.mktemp("rule") / "s")
+    for path, vid, parent in curate_chain(store, seed, n_batches):
         if parent is None:
-            parent = vid
             continue
         full_id = curate([path], store, POLICY, parent=parent, full=True).version_id
         assert full_id != vid
@@ -85,7 +77,6 @@ def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, 
         assert prior.height and p.read("split_assignments").join(mine_sa, on=list(mine_sa.columns), how="anti").join(
             mine_sa.filter(pl.col("assigned_in") == vid), on="pair_id", how="anti").height == 0
         assert h.verify() == [] and f.verify() == []
-        parent = vid
 
 
 def test_a_child_keeps_the_rows_of_untouched_pairs_and_shares_their_parts(tmp_path):

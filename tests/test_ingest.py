@@ -8,7 +8,7 @@ import sys
 
 import polars as pl
 import pytest
-from conftest import ROOT, canonical, write_jsonl
+from conftest import ROOT, canonical, spy_per_row, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -275,25 +275,12 @@ def _assert_same(fast, slow):
     assert fast.quarantine.equals(slow.quarantine)
 
 
-def _spy_per_row(monkeypatch) -> list[int]:
-    """Record the lines that go through the per-row path."""
-    seen: list[int] = []
-    real = ingest_mod._validate_rows
-
-    def spy(rows, *a, **kw):
-        seen.extend(r.line for r in rows)
-        return real(rows, *a, **kw)
-
-    monkeypatch.setattr(ingest_mod, "_validate_rows", spy)
-    return seen
-
-
 def test_fast_path_takes_valid_rows_and_sends_bad_lines_per_row(make_jsonl, monkeypatch):
     rows = [canonical(i) for i in range(300)]
     rows[40] = canonical(40, strength="high")  # wrong type inside an otherwise parseable block
     rows[41] = canonical(41, label="maybe")  # parses, fails validation
     path = make_jsonl(rows, raw_lines={120: '{"comparison_id": "c-x", "prompt": "trunc'})
-    seen = _spy_per_row(monkeypatch)
+    seen = spy_per_row(monkeypatch)
     r = ingest_files([path])
     assert sorted(seen) == [41, 42, 121]  # 1-based lines; everything else went column-wise
     assert r.quarantine.select("line", "reason", "field").rows() == [
@@ -316,7 +303,7 @@ def test_mixed_shapes_in_one_block_all_go_column_wise(tmp_path, monkeypatch):
             row["response_b"] = {"text": row["response_b"], "model": "m-2"}
         rows.append(row)
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    seen = _spy_per_row(monkeypatch)
+    seen = spy_per_row(monkeypatch)
     r = ingest_files([path])
     assert seen == [] and r.ledger.rows_valid == 60
     monkeypatch.undo()

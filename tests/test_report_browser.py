@@ -338,25 +338,33 @@ def _overlap(a: list[float], b: list[float]) -> tuple[float, float]:
     return min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
 
 
+def chart_text_problems(c: dict) -> list[str]:
+    """What a reader would trip over in one rendered chart: text clipped by its edge, smaller than
+    9 px, or overlapping other text (also used by tests/test_train_report_browser.py)."""
+    problems = []
+    x0, y0, x1, y1 = c["box"]
+    ts = c["texts"]
+    for t in ts:
+        tx0, ty0, tx1, ty1 = t["box"]
+        if tx0 < x0 - 1 or tx1 > x1 + 1 or ty0 < y0 - 1 or ty1 > y1 + 1:
+            problems.append(f"{c['name']}: {t['text']!r} is clipped by the chart edge")
+        if t["px"] < 9:
+            problems.append(f"{c['name']}: {t['text']!r} renders at {t['px']:.1f} px")
+    for i in range(len(ts)):
+        for j in range(i + 1, len(ts)):
+            w, h = _overlap(ts[i]["box"], ts[j]["box"])
+            if w > 1 and h > 2:
+                problems.append(f"{c['name']}: {ts[i]['text']!r} overlaps {ts[j]['text']!r}")
+    return problems
+
+
 def test_chart_text_is_readable(rendered):
     lay = rendered.layout
     problems = []
     if lay["scrollWidth"] > lay["clientWidth"]:
         problems.append(f"the page scrolls sideways: {lay['scrollWidth']} > {lay['clientWidth']} px")
     for c in lay["charts"]:
-        x0, y0, x1, y1 = c["box"]
-        for t in c["texts"]:
-            tx0, ty0, tx1, ty1 = t["box"]
-            if tx0 < x0 - 1 or tx1 > x1 + 1 or ty0 < y0 - 1 or ty1 > y1 + 1:
-                problems.append(f"{c['name']}: {t['text']!r} is clipped by the chart edge")
-            if t["px"] < 9:
-                problems.append(f"{c['name']}: {t['text']!r} renders at {t['px']:.1f} px")
-        ts = c["texts"]
-        for i in range(len(ts)):
-            for j in range(i + 1, len(ts)):
-                w, h = _overlap(ts[i]["box"], ts[j]["box"])
-                if w > 1 and h > 2:
-                    problems.append(f"{c['name']}: {ts[i]['text']!r} overlaps {ts[j]['text']!r}")
+        problems += chart_text_problems(c)
     assert not problems, "\n".join(problems[:20])
 
 

@@ -10,7 +10,7 @@ import os
 import re
 
 import pytest
-from test_report_browser import CHART_JS, CHROMIUM, Chromium, _overlap, stderr_console_lines
+from test_report_browser import CHART_JS, CHROMIUM, Chromium, chart_text_problems, stderr_console_lines
 from trainer_toys import make_store, planted_rows
 
 from trainer.train import make_config, train
@@ -67,17 +67,5 @@ def test_slice_chart_text_is_inside_and_apart(page):
     for c in page["layout"]["charts"]:
         if not c["name"].startswith("slice-"):
             continue
-        x0, y0, x1, y1 = c["box"]
-        ts = c["texts"]
-        for t in ts:
-            tx0, ty0, tx1, ty1 = t["box"]
-            if tx0 < x0 - 1 or tx1 > x1 + 1 or ty0 < y0 - 1 or ty1 > y1 + 1:
-                problems.append(f"{c['name']}: {t['text']!r} is clipped by the chart edge")
-            if t["px"] < 9:
-                problems.append(f"{c['name']}: {t['text']!r} renders at {t['px']:.1f} px")
-        for i in range(len(ts)):
-            for j in range(i + 1, len(ts)):
-                w, h = _overlap(ts[i]["box"], ts[j]["box"])
-                if w > 1 and h > 2:
-                    problems.append(f"{c['name']}: {ts[i]['text']!r} overlaps {ts[j]['text']!r}")
+        problems += chart_text_problems(c)
     assert not problems, "\n".join(problems[:20])

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from pipeline.store import sha256_file
+
 ROOT = Path(__file__).resolve().parent.parent
 __version__ = "0.1.0"
 
@@ -131,14 +133,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return newest
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors stores no aliases: a tensor sharing storage with an earlier one (tied
     embeddings) is written as its own copy; load_state_dict copies both into the one parameter."""
@@ -177,7 +171,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, torch.Te
         "rng": {"torch": torch.get_rng_state().tolist(), "python": [py_version, list(py_state), py_gauss]},
     }
     (tmp / "state.json").write_text(json.dumps(state, default=str), encoding="utf-8")
-    files = {name: {"sha256": _sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in CHECKPOINT_FILES}
+    files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in CHECKPOINT_FILES}
     for name in CHECKPOINT_FILES:
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
@@ -221,7 +215,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
-        got = _sha256_file(f)
+        got = sha256_file(f)
         if got != want.get("sha256"):
             raise CheckpointError(f"{f}: sha256 {got[:16]}... differs from the {str(want.get('sha256'))[:16]}... "
                                   "written when the checkpoint was saved; the file was changed or damaged")

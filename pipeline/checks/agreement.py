@@ -78,29 +78,44 @@ def unit_counts(e: Encoded, kinds: pl.Series | None = None) -> np.ndarray:
     return e.per_pair(codes=codes, k=9).reshape(e.n_pairs, 3, 3)
 
 
-def _kind_metrics(counts: np.ndarray, cfg: AgreementConfig, seed: int) -> dict[str, Any]:
-    """Alpha and kappa (+ bootstrap CIs over pairs) from (pairs, 3) rating counts."""
-    m = counts.sum(axis=1)
-    rows, mult = compress_rows(counts[m >= 2])  # distinct count patterns x how many pairs
-    out: dict[str, Any] = {"n_pairs": int(mult.sum()), "n_ratings": int((rows.sum(axis=1) * mult).sum())}
+def profile_metrics(rows: np.ndarray, mult: np.ndarray, bootstrap: int, seed: int) -> dict[str, Any]:
+    """Alpha and Fleiss' kappa (+ bootstrap CIs over pairs) from distinct rating-count rows
+    ``(k, 3)`` and how many pairs have each (``mult``).  Fleiss runs over the pairs with the modal
+    number of ratings (ties -> the larger m).  Raw figures: NaN where undefined, CIs ``(None, None)``.
+    One implementation for the check (per-pair counts, compressed) and for merged partition profiles
+    (:func:`pipeline.partition_stats.agreement_from_profiles`)."""
     a_terms = unit_terms_alpha(rows)
-    out["krippendorff_alpha"] = _num(float(alpha_from_sums(mult @ a_terms)))
-    lo, hi = bootstrap_sums_ci(a_terms, alpha_from_sums, resamples=cfg.bootstrap, seed=seed, multiplicity=mult)
-    out["krippendorff_alpha_ci"] = [lo, hi] if lo is not None else None
+    out: dict[str, Any] = {
+        "n_pairs": int(mult.sum()), "n_ratings": int((rows.sum(axis=1) * mult).sum()),
+        "krippendorff_alpha": float(alpha_from_sums(mult @ a_terms)) if rows.shape[0] else float("nan"),
+        "alpha_ci": bootstrap_sums_ci(a_terms, alpha_from_sums, resamples=bootstrap, seed=seed, multiplicity=mult),
+        "fleiss_m": None, "fleiss_n_pairs": 0, "fleiss_kappa": None, "kappa_ci": (None, None)}
     if rows.shape[0]:
         pm = rows.sum(axis=1)
         per_m = np.bincount(pm, weights=mult)
         modal = int(np.flatnonzero(per_m == per_m.max())[-1])  # ties -> the larger m
         sel = pm == modal
         f_terms = unit_terms_fleiss(rows[sel])
-        out["fleiss_m"] = modal
-        out["fleiss_n_pairs"] = int(mult[sel].sum())
-        out["fleiss_kappa"] = _num(float(kappa_from_sums(mult[sel] @ f_terms)))
-        lo, hi = bootstrap_sums_ci(f_terms, kappa_from_sums, resamples=cfg.bootstrap, seed=seed + 1, multiplicity=mult[sel])
-        out["fleiss_kappa_ci"] = [lo, hi] if lo is not None else None
-    else:
-        out.update(fleiss_m=None, fleiss_n_pairs=0, fleiss_kappa=None, fleiss_kappa_ci=None)
+        out.update(fleiss_m=modal, fleiss_n_pairs=int(mult[sel].sum()),
+                   fleiss_kappa=float(kappa_from_sums(mult[sel] @ f_terms)),
+                   kappa_ci=bootstrap_sums_ci(f_terms, kappa_from_sums, resamples=bootstrap, seed=seed + 1,
+                                              multiplicity=mult[sel]))
     return out
+
+
+def _kind_metrics(counts: np.ndarray, cfg: AgreementConfig, seed: int) -> dict[str, Any]:
+    """Alpha and kappa (+ bootstrap CIs over pairs) from (pairs, 3) rating counts."""
+    m = counts.sum(axis=1)
+    rows, mult = compress_rows(counts[m >= 2])  # distinct count patterns x how many pairs
+    f = profile_metrics(rows, mult, cfg.bootstrap, seed)
+    a_lo, a_hi = f["alpha_ci"]
+    k_lo, k_hi = f["kappa_ci"]
+    kappa = f["fleiss_kappa"]
+    return {"n_pairs": f["n_pairs"], "n_ratings": f["n_ratings"], "krippendorff_alpha": _num(f["krippendorff_alpha"]),
+            "krippendorff_alpha_ci": [a_lo, a_hi] if a_lo is not None else None,
+            "fleiss_m": f["fleiss_m"], "fleiss_n_pairs": f["fleiss_n_pairs"],
+            "fleiss_kappa": _num(kappa) if kappa is not None else None,
+            "fleiss_kappa_ci": [k_lo, k_hi] if k_lo is not None else None}
 
 
 def _slice_members(judgments: pl.DataFrame, e: Encoded, pairs: pl.DataFrame | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
