@@ -147,10 +147,20 @@ def test_serve_runs_the_inbox_on_its_schedule(tmp_path):
         api = f"http://127.0.0.1:{port}/api"
 
         def post(path: str, body: dict) -> Any:
-            req = urllib.request.Request(api + path, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read())
+            # the server answers 503 when its SQLite database is busy (the inbox flow writes run states at the same
+            # time); Prefect's own client retries 429/502/503 with backoff, and so does this "user"
+            import urllib.error
+
+            for attempt in range(8):
+                req = urllib.request.Request(api + path, data=json.dumps(body).encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        return json.loads(r.read())
+                except urllib.error.HTTPError as e:
+                    if e.code not in (429, 502, 503) or attempt == 7:
+                        raise
+                    time.sleep(min(2 ** attempt, 15))
 
         deps = {d["name"]: d for d in post("/deployments/filter", {})}
         assert {"prefpipe-inbox", "prefpipe-train"} <= set(deps)
