@@ -73,7 +73,7 @@ from schemas.check import CheckResult
 from schemas.policy import AggregationConfig, DimensionsConfig
 from schemas.records import LABELS, AnnotatorStats, PairRecord
 
-__all__ = ["PARAM_SCHEMA", "Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_reference", "plurality", "label_strings",
+__all__ = ["PARAM_SCHEMA", "PAIR_TEXT_COLUMNS", "oriented_texts", "Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_reference", "plurality", "label_strings",
            "pair_locale", "pair_tags", "n_used_expr", "annotator_table", "order_aware", "pair_gold", "evidence_share"]
 
 A, B, TIE, BOTH_BAD, ESCALATE = range(5)
@@ -564,7 +564,14 @@ def _pair_texts(judgments: pl.DataFrame, e: Encoded, canon_a: pl.Series, texts: 
     """(P rows) :data:`PAIR_TEXT_COLUMNS` in pair-code order and canonical orientation."""
     if texts is None:
         return judgments.select(*PAIR_TEXT_COLUMNS).filter(e.first_mask())
-    keys = pl.DataFrame({"pair_id": e.pair_ids, "_canon_a": canon_a})
+    return oriented_texts(e.pair_ids, canon_a, texts)
+
+
+def oriented_texts(pair_ids: pl.Series, canon_a: pl.Series, texts: pl.DataFrame) -> pl.DataFrame:
+    """:data:`PAIR_TEXT_COLUMNS` of ``pair_ids`` (in that order) from ``texts``
+    (:meth:`Aggregation.texts`), responses and models swapped where the canonical ``a``
+    (``canon_a``) is the other response."""
+    keys = pl.DataFrame({"pair_id": pair_ids, "_canon_a": canon_a})
     t = keys.join(texts, on="pair_id", how="left", maintain_order="left")
     missing = t["a_hash"].null_count()
     if missing:

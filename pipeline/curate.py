@@ -387,8 +387,8 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
         fitted = final.params
         final = rr.resolve(final, kept_reviews, review_ctx)
         try:
-            pairs, figures = inc.with_parent_pairs(final.pairs, parent, recompute, kept["pair_id"].unique(),
-                                                   prelim.pairs["pair_id"])
+            pairs, figures = inc.with_parent_pairs(final.pairs, parent, recompute, kept.select("pair_id", "a_hash"),
+                                                   prelim.pairs["pair_id"], texts)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
             rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
         else:

@@ -193,17 +193,25 @@ def merge_params(parent: pl.DataFrame, fitted: pl.DataFrame) -> pl.DataFrame:
     return out.select("annotator_id", *cols).sort("annotator_id")
 
 
-def with_parent_pairs(fresh: pl.DataFrame, parent: VersionHandle, recompute: pl.Series, kept_pair_ids: pl.Series,
-                      order: pl.Series) -> tuple[pl.DataFrame, dict]:
+def with_parent_pairs(fresh: pl.DataFrame, parent: VersionHandle, recompute: pl.Series, kept: pl.DataFrame,
+                      order: pl.Series, texts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     """The rule of a child (docs/incremental.md): ``fresh`` -- the child's aggregation of the
     pairs in ``recompute`` (kept judgments, the parent's annotator parameters) -- plus the
-    parent's row of every other pair that has kept judgments (``kept_pair_ids``); the drift of
-    the annotator parameters does not rewrite old pairs.  Rows in the order of ``order``
-    (every pair id of the version, first-seen).  Returns the pairs and the rule's figures."""
+    parent's row of every other pair that has kept judgments (``kept``: pair_id, a_hash of the
+    kept judgments, in frame order); the drift of the annotator parameters does not rewrite old
+    pairs.  The texts of those pairs are not read from the parent: they are ``texts``
+    (:meth:`~pipeline.aggregate.Aggregation.texts`) in the orientation of the pair's first kept
+    judgment, as an aggregation of the kept judgments gives them.  Rows in the order of
+    ``order`` (every pair id of the version, first-seen).  Returns the pairs and the rule's figures."""
+    from pipeline.aggregate import PAIR_TEXT_COLUMNS, oriented_texts
+
     cols = fresh.columns
-    old = parent.read("pairs", columns=cols).cast(fresh.schema)  # type: ignore[arg-type]
-    keep = old.join(recompute.to_frame("pair_id"), on="pair_id", how="anti").join(
-        kept_pair_ids.to_frame("pair_id"), on="pair_id", how="semi")
+    old = parent.read("pairs", columns=[c for c in cols if c not in PAIR_TEXT_COLUMNS])
+    keep = old.join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
+    canon = kept.join(keep.select("pair_id"), on="pair_id", how="semi").unique("pair_id", keep="first", maintain_order=True)
+    keep = canon.select("pair_id").join(keep, on="pair_id", how="left", maintain_order="left")
+    keep = pl.concat([keep, oriented_texts(canon["pair_id"], canon["a_hash"], texts)], how="horizontal")
+    keep = keep.select(cols).cast(fresh.schema)  # type: ignore[arg-type]
     rank = order.to_frame("pair_id").with_row_index("_i")
     out = pl.concat([keep, fresh]).join(rank, on="pair_id", how="left").sort("_i").drop("_i")
     return out, {"pairs_recomputed": fresh.height, "pairs_from_parent": keep.height}
