@@ -193,21 +193,28 @@ def merge_params(parent: pl.DataFrame, fitted: pl.DataFrame) -> pl.DataFrame:
     return out.select("annotator_id", *cols).sort("annotator_id")
 
 
-def with_parent_pairs(fresh: pl.DataFrame, parent: VersionHandle, recompute: pl.Series, kept: pl.DataFrame,
+def parent_pair_rows(parent: VersionHandle, columns: list[str]) -> pl.DataFrame:
+    """The parent's pairs without their texts (``columns`` other than the texts, and
+    ``first_version``): read once per build, every part verified (hashed whole) by the read."""
+    from pipeline.aggregate import PAIR_TEXT_COLUMNS
+
+    return parent.read("pairs", columns=[c for c in (*columns, "first_version") if c not in PAIR_TEXT_COLUMNS])
+
+
+def with_parent_pairs(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, kept: pl.DataFrame,
                       order: pl.Series, texts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     """The rule of a child (docs/incremental.md): ``fresh`` -- the child's aggregation of the
-    pairs in ``recompute`` (kept judgments, the parent's annotator parameters) -- plus the
+    pairs in ``recompute``; ``old``: :func:`parent_pair_rows` (kept judgments, the parent's annotator parameters) -- plus the
     parent's row of every other pair that has kept judgments (``kept``: pair_id, a_hash of the
     kept judgments, in frame order); the drift of the annotator parameters does not rewrite old
     pairs.  The texts of those pairs are not read from the parent: they are ``texts``
     (:meth:`~pipeline.aggregate.Aggregation.texts`) in the orientation of the pair's first kept
     judgment, as an aggregation of the kept judgments gives them.  Rows in the order of
     ``order`` (every pair id of the version, first-seen).  Returns the pairs and the rule's figures."""
-    from pipeline.aggregate import PAIR_TEXT_COLUMNS, oriented_texts
+    from pipeline.aggregate import oriented_texts
 
     cols = fresh.columns
-    old = parent.read("pairs", columns=[c for c in cols if c not in PAIR_TEXT_COLUMNS])
-    keep = old.join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
+    keep = old.drop("first_version").join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
     canon = kept.join(keep.select("pair_id"), on="pair_id", how="semi").unique("pair_id", keep="first", maintain_order=True)
     keep = canon.select("pair_id").join(keep, on="pair_id", how="left", maintain_order="left")
     keep = pl.concat([keep, oriented_texts(canon["pair_id"], canon["a_hash"], texts)], how="horizontal")
@@ -237,4 +244,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["PAIR_SCOPED", "Totals", "PARAMS_TABLE", "has_state", "merge_params", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["PAIR_SCOPED", "Totals", "PARAMS_TABLE", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
