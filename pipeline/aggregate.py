@@ -73,7 +73,7 @@ from schemas.check import CheckResult
 from schemas.policy import AggregationConfig, DimensionsConfig
 from schemas.records import LABELS, AnnotatorStats, PairRecord
 
-__all__ = ["Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_reference", "plurality", "label_strings",
+__all__ = ["PARAM_SCHEMA", "PAIR_TEXT_COLUMNS", "oriented_texts", "Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_reference", "plurality", "label_strings",
            "pair_locale", "pair_tags", "n_used_expr", "annotator_table", "order_aware", "pair_gold", "evidence_share"]
 
 A, B, TIE, BOTH_BAD, ESCALATE = range(5)
@@ -259,23 +259,32 @@ def dawid_skene(
     n_pairs: int,
     n_annotators: int,
     iterations: int,
+    fixed: np.ndarray | None = None,
 ) -> np.ndarray:
     """One-coin Dawid-Skene EM on decisive judgments; returns the accuracy per annotator.
 
     ``vote`` is +1 (a) / -1 (b); ``weight`` the judgment's weight in the pair posterior
-    (the M-step counts every judgment once).
+    (the M-step counts every judgment once).  ``fixed`` (A,): an accuracy per annotator, NaN
+    where it is free; the others keep theirs (no EM when none is free).
     """
+    pinned = np.zeros(n_annotators, bool) if fixed is None else ~np.isnan(fixed)
+    if pinned.all() and n_annotators:
+        return np.asarray(fixed, float)
     vote = vote.astype(float)
     s = np.bincount(pair_idx, weights=weight * vote, minlength=n_pairs)
     t = np.bincount(pair_idx, weights=weight, minlength=n_pairs)
     q = np.where(t > 0, 0.5 + 0.5 * s / np.maximum(t, _EPS), 0.5)  # start: weighted vote share of a
     n_j = np.bincount(ann_idx, minlength=n_annotators).astype(float)
     acc = np.full(n_annotators, _PRIOR_A / (_PRIOR_A + _PRIOR_B))
+    if fixed is not None:
+        acc = np.where(pinned, fixed, acc)
     for _ in range(max(iterations, 1)):
         qp = q[pair_idx]
         right = np.where(vote > 0, qp, 1.0 - qp)
         new = (_PRIOR_A + np.bincount(ann_idx, weights=right, minlength=n_annotators)) / (_PRIOR_A + _PRIOR_B + n_j)
         new = np.clip(new, *_ACC_CLIP)
+        if fixed is not None:
+            new = np.where(pinned, fixed, new)
         llr = np.log(new / (1.0 - new))
         q = expit(np.bincount(pair_idx, weights=weight * vote * llr[ann_idx], minlength=n_pairs))
         done = np.max(np.abs(new - acc), initial=0.0) < 1e-6
@@ -285,14 +294,15 @@ def dawid_skene(
     return acc
 
 
-def ds_accuracy(e: Encoded, cfg: AggregationConfig | None = None) -> np.ndarray:
-    """(A,) Dawid-Skene accuracy per annotator code, as used by :func:`aggregate`."""
+def ds_accuracy(e: Encoded, cfg: AggregationConfig | None = None, fixed: np.ndarray | None = None) -> np.ndarray:
+    """(A,) Dawid-Skene accuracy per annotator code, as used by :func:`aggregate`
+    (``fixed``: :func:`dawid_skene`'s)."""
     cfg = cfg or AggregationConfig()
     dec = (e.label >= A) & (e.label <= B)
     w = (1.0 / np.bincount(e.unit)[e.unit])[dec]
     ai_w = 0.0 if cfg.ai_mode == "ignore_ai" else cfg.ai_weight
     return dawid_skene(e.pair[dec], e.ann[dec], np.where(e.label[dec] == A, 1.0, -1.0), w * np.where(e.human[dec], 1.0, ai_w),
-                       n_pairs=e.n_pairs, n_annotators=e.n_annotators, iterations=cfg.ds_iterations)
+                       n_pairs=e.n_pairs, n_annotators=e.n_annotators, iterations=cfg.ds_iterations, fixed=fixed)
 
 
 def evidence_share(pair_idx: np.ndarray, evidence: np.ndarray, weight: np.ndarray, n_pairs: int) -> np.ndarray:
@@ -319,7 +329,8 @@ def pair_gold(e: Encoded) -> np.ndarray:
     return g
 
 
-def order_aware(e: Encoded, cfg: AggregationConfig | None = None) -> tuple[np.ndarray, position_ds.OrderAwareDS]:
+def order_aware(e: Encoded, cfg: AggregationConfig | None = None,
+                fixed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, position_ds.OrderAwareDS]:
     """Order-aware Dawid-Skene (:mod:`pipeline.position_ds`) over the decisive judgments of
     the pairs an AI judge judged (AI and human judgments: humans anchor the AI judges on
     shared pairs; human-only pairs are decided by the human plurality and left out, which
@@ -334,7 +345,7 @@ def order_aware(e: Encoded, cfg: AggregationConfig | None = None) -> tuple[np.nd
     model = position_ds.fit(
         pair=e.pair[dec], judge=e.ann[dec], unit=e.unit[dec], n_units=e.n_units, chose_a=e.label[dec] == A,
         shown_a=np.where(shown < 0, -1, (shown == A).astype(np.int8)), weight=w, n_pairs=e.n_pairs,
-        n_judges=e.n_annotators, gold=pair_gold(e), iterations=cfg.ds_iterations,
+        n_judges=e.n_annotators, gold=pair_gold(e), iterations=cfg.ds_iterations, fixed=fixed,
     )
     return dec, model
 
@@ -393,6 +404,28 @@ PAIR_TEXT_COLUMNS = ("prompt", "prompt_text", "response_a", "response_b", "model
 _SWAP = {"response_a": "response_b", "response_b": "response_a", "model_a": "model_b", "model_b": "model_a"}
 
 
+# the annotator parameters of a consensus (state/annotator_params of a version; docs/incremental.md):
+# Dawid-Skene accuracy (null: no decisive judgment), order-aware alpha / beta / engagement and the
+# factor its verdicts weigh (engagement x independence; all four null: not in the order-aware fit)
+PARAM_SCHEMA = {"annotator_id": pl.String, "ds_accuracy": pl.Float64, "oa_alpha": pl.Float64, "oa_beta": pl.Float64,
+                "oa_engaged": pl.Float64, "oa_factor": pl.Float64}
+
+
+def _given(e: Encoded, params: pl.DataFrame | None) -> tuple[np.ndarray | None, tuple[np.ndarray, ...] | None, np.ndarray]:
+    """The given parameters by annotator code (NaN: free), and the given engagement."""
+    if params is None:
+        return None, None, np.full(e.n_annotators, np.nan)
+    m = e.ann_ids.to_frame("annotator_id").join(params, on="annotator_id", how="left", maintain_order="left")
+
+    def col(c: str) -> np.ndarray:
+        return m[c].cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+    fa, fb, ff = col("oa_alpha"), col("oa_beta"), col("oa_factor")
+    free = np.isnan(fa) | np.isnan(fb) | np.isnan(ff)
+    fa, fb, ff = (np.where(free, np.nan, x) for x in (fa, fb, ff))
+    return col("ds_accuracy"), (fa, fb, ff), np.where(free, np.nan, col("oa_engaged"))
+
+
 @dataclass(frozen=True)
 class Aggregation:
     """``pairs``: PairRecord columns, one row per pair (first-seen order).
@@ -402,6 +435,7 @@ class Aggregation:
     pairs: pl.DataFrame
     annotators: pl.DataFrame
     a_hash: pl.Series | None = None
+    params: pl.DataFrame | None = None  # :data:`PARAM_SCHEMA`: the annotator parameters used (fitted or given)
 
     def texts(self) -> pl.DataFrame:
         """pair_id, a_hash and :data:`PAIR_TEXT_COLUMNS`: the ``texts`` argument of a later
@@ -411,7 +445,8 @@ class Aggregation:
 
 
 def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None,
-              texts: pl.DataFrame | None = None, dimensions: DimensionsConfig | None = None) -> Aggregation:
+              texts: pl.DataFrame | None = None, dimensions: DimensionsConfig | None = None,
+              params: pl.DataFrame | None = None) -> Aggregation:
     """Judgments frame (``schemas.records.Judgment`` columns) -> :class:`Aggregation`.
     ``encoded``: :func:`encode` of the same frame, to share the work with the checks.
     ``texts``: the pairs' texts (:meth:`Aggregation.texts` of an aggregation that covered
@@ -421,10 +456,13 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     models swapped to match.  Judgments with per-dimension verdicts give the pairs their
     per-dimension consensus (:func:`pipeline.dimensions.consensus`); ``dimensions`` (the
     policy section) decides pairs whose dimensions conflict by its rule
-    (:func:`pipeline.dimensions.apply_rule`)."""
+    (:func:`pipeline.dimensions.apply_rule`).  ``params`` (:data:`PARAM_SCHEMA`): annotator
+    parameters to use as they are (a child's rule, docs/incremental.md); only the annotators
+    without them are fitted, with the given ones fixed."""
     cfg = cfg or AggregationConfig()
     if judgments.height == 0:
-        return Aggregation(empty_frame(PairRecord), _empty_annotators(), pl.Series("a_hash", [], pl.String))
+        return Aggregation(empty_frame(PairRecord), _empty_annotators(), pl.Series("a_hash", [], pl.String),
+                           pl.DataFrame(schema=PARAM_SCHEMA))
     e = encoded or encode(judgments)
     P, h = e.n_pairs, e.human
     w = 1.0 / np.bincount(e.unit)[e.unit]  # one vote per annotator per pair
@@ -435,11 +473,12 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     dec = (e.label >= A) & (e.label <= B)
     p_idx, a_idx, hd, wd = e.pair[dec], e.ann[dec], h[dec], w[dec]
     vote = np.where(e.label[dec] == A, 1.0, -1.0)
-    acc = ds_accuracy(e, cfg)
+    fixed_ds, fixed_oa, given_engaged = _given(e, params)
+    acc = ds_accuracy(e, cfg, fixed_ds)
     ev_h = vote * np.log(acc / (1.0 - acc))[a_idx]  # one-coin evidence: humans, and the vote modes
     p_h = evidence_share(p_idx, ev_h, wd * hd, P)
     p_vote = evidence_share(p_idx, ev_h, wd * np.where(hd, 1.0, cfg.ai_weight), P)
-    used_oa, oa = order_aware(e, cfg)  # AI: order-aware evidence
+    used_oa, oa = order_aware(e, cfg, fixed_oa)  # AI: order-aware evidence
     ai_oa = ~h[used_oa]
     wo = w[used_oa] * ai_oa
     p_ai = evidence_share(e.pair[used_oa], oa.judgment_evidence, wo, P)
@@ -501,22 +540,38 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     pairs = pairs.with_columns(dimensions=dims.pair_column(long, e.pair_ids))
     pairs = pairs.select([pl.col(k).cast(t) for k, t in polars_schema(PairRecord).items()])
     pairs = dims.apply_rule(pairs, long, dimensions)
+    engaged = np.where(np.isnan(given_engaged), oa.engaged, given_engaged)
+    indep = oa.independence if oa.independence is not None else np.ones(e.n_annotators)
+    factor = oa.engaged * indep if fixed_oa is None else np.where(np.isnan(fixed_oa[2]), oa.engaged * indep, fixed_oa[2])
+    n_dec = np.bincount(e.ann, weights=dec, minlength=e.n_annotators)
+    params_used = pl.DataFrame({
+        "annotator_id": e.ann_ids, "ds_accuracy": np.where(n_dec > 0, acc, np.nan),
+        **{k: np.where(fitted, x, np.nan) for k, x in
+           (("oa_alpha", oa.alpha), ("oa_beta", oa.beta), ("oa_engaged", engaged), ("oa_factor", factor))},
+    }).fill_nan(None).cast(PARAM_SCHEMA)  # type: ignore[arg-type]
     annotators = pl.DataFrame({
         "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
         "n_judgments": np.bincount(e.ann, minlength=e.n_annotators).astype(np.int64),
         "n_decisive": np.bincount(e.ann, weights=dec, minlength=e.n_annotators).astype(np.int64),
         "ds_accuracy": acc,
         "accuracy_better_first": np.where(fitted, oa.alpha, np.nan), "accuracy_better_second": np.where(fitted, oa.beta, np.nan),
-        "order_engagement": np.where(fitted, oa.engaged, np.nan),
+        "order_engagement": np.where(fitted, engaged, np.nan),
     }).with_columns(ds_accuracy=pl.when(pl.col("n_decisive") > 0).then(pl.col("ds_accuracy"))).fill_nan(None)
-    return Aggregation(pairs, annotators, canon_a.alias("a_hash"))
+    return Aggregation(pairs, annotators, canon_a.alias("a_hash"), params_used)
 
 
 def _pair_texts(judgments: pl.DataFrame, e: Encoded, canon_a: pl.Series, texts: pl.DataFrame | None) -> pl.DataFrame:
     """(P rows) :data:`PAIR_TEXT_COLUMNS` in pair-code order and canonical orientation."""
     if texts is None:
         return judgments.select(*PAIR_TEXT_COLUMNS).filter(e.first_mask())
-    keys = pl.DataFrame({"pair_id": e.pair_ids, "_canon_a": canon_a})
+    return oriented_texts(e.pair_ids, canon_a, texts)
+
+
+def oriented_texts(pair_ids: pl.Series, canon_a: pl.Series, texts: pl.DataFrame) -> pl.DataFrame:
+    """:data:`PAIR_TEXT_COLUMNS` of ``pair_ids`` (in that order) from ``texts``
+    (:meth:`Aggregation.texts`), responses and models swapped where the canonical ``a``
+    (``canon_a``) is the other response."""
+    keys = pl.DataFrame({"pair_id": pair_ids, "_canon_a": canon_a})
     t = keys.join(texts, on="pair_id", how="left", maintain_order="left")
     missing = t["a_hash"].null_count()
     if missing:

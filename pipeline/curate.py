@@ -236,23 +236,11 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         recompute = inc.pairs_to_recompute(judgments, n_parent_judgments, parent_flags, flags)
     # from here on only these columns are read (split leakage, report): release the wide frame
     judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
-    # the kept judgments carry no texts: the final aggregation takes them from the preliminary pairs
     all_pair_ids, n_pairs = prelim.pairs["pair_id"], prelim.pairs.height
-    final = agg.aggregate(jsel.kept, policy.checks.aggregation, texts=prelim.texts(), dimensions=policy.dimensions)
     kept_reviews = reviews.join(jsel.kept.select("comparison_id"), on="comparison_id", how="semi")
-    final = rr.resolve(final, kept_reviews, review_ctx)
-    decided = rr.votes(kept_reviews, final.pairs, final.a_hash)
+    final, decided, rule, params, known_first = _final_aggregation(jsel.kept, prelim, kept_reviews, review_ctx, parent,
+                                                                   recompute, policy, full=full)
     del prelim
-    rule: dict[str, Any] = {"mode": "full" if parent is not None and full else "incremental" if recompute is not None
-                            else "recomputed"}
-    if recompute is not None:
-        try:
-            kept_pairs, figures = inc.keep_parent_pairs(final.pairs, parent, recompute)
-        except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
-            rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
-        else:
-            final = dataclasses.replace(final, pairs=kept_pairs)
-            rule.update(figures)
     clusters = results["near_duplicates"].tables.get("clusters")
     psel = sel.select_pairs(
         final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
@@ -276,7 +264,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # the generations whose rows changed and links the others (pipeline/parts.py)
     # in pair_id order: a generation's part has the same bytes however its rows were computed
     pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"]).sort("pair_id")
-    pairs_out = pairs_out.join(first_versions(parent, pairs_out["pair_id"], version_id), on="pair_id", how="left")
+    pairs_out = pairs_out.join(first_versions(parent, pairs_out["pair_id"], version_id, known_first),
+                               on="pair_id", how="left")
     # a big generation is split into buckets by a hash of the pair id: a changed pair rewrites its bucket only
     sizes = dict(pairs_out.group_by("first_version").len().iter_rows())
     buckets = bucket_counts(parent, "pairs", {**sizes, version_id: sizes.get(version_id, 0)})
@@ -308,9 +297,13 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     tables[rr.STATE] = w.info()
     tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
                                            quarantine.height - ingest.quarantine.height if parent else 0, version_id)
-    annotators = agg.annotator_table(results, final.annotators.select(
-        "annotator_id", "ds_accuracy", "accuracy_better_first", "accuracy_better_second", "order_engagement"))
-    for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame())):
+    # the parameters the consensus used, for the annotators with kept judgments (docs/incremental.md)
+    used = jsel.kept.select("annotator_id").unique().join(params, on="annotator_id", how="left")
+    annotators = agg.annotator_table(results, used.select(
+        "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
+        order_engagement="oa_engaged"))
+    for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame()),
+                        (inc.PARAMS_TABLE, params)):
         w = TableWriter(store, stage, name)
         w.write("all", frame)
         tables[name] = w.info()
@@ -369,6 +362,57 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     return manifest
 
 
+def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews: pl.DataFrame,
+                       review_ctx: rr.ReviewContext, parent: VersionHandle | None, recompute: pl.Series | None,
+                       policy: Policy, *, full: bool,
+                       ) -> tuple[agg.Aggregation, pl.DataFrame, dict[str, Any], pl.DataFrame, pl.DataFrame | None]:
+    """The consensus of the version's pairs from the kept judgments: (aggregation, pairs decided
+    by reviews, the rule's record, the annotator parameters to keep in ``state/annotator_params``,
+    the parent's pair_id -> first_version when its pairs were read).
+
+    The rule of a child (docs/incremental.md): only the pairs in ``recompute`` are aggregated,
+    with the parent's annotator parameters fixed (annotators the parent has no parameters for
+    are fitted on those judgments); every other pair keeps its parent's row.  Without
+    ``recompute`` (a first version, ``--full``, another policy) everything is aggregated and
+    every parameter fitted.  The kept judgments carry no texts: the aggregation takes them from
+    the preliminary pairs."""
+    cfg, texts = policy.checks.aggregation, prelim.texts()
+    rule: dict[str, Any] = {"mode": "full" if parent is not None and full else "incremental" if recompute is not None
+                            else "recomputed"}
+    given = inc.parent_params(parent) if recompute is not None and parent is not None else None
+    if recompute is not None and given is None:
+        rule = {"mode": "recomputed", "why": "the parent keeps no annotator parameters"}
+    if given is not None:
+        assert parent is not None and recompute is not None
+        mine = kept.filter(pl.col("pair_id").is_in(recompute.implode()))
+        final = agg.aggregate(mine, cfg, texts=texts, dimensions=policy.dimensions, params=given)
+        assert final.params is not None and final.a_hash is not None
+        fitted = final.params
+        final = rr.resolve(final, kept_reviews, review_ctx)
+        try:
+            old = inc.parent_pair_rows(parent, final.pairs.columns)
+            pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, kept.select("pair_id", "a_hash"),
+                                                   prelim.pairs["pair_id"], texts)
+        except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
+            rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
+        else:
+            n_new = fitted.join(given, on="annotator_id", how="anti").height
+            rule.update(figures, annotators_from_parent=given.height, annotators_fitted=n_new)
+            # each pair's canonical a: the child's own for the pairs it aggregated, else the preliminary's
+            ah = pl.DataFrame({"pair_id": prelim.pairs["pair_id"], "a_hash": prelim.a_hash})
+            mine_ah = pl.DataFrame({"pair_id": final.pairs["pair_id"], "a_hash": final.a_hash})
+            ah = pl.concat([mine_ah, ah.join(mine_ah, on="pair_id", how="anti")])
+            a_hash = pairs.select("pair_id").join(ah, on="pair_id", how="left", maintain_order="left")["a_hash"]
+            final = agg.Aggregation(pairs, final.annotators, a_hash)
+            return (final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, inc.merge_params(given, fitted),
+                    old.select("pair_id", "first_version"))
+    final = agg.aggregate(kept, cfg, texts=texts, dimensions=policy.dimensions)
+    assert final.params is not None
+    params = final.params.sort("annotator_id")
+    final = rr.resolve(final, kept_reviews, review_ctx)
+    return final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, params, None
+
+
 def _review_context(store: Store, parent: VersionHandle | None, policy: Policy) -> rr.ReviewContext:
     """What the build knows of reviews: the lineage's routed pairs and which of them were exported."""
     from pipeline.review.exports import exported_pairs, lineage
@@ -383,13 +427,17 @@ def parent_judgments_intact(parent: VersionHandle, n_parent_rows: int) -> bool:
     return t is not None and t.rows == n_parent_rows
 
 
-def first_versions(parent: VersionHandle | None, pair_ids: pl.Series, version_id: str) -> pl.DataFrame:
+def first_versions(parent: VersionHandle | None, pair_ids: pl.Series, version_id: str,
+                   known: pl.DataFrame | None = None) -> pl.DataFrame:
     """pair_id -> first_version: the version where each pair first appeared (the parent's record,
-    else this version).  A parent without the column (older layout) counts as its pairs' first."""
+    else this version).  A parent without the column (older layout) counts as its pairs' first.
+    ``known``: the parent's pair_id -> first_version, when the build has read it already."""
     ids = pair_ids.to_frame("pair_id")
     if parent is None:
         return ids.with_columns(first_version=pl.lit(version_id))
-    if parent.table("pairs") is not None:  # written with tables: carries first_version
+    if known is not None:
+        pass
+    elif parent.table("pairs") is not None:  # written with tables: carries first_version
         known = parent.read("pairs", columns=["pair_id", "first_version"])
     else:
         known = parent.read("pairs.parquet", columns=["pair_id"]).with_columns(first_version=pl.lit(parent.version_id))

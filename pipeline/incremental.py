@@ -24,7 +24,7 @@ Near duplicates run through their own state tables (:func:`near_duplicates`,
 Checks whose result for a pair depends on other pairs through the consensus and the annotator
 statistics (agreement, reliability, bias, routing, consensus) still run over the whole union.
 
-The consensus rule of a child (:func:`pairs_to_recompute`, :func:`keep_parent_pairs`): a pair
+The consensus rule of a child (:func:`pairs_to_recompute`, :func:`with_parent_pairs`): a pair
 keeps its parent's consensus unless its judgments, its judgments' flags or the status of one
 of its annotators changed; docs/incremental.md gives the rule and the bound it records.
 """
@@ -149,7 +149,7 @@ def near_duplicates(judgments: pl.DataFrame, parent: VersionHandle | None, cfg: 
 def pairs_to_recompute(judgments: pl.DataFrame, n_parent_rows: int, parent_flags: pl.DataFrame,
                        flags: pl.DataFrame) -> pl.Series:
     """The pairs whose consensus a child takes from its own aggregation (the others keep their
-    parent's row, :func:`keep_parent_pairs`): the pairs of its new judgments, the pairs of every
+    parent's row, :func:`with_parent_pairs`): the pairs of its new judgments, the pairs of every
     judgment whose judgment-level flags changed, and every pair an annotator whose status changed
     judged (status: the set of the annotator's flag reasons -- flagged / unflagged, dropped /
     downweighted all change it).  ``judgments``: the union, the parent's ``n_parent_rows`` first."""
@@ -168,32 +168,60 @@ def pairs_to_recompute(judgments: pl.DataFrame, n_parent_rows: int, parent_flags
 PARAMETER_COLUMNS = ("label_human", "label_ai", "label_consensus", "p_a_weighted", "agreement", "strength", "dimensions")
 
 
-def keep_parent_pairs(pairs: pl.DataFrame, parent: VersionHandle, recompute: pl.Series) -> tuple[pl.DataFrame, dict]:
-    """The rule of a child (docs/incremental.md): a pair not in ``recompute`` that its parent has
-    keeps the parent's consensus columns (every column of ``pairs``: labels, agreement, strength,
-    ``p_a_weighted``, counts, texts); the drift of the annotator parameters does not rewrite old
-    pairs.  ``pairs``: the child's own aggregation of every pair (kept judgments), whose row order
-    is kept.  Returns the pairs and the rule's figures: how many pairs kept their parent's row,
-    and how far those rows are from the child's own aggregation (labels that differ, the largest
-    difference of ``p_a_weighted``) -- the bound ``curate --full`` would close."""
-    cols = ["pair_id", *(c for c in PARAMETER_COLUMNS if c in pairs.columns)]
-    old = parent.read("pairs", columns=cols).cast({c: pairs.schema[c] for c in cols})
-    keep = old.join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
-    idx = pairs.with_row_index("_i")
-    # the other columns (texts, counts, kinds, comparison ids) follow from the pair's judgments alone:
-    # unchanged judgments give the parent's values, so they are taken from this aggregation
-    kept = idx.drop(cols[1:]).join(keep, on="pair_id", how="inner")
-    fresh = idx.join(keep.select("pair_id"), on="pair_id", how="anti")
-    both = kept.select("pair_id", "label_consensus", "p_a_weighted").join(
-        pairs.select("pair_id", "label_consensus", "p_a_weighted"), on="pair_id", suffix="_own")
-    figures = {
-        "pairs_recomputed": fresh.height, "pairs_from_parent": kept.height,
-        "from_parent_label_differs": both.filter(pl.col("label_consensus").ne_missing(pl.col("label_consensus_own"))).height,
-        "from_parent_max_abs_p_a_weighted_diff": float(both.select(
-            (pl.col("p_a_weighted") - pl.col("p_a_weighted_own")).abs().max()).item() or 0.0),
-    }
-    out = pl.concat([kept.select(idx.columns), fresh]).sort("_i").drop("_i")
-    return out, figures
+PARAMS_TABLE = "state/annotator_params"
+
+
+def parent_params(parent: VersionHandle) -> pl.DataFrame | None:
+    """The annotator parameters the parent's consensus used (None: a parent written before they were kept)."""
+    if parent.table(PARAMS_TABLE) is None:
+        return None
+    from pipeline.aggregate import PARAM_SCHEMA
+
+    return parent.read(PARAMS_TABLE).cast(PARAM_SCHEMA)  # type: ignore[arg-type]
+
+
+def merge_params(parent: pl.DataFrame, fitted: pl.DataFrame) -> pl.DataFrame:
+    """A child's parameter state: the parent's row of every annotator it has, a value the parent
+    lacks (a new annotator, or one first seen in the order-aware fit) from the child's fit."""
+    cols = [c for c in parent.columns if c != "annotator_id"]
+    both = parent.join(fitted, on="annotator_id", how="full", coalesce=True, suffix="__fit")
+    oa = [c for c in cols if c.startswith("oa_")]
+    has_oa = pl.all_horizontal([pl.col(c).is_not_null() for c in oa])  # the order-aware four go together
+    out = both.with_columns(
+        ds_accuracy=pl.coalesce("ds_accuracy", "ds_accuracy__fit"),
+        **{c: pl.when(has_oa).then(pl.col(c)).otherwise(pl.col(f"{c}__fit")) for c in oa})
+    return out.select("annotator_id", *cols).sort("annotator_id")
+
+
+def parent_pair_rows(parent: VersionHandle, columns: list[str]) -> pl.DataFrame:
+    """The parent's pairs without their texts (``columns`` other than the texts, and
+    ``first_version``): read once per build, every part verified (hashed whole) by the read."""
+    from pipeline.aggregate import PAIR_TEXT_COLUMNS
+
+    return parent.read("pairs", columns=[c for c in (*columns, "first_version") if c not in PAIR_TEXT_COLUMNS])
+
+
+def with_parent_pairs(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, kept: pl.DataFrame,
+                      order: pl.Series, texts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    """The rule of a child (docs/incremental.md): ``fresh`` -- the child's aggregation of the
+    pairs in ``recompute``; ``old``: :func:`parent_pair_rows` (kept judgments, the parent's annotator parameters) -- plus the
+    parent's row of every other pair that has kept judgments (``kept``: pair_id, a_hash of the
+    kept judgments, in frame order); the drift of the annotator parameters does not rewrite old
+    pairs.  The texts of those pairs are not read from the parent: they are ``texts``
+    (:meth:`~pipeline.aggregate.Aggregation.texts`) in the orientation of the pair's first kept
+    judgment, as an aggregation of the kept judgments gives them.  Rows in the order of
+    ``order`` (every pair id of the version, first-seen).  Returns the pairs and the rule's figures."""
+    from pipeline.aggregate import oriented_texts
+
+    cols = fresh.columns
+    keep = old.drop("first_version").join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
+    canon = kept.join(keep.select("pair_id"), on="pair_id", how="semi").unique("pair_id", keep="first", maintain_order=True)
+    keep = canon.select("pair_id").join(keep, on="pair_id", how="left", maintain_order="left")
+    keep = pl.concat([keep, oriented_texts(canon["pair_id"], canon["a_hash"], texts)], how="horizontal")
+    keep = keep.select(cols).cast(fresh.schema)  # type: ignore[arg-type]
+    rank = order.to_frame("pair_id").with_row_index("_i")
+    out = pl.concat([keep, fresh]).join(rank, on="pair_id", how="left").sort("_i").drop("_i")
+    return out, {"pairs_recomputed": fresh.height, "pairs_from_parent": keep.height}
 
 
 def state_frames(results: dict[str, CheckResult]) -> dict[str, pl.DataFrame]:
@@ -216,4 +244,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["PAIR_SCOPED", "Totals", "has_state", "keep_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["PAIR_SCOPED", "Totals", "PARAMS_TABLE", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

@@ -115,6 +115,7 @@ def fit(
     iterations: int = 50,
     tol: float = 1e-6,
     decorrelate: bool = True,
+    fixed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> OrderAwareDS:
     """EM over decisive judgments (all arrays (N,) over the judgments to use).
 
@@ -123,6 +124,10 @@ def fit(
     judge: 1/k, times e.g. ``ai_weight``; 0 = estimate the judge, do not use for the pair);
     ``gold`` (P,): 0 a / 1 b / -1 none, canonical.  ``decorrelate``: fit once, weigh judges by
     :func:`independence`, fit again (else every judge's independence is 1).
+    ``fixed``: (alpha, beta, factor) (J,) each, NaN where the judge is free: a judge with a
+    value keeps it (its verdicts weigh ``factor`` = engagement x independence as given) and
+    only the free judges are estimated, with the fixed ones' evidence in the posterior (a
+    child version's rule, docs/incremental.md).  With every judge fixed there is no EM.
     """
     v = np.where(chose_a, 1.0, -1.0)
     known = shown_a >= 0
@@ -137,16 +142,28 @@ def fit(
     clamp = g >= 0
     mw = _mstep_weights(judge, clamp[pair], n_judges)
     indep = np.ones(n_judges)
+    if fixed is not None:
+        fa, fb, ff = (np.asarray(x, float) for x in fixed)
+        pinned = ~np.isnan(fa)
+        if pinned.all():
+            e = ff[judge] * _judgment_evidence(judge, v, first, single, fa, fb)
+            ev = np.bincount(pair, weights=w * e, minlength=n_pairs)
+            has = np.bincount(pair, weights=(w > 0).astype(float), minlength=n_pairs) > 0
+            return OrderAwareDS(fa, fb, engaged, np.where(has, expit(ev), np.nan),
+                                np.where(has, ev, np.nan), e, 0, np.ones(n_judges))
+    else:
+        pinned = np.zeros(n_judges, bool)
+        fa = fb = ff = np.zeros(n_judges)
     for rnd in range(2 if decorrelate else 1):
         if rnd:
             indep = independence(pair=pair, judge=judge, unit=unit, n_units=n_units, chose_a=chose_a, n_pairs=n_pairs,
                                  n_judges=n_judges, p_a=np.where(clamp, (g == 0).astype(float), q), measure=mw)
-        factor = (engaged * indep)[judge]
+        factor = np.where(pinned, ff, engaged * indep)[judge]
         # both fits start from the vote (flips cancel): started where the first ended, the second
         # stays near the family-led fixed point (development seeds: -0.04 to -0.08 on family panels)
         q = expit(np.bincount(pair, weights=w * v, minlength=n_pairs))
-        alpha = np.full(n_judges, PRIOR_RIGHT / (PRIOR_RIGHT + PRIOR_WRONG))
-        beta = alpha.copy()
+        alpha = np.where(pinned, fa, PRIOR_RIGHT / (PRIOR_RIGHT + PRIOR_WRONG))
+        beta = np.where(pinned, fb, alpha)
         it = 0
         for it in range(1, max(iterations, 1) + 1):
             qp = np.where(clamp, (g == 0).astype(float), q)[pair]
@@ -161,6 +178,7 @@ def fit(
                             / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=na, minlength=n_judges)), *CLIP)
             new_b = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=kb, minlength=n_judges))
                             / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=nb, minlength=n_judges)), *CLIP)
+            new_a, new_b = np.where(pinned, fa, new_a), np.where(pinned, fb, new_b)
             q = expit(np.bincount(pair, weights=w * factor * _judgment_evidence(judge, v, first, single, new_a, new_b),
                                   minlength=n_pairs))
             done = max(float(np.max(np.abs(new_a - alpha), initial=0.0)), float(np.max(np.abs(new_b - beta), initial=0.0))) < tol
