@@ -11,9 +11,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect state (database, cached task results) of a test session lives in a fresh directory,
 # never in the user's ~/.prefect: cached results from an earlier session must not leak in.
 if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefpipe-test-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # and gone after the session
 
 
 def canonical(i: int = 0, **over) -> dict:
