@@ -173,18 +173,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                    policy: Policy, timer: _Timer, full: bool = False) -> Manifest:
     t = time.perf_counter()
     created_at = datetime.now(UTC)
-    new = ingest.take_judgments()
-    # a child that extends its parent's state reads the parent's judgments without their texts
-    # (docs/incremental.md); ``fresh`` then holds the batch's rows with theirs
-    narrow = inc.narrow_union(new, parent) if parent is not None and not full and not policy.dimensions.train_on \
-        and has_state(parent) else None
-    if narrow is not None:
-        judgments, fresh = narrow
-        repeated = new.height - fresh.height
-    else:
-        judgments, repeated = _union_with_parent(new, parent)
-        fresh = None
-    del new
+    judgments, repeated = _union_with_parent(ingest.take_judgments(), parent)
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
     # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
     judgments = rr.attach(judgments, from_row=n_parent_judgments)
@@ -194,10 +183,6 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     n_dup_ids = int(dup_ids.sum())
     if n_dup_ids:  # a filter copies every column: only when there is something to remove
         judgments = judgments.filter(~dup_ids)
-        if fresh is not None:
-            fresh = fresh.filter(~dup_ids.slice(n_parent_judgments))
-    if fresh is not None:  # the pair ids rr.attach gave (the same rows in the same order)
-        fresh = fresh.with_columns(pair_id=judgments["pair_id"].slice(n_parent_judgments))
     parent_drops = parent.manifest().ledger.judgments_dropped if parent else {}
     pre_check = {"duplicate_comparison_id": parent_drops.get("duplicate_comparison_id", 0) + n_dup_ids,
                  "already_in_parent": parent_drops.get("already_in_parent", 0) + repeated}
@@ -211,18 +196,11 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # the GIL while it encodes); leaving the block waits for it, also on an error
     tables: dict[str, TableInfo] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-write") as pool:
-        written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id,
-                              fresh)
+        written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id)
         # train_on: the version is built on one dimension's verdicts (judgments.parquet keeps them as given)
         judgments, no_verdict = dims.for_training(judgments, policy.dimensions)
-        row_texts, touched = None, None
-        if fresh is not None:  # the texts of the rows that need them: pairs' first judgments, touched pairs
-            assert parent is not None
-            touched = inc.touched_pairs(judgments, n_parent_judgments)
-            row_texts = inc.RowTexts.load(parent, judgments, n_parent_judgments, fresh, touched)
         t = timer.lap("union_inputs", t)
-        prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions,
-                               texts=row_texts.pair_texts(judgments) if row_texts is not None else None)
+        prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
         reviews = rr.classify(judgments, review_ctx)
         prelim = rr.resolve(prelim, reviews, review_ctx)  # reviews decide routed pairs (pipeline/reviews_resolve.py)
         t = timer.lap("aggregate_preliminary", t)
@@ -234,13 +212,12 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         if intact and has_state(parent):
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
             given = run_touched(judgments, n_parent_judgments, parent, policy.checks,
-                                Totals(judgments=judgments.height, pairs=prelim.pairs.height), parent_flags=parent_flags,
-                                touched=touched, texts=row_texts)
+                                Totals(judgments=judgments.height, pairs=prelim.pairs.height), parent_flags=parent_flags)
             t = timer.lap("checks:touched_pairs", t)
         # near duplicates through the state tables: a child hashes and bands only its new prompts
         given["near_duplicates"], near_dup = inc.near_duplicates(
             judgments, parent, policy.checks, version_id=version_id, parent_flags=parent_flags,
-            n_parent_rows=n_parent_judgments if intact else None, batch=fresh)
+            n_parent_rows=n_parent_judgments if intact else None)
         t = timer.lap("check:near_duplicates", t)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
@@ -372,9 +349,6 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         lineage={"parent_version": parent.version_id if parent else None,
                  "new_sources": [s.model_dump() for s in ingest.sources],
                  "timings_s": dict(timer.t), **({"consensus": rule} if parent else {}),
-                 **({"union": {"parent_rows_without_texts": n_parent_judgments,
-                               "parent_rows_with_texts": row_texts.frame.height - fresh.height}}
-                    if row_texts is not None and fresh is not None else {}),
                  "pair_table_parts": {"linked": reuse.linked, "written": reuse.written}},
     )
     t = time.perf_counter()
@@ -482,10 +456,9 @@ def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame
 
 
 def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle | None, frame: pl.DataFrame,
-                    n_parent_rows: int, version_id: str, fresh: pl.DataFrame | None = None) -> TableInfo:
+                    n_parent_rows: int, version_id: str) -> TableInfo:
     """A table that only grows (judgments, quarantine): the parent's parts as they are, plus one
-    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``;
-    ``fresh``: those rows with every column, when ``frame`` lacks some).
+    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``).
     The manifest lists the parts in arrival order, so that a child's union has the rows in the
     order its parent's had (first-seen orders, a pair's canonical orientation, its list of
     comparison ids do not depend on how version ids sort)."""
@@ -494,10 +467,8 @@ def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle 
     if inherited and sum(p.rows for p in inherited) == n_parent_rows:
         for part in inherited:
             w.inherit(parent, part)
-        fresh = frame.slice(n_parent_rows) if fresh is None else fresh
+        fresh = frame.slice(n_parent_rows)
     else:  # first version, or a parent of the older single-file layout: everything in this version's part
-        if fresh is not None:
-            raise ValueError(f"{name}: the parent's parts are not the union's first rows, and the union lacks columns")
         fresh = frame
     if fresh.height or not w.parts:
         w.write(version_id, fresh)

@@ -95,15 +95,10 @@ def has_state(parent: VersionHandle | None) -> bool:
 
 
 def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: ChecksConfig,
-                totals: Totals, parent_flags: pl.DataFrame | None = None, touched: pl.Series | None = None,
-                texts: RowTexts | None = None) -> dict[str, CheckResult]:
-    """The pair-scoped checks of a child: run over the touched pairs (:func:`touched_pairs`),
-    merged with the parent's.  ``texts``: where the rows' texts come from when ``judgments``
-    has none (:func:`narrow_union`)."""
-    touched = touched_pairs(judgments, n_parent_rows) if touched is None else touched
+                totals: Totals, parent_flags: pl.DataFrame | None = None) -> dict[str, CheckResult]:
+    """The pair-scoped checks of a child: run over the touched pairs, merged with the parent's."""
+    touched = touched_pairs(judgments, n_parent_rows)
     jt = judgments.filter(pl.col("pair_id").is_in(touched.implode()))
-    if texts is not None:
-        jt = texts.attach(jt)
     touched_judgments = jt["comparison_id"]
     if parent_flags is None:
         parent_flags = parent.read("flags.parquet")
@@ -127,87 +122,27 @@ def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
 
 def near_duplicates(judgments: pl.DataFrame, parent: VersionHandle | None, cfg: ChecksConfig, *, version_id: str,
                     n_parent_rows: int | None, parent_flags: pl.DataFrame | None = None,
-                    batch: pl.DataFrame | None = None) -> tuple[CheckResult, nds.IncrementalResult]:
+                    ) -> tuple[CheckResult, nds.IncrementalResult]:
     """The near-duplicate check of a version through its state tables
     (:mod:`pipeline.checks.near_duplicates_state`).
 
     ``n_parent_rows``: the union starts with that many judgments of the parent, whose state is
     extended with the rest (only new prompts hashed); None: no usable parent state (a first
     version, ``curate --full``, a parent whose judgments are not the union's first rows) -- the
-    state is built from every judgment.  ``batch``: the union's rows after the parent's with
-    their texts, when ``judgments`` has none (:func:`narrow_union`).  Returns the check's entry for the version (flags of
+    state is built from every judgment.  Returns the check's entry for the version (flags of
     every pair, the ``clusters`` table of every pair) and the run, whose
     :meth:`~pipeline.checks.near_duplicates_state.IncrementalResult.write_state` writes the tables."""
     if n_parent_rows is None or parent is None:
         res = nds.run_incremental(judgments, nds.NearDupState.empty(cfg), generation=version_id)
         flags = res.flags
     else:
-        rows = judgments.slice(n_parent_rows) if batch is None else batch
-        res = nds.run_incremental(rows, nds.load_state(parent, cfg), generation=version_id)
+        res = nds.run_incremental(judgments.slice(n_parent_rows), nds.load_state(parent, cfg), generation=version_id)
         pf = parent.read("flags.parquet") if parent_flags is None else parent_flags
         flags = nds.merge_flags(pf.filter(pl.col("check") == nds.nd.NAME), res)
     entry = res.check_result()
     entry = CheckResult(name=entry.name, status=entry.status, metrics=entry.metrics, summary=entry.summary,
                         flags=flags if flags.height else empty_flags(), tables={"clusters": res.all_clusters()})
     return entry, res
-
-
-# ---------------------------------------------------------------- a child's union without the history's texts
-TEXT_COLUMNS = ("prompt", "prompt_text", "response_a", "response_b")
-
-
-def narrow_union(new: pl.DataFrame, parent: VersionHandle) -> tuple[pl.DataFrame, pl.DataFrame] | None:
-    """A child's union (the parent's judgments first, then the batch's rows whose comparison_id
-    the parent does not have) without :data:`TEXT_COLUMNS` -- the bulk of a judgment's bytes
-    (~80 % of them): the parent's rows are read without those columns.  Returns (union, the
-    batch's rows with their texts, in the union's order and types) or None when the parent's
-    judgments table has other columns than the batch (an older layout: the caller reads it whole).
-    Who needs texts of old rows gets them from :class:`RowTexts`."""
-    if parent.table("judgments") is None:
-        return None
-    old = parent.read("judgments", exclude=TEXT_COLUMNS)
-    if "review_of" not in old.columns:  # a parent written before reviews were a field
-        old = old.with_columns(review_of=pl.lit(None, pl.String))
-    narrow = [c for c in new.columns if c not in TEXT_COLUMNS]
-    if sorted(old.columns) != sorted(narrow) or not set(TEXT_COLUMNS) <= set(new.columns):
-        return None
-    fresh = new.join(old.select("comparison_id"), on="comparison_id", how="anti")
-    union = pl.concat([old.select(narrow), fresh.select(narrow)], how="vertical_relaxed")
-    fresh = fresh.cast({c: t for c, t in union.schema.items()})  # the types a union of everything would have
-    return union, fresh
-
-
-@dataclass(frozen=True)
-class RowTexts:
-    """The texts of the rows of a child's union that need them: the first judgment of every pair
-    (the pair's texts, what the aggregation writes into the pairs) and every judgment of the
-    touched pairs (the pair-scoped checks).  Old rows' texts are read from the parent's judgment
-    parts, decoding only those rows; the batch's come with it."""
-
-    frame: pl.DataFrame  # comparison_id + TEXT_COLUMNS
-
-    @classmethod
-    def load(cls, parent: VersionHandle, union: pl.DataFrame, n_parent_rows: int, fresh: pl.DataFrame,
-             touched: pl.Series) -> RowTexts:
-        old = union.head(n_parent_rows).select("comparison_id", "pair_id")
-        ids = old.filter(pl.col("pair_id").is_first_distinct() | pl.col("pair_id").is_in(touched.implode()))["comparison_id"]
-        cols = ["comparison_id", *TEXT_COLUMNS]
-        read = parent.read("judgments", columns=cols, where=pl.col("comparison_id").is_in(ids.implode()))
-        if read.height != ids.len():
-            raise ValueError(f"{parent.path}: {ids.len() - read.height} judgments of the union are missing from its parts")
-        return cls(pl.concat([read, fresh.select(cols)], how="vertical_relaxed"))
-
-    def attach(self, rows: pl.DataFrame) -> pl.DataFrame:
-        """``rows`` (of the union, with comparison_id) with their texts."""
-        return rows.join(self.frame, on="comparison_id", how="left", maintain_order="left")
-
-    def pair_texts(self, union: pl.DataFrame) -> pl.DataFrame:
-        """The ``texts`` argument of :func:`pipeline.aggregate.aggregate` over ``union``: each pair's
-        first judgment's texts and its a_hash (so nothing is swapped)."""
-        first = union.select("pair_id", "comparison_id", "a_hash", "model_a", "model_b") \
-            .filter(pl.col("pair_id").is_first_distinct())
-        return self.attach(first).select("pair_id", "a_hash", "prompt", "prompt_text", "response_a", "response_b",
-                                         "model_a", "model_b")
 
 
 # ---------------------------------------------------------------- the consensus rule of a child

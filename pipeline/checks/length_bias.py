@@ -54,17 +54,9 @@ HIST_EDGES = np.arange(-3.0, 3.01, 0.25)  # log2(chosen/rejected), clipped to th
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def pair_lengths(judgments: pl.DataFrame, e: Encoded, pairs: pl.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(P,) character lengths of the canonical response a and b (the pair's first judgment).
-    Judgments without their texts (a child's union, docs/incremental.md) take them from
-    ``pairs`` (the preliminary aggregation of the same frame: one row per pair, first-seen
-    order, oriented like the first judgment)."""
-    if "response_a" not in judgments.columns:
-        if pairs is None or not pairs["pair_id"].equals(e.pair_ids):
-            raise ValueError("length_bias: judgments without texts need their pairs in first-seen order")
-        first = pairs
-    else:
-        first = judgments.select("response_a", "response_b").filter(e.first_mask())
+def pair_lengths(judgments: pl.DataFrame, e: Encoded) -> tuple[np.ndarray, np.ndarray]:
+    """(P,) character lengths of the canonical response a and b (the pair's first judgment)."""
+    first = judgments.select("response_a", "response_b").filter(e.first_mask())
     return (first["response_a"].str.len_chars().cast(pl.Int64).to_numpy(),
             first["response_b"].str.len_chars().cast(pl.Int64).to_numpy())
 
@@ -85,7 +77,7 @@ def run(
     c = pl.col
     e = encoded or encode(judgments)
     na = e.n_annotators
-    len_a, len_b = pair_lengths(judgments, e, pairs)
+    len_a, len_b = pair_lengths(judgments, e)
     ratio = np.maximum(len_a, len_b) / np.maximum(np.minimum(len_a, len_b), 1)
     longer = np.where(len_a > len_b, A, B)
     d = (e.label >= A) & (e.label <= B) & (ratio >= cfg.min_length_ratio)[e.pair]  # decisive, lengths differ
