@@ -21,12 +21,14 @@ from typing import Any
 import polars as pl
 
 from pipeline import aggregate as agg
+from pipeline import delta
 from pipeline import dimensions as dims
 from pipeline import incremental as inc
 from pipeline import reviews_resolve as rr
 from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, resolve_policy, run_checks
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
+from schemas.records import ROUTED_LABELS
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import FINGERPRINTS, PartReuse, TableWriter, bucket_counts, parent_parts, part_keys
@@ -238,38 +240,85 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
     all_pair_ids, n_pairs = prelim.pairs["pair_id"], prelim.pairs.height
     kept_reviews = reviews.join(jsel.kept.select("comparison_id"), on="comparison_id", how="semi")
-    final, decided, rule, params, known_first = _final_aggregation(jsel.kept, prelim, kept_reviews, review_ctx, parent,
+    final, decided, rule, params, parent_rows = _final_aggregation(jsel.kept, prelim, kept_reviews, review_ctx, parent,
                                                                    recompute, policy, full=full)
     del prelim
     clusters = results["near_duplicates"].tables.get("clusters")
-    psel = sel.select_pairs(
-        final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
-        downweight_share=sel.downweight_shares(jsel.kept, jsel.downweighted_annotators), judgments=jsel.kept,
-    )
-    t = timer.lap("select", t)
-    n_kept = psel.dpo.height
-    # rows in pair_id order: the same version id gives the same bytes whatever the order of the input
-    # files; one sort (a gather), then filters, which share the string buffers
+    down = sel.downweight_shares(jsel.kept, jsel.downweighted_annotators)
     prior = prior_assignments(parent)
-    dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters).sort("pair_id")
-    assigned = assignments(dpo, prior, version_id)
-    moves = split_moves(prior, dpo.select("pair_id", "split"))
+    # the child's pairs in first-seen order, the generation (version of first appearance) of each
+    known_first = parent_rows.select("pair_id", "first_version") if parent_rows is not None else None
+    first = first_versions(parent, final.pairs["pair_id"], version_id, known_first)
+    plan = None
+    if parent_rows is not None and rule.get("mode") == "incremental" and delta.applies(parent):
+        # select, split and write over the dirty pairs only; the others are their parent's rows (pipeline/delta.py)
+        assert recompute is not None
+        plan = delta.plan(parent_rows.select(delta.PLAN_COLUMNS), final.pairs["pair_id"], recompute, flags, clusters,
+                          all_pair_ids)
+        rule.update(pairs_selected=plan.dirty.len(), pairs_removed=plan.removed.len())
+        final_pairs = final.pairs.join(plan.dirty.to_frame("pair_id"), on="pair_id", how="semi")
+        psel = sel.select_pairs(final_pairs, flags, policy.select, clusters=clusters, downweight_share=down,
+                                judgments=jsel.kept)
+        del final_pairs
+        order = final.pairs.select("pair_id")
+        fate = order.join(pl.concat([plan.clean.select("pair_id", "decision", "reason", "near_dup_cluster"),
+                                     psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster")]),
+                          on="pair_id", how="left", maintain_order="left")
+        routed_all = pl.concat([plan.clean.filter(pl.col("decision") == "route").select("pair_id", route="reason"),
+                                psel.routed.select("pair_id", "route")])
+        dropped_by_reason = dict(fate.filter(pl.col("decision") == "drop").group_by("reason").len().sort("reason").iter_rows())
+        if all_pair_ids.len() > order.height:
+            dropped_by_reason["all_judgments_dropped"] = all_pair_ids.len() - order.height
+        routed_by_label = {lab: 0 for lab in ROUTED_LABELS}
+        routed_by_label.update(dict(routed_all.group_by("route").len().iter_rows()) if routed_all.height else {})
+        pair_rows = delta.parent_texts(parent, psel.pairs.with_columns(flag_reasons=psel.pairs["_reasons"]))
+        t = timer.lap("select", t)
+        base = plan.clean.filter(pl.col("decision") == "keep").select("pair_id", "near_dup_cluster", "locale", "annotator_kind") \
+            .join(prior.select("pair_id", "split"), on="pair_id", how="left") if prior is not None else None
+        if base is not None and base["split"].null_count():
+            raise ValueError(f"{parent.path}: {base['split'].null_count()} kept pairs have no split assignment")
+        dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters, base=base).sort("pair_id")
+        now = pl.concat([x.select("pair_id", "near_dup_cluster", "split") for x in ([base] if base is not None else []) + [dpo]])
+    else:
+        psel = sel.select_pairs(final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
+                                downweight_share=down, judgments=jsel.kept)
+        fate = psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster")
+        routed_all = psel.routed.select("pair_id", "route")
+        dropped_by_reason, routed_by_label = psel.dropped_by_reason, psel.routed_by_label
+        everything = psel.pairs.with_columns(flag_reasons=psel.pairs["_reasons"])
+
+        def pair_rows(ids: pl.Series) -> pl.DataFrame:
+            return everything.join(ids.to_frame("pair_id"), on="pair_id", how="semi")
+
+        t = timer.lap("select", t)
+        # rows in pair_id order: the same version id gives the same bytes whatever the order of the input
+        # files; one sort (a gather), then filters, which share the string buffers
+        dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters).sort("pair_id")
+        now = dpo.select("pair_id", "near_dup_cluster", "split")
+    n_kept = now.height
+    assigned = assignments(now, prior, version_id)
+    moves = split_moves(prior, now.select("pair_id", "split"))
+    split_sizes = {s: now.filter(pl.col("split") == s).height for s in SPLITS}
+    leaks = leakage({s: now.filter(pl.col("split") == s) for s in SPLITS}, judgments.select("pair_id", "prompt_hash"))
+    del now
     psel.dpo = psel.dpo.clear()  # from here the split frames hold the rows
     split_frames = {s: dpo.filter(pl.col("split") == s).drop("split") for s in SPLITS}
     del dpo
-    leaks = leakage(split_frames, judgments.select("pair_id", "prompt_hash"))
     t = timer.lap("split", t)
 
     # pair tables in parts by the version where each pair first appeared: a child rewrites only
     # the generations whose rows changed and links the others (pipeline/parts.py)
     # in pair_id order: a generation's part has the same bytes however its rows were computed
     pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"]).sort("pair_id")
-    pairs_out = pairs_out.join(first_versions(parent, pairs_out["pair_id"], version_id, known_first),
-                               on="pair_id", how="left")
+    pairs_out = pairs_out.join(first, on="pair_id", how="left")
     # a big generation is split into buckets by a hash of the pair id: a changed pair rewrites its bucket only
-    sizes = dict(pairs_out.group_by("first_version").len().iter_rows())
+    gens = first.rename({"first_version": "_gen"})
+    if plan is not None and plan.removed.len():  # their parent rows leave the parts they are in
+        gens = pl.concat([gens, parent_rows.join(plan.removed.to_frame("pair_id"), on="pair_id", how="semi")
+                          .select("pair_id", _gen="first_version")])
+    sizes = dict(gens.group_by("_gen").len().iter_rows())
     buckets = bucket_counts(parent, "pairs", {**sizes, version_id: sizes.get(version_id, 0)})
-    gen = part_keys(pairs_out.select("pair_id", _gen="first_version"), buckets)
+    gen = part_keys(gens, buckets)
 
     def keyed(frame: pl.DataFrame) -> pl.DataFrame:  # pairs absent from the pairs table: this version's generation
         k = frame.join(gen, on="pair_id", how="left", maintain_order="left")
@@ -281,16 +330,24 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         return k
 
     reuse = PartReuse.of(parent)  # a part whose rows are the parent's is linked, not written again
-    for s, f in split_frames.items():
-        tables[f"data/{s}"] = _grouped_table(reuse, store, stage, f"data/{s}", keyed(f))
+    routed_out = psel.routed.drop("_reasons", strict=False)
+    if plan is not None:
+        gone = keyed(pl.concat([plan.dirty, plan.removed]).to_frame("pair_id"))
+        for s, f in split_frames.items():
+            tables[f"data/{s}"] = delta.write_table(reuse, store, stage, f"data/{s}", keyed(f), gone)
+        tables["pairs"] = delta.write_table(reuse, store, stage, "pairs", keyed(pairs_out), gone)
+        tables["routed"] = delta.write_table(reuse, store, stage, "routed", keyed(routed_out), gone)
+    else:
+        for s, f in split_frames.items():
+            tables[f"data/{s}"] = _grouped_table(reuse, store, stage, f"data/{s}", keyed(f))
+        tables["pairs"] = _grouped_table(reuse, store, stage, "pairs", keyed(pairs_out))
+        tables["routed"] = _grouped_table(reuse, store, stage, "routed", keyed(routed_out))
     splits = {s: SplitInfo(path=t.path, rows=t.rows, sha256=t.sha256) for s in SPLITS for t in [tables[f"data/{s}"]]}
     tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned))
-    tables["pairs"] = _grouped_table(reuse, store, stage, "pairs", keyed(pairs_out))
-    tables["routed"] = _grouped_table(reuse, store, stage, "routed", keyed(psel.routed.drop("_reasons", strict=False)))
     for name, frame in state_frames(results).items():  # what a child's pair-scoped checks start from
         tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
     review_state, review_ledger = rr.finish(
-        review_ctx, version_id=version_id, created_at=created_at, pairs=psel.pairs, routed=psel.routed,
+        review_ctx, version_id=version_id, created_at=created_at, pairs=fate, routed=routed_all,
         reviews=reviews, decided_by_reviews=decided, n_review_judgments=reviews.height)
     w = TableWriter(store, stage, rr.STATE)
     w.write("all", review_state)
@@ -312,7 +369,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     t = timer.lap("write", t)
 
     checks = [r.manifest_entry() for r in results.values()]
-    checks.append(_split_check(leaks, {s: f.height for s, f in split_frames.items()}))
+    checks.append(_split_check(leaks, split_sizes))
     checks.append(_stability_check(moves, parent))
     ledger = Ledger(
         rows_in=ingest.ledger.rows_in + (parent.manifest().ledger.rows_in if parent else 0),
@@ -322,9 +379,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         judgments_dropped={**jsel.dropped_by_reason, **pre_check, **no_verdict},
         pairs=n_pairs,
         pairs_kept=n_kept,
-        routed=psel.routed_by_label,
-        dropped=psel.dropped_by_reason,
-        splits={s: f.height for s, f in split_frames.items()},
+        routed=routed_by_label,
+        dropped=dropped_by_reason,
+        splits=split_sizes,
         reviews=review_ledger,
     )
     sources = list(ingest.sources)
@@ -354,8 +411,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     t = time.perf_counter()
     from pipeline.report import ReportInputs, write_report
 
-    inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=psel.pairs.with_columns(flag_reasons=psel.pairs["_reasons"]),
-                          flags=flags, annotators=annotators, routed=psel.routed, quarantine=quarantine, results=results)
+    inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=fate, pair_rows=pair_rows,
+                          flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results)
     for path in write_report(inputs, stage):
         manifest.files[path.name] = file_info(path, path.name)
     timer.lap("report", t)
@@ -368,7 +425,8 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
                        ) -> tuple[agg.Aggregation, pl.DataFrame, dict[str, Any], pl.DataFrame, pl.DataFrame | None]:
     """The consensus of the version's pairs from the kept judgments: (aggregation, pairs decided
     by reviews, the rule's record, the annotator parameters to keep in ``state/annotator_params``,
-    the parent's pair_id -> first_version when its pairs were read).
+    the parent's pairs rows without texts when they were read: the rule's columns,
+    :data:`pipeline.delta.PLAN_COLUMNS`).
 
     The rule of a child (docs/incremental.md): only the pairs in ``recompute`` are aggregated,
     with the parent's annotator parameters fixed (annotators the parent has no parameters for
@@ -390,7 +448,7 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
         fitted = final.params
         final = rr.resolve(final, kept_reviews, review_ctx)
         try:
-            old = inc.parent_pair_rows(parent, final.pairs.columns)
+            old = inc.parent_pair_rows(parent, [*final.pairs.columns, *delta.PLAN_COLUMNS])
             pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, kept.select("pair_id", "a_hash"),
                                                    prelim.pairs["pair_id"], texts)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
@@ -404,8 +462,7 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
             ah = pl.concat([mine_ah, ah.join(mine_ah, on="pair_id", how="anti")])
             a_hash = pairs.select("pair_id").join(ah, on="pair_id", how="left", maintain_order="left")["a_hash"]
             final = agg.Aggregation(pairs, final.annotators, a_hash)
-            return (final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, inc.merge_params(given, fitted),
-                    old.select("pair_id", "first_version"))
+            return final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, inc.merge_params(given, fitted), old
     final = agg.aggregate(kept, cfg, texts=texts, dimensions=policy.dimensions)
     assert final.params is not None
     params = final.params.sort("annotator_id")

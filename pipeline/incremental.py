@@ -198,7 +198,7 @@ def parent_pair_rows(parent: VersionHandle, columns: list[str]) -> pl.DataFrame:
     ``first_version``): read once per build, every part verified (hashed whole) by the read."""
     from pipeline.aggregate import PAIR_TEXT_COLUMNS
 
-    return parent.read("pairs", columns=[c for c in (*columns, "first_version") if c not in PAIR_TEXT_COLUMNS])
+    return parent.read("pairs", columns=[c for c in dict.fromkeys((*columns, "first_version")) if c not in PAIR_TEXT_COLUMNS])
 
 
 def with_parent_pairs(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, kept: pl.DataFrame,

@@ -7,6 +7,7 @@ in-memory check results (for tables that are not persisted, e.g. the length-rati
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ MIN_SLICE_PAIRS = 10
 class ReportInputs:
     manifest: Manifest
     judgments: pl.DataFrame
-    pairs: pl.DataFrame  # every pair with decision / reason / weight
+    pairs: pl.DataFrame  # every pair: pair_id, decision, reason, near_dup_cluster (first-seen order)
+    pair_rows: Callable[[pl.Series], pl.DataFrame]  # pair ids -> their rows with texts, counts and flag_reasons
     flags: pl.DataFrame
     annotators: pl.DataFrame
     routed: pl.DataFrame
@@ -218,6 +220,11 @@ def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
     if "near_dup_cluster" not in p.columns or p.height == 0:
         return pl.DataFrame()
     c = pl.col
+    # only clusters of several pairs can have several prompts: texts are looked up for their pairs only
+    p = p.filter(c("near_dup_cluster").is_duplicated()).select("pair_id", "near_dup_cluster")
+    if p.height == 0:
+        return pl.DataFrame()
+    p = p.join(inp.pair_rows(p["pair_id"]).select("pair_id", "prompt_text"), on="pair_id", how="left", maintain_order="left")
     cl = (p.select("near_dup_cluster", _h=c("prompt_text").hash())
           .group_by("near_dup_cluster").agg(pairs=pl.len(), n_prompts=c("_h").n_unique())
           .filter(c("n_prompts") > 1))
@@ -235,7 +242,9 @@ def offender_pairs(inp: ReportInputs, reason: str) -> pl.DataFrame:
         return pl.DataFrame()
     # look up the first examples only (a join of every flagged pair would copy their texts)
     ids = ids.join(inp.pairs.select("pair_id"), left_on="subject_id", right_on="pair_id", how="semi").head(MAX_EXAMPLES)
-    return ids.join(inp.pairs, left_on="subject_id", right_on="pair_id", how="inner", maintain_order="left")
+    rows = inp.pair_rows(ids["subject_id"]).drop("decision", "reason", strict=False).join(
+        inp.pairs.select("pair_id", "decision", "reason"), on="pair_id", how="left")
+    return ids.join(rows, left_on="subject_id", right_on="pair_id", how="inner", maintain_order="left")
 
 
 # ---------------------------------------------------------------- HTML

@@ -36,7 +36,7 @@ ASSIGNMENT_SCHEMA = {"pair_id": pl.String, "cluster": pl.String, "split": pl.Str
 
 
 def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | None = None,
-                  clusters: pl.DataFrame | None = None) -> pl.DataFrame:
+                  clusters: pl.DataFrame | None = None, base: pl.DataFrame | None = None) -> pl.DataFrame:
     """Add a ``split`` column to the DPO rows (needs pair_id, near_dup_cluster, locale, annotator_kind).
 
     **Sticky**: ``prior`` (pair_id -> split, the ancestors' assignments, :func:`assignments`)
@@ -47,22 +47,20 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | 
     to different splits (a new pair bridged two clusters) goes to the most protected of them
     (test, then validation, then train): a pair may move towards test, never out of it.
     Only clusters with no prior member are assigned fresh, filling each stratum's deficits
-    against its targets, counting the sticky rows of the stratum."""
+    against its targets, counting the sticky rows of the stratum.  ``base``: kept rows of other
+    clusters whose split is decided already (pair_id, near_dup_cluster, locale, annotator_kind,
+    split; a child's clean clusters, :mod:`pipeline.delta`): they count as placed rows of their
+    stratum, exactly as if they were among ``dpo`` with that split."""
     if dpo.height == 0:
         return dpo.with_columns(split=pl.lit(None, dtype=pl.String))
     c = pl.col
-    rows = dpo.with_columns(
-        _cl=c("near_dup_cluster").fill_null(c("pair_id")),
-        _stratum=pl.concat_str([c("locale").fill_null("-"), c("annotator_kind").fill_null("-")], separator="|"),
-    )
+    rows = dpo.with_columns(_cl=_cluster_expr(), _stratum=_stratum_expr())
     sticky = _sticky_clusters(rows, prior, clusters)
-    cluster_stats = (
-        rows.group_by("_cl", "_stratum").len()
-        .sort(["_cl", "len", "_stratum"], descending=[False, True, False])
-        .group_by("_cl", maintain_order=True)
-        .agg(c("_stratum").first(), c("len").sum().alias("n"))
-        .join(sticky, on="_cl", how="left")
-    )
+    cluster_stats = _cluster_stats(rows).join(sticky, on="_cl", how="left")
+    if base is not None and base.height:
+        fixed = base.with_columns(_cl=_cluster_expr(), _stratum=_stratum_expr())
+        decided = fixed.group_by("_cl").agg(c("split").first())
+        cluster_stats = pl.concat([cluster_stats, _cluster_stats(fixed).join(decided, on="_cl", how="left")])
     fresh = cluster_stats.filter(c("split").is_null())
     # rows already placed, per stratum and split (the fresh clusters fill the remaining deficits)
     placed = {(st, sp): n for st, sp, n in cluster_stats.filter(c("split").is_not_null())
@@ -93,6 +91,24 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | 
         out_split += [SPLITS[i] for i in picks]
     amap = pl.concat([sticky, pl.DataFrame({"_cl": out_cl, "split": out_split}, schema=sticky.schema)])
     return rows.join(amap, on="_cl", how="left").drop("_cl", "_stratum")
+
+
+def _cluster_expr() -> pl.Expr:
+    return pl.col("near_dup_cluster").fill_null(pl.col("pair_id"))
+
+
+def _stratum_expr() -> pl.Expr:
+    c = pl.col
+    return pl.concat_str([c("locale").fill_null("-"), c("annotator_kind").fill_null("-")], separator="|")
+
+
+def _cluster_stats(rows: pl.DataFrame) -> pl.DataFrame:
+    """_cl -> the stratum of most of its rows (ties: the first by name), its rows."""
+    c = pl.col
+    return (rows.group_by("_cl", "_stratum").len()
+            .sort(["_cl", "len", "_stratum"], descending=[False, True, False])
+            .group_by("_cl", maintain_order=True)
+            .agg(c("_stratum").first(), c("len").sum().alias("n")))
 
 
 def _sticky_clusters(rows: pl.DataFrame, prior: pl.DataFrame | None, clusters: pl.DataFrame | None) -> pl.DataFrame:

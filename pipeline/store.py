@@ -282,16 +282,21 @@ class VersionHandle:
         """The version has this table or file."""
         return self.table(rel) is not None or rel in _file_entries(self.manifest())
 
-    def read(self, rel: str, columns: list[str] | None = None) -> pl.DataFrame:
+    def read(self, rel: str, columns: list[str] | None = None, where: pl.Expr | None = None) -> pl.DataFrame:
         """A table or Parquet file of the version, every part verified against the manifest and
-        parsed from the verified bytes; a table's parts are concatenated in order."""
+        parsed from the verified bytes; a table's parts are concatenated in order.  ``where``:
+        only the rows it selects (the other columns are decoded for those rows only)."""
         t = self.table(rel)
         names = [p.path for p in t.parts] if t is not None else [rel]
         frames = []
         for name in names:
             data = self.read_bytes(name)
             try:
-                frames.append(pl.read_parquet(io.BytesIO(data), columns=columns))
+                if where is None:
+                    frames.append(pl.read_parquet(io.BytesIO(data), columns=columns))
+                else:
+                    q = pl.scan_parquet(io.BytesIO(data)).filter(where)
+                    frames.append((q.select(columns) if columns is not None else q).collect())
             except Exception as err:  # noqa: BLE001 - a file that hashes right but does not parse is a damaged version
                 raise DamagedVersion(f"{self.path / name}: not readable as Parquet ({err})") from err
         return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")

@@ -139,10 +139,13 @@ def test_certify_rejects_a_child_that_moved_held_out_pairs_into_train(tmp_path):
         return out.with_columns(split=pl.when(pl.col("pair_id") == victim).then(pl.lit("train")).otherwise(pl.col("split")))
 
     cur.assign_splits = leaky
+    applies = cur.delta.applies
+    cur.delta.applies = lambda _parent: False  # every pair through assign_splits (the child's clean pairs would not be)
     try:
         v2 = curate(SAMPLES[1:2], store, policy, parent=v1).version_id
     finally:
         cur.assign_splits = real
+        cur.delta.applies = applies
     cert = certify_version(store, v2, policy, run_gx=False)
     gate = next(g for g in cert.gates if g.name == "split_stability")
     assert not gate.passed and gate.value >= 1 and "test->train" in gate.detail

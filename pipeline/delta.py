@@ -1,0 +1,154 @@
+"""A child's select, split and write over the pairs that changed (docs/incremental.md).
+
+Under the rule of a child (:func:`pipeline.incremental.pairs_to_recompute`) a pair that is not
+recomputed keeps its parent's row, and select decides a pair from its own row, its flag
+reasons, its near-duplicate cluster and the share of its judgments from down-weighted
+annotators (all unchanged unless the pair is recomputed or its flags or cluster changed).  So
+its decision, weight, DPO row and routed row are its parent's, and only the *dirty* pairs go
+through select and split:
+
+- the recomputed pairs, the pairs the parent's pairs table does not have, the pairs whose flag
+  reasons or cluster differ from the parent's (:func:`plan`);
+- every pair of a near-duplicate cluster such a pair is in, or was in (a cluster's split is
+  decided for the cluster), and the pairs the parent had that the child does not (removed).
+
+The split of a clean cluster is its parent's (every member's assignment is sticky and the
+members are the same); fresh clusters fill their stratum's deficits counting the clean clusters
+as placed (:func:`pipeline.split.assign_splits` ``base``).  The pair tables (DPO splits, pairs,
+routed) are written by bucket (:mod:`pipeline.parts`): a bucket without a dirty pair links its
+parent's part without reading it; a dirty bucket is the parent's part without the dirty rows plus
+the new ones, in pair_id order -- the bytes a full select of the same rows writes.
+``tests/test_incremental.py`` and ``tests/test_incremental_rule.py`` compare the result with
+the same child built without this path.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.parts import EMPTY_KEY, FINGERPRINTS, PartReuse, TableWriter, fingerprint
+from pipeline.store import Store, VersionHandle
+from schemas.manifest import TableInfo
+
+# the parent's pairs table columns the plan reads (no texts)
+PLAN_COLUMNS = ("pair_id", "flag_reasons", "near_dup_cluster", "decision", "reason", "weight", "locale", "annotator_kind",
+                "first_version")
+TABLES = ("pairs", "routed", "data/train", "data/validation", "data/test")
+
+
+def applies(parent: VersionHandle | None) -> bool:
+    """The parent keeps what this path reads: its pair tables as parts, with their fingerprints."""
+    return parent is not None and all(parent.table(t) is not None for t in (*TABLES, FINGERPRINTS, "split_assignments"))
+
+
+@dataclass
+class Plan:
+    dirty: pl.Series  # pair ids whose rows are recomputed (select, split, write)
+    removed: pl.Series  # pair ids the parent's pairs table has and the child's does not
+    clean: pl.DataFrame  # the parent's PLAN_COLUMNS rows of the other pairs (the child's rows, unchanged)
+
+
+def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, flags: pl.DataFrame,
+         clusters: pl.DataFrame | None, all_pair_ids: pl.Series) -> Plan:
+    """Which pairs go through select again.  ``parent_rows``: the parent's pairs table
+    (:data:`PLAN_COLUMNS`); ``pair_ids``: the pairs of the child's aggregation (with kept
+    judgments); ``all_pair_ids``: every pair of the child (the clusters table's)."""
+    c = pl.col
+    pf = flags.filter(c("subject_kind") == "pair").group_by("subject_id").agg(
+        _r=c("reason").unique().sort()).rename({"subject_id": "pair_id"})
+    cl = (clusters.select("pair_id", _cl="near_dup_cluster") if clusters is not None and clusters.height
+          else pl.DataFrame(schema={"pair_id": pl.String, "_cl": pl.String}))
+    now = pair_ids.to_frame("pair_id").join(pf, on="pair_id", how="left").join(cl, on="pair_id", how="left").with_columns(
+        _r=c("_r").fill_null(pl.lit([], dtype=pl.List(pl.String))), _cl=c("_cl").fill_null(c("pair_id")))
+    both = now.join(parent_rows.select("pair_id", "flag_reasons", "near_dup_cluster"), on="pair_id", how="left")
+    dirty = both.filter(c("near_dup_cluster").is_null()  # not in the parent's pairs (new, or all dropped there)
+                        | (c("_r") != c("flag_reasons")) | (c("_cl") != c("near_dup_cluster"))
+                        | c("pair_id").is_in(recompute.implode()))["pair_id"]
+    removed = parent_rows.join(now.select("pair_id"), on="pair_id", how="anti")["pair_id"]
+    # whole clusters: a cluster's split is decided for all its members (now and in the parent),
+    # and a new pair that is not kept may still pin or join one
+    every = all_pair_ids.to_frame("pair_id").join(cl, on="pair_id", how="left").with_columns(
+        _cl=c("_cl").fill_null(c("pair_id")))
+    seeds = pl.concat([dirty, removed, all_pair_ids.to_frame("pair_id").join(parent_rows.select("pair_id"), on="pair_id",
+                                                                             how="anti")["pair_id"]])
+    touched_cl = pl.concat([
+        every.filter(c("pair_id").is_in(seeds.implode()))["_cl"],
+        parent_rows.filter(c("pair_id").is_in(seeds.implode()))["near_dup_cluster"],
+    ]).unique()
+    dirty = pl.concat([dirty, every.filter(c("_cl").is_in(touched_cl.implode()))["pair_id"],
+                       parent_rows.filter(c("near_dup_cluster").is_in(touched_cl.implode()))["pair_id"]]).unique()
+    dirty = dirty.to_frame("pair_id").join(now.select("pair_id"), on="pair_id", how="semi")["pair_id"].sort()
+    clean = parent_rows.join(now.select("pair_id"), on="pair_id", how="semi").join(
+        dirty.to_frame("pair_id"), on="pair_id", how="anti")
+    return Plan(dirty=dirty, removed=removed.sort(), clean=clean)
+
+
+def write_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl.DataFrame, gone: pl.DataFrame) -> TableInfo:
+    """A pair table of a child: ``rows`` (the dirty pairs' rows, with ``_part``), ``gone`` (pair_id,
+    ``_part`` of every dirty or removed pair: their parent rows are replaced or deleted).  A parent
+    part no such pair falls in is linked unread; the others are rewritten."""
+    assert reuse.parent is not None
+    parent = reuse.parent
+    w = TableWriter(store, stage, name)
+    t = parent.table(name)
+    assert t is not None
+    hit = set(gone["_part"].unique().to_list()) | set(rows["_part"].unique().to_list())
+    body = rows.drop("_part")  # an empty frame of the dirty rows may lack columns the parts have (routed's judgments)
+    by_key = {k: f.drop("_part") for (k,), f in rows.partition_by("_part", as_dict=True).items()} if rows.height else {}
+    gone_ids = gone["pair_id"]
+    done: set[str] = set()
+    for part in t.parts:
+        key = part.path.rsplit("/", 1)[-1].removeprefix("part-").removesuffix(".parquet")
+        if key == EMPTY_KEY:
+            continue  # an empty table's placeholder: rows, if any, come as new parts
+        rel = part.path
+        if key not in hit:
+            w.inherit(parent, part)
+            reuse.linked += 1
+            known = reuse.known.get(rel)
+            reuse.seen[rel] = known[0] if known is not None else fingerprint(parent.read(rel))
+            continue
+        done.add(key)
+        old = parent.read(rel).filter(~pl.col("pair_id").is_in(gone_ids.implode()))
+        new = by_key.get(key)
+        if new is not None:  # the same columns (the dirty rows' frame decides order and types)
+            if set(old.columns) != set(new.columns):
+                raise ValueError(f"{parent.path / rel}: columns {sorted(old.columns)} differ from the new rows' {sorted(new.columns)}")
+            old = pl.concat([old.select(new.columns).cast(new.schema), new])
+        _write(w, reuse, key, old.sort("pair_id"))
+    for key, new in sorted(by_key.items()):
+        if key not in done:
+            _write(w, reuse, key, new.sort("pair_id"))
+    if not w.parts:
+        w.write(EMPTY_KEY, body.clear())
+    return w.info()
+
+
+def _write(w: TableWriter, reuse: PartReuse, key: str, frame: pl.DataFrame) -> None:
+    if frame.height == 0:
+        return
+    part = w.write(key, frame)
+    reuse.written += 1
+    reuse.seen[part.path] = fingerprint(frame)
+
+
+def parent_texts(parent: VersionHandle, own: pl.DataFrame) -> Callable[[pl.Series], pl.DataFrame]:
+    """pair ids -> their pairs rows with texts: the dirty pairs' from ``own``, the others read from
+    the parent's pairs table (only the rows asked for are decoded)."""
+
+    def texts(ids: pl.Series) -> pl.DataFrame:
+        mine = own.join(ids.to_frame("pair_id"), on="pair_id", how="semi")
+        rest = ids.to_frame("pair_id").join(mine.select("pair_id"), on="pair_id", how="anti")["pair_id"]
+        if rest.len() == 0:
+            return mine
+        theirs = parent.read("pairs", where=pl.col("pair_id").is_in(rest.implode()))
+        cols = [x for x in mine.columns if x in theirs.columns]
+        return pl.concat([mine.select(cols), theirs.select(cols).cast(mine.select(cols).schema)])
+
+    return texts
+
+
+__all__ = ["PLAN_COLUMNS", "Plan", "TABLES", "applies", "parent_texts", "plan", "write_table"]

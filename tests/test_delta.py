@@ -1,0 +1,86 @@
+"""A child's select, split and write over its dirty pairs only (pipeline/delta.py) writes the same
+version, byte for byte, as the same child deciding and writing every pair."""
+from __future__ import annotations
+
+import random
+import re
+
+import polars as pl
+import pytest
+from conftest import write_jsonl
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
+from test_incremental import POLICY, _batch
+
+import pipeline.delta as delta
+import pipeline.parts as parts
+from pipeline.curate import curate
+from pipeline.store import Store
+
+# what legitimately differs: the run's own record of its work
+RUN_ONLY = {"timings_s", "pair_table_parts"}
+PATH_ONLY = {"pairs_selected", "pairs_removed"}
+
+
+def _same_version(a: Store, b: Store, vid: str) -> None:
+    ma, mb = a.get(vid).manifest(), b.get(vid).manifest()
+    # every table byte for byte, but the review state: it stamps the build's time on newly routed pairs
+    assert {n: [(p.path, p.sha256) for p in t.parts] for n, t in ma.tables.items() if n != "review_state"} == \
+        {n: [(p.path, p.sha256) for p in t.parts] for n, t in mb.tables.items() if n != "review_state"}
+    assert a.get(vid).read("review_state").drop("routed_at").equals(b.get(vid).read("review_state").drop("routed_at"))
+    assert ma.ledger == mb.ledger and ma.splits == mb.splits and ma.checks == mb.checks
+    la = {k: v for k, v in ma.lineage.items() if k not in RUN_ONLY}
+    lb = {k: v for k, v in mb.lineage.items() if k not in RUN_ONLY}
+    la["consensus"] = {k: v for k, v in la["consensus"].items() if k not in PATH_ONLY}
+    lb["consensus"] = {k: v for k, v in lb["consensus"].items() if k not in PATH_ONLY}
+    assert la == lb
+    def report(s: Store) -> str:  # the same report, but for the time it was written
+        return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", "TIME", (s.get(vid).path / "report.md").read_text())
+
+    assert report(a) == report(b)
+
+
+@pytest.mark.parametrize("bucket_pairs", [4096, 3])
+@settings(max_examples=4, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 10_000), st.integers(2, 4))
+@example(35, 3)
+def test_dirty_pairs_only_write_the_same_version(tmp_path_factory, monkeypatch, bucket_pairs, seed, n_batches):
+    monkeypatch.setattr(parts, "PART_PAIRS", bucket_pairs)  # small: generations in many buckets
+    root = tmp_path_factory.mktemp("delta")
+    fast, slow = Store(root / "fast"), Store(root / "slow")
+    rng = random.Random(seed)
+    parent, old, used = None, [], 0
+    for step in range(n_batches):
+        rows = _batch(rng, step, old)
+        old += rows
+        path = write_jsonl(root / f"b{step}.jsonl", rows)
+        vid = curate([path], fast, POLICY, parent=parent).version_id
+        with monkeypatch.context() as m:
+            m.setattr(delta, "applies", lambda _parent: False)
+            assert curate([path], slow, POLICY, parent=parent).version_id == vid
+        if parent is not None:
+            rule = fast.get(vid).manifest().lineage["consensus"]
+            assert "pairs_selected" in rule and "pairs_selected" not in slow.get(vid).manifest().lineage["consensus"]
+            used += 1
+            _same_version(fast, slow, vid)
+            assert fast.get(vid).verify() == []
+        parent = vid
+    assert used == n_batches - 1
+
+
+def test_a_batch_of_new_pairs_selects_only_them(tmp_path):
+    """New pairs with new prompts: the old pairs are clean (not selected again), their bucket parts linked."""
+    rng = random.Random(3)
+    first = _batch(rng, 0, [])
+    second = [r for r in _batch(rng, 1, []) if not r["comparison_id"].startswith(("redelivered", "rejudged", "conflict"))]
+    for r in second:  # prompts unlike any of the first batch: no near-duplicate cluster reaches back
+        r["prompt"] = [{"role": "user", "content": f"Completely unrelated question number {r['comparison_id']} about tides"}]
+    store = Store(tmp_path / "s")
+    v1 = curate([write_jsonl(tmp_path / "a.jsonl", first)], store, POLICY).version_id
+    v2 = curate([write_jsonl(tmp_path / "b.jsonl", second)], store, POLICY, parent=v1).version_id
+    h1, h2 = store.get(v1), store.get(v2)
+    rule = h2.manifest().lineage["consensus"]
+    new_pairs = h2.read("pairs").filter(pl.col("first_version") == v2).height
+    assert rule["pairs_selected"] == new_pairs and rule["pairs_removed"] == 0
+    assert {p.sha256 for p in h1.table("pairs").parts} <= {p.sha256 for p in h2.table("pairs").parts}
