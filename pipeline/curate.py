@@ -271,7 +271,6 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             dropped_by_reason["all_judgments_dropped"] = all_pair_ids.len() - order.height
         routed_by_label = {lab: 0 for lab in ROUTED_LABELS}
         routed_by_label.update(dict(routed_all.group_by("route").len().iter_rows()) if routed_all.height else {})
-        pair_rows = delta.parent_texts(parent, psel.pairs.with_columns(flag_reasons=psel.pairs["_reasons"]))
         t = timer.lap("select", t)
         base = plan.clean.filter(pl.col("decision") == "keep").select("pair_id", "near_dup_cluster", "locale", "annotator_kind") \
             .join(prior.select("pair_id", "split"), on="pair_id", how="left") if prior is not None else None
@@ -329,6 +328,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                 _part=pl.coalesce("_part", "_fill")).drop("_fill")
         return k
 
+    if plan is not None:  # the report's texts of clean pairs: from the parent's parts that hold them
+        pair_rows = delta.parent_texts(parent, psel.pairs.with_columns(flag_reasons=psel.pairs["_reasons"]),
+                                       gen.join(plan.clean.select("pair_id"), on="pair_id", how="semi"))
     reuse = PartReuse.of(parent)  # a part whose rows are the parent's is linked, not written again
     routed_out = psel.routed.drop("_reasons", strict=False)
     if plan is not None:

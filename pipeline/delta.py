@@ -135,16 +135,22 @@ def _write(w: TableWriter, reuse: PartReuse, key: str, frame: pl.DataFrame) -> N
     reuse.seen[part.path] = fingerprint(frame)
 
 
-def parent_texts(parent: VersionHandle, own: pl.DataFrame) -> Callable[[pl.Series], pl.DataFrame]:
-    """pair ids -> their pairs rows with texts: the dirty pairs' from ``own``, the others read from
-    the parent's pairs table (only the rows asked for are decoded)."""
+def parent_texts(parent: VersionHandle, own: pl.DataFrame, keys: pl.DataFrame) -> Callable[[pl.Series], pl.DataFrame]:
+    """pair ids -> their pairs rows with texts: the dirty pairs' from ``own``, the others from the
+    parent's pairs table -- only the parts that hold them (``keys``: pair_id -> ``_part``), each
+    read once."""
+    read: dict[str, pl.DataFrame] = {}
 
     def texts(ids: pl.Series) -> pl.DataFrame:
         mine = own.join(ids.to_frame("pair_id"), on="pair_id", how="semi")
-        rest = ids.to_frame("pair_id").join(mine.select("pair_id"), on="pair_id", how="anti")["pair_id"]
-        if rest.len() == 0:
+        rest = ids.to_frame("pair_id").join(mine.select("pair_id"), on="pair_id", how="anti")
+        if rest.height == 0:
             return mine
-        theirs = parent.read("pairs", where=pl.col("pair_id").is_in(rest.implode()))
+        for key in rest.join(keys, on="pair_id", how="inner")["_part"].unique().sort().to_list():
+            if key not in read:
+                read[key] = parent.read(f"pairs/part-{key}.parquet")
+        theirs = pl.concat(list(read.values()), how="diagonal_relaxed").join(rest, on="pair_id", how="semi") if read \
+            else mine.clear()
         cols = [x for x in mine.columns if x in theirs.columns]
         return pl.concat([mine.select(cols), theirs.select(cols).cast(mine.select(cols).schema)])
 

@@ -36,6 +36,7 @@ class ReportInputs:
     routed: pl.DataFrame
     quarantine: pl.DataFrame
     results: dict[str, CheckResult] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # what both renderings compute once
 
 
 def _check(inp: ReportInputs, name: str) -> dict[str, Any]:
@@ -212,28 +213,31 @@ def conflict_matrix(inp: ReportInputs) -> tuple[list[str], list[list[float]]]:
 
 
 def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
-    """Clusters with more than one distinct prompt, largest first (prompts in first-seen order).
-
-    Distinct prompts are counted by hash, and texts are gathered only for those clusters:
-    collecting every pair's prompt text per cluster would copy all prompts."""
+    """Clusters with more than one distinct prompt (by the pairs' ``prompt_hash``), largest
+    first, and for the first :data:`MAX_EXAMPLES` of them their prompts (first-seen order; the
+    others' lists are empty): texts are looked up for the pairs of those clusters only."""
+    if "near_dup_clusters" in inp.cache:
+        return inp.cache["near_dup_clusters"]
     p = inp.pairs
     if "near_dup_cluster" not in p.columns or p.height == 0:
         return pl.DataFrame()
     c = pl.col
-    # only clusters of several pairs can have several prompts: texts are looked up for their pairs only
     p = p.filter(c("near_dup_cluster").is_duplicated()).select("pair_id", "near_dup_cluster")
-    if p.height == 0:
-        return pl.DataFrame()
-    p = p.join(inp.pair_rows(p["pair_id"]).select("pair_id", "prompt_text"), on="pair_id", how="left", maintain_order="left")
-    cl = (p.select("near_dup_cluster", _h=c("prompt_text").hash())
-          .group_by("near_dup_cluster").agg(pairs=pl.len(), n_prompts=c("_h").n_unique())
-          .filter(c("n_prompts") > 1))
+    ph = inp.judgments.select("pair_id", "prompt_hash").unique("pair_id", keep="first")
+    cl = (p.join(ph, on="pair_id", how="left").group_by("near_dup_cluster")
+          .agg(pairs=pl.len(), n_prompts=c("prompt_hash").n_unique()).filter(c("n_prompts") > 1)
+          .sort(["n_prompts", "pairs", "near_dup_cluster"], descending=[True, True, False]))
     if cl.height == 0:
-        return pl.DataFrame()
-    prompts = (p.select("near_dup_cluster", "prompt_text").join(cl.select("near_dup_cluster"), on="near_dup_cluster", how="semi")
-               .group_by("near_dup_cluster").agg(prompts=c("prompt_text").unique(maintain_order=True)))
-    return cl.join(prompts, on="near_dup_cluster").select("near_dup_cluster", "pairs", "prompts", "n_prompts") \
-        .sort(["n_prompts", "pairs", "near_dup_cluster"], descending=[True, True, False])
+        inp.cache["near_dup_clusters"] = pl.DataFrame()
+        return inp.cache["near_dup_clusters"]
+    shown = p.join(cl.head(MAX_EXAMPLES).select("near_dup_cluster"), on="near_dup_cluster", how="semi")
+    shown = shown.join(inp.pair_rows(shown["pair_id"]).select("pair_id", "prompt_text"), on="pair_id", how="left",
+                       maintain_order="left")
+    prompts = shown.group_by("near_dup_cluster").agg(prompts=c("prompt_text").unique(maintain_order=True))
+    out = cl.join(prompts, on="near_dup_cluster", how="left", maintain_order="left").with_columns(
+        prompts=c("prompts").fill_null(pl.lit([], dtype=pl.List(pl.String)))).select("near_dup_cluster", "pairs", "prompts", "n_prompts")
+    inp.cache["near_dup_clusters"] = out
+    return out
 
 
 def offender_pairs(inp: ReportInputs, reason: str) -> pl.DataFrame:
