@@ -320,7 +320,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     gen = part_keys(gens, buckets)
 
     def keyed(frame: pl.DataFrame) -> pl.DataFrame:  # pairs absent from the pairs table: this version's generation
-        k = frame.join(gen, on="pair_id", how="left", maintain_order="left")
+        g = gen if 4 * frame.height > gen.height else gen.join(frame.select("pair_id"), on="pair_id", how="semi")
+        k = frame.join(g, on="pair_id", how="left", maintain_order="left")
         if k["_part"].null_count():
             missing = k.filter(pl.col("_part").is_null()).select("pair_id").unique().with_columns(_gen=pl.lit(version_id))
             fill = part_keys(missing, buckets).rename({"_part": "_fill"})

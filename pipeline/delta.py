@@ -61,28 +61,27 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
         _r=c("reason").unique().sort()).rename({"subject_id": "pair_id"})
     cl = (clusters.select("pair_id", _cl="near_dup_cluster") if clusters is not None and clusters.height
           else pl.DataFrame(schema={"pair_id": pl.String, "_cl": pl.String}))
-    now = pair_ids.to_frame("pair_id").join(pf, on="pair_id", how="left").join(cl, on="pair_id", how="left").with_columns(
-        _r=c("_r").fill_null(pl.lit([], dtype=pl.List(pl.String))), _cl=c("_cl").fill_null(c("pair_id")))
-    both = now.join(parent_rows.select("pair_id", "flag_reasons", "near_dup_cluster"), on="pair_id", how="left")
-    dirty = both.filter(c("near_dup_cluster").is_null()  # not in the parent's pairs (new, or all dropped there)
-                        | (c("_r") != c("flag_reasons")) | (c("_cl") != c("near_dup_cluster"))
-                        | c("pair_id").is_in(recompute.implode()))["pair_id"]
-    removed = parent_rows.join(now.select("pair_id"), on="pair_id", how="anti")["pair_id"]
-    # whole clusters: a cluster's split is decided for all its members (now and in the parent),
-    # and a new pair that is not kept may still pin or join one
-    every = all_pair_ids.to_frame("pair_id").join(cl, on="pair_id", how="left").with_columns(
-        _cl=c("_cl").fill_null(c("pair_id")))
-    seeds = pl.concat([dirty, removed, all_pair_ids.to_frame("pair_id").join(parent_rows.select("pair_id"), on="pair_id",
-                                                                             how="anti")["pair_id"]])
-    touched_cl = pl.concat([
-        every.filter(c("pair_id").is_in(seeds.implode()))["_cl"],
-        parent_rows.filter(c("pair_id").is_in(seeds.implode()))["near_dup_cluster"],
-    ]).unique()
-    dirty = pl.concat([dirty, every.filter(c("_cl").is_in(touched_cl.implode()))["pair_id"],
-                       parent_rows.filter(c("near_dup_cluster").is_in(touched_cl.implode()))["pair_id"]]).unique()
-    dirty = dirty.to_frame("pair_id").join(now.select("pair_id"), on="pair_id", how="semi")["pair_id"].sort()
-    clean = parent_rows.join(now.select("pair_id"), on="pair_id", how="semi").join(
-        dirty.to_frame("pair_id"), on="pair_id", how="anti")
+    both = pair_ids.to_frame("pair_id").join(pf, on="pair_id", how="left").join(cl, on="pair_id", how="left") \
+        .join(parent_rows.select("pair_id", "flag_reasons", "near_dup_cluster"), on="pair_id", how="left") \
+        .with_columns(_r=c("_r").fill_null(pl.lit([], dtype=pl.List(pl.String))), _cl=c("_cl").fill_null(c("pair_id")))
+    seed = (c("near_dup_cluster").is_null()  # not in the parent's pairs (new, or all dropped there)
+            | (c("_r") != c("flag_reasons")) | (c("_cl") != c("near_dup_cluster"))
+            | c("pair_id").is_in(recompute.implode()))
+    seeds = both.filter(seed).select("pair_id", "_cl", "near_dup_cluster")
+    removed = parent_rows.select("pair_id", "near_dup_cluster").join(both.select("pair_id"), on="pair_id", how="anti")
+    # pairs of the child without kept judgments that the parent's pairs table lacks: their clusters too
+    others = all_pair_ids.to_frame("pair_id").join(both.select("pair_id"), on="pair_id", how="anti") \
+        .join(removed.select("pair_id"), on="pair_id", how="anti").join(cl, on="pair_id", how="left") \
+        .with_columns(_cl=c("_cl").fill_null(c("pair_id")))
+    removed_cl = removed.select("pair_id").join(all_pair_ids.to_frame("pair_id"), on="pair_id", how="semi") \
+        .join(cl, on="pair_id", how="left").select(c("_cl").fill_null(c("pair_id")))["_cl"]
+    # whole clusters: a cluster's split is decided for all its members (now and in the parent)
+    touched = pl.concat([seeds["_cl"], seeds["near_dup_cluster"].drop_nulls(), removed["near_dup_cluster"], removed_cl,
+                         others["_cl"]]).unique().implode()
+    dirty = both.filter(seed | c("_cl").is_in(touched) | c("near_dup_cluster").is_in(touched))["pair_id"]
+    removed = removed["pair_id"]
+    clean = parent_rows.join(both.filter(~(seed | c("_cl").is_in(touched) | c("near_dup_cluster").is_in(touched)))
+                             .select("pair_id"), on="pair_id", how="semi")
     return Plan(dirty=dirty, removed=removed.sort(), clean=clean)
 
 
