@@ -240,21 +240,24 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
     all_pair_ids, n_pairs = prelim.pairs["pair_id"], prelim.pairs.height
     kept_reviews = reviews.join(jsel.kept.select("comparison_id"), on="comparison_id", how="semi")
-    final, decided, rule, params, parent_rows = _final_aggregation(jsel.kept, prelim, kept_reviews, review_ctx, parent,
-                                                                   recompute, policy, full=full)
-    del prelim
     clusters = results["near_duplicates"].tables.get("clusters")
+
+    def planner(rows: pl.DataFrame, kept_pairs: pl.Series) -> delta.Plan:
+        assert recompute is not None
+        return delta.plan(rows.select(delta.PLAN_COLUMNS), kept_pairs, recompute, flags, clusters, all_pair_ids)
+
+    # select, split and write over the dirty pairs only when the parent keeps its pair tables as parts (pipeline/delta.py)
+    final, decided, rule, params, parent_rows, plan = _final_aggregation(
+        jsel.kept, prelim, kept_reviews, review_ctx, parent, recompute, policy, full=full,
+        planner=planner if delta.applies(parent) else None)
+    del prelim
     down = sel.downweight_shares(jsel.kept, jsel.downweighted_annotators)
     prior = prior_assignments(parent)
     # the child's pairs in first-seen order, the generation (version of first appearance) of each
     known_first = parent_rows.select("pair_id", "first_version") if parent_rows is not None else None
     first = first_versions(parent, final.pairs["pair_id"], version_id, known_first)
-    plan = None
-    if parent_rows is not None and rule.get("mode") == "incremental" and delta.applies(parent):
-        # select, split and write over the dirty pairs only; the others are their parent's rows (pipeline/delta.py)
-        assert recompute is not None
-        plan = delta.plan(parent_rows.select(delta.PLAN_COLUMNS), final.pairs["pair_id"], recompute, flags, clusters,
-                          all_pair_ids)
+    if plan is not None:  # the dirty pairs through select; the others are their parent's rows (pipeline/delta.py)
+        assert parent_rows is not None
         rule.update(pairs_selected=plan.dirty.len(), pairs_removed=plan.removed.len())
         final_pairs = final.pairs.join(plan.dirty.to_frame("pair_id"), on="pair_id", how="semi")
         psel = sel.select_pairs(final_pairs, flags, policy.select, clusters=clusters, downweight_share=down,
@@ -425,11 +428,15 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews: pl.DataFrame,
                        review_ctx: rr.ReviewContext, parent: VersionHandle | None, recompute: pl.Series | None,
                        policy: Policy, *, full: bool,
-                       ) -> tuple[agg.Aggregation, pl.DataFrame, dict[str, Any], pl.DataFrame, pl.DataFrame | None]:
+                       planner: Callable[[pl.DataFrame, pl.Series], delta.Plan] | None = None,
+                       ) -> tuple[agg.Aggregation, pl.DataFrame, dict[str, Any], pl.DataFrame, pl.DataFrame | None,
+                                  delta.Plan | None]:
     """The consensus of the version's pairs from the kept judgments: (aggregation, pairs decided
     by reviews, the rule's record, the annotator parameters to keep in ``state/annotator_params``,
     the parent's pairs rows without texts when they were read: the rule's columns,
-    :data:`pipeline.delta.PLAN_COLUMNS`).
+    :data:`pipeline.delta.PLAN_COLUMNS`; the child's :class:`~pipeline.delta.Plan` when
+    ``planner`` made one: then only the dirty pairs' rows carry texts, the clean ones never
+    go through select).
 
     The rule of a child (docs/incremental.md): only the pairs in ``recompute`` are aggregated,
     with the parent's annotator parameters fixed (annotators the parent has no parameters for
@@ -452,8 +459,10 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
         final = rr.resolve(final, kept_reviews, review_ctx)
         try:
             old = inc.parent_pair_rows(parent, [*final.pairs.columns, *delta.PLAN_COLUMNS])
+            plan = planner(old, kept["pair_id"].unique()) if planner is not None else None
             pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, kept.select("pair_id", "a_hash"),
-                                                   prelim.pairs["pair_id"], texts)
+                                                   prelim.pairs["pair_id"], texts,
+                                                   texts_for=plan.dirty if plan is not None else None)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
             rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
         else:
@@ -465,12 +474,13 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
             ah = pl.concat([mine_ah, ah.join(mine_ah, on="pair_id", how="anti")])
             a_hash = pairs.select("pair_id").join(ah, on="pair_id", how="left", maintain_order="left")["a_hash"]
             final = agg.Aggregation(pairs, final.annotators, a_hash)
-            return final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, inc.merge_params(given, fitted), old
+            return (final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, inc.merge_params(given, fitted), old,
+                    plan)
     final = agg.aggregate(kept, cfg, texts=texts, dimensions=policy.dimensions)
     assert final.params is not None
     params = final.params.sort("annotator_id")
     final = rr.resolve(final, kept_reviews, review_ctx)
-    return final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, params, None
+    return final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, params, None, None
 
 
 def _review_context(store: Store, parent: VersionHandle | None, policy: Policy) -> rr.ReviewContext:

@@ -202,7 +202,7 @@ def parent_pair_rows(parent: VersionHandle, columns: list[str]) -> pl.DataFrame:
 
 
 def with_parent_pairs(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, kept: pl.DataFrame,
-                      order: pl.Series, texts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+                      order: pl.Series, texts: pl.DataFrame, texts_for: pl.Series | None = None) -> tuple[pl.DataFrame, dict]:
     """The rule of a child (docs/incremental.md): ``fresh`` -- the child's aggregation of the
     pairs in ``recompute``; ``old``: :func:`parent_pair_rows` (kept judgments, the parent's annotator parameters) -- plus the
     parent's row of every other pair that has kept judgments (``kept``: pair_id, a_hash of the
@@ -210,14 +210,23 @@ def with_parent_pairs(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Seri
     pairs.  The texts of those pairs are not read from the parent: they are ``texts``
     (:meth:`~pipeline.aggregate.Aggregation.texts`) in the orientation of the pair's first kept
     judgment, as an aggregation of the kept judgments gives them.  Rows in the order of
-    ``order`` (every pair id of the version, first-seen).  Returns the pairs and the rule's figures."""
+    ``order`` (every pair id of the version, first-seen).  ``texts_for``: only these of the parent's
+    rows get their texts (the others' are null: a child that selects its dirty pairs only,
+    :mod:`pipeline.delta`).  Returns the pairs and the rule's figures."""
     from pipeline.aggregate import oriented_texts
 
     cols = fresh.columns
     keep = old.drop("first_version").join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
     canon = kept.join(keep.select("pair_id"), on="pair_id", how="semi").unique("pair_id", keep="first", maintain_order=True)
     keep = canon.select("pair_id").join(keep, on="pair_id", how="left", maintain_order="left")
-    keep = pl.concat([keep, oriented_texts(canon["pair_id"], canon["a_hash"], texts)], how="horizontal")
+    if texts_for is not None:
+        with_t = canon.join(texts_for.to_frame("pair_id"), on="pair_id", how="semi")
+        t = canon.select("pair_id").join(pl.concat([with_t.select("pair_id"), oriented_texts(
+            with_t["pair_id"], with_t["a_hash"], texts)], how="horizontal"), on="pair_id", how="left",
+            maintain_order="left").drop("pair_id")
+    else:
+        t = oriented_texts(canon["pair_id"], canon["a_hash"], texts)
+    keep = pl.concat([keep, t], how="horizontal")
     keep = keep.select(cols).cast(fresh.schema)  # type: ignore[arg-type]
     rank = order.to_frame("pair_id").with_row_index("_i")
     out = pl.concat([keep, fresh]).join(rank, on="pair_id", how="left").sort("_i").drop("_i")
