@@ -62,26 +62,31 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     cl = (clusters.select("pair_id", _cl="near_dup_cluster") if clusters is not None and clusters.height
           else pl.DataFrame(schema={"pair_id": pl.String, "_cl": pl.String}))
     both = pair_ids.to_frame("pair_id").join(pf, on="pair_id", how="left").join(cl, on="pair_id", how="left") \
-        .join(parent_rows.select("pair_id", "flag_reasons", "near_dup_cluster"), on="pair_id", how="left") \
+        .join(parent_rows, on="pair_id", how="left") \
         .with_columns(_r=c("_r").fill_null(pl.lit([], dtype=pl.List(pl.String))), _cl=c("_cl").fill_null(c("pair_id")))
     seed = (c("near_dup_cluster").is_null()  # not in the parent's pairs (new, or all dropped there)
             | (c("_r") != c("flag_reasons")) | (c("_cl") != c("near_dup_cluster"))
             | c("pair_id").is_in(recompute.implode()))
     seeds = both.filter(seed).select("pair_id", "_cl", "near_dup_cluster")
-    removed = parent_rows.select("pair_id", "near_dup_cluster").join(both.select("pair_id"), on="pair_id", how="anti")
+    none = pl.DataFrame(schema={"pair_id": pl.String, "near_dup_cluster": pl.String})
+    # the parent's pairs the child has no kept judgment of (usually none: counted before joining)
+    matched = both.height - both["near_dup_cluster"].null_count()
+    removed = parent_rows.select("pair_id", "near_dup_cluster").join(both.select("pair_id"), on="pair_id", how="anti") \
+        if matched < parent_rows.height else none
     # pairs of the child without kept judgments that the parent's pairs table lacks: their clusters too
+    extra = all_pair_ids.len() - both.height  # pairs without kept judgments (removed ones among them)
     others = all_pair_ids.to_frame("pair_id").join(both.select("pair_id"), on="pair_id", how="anti") \
         .join(removed.select("pair_id"), on="pair_id", how="anti").join(cl, on="pair_id", how="left") \
-        .with_columns(_cl=c("_cl").fill_null(c("pair_id")))
+        .with_columns(_cl=c("_cl").fill_null(c("pair_id"))) if extra > 0 else none.select("pair_id", _cl="near_dup_cluster")
     removed_cl = removed.select("pair_id").join(all_pair_ids.to_frame("pair_id"), on="pair_id", how="semi") \
         .join(cl, on="pair_id", how="left").select(c("_cl").fill_null(c("pair_id")))["_cl"]
     # whole clusters: a cluster's split is decided for all its members (now and in the parent)
     touched = pl.concat([seeds["_cl"], seeds["near_dup_cluster"].drop_nulls(), removed["near_dup_cluster"], removed_cl,
                          others["_cl"]]).unique().implode()
-    dirty = both.filter(seed | c("_cl").is_in(touched) | c("near_dup_cluster").is_in(touched))["pair_id"]
+    is_dirty = seed | c("_cl").is_in(touched) | c("near_dup_cluster").is_in(touched)
+    dirty = both.filter(is_dirty)["pair_id"]
     removed = removed["pair_id"]
-    clean = parent_rows.join(both.filter(~(seed | c("_cl").is_in(touched) | c("near_dup_cluster").is_in(touched)))
-                             .select("pair_id"), on="pair_id", how="semi")
+    clean = both.filter(~is_dirty).select(parent_rows.columns)  # the parent's rows: same flags and cluster
     return Plan(dirty=dirty, removed=removed.sort(), clean=clean)
 
 
@@ -117,7 +122,14 @@ def write_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl
             if set(old.columns) != set(new.columns):
                 raise ValueError(f"{parent.path / rel}: columns {sorted(old.columns)} differ from the new rows' {sorted(new.columns)}")
             old = pl.concat([old.select(new.columns).cast(new.schema), new])
-        _write(w, reuse, key, old.sort("pair_id"))
+        frame = old.sort("pair_id")
+        known = reuse.known.get(rel)
+        if known is not None and frame.height == known[1].rows and fingerprint(frame) == known[0]:
+            w.inherit(parent, part)  # the dirty rows came out as they were: the parent's part, linked
+            reuse.linked += 1
+            reuse.seen[rel] = known[0]
+            continue
+        _write(w, reuse, key, frame)
     for key, new in sorted(by_key.items()):
         if key not in done:
             _write(w, reuse, key, new.sort("pair_id"))
