@@ -217,16 +217,17 @@ def with_parent_pairs(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Seri
 
     cols = fresh.columns
     keep = old.drop("first_version").join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
-    canon = kept.join(keep.select("pair_id"), on="pair_id", how="semi").unique("pair_id", keep="first", maintain_order=True)
-    keep = canon.select("pair_id").join(keep, on="pair_id", how="left", maintain_order="left")
-    if texts_for is not None:
-        with_t = canon.join(texts_for.to_frame("pair_id"), on="pair_id", how="semi")
-        t = canon.select("pair_id").join(pl.concat([with_t.select("pair_id"), oriented_texts(
-            with_t["pair_id"], with_t["a_hash"], texts)], how="horizontal"), on="pair_id", how="left",
-            maintain_order="left").drop("pair_id")
-    else:
-        t = oriented_texts(canon["pair_id"], canon["a_hash"], texts)
-    keep = pl.concat([keep, t], how="horizontal")
+    if texts_for is None:
+        canon = kept.join(keep.select("pair_id"), on="pair_id", how="semi").unique("pair_id", keep="first", maintain_order=True)
+        keep = canon.select("pair_id").join(keep, on="pair_id", how="left", maintain_order="left")
+        keep = pl.concat([keep, oriented_texts(canon["pair_id"], canon["a_hash"], texts)], how="horizontal")
+    else:  # the rows of the pairs with kept judgments; the first kept judgment's orientation for those with texts only
+        keep = keep.join(kept["pair_id"].unique().to_frame("pair_id"), on="pair_id", how="semi")
+        canon = kept.filter(pl.col("pair_id").is_in(texts_for.implode())).join(keep.select("pair_id"), on="pair_id",
+                                                                              how="semi") \
+            .unique("pair_id", keep="first", maintain_order=True)
+        t = pl.concat([canon.select("pair_id"), oriented_texts(canon["pair_id"], canon["a_hash"], texts)], how="horizontal")
+        keep = keep.join(t, on="pair_id", how="left")  # the row order does not matter: sorted by ``order`` below
     keep = keep.select(cols).cast(fresh.schema)  # type: ignore[arg-type]
     rank = order.to_frame("pair_id").with_row_index("_i")
     out = pl.concat([keep, fresh]).join(rank, on="pair_id", how="left").sort("_i").drop("_i")
