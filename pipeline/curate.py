@@ -251,7 +251,6 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         jsel.kept, prelim, kept_reviews, review_ctx, parent, recompute, policy, full=full,
         planner=planner if delta.applies(parent) else None)
     del prelim
-    down = sel.downweight_shares(jsel.kept, jsel.downweighted_annotators)
     prior = prior_assignments(parent)
     # the child's pairs in first-seen order, the generation (version of first appearance) of each
     known_first = parent_rows.select("pair_id", "first_version") if parent_rows is not None else None
@@ -260,8 +259,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         assert parent_rows is not None
         rule.update(pairs_selected=plan.dirty.len(), pairs_removed=plan.removed.len())
         final_pairs = final.pairs.join(plan.dirty.to_frame("pair_id"), on="pair_id", how="semi")
-        psel = sel.select_pairs(final_pairs, flags, policy.select, clusters=clusters, downweight_share=down,
-                                judgments=jsel.kept)
+        mine = jsel.kept.filter(pl.col("pair_id").is_in(plan.dirty.implode()))  # per-pair figures of the dirty pairs
+        psel = sel.select_pairs(final_pairs, flags, policy.select, clusters=clusters, judgments=mine,
+                                downweight_share=sel.downweight_shares(mine, jsel.downweighted_annotators))
+        del mine
         del final_pairs
         order = final.pairs.select("pair_id")
         fate = order.join(pl.concat([plan.clean.select("pair_id", "decision", "reason", "near_dup_cluster"),
@@ -283,7 +284,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         now = pl.concat([x.select("pair_id", "near_dup_cluster", "split") for x in ([base] if base is not None else []) + [dpo]])
     else:
         psel = sel.select_pairs(final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
-                                downweight_share=down, judgments=jsel.kept)
+                                downweight_share=sel.downweight_shares(jsel.kept, jsel.downweighted_annotators),
+                                judgments=jsel.kept)
         fate = psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster")
         routed_all = psel.routed.select("pair_id", "route")
         dropped_by_reason, routed_by_label = psel.dropped_by_reason, psel.routed_by_label

@@ -17,6 +17,8 @@ import pipeline.parts as parts
 from pipeline.curate import curate
 from pipeline.store import Store
 
+# an AI judge and a judge of unknown kind among the humans (pair kinds, the AI side of the consensus)
+KINDS = {"ann-0": "ai", "ann-1": "unknown"}
 # what legitimately differs: the run's own record of its work
 RUN_ONLY = {"timings_s", "pair_table_parts"}
 PATH_ONLY = {"pairs_selected", "pairs_removed"}
@@ -52,7 +54,7 @@ def test_dirty_pairs_only_write_the_same_version(tmp_path_factory, monkeypatch, 
     rng = random.Random(seed)
     parent, old, used = None, [], 0
     for step in range(n_batches):
-        rows = _batch(rng, step, old)
+        rows = [{**r, "annotator_kind": KINDS.get(r["annotator_id"], "human")} for r in _batch(rng, step, old)]
         old += rows
         path = write_jsonl(root / f"b{step}.jsonl", rows)
         vid = curate([path], fast, POLICY, parent=parent).version_id
