@@ -223,7 +223,8 @@ def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
         return pl.DataFrame()
     c = pl.col
     p = p.filter(c("near_dup_cluster").is_duplicated()).select("pair_id", "near_dup_cluster")
-    ph = inp.judgments.select("pair_id", "prompt_hash").unique("pair_id", keep="first")
+    ph = inp.judgments.select("pair_id", "prompt_hash").join(p.select("pair_id"), on="pair_id", how="semi") \
+        .unique("pair_id", keep="first")
     cl = (p.join(ph, on="pair_id", how="left").group_by("near_dup_cluster")
           .agg(pairs=pl.len(), n_prompts=c("prompt_hash").n_unique()).filter(c("n_prompts") > 1)
           .sort(["n_prompts", "pairs", "near_dup_cluster"], descending=[True, True, False]))
