@@ -17,9 +17,9 @@ members are the same); fresh clusters fill their stratum's deficits counting the
 as placed (:func:`pipeline.split.assign_splits` ``base``).  The pair tables (DPO splits, pairs,
 routed) are written by bucket (:mod:`pipeline.parts`): a bucket without a dirty pair links its
 parent's part without reading it; a dirty bucket is the parent's part without the dirty rows plus
-the new ones, in pair_id order -- the bytes a full select of the same rows writes.
-``tests/test_incremental.py`` and ``tests/test_incremental_rule.py`` compare the result with
-the same child built without this path.
+the new ones, in pair_id order -- the bytes a full select of the same rows writes -- and is linked
+all the same when those rows come out as they were (same fingerprint).  ``tests/test_delta.py``
+builds random chains with and without this path and requires byte-identical versions.
 """
 from __future__ import annotations
 
