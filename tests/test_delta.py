@@ -8,9 +8,7 @@ import re
 import polars as pl
 import pytest
 from conftest import write_jsonl
-from hypothesis import HealthCheck, Phase, example, given, settings
-from hypothesis import strategies as st
-from test_incremental import POLICY, _batch
+from test_incremental import POLICY, _batch, random_chains
 
 import pipeline.delta as delta
 import pipeline.parts as parts
@@ -43,10 +41,7 @@ def _same_version(a: Store, b: Store, vid: str) -> None:
 
 
 @pytest.mark.parametrize("bucket_pairs", [4096, 3])
-@settings(max_examples=4, deadline=None, phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.integers(0, 10_000), st.integers(2, 4))
-@example(35, 3)
+@random_chains(4, max_batches=4)
 def test_dirty_pairs_only_write_the_same_version(tmp_path_factory, monkeypatch, bucket_pairs, seed, n_batches):
     monkeypatch.setattr(parts, "PART_PAIRS", bucket_pairs)  # small: generations in many buckets
     root = tmp_path_factory.mktemp("delta")

@@ -3,6 +3,7 @@ the same flags and figures as a run over the whole union (pipeline/incremental.p
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import polars as pl
 from conftest import canonical, write_jsonl
@@ -73,10 +74,20 @@ def curate_chain(store: Store, seed: int, n_batches: int):
         parent = vid
 
 
-@settings(max_examples=5, deadline=None, phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.integers(0, 10_000), st.integers(2, 3))
-@example(35, 3)  # an old pair judged again whose old judgment duplicates another pair's
+def random_chains(max_examples: int, max_batches: int = 3) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A property test over random chains: ``(seed, n_batches)`` for :func:`curate_chain`, with the
+    chain that once broke a child as an explicit example."""
+
+    def wrap(test: Callable[..., None]) -> Callable[..., None]:
+        test = example(35, 3)(test)  # an old pair judged again whose old judgment duplicates another pair's
+        test = given(st.integers(0, 10_000), st.integers(2, max_batches))(test)
+        return settings(max_examples=max_examples, deadline=None, phases=[Phase.explicit, Phase.generate],
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])(test)
+
+    return wrap
+
+
+@random_chains(5)
 def test_child_checks_equal_a_run_over_the_union(tmp_path_factory, seed, n_batches):
     store = Store(tmp_path_factory.mktemp("inc") / "s")
     for _path, vid, parent in curate_chain(store, seed, n_batches):

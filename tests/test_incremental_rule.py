@@ -17,9 +17,7 @@ import random
 
 import polars as pl
 from conftest import write_jsonl
-from hypothesis import HealthCheck, Phase, example, given, settings
-from hypothesis import strategies as st
-from test_incremental import POLICY, _batch, curate_chain
+from test_incremental import POLICY, _batch, curate_chain, random_chains
 
 from pipeline.aggregate import aggregate
 from pipeline.curate import curate
@@ -38,10 +36,7 @@ def _pairs(h) -> pl.DataFrame:
     return h.read("pairs").drop("first_version").sort("pair_id")
 
 
-@settings(max_examples=4, deadline=None, phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.integers(0, 10_000), st.integers(2, 3))
-@example(35, 3)  # an old pair judged again whose old judgment duplicates another pair's
+@random_chains(4)
 def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, n_batches):
     store = Store(tmp_path_factory.mktemp("rule") / "s")
     for path, vid, parent in curate_chain(store, seed, n_batches):
