@@ -339,16 +339,19 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                                        gen.join(plan.clean.select("pair_id"), on="pair_id", how="semi"))
     reuse = PartReuse.of(parent)  # a part whose rows are the parent's is linked, not written again
     routed_out = psel.routed.drop("_reasons", strict=False)
+    pair_rows_out = pairs_out.drop(agg.PAIR_TEXT_COLUMNS, strict=False)  # what a child reads (no texts)
     if plan is not None:
         gone = keyed(pl.concat([plan.dirty, plan.removed]).to_frame("pair_id"))
         for s, f in split_frames.items():
             tables[f"data/{s}"] = delta.write_table(reuse, store, stage, f"data/{s}", keyed(f), gone)
         tables["pairs"] = delta.write_table(reuse, store, stage, "pairs", keyed(pairs_out), gone)
+        tables[delta.PAIR_ROWS] = delta.write_table(reuse, store, stage, delta.PAIR_ROWS, keyed(pair_rows_out), gone)
         tables["routed"] = delta.write_table(reuse, store, stage, "routed", keyed(routed_out), gone)
     else:
         for s, f in split_frames.items():
             tables[f"data/{s}"] = _grouped_table(reuse, store, stage, f"data/{s}", keyed(f))
         tables["pairs"] = _grouped_table(reuse, store, stage, "pairs", keyed(pairs_out))
+        tables[delta.PAIR_ROWS] = _grouped_table(reuse, store, stage, delta.PAIR_ROWS, keyed(pair_rows_out))
         tables["routed"] = _grouped_table(reuse, store, stage, "routed", keyed(routed_out))
     splits = {s: SplitInfo(path=t.path, rows=t.rows, sha256=t.sha256) for s in SPLITS for t in [tables[f"data/{s}"]]}
     tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned))
@@ -510,7 +513,7 @@ def first_versions(parent: VersionHandle | None, pair_ids: pl.Series, version_id
     if known is not None:
         pass
     elif parent.table("pairs") is not None:  # written with tables: carries first_version
-        known = parent.read("pairs", columns=["pair_id", "first_version"])
+        known = inc.parent_pair_rows(parent, ["pair_id"])
     else:
         known = parent.read("pairs.parquet", columns=["pair_id"]).with_columns(first_version=pl.lit(parent.version_id))
     return ids.join(known, on="pair_id", how="left").with_columns(pl.col("first_version").fill_null(version_id))

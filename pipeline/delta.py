@@ -36,7 +36,10 @@ from schemas.manifest import TableInfo
 # the parent's pairs table columns the plan reads (no texts)
 PLAN_COLUMNS = ("pair_id", "flag_reasons", "near_dup_cluster", "decision", "reason", "weight", "locale", "annotator_kind",
                 "first_version")
-TABLES = ("pairs", "routed", "data/train", "data/validation", "data/test")
+# the pairs table without its texts, in the same buckets: what a child reads of its parent's pairs
+# (a read hashes whole parts: the texts are ~90 % of the pairs table's bytes)
+PAIR_ROWS = "state/pair_rows"
+TABLES = ("pairs", PAIR_ROWS, "routed", "data/train", "data/validation", "data/test")
 
 
 def applies(parent: VersionHandle | None) -> bool:
@@ -168,4 +171,4 @@ def parent_texts(parent: VersionHandle, own: pl.DataFrame, keys: pl.DataFrame) -
     return texts
 
 
-__all__ = ["PLAN_COLUMNS", "Plan", "TABLES", "applies", "parent_texts", "plan", "write_table"]
+__all__ = ["PAIR_ROWS", "PLAN_COLUMNS", "Plan", "TABLES", "applies", "parent_texts", "plan", "write_table"]
