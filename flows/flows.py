@@ -194,7 +194,8 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
         return []
     outcomes: list[dict[str, Any]] = []
     for batch in pending:
-        parent = st.list_ids()[-1] if st.list_ids() else None
+        ids = st.list_ids()
+        parent = ids[-1] if ids else None
         try:
             vid = curate_batch(files=[str(batch.path)], store=store, policy_path=policy_path, parent=parent)
             cert = certify_version(store=store, version=vid, policy_path=policy_path)

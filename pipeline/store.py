@@ -373,11 +373,29 @@ class VersionHandle:
 
 @dataclass(frozen=True)
 class VersionEntry:
-    """One directory under versions/: a readable version, or a damaged one with the reason."""
+    """One directory under versions/: a readable version, or a damaged one with the reason.
+    ``parent``: its parent version; ``new_sources``: sha256 of the input files it added (all of
+    its sources for a version without a parent, or without that lineage record)."""
 
     version_id: str
     created_at: str
     damaged: str | None = None
+    parent: str | None = None
+    new_sources: tuple[str, ...] = ()
+
+
+# the listing's cache (STORE/.index/versions.json): per version, what list_versions reads from its
+# manifest, and the manifest's (inode, size, mtime_ns) when it was read
+INDEX = Path(".index") / "versions.json"
+INDEX_FORMAT = 1
+
+
+def _entry_of(vid: str, m: Manifest) -> VersionEntry:
+    new = m.lineage.get("new_sources") if m.parent_version else None
+    shas = [s.get("sha256") for s in new if isinstance(s, dict)] if isinstance(new, list) else None
+    if shas is None or not all(isinstance(x, str) for x in shas):
+        shas = [s.sha256 for s in m.sources]
+    return VersionEntry(vid, m.created_at.isoformat(), None, m.parent_version, tuple(shas))
 
 
 class Store:
@@ -426,26 +444,81 @@ class Store:
 
     def list_versions(self) -> list[VersionEntry]:
         """Every version directory, oldest first; damaged ones (unreadable manifest, unsafe name)
-        are listed with the reason instead of breaking the listing."""
+        are listed with the reason instead of breaking the listing.
+
+        A manifest is parsed once: what the listing needs of it is cached in ``.index/versions.json``
+        with the manifest file's (inode, size, mtime_ns), and parsed again only when those change
+        (a listing of N versions costs N ``stat`` calls, not N manifest parses: the scheduled inbox
+        lists the store for every batch).  The cache is rewritten (atomically, best effort) when the
+        listing found anything it did not have; a damaged or foreign cache is ignored and rebuilt.
+        Nothing read from a version is taken from the cache: it only orders and names versions."""
         if not self.versions_dir.is_dir():
             return []
+        cache = self._read_index()
+        fresh: dict[str, dict[str, Any]] = {}
         items = []
-        for d in self.versions_dir.iterdir():
+        for d in os.scandir(self.versions_dir):
             if d.name.startswith(".") or not d.is_dir():
                 continue
-            mf = d / "manifest.json"
-            if not mf.is_file():
+            try:
+                st = os.stat(os.path.join(d.path, "manifest.json"))
+            except OSError:
                 continue  # an orphan folder (no manifest): never a version; swept by the next writer of that id
             if not is_safe_id(d.name):
                 items.append(VersionEntry(d.name, "", f"directory name {d.name!r} is not a valid version id"))
                 continue
+            key = [st.st_ino, st.st_size, st.st_mtime_ns]
+            rec = cache.get(d.name)
+            if isinstance(rec, dict) and rec.get("stat") == key:
+                try:
+                    items.append(VersionEntry(d.name, str(rec["created_at"]), None, rec["parent"],
+                                              tuple(str(x) for x in rec["new_sources"])))
+                    fresh[d.name] = rec
+                    continue
+                except (KeyError, TypeError):
+                    pass  # a damaged record: read the manifest
             try:
-                created = VersionHandle(self, d.name).manifest().created_at.isoformat()
-                items.append(VersionEntry(d.name, created))
+                e = _entry_of(d.name, VersionHandle(self, d.name).manifest())
             except DamagedVersion as err:
                 items.append(VersionEntry(d.name, "", str(err)))
+                continue
+            items.append(e)
+            fresh[d.name] = {"stat": key, "created_at": e.created_at, "parent": e.parent, "new_sources": list(e.new_sources)}
+        if fresh.keys() != cache.keys() or any(fresh[k] is not cache.get(k) for k in fresh):
+            self._write_index(fresh)
         # damaged ones sort first (no date); the order of readable ones is by creation time
         return sorted(items, key=lambda e: (e.created_at, e.version_id))
+
+    def _read_index(self) -> dict[str, Any]:
+        try:
+            doc = json.loads((self.root / INDEX).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT or not isinstance(doc.get("versions"), dict):
+            return {}
+        return doc["versions"]
+
+    def _write_index(self, versions: dict[str, Any]) -> None:
+        """Best effort: a read-only store, or a full disk, lists by parsing the manifests instead."""
+        try:
+            (self.root / INDEX).parent.mkdir(exist_ok=True)
+            atomic_write_bytes(self.root / INDEX, json.dumps({"format": INDEX_FORMAT, "versions": versions},
+                                                              separators=(",", ":"), sort_keys=True).encode())
+        except OSError:
+            pass
+
+    def source_hashes(self) -> set[str]:
+        """sha256 of every input file any readable version was built from.  A version adds its own
+        (``lineage.new_sources``) to its parent's; a version whose parent is gone (collected)
+        contributes every source its manifest lists."""
+        entries = {e.version_id: e for e in self.list_versions() if e.damaged is None}
+        out: set[str] = set()
+        for e in entries.values():
+            if e.parent is None or e.parent in entries:
+                out.update(e.new_sources)
+            else:
+                out.update(s.sha256 for s in VersionHandle(self, e.version_id).manifest().sources)
+        return out
 
     def list_ids(self) -> list[str]:
         """Readable version ids, oldest first (by manifest created_at); damaged versions are skipped."""

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 from pipeline.store import IntegrityError, Store, VersionNotFound, write_parquet
-from schemas.manifest import Certification, GateResult, IngestLedger, Ledger, Manifest
+from schemas.manifest import Certification, GateResult, IngestLedger, Ledger, Manifest, SourceInfo
 
 
 def _manifest(vid: str, splits, files=None) -> Manifest:
@@ -151,3 +151,60 @@ def test_certification_history_is_kept(tmp_path):
     assert [h["verdict"] for h in hist] == ["rejected", "certified"]
     assert st.latest_certification("v-5")["policy_hash"] == "p2"
     assert {p: p.stat().st_mtime_ns for p in st.get("v-5").path.rglob("*")} == before  # version untouched
+
+
+def _chain_builder(vid: str, parent: str | None, shas: list[str], new: list[str]):
+    """A version whose manifest lists ``shas`` as its sources, ``new`` of them its own (lineage)."""
+    def src(sha: str) -> dict:
+        return {"path": f"{sha[:4]}.jsonl", "sha256": sha, "bytes": 1, "format": "jsonl", "rows_in": 1,
+                "rows_valid": 1, "quarantined": 0, "judgments": 1}
+
+    def build(stage: Path) -> Manifest:
+        m = _builder(vid)(stage)
+        return m.model_copy(update={"parent_version": parent, "sources": [SourceInfo(**src(s)) for s in shas],
+                                    "lineage": {"parent_version": parent, "new_sources": [src(s) for s in new]}})
+
+    return build
+
+
+def test_listing_parses_each_manifest_once_and_notices_every_change(tmp_path, monkeypatch):
+    """The listing (the scheduled inbox lists the store per batch) reads a manifest only when it is
+    new or changed; a removed version leaves the listing, a damaged cache is rebuilt, and the
+    processed batches are the same as from reading every manifest, also after a parent is gone."""
+    import shutil
+
+    from pipeline import store as store_mod
+    from pipeline.inbox import processed_hashes
+
+    st = Store(tmp_path / "s")
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    st.write_version("v-1", _chain_builder("v-1", None, [a], [a]))
+    time.sleep(0.01)
+    st.write_version("v-2", _chain_builder("v-2", "v-1", [a, b], [b]))
+    time.sleep(0.01)
+    st.write_version("v-3", _chain_builder("v-3", "v-2", [a, b, c], [c]))
+    parsed: list[str] = []
+    real = store_mod._entry_of
+    monkeypatch.setattr(store_mod, "_entry_of", lambda vid, m: (parsed.append(vid), real(vid, m))[1])
+    assert st.list_ids() == ["v-1", "v-2", "v-3"] and sorted(parsed) == ["v-1", "v-2", "v-3"]
+    parsed.clear()
+    assert st.list_ids() == ["v-1", "v-2", "v-3"] and processed_hashes(st) == {a, b, c}
+    assert parsed == []  # from the cache: one stat per version
+    # a manifest replaced (another inode, size or mtime): parsed again
+    mf = st.versions_dir / "v-1" / "manifest.json"
+    os.utime(mf, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert st.list_ids() == ["v-1", "v-2", "v-3"] and parsed == ["v-1"]
+    mf = st.versions_dir / "v-2" / "manifest.json"
+    mf.write_bytes(mf.read_bytes().replace(b'"v-2"', b'"v-9"', 1))
+    assert [e.version_id for e in st.list_versions() if e.damaged] == ["v-2"]
+    # the parent of v-3 unreadable: v-3 counts every source its manifest lists
+    assert processed_hashes(st) == {a, b, c}
+    shutil.rmtree(st.versions_dir / "v-2")
+    shutil.rmtree(st.versions_dir / "v-1")
+    assert st.list_ids() == ["v-3"] and processed_hashes(st) == {a, b, c}
+    # a damaged or foreign cache is ignored and rebuilt
+    for junk in (b"\xff not json", b"[1, 2]", b'{"format": 1, "versions": {"v-3": {"stat": 1}}}'):
+        (st.root / store_mod.INDEX).write_bytes(junk)
+        parsed.clear()
+        assert st.list_ids() == ["v-3"] and parsed == ["v-3"]
+        assert processed_hashes(st) == {a, b, c}
