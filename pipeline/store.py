@@ -489,6 +489,20 @@ class Store:
         # damaged ones sort first (no date); the order of readable ones is by creation time
         return sorted(items, key=lambda e: (e.created_at, e.version_id))
 
+    def _index_add(self, version_id: str, manifest: Manifest) -> None:
+        """The listing's cache learns of a version as it is published (best effort: a listing
+        parses the manifest of a version the cache lacks)."""
+        try:
+            st = os.stat(self.versions_dir / version_id / "manifest.json")
+            with self.lock("index"):
+                cache = self._read_index()
+                e = _entry_of(version_id, manifest)
+                cache[version_id] = {"stat": [st.st_ino, st.st_size, st.st_mtime_ns], "created_at": e.created_at,
+                                     "parent": e.parent, "new_sources": list(e.new_sources)}
+                self._write_index(cache)
+        except (OSError, StoreError):
+            pass
+
     def _read_index(self) -> dict[str, Any]:
         try:
             doc = json.loads((self.root / INDEX).read_bytes())
@@ -604,6 +618,7 @@ class Store:
                                          "a store must live on one filesystem (versions appear by an atomic rename)") from err
                     raise
                 _fsync_dir(self.versions_dir)
+                self._index_add(version_id, manifest)
             except BaseException:
                 shutil.rmtree(stage, ignore_errors=True)
                 raise

@@ -169,7 +169,7 @@ def _chain_builder(vid: str, parent: str | None, shas: list[str], new: list[str]
 
 def test_listing_parses_each_manifest_once_and_notices_every_change(tmp_path, monkeypatch):
     """The listing (the scheduled inbox lists the store per batch) reads a manifest only when it is
-    new or changed; a removed version leaves the listing, a damaged cache is rebuilt, and the
+    new or changed (a writer adds its version to the cache); a removed version leaves the listing, a damaged cache is rebuilt, and the
     processed batches are the same as from reading every manifest, also after a parent is gone."""
     import shutil
 
@@ -186,6 +186,8 @@ def test_listing_parses_each_manifest_once_and_notices_every_change(tmp_path, mo
     parsed: list[str] = []
     real = store_mod._entry_of
     monkeypatch.setattr(store_mod, "_entry_of", lambda vid, m: (parsed.append(vid), real(vid, m))[1])
+    assert st.list_ids() == ["v-1", "v-2", "v-3"] and parsed == []  # the writer put them in the cache
+    (st.root / store_mod.INDEX).unlink()
     assert st.list_ids() == ["v-1", "v-2", "v-3"] and sorted(parsed) == ["v-1", "v-2", "v-3"]
     parsed.clear()
     assert st.list_ids() == ["v-1", "v-2", "v-3"] and processed_hashes(st) == {a, b, c}
