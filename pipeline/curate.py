@@ -152,47 +152,16 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
 PRE_CHECK_DROPS = ("duplicate_comparison_id", "already_in_parent")
 
 
-def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None, *, narrow: bool = False) -> tuple[pl.DataFrame, int]:
+def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple[pl.DataFrame, int]:
     """Parent judgments first, then the new batch; judgments whose comparison_id is already
-    known (a batch delivered twice) are not added again.  Returns (union, repeated count).
-
-    ``narrow`` (:func:`_texts_by_pair`): the parent's rows from its judgments without texts
-    (:data:`pipeline.incremental.JUDGMENT_ROWS`, text columns null), every row with the
-    responses' lengths; the rows of the pairs the batch touches get their texts back
-    (the pair-scoped checks read them)."""
+    known (a batch delivered twice) are not added again.  Returns (union, repeated count)."""
     if parent is None:
         return new, 0
-    if narrow:
-        new = inc.with_lengths(new)
-        old = inc.narrow_parent(parent)
-        old = old.with_columns(**{c: pl.lit(None, new.schema[c]) for c in inc.JUDGMENT_TEXTS}).select(new.columns)
-    else:
-        old = parent.read("judgments.parquet")
+    old = parent.read("judgments.parquet")
     if "review_of" not in old.columns:  # a parent written before reviews were a field
         old = old.with_columns(review_of=pl.lit(None, pl.String)).select(new.columns)
     fresh = new.join(old.select("comparison_id"), on="comparison_id", how="anti")
-    union = pl.concat([old, fresh], how="vertical_relaxed")
-    if narrow:
-        touched = inc.touched_pairs(union, old.height)
-        back = inc.parent_judgment_texts(parent, touched).select("comparison_id", *inc.JUDGMENT_TEXTS) \
-            if touched.len() else None
-        if back is not None and back.height:
-            union = union.update(back, on="comparison_id", how="left")
-    return union, new.height - fresh.height
-
-
-def _texts_by_pair(parent: VersionHandle | None, policy: Policy, full: bool) -> bool:
-    """A child reads its parent's judgments without their texts when every step after the union
-    reads texts of the pairs it touches, recomputes or selects again only: the rule of a child
-    applies (same policy, the parent's parameters and state kept), select, split and write go
-    over the dirty pairs (:func:`pipeline.delta.applies`), no ``train_on`` (which may drop
-    judgments and rerun everything).  Not for ``--full``."""
-    if parent is None or full or policy.dimensions.train_on:
-        return False
-    t, narrow = parent.table("judgments"), parent.table(inc.JUDGMENT_ROWS)
-    return (t is not None and narrow is not None and t.rows == narrow.rows and delta.applies(parent)
-            and has_state(parent) and parent.table(delta.PAIR_ROWS) is not None
-            and parent.table(inc.PARAMS_TABLE) is not None and parent.manifest().policy_hash == policy.policy_hash())
+    return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
 
 
 def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> pl.DataFrame:
@@ -206,11 +175,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                    policy: Policy, timer: _Timer, full: bool = False) -> Manifest:
     t = time.perf_counter()
     created_at = datetime.now(UTC)
-    narrow = _texts_by_pair(parent, policy, full)
-    judgments, repeated = _union_with_parent(ingest.take_judgments(), parent, narrow=narrow)
+    judgments, repeated = _union_with_parent(ingest.take_judgments(), parent)
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
-    if narrow and not parent_judgments_intact(parent, n_parent_judgments):  # checked by _texts_by_pair
-        raise AssertionError(f"{parent.path}: the judgments without texts do not match the judgments table")
     # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
     judgments = rr.attach(judgments, from_row=n_parent_judgments)
     quarantine = _quarantine_with_parent(ingest.quarantine, parent)
@@ -232,17 +198,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # the GIL while it encodes); leaving the block waits for it, also on an error
     tables: dict[str, TableInfo] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-write") as pool:
-        written = pool.submit(_appended_table, store, stage, "judgments", parent,
-                              judgments.drop(inc.LENGTHS, strict=False), n_parent_judgments, version_id)
-        # the judgments without texts, for a child (pipeline/incremental.py): the parent's parts and the batch's rows
-        jr = parent_parts(parent, inc.JUDGMENT_ROWS)
-        if jr and sum(p.rows for p in jr) == n_parent_judgments:
-            narrow_rows, n_narrow_parent = inc.judgment_rows(judgments.slice(n_parent_judgments)), None
-        else:
-            narrow_rows, n_narrow_parent = inc.judgment_rows(judgments), 0
-        tables[inc.JUDGMENT_ROWS] = _appended_table(store, stage, inc.JUDGMENT_ROWS, parent, narrow_rows,
-                                                    n_narrow_parent, version_id)
-        del narrow_rows
+        written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id)
         # train_on: the version is built on one dimension's verdicts (judgments.parquet keeps them as given)
         judgments, no_verdict = dims.for_training(judgments, policy.dimensions)
         t = timer.lap("union_inputs", t)
@@ -293,7 +249,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # select, split and write over the dirty pairs only when the parent keeps its pair tables as parts (pipeline/delta.py)
     final, decided, rule, params, parent_rows, plan = _final_aggregation(
         jsel.kept, prelim, kept_reviews, review_ctx, parent, recompute, policy, full=full,
-        planner=planner if delta.applies(parent) else None, narrow=narrow)
+        planner=planner if delta.applies(parent) else None)
     del prelim
     prior = prior_assignments(parent)
     # the child's pairs in first-seen order, the generation (version of first appearance) of each
@@ -302,8 +258,6 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     if plan is not None:  # the dirty pairs through select; the others are their parent's rows (pipeline/delta.py)
         assert parent_rows is not None
         rule.update(pairs_selected=plan.dirty.len(), pairs_removed=plan.removed.len())
-        if narrow:  # the parent's judgments read without texts (_texts_by_pair)
-            rule["judgment_texts"] = "touched pairs"
         final_pairs = final.pairs.join(plan.dirty.to_frame("pair_id"), on="pair_id", how="semi")
         mine = jsel.kept.filter(pl.col("pair_id").is_in(plan.dirty.implode()))  # per-pair figures of the dirty pairs
         psel = sel.select_pairs(final_pairs, flags, policy.select, clusters=clusters, judgments=mine,
@@ -479,7 +433,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews: pl.DataFrame,
                        review_ctx: rr.ReviewContext, parent: VersionHandle | None, recompute: pl.Series | None,
                        policy: Policy, *, full: bool,
-                       planner: Callable[[pl.DataFrame, pl.Series], delta.Plan] | None = None, narrow: bool = False,
+                       planner: Callable[[pl.DataFrame, pl.Series], delta.Plan] | None = None,
                        ) -> tuple[agg.Aggregation, pl.DataFrame, dict[str, Any], pl.DataFrame, pl.DataFrame | None,
                                   delta.Plan | None]:
     """The consensus of the version's pairs from the kept judgments: (aggregation, pairs decided
@@ -494,12 +448,8 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
     are fitted on those judgments); every other pair keeps its parent's row.  Without
     ``recompute`` (a first version, ``--full``, another policy) everything is aggregated and
     every parameter fitted.  The kept judgments carry no texts: the aggregation takes them from
-    the preliminary pairs; ``narrow`` (:func:`_texts_by_pair`): those hold the texts of the touched
-    pairs only, the recomputed and dirty pairs' others are read from the parent's judgments."""
+    the preliminary pairs."""
     cfg, texts = policy.checks.aggregation, prelim.texts()
-    if narrow:  # only the touched pairs' texts are in the union: the others' are read by pair when needed
-        assert parent is not None
-        texts = texts.filter(pl.col("response_a").is_not_null())
     rule: dict[str, Any] = {"mode": "full" if parent is not None and full else "incremental" if recompute is not None
                             else "recomputed"}
     given = inc.parent_params(parent) if recompute is not None and parent is not None else None
@@ -508,8 +458,6 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
     if given is not None:
         assert parent is not None and recompute is not None
         mine = kept.filter(pl.col("pair_id").is_in(recompute.implode()))
-        if narrow:
-            texts = _with_parent_texts(texts, parent, recompute)
         final = agg.aggregate(mine, cfg, texts=texts, dimensions=policy.dimensions, params=given)
         assert final.params is not None and final.a_hash is not None
         fitted = final.params
@@ -517,15 +465,10 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
         try:
             old = inc.parent_pair_rows(parent, [*final.pairs.columns, *delta.PLAN_COLUMNS])
             plan = planner(old, kept["pair_id"].unique()) if planner is not None else None
-            if narrow:
-                assert plan is not None
-                texts = _with_parent_texts(texts, parent, plan.dirty)
             pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, kept.select("pair_id", "a_hash"),
                                                    prelim.pairs["pair_id"], texts,
                                                    texts_for=plan.dirty if plan is not None else None)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
-            if narrow:  # _texts_by_pair admits parents of this layout only
-                raise
             rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
         else:
             n_new = fitted.join(given, on="annotator_id", how="anti").height
@@ -538,23 +481,11 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
             final = agg.Aggregation(pairs, final.annotators, a_hash)
             return (final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, inc.merge_params(given, fitted), old,
                     plan)
-    if narrow:
-        raise AssertionError("a child without its parent's annotator parameters reads every text (_texts_by_pair)")
     final = agg.aggregate(kept, cfg, texts=texts, dimensions=policy.dimensions)
     assert final.params is not None
     params = final.params.sort("annotator_id")
     final = rr.resolve(final, kept_reviews, review_ctx)
     return final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, params, None, None
-
-
-def _with_parent_texts(texts: pl.DataFrame, parent: VersionHandle, pair_ids: pl.Series) -> pl.DataFrame:
-    """``texts`` (:meth:`~pipeline.aggregate.Aggregation.texts` rows) and those of ``pair_ids`` it
-    lacks, from the parent's first judgment of each (a filtered read of its judgments)."""
-    need = pair_ids.to_frame("pair_id").join(texts.select("pair_id"), on="pair_id", how="anti")["pair_id"]
-    if need.len() == 0:
-        return texts
-    more = inc.parent_judgment_texts(parent, need).unique("pair_id", keep="first", maintain_order=True)
-    return pl.concat([texts, more.select(texts.columns).cast(texts.schema)])  # type: ignore[arg-type]
 
 
 def _review_context(store: Store, parent: VersionHandle | None, policy: Policy) -> rr.ReviewContext:
@@ -600,20 +531,15 @@ def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame
 
 
 def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle | None, frame: pl.DataFrame,
-                    n_parent_rows: int | None, version_id: str) -> TableInfo:
+                    n_parent_rows: int, version_id: str) -> TableInfo:
     """A table that only grows (judgments, quarantine): the parent's parts as they are, plus one
-    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``;
-    ``None``: ``frame`` holds only the rows after the parent's, whose parts hold them all).
+    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``).
     The manifest lists the parts in arrival order, so that a child's union has the rows in the
     order its parent's had (first-seen orders, a pair's canonical orientation, its list of
     comparison ids do not depend on how version ids sort)."""
     w = TableWriter(store, stage, name, arrival_order=True)
     inherited = parent_parts(parent, name)
-    if n_parent_rows is None:
-        for part in inherited:
-            w.inherit(parent, part)
-        fresh = frame
-    elif inherited and sum(p.rows for p in inherited) == n_parent_rows:
+    if inherited and sum(p.rows for p in inherited) == n_parent_rows:
         for part in inherited:
             w.inherit(parent, part)
         fresh = frame.slice(n_parent_rows)

@@ -164,44 +164,6 @@ def pairs_to_recompute(judgments: pl.DataFrame, n_parent_rows: int, parent_flags
     return pl.concat([judgments.slice(n_parent_rows)["pair_id"], hit]).unique().sort()
 
 
-# ---------------------------------------------------------------- the judgments without their texts
-# A version keeps its judgments twice: ``judgments`` as ingested, and this table -- the same rows in
-# the same parts, without the four text columns (~80 % of a judgment's bytes) and with the
-# responses' lengths in characters (length bias).  A child reads the parent's judgments from it: the
-# union of the history and the batch then holds texts only for the rows of the pairs the batch
-# touches; the texts of the other pairs a child needs (recomputed, dirty) are read by pair.
-JUDGMENT_ROWS = "state/judgment_rows"
-JUDGMENT_TEXTS = ("prompt", "prompt_text", "response_a", "response_b")
-LENGTHS = {"_len_a": "response_a", "_len_b": "response_b"}
-
-
-def with_lengths(judgments: pl.DataFrame) -> pl.DataFrame:
-    """The judgments with :data:`LENGTHS` (characters of each response), if they lack them."""
-    if all(k in judgments.columns for k in LENGTHS):
-        return judgments
-    return judgments.with_columns(**{k: pl.col(v).str.len_chars().cast(pl.Int64) for k, v in LENGTHS.items()})
-
-
-def judgment_rows(judgments: pl.DataFrame) -> pl.DataFrame:
-    """The :data:`JUDGMENT_ROWS` rows of ``judgments`` (full rows, or already narrow)."""
-    return with_lengths(judgments).drop(JUDGMENT_TEXTS, strict=False)
-
-
-def narrow_parent(parent: VersionHandle) -> pl.DataFrame:
-    """The parent's judgments from :data:`JUDGMENT_ROWS`, the text columns null."""
-    return parent.read(JUDGMENT_ROWS)
-
-
-def parent_judgment_texts(parent: VersionHandle, pair_ids: pl.Series) -> pl.DataFrame:
-    """comparison_id, pair_id, a_hash and the texts (:data:`JUDGMENT_TEXTS`, models) of the parent's
-    judgments of ``pair_ids``, in the parent's row order (a filtered read: the other rows' texts are
-    not decoded)."""
-    from pipeline.aggregate import PAIR_TEXT_COLUMNS
-
-    cols = ["comparison_id", "pair_id", "a_hash", *PAIR_TEXT_COLUMNS]
-    return parent.read("judgments", columns=cols, where=pl.col("pair_id").is_in(pair_ids.implode()))
-
-
 # the columns of a pair that depend on the annotator parameters (the rest depends on its judgments only)
 PARAMETER_COLUMNS = ("label_human", "label_ai", "label_consensus", "p_a_weighted", "agreement", "strength", "dimensions")
 

@@ -11,6 +11,9 @@ Layout (``../shared/spec/outputs.md``)::
       certifications/VERSION_ID.json
       .staging/                     in-progress writes (never read)
       .locks/                       advisory locks, one per version id
+      .index/versions.json          the listing's cache: per version its creation time, parent and
+                                    new sources, keyed by its manifest's (inode, size, mtime_ns);
+                                    a cache only (rebuilt from the manifests when missing or stale)
 
 Guarantees:
 

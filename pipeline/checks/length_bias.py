@@ -55,12 +55,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def pair_lengths(judgments: pl.DataFrame, e: Encoded) -> tuple[np.ndarray, np.ndarray]:
-    """(P,) character lengths of the canonical response a and b (the pair's first judgment); from
-    the ``_len_a`` / ``_len_b`` columns when the frame has them (a child's union of judgments without
-    texts, ``pipeline.incremental.with_lengths``)."""
-    if "_len_a" in judgments.columns and "_len_b" in judgments.columns:
-        first = judgments.select("_len_a", "_len_b").filter(e.first_mask())
-        return first["_len_a"].cast(pl.Int64).to_numpy(), first["_len_b"].cast(pl.Int64).to_numpy()
+    """(P,) character lengths of the canonical response a and b (the pair's first judgment)."""
     first = judgments.select("response_a", "response_b").filter(e.first_mask())
     return (first["response_a"].str.len_chars().cast(pl.Int64).to_numpy(),
             first["response_b"].str.len_chars().cast(pl.Int64).to_numpy())
