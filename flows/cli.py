@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from flows.console import err_console, json_text, markup, out_console, plain, progress_for
+from flows.console import err_console, json_text, markup, out_console, plain, progress_for, stage_progress
 
 app = typer.Typer(
     name="prefpipe",
@@ -129,17 +129,10 @@ def validate(
             raise typer.Exit(EXIT_USAGE) from None
         raise
 
-    total_bytes = sum(p.stat().st_size for p in files if p.exists())
     try:
-        with progress_for("validating", total_bytes, unit="bytes", enabled=not as_json) as advance:
-            sizes = {}
-
-            def on_rows(n: int) -> None:  # approximate byte progress from rows
-                sizes["rows"] = sizes.get("rows", 0) + n
-                advance(n)
-
+        with progress_for("validating", None, unit="rows", enabled=not as_json) as advance:
             # with a registry the judgments are kept for the registry check (memory grows with the input)
-            result = ingest_files(files, fmt=fmt, keep_judgments=registry is not None, on_progress=on_rows,
+            result = ingest_files(files, fmt=fmt, keep_judgments=registry is not None, on_progress=advance,
                                   annotator_id=annotator_id, annotator_kind=annotator_kind, limits=limits)
     except UnreadableFile as err:
         if as_json:
@@ -293,8 +286,8 @@ def curate(
     opts = CurateOptions(fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind)
     con = err_console()
     try:
-        with progress_for("curating", None, unit="stages", enabled=not as_json) as advance:
-            res = run_curate(files, st, pol, parent=parent, options=opts, on_stage=lambda n, s: advance(1), full=full)
+        with stage_progress("curating", enabled=not as_json) as prog:
+            res = run_curate(files, st, pol, parent=parent, options=opts, on_stage=prog.stage, on_rows=prog.rows, full=full)
     except UnreadableFile as err:
         _fail_usage(f"cannot read {err.path}: {err.why} (nothing written)")
     m = res.handle.manifest()

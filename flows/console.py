@@ -118,6 +118,40 @@ def json_text(obj: Any, **kwargs: Any) -> str:
     return CONTROL_CHARS.sub(lambda m: m[0] if m[0] == "\n" else f"\\u{ord(m[0]):04x}", dumped)
 
 
+class StageProgress:
+    """What :func:`stage_progress` yields: ``rows(n)`` while reading input, ``stage(name, seconds)``
+    after each stage of a pipeline run."""
+
+    def __init__(self, prog: Any = None, task: Any = None):
+        self.prog, self.task, self.n_rows, self.done = prog, task, 0, 0
+
+    def rows(self, n: int) -> None:
+        self.n_rows += n
+        if self.prog is not None:
+            self.prog.update(self.task, description=f"reading input: {self.n_rows:,} rows", refresh=True)
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.done += 1
+        if self.prog is not None:
+            label = name.split(":", 1)[-1].replace("_", " ")
+            self.prog.update(self.task, completed=self.done, description=f"{label} done ({seconds:.1f} s)", refresh=True)
+
+
+@contextmanager
+def stage_progress(description: str, *, enabled: bool = True) -> Iterator[StageProgress]:
+    """A live line on stderr (a terminal only; nothing with ``--json``, in pipes or CI): rows read
+    while ingesting, then each stage as it finishes, with the stage count and the time so far."""
+    if not enabled or not sys.stderr.isatty():
+        yield StageProgress()
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn(description, style="bold", markup=False),
+                  TextColumn("{task.description}", markup=False), TextColumn("[{task.completed} stages]", markup=False),
+                  TimeElapsedColumn(), console=err_console(), transient=True) as prog:
+        yield StageProgress(prog, prog.add_task("starting", total=None))
+
+
 @contextmanager
 def progress_for(description: str, total: int | None, *, unit: str = "rows", enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr when it is a terminal; a no-op otherwise (CI, pipes, --json)."""

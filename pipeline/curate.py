@@ -97,11 +97,13 @@ def curate(
     options: CurateOptions | None = None,
     on_stage: Callable[[str, float], None] | None = None,
     full: bool = False,
+    on_rows: Callable[[int], None] | None = None,
 ) -> CurateResult:
     """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing.
 
     ``full``: a child recomputes everything from its judgments instead of extending its parent's
-    state (still a child: lineage, sticky splits; ``prefpipe curate --full``)."""
+    state (still a child: lineage, sticky splits; ``prefpipe curate --full``).  ``on_stage(name,
+    seconds)``: after each stage; ``on_rows(n)``: input rows read, per ingest block (progress)."""
     options = options or CurateOptions()
     policy = resolve_policy(policy)  # parsed once by the caller, resolved once here; recorded as resolved
     timer = _Timer(on_stage)
@@ -119,16 +121,17 @@ def curate(
     if store.exists(version_id):
         return CurateResult(version_id, False, store, timer.t)
 
-    ingest = ingest_source(paths, options, policy)
+    ingest = ingest_source(paths, options, policy, on_rows=on_rows)
     t = timer.lap("ingest", t)
     return build_version(store, version_id, ingest, parent_handle, policy, timer, full=full)
 
 
-def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy) -> IngestResult:
+def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy,
+                  on_rows: Callable[[int], None] | None = None) -> IngestResult:
     """Ingest one or more files with the curate options (a flow maps this over files)."""
     return ingest_files(paths, fmt=options.fmt, batch_id=options.batch_id, annotator_id=options.annotator_id,
                         annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows,
-                        limits=policy.ingest, dimensions=policy.dimensions)
+                        limits=policy.ingest, dimensions=policy.dimensions, on_progress=on_rows)
 
 
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,

@@ -104,3 +104,41 @@ def test_policy_files_merge_into_defaults_and_bad_yaml_is_exit_2(tmp_path):
     bad.write_text("select: [a\n  b: {\n")
     res = runner.invoke(app, ["policy", "show", "--policy", str(bad)])
     assert res.exit_code == 2 and "not valid YAML" in res.output
+
+
+def _on_a_terminal(args: list[str]) -> tuple[int, str, str]:
+    """Run `prefpipe ARGS` with stderr on a pseudo-terminal: (exit code, stdout, what the terminal got)."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=subprocess.PIPE, stderr=slave, cwd=ROOT)
+    os.close(slave)
+    got = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        got.append(chunk)
+    out, _ = proc.communicate(timeout=300)
+    os.close(master)
+    return proc.returncode, out.decode(), b"".join(got).decode(errors="replace")
+
+
+def test_curate_shows_its_stages_on_a_terminal_only(tmp_path):
+    """A terminal sees rows read and each stage as it finishes; --json and pipes get no progress."""
+    rows = [canonical(i % 40, comparison_id=f"c-{i}", annotator_id=f"ann-{i % 3}") for i in range(120)]
+    batch = write_jsonl(tmp_path / "b.jsonl", rows)
+    code, out, tty = _on_a_terminal(["curate", str(batch), "--store", str(tmp_path / "s")])
+    assert code == 0 and out.strip().splitlines()[-1].startswith("v-")
+    assert "curating" in tty and "reading input: 120 rows" in tty
+    assert "union inputs done" in tty and "report done" in tty and "stages]" in tty
+    code, out, tty = _on_a_terminal(["curate", str(batch), "--store", str(tmp_path / "s2"), "--json"])
+    assert code == 0 and json.loads(out[out.index("{"):out.rindex("}") + 1])["created"] is True
+    assert "curating" not in tty and "stages]" not in tty
+    piped = subprocess.run([sys.executable, "-m", "flows.cli", "curate", str(batch), "--store", str(tmp_path / "s3")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0 and "curating" not in piped.stderr and "stages]" not in piped.stderr
