@@ -257,7 +257,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     prior = prior_assignments(parent)
     # the child's pairs in first-seen order, the generation (version of first appearance) of each
     known_first = parent_rows.select("pair_id", "first_version") if parent_rows is not None else None
-    first = first_versions(parent, final.pairs["pair_id"], version_id, known_first)
+    first = first_versions(parent, plan.order if plan is not None else final.pairs["pair_id"], version_id, known_first)
     if plan is not None:  # the dirty pairs through select; the others are their parent's rows (pipeline/delta.py)
         assert parent_rows is not None
         rule.update(pairs_selected=plan.dirty.len(), pairs_removed=plan.removed.len())
@@ -267,7 +267,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                                 downweight_share=sel.downweight_shares(mine, jsel.downweighted_annotators))
         del mine
         del final_pairs
-        order = final.pairs.select("pair_id")
+        assert plan.order is not None
+        order = plan.order.to_frame("pair_id")
         fate = order.join(pl.concat([plan.clean.select("pair_id", "decision", "reason", "near_dup_cluster"),
                                      psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster")]),
                           on="pair_id", how="left", maintain_order="left")
@@ -467,10 +468,14 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
         final = rr.resolve(final, kept_reviews, review_ctx)
         try:
             old = inc.parent_pair_rows(parent, [*final.pairs.columns, *delta.PLAN_COLUMNS])
-            plan = planner(old, kept["pair_id"].unique()) if planner is not None else None
-            pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, kept.select("pair_id", "a_hash"),
-                                                   prelim.pairs["pair_id"], texts,
-                                                   texts_for=plan.dirty if plan is not None else None)
+            kept_ids = kept["pair_id"].unique()
+            plan = planner(old, kept_ids) if planner is not None else None
+            if plan is None:
+                pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, kept.select("pair_id", "a_hash"),
+                                                       prelim.pairs["pair_id"], texts)
+            else:  # the rows of the dirty pairs only (pipeline/delta.py); the others stay their parent's, unread
+                pairs, figures = _dirty_rows(final.pairs, old, recompute, kept, kept_ids, prelim.pairs["pair_id"],
+                                             texts, plan)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
             rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
         else:
@@ -479,16 +484,41 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
             # each pair's canonical a: the child's own for the pairs it aggregated, else the preliminary's
             ah = pl.DataFrame({"pair_id": prelim.pairs["pair_id"], "a_hash": prelim.a_hash})
             mine_ah = pl.DataFrame({"pair_id": final.pairs["pair_id"], "a_hash": final.a_hash})
+            # the reviews' votes need the pairs they name (all of them, also clean ones)
+            voted = pairs.select("pair_id") if plan is None else plan.order.to_frame("pair_id").join(
+                kept_reviews.select("pair_id").unique(), on="pair_id", how="semi", maintain_order="left")
+            if plan is not None:
+                need = pl.concat([pairs["pair_id"], voted["pair_id"]]).implode()
+                ah = ah.filter(pl.col("pair_id").is_in(need))
             ah = pl.concat([mine_ah, ah.join(mine_ah, on="pair_id", how="anti")])
-            a_hash = pairs.select("pair_id").join(ah, on="pair_id", how="left", maintain_order="left")["a_hash"]
-            final = agg.Aggregation(pairs, final.annotators, a_hash)
-            return (final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, inc.merge_params(given, fitted), old,
+
+            def canon_a(ids: pl.DataFrame) -> pl.Series:
+                return ids.join(ah, on="pair_id", how="left", maintain_order="left")["a_hash"]
+
+            final = agg.Aggregation(pairs, final.annotators, canon_a(pairs.select("pair_id")))
+            return (final, rr.votes(kept_reviews, voted, canon_a(voted)), rule, inc.merge_params(given, fitted), old,
                     plan)
     final = agg.aggregate(kept, cfg, texts=texts, dimensions=policy.dimensions)
     assert final.params is not None
     params = final.params.sort("annotator_id")
     final = rr.resolve(final, kept_reviews, review_ctx)
     return final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, params, None, None
+
+
+def _dirty_rows(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, kept: pl.DataFrame, kept_ids: pl.Series,
+                order: pl.Series, texts: pl.DataFrame, plan: delta.Plan) -> tuple[pl.DataFrame, dict[str, int]]:
+    """:func:`pipeline.incremental.with_parent_pairs` for the dirty pairs of ``plan`` only: their
+    rows (the recomputed ones' fresh, the others' their parent's with texts) in first-seen order,
+    and the rule's figures; ``plan.order`` is set to the first-seen order of every pair with a row
+    (what the merge of all pairs would have had)."""
+    from_parent = old.select("pair_id").join(recompute.to_frame("pair_id"), on="pair_id", how="anti") \
+        .join(kept_ids.to_frame("pair_id"), on="pair_id", how="semi")["pair_id"]
+    plan.order = order.filter(order.is_in(pl.concat([from_parent, fresh["pair_id"]]).implode()))
+    dirty = plan.dirty.implode()
+    mine = kept.select("pair_id", "a_hash").filter(pl.col("pair_id").is_in(dirty))
+    pairs, _ = inc.with_parent_pairs(fresh, old.filter(pl.col("pair_id").is_in(dirty)), recompute, mine,
+                                     plan.order.filter(plan.order.is_in(dirty)), texts, texts_for=plan.dirty)
+    return pairs, {"pairs_recomputed": fresh.height, "pairs_from_parent": from_parent.len()}
 
 
 def _review_context(store: Store, parent: VersionHandle | None, policy: Policy) -> rr.ReviewContext:

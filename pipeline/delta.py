@@ -52,33 +52,45 @@ class Plan:
     dirty: pl.Series  # pair ids whose rows are recomputed (select, split, write)
     removed: pl.Series  # pair ids the parent's pairs table has and the child's does not
     clean: pl.DataFrame  # the parent's PLAN_COLUMNS rows of the other pairs (the child's rows, unchanged)
+    order: pl.Series | None = None  # every pair with a row (kept judgments), first-seen order (set by the build)
 
 
 def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, flags: pl.DataFrame,
          clusters: pl.DataFrame | None, all_pair_ids: pl.Series) -> Plan:
     """Which pairs go through select again.  ``parent_rows``: the parent's pairs table
     (:data:`PLAN_COLUMNS`); ``pair_ids``: the pairs of the child's aggregation (with kept
-    judgments); ``all_pair_ids``: every pair of the child (the clusters table's)."""
+    judgments); ``all_pair_ids``: every pair of the child (the clusters table's).
+
+    Only small sets are compared pair by pair: the flag reasons by (pair, reason) difference,
+    the clusters over the pairs that are in a cluster in the child or were in the parent."""
     c = pl.col
-    pf = flags.filter(c("subject_kind") == "pair").group_by("subject_id").agg(
-        _r=c("reason").unique().sort()).rename({"subject_id": "pair_id"})
+    ids = pair_ids.to_frame("pair_id")
     cl = (clusters.select("pair_id", _cl="near_dup_cluster") if clusters is not None and clusters.height
           else pl.DataFrame(schema={"pair_id": pl.String, "_cl": pl.String}))
-    both = pair_ids.to_frame("pair_id").join(pf, on="pair_id", how="left").join(cl, on="pair_id", how="left") \
-        .join(parent_rows, on="pair_id", how="left") \
-        .with_columns(_r=c("_r").fill_null(pl.lit([], dtype=pl.List(pl.String))), _cl=c("_cl").fill_null(c("pair_id")))
-    seed = (c("near_dup_cluster").is_null()  # not in the parent's pairs (new, or all dropped there)
-            | (c("_r") != c("flag_reasons")) | (c("_cl") != c("near_dup_cluster"))
-            | c("pair_id").is_in(recompute.implode()))
-    seeds = both.filter(seed).select("pair_id", "_cl", "near_dup_cluster")
+    ndc = parent_rows.select("pair_id", "near_dup_cluster")
+    # flag reasons: the (pair, reason) rows of one side that the other lacks
+    mine = flags.filter(c("subject_kind") == "pair").select(pair_id="subject_id", reason="reason").unique()
+    theirs = parent_rows.select("pair_id", reason="flag_reasons").explode("reason").drop_nulls("reason")
+    flag_changed = pl.concat([mine.join(theirs, on=["pair_id", "reason"], how="anti"),
+                              theirs.join(mine, on=["pair_id", "reason"], how="anti")])["pair_id"]
+    # clusters: only a pair in a cluster here or in the parent can have another one
+    cand = pl.concat([cl["pair_id"], parent_rows.filter(c("near_dup_cluster") != c("pair_id"))["pair_id"]]).unique()
+    cc = cand.to_frame("pair_id").join(ids, on="pair_id", how="semi").join(cl, on="pair_id", how="left") \
+        .join(ndc, on="pair_id", how="left").with_columns(_cl=c("_cl").fill_null(c("pair_id")))
+    cluster_changed = cc.filter(c("near_dup_cluster").is_not_null() & (c("_cl") != c("near_dup_cluster")))["pair_id"]
+    # not in the parent's pairs (new, or all dropped there)
+    new = ids.join(ndc.filter(c("near_dup_cluster").is_not_null()), on="pair_id", how="anti")["pair_id"]
+    seed_ids = pl.concat([flag_changed, cluster_changed, new, recompute]).unique().to_frame("pair_id") \
+        .join(ids, on="pair_id", how="semi")
+    seeds = seed_ids.join(cl, on="pair_id", how="left").join(ndc, on="pair_id", how="left") \
+        .with_columns(_cl=c("_cl").fill_null(c("pair_id")))
     none = pl.DataFrame(schema={"pair_id": pl.String, "near_dup_cluster": pl.String})
     # the parent's pairs the child has no kept judgment of (usually none: counted before joining)
-    matched = both.height - both["near_dup_cluster"].null_count()
-    removed = parent_rows.select("pair_id", "near_dup_cluster").join(both.select("pair_id"), on="pair_id", how="anti") \
-        if matched < parent_rows.height else none
+    matched = ids.height - new.len()
+    removed = ndc.join(ids, on="pair_id", how="anti") if matched < parent_rows.height else none
     # pairs of the child without kept judgments that the parent's pairs table lacks: their clusters too
-    extra = all_pair_ids.len() - both.height  # pairs without kept judgments (removed ones among them)
-    others = all_pair_ids.to_frame("pair_id").join(both.select("pair_id"), on="pair_id", how="anti") \
+    extra = all_pair_ids.len() - ids.height  # pairs without kept judgments (removed ones among them)
+    others = all_pair_ids.to_frame("pair_id").join(ids, on="pair_id", how="anti") \
         .join(removed.select("pair_id"), on="pair_id", how="anti").join(cl, on="pair_id", how="left") \
         .with_columns(_cl=c("_cl").fill_null(c("pair_id"))) if extra > 0 else none.select("pair_id", _cl="near_dup_cluster")
     removed_cl = removed.select("pair_id").join(all_pair_ids.to_frame("pair_id"), on="pair_id", how="semi") \
@@ -86,11 +98,14 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     # whole clusters: a cluster's split is decided for all its members (now and in the parent)
     touched = pl.concat([seeds["_cl"], seeds["near_dup_cluster"].drop_nulls(), removed["near_dup_cluster"], removed_cl,
                          others["_cl"]]).unique().implode()
-    is_dirty = seed | c("_cl").is_in(touched) | c("near_dup_cluster").is_in(touched)
-    dirty = both.filter(is_dirty)["pair_id"]
-    removed = removed["pair_id"]
-    clean = both.filter(~is_dirty).select(parent_rows.columns)  # the parent's rows: same flags and cluster
-    return Plan(dirty=dirty, removed=removed.sort(), clean=clean)
+    # a pair's cluster here (its own id when in none) or in the parent is touched
+    in_cl = cl.filter(c("_cl").is_in(touched))["pair_id"]
+    alone = ids.filter(c("pair_id").is_in(touched)).join(cl, on="pair_id", how="anti")["pair_id"]
+    was = ndc.filter(c("near_dup_cluster").is_in(touched))["pair_id"]
+    dirty = pl.concat([seed_ids["pair_id"], in_cl, alone, was]).unique().to_frame("pair_id") \
+        .join(ids, on="pair_id", how="semi")["pair_id"]
+    clean = parent_rows.join(ids, on="pair_id", how="semi").filter(~c("pair_id").is_in(dirty.implode()))
+    return Plan(dirty=dirty, removed=removed["pair_id"].sort(), clean=clean)
 
 
 def write_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl.DataFrame, gone: pl.DataFrame) -> TableInfo:
