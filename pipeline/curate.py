@@ -31,7 +31,8 @@ from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from schemas.records import ROUTED_LABELS
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
-from pipeline.parts import FINGERPRINTS, PartReuse, TableWriter, bucket_counts, parent_parts, part_keys
+from pipeline.parts import (FINGERPRINTS, GROUPS, PartReuse, TableWriter, bucket_counts, generation_groups,
+                            grouped_generations, parent_parts, part_keys)
 from pipeline.store import Store, VersionHandle, file_info
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
@@ -324,15 +325,19 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     if plan is not None and plan.removed.len():  # their parent rows leave the parts they are in
         gens = pl.concat([gens, parent_rows.join(plan.removed.to_frame("pair_id"), on="pair_id", how="semi")
                           .select("pair_id", _gen="first_version")])
+    # small generations share a tail group's part (pipeline/parts.py: GROUPS)
+    groups = generation_groups(parent, version_id, int((first["first_version"] == version_id).sum()))
+    gens = grouped_generations(gens, groups)
+    mine = groups.filter(pl.col("generation") == version_id)["group"][0]  # this version's group
     sizes = dict(gens.group_by("_gen").len().iter_rows())
-    buckets = bucket_counts(parent, "pairs", {**sizes, version_id: sizes.get(version_id, 0)})
+    buckets = bucket_counts(parent, "pairs", {**sizes, mine: sizes.get(mine, 0)})
     gen = part_keys(gens, buckets)
 
     def keyed(frame: pl.DataFrame) -> pl.DataFrame:  # pairs absent from the pairs table: this version's generation
         g = gen if 4 * frame.height > gen.height else gen.join(frame.select("pair_id"), on="pair_id", how="semi")
         k = frame.join(g, on="pair_id", how="left", maintain_order="left")
         if k["_part"].null_count():
-            missing = k.filter(pl.col("_part").is_null()).select("pair_id").unique().with_columns(_gen=pl.lit(version_id))
+            missing = k.filter(pl.col("_part").is_null()).select("pair_id").unique().with_columns(_gen=pl.lit(mine))
             fill = part_keys(missing, buckets).rename({"_part": "_fill"})
             k = k.join(fill, on="pair_id", how="left", maintain_order="left").with_columns(
                 _part=pl.coalesce("_part", "_fill")).drop("_fill")
@@ -375,7 +380,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
         order_engagement="oa_engaged"))
     for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame()),
-                        (inc.PARAMS_TABLE, params)):
+                        (inc.PARAMS_TABLE, params), (GROUPS, groups)):
         w = TableWriter(store, stage, name)
         w.write("all", frame)
         tables[name] = w.info()

@@ -183,6 +183,40 @@ def bucket_counts(parent: VersionHandle | None, table: str, sizes: dict[str, int
     return out
 
 
+# small generations share a part: a version whose batch brings fewer than PART_PAIRS new pairs puts
+# them into the *tail* group its parent's last small generations are in, until the group would hold
+# more than PART_PAIRS pairs (then it starts the next one).  A scheduled chain of small batches thus
+# adds a part per table every ~PART_PAIRS new pairs, not one per version.  The groups are recorded
+# (one row per generation, in version order), not derived: a generation stays in its group.
+GROUPS = "state/generation_groups"
+GROUP_SCHEMA = {"generation": pl.String, "group": pl.String, "pairs": pl.Int64, "tail": pl.Boolean}
+
+
+def generation_groups(parent: VersionHandle | None, version_id: str, new_pairs: int) -> pl.DataFrame:
+    """The :data:`GROUPS` table of a version: its parent's rows and one for its own generation
+    (``new_pairs``: the pairs first seen in it).  A generation the table does not name (a parent
+    written before groups) is a group of its own."""
+    rows = parent.read(GROUPS).cast(GROUP_SCHEMA) if parent is not None and parent.table(GROUPS) is not None \
+        else pl.DataFrame(schema=GROUP_SCHEMA)  # type: ignore[arg-type]
+    small = new_pairs < PART_PAIRS
+    group, tail = version_id, small
+    if small and rows.height:
+        last = rows.row(rows.height - 1, named=True)
+        in_last = int(rows.filter(pl.col("group") == last["group"])["pairs"].sum())
+        if last["tail"] and in_last + new_pairs <= PART_PAIRS:
+            group = last["group"]
+    row = pl.DataFrame({"generation": [version_id], "group": [group], "pairs": [new_pairs], "tail": [tail]},
+                       schema=GROUP_SCHEMA)
+    return pl.concat([rows.filter(pl.col("generation") != version_id), row])
+
+
+def grouped_generations(pair_gen: pl.DataFrame, groups: pl.DataFrame) -> pl.DataFrame:
+    """``pair_gen`` (pair_id, ``_gen``) with ``_gen`` replaced by the generation's group."""
+    g = groups.select(_gen="generation", _group="group")
+    return pair_gen.join(g, on="_gen", how="left", maintain_order="left") \
+        .with_columns(_gen=pl.coalesce("_group", "_gen")).drop("_group")
+
+
 def part_keys(pair_gen: pl.DataFrame, buckets: dict[str, int]) -> pl.DataFrame:
     """pair_id -> ``_part``: the generation, or ``<gen>.b<i>of<k>`` for a generation in k buckets
     (i from a seeded hash of the pair id: a changed pair rewrites only its bucket).  ``pair_gen``:
@@ -324,4 +358,5 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
 
 
 __all__ = ["FINGERPRINTS", "PART_PAIRS", "GcPlan", "PartReuse", "TableWriter", "bucket_counts", "collect_garbage",
-           "fingerprint", "link_part", "object_path", "parent_parts", "part_keys", "plan_gc", "share"]
+           "fingerprint", "link_part", "object_path", "parent_parts", "part_keys", "plan_gc", "share", "GROUPS",
+           "generation_groups", "grouped_generations"]

@@ -66,8 +66,10 @@ def test_dirty_pairs_only_write_the_same_version(tmp_path_factory, monkeypatch, 
     assert used == n_batches - 1
 
 
-def test_a_batch_of_new_pairs_selects_only_them(tmp_path):
-    """New pairs with new prompts: the old pairs are clean (not selected again), their bucket parts linked."""
+def test_a_batch_of_new_pairs_selects_only_them(tmp_path, monkeypatch):
+    """New pairs with new prompts: the old pairs are clean (not selected again), their bucket parts linked
+    (both generations big enough for parts of their own: small ones would share a tail part)."""
+    monkeypatch.setattr(parts, "PART_PAIRS", 4)
     rng = random.Random(3)
     first = _batch(rng, 0, [])
     second = [r for r in _batch(rng, 1, []) if not r["comparison_id"].startswith(("redelivered", "rejudged", "conflict"))]

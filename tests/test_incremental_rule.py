@@ -105,9 +105,13 @@ def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, 
         assert h.verify() == [] and f.verify() == []
 
 
-def test_a_child_keeps_the_rows_of_untouched_pairs_and_shares_their_parts(tmp_path):
+def test_a_child_keeps_the_rows_of_untouched_pairs_and_shares_their_parts(tmp_path, monkeypatch):
     """A batch of new pairs only: every old pair keeps its parent's row, so the parent's
-    generation parts of the pair tables are linked, not rewritten."""
+    generation parts of the pair tables are linked, not rewritten (generations big enough for
+    parts of their own: a small one would join its parent's tail part)."""
+    from pipeline import parts
+
+    monkeypatch.setattr(parts, "PART_PAIRS", 4)
     rng = random.Random(7)
     first = _batch(rng, 0, [])
     second = [r for r in _batch(rng, 1, []) if not r["comparison_id"].startswith(("redelivered", "rejudged", "conflict"))]

@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 
+import polars as pl
+
 from conftest import ROOT
 from typer.testing import CliRunner
 
@@ -36,10 +38,52 @@ def test_child_links_its_parents_parts_and_writes_only_new_ones(tmp_path):
         for t in h.manifest().tables.values():
             for p in t.parts:
                 assert os.path.samefile(h.path / p.path, object_path(st, p.sha256))
-    # pair tables in generations: the parent's pairs are in the part keyed by the parent's id
+    # pair tables in generations; two small ones share the tail group's part, keyed by its first generation
+    assert h2.read("state/generation_groups")["group"].to_list() == [v1, v1]
     gens = {p.path.split("part-")[1].removesuffix(".parquet") for p in h2.table("pairs").parts}
-    assert gens == {v1, v2}
+    assert gens == {v1}
     assert h2.read("pairs").filter(h2.read("pairs")["first_version"] == v1).height == h1.read("pairs").height
+
+
+def test_small_generations_fill_a_tail_part_then_start_the_next(tmp_path, monkeypatch):
+    """A chain of small batches adds a pair-table part every ~PART_PAIRS new pairs, not one per
+    version: a generation joins its parent's last tail group while that holds at most PART_PAIRS
+    pairs; a big one is a group (and buckets) of its own."""
+    from pipeline import parts
+
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    n1 = st.get(v1).read("pairs").height
+    monkeypatch.setattr(parts, "PART_PAIRS", n1 + 10)  # the next batch does not fit into v1's group
+    parent, ids = v1, [v1]
+    for i, path in enumerate([*SAMPLES[1:], *SAMPLES[:1]]):
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # the samples' damaged lines (quarantined anyway)
+            if isinstance(r, dict):
+                rows.append({**r, "comparison_id": f"{r.get('comparison_id')}-{i}"})
+        p = tmp_path / f"b{i}.jsonl"
+        p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        parent = curate([p], st, POLICY, parent=parent).version_id
+        ids.append(parent)
+    h = st.get(parent)
+    groups = h.read("state/generation_groups")
+    assert groups["generation"].to_list() == ids
+    # contiguous groups, each named after its first generation, none over PART_PAIRS with two or more generations
+    firsts = groups.group_by("group", maintain_order=True).agg(first=pl.col("generation").first(),
+                                                                n=pl.len(), pairs=pl.col("pairs").sum())
+    assert firsts["group"].to_list() == firsts["first"].to_list()
+    assert groups["group"].to_list() == sorted(groups["group"].to_list(), key=ids.index)
+    assert firsts.filter((pl.col("n") > 1) & (pl.col("pairs") > n1 + 10)).height == 0
+    # the pairs table has one part per group (plus buckets of big ones), and its rows are every pair once
+    keys = {p.path.split("part-")[1].removesuffix(".parquet").split(".b")[0] for p in h.table("pairs").parts}
+    assert keys == set(firsts["group"].to_list())
+    assert len(h.table("pairs").parts) < len(ids)
+    pairs = h.read("pairs")
+    assert pairs["pair_id"].is_unique().all() and h.verify() == []
 
 
 def test_same_content_is_stored_once(tmp_path):
