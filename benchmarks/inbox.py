@@ -76,6 +76,12 @@ def main() -> None:
     k = min(10, (a.ticks - 1) // 2)
     # the first tick also starts Prefect's temporary server: ticks 2..k+1 are the "first" ones
     first, last = statistics.median(walls[1:k + 1]), statistics.median(walls[-k:])
+    # the curate work of each tick (the sum of its stages, from the version's lineage): the tick's wall
+    # time also holds certification and Prefect's own waits, which come in whole seconds
+    ids = st.list_ids()
+    work = [sum(VersionHandle(st, v).manifest().lineage["timings_s"].values()) for v in ids]
+    wfirst, wlast = statistics.median(work[1:k + 1]), statistics.median(work[-k:])
+    parts = [sum(len(t.parts) for t in VersionHandle(st, v).manifest().tables.values()) for v in ids]
     n_versions = len(st.list_ids())
     indexed, parsed = [], []
     for _ in range(5):  # alternating, same process
@@ -98,7 +104,8 @@ def main() -> None:
             big = ((time.perf_counter() - t0) / 5, mf.stat().st_size)
             break
     last_manifest = st.versions_dir / st.list_ids()[-1] / "manifest.json"
-    rows = [[f"{i + 1}", f"{w:.2f}"] for i, w in enumerate(walls) if i <= k or i >= a.ticks - k]
+    rows = [[f"{i + 1}", f"{w:.2f}", f"{work[i]:.2f}", str(parts[i])] for i, w in enumerate(walls)
+            if i <= k or i >= a.ticks - k]
     body = (
         f"`.venv/bin/python benchmarks/inbox.py --ticks {a.ticks} --batch {a.batch}` — {machine_line()}, shared with "
         f"other work. Per tick, in one process: the Prefect flow `process-inbox` (ephemeral local server) after one new "
@@ -110,6 +117,9 @@ def main() -> None:
             [f"median of ticks 2-{k + 1}", f"{first:.2f}"],
             [f"median of the last {k} ticks", f"{last:.2f}"],
             ["last / first", f"**{last / first:.2f}x**"],
+            [f"curate stages of ticks 2-{k + 1} / of the last {k} (medians)", f"{wfirst:.2f} / {wlast:.2f} "
+             f"(**{wlast / wfirst:.2f}x**)"],
+            ["parts in the version's tables: tick 2 / last", f"{parts[1]} / {parts[-1]}"],
         ])
         + f"\n\nThe listing on the final store ({n_versions} versions; medians of 5 alternating rounds): with the "
         f"index {statistics.median(indexed) * 1e3:.1f} ms, parsing every manifest (the listing before it) "
@@ -118,7 +128,7 @@ def main() -> None:
         + (f"; one manifest of a 1M-judgment version ({big[1] / 1024:.0f} KiB) parses in {big[0] * 1e3:.1f} ms, "
            f"so a tick that lists a store of 1,000 such versions three times (as the flow did before the index) "
            f"spent ~{3 * 1000 * big[0]:.0f} s on the listing alone" if big else "")
-        + ".\n\nTicks (seconds):\n\n" + table(["tick", "wall s"], rows)
+        + ".\n\nTicks:\n\n" + table(["tick", "wall s", "curate stages s", "parts"], rows)
     )
     print(body)
     if not a.no_write:

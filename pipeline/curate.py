@@ -571,16 +571,28 @@ def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame
 def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle | None, frame: pl.DataFrame,
                     n_parent_rows: int, version_id: str) -> TableInfo:
     """A table that only grows (judgments, quarantine): the parent's parts as they are, plus one
-    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``).
+    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``),
+    into which the parent's trailing parts are merged while it is at least half their size.
     The manifest lists the parts in arrival order, so that a child's union has the rows in the
     order its parent's had (first-seen orders, a pair's canonical orientation, its list of
     comparison ids do not depend on how version ids sort)."""
     w = TableWriter(store, stage, name, arrival_order=True)
     inherited = parent_parts(parent, name)
     if inherited and sum(p.rows for p in inherited) == n_parent_rows:
-        for part in inherited:
-            w.inherit(parent, part)
+        assert parent is not None
         fresh = frame.slice(n_parent_rows)
+        # level compaction: the trailing parts are merged into this version's part while it holds at
+        # least half the rows of the part before it -- O(log N) parts after N batches, a row rewritten
+        # O(log N) times (a binary counter), the parts' order and every row's place kept
+        keep = list(inherited)
+        while fresh.height and keep and 2 * fresh.height >= keep[-1].rows:
+            old = parent.read(keep[-1].path)
+            if set(old.columns) != set(fresh.columns):  # a part of an older layout stays as it is
+                break
+            fresh = pl.concat([old.select(fresh.columns).cast(fresh.schema), fresh])  # type: ignore[arg-type]
+            keep.pop()
+        for part in keep:
+            w.inherit(parent, part)
     else:  # first version, or a parent of the older single-file layout: everything in this version's part
         fresh = frame
     if fresh.height or not w.parts:

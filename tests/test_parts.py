@@ -24,15 +24,31 @@ def _inodes(h, name: str) -> set[int]:
     return {(h.path / p.path).stat().st_ino for p in h.table(name).parts}
 
 
+def _lines(path, n: int | None, tag: str, tmp_path):
+    """The first ``n`` parseable rows of a sample, their comparison ids made new."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # the samples' damaged lines
+        if isinstance(r, dict):
+            rows.append({**r, "comparison_id": f"{r.get('comparison_id')}-{tag}"})
+    out = tmp_path / f"{tag}.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+    return out
+
+
 def test_child_links_its_parents_parts_and_writes_only_new_ones(tmp_path):
     st = Store(tmp_path / "s")
     v1 = curate(SAMPLES[:1], st, POLICY).version_id
-    v2 = curate(SAMPLES[1:2], st, POLICY, parent=v1).version_id
+    small = _lines(SAMPLES[1], 60, "small", tmp_path)  # less than half of the parent's part: not merged into it
+    v2 = curate([small], st, POLICY, parent=v1).version_id
     h1, h2 = st.get(v1), st.get(v2)
     for name in ("judgments", "quarantine"):  # tables that only grow: the parent's part is the child's first part
         assert _inodes(h1, name) <= _inodes(h2, name), name
         assert len(h2.table(name).parts) == len(h1.table(name).parts) + (name == "judgments")
-    assert h2.read("judgments").height == h1.read("judgments").height + 388
+    assert h2.read("judgments").height == h1.read("judgments").height + 60
     # every part is one object of the store, whichever version it belongs to
     for h in (h1, h2):
         for t in h.manifest().tables.values():
@@ -57,17 +73,7 @@ def test_small_generations_fill_a_tail_part_then_start_the_next(tmp_path, monkey
     monkeypatch.setattr(parts, "PART_PAIRS", n1 + 10)  # the next batch does not fit into v1's group
     parent, ids = v1, [v1]
     for i, path in enumerate([*SAMPLES[1:], *SAMPLES[:1]]):
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # the samples' damaged lines (quarantined anyway)
-            if isinstance(r, dict):
-                rows.append({**r, "comparison_id": f"{r.get('comparison_id')}-{i}"})
-        p = tmp_path / f"b{i}.jsonl"
-        p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-        parent = curate([p], st, POLICY, parent=parent).version_id
+        parent = curate([_lines(path, None, f"b{i}", tmp_path)], st, POLICY, parent=parent).version_id
         ids.append(parent)
     h = st.get(parent)
     groups = h.read("state/generation_groups")
@@ -107,7 +113,7 @@ def test_a_copied_version_without_hard_links_still_verifies(tmp_path):
 def test_gc_dry_run_then_delete_a_version_keeps_shared_parts(tmp_path):
     st = Store(tmp_path / "s")
     v1 = curate(SAMPLES[:1], st, POLICY).version_id
-    v2 = curate(SAMPLES[1:2], st, POLICY, parent=v1).version_id
+    v2 = curate([_lines(SAMPLES[1], 60, "small", tmp_path)], st, POLICY, parent=v1).version_id  # v1's parts stay shared
     runner = CliRunner()
     res = runner.invoke(app, ["gc", "--store", str(st.root), "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["objects"] == 0  # nothing is garbage
@@ -126,3 +132,29 @@ def test_gc_dry_run_then_delete_a_version_keeps_shared_parts(tmp_path):
     assert all(p.exists() for p in shared)  # still linked by v2
     assert st.get(v2).verify() == [] and st.get(v2).read("judgments").height > 0
     assert list((st.root / "certifications").glob("*")) == []  # v1 had no record to keep aside
+
+
+def test_appended_tables_stay_in_few_parts_in_arrival_order(tmp_path):
+    """judgments and quarantine after N batches: the trailing parts merged while the newest holds at
+    least half the rows of the one before (O(log N) parts), the rows in arrival order, a part of the
+    parent linked unless merged."""
+    st = Store(tmp_path / "s")
+    parent, sizes = None, []
+    expected: list[str] = []
+    for i in range(9):
+        path = _lines(SAMPLES[i % len(SAMPLES)], 40 + 10 * (i % 3), f"c{i}", tmp_path)
+        vid = curate([path], st, POLICY, parent=parent).version_id
+        h = st.get(vid)
+        expected += [json.loads(x)["comparison_id"] for x in path.read_text().splitlines()]
+        rows = [p.rows for p in h.table("judgments").parts]
+        sizes.append(len(rows))
+        assert all(2 * b < a for a, b in zip(rows, rows[1:])), rows  # each part under half the one before
+        assert h.read("judgments")["comparison_id"].to_list() == [c for c in expected if c in
+                                                                  set(h.read("judgments")["comparison_id"])]
+        if parent is not None:  # the parent's parts not merged are linked as they are
+            before = {p.sha256 for p in st.get(parent).table("judgments").parts}
+            kept = [p for p in h.table("judgments").parts[:-1]]
+            assert {p.sha256 for p in kept} <= before
+        assert h.verify() == []
+        parent = vid
+    assert max(sizes) <= 4 and sizes[-1] < 9
