@@ -206,14 +206,27 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         # train_on: the version is built on one dimension's verdicts (judgments.parquet keeps them as given)
         judgments, no_verdict = dims.for_training(judgments, policy.dimensions)
         t = timer.lap("union_inputs", t)
-        prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
+        # the union starts with the parent's judgments as they are (train_on may drop some: then everything is rerun)
+        # --full: the parent's state is not used (everything recomputed from the union)
+        intact = parent is not None and not full and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
+        same_policy = parent is not None and parent.manifest().policy_hash == policy.policy_hash()
+        if intact and same_policy and inc.has_preliminary(parent):
+            # the rule (docs/incremental.md): the batch's pairs aggregated with the parent's parameters fixed
+            assert parent is not None
+            prelim, prelim_rows, prelim_rule = inc.preliminary(judgments, n_parent_judgments, parent,
+                                                               policy.checks.aggregation, policy.dimensions)
+            prelim_rule = {"mode": "incremental", **prelim_rule}
+            texts = inc.first_texts(judgments)
+        else:
+            prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
+            prelim_rows, texts = inc.preliminary_rows(prelim), prelim.texts()
+            prelim_rule = {"mode": "full" if parent is not None and full else "recomputed"}
+        assert prelim.params is not None
+        prelim_params = prelim.params.sort("annotator_id")  # what a child's preliminary consensus starts from
         reviews = rr.classify(judgments, review_ctx)
         prelim = rr.resolve(prelim, reviews, review_ctx)  # reviews decide routed pairs (pipeline/reviews_resolve.py)
         t = timer.lap("aggregate_preliminary", t)
         given: dict[str, CheckResult] = {}
-        # the union starts with the parent's judgments as they are (train_on may drop some: then everything is rerun)
-        # --full: the parent's state is not used (everything recomputed from the union)
-        intact = parent is not None and not full and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
         parent_flags = parent.read("flags.parquet") if intact else None
         if intact and has_state(parent):
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
@@ -237,8 +250,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # the rule of a child (docs/incremental.md): pairs whose judgments, judgment flags and annotators'
     # status are unchanged keep their parent's consensus; same policy only (else everything is recomputed)
     recompute = None
-    if parent_flags is not None and parent.table("pairs") is not None \
-            and parent.manifest().policy_hash == policy.policy_hash():
+    if parent_flags is not None and parent.table("pairs") is not None and same_policy:
         recompute = inc.pairs_to_recompute(judgments, n_parent_judgments, parent_flags, flags)
     # from here on only these columns are read (split leakage, report): release the wide frame
     judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
@@ -252,9 +264,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     # select, split and write over the dirty pairs only when the parent keeps its pair tables as parts (pipeline/delta.py)
     final, decided, rule, params, parent_rows, plan = _final_aggregation(
-        jsel.kept, prelim, kept_reviews, review_ctx, parent, recompute, policy, full=full,
+        jsel.kept, prelim, texts, kept_reviews, review_ctx, parent, recompute, policy, full=full,
         planner=planner if delta.applies(parent) else None)
-    del prelim
+    del prelim, texts
     prior = prior_assignments(parent)
     # the child's pairs in first-seen order, the generation (version of first appearance) of each
     known_first = parent_rows.select("pair_id", "first_version") if parent_rows is not None else None
@@ -366,6 +378,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned))
     for name, frame in state_frames(results).items():  # what a child's pair-scoped checks start from
         tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
+    tables[inc.PRELIM_TABLE] = _grouped_table(reuse, store, stage, inc.PRELIM_TABLE, keyed(prelim_rows))
     review_state, review_ledger = rr.finish(
         review_ctx, version_id=version_id, created_at=created_at, pairs=fate, routed=routed_all,
         reviews=reviews, decided_by_reviews=decided, n_review_judgments=reviews.height)
@@ -380,7 +393,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
         order_engagement="oa_engaged"))
     for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame()),
-                        (inc.PARAMS_TABLE, params), (GROUPS, groups)):
+                        (inc.PARAMS_TABLE, params), (inc.PRELIM_PARAMS, prelim_params), (GROUPS, groups)):
         w = TableWriter(store, stage, name)
         w.write("all", frame)
         tables[name] = w.info()
@@ -425,7 +438,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         annotators=_annotator_summary(annotators),
         lineage={"parent_version": parent.version_id if parent else None,
                  "new_sources": [s.model_dump() for s in ingest.sources],
-                 "timings_s": dict(timer.t), **({"consensus": rule} if parent else {}),
+                 "timings_s": dict(timer.t), **({"consensus": rule, "preliminary": prelim_rule} if parent else {}),
                  "pair_table_parts": {"linked": reuse.linked, "written": reuse.written}},
     )
     t = time.perf_counter()
@@ -439,7 +452,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     return manifest
 
 
-def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews: pl.DataFrame,
+def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, texts: pl.DataFrame, kept_reviews: pl.DataFrame,
                        review_ctx: rr.ReviewContext, parent: VersionHandle | None, recompute: pl.Series | None,
                        policy: Policy, *, full: bool,
                        planner: Callable[[pl.DataFrame, pl.Series], delta.Plan] | None = None,
@@ -457,8 +470,8 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, kept_reviews
     are fitted on those judgments); every other pair keeps its parent's row.  Without
     ``recompute`` (a first version, ``--full``, another policy) everything is aggregated and
     every parameter fitted.  The kept judgments carry no texts: the aggregation takes them from
-    the preliminary pairs."""
-    cfg, texts = policy.checks.aggregation, prelim.texts()
+    ``texts`` (:meth:`~pipeline.aggregate.Aggregation.texts` of every pair)."""
+    cfg = policy.checks.aggregation
     rule: dict[str, Any] = {"mode": "full" if parent is not None and full else "incremental" if recompute is not None
                             else "recomputed"}
     given = inc.parent_params(parent) if recompute is not None and parent is not None else None

@@ -37,9 +37,10 @@ import polars as pl
 
 from pipeline.checks import duplicates, language, pair_id_conflict
 from pipeline.checks import near_duplicates_state as nds
+from pipeline.aggregate import Aggregation
 from pipeline.store import VersionHandle
 from schemas.check import CheckResult, empty_flags
-from schemas.policy import ChecksConfig
+from schemas.policy import AggregationConfig, ChecksConfig, DimensionsConfig
 
 STATE_PREFIX = "state/"
 
@@ -193,6 +194,63 @@ def merge_params(parent: pl.DataFrame, fitted: pl.DataFrame) -> pl.DataFrame:
     return out.select("annotator_id", *cols).sort("annotator_id")
 
 
+# ---------------------------------------------------------------- the preliminary consensus under the rule
+PRELIM_TABLE = "state/preliminary"  # the preliminary pairs without texts, a_hash and seen (first-seen rank)
+PRELIM_PARAMS = "state/preliminary_params"  # the annotator parameters the preliminary consensus used
+_PRELIM_DROP = ("prompt", "prompt_text", "response_a", "response_b", "model_a", "model_b", "source_comparison_ids")
+
+
+def has_preliminary(parent: VersionHandle) -> bool:
+    return parent.table(PRELIM_TABLE) is not None and parent.table(PRELIM_PARAMS) is not None
+
+
+def preliminary_rows(aggr: Aggregation) -> pl.DataFrame:
+    """A version's :data:`PRELIM_TABLE` rows from its preliminary aggregation (before reviews
+    resolve anything): the pairs without texts and comparison ids, their canonical ``a_hash``
+    and ``seen``, the rank in first-seen order."""
+    assert aggr.a_hash is not None
+    return aggr.pairs.drop(_PRELIM_DROP, strict=False).with_columns(
+        a_hash=aggr.a_hash, seen=pl.int_range(aggr.pairs.height, dtype=pl.Int64))
+
+
+def first_texts(judgments: pl.DataFrame) -> pl.DataFrame:
+    """Every pair's texts as an aggregation of these judgments orients them (its first judgment's:
+    the ``texts`` of :func:`pipeline.aggregate.aggregate`, :meth:`Aggregation.texts` columns)."""
+    from pipeline.aggregate import PAIR_TEXT_COLUMNS
+
+    return judgments.filter(pl.col("pair_id").is_first_distinct()).select("pair_id", *PAIR_TEXT_COLUMNS, "a_hash")
+
+
+def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: AggregationConfig,
+                dimensions: DimensionsConfig | None) -> tuple[Aggregation, pl.DataFrame, dict[str, int]]:
+    """The preliminary consensus of a child under the rule (docs/incremental.md): the pairs of
+    its new judgments (``judgments`` after the parent's ``n_parent_rows``) aggregated with the
+    parent's preliminary parameters fixed (annotators without them fitted on those judgments),
+    every other pair the parent's row.  Returns the aggregation (pairs without texts, in
+    first-seen order; ``params``: the child's parameter state), the child's
+    :data:`PRELIM_TABLE` rows and the rule's figures."""
+    from pipeline.aggregate import PARAM_SCHEMA, aggregate
+
+    touched = judgments.slice(n_parent_rows)["pair_id"].unique().to_frame("pair_id")
+    given = parent.read(PRELIM_PARAMS).cast(PARAM_SCHEMA)  # type: ignore[arg-type]
+    fresh = aggregate(judgments.join(touched, on="pair_id", how="semi", maintain_order="left"), cfg,
+                      dimensions=dimensions, params=given)
+    assert fresh.params is not None
+    old = parent.read(PRELIM_TABLE)
+    rows = preliminary_rows(fresh).drop("seen").join(old.select("pair_id", "seen"), on="pair_id", how="left",
+                                                     maintain_order="left")
+    # a new pair's rank: after the parent's pairs, in the order of its first judgment (the batch's order)
+    new = rows["seen"].is_null()
+    rows = rows.with_columns(seen=pl.coalesce("seen", old.height + new.cast(pl.Int64).cum_sum() - 1))
+    keep = old.join(touched, on="pair_id", how="anti").select(rows.columns).cast(rows.schema)  # type: ignore[arg-type]
+    state = pl.concat([keep, rows]).sort("seen")
+    aggr = Aggregation(state.drop("a_hash", "seen"), fresh.annotators, state["a_hash"],
+                       merge_params(given, fresh.params))
+    n_new = fresh.params.join(given, on="annotator_id", how="anti").height
+    return aggr, state, {"pairs_recomputed": rows.height, "pairs_from_parent": keep.height,
+                         "annotators_from_parent": given.height, "annotators_fitted": n_new}
+
+
 def parent_pair_rows(parent: VersionHandle, columns: list[str]) -> pl.DataFrame:
     """The parent's pairs without their texts (``columns`` other than the texts, and
     ``first_version``): read once per build, every part verified (hashed whole) by the read --
@@ -258,4 +316,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["PAIR_SCOPED", "Totals", "PARAMS_TABLE", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

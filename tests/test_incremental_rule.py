@@ -19,21 +19,50 @@ import polars as pl
 from conftest import write_jsonl
 from test_incremental import POLICY, _batch, curate_chain, random_chains
 
-from pipeline.aggregate import aggregate
+from pipeline.aggregate import aggregate, annotator_table
+from pipeline.checks import all_flags, run_checks
 from pipeline.curate import curate
-from pipeline.incremental import PARAMS_TABLE, pairs_to_recompute
+from pipeline.incremental import PARAMS_TABLE, PRELIM_PARAMS, PRELIM_TABLE, pairs_to_recompute
 from pipeline.store import SPLITS, Store
 
 ORDER = ["check", "subject_kind", "subject_id", "reason", "detail"]
 # columns of a pair the annotator parameters enter (and select's, which follow from them)
 PARAMETER_COLUMNS = ["label_human", "label_ai", "label_consensus", "p_a_weighted", "agreement", "strength", "dimensions"]
 SELECT_COLUMNS = ["decision", "reason", "weight"]
+# the checks that read the preliminary consensus (its labels, agreement, strength)
+CONSENSUS_CHECKS = ["agreement", "routing", "consensus", "length_bias"]
 PARAM_ANNOTATOR_COLUMNS = {"ds_accuracy": "ds_accuracy", "accuracy_better_first": "oa_alpha",
                            "accuracy_better_second": "oa_beta", "order_engagement": "oa_engaged"}
 
 
 def _pairs(h) -> pl.DataFrame:
     return h.read("pairs").drop("first_version").sort("pair_id")
+
+
+def _kept_values(parent: pl.DataFrame, child: pl.DataFrame) -> bool:
+    """Every annotator of the parent's parameters is in the child's, with each value the parent had."""
+    both = parent.join(child, on="annotator_id", suffix="_child")
+    return both.height == parent.height and all(
+        both.filter(pl.col(c).is_not_null() & pl.col(c).ne_missing(pl.col(f"{c}_child"))).height == 0
+        for c in ("ds_accuracy", "oa_alpha", "oa_beta", "oa_engaged", "oa_factor"))
+
+
+def _moved(params: pl.DataFrame, full: pl.DataFrame) -> pl.Series:
+    """Annotators whose parameters differ from those of the --full child."""
+    return params.join(full, on="annotator_id", how="full", coalesce=True, suffix="_full").filter(
+        pl.any_horizontal([pl.col(c).ne_missing(pl.col(f"{c}_full"))
+                           for c in ("ds_accuracy", "oa_alpha", "oa_beta", "oa_factor")]))["annotator_id"]
+
+
+def _reach(union: pl.DataFrame, annotators: pl.Series) -> pl.DataFrame:
+    """The pairs these annotators judged."""
+    return union.filter(pl.col("annotator_id").is_in(annotators.implode())).select("pair_id").unique()
+
+
+def _differ(mine: pl.DataFrame, full: pl.DataFrame, cols: list[str]) -> pl.DataFrame:
+    """The pairs whose ``cols`` differ between two tables of rows."""
+    both = mine.join(full, on="pair_id", suffix="_full")
+    return both.filter(pl.any_horizontal([pl.col(c).ne_missing(pl.col(f"{c}_full")) for c in cols])).select("pair_id")
 
 
 @random_chains(4)
@@ -48,22 +77,57 @@ def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, 
         assert f.manifest().parent_version == parent and f.manifest().lineage["consensus"]["mode"] == "full"
         rule = h.manifest().lineage["consensus"]
         assert rule["mode"] == "incremental"
-        # checks and annotator statistics: exact; the parameters: the child's, its parent's where it had them
-        assert h.read("flags").sort(ORDER).equals(f.read("flags").sort(ORDER))
+        pj = p.read("judgments")  # the parent's rows first (a folder reads its parts in name order)
+        union = pl.concat([pj, h.read("judgments").join(pj.select("comparison_id"), on="comparison_id", how="anti")])
+        # the preliminary consensus under the rule: pairs without a new judgment keep the parent's row, the
+        # others are an aggregation of their judgments with the child's preliminary parameters (the parent's
+        # where it had them); a row differs from --full only where one of its annotators' parameters does
+        prelim, prelim_full = h.read(PRELIM_TABLE).sort("seen"), f.read(PRELIM_TABLE).sort("seen")
+        assert prelim.drop("seen").sort("pair_id").drop("dimensions").columns == \
+            prelim_full.drop("seen").sort("pair_id").drop("dimensions").columns
+        assert prelim["pair_id"].equals(prelim_full["pair_id"])  # the same pairs in first-seen order
+        touched = union.slice(pj.height)["pair_id"].unique().to_frame("pair_id")
+        pp, pp_parent = h.read(PRELIM_PARAMS), p.read(PRELIM_PARAMS)
+        assert _kept_values(pp_parent, pp)
+        prelim_rule = h.manifest().lineage["preliminary"]
+        assert prelim_rule["mode"] == "incremental" and prelim_rule["pairs_recomputed"] == touched.height
+        assert prelim.join(touched, on="pair_id", how="anti").equals(
+            p.read(PRELIM_TABLE).sort("seen").join(touched, on="pair_id", how="anti"))
+        ref = aggregate(union.join(touched, on="pair_id", how="semi"), POLICY.checks.aggregation, params=pp)
+        mine_pre = prelim.join(touched, on="pair_id", how="semi").sort("pair_id")
+        assert ref.pairs.sort("pair_id").select(mine_pre.drop("a_hash", "seen").columns).equals(mine_pre.drop("a_hash", "seen"))
+        cols = [c for c in PARAMETER_COLUMNS if c != "dimensions"]
+        assert _differ(prelim, prelim_full, cols).join(_reach(union, _moved(pp, f.read(PRELIM_PARAMS))), on="pair_id",
+                                                       how="anti").height == 0
+        # the checks are exact given that consensus: a run of every check over the union with the child's
+        # preliminary pairs gives the child's flags and annotator statistics ...
+        results = run_checks(union, POLICY.checks, pairs=prelim.drop("a_hash", "seen"),
+                             extra_kwargs={"registry": {"registry": POLICY.annotators}})
+        flags, flags_full = h.read("flags").sort(ORDER), f.read("flags").sort(ORDER)
+        assert flags.equals(all_flags(results).sort(ORDER))
         ann = h.read("annotators")
-        assert ann.drop(*PARAM_ANNOTATOR_COLUMNS).equals(f.read("annotators").drop(*PARAM_ANNOTATOR_COLUMNS))
+        assert ann.drop(*PARAM_ANNOTATOR_COLUMNS).equals(annotator_table(results, ann.select(
+            "annotator_id", *PARAM_ANNOTATOR_COLUMNS)).drop(*PARAM_ANNOTATOR_COLUMNS))
+        # ... and those that do not read the consensus are exact against --full
+        free = ~pl.col("check").is_in(CONSENSUS_CHECKS)
+        assert flags.filter(free).equals(flags_full.filter(free))
+        flag_diff = pl.concat([flags.join(flags_full, on=ORDER, how="anti"), flags_full.join(flags, on=ORDER, how="anti")])
+        if flag_diff.height == 0:  # the same flags: the same annotator statistics
+            assert ann.drop(*PARAM_ANNOTATOR_COLUMNS).equals(f.read("annotators").drop(*PARAM_ANNOTATOR_COLUMNS))
+        # the pairs a flag difference reaches (its judgment, or every judgment of its annotator)
+        by_flags = union.filter(
+            pl.col("comparison_id").is_in(flag_diff.filter(pl.col("subject_kind") == "judgment")["subject_id"].implode())
+            | pl.col("annotator_id").is_in(flag_diff.filter(pl.col("subject_kind") == "annotator")["subject_id"].implode())
+            | pl.col("pair_id").is_in(flag_diff.filter(pl.col("subject_kind") == "pair")["subject_id"].implode())
+        ).select("pair_id").unique()
         params, parent_params = h.read(PARAMS_TABLE), p.read(PARAMS_TABLE)
         assert ann.select("annotator_id", *PARAM_ANNOTATOR_COLUMNS).equals(
             ann.select("annotator_id").join(params, on="annotator_id", how="left")
             .select("annotator_id", **{k: v for k, v in PARAM_ANNOTATOR_COLUMNS.items()}))
-        assert parent_params["annotator_id"].is_in(params["annotator_id"].implode()).all()
-        both_known = parent_params.join(params, on="annotator_id", suffix="_child")
-        for c in ("ds_accuracy", "oa_alpha", "oa_beta", "oa_engaged", "oa_factor"):  # a value the parent had is kept
-            assert both_known.filter(pl.col(c).is_not_null() & pl.col(c).ne_missing(pl.col(f"{c}_child"))).height == 0, c
+        assert _kept_values(parent_params, params)
         mine, want, before = _pairs(h), _pairs(f), _pairs(p)
-        assert mine["pair_id"].equals(want["pair_id"])
-        pj = p.read("judgments")  # the parent's rows first (a folder reads its parts in name order)
-        union = pl.concat([pj, h.read("judgments").join(pj.select("comparison_id"), on="comparison_id", how="anti")])
+        if flag_diff.height == 0:  # the same flags: the same pairs have kept judgments
+            assert mine["pair_id"].equals(want["pair_id"])
         recompute = pairs_to_recompute(union, pj.height, p.read("flags"), h.read("flags"))
         untouched = before.join(recompute.to_frame("pair_id"), on="pair_id", how="anti").select("pair_id")
         assert rule["pairs_from_parent"] == untouched.join(mine, on="pair_id", how="semi").height
@@ -73,25 +137,22 @@ def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, 
         assert mine.join(untouched, on="pair_id", how="semi").select(record).equals(
             before.join(mine.select("pair_id"), on="pair_id", how="semi").join(untouched, on="pair_id", how="semi")
             .select(record))
-        # ... every other pair is the full recompute's row where the parameters do not enter ...
-        fresh, fresh_full = (x.join(untouched, on="pair_id", how="anti") for x in (mine, want))
+        # ... every other pair is the full recompute's row where the parameters do not enter (unless a
+        # flag that differs from --full's reaches it: then its kept judgments may differ) ...
+        fresh, fresh_full = (x.join(untouched, on="pair_id", how="anti").join(by_flags, on="pair_id", how="anti")
+                             for x in (mine, want))
         assert fresh.drop(*PARAMETER_COLUMNS, *SELECT_COLUMNS).equals(fresh_full.drop(*PARAMETER_COLUMNS, *SELECT_COLUMNS))
+        fresh = mine.join(untouched, on="pair_id", how="anti")
         # ... and where they enter, an aggregation of its kept judgments with the child's parameters
         ids = fresh.select("pair_id", cid="source_comparison_ids").explode("cid")
         kept_j = union.join(ids.select(comparison_id="cid"), on="comparison_id", how="semi")
         ref = aggregate(kept_j, POLICY.checks.aggregation, params=params).pairs.sort("pair_id")
-        cols = [c for c in PARAMETER_COLUMNS if c != "dimensions"]
         assert ref.select("pair_id", *cols).equals(fresh.select("pair_id", *cols))
         # the distance to --full, bounded: given the parameters a pair's consensus depends on its own
         # judgments only, so a pair differs from --full only where one of its annotators' parameters does
-        full_params = f.read(PARAMS_TABLE)
-        moved = params.join(full_params, on="annotator_id", how="full", coalesce=True, suffix="_full").filter(
-            pl.any_horizontal([pl.col(c).ne_missing(pl.col(f"{c}_full"))
-                               for c in ("ds_accuracy", "oa_alpha", "oa_beta", "oa_factor")]))["annotator_id"]
-        reach = union.filter(pl.col("annotator_id").is_in(moved.implode()))["pair_id"].unique()
-        both = mine.join(want, on="pair_id", suffix="_full")
-        differ = both.filter(pl.any_horizontal([pl.col(c).ne_missing(pl.col(f"{c}_full")) for c in cols]))
-        assert differ.join(reach.to_frame("pair_id"), on="pair_id", how="anti").height == 0
+        # (or a flag that differs from --full's reaches it)
+        reach = pl.concat([_reach(union, _moved(params, f.read(PARAMS_TABLE))), by_flags]).unique()
+        assert _differ(mine, want, cols).join(reach, on="pair_id", how="anti").height == 0
         # sticky splits hold on both paths: a pair assigned in the parent never leaves test, never enters train
         prior = p.read("split_assignments").select("pair_id", old_split="split")
         for v in (h, f):

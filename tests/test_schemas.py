@@ -33,8 +33,12 @@ def test_text_normalisation_python_and_polars_agree(text):
 
 
 def _fold_gap(text: str) -> bool:
-    """Polars lowercases, Python casefolds: they may differ only on rare special letters."""
-    return any(ch.casefold() != ch.lower() for ch in text)
+    """Polars lowercases, Python casefolds: they may differ only on rare special letters, and on
+    letters newer than Python's Unicode database (3.11: Unicode 14; Polars' Rust is newer: e.g.
+    U+16EA0 has a lowercase there and none here)."""
+    import unicodedata
+
+    return any(ch.casefold() != ch.lower() or unicodedata.category(ch) == "Cn" for ch in text)
 
 
 def test_dedup_key_examples():
