@@ -213,13 +213,13 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         if intact and same_policy and inc.has_preliminary(parent):
             # the rule (docs/incremental.md): the batch's pairs aggregated with the parent's parameters fixed
             assert parent is not None
-            prelim, prelim_rows, prelim_rule = inc.preliminary(judgments, n_parent_judgments, parent,
-                                                               policy.checks.aggregation, policy.dimensions)
+            prelim, prelim_rows, pair_order, prelim_rule = inc.preliminary(
+                judgments, n_parent_judgments, parent, policy.checks.aggregation, policy.dimensions)
             prelim_rule = {"mode": "incremental", **prelim_rule}
             texts = inc.first_texts(judgments)
         else:
             prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
-            prelim_rows, texts = inc.preliminary_rows(prelim), prelim.texts()
+            prelim_rows, texts, pair_order = inc.preliminary_rows(prelim), prelim.texts(), prelim.pairs["pair_id"]
             prelim_rule = {"mode": "full" if parent is not None and full else "recomputed"}
         assert prelim.params is not None
         prelim_params = prelim.params.sort("annotator_id")  # what a child's preliminary consensus starts from
@@ -254,7 +254,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         recompute = inc.pairs_to_recompute(judgments, n_parent_judgments, parent_flags, flags)
     # from here on only these columns are read (split leakage, report): release the wide frame
     judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
-    all_pair_ids, n_pairs = prelim.pairs["pair_id"], prelim.pairs.height
+    all_pair_ids, n_pairs = pair_order, prelim.pairs.height  # first-seen order (prelim.pairs: any order)
     kept_reviews = reviews.join(jsel.kept.select("comparison_id"), on="comparison_id", how="semi")
     clusters = results["near_duplicates"].tables.get("clusters")
 
@@ -264,7 +264,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     # select, split and write over the dirty pairs only when the parent keeps its pair tables as parts (pipeline/delta.py)
     final, decided, rule, params, parent_rows, plan = _final_aggregation(
-        jsel.kept, prelim, texts, kept_reviews, review_ctx, parent, recompute, policy, full=full,
+        jsel.kept, prelim, all_pair_ids, texts, kept_reviews, review_ctx, parent, recompute, policy, full=full,
         planner=planner if delta.applies(parent) else None)
     del prelim, texts
     prior = prior_assignments(parent)
@@ -452,7 +452,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     return manifest
 
 
-def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, texts: pl.DataFrame, kept_reviews: pl.DataFrame,
+def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids: pl.Series, texts: pl.DataFrame,
+                       kept_reviews: pl.DataFrame,
                        review_ctx: rr.ReviewContext, parent: VersionHandle | None, recompute: pl.Series | None,
                        policy: Policy, *, full: bool,
                        planner: Callable[[pl.DataFrame, pl.Series], delta.Plan] | None = None,
@@ -470,7 +471,8 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, texts: pl.Da
     are fitted on those judgments); every other pair keeps its parent's row.  Without
     ``recompute`` (a first version, ``--full``, another policy) everything is aggregated and
     every parameter fitted.  The kept judgments carry no texts: the aggregation takes them from
-    ``texts`` (:meth:`~pipeline.aggregate.Aggregation.texts` of every pair)."""
+    ``texts`` (:meth:`~pipeline.aggregate.Aggregation.texts` of every pair).  ``all_pair_ids``: the
+    preliminary pairs in first-seen order (``prelim.pairs`` may have them in another)."""
     cfg = policy.checks.aggregation
     rule: dict[str, Any] = {"mode": "full" if parent is not None and full else "incremental" if recompute is not None
                             else "recomputed"}
@@ -490,9 +492,9 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, texts: pl.Da
             plan = planner(old, kept_ids) if planner is not None else None
             if plan is None:
                 pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, kept.select("pair_id", "a_hash"),
-                                                       prelim.pairs["pair_id"], texts)
+                                                       all_pair_ids, texts)
             else:  # the rows of the dirty pairs only (pipeline/delta.py); the others stay their parent's, unread
-                pairs, figures = _dirty_rows(final.pairs, old, recompute, kept, kept_ids, prelim.pairs["pair_id"],
+                pairs, figures = _dirty_rows(final.pairs, old, recompute, kept, kept_ids, all_pair_ids,
                                              texts, plan)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
             rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}

@@ -404,8 +404,6 @@ def summarize(texts_table: pl.DataFrame, flags: pl.DataFrame, counters: dict[str
     matrix: dict[str, dict[str, int]] = {}
     for loc, lang, n in texts_table.group_by("locale", "detected").len().sort("locale", "detected").iter_rows():
         matrix.setdefault(loc, {})[lang] = int(n)
-    table = texts_table.select("pair_id", "locale", "part", "detected").pivot(on="part", index=["pair_id", "locale"],
-                                                                            values="detected")
     metrics: dict[str, Any] = {
         "pairs_checked": n_pairs,
         "texts_checked": texts_table.height,
@@ -421,7 +419,7 @@ def summarize(texts_table: pl.DataFrame, flags: pl.DataFrame, counters: dict[str
     if metrics["langdetect_skipped"]:
         summary += f"; {metrics['langdetect_skipped']} weak-evidence texts left undecided (langdetect cap)"
     return CheckResult(name=NAME, status="warn" if mismatched else "pass", metrics=metrics, flags=flags,
-                       tables={"languages": table.sort("pair_id", "locale"), "texts": texts_table}, summary=summary)
+                       tables={"texts": texts_table}, summary=summary)
 
 
 CHECK = CheckSpec(
