@@ -32,7 +32,7 @@ from schemas.records import ROUTED_LABELS
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import (FINGERPRINTS, GROUPS, PartReuse, TableWriter, bucket_counts, generation_groups,
-                            grouped_generations, parent_parts, part_keys)
+                            grouped_generations, parent_parts, part_keys, parts_to_merge)
 from pipeline.store import Store, VersionHandle, file_info
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
@@ -600,7 +600,7 @@ def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle 
         # least half the rows of the part before it -- O(log N) parts after N batches, a row rewritten
         # O(log N) times (a binary counter), the parts' order and every row's place kept
         keep = list(inherited)
-        while fresh.height and keep and 2 * fresh.height >= keep[-1].rows:
+        for _ in range(parts_to_merge([p.rows for p in keep], fresh.height)):
             old = parent.read(keep[-1].path)
             if set(old.columns) != set(fresh.columns):  # a part of an older layout stays as it is
                 break

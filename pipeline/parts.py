@@ -28,7 +28,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +148,19 @@ class TableWriter:
     def info(self) -> TableInfo:
         parts = list(self.parts) if self.arrival_order else sorted(self.parts, key=lambda p: p.path)
         return TableInfo(path=self.name, rows=sum(p.rows for p in parts), sha256=table_sha256(parts), parts=parts)
+
+
+# ---------------------------------------------------------------- tables that only grow: a level compaction
+def parts_to_merge(rows: Sequence[int], fresh: int, cap: int | None = None) -> int:
+    """How many of a parent's trailing parts (``rows``: their row counts, in order) a child's new
+    part of ``fresh`` rows absorbs: merged while it holds at least half the rows of the part before
+    it (with ``cap``: while it stays within ``cap`` rows).  Like a binary counter: O(log N) parts
+    after N batches, a row rewritten O(log N) times; nothing merged into an empty part."""
+    n, size = 0, fresh
+    while fresh and n < len(rows) and 2 * size >= rows[-1 - n] and (cap is None or size + rows[-1 - n] <= cap):
+        size += rows[-1 - n]
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------- generations in buckets
@@ -358,5 +371,5 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
 
 
 __all__ = ["FINGERPRINTS", "PART_PAIRS", "GcPlan", "PartReuse", "TableWriter", "bucket_counts", "collect_garbage",
-           "fingerprint", "link_part", "object_path", "parent_parts", "part_keys", "plan_gc", "share", "GROUPS",
+           "fingerprint", "link_part", "object_path", "parent_parts", "part_keys", "parts_to_merge", "plan_gc", "share", "GROUPS",
            "generation_groups", "grouped_generations"]

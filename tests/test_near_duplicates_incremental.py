@@ -292,3 +292,50 @@ def test_empty_and_already_known_batches(tmp_path):
     assert {k: v for k, v in again.metrics.items() if k not in RUN_ONLY} == \
         {k: v for k, v in res.metrics.items() if k not in RUN_ONLY}
     assert again.flags.sort("subject_id").equals(res.flags.sort("subject_id")) and again.clusters.equals(res.clusters)
+
+
+@pytest.mark.parametrize("chunk", [nds.CHUNK, 64])
+def test_a_chain_of_small_versions_keeps_few_state_parts_and_the_same_results(tmp_path, monkeypatch, chunk):
+    """Every version of a chain of small batches: the state tables' trailing parts are merged into
+    the version's part (a level compaction; prompts and signatures alike, a merged part at most
+    CHUNK rows), so their parts grow O(log N), not one per version; the results still equal the
+    full run, and the state read back equals the uncompacted in-memory chain row for row."""
+    monkeypatch.setattr(nds, "CHUNK", chunk)
+    store = Store(tmp_path / "s")
+    frames = _frames(_chain(21, 36))
+    parent, flags, clusters = None, empty_flags(), EMPTY_CLUSTERS
+    mem = nds.NearDupState.empty()  # the same chain in memory: nothing merged
+    merged = 0
+    for step, batch in enumerate(frames):
+        state = nds.load_state(parent)
+        res = nds.run_incremental(batch, state, generation=f"v{step:02d}")
+        flags, clusters = nds.merge_flags(flags, res), nds.merge_clusters(clusters, res)
+        _assert_equal_to_full(pl.concat(frames[: step + 1]), flags, clusters, res, len(state))
+        mem_res = nds.run_incremental(batch, mem, generation=f"v{step:02d}")
+        assert mem_res.flags.sort("subject_id").equals(res.flags.sort("subject_id"))
+        assert mem_res.clusters.equals(res.clusters) and mem_res.metrics == res.metrics
+        mem = mem_res.child_state()
+        h = _write_version(store, f"v{step:02d}", res)
+        assert h.verify() == []
+        n = step + 1
+        for t in (nds.PROMPTS, nds.SIGNATURES, nds.PAIR_PROMPTS, nds.LINKS, nds.EDGES):
+            parts = h.table(t).parts
+            assert len(parts) <= 2 * np.log2(n) + 2 + 2 * h.table(t).rows / chunk, (t, n, [p.rows for p in parts])
+            if t == nds.EDGES or parent is None:
+                continue
+            # the parent's parts not merged are linked as they are, in their order; then this version's part
+            before = parent.table(t).parts
+            kept = [p for p in parts if p in before]
+            assert kept == before[:len(kept)] and all(f"part-v{step:02d}" in p.path for p in parts[len(kept):]), t
+            merged += len(before) - len(kept)
+        pt, st = h.table(nds.PROMPTS), h.table(nds.SIGNATURES)
+        assert [p.path.split("/")[-1] for p in pt.parts] == [p.path.split("/")[-1] for p in st.parts]
+        assert [p.rows for p in pt.parts] == [p.rows for p in st.parts] and max(p.rows for p in pt.parts) <= chunk
+        again = nds.load_state(h)  # rows in the order the uncompacted chain has them
+        assert again.hashes.equals(mem.hashes) and np.array_equal(again.bands, mem.bands)
+        assert np.array_equal(again.sketches, mem.sketches) and again.pair_prompts.equals(mem.pair_prompts)
+        assert again.links.equals(mem.links)
+        assert again.edges.drop("_part").sort("left", "right").equals(mem.edges.drop("_part").sort("left", "right"))
+        assert np.array_equal(again.old_signatures(np.arange(len(again))), mem.old_signatures(np.arange(len(mem))))
+        parent = h
+    assert merged > 0

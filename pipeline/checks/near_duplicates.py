@@ -45,7 +45,7 @@ Method
   it (below).
 * **State of a version** (:mod:`pipeline.checks.near_duplicates_state`): what a child needs,
   as tables of content-addressed parts that a child *extends* (it links its parent's parts
-  and writes parts for its own batch): per prompt its band keys and a 4-bit sketch
+  and writes parts for its own batch, into which small trailing parts are merged): per prompt its band keys and a 4-bit sketch
   (``state/near_dup_prompts``), its signature (``state/near_dup_signatures``, read part by
   part when needed), the verified edges with the number of buckets that make them a
   candidate (``state/near_dup_edges``), pair -> prompt rows (``state/near_dup_pair_prompts``,

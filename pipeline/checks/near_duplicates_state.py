@@ -6,30 +6,43 @@ them, and updates flags, clusters and metrics for what changed.  The result equa
 :func:`pipeline.checks.near_duplicates.run` over all judgments so far (same flagged pairs and
 details, same cluster partition and names, same metrics; ``tests/test_near_duplicates_incremental.py``).
 
-State tables (written with :class:`pipeline.parts.TableWriter`; a child inherits, i.e. hard
-links, every part of its parent's except the few it rewrites)
+State tables (written with :class:`pipeline.parts.TableWriter`, parts listed in the order of
+their rows; a child inherits, i.e. hard links, every part of its parent's except the few it
+rewrites or merges)
 -------------------------------------------------------------------------------------------
 ``state/near_dup_prompts`` -- one row per prompt: ``prompt_hash``, its LSH band keys
     ``band_000`` .. (uint64, one column per band) and a 4-bit sketch of its signature
-    ``sketch_00`` .. (uint64, 16 signature values' low 4 bits per column).  Parts
-    ``part-<generation>-<chunk>``: the prompts first seen in version ``<generation>``, sorted
-    by prompt_hash, at most :data:`CHUNK` per part.  Append only.
+    ``sketch_00`` .. (uint64, 16 signature values' low 4 bits per column).  Rows append only,
+    in the order the prompts were first seen (a version's new prompts sorted by prompt_hash).
+    Parts ``part-<version>-<chunk>``, at most :data:`CHUNK` rows each: the version's new
+    prompts, into which its parent's trailing parts are merged (below).
 ``state/near_dup_signatures`` -- the same rows (same part keys, same order): ``prompt_hash``
     and the MinHash signature ``h_0000`` .. (uint32).  Read only part by part, for the few
-    old prompts whose sketch passes (below).  Append only.
+    old prompts whose sketch passes (below).
 ``state/near_dup_edges`` -- verified near-duplicate edges ``left`` < ``right`` (prompt_hash),
     ``jaccard`` (float32), ``support`` (the number of LSH buckets in which the pair is a
-    candidate).  Parts by the version that found the edge; a child rewrites a part only when
-    one of its edges lost a bucket (see "exactness"), and adds one part for its new edges.
-``state/near_dup_pair_prompts`` -- every distinct (``pair_id``, ``prompt_hash``) so far; parts
-    by the version where the combination first appeared.  Append only.
+    candidate).  Parts by the version that found the edge (or merged it, below); a child
+    rewrites a part in its place only when one of its edges lost a bucket (see "exactness"),
+    and adds one part for its new edges.
+``state/near_dup_pair_prompts`` -- every distinct (``pair_id``, ``prompt_hash``) so far, in the
+    order first seen; a version's part holds the combinations new in it.  Rows append only.
 ``state/near_dup_links`` -- the rows of pairs with more than one prompt (they join their
-    prompts' clusters); parts by the version where the pair got its second (third, ...)
-    prompt, which adds all of the pair's rows not there yet.  Append only.
+    prompts' clusters); a version's part holds the rows of the pairs that got their second
+    (third, ...) prompt in it, all of the pair's rows not there yet.  Rows append only.
 ``state/near_dup_summary`` -- one row, rewritten by every version: the parameters (a child
     whose configuration differs rebuilds), ``n_prompts``, ``n_pairs``, ``n_flagged_pairs`` and
     the cluster-size histogram (``cluster_pairs`` -> ``cluster_count``), from which the
     version's metrics follow without scanning anything.
+
+Parts stay few: a version's new part absorbs its parent's trailing parts of the table while it
+holds at least half the rows of the part before it and the merged part stays within
+:data:`CHUNK` rows (:func:`pipeline.parts.parts_to_merge`, the level compaction of
+``judgments``): a chain of N small versions keeps O(log N) parts per table (plus O(rows /
+CHUNK): the cap), each row is rewritten O(log N) times and a version rewrites at most CHUNK
+rows a table.  Prompts and signatures are merged alike (same keys, same rows); an edge part is
+merged by relabelling its edges.  Rows keep their order, so a state read back equals the
+uncompacted one row for row.  Parts not written yet (a converted or rebuilt parent state, an
+in-memory chain) are written as they are, not merged.
 
 Every part is read through :meth:`VersionHandle.read` (its sha256 checked against the
 manifest before parsing); nothing is memory-mapped.  A child reads the prompts table, the
@@ -86,6 +99,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.checks import near_duplicates as nd
+from pipeline.parts import parts_to_merge
 from pipeline.store import Store, VersionHandle
 from schemas.check import CheckResult
 from schemas.manifest import SplitInfo, TableInfo
@@ -384,6 +398,7 @@ class IncrementalResult:
     parent: VersionHandle | None
     stats: dict[str, Any]  # this run's work (not metrics: they describe the version)
     _child: dict[str, Any]
+    order: dict[str, list[str]] = field(default_factory=dict)  # part keys in manifest order, where not linked-then-written
 
     @property
     def status(self) -> str:
@@ -404,12 +419,15 @@ class IncrementalResult:
         from pipeline.parts import TableWriter
 
         out = {}
-        for name in TABLES:
-            w = TableWriter(store, stage, name)
+        for name in TABLES:  # parts in the order their rows have in the state (trailing: the newest)
+            w = TableWriter(store, stage, name, arrival_order=True)
             for part in self.inherit.get(name, []):
                 w.inherit(self.parent, part)
             for key, frame in self.write.get(name, []):
                 w.write(key, frame)
+            if name in self.order:  # a rewritten edge part keeps its place
+                rank = {key: i for i, key in enumerate(self.order[name])}
+                w.parts.sort(key=lambda p: rank[_part_key(p)])
             out[name] = w.info()
         return out
 
@@ -589,23 +607,33 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
                   "bands": b, "rows": r, "backend": "numpy"},
     }
 
-    # 7. the child's parts: the parent's linked, the new generation and rewritten edge parts written
+    # 7. the child's parts: the parent's linked, this version's written -- the parent's trailing parts
+    # merged into it (a level compaction, prompts and signatures alike) -- and rewritten edge parts
+    sig_parts_read = sum(c.handle is not None and c.array is not None for c in state.sig_chunks)
+    inherit = {t: list(state.inherited.get(t, [])) for t in APPEND_ONLY}
     write = {t: list(state.pending.get(t, [])) for t in APPEND_ONLY}
-    for i in range(0, m, CHUNK):
+    merged = {t: _merged_tail(state, t, n, height) for t, n, height in (
+        (PROMPTS, m, len(state)), (PAIR_PROMPTS, pp_new.height, pp_old.height), (LINKS, links_add.height, links_old.height))}
+    merged[SIGNATURES] = merged[PROMPTS]
+    tail = {t: sum(p.rows for p in inherit[t][len(inherit[t]) - k:]) for t, k in merged.items()}  # rows merged
+    for t, k in merged.items():
+        del inherit[t][len(inherit[t]) - k:]
+    start = len(state) - tail[PROMPTS]  # the merged parts' rows come first, in their order
+    hashes = pl.concat([state.hashes.slice(start), fresh.rename("prompt_hash")])
+    bands_part = np.concatenate([state.bands[:, start:], bands_new], axis=1)
+    sk_part = np.concatenate([state.sketches[start:], sk_new])
+    sig_part = np.concatenate([state.old_signatures(np.arange(start, len(state))), sigs])
+    for i in range(0, hashes.len(), CHUNK):
         key = f"{generation}-{i // CHUNK:03d}"
-        h = fresh.slice(i, CHUNK)
-        write[PROMPTS].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_band_cols(b), bands_new[:, i:i + CHUNK])),
-                                                  **dict(zip(_sketch_cols(num_perm), sk_new[i:i + CHUNK].T))})))
-        write[SIGNATURES].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_sig_cols(num_perm), sigs[i:i + CHUNK].T))})))
-    for t, rows in ((PAIR_PROMPTS, pp_new), (LINKS, links_add)):
+        h = hashes.slice(i, CHUNK)
+        write[PROMPTS].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_band_cols(b), bands_part[:, i:i + CHUNK])),
+                                                  **dict(zip(_sketch_cols(num_perm), sk_part[i:i + CHUNK].T))})))
+        write[SIGNATURES].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_sig_cols(num_perm), sig_part[i:i + CHUNK].T))})))
+    for t, old, rows in ((PAIR_PROMPTS, pp_old, pp_new), (LINKS, links_old, links_add)):
+        rows = pl.concat([old.slice(old.height - tail[t]), rows])
         if rows.height:
             write[t].append((generation, rows))
-    inherit = {t: list(state.inherited.get(t, [])) for t in APPEND_ONLY}
-    rewrite = set(changed["_part"].to_list()) | {generation}
-    edge_parts = {_part_key(p): p for p in state.inherited.get(EDGES, [])}
-    inherit[EDGES] = [p for k, p in edge_parts.items() if k not in rewrite]
-    write[EDGES] = [(k, g.drop("_part")) for (k,), g in edges.group_by("_part", maintain_order=True)
-                    if k in rewrite or k not in edge_parts]
+    edges, order, inherit[EDGES], write[EDGES], merged[EDGES] = _edge_parts(state, edges, changed, added.height, generation)
     write[SUMMARY] = [("all", pl.DataFrame({
         "params": [json.dumps(state_params(cfg), sort_keys=True)], "n_prompts": [n_prompts], "n_pairs": [n_pairs],
         "n_flagged_pairs": [n_flagged], "cluster_pairs": [list(sizes)], "cluster_count": [list(sizes.values())]},
@@ -621,11 +649,49 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
              "pair_prompts": pp_new, "links": links_new, "edges": edges, "cluster_sizes": sizes, "components": comp_new}
     stats = {"prompts_hashed": m, "old_bucket_members": int(old_rows.size), "candidates_gained": int(codes.size),
              "candidates_lost": int(lcodes.size), "sketch_passed": int(maybe.size),
-             "signature_parts_read": sum(c.handle is not None and c.array is not None for c in state.sig_chunks),
+             "signature_parts_read": sig_parts_read, "parts_merged": merged,
              "edges_added": added.height, "edges_removed": removed.height, "recomputed_pairs": recomputed.len(),
              "changed_clusters_pairs": clusters.height, "origin": state.origin, "seconds": clock.laps}
     return IncrementalResult(flags=flags, recomputed=recomputed, clusters=clusters, metrics=metrics, write=write,
-                             inherit=inherit, parent=state.parent, stats=stats, _child=child)
+                             inherit=inherit, parent=state.parent, stats=stats, _child=child, order={EDGES: order})
+
+
+def _merged_tail(state: NearDupState, table: str, fresh: int, height: int) -> int:
+    """How many of the parent's trailing parts of an append-only table this version's part of
+    ``fresh`` rows absorbs (:func:`~pipeline.parts.parts_to_merge`; a merged part holds at most
+    :data:`CHUNK` rows, so a version rewrites at most that many a table).  None behind a part
+    still pending (a converted or rebuilt state, an in-memory chain: written as they are).
+    ``height``: the state's rows of the table, which are its inherited parts' rows in order."""
+    parts = state.inherited.get(table, [])
+    if state.pending.get(table):
+        return 0
+    if sum(p.rows for p in parts) != height:
+        raise StateError(f"{table}: the parts hold {sum(p.rows for p in parts)} rows, the state {height}")
+    return parts_to_merge([p.rows for p in parts], fresh, cap=CHUNK)
+
+
+def _edge_parts(state: NearDupState, edges: pl.DataFrame, changed: pl.DataFrame, n_added: int, generation: str
+                ) -> tuple[pl.DataFrame, list[str], list[SplitInfo], list[tuple[str, pl.DataFrame]], int]:
+    """The edges' parts of the child: a part of the parent is linked unless one of its edges
+    changed (then rewritten in its place); this version's new edges (``_part == generation``)
+    absorb the trailing parts like an append-only table (:func:`_merged_tail`: their edges
+    relabelled).  Returns the edges relabelled, the part keys in order, the parts to link, the
+    parts to write and how many parts were merged."""
+    edge_parts = {_part_key(p): p for p in state.inherited.get(EDGES, [])}
+    keys = [*edge_parts, *(k for k, _ in state.pending.get(EDGES, []) if k not in edge_parts)]
+    now = dict(edges.group_by("_part").len().iter_rows())  # a changed part: its rows after the change
+    k = 0 if state.pending.get(EDGES) else parts_to_merge([now.get(key, 0) for key in keys], n_added, cap=CHUNK)
+    absorbed = keys[len(keys) - k:]
+    if absorbed:
+        edges = edges.with_columns(_part=pl.when(pl.col("_part").is_in(absorbed)).then(pl.lit(generation))
+                                   .otherwise(pl.col("_part")))
+    groups = {key: g.drop("_part") for (key,), g in edges.group_by("_part", maintain_order=True)}
+    order = keys[:len(keys) - k]
+    order += [key for key in groups if key not in order and key != generation] + [generation]
+    rewrite = set(changed["_part"].to_list()) | {generation}
+    inherit = [edge_parts[key] for key in order if key in edge_parts and key not in rewrite]
+    write = [(key, groups[key]) for key in order if key in groups and (key in rewrite or key not in edge_parts)]
+    return edges, order, inherit, write, k
 
 
 class _Clock:
