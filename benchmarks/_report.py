@@ -10,6 +10,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# the checkout's own modules (a benchmark run from another worktree measures that worktree's code,
+# and names its caches by that code's version, not by the editable install's)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "benchmarks.md"
 
 
