@@ -210,16 +210,20 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         # --full: the parent's state is not used (everything recomputed from the union)
         intact = parent is not None and not full and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
         same_policy = parent is not None and parent.manifest().policy_hash == policy.policy_hash()
-        if intact and same_policy and inc.has_preliminary(parent):
-            # the rule (docs/incremental.md): the batch's pairs aggregated with the parent's parameters fixed
-            assert parent is not None
-            prelim, prelim_rows, pair_order, prelim_rule = inc.preliminary(
-                judgments, n_parent_judgments, parent, policy.checks.aggregation, policy.dimensions)
+        # the rule (docs/incremental.md): the batch's pairs aggregated with the parent's parameters fixed
+        ruled = inc.preliminary(judgments, n_parent_judgments, parent, policy.checks.aggregation, policy.dimensions,
+                                version_id) if intact and same_policy and parent is not None and inc.has_preliminary(parent) \
+            else None
+        if ruled is not None:
+            prelim, prelim_rows, pair_order, prelim_touched, prelim_rule = ruled
             prelim_rule = {"mode": "incremental", **prelim_rule}
             texts = inc.first_texts(judgments)
         else:
             prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
-            prelim_rows, texts, pair_order = inc.preliminary_rows(prelim), prelim.texts(), prelim.pairs["pair_id"]
+            texts, pair_order, prelim_touched = prelim.texts(), prelim.pairs["pair_id"], None
+            # every pair of the union gets the version where it was first seen (the parent's record of it)
+            known = inc.parent_first_versions(parent) if parent is not None else None
+            prelim_rows = inc.preliminary_rows(prelim, first_versions(parent, pair_order, version_id, known)["first_version"])
             prelim_rule = {"mode": "full" if parent is not None and full else "recomputed"}
         assert prelim.params is not None
         prelim_params = prelim.params.sort("annotator_id")  # what a child's preliminary consensus starts from
@@ -228,10 +232,12 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         t = timer.lap("aggregate_preliminary", t)
         given: dict[str, CheckResult] = {}
         parent_flags = parent.read("flags.parquet") if intact else None
+        touched = None  # the pairs whose pair-scoped state rows changed (None: not known, all written)
         if intact and has_state(parent):
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
-            given = run_touched(judgments, n_parent_judgments, parent, policy.checks,
-                                Totals(judgments=judgments.height, pairs=prelim.pairs.height), parent_flags=parent_flags)
+            given, touched = run_touched(judgments, n_parent_judgments, parent, policy.checks,
+                                         Totals(judgments=judgments.height, pairs=prelim.pairs.height),
+                                         parent_flags=parent_flags)
             t = timer.lap("checks:touched_pairs", t)
         # near duplicates through the state tables: a child hashes and bands only its new prompts
         given["near_duplicates"], near_dup = inc.near_duplicates(
@@ -268,9 +274,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         planner=planner if delta.applies(parent) else None)
     del prelim, texts
     prior = prior_assignments(parent)
-    # the child's pairs in first-seen order, the generation (version of first appearance) of each
-    known_first = parent_rows.select("pair_id", "first_version") if parent_rows is not None else None
-    first = first_versions(parent, plan.order if plan is not None else final.pairs["pair_id"], version_id, known_first)
+    # the generation (version where it was first seen) of every pair of the union
+    first = prelim_rows.select("pair_id", "first_version")
     if plan is not None:  # the dirty pairs through select; the others are their parent's rows (pipeline/delta.py)
         assert parent_rows is not None
         rule.update(pairs_selected=plan.dirty.len(), pairs_removed=plan.removed.len())
@@ -335,8 +340,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # a big generation is split into buckets by a hash of the pair id: a changed pair rewrites its bucket only
     gens = first.rename({"first_version": "_gen"})
     if plan is not None and plan.removed.len():  # their parent rows leave the parts they are in
-        gens = pl.concat([gens, parent_rows.join(plan.removed.to_frame("pair_id"), on="pair_id", how="semi")
-                          .select("pair_id", _gen="first_version")])
+        gone_rows = parent_rows.join(plan.removed.to_frame("pair_id"), on="pair_id", how="semi") \
+            .join(gens, on="pair_id", how="anti")  # (pairs of the union have theirs already)
+        gens = pl.concat([gens, gone_rows.select("pair_id", _gen="first_version")])
     # small generations share a tail group's part (pipeline/parts.py: GROUPS)
     groups = generation_groups(parent, version_id, int((first["first_version"] == version_id).sum()))
     gens = grouped_generations(gens, groups)
@@ -376,9 +382,19 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         tables["routed"] = _grouped_table(reuse, store, stage, "routed", keyed(routed_out))
     splits = {s: SplitInfo(path=t.path, rows=t.rows, sha256=t.sha256) for s in SPLITS for t in [tables[f"data/{s}"]]}
     tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned))
-    for name, frame in state_frames(results).items():  # what a child's pair-scoped checks start from
-        tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
-    tables[inc.PRELIM_TABLE] = _grouped_table(reuse, store, stage, inc.PRELIM_TABLE, keyed(prelim_rows))
+    # the state tables: a child under the rule rewrites only the parts of the pairs whose rows changed
+    # (every pair keeps its part: its generation is the version where it was first seen)
+    state = {**state_frames(results), inc.PRELIM_TABLE: prelim_rows}
+    changed = {inc.PRELIM_TABLE: prelim_touched, **({name: touched for name in state if name != inc.PRELIM_TABLE}
+                                                    if touched is not None else {})}
+    for name, frame in state.items():  # what a child's checks and preliminary consensus start from
+        ids = changed.get(name) if plan is not None and prelim_touched is not None else None
+        if ids is not None and parent.table(name) is not None:
+            mine = frame.filter(pl.col("pair_id").is_in(ids.implode()))
+            tables[name] = delta.write_table(reuse, store, stage, name, keyed(mine), keyed(ids.to_frame("pair_id")),
+                                             order_by=_state_order(frame))
+        else:
+            tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
     review_state, review_ledger = rr.finish(
         review_ctx, version_id=version_id, created_at=created_at, pairs=fate, routed=routed_all,
         reviews=reviews, decided_by_reviews=decided, n_review_judgments=reviews.height)
@@ -570,6 +586,12 @@ def first_versions(parent: VersionHandle | None, pair_ids: pl.Series, version_id
     else:
         known = parent.read("pairs.parquet", columns=["pair_id"]).with_columns(first_version=pl.lit(parent.version_id))
     return ids.join(known, on="pair_id", how="left").with_columns(pl.col("first_version").fill_null(version_id))
+
+
+def _state_order(frame: pl.DataFrame) -> tuple[str, ...]:
+    """The order of a state table's rows in a part: pair_id, then its flat columns (the order
+    :func:`_grouped_table` gives: with one row a pair the other keys never decide)."""
+    return ("pair_id", *(c for c, t in frame.schema.items() if c not in ("pair_id", "_part") and not t.is_nested()))
 
 
 def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame: pl.DataFrame) -> TableInfo:

@@ -108,10 +108,13 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     return Plan(dirty=dirty, removed=removed["pair_id"].sort(), clean=clean)
 
 
-def write_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl.DataFrame, gone: pl.DataFrame) -> TableInfo:
+def write_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl.DataFrame, gone: pl.DataFrame,
+                order_by: tuple[str, ...] = ("pair_id",)) -> TableInfo:
     """A pair table of a child: ``rows`` (the dirty pairs' rows, with ``_part``), ``gone`` (pair_id,
     ``_part`` of every dirty or removed pair: their parent rows are replaced or deleted).  A parent
-    part no such pair falls in is linked unread; the others are rewritten."""
+    part no such pair falls in is linked unread; the others are rewritten, their rows sorted by
+    ``order_by`` (a state table with several rows a pair: pair_id and its flat columns, the order
+    :func:`pipeline.curate._grouped_table` gives the same rows)."""
     assert reuse.parent is not None
     parent = reuse.parent
     w = TableWriter(store, stage, name)
@@ -140,7 +143,7 @@ def write_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl
             if set(old.columns) != set(new.columns):
                 raise ValueError(f"{parent.path / rel}: columns {sorted(old.columns)} differ from the new rows' {sorted(new.columns)}")
             old = pl.concat([old.select(new.columns).cast(new.schema), new])
-        frame = old.sort("pair_id")
+        frame = _sorted(old, order_by)
         known = reuse.known.get(rel)
         if known is not None and frame.height == known[1].rows and fingerprint(frame) == known[0]:
             w.inherit(parent, part)  # the dirty rows came out as they were: the parent's part, linked
@@ -150,10 +153,14 @@ def write_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl
         _write(w, reuse, key, frame)
     for key, new in sorted(by_key.items()):
         if key not in done:
-            _write(w, reuse, key, new.sort("pair_id"))
+            _write(w, reuse, key, _sorted(new, order_by))
     if not w.parts:
         w.write(EMPTY_KEY, body.clear())
     return w.info()
+
+
+def _sorted(frame: pl.DataFrame, order_by: tuple[str, ...]) -> pl.DataFrame:
+    return frame.sort(list(order_by), nulls_last=True, maintain_order=True)
 
 
 def _write(w: TableWriter, reuse: PartReuse, key: str, frame: pl.DataFrame) -> None:

@@ -96,8 +96,9 @@ def has_state(parent: VersionHandle | None) -> bool:
 
 
 def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: ChecksConfig,
-                totals: Totals, parent_flags: pl.DataFrame | None = None) -> dict[str, CheckResult]:
-    """The pair-scoped checks of a child: run over the touched pairs, merged with the parent's."""
+                totals: Totals, parent_flags: pl.DataFrame | None = None) -> tuple[dict[str, CheckResult], pl.Series]:
+    """The pair-scoped checks of a child: run over the touched pairs, merged with the parent's.
+    Returns the results and the touched pairs (every other pair's state rows are the parent's)."""
     touched = touched_pairs(judgments, n_parent_rows)
     jt = judgments.filter(pl.col("pair_id").is_in(touched.implode()))
     touched_judgments = jt["comparison_id"]
@@ -118,7 +119,7 @@ def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
         merged = spec.summarize(state, flags if flags.height else empty_flags(), totals)
         merged.metrics["incremental"] = {"touched_pairs": touched.len(), "touched_judgments": jt.height}
         out[name] = merged
-    return out
+    return out, touched
 
 
 def near_duplicates(judgments: pl.DataFrame, parent: VersionHandle | None, cfg: ChecksConfig, *, version_id: str,
@@ -204,13 +205,27 @@ def has_preliminary(parent: VersionHandle) -> bool:
     return parent.table(PRELIM_TABLE) is not None and parent.table(PRELIM_PARAMS) is not None
 
 
-def preliminary_rows(aggr: Aggregation) -> pl.DataFrame:
+def preliminary_rows(aggr: Aggregation, first_version: pl.Series) -> pl.DataFrame:
     """A version's :data:`PRELIM_TABLE` rows from its preliminary aggregation (before reviews
-    resolve anything): the pairs without texts and comparison ids, their canonical ``a_hash``
-    and ``seen``, the rank in first-seen order."""
+    resolve anything): the pairs without texts and comparison ids, their canonical ``a_hash``,
+    ``seen`` (the rank in first-seen order) and ``first_version`` (the version where the pair
+    was first seen, aligned with the rows): every pair of the union has one, so every table
+    keyed by pair keeps a pair in the same part from version to version."""
     assert aggr.a_hash is not None
     return aggr.pairs.drop(_PRELIM_DROP, strict=False).with_columns(
-        a_hash=aggr.a_hash, seen=pl.int_range(aggr.pairs.height, dtype=pl.Int64))
+        a_hash=aggr.a_hash, seen=pl.int_range(aggr.pairs.height, dtype=pl.Int64),
+        first_version=first_version.cast(pl.String))
+
+
+def parent_first_versions(parent: VersionHandle) -> pl.DataFrame | None:
+    """pair_id -> first_version of every pair the parent has seen (None: it keeps no preliminary
+    state with that column, a parent written before it)."""
+    if not has_preliminary(parent):
+        return None
+    try:
+        return parent.read(PRELIM_TABLE, columns=["pair_id", "first_version"])
+    except pl.exceptions.ColumnNotFoundError:
+        return None
 
 
 def first_texts(judgments: pl.DataFrame) -> pl.DataFrame:
@@ -222,15 +237,18 @@ def first_texts(judgments: pl.DataFrame) -> pl.DataFrame:
 
 
 def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: AggregationConfig,
-                dimensions: DimensionsConfig | None) -> tuple[Aggregation, pl.DataFrame, pl.Series, dict[str, int]]:
+                dimensions: DimensionsConfig | None, version_id: str
+                ) -> tuple[Aggregation, pl.DataFrame, pl.Series, pl.Series, dict[str, int]] | None:
     """The preliminary consensus of a child under the rule (docs/incremental.md): the pairs of
     its new judgments (``judgments`` after the parent's ``n_parent_rows``) aggregated with the
     parent's preliminary parameters fixed (annotators without them fitted on those judgments),
     every other pair the parent's row.  Returns the aggregation (pairs without texts, the
     parent's in the order it stored them, then the batch's; ``params``: the child's parameter
     state), the child's :data:`PRELIM_TABLE` rows (the same order), the pair ids in first-seen
-    order and the rule's figures.  Only the ids are sorted: a gather of every pair's row
-    (lists, nested dimensions) cost 1.4 s at 3M judgments, and nothing needs the rows in order."""
+    order, the pairs aggregated (their rows are the ones that changed) and the rule's figures;
+    None when the parent's state lacks ``first_version`` (written before it: recompute).  Only
+    the ids are sorted: a gather of every pair's row (lists, nested dimensions) cost 1.4 s at 3M
+    judgments, and nothing needs the rows in order."""
     from pipeline.aggregate import PARAM_SCHEMA, aggregate
 
     touched = judgments.slice(n_parent_rows)["pair_id"].unique().to_frame("pair_id")
@@ -239,18 +257,22 @@ def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
                       dimensions=dimensions, params=given)
     assert fresh.params is not None
     old = parent.read(PRELIM_TABLE)
-    rows = preliminary_rows(fresh).drop("seen").join(old.select("pair_id", "seen"), on="pair_id", how="left",
-                                                     maintain_order="left")
+    if "first_version" not in old.columns:
+        return None
+    rows = preliminary_rows(fresh, pl.repeat(version_id, fresh.pairs.height, eager=True)) \
+        .drop("seen", "first_version").join(old.select("pair_id", "seen", "first_version"), on="pair_id", how="left",
+                                            maintain_order="left")
     # a new pair's rank: after the parent's pairs, in the order of its first judgment (the batch's order)
     new = rows["seen"].is_null()
-    rows = rows.with_columns(seen=pl.coalesce("seen", old.height + new.cast(pl.Int64).cum_sum() - 1))
+    rows = rows.with_columns(seen=pl.coalesce("seen", old.height + new.cast(pl.Int64).cum_sum() - 1),
+                             first_version=pl.coalesce("first_version", pl.lit(version_id)))
     keep = old.join(touched, on="pair_id", how="anti").select(rows.columns).cast(rows.schema)  # type: ignore[arg-type]
     state = pl.concat([keep, rows])
     aggr = Aggregation(state.drop("a_hash", "seen"), fresh.annotators, state["a_hash"],
                        merge_params(given, fresh.params))
     n_new = fresh.params.join(given, on="annotator_id", how="anti").height
     order = state.select("pair_id", "seen").sort("seen")["pair_id"]
-    return aggr, state, order, {"pairs_recomputed": rows.height, "pairs_from_parent": keep.height,
+    return aggr, state, order, touched["pair_id"], {"pairs_recomputed": rows.height, "pairs_from_parent": keep.height,
                          "annotators_from_parent": given.height, "annotators_fitted": n_new}
 
 
@@ -319,4 +341,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

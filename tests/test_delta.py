@@ -83,3 +83,41 @@ def test_a_batch_of_new_pairs_selects_only_them(tmp_path, monkeypatch):
     new_pairs = h2.read("pairs").filter(pl.col("first_version") == v2).height
     assert rule["pairs_selected"] == new_pairs and rule["pairs_removed"] == 0
     assert {p.sha256 for p in h1.table("pairs").parts} <= {p.sha256 for p in h2.table("pairs").parts}
+
+
+def test_a_child_rewrites_only_the_state_parts_its_batch_reaches(tmp_path, monkeypatch):
+    """The state tables (pair-scoped checks, the preliminary consensus) of a child under the rule are
+    written like the pair tables: a part without a pair whose rows changed is the parent's, linked
+    without being read; nothing goes through the grouped write, which fingerprints every row."""
+    import pipeline.curate as cur
+    from pipeline.incremental import PRELIM_TABLE
+
+    monkeypatch.setattr(parts, "PART_PAIRS", 3)  # the first version in many buckets
+    rng = random.Random(5)
+    first = _batch(rng, 0, []) + _batch(rng, 1, [])
+    store = Store(tmp_path / "s")
+    v1 = curate([write_jsonl(tmp_path / "a.jsonl", first)], store, POLICY).version_id
+    r = first[0]  # one old pair judged again
+    again = [{**r, "comparison_id": "again-1", "annotator_id": "ann-new"}]
+    grouped: list[str] = []
+    real = cur._grouped_table
+
+    def spy(reuse, store_, stage, name, frame):
+        grouped.append(name)
+        return real(reuse, store_, stage, name, frame)
+
+    monkeypatch.setattr(cur, "_grouped_table", spy)
+    v2 = curate([write_jsonl(tmp_path / "b.jsonl", again)], store, POLICY, parent=v1).version_id
+    h1, h2 = store.get(v1), store.get(v2)
+    assert h2.manifest().lineage["preliminary"]["mode"] == "incremental"
+    names = ("state/duplicates", "state/pair_id_conflict", "state/language", PRELIM_TABLE)
+    assert not set(grouped) & set(names), grouped
+    for name in names:
+        old = {p.path: p.sha256 for p in h1.table(name).parts}
+        new = {p.path: p.sha256 for p in h2.table(name).parts}
+        linked = [p for p in new if old.get(p) == new[p]]
+        assert len(linked) >= len(old) - 2, (name, len(old), len(linked))  # the pair's part (and its cluster's)
+        if name in ("state/language", PRELIM_TABLE):  # a row for every pair: many parts
+            assert len(old) >= 4, (name, len(old))
+    assert h2.read(PRELIM_TABLE).height == h1.read(PRELIM_TABLE).height  # no pair is new
+    assert h2.verify() == []
