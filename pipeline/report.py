@@ -231,7 +231,11 @@ def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
     if cl.height == 0:
         inp.cache["near_dup_clusters"] = pl.DataFrame()
         return inp.cache["near_dup_clusters"]
-    shown = p.join(cl.head(MAX_EXAMPLES).select("near_dup_cluster"), on="near_dup_cluster", how="semi")
+    # one pair per distinct prompt of a shown cluster (the first): the same prompts in the same order,
+    # and only the parts that hold those few pairs are read (a big cluster's pairs span many parts)
+    shown = p.join(cl.head(MAX_EXAMPLES).select("near_dup_cluster"), on="near_dup_cluster", how="semi") \
+        .join(ph, on="pair_id", how="left", maintain_order="left") \
+        .unique(["near_dup_cluster", "prompt_hash"], keep="first", maintain_order=True)
     shown = shown.join(inp.pair_rows(shown["pair_id"]).select("pair_id", "prompt_text"), on="pair_id", how="left",
                        maintain_order="left")
     prompts = shown.group_by("near_dup_cluster").agg(prompts=c("prompt_text").unique(maintain_order=True))

@@ -1,0 +1,33 @@
+"""The report's near-duplicate clusters: their prompts, looked up through one pair per prompt."""
+from __future__ import annotations
+
+import polars as pl
+
+from pipeline.report import ReportInputs, near_dup_clusters
+
+
+def test_cluster_prompts_come_from_one_pair_per_prompt_in_first_seen_order():
+    # cluster X: six pairs over two prompts (alternating); Y: two pairs of one prompt (not shown:
+    # a single prompt); Z: three prompts, two of them the same text (they differ in a system turn)
+    rows = [("p1", "X", "h1"), ("p2", "X", "h2"), ("p3", "X", "h1"), ("p4", "X", "h2"), ("p5", "X", "h1"),
+            ("p6", "X", "h2"), ("q1", "Y", "h9"), ("q2", "Y", "h9"), ("r1", "Z", "h5"), ("r2", "Z", "h6"),
+            ("r3", "Z", "h7"), ("s1", "s1", "h8")]
+    text = {"h1": "how do tides work", "h2": "how do the tides work", "h5": "a", "h6": "b", "h7": "a", "h8": "c",
+            "h9": "d"}
+    pairs = pl.DataFrame({"pair_id": [r[0] for r in rows], "decision": "keep", "reason": None,
+                          "near_dup_cluster": [r[1] for r in rows]})
+    judgments = pl.DataFrame({"pair_id": [r[0] for r in rows] * 2, "prompt_hash": [r[2] for r in rows] * 2})
+    asked: list[list[str]] = []
+
+    def pair_rows(ids: pl.Series) -> pl.DataFrame:
+        asked.append(ids.to_list())
+        by = {r[0]: text[r[2]] for r in rows}
+        return pl.DataFrame({"pair_id": ids, "prompt_text": [by[i] for i in ids]})
+
+    inp = ReportInputs(manifest=None, judgments=judgments, pairs=pairs, pair_rows=pair_rows,  # type: ignore[arg-type]
+                       flags=pl.DataFrame(), annotators=pl.DataFrame(), routed=pl.DataFrame(), quarantine=pl.DataFrame())
+    out = near_dup_clusters(inp)
+    got = {r["near_dup_cluster"]: (r["pairs"], r["n_prompts"], r["prompts"]) for r in out.iter_rows(named=True)}
+    assert got == {"X": (6, 2, ["how do tides work", "how do the tides work"]), "Z": (3, 3, ["a", "b"])}
+    assert out["near_dup_cluster"].to_list() == ["Z", "X"]  # most prompts first
+    assert len(asked) == 1 and sorted(asked[0]) == ["p1", "p2", "r1", "r2", "r3"]  # not p3..p6
