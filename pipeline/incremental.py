@@ -223,9 +223,10 @@ def parent_first_versions(parent: VersionHandle) -> pl.DataFrame | None:
     if not has_preliminary(parent):
         return None
     try:
-        return parent.read(PRELIM_TABLE, columns=["pair_id", "first_version"])
+        known = parent.read(PRELIM_TABLE, columns=["pair_id", "first_version"])
     except pl.exceptions.ColumnNotFoundError:
         return None
+    return known if "first_version" in known.columns else None
 
 
 def first_texts(judgments: pl.DataFrame) -> pl.DataFrame:
@@ -246,7 +247,7 @@ def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     parent's in the order it stored them, then the batch's; ``params``: the child's parameter
     state), the child's :data:`PRELIM_TABLE` rows (the same order), the pair ids in first-seen
     order, the pairs aggregated (their rows are the ones that changed) and the rule's figures;
-    None when the parent's state lacks ``first_version`` (written before it: recompute).  Only
+    None when the parent's state lacks one of the columns (written before it was kept: recompute).  Only
     the ids are sorted: a gather of every pair's row (lists, nested dimensions) cost 1.4 s at 3M
     judgments, and nothing needs the rows in order."""
     from pipeline.aggregate import PARAM_SCHEMA, aggregate
@@ -257,11 +258,11 @@ def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
                       dimensions=dimensions, params=given)
     assert fresh.params is not None
     old = parent.read(PRELIM_TABLE)
-    if "first_version" not in old.columns:
+    rows = preliminary_rows(fresh, pl.repeat(version_id, fresh.pairs.height, eager=True))
+    if set(rows.columns) - set(old.columns):  # a parent written before a column was kept: recompute
         return None
-    rows = preliminary_rows(fresh, pl.repeat(version_id, fresh.pairs.height, eager=True)) \
-        .drop("seen", "first_version").join(old.select("pair_id", "seen", "first_version"), on="pair_id", how="left",
-                                            maintain_order="left")
+    rows = rows.drop("seen", "first_version").join(old.select("pair_id", "seen", "first_version"), on="pair_id",
+                                                   how="left", maintain_order="left")
     # a new pair's rank: after the parent's pairs, in the order of its first judgment (the batch's order)
     new = rows["seen"].is_null()
     rows = rows.with_columns(seen=pl.coalesce("seen", old.height + new.cast(pl.Int64).cum_sum() - 1),

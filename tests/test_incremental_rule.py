@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 
 import polars as pl
+import pytest
 from conftest import write_jsonl
 from test_incremental import POLICY, _batch, curate_chain, random_chains
 
@@ -274,3 +275,28 @@ def test_grouped_write_fingerprints_are_those_of_the_parts_written(tmp_path):
     for part in w.parts:
         back = pl.read_parquet(stage / part.path)
         assert back["pair_id"].is_sorted() and fingerprint(back) == reuse.seen[part.path]
+
+
+@pytest.mark.parametrize("column", ["first_version", "strength"])
+def test_a_parent_without_a_preliminary_column_is_recomputed_once(tmp_path, monkeypatch, column):
+    """A parent whose preliminary state lacks a column this code keeps (written before it was
+    kept) gives a recomputed preliminary consensus, not an error; the next child is incremental."""
+    from pipeline.store import VersionHandle
+
+    rng = random.Random(13)
+    store = Store(tmp_path / "s")
+    v1 = curate([write_jsonl(tmp_path / "a.jsonl", _batch(rng, 0, []))], store, POLICY).version_id
+    real = VersionHandle.read
+
+    def older(self, name, *a, **k):
+        frame = real(self, name, *a, **k)
+        return frame.drop(column, strict=False) if name == PRELIM_TABLE and self.version_id == v1 else frame
+
+    with monkeypatch.context() as m:
+        m.setattr(VersionHandle, "read", older)
+        v2 = curate([write_jsonl(tmp_path / "b.jsonl", _batch(rng, 1, []))], store, POLICY, parent=v1).version_id
+    h2 = store.get(v2)
+    assert h2.manifest().lineage["preliminary"]["mode"] == "recomputed" and h2.verify() == []
+    assert "first_version" in h2.read(PRELIM_TABLE).columns
+    v3 = curate([write_jsonl(tmp_path / "c.jsonl", _batch(rng, 2, []))], store, POLICY, parent=v2).version_id
+    assert store.get(v3).manifest().lineage["preliminary"]["mode"] == "incremental"
