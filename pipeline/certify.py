@@ -31,13 +31,15 @@ Docs to ``STORE/certifications/VERSION/``.  The version directory is never touch
 """
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from pipeline.store import SPLITS, Store, StoreError, VersionHandle
+from pipeline.certify_parts import NO_LOCALE, VersionFacts, empty_facts, load_prior_facts, table_parts, write_facts
+from pipeline.store import SPLITS, Store, StoreError, VersionHandle, verify_files
 from schemas.manifest import Certification, GateResult
 from pipeline.checks import flag_actions, resolve_policy
 from schemas.policy import CertifyConfig, Policy
@@ -56,21 +58,31 @@ def _gate(name: str, value: Any, threshold: Any, passed: bool, detail: str = "")
     return GateResult(name=name, value=value, threshold=threshold, passed=bool(passed), detail=detail)
 
 
-def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_dir: Path | None = None) -> list[GateResult]:
+def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_dir: Path | None = None,
+                   facts: VersionFacts | None = None, facts_from: str | None = None) -> list[GateResult]:
+    """Every gate but integrity.  ``facts``: the parts' facts (GX result, counts), taken from an
+    earlier certification where a part is unchanged (``pipeline.certify_parts``); computed otherwise."""
     cfg = policy.certify
     m = h.manifest()
+    facts = facts or VersionFacts(h, empty_facts(), {})
     gates: list[GateResult] = []
     for split in SPLITS:
         need = cfg.min_pairs_per_split.get(split, 0)
         rows = m.splits[split].rows if split in m.splits else 0
         gates.append(_gate(f"min_pairs.{split}", rows, need, rows >= need))
 
-    kept = pl.concat([h.read_split(s) for s in SPLITS])
-    for loc, n in sorted(kept.group_by(pl.col("locale").fill_null("(none)")).len().iter_rows()):
+    locales: Counter[str] = Counter()
+    n_ai = 0
+    for split in SPLITS:
+        for _, row in facts.split(split):
+            locales.update({d["locale"]: d["n"] for d in row["locales"]})
+            n_ai += row["ai"]
+    n_kept = sum(locales.values())
+    for loc, n in sorted(locales.items()):
         gates.append(_gate(f"min_pairs.locale={loc}", n, cfg.min_pairs_per_locale, n >= cfg.min_pairs_per_locale))
 
     gates += agreement_gates(h, cfg)
-    gates += qualified_overlap_gates(h, cfg)
+    gates += qualified_overlap_gates(h, cfg, locales=set(locales))
 
     flags = h.read("flags.parquet")
     ann_flags = flags.filter(pl.col("subject_kind") == "annotator")
@@ -80,12 +92,13 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     biased = ann_flags.filter(pl.col("reason").is_in(list(BIAS_REASONS)))
     biased_ids = sorted(set(biased["subject_id"].to_list()) - dropped_ids)
     share = 0.0
-    if kept.height and biased_ids:
+    if n_kept and biased_ids:
+        kept = pl.concat([h.read_split(s, columns=["pair_id", "source_comparison_ids"]) for s in SPLITS])
         j = h.read("judgments.parquet", columns=["comparison_id", "annotator_id"])
-        by_pair = kept.select("pair_id", "source_comparison_ids").explode("source_comparison_ids").join(
+        by_pair = kept.explode("source_comparison_ids").join(
             j, left_on="source_comparison_ids", right_on="comparison_id", how="left")
         touched = by_pair.filter(pl.col("annotator_id").is_in(biased_ids))["pair_id"].n_unique()
-        share = touched / kept.height
+        share = touched / n_kept
     gates.append(_gate("biased_annotator_share", share, cfg.max_biased_annotator_share,
                        share <= cfg.max_biased_annotator_share, f"flagged: {', '.join(biased_ids) or 'none'}"))
 
@@ -98,7 +111,8 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     gates.append(_gate("near_duplicate_rate", rate, cfg.max_near_duplicate_rate, rate <= cfg.max_near_duplicate_rate,
                        f"{near} of {m.ledger.pairs} pairs"))
 
-    gates.append(stability_gate(h))
+    ids = split_pair_ids(h)
+    gates.append(stability_gate(h, ids))
     gates.append(protection_gate(h))
 
     leak = _check(m, "split_leakage").get("metrics", {})
@@ -109,29 +123,78 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     gates.append(_gate("quarantine_rate", q_rate, cfg.max_quarantine_rate, q_rate <= cfg.max_quarantine_rate,
                        f"{m.ledger.quarantined} of {m.ledger.rows_in} rows"))
 
-    pairs = h.read("pairs.parquet").filter(pl.col("decision") == "keep")
-    a_share = (pairs["label_consensus"] == "a").mean() if pairs.height else 0.5
+    keep = keep_a = 0
+    for _, row in facts.pairs():
+        keep, keep_a = keep + row["keep"], keep_a + row["keep_a"]
+    a_share = keep_a / keep if keep else 0.5
     lo, hi = cfg.label_balance
     gates.append(_gate("label_balance", float(a_share), [lo, hi], lo <= a_share <= hi, "share of kept pairs where a is chosen"))
-    ai = (kept["annotator_kind"] == "ai").mean() if kept.height else 0.0
+    ai = n_ai / n_kept if n_kept else 0.0
     lo, hi = cfg.ai_share
     gates.append(_gate("ai_share", float(ai), [lo, hi], lo <= ai <= hi, "share of kept pairs labelled by AI judges only"))
 
     if cfg.require_expectations and run_gx:
-        from pipeline.expectations import run_expectations
-
-        gx = run_expectations({s: h.split_path(s) for s in SPLITS}, gx_dir or Path("gx"))
-        failed = {s: r["failed"] for s, r in gx["splits"].items() if r["failed"]}
-        total = sum(r["evaluated"] for r in gx["splits"].values())
-        gates.append(_gate("expectations", total - sum(len(v) for v in failed.values()), total, gx["success"],
-                           f"failed: {failed}" if failed else f"all {total} expectations met; Data Docs: {gx['docs_index']}"))
+        gates.append(expectations_gate(facts, ids, gx_dir or Path("gx"), facts_from))
     elif cfg.require_expectations:  # the policy requires the suite: skipping it cannot certify
         gates.append(_gate("expectations", None, "run", False,
                            "Great Expectations suite not run (--no-expectations) but certify.require_expectations is set"))
     return gates
 
 
-def stability_gate(h: VersionHandle) -> GateResult:
+def split_pair_ids(h: VersionHandle) -> pl.DataFrame:
+    """``pair_id`` and ``split`` of every kept pair: the one column read from every split part
+    (the integrity gate has checked the files; a pair id's uniqueness across parts and the
+    stability gate need them all)."""
+    frames = []
+    for s in SPLITS:
+        files = [str(h.path / path) for path, _ in table_parts(h, f"data/{s}")]
+        frame = (pl.scan_parquet(files, glob=False).select("pair_id").collect() if files
+                 else pl.DataFrame(schema={"pair_id": pl.String}))
+        frames.append(frame.with_columns(split=pl.lit(s)))
+    return pl.concat(frames)
+
+
+def expectations_gate(facts: VersionFacts, ids: pl.DataFrame, gx_dir: Path, facts_from: str | None) -> GateResult:
+    """The GX suite met by every part of every split.  Parts an earlier certification validated
+    (same sha256) keep their result; the others are validated now, one batch per split.  The
+    suite's ``pair_id`` uniqueness holds within a batch; across a split's parts it is checked here."""
+    batches, validated, evaluated, reused = {}, {}, {}, 0
+    for s in SPLITS:
+        todo = facts.unvalidated(s)
+        if todo:
+            batches[s] = pl.concat([frame for _, _, frame in todo], how="vertical_relaxed")
+            validated[s] = [row for _, row, _ in todo]
+        parts = facts.split(s)
+        reused += len(parts) - len(todo)
+        evaluated[s] = max((row["gx_evaluated"] or 0 for _, row in parts), default=0)
+    failed: dict[str, list[str]] = {}
+    docs = ""
+    if batches:
+        from pipeline.expectations import run_expectations
+
+        gx = run_expectations(batches, gx_dir)
+        docs = f"; Data Docs: {gx['docs_index']}"
+        for s, r in gx["splits"].items():
+            evaluated[s] = r["evaluated"]
+            if r["failed"]:
+                failed[s] = list(r["failed"])
+            else:  # only a passing part's result is kept for later certifications
+                for row in validated[s]:
+                    row["gx_evaluated"] = r["evaluated"]
+    for s, frame in ids.partition_by("split", as_dict=True).items():
+        n_dup = frame.height - frame["pair_id"].n_unique()
+        if n_dup:
+            failed.setdefault(s[0], []).append(f"expect_column_values_to_be_unique(pair_id) across the split's parts: {n_dup} repeated")
+    total = sum(evaluated.values())
+    n_failed = sum(len(v) for v in failed.values())
+    n_new = sum(len(v) for v in validated.values())
+    how = f"{n_new} parts validated now, {reused} unchanged since the certification of {facts_from}" if reused else \
+        f"{n_new} parts validated now"
+    detail = f"failed: {failed}" if failed else f"all {total} expectations met on every part ({how}){docs}"
+    return _gate("expectations", total - n_failed, total, not failed, detail)
+
+
+def stability_gate(h: VersionHandle, ids: pl.DataFrame | None = None) -> GateResult:
     """No pair of the parent's validation/test (nor of any ancestor's: the assignment table is
     inherited) is in this version's train split.  Recomputed from the parent's files, not taken
     from the child's own report; when the parent is gone, the child's recorded figure is used."""
@@ -148,7 +211,7 @@ def stability_gate(h: VersionHandle) -> GateResult:
         n = int(rec.get("into_train_from_held_out", 0) or 0)
         return _gate("split_stability", n, 0, n == 0 and bool(rec),
                      f"parent {m.parent_version} not readable ({err}); figure recorded at curate time")
-    now = pl.concat([h.read_split(s, columns=["pair_id"]).with_columns(split=pl.lit(s)) for s in SPLITS])
+    now = split_pair_ids(h) if ids is None else ids
     moves = split_moves(prior, now)
     bad = moves.filter((pl.col("to") == "train") & (pl.col("from") != "train"))
     by = ", ".join(f"{a}->{b} {n}" for a, b, n in moves.group_by("from", "to").len().sort("from", "to").iter_rows())
@@ -217,7 +280,7 @@ def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
     return gates
 
 
-def qualified_overlap_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
+def qualified_overlap_gates(h: VersionHandle, cfg: CertifyConfig, locales: set[str] | None = None) -> list[GateResult]:
     """Built with an annotator registry: per locale of the kept pairs, pairs judged by >= 2 different
     *qualified* humans (judgments the registry check did not flag, whatever the policy did with the
     flags) >= min(``min_overlap_share`` x the locale's pairs, ``min_qualified_overlap_pairs_per_locale``).
@@ -234,11 +297,12 @@ def qualified_overlap_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateRe
         pl.col("locale").fill_null("(none)"))
     qualified = j.join(flags.select(comparison_id="subject_id"), on="comparison_id", how="anti").filter(
         pl.col("annotator_kind") == "human")
-    kept = pl.concat([h.read_split(s, columns=["locale"]) for s in SPLITS])
+    if locales is None:
+        locales = set(pl.concat([h.read_split(s, columns=["locale"]) for s in SPLITS])["locale"].fill_null(NO_LOCALE).to_list())
     pairs_of = dict(j.group_by("locale").agg(pl.col("pair_id").n_unique()).iter_rows())
     by_locale = qualified.partition_by("locale", as_dict=True)
     gates = []
-    for loc in sorted(set(kept["locale"].fill_null("(none)").to_list())):
+    for loc in sorted(locales):
         pairs = pairs_of.get(loc, 0)
         o = overlap_agreement(by_locale.get((loc,), qualified.clear()))["human"]
         need = required_overlap(pairs, cfg.min_overlap_share, cfg.min_qualified_overlap_pairs_per_locale)
@@ -250,6 +314,16 @@ def qualified_overlap_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateRe
     return gates
 
 
+def _parent(store: Store, h: VersionHandle) -> VersionHandle | None:
+    pid = h.manifest().parent_version
+    if not pid:
+        return None
+    try:
+        return store.get(pid)
+    except StoreError:
+        return None
+
+
 def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = True) -> Certification:
     """Evaluate the gates, refuse a tampered version, append the record.  Never edits the version.
 
@@ -258,13 +332,22 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
     policy = resolve_policy(policy)
     h = store.resolve(ref)
     manifest_sha = h.manifest_sha256()
-    problems = h.verify()
+    prior, facts_from = load_prior_facts(store, (h, _parent(store, h)))
+    known = {r["sha256"]: (r["ino"], r["size"], r["mtime_ns"]) for r in prior.iter_rows(named=True)}
+    checked: dict[str, tuple[int, int, int]] = {}
+    problems = verify_files(h.manifest(), h.path, known=known, checked=checked)
+    part_facts = None
     if problems:
         gates = [_gate("integrity", len(problems), 0, False, "; ".join(problems))]
     else:
         gx_dir = store.root / "certifications" / h.version_id / f"gx-{policy.policy_hash()}"
-        gates = [_gate("integrity", 0, 0, True, "every file matches its sha256 in the manifest")]
-        gates += evaluate_gates(h, policy, run_gx=run_gx, gx_dir=gx_dir)
+        unchanged = sum(known.get(sha) == key for sha, key in checked.items())
+        how = (f"; {len(checked) - unchanged} files hashed, {unchanged} unchanged since the certification of {facts_from} "
+               "hashed them (same inode, size and mtime)") if unchanged else ""
+        gates = [_gate("integrity", 0, 0, True, f"every file matches its sha256 in the manifest{how}")]
+        facts = VersionFacts(h, prior, checked)
+        gates += evaluate_gates(h, policy, run_gx=run_gx, gx_dir=gx_dir, facts=facts, facts_from=facts_from)
+        part_facts = write_facts(store, h.version_id, facts.frame())
     cert = Certification(
         version_id=h.version_id,
         verdict="certified" if all(g.passed for g in gates) else "rejected",
@@ -275,6 +358,7 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
         code_version=code_version(),
         manifest_sha256=manifest_sha,
         opt_outs=[] if policy.certify.require_agreement else ["agreement"],
+        part_facts=part_facts,
     )
     store.add_certification(cert)
     return cert

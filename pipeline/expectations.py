@@ -69,8 +69,9 @@ def build_suite(gx):
     return suite
 
 
-def run_expectations(split_paths: dict[str, Path], out_dir: Path) -> dict[str, Any]:
-    """Validate each split; write ``validation.json`` and Data Docs under ``out_dir``.
+def run_expectations(batches: dict[str, pl.DataFrame], out_dir: Path) -> dict[str, Any]:
+    """Validate each batch (the rows of a split to validate: all of them, or its parts that no
+    earlier certification validated); write ``validation_<name>.json`` and Data Docs under ``out_dir``.
 
     Returns ``{"success": bool, "splits": {name: {...}}, "docs_index": path}``.
     """
@@ -94,8 +95,7 @@ def run_expectations(split_paths: dict[str, Path], out_dir: Path) -> dict[str, A
     ds = ctx.data_sources.add_pandas("prefpipe")
     results: dict[str, Any] = {}
     ok = True
-    for name, path in split_paths.items():
-        df = pl.read_parquet(path, glob=False)
+    for name, df in batches.items():
         asset = ds.add_dataframe_asset(name)
         bd = asset.add_batch_definition_whole_dataframe(f"{name}_all")
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"dpo_{name}", data=bd, suite=suite))

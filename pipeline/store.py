@@ -162,12 +162,17 @@ def table_sha256(parts: list[SplitInfo]) -> str:
     return hashlib.sha256("".join(f"{p.path}\t{p.sha256}\n" for p in parts).encode()).hexdigest()
 
 
-def verify_files(m: Manifest, root: Path, *, objects: Path | None = None) -> list[str]:
+def verify_files(m: Manifest, root: Path, *, objects: Path | None = None,
+                 known: dict[str, tuple[int, int, int]] | None = None,
+                 checked: dict[str, tuple[int, int, int]] | None = None) -> list[str]:
     """Every file named in the manifest exists under ``root`` with its sha256; returns problems (empty = ok).
 
     ``objects``: the store's object directory; a file that *is* (same inode) the object named by
     its sha256 is not hashed again (used when a writer checks its own staged version: it linked
-    parts it had hashed, or its parent's, which were verified when read)."""
+    parts it had hashed, or its parent's, which were verified when read).
+    ``known``: sha256 -> (inode, size, mtime_ns) the file had when an earlier verification hashed
+    it (a certification's part facts); a file that still has them is not hashed again.
+    ``checked``: filled with sha256 -> (inode, size, mtime_ns) of every file found intact."""
     problems = []
     for key, t in m.tables.items():
         if table_sha256(t.parts) != t.sha256 or sum(p.rows for p in t.parts) != t.rows:
@@ -176,12 +181,21 @@ def verify_files(m: Manifest, root: Path, *, objects: Path | None = None) -> lis
         p = root / name
         if not p.is_file():
             problems.append(f"{name}: missing")
-        elif objects is not None and _is_object(p, objects, info.sha256):
             continue
-        elif info.bytes is not None and p.stat().st_size != info.bytes:
-            problems.append(f"{name}: {p.stat().st_size} bytes, the manifest says {info.bytes} (file changed after the version was written)")
+        st = p.stat()
+        stat_key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if objects is not None and _is_object(p, objects, info.sha256):
+            pass
+        elif known is not None and known.get(info.sha256) == stat_key:
+            pass
+        elif info.bytes is not None and st.st_size != info.bytes:
+            problems.append(f"{name}: {st.st_size} bytes, the manifest says {info.bytes} (file changed after the version was written)")
+            continue
         elif sha256_file(p) != info.sha256:
             problems.append(f"{name}: sha256 differs from the manifest (file changed after the version was written)")
+            continue
+        if checked is not None:
+            checked[info.sha256] = stat_key
     return problems
 
 

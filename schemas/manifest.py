@@ -178,6 +178,15 @@ class GateResult(BaseModel):
     detail: str = ""
 
 
+class PartFactsRef(BaseModel):
+    """The per-part facts file a certification wrote (``pipeline.certify_parts``), bound by sha256."""
+
+    path: str = Field(description="relative to the store root")
+    sha256: str
+    rows: int
+    key: str = Field(description="facts format and code version: facts are reused only by the same code")
+
+
 class Certification(BaseModel):
     """One certification record.  It binds the version's content: ``manifest_sha256`` is the
     sha256 of the exact ``manifest.json`` bytes that were evaluated (the manifest holds every
@@ -192,3 +201,5 @@ class Certification(BaseModel):
     code_version: str
     manifest_sha256: str | None = Field(None, description="sha256 of the certified manifest.json bytes")
     opt_outs: list[str] = Field(default_factory=list, description="gates the policy explicitly opted out of")
+    part_facts: PartFactsRef | None = Field(None, description="per-part facts (GX result, counts, file stat when "
+                                            "hashed) a later certification of this version or a child may reuse")

@@ -1,0 +1,200 @@
+"""Facts a certification computes once per part, and takes from a verified earlier certification.
+
+A child version shares almost every part with its parent (a 10k batch on a 3M-judgment history
+writes one new part per split table and links 256).  Everything certification computes from a
+part alone is a fact about the part's bytes: its GX result, its rows per locale, its AI-labelled
+rows, its kept pairs whose chosen response is ``a``, and the (inode, size, mtime) it had when
+its sha256 was checked.  A certification writes those facts for every part of the version to
+``certifications/VERSION/part-facts-<sha12>.parquet`` and binds that file's sha256 into its
+record (signed with the record when signing is configured).  The next certification of the
+version, or of a child, takes the facts of every part with the same sha256 from there, and
+computes only the parts that are new, so its cost follows the batch, not the history.
+
+Facts are taken only from a record that verifies: it names the version, its signature holds
+(when a key is configured), it binds the version's current ``manifest.json``, its facts file
+matches the sha256 it binds, and the facts were computed by the same code (``code_version``).
+Anything else: no facts are taken, every part is computed (the cost of a first certification).
+
+What the facts cannot cover, certification still reads across the version: the ``pair_id``
+column of every split part (a pair id must be unique across parts, which no per-part fact
+proves), the flags table, and the judgments for the agreement gates.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline.store import Store, StoreError, VersionHandle, atomic_write_bytes
+from schemas.manifest import PartFactsRef
+from schemas.version import code_version
+
+FORMAT = 1
+FACTS_SCHEMA: dict[str, Any] = {
+    "sha256": pl.String,
+    "ino": pl.Int64, "size": pl.Int64, "mtime_ns": pl.Int64,  # the file when its sha256 was last checked
+    "gx_evaluated": pl.Int64,   # split parts: expectations met (null: not validated)
+    "locales": pl.List(pl.Struct({"locale": pl.String, "n": pl.Int64})),  # split parts: rows per locale
+    "ai": pl.Int64,             # split parts: rows labelled by AI judges only
+    "keep": pl.Int64,           # pairs parts: kept pairs
+    "keep_a": pl.Int64,         # pairs parts: kept pairs whose consensus label is ``a``
+}
+NO_LOCALE = "(none)"
+
+
+def facts_key() -> str:
+    """Facts are reused only between certifications by the same code (and facts format)."""
+    return f"{FORMAT}:{code_version()}"
+
+
+def empty_facts() -> pl.DataFrame:
+    return pl.DataFrame(schema=FACTS_SCHEMA)
+
+
+def _record_ok(store: Store, h: VersionHandle, rec: dict[str, Any] | None, ring: Any) -> PartFactsRef | None:
+    from pipeline.signing import verify_record
+
+    if not rec or rec.get("version_id") != h.version_id or not rec.get("part_facts"):
+        return None
+    if ring is not None and verify_record(rec, ring):
+        return None
+    try:
+        ref = PartFactsRef.model_validate(rec["part_facts"])
+        if rec.get("manifest_sha256") != h.manifest_sha256():
+            return None
+    except (ValueError, StoreError):
+        return None
+    return ref if ref.key == facts_key() else None
+
+
+def load_prior_facts(store: Store, handles: Iterable[VersionHandle | None]) -> tuple[pl.DataFrame, str | None]:
+    """Facts of the first of ``handles`` (the version itself, then its parent) whose latest
+    certification verifies (see the module doc), with that version's id; empty facts otherwise."""
+    from pipeline.signing import load_keyring
+
+    ring = load_keyring()
+    for h in handles:
+        if h is None:
+            continue
+        try:
+            ref = _record_ok(store, h, store.latest_certification(h.version_id), ring)
+        except StoreError:
+            continue
+        if ref is None:
+            continue
+        path = store.root / ref.path
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            continue
+        try:
+            facts = pl.read_parquet(io.BytesIO(data))
+            facts = facts.select(list(FACTS_SCHEMA)).cast(FACTS_SCHEMA)
+        except (pl.exceptions.PolarsError, OSError):
+            continue
+        if facts.height == ref.rows:
+            return facts, h.version_id
+    return empty_facts(), None
+
+
+def write_facts(store: Store, version_id: str, facts: pl.DataFrame) -> PartFactsRef:
+    """Write the facts file under ``certifications/VERSION/`` atomically; its name carries its
+    sha256, so two certifications never overwrite each other's file."""
+    buf = io.BytesIO()
+    facts.select(list(FACTS_SCHEMA)).cast(FACTS_SCHEMA).sort("sha256").write_parquet(buf, compression="zstd")
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    rel = Path("certifications") / version_id / f"part-facts-{sha[:12]}.parquet"
+    path = store.root / rel
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    return PartFactsRef(path=rel.as_posix(), sha256=sha, rows=facts.height, key=facts_key())
+
+
+def split_part_facts(frame: pl.DataFrame) -> dict[str, Any]:
+    """Per-part facts of a DPO split part (everything but GX)."""
+    loc = (frame.group_by(pl.col("locale").fill_null(NO_LOCALE)).len().sort("locale")
+           .select(pl.struct(locale="locale", n=pl.col("len").cast(pl.Int64)).alias("s"))["s"].to_list())
+    return {"locales": loc, "ai": int((frame["annotator_kind"] == "ai").sum())}
+
+
+def pairs_part_facts(frame: pl.DataFrame) -> dict[str, Any]:
+    """Per-part facts of a ``pairs`` part: kept pairs, and those whose consensus label is ``a``."""
+    keep = frame.filter(pl.col("decision") == "keep")
+    return {"keep": keep.height, "keep_a": int((keep["label_consensus"] == "a").sum())}
+
+
+def table_parts(h: VersionHandle, rel: str) -> list[tuple[str, str]]:
+    """(path in the version, sha256) of each part of table ``rel`` (``data/train``, ``pairs``); a
+    version written before tables has one file ``rel.parquet``."""
+    t = h.table(rel)
+    if t is not None:
+        return [(p.path, p.sha256) for p in t.parts]
+    m = h.manifest()
+    name = rel.removeprefix("data/")
+    if rel.startswith("data/") and name in m.splits:
+        return [(f"{rel}.parquet", m.splits[name].sha256)]
+    info = m.files.get(f"{rel}.parquet")
+    return [(f"{rel}.parquet", info.sha256)] if info is not None else []
+
+
+class VersionFacts:
+    """The facts of one version's parts: taken from ``prior`` (a verified earlier certification)
+    where the part's sha256 is there, computed from the part (a verified read) otherwise."""
+
+    def __init__(self, h: VersionHandle, prior: pl.DataFrame, checked: dict[str, tuple[int, int, int]]):
+        self.h = h
+        self.prior = {r["sha256"]: r for r in prior.iter_rows(named=True)}
+        self.checked = checked
+        self.facts: dict[str, dict[str, Any]] = {}
+        self.computed = 0  # parts read to compute their facts
+        self.frames: dict[str, pl.DataFrame] = {}  # split parts read this time, by path (GX validates them)
+
+    def _get(self, sha: str, field: str, compute) -> dict[str, Any]:
+        row = self.facts.get(sha)
+        if row is None:
+            row = self.facts[sha] = {k: None for k in FACTS_SCHEMA} | (self.prior.get(sha) or {"sha256": sha})
+        if row.get(field) is None:
+            row.update(compute())
+            self.computed += 1
+        return row
+
+    def split(self, split: str) -> list[tuple[str, dict[str, Any]]]:
+        """(path, facts) of every part of a split."""
+        def compute(path: str) -> dict[str, Any]:
+            frame = self.frames[path] = self.h.read(path)
+            return split_part_facts(frame)
+
+        return [(path, self._get(sha, "locales", lambda path=path: compute(path))) for path, sha in table_parts(self.h, f"data/{split}")]
+
+    def unvalidated(self, split: str) -> list[tuple[str, dict[str, Any], pl.DataFrame]]:
+        """The split's parts without a GX result (path, facts, rows): new parts, and parts whose
+        earlier certification did not run GX."""
+        out = []
+        for path, row in self.split(split):
+            if row.get("gx_evaluated") is None:
+                out.append((path, row, self.frames.pop(path, None) if path in self.frames else self.h.read(path)))
+        return out
+
+    def pairs(self) -> list[tuple[str, dict[str, Any]]]:
+        cols = ["decision", "label_consensus"]
+        return [(path, self._get(sha, "keep", lambda path=path: pairs_part_facts(self.h.read(path, columns=cols))))
+                for path, sha in table_parts(self.h, "pairs")]
+
+    def frame(self) -> pl.DataFrame:
+        """Facts of every file of the version that was found intact (for the next certification)."""
+        rows = []
+        for sha, (ino, size, mtime) in self.checked.items():
+            row = {k: None for k in FACTS_SCHEMA} | self.facts.get(sha, {"sha256": sha})
+            rows.append(row | {"sha256": sha, "ino": ino, "size": size, "mtime_ns": mtime})
+        return pl.DataFrame(rows, schema=FACTS_SCHEMA) if rows else empty_facts()
+
+
+__all__ = ["FACTS_SCHEMA", "NO_LOCALE", "VersionFacts", "empty_facts", "facts_key", "load_prior_facts", "pairs_part_facts",
+           "split_part_facts", "table_parts", "write_facts"]
