@@ -345,9 +345,14 @@ def certify(
     store: StoreOpt = Path("store"),
     policy: PolicyOpt = None,
     no_expectations: Annotated[bool, typer.Option("--no-expectations", help="Skip the Great Expectations suite (gate fails if the policy requires it).")] = False,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Take nothing from earlier certifications: hash every file and validate every part.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a version against the policy's certification gates.
+
+    Parts unchanged since an earlier certification of this version or of its parent (same
+    sha256, same inode, size and mtime) keep that certification's results; only the other
+    parts are hashed and validated (--from-scratch: all of them).
 
     Writes certifications/VERSION.json beside the version (history kept; the version is
     never edited) and Great Expectations results + Data Docs under certifications/VERSION/.
@@ -359,7 +364,7 @@ def certify(
     st = _open_store(store)
     h = _resolve_or_exit(st, version)
     with progress_for("certifying", None, unit="", enabled=not as_json):
-        cert = certify_version(st, h.version_id, pol, run_gx=not no_expectations)
+        cert = certify_version(st, h.version_id, pol, run_gx=not no_expectations, reuse=not from_scratch)
     if as_json:
         print(json.dumps({**cert.model_dump(mode="json"), "record": str(st.certification_path(h.version_id))}, indent=2))
     else:

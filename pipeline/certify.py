@@ -24,7 +24,18 @@ Gates (``policy.certify``), each recorded with value / threshold / passed:
 * ``quarantine_rate``              quarantined / rows in <= ``max_quarantine_rate``
 * ``label_balance``                share of kept pairs whose chosen response is ``a``, within ``label_balance``
 * ``ai_share``                     share of kept pairs labelled by AI judges only, within ``ai_share``
-* ``expectations``                 every Great Expectations expectation met on every split
+* ``expectations``                 every Great Expectations expectation met on every part of every split, and no
+                                   ``pair_id`` in two parts of a split
+
+Per part (``pipeline.certify_parts``): what a gate computes from one part alone (its GX result, its
+rows per locale, its AI-labelled rows, its kept pairs and those labelled ``a``, the file's inode,
+size and mtime when its sha256 was checked) is kept in a facts file bound by sha256 into the
+record.  The next certification of the version, or of a child, takes those facts for every part
+with the same sha256 (a file hashed again only when its inode, size or mtime changed) and
+computes the new parts only: a child of a large history costs its batch.  ``--from-scratch``
+takes nothing.  Still read across the version: the flags, the judgments (agreement gates, and
+the biased-annotator share when an unresolved biased annotator exists), the ``pair_id`` column
+of every split part, and the parent's split assignments.
 
 The record goes to ``STORE/certifications/VERSION.json`` (history kept); GX results and Data
 Docs to ``STORE/certifications/VERSION/``.  The version directory is never touched.
@@ -324,7 +335,7 @@ def _parent(store: Store, h: VersionHandle) -> VersionHandle | None:
         return None
 
 
-def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = True) -> Certification:
+def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = True, reuse: bool = True) -> Certification:
     """Evaluate the gates, refuse a tampered version, append the record.  Never edits the version.
 
     The record binds what was evaluated: the sha256 of the manifest bytes read (the manifest
@@ -332,7 +343,7 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
     policy = resolve_policy(policy)
     h = store.resolve(ref)
     manifest_sha = h.manifest_sha256()
-    prior, facts_from = load_prior_facts(store, (h, _parent(store, h)))
+    prior, facts_from = load_prior_facts(store, (h, _parent(store, h)) if reuse else ())
     known = {r["sha256"]: (r["ino"], r["size"], r["mtime_ns"]) for r in prior.iter_rows(named=True)}
     checked: dict[str, tuple[int, int, int]] = {}
     problems = verify_files(h.manifest(), h.path, known=known, checked=checked)

@@ -1,0 +1,183 @@
+"""Certification per part: a child's certification takes the facts of the parts it shares with its
+certified parent from the parent's record, validates and hashes only its new parts, and reaches
+exactly the gates a certification from scratch reaches.  Facts come only from a record that verifies."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from conftest import ROOT
+
+import pipeline.certify_parts as cp
+import pipeline.expectations as expectations
+from pipeline.certify import certify_version, expectations_gate, split_pair_ids
+from pipeline.curate import curate
+from pipeline.store import SPLITS, Store
+from schemas.policy import Policy, policy_from_dict
+
+BATCHES = [ROOT / "data" / "samples" / f"batch-2026-11-{d}.jsonl" for d in ("02", "09")]
+NO_GX = policy_from_dict({"certify": {"require_expectations": False}})
+
+
+def _chain(root: Path) -> tuple[Store, str, str]:
+    st = Store(root)
+    v1 = curate([BATCHES[0]], st, Policy()).version_id
+    v2 = curate([BATCHES[1]], st, Policy(), parent=v1).version_id
+    return st, v1, v2
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return _chain(tmp_path_factory.mktemp("certparts"))
+
+
+def _copy(chain, tmp_path: Path) -> tuple[Store, str, str]:
+    """A copy of the chain's store without certifications (parts stay hard links: same inodes)."""
+    st, v1, v2 = chain
+    root = tmp_path / "store"
+    shutil.copytree(st.root, root, copy_function=os.link, ignore=shutil.ignore_patterns("certifications"))
+    return Store(root), v1, v2
+
+
+def _gates(cert) -> dict[str, tuple]:
+    return {g.name: (g.value, g.threshold, g.passed) for g in cert.gates}
+
+
+def _detail(cert, name: str) -> str:
+    return next(g.detail for g in cert.gates if g.name == name)
+
+
+def _new_split_rows(st: Store, v1: str, v2: str) -> dict[str, int]:
+    m1, m2 = st.get(v1).manifest(), st.get(v2).manifest()
+    out = {}
+    for s in SPLITS:
+        old = {p.sha256 for p in m1.tables[f"data/{s}"].parts}
+        out[s] = sum(p.rows for p in m2.tables[f"data/{s}"].parts if p.sha256 not in old)
+    return out
+
+
+def test_a_child_validates_only_its_new_parts_and_reaches_the_gates_of_a_full_certification(chain, tmp_path, monkeypatch):
+    st, v1, v2 = _copy(chain, tmp_path)
+    batches: list[dict[str, int]] = []
+    real = expectations.run_expectations
+
+    def spy(frames, out_dir):
+        batches.append({s: f.height for s, f in frames.items()})
+        return real(frames, out_dir)
+
+    monkeypatch.setattr(expectations, "run_expectations", spy)
+    first = certify_version(st, v1, Policy())
+    assert batches == [{s: st.get(v1).manifest().splits[s].rows for s in SPLITS}]  # nothing to take: every row
+    child = certify_version(st, v2, Policy())
+    new_rows = _new_split_rows(st, v1, v2)
+    assert 0 < sum(new_rows.values()) < sum(st.get(v2).manifest().splits[s].rows for s in SPLITS)
+    assert batches[1] == {s: n for s, n in new_rows.items() if n}  # only the child's new parts
+    shared = sum(p.sha256 in {q.sha256 for t in st.get(v1).manifest().tables.values() for q in t.parts}
+                 for t in st.get(v2).manifest().tables.values() for p in t.parts)
+    assert f"{shared} unchanged since the certification of {v1}" in _detail(child, "integrity")
+    assert f"unchanged since the certification of {v1}" in _detail(child, "expectations")
+    assert first.part_facts is not None and child.part_facts is not None
+
+    # the same child certified with nothing to take (a fresh copy, parent not certified) -> the same gates
+    st2, _, _ = _copy(chain, tmp_path / "scratch")
+    monkeypatch.setattr(expectations, "run_expectations", real)
+    scratch = certify_version(st2, v2, Policy())
+    assert "unchanged since" not in _detail(scratch, "integrity")
+    assert _gates(child) == _gates(scratch)
+    assert child.verdict == scratch.verdict
+
+    # certifying the child again takes every part from its own record: no GX run, no file hashed
+    batches.clear()
+    monkeypatch.setattr(expectations, "run_expectations", spy)
+    again = certify_version(st, v2, Policy())
+    assert batches == []
+    assert "0 files hashed" in _detail(again, "integrity")
+    assert _gates(again) == _gates(child)
+
+
+def test_a_part_changed_since_the_parents_certification_is_hashed_again(chain, tmp_path):
+    st, v1, v2 = _copy(chain, tmp_path)
+    certify_version(st, v1, NO_GX, run_gx=False)
+    m1, m2 = st.get(v1).manifest(), st.get(v2).manifest()
+    old = {p.sha256 for p in m1.tables["pairs"].parts}
+    shared = next(p for p in m2.tables["pairs"].parts if p.sha256 in old)
+    path = st.get(v2).path / shared.path  # the same inode as the parent's part and the store's object
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    cert = certify_version(st, v2, NO_GX, run_gx=False)
+    assert cert.verdict == "rejected"
+    integrity = next(g for g in cert.gates if g.name == "integrity")
+    assert not integrity.passed and shared.path in integrity.detail and "sha256 differs" in integrity.detail
+
+
+def _integrity_reused(cert) -> bool:
+    return "unchanged since" in _detail(cert, "integrity")
+
+
+def test_facts_are_taken_only_from_a_record_that_verifies(chain, tmp_path, monkeypatch):
+    st, v1, v2 = _copy(chain, tmp_path)
+    parent = certify_version(st, v1, NO_GX, run_gx=False)
+    facts_file = st.root / parent.part_facts.path
+
+    # a damaged facts file: its sha256 no longer matches the record
+    saved = facts_file.read_bytes()
+    facts_file.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+    assert not _integrity_reused(certify_version(st, v2, NO_GX, run_gx=False))
+    facts_file.write_bytes(saved)
+    shutil.rmtree(st.root / "certifications" / v2)
+    st.certification_path(v2).unlink()
+    assert _integrity_reused(certify_version(st, v2, NO_GX, run_gx=False))
+    shutil.rmtree(st.root / "certifications" / v2)
+    st.certification_path(v2).unlink()
+
+    # signing configured: the parent's unsigned record is no source of facts
+    monkeypatch.setenv("PREFPIPE_SIGNING_KEY", "k" * 32)
+    assert not _integrity_reused(certify_version(st, v2, NO_GX, run_gx=False))
+
+    # facts computed by other code are not taken
+    shutil.rmtree(st.root / "certifications" / v2)
+    st.certification_path(v2).unlink()
+    monkeypatch.delenv("PREFPIPE_SIGNING_KEY")
+    monkeypatch.setattr(cp, "FORMAT", cp.FORMAT + 1)
+    assert not _integrity_reused(certify_version(st, v2, NO_GX, run_gx=False))
+
+
+def test_a_failed_part_is_not_remembered_as_validated(chain, tmp_path, monkeypatch):
+    st, v1, _ = _copy(chain, tmp_path)
+    calls: list[set[str]] = []
+
+    def failing(frames, out_dir):
+        calls.append(set(frames))
+        return {"success": False, "docs_index": str(out_dir / "index.html"),
+                "splits": {s: {"success": s != "train", "rows": f.height, "evaluated": 20,
+                               "failed": ["expect_column_values_to_not_be_null(prompt)"] if s == "train" else []}
+                           for s, f in frames.items()}}
+
+    monkeypatch.setattr(expectations, "run_expectations", failing)
+    cert = certify_version(st, v1, Policy())
+    gx = next(g for g in cert.gates if g.name == "expectations")
+    assert not gx.passed and "train" in gx.detail
+    facts = pl.read_parquet(st.root / cert.part_facts.path)
+    train = {p.sha256 for p in st.get(v1).manifest().tables["data/train"].parts}
+    assert facts.filter(pl.col("sha256").is_in(list(train)))["gx_evaluated"].null_count() == len(train)
+    certify_version(st, v1, Policy())
+    assert calls == [set(SPLITS), {"train"}]  # the passing splits' parts are taken, train's validated again
+
+
+def test_a_pair_id_in_two_parts_of_a_split_fails_the_expectations_gate(chain, tmp_path):
+    st, v1, _ = _copy(chain, tmp_path)
+    h = st.get(v1)
+    facts = cp.VersionFacts(h, cp.empty_facts(), {})
+    for s in SPLITS:  # every part as if validated: the gate runs no GX, only the cross-part check
+        for _, row in facts.split(s):
+            row["gx_evaluated"] = 20
+    ids = split_pair_ids(h)
+    ok = expectations_gate(facts, ids, tmp_path / "gx", None)
+    assert ok.passed and ok.value == ok.threshold == 60
+    dup = pl.concat([ids, ids.filter(pl.col("split") == "test").head(1)])
+    bad = expectations_gate(facts, dup, tmp_path / "gx", None)
+    assert not bad.passed and "test" in bad.detail and "1 repeated" in bad.detail
