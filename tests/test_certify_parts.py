@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import polars as pl
@@ -13,6 +14,7 @@ from conftest import ROOT
 
 import pipeline.certify_parts as cp
 import pipeline.expectations as expectations
+import pipeline.parts as parts
 from pipeline.certify import certify_version, expectations_gate, split_pair_ids
 from pipeline.curate import curate
 from pipeline.store import SPLITS, Store
@@ -24,8 +26,10 @@ NO_GX = policy_from_dict({"certify": {"require_expectations": False}})
 
 def _chain(root: Path) -> tuple[Store, str, str]:
     st = Store(root)
-    v1 = curate([BATCHES[0]], st, Policy()).version_id
-    v2 = curate([BATCHES[1]], st, Policy(), parent=v1).version_id
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parts, "PART_PAIRS", 8)  # small buckets: the child shares about half of its split parts
+        v1 = curate([BATCHES[0]], st, Policy()).version_id
+        v2 = curate([BATCHES[1]], st, Policy(), parent=v1).version_id
     return st, v1, v2
 
 
@@ -34,11 +38,16 @@ def chain(tmp_path_factory):
     return _chain(tmp_path_factory.mktemp("certparts"))
 
 
-def _copy(chain, tmp_path: Path) -> tuple[Store, str, str]:
-    """A copy of the chain's store without certifications (parts stay hard links: same inodes)."""
+def _copy(chain, tmp_path: Path, *, own_files: bool = False) -> tuple[Store, str, str]:
+    """A copy of the chain's store without certifications: its parts hard links to the chain's
+    (same inodes), or with ``own_files`` new files, linked among themselves like the original's."""
     st, v1, v2 = chain
     root = tmp_path / "store"
-    shutil.copytree(st.root, root, copy_function=os.link, ignore=shutil.ignore_patterns("certifications"))
+    if own_files:
+        subprocess.run(["cp", "-a", str(st.root), str(root)], check=True)  # -a keeps hard links
+        shutil.rmtree(root / "certifications", ignore_errors=True)
+    else:
+        shutil.copytree(st.root, root, copy_function=os.link, ignore=shutil.ignore_patterns("certifications"))
     return Store(root), v1, v2
 
 
@@ -99,12 +108,13 @@ def test_a_child_validates_only_its_new_parts_and_reaches_the_gates_of_a_full_ce
 
 
 def test_a_part_changed_since_the_parents_certification_is_hashed_again(chain, tmp_path):
-    st, v1, v2 = _copy(chain, tmp_path)
+    st, v1, v2 = _copy(chain, tmp_path, own_files=True)
     certify_version(st, v1, NO_GX, run_gx=False)
     m1, m2 = st.get(v1).manifest(), st.get(v2).manifest()
     old = {p.sha256 for p in m1.tables["pairs"].parts}
     shared = next(p for p in m2.tables["pairs"].parts if p.sha256 in old)
     path = st.get(v2).path / shared.path  # the same inode as the parent's part and the store's object
+    assert path.stat().st_ino == (st.get(v1).path / shared.path).stat().st_ino
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
