@@ -49,7 +49,8 @@ from typing import Any
 
 import polars as pl
 
-from pipeline.certify_parts import NO_LOCALE, VersionFacts, empty_facts, load_prior_facts, table_parts, write_facts
+from pipeline.certify_parts import (NO_LOCALE, VersionFacts, agreement_state, empty_facts, full_agreement_state,
+                                    load_prior_facts, table_parts, write_facts)
 from pipeline.store import SPLITS, Store, StoreError, VersionHandle, verify_files
 from schemas.manifest import Certification, GateResult
 from pipeline.checks import flag_actions, resolve_policy
@@ -70,7 +71,8 @@ def _gate(name: str, value: Any, threshold: Any, passed: bool, detail: str = "")
 
 
 def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_dir: Path | None = None,
-                   facts: VersionFacts | None = None, facts_from: str | None = None) -> list[GateResult]:
+                   facts: VersionFacts | None = None, facts_from: str | None = None,
+                   agreement: tuple[dict[str, Any], str] | None = None) -> list[GateResult]:
     """Every gate but integrity.  ``facts``: the parts' facts (GX result, counts), taken from an
     earlier certification where a part is unchanged (``pipeline.certify_parts``); computed otherwise."""
     cfg = policy.certify
@@ -92,7 +94,7 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     for loc, n in sorted(locales.items()):
         gates.append(_gate(f"min_pairs.locale={loc}", n, cfg.min_pairs_per_locale, n >= cfg.min_pairs_per_locale))
 
-    gates += agreement_gates(h, cfg)
+    gates += agreement_gates(h, cfg, agreement)
     gates += qualified_overlap_gates(h, cfg, locales=set(locales))
 
     flags = h.read("flags.parquet")
@@ -246,7 +248,7 @@ def protection_gate(h: VersionHandle) -> GateResult:
     return _gate("protected_contamination", hits.height, 0, hits.height == 0, detail)
 
 
-def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
+def agreement_gates(h: VersionHandle, cfg: CertifyConfig, state: tuple[dict[str, Any], str] | None = None) -> list[GateResult]:
     """Agreement must be measured before labels are trusted: per annotator kind present, an
     independent overlap subset of at least ``min(min_overlap_share x pairs, min_overlap_pairs)``
     pairs and its alpha >= ``min_krippendorff_alpha``; pairs judged only by annotators of
@@ -254,14 +256,10 @@ def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
     if not cfg.require_agreement:
         return [_gate("agreement", None, "opted out", True, "opted out by the policy (certify.require_agreement = false): agreement was not "
                       "required by the policy (recorded in the certificate's opt_outs)")]
-    from pipeline.overlap import COLUMNS, overlap_agreement, required_overlap
+    from pipeline.overlap import from_state, required_overlap
 
-    judgments = h.read("judgments.parquet", columns=["comparison_id", *COLUMNS])
-    conflicts = h.read("flags.parquet", columns=["subject_kind", "reason", "subject_id"]).filter(
-        (pl.col("subject_kind") == "judgment") & (pl.col("reason") == "pair_id_conflict"))
-    if conflicts.height:  # a pair_id naming two different pairs is no pair to agree on
-        judgments = judgments.join(conflicts.select(comparison_id="subject_id"), on="comparison_id", how="anti")
-    ov = overlap_agreement(judgments)
+    sums, how = state or (full_agreement_state(h), "computed over every judgment")
+    ov = from_state(sums["sums"])
     gates = []
     for kind in ("human", "ai"):
         o = ov[kind]
@@ -271,7 +269,7 @@ def agreement_gates(h: VersionHandle, cfg: CertifyConfig) -> list[GateResult]:
         have, alpha = o["overlap_pairs"], o["krippendorff_alpha"]
         gates.append(_gate(f"agreement_overlap.{kind}", have, need, have >= need,
                            f"{have} of {o['pairs']} pairs judged by >= 2 different {kind} annotators "
-                           f"(need min({cfg.min_overlap_share:g} x pairs, {cfg.min_overlap_pairs}))"))
+                           f"(need min({cfg.min_overlap_share:g} x pairs, {cfg.min_overlap_pairs}); sums {how})"))
         if alpha is None:
             gates.append(_gate(f"krippendorff_alpha.{kind}", None, cfg.min_krippendorff_alpha, False,
                                f"not computable on the {have} overlap pairs (no pair with two ratings, or every rating "
@@ -343,11 +341,12 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
     policy = resolve_policy(policy)
     h = store.resolve(ref)
     manifest_sha = h.manifest_sha256()
-    prior, facts_from = load_prior_facts(store, (h, _parent(store, h)) if reuse else ())
+    parent = _parent(store, h)
+    prior, facts_from, prior_record = load_prior_facts(store, (h, parent) if reuse else ())
     known = {r["sha256"]: (r["ino"], r["size"], r["mtime_ns"]) for r in prior.iter_rows(named=True)}
     checked: dict[str, tuple[int, int, int]] = {}
     problems = verify_files(h.manifest(), h.path, known=known, checked=checked)
-    part_facts = None
+    part_facts = state = None
     if problems:
         gates = [_gate("integrity", len(problems), 0, False, "; ".join(problems))]
     else:
@@ -357,7 +356,8 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
                "hashed them (same inode, size and mtime)") if unchanged else ""
         gates = [_gate("integrity", 0, 0, True, f"every file matches its sha256 in the manifest{how}")]
         facts = VersionFacts(h, prior, checked)
-        gates += evaluate_gates(h, policy, run_gx=run_gx, gx_dir=gx_dir, facts=facts, facts_from=facts_from)
+        state = agreement_state(h, parent, prior_record, facts_from) if policy.certify.require_agreement else None
+        gates += evaluate_gates(h, policy, run_gx=run_gx, gx_dir=gx_dir, facts=facts, facts_from=facts_from, agreement=state)
         part_facts = write_facts(store, h.version_id, facts.frame())
     cert = Certification(
         version_id=h.version_id,
@@ -370,6 +370,7 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
         manifest_sha256=manifest_sha,
         opt_outs=[] if policy.certify.require_agreement else ["agreement"],
         part_facts=part_facts,
+        agreement_state=state[0] if state else None,
     )
     store.add_certification(cert)
     return cert

@@ -71,9 +71,9 @@ def _record_ok(store: Store, h: VersionHandle, rec: dict[str, Any] | None, ring:
     return ref if ref.key == facts_key() else None
 
 
-def load_prior_facts(store: Store, handles: Iterable[VersionHandle | None]) -> tuple[pl.DataFrame, str | None]:
+def load_prior_facts(store: Store, handles: Iterable[VersionHandle | None]) -> tuple[pl.DataFrame, str | None, dict[str, Any] | None]:
     """Facts of the first of ``handles`` (the version itself, then its parent) whose latest
-    certification verifies (see the module doc), with that version's id; empty facts otherwise."""
+    certification verifies (see the module doc), with that version's id and record; empty facts otherwise."""
     from pipeline.signing import load_keyring
 
     ring = load_keyring()
@@ -81,7 +81,8 @@ def load_prior_facts(store: Store, handles: Iterable[VersionHandle | None]) -> t
         if h is None:
             continue
         try:
-            ref = _record_ok(store, h, store.latest_certification(h.version_id), ring)
+            rec = store.latest_certification(h.version_id)
+            ref = _record_ok(store, h, rec, ring)
         except StoreError:
             continue
         if ref is None:
@@ -99,8 +100,8 @@ def load_prior_facts(store: Store, handles: Iterable[VersionHandle | None]) -> t
         except (pl.exceptions.PolarsError, OSError):
             continue
         if facts.height == ref.rows:
-            return facts, h.version_id
-    return empty_facts(), None
+            return facts, h.version_id, rec
+    return empty_facts(), None, None
 
 
 def write_facts(store: Store, version_id: str, facts: pl.DataFrame) -> PartFactsRef:
@@ -196,5 +197,79 @@ class VersionFacts:
         return pl.DataFrame(rows, schema=FACTS_SCHEMA) if rows else empty_facts()
 
 
-__all__ = ["FACTS_SCHEMA", "NO_LOCALE", "VersionFacts", "empty_facts", "facts_key", "load_prior_facts", "pairs_part_facts",
+# ---------------------------------------------------------------- the agreement gates' state
+def _conflicts(h: VersionHandle) -> pl.DataFrame:
+    """Comparison ids of the judgments flagged ``pair_id_conflict`` (left out of agreement)."""
+    flags = h.read("flags.parquet", columns=["subject_kind", "reason", "subject_id"])
+    return flags.filter((pl.col("subject_kind") == "judgment") & (pl.col("reason") == "pair_id_conflict")).select(
+        comparison_id="subject_id").unique()
+
+
+def full_agreement_state(h: VersionHandle) -> dict[str, Any]:
+    """Overlap sums and annotator kinds over every judgment of the version (conflicts left out)."""
+    from pipeline.overlap import COLUMNS, annotator_kinds, overlap_state
+
+    j = h.read("judgments.parquet", columns=["comparison_id", *COLUMNS]).join(_conflicts(h), on="comparison_id", how="anti",
+                                                                               maintain_order="left")
+    return {"sums": overlap_state(j), "kinds": annotator_kinds(j)}
+
+
+def _delta_agreement_state(h: VersionHandle, parent: VersionHandle, prior: dict[str, Any]) -> dict[str, Any] | None:
+    """The child's state from its parent's: the parent's sums minus the old contributions of the
+    pairs the child's new judgments touch, plus their new ones.  Exact when the child's judgments
+    are the parent's, in order, followed by new ones (each pair's first judgment and each
+    annotator's first kind are then the parent's), and no old judgment changed its conflict
+    flag; None otherwise (the caller computes over every judgment).  The judgments table only
+    grows: a child links its parent's parts and adds one, into which it may merge the parent's
+    trailing parts (level compaction); those are read and must lead the child's new part."""
+    from pipeline.overlap import COLUMNS, add_states, annotator_kinds, overlap_state
+
+    mine, theirs = table_parts(h, "judgments"), table_parts(parent, "judgments")
+    k = 0
+    while k < min(len(mine), len(theirs)) and mine[k][1] == theirs[k][1]:
+        k += 1
+    cols = ["comparison_id", *COLUMNS]
+    rest = [h.read(path, columns=cols) for path, _ in mine[k:]]
+    gone = [parent.read(path, columns=cols) for path, _ in theirs[k:]]
+    conf_child, conf_parent = _conflicts(h), _conflicts(parent)
+    changed = set(conf_child["comparison_id"].to_list()) ^ set(conf_parent["comparison_id"].to_list())
+    if not rest:  # no part of its own: the parent's judgments, unless the parent had more
+        return None if gone or changed else prior
+    rest_j = pl.concat(rest, how="vertical_relaxed")
+    gone_j = pl.concat(gone, how="vertical_relaxed") if gone else rest_j.clear()
+    if gone and (rest_j.height < gone_j.height or rest_j.schema != gone_j.schema
+                 or not rest_j.head(gone_j.height).equals(gone_j)):
+        return None
+    new_j = rest_j.slice(gone_j.height)
+    if changed - set(new_j["comparison_id"].to_list()):
+        return None
+    touched = new_j["pair_id"].unique().implode()
+    files = [str(h.path / path) for path, _ in mine[:k]]  # the integrity gate checked them
+    old = pl.concat([pl.scan_parquet(files, glob=False).select(cols).filter(pl.col("pair_id").is_in(touched)).collect()
+                     if files else rest_j.clear(), gone_j.filter(pl.col("pair_id").is_in(touched))], how="vertical_relaxed")
+    old_sub = old.join(conf_parent, on="comparison_id", how="anti", maintain_order="left")
+    new_sub = pl.concat([old, new_j], how="vertical_relaxed").join(conf_child, on="comparison_id", how="anti",
+                                                                  maintain_order="left")
+    kinds = dict(prior["kinds"])
+    for ann, kind in annotator_kinds(new_j.join(conf_child, on="comparison_id", how="anti", maintain_order="left")).items():
+        kinds.setdefault(ann, kind)
+    sums = add_states(add_states(prior["sums"], overlap_state(old_sub, kinds), -1), overlap_state(new_sub, kinds))
+    return {"sums": sums, "kinds": kinds}
+
+
+def agreement_state(h: VersionHandle, parent: VersionHandle | None, record: dict[str, Any] | None,
+                    source: str | None) -> tuple[dict[str, Any], str]:
+    """The agreement gates' state of ``h`` and how it was reached: taken from the version's own
+    verified record, derived from its parent's, or computed over every judgment."""
+    prior = (record or {}).get("agreement_state")
+    if prior and source == h.version_id:
+        return prior, f"taken from the certification of {source}"
+    if prior and parent is not None and source == parent.version_id:
+        state = _delta_agreement_state(h, parent, prior)
+        if state is not None:
+            return state, f"the certification of {source} plus this version's new judgments"
+    return full_agreement_state(h), "computed over every judgment"
+
+
+__all__ = ["FACTS_SCHEMA", "NO_LOCALE", "VersionFacts", "agreement_state", "empty_facts", "full_agreement_state", "facts_key", "load_prior_facts", "pairs_part_facts",
            "split_part_facts", "table_parts", "write_facts"]

@@ -203,3 +203,6 @@ class Certification(BaseModel):
     opt_outs: list[str] = Field(default_factory=list, description="gates the policy explicitly opted out of")
     part_facts: PartFactsRef | None = Field(None, description="per-part facts (GX result, counts, file stat when "
                                             "hashed) a later certification of this version or a child may reuse")
+    agreement_state: dict[str, Any] | None = Field(None, description="the agreement gates' sums over pairs and each "
+                                                   "annotator's kind (pipeline.overlap), which a child's certification "
+                                                   "updates with its new judgments")

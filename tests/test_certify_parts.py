@@ -3,11 +3,14 @@ certified parent from the parent's record, validates and hashes only its new par
 exactly the gates a certification from scratch reaches.  Facts come only from a record that verifies."""
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from conftest import ROOT
@@ -191,3 +194,69 @@ def test_a_pair_id_in_two_parts_of_a_split_fails_the_expectations_gate(chain, tm
     dup = pl.concat([ids, ids.filter(pl.col("split") == "test").head(1)])
     bad = expectations_gate(facts, dup, tmp_path / "gx", None)
     assert not bad.passed and "test" in bad.detail and "1 repeated" in bad.detail
+
+
+def test_a_childs_agreement_sums_are_its_parents_updated_with_its_new_judgments(chain, tmp_path):
+    st, v1, v2 = _copy(chain, tmp_path)
+    certify_version(st, v1, NO_GX, run_gx=False)
+    child = certify_version(st, v2, NO_GX, run_gx=False)  # its part absorbed the parent's (level compaction)
+    assert "plus this version's new judgments" in _detail(child, "agreement_overlap.human")
+    assert child.agreement_state == json.loads(json.dumps(cp.full_agreement_state(st.get(v2))))  # exact
+    # a grandchild that judges old pairs again, by a known and a new annotator of each kind
+    old = [json.loads(line) for line in BATCHES[0].read_text(encoding="utf-8").splitlines()][:60]
+    again = [{**r, "comparison_id": f"again-{i}", "annotator_id": ("judge-new" if i % 3 == 0 else r["annotator_id"]) + "-x",
+              "label": "b" if r["label"] == "a" else "a"} for i, r in enumerate(old)]
+    batch = tmp_path / "again.jsonl"
+    batch.write_text("".join(json.dumps(r) + "\n" for r in again), encoding="utf-8")
+    v3 = curate([batch], st, Policy(), parent=v2).version_id
+    grandchild = certify_version(st, v3, NO_GX, run_gx=False)
+    assert "plus this version's new judgments" in _detail(grandchild, "agreement_overlap.human")
+    full = cp.full_agreement_state(st.get(v3))
+    assert grandchild.agreement_state == json.loads(json.dumps(full))
+    assert full["sums"] != child.agreement_state["sums"]
+    scratch = certify_version(st, v3, NO_GX, run_gx=False, reuse=False)
+    assert _gates(scratch) == _gates(grandchild)
+
+
+def _random_judgments(rng: random.Random, n: int, prefix: str) -> pl.DataFrame:
+    rows = []
+    for i in range(n):
+        pair = f"{prefix}{rng.randrange(n // 3 + 1)}"
+        a, b = ("x", "y") if rng.random() < 0.8 else ("y", "x")  # some judgments in the other display order
+        rows.append({"pair_id": pair, "a_hash": f"{pair}{a}", "b_hash": f"{pair}{b}",
+                     "label": rng.choice(["a", "b", "tie", "both_bad", "a", "b"]),
+                     "annotator_id": f"ann{rng.randrange(6)}", "annotator_kind": rng.choice(["human", "ai", None, "human"])})
+    return pl.DataFrame(rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_overlap_state_adds_over_pairs_and_gives_the_alpha_of_the_counts(seed):
+    from pipeline.overlap import add_states, annotator_kinds, from_state, overlap_agreement, overlap_state
+    from pipeline.stats import krippendorff_alpha_nominal
+
+    rng = random.Random(seed)
+    a, b = _random_judgments(rng, 120, "p"), _random_judgments(rng, 90, "q")  # disjoint pairs
+    both = pl.concat([a, b])
+    kinds = annotator_kinds(both)
+    assert add_states(overlap_state(a, kinds), overlap_state(b, kinds)) == overlap_state(both)
+    assert add_states(overlap_state(both), overlap_state(b, kinds), -1) == overlap_state(a, kinds)
+    got = overlap_agreement(both)
+    # the alpha of the same ratings from the float implementation of pipeline.stats
+    from pipeline.aggregate import TIE, encode
+
+    e = encode(both)
+    per_unit = e.per_unit(codes=np.where(e.label <= TIE, e.label, -1), k=3)
+    top = per_unit.max(axis=1)
+    rated = (top > 0) & ((per_unit == top[:, None]).sum(axis=1) == 1)
+    for kind in ("human", "ai"):
+        sel = (e.ann_kind.to_numpy()[e.unit_ann] == kind) & rated
+        counts = np.zeros((e.n_pairs, 3))
+        np.add.at(counts, (e.unit_pair[sel], np.argmax(per_unit, axis=1)[sel]), 1.0)
+        overlap = counts.sum(axis=1) >= 2
+        assert got[kind]["overlap_pairs"] == int(overlap.sum())
+        want = krippendorff_alpha_nominal(counts[overlap]) if overlap.any() else float("nan")
+        if np.isnan(want):
+            assert got[kind]["krippendorff_alpha"] is None
+        else:
+            assert got[kind]["krippendorff_alpha"] == pytest.approx(want, abs=1e-12)
+    assert from_state(overlap_state(both)) == got
