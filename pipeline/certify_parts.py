@@ -30,6 +30,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.store import Store, StoreError, VersionHandle, atomic_write_bytes
+from schemas.ids import safe_id
 from schemas.manifest import PartFactsRef
 from schemas.version import code_version
 
@@ -68,6 +69,8 @@ def _record_ok(store: Store, h: VersionHandle, rec: dict[str, Any] | None, ring:
             return None
     except (ValueError, StoreError):
         return None
+    if ref.path != _facts_rel(h.version_id, ref.sha256).as_posix():  # a record names no other file
+        return None
     return ref if ref.key == facts_key() else None
 
 
@@ -104,6 +107,10 @@ def load_prior_facts(store: Store, handles: Iterable[VersionHandle | None]) -> t
     return empty_facts(), None, None
 
 
+def _facts_rel(version_id: str, sha: str) -> Path:
+    return Path("certifications") / safe_id(version_id, what="version id") / f"part-facts-{sha[:12]}.parquet"
+
+
 def write_facts(store: Store, version_id: str, facts: pl.DataFrame) -> PartFactsRef:
     """Write the facts file under ``certifications/VERSION/`` atomically; its name carries its
     sha256, so two certifications never overwrite each other's file."""
@@ -111,7 +118,7 @@ def write_facts(store: Store, version_id: str, facts: pl.DataFrame) -> PartFacts
     facts.select(list(FACTS_SCHEMA)).cast(FACTS_SCHEMA).sort("sha256").write_parquet(buf, compression="zstd")
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
-    rel = Path("certifications") / version_id / f"part-facts-{sha[:12]}.parquet"
+    rel = _facts_rel(version_id, sha)
     path = store.root / rel
     if not path.exists():
         atomic_write_bytes(path, data)

@@ -181,9 +181,9 @@ class GateResult(BaseModel):
 class PartFactsRef(BaseModel):
     """The per-part facts file a certification wrote (``pipeline.certify_parts``), bound by sha256."""
 
-    path: str = Field(description="relative to the store root")
-    sha256: str
-    rows: int
+    path: str = Field(description="relative to the store root: certifications/VERSION/part-facts-<sha12>.parquet")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rows: int = Field(ge=0)
     key: str = Field(description="facts format and code version: facts are reused only by the same code")
 
 

@@ -147,6 +147,18 @@ def test_facts_are_taken_only_from_a_record_that_verifies(chain, tmp_path, monke
     shutil.rmtree(st.root / "certifications" / v2)
     st.certification_path(v2).unlink()
 
+    # a record that names another file as its facts (copied there, sha256 matching) is no source either
+    doc = json.loads(st.certification_path(v1).read_text())
+    elsewhere = st.root / "certifications" / "elsewhere.parquet"
+    shutil.copy(facts_file, elsewhere)
+    doc["history"][-1]["part_facts"]["path"] = f"certifications/{v1}/../elsewhere.parquet"
+    st.certification_path(v1).write_text(json.dumps(doc))
+    assert not _integrity_reused(certify_version(st, v2, NO_GX, run_gx=False))
+    doc["history"][-1]["part_facts"]["path"] = parent.part_facts.path
+    st.certification_path(v1).write_text(json.dumps(doc))
+    shutil.rmtree(st.root / "certifications" / v2)
+    st.certification_path(v2).unlink()
+
     # signing configured: the parent's unsigned record is no source of facts
     monkeypatch.setenv("PREFPIPE_SIGNING_KEY", "k" * 32)
     assert not _integrity_reused(certify_version(st, v2, NO_GX, run_gx=False))
