@@ -95,7 +95,7 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
         gates.append(_gate(f"min_pairs.locale={loc}", n, cfg.min_pairs_per_locale, n >= cfg.min_pairs_per_locale))
 
     gates += agreement_gates(h, cfg, agreement)
-    gates += qualified_overlap_gates(h, cfg, locales=set(locales))
+    gates += qualified_overlap_gates(h, cfg, locales=set(locales), state=agreement)
 
     flags = h.read("flags.parquet")
     ann_flags = flags.filter(pl.col("subject_kind") == "annotator")
@@ -289,31 +289,27 @@ def agreement_gates(h: VersionHandle, cfg: CertifyConfig, state: tuple[dict[str,
     return gates
 
 
-def qualified_overlap_gates(h: VersionHandle, cfg: CertifyConfig, locales: set[str] | None = None) -> list[GateResult]:
+def qualified_overlap_gates(h: VersionHandle, cfg: CertifyConfig, locales: set[str] | None = None,
+                            state: tuple[dict[str, Any], str] | None = None) -> list[GateResult]:
     """Built with an annotator registry: per locale of the kept pairs, pairs judged by >= 2 different
     *qualified* humans (judgments the registry check did not flag, whatever the policy did with the
     flags) >= min(``min_overlap_share`` x the locale's pairs, ``min_qualified_overlap_pairs_per_locale``).
-    Overlap as in :mod:`pipeline.overlap` (one a/b/tie rating per annotator and pair).  No gate without one."""
+    Overlap as in :mod:`pipeline.overlap` (one a/b/tie rating per annotator and pair).  No gate without one.
+    ``state``: the agreement state (``pipeline.certify_parts``), which holds the per-locale sums."""
     m = h.manifest()
     if m.policy.annotators is None:
         return []
-    from pipeline.checks.registry import REASONS
-    from pipeline.overlap import COLUMNS, overlap_agreement, required_overlap
+    from pipeline.overlap import from_state, overlap_state, required_overlap
 
-    flags = h.read("flags.parquet", columns=["subject_kind", "reason", "subject_id"]).filter(
-        (pl.col("subject_kind") == "judgment") & pl.col("reason").is_in([*REASONS, "pair_id_conflict"]))
-    j = h.read("judgments.parquet", columns=["comparison_id", "locale", *COLUMNS]).with_columns(
-        pl.col("locale").fill_null("(none)"))
-    qualified = j.join(flags.select(comparison_id="subject_id"), on="comparison_id", how="anti").filter(
-        pl.col("annotator_kind") == "human")
+    sums = state[0] if state is not None and "qualified" in state[0] else full_agreement_state(h)
     if locales is None:
         locales = set(pl.concat([h.read_split(s, columns=["locale"]) for s in SPLITS])["locale"].fill_null(NO_LOCALE).to_list())
-    pairs_of = dict(j.group_by("locale").agg(pl.col("pair_id").n_unique()).iter_rows())
-    by_locale = qualified.partition_by("locale", as_dict=True)
+    zero = {"pairs": 0, "sums": overlap_state(pl.DataFrame())}
     gates = []
     for loc in sorted(locales):
-        pairs = pairs_of.get(loc, 0)
-        o = overlap_agreement(by_locale.get((loc,), qualified.clear()))["human"]
+        q = sums["qualified"].get(loc, zero)
+        pairs = q["pairs"]
+        o = from_state(q["sums"])["human"]
         need = required_overlap(pairs, cfg.min_overlap_share, cfg.min_qualified_overlap_pairs_per_locale)
         alpha = "n/a" if o["krippendorff_alpha"] is None else f"{o['krippendorff_alpha']:.3f}"
         gates.append(_gate(f"qualified_overlap.locale={loc}", o["overlap_pairs"], need, o["overlap_pairs"] >= need,

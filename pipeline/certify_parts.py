@@ -205,41 +205,101 @@ class VersionFacts:
 
 
 # ---------------------------------------------------------------- the agreement gates' state
-def _conflicts(h: VersionHandle) -> pl.DataFrame:
-    """Comparison ids of the judgments flagged ``pair_id_conflict`` (left out of agreement)."""
+def _flagged(h: VersionHandle, reasons: tuple[str, ...]) -> pl.DataFrame:
+    """Comparison ids of the judgments flagged for any of ``reasons``."""
     flags = h.read("flags.parquet", columns=["subject_kind", "reason", "subject_id"])
-    return flags.filter((pl.col("subject_kind") == "judgment") & (pl.col("reason") == "pair_id_conflict")).select(
+    return flags.filter((pl.col("subject_kind") == "judgment") & pl.col("reason").is_in(list(reasons))).select(
         comparison_id="subject_id").unique()
 
 
-def full_agreement_state(h: VersionHandle) -> dict[str, Any]:
-    """Overlap sums and annotator kinds over every judgment of the version (conflicts left out)."""
-    from pipeline.overlap import COLUMNS, annotator_kinds, overlap_state
+def _registry(h: VersionHandle) -> bool:
+    return h.manifest().policy.annotators is not None
 
-    j = h.read("judgments.parquet", columns=["comparison_id", *COLUMNS]).join(_conflicts(h), on="comparison_id", how="anti",
-                                                                               maintain_order="left")
-    return {"sums": overlap_state(j), "kinds": annotator_kinds(j)}
+
+def _left_out(h: VersionHandle) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """What the agreement gates leave out: judgments flagged ``pair_id_conflict``; and, with an
+    annotator registry, what the qualified-overlap gates leave out too (registry flags)."""
+    from pipeline.checks.registry import REASONS
+
+    conflicts = _flagged(h, ("pair_id_conflict",))
+    return conflicts, (_flagged(h, (*REASONS, "pair_id_conflict")) if _registry(h) else None)
+
+
+def _contribution(j: pl.DataFrame, conflicts: pl.DataFrame, unqualified: pl.DataFrame | None,
+                  kinds: dict[str, str | None]) -> dict[str, Any]:
+    """The state of the judgments ``j`` (every judgment of some pairs): overlap sums without the
+    conflicts; with a registry, per locale the pairs and the qualified humans' overlap sums."""
+    from pipeline.overlap import overlap_state
+
+    out: dict[str, Any] = {"sums": overlap_state(j.join(conflicts, on="comparison_id", how="anti", maintain_order="left"),
+                                                 kinds)}
+    if unqualified is not None:
+        jl = j.with_columns(pl.col("locale").fill_null(NO_LOCALE))
+        pairs = dict(jl.group_by("locale").agg(pl.col("pair_id").n_unique()).iter_rows())
+        q = jl.join(unqualified, on="comparison_id", how="anti", maintain_order="left").filter(
+            pl.col("annotator_kind") == "human")
+        by = q.partition_by("locale", as_dict=True, maintain_order=True)
+        out["qualified"] = {loc: {"pairs": int(pairs[loc]), "sums": overlap_state(by.get((loc,), q.clear()))}
+                            for loc in sorted(pairs)}
+    return out
+
+
+def _add(a: dict[str, Any], b: dict[str, Any], sign: int) -> dict[str, Any]:
+    from pipeline.overlap import add_states, overlap_state
+
+    out = {"sums": add_states(a["sums"], b["sums"], sign)}
+    if "qualified" in a:
+        zero = {"pairs": 0, "sums": overlap_state(pl.DataFrame())}
+        out["qualified"] = {}
+        for loc in sorted(set(a["qualified"]) | set(b["qualified"])):
+            x, y = a["qualified"].get(loc, zero), b["qualified"].get(loc, zero)
+            pairs = x["pairs"] + sign * y["pairs"]
+            if pairs:
+                out["qualified"][loc] = {"pairs": pairs, "sums": add_states(x["sums"], y["sums"], sign)}
+    return out
+
+
+def _columns(h: VersionHandle) -> list[str]:
+    from pipeline.overlap import COLUMNS
+
+    return ["comparison_id", *(["locale"] if _registry(h) else []), *COLUMNS]
+
+
+def full_agreement_state(h: VersionHandle) -> dict[str, Any]:
+    """The agreement gates' state over every judgment of the version: overlap sums (conflicts left
+    out), each annotator's kind, and with a registry the qualified-overlap sums per locale."""
+    from pipeline.overlap import annotator_kinds
+
+    j = h.read("judgments.parquet", columns=_columns(h))
+    conflicts, unqualified = _left_out(h)
+    kinds = annotator_kinds(j.join(conflicts, on="comparison_id", how="anti", maintain_order="left"))
+    return {**_contribution(j, conflicts, unqualified, kinds), "kinds": kinds}
 
 
 def _delta_agreement_state(h: VersionHandle, parent: VersionHandle, prior: dict[str, Any]) -> dict[str, Any] | None:
     """The child's state from its parent's: the parent's sums minus the old contributions of the
     pairs the child's new judgments touch, plus their new ones.  Exact when the child's judgments
     are the parent's, in order, followed by new ones (each pair's first judgment and each
-    annotator's first kind are then the parent's), and no old judgment changed its conflict
-    flag; None otherwise (the caller computes over every judgment).  The judgments table only
-    grows: a child links its parent's parts and adds one, into which it may merge the parent's
-    trailing parts (level compaction); those are read and must lead the child's new part."""
-    from pipeline.overlap import COLUMNS, add_states, annotator_kinds, overlap_state
+    annotator's first kind are then the parent's), and no old judgment changed a flag the gates
+    leave out (conflict, registry); None otherwise (the caller computes over every judgment).
+    The judgments table only grows: a child links its parent's parts and adds one, into which it
+    may merge the parent's trailing parts (level compaction); those are read and must lead the
+    child's new part."""
+    from pipeline.overlap import annotator_kinds
 
+    if _registry(h) != ("qualified" in prior) or _registry(h) != _registry(parent):
+        return None
     mine, theirs = table_parts(h, "judgments"), table_parts(parent, "judgments")
     k = 0
     while k < min(len(mine), len(theirs)) and mine[k][1] == theirs[k][1]:
         k += 1
-    cols = ["comparison_id", *COLUMNS]
+    cols = _columns(h)
     rest = [h.read(path, columns=cols) for path, _ in mine[k:]]
     gone = [parent.read(path, columns=cols) for path, _ in theirs[k:]]
-    conf_child, conf_parent = _conflicts(h), _conflicts(parent)
+    (conf_child, unq_child), (conf_parent, unq_parent) = _left_out(h), _left_out(parent)
     changed = set(conf_child["comparison_id"].to_list()) ^ set(conf_parent["comparison_id"].to_list())
+    if unq_child is not None and unq_parent is not None:
+        changed |= set(unq_child["comparison_id"].to_list()) ^ set(unq_parent["comparison_id"].to_list())
     if not rest:  # no part of its own: the parent's judgments, unless the parent had more
         return None if gone or changed else prior
     rest_j = pl.concat(rest, how="vertical_relaxed")
@@ -254,14 +314,12 @@ def _delta_agreement_state(h: VersionHandle, parent: VersionHandle, prior: dict[
     files = [str(h.path / path) for path, _ in mine[:k]]  # the integrity gate checked them
     old = pl.concat([pl.scan_parquet(files, glob=False).select(cols).filter(pl.col("pair_id").is_in(touched)).collect()
                      if files else rest_j.clear(), gone_j.filter(pl.col("pair_id").is_in(touched))], how="vertical_relaxed")
-    old_sub = old.join(conf_parent, on="comparison_id", how="anti", maintain_order="left")
-    new_sub = pl.concat([old, new_j], how="vertical_relaxed").join(conf_child, on="comparison_id", how="anti",
-                                                                  maintain_order="left")
     kinds = dict(prior["kinds"])
     for ann, kind in annotator_kinds(new_j.join(conf_child, on="comparison_id", how="anti", maintain_order="left")).items():
         kinds.setdefault(ann, kind)
-    sums = add_states(add_states(prior["sums"], overlap_state(old_sub, kinds), -1), overlap_state(new_sub, kinds))
-    return {"sums": sums, "kinds": kinds}
+    state = _add(prior, _contribution(old, conf_parent, unq_parent, kinds), -1)
+    state = _add(state, _contribution(pl.concat([old, new_j], how="vertical_relaxed"), conf_child, unq_child, kinds), 1)
+    return {**state, "kinds": kinds}
 
 
 def agreement_state(h: VersionHandle, parent: VersionHandle | None, record: dict[str, Any] | None,

@@ -23,7 +23,7 @@ from pipeline.curate import curate
 from pipeline.store import SPLITS, Store
 from schemas.policy import Policy, policy_from_dict
 
-BATCHES = [ROOT / "data" / "samples" / f"batch-2026-11-{d}.jsonl" for d in ("02", "09")]
+BATCHES = [ROOT / "data" / "samples" / f"batch-2026-11-{d}.jsonl" for d in ("02", "09", "16")]
 NO_GX = policy_from_dict({"certify": {"require_expectations": False}})
 
 
@@ -272,3 +272,27 @@ def test_overlap_state_adds_over_pairs_and_gives_the_alpha_of_the_counts(seed):
         else:
             assert got[kind]["krippendorff_alpha"] == pytest.approx(want, abs=1e-12)
     assert from_state(overlap_state(both)) == got
+
+
+def test_with_a_registry_the_qualified_overlap_sums_per_locale_follow_the_batch_too(tmp_path):
+    from schemas.registry import load_registry
+
+    registry = load_registry(ROOT / "data" / "samples" / "annotators.csv")
+    st = Store(tmp_path / "store")
+    v1 = curate([BATCHES[0]], st, Policy(annotators=registry)).version_id
+    v2 = curate([BATCHES[1]], st, Policy(annotators=registry), parent=v1).version_id
+    certify_version(st, v1, NO_GX, run_gx=False)
+    child = certify_version(st, v2, NO_GX, run_gx=False)
+    assert "plus this version's new judgments" in _detail(child, "agreement_overlap.human")
+    assert any(name.startswith("qualified_overlap.locale=") for name in _gates(child))
+    full = cp.full_agreement_state(st.get(v2))
+    assert child.agreement_state == json.loads(json.dumps(full)) and full["qualified"]
+    scratch = certify_version(st, v2, NO_GX, run_gx=False, reuse=False)
+    assert _gates(scratch) == _gates(child)
+    # a child built with another registry: its registry flags of old judgments change -> every judgment read
+    other = load_registry(ROOT / "data" / "samples" / "annotators.csv")
+    other = other.model_copy(update={"annotator": other.annotator[1:]})
+    v3 = curate([BATCHES[2]], st, Policy(annotators=other), parent=v2).version_id
+    grandchild = certify_version(st, v3, NO_GX, run_gx=False)
+    assert "computed over every judgment" in _detail(grandchild, "agreement_overlap.human")
+    assert _gates(grandchild) == _gates(certify_version(st, v3, NO_GX, run_gx=False, reuse=False))
