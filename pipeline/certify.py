@@ -33,9 +33,12 @@ size and mtime when its sha256 was checked) is kept in a facts file bound by sha
 record.  The next certification of the version, or of a child, takes those facts for every part
 with the same sha256 (a file hashed again only when its inode, size or mtime changed) and
 computes the new parts only: a child of a large history costs its batch.  ``--from-scratch``
-takes nothing.  Still read across the version: the flags, the judgments (agreement gates, and
-the biased-annotator share when an unresolved biased annotator exists), the ``pair_id`` column
-of every split part, and the parent's split assignments.
+takes nothing.  The agreement and qualified-overlap gates run on integer sums over pairs kept
+in the record (``Certification.agreement_state``): a child's are its parent's updated with the
+pairs its new judgments touch.  Still read across the version: the flags, the ``pair_id`` column
+of every split part, the parent's split assignments, the judgments' pair ids when the sums are
+updated (the touched pairs' judgments are read by filter), and every judgment for the
+biased-annotator share when an unresolved biased annotator exists.
 
 The record goes to ``STORE/certifications/VERSION.json`` (history kept); GX results and Data
 Docs to ``STORE/certifications/VERSION/``.  The version directory is never touched.
