@@ -15,9 +15,14 @@ Facts are taken only from a record that verifies: it names the version, its sign
 matches the sha256 it binds, and the facts were computed by the same code (``code_version``).
 Anything else: no facts are taken, every part is computed (the cost of a first certification).
 
-What the facts cannot cover, certification still reads across the version: the ``pair_id``
-column of every split part (a pair id must be unique across parts, which no per-part fact
-proves), the flags table, and the judgments for the agreement gates.
+The agreement gates need every judgment of a pair, which no part holds: they run on integer
+sums over pairs (``pipeline.overlap.overlap_state``) kept in the record
+(``Certification.agreement_state``); a child's sums are its parent's minus the old
+contributions of the pairs its new judgments touch plus their new ones (:func:`agreement_state`).
+
+What neither covers, certification still reads across the version: the ``pair_id`` column of
+every split part (a pair id must be unique across parts, which no per-part fact proves), the
+judgments' ``pair_id`` column (to find the touched pairs' judgments), and the flags table.
 """
 from __future__ import annotations
 
@@ -161,7 +166,6 @@ class VersionFacts:
         self.prior = {r["sha256"]: r for r in prior.iter_rows(named=True)}
         self.checked = checked
         self.facts: dict[str, dict[str, Any]] = {}
-        self.computed = 0  # parts read to compute their facts
         self.frames: dict[str, pl.DataFrame] = {}  # split parts read this time, by path (GX validates them)
 
     def _get(self, sha: str, field: str, compute) -> dict[str, Any]:
@@ -170,7 +174,6 @@ class VersionFacts:
             row = self.facts[sha] = {k: None for k in FACTS_SCHEMA} | (self.prior.get(sha) or {"sha256": sha})
         if row.get(field) is None:
             row.update(compute())
-            self.computed += 1
         return row
 
     def split(self, split: str) -> list[tuple[str, dict[str, Any]]]:
