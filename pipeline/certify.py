@@ -170,16 +170,40 @@ def split_pair_ids(h: VersionHandle) -> pl.DataFrame:
     return pl.concat(frames)
 
 
+GX_BATCH_ROWS = 100_000  # rows of one GX validation: a first certification of a large version holds one batch at a time
+
+
+def _gx_batches(h: VersionHandle, split: str, todo: list[tuple[str, dict[str, Any]]]) -> list[list[tuple[str, dict[str, Any]]]]:
+    """The split's parts to validate, in consecutive groups of at most ``GX_BATCH_ROWS`` rows (a
+    bigger part alone)."""
+    rows = {p.path: p.rows for p in (h.table(f"data/{split}").parts if h.table(f"data/{split}") else [])}
+    groups: list[list[tuple[str, dict[str, Any]]]] = []
+    size = 0
+    for item in todo:
+        n = rows.get(item[0], 0)
+        if not groups or size + n > GX_BATCH_ROWS:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += n
+    return groups
+
+
 def expectations_gate(facts: VersionFacts, ids: pl.DataFrame, gx_dir: Path, facts_from: str | None) -> GateResult:
     """The GX suite met by every part of every split.  Parts an earlier certification validated
-    (same sha256) keep their result; the others are validated now, one batch per split.  The
-    suite's ``pair_id`` uniqueness holds within a batch; across a split's parts it is checked here."""
-    batches, validated, evaluated, reused = {}, {}, {}, 0
+    (same sha256) keep their result; the others are validated now, in batches of at most
+    ``GX_BATCH_ROWS`` rows of one split, read when validated.  The suite's ``pair_id`` uniqueness
+    holds within a batch; across a split's parts it is checked here on the id column."""
+    h = facts.h
+    batches, validated, split_of, evaluated, reused = {}, {}, {}, {}, 0
     for s in SPLITS:
         todo = facts.unvalidated(s)
-        if todo:
-            batches[s] = pl.concat([frame for _, _, frame in todo], how="vertical_relaxed")
-            validated[s] = [row for _, row, _ in todo]
+        groups = _gx_batches(h, s, todo)
+        for i, group in enumerate(groups):
+            name = s if len(groups) == 1 else f"{s}-{i + 1}"
+            paths = [path for path, _ in group]
+            batches[name] = lambda paths=paths: pl.concat([h.read(p) for p in paths], how="vertical_relaxed")
+            validated[name], split_of[name] = [row for _, row in group], s
         parts = facts.split(s)
         reused += len(parts) - len(todo)
         evaluated[s] = max((row["gx_evaluated"] or 0 for _, row in parts), default=0)
@@ -190,12 +214,13 @@ def expectations_gate(facts: VersionFacts, ids: pl.DataFrame, gx_dir: Path, fact
 
         gx = run_expectations(batches, gx_dir)
         docs = f"; Data Docs: {gx['docs_index']}"
-        for s, r in gx["splits"].items():
+        for name, r in gx["splits"].items():
+            s = split_of[name]
             evaluated[s] = r["evaluated"]
             if r["failed"]:
-                failed[s] = list(r["failed"])
+                failed.setdefault(s, []).extend(f for f in r["failed"] if f not in failed.get(s, []))
             else:  # only a passing part's result is kept for later certifications
-                for row in validated[s]:
+                for row in validated[name]:
                     row["gx_evaluated"] = r["evaluated"]
     for s, frame in ids.partition_by("split", as_dict=True).items():
         n_dup = frame.height - frame["pair_id"].n_unique()

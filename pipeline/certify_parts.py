@@ -166,7 +166,6 @@ class VersionFacts:
         self.prior = {r["sha256"]: r for r in prior.iter_rows(named=True)}
         self.checked = checked
         self.facts: dict[str, dict[str, Any]] = {}
-        self.frames: dict[str, pl.DataFrame] = {}  # split parts read this time, by path (GX validates them)
 
     def _get(self, sha: str, field: str, compute) -> dict[str, Any]:
         row = self.facts.get(sha)
@@ -177,21 +176,15 @@ class VersionFacts:
         return row
 
     def split(self, split: str) -> list[tuple[str, dict[str, Any]]]:
-        """(path, facts) of every part of a split."""
-        def compute(path: str) -> dict[str, Any]:
-            frame = self.frames[path] = self.h.read(path)
-            return split_part_facts(frame)
+        """(path, facts) of every part of a split (a part's facts from two narrow columns)."""
+        cols = ["locale", "annotator_kind"]
+        return [(path, self._get(sha, "locales", lambda path=path: split_part_facts(self.h.read(path, columns=cols))))
+                for path, sha in table_parts(self.h, f"data/{split}")]
 
-        return [(path, self._get(sha, "locales", lambda path=path: compute(path))) for path, sha in table_parts(self.h, f"data/{split}")]
-
-    def unvalidated(self, split: str) -> list[tuple[str, dict[str, Any], pl.DataFrame]]:
-        """The split's parts without a GX result (path, facts, rows): new parts, and parts whose
-        earlier certification did not run GX."""
-        out = []
-        for path, row in self.split(split):
-            if row.get("gx_evaluated") is None:
-                out.append((path, row, self.frames.pop(path, None) if path in self.frames else self.h.read(path)))
-        return out
+    def unvalidated(self, split: str) -> list[tuple[str, dict[str, Any]]]:
+        """The split's parts without a GX result (path, facts): new parts, and parts whose earlier
+        certification did not run GX."""
+        return [(path, row) for path, row in self.split(split) if row.get("gx_evaluated") is None]
 
     def pairs(self) -> list[tuple[str, dict[str, Any]]]:
         cols = ["decision", "label_consensus"]

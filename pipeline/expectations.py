@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,11 @@ def build_suite(gx):
     return suite
 
 
-def run_expectations(batches: dict[str, pl.DataFrame], out_dir: Path) -> dict[str, Any]:
-    """Validate each batch (the rows of a split to validate: all of them, or its parts that no
-    earlier certification validated); write ``validation_<name>.json`` and Data Docs under ``out_dir``.
+def run_expectations(batches: dict[str, pl.DataFrame | Callable[[], pl.DataFrame]], out_dir: Path) -> dict[str, Any]:
+    """Validate each batch (rows of a split: parts that no earlier certification validated, at
+    most a bounded number of rows a batch); write ``validation_<name>.json`` and Data Docs under
+    ``out_dir``.  A batch given as a function is read when it is validated and dropped after, so
+    only one batch is in memory at a time.
 
     Returns ``{"success": bool, "splits": {name: {...}}, "docs_index": path}``.
     """
@@ -107,7 +110,8 @@ def run_expectations(batches: dict[str, pl.DataFrame], out_dir: Path) -> dict[st
     ds = ctx.data_sources.add_pandas("prefpipe")
     results: dict[str, Any] = {}
     ok = True
-    for name, df in batches.items():
+    for name, batch in batches.items():
+        df = batch() if callable(batch) else batch
         asset = ds.add_dataframe_asset(name)
         bd = asset.add_batch_definition_whole_dataframe(f"{name}_all")
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"dpo_{name}", data=bd, suite=suite))
@@ -121,6 +125,7 @@ def run_expectations(batches: dict[str, pl.DataFrame], out_dir: Path) -> dict[st
                          "evaluated": int(stats["evaluated_expectations"]), "failed": failed}
         ok = ok and results[name]["success"]
         (out_dir / f"validation_{name}.json").write_text(json.dumps(vr.to_json_dict(), indent=1, default=str))
+        del df, run, vr
     ctx.build_data_docs()
     summary = {"success": ok, "splits": results, "docs_index": str(docs_dir / "index.html")}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -77,8 +77,9 @@ def test_a_child_validates_only_its_new_parts_and_reaches_the_gates_of_a_full_ce
     real = expectations.run_expectations
 
     def spy(frames, out_dir):
-        batches.append({s: f.height for s, f in frames.items()})
-        return real(frames, out_dir)
+        out = real(frames, out_dir)
+        batches.append({s: r["rows"] for s, r in out["splits"].items()})
+        return out
 
     monkeypatch.setattr(expectations, "run_expectations", spy)
     first = certify_version(st, v1, Policy())
@@ -178,7 +179,7 @@ def test_a_failed_part_is_not_remembered_as_validated(chain, tmp_path, monkeypat
     def failing(frames, out_dir):
         calls.append(set(frames))
         return {"success": False, "docs_index": str(out_dir / "index.html"),
-                "splits": {s: {"success": s != "train", "rows": f.height, "evaluated": 20,
+                "splits": {s: {"success": s != "train", "rows": f().height, "evaluated": 20,
                                "failed": ["expect_column_values_to_not_be_null(prompt)"] if s == "train" else []}
                            for s, f in frames.items()}}
 
@@ -296,3 +297,33 @@ def test_with_a_registry_the_qualified_overlap_sums_per_locale_follow_the_batch_
     grandchild = certify_version(st, v3, NO_GX, run_gx=False)
     assert "computed over every judgment" in _detail(grandchild, "agreement_overlap.human")
     assert _gates(grandchild) == _gates(certify_version(st, v3, NO_GX, run_gx=False, reuse=False))
+
+
+def test_a_large_split_is_validated_in_bounded_batches_each_read_when_validated(chain, tmp_path, monkeypatch):
+    import pipeline.certify as certify
+
+    st, v1, _ = _copy(chain, tmp_path)
+    monkeypatch.setattr(certify, "GX_BATCH_ROWS", 40)
+    seen: list[tuple[str, int]] = []
+    real = expectations.run_expectations
+
+    def spy(frames, out_dir):
+        assert all(callable(f) for f in frames.values())  # read when validated, one at a time
+        out = real(frames, out_dir)
+        seen.extend((name, r["rows"]) for name, r in out["splits"].items())
+        return out
+
+    monkeypatch.setattr(expectations, "run_expectations", spy)
+    cert = certify_version(st, v1, Policy())
+    m = st.get(v1).manifest()
+    names = [n for n, _ in seen]
+    assert {n.split("-")[0] for n in names} == set(SPLITS) and "train-2" in names
+    big = max(p.rows for p in m.tables["data/train"].parts)
+    assert all(rows <= max(40, big) for _, rows in seen)
+    for s in SPLITS:
+        assert sum(rows for n, rows in seen if n.split("-")[0] == s) == m.splits[s].rows
+    gx = next(g for g in cert.gates if g.name == "expectations")
+    assert gx.passed and gx.value == gx.threshold == 72
+    facts = pl.read_parquet(st.root / cert.part_facts.path)
+    split_parts = {p.sha256 for s in SPLITS for p in m.tables[f"data/{s}"].parts}
+    assert facts.filter(pl.col("sha256").is_in(list(split_parts)))["gx_evaluated"].null_count() == 0
