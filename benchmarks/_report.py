@@ -1,6 +1,7 @@
-"""Shared helpers for benchmark scripts: run a measured subprocess, write a docs section."""
+"""Shared helpers for benchmark scripts: the command line, run a measured subprocess, write a docs section."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -15,6 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 DOC = ROOT / "docs" / "benchmarks.md"
+
+
+
+def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line: its module docstring as ``--help``, and ``--no-write`` (print
+    the results only; every benchmark otherwise rewrites its section of docs/benchmarks.md)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-write", action="store_true",
+                    help="print the results only; do not rewrite their section of docs/benchmarks.md")
+    return ap
 
 
 def run_measured(code: str, *, env: dict[str, str] | None = None) -> tuple[float, float, str]:

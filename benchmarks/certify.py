@@ -17,7 +17,6 @@ Writes the "Certification" section of docs/benchmarks.md (``--no-write``: print 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -27,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine_line, table, write_section  # noqa: E402
+from _report import benchmark_parser, machine_line, table, write_section  # noqa: E402
 from incremental import run_cli  # noqa: E402
 
 
@@ -69,10 +68,9 @@ def detail(cert: dict, name: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--parent-judgments", type=int, default=3_000_000)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     cache = Path(tempfile.gettempdir()) / "prefpipe-bench"
     src, parent, child = find_store(cache, a.parent_judgments)

@@ -9,7 +9,6 @@ and each check exactly as `curate` runs them (`pipeline.checks.run_checks`). Wri
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import time
@@ -17,15 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _report import machine_line, table, write_section  # noqa: E402
+from _report import benchmark_parser, machine_line, table, write_section  # noqa: E402
 from gen_judgments import cached_batch  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--judgments", type=int, default=1_000_000)
     ap.add_argument("--row-bytes", type=int, default=1000)
-    ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     src = cached_batch(a.judgments, a.row_bytes)
     parq = src.with_suffix(".judgments.parquet")

@@ -250,11 +250,12 @@ def bench_consensus(seeds: list[int], before_code: Path | None = None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from _report import benchmark_parser
+
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--seeds", nargs="*", type=int, default=list(range(100, 110)))
     ap.add_argument("--before-code", type=Path, help="a prefpipe checkout whose aggregate fills 'prefpipe before'")
     ap.add_argument("--prefpipe-json", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--no-write", action="store_true", help="print only; do not rewrite the Consensus section of docs/benchmarks.md")
     a = ap.parse_args()
     if a.prefpipe_json:
         sys.path.insert(0, str(Path.cwd()))

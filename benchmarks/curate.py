@@ -12,7 +12,6 @@ Writes the "Curate" section of docs/benchmarks.md. Targets: >= 25k judgments/s, 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, machine_line, table, write_section  # noqa: E402
+from _report import ROOT, benchmark_parser, machine_line, table, write_section  # noqa: E402
 from gen_judgments import GEN_VERSION, cached_batch, generate  # noqa: E402
 
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -46,12 +45,11 @@ def run_cli(args: list[str]) -> tuple[float, float, float, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--judgments", type=int, default=1_000_000)
     ap.add_argument("--row-bytes", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3, help="runs of the fixed-cost measurement")
     ap.add_argument("--runs", type=int, default=3, help="runs of the 1M-judgment curate (median reported)")
-    ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     big = cached_batch(a.judgments, a.row_bytes)
     cache = big.parent

@@ -20,7 +20,6 @@ Writes the "Inbox chain" section of docs/benchmarks.md (``--no-write``: print on
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _report import machine_line, table, write_section  # noqa: E402
+from _report import benchmark_parser, machine_line, table, write_section  # noqa: E402
 from incremental import fresh_batch  # noqa: E402
 
 
@@ -45,11 +44,10 @@ def parse_all(store) -> list[str]:  # noqa: ANN001 - the listing without the ind
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--ticks", type=int, default=60)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--row-bytes", type=int, default=1000)
-    ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     batches = [fresh_batch(a.batch, a.row_bytes, 100 + i) for i in range(a.ticks)]
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="pp-prefect-"))

@@ -23,7 +23,6 @@ Writes the "Incremental" section of docs/benchmarks.md (``--no-write``: print on
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, machine_line, table, write_section  # noqa: E402
+from _report import ROOT, benchmark_parser, machine_line, table, write_section  # noqa: E402
 from gen_judgments import GEN_VERSION, cached_batch, generate  # noqa: E402
 
 # the CLI in-process, then the child's own peak RSS (VmHWM belongs to this address space only)
@@ -166,7 +165,7 @@ def fmt_mib(b: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--parent-judgments", type=int, default=1_000_000)
     ap.add_argument("--batch", type=int, default=10_000)
     ap.add_argument("--row-bytes", type=int, default=1000)
@@ -175,7 +174,6 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also the same child with `curate --full` (recompute)")
     ap.add_argument("--cold", action="store_true",
                     help="also the same child with the page cache emptied first (root only: the parent read from disk)")
-    ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     from schemas.version import code_version
 

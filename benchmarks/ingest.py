@@ -18,7 +18,6 @@ the step's memory.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, machine_line, table, write_section  # noqa: E402
+from _report import ROOT, benchmark_parser, machine_line, table, write_section  # noqa: E402
 from gen_judgments import GEN_VERSION, generate  # noqa: E402
 
 STEPS = {
@@ -78,11 +77,10 @@ def run_step(code: str) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--judgments", type=int, default=1_000_000)
     ap.add_argument("--row-bytes", type=int, default=1600)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     a = ap.parse_args()
     cache = Path(tempfile.gettempdir()) / "prefpipe-bench"
     cache.mkdir(exist_ok=True)

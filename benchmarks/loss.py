@@ -203,7 +203,9 @@ def _run_child(python: str, variant: str, vocab: int, share: float, args: argpar
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from _report import benchmark_parser
+
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--prompt-shares", type=float, nargs="+", default=[0.0],
                     help="fractions of each row that are prompt (extra rows; 0 = all completion)")
@@ -218,7 +220,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY for every child ('' = inherit none)")
     ap.add_argument("--liger-python", default=None, help="interpreter with liger_kernel (see docstring)")
-    ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
 

@@ -20,7 +20,6 @@ The child's new disk is the bytes of the parts it wrote (not linked); for *full*
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _report import PEAK_SNIPPET, machine_line, run_measured, table, write_section  # noqa: E402
+from _report import PEAK_SNIPPET, benchmark_parser, machine_line, run_measured, table, write_section  # noqa: E402
 from gen_judgments import cached_batch  # noqa: E402
 
 COLS = ["pair_id", "prompt_hash", "prompt", "prompt_text"]
@@ -138,12 +137,11 @@ def measure(code: str) -> tuple[dict, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--history", type=int, nargs="+", default=[1_000_000, 3_000_000])
     ap.add_argument("--batch", type=int, default=10_000)
     ap.add_argument("--row-bytes", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3, help="runs of each step (the median is reported)")
-    ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     batch = judgments_parquet(a.batch, a.row_bytes, prefix="batch-s1", seed=1)
     rows = []

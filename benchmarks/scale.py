@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, machine_line, table, write_section  # noqa: E402
+from _report import ROOT, benchmark_parser, machine_line, table, write_section  # noqa: E402
 from gen_judgments import cached_batch  # noqa: E402
 
 PLOT = ROOT / "docs" / "scale.png"
@@ -234,14 +234,13 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     ap.add_argument("--row-bytes", type=int, default=1000)
     ap.add_argument("--from-issue", action="append", default=[], metavar="N:WALL:PEAK_GB",
                     help="a row quoted from issue 15 (not measured here), e.g. 3000000:84:6.8")
     ap.add_argument("--partition-rows", type=int, default=250_000, help="target judgments per partition (partitioned part)")
     ap.add_argument("--no-partitioned", action="store_true", help="skip the partitioned building blocks")
-    ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     rows: list[Row] = []
     for n in sorted(a.sizes):
