@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,30 @@ def _opts_key(options: dict[str, Any]) -> str:
     return json.dumps(options, sort_keys=True)
 
 
+def _work_token(work_dir: Path) -> str:
+    """A random token that names this work dir for as long as it exists (created on first use):
+    a store deleted and made again at the same path gets a new one, so Prefect's cache (kept in
+    PREFECT_HOME, outside the store) never hands out a path of the old one."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    token = work_dir / ".cache-token"
+    if not token.exists():
+        tmp = work_dir / f".cache-token.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(uuid.uuid4().hex, encoding="ascii")
+        try:
+            os.link(tmp, token)  # whole or not at all; the first writer wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return token.read_text(encoding="ascii").strip()
+
+
 def _ingest_cache_key(context, parameters) -> str:
-    # the work dir is part of the key: a cached result is a path, valid only for that store
+    # the work dir is part of the key: a cached result is a path, valid only for that store, and
+    # only while the store's work dir is the one that ingested it (its token)
+    work = Path(parameters["work_dir"]).resolve()
     return content_hash(f"ingest|{parameters['sha256']}|{parameters['ingest_json']}|{_opts_key(parameters['options'])}"
-                        f"|{code_version()}|{Path(parameters['work_dir']).resolve()}")
+                        f"|{code_version()}|{work}|{_work_token(work)}")
 
 
 @task(retries=2, retry_delay_seconds=2, persist_result=False)

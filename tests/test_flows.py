@@ -102,6 +102,19 @@ def test_dask_runner_gives_identical_version(tmp_path, monkeypatch):
            {k: f.sha256 for k, f in mb.files.items() if k.endswith(".parquet")}
 
 
+def test_a_store_deleted_and_made_again_at_the_same_path_is_curated_again(tmp_path):
+    """Prefect caches an ingest as a path, in PREFECT_HOME (outside the store): a new store at the
+    old path must not be handed the old store's (deleted) ingest directory."""
+    from flows.flows import curate_batch
+
+    files = [str(SAMPLES[0])]
+    store = tmp_path / "store"
+    first = curate_batch(files=files, store=str(store))
+    shutil.rmtree(store)
+    again = curate_batch(files=files, store=str(store))
+    assert again == first and Store(store).get(again).verify() == []
+
+
 def _free_port() -> int:
     import socket
 
