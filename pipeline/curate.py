@@ -231,6 +231,13 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         prelim = rr.resolve(prelim, reviews, review_ctx)  # reviews decide routed pairs (pipeline/reviews_resolve.py)
         t = timer.lap("aggregate_preliminary", t)
         given: dict[str, CheckResult] = {}
+        sums_rule = None
+        if ruled is not None and parent is not None and prelim_touched is not None and inc.has_sums(parent):
+            # the checks with mergeable state count only the batch's pairs (pipeline/checks/spec.py: Sums)
+            for name, state in inc.merged_sums(judgments, n_parent_judgments, parent, prelim_touched).items():
+                extra.setdefault(name, {})["sums"] = state
+            sums_rule = {"mode": "incremental", "checks": sorted(inc.declared_sums()), "pairs_counted": prelim_touched.len()}
+            t = timer.lap("checks:sums", t)
         parent_flags = parent.read("flags.parquet") if intact else None
         touched = None  # the pairs whose pair-scoped state rows changed (None: not known, all written)
         if intact and has_state(parent):
@@ -409,7 +416,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
         order_engagement="oa_engaged"))
     for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame()),
-                        (inc.PARAMS_TABLE, params), (inc.PRELIM_PARAMS, prelim_params), (GROUPS, groups)):
+                        (inc.PARAMS_TABLE, params), (inc.PRELIM_PARAMS, prelim_params), (GROUPS, groups),
+                        *inc.sums_frames(results).items()):
         w = TableWriter(store, stage, name)
         w.write("all", frame)
         tables[name] = w.info()
@@ -454,7 +462,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         annotators=_annotator_summary(annotators),
         lineage={"parent_version": parent.version_id if parent else None,
                  "new_sources": [s.model_dump() for s in ingest.sources],
-                 "timings_s": dict(timer.t), **({"consensus": rule, "preliminary": prelim_rule} if parent else {}),
+                 "timings_s": dict(timer.t), **({"consensus": rule, "preliminary": prelim_rule, "check_sums": sums_rule or {"mode": "counted"}}
+                    if parent else {}),
                  "pair_table_parts": {"linked": reuse.linked, "written": reuse.written}},
     )
     t = time.perf_counter()

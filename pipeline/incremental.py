@@ -38,6 +38,7 @@ import polars as pl
 from pipeline.checks import duplicates, language, pair_id_conflict
 from pipeline.checks import near_duplicates_state as nds
 from pipeline.aggregate import Aggregation
+from pipeline.checks.spec import Sums
 from pipeline.store import VersionHandle
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import AggregationConfig, ChecksConfig, DimensionsConfig
@@ -322,6 +323,37 @@ def with_parent_pairs(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Seri
     return out, {"pairs_recomputed": fresh.height, "pairs_from_parent": keep.height}
 
 
+def sums_table(name: str) -> str:
+    """The table a version keeps a check's mergeable state in (:class:`pipeline.checks.spec.Sums`)."""
+    return f"{STATE_PREFIX}{name}_sums"
+
+
+def declared_sums() -> dict[str, Sums]:
+    from pipeline.checks import CHECKS
+
+    return {c.name: c.sums for c in CHECKS if c.sums is not None}
+
+
+def has_sums(parent: VersionHandle) -> bool:
+    return all(parent.table(sums_table(n)) is not None for n in declared_sums())
+
+
+def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, pairs: pl.Series) -> dict[str, pl.DataFrame]:
+    """The mergeable state of every check that declares one, for a child whose judgments are its
+    parent's (the first ``n_parent_rows``) followed by new ones on the pairs ``pairs``: the parent's
+    state minus those pairs' rows as the parent counted them plus their rows now.  Only the judgments
+    of ``pairs`` are counted; the result equals a count over every judgment (``tests/test_incremental.py``)."""
+    mine = judgments.with_row_index("_row").filter(pl.col("pair_id").is_in(pairs.implode()))
+    old, new = mine.filter(pl.col("_row") < n_parent_rows).drop("_row"), mine.drop("_row")
+    return {name: spec.merge(parent.read(sums_table(name)), spec.count(old), spec.count(new))
+            for name, spec in declared_sums().items()}
+
+
+def sums_frames(results: dict[str, CheckResult]) -> dict[str, pl.DataFrame]:
+    """The state tables of the checks that declare mergeable sums, by table name."""
+    return {sums_table(name): results[name].tables["sums"] for name in declared_sums() if name in results}
+
+
 def state_frames(results: dict[str, CheckResult]) -> dict[str, pl.DataFrame]:
     """The state tables a version keeps for its children, by table name."""
     out = {}
@@ -342,4 +374,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["declared_sums", "has_sums", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

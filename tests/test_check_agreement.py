@@ -156,3 +156,27 @@ def test_edge_cases_do_not_crash() -> None:
     only_ai = judgments_from_records([rec("c1", "a", "ai1", kind="ai"), rec("c2", "a", "ai2", kind="ai")])
     m = agreement.run(only_ai).metrics
     assert m["human"]["n_pairs"] == 0 and m["ai"]["n_pairs"] == 1 and math.isnan(m["ai"]["krippendorff_alpha"] or math.nan)
+
+
+def test_state_adds_over_disjoint_pairs_and_gives_the_same_figures(planted) -> None:
+    """The check's state (``count_sums``) of two disjoint sets of pairs merges into the state of
+    both; figures computed from a merged state equal the run over every judgment, to the bit;
+    a state that does not contain the rows taken out of it is refused."""
+    _, j = planted
+    spec = agreement.CHECK.sums
+    assert spec is not None
+    pairs = j["pair_id"].unique().sort()
+    left = j.filter(pl.col("pair_id").is_in(pairs.head(pairs.len() // 3).implode()))
+    right = j.filter(~pl.col("pair_id").is_in(pairs.head(pairs.len() // 3).implode()))
+    whole = spec.count(j)
+    empty = whole.clear()
+    assert spec.merge(spec.count(left), empty, spec.count(right)).equals(whole)
+    assert spec.merge(whole, spec.count(left), empty).equals(spec.count(right))
+    cfg = AgreementConfig(bootstrap=40)
+    direct = agreement.run(j, cfg)
+    merged = agreement.run(j, cfg, sums=spec.merge(spec.count(right), empty, spec.count(left)))
+    assert merged.metrics == direct.metrics
+    assert merged.tables["slices"].equals(direct.tables["slices"])
+    assert whole.filter(pl.col("kind") == agreement.MISSING)["n"].sum() == direct.metrics["ratings_treated_as_missing"]
+    with pytest.raises(ValueError, match="does not belong"):
+        spec.merge(spec.count(left), spec.count(right), empty)

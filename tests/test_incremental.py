@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.checks import CHECKS, run_checks
 from pipeline.curate import curate
-from pipeline.incremental import PAIR_SCOPED
+from pipeline.incremental import PAIR_SCOPED, declared_sums, sums_table
 from pipeline.store import Store
 from schemas.policy import Policy, policy_from_dict
 
@@ -29,6 +29,8 @@ COMPARED = {"duplicates": ["judgments", "exact_duplicates", "exact_duplicate_rat
                            "identical_responses", "identical_response_rate"],
             "pair_id_conflict": ["conflicting_pair_ids", "flagged_judgments", "prompt_differs", "responses_differ"],
             "language": ["pairs_checked", "texts_checked", "mismatched_pairs", "mismatch_rate", "matrix", "decided_by"]}
+# the figures a check computes from its mergeable sums alone (its per-pair flags read the child's consensus)
+SUMS_COMPARED = {"agreement": ["human", "ai", "all", "unknown", "ratings_treated_as_missing", "slices"]}
 
 
 def _batch(rng: random.Random, step: int, old: list[dict]) -> list[dict]:
@@ -105,6 +107,15 @@ def test_child_checks_equal_a_run_over_the_union(tmp_path_factory, seed, n_batch
                 assert got.equals(want), name
                 m = h.manifest().check(name).metrics
                 assert {k: m.get(k) for k in COMPARED[name]} == {k: full[name].metrics.get(k) for k in COMPARED[name]}, name
+            # the checks with mergeable sums counted only the batch's pairs, and their state and the
+            # figures computed from it equal a count over every judgment
+            assert h.manifest().lineage["check_sums"]["mode"] == "incremental"
+            for name, spec in declared_sums().items():
+                counted = spec.count(judgments)
+                assert h.read(sums_table(name)).equals(counted), name
+                m = h.manifest().check(name).metrics
+                for k in SUMS_COMPARED[name]:
+                    assert m[k] == full[name].metrics[k], (name, k)
             # near duplicates extend the parent's state tables: the same flags, figures and clusters
             nd = full["near_duplicates"]
             order = ["subject_kind", "subject_id", "reason", "detail"]

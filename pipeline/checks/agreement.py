@@ -49,7 +49,7 @@ from pipeline.stats import (
 )
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AgreementConfig, ChecksConfig
-from pipeline.checks.spec import CheckSpec, Reason
+from pipeline.checks.spec import CheckSpec, Reason, Sums
 
 NAME = "agreement"
 CATEGORIES = ("a", "b", "tie")
@@ -103,10 +103,8 @@ def profile_metrics(rows: np.ndarray, mult: np.ndarray, bootstrap: int, seed: in
     return out
 
 
-def _kind_metrics(counts: np.ndarray, cfg: AgreementConfig, seed: int) -> dict[str, Any]:
-    """Alpha and kappa (+ bootstrap CIs over pairs) from (pairs, 3) rating counts."""
-    m = counts.sum(axis=1)
-    rows, mult = compress_rows(counts[m >= 2])  # distinct count patterns x how many pairs
+def _kind_metrics(rows: np.ndarray, mult: np.ndarray, cfg: AgreementConfig, seed: int) -> dict[str, Any]:
+    """Alpha and kappa (+ bootstrap CIs over pairs) from distinct rating-count rows and how many pairs have each."""
     f = profile_metrics(rows, mult, cfg.bootstrap, seed)
     a_lo, a_hi = f["alpha_ci"]
     k_lo, k_hi = f["kappa_ci"]
@@ -116,6 +114,68 @@ def _kind_metrics(counts: np.ndarray, cfg: AgreementConfig, seed: int) -> dict[s
             "fleiss_m": f["fleiss_m"], "fleiss_n_pairs": f["fleiss_n_pairs"],
             "fleiss_kappa": _num(kappa) if kappa is not None else None,
             "fleiss_kappa_ci": [k_lo, k_hi] if k_lo is not None else None}
+
+
+# ---------------------------------------------------------------- the check's mergeable state
+SUMS_KEYS = ("slice", "kind", "n_a", "n_b", "n_tie")
+SUMS_SCHEMA = {"slice": pl.String, "kind": pl.String, "n_a": pl.Int64, "n_b": pl.Int64, "n_tie": pl.Int64, "n": pl.Int64}
+MISSING = "missing"  # the kind of the one row that counts the ratings treated as missing (in ``n``)
+_ALL = ""  # the slice of every pair
+
+
+def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.DataFrame:
+    """The check's state: everything its figures are computed from, as counts that add over
+    disjoint sets of pairs.
+
+    Per slice (``""``: every pair; ``locale=<x>``, ``tag=<t>``) and kind (human, ai, unknown,
+    all), the histogram of per-pair rating counts ``(n_a, n_b, n_tie)`` of the pairs with at
+    least two ratings of that kind (``n``: how many pairs), and one row (slice ``""``, kind
+    ``missing``) whose ``n`` counts the ratings treated as missing.  A pair's rows depend on
+    its own judgments only (its locale and tags too, :func:`pipeline.aggregate.pair_locale`),
+    so a child's state is its parent's minus the rows of the pairs its batch touches, as the
+    parent saw them, plus theirs now (:meth:`pipeline.checks.spec.Sums.merge`).  ``judgments`` must hold every
+    judgment of each pair it has, in their order.  Sorted by the keys."""
+    if judgments.height == 0:
+        return pl.DataFrame(schema=SUMS_SCHEMA)
+    e = encoded or encode(judgments)
+    uc = unit_counts(e, judgments["annotator_kind"] if "annotator_kind" in judgments.columns else None).astype(np.int64)
+    mp, ms, names = _slice_members(judgments, e, None)
+    frames = []
+    for kind, counts in (("human", uc[:, 0]), ("ai", uc[:, 1]), ("unknown", uc[:, 2]), ("all", uc.sum(axis=1))):
+        ok = counts.sum(axis=1) >= 2
+        every = np.flatnonzero(ok)
+        sel = ok[mp]
+        p = np.concatenate([every, mp[sel]])
+        sl = np.concatenate([np.full(every.size, -1, np.int64), ms[sel]])
+        f = pl.DataFrame({"_s": sl, "n_a": counts[p, 0], "n_b": counts[p, 1], "n_tie": counts[p, 2]},
+                         schema={"_s": pl.Int64, "n_a": pl.Int64, "n_b": pl.Int64, "n_tie": pl.Int64})
+        frames.append(f.group_by("_s", "n_a", "n_b", "n_tie").agg(n=pl.len().cast(pl.Int64)).with_columns(kind=pl.lit(kind)))
+    names_s = pl.Series("slice", [_ALL, *names], pl.String)
+    hist = pl.concat(frames)
+    hist = hist.with_columns(slice=names_s.gather(hist["_s"] + 1))
+    missing = pl.DataFrame({"slice": [_ALL], "kind": [MISSING], "n_a": [0], "n_b": [0], "n_tie": [0],
+                            "n": [int((e.label > TIE).sum())]}, schema=SUMS_SCHEMA)
+    return pl.concat([hist.select(*SUMS_SCHEMA), missing]).filter(pl.col("n") != 0).sort(*SUMS_KEYS)
+
+
+def _profiles(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows, multiplicity) in :func:`pipeline.stats.compress_rows`' order (the profile as a
+    mixed-radix number, last category most significant), C-ordered: the same bootstrap draws and
+    float sums as the check computed from per-pair counts."""
+    prof = frame.sort("n_tie", "n_b", "n_a")
+    rows = np.ascontiguousarray(prof.select("n_a", "n_b", "n_tie").to_numpy(), dtype=np.int64).reshape(-1, 3)
+    return rows, prof["n"].to_numpy().astype(np.int64)
+
+
+def from_sums(state: pl.DataFrame, cfg: AgreementConfig) -> tuple[dict[str, Any], pl.DataFrame]:
+    """The check's figures (per kind, with bootstrap CIs) and its slice table from its state."""
+    metrics: dict[str, Any] = {}
+    every = state.filter(pl.col("slice") == _ALL)
+    for i, kind in enumerate(("human", "ai", "all", "unknown")):
+        rows, mult = _profiles(every.filter(pl.col("kind") == kind))
+        metrics[kind] = _kind_metrics(rows, mult, cfg, cfg.seed + 10 * i)
+    metrics["ratings_treated_as_missing"] = int(every.filter(pl.col("kind") == MISSING)["n"].sum())
+    return metrics, _slice_table(state.filter((pl.col("slice") != _ALL) & (pl.col("kind") != MISSING)))
 
 
 def _slice_members(judgments: pl.DataFrame, e: Encoded, pairs: pl.DataFrame | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -133,32 +193,31 @@ def _slice_members(judgments: pl.DataFrame, e: Encoded, pairs: pl.DataFrame | No
     return members["_p"].to_numpy(), codes, members["slice"].gather(first).to_list()
 
 
-def _slice_table(uc: np.ndarray, members: tuple[np.ndarray, np.ndarray, list[str]]) -> pl.DataFrame:
-    """Alpha and kappa per (slice, kind): per-pair terms summed per slice with bincounts."""
-    mp, ms, names = members
-    n_s = len(names)
-    out = []
-    for kind, counts in (("human", uc[:, 0]), ("ai", uc[:, 1]), ("unknown", uc[:, 2]), ("all", uc.sum(axis=1))):
-        m = counts.sum(axis=1)
-        ok = (m >= 2)[mp]
-        p, sl = mp[ok], ms[ok]
-        terms = unit_terms_alpha(counts)[p]  # [D, m, n_a, n_b, n_tie] per member
-        sums = np.column_stack([np.bincount(sl, weights=terms[:, i], minlength=n_s) for i in range(terms.shape[1])])
-        n_pairs = np.bincount(sl, minlength=n_s)
-        mm = m[p].astype(np.int64)
-        top = int(mm.max()) + 1 if mm.size else 1
-        per_m = np.bincount(sl * top + mm, minlength=n_s * top).reshape(n_s, top)
-        modal = top - 1 - np.argmax(per_m[:, ::-1], axis=1)  # most frequent m, ties -> the larger
-        sel = mm == modal[sl]
-        f_terms = unit_terms_fleiss(counts[p[sel]])
-        f_sums = np.column_stack([np.bincount(sl[sel], weights=f_terms[:, i], minlength=n_s) for i in range(f_terms.shape[1])])
-        has = n_pairs > 0
-        out.append(pl.DataFrame({
-            "slice": [names[i] for i in np.flatnonzero(has)], "kind": kind, "n_pairs": n_pairs[has].astype(np.int64),
-            "krippendorff_alpha": pl.Series(alpha_from_sums(sums[has])).fill_nan(None),
-            "fleiss_kappa": pl.Series(kappa_from_sums(f_sums[has])).fill_nan(None),
-        }, schema=_SLICE_SCHEMA))
-    return pl.concat(out).sort("slice", "kind")
+def _slice_table(hist: pl.DataFrame) -> pl.DataFrame:
+    """Alpha and kappa per (slice, kind) from the slices' profile histograms: the unit terms of each
+    distinct profile times its multiplicity, summed per slice in the state's (sorted) order."""
+    if hist.height == 0:
+        return pl.DataFrame(schema=_SLICE_SCHEMA)
+    hist = hist.sort(*SUMS_KEYS)
+    rows = np.ascontiguousarray(hist.select("n_a", "n_b", "n_tie").to_numpy(), dtype=np.int64).reshape(-1, 3)
+    n = hist["n"].to_numpy().astype(np.int64)
+    g, first = dense_codes(hist.select(pl.concat_str("slice", "kind", separator="\x00")).to_series())
+    n_g = len(first)
+    terms = unit_terms_alpha(rows) * n[:, None]
+    sums_ = np.column_stack([np.bincount(g, weights=terms[:, i], minlength=n_g) for i in range(terms.shape[1])])
+    n_pairs = np.bincount(g, weights=n, minlength=n_g).astype(np.int64)
+    m = rows.sum(axis=1)
+    top = int(m.max()) + 1
+    per_m = np.bincount(g * top + m, weights=n, minlength=n_g * top).reshape(n_g, top)
+    modal = top - 1 - np.argmax(per_m[:, ::-1], axis=1)  # most frequent m, ties -> the larger
+    sel = m == modal[g]
+    f_terms = unit_terms_fleiss(rows[sel]) * n[sel][:, None]
+    f_sums = np.column_stack([np.bincount(g[sel], weights=f_terms[:, i], minlength=n_g) for i in range(f_terms.shape[1])])
+    return pl.DataFrame({
+        "slice": hist["slice"].gather(first), "kind": hist["kind"].gather(first), "n_pairs": n_pairs,
+        "krippendorff_alpha": pl.Series(alpha_from_sums(sums_)).fill_nan(None),
+        "fleiss_kappa": pl.Series(kappa_from_sums(f_sums)).fill_nan(None),
+    }, schema=_SLICE_SCHEMA).sort("slice", "kind")
 
 
 def run(
@@ -167,25 +226,23 @@ def run(
     *,
     pairs: pl.DataFrame | None = None,
     encoded: Encoded | None = None,
+    sums: pl.DataFrame | None = None,
 ) -> CheckResult:
     """Agreement over a judgments frame; ``pairs`` from :func:`pipeline.aggregate.aggregate`
     (computed with the default/ChecksConfig aggregation settings when not given);
-    ``encoded``: :func:`pipeline.aggregate.encode` of the same frame, to share work."""
+    ``encoded``: :func:`pipeline.aggregate.encode` of the same frame, to share work;
+    ``sums``: the check's state of these judgments when it is known (a child's, :meth:`pipeline.checks.spec.Sums.merge`):
+    then only the pairs are read (the per-pair ``low_agreement`` flags)."""
     agg_cfg = cfg.aggregation if isinstance(cfg, ChecksConfig) else None
     cfg = cfg.agreement if isinstance(cfg, ChecksConfig) else (cfg or AgreementConfig())
     if judgments.height == 0:
         return CheckResult(name=NAME, status="pass", metrics={k: {"n_pairs": 0} for k in KINDS}, flags=empty_flags(),
-                           summary="no judgments")
-    e = encoded or encode(judgments)
+                           summary="no judgments", tables={"sums": pl.DataFrame(schema=SUMS_SCHEMA)})
+    if sums is None:
+        sums = count_sums(judgments, encoded)
     if pairs is None:
-        pairs = aggregate(judgments, agg_cfg, encoded=e).pairs
-    uc = unit_counts(e, judgments["annotator_kind"] if "annotator_kind" in judgments.columns else None)
-    metrics: dict[str, Any] = {}
-    for i, (kind, counts) in enumerate((("human", uc[:, 0]), ("ai", uc[:, 1]), ("all", uc.sum(axis=1)), ("unknown", uc[:, 2]))):
-        metrics[kind] = _kind_metrics(counts, cfg, cfg.seed + 10 * i)
-    metrics["ratings_treated_as_missing"] = int((e.label > TIE).sum())
-
-    slices = _slice_table(uc, _slice_members(judgments, e, pairs))
+        pairs = aggregate(judgments, agg_cfg, encoded=encoded or encode(judgments)).pairs
+    metrics, slices = from_sums(sums, cfg)
     top = slices.group_by("slice").agg(pl.col("n_pairs").max()).sort("n_pairs", "slice", descending=True).head(MAX_SLICES_IN_METRICS)
     metrics["slices"] = {}
     for s, kind, n, a, k in slices.filter(pl.col("slice").is_in(top["slice"].implode())).iter_rows():
@@ -211,7 +268,8 @@ def run(
         f"alpha human={_fmt(metrics['human'].get('krippendorff_alpha'))} ai={_fmt(metrics['ai'].get('krippendorff_alpha'))}; "
         f"{low.height} of {scored.height} scored pairs below agreement {cfg.low_agreement_threshold}"
     )
-    return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags, tables={"slices": slices}, summary=summary)
+    return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags, tables={"slices": slices, "sums": sums},
+                       summary=summary)
 
 
 def _fmt(x: float | None) -> str:
@@ -220,6 +278,7 @@ def _fmt(x: float | None) -> str:
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="agreement", doc="inter-annotator agreement (alpha, kappa with CIs); per-pair agreement",
+    inputs=("pairs", "sums"), sums=Sums(count_sums, SUMS_KEYS),
     reasons=(
         Reason("low_agreement", "pair", "drop", "judgments disagree beyond the policy threshold", precedence=60),
     ))

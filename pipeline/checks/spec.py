@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import polars as pl
+
 from schemas.check import CheckResult
 
 SubjectKind = Literal["judgment", "pair", "annotator", "slice"]
@@ -45,6 +47,35 @@ class Reason:
 
 
 @dataclass(frozen=True)
+class Sums:
+    """A check's state as counts that add over disjoint sets of pairs.
+
+    ``count(judgments)`` returns the state of a frame that holds every judgment of each pair it
+    has (in their order): rows keyed by ``keys``, every other column a count, no all-zero row,
+    sorted by the keys.  Because a pair's rows depend on its own judgments only, a child's state
+    is its parent's minus the touched pairs' rows as the parent counted them plus theirs now
+    (:meth:`merge`), exactly the state of a count over every judgment.  The check's ``run`` takes
+    the state as its ``sums`` input and computes its figures from it alone (the pairs table may
+    still give per-pair flags)."""
+
+    count: Callable[[pl.DataFrame], pl.DataFrame]
+    keys: tuple[str, ...]
+
+    def merge(self, parent: pl.DataFrame, old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+        """``parent`` - ``old`` + ``new``; raises when a count would go negative (``old`` was not
+        counted into ``parent``: the state does not belong to these judgments)."""
+        values = [c for c in parent.columns if c not in self.keys]
+        schema = parent.schema
+        both = pl.concat([parent, old.cast(schema).with_columns(-pl.col(values)), new.cast(schema)])  # type: ignore[arg-type]
+        out = both.group_by(*self.keys).agg(pl.col(values).sum()) \
+            .filter(pl.any_horizontal(pl.col(values) != 0)).sort(*self.keys)
+        if out.height and bool(out.select(pl.any_horizontal(pl.col(values) < 0).any()).item()):
+            raise ValueError("a check's state: the parent's counts are smaller than the rows taken out of them "
+                             "(the state does not belong to these judgments)")
+        return out.select(parent.columns)
+
+
+@dataclass(frozen=True)
 class CheckSpec:
     """A check: ``run(judgments, checks_cfg, **inputs) -> CheckResult`` plus what it declares.
 
@@ -60,10 +91,11 @@ class CheckSpec:
     config: str | None = None  # the ChecksConfig section it reads, for the docs
     inputs: tuple[str, ...] = ("pairs",)
     doc: str = ""
+    sums: Sums | None = None  # the check's mergeable state, when its figures are computed from one
     codes: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codes", tuple(r.code for r in self.reasons) + tuple(self.emits))
 
 
-__all__ = ["ALL_ACTIONS", "Action", "CheckSpec", "Reason", "SubjectKind"]
+__all__ = ["ALL_ACTIONS", "Action", "CheckSpec", "Reason", "SubjectKind", "Sums"]
