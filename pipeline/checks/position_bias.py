@@ -48,7 +48,7 @@ from pipeline.aggregate import A, B, Encoded, encode
 from pipeline.stats import bh_adjust, binom_greater, binom_two_sided_half
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
-from pipeline.checks.spec import CheckSpec, Reason
+from pipeline.checks.spec import CheckSpec, Reason, Sums
 
 NAME = "position_bias"
 RANDOMISED_MAX_DEVIATION = 0.1
@@ -77,36 +77,77 @@ def order_consistency(e: Encoded, *, decisive: bool = False) -> tuple[np.ndarray
     return n, same
 
 
+SUMS_COLUMNS = ("n_human", "n_ai", "n_unknown", "n_decisive", "position_n", "first_won", "a_first", "n_known",
+                "order_pairs", "order_same", "order_decisive_pairs", "order_decisive_same")
+SUMS_SCHEMA = {"annotator_id": pl.String, **{k: pl.Int64 for k in SUMS_COLUMNS}}
+_KINDS = ("human", "ai", "unknown")
+
+
+def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.DataFrame:
+    """The check's state: per annotator, the counts every figure of the check is computed from --
+    judgments per kind, decisive ones, the first-shown test's n and k, canonical-``a``-first and
+    known display orders, and the pairs judged in both orders (all / decisive) with how many got
+    the same verdict.  A pair's contribution depends on its own judgments only, so the state adds
+    over disjoint sets of pairs (:class:`pipeline.checks.spec.Sums`).  Sorted by annotator."""
+    if judgments.height == 0:
+        return pl.DataFrame(schema=SUMS_SCHEMA)
+    e = encoded or encode(judgments)
+    na = e.n_annotators
+
+    def per_ann(w: np.ndarray) -> np.ndarray:
+        return np.bincount(e.ann, weights=w, minlength=na).astype(np.int64)
+
+    decisive = (e.raw_label >= A) & (e.raw_label <= B)
+    known = e.raw_shown >= 0
+    kind = judgments["annotator_kind"].to_numpy()
+    n_both, n_same = order_consistency(e)
+    n_ord, n_same_ord = order_consistency(e, decisive=True)
+    return pl.DataFrame({
+        "annotator_id": e.ann_ids,
+        **{f"n_{k}": per_ann(kind == k) for k in _KINDS},
+        "n_decisive": per_ann(decisive), "position_n": per_ann(decisive & known),
+        "first_won": per_ann(decisive & known & (e.raw_label == e.raw_shown)),
+        "a_first": per_ann(e.shown == A), "n_known": per_ann(known),
+        "order_pairs": n_both.astype(np.int64), "order_same": n_same.astype(np.int64),
+        "order_decisive_pairs": n_ord.astype(np.int64), "order_decisive_same": n_same_ord.astype(np.int64),
+    }, schema=SUMS_SCHEMA).sort("annotator_id")
+
+
 def run(
     judgments: pl.DataFrame,
     cfg: AnnotatorTestConfig | ChecksConfig | None = None,
     *,
     pairs: pl.DataFrame | None = None,  # noqa: ARG001 - same signature as the other checks
     encoded: Encoded | None = None,
+    sums: pl.DataFrame | None = None,
 ) -> CheckResult:
     """Position bias per annotator over a judgments frame (no consensus needed);
-    ``encoded``: :func:`pipeline.aggregate.encode` of the same frame, to share work."""
+    ``encoded``: :func:`pipeline.aggregate.encode` of the same frame, to share work;
+    ``sums``: the check's state of these judgments when it is known (a child's): the
+    judgments are then not read.  An annotator's kind is the kind most of its judgments
+    name (ties: human, ai, unknown)."""
     cfg = cfg.position_bias if isinstance(cfg, ChecksConfig) else (cfg or AnnotatorTestConfig())
     if judgments.height == 0:
-        return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments")
+        return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments",
+                           tables={"sums": pl.DataFrame(schema=SUMS_SCHEMA)})
     c = pl.col
-    e = encoded or encode(judgments)
-    na = e.n_annotators
+    st = count_sums(judgments, encoded) if sums is None else sums
+    na = st.height
 
-    def per_ann(w: np.ndarray) -> np.ndarray:
-        return np.bincount(e.ann, weights=w, minlength=na)
+    def col(name: str) -> np.ndarray:
+        return st[name].to_numpy().astype(float)
 
-    decisive = (e.raw_label >= A) & (e.raw_label <= B)
-    known = e.raw_shown >= 0
-    n = per_ann(decisive & known)
-    k = per_ann(decisive & known & (e.raw_label == e.raw_shown))
-    a_first, n_known = per_ann(e.shown == A), per_ann(known)
+    per_kind = np.column_stack([st[f"n_{k}"].to_numpy() for k in _KINDS]).reshape(na, len(_KINDS))
+    kinds = np.argmax(per_kind, axis=1) if na else np.zeros(0, np.int64)  # ties: the first of _KINDS
+    n, k = col("position_n"), col("first_won")
+    a_first, n_known = col("a_first"), col("n_known")
+    n_judgments = per_kind.sum(axis=1)
     tested = n >= cfg.min_judgments
     p = np.where(tested, binom_two_sided_half(k, n), np.nan)
     q = bh_adjust(p)
     biased = np.where(np.isnan(q), False, q <= cfg.alpha)
-    n_both, n_same = order_consistency(e)
-    n_ord, n_same_ord = order_consistency(e, decisive=True)
+    n_both, n_same = col("order_pairs"), col("order_same")
+    n_ord, n_same_ord = col("order_decisive_pairs"), col("order_decisive_same")
     flips = n_ord - n_same_ord
     ord_tested = n_ord >= cfg.min_judgments
     ord_p = np.where(ord_tested, binom_greater(flips, n_ord, 0.5), np.nan)
@@ -114,8 +155,8 @@ def run(
     inconsistent = np.where(np.isnan(ord_q), False, ord_q <= cfg.alpha)
     with np.errstate(invalid="ignore", divide="ignore"):
         table = pl.DataFrame({
-            "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
-            "n_judgments": per_ann(np.ones(e.n)).astype(np.int64), "n_decisive": per_ann(decisive).astype(np.int64),
+            "annotator_id": st["annotator_id"], "annotator_kind": np.array(_KINDS)[kinds],
+            "n_judgments": n_judgments.astype(np.int64), "n_decisive": st["n_decisive"],
             "position_n": n.astype(np.int64), "first_won": k.astype(np.int64),
             "first_shown_rate": pl.Series(k / n).fill_nan(None),
             "position_p_value": pl.Series(p).fill_nan(None), "position_q_value": pl.Series(q).fill_nan(None),
@@ -127,6 +168,7 @@ def run(
             "status": np.where(biased | inconsistent, "flagged", np.where(tested | ord_tested, "ok", "insufficient_data")),
             "_biased": biased, "_inconsistent": inconsistent,
         })
+
     bad = table.filter(c("_biased"))
     detail = bad.select(
         pl.format(
@@ -147,7 +189,7 @@ def run(
     flags = pl.concat([flags, make_flags(flip["annotator_id"], subject_kind="annotator", check=NAME,
                                          reason="order_inconsistent", detail=flip_detail)])
 
-    metrics = _batch_metrics(e.n, int(n_known.sum()), int(a_first.sum()), int(n.sum()), int(k.sum()))
+    metrics = _batch_metrics(int(n_judgments.sum()), int(n_known.sum()), int(a_first.sum()), int(n.sum()), int(k.sum()))
     rate = k / np.maximum(n, 1)
     metrics.update(
         annotators=na,
@@ -173,7 +215,8 @@ def run(
     status = "warn" if problems else "pass"
     summary = "; ".join(problems) or f"no position bias among {int(tested.sum())} tested annotators"
     return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags,
-                       tables={"annotators": table.drop("_biased", "_inconsistent", "first_won")}, summary=summary)
+                       tables={"annotators": table.drop("_biased", "_inconsistent", "first_won"), "sums": st},
+                       summary=summary)
 
 
 def _batch_metrics(n_all: int, known: int, a_first: int, n_pos: int, first_won: int) -> dict[str, Any]:
@@ -196,6 +239,7 @@ def _batch_metrics(n_all: int, known: int, a_first: int, n_pos: int, first_won: 
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="position_bias", doc="annotators preferring a display position; verdicts that flip with it",
+    inputs=("pairs", "sums"), sums=Sums(count_sums, ("annotator_id",)),
     reasons=(
         Reason("position_bias", "annotator", "downweight", "prefers one display position (first or second) "
                "significantly more than chance"),
