@@ -268,8 +268,12 @@ class VersionHandle:
     def file(self, rel: str) -> Path:
         return self.path / rel
 
+    @cached_property
+    def _entries(self) -> dict[str, SplitInfo]:  # the manifest is parsed once per handle: so is this
+        return _file_entries(self.manifest())
+
     def _entry(self, rel: str) -> SplitInfo:
-        info = _file_entries(self.manifest()).get(rel)
+        info = self._entries.get(rel)
         if info is None:
             raise IntegrityError(f"{self.path / rel}: not listed in the manifest of {self.version_id}; refusing to read it")
         return info
@@ -297,7 +301,7 @@ class VersionHandle:
 
     def has(self, rel: str) -> bool:
         """The version has this table or file."""
-        return self.table(rel) is not None or rel in _file_entries(self.manifest())
+        return self.table(rel) is not None or rel in self._entries
 
     def read(self, rel: str, columns: list[str] | None = None, where: pl.Expr | None = None) -> pl.DataFrame:
         """A table or Parquet file of the version, every part verified against the manifest and
