@@ -334,8 +334,15 @@ def declared_sums() -> dict[str, Sums]:
     return {c.name: c.sums for c in CHECKS if c.sums is not None}
 
 
+def sums_formats() -> dict[str, str]:
+    """The format of every declared state, recorded in a version's lineage (``check_sums``)."""
+    return {name: spec.format for name, spec in declared_sums().items()}
+
+
 def has_sums(parent: VersionHandle) -> bool:
-    return all(parent.table(sums_table(n)) is not None for n in declared_sums())
+    """The parent keeps every declared state, in the formats this code counts (else: count again)."""
+    recorded = (parent.manifest().lineage.get("check_sums") or {}).get("formats")
+    return recorded == sums_formats() and all(parent.table(sums_table(n)) is not None for n in declared_sums())
 
 
 def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, pairs: pl.Series) -> dict[str, pl.DataFrame]:
@@ -374,4 +381,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["declared_sums", "has_sums", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["declared_sums", "has_sums", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

@@ -141,3 +141,27 @@ def _pairs(judgments: pl.DataFrame) -> pl.DataFrame:
 def test_only_pair_scoped_checks_take_the_merged_path():
     assert set(PAIR_SCOPED) <= {c.name for c in CHECKS}
     assert "near_duplicates" not in PAIR_SCOPED and "agreement" not in PAIR_SCOPED
+
+
+def test_a_parent_state_of_another_format_is_counted_again(tmp_path, monkeypatch):
+    """A child merges only into a parent's check state of the format its code counts: a parent
+    whose recorded format differs (what a count means changed) makes the child count every judgment."""
+    import pipeline.incremental as inc
+
+    store = Store(tmp_path / "s")
+    rng = random.Random(7)
+    first = _batch(rng, 0, [])
+    parent = curate([write_jsonl(tmp_path / "b0.jsonl", first)], store, POLICY).version_id
+    assert store.get(parent).manifest().lineage["check_sums"]["formats"] == inc.sums_formats()
+    second = write_jsonl(tmp_path / "b1.jsonl", _batch(rng, 1, first))
+    newer = {**inc.sums_formats(), "agreement": "next"}
+    monkeypatch.setattr(inc, "sums_formats", lambda: newer)
+    h = store.get(curate([second], store, POLICY, parent=parent).version_id)
+    assert h.manifest().lineage["check_sums"] == {"mode": "counted", "formats": newer}
+    judgments = h.read("judgments")
+    for name, spec in declared_sums().items():
+        assert h.read(sums_table(name)).equals(spec.count(judgments)), name
+    monkeypatch.undo()  # the same batch on the same parent, formats equal: merged
+    other = Store(tmp_path / "t")
+    p2 = curate([tmp_path / "b0.jsonl"], other, POLICY).version_id
+    assert other.get(curate([second], other, POLICY, parent=p2).version_id).manifest().lineage["check_sums"]["mode"] == "incremental"

@@ -60,6 +60,8 @@ class Sums:
 
     count: Callable[[pl.DataFrame], pl.DataFrame]
     keys: tuple[str, ...]
+    # bump when what a count means changes: a child merges only into a parent's state of the same format
+    format: str = "1"
 
     def merge(self, parent: pl.DataFrame, old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
         """``parent`` - ``old`` + ``new``; raises when a count would go negative (``old`` was not
