@@ -164,7 +164,9 @@ def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple
     old = parent.read("judgments.parquet")
     if "review_of" not in old.columns:  # a parent written before reviews were a field
         old = old.with_columns(review_of=pl.lit(None, pl.String)).select(new.columns)
-    fresh = new.join(old.select("comparison_id"), on="comparison_id", how="anti")
+    # the parent's ids the batch repeats: a scan of its ids against the batch's (a join would hash every id)
+    known = old.select("comparison_id").filter(pl.col("comparison_id").is_in(new["comparison_id"].unique().implode()))
+    fresh = new.join(known, on="comparison_id", how="anti", maintain_order="left") if known.height else new
     return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
 
 
@@ -184,11 +186,14 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
     judgments = rr.attach(judgments, from_row=n_parent_judgments)
     quarantine = _quarantine_with_parent(ingest.quarantine, parent)
-    # a comparison_id used twice inside the input: keep the first, count the rest
-    dup_ids = judgments.select(pl.col("comparison_id").is_duplicated() & ~pl.col("comparison_id").is_first_distinct()).to_series()
+    # a comparison_id used twice inside the input: keep the first, count the rest.  Only the new rows
+    # can repeat one: the parent's ids are unique (this filter ran before its judgments were written)
+    # and a new row with a parent's id is not in the union (already_in_parent)
+    tail = judgments.slice(n_parent_judgments)
+    dup_ids = tail.select(pl.col("comparison_id").is_duplicated() & ~pl.col("comparison_id").is_first_distinct()).to_series()
     n_dup_ids = int(dup_ids.sum())
     if n_dup_ids:  # a filter copies every column: only when there is something to remove
-        judgments = judgments.filter(~dup_ids)
+        judgments = pl.concat([judgments.slice(0, n_parent_judgments), tail.filter(~dup_ids)])
     parent_drops = parent.manifest().ledger.judgments_dropped if parent else {}
     pre_check = {"duplicate_comparison_id": parent_drops.get("duplicate_comparison_id", 0) + n_dup_ids,
                  "already_in_parent": parent_drops.get("already_in_parent", 0) + repeated}

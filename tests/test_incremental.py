@@ -165,3 +165,26 @@ def test_a_parent_state_of_another_format_is_counted_again(tmp_path, monkeypatch
     other = Store(tmp_path / "t")
     p2 = curate([tmp_path / "b0.jsonl"], other, POLICY).version_id
     assert other.get(curate([second], other, POLICY, parent=p2).version_id).manifest().lineage["check_sums"]["mode"] == "incremental"
+
+
+def test_a_child_drops_ids_repeated_in_its_batch_and_ids_its_parent_has(tmp_path):
+    """A child's batch that repeats one of its own comparison ids and one of its parent's: the first is
+    dropped as ``duplicate_comparison_id`` (the first copy kept), the second as ``already_in_parent``; the
+    child's judgments are the parent's followed by the batch's other rows, in their order."""
+    rng = random.Random(11)
+    first = _batch(rng, 0, [])
+    store = Store(tmp_path / "s")
+    parent = store.get(curate([write_jsonl(tmp_path / "b0.jsonl", first)], store, POLICY).version_id)
+    rows = _batch(rng, 1, first)
+    again = {**rows[1], "label": "b" if rows[1]["label"] == "a" else "a"}  # same id, another verdict
+    rows = [*rows[:3], again, {**first[0]}, *rows[3:]]
+    child = store.get(curate([write_jsonl(tmp_path / "b1.jsonl", rows)], store, POLICY, parent=parent.version_id).version_id)
+    dropped = child.manifest().ledger.judgments_dropped
+    assert dropped.get("duplicate_comparison_id", 0) == parent.manifest().ledger.judgments_dropped.get("duplicate_comparison_id", 0) + 1
+    assert dropped.get("already_in_parent", 0) == 1
+    ids = child.read("judgments")["comparison_id"].to_list()
+    assert ids[:parent.read("judgments").height] == parent.read("judgments")["comparison_id"].to_list()
+    new = [r["comparison_id"] for i, r in enumerate(rows) if i not in (3, 4)]
+    assert ids[parent.read("judgments").height:] == new
+    kept = child.read("judgments").filter(pl.col("comparison_id") == rows[1]["comparison_id"])
+    assert kept.height == 1 and kept["label"].item() == rows[1]["label"]  # the first copy
