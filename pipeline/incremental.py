@@ -84,12 +84,14 @@ def touched_pairs(judgments: pl.DataFrame, n_parent_rows: int) -> pl.Series:
     keyed = judgments.select("pair_id", "prompt_hash", _lo=lo, _hi=hi)
     on = ["prompt_hash", "_lo", "_hi"]
     pairs = judgments.slice(n_parent_rows)["pair_id"].unique()
+    rows = keyed.filter(pl.col("pair_id").is_in(pairs.implode()))  # every row of the pairs so far
     while True:
-        keys = keyed.filter(pl.col("pair_id").is_in(pairs.implode())).select(on).unique()
-        grown = keyed.join(keys, on=on, how="semi")["pair_id"].unique()
+        hit = keyed.join(rows.select(on).unique(), on=on, how="semi")
+        grown = hit["pair_id"].unique()
         if grown.len() == pairs.len():  # grown contains pairs: equal sizes, equal sets
             return pairs.sort()
         pairs = grown
+        rows = keyed.filter(pl.col("pair_id").is_in(pairs.implode()))
 
 
 def has_state(parent: VersionHandle | None) -> bool:
