@@ -86,15 +86,19 @@ def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectCo
     first = pl.col("reason").sort_by(pl.col("reason") != "pair_id_conflict", "reason").first()
     by_j = jf.group_by("subject_id").agg(first.alias("_drop")).rename({"subject_id": "comparison_id"})
     by_a = drop_ann.group_by("subject_id").agg(pl.col("reason").sort().first().alias("_drop_a")).rename({"subject_id": "annotator_id"})
-    j = judgments.select("comparison_id", "annotator_id")
-    j = j.join(by_j, on="comparison_id", how="left", maintain_order="left").join(by_a, on="annotator_id", how="left",
-                                                                                 maintain_order="left")
+    # which rows are dropped: a scan of the ids against the (few) flagged ones -- joining every
+    # judgment to the flags hashed every id; the reasons are then joined to the dropped rows only
+    dropped = pl.col("comparison_id").is_in(by_j["comparison_id"].implode()) \
+        | pl.col("annotator_id").is_in(by_a["annotator_id"].implode())
+    mask = judgments.select(dropped.fill_null(False).alias("_d")).to_series()
+    j = judgments.select("comparison_id", "annotator_id").filter(mask)
+    j = j.join(by_j, on="comparison_id", how="left").join(by_a, on="annotator_id", how="left")
     drop = j.select(pl.coalesce("_drop", "_drop_a")).to_series()
-    counts = dict(drop.drop_nulls().value_counts().sort(drop.name).iter_rows())
+    counts = dict(drop.value_counts().sort(drop.name).iter_rows())
     # the columns later stages need, without the pair texts (take those from the pairs) and
     # per-judgment provenance: a filter copies 16 bytes per row of every string column
     narrow = judgments.drop([c for c in (*PAIR_TEXT_COLUMNS, *PROVENANCE_COLUMNS) if c in judgments.columns])
-    kept = narrow.filter(drop.is_null()) if drop.null_count() < len(drop) else narrow
+    kept = narrow.filter(~mask) if j.height else narrow
     return JudgmentSelection(kept, counts, sorted(set(down_ann["subject_id"].to_list())))
 
 
