@@ -40,6 +40,7 @@ from pipeline.checks import near_duplicates_state as nds
 from pipeline.aggregate import Aggregation
 from pipeline.checks.spec import Sums
 from pipeline.store import VersionHandle
+from schemas.version import code_version
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import AggregationConfig, ChecksConfig, DimensionsConfig
 
@@ -54,6 +55,9 @@ class PairScoped:
     name: str
     table: str  # key of CheckResult.tables holding the state rows (each with a pair_id column)
     summarize: Callable[[pl.DataFrame, pl.DataFrame, "Totals"], CheckResult]
+    # the figures from the parent's (its manifest's) and the touched pairs' old and new state rows,
+    # without reading the merged state: (parent metrics, old rows, new rows, merged state, flags)
+    delta: Callable[[dict, pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame], CheckResult] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ PAIR_SCOPED: dict[str, PairScoped] = {
                              lambda state, flags, t: duplicates.summarize(state, flags, t.judgments, t.pairs)),
     "pair_id_conflict": PairScoped("pair_id_conflict", "conflicts",
                                    lambda state, flags, t: pair_id_conflict.summarize(state, flags)),
-    "language": PairScoped("language", "texts", lambda state, flags, t: language.summarize(state, flags, {})),
+    "language": PairScoped("language", "texts", lambda state, flags, t: language.summarize(state, flags, {}),
+                           delta=language.summarize_delta),
 }
 RUNNERS = {"duplicates": duplicates.run, "pair_id_conflict": pair_id_conflict.run, "language": language.run}
 
@@ -108,6 +113,8 @@ def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     if parent_flags is None:
         parent_flags = parent.read("flags.parquet")
     out = {}
+    pm = parent.manifest()
+    same_code = pm.code_version == code_version()
     for name, spec in PAIR_SCOPED.items():
         res = RUNNERS[name](jt, cfg)
         old_flags = parent_flags.filter(pl.col("check") == name)
@@ -116,10 +123,16 @@ def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
         flags = pl.concat([old_flags.filter(keep), res.flags]) if res.flags.height else old_flags.filter(keep)
         old_state = parent.read(state_table(name))
         new_state = res.tables.get(spec.table)
-        state = old_state.filter(~pl.col("pair_id").is_in(touched.implode()))
+        mine = pl.col("pair_id").is_in(touched.implode())
+        state = old_state.filter(~mine)
         if new_state is not None and new_state.height:
             state = pl.concat([state, new_state.select(state.columns)], how="vertical_relaxed")
-        merged = spec.summarize(state, flags if flags.height else empty_flags(), totals)
+        flags = flags if flags.height else empty_flags()
+        if spec.delta is not None and same_code:  # the parent's figures mean what this code computes
+            new_rows = new_state.select(state.columns) if new_state is not None else old_state.clear()
+            merged = spec.delta(pm.check(name).metrics, old_state.filter(mine), new_rows, state, flags)
+        else:
+            merged = spec.summarize(state, flags, totals)
         merged.metrics["incremental"] = {"touched_pairs": touched.len(), "touched_judgments": jt.height}
         out[name] = merged
     return out, touched

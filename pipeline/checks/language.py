@@ -399,19 +399,54 @@ def summarize(texts_table: pl.DataFrame, flags: pl.DataFrame, counters: dict[str
     Everything but ``counters`` (this run's distinct texts and langdetect calls) is a function of
     the per-pair rows, so a child version merges its parent's rows with the touched pairs' and
     gets the same figures as a run over all pairs (``pipeline/incremental.py``)."""
-    n_pairs = texts_table["pair_id"].n_unique()
+    counts = _counts(texts_table)
+    return _result(texts_table["pair_id"].n_unique(), texts_table.height, counts["matrix"], counts["by"], texts_table,
+                   flags, counters)
+
+
+def summarize_delta(parent: dict[str, Any], old: pl.DataFrame, new: pl.DataFrame, texts_table: pl.DataFrame,
+                    flags: pl.DataFrame) -> CheckResult:
+    """:func:`summarize` of a child's merged table without reading it: the parent's figures (its
+    manifest's metrics) minus the touched pairs' rows as the parent had them (``old``) plus theirs
+    now (``new``) -- integer counts, so the same figures as :func:`summarize` of the merged table."""
+    if "pairs_checked" not in parent:  # a parent without the figures: count the merged table
+        return summarize(texts_table, flags, {})
+    before, after = _counts(old), _counts(new)
+    matrix = {(loc, lang): n for loc, row in (parent.get("matrix") or {}).items() for lang, n in row.items()}
+    by = dict(parent.get("decided_by") or {})
+    for key, sign in ((before, -1), (after, 1)):
+        for k, n in key["matrix"].items():
+            matrix[k] = matrix.get(k, 0) + sign * n
+        for k, n in key["by"].items():
+            by[k] = by.get(k, 0) + sign * n
+    n_pairs = int(parent["pairs_checked"]) - old["pair_id"].n_unique() + new["pair_id"].n_unique()
+    n_texts = int(parent["texts_checked"]) - old.height + new.height
+    if min([n_pairs, n_texts, *matrix.values(), *by.values()], default=0) < 0:
+        raise ValueError("language: the parent's figures are smaller than the rows taken out of them")
+    return _result(n_pairs, n_texts, {k: v for k, v in matrix.items() if v}, {k: v for k, v in by.items() if v},
+                   texts_table, flags, {})
+
+
+def _counts(texts_table: pl.DataFrame) -> dict[str, dict]:
+    """Texts per (locale, detected language) and per deciding evidence."""
+    return {"matrix": {(loc, lang): int(n) for loc, lang, n in texts_table.group_by("locale", "detected").len().iter_rows()},
+            "by": {b: int(n) for b, n in texts_table.group_by("by").len().iter_rows()}}
+
+
+def _result(n_pairs: int, n_texts: int, matrix_counts: dict[tuple[str, str], int], by: dict[str, int],
+            texts_table: pl.DataFrame, flags: pl.DataFrame, counters: dict[str, int]) -> CheckResult:
     mismatched = flags["subject_id"].n_unique() if flags.height else 0
     matrix: dict[str, dict[str, int]] = {}
-    for loc, lang, n in texts_table.group_by("locale", "detected").len().sort("locale", "detected").iter_rows():
+    for (loc, lang), n in sorted(matrix_counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
         matrix.setdefault(loc, {})[lang] = int(n)
     metrics: dict[str, Any] = {
         "pairs_checked": n_pairs,
-        "texts_checked": texts_table.height,
+        "texts_checked": n_texts,
         "distinct_texts": counters.get("distinct_texts", 0),
         "mismatched_pairs": mismatched,
         "mismatch_rate": mismatched / n_pairs if n_pairs else 0.0,
         "matrix": matrix,
-        "decided_by": dict(texts_table.group_by("by").len().sort("by").iter_rows()),
+        "decided_by": dict(sorted(by.items(), key=lambda kv: str(kv[0]))),
         "langdetect_calls": counters.get("langdetect_calls", 0),
         "langdetect_skipped": counters.get("langdetect_skipped", 0),
     }
