@@ -166,7 +166,10 @@ def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple
         old = old.with_columns(review_of=pl.lit(None, pl.String)).select(new.columns)
     # the parent's ids the batch repeats: a scan of its ids against the batch's (a join would hash every id)
     known = old.select("comparison_id").filter(pl.col("comparison_id").is_in(new["comparison_id"].unique().implode()))
-    fresh = new.join(known, on="comparison_id", how="anti", maintain_order="left") if known.height else new
+    # always through the join, also with nothing to drop: it gives the batch's rows one chunk per column.
+    # The ingest frame has several; concatenated as they were, the 3M child's later stages took 1.1 GB
+    # more and 30 % longer (measured at e407e33)
+    fresh = new.join(known, on="comparison_id", how="anti", maintain_order="left")
     return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
 
 
