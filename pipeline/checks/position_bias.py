@@ -99,7 +99,8 @@ def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.Da
 
     decisive = (e.raw_label >= A) & (e.raw_label <= B)
     known = e.raw_shown >= 0
-    kind = judgments["annotator_kind"].to_numpy()
+    kind = judgments["annotator_kind"].fill_null("unknown").to_numpy()
+    kind = np.where(np.isin(kind, ("human", "ai")), kind, "unknown")  # every judgment counts under one kind
     n_both, n_same = order_consistency(e)
     n_ord, n_same_ord = order_consistency(e, decisive=True)
     return pl.DataFrame({
