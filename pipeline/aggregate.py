@@ -73,7 +73,7 @@ from schemas.check import CheckResult
 from schemas.policy import AggregationConfig, DimensionsConfig
 from schemas.records import LABELS, AnnotatorStats, PairRecord
 
-__all__ = ["PARAM_SCHEMA", "PAIR_TEXT_COLUMNS", "oriented_texts", "Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_reference", "plurality", "label_strings",
+__all__ = ["PARAM_SCHEMA", "PAIR_TEXT_COLUMNS", "oriented_texts", "Aggregation", "Encoded", "aggregate", "encode", "dense_codes", "dawid_skene", "ds_accuracy", "loo_independence", "loo_reference", "plurality", "label_strings",
            "pair_locale", "pair_tags", "n_used_expr", "annotator_table", "order_aware", "pair_gold", "evidence_share"]
 
 A, B, TIE, BOTH_BAD, ESCALATE = range(5)
@@ -366,7 +366,8 @@ def decide_side(votes: np.ndarray, evidence: np.ndarray) -> np.ndarray:
 LOO_MIN_POSTERIOR = 0.9
 
 
-def loo_reference(e: Encoded, accuracy: np.ndarray | None = None, *, decorrelate: bool = False) -> np.ndarray:
+def loo_reference(e: Encoded, accuracy: np.ndarray | None = None, *, decorrelate: bool = False,
+                  independence: np.ndarray | None = None) -> np.ndarray:
     """(U,) label code of the *other* annotators' consensus for each (pair, annotator) unit.
 
     One vote per annotator (all of the annotator's own judgments on the pair are left
@@ -378,24 +379,42 @@ def loo_reference(e: Encoded, accuracy: np.ndarray | None = None, *, decorrelate
     (confident, unique) reference.  ``decorrelate`` (with ``accuracy``): each annotator's
     evidence is scaled by :func:`pipeline.position_ds.independence` (from the posterior of all
     annotators' weighted votes), so a group that errs together -- one family of AI judges --
-    does not make the reference its own.
+    does not make the reference its own.  ``independence`` (per annotator code): those factors as
+    given (a child's rule: the parent's, :mod:`pipeline.checks.reliability`) instead of fitted.
+    With both given, a unit's reference depends on its pair's judgments only.
     """
     n_unit = np.bincount(e.unit, minlength=e.n_units).astype(float)
     own = e.per_unit() / np.maximum(n_unit, 1)[:, None]  # each unit's vote shares
     if accuracy is None:
         tot = np.column_stack([np.bincount(e.unit_pair, weights=own[:, k], minlength=e.n_pairs) for k in range(5)])
         return plurality(tot[e.unit_pair] - own, None, NONE)
-    r = np.clip(np.nan_to_num(accuracy, nan=0.5), *_ACC_CLIP)
-    evidence = np.log(r / (1 - r))[e.unit_ann] * (own[:, A] - own[:, B])
-    if decorrelate:
-        dec = (e.label >= A) & (e.label <= B)
-        p_a = expit(np.bincount(e.unit_pair, weights=evidence, minlength=e.n_pairs))
-        indep = position_ds.independence(pair=e.pair[dec], judge=e.ann[dec], unit=e.unit[dec], n_units=e.n_units,
-                                         chose_a=e.label[dec] == A, n_pairs=e.n_pairs, n_judges=e.n_annotators, p_a=p_a)
-        evidence = evidence * indep[e.unit_ann]
+    evidence = _loo_evidence(e, accuracy, own)
+    if independence is not None:
+        evidence = evidence * independence[e.unit_ann]
+    elif decorrelate:
+        evidence = evidence * loo_independence(e, accuracy)[e.unit_ann]
     others = np.bincount(e.unit_pair, weights=evidence, minlength=e.n_pairs)[e.unit_pair] - evidence
     t = float(np.log(LOO_MIN_POSTERIOR / (1 - LOO_MIN_POSTERIOR)))
     return np.where(others >= t - _EPS, A, np.where(others <= -t + _EPS, B, NONE))
+
+
+def _loo_evidence(e: Encoded, accuracy: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+    """(U,) each unit's log-odds for ``a`` (one vote per annotator, its accuracy's weight)."""
+    if own is None:
+        own = e.per_unit() / np.maximum(np.bincount(e.unit, minlength=e.n_units).astype(float), 1)[:, None]
+    r = np.clip(np.nan_to_num(accuracy, nan=0.5), *_ACC_CLIP)
+    return np.log(r / (1 - r))[e.unit_ann] * (own[:, A] - own[:, B])
+
+
+def loo_independence(e: Encoded, accuracy: np.ndarray) -> np.ndarray:
+    """(A,) the independence factor of every annotator code that :func:`loo_reference` scales its
+    evidence by (``decorrelate``): :func:`pipeline.position_ds.independence` under the posterior of
+    all annotators' weighted votes."""
+    evidence = _loo_evidence(e, accuracy)
+    dec = (e.label >= A) & (e.label <= B)
+    p_a = expit(np.bincount(e.unit_pair, weights=evidence, minlength=e.n_pairs))
+    return position_ds.independence(pair=e.pair[dec], judge=e.ann[dec], unit=e.unit[dec], n_units=e.n_units,
+                                    chose_a=e.label[dec] == A, n_pairs=e.n_pairs, n_judges=e.n_annotators, p_a=p_a)
 
 
 # ---------------------------------------------------------------- aggregate

@@ -239,12 +239,21 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         prelim = rr.resolve(prelim, reviews, review_ctx)  # reviews decide routed pairs (pipeline/reviews_resolve.py)
         t = timer.lap("aggregate_preliminary", t)
         given: dict[str, CheckResult] = {}
+        # the pairs' texts (length bias); the aggregation's accuracies, fitted over every judgment unless under
+        # the rule (then they are the parent's: reliability fits them again unless its state is merged, below)
+        extra.setdefault("length_bias", {})["texts"] = texts
+        accuracies = {"ds_accuracy": prelim_params.select("annotator_id", "ds_accuracy")}
+        if ruled is None:
+            extra.setdefault("reliability", {}).update(accuracies)
         sums_rule = None
         if ruled is not None and parent is not None and prelim_touched is not None and inc.has_sums(parent):
             # the checks with mergeable state count only the batch's pairs (pipeline/checks/spec.py: Sums)
-            for name, state in inc.merged_sums(judgments, n_parent_judgments, parent, prelim_touched).items():
-                extra.setdefault(name, {})["sums"] = state
-            sums_rule = {"mode": "incremental", "checks": sorted(inc.declared_sums()), "pairs_counted": prelim_touched.len()}
+            merged = inc.merged_sums(judgments, n_parent_judgments, parent, prelim_touched, policy.checks,
+                                     {"reliability": accuracies})
+            for name, ins in merged.items():
+                extra.setdefault(name, {}).update(ins)
+            sums_rule = {"mode": "incremental", "checks": sorted(merged), "pairs_counted": prelim_touched.len(),
+                         "counted_again": sorted(set(inc.declared_sums()) - set(merged))}
             t = timer.lap("checks:sums", t)
         parent_flags = parent.read("flags.parquet") if intact else None
         touched = None  # the pairs whose pair-scoped state rows changed (None: not known, all written)

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 
 from pipeline.checks import duplicates, language, pair_id_conflict
 from pipeline.checks import near_duplicates_state as nds
 from pipeline.aggregate import Aggregation
-from pipeline.checks.spec import Sums
+from pipeline.checks.spec import Child, Sums
 from pipeline.store import VersionHandle
 from schemas.version import code_version
 from schemas.check import CheckResult, empty_flags
@@ -343,6 +344,11 @@ def sums_table(name: str) -> str:
     return f"{STATE_PREFIX}{name}_sums"
 
 
+def sums_params_table(name: str) -> str:
+    """The table a version keeps the fixed parameters of a check's state in (``Sums.params``)."""
+    return f"{STATE_PREFIX}{name}_params"
+
+
 def declared_sums() -> dict[str, Sums]:
     from pipeline.checks import CHECKS
 
@@ -357,23 +363,55 @@ def sums_formats() -> dict[str, str]:
 def has_sums(parent: VersionHandle) -> bool:
     """The parent keeps every declared state, in the formats this code counts (else: count again)."""
     recorded = (parent.manifest().lineage.get("check_sums") or {}).get("formats")
-    return recorded == sums_formats() and all(parent.table(sums_table(n)) is not None for n in declared_sums())
+    return recorded == sums_formats() and all(
+        parent.table(sums_table(n)) is not None and (not s.params or parent.table(sums_params_table(n)) is not None)
+        for n, s in declared_sums().items())
 
 
-def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, pairs: pl.Series) -> dict[str, pl.DataFrame]:
+def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, pairs: pl.Series,
+                cfg: ChecksConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, pl.DataFrame]]:
     """The mergeable state of every check that declares one, for a child whose judgments are its
     parent's (the first ``n_parent_rows``) followed by new ones on the pairs ``pairs``: the parent's
-    state minus those pairs' rows as the parent counted them plus their rows now.  Only the judgments
-    of ``pairs`` are counted; the result equals a count over every judgment (``tests/test_incremental.py``)."""
-    mine = judgments.with_row_index("_row").filter(pl.col("pair_id").is_in(pairs.implode()))
-    old, new = mine.filter(pl.col("_row") < n_parent_rows).drop("_row"), mine.drop("_row")
-    return {name: spec.merge(parent.read(sums_table(name)), spec.count(old), spec.count(new))
-            for name, spec in declared_sums().items()}
+    state minus those pairs' rows as the parent counted them plus their rows now
+    (:meth:`Sums.advance`; a check's own rule where it declares one).  Only the judgments of
+    ``pairs`` are counted (and, for a check that asks, of the pairs some annotators judged); the
+    result equals a count over every judgment with the same parameters (``tests/test_incremental.py``).
+    Returns each check's inputs: ``sums`` and, for a state with parameters, ``sums_params``; a state
+    with parameters is left out (counted again over every judgment, refitted) when the batch adds
+    more than ``cfg.refit_growth`` of the parent's judgments."""
+    rows = judgments.with_row_index("_row")
+
+    def split(mine: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+        return mine.filter(pl.col("_row") < n_parent_rows).drop("_row"), mine.drop("_row")
+
+    old, new = split(rows.filter(pl.col("pair_id").is_in(pairs.implode())))
+
+    def pairs_of(annotators: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
+        judged = judgments.filter(pl.col("annotator_id").is_in(annotators.implode()))["pair_id"]
+        return split(rows.filter(pl.col("pair_id").is_in(pl.concat([pairs, judged]).unique().implode())))
+
+    out: dict[str, dict[str, pl.DataFrame]] = {}
+    growth = (judgments.height - n_parent_rows) / max(n_parent_rows, 1)
+    for name, spec in declared_sums().items():
+        if spec.params and growth > cfg.refit_growth:  # the rule's bound: parameters fitted on most of the judgments
+            continue  # (the check counts every judgment, with parameters fitted on them)
+        params = parent.read(sums_params_table(name)) if spec.params else None
+        child = Child(state=parent.read(sums_table(name)), params=params, old=old, new=new, cfg=cfg,
+                      inputs=inputs.get(name, {}), pairs_of=pairs_of)
+        state, params = spec.advance(child)
+        out[name] = {"sums": state, **({"sums_params": params} if params is not None else {})}
+    return out
 
 
 def sums_frames(results: dict[str, CheckResult]) -> dict[str, pl.DataFrame]:
-    """The state tables of the checks that declare mergeable sums, by table name."""
-    return {sums_table(name): results[name].tables["sums"] for name in declared_sums() if name in results}
+    """The state tables of the checks that declare mergeable sums (and their parameters), by table name."""
+    out = {}
+    for name, spec in declared_sums().items():
+        if name in results:
+            out[sums_table(name)] = results[name].tables["sums"]
+            if spec.params:
+                out[sums_params_table(name)] = results[name].tables["sums_params"]
+    return out
 
 
 def state_frames(results: dict[str, CheckResult]) -> dict[str, pl.DataFrame]:
@@ -396,4 +434,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["declared_sums", "has_sums", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["declared_sums", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

@@ -157,6 +157,10 @@ class ChecksConfig(_Cfg):
         0.01, gt=0.0, lt=0.5, description="label_imbalance needs the a/b share to differ from 0.5 at this level (BH across slices)"
     )
     min_slice_pairs: int = Field(20, ge=1, description="slices with fewer decisive-consensus pairs are not tested for imbalance")
+    refit_growth: float = Field(
+        0.1, ge=0.0, description="a child counts the annotator reliability check with its parent's fitted parameters "
+        "(Dawid-Skene accuracies, independence) only while its batch adds at most this share of the parent's judgments; "
+        "a bigger batch refits them over every judgment (docs/incremental.md)")
 
 
 class SelectConfig(_Cfg):

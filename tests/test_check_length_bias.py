@@ -82,3 +82,52 @@ def test_edge_cases() -> None:
     assert length_bias.run(one.head(0)).flags.height == 0
     r = length_bias.run(one, pairs=aggregate(one).pairs)
     assert r.metrics["chosen_longer_rate_pairs"] == 0.0  # "short" chosen over "a longer answer"
+
+
+def _child(judgments, n_parent: int, cfg: ChecksConfig):  # noqa: ANN001, ANN202
+    """A child's update of the state: the parent's first ``n_parent`` rows, then the rest (pipeline.incremental)."""
+    import polars as pl
+
+    from pipeline.checks.spec import Child
+
+    rows = judgments.with_row_index("_row")
+    touched = judgments.slice(n_parent)["pair_id"].unique()
+
+    def split(mine: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+        return mine.filter(pl.col("_row") < n_parent).drop("_row"), mine.drop("_row")
+
+    def pairs_of(annotators: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
+        judged = judgments.filter(pl.col("annotator_id").is_in(annotators.implode()))["pair_id"]
+        return split(rows.filter(pl.col("pair_id").is_in(pl.concat([touched, judged]).unique().implode())))
+
+    old, new = split(rows.filter(pl.col("pair_id").is_in(touched.implode())))
+    parent = length_bias.count_sums(judgments.head(n_parent), cfg)
+    return parent, Child(state=parent, params=None, old=old, new=new, cfg=cfg, inputs={}, pairs_of=pairs_of)
+
+
+def test_a_child_whose_batch_changes_the_excluded_reference_counts_those_pairs_again() -> None:
+    # the parent saw too few judgments to exclude the length-biased annotators from the reference;
+    # the child's batch makes pass 1 exclude them, so pass 2 of every pair they judged changes
+    import numpy as np
+    import polars as pl
+
+    cfg = ChecksConfig()
+    pt = make_planted(8)
+    j = pt.judgments()
+    rng = np.random.default_rng(3)
+    first = pl.Series(rng.random(j.height) < 0.15)  # the parent: 15 % of the rows, in order; the batch: the rest
+    j = pl.concat([j.filter(first), j.filter(~first)])
+    n_parent = int(first.sum())
+    parent, child = _child(j, n_parent, cfg)
+    before = length_bias.excluded_ids(parent, cfg)
+    state, _ = length_bias.CHECK.sums.advance(child)
+    whole = length_bias.count_sums(j, cfg)
+    after = length_bias.excluded_ids(whole, cfg)
+    assert not after.equals(before) and set(pt.truth["length_bias"]) & set(after)  # the path under test
+    assert state.equals(whole)  # exactly a count over every judgment
+    res = length_bias.run(j, cfg, sums=state)
+    assert res.flags.equals(length_bias.run(j, cfg).flags) and res.flags.height
+    # without counting those pairs again (parent - old + new with the parent's set), pass 2 is wrong
+    naive = length_bias.CHECK.sums.merge(parent, length_bias.count_sums(child.old, cfg, before),
+                                         length_bias.count_sums(child.new, cfg, before))
+    assert not naive.equals(whole)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.checks import CHECKS, run_checks
 from pipeline.curate import curate
-from pipeline.incremental import PAIR_SCOPED, declared_sums, sums_table
+from pipeline.incremental import PAIR_SCOPED, declared_sums, sums_params_table, sums_table
 from pipeline.store import Store
 from schemas.policy import Policy, policy_from_dict
 
@@ -24,14 +24,18 @@ ANSWERS = ["Keep it in a cloth bag in a cool dry place and slice only what you n
            "Sunlight scatters off air molecules; blue light scatters more, and at sunset the path is longer.",
            "Ferns, hostas and begonias do well with little direct light and regular watering."]
 ND_RUN_ONLY = ("prompts_hashed", "index_prompts_before", "index")  # this run's work; the index backend
-POLICY = policy_from_dict({"certify": {"require_expectations": False}})
+# refit_growth: every child counts reliability under the rule (its parent's parameters), whatever its batch's size
+POLICY = policy_from_dict({"certify": {"require_expectations": False}, "checks": {"refit_growth": 1000.0}})
 COMPARED = {"duplicates": ["judgments", "exact_duplicates", "exact_duplicate_rate", "duplicate_groups", "pairs",
                            "identical_responses", "identical_response_rate"],
             "pair_id_conflict": ["conflicting_pair_ids", "flagged_judgments", "prompt_differs", "responses_differ"],
             "language": ["pairs_checked", "texts_checked", "mismatched_pairs", "mismatch_rate", "matrix", "decided_by"]}
 # the figures a check computes from its mergeable sums alone (its per-pair flags read the child's consensus)
 SUMS_COMPARED = {"agreement": ["human", "ai", "all", "unknown", "ratings_treated_as_missing", "slices"],
-                 "position_bias": None}  # None: every figure, and the flags (it reads no consensus)
+                 "position_bias": None,  # None: every figure, and the flags (it reads no consensus)
+                 "reliability": None,  # against a count with the child's parameters (the rule)
+                 "length_bias": ["annotators", "tested", "insufficient_data", "length_biased",
+                                 "judgments_with_length_difference", "chosen_longer_rate_judgments"]}
 
 
 def _batch(rng: random.Random, step: int, old: list[dict]) -> list[dict]:
@@ -111,15 +115,25 @@ def test_child_checks_equal_a_run_over_the_union(tmp_path_factory, seed, n_batch
             # the checks with mergeable sums counted only the batch's pairs, and their state and the
             # figures computed from it equal a count over every judgment
             assert h.manifest().lineage["check_sums"]["mode"] == "incremental"
+            assert h.manifest().lineage["check_sums"]["checks"] == sorted(declared_sums())  # none counted again
             for name, spec in declared_sums().items():
-                counted = spec.count(judgments)
+                want = full[name]
+                if spec.params:  # counted with the parameters the child fixed (its parent's: the rule)
+                    params = h.read(sums_params_table(name))
+                    mine = params.join(store.get(parent).read(sums_params_table(name)), on="annotator_id", how="semi")
+                    assert mine.equals(store.get(parent).read(sums_params_table(name))), name
+                    counted = spec.count(judgments, params)
+                    want = next(c for c in CHECKS if c.name == name).run(judgments, Policy().checks, sums=counted,
+                                                                         sums_params=params)
+                else:
+                    counted = spec.count(judgments, POLICY.checks) if name == "length_bias" else spec.count(judgments)
                 assert h.read(sums_table(name)).equals(counted), name
                 m = h.manifest().check(name).metrics
-                for k in SUMS_COMPARED[name] or full[name].metrics:
-                    assert m[k] == full[name].metrics[k], (name, k)
-                if SUMS_COMPARED[name] is None:
+                for k in SUMS_COMPARED[name] or want.metrics:
+                    assert m[k] == want.metrics[k], (name, k)
+                if name != "agreement":  # its per-pair flags read the consensus
                     order = ["subject_kind", "subject_id", "reason", "detail"]
-                    assert stored.filter(pl.col("check") == name).sort(order).equals(full[name].flags.sort(order)), name
+                    assert stored.filter(pl.col("check") == name).sort(order).equals(want.flags.sort(order)), name
             # near duplicates extend the parent's state tables: the same flags, figures and clusters
             nd = full["near_duplicates"]
             order = ["subject_kind", "subject_id", "reason", "detail"]

@@ -23,15 +23,19 @@ from test_incremental import POLICY, _batch, curate_chain, random_chains
 from pipeline.aggregate import aggregate, annotator_table
 from pipeline.checks import all_flags, run_checks
 from pipeline.curate import curate
-from pipeline.incremental import PARAMS_TABLE, PRELIM_PARAMS, PRELIM_TABLE, pairs_to_recompute
+from pipeline.checks import reliability
+from pipeline.incremental import PARAMS_TABLE, PRELIM_PARAMS, PRELIM_TABLE, pairs_to_recompute, sums_params_table
 from pipeline.store import SPLITS, Store
 
 ORDER = ["check", "subject_kind", "subject_id", "reason", "detail"]
 # columns of a pair the annotator parameters enter (and select's, which follow from them)
 PARAMETER_COLUMNS = ["label_human", "label_ai", "label_consensus", "p_a_weighted", "agreement", "strength", "dimensions"]
 SELECT_COLUMNS = ["decision", "reason", "weight"]
-# the checks that read the preliminary consensus (its labels, agreement, strength)
-CONSENSUS_CHECKS = ["agreement", "routing", "consensus", "length_bias"]
+# the checks that read the preliminary consensus (its labels, agreement, strength), or (reliability) the
+# parameters the rule fixes
+CONSENSUS_CHECKS = ["agreement", "routing", "consensus", "length_bias", "reliability"]
+# the annotator table's columns reliability computes with those parameters (status: its insufficient_data)
+RULE_ANNOTATOR_COLUMNS = ["agreement_with_consensus", "loo_n", "loo_chance", "reliability_p_value", "status"]
 PARAM_ANNOTATOR_COLUMNS = {"ds_accuracy": "ds_accuracy", "accuracy_better_first": "oa_alpha",
                            "accuracy_better_second": "oa_beta", "order_engagement": "oa_engaged"}
 
@@ -40,12 +44,12 @@ def _pairs(h) -> pl.DataFrame:
     return h.read("pairs").drop("first_version").sort("pair_id")
 
 
-def _kept_values(parent: pl.DataFrame, child: pl.DataFrame) -> bool:
+def _kept_values(parent: pl.DataFrame, child: pl.DataFrame,
+                 cols: tuple[str, ...] = ("ds_accuracy", "oa_alpha", "oa_beta", "oa_engaged", "oa_factor")) -> bool:
     """Every annotator of the parent's parameters is in the child's, with each value the parent had."""
     both = parent.join(child, on="annotator_id", suffix="_child")
     return both.height == parent.height and all(
-        both.filter(pl.col(c).is_not_null() & pl.col(c).ne_missing(pl.col(f"{c}_child"))).height == 0
-        for c in ("ds_accuracy", "oa_alpha", "oa_beta", "oa_engaged", "oa_factor"))
+        both.filter(pl.col(c).is_not_null() & pl.col(c).ne_missing(pl.col(f"{c}_child"))).height == 0 for c in cols)
 
 
 def _moved(params: pl.DataFrame, full: pl.DataFrame) -> pl.Series:
@@ -103,8 +107,11 @@ def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, 
                                                        how="anti").height == 0
         # the checks are exact given that consensus: a run of every check over the union with the child's
         # preliminary pairs gives the child's flags and annotator statistics ...
-        results = run_checks(union, POLICY.checks, pairs=prelim.drop("a_hash", "seen"),
-                             extra_kwargs={"registry": {"registry": POLICY.annotators}})
+        rp = h.read(sums_params_table("reliability"))  # the parent's, and fitted for annotators new to it
+        assert _kept_values(p.read(sums_params_table("reliability")), rp, ("ds_accuracy", "independence"))
+        results = run_checks(union, POLICY.checks, pairs=prelim.drop("a_hash", "seen"), extra_kwargs={
+            "registry": {"registry": POLICY.annotators},
+            "reliability": {"sums": reliability.count_sums(union, rp), "sums_params": rp}})
         flags, flags_full = h.read("flags").sort(ORDER), f.read("flags").sort(ORDER)
         assert flags.equals(all_flags(results).sort(ORDER))
         ann = h.read("annotators")
@@ -114,8 +121,9 @@ def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, 
         free = ~pl.col("check").is_in(CONSENSUS_CHECKS)
         assert flags.filter(free).equals(flags_full.filter(free))
         flag_diff = pl.concat([flags.join(flags_full, on=ORDER, how="anti"), flags_full.join(flags, on=ORDER, how="anti")])
-        if flag_diff.height == 0:  # the same flags: the same annotator statistics
-            assert ann.drop(*PARAM_ANNOTATOR_COLUMNS).equals(f.read("annotators").drop(*PARAM_ANNOTATOR_COLUMNS))
+        if flag_diff.height == 0:  # the same flags: the same annotator statistics (but those under the rule)
+            assert ann.drop(*PARAM_ANNOTATOR_COLUMNS, *RULE_ANNOTATOR_COLUMNS).equals(
+                f.read("annotators").drop(*PARAM_ANNOTATOR_COLUMNS, *RULE_ANNOTATOR_COLUMNS))
         # the pairs a flag difference reaches (its judgment, or every judgment of its annotator)
         by_flags = union.filter(
             pl.col("comparison_id").is_in(flag_diff.filter(pl.col("subject_kind") == "judgment")["subject_id"].implode())

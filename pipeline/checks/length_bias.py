@@ -44,14 +44,23 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import A, B, Encoded, encode
+from pipeline.checks.position_bias import kind_counts, majority_kind
 from pipeline.stats import bh_adjust, bh_reject, fractional_sign_test
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
-from pipeline.checks.spec import CheckSpec, Reason
+from pipeline.checks.spec import CheckSpec, Child, Reason, Sums
 
 NAME = "length_bias"
 HIST_EDGES = np.arange(-3.0, 3.01, 0.25)  # log2(chosen/rejected), clipped to the outer bins
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+# shares in fixed point (lcm(1..16): the share of a unit of up to 16 judgments is exact): the state's
+# sums are integers, so they add and subtract exactly (:class:`pipeline.checks.spec.Sums`)
+FP = 720_720
+SUMS_COLUMNS = ("n_human", "n_ai", "n_unknown", "n_decisive", "n_length", "n_longer",
+                "p1_n", "p1_plus", "p1_minus", "p2_n", "p2_plus", "p2_minus", "p2_others")
+SUMS_SCHEMA = {"annotator_id": pl.String, **{k: pl.Int64 for k in SUMS_COLUMNS}}
 
 
 def pair_lengths(judgments: pl.DataFrame, e: Encoded) -> tuple[np.ndarray, np.ndarray]:
@@ -61,20 +70,36 @@ def pair_lengths(judgments: pl.DataFrame, e: Encoded) -> tuple[np.ndarray, np.nd
             first["response_b"].str.len_chars().cast(pl.Int64).to_numpy())
 
 
-def run(
-    judgments: pl.DataFrame,
-    cfg: AnnotatorTestConfig | ChecksConfig | None = None,
-    *,
-    pairs: pl.DataFrame | None = None,
-    encoded: Encoded | None = None,
-) -> CheckResult:
-    """Length bias per annotator.  ``pairs`` (from aggregation) is used only for the
-    batch-level consensus figures; ``encoded``: :func:`pipeline.aggregate.encode` of the
-    same frame, to share work."""
-    cfg = cfg.length_bias if isinstance(cfg, ChecksConfig) else (cfg or AnnotatorTestConfig())
+def _config(cfg: AnnotatorTestConfig | ChecksConfig | None) -> AnnotatorTestConfig:
+    return cfg.length_bias if isinstance(cfg, ChecksConfig) else (cfg or AnnotatorTestConfig())
+
+
+def _two_sided(st: pl.DataFrame, cfg: AnnotatorTestConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 1 from a state: (tested, excluded) per row -- annotators biased either way (two-sided,
+    BH) against everyone, who are then left out of the reference."""
+    n = st["p1_n"].to_numpy().astype(float)
+    w_plus, w_minus = st["p1_plus"].to_numpy() / FP, st["p1_minus"].to_numpy() / FP
+    tested = n >= cfg.min_judgments
+    two_sided = np.minimum(1.0, 2 * np.fmin(fractional_sign_test(w_plus, w_minus), fractional_sign_test(w_minus, w_plus)))
+    return tested, bh_reject(np.where(tested, two_sided, np.nan), cfg.alpha)
+
+
+def excluded_ids(st: pl.DataFrame, cfg: AnnotatorTestConfig | ChecksConfig | None = None) -> pl.Series:
+    """The annotators pass 1 of a state leaves out of the reference (sorted ids)."""
+    return st["annotator_id"].filter(pl.Series(_two_sided(st, _config(cfg))[1])).sort()
+
+
+def count_sums(judgments: pl.DataFrame, cfg: AnnotatorTestConfig | ChecksConfig | None = None,
+               excluded: pl.Series | None = None, *, encoded: Encoded | None = None) -> pl.DataFrame:
+    """The check's state: per annotator, its judgments per kind, its decisive ones, those on pairs
+    whose lengths differ and how many chose the longer response, and both passes' sums (comparable
+    judgments ``n``, W+ ``plus``, W- ``minus``, pass 2's sum of the others' rate; shares x ``FP``).
+    Pass 2 leaves ``excluded`` out of the reference (None: pass 1 of these judgments decides).  A
+    pair's contribution depends on its own judgments and the excluded set only, so with the set
+    fixed the state adds over disjoint sets of pairs.  Sorted by annotator."""
+    cfg = _config(cfg)
     if judgments.height == 0:
-        return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments")
-    c = pl.col
+        return pl.DataFrame(schema=SUMS_SCHEMA)
     e = encoded or encode(judgments)
     na = e.n_annotators
     len_a, len_b = pair_lengths(judgments, e)
@@ -84,47 +109,93 @@ def run(
     x = d & (e.label == longer[e.pair])  # chose the longer response
     nd = np.bincount(e.unit, weights=d, minlength=e.n_units)  # per (pair, annotator) unit
     has = nd > 0
-    xm = np.where(has, np.bincount(e.unit, weights=x, minlength=e.n_units) / np.maximum(nd, 1), 0.0)
+    xm = np.where(has, np.rint(np.bincount(e.unit, weights=x, minlength=e.n_units) * FP / np.maximum(nd, 1)), 0.0)
 
-    def compare(ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per annotator: comparable judgments, W+, W-, and the sum of the others' rate,
+    def per(group: np.ndarray, n: int, w: np.ndarray) -> np.ndarray:  # integers below 2**53: exact float sums
+        return np.bincount(group, weights=w, minlength=n)
+
+    def compare(ref: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per annotator: comparable judgments, W+, W- and the sum of the others' rate (x FP),
         against the annotators with ``ref`` (bool per annotator code) as the reference."""
         r = ref[e.unit_ann] & has
-        k = np.bincount(e.unit_pair, weights=r, minlength=e.n_pairs)[e.unit_pair] - r
-        s_ = np.bincount(e.unit_pair, weights=xm * r, minlength=e.n_pairs)[e.unit_pair] - xm * r
+        k = per(e.unit_pair, e.n_pairs, r)[e.unit_pair] - r
+        s_ = per(e.unit_pair, e.n_pairs, xm * r)[e.unit_pair] - xm * r  # the others' shares, x FP
         comp = has & (k >= 1)
-        others = np.where(comp, s_ / np.maximum(k, 1), 0.0)  # the other annotators' mean choice
         w = nd * comp
-        return (np.bincount(e.unit_ann, weights=w, minlength=na),
-                np.bincount(e.unit_ann, weights=w * xm * (1 - others), minlength=na),
-                np.bincount(e.unit_ann, weights=w * (1 - xm) * others, minlength=na),
-                np.bincount(e.unit_ann, weights=w * others, minlength=na))
+        kk = np.maximum(k, 1) * FP
+        return tuple(per(e.unit_ann, na, v).astype(np.int64) for v in (
+            w, np.rint(w * xm * (kk - s_) / kk), np.rint(w * (FP - xm) * s_ / kk), np.rint(w * s_ / np.maximum(k, 1))))
 
-    # pass 1: everyone is a reference; annotators biased either way (two-sided, BH) are then
-    # dropped from the reference, so a strongly biased colleague cannot make others look biased
-    n, w_plus, w_minus, _ = compare(np.ones(na, bool))
-    tested = n >= cfg.min_judgments
-    two_sided = np.minimum(1.0, 2 * np.fmin(fractional_sign_test(w_plus, w_minus), fractional_sign_test(w_minus, w_plus)))
-    excluded = bh_reject(np.where(tested, two_sided, np.nan), cfg.alpha)
-    # pass 2: one-sided test against the remaining reference
-    n, w_plus, w_minus, others_sum = compare(~excluded)
+    def per_ann(w: np.ndarray) -> np.ndarray:
+        return np.bincount(e.ann, weights=w, minlength=na).astype(np.int64)
+
+    p1 = compare(np.ones(na, bool))
+    out = pl.DataFrame({"annotator_id": e.ann_ids, "p1_n": p1[0], "p1_plus": p1[1], "p1_minus": p1[2]})
+    if excluded is None:
+        excluded = excluded_ids(out, cfg)
+    p2 = compare(~e.ann_ids.is_in(excluded.implode()).to_numpy())
+    dec = (e.label >= A) & (e.label <= B)
+    return pl.DataFrame({
+        "annotator_id": e.ann_ids, **kind_counts(judgments, e), "n_decisive": per_ann(dec), "n_length": per_ann(d),
+        "n_longer": per_ann(x), "p1_n": p1[0], "p1_plus": p1[1], "p1_minus": p1[2],
+        "p2_n": p2[0], "p2_plus": p2[1], "p2_minus": p2[2], "p2_others": p2[3],
+    }, schema=SUMS_SCHEMA).sort("annotator_id")
+
+
+def _update(spec: Sums, child: Child) -> tuple[pl.DataFrame, None]:
+    """A child's state: parent - old + new with the parent's excluded set; when the merged pass 1
+    excludes other annotators, the pairs of those whose exclusion changed are counted again
+    (their old rows with the parent's set, their rows now with the child's): exact."""
+    before = excluded_ids(child.state, child.cfg)
+    state = spec.merge(child.state, count_sums(child.old, child.cfg, before), count_sums(child.new, child.cfg, before))
+    after = excluded_ids(state, child.cfg)
+    if not after.equals(before):
+        both = pl.concat([before, after])
+        flipped = both.filter(~both.is_duplicated())  # in one set only
+        old, new = child.pairs_of(flipped)
+        state = spec.merge(child.state, count_sums(old, child.cfg, before), count_sums(new, child.cfg, after))
+    return state, None
+
+
+def run(
+    judgments: pl.DataFrame,
+    cfg: AnnotatorTestConfig | ChecksConfig | None = None,
+    *,
+    pairs: pl.DataFrame | None = None,
+    encoded: Encoded | None = None,
+    texts: pl.DataFrame | None = None,
+    sums: pl.DataFrame | None = None,
+) -> CheckResult:
+    """Length bias per annotator.  ``pairs`` (from aggregation) is used only for the
+    batch-level consensus figures, with the pairs' lengths from ``texts`` (pair_id, response_a,
+    response_b in the pairs' orientation) or else from the judgments; ``encoded``:
+    :func:`pipeline.aggregate.encode` of the same frame, to share work; ``sums``: the check's
+    state of these judgments when it is known (a child's): the judgments are then not read."""
+    cfg = _config(cfg)
+    if judgments.height == 0:
+        return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments",
+                           tables={"sums": pl.DataFrame(schema=SUMS_SCHEMA)})
+    c = pl.col
+    st = count_sums(judgments, cfg, encoded=encoded) if sums is None else sums
+    na = st.height
+
+    def col(name: str) -> np.ndarray:
+        return st[name].to_numpy().astype(float)
+
+    _, excluded = _two_sided(st, cfg)
+    n, w_plus, w_minus, others_sum = col("p2_n"), col("p2_plus") / FP, col("p2_minus") / FP, col("p2_others") / FP
     tested = n >= cfg.min_judgments
     p = np.where(tested, fractional_sign_test(w_plus, w_minus), np.nan)
     p = np.where(tested & np.isnan(p), 1.0, p)  # tested but no discordance at all: no evidence of bias
     q = bh_adjust(p)
     biased = np.where(np.isnan(q), False, q <= cfg.alpha)
-
-    def per_ann(w: np.ndarray) -> np.ndarray:
-        return np.bincount(e.ann, weights=w, minlength=na)
-
-    n_d = per_ann(d)
-    dec = (e.label >= A) & (e.label <= B)
+    n_d, n_x = col("n_length"), col("n_longer")
     with np.errstate(invalid="ignore", divide="ignore"):
         table = pl.DataFrame({
-            "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
-            "n_judgments": per_ann(np.ones(e.n)).astype(np.int64), "n_decisive": per_ann(dec).astype(np.int64),
+            "annotator_id": st["annotator_id"], "annotator_kind": majority_kind(st),
+            "n_judgments": (col("n_human") + col("n_ai") + col("n_unknown")).astype(np.int64), "n_decisive": st["n_decisive"],
             "length_n": n.astype(np.int64),
-            "longer_chosen_rate": pl.Series(per_ann(x) / n_d).fill_nan(None),
+            "longer_chosen_rate": pl.Series(n_x / n_d).fill_nan(None),
             "others_longer_rate": pl.Series(others_sum / n).fill_nan(None),
             "reference_excluded": excluded,
             "length_p_value": pl.Series(p).fill_nan(None), "length_q_value": pl.Series(q).fill_nan(None),
@@ -148,12 +219,18 @@ def run(
         "insufficient_data": int((~tested).sum()),
         "length_biased": int(biased.sum()),
         "min_length_ratio": cfg.min_length_ratio,
-        "judgments_with_length_difference": int(d.sum()),
-        "chosen_longer_rate_judgments": float(x.sum() / d.sum()) if d.any() else None,
+        "judgments_with_length_difference": int(n_d.sum()),
+        "chosen_longer_rate_judgments": float(n_x.sum() / n_d.sum()) if n_d.sum() else None,
     }
-    tables = {"annotators": table.drop("_biased")}
+    tables = {"annotators": table.drop("_biased"), "sums": st}
     if pairs is not None and "label_consensus" in pairs.columns:
-        lengths = pl.DataFrame({"pair_id": e.pair_ids, "len_a": len_a, "len_b": len_b})
+        if texts is None:
+            e = encoded or encode(judgments)
+            len_a, len_b = pair_lengths(judgments, e)
+            lengths = pl.DataFrame({"pair_id": e.pair_ids, "len_a": len_a, "len_b": len_b})
+        else:
+            lengths = texts.select("pair_id", len_a=c("response_a").str.len_chars().cast(pl.Int64),
+                                   len_b=c("response_b").str.len_chars().cast(pl.Int64))
         metrics.update(_ratio_metrics(pairs, lengths, cfg.min_length_ratio, tables))
     status = "warn" if biased.any() else "pass"
     summary = f"{int(biased.sum())} of {int(tested.sum())} tested annotators prefer longer responses more than the others do"
@@ -187,6 +264,7 @@ def _ratio_metrics(pairs: pl.DataFrame, lengths: pl.DataFrame, min_ratio: float,
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="length_bias", doc="annotators preferring the longer response more than the consensus does",
+    inputs=("pairs", "texts", "sums"), sums=Sums(count_sums, ("annotator_id",), update=_update),
     reasons=(
         Reason("length_bias", "annotator", "downweight", "prefers the longer candidate significantly more than the "
                "consensus does"),

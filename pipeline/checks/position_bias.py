@@ -83,6 +83,21 @@ SUMS_SCHEMA = {"annotator_id": pl.String, **{k: pl.Int64 for k in SUMS_COLUMNS}}
 _KINDS = ("human", "ai", "unknown")
 
 
+def kind_counts(judgments: pl.DataFrame, e: Encoded) -> dict[str, np.ndarray]:
+    """Per annotator code, its judgments of each kind (``n_human``, ``n_ai``, ``n_unknown``: a
+    missing or unexpected kind counts as unknown, so every judgment counts under one kind)."""
+    kind = judgments["annotator_kind"].fill_null("unknown").to_numpy()
+    kind = np.where(np.isin(kind, ("human", "ai")), kind, "unknown")
+    return {f"n_{k}": np.bincount(e.ann, weights=kind == k, minlength=e.n_annotators).astype(np.int64) for k in _KINDS}
+
+
+def majority_kind(st: pl.DataFrame) -> np.ndarray:
+    """An annotator's kind from a state with :func:`kind_counts`: the kind most of its judgments
+    name (ties: human, ai, unknown)."""
+    per_kind = np.column_stack([st[f"n_{k}"].to_numpy() for k in _KINDS]).reshape(st.height, len(_KINDS))
+    return np.array(_KINDS)[np.argmax(per_kind, axis=1) if st.height else np.zeros(0, np.int64)]
+
+
 def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.DataFrame:
     """The check's state: per annotator, the counts every figure of the check is computed from --
     judgments per kind, decisive ones, the first-shown test's n and k, canonical-``a``-first and
@@ -99,13 +114,11 @@ def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.Da
 
     decisive = (e.raw_label >= A) & (e.raw_label <= B)
     known = e.raw_shown >= 0
-    kind = judgments["annotator_kind"].fill_null("unknown").to_numpy()
-    kind = np.where(np.isin(kind, ("human", "ai")), kind, "unknown")  # every judgment counts under one kind
     n_both, n_same = order_consistency(e)
     n_ord, n_same_ord = order_consistency(e, decisive=True)
     return pl.DataFrame({
         "annotator_id": e.ann_ids,
-        **{f"n_{k}": per_ann(kind == k) for k in _KINDS},
+        **kind_counts(judgments, e),
         "n_decisive": per_ann(decisive), "position_n": per_ann(decisive & known),
         "first_won": per_ann(decisive & known & (e.raw_label == e.raw_shown)),
         "a_first": per_ann(e.shown == A), "n_known": per_ann(known),
@@ -139,7 +152,6 @@ def run(
         return st[name].to_numpy().astype(float)
 
     per_kind = np.column_stack([st[f"n_{k}"].to_numpy() for k in _KINDS]).reshape(na, len(_KINDS))
-    kinds = np.argmax(per_kind, axis=1) if na else np.zeros(0, np.int64)  # ties: the first of _KINDS
     n, k = col("position_n"), col("first_won")
     a_first, n_known = col("a_first"), col("n_known")
     n_judgments = per_kind.sum(axis=1)
@@ -156,7 +168,7 @@ def run(
     inconsistent = np.where(np.isnan(ord_q), False, ord_q <= cfg.alpha)
     with np.errstate(invalid="ignore", divide="ignore"):
         table = pl.DataFrame({
-            "annotator_id": st["annotator_id"], "annotator_kind": np.array(_KINDS)[kinds],
+            "annotator_id": st["annotator_id"], "annotator_kind": majority_kind(st),
             "n_judgments": n_judgments.astype(np.int64), "n_decisive": st["n_decisive"],
             "position_n": n.astype(np.int64), "first_won": k.astype(np.int64),
             "first_shown_rate": pl.Series(k / n).fill_nan(None),

@@ -65,12 +65,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.aggregate import A, B, NONE, Encoded, encode, loo_reference
+from pipeline.aggregate import A, B, NONE, Encoded, encode, loo_independence, loo_reference
 from pipeline.aggregate import ds_accuracy as ds_accuracy_of
+from pipeline.checks.position_bias import kind_counts, majority_kind
 from pipeline.stats import bh_reject, binom_greater, binom_less, binom_upper_bound, chance_power
 from schemas.check import CheckResult, empty_flags, make_flags
-from schemas.policy import AnnotatorTestConfig, ChecksConfig
-from pipeline.checks.spec import CheckSpec, Reason
+from schemas.policy import AggregationConfig, AnnotatorTestConfig, ChecksConfig
+from pipeline.checks.spec import CheckSpec, Child, Reason, Sums
 
 NAME = "reliability"
 
@@ -105,43 +106,108 @@ def _test(k: np.ndarray, n: np.ndarray, chance: np.ndarray, enough: np.ndarray, 
     return _Family(p, better, powered, powered & below & ~better, binom_upper_bound(k, n, cfg.alpha), pu)
 
 
-def _unit_counts(e: Encoded, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per annotator (n, k, chance) of the units' agreement with ``ref`` (U,) label codes (-1 none):
-    one vote per unit (a unit's k judgments weigh 1/k), units whose a and b votes cancel left
-    out when ``ref`` is a or b (no verdict); chance = sum_c p(c) q(c) over the counted units."""
-    n_unit = np.bincount(e.unit, minlength=e.n_units).astype(float)
-    own = e.per_unit() / np.maximum(n_unit, 1)[:, None]  # each unit's vote shares
-    no_verdict = (own[:, A] > 0) & (np.abs(own[:, A] - own[:, B]) < 1e-9) & ((ref == A) | (ref == B))
+# vote shares in fixed point: lcm(1..16), so the share of a unit of up to 16 judgments is exact and
+# the state's sums are integers (they add and subtract exactly, :class:`pipeline.checks.spec.Sums`)
+FP = 720_720
+_FAMILIES = ("loo", "gold")
+SUMS_COLUMNS = ("n_human", "n_ai", "n_unknown", "n_decisive",
+                *(f"{f}_{x}" for f in _FAMILIES for x in ("n", "k", *(f"p{c}" for c in range(5)), *(f"q{c}" for c in range(5)))))
+SUMS_SCHEMA = {"annotator_id": pl.String, **{k: pl.Int64 for k in SUMS_COLUMNS}}
+PARAMS_SCHEMA = {"annotator_id": pl.String, "ds_accuracy": pl.Float64, "independence": pl.Float64}
+
+
+def _unit_sums(e: Encoded, ref: np.ndarray, family: str) -> dict[str, np.ndarray]:
+    """Per annotator code, the sums behind one family's agreement with ``ref`` (U,) label codes
+    (-1 none): ``n`` units counted, ``k`` their vote share on the reference's label, ``p<c>`` their
+    vote share on label c, ``q<c>`` units whose reference is c (shares x ``FP``).  One vote per
+    unit (a unit's k judgments weigh 1/k); units whose a and b votes cancel are left out when
+    ``ref`` is a or b (no verdict).  Chance = sum_c p(c) q(c) / n^2."""
+    counts = e.per_unit()  # (U, 5) judgments per label
+    n_unit = np.maximum(counts.sum(axis=1), 1)
+    own = np.rint(counts * FP / n_unit[:, None])  # each unit's vote shares, fixed point
+    no_verdict = (counts[:, A] > 0) & (counts[:, A] == counts[:, B]) & ((ref == A) | (ref == B))
     valid = (ref >= 0) & ~no_verdict
     rows = np.arange(e.n_units)
-    na = e.n_annotators
 
-    def s(wts: np.ndarray) -> np.ndarray:
-        return np.bincount(e.unit_ann, weights=wts, minlength=na)
+    def s(wts: np.ndarray) -> np.ndarray:  # integers below 2**53: exact in a float sum
+        return np.bincount(e.unit_ann, weights=wts, minlength=e.n_annotators).astype(np.int64)
 
-    n = s(valid.astype(float))
-    p = np.column_stack([s(own[:, c] * valid) for c in range(5)])
-    q = np.column_stack([s(((ref == c) & valid).astype(float)) for c in range(5)])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        chance = (p * q).sum(axis=1) / (n * n)
-    return n, s(np.where(valid, own[rows, np.clip(ref, 0, 4)], 0.0)), chance
+    return {f"{family}_n": s(valid.astype(float)), f"{family}_k": s(np.where(valid, own[rows, np.clip(ref, 0, 4)], 0.0)),
+            **{f"{family}_p{c}": s(own[:, c] * valid) for c in range(5)},
+            **{f"{family}_q{c}": s(((ref == c) & valid).astype(float)) for c in range(5)}}
 
 
-def _loo_counts(e: Encoded, accuracy: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Per annotator: ``loo_n`` units whose LOO reference is a or b, ``loo_k`` agreeing (vote
-    shares), ``loo_chance`` = p(a) q(a) + p(b) q(b) (own label shares x reference shares)."""
-    n, k, chance = _unit_counts(e, loo_reference(e, accuracy, decorrelate=True))
-    return {"loo_n": n, "loo_k": k, "loo_chance": chance}
-
-
-def _gold_counts(e: Encoded) -> dict[str, np.ndarray]:
-    """Per annotator: ``gold_n`` units on gold pairs, ``gold_k`` vote share on the gold label, ``gold_chance``."""
+def _gold_ref(e: Encoded) -> np.ndarray:
     g = np.where(e.flipped & (e.gold >= A) & (e.gold <= B), 1 - e.gold, e.gold)  # canonical, like the labels
     ref = np.full(e.n_units, NONE, np.int64)
     rows = np.flatnonzero(g >= 0)
     ref[e.unit[rows]] = g[rows]
-    n, k, chance = _unit_counts(e, ref)
-    return {"gold_n": n, "gold_k": k, "gold_chance": chance}
+    return ref
+
+
+def _accuracy(e: Encoded, ds_accuracy: pl.DataFrame | None, cfg: AggregationConfig | None) -> np.ndarray:
+    """(A,) Dawid-Skene accuracy per annotator code: ``ds_accuracy`` (annotator_id, ds_accuracy: the
+    aggregation's), or fitted; NaN for an annotator without a decisive judgment."""
+    if ds_accuracy is None:
+        return np.where(np.bincount(e.ann, weights=(e.label >= A) & (e.label <= B), minlength=e.n_annotators) > 0,
+                        ds_accuracy_of(e, cfg), np.nan)
+    return _by_code(e, ds_accuracy, "ds_accuracy")
+
+
+def _by_code(e: Encoded, frame: pl.DataFrame, col: str) -> np.ndarray:
+    return e.ann_ids.to_frame("annotator_id").join(frame.select("annotator_id", col), on="annotator_id", how="left",
+                                                   maintain_order="left")[col].cast(pl.Float64).fill_null(np.nan).to_numpy()
+
+
+def fit_params(judgments: pl.DataFrame, ds_accuracy: pl.DataFrame | None = None,
+               cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None) -> pl.DataFrame:
+    """The parameters the state is counted with: per annotator its Dawid-Skene accuracy (the
+    aggregation's ``ds_accuracy`` when given) and the independence factor of its evidence in the
+    others' consensus (:func:`pipeline.aggregate.loo_independence`), fitted over these judgments."""
+    e = encoded or encode(judgments)
+    acc = _accuracy(e, ds_accuracy, cfg)
+    return pl.DataFrame({"annotator_id": e.ann_ids, "ds_accuracy": pl.Series(acc).fill_nan(None),
+                         "independence": loo_independence(e, acc)}, schema=PARAMS_SCHEMA).sort("annotator_id")
+
+
+def count_sums(judgments: pl.DataFrame, params: pl.DataFrame | None = None, *, encoded: Encoded | None = None,
+               ds_accuracy: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The check's state: per annotator, its judgments per kind, its decisive ones, and the sums
+    behind its agreement with the others' consensus (LOO) and with gold (:func:`_unit_sums`).
+    With ``params`` (:func:`fit_params`) fixed, a pair's contribution depends on its own judgments
+    only, so the state adds over disjoint sets of pairs; without, they are fitted on these
+    judgments.  Sorted by annotator."""
+    if judgments.height == 0:
+        return pl.DataFrame(schema=SUMS_SCHEMA)
+    e = encoded or encode(judgments)
+    params = fit_params(judgments, ds_accuracy, encoded=e) if params is None else params
+    acc, indep = _by_code(e, params, "ds_accuracy"), _by_code(e, params, "independence")
+    if np.isnan(indep).any():
+        missing = e.ann_ids.filter(pl.Series(np.isnan(indep))).head(3).to_list()
+        raise ValueError(f"reliability: no parameters for annotator(s) {missing}")
+    ref = loo_reference(e, acc, independence=indep)
+    dec = (e.label >= A) & (e.label <= B)
+    return pl.DataFrame({
+        "annotator_id": e.ann_ids, **kind_counts(judgments, e),
+        "n_decisive": np.bincount(e.ann, weights=dec, minlength=e.n_annotators).astype(np.int64),
+        **_unit_sums(e, ref, "loo"), **_unit_sums(e, _gold_ref(e), "gold"),
+    }, schema=SUMS_SCHEMA).sort("annotator_id")
+
+
+def child_params(parent: pl.DataFrame, new: pl.DataFrame, ds_accuracy: pl.DataFrame | None) -> pl.DataFrame:
+    """A child's parameters (the rule, docs/incremental.md): the parent's row of every annotator it
+    has; an annotator new to it gets the aggregation's accuracy and an independence factor fitted
+    on ``new`` (the judgments of the pairs the batch touches) with the others' accuracies as given."""
+    if new.height == 0:
+        return parent
+    fitted = fit_params(new, ds_accuracy)
+    return pl.concat([parent, fitted.join(parent, on="annotator_id", how="anti")]).sort("annotator_id")
+
+
+def _update(spec: Sums, child: Child) -> tuple[pl.DataFrame, pl.DataFrame]:
+    assert child.params is not None
+    params = child_params(child.params, child.new, child.inputs.get("ds_accuracy"))
+    return spec.merge(child.state, count_sums(child.old, params), count_sums(child.new, params)), params
 
 
 def run(
@@ -151,35 +217,50 @@ def run(
     pairs: pl.DataFrame | None = None,  # noqa: ARG001 - same signature as the other checks
     ds_accuracy: pl.DataFrame | None = None,
     encoded: Encoded | None = None,
+    sums: pl.DataFrame | None = None,
+    sums_params: pl.DataFrame | None = None,
 ) -> CheckResult:
-    """Reliability per annotator.  ``ds_accuracy``: ``Aggregation.annotators`` (annotator_id,
+    """Reliability per annotator.  ``ds_accuracy``: ``Aggregation.params`` (annotator_id,
     ds_accuracy), computed with the default/ChecksConfig aggregation when not given;
-    ``encoded``: :func:`pipeline.aggregate.encode` of the same frame, to share work."""
+    ``encoded``: :func:`pipeline.aggregate.encode` of the same frame, to share work;
+    ``sums`` and ``sums_params``: the check's state of these judgments and the parameters it was
+    counted with, when they are known (a child's): the judgments are then not read."""
     agg_cfg = cfg.aggregation if isinstance(cfg, ChecksConfig) else None
     cfg = cfg.reliability if isinstance(cfg, ChecksConfig) else (cfg or AnnotatorTestConfig())
     if judgments.height == 0:
-        return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments")
+        return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments",
+                           tables={"sums": pl.DataFrame(schema=SUMS_SCHEMA), "sums_params": pl.DataFrame(schema=PARAMS_SCHEMA)})
     c = pl.col
-    e = encoded or encode(judgments)
-    if ds_accuracy is None:
-        acc = np.where(np.bincount(e.ann, weights=(e.label >= A) & (e.label <= B), minlength=e.n_annotators) > 0,
-                       ds_accuracy_of(e, agg_cfg), np.nan)
-        ds_accuracy = pl.DataFrame({"annotator_id": e.ann_ids, "ds_accuracy": pl.Series(acc).fill_nan(None)})
-    dec = (e.label >= A) & (e.label <= B)
-    acc = pl.DataFrame({"annotator_id": e.ann_ids}).join(
-        ds_accuracy.select("annotator_id", "ds_accuracy"), on="annotator_id", how="left", maintain_order="left"
-    )["ds_accuracy"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-    loo, gold = _loo_counts(e, acc), _gold_counts(e)
+    if sums is None:
+        e = encoded or encode(judgments)
+        sums_params = fit_params(judgments, ds_accuracy, agg_cfg, encoded=e)
+        sums = count_sums(judgments, sums_params, encoded=e)
+    assert sums_params is not None
+    st = sums
+
+    def col(name: str) -> np.ndarray:
+        return st[name].to_numpy().astype(float)
+
+    fam = {}
+    for f in _FAMILIES:
+        n = col(f"{f}_n")
+        p = np.column_stack([col(f"{f}_p{c_}") for c_ in range(5)]) / FP
+        q = np.column_stack([col(f"{f}_q{c_}") for c_ in range(5)])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fam[f] = (n, col(f"{f}_k") / FP, (p * q).sum(axis=1) / (n * n))
+    (loo_n, loo_k, loo_chance), (gold_n, gold_k, gold_chance) = fam["loo"], fam["gold"]
+    acc_given = ds_accuracy.select("annotator_id", "ds_accuracy") if ds_accuracy is not None \
+        else sums_params.select("annotator_id", "ds_accuracy")
+    n_judgments = sum(col(f"n_{k}") for k in ("human", "ai", "unknown"))
     t = pl.DataFrame({
-        "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
-        "n_judgments": np.bincount(e.ann, minlength=e.n_annotators).astype(np.int64),
-        "n_decisive": np.bincount(e.ann, weights=dec, minlength=e.n_annotators).astype(np.int64),
-        **{k: pl.Series(v).fill_nan(None) for k, v in (loo | gold).items()},
-    }).join(ds_accuracy.select("annotator_id", "ds_accuracy"), on="annotator_id", how="left", maintain_order="left")
-    t = t.with_columns(c("loo_n", "gold_n").fill_null(0).cast(pl.Int64))
+        "annotator_id": st["annotator_id"], "annotator_kind": majority_kind(st),
+        "n_judgments": n_judgments.astype(np.int64), "n_decisive": st["n_decisive"],
+        "loo_n": loo_n.astype(np.int64), "loo_k": loo_k, "loo_chance": pl.Series(loo_chance).fill_nan(None),
+        "gold_n": gold_n.astype(np.int64), "gold_k": gold_k, "gold_chance": pl.Series(gold_chance).fill_nan(None),
+    }).join(acc_given, on="annotator_id", how="left", maintain_order="left")
     enough = (t["n_decisive"] >= cfg.min_judgments).to_numpy()
-    lf = _test(loo["loo_k"], loo["loo_n"], np.nan_to_num(loo["loo_chance"], nan=0.5), enough, cfg)
-    gf = _test(gold["gold_k"], gold["gold_n"], np.nan_to_num(gold["gold_chance"], nan=0.5), enough, cfg)
+    lf = _test(loo_k, loo_n, np.nan_to_num(loo_chance, nan=0.5), enough, cfg)
+    gf = _test(gold_k, gold_n, np.nan_to_num(gold_chance, nan=0.5), enough, cfg)
     # gold decides where it can; the others' consensus only where gold does not show the
     # annotator better than chance, and it never clears one gold finds at chance: agreement
     # with the others can be inflated by errors shared with them, gold accuracy cannot
@@ -232,7 +313,8 @@ def run(
     }
     status = "warn" if flagged.any() else "pass"
     summary = f"{int(flagged.sum())} of {int((tested | flagged).sum())} testable annotators at chance or worse"
-    return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags, tables={"annotators": table}, summary=summary)
+    return CheckResult(name=NAME, status=status, metrics=metrics, flags=flags, summary=summary,
+                       tables={"annotators": table, "sums": st, "sums_params": sums_params})
 
 
 def _median(s: pl.Series) -> float | None:
@@ -242,6 +324,8 @@ def _median(s: pl.Series) -> float | None:
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="reliability", doc="annotator reliability: gold accuracy, agreement with the consensus",
+    inputs=("pairs", "ds_accuracy", "sums", "sums_params"),
+    sums=Sums(count_sums, ("annotator_id",), params=True, update=_update),
     reasons=(
         Reason("low_reliability", "annotator", "drop", "agreement with consensus / gold accuracy no better than chance"),
     ))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 
@@ -47,6 +47,20 @@ class Reason:
 
 
 @dataclass(frozen=True)
+class Child:
+    """What a child's update of a check's state gets (:func:`pipeline.incremental.merged_sums`)."""
+
+    state: pl.DataFrame  # the parent's state
+    params: pl.DataFrame | None  # the fixed parameters the parent counted with (``Sums.params``)
+    old: pl.DataFrame  # the judgments of the pairs the batch touches, as the parent had them
+    new: pl.DataFrame  # their judgments now
+    cfg: Any  # the policy's ChecksConfig
+    inputs: dict[str, Any]  # the check's other inputs (e.g. ``ds_accuracy``)
+    # (old, new) judgments of the touched pairs and of every pair these annotators judged
+    pairs_of: Callable[[pl.Series], tuple[pl.DataFrame, pl.DataFrame]]
+
+
+@dataclass(frozen=True)
 class Sums:
     """A check's state as counts that add over disjoint sets of pairs.
 
@@ -58,10 +72,22 @@ class Sums:
     the state as its ``sums`` input and computes its figures from it alone (the pairs table may
     still give per-pair flags)."""
 
-    count: Callable[[pl.DataFrame], pl.DataFrame]
+    count: Callable[..., pl.DataFrame]
     keys: tuple[str, ...]
     # bump when what a count means changes: a child merges only into a parent's state of the same format
     format: str = "1"
+    # a state counted with fixed parameters (a fit over every judgment, kept by the version as
+    # ``state/<check>_params``; the check's result table ``sums_params``): a child counts with the
+    # parent's (a rule, docs/incremental.md), so its old rows subtract exactly
+    params: bool = False
+    # a check whose state needs more than parent - old + new (its own rule): ``update(spec, child)``
+    update: Callable[[Sums, Child], tuple[pl.DataFrame, pl.DataFrame | None]] | None = None
+
+    def advance(self, child: Child) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+        """A child's state (and the parameters it was counted with)."""
+        if self.update is not None:
+            return self.update(self, child)
+        return self.merge(child.state, self.count(child.old), self.count(child.new)), None
 
     def merge(self, parent: pl.DataFrame, old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
         """``parent`` - ``old`` + ``new``; raises when a count would go negative (``old`` was not
@@ -100,4 +126,4 @@ class CheckSpec:
         object.__setattr__(self, "codes", tuple(r.code for r in self.reasons) + tuple(self.emits))
 
 
-__all__ = ["ALL_ACTIONS", "Action", "CheckSpec", "Reason", "SubjectKind", "Sums"]
+__all__ = ["ALL_ACTIONS", "Action", "CheckSpec", "Child", "Reason", "SubjectKind", "Sums"]
