@@ -480,7 +480,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         lineage={"parent_version": parent.version_id if parent else None,
                  "new_sources": [s.model_dump() for s in ingest.sources],
                  "timings_s": dict(timer.t), **({"consensus": rule, "preliminary": prelim_rule} if parent else {}),
-                 "check_sums": {**(sums_rule or {"mode": "counted"}), "formats": inc.sums_formats()},
+                 "check_sums": {**(sums_rule or {"mode": "counted"}), "formats": inc.sums_formats(),
+                                "fitted_on": inc.fitted_on(parent, (sums_rule or {}).get("checks", ()), judgments.height)},
                  "pair_table_parts": {"linked": reuse.linked, "written": reuse.written}},
     )
     t = time.perf_counter()

@@ -30,7 +30,7 @@ of its annotators changed; docs/incremental.md gives the rule and the bound it r
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -368,6 +368,20 @@ def has_sums(parent: VersionHandle) -> bool:
         for n, s in declared_sums().items())
 
 
+def params_fitted_on(version: VersionHandle) -> dict[str, int]:
+    """Per check whose state has parameters: the judgments they were fitted on (the version that
+    last fitted them counted that many; a child that kept them carries the number on)."""
+    return dict((version.manifest().lineage.get("check_sums") or {}).get("fitted_on") or {})
+
+
+def fitted_on(parent: VersionHandle | None, merged: Iterable[str], n_judgments: int) -> dict[str, int]:
+    """A version's :func:`params_fitted_on`: its parent's for the states it merged, ``n_judgments``
+    for the ones it fitted."""
+    kept = params_fitted_on(parent) if parent is not None else {}
+    return {name: kept[name] if name in merged and name in kept else n_judgments
+            for name, spec in declared_sums().items() if spec.params}
+
+
 def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, pairs: pl.Series,
                 cfg: ChecksConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, pl.DataFrame]]:
     """The mergeable state of every check that declares one, for a child whose judgments are its
@@ -377,8 +391,9 @@ def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     ``pairs`` are counted (and, for a check that asks, of the pairs some annotators judged); the
     result equals a count over every judgment with the same parameters (``tests/test_incremental.py``).
     Returns each check's inputs: ``sums`` and, for a state with parameters, ``sums_params``; a state
-    with parameters is left out (counted again over every judgment, refitted) when the batch adds
-    more than ``cfg.refit_growth`` of the parent's judgments."""
+    with parameters is left out (counted again over every judgment, refitted) when the judgments
+    are more than ``1 + cfg.refit_growth`` times those its parameters were fitted on
+    (:func:`params_fitted_on`)."""
     rows = judgments.with_row_index("_row")
 
     def split(mine: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -391,10 +406,12 @@ def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
         return split(rows.filter(pl.col("pair_id").is_in(pl.concat([pairs, judged]).unique().implode())))
 
     out: dict[str, dict[str, pl.DataFrame]] = {}
-    growth = (judgments.height - n_parent_rows) / max(n_parent_rows, 1)
+    fitted_on = params_fitted_on(parent)
     for name, spec in declared_sums().items():
-        if spec.params and growth > cfg.refit_growth:  # the rule's bound: parameters fitted on most of the judgments
-            continue  # (the check counts every judgment, with parameters fitted on them)
+        # the rule's bound: parameters fitted on all but refit_growth of the judgments they count; beyond,
+        # the check counts every judgment, with parameters fitted on them
+        if spec.params and judgments.height > (1 + cfg.refit_growth) * fitted_on.get(name, 0):
+            continue
         params = parent.read(sums_params_table(name)) if spec.params else None
         child = Child(state=parent.read(sums_table(name)), params=params, old=old, new=new, cfg=cfg,
                       inputs=inputs.get(name, {}), pairs_of=pairs_of)
@@ -434,4 +451,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["declared_sums", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

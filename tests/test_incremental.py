@@ -171,8 +171,9 @@ def test_a_parent_state_of_another_format_is_counted_again(tmp_path, monkeypatch
     newer = {**inc.sums_formats(), "agreement": "next"}
     monkeypatch.setattr(inc, "sums_formats", lambda: newer)
     h = store.get(curate([second], store, POLICY, parent=parent).version_id)
-    assert h.manifest().lineage["check_sums"] == {"mode": "counted", "formats": newer}
     judgments = h.read("judgments")
+    assert h.manifest().lineage["check_sums"] == {"mode": "counted", "formats": newer,
+                                                  "fitted_on": {"reliability": judgments.height}}
     for name, spec in declared_sums().items():
         assert h.read(sums_table(name)).equals(spec.count(judgments)), name
     monkeypatch.undo()  # the same batch on the same parent, formats equal: merged
@@ -202,3 +203,36 @@ def test_a_child_drops_ids_repeated_in_its_batch_and_ids_its_parent_has(tmp_path
     assert ids[parent.read("judgments").height:] == new
     kept = child.read("judgments").filter(pl.col("comparison_id") == rows[1]["comparison_id"])
     assert kept.height == 1 and kept["label"].item() == rows[1]["label"]  # the first copy
+
+
+def test_reliability_parameters_are_refitted_once_the_judgments_outgrow_them(tmp_path):
+    """The rule's bound (docs/incremental.md): a child keeps its parent's reliability parameters only while
+    its judgments are at most 1 + checks.refit_growth times those they were fitted on; a child past that
+    fits them again over every judgment (and its figures are then a full run's)."""
+    from pipeline.checks import reliability
+
+    policy = policy_from_dict({"certify": {"require_expectations": False}, "checks": {"refit_growth": 0.4}})
+    store = Store(tmp_path / "s")
+    rng = random.Random(7)
+    parent, old, seen = None, [], set()
+    for step in range(7):
+        rows = _batch(rng, step, old)
+        old += rows
+        vid = curate([write_jsonl(tmp_path / f"b{step}.jsonl", rows)], store, policy, parent=parent).version_id
+        h = store.get(vid)
+        lineage = h.manifest().lineage["check_sums"]
+        n = h.read("judgments").height
+        if parent is None:
+            assert lineage["fitted_on"] == {"reliability": n}
+        else:
+            before = store.get(parent).manifest().lineage["check_sums"]["fitted_on"]["reliability"]
+            refit = n > 1.4 * before
+            seen.add(refit)
+            assert lineage["counted_again"] == (["reliability"] if refit else [])
+            assert lineage["fitted_on"] == {"reliability": n if refit else before}
+            if refit:  # fitted over every judgment: the figures of a run over them
+                want = reliability.run(h.read("judgments"), policy.checks)  # its own Dawid-Skene fit too
+                assert h.read("state/reliability_params").equals(want.tables["sums_params"])
+                assert h.manifest().check("reliability").metrics == want.metrics
+        parent = vid
+    assert seen == {True, False}  # both paths were taken along the chain
