@@ -225,10 +225,16 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         if ruled is not None:
             prelim, prelim_rows, pair_order, prelim_touched, prelim_rule = ruled
             prelim_rule = {"mode": "incremental", **prelim_rule}
-            texts = inc.first_texts(judgments)
+            wide = judgments  # the texts of the pairs the child aggregates or selects again, when it knows them
+
+            def texts_of(pairs: pl.Series | None) -> pl.DataFrame:
+                return inc.first_texts(wide, pairs)
         else:
             prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
-            texts, pair_order, prelim_touched = prelim.texts(), prelim.pairs["pair_id"], None
+            every, pair_order, prelim_touched = prelim.texts(), prelim.pairs["pair_id"], None
+
+            def texts_of(pairs: pl.Series | None) -> pl.DataFrame:
+                return every if pairs is None else every.filter(pl.col("pair_id").is_in(pairs.implode()))
             # every pair of the union gets the version where it was first seen (the parent's record of it)
             known = inc.parent_first_versions(parent) if parent is not None else None
             prelim_rows = inc.preliminary_rows(prelim, first_versions(parent, pair_order, version_id, known)["first_version"])
@@ -239,9 +245,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         prelim = rr.resolve(prelim, reviews, review_ctx)  # reviews decide routed pairs (pipeline/reviews_resolve.py)
         t = timer.lap("aggregate_preliminary", t)
         given: dict[str, CheckResult] = {}
-        # the pairs' texts (length bias); the aggregation's accuracies, fitted over every judgment unless under
+        # the pairs' lengths (length bias); the aggregation's accuracies, fitted over every judgment unless under
         # the rule (then they are the parent's: reliability fits them again unless its state is merged, below)
-        extra.setdefault("length_bias", {})["texts"] = texts
+        extra.setdefault("length_bias", {})["lengths"] = inc.first_lengths(judgments)
         accuracies = {"ds_accuracy": prelim_params.select("annotator_id", "ds_accuracy")}
         if ruled is None:
             extra.setdefault("reliability", {}).update(accuracies)
@@ -294,9 +300,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     # select, split and write over the dirty pairs only when the parent keeps its pair tables as parts (pipeline/delta.py)
     final, decided, rule, params, parent_rows, plan = _final_aggregation(
-        jsel.kept, prelim, all_pair_ids, texts, kept_reviews, review_ctx, parent, recompute, policy, full=full,
+        jsel.kept, prelim, all_pair_ids, texts_of, kept_reviews, review_ctx, parent, recompute, policy, full=full,
         planner=planner if delta.applies(parent) else None)
-    del prelim, texts
+    del prelim, texts_of
     prior = prior_assignments(parent)
     # the generation (version where it was first seen) of every pair of the union
     first = prelim_rows.select("pair_id", "first_version")
@@ -495,7 +501,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     return manifest
 
 
-def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids: pl.Series, texts: pl.DataFrame,
+def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids: pl.Series,
+                       texts_of: Callable[[pl.Series | None], pl.DataFrame],
                        kept_reviews: pl.DataFrame,
                        review_ctx: rr.ReviewContext, parent: VersionHandle | None, recompute: pl.Series | None,
                        policy: Policy, *, full: bool,
@@ -514,7 +521,8 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids
     are fitted on those judgments); every other pair keeps its parent's row.  Without
     ``recompute`` (a first version, ``--full``, another policy) everything is aggregated and
     every parameter fitted.  The kept judgments carry no texts: the aggregation takes them from
-    ``texts`` (:meth:`~pipeline.aggregate.Aggregation.texts` of every pair).  ``all_pair_ids``: the
+    ``texts_of(pair_ids)`` (:meth:`~pipeline.aggregate.Aggregation.texts` of those pairs; None: of
+    every pair), asked only for the pairs it needs.  ``all_pair_ids``: the
     preliminary pairs in first-seen order (``prelim.pairs`` may have them in another)."""
     cfg = policy.checks.aggregation
     rule: dict[str, Any] = {"mode": "full" if parent is not None and full else "incremental" if recompute is not None
@@ -525,7 +533,7 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids
     if given is not None:
         assert parent is not None and recompute is not None
         mine = kept.filter(pl.col("pair_id").is_in(recompute.implode()))
-        final = agg.aggregate(mine, cfg, texts=texts, dimensions=policy.dimensions, params=given)
+        final = agg.aggregate(mine, cfg, texts=texts_of(recompute), dimensions=policy.dimensions, params=given)
         assert final.params is not None and final.a_hash is not None
         fitted = final.params
         final = rr.resolve(final, kept_reviews, review_ctx)
@@ -535,10 +543,10 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids
             plan = planner(old, kept_ids) if planner is not None else None
             if plan is None:
                 pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, kept.select("pair_id", "a_hash"),
-                                                       all_pair_ids, texts)
+                                                       all_pair_ids, texts_of(None))
             else:  # the rows of the dirty pairs only (pipeline/delta.py); the others stay their parent's, unread
                 pairs, figures = _dirty_rows(final.pairs, old, recompute, kept, kept_ids, all_pair_ids,
-                                             texts, plan)
+                                             texts_of(plan.dirty), plan)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
             rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
         else:
@@ -561,7 +569,7 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids
             final = agg.Aggregation(pairs, final.annotators, canon_a(pairs.select("pair_id")))
             return (final, rr.votes(kept_reviews, voted, canon_a(voted)), rule, inc.merge_params(given, fitted), old,
                     plan)
-    final = agg.aggregate(kept, cfg, texts=texts, dimensions=policy.dimensions)
+    final = agg.aggregate(kept, cfg, texts=texts_of(None), dimensions=policy.dimensions)
     assert final.params is not None
     params = final.params.sort("annotator_id")
     final = rr.resolve(final, kept_reviews, review_ctx)

@@ -163,12 +163,13 @@ def run(
     *,
     pairs: pl.DataFrame | None = None,
     encoded: Encoded | None = None,
-    texts: pl.DataFrame | None = None,
+    lengths: pl.DataFrame | None = None,
     sums: pl.DataFrame | None = None,
 ) -> CheckResult:
     """Length bias per annotator.  ``pairs`` (from aggregation) is used only for the
-    batch-level consensus figures, with the pairs' lengths from ``texts`` (pair_id, response_a,
-    response_b in the pairs' orientation) or else from the judgments; ``encoded``:
+    batch-level consensus figures, with the pairs' lengths from ``lengths`` (pair_id, len_a,
+    len_b in the pairs' orientation: :func:`pipeline.incremental.first_lengths`) or else from
+    the judgments; ``encoded``:
     :func:`pipeline.aggregate.encode` of the same frame, to share work; ``sums``: the check's
     state of these judgments when it is known (a child's): the judgments are then not read."""
     cfg = _config(cfg)
@@ -224,13 +225,10 @@ def run(
     }
     tables = {"annotators": table.drop("_biased"), "sums": st}
     if pairs is not None and "label_consensus" in pairs.columns:
-        if texts is None:
+        if lengths is None:
             e = encoded or encode(judgments)
             len_a, len_b = pair_lengths(judgments, e)
             lengths = pl.DataFrame({"pair_id": e.pair_ids, "len_a": len_a, "len_b": len_b})
-        else:
-            lengths = texts.select("pair_id", len_a=c("response_a").str.len_chars().cast(pl.Int64),
-                                   len_b=c("response_b").str.len_chars().cast(pl.Int64))
         metrics.update(_ratio_metrics(pairs, lengths, cfg.min_length_ratio, tables))
     status = "warn" if biased.any() else "pass"
     summary = f"{int(biased.sum())} of {int(tested.sum())} tested annotators prefer longer responses more than the others do"
@@ -264,7 +262,7 @@ def _ratio_metrics(pairs: pl.DataFrame, lengths: pl.DataFrame, min_ratio: float,
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="length_bias", doc="annotators preferring the longer response more than the consensus does",
-    inputs=("pairs", "texts", "sums"), sums=Sums(count_sums, ("annotator_id",), update=_update),
+    inputs=("pairs", "lengths", "sums"), sums=Sums(count_sums, ("annotator_id",), update=_update),
     reasons=(
         Reason("length_bias", "annotator", "downweight", "prefers the longer candidate significantly more than the "
                "consensus does"),
