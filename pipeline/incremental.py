@@ -246,23 +246,19 @@ def parent_first_versions(parent: VersionHandle) -> pl.DataFrame | None:
     return known if "first_version" in known.columns else None
 
 
-def first_texts(judgments: pl.DataFrame, pairs: pl.Series | None = None) -> pl.DataFrame:
-    """The texts of ``pairs`` (None: every pair) as an aggregation of these judgments orients them
-    (each pair's first judgment's: the ``texts`` of :func:`pipeline.aggregate.aggregate`,
-    :meth:`Aggregation.texts` columns).  A child asks only for the pairs it aggregates or selects
-    again: every pair's texts are ~1 GB at 3M judgments."""
+def first_texts(judgments: pl.DataFrame) -> pl.DataFrame:
+    """Every pair's texts as an aggregation of these judgments orients them (its first judgment's:
+    the ``texts`` of :func:`pipeline.aggregate.aggregate`, :meth:`Aggregation.texts` columns)."""
     from pipeline.aggregate import PAIR_TEXT_COLUMNS
 
-    mine = judgments if pairs is None else judgments.filter(pl.col("pair_id").is_in(pairs.implode()))
-    return mine.filter(pl.col("pair_id").is_first_distinct()).select("pair_id", *PAIR_TEXT_COLUMNS, "a_hash")
+    return judgments.filter(pl.col("pair_id").is_first_distinct()).select("pair_id", *PAIR_TEXT_COLUMNS, "a_hash")
 
 
-def first_lengths(judgments: pl.DataFrame) -> pl.DataFrame:
-    """Every pair's response lengths in characters (``len_a``, ``len_b``) in the orientation of its
-    first judgment: the ``lengths`` input of the length-bias check."""
-    return judgments.select("pair_id", "response_a", "response_b").filter(pl.col("pair_id").is_first_distinct()) \
-        .select("pair_id", len_a=pl.col("response_a").str.len_chars().cast(pl.Int64),
-                len_b=pl.col("response_b").str.len_chars().cast(pl.Int64))
+def text_lengths(texts: pl.DataFrame) -> pl.DataFrame:
+    """The pairs' response lengths in characters (``len_a``, ``len_b``) from their texts
+    (:func:`first_texts`): the ``lengths`` input of the length-bias check."""
+    return texts.select("pair_id", len_a=pl.col("response_a").str.len_chars().cast(pl.Int64),
+                        len_b=pl.col("response_b").str.len_chars().cast(pl.Int64))
 
 
 def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: AggregationConfig,
@@ -462,4 +458,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_lengths", "first_texts", "has_preliminary", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "text_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
