@@ -73,11 +73,10 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     theirs = parent_rows.select("pair_id", reason="flag_reasons").explode("reason").drop_nulls("reason")
     flag_changed = pl.concat([mine.join(theirs, on=["pair_id", "reason"], how="anti"),
                               theirs.join(mine, on=["pair_id", "reason"], how="anti")])["pair_id"]
-    # clusters: only a pair in a cluster here or in the parent can have another one
-    cand = pl.concat([cl["pair_id"], parent_rows.filter(c("near_dup_cluster") != c("pair_id"))["pair_id"]]).unique()
-    cc = cand.to_frame("pair_id").join(ids, on="pair_id", how="semi").join(cl, on="pair_id", how="left") \
-        .join(ndc, on="pair_id", how="left").with_columns(_cl=c("_cl").fill_null(c("pair_id")))
-    cluster_changed = cc.filter(c("near_dup_cluster").is_not_null() & (c("_cl") != c("near_dup_cluster")))["pair_id"]
+    # clusters: a pair of the parent whose cluster here (its own id when it has none) is another
+    # (one join; the pairs not in the child's aggregation are left out with the seeds below)
+    cluster_changed = ndc.filter(c("near_dup_cluster").is_not_null()).join(cl, on="pair_id", how="left") \
+        .filter(c("_cl").fill_null(c("pair_id")) != c("near_dup_cluster"))["pair_id"]
     # not in the parent's pairs (new, or all dropped there)
     new = ids.join(ndc.filter(c("near_dup_cluster").is_not_null()), on="pair_id", how="anti")["pair_id"]
     seed_ids = pl.concat([flag_changed, cluster_changed, new, recompute]).unique().to_frame("pair_id") \
@@ -104,7 +103,9 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     was = ndc.filter(c("near_dup_cluster").is_in(touched))["pair_id"]
     dirty = pl.concat([seed_ids["pair_id"], in_cl, alone, was]).unique().to_frame("pair_id") \
         .join(ids, on="pair_id", how="semi")["pair_id"]
-    clean = parent_rows.join(ids, on="pair_id", how="semi").filter(~c("pair_id").is_in(dirty.implode()))
+    # the parent's pairs that still have kept judgments: all of them unless some were removed
+    still = parent_rows.join(ids, on="pair_id", how="semi") if removed.height else parent_rows
+    clean = still.filter(~c("pair_id").is_in(dirty.implode()))
     return Plan(dirty=dirty, removed=removed["pair_id"].sort(), clean=clean)
 
 
