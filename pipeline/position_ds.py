@@ -233,7 +233,7 @@ def engaged_share(*, unit: np.ndarray, n_units: int, judge: np.ndarray, n_judges
 
 
 MIN_SHARED = 20  # judge pairs with fewer shared verdicts are not compared
-EXCESS_P = 0.025  # an excess is counted only when the exact test against the baseline rejects at this level
+EXCESS_P = 0.025  # an excess is counted only when the exact test against the baseline rejects at this level (BH per judge)
 
 
 def independence(*, pair: np.ndarray, judge: np.ndarray, unit: np.ndarray, n_units: int, chose_a: np.ndarray,
@@ -253,7 +253,9 @@ def independence(*, pair: np.ndarray, judge: np.ndarray, unit: np.ndarray, n_uni
     so the baseline is b_jk = (median_k rho_jk + median_j rho_jk) / 2, the typical
     correlation of each of the two with the rest of the panel; x_jk = rho_jk - b_jk when the
     exact binomial test of their disagreements against the count the baseline explains
-    (n_jk (1 - s_j s_k - b_jk sqrt(...)) / 2) says fewer at level EXCESS_P, else 0 (two nearly
+    (n_jk (1 - s_j s_k - b_jk sqrt(...)) / 2) says fewer at level EXCESS_P, Benjamini-Hochberg over
+    the judge's comparisons (uncorrected, a judge compared with 200 others collects a few chance
+    excesses and loses half its vote with no family at all), else 0 (two nearly
     perfect judges that never disagree on 30 pairs are no family: too few disagreements were
     expected to tell).  A family of m judges whose errors correlate by x gets omega = 1 / (1 +
     (m - 1) x): together its m votes count m / (1 + (m - 1) x), the effective number of
@@ -298,9 +300,29 @@ def independence(*, pair: np.ndarray, judge: np.ndarray, unit: np.ndarray, n_uni
     base = 0.5 * (med[j] + med[k])
     # disagreements expected at the baseline correlation: exact one-sided binomial test of fewer
     d0 = np.clip(0.5 * (1.0 - s[j] * s[k] - base * scale), 1e-9, 1.0)
-    fewer = binom_less(np.round(0.5 * n * (1.0 - m)), n, d0) <= EXCESS_P
+    p = binom_less(np.round(0.5 * n * (1.0 - m)), n, d0)
+    # one test per pair of judges (the matrix is symmetric: j < k), Benjamini-Hochberg across all of
+    # them: uncorrected, a judge compared with 200 others collected ~5 chance excesses, and its
+    # factor fell to ~0.4 with no family at all (measured on 3M generated judgments, 200 humans)
+    fewer = _bh_by_group(j, p, EXCESS_P)
     x = np.where(fewer & (rho > base), rho - base, 0.0)
     return 1.0 / (1.0 + np.bincount(j, weights=x, minlength=n_judges))
+
+
+def _bh_by_group(group: np.ndarray, p: np.ndarray, alpha: float) -> np.ndarray:
+    """Benjamini-Hochberg rejections at ``alpha`` within each group (vectorised by one sort)."""
+    order = np.lexsort((p, group))
+    g, ps = group[order], p[order]
+    count = np.bincount(g)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    rank = np.arange(len(ps)) - start[g] + 1  # 1-based rank within the group
+    ok = ps <= alpha * rank / count[g]
+    # the largest passing rank of each group rejects every smaller p
+    last = np.full(len(count), -1)
+    np.maximum.at(last, g[ok], rank[ok])
+    out = np.zeros(len(p), bool)
+    out[order] = rank <= last[g]
+    return out
 
 
 def _group_median(group: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
