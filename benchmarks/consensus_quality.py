@@ -77,22 +77,25 @@ Cells: mean (min-max) over seeds 100-109 (development used seeds 0-9).  "prefpip
 main checkout's `aggregate` on the same data; "after judgment drops" is the consensus `curate`
 computes: reliability and position checks -> `select.filter_judgments` (default policy:
 `low_reliability` drops the annotator's judgments) -> `aggregate` of the kept judgments."""
-FOOTER = """Reading it: the order-aware model (`pipeline/position_ds.py`, `docs/checks-stats.md`) gains
-where judges' verdicts depend on the display order; its independence weights (judges whose
-verdicts agree beyond what their accuracies explain share one vote) gain where families of
-judges err together: on the issue-like panel without gold +0.09 over before, +0.13 over
-majority and +0.15 over crowd-kit DS; "strong taste" +0.16.  They cost where the good judges
-are the only group that agrees (a family-led or uncertain posterior underrates accurate
-judges, so their agreement reads as a shared error): "no families" and "independent errors"
--0.01, and "one family of 15" -0.04, which no method without gold resolves (the family's
-agreement looks like the truth) and is now below majority.  With 5 % gold the aggregate is
-0.003 below before (within the seeds' spread), with 10 % gold 0.014 above.  "After judgment
-drops": `low_reliability` now flags an annotator only when the evidence says it is at chance
-(upper confidence bound below a useful level, with power, not shown better than chance; order
-flips are no verdicts; the others' consensus weighs annotators by their independence), so the
-curate path keeps the consensus' accuracy on every AI panel (10 % gold: 0.666 before, 0.824
-now).  Human panels: no loss (the plurality decides; on the curate path fewer annotators are
-wrongly dropped: 0.814 -> 0.824 and 0.892 -> 0.895)."""
+FOOTER = """Reading it (this run: "prefpipe before" is e58dc6d, before session 11 corrected the independence
+weights' tests for multiplicity): the order-aware model (`pipeline/position_ds.py`,
+`docs/checks-stats.md`) gains where judges' verdicts depend on the display order; its
+independence weights (judges whose verdicts agree beyond what their accuracies explain share one
+vote) gain where families of judges err together: on the issue-like panel without gold 0.810,
++0.13 over majority and +0.15 over crowd-kit DS; "strong taste" 0.802 (0.716 and 0.637 without
+the weights, docs/checks-stats.md). Session 11's correction (Benjamini-Hochberg over each judge's
+pairwise tests) moves these 18-judge panels little: +0.001 to +0.005 on eight of them, humans
+unchanged, and -0.010 on "half the pairs in one order, 70 % coverage" (fewer shared verdicts per
+pair of judges there, so the corrected tests find its families less often). It is for large
+panels: tested one by one, a judge compared with 200 others collected chance "excesses" and lost
+half its vote with no family at all (3M generated judgments: 192 of 200 independent humans below
+0.9, now 2). "One family of 15" stays below majority (0.611): no method without gold resolves a
+family that is most of the panel (its agreement looks like the truth). "After judgment drops":
+`low_reliability` flags an annotator only when the evidence says it is at chance (upper
+confidence bound below a useful level, with power, not shown better than chance; order flips
+are no verdicts; the others' consensus weighs annotators by their independence), so the curate
+path keeps the consensus' accuracy on every AI panel; human panels lose nothing to the checks
+(the plurality decides)."""
 METHODS = ("majority", "consistency vote", "crowd-kit DS", "crowd-kit DS (judge x order)", "prefpipe before",
            "prefpipe before, after judgment drops", "prefpipe", "prefpipe after judgment drops")
 
