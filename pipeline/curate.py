@@ -246,7 +246,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         given: dict[str, CheckResult] = {}
         # the pairs' lengths (length bias); the aggregation's accuracies, fitted over every judgment unless under
         # the rule (then they are the parent's: reliability fits them again unless its state is merged, below)
-        extra.setdefault("length_bias", {})["lengths"] = inc.text_lengths(every)
+        extra.setdefault("length_bias", {})["lengths"] = inc.pair_lengths(prelim_rows)
         accuracies = {"ds_accuracy": prelim_params.select("annotator_id", "ds_accuracy")}
         if ruled is None:
             extra.setdefault("reliability", {}).update(accuracies)

@@ -229,9 +229,18 @@ def preliminary_rows(aggr: Aggregation, first_version: pl.Series) -> pl.DataFram
     was first seen, aligned with the rows): every pair of the union has one, so every table
     keyed by pair keeps a pair in the same part from version to version."""
     assert aggr.a_hash is not None
-    return aggr.pairs.drop(_PRELIM_DROP, strict=False).with_columns(
+    lengths = {k: aggr.pairs[c].str.len_chars().cast(pl.Int64) for k, c in (("len_a", "response_a"), ("len_b", "response_b"))}
+    return aggr.pairs.drop(_PRELIM_DROP, strict=False).with_columns(**lengths).with_columns(
         a_hash=aggr.a_hash, seen=pl.int_range(aggr.pairs.height, dtype=pl.Int64),
         first_version=first_version.cast(pl.String))
+
+
+def pair_lengths(rows: pl.DataFrame) -> pl.DataFrame:
+    """The pairs' response lengths in characters (pair_id, ``len_a``, ``len_b``, in their canonical
+    orientation: the first judgment's) from :data:`PRELIM_TABLE` rows: the ``lengths`` input of the
+    length-bias check.  A pair's first judgment never changes, so neither do its lengths: a child
+    keeps its parent's and measures its new pairs' only."""
+    return rows.select("pair_id", "len_a", "len_b")
 
 
 def parent_first_versions(parent: VersionHandle) -> pl.DataFrame | None:
@@ -252,13 +261,6 @@ def first_texts(judgments: pl.DataFrame) -> pl.DataFrame:
     from pipeline.aggregate import PAIR_TEXT_COLUMNS
 
     return judgments.filter(pl.col("pair_id").is_first_distinct()).select("pair_id", *PAIR_TEXT_COLUMNS, "a_hash")
-
-
-def text_lengths(texts: pl.DataFrame) -> pl.DataFrame:
-    """The pairs' response lengths in characters (``len_a``, ``len_b``) from their texts
-    (:func:`first_texts`): the ``lengths`` input of the length-bias check."""
-    return texts.select("pair_id", len_a=pl.col("response_a").str.len_chars().cast(pl.Int64),
-                        len_b=pl.col("response_b").str.len_chars().cast(pl.Int64))
 
 
 def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: AggregationConfig,
@@ -458,4 +460,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "text_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

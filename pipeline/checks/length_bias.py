@@ -168,7 +168,7 @@ def run(
 ) -> CheckResult:
     """Length bias per annotator.  ``pairs`` (from aggregation) is used only for the
     batch-level consensus figures, with the pairs' lengths from ``lengths`` (pair_id, len_a,
-    len_b in the pairs' orientation: :func:`pipeline.incremental.text_lengths`) or else from
+    len_b in the pairs' orientation: :func:`pipeline.incremental.pair_lengths`) or else from
     the judgments; ``encoded``:
     :func:`pipeline.aggregate.encode` of the same frame, to share work; ``sums``: the check's
     state of these judgments when it is known (a child's): the judgments are then not read."""
