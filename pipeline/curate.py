@@ -156,21 +156,26 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
 PRE_CHECK_DROPS = ("duplicate_comparison_id", "already_in_parent")
 
 
-def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> tuple[pl.DataFrame, int]:
+def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None, *, narrow: bool = False
+                       ) -> tuple[pl.DataFrame, int, pl.DataFrame | None]:
     """Parent judgments first, then the new batch; judgments whose comparison_id is already
-    known (a batch delivered twice) are not added again.  Returns (union, repeated count)."""
+    known (a batch delivered twice) are not added again.  Returns (union, repeated count, the
+    batch's rows).  ``narrow``: the union without :data:`pipeline.incremental.WIDE_COLUMNS` (the
+    parent's texts are not decoded); the batch's rows keep them."""
     if parent is None:
-        return new, 0
-    old = parent.read("judgments.parquet")
-    if "review_of" not in old.columns:  # a parent written before reviews were a field
-        old = old.with_columns(review_of=pl.lit(None, pl.String)).select(new.columns)
+        return new, 0, None
+    if narrow:
+        old = inc.parent_judgments(parent, None, [c for c in new.columns if c not in inc.WIDE_COLUMNS])
+    else:
+        old = inc.parent_judgments(parent, None, new.columns)
     # the parent's ids the batch repeats: a scan of its ids against the batch's (a join would hash every id)
     known = old.select("comparison_id").filter(pl.col("comparison_id").is_in(new["comparison_id"].unique().implode()))
     # always through the join, also with nothing to drop: it gives the batch's rows one chunk per column.
     # The ingest frame has several; concatenated as they were, the 3M child's later stages took 1.1 GB
     # more and 30 % longer (measured at e407e33)
     fresh = new.join(known, on="comparison_id", how="anti", maintain_order="left")
-    return pl.concat([old, fresh], how="vertical_relaxed"), new.height - fresh.height
+    union = pl.concat([old, fresh.select(old.columns) if narrow else fresh], how="vertical_relaxed")
+    return union, new.height - fresh.height, fresh
 
 
 def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> pl.DataFrame:
@@ -184,10 +189,18 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                    policy: Policy, timer: _Timer, full: bool = False) -> Manifest:
     t = time.perf_counter()
     created_at = datetime.now(UTC)
-    judgments, repeated = _union_with_parent(ingest.take_judgments(), parent)
+    same_policy = parent is not None and parent.manifest().policy_hash == policy.policy_hash()
+    # a child under the rule reads its parent's judgments without their texts: only its touched pairs' have them
+    narrow = parent is not None and not full and same_policy and not policy.dimensions.train_on and inc.narrow_applies(parent)
+    judgments, repeated, batch = _union_with_parent(ingest.take_judgments(), parent, narrow=narrow)
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
     # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
     judgments = rr.attach(judgments, from_row=n_parent_judgments)
+    if narrow:
+        assert batch is not None
+        batch = batch.with_columns(pair_id=judgments.slice(n_parent_judgments)["pair_id"])
+    else:
+        batch = None
     quarantine = _quarantine_with_parent(ingest.quarantine, parent)
     # a comparison_id used twice inside the input: keep the first, count the rest.  Only the new rows
     # can repeat one: the parent's ids are unique (this filter ran before its judgments were written)
@@ -197,6 +210,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     n_dup_ids = int(dup_ids.sum())
     if n_dup_ids:  # a filter copies every column: only when there is something to remove
         judgments = pl.concat([judgments.slice(0, n_parent_judgments), tail.filter(~dup_ids)])
+        batch = batch.filter(~dup_ids) if batch is not None else None
     parent_drops = parent.manifest().ledger.judgments_dropped if parent else {}
     pre_check = {"duplicate_comparison_id": parent_drops.get("duplicate_comparison_id", 0) + n_dup_ids,
                  "already_in_parent": parent_drops.get("already_in_parent", 0) + repeated}
@@ -210,24 +224,39 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # the GIL while it encodes); leaving the block waits for it, also on an error
     tables: dict[str, TableInfo] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-write") as pool:
-        written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id)
+        written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id,
+                              fresh=batch)
         # train_on: the version is built on one dimension's verdicts (judgments.parquet keeps them as given)
         judgments, no_verdict = dims.for_training(judgments, policy.dimensions)
-        t = timer.lap("union_inputs", t)
         # the union starts with the parent's judgments as they are (train_on may drop some: then everything is rerun)
         # --full: the parent's state is not used (everything recomputed from the union)
         intact = parent is not None and not full and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
-        same_policy = parent is not None and parent.manifest().policy_hash == policy.policy_hash()
+        # the touched pairs' rows with their texts (the union has none when narrow)
+        hydrated = inc.hydrate(judgments, n_parent_judgments, parent, batch) if batch is not None and parent is not None \
+            else None
+        wide, n_wide_parent = (hydrated.rows, hydrated.n_parent_rows) if hydrated is not None else (judgments, n_parent_judgments)
+        # what the child read of its parent's judgments: every column, or the texts of the touched pairs' rows only
+        union_rule = {"texts": "touched pairs", "parent_rows_with_texts": n_wide_parent,
+                      "touched_pairs": hydrated.pairs.len()} if hydrated is not None else {"texts": "all"}
+        t = timer.lap("union_inputs", t)
         # the rule (docs/incremental.md): the batch's pairs aggregated with the parent's parameters fixed
-        ruled = inc.preliminary(judgments, n_parent_judgments, parent, policy.checks.aggregation, policy.dimensions,
+        ruled = inc.preliminary(wide, n_wide_parent, parent, policy.checks.aggregation, policy.dimensions,
                                 version_id) if intact and same_policy and parent is not None and inc.has_preliminary(parent) \
             else None
+        if hydrated is not None and ruled is None:  # the parent's state lacks a column: recomputed from every text
+            assert parent is not None and batch is not None
+            judgments = pl.concat([inc.parent_judgments(parent, None, batch.columns).cast(batch.schema), batch])  # type: ignore[arg-type]
+            hydrated, wide, n_wide_parent = None, judgments, n_parent_judgments
+            union_rule = {"texts": "all", "why": "the parent's preliminary state lacks a column"}
         if ruled is not None:
             prelim, prelim_rows, pair_order, prelim_touched, prelim_rule = ruled
             prelim_rule = {"mode": "incremental", **prelim_rule}
-            # every pair's texts, copied now: holding the wide union until the final aggregation instead, to
-            # take the texts of the pairs it needs only, raised the 3M child's peak by 1 GB (measured)
-            every = inc.first_texts(judgments)
+            if hydrated is not None:  # the touched pairs' texts; any other pair's read from the parent when asked for
+                texts_of = inc.texts_source(hydrated, parent)
+            else:
+                # every pair's texts, copied now: holding the wide union until the final aggregation instead, to
+                # take the texts of the pairs it needs only, raised the 3M child's peak by 1 GB (measured)
+                every = inc.first_texts(judgments)
         else:
             prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
             every, pair_order, prelim_touched = prelim.texts(), prelim.pairs["pair_id"], None
@@ -236,8 +265,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             prelim_rows = inc.preliminary_rows(prelim, first_versions(parent, pair_order, version_id, known)["first_version"])
             prelim_rule = {"mode": "full" if parent is not None and full else "recomputed"}
 
-        def texts_of(pairs: pl.Series | None) -> pl.DataFrame:
-            return every if pairs is None else every.filter(pl.col("pair_id").is_in(pairs.implode()))
+        if hydrated is None:
+            def texts_of(pairs: pl.Series | None) -> pl.DataFrame:
+                return every if pairs is None else every.filter(pl.col("pair_id").is_in(pairs.implode()))
         assert prelim.params is not None
         prelim_params = prelim.params.sort("annotator_id")  # what a child's preliminary consensus starts from
         reviews = rr.classify(judgments, review_ctx)
@@ -246,7 +276,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         given: dict[str, CheckResult] = {}
         # the pairs' lengths (length bias); the aggregation's accuracies, fitted over every judgment unless under
         # the rule (then they are the parent's: reliability fits them again unless its state is merged, below)
-        extra.setdefault("length_bias", {})["lengths"] = inc.pair_lengths(prelim_rows)
+        lengths = inc.pair_lengths(prelim_rows)
+        for name in ("length_bias", "dimensions"):
+            extra.setdefault(name, {})["lengths"] = lengths
         accuracies = {"ds_accuracy": prelim_params.select("annotator_id", "ds_accuracy")}
         if ruled is None:
             extra.setdefault("reliability", {}).update(accuracies)
@@ -254,7 +286,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         if ruled is not None and parent is not None and prelim_touched is not None and inc.has_sums(parent):
             # the checks with mergeable state count only the batch's pairs (pipeline/checks/spec.py: Sums)
             merged = inc.merged_sums(judgments, n_parent_judgments, parent, prelim_touched, policy.checks,
-                                     {"reliability": accuracies})
+                                     {"reliability": accuracies, "length_bias": {"lengths": lengths}})
             for name, ins in merged.items():
                 extra.setdefault(name, {}).update(ins)
             sums_rule = {"mode": "incremental", "checks": sorted(merged), "pairs_counted": prelim_touched.len(),
@@ -266,12 +298,13 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
             given, touched = run_touched(judgments, n_parent_judgments, parent, policy.checks,
                                          Totals(judgments=judgments.height, pairs=prelim.pairs.height),
-                                         parent_flags=parent_flags)
+                                         parent_flags=parent_flags, hydrated=hydrated)
             t = timer.lap("checks:touched_pairs", t)
         # near duplicates through the state tables: a child hashes and bands only its new prompts
         given["near_duplicates"], near_dup = inc.near_duplicates(
-            judgments, parent, policy.checks, version_id=version_id, parent_flags=parent_flags,
-            n_parent_rows=n_parent_judgments if intact else None)
+            wide, parent, policy.checks, version_id=version_id, parent_flags=parent_flags,
+            n_parent_rows=n_wide_parent if intact else None)
+        del wide, hydrated
         t = timer.lap("check:near_duplicates", t)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
@@ -301,7 +334,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     final, decided, rule, params, parent_rows, plan = _final_aggregation(
         jsel.kept, prelim, all_pair_ids, texts_of, kept_reviews, review_ctx, parent, recompute, policy, full=full,
         planner=planner if delta.applies(parent) else None)
-    del prelim, texts_of, every
+    del prelim, texts_of
     prior = prior_assignments(parent)
     # the generation (version where it was first seen) of every pair of the union
     first = prelim_rows.select("pair_id", "first_version")
@@ -484,7 +517,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         annotators=_annotator_summary(annotators),
         lineage={"parent_version": parent.version_id if parent else None,
                  "new_sources": [s.model_dump() for s in ingest.sources],
-                 "timings_s": dict(timer.t), **({"consensus": rule, "preliminary": prelim_rule} if parent else {}),
+                 "timings_s": dict(timer.t),
+                 **({"union": union_rule, "consensus": rule, "preliminary": prelim_rule} if parent else {}),
                  "check_sums": {**(sums_rule or {"mode": "counted"}), "formats": inc.sums_formats(),
                                 "fitted_on": inc.fitted_on(parent, (sums_rule or {}).get("checks", ()), judgments.height)},
                  "pair_table_parts": {"linked": reuse.linked, "written": reuse.written}},
@@ -640,9 +674,10 @@ def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame
 
 
 def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle | None, frame: pl.DataFrame,
-                    n_parent_rows: int, version_id: str) -> TableInfo:
+                    n_parent_rows: int, version_id: str, *, fresh: pl.DataFrame | None = None) -> TableInfo:
     """A table that only grows (judgments, quarantine): the parent's parts as they are, plus one
-    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``),
+    part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``;
+    ``fresh``: those rows, when ``frame`` lacks some of their columns),
     into which the parent's trailing parts are merged while it is at least half their size.
     The manifest lists the parts in arrival order, so that a child's union has the rows in the
     order its parent's had (first-seen orders, a pair's canonical orientation, its list of
@@ -651,7 +686,7 @@ def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle 
     inherited = parent_parts(parent, name)
     if inherited and sum(p.rows for p in inherited) == n_parent_rows:
         assert parent is not None
-        fresh = frame.slice(n_parent_rows)
+        fresh = frame.slice(n_parent_rows) if fresh is None else fresh
         # level compaction: the trailing parts are merged into this version's part while it holds at
         # least half the rows of the part before it -- O(log N) parts after N batches, a row rewritten
         # O(log N) times (a binary counter), the parts' order and every row's place kept
@@ -665,6 +700,8 @@ def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle 
         for part in keep:
             w.inherit(parent, part)
     else:  # first version, or a parent of the older single-file layout: everything in this version's part
+        if fresh is not None:
+            raise RuntimeError(f"{name}: the parent's parts do not hold the union's first {n_parent_rows} rows")
         fresh = frame
     if fresh.height or not w.parts:
         w.write(version_id, fresh)

@@ -30,6 +30,7 @@ of its annotators changed; docs/incremental.md gives the rule and the bound it r
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ import polars as pl
 
 from pipeline.checks import duplicates, language, pair_id_conflict
 from pipeline.checks import near_duplicates_state as nds
+from pipeline.aggregate import PAIR_TEXT_COLUMNS as _TEXT_COLUMNS
 from pipeline.aggregate import Aggregation
 from pipeline.checks.spec import Child, Sums
 from pipeline.store import VersionHandle
@@ -100,16 +102,87 @@ def touched_pairs(judgments: pl.DataFrame, n_parent_rows: int) -> pl.Series:
         rows = keyed.filter(pl.col("pair_id").is_in(pairs.implode()))
 
 
+# ---------------------------------------------------------------- a child without the history's texts
+# the judgments' texts: ~75 % of their bytes.  A child reads its parent's judgments without them and
+# takes them only for the rows of the pairs its batch touches (docs/incremental.md, "Session 12")
+WIDE_COLUMNS = ("prompt", "prompt_text", "response_a", "response_b")
+
+
+def narrow_applies(parent: VersionHandle) -> bool:
+    """The parent keeps what a child needs to leave the history's texts unread: its judgments as a
+    table, the pair-scoped state and the preliminary consensus with the pairs' lengths."""
+    if parent.table("judgments") is None or not has_state(parent) or not has_preliminary(parent):
+        return False
+    first = parent.table(PRELIM_TABLE).parts[0].path  # type: ignore[union-attr]
+    return {"len_a", "len_b"} <= set(pl.read_parquet_schema(io.BytesIO(parent.read_bytes(first))))
+
+
+@dataclass
+class Hydrated:
+    """The rows of the pairs a child's batch touches (:func:`touched_pairs`), texts included: the
+    parent's rows of those pairs (``n_parent_rows`` of them, first) and the batch's, in the order
+    of the union."""
+
+    pairs: pl.Series
+    rows: pl.DataFrame
+    n_parent_rows: int
+
+
+def hydrate(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, batch: pl.DataFrame) -> Hydrated:
+    """``judgments``: the union without :data:`WIDE_COLUMNS`; ``batch``: its rows after the
+    parent's with them.  Reads the parent's judgments of the touched pairs (a filtered read: the
+    other rows' texts are not decoded)."""
+    pairs = touched_pairs(judgments, n_parent_rows)
+    old = parent_judgments(parent, pl.col("pair_id").is_in(pairs.implode()), batch.columns).cast(batch.schema)  # type: ignore[arg-type]
+    return Hydrated(pairs, pl.concat([old, batch]), old.height)
+
+
+def parent_judgments(parent: VersionHandle, where: pl.Expr | None, columns: list[str]) -> pl.DataFrame:
+    """The parent's judgments (``where``: only the rows it selects) with ``columns`` (``review_of``
+    null when a parent written before reviews were a field lacks it)."""
+    old = parent.read("judgments", where=where)
+    if "review_of" in columns and "review_of" not in old.columns:
+        old = old.with_columns(review_of=pl.lit(None, pl.String))
+    return old.select(columns)
+
+
+def texts_source(hydrated: Hydrated, parent: VersionHandle) -> Callable[[pl.Series | None], pl.DataFrame]:
+    """pair ids -> their :func:`first_texts` as the union would give them, for a child that did not
+    read the history's texts: the touched pairs' from ``hydrated``, any other pair's (all its
+    judgments are the parent's) from a filtered read of the parent's judgments.  None: every pair
+    (not what a child under the rule asks for: it reads every text)."""
+    mine = first_texts(hydrated.rows)
+    cols = ["pair_id", *_TEXT_COLUMNS, "a_hash"]
+
+    def texts_of(pairs: pl.Series | None) -> pl.DataFrame:
+        if pairs is None:
+            rest = parent_judgments(parent, ~pl.col("pair_id").is_in(mine["pair_id"].implode()), cols)
+            return pl.concat([mine, first_texts(rest)])
+        ids = pairs.implode()
+        have = mine.filter(pl.col("pair_id").is_in(ids))
+        if have.height == pairs.n_unique():
+            return have
+        want = pl.col("pair_id").is_in(ids) & ~pl.col("pair_id").is_in(have["pair_id"].implode())
+        return pl.concat([have, first_texts(parent_judgments(parent, want, cols))])
+
+    return texts_of
+
+
 def has_state(parent: VersionHandle | None) -> bool:
     return parent is not None and all(parent.table(state_table(n)) is not None for n in PAIR_SCOPED)
 
 
 def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: ChecksConfig,
-                totals: Totals, parent_flags: pl.DataFrame | None = None) -> tuple[dict[str, CheckResult], pl.Series]:
+                totals: Totals, parent_flags: pl.DataFrame | None = None,
+                hydrated: Hydrated | None = None) -> tuple[dict[str, CheckResult], pl.Series]:
     """The pair-scoped checks of a child: run over the touched pairs, merged with the parent's.
-    Returns the results and the touched pairs (every other pair's state rows are the parent's)."""
-    touched = touched_pairs(judgments, n_parent_rows)
-    jt = judgments.filter(pl.col("pair_id").is_in(touched.implode()))
+    Returns the results and the touched pairs (every other pair's state rows are the parent's).
+    ``hydrated``: the touched pairs' rows with their texts, when ``judgments`` has none (:func:`hydrate`)."""
+    if hydrated is not None:
+        touched, jt = hydrated.pairs, hydrated.rows
+    else:
+        touched = touched_pairs(judgments, n_parent_rows)
+        jt = judgments.filter(pl.col("pair_id").is_in(touched.implode()))
     touched_judgments = jt["comparison_id"]
     if parent_flags is None:
         parent_flags = parent.read("flags.parquet")
@@ -236,11 +309,11 @@ def preliminary_rows(aggr: Aggregation, first_version: pl.Series) -> pl.DataFram
 
 
 def pair_lengths(rows: pl.DataFrame) -> pl.DataFrame:
-    """The pairs' response lengths in characters (pair_id, ``len_a``, ``len_b``, in their canonical
-    orientation: the first judgment's) from :data:`PRELIM_TABLE` rows: the ``lengths`` input of the
-    length-bias check.  A pair's first judgment never changes, so neither do its lengths: a child
+    """The pairs' response lengths in characters (pair_id, ``a_hash``, ``len_a``, ``len_b``, in their
+    canonical orientation: the first judgment's) from :data:`PRELIM_TABLE` rows: the ``lengths`` input
+    of the length-bias and dimension checks.  A pair's first judgment never changes, so neither do its lengths: a child
     keeps its parent's and measures its new pairs' only."""
-    return rows.select("pair_id", "len_a", "len_b")
+    return rows.select("pair_id", "a_hash", "len_a", "len_b")
 
 
 def parent_first_versions(parent: VersionHandle) -> pl.DataFrame | None:
@@ -460,4 +533,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "texts_source", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

@@ -131,3 +131,30 @@ def test_a_child_whose_batch_changes_the_excluded_reference_counts_those_pairs_a
     naive = length_bias.CHECK.sums.merge(parent, length_bias.count_sums(child.old, cfg, before),
                                          length_bias.count_sums(child.new, cfg, before))
     assert not naive.equals(whole)
+
+
+def test_lengths_given_as_state_in_either_orientation_equal_the_texts() -> None:
+    """A version keeps each pair's lengths (``state/preliminary``: its first judgment's, with that
+    judgment's ``a_hash``) so that a child need not read the history's texts.  Given in the other
+    orientation (as a frame of one dimension's verdicts may start a pair), or without the texts,
+    the check gives what it computes from the texts."""
+    import polars as pl
+
+    pt = make_planted(8)
+    j = pt.judgments()
+    pairs = aggregate(j).pairs
+    want = length_bias.run(j, ChecksConfig(), pairs=pairs)
+    first = j.filter(pl.col("pair_id").is_first_distinct())
+    as_is = first.select("pair_id", "a_hash", len_a=pl.col("response_a").str.len_chars().cast(pl.Int64),
+                         len_b=pl.col("response_b").str.len_chars().cast(pl.Int64))
+    flipped = first.select("pair_id", a_hash="b_hash", len_a=pl.col("response_b").str.len_chars().cast(pl.Int64),
+                           len_b=pl.col("response_a").str.len_chars().cast(pl.Int64))
+    narrow = j.drop("prompt", "prompt_text", "response_a", "response_b")
+    assert (as_is["len_a"] != as_is["len_b"]).sum() > 100
+    for lengths in (as_is, flipped):
+        got = length_bias.run(narrow, ChecksConfig(), pairs=pairs, lengths=lengths)
+        assert got.metrics == want.metrics and got.flags.equals(want.flags)
+        for name, table in want.tables.items():
+            assert got.tables[name].equals(table), name
+    with pytest.raises(ValueError, match="lengths lack 1 of the pairs"):
+        length_bias.run(narrow, ChecksConfig(), pairs=pairs, lengths=as_is.slice(1))

@@ -589,3 +589,32 @@ def test_two_concurrent_curates_write_one_version(tmp_path):
     assert st.list_ids() == [ids[0]] and [d.name for d in (store / "versions").iterdir()] == [ids[0]]
     assert not any((store / ".staging").iterdir())
     assert st.get(ids[0]).verify() == []
+
+
+def test_a_child_without_the_history_texts_writes_what_reading_them_writes(tmp_path, monkeypatch):
+    """The samples as a chain of four children (reviews, planted defects, per-dimension verdicts):
+    each child reads its parent's judgments without their texts (texts only for the pairs its
+    batch touches) and writes the same tables, checks and ledger as a child that reads every text."""
+    import pipeline.curate as cur
+
+    dims_batch = SAMPLES / "dimensions" / "batch-2026-11-23-dimensions.jsonl"
+    narrow, wide = tmp_path / "n", tmp_path / "w"
+    pa = pb = None
+    for step, batch in enumerate((B1, B2, B3, dims_batch)):
+        a = curate_cli(batch, "--store", narrow, *(("--parent", pa) if pa else ()))
+        with monkeypatch.context() as m:
+            m.setattr(cur.inc, "narrow_applies", lambda parent: False)
+            b = curate_cli(batch, "--store", wide, *(("--parent", pb) if pb else ()))
+        assert a == b
+        ha, hb = Store(narrow).get(a), Store(wide).get(b)
+        ma, mb = ha.manifest(), hb.manifest()
+        if step:
+            assert ma.lineage["union"]["texts"] == "touched pairs" and mb.lineage["union"]["texts"] == "all"
+        # review_state carries the version's creation time (routed_at): compared without it
+        assert {k: t.sha256 for k, t in ma.tables.items() if k != "review_state"} == \
+            {k: t.sha256 for k, t in mb.tables.items() if k != "review_state"}
+        assert ma.checks == mb.checks and ma.ledger == mb.ledger
+        times = pl.selectors.datetime()
+        assert ha.read("review_state").drop(times).equals(hb.read("review_state").drop(times))
+        pa, pb = a, b
+    assert ma.check("dimensions").metrics["per_dimension"]  # the last batch's verdicts were checked

@@ -100,8 +100,9 @@ def test_child_checks_equal_a_run_over_the_union(tmp_path_factory, seed, n_batch
     for _path, vid, parent in curate_chain(store, seed, n_batches):
         h = store.get(vid)
         if parent is not None:
-            # the child took the merged path ...
+            # the child took the merged path, and read texts only for its touched pairs ...
             assert all("incremental" in h.manifest().check(n).metrics for n in PAIR_SCOPED)
+            assert h.manifest().lineage["union"]["texts"] == "touched pairs"
             # ... and equals the checks run over its whole judgments table
             judgments = h.read("judgments")
             full = run_checks(judgments, Policy().checks, pairs=_pairs(judgments))
@@ -236,3 +237,36 @@ def test_reliability_parameters_are_refitted_once_the_judgments_outgrow_them(tmp
                 assert h.manifest().check("reliability").metrics == want.metrics
         parent = vid
     assert seen == {True, False}  # both paths were taken along the chain
+
+
+@random_chains(4)
+def test_a_child_that_reads_no_history_texts_writes_the_same_version(tmp_path_factory, monkeypatch, seed, n_batches):
+    """A child reads its parent's judgments without their texts and takes them only for the rows
+    of the pairs its batch touches (and, when asked, for other pairs by a filtered read): every
+    table it writes is the one a child that read every text writes (the same parts, the same bytes)."""
+    import pipeline.curate as cur
+
+    root = tmp_path_factory.mktemp("narrow")
+    narrow, wide = Store(root / "n"), Store(root / "w")
+    rng = random.Random(seed)
+    old: list[dict] = []
+    parents: dict[str, str | None] = {"n": None, "w": None}
+    for step in range(n_batches):
+        rows = _batch(rng, step, old)
+        old += rows
+        path = write_jsonl(root / f"b{step}.jsonl", rows)
+        a = curate([path], narrow, POLICY, parent=parents["n"]).version_id
+        with monkeypatch.context() as m:
+            m.setattr(cur.inc, "narrow_applies", lambda parent: False)
+            b = curate([path], wide, POLICY, parent=parents["w"]).version_id
+        assert a == b
+        ma, mb = narrow.get(a).manifest(), wide.get(b).manifest()
+        if step:
+            assert ma.lineage["union"]["texts"] == "touched pairs" and mb.lineage["union"]["texts"] == "all"
+        # review_state carries the version's creation time (routed_at): compared without it
+        assert {k: t.sha256 for k, t in ma.tables.items() if k != "review_state"} == \
+            {k: t.sha256 for k, t in mb.tables.items() if k != "review_state"}
+        times = pl.selectors.datetime()
+        assert narrow.get(a).read("review_state").drop(times).equals(wide.get(b).read("review_state").drop(times))
+        assert ma.checks == mb.checks and ma.ledger == mb.ledger
+        parents = {"n": a, "w": b}

@@ -308,6 +308,8 @@ def test_a_parent_without_a_preliminary_column_is_recomputed_once(tmp_path, monk
         v2 = curate([write_jsonl(tmp_path / "b.jsonl", _batch(rng, 1, []))], store, POLICY, parent=v1).version_id
     h2 = store.get(v2)
     assert h2.manifest().lineage["preliminary"]["mode"] == "recomputed" and h2.verify() == []
+    assert h2.manifest().lineage["union"]["texts"] == "all"  # read again with every text
     assert "first_version" in h2.read(PRELIM_TABLE).columns
     v3 = curate([write_jsonl(tmp_path / "c.jsonl", _batch(rng, 2, []))], store, POLICY, parent=v2).version_id
     assert store.get(v3).manifest().lineage["preliminary"]["mode"] == "incremental"
+    assert store.get(v3).manifest().lineage["union"]["texts"] == "touched pairs"

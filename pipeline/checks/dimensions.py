@@ -51,15 +51,16 @@ def _flagged(result: CheckResult) -> dict[str, list[str]]:
 
 
 def per_dimension(judgments: pl.DataFrame, cfg: ChecksConfig, long: pl.DataFrame, pairs: pl.DataFrame | None,
-                  name: str) -> dict[str, Any]:
-    """Consensus counts, agreement (alpha / kappa with CIs), position and length bias on one dimension."""
+                  name: str, lengths: pl.DataFrame | None = None) -> dict[str, Any]:
+    """Consensus counts, agreement (alpha / kappa with CIs), position and length bias on one dimension
+    (``lengths``: the pairs' response lengths, :func:`pipeline.checks.length_bias.pair_lengths`)."""
     fd = dims.dimension_frame(judgments, name)
     pd = dims.as_written(long.filter(pl.col("name") == name))
     if pairs is not None and {"locale", "tags"} <= set(pairs.columns):
         pd = pd.join(pairs.select("pair_id", "locale", "tags"), on="pair_id", how="left", maintain_order="left")
     ag = agreement.run(fd, cfg, pairs=pd)
     pb = position_bias.run(fd, cfg)
-    lb = length_bias.run(fd, cfg, pairs=pd)
+    lb = length_bias.run(fd, cfg, pairs=pd, lengths=lengths)
     labels = dict(long.filter(pl.col("name") == name).group_by("label").len().sort("label").iter_rows())
     return {
         "judgments": fd.height, "pairs": pd.height,
@@ -74,7 +75,8 @@ def per_dimension(judgments: pl.DataFrame, cfg: ChecksConfig, long: pl.DataFrame
     }
 
 
-def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.DataFrame | None = None) -> CheckResult:
+def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.DataFrame | None = None,
+        lengths: pl.DataFrame | None = None) -> CheckResult:
     cfg = cfg if isinstance(cfg, ChecksConfig) else ChecksConfig()
     long = dims.consensus(judgments, cfg.aggregation)
     if long is None:
@@ -93,7 +95,7 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.D
         "labels_derived": int(judgments["label_derived"].sum()) if "label_derived" in judgments.columns else 0,
         "conflict_pairs": per_pair.height,
         "conflict_matrix": dims.conflict_matrix(long),
-        "per_dimension": {n: per_dimension(judgments, cfg, long, pairs, n) for n in names},
+        "per_dimension": {n: per_dimension(judgments, cfg, long, pairs, n, lengths) for n in names},
     }
     alphas = ", ".join(f"{n} {_fmt(metrics['per_dimension'][n]['agreement']['all'].get('krippendorff_alpha'))}"
                        for n in names)
@@ -107,7 +109,7 @@ def _fmt(x: float | None) -> str:
 
 
 CHECK = CheckSpec(
-    name=NAME, run=run, config="aggregation", inputs=("pairs",),
+    name=NAME, run=run, config="aggregation", inputs=("pairs", "lengths"),
     doc="per-dimension consensus, agreement and bias; pairs whose dimensions name opposite sides",
     reasons=(
         Reason("dimension_conflict", "pair", "warn", "the pair's consensus verdicts on two dimensions name opposite "

@@ -63,8 +63,25 @@ SUMS_COLUMNS = ("n_human", "n_ai", "n_unknown", "n_decisive", "n_length", "n_lon
 SUMS_SCHEMA = {"annotator_id": pl.String, **{k: pl.Int64 for k in SUMS_COLUMNS}}
 
 
-def pair_lengths(judgments: pl.DataFrame, e: Encoded) -> tuple[np.ndarray, np.ndarray]:
-    """(P,) character lengths of the canonical response a and b (the pair's first judgment)."""
+def pair_lengths(judgments: pl.DataFrame, e: Encoded, lengths: pl.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(P,) character lengths of the canonical response a and b (the pair's first judgment), from
+    the judgments' texts or, given, from ``lengths`` (pair_id, a_hash, len_a, len_b: each pair's
+    lengths in the orientation of its ``a_hash``, kept as state by a version,
+    :func:`pipeline.incremental.pair_lengths`; then the judgments need no texts).  Given lengths
+    are turned to these judgments' orientation (swapped where their canonical ``b`` is the
+    state's ``a``: a frame of one dimension's verdicts may start a pair with another judgment);
+    a judgment whose responses are not its pair's (a given pair id with other texts, dropped by
+    ``pair_id_conflict``) takes its pair's lengths."""
+    if lengths is not None:
+        rows = pl.DataFrame({"pair_id": e.pair_ids, "_a": judgments["a_hash"].gather(e.pair_first),
+                             "_b": judgments["b_hash"].gather(e.pair_first)})
+        first = rows.join(lengths.select("pair_id", "a_hash", "len_a", "len_b"), on="pair_id", how="left",
+                          maintain_order="left")
+        if first["len_a"].null_count():
+            raise ValueError(f"length_bias: lengths lack {first['len_a'].null_count()} of the pairs")
+        swap = ((first["_a"] != first["a_hash"]) & (first["_b"] == first["a_hash"])).to_numpy()
+        la, lb = first["len_a"].to_numpy(), first["len_b"].to_numpy()
+        return np.where(swap, lb, la), np.where(swap, la, lb)
     first = judgments.select("response_a", "response_b").filter(e.first_mask())
     return (first["response_a"].str.len_chars().cast(pl.Int64).to_numpy(),
             first["response_b"].str.len_chars().cast(pl.Int64).to_numpy())
@@ -90,19 +107,21 @@ def excluded_ids(st: pl.DataFrame, cfg: AnnotatorTestConfig | ChecksConfig | Non
 
 
 def count_sums(judgments: pl.DataFrame, cfg: AnnotatorTestConfig | ChecksConfig | None = None,
-               excluded: pl.Series | None = None, *, encoded: Encoded | None = None) -> pl.DataFrame:
+               excluded: pl.Series | None = None, *, encoded: Encoded | None = None,
+               lengths: pl.DataFrame | None = None) -> pl.DataFrame:
     """The check's state: per annotator, its judgments per kind, its decisive ones, those on pairs
     whose lengths differ and how many chose the longer response, and both passes' sums (comparable
     judgments ``n``, W+ ``plus``, W- ``minus``, pass 2's sum of the others' rate; shares x ``FP``).
     Pass 2 leaves ``excluded`` out of the reference (None: pass 1 of these judgments decides).  A
     pair's contribution depends on its own judgments and the excluded set only, so with the set
-    fixed the state adds over disjoint sets of pairs.  Sorted by annotator."""
+    fixed the state adds over disjoint sets of pairs.  ``lengths``: see :func:`pair_lengths`.
+    Sorted by annotator."""
     cfg = _config(cfg)
     if judgments.height == 0:
         return pl.DataFrame(schema=SUMS_SCHEMA)
     e = encoded or encode(judgments)
     na = e.n_annotators
-    len_a, len_b = pair_lengths(judgments, e)
+    len_a, len_b = pair_lengths(judgments, e, lengths)
     ratio = np.maximum(len_a, len_b) / np.maximum(np.minimum(len_a, len_b), 1)
     longer = np.where(len_a > len_b, A, B)
     d = (e.label >= A) & (e.label <= B) & (ratio >= cfg.min_length_ratio)[e.pair]  # decisive, lengths differ
@@ -146,14 +165,16 @@ def _update(spec: Sums, child: Child) -> tuple[pl.DataFrame, None]:
     """A child's state: parent - old + new with the parent's excluded set; when the merged pass 1
     excludes other annotators, the pairs of those whose exclusion changed are counted again
     (their old rows with the parent's set, their rows now with the child's): exact."""
-    before = excluded_ids(child.state, child.cfg)
-    state = spec.merge(child.state, count_sums(child.old, child.cfg, before), count_sums(child.new, child.cfg, before))
+    before, lengths = excluded_ids(child.state, child.cfg), child.inputs.get("lengths")
+    state = spec.merge(child.state, count_sums(child.old, child.cfg, before, lengths=lengths),
+                       count_sums(child.new, child.cfg, before, lengths=lengths))
     after = excluded_ids(state, child.cfg)
     if not after.equals(before):
         both = pl.concat([before, after])
         flipped = both.filter(~both.is_duplicated())  # in one set only
         old, new = child.pairs_of(flipped)
-        state = spec.merge(child.state, count_sums(old, child.cfg, before), count_sums(new, child.cfg, after))
+        state = spec.merge(child.state, count_sums(old, child.cfg, before, lengths=lengths),
+                           count_sums(new, child.cfg, after, lengths=lengths))
     return state, None
 
 
@@ -177,7 +198,7 @@ def run(
         return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments",
                            tables={"sums": pl.DataFrame(schema=SUMS_SCHEMA)})
     c = pl.col
-    st = count_sums(judgments, cfg, encoded=encoded) if sums is None else sums
+    st = count_sums(judgments, cfg, encoded=encoded, lengths=lengths) if sums is None else sums
     na = st.height
 
     def col(name: str) -> np.ndarray:
@@ -225,9 +246,9 @@ def run(
     }
     tables = {"annotators": table.drop("_biased"), "sums": st}
     if pairs is not None and "label_consensus" in pairs.columns:
-        if lengths is None:
+        if lengths is None or sums is None:  # in these judgments' orientation (the pairs' consensus is in it)
             e = encoded or encode(judgments)
-            len_a, len_b = pair_lengths(judgments, e)
+            len_a, len_b = pair_lengths(judgments, e, lengths)
             lengths = pl.DataFrame({"pair_id": e.pair_ids, "len_a": len_a, "len_b": len_b})
         metrics.update(_ratio_metrics(pairs, lengths, cfg.min_length_ratio, tables))
     status = "warn" if biased.any() else "pass"
