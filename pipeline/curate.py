@@ -157,15 +157,18 @@ PRE_CHECK_DROPS = ("duplicate_comparison_id", "already_in_parent")
 
 
 def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None, *, narrow: bool = False
-                       ) -> tuple[pl.DataFrame, int, pl.DataFrame | None]:
+                       ) -> tuple[pl.DataFrame, int, pl.DataFrame | None, pl.DataFrame | None]:
     """Parent judgments first, then the new batch; judgments whose comparison_id is already
     known (a batch delivered twice) are not added again.  Returns (union, repeated count, the
-    batch's rows).  ``narrow``: the union without :data:`pipeline.incremental.WIDE_COLUMNS` (the
-    parent's texts are not decoded); the batch's rows keep them."""
+    batch's rows, the parent's rows near the batch).  ``narrow``: the union without
+    :data:`pipeline.incremental.NARROW_DROP` (the parent's texts are not decoded); the batch's rows
+    keep every column, and so do the parent's rows of the batch's pairs and prompts
+    (:func:`pipeline.incremental.read_parent_narrow`)."""
     if parent is None:
-        return new, 0, None
+        return new, 0, None, None
+    near = None
     if narrow:
-        old = inc.parent_judgments(parent, None, [c for c in new.columns if c not in inc.WIDE_COLUMNS])
+        old, near = inc.read_parent_narrow(parent, new.columns, new)
     else:
         old = inc.parent_judgments(parent, None, new.columns)
     # the parent's ids the batch repeats: a scan of its ids against the batch's (a join would hash every id)
@@ -175,7 +178,7 @@ def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None, *, narro
     # more and 30 % longer (measured at e407e33)
     fresh = new.join(known, on="comparison_id", how="anti", maintain_order="left")
     union = pl.concat([old, fresh.select(old.columns) if narrow else fresh], how="vertical_relaxed")
-    return union, new.height - fresh.height, fresh
+    return union, new.height - fresh.height, fresh, near
 
 
 def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> pl.DataFrame:
@@ -192,7 +195,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     same_policy = parent is not None and parent.manifest().policy_hash == policy.policy_hash()
     # a child under the rule reads its parent's judgments without their texts: only its touched pairs' have them
     narrow = parent is not None and not full and same_policy and not policy.dimensions.train_on and inc.narrow_applies(parent)
-    judgments, repeated, batch = _union_with_parent(ingest.take_judgments(), parent, narrow=narrow)
+    judgments, repeated, batch, near = _union_with_parent(ingest.take_judgments(), parent, narrow=narrow)
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
     # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
     judgments = rr.attach(judgments, from_row=n_parent_judgments)
@@ -232,12 +235,14 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         # --full: the parent's state is not used (everything recomputed from the union)
         intact = parent is not None and not full and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
         # the touched pairs' rows with their texts (the union has none when narrow)
-        hydrated = inc.hydrate(judgments, n_parent_judgments, parent, batch) if batch is not None and parent is not None \
-            else None
+        hydrated = inc.hydrate(judgments, n_parent_judgments, parent, batch, near) \
+            if batch is not None and near is not None and parent is not None else None
+        del near
         wide, n_wide_parent = (hydrated.rows, hydrated.n_parent_rows) if hydrated is not None else (judgments, n_parent_judgments)
         # what the child read of its parent's judgments: every column, or the texts of the touched pairs' rows only
         union_rule = {"texts": "touched pairs", "parent_rows_with_texts": n_wide_parent,
-                      "touched_pairs": hydrated.pairs.len()} if hydrated is not None else {"texts": "all"}
+                      "touched_pairs": hydrated.pairs.len(), "read_again": hydrated.read_again} \
+            if hydrated is not None else {"texts": "all"}
         t = timer.lap("union_inputs", t)
         # the rule (docs/incremental.md): the batch's pairs aggregated with the parent's parameters fixed
         ruled = inc.preliminary(wide, n_wide_parent, parent, policy.checks.aggregation, policy.dimensions,

@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from pipeline.checks import duplicates, language, pair_id_conflict
 from pipeline.checks import near_duplicates_state as nds
 from pipeline.aggregate import PAIR_TEXT_COLUMNS as _TEXT_COLUMNS
 from pipeline.aggregate import Aggregation
 from pipeline.checks.spec import Child, Sums
-from pipeline.store import VersionHandle
+from pipeline.store import DamagedVersion, VersionHandle
 from schemas.version import code_version
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import AggregationConfig, ChecksConfig, DimensionsConfig
@@ -106,6 +107,58 @@ def touched_pairs(judgments: pl.DataFrame, n_parent_rows: int) -> pl.Series:
 # the judgments' texts: ~75 % of their bytes.  A child reads its parent's judgments without them and
 # takes them only for the rows of the pairs its batch touches (docs/incremental.md, "Session 12")
 WIDE_COLUMNS = ("prompt", "prompt_text", "response_a", "response_b")
+# ... and what no stage of a child reads of the rows it does not hydrate (provenance: the
+# duplicate check's tie-breaks read it from the hydrated rows)
+NARROW_DROP = (*WIDE_COLUMNS, "batch_id", "source_file", "source_line", "model_version_a", "model_version_b", "extra")
+
+
+def read_parent_narrow(parent: VersionHandle, columns: list[str], batch: pl.DataFrame
+                       ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One read of the parent's judgments (each part hashed once) for a child: every row without
+    :data:`NARROW_DROP`, and every column of the rows that may belong to the pairs the batch
+    touches (those of its pairs or prompts: a superset of :func:`touched_pairs` but for given pair
+    ids whose texts conflict, which :func:`hydrate` reads again).  A column null in every row of
+    a part is made, not decoded (a null column costs no memory; a decoded one 16 bytes a row)."""
+    want = [c for c in columns if c not in NARROW_DROP]
+    near = pl.col("pair_id").is_in(batch["pair_id"].unique().implode()) \
+        | pl.col("prompt_hash").is_in(batch["prompt_hash"].unique().implode())
+    narrow, wide = [], []
+    for name, data in parent.read_parts("judgments"):
+        with parent.parsing(name):
+            schema = pl.read_parquet_schema(io.BytesIO(data))
+            null = _null_columns(pq.read_metadata(io.BytesIO(data)))
+            part = pl.read_parquet(io.BytesIO(data), columns=[c for c in want if c in schema and c not in null])
+            near_rows = pl.scan_parquet(io.BytesIO(data)).filter(near).collect()
+        del data
+        if any(c not in schema and c != "review_of" for c in columns):
+            raise DamagedVersion(f"{parent.path / name}: lacks a judgment column ({sorted(set(columns) - set(schema))})")
+        made = {c: pl.lit(None, schema.get(c, pl.String)) for c in want if c not in part.columns}  # review_of: an older parent
+        narrow.append(part.with_columns(**made).select(want))
+        wide.append(_with_columns(near_rows, columns))
+    return (narrow[0] if len(narrow) == 1 else pl.concat(narrow, how="vertical_relaxed"),
+            wide[0] if len(wide) == 1 else pl.concat(wide, how="vertical_relaxed"))
+
+
+def _null_columns(meta: pq.FileMetaData) -> set[str]:
+    """The top-level columns whose statistics say every row is null, in every row group."""
+    out: set[str] | None = None
+    for i in range(meta.num_row_groups):
+        rg = meta.row_group(i)
+        nulls = set()
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            st = col.statistics
+            if "." not in col.path_in_schema and st is not None and st.has_null_count and st.null_count == rg.num_rows:
+                nulls.add(col.path_in_schema)
+        out = nulls if out is None else out & nulls
+    return out or set()
+
+
+def _with_columns(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """``frame`` with ``columns`` (``review_of`` null when a parent written before reviews were a field lacks it)."""
+    if "review_of" in columns and "review_of" not in frame.columns:
+        frame = frame.with_columns(review_of=pl.lit(None, pl.String))
+    return frame.select(columns)
 
 
 def narrow_applies(parent: VersionHandle) -> bool:
@@ -126,24 +179,28 @@ class Hydrated:
     pairs: pl.Series
     rows: pl.DataFrame
     n_parent_rows: int
+    read_again: bool = False  # the parent's rows near the batch lacked some: they were read again
 
 
-def hydrate(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, batch: pl.DataFrame) -> Hydrated:
-    """``judgments``: the union without :data:`WIDE_COLUMNS`; ``batch``: its rows after the
-    parent's with them.  Reads the parent's judgments of the touched pairs (a filtered read: the
-    other rows' texts are not decoded)."""
+def hydrate(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, batch: pl.DataFrame,
+            near: pl.DataFrame) -> Hydrated:
+    """``judgments``: the union without :data:`NARROW_DROP`; ``batch``: its rows after the
+    parent's, with every column; ``near``: the parent's rows :func:`read_parent_narrow` read whole.
+    The parent's rows of the touched pairs are taken from ``near`` when it holds all of them (they
+    are counted in the union), else read again (a filtered read: the other rows' texts are not decoded)."""
     pairs = touched_pairs(judgments, n_parent_rows)
-    old = parent_judgments(parent, pl.col("pair_id").is_in(pairs.implode()), batch.columns).cast(batch.schema)  # type: ignore[arg-type]
-    return Hydrated(pairs, pl.concat([old, batch]), old.height)
+    mine = pl.col("pair_id").is_in(pairs.implode())
+    old = near.filter(mine)
+    again = old.height != judgments.slice(0, n_parent_rows).select(mine.sum()).item()
+    if again:
+        old = parent_judgments(parent, mine, batch.columns)
+    return Hydrated(pairs, pl.concat([old.cast(batch.schema), batch]), old.height, again)  # type: ignore[arg-type]
 
 
 def parent_judgments(parent: VersionHandle, where: pl.Expr | None, columns: list[str]) -> pl.DataFrame:
     """The parent's judgments (``where``: only the rows it selects) with ``columns`` (``review_of``
     null when a parent written before reviews were a field lacks it)."""
-    old = parent.read("judgments", where=where)
-    if "review_of" in columns and "review_of" not in old.columns:
-        old = old.with_columns(review_of=pl.lit(None, pl.String))
-    return old.select(columns)
+    return _with_columns(parent.read("judgments", where=where), columns)
 
 
 def texts_source(hydrated: Hydrated, parent: VersionHandle) -> Callable[[pl.Series | None], pl.DataFrame]:
@@ -533,4 +590,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "texts_source", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "texts_source", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

@@ -289,6 +289,21 @@ class VersionHandle:
             raise IntegrityError(f"{p}: sha256 differs from the manifest of {self.version_id} (file changed after the version was written)")
         return data
 
+    def read_parts(self, rel: str) -> Iterator[tuple[str, bytes]]:
+        """(path, verified bytes) of each part of a table (or of the file), in order: for a reader
+        that takes several frames from one read (:meth:`parsing` names a part that does not parse)."""
+        t = self.table(rel)
+        for name in [p.path for p in t.parts] if t is not None else [rel]:
+            yield name, self.read_bytes(name)
+
+    @contextlib.contextmanager
+    def parsing(self, name: str) -> Iterator[None]:
+        """A file that hashes right but does not parse is a damaged version."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001
+            raise DamagedVersion(f"{self.path / name}: not readable as Parquet ({err})") from err
+
     def verified_path(self, rel: str) -> Path:
         """The path of a manifest-listed file after checking its sha256 (for readers that need a path)."""
         self.read_bytes(rel)
@@ -312,14 +327,12 @@ class VersionHandle:
         frames = []
         for name in names:
             data = self.read_bytes(name)
-            try:
+            with self.parsing(name):
                 if where is None:
                     frames.append(pl.read_parquet(io.BytesIO(data), columns=columns))
                 else:
                     q = pl.scan_parquet(io.BytesIO(data)).filter(where)
                     frames.append((q.select(columns) if columns is not None else q).collect())
-            except Exception as err:  # noqa: BLE001 - a file that hashes right but does not parse is a damaged version
-                raise DamagedVersion(f"{self.path / name}: not readable as Parquet ({err})") from err
         return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
 
     def split_path(self, split: str) -> Path:

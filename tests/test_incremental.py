@@ -239,21 +239,16 @@ def test_reliability_parameters_are_refitted_once_the_judgments_outgrow_them(tmp
     assert seen == {True, False}  # both paths were taken along the chain
 
 
-@random_chains(4)
-def test_a_child_that_reads_no_history_texts_writes_the_same_version(tmp_path_factory, monkeypatch, seed, n_batches):
-    """A child reads its parent's judgments without their texts and takes them only for the rows
-    of the pairs its batch touches (and, when asked, for other pairs by a filtered read): every
-    table it writes is the one a child that read every text writes (the same parts, the same bytes)."""
+def _same_as_reading_every_text(root, batches: list[list[dict]], monkeypatch) -> list[dict]:  # noqa: ANN001
+    """Curate ``batches`` as a chain twice: a child reading its parent's judgments without their
+    texts, and one reading every text; asserts they write the same tables, checks and ledger.
+    Returns the narrow children's ``lineage.union``."""
     import pipeline.curate as cur
 
-    root = tmp_path_factory.mktemp("narrow")
     narrow, wide = Store(root / "n"), Store(root / "w")
-    rng = random.Random(seed)
-    old: list[dict] = []
     parents: dict[str, str | None] = {"n": None, "w": None}
-    for step in range(n_batches):
-        rows = _batch(rng, step, old)
-        old += rows
+    unions = []
+    for step, rows in enumerate(batches):
         path = write_jsonl(root / f"b{step}.jsonl", rows)
         a = curate([path], narrow, POLICY, parent=parents["n"]).version_id
         with monkeypatch.context() as m:
@@ -263,10 +258,40 @@ def test_a_child_that_reads_no_history_texts_writes_the_same_version(tmp_path_fa
         ma, mb = narrow.get(a).manifest(), wide.get(b).manifest()
         if step:
             assert ma.lineage["union"]["texts"] == "touched pairs" and mb.lineage["union"]["texts"] == "all"
+            unions.append(ma.lineage["union"])
         # review_state carries the version's creation time (routed_at): compared without it
         assert {k: t.sha256 for k, t in ma.tables.items() if k != "review_state"} == \
             {k: t.sha256 for k, t in mb.tables.items() if k != "review_state"}
+        assert ma.checks == mb.checks and ma.ledger == mb.ledger
         times = pl.selectors.datetime()
         assert narrow.get(a).read("review_state").drop(times).equals(wide.get(b).read("review_state").drop(times))
-        assert ma.checks == mb.checks and ma.ledger == mb.ledger
         parents = {"n": a, "w": b}
+    return unions
+
+
+@random_chains(4)
+def test_a_child_that_reads_no_history_texts_writes_the_same_version(tmp_path_factory, monkeypatch, seed, n_batches):
+    """A child reads its parent's judgments without their texts and takes them only for the rows
+    of the pairs its batch touches (and, when asked, for other pairs by a filtered read): every
+    table it writes is the one a child that read every text writes (the same parts, the same bytes)."""
+    rng = random.Random(seed)
+    old: list[dict] = []
+    batches = []
+    for step in range(n_batches):
+        batches.append(_batch(rng, step, old))
+        old += batches[-1]
+    _same_as_reading_every_text(tmp_path_factory.mktemp("narrow"), batches, monkeypatch)
+
+
+def test_a_touched_pair_reached_through_a_conflicting_given_id_is_read_again(tmp_path, monkeypatch):
+    """The child's batch judges given pair G again (prompt X). In the parent, G also names a
+    judgment of prompt Y, whose prompt and responses are those of another pair D: D is touched
+    too, but neither its id nor its prompt is in the batch, so the one read of the parent's
+    judgments did not keep its texts -- they are read again, and the child is still exact."""
+    base = dict(response_a="Answer one.", response_b="Answer two.", label="a", shown_first="a", locale="en", tags=None)
+    parent = [canonical(0, comparison_id="c1", pair_id="G", prompt="Prompt X?", annotator_id="ann-0", **base),
+              canonical(0, comparison_id="c2", pair_id="G", prompt="Prompt Y?", annotator_id="ann-1", **base),
+              canonical(0, comparison_id="c3", prompt="Prompt Y?", annotator_id="ann-2", **base)]
+    child = [canonical(0, comparison_id="c4", pair_id="G", prompt="Prompt X?", annotator_id="ann-3", **base)]
+    [union] = _same_as_reading_every_text(tmp_path, [parent, child], monkeypatch)
+    assert union["read_again"] and union["touched_pairs"] == 2
