@@ -328,7 +328,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # from here on only these columns are read (split leakage, report): release the wide frame
     judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
     all_pair_ids, n_pairs = pair_order, prelim.pairs.height  # first-seen order (prelim.pairs: any order)
-    kept_reviews = reviews.join(jsel.kept.select("comparison_id"), on="comparison_id", how="semi")
+    kept_reviews = reviews.filter(~pl.col("comparison_id").is_in(jsel.dropped_ids().implode()))
     clusters = results["near_duplicates"].tables.get("clusters")
 
     def planner(rows: pl.DataFrame, kept_pairs: pl.Series) -> delta.Plan:
@@ -337,9 +337,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     # select, split and write over the dirty pairs only when the parent keeps its pair tables as parts (pipeline/delta.py)
     final, decided, rule, params, parent_rows, plan = _final_aggregation(
-        jsel.kept, prelim, all_pair_ids, texts_of, kept_reviews, review_ctx, parent, recompute, policy, full=full,
+        jsel, prelim, all_pair_ids, texts_of, kept_reviews, review_ctx, parent, recompute, policy, full=full,
         planner=planner if delta.applies(parent) else None)
     del prelim, texts_of
+    used_ids = jsel.kept_rows(columns=["annotator_id"]).unique()  # the annotators with kept judgments
     prior = prior_assignments(parent)
     # the generation (version where it was first seen) of every pair of the union
     first = prelim_rows.select("pair_id", "first_version")
@@ -347,7 +348,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         assert parent_rows is not None
         rule.update(pairs_selected=plan.dirty.len(), pairs_removed=plan.removed.len())
         final_pairs = final.pairs.join(plan.dirty.to_frame("pair_id"), on="pair_id", how="semi")
-        mine = jsel.kept.filter(pl.col("pair_id").is_in(plan.dirty.implode()))  # per-pair figures of the dirty pairs
+        mine = jsel.kept_rows(pl.col("pair_id").is_in(plan.dirty.implode()))  # per-pair figures of the dirty pairs
         psel = sel.select_pairs(final_pairs, flags, policy.select, clusters=clusters, judgments=mine,
                                 downweight_share=sel.downweight_shares(mine, jsel.downweighted_annotators))
         del mine
@@ -372,9 +373,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters, base=base).sort("pair_id")
         now = pl.concat([x.select("pair_id", "near_dup_cluster", "split") for x in ([base] if base is not None else []) + [dpo]])
     else:
+        kept = jsel.kept
         psel = sel.select_pairs(final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
-                                downweight_share=sel.downweight_shares(jsel.kept, jsel.downweighted_annotators),
-                                judgments=jsel.kept)
+                                downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
+        del kept
         fate = psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster")
         routed_all = psel.routed.select("pair_id", "route")
         dropped_by_reason, routed_by_label = psel.dropped_by_reason, psel.routed_by_label
@@ -389,6 +391,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters).sort("pair_id")
         now = dpo.select("pair_id", "near_dup_cluster", "split")
     n_kept = now.height
+    judgments_dropped = jsel.dropped_by_reason
+    del jsel  # every judgment's row: no stage after select reads it
     assigned = assignments(now, prior, version_id)
     moves = split_moves(prior, now.select("pair_id", "split"))
     split_sizes = {s: now.filter(pl.col("split") == s).height for s in SPLITS}
@@ -471,7 +475,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
                                            quarantine.height - ingest.quarantine.height if parent else 0, version_id)
     # the parameters the consensus used, for the annotators with kept judgments (docs/incremental.md)
-    used = jsel.kept.select("annotator_id").unique().join(params, on="annotator_id", how="left")
+    used = used_ids.join(params, on="annotator_id", how="left")
     annotators = agg.annotator_table(results, used.select(
         "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
         order_engagement="oa_engaged"))
@@ -493,7 +497,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         quarantined=ingest.ledger.quarantined + (parent.manifest().ledger.quarantined if parent else 0),
         # every valid judgment that came in: used + dropped with a reason (pre-check drops included)
         judgments_valid=n_judgments + sum(pre_check.values()),
-        judgments_dropped={**jsel.dropped_by_reason, **pre_check, **no_verdict},
+        judgments_dropped={**judgments_dropped, **pre_check, **no_verdict},
         pairs=n_pairs,
         pairs_kept=n_kept,
         routed=routed_by_label,
@@ -539,7 +543,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     return manifest
 
 
-def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids: pl.Series,
+def _final_aggregation(jsel: sel.JudgmentSelection, prelim: agg.Aggregation, all_pair_ids: pl.Series,
                        texts_of: Callable[[pl.Series | None], pl.DataFrame],
                        kept_reviews: pl.DataFrame,
                        review_ctx: rr.ReviewContext, parent: VersionHandle | None, recompute: pl.Series | None,
@@ -570,20 +574,20 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids
         rule = {"mode": "recomputed", "why": "the parent keeps no annotator parameters"}
     if given is not None:
         assert parent is not None and recompute is not None
-        mine = kept.filter(pl.col("pair_id").is_in(recompute.implode()))
+        mine = jsel.kept_rows(pl.col("pair_id").is_in(recompute.implode()))
         final = agg.aggregate(mine, cfg, texts=texts_of(recompute), dimensions=policy.dimensions, params=given)
         assert final.params is not None and final.a_hash is not None
         fitted = final.params
         final = rr.resolve(final, kept_reviews, review_ctx)
         try:
             old = inc.parent_pair_rows(parent, [*final.pairs.columns, *delta.PLAN_COLUMNS])
-            kept_ids = kept["pair_id"].unique()
+            kept_ids = jsel.kept_rows(columns=["pair_id"])["pair_id"].unique()
             plan = planner(old, kept_ids) if planner is not None else None
             if plan is None:
-                pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, kept.select("pair_id", "a_hash"),
+                pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, jsel.kept_rows(columns=["pair_id", "a_hash"]),
                                                        all_pair_ids, texts_of(None))
             else:  # the rows of the dirty pairs only (pipeline/delta.py); the others stay their parent's, unread
-                pairs, figures = _dirty_rows(final.pairs, old, recompute, kept, kept_ids, all_pair_ids,
+                pairs, figures = _dirty_rows(final.pairs, old, recompute, jsel, kept_ids, all_pair_ids,
                                              texts_of(plan.dirty), plan)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
             rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
@@ -607,14 +611,14 @@ def _final_aggregation(kept: pl.DataFrame, prelim: agg.Aggregation, all_pair_ids
             final = agg.Aggregation(pairs, final.annotators, canon_a(pairs.select("pair_id")))
             return (final, rr.votes(kept_reviews, voted, canon_a(voted)), rule, inc.merge_params(given, fitted), old,
                     plan)
-    final = agg.aggregate(kept, cfg, texts=texts_of(None), dimensions=policy.dimensions)
+    final = agg.aggregate(jsel.kept, cfg, texts=texts_of(None), dimensions=policy.dimensions)
     assert final.params is not None
     params = final.params.sort("annotator_id")
     final = rr.resolve(final, kept_reviews, review_ctx)
     return final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, params, None, None
 
 
-def _dirty_rows(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, kept: pl.DataFrame, kept_ids: pl.Series,
+def _dirty_rows(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, jsel: sel.JudgmentSelection, kept_ids: pl.Series,
                 order: pl.Series, texts: pl.DataFrame, plan: delta.Plan) -> tuple[pl.DataFrame, dict[str, int]]:
     """:func:`pipeline.incremental.with_parent_pairs` for the dirty pairs of ``plan`` only: their
     rows (the recomputed ones' fresh, the others' their parent's with texts) in first-seen order,
@@ -624,7 +628,7 @@ def _dirty_rows(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, ke
         .join(kept_ids.to_frame("pair_id"), on="pair_id", how="semi")["pair_id"]
     plan.order = order.filter(order.is_in(pl.concat([from_parent, fresh["pair_id"]]).implode()))
     dirty = plan.dirty.implode()
-    mine = kept.select("pair_id", "a_hash").filter(pl.col("pair_id").is_in(dirty))
+    mine = jsel.kept_rows(pl.col("pair_id").is_in(dirty), ["pair_id", "a_hash"])
     pairs, _ = inc.with_parent_pairs(fresh, old.filter(pl.col("pair_id").is_in(dirty)), recompute, mine,
                                      plan.order.filter(plan.order.is_in(dirty)), texts, texts_for=plan.dirty)
     return pairs, {"pairs_recomputed": fresh.height, "pairs_from_parent": from_parent.len()}

@@ -64,9 +64,31 @@ PROVENANCE_COLUMNS = ("batch_id", "source_file", "source_line", "extra", "rubric
 
 @dataclass
 class JudgmentSelection:
-    kept: pl.DataFrame  # kept judgments, without PAIR_TEXT_COLUMNS and PROVENANCE_COLUMNS
+    """The judgments select keeps: ``rows`` (without PAIR_TEXT_COLUMNS and PROVENANCE_COLUMNS) but
+    those ``dropped`` marks (None: none).  A filter of every row copies each column, so the kept
+    frame is made only when asked for (:attr:`kept`); :meth:`kept_rows` copies only the rows and
+    columns a stage reads."""
+
+    rows: pl.DataFrame
+    dropped: pl.Series | None
     dropped_by_reason: dict[str, int]
     downweighted_annotators: list[str] = field(default_factory=list)
+
+    @property
+    def kept(self) -> pl.DataFrame:
+        return self.kept_rows()
+
+    def kept_rows(self, where: pl.Expr | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+        """The kept judgments ``where`` selects, with ``columns`` (None: all of them)."""
+        frame = self.rows if columns is None else self.rows.select(columns)
+        if self.dropped is not None:
+            return frame.filter(~self.dropped if where is None else ~self.dropped & where)
+        return frame if where is None else frame.filter(where)
+
+    def dropped_ids(self) -> pl.Series:
+        """The comparison ids of the dropped judgments."""
+        ids = self.rows["comparison_id"]
+        return ids.clear() if self.dropped is None else ids.filter(self.dropped)
 
 
 def _reasons_with(cfg: SelectConfig, action: str) -> set[str]:
@@ -98,8 +120,7 @@ def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectCo
     # the columns later stages need, without the pair texts (take those from the pairs) and
     # per-judgment provenance: a filter copies 16 bytes per row of every string column
     narrow = judgments.drop([c for c in (*PAIR_TEXT_COLUMNS, *PROVENANCE_COLUMNS) if c in judgments.columns])
-    kept = narrow.filter(~mask) if j.height else narrow
-    return JudgmentSelection(kept, counts, sorted(set(down_ann["subject_id"].to_list())))
+    return JudgmentSelection(narrow, mask if j.height else None, counts, sorted(set(down_ann["subject_id"].to_list())))
 
 
 def with_unknown_kinds(pairs: pl.DataFrame, judgments: pl.DataFrame | None) -> pl.DataFrame:
