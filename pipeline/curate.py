@@ -198,7 +198,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     judgments, repeated, batch, near = _union_with_parent(ingest.take_judgments(), parent, narrow=narrow)
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
     # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
-    judgments = rr.attach(judgments, from_row=n_parent_judgments)
+    judgments = inc.aligned(rr.attach(judgments, from_row=n_parent_judgments))
     if narrow:
         assert batch is not None
         batch = batch.with_columns(pair_id=judgments.slice(n_parent_judgments)["pair_id"])

@@ -132,11 +132,42 @@ def read_parent_narrow(parent: VersionHandle, columns: list[str], batch: pl.Data
         del data
         if any(c not in schema and c != "review_of" for c in columns):
             raise DamagedVersion(f"{parent.path / name}: lacks a judgment column ({sorted(set(columns) - set(schema))})")
-        made = {c: pl.lit(None, schema.get(c, pl.String)) for c in want if c not in part.columns}  # review_of: an older parent
-        narrow.append(part.with_columns(**made).select(want))
+        # review_of: an older parent
+        made = [_nulls(c, schema.get(c, pl.String), part) for c in want if c not in part.columns]
+        narrow.append(part.with_columns(made).select(want))
         wide.append(_with_columns(near_rows, columns))
     return (narrow[0] if len(narrow) == 1 else pl.concat(narrow, how="vertical_relaxed"),
             wide[0] if len(wide) == 1 else pl.concat(wide, how="vertical_relaxed"))
+
+
+def _nulls(name: str, dtype: pl.DataType, like: pl.DataFrame) -> pl.Series:
+    """A null column for ``like``, chunked as its columns are (:func:`aligned`)."""
+    empty = pl.repeat(None, like.height, dtype=dtype, eager=True).alias(name)
+    return _chunked(empty, like.to_series(0).chunk_lengths()) if like.width else empty
+
+
+def _chunked(series: pl.Series, lengths: list[int]) -> pl.Series:
+    """``series`` in chunks of ``lengths`` (slices: no copy when it is one chunk)."""
+    if series.chunk_lengths() == lengths:
+        return series
+    series = series.rechunk() if series.n_chunks() > 1 else series
+    start, chunks = 0, []
+    for n in lengths:
+        chunks.append(series.slice(start, n))
+        start += n
+    return pl.concat(chunks, rechunk=False) if len(chunks) > 1 else series
+
+
+def aligned(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with every column in the chunks of its first one.  Polars evaluates an expression
+    on a frame whose columns are chunked differently by first copying the whole frame into one
+    chunk (the 3M union: ~0.9 GB, again at each such expression); a column replaced after the
+    union was read (a review's pair id) is chunked as the others instead (a copy of that column)."""
+    if not frame.width:
+        return frame
+    lengths = frame.to_series(0).chunk_lengths()
+    odd = [c for c in frame.columns[1:] if frame[c].chunk_lengths() != lengths]
+    return frame.with_columns(_chunked(frame[c], lengths) for c in odd) if odd else frame
 
 
 def _null_columns(meta: pq.FileMetaData) -> set[str]:
@@ -590,4 +621,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "texts_source", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["aligned", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "texts_source", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]

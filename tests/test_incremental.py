@@ -295,3 +295,17 @@ def test_a_touched_pair_reached_through_a_conflicting_given_id_is_read_again(tmp
     child = [canonical(0, comparison_id="c4", pair_id="G", prompt="Prompt X?", annotator_id="ann-3", **base)]
     [union] = _same_as_reading_every_text(tmp_path, [parent, child], monkeypatch)
     assert union["read_again"] and union["touched_pairs"] == 2
+
+
+def test_aligned_chunks_every_column_as_the_first_and_keeps_the_values():
+    """A frame whose columns are chunked differently is copied whole by the next expression
+    evaluated on it (measured: +0.9 GB on the 3M union): ``aligned`` re-chunks the odd columns."""
+    from pipeline.incremental import aligned
+
+    a = pl.concat([pl.DataFrame({"x": [1, 2], "y": ["a", "b"], "z": [None, None]}),
+                   pl.DataFrame({"x": [3], "y": ["c"], "z": [None]})], rechunk=False)
+    odd = a.with_columns(y=pl.Series(["p", "q", "r"]))
+    assert odd["y"].chunk_lengths() == [3]
+    fixed = aligned(odd)
+    assert [fixed[c].chunk_lengths() for c in fixed.columns] == [[2, 1]] * 3 and fixed.equals(odd)
+    assert aligned(a) is a
