@@ -354,6 +354,10 @@ def argilla_round(built, tmp_path, fake_argilla, monkeypatch):
     assert [q.name for q in settings.questions] == ["overall", "dim_harmlessness", "critique"]
     assert {m.name for m in settings.metadata} >= {"pair_id", "version_id", "shown_first"}
     records = json.loads((out / "records.json").read_text())
+    # shown a first, b first, a first, ...: the answered records show both orders whatever the
+    # version id draws (it changes with the code version)
+    rank = {id(r): i for side in "ab" for i, r in enumerate(x for x in records if x["metadata"]["shown_first"] == side)}
+    records.sort(key=lambda r: (rank[id(r)], r["metadata"]["shown_first"]))
     u1, u2, u3 = (str(uuid.UUID(int=k)) for k in (1, 2, 3))
     answers = {i: [(u1, {"overall": "response_1" if i % 2 else "response_2", "dim_harmlessness": "response_2",
                          "critique": f"why {i}"}, "submitted")] for i in range(6)}
