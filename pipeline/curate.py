@@ -244,6 +244,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                       "touched_pairs": hydrated.pairs.len(), "read_again": hydrated.read_again} \
             if hydrated is not None else {"texts": "all"}
         t = timer.lap("union_inputs", t)
+        texts_source: inc.TextsSource | None = None
         # the rule (docs/incremental.md): the batch's pairs aggregated with the parent's parameters fixed
         ruled = inc.preliminary(wide, n_wide_parent, parent, policy.checks.aggregation, policy.dimensions,
                                 version_id) if intact and same_policy and parent is not None and inc.has_preliminary(parent) \
@@ -257,7 +258,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             prelim, prelim_rows, pair_order, prelim_touched, prelim_rule = ruled
             prelim_rule = {"mode": "incremental", **prelim_rule}
             if hydrated is not None:  # the touched pairs' texts; any other pair's read from the parent when asked for
-                texts_of = inc.texts_source(hydrated, parent)
+                texts_of = texts_source = inc.TextsSource(hydrated, parent)
             else:
                 # every pair's texts, copied now: holding the wide union until the final aggregation instead, to
                 # take the texts of the pairs it needs only, raised the 3M child's peak by 1 GB (measured)
@@ -339,6 +340,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     final, decided, rule, params, parent_rows, plan = _final_aggregation(
         jsel, prelim, all_pair_ids, texts_of, kept_reviews, review_ctx, parent, recompute, policy, full=full,
         planner=planner if delta.applies(parent) else None)
+    if texts_source is not None:  # the texts a child read for pairs its batch does not touch
+        union_rule.update(texts_read=texts_source.reads, pairs_texts_read=texts_source.pairs_read)
     del prelim, texts_of
     used_ids = jsel.kept_rows(columns=["annotator_id"]).unique()  # the annotators with kept judgments
     prior = prior_assignments(parent)

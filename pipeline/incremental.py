@@ -234,26 +234,34 @@ def parent_judgments(parent: VersionHandle, where: pl.Expr | None, columns: list
     return _with_columns(parent.read("judgments", where=where), columns)
 
 
-def texts_source(hydrated: Hydrated, parent: VersionHandle) -> Callable[[pl.Series | None], pl.DataFrame]:
+class TextsSource:
     """pair ids -> their :func:`first_texts` as the union would give them, for a child that did not
-    read the history's texts: the touched pairs' from ``hydrated``, any other pair's (all its
-    judgments are the parent's) from a filtered read of the parent's judgments.  None: every pair
-    (not what a child under the rule asks for: it reads every text)."""
-    mine = first_texts(hydrated.rows)
-    cols = ["pair_id", *_TEXT_COLUMNS, "a_hash"]
+    read the history's texts: the touched pairs' from the hydrated rows, any other pair's (all its
+    judgments are the parent's) from a filtered read of the parent's judgments, kept for the next
+    call (``reads``, ``pairs_read`` count them).  None: every pair (not what a child under the rule
+    asks for: it reads every text)."""
 
-    def texts_of(pairs: pl.Series | None) -> pl.DataFrame:
+    COLUMNS = ("pair_id", *_TEXT_COLUMNS, "a_hash")
+
+    def __init__(self, hydrated: Hydrated, parent: VersionHandle) -> None:
+        self.known, self.parent, self.reads, self.pairs_read = first_texts(hydrated.rows), parent, 0, 0
+
+    def _read(self, where: pl.Expr) -> pl.DataFrame:
+        got = first_texts(parent_judgments(self.parent, where, list(self.COLUMNS)))
+        self.reads, self.pairs_read = self.reads + 1, self.pairs_read + got.height
+        self.known = pl.concat([self.known, got])
+        return got
+
+    def __call__(self, pairs: pl.Series | None) -> pl.DataFrame:
         if pairs is None:
-            rest = parent_judgments(parent, ~pl.col("pair_id").is_in(mine["pair_id"].implode()), cols)
-            return pl.concat([mine, first_texts(rest)])
+            self._read(~pl.col("pair_id").is_in(self.known["pair_id"].implode()))
+            return self.known
         ids = pairs.implode()
-        have = mine.filter(pl.col("pair_id").is_in(ids))
+        have = self.known.filter(pl.col("pair_id").is_in(ids))
         if have.height == pairs.n_unique():
             return have
-        want = pl.col("pair_id").is_in(ids) & ~pl.col("pair_id").is_in(have["pair_id"].implode())
-        return pl.concat([have, first_texts(parent_judgments(parent, want, cols))])
-
-    return texts_of
+        got = self._read(pl.col("pair_id").is_in(ids) & ~pl.col("pair_id").is_in(have["pair_id"].implode()))
+        return pl.concat([have, got])
 
 
 def has_state(parent: VersionHandle | None) -> bool:
@@ -621,4 +629,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["aligned", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "texts_source", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["aligned", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "TextsSource", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
