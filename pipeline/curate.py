@@ -583,14 +583,17 @@ def _final_aggregation(jsel: sel.JudgmentSelection, prelim: agg.Aggregation, all
         fitted = final.params
         final = rr.resolve(final, kept_reviews, review_ctx)
         try:
-            old = inc.parent_pair_rows(parent, [*final.pairs.columns, *delta.PLAN_COLUMNS])
+            columns = [*final.pairs.columns, *delta.PLAN_COLUMNS]
+            # with a planner every pair's row in the plan's columns, the dirty pairs' in all of them
+            old = inc.parent_pair_rows(parent, list(delta.PLAN_COLUMNS) if planner is not None else columns)
             kept_ids = jsel.kept_rows(columns=["pair_id"])["pair_id"].unique()
             plan = planner(old, kept_ids) if planner is not None else None
             if plan is None:
                 pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, jsel.kept_rows(columns=["pair_id", "a_hash"]),
                                                        all_pair_ids, texts_of(None))
             else:  # the rows of the dirty pairs only (pipeline/delta.py); the others stay their parent's, unread
-                pairs, figures = _dirty_rows(final.pairs, old, recompute, jsel, kept_ids, all_pair_ids,
+                dirty_old = inc.parent_pair_rows(parent, columns, where=pl.col("pair_id").is_in(plan.dirty.implode()))
+                pairs, figures = _dirty_rows(final.pairs, old, dirty_old, recompute, jsel, kept_ids, all_pair_ids,
                                              texts_of(plan.dirty), plan)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
             rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
@@ -621,9 +624,11 @@ def _final_aggregation(jsel: sel.JudgmentSelection, prelim: agg.Aggregation, all
     return final, rr.votes(kept_reviews, final.pairs, final.a_hash), rule, params, None, None
 
 
-def _dirty_rows(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, jsel: sel.JudgmentSelection, kept_ids: pl.Series,
+def _dirty_rows(fresh: pl.DataFrame, old: pl.DataFrame, dirty_old: pl.DataFrame, recompute: pl.Series,
+                jsel: sel.JudgmentSelection, kept_ids: pl.Series,
                 order: pl.Series, texts: pl.DataFrame, plan: delta.Plan) -> tuple[pl.DataFrame, dict[str, int]]:
-    """:func:`pipeline.incremental.with_parent_pairs` for the dirty pairs of ``plan`` only: their
+    """:func:`pipeline.incremental.with_parent_pairs` for the dirty pairs of ``plan`` only (``old``:
+    every parent row in the plan's columns, ``dirty_old``: the dirty pairs' in all of them): their
     rows (the recomputed ones' fresh, the others' their parent's with texts) in first-seen order,
     and the rule's figures; ``plan.order`` is set to the first-seen order of every pair with a row
     (what the merge of all pairs would have had)."""
@@ -632,7 +637,7 @@ def _dirty_rows(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, js
     plan.order = order.filter(order.is_in(pl.concat([from_parent, fresh["pair_id"]]).implode()))
     dirty = plan.dirty.implode()
     mine = jsel.kept_rows(pl.col("pair_id").is_in(dirty), ["pair_id", "a_hash"])
-    pairs, _ = inc.with_parent_pairs(fresh, old.filter(pl.col("pair_id").is_in(dirty)), recompute, mine,
+    pairs, _ = inc.with_parent_pairs(fresh, dirty_old, recompute, mine,
                                      plan.order.filter(plan.order.is_in(dirty)), texts, texts_for=plan.dirty)
     return pairs, {"pairs_recomputed": fresh.height, "pairs_from_parent": from_parent.len()}
 
