@@ -32,7 +32,7 @@ from schemas.records import ROUTED_LABELS
 from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import (FINGERPRINTS, GROUPS, PartReuse, TableWriter, bucket_counts, generation_groups,
-                            grouped_generations, parent_parts, part_keys, parts_to_merge)
+                            grouped_generations, parent_keys, parent_parts, part_keys, parts_to_merge)
 from pipeline.store import Store, VersionHandle, file_info
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
@@ -592,9 +592,12 @@ def _final_aggregation(jsel: sel.JudgmentSelection, prelim: agg.Aggregation, all
                 pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, jsel.kept_rows(columns=["pair_id", "a_hash"]),
                                                        all_pair_ids, texts_of(None))
             else:  # the rows of the dirty pairs only (pipeline/delta.py); the others stay their parent's, unread
-                dirty_old = inc.parent_pair_rows(parent, columns, where=pl.col("pair_id").is_in(plan.dirty.implode()))
+                # read from the parts that hold them (a pair's part in the parent's pair tables is known)
+                dirty = pl.col("pair_id").is_in(plan.dirty.implode())
+                keys = parent_keys(parent, old.filter(dirty).select("pair_id", "first_version"))
+                dirty_old = inc.parent_pair_rows(parent, columns, where=dirty, keys=keys["_part"].unique().to_list())
                 pairs, figures = _dirty_rows(final.pairs, old, dirty_old, recompute, jsel, kept_ids, all_pair_ids,
-                                             texts_of(plan.dirty), plan)
+                                             _parent_row_texts(parent, dirty_old, recompute, jsel, keys, texts_of), plan)
         except pl.exceptions.ColumnNotFoundError as err:  # a parent written before a consensus column existed
             rule = {"mode": "recomputed", "why": f"the parent's pairs lack a column: {err}"}
         else:
@@ -640,6 +643,25 @@ def _dirty_rows(fresh: pl.DataFrame, old: pl.DataFrame, dirty_old: pl.DataFrame,
     pairs, _ = inc.with_parent_pairs(fresh, dirty_old, recompute, mine,
                                      plan.order.filter(plan.order.is_in(dirty)), texts, texts_for=plan.dirty)
     return pairs, {"pairs_recomputed": fresh.height, "pairs_from_parent": from_parent.len()}
+
+
+def _parent_row_texts(parent: VersionHandle, rows: pl.DataFrame, recompute: pl.Series, jsel: sel.JudgmentSelection,
+                      keys: pl.DataFrame, texts_of: Callable[[pl.Series | None], pl.DataFrame]) -> pl.DataFrame:
+    """The texts (:meth:`~pipeline.aggregate.Aggregation.texts`) of the parent's ``rows`` that keep
+    their parent's row (not in ``recompute``), from the parent's pairs table: such a pair's
+    judgments, their flags and its annotators' status are unchanged, so its first judgment and its
+    first kept judgment are its parent's, and the parent's row has the texts in the orientation a
+    merge gives them (``a_hash``: the first kept judgment's).  Only the parts that hold them are
+    read (``keys``); a pair the table lacks is read by ``texts_of``."""
+    from pipeline.aggregate import PAIR_TEXT_COLUMNS
+
+    need = rows.select("pair_id").join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
+    canon = jsel.kept_rows(pl.col("pair_id").is_in(need["pair_id"].implode()), ["pair_id", "a_hash"]) \
+        .unique("pair_id", keep="first", maintain_order=True)
+    got = parent.read("pairs", columns=["pair_id", *PAIR_TEXT_COLUMNS], where=pl.col("pair_id").is_in(canon["pair_id"].implode()),
+                      keys=keys.join(canon, on="pair_id", how="semi")["_part"].unique().to_list()).join(canon, on="pair_id")
+    missing = canon.join(got, on="pair_id", how="anti")["pair_id"]
+    return pl.concat([got, texts_of(missing).select(got.columns)], how="diagonal_relaxed") if missing.len() else got
 
 
 def _review_context(store: Store, parent: VersionHandle | None, policy: Policy) -> rr.ReviewContext:

@@ -472,17 +472,19 @@ def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
                          "annotators_from_parent": given.height, "annotators_fitted": n_new}
 
 
-def parent_pair_rows(parent: VersionHandle, columns: list[str], where: pl.Expr | None = None) -> pl.DataFrame:
+def parent_pair_rows(parent: VersionHandle, columns: list[str], where: pl.Expr | None = None,
+                     keys: Collection[str] | None = None) -> pl.DataFrame:
     """The parent's pairs without their texts (``columns`` other than the texts, and
     ``first_version``; ``where``: only the rows it selects), every part verified (hashed whole)
     by the read -- from :data:`pipeline.delta.PAIR_ROWS` (the pairs table without texts, ~10 % of
-    its bytes), or the pairs table of a parent written before it."""
+    its bytes), or the pairs table of a parent written before it.  ``keys``: only the parts with
+    these keys (:func:`pipeline.parts.parent_keys` of the rows ``where`` selects)."""
     from pipeline.aggregate import PAIR_TEXT_COLUMNS
     from pipeline.delta import PAIR_ROWS
 
     name = PAIR_ROWS if parent.table(PAIR_ROWS) is not None else "pairs"
     return parent.read(name, columns=[c for c in dict.fromkeys((*columns, "first_version")) if c not in PAIR_TEXT_COLUMNS],
-                       where=where)
+                       where=where, keys=keys)
 
 
 def with_parent_pairs(fresh: pl.DataFrame, old: pl.DataFrame, recompute: pl.Series, kept: pl.DataFrame,

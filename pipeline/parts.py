@@ -242,6 +242,19 @@ def part_keys(pair_gen: pl.DataFrame, buckets: dict[str, int]) -> pl.DataFrame:
     return pair_gen.select("pair_id", _part=key)
 
 
+def parent_keys(parent: VersionHandle, pair_gen: pl.DataFrame) -> pl.DataFrame:
+    """pair_id -> ``_part`` in the parent's pair tables (pairs, state, splits: all keyed alike) of
+    pairs the parent has (``pair_gen``: pair_id, ``first_version``): what the parent's build
+    computed, since a pair's generation, its generation's group and the group's bucket count never
+    change -- a read of a few pairs opens the parts that hold them, not every part."""
+    if pair_gen.height == 0:
+        return pl.DataFrame(schema={"pair_id": pl.String, "_part": pl.String})
+    rows = parent.read(GROUPS).cast(GROUP_SCHEMA) if parent.table(GROUPS) is not None \
+        else pl.DataFrame(schema=GROUP_SCHEMA)  # type: ignore[arg-type]
+    gens = grouped_generations(pair_gen.select("pair_id", _gen="first_version"), rows)
+    return part_keys(gens, bucket_counts(parent, "pairs", dict.fromkeys(gens["_gen"].unique().to_list(), 0)))
+
+
 # ---------------------------------------------------------------- reusing a parent's unchanged parts
 FINGERPRINTS = "state/part_fingerprints"
 _FP_SEED = 0x5EED
@@ -370,6 +383,6 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
     return plan
 
 
-__all__ = ["FINGERPRINTS", "PART_PAIRS", "GcPlan", "PartReuse", "TableWriter", "bucket_counts", "collect_garbage",
+__all__ = ["FINGERPRINTS", "PART_PAIRS", "GcPlan", "PartReuse", "TableWriter", "bucket_counts", "collect_garbage", "parent_keys",
            "fingerprint", "link_part", "object_path", "parent_parts", "part_keys", "parts_to_merge", "plan_gc", "share", "GROUPS",
            "generation_groups", "grouped_generations"]

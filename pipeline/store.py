@@ -40,7 +40,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -318,12 +318,20 @@ class VersionHandle:
         """The version has this table or file."""
         return self.table(rel) is not None or rel in self._entries
 
-    def read(self, rel: str, columns: list[str] | None = None, where: pl.Expr | None = None) -> pl.DataFrame:
+    def read(self, rel: str, columns: list[str] | None = None, where: pl.Expr | None = None,
+             keys: Collection[str] | None = None) -> pl.DataFrame:
         """A table or Parquet file of the version, every part verified against the manifest and
         parsed from the verified bytes; a table's parts are concatenated in order.  ``where``:
-        only the rows it selects (the other columns are decoded for those rows only)."""
+        only the rows it selects (the other columns are decoded for those rows only).  ``keys``:
+        only a table's parts with these keys (``part-<key>.parquet``; the rows wanted are known to
+        be in them) -- none of them: the table's schema, no rows."""
         t = self.table(rel)
         names = [p.path for p in t.parts] if t is not None else [rel]
+        if keys is not None and t is not None:
+            wanted = {f"part-{k}.parquet" for k in keys}
+            names = [n for n in names if n.rsplit("/", 1)[-1] in wanted] or names[:1]
+            if not any(n.rsplit("/", 1)[-1] in wanted for n in names):
+                where = pl.lit(False)
         frames = []
         for name in names:
             data = self.read_bytes(name)
