@@ -29,7 +29,8 @@ from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, resolve_policy, run_checks
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from schemas.records import ROUTED_LABELS
-from pipeline.split import SPLITS, assign_splits, assignments, leakage, prior_assignments, split_moves
+from pipeline.split import (SPLITS, assign_splits, assignment_changes, assignments, leakage, prior_assignments,
+                            split_moves)
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import (FINGERPRINTS, GROUPS, PartReuse, TableWriter, bucket_counts, generation_groups,
                             grouped_generations, parent_keys, parent_parts, part_keys, parts_to_merge)
@@ -396,8 +397,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     n_kept = now.height
     judgments_dropped = jsel.dropped_by_reason
     del jsel  # every judgment's row: no stage after select reads it
-    assigned = assignments(now, prior, version_id)
-    moves = split_moves(prior, now.select("pair_id", "split"))
+    # a child that selected its dirty pairs only: the others keep their split, their rows are the parent's
+    assigned = assignments(now, prior, version_id) if plan is None else assignment_changes(dpo, prior, version_id)
+    moves = split_moves(prior, (now if plan is None else dpo).select("pair_id", "split"))
     split_sizes = {s: now.filter(pl.col("split") == s).height for s in SPLITS}
     leaks = leakage({s: now.filter(pl.col("split") == s) for s in SPLITS}, judgments.select("pair_id", "prompt_hash"))
     del now
@@ -455,7 +457,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         tables[delta.PAIR_ROWS] = _grouped_table(reuse, store, stage, delta.PAIR_ROWS, keyed(pair_rows_out))
         tables["routed"] = _grouped_table(reuse, store, stage, "routed", keyed(routed_out))
     splits = {s: SplitInfo(path=t.path, rows=t.rows, sha256=t.sha256) for s in SPLITS for t in [tables[f"data/{s}"]]}
-    tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned))
+    tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned)) if plan is None \
+        else delta.write_table(reuse, store, stage, "split_assignments", keyed(assigned), keyed(assigned.select("pair_id")))
     # the state tables: a child under the rule rewrites only the parts of the pairs whose rows changed
     # (every pair keeps its part: its generation is the version where it was first seen)
     state = {**state_frames(results), inc.PRELIM_TABLE: prelim_rows}

@@ -137,17 +137,22 @@ def assignments(dpo: pl.DataFrame, prior: pl.DataFrame | None, version_id: str) 
     """The assignment table a version stores (``split_assignments.parquet``): every pair ever
     assigned in its lineage (the ancestors' rows, updated where a pair moved towards test) plus
     this version's new ones, sorted by pair_id.  Children read it as their ``prior``."""
+    changed = assignment_changes(dpo, prior, version_id)
+    if prior is not None and prior.height:
+        changed = pl.concat([prior.select(list(ASSIGNMENT_SCHEMA)).cast(ASSIGNMENT_SCHEMA)
+                             .join(changed, on="pair_id", how="anti"), changed])
+    return changed.sort("pair_id")
+
+
+def assignment_changes(dpo: pl.DataFrame, prior: pl.DataFrame | None, version_id: str) -> pl.DataFrame:
+    """The rows of :func:`assignments` that are not ``prior``'s: the pairs of ``dpo`` (pair_id,
+    near_dup_cluster, split) assigned for the first time or moved, with ``assigned_in`` this
+    version.  A child that selected its dirty pairs only passes those (the others keep their
+    split: :mod:`pipeline.delta`) and rewrites only the parts these rows fall in."""
     now = dpo.select("pair_id", cluster=pl.col("near_dup_cluster").fill_null(pl.col("pair_id")), split="split")
-    if prior is None or prior.height == 0:
-        table = now.with_columns(assigned_in=pl.lit(version_id))
-    else:
-        old = prior.select(list(ASSIGNMENT_SCHEMA))
-        moved_or_new = now.join(old.select("pair_id", "split"), on=["pair_id", "split"], how="anti")
-        table = pl.concat([
-            old.join(moved_or_new, on="pair_id", how="anti"),
-            moved_or_new.with_columns(assigned_in=pl.lit(version_id)),
-        ])
-    return table.select(list(ASSIGNMENT_SCHEMA)).cast(ASSIGNMENT_SCHEMA).sort("pair_id")
+    if prior is not None and prior.height:
+        now = now.join(prior.select("pair_id", "split"), on=["pair_id", "split"], how="anti")
+    return now.with_columns(assigned_in=pl.lit(version_id)).select(list(ASSIGNMENT_SCHEMA)).cast(ASSIGNMENT_SCHEMA)
 
 
 def prior_assignments(parent) -> pl.DataFrame | None:

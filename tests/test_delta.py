@@ -7,7 +7,7 @@ import re
 
 import polars as pl
 import pytest
-from conftest import write_jsonl
+from conftest import canonical, write_jsonl
 from test_incremental import POLICY, _batch, random_chains
 
 import pipeline.delta as delta
@@ -124,3 +124,43 @@ def test_a_child_rewrites_only_the_state_parts_its_batch_reaches(tmp_path, monke
             assert len(old) >= 4, (name, len(old))
     assert h2.read(PRELIM_TABLE).height == h1.read(PRELIM_TABLE).height  # no pair is new
     assert h2.verify() == []
+
+
+def test_a_prompt_bridging_two_clusters_moves_pairs_as_selecting_every_pair_does(tmp_path, monkeypatch):
+    """A new prompt near both of two old prompts that sit in different splits merges their clusters:
+    the members of the less protected one move (towards test).  A child that writes only its dirty
+    pairs' assignments writes the same table, byte for byte, as one that decides every pair."""
+    monkeypatch.setattr(parts, "PART_PAIRS", 4)  # old pairs in many buckets: the moved rows' parts are rewritten
+    words = [f"w{i}" for i in range(200)]
+    core = " ".join(words[:30])
+
+    def rec(cid: str, prompt: str, a: str = "First answer.", b: str = "Second answer.") -> dict:
+        return canonical(0, comparison_id=cid, prompt=prompt, response_a=a, response_b=b, annotator_id="ann-2",
+                         label="a", shown_first="a", locale="en", tags=None)
+
+    # families: a prompt of the core and 10 words of its own; two families' prompts share 30 of 50 words
+    # (Jaccard 0.6, below the threshold 0.7); one that takes 5 words of each is 35 / 45 = 0.78 from both
+    extra = {i: words[30 + 10 * i:40 + 10 * i] for i in range(16)}
+    first = [rec(f"c{i}-{k}", f"{core} {' '.join(extra[i])}", a=f"Answer {k} of {i}.") for i in range(16) for k in range(3)]
+    fast, slow = Store(tmp_path / "fast"), Store(tmp_path / "slow")
+    v1 = curate([write_jsonl(tmp_path / "a.jsonl", first)], fast, POLICY).version_id
+    assert curate([write_jsonl(tmp_path / "a.jsonl", first)], slow, POLICY).version_id == v1
+    h1 = fast.get(v1)
+    clusters = h1.read("pairs").select("pair_id", "near_dup_cluster")
+    assert clusters["near_dup_cluster"].n_unique() == 16  # no two families are near duplicates
+    split_of = dict(h1.read("split_assignments").join(clusters, on="pair_id").select("near_dup_cluster", "split").iter_rows())
+    fam = {f"{core} {' '.join(extra[i])}": i for i in range(16)}
+    fam_split = {i: split_of[cl] for cl, i in h1.read("pairs").select(
+        "near_dup_cluster", pl.col("prompt_text").replace_strict(fam, return_dtype=pl.Int64)).unique().iter_rows()}
+    i = next(i for i in range(16) if fam_split[i] == "train")
+    j = next(j for j in range(16) if fam_split[j] != "train")
+    bridge = rec("bridge-0", f"{core} {' '.join(extra[i][:5] + extra[j][:5])}")
+    path = write_jsonl(tmp_path / "b.jsonl", [bridge])
+    v2 = curate([path], fast, POLICY, parent=v1).version_id
+    with monkeypatch.context() as m:
+        m.setattr(delta, "applies", lambda _parent: False)
+        assert curate([path], slow, POLICY, parent=v1).version_id == v2
+    stability = next(c for c in fast.get(v2).manifest().checks if c.name == "split_stability")
+    assert stability.metrics["moved"] == 3 and stability.metrics["moves"] == {f"train->{fam_split[j]}": 3}
+    assert "pairs_selected" in fast.get(v2).manifest().lineage["consensus"]
+    _same_version(fast, slow, v2)
