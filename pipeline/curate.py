@@ -401,7 +401,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     assigned = assignments(now, prior, version_id) if plan is None else assignment_changes(dpo, prior, version_id)
     moves = split_moves(prior, (now if plan is None else dpo).select("pair_id", "split"))
     split_sizes = {s: now.filter(pl.col("split") == s).height for s in SPLITS}
-    leaks = leakage({s: now.filter(pl.col("split") == s) for s in SPLITS}, judgments.select("pair_id", "prompt_hash"))
+    # each pair's prompt (its first judgment's), for the leakage check and the report's clusters
+    pair_prompts = judgments.select("pair_id", "prompt_hash").unique("pair_id", keep="first", maintain_order=True)
+    leaks = leakage({s: now.filter(pl.col("split") == s) for s in SPLITS}, pair_prompts)
     del now
     psel.dpo = psel.dpo.clear()  # from here the split frames hold the rows
     split_frames = {s: dpo.filter(pl.col("split") == s).drop("split") for s in SPLITS}
@@ -541,7 +543,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     t = time.perf_counter()
     from pipeline.report import ReportInputs, write_report
 
-    inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=fate, pair_rows=pair_rows,
+    inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=fate, pair_rows=pair_rows, pair_prompts=pair_prompts,
                           flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results)
     for path in write_report(inputs, stage):
         manifest.files[path.name] = file_info(path, path.name)

@@ -183,11 +183,12 @@ def parent_texts(parent: VersionHandle, own: pl.DataFrame, keys: pl.DataFrame) -
         rest = ids.to_frame("pair_id").join(mine.select("pair_id"), on="pair_id", how="anti")
         if rest.height == 0:
             return mine
+        frames = []
         for key in rest.join(keys, on="pair_id", how="inner")["_part"].unique().sort().to_list():
             if key not in read:
                 read[key] = parent.read(f"pairs/part-{key}.parquet")
-        theirs = pl.concat(list(read.values()), how="diagonal_relaxed").join(rest, on="pair_id", how="semi") if read \
-            else mine.clear()
+            frames.append(read[key].join(rest, on="pair_id", how="semi"))
+        theirs = pl.concat(frames, how="diagonal_relaxed") if frames else mine.clear()
         cols = [x for x in mine.columns if x in theirs.columns]
         return pl.concat([mine.select(cols), theirs.select(cols).cast(mine.select(cols).schema)])
 

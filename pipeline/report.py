@@ -36,6 +36,7 @@ class ReportInputs:
     routed: pl.DataFrame
     quarantine: pl.DataFrame
     results: dict[str, CheckResult] = field(default_factory=dict)
+    pair_prompts: pl.DataFrame | None = None  # pair_id -> prompt_hash, one row a pair (else from ``judgments``)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # what both renderings compute once
 
 
@@ -223,7 +224,8 @@ def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
         return pl.DataFrame()
     c = pl.col
     p = p.filter(c("near_dup_cluster").is_duplicated()).select("pair_id", "near_dup_cluster")
-    ph = inp.judgments.select("pair_id", "prompt_hash").join(p.select("pair_id"), on="pair_id", how="semi") \
+    ph = inp.pair_prompts.join(p.select("pair_id"), on="pair_id", how="semi") if inp.pair_prompts is not None else \
+        inp.judgments.select("pair_id", "prompt_hash").join(p.select("pair_id"), on="pair_id", how="semi") \
         .unique("pair_id", keep="first")
     cl = (p.join(ph, on="pair_id", how="left").group_by("near_dup_cluster")
           .agg(pairs=pl.len(), n_prompts=c("prompt_hash").n_unique()).filter(c("n_prompts") > 1)
@@ -246,14 +248,24 @@ def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
 
 
 def offender_pairs(inp: ReportInputs, reason: str) -> pl.DataFrame:
-    ids = inp.flags.filter((pl.col("subject_kind") == "pair") & (pl.col("reason") == reason)).unique("subject_id", maintain_order=True)
+    """The first :data:`MAX_EXAMPLES` pairs flagged for ``reason`` that the version has, with their
+    rows (both renderings ask: computed once; the pairs are matched against every pair once)."""
+    key = f"offenders:{reason}"
+    if key in inp.cache:
+        return inp.cache[key]
+    if "flagged_pairs" not in inp.cache:
+        inp.cache["flagged_pairs"] = inp.flags.filter(pl.col("subject_kind") == "pair").join(
+            inp.pairs.select("pair_id"), left_on="subject_id", right_on="pair_id", how="semi", maintain_order="left")
+    ids = inp.cache["flagged_pairs"].filter(pl.col("reason") == reason).unique("subject_id", maintain_order=True)
     if ids.height == 0:
-        return pl.DataFrame()
+        inp.cache[key] = pl.DataFrame()
+        return inp.cache[key]
     # look up the first examples only (a join of every flagged pair would copy their texts)
-    ids = ids.join(inp.pairs.select("pair_id"), left_on="subject_id", right_on="pair_id", how="semi").head(MAX_EXAMPLES)
+    ids = ids.head(MAX_EXAMPLES)
     rows = inp.pair_rows(ids["subject_id"]).drop("decision", "reason", strict=False).join(
         inp.pairs.select("pair_id", "decision", "reason"), on="pair_id", how="left")
-    return ids.join(rows, left_on="subject_id", right_on="pair_id", how="inner", maintain_order="left")
+    inp.cache[key] = ids.join(rows, left_on="subject_id", right_on="pair_id", how="inner", maintain_order="left")
+    return inp.cache[key]
 
 
 # ---------------------------------------------------------------- HTML

@@ -179,7 +179,8 @@ def split_moves(prior: pl.DataFrame | None, now: pl.DataFrame) -> pl.DataFrame:
 
 
 def leakage(split_frames: dict[str, pl.DataFrame], prompt_hash: pl.DataFrame | None = None) -> dict[str, int]:
-    """Clusters / pair ids / prompts found in more than one split (all must be 0)."""
+    """Clusters / pair ids / prompts found in more than one split (all must be 0).  ``prompt_hash``:
+    pair_id -> prompt_hash (a judgments frame: each pair's first judgment's prompt)."""
     parts = []
     for name, f in split_frames.items():
         cols = [pl.col("pair_id"), pl.col("near_dup_cluster").fill_null(pl.col("pair_id")).alias("cluster")]
@@ -193,6 +194,8 @@ def leakage(split_frames: dict[str, pl.DataFrame], prompt_hash: pl.DataFrame | N
         "prompts_in_several_splits": 0,
     }
     if prompt_hash is not None:
-        ph = allp.join(prompt_hash.select("pair_id", "prompt_hash").unique("pair_id"), on="pair_id", how="left")
+        if prompt_hash["pair_id"].is_duplicated().any():  # judgments: each pair's first prompt
+            prompt_hash = prompt_hash.unique("pair_id", keep="first", maintain_order=True)
+        ph = allp.join(prompt_hash.select("pair_id", "prompt_hash"), on="pair_id", how="left")
         out["prompts_in_several_splits"] = ph.group_by("prompt_hash").agg(pl.col("split").n_unique()).filter(pl.col("split") > 1).height
     return out
