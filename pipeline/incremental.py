@@ -330,6 +330,7 @@ def near_duplicates(judgments: pl.DataFrame, parent: VersionHandle | None, cfg: 
     entry = res.check_result()
     entry = CheckResult(name=entry.name, status=entry.status, metrics=entry.metrics, summary=entry.summary,
                         flags=flags if flags.height else empty_flags(), tables={"clusters": res.all_clusters()})
+    res.release()  # the parent's bands and sketches: the build writes the state parts at its end
     return entry, res
 
 

@@ -440,6 +440,12 @@ class IncrementalResult:
                 .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
                 .unique("pair_id", keep="any").sort("pair_id"))
 
+    def release(self) -> None:
+        """Drop what only :meth:`all_clusters` and :meth:`child_state` read (the parent's bands and
+        sketches: ~0.3 GB at 3M judgments); :meth:`write_state` still works.  For a build that has
+        taken the clusters and keeps the result only to write the state at the end."""
+        self._child = {}
+
     def child_state(self) -> NearDupState:
         """The state after this run, in memory (what ``load_state`` of the child would read;
         built on demand: curate writes the parts and a child reads them back)."""
