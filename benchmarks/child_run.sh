@@ -1,0 +1,17 @@
+#!/bin/bash
+# One side of a farm-bench pair for the incremental child (docs/incremental.md):
+#   farm-bench -n 3 --warmup 1 "benchmarks/child_run.sh WT_A STORE_A PARENT_A" --vs "benchmarks/child_run.sh WT_B STORE_B PARENT_B"
+# A CLI `prefpipe curate --parent PARENT` of the 10k batch, run from checkout WORKTREE, into a fresh
+# hard-linked copy of STORE holding only PARENT (each side's parent built by its own code: run
+# `benchmarks/incremental.py --parent-judgments 3000000` from that checkout first; the store is
+# /tmp/prefpipe-bench/incremental-3000000-<code_version>).  PYTHON: the interpreter (default: .venv of
+# this checkout).  The child's record (timings_s) is left in $TMPDIR/child-run.*.json.
+set -euo pipefail
+WT=$1; STORE=$2; P=$3
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$HERE/.venv/bin/python}
+BATCH=${BATCH:-/tmp/prefpipe-bench/child-batch-s1-v2-10000-1000.jsonl}
+D=$(mktemp -d "${TMPDIR:-/tmp}/child-run.XXXX"); mkdir "$D/versions"
+trap 'rm -rf "$D"' EXIT
+cp -al "$STORE/objects" "$D/objects"; cp -al "$STORE/versions/$P" "$D/versions/"
+cd "$WT" && "$PY" -m flows.cli curate "$BATCH" --store "$D" --parent "$P" --json > "$D.json"
