@@ -457,13 +457,15 @@ def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     rows = preliminary_rows(fresh, pl.repeat(version_id, fresh.pairs.height, eager=True))
     if set(rows.columns) - set(old.columns):  # a parent written before a column was kept: recompute
         return None
-    rows = rows.drop("seen", "first_version").join(old.select("pair_id", "seen", "first_version"), on="pair_id",
-                                                   how="left", maintain_order="left")
+    # (masks by a set of the batch's size: joins with the million old rows hash every one of them)
+    mine = pl.col("pair_id").is_in(touched["pair_id"].implode())
+    rows = rows.drop("seen", "first_version").join(old.filter(mine).select("pair_id", "seen", "first_version"),
+                                                   on="pair_id", how="left", maintain_order="left")
     # a new pair's rank: after the parent's pairs, in the order of its first judgment (the batch's order)
     new = rows["seen"].is_null()
     rows = rows.with_columns(seen=pl.coalesce("seen", old.height + new.cast(pl.Int64).cum_sum() - 1),
                              first_version=pl.coalesce("first_version", pl.lit(version_id)))
-    keep = old.join(touched, on="pair_id", how="anti").select(rows.columns).cast(rows.schema)  # type: ignore[arg-type]
+    keep = old.filter(~mine).select(rows.columns).cast(rows.schema)  # type: ignore[arg-type]
     state = pl.concat([keep, rows])
     aggr = Aggregation(state.drop("a_hash", "seen"), fresh.annotators, state["a_hash"],
                        merge_params(given, fresh.params))
