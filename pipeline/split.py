@@ -59,8 +59,7 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | 
     cluster_stats = _cluster_stats(rows).join(sticky, on="_cl", how="left")
     if base is not None and base.height:
         fixed = base.with_columns(_cl=_cluster_expr(), _stratum=_stratum_expr())
-        decided = fixed.group_by("_cl").agg(c("split").first())
-        cluster_stats = pl.concat([cluster_stats, _cluster_stats(fixed).join(decided, on="_cl", how="left")])
+        cluster_stats = pl.concat([cluster_stats, _decided_stats(fixed)], how="vertical_relaxed")
     fresh = cluster_stats.filter(c("split").is_null())
     # rows already placed, per stratum and split (the fresh clusters fill the remaining deficits)
     placed = {(st, sp): n for st, sp, n in cluster_stats.filter(c("split").is_not_null())
@@ -109,6 +108,20 @@ def _cluster_stats(rows: pl.DataFrame) -> pl.DataFrame:
             .sort(["_cl", "len", "_stratum"], descending=[False, True, False])
             .group_by("_cl", maintain_order=True)
             .agg(c("_stratum").first(), c("len").sum().alias("n")))
+
+
+def _decided_stats(fixed: pl.DataFrame) -> pl.DataFrame:
+    """:func:`_cluster_stats` of rows whose clusters are placed already, with each cluster's split
+    (its first row's): one pass by cluster; the majority rule is run only for the clusters whose
+    rows span several strata (a child's clean clusters: ~a million, nearly all in one stratum)."""
+    c = pl.col
+    g = fixed.group_by("_cl").agg(n=pl.len(), _lo=c("_stratum").min(), _hi=c("_stratum").max(), split=c("split").first())
+    out = g.filter(c("_lo") == c("_hi")).select("_cl", _stratum="_lo", n="n", split="split")
+    mixed = g.filter(c("_lo") != c("_hi")).select("_cl", "split")
+    if mixed.height:
+        stats = _cluster_stats(fixed.join(mixed, on="_cl", how="semi")).join(mixed, on="_cl", how="left")
+        out = pl.concat([out, stats.select(out.columns)], how="vertical_relaxed")
+    return out
 
 
 def _sticky_clusters(rows: pl.DataFrame, prior: pl.DataFrame | None, clusters: pl.DataFrame | None) -> pl.DataFrame:
