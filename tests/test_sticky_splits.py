@@ -151,3 +151,17 @@ def test_certify_rejects_a_child_that_moved_held_out_pairs_into_train(tmp_path):
     assert not gate.passed and gate.value >= 1 and "test->train" in gate.detail
     res = CliRunner().invoke(app, ["diff", v1, v2, "--store", str(store.root)])
     assert "test -> train" in res.output
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 8), st.sampled_from(["en|human", "ja|human", "en|ai"]),
+                          st.sampled_from(["train", "validation", "test"])), min_size=1, max_size=40))
+def test_placed_clusters_count_like_the_majority_rule(rows):
+    """A child's placed clusters are counted in one pass by cluster; a cluster whose rows span several
+    strata still goes to the stratum of most of its rows (ties: the first by name), with its first row's split."""
+    from pipeline.split import _cluster_stats, _decided_stats
+
+    f = pl.DataFrame({"_cl": [f"c{c}" for c, _, _ in rows], "_stratum": [s for _, s, _ in rows],
+                      "split": [x for _, _, x in rows]})
+    want = _cluster_stats(f).join(f.group_by("_cl").agg(pl.col("split").first()), on="_cl", how="left").sort("_cl")
+    assert _decided_stats(f).sort("_cl").cast(want.schema).equals(want)
