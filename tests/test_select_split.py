@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.select import filter_judgments, select_pairs
 from pipeline.split import assign_splits, leakage
@@ -101,6 +103,32 @@ def test_leakage_detects_straddling_cluster():
     tr = _dpo(2, ["k1", "k2"], ["en", "en"])
     te = _dpo(1, ["k1"], ["en"]).with_columns(pair_id=pl.lit("p9"))
     assert leakage({"train": tr, "test": te})["clusters_in_several_splits"] == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(0, 3), st.sampled_from(["train", "validation", "test"])),
+                max_size=30, unique_by=lambda r: r[0]))
+def test_leakage_counts_what_a_grouping_by_strings_counts(rows):
+    """Pairs, clusters and prompts in several splits: the counts a plain grouping by the string keys gives
+    (leaks planted at random, none in about half the cases)."""
+    frame = pl.DataFrame({"pair_id": [f"p{r[0]}" for r in rows], "near_dup_cluster": [f"k{r[1]}" if r[1] else None for r in rows],
+                          "prompt": [f"h{r[2]}" for r in rows], "split": [r[3] for r in rows]},
+                         schema={"pair_id": pl.String, "near_dup_cluster": pl.String, "prompt": pl.String, "split": pl.String})
+    # a pair listed twice, in two splits, when the first two rows differ in split
+    doubled = frame.head(2).with_columns(pair_id=pl.lit("p0")) if frame.height >= 2 else frame.clear()
+    frame = pl.concat([frame, doubled])
+    frames = {s: frame.filter(pl.col("split") == s) for s in ("train", "validation", "test")}
+    prompts = frame.unique("pair_id", keep="first", maintain_order=True).select("pair_id", prompt_hash="prompt")
+
+    def several(key: pl.Expr) -> int:
+        f = frame.with_columns(k=key).join(prompts, on="pair_id", how="left")
+        return f.group_by("k").agg(pl.col("split").n_unique()).filter(pl.col("split") > 1).height
+
+    assert leakage(frames, prompts) == {
+        "clusters_in_several_splits": several(pl.col("near_dup_cluster").fill_null(pl.col("pair_id"))),
+        "pairs_in_several_splits": several(pl.col("pair_id")),
+        "prompts_in_several_splits": frame.join(prompts, on="pair_id", how="left").group_by("prompt_hash")
+        .agg(pl.col("split").n_unique()).filter(pl.col("split") > 1).height}
 
 
 def test_routing_flags_act_when_the_policy_says_so():
