@@ -333,9 +333,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     kept_reviews = reviews.filter(~pl.col("comparison_id").is_in(jsel.dropped_ids().implode()))
     clusters = results["near_duplicates"].tables.get("clusters")
 
-    def planner(rows: pl.DataFrame, kept_pairs: pl.Series) -> delta.Plan:
+    def planner(rows: pl.DataFrame, kept_pairs: pl.Series, no_kept: pl.Series) -> delta.Plan:
         assert recompute is not None
-        return delta.plan(rows.select(delta.PLAN_COLUMNS), kept_pairs, recompute, flags, clusters, all_pair_ids)
+        return delta.plan(rows.select(delta.PLAN_COLUMNS), kept_pairs, recompute, flags, clusters, no_kept)
 
     # select, split and write over the dirty pairs only when the parent keeps its pair tables as parts (pipeline/delta.py)
     final, decided, rule, params, parent_rows, plan = _final_aggregation(
@@ -558,7 +558,7 @@ def _final_aggregation(jsel: sel.JudgmentSelection, prelim: agg.Aggregation, all
                        kept_reviews: pl.DataFrame,
                        review_ctx: rr.ReviewContext, parent: VersionHandle | None, recompute: pl.Series | None,
                        policy: Policy, *, full: bool,
-                       planner: Callable[[pl.DataFrame, pl.Series], delta.Plan] | None = None,
+                       planner: Callable[[pl.DataFrame, pl.Series, pl.Series], delta.Plan] | None = None,
                        ) -> tuple[agg.Aggregation, pl.DataFrame, dict[str, Any], pl.DataFrame, pl.DataFrame | None,
                                   delta.Plan | None]:
     """The consensus of the version's pairs from the kept judgments: (aggregation, pairs decided
@@ -593,8 +593,10 @@ def _final_aggregation(jsel: sel.JudgmentSelection, prelim: agg.Aggregation, all
             columns = [*final.pairs.columns, *delta.PLAN_COLUMNS]
             # with a planner every pair's row in the plan's columns, the dirty pairs' in all of them
             old = inc.parent_pair_rows(parent, list(delta.PLAN_COLUMNS) if planner is not None else columns)
-            kept_ids = jsel.kept_rows(columns=["pair_id"])["pair_id"].unique()
-            plan = planner(old, kept_ids) if planner is not None else None
+            # the pairs with kept judgments: every pair but the few whose judgments are all dropped
+            no_kept = jsel.pairs_without_kept()
+            kept_ids = all_pair_ids.filter(~all_pair_ids.is_in(no_kept.implode())) if no_kept.len() else all_pair_ids
+            plan = planner(old, kept_ids, no_kept) if planner is not None else None
             if plan is None:
                 pairs, figures = inc.with_parent_pairs(final.pairs, old, recompute, jsel.kept_rows(columns=["pair_id", "a_hash"]),
                                                        all_pair_ids, texts_of(None))

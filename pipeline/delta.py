@@ -56,10 +56,10 @@ class Plan:
 
 
 def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, flags: pl.DataFrame,
-         clusters: pl.DataFrame | None, all_pair_ids: pl.Series) -> Plan:
+         clusters: pl.DataFrame | None, no_kept: pl.Series) -> Plan:
     """Which pairs go through select again.  ``parent_rows``: the parent's pairs table
     (:data:`PLAN_COLUMNS`); ``pair_ids``: the pairs of the child's aggregation (with kept
-    judgments); ``all_pair_ids``: every pair of the child (the clusters table's).
+    judgments); ``no_kept``: the child's other pairs (all their judgments dropped).
 
     Only small sets are compared pair by pair: the flag reasons by (pair, reason) difference,
     the clusters over the pairs that are in a cluster in the child or were in the parent."""
@@ -88,11 +88,9 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     matched = ids.height - new.len()
     removed = ndc.join(ids, on="pair_id", how="anti") if matched < parent_rows.height else none
     # pairs of the child without kept judgments that the parent's pairs table lacks: their clusters too
-    extra = all_pair_ids.len() - ids.height  # pairs without kept judgments (removed ones among them)
-    others = all_pair_ids.to_frame("pair_id").join(ids, on="pair_id", how="anti") \
-        .join(removed.select("pair_id"), on="pair_id", how="anti").join(cl, on="pair_id", how="left") \
-        .with_columns(_cl=c("_cl").fill_null(c("pair_id"))) if extra > 0 else none.select("pair_id", _cl="near_dup_cluster")
-    removed_cl = removed.select("pair_id").join(all_pair_ids.to_frame("pair_id"), on="pair_id", how="semi") \
+    others = no_kept.to_frame("pair_id").join(removed.select("pair_id"), on="pair_id", how="anti") \
+        .join(cl, on="pair_id", how="left").with_columns(_cl=c("_cl").fill_null(c("pair_id")))
+    removed_cl = removed.select("pair_id").join(no_kept.to_frame("pair_id"), on="pair_id", how="semi") \
         .join(cl, on="pair_id", how="left").select(c("_cl").fill_null(c("pair_id")))["_cl"]
     # whole clusters: a cluster's split is decided for all its members (now and in the parent)
     touched = pl.concat([seeds["_cl"], seeds["near_dup_cluster"].drop_nulls(), removed["near_dup_cluster"], removed_cl,

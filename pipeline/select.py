@@ -85,6 +85,17 @@ class JudgmentSelection:
             return frame.filter(~self.dropped if where is None else ~self.dropped & where)
         return frame if where is None else frame.filter(where)
 
+    def pairs_without_kept(self) -> pl.Series:
+        """The pair ids all of whose judgments are dropped: looked for among the dropped rows' pairs
+        only (a few), not by a distinct count of every kept row's pair."""
+        if self.dropped is None:
+            return self.rows["pair_id"].clear()
+        cand = self.rows["pair_id"].filter(self.dropped).unique()
+        if cand.len() == 0:
+            return cand
+        rows = self.rows.select("pair_id", _dropped=self.dropped).filter(pl.col("pair_id").is_in(cand.implode()))
+        return rows.group_by("pair_id").agg(pl.col("_dropped").all()).filter(pl.col("_dropped"))["pair_id"]
+
     def dropped_ids(self) -> pl.Series:
         """The comparison ids of the dropped judgments."""
         ids = self.rows["comparison_id"]
