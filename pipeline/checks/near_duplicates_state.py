@@ -447,13 +447,13 @@ class IncrementalResult:
         return out
 
     def all_clusters(self) -> pl.DataFrame:
-        """pair_id -> near_dup_cluster of *every* pair of the version (what a full run's ``clusters``
+        """pair_id -> near_dup_cluster of *every* pair of the version, in no order (what a full run's ``clusters``
         table holds): the state's pair rows after this run joined with the components of its graph."""
         c = self._child
         rows = pl.concat([c["state"].pair_prompts, c["pair_prompts"]])
         return (rows.join(c["components"], on="prompt_hash", how="left")
                 .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
-                .unique("pair_id", keep="any").sort("pair_id"))
+                .unique("pair_id", keep="any"))  # in no order: its readers join on pair_id
 
     def release(self) -> None:
         """Drop what only :meth:`all_clusters` and :meth:`child_state` read (the parent's bands and
