@@ -301,9 +301,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             t = timer.lap("checks:sums", t)
         parent_flags = parent.read("flags.parquet") if intact else None
         touched = None  # the pairs whose pair-scoped state rows changed (None: not known, all written)
+        partial: set[str] = set()  # checks whose state table holds the touched pairs' rows only
         if intact and has_state(parent):
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
-            given, touched = run_touched(judgments, n_parent_judgments, parent, policy.checks,
+            given, touched, partial = run_touched(judgments, n_parent_judgments, parent, policy.checks,
                                          Totals(judgments=judgments.height, pairs=prelim.pairs.height),
                                          parent_flags=parent_flags, hydrated=hydrated)
             t = timer.lap("checks:touched_pairs", t)
@@ -475,6 +476,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             tables[name] = delta.write_table(reuse, store, stage, name, keyed(mine), keyed(ids.to_frame("pair_id")),
                                              order_by=_state_order(frame))
         else:
+            if name.removeprefix(inc.STATE_PREFIX) in partial:  # every pair's rows, the parent's but the touched
+                assert parent is not None and touched is not None
+                frame = inc.merged_state(parent, name.removeprefix(inc.STATE_PREFIX), touched, frame)
             tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
     review_state, review_ledger = rr.finish(
         review_ctx, version_id=version_id, created_at=created_at, pairs=fate, routed=routed_all,

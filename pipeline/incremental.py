@@ -60,8 +60,9 @@ class PairScoped:
     table: str  # key of CheckResult.tables holding the state rows (each with a pair_id column)
     summarize: Callable[[pl.DataFrame, pl.DataFrame, "Totals"], CheckResult]
     # the figures from the parent's (its manifest's) and the touched pairs' old and new state rows,
-    # without reading the merged state: (parent metrics, old rows, new rows, merged state, flags)
-    delta: Callable[[dict, pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame], CheckResult] | None = None
+    # without reading the merged state: (parent metrics, old rows, new rows, the merged state when
+    # it must be read after all, flags); the result's table is the new rows unless it was read
+    delta: Callable[[dict, pl.DataFrame, pl.DataFrame, Callable[[], pl.DataFrame], pl.DataFrame], CheckResult] | None = None
 
 
 @dataclass(frozen=True)
@@ -270,9 +271,12 @@ def has_state(parent: VersionHandle | None) -> bool:
 
 def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: ChecksConfig,
                 totals: Totals, parent_flags: pl.DataFrame | None = None,
-                hydrated: Hydrated | None = None) -> tuple[dict[str, CheckResult], pl.Series]:
+                hydrated: Hydrated | None = None) -> tuple[dict[str, CheckResult], pl.Series, set[str]]:
     """The pair-scoped checks of a child: run over the touched pairs, merged with the parent's.
-    Returns the results and the touched pairs (every other pair's state rows are the parent's).
+    Returns the results, the touched pairs (every other pair's state rows are the parent's) and
+    the checks whose state table in the result holds the touched pairs' rows only: those whose
+    figures come from the parent's and the touched rows (``PairScoped.delta``) never read the rest
+    (``language``: a row per text, 2.9M at 3M judgments); :func:`merged_state` gives the whole table.
     ``hydrated``: the touched pairs' rows with their texts, when ``judgments`` has none (:func:`hydrate`)."""
     if hydrated is not None:
         touched, jt = hydrated.pairs, hydrated.rows
@@ -282,30 +286,45 @@ def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     touched_judgments = jt["comparison_id"]
     if parent_flags is None:
         parent_flags = parent.read("flags.parquet")
-    out = {}
+    out, partial = {}, set()
     pm = parent.manifest()
     same_code = pm.code_version == code_version()
+    mine = pl.col("pair_id").is_in(touched.implode())
     for name, spec in PAIR_SCOPED.items():
         res = RUNNERS[name](jt, cfg)
         old_flags = parent_flags.filter(pl.col("check") == name)
         keep = ~((pl.col("subject_kind") == "pair") & pl.col("subject_id").is_in(touched.implode())
                  | (pl.col("subject_kind") == "judgment") & pl.col("subject_id").is_in(touched_judgments.implode()))
         flags = pl.concat([old_flags.filter(keep), res.flags]) if res.flags.height else old_flags.filter(keep)
-        old_state = parent.read(state_table(name))
-        new_state = res.tables.get(spec.table)
-        mine = pl.col("pair_id").is_in(touched.implode())
-        state = old_state.filter(~mine)
-        if new_state is not None and new_state.height:
-            state = pl.concat([state, new_state.select(state.columns)], how="vertical_relaxed")
         flags = flags if flags.height else empty_flags()
+        new_state = res.tables.get(spec.table)
         if spec.delta is not None and same_code:  # the parent's figures mean what this code computes
-            new_rows = new_state.select(state.columns) if new_state is not None else old_state.clear()
-            merged = spec.delta(pm.check(name).metrics, old_state.filter(mine), new_rows, state, flags)
+            old = parent.read(state_table(name), where=mine)  # the touched pairs' rows only
+            new_rows = new_state.select(old.columns) if new_state is not None else old.clear()
+            asked: list[bool] = []
+
+            def whole(name: str = name, rows: pl.DataFrame = new_rows) -> pl.DataFrame:
+                asked.append(True)
+                return merged_state(parent, name, touched, rows)
+
+            merged = spec.delta(pm.check(name).metrics, old, new_rows, whole, flags)
+            if not asked:  # the result's table holds the touched pairs' rows
+                partial.add(name)
         else:
-            merged = spec.summarize(state, flags, totals)
+            merged = spec.summarize(merged_state(parent, name, touched, new_state), flags, totals)
         merged.metrics["incremental"] = {"touched_pairs": touched.len(), "touched_judgments": jt.height}
         out[name] = merged
-    return out, touched
+    return out, touched, partial
+
+
+def merged_state(parent: VersionHandle, name: str, touched: pl.Series, rows: pl.DataFrame | None) -> pl.DataFrame:
+    """A pair-scoped check's whole state table in a child: the parent's rows but the touched
+    pairs', then ``rows`` (the touched pairs' rows now)."""
+    old = parent.read(state_table(name))
+    state = old.filter(~pl.col("pair_id").is_in(touched.implode()))
+    if rows is not None and rows.height:
+        state = pl.concat([state, rows.select(state.columns)], how="vertical_relaxed")
+    return state
 
 
 def near_duplicates(judgments: pl.DataFrame, parent: VersionHandle | None, cfg: ChecksConfig, *, version_id: str,
@@ -635,4 +654,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["aligned", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "TextsSource", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["aligned", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "TextsSource", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "merged_state", "state_frames", "state_table", "touched_pairs"]

@@ -44,6 +44,7 @@ flags; planted mismatches are caught (``docs/checks-text.md``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -404,13 +405,15 @@ def summarize(texts_table: pl.DataFrame, flags: pl.DataFrame, counters: dict[str
                    flags, counters)
 
 
-def summarize_delta(parent: dict[str, Any], old: pl.DataFrame, new: pl.DataFrame, texts_table: pl.DataFrame,
-                    flags: pl.DataFrame) -> CheckResult:
+def summarize_delta(parent: dict[str, Any], old: pl.DataFrame, new: pl.DataFrame,
+                    merged: Callable[[], pl.DataFrame], flags: pl.DataFrame) -> CheckResult:
     """:func:`summarize` of a child's merged table without reading it: the parent's figures (its
     manifest's metrics) minus the touched pairs' rows as the parent had them (``old``) plus theirs
-    now (``new``) -- integer counts, so the same figures as :func:`summarize` of the merged table."""
+    now (``new``) -- integer counts, so the same figures as :func:`summarize` of the merged table.
+    The result's table is ``new``; a parent without the figures: ``merged()`` is counted, and is the table."""
     if "pairs_checked" not in parent:  # a parent without the figures: count the merged table
-        return summarize(texts_table, flags, {})
+        return summarize(merged(), flags, {})
+    texts_table = new
     before, after = _counts(old), _counts(new)
     matrix = {(loc, lang): n for loc, row in (parent.get("matrix") or {}).items() for lang, n in row.items()}
     by = dict(parent.get("decided_by") or {})
