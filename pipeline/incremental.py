@@ -91,17 +91,22 @@ def touched_pairs(judgments: pl.DataFrame, n_parent_rows: int) -> pl.Series:
     with a judgment of the same prompt and response set as a judgment of a touched pair (closed
     under that relation: an old pair judged again brings the pairs its old judgments duplicate)."""
     lo, hi = pl.min_horizontal("a_hash", "b_hash"), pl.max_horizontal("a_hash", "b_hash")
-    keyed = judgments.select("pair_id", "prompt_hash", _lo=lo, _hi=hi)
     on = ["prompt_hash", "_lo", "_hi"]
+
+    def keyed(where: pl.Expr) -> pl.DataFrame:  # the rows it selects with their key (only theirs computed:
+        # the keys of all 3M rows of a 3M union took ~0.5 GB)
+        return judgments.lazy().filter(where).select("pair_id", "prompt_hash", _lo=lo, _hi=hi).collect()
+
     pairs = judgments.slice(n_parent_rows)["pair_id"].unique()
-    rows = keyed.filter(pl.col("pair_id").is_in(pairs.implode()))  # every row of the pairs so far
+    rows = keyed(pl.col("pair_id").is_in(pairs.implode()))  # every row of the pairs so far
     while True:
-        hit = keyed.join(rows.select(on).unique(), on=on, how="semi")
+        keys = rows.select(on).unique()
+        hit = keyed(pl.col("prompt_hash").is_in(keys["prompt_hash"].unique().implode())).join(keys, on=on, how="semi")
         grown = hit["pair_id"].unique()
         if grown.len() == pairs.len():  # grown contains pairs: equal sizes, equal sets
             return pairs.sort()
         pairs = grown
-        rows = keyed.filter(pl.col("pair_id").is_in(pairs.implode()))
+        rows = keyed(pl.col("pair_id").is_in(pairs.implode()))
 
 
 # ---------------------------------------------------------------- a child without the history's texts
