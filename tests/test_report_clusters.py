@@ -31,3 +31,18 @@ def test_cluster_prompts_come_from_one_pair_per_prompt_in_first_seen_order():
     assert got == {"X": (6, 2, ["how do tides work", "how do the tides work"]), "Z": (3, 3, ["a", "b"])}
     assert out["near_dup_cluster"].to_list() == ["Z", "X"]  # most prompts first
     assert len(asked) == 1 and sorted(asked[0]) == ["p1", "p2", "r1", "r2", "r3"]  # not p3..p6
+
+
+def test_label_distribution_shares_per_locale_and_kind():
+    """Each slice (locale · annotator kind; a missing locale is '?') gets its labels' shares and its count."""
+    from types import SimpleNamespace
+
+    from pipeline.report import label_distribution
+
+    rows = [("en", "human", "a")] * 3 + [("en", "human", "b")] + [("en", "ai", "tie")] * 2 + [(None, "human", "escalate")]
+    j = pl.DataFrame({"locale": [r[0] for r in rows], "annotator_kind": [r[1] for r in rows], "label": [r[2] for r in rows]},
+                     schema={"locale": pl.String, "annotator_kind": pl.String, "label": pl.String})
+    slices, shares, totals = label_distribution(SimpleNamespace(judgments=j))  # type: ignore[arg-type]
+    assert slices == ["? · human", "en · ai", "en · human"] and totals == [1, 2, 4]
+    assert shares["a"] == [0.0, 0.0, 0.75] and shares["b"] == [0.0, 0.0, 0.25]
+    assert shares["tie"] == [0.0, 1.0, 0.0] and shares["escalate"] == [1.0, 0.0, 0.0] and shares["both_bad"] == [0.0] * 3
