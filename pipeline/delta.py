@@ -170,10 +170,11 @@ def _write(w: TableWriter, reuse: PartReuse, key: str, frame: pl.DataFrame) -> N
     reuse.seen[part.path] = fingerprint(frame)
 
 
-def parent_texts(parent: VersionHandle, own: pl.DataFrame, keys: pl.DataFrame) -> Callable[[pl.Series], pl.DataFrame]:
-    """pair ids -> their pairs rows with texts: the dirty pairs' from ``own``, the others from the
-    parent's pairs table -- only the parts that hold them (``keys``: pair_id -> ``_part``), each
-    read once."""
+def parent_texts(parent: VersionHandle, own: pl.DataFrame, keys: Callable[[pl.DataFrame], pl.DataFrame]
+                 ) -> Callable[[pl.Series], pl.DataFrame]:
+    """pair ids -> their pairs rows with texts: the dirty pairs' from ``own``, the others (the clean
+    pairs) from the parent's pairs table -- only the parts that hold them (``keys``: a frame of pair
+    ids -> pair_id, ``_part``), each read once."""
     read: dict[str, pl.DataFrame] = {}
 
     def texts(ids: pl.Series) -> pl.DataFrame:
@@ -182,7 +183,7 @@ def parent_texts(parent: VersionHandle, own: pl.DataFrame, keys: pl.DataFrame) -
         if rest.height == 0:
             return mine
         frames = []
-        for key in rest.join(keys, on="pair_id", how="inner")["_part"].unique().sort().to_list():
+        for key in keys(rest)["_part"].unique().sort().to_list():
             if key not in read:
                 read[key] = parent.read(f"pairs/part-{key}.parquet")
             frames.append(read[key].join(rest, on="pair_id", how="semi"))
