@@ -53,6 +53,7 @@ class Plan:
     removed: pl.Series  # pair ids the parent's pairs table has and the child's does not
     clean: pl.DataFrame  # the parent's PLAN_COLUMNS rows of the other pairs (the child's rows, unchanged)
     order: pl.Series | None = None  # every pair with a row (kept judgments), first-seen order (set by the build)
+    new: pl.Series | None = None  # pairs with kept judgments that the parent's pairs table lacks
 
 
 def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, flags: pl.DataFrame,
@@ -104,7 +105,7 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     # the parent's pairs that still have kept judgments: all of them unless some were removed
     still = parent_rows.join(ids, on="pair_id", how="semi") if removed.height else parent_rows
     clean = still.filter(~c("pair_id").is_in(dirty.implode()))
-    return Plan(dirty=dirty, removed=removed["pair_id"].sort(), clean=clean)
+    return Plan(dirty=dirty, removed=removed["pair_id"].sort(), clean=clean, new=new)
 
 
 def write_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl.DataFrame, gone: pl.DataFrame,
