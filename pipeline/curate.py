@@ -346,7 +346,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         union_rule.update(texts_read=texts_source.reads, pairs_texts_read=texts_source.pairs_read)
     del prelim, texts_of
     used_ids = jsel.kept_rows(columns=["annotator_id"]).unique()  # the annotators with kept judgments
-    prior = prior_assignments(parent)
+    prior = prior_assignments(parent, columns=["pair_id", "split"] if plan is not None else None)  # (what a child reads)
     # the generation (version where it was first seen) of every pair of the union
     first = prelim_rows.select("pair_id", "first_version")
     if plan is not None:  # the dirty pairs through select; the others are their parent's rows (pipeline/delta.py)

@@ -168,19 +168,21 @@ def assignment_changes(dpo: pl.DataFrame, prior: pl.DataFrame | None, version_id
     return now.with_columns(assigned_in=pl.lit(version_id)).select(list(ASSIGNMENT_SCHEMA)).cast(ASSIGNMENT_SCHEMA)
 
 
-def prior_assignments(parent) -> pl.DataFrame | None:
+def prior_assignments(parent, columns: list[str] | None = None) -> pl.DataFrame | None:
     """The assignments a child inherits: the parent's ``split_assignments.parquet`` (verified read),
-    or, for a parent written before that file existed, its kept pairs' splits."""
+    or, for a parent written before that file existed, its kept pairs' splits.  ``columns``: only
+    these (a child that writes only its changed rows reads pair_id and split)."""
     if parent is None:
         return None
     if parent.has("split_assignments.parquet"):  # a table of parts, or the older single file
-        return parent.read("split_assignments.parquet")
+        return parent.read("split_assignments.parquet", columns=columns)
     frames = [parent.read_split(s, columns=["pair_id", "near_dup_cluster"]).with_columns(split=pl.lit(s))
               for s in SPLITS if s in parent.manifest().splits]
     table = pl.concat(frames) if frames else pl.DataFrame(schema={"pair_id": pl.String, "near_dup_cluster": pl.String,
                                                                    "split": pl.String})
-    return table.select("pair_id", cluster=pl.col("near_dup_cluster").fill_null(pl.col("pair_id")), split="split",
-                        assigned_in=pl.lit(parent.version_id)).cast(ASSIGNMENT_SCHEMA)
+    table = table.select("pair_id", cluster=pl.col("near_dup_cluster").fill_null(pl.col("pair_id")), split="split",
+                         assigned_in=pl.lit(parent.version_id)).cast(ASSIGNMENT_SCHEMA)
+    return table if columns is None else table.select(columns)
 
 
 def split_moves(prior: pl.DataFrame | None, now: pl.DataFrame) -> pl.DataFrame:
