@@ -306,7 +306,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
             given, touched, partial = run_touched(judgments, n_parent_judgments, parent, policy.checks,
                                          Totals(judgments=judgments.height, pairs=prelim.pairs.height),
-                                         parent_flags=parent_flags, hydrated=hydrated)
+                                         parent_flags=parent_flags, hydrated=hydrated,
+                                         first=prelim_rows.select("pair_id", "first_version"))
             t = timer.lap("checks:touched_pairs", t)
         # near duplicates through the state tables: a child hashes and bands only its new prompts
         given["near_duplicates"], near_dup = inc.near_duplicates(

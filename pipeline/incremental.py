@@ -43,6 +43,7 @@ from pipeline.checks import near_duplicates_state as nds
 from pipeline.aggregate import PAIR_TEXT_COLUMNS as _TEXT_COLUMNS
 from pipeline.aggregate import Aggregation
 from pipeline.checks.spec import Child, Sums
+from pipeline.parts import parent_keys
 from pipeline.store import DamagedVersion, VersionHandle
 from schemas.version import code_version
 from schemas.check import CheckResult, empty_flags
@@ -276,13 +277,16 @@ def has_state(parent: VersionHandle | None) -> bool:
 
 def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: ChecksConfig,
                 totals: Totals, parent_flags: pl.DataFrame | None = None,
-                hydrated: Hydrated | None = None) -> tuple[dict[str, CheckResult], pl.Series, set[str]]:
+                hydrated: Hydrated | None = None, first: pl.DataFrame | None = None
+                ) -> tuple[dict[str, CheckResult], pl.Series, set[str]]:
     """The pair-scoped checks of a child: run over the touched pairs, merged with the parent's.
     Returns the results, the touched pairs (every other pair's state rows are the parent's) and
     the checks whose state table in the result holds the touched pairs' rows only: those whose
     figures come from the parent's and the touched rows (``PairScoped.delta``) never read the rest
     (``language``: a row per text, 2.9M at 3M judgments); :func:`merged_state` gives the whole table.
-    ``hydrated``: the touched pairs' rows with their texts, when ``judgments`` has none (:func:`hydrate`)."""
+    ``hydrated``: the touched pairs' rows with their texts, when ``judgments`` has none (:func:`hydrate`).
+    ``first``: pair_id -> first_version of (at least) the touched pairs: their rows are read from the
+    parts that hold them only (:func:`pipeline.parts.parent_keys`; a new pair's are in none)."""
     if hydrated is not None:
         touched, jt = hydrated.pairs, hydrated.rows
     else:
@@ -304,7 +308,10 @@ def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
         flags = flags if flags.height else empty_flags()
         new_state = res.tables.get(spec.table)
         if spec.delta is not None and same_code:  # the parent's figures mean what this code computes
-            old = parent.read(state_table(name), where=mine)  # the touched pairs' rows only
+            # the touched pairs' rows only, from the parts that hold them (every part without ``first``)
+            keys = None if first is None else \
+                parent_keys(parent, first.join(touched.to_frame("pair_id"), on="pair_id", how="semi"))["_part"].unique().to_list()
+            old = parent.read(state_table(name), where=mine, keys=keys)
             new_rows = new_state.select(old.columns) if new_state is not None else old.clear()
             asked: list[bool] = []
 
