@@ -362,15 +362,15 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         judgments_dropped = jsel.dropped_by_reason
         del jsel  # every judgment's row: no stage after select reads it (freed before split's work)
         assert plan.order is not None
-        order = plan.order.to_frame("pair_id")
-        fate = order.join(pl.concat([plan.clean.select("pair_id", "decision", "reason", "near_dup_cluster"),
-                                     psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster")]),
-                          on="pair_id", how="left", maintain_order="left")
+        # every pair with a row: the clean ones in their parent's order, then the dirty ones (the report
+        # takes first-seen order from plan.order for the few pairs it shows; no stage needs the rows in it)
+        fate = pl.concat([plan.clean.select("pair_id", "decision", "reason", "near_dup_cluster"),
+                          psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster")])
         routed_all = pl.concat([plan.clean.filter(pl.col("decision") == "route").select("pair_id", route="reason"),
                                 psel.routed.select("pair_id", "route")])
         dropped_by_reason = dict(fate.filter(pl.col("decision") == "drop").group_by("reason").len().sort("reason").iter_rows())
-        if all_pair_ids.len() > order.height:
-            dropped_by_reason["all_judgments_dropped"] = all_pair_ids.len() - order.height
+        if all_pair_ids.len() > fate.height:
+            dropped_by_reason["all_judgments_dropped"] = all_pair_ids.len() - fate.height
         routed_by_label = {lab: 0 for lab in ROUTED_LABELS}
         routed_by_label.update(dict(routed_all.group_by("route").len().iter_rows()) if routed_all.height else {})
         t = timer.lap("select", t)
@@ -560,7 +560,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     from pipeline.report import ReportInputs, write_report
 
     inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=fate, pair_rows=pair_rows, pair_prompts=pair_prompts,
-                          flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results)
+                          flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results,
+                          pair_order=plan.order if plan is not None else None)
     for path in write_report(inputs, stage):
         manifest.files[path.name] = file_info(path, path.name)
     timer.lap("report", t)

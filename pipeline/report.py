@@ -29,7 +29,7 @@ MIN_SLICE_PAIRS = 10
 class ReportInputs:
     manifest: Manifest
     judgments: pl.DataFrame
-    pairs: pl.DataFrame  # every pair: pair_id, decision, reason, near_dup_cluster (first-seen order)
+    pairs: pl.DataFrame  # every pair: pair_id, decision, reason, near_dup_cluster (first-seen order unless pair_order)
     pair_rows: Callable[[pl.Series], pl.DataFrame]  # pair ids -> their rows with texts, counts and flag_reasons
     flags: pl.DataFrame
     annotators: pl.DataFrame
@@ -37,6 +37,7 @@ class ReportInputs:
     quarantine: pl.DataFrame
     results: dict[str, CheckResult] = field(default_factory=dict)
     pair_prompts: pl.DataFrame | None = None  # pair_id -> prompt_hash, one row a pair (else from ``judgments``)
+    pair_order: pl.Series | None = None  # the pairs' ids in first-seen order when ``pairs`` is in another
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # what both renderings compute once
 
 
@@ -237,8 +238,11 @@ def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
         return inp.cache["near_dup_clusters"]
     # one pair per distinct prompt of a shown cluster (the first): the same prompts in the same order,
     # and only the parts that hold those few pairs are read (a big cluster's pairs span many parts)
-    shown = p.join(cl.head(MAX_EXAMPLES).select("near_dup_cluster"), on="near_dup_cluster", how="semi") \
-        .join(ph, on="pair_id", how="left", maintain_order="left") \
+    shown = p.join(cl.head(MAX_EXAMPLES).select("near_dup_cluster"), on="near_dup_cluster", how="semi")
+    if inp.pair_order is not None:  # those few pairs in first-seen order
+        seen = inp.pair_order.to_frame("pair_id").with_row_index("_seen").filter(pl.col("pair_id").is_in(shown["pair_id"].implode()))
+        shown = shown.join(seen, on="pair_id", how="left").sort("_seen", nulls_last=True, maintain_order=True).drop("_seen")
+    shown = shown.join(ph, on="pair_id", how="left", maintain_order="left") \
         .unique(["near_dup_cluster", "prompt_hash"], keep="first", maintain_order=True)
     shown = shown.join(inp.pair_rows(shown["pair_id"]).select("pair_id", "prompt_text"), on="pair_id", how="left",
                        maintain_order="left")
