@@ -280,7 +280,9 @@ def test_a_child_that_reads_no_history_texts_writes_the_same_version(tmp_path_fa
     for step in range(n_batches):
         batches.append(_batch(rng, step, old))
         old += batches[-1]
-    _same_as_reading_every_text(tmp_path_factory.mktemp("narrow"), batches, monkeypatch)
+    unions = _same_as_reading_every_text(tmp_path_factory.mktemp("narrow"), batches, monkeypatch)
+    # the touched old pairs' texts came from the one read of the parent's judgments, not a second one
+    assert any(u["parent_rows_with_texts"] and not u["read_again"] for u in unions)
 
 
 def test_a_touched_pair_reached_through_a_conflicting_given_id_is_read_again(tmp_path, monkeypatch):
