@@ -258,7 +258,7 @@ def run(
 
 def _ratio_metrics(pairs: pl.DataFrame, lengths: pl.DataFrame, min_ratio: float, tables: dict[str, pl.DataFrame]) -> dict[str, Any]:
     c = pl.col
-    cp = pairs.filter(c("label_consensus").is_in(["a", "b"])).select("pair_id", "label_consensus").join(
+    cp = pairs.select("pair_id", "label_consensus").filter(c("label_consensus").is_in(["a", "b"])).join(
         lengths, on="pair_id", how="inner"
     )
     if cp.height == 0:

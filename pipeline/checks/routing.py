@@ -39,7 +39,7 @@ NAME = "routing"
 def slice_shares(pairs: pl.DataFrame) -> pl.DataFrame:
     """Per slice (locale, annotator kind): decisive-consensus pairs, count and share of a and b."""
     c = pl.col
-    dec = pairs.filter(c("label_consensus").is_in(["a", "b"]))
+    dec = pairs.select("locale", "annotator_kind", "label_consensus").filter(c("label_consensus").is_in(["a", "b"]))
     frames = [
         dec.select(slice=pl.lit("locale=") + c("locale").fill_null("unknown"), label=c("label_consensus")),
         dec.select(slice=pl.lit("annotator_kind=") + c("annotator_kind"), label=c("label_consensus")),
@@ -95,6 +95,8 @@ def run(
     )
 
     used = n_used_expr()
+    # the columns read first: a filter copies every column of the rows it keeps
+    pairs = pairs.select("pair_id", "label_consensus", "agreement", "strength", "annotator_kind", "n_human", "n_ai", "n_judgments")
     easy = pairs.filter(
         c("label_consensus").is_in(["a", "b"]) & (used >= 2) & (c("agreement") >= 1.0) & (c("strength") >= cfg.easy_strength)
     )
