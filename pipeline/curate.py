@@ -245,6 +245,14 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                       "touched_pairs": hydrated.pairs.len(), "read_again": hydrated.read_again} \
             if hydrated is not None else {"texts": "all"}
         t = timer.lap("union_inputs", t)
+        parent_flags = parent.read("flags.parquet") if intact else None
+        # near duplicates through the state tables (a child hashes and bands only its new prompts): first, before
+        # the preliminary state is read, so that their memory peaks do not add up (the step reads the batch's
+        # rows only; without a usable parent state it runs over every judgment, below)
+        near_dup_run = inc.near_duplicates(wide, parent, policy.checks, version_id=version_id, parent_flags=parent_flags,
+                                           n_parent_rows=n_wide_parent) if intact else None
+        if near_dup_run is not None:
+            t = timer.lap("check:near_duplicates", t)
         texts_source: inc.TextsSource | None = None
         # the rule (docs/incremental.md): the batch's pairs aggregated with the parent's parameters fixed
         ruled = inc.preliminary(wide, n_wide_parent, parent, policy.checks.aggregation, policy.dimensions,
@@ -299,7 +307,6 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             sums_rule = {"mode": "incremental", "checks": sorted(merged), "pairs_counted": prelim_touched.len(),
                          "counted_again": sorted(set(inc.declared_sums()) - set(merged))}
             t = timer.lap("checks:sums", t)
-        parent_flags = parent.read("flags.parquet") if intact else None
         touched = None  # the pairs whose pair-scoped state rows changed (None: not known, all written)
         partial: set[str] = set()  # checks whose state table holds the touched pairs' rows only
         if intact and has_state(parent):
@@ -309,12 +316,12 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                                          parent_flags=parent_flags, hydrated=hydrated,
                                          first=prelim_rows.select("pair_id", "first_version"))
             t = timer.lap("checks:touched_pairs", t)
-        # near duplicates through the state tables: a child hashes and bands only its new prompts
-        given["near_duplicates"], near_dup = inc.near_duplicates(
-            wide, parent, policy.checks, version_id=version_id, parent_flags=parent_flags,
-            n_parent_rows=n_wide_parent if intact else None)
-        del wide, hydrated
-        t = timer.lap("check:near_duplicates", t)
+        if near_dup_run is None:
+            near_dup_run = inc.near_duplicates(wide, parent, policy.checks, version_id=version_id, parent_flags=parent_flags,
+                                               n_parent_rows=None)
+            t = timer.lap("check:near_duplicates", t)
+        given["near_duplicates"], near_dup = near_dup_run
+        del wide, hydrated, near_dup_run
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
         t = time.perf_counter()
