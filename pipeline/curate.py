@@ -413,7 +413,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     moves = split_moves(prior, (now if plan is None else dpo).select("pair_id", "split"))
     split_sizes = {s: now.filter(pl.col("split") == s).height for s in SPLITS}
     # each pair's prompt (its first judgment's), for the leakage check and the report's clusters
-    pair_prompts = judgments.select("pair_id", "prompt_hash").unique("pair_id", keep="first", maintain_order=True)
+    pair_prompts = judgments.lazy().filter(pl.col("pair_id").is_first_distinct()).select("pair_id", "prompt_hash").collect()
     leaks = leakage({s: now.filter(pl.col("split") == s) for s in SPLITS}, pair_prompts)
     del now
     psel.dpo = psel.dpo.clear()  # from here the split frames hold the rows
