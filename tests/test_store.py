@@ -210,3 +210,62 @@ def test_listing_parses_each_manifest_once_and_notices_every_change(tmp_path, mo
         parsed.clear()
         assert st.list_ids() == ["v-3"] and parsed == ["v-3"]
         assert processed_hashes(st) == {a, b, c}
+
+
+def _table_version(tmp_path, frames: dict[str, pl.DataFrame]):
+    """A version holding one table ``t`` whose parts are ``frames`` (key -> rows)."""
+    from pipeline.parts import TableWriter
+
+    st = Store(tmp_path / "s")
+
+    def build(stage: Path) -> Manifest:
+        w = TableWriter(st, stage, "t")
+        for key, frame in frames.items():
+            w.write(key, frame)
+        m = _builder("v-t")(stage)
+        m.tables["t"] = w.info()
+        return m
+
+    st.write_version("v-t", build)
+    return st.get("v-t")
+
+
+def test_a_table_read_in_one_scan_equals_its_parts_read_one_by_one(tmp_path, monkeypatch):
+    """Parts are parsed together (one scan per group of verified bytes); parts whose schemas
+    differ (a column missing, another type) fall back to a read per part: the rows are those of
+    the parts in order either way, with columns and a filter too."""
+    import pipeline.store as store_mod
+
+    same = {f"k{i:02d}": pl.DataFrame({"pair_id": [f"p{i}-{j}" for j in range(i + 1)], "x": [float(j) for j in range(i + 1)],
+                                       "tags": [[str(j)] * (j % 3) for j in range(i + 1)]}) for i in range(12)}
+    differ = {**same, "k05": same["k05"].drop("tags"), "k07": same["k07"].with_columns(pl.col("x").cast(pl.Float32))}
+    for n, frames in enumerate((same, differ)):
+        h = _table_version(tmp_path / str(n), frames)
+        whole = pl.concat(list(frames.values()), how="diagonal_relaxed")
+        for group_bytes in (1, 1 << 30):  # every part alone; all parts in one scan
+            monkeypatch.setattr(store_mod, "SCAN_GROUP_BYTES", group_bytes)
+            assert h.read("t").equals(whole)
+            assert h.read("t", columns=["x", "pair_id"]).equals(whole.select("x", "pair_id"))
+            where = pl.col("x") >= 3
+            assert h.read("t", columns=["pair_id"], where=where).equals(whole.filter(where).select("pair_id"))
+
+
+def test_a_part_that_hashes_right_but_is_not_parquet_is_named(tmp_path, monkeypatch):
+    """A part listed with its true sha256 that does not parse: DamagedVersion naming that part
+    (also when the other parts are read in the same scan)."""
+    from pipeline.store import DamagedVersion
+
+    frames = {f"k{i}": pl.DataFrame({"a": [i]}) for i in range(4)}
+    h = _table_version(tmp_path, frames)
+    m = h.manifest()
+    bad = m.tables["t"].parts[2]
+    p = h.path / bad.path
+    p.unlink()  # a hard link to the shared object: replaced, not written through
+    p.write_bytes(b"not parquet at all")
+    import hashlib
+
+    fixed = bad.model_copy(update={"sha256": hashlib.sha256(b"not parquet at all").hexdigest()})
+    m.tables["t"].parts[2] = fixed
+    monkeypatch.setattr(type(h), "manifest", lambda self: m)
+    with pytest.raises(DamagedVersion, match="part-k2"):
+        h.read("t")
