@@ -510,7 +510,12 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     annotators = agg.annotator_table(results, used.select(
         "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
         order_engagement="oa_engaged"))
-    for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame()),
+    # the report's label distribution: a child adds its batch's counts to its parent's
+    from pipeline.report import LABEL_COUNTS, label_counts
+
+    base = parent.read(LABEL_COUNTS) if intact and same_policy and parent is not None and parent.has(LABEL_COUNTS) else None
+    counts = label_counts(judgments if base is None else judgments.slice(n_parent_judgments), base)
+    for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame()), (LABEL_COUNTS, counts),
                         (inc.PARAMS_TABLE, params), (inc.PRELIM_PARAMS, prelim_params), (GROUPS, groups),
                         *inc.sums_frames(results).items()):
         w = TableWriter(store, stage, name)
@@ -568,7 +573,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=fate, pair_rows=pair_rows, pair_prompts=pair_prompts,
                           flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results,
-                          pair_order=plan.order if plan is not None else None)
+                          pair_order=plan.order if plan is not None else None, label_counts=counts)
     for path in write_report(inputs, stage):
         manifest.files[path.name] = file_info(path, path.name)
     timer.lap("report", t)

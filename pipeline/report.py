@@ -38,6 +38,7 @@ class ReportInputs:
     results: dict[str, CheckResult] = field(default_factory=dict)
     pair_prompts: pl.DataFrame | None = None  # pair_id -> prompt_hash, one row a pair (else from ``judgments``)
     pair_order: pl.Series | None = None  # the pairs' ids in first-seen order when ``pairs`` is in another
+    label_counts: pl.DataFrame | None = None  # :func:`label_counts` of ``judgments`` (a child's: summed, not counted)
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # what both renderings compute once
 
 
@@ -109,14 +110,28 @@ def flow_chart(m: Manifest) -> str:
     ])
 
 
+LABEL_COUNTS = "label_counts"  # the version's table of :func:`label_counts`
+_SLICE = ["locale", "annotator_kind", "label"]
+
+
+def label_counts(judgments: pl.DataFrame, base: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Judgments by (locale, annotator_kind, label), column ``n``, sorted: what the label
+    distribution shows.  ``base``: counts to add to (a child's batch is counted, its parent's
+    judgments are the parent's table)."""
+    counts = judgments.group_by(_SLICE).agg(n=pl.len().cast(pl.Int64))
+    if base is not None:
+        counts = pl.concat([base.select(*_SLICE, "n"), counts], how="vertical_relaxed").group_by(_SLICE).agg(pl.col("n").sum())
+    return counts.sort(_SLICE, nulls_last=False)
+
+
 def label_distribution(inp: ReportInputs) -> tuple[list[str], dict[str, list[float]], list[int]]:
     """(slices, share of each label per slice, judgments per slice)."""
-    j = inp.judgments
-    if j.height == 0:
+    counts = inp.label_counts if inp.label_counts is not None else label_counts(inp.judgments)
+    if counts.height == 0:
         return [], {}, []
     # counted by the three columns, then named: a slice string built for each of 3M rows cost more than the count
-    counts = j.group_by("locale", "annotator_kind", "label").len().select(
-        "label", "len", slice=pl.concat_str([pl.col("locale").fill_null("?"), pl.col("annotator_kind")], separator=" · "))
+    counts = counts.select(
+        "label", len="n", slice=pl.concat_str([pl.col("locale").fill_null("?"), pl.col("annotator_kind")], separator=" · "))
     counts = counts.group_by("slice", "label").agg(pl.col("len").sum())
     slices = sorted(counts["slice"].unique().to_list())
     series = {lab: [float(counts.filter((pl.col("slice") == s) & (pl.col("label") == lab))["len"].sum()) for s in slices]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pipeline.checks import CHECKS, run_checks
 from pipeline.curate import curate
 from pipeline.incremental import PAIR_SCOPED, declared_sums, sums_params_table, sums_table
+from pipeline.report import LABEL_COUNTS, label_counts
 from pipeline.store import Store
 from schemas.policy import Policy, policy_from_dict
 
@@ -145,6 +146,8 @@ def test_child_checks_equal_a_run_over_the_union(tmp_path_factory, seed, n_batch
             assert m["prompts_hashed"] < m["index_prompts"]  # the parent's prompts were not hashed again
             clusters = h.read("pairs", columns=["pair_id", "near_dup_cluster"]).sort("pair_id")
             assert clusters.equals(nd.tables["clusters"].join(clusters.select("pair_id"), on="pair_id", how="semi"))
+            # the report's label counts: the parent's plus the batch's, equal to a count of every judgment
+            assert h.read(LABEL_COUNTS).equals(label_counts(judgments))
 
 
 def _pairs(judgments: pl.DataFrame) -> pl.DataFrame:

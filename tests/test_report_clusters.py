@@ -37,12 +37,16 @@ def test_label_distribution_shares_per_locale_and_kind():
     """Each slice (locale · annotator kind; a missing locale is '?') gets its labels' shares and its count."""
     from types import SimpleNamespace
 
-    from pipeline.report import label_distribution
+    from pipeline.report import label_counts, label_distribution
 
     rows = [("en", "human", "a")] * 3 + [("en", "human", "b")] + [("en", "ai", "tie")] * 2 + [(None, "human", "escalate")]
     j = pl.DataFrame({"locale": [r[0] for r in rows], "annotator_kind": [r[1] for r in rows], "label": [r[2] for r in rows]},
                      schema={"locale": pl.String, "annotator_kind": pl.String, "label": pl.String})
-    slices, shares, totals = label_distribution(SimpleNamespace(judgments=j))  # type: ignore[arg-type]
-    assert slices == ["? · human", "en · ai", "en · human"] and totals == [1, 2, 4]
-    assert shares["a"] == [0.0, 0.0, 0.75] and shares["b"] == [0.0, 0.0, 0.25]
-    assert shares["tie"] == [0.0, 1.0, 0.0] and shares["escalate"] == [1.0, 0.0, 0.0] and shares["both_bad"] == [0.0] * 3
+    # counted here, or summed from a parent's counts and a batch's (split anywhere): the same figures
+    for counts in (None, label_counts(j.slice(4), label_counts(j.slice(0, 4))), label_counts(j.slice(0, 0), label_counts(j))):
+        inp = SimpleNamespace(judgments=j if counts is None else j.clear(), label_counts=counts)
+        slices, shares, totals = label_distribution(inp)  # type: ignore[arg-type]
+        assert slices == ["? · human", "en · ai", "en · human"] and totals == [1, 2, 4]
+        assert shares["a"] == [0.0, 0.0, 0.75] and shares["b"] == [0.0, 0.0, 0.25]
+        assert shares["tie"] == [0.0, 1.0, 0.0] and shares["escalate"] == [1.0, 0.0, 0.0] and shares["both_bad"] == [0.0] * 3
+    assert label_counts(j.slice(3), label_counts(j.slice(0, 3))).equals(label_counts(j))
