@@ -573,7 +573,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     inputs = ReportInputs(manifest=manifest, judgments=judgments, pairs=fate, pair_rows=pair_rows, pair_prompts=pair_prompts,
                           flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results,
-                          pair_order=plan.order if plan is not None else None, label_counts=counts)
+                          pair_order=plan.order if plan is not None else None, label_counts=counts,
+                          graph_clusters=results["near_duplicates"].tables.get("graph_clusters"))
     for path in write_report(inputs, stage):
         manifest.files[path.name] = file_info(path, path.name)
     timer.lap("report", t)

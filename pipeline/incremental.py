@@ -363,7 +363,8 @@ def near_duplicates(judgments: pl.DataFrame, parent: VersionHandle | None, cfg: 
         flags = nds.merge_flags(pf.filter(pl.col("check") == nds.nd.NAME), res)
     entry = res.check_result()
     entry = CheckResult(name=entry.name, status=entry.status, metrics=entry.metrics, summary=entry.summary,
-                        flags=flags if flags.height else empty_flags(), tables={"clusters": res.all_clusters()})
+                        flags=flags if flags.height else empty_flags(),
+                        tables={"clusters": res.all_clusters(), "graph_clusters": res.graph_clusters().to_frame()})
     res.release()  # the parent's bands and sketches: the build writes the state parts at its end
     return entry, res
 

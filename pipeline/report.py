@@ -39,6 +39,7 @@ class ReportInputs:
     pair_prompts: pl.DataFrame | None = None  # pair_id -> prompt_hash, one row a pair (else from ``judgments``)
     pair_order: pl.Series | None = None  # the pairs' ids in first-seen order when ``pairs`` is in another
     label_counts: pl.DataFrame | None = None  # :func:`label_counts` of ``judgments`` (a child's: summed, not counted)
+    graph_clusters: pl.DataFrame | None = None  # near_dup_cluster: the only clusters that can hold several prompts
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # what both renderings compute once
 
 
@@ -241,7 +242,11 @@ def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
     if "near_dup_cluster" not in p.columns or p.height == 0:
         return pl.DataFrame()
     c = pl.col
-    p = p.filter(c("near_dup_cluster").is_duplicated()).select("pair_id", "near_dup_cluster")
+    # candidates: the clusters of the near-duplicate graph when known (any other holds one prompt: a
+    # filter by a set of ~1 % of the clusters), else the clusters of several pairs
+    many = c("near_dup_cluster").is_in(inp.graph_clusters["near_dup_cluster"].implode()) if inp.graph_clusters is not None \
+        else c("near_dup_cluster").is_duplicated()
+    p = p.filter(many).select("pair_id", "near_dup_cluster")
     ph = inp.pair_prompts.join(p.select("pair_id"), on="pair_id", how="semi") if inp.pair_prompts is not None else \
         inp.judgments.select("pair_id", "prompt_hash").join(p.select("pair_id"), on="pair_id", how="semi") \
         .unique("pair_id", keep="first")

@@ -50,3 +50,33 @@ def test_label_distribution_shares_per_locale_and_kind():
         assert shares["a"] == [0.0, 0.0, 0.75] and shares["b"] == [0.0, 0.0, 0.25]
         assert shares["tie"] == [0.0, 1.0, 0.0] and shares["escalate"] == [1.0, 0.0, 0.0] and shares["both_bad"] == [0.0] * 3
     assert label_counts(j.slice(3), label_counts(j.slice(0, 3))).equals(label_counts(j))
+
+
+def test_clusters_looked_for_among_the_graph_ones_are_those_of_every_cluster(tmp_path):
+    """The report looks for clusters of several prompts among the near-duplicate graph's clusters
+    (when the check gives them): on the samples, which plant near-duplicate prompts, that finds
+    exactly the clusters a look over every cluster of several pairs finds."""
+    from conftest import ROOT
+
+    import pipeline.checks.near_duplicates_state as nds
+    from pipeline.curate import curate
+    from pipeline.store import Store
+    from schemas.policy import Policy
+
+    batches = sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))
+    store = Store(tmp_path / "s")
+    h = store.get(curate(batches, store, Policy()).version_id)
+    judgments = h.read("judgments", columns=["pair_id", "prompt_hash", "prompt", "prompt_text"])
+    graph = nds.run_incremental(judgments, nds.NearDupState.empty(Policy().checks), generation="g").graph_clusters()
+    pairs = h.read("pairs", columns=["pair_id", "decision", "reason", "near_dup_cluster", "prompt_text"])
+
+    def inputs(graph_clusters: pl.DataFrame | None) -> ReportInputs:
+        return ReportInputs(manifest=None, judgments=judgments, pairs=pairs.drop("prompt_text"),  # type: ignore[arg-type]
+                            pair_rows=lambda ids: pairs.join(ids.to_frame("pair_id"), on="pair_id", how="semi"),
+                            flags=pl.DataFrame(), annotators=pl.DataFrame(), routed=pl.DataFrame(),
+                            quarantine=pl.DataFrame(), graph_clusters=graph_clusters)
+
+    every = near_dup_clusters(inputs(None))
+    assert every.height and every["n_prompts"].min() > 1  # the samples have clusters of several prompts
+    assert graph.len() < pairs["near_dup_cluster"].n_unique() // 4  # a small set to look among
+    assert near_dup_clusters(inputs(graph.to_frame())).equals(every)

@@ -455,6 +455,12 @@ class IncrementalResult:
                 .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
                 .unique("pair_id", keep="any"))  # in no order: its readers join on pair_id
 
+    def graph_clusters(self) -> pl.Series:
+        """The names of the clusters of the graph (near-duplicate edges, pairs with several
+        prompts): every other cluster holds one prompt -- what the report's clusters of several
+        prompts are looked for among."""
+        return self._child["components"]["cluster"].unique().rename("near_dup_cluster")
+
     def release(self) -> None:
         """Drop what only :meth:`all_clusters` and :meth:`child_state` read (the parent's bands and
         sketches: ~0.3 GB at 3M judgments); :meth:`write_state` still works.  For a build that has
