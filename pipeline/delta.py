@@ -175,20 +175,15 @@ def parent_texts(parent: VersionHandle, own: pl.DataFrame, keys: Callable[[pl.Da
                  ) -> Callable[[pl.Series], pl.DataFrame]:
     """pair ids -> their pairs rows with texts: the dirty pairs' from ``own``, the others (the clean
     pairs) from the parent's pairs table -- only the parts that hold them (``keys``: a frame of pair
-    ids -> pair_id, ``_part``), each read once."""
-    read: dict[str, pl.DataFrame] = {}
+    ids -> pair_id, ``_part``), read in one scan whose filter decodes the texts of those rows only."""
 
     def texts(ids: pl.Series) -> pl.DataFrame:
         mine = own.join(ids.to_frame("pair_id"), on="pair_id", how="semi")
         rest = ids.to_frame("pair_id").join(mine.select("pair_id"), on="pair_id", how="anti")
         if rest.height == 0:
             return mine
-        frames = []
-        for key in keys(rest)["_part"].unique().sort().to_list():
-            if key not in read:
-                read[key] = parent.read(f"pairs/part-{key}.parquet")
-            frames.append(read[key].join(rest, on="pair_id", how="semi"))
-        theirs = pl.concat(frames, how="diagonal_relaxed") if frames else mine.clear()
+        theirs = parent.read("pairs", where=pl.col("pair_id").is_in(rest["pair_id"].implode()),
+                             keys=keys(rest)["_part"].unique().to_list())
         cols = [x for x in mine.columns if x in theirs.columns]
         return pl.concat([mine.select(cols), theirs.select(cols).cast(mine.select(cols).schema)])
 
