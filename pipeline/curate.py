@@ -230,6 +230,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-write") as pool:
         written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id,
                               fresh=batch)
+        # ... and the columns a child reads of every row, in parts of the same rows (pipeline/incremental.py)
+        written_rows = pool.submit(_appended_table, store, stage, inc.JUDGMENT_ROWS, parent, inc.judgment_rows(judgments),
+                                   n_parent_judgments, version_id, fresh=inc.judgment_rows(batch) if batch is not None else None)
         # train_on: the version is built on one dimension's verdicts (judgments.parquet keeps them as given)
         judgments, no_verdict = dims.for_training(judgments, policy.dimensions)
         # the union starts with the parent's judgments as they are (train_on may drop some: then everything is rerun)
@@ -326,6 +329,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
         t = time.perf_counter()
         tables["judgments"] = written.result()
+        tables[inc.JUDGMENT_ROWS] = written_rows.result()
         files: dict[str, SplitInfo] = {}
         t = timer.lap("write_judgments (wait)", t)
     flags = all_flags(results)

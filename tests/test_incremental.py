@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.checks import CHECKS, run_checks
 from pipeline.curate import curate
-from pipeline.incremental import PAIR_SCOPED, declared_sums, sums_params_table, sums_table
+from pipeline.incremental import JUDGMENT_ROWS, PAIR_SCOPED, declared_sums, sums_params_table, sums_table
 from pipeline.report import LABEL_COUNTS, label_counts
 from pipeline.store import Store
 from schemas.policy import Policy, policy_from_dict
@@ -328,3 +328,25 @@ def test_aligned_chunks_every_column_as_the_first_and_keeps_the_values():
     assert [fixed[c].chunk_lengths() for c in fixed.columns] == [[2, 1]] * 3 and fixed.equals(odd)
     ok = a.drop("z")  # (a Null-typed column is one chunk whatever its frame)
     assert aligned(ok) is ok
+
+
+def test_a_child_reads_the_judgments_texts_only_when_its_batch_is_near_old_rows(tmp_path, monkeypatch):
+    """A child reads every row of its parent's judgments from the judgment rows table (no texts:
+    a fraction of the bytes to hash); the judgments' own part is read only when some old row
+    shares a pair or a prompt with the batch -- and both children equal a child reading every text."""
+    from pipeline.store import VersionHandle
+
+    base = dict(response_a="Answer one.", response_b="Answer two.", label="a", shown_first="a", locale="en", tags=None)
+    parent = [canonical(0, comparison_id=f"c{i}", prompt=f"Prompt {i}?", annotator_id=f"ann-{i}", **base) for i in range(4)]
+    fresh = [canonical(0, comparison_id="c8", prompt="Prompt W?", annotator_id="ann-3", **base)]
+    again = [canonical(0, comparison_id="c9", prompt="Prompt 1?", annotator_id="ann-3", **base)]
+    read: list[str] = []  # what the children of the narrow chain (store "n") read
+    real = VersionHandle.read_bytes
+    monkeypatch.setattr(VersionHandle, "read_bytes", lambda self, rel: (read.append(str(self.path / rel)), real(self, rel))[1])
+    for root, batch, texts in ((tmp_path / "fresh", fresh, False), (tmp_path / "again", again, True)):
+        read.clear()
+        root.mkdir()
+        _same_as_reading_every_text(root, [parent, batch], monkeypatch)
+        mine = [r.split("/versions/", 1)[1].split("/", 1)[1] for r in read if r.startswith(f"{root}/n/")]
+        assert any(r.startswith(f"{JUDGMENT_ROWS}/") for r in mine)
+        assert any(r.startswith("judgments/") for r in mine) == texts, mine
