@@ -230,9 +230,12 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-write") as pool:
         written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id,
                               fresh=batch)
-        # ... and the columns a child reads of every row, in parts of the same rows (pipeline/incremental.py)
+        # ... and the columns a child reads of every row, in parts of the same rows (pipeline/incremental.py); a
+        # parent written before it has none: every row is written (the union has these columns of every row)
+        has_rows = parent is not None and parent.table(inc.JUDGMENT_ROWS) is not None
         written_rows = pool.submit(_appended_table, store, stage, inc.JUDGMENT_ROWS, parent, inc.judgment_rows(judgments),
-                                   n_parent_judgments, version_id, fresh=inc.judgment_rows(batch) if batch is not None else None)
+                                   n_parent_judgments, version_id,
+                                   fresh=inc.judgment_rows(batch) if batch is not None and has_rows else None)
         # train_on: the version is built on one dimension's verdicts (judgments.parquet keeps them as given)
         judgments, no_verdict = dims.for_training(judgments, policy.dimensions)
         # the union starts with the parent's judgments as they are (train_on may drop some: then everything is rerun)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.checks import CHECKS, run_checks
 from pipeline.curate import curate
-from pipeline.incremental import JUDGMENT_ROWS, PAIR_SCOPED, declared_sums, sums_params_table, sums_table
+from pipeline.incremental import JUDGMENT_ROWS, PAIR_SCOPED, declared_sums, judgment_rows, sums_params_table, sums_table
 from pipeline.report import LABEL_COUNTS, label_counts
 from pipeline.store import Store
 from schemas.policy import Policy, policy_from_dict
@@ -350,3 +350,27 @@ def test_a_child_reads_the_judgments_texts_only_when_its_batch_is_near_old_rows(
         mine = [r.split("/versions/", 1)[1].split("/", 1)[1] for r in read if r.startswith(f"{root}/n/")]
         assert any(r.startswith(f"{JUDGMENT_ROWS}/") for r in mine)
         assert any(r.startswith("judgments/") for r in mine) == texts, mine
+
+
+def test_a_parent_without_judgment_rows_gets_a_child_that_writes_every_row(tmp_path, monkeypatch):
+    """A parent written before the judgment rows table (older code): its child reads the
+    judgments and writes the table with every row; the grandchild reads it."""
+    from pipeline.store import VersionHandle
+
+    rng = random.Random(21)
+    store = Store(tmp_path / "s")
+    old: list[dict] = []
+    ids = []
+    for step in range(3):
+        rows = _batch(rng, step, old)
+        old += rows
+        parent = ids[-1] if ids else None
+        with monkeypatch.context() as m:
+            if step == 1:  # the first version as older code wrote it
+                real = VersionHandle.table
+                m.setattr(VersionHandle, "table", lambda self, name: None if name == JUDGMENT_ROWS else real(self, name))
+            ids.append(curate([write_jsonl(tmp_path / f"b{step}.jsonl", rows)], store, POLICY, parent=parent).version_id)
+    for vid in ids:
+        h = store.get(vid)
+        assert h.read(JUDGMENT_ROWS).equals(judgment_rows(h.read("judgments")))
+    assert len(store.get(ids[1]).manifest().tables[JUDGMENT_ROWS].parts) == 1  # every row in the child's own part
