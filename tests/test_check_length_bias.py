@@ -158,3 +158,31 @@ def test_lengths_given_as_state_in_either_orientation_equal_the_texts() -> None:
             assert got.tables[name].equals(table), name
     with pytest.raises(ValueError, match="lengths lack 1 of the pairs"):
         length_bias.run(narrow, ChecksConfig(), pairs=pairs, lengths=as_is.slice(1))
+
+
+def test_pair_ratio_figures_are_the_same_for_aligned_and_shuffled_lengths():
+    """The lengths of a curate run are one row a pair in the pairs' order (read side by side);
+    any other table of lengths is joined: the same figures and histogram either way."""
+    import random
+
+    import polars as pl
+
+    from pipeline.checks.length_bias import _ratio_metrics
+
+    rng = random.Random(4)
+    n = 400
+    pairs = pl.DataFrame({"pair_id": [f"p{i}" for i in range(n)],
+                          "label_consensus": [rng.choice(["a", "b", "tie", None]) for _ in range(n)]})
+    lengths = pl.DataFrame({"pair_id": pairs["pair_id"], "len_a": [rng.randrange(1, 900) for _ in range(n)],
+                            "len_b": [rng.randrange(1, 900) for _ in range(n)]})
+    t1: dict = {}
+    t2: dict = {}
+    aligned = _ratio_metrics(pairs, lengths, 1.2, t1)
+    shuffled = _ratio_metrics(pairs, lengths.sample(fraction=1.0, shuffle=True, seed=1).head(n - 7), 1.2, t2)
+    missing = set(pairs["pair_id"]) - set(lengths.sample(fraction=1.0, shuffle=True, seed=1).head(n - 7)["pair_id"])
+    assert missing  # the shuffled table lacks a few pairs: compared with the aligned figures of the others
+    t3: dict = {}
+    kept = pairs.filter(~pl.col("pair_id").is_in(list(missing)))
+    assert _ratio_metrics(kept, lengths.filter(pl.col("pair_id").is_in(kept["pair_id"].implode())), 1.2, t3) == shuffled
+    assert t3["length_ratio_hist"].equals(t2["length_ratio_hist"])
+    assert aligned["consensus_pairs_with_length_difference"] > 0 and aligned != shuffled

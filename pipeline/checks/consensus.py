@@ -82,7 +82,8 @@ def run(
         }
 
     metrics: dict[str, Any] = {"pairs": pairs.height, "abstain_below": low, **summary_of(dec)}
-    metrics["by_kind"] = {k: summary_of(dec.filter(c("annotator_kind") == k)) for k in sorted(set(dec["annotator_kind"]))}
+    by_kind = dec.partition_by("annotator_kind", as_dict=True) if dec.height else {}
+    metrics["by_kind"] = {k: summary_of(by_kind[(k,)]) for k in sorted(k for (k,) in by_kind)}
     summary = f"{abst.height} of {dec.height} decided pairs abstained (confidence < {low})"
     return CheckResult(name=NAME, status="pass", metrics=metrics, flags=flags, summary=summary)
 

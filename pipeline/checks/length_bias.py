@@ -258,9 +258,11 @@ def run(
 
 def _ratio_metrics(pairs: pl.DataFrame, lengths: pl.DataFrame, min_ratio: float, tables: dict[str, pl.DataFrame]) -> dict[str, Any]:
     c = pl.col
-    cp = pairs.select("pair_id", "label_consensus").filter(c("label_consensus").is_in(["a", "b"])).join(
-        lengths, on="pair_id", how="inner"
-    )
+    decided = c("label_consensus").is_in(["a", "b"])
+    if pairs.height == lengths.height and pairs["pair_id"].equals(lengths["pair_id"]):  # a row a pair in the same order
+        cp = pl.concat([pairs.select("label_consensus"), lengths.select("len_a", "len_b")], how="horizontal").filter(decided)
+    else:
+        cp = pairs.select("pair_id", "label_consensus").filter(decided).join(lengths, on="pair_id", how="inner")
     if cp.height == 0:
         tables["length_ratio_hist"] = pl.DataFrame(schema={"log2_ratio_lo": pl.Float64, "log2_ratio_hi": pl.Float64, "pairs": pl.Int64})
         return {"chosen_longer_rate_pairs": None, "chosen_rejected_ratio_quantiles": None}
