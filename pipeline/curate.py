@@ -420,8 +420,20 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     moves = split_moves(prior, (now if plan is None else dpo).select("pair_id", "split"))
     split_sizes = {s: now.filter(pl.col("split") == s).height for s in SPLITS}
     # each pair's prompt (its first judgment's), for the leakage check and the report's clusters
-    pair_prompts = judgments.lazy().filter(pl.col("pair_id").is_first_distinct()).select("pair_id", "prompt_hash").collect()
-    leaks = leakage({s: now.filter(pl.col("split") == s) for s in SPLITS}, pair_prompts)
+    pair_prompts: pl.DataFrame | None
+    if plan is not None and clusters is not None and _no_leaks(parent):
+        # a child whose parent leaked nothing: its clean pairs keep their splits and clusters, and a cluster is
+        # all clean or all dirty (the plan takes whole clusters), as is a prompt (pairs of one prompt share a
+        # near-duplicate cluster): a leak has dirty pairs only (docs/incremental.md).  The report looks up
+        # the prompts of the few pairs it shows in the judgments.
+        mine = judgments.filter(pl.col("pair_id").is_in(dpo["pair_id"].implode()))
+        leaks = leakage({s: dpo.filter(pl.col("split") == s) for s in SPLITS},
+                        mine.filter(pl.col("pair_id").is_first_distinct()).select("pair_id", "prompt_hash"))
+        pair_prompts = None
+        del mine
+    else:
+        pair_prompts = judgments.lazy().filter(pl.col("pair_id").is_first_distinct()).select("pair_id", "prompt_hash").collect()
+        leaks = leakage({s: now.filter(pl.col("split") == s) for s in SPLITS}, pair_prompts)
     del now
     psel.dpo = psel.dpo.clear()  # from here the split frames hold the rows
     split_frames = {s: dpo.filter(pl.col("split") == s).drop("split") for s in SPLITS}
@@ -800,6 +812,13 @@ def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle 
     if fresh.height or not w.parts:
         w.write(version_id, fresh)
     return w.info()
+
+
+def _no_leaks(parent: VersionHandle | None) -> bool:
+    """The parent measured its splits' leakage, and found none of any kind."""
+    m = parent.manifest().check("split_leakage").metrics if parent is not None else {}
+    kinds = ("clusters_in_several_splits", "pairs_in_several_splits", "prompts_in_several_splits")
+    return all(m.get(k) == 0 for k in kinds)
 
 
 def _split_check(leaks: dict[str, int], sizes: dict[str, int]) -> dict[str, Any]:

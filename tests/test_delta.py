@@ -164,3 +164,39 @@ def test_a_prompt_bridging_two_clusters_moves_pairs_as_selecting_every_pair_does
     assert stability.metrics["moved"] == 3 and stability.metrics["moves"] == {f"train->{fam_split[j]}": 3}
     assert "pairs_selected" in fast.get(v2).manifest().lineage["consensus"]
     _same_version(fast, slow, v2)
+
+
+def test_a_leak_among_a_childs_dirty_pairs_is_counted_as_over_every_pair(tmp_path, monkeypatch):
+    """A child whose parent leaked nothing counts leakage over its dirty pairs only. A leak planted
+    among them (one pair of a cluster of several moved to another split) is counted as a count over
+    every pair of the version's splits counts it."""
+    import pipeline.curate as cur
+    from pipeline.split import leakage
+
+    rng = random.Random(11)
+    store = Store(tmp_path / "s")
+    first = _batch(rng, 0, [])
+    parent = curate([write_jsonl(tmp_path / "a.jsonl", first)], store, POLICY).version_id
+    assert store.get(parent).manifest().check("split_leakage").metrics["clusters_in_several_splits"] == 0
+    real = cur.assign_splits
+    moved: list[str] = []
+
+    def leaky(dpo, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        out = real(dpo, *a, **k)
+        big = out.filter(pl.col("near_dup_cluster").is_duplicated()).sort("pair_id")
+        if big.height:
+            moved.append(big["pair_id"][0])
+            to = "validation" if big["split"][0] != "validation" else "train"
+            out = out.with_columns(split=pl.when(pl.col("pair_id") == moved[-1]).then(pl.lit(to)).otherwise(pl.col("split")))
+        return out
+
+    monkeypatch.setattr(cur, "assign_splits", leaky)
+    child = curate([write_jsonl(tmp_path / "b.jsonl", _batch(rng, 1, first))], store, POLICY, parent=parent).version_id
+    h = store.get(child)
+    assert moved and h.manifest().lineage["consensus"]["pairs_selected"] < h.manifest().ledger.pairs  # the delta path
+    frames = {s: h.read_split(s, columns=["pair_id", "near_dup_cluster"]) for s in ("train", "validation", "test")}
+    prompts = h.read("judgments", columns=["pair_id", "prompt_hash"]).unique("pair_id", keep="first", maintain_order=True)
+    want = leakage(frames, prompts)
+    got = h.manifest().check("split_leakage").metrics
+    assert want["clusters_in_several_splits"] >= 1
+    assert {k: got[k] for k in want} == want
