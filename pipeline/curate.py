@@ -351,7 +351,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     def planner(rows: pl.DataFrame, kept_pairs: pl.Series, no_kept: pl.Series) -> delta.Plan:
         assert recompute is not None
-        return delta.plan(rows.select(delta.PLAN_COLUMNS), kept_pairs, recompute, flags, clusters, no_kept)
+        return delta.plan(rows.select(delta.PLAN_COLUMNS), kept_pairs, recompute, flags, clusters, no_kept,
+                          moved=near_dup.clusters if str(near_dup.stats.get("origin")).startswith("state of ") else None)
 
     # select, split and write over the dirty pairs only when the parent keeps its pair tables as parts (pipeline/delta.py)
     final, decided, rule, params, parent_rows, plan = _final_aggregation(

@@ -57,17 +57,24 @@ class Plan:
 
 
 def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, flags: pl.DataFrame,
-         clusters: pl.DataFrame | None, no_kept: pl.Series) -> Plan:
+         clusters: pl.DataFrame | None, no_kept: pl.Series, moved: pl.DataFrame | None = None) -> Plan:
     """Which pairs go through select again.  ``parent_rows``: the parent's pairs table
     (:data:`PLAN_COLUMNS`); ``pair_ids``: the pairs of the child's aggregation (with kept
-    judgments); ``no_kept``: the child's other pairs (all their judgments dropped).
+    judgments); ``no_kept``: the child's other pairs (all their judgments dropped); ``moved``:
+    pair_id, near_dup_cluster of the only pairs whose cluster may differ from the parent's (the
+    near-duplicate step's: the batch's pairs and those of renamed prompts), None: any pair's may.
 
     Only small sets are compared pair by pair: the flag reasons by (pair, reason) difference,
-    the clusters over the pairs that are in a cluster in the child or were in the parent."""
+    the clusters over the pairs that are in a cluster in the child or were in the parent; a join
+    of a small set with every pair's rows filters those rows by the set first."""
     c = pl.col
     ids = pair_ids.to_frame("pair_id")
     cl = (clusters.select("pair_id", _cl="near_dup_cluster") if clusters is not None and clusters.height
           else pl.DataFrame(schema={"pair_id": pl.String, "_cl": pl.String}))
+
+    def of(frame: pl.DataFrame, keys: pl.Series) -> pl.DataFrame:  # the rows of ``keys`` (a small set) only
+        return frame.filter(c("pair_id").is_in(keys.implode()))
+
     ndc = parent_rows.select("pair_id", "near_dup_cluster")
     # flag reasons: the (pair, reason) rows of one side that the other lacks
     mine = flags.filter(c("subject_kind") == "pair").select(pair_id="subject_id", reason="reason").unique()
@@ -75,33 +82,34 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     flag_changed = pl.concat([mine.join(theirs, on=["pair_id", "reason"], how="anti"),
                               theirs.join(mine, on=["pair_id", "reason"], how="anti")])["pair_id"]
     # clusters: a pair of the parent whose cluster here (its own id when it has none) is another
-    # (one join; the pairs not in the child's aggregation are left out with the seeds below)
-    cluster_changed = ndc.filter(c("near_dup_cluster").is_not_null()).join(cl, on="pair_id", how="left") \
+    # (the pairs not in the child's aggregation are left out with the seeds below)
+    maybe = ndc if moved is None else of(ndc, moved["pair_id"])
+    cluster_changed = maybe.filter(c("near_dup_cluster").is_not_null()) \
+        .join(cl if moved is None else of(cl, moved["pair_id"]), on="pair_id", how="left") \
         .filter(c("_cl").fill_null(c("pair_id")) != c("near_dup_cluster"))["pair_id"]
     # not in the parent's pairs (new, or all dropped there)
     new = ids.join(ndc.filter(c("near_dup_cluster").is_not_null()), on="pair_id", how="anti")["pair_id"]
-    seed_ids = pl.concat([flag_changed, cluster_changed, new, recompute]).unique().to_frame("pair_id") \
-        .join(ids, on="pair_id", how="semi")
-    seeds = seed_ids.join(cl, on="pair_id", how="left").join(ndc, on="pair_id", how="left") \
-        .with_columns(_cl=c("_cl").fill_null(c("pair_id")))
+    seed_ids = of(ids, pl.concat([flag_changed, cluster_changed, new, recompute]).unique())
+    seeds = seed_ids.join(of(cl, seed_ids["pair_id"]), on="pair_id", how="left") \
+        .join(of(ndc, seed_ids["pair_id"]), on="pair_id", how="left").with_columns(_cl=c("_cl").fill_null(c("pair_id")))
     none = pl.DataFrame(schema={"pair_id": pl.String, "near_dup_cluster": pl.String})
     # the parent's pairs the child has no kept judgment of (usually none: counted before joining)
     matched = ids.height - new.len()
     removed = ndc.join(ids, on="pair_id", how="anti") if matched < parent_rows.height else none
     # pairs of the child without kept judgments that the parent's pairs table lacks: their clusters too
-    others = no_kept.to_frame("pair_id").join(removed.select("pair_id"), on="pair_id", how="anti") \
-        .join(cl, on="pair_id", how="left").with_columns(_cl=c("_cl").fill_null(c("pair_id")))
-    removed_cl = removed.select("pair_id").join(no_kept.to_frame("pair_id"), on="pair_id", how="semi") \
-        .join(cl, on="pair_id", how="left").select(c("_cl").fill_null(c("pair_id")))["_cl"]
+    others = no_kept.to_frame("pair_id").join(removed.select("pair_id"), on="pair_id", how="anti")
+    others = others.join(of(cl, others["pair_id"]), on="pair_id", how="left").with_columns(_cl=c("_cl").fill_null(c("pair_id")))
+    gone = removed.select("pair_id").join(no_kept.to_frame("pair_id"), on="pair_id", how="semi")
+    removed_cl = gone.join(of(cl, gone["pair_id"]), on="pair_id", how="left").select(c("_cl").fill_null(c("pair_id")))["_cl"]
     # whole clusters: a cluster's split is decided for all its members (now and in the parent)
     touched = pl.concat([seeds["_cl"], seeds["near_dup_cluster"].drop_nulls(), removed["near_dup_cluster"], removed_cl,
                          others["_cl"]]).unique().implode()
     # a pair's cluster here (its own id when in none) or in the parent is touched
     in_cl = cl.filter(c("_cl").is_in(touched))["pair_id"]
-    alone = ids.filter(c("pair_id").is_in(touched)).join(cl, on="pair_id", how="anti")["pair_id"]
+    lone = ids.filter(c("pair_id").is_in(touched))
+    alone = lone.join(of(cl, lone["pair_id"]), on="pair_id", how="anti")["pair_id"]
     was = ndc.filter(c("near_dup_cluster").is_in(touched))["pair_id"]
-    dirty = pl.concat([seed_ids["pair_id"], in_cl, alone, was]).unique().to_frame("pair_id") \
-        .join(ids, on="pair_id", how="semi")["pair_id"]
+    dirty = of(ids, pl.concat([seed_ids["pair_id"], in_cl, alone, was]).unique())["pair_id"]
     # the parent's pairs that still have kept judgments: all of them unless some were removed
     still = parent_rows.join(ids, on="pair_id", how="semi") if removed.height else parent_rows
     clean = still.filter(~c("pair_id").is_in(dirty.implode()))

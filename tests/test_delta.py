@@ -200,3 +200,30 @@ def test_a_leak_among_a_childs_dirty_pairs_is_counted_as_over_every_pair(tmp_pat
     got = h.manifest().check("split_leakage").metrics
     assert want["clusters_in_several_splits"] >= 1
     assert {k: got[k] for k in want} == want
+
+
+@random_chains(4, max_batches=4)
+def test_the_plan_compares_clusters_of_the_moved_pairs_only(tmp_path_factory, monkeypatch, seed, n_batches):
+    """A child's plan compares the clusters of the pairs the near-duplicate step says may have
+    moved (the batch's, those of renamed prompts), not every pair's: the same plan as comparing all."""
+    real = delta.plan
+    compared: list[int] = []
+
+    def both(*a, moved=None, **k):  # noqa: ANN001, ANN002, ANN003
+        got = real(*a, moved=moved, **k)
+        if moved is not None:
+            want = real(*a, moved=None, **k)
+            assert sorted(got.dirty.to_list()) == sorted(want.dirty.to_list())
+            assert got.removed.equals(want.removed) and got.new.sort().equals(want.new.sort())
+            assert got.clean.sort("pair_id").equals(want.clean.sort("pair_id"))
+            compared.append(moved.height)
+        return got
+
+    monkeypatch.setattr(delta, "plan", both)
+    root = tmp_path_factory.mktemp("moved")
+    store, rng, old, parent = Store(root / "s"), random.Random(seed), [], None
+    for step in range(n_batches):
+        rows = _batch(rng, step, old)
+        old += rows
+        parent = curate([write_jsonl(root / f"b{step}.jsonl", rows)], store, POLICY, parent=parent).version_id
+    assert len(compared) == n_batches - 1
