@@ -345,9 +345,18 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         recompute = inc.pairs_to_recompute(judgments, n_parent_judgments, parent_flags, flags)
     # from here on only these columns are read (split leakage, report): release the wide frame
     judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
+    clusters = results["near_duplicates"].tables.get("clusters")
+    n_union = judgments.height
+    from pipeline.report import LABEL_COUNTS, label_counts
+
+    # the report's label distribution: a child adds its batch's counts to its parent's
+    base_counts = parent.read(LABEL_COUNTS) if intact and same_policy and parent is not None and parent.has(LABEL_COUNTS) \
+        else None
+    counts = label_counts(judgments if base_counts is None else judgments.slice(n_parent_judgments), base_counts)
+    # a child whose parent leaked nothing counts leakage over its dirty pairs (below)
+    dirty_leakage = clusters is not None and _no_leaks(parent)
     all_pair_ids, n_pairs = pair_order, prelim.pairs.height  # first-seen order (prelim.pairs: any order)
     kept_reviews = reviews.filter(~pl.col("comparison_id").is_in(jsel.dropped_ids().implode()))
-    clusters = results["near_duplicates"].tables.get("clusters")
 
     def planner(rows: pl.DataFrame, kept_pairs: pl.Series, no_kept: pl.Series) -> delta.Plan:
         assert recompute is not None
@@ -388,6 +397,14 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             dropped_by_reason["all_judgments_dropped"] = all_pair_ids.len() - fate.height
         routed_by_label = {lab: 0 for lab in ROUTED_LABELS}
         routed_by_label.update(dict(routed_all.group_by("route").len().iter_rows()) if routed_all.height else {})
+        graph = results["near_duplicates"].tables.get("graph_clusters")
+        if dirty_leakage and graph is not None:
+            # what split and the report still read of the judgments: the rows of the dirty pairs (leakage) and of the
+            # pairs in the near-duplicate graph's clusters (the report's clusters of several prompts); the rest of
+            # every judgment's rows is released before the split's work
+            shown = fate.filter(pl.col("near_dup_cluster").is_in(graph["near_dup_cluster"].implode()))["pair_id"]
+            judgments = judgments.filter(pl.col("pair_id").is_in(pl.concat([plan.dirty, shown]).implode()))
+            del shown
         t = timer.lap("select", t)
         base = plan.clean.filter(pl.col("decision") == "keep").select("pair_id", "near_dup_cluster", "locale", "annotator_kind") \
             .join(prior.select("pair_id", "split"), on="pair_id", how="left") if prior is not None else None
@@ -422,7 +439,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     split_sizes = {s: now.filter(pl.col("split") == s).height for s in SPLITS}
     # each pair's prompt (its first judgment's), for the leakage check and the report's clusters
     pair_prompts: pl.DataFrame | None
-    if plan is not None and clusters is not None and _no_leaks(parent):
+    if plan is not None and dirty_leakage:
         # a child whose parent leaked nothing: its clean pairs keep their splits and clusters, and a cluster is
         # all clean or all dirty (the plan takes whole clusters), as is a prompt (pairs of one prompt share a
         # near-duplicate cluster): a leak has dirty pairs only (docs/incremental.md).  The report looks up
@@ -530,11 +547,6 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     annotators = agg.annotator_table(results, used.select(
         "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
         order_engagement="oa_engaged"))
-    # the report's label distribution: a child adds its batch's counts to its parent's
-    from pipeline.report import LABEL_COUNTS, label_counts
-
-    base = parent.read(LABEL_COUNTS) if intact and same_policy and parent is not None and parent.has(LABEL_COUNTS) else None
-    counts = label_counts(judgments if base is None else judgments.slice(n_parent_judgments), base)
     for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame()), (LABEL_COUNTS, counts),
                         (inc.PARAMS_TABLE, params), (inc.PRELIM_PARAMS, prelim_params), (GROUPS, groups),
                         *inc.sums_frames(results).items()):
@@ -585,7 +597,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                  "timings_s": dict(timer.t),
                  **({"union": union_rule, "consensus": rule, "preliminary": prelim_rule} if parent else {}),
                  "check_sums": {**(sums_rule or {"mode": "counted"}), "formats": inc.sums_formats(),
-                                "fitted_on": inc.fitted_on(parent, (sums_rule or {}).get("checks", ()), judgments.height)},
+                                "fitted_on": inc.fitted_on(parent, (sums_rule or {}).get("checks", ()), n_union)},
                  "pair_table_parts": {"linked": reuse.linked, "written": reuse.written}},
     )
     t = time.perf_counter()
