@@ -226,12 +226,15 @@ def select_pairs(
     c = pl.col
     drop_r = _reasons_with(cfg, "drop")
     down_r = _reasons_with(cfg, "downweight")
-    p = with_unknown_kinds(pairs, judgments).join(_pair_flag_sets(flags), on="pair_id", how="left").with_columns(
-        _reasons=c("_reasons").fill_null(pl.lit([], dtype=pl.List(pl.String))),
-    )
+
+    def mine(frame: pl.DataFrame, key: str) -> pl.DataFrame:  # the rows of these pairs (a child selects a few)
+        return frame.filter(c(key).is_in(pairs["pair_id"].implode())) if 4 * pairs.height < frame.height else frame
+
+    p = with_unknown_kinds(pairs, judgments).join(_pair_flag_sets(mine(flags, "subject_id")), on="pair_id", how="left") \
+        .with_columns(_reasons=c("_reasons").fill_null(pl.lit([], dtype=pl.List(pl.String))))
     p = p.with_columns(_tokens=pair_tokens(p, cfg))
     if clusters is not None and clusters.height:
-        p = p.join(clusters.select("pair_id", "near_dup_cluster"), on="pair_id", how="left")
+        p = p.join(mine(clusters, "pair_id").select("pair_id", "near_dup_cluster"), on="pair_id", how="left")
     if "near_dup_cluster" not in p.columns:
         p = p.with_columns(near_dup_cluster=pl.lit(None, dtype=pl.String))
     p = p.with_columns(near_dup_cluster=c("near_dup_cluster").fill_null(c("pair_id")))
