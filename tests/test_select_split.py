@@ -168,3 +168,29 @@ def test_tokenizer_path_is_checked_before_any_work(tmp_path):
 
     with pytest.raises(PolicyError, match="tokenizer"):
         policy_from_dict({"select": {"tokenizer": str(tmp_path / "nope")}})
+
+
+def test_a_few_pairs_select_as_they_do_among_all():
+    """Selecting a few pairs (a child's dirty ones: their flags and clusters are filtered to them
+    first) decides each as selecting every pair does."""
+    import random
+
+    rng = random.Random(8)
+    n = 60
+    reasons = [("agreement", "low_agreement"), ("near_duplicates", "near_duplicate"), ("language", "language_mismatch"),
+               ("duplicates", "identical_responses")]
+    pairs = _pairs(n, label_consensus=[rng.choice(["a", "b", "tie", "a"]) for _ in range(n)],
+                   agreement=[rng.choice([1.0, 0.4, 0.8]) for _ in range(n)])
+    flags = pl.concat([make_flags([f"p{rng.randrange(n)}"], subject_kind="pair", check=ch, reason=r)
+                       for _ in range(3 * n) for ch, r in [rng.choice(reasons)]]
+                      + [make_flags([f"c{i}"], subject_kind="judgment", check="duplicates", reason="exact_duplicate")
+                         for i in range(n)])
+    clusters = pl.DataFrame({"pair_id": pairs["pair_id"], "near_dup_cluster": [f"k{rng.randrange(20)}" for _ in range(n)]})
+    cfg = SelectConfig(flag_actions={"near_duplicate": "downweight"})
+    every = select_pairs(pairs, flags, cfg, clusters=clusters)
+    few = pairs.sample(7, seed=3)
+    assert 4 * few.height < min(flags.height, clusters.height)  # the filtered path
+    some = select_pairs(few, flags, cfg, clusters=clusters)
+    ids = few["pair_id"].implode()
+    for got, want in ((some.pairs, every.pairs), (some.dpo, every.dpo)):
+        assert got.sort("pair_id").equals(want.filter(pl.col("pair_id").is_in(ids)).sort("pair_id"))
