@@ -273,24 +273,42 @@ def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
     return out
 
 
+OFFENDER_REASONS = ("low_agreement", "language_mismatch", "identical_responses", "near_duplicate")  # examples shown
+
+
+def _first_flagged(inp: ReportInputs, reason: str) -> pl.DataFrame:
+    """The first :data:`MAX_EXAMPLES` flag rows for ``reason`` (one a pair, in flag order) whose
+    pair the version has: candidates are checked against every pair by a set of the few (not a
+    join of every pair), more of them while too few are found."""
+    c = pl.col
+    flagged = inp.flags.filter((c("subject_kind") == "pair") & (c("reason") == reason)).unique("subject_id", maintain_order=True)
+    k = 4 * MAX_EXAMPLES
+    while True:
+        cand = flagged.head(k)
+        have = inp.pairs.filter(c("pair_id").is_in(cand["subject_id"].implode()))["pair_id"]
+        found = cand.filter(c("subject_id").is_in(have.implode()))
+        if found.height >= MAX_EXAMPLES or k >= flagged.height:
+            return found.head(MAX_EXAMPLES)
+        k *= 4
+
+
 def offender_pairs(inp: ReportInputs, reason: str) -> pl.DataFrame:
     """The first :data:`MAX_EXAMPLES` pairs flagged for ``reason`` that the version has, with their
-    rows (both renderings ask: computed once; the pairs are matched against every pair once)."""
+    rows (both renderings ask: computed once, with those of every reason of
+    :data:`OFFENDER_REASONS` -- one lookup of texts for all: a lookup reads the parts that hold
+    its pairs)."""
     key = f"offenders:{reason}"
     if key in inp.cache:
         return inp.cache[key]
-    if "flagged_pairs" not in inp.cache:
-        inp.cache["flagged_pairs"] = inp.flags.filter(pl.col("subject_kind") == "pair").join(
-            inp.pairs.select("pair_id"), left_on="subject_id", right_on="pair_id", how="semi", maintain_order="left")
-    ids = inp.cache["flagged_pairs"].filter(pl.col("reason") == reason).unique("subject_id", maintain_order=True)
-    if ids.height == 0:
-        inp.cache[key] = pl.DataFrame()
-        return inp.cache[key]
-    # look up the first examples only (a join of every flagged pair would copy their texts)
-    ids = ids.head(MAX_EXAMPLES)
-    rows = inp.pair_rows(ids["subject_id"]).drop("decision", "reason", strict=False).join(
-        inp.pairs.select("pair_id", "decision", "reason"), on="pair_id", how="left")
-    inp.cache[key] = ids.join(rows, left_on="subject_id", right_on="pair_id", how="inner", maintain_order="left")
+    firsts = {r: _first_flagged(inp, r) for r in dict.fromkeys((reason, *OFFENDER_REASONS))}
+    wanted = pl.concat([f["subject_id"] for f in firsts.values()]).unique(maintain_order=True)
+    rows = None
+    if wanted.len():  # look up the examples only (a join of every flagged pair would copy their texts)
+        fate = inp.pairs.filter(pl.col("pair_id").is_in(wanted.implode())).select("pair_id", "decision", "reason")
+        rows = inp.pair_rows(wanted).drop("decision", "reason", strict=False).join(fate, on="pair_id", how="left")
+    for r, ids in firsts.items():
+        inp.cache[f"offenders:{r}"] = ids.join(rows, left_on="subject_id", right_on="pair_id", how="inner",
+                                               maintain_order="left") if ids.height and rows is not None else pl.DataFrame()
     return inp.cache[key]
 
 
@@ -436,7 +454,7 @@ def render_html(inp: ReportInputs) -> str:
                             "first_shown_rate", "position_p_value", "longer_chosen_rate", "order_consistency") if c in flagged.columns]
         rows = [[*(r[c] for c in cols), ", ".join(r["flags"])] for r in flagged.select(*cols, "flags").iter_rows(named=True)]
         parts.append("<div class=card><b>Flagged annotators</b>" + _table(cols + ["flags"], rows, set(range(2, len(cols))), ids={0}) + "</div>")
-    for reason in ("low_agreement", "language_mismatch", "identical_responses", "near_duplicate"):
+    for reason in OFFENDER_REASONS:
         ex = offender_pairs(inp, reason)
         if ex.height:
             rows = [[r["subject_id"][:14], _short(r["prompt_text"], 90), _short(r["response_a"], 80), _short(r["response_b"], 80),

@@ -80,3 +80,34 @@ def test_clusters_looked_for_among_the_graph_ones_are_those_of_every_cluster(tmp
     assert every.height and every["n_prompts"].min() > 1  # the samples have clusters of several prompts
     assert graph.len() < pairs["near_dup_cluster"].n_unique() // 4  # a small set to look among
     assert near_dup_clusters(inputs(graph.to_frame())).equals(every)
+
+
+def test_offender_examples_are_the_first_flagged_pairs_the_version_has():
+    """Examples of a reason: the first MAX_EXAMPLES pairs in flag order that the version has (pairs
+    whose judgments were all dropped are skipped, however many come first), looked up together."""
+    import random
+
+    from pipeline.report import MAX_EXAMPLES, OFFENDER_REASONS, offender_pairs
+    from schemas.check import make_flags
+
+    rng = random.Random(6)
+    ids = [f"p{i}" for i in range(200)]
+    absent = set(ids[:120:2]) | set(rng.sample(ids, 40))  # many of the first flagged pairs are not in the version
+    flags = pl.concat([make_flags([rng.choice(ids)], subject_kind="pair", check="x", reason=rng.choice(OFFENDER_REASONS),
+                                  detail=f"d{k}") for k in range(600)])
+    pairs = pl.DataFrame({"pair_id": [i for i in ids if i not in absent], "decision": "keep", "reason": None,
+                          "near_dup_cluster": [i for i in ids if i not in absent]})
+    asked: list[list[str]] = []
+
+    def pair_rows(want: pl.Series) -> pl.DataFrame:
+        asked.append(want.to_list())
+        return pl.DataFrame({"pair_id": want, "prompt_text": want, "decision": "?", "reason": "?"})
+
+    inp = ReportInputs(manifest=None, judgments=pl.DataFrame(), pairs=pairs, pair_rows=pair_rows,  # type: ignore[arg-type]
+                       flags=flags, annotators=pl.DataFrame(), routed=pl.DataFrame(), quarantine=pl.DataFrame())
+    for reason in OFFENDER_REASONS:
+        got = offender_pairs(inp, reason)
+        want = flags.filter((pl.col("reason") == reason) & pl.col("subject_id").is_in(pairs["pair_id"].implode())) \
+            .unique("subject_id", maintain_order=True).head(MAX_EXAMPLES)
+        assert got.select(want.columns).equals(want) and got["decision"].to_list() == ["keep"] * want.height
+    assert len(asked) == 1  # one lookup for every reason's examples
