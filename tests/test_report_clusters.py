@@ -93,8 +93,10 @@ def test_offender_examples_are_the_first_flagged_pairs_the_version_has():
     rng = random.Random(6)
     ids = [f"p{i}" for i in range(200)]
     absent = set(ids[:120:2]) | set(rng.sample(ids, 40))  # many of the first flagged pairs are not in the version
-    flags = pl.concat([make_flags([rng.choice(ids)], subject_kind="pair", check="x", reason=rng.choice(OFFENDER_REASONS),
-                                  detail=f"d{k}") for k in range(600)])
+    gone, kept = sorted(absent), [i for i in ids if i not in absent]
+    # each reason flags absent pairs first (more than a first look takes), then others
+    flags = pl.concat([make_flags([rng.choice(gone if k < 150 else kept)], subject_kind="pair", check="x", reason=r,
+                                  detail=f"d{k}") for r in OFFENDER_REASONS for k in range(300)])
     pairs = pl.DataFrame({"pair_id": [i for i in ids if i not in absent], "decision": "keep", "reason": None,
                           "near_dup_cluster": [i for i in ids if i not in absent]})
     asked: list[list[str]] = []
