@@ -29,8 +29,8 @@ from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, resolve_policy, run_checks
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from schemas.records import ROUTED_LABELS
-from pipeline.split import (SPLITS, assign_splits, assignment_changes, assignments, leakage, prior_assignments,
-                            split_moves)
+from pipeline.split import (PLACEMENT, SPLITS, assign_splits, assignment_changes, assignments, counted, leakage, placement,
+                            prior_assignments, split_moves)
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import (FINGERPRINTS, GROUPS, PartReuse, TableWriter, bucket_counts, generation_groups,
                             grouped_generations, parent_keys, parent_parts, part_keys, parts_to_merge)
@@ -406,12 +406,30 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             judgments = judgments.filter(pl.col("pair_id").is_in(pl.concat([plan.dirty, shown]).implode()))
             del shown
         t = timer.lap("select", t)
-        base = plan.clean.filter(pl.col("decision") == "keep").select("pair_id", "near_dup_cluster", "locale", "annotator_kind") \
-            .join(prior.select("pair_id", "split"), on="pair_id", how="left") if prior is not None else None
-        if base is not None and base["split"].null_count():
-            raise ValueError(f"{parent.path}: {base['split'].null_count()} kept pairs have no split assignment")
-        dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters, base=base).sort("pair_id")
-        now = pl.concat([x.select("pair_id", "near_dup_cluster", "split") for x in ([base] if base is not None else []) + [dpo]])
+        if dirty_leakage and prior is not None and parent.has(PLACEMENT):
+            # the clean clusters counted as placed: the parent's placement minus its rows of the dirty clusters (a
+            # cluster is all clean or all dirty, and none of the parent's was in two splits), not a row of every kept pair
+            old_kept = parent_rows.filter(pl.col("pair_id").is_in(pl.concat([plan.dirty, plan.removed]).implode())
+                                          & (pl.col("decision") == "keep")) \
+                .select("pair_id", "near_dup_cluster", "locale", "annotator_kind").join(prior, on="pair_id", how="left")
+            if old_kept["split"].null_count():
+                raise ValueError(f"{parent.path}: {old_kept['split'].null_count()} kept pairs have no split assignment")
+            base_counts = counted((1, parent.read(PLACEMENT)), (-1, placement(old_kept)))
+            dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters, base_counts=base_counts).sort("pair_id")
+            placed = counted((1, base_counts), (1, placement(dpo)))
+            # rows by split: the parent's, less its rows of the dirty pairs, plus theirs now
+            split_sizes = {s: parent.manifest().ledger.splits.get(s, 0) - int((old_kept["split"] == s).sum())
+                           + int((dpo["split"] == s).sum()) for s in SPLITS}
+            now = None
+            del old_kept
+        else:
+            base = plan.clean.filter(pl.col("decision") == "keep").select("pair_id", "near_dup_cluster", "locale", "annotator_kind") \
+                .join(prior.select("pair_id", "split"), on="pair_id", how="left") if prior is not None else None
+            if base is not None and base["split"].null_count():
+                raise ValueError(f"{parent.path}: {base['split'].null_count()} kept pairs have no split assignment")
+            dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters, base=base).sort("pair_id")
+            placed = counted((1, placement(base)), (1, placement(dpo))) if base is not None else placement(dpo)
+            now = pl.concat([x.select("pair_id", "near_dup_cluster", "split") for x in ([base] if base is not None else []) + [dpo]])
     else:
         kept = jsel.kept
         psel = sel.select_pairs(final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
@@ -431,12 +449,14 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         # rows in pair_id order: the same version id gives the same bytes whatever the order of the input
         # files; one sort (a gather), then filters, which share the string buffers
         dpo = assign_splits(psel.dpo, policy.split, prior=prior, clusters=clusters).sort("pair_id")
+        placed = placement(dpo)  # what a child counts its clean clusters from
         now = dpo.select("pair_id", "near_dup_cluster", "split")
-    n_kept = now.height
+    if now is not None:
+        split_sizes = {s: now.filter(pl.col("split") == s).height for s in SPLITS}
+    n_kept = sum(split_sizes.values())
     # a child that selected its dirty pairs only: the others keep their split, their rows are the parent's
     assigned = assignments(now, prior, version_id) if plan is None else assignment_changes(dpo, prior, version_id)
     moves = split_moves(prior, (now if plan is None else dpo).select("pair_id", "split"))
-    split_sizes = {s: now.filter(pl.col("split") == s).height for s in SPLITS}
     # each pair's prompt (its first judgment's), for the leakage check and the report's clusters
     pair_prompts: pl.DataFrame | None
     if plan is not None and dirty_leakage:
@@ -548,6 +568,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
         order_engagement="oa_engaged"))
     for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame()), (LABEL_COUNTS, counts),
+                        (PLACEMENT, placed),
                         (inc.PARAMS_TABLE, params), (inc.PRELIM_PARAMS, prelim_params), (GROUPS, groups),
                         *inc.sums_frames(results).items()):
         w = TableWriter(store, stage, name)

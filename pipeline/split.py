@@ -36,7 +36,8 @@ ASSIGNMENT_SCHEMA = {"pair_id": pl.String, "cluster": pl.String, "split": pl.Str
 
 
 def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | None = None,
-                  clusters: pl.DataFrame | None = None, base: pl.DataFrame | None = None) -> pl.DataFrame:
+                  clusters: pl.DataFrame | None = None, base: pl.DataFrame | None = None,
+                  base_counts: pl.DataFrame | None = None) -> pl.DataFrame:
     """Add a ``split`` column to the DPO rows (needs pair_id, near_dup_cluster, locale, annotator_kind).
 
     **Sticky**: ``prior`` (pair_id -> split, the ancestors' assignments, :func:`assignments`)
@@ -50,7 +51,8 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | 
     against its targets, counting the sticky rows of the stratum.  ``base``: kept rows of other
     clusters whose split is decided already (pair_id, near_dup_cluster, locale, annotator_kind,
     split; a child's clean clusters, :mod:`pipeline.delta`): they count as placed rows of their
-    stratum, exactly as if they were among ``dpo`` with that split."""
+    stratum, exactly as if they were among ``dpo`` with that split; ``base_counts``: the same
+    rows as their :func:`placement` (counted, not read)."""
     if dpo.height == 0:
         return dpo.with_columns(split=pl.lit(None, dtype=pl.String))
     c = pl.col
@@ -68,6 +70,9 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | 
     fresh = fresh.with_columns(_key=pl.Series([_order_key(seed, x) for x in fresh["_cl"].to_list()], dtype=pl.String))
     targets = [cfg.train, cfg.validation, cfg.test]
     totals = dict(cluster_stats.group_by("_stratum").agg(c("n").sum()).iter_rows())
+    for st, sp, n in base_counts.select("_stratum", "split", "n").iter_rows() if base_counts is not None else ():
+        placed[(st, sp)] = placed.get((st, sp), 0) + n
+        totals[st] = totals.get(st, 0) + n
     out_cl: list[str] = []
     out_split: list[str] = []
     for (stratum,), grp in fresh.sort("_stratum", "_key").group_by("_stratum", maintain_order=True):
@@ -90,6 +95,32 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | 
         out_split += [SPLITS[i] for i in picks]
     amap = pl.concat([sticky, pl.DataFrame({"_cl": out_cl, "split": out_split}, schema=sticky.schema)])
     return rows.join(amap, on="_cl", how="left").drop("_cl", "_stratum")
+
+
+PLACEMENT = "state/placement"  # a version's placement(): what a child's assign_splits counts of its clean clusters
+_PLACEMENT_SCHEMA = {"_stratum": pl.String, "split": pl.String, "n": pl.Int64}
+
+
+def placement(rows: pl.DataFrame) -> pl.DataFrame:
+    """Placed rows (pair_id, near_dup_cluster, locale, annotator_kind, split; every cluster in one
+    split) as :func:`assign_splits` counts them: rows by (stratum, split), each cluster's in its
+    majority stratum.  Summable by cluster: a child's clean clusters count their parent's
+    placement minus the placement of its parent's rows of the dirty clusters (:func:`counted`)."""
+    if rows.height == 0:
+        return pl.DataFrame(schema=_PLACEMENT_SCHEMA)
+    fixed = rows.with_columns(_cl=_cluster_expr(), _stratum=_stratum_expr())
+    return _decided_stats(fixed).group_by("_stratum", "split").agg(pl.col("n").sum().cast(pl.Int64)).sort("_stratum", "split")
+
+
+def counted(*terms: tuple[int, pl.DataFrame]) -> pl.DataFrame:
+    """The sum of placements, each with its sign (+1 / -1); a count below 0 is an inconsistent state."""
+    frames = [f.select("_stratum", "split", n=pl.col("n").cast(pl.Int64) * sign) for sign, f in terms if f.height]
+    if not frames:
+        return pl.DataFrame(schema=_PLACEMENT_SCHEMA)
+    out = pl.concat(frames).group_by("_stratum", "split").agg(pl.col("n").sum()).filter(pl.col("n") != 0)
+    if (out["n"] < 0).any():
+        raise ValueError(f"placement below zero: {out.filter(pl.col('n') < 0).rows()}")
+    return out.sort("_stratum", "split")
 
 
 def _cluster_expr() -> pl.Expr:

@@ -143,7 +143,7 @@ def test_version_has_every_file_of_the_spec(full):
     tables = {"data/train", "data/validation", "data/test", "quarantine", "flags", "routed", "annotators", "judgments",
               "pairs", "split_assignments", "state/duplicates", "state/pair_id_conflict", "state/language", "review_state",
               "state/part_fingerprints", "state/annotator_params", "state/pair_rows", "state/generation_groups",
-              "state/judgment_rows", "label_counts",
+              "state/judgment_rows", "label_counts", "state/placement",
               "state/preliminary", "state/preliminary_params", "state/agreement_sums", "state/position_bias_sums",
               "state/reliability_sums", "state/reliability_params", "state/length_bias_sums",
               *(f"state/near_dup_{t}" for t in ("prompts", "signatures", "edges", "pair_prompts", "links", "summary"))}

@@ -13,6 +13,7 @@ from test_incremental import POLICY, _batch, random_chains
 import pipeline.delta as delta
 import pipeline.parts as parts
 from pipeline.curate import curate
+from pipeline.split import PLACEMENT, placement
 from pipeline.store import Store
 
 # an AI judge and a judge of unknown kind among the humans (pair kinds, the AI side of the consensus)
@@ -65,6 +66,11 @@ def test_dirty_pairs_only_write_the_same_version(tmp_path_factory, monkeypatch, 
             used += 1
             _same_version(fast, slow, vid)
             assert fast.get(vid).verify() == []
+            # the placement a child counted (its parent's, less the dirty clusters', plus theirs now) is its splits'
+            h = fast.get(vid)
+            rows = pl.concat([h.read_split(s, columns=["pair_id", "near_dup_cluster", "locale", "annotator_kind"])
+                              .with_columns(split=pl.lit(s)) for s in ("train", "validation", "test")])
+            assert h.read(PLACEMENT).equals(placement(rows))
         parent = vid
     assert used == n_batches - 1
 
