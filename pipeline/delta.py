@@ -36,6 +36,8 @@ from schemas.manifest import TableInfo
 # the parent's pairs table columns the plan reads (no texts)
 PLAN_COLUMNS = ("pair_id", "flag_reasons", "near_dup_cluster", "decision", "reason", "weight", "locale", "annotator_kind",
                 "first_version")
+# what a child keeps of its clean pairs' rows (their fate, routes and strata): a filter copies each column
+CLEAN_COLUMNS = ("pair_id", "decision", "reason", "near_dup_cluster", "locale", "annotator_kind")
 # the pairs table without its texts, in the same buckets: what a child reads of its parent's pairs
 # (a read hashes whole parts: the texts are ~90 % of the pairs table's bytes)
 PAIR_ROWS = "state/pair_rows"
@@ -51,7 +53,7 @@ def applies(parent: VersionHandle | None) -> bool:
 class Plan:
     dirty: pl.Series  # pair ids whose rows are recomputed (select, split, write)
     removed: pl.Series  # pair ids the parent's pairs table has and the child's does not
-    clean: pl.DataFrame  # the parent's PLAN_COLUMNS rows of the other pairs (the child's rows, unchanged)
+    clean: pl.DataFrame  # the parent's rows of the other pairs in CLEAN_COLUMNS (the child's rows, unchanged)
     order: pl.Series | None = None  # every pair with a row (kept judgments), first-seen order (set by the build)
     new: pl.Series | None = None  # pairs with kept judgments that the parent's pairs table lacks
 
@@ -112,7 +114,7 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     dirty = of(ids, pl.concat([seed_ids["pair_id"], in_cl, alone, was]).unique())["pair_id"]
     # the parent's pairs that still have kept judgments: all of them unless some were removed
     still = parent_rows.join(ids, on="pair_id", how="semi") if removed.height else parent_rows
-    clean = still.filter(~c("pair_id").is_in(dirty.implode()))
+    clean = still.select(CLEAN_COLUMNS).filter(~c("pair_id").is_in(dirty.implode()))
     return Plan(dirty=dirty, removed=removed["pair_id"].sort(), clean=clean, new=new)
 
 
