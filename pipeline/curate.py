@@ -373,7 +373,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     if texts_source is not None:  # the texts a child read for pairs its batch does not touch
         union_rule.update(texts_read=texts_source.reads, pairs_texts_read=texts_source.pairs_read)
     del prelim, texts_of
-    used_ids = jsel.kept_rows(columns=["annotator_id"]).unique()  # the annotators with kept judgments
+    used_ids = jsel.kept_annotators().to_frame()  # the annotators with kept judgments
     prior = prior_assignments(parent, columns=["pair_id", "split"] if plan is not None else None)  # (what a child reads)
     if plan is not None:  # the dirty pairs through select; the others are their parent's rows (pipeline/delta.py)
         assert parent_rows is not None

@@ -194,3 +194,22 @@ def test_a_few_pairs_select_as_they_do_among_all():
     ids = few["pair_id"].implode()
     for got, want in ((some.pairs, every.pairs), (some.dpo, every.dpo)):
         assert got.sort("pair_id").equals(want.filter(pl.col("pair_id").is_in(ids)).sort("pair_id"))
+
+
+def test_kept_annotators_are_those_of_the_kept_rows():
+    """The annotators with a kept judgment, found by a group over every row, are those of the kept rows."""
+    import random
+
+    from pipeline.select import JudgmentSelection
+
+    rng = random.Random(3)
+    n = 500
+    rows = pl.DataFrame({"annotator_id": [f"a{rng.randrange(40)}" for _ in range(n)], "pair_id": [f"p{i}" for i in range(n)]})
+    # some annotators dropped whole (every row), others in part
+    whole = {f"a{i}" for i in range(6)}
+    dropped = pl.Series([a in whole or rng.random() < 0.3 for a in rows["annotator_id"]])
+    for d in (dropped, None):
+        sel = JudgmentSelection(rows=rows, dropped=d, dropped_by_reason={})
+        want = sorted(sel.kept_rows(columns=["annotator_id"])["annotator_id"].unique().to_list())
+        assert sorted(sel.kept_annotators().to_list()) == want
+    assert not whole & set(JudgmentSelection(rows=rows, dropped=dropped, dropped_by_reason={}).kept_annotators().to_list())
