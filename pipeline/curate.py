@@ -366,6 +366,14 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     # the generation (version where it was first seen) of every pair of the union
     first = prelim_rows.select("pair_id", "first_version")
+    # the preliminary rows a child under the rule writes are its changed ones (the others are its parent's, read
+    # again if every row is written after all); of its pairs the final aggregation reads the ids and a_hash: the
+    # other columns are released before it
+    prelim_partial = prelim_touched is not None and parent is not None and parent.table(inc.PRELIM_TABLE) is not None
+    if prelim_partial:
+        assert prelim_touched is not None
+        prelim_rows = _own_buffers(prelim_rows.filter(pl.col("pair_id").is_in(prelim_touched.implode())))
+        prelim = agg.Aggregation(prelim.pairs.select("pair_id"), prelim.annotators, prelim.a_hash, prelim.params)
     # select, split and write over the dirty pairs only when the parent keeps its pair tables as parts (pipeline/delta.py)
     final, decided, rule, params, parent_rows, plan = _final_aggregation(
         jsel, prelim, all_pair_ids, texts_of, kept_reviews, review_ctx, parent, recompute, policy, full=full,
@@ -552,7 +560,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             tables[name] = delta.write_table(reuse, store, stage, name, keyed(mine), keyed(ids.to_frame("pair_id")),
                                              order_by=_state_order(frame))
         else:
-            if name.removeprefix(inc.STATE_PREFIX) in partial:  # every pair's rows, the parent's but the touched
+            if name == inc.PRELIM_TABLE and prelim_partial:  # every pair's rows, the parent's but the changed
+                assert parent is not None and prelim_touched is not None
+                frame = inc.merged_state(parent, name.removeprefix(inc.STATE_PREFIX), prelim_touched, frame)
+            elif name.removeprefix(inc.STATE_PREFIX) in partial:  # every pair's rows, the parent's but the touched
                 assert parent is not None and touched is not None
                 frame = inc.merged_state(parent, name.removeprefix(inc.STATE_PREFIX), touched, frame)
             tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
