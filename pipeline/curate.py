@@ -362,7 +362,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     def planner(rows: pl.DataFrame, kept_pairs: pl.Series, no_kept: pl.Series) -> delta.Plan:
         assert recompute is not None
         return delta.plan(rows.select(delta.PLAN_COLUMNS), kept_pairs, recompute, flags, clusters, no_kept,
-                          moved=near_dup.clusters if str(near_dup.stats.get("origin")).startswith("state of ") else None)
+                          moved=near_dup.clusters if str(near_dup.stats.get("origin")).startswith("state of ") else None,
+                          fresh=first.filter(pl.col("first_version") == version_id)["pair_id"])
 
     # the generation (version where it was first seen) of every pair of the union
     first = prelim_rows.select("pair_id", "first_version")

@@ -59,12 +59,18 @@ class Plan:
 
 
 def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, flags: pl.DataFrame,
-         clusters: pl.DataFrame | None, no_kept: pl.Series, moved: pl.DataFrame | None = None) -> Plan:
+         clusters: pl.DataFrame | None, no_kept: pl.Series, moved: pl.DataFrame | None = None,
+         fresh: pl.Series | None = None) -> Plan:
     """Which pairs go through select again.  ``parent_rows``: the parent's pairs table
     (:data:`PLAN_COLUMNS`); ``pair_ids``: the pairs of the child's aggregation (with kept
     judgments); ``no_kept``: the child's other pairs (all their judgments dropped); ``moved``:
     pair_id, near_dup_cluster of the only pairs whose cluster may differ from the parent's (the
-    near-duplicate step's: the batch's pairs and those of renamed prompts), None: any pair's may.
+    near-duplicate step's: the batch's pairs and those of renamed prompts), None: any pair's may;
+    ``fresh``: the pairs first seen in this version: the pairs without a parent row are looked for
+    among them and the recomputed ones (a pair the parent had without a row, all its judgments
+    dropped, gains a kept one only by a change that recomputes it), and taken when their count is
+    that of every pair (the union only grows, so the parent's rows the child lacks are among
+    ``no_kept``); else, or None, found by a join of every pair.
 
     Only small sets are compared pair by pair: the flag reasons by (pair, reason) difference,
     the clusters over the pairs that are in a cluster in the child or were in the parent; a join
@@ -90,7 +96,14 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
         .join(cl if moved is None else of(cl, moved["pair_id"]), on="pair_id", how="left") \
         .filter(c("_cl").fill_null(c("pair_id")) != c("near_dup_cluster"))["pair_id"]
     # not in the parent's pairs (new, or all dropped there)
-    new = ids.join(ndc.filter(c("near_dup_cluster").is_not_null()), on="pair_id", how="anti")["pair_id"]
+    new = None
+    if fresh is not None and not ndc["near_dup_cluster"].null_count():
+        had = of(ndc, recompute)["pair_id"]
+        new = of(ids, pl.concat([fresh, recompute.filter(~recompute.is_in(had.implode()))]).unique())["pair_id"]
+        if new.len() != ids.height - ndc.height + of(ndc, no_kept).height:  # some pair is not among them: joined
+            new = None
+    if new is None:
+        new = ids.join(ndc.filter(c("near_dup_cluster").is_not_null()), on="pair_id", how="anti")["pair_id"]
     seed_ids = of(ids, pl.concat([flag_changed, cluster_changed, new, recompute]).unique())
     seeds = seed_ids.join(of(cl, seed_ids["pair_id"]), on="pair_id", how="left") \
         .join(of(ndc, seed_ids["pair_id"]), on="pair_id", how="left").with_columns(_cl=c("_cl").fill_null(c("pair_id")))

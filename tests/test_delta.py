@@ -211,14 +211,16 @@ def test_a_leak_among_a_childs_dirty_pairs_is_counted_as_over_every_pair(tmp_pat
 @random_chains(4, max_batches=4)
 def test_the_plan_compares_clusters_of_the_moved_pairs_only(tmp_path_factory, monkeypatch, seed, n_batches):
     """A child's plan compares the clusters of the pairs the near-duplicate step says may have
-    moved (the batch's, those of renamed prompts), not every pair's: the same plan as comparing all."""
+    moved (the batch's, those of renamed prompts), not every pair's, and takes the pairs its parent
+    has no row of as those first seen now: the same plan as comparing and joining every pair."""
     real = delta.plan
     compared: list[int] = []
 
-    def both(*a, moved=None, **k):  # noqa: ANN001, ANN002, ANN003
-        got = real(*a, moved=moved, **k)
+    def both(*a, moved=None, fresh=None, **k):  # noqa: ANN001, ANN002, ANN003
+        got = real(*a, moved=moved, fresh=fresh, **k)
         if moved is not None:
-            want = real(*a, moved=None, **k)
+            assert fresh is not None
+            want = real(*a, moved=None, fresh=None, **k)
             assert sorted(got.dirty.to_list()) == sorted(want.dirty.to_list())
             assert got.removed.equals(want.removed) and got.new.sort().equals(want.new.sort())
             assert got.clean.sort("pair_id").equals(want.clean.sort("pair_id"))
@@ -233,3 +235,25 @@ def test_the_plan_compares_clusters_of_the_moved_pairs_only(tmp_path_factory, mo
         old += rows
         parent = curate([write_jsonl(root / f"b{step}.jsonl", rows)], store, POLICY, parent=parent).version_id
     assert len(compared) == n_batches - 1
+
+
+def test_pairs_without_a_parent_row_are_found_whatever_brought_them_back():
+    """The pairs a parent has no row of are looked for among the new and the recomputed ones,
+    and taken only when their count is that of every pair: a pair whose judgments were all
+    dropped in the parent and that is kept now without being recomputed is found by the join."""
+    from schemas.check import make_flags
+
+    old = [f"p{i}" for i in range(6)]
+    parent_rows = pl.DataFrame({"pair_id": old, "flag_reasons": [[] for _ in old], "near_dup_cluster": old,
+                                "decision": "keep", "reason": None, "weight": 1.0, "locale": "en",
+                                "annotator_kind": "human", "first_version": "v0"},
+                               schema_overrides={"flag_reasons": pl.List(pl.String), "reason": pl.String})
+    flags = make_flags([], subject_kind="pair", check="x", reason="x")
+    for back, recompute in ((["r"], ["r", "p1"]), (["s"], ["p1"]), (["r", "s"], ["r"])):
+        ids = pl.Series("pair_id", [*old, "q", *back])
+        clusters = pl.DataFrame({"pair_id": ids, "near_dup_cluster": ids})
+        args = (parent_rows, ids, pl.Series(recompute, dtype=pl.String), flags, clusters, pl.Series([], dtype=pl.String))
+        got = delta.plan(*args, moved=clusters.head(0), fresh=pl.Series(["q"]))
+        want = delta.plan(*args)
+        assert sorted(got.new.to_list()) == sorted(want.new.to_list()) == sorted(["q", *back])
+        assert sorted(got.dirty.to_list()) == sorted(want.dirty.to_list()) and got.clean.equals(want.clean)
