@@ -238,7 +238,7 @@ def finish(ctx: ReviewContext, *, version_id: str, created_at: datetime, pairs: 
     of_routed = reviews.filter(c("status").is_in(_OF_ROUTED))
     counts = of_routed.group_by("pair_id").agg(reviews=pl.len(), qualified_reviews=(c("status") == "qualified").sum())
     now_routed = routed.select("pair_id", _now_route="route")
-    fate = pairs.select("pair_id", "decision", "reason")
+    fate = pairs.filter(c("pair_id").is_in(base["pair_id"].implode())).select("pair_id", "decision", "reason")  # the few
     st = base.join(now_routed, on="pair_id", how="left").join(fate, on="pair_id", how="left") \
         .join(counts, on="pair_id", how="left").join(decided_by_reviews.select("pair_id", "review_label"), on="pair_id", how="left")
     is_open = c("_now_route").is_not_null()

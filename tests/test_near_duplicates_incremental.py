@@ -134,6 +134,8 @@ def test_incremental_chain_equals_the_full_run_on_the_union(seed, n_batches):
         flags, clusters = nds.merge_flags(flags, res), nds.merge_clusters(clusters, res)
         union = pl.concat(frames[: step + 1])
         _assert_equal_to_full(union, flags, clusters, res, n_before)
+        # every pair's cluster, one row a pair (also a pair with several prompts), as the merged table has them
+        assert res.all_clusters().sort("pair_id").equals(clusters.sort("pair_id"))
         known = set(state.hashes.to_list())
         assert res.metrics["prompts_hashed"] == len(set(batch["prompt_hash"].to_list()) - known)  # only new prompts hashed
         assert set(res.recomputed.to_list()) >= set(batch["pair_id"].to_list())
