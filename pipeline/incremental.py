@@ -31,7 +31,7 @@ of its annotators changed; docs/incremental.md gives the rule and the bound it r
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -497,18 +497,37 @@ def first_texts(judgments: pl.DataFrame) -> pl.DataFrame:
     return judgments.filter(pl.col("pair_id").is_first_distinct()).select("pair_id", *PAIR_TEXT_COLUMNS, "a_hash")
 
 
+# what a child reads of its parent's preliminary rows of every pair besides the columns its checks and the
+# review resolution read (the rows of the pairs its batch touches are aggregated again, every column)
+PRELIM_KEYS = ("pair_id", "a_hash", "len_a", "len_b", "seen", "first_version")
+
+
+@dataclass
+class Ruled:
+    """:func:`preliminary`'s result.  ``aggregation``: pairs without texts (the parent's in the
+    order it stored them, then the batch's; ``params``: the child's parameter state); ``rows``: the
+    child's :data:`PRELIM_TABLE` rows in the same order, in the columns read; ``order``: the pair
+    ids in first-seen order; ``touched``: the pairs aggregated again, whose rows changed and are
+    ``changed`` (every column: what the child writes of the table); ``figures``: the rule's."""
+
+    aggregation: Aggregation
+    rows: pl.DataFrame
+    order: pl.Series
+    touched: pl.Series
+    changed: pl.DataFrame
+    figures: dict[str, int]
+
+
 def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, cfg: AggregationConfig,
-                dimensions: DimensionsConfig | None, version_id: str
-                ) -> tuple[Aggregation, pl.DataFrame, pl.Series, pl.Series, dict[str, int]] | None:
+                dimensions: DimensionsConfig | None, version_id: str, columns: Collection[str] | None = None
+                ) -> Ruled | None:
     """The preliminary consensus of a child under the rule (docs/incremental.md): the pairs of
     its new judgments (``judgments`` after the parent's ``n_parent_rows``) aggregated with the
     parent's preliminary parameters fixed (annotators without them fitted on those judgments),
-    every other pair the parent's row.  Returns the aggregation (pairs without texts, the
-    parent's in the order it stored them, then the batch's; ``params``: the child's parameter
-    state), the child's :data:`PRELIM_TABLE` rows (the same order), the pair ids in first-seen
-    order, the pairs aggregated (their rows are the ones that changed) and the rule's figures;
-    None when the parent's state lacks one of the columns (written before it was kept: recompute).  Only
-    the ids are sorted: a gather of every pair's row (lists, nested dimensions) cost 1.4 s at 3M
+    every other pair the parent's row -- of which only ``columns`` and :data:`PRELIM_KEYS` are
+    read (None: every column; the others are ~half the table's memory at 3M judgments).  None when
+    the parent's state lacks one of the columns (written before it was kept: recompute).  Only the
+    ids are sorted: a gather of every pair's row (lists, nested dimensions) cost 1.4 s at 3M
     judgments, and nothing needs the rows in order."""
     from pipeline.aggregate import PARAM_SCHEMA, aggregate
 
@@ -517,10 +536,13 @@ def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     fresh = aggregate(judgments.join(touched, on="pair_id", how="semi", maintain_order="left"), cfg,
                       dimensions=dimensions, params=given)
     assert fresh.params is not None
-    old = parent.read(PRELIM_TABLE)
     rows = preliminary_rows(fresh, pl.repeat(version_id, fresh.pairs.height, eager=True))
-    if set(rows.columns) - set(old.columns):  # a parent written before a column was kept: recompute
-        return None
+    table = parent.table(PRELIM_TABLE)
+    assert table is not None
+    if set(rows.columns) - set(pl.read_parquet_schema(io.BytesIO(parent.read_bytes(table.parts[0].path)))):
+        return None  # a parent written before a column was kept: recompute
+    read = rows.columns if columns is None else [c for c in rows.columns if c in {*PRELIM_KEYS, *columns}]
+    old = parent.read(PRELIM_TABLE, columns=read)
     # (masks by a set of the batch's size: joins with the million old rows hash every one of them)
     mine = pl.col("pair_id").is_in(touched["pair_id"].implode())
     rows = rows.drop("seen", "first_version").join(old.filter(mine).select("pair_id", "seen", "first_version"),
@@ -529,14 +551,15 @@ def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     new = rows["seen"].is_null()
     rows = rows.with_columns(seen=pl.coalesce("seen", old.height + new.cast(pl.Int64).cum_sum() - 1),
                              first_version=pl.coalesce("first_version", pl.lit(version_id)))
-    keep = old.filter(~mine).select(rows.columns).cast(rows.schema)  # type: ignore[arg-type]
-    state = pl.concat([keep, rows])
+    keep = old.filter(~mine).select(read).cast(rows.select(read).schema)  # type: ignore[arg-type]
+    state = pl.concat([keep, rows.select(read)])
     aggr = Aggregation(state.drop("a_hash", "seen"), fresh.annotators, state["a_hash"],
                        merge_params(given, fresh.params))
     n_new = fresh.params.join(given, on="annotator_id", how="anti").height
     order = state.select("pair_id", "seen").sort("seen")["pair_id"]
-    return aggr, state, order, touched["pair_id"], {"pairs_recomputed": rows.height, "pairs_from_parent": keep.height,
-                         "annotators_from_parent": given.height, "annotators_fitted": n_new}
+    return Ruled(aggr, state, order, touched["pair_id"], rows,
+                 {"pairs_recomputed": rows.height, "pairs_from_parent": keep.height,
+                  "annotators_from_parent": given.height, "annotators_fitted": n_new})
 
 
 def parent_pair_rows(parent: VersionHandle, columns: list[str], where: pl.Expr | None = None,
@@ -699,4 +722,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["aligned", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "TextsSource", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "merged_state", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["aligned", "PRELIM_KEYS", "Ruled", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "TextsSource", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "merged_state", "state_frames", "state_table", "touched_pairs"]

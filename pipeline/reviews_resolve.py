@@ -196,6 +196,10 @@ def votes(reviews: pl.DataFrame, pairs: pl.DataFrame, a_hash: pl.Series | None) 
         qualified_reviews="qualified_reviews").cast(out_schema)  # type: ignore[arg-type]
 
 
+# the columns of the pairs :func:`resolve` reads and rewrites (it keeps the others as they are)
+RESOLVE_COLUMNS = ("pair_id", "label_consensus", "label_human", "agreement", "strength", "p_a_weighted", "annotator_kind")
+
+
 def resolve(aggr: Aggregation, reviews: pl.DataFrame, ctx: ReviewContext) -> Aggregation:
     """The aggregation with routed pairs decided by their reviews (module docstring, step 3).
     ``reviews``: :func:`classify` of the judgments aggregated.  Unchanged under mode ``vote``."""
@@ -283,5 +287,5 @@ def open_reviews_of(handle: VersionHandle, now: datetime | None = None) -> pl.Da
     return st.select("pair_id", "route", "routed_in", "routed_at", "age_days", "reviews")
 
 
-__all__ = ["LABELS", "STATE", "STATE_SCHEMA", "ReviewContext", "attach", "classify", "context", "empty_state", "finish",
+__all__ = ["LABELS", "RESOLVE_COLUMNS", "STATE", "STATE_SCHEMA", "ReviewContext", "attach", "classify", "context", "empty_state", "finish",
            "has_reviews", "open_reviews", "open_reviews_of", "resolve", "state_of", "votes"]

@@ -129,12 +129,24 @@ def run_checks(
             results[check.name] = given[check.name]
             continue
         t0 = time.perf_counter()
-        inputs = {"pairs": pairs, **(extra_kwargs or {}).get(check.name, {})}
+        inputs = {"pairs": pairs if check.pair_columns is None else pairs.select(check.pair_columns),
+                  **(extra_kwargs or {}).get(check.name, {})}
         kwargs = {k: v for k, v in inputs.items() if k in check.inputs}
         results[check.name] = check.run(judgments, cfg, **kwargs)
         if on_check:
             on_check(check.name, time.perf_counter() - t0)
     return results
+
+
+def pair_columns() -> tuple[str, ...] | None:
+    """The columns of the preliminary pairs the checks read (None: some check reads any)."""
+    out: dict[str, None] = {}
+    for check in CHECKS:
+        if "pairs" in check.inputs:
+            if check.pair_columns is None:
+                return None
+            out.update(dict.fromkeys(check.pair_columns))
+    return tuple(out)
 
 
 def all_flags(results: dict[str, CheckResult]) -> pl.DataFrame:
@@ -148,4 +160,4 @@ def all_flags(results: dict[str, CheckResult]) -> pl.DataFrame:
 
 
 __all__ = ["CHECKS", "CHECK_MODULES", "REASONS", "CheckSpec", "Reason", "all_flags", "default_flag_actions",
-           "flag_actions", "pair_reasons", "reasons_table", "resolve_policy", "run_checks"]
+           "flag_actions", "pair_columns", "pair_reasons", "reasons_table", "resolve_policy", "run_checks"]

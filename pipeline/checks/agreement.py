@@ -281,6 +281,8 @@ def _fmt(x: float | None) -> str:
 CHECK = CheckSpec(
     name=NAME, run=run, config="agreement", doc="inter-annotator agreement (alpha, kappa with CIs); per-pair agreement",
     inputs=("pairs", "sums"), sums=Sums(count_sums, SUMS_KEYS),
+    pair_columns=("pair_id", "locale", "tags", "agreement", "label_consensus", "annotator_kind", "n_human", "n_ai",
+                  "n_judgments"),
     reasons=(
         Reason("low_agreement", "pair", "drop", "judgments disagree beyond the policy threshold", precedence=60),
     ))

@@ -89,4 +89,5 @@ def run(
 
 
 CHECK = CheckSpec(name=NAME, run=run, emits=("ambiguous",),
+                  pair_columns=("pair_id", "annotator_kind", "label_consensus", "p_a_weighted"),
                   doc="the consensus abstains where the weighted evidence nearly cancels")

@@ -109,7 +109,7 @@ def _fmt(x: float | None) -> str:
 
 
 CHECK = CheckSpec(
-    name=NAME, run=run, config="aggregation", inputs=("pairs", "lengths"),
+    name=NAME, run=run, config="aggregation", inputs=("pairs", "lengths"), pair_columns=("pair_id", "locale", "tags"),
     doc="per-dimension consensus, agreement and bias; pairs whose dimensions name opposite sides",
     reasons=(
         Reason("dimension_conflict", "pair", "warn", "the pair's consensus verdicts on two dimensions name opposite "

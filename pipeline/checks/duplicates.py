@@ -170,7 +170,7 @@ def summarize(dups: pl.DataFrame, flags: pl.DataFrame, n: int, n_pairs: int) -> 
 
 
 CHECK = CheckSpec(
-    name=NAME, run=run, doc="exact duplicate judgments; pairs whose two responses are the same text",
+    name=NAME, run=run, inputs=(), doc="exact duplicate judgments; pairs whose two responses are the same text",
     reasons=(
         Reason("exact_duplicate", "judgment", "drop", "same annotator, prompt, two responses, display order and verdict "
                "as an earlier judgment (a re-judgment in the other display order is not a duplicate)"),

@@ -461,7 +461,8 @@ def _result(n_pairs: int, n_texts: int, matrix_counts: dict[tuple[str, str], int
 
 
 CHECK = CheckSpec(
-    name=NAME, run=run, config="language", doc="detected language of prompt and responses against the locale",
+    name=NAME, run=run, config="language", inputs=(),
+    doc="detected language of prompt and responses against the locale",
     reasons=(
         Reason("language_mismatch", "pair", "drop", "detected language of prompt/responses differs from `locale`",
                precedence=30),

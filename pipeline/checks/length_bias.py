@@ -286,6 +286,7 @@ def _ratio_metrics(pairs: pl.DataFrame, lengths: pl.DataFrame, min_ratio: float,
 CHECK = CheckSpec(
     name=NAME, run=run, config="length_bias", doc="annotators preferring the longer response more than the consensus does",
     inputs=("pairs", "lengths", "sums"), sums=Sums(count_sums, ("annotator_id",), update=_update),
+    pair_columns=("pair_id", "label_consensus"),
     reasons=(
         Reason("length_bias", "annotator", "downweight", "prefers the longer candidate significantly more than the "
                "consensus does"),

@@ -739,7 +739,7 @@ def save_index(result: CheckResult, base: str | Path) -> list[str]:
 
 
 CHECK = CheckSpec(
-    name=NAME, run=run, config="near_duplicate", inputs=("pairs", "index_path", "index"),
+    name=NAME, run=run, config="near_duplicate", inputs=("index_path", "index"),
     doc="near-duplicate prompts (MinHash LSH), also against the parent version's persisted index",
     reasons=(
         Reason("near_duplicate", "pair", "warn", "prompt (or whole pair) is a near-duplicate of another pair",

@@ -82,7 +82,7 @@ def summarize(bad: pl.DataFrame, flags: pl.DataFrame) -> CheckResult:
 
 
 CHECK = CheckSpec(
-    name=NAME, run=run, doc="one pair_id naming different texts",
+    name=NAME, run=run, inputs=(), doc="one pair_id naming different texts",
     reasons=(
         Reason("pair_id_conflict", "judgment", "drop", "the judgment's pair_id is used elsewhere with a different prompt "
                "or different responses; never merged (drop is the only action)", actions=("drop",)),

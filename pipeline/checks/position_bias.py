@@ -252,7 +252,7 @@ def _batch_metrics(n_all: int, known: int, a_first: int, n_pos: int, first_won: 
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="position_bias", doc="annotators preferring a display position; verdicts that flip with it",
-    inputs=("pairs", "sums"), sums=Sums(count_sums, ("annotator_id",)),
+    inputs=("sums",), sums=Sums(count_sums, ("annotator_id",)),
     reasons=(
         Reason("position_bias", "annotator", "downweight", "prefers one display position (first or second) "
                "significantly more than chance"),

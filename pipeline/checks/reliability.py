@@ -324,7 +324,7 @@ def _median(s: pl.Series) -> float | None:
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="reliability", doc="annotator reliability: gold accuracy, agreement with the consensus",
-    inputs=("pairs", "ds_accuracy", "sums", "sums_params"),
+    inputs=("ds_accuracy", "sums", "sums_params"),
     sums=Sums(count_sums, ("annotator_id",), params=True, update=_update),
     reasons=(
         Reason("low_reliability", "annotator", "drop", "agreement with consensus / gold accuracy no better than chance"),

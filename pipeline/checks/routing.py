@@ -125,6 +125,8 @@ def run(
 
 CHECK = CheckSpec(
     name=NAME, run=run, doc="label imbalance per slice; too-easy and ambiguous pairs",
+    pair_columns=("pair_id", "locale", "label_consensus", "agreement", "strength", "annotator_kind", "n_human", "n_ai",
+                  "n_judgments"),
     reasons=(
         Reason("label_imbalance", "slice", "warn", "a slice's a/b share differs from 0.5 beyond `max_label_share`",
                actions=("warn",)),

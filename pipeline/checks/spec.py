@@ -110,7 +110,9 @@ class CheckSpec:
     ``inputs`` names the keyword arguments the runner passes besides the judgments and the
     config: ``pairs`` (the preliminary aggregation) and, for checks that keep an index across
     versions, ``index_path`` (the parent's persisted state).  ``emits`` lists reasons declared
-    by another check that this one may also emit."""
+    by another check that this one may also emit.  ``pair_columns``: the columns of ``pairs`` it
+    reads (None: any; the runner passes it those only, and a child reads those of its parent's
+    rows of every pair, :func:`pipeline.checks.pair_columns`)."""
 
     name: str
     run: Callable[..., CheckResult]
@@ -118,6 +120,7 @@ class CheckSpec:
     emits: tuple[str, ...] = ()
     config: str | None = None  # the ChecksConfig section it reads, for the docs
     inputs: tuple[str, ...] = ("pairs",)
+    pair_columns: tuple[str, ...] | None = None
     doc: str = ""
     sums: Sums | None = None  # the check's mergeable state, when its figures are computed from one
     codes: tuple[str, ...] = field(init=False)
