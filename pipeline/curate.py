@@ -157,19 +157,20 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
 PRE_CHECK_DROPS = ("duplicate_comparison_id", "already_in_parent")
 
 
-def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None, *, narrow: bool = False
-                       ) -> tuple[pl.DataFrame, int, pl.DataFrame | None, pl.DataFrame | None]:
+def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None, *, narrow: bool = False,
+                       defer: tuple[str, ...] = ()) -> tuple[pl.DataFrame, int, pl.DataFrame | None, pl.DataFrame | None]:
     """Parent judgments first, then the new batch; judgments whose comparison_id is already
     known (a batch delivered twice) are not added again.  Returns (union, repeated count, the
     batch's rows, the parent's rows near the batch).  ``narrow``: the union without
     :data:`pipeline.incremental.NARROW_DROP` (the parent's texts are not decoded); the batch's rows
     keep every column, and so do the parent's rows of the batch's pairs and prompts
-    (:func:`pipeline.incremental.read_parent_narrow`)."""
+    (:func:`pipeline.incremental.read_parent_narrow`); ``defer``: columns left out of every row too
+    (:class:`pipeline.incremental.Completer`)."""
     if parent is None:
         return new, 0, None, None
     near = None
     if narrow:
-        old, near = inc.read_parent_narrow(parent, new.columns, new)
+        old, near = inc.read_parent_narrow(parent, new.columns, new, defer)
     else:
         old = inc.parent_judgments(parent, None, new.columns)
     # the parent's ids the batch repeats: a scan of its ids against the batch's (a join would hash every id)
@@ -196,12 +197,15 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     same_policy = parent is not None and parent.manifest().policy_hash == policy.policy_hash()
     # a child under the rule reads its parent's judgments without their texts: only its touched pairs' have them
     narrow = parent is not None and not full and same_policy and not policy.dimensions.train_on and inc.narrow_applies(parent)
-    judgments, repeated, batch, near = _union_with_parent(ingest.take_judgments(), parent, narrow=narrow)
+    # ... and without the columns only the stages that aggregate or select some pairs read (taken for those rows)
+    defer = inc.DEFERRED if narrow and inc.defers(parent) else ()  # type: ignore[arg-type]
+    judgments, repeated, batch, near = _union_with_parent(ingest.take_judgments(), parent, narrow=narrow, defer=defer)
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
     # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
     judgments = inc.aligned(rr.attach(judgments, from_row=n_parent_judgments))
+    complete: Callable[[pl.DataFrame], pl.DataFrame] = lambda rows: rows  # noqa: E731 - every column held
     if narrow:
-        assert batch is not None
+        assert batch is not None and parent is not None
         batch = batch.with_columns(pair_id=judgments.slice(n_parent_judgments)["pair_id"])
     else:
         batch = None
@@ -216,6 +220,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         judgments = pl.concat([judgments.slice(0, n_parent_judgments), tail.filter(~dup_ids)])
         batch = batch.filter(~dup_ids) if batch is not None else None
     del tail
+    if defer:  # (the batch's rows as the union has them: after the repeated ids are left out)
+        assert batch is not None and parent is not None
+        complete = inc.Completer(parent, batch, [c for c in batch.columns if c in judgments.columns or c in defer])
     parent_drops = parent.manifest().ledger.judgments_dropped if parent else {}
     pre_check = {"duplicate_comparison_id": parent_drops.get("duplicate_comparison_id", 0) + n_dup_ids,
                  "already_in_parent": parent_drops.get("already_in_parent", 0) + repeated}
@@ -297,7 +304,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                 return every if pairs is None else every.filter(pl.col("pair_id").is_in(pairs.implode()))
         assert prelim.params is not None
         prelim_params = prelim.params.sort("annotator_id")  # what a child's preliminary consensus starts from
-        reviews = rr.classify(judgments, review_ctx)
+        reviews = rr.classify(judgments, review_ctx, complete=complete)
         prelim = rr.resolve(prelim, reviews, review_ctx)  # reviews decide routed pairs (pipeline/reviews_resolve.py)
         t = timer.lap("aggregate_preliminary", t)
         given: dict[str, CheckResult] = {}
@@ -312,7 +319,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         sums_rule = None
         if under_rule and parent is not None and prelim_touched is not None and inc.has_sums(parent):
             # the checks with mergeable state count only the batch's pairs (pipeline/checks/spec.py: Sums)
-            merged = inc.merged_sums(judgments, n_parent_judgments, parent, prelim_touched, policy.checks,
+            merged = inc.merged_sums(judgments, n_parent_judgments, parent, prelim_touched, policy.checks, complete,
                                      {"reliability": accuracies, "length_bias": {"lengths": lengths}})
             for name, ins in merged.items():
                 extra.setdefault(name, {}).update(ins)
@@ -342,6 +349,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         prelim_partial = prelim_changed is not None
         if prelim_changed is not None:
             prelim_rows = prelim_changed
+        if sums_rule is None or sums_rule["counted_again"] or dims.has_dimensions(judgments):
+            # a check that reads every judgment: every row's deferred columns (the dimensions check's
+            # per-dimension figures read the display order of every judgment with a dimension)
+            judgments = complete(judgments)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
         t = time.perf_counter()
@@ -351,7 +362,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         t = timer.lap("write_judgments (wait)", t)
     flags = all_flags(results)
 
-    jsel = sel.filter_judgments(judgments, flags, policy.select)
+    jsel = sel.filter_judgments(judgments, flags, policy.select, complete=complete)
     # the rule of a child (docs/incremental.md): pairs whose judgments, judgment flags and annotators'
     # status are unchanged keep their parent's consensus; same policy only (else everything is recomputed)
     recompute = None
@@ -617,6 +628,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     if parent:
         pm = parent.manifest()
         sources = [SourceInfo(**{**s.model_dump(), "path": s.path}) for s in pm.sources] + sources
+    if isinstance(complete, inc.Completer):  # the columns held for some rows only, and the reads that completed them
+        union_rule.update(deferred=list(complete.columns), completed_reads=complete.reads, rows_completed=complete.rows_read)
     manifest = Manifest(
         version_id=version_id,
         created_at=created_at,

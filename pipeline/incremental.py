@@ -140,7 +140,7 @@ def _narrow_sources(parent: VersionHandle) -> Iterator[tuple[str, bytes, str | N
             yield name, data, None
 
 
-def read_parent_narrow(parent: VersionHandle, columns: list[str], batch: pl.DataFrame
+def read_parent_narrow(parent: VersionHandle, columns: list[str], batch: pl.DataFrame, defer: Collection[str] = ()
                        ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """One read of the parent's judgments for a child: every row without :data:`NARROW_DROP`
     (from :data:`JUDGMENT_ROWS` when the parent has it), and every column of the rows that may
@@ -148,8 +148,8 @@ def read_parent_narrow(parent: VersionHandle, columns: list[str], batch: pl.Data
     :func:`touched_pairs` but for given pair ids whose texts conflict, which :func:`hydrate` reads
     again) -- the judgments' parts are read only when such rows are in them.  A column null in
     every row of a part is made, not decoded (a null column costs no memory; a decoded one 16
-    bytes a row)."""
-    want = [c for c in columns if c not in NARROW_DROP]
+    bytes a row).  ``defer``: columns left out of every row too (:class:`Completer`)."""
+    want = [c for c in columns if c not in NARROW_DROP and c not in defer]
     near = pl.col("pair_id").is_in(batch["pair_id"].unique().implode()) \
         | pl.col("prompt_hash").is_in(batch["prompt_hash"].unique().implode())
     narrow, wide = [], []
@@ -177,6 +177,49 @@ def read_parent_narrow(parent: VersionHandle, columns: list[str], batch: pl.Data
         wide.append(_with_columns(near_rows, columns))
     return (narrow[0] if len(narrow) == 1 else pl.concat(narrow, how="vertical_relaxed"),
             wide[0] if len(wide) == 1 else pl.concat(wide, how="vertical_relaxed"))
+
+
+# the judgments' columns a child holds for the rows of the pairs it aggregates or selects only, not for every row
+# of its history (~0.2 GB at 3M judgments): the stages that read them take those rows through a Completer
+DEFERRED = ("model_a", "model_b", "shown_first", "strength", "confidence", "tags")
+
+
+class Completer:
+    """rows of a child's union without :data:`DEFERRED` -> the same rows, in the same order, with
+    them: the parent's rows' values read from its :data:`JUDGMENT_ROWS` parts by comparison id (a
+    filtered scan: only those rows' values are decoded), the batch's from ``batch`` (every
+    column, the rows the union added).  ``order``: the union's columns with the deferred ones in
+    their places.  Rows that have them already are returned as they are."""
+
+    def __init__(self, parent: VersionHandle, batch: pl.DataFrame, order: list[str]) -> None:
+        self.parent, self.batch, self.order = parent, batch, order
+        self.columns = tuple(c for c in DEFERRED if c in order)
+        self.reads = self.rows_read = 0
+
+    def __call__(self, rows: pl.DataFrame) -> pl.DataFrame:
+        missing = [c for c in self.columns if c not in rows.columns]
+        if not missing:
+            return rows
+        ids = pl.col("comparison_id").is_in(rows["comparison_id"].unique().implode())
+        schema = {c: self.batch.schema[c] for c in missing}
+        if rows.height:
+            old = self.parent.read(JUDGMENT_ROWS, columns=["comparison_id", *missing], where=ids)
+            self.reads, self.rows_read = self.reads + 1, self.rows_read + old.height
+            src = pl.concat([old.cast(schema), self.batch.select("comparison_id", *missing).filter(ids)])  # type: ignore[arg-type]
+            out = rows.join(src, on="comparison_id", how="left", maintain_order="left")
+            if out.height != rows.height:
+                raise DamagedVersion(f"{self.parent.path}: a comparison_id is not unique in the parent's judgments")
+        else:
+            out = rows.with_columns(pl.Series(c, [], dtype=t) for c, t in schema.items())
+        return out.select([c for c in self.order if c in out.columns] + [c for c in out.columns if c not in self.order])
+
+
+def defers(parent: VersionHandle) -> bool:
+    """A child can leave :data:`DEFERRED` unread for its parent's rows: the parent keeps
+    :data:`JUDGMENT_ROWS` in the parts of its judgments (the table a :class:`Completer` reads and
+    the child appends its batch's rows to)."""
+    rows, full = parent.table(JUDGMENT_ROWS), parent.table("judgments")
+    return rows is not None and full is not None and [p.rows for p in rows.parts] == [p.rows for p in full.parts]
 
 
 def _nulls(name: str, dtype: pl.DataType, like: pl.DataFrame) -> pl.Series:
@@ -654,7 +697,8 @@ def fitted_on(parent: VersionHandle | None, merged: Iterable[str], n_judgments: 
 
 
 def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, pairs: pl.Series,
-                cfg: ChecksConfig, inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, pl.DataFrame]]:
+                cfg: ChecksConfig, complete: Callable[[pl.DataFrame], pl.DataFrame],
+                inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, pl.DataFrame]]:
     """The mergeable state of every check that declares one, for a child whose judgments are its
     parent's (the first ``n_parent_rows``) followed by new ones on the pairs ``pairs``: the parent's
     state minus those pairs' rows as the parent counted them plus their rows now
@@ -664,17 +708,18 @@ def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     Returns each check's inputs: ``sums`` and, for a state with parameters, ``sums_params``; a state
     with parameters is left out (counted again over every judgment, refitted) when the judgments
     are more than ``1 + cfg.refit_growth`` times those its parameters were fitted on
-    (:func:`params_fitted_on`)."""
+    (:func:`params_fitted_on`).  ``complete``: the rows counted with the columns ``judgments`` lacks
+    (:class:`Completer`)."""
     rows = judgments.with_row_index("_row")
 
     def split(mine: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         return mine.filter(pl.col("_row") < n_parent_rows).drop("_row"), mine.drop("_row")
 
-    old, new = split(rows.filter(pl.col("pair_id").is_in(pairs.implode())))
+    old, new = split(complete(rows.filter(pl.col("pair_id").is_in(pairs.implode()))))
 
     def pairs_of(annotators: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
         judged = judgments.filter(pl.col("annotator_id").is_in(annotators.implode()))["pair_id"]
-        return split(rows.filter(pl.col("pair_id").is_in(pl.concat([pairs, judged]).unique().implode())))
+        return split(complete(rows.filter(pl.col("pair_id").is_in(pl.concat([pairs, judged]).unique().implode()))))
 
     out: dict[str, dict[str, pl.DataFrame]] = {}
     fitted_on = params_fitted_on(parent)
@@ -722,4 +767,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["aligned", "PRELIM_KEYS", "Ruled", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "TextsSource", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "merged_state", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["aligned", "Completer", "DEFERRED", "defers", "PRELIM_KEYS", "Ruled", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "TextsSource", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "merged_state", "state_frames", "state_table", "touched_pairs"]

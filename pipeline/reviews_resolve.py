@@ -42,6 +42,8 @@ from schemas.records import LABELS, ROUTED_LABELS
 from schemas.text import derive_pair_id_expr
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipeline.aggregate import Aggregation
     from pipeline.store import VersionHandle
     from schemas.registry import AnnotatorRegistry
@@ -130,15 +132,19 @@ def _reference(judgments: pl.DataFrame) -> pl.DataFrame:
 
 
 # ---------------------------------------------------------------- 2. classify
-def classify(judgments: pl.DataFrame, ctx: ReviewContext | None) -> pl.DataFrame:
+def classify(judgments: pl.DataFrame, ctx: ReviewContext | None,
+             complete: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> pl.DataFrame:
     """One row per review judgment: comparison_id, pair_id, review_of, annotator_id, annotator_kind,
-    label, a_hash, strength, status (:data:`STATUSES`, the first that applies)."""
+    label, a_hash, strength, status (:data:`STATUSES`, the first that applies).  ``complete``: the
+    review rows with the columns ``judgments`` lacks (:class:`pipeline.incremental.Completer`)."""
     c = pl.col
     cols = ["comparison_id", "pair_id", "review_of", "annotator_id", "annotator_kind", "label", "a_hash", "strength"]
     if not has_reviews(judgments):
         return pl.DataFrame(schema={**{k: pl.String for k in cols}, "strength": pl.Float64, "status": pl.String})
-    rv = judgments.filter(c("review_of").is_not_null()).select(
-        *[c(k) if k in judgments.columns else pl.lit(None, pl.Float64 if k == "strength" else pl.String).alias(k) for k in cols])
+    rows = judgments.filter(c("review_of").is_not_null())
+    rows = complete(rows) if complete is not None else rows
+    rv = rows.select(
+        *[c(k) if k in rows.columns else pl.lit(None, pl.Float64 if k == "strength" else pl.String).alias(k) for k in cols])
     rv = rv.with_columns(c("label").cast(pl.String), c("strength").cast(pl.Float64))
     known = judgments.filter(c("review_of").is_null()).select("pair_id").unique()
     before = ctx.before.select("pair_id") if ctx is not None else pl.DataFrame(schema={"pair_id": pl.String})

@@ -30,6 +30,7 @@ pair-level reason mapped to ``downweight``.  Weights are in (0, 1].
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -73,17 +74,31 @@ class JudgmentSelection:
     dropped: pl.Series | None
     dropped_by_reason: dict[str, int]
     downweighted_annotators: list[str] = field(default_factory=list)
+    # rows -> the same rows with the columns ``rows`` lacks (a child's union holds some columns for the rows
+    # of the pairs it aggregates or selects only, :class:`pipeline.incremental.Completer`), and every column
+    complete: Callable[[pl.DataFrame], pl.DataFrame] | None = None
+    columns: list[str] | None = None
 
     @property
     def kept(self) -> pl.DataFrame:
         return self.kept_rows()
 
     def kept_rows(self, where: pl.Expr | None = None, columns: list[str] | None = None) -> pl.DataFrame:
-        """The kept judgments ``where`` selects, with ``columns`` (None: all of them)."""
-        frame = self.rows if columns is None else self.rows.select(columns)
+        """The kept judgments ``where`` selects, with ``columns`` (None: all of them); columns
+        ``rows`` lacks are completed for those rows only."""
+        want = columns if columns is not None else self.columns
+        lacking = [] if want is None else [c for c in want if c not in self.rows.columns]
+        frame = self.rows if want is None else \
+            self.rows.select(list(dict.fromkeys([*(c for c in want if c in self.rows.columns),
+                                                 *(["comparison_id"] if lacking else [])])))
         if self.dropped is not None:
-            return frame.filter(~self.dropped if where is None else ~self.dropped & where)
-        return frame if where is None else frame.filter(where)
+            frame = frame.filter(~self.dropped if where is None else ~self.dropped & where)
+        elif where is not None:
+            frame = frame.filter(where)
+        if lacking:
+            assert self.complete is not None and want is not None
+            frame = self.complete(frame).select(want)
+        return frame
 
     def pairs_without_kept(self) -> pl.Series:
         """The pair ids all of whose judgments are dropped: looked for among the dropped rows' pairs
@@ -117,7 +132,10 @@ def _reasons_with(cfg: SelectConfig, action: str) -> set[str]:
     return {r for r, a in flag_actions(cfg).items() if a == action}
 
 
-def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectConfig) -> JudgmentSelection:
+def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectConfig,
+                     complete: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> JudgmentSelection:
+    """The judgments select keeps (:class:`JudgmentSelection`).  ``complete``: rows of ``judgments``
+    -> the same rows with every column (a child's union lacks some)."""
     drop_reasons = _reasons_with(cfg, "drop")
     jf = flags.filter((pl.col("subject_kind") == "judgment") & pl.col("reason").is_in(list(drop_reasons)))
     af = flags.filter(pl.col("subject_kind") == "annotator")
@@ -139,8 +157,12 @@ def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectCo
     counts = dict(drop.value_counts().sort(drop.name).iter_rows())
     # the columns later stages need, without the pair texts (take those from the pairs) and
     # per-judgment provenance: a filter copies 16 bytes per row of every string column
-    narrow = judgments.drop([c for c in (*PAIR_TEXT_COLUMNS, *PROVENANCE_COLUMNS) if c in judgments.columns])
-    return JudgmentSelection(narrow, mask if j.height else None, counts, sorted(set(down_ann["subject_id"].to_list())))
+    gone = (*PAIR_TEXT_COLUMNS, *PROVENANCE_COLUMNS)
+    narrow = judgments.drop([c for c in gone if c in judgments.columns])
+    every = [c for c in complete(judgments.clear()).columns if c not in gone] if complete is not None else None
+    return JudgmentSelection(narrow, mask if j.height else None, counts, sorted(set(down_ann["subject_id"].to_list())),
+                             complete=complete if every != narrow.columns else None,
+                             columns=every if every != narrow.columns else None)
 
 
 def with_unknown_kinds(pairs: pl.DataFrame, judgments: pl.DataFrame | None) -> pl.DataFrame:

@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 
 import polars as pl
+import pytest
 from conftest import canonical, write_jsonl
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
@@ -242,7 +243,7 @@ def test_reliability_parameters_are_refitted_once_the_judgments_outgrow_them(tmp
     assert seen == {True, False}  # both paths were taken along the chain
 
 
-def _same_as_reading_every_text(root, batches: list[list[dict]], monkeypatch) -> list[dict]:  # noqa: ANN001
+def _same_as_reading_every_text(root, batches: list[list[dict]], monkeypatch, policy=POLICY) -> list[dict]:  # noqa: ANN001
     """Curate ``batches`` as a chain twice: a child reading its parent's judgments without their
     texts, and one reading every text; asserts they write the same tables, checks and ledger.
     Returns the narrow children's ``lineage.union``."""
@@ -253,10 +254,10 @@ def _same_as_reading_every_text(root, batches: list[list[dict]], monkeypatch) ->
     unions = []
     for step, rows in enumerate(batches):
         path = write_jsonl(root / f"b{step}.jsonl", rows)
-        a = curate([path], narrow, POLICY, parent=parents["n"]).version_id
+        a = curate([path], narrow, policy, parent=parents["n"]).version_id
         with monkeypatch.context() as m:
             m.setattr(cur.inc, "narrow_applies", lambda parent: False)
-            b = curate([path], wide, POLICY, parent=parents["w"]).version_id
+            b = curate([path], wide, policy, parent=parents["w"]).version_id
         assert a == b
         ma, mb = narrow.get(a).manifest(), wide.get(b).manifest()
         if step:
@@ -374,3 +375,57 @@ def test_a_parent_without_judgment_rows_gets_a_child_that_writes_every_row(tmp_p
         h = store.get(vid)
         assert h.read(JUDGMENT_ROWS).equals(judgment_rows(h.read("judgments")))
     assert len(store.get(ids[1]).manifest().tables[JUDGMENT_ROWS].parts) == 1  # every row in the child's own part
+
+
+def test_a_child_holds_some_columns_for_the_rows_it_aggregates_only(tmp_path, monkeypatch):
+    """A child's union lacks the columns only aggregation and select read (display order,
+    strength, models, tags) for its parent's rows; the stages that read them complete the rows
+    they take. Here an escalated pair gets one review in the first child and another in the
+    second: the second resolves it from both reviews' strengths, the first review's read for its
+    row alone -- and writes what a child that read every column writes."""
+    base = dict(response_a="Answer one.", response_b="Answer two.", locale="en", tags=None)
+    parent = [canonical(0, comparison_id="c1", pair_id="X", prompt="Prompt X?", annotator_id="ann-0", label="escalate", **base),
+              canonical(0, comparison_id="c2", pair_id="X", prompt="Prompt X?", annotator_id="ann-1", label="escalate", **base),
+              canonical(0, comparison_id="c3", prompt="Prompt Y?", annotator_id="ann-0", label="a", shown_first="b", **base),
+              canonical(0, comparison_id="c4", prompt="Prompt Y?", annotator_id="ann-1", label="a", strength=0.1, **base)]
+    review = dict(review_of="X", pair_id="X", prompt="Prompt X?", label="a", **base)
+    first = [canonical(0, comparison_id="r1", annotator_id="rev-10", strength=0.9, **review)]
+    second = [canonical(0, comparison_id="r2", annotator_id="rev-11", strength=0.2, **review),
+              canonical(0, comparison_id="c5", prompt="Prompt W?", annotator_id="ann-2", **base)]
+    unions = _same_as_reading_every_text(tmp_path, [parent, first, second], monkeypatch)
+    assert all(u["deferred"] == ["model_a", "model_b", "shown_first", "strength", "confidence", "tags"] for u in unions)
+    assert unions[1]["rows_completed"] >= 1  # the parent's review, among the rows completed
+    store = Store(tmp_path / "n")
+    last = max((store.get(v) for v in store.list_ids()), key=lambda h: h.manifest().created_at)
+    pairs = last.read("pairs")
+    assert pairs.filter(pl.col("pair_id") == "X")["strength"].item() == pytest.approx(0.55)
+
+
+def test_a_child_whose_history_has_dimension_verdicts_completes_every_row_for_the_checks(tmp_path, monkeypatch):
+    """The dimensions check reads every judgment with a dimension, display order included: a child
+    whose union has dimension verdicts completes every row before the checks run, and writes what a
+    child that read every column writes (the per-dimension position figures among them)."""
+    def rows(start: int, n: int) -> list[dict]:
+        return [canonical(i, annotator_id=f"ann-{i % 3}", shown_first="ab"[i % 2], label="ab"[(i // 2) % 2],
+                          dimensions={"helpfulness": "ab"[i % 2], "safety": "a"}, prompt=f"Prompt {i // 3}?")
+                for i in range(start, start + n)]
+
+    unions = _same_as_reading_every_text(tmp_path, [rows(0, 24), rows(24, 6)], monkeypatch)
+    assert unions[0]["rows_completed"] >= 24  # every parent row, for the checks
+
+
+def test_a_child_that_refits_a_check_completes_every_row_for_it(tmp_path, monkeypatch):
+    """A child with many more judgments than its parent's reliability parameters were fitted on
+    counts that check again over every judgment (the refit bound): every row is completed first
+    (the display order feeds the order-aware fit), and the child writes what one that read every
+    column writes."""
+    def rows(start: int, n: int) -> list[dict]:
+        return [canonical(i, annotator_id=f"ann-{i % 4}", shown_first="ab"[(i // 3) % 2], label="ab"[(i * 7 // 3) % 2],
+                          prompt=f"Prompt {i // 4}?", tags=None) for i in range(start, start + n)]
+
+    refits = policy_from_dict({"certify": {"require_expectations": False}})  # the default bound (0.1)
+    unions = _same_as_reading_every_text(tmp_path, [rows(0, 16), rows(16, 48)], monkeypatch, refits)
+    store = Store(tmp_path / "n")
+    child = max((store.get(v) for v in store.list_ids()), key=lambda h: h.manifest().created_at)
+    assert "reliability" in child.manifest().lineage["check_sums"]["counted_again"]
+    assert unions[0]["rows_completed"] >= 16
