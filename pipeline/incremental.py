@@ -586,6 +586,8 @@ def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
         return None  # a parent written before a column was kept: recompute
     read = rows.columns if columns is None else [c for c in rows.columns if c in {*PRELIM_KEYS, *columns}]
     old = parent.read(PRELIM_TABLE, columns=read)
+    if set(read) - set(old.columns):
+        return None
     # (masks by a set of the batch's size: joins with the million old rows hash every one of them)
     mine = pl.col("pair_id").is_in(touched["pair_id"].implode())
     rows = rows.drop("seen", "first_version").join(old.filter(mine).select("pair_id", "seen", "first_version"),
