@@ -186,31 +186,36 @@ DEFERRED = ("model_a", "model_b", "shown_first", "strength", "confidence", "tags
 
 class Completer:
     """rows of a child's union without :data:`DEFERRED` -> the same rows, in the same order, with
-    them: the parent's rows' values read from its :data:`JUDGMENT_ROWS` parts by comparison id (a
-    filtered scan: only those rows' values are decoded), the batch's from ``batch`` (every
-    column, the rows the union added).  ``order``: the union's columns with the deferred ones in
-    their places.  Rows that have them already are returned as they are."""
+    them: the batch's values from ``batch`` (every column, the rows the union added), the parent's
+    read from its :data:`JUDGMENT_ROWS` parts by comparison id (a filtered scan: only those rows'
+    values are decoded) and kept for the next call, so that a parent row is read once and a call
+    whose rows are the batch's or known reads nothing.  ``order``: the union's columns with the
+    deferred ones in their places.  Rows that have them already are returned as they are."""
 
     def __init__(self, parent: VersionHandle, batch: pl.DataFrame, order: list[str]) -> None:
-        self.parent, self.batch, self.order = parent, batch, order
+        self.parent, self.order = parent, order
         self.columns = tuple(c for c in DEFERRED if c in order)
+        self.schema = {"comparison_id": pl.String, **{c: batch.schema[c] for c in self.columns}}
+        self.batch = batch.select(list(self.schema))
+        self.known = pl.DataFrame(schema=self.schema)  # the parent's rows read so far
         self.reads = self.rows_read = 0
 
     def __call__(self, rows: pl.DataFrame) -> pl.DataFrame:
         missing = [c for c in self.columns if c not in rows.columns]
         if not missing:
             return rows
-        ids = pl.col("comparison_id").is_in(rows["comparison_id"].unique().implode())
-        schema = {c: self.batch.schema[c] for c in missing}
-        if rows.height:
-            old = self.parent.read(JUDGMENT_ROWS, columns=["comparison_id", *missing], where=ids)
+        ids = rows["comparison_id"].unique()
+        new = ids.filter(~ids.is_in(self.batch["comparison_id"].implode()) & ~ids.is_in(self.known["comparison_id"].implode()))
+        if new.len():
+            old = self.parent.read(JUDGMENT_ROWS, columns=list(self.schema), where=pl.col("comparison_id").is_in(new.implode()))
+            if old.height != new.len():
+                raise DamagedVersion(f"{self.parent.path}: {new.len()} of the union's comparison ids are read from its "
+                                     f"judgments, {old.height} rows found")
             self.reads, self.rows_read = self.reads + 1, self.rows_read + old.height
-            src = pl.concat([old.cast(schema), self.batch.select("comparison_id", *missing).filter(ids)])  # type: ignore[arg-type]
-            out = rows.join(src, on="comparison_id", how="left", maintain_order="left")
-            if out.height != rows.height:
-                raise DamagedVersion(f"{self.parent.path}: a comparison_id is not unique in the parent's judgments")
-        else:
-            out = rows.with_columns(pl.Series(c, [], dtype=t) for c, t in schema.items())
+            self.known = pl.concat([self.known, old.cast(self.schema)])  # type: ignore[arg-type]
+        want = pl.col("comparison_id").is_in(ids.implode())
+        src = pl.concat([self.known.filter(want), self.batch.filter(want)]).select("comparison_id", *missing)
+        out = rows.join(src, on="comparison_id", how="left", maintain_order="left")
         return out.select([c for c in self.order if c in out.columns] + [c for c in out.columns if c not in self.order])
 
 

@@ -429,3 +429,28 @@ def test_a_child_that_refits_a_check_completes_every_row_for_it(tmp_path, monkey
     child = max((store.get(v) for v in store.list_ids()), key=lambda h: h.manifest().created_at)
     assert "reliability" in child.manifest().lineage["check_sums"]["counted_again"]
     assert unions[0]["rows_completed"] >= 16
+
+
+def test_the_completer_reads_a_parent_row_once_and_a_batch_row_never(tmp_path):
+    """Rows without the deferred columns get the parent's values (read by comparison id, kept for
+    the next call) or the batch's (never read), in the rows' order; an id the parent lacks is a
+    damaged version, not a row of nulls."""
+    from pipeline.incremental import DEFERRED, Completer
+    from pipeline.store import DamagedVersion
+
+    store = Store(tmp_path / "s")
+    rows = [canonical(i, shown_first="ab"[i % 2], strength=i / 10, tags=[f"t{i}"]) for i in range(6)]
+    parent = store.get(curate([write_jsonl(tmp_path / "a.jsonl", rows)], store, POLICY).version_id)
+    full = parent.read("judgments").drop("prompt", "prompt_text", "response_a", "response_b")
+    batch = full.slice(0, 2).with_columns(comparison_id=pl.Series(["n-1", "n-2"]), strength=pl.Series([0.11, 0.22]))
+    done = Completer(parent, batch, full.columns)
+    narrow = pl.concat([full, batch]).drop(DEFERRED)
+    wanted = narrow[[4, 1, 6]]  # two parent rows, one batch row
+    got = done(wanted)
+    assert got.columns == full.columns
+    assert got.equals(pl.concat([full[[4, 1]], batch[[0]]]))
+    assert (done.reads, done.rows_read) == (1, 2)
+    assert done(narrow[[1, 7]]).equals(pl.concat([full[[1]], batch[[1]]])) and done.reads == 1  # known or the batch's: no read
+    assert done(narrow[[0]])["strength"].to_list() == [0.0] and done.reads == 2
+    with pytest.raises(DamagedVersion, match="comparison ids"):
+        done(narrow[[0]].with_columns(comparison_id=pl.lit("nowhere")))
