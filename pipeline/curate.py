@@ -26,7 +26,7 @@ from pipeline import dimensions as dims
 from pipeline import incremental as inc
 from pipeline import reviews_resolve as rr
 from pipeline import select as sel
-from pipeline.checks import CHECK_MODULES, all_flags, pair_columns, resolve_policy, run_checks
+from pipeline.checks import CHECK_MODULES, all_flags, judgment_columns, pair_columns, resolve_policy, run_checks
 from pipeline.ingest import IngestResult, file_sha256, ingest_files
 from schemas.records import ROUTED_LABELS
 from pipeline.split import (PLACEMENT, SPLITS, assign_splits, assignment_changes, assignments, counted, leakage, placement,
@@ -349,9 +349,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         prelim_partial = prelim_changed is not None
         if prelim_changed is not None:
             prelim_rows = prelim_changed
-        if sums_rule is None or sums_rule["counted_again"] or dims.has_dimensions(judgments):
-            # a check that reads every judgment: every row's deferred columns (the dimensions check's
-            # per-dimension figures read the display order of every judgment with a dimension)
+        # a check that counts every judgment itself and may read a deferred column (one without mergeable sums, or
+        # whose sums are counted again; the dimensions check with dimension verdicts): every row completed first
+        reading = judgment_columns(skip={*given, *(sums_rule["checks"] if sums_rule is not None else ())})
+        if reading is None or set(reading) & set(inc.DEFERRED) or dims.has_dimensions(judgments):
             judgments = complete(judgments)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))

@@ -454,3 +454,24 @@ def test_the_completer_reads_a_parent_row_once_and_a_batch_row_never(tmp_path):
     assert done(narrow[[0]])["strength"].to_list() == [0.0] and done.reads == 2
     with pytest.raises(DamagedVersion, match="comparison ids"):
         done(narrow[[0]].with_columns(comparison_id=pl.lit("nowhere")))
+
+
+def test_a_new_check_that_reads_every_judgment_gets_every_column_in_a_child(tmp_path, monkeypatch):
+    """A check added without declaring the judgment columns it reads may read any of them: a child
+    completes every row of its union before it runs, so its figures are those over every judgment."""
+    import pipeline.checks as checks
+    from pipeline.checks.spec import CheckSpec
+    from schemas.check import CheckResult
+
+    def run(judgments, cfg):  # noqa: ANN001, ARG001
+        return CheckResult(name="first_shown", status="pass", metrics={"a_first": int((judgments["shown_first"] == "a").sum())})
+
+    monkeypatch.setattr(checks, "CHECKS", (*checks.CHECKS, CheckSpec(name="first_shown", run=run, inputs=())))
+    monkeypatch.setattr(checks, "REASONS", checks._reasons())
+    rows = [canonical(i, shown_first="ab"[i % 3 == 0], prompt=f"Prompt {i // 2}?") for i in range(12)]
+    store = Store(tmp_path / "s")
+    v1 = curate([write_jsonl(tmp_path / "a.jsonl", rows[:8])], store, POLICY).version_id
+    v2 = curate([write_jsonl(tmp_path / "b.jsonl", rows[8:])], store, POLICY, parent=v1).version_id
+    m = store.get(v2).manifest()
+    assert m.lineage["union"]["deferred"] and m.lineage["union"]["rows_completed"] >= 8
+    assert next(c for c in m.checks if c.name == "first_shown").metrics["a_first"] == sum(r["shown_first"] == "a" for r in rows)

@@ -7,7 +7,7 @@ derived.  A check never drops rows; it flags them with reason codes and only sel
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import polars as pl
@@ -149,6 +149,17 @@ def pair_columns() -> tuple[str, ...] | None:
     return tuple(out)
 
 
+def judgment_columns(skip: Collection[str] = ()) -> tuple[str, ...] | None:
+    """The judgment columns the checks not in ``skip`` read (None: some check reads any)."""
+    out: dict[str, None] = {}
+    for check in CHECKS:
+        if check.name not in skip:
+            if check.judgment_columns is None:
+                return None
+            out.update(dict.fromkeys(check.judgment_columns))
+    return tuple(out)
+
+
 def all_flags(results: dict[str, CheckResult]) -> pl.DataFrame:
     """Every check's flags, in registry order, each check's sorted by subject (the same rows give
     the same bytes however they were computed: a full run or a child's merge)."""
@@ -160,4 +171,4 @@ def all_flags(results: dict[str, CheckResult]) -> pl.DataFrame:
 
 
 __all__ = ["CHECKS", "CHECK_MODULES", "REASONS", "CheckSpec", "Reason", "all_flags", "default_flag_actions",
-           "flag_actions", "pair_columns", "pair_reasons", "reasons_table", "resolve_policy", "run_checks"]
+           "flag_actions", "judgment_columns", "pair_columns", "pair_reasons", "reasons_table", "resolve_policy", "run_checks"]

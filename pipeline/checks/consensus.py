@@ -90,6 +90,6 @@ def run(
     return CheckResult(name=NAME, status="pass", metrics=metrics, flags=flags, summary=summary)
 
 
-CHECK = CheckSpec(name=NAME, run=run, emits=("ambiguous",),
+CHECK = CheckSpec(name=NAME, run=run, emits=("ambiguous",), judgment_columns=(),
                   pair_columns=("pair_id", "annotator_kind", "label_consensus", "p_a_weighted"),
                   doc="the consensus abstains where the weighted evidence nearly cancels")

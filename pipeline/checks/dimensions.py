@@ -110,6 +110,8 @@ def _fmt(x: float | None) -> str:
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="aggregation", inputs=("pairs", "lengths"), pair_columns=("pair_id", "locale", "tags"),
+    # (with dimension verdicts it reads every column of their judgments: a child completes every row then)
+    judgment_columns=("dimensions", "label_derived"),
     doc="per-dimension consensus, agreement and bias; pairs whose dimensions name opposite sides",
     reasons=(
         Reason("dimension_conflict", "pair", "warn", "the pair's consensus verdicts on two dimensions name opposite "

@@ -158,6 +158,7 @@ _ACTIONS = ("drop", "warn")  # a judgment flag has no weight to lower: downweigh
 
 CHECK = CheckSpec(
     name=NAME, run=run, inputs=("registry",),
+    judgment_columns=("comparison_id", "annotator_id", "annotator_kind", "locale", "rubric", "created_at"),
     doc="judgments against the annotator registry (--annotators / policy `annotators`); no-op without one",
     reasons=(
         Reason("unknown_annotator", "judgment", "drop", "a registry is given and the annotator is not in it (does not vote)",

@@ -59,6 +59,9 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None,  # noqa: ARG00
 
 CHECK = CheckSpec(
     name=NAME, run=run, inputs=("reviews",),
+    # (a review's status reads no strength: classify gives it null without the column)
+    judgment_columns=("comparison_id", "pair_id", "review_of", "annotator_id", "annotator_kind", "label", "a_hash", "locale",
+                      "rubric", "created_at"),
     doc="reviews (review_of) against the pairs the version's lineage routed (docs/reviews.md)",
     reasons=(
         Reason("review_text_mismatch", "judgment", "drop", "a review's prompt or responses differ from the pair its "

@@ -112,7 +112,9 @@ class CheckSpec:
     versions, ``index_path`` (the parent's persisted state).  ``emits`` lists reasons declared
     by another check that this one may also emit.  ``pair_columns``: the columns of ``pairs`` it
     reads (None: any; the runner passes it those only, and a child reads those of its parent's
-    rows of every pair, :func:`pipeline.checks.pair_columns`)."""
+    rows of every pair, :func:`pipeline.checks.pair_columns`).  ``judgment_columns``: the judgment
+    columns ``run`` reads when it counts every judgment itself (None: any; a child whose union
+    holds some columns for some rows only completes every row before such a check runs)."""
 
     name: str
     run: Callable[..., CheckResult]
@@ -121,6 +123,7 @@ class CheckSpec:
     config: str | None = None  # the ChecksConfig section it reads, for the docs
     inputs: tuple[str, ...] = ("pairs",)
     pair_columns: tuple[str, ...] | None = None
+    judgment_columns: tuple[str, ...] | None = None
     doc: str = ""
     sums: Sums | None = None  # the check's mergeable state, when its figures are computed from one
     codes: tuple[str, ...] = field(init=False)
