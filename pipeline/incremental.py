@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -421,21 +422,24 @@ def merged_state(parent: VersionHandle, name: str, touched: pl.Series, rows: pl.
 
 def near_duplicates(judgments: pl.DataFrame, parent: VersionHandle | None, cfg: ChecksConfig, *, version_id: str,
                     n_parent_rows: int | None, parent_flags: pl.DataFrame | None = None,
-                    ) -> tuple[CheckResult, nds.IncrementalResult]:
+                    state: Future[nds.NearDupState] | None = None) -> tuple[CheckResult, nds.IncrementalResult]:
     """The near-duplicate check of a version through its state tables
     (:mod:`pipeline.checks.near_duplicates_state`).
 
     ``n_parent_rows``: the union starts with that many judgments of the parent, whose state is
     extended with the rest (only new prompts hashed); None: no usable parent state (a first
     version, ``curate --full``, a parent whose judgments are not the union's first rows) -- the
-    state is built from every judgment.  Returns the check's entry for the version (flags of
+    state is built from every judgment.  ``state``: :func:`~pipeline.checks.near_duplicates_state.load_state`
+    of the parent, started earlier (its result, or its error, is taken here).  Returns the check's entry for the version (flags of
     every pair, the ``clusters`` table of every pair) and the run, whose
     :meth:`~pipeline.checks.near_duplicates_state.IncrementalResult.write_state` writes the tables."""
     if n_parent_rows is None or parent is None:
         res = nds.run_incremental(judgments, nds.NearDupState.empty(cfg), generation=version_id)
         flags = res.flags
     else:
-        res = nds.run_incremental(judgments.slice(n_parent_rows), nds.load_state(parent, cfg), generation=version_id)
+        loaded = state.result() if state is not None else nds.load_state(parent, cfg)
+        res = nds.run_incremental(judgments.slice(n_parent_rows), loaded, generation=version_id)
+        del loaded
         pf = parent.read("flags.parquet") if parent_flags is None else parent_flags
         flags = nds.merge_flags(pf.filter(pl.col("check") == nds.nd.NAME), res)
     entry = res.check_result()

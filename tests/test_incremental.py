@@ -475,3 +475,26 @@ def test_a_new_check_that_reads_every_judgment_gets_every_column_in_a_child(tmp_
     m = store.get(v2).manifest()
     assert m.lineage["union"]["deferred"] and m.lineage["union"]["rows_completed"] >= 8
     assert next(c for c in m.checks if c.name == "first_shown").metrics["a_first"] == sum(r["shown_first"] == "a" for r in rows)
+
+
+def test_a_child_reads_its_parents_near_duplicate_state_once_while_it_reads_the_union(tmp_path, monkeypatch):
+    """The parent's near-duplicate state is read on a thread of its own from the start of the
+    build (it depends on the parent only), and the check takes that read: one read per child."""
+    import threading
+
+    import pipeline.incremental as inc
+
+    calls = []
+    real = inc.nds.load_state
+
+    def counted(parent, cfg=None):  # noqa: ANN001, ANN202
+        calls.append(threading.current_thread().name)
+        return real(parent, cfg)
+
+    monkeypatch.setattr(inc.nds, "load_state", counted)
+    rows = [canonical(i, prompt=f"Prompt {i // 2}?") for i in range(10)]
+    store = Store(tmp_path / "s")
+    v1 = curate([write_jsonl(tmp_path / "a.jsonl", rows[:6])], store, POLICY).version_id
+    assert calls == []  # a first version builds its state from its judgments
+    curate([write_jsonl(tmp_path / "b.jsonl", rows[6:])], store, POLICY, parent=v1)
+    assert len(calls) == 1 and calls[0].startswith("prefpipe-state")
