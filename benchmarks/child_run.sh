@@ -6,6 +6,9 @@
 # `benchmarks/incremental.py --parent-judgments 3000000` from that checkout first; the store is
 # /tmp/prefpipe-bench/incremental-3000000-<code_version>).  PYTHON: the interpreter (default: .venv of
 # this checkout).  The child's record (timings_s) is left in $TMPDIR/child-run.*.json.
+# AS_CODE=<code version of PARENT>: both sides on one parent, each checkout's code_version() reported
+# as that one (benchmarks/_cli_as_code.py; only for changes that do not change what a version
+# stores -- both sides must print the same child version id).
 set -euo pipefail
 WT=$1; STORE=$2; P=$3
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,4 +17,5 @@ BATCH=${BATCH:-/tmp/prefpipe-bench/child-batch-s1-v2-10000-1000.jsonl}
 D=$(mktemp -d "${TMPDIR:-/tmp}/child-run.XXXX"); mkdir "$D/versions"
 trap 'rm -rf "$D"' EXIT
 cp -al "$STORE/objects" "$D/objects"; cp -al "$STORE/versions/$P" "$D/versions/"
-cd "$WT" && "$PY" -m flows.cli curate "$BATCH" --store "$D" --parent "$P" --json > "$D.json"
+if [ -n "${AS_CODE:-}" ]; then CLI=("$HERE/benchmarks/_cli_as_code.py"); else CLI=(-m flows.cli); fi
+cd "$WT" && "$PY" "${CLI[@]}" curate "$BATCH" --store "$D" --parent "$P" --json > "$D.json"
