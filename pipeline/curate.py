@@ -32,7 +32,7 @@ from schemas.records import ROUTED_LABELS
 from pipeline.split import (PLACEMENT, SPLITS, assign_splits, assignment_changes, assignments, counted, leakage, placement,
                             prior_assignments, split_moves)
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
-from pipeline.parts import (FINGERPRINTS, GROUPS, PartReuse, TableWriter, bucket_counts, generation_groups,
+from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, bucket_counts, generation_groups,
                             grouped_generations, parent_keys, parent_parts, part_keys, parts_to_merge)
 from pipeline.store import Store, VersionHandle, file_info
 from schemas.check import CheckResult
@@ -155,6 +155,8 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
 # valid judgments removed before the checks see them (counted in judgments_valid and
 # judgments_dropped, absent from judgments.parquet); a child carries its parent's counts
 PRE_CHECK_DROPS = ("duplicate_comparison_id", "already_in_parent")
+# the order of the flags in a part: every column (equal rows are equal bytes)
+FLAG_ORDER = ("subject_kind", "subject_id", "check", "reason", "detail", "severity")
 
 
 def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None, *, narrow: bool = False,
@@ -369,6 +371,11 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         files: dict[str, SplitInfo] = {}
         t = timer.lap("write_judgments (wait)", t)
     flags = all_flags(results)
+    # the pair of each flagged judgment: its flags are kept in that pair's part (below)
+    jids = flags.filter(pl.col("subject_kind") == "judgment")["subject_id"]
+    flagged_pairs = judgments.filter(pl.col("comparison_id").is_in(jids.implode())).select(
+        subject_id="comparison_id", _jp="pair_id").unique("subject_id", keep="first", maintain_order=True)
+    del jids
 
     jsel = sel.filter_judgments(judgments, flags, policy.select, complete=complete)
     # the rule of a child (docs/incremental.md): pairs whose judgments, judgment flags and annotators'
@@ -527,9 +534,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # small generations share a tail group's part (pipeline/parts.py: GROUPS)
     groups = generation_groups(parent, version_id, int((first["first_version"] == version_id).sum()))
     gens = grouped_generations(gens, groups)
-    mine = groups.filter(pl.col("generation") == version_id)["group"][0]  # this version's group
+    my_group = groups.filter(pl.col("generation") == version_id)["group"][0]  # this version's group
     sizes = dict(gens.group_by("_gen").len().iter_rows())
-    buckets = bucket_counts(parent, "pairs", {**sizes, mine: sizes.get(mine, 0)})
+    buckets = bucket_counts(parent, "pairs", {**sizes, my_group: sizes.get(my_group, 0)})
     if plan is not None:
         # a child writes the rows of a few pairs: their part keys only (a key is a function of the pair;
         # formatting every pair's took ~0.3 s at 3M judgments); another pair's is computed when asked
@@ -547,7 +554,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         if k["_part"].null_count():
             missing = k.filter(pl.col("_part").is_null()).select("pair_id").unique()
             found = keys_of(missing) if plan is not None else gen.clear()  # (with every key made: none to find)
-            fill = part_keys(missing.join(found, on="pair_id", how="anti").with_columns(_gen=pl.lit(mine)), buckets)
+            fill = part_keys(missing.join(found, on="pair_id", how="anti").with_columns(_gen=pl.lit(my_group)), buckets)
             k = k.join(pl.concat([found, fill]).rename({"_part": "_fill"}), on="pair_id", how="left", maintain_order="left") \
                 .with_columns(_part=pl.coalesce("_part", "_fill")).drop("_fill")
         return k
@@ -595,9 +602,33 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     review_state, review_ledger = rr.finish(
         review_ctx, version_id=version_id, created_at=created_at, pairs=fate, routed=routed_all,
         reviews=reviews, decided_by_reviews=decided, n_review_judgments=reviews.height)
-    w = TableWriter(store, stage, rr.STATE)
-    w.write("all", review_state)
-    tables[rr.STATE] = w.info()
+
+    def pair_keys_of(pid: pl.Series) -> pl.Series:  # pair ids -> part keys (none: the part of other subjects)
+        f = pid.to_frame("pair_id")
+        u = f.drop_nulls().unique()
+        k = keyed(u).select("pair_id", "_part") if u.height else u.with_columns(_part=pl.lit(None, pl.String))
+        return f.join(k, on="pair_id", how="left", maintain_order="left")["_part"].fill_null(OTHER_KEY)
+
+    def flag_keys(fl: pl.DataFrame) -> pl.Series:  # a flag's pair: its subject's, or its judgment's
+        kind = pl.col("subject_kind")
+        sub = fl.select("subject_kind", "subject_id").join(flagged_pairs, on="subject_id", how="left", maintain_order="left")
+        return pair_keys_of(sub.select(pl.when(kind == "pair").then(pl.col("subject_id"))
+                                       .when(kind == "judgment").then(pl.col("_jp")))["subject_id"])
+
+    # the flags and the review state by the part of the pair each row is about (flags of annotators and other
+    # subjects: a part of their own): a child rewrites the parts where a row changed and links the others
+    for name, frame, before, key_of, order in (
+            ("flags", flags, parent_flags, flag_keys, FLAG_ORDER),
+            (rr.STATE, review_state, review_ctx.before if parent is not None else None,
+             lambda f: pair_keys_of(f["pair_id"]), ("pair_id",))):
+        tags = delta.part_tags(parent, name, before.height) if plan is not None and before is not None else None
+        if tags is not None:
+            assert before is not None
+            tables[name] = delta.write_changed(reuse, store, stage, name, frame, before, tags, key_of, order)
+        else:
+            w = TableWriter(store, stage, name)
+            w.write_grouped(frame.with_columns(_part=key_of(frame)), "_part", reuse, order_by=order)
+            tables[name] = w.info()
     tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
                                            quarantine.height - ingest.quarantine.height if parent else 0, version_id)
     # the parameters the consensus used, for the annotators with kept judgments (docs/incremental.md)
@@ -605,7 +636,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     annotators = agg.annotator_table(results, used.select(
         "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
         order_engagement="oa_engaged"))
-    for name, frame in (("flags", flags), ("annotators", annotators), (FINGERPRINTS, reuse.frame()), (LABEL_COUNTS, counts),
+    for name, frame in (("annotators", annotators), (FINGERPRINTS, reuse.frame()), (LABEL_COUNTS, counts),
                         (PLACEMENT, placed),
                         (inc.PARAMS_TABLE, params), (inc.PRELIM_PARAMS, prelim_params), (GROUPS, groups),
                         *inc.sums_frames(results).items()):

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.parts import EMPTY_KEY, FINGERPRINTS, PartReuse, TableWriter, fingerprint
+import numpy as np
+
+from pipeline.parts import EMPTY_KEY, FINGERPRINTS, PartReuse, TableWriter, fingerprint, part_key
 from pipeline.store import Store, VersionHandle
 from schemas.manifest import TableInfo
 
@@ -182,6 +184,69 @@ def write_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl
     return w.info()
 
 
+def part_tags(parent: VersionHandle, name: str, rows: int) -> pl.Series | None:
+    """The part key of each row of the parent's table ``name`` as :meth:`VersionHandle.read` gives it
+    (its parts in order; ``rows``: the frame's height, to check that it is that read).  None when the
+    table is not kept by pair part: absent, or one part ``all`` (written whole by older code)."""
+    t = parent.table(name)
+    if t is None or sum(p.rows for p in t.parts) != rows:
+        return None
+    keys = [part_key(p) for p in t.parts]
+    if "all" in keys:
+        return None
+    return pl.Series("_part", np.repeat(np.array(keys, dtype=object), [p.rows for p in t.parts]), dtype=pl.String)
+
+
+def write_changed(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl.DataFrame, parent_rows: pl.DataFrame,
+                  tags: pl.Series, key_of: Callable[[pl.DataFrame], pl.Series], order_by: tuple[str, ...]) -> TableInfo:
+    """A child's table kept by pair part whose rows are not replaced pair by pair but compared with
+    its parent's by value (the flags, the review state): ``rows`` the child's whole table,
+    ``parent_rows`` the parent's as read, ``tags`` their parts (:func:`part_tags`).  A row whose
+    count differs between the two (by seeded row hash) left or came: the parts it is in, or that
+    ``key_of`` puts it in, are rewritten -- the parent's unchanged rows of the part plus the
+    child's changed rows keyed there, sorted by ``order_by`` -- and every other part is linked
+    unread.  The same parts as writing every row keyed (:func:`pipeline.curate._grouped_table`),
+    since a row's key is a function of its pair that never changes (:func:`pipeline.parts.parent_keys`);
+    ``tests/test_delta.py`` requires it.  Hashing both tables is O(history) but ~10 ms a 300k rows;
+    what is written is O(change)."""
+    assert reuse.parent is not None
+    parent = reuse.parent
+    cols = rows.columns
+    hp = parent_rows.select(cols).hash_rows(seed=_ROW_SEED).alias("_h")
+    hc = rows.hash_rows(seed=_ROW_SEED).alias("_h")
+    counts = hp.value_counts(name="_np").join(hc.value_counts(name="_nc"), on="_h", how="full", coalesce=True)
+    changed = counts.filter(pl.col("_np").fill_null(0) != pl.col("_nc").fill_null(0))["_h"].implode()
+    left = hp.is_in(changed)
+    came = rows.filter(hc.is_in(changed))
+    came_keys = key_of(came) if came.height else pl.Series("_part", [], dtype=pl.String)
+    hit = set(tags.filter(left).unique().to_list()) | set(came_keys.unique().to_list())
+    w = TableWriter(store, stage, name)
+    t = parent.table(name)
+    assert t is not None
+    done: set[str] = set()
+    for part in t.parts:
+        key = part_key(part)
+        if key == EMPTY_KEY:
+            continue  # an empty table's placeholder: rows, if any, come as new parts
+        if key not in hit:
+            w.inherit(parent, part)
+            reuse.linked += 1
+            known = reuse.known.get(part.path)
+            reuse.seen[part.path] = known[0] if known is not None else fingerprint(parent.read(part.path))
+            continue
+        done.add(key)
+        kept = parent_rows.filter((tags == key) & ~left).select(cols).cast(rows.schema)
+        _write(w, reuse, key, _sorted(pl.concat([kept, came.filter(came_keys == key)]), order_by))
+    for key in sorted(hit - done):
+        _write(w, reuse, key, _sorted(came.filter(came_keys == key), order_by))
+    if not w.parts:
+        w.write(EMPTY_KEY, rows.clear())
+    return w.info()
+
+
+_ROW_SEED = 0xF1A6
+
+
 def _sorted(frame: pl.DataFrame, order_by: tuple[str, ...]) -> pl.DataFrame:
     return frame.sort(list(order_by), nulls_last=True, maintain_order=True)
 
@@ -213,4 +278,4 @@ def parent_texts(parent: VersionHandle, own: pl.DataFrame, keys: Callable[[pl.Da
     return texts
 
 
-__all__ = ["PAIR_ROWS", "PLAN_COLUMNS", "Plan", "TABLES", "applies", "parent_texts", "plan", "write_table"]
+__all__ = ["PAIR_ROWS", "PLAN_COLUMNS", "Plan", "TABLES", "applies", "parent_texts", "part_tags", "plan", "write_changed", "write_table"]

@@ -41,6 +41,8 @@ from schemas.manifest import TableInfo
 
 OBJECTS = "objects"
 EMPTY_KEY = "empty"
+# the part of a table kept by pair part that holds the rows about no pair (flags of annotators, slices)
+OTHER_KEY = "other"
 _NO_LINKS = (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK, errno.EOPNOTSUPP)
 
 
@@ -170,7 +172,8 @@ _BUCKET_KEY = re.compile(r"^(?P<gen>.+)\.b(?P<b>\d{4})of(?P<k>\d{4})$")
 _BUCKET_SEED = 0x9E3779B9
 
 
-def _part_key(part: SplitInfo) -> str:
+def part_key(part: SplitInfo) -> str:
+    """A part's key: ``<table>/part-<key>.parquet``."""
     return Path(part.path).name.removeprefix("part-").removesuffix(".parquet")
 
 
@@ -181,7 +184,7 @@ def bucket_counts(parent: VersionHandle | None, table: str, sizes: dict[str, int
     at most :data:`PART_PAIRS` pairs (``sizes``: its pairs)."""
     known: dict[str, int] = {}
     for part in parent_parts(parent, table):
-        key = _part_key(part)
+        key = part_key(part)
         m = _BUCKET_KEY.match(key)
         known[m["gen"] if m else key] = int(m["k"]) if m else 1
     out = {}
@@ -383,6 +386,6 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
     return plan
 
 
-__all__ = ["FINGERPRINTS", "PART_PAIRS", "GcPlan", "PartReuse", "TableWriter", "bucket_counts", "collect_garbage", "parent_keys",
-           "fingerprint", "link_part", "object_path", "parent_parts", "part_keys", "parts_to_merge", "plan_gc", "share", "GROUPS",
+__all__ = ["FINGERPRINTS", "OTHER_KEY", "PART_PAIRS", "GcPlan", "PartReuse", "TableWriter", "bucket_counts", "collect_garbage", "parent_keys",
+           "fingerprint", "link_part", "object_path", "parent_parts", "part_key", "part_keys", "parts_to_merge", "plan_gc", "share", "GROUPS",
            "generation_groups", "grouped_generations"]

@@ -26,9 +26,14 @@ PATH_ONLY = {"pairs_selected", "pairs_removed"}
 def _same_version(a: Store, b: Store, vid: str) -> None:
     ma, mb = a.get(vid).manifest(), b.get(vid).manifest()
     # every table byte for byte, but the review state: it stamps the build's time on newly routed pairs
-    assert {n: [(p.path, p.sha256) for p in t.parts] for n, t in ma.tables.items() if n != "review_state"} == \
-        {n: [(p.path, p.sha256) for p in t.parts] for n, t in mb.tables.items() if n != "review_state"}
+    # (so do the fingerprints of its parts)
+    timed = ("review_state", parts.FINGERPRINTS)
+    assert {n: [(p.path, p.sha256) for p in t.parts] for n, t in ma.tables.items() if n not in timed} == \
+        {n: [(p.path, p.sha256) for p in t.parts] for n, t in mb.tables.items() if n not in timed}
     assert a.get(vid).read("review_state").drop("routed_at").equals(b.get(vid).read("review_state").drop("routed_at"))
+    assert [p.path for p in ma.tables["review_state"].parts] == [p.path for p in mb.tables["review_state"].parts]
+    untimed = ~pl.col("path").str.starts_with("review_state/")
+    assert a.get(vid).read(parts.FINGERPRINTS).filter(untimed).equals(b.get(vid).read(parts.FINGERPRINTS).filter(untimed))
     assert ma.ledger == mb.ledger and ma.splits == mb.splits and ma.checks == mb.checks
     la = {k: v for k, v in ma.lineage.items() if k not in RUN_ONLY}
     lb = {k: v for k, v in mb.lineage.items() if k not in RUN_ONLY}
@@ -258,3 +263,34 @@ def test_pairs_without_a_parent_row_are_found_whatever_brought_them_back():
         want = delta.plan(*args)
         assert sorted(got.new.to_list()) == sorted(want.new.to_list()) == sorted(["q", *back])
         assert sorted(got.dirty.to_list()) == sorted(want.dirty.to_list()) and got.clean.equals(want.clean)
+
+
+def test_a_flag_that_leaves_an_old_part_rewrites_it_as_writing_every_flag_does(tmp_path, monkeypatch):
+    """A child whose only flag changes are removals (an old pair's disagreement outvoted) rewrites the
+    parts those flags left -- no flag comes into them -- and writes the flags table every-flag writing
+    writes; the parts no flag left or came into are linked."""
+    monkeypatch.setattr(parts, "PART_PAIRS", 3)  # the first generation in several buckets
+    first = [canonical(i, comparison_id=f"c{i}-{k}", annotator_id=f"ann-{k}", label="a", shown_first="ab"[k])
+             for i in range(12) for k in range(2)]
+    first += [canonical(99, comparison_id="split-0", annotator_id="ann-0", label="a"),
+              canonical(99, comparison_id="split-1", annotator_id="ann-1", label="b", shown_first="b")]
+    second = [canonical(99, comparison_id=f"outvote-{k}", annotator_id=f"ann-{k + 2}", label="a", shown_first="ab"[k % 2])
+              for k in range(5)]
+    fast, slow = Store(tmp_path / "fast"), Store(tmp_path / "slow")
+    v1 = curate([write_jsonl(tmp_path / "a.jsonl", first)], fast, POLICY).version_id
+    assert curate([write_jsonl(tmp_path / "a.jsonl", first)], slow, POLICY).version_id == v1
+    b = write_jsonl(tmp_path / "b.jsonl", second)
+    v2 = curate([b], fast, POLICY, parent=v1).version_id
+    with monkeypatch.context() as m:
+        m.setattr(delta, "applies", lambda _parent: False)
+        assert curate([b], slow, POLICY, parent=v1).version_id == v2
+    _same_version(fast, slow, v2)
+    h1, h2 = fast.get(v1), fast.get(v2)
+    split = h1.read("judgments").filter(pl.col("comparison_id") == "split-0")["pair_id"][0]
+    f1, f2 = h1.read("flags"), h2.read("flags")
+    left, came = f1.join(f2, on=f1.columns, how="anti"), f2.join(f1, on=f1.columns, how="anti")
+    assert "low_agreement" in left["reason"].to_list() and set(left["subject_id"]) == {split}  # the outvote's ...
+    assert not came.height  # ... and no flag came
+    old, new = ({p.path: p.sha256 for p in h.table("flags").parts} for h in (h1, h2))
+    rewritten = [p for p in new if p in old and new[p] != old[p]]
+    assert len(rewritten) == 1 and len(new) >= 2  # the part that held them; the others linked
