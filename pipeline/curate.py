@@ -617,17 +617,19 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
 
     # the flags and the review state by the part of the pair each row is about (flags of annotators and other
     # subjects: a part of their own): a child rewrites the parts where a row changed and links the others
-    for name, frame, before, key_of, order in (
-            ("flags", flags, parent_flags, flag_keys, FLAG_ORDER),
+    # (the review state stamps the build's time on newly routed pairs: its parts are not fingerprinted)
+    for name, frame, before, key_of, order, printed in (
+            ("flags", flags, parent_flags, flag_keys, FLAG_ORDER, True),
             (rr.STATE, review_state, review_ctx.before if parent is not None else None,
-             lambda f: pair_keys_of(f["pair_id"]), ("pair_id",))):
+             lambda f: pair_keys_of(f["pair_id"]), ("pair_id",), False)):
         tags = delta.part_tags(parent, name, before.height) if plan is not None and before is not None else None
         if tags is not None:
             assert before is not None
-            tables[name] = delta.write_changed(reuse, store, stage, name, frame, before, tags, key_of, order)
+            tables[name] = delta.write_changed(reuse, store, stage, name, frame, before, tags, key_of, order,
+                                               fingerprinted=printed)
         else:
             w = TableWriter(store, stage, name)
-            w.write_grouped(frame.with_columns(_part=key_of(frame)), "_part", reuse, order_by=order)
+            w.write_grouped(frame.with_columns(_part=key_of(frame)), "_part", reuse if printed else None, order_by=order)
             tables[name] = w.info()
     tables["quarantine"] = _appended_table(store, stage, "quarantine", parent, quarantine,
                                            quarantine.height - ingest.quarantine.height if parent else 0, version_id)

@@ -198,7 +198,8 @@ def part_tags(parent: VersionHandle, name: str, rows: int) -> pl.Series | None:
 
 
 def write_changed(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pl.DataFrame, parent_rows: pl.DataFrame,
-                  tags: pl.Series, key_of: Callable[[pl.DataFrame], pl.Series], order_by: tuple[str, ...]) -> TableInfo:
+                  tags: pl.Series, key_of: Callable[[pl.DataFrame], pl.Series], order_by: tuple[str, ...], *,
+                  fingerprinted: bool = True) -> TableInfo:
     """A child's table kept by pair part whose rows are not replaced pair by pair but compared with
     its parent's by value (the flags, the review state): ``rows`` the child's whole table,
     ``parent_rows`` the parent's as read, ``tags`` their parts (:func:`part_tags`).  A row whose
@@ -208,7 +209,9 @@ def write_changed(reuse: PartReuse, store: Store, stage: Path, name: str, rows: 
     unread.  The same parts as writing every row keyed (:func:`pipeline.curate._grouped_table`),
     since a row's key is a function of its pair that never changes (:func:`pipeline.parts.parent_keys`);
     ``tests/test_delta.py`` requires it.  Hashing both tables is O(history) but ~10 ms a 300k rows;
-    what is written is O(change)."""
+    what is written is O(change).  ``fingerprinted``: the parts' fingerprints are recorded in
+    ``reuse`` (not for a table whose rows carry the build's time: they would differ between two
+    builds of one version)."""
     assert reuse.parent is not None
     parent = reuse.parent
     cols = rows.columns
@@ -231,14 +234,15 @@ def write_changed(reuse: PartReuse, store: Store, stage: Path, name: str, rows: 
         if key not in hit:
             w.inherit(parent, part)
             reuse.linked += 1
-            known = reuse.known.get(part.path)
-            reuse.seen[part.path] = known[0] if known is not None else fingerprint(parent.read(part.path))
+            if fingerprinted:
+                known = reuse.known.get(part.path)
+                reuse.seen[part.path] = known[0] if known is not None else fingerprint(parent.read(part.path))
             continue
         done.add(key)
         kept = parent_rows.filter((tags == key) & ~left).select(cols).cast(rows.schema)
-        _write(w, reuse, key, _sorted(pl.concat([kept, came.filter(came_keys == key)]), order_by))
+        _write(w, reuse, key, _sorted(pl.concat([kept, came.filter(came_keys == key)]), order_by), fingerprinted)
     for key in sorted(hit - done):
-        _write(w, reuse, key, _sorted(came.filter(came_keys == key), order_by))
+        _write(w, reuse, key, _sorted(came.filter(came_keys == key), order_by), fingerprinted)
     if not w.parts:
         w.write(EMPTY_KEY, rows.clear())
     return w.info()
@@ -251,12 +255,13 @@ def _sorted(frame: pl.DataFrame, order_by: tuple[str, ...]) -> pl.DataFrame:
     return frame.sort(list(order_by), nulls_last=True, maintain_order=True)
 
 
-def _write(w: TableWriter, reuse: PartReuse, key: str, frame: pl.DataFrame) -> None:
+def _write(w: TableWriter, reuse: PartReuse, key: str, frame: pl.DataFrame, fingerprinted: bool = True) -> None:
     if frame.height == 0:
         return
     part = w.write(key, frame)
     reuse.written += 1
-    reuse.seen[part.path] = fingerprint(frame)
+    if fingerprinted:
+        reuse.seen[part.path] = fingerprint(frame)
 
 
 def parent_texts(parent: VersionHandle, own: pl.DataFrame, keys: Callable[[pl.DataFrame], pl.DataFrame]
