@@ -453,7 +453,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             # cluster is all clean or all dirty, and none of the parent's was in two splits), not a row of every kept pair
             old_kept = parent_rows.filter(pl.col("pair_id").is_in(pl.concat([plan.dirty, plan.removed]).implode())
                                           & (pl.col("decision") == "keep")) \
-                .select("pair_id", "near_dup_cluster", "locale", "annotator_kind").join(prior, on="pair_id", how="left")
+                .select("pair_id", "near_dup_cluster", "locale", "annotator_kind")
+            old_kept = old_kept.join(prior.filter(pl.col("pair_id").is_in(old_kept["pair_id"].implode())), on="pair_id",
+                                     how="left")  # (every pair's split filtered by the few first: a join hashes both)
             if old_kept["split"].null_count():
                 raise ValueError(f"{parent.path}: {old_kept['split'].null_count()} kept pairs have no split assignment")
             base_counts = counted((1, parent.read(PLACEMENT)), (-1, placement(old_kept)))
@@ -524,7 +526,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # the generations whose rows changed and links the others (pipeline/parts.py)
     # in pair_id order: a generation's part has the same bytes however its rows were computed
     pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"]).sort("pair_id")
-    pairs_out = pairs_out.join(first, on="pair_id", how="left")
+    pairs_out = pairs_out.join(first if 4 * pairs_out.height > first.height
+                               else first.filter(pl.col("pair_id").is_in(pairs_out["pair_id"].implode())), on="pair_id", how="left")
     # a big generation is split into buckets by a hash of the pair id: a changed pair rewrites its bucket only
     gens = first.rename({"first_version": "_gen"})
     if plan is not None and plan.removed.len():  # their parent rows leave the parts they are in

@@ -85,9 +85,15 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     def of(frame: pl.DataFrame, keys: pl.Series) -> pl.DataFrame:  # the rows of ``keys`` (a small set) only
         return frame.filter(c("pair_id").is_in(keys.implode()))
 
+    nk = no_kept.implode()
+
+    def kept(keys: pl.Series) -> pl.Series:  # the pairs of ``keys`` that have kept judgments (``ids``), sorted:
+        u = keys.unique()  # every key is a pair of the union (``ids`` or ``no_kept``): no look-up of every pair
+        return u.filter(~u.is_in(nk)).sort()
+
     ndc = parent_rows.select("pair_id", "near_dup_cluster")
     # flag reasons: the (pair, reason) rows of one side that the other lacks
-    mine = flags.filter(c("subject_kind") == "pair").select(pair_id="subject_id", reason="reason").unique()
+    mine = flags.filter(c("subject_kind") == "pair").select(pair_id="subject_id", reason="reason")
     theirs = parent_rows.select("pair_id", reason="flag_reasons").explode("reason").drop_nulls("reason")
     flag_changed = pl.concat([mine.join(theirs, on=["pair_id", "reason"], how="anti"),
                               theirs.join(mine, on=["pair_id", "reason"], how="anti")])["pair_id"]
@@ -101,12 +107,12 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     new = None
     if fresh is not None and not ndc["near_dup_cluster"].null_count():
         had = of(ndc, recompute)["pair_id"]
-        new = of(ids, pl.concat([fresh, recompute.filter(~recompute.is_in(had.implode()))]).unique())["pair_id"]
+        new = kept(pl.concat([fresh, recompute.filter(~recompute.is_in(had.implode()))]))
         if new.len() != ids.height - ndc.height + of(ndc, no_kept).height:  # some pair is not among them: joined
             new = None
     if new is None:
         new = ids.join(ndc.filter(c("near_dup_cluster").is_not_null()), on="pair_id", how="anti")["pair_id"]
-    seed_ids = of(ids, pl.concat([flag_changed, cluster_changed, new, recompute]).unique())
+    seed_ids = kept(pl.concat([flag_changed, cluster_changed, new, recompute])).to_frame("pair_id")
     seeds = seed_ids.join(of(cl, seed_ids["pair_id"]), on="pair_id", how="left") \
         .join(of(ndc, seed_ids["pair_id"]), on="pair_id", how="left").with_columns(_cl=c("_cl").fill_null(c("pair_id")))
     none = pl.DataFrame(schema={"pair_id": pl.String, "near_dup_cluster": pl.String})
@@ -126,7 +132,7 @@ def plan(parent_rows: pl.DataFrame, pair_ids: pl.Series, recompute: pl.Series, f
     lone = ids.filter(c("pair_id").is_in(touched))
     alone = lone.join(of(cl, lone["pair_id"]), on="pair_id", how="anti")["pair_id"]
     was = ndc.filter(c("near_dup_cluster").is_in(touched))["pair_id"]
-    dirty = of(ids, pl.concat([seed_ids["pair_id"], in_cl, alone, was]).unique())["pair_id"]
+    dirty = kept(pl.concat([seed_ids["pair_id"], in_cl, alone, was]))
     # the parent's pairs that still have kept judgments: all of them unless some were removed
     still = parent_rows.join(ids, on="pair_id", how="semi") if removed.height else parent_rows
     clean = still.select(CLEAN_COLUMNS).filter(~c("pair_id").is_in(dirty.implode()))
@@ -217,10 +223,12 @@ def write_changed(reuse: PartReuse, store: Store, stage: Path, name: str, rows: 
     cols = rows.columns
     hp = parent_rows.select(cols).hash_rows(seed=_ROW_SEED).alias("_h")
     hc = rows.hash_rows(seed=_ROW_SEED).alias("_h")
-    counts = hp.value_counts(name="_np").join(hc.value_counts(name="_nc"), on="_h", how="full", coalesce=True)
-    changed = counts.filter(pl.col("_np").fill_null(0) != pl.col("_nc").fill_null(0))["_h"].implode()
-    left = hp.is_in(changed)
-    came = rows.filter(hc.is_in(changed))
+    if hp.n_unique() == hp.len() and hc.n_unique() == hc.len():  # no row twice (the flags): a set difference
+        left, came = ~hp.is_in(hc.implode()), rows.filter(~hc.is_in(hp.implode()))
+    else:  # a row whose count changed
+        counts = hp.value_counts(name="_np").join(hc.value_counts(name="_nc"), on="_h", how="full", coalesce=True)
+        changed = counts.filter(pl.col("_np").fill_null(0) != pl.col("_nc").fill_null(0))["_h"].implode()
+        left, came = hp.is_in(changed), rows.filter(hc.is_in(changed))
     came_keys = key_of(came) if came.height else pl.Series("_part", [], dtype=pl.String)
     hit = set(tags.filter(left).unique().to_list()) | set(came_keys.unique().to_list())
     w = TableWriter(store, stage, name)
