@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,9 +123,25 @@ def curate(
     if store.exists(version_id):
         return CurateResult(version_id, False, store, timer.t)
 
+    # the parent's near-duplicate state: read on a thread of its own while the batch is ingested (one core parses
+    # the batch, the other reads the state)
+    near_state = _early_state(parent_handle, policy) if not full else None
     ingest = ingest_source(paths, options, policy, on_rows=on_rows)
     t = timer.lap("ingest", t)
-    return build_version(store, version_id, ingest, parent_handle, policy, timer, full=full)
+    return build_version(store, version_id, ingest, parent_handle, policy, timer, full=full, near_state=near_state)
+
+
+def _early_state(parent: VersionHandle | None, policy: Policy) -> Future[Any] | None:
+    """The parent's near-duplicate state (every prompt's bands and sketches, ~0.7 s at 3M judgments)
+    depends on the parent only: its read starts at once, on a thread of its own (its result, or
+    its error, is taken by the check; unused when the child recomputes everything)."""
+    if parent is None:
+        return None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefpipe-state")
+    try:
+        return pool.submit(inc.nds.load_state, parent, policy.checks)
+    finally:
+        pool.shutdown(wait=False)  # (the read runs on; the pool takes no more work)
 
 
 def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy,
@@ -137,16 +153,18 @@ def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy,
 
 
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
-                  policy: Policy, timer: _Timer | None = None, *, full: bool = False) -> CurateResult:
+                  policy: Policy, timer: _Timer | None = None, *, full: bool = False,
+                  near_state: Future[Any] | None = None) -> CurateResult:
     """Checks -> select -> split -> write, atomically, unless the version exists.
 
     Takes the rows out of ``ingest`` (:meth:`IngestResult.take_judgments`): the wide
-    judgments frame is written first and released after the checks."""
+    judgments frame is written first and released after the checks.  ``near_state``: the
+    parent's near-duplicate state being read (:func:`_early_state`; None: read from here)."""
     timer = timer or _Timer(None)
     policy = resolve_policy(policy)
 
     def build(stage: Path) -> Manifest:
-        return _build_version(store, stage, version_id, ingest, parent, policy, timer, full)
+        return _build_version(store, stage, version_id, ingest, parent, policy, timer, full, near_state)
 
     vid, created = store.write_version(version_id, build)
     return CurateResult(vid, created, store, timer.t)
@@ -193,16 +211,12 @@ def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> 
 
 
 def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
-                   policy: Policy, timer: _Timer, full: bool = False) -> Manifest:
+                   policy: Policy, timer: _Timer, full: bool = False, near_state: Future[Any] | None = None) -> Manifest:
     t = time.perf_counter()
     created_at = datetime.now(UTC)
     same_policy = parent is not None and parent.manifest().policy_hash == policy.policy_hash()
-    # the parent's near-duplicate state (every prompt's bands, ~0.7 s at 3M judgments) depends on the parent
-    # only: read on a thread of its own while the union is read (unused when the child recomputes everything)
-    early = ThreadPoolExecutor(1, thread_name_prefix="prefpipe-state") if parent is not None and not full else None
-    near_state = early.submit(inc.nds.load_state, parent, policy.checks) if early is not None else None
-    if early is not None:
-        early.shutdown(wait=False)  # (the read runs on; the pool takes no more work)
+    if near_state is None and not full:  # (curate starts it before the batch is ingested)
+        near_state = _early_state(parent, policy)
     # a child under the rule reads its parent's judgments without their texts: only its touched pairs' have them
     narrow = parent is not None and not full and same_policy and not policy.dimensions.train_on and inc.narrow_applies(parent)
     # ... and without the columns only the stages that aggregate or select some pairs read (taken for those rows)
