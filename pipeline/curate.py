@@ -125,10 +125,23 @@ def curate(
 
     # the parent's near-duplicate state: read on a thread of its own while the batch is ingested (one core parses
     # the batch, the other reads the state)
-    near_state = _early_state(parent_handle, policy) if not full else None
+    early = _Handover(_early_state(parent_handle, policy) if not full else None)
     ingest = ingest_source(paths, options, policy, on_rows=on_rows)
     t = timer.lap("ingest", t)
-    return build_version(store, version_id, ingest, parent_handle, policy, timer, full=full, near_state=near_state)
+    return build_version(store, version_id, ingest, parent_handle, policy, timer, full=full, near_state=early)
+
+
+class _Handover:
+    """A value passed down through frames that keep their arguments: the one who takes it holds
+    the only reference (the near-duplicate state's read, ~0.3 GB at 3M judgments, is released by
+    the check that used it, not kept by the callers' frames to the end of the build)."""
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def take(self) -> Any:
+        value, self._value = self._value, None
+        return value
 
 
 def _early_state(parent: VersionHandle | None, policy: Policy) -> Future[Any] | None:
@@ -154,12 +167,12 @@ def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy,
 
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
                   policy: Policy, timer: _Timer | None = None, *, full: bool = False,
-                  near_state: Future[Any] | None = None) -> CurateResult:
+                  near_state: _Handover | None = None) -> CurateResult:
     """Checks -> select -> split -> write, atomically, unless the version exists.
 
     Takes the rows out of ``ingest`` (:meth:`IngestResult.take_judgments`): the wide
     judgments frame is written first and released after the checks.  ``near_state``: the
-    parent's near-duplicate state being read (:func:`_early_state`; None: read from here)."""
+    parent's near-duplicate state being read (:func:`_early_state`, handed over; None: read from here)."""
     timer = timer or _Timer(None)
     policy = resolve_policy(policy)
 
@@ -211,10 +224,11 @@ def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> 
 
 
 def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
-                   policy: Policy, timer: _Timer, full: bool = False, near_state: Future[Any] | None = None) -> Manifest:
+                   policy: Policy, timer: _Timer, full: bool = False, early: _Handover | None = None) -> Manifest:
     t = time.perf_counter()
     created_at = datetime.now(UTC)
     same_policy = parent is not None and parent.manifest().policy_hash == policy.policy_hash()
+    near_state = early.take() if early is not None else None
     if near_state is None and not full:  # (curate starts it before the batch is ingested)
         near_state = _early_state(parent, policy)
     # a child under the rule reads its parent's judgments without their texts: only its touched pairs' have them
