@@ -498,3 +498,38 @@ def test_a_child_reads_its_parents_near_duplicate_state_once_while_it_reads_the_
     assert calls == []  # a first version builds its state from its judgments
     curate([write_jsonl(tmp_path / "b.jsonl", rows[6:])], store, POLICY, parent=v1)
     assert len(calls) == 1 and calls[0].startswith("prefpipe-state")
+
+
+def test_a_childs_near_duplicate_state_is_released_after_its_check(tmp_path, monkeypatch):
+    """The parent's near-duplicate state, read on its own thread from before the ingest, is handed
+    down to the check and freed after it: no caller's frame keeps it through select (at 3M
+    judgments it is ~0.3 GB; kept, the child's peak went over 2 GB)."""
+    import gc
+    import weakref
+
+    import pipeline.curate as cur
+    import pipeline.incremental as inc
+
+    refs: list[weakref.ref] = []
+    real_load, real_select = inc.nds.load_state, cur.sel.select_pairs
+
+    def load(parent, cfg=None):  # noqa: ANN001, ANN202
+        state = real_load(parent, cfg)
+        refs.append(weakref.ref(state))
+        return state
+
+    alive_at_select: list[bool] = []
+
+    def select(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        gc.collect()
+        alive_at_select.append(any(r() is not None for r in refs))
+        return real_select(*a, **k)
+
+    monkeypatch.setattr(inc.nds, "load_state", load)
+    monkeypatch.setattr(cur.sel, "select_pairs", select)
+    rows = [canonical(i, prompt=f"Prompt {i // 2}?") for i in range(10)]
+    store = Store(tmp_path / "s")
+    v1 = curate([write_jsonl(tmp_path / "a.jsonl", rows[:6])], store, POLICY).version_id
+    alive_at_select.clear()
+    curate([write_jsonl(tmp_path / "b.jsonl", rows[6:])], store, POLICY, parent=v1)
+    assert len(refs) == 1 and alive_at_select == [False]
