@@ -290,3 +290,26 @@ def test_a_flag_that_leaves_an_old_part_rewrites_it_as_writing_every_flag_does(t
     old, new = ({p.path: p.sha256 for p in h.table("flags").parts} for h in (h1, h2))
     rewritten = [p for p in new if p in old and new[p] != old[p]]
     assert len(rewritten) == 1 and len(new) >= 2  # the part that held them; the others linked
+
+
+def test_part_tags_name_the_part_of_each_row_as_a_read_gives_them(tmp_path, monkeypatch):
+    """The parent's rows of a table kept by pair part, tagged with their part from the manifest's
+    row counts (no second read): each row's tag is the part it was read from; a height that is not
+    the table's, or a table written whole (one part ``all``, older code), gives no tags."""
+    monkeypatch.setattr(parts, "PART_PAIRS", 3)
+    rows = [canonical(i, comparison_id=f"c{i}-{k}", annotator_id=f"ann-{k}", label="ab"[(i + k) % 2])
+            for i in range(12) for k in range(2)]
+    h = Store(tmp_path / "s").get(curate([write_jsonl(tmp_path / "a.jsonl", rows)], Store(tmp_path / "s"), POLICY).version_id)
+    for name in ("flags", "review_state"):
+        t = h.table(name)
+        assert t is not None and len(t.parts) > 1
+        frame = h.read(name)
+        tags = delta.part_tags(h, name, frame.height)
+        assert tags is not None
+        want = pl.concat([pl.Series([parts.part_key(p)] * p.rows, dtype=pl.String) for p in t.parts])
+        assert tags.equals(want, check_names=False)
+        for p in t.parts:  # the rows a tag names are that part's rows
+            assert frame.filter(tags == parts.part_key(p)).equals(h.read(p.path))
+        assert delta.part_tags(h, name, frame.height + 1) is None
+    whole = h.table("annotators")  # a table of one part `all`: not kept by pair part
+    assert whole is not None and delta.part_tags(h, "annotators", whole.rows) is None
