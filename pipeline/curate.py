@@ -450,8 +450,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         mine = jsel.kept_rows(pl.col("pair_id").is_in(plan.dirty.implode()))  # per-pair figures of the dirty pairs
         psel = sel.select_pairs(final_pairs, flags, policy.select, clusters=clusters, judgments=mine,
                                 downweight_share=sel.downweight_shares(mine, jsel.downweighted_annotators))
-        del mine
-        del final_pairs
+        del mine, final_pairs, final  # (the aggregation's rows: select's are what the later stages read)
         judgments_dropped = jsel.dropped_by_reason
         del jsel  # every judgment's row: no stage after select reads it (freed before split's work)
         assert plan.order is not None
@@ -506,7 +505,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         kept = jsel.kept
         psel = sel.select_pairs(final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
                                 downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
-        del kept
+        del kept, final  # (the aggregation's rows of every pair, with texts: select's are what the later stages read)
         judgments_dropped = jsel.dropped_by_reason
         del jsel  # every judgment's row: no stage after select reads it (freed before split's work)
         fate = psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster")
