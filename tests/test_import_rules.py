@@ -24,3 +24,17 @@ def test_a_broken_contract_is_reported(tmp_path):
                    "source_modules =\n    flows\nforbidden_modules =\n    pipeline\n")
     res = subprocess.run([LINT, "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 1 and "BROKEN" in res.stdout
+
+
+def test_one_code_version_is_hashed_in_one_place():
+    """The trainer's runs record the one code version (schemas/version.py) of its sources; no
+    package hashes its sources on its own (issue 14: "one code_version")."""
+    import re
+
+    import schemas.version as version
+    from trainer.runs import code_version
+
+    assert code_version()["version"] == version.code_version(("trainer", "schemas"))
+    hashing = [p.relative_to(ROOT).as_posix() for sub in ("pipeline", "trainer", "flows", "schemas")
+               for p in sorted((ROOT / sub).rglob("*.py")) if re.search(r"rglob\(\"\*\.py\"\)", p.read_text())]
+    assert hashing == ["schemas/version.py"]

@@ -13,7 +13,6 @@ Layout::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,9 +27,8 @@ from typing import Any
 import torch
 
 from pipeline.store import sha256_file
-
-ROOT = Path(__file__).resolve().parent.parent
-__version__ = "0.1.0"
+from schemas.version import ROOT
+from schemas.version import code_version as schema_code_version
 
 
 def now() -> str:
@@ -39,13 +37,9 @@ def now() -> str:
 
 @cache
 def code_version() -> dict[str, Any]:
-    """Package version + sha256 of the trainer and schema sources + git commit (if a checkout)."""
-    h = hashlib.sha256()
-    for sub in ("trainer", "schemas"):
-        for p in sorted((ROOT / sub).rglob("*.py")):
-            h.update(p.relative_to(ROOT).as_posix().encode())
-            h.update(p.read_bytes())
-    out: dict[str, Any] = {"version": f"{__version__}+{h.hexdigest()[:10]}"}
+    """The one code version (:func:`schemas.version.code_version`) of the trainer and schema sources
+    + git commit (if a checkout)."""
+    out: dict[str, Any] = {"version": schema_code_version(("trainer", "schemas"))}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
         if commit.returncode == 0:
