@@ -221,7 +221,11 @@ def write_changed(reuse: PartReuse, store: Store, stage: Path, name: str, rows: 
     assert reuse.parent is not None
     parent = reuse.parent
     cols = rows.columns
-    hp = parent_rows.select(cols).hash_rows(seed=_ROW_SEED).alias("_h")
+    mine = parent_rows.select(cols)
+    if mine.schema != rows.schema:  # (values equal under another type would hash differently)
+        mine = mine.cast(rows.schema)  # type: ignore[arg-type]
+    hp = mine.hash_rows(seed=_ROW_SEED).alias("_h")
+    del mine
     hc = rows.hash_rows(seed=_ROW_SEED).alias("_h")
     if hp.n_unique() == hp.len() and hc.n_unique() == hc.len():  # no row twice (the flags): a set difference
         left, came = ~hp.is_in(hc.implode()), rows.filter(~hc.is_in(hp.implode()))
