@@ -492,17 +492,15 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     dec = (e.label >= A) & (e.label <= B)
     p_idx, a_idx, hd, wd = e.pair[dec], e.ann[dec], h[dec], w[dec]
     vote = np.where(e.label[dec] == A, 1.0, -1.0)
-    fixed_ds, fixed_oa, given_engaged = _given(e, params)
-    acc = ds_accuracy(e, cfg, fixed_ds)
+    fit = fit_annotators(e, cfg, params)
+    acc, used_oa, oa, fitted = fit.accuracy, fit.used_oa, fit.order_aware, fit.fitted
     ev_h = vote * np.log(acc / (1.0 - acc))[a_idx]  # one-coin evidence: humans, and the vote modes
     p_h = evidence_share(p_idx, ev_h, wd * hd, P)
     p_vote = evidence_share(p_idx, ev_h, wd * np.where(hd, 1.0, cfg.ai_weight), P)
-    used_oa, oa = order_aware(e, cfg, fixed_oa)  # AI: order-aware evidence
-    ai_oa = ~h[used_oa]
+    ai_oa = ~h[used_oa]  # AI: order-aware evidence
     wo = w[used_oa] * ai_oa
     p_ai = evidence_share(e.pair[used_oa], oa.judgment_evidence, wo, P)
     ev_ai = np.bincount(e.pair[used_oa], weights=wo * oa.judgment_evidence, minlength=P)
-    fitted = np.bincount(e.ann[used_oa], minlength=e.n_annotators) > 0
 
     counts = e.per_pair()
     hv, av = e.per_pair(w * h), e.per_pair(w * ~h)
@@ -559,15 +557,7 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     pairs = pairs.with_columns(dimensions=dims.pair_column(long, e.pair_ids))
     pairs = pairs.select([pl.col(k).cast(t) for k, t in polars_schema(PairRecord).items()])
     pairs = dims.apply_rule(pairs, long, dimensions)
-    engaged = np.where(np.isnan(given_engaged), oa.engaged, given_engaged)
-    indep = oa.independence if oa.independence is not None else np.ones(e.n_annotators)
-    factor = oa.engaged * indep if fixed_oa is None else np.where(np.isnan(fixed_oa[2]), oa.engaged * indep, fixed_oa[2])
-    n_dec = np.bincount(e.ann, weights=dec, minlength=e.n_annotators)
-    params_used = pl.DataFrame({
-        "annotator_id": e.ann_ids, "ds_accuracy": np.where(n_dec > 0, acc, np.nan),
-        **{k: np.where(fitted, x, np.nan) for k, x in
-           (("oa_alpha", oa.alpha), ("oa_beta", oa.beta), ("oa_engaged", engaged), ("oa_factor", factor))},
-    }).fill_nan(None).cast(PARAM_SCHEMA)  # type: ignore[arg-type]
+    engaged = fit.engaged
     annotators = pl.DataFrame({
         "annotator_id": e.ann_ids, "annotator_kind": e.ann_kind,
         "n_judgments": np.bincount(e.ann, minlength=e.n_annotators).astype(np.int64),
@@ -576,7 +566,41 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         "accuracy_better_first": np.where(fitted, oa.alpha, np.nan), "accuracy_better_second": np.where(fitted, oa.beta, np.nan),
         "order_engagement": np.where(fitted, engaged, np.nan),
     }).with_columns(ds_accuracy=pl.when(pl.col("n_decisive") > 0).then(pl.col("ds_accuracy"))).fill_nan(None)
-    return Aggregation(pairs, annotators, canon_a.alias("a_hash"), params_used)
+    return Aggregation(pairs, annotators, canon_a.alias("a_hash"), fit.params)
+
+
+@dataclass(frozen=True)
+class AnnotatorFit:
+    """The annotator parameters of a consensus (:func:`fit_annotators`), by annotator code."""
+
+    accuracy: np.ndarray  # (A,) one-coin Dawid-Skene accuracy
+    used_oa: np.ndarray  # (N,) mask of the judgments in the order-aware fit
+    order_aware: position_ds.OrderAwareDS
+    fitted: np.ndarray  # (A,) in the order-aware fit
+    engaged: np.ndarray  # (A,) order engagement (given, or fitted)
+    params: pl.DataFrame  # PARAM_SCHEMA, one row per annotator code
+
+
+def fit_annotators(e: Encoded, cfg: AggregationConfig | None = None, params: pl.DataFrame | None = None) -> AnnotatorFit:
+    """The annotator parameters :func:`aggregate` decides pairs with: fitted over every judgment of
+    ``e`` (the global step of a consensus: with them given, each pair is decided from its own
+    judgments), the ones in ``params`` kept as given."""
+    cfg = cfg or AggregationConfig()
+    fixed_ds, fixed_oa, given_engaged = _given(e, params)
+    acc = ds_accuracy(e, cfg, fixed_ds)
+    used_oa, oa = order_aware(e, cfg, fixed_oa)
+    fitted = np.bincount(e.ann[used_oa], minlength=e.n_annotators) > 0
+    engaged = np.where(np.isnan(given_engaged), oa.engaged, given_engaged)
+    indep = oa.independence if oa.independence is not None else np.ones(e.n_annotators)
+    factor = oa.engaged * indep if fixed_oa is None else np.where(np.isnan(fixed_oa[2]), oa.engaged * indep, fixed_oa[2])
+    dec = (e.label >= A) & (e.label <= B)
+    n_dec = np.bincount(e.ann, weights=dec, minlength=e.n_annotators)
+    frame = pl.DataFrame({
+        "annotator_id": e.ann_ids, "ds_accuracy": np.where(n_dec > 0, acc, np.nan),
+        **{k: np.where(fitted, x, np.nan) for k, x in
+           (("oa_alpha", oa.alpha), ("oa_beta", oa.beta), ("oa_engaged", engaged), ("oa_factor", factor))},
+    }).fill_nan(None).cast(PARAM_SCHEMA)  # type: ignore[arg-type]
+    return AnnotatorFit(acc, used_oa, oa, fitted, engaged, frame)
 
 
 def _pair_texts(judgments: pl.DataFrame, e: Encoded, canon_a: pl.Series, texts: pl.DataFrame | None) -> pl.DataFrame:

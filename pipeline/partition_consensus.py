@@ -1,0 +1,173 @@
+"""The consensus over partitions: one global fit of the annotator parameters, then every
+partition's pairs decided with them (issue 15, step 3 of docs/scale-out.md "Next").
+
+A pair's consensus needs two things: its own judgments (all in one partition: the partition key
+is the pair's content key) and the annotator parameters (Dawid-Skene accuracy, the order-aware
+alpha / beta / engagement / factor), which are fitted over *every* judgment.  So it takes two
+passes:
+
+1. :data:`CODES` (a :class:`pipeline.distributed.Step`): each partition sends the compact
+   integer codes of its judgments (labels, display order, gold, orientation, annotator code;
+   ~12 bytes per judgment, no text, no id but the pair's), its pairs (id, judgment count) and its
+   annotators.  The reduce (:func:`assemble`) lays them out in the **canonical order** -- pairs by
+   ``pair_id``, each pair's judgments in input order -- as the very :class:`Encoded` that
+   :func:`pipeline.aggregate.encode` gives for the whole input in that order (tested array by
+   array), and :func:`pipeline.aggregate.fit_annotators` fits the parameters on it, on the driver.
+   The canonical order does not depend on the partition count or on which partition finished
+   first, so neither does any float sum of the fit: the parameters are bit-identical for every cut.
+2. :func:`decide_step` (bound to the fitted parameters): each partition's pairs aggregated with
+   every annotator's parameters given, :func:`pipeline.aggregate.aggregate` with ``params``; a
+   pair's row then depends on its own judgments and the parameters only, so the partitions' rows,
+   concatenated in ``pair_id`` order, equal the whole input's (tested: every column, every bit).
+
+What the driver holds: the codes of every decisive judgment and the pair ids (~40 bytes per
+judgment in memory while it fits: 10M judgments ~0.4 GB, 100M ~4 GB -- the point where the fit
+itself has to become map-reduce rounds of the EM's sums, docs/scale-out.md), never a text.
+
+``drop``: pair ids whose judgments are left out before the consensus (given ids that name two
+contents, found by :mod:`pipeline.partition_stats`'s reduce; such an id may span partitions,
+which the canonical layout refuses).  Not covered yet: per-dimension consensus (its own
+parameters per annotator and dimension, the same shape of fit) -- a partition with dimension
+verdicts is refused with that reason.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline import dimensions as dims
+from pipeline.aggregate import PAIR_TEXT_COLUMNS, PARAM_SCHEMA, Encoded, _encode, aggregate, fit_annotators
+from pipeline.distributed import State, Step
+from pipeline.partition import read_partition
+from schemas.policy import AggregationConfig
+
+VERSION = "1"
+# what the fit reads of a judgment (the columns :func:`pipeline.aggregate.encode` codes)
+FIT_COLUMNS = ["pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "label", "shown_first", "gold_label",
+               "strength", "dimensions"]
+# the per-judgment arrays of an Encoded that travel as they are (pair and annotator codes are rebuilt globally)
+_ARRAYS = {"human": pl.Boolean, "label": pl.Int8, "raw_label": pl.Int8, "shown": pl.Int8, "raw_shown": pl.Int8,
+           "gold": pl.Int8, "flipped": pl.Boolean, "strength": pl.Float64}
+
+
+def canonical(judgments: pl.DataFrame) -> pl.DataFrame:
+    """The order every global fit reads: pairs by ``pair_id``, a pair's judgments in input order."""
+    return judgments.sort("pair_id", maintain_order=True)
+
+
+def _read(paths: list[str], columns: list[str] | None, drop: tuple[str, ...]) -> pl.DataFrame:
+    frame = read_partition(paths, columns=columns)
+    if drop:
+        frame = frame.filter(~pl.col("pair_id").is_in(pl.Series(drop, dtype=pl.String).implode()))
+    if dims.has_dimensions(frame):
+        raise NotImplementedError(f"{paths[0]}: judgments with dimension verdicts: the per-dimension consensus is not "
+                                  "partitioned yet (docs/scale-out.md)")
+    return frame
+
+
+# ---------------------------------------------------------------- pass 1: codes, assembled and fitted on the driver
+def _codes_run(drop: tuple[str, ...], paths: list[str]) -> State:
+    part = canonical(_read(paths, FIT_COLUMNS, drop))
+    e = _encode(part)
+    return {
+        "pairs": pl.DataFrame({"pair_id": e.pair_ids, "n": np.bincount(e.pair, minlength=e.n_pairs).astype(np.int64)}),
+        "annotators": pl.DataFrame({"annotator_id": e.ann_ids, "annotator_kind": e.ann_kind}),
+        "codes": pl.DataFrame({"ann": e.ann.astype(np.int32), **{k: getattr(e, k) for k in _ARRAYS}}),
+    }
+
+
+def codes_step(cfg: AggregationConfig | None = None, drop: tuple[str, ...] = ()) -> Step:
+    """Pass 1: every partition's codes; the reduce fits the parameters on them (``{"params":
+    PARAM_SCHEMA by annotator_id}``).  ``drop``: pair ids left out (their judgments do not enter the fit)."""
+    drop = tuple(sorted(set(drop)))
+    cfg_json = (cfg or AggregationConfig()).model_dump_json()
+    return Step("consensus-codes", f"{VERSION}-{_digest(drop)}", functools.partial(_codes_run, drop),
+                functools.partial(_fit_reduce, cfg_json))
+
+
+def _fit_reduce(cfg_json: str, states: list[State]) -> State:
+    return {"params": fit(states, AggregationConfig.model_validate_json(cfg_json))}
+
+
+def assemble(states: list[State]) -> Encoded:
+    """The whole input's :class:`Encoded` in the canonical order from every partition's codes
+    (partition order: any; the result is the same)."""
+    pairs = pl.concat([s["pairs"] for s in states])
+    if pairs["pair_id"].is_duplicated().any():
+        dup = pairs.filter(pl.col("pair_id").is_duplicated())["pair_id"].unique().sort().head(3).to_list()
+        raise ValueError(f"pair ids in more than one partition (a given id naming several contents; drop them first): {dup}")
+    n = pairs["n"].to_numpy()
+    start = _starts(n)  # each pair's first row in the concatenated codes
+    order = pairs.with_columns(_start=pl.Series(start)).sort("pair_id")
+    n_sorted, start_sorted = order["n"].to_numpy(), order["_start"].to_numpy()
+    total = int(n.sum())
+    out_start = _starts(n_sorted)
+    rows = np.arange(total, dtype=np.int64) - np.repeat(out_start, n_sorted) + np.repeat(start_sorted, n_sorted)
+    codes = pl.concat([s["codes"] for s in states])
+    # annotators: a partition's code -> the sorted union of ids -> first-seen order in the canonical layout
+    union = pl.concat([s["annotators"] for s in states])
+    ids = union["annotator_id"].unique().sort()
+    union = union.join(ids.to_frame().with_row_index("_global"), on="annotator_id", how="left", maintain_order="left")
+    offsets = _starts(np.array([s["annotators"].height for s in states], np.int64))
+    part_of_row = np.repeat(np.arange(len(states)), [s["codes"].height for s in states])
+    local = (codes["ann"].to_numpy().astype(np.int64) + offsets[part_of_row])[rows]  # a row of ``union``, canonical order
+    glob = union["_global"].to_numpy().astype(np.int64)[local]
+    _, first, inv = np.unique(glob, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    ann, ann_first = rank[inv.ravel()], np.sort(first)
+    # an annotator's kind is the one of its first judgment, as encode takes it
+    ann_ids = union["annotator_id"].gather(local[ann_first])
+    ann_kind = union["annotator_kind"].gather(local[ann_first])
+    pair = np.repeat(np.arange(len(n_sorted), dtype=np.int64), n_sorted)
+    n_ann = len(ann_first)
+    ukeys, unit = np.unique(pair * max(n_ann, 1) + ann, return_inverse=True)
+    arrays = {k: codes[k].to_numpy()[rows] for k in _ARRAYS}
+    return Encoded(pair=pair, pair_first=out_start, pair_ids=order["pair_id"], ann=ann, ann_ids=ann_ids,
+                   ann_kind=ann_kind, unit=unit.ravel(), unit_pair=ukeys // max(n_ann, 1), unit_ann=ukeys % max(n_ann, 1),
+                   **arrays)
+
+
+def fit(states: list[State], cfg: AggregationConfig | None = None) -> pl.DataFrame:
+    """The annotator parameters (:data:`pipeline.aggregate.PARAM_SCHEMA`, by ``annotator_id``)
+    fitted over every partition's codes."""
+    return fit_annotators(assemble(states), cfg).params.sort("annotator_id")
+
+
+# ---------------------------------------------------------------- pass 2: each partition's pairs, parameters given
+def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], paths: list[str]) -> State:
+    params = pl.read_ipc_stream(io.BytesIO(params_ipc))
+    part = _read(paths, None, drop)
+    agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params)
+    return {"pairs": agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id")}
+
+
+def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop: tuple[str, ...] = ()) -> Step:
+    """Pass 2's step: every pair of a partition decided with ``params`` (:func:`fit`'s); its
+    reduce concatenates the partitions' pair rows in ``pair_id`` order (texts left out: a real
+    run writes them where they are, by partition)."""
+    cfg = cfg or AggregationConfig()
+    buf = io.BytesIO()
+    params.sort("annotator_id").select(list(PARAM_SCHEMA)).cast(PARAM_SCHEMA).write_ipc_stream(buf, compat_level=pl.CompatLevel.oldest())  # type: ignore[arg-type]
+    blob, cfg_json, drop = buf.getvalue(), cfg.model_dump_json(), tuple(sorted(set(drop)))
+    version = f"{VERSION}-{_digest((hashlib.sha256(blob).hexdigest(), cfg_json, drop))}"
+    return Step("consensus-decide", version, functools.partial(_decide_run, blob, cfg_json, drop), _concat_pairs)
+
+
+def _concat_pairs(states: list[State]) -> State:
+    return {"pairs": pl.concat([s["pairs"] for s in states]).sort("pair_id")}
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    """Where each of consecutive blocks of ``counts`` rows starts."""
+    return (np.cumsum(counts) - counts).astype(np.int64)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
