@@ -465,7 +465,7 @@ class Aggregation:
 
 def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None,
               texts: pl.DataFrame | None = None, dimensions: DimensionsConfig | None = None,
-              params: pl.DataFrame | None = None) -> Aggregation:
+              params: pl.DataFrame | None = None, fitted: bool = False) -> Aggregation:
     """Judgments frame (``schemas.records.Judgment`` columns) -> :class:`Aggregation`.
     ``encoded``: :func:`encode` of the same frame, to share the work with the checks.
     ``texts``: the pairs' texts (:meth:`Aggregation.texts` of an aggregation that covered
@@ -477,7 +477,8 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     policy section) decides pairs whose dimensions conflict by its rule
     (:func:`pipeline.dimensions.apply_rule`).  ``params`` (:data:`PARAM_SCHEMA`): annotator
     parameters to use as they are (a child's rule, docs/incremental.md); only the annotators
-    without them are fitted, with the given ones fixed."""
+    without them are fitted, with the given ones fixed; ``fitted``: ``params`` are a finished fit
+    over a superset of these judgments (:func:`fit_annotators`)."""
     cfg = cfg or AggregationConfig()
     if judgments.height == 0:
         return Aggregation(empty_frame(PairRecord), _empty_annotators(), pl.Series("a_hash", [], pl.String),
@@ -492,7 +493,7 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     dec = (e.label >= A) & (e.label <= B)
     p_idx, a_idx, hd, wd = e.pair[dec], e.ann[dec], h[dec], w[dec]
     vote = np.where(e.label[dec] == A, 1.0, -1.0)
-    fit = fit_annotators(e, cfg, params)
+    fit = fit_annotators(e, cfg, params, fitted=fitted)
     acc, used_oa, oa, fitted = fit.accuracy, fit.used_oa, fit.order_aware, fit.fitted
     ev_h = vote * np.log(acc / (1.0 - acc))[a_idx]  # one-coin evidence: humans, and the vote modes
     p_h = evidence_share(p_idx, ev_h, wd * hd, P)
@@ -581,11 +582,63 @@ class AnnotatorFit:
     params: pl.DataFrame  # PARAM_SCHEMA, one row per annotator code
 
 
-def fit_annotators(e: Encoded, cfg: AggregationConfig | None = None, params: pl.DataFrame | None = None) -> AnnotatorFit:
+def first_seen(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(code of each row in first-seen order of ``keys``, first row of each code, ascending)."""
+    _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inv.ravel()], np.sort(first).astype(np.int64)
+
+
+def canonical_encoding(e: Encoded) -> Encoded:
+    """``e`` re-laid in the canonical order -- pairs by ``pair_id``, a pair's judgments in their
+    order in ``e`` -- with codes in first-seen order of that layout: what :func:`encode` gives for
+    the frame sorted that way (``ann_kind`` aside: the kind of an annotator's first judgment in
+    ``e``).  A fit's float sums run in this order, so they do not depend on the order of the input
+    or on how it was cut into partitions (:mod:`pipeline.partition_consensus`)."""
+    pos = np.empty(e.n_pairs, np.int64)
+    pos[e.pair_ids.arg_sort().to_numpy()] = np.arange(e.n_pairs)
+    key = pos[e.pair]
+    rows = np.argsort(key, kind="stable")
+    pair = key[rows]
+    ann, ann_first = first_seen(e.ann[rows])
+    n_ann = len(ann_first)
+    old = e.ann[rows][ann_first]
+    ukeys, unit = np.unique(pair * max(n_ann, 1) + ann, return_inverse=True)
+    n = np.bincount(pair, minlength=e.n_pairs)
+    return Encoded(pair=pair, pair_first=(np.cumsum(n) - n).astype(np.int64), pair_ids=e.pair_ids.sort(),
+                   ann=ann, ann_ids=e.ann_ids.gather(old), ann_kind=e.ann_kind.gather(old),
+                   human=e.human[rows], label=e.label[rows], raw_label=e.raw_label[rows], shown=e.shown[rows],
+                   raw_shown=e.raw_shown[rows], gold=e.gold[rows], flipped=e.flipped[rows], strength=e.strength[rows],
+                   unit=unit.ravel(), unit_pair=ukeys // max(n_ann, 1), unit_ann=ukeys % max(n_ann, 1))
+
+
+def fit_annotators(e: Encoded, cfg: AggregationConfig | None = None, params: pl.DataFrame | None = None, *,
+                   fitted: bool = False) -> AnnotatorFit:
     """The annotator parameters :func:`aggregate` decides pairs with: fitted over every judgment of
     ``e`` (the global step of a consensus: with them given, each pair is decided from its own
-    judgments), the ones in ``params`` kept as given."""
+    judgments), the ones in ``params`` kept as given.  The fit runs on
+    :func:`canonical_encoding` of ``e``; the pairs of ``e`` are then weighed with its result: the
+    same parameters whatever the order of the judgments (and bit for bit those of
+    :mod:`pipeline.partition_consensus` over any partitioning).  ``fitted``: ``params`` are a
+    finished fit over a superset of ``e`` (a partition's pairs decided with the global fit): no EM."""
     cfg = cfg or AggregationConfig()
+    if not fitted:
+        params = _fit(canonical_encoding(e), cfg, params).params
+    assert params is not None
+    return _fit(e, cfg, _placeholders(params))
+
+
+def _placeholders(params: pl.DataFrame) -> pl.DataFrame:
+    """A finished fit with a value in every null: a null accuracy belongs to an annotator without a
+    decisive judgment, null order-aware values to one outside the order-aware fit -- neither has a
+    verdict they weigh -- so a fixed value changes no pair and spares an EM over the others (the
+    outputs keep their nulls: they are masked by the same counts)."""
+    return params.with_columns(pl.col("ds_accuracy", "oa_alpha", "oa_beta").fill_null(0.5),
+                               pl.col("oa_engaged").fill_null(1.0), pl.col("oa_factor").fill_null(0.0))
+
+
+def _fit(e: Encoded, cfg: AggregationConfig, params: pl.DataFrame | None) -> AnnotatorFit:
     fixed_ds, fixed_oa, given_engaged = _given(e, params)
     acc = ds_accuracy(e, cfg, fixed_ds)
     used_oa, oa = order_aware(e, cfg, fixed_oa)

@@ -137,14 +137,14 @@ def assemble(states: list[State]) -> Encoded:
 def fit(states: list[State], cfg: AggregationConfig | None = None) -> pl.DataFrame:
     """The annotator parameters (:data:`pipeline.aggregate.PARAM_SCHEMA`, by ``annotator_id``)
     fitted over every partition's codes."""
-    return fit_annotators(assemble(states), cfg).params.sort("annotator_id")
+    return fit_annotators(assemble(states), cfg).params.sort("annotator_id")  # (assembled canonically already)
 
 
 # ---------------------------------------------------------------- pass 2: each partition's pairs, parameters given
 def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], paths: list[str]) -> State:
     params = pl.read_ipc_stream(io.BytesIO(params_ipc))
     part = _read(paths, None, drop)
-    agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params)
+    agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params, fitted=True)
     return {"pairs": agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id")}
 
 
