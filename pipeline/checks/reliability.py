@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.aggregate import A, B, NONE, Encoded, encode, loo_independence, loo_reference
+from pipeline.aggregate import A, B, NONE, Encoded, canonical_encoding, encode, loo_independence, loo_reference
 from pipeline.aggregate import ds_accuracy as ds_accuracy_of
 from pipeline.checks.position_bias import kind_counts, majority_kind
 from pipeline.stats import bh_reject, binom_greater, binom_less, binom_upper_bound, chance_power
@@ -159,12 +159,15 @@ def _by_code(e: Encoded, frame: pl.DataFrame, col: str) -> np.ndarray:
                                                    maintain_order="left")[col].cast(pl.Float64).fill_null(np.nan).to_numpy()
 
 
-def fit_params(judgments: pl.DataFrame, ds_accuracy: pl.DataFrame | None = None,
+def fit_params(judgments: pl.DataFrame | None, ds_accuracy: pl.DataFrame | None = None,
                cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None) -> pl.DataFrame:
     """The parameters the state is counted with: per annotator its Dawid-Skene accuracy (the
     aggregation's ``ds_accuracy`` when given) and the independence factor of its evidence in the
-    others' consensus (:func:`pipeline.aggregate.loo_independence`), fitted over these judgments."""
-    e = encoded or encode(judgments)
+    others' consensus (:func:`pipeline.aggregate.loo_independence`), fitted over these judgments
+    in their canonical layout (:func:`pipeline.aggregate.canonical_encoding`: the same parameters in
+    any order of the judgments, and over any partitioning of them; ``judgments`` is not read when
+    ``encoded`` is given)."""
+    e = canonical_encoding(encoded or encode(judgments))
     acc = _accuracy(e, ds_accuracy, cfg)
     return pl.DataFrame({"annotator_id": e.ann_ids, "ds_accuracy": pl.Series(acc).fill_nan(None),
                          "independence": loo_independence(e, acc)}, schema=PARAMS_SCHEMA).sort("annotator_id")

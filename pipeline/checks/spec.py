@@ -93,14 +93,21 @@ class Sums:
         """``parent`` - ``old`` + ``new``; raises when a count would go negative (``old`` was not
         counted into ``parent``: the state does not belong to these judgments)."""
         values = [c for c in parent.columns if c not in self.keys]
-        schema = parent.schema
-        both = pl.concat([parent, old.cast(schema).with_columns(-pl.col(values)), new.cast(schema)])  # type: ignore[arg-type]
-        out = both.group_by(*self.keys).agg(pl.col(values).sum()) \
-            .filter(pl.any_horizontal(pl.col(values) != 0)).sort(*self.keys)
+        out = self.add([parent, old.cast(parent.schema).with_columns(-pl.col(values)), new])  # type: ignore[arg-type]
         if out.height and bool(out.select(pl.any_horizontal(pl.col(values) < 0).any()).item()):
             raise ValueError("a check's state: the parent's counts are smaller than the rows taken out of them "
                              "(the state does not belong to these judgments)")
-        return out.select(parent.columns)
+        return out
+
+    def add(self, states: list[pl.DataFrame]) -> pl.DataFrame:
+        """The state of the union of disjoint sets of pairs from each set's (a partition's): their
+        counts added by key, all-zero rows left out, sorted by the keys (integers: exact in any order)."""
+        first = states[0]
+        values = [c for c in first.columns if c not in self.keys]
+        both = pl.concat([first, *(s.cast(first.schema) for s in states[1:])])  # type: ignore[arg-type]
+        out = both.group_by(*self.keys).agg(pl.col(values).sum()) \
+            .filter(pl.any_horizontal(pl.col(values) != 0)).sort(*self.keys)
+        return out.select(first.columns)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,130 @@
+"""pipeline/partition_checks.py: the checks' declared states counted per partition and added give
+the very state, and so the very result, of each check over every judgment at once."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+
+from pipeline import partition_checks as pk
+from pipeline import partition_consensus as pc
+from pipeline.aggregate import aggregate, fit_annotators
+from pipeline.checks import agreement, length_bias, position_bias, reliability
+from pipeline.distributed import map_partitions, open_runner, refs_of
+from pipeline.ingest import ingest_files
+from pipeline.partition import partition_files
+from schemas.check import CheckResult
+from schemas.policy import ChecksConfig
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gen_judgments import generate  # noqa: E402
+
+CFG = ChecksConfig()
+LONGER = "judge-gamma"  # planted: always picks the longer response (length bias's pass 1 leaves it out)
+
+
+def _text(x) -> str:
+    return x["text"] if isinstance(x, dict) else x
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("in")
+    generate(d / "gen.jsonl", 8000, 700, seed=5)
+    out = []
+    for line in (d / "gen.jsonl").read_bytes().splitlines(keepends=True):
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:  # the generator's malformed rows stay as they are
+            out.append(line)
+            continue
+        if row.get("annotator_id") == LONGER:
+            row["label"] = "a" if len(_text(row["response_a"])) > len(_text(row["response_b"])) else "b"
+        out.append(orjson.dumps(row) + b"\n")
+    (d / "planted.jsonl").write_bytes(b"".join(out))
+    return [d / "planted.jsonl", *sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def whole(inputs) -> pl.DataFrame:
+    return ingest_files(inputs).judgments
+
+
+@pytest.fixture(scope="module")
+def refs(inputs, tmp_path_factory):
+    return refs_of(partition_files(inputs, tmp_path_factory.mktemp("set") / "s", n_partitions=4, flush_rows=2000))
+
+
+def _driver_params(refs, cache) -> pl.DataFrame:
+    """What the driver fits from the assembled codes: the consensus, then reliability's parameters."""
+    states, _ = map_partitions(pc.codes_step(CFG.aggregation), refs, cache)
+    e = pc.assemble(states)
+    ds = fit_annotators(e, CFG.aggregation).params.select("annotator_id", "ds_accuracy")
+    return reliability.fit_params(None, ds, CFG.aggregation, encoded=e)
+
+
+def _same(a: CheckResult, b: CheckResult) -> None:
+    assert (a.name, a.status, a.summary) == (b.name, b.status, b.summary)
+    assert json.dumps(a.metrics, sort_keys=True, default=str) == json.dumps(b.metrics, sort_keys=True, default=str)
+    assert a.flags.equals(b.flags)
+    assert sorted(a.tables) == sorted(b.tables)
+    for k in a.tables:
+        assert a.tables[k].equals(b.tables[k]), k
+
+
+def test_reliability_parameters_are_fitted_the_same_from_codes_and_in_any_order(whole, refs, tmp_path):
+    ds = aggregate(whole, CFG.aggregation).params.select("annotator_id", "ds_accuracy")
+    want = reliability.fit_params(whole, ds, CFG.aggregation)
+    assert _driver_params(refs, tmp_path / "codes").equals(want)
+    shuffled = whole.sort(pl.col("pair_id").hash(3), maintain_order=True)  # each pair's judgments keep their order
+    assert reliability.fit_params(shuffled, ds, CFG.aggregation).equals(want)
+    assert want["independence"].drop_nulls().len() > 150
+
+
+def test_every_declared_state_added_over_partitions_is_the_whole_inputs_and_so_is_every_result(whole, refs, tmp_path):
+    params = _driver_params(refs, tmp_path / "codes")
+    total = pk.check_sums(refs, tmp_path / "sums", CFG, params)
+    assert sorted(total) == ["agreement", "length_bias", "position_bias", "reliability"]
+    # length bias's pass 1 leaves the planted annotator out: its pass 2 was counted again with that set
+    assert length_bias.excluded_ids(total["length_bias"], CFG).to_list() == [LONGER]
+    want = {"agreement": agreement.count_sums(whole), "position_bias": position_bias.count_sums(whole),
+            "length_bias": length_bias.count_sums(whole, CFG), "reliability": reliability.count_sums(whole, params)}
+    for name, frame in want.items():
+        assert total[name].equals(frame), name
+    agg = aggregate(whole, CFG.aggregation)
+    ds = agg.params.select("annotator_id", "ds_accuracy")
+    _same(agreement.run(whole, CFG, pairs=agg.pairs, sums=total["agreement"]), agreement.run(whole, CFG, pairs=agg.pairs))
+    _same(position_bias.run(whole, CFG, sums=total["position_bias"]), position_bias.run(whole, CFG))
+    got = length_bias.run(whole, CFG, pairs=agg.pairs, sums=total["length_bias"])
+    _same(got, length_bias.run(whole, CFG, pairs=agg.pairs))
+    assert LONGER in got.flags["subject_id"].to_list()
+    _same(reliability.run(whole, CFG, ds_accuracy=ds, sums=total["reliability"], sums_params=params),
+          reliability.run(whole, CFG, ds_accuracy=ds))
+
+
+def test_a_step_is_keyed_by_what_it_counts_with():
+    none = pl.DataFrame({"annotator_id": []}, schema={"annotator_id": pl.String})
+    params = pl.DataFrame({"annotator_id": ["x"], "ds_accuracy": [0.8], "independence": [1.0]})
+    given = {"reliability_params": params, "length_bias_excluded": none}
+    a = pk.sums_step(("reliability",), CFG, given)
+    assert a.version == pk.sums_step(("reliability",), CFG, dict(given)).version
+    assert a.version != pk.sums_step(("reliability",), CFG, {**given, "reliability_params": params.with_columns(
+        independence=pl.lit(0.5))}).version
+    assert a.version != pk.sums_step(("reliability",), ChecksConfig(length_bias={"alpha": 0.01}), given).version
+    assert a.version != pk.sums_step(("reliability", "agreement"), CFG, given).version
+    assert a.version != pk.sums_step(("reliability",), CFG, given, drop=("p-1",)).version
+
+
+@pytest.mark.slow
+def test_the_states_counted_on_a_two_worker_cluster_are_the_same(whole, refs, tmp_path):
+    params = _driver_params(refs, tmp_path / "codes")
+    here = pk.check_sums(refs, tmp_path / "here", CFG, params)
+    with open_runner("local") as client:
+        there = pk.check_sums(refs, tmp_path / "there", CFG, params, client=client)
+    for name in here:
+        assert there[name].equals(here[name])
