@@ -624,9 +624,16 @@ def fit_annotators(e: Encoded, cfg: AggregationConfig | None = None, params: pl.
     finished fit over a superset of ``e`` (a partition's pairs decided with the global fit): no EM."""
     cfg = cfg or AggregationConfig()
     if not fitted:
-        params = _fit(canonical_encoding(e), cfg, params).params
+        params = annotator_params(canonical_encoding(e), cfg, params)
     assert params is not None
     return _fit(e, cfg, _placeholders(params))
+
+
+def annotator_params(e: Encoded, cfg: AggregationConfig | None = None, params: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The fitted parameters only (:data:`PARAM_SCHEMA`, one row per annotator code), of judgments
+    already in their canonical layout (:func:`canonical_encoding`, or
+    :func:`pipeline.partition_consensus.assemble`): what a driver broadcasts."""
+    return _fit(e, cfg or AggregationConfig(), params).params
 
 
 def _placeholders(params: pl.DataFrame) -> pl.DataFrame:

@@ -12,7 +12,7 @@ passes:
    annotators.  The reduce (:func:`assemble`) lays them out in the **canonical order** -- pairs by
    ``pair_id``, each pair's judgments in input order -- as the very :class:`Encoded` that
    :func:`pipeline.aggregate.encode` gives for the whole input in that order (tested array by
-   array), and :func:`pipeline.aggregate.fit_annotators` fits the parameters on it, on the driver.
+   array), and :func:`pipeline.aggregate.annotator_params` fits the parameters on it, on the driver.
    The canonical order does not depend on the partition count or on which partition finished
    first, so neither does any float sum of the fit: the parameters are bit-identical for every cut.
 2. :func:`decide_step` (bound to the fitted parameters): each partition's pairs aggregated with
@@ -42,7 +42,7 @@ import numpy as np
 import polars as pl
 
 from pipeline import dimensions as dims
-from pipeline.aggregate import PAIR_TEXT_COLUMNS, PARAM_SCHEMA, Encoded, _encode, aggregate, fit_annotators
+from pipeline.aggregate import PAIR_TEXT_COLUMNS, PARAM_SCHEMA, Encoded, _encode, aggregate, annotator_params
 from pipeline.distributed import State, Step
 from pipeline.partition import read_partition
 from schemas.policy import AggregationConfig
@@ -137,7 +137,7 @@ def assemble(states: list[State]) -> Encoded:
 def fit(states: list[State], cfg: AggregationConfig | None = None) -> pl.DataFrame:
     """The annotator parameters (:data:`pipeline.aggregate.PARAM_SCHEMA`, by ``annotator_id``)
     fitted over every partition's codes."""
-    return fit_annotators(assemble(states), cfg).params.sort("annotator_id")  # (assembled canonically already)
+    return annotator_params(assemble(states), cfg).sort("annotator_id")  # (assembled in the canonical layout)
 
 
 # ---------------------------------------------------------------- pass 2: each partition's pairs, parameters given

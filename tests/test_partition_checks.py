@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import partition_checks as pk
 from pipeline import partition_consensus as pc
-from pipeline.aggregate import aggregate, fit_annotators
+from pipeline.aggregate import aggregate, annotator_params
 from pipeline.checks import agreement, length_bias, position_bias, reliability
 from pipeline.distributed import map_partitions, open_runner, refs_of
 from pipeline.ingest import ingest_files
@@ -64,7 +64,7 @@ def _driver_params(refs, cache) -> pl.DataFrame:
     """What the driver fits from the assembled codes: the consensus, then reliability's parameters."""
     states, _ = map_partitions(pc.codes_step(CFG.aggregation), refs, cache)
     e = pc.assemble(states)
-    ds = fit_annotators(e, CFG.aggregation).params.select("annotator_id", "ds_accuracy")
+    ds = annotator_params(e, CFG.aggregation).select("annotator_id", "ds_accuracy")
     return reliability.fit_params(None, ds, CFG.aggregation, encoded=e)
 
 
