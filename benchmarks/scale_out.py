@@ -8,7 +8,7 @@ $TMPDIR/prefpipe-bench/), in fresh processes so that each role's peak memory is 
 
 1. **partition**: ingest into hash partitions by content key (``pipeline.partition.partition_files``);
 2. **worker**: every partition's tasks, each timed alone, in one process that holds one partition at
-   a time: the consensus codes (``pipeline.partition_consensus.codes_step``), the pairs decided
+   a time (one process per map: the codes, then the other two with the parameters the driver wrote): the consensus codes (``pipeline.partition_consensus.codes_step``), the pairs decided
    with the fitted parameters (``decide_step``), the checks' declared states
    (``pipeline.partition_checks.sums_step``); the states are cached as Arrow files, as a cluster's
    driver receives them;
@@ -69,15 +69,25 @@ COMMON = (
     "    return params, rp, {'assemble_s': t_asm, 'fit_s': t_fit, 'reliability_fit_s': t_rel, 'judgments': e.n, 'pairs': e.n_pairs}\n"
     "none = pl.DataFrame({'annotator_id': []}, schema={'annotator_id': pl.String})\n"
     "names = tuple(sorted(declared_sums()))\n")
-WORKER = _HWM + COMMON + (
+# the driver's fit: codes (cached by WORKER1) -> parameters, written for the workers
+FIT = _HWM + COMMON + (
+    "params, rp, out = fitted()\n"
+    "params.write_ipc(sys.argv[3]); rp.write_ipc(sys.argv[4])\n"
+    "print(json.dumps(out))\n")
+WORKER1 = _HWM + COMMON + (
     "out = {}\n"
     "out['codes_s'], out['codes_bytes'] = timed(pc.codes_step(cfg.aggregation))\n"
-    "params, rp, _ = fitted()\n"
+    "print(json.dumps(out))\n")
+WORKER2 = _HWM + COMMON + (
+    "params, rp = pl.read_ipc(sys.argv[3]), pl.read_ipc(sys.argv[4])\n"
+    "out = {}\n"
     "out['decide_s'], out['decide_bytes'] = timed(pc.decide_step(params, cfg.aggregation))\n"
     "out['sums_s'], out['sums_bytes'] = timed(pk.sums_step(names, cfg, {'reliability_params': rp, 'length_bias_excluded': none}))\n"
     "print(json.dumps(out))\n")
-DRIVER = _HWM + COMMON + (
-    "params, rp, out = fitted()\n"
+# the driver's reduces after the second map (from the cached states)
+REDUCE = _HWM + COMMON + (
+    "params, rp = pl.read_ipc(sys.argv[3]), pl.read_ipc(sys.argv[4])\n"
+    "out = {}\n"
     "t = time.perf_counter()\n"
     "states, _ = map_partitions(pk.sums_step(names, cfg, {'reliability_params': rp, 'length_bias_excluded': none}), refs, cache)\n"
     "pk._add({n: declared_sums()[n] for n in names}, states); out['sums_add_s'] = time.perf_counter() - t\n"
@@ -104,12 +114,18 @@ def measure(n: int, row_bytes: int, partition_rows: int, dask: bool) -> dict:
     batch = cached_batch(n, row_bytes)
     work = Path(tempfile.mkdtemp(prefix="pp-scale-out-"))
     try:
-        pw, pcpu, ppeak, so, _ = run_child(PARTITION, [str(batch), str(work / "set"), str(partition_rows)])
+        pw, _, ppeak, so, _ = run_child(PARTITION, [str(batch), str(work / "set"), str(partition_rows)])
         part = json.loads(so)
-        ww, _, wpeak, so, l0 = run_child(WORKER, [str(work / "set"), str(work / "cache")])
+        args = [str(work / "set"), str(work / "cache"), str(work / "params.arrow"), str(work / "reliability.arrow")]
+        _, _, wpeak1, so, l0 = run_child(WORKER1, args)
         worker = json.loads(so)
-        _, _, dpeak, so, _ = run_child(DRIVER, [str(work / "set"), str(work / "cache")])
+        _, _, dpeak1, so, _ = run_child(FIT, args)
         driver = json.loads(so)
+        _, _, wpeak2, so, _ = run_child(WORKER2, args)
+        worker.update(json.loads(so))
+        _, _, dpeak2, so, _ = run_child(REDUCE, args)
+        driver.update(json.loads(so))
+        wpeak, dpeak = max(wpeak1, wpeak2), max(dpeak1, dpeak2)
         dk = None
         if dask:
             _, _, dkpeak, so, l1 = run_child(DASK, [str(work / "set"), str(work / "dask-cache")])
@@ -117,7 +133,7 @@ def measure(n: int, row_bytes: int, partition_rows: int, dask: bool) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"n": n, "partitions": part["n"], "partition_s": pw, "partition_peak": ppeak, "worker_peak": wpeak,
-            "driver_peak": dpeak, "worker": worker, "driver": driver, "dask": dk, "load": l0}
+            "driver_peak": dpeak, "driver_fit_peak": dpeak1, "worker": worker, "driver": driver, "dask": dk, "load": l0}
 
 
 def _mean(xs: list[float]) -> float:

@@ -18,6 +18,16 @@ What a count needs from outside its partition is computed first and broadcast:
 * length bias leaves the annotators its pass 1 finds biased out of pass 2's reference: pass 1's
   sums do not depend on that set, so the step counts with the set empty; when the total's pass 1
   excludes somebody, pass 2 is counted again with that set (a second map over the partitions).
+
+The pair-scoped checks (:data:`pipeline.incremental.PAIR_SCOPED`: exact duplicates and identical
+responses, pair-id conflicts, language) run on each partition as they run on a child's touched
+pairs, and their flags and state rows are concatenated (:func:`pair_scoped`): a partition holds
+every judgment of a content key, which is all these checks look at -- except a given pair id
+that names contents in several partitions.  Such ids are found from every partition's (given id,
+content key) rows (:func:`pipeline.partition_stats.given_id_keys`); a second map fetches their
+judgments' keys, and the conflict check runs on those rows on the driver, in place of the
+partitions' partial view of them.  The language check's langdetect budget
+(``checks.language.max_langdetect``) is spent per partition, as a child spends its own.
 """
 from __future__ import annotations
 
@@ -29,11 +39,13 @@ from typing import Any
 import polars as pl
 
 from pipeline.aggregate import encode
-from pipeline.checks import length_bias, reliability
+from pipeline.checks import length_bias, pair_id_conflict, reliability
 from pipeline.checks.spec import Sums
 from pipeline.distributed import State, Step, map_partitions
-from pipeline.incremental import declared_sums
+from pipeline.incremental import PAIR_SCOPED, RUNNERS, Totals, declared_sums
 from pipeline.partition import read_partition
+from pipeline.partition_stats import given_id_keys
+from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
 
 VERSION = "1"
@@ -105,3 +117,79 @@ def check_sums(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, reliability_p
                                             drop), refs, cache_dir, client=client)
         total["length_bias"] = declared_sums()["length_bias"].add([s["length_bias"] for s in again])
     return total
+
+
+# ---------------------------------------------------------------- the pair-scoped checks
+
+
+def _pair_scoped_run(cfg_json: str, paths: list[str]) -> State:
+    part = read_partition(paths)
+    cfg = ChecksConfig.model_validate_json(cfg_json)
+    out: State = {"given_keys": given_id_keys(part)}
+    for name, spec in PAIR_SCOPED.items():
+        res = RUNNERS[name](part, cfg)
+        out[f"flags-{name}"] = res.flags
+        out[f"state-{name}"] = res.tables[spec.table]
+    return out
+
+
+def pair_scoped_step(cfg: ChecksConfig) -> Step:
+    """Each partition's pair-scoped checks: their flags and state rows, and the given-id keys."""
+    cfg_json = cfg.model_dump_json()
+    return Step("pair-scoped-checks", f"{VERSION}-{hashlib.sha256(cfg_json.encode()).hexdigest()[:16]}",
+                functools.partial(_pair_scoped_run, cfg_json), _keep)
+
+
+def _keep(states: list[State]) -> State:  # (:func:`pair_scoped` reduces them itself)
+    raise NotImplementedError("pair_scoped_step's states are reduced by partition_checks.pair_scoped")
+
+
+def _rows_of(ids: tuple[str, ...], paths: list[str]) -> State:
+    part = read_partition(paths)
+    return {"rows": part.filter(pl.col("pair_id").is_in(pl.Series(ids, dtype=pl.String).implode()))}
+
+
+def rows_step(ids: tuple[str, ...]) -> Step:
+    """The judgments of the pair ids ``ids`` in every partition (input order in each)."""
+    ids = tuple(sorted(set(ids)))
+    return Step("pair-id-rows", f"{VERSION}-{hashlib.sha256(repr(ids).encode()).hexdigest()[:16]}",
+                functools.partial(_rows_of, ids), _keep)
+
+
+# the checks whose view of a given id is its judgments' (a duplicate group is a content key's: complete in a partition)
+_BY_ID = ("pair_id_conflict", "language")
+
+
+def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Totals, sources: list[str], *,
+                client: Any = None) -> dict[str, CheckResult]:
+    """The results of the pair-scoped checks over every partition: each partition's flags and state
+    rows concatenated, the figures from the whole (``PairScoped.summarize``: what a child computes
+    from its merged rows).  A given id whose contents span partitions: its judgments are fetched
+    (a second map), put in input order (``sources``: the input files in order, as the partition
+    ledger lists them) and checked on the driver, in place of the partitions' partial views."""
+    states, _ = map_partitions(pair_scoped_step(cfg), refs, cache_dir, client=client)
+    keys = pl.concat([s["given_keys"].with_columns(_part=pl.lit(i)) for i, s in enumerate(states)])
+    spans = keys.group_by("pair_id").agg(pl.col("_part").n_unique().alias("parts"), pl.col("content_key").n_unique().alias("keys"))
+    across = spans.filter((pl.col("parts") > 1) & (pl.col("keys") > 1))["pair_id"].sort()
+    redo: dict[str, CheckResult] = {}
+    judged = pl.Series("comparison_id", [], pl.String)
+    if across.len():
+        found, _ = map_partitions(rows_step(tuple(across.to_list())), refs, cache_dir, client=client)
+        order = pl.DataFrame({"source_file": sources, "_file": range(len(sources))}, schema={"source_file": pl.String, "_file": pl.Int64})
+        rows = pl.concat([f["rows"] for f in found]).join(order, on="source_file", how="left") \
+            .sort("_file", "source_line", maintain_order=True).drop("_file")
+        redo = {name: RUNNERS[name](rows, cfg) for name in _BY_ID}
+        judged = rows["comparison_id"]
+    mine = ((pl.col("subject_kind") == "pair") & pl.col("subject_id").is_in(across.implode())) \
+        | ((pl.col("subject_kind") == "judgment") & pl.col("subject_id").is_in(judged.implode()))
+    out: dict[str, CheckResult] = {}
+    for name, spec in PAIR_SCOPED.items():
+        flags = [s[f"flags-{name}"] for s in states]
+        rows_ = [s[f"state-{name}"] for s in states]
+        if name in redo:  # the partitions saw part of these ids' judgments: their view is replaced
+            rows_ = [r.filter(~pl.col("pair_id").is_in(across.implode())) for r in rows_] + [redo[name].tables[spec.table]]
+            flags = [f.filter(~mine) for f in flags] + [redo[name].flags]
+        flags = [f for f in flags if f.height]
+        out[name] = spec.summarize(pl.concat(rows_, how="vertical_relaxed"), pl.concat(flags) if flags else empty_flags(),
+                                   totals)
+    return out

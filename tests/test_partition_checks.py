@@ -15,16 +15,19 @@ from pipeline import partition_consensus as pc
 from pipeline.aggregate import aggregate, annotator_params
 from pipeline.checks import agreement, length_bias, position_bias, reliability
 from pipeline.distributed import map_partitions, open_runner, refs_of
+from pipeline.incremental import PAIR_SCOPED, RUNNERS, Totals
 from pipeline.ingest import ingest_files
-from pipeline.partition import partition_files
+from pipeline.partition import partition_files, partition_index
 from schemas.check import CheckResult
 from schemas.policy import ChecksConfig
-from tests.conftest import ROOT
+from tests.conftest import ROOT, canonical, write_jsonl
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from gen_judgments import generate  # noqa: E402
 
 CFG = ChecksConfig()
+N_PARTS = 4
+DROP = ("given-across", "given-in")  # the planted pair-id conflicts (dropped before the consensus)
 LONGER = "judge-gamma"  # planted: always picks the longer response (length bias's pass 1 leaves it out)
 
 
@@ -47,22 +50,41 @@ def inputs(tmp_path_factory) -> list[Path]:
             row["label"] = "a" if len(_text(row["response_a"])) > len(_text(row["response_b"])) else "b"
         out.append(orjson.dumps(row) + b"\n")
     (d / "planted.jsonl").write_bytes(b"".join(out))
-    return [d / "planted.jsonl", *sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))]
+    # given ids naming two contents: one within a partition, one across partitions (of N_PARTS)
+    cand = [canonical(900 + k, pair_id=f"given-{k}", annotator_id="rev-9") for k in range(40)]
+    where = partition_index(ingest_files([write_jsonl(d / "cand.jsonl", cand)]).judgments, N_PARTS).to_list()
+    same = next((i, j) for i in range(40) for j in range(i + 1, 40) if where[i] == where[j])
+    apart = next((i, j) for i in range(40) for j in range(i + 1, 40) if where[i] != where[j] and {i, j}.isdisjoint(same))
+    rows = [{**cand[k], "pair_id": "given-in", "comparison_id": f"c-in-{k}"} for k in same]
+    rows += [{**cand[k], "pair_id": "given-across", "comparison_id": f"c-across-{k}"} for k in apart]
+    rows += [canonical(950, response_b="Mix flour, water, yeast and salt, then knead (950).")]  # identical responses
+    return [d / "planted.jsonl", write_jsonl(d / "given.jsonl", rows), *sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))]
 
 
 @pytest.fixture(scope="module")
-def whole(inputs) -> pl.DataFrame:
+def every(inputs) -> pl.DataFrame:
     return ingest_files(inputs).judgments
 
 
 @pytest.fixture(scope="module")
-def refs(inputs, tmp_path_factory):
-    return refs_of(partition_files(inputs, tmp_path_factory.mktemp("set") / "s", n_partitions=4, flush_rows=2000))
+def whole(every) -> pl.DataFrame:
+    """What the consensus and the states count: the pair-id conflicts' judgments are dropped first."""
+    return every.filter(~pl.col("pair_id").is_in(list(DROP)))
+
+
+@pytest.fixture(scope="module")
+def pset(inputs, tmp_path_factory):
+    return partition_files(inputs, tmp_path_factory.mktemp("set") / "s", n_partitions=N_PARTS, flush_rows=2000)
+
+
+@pytest.fixture(scope="module")
+def refs(pset):
+    return refs_of(pset)
 
 
 def _driver_params(refs, cache) -> pl.DataFrame:
     """What the driver fits from the assembled codes: the consensus, then reliability's parameters."""
-    states, _ = map_partitions(pc.codes_step(CFG.aggregation), refs, cache)
+    states, _ = map_partitions(pc.codes_step(CFG.aggregation, drop=DROP), refs, cache)
     e = pc.assemble(states)
     ds = annotator_params(e, CFG.aggregation).select("annotator_id", "ds_accuracy")
     return reliability.fit_params(None, ds, CFG.aggregation, encoded=e)
@@ -88,7 +110,7 @@ def test_reliability_parameters_are_fitted_the_same_from_codes_and_in_any_order(
 
 def test_every_declared_state_added_over_partitions_is_the_whole_inputs_and_so_is_every_result(whole, refs, tmp_path):
     params = _driver_params(refs, tmp_path / "codes")
-    total = pk.check_sums(refs, tmp_path / "sums", CFG, params)
+    total = pk.check_sums(refs, tmp_path / "sums", CFG, params, drop=DROP)
     assert sorted(total) == ["agreement", "length_bias", "position_bias", "reliability"]
     # length bias's pass 1 leaves the planted annotator out: its pass 2 was counted again with that set
     assert length_bias.excluded_ids(total["length_bias"], CFG).to_list() == [LONGER]
@@ -123,8 +145,31 @@ def test_a_step_is_keyed_by_what_it_counts_with():
 @pytest.mark.slow
 def test_the_states_counted_on_a_two_worker_cluster_are_the_same(whole, refs, tmp_path):
     params = _driver_params(refs, tmp_path / "codes")
-    here = pk.check_sums(refs, tmp_path / "here", CFG, params)
+    here = pk.check_sums(refs, tmp_path / "here", CFG, params, drop=DROP)
     with open_runner("local") as client:
-        there = pk.check_sums(refs, tmp_path / "there", CFG, params, client=client)
+        there = pk.check_sums(refs, tmp_path / "there", CFG, params, drop=DROP, client=client)
     for name in here:
         assert there[name].equals(here[name])
+
+
+def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.sort(frame.columns, nulls_last=True)
+
+
+def test_the_pair_scoped_checks_over_partitions_are_the_whole_inputs(every, pset, refs, tmp_path):
+    whole = every
+    totals = Totals(judgments=whole.height, pairs=whole["pair_id"].n_unique())
+    got = pk.pair_scoped(refs, tmp_path / "ps", CFG, totals, [src.path for src in pset.sources])
+    assert sorted(got) == sorted(PAIR_SCOPED)
+    for name, spec in PAIR_SCOPED.items():
+        res = RUNNERS[name](whole, CFG)
+        want = spec.summarize(res.tables[spec.table], res.flags, totals)
+        assert json.dumps(got[name].metrics, sort_keys=True, default=str) == json.dumps(want.metrics, sort_keys=True, default=str), name
+        assert got[name].status == want.status
+        assert _sorted(got[name].flags).equals(_sorted(want.flags)), name
+        assert _sorted(got[name].tables[spec.table]).equals(_sorted(want.tables[spec.table])), name
+    conflicts = got["pair_id_conflict"].tables["conflicts"]
+    assert conflicts["pair_id"].to_list() == ["given-across", "given-in"]
+    assert got["pair_id_conflict"].flags.height == 4
+    assert got["duplicates"].metrics["exact_duplicates"] > 50
+    assert got["duplicates"].flags.filter(pl.col("reason") == "identical_responses").height >= 1
