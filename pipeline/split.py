@@ -55,10 +55,67 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | 
     rows as their :func:`placement` (counted, not read)."""
     if dpo.height == 0:
         return dpo.with_columns(split=pl.lit(None, dtype=pl.String))
-    c = pl.col
     rows = dpo.with_columns(_cl=_cluster_expr(), _stratum=_stratum_expr())
-    sticky = _sticky_clusters(rows, prior, clusters)
-    cluster_stats = _cluster_stats(rows).join(sticky, on="_cl", how="left")
+    sticky = sticky_splits(sticky_ranks(_cluster_members(rows, clusters), prior), rows.select("_cl").unique())
+    amap = assign_clusters(cluster_counts(rows), sticky, cfg, base=base, base_counts=base_counts)
+    return rows.join(amap, on="_cl", how="left").drop("_cl", "_stratum")
+
+
+# ---------------------------------------------------------------- assign_splits in mergeable parts (issue 15)
+# A partitioned run counts cluster_counts and sticky_ranks per partition, adds them (a cluster's rows may be in
+# several partitions: near duplicates), assigns the clusters once on the driver and sends the map back.
+COUNTS_SCHEMA = {"_cl": pl.String, "_stratum": pl.String, "n": pl.UInt32}
+RANKS_SCHEMA = {"_cl": pl.String, "_rank": pl.Int8}
+
+
+def cluster_counts(rows: pl.DataFrame) -> pl.DataFrame:
+    """Rows per (cluster, stratum) of DPO rows (with ``_cl`` and ``_stratum``, or the columns they
+    come from): what the assignment counts; adds over disjoint sets of rows (:func:`add_counts`)."""
+    if "_cl" not in rows.columns:
+        rows = rows.with_columns(_cl=_cluster_expr(), _stratum=_stratum_expr())
+    return rows.group_by("_cl", "_stratum").len().rename({"len": "n"}).cast(COUNTS_SCHEMA).sort("_cl", "_stratum")  # type: ignore[arg-type]
+
+
+def add_counts(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    return pl.concat(parts).group_by("_cl", "_stratum").agg(pl.col("n").sum()).cast(COUNTS_SCHEMA).sort("_cl", "_stratum")  # type: ignore[arg-type]
+
+
+def _cluster_members(rows: pl.DataFrame, clusters: pl.DataFrame | None) -> pl.DataFrame:
+    """(pair_id, _cl) of the kept rows and of every pair of ``clusters`` (kept or not)."""
+    members = rows.select("pair_id", "_cl")
+    if clusters is not None and clusters.height:
+        members = pl.concat([members, clusters.select("pair_id", _cl=pl.col("near_dup_cluster"))]).unique(["pair_id", "_cl"])
+    return members
+
+
+def sticky_ranks(members: pl.DataFrame, prior: pl.DataFrame | None) -> pl.DataFrame:
+    """Per cluster of ``members`` (pair_id, _cl) with a member assigned before: the most protected
+    split among them, as a rank (mergeable by its minimum, :func:`add_ranks`)."""
+    if prior is None or prior.height == 0:
+        return pl.DataFrame(schema=RANKS_SCHEMA)
+    rank = {name: i for i, name in enumerate(PROTECTION)}
+    return (members.join(prior.select("pair_id", "split"), on="pair_id", how="inner")
+            .with_columns(_rank=pl.col("split").replace_strict(rank, return_dtype=pl.Int8))
+            .group_by("_cl").agg(pl.col("_rank").min()).cast(RANKS_SCHEMA).sort("_cl"))  # type: ignore[arg-type]
+
+
+def add_ranks(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    return pl.concat(parts).group_by("_cl").agg(pl.col("_rank").min()).cast(RANKS_SCHEMA).sort("_cl")  # type: ignore[arg-type]
+
+
+def sticky_splits(ranks: pl.DataFrame, kept: pl.DataFrame) -> pl.DataFrame:
+    """_cl -> split for the kept clusters (``kept``: _cl) that have a member assigned before."""
+    back = {i: name for i, name in enumerate(PROTECTION)}
+    return ranks.join(kept, on="_cl", how="semi").select(
+        "_cl", split=pl.col("_rank").replace_strict(back, return_dtype=pl.String)).sort("_cl")
+
+
+def assign_clusters(counts: pl.DataFrame, sticky: pl.DataFrame, cfg: SplitConfig, *, base: pl.DataFrame | None = None,
+                    base_counts: pl.DataFrame | None = None) -> pl.DataFrame:
+    """_cl -> split of every cluster of ``counts`` (:func:`cluster_counts` of the DPO rows): the
+    sticky ones keep theirs, the fresh ones fill each stratum's deficits (:func:`assign_splits`)."""
+    c = pl.col
+    cluster_stats = _stats_of_counts(counts).join(sticky, on="_cl", how="left")
     if base is not None and base.height:
         fixed = base.with_columns(_cl=_cluster_expr(), _stratum=_stratum_expr())
         cluster_stats = pl.concat([cluster_stats, _decided_stats(fixed)], how="vertical_relaxed")
@@ -93,8 +150,7 @@ def assign_splits(dpo: pl.DataFrame, cfg: SplitConfig, *, prior: pl.DataFrame | 
             have[best] += n
         out_cl += names
         out_split += [SPLITS[i] for i in picks]
-    amap = pl.concat([sticky, pl.DataFrame({"_cl": out_cl, "split": out_split}, schema=sticky.schema)])
-    return rows.join(amap, on="_cl", how="left").drop("_cl", "_stratum")
+    return pl.concat([sticky, pl.DataFrame({"_cl": out_cl, "split": out_split}, schema=sticky.schema)])
 
 
 PLACEMENT = "state/placement"  # a version's placement(): what a child's assign_splits counts of its clean clusters
@@ -134,11 +190,15 @@ def _stratum_expr() -> pl.Expr:
 
 def _cluster_stats(rows: pl.DataFrame) -> pl.DataFrame:
     """_cl -> the stratum of most of its rows (ties: the first by name), its rows."""
+    return _stats_of_counts(rows.group_by("_cl", "_stratum").len().rename({"len": "n"}))
+
+
+def _stats_of_counts(counts: pl.DataFrame) -> pl.DataFrame:
+    """:func:`_cluster_stats` from the rows per (cluster, stratum)."""
     c = pl.col
-    return (rows.group_by("_cl", "_stratum").len()
-            .sort(["_cl", "len", "_stratum"], descending=[False, True, False])
+    return (counts.sort(["_cl", "n", "_stratum"], descending=[False, True, False])
             .group_by("_cl", maintain_order=True)
-            .agg(c("_stratum").first(), c("len").sum().alias("n")))
+            .agg(c("_stratum").first(), c("n").sum()))
 
 
 def _decided_stats(fixed: pl.DataFrame) -> pl.DataFrame:
@@ -153,28 +213,6 @@ def _decided_stats(fixed: pl.DataFrame) -> pl.DataFrame:
         stats = _cluster_stats(fixed.join(mixed, on="_cl", how="semi")).join(mixed, on="_cl", how="left")
         out = pl.concat([out, stats.select(out.columns)], how="vertical_relaxed")
     return out
-
-
-def _sticky_clusters(rows: pl.DataFrame, prior: pl.DataFrame | None, clusters: pl.DataFrame | None) -> pl.DataFrame:
-    """_cl -> split for the clusters of ``rows`` that have a member assigned before (most protected wins)."""
-    empty = pl.DataFrame(schema={"_cl": pl.String, "split": pl.String})
-    if prior is None or prior.height == 0:
-        return empty
-    c = pl.col
-    members = rows.select("pair_id", "_cl")
-    if clusters is not None and clusters.height:
-        # prior members that are not kept now still pin their cluster
-        kept_cl = members.select("_cl").unique()
-        extra = clusters.select("pair_id", _cl=c("near_dup_cluster")).join(kept_cl, on="_cl", how="semi")
-        members = pl.concat([members, extra]).unique(["pair_id", "_cl"])
-    rank = {name: i for i, name in enumerate(PROTECTION)}
-    return (
-        members.join(prior.select("pair_id", "split"), on="pair_id", how="inner")
-        .with_columns(_rank=c("split").replace_strict(rank, return_dtype=pl.Int8))
-        .group_by("_cl").agg(c("_rank").min())
-        .select("_cl", split=c("_rank").replace_strict({i: n for n, i in rank.items()}, return_dtype=pl.String))
-        .sort("_cl")
-    )
 
 
 def assignments(dpo: pl.DataFrame, prior: pl.DataFrame | None, version_id: str) -> pl.DataFrame:
