@@ -87,7 +87,7 @@ def _driver_params(refs, cache) -> pl.DataFrame:
     states, _ = map_partitions(pc.codes_step(CFG.aggregation, drop=DROP), refs, cache)
     e = pc.assemble(states)
     ds = annotator_params(e, CFG.aggregation).select("annotator_id", "ds_accuracy")
-    return reliability.fit_params(None, ds, CFG.aggregation, encoded=e)
+    return reliability.fit_params(None, ds, CFG.aggregation, encoded=e, laid_out=True)
 
 
 def _same(a: CheckResult, b: CheckResult) -> None:

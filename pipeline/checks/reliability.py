@@ -160,14 +160,17 @@ def _by_code(e: Encoded, frame: pl.DataFrame, col: str) -> np.ndarray:
 
 
 def fit_params(judgments: pl.DataFrame | None, ds_accuracy: pl.DataFrame | None = None,
-               cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None) -> pl.DataFrame:
+               cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None,
+               laid_out: bool = False) -> pl.DataFrame:
     """The parameters the state is counted with: per annotator its Dawid-Skene accuracy (the
     aggregation's ``ds_accuracy`` when given) and the independence factor of its evidence in the
     others' consensus (:func:`pipeline.aggregate.loo_independence`), fitted over these judgments
     in their canonical layout (:func:`pipeline.aggregate.canonical_encoding`: the same parameters in
     any order of the judgments, and over any partitioning of them; ``judgments`` is not read when
-    ``encoded`` is given)."""
-    e = canonical_encoding(encoded or encode(judgments))
+    ``encoded`` is given; ``laid_out``: ``encoded`` is in that layout already, e.g.
+    :func:`pipeline.partition_consensus.assemble`'s)."""
+    e = encoded or encode(judgments)
+    e = e if laid_out else canonical_encoding(e)
     acc = _accuracy(e, ds_accuracy, cfg)
     return pl.DataFrame({"annotator_id": e.ann_ids, "ds_accuracy": pl.Series(acc).fill_nan(None),
                          "independence": loo_independence(e, acc)}, schema=PARAMS_SCHEMA).sort("annotator_id")
