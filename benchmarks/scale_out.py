@@ -160,7 +160,7 @@ def main() -> None:
                      f"{_mean(w['decide_s']):.2f}", f"{_mean(w['sums_s']):.2f}", f"{r['worker_peak']:,.0f}",
                      f"{(w['codes_bytes']) / 1e6:.0f}", f"{d['assemble_s']:.2f}", f"{d['fit_s']:.2f}",
                      f"{d['reliability_fit_s']:.2f}", f"{d['sums_add_s']:.2f}", f"{d['pairs_concat_s']:.2f}",
-                     f"{r['driver_peak']:,.0f}",
+                     f"{r['driver_fit_peak']:,.0f}", f"{r['driver_peak']:,.0f}",
                      (f"{r['dask']['wall_s']:.1f} (+{r['dask']['start_s']:.1f}) / {r['dask']['driver_peak']:,.0f} / "
                       f"{r['dask']['worker_peak_kb'] / 1024:,.0f}") if r["dask"] else "-"])
     body = (
@@ -172,10 +172,13 @@ def main() -> None:
         "partition's judgments; decide = the partition's pairs aggregated with the global parameters (reads every column: "
         "the pairs' texts); sums = the four checks' declared states. Driver: assemble = every judgment's codes laid out "
         "canonically; fit = the consensus EM (Dawid-Skene + order-aware); reliability = its independence fit; "
-        "sums add; pairs = the decided pairs' rows (no texts) concatenated. dask = both maps and reduces on a 2-process "
+        "sums add; pairs = the decided pairs' rows (no texts) gathered and concatenated (**driver + pairs MiB**: the peak of that "
+        "process; a partitioned build keeps them where they are, written by the workers, so the projection counts the "
+        "fit's peak, **driver fit MiB**). dask = both maps and reduces on a 2-process "
         "LocalCluster: wall (+ cluster start) / driver / largest worker VmHWM MiB.\n\n"
         + table(["judgments", "partitions", "codes s", "decide s", "sums s", "worker MiB", "codes MB (all)", "assemble s",
-                 "fit s", "reliability s", "sums add s", "pairs s", "driver MiB", "dask s / driver / worker MiB"], rows))
+                 "fit s", "reliability s", "sums add s", "pairs s", "driver fit MiB", "driver + pairs MiB",
+                 "dask s / driver / worker MiB"], rows))
     if len(res) >= 2:
         lo, hi = res[0], res[-1]
         dm = (hi["n"] - lo["n"]) / 1e6
@@ -185,7 +188,7 @@ def main() -> None:
 
         drv_s = slope(lambda r: r["driver"]["assemble_s"] + r["driver"]["fit_s"] + r["driver"]["reliability_fit_s"]
                       + r["driver"]["sums_add_s"] + r["driver"]["pairs_concat_s"])
-        drv_mib = slope(lambda r: r["driver_peak"])
+        drv_mib = slope(lambda r: r["driver_fit_peak"])
         per_task = _mean(hi["worker"]["codes_s"] + hi["worker"]["decide_s"] + hi["worker"]["sums_s"])
         tasks_per_m = 3 * 1e6 / (hi["n"] / hi["partitions"])  # three tasks per partition
         proj = []
@@ -193,13 +196,13 @@ def main() -> None:
             m = big / 1e6
             drv = (hi["driver"]["assemble_s"] + hi["driver"]["fit_s"] + hi["driver"]["reliability_fit_s"]
                    + hi["driver"]["sums_add_s"] + hi["driver"]["pairs_concat_s"]) + drv_s * (m - hi["n"] / 1e6)
-            mem = hi["driver_peak"] + drv_mib * (m - hi["n"] / 1e6)
+            mem = hi["driver_fit_peak"] + drv_mib * (m - hi["n"] / 1e6)
             for workers in (2, 16, 64):
                 maps = tasks_per_m * m * per_task / workers
                 proj.append([f"{big:,}", str(workers), f"{maps:,.0f}", f"{drv:,.0f}", f"{mem / 1024:,.1f}",
                              "driver" if drv > maps else "workers"])
         body += (
-            f"\n\nPer million judgments the driver's steps grow by {drv_s:.1f} s and its peak by {drv_mib:,.0f} MiB "
+            f"\n\nPer million judgments the driver's steps grow by {drv_s:.1f} s and its fit's peak by {drv_mib:,.0f} MiB "
             f"(between {lo['n']:,} and {hi['n']:,}); a task takes {per_task:.2f} s on a {hi['n'] // hi['partitions']:,}-judgment "
             "partition. Projected (linear in the judgments; the maps split over W workers, the driver's steps do not):\n\n"
             + table(["judgments", "workers W", "maps s", "driver s", "driver peak GB", "bound by"], proj)

@@ -1,0 +1,89 @@
+"""Select on any cut of the pairs (partitions): given what a driver broadcasts -- the annotator
+flags, the final consensus parameters, each pair's cluster -- every part's judgment drops, final
+pairs, decisions, DPO rows and routed pairs are the whole input's rows of those pairs, and the
+counts by reason add up to the whole input's (issue 15: select per partition)."""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline import select as sel
+from pipeline.aggregate import aggregate
+from pipeline.checks import all_flags, resolve_policy, run_checks
+from pipeline.ingest import ingest_files
+from schemas.policy import Policy
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gen_judgments import generate  # noqa: E402
+
+POLICY = resolve_policy(Policy())
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("in")
+    generate(d / "gen.jsonl", 6000, 700, seed=9)
+    inputs: list[Path] = [d / "gen.jsonl", *sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))]
+    judgments = ingest_files(inputs).judgments
+    prelim = aggregate(judgments, POLICY.checks.aggregation)
+    results = run_checks(judgments, POLICY.checks, pairs=prelim.pairs)
+    flags = all_flags(results)
+    jsel = sel.filter_judgments(judgments, flags, POLICY.select)
+    kept = jsel.kept
+    final = aggregate(kept, POLICY.checks.aggregation, texts=prelim.texts())
+    clusters = results["near_duplicates"].tables.get("clusters")
+    psel = sel.select_pairs(final.pairs, flags, POLICY.select, all_pair_ids=prelim.pairs["pair_id"], clusters=clusters,
+                            downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
+    return {"judgments": judgments, "prelim": prelim, "flags": flags, "jsel": jsel, "final": final, "clusters": clusters,
+            "psel": psel}
+
+
+def _part(frame: pl.DataFrame, key: str, n: int, i: int) -> pl.DataFrame:
+    return frame.filter(pl.col(key).hash(17) % n == i)
+
+
+def test_the_inputs_exercise_what_select_decides(whole):
+    psel, jsel = whole["psel"], whole["jsel"]
+    assert jsel.dropped_by_reason and psel.dropped_by_reason and psel.routed.height > 0
+    assert psel.dpo.height > 1000 and (psel.pairs["weight"] < 1).sum() > 0
+    kinds = set(whole["flags"]["subject_kind"])
+    assert {"judgment", "pair", "annotator"} <= kinds
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_select_on_each_part_gives_the_whole_inputs_rows(whole, n):
+    judgments, flags, prelim, final = whole["judgments"], whole["flags"], whole["prelim"], whole["final"]
+    # what the driver broadcasts: flags about annotators (and slices), the final consensus parameters, the clusters
+    broadcast = flags.filter(~pl.col("subject_kind").is_in(["pair", "judgment"]))
+    drops, dropped, routed_by = Counter(), Counter(), Counter()
+    pairs, dpo, routed = [], [], []
+    for i in range(n):
+        mine = _part(judgments, "pair_id", n, i)
+        own = flags.filter(((pl.col("subject_kind") == "pair") & pl.col("subject_id").is_in(mine["pair_id"].implode()))
+                           | ((pl.col("subject_kind") == "judgment") & pl.col("subject_id").is_in(mine["comparison_id"].implode())))
+        part_flags = pl.concat([own, broadcast])
+        jsel = sel.filter_judgments(mine, part_flags, POLICY.select)
+        drops.update(jsel.dropped_by_reason)
+        kept = jsel.kept
+        texts = _part(prelim.texts(), "pair_id", n, i)  # (a worker has its partition's texts)
+        agg = aggregate(kept, POLICY.checks.aggregation, texts=texts, params=final.params, fitted=True)
+        psel = sel.select_pairs(agg.pairs, part_flags, POLICY.select, all_pair_ids=_part(prelim.pairs, "pair_id", n, i)["pair_id"],
+                                clusters=whole["clusters"], downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators),
+                                judgments=kept)
+        dropped.update(psel.dropped_by_reason)
+        routed_by.update(psel.routed_by_label)
+        pairs.append(psel.pairs)
+        dpo.append(psel.dpo)
+        routed.append(psel.routed)
+    want = whole["psel"]
+    assert dict(drops) == whole["jsel"].dropped_by_reason
+    assert pl.concat(pairs).sort("pair_id").equals(want.pairs.sort("pair_id"))
+    assert pl.concat(dpo).sort("pair_id").equals(want.dpo.sort("pair_id"))
+    assert pl.concat(routed).sort("pair_id").equals(want.routed.sort("pair_id"))
+    assert dict(dropped) == want.dropped_by_reason
+    assert {k: v for k, v in routed_by.items()} == want.routed_by_label
