@@ -78,6 +78,7 @@ FIT = _HWM + COMMON + (
 WORKER1 = _HWM + COMMON + (
     "out = {}\n"
     "out['codes_s'], out['codes_bytes'] = timed(pc.codes_step(cfg.aggregation))\n"
+    "out['neardup_s'], out['neardup_bytes'] = timed(pk.near_dup_step(cfg))\n"
     "print(json.dumps(out))\n")
 WORKER2 = _HWM + COMMON + (
     "params, rp = pl.read_ipc(sys.argv[3]), pl.read_ipc(sys.argv[4])\n"
@@ -96,6 +97,10 @@ REDUCE = _HWM + COMMON + (
     "pairs = pc._concat_pairs(st)['pairs']; out['pairs_concat_s'] = time.perf_counter() - t\n"
     "out['pairs_mib'] = pairs.estimated_size('mb')\n"
     "print(json.dumps(out))\n")
+# the driver's near-duplicate index from the cached signatures
+NEARDUP = _HWM + COMMON + (
+    "t = time.perf_counter(); nd = pk.near_duplicates(refs, cache, cfg)\n"
+    "print(json.dumps({'neardup_index_s': time.perf_counter() - t, 'prompts': nd.metrics['prompts']}))\n")
 DASK = _HWM + COMMON + (
     "from pipeline.distributed import open_runner, run_step\n"
     "t0 = time.perf_counter()\n"
@@ -126,6 +131,8 @@ def measure(n: int, row_bytes: int, partition_rows: int, dask: bool) -> dict:
         worker.update(json.loads(so))
         _, _, dpeak2, so, _ = run_child(REDUCE, args)
         driver.update(json.loads(so))
+        _, _, ndpeak, so, _ = run_child(NEARDUP, args)
+        driver.update(json.loads(so))
         wpeak, dpeak = max(wpeak1, wpeak2), max(dpeak1, dpeak2)
         dk = None
         if dask:
@@ -134,7 +141,7 @@ def measure(n: int, row_bytes: int, partition_rows: int, dask: bool) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"n": n, "partitions": part["n"], "partition_s": pw, "partition_peak": ppeak, "worker_peak": wpeak,
-            "driver_peak": dpeak, "driver_fit_peak": dpeak1, "worker": worker, "driver": driver, "dask": dk, "load": l0}
+            "driver_peak": dpeak, "driver_fit_peak": dpeak1, "driver_neardup_peak": ndpeak, "worker": worker, "driver": driver, "dask": dk, "load": l0}
 
 
 def _mean(xs: list[float]) -> float:
@@ -157,10 +164,12 @@ def main() -> None:
     for r in res:
         w, d = r["worker"], r["driver"]
         rows.append([f"{r['n']:,}", f"{r['partitions']} x {r['n'] // r['partitions']:,}", f"{_mean(w['codes_s']):.2f}",
-                     f"{_mean(w['decide_s']):.2f}", f"{_mean(w['sums_s']):.2f}", f"{r['worker_peak']:,.0f}",
+                     f"{_mean(w['decide_s']):.2f}", f"{_mean(w['sums_s']):.2f}", f"{_mean(w['neardup_s']):.2f}",
+                     f"{r['worker_peak']:,.0f}",
                      f"{(w['codes_bytes']) / 1e6:.0f}", f"{d['assemble_s']:.2f}", f"{d['fit_s']:.2f}",
                      f"{d['reliability_fit_s']:.2f}", f"{d['sums_add_s']:.2f}", f"{d['pairs_concat_s']:.2f}",
-                     f"{r['driver_fit_peak']:,.0f}", f"{r['driver_peak']:,.0f}",
+                     f"{d['neardup_index_s']:.2f}",
+                     f"{r['driver_fit_peak']:,.0f}", f"{r['driver_neardup_peak']:,.0f}", f"{r['driver_peak']:,.0f}",
                      (f"{r['dask']['wall_s']:.1f} (+{r['dask']['start_s']:.1f}) / {r['dask']['driver_peak']:,.0f} / "
                       f"{r['dask']['worker_peak_kb'] / 1024:,.0f}") if r["dask"] else "-"])
     body = (
@@ -172,12 +181,15 @@ def main() -> None:
         "partition's judgments; decide = the partition's pairs aggregated with the global parameters (reads every column: "
         "the pairs' texts); sums = the four checks' declared states. Driver: assemble = every judgment's codes laid out "
         "canonically; fit = the consensus EM (Dawid-Skene + order-aware); reliability = its independence fit; "
+        "signatures = the near-duplicate check's MinHash of a partition's distinct prompts; near-dup index = the driver "
+        "adding every prompt's signature to one index, the edges, flags and clusters (its own process: **driver near-dup MiB**); "
         "sums add; pairs = the decided pairs' rows (no texts) gathered and concatenated (**driver + pairs MiB**: the peak of that "
         "process; a partitioned build keeps them where they are, written by the workers, so the projection counts the "
         "fit's peak, **driver fit MiB**). dask = both maps and reduces on a 2-process "
         "LocalCluster: wall (+ cluster start) / driver / largest worker VmHWM MiB.\n\n"
-        + table(["judgments", "partitions", "codes s", "decide s", "sums s", "worker MiB", "codes MB (all)", "assemble s",
-                 "fit s", "reliability s", "sums add s", "pairs s", "driver fit MiB", "driver + pairs MiB",
+        + table(["judgments", "partitions", "codes s", "decide s", "sums s", "signatures s", "worker MiB", "codes MB (all)",
+                 "assemble s", "fit s", "reliability s", "sums add s", "pairs s", "near-dup index s", "driver fit MiB",
+                 "driver near-dup MiB", "driver + pairs MiB",
                  "dask s / driver / worker MiB"], rows))
     if len(res) >= 2:
         lo, hi = res[0], res[-1]
@@ -186,30 +198,36 @@ def main() -> None:
         def slope(f) -> float:
             return (f(hi) - f(lo)) / dm
 
-        drv_s = slope(lambda r: r["driver"]["assemble_s"] + r["driver"]["fit_s"] + r["driver"]["reliability_fit_s"]
-                      + r["driver"]["sums_add_s"] + r["driver"]["pairs_concat_s"])
+        def driver_s(r: dict) -> float:
+            d = r["driver"]
+            return d["assemble_s"] + d["fit_s"] + d["reliability_fit_s"] + d["sums_add_s"] + d["neardup_index_s"]
+
+        drv_s = slope(driver_s)
         drv_mib = slope(lambda r: r["driver_fit_peak"])
-        per_task = _mean(hi["worker"]["codes_s"] + hi["worker"]["decide_s"] + hi["worker"]["sums_s"])
-        tasks_per_m = 3 * 1e6 / (hi["n"] / hi["partitions"])  # three tasks per partition
+        nd_mib = slope(lambda r: r["driver_neardup_peak"])
+        w = hi["worker"]
+        per_task = _mean(w["codes_s"] + w["decide_s"] + w["sums_s"] + w["neardup_s"])
+        tasks_per_m = 4 * 1e6 / (hi["n"] / hi["partitions"])  # four tasks per partition
         proj = []
         for big in (10_000_000, 100_000_000):
             m = big / 1e6
-            drv = (hi["driver"]["assemble_s"] + hi["driver"]["fit_s"] + hi["driver"]["reliability_fit_s"]
-                   + hi["driver"]["sums_add_s"] + hi["driver"]["pairs_concat_s"]) + drv_s * (m - hi["n"] / 1e6)
-            mem = hi["driver_fit_peak"] + drv_mib * (m - hi["n"] / 1e6)
+            drv = driver_s(hi) + drv_s * (m - hi["n"] / 1e6)
+            mem = max(hi["driver_fit_peak"] + drv_mib * (m - hi["n"] / 1e6), hi["driver_neardup_peak"] + nd_mib * (m - hi["n"] / 1e6))
             for workers in (2, 16, 64):
                 maps = tasks_per_m * m * per_task / workers
                 proj.append([f"{big:,}", str(workers), f"{maps:,.0f}", f"{drv:,.0f}", f"{mem / 1024:,.1f}",
                              "driver" if drv > maps else "workers"])
         body += (
-            f"\n\nPer million judgments the driver's steps grow by {drv_s:.1f} s and its fit's peak by {drv_mib:,.0f} MiB "
+            f"\n\nPer million judgments the driver's steps grow by {drv_s:.1f} s, its fit's peak by {drv_mib:,.0f} MiB "
+            f"and its near-duplicate index's by {nd_mib:,.0f} MiB "
             f"(between {lo['n']:,} and {hi['n']:,}); a task takes {per_task:.2f} s on a {hi['n'] // hi['partitions']:,}-judgment "
             "partition. Projected (linear in the judgments; the maps split over W workers, the driver's steps do not):\n\n"
             + table(["judgments", "workers W", "maps s", "driver s", "driver peak GB", "bound by"], proj)
-            + "\n\nThe statistic that makes the driver the bottleneck is the consensus fit: it holds every decisive "
-            "judgment's codes (pair, annotator, label, display order, gold, orientation, unit) and iterates the EM over "
-            "them. Beyond that size the EM's sums (per annotator: right / total, per pair: the posterior) become map-reduce "
-            "rounds over the partitions, one per iteration (docs/scale-out.md).")
+            + "\n\nWhat makes the driver the bottleneck: the consensus fit holds every decisive judgment's codes (pair, "
+            "annotator, label, display order, gold, orientation, unit) and iterates the EM over them; the near-duplicate "
+            "index holds every distinct prompt's signature and bands them. Past the driver's memory the EM's sums (per "
+            "annotator: right / total, per pair: the posterior) become map-reduce rounds over the partitions, one per "
+            "iteration, and the band keys a shuffle by band hash (docs/scale-out.md).")
     print(body)
     if not a.no_write:
         write_section("Scale-out (simulated)", body)

@@ -28,6 +28,15 @@ content key) rows (:func:`pipeline.partition_stats.given_id_keys`); a second map
 judgments' keys, and the conflict check runs on those rows on the driver, in place of the
 partitions' partial view of them.  The language check's langdetect budget
 (``checks.language.max_langdetect``) is spent per partition, as a child spends its own.
+
+Near duplicates are not pair-scoped (near-duplicate prompts sit in different partitions), but their
+cost is: each partition computes the MinHash signatures of its distinct prompts
+(:func:`near_dup_step`: the shingling and hashing, most of the check's time), and the driver
+adds them to one index in ``prompt_hash`` order -- a prompt several partitions hold has the same
+signature in each -- and finds the edges, flags and clusters as the check does
+(:func:`near_duplicates`; its result equals :func:`pipeline.checks.near_duplicates.run` over every
+judgment).  The driver holds every distinct prompt's signature (``num_perm`` x 4 bytes); past that,
+the band keys are to be grouped by a shuffle on band hash (docs/scale-out.md).
 """
 from __future__ import annotations
 
@@ -36,10 +45,12 @@ import hashlib
 import io
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from pipeline.aggregate import encode
 from pipeline.checks import length_bias, pair_id_conflict, reliability
+from pipeline.checks import near_duplicates as nd
 from pipeline.checks.spec import Sums
 from pipeline.distributed import State, Step, map_partitions
 from pipeline.incremental import PAIR_SCOPED, RUNNERS, Totals, declared_sums
@@ -193,3 +204,34 @@ def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Tota
         out[name] = spec.summarize(pl.concat(rows_, how="vertical_relaxed"), pl.concat(flags) if flags else empty_flags(),
                                    totals)
     return out
+
+
+# ---------------------------------------------------------------- near duplicates: signatures on the workers
+def _near_dup_run(cfg_json: str, paths: list[str]) -> State:
+    cfg = ChecksConfig.model_validate_json(cfg_json).near_duplicate
+    part = read_partition(paths, columns=["pair_id", "prompt_hash", "prompt", "prompt_text"])
+    prompts = part.filter(pl.col("prompt_hash").is_first_distinct()).sort("prompt_hash")
+    sigs = nd.signatures(nd.shingle_text(prompts).to_list(), cfg) if prompts.height else \
+        np.zeros((0, cfg.num_perm), np.uint32)
+    return {"signatures": pl.DataFrame({"prompt_hash": prompts["prompt_hash"],
+                                        "signature": pl.Series(np.ascontiguousarray(sigs, np.uint32))}),
+            "pair_prompts": part.select("pair_id", "prompt_hash").unique().sort("pair_id", "prompt_hash")}
+
+
+def near_dup_step(cfg: ChecksConfig) -> Step:
+    """Each partition's distinct prompts with their MinHash signatures, and its (pair, prompt) rows."""
+    cfg_json = cfg.model_dump_json()
+    return Step("near-dup-signatures", f"{VERSION}-{hashlib.sha256(cfg.near_duplicate.model_dump_json().encode()).hexdigest()[:16]}",
+                functools.partial(_near_dup_run, cfg_json), _keep)
+
+
+def near_duplicates(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, *, client: Any = None) -> CheckResult:
+    """The near-duplicate check over every partition: signatures computed per partition, one index
+    on the driver (:func:`pipeline.checks.near_duplicates.result_of`)."""
+    states, _ = map_partitions(near_dup_step(cfg), refs, cache_dir, client=client)
+    sigs = pl.concat([s["signatures"] for s in states]).unique("prompt_hash", keep="first").sort("prompt_hash")
+    pair_prompts = pl.concat([s["pair_prompts"] for s in states]).unique().sort("pair_id", "prompt_hash")
+    index = nd.PromptIndex(cfg.near_duplicate)
+    matrix = np.zeros((0, cfg.near_duplicate.num_perm), np.uint32) if sigs.height == 0 else sigs["signature"].to_numpy()
+    new = index.add(sigs["prompt_hash"].to_list(), sigs=matrix)
+    return nd.result_of(index, sigs["prompt_hash"], pair_prompts, new, cfg.near_duplicate)

@@ -173,3 +173,17 @@ def test_the_pair_scoped_checks_over_partitions_are_the_whole_inputs(every, pset
     assert got["pair_id_conflict"].flags.height == 4
     assert got["duplicates"].metrics["exact_duplicates"] > 50
     assert got["duplicates"].flags.filter(pl.col("reason") == "identical_responses").height >= 1
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_near_duplicates_from_partition_signatures_are_the_whole_inputs(every, inputs, n, tmp_path):
+    from pipeline.checks import near_duplicates as nd
+
+    refs = refs_of(partition_files(inputs, tmp_path / "set", n_partitions=n))
+    got = pk.near_duplicates(refs, tmp_path / "nd", CFG)
+    want = nd.run(every, CFG)
+    assert json.dumps(got.metrics, sort_keys=True, default=str) == json.dumps(want.metrics, sort_keys=True, default=str)
+    assert got.flags.equals(want.flags) and got.status == want.status == "warn"
+    for k in want.tables:
+        assert got.tables[k].equals(want.tables[k]), k
+    assert want.metrics["near_duplicate_pairs"] > 20 and want.metrics["multi_pair_clusters"] > 10

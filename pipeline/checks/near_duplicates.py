@@ -677,7 +677,16 @@ def run(
         "prompt_hash", *(["prompt"] if "prompt" in judgments.columns else []), "prompt_text").filter(first).sort("prompt_hash")
     new = index.add(prompts["prompt_hash"].to_list(), shingle_text(prompts).to_list())
     pair_prompts = judgments.select("pair_id", "prompt_hash").unique().sort("pair_id", "prompt_hash")
+    return result_of(index, prompts["prompt_hash"], pair_prompts, new, cfg, held_before=held_before, reset=reset)
 
+
+def result_of(index: PromptIndex, prompt_hashes: pl.Series, pair_prompts: pl.DataFrame, new: np.ndarray,
+              cfg: NearDuplicateConfig, *, held_before: int = 0, reset: str | None = None) -> CheckResult:
+    """The check's result once ``index`` holds the prompts ``prompt_hashes`` (sorted; ``new``: the
+    mask of those it hashed) and ``pair_prompts`` (pair_id, prompt_hash: distinct, sorted) are
+    known -- whether the signatures were computed here or on the partitions' workers
+    (:func:`pipeline.partition_checks.near_duplicates`)."""
+    prompts = prompt_hashes.to_frame("prompt_hash")
     best = best_neighbours(index.edge_frame(), prompts["prompt_hash"])
     flagged, flags = pair_flags(pair_prompts, best, here=prompts["prompt_hash"])
     clusters = _clusters(index, pair_prompts) if pair_prompts.height else pl.DataFrame(
