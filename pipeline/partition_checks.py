@@ -229,9 +229,21 @@ def near_duplicates(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, *, clien
     """The near-duplicate check over every partition: signatures computed per partition, one index
     on the driver (:func:`pipeline.checks.near_duplicates.result_of`)."""
     states, _ = map_partitions(near_dup_step(cfg), refs, cache_dir, client=client)
-    sigs = pl.concat([s["signatures"] for s in states]).unique("prompt_hash", keep="first").sort("prompt_hash")
-    pair_prompts = pl.concat([s["pair_prompts"] for s in states]).unique().sort("pair_id", "prompt_hash")
+    pair_prompts = pl.concat([s.pop("pair_prompts") for s in states]).unique().sort("pair_id", "prompt_hash")
+    # every distinct prompt once, in prompt_hash order: the rows are chosen on the hashes, then each partition's
+    # signatures are copied into one matrix and released (a concatenation, unique and sort of the signature
+    # frames held three copies of them at once)
+    where = pl.concat([s["signatures"].select("prompt_hash", _part=pl.lit(i, pl.Int32)).with_row_index("_row")
+                       for i, s in enumerate(states)]).unique("prompt_hash", keep="first").sort("prompt_hash")
+    matrix = np.empty((where.height, cfg.near_duplicate.num_perm), np.uint32)
+    parts, rows = where["_part"].to_numpy(), where["_row"].to_numpy()
+    for i, s in enumerate(states):
+        mine = np.flatnonzero(parts == i)
+        if mine.size:
+            matrix[mine] = s["signatures"]["signature"].to_numpy()[rows[mine]]
+        s.clear()
+    del states
     index = nd.PromptIndex(cfg.near_duplicate)
-    matrix = np.zeros((0, cfg.near_duplicate.num_perm), np.uint32) if sigs.height == 0 else sigs["signature"].to_numpy()
-    new = index.add(sigs["prompt_hash"].to_list(), sigs=matrix)
-    return nd.result_of(index, sigs["prompt_hash"], pair_prompts, new, cfg.near_duplicate)
+    new = index.add(where["prompt_hash"].to_list(), sigs=matrix)
+    del matrix
+    return nd.result_of(index, where["prompt_hash"], pair_prompts, new, cfg.near_duplicate)
