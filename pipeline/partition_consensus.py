@@ -47,7 +47,7 @@ from pipeline.distributed import State, Step
 from pipeline.partition import read_partition
 from schemas.policy import AggregationConfig
 
-VERSION = "1"
+VERSION = "2"
 # what the fit reads of a judgment (the columns :func:`pipeline.aggregate.encode` codes)
 FIT_COLUMNS = ["pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "label", "shown_first", "gold_label",
                "strength", "dimensions"]
@@ -145,13 +145,17 @@ def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], paths: 
     params = pl.read_ipc_stream(io.BytesIO(params_ipc))
     part = _read(paths, None, drop)
     agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params, fitted=True)
-    return {"pairs": agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id")}
+    c = pl.col
+    return {"pairs": agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id"),
+            # each pair's response lengths in its orientation (what the length-bias check reads of the texts)
+            "lengths": agg.pairs.select("pair_id", len_a=c("response_a").str.len_chars().cast(pl.Int64),
+                                        len_b=c("response_b").str.len_chars().cast(pl.Int64)).sort("pair_id")}
 
 
 def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop: tuple[str, ...] = ()) -> Step:
-    """Pass 2's step: every pair of a partition decided with ``params`` (:func:`fit`'s); its
-    reduce concatenates the partitions' pair rows in ``pair_id`` order (texts left out: a real
-    run writes them where they are, by partition)."""
+    """Pass 2's step: every pair of a partition decided with ``params`` (:func:`fit`'s), and its
+    response lengths; its reduce concatenates the partitions' rows in ``pair_id`` order (texts left
+    out: a real run writes them where they are, by partition)."""
     cfg = cfg or AggregationConfig()
     buf = io.BytesIO()
     params.sort("annotator_id").select(list(PARAM_SCHEMA)).cast(PARAM_SCHEMA).write_ipc_stream(buf, compat_level=pl.CompatLevel.oldest())  # type: ignore[arg-type]
@@ -161,7 +165,7 @@ def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop
 
 
 def _concat_pairs(states: list[State]) -> State:
-    return {"pairs": pl.concat([s["pairs"] for s in states]).sort("pair_id")}
+    return {name: pl.concat([s[name] for s in states]).sort("pair_id") for name in ("pairs", "lengths")}
 
 
 def _starts(counts: np.ndarray) -> np.ndarray:

@@ -235,7 +235,7 @@ def run(
     then only the pairs are read (the per-pair ``low_agreement`` flags)."""
     agg_cfg = cfg.aggregation if isinstance(cfg, ChecksConfig) else None
     cfg = cfg.agreement if isinstance(cfg, ChecksConfig) else (cfg or AgreementConfig())
-    if judgments.height == 0:
+    if judgments.height == 0 and sums is None:  # (with its state the judgments are not read)
         return CheckResult(name=NAME, status="pass", metrics={k: {"n_pairs": 0} for k in KINDS}, flags=empty_flags(),
                            summary="no judgments", tables={"sums": pl.DataFrame(schema=SUMS_SCHEMA)})
     if sums is None:
@@ -251,7 +251,8 @@ def run(
     # the scored pairs' figures by expressions, and only the low ones' rows copied: a filter copies every column
     # of the rows it keeps (a million pairs' rows: ~0.3 GB)
     is_scored = pl.col("agreement").is_not_null() & (n_used_expr() >= cfg.min_judgments)
-    n_scored, mean_agreement = pairs.select(is_scored.sum().alias("n"), pl.col("agreement").filter(is_scored).mean()).row(0)
+    # the mean of the sorted values: a float sum depends on its order, the pairs' order on how they were computed
+    n_scored, mean_agreement = pairs.select(is_scored.sum().alias("n"), pl.col("agreement").filter(is_scored).sort().mean()).row(0)
     low = pairs.select("pair_id", "agreement", "label_consensus", "annotator_kind", "n_human", "n_ai", "n_judgments") \
         .filter(is_scored & (pl.col("agreement") < cfg.low_agreement_threshold))
     detail = low.select(

@@ -194,7 +194,7 @@ def run(
     :func:`pipeline.aggregate.encode` of the same frame, to share work; ``sums``: the check's
     state of these judgments when it is known (a child's): the judgments are then not read."""
     cfg = _config(cfg)
-    if judgments.height == 0:
+    if judgments.height == 0 and sums is None:  # (with its state the judgments are not read)
         return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments",
                            tables={"sums": pl.DataFrame(schema=SUMS_SCHEMA)})
     c = pl.col

@@ -141,7 +141,7 @@ def run(
     judgments are then not read.  An annotator's kind is the kind most of its judgments
     name (ties: human, ai, unknown)."""
     cfg = cfg.position_bias if isinstance(cfg, ChecksConfig) else (cfg or AnnotatorTestConfig())
-    if judgments.height == 0:
+    if judgments.height == 0 and sums is None:  # (with its state the judgments are not read)
         return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments",
                            tables={"sums": pl.DataFrame(schema=SUMS_SCHEMA)})
     c = pl.col

@@ -233,7 +233,7 @@ def run(
     counted with, when they are known (a child's): the judgments are then not read."""
     agg_cfg = cfg.aggregation if isinstance(cfg, ChecksConfig) else None
     cfg = cfg.reliability if isinstance(cfg, ChecksConfig) else (cfg or AnnotatorTestConfig())
-    if judgments.height == 0:
+    if judgments.height == 0 and sums is None:  # (with its state the judgments are not read)
         return CheckResult(name=NAME, status="pass", metrics={"annotators": 0}, flags=empty_flags(), summary="no judgments",
                            tables={"sums": pl.DataFrame(schema=SUMS_SCHEMA), "sums_params": pl.DataFrame(schema=PARAMS_SCHEMA)})
     c = pl.col

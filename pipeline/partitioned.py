@@ -1,0 +1,86 @@
+"""A first version's checks over partitions: the bricks of issue 15 composed (docs/scale-out.md,
+"The flow the bricks add up to", rows 1-3), driver and maps as they will run inside ``curate``.
+
+:func:`analyze` runs, over a partition set, the preliminary consensus (codes -> one fit -> pairs
+decided per partition), the pair-scoped checks, the near-duplicate check (signatures per
+partition) and the checks with declared states (counted per partition, added) -- the results
+``run_checks`` gives over the whole frame for the same checks, and the preliminary pairs and
+annotator parameters (tested equal).  The driver holds the states, the codes while it fits and the
+signatures while it indexes, never a judgment's text.
+
+Not composed yet (``curate`` still runs them on the whole frame): registry, reviews, routing,
+consensus and dimensions checks, judgment drops, the final consensus, select, split and the
+version's parts.  Refused with the reason: a given pair id whose contents span partitions (the
+preliminary consensus would need its judgments on one worker) and judgments with dimension verdicts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline import partition_checks as pk
+from pipeline import partition_consensus as pc
+from pipeline.aggregate import annotator_params
+from pipeline.checks import agreement, length_bias, position_bias, reliability
+from pipeline.distributed import PartitionRef, map_partitions, run_step
+from pipeline.incremental import Totals
+from schemas.check import CheckResult
+from schemas.policy import ChecksConfig
+
+__all__ = ["Analysis", "analyze"]
+
+
+@dataclass
+class Analysis:
+    params: pl.DataFrame  # the preliminary consensus's annotator parameters, by annotator_id
+    pairs: pl.DataFrame  # the preliminary pairs (no texts), by pair_id
+    results: dict[str, CheckResult] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sources: list[str], *,
+            client: Any = None) -> Analysis:
+    """The checks above over the partitions ``refs`` (``sources``: the input files in order, as the
+    partition ledger lists them); states are cached under ``work``."""
+    import time
+
+    work = Path(work)
+    secs: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        secs[name] = round(now - t, 3)
+        t = now
+
+    # the preliminary consensus: codes -> one fit on the driver -> every partition's pairs
+    states, _ = map_partitions(pc.codes_step(cfg.aggregation), refs, work / "states", client=client)
+    e = pc.assemble(states)  # (refuses a pair id in several partitions)
+    del states
+    n_judgments, n_pairs = e.n, e.n_pairs
+    params = annotator_params(e, cfg.aggregation).sort("annotator_id")
+    rel_params = reliability.fit_params(None, params.select("annotator_id", "ds_accuracy"), cfg.aggregation, encoded=e,
+                                        laid_out=True)
+    del e
+    lap("consensus fit")
+    decided, _ = run_step(pc.decide_step(params, cfg.aggregation), refs, work / "states", client=client)
+    pairs, lengths = decided["pairs"], decided["lengths"]
+    lap("consensus pairs")
+    results = pk.pair_scoped(refs, work / "states", cfg, Totals(judgments=n_judgments, pairs=n_pairs), sources,
+                             client=client)
+    lap("pair-scoped checks")
+    results["near_duplicates"] = pk.near_duplicates(refs, work / "states", cfg, client=client)
+    lap("near duplicates")
+    sums = pk.check_sums(refs, work / "states", cfg, rel_params, client=client)
+    none = pl.DataFrame(schema={"pair_id": pl.String})  # (with its state a check reads no judgment)
+    results["agreement"] = agreement.run(none, cfg, pairs=pairs, sums=sums["agreement"])
+    results["reliability"] = reliability.run(none, cfg, ds_accuracy=params.select("annotator_id", "ds_accuracy"),
+                                             sums=sums["reliability"], sums_params=rel_params)
+    results["position_bias"] = position_bias.run(none, cfg, sums=sums["position_bias"])
+    results["length_bias"] = length_bias.run(none, cfg, pairs=pairs, lengths=lengths, sums=sums["length_bias"])
+    lap("checks with states")
+    return Analysis(params, pairs, results, secs)
