@@ -116,6 +116,24 @@ DASK = _HWM + COMMON + (
     "print(json.dumps({'start_s': t1 - t0, 'wall_s': t2 - t1, 'worker_peak_kb': max(hwm.values())}))\n")
 
 
+# everything pipeline.partitioned.analyze composes, in one process (the tasks in process, one partition at a time)
+ANALYZE = _HWM + (
+    "import shutil, tempfile\n"
+    "from pathlib import Path\n"
+    "from pipeline.checks import resolve_policy\n"
+    "from pipeline.distributed import refs_of\n"
+    "from pipeline.partition import PartitionSet\n"
+    "from pipeline.partitioned import analyze\n"
+    "from schemas.policy import Policy\n"
+    "ps = PartitionSet.load(sys.argv[1])\n"
+    "work = Path(tempfile.mkdtemp(prefix='pp-scale-analyze-'))\n"
+    "t0 = time.perf_counter()\n"
+    "a = analyze(refs_of(ps), work, resolve_policy(Policy()).checks, [s.path for s in ps.sources])\n"
+    "wall = time.perf_counter() - t0\n"
+    "shutil.rmtree(work, ignore_errors=True)\n"
+    "print(json.dumps({'wall_s': wall, 'stages': a.seconds}))\n")
+
+
 def measure(n: int, row_bytes: int, partition_rows: int, dask: bool) -> dict:
     batch = cached_batch(n, row_bytes)
     work = Path(tempfile.mkdtemp(prefix="pp-scale-out-"))
@@ -133,6 +151,8 @@ def measure(n: int, row_bytes: int, partition_rows: int, dask: bool) -> dict:
         driver.update(json.loads(so))
         _, _, ndpeak, so, _ = run_child(NEARDUP, args)
         driver.update(json.loads(so))
+        _, _, apeak, so, _ = run_child(ANALYZE, [str(work / "set")])
+        analysis = {**json.loads(so), "peak": apeak}
         wpeak, dpeak = max(wpeak1, wpeak2), max(dpeak1, dpeak2)
         dk = None
         if dask:
@@ -141,7 +161,7 @@ def measure(n: int, row_bytes: int, partition_rows: int, dask: bool) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"n": n, "partitions": part["n"], "partition_s": pw, "partition_peak": ppeak, "worker_peak": wpeak,
-            "driver_peak": dpeak, "driver_fit_peak": dpeak1, "driver_neardup_peak": ndpeak, "worker": worker, "driver": driver, "dask": dk, "load": l0}
+            "driver_peak": dpeak, "driver_fit_peak": dpeak1, "driver_neardup_peak": ndpeak, "analysis": analysis, "worker": worker, "driver": driver, "dask": dk, "load": l0}
 
 
 def _mean(xs: list[float]) -> float:
@@ -191,6 +211,12 @@ def main() -> None:
                  "assemble s", "fit s", "reliability s", "sums add s", "pairs s", "near-dup index s", "driver fit MiB",
                  "driver near-dup MiB", "driver + pairs MiB",
                  "dask s / driver / worker MiB"], rows))
+    body += ("\n\n**Composed in one process** (`pipeline.partitioned.analyze`: the preliminary consensus, the pair-scoped "
+             "checks, near duplicates and the checks with states, every task in the same process one partition after "
+             "another, as `curate` would run them without a cluster; fresh process, VmHWM):\n\n"
+             + table(["judgments", "partitions", "wall s", "peak MiB", "stages s"],
+                     [[f"{r['n']:,}", str(r["partitions"]), f"{r['analysis']['wall_s']:.1f}", f"{r['analysis']['peak']:,.0f}",
+                       ", ".join(f"{k} {v:.1f}" for k, v in r["analysis"]["stages"].items())] for r in res]))
     if len(res) >= 2:
         lo, hi = res[0], res[-1]
         dm = (hi["n"] - lo["n"]) / 1e6
