@@ -5,11 +5,12 @@
 decided per partition), the pair-scoped checks, the near-duplicate check (signatures per
 partition) and the checks with declared states (counted per partition, added) -- the results
 ``run_checks`` gives over the whole frame for the same checks, and the preliminary pairs and
-annotator parameters (tested equal).  The driver holds the states, the codes while it fits and the
+annotator parameters (tested equal); then the checks that read only the pairs (routing with the
+judgments per label, consensus; dimensions, which has nothing to do without dimension verdicts).  The driver holds the states, the codes while it fits and the
 signatures while it indexes, never a judgment's text.
 
-Not composed yet (``curate`` still runs them on the whole frame): registry, reviews, routing,
-consensus and dimensions checks, judgment drops, the final consensus, select, split and the
+Not composed yet (``curate`` still runs them on the whole frame): the registry and reviews checks
+(they need their contexts; nothing to do without them), judgment drops, the final consensus, select, split and the
 version's parts.  Refused with the reason: a given pair id whose contents span partitions (the
 preliminary consensus would need its judgments on one worker) and judgments with dimension verdicts.
 """
@@ -19,15 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from pipeline import partition_checks as pk
 from pipeline import partition_consensus as pc
 from pipeline.aggregate import annotator_params
-from pipeline.checks import agreement, length_bias, position_bias, reliability
+from schemas.records import LABELS
+from pipeline.checks import agreement, consensus, dimensions, length_bias, position_bias, reliability, routing
 from pipeline.distributed import PartitionRef, map_partitions, run_step
 from pipeline.incremental import Totals
 from schemas.check import CheckResult
+from schemas.arrow import empty_frame
+from schemas.records import Judgment
 from schemas.policy import ChecksConfig
 
 __all__ = ["Analysis", "analyze"]
@@ -62,6 +67,8 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     e = pc.assemble(states)  # (refuses a pair id in several partitions)
     del states
     n_judgments, n_pairs = e.n, e.n_pairs
+    label_counts = {lab: int(k) for lab, k in zip(LABELS, np.bincount(e.raw_label[e.raw_label >= 0], minlength=len(LABELS)),
+                                                  strict=True) if k}
     params = annotator_params(e, cfg.aggregation).sort("annotator_id")
     rel_params = reliability.fit_params(None, params.select("annotator_id", "ds_accuracy"), cfg.aggregation, encoded=e,
                                         laid_out=True)
@@ -83,4 +90,9 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     results["position_bias"] = position_bias.run(none, cfg, sums=sums["position_bias"])
     results["length_bias"] = length_bias.run(none, cfg, pairs=pairs, lengths=lengths, sums=sums["length_bias"])
     lap("checks with states")
+    # the checks over the pairs alone (and the judgments per label)
+    results["routing"] = routing.run(none, cfg, pairs=pairs, label_counts=label_counts)
+    results["consensus"] = consensus.run(none, cfg, pairs=pairs)
+    results["dimensions"] = dimensions.run(empty_frame(Judgment), cfg, pairs=pairs)  # (dimension verdicts are refused)
+    lap("checks over pairs")
     return Analysis(params, pairs, results, secs)

@@ -1,4 +1,4 @@
-"""pipeline/partitioned.py: the bricks composed -- the preliminary consensus and eight checks over
+"""pipeline/partitioned.py: the bricks composed -- the preliminary consensus and eleven checks over
 partitions give what the one-process path gives over the whole frame."""
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_the_partitioned_checks_are_the_one_process_checks(tmp_path, n):
     assert got.params.equals(prelim.params.sort("annotator_id"))
     assert got.pairs.equals(prelim.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id"))
     assert sorted(got.results) == sorted(["duplicates", "pair_id_conflict", "language", "near_duplicates", "agreement",
-                                          "reliability", "position_bias", "length_bias"])
+                                          "reliability", "position_bias", "length_bias", "routing", "consensus", "dimensions"])
     for name, res in got.results.items():
         w = want[name]
         assert (res.status, res.summary) == (w.status, w.summary), name
@@ -56,4 +56,4 @@ def test_the_partitioned_checks_are_the_one_process_checks(tmp_path, n):
             assert k in res.tables, (name, k)
             assert _sorted(res.tables[k]).equals(_sorted(table)), (name, k)
     flagged = {name for name, res in got.results.items() if res.flags.height}
-    assert {"duplicates", "near_duplicates", "position_bias", "reliability"} <= flagged
+    assert {"duplicates", "near_duplicates", "position_bias", "reliability", "routing"} <= flagged

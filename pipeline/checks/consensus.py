@@ -73,7 +73,7 @@ def run(
     ) if abst.height else empty_flags()
 
     def summary_of(frame: pl.DataFrame) -> dict[str, Any]:
-        conf = frame["confidence"].to_numpy()
+        conf = np.sort(frame["confidence"].to_numpy())  # (sorted: a float sum depends on its order, the pairs' order on how they were computed)
         n_abs = int((conf < low).sum())
         return {
             "decided_pairs": frame.height, "abstained": n_abs,

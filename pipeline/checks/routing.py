@@ -61,16 +61,19 @@ def run(
     cfg: ChecksConfig | None = None,
     *,
     pairs: pl.DataFrame | None = None,
+    label_counts: dict[str, int] | None = None,
 ) -> CheckResult:
-    """Routing / imbalance / difficulty over pairs (aggregated here when not given)."""
+    """Routing / imbalance / difficulty over pairs (aggregated here when not given).  ``label_counts``:
+    the judgments per label when they are known (summed over partitions): the judgments are then not read."""
     cfg = cfg or ChecksConfig()
     c = pl.col
     if pairs is None:
         pairs = aggregate(judgments, cfg.aggregation).pairs
-    label_counts = dict(judgments.group_by("label").len().iter_rows()) if judgments.height else {}
+    if label_counts is None:
+        label_counts = dict(judgments.group_by("label").len().iter_rows()) if judgments.height else {}
     cons_counts = dict(pairs.group_by("label_consensus").len().drop_nulls().iter_rows()) if pairs.height else {}
     metrics: dict[str, Any] = {
-        "judgments": judgments.height,
+        "judgments": sum(label_counts.values()),
         "pairs": pairs.height,
         "judgment_labels": {x: int(label_counts.get(x, 0)) for x in LABELS},
         "pair_consensus": {x: int(cons_counts.get(x, 0)) for x in LABELS},
