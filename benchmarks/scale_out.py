@@ -128,10 +128,20 @@ ANALYZE = _HWM + (
     "ps = PartitionSet.load(sys.argv[1])\n"
     "work = Path(tempfile.mkdtemp(prefix='pp-scale-analyze-'))\n"
     "t0 = time.perf_counter()\n"
-    "a = analyze(refs_of(ps), work, resolve_policy(Policy()).checks, [s.path for s in ps.sources])\n"
+    "policy = resolve_policy(Policy())\n"
+    "refs = refs_of(ps)\n"
+    "a = analyze(refs, work, policy.checks, [s.path for s in ps.sources])\n"
     "wall = time.perf_counter() - t0\n"
+    "hwm_analyze = _hwm()\n"
+    "if len(sys.argv) > 2:\n"
+    "    from pipeline.checks import all_flags\n"
+    "    from pipeline.partition_select import select\n"
+    "    t1 = time.perf_counter()\n"
+    "    s = select(refs, work, policy, a.params, all_flags(a.results), a.results['near_duplicates'].tables.get('clusters'))\n"
+    "    a.seconds.update(s.seconds); a.seconds['select + split'] = time.perf_counter() - t1\n"
+    "    wall = time.perf_counter() - t0\n"
     "shutil.rmtree(work, ignore_errors=True)\n"
-    "print(json.dumps({'wall_s': wall, 'stages': a.seconds}))\n")
+    "print(json.dumps({'wall_s': wall, 'stages': a.seconds, 'analyze_peak_kb': hwm_analyze}))\n")
 
 
 def measure(n: int, row_bytes: int, partition_rows: int, dask: bool) -> dict:
@@ -151,7 +161,7 @@ def measure(n: int, row_bytes: int, partition_rows: int, dask: bool) -> dict:
         driver.update(json.loads(so))
         _, _, ndpeak, so, _ = run_child(NEARDUP, args)
         driver.update(json.loads(so))
-        _, _, apeak, so, _ = run_child(ANALYZE, [str(work / "set")])
+        _, _, apeak, so, _ = run_child(ANALYZE, [str(work / "set"), "select"])
         analysis = {**json.loads(so), "peak": apeak}
         wpeak, dpeak = max(wpeak1, wpeak2), max(dpeak1, dpeak2)
         dk = None
@@ -212,10 +222,13 @@ def main() -> None:
                  "driver near-dup MiB", "driver + pairs MiB",
                  "dask s / driver / worker MiB"], rows))
     body += ("\n\n**Composed in one process** (`pipeline.partitioned.analyze`: the preliminary consensus, the pair-scoped "
-             "checks, near duplicates and the checks with states, every task in the same process one partition after "
-             "another, as `curate` would run them without a cluster; fresh process, VmHWM):\n\n"
-             + table(["judgments", "partitions", "wall s", "peak MiB", "stages s"],
-                     [[f"{r['n']:,}", str(r["partitions"]), f"{r['analysis']['wall_s']:.1f}", f"{r['analysis']['peak']:,.0f}",
+             "checks, near duplicates and the checks with states; then `pipeline.partition_select.select`: the judgment "
+             "drops, the final fit, each partition's final pairs, select and cluster counts, the splits assigned -- every "
+             "task in the same process one partition after another, as `curate` would run them without a cluster; fresh "
+             "process, VmHWM after analyze and at the end):\n\n"
+             + table(["judgments", "partitions", "wall s", "peak after analyze MiB", "peak through split MiB", "stages s"],
+                     [[f"{r['n']:,}", str(r["partitions"]), f"{r['analysis']['wall_s']:.1f}",
+                       f"{r['analysis'].get('analyze_peak_kb', 0) / 1024:,.0f}", f"{r['analysis']['peak']:,.0f}",
                        ", ".join(f"{k} {v:.1f}" for k, v in r["analysis"]["stages"].items())] for r in res]))
     if len(res) >= 2:
         lo, hi = res[0], res[-1]

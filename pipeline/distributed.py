@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ import polars as pl
 from pipeline.store import sha256_file
 
 __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
-           "refs_of", "encode_state", "decode_state", "PartitionChanged", "ENV"]
+           "refs_of", "cached_table", "encode_state", "decode_state", "PartitionChanged", "ENV"]
 
 ENV = "PREFPIPE_DASK"
 State = dict[str, pl.DataFrame]
@@ -198,13 +198,17 @@ def open_runner(spec: str | None = None) -> Iterator[Any]:
 
 
 def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,
-                   on_partition: Callable[[int], None] | None = None) -> tuple[list[State], RunStats]:
+                   on_partition: Callable[[int], None] | None = None,
+                   keep: Collection[str] | None = None) -> tuple[list[State], RunStats]:
     """Every partition's state, in partition order (cached ones read back, the others computed
     in this process or on ``client``'s cluster).  Raises :class:`PartitionTaskError` after all
     tasks ended if any failed (the finished ones are cached).  ``on_partition(index)``: called
     on the driver as each partition's state is ready, cached or computed (a progress bar's
-    partitions)."""
+    partitions).  ``keep``: the state tables returned (None: all); the others stay in the cache,
+    read one partition at a time with :func:`cached_table` (rows with texts a later stage writes:
+    the driver never holds every partition's)."""
     done = on_partition or (lambda _i: None)
+    wanted: Callable[[str], bool] = (lambda _n: True) if keep is None else set(keep).__contains__
     cache_dir = Path(cache_dir)
     refs = sorted(refs, key=lambda r: r.index)
     by_index = {r.index: r for r in refs}
@@ -218,7 +222,7 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
         if got is None:
             todo.append(r)
         else:
-            blobs[r.index] = got
+            blobs[r.index] = {n: b for n, b in got.items() if wanted(n)}
             stats.cached.append(r.index)
             done(r.index)
     failed: dict[int, str] = {}
@@ -232,7 +236,7 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
                 first_error = first_error or err
                 continue
             _cache_write(cache_dir, _cache_key(step, r), out)
-            blobs[r.index] = out
+            blobs[r.index] = {n: b for n, b in out.items() if wanted(n)}
             stats.computed.append(r.index)
             done(r.index)
     elif todo:
@@ -250,13 +254,27 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
             out = fut.result()
             fut.release()
             _cache_write(cache_dir, _cache_key(step, r), out)
-            blobs[r.index] = out
+            blobs[r.index] = {n: b for n, b in out.items() if wanted(n)}
             stats.computed.append(r.index)
             done(r.index)
     stats.computed.sort()
     if failed:
         raise PartitionTaskError(step.name, failed, by_index, len(blobs)) from first_error
     return [decode_state(blobs[r.index]) for r in refs], stats
+
+
+def cached_table(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) -> pl.DataFrame:
+    """One table of a partition's cached state (checked against its sha256), after
+    :func:`map_partitions` ran ``step`` over it."""
+    d = Path(cache_dir) / _cache_key(step, ref)
+    try:
+        digests = json.loads((d / "DONE").read_text(encoding="utf-8"))
+        blob = (d / f"{name}.arrow").read_bytes()
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"step {step.name!r}, partition {ref.index}: no cached table {name!r} ({err})") from err
+    if not isinstance(digests, dict) or hashlib.sha256(blob).hexdigest() != digests.get(name):
+        raise PartitionChanged(f"{d / (name + '.arrow')}: its sha256 is not the one its DONE file lists")
+    return pl.read_ipc_stream(io.BytesIO(blob))
 
 
 def run_step(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,

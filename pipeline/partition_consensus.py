@@ -73,7 +73,11 @@ def _read(paths: list[str], columns: list[str] | None, drop: tuple[str, ...]) ->
 
 # ---------------------------------------------------------------- pass 1: codes, assembled and fitted on the driver
 def _codes_run(drop: tuple[str, ...], paths: list[str]) -> State:
-    part = canonical(_read(paths, FIT_COLUMNS, drop))
+    return codes_of(canonical(_read(paths, FIT_COLUMNS, drop)))
+
+
+def codes_of(part: pl.DataFrame) -> State:
+    """The codes state of judgments already in the canonical order (:func:`canonical`)."""
     e = _encode(part)
     return {
         "pairs": pl.DataFrame({"pair_id": e.pair_ids, "n": np.bincount(e.pair, minlength=e.n_pairs).astype(np.int64)}),

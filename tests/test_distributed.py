@@ -226,3 +226,27 @@ def test_per_file_sets_are_keyed_by_the_ingest_options(inputs, tmp_path):
     c = partition_inputs(inputs[1:], tmp_path / "w", n_partitions=2)
     assert a[0].directory != b[0].directory and c[0].directory == a[0].directory
     assert len(list((tmp_path / "w").iterdir())) == 2
+
+
+def test_kept_tables_are_returned_and_the_others_read_back_one_partition_at_a_time(parts, tmp_path):
+    """``keep``: the driver decodes the tables it names; the rest stay cached (rows a later stage
+    reads one partition at a time, :func:`cached_table`), verified against their sha256."""
+    from pipeline.distributed import PartitionChanged, cached_table
+
+    refs = refs_of(parts)
+    every, _ = map_partitions(partition_stats.STEP, refs, tmp_path / "cache")
+    names = sorted(every[0])
+    assert len(names) >= 2
+    kept, stats = map_partitions(partition_stats.STEP, refs, tmp_path / "cache", keep=[names[0]])
+    assert stats.cached == list(range(N_PARTS)) and all(sorted(s) == [names[0]] for s in kept)
+    fresh, _ = map_partitions(partition_stats.STEP, refs, tmp_path / "cache2", keep=[names[0]])  # computed, not cached
+    assert all(sorted(s) == [names[0]] for s in fresh)
+    for r, state in zip(refs, every, strict=True):
+        assert cached_table(partition_stats.STEP, r, tmp_path / "cache", names[1]).equals(state[names[1]])
+    d = next(d for d in (tmp_path / "cache").iterdir() if (d / f"{names[1]}.arrow").exists())
+    (d / f"{names[1]}.arrow").write_bytes(b"not arrow")
+    with pytest.raises((PartitionChanged, FileNotFoundError)):
+        for r in refs:
+            cached_table(partition_stats.STEP, r, tmp_path / "cache", names[1])
+    with pytest.raises(FileNotFoundError, match="no cached table"):
+        cached_table(partition_stats.STEP, refs[0], tmp_path / "cache", "no-such-table")

@@ -87,3 +87,74 @@ def test_select_on_each_part_gives_the_whole_inputs_rows(whole, n):
     assert pl.concat(routed).sort("pair_id").equals(want.routed.sort("pair_id"))
     assert dict(dropped) == want.dropped_by_reason
     assert {k: v for k, v in routed_by.items()} == want.routed_by_label
+
+
+# ---------------------------------------------------------------- pipeline/partition_select.py: the steps composed
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("in")
+    generate(d / "gen.jsonl", 6000, 700, seed=9)
+    return [d / "gen.jsonl", *sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))]
+
+
+def _selected(inputs: list[Path], root: Path, n: int, client=None):
+    from pipeline.checks import all_flags as flags_of
+    from pipeline.distributed import refs_of
+    from pipeline.partition import partition_files
+    from pipeline.partition_select import select
+    from pipeline.partitioned import analyze
+
+    pset = partition_files(inputs, root / "set", n_partitions=n)
+    refs = refs_of(pset)
+    a = analyze(refs, root / "work", POLICY.checks, [s.path for s in pset.sources], client=client)
+    got = select(refs, root / "work", POLICY, a.params, flags_of(a.results), a.results["near_duplicates"].tables.get("clusters"),
+                 client=client)
+    return refs, got
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_partitioned_select_and_split_are_the_whole_inputs(whole, inputs, tmp_path, n):
+    """Drops, the final fit, every pair's row, the DPO rows with their splits, the routed pairs and
+    the counts: the one-process select and split's (the checks' flags from partitioned.analyze)."""
+    from pipeline import split as sp
+    from pipeline.partition_select import dpo_rows, partition_rows
+
+    refs, got = _selected(inputs, tmp_path, n)
+    want, jsel, final = whole["psel"], whole["jsel"], whole["final"]
+    assert got.judgments_dropped == jsel.dropped_by_reason
+    assert got.params.equals(final.params.sort("annotator_id"))
+    assert got.fate.equals(want.pairs.select("pair_id", "decision", "reason", "near_dup_cluster").sort("pair_id"))
+    assert got.routed.equals(want.routed.select("pair_id", "route").sort("pair_id"))
+    assert (got.dropped_by_reason, got.routed_by_label) == (want.dropped_by_reason, want.routed_by_label)
+    pairs = pl.concat([partition_rows(got, r, "pairs") for r in refs]).sort("pair_id")
+    assert pairs.equals(want.pairs.sort("pair_id"))
+    dpo = pl.concat([dpo_rows(got, r) for r in refs]).sort("pair_id")
+    want_dpo = sp.assign_splits(want.dpo, POLICY.split, clusters=whole["clusters"]).sort("pair_id")
+    assert dpo.equals(want_dpo)
+    assert got.split_sizes == {s: int((want_dpo["split"] == s).sum()) for s in sp.SPLITS}
+    assert min(got.split_sizes.values()) > 0
+
+
+def test_the_flags_partitioned_analyze_gives_are_the_whole_inputs(whole, inputs, tmp_path):
+    """What select reads: the flags of every check (registry and reviews have nothing to say
+    under the default policy, so analyze's eleven checks give every flag)."""
+    from pipeline.checks import all_flags as flags_of
+    from pipeline.distributed import refs_of
+    from pipeline.partition import partition_files
+    from pipeline.partitioned import analyze
+
+    pset = partition_files(inputs, tmp_path / "set", n_partitions=3)
+    a = analyze(refs_of(pset), tmp_path / "work", POLICY.checks, [s.path for s in pset.sources])
+    got, want = flags_of(a.results), whole["flags"]
+    assert got.sort(got.columns, nulls_last=True).equals(want.sort(want.columns, nulls_last=True))
+
+
+def test_a_changed_broadcast_file_fails_the_task(tmp_path):
+    from pipeline.distributed import PartitionChanged
+    from pipeline.partition_select import Broadcast
+
+    b = Broadcast.write(pl.DataFrame({"x": [1, 2]}), tmp_path, "flags")
+    assert b.read()["x"].to_list() == [1, 2]
+    Path(b.path).write_bytes(Path(b.path).read_bytes()[:-1] + b"\0")
+    with pytest.raises(PartitionChanged, match="sha256"):
+        b.read()

@@ -1,0 +1,235 @@
+"""Select and split over partitions (issue 15; docs/scale-out.md, "The flow the bricks add up
+to", rows 4-5): after the checks (:func:`pipeline.partitioned.analyze`), the driver broadcasts
+what is not a function of one pair -- the flags about annotators and slices, the near-duplicate
+clusters, the final annotator parameters, each cluster's split -- and every partition decides its
+own pairs.
+
+1. :func:`drops_step`: each partition drops the judgments the flags drop
+   (:func:`pipeline.select.filter_judgments` with its own pair and judgment flags plus the
+   broadcast ones) and sends the compact codes of the kept ones (as
+   :func:`pipeline.partition_consensus.codes_step`) and its counts by reason; the driver fits the
+   final annotator parameters on the codes laid out in the canonical order
+   (:func:`pipeline.partition_consensus.fit`): the one-process fit over the kept judgments.
+2. :func:`select_step` (bound to both fits): each partition's final pairs
+   (:func:`pipeline.aggregate.aggregate` with the parameters given; texts from its own preliminary
+   pairs), :func:`pipeline.select.select_pairs`, and :func:`pipeline.split.cluster_counts` of its
+   DPO rows.  The rows with texts (pairs, DPO rows, routed pairs) stay in the partition's cached
+   state, read back one partition at a time (:func:`dpo_rows`); the driver receives each pair's
+   fate (id, decision, reason, cluster), the routed ids and the counts.
+3. The driver adds the cluster counts and assigns every cluster a split once
+   (:func:`pipeline.split.assign_clusters`): a near-duplicate cluster whose pairs sit in several
+   partitions gets one split.
+
+Tested equal to the one-process path (``tests/test_partition_select.py``): the judgment drops,
+the final parameters, every pair's row, the DPO rows and their splits, the routed pairs and the
+counts by reason.  Not covered yet: reviews (a routed pair decided by a review), prior split
+assignments (a child's sticky clusters: :func:`pipeline.split.sticky_ranks` per partition is the
+piece, tested in ``tests/test_partition_split.py``), per-dimension verdicts (refused, as in the
+consensus).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline import partition_consensus as pc
+from pipeline import select as sel
+from pipeline import split as sp
+from pipeline.aggregate import PARAM_SCHEMA, aggregate
+from pipeline.distributed import PartitionChanged, PartitionRef, State, Step, cached_table, map_partitions
+from pipeline.store import sha256_file
+from schemas.policy import Policy
+
+__all__ = ["Broadcast", "Selection", "select", "dpo_rows", "partition_rows"]
+
+VERSION = "1"
+# the state tables of select_step the driver reads; the others (rows with texts) stay cached
+FATE_TABLES = ("fate", "routed_ids", "dropped", "routed_by", "cluster_counts")
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """A table every task reads (the flags, the clusters): one Parquet file under the work
+    directory, named by its content, checked against its sha256 when a task opens it."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def write(cls, frame: pl.DataFrame, directory: Path, name: str) -> Broadcast:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        frame.write_parquet(tmp, compression="zstd", statistics=False)
+        sha = sha256_file(tmp)
+        final = directory / f"{name}-{sha[:16]}.parquet"
+        os.replace(tmp, final)  # (equal content, equal name: a concurrent writer's copy is the same bytes)
+        return cls(str(final.resolve()), sha)
+
+    def read(self) -> pl.DataFrame:
+        got = sha256_file(self.path)
+        if got != self.sha256:
+            raise PartitionChanged(f"{self.path}: sha256 {got[:12]}..., the driver wrote {self.sha256[:12]}...")
+        return pl.read_parquet(self.path)
+
+
+def _part_flags(flags: Broadcast, part: pl.DataFrame) -> pl.DataFrame:
+    """The flags a partition's select reads: those of its pairs and judgments, and every flag of
+    another subject (annotators, slices, the batch)."""
+    c = pl.col
+    f = flags.read()
+    return f.filter(((c("subject_kind") == "pair") & c("subject_id").is_in(part["pair_id"].unique().implode()))
+                    | ((c("subject_kind") == "judgment") & c("subject_id").is_in(part["comparison_id"].implode()))
+                    | ~c("subject_kind").is_in(["pair", "judgment"]))
+
+
+def _counts(counts: dict[str, int], key: str) -> pl.DataFrame:
+    return pl.DataFrame({key: list(counts), "n": list(counts.values())}, schema={key: pl.String, "n": pl.Int64})
+
+
+def _params_blob(params: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    params.sort("annotator_id").select(list(PARAM_SCHEMA)).cast(PARAM_SCHEMA).write_ipc_stream(  # type: ignore[arg-type]
+        buf, compat_level=pl.CompatLevel.oldest())
+    return buf.getvalue()
+
+
+def _params(blob: bytes) -> pl.DataFrame:
+    return pl.read_ipc_stream(io.BytesIO(blob))
+
+
+# ---------------------------------------------------------------- pass 4: judgment drops, the kept judgments' codes
+def _drops_run(flags: Broadcast, policy_json: str, paths: list[str]) -> State:
+    policy = Policy.model_validate_json(policy_json)
+    part = pc._read(paths, [*pc.FIT_COLUMNS, "comparison_id"], ())
+    jsel = sel.filter_judgments(part, _part_flags(flags, part), policy.select)
+    state = pc.codes_of(pc.canonical(jsel.kept.select(pc.FIT_COLUMNS)))
+    state["drops"] = _counts(jsel.dropped_by_reason, "reason")
+    return state
+
+
+def drops_step(flags: Broadcast, policy: Policy) -> Step:
+    """Pass 4 (map only: :func:`select` fits on its states)."""
+    policy_json = policy.model_dump_json()
+    version = f"{VERSION}-{pc._digest((flags.sha256, policy_json))}"
+    return Step("select-drops", version, functools.partial(_drops_run, flags, policy_json), _no_reduce)
+
+
+def _no_reduce(states: list[State]) -> State:  # pragma: no cover - the driver fits on the mapped states
+    raise NotImplementedError("select-drops is reduced by pipeline.partition_select.select")
+
+
+# ---------------------------------------------------------------- pass 5: final pairs, select, cluster counts
+def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, clusters: Broadcast | None, policy_json: str,
+                paths: list[str]) -> State:
+    policy = Policy.model_validate_json(policy_json)
+    cfg = policy.checks.aggregation
+    part = pc._read(paths, None, ())
+    # the partition's pairs as the preliminary consensus decided them: their texts and ids (first-seen order)
+    prelim = aggregate(part, cfg, params=_params(prelim_blob), fitted=True)
+    pf = _part_flags(flags, part)
+    jsel = sel.filter_judgments(part, pf, policy.select)
+    del part
+    kept = jsel.kept
+    final = aggregate(kept, cfg, texts=prelim.texts(), params=_params(final_blob), fitted=True)
+    cl = clusters.read() if clusters is not None else None
+    if cl is not None:
+        cl = cl.filter(pl.col("pair_id").is_in(prelim.pairs["pair_id"].implode()))
+    psel = sel.select_pairs(final.pairs, pf, policy.select, all_pair_ids=prelim.pairs["pair_id"], clusters=cl,
+                            downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
+    return {
+        "pairs": psel.pairs, "dpo": psel.dpo, "routed": psel.routed,
+        "fate": psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster").sort("pair_id"),
+        "routed_ids": psel.routed.select("pair_id", "route").sort("pair_id"),
+        "dropped": _counts(psel.dropped_by_reason, "reason"),
+        "routed_by": _counts(psel.routed_by_label, "label"),
+        "cluster_counts": sp.cluster_counts(psel.dpo),
+    }
+
+
+def select_step(prelim_params: pl.DataFrame, final_params: pl.DataFrame, flags: Broadcast, clusters: Broadcast | None,
+                policy: Policy) -> Step:
+    pb, fb, policy_json = _params_blob(prelim_params), _params_blob(final_params), policy.model_dump_json()
+    version = f"{VERSION}-" + pc._digest((hashlib.sha256(pb).hexdigest(), hashlib.sha256(fb).hexdigest(), flags.sha256,
+                                         clusters.sha256 if clusters is not None else None, policy_json))
+    return Step("select-pairs", version, functools.partial(_select_run, pb, fb, flags, clusters, policy_json), _no_reduce)
+
+
+# ---------------------------------------------------------------- the driver
+@dataclass
+class Selection:
+    params: pl.DataFrame  # the final annotator parameters, by annotator_id
+    fate: pl.DataFrame  # every pair with a row: pair_id, decision, reason, near_dup_cluster (by pair_id)
+    routed: pl.DataFrame  # pair_id, route
+    splits: pl.DataFrame  # _cl -> split: every kept cluster's (a pair's _cl: its near_dup_cluster, else its id)
+    split_sizes: dict[str, int]
+    judgments_dropped: dict[str, int]
+    dropped_by_reason: dict[str, int]
+    routed_by_label: dict[str, int]
+    step: Step  # the select step, whose cached states hold each partition's rows (:func:`partition_rows`)
+    cache_dir: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _sum_counts(states: list[State], table: str, key: str) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for s in states:
+        total.update(dict(s[table].iter_rows()))
+    return {k: int(total[k]) for k in sorted(total)}
+
+
+def select(refs: list[PartitionRef], work: str | Path, policy: Policy, prelim_params: pl.DataFrame,
+           flags: pl.DataFrame, clusters: pl.DataFrame | None, *, client: Any = None) -> Selection:
+    """Rows 4-5 over the partitions ``refs`` (``prelim_params``, ``flags``, ``clusters``: what
+    :func:`pipeline.partitioned.analyze` gave; states cached under ``work``)."""
+    import time
+
+    work = Path(work)
+    t0 = time.perf_counter()
+    secs: dict[str, float] = {}
+    shared = work / "broadcast"
+    fb = Broadcast.write(flags.sort(flags.columns, nulls_last=True), shared, "flags")
+    cb = Broadcast.write(clusters.sort(clusters.columns, nulls_last=True), shared, "clusters") \
+        if clusters is not None and clusters.height else None
+    states, _ = map_partitions(drops_step(fb, policy), refs, work / "states", client=client)
+    judgments_dropped = _sum_counts(states, "drops", "reason")
+    final_params = pc.fit(states, policy.checks.aggregation)
+    del states
+    secs["final fit"] = round(time.perf_counter() - t0, 3)
+    step = select_step(prelim_params, final_params, fb, cb, policy)
+    states, _ = map_partitions(step, refs, work / "states", client=client, keep=FATE_TABLES)
+    secs["select"] = round(time.perf_counter() - t0 - secs["final fit"], 3)
+    counts = sp.add_counts([s["cluster_counts"] for s in states])
+    sticky = sp.sticky_splits(sp.add_ranks([pl.DataFrame(schema=sp.RANKS_SCHEMA)]), counts.select("_cl").unique())
+    splits = sp.assign_clusters(counts, sticky, policy.split).sort("_cl")
+    sizes = dict(counts.join(splits, on="_cl").group_by("split").agg(pl.col("n").sum()).iter_rows())
+    return Selection(
+        params=final_params,
+        fate=pl.concat([s["fate"] for s in states]).sort("pair_id"),
+        routed=pl.concat([s["routed_ids"] for s in states]).sort("pair_id"),
+        splits=splits,
+        split_sizes={s: int(sizes.get(s, 0)) for s in sp.SPLITS},
+        judgments_dropped=judgments_dropped,
+        dropped_by_reason=_sum_counts(states, "dropped", "reason"),
+        routed_by_label=_sum_counts(states, "routed_by", "label"),
+        step=step, cache_dir=work / "states", seconds=secs)
+
+
+def partition_rows(selection: Selection, ref: PartitionRef, table: str) -> pl.DataFrame:
+    """One partition's ``pairs``, ``dpo`` or ``routed`` rows (with texts), from its cached state."""
+    return cached_table(selection.step, ref, selection.cache_dir, table)
+
+
+def dpo_rows(selection: Selection, ref: PartitionRef) -> pl.DataFrame:
+    """One partition's DPO rows with their ``split``."""
+    dpo = partition_rows(selection, ref, "dpo")
+    return dpo.with_columns(_cl=sp._cluster_expr()).join(selection.splits, on="_cl", how="left",
+                                                          maintain_order="left").drop("_cl")
