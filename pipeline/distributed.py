@@ -41,9 +41,10 @@ import polars as pl
 from pipeline.store import sha256_file
 
 __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
-           "refs_of", "cached_table", "encode_state", "decode_state", "PartitionChanged", "ENV"]
+           "refs_of", "cached_table", "iter_table", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
 
 ENV = "PREFPIPE_DASK"
+BATCH_ROWS = 65_536  # rows per record batch of a state table
 State = dict[str, pl.DataFrame]
 
 
@@ -100,14 +101,21 @@ class PartitionTaskError(RuntimeError):
 # ---------------------------------------------------------------- state <-> Arrow IPC bytes
 def encode_state(state: State) -> dict[str, bytes]:
     """A state as Arrow IPC (stream) bytes per table: what a worker sends back."""
+    import pyarrow as pa
+
     out = {}
     for name, frame in state.items():
         if not isinstance(frame, pl.DataFrame):
             raise TypeError(f"state table {name!r} is a {type(frame).__name__}; a step returns Polars DataFrames")
         buf = io.BytesIO()
         # the oldest compat level writes strings as offsets + bytes: canonical bytes for equal
-        # frames (Polars' string views point into buffers whose layout depends on the history)
-        frame.write_ipc_stream(buf, compression="uncompressed", compat_level=pl.CompatLevel.oldest())
+        # frames (Polars' string views point into buffers whose layout depends on the history);
+        # record batches of at most BATCH_ROWS rows cut from one chunk (a reader can stream a big
+        # table, :func:`iter_table`; the cut does not depend on how the frame was built)
+        table = frame.rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
+        with pa.ipc.new_stream(buf, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+                writer.write_batch(batch)
         out[name] = buf.getvalue()
     return out
 
@@ -275,6 +283,39 @@ def cached_table(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str
     if not isinstance(digests, dict) or hashlib.sha256(blob).hexdigest() != digests.get(name):
         raise PartitionChanged(f"{d / (name + '.arrow')}: its sha256 is not the one its DONE file lists")
     return pl.read_ipc_stream(io.BytesIO(blob))
+
+
+def iter_table(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) -> Iterator[pl.DataFrame]:
+    """:func:`cached_table` one record batch at a time (at most :data:`BATCH_ROWS` rows held);
+    the bytes are hashed as they are read and checked against the DONE file's sha256 at the end
+    (:class:`PartitionChanged` then: a caller writing from these rows must discard what it wrote)."""
+    import pyarrow as pa
+
+    d = Path(cache_dir) / _cache_key(step, ref)
+    try:
+        digests = json.loads((d / "DONE").read_text(encoding="utf-8"))
+        fh = open(d / f"{name}.arrow", "rb")  # noqa: SIM115 - closed below
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"step {step.name!r}, partition {ref.index}: no cached table {name!r} ({err})") from err
+    h = hashlib.sha256()
+
+    class _Hashed(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: Any) -> int:
+            n = fh.readinto(b)
+            h.update(memoryview(b)[:n])
+            return n
+
+    with fh:
+        reader = pa.ipc.open_stream(pa.PythonFile(io.BufferedReader(_Hashed()), mode="r"))
+        for batch in reader:
+            yield pl.from_arrow(batch)  # type: ignore[misc]
+        while rest := fh.read(1 << 20):  # what the reader did not pull (its buffer's bytes were hashed when read)
+            h.update(rest)
+    if not isinstance(digests, dict) or h.hexdigest() != digests.get(name):
+        raise PartitionChanged(f"{d / (name + '.arrow')}: its sha256 is not the one its DONE file lists")
 
 
 def run_step(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,

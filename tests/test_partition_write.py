@@ -1,0 +1,75 @@
+"""pipeline/partition_write.py: a grouped table merged from partitions' sorted streams has the
+parts (bytes, sha256s, fingerprints) that one write_grouped over the whole table gives."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import pipeline.distributed as dist
+from pipeline.distributed import PartitionRef, Step, _cache_key, _cache_write, encode_state, iter_table
+from pipeline.partition_write import merge_grouped, runs, sorted_by_part
+from pipeline.parts import PartReuse, TableWriter
+from pipeline.store import Store
+
+STEP = Step("rows", "1", None, None)  # (only its cache key is used)
+
+
+def _table(n: int, seed: int) -> pl.DataFrame:
+    rng = random.Random(seed)
+    ids = [f"p{rng.randrange(4 * n):06d}" for _ in range(n)]
+    return pl.DataFrame({
+        "pair_id": ids,
+        "x": [rng.random() for _ in range(n)],
+        "text": [rng.choice(["", "short", "a longer text " * rng.randrange(1, 20), "日本語のテキスト"]) for _ in range(n)],
+        "msg": [[{"role": "user", "content": str(rng.random())}] for _ in range(n)],
+        # a few big parts (several batches of a partition) and many small ones
+        "_part": [f"v1.b{rng.randrange(3):02d}of64" if rng.random() < 0.5 else f"v1.b{rng.randrange(3, 64):02d}of64"
+                  for _ in range(n)],
+    })
+
+
+def _written(store: Store, stage: Path, name: str, write) -> tuple[list[tuple[str, int, str]], dict[str, str]]:
+    reuse = PartReuse()
+    w = TableWriter(store, stage, name)
+    write(w, reuse)
+    return [(p.path, p.rows, p.sha256) for p in w.info().parts], dict(reuse.seen)
+
+
+@pytest.mark.parametrize("n_parts", [1, 3, 7])
+def test_merged_parts_are_the_whole_tables(tmp_path, monkeypatch, n_parts):
+    monkeypatch.setattr(dist, "BATCH_ROWS", 97)  # runs that span batches
+    frame = _table(3000, n_parts)
+    store = Store(tmp_path / "store")
+    want = _written(store, tmp_path / "a", "pairs",
+                    lambda w, r: w.write_grouped(frame, "_part", r, order_by=("pair_id", "x")))
+    refs = []
+    for i in range(n_parts):
+        ref = PartitionRef(i, (f"part-{i}",), (f"{i:064d}",))
+        mine = frame.filter(pl.col("pair_id").hash(3) % n_parts == i)
+        _cache_write(tmp_path / "cache", _cache_key(STEP, ref), encode_state({"pairs": sorted_by_part(mine)}))
+        refs.append(ref)
+    got = _written(store, tmp_path / "b", "pairs", lambda w, r: merge_grouped(
+        w, [iter_table(STEP, ref, tmp_path / "cache", "pairs") for ref in refs], reuse=r, order_by=("pair_id", "x")))
+    assert got == want
+    assert len(want[0]) == 64
+
+
+def test_an_empty_table_gets_its_one_empty_part(tmp_path):
+    store = Store(tmp_path / "store")
+    empty = _table(10, 1).clear()
+    want = _written(store, tmp_path / "a", "routed", lambda w, r: w.write_grouped(empty, "_part", r, order_by=("pair_id",)))
+    got = _written(store, tmp_path / "b", "routed", lambda w, r: merge_grouped(w, [[empty], []], reuse=r, order_by=("pair_id",),
+                                                                               schema=empty.schema))
+    assert got == want and want[0][0][1] == 0
+    with pytest.raises(ValueError, match="needs its schema"):
+        merge_grouped(TableWriter(store, tmp_path / "c", "routed"), [[]])
+
+
+def test_a_stream_not_sorted_by_its_part_key_is_refused():
+    f = pl.DataFrame({"_part": ["b", "a"], "x": [1, 2]})
+    with pytest.raises(ValueError, match="not sorted"):
+        list(runs([f]))
+    assert [(k, v.height) for k, v in runs([f.head(1), f.head(1), pl.DataFrame({"_part": ["c"], "x": [3]})])] == [("b", 2), ("c", 1)]
