@@ -59,7 +59,7 @@ from pipeline.partition_stats import given_id_keys
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
 
-VERSION = "1"
+VERSION = "2"
 
 
 def _frame_bytes(frame: pl.DataFrame) -> bytes:
@@ -141,6 +141,8 @@ def _pair_scoped_run(cfg_json: str, paths: list[str]) -> State:
         res = RUNNERS[name](part, cfg)
         out[f"flags-{name}"] = res.flags
         out[f"state-{name}"] = res.tables[spec.table]
+        if name == "language":  # this run's work (not a function of the rows): summed over the partitions
+            out["counters-language"] = pl.DataFrame({k: [int(res.metrics.get(k, 0))] for k in RUN_COUNTERS})
     return out
 
 
@@ -169,6 +171,7 @@ def rows_step(ids: tuple[str, ...]) -> Step:
 
 # the checks whose view of a given id is its judgments' (a duplicate group is a content key's: complete in a partition)
 _BY_ID = ("pair_id_conflict", "language")
+RUN_COUNTERS = ("distinct_texts", "langdetect_calls", "langdetect_skipped")  # the language check's work, per run
 
 
 def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Totals, sources: list[str], *,
@@ -203,6 +206,13 @@ def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Tota
         flags = [f for f in flags if f.height]
         out[name] = spec.summarize(pl.concat(rows_, how="vertical_relaxed"), pl.concat(flags) if flags else empty_flags(),
                                    totals)
+    # the language check's run counters: every partition's work (a text in several partitions is counted in each)
+    work = {k: sum(int(st["counters-language"][k][0]) for st in states) + int(redo["language"].metrics.get(k, 0) if redo else 0)
+            for k in RUN_COUNTERS}
+    lang = out["language"]
+    lang.metrics.update(work)
+    if work["langdetect_skipped"]:
+        lang.summary += f"; {work['langdetect_skipped']} weak-evidence texts left undecided (langdetect cap)"
     return out
 
 
@@ -228,6 +238,36 @@ def near_dup_step(cfg: ChecksConfig) -> Step:
 def near_duplicates(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, *, client: Any = None) -> CheckResult:
     """The near-duplicate check over every partition: signatures computed per partition, one index
     on the driver (:func:`pipeline.checks.near_duplicates.result_of`)."""
+    where, matrix, pair_prompts = _near_dup_inputs(refs, cache_dir, cfg, client)
+    index = nd.PromptIndex(cfg.near_duplicate)
+    new = index.add(where["prompt_hash"].to_list(), sigs=matrix)
+    del matrix
+    return nd.result_of(index, where["prompt_hash"], pair_prompts, new, cfg.near_duplicate)
+
+
+def near_duplicates_state(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, version_id: str, *,
+                          client: Any = None) -> tuple[CheckResult, Any]:
+    """The near-duplicate check of a first version through its state tables, as
+    :func:`pipeline.incremental.near_duplicates` runs it over every judgment: (the check's entry,
+    the :class:`~pipeline.checks.near_duplicates_state.IncrementalResult` that writes the state),
+    the signatures computed per partition."""
+    from pipeline.checks import near_duplicates_state as nds
+    from schemas.check import empty_flags
+
+    where, matrix, pair_prompts = _near_dup_inputs(refs, cache_dir, cfg, client)
+    res = nds._advance(nds.NearDupState.empty(cfg), pair_prompts, where["prompt_hash"], matrix, generation=version_id)
+    del matrix
+    entry = res.check_result()
+    entry = CheckResult(name=entry.name, status=entry.status, metrics=entry.metrics, summary=entry.summary,
+                        flags=res.flags if res.flags.height else empty_flags(),
+                        tables={"clusters": res.all_clusters(), "graph_clusters": res.graph_clusters().to_frame()})
+    res.release()
+    return entry, res
+
+
+def _near_dup_inputs(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, client: Any) -> tuple[pl.DataFrame, np.ndarray, pl.DataFrame]:
+    """(every distinct prompt once, in prompt_hash order; their signatures, row by row; pair_id ->
+    prompt_hash of every pair) from every partition's signatures."""
     states, _ = map_partitions(near_dup_step(cfg), refs, cache_dir, client=client)
     pair_prompts = pl.concat([s.pop("pair_prompts") for s in states]).unique().sort("pair_id", "prompt_hash")
     # every distinct prompt once, in prompt_hash order: the rows are chosen on the hashes, then each partition's
@@ -243,7 +283,4 @@ def near_duplicates(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, *, clien
             matrix[mine] = s["signatures"]["signature"].to_numpy()[rows[mine]]
         s.clear()
     del states
-    index = nd.PromptIndex(cfg.near_duplicate)
-    new = index.add(where["prompt_hash"].to_list(), sigs=matrix)
-    del matrix
-    return nd.result_of(index, where["prompt_hash"], pair_prompts, new, cfg.near_duplicate)
+    return where, matrix, pair_prompts

@@ -47,7 +47,7 @@ from pipeline.distributed import State, Step
 from pipeline.partition import read_partition
 from schemas.policy import AggregationConfig
 
-VERSION = "2"
+VERSION = "3"
 # what the fit reads of a judgment (the columns :func:`pipeline.aggregate.encode` codes)
 FIT_COLUMNS = ["pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "label", "shown_first", "gold_label",
                "strength", "dimensions"]
@@ -150,10 +150,16 @@ def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], paths: 
     part = _read(paths, None, drop)
     agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params, fitted=True)
     c = pl.col
+    assert agg.a_hash is not None
+    first = part.group_by("pair_id", maintain_order=True).agg(source_file=c("source_file").first(),
+                                                              source_line=c("source_line").first())
     return {"pairs": agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id"),
             # each pair's response lengths in its orientation (what the length-bias check reads of the texts)
             "lengths": agg.pairs.select("pair_id", len_a=c("response_a").str.len_chars().cast(pl.Int64),
-                                        len_b=c("response_b").str.len_chars().cast(pl.Int64)).sort("pair_id")}
+                                        len_b=c("response_b").str.len_chars().cast(pl.Int64)).sort("pair_id"),
+            # its canonical orientation and where its first judgment is in the input (first-seen order)
+            "seen": agg.pairs.select("pair_id").with_columns(a_hash=agg.a_hash).join(first, on="pair_id", how="left")
+            .sort("pair_id")}
 
 
 def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop: tuple[str, ...] = ()) -> Step:
@@ -169,7 +175,7 @@ def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop
 
 
 def _concat_pairs(states: list[State]) -> State:
-    return {name: pl.concat([s[name] for s in states]).sort("pair_id") for name in ("pairs", "lengths")}
+    return {name: pl.concat([s[name] for s in states]).sort("pair_id") for name in ("pairs", "lengths", "seen")}
 
 
 def _starts(counts: np.ndarray) -> np.ndarray:

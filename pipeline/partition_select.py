@@ -47,6 +47,7 @@ from pipeline import split as sp
 from pipeline.aggregate import PARAM_SCHEMA, aggregate
 from pipeline.distributed import PartitionChanged, PartitionRef, State, Step, cached_table, map_partitions
 from pipeline.store import sha256_file
+from schemas.records import ROUTED_LABELS
 from schemas.policy import Policy
 
 __all__ = ["Broadcast", "Selection", "select", "dpo_rows", "partition_rows"]
@@ -54,6 +55,7 @@ __all__ = ["Broadcast", "Selection", "select", "dpo_rows", "partition_rows"]
 VERSION = "1"
 # the state tables of select_step the driver reads; the others (rows with texts) stay cached
 FATE_TABLES = ("fate", "routed_ids", "dropped", "routed_by", "cluster_counts")
+BUILD_TABLES = ("prompts", "flagged_pairs", "label_counts")  # ... and these, for a version's build
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,19 @@ def _no_reduce(states: list[State]) -> State:  # pragma: no cover - the driver f
 
 
 # ---------------------------------------------------------------- pass 5: final pairs, select, cluster counts
+def _keyed(frame: pl.DataFrame, layout: tuple[str, int]) -> pl.DataFrame:
+    """``frame`` with the ``_part`` of each row's pair (a first version: every pair in this version's
+    generation group of ``layout[1]`` buckets, :func:`pipeline.parts.part_keys`), sorted by it."""
+    from pipeline.parts import part_keys
+    from pipeline.partition_write import sorted_by_part
+
+    group, k = layout
+    keys = part_keys(frame.select("pair_id").unique().with_columns(_gen=pl.lit(group)), {group: k})
+    return sorted_by_part(frame.join(keys, on="pair_id", how="left", maintain_order="left"))
+
+
 def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, clusters: Broadcast | None, policy_json: str,
-                paths: list[str]) -> State:
+                version_id: str | None, layout: tuple[str, int] | None, paths: list[str]) -> State:
     policy = Policy.model_validate_json(policy_json)
     cfg = policy.checks.aggregation
     part = pc._read(paths, None, ())
@@ -137,6 +150,20 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
     prelim = aggregate(part, cfg, params=_params(prelim_blob), fitted=True)
     pf = _part_flags(flags, part)
     jsel = sel.filter_judgments(part, pf, policy.select)
+    extra: State = {}
+    if version_id is not None:
+        from pipeline.report import label_counts
+
+        c = pl.col
+        jf = pf.filter(c("subject_kind") == "judgment")["subject_id"]
+        extra = {
+            # each pair's prompt (its first judgment's): the split's leakage and the report's clusters
+            "prompts": part.filter(c("pair_id").is_first_distinct()).select("pair_id", "prompt_hash").sort("pair_id"),
+            # the pair of each flagged judgment (its flags are kept in that pair's part)
+            "flagged_pairs": part.filter(c("comparison_id").is_in(jf.implode())).select(subject_id="comparison_id",
+                                                                                         _jp="pair_id"),
+            "label_counts": label_counts(part),
+        }
     del part
     kept = jsel.kept
     final = aggregate(kept, cfg, texts=prelim.texts(), params=_params(final_blob), fitted=True)
@@ -145,8 +172,17 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
         cl = cl.filter(pl.col("pair_id").is_in(prelim.pairs["pair_id"].implode()))
     psel = sel.select_pairs(final.pairs, pf, policy.select, all_pair_ids=prelim.pairs["pair_id"], clusters=cl,
                             downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
+    out: State = {"pairs": psel.pairs, "dpo": psel.dpo, "routed": psel.routed}
+    if version_id is not None and layout is not None:
+        # the rows a version's pair tables hold, keyed and sorted by part (pipeline/partition_write.py)
+        from pipeline.aggregate import PAIR_TEXT_COLUMNS
+
+        pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"]) \
+            .with_columns(first_version=pl.lit(version_id))
+        out = {"pairs": _keyed(pairs_out, layout), "pair_rows": _keyed(pairs_out.drop(PAIR_TEXT_COLUMNS, strict=False), layout),
+               "dpo": _keyed(psel.dpo, layout), "routed": _keyed(psel.routed.drop("_reasons", strict=False), layout)}
     return {
-        "pairs": psel.pairs, "dpo": psel.dpo, "routed": psel.routed,
+        **out, **extra,
         "fate": psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster").sort("pair_id"),
         "routed_ids": psel.routed.select("pair_id", "route").sort("pair_id"),
         "dropped": _counts(psel.dropped_by_reason, "reason"),
@@ -156,11 +192,16 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
 
 
 def select_step(prelim_params: pl.DataFrame, final_params: pl.DataFrame, flags: Broadcast, clusters: Broadcast | None,
-                policy: Policy) -> Step:
+                policy: Policy, version_id: str | None = None, layout: tuple[str, int] | None = None) -> Step:
+    """Pass 5.  ``version_id`` and ``layout`` (this version's generation group and its bucket
+    count): the rows in the version's table layout (keyed by ``_part``, sorted by it) and the
+    narrow tables a build needs (each pair's prompt, the flagged judgments' pairs, label counts)."""
     pb, fb, policy_json = _params_blob(prelim_params), _params_blob(final_params), policy.model_dump_json()
     version = f"{VERSION}-" + pc._digest((hashlib.sha256(pb).hexdigest(), hashlib.sha256(fb).hexdigest(), flags.sha256,
-                                         clusters.sha256 if clusters is not None else None, policy_json))
-    return Step("select-pairs", version, functools.partial(_select_run, pb, fb, flags, clusters, policy_json), _no_reduce)
+                                         clusters.sha256 if clusters is not None else None, policy_json, version_id,
+                                         list(layout) if layout is not None else None))
+    return Step("select-pairs", version,
+                functools.partial(_select_run, pb, fb, flags, clusters, policy_json, version_id, layout), _no_reduce)
 
 
 # ---------------------------------------------------------------- the driver
@@ -177,19 +218,32 @@ class Selection:
     step: Step  # the select step, whose cached states hold each partition's rows (:func:`partition_rows`)
     cache_dir: Path
     seconds: dict[str, float] = field(default_factory=dict)
+    kept_annotators: pl.Series | None = None  # the annotators with a kept judgment (sorted)
+    prompts: pl.DataFrame | None = None  # with a version id: pair_id -> prompt_hash (its first judgment's)
+    flagged_pairs: pl.DataFrame | None = None  # with a version id: flagged judgment (subject_id) -> its pair (_jp)
+    label_counts: pl.DataFrame | None = None  # with a version id: pipeline.report.label_counts of every judgment
+    cluster_counts: pl.DataFrame | None = None  # the DPO rows per (_cl, _stratum)
 
 
-def _sum_counts(states: list[State], table: str, key: str) -> dict[str, int]:
+def _sum_counts(states: list[State], table: str, key: str, first: tuple[str, ...] = (),
+                last: tuple[str, ...] = ()) -> dict[str, int]:
+    """The counts added over the partitions, in the order the one-process dict has them: ``first``
+    (every one, also at 0), then the others by name, then ``last`` (when counted)."""
     total: Counter[str] = Counter()
     for s in states:
         total.update(dict(s[table].iter_rows()))
-    return {k: int(total[k]) for k in sorted(total)}
+    out = {k: int(total[k]) for k in first}
+    out.update({k: int(total[k]) for k in sorted(total) if k not in first and k not in last})
+    out.update({k: int(total[k]) for k in last if k in total})
+    return out
 
 
 def select(refs: list[PartitionRef], work: str | Path, policy: Policy, prelim_params: pl.DataFrame,
-           flags: pl.DataFrame, clusters: pl.DataFrame | None, *, client: Any = None) -> Selection:
+           flags: pl.DataFrame, clusters: pl.DataFrame | None, *, client: Any = None, version_id: str | None = None,
+           layout: tuple[str, int] | None = None) -> Selection:
     """Rows 4-5 over the partitions ``refs`` (``prelim_params``, ``flags``, ``clusters``: what
-    :func:`pipeline.partitioned.analyze` gave; states cached under ``work``)."""
+    :func:`pipeline.partitioned.analyze` gave; states cached under ``work``).  ``version_id``,
+    ``layout``: see :func:`select_step`."""
     import time
 
     work = Path(work)
@@ -202,25 +256,41 @@ def select(refs: list[PartitionRef], work: str | Path, policy: Policy, prelim_pa
     states, _ = map_partitions(drops_step(fb, policy), refs, work / "states", client=client)
     judgments_dropped = _sum_counts(states, "drops", "reason")
     final_params = pc.fit(states, policy.checks.aggregation)
-    del states
     secs["final fit"] = round(time.perf_counter() - t0, 3)
-    step = select_step(prelim_params, final_params, fb, cb, policy)
-    states, _ = map_partitions(step, refs, work / "states", client=client, keep=FATE_TABLES)
+    kept_annotators = pl.concat([s["annotators"]["annotator_id"] for s in states]).unique().sort()
+    del states
+    step = select_step(prelim_params, final_params, fb, cb, policy, version_id, layout)
+    narrow = (*FATE_TABLES, *(BUILD_TABLES if version_id is not None else ()))
+    states, _ = map_partitions(step, refs, work / "states", client=client, keep=narrow)
     secs["select"] = round(time.perf_counter() - t0 - secs["final fit"], 3)
     counts = sp.add_counts([s["cluster_counts"] for s in states])
     sticky = sp.sticky_splits(sp.add_ranks([pl.DataFrame(schema=sp.RANKS_SCHEMA)]), counts.select("_cl").unique())
     splits = sp.assign_clusters(counts, sticky, policy.split).sort("_cl")
     sizes = dict(counts.join(splits, on="_cl").group_by("split").agg(pl.col("n").sum()).iter_rows())
+    def union(name: str) -> pl.DataFrame | None:
+        return pl.concat([s[name] for s in states]) if version_id is not None else None
+
     return Selection(
         params=final_params,
+        kept_annotators=kept_annotators,
+        prompts=union("prompts"),
+        flagged_pairs=union("flagged_pairs"),
+        label_counts=_add_label_counts([s["label_counts"] for s in states]) if version_id is not None else None,
+        cluster_counts=counts,
         fate=pl.concat([s["fate"] for s in states]).sort("pair_id"),
         routed=pl.concat([s["routed_ids"] for s in states]).sort("pair_id"),
         splits=splits,
         split_sizes={s: int(sizes.get(s, 0)) for s in sp.SPLITS},
         judgments_dropped=judgments_dropped,
-        dropped_by_reason=_sum_counts(states, "dropped", "reason"),
-        routed_by_label=_sum_counts(states, "routed_by", "label"),
+        dropped_by_reason=_sum_counts(states, "dropped", "reason", last=("all_judgments_dropped",)),
+        routed_by_label=_sum_counts(states, "routed_by", "label", first=tuple(ROUTED_LABELS)),
         step=step, cache_dir=work / "states", seconds=secs)
+
+
+def _add_label_counts(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    from pipeline.report import _SLICE
+
+    return pl.concat(parts).group_by(_SLICE).agg(pl.col("n").sum()).sort(_SLICE, nulls_last=False)
 
 
 def partition_rows(selection: Selection, ref: PartitionRef, table: str) -> pl.DataFrame:

@@ -44,12 +44,17 @@ class Analysis:
     pairs: pl.DataFrame  # the preliminary pairs (no texts), by pair_id
     results: dict[str, CheckResult] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    lengths: pl.DataFrame | None = None  # pair_id, len_a, len_b (by pair_id)
+    seen: pl.DataFrame | None = None  # pair_id, a_hash, source_file, source_line of its first judgment (by pair_id)
+    near_dup_state: Any = None  # with ``version_id``: the near-duplicate IncrementalResult (writes the state tables)
+    n_judgments: int = 0
 
 
 def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sources: list[str], *,
-            client: Any = None) -> Analysis:
+            client: Any = None, version_id: str | None = None) -> Analysis:
     """The checks above over the partitions ``refs`` (``sources``: the input files in order, as the
-    partition ledger lists them); states are cached under ``work``."""
+    partition ledger lists them); states are cached under ``work``.  ``version_id``: the near
+    duplicates through the state tables a version keeps (:func:`pipeline.partition_checks.near_duplicates_state`)."""
     import time
 
     work = Path(work)
@@ -75,12 +80,17 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     del e
     lap("consensus fit")
     decided, _ = run_step(pc.decide_step(params, cfg.aggregation), refs, work / "states", client=client)
-    pairs, lengths = decided["pairs"], decided["lengths"]
+    pairs, lengths, seen = decided["pairs"], decided["lengths"], decided["seen"]
     lap("consensus pairs")
     results = pk.pair_scoped(refs, work / "states", cfg, Totals(judgments=n_judgments, pairs=n_pairs), sources,
                              client=client)
     lap("pair-scoped checks")
-    results["near_duplicates"] = pk.near_duplicates(refs, work / "states", cfg, client=client)
+    near_state = None
+    if version_id is None:
+        results["near_duplicates"] = pk.near_duplicates(refs, work / "states", cfg, client=client)
+    else:
+        results["near_duplicates"], near_state = pk.near_duplicates_state(refs, work / "states", cfg, version_id,
+                                                                          client=client)
     lap("near duplicates")
     sums = pk.check_sums(refs, work / "states", cfg, rel_params, client=client)
     none = pl.DataFrame(schema={"pair_id": pl.String})  # (with its state a check reads no judgment)
@@ -95,4 +105,5 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     results["consensus"] = consensus.run(none, cfg, pairs=pairs)
     results["dimensions"] = dimensions.run(empty_frame(Judgment), cfg, pairs=pairs)  # (dimension verdicts are refused)
     lap("checks over pairs")
-    return Analysis(params, pairs, results, secs)
+    return Analysis(params, pairs, results, secs, lengths=lengths, seen=seen, near_dup_state=near_state,
+                    n_judgments=n_judgments)

@@ -1,0 +1,418 @@
+"""A first version built over partitions (issue 15; docs/scale-out.md, "The flow the bricks add up
+to", rows 1-6): the driver holds states, per-pair narrow tables and one part's rows at a time,
+never the judgments' texts.
+
+:func:`build_first` writes the version :func:`pipeline.curate._build_version` writes for the same
+input and no parent -- every table, the manifest's ledger and checks, the report -- from a
+:class:`pipeline.partition.PartitionSet`:
+
+1. facts per partition (each comparison id's hash and input position, reviews, dimension
+   verdicts); a comparison id used twice keeps its first row in input order (the partitions that
+   hold a later copy are written again without it);
+2. :func:`pipeline.partitioned.analyze` (the preliminary consensus and the checks; the near
+   duplicates through the state tables a version keeps);
+3. :func:`pipeline.partition_select.select` (drops, the final fit, select, split), each partition's
+   rows in this version's table layout;
+4. the pair tables merged part by part from the partitions' rows
+   (:func:`pipeline.partition_write.merge_grouped`); the judgments in input order, merged from
+   the partitions (each in input order) and written as they stream; the per-pair state tables,
+   flags and the review state from the driver's narrow frames; the manifest and the report.
+
+Not covered (:func:`unsupported` names the reason; ``curate`` then builds the version in one
+process): a parent (a child's build), reviews in the input, dimension verdicts, an annotator
+registry in the policy.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import aggregate as agg
+from pipeline import incremental as inc
+from pipeline import partition_select as ps
+from pipeline import reviews_resolve as rr
+from pipeline.checks import CHECKS, all_flags, run_checks
+from pipeline.delta import PAIR_ROWS
+from pipeline.distributed import PartitionRef, State, Step, iter_table, map_partitions, refs_of
+from pipeline.partition import PartitionSet, read_partition
+from pipeline.partition_write import merge_grouped
+from pipeline.partitioned import analyze
+from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, bucket_counts, generation_groups,
+                            part_keys, share)
+from pipeline.split import PLACEMENT, SPLITS, _stats_of_counts, assignments, leakage
+from pipeline.store import Store, sha256_file
+from schemas.arrow import empty_frame
+from schemas.manifest import Ledger, Manifest, SplitInfo, TableInfo
+from schemas.policy import Policy
+from schemas.records import Judgment
+from schemas.version import code_version
+
+__all__ = ["unsupported", "build_first"]
+
+_ID_SEED = 0x1D5
+
+
+def unsupported(policy: Policy, facts: dict[str, int]) -> str | None:
+    """Why a first version of these inputs is not built over partitions (None: it is)."""
+    if policy.annotators is not None:
+        return "an annotator registry in the policy"
+    if policy.dimensions.train_on:
+        return "dimensions.train_on"
+    if facts.get("reviews"):
+        return "reviews (judgments with review_of) in the input"
+    if facts.get("dimensions"):
+        return "dimension verdicts in the input"
+    return None
+
+
+# ---------------------------------------------------------------- 1. facts: repeated comparison ids, reviews, dimensions
+def _facts_run(paths: list[str]) -> State:
+    part = read_partition(paths, ["comparison_id", "review_of", "dimensions", "source_file", "source_line"])
+    return {"ids": part.select(h=pl.col("comparison_id").hash(_ID_SEED), file=pl.col("source_file"),
+                               line=pl.col("source_line")),
+            "facts": pl.DataFrame({"reviews": [part.height - part["review_of"].null_count()],
+                                   "dimensions": [part.height - part["dimensions"].null_count()]})}
+
+
+FACTS = Step("build-facts", f"1-{pl.__version__}", _facts_run, lambda states: states[0])
+
+
+def _ids_run(hashes: tuple[int, ...], paths: list[str]) -> State:
+    part = read_partition(paths, ["comparison_id", "source_file", "source_line"])
+    h = pl.Series(hashes, dtype=pl.UInt64)
+    return {"rows": part.filter(pl.col("comparison_id").hash(_ID_SEED).is_in(h.implode()))}
+
+
+def _ids_step(hashes: list[int]) -> Step:
+    import functools
+    import hashlib
+
+    key = hashlib.sha256(np.array(sorted(hashes), np.uint64).tobytes()).hexdigest()[:16]
+    return Step("build-repeated-ids", f"1-{pl.__version__}-{key}", functools.partial(_ids_run, tuple(sorted(hashes))),
+                lambda states: states[0])
+
+
+def _order(frame: pl.DataFrame, sources: list[str]) -> pl.Expr:
+    """A row's place in the input: (its file's index among ``sources``) * 2**40 + its line."""
+    idx = pl.col("source_file").replace_strict(sources, list(range(len(sources))), return_dtype=pl.Int64)
+    return idx * (1 << 40) + pl.col("source_line").cast(pl.Int64)
+
+
+def _without_repeated_ids(refs: list[PartitionRef], sources: list[str], work: Path, client: Any) -> tuple[list[PartitionRef], int, dict[str, int]]:
+    """(the partitions without the later copies of a repeated comparison id, how many were left
+    out, the input's facts)."""
+    states, _ = map_partitions(FACTS, refs, work / "states", client=client)
+    facts = {k: int(sum(s["facts"][k][0] for s in states)) for k in ("reviews", "dimensions")}
+    ids = pl.concat([s["ids"].with_columns(_p=pl.lit(i, pl.Int32)) for i, s in enumerate(states)])
+    del states
+    cand = ids.filter(pl.col("h").is_duplicated())["h"].unique()
+    del ids
+    if cand.len() == 0:
+        return refs, 0, facts
+    step = _ids_step(cand.to_list())
+    found, _ = map_partitions(step, refs, work / "states", client=client)
+    rows = pl.concat([s["rows"].with_columns(_p=pl.lit(r.index, pl.Int32)) for r, s in zip(refs, found, strict=True)])
+    rows = rows.with_columns(_o=_order(rows, sources)).sort("_o")
+    later = rows.filter(~pl.col("comparison_id").is_first_distinct())
+    if later.height == 0:  # (only hash collisions)
+        return refs, 0, facts
+    out = []
+    for r in refs:
+        mine = later.filter(pl.col("_p") == r.index)
+        if mine.height == 0:
+            out.append(r)
+            continue
+        part = read_partition(list(r.paths))
+        part = part.filter(~_order(part, sources).is_in(mine["_o"].implode()))
+        d = work / "dedup"
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".part-{r.index:05d}.{os.getpid()}.tmp"
+        part.write_parquet(tmp, compression="zstd", statistics=True)
+        sha = sha256_file(tmp)
+        path = d / f"part-{r.index:05d}-{sha[:16]}.parquet"
+        os.replace(tmp, path)
+        out.append(PartitionRef(r.index, (str(path.resolve()),), (sha,)))
+    return out, later.height, facts
+
+
+# ---------------------------------------------------------------- 4. the judgments in input order
+def _input_order_batches(refs: list[PartitionRef], sources: list[str], columns: list[str] | None,
+                         batch_rows: int = 65_536) -> Iterator[pl.DataFrame]:
+    """Every partition's rows merged in input order (each partition is in input order): batches
+    of the rows below the smallest "last row read" of the partitions still open."""
+    read = None if columns is None else list(dict.fromkeys([*columns, "source_file", "source_line"]))
+    readers = [_batches(r, read, batch_rows) for r in refs]
+    pending: list[pl.DataFrame] = []
+    last: dict[int, int] = {}
+    open_ = set(range(len(readers)))
+
+    def pull(i: int) -> None:
+        b = next(readers[i], None)
+        if b is None:
+            open_.discard(i)
+            last.pop(i, None)
+            return
+        b = b.with_columns(_o=_order(b, sources))
+        last[i] = int(b["_o"][-1]) if b.height else last.get(i, -1)
+        pending.append(b)
+
+    for i in range(len(readers)):
+        pull(i)
+    while open_:
+        low = min(last[i] for i in open_)
+        frame = pl.concat(pending).sort("_o") if pending else None
+        if frame is not None:
+            out = frame.filter(pl.col("_o") <= low)
+            pending = [frame.filter(pl.col("_o") > low)]
+            if out.height:
+                yield out.drop("_o") if columns is None else out.select(columns)
+        for i in [i for i in open_ if last[i] == low]:
+            pull(i)
+    if pending:
+        rest = pl.concat(pending).sort("_o")
+        if rest.height:
+            yield rest.drop("_o") if columns is None else rest.select(columns)
+
+
+def _batches(ref: PartitionRef, columns: list[str] | None, batch_rows: int) -> Iterator[pl.DataFrame]:
+    for path in ref.paths:
+        f = pq.ParquetFile(path)
+        for b in f.iter_batches(batch_size=batch_rows, columns=columns):
+            yield pl.from_arrow(b)  # type: ignore[misc]
+
+
+def _streamed_table(store: Store, stage: Path, name: str, version_id: str, batches: Iterator[pl.DataFrame],
+                    schema: pl.Schema) -> TableInfo:
+    """A table that only grows, first version: one part with every row, written as the batches come."""
+    w = TableWriter(store, stage, name, arrival_order=True)
+    rel = f"{name}/part-{version_id}.parquet"
+    path = stage / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
+    rows = 0
+    with pq.ParquetWriter(path, arrow_schema, compression="zstd", compression_level=1, write_statistics=True) as out:
+        for b in batches:
+            out.write_table(b.select(list(schema)).cast(schema).to_arrow().cast(arrow_schema))  # type: ignore[arg-type]
+            rows += b.height
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+    if pq.ParquetFile(path).metadata.num_rows != rows:
+        raise OSError(f"{path}: wrote {rows} rows, read back another count")
+    sha = sha256_file(path)
+    share(store, path, sha)
+    w.parts.append(SplitInfo(path=rel, rows=rows, sha256=sha, bytes=path.stat().st_size))
+    return w.info()
+
+
+# ---------------------------------------------------------------- the build
+def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, policy: Policy, *, work: Path,
+                client: Any = None, on_stage: Callable[[str, float], None] | None = None,
+                timings: dict[str, float] | None = None) -> Manifest:
+    """The first version (no parent) of the partitioned input ``pset``, staged in ``stage``
+    (:meth:`pipeline.store.Store.write_version` publishes it).  Raises ValueError when
+    :func:`unsupported` names a reason (before writing anything)."""
+    from pipeline.curate import FLAG_ORDER, _annotator_summary, _grouped_table, _split_check, _stability_check
+
+    timings = timings if timings is not None else {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = round(now - t, 3)
+        if on_stage is not None:
+            on_stage(name, now - t)
+        t = now
+
+    created_at = datetime.now(UTC)
+    sources = [s.path for s in pset.sources]
+    refs, n_dup_ids, facts = _without_repeated_ids(refs_of(pset), sources, work, client)
+    why = unsupported(policy, facts)
+    if why is not None:
+        raise ValueError(f"not built over partitions: {why}")
+    lap("partitions:facts")
+    a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id)
+    assert a.seen is not None and a.lengths is not None
+    lap("partitions:checks")
+    # the two checks with nothing to do without a registry and reviews: their results on no judgment
+    review_ctx = rr.context(None, mode=policy.reviews.mode, registry=policy.annotators)
+    from pipeline.checks import registry
+
+    # (without a registry the registry check counts the judgments: a column of that many rows, one bit each)
+    results = {**a.results, "registry": registry.run(pl.select(_n=pl.repeat(None, a.n_judgments, dtype=pl.Boolean)),
+                                                     policy.checks, registry=policy.annotators)}
+    results = run_checks(empty_frame(Judgment), policy.checks, pairs=a.pairs,
+                         extra_kwargs={"reviews": {"reviews": review_ctx}}, given=results)
+    results = {c.name: results[c.name] for c in CHECKS}  # (registry order, as run_checks gives them)
+    flags = all_flags(results)
+    n_pairs = a.pairs.height
+    groups = generation_groups(None, version_id, n_pairs)
+    my_group = groups.filter(pl.col("generation") == version_id)["group"][0]
+    buckets = bucket_counts(None, "pairs", {my_group: n_pairs})
+    clusters = results["near_duplicates"].tables.get("clusters")
+    s = ps.select(refs, work, policy, a.params, flags, clusters, client=client, version_id=version_id,
+                  layout=(my_group, buckets[my_group]))
+    assert s.prompts is not None and s.flagged_pairs is not None and s.label_counts is not None
+    lap("partitions:select")
+
+    def keyed(frame: pl.DataFrame) -> pl.DataFrame:
+        keys = part_keys(frame.select("pair_id").unique().with_columns(_gen=pl.lit(my_group)), buckets)
+        return frame.join(keys, on="pair_id", how="left", maintain_order="left")
+
+    tables: dict[str, TableInfo] = {}
+    reuse = PartReuse.of(None)
+    # the judgments (and the columns a child reads of every row) in input order
+    schema = empty_frame(Judgment).schema
+    tables["judgments"] = _streamed_table(store, stage, "judgments", version_id,
+                                          _input_order_batches(refs, sources, None), schema)
+    rows_schema = inc.judgment_rows(empty_frame(Judgment)).schema
+    tables[inc.JUDGMENT_ROWS] = _streamed_table(store, stage, inc.JUDGMENT_ROWS, version_id,
+                                                _input_order_batches(refs, sources, list(rows_schema)), rows_schema)
+    lap("write_judgments")
+    # the pair tables, part by part from every partition's rows
+    order = ("pair_id",)
+    for table, name in (("pairs", "pairs"), ("pair_rows", PAIR_ROWS), ("routed", "routed")):
+        w = TableWriter(store, stage, name)
+        merge_grouped(w, [iter_table(s.step, r, s.cache_dir, table) for r in refs], reuse=reuse, order_by=order,
+                      schema=_schema_of(s, refs[0], table))
+        tables[name] = w.info()
+    sizes: dict[str, int] = {}
+    for split in SPLITS:
+        w = TableWriter(store, stage, f"data/{split}")
+        sizes[split] = merge_grouped(w, [_dpo_of_split(s, r, split) for r in refs], reuse=reuse, order_by=order,
+                                     schema=_schema_of(s, refs[0], "dpo"))
+        tables[f"data/{split}"] = w.info()
+    splits = {sp: SplitInfo(path=ti.path, rows=ti.rows, sha256=ti.sha256) for sp in SPLITS for ti in [tables[f"data/{sp}"]]}
+    # every kept pair's split, its prompt: assignments, leakage, placement
+    c = pl.col
+    kept = s.fate.filter(c("decision") == "keep").select("pair_id", "near_dup_cluster")
+    now = kept.with_columns(_cl=c("near_dup_cluster").fill_null(c("pair_id"))).join(s.splits, on="_cl", how="left").drop("_cl")
+    assigned = assignments(now, None, version_id)
+    tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned))
+    leaks = leakage({sp: now.filter(c("split") == sp) for sp in SPLITS}, s.prompts)
+    assert s.cluster_counts is not None
+    placed = _stats_of_counts(s.cluster_counts).join(s.splits, on="_cl").group_by("_stratum", "split") \
+        .agg(c("n").sum().cast(pl.Int64)).sort("_stratum", "split")
+    lap("write_pairs")
+    # the state tables (per pair, narrow): the checks' and the preliminary consensus's
+    seen = a.seen.with_columns(_o=_order(a.seen, sources)).sort("_o").select("pair_id", "a_hash",
+                                                                           seen=pl.int_range(pl.len(), dtype=pl.Int64))
+    prelim_rows = a.pairs.drop(inc._PRELIM_DROP, strict=False).join(a.lengths, on="pair_id", how="left") \
+        .join(seen, on="pair_id", how="left").with_columns(first_version=pl.lit(version_id))
+    for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: prelim_rows}.items():
+        tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
+    routed_all = s.routed
+    reviews = rr.classify(empty_frame(Judgment), review_ctx)
+    review_state, review_ledger = rr.finish(
+        review_ctx, version_id=version_id, created_at=created_at, pairs=s.fate, routed=routed_all, reviews=reviews,
+        decided_by_reviews=rr.votes(reviews, s.fate.clear(), None), n_review_judgments=0)
+
+    def pair_keys_of(pid: pl.Series) -> pl.Series:
+        f = pid.to_frame("pair_id")
+        u = f.drop_nulls().unique()
+        k = keyed(u).select("pair_id", "_part") if u.height else u.with_columns(_part=pl.lit(None, pl.String))
+        return f.join(k, on="pair_id", how="left", maintain_order="left")["_part"].fill_null(OTHER_KEY)
+
+    def flag_keys(fl: pl.DataFrame) -> pl.Series:
+        kind = c("subject_kind")
+        sub = fl.select("subject_kind", "subject_id").join(s.flagged_pairs, on="subject_id", how="left", maintain_order="left")
+        return pair_keys_of(sub.select(pl.when(kind == "pair").then(c("subject_id"))
+                                       .when(kind == "judgment").then(c("_jp")))["subject_id"])
+
+    for name, frame, key_of, fl_order, printed in (("flags", flags, flag_keys, FLAG_ORDER, True),
+                                                   (rr.STATE, review_state, lambda f: pair_keys_of(f["pair_id"]),
+                                                    ("pair_id",), False)):
+        w = TableWriter(store, stage, name)
+        w.write_grouped(frame.with_columns(_part=key_of(frame)), "_part", reuse if printed else None, order_by=fl_order)
+        tables[name] = w.info()
+    quarantine = pl.read_parquet(pset.quarantine_path)
+    w = TableWriter(store, stage, "quarantine", arrival_order=True)
+    w.write(version_id, quarantine)
+    tables["quarantine"] = w.info()
+    used = s.kept_annotators.to_frame() if s.kept_annotators is not None else pl.DataFrame(schema={"annotator_id": pl.String})
+    used = used.join(s.params, on="annotator_id", how="left")
+    annotators = agg.annotator_table(results, used.select(
+        "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
+        order_engagement="oa_engaged"))
+    from pipeline.report import LABEL_COUNTS
+
+    for name, frame in (("annotators", annotators), (FINGERPRINTS, reuse.frame()), (LABEL_COUNTS, s.label_counts),
+                        (PLACEMENT, placed), (inc.PARAMS_TABLE, s.params), (inc.PRELIM_PARAMS, a.params),
+                        (GROUPS, groups), *inc.sums_frames(results).items()):
+        w = TableWriter(store, stage, name)
+        w.write("all", frame)
+        tables[name] = w.info()
+    assert a.near_dup_state is not None
+    tables.update(a.near_dup_state.write_state(store, stage))
+    lap("write")
+
+    n_judgments = a.n_judgments
+    checks = [r.manifest_entry() for r in results.values()]
+    checks.append(_split_check(leaks, sizes))
+    checks.append(_stability_check(pl.DataFrame(schema={"pair_id": pl.String, "from": pl.String, "to": pl.String}), None))
+    pre_check = {"duplicate_comparison_id": n_dup_ids} if n_dup_ids else {}
+    ledger = Ledger(
+        rows_in=pset.ledger.rows_in, quarantined=pset.ledger.quarantined,
+        judgments_valid=n_judgments + n_dup_ids,
+        judgments_dropped={**s.judgments_dropped, **pre_check},
+        pairs=n_pairs, pairs_kept=sum(sizes.values()), routed=s.routed_by_label, dropped=s.dropped_by_reason,
+        splits=sizes, reviews=review_ledger)
+    manifest = Manifest(
+        version_id=version_id, created_at=created_at, parent_version=None, code_version=code_version(),
+        policy_hash=policy.policy_hash(), policy=policy.model_dump(mode="json"), ledger=ledger, ingest=pset.ledger,
+        sources=list(pset.sources), splits=splits, files={}, tables=tables, checks=checks,
+        annotators=_annotator_summary(annotators),
+        lineage={"parent_version": None, "new_sources": [x.model_dump() for x in pset.sources], "timings_s": timings,
+                 "check_sums": {"mode": "counted", "formats": inc.sums_formats(),
+                                "fitted_on": inc.fitted_on(None, (), n_judgments)},
+                 "pair_table_parts": {"linked": reuse.linked, "written": reuse.written},
+                 "partitions": {"n": len(refs), "judgments": [p.judgments for p in pset.partitions]}})
+    from pipeline.report import ReportInputs, write_report
+
+    fate_of = s.fate
+
+    def pair_rows(ids: pl.Series) -> pl.DataFrame:
+        """The report's few pairs with their texts: read from the partitions that hold them."""
+        frames = []
+        for r in refs:
+            rows = ps.partition_rows(s, r, "pairs").drop("_part")
+            rows = rows.join(ids.to_frame("pair_id"), on="pair_id", how="semi")
+            if rows.height:
+                frames.append(rows)
+        return pl.concat(frames) if frames else ps.partition_rows(s, refs[0], "pairs").drop("_part").clear()
+
+    narrow = empty_frame(Judgment).select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
+    inputs = ReportInputs(manifest=manifest, judgments=narrow, pairs=fate_of, pair_rows=pair_rows, pair_prompts=s.prompts,
+                          flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results,
+                          pair_order=seen.sort("seen")["pair_id"], label_counts=s.label_counts,
+                          graph_clusters=results["near_duplicates"].tables.get("graph_clusters"))
+    from pipeline.store import file_info
+
+    for path in write_report(inputs, stage):
+        manifest.files[path.name] = file_info(path, path.name)
+    lap("report")
+    return manifest
+
+
+def _schema_of(s: ps.Selection, ref: PartitionRef, table: str) -> pl.Schema:
+    """A table's columns as the partitions' rows have them (for an empty table's one part)."""
+    return ps.partition_rows(s, ref, table).drop("_part").schema
+
+
+def _dpo_of_split(s: ps.Selection, ref: PartitionRef, split: str) -> Iterator[pl.DataFrame]:
+    """One partition's DPO rows of ``split`` (keyed by part, sorted by it), batch by batch."""
+    c = pl.col
+    for b in iter_table(s.step, ref, s.cache_dir, "dpo"):
+        yield b.with_columns(_cl=c("near_dup_cluster").fill_null(c("pair_id"))) \
+            .join(s.splits, on="_cl", how="left", maintain_order="left") \
+            .filter(c("split") == split).drop("_cl", "split")

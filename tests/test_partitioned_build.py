@@ -1,0 +1,97 @@
+"""pipeline/partitioned_build.py: a first version built over partitions is the version the
+one-process build writes for the same input -- every table's rows (and, for the tables keyed by
+pair, every part's bytes), the ledger, the checks, the annotators."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline.checks import resolve_policy
+from pipeline.curate import curate
+from pipeline.partition import partition_files
+from pipeline.partitioned_build import build_first
+from pipeline.store import Store
+from schemas.policy import Policy
+from tests.conftest import ROOT, canonical, write_jsonl
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gen_judgments import generate  # noqa: E402
+
+POLICY = resolve_policy(Policy())
+# written with the build's time (routed_at) or by another writer (the judgments stream): rows compared, not bytes
+ROWS_ONLY = {"judgments", "state/judgment_rows", "review_state"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("in")
+    generate(d / "gen.jsonl", 6000, 700, seed=21)
+    same = canonical(100, annotator_id="rev-9")
+    planted = [same, {**same, "annotator_id": "rev-2"},  # a comparison id used twice (another content: kept once)
+               {**canonical(101), "comparison_id": same["comparison_id"]}]
+    return [d / "gen.jsonl", write_jsonl(d / "planted.jsonl", planted),
+            *sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def one_process(inputs, tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("one") / "store")
+    res = curate(inputs, store, POLICY)
+    return store.resolve(res.version_id)
+
+
+def _partitioned(inputs: list[Path], root: Path, version_id: str, n: int):
+    pset = partition_files(inputs, root / "set", n_partitions=n, batch_rows=POLICY.ingest.batch_rows, limits=POLICY.ingest,
+                           dimensions=POLICY.dimensions)
+    store = Store(root / "store")
+    store.write_version(version_id, lambda stage: build_first(store, stage, version_id, pset, POLICY, work=root / "work"))
+    return store.resolve(version_id)
+
+
+RUN_COUNTERS = ("distinct_texts", "langdetect_calls", "langdetect_skipped")  # the language check's work, per run
+
+
+def _checks(manifest) -> str:
+    out = []
+    for c in manifest.checks:
+        d = c.model_dump()
+        d["metrics"] = {k: v for k, v in d["metrics"].items() if not (d["name"] == "language" and k in RUN_COUNTERS)}
+        out.append(d)
+    return json.dumps(out, sort_keys=True, default=str)
+
+
+def _rows(handle, name: str) -> pl.DataFrame:
+    frame = handle.read(name)
+    return frame.drop("routed_at") if name == "review_state" else frame
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_the_partitioned_first_version_is_the_one_process_version(inputs, one_process, tmp_path, n):
+    want = one_process
+    got = _partitioned(inputs, tmp_path, want.version_id, n)
+    wm, gm = want.manifest(), got.manifest()
+    assert gm.ledger.model_dump_json() == wm.ledger.model_dump_json()  # (the dicts' order too: the manifest's bytes)
+    assert wm.ledger.judgments_dropped.get("duplicate_comparison_id") == 2
+    assert _checks(gm) == \
+        _checks(wm)
+    assert gm.annotators == wm.annotators and gm.sources == wm.sources and gm.ingest == wm.ingest
+    assert sorted(gm.tables) == sorted(wm.tables)
+    for name, table in wm.tables.items():
+        mine = gm.tables[name]
+        if name in ROWS_ONLY:
+            assert _rows(got, name).equals(_rows(want, name)), name
+        else:
+            assert [(p.path, p.rows, p.sha256) for p in mine.parts] == [(p.path, p.rows, p.sha256) for p in table.parts], name
+    assert sorted(gm.files) == sorted(wm.files)
+
+
+def test_the_report_says_what_the_one_process_report_says(inputs, one_process, tmp_path):
+    got = _partitioned(inputs, tmp_path, one_process.version_id, 3)
+    a = (one_process.path / "report.md").read_text(encoding="utf-8").splitlines()
+    b = (got.path / "report.md").read_text(encoding="utf-8").splitlines()
+    assert a == b
+    assert any("near-duplicate" in line.lower() for line in a)
