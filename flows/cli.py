@@ -220,12 +220,14 @@ def _load_policy_or_exit(policy: Path | None):
         _fail_usage(str(err), multiline=True)
 
 
-def _with_ingest_caps(pol, max_line_bytes: str | None, max_decompressed_bytes: str | None):
-    """``pol`` with the command line's ingest caps (part of the policy, so of a version's id); a
-    bad value raises ``PolicyError`` (exit 2 through :func:`guarded`)."""
+def _with_ingest_caps(pol, max_line_bytes: str | None, max_decompressed_bytes: str | None,
+                      partition_rows: int | None = None):
+    """``pol`` with the command line's ingest caps and partition size (part of the policy, so of a
+    version's id); a bad value raises ``PolicyError`` (exit 2 through :func:`guarded`)."""
     from schemas.policy import policy_from_dict
 
-    caps = {k: v for k, v in (("max_line_bytes", max_line_bytes), ("max_decompressed_bytes", max_decompressed_bytes)) if v}
+    caps = {k: v for k, v in (("max_line_bytes", max_line_bytes), ("max_decompressed_bytes", max_decompressed_bytes),
+                              ("partition_rows", partition_rows)) if v}
     if not caps:
         return pol
     return policy_from_dict({**pol.model_dump(mode="json"), "ingest": {**pol.ingest.model_dump(mode="json"), **caps}},
@@ -263,6 +265,7 @@ def curate(
     max_decompressed_bytes: MaxGzipOpt = None,
     annotators: AnnotatorsOpt = None,
     full: Annotated[bool, typer.Option("--full", help="With --parent: recompute every check and pair from all judgments instead of extending the parent's state (still a child: lineage, sticky splits).")] = False,
+    partition_rows: Annotated[int | None, typer.Option("--partition-rows", min=1000, help="Judgments per partition (policy ingest.partition_rows, default 250000): a first version is built partition by partition -- here, or on the Dask cluster PREFPIPE_DASK names (tcp://host:8786, or 'local') -- and a worker holds one partition at a time.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest, check, select, split and write a new immutable dataset version.
@@ -275,7 +278,7 @@ def curate(
     from pipeline.curate import curate as run_curate
     from pipeline.readers import UnreadableFile
 
-    pol = _with_ingest_caps(_load_policy_or_exit(policy), max_line_bytes, max_decompressed_bytes)
+    pol = _with_ingest_caps(_load_policy_or_exit(policy), max_line_bytes, max_decompressed_bytes, partition_rows)
     if annotators:  # part of the policy from here on: its content is in the policy hash, so in the version id
         from schemas.registry import load_registry
 
@@ -285,11 +288,16 @@ def curate(
         _resolve_or_exit(st, parent)
     opts = CurateOptions(fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind)
     con = err_console()
+    from pipeline.distributed import PartitionTaskError, partition_progress
+
     try:
-        with stage_progress("curating", enabled=not as_json) as prog:
+        with stage_progress("curating", enabled=not as_json) as prog, partition_progress(prog.partitions):
             res = run_curate(files, st, pol, parent=parent, options=opts, on_stage=prog.stage, on_rows=prog.rows, full=full)
     except UnreadableFile as err:
         _fail_usage(f"cannot read {err.path}: {err.why} (nothing written)")
+    except PartitionTaskError as err:  # a worker's task failed: no version; a retry computes only the missing partitions
+        err_console().print(markup("[bold red]curate failed:[/] {err} (nothing written)", err=err))
+        raise typer.Exit(1) from None
     m = res.handle.manifest()
     if as_json:
         print(json.dumps({"version_id": res.version_id, "created": res.created, "path": str(res.handle.path),

@@ -119,8 +119,9 @@ def json_text(obj: Any, **kwargs: Any) -> str:
 
 
 class StageProgress:
-    """What :func:`stage_progress` yields: ``rows(n)`` while reading input, ``stage(name, seconds)``
-    after each stage of a pipeline run."""
+    """What :func:`stage_progress` yields: ``rows(n)`` while reading input, ``partitions(step,
+    done, total)`` while a partitioned step runs, ``stage(name, seconds)`` after each stage of a
+    pipeline run."""
 
     def __init__(self, prog: Any = None, task: Any = None):
         self.prog, self.task, self.n_rows, self.done = prog, task, 0, 0
@@ -129,6 +130,11 @@ class StageProgress:
         self.n_rows += n
         if self.prog is not None:
             self.prog.update(self.task, description=f"reading input: {self.n_rows:,} rows", refresh=True)
+
+    def partitions(self, step: str, done: int, total: int) -> None:
+        """A partitioned step's progress: ``done`` of ``total`` partitions."""
+        if self.prog is not None:
+            self.prog.update(self.task, description=f"{step.replace('-', ' ')}: {done}/{total} partitions", refresh=True)
 
     def stage(self, name: str, seconds: float) -> None:
         self.done += 1

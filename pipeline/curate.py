@@ -123,12 +123,54 @@ def curate(
     if store.exists(version_id):
         return CurateResult(version_id, False, store, timer.t)
 
+    if parent_handle is None:  # a first version: built over partitions (pipeline/partitioned_build.py)
+        built = _partitioned_first(paths, store, version_id, policy, options, timer, on_rows)
+        if built is not None:
+            return built
+        t = time.perf_counter()
     # the parent's near-duplicate state: read on a thread of its own while the batch is ingested (one core parses
     # the batch, the other reads the state)
     early = _Handover(_early_state(parent_handle, policy) if not full else None)
     ingest = ingest_source(paths, options, policy, on_rows=on_rows)
     t = timer.lap("ingest", t)
     return build_version(store, version_id, ingest, parent_handle, policy, timer, full=full, near_state=early)
+
+
+def _partitioned_first(paths: list[Path], store: Store, version_id: str, policy: Policy, options: CurateOptions,
+                       timer: _Timer, on_rows: Callable[[int], None] | None) -> CurateResult | None:
+    """A first version built over partitions, in this process or on the Dask cluster ``PREFPIPE_DASK``
+    names (None: the input has what that build does not cover yet -- reviews, dimension verdicts, an
+    annotator registry -- and the one-process build runs).  Its partitions and task states live
+    under ``<store>/.work/<version_id>/`` while it runs (on the store's filesystem: a cluster's
+    workers read them there); a failed run leaves them, so a retry computes only what is missing."""
+    import shutil
+
+    from pipeline.distributed import open_runner
+    from pipeline.partition import partition_files
+    from pipeline.partitioned_build import NotPartitioned, build_first, unsupported
+
+    if unsupported(policy, {}) is not None:
+        return None
+    work = store.ensure().root / ".work" / version_id
+
+    def build(stage: Path) -> Manifest:
+        t = time.perf_counter()
+        pset = partition_files(paths, work / "set", partition_rows=policy.ingest.partition_rows, fmt=options.fmt,
+                               batch_id=options.batch_id, annotator_id=options.annotator_id,
+                               annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows,
+                               limits=policy.ingest, dimensions=policy.dimensions, on_progress=on_rows)
+        timer.lap("ingest", t)
+        with open_runner() as client:
+            return build_first(store, stage, version_id, pset, policy, work=work, client=client, on_stage=timer.cb,
+                               timings=timer.t)
+
+    try:
+        vid, created = store.write_version(version_id, build)
+    except NotPartitioned:
+        shutil.rmtree(work, ignore_errors=True)
+        return None
+    shutil.rmtree(work, ignore_errors=True)
+    return CurateResult(vid, created, store, timer.t)
 
 
 class _Handover:

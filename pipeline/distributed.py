@@ -32,6 +32,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ import polars as pl
 from pipeline.store import sha256_file
 
 __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
-           "refs_of", "cached_table", "iter_table", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
+           "refs_of", "partition_progress", "cached_table", "iter_table", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
 
 ENV = "PREFPIPE_DASK"
 BATCH_ROWS = 65_536  # rows per record batch of a state table
@@ -205,6 +206,21 @@ def open_runner(spec: str | None = None) -> Iterator[Any]:
         raise ValueError(f"{ENV}={spec!r}: expected 'local' or a scheduler address tcp://host:port")
 
 
+_PROGRESS: ContextVar[Callable[[str, int, int], None] | None] = ContextVar("prefpipe_partition_progress", default=None)
+
+
+@contextmanager
+def partition_progress(report: Callable[[str, int, int], None]) -> Iterator[None]:
+    """While inside, every :func:`map_partitions` calls ``report(step name, partitions done,
+    partitions)`` as each partition's state is ready (a progress bar's partitions; the CLI's
+    ``curate`` shows them on a terminal)."""
+    token = _PROGRESS.set(report)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
 def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,
                    on_partition: Callable[[int], None] | None = None,
                    keep: Collection[str] | None = None) -> tuple[list[State], RunStats]:
@@ -215,7 +231,17 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
     partitions).  ``keep``: the state tables returned (None: all); the others stay in the cache,
     read one partition at a time with :func:`cached_table` (rows with texts a later stage writes:
     the driver never holds every partition's)."""
-    done = on_partition or (lambda _i: None)
+    report = _PROGRESS.get()
+    n_done = 0
+
+    def done(i: int) -> None:
+        nonlocal n_done
+        n_done += 1
+        if on_partition is not None:
+            on_partition(i)
+        if report is not None:
+            report(step.name, n_done, len(refs))
+
     wanted: Callable[[str], bool] = (lambda _n: True) if keep is None else set(keep).__contains__
     cache_dir = Path(cache_dir)
     refs = sorted(refs, key=lambda r: r.index)

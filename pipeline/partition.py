@@ -305,12 +305,14 @@ class _Spill:
 
 def _write_chunks(batch: list[tuple[Path, pa.Table]]) -> None:
     for path, table in batch:
-        pq.write_table(table, path, compression="lz4", write_statistics=False, row_group_size=max(table.num_rows, 1))
+        # through a file object of our own: Arrow may keep its file open when a write fails (a full disk)
+        with open(path, "wb") as fh:
+            pq.write_table(table, fh, compression="lz4", write_statistics=False, row_group_size=max(table.num_rows, 1))
 
 
 def _compact(chunks: list[Path], out: Path, schema: pa.Schema) -> None:
     """Chunks, in order, into one file with row groups of exactly ROW_GROUP_ROWS rows."""
-    with pq.ParquetWriter(out, schema, compression=_COMPRESSION, write_statistics=_STATS_COLUMNS) as writer:
+    with open(out, "wb") as fh, pq.ParquetWriter(fh, schema, compression=_COMPRESSION, write_statistics=_STATS_COLUMNS) as writer:
         pending: list[pa.Table] = []
         held = 0
         for chunk in chunks:

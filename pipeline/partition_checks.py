@@ -53,7 +53,7 @@ from pipeline.checks import length_bias, pair_id_conflict, reliability
 from pipeline.checks import near_duplicates as nd
 from pipeline.checks.spec import Sums
 from pipeline.distributed import State, Step, map_partitions
-from pipeline.incremental import PAIR_SCOPED, RUNNERS, Totals, declared_sums
+from pipeline.incremental import _EMPTY, PAIR_SCOPED, RUNNERS, Totals, declared_sums
 from pipeline.partition import read_partition
 from pipeline.partition_stats import given_id_keys
 from schemas.check import CheckResult, empty_flags
@@ -140,7 +140,8 @@ def _pair_scoped_run(cfg_json: str, paths: list[str]) -> State:
     for name, spec in PAIR_SCOPED.items():
         res = RUNNERS[name](part, cfg)
         out[f"flags-{name}"] = res.flags
-        out[f"state-{name}"] = res.tables[spec.table]
+        table = res.tables.get(spec.table)  # (e.g. no pair has a locale: the empty state a version keeps)
+        out[f"state-{name}"] = table if table is not None else _EMPTY[name]
         if name == "language":  # this run's work (not a function of the rows): summed over the partitions
             out["counters-language"] = pl.DataFrame({k: [int(res.metrics.get(k, 0))] for k in RUN_COUNTERS})
     return out

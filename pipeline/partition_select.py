@@ -80,7 +80,7 @@ class Broadcast:
         got = sha256_file(self.path)
         if got != self.sha256:
             raise PartitionChanged(f"{self.path}: sha256 {got[:12]}..., the driver wrote {self.sha256[:12]}...")
-        return pl.read_parquet(self.path)
+        return pl.read_parquet(self.path, glob=False)
 
 
 def _part_flags(flags: Broadcast, part: pl.DataFrame) -> pl.DataFrame:

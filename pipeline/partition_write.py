@@ -65,6 +65,19 @@ def merge_grouped(writer: TableWriter, streams: list[Iterable[pl.DataFrame]], *,
     partition order), one key at a time.  ``schema``: the table's (for an empty table, which gets
     the one empty part :meth:`TableWriter.write_grouped` gives it).  Returns the rows written."""
     its = [runs(s, key_column) for s in streams]
+    try:
+        return _merge(writer, its, key_column, reuse, order_by, schema)
+    finally:  # a stream holds an open file until it is closed: closed now, also on an error (a full disk)
+        for it in its:
+            it.close()
+        for st in streams:
+            close = getattr(st, "close", None)
+            if close is not None:
+                close()
+
+
+def _merge(writer: TableWriter, its: list[Iterator[tuple[str, pl.DataFrame]]], key_column: str,
+           reuse: PartReuse | None, order_by: tuple[str, ...], schema: pl.Schema | dict | None) -> int:
     heap: list[tuple[str, int, pl.DataFrame]] = []
     for i, it in enumerate(its):
         first = next(it, None)
@@ -89,5 +102,6 @@ def merge_grouped(writer: TableWriter, streams: list[Iterable[pl.DataFrame]], *,
     if empty is None:  # no rows at all: one empty part with the table's schema
         if schema is None:
             raise ValueError(f"{writer.name}: an empty table needs its schema")
-        writer.write_grouped(pl.DataFrame(schema=schema), key_column, reuse, order_by=order_by)
+        writer.write_grouped(pl.DataFrame(schema={**dict(schema), key_column: pl.String}), key_column, reuse,
+                             order_by=order_by)
     return rows

@@ -57,7 +57,11 @@ from schemas.policy import Policy
 from schemas.records import Judgment
 from schemas.version import code_version
 
-__all__ = ["unsupported", "build_first"]
+__all__ = ["NotPartitioned", "unsupported", "build_first"]
+
+
+class NotPartitioned(ValueError):
+    """The input has what the partitioned build does not cover yet (:func:`unsupported`)."""
 
 _ID_SEED = 0x1D5
 
@@ -148,47 +152,53 @@ def _without_repeated_ids(refs: list[PartitionRef], sources: list[str], work: Pa
 # ---------------------------------------------------------------- 4. the judgments in input order
 def _input_order_batches(refs: list[PartitionRef], sources: list[str], columns: list[str] | None,
                          batch_rows: int = 65_536) -> Iterator[pl.DataFrame]:
-    """Every partition's rows merged in input order (each partition is in input order): batches
-    of the rows below the smallest "last row read" of the partitions still open."""
+    """Every partition's rows merged in input order (each partition is in input order), in
+    batches of ``batch_rows``.  Each row's place in the input is read first (8 bytes a row); the
+    places sorted say how many rows of each partition the next batch takes, so every partition is
+    then read once, front to back, and each batch is one sort of its own rows."""
+    keys = [_places(r, sources) for r in refs]
+    every = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
     read = None if columns is None else list(dict.fromkeys([*columns, "source_file", "source_line"]))
     readers = [_batches(r, read, batch_rows) for r in refs]
-    pending: list[pl.DataFrame] = []
-    last: dict[int, int] = {}
-    open_ = set(range(len(readers)))
+    held: list[list[pl.DataFrame]] = [[] for _ in refs]
+    taken = np.zeros(len(refs), np.int64)
+    try:
+        for end in range(batch_rows, every.size + batch_rows, batch_rows):
+            last = every[min(end, every.size) - 1]
+            upto = np.array([np.searchsorted(k, last, side="right") for k in keys], np.int64)
+            pieces = []
+            for i, n in enumerate((upto - taken).tolist()):
+                while n > 0:
+                    if not held[i]:
+                        held[i].append(next(readers[i]))
+                    b = held[i][0]
+                    pieces.append(b.head(n))
+                    held[i][0] = b.slice(n)
+                    n -= min(n, b.height)
+                    if held[i][0].height == 0:
+                        held[i].pop(0)
+            taken = upto
+            batch = pl.concat(pieces)
+            batch = batch.with_columns(_o=_order(batch, sources)).sort("_o").drop("_o")
+            yield batch if columns is None else batch.select(columns)
+    finally:  # (each reader holds an open file: closed now, also when the consumer stops early)
+        for r in readers:
+            r.close()
 
-    def pull(i: int) -> None:
-        b = next(readers[i], None)
-        if b is None:
-            open_.discard(i)
-            last.pop(i, None)
-            return
-        b = b.with_columns(_o=_order(b, sources))
-        last[i] = int(b["_o"][-1]) if b.height else last.get(i, -1)
-        pending.append(b)
 
-    for i in range(len(readers)):
-        pull(i)
-    while open_:
-        low = min(last[i] for i in open_)
-        frame = pl.concat(pending).sort("_o") if pending else None
-        if frame is not None:
-            out = frame.filter(pl.col("_o") <= low)
-            pending = [frame.filter(pl.col("_o") > low)]
-            if out.height:
-                yield out.drop("_o") if columns is None else out.select(columns)
-        for i in [i for i in open_ if last[i] == low]:
-            pull(i)
-    if pending:
-        rest = pl.concat(pending).sort("_o")
-        if rest.height:
-            yield rest.drop("_o") if columns is None else rest.select(columns)
+def _places(ref: PartitionRef, sources: list[str]) -> np.ndarray:
+    f = read_partition(list(ref.paths), ["source_file", "source_line"])
+    o = f.select(_order(f, sources)).to_series().to_numpy()
+    if o.size > 1 and not (np.diff(o) > 0).all():
+        raise ValueError(f"partition {ref.index}: its rows are not in input order")
+    return o
 
 
 def _batches(ref: PartitionRef, columns: list[str] | None, batch_rows: int) -> Iterator[pl.DataFrame]:
     for path in ref.paths:
-        f = pq.ParquetFile(path)
-        for b in f.iter_batches(batch_size=batch_rows, columns=columns):
-            yield pl.from_arrow(b)  # type: ignore[misc]
+        with pq.ParquetFile(path) as f:
+            for b in f.iter_batches(batch_size=batch_rows, columns=columns):
+                yield pl.from_arrow(b)  # type: ignore[misc]
 
 
 def _streamed_table(store: Store, stage: Path, name: str, version_id: str, batches: Iterator[pl.DataFrame],
@@ -200,7 +210,8 @@ def _streamed_table(store: Store, stage: Path, name: str, version_id: str, batch
     path.parent.mkdir(parents=True, exist_ok=True)
     arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
     rows = 0
-    with pq.ParquetWriter(path, arrow_schema, compression="zstd", compression_level=1, write_statistics=True) as out:
+    with open(path, "wb") as fh, pq.ParquetWriter(fh, arrow_schema, compression="zstd", compression_level=1,
+                                                  write_statistics=True) as out:
         for b in batches:
             out.write_table(b.select(list(schema)).cast(schema).to_arrow().cast(arrow_schema))  # type: ignore[arg-type]
             rows += b.height
@@ -219,7 +230,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
                 client: Any = None, on_stage: Callable[[str, float], None] | None = None,
                 timings: dict[str, float] | None = None) -> Manifest:
     """The first version (no parent) of the partitioned input ``pset``, staged in ``stage``
-    (:meth:`pipeline.store.Store.write_version` publishes it).  Raises ValueError when
+    (:meth:`pipeline.store.Store.write_version` publishes it).  Raises :class:`NotPartitioned` when
     :func:`unsupported` names a reason (before writing anything)."""
     from pipeline.curate import FLAG_ORDER, _annotator_summary, _grouped_table, _split_check, _stability_check
 
@@ -239,7 +250,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     refs, n_dup_ids, facts = _without_repeated_ids(refs_of(pset), sources, work, client)
     why = unsupported(policy, facts)
     if why is not None:
-        raise ValueError(f"not built over partitions: {why}")
+        raise NotPartitioned(f"not built over partitions: {why}")
     lap("partitions:facts")
     a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id)
     assert a.seen is not None and a.lengths is not None
@@ -335,7 +346,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         w = TableWriter(store, stage, name)
         w.write_grouped(frame.with_columns(_part=key_of(frame)), "_part", reuse if printed else None, order_by=fl_order)
         tables[name] = w.info()
-    quarantine = pl.read_parquet(pset.quarantine_path)
+    quarantine = pl.read_parquet(pset.quarantine_path, glob=False)
     w = TableWriter(store, stage, "quarantine", arrival_order=True)
     w.write(version_id, quarantine)
     tables["quarantine"] = w.info()

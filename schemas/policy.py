@@ -37,6 +37,10 @@ class IngestConfig(_Cfg):
     """
 
     batch_rows: int = Field(50_000, ge=1_000, description="rows parsed per streaming batch")
+    partition_rows: int = Field(
+        250_000, ge=1_000,
+        description="judgments per partition (about): a first version is built partition by partition, on this "
+                    "process or a Dask cluster (docs/scale-out.md); a worker holds one partition, so this sets its memory")
     max_line_bytes: ByteSize = Field(
         64 << 20, ge=1 << 10,
         description="a JSONL or CSV line longer than this makes the file unreadable (exit 2, naming the line)")

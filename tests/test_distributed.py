@@ -250,3 +250,30 @@ def test_kept_tables_are_returned_and_the_others_read_back_one_partition_at_a_ti
             cached_table(partition_stats.STEP, r, tmp_path / "cache", names[1])
     with pytest.raises(FileNotFoundError, match="no cached table"):
         cached_table(partition_stats.STEP, refs[0], tmp_path / "cache", "no-such-table")
+
+
+def test_partition_progress_reports_each_partition_of_each_step(parts, tmp_path):
+    from pipeline.distributed import partition_progress
+    from flows.console import StageProgress
+
+    seen: list[tuple[str, int, int]] = []
+    with partition_progress(lambda *a: seen.append(a)):
+        map_partitions(partition_stats.STEP, refs_of(parts), tmp_path / "cache")  # computed
+        map_partitions(partition_stats.STEP, refs_of(parts), tmp_path / "cache")  # cached: reported too
+    name = partition_stats.STEP.name
+    assert seen == [(name, i, N_PARTS) for i in range(1, N_PARTS + 1)] * 2
+    map_partitions(partition_stats.STEP, refs_of(parts), tmp_path / "cache")  # outside: nothing reported
+    assert len(seen) == 2 * N_PARTS
+
+    class Prog:  # what rich's Progress receives on a terminal
+        def __init__(self):
+            self.descriptions = []
+
+        def update(self, task, description, refresh):
+            self.descriptions.append(description)
+
+    prog = Prog()
+    sp = StageProgress(prog, 0)
+    sp.partitions("select-pairs", 3, 16)
+    assert prog.descriptions == ["select pairs: 3/16 partitions"]
+    StageProgress().partitions("select-pairs", 3, 16)  # no terminal: nothing to update, no error
