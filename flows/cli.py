@@ -265,7 +265,8 @@ def curate(
     max_decompressed_bytes: MaxGzipOpt = None,
     annotators: AnnotatorsOpt = None,
     full: Annotated[bool, typer.Option("--full", help="With --parent: recompute every check and pair from all judgments instead of extending the parent's state (still a child: lineage, sticky splits).")] = False,
-    partition_rows: Annotated[int | None, typer.Option("--partition-rows", min=1000, help="Judgments per partition (policy ingest.partition_rows, default 250000): a first version is built partition by partition -- here, or on the Dask cluster PREFPIPE_DASK names (tcp://host:8786, or 'local') -- and a worker holds one partition at a time.")] = None,
+    partitioned: Annotated[bool, typer.Option("--partitioned", help="Build a first version partition by partition (also the default when PREFPIPE_DASK names a Dask cluster: tcp://host:8786, or 'local' for 2 local worker processes); the tasks run here or on the cluster's workers, which read the partitions under <store>/.work (docs/scale-out.md).")] = False,
+    partition_rows: Annotated[int | None, typer.Option("--partition-rows", min=1000, help="Judgments per partition of a partitioned build (policy ingest.partition_rows, default 250000): a worker holds one partition at a time.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest, check, select, split and write a new immutable dataset version.
@@ -286,7 +287,8 @@ def curate(
     st = _open_store(store, must_exist=False)
     if parent:
         _resolve_or_exit(st, parent)
-    opts = CurateOptions(fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind)
+    opts = CurateOptions(fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind,
+                         partitioned=True if partitioned else None)
     con = err_console()
     from pipeline.distributed import PartitionTaskError, partition_progress
 

@@ -48,6 +48,10 @@ class CurateOptions:
     batch_id: str | None = None
     annotator_id: str | None = None
     annotator_kind: str | None = None
+    # a first version built over partitions (pipeline/partitioned_build.py): True, or None -- then it is when
+    # PREFPIPE_DASK names a cluster (the partitioned build is another version id: its language check spends its
+    # langdetect budget per partition, and it records its partitions)
+    partitioned: bool | None = None
 
     def key(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -118,12 +122,19 @@ def curate(
             raise UnreadableFile(p, "no such file")
     parent_handle = store.resolve(parent) if parent else None
     parent_id = parent_handle.version_id if parent_handle else None
+    import os
+
+    from pipeline.distributed import ENV
+
+    # a first version over partitions when asked to, or when a cluster is named; a child: always in one process
+    wanted = options.partitioned or (options.partitioned is None and bool(os.environ.get(ENV, "").strip()))
+    options = dataclasses.replace(options, partitioned=True if wanted and parent_handle is None else None)
     version_id = plan_version_id([file_sha256(p) for p in paths], parent_id, policy, options, full=full)
     t = timer.lap("hash_inputs", t)
     if store.exists(version_id):
         return CurateResult(version_id, False, store, timer.t)
 
-    if parent_handle is None:  # a first version: built over partitions (pipeline/partitioned_build.py)
+    if options.partitioned:  # a first version built over partitions (pipeline/partitioned_build.py)
         built = _partitioned_first(paths, store, version_id, policy, options, timer, on_rows)
         if built is not None:
             return built

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from pipeline.checks import resolve_policy
-from pipeline.curate import curate
+from pipeline.curate import CurateOptions, curate
 from pipeline.partition import partition_files
 from pipeline.partitioned_build import build_first
 from pipeline.store import Store
@@ -105,7 +105,7 @@ def _small_partitions() -> Policy:
 
 
 def test_curate_builds_a_first_version_over_partitions_and_a_failed_task_leaves_no_version(inputs, tmp_path, monkeypatch):
-    """``curate`` of a first version runs the partitioned build (its lineage says so); a partition's
+    """``curate(partitioned=True)`` of a first version runs the partitioned build (its lineage says so); a partition's
     task that fails fails the run with that partition named and writes no version; the retry
     computes only what is missing and gives the version the one-process build gives."""
     import pipeline.partition_select as ps
@@ -126,32 +126,64 @@ def test_curate_builds_a_first_version_over_partitions_and_a_failed_task_leaves_
 
     monkeypatch.setattr(ps, "_select_run", flaky)
     store = Store(tmp_path / "store")
+    opts = CurateOptions(partitioned=True)
     with pytest.raises(PartitionTaskError, match=r"partition 2 \(part-00002[-0-9a-f]*\.parquet.*RuntimeError: worker lost"):
-        curate(inputs, store, policy)
+        curate(inputs, store, policy, options=opts)
     assert not any((tmp_path / "store" / "versions").iterdir())
     n_parts = len(set(calls))
     assert n_parts >= 3 and (tmp_path / "store" / ".work").is_dir()  # kept for the retry
     calls.clear()
-    res = curate(inputs, store, policy)
+    res = curate(inputs, store, policy, options=opts)
     assert calls == ["part-00002"]  # only the failed partition's task ran again
     m = res.handle.manifest()
     assert m.lineage["partitions"]["n"] == n_parts
     assert not (tmp_path / "store" / ".work" / res.version_id).exists()  # removed once the version is written
     one = Store(tmp_path / "one")
     monkeypatch.setattr(ps, "_select_run", real)
-    from pipeline import partitioned_build
 
-    monkeypatch.setattr(partitioned_build, "unsupported", lambda *a: "forced: the one-process build")
-    want = curate(inputs, one, policy).handle
+    want = curate(inputs, one, policy).handle  # (the default: one process)
     assert "partitions" not in want.manifest().lineage
     assert m.ledger.model_dump_json() == want.manifest().ledger.model_dump_json()
-    for name in ("pairs", "data/train", "data/test", "flags", "split_assignments"):
+    assert res.version_id != want.version_id  # (a partitioned build is its own version: docs/scale-out.md)
+    for name in ("data/train", "data/validation", "data/test", "flags"):
         assert [p.sha256 for p in m.tables[name].parts] == [p.sha256 for p in want.manifest().tables[name].parts], name
+    assert res.handle.read("pairs").drop("first_version").equals(want.read("pairs").drop("first_version"))
 
 
 def test_reviews_in_the_input_build_the_first_version_in_one_process(tmp_path):
     rows = [canonical(1, pair_id="p-1"), canonical(2),
             canonical(1, pair_id="p-1", comparison_id="rv-1", annotator_id="rev-9", review_of="p-1")]
-    res = curate([write_jsonl(tmp_path / "in.jsonl", rows)], Store(tmp_path / "s"), POLICY)
+    res = curate([write_jsonl(tmp_path / "in.jsonl", rows)], Store(tmp_path / "s"), POLICY,
+                 options=CurateOptions(partitioned=True))
     m = res.handle.manifest()
     assert "partitions" not in m.lineage and m.ledger.reviews.judgments == 1
+
+
+@pytest.mark.slow
+def test_a_two_worker_local_cluster_writes_the_same_version_byte_for_byte(inputs, tmp_path):
+    """Issue 15 goal 2 for a first version: the build's tasks on a 2-process LocalCluster give
+    the version the in-process build gives -- every part's bytes (the review state stamps the
+    build's time: its rows), the ledger and the checks."""
+    from pipeline.distributed import open_runner
+
+    def build(root: Path, client) -> object:
+        pset = partition_files(inputs, root / "set", n_partitions=4, batch_rows=POLICY.ingest.batch_rows,
+                               limits=POLICY.ingest, dimensions=POLICY.dimensions)
+        store = Store(root / "store")
+        store.write_version("v-0123456789abcdef", lambda stage: build_first(store, stage, "v-0123456789abcdef", pset, POLICY,
+                                                                            work=root / "work", client=client))
+        return store.resolve("v-0123456789abcdef")
+
+    here = build(tmp_path / "here", None)
+    with open_runner("local") as client:
+        there = build(tmp_path / "there", client)
+    hm, tm = here.manifest(), there.manifest()
+    assert tm.ledger.model_dump_json() == hm.ledger.model_dump_json()
+    assert json.dumps([c.model_dump() for c in tm.checks], sort_keys=True, default=str) == \
+        json.dumps([c.model_dump() for c in hm.checks], sort_keys=True, default=str)  # (the run counters too)
+    assert sorted(tm.tables) == sorted(hm.tables)
+    for name, table in hm.tables.items():
+        if name == "review_state":
+            assert _rows(there, name).equals(_rows(here, name))
+        else:
+            assert [(p.path, p.sha256) for p in tm.tables[name].parts] == [(p.path, p.sha256) for p in table.parts], name
