@@ -70,7 +70,7 @@ DEFAULT_PARTITION_ROWS = 250_000  # target judgments per partition (~250 MB of 1
 DEFAULT_FLUSH_ROWS = 100_000  # rows buffered across all partitions before they are spilled
 MAX_PARTITIONS = 4096
 _COMPRESSION = "zstd"
-ROW_GROUP_ROWS = 50_000  # rows per row group of a compacted partition file
+ROW_GROUP_ROWS = 8_192  # rows per row group of a compacted partition file (a merge of every partition in input order holds one of each)
 _FORMAT_VERSION = 1
 # min/max statistics only where a reader filters (ids, hashes, time): long texts' statistics
 # would sit in every row group's footer entry, which the writer keeps in memory until it closes
