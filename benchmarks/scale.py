@@ -82,11 +82,11 @@ def run_child(code: str, args: list[str]) -> tuple[float, float, float, str, tup
     return wall, ru.ru_utime + ru.ru_stime, peaks[-1] / 1024, stdout, (load0, os.getloadavg()[0])
 
 
-def run_curate(batch: Path) -> tuple[float, float, float, dict, tuple[float, float]]:
+def run_curate(batch: Path, extra: tuple[str, ...] = ()) -> tuple[float, float, float, dict, tuple[float, float]]:
     """(wall s, CPU s, peak RSS MiB, the --json output, load before/after) of one curate."""
     store = Path(tempfile.mkdtemp(prefix="pp-scale-"))
     try:
-        wall, cpu, peak, stdout, loads = run_child(LAUNCHER, ["curate", str(batch), "--store", str(store), "--json"])
+        wall, cpu, peak, stdout, loads = run_child(LAUNCHER, ["curate", str(batch), "--store", str(store), "--json", *extra])
         # --json prints the JSON document, then the version id as the last line
         return wall, cpu, peak, json.loads(stdout[: stdout.rstrip().rfind("\n")]), loads
     finally:
@@ -241,13 +241,20 @@ def main() -> None:
                     help="a row quoted from issue 15 (not measured here), e.g. 3000000:84:6.8")
     ap.add_argument("--partition-rows", type=int, default=250_000, help="target judgments per partition (partitioned part)")
     ap.add_argument("--no-partitioned", action="store_true", help="skip the partitioned building blocks")
+    ap.add_argument("--no-partitioned-build", action="store_true", help="skip `curate --partitioned` next to each size")
     a = ap.parse_args()
     rows: list[Row] = []
+    builds: list[tuple[Row, Row]] = []  # (one process, --partitioned) of the same batch, one after the other
     for n in sorted(a.sizes):
         batch = cached_batch(n, a.row_bytes)
         wall, cpu, peak, data, (l0, l1) = run_curate(batch)
         rows.append(Row(n, batch.stat().st_size / 1e6, wall, cpu, peak, l0, l1, data["ledger"].get("pairs"), data.get("timings_s")))
         print(f"{n:>10,} judgments: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak {peak:,.0f} MiB, load {l0:.2f}-{l1:.2f}", flush=True)
+        if not a.no_partitioned_build:
+            wall, cpu, peak, data, (l0, l1) = run_curate(batch, ("--partitioned", "--partition-rows", str(a.partition_rows)))
+            builds.append((rows[-1], Row(n, batch.stat().st_size / 1e6, wall, cpu, peak, l0, l1, data["ledger"].get("pairs"),
+                                         data.get("timings_s"))))
+            print(f"{n:>10,} judgments, --partitioned: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak {peak:,.0f} MiB", flush=True)
     for spec in a.from_issue:
         n, wall, peak_gb = spec.split(":")
         rows.append(Row(int(n), float("nan"), float(wall), float("nan"), float(peak_gb) * 1e9 / 2**20, float("nan"), float("nan"),
@@ -287,12 +294,31 @@ def main() -> None:
         top = sorted(measured[-1].timings.items(), key=lambda kv: -kv[1])[:8]
         body += (f"\n\nLargest stages at {measured[-1].judgments:,} judgments (`timings_s`): "
                  + ", ".join(f"{k} {v:.1f} s" for k, v in top) + ".")
+    if builds:
+        body += (
+            "\n\n### The partitioned build (`curate --partitioned`, issue 15)\n\n"
+            f"The same batches, each also curated with `--partitioned --partition-rows {a.partition_rows}` right after the "
+            "one-process build (fresh process each; every task in the curating process, one partition after another -- "
+            "no cluster). Ratios: partitioned / one process.\n\n"
+            + table(["judgments", "partitions", "one process s", "partitioned s", "time ratio", "one process peak MiB",
+                     "partitioned peak MiB", "peak ratio", "partitioned judgments/s"],
+                    [[f"{o.judgments:,}", str(_partitions(o.judgments, a)), f"{o.wall:.1f}", f"{q.wall:.1f}",
+                      f"{q.wall / o.wall:.2f}", f"{o.peak_mib:,.0f}", f"{q.peak_mib:,.0f}", f"{q.peak_mib / o.peak_mib:.2f}",
+                      f"{q.judgments / q.wall:,.0f}"] for o, q in builds])
+            + "\n\nLargest stages of the partitioned build at " + f"{builds[-1][1].judgments:,} judgments: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in sorted((builds[-1][1].timings or {}).items(), key=lambda kv: -kv[1])[:8]) + ".")
     if not a.no_partitioned:
         body += "\n\n" + partitioned_section(a)
     print(body)
     if not a.no_write:
         plot(rows, PLOT)
         write_section("Scale", body)
+
+
+def _partitions(n: int, a: argparse.Namespace) -> int:
+    from pipeline.partition import estimate_rows, partition_count
+
+    return partition_count(estimate_rows([cached_batch(n, a.row_bytes)]), a.partition_rows)
 
 
 def partitioned_section(a: argparse.Namespace) -> str:
