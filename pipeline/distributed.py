@@ -42,7 +42,7 @@ import polars as pl
 from pipeline.store import sha256_file
 
 __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
-           "refs_of", "partition_progress", "cached_table", "iter_table", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
+           "refs_of", "partition_progress", "cached_table", "table_schema", "iter_table", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
 
 ENV = "PREFPIPE_DASK"
 BATCH_ROWS = 65_536  # rows per record batch of a state table
@@ -342,6 +342,19 @@ def iter_table(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) 
             h.update(rest)
     if not isinstance(digests, dict) or h.hexdigest() != digests.get(name):
         raise PartitionChanged(f"{d / (name + '.arrow')}: its sha256 is not the one its DONE file lists")
+
+
+def table_schema(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) -> pl.Schema:
+    """The columns of one table of a partition's cached state, from its stream's header (no row is read)."""
+    import pyarrow as pa
+
+    path = Path(cache_dir) / _cache_key(step, ref) / f"{name}.arrow"
+    try:
+        with open(path, "rb") as fh:
+            schema = pa.ipc.open_stream(fh).schema
+    except (OSError, pa.ArrowInvalid) as err:
+        raise FileNotFoundError(f"step {step.name!r}, partition {ref.index}: no cached table {name!r} ({err})") from err
+    return pl.from_arrow(schema.empty_table()).schema  # type: ignore[union-attr]
 
 
 def run_step(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,

@@ -208,7 +208,7 @@ def select_step(prelim_params: pl.DataFrame, final_params: pl.DataFrame, flags: 
 @dataclass
 class Selection:
     params: pl.DataFrame  # the final annotator parameters, by annotator_id
-    fate: pl.DataFrame  # every pair with a row: pair_id, decision, reason, near_dup_cluster (by pair_id)
+    fate: pl.DataFrame  # every pair with a row: pair_id, decision, reason, near_dup_cluster, _p (its partition), by pair_id
     routed: pl.DataFrame  # pair_id, route
     splits: pl.DataFrame  # _cl -> split: every kept cluster's (a pair's _cl: its near_dup_cluster, else its id)
     split_sizes: dict[str, int]
@@ -277,7 +277,9 @@ def select(refs: list[PartitionRef], work: str | Path, policy: Policy, prelim_pa
         flagged_pairs=union("flagged_pairs"),
         label_counts=_add_label_counts([s["label_counts"] for s in states]) if version_id is not None else None,
         cluster_counts=counts,
-        fate=pl.concat([s["fate"] for s in states]).sort("pair_id"),
+        # (_p: the partition that holds the pair's rows -- where a build reads a few pairs' texts)
+        fate=pl.concat([s["fate"].with_columns(_p=pl.lit(r.index, pl.Int32)) for r, s in zip(refs, states, strict=True)])
+        .sort("pair_id"),
         routed=pl.concat([s["routed_ids"] for s in states]).sort("pair_id"),
         splits=splits,
         split_sizes={s: int(sizes.get(s, 0)) for s in sp.SPLITS},

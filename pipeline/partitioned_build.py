@@ -334,7 +334,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     routed_all = s.routed
     reviews = rr.classify(empty_frame(Judgment), review_ctx)
     review_state, review_ledger = rr.finish(
-        review_ctx, version_id=version_id, created_at=created_at, pairs=s.fate, routed=routed_all, reviews=reviews,
+        review_ctx, version_id=version_id, created_at=created_at, pairs=s.fate.drop("_p"), routed=routed_all, reviews=reviews,
         decided_by_reviews=rr.votes(reviews, s.fate.clear(), None), n_review_judgments=0)
 
     def pair_keys_of(pid: pl.Series) -> pl.Series:
@@ -399,17 +399,16 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
                  "partitions": {"n": len(refs), "judgments": [p.judgments for p in pset.partitions]}})
     from pipeline.report import ReportInputs, write_report
 
-    fate_of = s.fate
+    fate_of = s.fate.drop("_p")
 
     def pair_rows(ids: pl.Series) -> pl.DataFrame:
-        """The report's few pairs with their texts: read from the partitions that hold them."""
-        frames = []
-        for r in refs:
-            rows = ps.partition_rows(s, r, "pairs").drop("_part")
-            rows = rows.join(ids.to_frame("pair_id"), on="pair_id", how="semi")
-            if rows.height:
-                frames.append(rows)
-        return pl.concat(frames) if frames else ps.partition_rows(s, refs[0], "pairs").drop("_part").clear()
+        """The report's few pairs with their texts: streamed from the partitions that hold them."""
+        want = ids.to_frame("pair_id")
+        where = s.fate.join(want, on="pair_id", how="semi")["_p"].unique().sort().to_list()
+        frames = [b.join(want, on="pair_id", how="semi").drop("_part") for r in refs if r.index in where
+                  for b in iter_table(s.step, r, s.cache_dir, "pairs")]
+        frames = [f for f in frames if f.height]
+        return pl.concat(frames) if frames else pl.DataFrame(schema=_schema_of(s, refs[0], "pairs"))
 
     narrow = empty_frame(Judgment).select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
     inputs = ReportInputs(manifest=manifest, judgments=narrow, pairs=fate_of, pair_rows=pair_rows, pair_prompts=s.prompts,
@@ -426,7 +425,10 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
 
 def _schema_of(s: ps.Selection, ref: PartitionRef, table: str) -> pl.Schema:
     """A table's columns as the partitions' rows have them (for an empty table's one part)."""
-    return ps.partition_rows(s, ref, table).drop("_part").schema
+    from pipeline.distributed import table_schema
+
+    schema = table_schema(s.step, ref, s.cache_dir, table)
+    return pl.Schema({k: v for k, v in schema.items() if k != "_part"})
 
 
 def _dpo_of_split(s: ps.Selection, ref: PartitionRef, split: str) -> Iterator[pl.DataFrame]:
