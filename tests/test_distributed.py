@@ -277,3 +277,18 @@ def test_partition_progress_reports_each_partition_of_each_step(parts, tmp_path)
     sp.partitions("select-pairs", 3, 16)
     assert prog.descriptions == ["select pairs: 3/16 partitions"]
     StageProgress().partitions("select-pairs", 3, 16)  # no terminal: nothing to update, no error
+
+
+def test_a_partition_changed_in_place_after_a_step_read_it_is_still_caught(parts, tmp_path):
+    """A process remembers the files it hashed (a build maps several steps over them); a file
+    rewritten since -- same size, one byte flipped -- is hashed again and refused."""
+    refs = refs_of(parts)
+    map_partitions(partition_stats.STEP, refs, tmp_path / "cache")
+    target = Path(refs[1].paths[0])
+    good = target.read_bytes()
+    try:
+        target.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+        with pytest.raises(PartitionTaskError, match=r"partition 1 .*PartitionChanged"):
+            map_partitions(partition_stats.STEP, refs, tmp_path / "other-cache")
+    finally:
+        target.write_bytes(good)
