@@ -152,17 +152,21 @@ def _without_repeated_ids(refs: list[PartitionRef], sources: list[str], work: Pa
 
 # ---------------------------------------------------------------- 4. the judgments in input order
 def _input_order_batches(refs: list[PartitionRef], sources: list[str], columns: list[str] | None,
-                         batch_rows: int = 8_192) -> Iterator[pl.DataFrame]:
+                         batch_rows: int = 8_192) -> Iterator[pa.Table]:
     """Every partition's rows merged in input order (each partition is in input order), in
-    batches of ``batch_rows``.  Each row's place in the input is read first (8 bytes a row); the
-    places sorted say how many rows of each partition the next batch takes, so every partition is
-    then read once, front to back, and each batch is one sort of its own rows."""
+    batches of ``batch_rows``, as Arrow tables (never converted: a conversion copies every string).
+    Each row's place in the input is read first (8 bytes a row); the places sorted say how many
+    rows of each partition the next batch takes, so every partition is then read once, front to
+    back, and each batch is one sort of its own rows."""
+    import pyarrow.compute as pc
+
     keys = [_places(r, sources) for r in refs]
     every = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
     read = None if columns is None else list(dict.fromkeys([*columns, "source_file", "source_line"]))
     readers = [_batches(r, read, batch_rows) for r in refs]
-    held: list[list[pl.DataFrame]] = [[] for _ in refs]
+    held: list[list[pa.RecordBatch]] = [[] for _ in refs]
     taken = np.zeros(len(refs), np.int64)
+    names = pa.array(sources, pa.string())
     try:
         for end in range(batch_rows, every.size + batch_rows, batch_rows):
             last = every[min(end, every.size) - 1]
@@ -173,14 +177,16 @@ def _input_order_batches(refs: list[PartitionRef], sources: list[str], columns: 
                     if not held[i]:
                         held[i].append(next(readers[i]))
                     b = held[i][0]
-                    pieces.append(b.head(n))
+                    pieces.append(b.slice(0, n))
                     held[i][0] = b.slice(n)
-                    n -= min(n, b.height)
-                    if held[i][0].height == 0:
+                    n -= min(n, b.num_rows)
+                    if held[i][0].num_rows == 0:
                         held[i].pop(0)
             taken = upto
-            batch = pl.concat(pieces)
-            batch = batch.with_columns(_o=_order(batch, sources)).sort("_o").drop("_o")
+            batch = pa.Table.from_batches(pieces)
+            idx = pc.index_in(pc.cast(batch["source_file"], pa.string()), value_set=names)
+            place = pc.add(pc.multiply(pc.cast(idx, pa.int64()), 1 << 40), pc.cast(batch["source_line"], pa.int64()))
+            batch = batch.take(pc.sort_indices(place))
             yield batch if columns is None else batch.select(columns)
     finally:  # (each reader holds an open file: closed now, also when the consumer stops early)
         for r in readers:
@@ -195,16 +201,15 @@ def _places(ref: PartitionRef, sources: list[str]) -> np.ndarray:
     return o
 
 
-def _batches(ref: PartitionRef, columns: list[str] | None, batch_rows: int) -> Iterator[pl.DataFrame]:
+def _batches(ref: PartitionRef, columns: list[str] | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
     for path in ref.paths:
         # a buffered read of one page at a time, decoded on this thread: reading every partition at once holds only
         # a batch of each (pre-buffered column chunks and read-ahead held ~0.1 GB per partition at 1M judgments)
         with pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as f:
-            for b in f.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
-                yield pl.from_arrow(b)  # type: ignore[misc]
+            yield from f.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
 
 
-def _streamed_table(store: Store, stage: Path, name: str, version_id: str, batches: Iterator[pl.DataFrame],
+def _streamed_table(store: Store, stage: Path, name: str, version_id: str, batches: Iterator[pa.Table],
                     schema: pl.Schema) -> TableInfo:
     """A table that only grows, first version: one part with every row, written as the batches come."""
     w = TableWriter(store, stage, name, arrival_order=True)
@@ -217,8 +222,8 @@ def _streamed_table(store: Store, stage: Path, name: str, version_id: str, batch
     with open(path, "wb") as fh, pq.ParquetWriter(fh, arrow_schema, compression="zstd", compression_level=1,
                                                   write_statistics=True) as out:
         for b in batches:
-            held.append(b.select(list(schema)).cast(schema).to_arrow().cast(arrow_schema))  # type: ignore[arg-type]
-            rows += b.height
+            held.append(b.select(arrow_schema.names).cast(arrow_schema))
+            rows += b.num_rows
             if sum(t.num_rows for t in held) >= ROW_GROUP_ROWS:
                 out.write_table(pa.concat_tables(held), row_group_size=ROW_GROUP_ROWS)
                 held = []
