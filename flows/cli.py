@@ -559,15 +559,16 @@ def gc(
     if apply:
         collect_garbage(st, plan)
     summary = {"applied": apply, "versions": plan.versions, "objects": len(plan.objects), "object_bytes": plan.bytes,
-               "staging": [d.name for d in plan.staging]}
+               "staging": [d.name for d in plan.staging], "work": [d.name for d in plan.work]}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     con = out_console()
     verb = "removed" if apply else "would remove (dry run; --apply to remove)"
-    con.print(markup("{verb}: {nv} version(s) {vs}, {no} unreferenced part(s) ({mb} MB), {ns} staging dir(s)",
+    con.print(markup("{verb}: {nv} version(s) {vs}, {no} unreferenced part(s) ({mb} MB), {ns} staging dir(s), "
+                     "{nw} work dir(s) of partitioned builds",
                      verb=verb, nv=len(plan.versions), vs=", ".join(plan.versions) or "", no=len(plan.objects),
-                     mb=f"{plan.bytes / 1e6:,.1f}", ns=len(plan.staging)))
+                     mb=f"{plan.bytes / 1e6:,.1f}", ns=len(plan.staging), nw=len(plan.work)))
 
 
 @command()

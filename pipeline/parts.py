@@ -329,6 +329,7 @@ class GcPlan:
     versions: list[str] = field(default_factory=list)  # versions to delete (retention)
     objects: list[Path] = field(default_factory=list)  # objects no version links
     staging: list[Path] = field(default_factory=list)  # staging dirs of dead writers
+    work: list[Path] = field(default_factory=list)  # work dirs of partitioned builds no one is running (kept for a retry)
     bytes: int = 0
 
 
@@ -360,6 +361,18 @@ def plan_gc(store: Store, *, delete_versions: Iterable[str] = ()) -> GcPlan:
                 pid = -1
             if not (pid > 0 and _pid_alive(pid)):
                 plan.staging.append(d)
+    work = store.root / ".work"
+    if work.is_dir():  # a partitioned build's partitions and states: its version's lock is held while it runs
+        from schemas.ids import UnsafeId
+
+        for d in sorted(work.iterdir()):
+            try:
+                name = safe_id(d.name, what="version id")
+            except UnsafeId:  # (not a build's: left alone)
+                continue
+            with store.try_lock(name) as free:
+                if free:
+                    plan.work.append(d)
     return plan
 
 
@@ -383,6 +396,10 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
             obj.unlink()
     for d in plan.staging:
         shutil.rmtree(d, ignore_errors=True)
+    for d in plan.work:  # removed under its version's lock, unless a build took it since the plan
+        with store.try_lock(d.name) as free:
+            if free:
+                shutil.rmtree(d, ignore_errors=True)
     return plan
 
 

@@ -630,6 +630,21 @@ class Store:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def try_lock(self, name: str) -> Iterator[bool]:
+        """:meth:`lock` without waiting: yields True holding it, False when someone else holds it."""
+        self.ensure()
+        with open(self.root / ".locks" / f"{name}.lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def sweep_staging(self, max_age: float = STALE_STAGING_SECONDS) -> int:
         """Remove staging dirs left by crashed writers (dead pid, or older than ``max_age``)."""
         staging = self.root / ".staging"

@@ -187,3 +187,23 @@ def test_a_two_worker_local_cluster_writes_the_same_version_byte_for_byte(inputs
             assert _rows(there, name).equals(_rows(here, name))
         else:
             assert [(p.path, p.sha256) for p in tm.tables[name].parts] == [(p.path, p.sha256) for p in table.parts], name
+
+
+def test_gc_removes_a_failed_partitioned_builds_work_dir_unless_a_build_holds_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    store = Store(tmp_path / "s").ensure()
+    left = store.root / ".work" / "v-00000000000000aa"  # a failed build's partitions and states, kept for a retry
+    busy = store.root / ".work" / "v-00000000000000bb"  # a build running now (it holds its version's lock)
+    for d in (left, busy):
+        (d / "states").mkdir(parents=True)
+    runner = CliRunner()
+    with store.lock("v-00000000000000bb"):
+        res = runner.invoke(app, ["gc", "--store", str(store.root), "--json"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["work"] == ["v-00000000000000aa"]
+        assert left.is_dir()  # a dry run
+        res = runner.invoke(app, ["gc", "--store", str(store.root), "--apply"])
+        assert res.exit_code == 0 and "1 work dir(s)" in res.stdout
+    assert not left.exists() and busy.is_dir()
