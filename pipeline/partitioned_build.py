@@ -142,7 +142,7 @@ def _without_repeated_ids(refs: list[PartitionRef], sources: list[str], work: Pa
         d = work / "dedup"
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".part-{r.index:05d}.{os.getpid()}.tmp"
-        part.write_parquet(tmp, compression="zstd", statistics=True)
+        part.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=8_192)
         sha = sha256_file(tmp)
         path = d / f"part-{r.index:05d}-{sha[:16]}.parquet"
         os.replace(tmp, path)

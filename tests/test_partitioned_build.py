@@ -207,3 +207,15 @@ def test_gc_removes_a_failed_partitioned_builds_work_dir_unless_a_build_holds_it
         res = runner.invoke(app, ["gc", "--store", str(store.root), "--apply"])
         assert res.exit_code == 0 and "1 work dir(s)" in res.stdout
     assert not left.exists() and busy.is_dir()
+
+
+def test_an_input_whose_every_row_is_quarantined_builds_the_same_empty_version(tmp_path):
+    rows = [canonical(i, label="not-a-label") for i in range(3)]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    one = curate([path], Store(tmp_path / "one"), POLICY).handle
+    part = curate([path], Store(tmp_path / "part"), POLICY, options=CurateOptions(partitioned=True)).handle
+    assert "partitions" in part.manifest().lineage
+    assert part.manifest().ledger.model_dump_json() == one.manifest().ledger.model_dump_json()
+    assert part.manifest().ledger.quarantined == 3 and part.manifest().ledger.pairs == 0
+    for name in ("judgments", "pairs", "data/train", "quarantine", "flags"):
+        assert part.read(name).equals(one.read(name)), name
