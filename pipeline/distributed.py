@@ -42,7 +42,7 @@ import polars as pl
 from pipeline.store import sha256_file
 
 __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
-           "refs_of", "partition_progress", "cached_table", "table_schema", "iter_table", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
+           "refs_of", "partition_progress", "cached_table", "cached_file", "read_cached_file", "table_schema", "iter_table", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
 
 ENV = "PREFPIPE_DASK"
 BATCH_ROWS = 65_536  # rows per record batch of a state table
@@ -359,6 +359,24 @@ def iter_table(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) 
             h.update(rest)
     if not isinstance(digests, dict) or h.hexdigest() != digests.get(name):
         raise PartitionChanged(f"{d / (name + '.arrow')}: its sha256 is not the one its DONE file lists")
+
+
+def cached_file(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) -> tuple[str, str]:
+    """(path, sha256) of one table of a partition's cached state: a later step's task of the same
+    partition reads it with :func:`read_cached_file` (on a cluster the cache must be on shared storage)."""
+    d = Path(cache_dir) / _cache_key(step, ref)
+    try:
+        digests = json.loads((d / "DONE").read_text(encoding="utf-8"))
+        return str((d / f"{name}.arrow").resolve()), str(digests[name])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FileNotFoundError(f"step {step.name!r}, partition {ref.index}: no cached table {name!r} ({err})") from err
+
+
+def read_cached_file(path: str, sha256: str) -> pl.DataFrame:
+    blob = Path(path).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != sha256:
+        raise PartitionChanged(f"{path}: its sha256 is not the one the driver read")
+    return pl.read_ipc_stream(io.BytesIO(blob))
 
 
 def table_schema(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) -> pl.Schema:

@@ -47,7 +47,7 @@ from pipeline.distributed import State, Step
 from pipeline.partition import read_partition
 from schemas.policy import AggregationConfig
 
-VERSION = "3"
+VERSION = "4"
 # what the fit reads of a judgment (the columns :func:`pipeline.aggregate.encode` codes)
 FIT_COLUMNS = ["pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "label", "shown_first", "gold_label",
                "strength", "dimensions"]
@@ -159,7 +159,10 @@ def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], paths: 
                                         len_b=c("response_b").str.len_chars().cast(pl.Int64)).sort("pair_id"),
             # its canonical orientation and where its first judgment is in the input (first-seen order)
             "seen": agg.pairs.select("pair_id").with_columns(a_hash=agg.a_hash).join(first, on="pair_id", how="left")
-            .sort("pair_id")}
+            .sort("pair_id"),
+            # the pairs' texts in first-seen order (``Aggregation.texts``): what a later step of the same partition
+            # aggregates its kept judgments with; left in the cache (``DECIDED``: what the driver reads)
+            "texts": agg.texts()}
 
 
 def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop: tuple[str, ...] = ()) -> Step:
@@ -172,6 +175,9 @@ def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop
     blob, cfg_json, drop = buf.getvalue(), cfg.model_dump_json(), tuple(sorted(set(drop)))
     version = f"{VERSION}-{_digest((hashlib.sha256(blob).hexdigest(), cfg_json, drop))}"
     return Step("consensus-decide", version, functools.partial(_decide_run, blob, cfg_json, drop), _concat_pairs)
+
+
+DECIDED = ("pairs", "lengths", "seen")  # the decide step's tables the driver reads (not the texts)
 
 
 def _concat_pairs(states: list[State]) -> State:

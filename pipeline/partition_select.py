@@ -142,12 +142,21 @@ def _keyed(frame: pl.DataFrame, layout: tuple[str, int]) -> pl.DataFrame:
 
 
 def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, clusters: Broadcast | None, policy_json: str,
-                version_id: str | None, layout: tuple[str, int] | None, paths: list[str]) -> State:
+                version_id: str | None, layout: tuple[str, int] | None, texts: tuple[tuple[str, str, str], ...],
+                paths: list[str]) -> State:
     policy = Policy.model_validate_json(policy_json)
     cfg = policy.checks.aggregation
     part = pc._read(paths, None, ())
-    # the partition's pairs as the preliminary consensus decided them: their texts and ids (first-seen order)
-    prelim = aggregate(part, cfg, params=_params(prelim_blob), fitted=True)
+    # the partition's pairs as the preliminary consensus decided them: their texts and ids (first-seen order), as the
+    # decide step left them in its cache -- or aggregated again
+    where = {p: (f, sha) for p, f, sha in texts}.get(paths[0])
+    if where is not None:
+        from pipeline.distributed import read_cached_file
+
+        pair_texts = read_cached_file(*where)
+    else:
+        pair_texts = aggregate(part, cfg, params=_params(prelim_blob), fitted=True).texts()
+    pair_ids = pair_texts["pair_id"]
     pf = _part_flags(flags, part)
     jsel = sel.filter_judgments(part, pf, policy.select)
     extra: State = {}
@@ -166,11 +175,12 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
         }
     del part
     kept = jsel.kept
-    final = aggregate(kept, cfg, texts=prelim.texts(), params=_params(final_blob), fitted=True)
+    final = aggregate(kept, cfg, texts=pair_texts, params=_params(final_blob), fitted=True)
+    del pair_texts
     cl = clusters.read() if clusters is not None else None
     if cl is not None:
-        cl = cl.filter(pl.col("pair_id").is_in(prelim.pairs["pair_id"].implode()))
-    psel = sel.select_pairs(final.pairs, pf, policy.select, all_pair_ids=prelim.pairs["pair_id"], clusters=cl,
+        cl = cl.filter(pl.col("pair_id").is_in(pair_ids.implode()))
+    psel = sel.select_pairs(final.pairs, pf, policy.select, all_pair_ids=pair_ids, clusters=cl,
                             downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
     out: State = {"pairs": psel.pairs, "dpo": psel.dpo, "routed": psel.routed}
     if version_id is not None and layout is not None:
@@ -192,16 +202,19 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
 
 
 def select_step(prelim_params: pl.DataFrame, final_params: pl.DataFrame, flags: Broadcast, clusters: Broadcast | None,
-                policy: Policy, version_id: str | None = None, layout: tuple[str, int] | None = None) -> Step:
+                policy: Policy, version_id: str | None = None, layout: tuple[str, int] | None = None,
+                texts: dict[str, tuple[str, str]] | None = None) -> Step:
     """Pass 5.  ``version_id`` and ``layout`` (this version's generation group and its bucket
     count): the rows in the version's table layout (keyed by ``_part``, sorted by it) and the
     narrow tables a build needs (each pair's prompt, the flagged judgments' pairs, label counts)."""
     pb, fb, policy_json = _params_blob(prelim_params), _params_blob(final_params), policy.model_dump_json()
+    where = tuple(sorted((p, f, sha) for p, (f, sha) in (texts or {}).items()))
+    # (the texts' files are named by the decide step's key and checked by their sha256: only their digests key this step)
     version = f"{VERSION}-" + pc._digest((hashlib.sha256(pb).hexdigest(), hashlib.sha256(fb).hexdigest(), flags.sha256,
                                          clusters.sha256 if clusters is not None else None, policy_json, version_id,
-                                         list(layout) if layout is not None else None))
+                                         list(layout) if layout is not None else None, sorted(sha for *_, sha in where)))
     return Step("select-pairs", version,
-                functools.partial(_select_run, pb, fb, flags, clusters, policy_json, version_id, layout), _no_reduce)
+                functools.partial(_select_run, pb, fb, flags, clusters, policy_json, version_id, layout, where), _no_reduce)
 
 
 # ---------------------------------------------------------------- the driver
@@ -240,7 +253,7 @@ def _sum_counts(states: list[State], table: str, key: str, first: tuple[str, ...
 
 def select(refs: list[PartitionRef], work: str | Path, policy: Policy, prelim_params: pl.DataFrame,
            flags: pl.DataFrame, clusters: pl.DataFrame | None, *, client: Any = None, version_id: str | None = None,
-           layout: tuple[str, int] | None = None) -> Selection:
+           layout: tuple[str, int] | None = None, texts: dict[str, tuple[str, str]] | None = None) -> Selection:
     """Rows 4-5 over the partitions ``refs`` (``prelim_params``, ``flags``, ``clusters``: what
     :func:`pipeline.partitioned.analyze` gave; states cached under ``work``).  ``version_id``,
     ``layout``: see :func:`select_step`."""
@@ -259,7 +272,7 @@ def select(refs: list[PartitionRef], work: str | Path, policy: Policy, prelim_pa
     secs["final fit"] = round(time.perf_counter() - t0, 3)
     kept_annotators = pl.concat([s["annotators"]["annotator_id"] for s in states]).unique().sort()
     del states
-    step = select_step(prelim_params, final_params, fb, cb, policy, version_id, layout)
+    step = select_step(prelim_params, final_params, fb, cb, policy, version_id, layout, texts)
     narrow = (*FATE_TABLES, *(BUILD_TABLES if version_id is not None else ()))
     states, _ = map_partitions(step, refs, work / "states", client=client, keep=narrow)
     secs["select"] = round(time.perf_counter() - t0 - secs["final fit"], 3)

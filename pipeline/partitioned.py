@@ -28,7 +28,7 @@ from pipeline import partition_consensus as pc
 from pipeline.aggregate import annotator_params
 from schemas.records import LABELS
 from pipeline.checks import agreement, consensus, dimensions, length_bias, position_bias, reliability, routing
-from pipeline.distributed import PartitionRef, map_partitions, run_step
+from pipeline.distributed import PartitionRef, cached_file, map_partitions
 from pipeline.incremental import Totals
 from schemas.check import CheckResult
 from schemas.arrow import empty_frame
@@ -48,6 +48,7 @@ class Analysis:
     seen: pl.DataFrame | None = None  # pair_id, a_hash, source_file, source_line of its first judgment (by pair_id)
     near_dup_state: Any = None  # with ``version_id``: the near-duplicate IncrementalResult (writes the state tables)
     n_judgments: int = 0
+    texts: dict[str, tuple[str, str]] = field(default_factory=dict)  # partition's first file -> its pairs' texts (cached file, sha256)
 
 
 def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sources: list[str], *,
@@ -79,7 +80,9 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
                                         laid_out=True)
     del e
     lap("consensus fit")
-    decided, _ = run_step(pc.decide_step(params, cfg.aggregation), refs, work / "states", client=client)
+    step = pc.decide_step(params, cfg.aggregation)
+    decided = pc._concat_pairs(map_partitions(step, refs, work / "states", client=client, keep=pc.DECIDED)[0])
+    texts = {r.paths[0]: cached_file(step, r, work / "states", "texts") for r in refs}
     pairs, lengths, seen = decided["pairs"], decided["lengths"], decided["seen"]
     lap("consensus pairs")
     results = pk.pair_scoped(refs, work / "states", cfg, Totals(judgments=n_judgments, pairs=n_pairs), sources,
@@ -106,4 +109,4 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     results["dimensions"] = dimensions.run(empty_frame(Judgment), cfg, pairs=pairs)  # (dimension verdicts are refused)
     lap("checks over pairs")
     return Analysis(params, pairs, results, secs, lengths=lengths, seen=seen, near_dup_state=near_state,
-                    n_judgments=n_judgments)
+                    n_judgments=n_judgments, texts=texts)

@@ -286,7 +286,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     buckets = bucket_counts(None, "pairs", {my_group: n_pairs})
     clusters = results["near_duplicates"].tables.get("clusters")
     s = ps.select(refs, work, policy, a.params, flags, clusters, client=client, version_id=version_id,
-                  layout=(my_group, buckets[my_group]))
+                  layout=(my_group, buckets[my_group]), texts=a.texts)
     assert s.prompts is not None and s.flagged_pairs is not None and s.label_counts is not None
     lap("partitions:select")
 

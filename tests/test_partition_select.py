@@ -158,3 +158,29 @@ def test_a_changed_broadcast_file_fails_the_task(tmp_path):
     Path(b.path).write_bytes(Path(b.path).read_bytes()[:-1] + b"\0")
     with pytest.raises(PartitionChanged, match="sha256"):
         b.read()
+
+
+def test_select_takes_each_partitions_texts_from_the_decide_step_and_gives_the_same_rows(inputs, tmp_path, monkeypatch):
+    """With the decide step's cached texts a select task aggregates once (the final pairs), not
+    twice; its rows are the rows it gives when it aggregates the texts again."""
+    import pipeline.partition_select as ps
+    from pipeline.checks import all_flags as flags_of
+    from pipeline.distributed import refs_of
+    from pipeline.partition import partition_files
+    from pipeline.partitioned import analyze
+
+    pset = partition_files(inputs, tmp_path / "set", n_partitions=3)
+    refs = refs_of(pset)
+    a = analyze(refs, tmp_path / "work", POLICY.checks, [s.path for s in pset.sources])
+    assert sorted(a.texts) == sorted(r.paths[0] for r in refs)
+    calls = []
+    real = ps.aggregate
+    monkeypatch.setattr(ps, "aggregate", lambda *x, **k: calls.append(1) or real(*x, **k))
+    args = (refs, tmp_path / "work", POLICY, a.params, flags_of(a.results), a.results["near_duplicates"].tables.get("clusters"))
+    fast = ps.select(*args, texts=a.texts)
+    assert len(calls) == len(refs)
+    slow = ps.select(*args)
+    assert len(calls) == 3 * len(refs)
+    for r in refs:
+        assert ps.partition_rows(fast, r, "pairs").equals(ps.partition_rows(slow, r, "pairs"))
+        assert ps.dpo_rows(fast, r).equals(ps.dpo_rows(slow, r))
