@@ -219,3 +219,21 @@ def test_an_input_whose_every_row_is_quarantined_builds_the_same_empty_version(t
     assert part.manifest().ledger.quarantined == 3 and part.manifest().ledger.pairs == 0
     for name in ("judgments", "pairs", "data/train", "quarantine", "flags"):
         assert part.read(name).equals(one.read(name)), name
+
+
+def test_the_cli_says_which_partition_failed_and_exits_1_writing_nothing(inputs, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import pipeline.partition_select as ps
+    from flows.cli import app
+
+    def lost(*args):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(ps, "_select_run", lost)
+    res = CliRunner().invoke(app, ["curate", str(inputs[0]), "--store", str(tmp_path / "s"), "--partitioned",
+                                   "--partition-rows", "1000"])
+    assert res.exit_code == 1, res.output
+    assert "curate failed" in res.output and "RuntimeError: worker lost" in res.output and "nothing written" in res.output
+    assert "Traceback" not in res.output
+    assert not any((tmp_path / "s" / "versions").iterdir())
