@@ -165,6 +165,9 @@ def _partitioned_first(paths: list[Path], store: Store, version_id: str, policy:
     work = store.ensure().root / ".work" / version_id
 
     def build(stage: Path) -> Manifest:
+        from pipeline import memory
+
+        memory.bound_heap()  # (freed blocks go back to the system as each task ends: pipeline/memory.py)
         t = time.perf_counter()
         pset = partition_files(paths, work / "set", partition_rows=policy.ingest.partition_rows, fmt=options.fmt,
                                batch_id=options.batch_id, annotator_id=options.annotator_id,

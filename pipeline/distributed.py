@@ -12,9 +12,10 @@ Where the tasks run (``PREFPIPE_DASK``, or ``runner=`` explicitly):
 * ``local``: a ``dask.distributed.LocalCluster`` of 2 worker *processes* (1 thread each);
 * ``tcp://host:8786``: an existing Dask scheduler.
 
-Results are byte-identical whichever runs them: a state travels as Arrow IPC bytes (no pickle of
-data; Dask only ships the function and these bytes), every state is cached on the driver as an
-IPC file, and the reduce reads the states back in partition order.
+Results are byte-identical whichever runs them: a task writes its state into the cache itself, as
+Arrow IPC files (no pickle of data; Dask ships the function and a few names and sha256s, never
+rows -- so on a cluster ``cache_dir`` is on the shared storage the partitions are on), and the
+driver reads back the tables it keeps, checked against those sha256s, in partition order.
 
 Failure and retry: every task runs to its end; the states of the tasks that finished are cached
 under ``cache_dir`` by (step name, step version, code version, partition sha256), each table with its sha256
@@ -39,6 +40,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline import memory
 from pipeline.store import sha256_file
 
 __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
@@ -100,23 +102,35 @@ class PartitionTaskError(RuntimeError):
 
 
 # ---------------------------------------------------------------- state <-> Arrow IPC bytes
-def encode_state(state: State) -> dict[str, bytes]:
-    """A state as Arrow IPC (stream) bytes per table: what a worker sends back."""
+def _write_stream(frame: pl.DataFrame, sink: Any) -> None:
+    """``frame`` as one Arrow IPC stream into ``sink`` (a binary file object).
+
+    The oldest compat level writes strings as offsets + bytes: canonical bytes for equal frames
+    (Polars' string views point into buffers whose layout depends on the history).  Record batches
+    of at most :data:`BATCH_ROWS` rows, each converted on its own from a slice of the frame (never
+    the whole table as Arrow at once: a task's text tables would be held twice); a reader can
+    stream a big table (:func:`iter_table`), and the cut does not depend on how the frame was built."""
     import pyarrow as pa
 
+    if not isinstance(frame, pl.DataFrame):
+        raise TypeError(f"state table is a {type(frame).__name__}; a step returns Polars DataFrames")
+    schema = frame.head(0).to_arrow(compat_level=pl.CompatLevel.oldest()).schema
+    with pa.ipc.new_stream(sink, schema) as writer:
+        for start in range(0, frame.height, BATCH_ROWS):
+            piece = frame.slice(start, BATCH_ROWS).rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
+            for batch in piece.to_batches():  # (one: the slice is one chunk)
+                writer.write_batch(batch)
+
+
+def encode_state(state: State) -> dict[str, bytes]:
+    """A state as Arrow IPC (stream) bytes per table (the bytes :func:`map_partitions` caches)."""
     out = {}
     for name, frame in state.items():
-        if not isinstance(frame, pl.DataFrame):
-            raise TypeError(f"state table {name!r} is a {type(frame).__name__}; a step returns Polars DataFrames")
         buf = io.BytesIO()
-        # the oldest compat level writes strings as offsets + bytes: canonical bytes for equal
-        # frames (Polars' string views point into buffers whose layout depends on the history);
-        # record batches of at most BATCH_ROWS rows cut from one chunk (a reader can stream a big
-        # table, :func:`iter_table`; the cut does not depend on how the frame was built)
-        table = frame.rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
-        with pa.ipc.new_stream(buf, table.schema) as writer:
-            for batch in table.to_batches(max_chunksize=BATCH_ROWS):
-                writer.write_batch(batch)
+        try:
+            _write_stream(frame, buf)
+        except TypeError as err:
+            raise TypeError(f"state table {name!r}: {err}") from None
         out[name] = buf.getvalue()
     return out
 
@@ -146,14 +160,22 @@ def _sha256_of(path: str) -> str:
     return got
 
 
-def _task(run: Callable[[list[str]], State], paths: tuple[str, ...], sha256s: tuple[str, ...]) -> dict[str, bytes]:
+def _task(run: Callable[[list[str]], State], paths: tuple[str, ...], sha256s: tuple[str, ...], cache_dir: str,
+          key: str) -> dict[str, str]:
     """What runs on a worker: check the partition's files against their sha256 (the cache key
-    must describe what was read), run the step on them, return the state's bytes."""
+    must describe what was read), run the step on them, write the state into the cache (shared
+    storage on a cluster, as the partitions are) and return its tables' sha256s -- a few bytes
+    travel back, never the rows."""
     for path, want in zip(paths, sha256s, strict=True):
         got = _sha256_of(path)
         if got != want:
             raise PartitionChanged(f"{path}: sha256 {got[:12]}..., the partition ledger says {want[:12]}...")
-    return encode_state(run(list(paths)))
+    memory.bound_heap()
+    state = run(list(paths))
+    digests = _cache_write(Path(cache_dir), key, state)
+    del state
+    memory.release()  # (what the task freed, given back before the next task: pipeline/memory.py)
+    return digests
 
 
 # ---------------------------------------------------------------- the cache of states
@@ -165,40 +187,63 @@ def _cache_key(step: Step, ref: PartitionRef) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
-def _cache_read(cache_dir: Path, key: str) -> dict[str, bytes] | None:
-    """A cached state, each table checked against the sha256 its DONE file lists; a state that
-    is missing, partial or altered counts as not cached (its task runs again)."""
+def _cache_read(cache_dir: Path, key: str, wanted: Callable[[str], bool] = lambda _n: True) -> dict[str, bytes] | None:
+    """The ``wanted`` tables' bytes of a cached state; every table is checked against the sha256
+    its DONE file lists (the others streamed through the hash, not held).  A state that is missing,
+    partial or altered counts as not cached (its task runs again)."""
     d = cache_dir / key
     try:
         digests = json.loads((d / "DONE").read_text(encoding="utf-8"))
-        blobs = {n: (d / f"{n}.arrow").read_bytes() for n in digests}
+        if not isinstance(digests, dict):
+            return None
+        blobs = {}
+        for n, want in digests.items():
+            if wanted(n):
+                blobs[n] = (d / f"{n}.arrow").read_bytes()
+                got = hashlib.sha256(blobs[n]).hexdigest()
+            else:
+                got = sha256_file(d / f"{n}.arrow")
+            if got != want:
+                return None
     except (OSError, ValueError):
-        return None
-    if not isinstance(digests, dict) or any(hashlib.sha256(b).hexdigest() != digests[n] for n, b in blobs.items()):
         return None
     return blobs
 
 
-def _cache_write(cache_dir: Path, key: str, blobs: dict[str, bytes]) -> None:
-    """A state directory, staged and renamed into place (a reader sees all of it or nothing)."""
+def _cache_write(cache_dir: Path, key: str, state: State) -> dict[str, str]:
+    """A state directory: each table streamed into its file (then hashed), staged and
+    renamed into place (a reader sees all of it or nothing).  Returns the tables' sha256s."""
+    import pyarrow as pa
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / key
-    if _cache_read(cache_dir, key) is not None:
-        return
     tmp = cache_dir / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    for name, b in sorted(blobs.items()):
-        if "/" in name or name.startswith("."):
-            raise ValueError(f"state table name {name!r}: expected a plain name")
-        (tmp / f"{name}.arrow").write_bytes(b)
-    digests = {name: hashlib.sha256(b).hexdigest() for name, b in sorted(blobs.items())}
-    (tmp / "DONE").write_text(json.dumps(digests, sort_keys=True), encoding="utf-8")
+    try:
+        digests = {}
+        for name, frame in sorted(state.items()):
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"state table name {name!r}: expected a plain name")
+            with pa.OSFile(str(tmp / f"{name}.arrow"), "wb") as sink:  # (Arrow's own writes: no Python bytes per buffer)
+                try:
+                    _write_stream(frame, sink)
+                except TypeError as err:
+                    raise TypeError(f"state table {name!r}: {err}") from None
+            digests[name] = sha256_file(tmp / f"{name}.arrow")
+        (tmp / "DONE").write_text(json.dumps(digests, sort_keys=True), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _cache_read(cache_dir, key, lambda _n: False) is not None:  # cached meanwhile (another run, a re-run task)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return digests
     if final.exists():  # a damaged earlier copy (no valid DONE): replace it
         shutil.rmtree(final, ignore_errors=True)
     try:
         os.rename(tmp, final)
     except OSError:  # another driver cached the same state first
         shutil.rmtree(tmp, ignore_errors=True)
+    return digests
 
 
 # ---------------------------------------------------------------- runners
@@ -269,32 +314,45 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
     blobs: dict[int, dict[str, bytes]] = {}
     todo: list[PartitionRef] = []
     for r in refs:
-        got = _cache_read(cache_dir, _cache_key(step, r))
+        got = _cache_read(cache_dir, _cache_key(step, r), wanted)
         if got is None:
             todo.append(r)
         else:
-            blobs[r.index] = {n: b for n, b in got.items() if wanted(n)}
+            blobs[r.index] = got
             stats.cached.append(r.index)
             done(r.index)
     failed: dict[int, str] = {}
     first_error: BaseException | None = None
+
+    def finished(r: PartitionRef, digests: dict[str, str]) -> None:
+        """The task of ``r`` wrote its state: read back the tables the driver keeps."""
+        d = cache_dir / _cache_key(step, r)
+        blobs[r.index] = {}
+        for n in sorted(digests):
+            if wanted(n):
+                b = (d / f"{n}.arrow").read_bytes()
+                if hashlib.sha256(b).hexdigest() != digests[n]:
+                    raise PartitionChanged(f"{d / (n + '.arrow')}: not the bytes its task wrote")
+                blobs[r.index][n] = b
+        stats.computed.append(r.index)
+        done(r.index)
+
+    where = str(cache_dir.resolve())
     if client is None:
         for r in todo:
             try:
-                out = _task(step.run, r.paths, r.sha256s)
+                digests = _task(step.run, r.paths, r.sha256s, where, _cache_key(step, r))
             except Exception as err:  # noqa: BLE001 - every partition runs; all failures are reported
                 failed[r.index] = f"{type(err).__name__}: {err}"
                 first_error = first_error or err
                 continue
-            _cache_write(cache_dir, _cache_key(step, r), out)
-            blobs[r.index] = {n: b for n, b in out.items() if wanted(n)}
-            stats.computed.append(r.index)
-            done(r.index)
+            finished(r, digests)
     elif todo:
         from distributed import as_completed
 
-        futures = {client.submit(_task, step.run, r.paths, r.sha256s, key=f"{step.name}-{r.index}-{uuid.uuid4().hex[:8]}",
-                                 pure=False, retries=0): r for r in todo}
+        futures = {client.submit(_task, step.run, r.paths, r.sha256s, where, _cache_key(step, r),
+                                 key=f"{step.name}-{r.index}-{uuid.uuid4().hex[:8]}", pure=False, retries=0): r
+                   for r in todo}
         for fut in as_completed(list(futures)):
             r = futures[fut]
             if fut.status == "error":
@@ -302,12 +360,9 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
                 failed[r.index] = f"{type(err).__name__}: {err}"
                 first_error = first_error or err
                 continue
-            out = fut.result()
+            digests = fut.result()
             fut.release()
-            _cache_write(cache_dir, _cache_key(step, r), out)
-            blobs[r.index] = {n: b for n, b in out.items() if wanted(n)}
-            stats.computed.append(r.index)
-            done(r.index)
+            finished(r, digests)
     stats.computed.sort()
     if failed:
         raise PartitionTaskError(step.name, failed, by_index, len(blobs)) from first_error

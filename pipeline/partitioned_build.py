@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline import aggregate as agg
 from pipeline import incremental as inc
+from pipeline import memory
 from pipeline import partition_select as ps
 from pipeline import reviews_resolve as rr
 from pipeline.checks import CHECKS, all_flags, run_checks
@@ -253,6 +254,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
 
     def lap(name: str) -> None:
         nonlocal t
+        memory.release()
         now = time.perf_counter()
         timings[name] = round(now - t, 3)
         if on_stage is not None:

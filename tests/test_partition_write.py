@@ -49,7 +49,7 @@ def test_merged_parts_are_the_whole_tables(tmp_path, monkeypatch, n_parts):
     for i in range(n_parts):
         ref = PartitionRef(i, (f"part-{i}",), (f"{i:064d}",))
         mine = frame.filter(pl.col("pair_id").hash(3) % n_parts == i)
-        _cache_write(tmp_path / "cache", _cache_key(STEP, ref), encode_state({"pairs": sorted_by_part(mine)}))
+        _cache_write(tmp_path / "cache", _cache_key(STEP, ref), {"pairs": sorted_by_part(mine)})
         refs.append(ref)
     got = _written(store, tmp_path / "b", "pairs", lambda w, r: merge_grouped(
         w, [iter_table(STEP, ref, tmp_path / "cache", "pairs") for ref in refs], reuse=r, order_by=("pair_id", "x")))
