@@ -146,15 +146,20 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
                 paths: list[str]) -> State:
     policy = Policy.model_validate_json(policy_json)
     cfg = policy.checks.aggregation
-    part = pc._read(paths, None, ())
     # the partition's pairs as the preliminary consensus decided them: their texts and ids (first-seen order), as the
-    # decide step left them in its cache -- or aggregated again
+    # decide step left them in its cache (the judgments are then read without their texts: select and the final
+    # aggregation take them from the pairs) -- or aggregated again
     where = {p: (f, sha) for p, f, sha in texts}.get(paths[0])
     if where is not None:
+        import pyarrow.parquet as pq
+
+        from pipeline.aggregate import PAIR_TEXT_COLUMNS
         from pipeline.distributed import read_cached_file
 
+        part = pc._read(paths, [n for n in pq.read_schema(paths[0]).names if n not in PAIR_TEXT_COLUMNS], ())
         pair_texts = read_cached_file(*where)
     else:
+        part = pc._read(paths, None, ())
         pair_texts = aggregate(part, cfg, params=_params(prelim_blob), fitted=True).texts()
     pair_ids = pair_texts["pair_id"]
     pf = _part_flags(flags, part)
