@@ -44,7 +44,7 @@ from pipeline import memory
 from pipeline.store import sha256_file
 
 __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
-           "refs_of", "partition_progress", "cached_table", "cached_file", "read_cached_file", "table_schema", "iter_table", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
+           "refs_of", "partition_progress", "cached_table", "cached_file", "read_cached_file", "table_schema", "iter_table", "iter_batches", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
 
 ENV = "PREFPIPE_DASK"
 BATCH_ROWS = 65_536  # rows per record batch of a state table
@@ -387,6 +387,13 @@ def iter_table(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) 
     """:func:`cached_table` one record batch at a time (at most :data:`BATCH_ROWS` rows held);
     the bytes are hashed as they are read and checked against the DONE file's sha256 at the end
     (:class:`PartitionChanged` then: a caller writing from these rows must discard what it wrote)."""
+    for batch in iter_batches(step, ref, cache_dir, name):
+        yield pl.from_arrow(batch)  # type: ignore[misc]
+
+
+def iter_batches(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) -> Iterator[Any]:
+    """:func:`iter_table` as Arrow record batches (filter one in Arrow to keep a few rows: a
+    Polars filter keeps the batch's whole string buffers alive behind the rows' views)."""
     import pyarrow as pa
 
     d = Path(cache_dir) / _cache_key(step, ref)
@@ -408,8 +415,7 @@ def iter_table(step: Step, ref: PartitionRef, cache_dir: str | Path, name: str) 
 
     with fh:
         reader = pa.ipc.open_stream(pa.PythonFile(io.BufferedReader(_Hashed()), mode="r"))
-        for batch in reader:
-            yield pl.from_arrow(batch)  # type: ignore[misc]
+        yield from reader
         while rest := fh.read(1 << 20):  # what the reader did not pull (its buffer's bytes were hashed when read)
             h.update(rest)
     if not isinstance(digests, dict) or h.hexdigest() != digests.get(name):

@@ -44,7 +44,7 @@ from pipeline import partition_select as ps
 from pipeline import reviews_resolve as rr
 from pipeline.checks import CHECKS, all_flags, run_checks
 from pipeline.delta import PAIR_ROWS
-from pipeline.distributed import PartitionRef, State, Step, iter_table, map_partitions, refs_of
+from pipeline.distributed import PartitionRef, State, Step, iter_batches, iter_table, map_partitions, refs_of
 from pipeline.partition import PartitionSet, read_partition
 from pipeline.partition_write import merge_grouped
 from pipeline.partitioned import analyze
@@ -410,10 +410,14 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
 
     def pair_rows(ids: pl.Series) -> pl.DataFrame:
         """The report's few pairs with their texts: streamed from the partitions that hold them."""
+        import pyarrow.compute as pc
+
         want = ids.to_frame("pair_id")
         where = s.fate.join(want, on="pair_id", how="semi")["_p"].unique().sort().to_list()
-        frames = [b.join(want, on="pair_id", how="semi").drop("_part") for r in refs if r.index in where
-                  for b in iter_table(s.step, r, s.cache_dir, "pairs")]
+        value_set = want.to_arrow()["pair_id"].cast(pa.large_string())
+        # (filtered in Arrow, which copies the few rows: a Polars filter would keep every batch's texts alive)
+        frames = [pl.from_arrow(b.filter(pc.is_in(b["pair_id"], value_set=value_set))).drop("_part")
+                  for r in refs if r.index in where for b in iter_batches(s.step, r, s.cache_dir, "pairs")]
         frames = [f for f in frames if f.height]
         return pl.concat(frames) if frames else pl.DataFrame(schema=_schema_of(s, refs[0], "pairs"))
 
