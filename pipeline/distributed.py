@@ -47,7 +47,7 @@ __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partit
            "refs_of", "partition_progress", "cached_table", "cached_file", "read_cached_file", "table_schema", "iter_table", "iter_batches", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
 
 ENV = "PREFPIPE_DASK"
-BATCH_ROWS = 65_536  # rows per record batch of a state table
+BATCH_ROWS = 8_192  # rows per record batch of a state table (a merge holds one of every partition)
 State = dict[str, pl.DataFrame]
 
 

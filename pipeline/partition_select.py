@@ -52,7 +52,7 @@ from schemas.policy import Policy
 
 __all__ = ["Broadcast", "Selection", "select", "dpo_rows", "partition_rows"]
 
-VERSION = "1"
+VERSION = "2"
 # the state tables of select_step the driver reads; the others (rows with texts) stay cached
 FATE_TABLES = ("fate", "routed_ids", "dropped", "routed_by", "cluster_counts")
 BUILD_TABLES = ("prompts", "flagged_pairs", "label_counts")  # ... and these, for a version's build
@@ -194,8 +194,12 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
 
         pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"]) \
             .with_columns(first_version=pl.lit(version_id))
+        dpo = _keyed(psel.dpo, layout)
         out = {"pairs": _keyed(pairs_out, layout), "pair_rows": _keyed(pairs_out.drop(PAIR_TEXT_COLUMNS, strict=False), layout),
-               "dpo": _keyed(psel.dpo, layout), "routed": _keyed(psel.routed.drop("_reasons", strict=False), layout)}
+               "dpo": dpo, "routed": _keyed(psel.routed.drop("_reasons", strict=False), layout),
+               # each DPO row's split key (its cluster, else its pair), in the dpo table's row order: the driver assigns
+               # the splits from these narrow rows, then streams the texts
+               "dpo_cl": dpo.select(_cl=pl.col("near_dup_cluster").fill_null(pl.col("pair_id")))}
     return {
         **out, **extra,
         "fate": psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster").sort("pair_id"),

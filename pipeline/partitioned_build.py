@@ -314,10 +314,11 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
                       schema=_schema_of(s, refs[0], table))
         tables[name] = w.info()
     sizes: dict[str, int] = {}
-    for split in SPLITS:
+    split_codes = _dpo_split_codes(s, refs)
+    for code, split in enumerate(SPLITS):
         w = TableWriter(store, stage, f"data/{split}")
-        sizes[split] = merge_grouped(w, [_dpo_of_split(s, r, split) for r in refs], reuse=reuse, order_by=order,
-                                     schema=_schema_of(s, refs[0], "dpo"))
+        sizes[split] = merge_grouped(w, [_dpo_of_split(s, r, split_codes[r.index] == code) for r in refs], reuse=reuse,
+                                     order_by=order, schema=_schema_of(s, refs[0], "dpo"))
         tables[f"data/{split}"] = w.info()
     splits = {sp: SplitInfo(path=ti.path, rows=ti.rows, sha256=ti.sha256) for sp in SPLITS for ti in [tables[f"data/{sp}"]]}
     # every kept pair's split, its prompt: assignments, leakage, placement
@@ -442,10 +443,24 @@ def _schema_of(s: ps.Selection, ref: PartitionRef, table: str) -> pl.Schema:
     return pl.Schema({k: v for k, v in schema.items() if k != "_part"})
 
 
-def _dpo_of_split(s: ps.Selection, ref: PartitionRef, split: str) -> Iterator[pl.DataFrame]:
-    """One partition's DPO rows of ``split`` (keyed by part, sorted by it), batch by batch."""
-    c = pl.col
+def _dpo_split_codes(s: ps.Selection, refs: list[PartitionRef]) -> dict[int, np.ndarray]:
+    """Each partition's DPO rows' splits (the index in :data:`SPLITS`; 255: none), in its dpo
+    table's row order: one join of every row's narrow split key with the splits (not one per
+    batch of texts: that hashed every cluster's split again for each batch)."""
+    keys = [ps.partition_rows(s, r, "dpo_cl") for r in refs]
+    codes = pl.concat(keys).join(s.splits, on="_cl", how="left", maintain_order="left")["split"] \
+        .replace_strict(list(SPLITS), list(range(len(SPLITS))), default=255, return_dtype=pl.UInt8).to_numpy()
+    out, at = {}, 0
+    for r, k in zip(refs, keys, strict=True):
+        out[r.index], at = codes[at:at + k.height], at + k.height
+    return out
+
+
+def _dpo_of_split(s: ps.Selection, ref: PartitionRef, mine: np.ndarray) -> Iterator[pl.DataFrame]:
+    """One partition's DPO rows where ``mine`` (a mask over its dpo table's rows), batch by batch."""
+    at = 0
     for b in iter_table(s.step, ref, s.cache_dir, "dpo"):
-        yield b.with_columns(_cl=c("near_dup_cluster").fill_null(c("pair_id"))) \
-            .join(s.splits, on="_cl", how="left", maintain_order="left") \
-            .filter(c("split") == split).drop("_cl", "split")
+        yield b.filter(pl.Series(mine[at:at + b.height]))
+        at += b.height
+    if at != mine.size:
+        raise ValueError(f"partition {ref.index}: {at} DPO rows, {mine.size} split keys")
