@@ -187,27 +187,31 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
         cl = cl.filter(pl.col("pair_id").is_in(pair_ids.implode()))
     psel = sel.select_pairs(final.pairs, pf, policy.select, all_pair_ids=pair_ids, clusters=cl,
                             downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
-    out: State = {"pairs": psel.pairs, "dpo": psel.dpo, "routed": psel.routed}
-    if version_id is not None and layout is not None:
-        # the rows a version's pair tables hold, keyed and sorted by part (pipeline/partition_write.py)
-        from pipeline.aggregate import PAIR_TEXT_COLUMNS
-
-        pairs_out = psel.pairs.drop("_reasons").with_columns(flag_reasons=psel.pairs["_reasons"]) \
-            .with_columns(first_version=pl.lit(version_id))
-        dpo = _keyed(psel.dpo, layout)
-        out = {"pairs": _keyed(pairs_out, layout), "pair_rows": _keyed(pairs_out.drop(PAIR_TEXT_COLUMNS, strict=False), layout),
-               "dpo": dpo, "routed": _keyed(psel.routed.drop("_reasons", strict=False), layout),
-               # each DPO row's split key (its cluster, else its pair), in the dpo table's row order: the driver assigns
-               # the splits from these narrow rows, then streams the texts
-               "dpo_cl": dpo.select(_cl=pl.col("near_dup_cluster").fill_null(pl.col("pair_id")))}
-    return {
-        **out, **extra,
+    del final, kept, jsel
+    narrow: State = {
         "fate": psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster").sort("pair_id"),
         "routed_ids": psel.routed.select("pair_id", "route").sort("pair_id"),
         "dropped": _counts(psel.dropped_by_reason, "reason"),
         "routed_by": _counts(psel.routed_by_label, "label"),
         "cluster_counts": sp.cluster_counts(psel.dpo),
     }
+    if version_id is None or layout is None:
+        return {"pairs": psel.pairs, "dpo": psel.dpo, "routed": psel.routed, **extra, **narrow}
+    # the rows a version's pair tables hold, keyed and sorted by part (pipeline/partition_write.py); each text table
+    # sorted while its unsorted rows are let go (a task holds one copy of the texts at a time, not three)
+    from pipeline.aggregate import PAIR_TEXT_COLUMNS
+
+    pairs, dpo, routed = psel.pairs, psel.dpo, psel.routed
+    del psel
+    pairs = _keyed(pairs.drop("_reasons").with_columns(flag_reasons=pairs["_reasons"], first_version=pl.lit(version_id)),
+                   layout)
+    dpo = _keyed(dpo, layout)
+    return {"pairs": pairs, "pair_rows": pairs.drop(PAIR_TEXT_COLUMNS, strict=False), "dpo": dpo,
+            "routed": _keyed(routed.drop("_reasons", strict=False), layout),
+            # each DPO row's split key (its cluster, else its pair), in the dpo table's row order: the driver assigns the
+            # splits from these narrow rows, then streams the texts
+            "dpo_cl": dpo.select(_cl=pl.col("near_dup_cluster").fill_null(pl.col("pair_id"))),
+            **extra, **narrow}
 
 
 def select_step(prelim_params: pl.DataFrame, final_params: pl.DataFrame, flags: Broadcast, clusters: Broadcast | None,
