@@ -286,18 +286,39 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     groups = generation_groups(None, version_id, n_pairs)
     my_group = groups.filter(pl.col("generation") == version_id)["group"][0]
     buckets = bucket_counts(None, "pairs", {my_group: n_pairs})
+
+    def keyed(frame: pl.DataFrame) -> pl.DataFrame:
+        keys = part_keys(frame.select("pair_id").unique().with_columns(_gen=pl.lit(my_group)), buckets)
+        return frame.join(keys, on="pair_id", how="left", maintain_order="left")
+
+    reuse = PartReuse.of(None)
+    # the per-pair state tables (the checks' and the preliminary consensus's) and the near-duplicate state written
+    # now, before select's tasks run: the driver then lets go of the preliminary pairs, their lengths and places,
+    # the pair-scoped checks' state rows and the MinHash signatures (~0.5 GB per million judgments together)
+    early: dict[str, TableInfo] = {}
+    seen = a.seen.with_columns(_o=_order(a.seen, sources)).sort("_o").select("pair_id", "a_hash",
+                                                                           seen=pl.int_range(pl.len(), dtype=pl.Int64))
+    prelim_rows = a.pairs.drop(inc._PRELIM_DROP, strict=False).join(a.lengths, on="pair_id", how="left") \
+        .join(seen, on="pair_id", how="left").with_columns(first_version=pl.lit(version_id))
+    for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: prelim_rows}.items():
+        early[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
+    del prelim_rows, frame
+    pair_order = seen.sort("seen")["pair_id"]  # (the report's few pairs in first-seen order)
+    del seen
+    for check, spec in inc.PAIR_SCOPED.items():  # (written; nothing later reads them)
+        results[check].tables.pop(spec.table, None)
+    assert a.near_dup_state is not None
+    early_nd = a.near_dup_state.write_state(store, stage)
+    a.pairs = a.pairs.clear()
+    a.lengths = a.seen = a.near_dup_state = None
+    memory.release()
     clusters = results["near_duplicates"].tables.get("clusters")
     s = ps.select(refs, work, policy, a.params, flags, clusters, client=client, version_id=version_id,
                   layout=(my_group, buckets[my_group]), texts=a.texts)
     assert s.prompts is not None and s.flagged_pairs is not None and s.label_counts is not None
     lap("partitions:select")
 
-    def keyed(frame: pl.DataFrame) -> pl.DataFrame:
-        keys = part_keys(frame.select("pair_id").unique().with_columns(_gen=pl.lit(my_group)), buckets)
-        return frame.join(keys, on="pair_id", how="left", maintain_order="left")
-
     tables: dict[str, TableInfo] = {}
-    reuse = PartReuse.of(None)
     # the judgments (and the columns a child reads of every row) in input order
     schema = empty_frame(Judgment).schema
     tables["judgments"] = _streamed_table(store, stage, "judgments", version_id,
@@ -332,13 +353,8 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     placed = _stats_of_counts(s.cluster_counts).join(s.splits, on="_cl").group_by("_stratum", "split") \
         .agg(c("n").sum().cast(pl.Int64)).sort("_stratum", "split")
     lap("write_pairs")
-    # the state tables (per pair, narrow): the checks' and the preliminary consensus's
-    seen = a.seen.with_columns(_o=_order(a.seen, sources)).sort("_o").select("pair_id", "a_hash",
-                                                                           seen=pl.int_range(pl.len(), dtype=pl.Int64))
-    prelim_rows = a.pairs.drop(inc._PRELIM_DROP, strict=False).join(a.lengths, on="pair_id", how="left") \
-        .join(seen, on="pair_id", how="left").with_columns(first_version=pl.lit(version_id))
-    for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: prelim_rows}.items():
-        tables[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
+    # the state tables (per pair, narrow), written before select: in the manifest in their place
+    tables.update(early)
     routed_all = s.routed
     reviews = rr.classify(empty_frame(Judgment), review_ctx)
     review_state, review_ledger = rr.finish(
@@ -380,8 +396,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         w = TableWriter(store, stage, name)
         w.write("all", frame)
         tables[name] = w.info()
-    assert a.near_dup_state is not None
-    tables.update(a.near_dup_state.write_state(store, stage))
+    tables.update(early_nd)
     lap("write")
 
     n_judgments = a.n_judgments
@@ -425,7 +440,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     narrow = empty_frame(Judgment).select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
     inputs = ReportInputs(manifest=manifest, judgments=narrow, pairs=fate_of, pair_rows=pair_rows, pair_prompts=s.prompts,
                           flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results,
-                          pair_order=seen.sort("seen")["pair_id"], label_counts=s.label_counts,
+                          pair_order=pair_order, label_counts=s.label_counts,
                           graph_clusters=results["near_duplicates"].tables.get("graph_clusters"))
     from pipeline.store import file_info
 
