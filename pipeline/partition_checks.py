@@ -52,7 +52,7 @@ from pipeline.aggregate import encode
 from pipeline.checks import length_bias, pair_id_conflict, reliability
 from pipeline.checks import near_duplicates as nd
 from pipeline.checks.spec import Sums
-from pipeline.distributed import State, Step, map_partitions
+from pipeline.distributed import State, Step, cached_table, map_partitions
 from pipeline.incremental import _EMPTY, PAIR_SCOPED, RUNNERS, Totals, declared_sums
 from pipeline.partition import read_partition
 from pipeline.partition_stats import given_id_keys
@@ -269,19 +269,20 @@ def near_duplicates_state(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, ve
 def _near_dup_inputs(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, client: Any) -> tuple[pl.DataFrame, np.ndarray, pl.DataFrame]:
     """(every distinct prompt once, in prompt_hash order; their signatures, row by row; pair_id ->
     prompt_hash of every pair) from every partition's signatures."""
-    states, _ = map_partitions(near_dup_step(cfg), refs, cache_dir, client=client)
+    step = near_dup_step(cfg)
+    refs = sorted(refs, key=lambda r: r.index)  # (partition order, as the states come)
+    states, _ = map_partitions(step, refs, cache_dir, client=client, keep=["pair_prompts"])
     pair_prompts = pl.concat([s.pop("pair_prompts") for s in states]).unique().sort("pair_id", "prompt_hash")
+    del states
     # every distinct prompt once, in prompt_hash order: the rows are chosen on the hashes, then each partition's
-    # signatures are copied into one matrix and released (a concatenation, unique and sort of the signature
-    # frames held three copies of them at once)
-    where = pl.concat([s["signatures"].select("prompt_hash", _part=pl.lit(i, pl.Int32)).with_row_index("_row")
-                       for i, s in enumerate(states)]).unique("prompt_hash", keep="first").sort("prompt_hash")
+    # signatures are read back from its cached state into one matrix, one partition at a time (holding every
+    # partition's signature frames, or a concatenation of them, held two or three copies of them at once)
+    where = pl.concat([cached_table(step, r, cache_dir, "signatures").select("prompt_hash", _part=pl.lit(i, pl.Int32))
+                       .with_row_index("_row") for i, r in enumerate(refs)]).unique("prompt_hash", keep="first").sort("prompt_hash")
     matrix = np.empty((where.height, cfg.near_duplicate.num_perm), np.uint32)
     parts, rows = where["_part"].to_numpy(), where["_row"].to_numpy()
-    for i, s in enumerate(states):
+    for i, r in enumerate(refs):
         mine = np.flatnonzero(parts == i)
         if mine.size:
-            matrix[mine] = s["signatures"]["signature"].to_numpy()[rows[mine]]
-        s.clear()
-    del states
+            matrix[mine] = cached_table(step, r, cache_dir, "signatures")["signature"].to_numpy()[rows[mine]]
     return where, matrix, pair_prompts

@@ -146,9 +146,17 @@ def sketch(sigs: np.ndarray) -> np.ndarray:
     """(n, ceil(P / 16)) uint64: the low 4 bits of every signature value, 16 to a word."""
     n, p = sigs.shape
     w = -(-p // 16)
-    nib = np.zeros((n, w * 16), _U64)
-    nib[:, :p] = sigs & np.uint32(0xF)
-    return np.bitwise_or.reduce(nib.reshape(n, w, 16) << (np.arange(16, dtype=_U64) * _U64(4)), axis=2)
+    out = np.empty((n, w), _U64)
+    shifts = np.arange(16, dtype=_U64) * _U64(4)
+    for start in range(0, n, _SKETCH_ROWS):  # (a few MB of nibbles at a time: over every row at once, 2 GB at 1M prompts)
+        rows = sigs[start:start + _SKETCH_ROWS]
+        nib = np.zeros((rows.shape[0], w * 16), _U64)
+        nib[:, :p] = rows & np.uint32(0xF)
+        out[start:start + rows.shape[0]] = np.bitwise_or.reduce(nib.reshape(-1, w, 16) << shifts, axis=2)
+    return out
+
+
+_SKETCH_ROWS = 8_192
 
 
 def sketch_jaccard(a: np.ndarray, b: np.ndarray, num_perm: int) -> np.ndarray:
@@ -650,9 +658,12 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
         del inherit[t][len(inherit[t]) - k:]
     start = len(state) - tail[PROMPTS]  # the merged parts' rows come first, in their order
     hashes = pl.concat([state.hashes.slice(start), fresh.rename("prompt_hash")])
-    bands_part = np.concatenate([state.bands[:, start:], bands_new], axis=1)
-    sk_part = np.concatenate([state.sketches[start:], sk_new])
-    sig_part = np.concatenate([state.old_signatures(np.arange(start, len(state))), sigs])
+    if start == len(state):  # nothing of the parent's merged in (a first version): the new rows as they are, not copied
+        bands_part, sk_part, sig_part = bands_new, sk_new, sigs
+    else:
+        bands_part = np.concatenate([state.bands[:, start:], bands_new], axis=1)
+        sk_part = np.concatenate([state.sketches[start:], sk_new])
+        sig_part = np.concatenate([state.old_signatures(np.arange(start, len(state))), sigs])
     for i in range(0, hashes.len(), CHUNK):
         key = f"{generation}-{i // CHUNK:03d}"
         h = hashes.slice(i, CHUNK)
