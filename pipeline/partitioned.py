@@ -16,6 +16,7 @@ preliminary consensus would need its judgments on one worker) and judgments with
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,17 @@ class Analysis:
 
 
 def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sources: list[str], *,
-            client: Any = None, version_id: str | None = None) -> Analysis:
+            client: Any = None, version_id: str | None = None,
+            near_dup_sink: Callable[[Any], None] | None = None) -> Analysis:
     """The checks above over the partitions ``refs`` (``sources``: the input files in order, as the
     partition ledger lists them); states are cached under ``work``.  ``version_id``: the near
-    duplicates through the state tables a version keeps (:func:`pipeline.partition_checks.near_duplicates_state`)."""
+    duplicates through the state tables a version keeps (:func:`pipeline.partition_checks.near_duplicates_state`).
+    ``near_dup_sink``: given that state as soon as it exists (a build writes its tables then), and
+    then let go of (``Analysis.near_dup_state`` is None).
+
+    The near duplicates run first: their index is the driver's largest statistic, and before the
+    consensus the driver holds nothing else (at 3M judgments the build's peak was the index on top
+    of the decided pairs)."""
     import time
 
     work = Path(work)
@@ -68,6 +76,16 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
         secs[name] = round(now - t, 3)
         t = now
 
+    near_state = None
+    if version_id is None:
+        results = {"near_duplicates": pk.near_duplicates(refs, work / "states", cfg, client=client)}
+    else:
+        entry, near_state = pk.near_duplicates_state(refs, work / "states", cfg, version_id, client=client)
+        results = {"near_duplicates": entry}
+        if near_dup_sink is not None:
+            near_dup_sink(near_state)
+            near_state = None
+    lap("near duplicates")
     # the preliminary consensus: codes -> one fit on the driver -> every partition's pairs
     states, _ = map_partitions(pc.codes_step(cfg.aggregation), refs, work / "states", client=client)
     e = pc.assemble(states)  # (refuses a pair id in several partitions)
@@ -85,16 +103,9 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     texts = {r.paths[0]: cached_file(step, r, work / "states", "texts") for r in refs}
     pairs, lengths, seen = decided["pairs"], decided["lengths"], decided["seen"]
     lap("consensus pairs")
-    results = pk.pair_scoped(refs, work / "states", cfg, Totals(judgments=n_judgments, pairs=n_pairs), sources,
-                             client=client)
+    results.update(pk.pair_scoped(refs, work / "states", cfg, Totals(judgments=n_judgments, pairs=n_pairs), sources,
+                                  client=client))
     lap("pair-scoped checks")
-    near_state = None
-    if version_id is None:
-        results["near_duplicates"] = pk.near_duplicates(refs, work / "states", cfg, client=client)
-    else:
-        results["near_duplicates"], near_state = pk.near_duplicates_state(refs, work / "states", cfg, version_id,
-                                                                          client=client)
-    lap("near duplicates")
     sums = pk.check_sums(refs, work / "states", cfg, rel_params, client=client)
     none = pl.DataFrame(schema={"pair_id": pl.String})  # (with its state a check reads no judgment)
     results["agreement"] = agreement.run(none, cfg, pairs=pairs, sums=sums["agreement"])

@@ -268,7 +268,12 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     if why is not None:
         raise NotPartitioned(f"not built over partitions: {why}")
     lap("partitions:facts")
-    a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id)
+    nd_tables: dict[str, TableInfo] = {}
+
+    def write_near_dup_state(state: Any) -> None:  # (as soon as it exists: the driver then lets go of the index)
+        nd_tables.update(state.write_state(store, stage))
+
+    a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id, near_dup_sink=write_near_dup_state)
     assert a.seen is not None and a.lengths is not None
     lap("partitions:checks")
     # the two checks with nothing to do without a registry and reviews: their results on no judgment
@@ -292,9 +297,9 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         return frame.join(keys, on="pair_id", how="left", maintain_order="left")
 
     reuse = PartReuse.of(None)
-    # the per-pair state tables (the checks' and the preliminary consensus's) and the near-duplicate state written
-    # now, before select's tasks run: the driver then lets go of the preliminary pairs, their lengths and places,
-    # the pair-scoped checks' state rows and the MinHash signatures (~0.5 GB per million judgments together)
+    # the per-pair state tables (the checks' and the preliminary consensus's) written now, before select's tasks
+    # run: the driver then lets go of the preliminary pairs, their lengths and places and the pair-scoped checks'
+    # state rows (~0.25 GB per million judgments together; the near-duplicate state went as soon as it existed)
     early: dict[str, TableInfo] = {}
     seen = a.seen.with_columns(_o=_order(a.seen, sources)).sort("_o").select("pair_id", "a_hash",
                                                                            seen=pl.int_range(pl.len(), dtype=pl.Int64))
@@ -307,10 +312,8 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     del seen
     for check, spec in inc.PAIR_SCOPED.items():  # (written; nothing later reads them)
         results[check].tables.pop(spec.table, None)
-    assert a.near_dup_state is not None
-    early_nd = a.near_dup_state.write_state(store, stage)
     a.pairs = a.pairs.clear()
-    a.lengths = a.seen = a.near_dup_state = None
+    a.lengths = a.seen = None
     memory.release()
     clusters = results["near_duplicates"].tables.get("clusters")
     s = ps.select(refs, work, policy, a.params, flags, clusters, client=client, version_id=version_id,
@@ -396,7 +399,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         w = TableWriter(store, stage, name)
         w.write("all", frame)
         tables[name] = w.info()
-    tables.update(early_nd)
+    tables.update(nd_tables)
     lap("write")
 
     n_judgments = a.n_judgments
