@@ -341,3 +341,30 @@ def test_a_chain_of_small_versions_keeps_few_state_parts_and_the_same_results(tm
         assert np.array_equal(again.old_signatures(np.arange(len(again))), mem.old_signatures(np.arange(len(mem))))
         parent = h
     assert merged > 0
+
+
+def test_band_keys_and_sketches_in_row_chunks_equal_the_whole_matrix_at_once(monkeypatch):
+    """The band keys and nibble sketches are computed a block of rows at a time (bounded
+    temporaries); cut at any row count they are the same arrays."""
+    import numpy as np
+
+    from pipeline.checks import near_duplicates as nd_mod
+    from pipeline.checks import near_duplicates_state as nds_mod
+
+    rng = np.random.default_rng(7)
+    sigs = rng.integers(0, 2**32, size=(103, 128), dtype=np.uint64).astype(np.uint32)
+    whole_bands, whole_sketch = nd_mod._band_keys(sigs, 9, 13), nds_mod.sketch(sigs)
+    assert whole_bands.shape == (9, 103) and whole_sketch.shape == (103, 8)
+    for rows in (1, 7, 64, 102):
+        monkeypatch.setattr(nd_mod, "_BAND_ROWS", rows)
+        monkeypatch.setattr(nds_mod, "_SKETCH_ROWS", rows)
+        assert np.array_equal(nd_mod._band_keys(sigs, 9, 13), whole_bands)
+        assert np.array_equal(nds_mod.sketch(sigs), whole_sketch)
+    # the nibble sketch is what its docstring says: the low 4 bits of every value, 16 to a word
+    assert int(whole_sketch[5, 0]) == sum(int(sigs[5, k] & 0xF) << (4 * k) for k in range(16))
+    # the band key of band 0 is the multiply-add chain of its 13 values, then fmix64
+    acc = np.uint64(sigs[11, 0])
+    with np.errstate(over="ignore"):
+        for j in range(1, 13):
+            acc = acc * nd_mod._K[1] + np.uint64(sigs[11, j])
+        assert whole_bands[0, 11] == nd_mod._fmix64(np.array([acc], np.uint64))[0]
