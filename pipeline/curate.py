@@ -150,8 +150,8 @@ def curate(
 def _partitioned_first(paths: list[Path], store: Store, version_id: str, policy: Policy, options: CurateOptions,
                        timer: _Timer, on_rows: Callable[[int], None] | None) -> CurateResult | None:
     """A first version built over partitions, in this process or on the Dask cluster ``PREFPIPE_DASK``
-    names (None: the input has what that build does not cover yet -- reviews, dimension verdicts, an
-    annotator registry -- and the one-process build runs).  Its partitions and task states live
+    names (None: the input has what that build does not cover yet -- reviews, dimension verdicts --
+    and the one-process build runs).  Its partitions and task states live
     under ``<store>/.work/<version_id>/`` while it runs (on the store's filesystem: a cluster's
     workers read them there); a failed run leaves them, so a retry computes only what is missing."""
     import shutil

@@ -217,6 +217,36 @@ def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Tota
     return out
 
 
+# ---------------------------------------------------------------- the annotator registry: per judgment
+def _registry_run(registry_json: str, paths: list[str]) -> State:
+    from pipeline.checks import registry as reg
+    from schemas.registry import AnnotatorRegistry
+
+    part = read_partition(paths, list(reg.CHECK.judgment_columns or ()))
+    found, seen = reg.part_state(part, AnnotatorRegistry.model_validate_json(registry_json))
+    return {"found": found, "seen": seen.to_frame(), "n": pl.DataFrame({"n": [part.height]}, schema={"n": pl.Int64})}
+
+
+def registry_step(registry: Any) -> Step:
+    """Each partition's judgments against the annotator ``registry``: the findings, the annotators
+    seen, the judgment count (:func:`pipeline.checks.registry.part_state`)."""
+    doc = registry.model_dump_json()
+    return Step("registry-check", f"{VERSION}-{registry.sha256()[:16]}", functools.partial(_registry_run, doc), _keep)
+
+
+def registry_check(refs: list[Any], cache_dir: Any, registry: Any, *, client: Any = None) -> CheckResult:
+    """The registry check over every partition: the result :func:`pipeline.checks.registry.run`
+    gives over every judgment (without a registry it reads nothing)."""
+    from pipeline.checks import registry as reg
+
+    if registry is None:
+        raise ValueError("registry_check: no registry (the check's result on no registry needs only the count)")
+    states, _ = map_partitions(registry_step(registry), refs, cache_dir, client=client)
+    found = pl.concat([s["found"] for s in states], how="vertical_relaxed")
+    seen = pl.concat([s["seen"] for s in states])["annotator_id"]
+    return reg.result(registry, int(sum(s["n"]["n"][0] for s in states)), found, seen)
+
+
 # ---------------------------------------------------------------- near duplicates: signatures on the workers
 def _near_dup_run(cfg_json: str, paths: list[str]) -> State:
     cfg = ChecksConfig.model_validate_json(cfg_json).near_duplicate

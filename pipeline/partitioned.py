@@ -9,8 +9,8 @@ annotator parameters (tested equal); then the checks that read only the pairs (r
 judgments per label, consensus; dimensions, which has nothing to do without dimension verdicts).  The driver holds the states, the codes while it fits and the
 signatures while it indexes, never a judgment's text.
 
-Not composed yet (``curate`` still runs them on the whole frame): the registry and reviews checks
-(they need their contexts; nothing to do without them), judgment drops, the final consensus, select, split and the
+Not composed here: the registry check (:func:`pipeline.partition_checks.registry_check`, run by
+the build) and the reviews check (it needs its context; nothing to do without reviews), judgment drops, the final consensus, select, split and the
 version's parts.  Refused with the reason: a given pair id whose contents span partitions (the
 preliminary consensus would need its judgments on one worker) and judgments with dimension verdicts.
 """

@@ -10,7 +10,8 @@ input and no parent -- every table, the manifest's ledger and checks, the report
    verdicts); a comparison id used twice keeps its first row in input order (the partitions that
    hold a later copy are written again without it);
 2. :func:`pipeline.partitioned.analyze` (the preliminary consensus and the checks; the near
-   duplicates through the state tables a version keeps);
+   duplicates through the state tables a version keeps); the annotator registry's check per
+   partition (:func:`pipeline.partition_checks.registry_check`);
 3. :func:`pipeline.partition_select.select` (drops, the final fit, select, split), each partition's
    rows in this version's table layout;
 4. the pair tables merged part by part from the partitions' rows
@@ -19,8 +20,7 @@ input and no parent -- every table, the manifest's ledger and checks, the report
    flags and the review state from the driver's narrow frames; the manifest and the report.
 
 Not covered (:func:`unsupported` names the reason; ``curate`` then builds the version in one
-process): a parent (a child's build), reviews in the input, dimension verdicts, an annotator
-registry in the policy.
+process): a parent (a child's build), reviews in the input, dimension verdicts.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from pipeline import aggregate as agg
 from pipeline import incremental as inc
 from pipeline import memory
+from pipeline import partition_checks as pk
 from pipeline import partition_select as ps
 from pipeline import reviews_resolve as rr
 from pipeline.checks import CHECKS, all_flags, run_checks
@@ -70,8 +71,6 @@ ROW_GROUP_ROWS = 65_536  # of a table streamed into one part (the judgments)
 
 def unsupported(policy: Policy, facts: dict[str, int]) -> str | None:
     """Why a first version of these inputs is not built over partitions (None: it is)."""
-    if policy.annotators is not None:
-        return "an annotator registry in the policy"
     if policy.dimensions.train_on:
         return "dimensions.train_on"
     if facts.get("reviews"):
@@ -276,13 +275,13 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id, near_dup_sink=write_near_dup_state)
     assert a.seen is not None and a.lengths is not None
     lap("partitions:checks")
-    # the two checks with nothing to do without a registry and reviews: their results on no judgment
+    # the registry check per partition (without a registry it only counts the judgments); reviews: none in the input
     review_ctx = rr.context(None, mode=policy.reviews.mode, registry=policy.annotators)
     from pipeline.checks import registry
 
-    # (without a registry the registry check counts the judgments: a column of that many rows, one bit each)
-    results = {**a.results, "registry": registry.run(pl.select(_n=pl.repeat(None, a.n_judgments, dtype=pl.Boolean)),
-                                                     policy.checks, registry=policy.annotators)}
+    reg = registry.result(None, a.n_judgments) if policy.annotators is None else \
+        pk.registry_check(refs, work / "states", policy.annotators, client=client)
+    results = {**a.results, "registry": reg}
     results = run_checks(empty_frame(Judgment), policy.checks, pairs=a.pairs,
                          extra_kwargs={"reviews": {"reviews": review_ctx}}, given=results)
     results = {c.name: results[c.name] for c in CHECKS}  # (registry order, as run_checks gives them)

@@ -89,6 +89,45 @@ def test_the_partitioned_first_version_is_the_one_process_version(inputs, one_pr
     assert sorted(gm.files) == sorted(wm.files)
 
 
+def _registry():
+    from schemas.registry import AnnotatorRegistry, load_registry
+
+    samples = load_registry(ROOT / "data" / "samples" / "annotators.csv").annotator
+    gen = [{"annotator_id": f"rev-{i:03d}", "annotator_kind": "human", "locales": ["en"] if i < 50 else []}
+           for i in range(150)]  # rev-150..199 unknown; rev-000..049 judge ja-JP / zh-CN pairs too
+    ais = [{"annotator_id": "judge-alpha", "annotator_kind": "human"},  # an AI judge registered as a human
+           {"annotator_id": "judge-beta", "annotator_kind": "ai", "qualified_until": "2026-11-10"},
+           {"annotator_id": "judge-gamma", "annotator_kind": "ai"}, {"annotator_id": "judge-delta", "annotator_kind": "ai"},
+           {"annotator_id": "rev-999", "annotator_kind": "human"}]  # registered, no judgment
+    return AnnotatorRegistry.model_validate({"annotator": [e.model_dump() for e in samples] + gen + ais})
+
+
+def test_with_an_annotator_registry_the_partitioned_version_is_the_one_process_version(inputs, tmp_path):
+    """The registry check runs per partition (its flags then drop judgments in every partition's
+    select): the version equals the one-process build's, and the check found what was planted."""
+    policy = resolve_policy(Policy(annotators=_registry()))
+    want = curate(inputs, Store(tmp_path / "one"), policy).handle
+    pset = partition_files(inputs, tmp_path / "set", n_partitions=3, batch_rows=policy.ingest.batch_rows,
+                           limits=policy.ingest, dimensions=policy.dimensions)
+    store = Store(tmp_path / "store")
+    store.write_version(want.version_id, lambda stage: build_first(store, stage, want.version_id, pset, policy,
+                                                                   work=tmp_path / "work"))
+    got = store.resolve(want.version_id)
+    m = {c.name: c for c in want.manifest().checks}["registry"].metrics
+    assert min(m["unknown_annotator"], m["kind_mismatch"], m["unqualified_reviewer"]) > 0, m
+    assert m["unqualified_by_field"]["locale"] > 0 and m["unqualified_by_field"]["date"] > 0
+    assert m["registered_without_judgments"] >= 1 and "rev-150" in m["unknown_annotator_ids"]
+    assert 0 < want.manifest().ledger.judgments_dropped.get("unknown_annotator", 0) <= m["unknown_annotator"]  # (one reason a drop)
+    assert _checks(got.manifest()) == _checks(want.manifest())
+    assert got.manifest().ledger.model_dump_json() == want.manifest().ledger.model_dump_json()
+    for name, table in want.manifest().tables.items():
+        mine = got.manifest().tables[name]
+        if name in ROWS_ONLY:
+            assert _rows(got, name).equals(_rows(want, name)), name
+        else:
+            assert [(p.sha256, p.rows) for p in mine.parts] == [(p.sha256, p.rows) for p in table.parts], name
+
+
 def test_the_report_says_what_the_one_process_report_says(inputs, one_process, tmp_path):
     got = _partitioned(inputs, tmp_path, one_process.version_id, 3)
     a = (one_process.path / "report.md").read_text(encoding="utf-8").splitlines()

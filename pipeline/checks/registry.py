@@ -122,14 +122,29 @@ def findings(judgments: pl.DataFrame, registry: AnnotatorRegistry) -> pl.DataFra
 def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None,  # noqa: ARG001 - one check signature
         *, registry: AnnotatorRegistry | None = None) -> CheckResult:
     """Flag judgments the registry does not vouch for (nothing to do without a registry)."""
-    n = judgments.height
+    if registry is None:
+        return result(None, judgments.height)
+    return result(registry, judgments.height, *part_state(judgments, registry))
+
+
+def part_state(judgments: pl.DataFrame, registry: AnnotatorRegistry) -> tuple[pl.DataFrame, pl.Series]:
+    """What :func:`result` needs of some judgments: their findings and their annotators (distinct).
+    Disjoint sets of judgments (a partition each) give parts that concatenate to the whole's."""
+    seen = judgments["annotator_id"].unique() if judgments.height else pl.Series("annotator_id", [], pl.String)
+    return findings(judgments, registry), seen
+
+
+def result(registry: AnnotatorRegistry | None, n: int, found: pl.DataFrame | None = None,
+           seen: pl.Series | None = None) -> CheckResult:
+    """The check's result over ``n`` judgments from their findings and the annotators seen
+    (:func:`part_state`, or its parts concatenated: the flags are sorted when they are gathered)."""
     if registry is None:
         return CheckResult(name=NAME, status="pass", metrics={"registry": None, "judgments": n},
                            summary="no annotator registry given: judgments not checked against one")
-    found = findings(judgments, registry)
+    assert found is not None and seen is not None
     counts = {r: 0 for r in REASONS} | dict(found.group_by("reason").len().iter_rows())
     unq = found.filter(pl.col("reason") == "unqualified_reviewer")
-    seen = set(judgments["annotator_id"].unique().to_list()) if n else set()
+    seen_ids = set(seen.to_list())
     registered = [e.annotator_id for e in registry.annotator]
     unknown_ids = sorted(found.filter(pl.col("reason") == "unknown_annotator")["annotator_id"].unique().to_list()) \
         if found.height else []
@@ -142,7 +157,7 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None,  # noqa: ARG00
         "unqualified_by_field": {"locale": int(unq["_loc_out"].sum()), "rubric": int(unq["_rub_out"].sum()),
                                  "date": int(unq["_date_out"].sum())},
         "unknown_annotator_ids": unknown_ids[:20],
-        "registered_without_judgments": sum(a not in seen for a in registered),
+        "registered_without_judgments": sum(a not in seen_ids for a in registered),
     }
     flags = empty_flags() if found.height == 0 else pl.concat([
         make_flags(g["comparison_id"], subject_kind="judgment", check=NAME, reason=r, detail=g["detail"])
@@ -170,4 +185,4 @@ CHECK = CheckSpec(
     ),
 )
 
-__all__ = ["CHECK", "REASONS", "findings", "registry_frame", "run"]
+__all__ = ["CHECK", "REASONS", "findings", "part_state", "registry_frame", "result", "run"]
