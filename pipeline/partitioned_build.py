@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -209,34 +210,98 @@ def _batches(ref: PartitionRef, columns: list[str] | None, batch_rows: int) -> I
             yield from f.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False)
 
 
-def _streamed_table(store: Store, stage: Path, name: str, version_id: str, batches: Iterator[pa.Table],
-                    schema: pl.Schema) -> TableInfo:
+class _Streamed:
     """A table that only grows, first version: one part with every row, written as the batches come."""
-    w = TableWriter(store, stage, name, arrival_order=True)
-    rel = f"{name}/part-{version_id}.parquet"
-    path = stage / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
-    rows = 0
-    held: list[pa.Table] = []  # row groups of ROW_GROUP_ROWS rows from the smaller batches of the merge
-    with open(path, "wb") as fh, pq.ParquetWriter(fh, arrow_schema, compression="zstd", compression_level=1,
-                                                  write_statistics=True) as out:
+
+    def __init__(self, store: Store, stage: Path, name: str, version_id: str, schema: pl.Schema) -> None:
+        self.store, self.writer = store, TableWriter(store, stage, name, arrival_order=True)
+        self.rel = f"{name}/part-{version_id}.parquet"
+        self.path = stage / self.rel
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.schema = pl.DataFrame(schema=schema).to_arrow().schema
+        self.rows = 0
+        self.held: list[pa.Table] = []  # row groups of ROW_GROUP_ROWS rows from the smaller batches of the merge
+        self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by finish() / close()
+        self._out = pq.ParquetWriter(self._fh, self.schema, compression="zstd", compression_level=1, write_statistics=True)
+
+    def add(self, batch: pa.Table) -> None:
+        self.held.append(batch.select(self.schema.names).cast(self.schema))
+        self.rows += batch.num_rows
+        if sum(t.num_rows for t in self.held) >= ROW_GROUP_ROWS:  # (full row groups: the file's layout is the
+            held = pa.concat_tables(self.held)                      # rows', whatever the batches' sizes)
+            cut = held.num_rows - held.num_rows % ROW_GROUP_ROWS
+            self._out.write_table(held.slice(0, cut), row_group_size=ROW_GROUP_ROWS)
+            self.held = [held.slice(cut)] if cut < held.num_rows else []
+
+    def close(self) -> None:
+        self._out.close()
+        self._fh.close()
+
+    def finish(self) -> TableInfo:
+        if self.held or self.rows == 0:
+            self._out.write_table(pa.concat_tables(self.held) if self.held else self.schema.empty_table(),
+                                  row_group_size=ROW_GROUP_ROWS)
+        self._out.close()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        if pq.ParquetFile(self.path).metadata.num_rows != self.rows:
+            raise OSError(f"{self.path}: wrote {self.rows} rows, read back another count")
+        sha = sha256_file(self.path)
+        share(self.store, self.path, sha)
+        self.writer.parts.append(SplitInfo(path=self.rel, rows=self.rows, sha256=sha, bytes=self.path.stat().st_size))
+        return self.writer.info()
+
+
+def _streamed_tables(store: Store, stage: Path, version_id: str, batches: Iterator[pa.Table],
+                     schemas: dict[str, pl.Schema], stop: threading.Event | None = None) -> dict[str, TableInfo]:
+    """Tables that only grow (the judgments and the columns a child reads of every row), written from
+    one pass over ``batches`` (each table takes its columns of every batch).  ``stop``: set by
+    another thread to end the pass early (the build failed; nothing is returned)."""
+    outs = [_Streamed(store, stage, name, version_id, schema) for name, schema in schemas.items()]
+    try:
         for b in batches:
-            held.append(b.select(arrow_schema.names).cast(arrow_schema))
-            rows += b.num_rows
-            if sum(t.num_rows for t in held) >= ROW_GROUP_ROWS:
-                out.write_table(pa.concat_tables(held), row_group_size=ROW_GROUP_ROWS)
-                held = []
-        if held or rows == 0:
-            out.write_table(pa.concat_tables(held) if held else arrow_schema.empty_table(), row_group_size=ROW_GROUP_ROWS)
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-    if pq.ParquetFile(path).metadata.num_rows != rows:
-        raise OSError(f"{path}: wrote {rows} rows, read back another count")
-    sha = sha256_file(path)
-    share(store, path, sha)
-    w.parts.append(SplitInfo(path=rel, rows=rows, sha256=sha, bytes=path.stat().st_size))
-    return w.info()
+            if stop is not None and stop.is_set():
+                raise _Stopped
+            for o in outs:
+                o.add(b)
+        return {name: o.finish() for name, o in zip(schemas, outs, strict=True)}
+    finally:
+        for o in outs:
+            if not o._fh.closed:
+                o.close()
+
+
+class _Stopped(Exception):
+    """The build stopped the background write (it failed elsewhere)."""
+
+
+class _Background:
+    """``fn(stop)`` on a thread of its own: :meth:`result` joins it and re-raises its error;
+    :meth:`cancel` asks it to stop (``stop`` is set) and waits for it."""
+
+    def __init__(self, fn: Callable[[threading.Event], Any], name: str) -> None:
+        self._stop = threading.Event()
+        self._out: Any = None
+        self._err: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[threading.Event], Any]) -> None:
+        try:
+            self._out = fn(self._stop)
+        except BaseException as err:  # noqa: BLE001 - handed to the joining thread
+            self._err = err
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+        return self._out
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 # ---------------------------------------------------------------- the build
@@ -267,189 +332,193 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     if why is not None:
         raise NotPartitioned(f"not built over partitions: {why}")
     lap("partitions:facts")
-    nd_tables: dict[str, TableInfo] = {}
+    schemas = {"judgments": empty_frame(Judgment).schema, inc.JUDGMENT_ROWS: inc.judgment_rows(empty_frame(Judgment)).schema}
+    # the judgments (and the columns a child reads of every row) in input order, written on a thread of their own
+    # while the checks and select run: the partitions without the repeated ids are all they read
+    merge_rows = max(1_024, min(8_192, 131_072 // max(1, len(refs))))  # (the merge holds a batch of every partition)
+    judgments = _Background(lambda stop: _streamed_tables(store, stage, version_id, _input_order_batches(
+        refs, sources, None, batch_rows=merge_rows), schemas, stop), "prefpipe-judgments")
+    try:
+        nd_tables: dict[str, TableInfo] = {}
 
-    def write_near_dup_state(state: Any) -> None:  # (as soon as it exists: the driver then lets go of the index)
-        nd_tables.update(state.write_state(store, stage))
+        def write_near_dup_state(state: Any) -> None:  # (as soon as it exists: the driver then lets go of the index)
+            nd_tables.update(state.write_state(store, stage))
 
-    a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id, near_dup_sink=write_near_dup_state)
-    assert a.seen is not None and a.lengths is not None
-    lap("partitions:checks")
-    # the registry check per partition (without a registry it only counts the judgments); reviews: none in the input
-    review_ctx = rr.context(None, mode=policy.reviews.mode, registry=policy.annotators)
-    from pipeline.checks import registry
+        a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id, near_dup_sink=write_near_dup_state)
+        assert a.seen is not None and a.lengths is not None
+        lap("partitions:checks")
+        # the registry check per partition (without a registry it only counts the judgments); reviews: none in the input
+        review_ctx = rr.context(None, mode=policy.reviews.mode, registry=policy.annotators)
+        from pipeline.checks import registry
 
-    reg = registry.result(None, a.n_judgments) if policy.annotators is None else \
-        pk.registry_check(refs, work / "states", policy.annotators, client=client)
-    results = {**a.results, "registry": reg}
-    results = run_checks(empty_frame(Judgment), policy.checks, pairs=a.pairs,
-                         extra_kwargs={"reviews": {"reviews": review_ctx}}, given=results)
-    results = {c.name: results[c.name] for c in CHECKS}  # (registry order, as run_checks gives them)
-    flags = all_flags(results)
-    n_pairs = a.pairs.height
-    groups = generation_groups(None, version_id, n_pairs)
-    my_group = groups.filter(pl.col("generation") == version_id)["group"][0]
-    buckets = bucket_counts(None, "pairs", {my_group: n_pairs})
+        reg = registry.result(None, a.n_judgments) if policy.annotators is None else \
+            pk.registry_check(refs, work / "states", policy.annotators, client=client)
+        results = {**a.results, "registry": reg}
+        results = run_checks(empty_frame(Judgment), policy.checks, pairs=a.pairs,
+                             extra_kwargs={"reviews": {"reviews": review_ctx}}, given=results)
+        results = {c.name: results[c.name] for c in CHECKS}  # (registry order, as run_checks gives them)
+        flags = all_flags(results)
+        n_pairs = a.pairs.height
+        groups = generation_groups(None, version_id, n_pairs)
+        my_group = groups.filter(pl.col("generation") == version_id)["group"][0]
+        buckets = bucket_counts(None, "pairs", {my_group: n_pairs})
 
-    def keyed(frame: pl.DataFrame) -> pl.DataFrame:
-        keys = part_keys(frame.select("pair_id").unique().with_columns(_gen=pl.lit(my_group)), buckets)
-        return frame.join(keys, on="pair_id", how="left", maintain_order="left")
+        def keyed(frame: pl.DataFrame) -> pl.DataFrame:
+            keys = part_keys(frame.select("pair_id").unique().with_columns(_gen=pl.lit(my_group)), buckets)
+            return frame.join(keys, on="pair_id", how="left", maintain_order="left")
 
-    reuse = PartReuse.of(None)
-    # the per-pair state tables (the checks' and the preliminary consensus's) written now, before select's tasks
-    # run: the driver then lets go of the preliminary pairs, their lengths and places and the pair-scoped checks'
-    # state rows (~0.25 GB per million judgments together; the near-duplicate state went as soon as it existed)
-    early: dict[str, TableInfo] = {}
-    seen = a.seen.with_columns(_o=_order(a.seen, sources)).sort("_o").select("pair_id", "a_hash",
-                                                                           seen=pl.int_range(pl.len(), dtype=pl.Int64))
-    prelim_rows = a.pairs.drop(inc._PRELIM_DROP, strict=False).join(a.lengths, on="pair_id", how="left") \
-        .join(seen, on="pair_id", how="left").with_columns(first_version=pl.lit(version_id))
-    for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: prelim_rows}.items():
-        early[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
-    del prelim_rows, frame
-    pair_order = seen.sort("seen")["pair_id"]  # (the report's few pairs in first-seen order)
-    del seen
-    for check, spec in inc.PAIR_SCOPED.items():  # (written; nothing later reads them)
-        results[check].tables.pop(spec.table, None)
-    a.pairs = a.pairs.clear()
-    a.lengths = a.seen = None
-    memory.release()
-    clusters = results["near_duplicates"].tables.get("clusters")
-    s = ps.select(refs, work, policy, a.params, flags, clusters, client=client, version_id=version_id,
-                  layout=(my_group, buckets[my_group]), texts=a.texts)
-    assert s.prompts is not None and s.flagged_pairs is not None and s.label_counts is not None
-    lap("partitions:select")
+        reuse = PartReuse.of(None)
+        # the per-pair state tables (the checks' and the preliminary consensus's) written now, before select's tasks
+        # run: the driver then lets go of the preliminary pairs, their lengths and places and the pair-scoped checks'
+        # state rows (~0.25 GB per million judgments together; the near-duplicate state went as soon as it existed)
+        early: dict[str, TableInfo] = {}
+        seen = a.seen.with_columns(_o=_order(a.seen, sources)).sort("_o").select("pair_id", "a_hash",
+                                                                               seen=pl.int_range(pl.len(), dtype=pl.Int64))
+        prelim_rows = a.pairs.drop(inc._PRELIM_DROP, strict=False).join(a.lengths, on="pair_id", how="left") \
+            .join(seen, on="pair_id", how="left").with_columns(first_version=pl.lit(version_id))
+        for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: prelim_rows}.items():
+            early[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
+        del prelim_rows, frame
+        pair_order = seen.sort("seen")["pair_id"]  # (the report's few pairs in first-seen order)
+        del seen
+        for check, spec in inc.PAIR_SCOPED.items():  # (written; nothing later reads them)
+            results[check].tables.pop(spec.table, None)
+        a.pairs = a.pairs.clear()
+        a.lengths = a.seen = None
+        memory.release()
+        clusters = results["near_duplicates"].tables.get("clusters")
+        s = ps.select(refs, work, policy, a.params, flags, clusters, client=client, version_id=version_id,
+                      layout=(my_group, buckets[my_group]), texts=a.texts)
+        assert s.prompts is not None and s.flagged_pairs is not None and s.label_counts is not None
+        lap("partitions:select")
 
-    tables: dict[str, TableInfo] = {}
-    # the judgments (and the columns a child reads of every row) in input order
-    schema = empty_frame(Judgment).schema
-    tables["judgments"] = _streamed_table(store, stage, "judgments", version_id,
-                                          _input_order_batches(refs, sources, None), schema)
-    rows_schema = inc.judgment_rows(empty_frame(Judgment)).schema
-    tables[inc.JUDGMENT_ROWS] = _streamed_table(store, stage, inc.JUDGMENT_ROWS, version_id,
-                                                _input_order_batches(refs, sources, list(rows_schema)), rows_schema)
-    lap("write_judgments")
-    # the pair tables, part by part from every partition's rows
-    order = ("pair_id",)
-    for table, name in (("pairs", "pairs"), ("pair_rows", PAIR_ROWS), ("routed", "routed")):
-        w = TableWriter(store, stage, name)
-        merge_grouped(w, [iter_table(s.step, r, s.cache_dir, table) for r in refs], reuse=reuse, order_by=order,
-                      schema=_schema_of(s, refs[0], table))
-        tables[name] = w.info()
-    sizes: dict[str, int] = {}
-    split_codes = _dpo_split_codes(s, refs)
-    for code, split in enumerate(SPLITS):
-        w = TableWriter(store, stage, f"data/{split}")
-        sizes[split] = merge_grouped(w, [_dpo_of_split(s, r, split_codes[r.index] == code) for r in refs], reuse=reuse,
-                                     order_by=order, schema=_schema_of(s, refs[0], "dpo"))
-        tables[f"data/{split}"] = w.info()
-    splits = {sp: SplitInfo(path=ti.path, rows=ti.rows, sha256=ti.sha256) for sp in SPLITS for ti in [tables[f"data/{sp}"]]}
-    # every kept pair's split, its prompt: assignments, leakage, placement
-    c = pl.col
-    kept = s.fate.filter(c("decision") == "keep").select("pair_id", "near_dup_cluster")
-    now = kept.with_columns(_cl=c("near_dup_cluster").fill_null(c("pair_id"))).join(s.splits, on="_cl", how="left").drop("_cl")
-    assigned = assignments(now, None, version_id)
-    tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned))
-    leaks = leakage({sp: now.filter(c("split") == sp) for sp in SPLITS}, s.prompts)
-    assert s.cluster_counts is not None
-    placed = _stats_of_counts(s.cluster_counts).join(s.splits, on="_cl").group_by("_stratum", "split") \
-        .agg(c("n").sum().cast(pl.Int64)).sort("_stratum", "split")
-    lap("write_pairs")
-    # the state tables (per pair, narrow), written before select: in the manifest in their place
-    tables.update(early)
-    routed_all = s.routed
-    reviews = rr.classify(empty_frame(Judgment), review_ctx)
-    review_state, review_ledger = rr.finish(
-        review_ctx, version_id=version_id, created_at=created_at, pairs=s.fate.drop("_p"), routed=routed_all, reviews=reviews,
-        decided_by_reviews=rr.votes(reviews, s.fate.clear(), None), n_review_judgments=0)
+        tables: dict[str, TableInfo] = {}
+        tables.update(judgments.result())
+        lap("write_judgments (wait)")
+        # the pair tables, part by part from every partition's rows
+        order = ("pair_id",)
+        for table, name in (("pairs", "pairs"), ("pair_rows", PAIR_ROWS), ("routed", "routed")):
+            w = TableWriter(store, stage, name)
+            merge_grouped(w, [iter_table(s.step, r, s.cache_dir, table) for r in refs], reuse=reuse, order_by=order,
+                          schema=_schema_of(s, refs[0], table))
+            tables[name] = w.info()
+        sizes: dict[str, int] = {}
+        split_codes = _dpo_split_codes(s, refs)
+        for code, split in enumerate(SPLITS):
+            w = TableWriter(store, stage, f"data/{split}")
+            sizes[split] = merge_grouped(w, [_dpo_of_split(s, r, split_codes[r.index] == code) for r in refs], reuse=reuse,
+                                         order_by=order, schema=_schema_of(s, refs[0], "dpo"))
+            tables[f"data/{split}"] = w.info()
+        splits = {sp: SplitInfo(path=ti.path, rows=ti.rows, sha256=ti.sha256) for sp in SPLITS for ti in [tables[f"data/{sp}"]]}
+        # every kept pair's split, its prompt: assignments, leakage, placement
+        c = pl.col
+        kept = s.fate.filter(c("decision") == "keep").select("pair_id", "near_dup_cluster")
+        now = kept.with_columns(_cl=c("near_dup_cluster").fill_null(c("pair_id"))).join(s.splits, on="_cl", how="left").drop("_cl")
+        assigned = assignments(now, None, version_id)
+        tables["split_assignments"] = _grouped_table(reuse, store, stage, "split_assignments", keyed(assigned))
+        leaks = leakage({sp: now.filter(c("split") == sp) for sp in SPLITS}, s.prompts)
+        assert s.cluster_counts is not None
+        placed = _stats_of_counts(s.cluster_counts).join(s.splits, on="_cl").group_by("_stratum", "split") \
+            .agg(c("n").sum().cast(pl.Int64)).sort("_stratum", "split")
+        lap("write_pairs")
+        # the state tables (per pair, narrow), written before select: in the manifest in their place
+        tables.update(early)
+        routed_all = s.routed
+        reviews = rr.classify(empty_frame(Judgment), review_ctx)
+        review_state, review_ledger = rr.finish(
+            review_ctx, version_id=version_id, created_at=created_at, pairs=s.fate.drop("_p"), routed=routed_all, reviews=reviews,
+            decided_by_reviews=rr.votes(reviews, s.fate.clear(), None), n_review_judgments=0)
 
-    def pair_keys_of(pid: pl.Series) -> pl.Series:
-        f = pid.to_frame("pair_id")
-        u = f.drop_nulls().unique()
-        k = keyed(u).select("pair_id", "_part") if u.height else u.with_columns(_part=pl.lit(None, pl.String))
-        return f.join(k, on="pair_id", how="left", maintain_order="left")["_part"].fill_null(OTHER_KEY)
+        def pair_keys_of(pid: pl.Series) -> pl.Series:
+            f = pid.to_frame("pair_id")
+            u = f.drop_nulls().unique()
+            k = keyed(u).select("pair_id", "_part") if u.height else u.with_columns(_part=pl.lit(None, pl.String))
+            return f.join(k, on="pair_id", how="left", maintain_order="left")["_part"].fill_null(OTHER_KEY)
 
-    def flag_keys(fl: pl.DataFrame) -> pl.Series:
-        kind = c("subject_kind")
-        sub = fl.select("subject_kind", "subject_id").join(s.flagged_pairs, on="subject_id", how="left", maintain_order="left")
-        return pair_keys_of(sub.select(pl.when(kind == "pair").then(c("subject_id"))
-                                       .when(kind == "judgment").then(c("_jp")))["subject_id"])
+        def flag_keys(fl: pl.DataFrame) -> pl.Series:
+            kind = c("subject_kind")
+            sub = fl.select("subject_kind", "subject_id").join(s.flagged_pairs, on="subject_id", how="left", maintain_order="left")
+            return pair_keys_of(sub.select(pl.when(kind == "pair").then(c("subject_id"))
+                                           .when(kind == "judgment").then(c("_jp")))["subject_id"])
 
-    for name, frame, key_of, fl_order, printed in (("flags", flags, flag_keys, FLAG_ORDER, True),
-                                                   (rr.STATE, review_state, lambda f: pair_keys_of(f["pair_id"]),
-                                                    ("pair_id",), False)):
-        w = TableWriter(store, stage, name)
-        w.write_grouped(frame.with_columns(_part=key_of(frame)), "_part", reuse if printed else None, order_by=fl_order)
-        tables[name] = w.info()
-    quarantine = pl.read_parquet(pset.quarantine_path, glob=False)
-    w = TableWriter(store, stage, "quarantine", arrival_order=True)
-    w.write(version_id, quarantine)
-    tables["quarantine"] = w.info()
-    used = s.kept_annotators.to_frame() if s.kept_annotators is not None else pl.DataFrame(schema={"annotator_id": pl.String})
-    used = used.join(s.params, on="annotator_id", how="left")
-    annotators = agg.annotator_table(results, used.select(
-        "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
-        order_engagement="oa_engaged"))
-    from pipeline.report import LABEL_COUNTS
+        for name, frame, key_of, fl_order, printed in (("flags", flags, flag_keys, FLAG_ORDER, True),
+                                                       (rr.STATE, review_state, lambda f: pair_keys_of(f["pair_id"]),
+                                                        ("pair_id",), False)):
+            w = TableWriter(store, stage, name)
+            w.write_grouped(frame.with_columns(_part=key_of(frame)), "_part", reuse if printed else None, order_by=fl_order)
+            tables[name] = w.info()
+        quarantine = pl.read_parquet(pset.quarantine_path, glob=False)
+        w = TableWriter(store, stage, "quarantine", arrival_order=True)
+        w.write(version_id, quarantine)
+        tables["quarantine"] = w.info()
+        used = s.kept_annotators.to_frame() if s.kept_annotators is not None else pl.DataFrame(schema={"annotator_id": pl.String})
+        used = used.join(s.params, on="annotator_id", how="left")
+        annotators = agg.annotator_table(results, used.select(
+            "annotator_id", "ds_accuracy", accuracy_better_first="oa_alpha", accuracy_better_second="oa_beta",
+            order_engagement="oa_engaged"))
+        from pipeline.report import LABEL_COUNTS
 
-    for name, frame in (("annotators", annotators), (FINGERPRINTS, reuse.frame()), (LABEL_COUNTS, s.label_counts),
-                        (PLACEMENT, placed), (inc.PARAMS_TABLE, s.params), (inc.PRELIM_PARAMS, a.params),
-                        (GROUPS, groups), *inc.sums_frames(results).items()):
-        w = TableWriter(store, stage, name)
-        w.write("all", frame)
-        tables[name] = w.info()
-    tables.update(nd_tables)
-    lap("write")
+        for name, frame in (("annotators", annotators), (FINGERPRINTS, reuse.frame()), (LABEL_COUNTS, s.label_counts),
+                            (PLACEMENT, placed), (inc.PARAMS_TABLE, s.params), (inc.PRELIM_PARAMS, a.params),
+                            (GROUPS, groups), *inc.sums_frames(results).items()):
+            w = TableWriter(store, stage, name)
+            w.write("all", frame)
+            tables[name] = w.info()
+        tables.update(nd_tables)
+        lap("write")
 
-    n_judgments = a.n_judgments
-    checks = [r.manifest_entry() for r in results.values()]
-    checks.append(_split_check(leaks, sizes))
-    checks.append(_stability_check(pl.DataFrame(schema={"pair_id": pl.String, "from": pl.String, "to": pl.String}), None))
-    pre_check = {"duplicate_comparison_id": n_dup_ids} if n_dup_ids else {}
-    ledger = Ledger(
-        rows_in=pset.ledger.rows_in, quarantined=pset.ledger.quarantined,
-        judgments_valid=n_judgments + n_dup_ids,
-        judgments_dropped={**s.judgments_dropped, **pre_check},
-        pairs=n_pairs, pairs_kept=sum(sizes.values()), routed=s.routed_by_label, dropped=s.dropped_by_reason,
-        splits=sizes, reviews=review_ledger)
-    manifest = Manifest(
-        version_id=version_id, created_at=created_at, parent_version=None, code_version=code_version(),
-        policy_hash=policy.policy_hash(), policy=policy.model_dump(mode="json"), ledger=ledger, ingest=pset.ledger,
-        sources=list(pset.sources), splits=splits, files={}, tables=tables, checks=checks,
-        annotators=_annotator_summary(annotators),
-        lineage={"parent_version": None, "new_sources": [x.model_dump() for x in pset.sources], "timings_s": timings,
-                 "check_sums": {"mode": "counted", "formats": inc.sums_formats(),
-                                "fitted_on": inc.fitted_on(None, (), n_judgments)},
-                 "pair_table_parts": {"linked": reuse.linked, "written": reuse.written},
-                 "partitions": {"n": len(refs), "judgments": [p.judgments for p in pset.partitions]}})
-    from pipeline.report import ReportInputs, write_report
+        n_judgments = a.n_judgments
+        checks = [r.manifest_entry() for r in results.values()]
+        checks.append(_split_check(leaks, sizes))
+        checks.append(_stability_check(pl.DataFrame(schema={"pair_id": pl.String, "from": pl.String, "to": pl.String}), None))
+        pre_check = {"duplicate_comparison_id": n_dup_ids} if n_dup_ids else {}
+        ledger = Ledger(
+            rows_in=pset.ledger.rows_in, quarantined=pset.ledger.quarantined,
+            judgments_valid=n_judgments + n_dup_ids,
+            judgments_dropped={**s.judgments_dropped, **pre_check},
+            pairs=n_pairs, pairs_kept=sum(sizes.values()), routed=s.routed_by_label, dropped=s.dropped_by_reason,
+            splits=sizes, reviews=review_ledger)
+        manifest = Manifest(
+            version_id=version_id, created_at=created_at, parent_version=None, code_version=code_version(),
+            policy_hash=policy.policy_hash(), policy=policy.model_dump(mode="json"), ledger=ledger, ingest=pset.ledger,
+            sources=list(pset.sources), splits=splits, files={}, tables=tables, checks=checks,
+            annotators=_annotator_summary(annotators),
+            lineage={"parent_version": None, "new_sources": [x.model_dump() for x in pset.sources], "timings_s": timings,
+                     "check_sums": {"mode": "counted", "formats": inc.sums_formats(),
+                                    "fitted_on": inc.fitted_on(None, (), n_judgments)},
+                     "pair_table_parts": {"linked": reuse.linked, "written": reuse.written},
+                     "partitions": {"n": len(refs), "judgments": [p.judgments for p in pset.partitions]}})
+        from pipeline.report import ReportInputs, write_report
 
-    fate_of = s.fate.drop("_p")
+        fate_of = s.fate.drop("_p")
 
-    def pair_rows(ids: pl.Series) -> pl.DataFrame:
-        """The report's few pairs with their texts: streamed from the partitions that hold them."""
-        import pyarrow.compute as pc
+        def pair_rows(ids: pl.Series) -> pl.DataFrame:
+            """The report's few pairs with their texts: streamed from the partitions that hold them."""
+            import pyarrow.compute as pc
 
-        want = ids.to_frame("pair_id")
-        where = s.fate.join(want, on="pair_id", how="semi")["_p"].unique().sort().to_list()
-        value_set = want.to_arrow()["pair_id"].cast(pa.large_string())
-        # (filtered in Arrow, which copies the few rows: a Polars filter would keep every batch's texts alive)
-        frames = [pl.from_arrow(b.filter(pc.is_in(b["pair_id"], value_set=value_set))).drop("_part")
-                  for r in refs if r.index in where for b in iter_batches(s.step, r, s.cache_dir, "pairs")]
-        frames = [f for f in frames if f.height]
-        return pl.concat(frames) if frames else pl.DataFrame(schema=_schema_of(s, refs[0], "pairs"))
+            want = ids.to_frame("pair_id")
+            where = s.fate.join(want, on="pair_id", how="semi")["_p"].unique().sort().to_list()
+            value_set = want.to_arrow()["pair_id"].cast(pa.large_string())
+            # (filtered in Arrow, which copies the few rows: a Polars filter would keep every batch's texts alive)
+            frames = [pl.from_arrow(b.filter(pc.is_in(b["pair_id"], value_set=value_set))).drop("_part")
+                      for r in refs if r.index in where for b in iter_batches(s.step, r, s.cache_dir, "pairs")]
+            frames = [f for f in frames if f.height]
+            return pl.concat(frames) if frames else pl.DataFrame(schema=_schema_of(s, refs[0], "pairs"))
 
-    narrow = empty_frame(Judgment).select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
-    inputs = ReportInputs(manifest=manifest, judgments=narrow, pairs=fate_of, pair_rows=pair_rows, pair_prompts=s.prompts,
-                          flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results,
-                          pair_order=pair_order, label_counts=s.label_counts,
-                          graph_clusters=results["near_duplicates"].tables.get("graph_clusters"))
-    from pipeline.store import file_info
+        narrow = empty_frame(Judgment).select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
+        inputs = ReportInputs(manifest=manifest, judgments=narrow, pairs=fate_of, pair_rows=pair_rows, pair_prompts=s.prompts,
+                              flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results,
+                              pair_order=pair_order, label_counts=s.label_counts,
+                              graph_clusters=results["near_duplicates"].tables.get("graph_clusters"))
+        from pipeline.store import file_info
 
-    for path in write_report(inputs, stage):
-        manifest.files[path.name] = file_info(path, path.name)
-    lap("report")
-    return manifest
+        for path in write_report(inputs, stage):
+            manifest.files[path.name] = file_info(path, path.name)
+        lap("report")
+        return manifest
+    except BaseException:
+        judgments.cancel()
+        raise
 
 
 def _schema_of(s: ps.Selection, ref: PartitionRef, table: str) -> pl.Schema:
