@@ -58,6 +58,7 @@ from schemas.arrow import empty_frame
 from schemas.manifest import Ledger, Manifest, SplitInfo, TableInfo
 from schemas.policy import Policy
 from schemas.records import Judgment
+from schemas.text import derive_pair_id_expr
 from schemas.version import code_version
 
 __all__ = ["NotPartitioned", "unsupported", "build_first"]
@@ -74,8 +75,6 @@ def unsupported(policy: Policy, facts: dict[str, int]) -> str | None:
     """Why a first version of these inputs is not built over partitions (None: it is)."""
     if policy.dimensions.train_on:
         return "dimensions.train_on"
-    if facts.get("reviews"):
-        return "reviews (judgments with review_of) in the input"
     if facts.get("dimensions"):
         return "dimension verdicts in the input"
     return None
@@ -135,20 +134,81 @@ def _without_repeated_ids(refs: list[PartitionRef], sources: list[str], work: Pa
     out = []
     for r in refs:
         mine = later.filter(pl.col("_p") == r.index)
-        if mine.height == 0:
-            out.append(r)
-            continue
-        part = read_partition(list(r.paths))
-        part = part.filter(~_order(part, sources).is_in(mine["_o"].implode()))
-        d = work / "dedup"
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".part-{r.index:05d}.{os.getpid()}.tmp"
-        part.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=8_192)
-        sha = sha256_file(tmp)
-        path = d / f"part-{r.index:05d}-{sha[:16]}.parquet"
-        os.replace(tmp, path)
-        out.append(PartitionRef(r.index, (str(path.resolve()),), (sha,)))
+        out.append(r if mine.height == 0 else _rewritten(
+            r, lambda part, mine=mine: part.filter(~_order(part, sources).is_in(mine["_o"].implode())), work / "dedup"))
     return out, later.height, facts
+
+
+def _rewritten(ref: PartitionRef, change: Callable[[pl.DataFrame], pl.DataFrame], directory: Path) -> PartitionRef:
+    """Partition ``ref`` written again with ``change`` applied to its rows (one file, named by its content)."""
+    part = change(read_partition(list(ref.paths)))
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".part-{ref.index:05d}.{os.getpid()}.tmp"
+    part.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=8_192)
+    sha = sha256_file(tmp)
+    path = directory / f"part-{ref.index:05d}-{sha[:16]}.parquet"
+    os.replace(tmp, path)
+    return PartitionRef(ref.index, (str(path.resolve()),), (sha,))
+
+
+# ---------------------------------------------------------------- 1b. reviews: attached to the pairs they name, or not
+_REVIEW_COLUMNS = ["comparison_id", "pair_id", "review_of", "annotator_id", "annotator_kind", "label", "strength",
+                   "prompt_hash", "a_hash", "b_hash", "locale", "rubric", "created_at", "source_file", "source_line"]
+
+
+def _reviews_run(paths: list[str]) -> State:
+    part = read_partition(paths, _REVIEW_COLUMNS)
+    return {"reviews": part.filter(pl.col("review_of").is_not_null())}
+
+
+REVIEWS = Step("build-reviews", f"1-{pl.__version__}", _reviews_run, lambda states: states[0])
+
+
+def _named_run(ids: tuple[str, ...], paths: list[str]) -> State:
+    part = read_partition(paths, ["pair_id", "review_of", "prompt_hash", "a_hash", "b_hash", "source_file", "source_line"])
+    named = pl.Series(ids, dtype=pl.String)
+    return {"rows": part.filter(pl.col("review_of").is_null() & pl.col("pair_id").is_in(named.implode())).drop("review_of")}
+
+
+def _named_step(ids: list[str]) -> Step:
+    import functools
+    import hashlib
+
+    ids_ = tuple(sorted(set(ids)))
+    key = hashlib.sha256("\n".join(ids_).encode()).hexdigest()[:16]
+    return Step("build-reviewed-pairs", f"1-{pl.__version__}-{key}", functools.partial(_named_run, ids_),
+                lambda states: states[0])
+
+
+def _attach_reviews(refs: list[PartitionRef], sources: list[str], work: Path, client: Any
+                    ) -> tuple[list[PartitionRef], pl.DataFrame]:
+    """:func:`pipeline.reviews_resolve.attach` over partitions: a review whose prompt or responses
+    differ from the first non-review judgment (in input order) of the pair it names takes its own
+    content-derived pair_id -- its partition (the partition key is the content) is written again
+    with it.  Returns the partitions and what :func:`pipeline.reviews_resolve.classify` reads: the
+    review rows (with their pair_ids now) and one row per named pair that a non-review judgment has."""
+    c = pl.col
+    states, _ = map_partitions(REVIEWS, refs, work / "states", client=client)
+    rows = pl.concat([s["reviews"].with_columns(_p=pl.lit(r.index, pl.Int32)) for r, s in zip(refs, states, strict=True)])
+    rows = rows.with_columns(_o=_order(rows, sources)).sort("_o")
+    found, _ = map_partitions(_named_step(rows["review_of"].unique().to_list()), refs, work / "states", client=client)
+    named = pl.concat([f["rows"] for f in found])
+    ref = named.with_columns(_o=_order(named, sources)).sort("_o").group_by("pair_id", maintain_order=True).agg(
+        _ph=c("prompt_hash").first(), _lo=pl.min_horizontal("a_hash", "b_hash").first(),
+        _hi=pl.max_horizontal("a_hash", "b_hash").first())
+    joined = rows.join(ref, left_on="review_of", right_on="pair_id", how="left", maintain_order="left")
+    bad = c("_ph").is_not_null() & ((c("prompt_hash") != c("_ph")) | (pl.min_horizontal("a_hash", "b_hash") != c("_lo"))
+                                    | (pl.max_horizontal("a_hash", "b_hash") != c("_hi")))
+    rows = joined.with_columns(pair_id=pl.when(bad).then(derive_pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash")))
+                               .otherwise(c("pair_id"))).with_columns(_bad=bad)
+    out = []
+    for r in refs:
+        mine = rows.filter(c("_bad") & (c("_p") == r.index)).select("comparison_id", _pid="pair_id")
+        out.append(r if mine.height == 0 else _rewritten(
+            r, lambda part, mine=mine: part.join(mine, on="comparison_id", how="left", maintain_order="left")
+            .with_columns(pair_id=pl.coalesce("_pid", "pair_id")).drop("_pid"), work / "reviews"))
+    known = ref.select("pair_id", review_of=pl.lit(None, pl.String))
+    return out, pl.concat([rows.select(_REVIEW_COLUMNS), known], how="diagonal")
 
 
 # ---------------------------------------------------------------- 4. the judgments in input order
@@ -331,6 +391,9 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     why = unsupported(policy, facts)
     if why is not None:
         raise NotPartitioned(f"not built over partitions: {why}")
+    review_rows = empty_frame(Judgment)
+    if facts["reviews"]:
+        refs, review_rows = _attach_reviews(refs, sources, work, client)
     lap("partitions:facts")
     schemas = {"judgments": empty_frame(Judgment).schema, inc.JUDGMENT_ROWS: inc.judgment_rows(empty_frame(Judgment)).schema}
     # the judgments (and the columns a child reads of every row) in input order, written on a thread of their own
@@ -347,13 +410,16 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id, near_dup_sink=write_near_dup_state)
         assert a.seen is not None and a.lengths is not None
         lap("partitions:checks")
-        # the registry check per partition (without a registry it only counts the judgments); reviews: none in the input
+        # the registry check per partition (without a registry it only counts the judgments); the reviews check on
+        # the review rows and the pairs they name (a first version: no pair was routed before, none is resolved)
         review_ctx = rr.context(None, mode=policy.reviews.mode, registry=policy.annotators)
         from pipeline.checks import registry
+        from pipeline.checks import reviews as reviews_check
 
         reg = registry.result(None, a.n_judgments) if policy.annotators is None else \
             pk.registry_check(refs, work / "states", policy.annotators, client=client)
-        results = {**a.results, "registry": reg}
+        results = {**a.results, "registry": reg,
+                   "reviews": reviews_check.run(review_rows, policy.checks, reviews=review_ctx)}
         results = run_checks(empty_frame(Judgment), policy.checks, pairs=a.pairs,
                              extra_kwargs={"reviews": {"reviews": review_ctx}}, given=results)
         results = {c.name: results[c.name] for c in CHECKS}  # (registry order, as run_checks gives them)
@@ -424,10 +490,10 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         # the state tables (per pair, narrow), written before select: in the manifest in their place
         tables.update(early)
         routed_all = s.routed
-        reviews = rr.classify(empty_frame(Judgment), review_ctx)
+        reviews = rr.classify(review_rows, review_ctx)
         review_state, review_ledger = rr.finish(
             review_ctx, version_id=version_id, created_at=created_at, pairs=s.fate.drop("_p"), routed=routed_all, reviews=reviews,
-            decided_by_reviews=rr.votes(reviews, s.fate.clear(), None), n_review_judgments=0)
+            decided_by_reviews=rr.votes(reviews, s.fate.clear(), None), n_review_judgments=reviews.height)
 
         def pair_keys_of(pid: pl.Series) -> pl.Series:
             f = pid.to_frame("pair_id")
