@@ -12,7 +12,8 @@ signatures while it indexes, never a judgment's text.
 Not composed here: the registry check (:func:`pipeline.partition_checks.registry_check`, run by
 the build) and the reviews check (it needs its context; nothing to do without reviews), judgment drops, the final consensus, select, split and the
 version's parts.  Refused with the reason: a given pair id whose contents span partitions (the
-preliminary consensus would need its judgments on one worker) and judgments with dimension verdicts.
+preliminary consensus needs its judgments on one worker: a build puts them in one first,
+:func:`pipeline.partitioned_build._together`) and judgments with dimension verdicts.
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ from pipeline import reviews_resolve as rr
 from pipeline.checks import CHECKS, all_flags, run_checks
 from pipeline.delta import PAIR_ROWS
 from pipeline.distributed import PartitionRef, State, Step, iter_batches, iter_table, map_partitions, refs_of
-from pipeline.partition import PartitionSet, read_partition
+from pipeline.partition import PartitionSet, content_key_hash, read_partition
+from pipeline.partition_stats import given_id_keys
 from pipeline.partition_write import merge_grouped
 from pipeline.partitioned import analyze
 from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, bucket_counts, generation_groups,
@@ -82,14 +83,16 @@ def unsupported(policy: Policy, facts: dict[str, int]) -> str | None:
 
 # ---------------------------------------------------------------- 1. facts: repeated comparison ids, reviews, dimensions
 def _facts_run(paths: list[str]) -> State:
-    part = read_partition(paths, ["comparison_id", "review_of", "dimensions", "source_file", "source_line"])
+    part = read_partition(paths, ["comparison_id", "review_of", "dimensions", "source_file", "source_line", "pair_id",
+                                  "prompt_hash", "a_hash", "b_hash"])
     return {"ids": part.select(h=pl.col("comparison_id").hash(_ID_SEED), file=pl.col("source_file"),
                                line=pl.col("source_line")),
+            "given": given_id_keys(part),
             "facts": pl.DataFrame({"reviews": [part.height - part["review_of"].null_count()],
                                    "dimensions": [part.height - part["dimensions"].null_count()]})}
 
 
-FACTS = Step("build-facts", f"1-{pl.__version__}", _facts_run, lambda states: states[0])
+FACTS = Step("build-facts", f"2-{pl.__version__}", _facts_run, lambda states: states[0])
 
 
 def _ids_run(hashes: tuple[int, ...], paths: list[str]) -> State:
@@ -114,29 +117,65 @@ def _order(frame: pl.DataFrame, sources: list[str]) -> pl.Expr:
 
 
 def _without_repeated_ids(refs: list[PartitionRef], sources: list[str], work: Path, client: Any) -> tuple[list[PartitionRef], int, dict[str, int]]:
-    """(the partitions without the later copies of a repeated comparison id, how many were left
-    out, the input's facts)."""
+    """(the partitions without the later copies of a repeated comparison id and with every given
+    pair id in one (:func:`_together`), how many were left out, the input's facts)."""
     states, _ = map_partitions(FACTS, refs, work / "states", client=client)
     facts = {k: int(sum(s["facts"][k][0] for s in states)) for k in ("reviews", "dimensions")}
+    given = [s.pop("given") for s in states]
     ids = pl.concat([s["ids"].with_columns(_p=pl.lit(i, pl.Int32)) for i, s in enumerate(states)])
     del states
     cand = ids.filter(pl.col("h").is_duplicated())["h"].unique()
     del ids
     if cand.len() == 0:
-        return refs, 0, facts
+        return _together(refs, given, sources, work), 0, facts
     step = _ids_step(cand.to_list())
     found, _ = map_partitions(step, refs, work / "states", client=client)
     rows = pl.concat([s["rows"].with_columns(_p=pl.lit(r.index, pl.Int32)) for r, s in zip(refs, found, strict=True)])
     rows = rows.with_columns(_o=_order(rows, sources)).sort("_o")
     later = rows.filter(~pl.col("comparison_id").is_first_distinct())
     if later.height == 0:  # (only hash collisions)
-        return refs, 0, facts
+        return _together(refs, given, sources, work), 0, facts
     out = []
     for r in refs:
         mine = later.filter(pl.col("_p") == r.index)
         out.append(r if mine.height == 0 else _rewritten(
             r, lambda part, mine=mine: part.filter(~_order(part, sources).is_in(mine["_o"].implode())), work / "dedup"))
-    return out, later.height, facts
+    return _together(out, given, sources, work), later.height, facts
+
+
+def _together(refs: list[PartitionRef], given: list[pl.DataFrame], sources: list[str], work: Path) -> list[PartitionRef]:
+    """The partitions with every given pair id's judgments in one: a given id that names contents
+    in several partitions (a ``pair_id_conflict``) would have its pair decided from part of its
+    judgments.  The contents such ids link (closed: an id among them naming yet another content
+    brings that one) move, every judgment of them, into the first of their partitions, in input
+    order -- every content key's judgments and every pair id's stay in one partition."""
+    c = pl.col
+    keys = pl.concat([g.with_columns(_p=pl.lit(r.index, pl.Int32)) for r, g in zip(refs, given, strict=True)])
+    across = keys.group_by("pair_id").agg(c("_p").n_unique().alias("n")).filter(c("n") > 1)["pair_id"]
+    if across.len() == 0:
+        return refs
+    linked = keys.filter(c("pair_id").is_in(across.implode()))["content_key"].unique()
+    while True:
+        ids = keys.filter(c("content_key").is_in(linked.implode()))["pair_id"].unique()
+        grown = keys.filter(c("pair_id").is_in(ids.implode()))["content_key"].unique()
+        if grown.len() == linked.len():
+            break
+        linked = grown
+    where = keys.filter(c("content_key").is_in(linked.implode())).select("content_key", "_p").unique()
+    target = int(where["_p"].min())  # type: ignore[arg-type]
+    moving = linked.implode()
+    movers = [r for r in refs if r.index in set(where["_p"].to_list()) and r.index != target]
+    moved = pl.concat([read_partition(list(r.paths)).filter(content_key_hash().is_in(moving)) for r in movers])
+    d = work / "together"
+    out = []
+    for r in refs:
+        if r.index == target:
+            out.append(_rewritten(r, lambda part: pl.concat([part, moved]).sort(_order(moved, sources), maintain_order=True), d))
+        elif r in movers:
+            out.append(_rewritten(r, lambda part: part.filter(~content_key_hash().is_in(moving)), d))
+        else:
+            out.append(r)
+    return out
 
 
 def _rewritten(ref: PartitionRef, change: Callable[[pl.DataFrame], pl.DataFrame], directory: Path) -> PartitionRef:

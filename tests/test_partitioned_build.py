@@ -202,7 +202,9 @@ def test_curate_builds_a_first_version_over_partitions_and_a_failed_task_leaves_
 def _reviews_file(d: Path) -> Path:
     """Pairs with given ids and reviews of them: of the same texts (kept: ``review_not_routed``), of
     other texts (``review_text_mismatch``: their own pair id, in another partition), of no known
-    pair (``review_unknown_pair``), one written before the judgments of its pair."""
+    pair (``review_unknown_pair``), one written before the judgments of its pair; given ids that
+    name two contents each (``pair_id_conflict``: some span partitions), one reviewed with its
+    second content (the first judgment's texts are the pair's: a mismatch)."""
     rows = [canonical(i, comparison_id=f"j-{i}-{k}", pair_id=f"p-{i}", annotator_id=f"rev-0{k}",
                       label="a" if (i + k) % 3 else "b") for i in range(1, 41) for k in range(3)]
     review = dict(annotator_id="rev-9", label="b")
@@ -211,6 +213,10 @@ def _reviews_file(d: Path) -> Path:
     rows += [canonical(i + 100, comparison_id=f"rv-other-{i}", pair_id=f"p-{i}", review_of=f"p-{i}", **review)
              for i in range(11, 16)]
     rows += [canonical(200, comparison_id="rv-nope", pair_id="p-nope", review_of="p-nope", **review)]
+    # given ids naming two contents (pair_id_conflict), some across partitions; p-c0..p-c2 chained by shared contents
+    rows += [canonical(300 + i + k, comparison_id=f"jc-{i}-{k}", pair_id=f"p-c{i}", annotator_id=f"rev-0{k}")
+             for i in range(8) for k in range(2)]
+    rows += [canonical(301, comparison_id="rv-c0", pair_id="p-c0", review_of="p-c0", **review)]
     return write_jsonl(d / "reviews.jsonl", rows)
 
 
@@ -218,8 +224,11 @@ def test_reviews_in_the_input_are_attached_classified_and_dropped_as_in_one_proc
     want, got = _build([*inputs, _reviews_file(tmp_path)], tmp_path, POLICY, 4)
     assert "partitions" in got.manifest().lineage
     by = {c.name: c for c in want.manifest().checks}["reviews"].metrics["by_status"]
-    assert by["not_routed"] == 11 and by["text_mismatch"] == 5 and by["unknown_pair"] == 1, by
-    assert want.manifest().ledger.reviews.judgments == 17
+    assert by["not_routed"] == 11 and by["text_mismatch"] == 6 and by["unknown_pair"] == 1, by
+    assert want.manifest().ledger.reviews.judgments == 18
+    conflicts = {c.name: c for c in want.manifest().checks}["pair_id_conflict"].metrics
+    assert conflicts["conflicting_pair_ids"] >= 8, conflicts
+    assert (tmp_path / "work" / "together").is_dir()  # (a given id's contents in several partitions were put together)
     other = got.read("judgments").filter(pl.col("comparison_id").str.starts_with("rv-other"))
     assert other.height == 5 and not (other["pair_id"] == other["review_of"]).any()  # (their own ids)
     _assert_same(got, want)
