@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import shutil
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -147,6 +148,7 @@ class PartitionChanged(ValueError):
 # partitions; each task checks its files, but a file this process read unchanged is not hashed again (at 1M
 # judgments in one process: ~3 s of hashing)
 _HASHED: dict[tuple[str, int, int, int, int], str] = {}
+_HASHED_LOCK = threading.Lock()
 
 
 def _sha256_of(path: str) -> str:
@@ -154,10 +156,25 @@ def _sha256_of(path: str) -> str:
     key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     got = _HASHED.get(key)
     if got is None:
-        got = _HASHED[key] = sha256_file(path)
-        if len(_HASHED) > 4096:  # (a long-lived worker: forget the oldest)
-            _HASHED.pop(next(iter(_HASHED)))
+        got = sha256_file(path)
+        with _HASHED_LOCK:  # (tasks run on threads)
+            _HASHED[key] = got
+            if len(_HASHED) > 4096:  # (a long-lived worker: forget the oldest)
+                _HASHED.pop(next(iter(_HASHED)))
     return got
+
+
+def task_threads() -> int:
+    """Partition tasks run at once in this process (``PREFPIPE_TASK_THREADS``, default 1): a task's
+    Polars and NumPy work releases the GIL, and one task alone leaves a core idle part of the time."""
+    raw = os.environ.get("PREFPIPE_TASK_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"PREFPIPE_TASK_THREADS={raw!r}: expected a whole number >= 1") from None
+    if n < 1:
+        raise ValueError(f"PREFPIPE_TASK_THREADS={raw!r}: expected a whole number >= 1")
+    return n
 
 
 def _task(run: Callable[[list[str]], State], paths: tuple[str, ...], sha256s: tuple[str, ...], cache_dir: str,
@@ -339,14 +356,21 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
 
     where = str(cache_dir.resolve())
     if client is None:
-        for r in todo:
-            try:
-                digests = _task(step.run, r.paths, r.sha256s, where, _cache_key(step, r))
-            except Exception as err:  # noqa: BLE001 - every partition runs; all failures are reported
-                failed[r.index] = f"{type(err).__name__}: {err}"
-                first_error = first_error or err
-                continue
-            finished(r, digests)
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = min(task_threads(), len(todo))
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefpipe-task") as pool:
+            running = [(r, pool.submit(_task, step.run, r.paths, r.sha256s, where, _cache_key(step, r))) for r in todo] \
+                if threads > 1 else [(r, None) for r in todo]
+            for r, fut in running:  # (in partition order: the tasks run while earlier ones are read back)
+                try:
+                    digests = fut.result() if fut is not None else _task(step.run, r.paths, r.sha256s, where,
+                                                                         _cache_key(step, r))
+                except Exception as err:  # noqa: BLE001 - every partition runs; all failures are reported
+                    failed[r.index] = f"{type(err).__name__}: {err}"
+                    first_error = first_error or err
+                    continue
+                finished(r, digests)
     elif todo:
         from distributed import as_completed
 

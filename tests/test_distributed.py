@@ -94,6 +94,27 @@ def test_reduce_equals_the_whole_input_computation(inputs, parts, tmp_path):
     assert seen == list(range(N_PARTS))
 
 
+def test_tasks_on_threads_give_the_same_states_and_report_a_failure_the_same_way(parts, tmp_path, monkeypatch):
+    """``PREFPIPE_TASK_THREADS=2``: two partitions' tasks at once in this process -- the same bytes
+    in partition order, progress for every partition, a failed task named as in one thread."""
+    one, _ = run_step(partition_stats.STEP, refs_of(parts), tmp_path / "one")
+    monkeypatch.setenv("PREFPIPE_TASK_THREADS", "2")
+    seen: list[int] = []
+    two, stats = run_step(partition_stats.STEP, refs_of(parts), tmp_path / "two", on_partition=seen.append)
+    assert _bytes(two) == _bytes(one) and stats.computed == list(range(N_PARTS)) and sorted(seen) == list(range(N_PARTS))
+    refs = refs_of(parts)
+    good = _damage(Path(refs[2].paths[0]))
+    try:
+        with pytest.raises(PartitionTaskError, match=r"partition 2 .*PartitionChanged") as err:
+            map_partitions(partition_stats.STEP, refs, tmp_path / "three")
+        assert set(err.value.failed) == {2}
+    finally:
+        Path(refs[2].paths[0]).write_bytes(good)
+    monkeypatch.setenv("PREFPIPE_TASK_THREADS", "zero")
+    with pytest.raises(ValueError, match="PREFPIPE_TASK_THREADS='zero': expected a whole number >= 1"):
+        map_partitions(partition_stats.STEP, refs, tmp_path / "four")
+
+
 def _damage(path: Path) -> bytes:
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])
