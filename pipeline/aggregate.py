@@ -455,6 +455,7 @@ class Aggregation:
     annotators: pl.DataFrame
     a_hash: pl.Series | None = None
     params: pl.DataFrame | None = None  # :data:`PARAM_SCHEMA`: the annotator parameters used (fitted or given)
+    dimensions: pl.DataFrame | None = None  # the per-dimension consensus rows (pipeline.dimensions.consensus), if any
 
     def texts(self) -> pl.DataFrame:
         """pair_id, a_hash and :data:`PAIR_TEXT_COLUMNS`: the ``texts`` argument of a later
@@ -465,7 +466,8 @@ class Aggregation:
 
 def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None,
               texts: pl.DataFrame | None = None, dimensions: DimensionsConfig | None = None,
-              params: pl.DataFrame | None = None, fitted: bool = False) -> Aggregation:
+              params: pl.DataFrame | None = None, fitted: bool = False,
+              dim_params: pl.DataFrame | None = None) -> Aggregation:
     """Judgments frame (``schemas.records.Judgment`` columns) -> :class:`Aggregation`.
     ``encoded``: :func:`encode` of the same frame, to share the work with the checks.
     ``texts``: the pairs' texts (:meth:`Aggregation.texts` of an aggregation that covered
@@ -478,7 +480,8 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     (:func:`pipeline.dimensions.apply_rule`).  ``params`` (:data:`PARAM_SCHEMA`): annotator
     parameters to use as they are (a child's rule, docs/incremental.md); only the annotators
     without them are fitted, with the given ones fixed; ``fitted``: ``params`` are a finished fit
-    over a superset of these judgments (:func:`fit_annotators`)."""
+    over a superset of these judgments (:func:`fit_annotators`); ``dim_params``: the same for the
+    per-dimension consensus (:func:`pipeline.dimensions.consensus`)."""
     cfg = cfg or AggregationConfig()
     if judgments.height == 0:
         return Aggregation(empty_frame(PairRecord), _empty_annotators(), pl.Series("a_hash", [], pl.String),
@@ -554,7 +557,7 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     })
     from pipeline import dimensions as dims  # imports this module
 
-    long = dims.consensus(judgments, cfg, encoded=e) if dims.has_dimensions(judgments) else None
+    long = dims.consensus(judgments, cfg, encoded=e, params=dim_params) if dims.has_dimensions(judgments) else None
     pairs = pairs.with_columns(dimensions=dims.pair_column(long, e.pair_ids))
     pairs = pairs.select([pl.col(k).cast(t) for k, t in polars_schema(PairRecord).items()])
     pairs = dims.apply_rule(pairs, long, dimensions)
@@ -567,7 +570,7 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         "accuracy_better_first": np.where(fitted, oa.alpha, np.nan), "accuracy_better_second": np.where(fitted, oa.beta, np.nan),
         "order_engagement": np.where(fitted, engaged, np.nan),
     }).with_columns(ds_accuracy=pl.when(pl.col("n_decisive") > 0).then(pl.col("ds_accuracy"))).fill_nan(None)
-    return Aggregation(pairs, annotators, canon_a.alias("a_hash"), fit.params)
+    return Aggregation(pairs, annotators, canon_a.alias("a_hash"), fit.params, long)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from schemas.policy import AggregationConfig, DimensionsConfig
 from schemas.records import DIMENSION_LABELS, DIMENSION_NAME_MAX, DIMENSION_NAME_RE
 
 __all__ = ["DIM_STRUCT", "SEP", "apply_rule", "conflicts", "consensus", "dimension_frame", "dimension_label",
-           "for_training", "has_dimensions", "names", "parse_dimensions", "rule_expr"]
+           "for_training", "has_dimensions", "long_frame", "names", "parse_dimensions", "rule_expr"]
 
 SEP = "\x1f"  # joins pair/annotator ids with a dimension name (names never contain it)
 DIM_STRUCT = pl.Struct({"name": pl.String, "label": pl.String, "strength": pl.Float64, "critique": pl.String})
@@ -299,24 +299,10 @@ LONG_COLUMNS = ("pair_id", "name", "label", "agreement", "strength", "p_a_weight
                 "annotator_kind", "label_human", "label_ai", "swapped")
 
 
-def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Any = None) -> pl.DataFrame | None:
-    """Per (pair, dimension): the consensus of the judgments' verdicts on that dimension, in
-    the pair's canonical orientation (columns :data:`LONG_COLUMNS`; ``label`` is the consensus
-    label; ``swapped``: the dimension's own first verdict named the responses the other way
-    round).  None when no judgment gives dimensions.  The last result is cached by frame
-    identity (aggregation and the dimensions check share it).  ``encoded``:
-    :func:`pipeline.aggregate.encode` of the same frame."""
-    from pipeline import aggregate as agg
-
-    if not has_dimensions(judgments):
-        return None
-    cfg = cfg or AggregationConfig()
-    if _CACHE:
-        ref, height, cols, ccfg, out = _CACHE[0]
-        if ref() is judgments and height == judgments.height and cols == tuple(judgments.columns) and ccfg == cfg:
-            return out
-    e = encoded or agg.encode(judgments)  # the overall orientation
-    canon = pl.DataFrame({"pair_id": e.pair_ids, "_canon_a": judgments["a_hash"].rechunk().gather(e.pair_first)})
+def long_frame(judgments: pl.DataFrame) -> pl.DataFrame:
+    """One row per (judgment, dimension verdict), in the judgments' order: a judgments frame whose
+    pair key is ``pair_id + SEP + name`` and annotator key ``annotator_id + SEP + name`` (texts
+    empty), which :func:`pipeline.aggregate.aggregate` decides as it decides pairs."""
     c = pl.col
     keep = [x for x in ("comparison_id", "pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "shown_first")
             if x in judgments.columns]
@@ -334,7 +320,36 @@ def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         long = long.with_columns(shown_first=pl.lit(None, dtype=pl.String))
     if "comparison_id" not in long.columns:
         long = long.with_columns(comparison_id=pl.lit(""))
-    res = agg.aggregate(long, cfg, encoded=agg._encode(long))  # not agg.encode: keep its cache for the main frame
+    return long
+
+
+def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Any = None,
+              params: pl.DataFrame | None = None) -> pl.DataFrame | None:
+    """Per (pair, dimension): the consensus of the judgments' verdicts on that dimension, in
+    the pair's canonical orientation (columns :data:`LONG_COLUMNS`; ``label`` is the consensus
+    label; ``swapped``: the dimension's own first verdict named the responses the other way
+    round).  None when no judgment gives dimensions.  The last result is cached by frame
+    identity (aggregation and the dimensions check share it).  ``encoded``:
+    :func:`pipeline.aggregate.encode` of the same frame.  ``params``: the per-(annotator,
+    dimension) parameters (``annotator_id + SEP + name``) of a finished fit over a superset of
+    these judgments (a partition's pairs decided with the whole input's fit:
+    :mod:`pipeline.partition_consensus`); None: fitted here."""
+    from pipeline import aggregate as agg
+
+    if not has_dimensions(judgments):
+        return None
+    cfg = cfg or AggregationConfig()
+    if _CACHE:
+        ref, height, cols, ccfg, out = _CACHE[0]
+        if ref() is judgments and height == judgments.height and cols == tuple(judgments.columns) and ccfg == cfg \
+                and params is None:
+            return out
+    e = encoded or agg.encode(judgments)  # the overall orientation
+    canon = pl.DataFrame({"pair_id": e.pair_ids, "_canon_a": judgments["a_hash"].rechunk().gather(e.pair_first)})
+    c = pl.col
+    long = long_frame(judgments)
+    res = agg.aggregate(long, cfg, encoded=agg._encode(long),  # not agg.encode: keep its cache for the main frame
+                        params=params, fitted=params is not None)
     p = res.pairs.with_columns(_a=res.a_hash)
     key = c("pair_id")
     p = p.with_columns(name=key.str.extract(r"\x1f([a-z][a-z0-9_]*)$", 1),
@@ -351,7 +366,8 @@ def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         n_judgments=c("n_judgments"), n_human=c("n_human"), n_ai=c("n_ai"), annotator_kind=c("annotator_kind"),
         label_human=turned("label_human"), label_ai=turned("label_ai"), swapped=swap,
     ).sort("pair_id", "name")
-    _CACHE[:] = [(weakref.ref(judgments), judgments.height, tuple(judgments.columns), cfg, out)]
+    if params is None:
+        _CACHE[:] = [(weakref.ref(judgments), judgments.height, tuple(judgments.columns), cfg, out)]
     return out
 
 

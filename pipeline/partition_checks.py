@@ -83,49 +83,71 @@ def _count(name: str, part: pl.DataFrame, cfg: ChecksConfig, given: dict[str, pl
 
 
 def _sums_run(names: tuple[str, ...], cfg_json: str, given_ipc: tuple[tuple[str, bytes], ...], drop: tuple[str, ...],
-              paths: list[str]) -> State:
+              dimension: str | None, paths: list[str]) -> State:
     part = read_partition(paths)
     if drop:
         part = part.filter(~pl.col("pair_id").is_in(pl.Series(drop, dtype=pl.String).implode()))
+    extra: State = {}
+    if dimension is not None:  # the judgments with a verdict on it, labelled with that verdict
+        from pipeline import dimensions as dims
+
+        extra["counts"] = pl.DataFrame(
+            {"with_dimensions": [part.height - part["dimensions"].null_count()],
+             "labels_derived": [int(part["label_derived"].sum())]}, schema={"with_dimensions": pl.Int64, "labels_derived": pl.Int64})
+        part = dims.dimension_frame(part, dimension)
+        extra["counts"] = extra["counts"].with_columns(judgments=pl.lit(part.height, pl.Int64))
     cfg = ChecksConfig.model_validate_json(cfg_json)
     given = {k: _frame(b) for k, b in given_ipc}
-    return {name: _count(name, part, cfg, given) for name in names}
+    return {**extra, **{name: _count(name, part, cfg, given) for name in names}}
 
 
 def sums_step(names: tuple[str, ...], cfg: ChecksConfig, given: dict[str, pl.DataFrame],
-              drop: tuple[str, ...] = ()) -> Step:
+              drop: tuple[str, ...] = (), dimension: str | None = None) -> Step:
     """Count the states of the checks ``names`` in each partition; the reduce adds them per check.
     ``given``: what the counts read besides the partition (``reliability_params``,
-    ``length_bias_excluded``); ``drop``: pair ids left out."""
+    ``length_bias_excluded``); ``drop``: pair ids left out; ``dimension``: counted on the
+    judgments' verdicts on that dimension (:func:`pipeline.dimensions.dimension_frame`), with the
+    ``counts`` the dimensions check reads."""
     given_ipc = tuple((k, _frame_bytes(v)) for k, v in sorted(given.items()))
     drop = tuple(sorted(set(drop)))
     cfg_json = cfg.model_dump_json()
-    key = hashlib.sha256(repr((names, cfg_json, [(k, hashlib.sha256(b).hexdigest()) for k, b in given_ipc], drop))
+    key = hashlib.sha256(repr((names, cfg_json, [(k, hashlib.sha256(b).hexdigest()) for k, b in given_ipc], drop, dimension))
                          .encode()).hexdigest()[:16]
     specs = {n: declared_sums()[n] for n in names}
-    return Step("check-sums", f"{VERSION}-{key}", functools.partial(_sums_run, tuple(names), cfg_json, given_ipc, drop),
-                functools.partial(_add, specs))
+    return Step("check-sums", f"{VERSION}-{key}",
+                functools.partial(_sums_run, tuple(names), cfg_json, given_ipc, drop, dimension), functools.partial(_add, specs))
 
 
 def _add(specs: dict[str, Sums], states: list[State]) -> State:
-    return {name: spec.add([s[name] for s in states]) for name, spec in specs.items()}
+    out = {name: spec.add([s[name] for s in states]) for name, spec in specs.items()}
+    if states and "counts" in states[0]:
+        out["counts"] = pl.concat([s["counts"] for s in states]).sum()
+    return out
 
 
-def check_sums(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, reliability_params: pl.DataFrame, *,
-               drop: tuple[str, ...] = (), client: Any = None) -> State:
+_DIMENSION_SUMS = ("agreement", "length_bias", "position_bias")  # what the dimensions check counts per dimension
+
+
+def check_sums(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, reliability_params: pl.DataFrame | None, *,
+               drop: tuple[str, ...] = (), client: Any = None, dimension: str | None = None) -> State:
     """Every declared state over the partitions ``refs``: one map for all checks (length bias's pass
     2 with nobody excluded), and a second one for length bias when its total's pass 1 excludes
     some annotators.  ``reliability_params``: :func:`pipeline.checks.reliability.fit_params` of
-    every judgment (fitted on the driver from the assembled codes)."""
-    names = tuple(sorted(declared_sums()))
+    every judgment (fitted on the driver from the assembled codes).  ``dimension``: the states the
+    dimensions check reads of that dimension's verdicts (agreement, position and length bias, and
+    the ``counts``); ``reliability_params`` is then not read."""
+    names = tuple(sorted(declared_sums())) if dimension is None else _DIMENSION_SUMS
     none = pl.DataFrame({"annotator_id": []}, schema={"annotator_id": pl.String})
-    given = {"reliability_params": reliability_params, "length_bias_excluded": none}
-    states, _ = map_partitions(sums_step(names, cfg, given, drop), refs, cache_dir, client=client)
+    given = {"length_bias_excluded": none}
+    if dimension is None:
+        assert reliability_params is not None
+        given["reliability_params"] = reliability_params
+    states, _ = map_partitions(sums_step(names, cfg, given, drop, dimension), refs, cache_dir, client=client)
     total = _add({n: declared_sums()[n] for n in names}, states)
     excluded = length_bias.excluded_ids(total["length_bias"], cfg)
     if excluded.len():
         again, _ = map_partitions(sums_step(("length_bias",), cfg, {**given, "length_bias_excluded": excluded.to_frame()},
-                                            drop), refs, cache_dir, client=client)
+                                            drop, dimension), refs, cache_dir, client=client)
         total["length_bias"] = declared_sums()["length_bias"].add([s["length_bias"] for s in again])
     return total
 

@@ -26,9 +26,14 @@ itself has to become map-reduce rounds of the EM's sums, docs/scale-out.md), nev
 
 ``drop``: pair ids whose judgments are left out before the consensus (given ids that name two
 contents, found by :mod:`pipeline.partition_stats`'s reduce; such an id may span partitions,
-which the canonical layout refuses).  Not covered yet: per-dimension consensus (its own
-parameters per annotator and dimension, the same shape of fit) -- a partition with dimension
-verdicts is refused with that reason.
+which the canonical layout refuses).
+
+Dimension verdicts: the per-dimension consensus (:func:`pipeline.dimensions.consensus`) is the
+same shape of fit over the per-(judgment, dimension) rows -- pairs keyed by (pair, dimension),
+annotators by (annotator, dimension).  Pass 1 sends their codes too (``dim_*`` tables,
+:func:`codes_with_dimensions`), the driver fits them once (:func:`fit_dimensions`) and pass 2
+decides every pair's dimensions with those parameters and the policy's dimension rule; its
+``dimensions`` table is the consensus rows the dimensions check reads.
 """
 from __future__ import annotations
 
@@ -45,9 +50,9 @@ from pipeline import dimensions as dims
 from pipeline.aggregate import PAIR_TEXT_COLUMNS, PARAM_SCHEMA, Encoded, _encode, aggregate, annotator_params
 from pipeline.distributed import State, Step
 from pipeline.partition import read_partition
-from schemas.policy import AggregationConfig
+from schemas.policy import AggregationConfig, DimensionsConfig
 
-VERSION = "4"
+VERSION = "5"
 # what the fit reads of a judgment (the columns :func:`pipeline.aggregate.encode` codes)
 FIT_COLUMNS = ["pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "label", "shown_first", "gold_label",
                "strength", "dimensions"]
@@ -65,15 +70,30 @@ def _read(paths: list[str], columns: list[str] | None, drop: tuple[str, ...]) ->
     frame = read_partition(paths, columns=columns)
     if drop:
         frame = frame.filter(~pl.col("pair_id").is_in(pl.Series(drop, dtype=pl.String).implode()))
-    if dims.has_dimensions(frame):
-        raise NotImplementedError(f"{paths[0]}: judgments with dimension verdicts: the per-dimension consensus is not "
-                                  "partitioned yet (docs/scale-out.md)")
     return frame
 
 
 # ---------------------------------------------------------------- pass 1: codes, assembled and fitted on the driver
 def _codes_run(drop: tuple[str, ...], paths: list[str]) -> State:
-    return codes_of(canonical(_read(paths, FIT_COLUMNS, drop)))
+    return codes_with_dimensions(canonical(_read(paths, FIT_COLUMNS, drop)))
+
+
+def codes_with_dimensions(part: pl.DataFrame) -> State:
+    """:func:`codes_of` of judgments in the canonical order, and, when they give dimension verdicts,
+    the codes of their per-dimension rows (:func:`pipeline.dimensions.long_frame`: a pair key per
+    (pair, dimension), an annotator key per (annotator, dimension)) as ``dim_*`` tables: the
+    per-dimension consensus is fitted on them as the overall one is (:func:`fit_dimensions`)."""
+    state = codes_of(part)
+    if dims.has_dimensions(part):
+        state.update({f"dim_{k}": v for k, v in codes_of(canonical(dims.long_frame(part))).items()})
+    return state
+
+
+def fit_dimensions(states: list[State], cfg: AggregationConfig | None = None) -> pl.DataFrame | None:
+    """The per-(annotator, dimension) parameters over every partition's ``dim_*`` codes (None: no
+    dimension verdicts anywhere) -- those :func:`pipeline.dimensions.consensus` fits on the whole input."""
+    parts = [{k[4:]: v for k, v in s.items() if k.startswith("dim_")} for s in states if "dim_codes" in s]
+    return fit(parts, cfg) if parts else None
 
 
 def codes_of(part: pl.DataFrame) -> State:
@@ -145,15 +165,32 @@ def fit(states: list[State], cfg: AggregationConfig | None = None) -> pl.DataFra
 
 
 # ---------------------------------------------------------------- pass 2: each partition's pairs, parameters given
-def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], paths: list[str]) -> State:
+def params_blob(params: pl.DataFrame | None) -> bytes:
+    """Annotator parameters as the bytes a step is bound to (empty: none)."""
+    if params is None:
+        return b""
+    buf = io.BytesIO()
+    params.sort("annotator_id").select(list(PARAM_SCHEMA)).cast(PARAM_SCHEMA).write_ipc_stream(  # type: ignore[arg-type]
+        buf, compat_level=pl.CompatLevel.oldest())
+    return buf.getvalue()
+
+
+def params_of(blob: bytes) -> pl.DataFrame | None:
+    return pl.read_ipc_stream(io.BytesIO(blob)) if blob else None
+
+
+def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], dim_ipc: bytes, dims_json: str,
+                paths: list[str]) -> State:
     params = pl.read_ipc_stream(io.BytesIO(params_ipc))
     part = _read(paths, None, drop)
-    agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params, fitted=True)
+    agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params, fitted=True,
+                    dim_params=params_of(dim_ipc), dimensions=DimensionsConfig.model_validate_json(dims_json))
     c = pl.col
     assert agg.a_hash is not None
     first = part.group_by("pair_id", maintain_order=True).agg(source_file=c("source_file").first(),
                                                               source_line=c("source_line").first())
-    return {"pairs": agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id"),
+    extra = {"dimensions": agg.dimensions} if agg.dimensions is not None else {}
+    return {**extra, "pairs": agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id"),
             # each pair's response lengths in its orientation (what the length-bias check reads of the texts)
             "lengths": agg.pairs.select("pair_id", len_a=c("response_a").str.len_chars().cast(pl.Int64),
                                         len_b=c("response_b").str.len_chars().cast(pl.Int64)).sort("pair_id"),
@@ -165,23 +202,31 @@ def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], paths: 
             "texts": agg.texts()}
 
 
-def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop: tuple[str, ...] = ()) -> Step:
-    """Pass 2's step: every pair of a partition decided with ``params`` (:func:`fit`'s), and its
-    response lengths; its reduce concatenates the partitions' rows in ``pair_id`` order (texts left
-    out: a real run writes them where they are, by partition)."""
+def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop: tuple[str, ...] = (),
+                dim_params: pl.DataFrame | None = None, dimensions: DimensionsConfig | None = None) -> Step:
+    """Pass 2's step: every pair of a partition decided with ``params`` (:func:`fit`'s; its
+    per-dimension consensus with ``dim_params``, :func:`fit_dimensions`'s, and the policy's
+    ``dimensions`` rule), and its response lengths; its reduce concatenates the partitions' rows in
+    ``pair_id`` order (texts left out: a real run writes them where they are, by partition)."""
     cfg = cfg or AggregationConfig()
-    buf = io.BytesIO()
-    params.sort("annotator_id").select(list(PARAM_SCHEMA)).cast(PARAM_SCHEMA).write_ipc_stream(buf, compat_level=pl.CompatLevel.oldest())  # type: ignore[arg-type]
-    blob, cfg_json, drop = buf.getvalue(), cfg.model_dump_json(), tuple(sorted(set(drop)))
-    version = f"{VERSION}-{_digest((hashlib.sha256(blob).hexdigest(), cfg_json, drop))}"
-    return Step("consensus-decide", version, functools.partial(_decide_run, blob, cfg_json, drop), _concat_pairs)
+    blob, dim_blob = params_blob(params), params_blob(dim_params)
+    cfg_json, dims_json, drop = cfg.model_dump_json(), (dimensions or DimensionsConfig()).model_dump_json(), tuple(sorted(set(drop)))
+    version = f"{VERSION}-{_digest((hashlib.sha256(blob).hexdigest(), cfg_json, drop, hashlib.sha256(dim_blob).hexdigest(), dims_json))}"
+    return Step("consensus-decide", version, functools.partial(_decide_run, blob, cfg_json, drop, dim_blob, dims_json),
+                _concat_pairs)
 
 
-DECIDED = ("pairs", "lengths", "seen")  # the decide step's tables the driver reads (not the texts)
+# the decide step's tables the driver reads (not the texts); ``dimensions`` (the per-dimension consensus rows) only
+# where the partition has dimension verdicts
+DECIDED = ("pairs", "lengths", "seen", "dimensions")
 
 
 def _concat_pairs(states: list[State]) -> State:
-    return {name: pl.concat([s[name] for s in states]).sort("pair_id") for name in ("pairs", "lengths", "seen")}
+    out = {name: pl.concat([s[name] for s in states]).sort("pair_id") for name in ("pairs", "lengths", "seen")}
+    long = [s["dimensions"] for s in states if "dimensions" in s]
+    if long:
+        out["dimensions"] = pl.concat(long).sort("pair_id", "name")
+    return out
 
 
 def _starts(counts: np.ndarray) -> np.ndarray:

@@ -22,10 +22,11 @@ own pairs.
 
 Tested equal to the one-process path (``tests/test_partition_select.py``): the judgment drops,
 the final parameters, every pair's row, the DPO rows and their splits, the routed pairs and the
-counts by reason.  Not covered yet: reviews (a routed pair decided by a review), prior split
-assignments (a child's sticky clusters: :func:`pipeline.split.sticky_ranks` per partition is the
-piece, tested in ``tests/test_partition_split.py``), per-dimension verdicts (refused, as in the
-consensus).
+counts by reason.  Dimension verdicts: the final per-dimension consensus is fitted on the kept
+judgments' per-dimension codes as the overall one is.  Not covered yet: reviews that resolve a
+routed pair (a child's), prior split assignments (a child's sticky clusters:
+:func:`pipeline.split.sticky_ranks` per partition is the piece, tested in
+``tests/test_partition_split.py``).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ from schemas.policy import Policy
 
 __all__ = ["Broadcast", "Selection", "select", "dpo_rows", "partition_rows"]
 
-VERSION = "2"
+VERSION = "3"
 # the state tables of select_step the driver reads; the others (rows with texts) stay cached
 FATE_TABLES = ("fate", "routed_ids", "dropped", "routed_by", "cluster_counts")
 BUILD_TABLES = ("prompts", "flagged_pairs", "label_counts")  # ... and these, for a version's build
@@ -113,7 +114,7 @@ def _drops_run(flags: Broadcast, policy_json: str, paths: list[str]) -> State:
     policy = Policy.model_validate_json(policy_json)
     part = pc._read(paths, [*pc.FIT_COLUMNS, "comparison_id"], ())
     jsel = sel.filter_judgments(part, _part_flags(flags, part), policy.select)
-    state = pc.codes_of(pc.canonical(jsel.kept.select(pc.FIT_COLUMNS)))
+    state = pc.codes_with_dimensions(pc.canonical(jsel.kept.select(pc.FIT_COLUMNS)))
     state["drops"] = _counts(jsel.dropped_by_reason, "reason")
     return state
 
@@ -141,9 +142,9 @@ def _keyed(frame: pl.DataFrame, layout: tuple[str, int]) -> pl.DataFrame:
     return sorted_by_part(frame.join(keys, on="pair_id", how="left", maintain_order="left"))
 
 
-def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, clusters: Broadcast | None, policy_json: str,
-                version_id: str | None, layout: tuple[str, int] | None, texts: tuple[tuple[str, str, str], ...],
-                paths: list[str]) -> State:
+def _select_run(prelim_blob: bytes, final_blob: bytes, final_dim_blob: bytes, flags: Broadcast, clusters: Broadcast | None,
+                policy_json: str, version_id: str | None, layout: tuple[str, int] | None,
+                texts: tuple[tuple[str, str, str], ...], paths: list[str]) -> State:
     policy = Policy.model_validate_json(policy_json)
     cfg = policy.checks.aggregation
     # the partition's pairs as the preliminary consensus decided them: their texts and ids (first-seen order), as the
@@ -180,7 +181,8 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
         }
     del part
     kept = jsel.kept
-    final = aggregate(kept, cfg, texts=pair_texts, params=_params(final_blob), fitted=True)
+    final = aggregate(kept, cfg, texts=pair_texts, params=_params(final_blob), fitted=True,
+                      dim_params=pc.params_of(final_dim_blob), dimensions=policy.dimensions)
     del pair_texts
     cl = clusters.read() if clusters is not None else None
     if cl is not None:
@@ -216,18 +218,21 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, flags: Broadcast, cluster
 
 def select_step(prelim_params: pl.DataFrame, final_params: pl.DataFrame, flags: Broadcast, clusters: Broadcast | None,
                 policy: Policy, version_id: str | None = None, layout: tuple[str, int] | None = None,
-                texts: dict[str, tuple[str, str]] | None = None) -> Step:
+                texts: dict[str, tuple[str, str]] | None = None, final_dim_params: pl.DataFrame | None = None) -> Step:
     """Pass 5.  ``version_id`` and ``layout`` (this version's generation group and its bucket
     count): the rows in the version's table layout (keyed by ``_part``, sorted by it) and the
     narrow tables a build needs (each pair's prompt, the flagged judgments' pairs, label counts)."""
     pb, fb, policy_json = _params_blob(prelim_params), _params_blob(final_params), policy.model_dump_json()
+    fdb = pc.params_blob(final_dim_params)
     where = tuple(sorted((p, f, sha) for p, (f, sha) in (texts or {}).items()))
     # (the texts' files are named by the decide step's key and checked by their sha256: only their digests key this step)
     version = f"{VERSION}-" + pc._digest((hashlib.sha256(pb).hexdigest(), hashlib.sha256(fb).hexdigest(), flags.sha256,
                                          clusters.sha256 if clusters is not None else None, policy_json, version_id,
-                                         list(layout) if layout is not None else None, sorted(sha for *_, sha in where)))
+                                         list(layout) if layout is not None else None, sorted(sha for *_, sha in where),
+                                         hashlib.sha256(fdb).hexdigest()))
     return Step("select-pairs", version,
-                functools.partial(_select_run, pb, fb, flags, clusters, policy_json, version_id, layout, where), _no_reduce)
+                functools.partial(_select_run, pb, fb, fdb, flags, clusters, policy_json, version_id, layout, where),
+                _no_reduce)
 
 
 # ---------------------------------------------------------------- the driver
@@ -282,10 +287,11 @@ def select(refs: list[PartitionRef], work: str | Path, policy: Policy, prelim_pa
     states, _ = map_partitions(drops_step(fb, policy), refs, work / "states", client=client)
     judgments_dropped = _sum_counts(states, "drops", "reason")
     final_params = pc.fit(states, policy.checks.aggregation)
+    final_dim_params = pc.fit_dimensions(states, policy.checks.aggregation)
     secs["final fit"] = round(time.perf_counter() - t0, 3)
     kept_annotators = pl.concat([s["annotators"]["annotator_id"] for s in states]).unique().sort()
     del states
-    step = select_step(prelim_params, final_params, fb, cb, policy, version_id, layout, texts)
+    step = select_step(prelim_params, final_params, fb, cb, policy, version_id, layout, texts, final_dim_params)
     narrow = (*FATE_TABLES, *(BUILD_TABLES if version_id is not None else ()))
     states, _ = map_partitions(step, refs, work / "states", client=client, keep=narrow)
     secs["select"] = round(time.perf_counter() - t0 - secs["final fit"], 3)

@@ -6,7 +6,8 @@ decided per partition), the pair-scoped checks, the near-duplicate check (signat
 partition) and the checks with declared states (counted per partition, added) -- the results
 ``run_checks`` gives over the whole frame for the same checks, and the preliminary pairs and
 annotator parameters (tested equal); then the checks that read only the pairs (routing with the
-judgments per label, consensus; dimensions, which has nothing to do without dimension verdicts).  The driver holds the states, the codes while it fits and the
+judgments per label, consensus; dimensions: the per-dimension consensus rows the decide step
+gives, each dimension's agreement and biases counted per partition).  The driver holds the states, the codes while it fits and the
 signatures while it indexes, never a judgment's text.
 
 Not composed here: the registry check (:func:`pipeline.partition_checks.registry_check`, run by
@@ -35,7 +36,7 @@ from pipeline.incremental import Totals
 from schemas.check import CheckResult
 from schemas.arrow import empty_frame
 from schemas.records import Judgment
-from schemas.policy import ChecksConfig
+from schemas.policy import ChecksConfig, DimensionsConfig
 
 __all__ = ["Analysis", "analyze"]
 
@@ -55,7 +56,8 @@ class Analysis:
 
 def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sources: list[str], *,
             client: Any = None, version_id: str | None = None,
-            near_dup_sink: Callable[[Any], None] | None = None) -> Analysis:
+            near_dup_sink: Callable[[Any], None] | None = None,
+            dimension_rule: DimensionsConfig | None = None) -> Analysis:
     """The checks above over the partitions ``refs`` (``sources``: the input files in order, as the
     partition ledger lists them); states are cached under ``work``.  ``version_id``: the near
     duplicates through the state tables a version keeps (:func:`pipeline.partition_checks.near_duplicates_state`).
@@ -89,6 +91,7 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     lap("near duplicates")
     # the preliminary consensus: codes -> one fit on the driver -> every partition's pairs
     states, _ = map_partitions(pc.codes_step(cfg.aggregation), refs, work / "states", client=client)
+    dim_params = pc.fit_dimensions(states, cfg.aggregation)
     e = pc.assemble(states)  # (refuses a pair id in several partitions)
     del states
     n_judgments, n_pairs = e.n, e.n_pairs
@@ -99,8 +102,9 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
                                         laid_out=True)
     del e
     lap("consensus fit")
-    step = pc.decide_step(params, cfg.aggregation)
+    step = pc.decide_step(params, cfg.aggregation, dim_params=dim_params, dimensions=dimension_rule)
     decided = pc._concat_pairs(map_partitions(step, refs, work / "states", client=client, keep=pc.DECIDED)[0])
+    long = decided.get("dimensions")
     texts = {r.paths[0]: cached_file(step, r, work / "states", "texts") for r in refs}
     pairs, lengths, seen = decided["pairs"], decided["lengths"], decided["seen"]
     lap("consensus pairs")
@@ -118,7 +122,13 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     # the checks over the pairs alone (and the judgments per label)
     results["routing"] = routing.run(none, cfg, pairs=pairs, label_counts=label_counts)
     results["consensus"] = consensus.run(none, cfg, pairs=pairs)
-    results["dimensions"] = dimensions.run(empty_frame(Judgment), cfg, pairs=pairs)  # (dimension verdicts are refused)
+    if long is None:  # (no dimension verdicts: nothing to count)
+        results["dimensions"] = dimensions.run(empty_frame(Judgment), cfg, pairs=pairs)
+    else:  # each dimension's agreement and biases counted per partition on its verdicts, added
+        dim_sums = {n: pk.check_sums(refs, work / "states", cfg, None, client=client, dimension=n)
+                    for n in sorted(long["name"].unique().to_list())}
+        results["dimensions"] = dimensions.run(empty_frame(Judgment), cfg, pairs=pairs, lengths=lengths, long=long,
+                                               sums=dim_sums)
     lap("checks over pairs")
     return Analysis(params, pairs, results, secs, lengths=lengths, seen=seen, near_dup_state=near_state,
                     n_judgments=n_judgments, texts=texts)

@@ -76,8 +76,6 @@ def unsupported(policy: Policy, facts: dict[str, int]) -> str | None:
     """Why a first version of these inputs is not built over partitions (None: it is)."""
     if policy.dimensions.train_on:
         return "dimensions.train_on"
-    if facts.get("dimensions"):
-        return "dimension verdicts in the input"
     return None
 
 
@@ -446,7 +444,8 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         def write_near_dup_state(state: Any) -> None:  # (as soon as it exists: the driver then lets go of the index)
             nd_tables.update(state.write_state(store, stage))
 
-        a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id, near_dup_sink=write_near_dup_state)
+        a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id, near_dup_sink=write_near_dup_state,
+                    dimension_rule=policy.dimensions)
         assert a.seen is not None and a.lengths is not None
         lap("partitions:checks")
         # the registry check per partition (without a registry it only counts the judgments); the reviews check on

@@ -121,11 +121,29 @@ def test_the_decide_step_is_keyed_by_its_parameters_and_policy(whole):
     assert a.version != pc.decide_step(params, drop=("p-1",)).version
 
 
-def test_dimension_verdicts_are_refused_with_the_reason(tmp_path):
-    src = ROOT / "data" / "samples" / "dimensions" / "batch-2026-11-23-dimensions.jsonl"
-    ps = partition_files([src], tmp_path / "set", n_partitions=2)
-    with pytest.raises(PartitionTaskError, match="dimension verdicts"):
-        run_step(pc.codes_step(), refs_of(ps), tmp_path / "c")
+def test_dimension_verdicts_are_fitted_once_and_decided_as_over_the_whole_input(inputs, tmp_path):
+    """Per-dimension codes travel with the overall ones: one fit per (annotator, dimension) on the
+    driver, every pair's dimensions (and the rule's label where they conflict) decided with it --
+    the whole input's consensus rows and pairs, bit for bit; partitions without verdicts send none."""
+    from pipeline import dimensions as dims
+    from schemas.policy import DimensionsConfig
+
+    rule = DimensionsConfig(priority=["harmlessness", "helpfulness"])
+    files = [*inputs, ROOT / "data" / "samples" / "dimensions" / "batch-2026-11-23-dimensions.jsonl"]
+    whole = pc.canonical(ingest_files(files, dimensions=rule).judgments)
+    ref = aggregate(whole, dimensions=rule)
+    refs = refs_of(partition_files(files, tmp_path / "set", n_partitions=6, flush_rows=2000, dimensions=rule))
+    states, _ = map_partitions(pc.codes_step(), refs, tmp_path / "codes")
+    assert 0 < sum("dim_codes" in st for st in states) <= 6
+    dim_params = pc.fit_dimensions(states)
+    assert dim_params is not None and dim_params.equals(aggregate(dims.long_frame(whole)).params.sort("annotator_id"))
+    assert dim_params["annotator_id"].str.contains(dims.SEP).all() and dim_params.height == 8  # 4 annotators x 2
+    out, _ = run_step(pc.decide_step(pc.fit(states), dim_params=dim_params, dimensions=rule), refs, tmp_path / "decide")
+    assert out["dimensions"].equals(dims.consensus(whole))
+    assert out["pairs"].equals(ref.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id"))
+    assert out["pairs"]["dimensions"].drop_nulls().len() == 60
+    # without the parameters each partition fits its own: the step is bound to them (its cache key says so)
+    assert pc.decide_step(pc.fit(states), dim_params=dim_params).version != pc.decide_step(pc.fit(states)).version
 
 
 @pytest.mark.slow

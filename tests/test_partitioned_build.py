@@ -199,6 +199,20 @@ def test_curate_builds_a_first_version_over_partitions_and_a_failed_task_leaves_
     assert res.handle.read("pairs").drop("first_version").equals(want.read("pairs").drop("first_version"))
 
 
+def test_dimension_verdicts_are_built_over_partitions_as_in_one_process(inputs, tmp_path):
+    """The per-dimension consensus (its own fit), the dimension rule, the dimensions check's
+    conflicts and per-dimension figures: equal to the one-process build's."""
+    dim = ROOT / "data" / "samples" / "dimensions" / "batch-2026-11-23-dimensions.jsonl"
+    policy = resolve_policy(Policy.model_validate({"dimensions": {"priority": ["harmlessness", "helpfulness"]}}))
+    want, got = _build([*inputs, dim], tmp_path, policy, 4)
+    assert "partitions" in got.manifest().lineage
+    m = {c.name: c for c in want.manifest().checks}["dimensions"].metrics
+    assert m["conflict_pairs"] == 40 and m["dimensions"] == ["harmlessness", "helpfulness"], m
+    assert m["per_dimension"]["helpfulness"]["agreement"]["all"]["krippendorff_alpha"] is not None
+    assert got.read("pairs")["dimensions"].drop_nulls().len() == 60
+    _assert_same(got, want)
+
+
 def _reviews_file(d: Path) -> Path:
     """Pairs with given ids and reviews of them: of the same texts (kept: ``review_not_routed``), of
     other texts (``review_text_mismatch``: their own pair id, in another partition), of no known

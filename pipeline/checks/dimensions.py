@@ -51,19 +51,22 @@ def _flagged(result: CheckResult) -> dict[str, list[str]]:
 
 
 def per_dimension(judgments: pl.DataFrame, cfg: ChecksConfig, long: pl.DataFrame, pairs: pl.DataFrame | None,
-                  name: str, lengths: pl.DataFrame | None = None) -> dict[str, Any]:
+                  name: str, lengths: pl.DataFrame | None = None, sums: dict[str, Any] | None = None) -> dict[str, Any]:
     """Consensus counts, agreement (alpha / kappa with CIs), position and length bias on one dimension
-    (``lengths``: the pairs' response lengths, :func:`pipeline.checks.length_bias.pair_lengths`)."""
-    fd = dims.dimension_frame(judgments, name)
+    (``lengths``: the pairs' response lengths, :func:`pipeline.checks.length_bias.pair_lengths`).
+    ``sums``: those checks' states of the dimension's verdicts and its ``counts``
+    (:func:`pipeline.partition_checks.check_sums` with ``dimension``): the judgments are then not read."""
+    fd = dims.dimension_frame(judgments, name) if sums is None else judgments.clear()
     pd = dims.as_written(long.filter(pl.col("name") == name))
     if pairs is not None and {"locale", "tags"} <= set(pairs.columns):
         pd = pd.join(pairs.select("pair_id", "locale", "tags"), on="pair_id", how="left", maintain_order="left")
-    ag = agreement.run(fd, cfg, pairs=pd)
-    pb = position_bias.run(fd, cfg)
-    lb = length_bias.run(fd, cfg, pairs=pd, lengths=lengths)
+    s: dict[str, Any] = sums or {}
+    ag = agreement.run(fd, cfg, pairs=pd, sums=s.get("agreement"))
+    pb = position_bias.run(fd, cfg, sums=s.get("position_bias"))
+    lb = length_bias.run(fd, cfg, pairs=pd, lengths=lengths, sums=s.get("length_bias"))
     labels = dict(long.filter(pl.col("name") == name).group_by("label").len().sort("label").iter_rows())
     return {
-        "judgments": fd.height, "pairs": pd.height,
+        "judgments": fd.height if sums is None else int(sums["counts"]["judgments"][0]), "pairs": pd.height,
         "consensus": {str(k) if k is not None else "none": int(v) for k, v in labels.items()},
         "agreement": _agreement_metrics(ag.metrics),
         "position_bias": {k: pb.metrics.get(k) for k in ("first_shown_win_rate", "randomised", "shown_first_a_share",
@@ -76,9 +79,14 @@ def per_dimension(judgments: pl.DataFrame, cfg: ChecksConfig, long: pl.DataFrame
 
 
 def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.DataFrame | None = None,
-        lengths: pl.DataFrame | None = None) -> CheckResult:
+        lengths: pl.DataFrame | None = None, long: pl.DataFrame | None = None,
+        sums: dict[str, dict[str, Any]] | None = None) -> CheckResult:
+    """``long`` and ``sums`` (given together: a run over partitions): the per-dimension consensus
+    rows (:func:`pipeline.dimensions.consensus` of these judgments) and, per dimension, the states
+    :func:`per_dimension` reads; the judgments are then not read."""
     cfg = cfg if isinstance(cfg, ChecksConfig) else ChecksConfig()
-    long = dims.consensus(judgments, cfg.aggregation)
+    if sums is None:
+        long = dims.consensus(judgments, cfg.aggregation)
     if long is None:
         return CheckResult(name=NAME, status="pass", flags=empty_flags(), summary="no per-dimension verdicts",
                            metrics={"dimensions": [], "pairs_with_dimensions": 0, "conflict_pairs": 0, "conflict_matrix": {}})
@@ -95,8 +103,13 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.D
         "labels_derived": int(judgments["label_derived"].sum()) if "label_derived" in judgments.columns else 0,
         "conflict_pairs": per_pair.height,
         "conflict_matrix": dims.conflict_matrix(long),
-        "per_dimension": {n: per_dimension(judgments, cfg, long, pairs, n, lengths) for n in names},
+        "per_dimension": {n: per_dimension(judgments, cfg, long, pairs, n, lengths, None if sums is None else sums[n])
+                          for n in names},
     }
+    if sums is not None:  # (every dimension's counts carry the same totals)
+        counts = sums[names[0]]["counts"]
+        metrics["judgments_with_dimensions"] = int(counts["with_dimensions"][0])
+        metrics["labels_derived"] = int(counts["labels_derived"][0])
     alphas = ", ".join(f"{n} {_fmt(metrics['per_dimension'][n]['agreement']['all'].get('krippendorff_alpha'))}"
                        for n in names)
     summary = f"{per_pair.height} pairs in conflict across {len(names)} dimensions; alpha (all) {alphas}"
