@@ -74,8 +74,6 @@ ROW_GROUP_ROWS = 65_536  # of a table streamed into one part (the judgments)
 
 def unsupported(policy: Policy, facts: dict[str, int]) -> str | None:
     """Why a first version of these inputs is not built over partitions (None: it is)."""
-    if policy.dimensions.train_on:
-        return "dimensions.train_on"
     return None
 
 
@@ -217,13 +215,9 @@ def _named_step(ids: list[str]) -> Step:
                 lambda states: states[0])
 
 
-def _attach_reviews(refs: list[PartitionRef], sources: list[str], work: Path, client: Any
-                    ) -> tuple[list[PartitionRef], pl.DataFrame]:
-    """:func:`pipeline.reviews_resolve.attach` over partitions: a review whose prompt or responses
-    differ from the first non-review judgment (in input order) of the pair it names takes its own
-    content-derived pair_id -- its partition (the partition key is the content) is written again
-    with it.  Returns the partitions and what :func:`pipeline.reviews_resolve.classify` reads: the
-    review rows (with their pair_ids now) and one row per named pair that a non-review judgment has."""
+def _review_rows(refs: list[PartitionRef], sources: list[str], work: Path, client: Any) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(every review row in input order with its partition ``_p``; per pair a review names, the
+    content of its first non-review judgment in input order: ``_ph``, ``_lo``, ``_hi``)."""
     c = pl.col
     states, _ = map_partitions(REVIEWS, refs, work / "states", client=client)
     rows = pl.concat([s["reviews"].with_columns(_p=pl.lit(r.index, pl.Int32)) for r, s in zip(refs, states, strict=True)])
@@ -233,19 +227,49 @@ def _attach_reviews(refs: list[PartitionRef], sources: list[str], work: Path, cl
     ref = named.with_columns(_o=_order(named, sources)).sort("_o").group_by("pair_id", maintain_order=True).agg(
         _ph=c("prompt_hash").first(), _lo=pl.min_horizontal("a_hash", "b_hash").first(),
         _hi=pl.max_horizontal("a_hash", "b_hash").first())
+    return rows, ref
+
+
+def _attach_reviews(refs: list[PartitionRef], sources: list[str], work: Path, client: Any) -> list[PartitionRef]:
+    """:func:`pipeline.reviews_resolve.attach` over partitions: a review whose prompt or responses
+    differ from the first non-review judgment (in input order) of the pair it names takes its own
+    content-derived pair_id -- its partition (the partition key is the content) is written again
+    with it."""
+    c = pl.col
+    rows, ref = _review_rows(refs, sources, work, client)
     joined = rows.join(ref, left_on="review_of", right_on="pair_id", how="left", maintain_order="left")
     bad = c("_ph").is_not_null() & ((c("prompt_hash") != c("_ph")) | (pl.min_horizontal("a_hash", "b_hash") != c("_lo"))
                                     | (pl.max_horizontal("a_hash", "b_hash") != c("_hi")))
-    rows = joined.with_columns(pair_id=pl.when(bad).then(derive_pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash")))
-                               .otherwise(c("pair_id"))).with_columns(_bad=bad)
+    rows = joined.filter(bad).select("comparison_id", "_p", _pid=derive_pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash")))
     out = []
     for r in refs:
-        mine = rows.filter(c("_bad") & (c("_p") == r.index)).select("comparison_id", _pid="pair_id")
+        mine = rows.filter(c("_p") == r.index).drop("_p")
         out.append(r if mine.height == 0 else _rewritten(
             r, lambda part, mine=mine: part.join(mine, on="comparison_id", how="left", maintain_order="left")
             .with_columns(pair_id=pl.coalesce("_pid", "pair_id")).drop("_pid"), work / "reviews"))
+    return out
+
+
+def _review_frame(refs: list[PartitionRef], sources: list[str], work: Path, client: Any) -> pl.DataFrame:
+    """What :func:`pipeline.reviews_resolve.classify` reads of the partitions (reviews attached): the
+    review rows and one row per named pair that a non-review judgment has."""
+    rows, ref = _review_rows(refs, sources, work, client)
     known = ref.select("pair_id", review_of=pl.lit(None, pl.String))
-    return out, pl.concat([rows.select(_REVIEW_COLUMNS), known], how="diagonal")
+    return pl.concat([rows.select(_REVIEW_COLUMNS), known], how="diagonal")
+
+
+def _for_training(refs: list[PartitionRef], cfg: Any, work: Path) -> tuple[list[PartitionRef], dict[str, int]]:
+    """``dimensions.train_on``: every partition written again with its judgments' verdicts on that
+    dimension as their labels (:func:`pipeline.dimensions.for_training`; those without one left
+    out and counted)."""
+    from pipeline import dimensions as dims
+
+    out, off = [], 0
+    for r in refs:
+        part, dropped = dims.for_training(read_partition(list(r.paths)), cfg)
+        off += sum(dropped.values())
+        out.append(_rewritten(r, lambda _part, part=part: part, work / "train_on"))
+    return out, ({f"no_verdict_on_{cfg.train_on}": off} if off else {})
 
 
 # ---------------------------------------------------------------- 4. the judgments in input order
@@ -428,16 +452,19 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     why = unsupported(policy, facts)
     if why is not None:
         raise NotPartitioned(f"not built over partitions: {why}")
-    review_rows = empty_frame(Judgment)
     if facts["reviews"]:
-        refs, review_rows = _attach_reviews(refs, sources, work, client)
+        refs = _attach_reviews(refs, sources, work, client)
+    given_refs, no_verdict = refs, {}  # (the judgments as given: judgments.parquet keeps them so)
+    if policy.dimensions.train_on:
+        refs, no_verdict = _for_training(refs, policy.dimensions, work)
+    review_rows = _review_frame(refs, sources, work, client) if facts["reviews"] else empty_frame(Judgment)
     lap("partitions:facts")
     schemas = {"judgments": empty_frame(Judgment).schema, inc.JUDGMENT_ROWS: inc.judgment_rows(empty_frame(Judgment)).schema}
     # the judgments (and the columns a child reads of every row) in input order, written on a thread of their own
     # while the checks and select run: the partitions without the repeated ids are all they read
     merge_rows = max(1_024, min(8_192, 131_072 // max(1, len(refs))))  # (the merge holds a batch of every partition)
     judgments = _Background(lambda stop: _streamed_tables(store, stage, version_id, _input_order_batches(
-        refs, sources, None, batch_rows=merge_rows), schemas, stop), "prefpipe-judgments")
+        given_refs, sources, None, batch_rows=merge_rows), schemas, stop), "prefpipe-judgments")
     try:
         nd_tables: dict[str, TableInfo] = {}
 
@@ -571,7 +598,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         tables.update(nd_tables)
         lap("write")
 
-        n_judgments = a.n_judgments
+        n_judgments = a.n_judgments + sum(no_verdict.values())  # (every valid judgment as given)
         checks = [r.manifest_entry() for r in results.values()]
         checks.append(_split_check(leaks, sizes))
         checks.append(_stability_check(pl.DataFrame(schema={"pair_id": pl.String, "from": pl.String, "to": pl.String}), None))
@@ -579,7 +606,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         ledger = Ledger(
             rows_in=pset.ledger.rows_in, quarantined=pset.ledger.quarantined,
             judgments_valid=n_judgments + n_dup_ids,
-            judgments_dropped={**s.judgments_dropped, **pre_check},
+            judgments_dropped={**s.judgments_dropped, **pre_check, **no_verdict},
             pairs=n_pairs, pairs_kept=sum(sizes.values()), routed=s.routed_by_label, dropped=s.dropped_by_reason,
             splits=sizes, reviews=review_ledger)
         manifest = Manifest(
@@ -589,7 +616,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
             annotators=_annotator_summary(annotators),
             lineage={"parent_version": None, "new_sources": [x.model_dump() for x in pset.sources], "timings_s": timings,
                      "check_sums": {"mode": "counted", "formats": inc.sums_formats(),
-                                    "fitted_on": inc.fitted_on(None, (), n_judgments)},
+                                    "fitted_on": inc.fitted_on(None, (), a.n_judgments)},
                      "pair_table_parts": {"linked": reuse.linked, "written": reuse.written},
                      "partitions": {"n": len(refs), "judgments": [p.judgments for p in pset.partitions]}})
         from pipeline.report import ReportInputs, write_report

@@ -128,6 +128,7 @@ def _build(inputs: list[Path], root: Path, policy: Policy, n: int):
 def _assert_same(got, want) -> None:
     gm, wm = got.manifest(), want.manifest()
     assert _checks(gm) == _checks(wm)
+    assert gm.lineage["check_sums"] == wm.lineage["check_sums"]
     assert gm.ledger.model_dump_json() == wm.ledger.model_dump_json()
     assert sorted(gm.tables) == sorted(wm.tables)
     for name, table in wm.tables.items():
@@ -210,6 +211,20 @@ def test_dimension_verdicts_are_built_over_partitions_as_in_one_process(inputs, 
     assert m["conflict_pairs"] == 40 and m["dimensions"] == ["harmlessness", "helpfulness"], m
     assert m["per_dimension"]["helpfulness"]["agreement"]["all"]["krippendorff_alpha"] is not None
     assert got.read("pairs")["dimensions"].drop_nulls().len() == 60
+    _assert_same(got, want)
+
+
+def test_train_on_a_dimension_is_built_over_partitions_as_in_one_process(inputs, tmp_path):
+    """``train_on``: the version is built on one dimension's verdicts (judgments without one
+    dropped and counted), judgments.parquet keeps them as given -- as the one-process build does;
+    with reviews in the input too."""
+    dim = ROOT / "data" / "samples" / "dimensions" / "batch-2026-11-23-dimensions.jsonl"
+    policy = resolve_policy(Policy.model_validate({"dimensions": {"train_on": "helpfulness"}}))
+    want, got = _build([*inputs, dim, _reviews_file(tmp_path)], tmp_path, policy, 3)
+    assert "partitions" in got.manifest().lineage
+    dropped = want.manifest().ledger.judgments_dropped
+    assert dropped.get("no_verdict_on_helpfulness", 0) > 6000, dropped
+    assert got.read("judgments").height == want.read("judgments").height > 6000  # (as given)
     _assert_same(got, want)
 
 
