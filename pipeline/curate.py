@@ -135,10 +135,7 @@ def curate(
         return CurateResult(version_id, False, store, timer.t)
 
     if options.partitioned:  # a first version built over partitions (pipeline/partitioned_build.py)
-        built = _partitioned_first(paths, store, version_id, policy, options, timer, on_rows)
-        if built is not None:
-            return built
-        t = time.perf_counter()
+        return _partitioned_first(paths, store, version_id, policy, options, timer, on_rows)
     # the parent's near-duplicate state: read on a thread of its own while the batch is ingested (one core parses
     # the batch, the other reads the state)
     early = _Handover(_early_state(parent_handle, policy) if not full else None)
@@ -148,20 +145,17 @@ def curate(
 
 
 def _partitioned_first(paths: list[Path], store: Store, version_id: str, policy: Policy, options: CurateOptions,
-                       timer: _Timer, on_rows: Callable[[int], None] | None) -> CurateResult | None:
+                       timer: _Timer, on_rows: Callable[[int], None] | None) -> CurateResult:
     """A first version built over partitions, in this process or on the Dask cluster ``PREFPIPE_DASK``
-    names (None: the input has what that build does not cover yet -- reviews, dimension verdicts --
-    and the one-process build runs).  Its partitions and task states live
+    names (every input: a registry, reviews, dimension verdicts, ``train_on``).  Its partitions and task states live
     under ``<store>/.work/<version_id>/`` while it runs (on the store's filesystem: a cluster's
     workers read them there); a failed run leaves them, so a retry computes only what is missing."""
     import shutil
 
     from pipeline.distributed import open_runner
     from pipeline.partition import partition_files
-    from pipeline.partitioned_build import NotPartitioned, build_first, unsupported
+    from pipeline.partitioned_build import build_first
 
-    if unsupported(policy, {}) is not None:
-        return None
     work = store.ensure().root / ".work" / version_id
 
     def build(stage: Path) -> Manifest:
@@ -178,11 +172,7 @@ def _partitioned_first(paths: list[Path], store: Store, version_id: str, policy:
             return build_first(store, stage, version_id, pset, policy, work=work, client=client, on_stage=timer.cb,
                                timings=timer.t)
 
-    try:
-        vid, created = store.write_version(version_id, build)
-    except NotPartitioned:
-        shutil.rmtree(work, ignore_errors=True)
-        return None
+    vid, created = store.write_version(version_id, build)
     shutil.rmtree(work, ignore_errors=True)
     return CurateResult(vid, created, store, timer.t)
 

@@ -6,9 +6,13 @@ never the judgments' texts.
 input and no parent -- every table, the manifest's ledger and checks, the report -- from a
 :class:`pipeline.partition.PartitionSet`:
 
-1. facts per partition (each comparison id's hash and input position, reviews, dimension
-   verdicts); a comparison id used twice keeps its first row in input order (the partitions that
-   hold a later copy are written again without it);
+1. facts per partition (each comparison id's hash and input position, the given pair ids' content
+   keys, reviews, dimension verdicts); a comparison id used twice keeps its first row in input
+   order (the partitions that hold a later copy are written again without it); a given pair id
+   naming contents in several partitions has them put in one (:func:`_together`); reviews whose
+   texts differ from the pair they name get their own pair id (:func:`_attach_reviews`); with
+   ``dimensions.train_on`` the partitions are relabelled with that dimension's verdicts (the
+   judgments table keeps them as given);
 2. :func:`pipeline.partitioned.analyze` (the preliminary consensus and the checks; the near
    duplicates through the state tables a version keeps); the annotator registry's check per
    partition (:func:`pipeline.partition_checks.registry_check`);
@@ -19,8 +23,9 @@ input and no parent -- every table, the manifest's ledger and checks, the report
    the partitions (each in input order) and written as they stream; the per-pair state tables,
    flags and the review state from the driver's narrow frames; the manifest and the report.
 
-Not covered (:func:`unsupported` names the reason; ``curate`` then builds the version in one
-process): a parent (a child's build), reviews in the input, dimension verdicts.
+Every first version is covered (tested equal to the one-process build: a registry, reviews,
+dimension verdicts, ``train_on``).  Not covered: a parent (a child is built in one process).
+The partition rewrites of step 1 run on the driver, one partition at a time.
 """
 from __future__ import annotations
 
@@ -62,19 +67,10 @@ from schemas.records import Judgment
 from schemas.text import derive_pair_id_expr
 from schemas.version import code_version
 
-__all__ = ["NotPartitioned", "unsupported", "build_first"]
-
-
-class NotPartitioned(ValueError):
-    """The input has what the partitioned build does not cover yet (:func:`unsupported`)."""
+__all__ = ["build_first"]
 
 _ID_SEED = 0x1D5
 ROW_GROUP_ROWS = 65_536  # of a table streamed into one part (the judgments)
-
-
-def unsupported(policy: Policy, facts: dict[str, int]) -> str | None:
-    """Why a first version of these inputs is not built over partitions (None: it is)."""
-    return None
 
 
 # ---------------------------------------------------------------- 1. facts: repeated comparison ids, reviews, dimensions
@@ -430,8 +426,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
                 client: Any = None, on_stage: Callable[[str, float], None] | None = None,
                 timings: dict[str, float] | None = None) -> Manifest:
     """The first version (no parent) of the partitioned input ``pset``, staged in ``stage``
-    (:meth:`pipeline.store.Store.write_version` publishes it).  Raises :class:`NotPartitioned` when
-    :func:`unsupported` names a reason (before writing anything)."""
+    (:meth:`pipeline.store.Store.write_version` publishes it)."""
     from pipeline.curate import FLAG_ORDER, _annotator_summary, _grouped_table, _split_check, _stability_check
 
     timings = timings if timings is not None else {}
@@ -449,9 +444,6 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     created_at = datetime.now(UTC)
     sources = [s.path for s in pset.sources]
     refs, n_dup_ids, facts = _without_repeated_ids(refs_of(pset), sources, work, client)
-    why = unsupported(policy, facts)
-    if why is not None:
-        raise NotPartitioned(f"not built over partitions: {why}")
     if facts["reviews"]:
         refs = _attach_reviews(refs, sources, work, client)
     given_refs, no_verdict = refs, {}  # (the judgments as given: judgments.parquet keeps them so)
