@@ -53,7 +53,7 @@ from schemas.policy import Policy
 
 __all__ = ["Broadcast", "Selection", "select", "dpo_rows", "partition_rows"]
 
-VERSION = "3"
+VERSION = "4"
 # the state tables of select_step the driver reads; the others (rows with texts) stay cached
 FATE_TABLES = ("fate", "routed_ids", "dropped", "routed_by", "cluster_counts")
 BUILD_TABLES = ("prompts", "flagged_pairs", "label_counts")  # ... and these, for a version's build
@@ -201,14 +201,12 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, final_dim_blob: bytes, fl
         return {"pairs": psel.pairs, "dpo": psel.dpo, "routed": psel.routed, **extra, **narrow}
     # the rows a version's pair tables hold, keyed and sorted by part (pipeline/partition_write.py); each text table
     # sorted while its unsorted rows are let go (a task holds one copy of the texts at a time, not three)
-    from pipeline.aggregate import PAIR_TEXT_COLUMNS
-
     pairs, dpo, routed = psel.pairs, psel.dpo, psel.routed
     del psel
     pairs = _keyed(pairs.drop("_reasons").with_columns(flag_reasons=pairs["_reasons"], first_version=pl.lit(version_id)),
                    layout)
     dpo = _keyed(dpo, layout)
-    return {"pairs": pairs, "pair_rows": pairs.drop(PAIR_TEXT_COLUMNS, strict=False), "dpo": dpo,
+    return {"pairs": pairs, "dpo": dpo,  # (a version's narrow pair rows are the pairs without texts: written from them)
             "routed": _keyed(routed.drop("_reasons", strict=False), layout),
             # each DPO row's split key (its cluster, else its pair), in the dpo table's row order: the driver assigns the
             # splits from these narrow rows, then streams the texts

@@ -19,13 +19,14 @@ table written today has such rows.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import polars as pl
 
 from pipeline.parts import PartReuse, TableWriter
 
-__all__ = ["runs", "merge_grouped", "sorted_by_part"]
+__all__ = ["Output", "merge_grouped", "merge_into", "runs", "sorted_by_part"]
 
 
 def sorted_by_part(frame: pl.DataFrame, key_column: str = "_part") -> pl.DataFrame:
@@ -64,9 +65,27 @@ def merge_grouped(writer: TableWriter, streams: list[Iterable[pl.DataFrame]], *,
     """Write the parts of one table from every partition's stream (sorted by ``key_column``; in
     partition order), one key at a time.  ``schema``: the table's (for an empty table, which gets
     the one empty part :meth:`TableWriter.write_grouped` gives it).  Returns the rows written."""
+    return merge_into([Output(writer, None, schema)], streams, key_column=key_column, reuse=reuse, order_by=order_by)[0]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One table :func:`merge_into` writes: its writer, its rows of a merged part (``rows(part)``;
+    None: all of them), its schema (for the one empty part of a table without rows)."""
+
+    writer: TableWriter
+    rows: Callable[[pl.DataFrame], pl.DataFrame] | None = None
+    schema: pl.Schema | dict | None = None
+
+
+def merge_into(outputs: list[Output], streams: list[Iterable[pl.DataFrame]], *, key_column: str = "_part",
+               reuse: PartReuse | None = None, order_by: tuple[str, ...] = ()) -> list[int]:
+    """:func:`merge_grouped` for several tables from one pass over the streams: each merged part
+    goes to every output (its ``rows`` of it, when there are any) -- e.g. the pairs and their narrow
+    rows, or the DPO rows of each split.  Returns each output's rows written."""
     its = [runs(s, key_column) for s in streams]
     try:
-        return _merge(writer, its, key_column, reuse, order_by, schema)
+        return _merge(outputs, its, key_column, reuse, order_by)
     finally:  # a stream holds an open file until it is closed: closed now, also on an error (a full disk)
         for it in its:
             it.close()
@@ -76,16 +95,15 @@ def merge_grouped(writer: TableWriter, streams: list[Iterable[pl.DataFrame]], *,
                 close()
 
 
-def _merge(writer: TableWriter, its: list[Iterator[tuple[str, pl.DataFrame]]], key_column: str,
-           reuse: PartReuse | None, order_by: tuple[str, ...], schema: pl.Schema | dict | None) -> int:
+def _merge(outputs: list[Output], its: list[Iterator[tuple[str, pl.DataFrame]]], key_column: str,
+           reuse: PartReuse | None, order_by: tuple[str, ...]) -> list[int]:
     heap: list[tuple[str, int, pl.DataFrame]] = []
     for i, it in enumerate(its):
         first = next(it, None)
         if first is not None:
             heap.append((first[0], i, first[1]))
     heapq.heapify(heap)
-    rows = 0
-    empty: pl.DataFrame | None = None
+    rows = [0] * len(outputs)
     while heap:
         key = heap[0][0]
         taken: list[tuple[int, pl.DataFrame]] = []
@@ -96,12 +114,15 @@ def _merge(writer: TableWriter, its: list[Iterator[tuple[str, pl.DataFrame]]], k
             if nxt is not None:
                 heapq.heappush(heap, (nxt[0], i, nxt[1]))
         part = pl.concat([f for _, f in sorted(taken, key=lambda t: t[0])], how="vertical")
-        empty = part.clear() if empty is None else empty
-        writer.write_grouped(part, key_column, reuse, order_by=order_by)
-        rows += part.height
-    if empty is None:  # no rows at all: one empty part with the table's schema
-        if schema is None:
-            raise ValueError(f"{writer.name}: an empty table needs its schema")
-        writer.write_grouped(pl.DataFrame(schema={**dict(schema), key_column: pl.String}), key_column, reuse,
-                             order_by=order_by)
+        for k, out in enumerate(outputs):
+            mine = part if out.rows is None else out.rows(part)
+            if mine.height:
+                out.writer.write_grouped(mine, key_column, reuse, order_by=order_by)
+                rows[k] += mine.height
+    for k, out in enumerate(outputs):
+        if rows[k] == 0:  # no rows at all: one empty part with the table's schema
+            if out.schema is None:
+                raise ValueError(f"{out.writer.name}: an empty table needs its schema")
+            out.writer.write_grouped(pl.DataFrame(schema={**dict(out.schema), key_column: pl.String}), key_column, reuse,
+                                     order_by=order_by)
     return rows

@@ -54,7 +54,7 @@ from pipeline.delta import PAIR_ROWS
 from pipeline.distributed import PartitionRef, State, Step, iter_batches, iter_table, map_partitions, refs_of
 from pipeline.partition import PartitionSet, content_key_hash, read_partition
 from pipeline.partition_stats import given_id_keys
-from pipeline.partition_write import merge_grouped
+from pipeline.partition_write import Output, merge_grouped, merge_into
 from pipeline.partitioned import analyze
 from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, bucket_counts, generation_groups,
                             part_keys, share)
@@ -520,18 +520,30 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         lap("write_judgments (wait)")
         # the pair tables, part by part from every partition's rows
         order = ("pair_id",)
-        for table, name in (("pairs", "pairs"), ("pair_rows", PAIR_ROWS), ("routed", "routed")):
-            w = TableWriter(store, stage, name)
-            merge_grouped(w, [iter_table(s.step, r, s.cache_dir, table) for r in refs], reuse=reuse, order_by=order,
-                          schema=_schema_of(s, refs[0], table))
-            tables[name] = w.info()
-        sizes: dict[str, int] = {}
+        # the pairs and their narrow rows from one pass over the pairs (the narrow rows are the pairs without texts)
+        pair_schema = _schema_of(s, refs[0], "pairs")
+        pw, rw = TableWriter(store, stage, "pairs"), TableWriter(store, stage, PAIR_ROWS)
+        merge_into([Output(pw, None, pair_schema),
+                    Output(rw, lambda part: part.drop(agg.PAIR_TEXT_COLUMNS, strict=False),
+                           {k: v for k, v in pair_schema.items() if k not in agg.PAIR_TEXT_COLUMNS})],
+                   [iter_table(s.step, r, s.cache_dir, "pairs") for r in refs], reuse=reuse, order_by=order)
+        tables["pairs"], tables[PAIR_ROWS] = pw.info(), rw.info()
+        w = TableWriter(store, stage, "routed")
+        merge_grouped(w, [iter_table(s.step, r, s.cache_dir, "routed") for r in refs], reuse=reuse, order_by=order,
+                      schema=_schema_of(s, refs[0], "routed"))
+        tables["routed"] = w.info()
+        # every split's DPO rows from one pass over the DPO rows, each row tagged with its split
         split_codes = _dpo_split_codes(s, refs)
-        for code, split in enumerate(SPLITS):
-            w = TableWriter(store, stage, f"data/{split}")
-            sizes[split] = merge_grouped(w, [_dpo_of_split(s, r, split_codes[r.index] == code) for r in refs], reuse=reuse,
-                                         order_by=order, schema=_schema_of(s, refs[0], "dpo"))
-            tables[f"data/{split}"] = w.info()
+        dpo_schema = _schema_of(s, refs[0], "dpo")
+        writers = {split: TableWriter(store, stage, f"data/{split}") for split in SPLITS}
+
+        def of_split(code: int) -> Callable[[pl.DataFrame], pl.DataFrame]:
+            return lambda part: part.filter(pl.col("_split") == code).drop("_split")
+
+        counts = merge_into([Output(writers[split], of_split(code), dpo_schema) for code, split in enumerate(SPLITS)],
+                            [_dpo_tagged(s, r, split_codes[r.index]) for r in refs], reuse=reuse, order_by=order)
+        sizes = dict(zip(SPLITS, counts, strict=True))
+        tables.update({f"data/{split}": writers[split].info() for split in SPLITS})
         splits = {sp: SplitInfo(path=ti.path, rows=ti.rows, sha256=ti.sha256) for sp in SPLITS for ti in [tables[f"data/{sp}"]]}
         # every kept pair's split, its prompt: assignments, leakage, placement
         c = pl.col
@@ -665,11 +677,12 @@ def _dpo_split_codes(s: ps.Selection, refs: list[PartitionRef]) -> dict[int, np.
     return out
 
 
-def _dpo_of_split(s: ps.Selection, ref: PartitionRef, mine: np.ndarray) -> Iterator[pl.DataFrame]:
-    """One partition's DPO rows where ``mine`` (a mask over its dpo table's rows), batch by batch."""
+def _dpo_tagged(s: ps.Selection, ref: PartitionRef, codes: np.ndarray) -> Iterator[pl.DataFrame]:
+    """One partition's DPO rows with ``_split`` (their split's index in :data:`SPLITS`, from
+    ``codes``: one per row of its dpo table, in order), batch by batch."""
     at = 0
     for b in iter_table(s.step, ref, s.cache_dir, "dpo"):
-        yield b.filter(pl.Series(mine[at:at + b.height]))
+        yield b.with_columns(_split=pl.Series(codes[at:at + b.height]))
         at += b.height
-    if at != mine.size:
-        raise ValueError(f"partition {ref.index}: {at} DPO rows, {mine.size} split keys")
+    if at != codes.size:
+        raise ValueError(f"partition {ref.index}: {at} DPO rows, {codes.size} split keys")
