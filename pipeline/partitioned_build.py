@@ -33,7 +33,7 @@ import heapq
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -119,23 +119,20 @@ def _without_repeated_ids(refs: list[PartitionRef], sources: list[str], work: Pa
     cand = ids.filter(pl.col("h").is_duplicated())["h"].unique()
     del ids
     if cand.len() == 0:
-        return _together(refs, given, sources, work), 0, facts
+        return _together(refs, given, sources, work, client), 0, facts
     step = _ids_step(cand.to_list())
     found, _ = map_partitions(step, refs, work / "states", client=client)
     rows = pl.concat([s["rows"].with_columns(_p=pl.lit(r.index, pl.Int32)) for r, s in zip(refs, found, strict=True)])
     rows = rows.with_columns(_o=_order(rows, sources)).sort("_o")
     later = rows.filter(~pl.col("comparison_id").is_first_distinct())
     if later.height == 0:  # (only hash collisions)
-        return _together(refs, given, sources, work), 0, facts
-    out = []
-    for r in refs:
-        mine = later.filter(pl.col("_p") == r.index)
-        out.append(r if mine.height == 0 else _rewritten(
-            r, lambda part, mine=mine: part.filter(~_order(part, sources).is_in(mine["_o"].implode())), work / "dedup"))
-    return _together(out, given, sources, work), later.height, facts
+        return _together(refs, given, sources, work, client), 0, facts
+    out, _ = _rewrite("drop-places", later.select("_o"), sources, refs, set(later["_p"].to_list()), work, client)
+    return _together(out, given, sources, work, client), later.height, facts
 
 
-def _together(refs: list[PartitionRef], given: list[pl.DataFrame], sources: list[str], work: Path) -> list[PartitionRef]:
+def _together(refs: list[PartitionRef], given: list[pl.DataFrame], sources: list[str], work: Path, client: Any
+              ) -> list[PartitionRef]:
     """The partitions with every given pair id's judgments in one: a given id that names contents
     in several partitions (a ``pair_id_conflict``) would have its pair decided from part of its
     judgments.  The contents such ids link (closed: an id among them naming yet another content
@@ -155,31 +152,106 @@ def _together(refs: list[PartitionRef], given: list[pl.DataFrame], sources: list
         linked = grown
     where = keys.filter(c("content_key").is_in(linked.implode())).select("content_key", "_p").unique()
     target = int(where["_p"].min())  # type: ignore[arg-type]
-    moving = linked.implode()
-    movers = [r for r in refs if r.index in set(where["_p"].to_list()) and r.index != target]
-    moved = pl.concat([read_partition(list(r.paths)).filter(content_key_hash().is_in(moving)) for r in movers])
-    d = work / "together"
-    out = []
-    for r in refs:
-        if r.index == target:
-            out.append(_rewritten(r, lambda part: pl.concat([part, moved]).sort(_order(moved, sources), maintain_order=True), d))
-        elif r in movers:
-            out.append(_rewritten(r, lambda part: part.filter(~content_key_hash().is_in(moving)), d))
-        else:
-            out.append(r)
+    moving = linked.to_frame("content_key")
+    movers = set(where["_p"].to_list()) - {target}
+    # the rows that move (a few: those of the linked contents), gathered from their partitions, then each
+    # partition written again: without them, or (the target) with them in input order
+    found, _ = map_partitions(_rows_step(moving), [r for r in refs if r.index in movers], work / "states", client=client)
+    moved = pl.concat([f["rows"] for f in found])
+    out, _ = _rewrite("without-contents", moving, sources, refs, movers, work, client)
+    out, _ = _rewrite("with-rows", moved, sources, out, {target}, work, client)
     return out
 
 
-def _rewritten(ref: PartitionRef, change: Callable[[pl.DataFrame], pl.DataFrame], directory: Path) -> PartitionRef:
-    """Partition ``ref`` written again with ``change`` applied to its rows (one file, named by its content)."""
-    part = change(read_partition(list(ref.paths)))
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".part-{ref.index:05d}.{os.getpid()}.tmp"
+# ---------------------------------------------------------------- partitions written again, as tasks
+# (a worker reads its partition and writes the new file next to it, on the shared filesystem: the driver never reads
+# a partition's rows for these)
+def _drop_places(part: pl.DataFrame, arg: pl.DataFrame, sources: list[str]) -> pl.DataFrame:
+    return part.filter(~_order(part, sources).is_in(arg["_o"].implode()))
+
+
+def _without_contents(part: pl.DataFrame, arg: pl.DataFrame, _sources: list[str]) -> pl.DataFrame:
+    return part.filter(~content_key_hash().is_in(arg["content_key"].implode()))
+
+
+def _with_rows(part: pl.DataFrame, arg: pl.DataFrame, sources: list[str]) -> pl.DataFrame:
+    return pl.concat([part, arg.select(part.columns)]).sort(_order(part, sources), maintain_order=True)
+
+
+def _new_pair_ids(part: pl.DataFrame, arg: pl.DataFrame, _sources: list[str]) -> pl.DataFrame:
+    return part.join(arg, on="comparison_id", how="left", maintain_order="left") \
+        .with_columns(pair_id=pl.coalesce("_pid", "pair_id")).drop("_pid")
+
+
+def _train_on(part: pl.DataFrame, arg: pl.DataFrame, _sources: list[str]) -> pl.DataFrame:
+    from pipeline import dimensions as dims
+    from schemas.policy import DimensionsConfig
+
+    return dims.for_training(part, DimensionsConfig.model_validate_json(arg["config"][0]))[0]
+
+
+_CHANGES: dict[str, Callable[[pl.DataFrame, pl.DataFrame, list[str]], pl.DataFrame]] = {
+    "drop-places": _drop_places, "without-contents": _without_contents, "with-rows": _with_rows,
+    "new-pair-ids": _new_pair_ids, "train-on": _train_on}
+
+
+def _rewrite_run(kind: str, arg_ipc: bytes, sources: tuple[str, ...], directory: str, paths: list[str]) -> State:
+    import io
+
+    part = read_partition(paths)
+    before = part.height
+    part = _CHANGES[kind](part, pl.read_ipc_stream(io.BytesIO(arg_ipc)), list(sources))
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".part.{os.getpid()}.{threading.get_ident()}.tmp"
     part.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=8_192)
     sha = sha256_file(tmp)
-    path = directory / f"part-{ref.index:05d}-{sha[:16]}.parquet"
+    import re
+
+    # (named by its partition -- its first file's name says which -- and its content: a re-run writes the same name)
+    index = re.match(r"part-\d{5}", Path(paths[0]).name)
+    path = d / f"{index.group(0) if index else 'part'}-{sha[:16]}.parquet"
     os.replace(tmp, path)
-    return PartitionRef(ref.index, (str(path.resolve()),), (sha,))
+    return {"file": pl.DataFrame({"path": [str(path.resolve())], "sha256": [sha], "left_out": [before - part.height]})}
+
+
+def _rewrite(kind: str, arg: pl.DataFrame, sources: list[str], refs: list[PartitionRef], which: Collection[int],
+             work: Path, client: Any) -> tuple[list[PartitionRef], int]:
+    """The partitions ``which`` of ``refs`` written again by ``_CHANGES[kind]`` with ``arg`` (the
+    others as they are), each by a task; (the partitions, the rows the change left out)."""
+    import functools
+    import hashlib
+    import io
+
+    todo = [r for r in refs if r.index in set(which)]
+    if not todo:
+        return refs, 0
+    buf = io.BytesIO()
+    arg.write_ipc_stream(buf, compat_level=pl.CompatLevel.oldest())
+    blob = buf.getvalue()
+    key = hashlib.sha256(blob + "\n".join(sources).encode()).hexdigest()[:16]
+    step = Step(f"rewrite-{kind}", f"1-{pl.__version__}-{key}",
+                functools.partial(_rewrite_run, kind, blob, tuple(sources), str((work / "rewritten").resolve())),
+                lambda states: states[0])
+    states, _ = map_partitions(step, todo, work / "states", client=client)
+    files = {r.index: s["file"].row(0, named=True) for r, s in zip(todo, states, strict=True)}
+    out = [PartitionRef(r.index, (files[r.index]["path"],), (files[r.index]["sha256"],)) if r.index in files else r
+           for r in refs]
+    return out, int(sum(f["left_out"] for f in files.values()))
+
+
+def _rows_run(keys: tuple[str, ...], paths: list[str]) -> State:
+    part = read_partition(paths)
+    return {"rows": part.filter(content_key_hash().is_in(pl.Series(keys, dtype=pl.String).implode()))}
+
+
+def _rows_step(keys: pl.DataFrame) -> Step:
+    import functools
+    import hashlib
+
+    k = tuple(sorted(keys["content_key"].to_list()))
+    return Step("build-linked-rows", f"1-{pl.__version__}-{hashlib.sha256(chr(10).join(k).encode()).hexdigest()[:16]}",
+                functools.partial(_rows_run, k), lambda states: states[0])
 
 
 # ---------------------------------------------------------------- 1b. reviews: attached to the pairs they name, or not
@@ -237,13 +309,7 @@ def _attach_reviews(refs: list[PartitionRef], sources: list[str], work: Path, cl
     bad = c("_ph").is_not_null() & ((c("prompt_hash") != c("_ph")) | (pl.min_horizontal("a_hash", "b_hash") != c("_lo"))
                                     | (pl.max_horizontal("a_hash", "b_hash") != c("_hi")))
     rows = joined.filter(bad).select("comparison_id", "_p", _pid=derive_pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash")))
-    out = []
-    for r in refs:
-        mine = rows.filter(c("_p") == r.index).drop("_p")
-        out.append(r if mine.height == 0 else _rewritten(
-            r, lambda part, mine=mine: part.join(mine, on="comparison_id", how="left", maintain_order="left")
-            .with_columns(pair_id=pl.coalesce("_pid", "pair_id")).drop("_pid"), work / "reviews"))
-    return out
+    return _rewrite("new-pair-ids", rows.drop("_p"), sources, refs, set(rows["_p"].to_list()), work, client)[0]
 
 
 def _review_frame(refs: list[PartitionRef], sources: list[str], work: Path, client: Any) -> pl.DataFrame:
@@ -254,17 +320,13 @@ def _review_frame(refs: list[PartitionRef], sources: list[str], work: Path, clie
     return pl.concat([rows.select(_REVIEW_COLUMNS), known], how="diagonal")
 
 
-def _for_training(refs: list[PartitionRef], cfg: Any, work: Path) -> tuple[list[PartitionRef], dict[str, int]]:
+def _for_training(refs: list[PartitionRef], sources: list[str], cfg: Any, work: Path, client: Any
+                  ) -> tuple[list[PartitionRef], dict[str, int]]:
     """``dimensions.train_on``: every partition written again with its judgments' verdicts on that
     dimension as their labels (:func:`pipeline.dimensions.for_training`; those without one left
     out and counted)."""
-    from pipeline import dimensions as dims
-
-    out, off = [], 0
-    for r in refs:
-        part, dropped = dims.for_training(read_partition(list(r.paths)), cfg)
-        off += sum(dropped.values())
-        out.append(_rewritten(r, lambda _part, part=part: part, work / "train_on"))
+    out, off = _rewrite("train-on", pl.DataFrame({"config": [cfg.model_dump_json()]}), sources, refs,
+                        {r.index for r in refs}, work, client)
     return out, ({f"no_verdict_on_{cfg.train_on}": off} if off else {})
 
 
@@ -448,7 +510,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         refs = _attach_reviews(refs, sources, work, client)
     given_refs, no_verdict = refs, {}  # (the judgments as given: judgments.parquet keeps them so)
     if policy.dimensions.train_on:
-        refs, no_verdict = _for_training(refs, policy.dimensions, work)
+        refs, no_verdict = _for_training(refs, sources, policy.dimensions, work, client)
     review_rows = _review_frame(refs, sources, work, client) if facts["reviews"] else empty_frame(Judgment)
     lap("partitions:facts")
     schemas = {"judgments": empty_frame(Judgment).schema, inc.JUDGMENT_ROWS: inc.judgment_rows(empty_frame(Judgment)).schema}

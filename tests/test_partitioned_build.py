@@ -114,14 +114,21 @@ def test_with_an_annotator_registry_the_partitioned_version_is_the_one_process_v
     _assert_same(got, want)
 
 
+STEPS: set[str] = set()  # the steps the last _build ran (their names, as partition_progress reports them)
+
+
 def _build(inputs: list[Path], root: Path, policy: Policy, n: int):
     """(the one-process version, the version built over ``n`` partitions) of ``inputs``."""
+    from pipeline.distributed import partition_progress
+
     want = curate(inputs, Store(root / "one"), policy).handle
     pset = partition_files(inputs, root / "set", n_partitions=n, batch_rows=policy.ingest.batch_rows,
                            limits=policy.ingest, dimensions=policy.dimensions)
     store = Store(root / "store")
-    store.write_version(want.version_id, lambda stage: build_first(store, stage, want.version_id, pset, policy,
-                                                                   work=root / "work"))
+    STEPS.clear()
+    with partition_progress(lambda step, _i, _n: STEPS.add(step)):
+        store.write_version(want.version_id, lambda stage: build_first(store, stage, want.version_id, pset, policy,
+                                                                       work=root / "work"))
     return want, store.resolve(want.version_id)
 
 
@@ -225,6 +232,7 @@ def test_train_on_a_dimension_is_built_over_partitions_as_in_one_process(inputs,
     dropped = want.manifest().ledger.judgments_dropped
     assert dropped.get("no_verdict_on_helpfulness", 0) > 6000, dropped
     assert got.read("judgments").height == want.read("judgments").height > 6000  # (as given)
+    assert "rewrite-train-on" in STEPS
     _assert_same(got, want)
 
 
@@ -257,7 +265,8 @@ def test_reviews_in_the_input_are_attached_classified_and_dropped_as_in_one_proc
     assert want.manifest().ledger.reviews.judgments == 18
     conflicts = {c.name: c for c in want.manifest().checks}["pair_id_conflict"].metrics
     assert conflicts["conflicting_pair_ids"] >= 8, conflicts
-    assert (tmp_path / "work" / "together").is_dir()  # (a given id's contents in several partitions were put together)
+    # a given id's contents in several partitions were put together (rows gathered, partitions written again by tasks)
+    assert {"build-linked-rows", "rewrite-without-contents", "rewrite-with-rows", "rewrite-new-pair-ids"} <= STEPS, STEPS
     other = got.read("judgments").filter(pl.col("comparison_id").str.starts_with("rv-other"))
     assert other.height == 5 and not (other["pair_id"] == other["review_of"]).any()  # (their own ids)
     _assert_same(got, want)
