@@ -90,8 +90,12 @@ def partition_index(frame: pl.DataFrame, n_partitions: int) -> pl.Series:
         raise ValueError(f"n_partitions={n_partitions}: expected 1..{MAX_PARTITIONS}")
     if frame.height == 0:
         return pl.Series("_partition", [], dtype=pl.UInt32)
-    digest = content_key_hash().str.slice(2, 15).str.to_integer(base=16, dtype=pl.UInt64)
-    return frame.select((digest % n_partitions).cast(pl.UInt32).alias("_partition")).to_series()
+    return frame.select(partition_of_key(content_key_hash(), n_partitions).alias("_partition")).to_series()
+
+
+def partition_of_key(key: pl.Expr, n_partitions: int) -> pl.Expr:
+    """The partition of a content key (``p-<16 hex>``): its first 60 bits modulo ``n_partitions``."""
+    return (key.str.slice(2, 15).str.to_integer(base=16, dtype=pl.UInt64) % n_partitions).cast(pl.UInt32)
 
 
 def partition_count(rows: int, partition_rows: int = DEFAULT_PARTITION_ROWS) -> int:

@@ -52,7 +52,7 @@ from pipeline import reviews_resolve as rr
 from pipeline.checks import CHECKS, all_flags, run_checks
 from pipeline.delta import PAIR_ROWS
 from pipeline.distributed import PartitionRef, State, Step, iter_batches, iter_table, map_partitions, refs_of
-from pipeline.partition import PartitionSet, content_key_hash, read_partition
+from pipeline.partition import PartitionSet, content_key_hash, partition_of_key, read_partition
 from pipeline.partition_stats import given_id_keys
 from pipeline.partition_write import Output, merge_grouped, merge_into
 from pipeline.partitioned import analyze
@@ -140,6 +140,7 @@ def _together(refs: list[PartitionRef], given: list[pl.DataFrame], sources: list
     order -- every content key's judgments and every pair id's stay in one partition."""
     c = pl.col
     keys = pl.concat([g.with_columns(_p=pl.lit(r.index, pl.Int32)) for r, g in zip(refs, given, strict=True)])
+    keys = pl.concat([keys, _derived_homes(keys, len(refs))])
     across = keys.group_by("pair_id").agg(c("_p").n_unique().alias("n")).filter(c("n") > 1)["pair_id"]
     if across.len() == 0:
         return refs
@@ -161,6 +162,16 @@ def _together(refs: list[PartitionRef], given: list[pl.DataFrame], sources: list
     out, _ = _rewrite("without-contents", moving, sources, refs, movers, work, client)
     out, _ = _rewrite("with-rows", moved, sources, out, {target}, work, client)
     return out
+
+
+def _derived_homes(keys: pl.DataFrame, n: int) -> pl.DataFrame:
+    """A given id of the derived form (``p-<16 hex>``) also names the content whose key it is:
+    those rows carry no given id (no key lists them), so each such id gets a key of its own --
+    (id, that content key, the partition that content's rows are in).  An id that names no content
+    moves nothing: its partition holds no rows of that key."""
+    c = pl.col
+    ids = keys.filter(c("pair_id").str.contains(r"^p-[0-9a-f]{16}$")).select("pair_id").unique()
+    return ids.select("pair_id", content_key=c("pair_id"), _p=partition_of_key(c("pair_id"), n).cast(pl.Int32))
 
 
 # ---------------------------------------------------------------- partitions written again, as tasks

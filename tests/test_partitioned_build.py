@@ -227,6 +227,25 @@ def test_train_on_a_dimension_is_built_over_partitions_as_in_one_process(inputs,
     _assert_same(got, want)
 
 
+def test_a_given_id_equal_to_another_contents_derived_id_is_put_with_it(tmp_path):
+    """A row whose given pair_id is the derived id of other texts (``pair_id_conflict``): that id's
+    rows sit in two partitions -- the derived ones with their texts, the given one with its own --
+    and are put into one, as any given id's contents (no given-id key names the derived rows)."""
+    from pipeline.ingest import ingest_files
+    from pipeline.partition import partition_index
+
+    rows = [canonical(i, comparison_id=f"j-{i}-{k}", annotator_id=f"rev-0{k}") for i in range(400, 430) for k in range(2)]
+    j = ingest_files([write_jsonl(tmp_path / "probe.jsonl", rows)]).judgments
+    home = dict(zip(j["pair_id"].to_list(), partition_index(j, 4).to_list(), strict=True))
+    ids = list(dict.fromkeys(j["pair_id"].to_list()))
+    a = ids[0]
+    b_i = next(k for k, p in enumerate(ids) if home[p] != home[a])  # another content, in another partition
+    rows.append(canonical(400 + b_i, comparison_id="j-given", annotator_id="rev-09", pair_id=a))
+    want, got = _build([write_jsonl(tmp_path / "in.jsonl", rows)], tmp_path, POLICY, 4)
+    assert {c.name: c for c in want.manifest().checks}["pair_id_conflict"].metrics["conflicting_pair_ids"] == 1
+    _assert_same(got, want)
+
+
 def _reviews_file(d: Path) -> Path:
     """Pairs with given ids and reviews of them: of the same texts (kept: ``review_not_routed``), of
     other texts (``review_text_mismatch``: their own pair id, in another partition), of no known
