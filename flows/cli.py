@@ -265,7 +265,8 @@ def curate(
     max_decompressed_bytes: MaxGzipOpt = None,
     annotators: AnnotatorsOpt = None,
     full: Annotated[bool, typer.Option("--full", help="With --parent: recompute every check and pair from all judgments instead of extending the parent's state (still a child: lineage, sticky splits).")] = False,
-    partitioned: Annotated[bool, typer.Option("--partitioned", help="Build a first version partition by partition (also the default when PREFPIPE_DASK names a Dask cluster: tcp://host:8786, or 'local' for 2 local worker processes); the tasks run here or on the cluster's workers, which read the partitions under <store>/.work (docs/scale-out.md).")] = False,
+    one_process: Annotated[bool, typer.Option("--one-process", help="Build a first version with the reference build, which holds every judgment in memory (another version id), instead of partition by partition. A first version is built over partitions of --partition-rows judgments: its tasks run in this process, or on the Dask cluster PREFPIPE_DASK names (tcp://host:8786, or 'local' for 2 local worker processes), whose workers read the partitions under <store>/.work (docs/scale-out.md). A child (--parent) is built in one process.")] = False,
+    partitioned: Annotated[bool, typer.Option("--partitioned", hidden=True, help="The default since first versions are always partitioned (kept for scripts).")] = False,
     partition_rows: Annotated[int | None, typer.Option("--partition-rows", min=1000, help="Judgments per partition of a partitioned build (policy ingest.partition_rows, default 250000): a worker holds one partition at a time.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -288,7 +289,9 @@ def curate(
     if parent:
         _resolve_or_exit(st, parent)
     opts = CurateOptions(fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind,
-                         partitioned=True if partitioned else None)
+                         partitioned=False if one_process else None)
+    if one_process and partitioned:
+        _fail_usage("--one-process and --partitioned: choose one")
     con = err_console()
     from pipeline.distributed import PartitionTaskError, partition_progress
 

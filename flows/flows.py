@@ -100,6 +100,16 @@ def build_version_task(store_dir: str, version_id: str, ingest_dirs: list[str], 
 
 
 @task(persist_result=False)
+def build_first_task(files: list[str], store_dir: str, policy_json: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A first version, built over partitions (its partition tasks in this process, or on the Dask cluster
+    PREFPIPE_DASK names: pipeline/partitioned_build.py)."""
+    from pipeline.curate import curate
+
+    res = curate(files, Store(store_dir), Policy.model_validate_json(policy_json), options=CurateOptions(**options))
+    return {"version_id": res.version_id, "created": res.created, "timings": res.timings}
+
+
+@task(persist_result=False)
 def publish_version_artifacts(store_dir: str, version_id: str) -> None:
     from pipeline.artifacts import report_markdown, version_tables
 
@@ -141,7 +151,12 @@ def curate_batch(files: list[str], store: str, policy_path: str | None = None, p
     version_id = plan_version_id(sha_values, parent_id, policy, CurateOptions(**options))
     if st.exists(version_id):
         log.info("version %s already exists: nothing to do", version_id)
-    else:
+    elif parent_id is None:  # a first version: partitioned (the files are read by the partitioning)
+        res = build_first_task(files, store, policy.model_dump_json(), options)
+        if res["version_id"] != version_id:  # (one rule for the id: pipeline.curate.plan_version_id)
+            raise RuntimeError(f"planned version {version_id}, curate built {res['version_id']}")
+        log.info("version %s %s", res["version_id"], "written" if res["created"] else "already existed")
+    else:  # a child: each file ingested as a task (cached), then built in one process
         work = str(st.root / ".work" / "ingest")
         # what ingest reads of the policy (part of the ingest cache key): limits, and the dimension rule
         ingest_json = json.dumps({"ingest": policy.ingest.model_dump(mode="json"),

@@ -48,13 +48,20 @@ class CurateOptions:
     batch_id: str | None = None
     annotator_id: str | None = None
     annotator_kind: str | None = None
-    # a first version built over partitions (pipeline/partitioned_build.py): True, or None -- then it is when
-    # PREFPIPE_DASK names a cluster (the partitioned build is another version id: its language check spends its
-    # langdetect budget per partition, and it records its partitions)
+    # how a first version is built: None (the default) or True -- over partitions (pipeline/partitioned_build.py,
+    # the one path of a first version); False -- the reference build in one process, which holds every judgment in
+    # memory (tests and benchmarks compare the two).  A child is built in one process (the field is not used).
+    # The two first-version builds are two version ids: the partitioned one records its partitions, and its language
+    # check spends its langdetect budget per partition
     partitioned: bool | None = None
 
     def key(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def settled(self, has_parent: bool) -> CurateOptions:
+        """The options as a version's id records them: ``partitioned`` True or False for a first
+        version, unset for a child."""
+        return dataclasses.replace(self, partitioned=None if has_parent else self.partitioned is not False)
 
 
 def plan_version_id(source_shas: list[str], parent: str | None, policy: Policy, options: CurateOptions,
@@ -62,7 +69,7 @@ def plan_version_id(source_shas: list[str], parent: str | None, policy: Policy, 
     """``full``: a child recomputed from all its judgments (``curate --full``) is another version
     than the incremental child of the same inputs (docs/incremental.md: the two may differ by rule)."""
     key = {"sources": sorted(source_shas), "parent": parent, "policy": policy.policy_hash(),
-           "code": code_version(), "options": options.key()}
+           "code": code_version(), "options": options.settled(parent is not None).key()}
     if full and parent is not None:
         key["full"] = True
     key = json.dumps(key, sort_keys=True)
@@ -122,13 +129,8 @@ def curate(
             raise UnreadableFile(p, "no such file")
     parent_handle = store.resolve(parent) if parent else None
     parent_id = parent_handle.version_id if parent_handle else None
-    import os
-
-    from pipeline.distributed import ENV
-
-    # a first version over partitions when asked to, or when a cluster is named; a child: always in one process
-    wanted = options.partitioned or (options.partitioned is None and bool(os.environ.get(ENV, "").strip()))
-    options = dataclasses.replace(options, partitioned=True if wanted and parent_handle is None else None)
+    # a first version over partitions (unless the one-process reference is asked for); a child: in one process
+    options = options.settled(parent_handle is not None)
     version_id = plan_version_id([file_sha256(p) for p in paths], parent_id, policy, options, full=full)
     t = timer.lap("hash_inputs", t)
     if store.exists(version_id):

@@ -135,10 +135,11 @@ def test_curate_shows_its_stages_on_a_terminal_only(tmp_path):
     code, out, tty = _on_a_terminal(["curate", str(batch), "--store", str(tmp_path / "s")])
     assert code == 0 and out.strip().splitlines()[-1].startswith("v-")
     assert "curating" in tty and "reading input: 120 rows" in tty
-    assert "union inputs done" in tty and "report done" in tty and "stages]" in tty
-    # a partitioned build: each partitioned step's partitions as they finish
-    code, out, tty = _on_a_terminal(["curate", str(batch), "--store", str(tmp_path / "s3"), "--partitioned"])
-    assert code == 0 and "partitions" in tty and "checks done" in tty and "report done" in tty
+    # a first version is built over partitions: each partitioned step's partitions as they finish
+    assert "partitions" in tty and "checks done" in tty and "report done" in tty and "stages]" in tty
+    # the one-process reference build: its stages
+    code, out, tty = _on_a_terminal(["curate", str(batch), "--store", str(tmp_path / "s3"), "--one-process"])
+    assert code == 0 and "union inputs done" in tty and "report done" in tty
     code, out, tty = _on_a_terminal(["curate", str(batch), "--store", str(tmp_path / "s2"), "--json"])
     assert code == 0 and json.loads(out[out.index("{"):out.rindex("}") + 1])["created"] is True
     assert "curating" not in tty and "stages]" not in tty

@@ -93,13 +93,18 @@ def test_dask_runner_gives_identical_version(tmp_path, monkeypatch):
 
     files = [str(p) for p in SAMPLES[:2]]
     v_default = curate_batch(files=files, store=str(tmp_path / "a"))
+    c_default = curate_batch(files=[str(SAMPLES[2])], store=str(tmp_path / "a"), parent=v_default)
     monkeypatch.setenv("PREFPIPE_DASK", "local")
+    # the first version's partition tasks on the cluster; the child's ingest tasks on the flow's Dask runner
     v_dask = curate_batch_with_runner()(files=files, store=str(tmp_path / "b"))
-    assert v_default == v_dask
-    ma, mb = Store(tmp_path / "a").get(v_default).manifest(), Store(tmp_path / "b").get(v_dask).manifest()
-    assert {k: s.sha256 for k, s in ma.splits.items()} == {k: s.sha256 for k, s in mb.splits.items()}
-    assert {k: f.sha256 for k, f in ma.files.items() if k.endswith(".parquet")} == \
-           {k: f.sha256 for k, f in mb.files.items() if k.endswith(".parquet")}
+    c_dask = curate_batch_with_runner()(files=[str(SAMPLES[2])], store=str(tmp_path / "b"), parent=v_dask)
+    assert (v_default, c_default) == (v_dask, c_dask)
+    for v in (v_default, c_default):
+        ma, mb = Store(tmp_path / "a").get(v).manifest(), Store(tmp_path / "b").get(v).manifest()
+        assert {k: s.sha256 for k, s in ma.splits.items()} == {k: s.sha256 for k, s in mb.splits.items()}
+        parts = {n: [p.sha256 for p in t.parts] for n, t in ma.tables.items() if n != "review_state"}  # (stamped: rows)
+        assert parts == {n: [p.sha256 for p in t.parts] for n, t in mb.tables.items() if n != "review_state"}
+    assert "partitions" in Store(tmp_path / "b").get(v_dask).manifest().lineage  # (a first version: over partitions)
 
 
 def test_a_store_deleted_and_made_again_at_the_same_path_is_curated_again(tmp_path):

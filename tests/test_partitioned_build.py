@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from gen_judgments import generate  # noqa: E402
 
 POLICY = resolve_policy(Policy())
+ONE_PROCESS = CurateOptions(partitioned=False)  # the reference: a first version built in one process
 # written with the build's time (routed_at) or by another writer (the judgments stream): rows compared, not bytes
 ROWS_ONLY = {"judgments", "state/judgment_rows", "review_state"}
 
@@ -40,7 +41,7 @@ def inputs(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def one_process(inputs, tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("one") / "store")
-    res = curate(inputs, store, POLICY)
+    res = curate(inputs, store, POLICY, options=ONE_PROCESS)
     return store.resolve(res.version_id)
 
 
@@ -112,7 +113,7 @@ def _build(inputs: list[Path], root: Path, policy: Policy, n: int):
     """(the one-process version, the version built over ``n`` partitions) of ``inputs``."""
     from pipeline.distributed import partition_progress
 
-    want = curate(inputs, Store(root / "one"), policy).handle
+    want = curate(inputs, Store(root / "one"), policy, options=ONE_PROCESS).handle
     pset = partition_files(inputs, root / "set", n_partitions=n, batch_rows=policy.ingest.batch_rows,
                            limits=policy.ingest, dimensions=policy.dimensions)
     store = Store(root / "store")
@@ -153,7 +154,7 @@ def _small_partitions() -> Policy:
 
 
 def test_curate_builds_a_first_version_over_partitions_and_a_failed_task_leaves_no_version(inputs, tmp_path, monkeypatch):
-    """``curate(partitioned=True)`` of a first version runs the partitioned build (its lineage says so); a partition's
+    """``curate`` of a first version runs the partitioned build (its lineage says so); a partition's
     task that fails fails the run with that partition named and writes no version; the retry
     computes only what is missing and gives the version the one-process build gives."""
     import pipeline.partition_select as ps
@@ -174,7 +175,7 @@ def test_curate_builds_a_first_version_over_partitions_and_a_failed_task_leaves_
 
     monkeypatch.setattr(ps, "_select_run", flaky)
     store = Store(tmp_path / "store")
-    opts = CurateOptions(partitioned=True)
+    opts = CurateOptions()  # (the default: over partitions)
     with pytest.raises(PartitionTaskError, match=r"partition 2 \(part-00002[-0-9a-f]*\.parquet.*RuntimeError: worker lost"):
         curate(inputs, store, policy, options=opts)
     assert not any((tmp_path / "store" / "versions").iterdir())
@@ -189,7 +190,7 @@ def test_curate_builds_a_first_version_over_partitions_and_a_failed_task_leaves_
     one = Store(tmp_path / "one")
     monkeypatch.setattr(ps, "_select_run", real)
 
-    want = curate(inputs, one, policy).handle  # (the default: one process)
+    want = curate(inputs, one, policy, options=ONE_PROCESS).handle  # (the reference)
     assert "partitions" not in want.manifest().lineage
     assert m.ledger.model_dump_json() == want.manifest().ledger.model_dump_json()
     assert res.version_id != want.version_id  # (a partitioned build is its own version: docs/scale-out.md)
@@ -285,8 +286,7 @@ def test_reviews_in_the_input_are_attached_classified_and_dropped_as_in_one_proc
 def test_curate_builds_a_first_version_with_reviews_over_partitions(tmp_path):
     rows = [canonical(1, pair_id="p-1"), canonical(2),
             canonical(1, pair_id="p-1", comparison_id="rv-1", annotator_id="rev-9", review_of="p-1")]
-    res = curate([write_jsonl(tmp_path / "in.jsonl", rows)], Store(tmp_path / "s"), POLICY,
-                 options=CurateOptions(partitioned=True))
+    res = curate([write_jsonl(tmp_path / "in.jsonl", rows)], Store(tmp_path / "s"), POLICY)
     m = res.handle.manifest()
     assert "partitions" in m.lineage and m.ledger.reviews.judgments == 1
 
@@ -344,8 +344,8 @@ def test_gc_removes_a_failed_partitioned_builds_work_dir_unless_a_build_holds_it
 def test_an_input_whose_every_row_is_quarantined_builds_the_same_empty_version(tmp_path):
     rows = [canonical(i, label="not-a-label") for i in range(3)]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    one = curate([path], Store(tmp_path / "one"), POLICY).handle
-    part = curate([path], Store(tmp_path / "part"), POLICY, options=CurateOptions(partitioned=True)).handle
+    one = curate([path], Store(tmp_path / "one"), POLICY, options=ONE_PROCESS).handle
+    part = curate([path], Store(tmp_path / "part"), POLICY).handle
     assert "partitions" in part.manifest().lineage
     assert part.manifest().ledger.model_dump_json() == one.manifest().ledger.model_dump_json()
     assert part.manifest().ledger.quarantined == 3 and part.manifest().ledger.pairs == 0
@@ -363,7 +363,7 @@ def test_the_cli_says_which_partition_failed_and_exits_1_writing_nothing(inputs,
         raise RuntimeError("worker lost")
 
     monkeypatch.setattr(ps, "_select_run", lost)
-    res = CliRunner().invoke(app, ["curate", str(inputs[0]), "--store", str(tmp_path / "s"), "--partitioned",
+    res = CliRunner().invoke(app, ["curate", str(inputs[0]), "--store", str(tmp_path / "s"),
                                    "--partition-rows", "1000"])
     assert res.exit_code == 1, res.output
     assert "curate failed" in res.output and "RuntimeError: worker lost" in res.output and "nothing written" in res.output
