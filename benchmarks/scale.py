@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/scale.py [--sizes 100000 300000 1000000 [3000000 ...]] [--row-bytes 1000]
 
 For each size: the generated batch (``benchmarks/gen_judgments.py`` ``cached_batch``, files under
-$TMPDIR/prefpipe-bench/), then one fresh ``prefpipe curate BATCH --store NEW --json`` process.
+$TMPDIR/prefpipe-bench/), then one fresh ``prefpipe curate BATCH --one-process --store NEW --json`` process (the reference build)
+and one of the default, partitioned build.
 Measured from outside: wall clock; CPU (user + sys) from the child's rusage (``os.wait4``);
 peak RSS from the child's own ``/proc/self/status`` VmHWM, printed by a tiny launcher at exit --
 not ``ru_maxrss``, which Linux carries over from the forking parent across ``exec`` (so a child
@@ -241,20 +242,20 @@ def main() -> None:
                     help="a row quoted from issue 15 (not measured here), e.g. 3000000:84:6.8")
     ap.add_argument("--partition-rows", type=int, default=250_000, help="target judgments per partition (partitioned part)")
     ap.add_argument("--no-partitioned", action="store_true", help="skip the partitioned building blocks")
-    ap.add_argument("--no-partitioned-build", action="store_true", help="skip `curate --partitioned` next to each size")
+    ap.add_argument("--no-partitioned-build", action="store_true", help="skip the partitioned `curate` (the default build) next to each one-process one")
     a = ap.parse_args()
     rows: list[Row] = []
-    builds: list[tuple[Row, Row]] = []  # (one process, --partitioned) of the same batch, one after the other
+    builds: list[tuple[Row, Row]] = []  # (--one-process, partitioned) of the same batch, one after the other
     for n in sorted(a.sizes):
         batch = cached_batch(n, a.row_bytes)
-        wall, cpu, peak, data, (l0, l1) = run_curate(batch)
+        wall, cpu, peak, data, (l0, l1) = run_curate(batch, ("--one-process",))
         rows.append(Row(n, batch.stat().st_size / 1e6, wall, cpu, peak, l0, l1, data["ledger"].get("pairs"), data.get("timings_s")))
         print(f"{n:>10,} judgments: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak {peak:,.0f} MiB, load {l0:.2f}-{l1:.2f}", flush=True)
         if not a.no_partitioned_build:
-            wall, cpu, peak, data, (l0, l1) = run_curate(batch, ("--partitioned", "--partition-rows", str(a.partition_rows)))
+            wall, cpu, peak, data, (l0, l1) = run_curate(batch, ("--partition-rows", str(a.partition_rows)))
             builds.append((rows[-1], Row(n, batch.stat().st_size / 1e6, wall, cpu, peak, l0, l1, data["ledger"].get("pairs"),
                                          data.get("timings_s"))))
-            print(f"{n:>10,} judgments, --partitioned: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak {peak:,.0f} MiB", flush=True)
+            print(f"{n:>10,} judgments, partitioned: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak {peak:,.0f} MiB", flush=True)
     for spec in a.from_issue:
         n, wall, peak_gb = spec.split(":")
         rows.append(Row(int(n), float("nan"), float(wall), float("nan"), float(peak_gb) * 1e9 / 2**20, float("nan"), float("nan"),
@@ -296,9 +297,9 @@ def main() -> None:
                  + ", ".join(f"{k} {v:.1f} s" for k, v in top) + ".")
     if builds:
         body += (
-            "\n\n### The partitioned build (`curate --partitioned`, issue 15)\n\n"
-            f"The same batches, each also curated with `--partitioned --partition-rows {a.partition_rows}` right after the "
-            "one-process build (fresh process each; every task in the curating process, one partition after another -- "
+            "\n\n### The partitioned build (`curate`, issue 15) and the one-process reference (`curate --one-process`)\n\n"
+            f"The same batches, each also curated with `--partition-rows {a.partition_rows}` (the default build) right after the "
+            "one-process reference build (fresh process each; every task in the curating process, one partition after another -- "
             "no cluster). Ratios: partitioned / one process.\n\n"
             + table(["judgments", "partitions", "one process s", "partitioned s", "time ratio", "one process peak MiB",
                      "partitioned peak MiB", "peak ratio", "partitioned judgments/s"],
