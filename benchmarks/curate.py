@@ -62,26 +62,31 @@ def main() -> None:
         store = Path(tempfile.mkdtemp(prefix="pp-fixed-"))
         fixed.append(run_cli(["curate", str(tiny), "--store", str(store), "--json"])[0])
         shutil.rmtree(store, ignore_errors=True)
-    runs = []  # (wall, cpu, peak, timings, ledger)
+    # the default (a first version over partitions) and the one-process reference, run after run (the machine's
+    # noise falls on both alike)
+    runs, refs = [], []  # (wall, cpu, peak, timings, ledger)
     for i in range(a.runs):
-        store = Path(tempfile.mkdtemp(prefix="pp-big-"))
-        wall, cpu, peak, out = run_cli(["curate", str(big), "--store", str(store), "--json"])
-        data = json.loads(out[: out.rstrip().rfind("\n")] if out.count("\n") > 1 else out)
-        runs.append((wall, cpu, peak, data["timings_s"], data["ledger"]))
-        shutil.rmtree(store, ignore_errors=True)
-        print(f"run {i + 1}/{a.runs}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak {peak:,.0f} MiB", flush=True)
+        for extra, into, what in (((), runs, "partitioned"), (("--one-process",), refs, "--one-process")):
+            store = Path(tempfile.mkdtemp(prefix="pp-big-"))
+            wall, cpu, peak, out = run_cli(["curate", str(big), "--store", str(store), "--json", *extra])
+            data = json.loads(out[: out.rstrip().rfind("\n")] if out.count("\n") > 1 else out)
+            into.append((wall, cpu, peak, data["timings_s"], data["ledger"]))
+            shutil.rmtree(store, ignore_errors=True)
+            print(f"run {i + 1}/{a.runs}, {what}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak {peak:,.0f} MiB", flush=True)
     n = a.judgments
     walls = sorted(r[0] for r in runs)
     med = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run (by wall time)
+    ref = sorted(refs, key=lambda r: r[0])[len(refs) // 2]
     wall, cpu, peak, timings, ledger = med
     peaks = [r[2] for r in runs]
+    ref_peak = statistics.median([r[2] for r in refs])
     rows = [[k, f"{v:.1f}", f"{v / wall:.0%}"] for k, v in timings.items()]
     other = wall - sum(timings.values())
     rows.append(["process start-up, imports, CLI output, exit", f"{other:.1f}", f"{other / wall:.0%}"])
     body = (
         f"`.venv/bin/python benchmarks/curate.py --judgments {n} --row-bytes {a.row_bytes} --runs {a.runs}` — "
         f"{machine_line()}; {big.stat().st_size / 1e6:,.0f} MB JSONL, {ledger['pairs']:,} pairs; each run a fresh "
-        "`prefpipe curate BIG.jsonl --store NEW --json` process (wall clock from outside, CPU and peak RSS from the "
+        "`prefpipe curate BIG.jsonl --store NEW --json` process, the default build (a first version over partitions) (wall clock from outside, CPU and peak RSS from the "
         "process's own rusage); the machine is shared, so the spread of the runs is given.\n\n"
         + table(["", f"median of {a.runs} (min - max)"], [
             ["wall time", f"{wall:.1f} s ({walls[0]:.1f} - {walls[-1]:.1f})"],
@@ -90,6 +95,11 @@ def main() -> None:
             ["peak RSS", f"{statistics.median(peaks):,.0f} MiB = {statistics.median(peaks) * 2**20 / 1e9:.2f} GB "
                          f"({min(peaks):,.0f} - {max(peaks):,.0f} MiB)"],
             ["fixed cost, 12-judgment batch (median of %d)" % a.repeats, f"{statistics.median(fixed):.2f} s"]])
+        + f"\n\nThe one-process reference build (`curate --one-process`, every judgment in memory; same runs, interleaved): "
+        f"median {ref[0]:.1f} s wall ({n / ref[0]:,.0f} judgments/s), {ref[1]:.1f} s CPU, peak {ref_peak:,.0f} MiB. "
+        f"Partitioned / one process: time {wall / ref[0]:.2f}x, peak memory {statistics.median(peaks) / ref_peak:.2f}x. "
+        "Every first version is built over partitions (issue 15): memory bounded by the partition, at this size for "
+        "more time (docs/scale-out.md section 6, Next)."
         + "\n\nPer-stage breakdown of the median run (from the manifest's `lineage.timings_s`; judgments.parquet is "
         "written on a second thread while the checks run, `write_judgments (wait)` is what is left to wait for):\n\n"
         + table(["stage", "seconds", "share"], rows)
