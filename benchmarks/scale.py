@@ -276,7 +276,7 @@ def main() -> None:
                  "stage holds the whole frame; issue 15 bounds it by the partition size).")
     body = (
         f"`.venv/bin/python benchmarks/scale.py --sizes {' '.join(str(s) for s in a.sizes)} --row-bytes {a.row_bytes}` — "
-        f"{machine_line()}; each size one fresh `prefpipe curate BATCH --store NEW --json` process on a "
+        f"{machine_line()}; each size one fresh `prefpipe curate BATCH --one-process --store NEW --json` process (the one-process reference build) on a "
         "`benchmarks/gen_judgments.py` batch (~1 KB a judgment). Wall clock from outside; CPU = user + sys of the "
         "child (wait4); peak RSS = the child's own VmHWM (`/proc/self/status`, printed at exit by a launcher; "
         "`ru_maxrss` would carry the parent's peak over across exec); load = 1-minute load average before/after "
