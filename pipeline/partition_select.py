@@ -14,7 +14,8 @@ own pairs.
    (:func:`pipeline.aggregate.aggregate` with the parameters given; texts from its own preliminary
    pairs), :func:`pipeline.select.select_pairs`, and :func:`pipeline.split.cluster_counts` of its
    DPO rows.  The rows with texts (pairs, DPO rows, routed pairs) stay in the partition's cached
-   state, read back one partition at a time (:func:`dpo_rows`); the driver receives each pair's
+   state, read back one partition at a time (:func:`dpo_rows`; a version's build keeps no DPO rows:
+   it makes them from the pair rows as it writes them); the driver receives each pair's
    fate (id, decision, reason, cluster), the routed ids and the counts.
 3. The driver adds the cluster counts and assigns every cluster a split once
    (:func:`pipeline.split.assign_clusters`): a near-duplicate cluster whose pairs sit in several
@@ -53,7 +54,7 @@ from schemas.policy import Policy
 
 __all__ = ["Broadcast", "Selection", "select", "dpo_rows", "partition_rows"]
 
-VERSION = "4"
+VERSION = "5"
 # the state tables of select_step the driver reads; the others (rows with texts) stay cached
 FATE_TABLES = ("fate", "routed_ids", "dropped", "routed_by", "cluster_counts")
 BUILD_TABLES = ("prompts", "flagged_pairs", "label_counts")  # ... and these, for a version's build
@@ -201,17 +202,13 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, final_dim_blob: bytes, fl
         return {"pairs": psel.pairs, "dpo": psel.dpo, "routed": psel.routed, **extra, **narrow}
     # the rows a version's pair tables hold, keyed and sorted by part (pipeline/partition_write.py); each text table
     # sorted while its unsorted rows are let go (a task holds one copy of the texts at a time, not three)
-    pairs, dpo, routed = psel.pairs, psel.dpo, psel.routed
+    # (a version's DPO rows are not kept: the build makes them from its pair rows, part by part, pipeline.select.dpo_of)
+    pairs, routed = psel.pairs, psel.routed
     del psel
     pairs = _keyed(pairs.drop("_reasons").with_columns(flag_reasons=pairs["_reasons"], first_version=pl.lit(version_id)),
                    layout)
-    dpo = _keyed(dpo, layout)
-    return {"pairs": pairs, "dpo": dpo,  # (a version's narrow pair rows are the pairs without texts: written from them)
-            "routed": _keyed(routed.drop("_reasons", strict=False), layout),
-            # each DPO row's split key (its cluster, else its pair), in the dpo table's row order: the driver assigns the
-            # splits from these narrow rows, then streams the texts
-            "dpo_cl": dpo.select(_cl=pl.col("near_dup_cluster").fill_null(pl.col("pair_id"))),
-            **extra, **narrow}
+    return {"pairs": pairs,  # (a version's narrow pair rows are the pairs without texts: written from them)
+            "routed": _keyed(routed.drop("_reasons", strict=False), layout), **extra, **narrow}
 
 
 def select_step(prelim_params: pl.DataFrame, final_params: pl.DataFrame, flags: Broadcast, clusters: Broadcast | None,

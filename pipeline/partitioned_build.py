@@ -49,6 +49,7 @@ from pipeline import memory
 from pipeline import partition_checks as pk
 from pipeline import partition_select as ps
 from pipeline import reviews_resolve as rr
+from pipeline import select as sel
 from pipeline.checks import CHECKS, all_flags, run_checks
 from pipeline.delta import PAIR_ROWS
 from pipeline.distributed import PartitionRef, State, Step, iter_batches, iter_table, map_partitions, refs_of
@@ -596,25 +597,25 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         # the pairs and their narrow rows from one pass over the pairs (the narrow rows are the pairs without texts)
         pair_schema = _schema_of(s, refs[0], "pairs")
         pw, rw = TableWriter(store, stage, "pairs"), TableWriter(store, stage, PAIR_ROWS)
-        merge_into([Output(pw, None, pair_schema),
-                    Output(rw, lambda part: part.drop(agg.PAIR_TEXT_COLUMNS, strict=False),
-                           {k: v for k, v in pair_schema.items() if k not in agg.PAIR_TEXT_COLUMNS})],
-                   [iter_table(s.step, r, s.cache_dir, "pairs") for r in refs], reuse=reuse, order_by=order)
+        # ... and every split's DPO rows from the same pass: made from each merged part's kept pairs, each row tagged
+        # with its split (the DPO rows are a function of a pair's row: select's tasks do not keep them)
+        writers = {split: TableWriter(store, stage, f"data/{split}") for split in SPLITS}
+        tagged = _dpo_tagger(s.splits)
+
+        def of_split(code: int) -> Callable[[pl.DataFrame], pl.DataFrame]:
+            return lambda part: tagged(part).filter(pl.col("_split") == code).drop("_split")
+
+        dpo_schema = sel.dpo_of(pl.DataFrame(schema=pair_schema)).schema
+        counts = merge_into([Output(pw, None, pair_schema),
+                             Output(rw, lambda part: part.drop(agg.PAIR_TEXT_COLUMNS, strict=False),
+                                    {k: v for k, v in pair_schema.items() if k not in agg.PAIR_TEXT_COLUMNS}),
+                             *[Output(writers[split], of_split(code), dpo_schema) for code, split in enumerate(SPLITS)]],
+                            [iter_table(s.step, r, s.cache_dir, "pairs") for r in refs], reuse=reuse, order_by=order)[2:]
         tables["pairs"], tables[PAIR_ROWS] = pw.info(), rw.info()
         w = TableWriter(store, stage, "routed")
         merge_grouped(w, [iter_table(s.step, r, s.cache_dir, "routed") for r in refs], reuse=reuse, order_by=order,
                       schema=_schema_of(s, refs[0], "routed"))
         tables["routed"] = w.info()
-        # every split's DPO rows from one pass over the DPO rows, each row tagged with its split
-        split_codes = _dpo_split_codes(s, refs)
-        dpo_schema = _schema_of(s, refs[0], "dpo")
-        writers = {split: TableWriter(store, stage, f"data/{split}") for split in SPLITS}
-
-        def of_split(code: int) -> Callable[[pl.DataFrame], pl.DataFrame]:
-            return lambda part: part.filter(pl.col("_split") == code).drop("_split")
-
-        counts = merge_into([Output(writers[split], of_split(code), dpo_schema) for code, split in enumerate(SPLITS)],
-                            [_dpo_tagged(s, r, split_codes[r.index]) for r in refs], reuse=reuse, order_by=order)
         sizes = dict(zip(SPLITS, counts, strict=True))
         tables.update({f"data/{split}": writers[split].info() for split in SPLITS})
         splits = {sp: SplitInfo(path=ti.path, rows=ti.rows, sha256=ti.sha256) for sp in SPLITS for ti in [tables[f"data/{sp}"]]}
@@ -737,25 +738,27 @@ def _schema_of(s: ps.Selection, ref: PartitionRef, table: str) -> pl.Schema:
     return pl.Schema({k: v for k, v in schema.items() if k != "_part"})
 
 
-def _dpo_split_codes(s: ps.Selection, refs: list[PartitionRef]) -> dict[int, np.ndarray]:
-    """Each partition's DPO rows' splits (the index in :data:`SPLITS`; 255: none), in its dpo
-    table's row order: one join of every row's narrow split key with the splits (not one per
-    batch of texts: that hashed every cluster's split again for each batch)."""
-    keys = [ps.partition_rows(s, r, "dpo_cl") for r in refs]
-    codes = pl.concat(keys).join(s.splits, on="_cl", how="left", maintain_order="left")["split"] \
-        .replace_strict(list(SPLITS), list(range(len(SPLITS))), default=255, return_dtype=pl.UInt8).to_numpy()
-    out, at = {}, 0
-    for r, k in zip(refs, keys, strict=True):
-        out[r.index], at = codes[at:at + k.height], at + k.height
-    return out
+def _dpo_tagger(splits: pl.DataFrame) -> Callable[[pl.DataFrame], pl.DataFrame]:
+    """``tagged(part)``: the DPO rows of a merged part of the pair table's kept pairs
+    (:func:`pipeline.select.dpo_of`, with the part key) and ``_split``, each row's split (its index in
+    :data:`SPLITS`) looked up by its cluster (else its pair) in ``splits`` (``_cl``, ``split``:
+    sorted once, searched per part; a join would hash every cluster for each part).  The rows of the
+    part last asked for are kept: the three splits' outputs ask for the same part in turn."""
+    by_cl = splits.select("_cl", _split=pl.col("split").replace_strict(list(SPLITS), list(range(len(SPLITS))),
+                                                                       return_dtype=pl.UInt8)).sort("_cl")
+    keys, codes = by_cl["_cl"], by_cl["_split"]
+    last: list[Any] = [None, None]
 
+    def tagged(part: pl.DataFrame) -> pl.DataFrame:
+        if last[0] is part:
+            return last[1]
+        kept = part.filter(pl.col("decision") == "keep")
+        rows = sel.dpo_of(kept).with_columns(_part=kept["_part"])
+        cl = rows.select(pl.col("near_dup_cluster").fill_null(pl.col("pair_id"))).to_series()
+        at = keys.search_sorted(cl).clip(0, max(keys.len() - 1, 0)) if keys.len() else None
+        if at is None or not (keys.gather(at) == cl).all():
+            raise ValueError(f"part {part['_part'][0] if part.height else '?'}: a kept pair without a split")
+        last[0], last[1] = part, rows.with_columns(_split=codes.gather(at))
+        return last[1]
 
-def _dpo_tagged(s: ps.Selection, ref: PartitionRef, codes: np.ndarray) -> Iterator[pl.DataFrame]:
-    """One partition's DPO rows with ``_split`` (their split's index in :data:`SPLITS`, from
-    ``codes``: one per row of its dpo table, in order), batch by batch."""
-    at = 0
-    for b in iter_table(s.step, ref, s.cache_dir, "dpo"):
-        yield b.with_columns(_split=pl.Series(codes[at:at + b.height]))
-        at += b.height
-    if at != codes.size:
-        raise ValueError(f"partition {ref.index}: {at} DPO rows, {codes.size} split keys")
+    return tagged

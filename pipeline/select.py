@@ -313,18 +313,7 @@ def select_pairs(
     else:
         gone = pl.DataFrame(schema={"pair_id": pl.String})
 
-    kept = p.filter(c("decision") == "keep")
-    chosen_is_a = c("label_consensus") == "a"
-    msg = lambda text: pl.concat_list(pl.struct(role=pl.lit("assistant"), content=text))  # noqa: E731
-    dpo = kept.with_columns(
-        chosen=msg(pl.when(chosen_is_a).then(c("response_a")).otherwise(c("response_b"))),
-        rejected=msg(pl.when(chosen_is_a).then(c("response_b")).otherwise(c("response_a"))),
-        chosen_model=pl.when(chosen_is_a).then(c("model_a")).otherwise(c("model_b")),
-        rejected_model=pl.when(chosen_is_a).then(c("model_b")).otherwise(c("model_a")),
-        # per-dimension consensus as chosen / rejected
-        dimensions=dims.dpo_expr(chosen_is_a) if "dimensions" in kept.columns else pl.lit(None),
-    )
-    dpo = conform(dpo, DPORow).select(list(polars_schema(DPORow)))
+    dpo = dpo_of(p.filter(c("decision") == "keep"))
 
     routed = p.filter(c("decision") == "route")
     if judgments is not None and routed.height:
@@ -339,6 +328,23 @@ def select_pairs(
     routed_by = {lab: 0 for lab in ROUTED_LABELS}
     routed_by.update(dict(routed.group_by("route").len().iter_rows()) if routed.height else {})
     return PairSelection(p.drop("_tokens", "_down_share"), dpo, routed, dropped, routed_by)
+
+
+def dpo_of(kept: pl.DataFrame) -> pl.DataFrame:
+    """The DPO rows (:class:`schemas.records.DPORow`) of kept pairs' rows, in their order: a
+    function of each pair's row alone (a partitioned build makes them from the pair table's parts)."""
+    c = pl.col
+    chosen_is_a = c("label_consensus") == "a"
+    msg = lambda text: pl.concat_list(pl.struct(role=pl.lit("assistant"), content=text))  # noqa: E731
+    dpo = kept.with_columns(
+        chosen=msg(pl.when(chosen_is_a).then(c("response_a")).otherwise(c("response_b"))),
+        rejected=msg(pl.when(chosen_is_a).then(c("response_b")).otherwise(c("response_a"))),
+        chosen_model=pl.when(chosen_is_a).then(c("model_a")).otherwise(c("model_b")),
+        rejected_model=pl.when(chosen_is_a).then(c("model_b")).otherwise(c("model_a")),
+        # per-dimension consensus as chosen / rejected
+        dimensions=dims.dpo_expr(chosen_is_a) if "dimensions" in kept.columns else pl.lit(None),
+    )
+    return conform(dpo, DPORow).select(list(polars_schema(DPORow)))
 
 
 def consensus_confidence_expr(columns: list[str]) -> pl.Expr:
