@@ -293,8 +293,12 @@ def curate(
     if one_process and partitioned:
         _fail_usage("--one-process and --partitioned: choose one")
     con = err_console()
-    from pipeline.distributed import PartitionTaskError, partition_progress
+    from pipeline.distributed import PartitionTaskError, partition_progress, state_compression, task_threads
 
+    try:  # the environment's knobs, checked before any work (exit 2)
+        task_threads(), state_compression()
+    except ValueError as err:
+        _fail_usage(str(err))
     try:
         with stage_progress("curating", enabled=not as_json) as prog, partition_progress(prog.partitions):
             res = run_curate(files, st, pol, parent=parent, options=opts, on_stage=prog.stage, on_rows=prog.rows, full=full)

@@ -115,6 +115,28 @@ def test_tasks_on_threads_give_the_same_states_and_report_a_failure_the_same_way
         map_partitions(partition_stats.STEP, refs, tmp_path / "four")
 
 
+def test_compressed_states_read_back_the_same_and_a_bad_setting_is_refused(parts, tmp_path, monkeypatch):
+    """``PREFPIPE_STATE_COMPRESSION``: the driver's setting, sent with every task; the states read
+    back equal to uncompressed ones (their files smaller); anything but none/lz4/zstd is refused,
+    by ``curate`` with exit 2 before any work."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    plain, _ = run_step(partition_stats.STEP, refs_of(parts), tmp_path / "plain")
+    monkeypatch.setenv("PREFPIPE_STATE_COMPRESSION", "zstd")
+    packed, _ = run_step(partition_stats.STEP, refs_of(parts), tmp_path / "packed")
+    assert packed.keys() == plain.keys() and all(packed[k].equals(plain[k]) for k in plain)
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*.arrow"))  # noqa: E731
+    assert size(tmp_path / "packed") < 0.8 * size(tmp_path / "plain")
+    monkeypatch.setenv("PREFPIPE_STATE_COMPRESSION", "gzip")
+    with pytest.raises(ValueError, match="PREFPIPE_STATE_COMPRESSION='gzip': expected none, lz4 or zstd"):
+        map_partitions(partition_stats.STEP, refs_of(parts), tmp_path / "bad")
+    res = CliRunner().invoke(app, ["curate", str(ROOT / "data" / "samples" / "batch-2026-11-02.jsonl"),
+                                   "--store", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "PREFPIPE_STATE_COMPRESSION" in res.output and not (tmp_path / "s" / "versions").exists()
+
+
 def _damage(path: Path) -> bytes:
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])
