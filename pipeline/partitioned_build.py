@@ -23,9 +23,10 @@ input and no parent -- every table, the manifest's ledger and checks, the report
    the partitions (each in input order) and written as they stream; the per-pair state tables,
    flags and the review state from the driver's narrow frames; the manifest and the report.
 
-Every first version is covered (tested equal to the one-process build: a registry, reviews,
-dimension verdicts, ``train_on``).  Not covered: a parent (a child is built in one process).
-The partition rewrites of step 1 run on the driver, one partition at a time.
+Every first version is built here (:func:`pipeline.curate.curate`; tested equal to the one-process
+reference build: a registry, reviews, dimension verdicts, ``train_on``).  Not covered: a parent (a
+child is built in one process).  The partition rewrites of step 1 are tasks (:func:`_rewrite`): a
+worker reads its partition and writes the new one next to it.
 """
 from __future__ import annotations
 
@@ -755,9 +756,12 @@ def _dpo_tagger(splits: pl.DataFrame) -> Callable[[pl.DataFrame], pl.DataFrame]:
         kept = part.filter(pl.col("decision") == "keep")
         rows = sel.dpo_of(kept).with_columns(_part=kept["_part"])
         cl = rows.select(pl.col("near_dup_cluster").fill_null(pl.col("pair_id"))).to_series()
-        at = keys.search_sorted(cl).clip(0, max(keys.len() - 1, 0)) if keys.len() else None
-        if at is None or not (keys.gather(at) == cl).all():
-            raise ValueError(f"part {part['_part'][0] if part.height else '?'}: a kept pair without a split")
+        if rows.height == 0:  # (no kept pair in this part)
+            at = pl.Series([], dtype=pl.UInt32)
+        else:
+            at = keys.search_sorted(cl).clip(0, max(keys.len() - 1, 0)) if keys.len() else None
+            if at is None or not (keys.gather(at) == cl).all():
+                raise ValueError(f"part {part['_part'][0]}: a kept pair without a split")
         last[0], last[1] = part, rows.with_columns(_split=codes.gather(at))
         return last[1]
 

@@ -14,6 +14,7 @@ from pipeline.checks import resolve_policy
 from pipeline.curate import CurateOptions, curate
 from pipeline.partition import partition_files
 from pipeline.partitioned_build import build_first
+from pipeline.split import SPLITS
 from pipeline.store import Store
 from schemas.policy import Policy
 from tests.conftest import ROOT, canonical, write_jsonl
@@ -244,6 +245,16 @@ def test_a_given_id_equal_to_another_contents_derived_id_is_put_with_it(tmp_path
     rows.append(canonical(400 + b_i, comparison_id="j-given", annotator_id="rev-09", pair_id=a))
     want, got = _build([write_jsonl(tmp_path / "in.jsonl", rows)], tmp_path, POLICY, 4)
     assert {c.name: c for c in want.manifest().checks}["pair_id_conflict"].metrics["conflicting_pair_ids"] == 1
+    _assert_same(got, want)
+
+
+def test_pairs_none_of_which_is_kept_build_empty_splits_as_in_one_process(tmp_path):
+    """Every pair routed (ties): pair tables with rows, three DPO splits without (each one empty part)."""
+    rows = [canonical(i, comparison_id=f"t-{i}-{k}", annotator_id=f"rev-0{k}", label="tie") for i in range(12) for k in range(2)]
+    want, got = _build([write_jsonl(tmp_path / "in.jsonl", rows)], tmp_path, POLICY, 2)
+    m = got.manifest()
+    assert m.ledger.pairs == 12 and m.ledger.pairs_kept == 0 and sum(m.ledger.routed.values()) == 12
+    assert all(m.tables[f"data/{sp}"].rows == 0 and len(m.tables[f"data/{sp}"].parts) == 1 for sp in SPLITS)
     _assert_same(got, want)
 
 
