@@ -85,12 +85,14 @@ How curate calls it
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -416,7 +418,7 @@ class IncrementalResult:
     recomputed: pl.Series  # pair ids whose flags were recomputed: the batch's pairs and pairs whose prompts' edges changed
     clusters: pl.DataFrame  # pair_id -> near_dup_cluster of every pair whose cluster is new or changed
     metrics: dict[str, Any]  # of the whole version, the keys of run()
-    write: dict[str, list[tuple[str, pl.DataFrame]]]  # state parts to write: table -> [(part key, frame)]
+    write: dict[str, list[tuple[str, Any]]]  # state parts to write: table -> [(part key, frame or () -> frame)]
     inherit: dict[str, list[SplitInfo]]  # state parts to link from the parent, per table
     parent: VersionHandle | None
     stats: dict[str, Any]  # this run's work (not metrics: they describe the version)
@@ -446,8 +448,8 @@ class IncrementalResult:
             w = TableWriter(store, stage, name, arrival_order=True)
             for part in self.inherit.get(name, []):
                 w.inherit(self.parent, part)
-            for key, frame in self.write.get(name, []):
-                w.write(key, frame)
+            for key, part in self.write.get(name, []):
+                w.write(key, part_frame(part))
             if name in self.order:  # a rewritten edge part keeps its place
                 rank = {key: i for i, key in enumerate(self.order[name])}
                 w.parts.sort(key=lambda p: rank[_part_key(p)])
@@ -664,12 +666,11 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
         bands_part = np.concatenate([state.bands[:, start:], bands_new], axis=1)
         sk_part = np.concatenate([state.sketches[start:], sk_new])
         sig_part = np.concatenate([state.old_signatures(np.arange(start, len(state))), sigs])
-    for i in range(0, hashes.len(), CHUNK):
-        key = f"{generation}-{i // CHUNK:03d}"
-        h = hashes.slice(i, CHUNK)
-        write[PROMPTS].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_band_cols(b), bands_part[:, i:i + CHUNK])),
-                                                  **dict(zip(_sketch_cols(num_perm), sk_part[i:i + CHUNK].T))})))
-        write[SIGNATURES].append((key, pl.DataFrame({"prompt_hash": h, **dict(zip(_sig_cols(num_perm), sig_part[i:i + CHUNK].T))})))
+    for i in range(0, hashes.len(), CHUNK):  # (each part's frame made when it is written: made here, the frames
+        key = f"{generation}-{i // CHUNK:03d}"  # were a second copy of every signature and band key: ~1 GB per
+        h = hashes.slice(i, CHUNK)               # 2M prompts)
+        write[PROMPTS].append((key, functools.partial(_prompts_part, h, bands_part, sk_part, num_perm, i)))
+        write[SIGNATURES].append((key, functools.partial(_signatures_part, h, sig_part, i)))
     for t, old, rows in ((PAIR_PROMPTS, pp_old, pp_new), (LINKS, links_old, links_add)):
         rows = pl.concat([old.slice(old.height - tail[t]), rows])
         if rows.height:
@@ -695,6 +696,21 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
              "changed_clusters_pairs": clusters.height, "origin": state.origin, "seconds": clock.laps}
     return IncrementalResult(flags=flags, recomputed=recomputed, clusters=clusters, metrics=metrics, write=write,
                              inherit=inherit, parent=state.parent, stats=stats, _child=child, order={EDGES: order})
+
+
+def _prompts_part(h: pl.Series, bands: np.ndarray, sketches: np.ndarray, num_perm: int, i: int) -> pl.DataFrame:
+    b = bands.shape[0]
+    return pl.DataFrame({"prompt_hash": h, **dict(zip(_band_cols(b), bands[:, i:i + CHUNK])),
+                         **dict(zip(_sketch_cols(num_perm), sketches[i:i + CHUNK].T))})
+
+
+def _signatures_part(h: pl.Series, sigs: np.ndarray, i: int) -> pl.DataFrame:
+    return pl.DataFrame({"prompt_hash": h, **dict(zip(_sig_cols(sigs.shape[1]), sigs[i:i + CHUNK].T))})
+
+
+def part_frame(part: pl.DataFrame | Callable[[], pl.DataFrame]) -> pl.DataFrame:
+    """A state part to write: a frame, or the function that makes it (the prompts' and signatures' parts)."""
+    return part if isinstance(part, pl.DataFrame) else part()
 
 
 def _merged_tail(state: NearDupState, table: str, fresh: int, height: int) -> int:
