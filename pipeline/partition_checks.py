@@ -59,7 +59,7 @@ from pipeline.partition_stats import given_id_keys
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
 
-VERSION = "2"
+VERSION = "3"
 
 
 def _frame_bytes(frame: pl.DataFrame) -> bytes:
@@ -278,7 +278,8 @@ def _near_dup_run(cfg_json: str, paths: list[str]) -> State:
         np.zeros((0, cfg.num_perm), np.uint32)
     return {"signatures": pl.DataFrame({"prompt_hash": prompts["prompt_hash"],
                                         "signature": pl.Series(np.ascontiguousarray(sigs, np.uint32))}),
-            "pair_prompts": part.select("pair_id", "prompt_hash").unique().sort("pair_id", "prompt_hash")}
+            "pair_prompts": part.select("pair_id", "prompt_hash").unique().sort("pair_id", "prompt_hash"),
+            "prompt_keys": prompts.select("prompt_hash")}  # (the signatures' keys alone: what the driver chooses rows by)
 
 
 def near_dup_step(cfg: ChecksConfig) -> Step:
@@ -323,14 +324,15 @@ def _near_dup_inputs(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, client:
     prompt_hash of every pair) from every partition's signatures."""
     step = near_dup_step(cfg)
     refs = sorted(refs, key=lambda r: r.index)  # (partition order, as the states come)
-    states, _ = map_partitions(step, refs, cache_dir, client=client, keep=["pair_prompts"])
+    states, _ = map_partitions(step, refs, cache_dir, client=client, keep=["pair_prompts", "prompt_keys"])
     pair_prompts = pl.concat([s.pop("pair_prompts") for s in states]).unique().sort("pair_id", "prompt_hash")
+    # every distinct prompt once, in prompt_hash order: the rows are chosen on the hashes (each partition's keys come
+    # with its state), then each partition's signatures are read back from its cached state into one matrix, one
+    # partition at a time (holding every partition's signature frames, or a concatenation of them, held two or three
+    # copies of them at once)
+    where = pl.concat([s.pop("prompt_keys").select("prompt_hash", _part=pl.lit(i, pl.Int32)).with_row_index("_row")
+                       for i, s in enumerate(states)]).unique("prompt_hash", keep="first").sort("prompt_hash")
     del states
-    # every distinct prompt once, in prompt_hash order: the rows are chosen on the hashes, then each partition's
-    # signatures are read back from its cached state into one matrix, one partition at a time (holding every
-    # partition's signature frames, or a concatenation of them, held two or three copies of them at once)
-    where = pl.concat([cached_table(step, r, cache_dir, "signatures").select("prompt_hash", _part=pl.lit(i, pl.Int32))
-                       .with_row_index("_row") for i, r in enumerate(refs)]).unique("prompt_hash", keep="first").sort("prompt_hash")
     matrix = np.empty((where.height, cfg.near_duplicate.num_perm), np.uint32)
     parts, rows = where["_part"].to_numpy(), where["_row"].to_numpy()
     for i, r in enumerate(refs):
