@@ -124,11 +124,24 @@ class TableWriter:
         if frame.height == 0:
             self.write(EMPTY_KEY, frame.drop(key_column))
             return
-        keys = frame.select(key_column, *order_by).with_row_index("_row")
-        order = keys.sort([key_column, *order_by], nulls_last=True, maintain_order=True)["_row"].to_numpy()
+        # the rows by key (a stable sort of one column), then each part's rows by ``order_by``: the order of one stable
+        # sort by (key, *order_by), without its row encoding of every sort column of every row at once (~0.6 GB more
+        # at 3M judgments' state/language, 5 string columns)
+        order = frame.select(key_column).with_row_index("_row").sort(key_column, nulls_last=True, maintain_order=True)[
+            "_row"].to_numpy().copy()
         part_of = frame[key_column].gather(order)
         bounds = np.flatnonzero((part_of != part_of.shift(1)).fill_null(True).to_numpy())
         bounds = np.append(bounds, len(order))
+        if order_by:
+            sort_keys = frame.select(order_by)
+            runs = np.append(np.flatnonzero(part_of.ne_missing(part_of.shift(1)).fill_null(True).to_numpy()), len(order))
+            for a, z in zip(runs[:-1], runs[1:]):
+                if z - a > 1:
+                    rows = order[a:z]
+                    within = sort_keys[rows].with_row_index("_i").sort(list(order_by), nulls_last=True,
+                                                                       maintain_order=True)["_i"].to_numpy()
+                    order[a:z] = rows[within]
+            del sort_keys
         body = frame.drop(key_column)
         hashes = body.hash_rows(seed=_FP_SEED).to_numpy()[order] if reuse is not None else None
         head = _fingerprint_head(body)

@@ -73,3 +73,25 @@ def test_a_stream_not_sorted_by_its_part_key_is_refused():
     with pytest.raises(ValueError, match="not sorted"):
         list(runs([f]))
     assert [(k, v.height) for k, v in runs([f.head(1), f.head(1), pl.DataFrame({"_part": ["c"], "x": [3]})])] == [("b", 2), ("c", 1)]
+
+
+def test_write_grouped_parts_hold_the_rows_of_one_stable_sort_by_key_then_order(tmp_path):
+    """Each part is sorted on its own (the whole table is sorted by its part key only): the rows, and
+    so the bytes, are those of one stable sort of every row by (key, *order_by), ties and nulls included."""
+    rng = random.Random(7)
+    n = 4000
+    frame = pl.DataFrame({
+        "_part": [rng.choice(["b00", "b01", "b02", "other"]) for _ in range(n)],
+        "pair_id": [rng.choice(["p1", "p2", "p3", None]) for _ in range(n)],
+        "locale": [rng.choice(["en", "de", None]) for _ in range(n)],
+        "row": list(range(n)),  # (not sorted by: ties keep their input order)
+    })
+    store = Store(tmp_path / "store")
+    w = TableWriter(store, tmp_path / "stage", "state/language")
+    w.write_grouped(frame, "_part", order_by=("pair_id", "locale"))
+    want = frame.sort("_part", "pair_id", "locale", nulls_last=True, maintain_order=True)
+    got = {p.path: pl.read_parquet(tmp_path / "stage" / p.path) for p in w.info().parts}
+    assert len(got) == 4
+    for key, rows in want.group_by("_part", maintain_order=True):
+        part = got[f"state/language/part-{key[0]}.parquet"]
+        assert part.equals(rows.drop("_part")), key
