@@ -345,9 +345,10 @@ def _for_training(refs: list[PartitionRef], sources: list[str], cfg: Any, work: 
 
 # ---------------------------------------------------------------- 4. the judgments in input order
 def _input_order_batches(refs: list[PartitionRef], sources: list[str], columns: list[str] | None,
-                         batch_rows: int = 8_192) -> Iterator[pa.Table]:
+                         batch_rows: int = 8_192, read_rows: int | None = None) -> Iterator[pa.Table]:
     """Every partition's rows merged in input order (each partition is in input order), in
-    batches of ``batch_rows``, as Arrow tables (never converted: a conversion copies every string).
+    batches of ``batch_rows``, as Arrow tables (never converted: a conversion copies every string);
+    each partition read ``read_rows`` (default: ``batch_rows``) rows at a time.
     Each row's place in the input is read first (8 bytes a row); the places sorted say how many
     rows of each partition the next batch takes, so every partition is then read once, front to
     back, and each batch is one sort of its own rows."""
@@ -356,7 +357,7 @@ def _input_order_batches(refs: list[PartitionRef], sources: list[str], columns: 
     keys = [_places(r, sources) for r in refs]
     every = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
     read = None if columns is None else list(dict.fromkeys([*columns, "source_file", "source_line"]))
-    readers = [_batches(r, read, batch_rows) for r in refs]
+    readers = [_batches(r, read, read_rows or batch_rows) for r in refs]
     held: list[list[pa.RecordBatch]] = [[] for _ in refs]
     taken = np.zeros(len(refs), np.int64)
     names = pa.array(sources, pa.string())
@@ -529,9 +530,11 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     schemas = {"judgments": empty_frame(Judgment).schema, inc.JUDGMENT_ROWS: inc.judgment_rows(empty_frame(Judgment)).schema}
     # the judgments (and the columns a child reads of every row) in input order, written on a thread of their own
     # while the checks and select run: the partitions without the repeated ids are all they read
-    merge_rows = max(1_024, min(8_192, 131_072 // max(1, len(refs))))  # (the merge holds a batch of every partition)
+    # (the merge holds a read batch of every partition: 32k rows in all, at least 1,024 a partition -- at 3M judgments,
+    # 16 partitions, the write peaked 0.23 GB lower with 2,048-row reads than with 8,192, in the same time)
+    read_rows = max(1_024, min(4_096, 32_768 // max(1, len(refs))))
     judgments = _Background(lambda stop: _streamed_tables(store, stage, version_id, _input_order_batches(
-        given_refs, sources, None, batch_rows=merge_rows), schemas, stop), "prefpipe-judgments")
+        given_refs, sources, None, read_rows=read_rows), schemas, stop), "prefpipe-judgments")
     try:
         nd_tables: dict[str, TableInfo] = {}
 

@@ -380,3 +380,26 @@ def test_the_cli_says_which_partition_failed_and_exits_1_writing_nothing(inputs,
     assert "curate failed" in res.output and "RuntimeError: worker lost" in res.output and "nothing written" in res.output
     assert "Traceback" not in res.output
     assert not any((tmp_path / "s" / "versions").iterdir())
+
+
+@pytest.mark.parametrize(("batch_rows", "read_rows"), [(7, 3), (64, 1), (50, 500)])
+def test_the_input_order_merge_gives_the_same_rows_whatever_its_batch_sizes(inputs, tmp_path, batch_rows, read_rows):
+    """The judgments table is the partitions merged back into input order: the rows (and their order)
+    do not depend on how many rows the merge reads of a partition at a time or writes out per batch."""
+    import pyarrow as pa
+
+    from pipeline.distributed import refs_of
+    from pipeline.partitioned_build import _input_order_batches
+
+    pset = partition_files(inputs, tmp_path / "set", n_partitions=4, batch_rows=POLICY.ingest.batch_rows,
+                           limits=POLICY.ingest, dimensions=POLICY.dimensions)
+    sources = [s.path for s in pset.sources]
+    cols = ["comparison_id", "source_file", "source_line", "prompt"]
+    want = pa.concat_tables(_input_order_batches(refs_of(pset), sources, cols))
+    assert want.num_rows == sum(p.judgments for p in pset.partitions) > 6000
+    pieces = list(_input_order_batches(refs_of(pset), sources, cols, batch_rows=batch_rows, read_rows=read_rows))
+    assert {t.num_rows for t in pieces[:-1]} == {batch_rows}
+    assert pa.concat_tables(pieces).equals(want)
+    order = pl.from_arrow(want).select(pl.col("source_file").cast(pl.String).replace_strict(sources, list(range(len(sources)))),
+                                       "source_line")
+    assert order.equals(order.sort("source_file", "source_line"))  # (the inputs' files in the order given, then line)
