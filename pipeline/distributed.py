@@ -318,12 +318,12 @@ def partition_progress(report: Callable[[str, int, int], None]) -> Iterator[None
 
 def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,
                    on_partition: Callable[[int], None] | None = None,
-                   keep: Collection[str] | None = None) -> tuple[list[State], RunStats]:
+                   keep: Collection[str] | Callable[[str], bool] | None = None) -> tuple[list[State], RunStats]:
     """Every partition's state, in partition order (cached ones read back, the others computed
     in this process or on ``client``'s cluster).  Raises :class:`PartitionTaskError` after all
     tasks ended if any failed (the finished ones are cached).  ``on_partition(index)``: called
     on the driver as each partition's state is ready, cached or computed (a progress bar's
-    partitions).  ``keep``: the state tables returned (None: all); the others stay in the cache,
+    partitions).  ``keep``: the state tables returned (names, or a test of a name; None: all); the others stay in the cache,
     read one partition at a time with :func:`cached_table` (rows with texts a later stage writes:
     the driver never holds every partition's)."""
     report = _PROGRESS.get()
@@ -337,7 +337,7 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
         if report is not None:
             report(step.name, n_done, len(refs))
 
-    wanted: Callable[[str], bool] = (lambda _n: True) if keep is None else set(keep).__contains__
+    wanted: Callable[[str], bool] = (lambda _n: True) if keep is None else keep if callable(keep) else set(keep).__contains__
     cache_dir = Path(cache_dir)
     refs = sorted(refs, key=lambda r: r.index)
     by_index = {r.index: r for r in refs}

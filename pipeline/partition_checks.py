@@ -43,23 +43,27 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from pipeline.aggregate import encode
-from pipeline.checks import length_bias, pair_id_conflict, reliability
+from pipeline.checks import language, length_bias, pair_id_conflict, reliability
 from pipeline.checks import near_duplicates as nd
 from pipeline.checks.spec import Sums
-from pipeline.distributed import State, Step, cached_table, map_partitions
+from pipeline.distributed import State, Step, cached_table, iter_table, map_partitions, table_schema
 from pipeline.incremental import _EMPTY, PAIR_SCOPED, RUNNERS, Totals, declared_sums
 from pipeline.partition import read_partition
 from pipeline.partition_stats import given_id_keys
+from pipeline.partition_write import keyed_by_part
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
 
-VERSION = "3"
+VERSION = "4"
 
 
 def _frame_bytes(frame: pl.DataFrame) -> bytes:
@@ -155,7 +159,7 @@ def check_sums(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, reliability_p
 # ---------------------------------------------------------------- the pair-scoped checks
 
 
-def _pair_scoped_run(cfg_json: str, paths: list[str]) -> State:
+def _pair_scoped_run(cfg_json: str, layout: tuple[str, int] | None, paths: list[str]) -> State:
     part = read_partition(paths)
     cfg = ChecksConfig.model_validate_json(cfg_json)
     out: State = {"given_keys": given_id_keys(part)}
@@ -163,17 +167,25 @@ def _pair_scoped_run(cfg_json: str, paths: list[str]) -> State:
         res = RUNNERS[name](part, cfg)
         out[f"flags-{name}"] = res.flags
         table = res.tables.get(spec.table)  # (e.g. no pair has a locale: the empty state a version keeps)
-        out[f"state-{name}"] = table if table is not None else _EMPTY[name]
+        table = table if table is not None else _EMPTY[name]
+        if name in CACHED:  # its rows stay in the cache (keyed by the version's parts): the driver reads its tally
+            n_pairs, counts = language.tally(table)
+            out[f"tally-{name}"] = counts.with_columns(pairs=pl.lit(n_pairs, pl.Int64))
+            table = table if layout is None else keyed_by_part(table, layout)
+        out[f"state-{name}"] = table
         if name == "language":  # this run's work (not a function of the rows): summed over the partitions
             out["counters-language"] = pl.DataFrame({k: [int(res.metrics.get(k, 0))] for k in RUN_COUNTERS})
     return out
 
 
-def pair_scoped_step(cfg: ChecksConfig) -> Step:
-    """Each partition's pair-scoped checks: their flags and state rows, and the given-id keys."""
+def pair_scoped_step(cfg: ChecksConfig, layout: tuple[str, int] | None = None) -> Step:
+    """Each partition's pair-scoped checks: their flags and state rows, and the given-id keys.
+    ``layout`` (a version's generation group and bucket count): the rows of the :data:`CACHED`
+    states keyed by the version's part and sorted by it (:func:`pipeline.partition_write.keyed_by_part`),
+    to be merged part by part into the version's table (:meth:`CachedRows.streams`)."""
     cfg_json = cfg.model_dump_json()
-    return Step("pair-scoped-checks", f"{VERSION}-{hashlib.sha256(cfg_json.encode()).hexdigest()[:16]}",
-                functools.partial(_pair_scoped_run, cfg_json), _keep)
+    key = hashlib.sha256(json.dumps([cfg_json, list(layout) if layout else None]).encode()).hexdigest()[:16]
+    return Step("pair-scoped-checks", f"{VERSION}-{key}", functools.partial(_pair_scoped_run, cfg_json, layout), _keep)
 
 
 def _keep(states: list[State]) -> State:  # (:func:`pair_scoped` reduces them itself)
@@ -195,16 +207,59 @@ def rows_step(ids: tuple[str, ...]) -> Step:
 # the checks whose view of a given id is its judgments' (a duplicate group is a content key's: complete in a partition)
 _BY_ID = ("pair_id_conflict", "language")
 RUN_COUNTERS = ("distinct_texts", "langdetect_calls", "langdetect_skipped")  # the language check's work, per run
+# the pair-scoped checks whose state rows stay in the partitions' caches (the language check's: a row a text, ~3 a
+# pair -- at 10M judgments ~0.33 GB of frames on the driver, and its sort when written)
+CACHED = ("language",)
+_CACHED_STATES = tuple(f"state-{n}" for n in CACHED)
+
+
+@dataclass
+class CachedRows:
+    """A pair-scoped check's state rows as the partitions' caches hold them (sorted by ``_part``
+    when the step had a layout), less the ids whose rows the driver computed again (``drop``),
+    plus those rows (``extra``, keyed likewise): never every partition's rows on the driver."""
+
+    step: Step
+    refs: list[Any]
+    cache_dir: Any
+    name: str
+    drop: pl.Series
+    extra: pl.DataFrame | None
+
+    def streams(self) -> list[Iterable[pl.DataFrame]]:
+        """One stream of batches a partition (then ``extra``): :func:`pipeline.partition_write.merge_grouped`'s input."""
+        out: list[Iterable[pl.DataFrame]] = [self._stream(r) for r in self.refs]
+        return out + ([[self.extra]] if self.extra is not None else [])
+
+    def _stream(self, ref: Any) -> Iterator[pl.DataFrame]:
+        for batch in iter_table(self.step, ref, self.cache_dir, f"state-{self.name}"):
+            yield batch.filter(~pl.col("pair_id").is_in(self.drop.implode())) if self.drop.len() else batch
+
+    def frame(self) -> pl.DataFrame:
+        """Every row at once (without ``_part``): for a caller that holds the table anyway."""
+        frames = [b for st in self.streams() for b in st]
+        return pl.concat(frames, how="vertical_relaxed").drop("_part", strict=False) if frames else _EMPTY[self.name]
+
+    def schema(self) -> pl.Schema:
+        return table_schema(self.step, self.refs[0], self.cache_dir, f"state-{self.name}")
 
 
 def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Totals, sources: list[str], *,
-                client: Any = None) -> dict[str, CheckResult]:
+                client: Any = None, layout: tuple[str, int] | None = None,
+                cached: dict[str, CachedRows] | None = None) -> dict[str, CheckResult]:
     """The results of the pair-scoped checks over every partition: each partition's flags and state
     rows concatenated, the figures from the whole (``PairScoped.summarize``: what a child computes
     from its merged rows).  A given id whose contents span partitions: its judgments are fetched
     (a second map), put in input order (``sources``: the input files in order, as the partition
-    ledger lists them) and checked on the driver, in place of the partitions' partial views."""
-    states, _ = map_partitions(pair_scoped_step(cfg), refs, cache_dir, client=client)
+    ledger lists them) and checked on the driver, in place of the partitions' partial views.
+
+    The :data:`CACHED` checks' rows (the language check's: one a text) stay in the partitions'
+    caches; their figures are the partitions' tallies added.  ``cached``: given, it receives their
+    :class:`CachedRows` and the results' tables are left empty (a build merges them into the
+    version part by part, ``layout`` its parts); else the tables are read back whole."""
+    step = pair_scoped_step(cfg, layout)
+    states, _ = map_partitions(step, refs, cache_dir, client=client, keep=lambda n: not n.startswith(_CACHED_STATES))
+    refs = sorted(refs, key=lambda r: r.index)  # (the states' order)
     keys = pl.concat([s["given_keys"].with_columns(_part=pl.lit(i)) for i, s in enumerate(states)])
     spans = keys.group_by("pair_id").agg(pl.col("_part").n_unique().alias("parts"), pl.col("content_key").n_unique().alias("keys"))
     across = spans.filter((pl.col("parts") > 1) & (pl.col("keys") > 1))["pair_id"].sort()
@@ -219,24 +274,55 @@ def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Tota
         judged = rows["comparison_id"]
     mine = ((pl.col("subject_kind") == "pair") & pl.col("subject_id").is_in(across.implode())) \
         | ((pl.col("subject_kind") == "judgment") & pl.col("subject_id").is_in(judged.implode()))
-    out: dict[str, CheckResult] = {}
-    for name, spec in PAIR_SCOPED.items():
-        flags = [s[f"flags-{name}"] for s in states]
-        rows_ = [s[f"state-{name}"] for s in states]
-        if name in redo:  # the partitions saw part of these ids' judgments: their view is replaced
-            rows_ = [r.filter(~pl.col("pair_id").is_in(across.implode())) for r in rows_] + [redo[name].tables[spec.table]]
-            flags = [f.filter(~mine) for f in flags] + [redo[name].flags]
-        flags = [f for f in flags if f.height]
-        out[name] = spec.summarize(pl.concat(rows_, how="vertical_relaxed"), pl.concat(flags) if flags else empty_flags(),
-                                   totals)
     # the language check's run counters: every partition's work (a text in several partitions is counted in each)
     work = {k: sum(int(st["counters-language"][k][0]) for st in states) + int(redo["language"].metrics.get(k, 0) if redo else 0)
             for k in RUN_COUNTERS}
+    out: dict[str, CheckResult] = {}
+    for name, spec in PAIR_SCOPED.items():
+        flags = [s[f"flags-{name}"] for s in states]
+        if name in redo:  # the partitions saw part of these ids' judgments: their view is replaced
+            flags = [f.filter(~mine) for f in flags] + [redo[name].flags]
+        flags = [f for f in flags if f.height]
+        flag_rows = pl.concat(flags) if flags else empty_flags()
+        if name in CACHED:
+            extra = redo[name].tables[spec.table] if name in redo else None
+            rows = CachedRows(step, refs, cache_dir, name, across, extra if extra is None or layout is None
+                              else keyed_by_part(extra, layout))
+            out[name] = _from_tally(states, rows, work, flag_rows, held=cached is None)
+            if cached is not None:
+                cached[name] = rows
+            continue
+        rows_ = [s[f"state-{name}"] for s in states]
+        if name in redo:
+            rows_ = [r.filter(~pl.col("pair_id").is_in(across.implode())) for r in rows_] + [redo[name].tables[spec.table]]
+        out[name] = spec.summarize(pl.concat(rows_, how="vertical_relaxed"), flag_rows, totals)
     lang = out["language"]
     lang.metrics.update(work)
     if work["langdetect_skipped"]:
         lang.summary += f"; {work['langdetect_skipped']} weak-evidence texts left undecided (langdetect cap)"
     return out
+
+
+def _from_tally(states: list[State], rows: CachedRows, work: dict[str, int], flags: pl.DataFrame, *, held: bool) -> CheckResult:
+    """The language check's result from the partitions' tallies (less those of the rows ``rows``
+    drops, read back from the partitions that hold them, plus those of its ``extra`` rows)."""
+    tallies = [s[f"tally-{rows.name}"] for s in states]
+    n_pairs = sum(int(t["pairs"][0]) for t in tallies if t.height)
+    counts = [t.drop("pairs") for t in tallies]
+    if rows.drop.len():
+        for ref in rows.refs:
+            gone = [b.filter(pl.col("pair_id").is_in(rows.drop.implode()))
+                    for b in iter_table(rows.step, ref, rows.cache_dir, f"state-{rows.name}")]
+            gone = [g for g in gone if g.height]
+            if gone:
+                k, c = language.tally(pl.concat(gone))
+                n_pairs -= k
+                counts.append(c.with_columns(n=-pl.col("n")))
+    if rows.extra is not None:
+        k, c = language.tally(rows.extra)
+        n_pairs += k
+        counts.append(c)
+    return language.summarize_tally(n_pairs, pl.concat(counts), flags, work, rows.frame() if held else None)
 
 
 # ---------------------------------------------------------------- the annotator registry: per judgment

@@ -48,6 +48,7 @@ from pipeline import select as sel
 from pipeline import split as sp
 from pipeline.aggregate import PARAM_SCHEMA, aggregate
 from pipeline.distributed import PartitionChanged, PartitionRef, State, Step, cached_table, map_partitions
+from pipeline.partition_write import keyed_by_part
 from pipeline.store import sha256_file
 from schemas.records import ROUTED_LABELS
 from schemas.policy import Policy
@@ -132,17 +133,6 @@ def _no_reduce(states: list[State]) -> State:  # pragma: no cover - the driver f
 
 
 # ---------------------------------------------------------------- pass 5: final pairs, select, cluster counts
-def _keyed(frame: pl.DataFrame, layout: tuple[str, int]) -> pl.DataFrame:
-    """``frame`` with the ``_part`` of each row's pair (a first version: every pair in this version's
-    generation group of ``layout[1]`` buckets, :func:`pipeline.parts.part_keys`), sorted by it."""
-    from pipeline.parts import part_keys
-    from pipeline.partition_write import sorted_by_part
-
-    group, k = layout
-    keys = part_keys(frame.select("pair_id").unique().with_columns(_gen=pl.lit(group)), {group: k})
-    return sorted_by_part(frame.join(keys, on="pair_id", how="left", maintain_order="left"))
-
-
 def _select_run(prelim_blob: bytes, final_blob: bytes, final_dim_blob: bytes, flags: Broadcast, clusters: Broadcast | None,
                 policy_json: str, version_id: str | None, layout: tuple[str, int] | None,
                 texts: tuple[tuple[str, str, str], ...], paths: list[str]) -> State:
@@ -205,10 +195,10 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, final_dim_blob: bytes, fl
     # (a version's DPO rows are not kept: the build makes them from its pair rows, part by part, pipeline.select.dpo_of)
     pairs, routed = psel.pairs, psel.routed
     del psel
-    pairs = _keyed(pairs.drop("_reasons").with_columns(flag_reasons=pairs["_reasons"], first_version=pl.lit(version_id)),
+    pairs = keyed_by_part(pairs.drop("_reasons").with_columns(flag_reasons=pairs["_reasons"], first_version=pl.lit(version_id)),
                    layout)
     return {"pairs": pairs,  # (a version's narrow pair rows are the pairs without texts: written from them)
-            "routed": _keyed(routed.drop("_reasons", strict=False), layout), **extra, **narrow}
+            "routed": keyed_by_part(routed.drop("_reasons", strict=False), layout), **extra, **narrow}
 
 
 def select_step(prelim_params: pl.DataFrame, final_params: pl.DataFrame, flags: Broadcast, clusters: Broadcast | None,

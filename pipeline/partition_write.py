@@ -26,12 +26,22 @@ import polars as pl
 
 from pipeline.parts import PartReuse, TableWriter
 
-__all__ = ["Output", "merge_grouped", "merge_into", "runs", "sorted_by_part"]
+__all__ = ["Output", "keyed_by_part", "merge_grouped", "merge_into", "runs", "sorted_by_part"]
 
 
 def sorted_by_part(frame: pl.DataFrame, key_column: str = "_part") -> pl.DataFrame:
     """What a task leaves in its state: its rows sorted by the part key (stable)."""
     return frame.sort(key_column, maintain_order=True, nulls_last=True)
+
+
+def keyed_by_part(frame: pl.DataFrame, layout: tuple[str, int]) -> pl.DataFrame:
+    """``frame`` with the ``_part`` of each row's pair (a first version: every pair in this version's
+    generation group ``layout[0]`` of ``layout[1]`` buckets, :func:`pipeline.parts.part_keys`), sorted by it."""
+    from pipeline.parts import part_keys
+
+    group, k = layout
+    keys = part_keys(frame.select("pair_id").unique().with_columns(_gen=pl.lit(group)), {group: k})
+    return sorted_by_part(frame.join(keys, on="pair_id", how="left", maintain_order="left"))
 
 
 def runs(batches: Iterable[pl.DataFrame], key_column: str = "_part") -> Iterator[tuple[str, pl.DataFrame]]:

@@ -33,6 +33,7 @@ from schemas.records import LABELS
 from pipeline.checks import agreement, consensus, dimensions, length_bias, position_bias, reliability, routing
 from pipeline.distributed import PartitionRef, cached_file, map_partitions
 from pipeline.incremental import Totals
+from pipeline.parts import first_layout
 from schemas.check import CheckResult
 from schemas.arrow import empty_frame
 from schemas.records import Judgment
@@ -52,6 +53,10 @@ class Analysis:
     near_dup_state: Any = None  # with ``version_id``: the near-duplicate IncrementalResult (writes the state tables)
     n_judgments: int = 0
     texts: dict[str, tuple[str, str]] = field(default_factory=dict)  # partition's first file -> its pairs' texts (cached file, sha256)
+    # with ``version_id``: the state rows left in the partitions' caches, keyed by the version's parts (the language
+    # check's), by check; and that layout (:func:`pipeline.parts.first_layout`)
+    cached: dict[str, pk.CachedRows] = field(default_factory=dict)
+    layout: tuple[str, int] | None = None
 
 
 def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sources: list[str], *,
@@ -60,7 +65,9 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
             dimension_rule: DimensionsConfig | None = None) -> Analysis:
     """The checks above over the partitions ``refs`` (``sources``: the input files in order, as the
     partition ledger lists them); states are cached under ``work``.  ``version_id``: the near
-    duplicates through the state tables a version keeps (:func:`pipeline.partition_checks.near_duplicates_state`).
+    duplicates through the state tables a version keeps (:func:`pipeline.partition_checks.near_duplicates_state`),
+    and the language check's rows left in the partitions' caches keyed by that first version's parts
+    (``Analysis.cached``: the build merges them into its table; the result's table is empty).
     ``near_dup_sink``: given that state as soon as it exists (a build writes its tables then), and
     then let go of (``Analysis.near_dup_state`` is None).
 
@@ -108,8 +115,10 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     texts = {r.paths[0]: cached_file(step, r, work / "states", "texts") for r in refs}
     pairs, lengths, seen = decided["pairs"], decided["lengths"], decided["seen"]
     lap("consensus pairs")
+    layout = None if version_id is None else first_layout(version_id, n_pairs)
+    cached: dict[str, pk.CachedRows] | None = None if version_id is None else {}
     results.update(pk.pair_scoped(refs, work / "states", cfg, Totals(judgments=n_judgments, pairs=n_pairs), sources,
-                                  client=client))
+                                  client=client, layout=layout, cached=cached))
     lap("pair-scoped checks")
     sums = pk.check_sums(refs, work / "states", cfg, rel_params, client=client)
     none = pl.DataFrame(schema={"pair_id": pl.String})  # (with its state a check reads no judgment)
@@ -131,4 +140,4 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
                                                sums=dim_sums)
     lap("checks over pairs")
     return Analysis(params, pairs, results, secs, lengths=lengths, seen=seen, near_dup_state=near_state,
-                    n_judgments=n_judgments, texts=texts)
+                    n_judgments=n_judgments, texts=texts, cached=cached or {}, layout=layout)

@@ -577,8 +577,13 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
                                                                                seen=pl.int_range(pl.len(), dtype=pl.Int64))
         prelim_rows = a.pairs.drop(inc._PRELIM_DROP, strict=False).join(a.lengths, on="pair_id", how="left") \
             .join(seen, on="pair_id", how="left").with_columns(first_version=pl.lit(version_id))
+        assert a.layout == (my_group, buckets[my_group]), (a.layout, my_group, buckets)
+        in_caches = {inc.state_table(check): rows for check, rows in a.cached.items()}
         for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: prelim_rows}.items():
-            early[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
+            if name in in_caches:  # (merged part by part from the partitions' caches, where the check's task left them)
+                early[name] = _merged_table(reuse, store, stage, name, in_caches[name])
+            else:
+                early[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
         del prelim_rows, frame
         pair_order = seen.sort("seen")["pair_id"]  # (the report's few pairs in first-seen order)
         del seen
@@ -732,6 +737,18 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
     except BaseException:
         judgments.cancel()
         raise
+
+
+def _merged_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pk.CachedRows) -> TableInfo:
+    """A state table written from the partitions' cached rows, one part at a time: the parts
+    :func:`pipeline.curate._grouped_table` writes from the whole frame (rows in the same order:
+    pair_id, then its other flat columns)."""
+    from pipeline.curate import _state_order
+
+    schema = pl.Schema({k: v for k, v in rows.schema().items() if k != "_part"})
+    w = TableWriter(store, stage, name)
+    merge_grouped(w, rows.streams(), reuse=reuse, order_by=_state_order(pl.DataFrame(schema=schema)), schema=schema)
+    return w.info()
 
 
 def _schema_of(s: ps.Selection, ref: PartitionRef, table: str) -> pl.Schema:

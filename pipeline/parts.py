@@ -239,6 +239,14 @@ def generation_groups(parent: VersionHandle | None, version_id: str, new_pairs: 
     return pl.concat([rows.filter(pl.col("generation") != version_id), row])
 
 
+def first_layout(version_id: str, n_pairs: int) -> tuple[str, int]:
+    """A first version's (no parent) part layout: its generation group and that group's bucket count
+    (every pair of it is first seen in it), as :func:`generation_groups` and :func:`bucket_counts` give them."""
+    groups = generation_groups(None, version_id, n_pairs)
+    group = str(groups.filter(pl.col("generation") == version_id)["group"][0])
+    return group, bucket_counts(None, "pairs", {group: n_pairs})[group]
+
+
 def grouped_generations(pair_gen: pl.DataFrame, groups: pl.DataFrame) -> pl.DataFrame:
     """``pair_gen`` (pair_id, ``_gen``) with ``_gen`` replaced by the generation's group."""
     g = groups.select(_gen="generation", _group="group")

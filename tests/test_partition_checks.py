@@ -156,10 +156,24 @@ def _sorted(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.sort(frame.columns, nulls_last=True)
 
 
-def test_the_pair_scoped_checks_over_partitions_are_the_whole_inputs(every, pset, refs, tmp_path):
+@pytest.mark.parametrize("in_caches", [False, True], ids=["held", "left-in-caches"])
+def test_the_pair_scoped_checks_over_partitions_are_the_whole_inputs(every, pset, refs, tmp_path, in_caches):
+    """Also with the language rows left in the partitions' caches, keyed by a version's parts: the
+    figures from the partitions' tallies (less the rows of the ids checked again on the driver),
+    the rows merged back part by part."""
     whole = every
     totals = Totals(judgments=whole.height, pairs=whole["pair_id"].n_unique())
-    got = pk.pair_scoped(refs, tmp_path / "ps", CFG, totals, [src.path for src in pset.sources])
+    cached: dict[str, pk.CachedRows] | None = {} if in_caches else None
+    got = pk.pair_scoped(refs, tmp_path / "ps", CFG, totals, [src.path for src in pset.sources],
+                         layout=("v-1", 4) if in_caches else None, cached=cached)
+    if cached is not None:
+        assert sorted(cached) == ["language"] and got["language"].tables["texts"].height == 0
+        rows = cached["language"]
+        assert rows.drop.len() > 0  # (the ids checked again: their partitions' rows left out, the driver's added)
+        for stream in rows.streams():  # each stream sorted by the version's part key, as the merge needs
+            keys = pl.concat([b for b in stream])["_part"]
+            assert keys.null_count() == 0 and keys.is_sorted()
+        got["language"].tables["texts"] = rows.frame()
     assert sorted(got) == sorted(PAIR_SCOPED)
     for name, spec in PAIR_SCOPED.items():
         res = RUNNERS[name](whole, CFG)

@@ -430,6 +430,32 @@ def summarize_delta(parent: dict[str, Any], old: pl.DataFrame, new: pl.DataFrame
                    texts_table, flags, {})
 
 
+TEXTS_SCHEMA = {"pair_id": pl.String, "locale": pl.String, "part": pl.String, "detected": pl.String, "by": pl.String}
+TALLY_SCHEMA = {"locale": pl.String, "detected": pl.String, "by": pl.String, "n": pl.Int64}
+
+
+def tally(texts_table: pl.DataFrame) -> tuple[int, pl.DataFrame]:
+    """What :func:`summarize` reads of the per-text rows, as counts that add over disjoint sets of
+    pairs (a partition's): its pairs, and its texts per (locale, detected, by)."""
+    counts = texts_table.group_by("locale", "detected", "by").agg(n=pl.len().cast(pl.Int64))
+    return texts_table["pair_id"].n_unique(), counts.cast(TALLY_SCHEMA)  # type: ignore[arg-type]
+
+
+def summarize_tally(n_pairs: int, counts: pl.DataFrame, flags: pl.DataFrame, counters: dict[str, int],
+                    texts_table: pl.DataFrame | None = None) -> CheckResult:
+    """:func:`summarize` from :func:`tally`'s figures added (and subtracted) over disjoint sets of
+    pairs: the same figures, without the per-text rows (``texts_table``: the result's table, when
+    the caller holds it; else the empty table)."""
+    c = pl.col
+    total = counts.group_by("locale", "detected", "by").agg(c("n").sum()).filter(c("n") != 0)
+    if (total["n"] < 0).any():
+        raise ValueError("language: a tally subtracted more texts than were counted")
+    matrix = {(loc, lang): int(n) for loc, lang, n in total.group_by("locale", "detected").agg(c("n").sum()).iter_rows()}
+    by = {b: int(n) for b, n in total.group_by("by").agg(c("n").sum()).iter_rows()}
+    table = texts_table if texts_table is not None else pl.DataFrame(schema=TEXTS_SCHEMA)
+    return _result(n_pairs, int(total["n"].sum()), matrix, by, table, flags, counters)
+
+
 def _counts(texts_table: pl.DataFrame) -> dict[str, dict]:
     """Texts per (locale, detected language) and per deciding evidence."""
     return {"matrix": {(loc, lang): int(n) for loc, lang, n in texts_table.group_by("locale", "detected").len().iter_rows()},
