@@ -45,7 +45,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,7 +55,7 @@ from pipeline.aggregate import encode
 from pipeline.checks import language, length_bias, pair_id_conflict, reliability
 from pipeline.checks import near_duplicates as nd
 from pipeline.checks.spec import Sums
-from pipeline.distributed import State, Step, cached_table, iter_table, map_partitions, table_schema
+from pipeline.distributed import State, Step, cached_table, iter_batches, iter_table, map_partitions, table_schema
 from pipeline.incremental import _EMPTY, PAIR_SCOPED, RUNNERS, Totals, declared_sums
 from pipeline.partition import read_partition
 from pipeline.partition_stats import given_id_keys
@@ -215,16 +215,17 @@ _CACHED_STATES = tuple(f"state-{n}" for n in CACHED)
 
 @dataclass
 class CachedRows:
-    """A pair-scoped check's state rows as the partitions' caches hold them (sorted by ``_part``
-    when the step had a layout), less the ids whose rows the driver computed again (``drop``),
-    plus those rows (``extra``, keyed likewise): never every partition's rows on the driver."""
+    """A table's rows as the partitions' caches hold them (``table`` of ``step``'s states; sorted by
+    ``_part`` when the step had a layout), less the rows of the ids the driver computed again
+    (``drop``), plus those rows (``extra``, keyed likewise): never every partition's rows on the driver."""
 
     step: Step
     refs: list[Any]
     cache_dir: Any
-    name: str
-    drop: pl.Series
-    extra: pl.DataFrame | None
+    table: str
+    empty: pl.DataFrame  # the table without rows (its columns)
+    drop: pl.Series = field(default_factory=lambda: pl.Series("pair_id", [], pl.String))
+    extra: pl.DataFrame | None = None
 
     def streams(self) -> list[Iterable[pl.DataFrame]]:
         """One stream of batches a partition (then ``extra``): :func:`pipeline.partition_write.merge_grouped`'s input."""
@@ -232,16 +233,30 @@ class CachedRows:
         return out + ([[self.extra]] if self.extra is not None else [])
 
     def _stream(self, ref: Any) -> Iterator[pl.DataFrame]:
-        for batch in iter_table(self.step, ref, self.cache_dir, f"state-{self.name}"):
+        for batch in iter_table(self.step, ref, self.cache_dir, self.table):
             yield batch.filter(~pl.col("pair_id").is_in(self.drop.implode())) if self.drop.len() else batch
 
     def frame(self) -> pl.DataFrame:
         """Every row at once (without ``_part``): for a caller that holds the table anyway."""
         frames = [b for st in self.streams() for b in st]
-        return pl.concat(frames, how="vertical_relaxed").drop("_part", strict=False) if frames else _EMPTY[self.name]
+        return pl.concat(frames, how="vertical_relaxed").drop("_part", strict=False) if frames else self.empty
 
     def schema(self) -> pl.Schema:
-        return table_schema(self.step, self.refs[0], self.cache_dir, f"state-{self.name}")
+        return table_schema(self.step, self.refs[0], self.cache_dir, self.table)
+
+    def where(self, column: str, values: pl.Series) -> pl.DataFrame:
+        """The rows whose ``column`` is one of ``values`` (a few), filtered in Arrow as they are read (a
+        Polars filter would keep each batch's buffers alive behind the rows)."""
+        import pyarrow as pa
+        import pyarrow.compute as pac
+
+        value_set = values.to_frame(column).to_arrow()[column]
+        if pa.types.is_string(value_set.type):
+            value_set = value_set.cast(pa.large_string())
+        frames = [pl.from_arrow(b.filter(pac.is_in(b[column], value_set=value_set.cast(b.schema.field(column).type))))
+                  for r in self.refs for b in iter_batches(self.step, r, self.cache_dir, self.table)]
+        frames = [f for f in frames if f.height]  # type: ignore[union-attr]
+        return pl.concat(frames) if frames else pl.DataFrame(schema=self.schema())  # type: ignore[arg-type]
 
 
 def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Totals, sources: list[str], *,
@@ -286,8 +301,8 @@ def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Tota
         flag_rows = pl.concat(flags) if flags else empty_flags()
         if name in CACHED:
             extra = redo[name].tables[spec.table] if name in redo else None
-            rows = CachedRows(step, refs, cache_dir, name, across, extra if extra is None or layout is None
-                              else keyed_by_part(extra, layout))
+            rows = CachedRows(step, refs, cache_dir, f"state-{name}", _EMPTY[name], across,
+                              extra if extra is None or layout is None else keyed_by_part(extra, layout))
             out[name] = _from_tally(states, rows, work, flag_rows, held=cached is None)
             if cached is not None:
                 cached[name] = rows
@@ -306,13 +321,13 @@ def pair_scoped(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, totals: Tota
 def _from_tally(states: list[State], rows: CachedRows, work: dict[str, int], flags: pl.DataFrame, *, held: bool) -> CheckResult:
     """The language check's result from the partitions' tallies (less those of the rows ``rows``
     drops, read back from the partitions that hold them, plus those of its ``extra`` rows)."""
-    tallies = [s[f"tally-{rows.name}"] for s in states]
+    tallies = [s["tally-language"] for s in states]
     n_pairs = sum(int(t["pairs"][0]) for t in tallies if t.height)
     counts = [t.drop("pairs") for t in tallies]
     if rows.drop.len():
         for ref in rows.refs:
             gone = [b.filter(pl.col("pair_id").is_in(rows.drop.implode()))
-                    for b in iter_table(rows.step, ref, rows.cache_dir, f"state-{rows.name}")]
+                    for b in iter_table(rows.step, ref, rows.cache_dir, rows.table)]
             gone = [g for g in gone if g.height]
             if gone:
                 k, c = language.tally(pl.concat(gone))

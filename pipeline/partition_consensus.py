@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from pydantic import BaseModel
 
 from pipeline import dimensions as dims
 from pipeline.aggregate import PAIR_TEXT_COLUMNS, PARAM_SCHEMA, Encoded, _encode, aggregate, annotator_params
@@ -52,7 +53,7 @@ from pipeline.distributed import State, Step
 from pipeline.partition import read_partition
 from schemas.policy import AggregationConfig, DimensionsConfig
 
-VERSION = "5"
+VERSION = "6"
 # what the fit reads of a judgment (the columns :func:`pipeline.aggregate.encode` codes)
 FIT_COLUMNS = ["pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "label", "shown_first", "gold_label",
                "strength", "dimensions"]
@@ -180,7 +181,7 @@ def params_of(blob: bytes) -> pl.DataFrame | None:
 
 
 def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], dim_ipc: bytes, dims_json: str,
-                paths: list[str]) -> State:
+                prelim_json: str, paths: list[str]) -> State:
     params = pl.read_ipc_stream(io.BytesIO(params_ipc))
     part = _read(paths, None, drop)
     agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params, fitted=True,
@@ -190,39 +191,82 @@ def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], dim_ipc
     first = part.group_by("pair_id", maintain_order=True).agg(source_file=c("source_file").first(),
                                                               source_line=c("source_line").first())
     extra = {"dimensions": agg.dimensions} if agg.dimensions is not None else {}
-    return {**extra, "pairs": agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id"),
-            # each pair's response lengths in its orientation (what the length-bias check reads of the texts)
-            "lengths": agg.pairs.select("pair_id", len_a=c("response_a").str.len_chars().cast(pl.Int64),
-                                        len_b=c("response_b").str.len_chars().cast(pl.Int64)).sort("pair_id"),
-            # its canonical orientation and where its first judgment is in the input (first-seen order)
-            "seen": agg.pairs.select("pair_id").with_columns(a_hash=agg.a_hash).join(first, on="pair_id", how="left")
-            .sort("pair_id"),
-            # the pairs' texts in first-seen order (``Aggregation.texts``): what a later step of the same partition
-            # aggregates its kept judgments with; left in the cache (``DECIDED``: what the driver reads)
-            "texts": agg.texts()}
+    pairs = agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id")
+    # each pair's response lengths in its orientation (what the length-bias check reads of the texts)
+    lengths = agg.pairs.select("pair_id", len_a=c("response_a").str.len_chars().cast(pl.Int64),
+                               len_b=c("response_b").str.len_chars().cast(pl.Int64)).sort("pair_id")
+    # its canonical orientation and where its first judgment is in the input (first-seen order)
+    seen = agg.pairs.select("pair_id").with_columns(a_hash=agg.a_hash).join(first, on="pair_id", how="left").sort("pair_id")
+    # the pairs' texts in first-seen order (``Aggregation.texts``): what a later step of the same partition
+    # aggregates its kept judgments with; left in the cache (``DECIDED``: what the driver reads)
+    out: State = {**extra, "texts": agg.texts()}
+    prelim = Prelim.model_validate_json(prelim_json) if prelim_json else None
+    if prelim is None:
+        return {**out, "pairs": pairs, "lengths": lengths, "seen": seen}
+    # a build's version: its preliminary pairs' state rows left in the cache, keyed by its parts (the driver merges
+    # them part by part); the driver gets the columns the checks read, and each pair's place in the input (``_o``)
+    from pipeline.checks import pair_columns
+    from pipeline.incremental import _PRELIM_DROP
+    from pipeline.partition_write import keyed_by_part
+
+    o = input_order(prelim.sources)
+    rows = pairs.drop(_PRELIM_DROP, strict=False).join(lengths, on="pair_id", how="left") \
+        .join(seen.select("pair_id", "a_hash", _o=o), on="pair_id", how="left").with_columns(first_version=pl.lit(prelim.version_id))
+    narrow = pair_columns()
+    return {**out, PRELIM: keyed_by_part(rows, (prelim.group, prelim.buckets)),
+            "pairs": pairs if narrow is None else pairs.select(narrow), "lengths": lengths,
+            "first_seen": rows.select(pl.col("_o").sort())}
+
+
+class Prelim(BaseModel):
+    """What a build's decide step needs to leave the preliminary pairs' state rows in its cache:
+    the version, its part layout (:func:`pipeline.parts.first_layout`) and the input files in order
+    (a row's place in the input, :func:`input_order`)."""
+
+    version_id: str
+    group: str
+    buckets: int
+    sources: list[str]
+
+
+PRELIM = "prelim"  # the decide step's table of a build's preliminary pair rows (left in the cache)
+
+
+def input_order(sources: list[str]) -> pl.Expr:
+    """A row's place in the input: (its file's index among ``sources``) * 2**40 + its line."""
+    idx = pl.col("source_file").replace_strict(sources, list(range(len(sources))), return_dtype=pl.Int64)
+    return idx * (1 << 40) + pl.col("source_line").cast(pl.Int64)
 
 
 def decide_step(params: pl.DataFrame, cfg: AggregationConfig | None = None, drop: tuple[str, ...] = (),
-                dim_params: pl.DataFrame | None = None, dimensions: DimensionsConfig | None = None) -> Step:
+                dim_params: pl.DataFrame | None = None, dimensions: DimensionsConfig | None = None,
+                prelim: Prelim | None = None) -> Step:
     """Pass 2's step: every pair of a partition decided with ``params`` (:func:`fit`'s; its
     per-dimension consensus with ``dim_params``, :func:`fit_dimensions`'s, and the policy's
     ``dimensions`` rule), and its response lengths; its reduce concatenates the partitions' rows in
-    ``pair_id`` order (texts left out: a real run writes them where they are, by partition)."""
+    ``pair_id`` order (texts left out: a real run writes them where they are, by partition).
+    ``prelim``: a build's -- the preliminary pairs' state rows stay in the cache (:data:`PRELIM`),
+    the driver reads the pairs' columns the checks read and ``first_seen`` (each pair's place in the
+    input, sorted) instead of ``seen``."""
     cfg = cfg or AggregationConfig()
     blob, dim_blob = params_blob(params), params_blob(dim_params)
     cfg_json, dims_json, drop = cfg.model_dump_json(), (dimensions or DimensionsConfig()).model_dump_json(), tuple(sorted(set(drop)))
-    version = f"{VERSION}-{_digest((hashlib.sha256(blob).hexdigest(), cfg_json, drop, hashlib.sha256(dim_blob).hexdigest(), dims_json))}"
-    return Step("consensus-decide", version, functools.partial(_decide_run, blob, cfg_json, drop, dim_blob, dims_json),
+    prelim_json = prelim.model_dump_json() if prelim is not None else ""
+    version = f"{VERSION}-{_digest((hashlib.sha256(blob).hexdigest(), cfg_json, drop, hashlib.sha256(dim_blob).hexdigest(), dims_json, prelim_json))}"
+    return Step("consensus-decide", version, functools.partial(_decide_run, blob, cfg_json, drop, dim_blob, dims_json, prelim_json),
                 _concat_pairs)
 
 
-# the decide step's tables the driver reads (not the texts); ``dimensions`` (the per-dimension consensus rows) only
-# where the partition has dimension verdicts
-DECIDED = ("pairs", "lengths", "seen", "dimensions")
+# the decide step's tables the driver reads (not the texts, nor a build's preliminary rows); ``dimensions`` (the
+# per-dimension consensus rows) only where the partition has dimension verdicts; ``first_seen`` a build's
+DECIDED = ("pairs", "lengths", "seen", "dimensions", "first_seen")
 
 
 def _concat_pairs(states: list[State]) -> State:
-    out = {name: pl.concat([s[name] for s in states]).sort("pair_id") for name in ("pairs", "lengths", "seen")}
+    names = {n for s in states for n in s}
+    out = {name: pl.concat([s[name] for s in states]).sort("pair_id") for name in ("pairs", "lengths", "seen") if name in names}
+    if "first_seen" in names:
+        out["first_seen"] = pl.concat([s["first_seen"] for s in states]).sort("_o")
     long = [s["dimensions"] for s in states if "dimensions" in s]
     if long:
         out["dimensions"] = pl.concat(long).sort("pair_id", "name")

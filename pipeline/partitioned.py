@@ -49,7 +49,7 @@ class Analysis:
     results: dict[str, CheckResult] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     lengths: pl.DataFrame | None = None  # pair_id, len_a, len_b (by pair_id)
-    seen: pl.DataFrame | None = None  # pair_id, a_hash, source_file, source_line of its first judgment (by pair_id)
+    seen: pl.DataFrame | None = None  # pair_id, a_hash, source_file, source_line of its first judgment (by pair_id; see prelim)
     near_dup_state: Any = None  # with ``version_id``: the near-duplicate IncrementalResult (writes the state tables)
     n_judgments: int = 0
     texts: dict[str, tuple[str, str]] = field(default_factory=dict)  # partition's first file -> its pairs' texts (cached file, sha256)
@@ -57,6 +57,11 @@ class Analysis:
     # check's), by check; and that layout (:func:`pipeline.parts.first_layout`)
     cached: dict[str, pk.CachedRows] = field(default_factory=dict)
     layout: tuple[str, int] | None = None
+    # with ``version_id``: the preliminary pairs' state rows (``_o``: each pair's place in the input, in place of
+    # ``seen``) left in the partitions' caches, and every pair's ``_o``, sorted (``pairs`` then has the columns the
+    # checks read; ``seen`` is None)
+    prelim: pk.CachedRows | None = None
+    first_seen: np.ndarray | None = None
 
 
 def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sources: list[str], *,
@@ -109,13 +114,19 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
                                         laid_out=True)
     del e
     lap("consensus fit")
-    step = pc.decide_step(params, cfg.aggregation, dim_params=dim_params, dimensions=dimension_rule)
+    layout = None if version_id is None else first_layout(version_id, n_pairs)
+    prelim = None if layout is None or version_id is None else \
+        pc.Prelim(version_id=version_id, group=layout[0], buckets=layout[1], sources=sources)
+    step = pc.decide_step(params, cfg.aggregation, dim_params=dim_params, dimensions=dimension_rule, prelim=prelim)
     decided = pc._concat_pairs(map_partitions(step, refs, work / "states", client=client, keep=pc.DECIDED)[0])
     long = decided.get("dimensions")
     texts = {r.paths[0]: cached_file(step, r, work / "states", "texts") for r in refs}
-    pairs, lengths, seen = decided["pairs"], decided["lengths"], decided["seen"]
+    pairs, lengths, seen = decided["pairs"], decided["lengths"], decided.get("seen")
+    prelim_rows = None if prelim is None else pk.CachedRows(step, sorted(refs, key=lambda r: r.index), work / "states",
+                                                            pc.PRELIM, pl.DataFrame())
+    first_seen = decided["first_seen"]["_o"].to_numpy() if "first_seen" in decided else None
+    del decided
     lap("consensus pairs")
-    layout = None if version_id is None else first_layout(version_id, n_pairs)
     cached: dict[str, pk.CachedRows] | None = None if version_id is None else {}
     results.update(pk.pair_scoped(refs, work / "states", cfg, Totals(judgments=n_judgments, pairs=n_pairs), sources,
                                   client=client, layout=layout, cached=cached))
@@ -140,4 +151,5 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
                                                sums=dim_sums)
     lap("checks over pairs")
     return Analysis(params, pairs, results, secs, lengths=lengths, seen=seen, near_dup_state=near_state,
-                    n_judgments=n_judgments, texts=texts, cached=cached or {}, layout=layout)
+                    n_judgments=n_judgments, texts=texts, cached=cached or {}, layout=layout, prelim=prelim_rows,
+                    first_seen=first_seen)

@@ -57,6 +57,7 @@ from pipeline.distributed import PartitionRef, State, Step, iter_batches, iter_t
 from pipeline.partition import PartitionSet, content_key_hash, partition_of_key, read_partition
 from pipeline.partition_stats import given_id_keys
 from pipeline.partition_write import Output, merge_grouped, merge_into
+from pipeline.partition_consensus import input_order
 from pipeline.partitioned import analyze
 from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, bucket_counts, generation_groups,
                             part_keys, share)
@@ -104,10 +105,9 @@ def _ids_step(hashes: list[int]) -> Step:
                 lambda states: states[0])
 
 
-def _order(frame: pl.DataFrame, sources: list[str]) -> pl.Expr:
-    """A row's place in the input: (its file's index among ``sources``) * 2**40 + its line."""
-    idx = pl.col("source_file").replace_strict(sources, list(range(len(sources))), return_dtype=pl.Int64)
-    return idx * (1 << 40) + pl.col("source_line").cast(pl.Int64)
+def _order(_frame: pl.DataFrame, sources: list[str]) -> pl.Expr:
+    """A row's place in the input (:func:`pipeline.partition_consensus.input_order`)."""
+    return input_order(sources)
 
 
 def _without_repeated_ids(refs: list[PartitionRef], sources: list[str], work: Path, client: Any) -> tuple[list[PartitionRef], int, dict[str, int]]:
@@ -543,7 +543,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
 
         a = analyze(refs, work, policy.checks, sources, client=client, version_id=version_id, near_dup_sink=write_near_dup_state,
                     dimension_rule=policy.dimensions)
-        assert a.seen is not None and a.lengths is not None
+        assert a.lengths is not None
         lap("partitions:checks")
         # the registry check per partition (without a registry it only counts the judgments); the reviews check on
         # the review rows and the pairs they name (a first version: no pair was routed before, none is resolved)
@@ -573,20 +573,18 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         # run: the driver then lets go of the preliminary pairs, their lengths and places and the pair-scoped checks'
         # state rows (~0.25 GB per million judgments together; the near-duplicate state went as soon as it existed)
         early: dict[str, TableInfo] = {}
-        seen = a.seen.with_columns(_o=_order(a.seen, sources)).sort("_o").select("pair_id", "a_hash",
-                                                                               seen=pl.int_range(pl.len(), dtype=pl.Int64))
-        prelim_rows = a.pairs.drop(inc._PRELIM_DROP, strict=False).join(a.lengths, on="pair_id", how="left") \
-            .join(seen, on="pair_id", how="left").with_columns(first_version=pl.lit(version_id))
-        assert a.layout == (my_group, buckets[my_group]), (a.layout, my_group, buckets)
-        in_caches = {inc.state_table(check): rows for check, rows in a.cached.items()}
-        for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: prelim_rows}.items():
-            if name in in_caches:  # (merged part by part from the partitions' caches, where the check's task left them)
-                early[name] = _merged_table(reuse, store, stage, name, in_caches[name])
+        assert a.layout == (my_group, buckets[my_group]) and a.prelim is not None and a.first_seen is not None
+        seen = _Seen(a.prelim, a.first_seen)
+        # (merged part by part from the partitions' caches, where the tasks left them: the preliminary pairs' rows
+        # and the language check's; the others are small)
+        in_caches = {inc.state_table(check): (rows, None) for check, rows in a.cached.items()}
+        in_caches[inc.PRELIM_TABLE] = (a.prelim, seen.rows)
+        for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: None}.items():
+            if name in in_caches:
+                early[name] = _merged_table(reuse, store, stage, name, *in_caches[name])
             else:
                 early[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
-        del prelim_rows, frame
-        pair_order = seen.sort("seen")["pair_id"]  # (the report's few pairs in first-seen order)
-        del seen
+        del frame
         for check, spec in inc.PAIR_SCOPED.items():  # (written; nothing later reads them)
             results[check].tables.pop(spec.table, None)
         a.pairs = a.pairs.clear()
@@ -726,7 +724,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         narrow = empty_frame(Judgment).select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
         inputs = ReportInputs(manifest=manifest, judgments=narrow, pairs=fate_of, pair_rows=pair_rows, pair_prompts=s.prompts,
                               flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results,
-                              pair_order=pair_order, label_counts=s.label_counts,
+                              pair_order=seen.of, label_counts=s.label_counts,
                               graph_clusters=results["near_duplicates"].tables.get("graph_clusters"))
         from pipeline.store import file_info
 
@@ -739,16 +737,51 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         raise
 
 
-def _merged_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pk.CachedRows) -> TableInfo:
-    """A state table written from the partitions' cached rows, one part at a time: the parts
-    :func:`pipeline.curate._grouped_table` writes from the whole frame (rows in the same order:
-    pair_id, then its other flat columns)."""
+def _merged_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pk.CachedRows,
+                  transform: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> TableInfo:
+    """A state table written from the partitions' cached rows, one part at a time (``transform``: of
+    each merged part): the parts :func:`pipeline.curate._grouped_table` writes from the whole frame
+    (rows in the same order: pair_id, then its other flat columns)."""
     from pipeline.curate import _state_order
 
-    schema = pl.Schema({k: v for k, v in rows.schema().items() if k != "_part"})
+    cached = pl.DataFrame(schema=rows.schema())
+    schema = (cached if transform is None else transform(cached)).drop("_part", strict=False).schema
     w = TableWriter(store, stage, name)
-    merge_grouped(w, rows.streams(), reuse=reuse, order_by=_state_order(pl.DataFrame(schema=schema)), schema=schema)
+    merge_into([Output(w, transform, schema)], rows.streams(), reuse=reuse,
+               order_by=_state_order(pl.DataFrame(schema=schema)))
     return w.info()
+
+
+class _Seen:
+    """Each pair's ``seen`` (its rank in first-seen order) from its place in the input (``_o``, which
+    the preliminary rows carry in its stead) and every pair's place, sorted (``keys``).  Pairs whose
+    first judgments share a place (one input line giving several) rank by pair_id, as a stable sort
+    of the pairs in pair_id order by place does; their ids are read back from the caches (a few)."""
+
+    def __init__(self, rows: pk.CachedRows, keys: np.ndarray) -> None:
+        self.rows_, self.keys = rows, keys
+        shared = np.unique(keys[1:][keys[1:] == keys[:-1]]) if keys.size > 1 else keys[:0]
+        self.ties = pl.DataFrame(schema={"pair_id": pl.String, "_t": pl.Int64})
+        if shared.size:
+            tied = rows.where("_o", pl.Series("_o", shared, pl.Int64)).select("pair_id", "_o").sort("_o", "pair_id")
+            self.ties = tied.select("pair_id", _t=pl.Series(np.searchsorted(keys, tied["_o"].to_numpy(), "left"), dtype=pl.Int64)
+                                    + pl.int_range(pl.len(), dtype=pl.Int64).over("_o"))
+
+    def ranks(self, frame: pl.DataFrame) -> pl.Series:
+        """``seen`` of the rows of ``frame`` (pair_id, ``_o``)."""
+        at = pl.Series("seen", np.searchsorted(self.keys, frame["_o"].to_numpy(), "left"), dtype=pl.Int64)
+        if self.ties.height == 0:
+            return at
+        t = frame.select("pair_id").join(self.ties, on="pair_id", how="left", maintain_order="left")["_t"]
+        return t.fill_null(at).rename("seen")
+
+    def rows(self, part: pl.DataFrame) -> pl.DataFrame:
+        """A merged part of the preliminary rows with ``seen`` in place of ``_o``."""
+        return part.with_columns(_o=self.ranks(part)).rename({"_o": "seen"})
+
+    def of(self, ids: pl.Series) -> pl.DataFrame:
+        """(pair_id, ``_seen``) of a few pairs (the report's examples, in first-seen order)."""
+        return self.rows_.where("pair_id", ids).select("pair_id", "_o").pipe(lambda f: f.select("pair_id", _seen=self.ranks(f)))
 
 
 def _schema_of(s: ps.Selection, ref: PartitionRef, table: str) -> pl.Schema:

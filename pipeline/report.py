@@ -37,7 +37,8 @@ class ReportInputs:
     quarantine: pl.DataFrame
     results: dict[str, CheckResult] = field(default_factory=dict)
     pair_prompts: pl.DataFrame | None = None  # pair_id -> prompt_hash, one row a pair (else from ``judgments``)
-    pair_order: pl.Series | None = None  # the pairs' ids in first-seen order when ``pairs`` is in another
+    # the pairs' ids in first-seen order when ``pairs`` is in another (or: a few ids -> pair_id, ``_seen``, a rank)
+    pair_order: pl.Series | Callable[[pl.Series], pl.DataFrame] | None = None
     label_counts: pl.DataFrame | None = None  # :func:`label_counts` of ``judgments`` (a child's: summed, not counted)
     graph_clusters: pl.DataFrame | None = None  # near_dup_cluster: the only clusters that can hold several prompts
     cache: dict[str, Any] = field(default_factory=dict, repr=False)  # what both renderings compute once
@@ -260,7 +261,8 @@ def near_dup_clusters(inp: ReportInputs) -> pl.DataFrame:
     # and only the parts that hold those few pairs are read (a big cluster's pairs span many parts)
     shown = p.join(cl.head(MAX_EXAMPLES).select("near_dup_cluster"), on="near_dup_cluster", how="semi")
     if inp.pair_order is not None:  # those few pairs in first-seen order
-        seen = inp.pair_order.to_frame("pair_id").with_row_index("_seen").filter(pl.col("pair_id").is_in(shown["pair_id"].implode()))
+        seen = inp.pair_order(shown["pair_id"]) if callable(inp.pair_order) else \
+            inp.pair_order.to_frame("pair_id").with_row_index("_seen").filter(pl.col("pair_id").is_in(shown["pair_id"].implode()))
         shown = shown.join(seen, on="pair_id", how="left").sort("_seen", nulls_last=True, maintain_order=True).drop("_seen")
     shown = shown.join(ph, on="pair_id", how="left", maintain_order="left") \
         .unique(["near_dup_cluster", "prompt_hash"], keep="first", maintain_order=True)

@@ -403,3 +403,30 @@ def test_the_input_order_merge_gives_the_same_rows_whatever_its_batch_sizes(inpu
     order = pl.from_arrow(want).select(pl.col("source_file").cast(pl.String).replace_strict(sources, list(range(len(sources)))),
                                        "source_line")
     assert order.equals(order.sort("source_file", "source_line"))  # (the inputs' files in the order given, then line)
+
+
+def test_seen_ranks_pairs_whose_first_judgments_share_a_place_by_pair_id():
+    """``seen`` from each pair's place in the input: where two pairs' first judgments share a place
+    (one input line giving several), the rank a stable sort of the pairs in pair_id order by place
+    gives -- what the one-process build's order is."""
+    import numpy as np
+
+    from pipeline.partitioned_build import _Seen
+
+    class Rows:  # (the cached rows: read back only for the tied places)
+        def __init__(self, frame: pl.DataFrame) -> None:
+            self.frame, self.asked = frame, []
+
+        def where(self, column: str, values: pl.Series) -> pl.DataFrame:
+            self.asked.append(sorted(values.to_list()))
+            return self.frame.filter(pl.col(column).is_in(values.implode()))
+
+    frame = pl.DataFrame({"pair_id": ["p-c", "p-a", "p-b", "p-d", "p-e"], "_o": [5, 7, 5, 2, 9]})
+    rows = Rows(frame)
+    seen = _Seen(rows, np.sort(frame["_o"].to_numpy()))  # type: ignore[arg-type]
+    want = frame.sort("pair_id").sort("_o", maintain_order=True).with_row_index("seen").select("pair_id", pl.col("seen").cast(pl.Int64))
+    got = frame.select("pair_id", seen=seen.ranks(frame))
+    assert got.sort("pair_id").equals(want.sort("pair_id")) and got["seen"].to_list() == [2, 3, 1, 0, 4]
+    assert rows.asked == [[5]]  # (only the shared place's rows were read back)
+    assert seen.rows(frame.with_columns(_part=pl.lit("g"))).columns == ["pair_id", "seen", "_part"]
+    assert seen.of(pl.Series(["p-b", "p-e"])).sort("pair_id")["_seen"].to_list() == [1, 4]
