@@ -6,7 +6,8 @@
 
 Prints one line per mark: seconds since start, the mark, VmRSS then, and the highest VmRSS sampled
 since the previous mark (MiB).  Marks: each stage's end, each per-pair state table's write
-(``_grouped_table``), select's map steps and fits, the judgments' input-order merge.  The sampler
+(``_grouped_table``, ``_merged_table``), the checks' maps and reduces, select's map steps and fits, the
+judgments' input-order merge.  The sampler
 reads ``/proc/self/status`` (Linux).  Timings here are not benchmark figures (the sampler and the
 wrappers cost a little): use ``benchmarks/scale.py`` for those.
 """
@@ -72,9 +73,15 @@ def main() -> None:
 
         setattr(mod, name, marked)
 
+    import pipeline.partition_checks as pk
+    import pipeline.partitioned as pd
+
     wrap(cu, "_grouped_table", lambda a: f" {a[3]}")
+    wrap(pb, "_merged_table", lambda a: f" {a[3]}")
+    wrap(pd, "map_partitions", lambda a: f" {a[0].name}")
     for mod, name in ((ps, "map_partitions"), (pc, "fit"), (pc, "fit_dimensions"), (ps.sp, "assign_clusters"),
-                      (pb, "_streamed_tables")):
+                      (pb, "_streamed_tables"), (pk, "near_duplicates_state"), (pk, "pair_scoped"), (pk, "check_sums"),
+                      (pc, "assemble"), (pd, "annotator_params")):
         wrap(mod, name)
 
     from pipeline.checks import resolve_policy
