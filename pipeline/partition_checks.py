@@ -409,9 +409,16 @@ def near_duplicates_state(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, ve
     from pipeline.checks import near_duplicates_state as nds
     from schemas.check import empty_flags
 
-    where, matrix, pair_prompts = _near_dup_inputs(refs, cache_dir, cfg, client)
-    res = nds._advance(nds.NearDupState.empty(cfg), pair_prompts, where["prompt_hash"], matrix, generation=version_id)
-    del matrix
+    where, pair_prompts, step, refs = _near_dup_keys(refs, cache_dir, cfg, client)
+    # the index's band keys and sketches, computed one partition at a time from its signatures; the signatures stay in
+    # the partitions' caches (512 B a prompt: at 10M judgments ~1.2 GB the driver held), read back for the candidates
+    # to verify and, chunk by chunk, for the state's signature parts
+    sigs = PartitionSignatures(step, refs, cache_dir, where["_part"].to_numpy(), where["_row"].to_numpy(),
+                               cfg.near_duplicate.num_perm)
+    bands, sketches = sigs.index_keys(cfg.near_duplicate)
+    res = nds._advance(nds.NearDupState.empty(cfg), pair_prompts, where["prompt_hash"], sigs, generation=version_id,
+                       bands=bands, sketches=sketches)
+    del bands, sketches
     entry = res.check_result()
     entry = CheckResult(name=entry.name, status=entry.status, metrics=entry.metrics, summary=entry.summary,
                         flags=res.flags if res.flags.height else empty_flags(),
@@ -420,24 +427,114 @@ def near_duplicates_state(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, ve
     return entry, res
 
 
-def _near_dup_inputs(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, client: Any) -> tuple[pl.DataFrame, np.ndarray, pl.DataFrame]:
-    """(every distinct prompt once, in prompt_hash order; their signatures, row by row; pair_id ->
-    prompt_hash of every pair) from every partition's signatures."""
+def _near_dup_keys(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, client: Any) -> tuple[pl.DataFrame, pl.DataFrame, Step, list[Any]]:
+    """(every distinct prompt once, in prompt_hash order, with the partition (``_part``: its index in
+    the refs returned, partition order) and row (``_row``) of its signature; pair_id -> prompt_hash of
+    every pair; the step; the refs) from every partition's signatures step."""
     step = near_dup_step(cfg)
     refs = sorted(refs, key=lambda r: r.index)  # (partition order, as the states come)
     states, _ = map_partitions(step, refs, cache_dir, client=client, keep=["pair_prompts", "prompt_keys"])
     pair_prompts = pl.concat([s.pop("pair_prompts") for s in states]).unique().sort("pair_id", "prompt_hash")
     # every distinct prompt once, in prompt_hash order: the rows are chosen on the hashes (each partition's keys come
-    # with its state), then each partition's signatures are read back from its cached state into one matrix, one
-    # partition at a time (holding every partition's signature frames, or a concatenation of them, held two or three
-    # copies of them at once)
+    # with its state; a prompt several partitions hold has the same signature in each)
     where = pl.concat([s.pop("prompt_keys").select("prompt_hash", _part=pl.lit(i, pl.Int32)).with_row_index("_row")
                        for i, s in enumerate(states)]).unique("prompt_hash", keep="first").sort("prompt_hash")
-    del states
-    matrix = np.empty((where.height, cfg.near_duplicate.num_perm), np.uint32)
-    parts, rows = where["_part"].to_numpy(), where["_row"].to_numpy()
-    for i, r in enumerate(refs):
-        mine = np.flatnonzero(parts == i)
-        if mine.size:
-            matrix[mine] = cached_table(step, r, cache_dir, "signatures")["signature"].to_numpy()[rows[mine]]
-    return where, matrix, pair_prompts
+    return where, pair_prompts, step, refs
+
+
+def _near_dup_inputs(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, client: Any) -> tuple[pl.DataFrame, np.ndarray, pl.DataFrame]:
+    """(every distinct prompt once, in prompt_hash order; their signatures, row by row; pair_id ->
+    prompt_hash of every pair) from every partition's signatures."""
+    where, pair_prompts, step, refs = _near_dup_keys(refs, cache_dir, cfg, client)
+    # each partition's signatures read back from its cached state into one matrix, one partition at a time (holding
+    # every partition's signature frames, or a concatenation of them, held two or three copies of them at once)
+    sigs = PartitionSignatures(step, refs, cache_dir, where["_part"].to_numpy(), where["_row"].to_numpy(),
+                               cfg.near_duplicate.num_perm)
+    return where, sigs.gather(np.arange(where.height)), pair_prompts
+
+
+class PartitionSignatures:
+    """The distinct prompts' signatures (row ``i`` of the index: partition ``part[i]``'s row
+    ``row[i]`` of its cached ``signatures``), read from the partitions' caches in pieces
+    (:class:`pipeline.checks.near_duplicates_state.SignatureSource`): never every one at once."""
+
+    def __init__(self, step: Step, refs: list[Any], cache_dir: Any, part: np.ndarray, row: np.ndarray, num_perm: int) -> None:
+        self.step, self.refs, self.cache_dir = step, refs, cache_dir
+        self.part, self.row = part.astype(np.int32, copy=False), row.astype(np.int64, copy=False)
+        self.shape = (int(part.size), num_perm)
+        self._cursors: dict[int, _Cursor] = {}
+
+    def _table(self, i: int) -> np.ndarray:
+        sig = cached_table(self.step, self.refs[i], self.cache_dir, "signatures")["signature"]
+        return np.ascontiguousarray(sig.to_numpy(), np.uint32).reshape(-1, self.shape[1])
+
+    def index_keys(self, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Every prompt's band keys ((b, n) uint64) and sketch, one partition's signatures at a time."""
+        from pipeline.checks import near_duplicates_state as nds
+
+        b, r = nd.band_params(cfg)
+        n = self.shape[0]
+        bands = np.empty((b, n), np.uint64)
+        sketches = np.empty((n, -(-self.shape[1] // 16)), np.uint64)
+        for i in range(len(self.refs)):
+            mine = np.flatnonzero(self.part == i)
+            if mine.size:
+                sigs = self._table(i)[self.row[mine]]
+                bands[:, mine] = nd._band_keys(sigs, b, r)
+                sketches[mine] = nds.sketch(sigs)
+        return bands, sketches
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """The signatures of index rows ``rows`` (any order), each partition read once."""
+        out = np.empty((rows.size, self.shape[1]), np.uint32)
+        p = self.part[rows]
+        for i in np.unique(p):
+            mine = np.flatnonzero(p == i)
+            out[mine] = self._table(int(i))[self.row[rows[mine]]]
+        return out
+
+    def chunk(self, start: int, stop: int) -> np.ndarray:
+        """Index rows ``start:stop``: each partition's signatures streamed once, in order, over the
+        chunks asked for in order (a partition's rows are in prompt_hash order, as the index's)."""
+        out = np.empty((stop - start, self.shape[1]), np.uint32)
+        p, r = self.part[start:stop], self.row[start:stop]
+        for i in np.unique(p):
+            mine = np.flatnonzero(p == i)
+            cur = self._cursors.get(int(i))
+            if cur is None:
+                cur = self._cursors[int(i)] = _Cursor(iter_table(self.step, self.refs[int(i)], self.cache_dir, "signatures"),
+                                                      self.shape[1])
+            out[mine] = cur.take(r[mine])
+        if stop >= self.shape[0]:  # the last chunk: every stream read to its end (its sha256 checked there)
+            for cur in self._cursors.values():
+                cur.drain()
+            self._cursors = {}
+        return out
+
+
+class _Cursor:
+    """One partition's cached signatures, streamed: rows taken in increasing order."""
+
+    def __init__(self, batches: Iterator[pl.DataFrame], num_perm: int) -> None:
+        self.batches, self.num_perm = batches, num_perm
+        self.start, self.block = 0, np.zeros((0, num_perm), np.uint32)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        if rows.size and rows[0] < self.start:
+            raise ValueError("signature rows asked for out of order")
+        pieces = []
+        while rows.size:
+            end = self.start + self.block.shape[0]
+            here = rows[rows < end]
+            pieces.append(self.block[here - self.start])
+            rows = rows[here.size:]
+            if rows.size:
+                batch = next(self.batches, None)
+                if batch is None:
+                    raise ValueError("signature rows asked for past the partition's end")
+                self.start, self.block = end, np.ascontiguousarray(batch["signature"].to_numpy(), np.uint32).reshape(-1, self.num_perm)
+        return np.concatenate(pieces) if pieces else np.zeros((0, self.num_perm), np.uint32)
+
+    def drain(self) -> None:
+        for _ in self.batches:
+            pass

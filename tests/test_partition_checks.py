@@ -205,3 +205,19 @@ def test_near_duplicates_from_partition_signatures_are_the_whole_inputs(every, i
     for k in want.tables:
         assert got.tables[k].equals(want.tables[k]), k
     assert want.metrics["near_duplicate_pairs"] > 20 and want.metrics["multi_pair_clusters"] > 10
+
+
+def test_a_partitions_signatures_stream_gives_the_rows_asked_for_across_its_batches():
+    """The cursor the signature parts are written through: rows taken in increasing order over
+    calls, from batches of any size; rows asked for again, or past the end, are refused."""
+    import numpy as np
+
+    sigs = np.arange(11 * 4, dtype=np.uint32).reshape(11, 4)
+    batches = [pl.DataFrame({"signature": pl.Series(sigs[a:a + 3])}) for a in range(0, 11, 3)]  # 3, 3, 3, 2 rows
+    cur = pk._Cursor(iter(batches), 4)
+    for rows in (np.array([0, 2]), np.array([3, 4, 7]), np.array([], np.int64), np.array([8, 9, 10])):
+        assert np.array_equal(cur.take(rows), sigs[rows])
+    with pytest.raises(ValueError, match="out of order"):
+        pk._Cursor(iter(batches), 4).take(np.array([5])) is not None and cur.take(np.array([1]))
+    with pytest.raises(ValueError, match="past the partition's end"):
+        pk._Cursor(iter(batches), 4).take(np.array([11]))

@@ -93,7 +93,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -489,7 +489,7 @@ class IncrementalResult:
         return NearDupState(
             cfg=old.cfg, hashes=pl.concat([old.hashes, c["fresh"]]), bands=np.concatenate([old.bands, c["bands"]], axis=1),
             sketches=np.concatenate([old.sketches, c["sketches"]]),
-            sig_chunks=[*old.sig_chunks, *([_SigChunk(n_old, n_old + m, array=c["sigs"])] if m else [])],
+            sig_chunks=[*old.sig_chunks, *([_SigChunk(n_old, n_old + m, array=_rows(c["sigs"], 0, m))] if m else [])],
             pair_prompts=pl.concat([old.pair_prompts, c["pair_prompts"]]), edges=c["edges"],
             n_pairs=self.metrics["pairs"], n_flagged_pairs=self.metrics["near_duplicate_pairs"],
             cluster_sizes=c["cluster_sizes"], parent=self.parent, inherited=self.inherit, pending=self.write,
@@ -517,15 +517,51 @@ def run_incremental(batch: pl.DataFrame, state: NearDupState, *, generation: str
     return res
 
 
-def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs: np.ndarray, *,
-             generation: str) -> IncrementalResult:
-    """:func:`run_incremental` once the new prompts (``fresh``, not in the state) are hashed."""
+class SignatureSource(Protocol):
+    """The new prompts' signatures where they are (a build's: in its partitions' caches), read in
+    pieces: rows in any order for the candidates to verify, then consecutive chunks, in order, for
+    the signatures' state parts."""
+
+    shape: tuple[int, int]
+
+    def gather(self, rows: np.ndarray) -> np.ndarray: ...
+
+    def chunk(self, start: int, stop: int) -> np.ndarray: ...
+
+
+Signatures = np.ndarray | SignatureSource
+
+
+def _gathered(sigs: Signatures, *row_sets: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(a signature matrix, ``row_sets`` as rows of it): ``sigs`` itself, or the rows of a source
+    that the sets name, each read once."""
+    if isinstance(sigs, np.ndarray):
+        return sigs, list(row_sets)
+    named = np.zeros(sigs.shape[0], bool)  # (a mask and its running count: a sort of every candidate's rows took
+    for rows in row_sets:                    # ~4 s at 3.7M candidate pairs)
+        named[rows] = True
+    at = np.cumsum(named) - 1
+    return sigs.gather(np.flatnonzero(named)), [at[rows] for rows in row_sets]
+
+
+def _rows(sigs: Signatures, start: int, stop: int) -> np.ndarray:
+    return sigs[start:stop] if isinstance(sigs, np.ndarray) else sigs.chunk(start, stop)
+
+
+def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs: Signatures, *,
+             generation: str, bands: np.ndarray | None = None, sketches: np.ndarray | None = None) -> IncrementalResult:
+    """:func:`run_incremental` once the new prompts (``fresh``, not in the state) are hashed.
+    ``sigs``: their signatures, or where they are (:class:`SignatureSource`) with their ``bands``
+    and ``sketches`` computed (a build's first version: only the candidates' signatures are read)."""
     cfg, num_perm = state.cfg, state.cfg.num_perm
     b, r = nd.band_params(cfg)
     m = fresh.len()
     clock = _Clock()
-    bands_new = nd._band_keys(sigs, b, r) if m else np.zeros((b, 0), _U64)
-    sk_new = sketch(sigs)
+    if bands is None or sketches is None:
+        assert isinstance(sigs, np.ndarray), "a signature source comes with its bands and sketches"
+        bands = nd._band_keys(sigs, b, r) if m else np.zeros((b, 0), _U64)
+        sketches = sketch(sigs)
+    bands_new, sk_new = bands, sketches
 
     # 1. the buckets the new prompts join: old members found through the persisted band keys
     hits = _probe(state.bands, bands_new)
@@ -550,13 +586,16 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     lo, hi = codes // max(n, 1), codes % max(n, 1)
     jac = np.zeros(codes.size, np.float32)
     both = is_new[lo] & is_new[hi]
-    jac[both] = nd.estimated_jaccard(sigs, sigs, row_of[lo[both]], row_of[hi[both]])
     new_side, old_side = np.where(is_new[lo], lo, hi)[~both], np.where(is_new[lo], hi, lo)[~both]
     bound = sketch_jaccard(sk_new[row_of[new_side]], state.sketches[row_of[old_side]], num_perm)
     maybe = np.flatnonzero(bound >= cfg.threshold)
+    # the new prompts' signatures these read (of a source: only theirs, each read once)
+    held, (left, right, mine) = _gathered(sigs, row_of[lo[both]], row_of[hi[both]], row_of[new_side[maybe]])
+    jac[both] = nd.estimated_jaccard(held, held, left, right)
     mixed = np.zeros(new_side.size, np.float32)
     old_sigs = state.old_signatures(row_of[old_side[maybe]])
-    mixed[maybe] = nd.estimated_jaccard(sigs, old_sigs, row_of[new_side[maybe]], np.arange(maybe.size))
+    mixed[maybe] = nd.estimated_jaccard(held, old_sigs, mine, np.arange(maybe.size))
+    del held
     jac[~both] = mixed
     keep = jac >= cfg.threshold
     added = pl.DataFrame({"left": hash_of.gather(lo[keep]), "right": hash_of.gather(hi[keep]), "jaccard": jac[keep],
@@ -665,12 +704,12 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     else:
         bands_part = np.concatenate([state.bands[:, start:], bands_new], axis=1)
         sk_part = np.concatenate([state.sketches[start:], sk_new])
-        sig_part = np.concatenate([state.old_signatures(np.arange(start, len(state))), sigs])
+        sig_part = np.concatenate([state.old_signatures(np.arange(start, len(state))), _rows(sigs, 0, m)])
     for i in range(0, hashes.len(), CHUNK):  # (each part's frame made when it is written: made here, the frames
         key = f"{generation}-{i // CHUNK:03d}"  # were a second copy of every signature and band key: ~1 GB per
         h = hashes.slice(i, CHUNK)               # 2M prompts)
         write[PROMPTS].append((key, functools.partial(_prompts_part, h, bands_part, sk_part, num_perm, i)))
-        write[SIGNATURES].append((key, functools.partial(_signatures_part, h, sig_part, i)))
+        write[SIGNATURES].append((key, functools.partial(_signatures_part, h, sig_part, num_perm, i)))
     for t, old, rows in ((PAIR_PROMPTS, pp_old, pp_new), (LINKS, links_old, links_add)):
         rows = pl.concat([old.slice(old.height - tail[t]), rows])
         if rows.height:
@@ -704,8 +743,9 @@ def _prompts_part(h: pl.Series, bands: np.ndarray, sketches: np.ndarray, num_per
                          **dict(zip(_sketch_cols(num_perm), sketches[i:i + CHUNK].T))})
 
 
-def _signatures_part(h: pl.Series, sigs: np.ndarray, i: int) -> pl.DataFrame:
-    return pl.DataFrame({"prompt_hash": h, **dict(zip(_sig_cols(sigs.shape[1]), sigs[i:i + CHUNK].T))})
+def _signatures_part(h: pl.Series, sigs: Signatures, num_perm: int, i: int) -> pl.DataFrame:
+    """(a source's chunks are read in order: :meth:`IncrementalResult.write_state` writes the parts so)"""
+    return pl.DataFrame({"prompt_hash": h, **dict(zip(_sig_cols(num_perm), _rows(sigs, i, i + h.len()).T))})
 
 
 def part_frame(part: pl.DataFrame | Callable[[], pl.DataFrame]) -> pl.DataFrame:
