@@ -174,6 +174,15 @@ def sketch_jaccard(a: np.ndarray, b: np.ndarray, num_perm: int) -> np.ndarray:
     return out
 
 
+def _sketch_bound(sketches: np.ndarray, a: np.ndarray, b: np.ndarray, num_perm: int) -> np.ndarray:
+    """:func:`sketch_jaccard` of rows ``a`` and ``b`` of ``sketches``, in chunks (a gather of every pair's sketches
+    at once: 2 x 64 B a pair)."""
+    out = np.empty(a.size, np.float32)
+    for s in range(0, a.size, 262_144):
+        out[s:s + 262_144] = sketch_jaccard(sketches[a[s:s + 262_144]], sketches[b[s:s + 262_144]], num_perm)
+    return out
+
+
 # ---------------------------------------------------------------- the state in memory
 @dataclass
 class _SigChunk:
@@ -589,9 +598,15 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     new_side, old_side = np.where(is_new[lo], lo, hi)[~both], np.where(is_new[lo], hi, lo)[~both]
     bound = sketch_jaccard(sk_new[row_of[new_side]], state.sketches[row_of[old_side]], num_perm)
     maybe = np.flatnonzero(bound >= cfg.threshold)
+    # two new prompts: the sketches first too (an upper bound: a pair below the threshold there is below it) -- of
+    # 3.7M candidate pairs at 3M judgments, the signatures of only those that pass are read
+    lo_new, hi_new = row_of[lo[both]], row_of[hi[both]]
+    passed = np.flatnonzero(_sketch_bound(sk_new, lo_new, hi_new, num_perm) >= cfg.threshold)
     # the new prompts' signatures these read (of a source: only theirs, each read once)
-    held, (left, right, mine) = _gathered(sigs, row_of[lo[both]], row_of[hi[both]], row_of[new_side[maybe]])
-    jac[both] = nd.estimated_jaccard(held, held, left, right)
+    held, (left, right, mine) = _gathered(sigs, lo_new[passed], hi_new[passed], row_of[new_side[maybe]])
+    jac_both = np.zeros(lo_new.size, np.float32)
+    jac_both[passed] = nd.estimated_jaccard(held, held, left, right)
+    jac[both] = jac_both
     mixed = np.zeros(new_side.size, np.float32)
     old_sigs = state.old_signatures(row_of[old_side[maybe]])
     mixed[maybe] = nd.estimated_jaccard(held, old_sigs, mine, np.arange(maybe.size))
@@ -643,10 +658,13 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
 
     clock.lap("pair_rows")
     # 5. flags of the batch's pairs and of the pairs whose prompts' edges changed
-    recomputed = pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(touched.implode()))["pair_id"]]
-                           ).unique().sort()
-    pp_touched_old = rows_old.filter(pl.col("pair_id").is_in(recomputed.implode()))
-    pp_touched = rows_new.filter(pl.col("pair_id").is_in(recomputed.implode()))
+    # (no old row -- a first version: every row is the batch's and every pair is recomputed; the filters below would
+    # copy every pair's row, ~0.1 GB a million pairs, each)
+    first = rows_old.height == 0
+    recomputed = batch_pairs["pair_id"].sort() if first else \
+        pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(touched.implode()))["pair_id"]]).unique().sort()
+    pp_touched_old = rows_old if first else rows_old.filter(pl.col("pair_id").is_in(recomputed.implode()))
+    pp_touched = rows_new if first else rows_new.filter(pl.col("pair_id").is_in(recomputed.implode()))
     _, flags = nd.pair_flags(pp_touched, nd.best_neighbours(edges, pp_touched["prompt_hash"].unique()))
     before = pp_touched_old.join(nd.best_neighbours(old_edges, pp_touched_old["prompt_hash"].unique()),
                                  left_on="prompt_hash", right_on="left", how="semi")["pair_id"].n_unique()
@@ -655,7 +673,8 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
     # 6. clusters of the batch's pairs and of the pairs of renamed prompts; cluster sizes (pairs per
     # cluster) updated by the clusters around every change, before and after
     cluster_pairs = pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(renamed.implode()))["pair_id"]])
-    clusters = (rows_new.filter(pl.col("pair_id").is_in(cluster_pairs.implode())).join(comp_new, on="prompt_hash", how="left")
+    clusters = ((rows_new if first else rows_new.filter(pl.col("pair_id").is_in(cluster_pairs.implode())))
+                .join(comp_new, on="prompt_hash", how="left")
                 .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
                 .group_by("pair_id").agg(pl.col("near_dup_cluster").first()).sort("pair_id"))
     sizes = dict(state.cluster_sizes)
