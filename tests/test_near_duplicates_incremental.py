@@ -368,3 +368,37 @@ def test_band_keys_and_sketches_in_row_chunks_equal_the_whole_matrix_at_once(mon
         for j in range(1, 13):
             acc = acc * nd_mod._K[1] + np.uint64(sigs[11, j])
         assert whole_bands[0, 11] == nd_mod._fmix64(np.array([acc], np.uint64))[0]
+
+
+# ---------------------------------------------------------------- a first version's pair rows
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["sorted", "shuffled", "by pair only"]))
+def test_first_version_rows_equal_the_child_path_on_an_empty_state(seed: int, order: str) -> None:
+    """A first version's steps 4-6 (no parent rows: no joins against them, each pair's cluster from its first row,
+    the histogram from the clusters) give what the child's steps give over an empty state: the pair rows written,
+    links, components, recomputed pairs, flags, clusters and the cluster-size histogram."""
+    rng = np.random.default_rng(seed)
+    n_pairs, n_prompts = int(rng.integers(1, 60)), int(rng.integers(1, 40))
+    prompts = [f"{h:016x}" for h in rng.choice(2**40, n_prompts, replace=False)]
+    rows = [(f"p{i:03d}", prompts[int(j)]) for i in range(n_pairs) for j in
+            rng.choice(n_prompts, min(n_prompts, int(rng.choice([1, 1, 1, 2, 3]))), replace=False)]  # some pairs with several prompts
+    pp = pl.DataFrame(rows, schema=nds.PAIR_PROMPT_SCHEMA, orient="row")
+    pp = {"sorted": pp.sort("pair_id", "prompt_hash"), "shuffled": pp.sample(fraction=1.0, shuffle=True, seed=seed % 1000),
+          "by pair only": pp.sort("pair_id", "prompt_hash", descending=[False, True])}[order]
+    used = pp["prompt_hash"].unique().sort()
+    k = int(rng.integers(0, 2 * used.len() + 1))
+    ends = rng.choice(used.len(), (k, 2)) if used.len() > 1 else np.zeros((0, 2), int)
+    edges = pl.DataFrame({"left": used.gather(ends.min(1)), "right": used.gather(ends.max(1)),
+                          "jaccard": rng.uniform(0.5, 1.0, len(ends)).round(2), "support": np.ones(len(ends), np.uint16)},
+                         schema=nds.EDGE_SCHEMA).filter(pl.col("left") != pl.col("right")).unique(["left", "right"])
+    edges = edges.sort("left", "right").with_columns(_part=pl.lit("v"))
+    state = nds.NearDupState.empty(NearDuplicateConfig())
+    assert state.holds_nothing()
+    args = (state, pp, used, state.edges, edges, edges.drop("_part"), edges.clear().drop("_part"), nds._Clock())
+    first, child = nds._first_rows(*args), nds._child_rows(*args)
+    for name in ("pp_new", "links_add", "links_new", "clusters", "flags"):
+        assert getattr(first, name).equals(getattr(child, name)), name
+    assert first.comp_new.sort("prompt_hash").equals(child.comp_new.sort("prompt_hash"))
+    assert first.recomputed.equals(child.recomputed)
+    assert (first.n_new_pairs, first.n_flagged_delta, first.sizes) == (child.n_new_pairs, child.n_flagged_delta, child.sizes)
+    assert sum(k * v for k, v in first.sizes.items()) == n_pairs

@@ -238,6 +238,11 @@ class NearDupState:
     def __len__(self) -> int:
         return self.hashes.len()
 
+    def holds_nothing(self) -> bool:
+        """No prompt, pair row, edge or cluster (a first version's state)."""
+        return len(self) == 0 and self.pair_prompts.height == 0 and self.links.height == 0 and self.edges.height == 0 \
+            and self.n_pairs == 0 and not self.cluster_sizes
+
     def old_signatures(self, rows: np.ndarray) -> np.ndarray:
         """Signatures of state rows (reading, verified, only the parts that hold them)."""
         out = np.empty((rows.size, self.cfg.num_perm), np.uint32)
@@ -469,6 +474,8 @@ class IncrementalResult:
         """pair_id -> near_dup_cluster of *every* pair of the version, in no order (what a full run's ``clusters``
         table holds): the state's pair rows after this run joined with the components of its graph."""
         c = self._child
+        if c["state"].holds_nothing():  # (a first version: every pair's cluster is in ``clusters`` already)
+            return self.clusters
         rows = pl.concat([c["state"].pair_prompts, c["pair_prompts"]])
         out = rows.join(c["components"], on="prompt_hash", how="left") \
             .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
@@ -631,59 +638,13 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
                        changed.filter(pl.col("support") > 0), added]).sort("left", "right")
 
     clock.lap("edges")
-    # 4. the pair rows a child needs: two passes over the parent's rows, by pair id then by prompt
-    pp_old = state.pair_prompts
-    batch_pairs = batch_pp.select("pair_id").unique()
-    pp_bo = pp_old.join(batch_pairs, on="pair_id", how="semi")  # the parent's rows of the batch's pairs
-    pp_new = batch_pp.join(pp_bo, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash")
-    n_new_pairs = batch_pairs.join(pp_bo, on="pair_id", how="anti").height
-    grown = pl.concat([pp_bo.join(pp_new, on="pair_id", how="semi"), pp_new])  # every row of a pair that gained one
-    links_old = state.links
-    links_add = (grown.filter(pl.col("pair_id").is_duplicated())  # a pair with a second prompt joins the links
-                 .join(links_old, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash"))
-    links_new = pl.concat([links_old, links_add])
-    # clusters: components of the small graph (edges + pairs with several prompts), before and after
-    comp_old, comp_new = _components(old_edges, links_old), _components(edges, links_new)
-    both_names = comp_old.join(comp_new, on="prompt_hash", how="full", coalesce=True, suffix="_new").with_columns(
-        pl.col("cluster").fill_null(pl.col("prompt_hash")), pl.col("cluster_new").fill_null(pl.col("prompt_hash")))
-    renamed = both_names.filter(pl.col("cluster") != pl.col("cluster_new"))["prompt_hash"]
-    touched = pl.concat([added["left"], added["right"], removed["left"], removed["right"]]).unique().rename("prompt_hash")
-    # the clusters around every change (an edge, or a pair row, which links its pair's old prompts too)
-    moved = pl.concat([touched, grown["prompt_hash"]]).unique()
-    around_old = _members(comp_old, moved.filter(~moved.is_in(fresh.implode())))
-    around_new = _members(comp_new, moved)
-    need = pl.concat([touched, renamed, around_old["prompt_hash"], around_new["prompt_hash"]]).unique().to_frame("prompt_hash")
-    rows_old = pl.concat([pp_bo, pp_old.join(need, on="prompt_hash", how="semi"), links_old]).unique()
-    rows_new = pl.concat([rows_old, pp_new])
-
-    clock.lap("pair_rows")
-    # 5. flags of the batch's pairs and of the pairs whose prompts' edges changed
-    # (no old row -- a first version: every row is the batch's and every pair is recomputed; the filters below would
-    # copy every pair's row, ~0.1 GB a million pairs, each)
-    first = rows_old.height == 0
-    recomputed = batch_pairs["pair_id"].sort() if first else \
-        pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(touched.implode()))["pair_id"]]).unique().sort()
-    pp_touched_old = rows_old if first else rows_old.filter(pl.col("pair_id").is_in(recomputed.implode()))
-    pp_touched = rows_new if first else rows_new.filter(pl.col("pair_id").is_in(recomputed.implode()))
-    _, flags = nd.pair_flags(pp_touched, nd.best_neighbours(edges, pp_touched["prompt_hash"].unique()))
-    before = pp_touched_old.join(nd.best_neighbours(old_edges, pp_touched_old["prompt_hash"].unique()),
-                                 left_on="prompt_hash", right_on="left", how="semi")["pair_id"].n_unique()
-    n_flagged = state.n_flagged_pairs + flags.height - before
-
-    # 6. clusters of the batch's pairs and of the pairs of renamed prompts; cluster sizes (pairs per
-    # cluster) updated by the clusters around every change, before and after
-    cluster_pairs = pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(renamed.implode()))["pair_id"]])
-    clusters = ((rows_new if first else rows_new.filter(pl.col("pair_id").is_in(cluster_pairs.implode())))
-                .join(comp_new, on="prompt_hash", how="left")
-                .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
-                .group_by("pair_id").agg(pl.col("near_dup_cluster").first()).sort("pair_id"))
-    sizes = dict(state.cluster_sizes)
-    for sign, around, rows in ((-1, around_old, rows_old), (1, around_new, rows_new)):
-        for size in rows.join(around, on="prompt_hash").group_by("cluster").agg(pl.col("pair_id").n_unique())["pair_id"]:
-            sizes[size] = sizes.get(size, 0) + sign
-    if any(v < 0 for v in sizes.values()):
-        raise StateError("the cluster-size histogram went negative: the state is inconsistent")
-    sizes = {k: v for k, v in sorted(sizes.items()) if v}
+    # 4-6. the pair rows, flags and clusters (a first version's without the joins against a parent's rows)
+    pr = (_first_rows if state.holds_nothing() else _child_rows)(state, batch_pp, fresh, old_edges, edges, added,
+                                                                    removed, clock)
+    pp_old, links_old = state.pair_prompts, state.links
+    pp_new, links_add, links_new, comp_new = pr.pp_new, pr.links_add, pr.links_new, pr.comp_new
+    flags, recomputed, clusters, sizes = pr.flags, pr.recomputed, pr.clusters, pr.sizes
+    n_new_pairs, n_flagged = pr.n_new_pairs, state.n_flagged_pairs + pr.n_flagged_delta
 
     clock.lap("cluster_sizes")
     n_prompts = len(state) + m
@@ -754,6 +715,113 @@ def _advance(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, sigs
              "changed_clusters_pairs": clusters.height, "origin": state.origin, "seconds": clock.laps}
     return IncrementalResult(flags=flags, recomputed=recomputed, clusters=clusters, metrics=metrics, write=write,
                              inherit=inherit, parent=state.parent, stats=stats, _child=child, order={EDGES: order})
+
+
+@dataclass
+class _PairRows:
+    """Steps 4-6 of :func:`_advance`: the pair rows written, the links, the components after the run, the
+    recomputed pairs' flags, the clusters of the pairs whose cluster is new or changed, the cluster-size histogram."""
+
+    pp_new: pl.DataFrame
+    n_new_pairs: int
+    links_add: pl.DataFrame
+    links_new: pl.DataFrame
+    comp_new: pl.DataFrame
+    recomputed: pl.Series
+    flags: pl.DataFrame
+    n_flagged_delta: int
+    clusters: pl.DataFrame
+    sizes: dict[int, int]
+
+
+def _child_rows(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, old_edges: pl.DataFrame,
+                edges: pl.DataFrame, added: pl.DataFrame, removed: pl.DataFrame, clock: _Clock) -> _PairRows:
+    """Steps 4-6 of :func:`_advance` over a parent's state: only the parent's rows around a change are read."""
+    # 4. the pair rows a child needs: two passes over the parent's rows, by pair id then by prompt
+    pp_old = state.pair_prompts
+    batch_pairs = batch_pp.select("pair_id").unique()
+    pp_bo = pp_old.join(batch_pairs, on="pair_id", how="semi")  # the parent's rows of the batch's pairs
+    pp_new = batch_pp.join(pp_bo, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash")
+    n_new_pairs = batch_pairs.join(pp_bo, on="pair_id", how="anti").height
+    grown = pl.concat([pp_bo.join(pp_new, on="pair_id", how="semi"), pp_new])  # every row of a pair that gained one
+    links_old = state.links
+    links_add = (grown.filter(pl.col("pair_id").is_duplicated())  # a pair with a second prompt joins the links
+                 .join(links_old, on=["pair_id", "prompt_hash"], how="anti").sort("pair_id", "prompt_hash"))
+    links_new = pl.concat([links_old, links_add])
+    # clusters: components of the small graph (edges + pairs with several prompts), before and after
+    comp_old, comp_new = _components(old_edges, links_old), _components(edges, links_new)
+    both_names = comp_old.join(comp_new, on="prompt_hash", how="full", coalesce=True, suffix="_new").with_columns(
+        pl.col("cluster").fill_null(pl.col("prompt_hash")), pl.col("cluster_new").fill_null(pl.col("prompt_hash")))
+    renamed = both_names.filter(pl.col("cluster") != pl.col("cluster_new"))["prompt_hash"]
+    touched = pl.concat([added["left"], added["right"], removed["left"], removed["right"]]).unique().rename("prompt_hash")
+    # the clusters around every change (an edge, or a pair row, which links its pair's old prompts too)
+    moved = pl.concat([touched, grown["prompt_hash"]]).unique()
+    around_old = _members(comp_old, moved.filter(~moved.is_in(fresh.implode())))
+    around_new = _members(comp_new, moved)
+    need = pl.concat([touched, renamed, around_old["prompt_hash"], around_new["prompt_hash"]]).unique().to_frame("prompt_hash")
+    rows_old = pl.concat([pp_bo, pp_old.join(need, on="prompt_hash", how="semi"), links_old]).unique()
+    rows_new = pl.concat([rows_old, pp_new])
+
+    clock.lap("pair_rows")
+    # 5. flags of the batch's pairs and of the pairs whose prompts' edges changed
+    # (no old row -- a batch of new pairs only: every row is the batch's and every pair is recomputed; the filters below
+    # would copy every pair's row, ~0.1 GB a million pairs, each)
+    first = rows_old.height == 0
+    recomputed = batch_pairs["pair_id"].sort() if first else \
+        pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(touched.implode()))["pair_id"]]).unique().sort()
+    pp_touched_old = rows_old if first else rows_old.filter(pl.col("pair_id").is_in(recomputed.implode()))
+    pp_touched = rows_new if first else rows_new.filter(pl.col("pair_id").is_in(recomputed.implode()))
+    _, flags = nd.pair_flags(pp_touched, nd.best_neighbours(edges, pp_touched["prompt_hash"].unique()))
+    before = pp_touched_old.join(nd.best_neighbours(old_edges, pp_touched_old["prompt_hash"].unique()),
+                                 left_on="prompt_hash", right_on="left", how="semi")["pair_id"].n_unique()
+
+    # 6. clusters of the batch's pairs and of the pairs of renamed prompts; cluster sizes (pairs per
+    # cluster) updated by the clusters around every change, before and after
+    cluster_pairs = pl.concat([batch_pairs["pair_id"], rows_old.filter(pl.col("prompt_hash").is_in(renamed.implode()))["pair_id"]])
+    clusters = ((rows_new if first else rows_new.filter(pl.col("pair_id").is_in(cluster_pairs.implode())))
+                .join(comp_new, on="prompt_hash", how="left")
+                .select("pair_id", near_dup_cluster=pl.col("cluster").fill_null(pl.col("prompt_hash")))
+                .group_by("pair_id").agg(pl.col("near_dup_cluster").first()).sort("pair_id"))
+    sizes = dict(state.cluster_sizes)
+    for sign, around, rows in ((-1, around_old, rows_old), (1, around_new, rows_new)):
+        for size in rows.join(around, on="prompt_hash").group_by("cluster").agg(pl.col("pair_id").n_unique())["pair_id"]:
+            sizes[size] = sizes.get(size, 0) + sign
+    if any(v < 0 for v in sizes.values()):
+        raise StateError("the cluster-size histogram went negative: the state is inconsistent")
+    sizes = {k: v for k, v in sorted(sizes.items()) if v}
+    return _PairRows(pp_new, n_new_pairs, links_add, links_new, comp_new, recomputed, flags, flags.height - before,
+                     clusters, sizes)
+
+
+def _first_rows(state: NearDupState, batch_pp: pl.DataFrame, fresh: pl.Series, old_edges: pl.DataFrame,
+                edges: pl.DataFrame, added: pl.DataFrame, removed: pl.DataFrame, clock: _Clock) -> _PairRows:
+    """:func:`_child_rows` of a state that holds nothing (a first version): every pair is new and recomputed, every
+    row is the batch's.  The same results without a parent's joins and copies (at 3M judgments they were ~10 frames
+    of every pair's row at once, ~0.3 GB): the batch's rows as they are when sorted, each pair's cluster from its
+    first row (a pair's rows are one cluster: its prompts are linked), the histogram from the clusters."""
+    c = pl.col
+    pp_new = batch_pp if _sorted_pairs(batch_pp) else batch_pp.sort("pair_id", "prompt_hash")
+    links_add = pp_new.filter(c("pair_id").is_duplicated())  # (sorted, as pp_new)
+    links_new = pl.concat([state.links, links_add])
+    comp_new = _components(edges, links_new)
+    clock.lap("pair_rows")
+    _, flags = nd.pair_flags(pp_new, nd.best_neighbours(edges, pp_new["prompt_hash"].unique()))
+    clusters = (pp_new.unique("pair_id", keep="first", maintain_order=True)
+                .join(comp_new, on="prompt_hash", how="left", maintain_order="left")
+                .select("pair_id", near_dup_cluster=c("cluster").fill_null(c("prompt_hash"))))
+    counts = clusters.group_by("near_dup_cluster").len()["len"].value_counts()
+    sizes = {int(k): int(v) for k, v in sorted(counts.iter_rows())}
+    return _PairRows(pp_new, clusters.height, links_add, links_new, comp_new, clusters["pair_id"], flags, flags.height,
+                     clusters, sizes)
+
+
+def _sorted_pairs(pp: pl.DataFrame) -> bool:
+    """``pp`` sorted by (pair_id, prompt_hash) (equal rows in any order)."""
+    if pp.height < 2 or pp["pair_id"].null_count() or pp["prompt_hash"].null_count():
+        return pp.height < 2
+    a, b = pl.col("pair_id"), pl.col("prompt_hash")
+    ok = (a.shift(-1) > a) | ((a.shift(-1) == a) & (b.shift(-1) >= b))
+    return bool(pp.select(ok.slice(0, pp.height - 1).all()).item())
 
 
 def _prompts_part(h: pl.Series, bands: np.ndarray, sketches: np.ndarray, num_perm: int, i: int) -> pl.DataFrame:
