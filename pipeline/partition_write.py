@@ -8,9 +8,10 @@ partition's task leaves its rows of the table in its cached state, **sorted by**
 (:func:`merge_grouped`): every partition's rows of the smallest key, in partition order, go to
 :meth:`pipeline.parts.TableWriter.write_grouped` -- which sorts a part's rows by its order and
 fingerprints them -- so each part has the bytes that ``write_grouped`` over the whole table gives
-(tested), whatever the partition count.  The driver holds one record batch per partition and one
-part's rows at a time (:data:`pipeline.distributed.BATCH_ROWS`, ~4,096 pairs a part), never the
-table.
+(tested), whatever the partition count.  The driver holds one record batch per partition and two
+parts' rows at a time -- one being written (on two threads, :func:`merge_into`'s outputs split
+between them) while the next is merged (:data:`pipeline.distributed.BATCH_ROWS`, ~4,096 pairs a
+part) -- never the table.
 
 Rows of one part that are equal in every column the order reads (a state table's nested columns
 are not ordered) keep partition order, which may differ from the one-process frame's: no
@@ -19,6 +20,7 @@ table written today has such rows.
 from __future__ import annotations
 
 import heapq
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -114,21 +116,44 @@ def _merge(outputs: list[Output], its: list[Iterator[tuple[str, pl.DataFrame]]],
             heap.append((first[0], i, first[1]))
     heapq.heapify(heap)
     rows = [0] * len(outputs)
-    while heap:
-        key = heap[0][0]
-        taken: list[tuple[int, pl.DataFrame]] = []
-        while heap and heap[0][0] == key:
-            _, i, frame = heapq.heappop(heap)
-            taken.append((i, frame))
-            nxt = next(its[i], None)
-            if nxt is not None:
-                heapq.heappush(heap, (nxt[0], i, nxt[1]))
-        part = pl.concat([f for _, f in sorted(taken, key=lambda t: t[0])], how="vertical")
-        for k, out in enumerate(outputs):
+
+    def write(lane: list[int], part: pl.DataFrame) -> None:
+        for k in lane:
+            out = outputs[k]
             mine = part if out.rows is None else out.rows(part)
             if mine.height:
                 out.writer.write_grouped(mine, key_column, reuse, order_by=order_by)
                 rows[k] += mine.height
+
+    # each merged part written while the next one is read and merged, on two threads (the writes -- sort, Parquet,
+    # fsync, sha256 -- release the GIL): the first output on one, the others in turn on the other (an output's parts
+    # are written by one thread, in key order); one part in flight
+    lanes = [lane for lane in ([0], list(range(1, len(outputs)))) if lane]
+    pools = [ThreadPoolExecutor(1, thread_name_prefix="prefpipe-merge-write") for _ in lanes]
+    writing: list[Future[None]] = []
+    try:
+        while heap:
+            key = heap[0][0]
+            taken: list[tuple[int, pl.DataFrame]] = []
+            while heap and heap[0][0] == key:
+                _, i, frame = heapq.heappop(heap)
+                taken.append((i, frame))
+                nxt = next(its[i], None)
+                if nxt is not None:
+                    heapq.heappush(heap, (nxt[0], i, nxt[1]))
+            part = pl.concat([f for _, f in sorted(taken, key=lambda t: t[0])], how="vertical")
+            del taken
+            for fut in writing:
+                fut.result()
+            writing = [pool.submit(write, lane, part) for pool, lane in zip(pools, lanes, strict=True)]
+            del part
+        for fut in writing:
+            fut.result()
+    finally:
+        for fut in writing:
+            fut.cancel()
+        for pool in pools:
+            pool.shutdown(wait=True)
     for k, out in enumerate(outputs):
         if rows[k] == 0:  # no rows at all: one empty part with the table's schema
             if out.schema is None:

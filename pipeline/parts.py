@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections import Counter
@@ -152,13 +153,15 @@ class TableWriter:
                 continue
             rel, fp = self._part_rel(key), _digest(head, hashes[a:z])
             old = reuse.known.get(rel)
-            if old is not None and old[0] == fp and old[1].rows == z - a:
+            linked = bool(old is not None and old[0] == fp and old[1].rows == z - a)
+            if linked:
                 self.inherit(reuse.parent, old[1])
-                reuse.linked += 1
             else:
                 self.write(key, body[order[a:z]])
-                reuse.written += 1
-            reuse.seen[rel] = fp
+            with reuse.lock:
+                reuse.linked += int(linked)
+                reuse.written += int(not linked)
+                reuse.seen[rel] = fp
 
     def info(self) -> TableInfo:
         parts = list(self.parts) if self.arrival_order else sorted(self.parts, key=lambda p: p.path)
@@ -322,6 +325,7 @@ class PartReuse:
     seen: dict[str, str] = field(default_factory=dict)
     linked: int = 0
     written: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # (tables written at once)
 
     @classmethod
     def of(cls, parent: VersionHandle | None) -> PartReuse:

@@ -140,9 +140,11 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> SplitInfo:
         frame.write_parquet(path, compression="zstd", compression_level=1, statistics=True)
     except pl.exceptions.PolarsError as err:  # e.g. disk full: surface it as the OSError it is
         raise _io_error(err, path) from err
+    import pyarrow.parquet as pq  # (here: ~0.1 s to import, which a command that writes nothing does not pay)
+
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-    rows = pl.scan_parquet(path, glob=False).select(pl.len()).collect().item()  # a store path may contain [ ] * ?
+        rows = pq.ParquetFile(fh).metadata.num_rows  # (the footer only: a third of a Polars scan's time per part)
     if rows != frame.height:
         raise StoreError(f"{path}: wrote {frame.height} rows but read back {rows}")
     return SplitInfo(path=str(path), rows=rows, sha256=sha256_file(path), bytes=path.stat().st_size)

@@ -10,7 +10,7 @@ import pytest
 
 import pipeline.distributed as dist
 from pipeline.distributed import PartitionRef, Step, _cache_key, _cache_write, encode_state, iter_table
-from pipeline.partition_write import merge_grouped, runs, sorted_by_part
+from pipeline.partition_write import Output, merge_grouped, merge_into, runs, sorted_by_part
 from pipeline.parts import PartReuse, TableWriter
 from pipeline.store import Store
 
@@ -55,6 +55,64 @@ def test_merged_parts_are_the_whole_tables(tmp_path, monkeypatch, n_parts):
         w, [iter_table(STEP, ref, tmp_path / "cache", "pairs") for ref in refs], reuse=r, order_by=("pair_id", "x")))
     assert got == want
     assert len(want[0]) == 64
+
+
+def _cached_streams(tmp_path: Path, frame: pl.DataFrame, n_parts: int) -> list:
+    refs = []
+    for i in range(n_parts):
+        ref = PartitionRef(i, (f"part-{i}",), (f"{i:064d}",))
+        _cache_write(tmp_path / "cache", _cache_key(STEP, ref), {"pairs": sorted_by_part(frame.filter(pl.col("pair_id").hash(3) % n_parts == i))})
+        refs.append(ref)
+    return [iter_table(STEP, ref, tmp_path / "cache", "pairs") for ref in refs]
+
+
+def test_several_outputs_written_at_once_are_each_table_alone(tmp_path, monkeypatch):
+    """merge_into writes its outputs on two threads (the first on one, the others in turn on the
+    other) while it reads the next part: each table's parts, and the reuse counters and
+    fingerprints they share, are what each table written alone gives."""
+    monkeypatch.setattr(dist, "BATCH_ROWS", 97)
+    frame = _table(3000, 5)
+    store = Store(tmp_path / "store")
+    tables = {"pairs": None, "narrow": lambda f: f.drop("text", "msg"), "small": lambda f: f.filter(pl.col("x") < 0.3)}
+    want, seen = {}, {}
+    for name, rows in tables.items():
+        reuse = PartReuse()
+        w = TableWriter(store, tmp_path / "a", name)
+        w.write_grouped(frame if rows is None else rows(frame), "_part", reuse, order_by=("pair_id", "x"))
+        want[name] = [(p.path, p.rows, p.sha256) for p in w.info().parts]
+        seen.update(reuse.seen)
+    reuse = PartReuse()
+    writers = {name: TableWriter(store, tmp_path / "b", name) for name in tables}
+    counts = merge_into([Output(writers[n], rows, frame.schema) for n, rows in tables.items()], _cached_streams(tmp_path, frame, 3),
+                        reuse=reuse, order_by=("pair_id", "x"))
+    assert {n: [(p.path, p.rows, p.sha256) for p in w.info().parts] for n, w in writers.items()} == want
+    assert counts == [3000, 3000, frame.filter(pl.col("x") < 0.3).height]
+    assert reuse.seen == seen and (reuse.written, reuse.linked) == (len(seen), 0)
+
+
+def test_a_failed_write_fails_the_merge_and_closes_the_streams(tmp_path, monkeypatch):
+    """A write that fails on a writer thread (a full disk) is raised by merge_into, no part is
+    written after it, and every partition's stream is closed."""
+    import pipeline.parts as parts
+
+    monkeypatch.setattr(dist, "BATCH_ROWS", 97)  # (batches left in every stream when the write fails)
+    frame = _table(2000, 6)
+    streams = _cached_streams(tmp_path, frame, 3)
+    real, calls = parts.write_parquet, []
+
+    def flaky(frame: pl.DataFrame, path: Path):
+        calls.append(path)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real(frame, path)
+
+    monkeypatch.setattr(parts, "write_parquet", flaky)
+    w = TableWriter(Store(tmp_path / "store"), tmp_path / "b", "pairs")
+    with pytest.raises(OSError, match="No space left"):
+        merge_into([Output(w, None, frame.schema)], streams, order_by=("pair_id",))
+    assert len(calls) == 5 and len(w.parts) == 4
+    for st in streams:  # closed (each had batches left to read)
+        assert next(st, None) is None
 
 
 def test_an_empty_table_gets_its_one_empty_part(tmp_path):
