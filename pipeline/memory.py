@@ -9,7 +9,9 @@ heap held 0.53 GB free of 0.79 GB, and the build peaked at 2.1 GB.
 * :func:`bound_heap` fixes the threshold at :data:`MMAP_THRESHOLD` (blocks from 4 MiB up are
   mapped and unmapped on their own; below it the dynamic rise no longer applies).  A smaller
   threshold (256 KiB) freed more but made the checks ~45 % slower (each EM iteration's arrays
-  mapped and faulted in again).
+  mapped and faulted in again).  A larger one (16 MiB) made a 1M partitioned build ~7 % faster
+  (~51.5 s vs ~55.5 s) but raised the 10M peak from 3.64-3.74 to 3.96 GB, next to issue 15's 4 GB
+  bound, for a time within the 10M runs' spread (docs/scale-out.md, session 25).
 * :func:`release` returns the heap's free pages (``malloc_trim``): called after every
   partition's task and at the end of every stage of a partitioned build.
 
