@@ -138,15 +138,19 @@ def fit(
     single = known & ((n_af > 0) != (n_bf > 0))[unit]
     engaged = engaged_share(unit=unit, n_units=n_units, judge=judge, n_judges=n_judges, chose_a=chose_a, shown_a=shown_a)
     w = np.asarray(weight, float)
+    codes = _evidence_codes(judge, first, single)
     g = np.full(n_pairs, -1) if gold is None else np.asarray(gold)
     clamp = g >= 0
+    g0 = (g == 0).astype(float)
+    shown_first, unknown, known_second = shown_a == 1, ~known, known & ~first
+    buf = [np.empty(len(judge)) for _ in range(4)]
     mw = _mstep_weights(judge, clamp[pair], n_judges)
     indep = np.ones(n_judges)
     if fixed is not None:
         fa, fb, ff = (np.asarray(x, float) for x in fixed)
         pinned = ~np.isnan(fa)
         if pinned.all():
-            e = ff[judge] * _judgment_evidence(judge, v, first, single, fa, fb)
+            e = ff[judge] * _judgment_evidence(judge, v, first, single, fa, fb, codes)
             ev = np.bincount(pair, weights=w * e, minlength=n_pairs)
             has = np.bincount(pair, weights=(w > 0).astype(float), minlength=n_pairs) > 0
             return OrderAwareDS(fa, fb, engaged, np.where(has, expit(ev), np.nan),
@@ -157,7 +161,7 @@ def fit(
     for rnd in range(2 if decorrelate else 1):
         if rnd:
             indep = independence(pair=pair, judge=judge, unit=unit, n_units=n_units, chose_a=chose_a, n_pairs=n_pairs,
-                                 n_judges=n_judges, p_a=np.where(clamp, (g == 0).astype(float), q), measure=mw)
+                                 n_judges=n_judges, p_a=np.where(clamp, g0, q), measure=mw)
         factor = np.where(pinned, ff, engaged * indep)[judge]
         # both fits start from the vote (flips cancel): started where the first ended, the second
         # stays near the family-led fixed point (development seeds: -0.04 to -0.08 on family panels)
@@ -165,27 +169,34 @@ def fit(
         alpha = np.where(pinned, fa, PRIOR_RIGHT / (PRIOR_RIGHT + PRIOR_WRONG))
         beta = np.where(pinned, fb, alpha)
         it = 0
+        wf = w * factor
         for it in range(1, max(iterations, 1) + 1):
-            qp = np.where(clamp, (g == 0).astype(float), q)[pair]
-            p_better_first = np.where(shown_a == 1, qp, 1.0 - qp)  # P(the better response was shown first)
-            right = np.where(chose_a, qp, 1.0 - qp)
+            # the M-step's sums over every judgment in four buffers allocated once (the per-judgment formulas as
+            # written, value for value, without a fresh array for every operation)
+            qp, omq, pbf, half_right = buf
+            np.take(np.where(clamp, g0, q), pair, out=qp)
+            np.subtract(1.0, qp, out=omq)
+            _pick(pbf, shown_first, qp, omq)  # P(the better response was shown first)
+            _pick(half_right, chose_a, qp, omq)  # P(the verdict is right), halved
+            np.multiply(0.5, half_right, out=half_right)
+            ompbf, t = qp, omq  # (qp and 1 - qp no longer read)
+            np.subtract(1.0, pbf, out=ompbf)
             # alpha: right | better first  (= chose first); beta: right | better second (= chose second)
-            na = mw * np.where(known, p_better_first, 0.5)
-            ka = mw * np.where(known, p_better_first * first, 0.5 * right)
-            nb = mw * np.where(known, 1.0 - p_better_first, 0.5)
-            kb = mw * np.where(known, (1.0 - p_better_first) * (known & ~first), 0.5 * right)
-            new_a = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=ka, minlength=n_judges))
-                            / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=na, minlength=n_judges)), *CLIP)
-            new_b = np.clip((PRIOR_RIGHT + np.bincount(judge, weights=kb, minlength=n_judges))
-                            / (PRIOR_RIGHT + PRIOR_WRONG + np.bincount(judge, weights=nb, minlength=n_judges)), *CLIP)
+            na = _judge_sum(judge, mw, _pick(t, known, pbf, 0.5), n_judges)
+            ka = _judge_sum(judge, mw, _pick(t, unknown, half_right, np.multiply(pbf, first, out=t)), n_judges)
+            nb = _judge_sum(judge, mw, _pick(t, known, ompbf, 0.5), n_judges)
+            kb = _judge_sum(judge, mw, _pick(t, unknown, half_right, np.multiply(ompbf, known_second, out=t)), n_judges)
+            new_a = np.clip((PRIOR_RIGHT + ka) / (PRIOR_RIGHT + PRIOR_WRONG + na), *CLIP)
+            new_b = np.clip((PRIOR_RIGHT + kb) / (PRIOR_RIGHT + PRIOR_WRONG + nb), *CLIP)
             new_a, new_b = np.where(pinned, fa, new_a), np.where(pinned, fb, new_b)
-            q = expit(np.bincount(pair, weights=w * factor * _judgment_evidence(judge, v, first, single, new_a, new_b),
-                                  minlength=n_pairs))
+            np.take(_evidence_table(new_a, new_b), codes, out=t)
+            np.multiply(v, t, out=t)
+            q = expit(np.bincount(pair, weights=np.multiply(wf, t, out=t), minlength=n_pairs))
             done = max(float(np.max(np.abs(new_a - alpha), initial=0.0)), float(np.max(np.abs(new_b - beta), initial=0.0))) < tol
             alpha, beta = new_a, new_b
             if done:
                 break
-    e = factor * _judgment_evidence(judge, v, first, single, alpha, beta)
+    e = factor * _judgment_evidence(judge, v, first, single, alpha, beta, codes)
     ev = np.bincount(pair, weights=w * e, minlength=n_pairs)
     has = np.bincount(pair, weights=(w > 0).astype(float), minlength=n_pairs) > 0
     return OrderAwareDS(alpha, beta, engaged, np.where(has, expit(ev), np.nan), np.where(has, ev, np.nan), e, it, indep)
@@ -340,8 +351,37 @@ def _group_median(group: np.ndarray, values: np.ndarray, n_groups: int) -> np.nd
 
 
 def _judgment_evidence(judge: np.ndarray, v: np.ndarray, first: np.ndarray, single: np.ndarray,
-                       alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """(N,) log-odds of a per judgment: one-coin logit(r_j), position-aware for single-order units."""
-    al, be = alpha[judge], beta[judge]
-    for_chosen = np.where(first, np.log(al / (1.0 - be)), np.log(be / (1.0 - al)))  # evidence for the chosen response
-    return np.where(single, v * for_chosen, v * logit(0.5 * (al + be)))
+                       alpha: np.ndarray, beta: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+    """(N,) log-odds of a per judgment: one-coin logit(r_j), position-aware for single-order units.
+
+    Each judgment's evidence for the response it chose is one of three numbers of its judge (chose the
+    first-shown response of a single-order unit: log(alpha / (1 - beta)); the second-shown: log(beta /
+    (1 - alpha)); otherwise logit of the judge's accuracy), so they are computed per judge and gathered
+    (``codes``: :func:`_evidence_codes`, fixed over an EM): the values of the per-judgment formula, bit
+    for bit, without its logarithms and temporaries over every judgment (at 10M judgments an EM
+    iteration's arrays were most of the fit's time, half of it the kernel zeroing fresh pages)."""
+    codes = _evidence_codes(judge, first, single) if codes is None else codes
+    return v * _evidence_table(alpha, beta)[codes]
+
+
+def _evidence_table(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """(3 J,) each judge's three evidence values (:func:`_judgment_evidence`), row by row."""
+    return np.stack([np.log(alpha / (1.0 - beta)), np.log(beta / (1.0 - alpha)), logit(0.5 * (alpha + beta))], axis=1).ravel()
+
+
+def _pick(out: np.ndarray, cond: np.ndarray, yes: np.ndarray | float, no: np.ndarray | float) -> np.ndarray:
+    """``np.where(cond, yes, no)`` written into ``out`` (``no`` may be ``out`` itself)."""
+    if no is not out:
+        np.copyto(out, no)
+    np.copyto(out, yes, where=cond)
+    return out
+
+
+def _judge_sum(judge: np.ndarray, mw: np.ndarray, values: np.ndarray, n_judges: int) -> np.ndarray:
+    """Per judge, the sum of ``mw * values`` (``values`` overwritten with the products)."""
+    return np.bincount(judge, weights=np.multiply(mw, values, out=values), minlength=n_judges)
+
+
+def _evidence_codes(judge: np.ndarray, first: np.ndarray, single: np.ndarray) -> np.ndarray:
+    """(N,) each judgment's entry of its judge's three evidence values (:func:`_judgment_evidence`)."""
+    return np.asarray(judge, np.int64) * 3 + np.where(single, np.where(first, 0, 1), 2)

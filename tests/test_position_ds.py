@@ -315,3 +315,23 @@ def test_independent_judges_of_a_large_panel_keep_their_vote() -> None:
     w = position_ds.independence(pair=pair, judge=judge, unit=np.arange(pair.size), n_units=pair.size, chose_a=chose_a,
                                  n_pairs=n_pairs, n_judges=n_judges, p_a=np.where(truth, 0.97, 0.03))
     assert np.median(w) == 1.0 and (w < 0.9).sum() <= 3, np.sort(w)[:10]
+
+
+def test_judgment_evidence_is_the_per_judgment_formula_bit_for_bit() -> None:
+    """The evidence gathered from each judge's three values equals the formula over every judgment (its
+    logarithms taken per judgment), value for value: the EM's results do not move."""
+    from scipy.special import logit
+
+    rng = np.random.default_rng(5)
+    n, j = 5_000, 40
+    judge, first, single = rng.integers(0, j, n), rng.random(n) < 0.5, rng.random(n) < 0.4
+    v = np.where(rng.random(n) < 0.6, 1.0, -1.0)
+    alpha, beta = rng.uniform(*position_ds.CLIP, j), rng.uniform(*position_ds.CLIP, j)
+    alpha[:3], beta[:3] = position_ds.CLIP[0], position_ds.CLIP[1]  # (the clipped extremes too)
+    al, be = alpha[judge], beta[judge]
+    for_chosen = np.where(first, np.log(al / (1.0 - be)), np.log(be / (1.0 - al)))
+    want = np.where(single, v * for_chosen, v * logit(0.5 * (al + be)))
+    got = position_ds._judgment_evidence(judge, v, first, single, alpha, beta)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert np.array_equal(got, position_ds._judgment_evidence(judge, v, first, single, alpha, beta,
+                                                              position_ds._evidence_codes(judge, first, single)))
