@@ -32,8 +32,9 @@ from schemas.records import ROUTED_LABELS
 from pipeline.split import (PLACEMENT, SPLITS, assign_splits, assignment_changes, assignments, counted, leakage, placement,
                             prior_assignments, split_moves)
 from pipeline.incremental import Totals, has_state, run_touched, state_frames
-from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, bucket_counts, generation_groups,
-                            grouped_generations, parent_keys, parent_parts, part_keys, parts_to_merge)
+from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, appended_key, appended_slices,
+                            bucket_counts, generation_groups, grouped_generations, parent_keys, parent_parts, part_keys,
+                            parts_to_merge)
 from pipeline.store import Store, VersionHandle, file_info
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
@@ -320,14 +321,16 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     # the GIL while it encodes); leaving the block waits for it, also on an error
     tables: dict[str, TableInfo] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-write") as pool:
+        # (in parts of at most a partition's rows: a child reads its parent's one part at a time)
+        cap = policy.ingest.partition_rows
         written = pool.submit(_appended_table, store, stage, "judgments", parent, judgments, n_parent_judgments, version_id,
-                              fresh=batch)
+                              fresh=batch, cap=cap)
         # ... and the columns a child reads of every row, in parts of the same rows (pipeline/incremental.py); a
         # parent written before it has none: every row is written (the union has these columns of every row)
         has_rows = parent is not None and parent.table(inc.JUDGMENT_ROWS) is not None
         written_rows = pool.submit(_appended_table, store, stage, inc.JUDGMENT_ROWS, parent, inc.judgment_rows(judgments),
                                    n_parent_judgments, version_id,
-                                   fresh=inc.judgment_rows(batch) if batch is not None and has_rows else None)
+                                   fresh=inc.judgment_rows(batch) if batch is not None and has_rows else None, cap=cap)
         # train_on: the version is built on one dimension's verdicts (judgments.parquet keeps them as given)
         judgments, no_verdict = dims.for_training(judgments, policy.dimensions)
         # the union starts with the parent's judgments as they are (train_on may drop some: then everything is rerun)
@@ -967,11 +970,14 @@ def _grouped_table(reuse: PartReuse, store: Store, stage: Path, name: str, frame
 
 
 def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle | None, frame: pl.DataFrame,
-                    n_parent_rows: int, version_id: str, *, fresh: pl.DataFrame | None = None) -> TableInfo:
+                    n_parent_rows: int, version_id: str, *, fresh: pl.DataFrame | None = None,
+                    cap: int | None = None) -> TableInfo:
     """A table that only grows (judgments, quarantine): the parent's parts as they are, plus one
     part with the rows after the first ``n_parent_rows`` (the parent's rows come first in ``frame``;
     ``fresh``: those rows, when ``frame`` lacks some of their columns),
     into which the parent's trailing parts are merged while it is at least half their size.
+    ``cap``: no part of this version holds more rows (merges stop there; more rows are several parts),
+    so that a reader holds one part's bytes at a time, whatever the history's size.
     The manifest lists the parts in arrival order, so that a child's union has the rows in the
     order its parent's had (first-seen orders, a pair's canonical orientation, its list of
     comparison ids do not depend on how version ids sort)."""
@@ -984,7 +990,7 @@ def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle 
         # least half the rows of the part before it -- O(log N) parts after N batches, a row rewritten
         # O(log N) times (a binary counter), the parts' order and every row's place kept
         keep = list(inherited)
-        for _ in range(parts_to_merge([p.rows for p in keep], fresh.height)):
+        for _ in range(parts_to_merge([p.rows for p in keep], fresh.height, cap)):
             old = parent.read(keep[-1].path)
             if set(old.columns) != set(fresh.columns):  # a part of an older layout stays as it is
                 break
@@ -997,7 +1003,8 @@ def _appended_table(store: Store, stage: Path, name: str, parent: VersionHandle 
             raise RuntimeError(f"{name}: the parent's parts do not hold the union's first {n_parent_rows} rows")
         fresh = frame
     if fresh.height or not w.parts:
-        w.write(version_id, fresh)
+        for k, (a, n) in enumerate(appended_slices(fresh.height, cap)):
+            w.write(appended_key(version_id, k), fresh.slice(a, n))
     return w.info()
 
 

@@ -59,8 +59,8 @@ from pipeline.partition_stats import given_id_keys
 from pipeline.partition_write import Output, merge_grouped, merge_into
 from pipeline.partition_consensus import input_order
 from pipeline.partitioned import analyze
-from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, bucket_counts, generation_groups,
-                            part_keys, share)
+from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, appended_key, bucket_counts,
+                            generation_groups, part_keys, share)
 from pipeline.split import PLACEMENT, SPLITS, _stats_of_counts, assignments, leakage
 from pipeline.store import Store, sha256_file
 from schemas.arrow import empty_frame
@@ -405,54 +405,94 @@ def _batches(ref: PartitionRef, columns: list[str] | None, batch_rows: int) -> I
 
 
 class _Streamed:
-    """A table that only grows, first version: one part with every row, written as the batches come."""
+    """A table that only grows, first version: its rows in parts of at most ``cap`` rows (in input order;
+    :func:`pipeline.parts.appended_slices`), written as the batches come, in row groups of
+    :data:`ROW_GROUP_ROWS` (a part's last one may be shorter): the file layout is the rows', whatever the
+    batches' sizes."""
 
-    def __init__(self, store: Store, stage: Path, name: str, version_id: str, schema: pl.Schema) -> None:
+    def __init__(self, store: Store, stage: Path, name: str, version_id: str, schema: pl.Schema,
+                 cap: int | None = None) -> None:
         self.store, self.writer = store, TableWriter(store, stage, name, arrival_order=True)
-        self.rel = f"{name}/part-{version_id}.parquet"
-        self.path = stage / self.rel
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stage, self.name, self.version_id, self.cap = stage, name, version_id, cap
         self.schema = pl.DataFrame(schema=schema).to_arrow().schema
-        self.rows = 0
-        self.held: list[pa.Table] = []  # row groups of ROW_GROUP_ROWS rows from the smaller batches of the merge
-        self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by finish() / close()
-        self._out = pq.ParquetWriter(self._fh, self.schema, compression="zstd", compression_level=1, write_statistics=True)
+        self.rows = 0  # rows added
+        self.held: list[pa.Table] = []  # rows added, not yet written
+        self._fh: Any = None  # the part being written (None: none open)
+        self._out: pq.ParquetWriter | None = None
+        self._rel, self._part_rows = "", 0
 
-    def add(self, batch: pa.Table) -> None:
-        self.held.append(batch.select(self.schema.names).cast(self.schema))
-        self.rows += batch.num_rows
-        if sum(t.num_rows for t in self.held) >= ROW_GROUP_ROWS:  # (full row groups: the file's layout is the
-            held = pa.concat_tables(self.held)                      # rows', whatever the batches' sizes)
-            cut = held.num_rows - held.num_rows % ROW_GROUP_ROWS
-            self._out.write_table(held.slice(0, cut), row_group_size=ROW_GROUP_ROWS)
-            self.held = [held.slice(cut)] if cut < held.num_rows else []
+    def _open(self) -> pq.ParquetWriter:
+        if self._out is None:
+            self._rel = f"{self.name}/part-{appended_key(self.version_id, len(self.writer.parts))}.parquet"
+            path = self.stage / self._rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "wb")  # noqa: SIM115 - closed by _seal() / close()
+            self._out = pq.ParquetWriter(self._fh, self.schema, compression="zstd", compression_level=1,
+                                         write_statistics=True)
+            self._part_rows = 0
+        return self._out
 
-    def close(self) -> None:
-        self._out.close()
-        self._fh.close()
-
-    def finish(self) -> TableInfo:
-        if self.held or self.rows == 0:
-            self._out.write_table(pa.concat_tables(self.held) if self.held else self.schema.empty_table(),
-                                  row_group_size=ROW_GROUP_ROWS)
+    def _seal(self) -> None:
+        """The open part finished: closed, synced, its row count read back, hashed, shared."""
+        assert self._out is not None
         self._out.close()
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
-        if pq.ParquetFile(self.path).metadata.num_rows != self.rows:
-            raise OSError(f"{self.path}: wrote {self.rows} rows, read back another count")
-        sha = sha256_file(self.path)
-        share(self.store, self.path, sha)
-        self.writer.parts.append(SplitInfo(path=self.rel, rows=self.rows, sha256=sha, bytes=self.path.stat().st_size))
+        path = self.stage / self._rel
+        if pq.ParquetFile(path).metadata.num_rows != self._part_rows:
+            raise OSError(f"{path}: wrote {self._part_rows} rows, read back another count")
+        sha = sha256_file(path)
+        share(self.store, path, sha)
+        self.writer.parts.append(SplitInfo(path=self._rel, rows=self._part_rows, sha256=sha, bytes=path.stat().st_size))
+        self._out = self._fh = None
+
+    def _drain(self, final: bool) -> None:
+        """Write the held rows in full row groups (``final``: all of them), a part sealed when it holds ``cap`` rows."""
+        held = sum(t.num_rows for t in self.held)
+        while held:
+            room = self.cap - self._part_rows if self.cap is not None and self._out is not None else self.cap
+            take = ROW_GROUP_ROWS if room is None else min(ROW_GROUP_ROWS, room)
+            if held < take and not final:
+                return
+            take = min(take, held)
+            rows = pa.concat_tables(self.held)
+            self.held = [rows.slice(take)] if take < held else []
+            self._open().write_table(rows.slice(0, take), row_group_size=take)
+            self._part_rows += take
+            held -= take
+            if self.cap is not None and self._part_rows >= self.cap:
+                self._seal()
+
+    def add(self, batch: pa.Table) -> None:
+        self.held.append(batch.select(self.schema.names).cast(self.schema))
+        self.rows += batch.num_rows
+        self._drain(final=False)
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+        if self._fh is not None:
+            self._fh.close()
+
+    def finish(self) -> TableInfo:
+        self._drain(final=True)
+        if self._out is not None or not self.writer.parts:  # (no rows at all: one empty part with the schema)
+            if self._out is None:
+                self._open().write_table(self.schema.empty_table())
+            self._seal()
+        if sum(p.rows for p in self.writer.parts) != self.rows:
+            raise OSError(f"{self.name}: wrote {sum(p.rows for p in self.writer.parts)} rows of {self.rows}")
         return self.writer.info()
 
 
 def _streamed_tables(store: Store, stage: Path, version_id: str, batches: Iterator[pa.Table],
-                     schemas: dict[str, pl.Schema], stop: threading.Event | None = None) -> dict[str, TableInfo]:
+                     schemas: dict[str, pl.Schema], stop: threading.Event | None = None,
+                     cap: int | None = None) -> dict[str, TableInfo]:
     """Tables that only grow (the judgments and the columns a child reads of every row), written from
-    one pass over ``batches`` (each table takes its columns of every batch).  ``stop``: set by
-    another thread to end the pass early (the build failed; nothing is returned)."""
-    outs = [_Streamed(store, stage, name, version_id, schema) for name, schema in schemas.items()]
+    one pass over ``batches`` (each table takes its columns of every batch), in parts of at most ``cap``
+    rows.  ``stop``: set by another thread to end the pass early (the build failed; nothing is returned)."""
+    outs = [_Streamed(store, stage, name, version_id, schema, cap) for name, schema in schemas.items()]
     try:
         for b in batches:
             if stop is not None and stop.is_set():
@@ -462,8 +502,7 @@ def _streamed_tables(store: Store, stage: Path, version_id: str, batches: Iterat
         return {name: o.finish() for name, o in zip(schemas, outs, strict=True)}
     finally:
         for o in outs:
-            if not o._fh.closed:
-                o.close()
+            o.close()
 
 
 class _Stopped(Exception):
@@ -539,7 +578,8 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
 
     def write_judgments() -> None:
         background.append(_Background(lambda stop: _streamed_tables(store, stage, version_id, _input_order_batches(
-            given_refs, sources, None, read_rows=read_rows), schemas, stop), "prefpipe-judgments"))
+            given_refs, sources, None, read_rows=read_rows), schemas, stop, cap=policy.ingest.partition_rows),
+            "prefpipe-judgments"))
 
     try:
         nd_tables: dict[str, TableInfo] = {}

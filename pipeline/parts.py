@@ -181,6 +181,20 @@ def parts_to_merge(rows: Sequence[int], fresh: int, cap: int | None = None) -> i
     return n
 
 
+def appended_slices(rows: int, cap: int | None) -> list[tuple[int, int]]:
+    """(offset, length) of each part of ``rows`` new rows of a table that only grows: parts of at most
+    ``cap`` rows (None: one part), in order; no rows: one empty part (readers see the schema)."""
+    if cap is None or rows <= cap:
+        return [(0, rows)]
+    return [(a, min(cap, rows - a)) for a in range(0, rows, cap)]
+
+
+def appended_key(version_id: str, k: int) -> str:
+    """The key of a version's ``k``-th part of a table that only grows: ``<version_id>`` for the first,
+    ``<version_id>.r0001`` for the next (name order is arrival order within a version)."""
+    return version_id if k == 0 else f"{version_id}.r{k:04d}"
+
+
 # ---------------------------------------------------------------- generations in buckets
 PART_PAIRS = 4096  # a generation with more pairs is split into buckets of about this many
 MAX_BUCKETS = 1024
