@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 import time
@@ -16,8 +17,8 @@ from pipeline.aggregate import encode
 from pipeline.checks.duplicates import exact_duplicates, identical_response_pairs
 from pipeline.checks.position_bias import order_consistency
 from pipeline.checks.pair_id_conflict import conflicts
-from pipeline.distributed import (PartitionRef, PartitionTaskError, encode_state, map_partitions, open_runner, refs_of,
-                                  run_step)
+from pipeline.distributed import (AUTO_THREADS_FROM, PartitionRef, PartitionTaskError, encode_state, map_partitions,
+                                  open_runner, refs_of, run_step, task_threads)
 from pipeline.ingest import ingest_files
 from pipeline.partition import partition_files
 from pipeline.readers import UnreadableFile
@@ -110,6 +111,13 @@ def test_tasks_on_threads_give_the_same_states_and_report_a_failure_the_same_way
         assert set(err.value.failed) == {2}
     finally:
         Path(refs[2].paths[0]).write_bytes(good)
+    monkeypatch.delenv("PREFPIPE_TASK_THREADS")  # unset: one at a time, two from AUTO_THREADS_FROM partitions (2 cores)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert (task_threads(0), task_threads(AUTO_THREADS_FROM - 1), task_threads(AUTO_THREADS_FROM)) == (1, 1, 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert task_threads(AUTO_THREADS_FROM) == 1
+    monkeypatch.setenv("PREFPIPE_TASK_THREADS", "1")
+    assert task_threads(10 * AUTO_THREADS_FROM) == 1
     monkeypatch.setenv("PREFPIPE_TASK_THREADS", "zero")
     with pytest.raises(ValueError, match="PREFPIPE_TASK_THREADS='zero': expected a whole number >= 1"):
         map_partitions(partition_stats.STEP, refs, tmp_path / "four")
