@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -91,13 +91,20 @@ class Output:
 
 
 def merge_into(outputs: list[Output], streams: list[Iterable[pl.DataFrame]], *, key_column: str = "_part",
-               reuse: PartReuse | None = None, order_by: tuple[str, ...] = ()) -> list[int]:
+               reuse: PartReuse | None = None, order_by: tuple[str, ...] = (),
+               lanes: Sequence[Sequence[int]] | None = None) -> list[int]:
     """:func:`merge_grouped` for several tables from one pass over the streams: each merged part
     goes to every output (its ``rows`` of it, when there are any) -- e.g. the pairs and their narrow
-    rows, or the DPO rows of each split.  Returns each output's rows written."""
+    rows, or the DPO rows of each split.  ``lanes``: the outputs each writer thread writes, every output
+    in one lane (default: the first output on one thread, the others on a second; outputs whose ``rows``
+    share a cache belong in one lane).  Returns each output's rows written."""
+    if lanes is None:
+        lanes = [lane for lane in ([0], list(range(1, len(outputs)))) if lane]
+    if sorted(k for lane in lanes for k in lane) != list(range(len(outputs))) or not all(lanes):
+        raise ValueError(f"lanes {lanes}: every output of {len(outputs)} in exactly one lane")
     its = [runs(s, key_column) for s in streams]
     try:
-        return _merge(outputs, its, key_column, reuse, order_by)
+        return _merge(outputs, its, key_column, reuse, order_by, [list(lane) for lane in lanes])
     finally:  # a stream holds an open file until it is closed: closed now, also on an error (a full disk)
         for it in its:
             it.close()
@@ -108,7 +115,7 @@ def merge_into(outputs: list[Output], streams: list[Iterable[pl.DataFrame]], *, 
 
 
 def _merge(outputs: list[Output], its: list[Iterator[tuple[str, pl.DataFrame]]], key_column: str,
-           reuse: PartReuse | None, order_by: tuple[str, ...]) -> list[int]:
+           reuse: PartReuse | None, order_by: tuple[str, ...], lanes: list[list[int]]) -> list[int]:
     heap: list[tuple[str, int, pl.DataFrame]] = []
     for i, it in enumerate(its):
         first = next(it, None)
@@ -125,10 +132,9 @@ def _merge(outputs: list[Output], its: list[Iterator[tuple[str, pl.DataFrame]]],
                 out.writer.write_grouped(mine, key_column, reuse, order_by=order_by)
                 rows[k] += mine.height
 
-    # each merged part written while the next one is read and merged, on two threads (the writes -- sort, Parquet,
-    # fsync, sha256 -- release the GIL): the first output on one, the others in turn on the other (an output's parts
-    # are written by one thread, in key order); one part in flight
-    lanes = [lane for lane in ([0], list(range(1, len(outputs)))) if lane]
+    # each merged part written while the next one is read and merged, on a thread per lane (the writes -- sort,
+    # Parquet, fsync, sha256 -- release the GIL; an output's parts are written by one thread, in key order); one part
+    # in flight
     pools = [ThreadPoolExecutor(1, thread_name_prefix="prefpipe-merge-write") for _ in lanes]
     writing: list[Future[None]] = []
     try:

@@ -664,11 +664,15 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
             return lambda part: tagged(part).filter(pl.col("_split") == code).drop("_split")
 
         dpo_schema = sel.dpo_of(pl.DataFrame(schema=pair_schema)).schema
+        # two writer threads: the pairs and their narrow rows on one, the DPO splits on the other (they share the
+        # tagger's cache of the last part; at 10M judgments the narrow rows beside the DPO rows kept one thread busy
+        # 82 s while the other worked 35 s)
         counts = merge_into([Output(pw, None, pair_schema),
                              Output(rw, lambda part: part.drop(agg.PAIR_TEXT_COLUMNS, strict=False),
                                     {k: v for k, v in pair_schema.items() if k not in agg.PAIR_TEXT_COLUMNS}),
                              *[Output(writers[split], of_split(code), dpo_schema) for code, split in enumerate(SPLITS)]],
-                            [iter_table(s.step, r, s.cache_dir, "pairs") for r in refs], reuse=reuse, order_by=order)[2:]
+                            [iter_table(s.step, r, s.cache_dir, "pairs") for r in refs], reuse=reuse, order_by=order,
+                            lanes=[[0, 1], [2, 3, 4]])[2:]
         tables["pairs"], tables[PAIR_ROWS] = pw.info(), rw.info()
         w = TableWriter(store, stage, "routed")
         merge_grouped(w, [iter_table(s.step, r, s.cache_dir, "routed") for r in refs], reuse=reuse, order_by=order,

@@ -66,9 +66,10 @@ def _cached_streams(tmp_path: Path, frame: pl.DataFrame, n_parts: int) -> list:
     return [iter_table(STEP, ref, tmp_path / "cache", "pairs") for ref in refs]
 
 
-def test_several_outputs_written_at_once_are_each_table_alone(tmp_path, monkeypatch):
-    """merge_into writes its outputs on two threads (the first on one, the others in turn on the
-    other) while it reads the next part: each table's parts, and the reuse counters and
+@pytest.mark.parametrize("lanes", [None, [[0, 1], [2]], [[2], [0], [1]]], ids=["default", "two-one", "three"])
+def test_several_outputs_written_at_once_are_each_table_alone(tmp_path, monkeypatch, lanes):
+    """merge_into writes its outputs on a thread per lane (default: the first on one, the others in turn
+    on the other) while it reads the next part: each table's parts, and the reuse counters and
     fingerprints they share, are what each table written alone gives."""
     monkeypatch.setattr(dist, "BATCH_ROWS", 97)
     frame = _table(3000, 5)
@@ -83,11 +84,14 @@ def test_several_outputs_written_at_once_are_each_table_alone(tmp_path, monkeypa
         seen.update(reuse.seen)
     reuse = PartReuse()
     writers = {name: TableWriter(store, tmp_path / "b", name) for name in tables}
-    counts = merge_into([Output(writers[n], rows, frame.schema) for n, rows in tables.items()], _cached_streams(tmp_path, frame, 3),
-                        reuse=reuse, order_by=("pair_id", "x"))
+    outputs = [Output(writers[n], rows, frame.schema) for n, rows in tables.items()]
+    counts = merge_into(outputs, _cached_streams(tmp_path, frame, 3), reuse=reuse, order_by=("pair_id", "x"), lanes=lanes)
     assert {n: [(p.path, p.rows, p.sha256) for p in w.info().parts] for n, w in writers.items()} == want
     assert counts == [3000, 3000, frame.filter(pl.col("x") < 0.3).height]
     assert reuse.seen == seen and (reuse.written, reuse.linked) == (len(seen), 0)
+    for bad in ([[0], [1]], [[0, 1], [1, 2]], [[0, 1, 2], []]):  # an output in no lane, in two, an empty lane
+        with pytest.raises(ValueError, match="every output of 3 in exactly one lane"):
+            merge_into(outputs, [], lanes=bad)
 
 
 def test_a_failed_write_fails_the_merge_and_closes_the_streams(tmp_path, monkeypatch):
