@@ -103,3 +103,24 @@ def test_a_child_of_a_version_in_parts_is_the_child_of_one_in_one_part(batches, 
 
 def _named(frame: pl.DataFrame, ids: dict[str, str]) -> pl.DataFrame:
     return frame.with_columns(pl.col(c).replace(ids) for c, t in frame.schema.items() if t == pl.String)
+
+
+@pytest.mark.parametrize("rows", [0, 2 * CAP, 2 * CAP + 7])
+def test_the_streamed_table_cuts_parts_at_the_cap_whatever_the_batches(tmp_path, rows):
+    """The partitioned build's writer of a table that only grows: parts of ``CAP`` rows (an exact multiple: no empty
+    part after them; no rows: one empty part), each part's rows in order, batches of any size."""
+    from pipeline.partitioned_build import _Streamed
+
+    store = Store(tmp_path / "s")
+    store.ensure()
+    schema = pl.Schema({"i": pl.Int64, "s": pl.String})
+    w = _Streamed(store, tmp_path / "stage", "t", "v-ab", schema, cap=CAP)
+    frame = pl.DataFrame({"i": range(rows), "s": [str(i) for i in range(rows)]}, schema=schema)
+    for a in range(0, rows, 333):  # (batches that straddle the parts' ends)
+        w.add(frame.slice(a, 333).to_arrow())
+    info = w.finish()
+    want = [n for _, n in appended_slices(rows, CAP)]
+    assert [p.rows for p in info.parts] == want and info.rows == rows
+    assert [p.path for p in info.parts] == [f"t/part-{appended_key('v-ab', k)}.parquet" for k in range(len(want))]
+    got = pl.concat([pl.read_parquet(tmp_path / "stage" / p.path) for p in info.parts])
+    assert got.equals(frame)
