@@ -65,6 +65,12 @@ class PairScoped:
     # without reading the merged state: (parent metrics, old rows, new rows, the merged state when
     # it must be read after all, flags); the result's table is the new rows unless it was read
     delta: Callable[[dict, pl.DataFrame, pl.DataFrame, Callable[[], pl.DataFrame], pl.DataFrame], CheckResult] | None = None
+    # the figures from the parent's state rows but the touched pairs', given one part at a time with ``columns``
+    # (a pair's rows are in one part), and the touched pairs' rows now: (parts, new rows, flags) -> the result, whose
+    # table is the new rows.  Where ``delta`` cannot take the parent's figures (another code made them), the merged
+    # table is not held (a 10M-judgment version's language rows: 9.5M, ~1.3 GB)
+    parts: Callable[[Iterable[pl.DataFrame], pl.DataFrame, pl.DataFrame], CheckResult] | None = None
+    columns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ PAIR_SCOPED: dict[str, PairScoped] = {
     "pair_id_conflict": PairScoped("pair_id_conflict", "conflicts",
                                    lambda state, flags, t: pair_id_conflict.summarize(state, flags)),
     "language": PairScoped("language", "texts", lambda state, flags, t: language.summarize(state, flags, {}),
-                           delta=language.summarize_delta),
+                           delta=language.summarize_delta, parts=language.summarize_parts, columns=language.TALLY_COLUMNS),
 }
 RUNNERS = {"duplicates": duplicates.run, "pair_id_conflict": pair_id_conflict.run, "language": language.run}
 
@@ -403,11 +409,27 @@ def run_touched(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
             merged = spec.delta(pm.check(name).metrics, old, new_rows, whole, flags)
             if not asked:  # the result's table holds the touched pairs' rows
                 partial.add(name)
+        elif spec.parts is not None:  # the parent's rows counted part by part; the result's table: the touched pairs'
+            columns = parent.read(state_table(name), keys=()).columns
+            new_rows = new_state.select(columns) if new_state is not None else pl.DataFrame(schema=dict.fromkeys(columns, pl.String))
+            merged = spec.parts(untouched_rows(parent, name, touched, list(spec.columns)), new_rows, flags)
+            partial.add(name)
         else:
             merged = spec.summarize(merged_state(parent, name, touched, new_state), flags, totals)
         merged.metrics["incremental"] = {"touched_pairs": touched.len(), "touched_judgments": jt.height}
         out[name] = merged
     return out, touched, partial
+
+
+def untouched_rows(parent: VersionHandle, name: str, touched: pl.Series, columns: list[str]) -> Iterator[pl.DataFrame]:
+    """A pair-scoped check's state rows in the parent but the touched pairs', ``columns`` of them, one part at a time
+    (every part verified; only the rows kept are decoded)."""
+    mine = pl.col("pair_id").is_in(touched.implode())
+    for part, data in parent.read_parts(state_table(name)):
+        with parent.parsing(part):
+            rows = pl.scan_parquet(io.BytesIO(data)).select(columns).filter(~mine).collect()
+        del data
+        yield rows
 
 
 def merged_state(parent: VersionHandle, name: str, touched: pl.Series, rows: pl.DataFrame | None) -> pl.DataFrame:

@@ -533,3 +533,40 @@ def test_a_childs_near_duplicate_state_is_released_after_its_check(tmp_path, mon
     alive_at_select.clear()
     curate([write_jsonl(tmp_path / "b.jsonl", rows[6:])], store, POLICY, parent=v1)
     assert len(refs) == 1 and alive_at_select == [False]
+
+
+def test_a_parent_of_other_code_has_its_language_rows_counted_part_by_part(tmp_path, monkeypatch):
+    """A parent made by other code: its language figures are not taken (what they mean may differ), its state rows
+    are -- counted one part at a time (the whole table is not held: ``merged_state`` is not called for it) -- and
+    the child's flags, figures and state table equal those of a child whose parent's code is its own."""
+    import pipeline.incremental as inc
+
+    rng = random.Random(5)
+    batches, old = [], []
+    for step in range(3):
+        batches.append(_batch(rng, step, old))
+        old += batches[-1]
+    paths = [write_jsonl(tmp_path / f"b{step}.jsonl", rows) for step, rows in enumerate(batches)]
+    same, other = Store(tmp_path / "same"), Store(tmp_path / "other")
+    whole = inc.merged_state
+
+    def merged_state(parent, name, touched, rows):  # noqa: ANN001, ANN202
+        assert name != "language", "the language rows were merged whole"
+        return whole(parent, name, touched, rows)
+
+    parents: dict[str, str | None] = {"same": None, "other": None}
+    for step, path in enumerate(paths):
+        parents["same"] = curate([path], same, POLICY, parent=parents["same"]).version_id
+        with monkeypatch.context() as m:
+            if step:
+                m.setattr(inc, "code_version", lambda: "0.0.0+other")
+                m.setattr(inc, "merged_state", merged_state)
+            parents["other"] = curate([path], other, POLICY, parent=parents["other"]).version_id
+        assert parents["same"] == parents["other"]  # (the version id's code is the module's own)
+        a, b = same.get(parents["same"]), other.get(parents["other"])
+        assert a.manifest().check("language") == b.manifest().check("language")
+        order = ["subject_kind", "subject_id", "reason", "detail"]
+        assert a.read("flags").sort(order).equals(b.read("flags").sort(order))
+        assert a.read("state/language").sort("pair_id", "part").equals(b.read("state/language").sort("pair_id", "part"))
+        if step:
+            assert a.manifest().check("language").metrics["pairs_checked"] == a.read("state/language")["pair_id"].n_unique()

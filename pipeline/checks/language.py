@@ -44,7 +44,8 @@ flags; planted mismatches are caught (``docs/checks-text.md``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -431,6 +432,7 @@ def summarize_delta(parent: dict[str, Any], old: pl.DataFrame, new: pl.DataFrame
 
 
 TEXTS_SCHEMA = {"pair_id": pl.String, "locale": pl.String, "part": pl.String, "detected": pl.String, "by": pl.String}
+TALLY_COLUMNS = ("pair_id", "locale", "detected", "by")  # what :func:`tally` reads
 TALLY_SCHEMA = {"locale": pl.String, "detected": pl.String, "by": pl.String, "n": pl.Int64}
 
 
@@ -439,6 +441,18 @@ def tally(texts_table: pl.DataFrame) -> tuple[int, pl.DataFrame]:
     pairs (a partition's): its pairs, and its texts per (locale, detected, by)."""
     counts = texts_table.group_by("locale", "detected", "by").agg(n=pl.len().cast(pl.Int64))
     return texts_table["pair_id"].n_unique(), counts.cast(TALLY_SCHEMA)  # type: ignore[arg-type]
+
+
+def summarize_parts(parts: Iterable[pl.DataFrame], new: pl.DataFrame, flags: pl.DataFrame) -> CheckResult:
+    """:func:`summarize` of the per-text rows of ``parts`` (disjoint sets of pairs, each with
+    :data:`TALLY_COLUMNS`) and ``new`` (pairs in none of them), one part at a time: a child's merged
+    table without holding it.  The result's table is ``new``."""
+    n_pairs, counts = 0, []
+    for rows in itertools.chain(parts, [new]):  # (a generator's parts: each released once tallied)
+        k, c = tally(rows)
+        n_pairs += k
+        counts.append(c)
+    return summarize_tally(n_pairs, pl.concat(counts), flags, {}, new)
 
 
 def summarize_tally(n_pairs: int, counts: pl.DataFrame, flags: pl.DataFrame, counters: dict[str, int],
