@@ -286,14 +286,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     defer = inc.DEFERRED if narrow and inc.defers(parent) else ()  # type: ignore[arg-type]
     judgments, repeated, batch, near = _union_with_parent(ingest.take_judgments(), parent, narrow=narrow, defer=defer)
     n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
-    # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored)
-    judgments = inc.aligned(rr.attach(judgments, from_row=n_parent_judgments))
     complete: Callable[[pl.DataFrame], pl.DataFrame] = lambda rows: rows  # noqa: E731 - every column held
-    if narrow:
-        assert batch is not None and parent is not None
-        batch = batch.with_columns(pair_id=judgments.slice(n_parent_judgments)["pair_id"])
-    else:
-        batch = None
     quarantine = _quarantine_with_parent(ingest.quarantine, parent)
     # a comparison_id used twice inside the input: keep the first, count the rest.  Only the new rows
     # can repeat one: the parent's ids are unique (this filter ran before its judgments were written)
@@ -307,7 +300,15 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     del tail
     if defer:  # (the batch's rows as the union has them: after the repeated ids are left out)
         assert batch is not None and parent is not None
-        complete = inc.Completer(parent, batch, [c for c in batch.columns if c in judgments.columns or c in defer])
+        complete = inc.Completer(parent, batch, [c for c in batch.columns if c in judgments.columns or c in defer], near)
+    # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored); as
+    # in a first version, the repeated ids are gone first
+    judgments = inc.aligned(rr.attach(judgments, from_row=n_parent_judgments, complete=complete if defer else None))
+    if narrow:
+        assert batch is not None and parent is not None
+        batch = batch.with_columns(pair_id=judgments.slice(n_parent_judgments)["pair_id"])
+    else:
+        batch = None
     parent_drops = parent.manifest().ledger.judgments_dropped if parent else {}
     pre_check = {"duplicate_comparison_id": parent_drops.get("duplicate_comparison_id", 0) + n_dup_ids,
                  "already_in_parent": parent_drops.get("already_in_parent", 0) + repeated}
@@ -337,7 +338,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         # --full: the parent's state is not used (everything recomputed from the union)
         intact = parent is not None and not full and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
         # the touched pairs' rows with their texts (the union has none when narrow)
-        hydrated = inc.hydrate(judgments, n_parent_judgments, parent, batch, near) \
+        hydrated = inc.hydrate(judgments, n_parent_judgments, parent, batch, near, complete if defer else None) \
             if batch is not None and near is not None and parent is not None else None
         del near
         wide, n_wide_parent = (hydrated.rows, hydrated.n_parent_rows) if hydrated is not None else (judgments, n_parent_judgments)
@@ -393,6 +394,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         assert prelim.params is not None
         prelim_params = prelim.params.sort("annotator_id")  # what a child's preliminary consensus starts from
         reviews = rr.classify(judgments, review_ctx, complete=complete)
+        extra["reviews"]["classified"] = reviews  # (the check reads no judgment column then)
         prelim = rr.resolve(prelim, reviews, review_ctx)  # reviews decide routed pairs (pipeline/reviews_resolve.py)
         t = timer.lap("aggregate_preliminary", t)
         given: dict[str, CheckResult] = {}
@@ -439,7 +441,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             prelim_rows = prelim_changed
         # a check that counts every judgment itself and may read a deferred column (one without mergeable sums, or
         # whose sums are counted again; the dimensions check with dimension verdicts): every row completed first
-        reading = judgment_columns(skip={*given, *(sums_rule["checks"] if sums_rule is not None else ())})
+        reading = judgment_columns(skip={*given, *(sums_rule["checks"] if sums_rule is not None else ()), "reviews"})
         if reading is None or set(reading) & set(inc.DEFERRED) or dims.has_dimensions(judgments):
             judgments = complete(judgments)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,

@@ -94,16 +94,22 @@ def state_table(name: str) -> str:
     return f"{STATE_PREFIX}{name}"
 
 
-def touched_pairs(judgments: pl.DataFrame, n_parent_rows: int) -> pl.Series:
+def touched_pairs(judgments: pl.DataFrame, n_parent_rows: int,
+                  complete: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> pl.Series:
     """Pair ids the batch touches: those of the judgments after the parent's rows, and every pair
     with a judgment of the same prompt and response set as a judgment of a touched pair (closed
-    under that relation: an old pair judged again brings the pairs its old judgments duplicate)."""
+    under that relation: an old pair judged again brings the pairs its old judgments duplicate).
+    ``complete``: gives the rows it keys their response hashes when ``judgments`` lacks them (:data:`DEFERRED`)."""
     lo, hi = pl.min_horizontal("a_hash", "b_hash"), pl.max_horizontal("a_hash", "b_hash")
     on = ["prompt_hash", "_lo", "_hi"]
+    held = "a_hash" in judgments.columns
 
     def keyed(where: pl.Expr) -> pl.DataFrame:  # the rows it selects with their key (only theirs computed:
         # the keys of all 3M rows of a 3M union took ~0.5 GB)
-        return judgments.lazy().filter(where).select("pair_id", "prompt_hash", _lo=lo, _hi=hi).collect()
+        if held or complete is None:
+            return judgments.lazy().filter(where).select("pair_id", "prompt_hash", _lo=lo, _hi=hi).collect()
+        rows = complete(judgments.lazy().filter(where).select("comparison_id", "pair_id", "prompt_hash").collect())
+        return rows.select("pair_id", "prompt_hash", _lo=lo, _hi=hi)
 
     pairs = judgments.slice(n_parent_rows)["pair_id"].unique()
     rows = keyed(pl.col("pair_id").is_in(pairs.implode()))  # every row of the pairs so far
@@ -188,7 +194,9 @@ def read_parent_narrow(parent: VersionHandle, columns: list[str], batch: pl.Data
 
 # the judgments' columns a child holds for the rows of the pairs it aggregates or selects only, not for every row
 # of its history (~0.2 GB at 3M judgments): the stages that read them take those rows through a Completer
-DEFERRED = ("model_a", "model_b", "shown_first", "strength", "confidence", "tags")
+# (the response hashes: ~64 B a row; the touched pairs' keys, a review's content and the consensus's orientation
+# read them, of a few rows)
+DEFERRED = ("model_a", "model_b", "shown_first", "strength", "confidence", "tags", "a_hash", "b_hash")
 
 
 class Completer:
@@ -199,12 +207,16 @@ class Completer:
     whose rows are the batch's or known reads nothing.  ``order``: the union's columns with the
     deferred ones in their places.  Rows that have them already are returned as they are."""
 
-    def __init__(self, parent: VersionHandle, batch: pl.DataFrame, order: list[str]) -> None:
+    def __init__(self, parent: VersionHandle, batch: pl.DataFrame, order: list[str], near: pl.DataFrame | None = None
+                 ) -> None:
         self.parent, self.order = parent, order
         self.columns = tuple(c for c in DEFERRED if c in order)
         self.schema = {"comparison_id": pl.String, **{c: batch.schema[c] for c in self.columns}}
         self.batch = batch.select(list(self.schema))
-        self.known = pl.DataFrame(schema=self.schema)  # the parent's rows read so far
+        # the parent's rows read so far: first those it read whole (``near``: :func:`read_parent_narrow`'s rows of
+        # the batch's pairs and prompts, the rows the touched pairs' keys read)
+        self.known = pl.DataFrame(schema=self.schema) if near is None else \
+            near.select(list(self.schema)).cast(self.schema).unique("comparison_id")  # type: ignore[arg-type]
         self.reads = self.rows_read = 0
 
     def __call__(self, rows: pl.DataFrame) -> pl.DataFrame:
@@ -308,12 +320,12 @@ class Hydrated:
 
 
 def hydrate(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, batch: pl.DataFrame,
-            near: pl.DataFrame) -> Hydrated:
+            near: pl.DataFrame, complete: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> Hydrated:
     """``judgments``: the union without :data:`NARROW_DROP`; ``batch``: its rows after the
     parent's, with every column; ``near``: the parent's rows :func:`read_parent_narrow` read whole.
     The parent's rows of the touched pairs are taken from ``near`` when it holds all of them (they
     are counted in the union), else read again (a filtered read: the other rows' texts are not decoded)."""
-    pairs = touched_pairs(judgments, n_parent_rows)
+    pairs = touched_pairs(judgments, n_parent_rows, complete)
     mine = pl.col("pair_id").is_in(pairs.implode())
     old = near.filter(mine)
     again = old.height != judgments.slice(0, n_parent_rows).select(mine.sum()).item()

@@ -100,16 +100,18 @@ def has_reviews(judgments: pl.DataFrame) -> bool:
 
 
 # ---------------------------------------------------------------- 1. attach
-def attach(judgments: pl.DataFrame, *, from_row: int = 0) -> pl.DataFrame:
+def attach(judgments: pl.DataFrame, *, from_row: int = 0,
+           complete: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> pl.DataFrame:
     """Reviews (at row ``from_row`` or later: the rows a child adds to its parent's) whose prompt or
     responses differ from the pair they name get their own content-derived pair_id (never merged
-    into that pair).  Unchanged (the same frame) without such reviews."""
+    into that pair).  Unchanged (the same frame) without such reviews.  ``complete``: gives the rows
+    it compares their response hashes when ``judgments`` lacks them (a child's union)."""
     if not has_reviews(judgments.slice(from_row)):
         return judgments
     c = pl.col
-    ref = _reference(judgments)
-    rows = judgments.select("review_of", "prompt_hash", "a_hash", "b_hash").with_row_index("_r") \
-        .filter(c("review_of").is_not_null() & (c("_r") >= from_row)) \
+    ref = _reference(judgments, complete)
+    rows = judgments.with_row_index("_r").filter(c("review_of").is_not_null() & (c("_r") >= from_row))
+    rows = _hashed(rows, complete).select("_r", "review_of", "prompt_hash", "a_hash", "b_hash") \
         .join(ref, left_on="review_of", right_on="pair_id", how="inner")
     bad = rows.filter((c("prompt_hash") != c("_ph")) | (pl.min_horizontal("a_hash", "b_hash") != c("_lo"))
                       | (pl.max_horizontal("a_hash", "b_hash") != c("_hi")))
@@ -121,14 +123,19 @@ def attach(judgments: pl.DataFrame, *, from_row: int = 0) -> pl.DataFrame:
     return judgments.with_columns(pair_id=pl.coalesce(idx, c("pair_id")))
 
 
-def _reference(judgments: pl.DataFrame) -> pl.DataFrame:
+def _hashed(rows: pl.DataFrame, complete: Callable[[pl.DataFrame], pl.DataFrame] | None) -> pl.DataFrame:
+    """``rows`` with their response hashes (completed when they lack them)."""
+    return rows if "a_hash" in rows.columns or complete is None else complete(rows)
+
+
+def _reference(judgments: pl.DataFrame, complete: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> pl.DataFrame:
     """Per pair named by a review: the content of its first non-review judgment (``_ph``, ``_lo``, ``_hi``)."""
     c = pl.col
     named = judgments.select("review_of").drop_nulls().unique()
-    return judgments.filter(c("review_of").is_null()).join(named, left_on="pair_id", right_on="review_of", how="semi") \
-        .group_by("pair_id", maintain_order=True).agg(
-            _ph=c("prompt_hash").first(), _lo=pl.min_horizontal("a_hash", "b_hash").first(),
-            _hi=pl.max_horizontal("a_hash", "b_hash").first())
+    rows = judgments.filter(c("review_of").is_null()).join(named, left_on="pair_id", right_on="review_of", how="semi")
+    return _hashed(rows, complete).group_by("pair_id", maintain_order=True).agg(
+        _ph=c("prompt_hash").first(), _lo=pl.min_horizontal("a_hash", "b_hash").first(),
+        _hi=pl.max_horizontal("a_hash", "b_hash").first())
 
 
 # ---------------------------------------------------------------- 2. classify

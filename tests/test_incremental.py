@@ -379,10 +379,11 @@ def test_a_parent_without_judgment_rows_gets_a_child_that_writes_every_row(tmp_p
 
 def test_a_child_holds_some_columns_for_the_rows_it_aggregates_only(tmp_path, monkeypatch):
     """A child's union lacks the columns only aggregation and select read (display order,
-    strength, models, tags) for its parent's rows; the stages that read them complete the rows
-    they take. Here an escalated pair gets one review in the first child and another in the
-    second: the second resolves it from both reviews' strengths, the first review's read for its
-    row alone -- and writes what a child that read every column writes."""
+    strength, models, tags, response hashes) for its parent's rows; the stages that read them
+    complete the rows they take. Here an escalated pair gets one review in the first child and
+    another in the second: the second resolves it from both reviews' strengths, the first
+    review's taken from the rows of the batch's pair read whole -- and writes what a child that
+    read every column writes."""
     base = dict(response_a="Answer one.", response_b="Answer two.", locale="en", tags=None)
     parent = [canonical(0, comparison_id="c1", pair_id="X", prompt="Prompt X?", annotator_id="ann-0", label="escalate", **base),
               canonical(0, comparison_id="c2", pair_id="X", prompt="Prompt X?", annotator_id="ann-1", label="escalate", **base),
@@ -393,8 +394,10 @@ def test_a_child_holds_some_columns_for_the_rows_it_aggregates_only(tmp_path, mo
     second = [canonical(0, comparison_id="r2", annotator_id="rev-11", strength=0.2, **review),
               canonical(0, comparison_id="c5", prompt="Prompt W?", annotator_id="ann-2", **base)]
     unions = _same_as_reading_every_text(tmp_path, [parent, first, second], monkeypatch)
-    assert all(u["deferred"] == ["model_a", "model_b", "shown_first", "strength", "confidence", "tags"] for u in unions)
-    assert unions[1]["rows_completed"] >= 1  # the parent's review, among the rows completed
+    assert all(u["deferred"] == ["model_a", "model_b", "shown_first", "strength", "confidence", "tags", "a_hash", "b_hash"]
+               for u in unions)
+    # the parent's review is a row of the batch's pair: read whole with the union, not read again to complete it
+    assert unions[1]["rows_completed"] == 0
     store = Store(tmp_path / "n")
     last = max((store.get(v) for v in store.list_ids()), key=lambda h: h.manifest().created_at)
     pairs = last.read("pairs")

@@ -31,8 +31,10 @@ _FLAGS = {"text_mismatch": "review_text_mismatch", "unknown_pair": "review_unkno
 
 
 def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None,  # noqa: ARG001 - one check signature
-        *, reviews: ReviewContext | None = None) -> CheckResult:
-    rv = classify(judgments, reviews)
+        *, reviews: ReviewContext | None = None, classified: pl.DataFrame | None = None) -> CheckResult:
+    """``classified``: :func:`~pipeline.reviews_resolve.classify` of these judgments and ``reviews``, when the caller
+    has it (a child whose union lacks some of the columns it reads: then no judgment column is read here)."""
+    rv = classify(judgments, reviews) if classified is None else classified
     counts = {s: 0 for s in STATUSES} | dict(rv.group_by("status").len().iter_rows())
     metrics = {"review_judgments": rv.height, "by_status": counts,
                "reviewed_pairs": rv.filter(pl.col("status") != "text_mismatch")["review_of"].n_unique() if rv.height else 0}
