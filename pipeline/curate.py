@@ -441,7 +441,21 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             prelim_rows = prelim_changed
         # a check that counts every judgment itself and may read a deferred column (one without mergeable sums, or
         # whose sums are counted again; the dimensions check with dimension verdicts): every row completed first
-        reading = judgment_columns(skip={*given, *(sums_rule["checks"] if sums_rule is not None else ()), "reviews"})
+        from pipeline.report import LABEL_COUNTS, label_counts
+
+        # the report's label distribution: a child adds its batch's counts to its parent's (the routing check's
+        # judgments per label: the union's, a child's union lacks the labels of its parent's rows)
+        base_counts = parent.read(LABEL_COUNTS) if intact and same_policy and parent is not None \
+            and parent.has(LABEL_COUNTS) else None
+        counts = label_counts(complete(judgments) if base_counts is None
+                              else batch if defer else judgments.slice(n_parent_judgments), base_counts)
+        if defer:
+            labels = counts.group_by("label").agg(pl.col("n").sum())
+            extra.setdefault("routing", {})["label_counts"] = dict(labels.iter_rows())
+        # the checks given what they read (the registry check reads nothing without a registry)
+        skip = {*given, *(sums_rule["checks"] if sums_rule is not None else ()), "reviews",
+                *(("routing",) if defer else ()), *(("registry",) if policy.annotators is None else ())}
+        reading = judgment_columns(skip=skip)
         if reading is None or set(reading) & set(inc.DEFERRED) or dims.has_dimensions(judgments):
             judgments = complete(judgments)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
@@ -464,16 +478,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     recompute = None
     if parent_flags is not None and parent.table("pairs") is not None and same_policy:
         recompute = inc.pairs_to_recompute(judgments, n_parent_judgments, parent_flags, flags)
-    # from here on only these columns are read (split leakage, report): release the wide frame
-    judgments = judgments.select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
+    # from here on only these columns are read (split leakage, the report's clusters): release the wide frame
+    judgments = judgments.select("pair_id", "prompt_hash")
     clusters = results["near_duplicates"].tables.get("clusters")
     n_union = judgments.height
-    from pipeline.report import LABEL_COUNTS, label_counts
-
-    # the report's label distribution: a child adds its batch's counts to its parent's
-    base_counts = parent.read(LABEL_COUNTS) if intact and same_policy and parent is not None and parent.has(LABEL_COUNTS) \
-        else None
-    counts = label_counts(judgments if base_counts is None else judgments.slice(n_parent_judgments), base_counts)
     # a child whose parent leaked nothing counts leakage over its dirty pairs (below)
     dirty_leakage = clusters is not None and _no_leaks(parent)
     all_pair_ids, n_pairs = pair_order, prelim.pairs.height  # first-seen order (prelim.pairs: any order)

@@ -195,8 +195,11 @@ def read_parent_narrow(parent: VersionHandle, columns: list[str], batch: pl.Data
 # the judgments' columns a child holds for the rows of the pairs it aggregates or selects only, not for every row
 # of its history (~0.2 GB at 3M judgments): the stages that read them take those rows through a Completer
 # (the response hashes: ~64 B a row; the touched pairs' keys, a review's content and the consensus's orientation
-# read them, of a few rows)
-DEFERRED = ("model_a", "model_b", "shown_first", "strength", "confidence", "tags", "a_hash", "b_hash")
+# read them, of a few rows.  Labels, judge kinds, locales and times: ~56 B a row; the routing check takes the
+# judgments per label from the report's counts -- the parent's plus the batch's -- and the registry check reads
+# nothing without a registry)
+DEFERRED = ("model_a", "model_b", "shown_first", "strength", "confidence", "tags", "a_hash", "b_hash",
+            "label", "annotator_kind", "locale", "created_at")
 
 
 class Completer:

@@ -159,7 +159,7 @@ def classify(judgments: pl.DataFrame, ctx: ReviewContext | None,
     if ctx is not None and ctx.registry is not None and rv.height:
         from pipeline.checks.registry import findings
 
-        found = findings(_registry_input(judgments), ctx.registry)
+        found = findings(_registry_input(rows), ctx.registry)  # (the review rows, completed)
         unqualified = found.filter(c("reason").is_in(list(_REGISTRY_REASONS)))["comparison_id"].to_list()
     rv = rv.with_columns(_known=c("review_of").is_in(known["pair_id"].implode()),
                          _before=c("review_of").is_in(before["pair_id"].implode()))

@@ -394,14 +394,45 @@ def test_a_child_holds_some_columns_for_the_rows_it_aggregates_only(tmp_path, mo
     second = [canonical(0, comparison_id="r2", annotator_id="rev-11", strength=0.2, **review),
               canonical(0, comparison_id="c5", prompt="Prompt W?", annotator_id="ann-2", **base)]
     unions = _same_as_reading_every_text(tmp_path, [parent, first, second], monkeypatch)
-    assert all(u["deferred"] == ["model_a", "model_b", "shown_first", "strength", "confidence", "tags", "a_hash", "b_hash"]
-               for u in unions)
+    assert all(u["deferred"] == ["model_a", "model_b", "shown_first", "strength", "confidence", "tags", "a_hash", "b_hash",
+                                 "label", "annotator_kind", "locale", "created_at"] for u in unions)
     # the parent's review is a row of the batch's pair: read whole with the union, not read again to complete it
     assert unions[1]["rows_completed"] == 0
     store = Store(tmp_path / "n")
     last = max((store.get(v) for v in store.list_ids()), key=lambda h: h.manifest().created_at)
     pairs = last.read("pairs")
     assert pairs.filter(pl.col("pair_id") == "X")["strength"].item() == pytest.approx(0.55)
+
+
+def test_a_child_with_a_registry_classifies_its_reviews_from_completed_rows(tmp_path, monkeypatch):
+    """With an annotator registry a review's status reads its judge's kind and locale -- columns a child's union
+    lacks for its parent's rows: a child takes them for the review rows only, and writes what a child that read
+    every column writes (a qualified review resolves the pair, an unqualified one and an AI judge's do not)."""
+    from schemas.registry import load_registry
+
+    reg = tmp_path / "annotators.csv"
+    reg.write_text("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
+                   "rev-10,human,en,,,\nrev-11,human,ja,,,\njudge-1,ai,,,,\n"
+                   + "".join(f"ann-{i},human,en;ja-JP,,,\n" for i in range(3)))
+    policy = policy_from_dict({"certify": {"require_expectations": False}, "checks": {"refit_growth": 1000.0},
+                               "annotators": load_registry(reg).model_dump(mode="json")})
+    base = dict(response_a="Answer one.", response_b="Answer two.", locale="en", tags=None)
+    parent = [canonical(0, comparison_id="c1", pair_id="X", prompt="Prompt X?", annotator_id="ann-0", label="escalate", **base),
+              canonical(0, comparison_id="c2", pair_id="X", prompt="Prompt X?", annotator_id="ann-1", label="escalate", **base),
+              canonical(0, comparison_id="c3", prompt="Prompt Y?", annotator_id="ann-0", label="a", **base),
+              canonical(0, comparison_id="c4", prompt="Prompt Y?", annotator_id="ann-1", label="b", **base)]
+    review = dict(review_of="X", pair_id="X", prompt="Prompt X?", label="a", **base)
+    first = [canonical(0, comparison_id="r1", annotator_id="rev-11", **review),  # not qualified for en
+             canonical(0, comparison_id="r2", annotator_id="judge-1", annotator_kind="ai", **review)]
+    second = [canonical(0, comparison_id="r3", annotator_id="rev-10", **review),  # qualified: resolves X
+              canonical(0, comparison_id="c5", prompt="Prompt W?", annotator_id="ann-2", **base)]
+    _same_as_reading_every_text(tmp_path, [parent, first, second], monkeypatch, policy)
+    store = Store(tmp_path / "n")
+    chain = sorted((store.get(v) for v in store.list_ids()), key=lambda h: h.manifest().created_at)
+    statuses = [h.manifest().check("reviews").metrics["by_status"] for h in chain]
+    assert statuses[1]["unqualified"] == 1 and statuses[1]["not_human"] == 1
+    assert statuses[2]["qualified"] == 1 and statuses[2]["unqualified"] == 1
+    assert chain[2].read("pairs").filter(pl.col("pair_id") == "X")["label_consensus"].item() == "a"
 
 
 def test_a_child_whose_history_has_dimension_verdicts_completes_every_row_for_the_checks(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None,  # noqa: ARG00
 
 
 CHECK = CheckSpec(
-    name=NAME, run=run, inputs=("reviews",),
+    name=NAME, run=run, inputs=("reviews", "classified"),
     # (a review's status reads no strength: classify gives it null without the column)
     judgment_columns=("comparison_id", "pair_id", "review_of", "annotator_id", "annotator_kind", "label", "a_hash", "locale",
                       "rubric", "created_at"),

@@ -129,7 +129,8 @@ def run(
 
 
 CHECK = CheckSpec(
-    name=NAME, run=run, doc="label imbalance per slice; too-easy and ambiguous pairs", judgment_columns=("label",),
+    name=NAME, run=run, inputs=("pairs", "label_counts"), doc="label imbalance per slice; too-easy and ambiguous pairs",
+    judgment_columns=("label",),
     pair_columns=("pair_id", "locale", "label_consensus", "agreement", "strength", "annotator_kind", "n_human", "n_ai",
                   "n_judgments"),
     reasons=(
