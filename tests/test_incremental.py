@@ -435,6 +435,31 @@ def test_a_child_with_a_registry_classifies_its_reviews_from_completed_rows(tmp_
     assert chain[2].read("pairs").filter(pl.col("pair_id") == "X")["label_consensus"].item() == "a"
 
 
+def test_a_childs_review_whose_texts_differ_from_its_pair_is_compared_on_completed_rows(tmp_path, monkeypatch):
+    """A review names a parent's pair but carries other responses: its response hashes, and its pair's first
+    judgment's, are columns a child's union lacks for its parent's rows -- taken for those rows, the review gets its
+    own pair id and is flagged, as in a child that read every column; a repeated comparison id of the batch is left out
+    before (the first copy kept)."""
+    base = dict(response_a="Answer one.", response_b="Answer two.", locale="en", tags=None)
+    parent = [canonical(0, comparison_id="c1", pair_id="X", prompt="Prompt X?", annotator_id="ann-0", label="escalate", **base),
+              canonical(0, comparison_id="c2", pair_id="X", prompt="Prompt X?", annotator_id="ann-1", label="escalate", **base),
+              canonical(0, comparison_id="c3", prompt="Prompt Y?", annotator_id="ann-0", label="a", **base)]
+    other = {**base, "response_b": "Another answer entirely."}
+    child = [canonical(0, comparison_id="r1", annotator_id="rev-10", review_of="X", pair_id="X", prompt="Prompt X?",
+                       label="a", **other),
+             canonical(0, comparison_id="r2", annotator_id="rev-11", review_of="X", pair_id="X", prompt="Prompt X?",
+                       label="b", **base),
+             canonical(0, comparison_id="r1", annotator_id="rev-12", review_of="X", pair_id="X", prompt="Prompt X?",
+                       label="b", **base)]  # (r1 again: dropped as a repeated id)
+    _same_as_reading_every_text(tmp_path, [parent, child], monkeypatch)
+    store = Store(tmp_path / "n")
+    last = max((store.get(v) for v in store.list_ids()), key=lambda h: h.manifest().created_at)
+    assert last.manifest().check("reviews").metrics["by_status"]["text_mismatch"] == 1
+    assert last.manifest().ledger.judgments_dropped.get("duplicate_comparison_id") == 1
+    mine = last.read("judgments").filter(pl.col("comparison_id") == "r1")
+    assert mine.height == 1 and mine["pair_id"].item() != "X" and mine["annotator_id"].item() == "rev-10"
+
+
 def test_a_child_whose_history_has_dimension_verdicts_completes_every_row_for_the_checks(tmp_path, monkeypatch):
     """The dimensions check reads every judgment with a dimension, display order included: a child
     whose union has dimension verdicts completes every row before the checks run, and writes what a

@@ -197,7 +197,8 @@ def test_a_few_pairs_select_as_they_do_among_all():
 
 
 def test_kept_annotators_are_those_of_the_kept_rows():
-    """The annotators with a kept judgment, found by a group over every row, are those of the kept rows."""
+    """The annotators with a kept judgment, found by groups over pieces of the rows (any piece size), are those of the
+    kept rows."""
     import random
 
     from pipeline.select import JudgmentSelection
@@ -211,5 +212,6 @@ def test_kept_annotators_are_those_of_the_kept_rows():
     for d in (dropped, None):
         sel = JudgmentSelection(rows=rows, dropped=d, dropped_by_reason={})
         want = sorted(sel.kept_rows(columns=["annotator_id"])["annotator_id"].unique().to_list())
-        assert sorted(sel.kept_annotators().to_list()) == want
+        for step in (1, 7, 64, 499, 500, 1 << 20):  # (an annotator kept in one piece, dropped in the others)
+            assert sorted(sel.kept_annotators(step).to_list()) == want, step
     assert not whole & set(JudgmentSelection(rows=rows, dropped=dropped, dropped_by_reason={}).kept_annotators().to_list())
