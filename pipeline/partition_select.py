@@ -35,6 +35,7 @@ import functools
 import hashlib
 import io
 import os
+import threading
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,10 +62,18 @@ FATE_TABLES = ("fate", "routed_ids", "dropped", "routed_by", "cluster_counts")
 BUILD_TABLES = ("prompts", "flagged_pairs", "label_counts")  # ... and these, for a version's build
 
 
+_READ_LOCK = threading.Lock()
+_READ: dict[tuple[str, str], pl.DataFrame] = {}  # (path, sha256) -> the table, verified once in this process
+_KEEP = 2  # tables a process keeps (a build's flags and clusters)
+
+
 @dataclass(frozen=True)
 class Broadcast:
     """A table every task reads (the flags, the clusters): one Parquet file under the work
-    directory, named by its content, checked against its sha256 when a task opens it."""
+    directory, named by its content, checked against its sha256 when a task opens it.  A process
+    reads and verifies it once and keeps the last :data:`_KEEP` tables: its tasks (64 select and
+    64 drop tasks of a 10M-judgment build, in one process or on a few workers) share one copy
+    (:meth:`forget` lets them go)."""
 
     path: str
     sha256: str
@@ -80,10 +89,26 @@ class Broadcast:
         return cls(str(final.resolve()), sha)
 
     def read(self) -> pl.DataFrame:
+        key = (self.path, self.sha256)
+        with _READ_LOCK:
+            kept = _READ.get(key)
+        if kept is not None:
+            return kept
         got = sha256_file(self.path)
         if got != self.sha256:
             raise PartitionChanged(f"{self.path}: sha256 {got[:12]}..., the driver wrote {self.sha256[:12]}...")
-        return pl.read_parquet(self.path, glob=False)
+        frame = pl.read_parquet(self.path, glob=False)
+        with _READ_LOCK:
+            _READ[key] = frame
+            while len(_READ) > _KEEP:
+                del _READ[next(iter(_READ))]
+        return frame
+
+    @staticmethod
+    def forget() -> None:
+        """Let go of the tables this process keeps (the driver, once its tasks are done)."""
+        with _READ_LOCK:
+            _READ.clear()
 
 
 def _part_flags(flags: Broadcast, part: pl.DataFrame) -> pl.DataFrame:
@@ -279,6 +304,7 @@ def select(refs: list[PartitionRef], work: str | Path, policy: Policy, prelim_pa
     step = select_step(prelim_params, final_params, fb, cb, policy, version_id, layout, texts, final_dim_params)
     narrow = (*FATE_TABLES, *(BUILD_TABLES if version_id is not None else ()))
     states, _ = map_partitions(step, refs, work / "states", client=client, keep=narrow)
+    Broadcast.forget()  # (the tasks that ran in this process read them)
     secs["select"] = round(time.perf_counter() - t0 - secs["final fit"], 3)
     counts = sp.add_counts([s["cluster_counts"] for s in states])
     sticky = sp.sticky_splits(sp.add_ranks([pl.DataFrame(schema=sp.RANKS_SCHEMA)]), counts.select("_cl").unique())

@@ -156,8 +156,31 @@ def test_a_changed_broadcast_file_fails_the_task(tmp_path):
     b = Broadcast.write(pl.DataFrame({"x": [1, 2]}), tmp_path, "flags")
     assert b.read()["x"].to_list() == [1, 2]
     Path(b.path).write_bytes(Path(b.path).read_bytes()[:-1] + b"\0")
+    # a process that read it keeps the verified copy; one that has not (a worker, a retry) fails
+    assert b.read()["x"].to_list() == [1, 2]
+    Broadcast.forget()
     with pytest.raises(PartitionChanged, match="sha256"):
         b.read()
+
+
+def test_a_broadcast_table_is_read_once_per_process(tmp_path, monkeypatch):
+    """Every select and drop task reads the flags and clusters: a process verifies and decodes each
+    once (64 partitions at 10M judgments read the clusters 64 times before) and keeps two."""
+    import pipeline.partition_select as ps
+
+    tables = [ps.Broadcast.write(pl.DataFrame({"x": [i]}), tmp_path, f"t{i}") for i in range(3)]
+    reads = []
+    real = ps.sha256_file
+    monkeypatch.setattr(ps, "sha256_file", lambda p: reads.append(p) or real(p))
+    ps.Broadcast.forget()
+    for _ in range(3):
+        assert tables[0].read()["x"].to_list() == [0] and tables[1].read()["x"].to_list() == [1]
+    assert reads == [tables[0].path, tables[1].path]
+    tables[2].read()  # a third table: the oldest goes
+    tables[0].read()
+    assert reads[-2:] == [tables[2].path, tables[0].path] and len(ps._READ) == 2
+    ps.Broadcast.forget()
+    assert not ps._READ
 
 
 def test_select_takes_each_partitions_texts_from_the_decide_step_and_gives_the_same_rows(inputs, tmp_path, monkeypatch):
