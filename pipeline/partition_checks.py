@@ -63,7 +63,7 @@ from pipeline.partition_write import keyed_by_part
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
 
-VERSION = "4"
+VERSION = "5"
 
 
 def _frame_bytes(frame: pl.DataFrame) -> bytes:
@@ -377,8 +377,15 @@ def _near_dup_run(cfg_json: str, paths: list[str]) -> State:
     prompts = part.filter(pl.col("prompt_hash").is_first_distinct()).sort("prompt_hash")
     sigs = nd.signatures(nd.shingle_text(prompts).to_list(), cfg) if prompts.height else \
         np.zeros((0, cfg.num_perm), np.uint32)
+    from pipeline.checks import near_duplicates_state as nds
+
+    b, r = nd.band_params(cfg)
     return {"signatures": pl.DataFrame({"prompt_hash": prompts["prompt_hash"],
                                         "signature": pl.Series(np.ascontiguousarray(sigs, np.uint32))}),
+            # the index's keys of these rows (row i: prompt i's b band keys, its sketch), made here, on the worker,
+            # not by the driver from the signatures read back (9.7 s of a 10M-judgment build, serial)
+            "index_keys": pl.DataFrame({"bands": pl.Series(np.ascontiguousarray(nd._band_keys(sigs, b, r).T)),
+                                        "sketch": pl.Series(np.ascontiguousarray(nds.sketch(sigs)))}),
             "pair_prompts": part.select("pair_id", "prompt_hash").unique().sort("pair_id", "prompt_hash"),
             "prompt_keys": prompts.select("prompt_hash")}  # (the signatures' keys alone: what the driver chooses rows by)
 
@@ -469,19 +476,19 @@ class PartitionSignatures:
         return np.ascontiguousarray(sig.to_numpy(), np.uint32).reshape(-1, self.shape[1])
 
     def index_keys(self, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Every prompt's band keys ((b, n) uint64) and sketch, one partition's signatures at a time."""
-        from pipeline.checks import near_duplicates_state as nds
-
-        b, r = nd.band_params(cfg)
+        """Every prompt's band keys ((b, n) uint64) and sketch, as the partitions' tasks made them
+        (``index_keys``), one partition at a time."""
+        b, _ = nd.band_params(cfg)
         n = self.shape[0]
         bands = np.empty((b, n), np.uint64)
         sketches = np.empty((n, -(-self.shape[1] // 16)), np.uint64)
         for i in range(len(self.refs)):
             mine = np.flatnonzero(self.part == i)
             if mine.size:
-                sigs = self._table(i)[self.row[mine]]
-                bands[:, mine] = nd._band_keys(sigs, b, r)
-                sketches[mine] = nds.sketch(sigs)
+                keys = cached_table(self.step, self.refs[i], self.cache_dir, "index_keys")
+                rows = self.row[mine]
+                bands[:, mine] = keys["bands"].to_numpy().reshape(-1, b)[rows].T
+                sketches[mine] = keys["sketch"].to_numpy().reshape(-1, sketches.shape[1])[rows]
         return bands, sketches
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
