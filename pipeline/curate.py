@@ -27,7 +27,7 @@ from pipeline import incremental as inc
 from pipeline import reviews_resolve as rr
 from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, judgment_columns, pair_columns, resolve_policy, run_checks
-from pipeline.ingest import IngestResult, file_sha256, ingest_files
+from pipeline.ingest import FileHash, IngestResult, file_hash, ingest_files
 from schemas.records import ROUTED_LABELS
 from pipeline.split import (PLACEMENT, SPLITS, assign_splits, assignment_changes, assignments, counted, leakage, placement,
                             prior_assignments, split_moves)
@@ -132,23 +132,25 @@ def curate(
     parent_id = parent_handle.version_id if parent_handle else None
     # a first version over partitions (unless the one-process reference is asked for); a child: in one process
     options = options.settled(parent_handle is not None)
-    version_id = plan_version_id([file_sha256(p) for p in paths], parent_id, policy, options, full=full)
+    hashed = {str(p): file_hash(p) for p in paths}  # (ingest takes them: each input is hashed once)
+    version_id = plan_version_id([h.sha256 for h in hashed.values()], parent_id, policy, options, full=full)
     t = timer.lap("hash_inputs", t)
     if store.exists(version_id):
         return CurateResult(version_id, False, store, timer.t)
 
     if options.partitioned:  # a first version built over partitions (pipeline/partitioned_build.py)
-        return _partitioned_first(paths, store, version_id, policy, options, timer, on_rows)
+        return _partitioned_first(paths, store, version_id, policy, options, timer, on_rows, hashed)
     # the parent's near-duplicate state: read on a thread of its own while the batch is ingested (one core parses
     # the batch, the other reads the state)
     early = _Handover(_early_state(parent_handle, policy) if not full else None)
-    ingest = ingest_source(paths, options, policy, on_rows=on_rows)
+    ingest = ingest_source(paths, options, policy, on_rows=on_rows, hashed=hashed)
     t = timer.lap("ingest", t)
     return build_version(store, version_id, ingest, parent_handle, policy, timer, full=full, near_state=early)
 
 
 def _partitioned_first(paths: list[Path], store: Store, version_id: str, policy: Policy, options: CurateOptions,
-                       timer: _Timer, on_rows: Callable[[int], None] | None) -> CurateResult:
+                       timer: _Timer, on_rows: Callable[[int], None] | None,
+                       hashed: dict[str, FileHash] | None = None) -> CurateResult:
     """A first version built over partitions, in this process or on the Dask cluster ``PREFPIPE_DASK``
     names (every input: a registry, reviews, dimension verdicts, ``train_on``).  Its partitions and task states live
     under ``<store>/.work/<version_id>/`` while it runs (on the store's filesystem: a cluster's
@@ -169,7 +171,7 @@ def _partitioned_first(paths: list[Path], store: Store, version_id: str, policy:
         pset = partition_files(paths, work / "set", partition_rows=policy.ingest.partition_rows, fmt=options.fmt,
                                batch_id=options.batch_id, annotator_id=options.annotator_id,
                                annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows,
-                               limits=policy.ingest, dimensions=policy.dimensions, on_progress=on_rows)
+                               limits=policy.ingest, dimensions=policy.dimensions, on_progress=on_rows, hashed=hashed)
         timer.lap("ingest", t)
         with open_runner() as client:
             return build_first(store, stage, version_id, pset, policy, work=work, client=client, on_stage=timer.cb,
@@ -207,11 +209,12 @@ def _early_state(parent: VersionHandle | None, policy: Policy) -> Future[Any] | 
 
 
 def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy,
-                  on_rows: Callable[[int], None] | None = None) -> IngestResult:
-    """Ingest one or more files with the curate options (a flow maps this over files)."""
+                  on_rows: Callable[[int], None] | None = None, hashed: dict[str, FileHash] | None = None) -> IngestResult:
+    """Ingest one or more files with the curate options (a flow maps this over files; ``hashed``: inputs hashed
+    already, :func:`pipeline.ingest.ingest_files`)."""
     return ingest_files(paths, fmt=options.fmt, batch_id=options.batch_id, annotator_id=options.annotator_id,
                         annotator_kind=options.annotator_kind, batch_rows=policy.ingest.batch_rows,
-                        limits=policy.ingest, dimensions=policy.dimensions, on_progress=on_rows)
+                        limits=policy.ingest, dimensions=policy.dimensions, on_progress=on_rows, hashed=hashed)
 
 
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,

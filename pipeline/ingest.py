@@ -29,8 +29,8 @@ import re
 import unicodedata
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,12 +138,41 @@ class IngestResult:
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (the content key of a source); :class:`UnreadableFile` if it cannot be read."""
+    return file_hash(path).sha256
+
+
+@dataclass(frozen=True)
+class FileHash:
+    """A file's sha256 and the size and modification time it had when it was hashed: a reader given
+    it does not hash the file again, and refuses it if it is no longer that file (:meth:`check`)."""
+
+    sha256: str
+    size: int
+    mtime_ns: int
+
+    def check(self, path: str | Path) -> None:
+        """:class:`UnreadableFile` unless ``path`` still has the size and time it had when hashed."""
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise UnreadableFile(path, f"cannot read: {err.strerror or err}") from err
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+            raise UnreadableFile(path, "the file changed while it was being read (its size or modification time "
+                                       "differs from when it was hashed): run again on a file that is not being written")
+
+
+def file_hash(path: str | Path) -> FileHash:
+    """:class:`FileHash` of ``path`` (stat before and after the hash: a file written meanwhile is refused)."""
     from pipeline.store import sha256_file
 
     try:
-        return sha256_file(path)
+        st = os.stat(path)
+        sha = sha256_file(path)
     except OSError as err:
         raise UnreadableFile(path, f"cannot read: {err.strerror or err}") from err
+    out = FileHash(sha, st.st_size, st.st_mtime_ns)
+    out.check(path)
+    return out
 
 
 # ---------------------------------------------------------------- extraction (one Python pass)
@@ -909,6 +938,7 @@ def ingest_files(
     limits: IngestConfig | None = None,
     dimensions: DimensionsConfig | None = None,
     on_judgments: Callable[[pl.DataFrame], None] | None = None,
+    hashed: Mapping[str, FileHash] | None = None,
 ) -> IngestResult:
     """Ingest files; raises :class:`UnreadableFile` before reading rows if any file is unusable
     as a whole, and while reading for damage found on the way (a corrupt gzip stream or Parquet
@@ -919,6 +949,9 @@ def ingest_files(
     dimension section; its rule derives the label of rows that give ``dimensions`` but no ``label``.
     ``on_judgments``: each block's valid judgments (in input order) are handed to it instead of
     being kept (the result's judgments are then empty): ``pipeline.partition`` spills them.
+    ``hashed``: files (by ``str(path)``) hashed already (``curate`` hashes its inputs for the version
+    id first): not hashed again, and refused if they changed since (:meth:`FileHash.check`, before
+    and after they are read).
     """
     limits = limits or IngestConfig()
     paths = [Path(p) for p in paths]
@@ -937,7 +970,13 @@ def ingest_files(
         for p, f in plans:
             ctx = AdapterContext(stem=_batch_name(p), batch_id=batch_id or _batch_name(p),
                                  annotator_id=annotator_id, annotator_kind=annotator_kind, dimension_rule=dimensions)
-            sha = pool.submit(file_sha256, p)
+            known = (hashed or {}).get(str(p))
+            if known is not None:
+                known.check(p)
+                sha: Future[str] = Future()
+                sha.set_result(known.sha256)
+            else:
+                sha = pool.submit(file_sha256, p)
             n_in = n_valid = n_j = n_skip = 0
             q_before = len(quarantine)
             if FAST_JSONL and f == "canonical" and container_of(p) == "jsonl":
@@ -957,6 +996,8 @@ def ingest_files(
                         frames.append(out.valid)
                 if on_progress:
                     on_progress(out.rows_in)
+            if known is not None:
+                known.check(p)
             quarantine[q_before:] = sorted(quarantine[q_before:], key=lambda q: q["line"])
             n_q = len(quarantine) - q_before
             by_reason: dict[str, int] = {}

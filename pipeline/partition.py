@@ -43,11 +43,11 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -60,6 +60,9 @@ from schemas.manifest import IngestLedger, SourceInfo
 from schemas.policy import DimensionsConfig, IngestConfig
 from schemas.records import Judgment
 from schemas.text import derive_pair_id_expr
+
+if TYPE_CHECKING:
+    from pipeline.ingest import FileHash
 
 __all__ = ["PartitionSet", "PartitionInfo", "partition_files", "partition_inputs", "partition_index", "content_key_hash",
            "partition_count", "read_partition", "merged_ledger", "DEFAULT_PARTITION_ROWS", "DEFAULT_FLUSH_ROWS"]
@@ -351,6 +354,7 @@ def partition_files(
     limits: IngestConfig | None = None,
     dimensions: DimensionsConfig | None = None,
     on_progress: Callable[[int], None] | None = None,
+    hashed: Mapping[str, FileHash] | None = None,
 ) -> PartitionSet:
     """Ingest ``paths`` straight into ``n_partitions`` hash partitions under ``directory``.
 
@@ -360,7 +364,8 @@ def partition_files(
     staged copy removed.  Raises ``UnreadableFile`` like :func:`pipeline.ingest.ingest_files`
     (nothing published).  Every valid judgment lands in exactly one partition: the
     partitions' judgments sum to the ingest ledger's (checked before publishing).
-    ``on_progress(rows)``: input rows read, per block (a progress bar's rows).
+    ``on_progress(rows)``: input rows read, per block (a progress bar's rows).  ``hashed``: inputs
+    hashed already (:func:`pipeline.ingest.ingest_files`).
     """
     from pipeline.ingest import ingest_files
     from pipeline.store import sha256_file
@@ -379,7 +384,7 @@ def partition_files(
     try:
         res = ingest_files(paths, fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind,
                            batch_rows=batch_rows, limits=limits, dimensions=dimensions, on_judgments=spill.add,
-                           on_progress=on_progress)
+                           on_progress=on_progress, hashed=hashed)
         spill.close()
         if sum(spill.rows) != res.ledger.judgments:
             raise RuntimeError(f"partitioning lost rows: {sum(spill.rows)} judgments in partitions, "

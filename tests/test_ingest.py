@@ -501,3 +501,28 @@ def test_content_hashes_equal_schema_hashing(texts):
     ours = h.select(ingest_mod._pair_ids(pl.col("p"), pl.col("a"), pl.col("b")))
     theirs = h.select(derive_pair_id_expr(pl.col("p"), pl.col("a"), pl.col("b")))
     assert ours.to_series().to_list() == theirs.to_series().to_list()
+
+
+def test_an_input_hashed_before_is_read_once_and_refused_if_it_changed(tmp_path, monkeypatch):
+    """``curate`` hashes its inputs for the version id; ingest takes that hash (the 10 GB of a 10M-judgment input are
+    not hashed a second time) and refuses the file if it is no longer the file that was hashed."""
+    import os
+
+    import pipeline.ingest as ing
+
+    path = write_jsonl(tmp_path / "b.jsonl", [canonical(i) for i in range(20)])
+    os.utime(path, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    original = path.read_bytes()
+    hashed = ing.file_hash(path)
+    monkeypatch.setattr(ing, "file_sha256", lambda p: pytest.fail(f"{p} hashed again"))
+    res = ingest_files([path], hashed={str(path): hashed})
+    assert res.sources[0].sha256 == hashed.sha256 and res.ledger.judgments == 20
+    with open(path, "a", encoding="utf-8") as fh:  # a line appended after the hash
+        fh.write(json.dumps(canonical(99)) + "\n")
+    with pytest.raises(UnreadableFile, match="changed while it was being read") as err:
+        ingest_files([path], hashed={str(path): hashed})
+    assert str(path) in str(err.value)
+    # the same bytes written again (the same size, another time): refused too
+    path.write_bytes(original)
+    with pytest.raises(UnreadableFile, match="changed"):
+        ingest_files([path], hashed={str(path): hashed})
