@@ -88,8 +88,7 @@ def run_curate(batch: Path, extra: tuple[str, ...] = ()) -> tuple[float, float, 
     store = Path(tempfile.mkdtemp(prefix="pp-scale-"))
     try:
         wall, cpu, peak, stdout, loads = run_child(LAUNCHER, ["curate", str(batch), "--store", str(store), "--json", *extra])
-        # --json prints the JSON document, then the version id as the last line
-        return wall, cpu, peak, json.loads(stdout[: stdout.rstrip().rfind("\n")]), loads
+        return wall, cpu, peak, json.loads(stdout), loads  # (--json: one JSON document)
     finally:
         shutil.rmtree(store, ignore_errors=True)
 

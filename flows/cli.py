@@ -272,7 +272,8 @@ def curate(
 ) -> None:
     """Ingest, check, select, split and write a new immutable dataset version.
 
-    Prints the version id as the last line of stdout.  Re-running the same inputs with the
+    Prints the version id as the last line of stdout (with --json: one JSON document, its
+    ``version_id``).  Re-running the same inputs with the
     same policy (and parent) returns the existing version and writes nothing.
     Exit 0 written (or already there); 2 bad usage or unreadable input (nothing written).
     """
@@ -313,10 +314,10 @@ def curate(
                           "ledger": m.ledger.model_dump(), "registry_sha256": m.registry_sha256,
                           "checks": [{"name": c.name, "status": c.status} for c in m.checks],
                           "timings_s": res.timings}, indent=2))
-    else:
-        state = "written" if res.created else "already exists (nothing written)"
-        con.print(f"version {res.version_id} {state}: {res.handle.path}")
-        _print_version_summary(m)
+        return
+    state = "written" if res.created else "already exists (nothing written)"
+    con.print(f"version {res.version_id} {state}: {res.handle.path}")
+    _print_version_summary(m)
     print(res.version_id)
 
 

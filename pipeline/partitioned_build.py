@@ -594,6 +594,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
                     dimension_rule=policy.dimensions)
         assert a.lengths is not None
         lap("partitions:checks")
+        timings.update({f"partitions:checks/{k}": v for k, v in a.seconds.items()})  # (where the stage's time went)
         # the registry check per partition (without a registry it only counts the judgments); the reviews check on
         # the review rows and the pairs they name (a first version: no pair was routed before, none is resolved)
         review_ctx = rr.context(None, mode=policy.reviews.mode, registry=policy.annotators)
@@ -644,6 +645,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
                       layout=(my_group, buckets[my_group]), texts=a.texts)
         assert s.prompts is not None and s.flagged_pairs is not None and s.label_counts is not None
         lap("partitions:select")
+        timings.update({f"partitions:select/{k}": v for k, v in s.seconds.items()})
 
         tables: dict[str, TableInfo] = {}
         if not background:  # (analyze gave no near-duplicate state)

@@ -146,3 +146,7 @@ def test_curate_shows_its_stages_on_a_terminal_only(tmp_path):
     piped = subprocess.run([sys.executable, "-m", "flows.cli", "curate", str(batch), "--store", str(tmp_path / "s3")],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0 and "curating" not in piped.stderr and "stages]" not in piped.stderr
+    # --json's stdout is one JSON document (``| jq`` reads it), the version id in it
+    as_json = subprocess.run([sys.executable, "-m", "flows.cli", "curate", str(batch), "--store", str(tmp_path / "s3"),
+                              "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["version_id"] == piped.stdout.strip().splitlines()[-1]
