@@ -34,6 +34,10 @@ app.add_typer(policy_app, name="policy")
 EXIT_OK, EXIT_QUARANTINE, EXIT_USAGE, EXIT_REJECTED, EXIT_NOT_CERTIFIED = 0, 1, 2, 3, 4
 
 FilesArg = Annotated[list[Path], typer.Argument(help="Raw batch files: .jsonl, .jsonl.gz, .parquet or .csv.", show_default=False)]
+InputsArg = Annotated[list[str], typer.Argument(
+    help="Raw batch files: .jsonl, .jsonl.gz, .parquet or .csv -- local paths, or URLs of any filesystem fsspec knows "
+         "(s3://, gs://, az://, https://, ... with its package installed: s3fs, gcsfs, adlfs, aiohttp), copied into "
+         "the store and hashed on the way before they are read.", show_default=False)]
 FormatOpt = Annotated[
     str | None,
     typer.Option("--format", "-f", help="Force the record format: canonical, trl, hh or rated (default: auto-detect per file)."),
@@ -253,7 +257,7 @@ def _resolve_or_exit(st, ref: str):
 
 @command()
 def curate(
-    files: FilesArg,
+    files: InputsArg,
     store: StoreOpt = Path("store"),
     policy: PolicyOpt = None,
     parent: Annotated[str | None, typer.Option("--parent", help="Build a child of this version (id, prefix or 'latest'): its judgments + the new batch.")] = None,

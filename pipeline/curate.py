@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from pipeline import reviews_resolve as rr
 from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, judgment_columns, pair_columns, resolve_policy, run_checks
 from pipeline.ingest import FileHash, IngestResult, file_hash, ingest_files
+from pipeline.readers import UnreadableFile
 from schemas.records import ROUTED_LABELS
 from pipeline.split import (PLACEMENT, SPLITS, assign_splits, assignment_changes, assignments, counted, leakage, placement,
                             prior_assignments, split_moves)
@@ -118,22 +121,48 @@ def curate(
     ``full``: a child recomputes everything from its judgments instead of extending its parent's
     state (still a child: lineage, sticky splits; ``prefpipe curate --full``).  ``on_stage(name,
     seconds)``: after each stage; ``on_rows(n)``: input rows read, per ingest block (progress)."""
+    from pipeline import remote
+
+    # (under .staging with this process's id: `prefpipe gc` leaves it while this process lives)
+    staged = remote.Staged(store.root / ".staging" / f"inputs.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        return _curate(paths, store, policy, parent, options, on_stage, full, on_rows, staged)
+    except UnreadableFile as err:  # a URL input's local copy: named by its URL
+        if err.path in staged.urls:
+            raise UnreadableFile(staged.urls[err.path], err._why, err.line) from err
+        raise
+    finally:
+        staged.remove()
+
+
+def _curate(paths: list[str | Path], store: Store, policy: Policy, parent: str | None, options: CurateOptions | None,
+            on_stage: Callable[[str, float], None] | None, full: bool, on_rows: Callable[[int], None] | None,
+            staged: Any) -> CurateResult:
     options = options or CurateOptions()
     policy = resolve_policy(policy)  # parsed once by the caller, resolved once here; recorded as resolved
     timer = _Timer(on_stage)
     t = time.perf_counter()
-    paths = [Path(p) for p in paths]
-    for p in paths:
-        if not p.is_file():
-            from pipeline.readers import UnreadableFile
+    from pipeline.remote import is_url
 
+    hashed: dict[str, FileHash] = {}
+    local: list[Path] = []
+    for name in paths:
+        if is_url(name):  # copied into the store's work directory, hashed on the way (pipeline/remote.py)
+            path, h = staged.stage(str(name))
+            hashed[str(path)] = h
+            local.append(path)
+            continue
+        p = Path(name)
+        if not p.is_file():
             raise UnreadableFile(p, "no such file")
+        local.append(p)
+    paths = local
     parent_handle = store.resolve(parent) if parent else None
     parent_id = parent_handle.version_id if parent_handle else None
     # a first version over partitions (unless the one-process reference is asked for); a child: in one process
     options = options.settled(parent_handle is not None)
-    hashed = {str(p): file_hash(p) for p in paths}  # (ingest takes them: each input is hashed once)
-    version_id = plan_version_id([h.sha256 for h in hashed.values()], parent_id, policy, options, full=full)
+    hashed.update({str(p): file_hash(p) for p in paths if str(p) not in hashed})  # (ingest takes them: hashed once)
+    version_id = plan_version_id([hashed[str(p)].sha256 for p in paths], parent_id, policy, options, full=full)
     t = timer.lap("hash_inputs", t)
     if store.exists(version_id):
         return CurateResult(version_id, False, store, timer.t)

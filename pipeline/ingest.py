@@ -149,6 +149,7 @@ class FileHash:
     sha256: str
     size: int
     mtime_ns: int
+    source: str | None = None  # what its rows record as their source file (None: its path; a URL it was copied from)
 
     def check(self, path: str | Path) -> None:
         """:class:`UnreadableFile` unless ``path`` still has the size and time it had when hashed."""
@@ -971,6 +972,7 @@ def ingest_files(
             ctx = AdapterContext(stem=_batch_name(p), batch_id=batch_id or _batch_name(p),
                                  annotator_id=annotator_id, annotator_kind=annotator_kind, dimension_rule=dimensions)
             known = (hashed or {}).get(str(p))
+            source = known.source if known is not None and known.source else str(p)
             if known is not None:
                 known.check(p)
                 sha: Future[str] = Future()
@@ -980,9 +982,9 @@ def ingest_files(
             n_in = n_valid = n_j = n_skip = 0
             q_before = len(quarantine)
             if FAST_JSONL and f == "canonical" and container_of(p) == "jsonl":
-                batches = (_process_block(b, ctx, str(p), keep_judgments) for b in _run_ahead(_parse_blocks(p, batch_rows, limits), pool))
+                batches = (_process_block(b, ctx, source, keep_judgments) for b in _run_ahead(_parse_blocks(p, batch_rows, limits), pool))
             else:
-                batches = (_process_batch(rows, f, ctx, str(p), keep_judgments) for rows in iter_raw_rows(p, batch_rows, limits))
+                batches = (_process_batch(rows, f, ctx, source, keep_judgments) for rows in iter_raw_rows(p, batch_rows, limits))
             for out in batches:
                 n_in += out.rows_in
                 n_valid += out.rows_valid
@@ -1006,7 +1008,7 @@ def ingest_files(
             file_ledger = IngestLedger(rows_in=n_in, rows_valid=n_valid, quarantined=n_q, quarantined_by_reason=by_reason,
                                        judgments=n_j, skipped={"identical_candidates": n_skip} if n_skip else {})
             ledger = ledger.merged(file_ledger)
-            sources.append(SourceInfo(path=str(p), sha256=sha.result(), bytes=p.stat().st_size, format=f,
+            sources.append(SourceInfo(path=source, sha256=sha.result(), bytes=p.stat().st_size, format=f,
                                       rows_in=n_in, rows_valid=n_valid, quarantined=n_q, judgments=n_j))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
