@@ -103,7 +103,7 @@ def command(*args, **kwargs):
 
 @command()
 def validate(
-    files: FilesArg,
+    files: InputsArg,
     fmt: FormatOpt = None,
     as_json: JsonOpt = False,
     max_errors: Annotated[int, typer.Option("--max-errors", help="How many quarantined rows to print.")] = 20,
@@ -133,16 +133,25 @@ def validate(
             raise typer.Exit(EXIT_USAGE) from None
         raise
 
+    import tempfile
+
+    from pipeline.remote import Staged
+
+    staged = Staged(Path(tempfile.mkdtemp(prefix="prefpipe-inputs-")))  # (URL inputs: copied, hashed, removed at the end)
     try:
+        paths, hashed = staged.inputs(files)
         with progress_for("validating", None, unit="rows", enabled=not as_json) as advance:
             # with a registry the judgments are kept for the registry check (memory grows with the input)
-            result = ingest_files(files, fmt=fmt, keep_judgments=registry is not None, on_progress=advance,
-                                  annotator_id=annotator_id, annotator_kind=annotator_kind, limits=limits)
-    except UnreadableFile as err:
+            result = ingest_files(paths, fmt=fmt, keep_judgments=registry is not None, on_progress=advance,
+                                  annotator_id=annotator_id, annotator_kind=annotator_kind, limits=limits, hashed=hashed)
+    except UnreadableFile as raw:
+        err = staged.named(raw)
         if as_json:
             print(json.dumps({"ok": False, "error": str(err), "file": err.path, "line": err.line}))
             raise typer.Exit(EXIT_USAGE) from None
         _fail_usage(f"cannot read {err.path}: {err.why}")
+    finally:
+        staged.remove()
     q = result.quarantine
     found = _registry_findings(result.take_judgments(), registry) if registry is not None else None
     flagged = found.height if found is not None else 0

@@ -128,9 +128,10 @@ def curate(
     try:
         return _curate(paths, store, policy, parent, options, on_stage, full, on_rows, staged)
     except UnreadableFile as err:  # a URL input's local copy: named by its URL
-        if err.path in staged.urls:
-            raise UnreadableFile(staged.urls[err.path], err._why, err.line) from err
-        raise
+        named = staged.named(err)
+        if named is err:
+            raise
+        raise named from err
     finally:
         staged.remove()
 
@@ -142,21 +143,7 @@ def _curate(paths: list[str | Path], store: Store, policy: Policy, parent: str |
     policy = resolve_policy(policy)  # parsed once by the caller, resolved once here; recorded as resolved
     timer = _Timer(on_stage)
     t = time.perf_counter()
-    from pipeline.remote import is_url
-
-    hashed: dict[str, FileHash] = {}
-    local: list[Path] = []
-    for name in paths:
-        if is_url(name):  # copied into the store's work directory, hashed on the way (pipeline/remote.py)
-            path, h = staged.stage(str(name))
-            hashed[str(path)] = h
-            local.append(path)
-            continue
-        p = Path(name)
-        if not p.is_file():
-            raise UnreadableFile(p, "no such file")
-        local.append(p)
-    paths = local
+    paths, hashed = staged.inputs(paths)  # URLs copied into the store, hashed on the way (pipeline/remote.py)
     parent_handle = store.resolve(parent) if parent else None
     parent_id = parent_handle.version_id if parent_handle else None
     # a first version over partitions (unless the one-process reference is asked for); a child: in one process

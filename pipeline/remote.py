@@ -51,6 +51,28 @@ class Staged:
         self.urls[str(path)] = url
         return path, hashed
 
+    def inputs(self, names: list[str | Path]) -> tuple[list[Path], dict[str, FileHash]]:
+        """Local paths for ``names`` (URLs staged here; a local path must be a file) and the hashes of the
+        staged ones, by local path (:func:`pipeline.ingest.ingest_files`' ``hashed``)."""
+        paths: list[Path] = []
+        hashed: dict[str, FileHash] = {}
+        for name in names:
+            if is_url(name):
+                path, h = self.stage(str(name))
+                hashed[str(path)] = h
+                paths.append(path)
+                continue
+            p = Path(name)
+            if not p.is_file():
+                raise UnreadableFile(p, "no such file")
+            paths.append(p)
+        return paths, hashed
+
+    def named(self, err: UnreadableFile) -> UnreadableFile:
+        """``err`` about a staged copy, about its URL instead (else ``err``)."""
+        url = self.urls.get(err.path)
+        return err if url is None else UnreadableFile(url, err._why, err.line)
+
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
         self.made = []

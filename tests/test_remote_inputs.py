@@ -87,3 +87,18 @@ def test_a_local_path_that_looks_like_no_url_is_read_as_before(tmp_path):
 
     assert is_url("s3://b/k.jsonl") and is_url("https://h/x.jsonl") and is_url("memory://x/y")
     assert not is_url("a:b.jsonl") and not is_url("data/x.jsonl") and not is_url(str(tmp_path / "x.jsonl"))
+
+
+def test_validate_reads_a_url_and_names_it(bucket, tmp_path):
+    import json
+
+    url = f"{bucket}/{B1.name}"
+    res = runner.invoke(app, ["validate", url, "--json"])
+    assert res.exit_code in (0, 1), res.output  # (the sample plants bad rows: 1)
+    out = json.loads(res.stdout)
+    assert [s["path"] for s in out["sources"]] == [url] and out["ledger"]["rows_in"] > 0
+    assert all(e["source_file"] == url for e in out["errors"])
+    local = json.loads(runner.invoke(app, ["validate", str(B1), "--json"]).stdout)
+    assert out["ledger"] == local["ledger"] and out["sources"][0]["sha256"] == local["sources"][0]["sha256"]
+    res = runner.invoke(app, ["validate", f"{bucket}/nope.jsonl"])
+    assert res.exit_code == 2 and f"{bucket}/nope.jsonl" in res.output and "no such file" in res.output
