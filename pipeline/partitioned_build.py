@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -629,12 +630,14 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         # and the language check's; the others are small)
         in_caches = {inc.state_table(check): (rows, None) for check, rows in a.cached.items()}
         in_caches[inc.PRELIM_TABLE] = (a.prelim, seen.rows)
-        for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: None}.items():
-            if name in in_caches:
-                early[name] = _merged_table(reuse, store, stage, name, *in_caches[name])
-            else:
-                early[name] = _grouped_table(reuse, store, stage, name, keyed(frame))
-        del frame
+        # (two tables at a time: each merge reads on its own thread and writes on another; one after the other the
+        # language rows' and the preliminary rows' merges left a core idle)
+        with ThreadPoolExecutor(2, thread_name_prefix="prefpipe-early") as pool:
+            writes = {name: pool.submit(_merged_table, reuse, store, stage, name, *in_caches[name]) if name in in_caches
+                      else pool.submit(_grouped_table, reuse, store, stage, name, keyed(frame))
+                      for name, frame in {**inc.state_frames(results), inc.PRELIM_TABLE: None}.items()}
+            early = {name: w.result() for name, w in writes.items()}
+        del writes
         for check, spec in inc.PAIR_SCOPED.items():  # (written; nothing later reads them)
             results[check].tables.pop(spec.table, None)
         a.pairs = a.pairs.clear()
