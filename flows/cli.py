@@ -285,8 +285,8 @@ def curate(
 ) -> None:
     """Ingest, check, select, split and write a new immutable dataset version.
 
-    Prints the version id as the last line of stdout (with --json: one JSON document, its
-    ``version_id``).  Re-running the same inputs with the
+    Prints the version id as the last line of stdout (with --json: one JSON document that
+    holds it as version_id).  Re-running the same inputs with the
     same policy (and parent) returns the existing version and writes nothing.
     Exit 0 written (or already there); 2 bad usage or unreadable input (nothing written).
     """
