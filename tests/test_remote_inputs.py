@@ -102,3 +102,27 @@ def test_validate_reads_a_url_and_names_it(bucket, tmp_path):
     assert out["ledger"] == local["ledger"] and out["sources"][0]["sha256"] == local["sources"][0]["sha256"]
     res = runner.invoke(app, ["validate", f"{bucket}/nope.jsonl"])
     assert res.exit_code == 2 and f"{bucket}/nope.jsonl" in res.output and "no such file" in res.output
+
+
+def test_gc_removes_a_dead_processs_copies_and_keeps_a_live_ones(tmp_path):
+    """A killed curate leaves its URL copies under .staging/inputs.<pid>.<id>: gc removes them once that process is
+    gone, never while it runs."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.parts import collect_garbage, plan_gc
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    store = Store(tmp_path / "s")
+    store.ensure()
+    copies = {}
+    for who, pid in (("dead", int(dead.stdout)), ("live", os.getpid())):
+        d = store.root / ".staging" / f"inputs.{pid}.{who}"
+        (d / ("0" * 64)).mkdir(parents=True)
+        (d / ("0" * 64) / "b.jsonl").write_text("{}\n")
+        copies[who] = d
+    plan = plan_gc(store)
+    assert copies["dead"] in plan.staging and copies["live"] not in plan.staging
+    collect_garbage(store, plan)
+    assert not copies["dead"].exists() and copies["live"].exists()
