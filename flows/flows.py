@@ -32,7 +32,8 @@ from pipeline import inbox as inbox_logic
 from pipeline.curate import CurateOptions, build_version, ingest_source, plan_version_id
 from schemas.version import code_version
 from pipeline.escape import md_escape, visible_controls  # artifact descriptions are Markdown; log lines plain
-from pipeline.ingest import IngestResult, file_sha256
+from pipeline.ingest import FileHash, IngestResult, file_sha256
+from pipeline.remote import Staged
 from pipeline.store import Store
 from pipeline.checks import resolve_policy
 from schemas.policy import Policy, load_policy
@@ -78,14 +79,16 @@ def hash_file(path: str) -> str:
 
 @task(retries=1, retry_delay_seconds=2, cache_key_fn=_ingest_cache_key, cache_expiration=timedelta(days=30),
       task_run_name="ingest {path}")
-def ingest_file(path: str, sha256: str, options: dict[str, Any], ingest_json: str, work_dir: str) -> str:
+def ingest_file(path: str, sha256: str, options: dict[str, Any], ingest_json: str, work_dir: str,
+                hashed: FileHash | None = None) -> str:
     """Ingest one file into ``work_dir/<content key>/`` (skipped when already there) with the
-    policy's ingest settings (block size, line and decompressed-size caps), which are part of the key."""
+    policy's ingest settings (block size, line and decompressed-size caps), which are part of the key.
+    ``hashed``: the file is a URL input's copy (its rows name the URL)."""
     key = f"{sha256[:24]}-{content_hash(_opts_key(options))[:8]}-{content_hash(ingest_json)[:8]}"
     out = Path(work_dir) / key
     if not (out / "ingest.json").exists():
         pol = Policy.model_validate(json.loads(ingest_json))  # the ingest and dimensions sections
-        ingest_source([Path(path)], CurateOptions(**options), pol).save(out)
+        ingest_source([Path(path)], CurateOptions(**options), pol, hashed={path: hashed} if hashed else None).save(out)
     return str(out)
 
 
@@ -100,12 +103,14 @@ def build_version_task(store_dir: str, version_id: str, ingest_dirs: list[str], 
 
 
 @task(persist_result=False)
-def build_first_task(files: list[str], store_dir: str, policy_json: str, options: dict[str, Any]) -> dict[str, Any]:
+def build_first_task(files: list[str], store_dir: str, policy_json: str, options: dict[str, Any],
+                     hashed: dict[str, FileHash] | None = None) -> dict[str, Any]:
     """A first version, built over partitions (its partition tasks in this process, or on the Dask cluster
-    PREFPIPE_DASK names: pipeline/partitioned_build.py)."""
+    PREFPIPE_DASK names: pipeline/partitioned_build.py).  ``hashed``: the URL inputs' copies."""
     from pipeline.curate import curate
 
-    res = curate(files, Store(store_dir), Policy.model_validate_json(policy_json), options=CurateOptions(**options))
+    res = curate(files, Store(store_dir), Policy.model_validate_json(policy_json), options=CurateOptions(**options),
+                 hashed=hashed)
     return {"version_id": res.version_id, "created": res.created, "timings": res.timings}
 
 
@@ -146,13 +151,26 @@ def curate_batch(files: list[str], store: str, policy_path: str | None = None, p
     policy = resolve_policy(load_policy(policy_path))
     st = Store(store).ensure()
     parent_id = st.resolve(parent).version_id if parent else None
-    shas = [hash_file.submit(f) for f in files]
-    sha_values = [s.result() for s in shas]
+    # URL inputs (any fsspec filesystem): copied into the store's staging, hashed on the way (pipeline/remote.py)
+    staged = Staged(st.root / ".staging" / f"inputs.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        return _curate_batch(files, st, policy, parent_id, options, staged, log)
+    finally:
+        staged.remove()
+
+
+def _curate_batch(names: list[str], st: Store, policy: Policy, parent_id: str | None, options: dict[str, Any],
+                  staged: Staged, log: Any) -> str:
+    store = str(st.root)
+    paths, hashed = staged.inputs(names)
+    files = [str(p) for p in paths]
+    shas = [hashed[f].sha256 if f in hashed else hash_file.submit(f) for f in files]
+    sha_values = [s if isinstance(s, str) else s.result() for s in shas]
     version_id = plan_version_id(sha_values, parent_id, policy, CurateOptions(**options))
     if st.exists(version_id):
         log.info("version %s already exists: nothing to do", version_id)
     elif parent_id is None:  # a first version: partitioned (the files are read by the partitioning)
-        res = build_first_task(files, store, policy.model_dump_json(), options)
+        res = build_first_task(files, store, policy.model_dump_json(), options, hashed or None)
         if res["version_id"] != version_id:  # (one rule for the id: pipeline.curate.plan_version_id)
             raise RuntimeError(f"planned version {version_id}, curate built {res['version_id']}")
         log.info("version %s %s", res["version_id"], "written" if res["created"] else "already existed")
@@ -161,7 +179,7 @@ def curate_batch(files: list[str], store: str, policy_path: str | None = None, p
         # what ingest reads of the policy (part of the ingest cache key): limits, and the dimension rule
         ingest_json = json.dumps({"ingest": policy.ingest.model_dump(mode="json"),
                                   "dimensions": policy.dimensions.model_dump(mode="json")}, sort_keys=True)
-        futures = [ingest_file.submit(f, s, options, ingest_json, work) for f, s in zip(files, sha_values, strict=True)]
+        futures = [ingest_file.submit(f, s, options, ingest_json, work, hashed.get(f)) for f, s in zip(files, sha_values, strict=True)]
         dirs = [fu.result() for fu in futures]
         res = build_version_task(store, version_id, dirs, parent_id, policy.model_dump_json())
         log.info("version %s %s", res["version_id"], "written" if res["created"] else "already existed")

@@ -115,18 +115,21 @@ def curate(
     on_stage: Callable[[str, float], None] | None = None,
     full: bool = False,
     on_rows: Callable[[int], None] | None = None,
+    hashed: dict[str, FileHash] | None = None,
 ) -> CurateResult:
     """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing.
 
     ``full``: a child recomputes everything from its judgments instead of extending its parent's
     state (still a child: lineage, sticky splits; ``prefpipe curate --full``).  ``on_stage(name,
-    seconds)``: after each stage; ``on_rows(n)``: input rows read, per ingest block (progress)."""
+    seconds)``: after each stage; ``on_rows(n)``: input rows read, per ingest block (progress).  ``paths``: local
+    files or URLs (:mod:`pipeline.remote`); ``hashed``: local files already hashed (a copy of a URL the caller made:
+    :class:`pipeline.ingest.FileHash` with its ``source``)."""
     from pipeline import remote
 
     # (under .staging with this process's id: `prefpipe gc` leaves it while this process lives)
     staged = remote.Staged(store.root / ".staging" / f"inputs.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
-        return _curate(paths, store, policy, parent, options, on_stage, full, on_rows, staged)
+        return _curate(paths, store, policy, parent, options, on_stage, full, on_rows, staged, hashed or {})
     except UnreadableFile as err:  # a URL input's local copy: named by its URL
         named = staged.named(err)
         if named is err:
@@ -138,12 +141,13 @@ def curate(
 
 def _curate(paths: list[str | Path], store: Store, policy: Policy, parent: str | None, options: CurateOptions | None,
             on_stage: Callable[[str, float], None] | None, full: bool, on_rows: Callable[[int], None] | None,
-            staged: Any) -> CurateResult:
+            staged: Any, given: dict[str, FileHash]) -> CurateResult:
     options = options or CurateOptions()
     policy = resolve_policy(policy)  # parsed once by the caller, resolved once here; recorded as resolved
     timer = _Timer(on_stage)
     t = time.perf_counter()
     paths, hashed = staged.inputs(paths)  # URLs copied into the store, hashed on the way (pipeline/remote.py)
+    hashed = {**given, **hashed}  # (files the caller copied and hashed: the curate flow's URL inputs)
     parent_handle = store.resolve(parent) if parent else None
     parent_id = parent_handle.version_id if parent_handle else None
     # a first version over partitions (unless the one-process reference is asked for); a child: in one process

@@ -237,3 +237,29 @@ def test_killed_inbox_run_resumes_on_the_next_tick(tmp_path):
     assert len(ids) == 2 and st.get(ids[1]).manifest().parent_version == ids[0]
     assert all(st.get(v).verify() == [] for v in ids)
     assert not any(staging.iterdir())
+
+
+def test_the_curate_flow_takes_urls(tmp_path):
+    """The scheduled flow takes what the CLI takes: URLs (here fsspec's in-memory filesystem, this process's),
+    copied and hashed once, the same versions as the local files, rows naming the URL, no copy left."""
+    import uuid
+
+    import fsspec
+
+    from flows.flows import curate_batch
+
+    root = f"memory://flow-{uuid.uuid4().hex[:8]}"
+    for b in SAMPLES[:2]:
+        with fsspec.open(f"{root}/{b.name}", "wb") as fh:
+            fh.write(b.read_bytes())
+    url1, url2 = (f"{root}/{b.name}" for b in SAMPLES[:2])
+    v_local = curate_batch(files=[str(SAMPLES[0])], store=str(tmp_path / "a"))
+    c_local = curate_batch(files=[str(SAMPLES[1])], store=str(tmp_path / "a"), parent=v_local)
+    store = tmp_path / "b"
+    assert curate_batch(files=[url1], store=str(store)) == v_local
+    assert curate_batch(files=[url2], store=str(store), parent=v_local) == c_local
+    child = Store(store).get(c_local)
+    assert [s["path"] for s in child.manifest().lineage["new_sources"]] == [url2]
+    assert set(child.read("judgments", columns=["source_file"])["source_file"].unique().to_list()) == {url1, url2}
+    assert not [p for p in (store / ".staging").iterdir() if p.name.startswith("inputs.")]
+    fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
