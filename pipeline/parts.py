@@ -30,8 +30,11 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -114,6 +117,29 @@ class TableWriter:
         part = info.model_copy(update={"path": rel})
         self.parts.append(part)
         return part
+
+    def write_many(self, parts: Iterable[tuple[str, Any]], threads: int = 2) -> None:
+        """:meth:`write` of every (key, frame) of ``parts`` -- a frame, or the function that makes it, called
+        in order on this thread -- with ``threads`` parts being written at a time (Parquet's encode and the
+        sha256 release the GIL); the parts are listed in ``parts``' order."""
+        def one(key: str, frame: pl.DataFrame) -> SplitInfo:
+            rel = self._part_rel(key)
+            info = write_parquet(frame, self.stage / rel)
+            share(self.store, self.stage / rel, info.sha256)
+            return info.model_copy(update={"path": rel})
+
+        pending: deque[Future[SplitInfo]] = deque()
+        with ThreadPoolExecutor(threads, thread_name_prefix="prefpipe-parts") as pool:
+            try:
+                for key, frame in parts:
+                    pending.append(pool.submit(one, key, frame if isinstance(frame, pl.DataFrame) else frame()))
+                    while len(pending) > threads:
+                        self.parts.append(pending.popleft().result())
+                while pending:
+                    self.parts.append(pending.popleft().result())
+            finally:
+                for fut in pending:
+                    fut.cancel()
 
     def write_grouped(self, frame: pl.DataFrame, key_column: str, reuse: PartReuse | None = None,
                       order_by: tuple[str, ...] = ()) -> None:

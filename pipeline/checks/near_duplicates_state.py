@@ -462,8 +462,7 @@ class IncrementalResult:
             w = TableWriter(store, stage, name, arrival_order=True)
             for part in self.inherit.get(name, []):
                 w.inherit(self.parent, part)
-            for key, part in self.write.get(name, []):
-                w.write(key, part_frame(part))
+            w.write_many(self.write.get(name, []))  # (a 10M first version: ~12 s of parts on one thread before)
             if name in self.order:  # a rewritten edge part keeps its place
                 rank = {key: i for i, key in enumerate(self.order[name])}
                 w.parts.sort(key=lambda p: rank[_part_key(p)])
