@@ -495,9 +495,16 @@ class PartitionSignatures:
         """The signatures of index rows ``rows`` (any order), each partition read once."""
         out = np.empty((rows.size, self.shape[1]), np.uint32)
         p = self.part[rows]
-        for i in np.unique(p):
+
+        def one(i: int) -> None:
             mine = np.flatnonzero(p == i)
-            out[mine] = self._table(int(i))[self.row[rows[mine]]]
+            out[mine] = self._table(i)[self.row[rows[mine]]]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        # two partitions at a time (the read, its sha256 and the gather release the GIL; each writes its own rows)
+        with ThreadPoolExecutor(2, thread_name_prefix="prefpipe-signatures") as pool:
+            list(pool.map(one, np.unique(p).tolist()))
         return out
 
     def chunk(self, start: int, stop: int) -> np.ndarray:
