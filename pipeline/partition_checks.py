@@ -460,6 +460,15 @@ def _near_dup_inputs(refs: list[Any], cache_dir: Any, cfg: ChecksConfig, client:
     return where, sigs.gather(np.arange(where.height)), pair_prompts
 
 
+def _two_at_a_time(fn: Any, items: Iterable[int]) -> None:
+    """``fn`` of every item, two at a time: reading a partition's cached table, its sha256 and numpy's gathers
+    release the GIL (the driver's near-duplicate index is serial otherwise: a core idle)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2, thread_name_prefix="prefpipe-signatures") as pool:
+        list(pool.map(fn, items))
+
+
 class PartitionSignatures:
     """The distinct prompts' signatures (row ``i`` of the index: partition ``part[i]``'s row
     ``row[i]`` of its cached ``signatures``), read from the partitions' caches in pieces
@@ -482,13 +491,16 @@ class PartitionSignatures:
         n = self.shape[0]
         bands = np.empty((b, n), np.uint64)
         sketches = np.empty((n, -(-self.shape[1] // 16)), np.uint64)
-        for i in range(len(self.refs)):
+
+        def one(i: int) -> None:  # (each partition writes its own prompts' columns and rows)
             mine = np.flatnonzero(self.part == i)
             if mine.size:
                 keys = cached_table(self.step, self.refs[i], self.cache_dir, "index_keys")
                 rows = self.row[mine]
                 bands[:, mine] = keys["bands"].to_numpy().reshape(-1, b)[rows].T
                 sketches[mine] = keys["sketch"].to_numpy().reshape(-1, sketches.shape[1])[rows]
+
+        _two_at_a_time(one, range(len(self.refs)))
         return bands, sketches
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
@@ -496,15 +508,11 @@ class PartitionSignatures:
         out = np.empty((rows.size, self.shape[1]), np.uint32)
         p = self.part[rows]
 
-        def one(i: int) -> None:
+        def one(i: int) -> None:  # (each partition writes its own rows)
             mine = np.flatnonzero(p == i)
             out[mine] = self._table(i)[self.row[rows[mine]]]
 
-        from concurrent.futures import ThreadPoolExecutor
-
-        # two partitions at a time (the read, its sha256 and the gather release the GIL; each writes its own rows)
-        with ThreadPoolExecutor(2, thread_name_prefix="prefpipe-signatures") as pool:
-            list(pool.map(one, np.unique(p).tolist()))
+        _two_at_a_time(one, np.unique(p).tolist())
         return out
 
     def chunk(self, start: int, stop: int) -> np.ndarray:
