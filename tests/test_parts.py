@@ -158,3 +158,37 @@ def test_appended_tables_stay_in_few_parts_in_arrival_order(tmp_path):
         assert h.verify() == []
         parent = vid
     assert max(sizes) <= 4 and sizes[-1] < 9
+
+
+def test_a_big_generation_gets_at_most_max_buckets_and_a_parents_count_is_kept(tmp_path, monkeypatch):
+    """A new generation's bucket count: the power of two that keeps its buckets at PART_PAIRS pairs, at most
+    MAX_BUCKETS (past it the buckets grow); a generation the parent wrote keeps the count its part names carry
+    -- a parent written with more buckets than today's cap (older code) is not re-bucketed by its child."""
+    from pipeline import parts
+
+    assert parts.bucket_counts(None, "pairs", {"g": parts.PART_PAIRS * 3}) == {"g": 4}
+    assert parts.bucket_counts(None, "pairs", {"g": parts.PART_PAIRS * parts.MAX_BUCKETS * 10}) == {"g": parts.MAX_BUCKETS}
+    monkeypatch.setattr(parts, "PART_PAIRS", 2)
+    v1 = curate([_lines(SAMPLES[0], 40, "one", tmp_path)], Store(tmp_path / "s"), POLICY)
+    h = v1.handle
+    names = [p.path for p in h.table("pairs").parts]
+    k = int(names[0].split("of")[-1].removesuffix(".parquet"))  # part-<gen>.b<i>of<k>.parquet
+    assert k > 2 and all(n.endswith(f"of{k:04d}.parquet") for n in names)  # the first generation in k buckets
+    monkeypatch.setattr(parts, "MAX_BUCKETS", 2)  # today's cap below the parent's count
+    got = parts.bucket_counts(h, "pairs", {v1.version_id: 0, "new-gen": 1_000})
+    assert got == {v1.version_id: k, "new-gen": 2}
+
+
+def test_write_many_lists_the_parts_in_the_order_given(tmp_path):
+    """Parts written two at a time are listed in the order they were given (a table kept in arrival order),
+    frames and functions that make them alike; each part is the frame it was given."""
+    from pipeline.parts import TableWriter
+
+    store = Store(tmp_path / "s")
+    w = TableWriter(store, tmp_path / "stage", "t", arrival_order=True)
+    frames = [pl.DataFrame({"x": list(range(i * 1000, i * 1000 + 500 - 40 * i))}) for i in range(9)]
+    w.write_many([(f"k{i}", f if i % 2 else (lambda f=f: f)) for i, f in enumerate(frames)])
+    assert [p.path for p in w.parts] == [f"t/part-k{i}.parquet" for i in range(9)]
+    for p, f in zip(w.parts, frames, strict=True):
+        assert pl.read_parquet(tmp_path / "stage" / p.path).equals(f)
+        assert p.rows == f.height
