@@ -293,7 +293,9 @@ def main() -> None:
                  f"({per_m * 2**20 / 1e9:.2f} GB) and the wall time by {per_m_s:.1f} s per million judgments (the one-process "
                  "reference build holds the whole frame; the partitioned build is bounded by the partition size).")
     body = (
-        f"`.venv/bin/python benchmarks/scale.py --sizes {' '.join(str(s) for s in a.sizes)} --row-bytes {a.row_bytes}` — "
+        f"`.venv/bin/python benchmarks/scale.py --sizes {' '.join(str(s) for s in a.sizes)} --row-bytes {a.row_bytes}"
+        f"{' --no-partitioned' if a.no_partitioned else ''}"
+        f"{f' --one-process-max {a.one_process_max}' if a.one_process_max != 3_000_000 else ''}` — "
         f"{machine_line()}; each size one fresh `prefpipe curate BATCH --one-process --store NEW --json` process (the one-process reference build) on a "
         "`benchmarks/gen_judgments.py` batch (~1 KB a judgment). Wall clock from outside; CPU = user + sys of the "
         "child (wait4); peak RSS = the child's own VmHWM (`/proc/self/status`, printed at exit by a launcher; "
@@ -317,8 +319,8 @@ def main() -> None:
         body += (
             "\n\n### The partitioned build (`curate`, issue 15) and the one-process reference (`curate --one-process`)\n\n"
             f"The same batches, each also curated with `--partition-rows {a.partition_rows}` (the default build) right after the "
-            "one-process reference build (fresh process each; every task in the curating process, one partition after another -- "
-            "no cluster). Ratios: partitioned / one process.\n\n"
+            "one-process reference build (fresh process each; every task in the curating process -- no cluster -- one partition "
+            "after another, two at a time from 32 partitions on). Ratios: partitioned / one process.\n\n"
             + table(["judgments", "partitions", "one process s", "partitioned s", "time ratio", "one process peak MiB",
                      "partitioned peak MiB", "partitioned peak GB", "peak ratio", "partitioned CPU s", "partitioned judgments/s"],
                     [[f"{q.judgments:,}", str(_partitions(q.judgments, a)), f"{o.wall:.1f}" if o else "not run",
