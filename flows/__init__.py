@@ -10,5 +10,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # that frees a history-sized frame before its peak still holds it in RSS then (the 3M child of
 # benchmarks/incremental.py: 2.4 GB peak by default, 2.1 GB returning pages at once but 1-1.5 s
 # slower, 2.25 GB and no slower with this: pages returned after 0.5 s by a background thread).
+# Longer decays fault less and run faster for more peak (1M judgments: ~7 % faster, 0.2-0.3 GB more; the 10k child of
+# a 10M version: 3.9 instead of 3.65 GB): measured and not taken, docs/scale-out.md "Session 30".
 # Read when Polars first allocates, so set before it is imported; a value set by the user wins.
 os.environ.setdefault("_RJEM_MALLOC_CONF", "background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0")
