@@ -22,6 +22,7 @@ import functools
 import gzip
 import json
 import re
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -635,15 +636,29 @@ class ArrowPart:
     shape: tuple[bool, ...]  # per polymorphic field: True = a JSON string, False = structured
 
 
-def _lines_buffer(block: LineBlock, starts: np.ndarray, idx: np.ndarray) -> bytes:
-    """The bytes of lines ``idx`` (ascending), newline-terminated, as one buffer."""
+def _lines_buffer(block: LineBlock, starts: np.ndarray, idx: np.ndarray) -> bytes | memoryview:
+    """The bytes of lines ``idx`` (ascending), newline-terminated, as one buffer: the block's own when
+    ``idx`` is every line, else a copy in this thread's scratch buffer, valid until the thread's next call
+    (what reads it -- the UTF-8 check, Arrow's JSON reader -- copies what it keeps).  A fresh buffer a
+    call was ~10 % of a 1M-judgment build's page faults: nearly every block of a messy batch has a line
+    that is not a candidate, so the copy is ~the whole input (docs/scale-out.md, "Session 30")."""
     if len(idx) == len(block.ends):
         return block.data
     brk = np.flatnonzero(idx[1:] != idx[:-1] + 1)
-    lo = starts[idx[np.r_[0, brk + 1]]].tolist()
-    hi = (block.ends[idx[np.r_[brk, len(idx) - 1]]] + 1).tolist()
-    mv = memoryview(block.data)
-    return b"".join([mv[a:b] for a, b in zip(lo, hi, strict=True)])
+    lo = starts[idx[np.r_[0, brk + 1]]]
+    hi = block.ends[idx[np.r_[brk, len(idx) - 1]]] + 1
+    size = int((hi - lo).sum())
+    scratch = getattr(_SCRATCH, "buf", None)
+    if scratch is None or len(scratch) < size:  # (a new one: a view of the old one may still be alive)
+        scratch = _SCRATCH.buf = bytearray(max(size, 2 * len(scratch) if scratch is not None else size))
+    out, src, pos = memoryview(scratch), memoryview(block.data), 0
+    for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
+        out[pos:pos + b - a] = src[a:b]
+        pos += b - a
+    return out[:size]
+
+
+_SCRATCH = threading.local()
 
 
 def lines_array(block: LineBlock) -> Any:
