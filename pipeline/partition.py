@@ -29,9 +29,10 @@ Layout of a partition set (one directory, published by one ``rename(2)``)::
 
 Memory: ingest reads one block at a time (``ingest_files(on_judgments=...)``); its valid rows are
 split by partition into buffers; when the buffers hold ``flush_rows`` rows together, each is
-spilled as a small chunk file (an Arrow IPC stream, LZ4: 10M judgments in 64 partitions spill
-~6,400 chunks of ~1,600 rows, and a chunk that small is ~3x cheaper to write and ~6x to read
-back as IPC than as Parquet), and at the end each partition's chunks are compacted, in order,
+spilled as a small chunk file (an Arrow IPC stream, its texts dictionary-encoded, uncompressed unless
+``PREFPIPE_STATE_COMPRESSION`` says otherwise: 10M judgments in 64 partitions spill ~6,400 chunks of ~1,600
+rows, 7.5 GB, and a chunk that small is ~3x cheaper to write and ~6x to read back as IPC than as Parquet;
+each chunk is deleted once it is compacted), and at the end each partition's chunks are compacted, in order,
 into its file (row groups of :data:`ROW_GROUP_ROWS` rows).  The peak is one ingest block plus
 about ``2 * flush_rows`` rows, whatever the input size and the partition count.  The same input
 with the same ``n_partitions`` gives the same bytes (``flush_rows`` and the block size do not
@@ -54,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
@@ -74,6 +76,7 @@ LEDGER = "partitions.json"
 KEY = "first 60 bits of blake2b-64(prompt_hash|min(a_hash,b_hash)|max(a_hash,b_hash)) mod n"
 DEFAULT_PARTITION_ROWS = 250_000  # target judgments per partition (~250 MB of 1 KB judgments as JSONL)
 DEFAULT_FLUSH_ROWS = 100_000  # rows buffered across all partitions before they are spilled
+FROM_ENV = "env"  # partition_files(spill_compression=...): PREFPIPE_STATE_COMPRESSION's
 MAX_PARTITIONS = 4096
 _COMPRESSION = "zstd"
 ROW_GROUP_ROWS = 8_192  # rows per row group of a compacted partition file (a merge of every partition in input order holds one of each)
@@ -181,7 +184,7 @@ def merged_ledger(sets: Sequence[PartitionSet]) -> IngestLedger:
     return ledger
 
 
-_MEMORY_KNOBS = frozenset({"flush_rows", "batch_rows"})  # change memory, never rows or bytes
+_MEMORY_KNOBS = frozenset({"flush_rows", "batch_rows", "spill_compression"})  # change memory or disk, never rows or bytes
 
 
 def _set_name(file_sha: str, n_partitions: int, options: dict[str, Any]) -> str:
@@ -219,6 +222,10 @@ def partition_inputs(paths: Iterable[str | Path], work_dir: str | Path, *, n_par
     paths = [str(Path(p).resolve()) for p in paths]
     work = str(Path(work_dir).resolve())
     Path(work).mkdir(parents=True, exist_ok=True)
+    if options.get("spill_compression", FROM_ENV) == FROM_ENV:  # the driver's setting, not each worker's
+        from pipeline.distributed import state_compression
+
+        options["spill_compression"] = state_compression()
     if client is None:
         dirs = [_partition_one(p, work, n_partitions, options) for p in paths]
     else:
@@ -251,8 +258,8 @@ class _Spill:
     group per thread, and the bytes depend on the input and the partition count only, not on
     ``flush_rows`` or the block size."""
 
-    def __init__(self, stage: Path, n: int, flush_rows: int) -> None:
-        self.stage, self.n, self.flush_rows = stage, n, flush_rows
+    def __init__(self, stage: Path, n: int, flush_rows: int, compression: str | None = None) -> None:
+        self.stage, self.n, self.flush_rows, self.compression = stage, n, flush_rows, compression
         self.chunks_dir = stage / "chunks"
         self.chunks_dir.mkdir()
         self.buffers: list[list[pa.Table]] = [[] for _ in range(n)]
@@ -293,7 +300,7 @@ class _Spill:
         self.buffered = 0
         self.flushes += 1
         self._wait()
-        self.pending = self.pool.submit(_write_chunks, batch)
+        self.pending = self.pool.submit(_write_chunks, batch, self.compression)
 
     def _wait(self) -> None:
         if self.pending is not None:
@@ -313,14 +320,33 @@ class _Spill:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_chunks(batch: list[tuple[Path, pa.Table]]) -> None:
+def _write_chunks(batch: list[tuple[Path, pa.Table]], compression: str | None = None) -> None:
     for path, table in batch:
+        table = _dictionary_texts(table)
         # through a file object of our own: Arrow may keep its file open when a write fails (a full disk)
-        with open(path, "wb") as fh, pa.ipc.new_stream(fh, table.schema, options=_SPILL_OPTIONS) as out:
+        with open(path, "wb") as fh, pa.ipc.new_stream(fh, table.schema, options=_spill_options(compression)) as out:
             out.write_table(table)
 
 
-_SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
+# the columns a spilled chunk stores dictionary-encoded: a pair's judgments repeat its texts, and all of them are in
+# one partition (0.75 instead of 1.17 GB of chunks for 1M judgments in 64 partitions; the compaction decodes them)
+_DICTIONARY_COLUMNS = ("prompt_text", "response_a", "response_b")
+
+
+def _dictionary_texts(table: pa.Table) -> pa.Table:
+    table = table.combine_chunks()  # one dictionary per column (the slices of a flush window, concatenated)
+    for name in _DICTIONARY_COLUMNS:
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, pa.compute.dictionary_encode(table.column(i)))
+    return table
+
+
+def _spill_options(compression: str | None) -> pa.ipc.IpcWriteOptions:
+    """Uncompressed by default: LZ4 over the chunks was a fifth of a partitioning's time (3M judgments in 64
+    partitions: 35.6 / 34.2 s with LZ4 chunks without dictionaries, 27.7 / 27.0 s with dictionaries and no
+    compression, 30.5 s with both; docs/scale-out.md, "Session 31").  ``PREFPIPE_STATE_COMPRESSION`` (lz4,
+    zstd) compresses them too, where the work directory's disk is short or remote."""
+    return pa.ipc.IpcWriteOptions(compression=compression)
 
 
 def _compact(chunks: list[Path], out: Path, schema: pa.Schema) -> None:
@@ -329,10 +355,12 @@ def _compact(chunks: list[Path], out: Path, schema: pa.Schema) -> None:
         pending: list[pa.Table] = []
         held = 0
         for chunk in chunks:
-            with open(chunk, "rb") as fh:
-                table = pa.ipc.open_stream(fh).read_all()
-            if table.schema != schema:
+            with pa.memory_map(str(chunk)) as src:
+                table = pa.ipc.open_stream(src).read_all()
+            if table.schema != _spilled_schema(schema):
                 raise ValueError(f"{chunk}: a spilled chunk of another schema")
+            table = table.cast(schema)  # the texts decoded (a copy: the mapping goes with the chunk)
+            chunk.unlink()  # its pages leave the page cache now, not when every partition is compacted
             pending.append(table)
             held += table.num_rows
             while held >= ROW_GROUP_ROWS:
@@ -342,6 +370,13 @@ def _compact(chunks: list[Path], out: Path, schema: pa.Schema) -> None:
                 pending, held = [rest], rest.num_rows
         if held or not chunks:
             writer.write_table(pa.concat_tables(pending) if pending else schema.empty_table(), row_group_size=max(held, 1))
+
+
+def _spilled_schema(schema: pa.Schema) -> pa.Schema:
+    for name in _DICTIONARY_COLUMNS:
+        i = schema.get_field_index(name)
+        schema = schema.set(i, schema.field(i).with_type(pa.dictionary(pa.int32(), schema.field(i).type)))
+    return schema
 
 
 def _part_name(p: int) -> str:
@@ -364,6 +399,7 @@ def partition_files(
     dimensions: DimensionsConfig | None = None,
     on_progress: Callable[[int], None] | None = None,
     hashed: Mapping[str, FileHash] | None = None,
+    spill_compression: str | None = FROM_ENV,
 ) -> PartitionSet:
     """Ingest ``paths`` straight into ``n_partitions`` hash partitions under ``directory``.
 
@@ -374,7 +410,8 @@ def partition_files(
     (nothing published).  Every valid judgment lands in exactly one partition: the
     partitions' judgments sum to the ingest ledger's (checked before publishing).
     ``on_progress(rows)``: input rows read, per block (a progress bar's rows).  ``hashed``: inputs
-    hashed already (:func:`pipeline.ingest.ingest_files`).
+    hashed already (:func:`pipeline.ingest.ingest_files`).  ``spill_compression``: of the chunks spilled while
+    partitioning (``none``, ``lz4``, ``zstd``; default ``PREFPIPE_STATE_COMPRESSION``'s, itself ``none`` by default).
     """
     from pipeline.ingest import ingest_files
     from pipeline.store import sha256_file
@@ -389,7 +426,11 @@ def partition_files(
     directory.parent.mkdir(parents=True, exist_ok=True)
     stage = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     stage.mkdir()
-    spill = _Spill(stage, n, flush_rows)
+    if spill_compression == FROM_ENV:
+        from pipeline.distributed import state_compression
+
+        spill_compression = state_compression()
+    spill = _Spill(stage, n, flush_rows, None if spill_compression in (None, "none") else spill_compression)
     try:
         res = ingest_files(paths, fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind,
                            batch_rows=batch_rows, limits=limits, dimensions=dimensions, on_judgments=spill.add,

@@ -97,10 +97,14 @@ def test_same_input_same_bytes(tmp_path, bench_file):
     # the bytes depend on the input and the partition count, not on how often buffers were spilled
     c = partition_files([bench_file], tmp_path / "c", n_partitions=4, flush_rows=97, batch_rows=500)
     assert [p.sha256 for p in c.partitions] == [p.sha256 for p in a.partitions]
+    # ... nor on how the spilled chunks were compressed (none by default, PREFPIPE_STATE_COMPRESSION's otherwise)
+    for comp in ("lz4", "zstd"):
+        z = partition_files([bench_file], tmp_path / f"z-{comp}", n_partitions=4, flush_rows=97, spill_compression=comp)
+        assert [p.sha256 for p in z.partitions] == [p.sha256 for p in a.partitions]
     # publishing again into an existing set keeps it (a retried task), and reads back the same
     again = partition_files([bench_file], tmp_path / "a", n_partitions=4, flush_rows=900)
     assert again.partitions == a.partitions
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no staging directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "z-lz4", "z-zstd"]  # no staging directory left
 
 
 def test_a_failed_run_publishes_nothing(tmp_path):
