@@ -35,8 +35,8 @@ rows, 7.5 GB, and a chunk that small is ~3x cheaper to write and ~6x to read bac
 each chunk is deleted once it is compacted), and at the end each partition's chunks are compacted, in order,
 into its file (row groups of :data:`ROW_GROUP_ROWS` rows).  The peak is one ingest block plus
 about ``2 * flush_rows`` rows, whatever the input size and the partition count.  The same input
-with the same ``n_partitions`` gives the same bytes (``flush_rows`` and the block size do not
-change them: row groups are cut at fixed row counts; the writer's options are fixed here).
+with the same ``n_partitions`` and compression gives the same bytes (``flush_rows`` and the block size do not
+change them: row groups are cut at fixed row counts; the writer's other options are fixed here).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ LEDGER = "partitions.json"
 KEY = "first 60 bits of blake2b-64(prompt_hash|min(a_hash,b_hash)|max(a_hash,b_hash)) mod n"
 DEFAULT_PARTITION_ROWS = 250_000  # target judgments per partition (~250 MB of 1 KB judgments as JSONL)
 DEFAULT_FLUSH_ROWS = 100_000  # rows buffered across all partitions before they are spilled
-FROM_ENV = "env"  # partition_files(spill_compression=...): PREFPIPE_STATE_COMPRESSION's
+FROM_ENV = "env"  # partition_files(compression=...): PREFPIPE_STATE_COMPRESSION's
 MAX_PARTITIONS = 4096
 _COMPRESSION = "zstd"
 ROW_GROUP_ROWS = 8_192  # rows per row group of a compacted partition file (a merge of every partition in input order holds one of each)
@@ -184,7 +184,7 @@ def merged_ledger(sets: Sequence[PartitionSet]) -> IngestLedger:
     return ledger
 
 
-_MEMORY_KNOBS = frozenset({"flush_rows", "batch_rows", "spill_compression"})  # change memory or disk, never rows or bytes
+_MEMORY_KNOBS = frozenset({"flush_rows", "batch_rows"})  # change memory, never rows or bytes
 
 
 def _set_name(file_sha: str, n_partitions: int, options: dict[str, Any]) -> str:
@@ -222,10 +222,10 @@ def partition_inputs(paths: Iterable[str | Path], work_dir: str | Path, *, n_par
     paths = [str(Path(p).resolve()) for p in paths]
     work = str(Path(work_dir).resolve())
     Path(work).mkdir(parents=True, exist_ok=True)
-    if options.get("spill_compression", FROM_ENV) == FROM_ENV:  # the driver's setting, not each worker's
+    if options.get("compression", FROM_ENV) == FROM_ENV:  # the driver's setting, not each worker's
         from pipeline.distributed import state_compression
 
-        options["spill_compression"] = state_compression()
+        options["compression"] = state_compression()
     if client is None:
         dirs = [_partition_one(p, work, n_partitions, options) for p in paths]
     else:
@@ -312,7 +312,8 @@ class _Spill:
         self._wait()
         self.pool.shutdown()
         with ThreadPoolExecutor(2) as pool:  # Arrow's Parquet reader and writer release the GIL
-            for fut in [pool.submit(_compact, self.chunks[p], self.stage / _part_name(p), self.schema) for p in range(self.n)]:
+            for fut in [pool.submit(_compact, self.chunks[p], self.stage / _part_name(p), self.schema, self.compression)
+                        for p in range(self.n)]:
                 fut.result()
         shutil.rmtree(self.chunks_dir)
 
@@ -349,9 +350,12 @@ def _spill_options(compression: str | None) -> pa.ipc.IpcWriteOptions:
     return pa.ipc.IpcWriteOptions(compression=compression)
 
 
-def _compact(chunks: list[Path], out: Path, schema: pa.Schema) -> None:
-    """Chunks, in order, into one file with row groups of exactly ROW_GROUP_ROWS rows."""
-    with open(out, "wb") as fh, pq.ParquetWriter(fh, schema, compression=_COMPRESSION, write_statistics=_STATS_COLUMNS) as writer:
+def _compact(chunks: list[Path], out: Path, schema: pa.Schema, compression: str | None = None) -> None:
+    """Chunks, in order, into one file with row groups of exactly ROW_GROUP_ROWS rows (Parquet's
+    ``compression``: none by default -- every step reads its partition again, and an uncompressed one decodes in
+    half the time of zstd's; its texts are dictionary-encoded either way)."""
+    with open(out, "wb") as fh, pq.ParquetWriter(fh, schema, compression=compression or "none",
+                                                 write_statistics=_STATS_COLUMNS) as writer:
         pending: list[pa.Table] = []
         held = 0
         for chunk in chunks:
@@ -399,7 +403,7 @@ def partition_files(
     dimensions: DimensionsConfig | None = None,
     on_progress: Callable[[int], None] | None = None,
     hashed: Mapping[str, FileHash] | None = None,
-    spill_compression: str | None = FROM_ENV,
+    compression: str | None = FROM_ENV,
 ) -> PartitionSet:
     """Ingest ``paths`` straight into ``n_partitions`` hash partitions under ``directory``.
 
@@ -410,8 +414,9 @@ def partition_files(
     (nothing published).  Every valid judgment lands in exactly one partition: the
     partitions' judgments sum to the ingest ledger's (checked before publishing).
     ``on_progress(rows)``: input rows read, per block (a progress bar's rows).  ``hashed``: inputs
-    hashed already (:func:`pipeline.ingest.ingest_files`).  ``spill_compression``: of the chunks spilled while
-    partitioning (``none``, ``lz4``, ``zstd``; default ``PREFPIPE_STATE_COMPRESSION``'s, itself ``none`` by default).
+    hashed already (:func:`pipeline.ingest.ingest_files`).  ``compression``: of the chunks spilled while
+    partitioning and of the partition files (``none``, ``lz4``, ``zstd``; default ``PREFPIPE_STATE_COMPRESSION``'s,
+    itself ``none`` by default): it changes the files' bytes, not their rows.
     """
     from pipeline.ingest import ingest_files
     from pipeline.store import sha256_file
@@ -426,11 +431,11 @@ def partition_files(
     directory.parent.mkdir(parents=True, exist_ok=True)
     stage = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     stage.mkdir()
-    if spill_compression == FROM_ENV:
+    if compression == FROM_ENV:
         from pipeline.distributed import state_compression
 
-        spill_compression = state_compression()
-    spill = _Spill(stage, n, flush_rows, None if spill_compression in (None, "none") else spill_compression)
+        compression = state_compression()
+    spill = _Spill(stage, n, flush_rows, None if compression in (None, "none") else compression)
     try:
         res = ingest_files(paths, fmt=fmt, batch_id=batch_id, annotator_id=annotator_id, annotator_kind=annotator_kind,
                            batch_rows=batch_rows, limits=limits, dimensions=dimensions, on_judgments=spill.add,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.checks.duplicates import exact_duplicates
@@ -97,10 +98,15 @@ def test_same_input_same_bytes(tmp_path, bench_file):
     # the bytes depend on the input and the partition count, not on how often buffers were spilled
     c = partition_files([bench_file], tmp_path / "c", n_partitions=4, flush_rows=97, batch_rows=500)
     assert [p.sha256 for p in c.partitions] == [p.sha256 for p in a.partitions]
-    # ... nor on how the spilled chunks were compressed (none by default, PREFPIPE_STATE_COMPRESSION's otherwise)
+    # compressed (chunks and files; none by default, PREFPIPE_STATE_COMPRESSION's otherwise): other bytes, the same rows
     for comp in ("lz4", "zstd"):
-        z = partition_files([bench_file], tmp_path / f"z-{comp}", n_partitions=4, flush_rows=97, spill_compression=comp)
-        assert [p.sha256 for p in z.partitions] == [p.sha256 for p in a.partitions]
+        z = partition_files([bench_file], tmp_path / f"z-{comp}", n_partitions=4, flush_rows=97, compression=comp)
+        assert [p.judgments for p in z.partitions] == [p.judgments for p in a.partitions]
+        assert [p.sha256 for p in z.partitions] != [p.sha256 for p in a.partitions]
+        assert pq.ParquetFile(z.path(0)).metadata.row_group(0).column(0).compression == comp.upper()
+        for i in range(4):
+            assert read_partition(z.path(i)).equals(read_partition(a.path(i)))
+    assert pq.ParquetFile(a.path(0)).metadata.row_group(0).column(0).compression == "UNCOMPRESSED"
     # publishing again into an existing set keeps it (a retried task), and reads back the same
     again = partition_files([bench_file], tmp_path / "a", n_partitions=4, flush_rows=900)
     assert again.partitions == a.partitions
