@@ -54,7 +54,8 @@ from pipeline import reviews_resolve as rr
 from pipeline import select as sel
 from pipeline.checks import CHECKS, all_flags, run_checks
 from pipeline.delta import PAIR_ROWS
-from pipeline.distributed import PartitionRef, State, Step, iter_batches, iter_table, map_partitions, refs_of
+from pipeline.distributed import (PartitionRef, State, Step, iter_batches, iter_table, map_partitions, refs_of,
+                                  state_compression)
 from pipeline.partition import PartitionSet, content_key_hash, partition_of_key, read_partition
 from pipeline.partition_stats import given_id_keys
 from pipeline.partition_write import Output, merge_grouped, merge_into
@@ -210,7 +211,8 @@ _CHANGES: dict[str, Callable[[pl.DataFrame, pl.DataFrame, list[str]], pl.DataFra
     "new-pair-ids": _new_pair_ids, "train-on": _train_on}
 
 
-def _rewrite_run(kind: str, arg_ipc: bytes, sources: tuple[str, ...], directory: str, paths: list[str]) -> State:
+def _rewrite_run(kind: str, arg_ipc: bytes, sources: tuple[str, ...], directory: str, compression: str | None,
+                 paths: list[str]) -> State:
     import io
 
     part = read_partition(paths)
@@ -219,7 +221,8 @@ def _rewrite_run(kind: str, arg_ipc: bytes, sources: tuple[str, ...], directory:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".part.{os.getpid()}.{threading.get_ident()}.tmp"
-    part.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=8_192)
+    # (compressed as ingest compresses partitions: none unless PREFPIPE_STATE_COMPRESSION says, the driver's setting)
+    part.write_parquet(tmp, compression=compression or "uncompressed", statistics=True, row_group_size=8_192)
     sha = sha256_file(tmp)
     import re
 
@@ -246,7 +249,8 @@ def _rewrite(kind: str, arg: pl.DataFrame, sources: list[str], refs: list[Partit
     blob = buf.getvalue()
     key = hashlib.sha256(blob + "\n".join(sources).encode()).hexdigest()[:16]
     step = Step(f"rewrite-{kind}", f"1-{pl.__version__}-{key}",
-                functools.partial(_rewrite_run, kind, blob, tuple(sources), str((work / "rewritten").resolve())),
+                functools.partial(_rewrite_run, kind, blob, tuple(sources), str((work / "rewritten").resolve()),
+                                  state_compression()),
                 lambda states: states[0])
     states, _ = map_partitions(step, todo, work / "states", client=client)
     files = {r.index: s["file"].row(0, named=True) for r, s in zip(todo, states, strict=True)}
