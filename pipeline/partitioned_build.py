@@ -54,8 +54,7 @@ from pipeline import reviews_resolve as rr
 from pipeline import select as sel
 from pipeline.checks import CHECKS, all_flags, run_checks
 from pipeline.delta import PAIR_ROWS
-from pipeline.distributed import (PartitionRef, State, Step, iter_batches, iter_table, map_partitions, refs_of,
-                                  state_compression)
+from pipeline.distributed import PartitionRef, State, Step, iter_table, map_partitions, refs_of, state_compression
 from pipeline.partition import PartitionSet, content_key_hash, partition_of_key, read_partition
 from pipeline.partition_stats import given_id_keys
 from pipeline.partition_write import Output, merge_grouped, merge_into
@@ -772,18 +771,25 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
 
         fate_of = s.fate.drop("_p")
 
-        def pair_rows(ids: pl.Series) -> pl.DataFrame:
-            """The report's few pairs with their texts: streamed from the partitions that hold them."""
-            import pyarrow.compute as pc
+        written = {part.path: part for part in tables["pairs"].parts}
 
-            want = ids.to_frame("pair_id")
-            where = s.fate.join(want, on="pair_id", how="semi")["_p"].unique().sort().to_list()
-            value_set = want.to_arrow()["pair_id"].cast(pa.large_string())
-            # (filtered in Arrow, which copies the few rows: a Polars filter would keep every batch's texts alive)
-            frames = [pl.from_arrow(b.filter(pc.is_in(b["pair_id"], value_set=value_set))).drop("_part")
-                      for r in refs if r.index in where for b in iter_batches(s.step, r, s.cache_dir, "pairs")]
+        def pair_rows(ids: pl.Series) -> pl.DataFrame:
+            """The report's few pairs with their texts: from the parts of the version's pairs table that hold them
+            (written above, checked against their sha256) -- not every partition's cached rows (at 10M judgments
+            ~70 MB a partition, read and hashed whole for a few rows)."""
+            want = ids.to_frame("pair_id").unique()
+            frames = []
+            for key in keyed(want)["_part"].unique().sort().to_list():
+                part = written.get(f"pairs/part-{key}.parquet")
+                if part is None:  # (no pair in that bucket)
+                    continue
+                path = stage / part.path
+                if sha256_file(path) != part.sha256:
+                    raise RuntimeError(f"{path}: changed since it was written (sha256)")
+                frames.append(pl.read_parquet(path, glob=False).join(want, on="pair_id", how="semi"))
             frames = [f for f in frames if f.height]
-            return pl.concat(frames) if frames else pl.DataFrame(schema=_schema_of(s, refs[0], "pairs"))
+            return pl.concat(frames) if frames else pl.DataFrame(schema={k: v for k, v in _schema_of(s, refs[0], "pairs").items()
+                                                                          if k != "_part"})
 
         narrow = empty_frame(Judgment).select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
         inputs = ReportInputs(manifest=manifest, judgments=narrow, pairs=fate_of, pair_rows=pair_rows, pair_prompts=s.prompts,
