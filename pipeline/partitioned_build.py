@@ -63,7 +63,7 @@ from pipeline.partitioned import analyze
 from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, appended_key, bucket_counts,
                             generation_groups, part_keys, share)
 from pipeline.split import PLACEMENT, SPLITS, _stats_of_counts, assignments, leakage
-from pipeline.store import Store, sha256_file
+from pipeline.store import Store, sha256_file, sync_file
 from schemas.arrow import empty_frame
 from schemas.manifest import Ledger, Manifest, SplitInfo, TableInfo
 from schemas.policy import Policy
@@ -441,9 +441,9 @@ class _Streamed:
         assert self._out is not None
         self._out.close()
         self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
         path = self.stage / self._rel
+        sync_file(self._fh.fileno(), path)
+        self._fh.close()
         if pq.ParquetFile(path).metadata.num_rows != self._part_rows:
             raise OSError(f"{path}: wrote {self._part_rows} rows, read back another count")
         sha = sha256_file(path)

@@ -18,8 +18,10 @@ Layout (``../shared/spec/outputs.md``)::
 Guarantees:
 
 * **Atomic**: a version is written into ``.staging/<id>.<pid>.<nonce>/``, every file is
-  fsynced and re-read (row count + sha256) and only then is the directory renamed to
-  ``versions/<id>`` (``rename(2)`` is atomic on one filesystem).  A crash (kill -9) leaves at
+  re-read (row count + sha256), the staged files are made durable together (:func:`sync_tree`:
+  one ``syncfs(2)`` where there is one, else an fsync of every file and folder; a file written
+  into the stage by another process -- a cluster's worker -- is fsynced by it) and only then is
+  the directory renamed to ``versions/<id>`` (``rename(2)`` is atomic on one filesystem).  A crash (kill -9) leaves at
   most a staging directory, which readers never see and the next writer sweeps.
 * **Immutable / idempotent**: the id is derived from the input content, the parent, the policy
   and the code version.  If ``versions/<id>`` exists nothing is written.  Two processes
@@ -38,6 +40,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
@@ -96,6 +100,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# stages whose files this process writes without an fsync each: :meth:`Store.write_version` makes the
+# whole stage durable at once before its rename (:func:`sync_tree`).  An fsync per part made a writer
+# thread wait for the disk ~4 ms a 1.5 MB part (thousands of parts in a big version); one sync at the
+# end waits only for what the kernel has not written back by then.
+_DEFERRED: set[Path] = set()
+_DEFERRED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def deferred_sync(stage: Path) -> Iterator[None]:
+    """Files written under ``stage`` by this process skip their own fsync (:func:`sync_file`) until
+    the block ends; the caller then runs :func:`sync_tree` on ``stage``."""
+    with _DEFERRED_LOCK:
+        _DEFERRED.add(stage)
+    try:
+        yield
+    finally:
+        with _DEFERRED_LOCK:
+            _DEFERRED.discard(stage)
+
+
+def sync_file(fileno: int, path: Path) -> None:
+    """fsync a freshly written file, unless it lies in a stage that is synced as a whole."""
+    if _DEFERRED:
+        with _DEFERRED_LOCK:
+            stages = tuple(_DEFERRED)
+        if any(path.is_relative_to(s) for s in stages):
+            return
+    os.fsync(fileno)
+
+
+def sync_tree(root: Path) -> None:
+    """Make every file and folder under ``root`` durable: ``syncfs(2)`` of its filesystem on Linux
+    (one call, whatever the file count), else an fsync of each file and folder."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            syncfs = libc.syncfs
+        except (OSError, AttributeError):
+            syncfs = None
+        if syncfs is not None:
+            fd = os.open(root, os.O_RDONLY)
+            try:
+                if syncfs(fd) == 0:
+                    return
+            finally:
+                os.close(fd)
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file atomically: temp file in the same directory, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +195,8 @@ def file_info(path: Path, rel: str, rows: int = 0) -> SplitInfo:
 
 
 def write_parquet(frame: pl.DataFrame, path: Path) -> SplitInfo:
-    """Write a Parquet file (zstd level 1), fsync it, re-read its row count and return path/rows/sha256."""
+    """Write a Parquet file (zstd level 1), fsync it (:func:`sync_file`), re-read its row count and
+    return path/rows/sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # zstd level 1: half the write time of the default level 3 for ~20 % larger files (measured
     # on 1M judgments: 4.1 s vs 8.1 s, 169 vs 136 MB)
@@ -143,7 +207,7 @@ def write_parquet(frame: pl.DataFrame, path: Path) -> SplitInfo:
     import pyarrow.parquet as pq  # (here: ~0.1 s to import, which a command that writes nothing does not pay)
 
     with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+        sync_file(fh.fileno(), path)
         rows = pq.ParquetFile(fh).metadata.num_rows  # (the footer only: a third of a Polars scan's time per part)
     if rows != frame.height:
         raise StoreError(f"{path}: wrote {frame.height} rows but read back {rows}")
@@ -691,14 +755,15 @@ class Store:
             stage = self.root / ".staging" / f"{version_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             stage.mkdir(parents=True)
             try:
-                manifest = build(stage)
+                with deferred_sync(stage):
+                    manifest = build(stage)
                 if manifest.version_id != version_id:
                     raise StoreError(f"manifest names {manifest.version_id}, expected {version_id}")
                 atomic_write_json(stage / "manifest.json", manifest.model_dump(mode="json"))
                 problems = verify_files(manifest, stage, objects=self.root / "objects")
                 if problems:
                     raise IntegrityError(f"staged version {version_id} failed its own check: {problems}")
-                _fsync_dir(stage)
+                sync_tree(stage)  # every staged file durable before the rename makes the version visible
                 target = self.versions_dir / version_id
                 try:
                     os.rename(stage, target)

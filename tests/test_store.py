@@ -269,3 +269,54 @@ def test_a_part_that_hashes_right_but_is_not_parquet_is_named(tmp_path, monkeypa
     monkeypatch.setattr(type(h), "manifest", lambda self: m)
     with pytest.raises(DamagedVersion, match="part-k2"):
         h.read("t")
+
+
+def test_a_version_is_synced_once_as_a_whole_before_it_appears(tmp_path, monkeypatch):
+    """Inside a build the parts skip their own fsync; the stage is synced as a whole (syncfs) before
+    the rename makes it visible; a Parquet file written anywhere else is fsynced as before."""
+    import pipeline.store as store_mod
+
+    synced_fds: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced_fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    trees: list[tuple[Path, bool, bool]] = []
+    real_tree = store_mod.sync_tree
+
+    def sync_tree(root):
+        trees.append((root, (root / "data" / "train.parquet").is_file(), (st.versions_dir / "v-1").exists()))
+        return real_tree(root)
+
+    monkeypatch.setattr(store_mod.os, "fsync", fsync)
+    monkeypatch.setattr(store_mod, "sync_tree", sync_tree)
+    st = Store(tmp_path / "store")
+    st.write_version("v-1", _builder("v-1"))
+    assert not any(p.endswith("train.parquet") for p in synced_fds), synced_fds  # (the part: synced with the stage)
+    assert len(trees) == 1 and trees[0][1] and not trees[0][2]  # the whole stage, before the rename
+    assert st.get("v-1").verify() == []
+    outside = tmp_path / "elsewhere" / "t.parquet"
+    write_parquet(pl.DataFrame({"x": [1]}), outside)
+    assert synced_fds[-1] == str(outside)
+
+
+def test_sync_tree_without_syncfs_fsyncs_every_file_and_folder(tmp_path, monkeypatch):
+    import pipeline.store as store_mod
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for rel in ("x", "a/y", "a/b/z"):
+        (tmp_path / rel).write_bytes(b"1")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(store_mod.os, "fsync", fsync)
+    monkeypatch.setattr(store_mod.sys, "platform", "darwin")  # (no syncfs: the walk)
+    store_mod.sync_tree(tmp_path)
+    want = {str(tmp_path / r) for r in ("x", "a/y", "a/b/z", "", "a", "a/b")}
+    assert {s.rstrip("/") for s in synced} == {w.rstrip("/") for w in want}
