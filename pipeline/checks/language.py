@@ -95,6 +95,7 @@ STOPWORDS: dict[str, str] = {
           "worden heeft hebben geen deze moet meer zo dan hij zij wij jullie mijn jouw onze",
 }
 WORD_LANGS = tuple(STOPWORDS)
+_LANG_NAMES = pl.Series("best_lang", WORD_LANGS, dtype=pl.String)  # (gathered: a NumPy array of str converts ~7x slower)
 _P = np.uint32(0x9E3779B1)
 
 
@@ -198,8 +199,11 @@ def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
         lens = np.fromiter(map(len, cut), np.int64, n) + 1
         cp = np.frombuffer(("\0".join(cut) + "\0").encode("utf-32-le"), dtype="<u4")
         cls = scripts[cp]
-        owner = np.repeat(np.arange(n, dtype=np.int64), lens)
-        counts = np.bincount(owner * _NCLS + cls, minlength=n * _NCLS).reshape(n, _NCLS)
+        # each code point's (text, class) cell: the text's first cell repeated, plus the class (one pass
+        # fewer than the text's index times the class count)
+        cell = np.repeat(np.arange(0, n * _NCLS, _NCLS, dtype=np.int64), lens)
+        cell += cls
+        counts = np.bincount(cell, minlength=n * _NCLS).reshape(n, _NCLS)
         # Latin words: polynomial hash sum_k c_k P^k mod 2^32 (k = offset in the word)
         lat = cls == LATIN
         edge = np.flatnonzero(lat[1:] != lat[:-1]) + 1
@@ -210,7 +214,7 @@ def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
         prefix = np.zeros(cp.size + 1, np.uint32)
         np.cumsum(cp * fwd[:cp.size], dtype=np.uint32, out=prefix[1:])
         wh = (prefix[w_end] - prefix[w_start]) * inv[w_start]
-        w_owner = owner[w_start]
+        w_owner = cell[w_start] // _NCLS  # (the text of each word)
         slot = (wh * mult) >> shift
         hit = np.flatnonzero(stop_keys[slot] == wh)
         # (function word, language) incidences -> one bincount over text x language
@@ -224,7 +228,7 @@ def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
             "script_top": np.argmax(counts[:, CYRILLIC:DEVANAGARI + 1], 1) + CYRILLIC,
             "script_top_n": counts[:, CYRILLIC:DEVANAGARI + 1].max(1),
             **{f"w_{x}": wl[:, i] for i, x in enumerate(WORD_LANGS)},
-            "best": top2[:, 1], "second": top2[:, 0], "best_lang": np.asarray(WORD_LANGS)[np.argmax(wl, 1)],
+            "best": top2[:, 1], "second": top2[:, 0], "best_lang": _LANG_NAMES.gather(np.argmax(wl, 1)),
         }
         return pl.DataFrame(cols)
 
