@@ -63,12 +63,13 @@ class Row:
     source: str = "measured"
 
 
-def run_child(code: str, args: list[str]) -> tuple[float, float, float, str, tuple[float, float]]:
-    """(wall s, CPU s, peak RSS MiB from the child's VmHWM, stdout, load before/after) of ``python -c code ARGS``."""
+def run_child(code: str, args: list[str], cwd: Path = ROOT) -> tuple[float, float, float, str, tuple[float, float]]:
+    """(wall s, CPU s, peak RSS MiB from the child's VmHWM, stdout, load before/after) of ``python -c code ARGS``
+    (run in ``cwd``: the code of the tree it imports from)."""
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, text=True, cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err, text=True, cwd=cwd,
                                 env=os.environ.copy())
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
@@ -83,11 +84,12 @@ def run_child(code: str, args: list[str]) -> tuple[float, float, float, str, tup
     return wall, ru.ru_utime + ru.ru_stime, peaks[-1] / 1024, stdout, (load0, os.getloadavg()[0])
 
 
-def run_curate(batch: Path, extra: tuple[str, ...] = ()) -> tuple[float, float, float, dict, tuple[float, float]]:
-    """(wall s, CPU s, peak RSS MiB, the --json output, load before/after) of one curate."""
+def run_curate(batch: Path, extra: tuple[str, ...] = (), cwd: Path = ROOT) -> tuple[float, float, float, dict, tuple[float, float]]:
+    """(wall s, CPU s, peak RSS MiB, the --json output, load before/after) of one curate (by the code in ``cwd``)."""
     store = Path(tempfile.mkdtemp(prefix="pp-scale-"))
     try:
-        wall, cpu, peak, stdout, loads = run_child(LAUNCHER, ["curate", str(batch), "--store", str(store), "--json", *extra])
+        wall, cpu, peak, stdout, loads = run_child(LAUNCHER, ["curate", str(batch), "--store", str(store), "--json", *extra],
+                                                   cwd=cwd)
         return wall, cpu, peak, json.loads(stdout), loads  # (--json: one JSON document)
     finally:
         shutil.rmtree(store, ignore_errors=True)
