@@ -248,10 +248,24 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
     timer = timer or _Timer(None)
     policy = resolve_policy(policy)
 
+    # a child's passes over its parent's parts (pipeline/parent_rows.py): their states under <store>/.work/<version_id>/,
+    # their tasks in this process or on the Dask cluster PREFPIPE_DASK names
+    work = store.ensure().root / ".work" / version_id
+
     def build(stage: Path) -> Manifest:
-        return _build_version(store, stage, version_id, ingest, parent, policy, timer, full, near_state)
+        if parent is None:
+            return _build_version(store, stage, version_id, ingest, parent, policy, timer, full, near_state)
+        from pipeline.distributed import open_runner
+
+        with open_runner() as client:
+            return _build_version(store, stage, version_id, ingest, parent, policy, timer, full, near_state, work=work,
+                                  client=client)
 
     vid, created = store.write_version(version_id, build)
+    if parent is not None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     return CurateResult(vid, created, store, timer.t)
 
 
@@ -296,7 +310,8 @@ def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> 
 
 
 def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
-                   policy: Policy, timer: _Timer, full: bool = False, early: _Handover | None = None) -> Manifest:
+                   policy: Policy, timer: _Timer, full: bool = False, early: _Handover | None = None, *,
+                   work: Path | None = None, client: Any = None) -> Manifest:
     t = time.perf_counter()
     created_at = datetime.now(UTC)
     same_policy = parent is not None and parent.manifest().policy_hash == policy.policy_hash()
@@ -489,22 +504,50 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         files: dict[str, SplitInfo] = {}
         t = timer.lap("write_judgments (wait)", t)
     flags = all_flags(results)
-    # the pair of each flagged judgment: its flags are kept in that pair's part (below)
-    jids = flags.filter(pl.col("subject_kind") == "judgment")["subject_id"]
-    flagged_pairs = judgments.filter(pl.col("comparison_id").is_in(jids.implode())).select(
-        subject_id="comparison_id", _jp="pair_id").unique("subject_id", keep="first", maintain_order=True)
-    del jids
-
-    jsel = sel.filter_judgments(judgments, flags, policy.select, complete=complete)
+    n_union = judgments.height
     # the rule of a child (docs/incremental.md): pairs whose judgments, judgment flags and annotators'
     # status are unchanged keep their parent's consensus; same policy only (else everything is recomputed)
     recompute = None
-    if parent_flags is not None and parent.table("pairs") is not None and same_policy:
-        recompute = inc.pairs_to_recompute(judgments, n_parent_judgments, parent_flags, flags)
-    # from here on only these columns are read (split leakage, the report's clusters): release the wide frame
-    judgments = judgments.select("pair_id", "prompt_hash")
+    ruled_child = parent_flags is not None and parent.table("pairs") is not None and same_policy
+    # a child under the rule that selects its dirty pairs only lets go of its union here: its drops, changed pairs and
+    # flagged judgments' pairs come from a pass over its parent's parts, select's rows of the pairs it reads from
+    # those parts (pipeline/parent_rows.py)
+    parted: Any = None  # (pipeline.parent_rows.PartedSelection)
+    parted_rows: Callable[[pl.Series | None], pl.DataFrame] | None = None
+    if ruled_child and defer and delta.applies(parent) and work is not None:
+        from pipeline import parent_rows as pr
+
+        assert parent is not None and parent_flags is not None
+        tail, like = judgments.slice(n_parent_judgments), complete(judgments.clear())
+        del judgments
+        found = pr.scan(parent, tail, n_parent_judgments, flags, pr.changed_subjects(parent_flags, flags),
+                        policy.select, work, client)
+        flagged_pairs = found.flagged.sort(pr.ROW).select(subject_id="comparison_id", _jp="pair_id") \
+            .unique("subject_id", keep="first", maintain_order=True)
+        jsel = pr.PartedSelection(parent, complete(tail), n_parent_judgments, found, dict(like.schema),
+                                  [c for c in like.columns if c not in sel.SELECTION_DROP], policy.select, flags, work,
+                                  client)
+        recompute = pl.concat([tail["pair_id"], found.hit]).unique().sort()
+        # the rows the final aggregation reads first, in one pass: the recomputed pairs', and those of the pairs with a
+        # dropped judgment (whether any of theirs is kept)
+        jsel.rows_of(pl.concat([recompute, found.dropped["pair_id"]]))
+        parted, parted_rows = jsel, jsel.rows_of
+        judgments = None  # (read again by pair: below)
+        del tail, like, found
+        t = timer.lap("parent_scan", t)
+    else:
+        # the pair of each flagged judgment: its flags are kept in that pair's part (below)
+        jids = flags.filter(pl.col("subject_kind") == "judgment")["subject_id"]
+        flagged_pairs = judgments.filter(pl.col("comparison_id").is_in(jids.implode())).select(
+            subject_id="comparison_id", _jp="pair_id").unique("subject_id", keep="first", maintain_order=True)
+        del jids
+
+        jsel = sel.filter_judgments(judgments, flags, policy.select, complete=complete)
+        if ruled_child:
+            recompute = inc.pairs_to_recompute(judgments, n_parent_judgments, parent_flags, flags)
+        # from here on only these columns are read (split leakage, the report's clusters): release the wide frame
+        judgments = judgments.select("pair_id", "prompt_hash")
     clusters = results["near_duplicates"].tables.get("clusters")
-    n_union = judgments.height
     # a child whose parent leaked nothing counts leakage over its dirty pairs (below)
     dirty_leakage = clusters is not None and _no_leaks(parent)
     all_pair_ids, n_pairs = pair_order, prelim.pairs.height  # first-seen order (prelim.pairs: any order)
@@ -531,7 +574,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         assert parent_rows is not None
         rule.update(pairs_selected=plan.dirty.len(), pairs_removed=plan.removed.len())
         final_pairs = final.pairs.join(plan.dirty.to_frame("pair_id"), on="pair_id", how="semi")
-        mine = jsel.kept_rows(pl.col("pair_id").is_in(plan.dirty.implode()))  # per-pair figures of the dirty pairs
+        mine = jsel.kept_of(plan.dirty)  # per-pair figures of the dirty pairs
         psel = sel.select_pairs(final_pairs, flags, policy.select, clusters=clusters, judgments=mine,
                                 downweight_share=sel.downweight_shares(mine, jsel.downweighted_annotators))
         del mine, final_pairs, final  # (the aggregation's rows: select's are what the later stages read)
@@ -555,8 +598,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             # pairs in the near-duplicate graph's clusters (the report's clusters of several prompts); the rest of
             # every judgment's rows is released before the split's work
             shown = fate.filter(pl.col("near_dup_cluster").is_in(graph["near_dup_cluster"].implode()))["pair_id"]
-            judgments = judgments.filter(pl.col("pair_id").is_in(pl.concat([plan.dirty, shown]).implode()))
-            judgments = _own_buffers(judgments)
+            judgments = parted_rows(pl.concat([plan.dirty, shown])).select("pair_id", "prompt_hash") \
+                if parted_rows is not None else \
+                _own_buffers(judgments.filter(pl.col("pair_id").is_in(pl.concat([plan.dirty, shown]).implode())))
             del shown
         t = timer.lap("select", t)
         if dirty_leakage and prior is not None and parent.has(PLACEMENT):
@@ -613,6 +657,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     assigned = assignments(now, prior, version_id) if plan is None else assignment_changes(dpo, prior, version_id)
     moves = split_moves(prior, (now if plan is None else dpo).select("pair_id", "split"))
     # each pair's prompt (its first judgment's), for the leakage check and the report's clusters
+    if judgments is None:  # (a child that let go of its union, but needs more than its dirty pairs' rows)
+        assert parted_rows is not None
+        judgments = parted_rows(None).select("pair_id", "prompt_hash")
     pair_prompts: pl.DataFrame | None
     if plan is not None and dirty_leakage:
         # a child whose parent leaked nothing: its clean pairs keep their splits and clusters, and a cluster is
@@ -783,6 +830,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     if parent:
         pm = parent.manifest()
         sources = [SourceInfo(**{**s.model_dump(), "path": s.path}) for s in pm.sources] + sources
+    if parted is not None:  # after the checks: the parent's rows of the pairs select and split read, by pair
+        union_rule.update(after_checks="parent parts by pair", parent_rows_read=parted.rows_read,
+                          parent_row_passes=parted.reads)
     if isinstance(complete, inc.Completer):  # the columns held for some rows only, and the reads that completed them
         union_rule.update(deferred=list(complete.columns), completed_reads=complete.reads, rows_completed=complete.rows_read)
     manifest = Manifest(
@@ -852,7 +902,7 @@ def _final_aggregation(jsel: sel.JudgmentSelection, prelim: agg.Aggregation, all
         rule = {"mode": "recomputed", "why": "the parent keeps no annotator parameters"}
     if given is not None:
         assert parent is not None and recompute is not None
-        mine = jsel.kept_rows(pl.col("pair_id").is_in(recompute.implode()))
+        mine = jsel.kept_of(recompute)
         final = agg.aggregate(mine, cfg, texts=texts_of(recompute), dimensions=policy.dimensions, params=given)
         assert final.params is not None and final.a_hash is not None
         fitted = final.params
@@ -929,7 +979,7 @@ def _dirty_rows(fresh: pl.DataFrame, old: pl.DataFrame, dirty_old: pl.DataFrame,
                                                     on="pair_id", how="semi", maintain_order="left")["pair_id"]
         n_from_parent = from_parent.len()
     dirty = plan.dirty.implode()
-    mine = jsel.kept_rows(pl.col("pair_id").is_in(dirty), ["pair_id", "a_hash"])
+    mine = jsel.kept_of(plan.dirty, ["pair_id", "a_hash"])
     pairs, _ = inc.with_parent_pairs(fresh, dirty_old, recompute, mine,
                                      plan.order.filter(plan.order.is_in(dirty)), texts, texts_for=plan.dirty)
     return pairs, {"pairs_recomputed": fresh.height, "pairs_from_parent": n_from_parent}
@@ -946,7 +996,7 @@ def _parent_row_texts(parent: VersionHandle, rows: pl.DataFrame, recompute: pl.S
     from pipeline.aggregate import PAIR_TEXT_COLUMNS
 
     need = rows.select("pair_id").join(recompute.to_frame("pair_id"), on="pair_id", how="anti")
-    canon = jsel.kept_rows(pl.col("pair_id").is_in(need["pair_id"].implode()), ["pair_id", "a_hash"]) \
+    canon = jsel.kept_of(need["pair_id"], ["pair_id", "a_hash"]) \
         .unique("pair_id", keep="first", maintain_order=True)
     got = parent.read("pairs", columns=["pair_id", *PAIR_TEXT_COLUMNS], where=pl.col("pair_id").is_in(canon["pair_id"].implode()),
                       keys=keys.join(canon, on="pair_id", how="semi")["_part"].unique().to_list()).join(canon, on="pair_id")

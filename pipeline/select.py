@@ -61,6 +61,7 @@ def drop_order() -> list[str]:
 # judgment columns no stage after the checks reads (they stay in judgments.parquet)
 PROVENANCE_COLUMNS = ("batch_id", "source_file", "source_line", "extra", "rubric", "model_version_a", "model_version_b",
                       "created_at", "confidence", "prompt_hash")
+SELECTION_DROP = (*PAIR_TEXT_COLUMNS, *PROVENANCE_COLUMNS)  # what select's judgments leave out
 
 
 @dataclass
@@ -100,6 +101,10 @@ class JudgmentSelection:
             frame = self.complete(frame).select(want)
         return frame
 
+    def kept_of(self, pairs: pl.Series, columns: list[str] | None = None) -> pl.DataFrame:
+        """The kept judgments of ``pairs`` (:meth:`kept_rows`)."""
+        return self.kept_rows(pl.col("pair_id").is_in(pairs.implode()), columns)
+
     def pairs_without_kept(self) -> pl.Series:
         """The pair ids all of whose judgments are dropped: looked for among the dropped rows' pairs
         only (a few), not by a distinct count of every kept row's pair."""
@@ -136,20 +141,23 @@ def _reasons_with(cfg: SelectConfig, action: str) -> set[str]:
     return {r for r, a in flag_actions(cfg).items() if a == action}
 
 
-def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectConfig,
-                     complete: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> JudgmentSelection:
-    """The judgments select keeps (:class:`JudgmentSelection`).  ``complete``: rows of ``judgments``
-    -> the same rows with every column (a child's union lacks some)."""
+def drop_rules(flags: pl.DataFrame, cfg: SelectConfig) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
+    """What drops a judgment, from the flags: (comparison_id -> ``_drop``: its judgment-level reason, a
+    pair_id conflict before any other; annotator_id -> ``_drop_a``: its annotator's; the downweighted annotators)."""
     drop_reasons = _reasons_with(cfg, "drop")
     jf = flags.filter((pl.col("subject_kind") == "judgment") & pl.col("reason").is_in(list(drop_reasons)))
     af = flags.filter(pl.col("subject_kind") == "annotator")
     drop_ann = af.filter(pl.col("reason").is_in(list(drop_reasons)))
     down_ann = af.filter(pl.col("reason").is_in(list(_reasons_with(cfg, "downweight"))))
-
     # one reason per dropped judgment: judgment-level first (a pair_id conflict before any other), then annotator-level
     first = pl.col("reason").sort_by(pl.col("reason") != "pair_id_conflict", "reason").first()
     by_j = jf.group_by("subject_id").agg(first.alias("_drop")).rename({"subject_id": "comparison_id"})
     by_a = drop_ann.group_by("subject_id").agg(pl.col("reason").sort().first().alias("_drop_a")).rename({"subject_id": "annotator_id"})
+    return by_j, by_a, sorted(set(down_ann["subject_id"].to_list()))
+
+
+def dropped_rows(judgments: pl.DataFrame, by_j: pl.DataFrame, by_a: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
+    """(which rows of ``judgments`` are dropped, the reason of each dropped row, in their order) by :func:`drop_rules`."""
     # which rows are dropped: a scan of the ids against the (few) flagged ones -- joining every
     # judgment to the flags hashed every id; the reasons are then joined to the dropped rows only
     dropped = pl.col("comparison_id").is_in(by_j["comparison_id"].implode()) \
@@ -157,14 +165,25 @@ def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectCo
     mask = judgments.select(dropped.fill_null(False).alias("_d")).to_series()
     j = judgments.select("comparison_id", "annotator_id").filter(mask)
     j = j.join(by_j, on="comparison_id", how="left").join(by_a, on="annotator_id", how="left")
-    drop = j.select(pl.coalesce("_drop", "_drop_a")).to_series()
-    counts = dict(drop.value_counts().sort(drop.name).iter_rows())
+    return mask, j.select(pl.coalesce("_drop", "_drop_a")).to_series()
+
+
+def reason_counts(reasons: pl.Series) -> dict[str, int]:
+    """Dropped judgments by reason, in reason order."""
+    return dict(reasons.value_counts().sort(reasons.name).iter_rows())
+
+
+def filter_judgments(judgments: pl.DataFrame, flags: pl.DataFrame, cfg: SelectConfig,
+                     complete: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> JudgmentSelection:
+    """The judgments select keeps (:class:`JudgmentSelection`).  ``complete``: rows of ``judgments``
+    -> the same rows with every column (a child's union lacks some)."""
+    by_j, by_a, down = drop_rules(flags, cfg)
+    mask, drop = dropped_rows(judgments, by_j, by_a)
     # the columns later stages need, without the pair texts (take those from the pairs) and
     # per-judgment provenance: a filter copies 16 bytes per row of every string column
-    gone = (*PAIR_TEXT_COLUMNS, *PROVENANCE_COLUMNS)
-    narrow = judgments.drop([c for c in gone if c in judgments.columns])
-    every = [c for c in complete(judgments.clear()).columns if c not in gone] if complete is not None else None
-    return JudgmentSelection(narrow, mask if j.height else None, counts, sorted(set(down_ann["subject_id"].to_list())),
+    narrow = judgments.drop([c for c in SELECTION_DROP if c in judgments.columns])
+    every = [c for c in complete(judgments.clear()).columns if c not in SELECTION_DROP] if complete is not None else None
+    return JudgmentSelection(narrow, mask if drop.len() else None, reason_counts(drop), down,
                              complete=complete if every != narrow.columns else None,
                              columns=every if every != narrow.columns else None)
 

@@ -1,0 +1,254 @@
+"""A child's passes over its parent's judgments, one part at a time (issue 15: a child over partitions).
+
+The parent's judgments are kept in parts of at most a partition's rows, in arrival order, and
+:data:`pipeline.incremental.JUDGMENT_ROWS` holds the same rows without their texts.  Those parts are
+the partitions of a child's passes over its history: a task reads one part (checked against the
+manifest's sha256 first), in this process or on the Dask cluster ``PREFPIPE_DASK`` names
+(:mod:`pipeline.distributed`), and returns what the child needs of it -- the size of the changes,
+not of the history:
+
+* :func:`scan`, after the checks, with the child's flags broadcast: each part's dropped judgments
+  (their reason), its annotators with a kept judgment, the pairs whose judgments' flags or
+  annotators' status changed (:func:`pipeline.incremental.pairs_to_recompute`), the pairs of the
+  flagged judgments;
+* :class:`PartedSelection`: select's judgments (:class:`pipeline.select.JudgmentSelection`) whose
+  parent rows are read by pair, for the pairs a stage asks for (the recomputed and the dirty
+  pairs), by a task per part, and kept once read.
+
+So after the checks the child lets go of its union (every parent row's narrow columns, ~90-110 B a
+judgment): select, split and the report read the rows of the pairs they touch.  The same rows in
+the same order as the union's: a row's place is its part's offset plus its place in the part,
+the batch's rows after the parent's.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipeline import select as sel
+from pipeline.distributed import PartitionRef, State, Step, map_partitions
+from pipeline.incremental import JUDGMENT_ROWS, defers
+from pipeline.partition_select import Broadcast
+from pipeline.store import VersionHandle
+from schemas.policy import SelectConfig
+
+__all__ = ["Scan", "PartedSelection", "parent_refs", "scan", "scan_frame", "changed_subjects"]
+
+VERSION = "1"
+ROW = "_row"  # a row's place in the union (Int64)
+SCAN_COLUMNS = ["comparison_id", "pair_id", "annotator_id"]
+
+
+def parent_refs(parent: VersionHandle) -> tuple[list[PartitionRef], list[int]]:
+    """(the parts a child's passes read -- :data:`JUDGMENT_ROWS`, whose parts hold the judgments' rows part for
+    part --, each part's first row's place in the union)."""
+    if not defers(parent):
+        raise ValueError(f"{parent.path}: its {JUDGMENT_ROWS} parts do not hold its judgments' rows part for part")
+    table = parent.table(JUDGMENT_ROWS)
+    assert table is not None
+    refs, offsets, at = [], [], 0
+    for i, part in enumerate(table.parts):
+        refs.append(PartitionRef(i, (str((parent.path / part.path).resolve()),), (part.sha256,)))
+        offsets.append(at)
+        at += part.rows
+    return refs, offsets
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _row_index(frame: pl.DataFrame, offset: int = 0) -> pl.DataFrame:
+    return frame.select((pl.int_range(pl.len(), dtype=pl.Int64) + offset).alias(ROW), pl.all())
+
+
+# ---------------------------------------------------------------- the scan after the checks
+def changed_subjects(parent_flags: pl.DataFrame, flags: pl.DataFrame) -> pl.DataFrame:
+    """The judgments and annotators whose set of flag reasons differs between the parent's flags and the
+    child's (``subject_kind``, ``subject_id``): their pairs are recomputed."""
+    out = []
+    for kind in ("judgment", "annotator"):
+        a, b = (f.filter(pl.col("subject_kind") == kind).select("subject_id", "reason").unique() for f in (parent_flags, flags))
+        ids = pl.concat([a.join(b, on=["subject_id", "reason"], how="anti"),
+                         b.join(a, on=["subject_id", "reason"], how="anti")])["subject_id"].unique().sort()
+        out.append(pl.DataFrame({"subject_kind": kind, "subject_id": ids}, schema={"subject_kind": pl.String,
+                                                                                "subject_id": pl.String}))
+    return pl.concat(out)
+
+
+def scan_frame(rows: pl.DataFrame, flags: pl.DataFrame, changed: pl.DataFrame, cfg: SelectConfig) -> State:
+    """One part's scan (``rows``: its comparison_id, pair_id, annotator_id): ``dropped`` (place, comparison_id,
+    pair_id, annotator_id and ``_drop``, the reason: :func:`pipeline.select.filter_judgments`'s rule), ``annotators``
+    (those with a kept judgment), ``hit`` (the pairs of the judgments and annotators in ``changed``), ``flagged``
+    (place, comparison_id, pair_id of the judgments with a flag)."""
+    by_j, by_a, _ = sel.drop_rules(flags, cfg)
+    mask, reasons = sel.dropped_rows(rows, by_j, by_a)
+    placed = _row_index(rows.select(SCAN_COLUMNS))
+    dropped = placed.filter(mask).with_columns(_drop=reasons)
+    kind = pl.col("subject_kind")
+    cj = changed.filter(kind == "judgment")["subject_id"]
+    ca = changed.filter(kind == "annotator")["subject_id"]
+    hit = rows.filter(pl.col("comparison_id").is_in(cj.implode()) | pl.col("annotator_id").is_in(ca.implode()))
+    fj = flags.filter(kind == "judgment")["subject_id"].unique()
+    return {"dropped": dropped,
+            "annotators": rows.filter(~mask).select(pl.col("annotator_id").unique().sort()),
+            "hit": hit.select(pl.col("pair_id").unique().sort()),
+            "flagged": placed.filter(pl.col("comparison_id").is_in(fj.implode())).select(ROW, "comparison_id", "pair_id")}
+
+
+def _scan_run(flags: Broadcast, changed: Broadcast, cfg_json: str, paths: list[str]) -> State:
+    rows = pl.read_parquet(paths[0], columns=SCAN_COLUMNS, glob=False)
+    return scan_frame(rows, flags.read(), changed.read(), SelectConfig.model_validate_json(cfg_json))
+
+
+@dataclass
+class Scan:
+    """Every part's scan (:func:`scan_frame`) and the batch's, their places in the union's."""
+
+    dropped: pl.DataFrame
+    annotators: pl.Series
+    hit: pl.Series
+    flagged: pl.DataFrame
+
+
+def scan(parent: VersionHandle, batch: pl.DataFrame, n_parent_rows: int, flags: pl.DataFrame, changed: pl.DataFrame,
+         cfg: SelectConfig, work: Path, client: Any = None) -> Scan:
+    """The scan of the parent's parts (tasks) and of ``batch`` (the union's rows after the parent's ``n_parent_rows``)."""
+    refs, offsets = parent_refs(parent)
+    shared = work / "broadcast"
+    fb = Broadcast.write(flags.sort(flags.columns, nulls_last=True), shared, "flags")
+    cb = Broadcast.write(changed, shared, "changed")
+    cfg_json = cfg.model_dump_json()
+    step = Step("child-scan", f"{VERSION}-{pl.__version__}-{_digest(fb.sha256, cb.sha256, cfg_json)}",
+                functools.partial(_scan_run, fb, cb, cfg_json), _concat)
+    states, _ = map_partitions(step, refs, work / "states", client=client)
+    Broadcast.forget()
+    mine = scan_frame(batch.select(SCAN_COLUMNS), flags, changed, cfg)
+    at = [*offsets, n_parent_rows]
+
+    def placed(name: str) -> pl.DataFrame:
+        return pl.concat([s[name].with_columns(pl.col(ROW) + o) for s, o in zip([*states, mine], at, strict=True)])
+
+    return Scan(dropped=placed("dropped"),
+                annotators=pl.concat([s["annotators"]["annotator_id"] for s in [*states, mine]]).unique(),
+                hit=pl.concat([s["hit"]["pair_id"] for s in [*states, mine]]).unique(),
+                flagged=placed("flagged"))
+
+
+def _concat(states: list[State]) -> State:  # pragma: no cover - the driver places each part's rows itself
+    raise NotImplementedError("child-scan is reduced by pipeline.parent_rows.scan")
+
+
+# ---------------------------------------------------------------- rows by pair
+def _rows_run(pairs: Broadcast, columns: tuple[str, ...], paths: list[str]) -> State:
+    want = pairs.read()["pair_id"]
+    q = pl.scan_parquet(paths[0], glob=False)
+    have = q.collect_schema().names()
+    q = q.with_row_index(ROW).filter(pl.col("pair_id").is_in(want.implode()))
+    return {"rows": q.select(pl.col(ROW).cast(pl.Int64), *(c for c in columns if c in have)).collect()}
+
+
+class PartedSelection(sel.JudgmentSelection):
+    """Select's judgments of a child (:class:`pipeline.select.JudgmentSelection`) without its union: the batch's rows
+    in memory, the parent's read from its parts by pair when a stage asks for them (:meth:`kept_of`, a task per
+    part), kept once read.  ``scan``: where the drops are (:func:`scan`); ``schema``: the union's columns (every
+    row read is cast to it; ``prompt_hash`` too, for the leakage check and the report)."""
+
+    def __init__(self, parent: VersionHandle, batch: pl.DataFrame, n_parent_rows: int, found: Scan,
+                 schema: dict[str, pl.DataType], columns: list[str], cfg: SelectConfig, flags: pl.DataFrame,
+                 work: Path, client: Any = None) -> None:
+        _, _, down = sel.drop_rules(flags, cfg)
+        super().__init__(rows=pl.DataFrame(), dropped=None,
+                         dropped_by_reason=sel.reason_counts(found.dropped["_drop"]), downweighted_annotators=down)
+        self.parent, self.work, self.client = parent, work, client
+        self.refs, self.offsets = parent_refs(parent)
+        self.n_parent_rows, self.found = n_parent_rows, found
+        self.schema = {c: schema[c] for c in dict.fromkeys([*columns, "prompt_hash"])}
+        self.want = columns
+        self.batch = _row_index(batch.select(list(self.schema)), n_parent_rows)
+        self.known = self.batch.clear()  # the parent's rows read so far, in union order
+        self.read_pairs = pl.Series("pair_id", [], pl.String)
+        self.every = False  # every parent row read
+        self.reads = self.rows_read = 0
+
+    # ------------------------------------------------------------ rows by pair
+    def rows_of(self, pairs: pl.Series | None) -> pl.DataFrame:
+        """Every row (kept or dropped) of ``pairs`` (None: of every pair), in union order, with :attr:`schema`'s
+        columns and the place ``_row``."""
+        if pairs is None:
+            if not self.every:
+                self._read(None)
+            return pl.concat([self.known, self.batch])
+        pairs = pairs.unique()
+        if not self.every:
+            self._read(pairs.filter(~pairs.is_in(self.read_pairs.implode())))
+        want = pl.col("pair_id").is_in(pairs.implode())
+        return pl.concat([self.known.filter(want), self.batch.filter(want)])
+
+    def _read(self, pairs: pl.Series | None) -> None:
+        """The parent's rows of ``pairs`` (None: every row), a task per part, added to :attr:`known`."""
+        if pairs is not None and pairs.len() == 0:
+            return
+        cols = tuple(self.schema)
+        if pairs is None:
+            step = Step("child-every-row", f"{VERSION}-{pl.__version__}-{_digest(*cols)}",
+                        functools.partial(_every_run, cols), _concat)
+        else:
+            pb = Broadcast.write(pairs.sort().to_frame("pair_id"), self.work / "broadcast", "pairs")
+            step = Step("child-rows", f"{VERSION}-{pl.__version__}-{_digest(pb.sha256, *cols)}",
+                        functools.partial(_rows_run, pb, cols), _concat)
+        states, _ = map_partitions(step, self.refs, self.work / "states", client=self.client)
+        Broadcast.forget()
+        got = [self._typed(s["rows"].with_columns(pl.col(ROW) + o)) for s, o in zip(states, self.offsets, strict=True)]
+        del states
+        got = [g for g in got if g.height]
+        self.reads += 1
+        self.rows_read += sum(g.height for g in got)
+        if pairs is None:  # (every row: those read before among them)
+            self.known, self.every = (pl.concat(got) if got else self.known.clear()), True
+        elif got:
+            self.known = pl.concat([self.known, *got]).sort(ROW)
+        if pairs is not None:
+            self.read_pairs = pl.concat([self.read_pairs, pairs])
+
+    def _typed(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """A part's rows with the union's columns and types (a column a parent written before it existed: null)."""
+        made = [pl.lit(None, self.schema[c]).alias(c) for c in self.schema if c not in rows.columns]
+        return rows.with_columns(made).select(ROW, *(pl.col(c).cast(t) for c, t in self.schema.items()))
+
+    # ------------------------------------------------------------ JudgmentSelection
+    def _kept(self, rows: pl.DataFrame, columns: list[str] | None) -> pl.DataFrame:
+        rows = rows.filter(~pl.col(ROW).is_in(self.found.dropped[ROW].implode())) if self.found.dropped.height else rows
+        return rows.select(columns if columns is not None else self.want)
+
+    def kept_of(self, pairs: pl.Series, columns: list[str] | None = None) -> pl.DataFrame:
+        return self._kept(self.rows_of(pairs), columns)
+
+    def kept_rows(self, where: pl.Expr | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+        rows = self.rows_of(None)  # (any filter: every row, as the union would have them)
+        return self._kept(rows.filter(where) if where is not None else rows, columns)
+
+    def pairs_without_kept(self) -> pl.Series:
+        cand = self.found.dropped["pair_id"].unique()
+        if cand.len() == 0:
+            return cand
+        rows = self.rows_of(cand).select("pair_id", _dropped=pl.col(ROW).is_in(self.found.dropped[ROW].implode()))
+        return rows.group_by("pair_id").agg(pl.col("_dropped").all()).filter(pl.col("_dropped"))["pair_id"]
+
+    def kept_annotators(self, step: int = 1 << 20) -> pl.Series:  # noqa: ARG002 - one signature
+        return self.found.annotators
+
+    def dropped_ids(self) -> pl.Series:
+        return self.found.dropped.sort(ROW)["comparison_id"]
+
+
+def _every_run(columns: tuple[str, ...], paths: list[str]) -> State:
+    q = pl.scan_parquet(paths[0], glob=False)
+    have = q.collect_schema().names()
+    return {"rows": q.with_row_index(ROW).select(pl.col(ROW).cast(pl.Int64), *(c for c in columns if c in have)).collect()}
+
