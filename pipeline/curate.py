@@ -528,9 +528,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                                   [c for c in like.columns if c not in sel.SELECTION_DROP], policy.select, flags, work,
                                   client)
         recompute = pl.concat([tail["pair_id"], found.hit]).unique().sort()
-        # the rows the final aggregation reads first, in one pass: the recomputed pairs', and those of the pairs with a
-        # dropped judgment (whether any of theirs is kept)
-        jsel.rows_of(pl.concat([recompute, found.dropped["pair_id"]]))
+        # what the final aggregation reads first, in one pass: the recomputed pairs' rows, and which pairs with a
+        # dropped judgment have none kept
+        jsel.prefetch(recompute, found.dropped["pair_id"])
         parted, parted_rows = jsel, jsel.rows_of
         judgments = None  # (read again by pair: below)
         del tail, like, found

@@ -145,12 +145,19 @@ def _concat(states: list[State]) -> State:  # pragma: no cover - the driver plac
 
 
 # ---------------------------------------------------------------- rows by pair
-def _rows_run(pairs: Broadcast, columns: tuple[str, ...], paths: list[str]) -> State:
-    want = pairs.read()["pair_id"]
+def _rows_run(pairs: Broadcast, columns: tuple[str, ...], counted: Broadcast | None, paths: list[str]) -> State:
+    """A part's rows of ``pairs`` (their place in the part, ``columns``) and, of the pairs ``counted`` names, how many
+    rows each has here (``counts``)."""
     q = pl.scan_parquet(paths[0], glob=False)
     have = q.collect_schema().names()
-    q = q.with_row_index(ROW).filter(pl.col("pair_id").is_in(want.implode()))
-    return {"rows": q.select(pl.col(ROW).cast(pl.Int64), *(c for c in columns if c in have)).collect()}
+    rows = q.with_row_index(ROW).filter(pl.col("pair_id").is_in(pairs.read()["pair_id"].implode())) \
+        .select(pl.col(ROW).cast(pl.Int64), *(c for c in columns if c in have))
+    if counted is None:
+        return {"rows": rows.collect()}
+    counts = q.select("pair_id").filter(pl.col("pair_id").is_in(counted.read()["pair_id"].implode())) \
+        .group_by("pair_id").agg(n=pl.len().cast(pl.Int64))
+    got, n = pl.collect_all([rows, counts])
+    return {"rows": got, "counts": n}
 
 
 class PartedSelection(sel.JudgmentSelection):
@@ -174,6 +181,7 @@ class PartedSelection(sel.JudgmentSelection):
         self.known = self.batch.clear()  # the parent's rows read so far, in union order
         self.read_pairs = pl.Series("pair_id", [], pl.String)
         self.every = False  # every parent row read
+        self.without_kept: pl.Series | None = None  # (:meth:`prefetch`)
         self.reads = self.rows_read = 0
 
     # ------------------------------------------------------------ rows by pair
@@ -190,9 +198,17 @@ class PartedSelection(sel.JudgmentSelection):
         want = pl.col("pair_id").is_in(pairs.implode())
         return pl.concat([self.known.filter(want), self.batch.filter(want)])
 
-    def _read(self, pairs: pl.Series | None) -> None:
-        """The parent's rows of ``pairs`` (None: every row), a task per part, added to :attr:`known`."""
-        if pairs is not None and pairs.len() == 0:
+    def prefetch(self, pairs: pl.Series, candidates: pl.Series) -> None:
+        """One pass for what the final aggregation reads first: the rows of ``pairs`` (the recomputed ones), and
+        which of ``candidates`` (the pairs with a dropped judgment) have none kept (:meth:`pairs_without_kept`:
+        their rows counted in each part, not read)."""
+        pairs, candidates = pairs.unique(), candidates.unique()
+        self._read(pairs.filter(~pairs.is_in(self.read_pairs.implode())), candidates)
+
+    def _read(self, pairs: pl.Series | None, counted: pl.Series | None = None) -> None:
+        """The parent's rows of ``pairs`` (None: every row), a task per part, added to :attr:`known`; ``counted``: see
+        :meth:`prefetch`."""
+        if pairs is not None and pairs.len() == 0 and counted is None:
             return
         cols = tuple(self.schema)
         if pairs is None:
@@ -200,10 +216,14 @@ class PartedSelection(sel.JudgmentSelection):
                         functools.partial(_every_run, cols), _concat)
         else:
             pb = Broadcast.write(pairs.sort().to_frame("pair_id"), self.work / "broadcast", "pairs")
-            step = Step("child-rows", f"{VERSION}-{pl.__version__}-{_digest(pb.sha256, *cols)}",
-                        functools.partial(_rows_run, pb, cols), _concat)
+            cb = Broadcast.write(counted.sort().to_frame("pair_id"), self.work / "broadcast", "counted") \
+                if counted is not None else None
+            step = Step("child-rows", f"{VERSION}-{pl.__version__}-{_digest(pb.sha256, cb.sha256 if cb else '', *cols)}",
+                        functools.partial(_rows_run, pb, cols, cb), _concat)
         states, _ = map_partitions(step, self.refs, self.work / "states", client=self.client)
         Broadcast.forget()
+        if counted is not None:
+            self._no_kept(counted, [s.pop("counts") for s in states])
         got = [self._typed(s["rows"].with_columns(pl.col(ROW) + o)) for s, o in zip(states, self.offsets, strict=True)]
         del states
         got = [g for g in got if g.height]
@@ -215,6 +235,13 @@ class PartedSelection(sel.JudgmentSelection):
             self.known = pl.concat([self.known, *got]).sort(ROW)
         if pairs is not None:
             self.read_pairs = pl.concat([self.read_pairs, pairs])
+
+    def _no_kept(self, candidates: pl.Series, counts: list[pl.DataFrame]) -> None:
+        """The candidates all of whose rows (the parent's: ``counts``, per part; the batch's) are dropped."""
+        mine = self.batch.filter(pl.col("pair_id").is_in(candidates.implode())).group_by("pair_id").agg(n=pl.len().cast(pl.Int64))
+        rows = pl.concat([*counts, mine]).group_by("pair_id").agg(pl.col("n").sum())
+        dropped = self.found.dropped.group_by("pair_id").agg(d=pl.len().cast(pl.Int64))
+        self.without_kept = rows.join(dropped, on="pair_id").filter(pl.col("n") == pl.col("d"))["pair_id"].sort()
 
     def _typed(self, rows: pl.DataFrame) -> pl.DataFrame:
         """A part's rows with the union's columns and types (a column a parent written before it existed: null)."""
@@ -234,6 +261,8 @@ class PartedSelection(sel.JudgmentSelection):
         return self._kept(rows.filter(where) if where is not None else rows, columns)
 
     def pairs_without_kept(self) -> pl.Series:
+        if self.without_kept is not None:
+            return self.without_kept
         cand = self.found.dropped["pair_id"].unique()
         if cand.len() == 0:
             return cand
