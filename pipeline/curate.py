@@ -302,6 +302,72 @@ def _union_with_parent(new: pl.DataFrame, parent: VersionHandle | None, *, narro
     return union, new.height - fresh.height, fresh, near
 
 
+def _near_union(parent: VersionHandle | None, new: pl.DataFrame, policy: Policy, *, narrow: bool, defer: tuple[str, ...],
+                full: bool, same_policy: bool, work: Path | None, client: Any
+                ) -> tuple[Any, pl.DataFrame, int, pl.DataFrame, pl.DataFrame] | None:
+    """A child's union of the parent's rows its stages read (:class:`pipeline.parent_rows.ParentUnion`) and its
+    batch: (the loader, the union so far, the batch's rows the parent has, the batch's other rows, the parent's rows of
+    the batch's pairs and prompts with every column) -- or None where some stage reads every parent row: a registry
+    (the check reads every judgment), dimension verdicts (the dimensions check), a check whose sums are counted again
+    (more judgments than ``refit_growth`` allows over its parameters' fit), a check that reads judgment columns it
+    does not declare, a parent without the state a child under the rule merges with (then the union holds every
+    parent row, :func:`_union_with_parent`)."""
+    from pipeline.report import LABEL_COUNTS
+
+    if parent is None or work is None or not narrow or not defer or full or not same_policy \
+            or policy.annotators is not None or dims.has_dimensions(new) or not delta.applies(parent) \
+            or parent.table("pairs") is None or not has_state(parent) or not inc.has_preliminary(parent) \
+            or not inc.has_sums(parent) or not parent.has(LABEL_COUNTS):
+        return None
+    # the checks run over the union (not merged from state, sums or counts) read no judgment row but the dimension
+    # verdicts, which no row has (below); a check that reads any column, or others, reads every parent row
+    merged = {*inc.PAIR_SCOPED, "near_duplicates", *inc.declared_sums(), "reviews", "routing", "registry"}
+    reading = judgment_columns(skip=merged)
+    if reading is None or set(reading) - {"dimensions", "label_derived"}:
+        return None
+    table = parent.table("judgments")
+    n_parent = table.rows if table is not None else 0
+    fitted_on = inc.params_fitted_on(parent)
+    if any(spec.params and n_parent + new.height > (1 + policy.checks.refit_growth) * fitted_on.get(name, 0)
+           for name, spec in inc.declared_sums().items()):
+        return None
+    from pipeline import parent_rows as pr
+
+    columns = [c for c in new.columns if c not in inc.NARROW_DROP and c not in defer]
+    pu = pr.ParentUnion(parent, new, columns, work, client)
+    if pu.dimension_verdicts or pu.n_parent != n_parent:
+        return None
+    # the batch without the rows its parent has: always through the join (one chunk per column, _union_with_parent)
+    fresh = new.join(pu.repeated.unique().to_frame("comparison_id"), on="comparison_id", how="anti", maintain_order="left")
+    union, _ = pu.union(fresh)
+    return pu, union, new.height - fresh.height, fresh, pu.wide(new, new.columns)
+
+
+def _closed(pu: Any, judgments: pl.DataFrame, n_local: int, complete: Callable[[pl.DataFrame], pl.DataFrame]
+            ) -> tuple[pl.DataFrame, int]:
+    """``judgments`` (the parent's rows ``pu`` loaded, then the batch's) with every parent row of the touched pairs'
+    closure (:func:`pipeline.incremental.touched_pairs`) and of their prompts: loaded until a closure over them
+    asks for no other -- then it is the closure over every row."""
+    while True:
+        pairs = inc.touched_pairs(judgments, n_local, complete)
+        prompts = judgments.filter(pl.col("pair_id").is_in(pairs.implode()))["prompt_hash"]
+        if not pu.load(pairs=pairs, prompts=prompts):
+            return judgments, n_local
+        judgments, n_local = pu.union(judgments.slice(n_local))
+
+
+def _more(pu: Any, judgments: pl.DataFrame, n_local: int) -> Callable[[pl.Series], tuple[pl.DataFrame, int]]:
+    """For the checks' sums: the union with every row of the pairs ``annotators`` judged (loaded)."""
+    tail = judgments.slice(n_local)
+
+    def more(annotators: pl.Series) -> tuple[pl.DataFrame, int]:
+        pu.load(annotators=annotators)
+        pu.load(pairs=pu.rows.filter(pl.col("annotator_id").is_in(annotators.implode()))["pair_id"])
+        return pu.union(tail)
+
+    return more
+
+
 def _quarantine_with_parent(new: pl.DataFrame, parent: VersionHandle | None) -> pl.DataFrame:
     """A version's quarantine holds every quarantined row its ledger counts: the parent's, then the new ones."""
     if parent is None:
@@ -322,18 +388,31 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     narrow = parent is not None and not full and same_policy and not policy.dimensions.train_on and inc.narrow_applies(parent)
     # ... and without the columns only the stages that aggregate or select some pairs read (taken for those rows)
     defer = inc.DEFERRED if narrow and inc.defers(parent) else ()  # type: ignore[arg-type]
-    judgments, repeated, batch, near = _union_with_parent(ingest.take_judgments(), parent, narrow=narrow, defer=defer)
-    n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
+    new = ingest.take_judgments()
+    # a child under the rule whose stages all read some parent rows only: those rows (of the batch's pairs and prompts,
+    # the reviews, and what the touched pairs' closure and the checks' sums ask for), not every parent row
+    # (pipeline/parent_rows.py); ``n_local``: the parent's rows in ``judgments`` (all of them: ``n_parent_judgments``)
+    near_union = _near_union(parent, new, policy, narrow=narrow, defer=defer, full=full, same_policy=same_policy,
+                             work=work, client=client)
+    if near_union is not None:
+        pu, judgments, repeated, batch, near = near_union
+        n_parent_judgments, n_local = pu.n_parent, pu.rows.height
+    else:
+        pu = None
+        judgments, repeated, batch, near = _union_with_parent(new, parent, narrow=narrow, defer=defer)
+        n_parent_judgments = judgments.height - (ingest.ledger.judgments - repeated) if parent else 0
+        n_local = n_parent_judgments
+    del new, near_union
     complete: Callable[[pl.DataFrame], pl.DataFrame] = lambda rows: rows  # noqa: E731 - every column held
     quarantine = _quarantine_with_parent(ingest.quarantine, parent)
     # a comparison_id used twice inside the input: keep the first, count the rest.  Only the new rows
     # can repeat one: the parent's ids are unique (this filter ran before its judgments were written)
     # and a new row with a parent's id is not in the union (already_in_parent)
-    tail = judgments.slice(n_parent_judgments)
+    tail = judgments.slice(n_local)
     dup_ids = tail.select(pl.col("comparison_id").is_duplicated() & ~pl.col("comparison_id").is_first_distinct()).to_series()
     n_dup_ids = int(dup_ids.sum())
     if n_dup_ids:  # a filter copies every column: only when there is something to remove
-        judgments = pl.concat([judgments.slice(0, n_parent_judgments), tail.filter(~dup_ids)])
+        judgments = pl.concat([judgments.slice(0, n_local), tail.filter(~dup_ids)])
         batch = batch.filter(~dup_ids) if batch is not None else None
     del tail
     if defer:  # (the batch's rows as the union has them: after the repeated ids are left out)
@@ -341,10 +420,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         complete = inc.Completer(parent, batch, [c for c in batch.columns if c in judgments.columns or c in defer], near)
     # a new review whose texts differ from its pair's is never merged into it (the parent's rows are as stored); as
     # in a first version, the repeated ids are gone first
-    judgments = inc.aligned(rr.attach(judgments, from_row=n_parent_judgments, complete=complete if defer else None))
+    judgments = inc.aligned(rr.attach(judgments, from_row=n_local, complete=complete if defer else None))
     if narrow:
         assert batch is not None and parent is not None
-        batch = batch.with_columns(pair_id=judgments.slice(n_parent_judgments)["pair_id"])
+        batch = batch.with_columns(pair_id=judgments.slice(n_local)["pair_id"])
     else:
         batch = None
     parent_drops = parent.manifest().ledger.judgments_dropped if parent else {}
@@ -352,7 +431,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                  "already_in_parent": parent_drops.get("already_in_parent", 0) + repeated}
     pre_check = {k: v for k, v in pre_check.items() if v}
 
-    n_judgments = judgments.height
+    n_judgments = judgments.height - n_local + n_parent_judgments  # (the union's)
     extra: dict[str, dict[str, Any]] = {"registry": {"registry": policy.annotators}}  # None: the check does nothing
     review_ctx = _review_context(store, parent, policy)
     extra["reviews"] = {"reviews": review_ctx}
@@ -376,7 +455,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         # --full: the parent's state is not used (everything recomputed from the union)
         intact = parent is not None and not full and not no_verdict and parent_judgments_intact(parent, n_parent_judgments)
         # the touched pairs' rows with their texts (the union has none when narrow)
-        hydrated = inc.hydrate(judgments, n_parent_judgments, parent, batch, near, complete if defer else None) \
+        if pu is not None:  # the rows of the touched pairs' closure (pairs, prompts) loaded, until it is closed
+            judgments, n_local = _closed(pu, judgments, n_local, complete)
+        hydrated = inc.hydrate(judgments, n_local, parent, batch, near, complete if defer else None) \
             if batch is not None and near is not None and parent is not None else None
         del near
         wide, n_wide_parent = (hydrated.rows, hydrated.n_parent_rows) if hydrated is not None else (judgments, n_parent_judgments)
@@ -384,6 +465,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         union_rule = {"texts": "touched pairs", "parent_rows_with_texts": n_wide_parent,
                       "touched_pairs": hydrated.pairs.len(), "read_again": hydrated.read_again} \
             if hydrated is not None else {"texts": "all"}
+        if pu is not None:  # (the parent's rows it held: those its stages read, not every one)
+            union_rule.update(rows="near the batch", parent_rows_held=n_local, parent_row_passes=pu.passes)
         t = timer.lap("union_inputs", t)
         parent_flags = parent.read("flags.parquet") if intact else None
         # near duplicates through the state tables (a child hashes and bands only its new prompts): first, before
@@ -405,6 +488,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             assert parent is not None and batch is not None
             judgments = pl.concat([inc.parent_judgments(parent, None, batch.columns).cast(batch.schema), batch])  # type: ignore[arg-type]
             hydrated, wide, n_wide_parent = None, judgments, n_parent_judgments
+            pu, n_local = None, n_parent_judgments
             union_rule = {"texts": "all", "why": "the parent's preliminary state lacks a column"}
         under_rule, prelim_changed = ruled is not None, None
         if ruled is not None:
@@ -447,8 +531,9 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         sums_rule = None
         if under_rule and parent is not None and prelim_touched is not None and inc.has_sums(parent):
             # the checks with mergeable state count only the batch's pairs (pipeline/checks/spec.py: Sums)
-            merged = inc.merged_sums(judgments, n_parent_judgments, parent, prelim_touched, policy.checks, complete,
-                                     {"reliability": accuracies, "length_bias": {"lengths": lengths}})
+            merged = inc.merged_sums(judgments, n_local, parent, prelim_touched, policy.checks, complete,
+                                     {"reliability": accuracies, "length_bias": {"lengths": lengths}},
+                                     n_judgments=n_judgments, more=_more(pu, judgments, n_local) if pu is not None else None)
             for name, ins in merged.items():
                 extra.setdefault(name, {}).update(ins)
             sums_rule = {"mode": "incremental", "checks": sorted(merged), "pairs_counted": prelim_touched.len(),
@@ -458,8 +543,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         partial: set[str] = set()  # checks whose state table holds the touched pairs' rows only
         if intact and has_state(parent):
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
-            given, touched, partial = run_touched(judgments, n_parent_judgments, parent, policy.checks,
-                                         Totals(judgments=judgments.height, pairs=prelim.pairs.height),
+            given, touched, partial = run_touched(judgments, n_local, parent, policy.checks,
+                                         Totals(judgments=n_judgments, pairs=prelim.pairs.height),
                                          parent_flags=parent_flags, hydrated=hydrated,
                                          first=prelim_rows.select("pair_id", "first_version"))
             t = timer.lap("checks:touched_pairs", t)
@@ -486,7 +571,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         base_counts = parent.read(LABEL_COUNTS) if intact and same_policy and parent is not None \
             and parent.has(LABEL_COUNTS) else None
         counts = label_counts(complete(judgments) if base_counts is None
-                              else batch if defer else judgments.slice(n_parent_judgments), base_counts)
+                              else batch if defer else judgments.slice(n_local), base_counts)
         if defer:
             labels = counts.group_by("label").agg(pl.col("n").sum())
             extra.setdefault("routing", {})["label_counts"] = dict(labels.iter_rows())
@@ -496,6 +581,10 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         reading = judgment_columns(skip=skip)
         if reading is None or set(reading) & set(inc.DEFERRED) or dims.has_dimensions(judgments):
             judgments = complete(judgments)
+        if pu is not None:  # (the union's count: the checks read no other row of it -- _near_union's conditions)
+            from pipeline.checks import registry
+
+            given["registry"] = registry.result(None, n_judgments)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
         t = time.perf_counter()
@@ -504,7 +593,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         files: dict[str, SplitInfo] = {}
         t = timer.lap("write_judgments (wait)", t)
     flags = all_flags(results)
-    n_union = judgments.height
+    n_union = n_judgments
     # the rule of a child (docs/incremental.md): pairs whose judgments, judgment flags and annotators'
     # status are unchanged keep their parent's consensus; same policy only (else everything is recomputed)
     recompute = None
@@ -518,7 +607,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         from pipeline import parent_rows as pr
 
         assert parent is not None and parent_flags is not None
-        tail, like = judgments.slice(n_parent_judgments), complete(judgments.clear())
+        tail, like = judgments.slice(n_local), complete(judgments.clear())
         del judgments
         found = pr.scan(parent, tail, n_parent_judgments, flags, pr.changed_subjects(parent_flags, flags),
                         policy.select, work, client)
@@ -536,6 +625,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         del tail, like, found
         t = timer.lap("parent_scan", t)
     else:
+        assert pu is None  # (every parent row is in the union)
         # the pair of each flagged judgment: its flags are kept in that pair's part (below)
         jids = flags.filter(pl.col("subject_kind") == "judgment")["subject_id"]
         flagged_pairs = judgments.filter(pl.col("comparison_id").is_in(jids.implode())).select(

@@ -746,7 +746,8 @@ def fitted_on(parent: VersionHandle | None, merged: Iterable[str], n_judgments: 
 
 def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHandle, pairs: pl.Series,
                 cfg: ChecksConfig, complete: Callable[[pl.DataFrame], pl.DataFrame],
-                inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, pl.DataFrame]]:
+                inputs: dict[str, dict[str, Any]], *, n_judgments: int | None = None,
+                more: Callable[[pl.Series], tuple[pl.DataFrame, int]] | None = None) -> dict[str, dict[str, pl.DataFrame]]:
     """The mergeable state of every check that declares one, for a child whose judgments are its
     parent's (the first ``n_parent_rows``) followed by new ones on the pairs ``pairs``: the parent's
     state minus those pairs' rows as the parent counted them plus their rows now
@@ -757,8 +758,11 @@ def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     with parameters is left out (counted again over every judgment, refitted) when the judgments
     are more than ``1 + cfg.refit_growth`` times those its parameters were fitted on
     (:func:`params_fitted_on`).  ``complete``: the rows counted with the columns ``judgments`` lacks
-    (:class:`Completer`)."""
+    (:class:`Completer`).  ``n_judgments``: the union's count when ``judgments`` holds some of the parent's rows only
+    (the pairs' rows it counts); ``more(annotators)``: then the union with every row of the pairs they judged, and how
+    many of its rows are the parent's."""
     rows = judgments.with_row_index("_row")
+    n_judgments = judgments.height if n_judgments is None else n_judgments
 
     def split(mine: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         return mine.filter(pl.col("_row") < n_parent_rows).drop("_row"), mine.drop("_row")
@@ -766,15 +770,17 @@ def merged_sums(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
     old, new = split(complete(rows.filter(pl.col("pair_id").is_in(pairs.implode()))))
 
     def pairs_of(annotators: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
-        judged = judgments.filter(pl.col("annotator_id").is_in(annotators.implode()))["pair_id"]
-        return split(complete(rows.filter(pl.col("pair_id").is_in(pl.concat([pairs, judged]).unique().implode()))))
+        frame, n = (judgments, n_parent_rows) if more is None else more(annotators)
+        judged = frame.filter(pl.col("annotator_id").is_in(annotators.implode()))["pair_id"]
+        mine = complete(frame.with_row_index("_row").filter(pl.col("pair_id").is_in(pl.concat([pairs, judged]).unique().implode())))
+        return mine.filter(pl.col("_row") < n).drop("_row"), mine.drop("_row")
 
     out: dict[str, dict[str, pl.DataFrame]] = {}
     fitted_on = params_fitted_on(parent)
     for name, spec in declared_sums().items():
         # the rule's bound: parameters fitted on all but refit_growth of the judgments they count; beyond,
         # the check counts every judgment, with parameters fitted on them
-        if spec.params and judgments.height > (1 + cfg.refit_growth) * fitted_on.get(name, 0):
+        if spec.params and n_judgments > (1 + cfg.refit_growth) * fitted_on.get(name, 0):
             continue
         params = parent.read(sums_params_table(name)) if spec.params else None
         child = Child(state=parent.read(sums_table(name)), params=params, old=old, new=new, cfg=cfg,

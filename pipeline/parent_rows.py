@@ -281,3 +281,122 @@ def _every_run(columns: tuple[str, ...], paths: list[str]) -> State:
     have = q.collect_schema().names()
     return {"rows": q.with_row_index(ROW).select(pl.col(ROW).cast(pl.Int64), *(c for c in columns if c in have)).collect()}
 
+
+
+# ---------------------------------------------------------------- before the checks: the rows near the batch
+def _near_run(keys: Broadcast, columns: tuple[str, ...], first: bool, paths: list[str]) -> State:
+    """A part's rows (their place, ``columns``) of the pairs, prompts and annotators ``keys`` names; ``first``: also
+    every review row, the comparison ids among ``keys``' ids (``repeated``) and the part's dimension verdicts."""
+    k = keys.read()
+    q = pl.scan_parquet(paths[0], glob=False)
+    have = q.collect_schema().names()
+
+    def of(kind: str) -> pl.Series:
+        return k.filter(pl.col("kind") == kind)["value"]
+
+    near = pl.col("pair_id").is_in(of("pair").implode()) | pl.col("prompt_hash").is_in(of("prompt").implode()) \
+        | pl.col("annotator_id").is_in(of("annotator").implode())
+    if first and "review_of" in have:
+        near = near | pl.col("review_of").is_not_null()
+    rows = q.with_row_index(ROW).filter(near).select(pl.col(ROW).cast(pl.Int64), *(c for c in columns if c in have))
+    if not first:
+        return {"rows": rows.collect()}
+    repeated = q.select("comparison_id").filter(pl.col("comparison_id").is_in(of("id").implode()))
+    dims = q.select(n=pl.col("dimensions").is_not_null().sum().cast(pl.Int64)) if "dimensions" in have \
+        else pl.LazyFrame({"n": [0]}, schema={"n": pl.Int64})
+    got, rep, nd = pl.collect_all([rows, repeated, dims])
+    return {"rows": got, "repeated": rep, "facts": nd}
+
+
+def _keys(**kinds: pl.Series | None) -> pl.DataFrame:
+    frames = [pl.DataFrame({"kind": kind, "value": v.drop_nulls().unique().sort()}, schema={"kind": pl.String, "value": pl.String})
+              for kind, v in kinds.items() if v is not None]
+    return pl.concat(frames)
+
+
+class ParentUnion:
+    """The parent's rows a child's stages before the checks read -- those of the batch's pairs and prompts, every
+    review and the pairs reviews name, and what the touched pairs' closure and the checks' sums ask for later
+    (:meth:`load`) -- in union order, instead of every parent row.  Found by a task per part (``child-near``), which
+    also gives the batch's comparison ids the parent has (``repeated``) and the parent's dimension verdicts."""
+
+    def __init__(self, parent: VersionHandle, batch: pl.DataFrame, columns: list[str], work: Path, client: Any = None
+                 ) -> None:
+        self.parent, self.work, self.client, self.columns = parent, work, client, columns
+        self.refs, self.offsets = parent_refs(parent)
+        table = parent.table(JUDGMENT_ROWS)
+        assert table is not None
+        self.n_parent = sum(p.rows for p in table.parts)
+        self.pairs, self.prompts = batch["pair_id"].unique(), batch["prompt_hash"].unique()
+        self.annotators = pl.Series("annotator_id", [], pl.String)
+        states = self._scan(_keys(id=batch["comparison_id"], pair=self.pairs, prompt=self.prompts), True)
+        self.repeated = pl.concat([s["repeated"] for s in states])["comparison_id"]
+        self.dimension_verdicts = int(sum(s["facts"]["n"][0] for s in states))
+        self.rows = self._placed(states)
+        self.passes = 1  # the scans of the parts (each a task per part)
+        # the pairs reviews name (a review's status reads whether its pair has judgments)
+        targets = self.rows["review_of"].drop_nulls() if "review_of" in self.rows.columns else None
+        more = pl.concat([x for x in (targets, batch["review_of"].drop_nulls() if "review_of" in batch.columns else None)
+                          if x is not None]) if targets is not None or "review_of" in batch.columns else None
+        if more is not None and more.len():
+            self.load(pairs=more)
+
+    def _scan(self, keys: pl.DataFrame, first: bool) -> list[State]:
+        kb = Broadcast.write(keys, self.work / "broadcast", "near")
+        cols = tuple(dict.fromkeys([*self.columns, "review_of"]))
+        step = Step("child-near-first" if first else "child-near", f"{VERSION}-{pl.__version__}-{_digest(kb.sha256, *cols)}",
+                    functools.partial(_near_run, kb, cols, first), _concat)
+        states, _ = map_partitions(step, self.refs, self.work / "states", client=self.client)
+        Broadcast.forget()
+        return states
+
+    def _placed(self, states: list[State]) -> pl.DataFrame:
+        got = [s["rows"].with_columns(pl.col(ROW) + o) for s, o in zip(states, self.offsets, strict=True)]
+        frame = pl.concat(got, how="diagonal_relaxed")
+        if "review_of" not in frame.columns:  # (a parent written before reviews were a field)
+            frame = frame.with_columns(review_of=pl.lit(None, pl.String))
+        return frame.select(ROW, *self.columns)
+
+    def load(self, pairs: pl.Series | None = None, prompts: pl.Series | None = None,
+             annotators: pl.Series | None = None) -> bool:
+        """The parent's rows of these pairs, prompts, annotators added (those loaded before not read again); whether
+        any key was new."""
+        def new(v: pl.Series | None, have: pl.Series) -> pl.Series | None:
+            if v is None:
+                return None
+            v = v.drop_nulls().unique()
+            return v.filter(~v.is_in(have.implode()))
+
+        p, q, a = new(pairs, self.pairs), new(prompts, self.prompts), new(annotators, self.annotators)
+        if all(x is None or x.len() == 0 for x in (p, q, a)):
+            return False
+        got = self._placed(self._scan(_keys(pair=p, prompt=q, annotator=a), False))
+        self.passes += 1
+        got = got.filter(~pl.col(ROW).is_in(self.rows[ROW].implode()))
+        self.rows = pl.concat([self.rows, got], how="vertical_relaxed").sort(ROW)
+        self.pairs = pl.concat([self.pairs, *(x for x in (p,) if x is not None)]).unique()
+        self.prompts = pl.concat([self.prompts, *(x for x in (q,) if x is not None)]).unique()
+        self.annotators = pl.concat([self.annotators, *(x for x in (a,) if x is not None)]).unique()
+        return True
+
+    def union(self, tail: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+        """(the parent's rows loaded, then ``tail`` -- the union's rows after the parent's --, how many are the
+        parent's)."""
+        old = self.rows.drop(ROW)
+        return pl.concat([old, tail.select(old.columns)], how="vertical_relaxed"), old.height
+
+    def wide(self, batch: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+        """Every column of the parent's rows of the batch's pairs and prompts (from the judgments' parts that hold
+        them, verified, each filtered by the scan: the other rows' texts are not decoded)."""
+        near = pl.col("pair_id").is_in(batch["pair_id"].unique().implode()) \
+            | pl.col("prompt_hash").is_in(batch["prompt_hash"].unique().implode())
+        hit = self.rows.filter(near)[ROW]
+        full = self.parent.table("judgments")
+        assert full is not None
+        import numpy as np
+
+        parts = sorted(set(np.searchsorted(np.asarray(self.offsets), hit.to_numpy(), side="right") - 1)) if hit.len() else []
+        from pipeline.incremental import _with_columns
+
+        frames = [_with_columns(self.parent.read(full.parts[i].path, where=near), columns) for i in parts]
+        return pl.concat(frames, how="vertical_relaxed") if frames else batch.clear().select(columns)

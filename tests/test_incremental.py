@@ -344,11 +344,16 @@ def test_a_child_reads_the_judgments_texts_only_when_its_batch_is_near_old_rows(
     read: list[str] = []  # what the children of the narrow chain (store "n") read
     real = VersionHandle.read_bytes
     monkeypatch.setattr(VersionHandle, "read_bytes", lambda self, rel: (read.append(str(self.path / rel)), real(self, rel))[1])
+    # (a child's passes over its parent's parts are tasks: each checks its part's sha256 before it reads it)
+    from pipeline import distributed
+
+    checked = distributed._sha256_of
+    monkeypatch.setattr(distributed, "_sha256_of", lambda path: (read.append(str(path)), checked(path))[1])
     for root, batch, texts in ((tmp_path / "fresh", fresh, False), (tmp_path / "again", again, True)):
         read.clear()
         root.mkdir()
         _same_as_reading_every_text(root, [parent, batch], monkeypatch)
-        mine = [r.split("/versions/", 1)[1].split("/", 1)[1] for r in read if r.startswith(f"{root}/n/")]
+        mine = [r.split("/versions/", 1)[1].split("/", 1)[1] for r in read if r.startswith(f"{root}/n/versions/")]
         assert any(r.startswith(f"{JUDGMENT_ROWS}/") for r in mine)
         assert any(r.startswith("judgments/") for r in mine) == texts, mine
 

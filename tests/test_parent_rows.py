@@ -67,7 +67,8 @@ def test_a_child_without_its_union_writes_the_child_with_it(tmp_path, monkeypatc
         if parent is None:
             continue
         union = h.manifest().lineage["union"]
-        assert union["after_checks"] == "parent parts by pair"  # (the path was taken)
+        assert union["after_checks"] == "parent parts by pair"  # (the paths were taken)
+        assert union["rows"] == "near the batch"
         assert "after_checks" not in ref.get(vid).manifest().lineage["union"]
         dropped += sum(h.manifest().ledger.judgments_dropped.values())
     assert dropped  # (drops of parent and batch rows were counted by the scan)
@@ -90,7 +91,39 @@ def test_a_child_reads_the_parent_rows_of_the_pairs_it_selects_only(tmp_path):
     n_parent = store.get(parent).manifest().tables["judgments"].rows
     assert union["after_checks"] == "parent parts by pair"
     assert 0 < union["parent_rows_read"] < n_parent / 5, (union, n_parent)
+    assert union["rows"] == "near the batch" and union["parent_rows_held"] < n_parent / 5, (union, n_parent)
     assert child.manifest().lineage["consensus"]["pairs_recomputed"] < child.manifest().ledger.pairs / 5
+
+
+def test_a_child_with_reviews_of_parent_pairs_is_the_child_with_its_union(tmp_path, monkeypatch):
+    """Reviews of the parent's pairs (decisive, a tie, texts that differ from the pair's, an unknown pair): the
+    review rows and the pairs they name are among the rows the child holds; the same version as with every row."""
+    from test_review_loop import TOPICS, _base_rows, _review
+
+    base = write_jsonl(tmp_path / "base.jsonl", _base_rows())
+
+    def child(name: str):
+        store = Store(tmp_path / name)
+        v1 = curate([base], store, POLICY).version_id
+        pairs = {r["prompt_text"].split("about ")[1].rstrip("."): r for r in store.get(v1).read("pairs").iter_rows(named=True)}
+        P = [pairs[t] for t in TOPICS]
+        rows = [_review(P[0], "a", "r-0"), _review(P[1], "a", "r-1a"), _review(P[1], "b", "r-1b", who="rev-11"),
+                _review(P[2], "a", "r-2", response_b="Another text altogether."),
+                {**_review(P[3], "a", "r-3"), "review_of": "p-nowhere"}]
+        batch = write_jsonl(tmp_path / "reviews.jsonl", rows)
+        return store, curate([batch], store, POLICY, parent=v1).version_id
+
+    store, vid = child("parts")
+    with monkeypatch.context() as m:
+        _with_union(m)
+        ref, ref_vid = child("union")
+    assert vid == ref_vid
+    h = store.get(vid)
+    _same_version(h, ref.get(vid))
+    union = h.manifest().lineage["union"]
+    # (the reviewed pairs' rows: the review rows name them, as their pairs)
+    assert union["rows"] == "near the batch" and union["parent_row_passes"] >= 2 and union["parent_rows_held"] >= 8
+    assert h.manifest().ledger.reviews.resolved >= 1
 
 
 def test_a_childs_passes_on_a_two_worker_local_cluster_write_the_same_version(tmp_path, monkeypatch):
