@@ -81,29 +81,52 @@ def changed_subjects(parent_flags: pl.DataFrame, flags: pl.DataFrame) -> pl.Data
     return pl.concat(out)
 
 
-def scan_frame(rows: pl.DataFrame, flags: pl.DataFrame, changed: pl.DataFrame, cfg: SelectConfig) -> State:
-    """One part's scan (``rows``: its comparison_id, pair_id, annotator_id): ``dropped`` (place, comparison_id,
-    pair_id, annotator_id and ``_drop``, the reason: :func:`pipeline.select.filter_judgments`'s rule), ``annotators``
-    (those with a kept judgment), ``hit`` (the pairs of the judgments and annotators in ``changed``), ``flagged``
-    (place, comparison_id, pair_id of the judgments with a flag)."""
+def scan_keys(flags: pl.DataFrame, changed: pl.DataFrame, cfg: SelectConfig) -> pl.DataFrame:
+    """What a part's scan looks its rows up in, from the flags once (not per part): ``kind`` -- ``drop_j`` (a
+    comparison id and the reason it is dropped: a flagged judgment), ``drop_a`` (an annotator's), ``flagged`` (a flagged
+    judgment),
+    ``changed_j``, ``changed_a`` (:func:`changed_subjects`) --, ``id``, ``reason``."""
     by_j, by_a, _ = sel.drop_rules(flags, cfg)
-    mask, reasons = sel.dropped_rows(rows, by_j, by_a)
-    placed = _row_index(rows.select(SCAN_COLUMNS))
-    dropped = placed.filter(mask).with_columns(_drop=reasons)
     kind = pl.col("subject_kind")
-    cj = changed.filter(kind == "judgment")["subject_id"]
-    ca = changed.filter(kind == "annotator")["subject_id"]
-    hit = rows.filter(pl.col("comparison_id").is_in(cj.implode()) | pl.col("annotator_id").is_in(ca.implode()))
-    fj = flags.filter(kind == "judgment")["subject_id"].unique()
-    return {"dropped": dropped,
+
+    def ids(k: str, frame: pl.DataFrame, col: str, reason: str | None = None) -> pl.DataFrame:
+        return frame.select(kind=pl.lit(k), id=pl.col(col), reason=pl.col(reason) if reason else pl.lit(None, pl.String))
+
+    return pl.concat([ids("drop_j", by_j, "comparison_id", "_drop"), ids("drop_a", by_a, "annotator_id", "_drop_a"),
+                      ids("flagged", flags.filter(kind == "judgment").select("subject_id").unique(), "subject_id"),
+                      ids("changed_j", changed.filter(kind == "judgment"), "subject_id"),
+                      ids("changed_a", changed.filter(kind == "annotator"), "subject_id")]).sort("kind", "id")
+
+
+def scan_frame(rows: pl.DataFrame, keys: pl.DataFrame) -> State:
+    """One part's scan (``rows``: its comparison_id, pair_id, annotator_id; ``keys``: :func:`scan_keys`): ``dropped``
+    (place, comparison_id, pair_id, annotator_id and ``_drop``, the reason: :func:`pipeline.select.filter_judgments`'s
+    rule), ``annotators`` (those with a kept judgment), ``hit`` (the pairs of the changed judgments and annotators),
+    ``flagged`` (place, comparison_id, pair_id of the judgments with a flag)."""
+    def of(kind: str) -> pl.DataFrame:
+        return keys.filter(pl.col("kind") == kind)
+
+    by_j = of("drop_j").select(comparison_id="id", _drop="reason")
+    by_a = of("drop_a").select(annotator_id="id", _drop_a="reason")
+    placed = _row_index(rows.select(SCAN_COLUMNS))
+    # a judgment dropped for a reason of its own is a flagged one: one look-up of every id, then the few flagged rows'
+    flagged = placed.filter(pl.col("comparison_id").is_in(of("flagged")["id"].implode()))
+    by_own = flagged.filter(pl.col("comparison_id").is_in(by_j["comparison_id"].implode()))[ROW]
+    mask = placed.select(pl.col(ROW).is_in(by_own.implode())
+                         | pl.col("annotator_id").is_in(by_a["annotator_id"].implode()).fill_null(False)).to_series()
+    dropped = placed.filter(mask)
+    reasons = dropped.join(by_j, on="comparison_id", how="left").join(by_a, on="annotator_id", how="left") \
+        .select(pl.coalesce("_drop", "_drop_a")).to_series()
+    hit = rows.filter(pl.col("comparison_id").is_in(of("changed_j")["id"].implode())
+                      | pl.col("annotator_id").is_in(of("changed_a")["id"].implode()))
+    return {"dropped": dropped.with_columns(_drop=reasons),
             "annotators": rows.filter(~mask).select(pl.col("annotator_id").unique().sort()),
             "hit": hit.select(pl.col("pair_id").unique().sort()),
-            "flagged": placed.filter(pl.col("comparison_id").is_in(fj.implode())).select(ROW, "comparison_id", "pair_id")}
+            "flagged": flagged.select(ROW, "comparison_id", "pair_id")}
 
 
-def _scan_run(flags: Broadcast, changed: Broadcast, cfg_json: str, paths: list[str]) -> State:
-    rows = pl.read_parquet(paths[0], columns=SCAN_COLUMNS, glob=False)
-    return scan_frame(rows, flags.read(), changed.read(), SelectConfig.model_validate_json(cfg_json))
+def _scan_run(keys: Broadcast, paths: list[str]) -> State:
+    return scan_frame(pl.read_parquet(paths[0], columns=SCAN_COLUMNS, glob=False), keys.read())
 
 
 @dataclass
@@ -120,15 +143,12 @@ def scan(parent: VersionHandle, batch: pl.DataFrame, n_parent_rows: int, flags: 
          cfg: SelectConfig, work: Path, client: Any = None) -> Scan:
     """The scan of the parent's parts (tasks) and of ``batch`` (the union's rows after the parent's ``n_parent_rows``)."""
     refs, offsets = parent_refs(parent)
-    shared = work / "broadcast"
-    fb = Broadcast.write(flags.sort(flags.columns, nulls_last=True), shared, "flags")
-    cb = Broadcast.write(changed, shared, "changed")
-    cfg_json = cfg.model_dump_json()
-    step = Step("child-scan", f"{VERSION}-{pl.__version__}-{_digest(fb.sha256, cb.sha256, cfg_json)}",
-                functools.partial(_scan_run, fb, cb, cfg_json), _concat)
+    keys = scan_keys(flags, changed, cfg)
+    kb = Broadcast.write(keys, work / "broadcast", "scan")
+    step = Step("child-scan", f"{VERSION}-{pl.__version__}-{kb.sha256[:16]}", functools.partial(_scan_run, kb), _concat)
     states, _ = map_partitions(step, refs, work / "states", client=client)
     Broadcast.forget()
-    mine = scan_frame(batch.select(SCAN_COLUMNS), flags, changed, cfg)
+    mine = scan_frame(batch.select(SCAN_COLUMNS), keys)
     at = [*offsets, n_parent_rows]
 
     def placed(name: str) -> pl.DataFrame:
@@ -145,19 +165,28 @@ def _concat(states: list[State]) -> State:  # pragma: no cover - the driver plac
 
 
 # ---------------------------------------------------------------- rows by pair
+def part_rows(path: str, ids: pl.Series, pairs: pl.Series, columns: tuple[str, ...]) -> pl.DataFrame:
+    """The rows of a part (its ``ids``: the pair_id column, read) of ``pairs``: their place in the part and the
+    ``columns`` it has.  A part without any is not decoded further: a few pairs' rows cost most parts one column
+    (1.6 ms a 250k-row part, against 20 ms for the filtered scan of every column)."""
+    q = pl.scan_parquet(path, glob=False)
+    have = q.collect_schema()
+    cols = [c for c in columns if c in have]
+    wanted = pairs.implode()
+    if not ids.is_in(wanted).any():
+        return pl.DataFrame(schema={ROW: pl.Int64, **{c: have[c] for c in cols}})
+    return q.with_row_index(ROW).filter(pl.col("pair_id").is_in(wanted)).select(pl.col(ROW).cast(pl.Int64), *cols).collect()
+
+
 def _rows_run(pairs: Broadcast, columns: tuple[str, ...], counted: Broadcast | None, paths: list[str]) -> State:
     """A part's rows of ``pairs`` (their place in the part, ``columns``) and, of the pairs ``counted`` names, how many
     rows each has here (``counts``)."""
-    q = pl.scan_parquet(paths[0], glob=False)
-    have = q.collect_schema().names()
-    rows = q.with_row_index(ROW).filter(pl.col("pair_id").is_in(pairs.read()["pair_id"].implode())) \
-        .select(pl.col(ROW).cast(pl.Int64), *(c for c in columns if c in have))
-    if counted is None:
-        return {"rows": rows.collect()}
-    counts = q.select("pair_id").filter(pl.col("pair_id").is_in(counted.read()["pair_id"].implode())) \
-        .group_by("pair_id").agg(n=pl.len().cast(pl.Int64))
-    got, n = pl.collect_all([rows, counts])
-    return {"rows": got, "counts": n}
+    ids = pl.read_parquet(paths[0], columns=["pair_id"], glob=False)["pair_id"]
+    out = {"rows": part_rows(paths[0], ids, pairs.read()["pair_id"], columns)}
+    if counted is not None:
+        mine = ids.filter(ids.is_in(counted.read()["pair_id"].implode()))
+        out["counts"] = mine.to_frame("pair_id").group_by("pair_id").agg(n=pl.len().cast(pl.Int64))
+    return out
 
 
 class PartedSelection(sel.JudgmentSelection):

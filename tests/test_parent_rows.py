@@ -152,8 +152,9 @@ def test_the_scan_of_parts_is_the_scan_of_their_rows_together():
     assert changed.rows() == [("annotator", "a2")]
     cfg = resolve_policy(POLICY).select
     assert isinstance(cfg, SelectConfig)
-    whole = pr.scan_frame(rows, flags, changed, cfg)
-    parts = [pr.scan_frame(rows.slice(0, 5), flags, changed, cfg), pr.scan_frame(rows.slice(5), flags, changed, cfg)]
+    keys = pr.scan_keys(flags, changed, cfg)
+    whole = pr.scan_frame(rows, keys)
+    parts = [pr.scan_frame(rows.slice(0, 5), keys), pr.scan_frame(rows.slice(5), keys)]
     placed = pl.concat([parts[0]["dropped"], parts[1]["dropped"].with_columns(pl.col(pr.ROW) + 5)])
     assert placed.equals(whole["dropped"])
     # c1: its judgment-level reason (a pair_id conflict first); a2's rows: the annotator's
