@@ -174,7 +174,7 @@ def _curate_batch(names: list[str], st: Store, policy: Policy, parent_id: str | 
         if res["version_id"] != version_id:  # (one rule for the id: pipeline.curate.plan_version_id)
             raise RuntimeError(f"planned version {version_id}, curate built {res['version_id']}")
         log.info("version %s %s", res["version_id"], "written" if res["created"] else "already existed")
-    else:  # a child: each file ingested as a task (cached), then built in one process
+    else:  # a child: each file ingested as a task (cached), then built here (its passes over the parent's parts: tasks)
         work = str(st.root / ".work" / "ingest")
         # what ingest reads of the policy (part of the ingest cache key): limits, and the dimension rule
         ingest_json = json.dumps({"ingest": policy.ingest.model_dump(mode="json"),

@@ -126,6 +126,7 @@ def test_a_child_with_reviews_of_parent_pairs_is_the_child_with_its_union(tmp_pa
     assert h.manifest().ledger.reviews.resolved >= 1
 
 
+@pytest.mark.slow
 def test_a_childs_passes_on_a_two_worker_local_cluster_write_the_same_version(tmp_path, monkeypatch):
     """The scan and the reads by pair as tasks on 2 worker processes, reading the parent's parts
     themselves: the same bytes as in process."""
