@@ -59,6 +59,26 @@ def parent_refs(parent: VersionHandle) -> tuple[list[PartitionRef], list[int]]:
     return refs, offsets
 
 
+def _map(parent: VersionHandle, step: Step, refs: list[PartitionRef], work: Path, client: Any) -> list[State]:
+    """:func:`pipeline.distributed.map_partitions` over the parent's parts; a part whose bytes are not its manifest's
+    is the parent's damage, not a task to retry (:class:`pipeline.store.IntegrityError`, as a read of it says)."""
+    from pipeline.distributed import PartitionTaskError
+    from pipeline.store import IntegrityError
+
+    try:
+        states, _ = map_partitions(step, refs, work / "states", client=client)
+    except PartitionTaskError as err:
+        changed = sorted(i for i, msg in err.failed.items() if msg.startswith("PartitionChanged"))
+        if changed:
+            by_index = {r.index: r for r in refs}
+            raise IntegrityError(f"{by_index[changed[0]].paths[0]}: sha256 differs from the manifest of "
+                                 f"{parent.version_id} (file changed after the version was written)") from err
+        raise
+    finally:
+        Broadcast.forget()
+    return states
+
+
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -146,8 +166,7 @@ def scan(parent: VersionHandle, batch: pl.DataFrame, n_parent_rows: int, flags: 
     keys = scan_keys(flags, changed, cfg)
     kb = Broadcast.write(keys, work / "broadcast", "scan")
     step = Step("child-scan", f"{VERSION}-{pl.__version__}-{kb.sha256[:16]}", functools.partial(_scan_run, kb), _concat)
-    states, _ = map_partitions(step, refs, work / "states", client=client)
-    Broadcast.forget()
+    states = _map(parent, step, refs, work, client)
     mine = scan_frame(batch.select(SCAN_COLUMNS), keys)
     at = [*offsets, n_parent_rows]
 
@@ -249,8 +268,7 @@ class PartedSelection(sel.JudgmentSelection):
                 if counted is not None else None
             step = Step("child-rows", f"{VERSION}-{pl.__version__}-{_digest(pb.sha256, cb.sha256 if cb else '', *cols)}",
                         functools.partial(_rows_run, pb, cols, cb), _concat)
-        states, _ = map_partitions(step, self.refs, self.work / "states", client=self.client)
-        Broadcast.forget()
+        states = _map(self.parent, step, self.refs, self.work, self.client)
         if counted is not None:
             self._no_kept(counted, [s.pop("counts") for s in states])
         got = [self._typed(s["rows"].with_columns(pl.col(ROW) + o)) for s, o in zip(states, self.offsets, strict=True)]
@@ -375,9 +393,7 @@ class ParentUnion:
         cols = tuple(dict.fromkeys([*self.columns, "review_of"]))
         step = Step("child-near-first" if first else "child-near", f"{VERSION}-{pl.__version__}-{_digest(kb.sha256, *cols)}",
                     functools.partial(_near_run, kb, cols, first), _concat)
-        states, _ = map_partitions(step, self.refs, self.work / "states", client=self.client)
-        Broadcast.forget()
-        return states
+        return _map(self.parent, step, self.refs, self.work, self.client)
 
     def _placed(self, states: list[State]) -> pl.DataFrame:
         got = [s["rows"].with_columns(pl.col(ROW) + o) for s, o in zip(states, self.offsets, strict=True)]

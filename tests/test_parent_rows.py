@@ -165,3 +165,24 @@ def test_the_scan_of_parts_is_the_scan_of_their_rows_together():
     assert sorted(pl.concat([p["annotators"]["annotator_id"] for p in parts]).unique()) == ["a0", "a1"]
     assert whole["hit"]["pair_id"].to_list() == sorted({f"p{i % 5}" for i in (2, 5, 8, 11)})
     assert whole["flagged"]["comparison_id"].to_list() == ["c1", "c7"]
+
+
+def test_a_damaged_parent_part_fails_the_child_as_a_damaged_version_and_writes_nothing(tmp_path):
+    """A parent part whose bytes are not its manifest's: the task that reads it says so, and the child fails with the
+    store's integrity error (the CLI's exit 2), not a task to retry; no version is written."""
+    from conftest import canonical
+
+    from pipeline.store import IntegrityError
+
+    store = Store(tmp_path / "s")
+    parent = store.get(curate([write_jsonl(tmp_path / "a.jsonl", [canonical(i) for i in range(6)])], store,
+                              POLICY).version_id)
+    part = parent.path / parent.manifest().tables["state/judgment_rows"].parts[0].path
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.unlink()  # (a part may be a hard link to the store's object: replaced, not written through)
+    part.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256 differs from the manifest"):
+        curate([write_jsonl(tmp_path / "b.jsonl", [canonical(i, comparison_id=f"n-{i}") for i in range(3)])], store,
+               POLICY, parent=parent.version_id)
+    assert [v.name for v in (store.root / "versions").iterdir()] == [parent.version_id]
