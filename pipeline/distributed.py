@@ -187,13 +187,14 @@ def _sha256_of(path: str) -> str:
 AUTO_THREADS_FROM = 32
 
 
-def task_threads(partitions: int = 0) -> int:
+def task_threads(partitions: int = 0, light: bool = False) -> int:
     """Partition tasks run at once in this process (``PREFPIPE_TASK_THREADS``; unset: 1, or 2 on a machine with two
-    cores or more for a map over at least :data:`AUTO_THREADS_FROM` ``partitions``): a task's Polars and NumPy work
-    releases the GIL, and one task alone leaves a core idle part of the time."""
+    cores or more for a map over at least :data:`AUTO_THREADS_FROM` ``partitions``, or for any ``light`` map -- tasks
+    whose working set is a few columns, while the driver waits): a task's Polars and NumPy work releases the GIL,
+    and one task alone leaves a core idle part of the time."""
     raw = os.environ.get("PREFPIPE_TASK_THREADS")
     if raw is None:
-        return 2 if partitions >= AUTO_THREADS_FROM and (os.cpu_count() or 1) >= 2 else 1
+        return 2 if (light or partitions >= AUTO_THREADS_FROM) and (os.cpu_count() or 1) >= 2 else 1
     try:
         n = int(raw)
     except ValueError:
@@ -328,14 +329,16 @@ def partition_progress(report: Callable[[str, int, int], None]) -> Iterator[None
 
 def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Path, *, client: Any = None,
                    on_partition: Callable[[int], None] | None = None,
-                   keep: Collection[str] | Callable[[str], bool] | None = None) -> tuple[list[State], RunStats]:
+                   keep: Collection[str] | Callable[[str], bool] | None = None,
+                   light: bool = False) -> tuple[list[State], RunStats]:
     """Every partition's state, in partition order (cached ones read back, the others computed
     in this process or on ``client``'s cluster).  Raises :class:`PartitionTaskError` after all
     tasks ended if any failed (the finished ones are cached).  ``on_partition(index)``: called
     on the driver as each partition's state is ready, cached or computed (a progress bar's
     partitions).  ``keep``: the state tables returned (names, or a test of a name; None: all); the others stay in the cache,
     read one partition at a time with :func:`cached_table` (rows with texts a later stage writes:
-    the driver never holds every partition's)."""
+    the driver never holds every partition's).  ``light``: tasks of a few columns each, two at a time in this
+    process on two cores whatever the partition count (:func:`task_threads`)."""
     report = _PROGRESS.get()
     n_done = 0
 
@@ -385,7 +388,7 @@ def map_partitions(step: Step, refs: Sequence[PartitionRef], cache_dir: str | Pa
     if client is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        threads = min(task_threads(len(refs)), len(todo))
+        threads = min(task_threads(len(refs), light), len(todo))
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefpipe-task") as pool:
             running = [(r, pool.submit(_task, step.run, r.paths, r.sha256s, where, _cache_key(step, r), comp)) for r in todo] \
                 if threads > 1 else [(r, None) for r in todo]

@@ -66,7 +66,7 @@ def _map(parent: VersionHandle, step: Step, refs: list[PartitionRef], work: Path
     from pipeline.store import IntegrityError
 
     try:
-        states, _ = map_partitions(step, refs, work / "states", client=client)
+        states, _ = map_partitions(step, refs, work / "states", client=client, light=True)  # (a few columns a task)
     except PartitionTaskError as err:
         changed = sorted(i for i, msg in err.failed.items() if msg.startswith("PartitionChanged"))
         if changed:

@@ -114,10 +114,11 @@ def test_tasks_on_threads_give_the_same_states_and_report_a_failure_the_same_way
     monkeypatch.delenv("PREFPIPE_TASK_THREADS")  # unset: one at a time, two from AUTO_THREADS_FROM partitions (2 cores)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert (task_threads(0), task_threads(AUTO_THREADS_FROM - 1), task_threads(AUTO_THREADS_FROM)) == (1, 1, 2)
+    assert task_threads(3, light=True) == 2  # (a few columns a task: two at a time whatever the count)
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
-    assert task_threads(AUTO_THREADS_FROM) == 1
+    assert task_threads(AUTO_THREADS_FROM) == 1 and task_threads(3, light=True) == 1
     monkeypatch.setenv("PREFPIPE_TASK_THREADS", "1")
-    assert task_threads(10 * AUTO_THREADS_FROM) == 1
+    assert task_threads(10 * AUTO_THREADS_FROM) == 1 and task_threads(3, light=True) == 1
     monkeypatch.setenv("PREFPIPE_TASK_THREADS", "zero")
     with pytest.raises(ValueError, match="PREFPIPE_TASK_THREADS='zero': expected a whole number >= 1"):
         map_partitions(partition_stats.STEP, refs, tmp_path / "four")
