@@ -341,10 +341,12 @@ def _near_run(keys: Broadcast, columns: tuple[str, ...], first: bool, paths: lis
     def of(kind: str) -> pl.Series:
         return k.filter(pl.col("kind") == kind)["value"]
 
-    near = pl.col("pair_id").is_in(of("pair").implode()) | pl.col("prompt_hash").is_in(of("prompt").implode()) \
-        | pl.col("annotator_id").is_in(of("annotator").implode())
+    # (only the keys given: a look-up in an empty set still decodes its column, ~12 ms a 250k-row part)
+    tests = [pl.col(col).is_in(v.implode()) for col, v in (("pair_id", of("pair")), ("prompt_hash", of("prompt")),
+                                                          ("annotator_id", of("annotator"))) if v.len()]
     if first and "review_of" in have:
-        near = near | pl.col("review_of").is_not_null()
+        tests.append(pl.col("review_of").is_not_null())
+    near = pl.any_horizontal(tests) if tests else pl.lit(False)
     rows = q.with_row_index(ROW).filter(near).select(pl.col(ROW).cast(pl.Int64), *(c for c in columns if c in have))
     if not first:
         return {"rows": rows.collect()}
