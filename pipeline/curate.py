@@ -533,7 +533,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
             # the checks with mergeable state count only the batch's pairs (pipeline/checks/spec.py: Sums)
             merged = inc.merged_sums(judgments, n_local, parent, prelim_touched, policy.checks, complete,
                                      {"reliability": accuracies, "length_bias": {"lengths": lengths}},
-                                     n_judgments=n_judgments, more=_more(pu, judgments, n_local) if pu is not None else None)
+                                     n_judgments=judgments.height - n_local + n_parent_judgments,
+                                     more=_more(pu, judgments, n_local) if pu is not None else None)
             for name, ins in merged.items():
                 extra.setdefault(name, {}).update(ins)
             sums_rule = {"mode": "incremental", "checks": sorted(merged), "pairs_counted": prelim_touched.len(),
@@ -544,7 +545,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         if intact and has_state(parent):
             # pair-scoped checks over the touched pairs only, merged with the parent's (pipeline/incremental.py)
             given, touched, partial = run_touched(judgments, n_local, parent, policy.checks,
-                                         Totals(judgments=n_judgments, pairs=prelim.pairs.height),
+                                         Totals(judgments=judgments.height - n_local + n_parent_judgments, pairs=prelim.pairs.height),
                                          parent_flags=parent_flags, hydrated=hydrated,
                                          first=prelim_rows.select("pair_id", "first_version"))
             t = timer.lap("checks:touched_pairs", t)
@@ -584,7 +585,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         if pu is not None:  # (the union's count: the checks read no other row of it -- _near_union's conditions)
             from pipeline.checks import registry
 
-            given["registry"] = registry.result(None, n_judgments)
+            given["registry"] = registry.result(None, judgments.height - n_local + n_parent_judgments)
         results = run_checks(judgments, policy.checks, pairs=prelim.pairs, extra_kwargs=extra, given=given,
                              on_check=lambda n, s: timer.t.__setitem__(f"check:{n}", round(s, 3)))
         t = time.perf_counter()
@@ -593,7 +594,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         files: dict[str, SplitInfo] = {}
         t = timer.lap("write_judgments (wait)", t)
     flags = all_flags(results)
-    n_union = n_judgments
+    n_union = judgments.height - n_local + n_parent_judgments  # (train_on: the judgments with its verdict)
     # the rule of a child (docs/incremental.md): pairs whose judgments, judgment flags and annotators'
     # status are unchanged keep their parent's consensus; same policy only (else everything is recomputed)
     recompute = None
