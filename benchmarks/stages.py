@@ -119,7 +119,8 @@ def measure(batch: Path, env: dict[str, str]) -> tuple[list[list[str]], dict[str
             raise SystemExit(f"curate failed ({proc.returncode}):\n{err[-3000:]}")
         result = json.loads(out)
         manifest = json.loads((Path(store) / "versions" / result["version_id"] / "manifest.json").read_text())
-    timings = manifest["lineage"]["timings_s"]
+    # (the CLI's timings: the version's, then the publish and the work directory's removal, which follow its manifest)
+    timings = {**manifest["lineage"]["timings_s"], **result.get("timings_s", {})}
     rows, idle = stages_table(sampler.rows, timings, wall, sampler.cores)
     totals = {"wall_s": wall, "peak_kib": after.ru_maxrss, "user_s": after.ru_utime - before.ru_utime,
               "system_s": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt}

@@ -96,13 +96,21 @@ class _Timer:
     def __init__(self, cb: Callable[[str, float], None] | None):
         self.t: dict[str, float] = {}
         self.cb = cb
+        self.last = time.perf_counter()  # when the last lap ended
 
     def lap(self, name: str, t0: float) -> float:
         now = time.perf_counter()
         self.t[name] = round(now - t0, 3)
+        self.last = now
         if self.cb:
             self.cb(name, now - t0)
         return now
+
+    def stage(self, name: str, seconds: float) -> None:
+        """A lap timed elsewhere (``build_first``'s ``on_stage``)."""
+        self.last = time.perf_counter()
+        if self.cb:
+            self.cb(name, seconds)
 
 
 def curate(
@@ -194,11 +202,13 @@ def _partitioned_first(paths: list[Path], store: Store, version_id: str, policy:
                                limits=policy.ingest, dimensions=policy.dimensions, on_progress=on_rows, hashed=hashed)
         timer.lap("ingest", t)
         with open_runner() as client:
-            return build_first(store, stage, version_id, pset, policy, work=work, client=client, on_stage=timer.cb,
+            return build_first(store, stage, version_id, pset, policy, work=work, client=client, on_stage=timer.stage,
                                timings=timer.t)
 
     vid, created = store.write_version(version_id, build)
+    t = timer.lap("publish", timer.last)  # (after the manifest: in the result's timings, not the version's)
     shutil.rmtree(work, ignore_errors=True)
+    timer.lap("work_cleanup", t)
     return CurateResult(vid, created, store, timer.t)
 
 
