@@ -939,7 +939,7 @@ def ingest_files(
     limits: IngestConfig | None = None,
     dimensions: DimensionsConfig | None = None,
     on_judgments: Callable[[pl.DataFrame], None] | None = None,
-    hashed: Mapping[str, FileHash] | None = None,
+    hashed: Mapping[str, FileHash | Future[FileHash]] | None = None,
 ) -> IngestResult:
     """Ingest files; raises :class:`UnreadableFile` before reading rows if any file is unusable
     as a whole, and while reading for damage found on the way (a corrupt gzip stream or Parquet
@@ -952,7 +952,8 @@ def ingest_files(
     being kept (the result's judgments are then empty): ``pipeline.partition`` spills them.
     ``hashed``: files (by ``str(path)``) hashed already (``curate`` hashes its inputs for the version
     id first): not hashed again, and refused if they changed since (:meth:`FileHash.check`, before
-    and after they are read).
+    and after they are read); or a ``Future`` of the :class:`FileHash` another thread is computing
+    meanwhile (a first version's partitioning: the hash beside the parse), checked after the read.
     """
     limits = limits or IngestConfig()
     paths = [Path(p) for p in paths]
@@ -972,12 +973,15 @@ def ingest_files(
             ctx = AdapterContext(stem=_batch_name(p), batch_id=batch_id or _batch_name(p),
                                  annotator_id=annotator_id, annotator_kind=annotator_kind, dimension_rule=dimensions)
             known = (hashed or {}).get(str(p))
+            pending: Future[FileHash] | None = None
+            if isinstance(known, Future):  # being hashed on the caller's thread while it is read here
+                pending, known = known, None
             source = known.source if known is not None and known.source else str(p)
             if known is not None:
                 known.check(p)
                 sha: Future[str] = Future()
                 sha.set_result(known.sha256)
-            else:
+            elif pending is None:
                 sha = pool.submit(file_sha256, p)
             n_in = n_valid = n_j = n_skip = 0
             q_before = len(quarantine)
@@ -998,7 +1002,12 @@ def ingest_files(
                         frames.append(out.valid)
                 if on_progress:
                     on_progress(out.rows_in)
-            if known is not None:
+            if pending is not None:  # (the file as hashed: the same size and time now, after it was read)
+                known = pending.result()
+                known.check(p)
+                sha = Future()
+                sha.set_result(known.sha256)
+            elif known is not None:
                 known.check(p)
             quarantine[q_before:] = sorted(quarantine[q_before:], key=lambda q: q["line"])
             n_q = len(quarantine) - q_before

@@ -402,7 +402,7 @@ def partition_files(
     limits: IngestConfig | None = None,
     dimensions: DimensionsConfig | None = None,
     on_progress: Callable[[int], None] | None = None,
-    hashed: Mapping[str, FileHash] | None = None,
+    hashed: Mapping[str, FileHash | Future[FileHash]] | None = None,
     compression: str | None = FROM_ENV,
 ) -> PartitionSet:
     """Ingest ``paths`` straight into ``n_partitions`` hash partitions under ``directory``.

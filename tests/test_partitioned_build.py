@@ -430,3 +430,103 @@ def test_seen_ranks_pairs_whose_first_judgments_share_a_place_by_pair_id():
     assert rows.asked == [[5]]  # (only the shared place's rows were read back)
     assert seen.rows(frame.with_columns(_part=pl.lit("g"))).columns == ["pair_id", "seen", "_part"]
     assert seen.of(pl.Series(["p-b", "p-e"])).sort("pair_id")["_seen"].to_list() == [1, 4]
+
+
+def test_the_inputs_are_hashed_while_partitioned_and_a_known_version_stops_the_partitioning(inputs, tmp_path, monkeypatch):
+    """A first version's inputs are hashed on a thread of their own while they are partitioned (the
+    version id is their hashes'), into a staging directory of the process.  Once the hashes are in, an
+    existing version (a re-run) or an earlier run's partitions (a retry after a failed build) stop the
+    partitioning: the re-run returns the version, the retry builds from the partitions it finds -- the
+    same bytes as a build from scratch.  Nothing staged is left behind."""
+    import threading
+
+    import pipeline.curate as cur
+    import pipeline.partitioned_build as pb
+
+    policy = resolve_policy(Policy.model_validate({"ingest": {"partition_rows": 1000, "batch_rows": 1000}}))
+    hashed = threading.Event()
+    real_hash, real_build = cur.file_hash, pb.build_first
+
+    def file_hash(path):
+        out = real_hash(path)
+        if Path(path).name == inputs[-1].name:  # (the last input: every hash is in)
+            hashed.set()
+        return out
+
+    monkeypatch.setattr(cur, "file_hash", file_hash)
+    monkeypatch.setattr(cur, "OVERLAP_HASH_FROM", 0)  # (these inputs are small: hashed first by default)
+    read: list[int] = []
+
+    def on_rows(n: int) -> None:
+        if not read:  # (the first block waits for the hashes: the stop is then at the next block)
+            assert hashed.wait(30)
+        read.append(n)
+
+    store = Store(tmp_path / "s")
+    first = curate(inputs, store, policy, on_rows=on_rows)
+    total = first.handle.manifest().ledger.rows_in
+    assert first.created and sum(read) == total and total > 6000
+    assert first.timings["hash_inputs"] < first.timings["ingest"]
+    staging = store.root / ".staging"
+    assert not any(staging.glob("partitions.*"))
+    # a re-run: the hashes name the version; the partitioning stops at the next block
+    hashed.clear()
+    read.clear()
+    again = curate(inputs, store, policy, on_rows=on_rows)
+    assert not again.created and again.version_id == first.version_id
+    assert 0 < sum(read) <= 2_000 < total and "checks" not in str(again.timings)
+    assert not any(staging.glob("partitions.*"))
+
+    # a build that fails after its partitions were moved in: the retry finds them and partitions nothing
+    failed: list[bool] = []
+
+    def failing(*args, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("the machine went away")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(pb, "build_first", failing)
+    other = Store(tmp_path / "o")
+    hashed.clear()
+    read.clear()
+    with pytest.raises(RuntimeError, match="went away"):
+        curate(inputs, other, policy, on_rows=on_rows)
+    assert sum(read) == total and (other.root / ".work" / first.version_id / "set" / "partitions.json").is_file()
+    assert not any((other.root / ".staging").glob("partitions.*"))
+    hashed.clear()
+    read.clear()
+    retry = curate(inputs, other, policy, on_rows=on_rows)
+    assert retry.created and retry.version_id == first.version_id and 0 < sum(read) <= 2_000
+    a, b = first.handle.manifest(), retry.handle.manifest()
+    # (review_state records when each version was created: its rows' count)
+    assert {k: t.sha256 for k, t in a.tables.items() if k != "review_state"} == \
+        {k: t.sha256 for k, t in b.tables.items() if k != "review_state"}
+    assert a.tables["review_state"].rows == b.tables["review_state"].rows
+    assert {k: s.sha256 for k, s in a.splits.items()} == {k: s.sha256 for k, s in b.splits.items()}
+    assert not (other.root / ".work" / first.version_id).exists()
+    assert not any((other.root / ".staging").glob("partitions.*"))
+
+
+def test_an_input_changed_while_it_is_hashed_and_partitioned_is_refused(inputs, tmp_path, monkeypatch):
+    """The hash beside the partitioning: a file whose size or time changes after it was hashed, while it is
+    read, is refused (exit 2's ``UnreadableFile``), and nothing is left: no version, no staged partitions."""
+    import os
+    import shutil
+
+    import pipeline.curate as cur
+    from pipeline.readers import UnreadableFile
+
+    monkeypatch.setattr(cur, "OVERLAP_HASH_FROM", 0)
+    src = shutil.copy(inputs[0], tmp_path / "gen.jsonl")
+    policy = resolve_policy(Policy.model_validate({"ingest": {"partition_rows": 1000, "batch_rows": 1000}}))
+
+    def touch(n: int) -> None:
+        st = os.stat(src)
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+    store = Store(tmp_path / "s")
+    with pytest.raises(UnreadableFile, match="changed while it was being read"):
+        curate([src], store, policy, on_rows=touch)
+    assert not any((store.root / "versions").iterdir())
+    assert not any((store.root / ".staging").glob("partitions.*"))
