@@ -143,10 +143,10 @@ def test_curate_shows_its_stages_on_a_terminal_only(tmp_path):
     code, out, tty = _on_a_terminal(["curate", str(batch), "--store", str(tmp_path / "s2"), "--json"])
     doc = json.loads(out[out.index("{"):out.rindex("}") + 1])
     assert code == 0 and doc["created"] is True
-    # the run's laps: the version's (its manifest's), then its publish and the work directory's removal
+    # the run's laps: the version's (its manifest's, the work directory's removal last), then the version's publish
     laps = list(doc["timings_s"])
     manifest = json.loads((tmp_path / "s2" / "versions" / doc["version_id"] / "manifest.json").read_text())
-    assert laps[:-2] == list(manifest["lineage"]["timings_s"]) and laps[-2:] == ["publish", "work_cleanup"]
+    assert laps[:-1] == list(manifest["lineage"]["timings_s"]) and laps[-2:] == ["work_cleanup", "publish"]
     assert not (tmp_path / "s2" / ".work" / doc["version_id"]).exists()
     assert "curating" not in tty and "stages]" not in tty
     piped = subprocess.run([sys.executable, "-m", "flows.cli", "curate", str(batch), "--store", str(tmp_path / "s3")],
