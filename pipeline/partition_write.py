@@ -20,6 +20,7 @@ table written today has such rows.
 from __future__ import annotations
 
 import heapq
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -114,6 +115,9 @@ def merge_into(outputs: list[Output], streams: list[Iterable[pl.DataFrame]], *, 
                 close()
 
 
+IN_FLIGHT = 2  # merged parts queued a writer lane (each part held until its lanes wrote it)
+
+
 def _merge(outputs: list[Output], its: list[Iterator[tuple[str, pl.DataFrame]]], key_column: str,
            reuse: PartReuse | None, order_by: tuple[str, ...], lanes: list[list[int]]) -> list[int]:
     heap: list[tuple[str, int, pl.DataFrame]] = []
@@ -124,19 +128,28 @@ def _merge(outputs: list[Output], its: list[Iterator[tuple[str, pl.DataFrame]]],
     heapq.heapify(heap)
     rows = [0] * len(outputs)
 
-    def write(lane: list[int], part: pl.DataFrame) -> None:
-        for k in lane:
-            out = outputs[k]
-            mine = part if out.rows is None else out.rows(part)
-            if mine.height:
-                out.writer.write_grouped(mine, key_column, reuse, order_by=order_by)
-                rows[k] += mine.height
+    failed = threading.Event()  # (a lane's write failed: no lane writes another part)
 
-    # each merged part written while the next one is read and merged, on a thread per lane (the writes -- sort,
-    # Parquet, fsync, sha256 -- release the GIL; an output's parts are written by one thread, in key order); one part
-    # in flight
+    def write(lane: list[int], part: pl.DataFrame) -> None:
+        if failed.is_set():
+            return
+        try:
+            for k in lane:
+                out = outputs[k]
+                mine = part if out.rows is None else out.rows(part)
+                if mine.height:
+                    out.writer.write_grouped(mine, key_column, reuse, order_by=order_by)
+                    rows[k] += mine.height
+        except BaseException:
+            failed.set()
+            raise
+
+    # each merged part written while the next ones are read and merged, on a thread per lane (the writes -- sort,
+    # Parquet, sha256 -- release the GIL; an output's parts are written by one thread, in key order); up to
+    # IN_FLIGHT parts queued a lane, so a lane whose part is quick runs ahead of one whose part is slow instead of
+    # waiting for it
     pools = [ThreadPoolExecutor(1, thread_name_prefix="prefpipe-merge-write") for _ in lanes]
-    writing: list[Future[None]] = []
+    queued: list[list[Future[None]]] = [[] for _ in lanes]
     try:
         while heap:
             key = heap[0][0]
@@ -149,15 +162,18 @@ def _merge(outputs: list[Output], its: list[Iterator[tuple[str, pl.DataFrame]]],
                     heapq.heappush(heap, (nxt[0], i, nxt[1]))
             part = pl.concat([f for _, f in sorted(taken, key=lambda t: t[0])], how="vertical")
             del taken
-            for fut in writing:
-                fut.result()
-            writing = [pool.submit(write, lane, part) for pool, lane in zip(pools, lanes, strict=True)]
+            for q, pool, lane in zip(queued, pools, lanes, strict=True):
+                while len(q) >= IN_FLIGHT:
+                    q.pop(0).result()
+                q.append(pool.submit(write, lane, part))
             del part
-        for fut in writing:
-            fut.result()
+        for q in queued:
+            for fut in q:
+                fut.result()
     finally:
-        for fut in writing:
-            fut.cancel()
+        for q in queued:
+            for fut in q:
+                fut.cancel()
         for pool in pools:
             pool.shutdown(wait=True)
     for k, out in enumerate(outputs):

@@ -157,3 +157,39 @@ def test_write_grouped_parts_hold_the_rows_of_one_stable_sort_by_key_then_order(
     for key, rows in want.group_by("_part", maintain_order=True):
         part = got[f"state/language/part-{key[0]}.parquet"]
         assert part.equals(rows.drop("_part")), key
+
+
+def test_a_quick_lane_runs_ahead_of_a_slow_one(tmp_path, monkeypatch):
+    """Each writer lane has up to ``IN_FLIGHT`` merged parts queued: a lane whose parts are quick writes the
+    next part while a slow lane is still on the one before (with one part in flight it waited for it);
+    the tables are what they are written alone."""
+    import threading
+    import time
+
+    from pipeline import partition_write as pw
+
+    monkeypatch.setattr(dist, "BATCH_ROWS", 97)
+    frame = _table(3000, 8)
+    store = Store(tmp_path / "store")
+    done: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    seen = {"slow": 0, "quick": 0}
+
+    def rows_of(name: str, pause: float):
+        def rows(part: pl.DataFrame) -> pl.DataFrame:
+            time.sleep(pause)
+            with lock:
+                seen[name] += 1
+                done.append((name, seen[name]))
+            return part
+        return rows
+
+    writers = {n: TableWriter(store, tmp_path / "b", n) for n in ("slow", "quick")}
+    outputs = [Output(writers["slow"], rows_of("slow", 0.15), frame.schema), Output(writers["quick"], rows_of("quick", 0), frame.schema)]
+    counts = merge_into(outputs, _cached_streams(tmp_path, frame, 3), order_by=("pair_id", "x"), lanes=[[0], [1]])
+    assert counts == [3000, 3000] and pw.IN_FLIGHT == 2
+    assert seen["slow"] == seen["quick"] >= 4
+    # the quick lane finished its second part before the slow lane its first
+    assert done.index(("quick", 2)) < done.index(("slow", 1))
+    want = _written(store, tmp_path / "a", "quick", lambda w, r: w.write_grouped(frame, "_part", r, order_by=("pair_id", "x")))
+    assert [(p.path, p.rows, p.sha256) for p in writers["quick"].info().parts] == want[0]
