@@ -59,10 +59,8 @@ Method
 """
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -634,14 +632,11 @@ def fit_annotators(e: Encoded, cfg: AggregationConfig | None = None, params: pl.
     return _fit(e, cfg, _placeholders(params))
 
 
-def annotator_params(e: Encoded, cfg: AggregationConfig | None = None, params: pl.DataFrame | None = None, *,
-                     threads: bool = False) -> pl.DataFrame:
+def annotator_params(e: Encoded, cfg: AggregationConfig | None = None, params: pl.DataFrame | None = None) -> pl.DataFrame:
     """The fitted parameters only (:data:`PARAM_SCHEMA`, one row per annotator code), of judgments
     already in their canonical layout (:func:`canonical_encoding`, or
-    :func:`pipeline.partition_consensus.assemble`): what a driver broadcasts.  ``threads``: the two
-    EMs (:func:`ds_accuracy`, :func:`order_aware`) at once on two threads -- the same values (each is
-    its own computation), their working sets together (a caller with the memory to spare)."""
-    return _fit(e, cfg or AggregationConfig(), params, threads=threads).params
+    :func:`pipeline.partition_consensus.assemble`): what a driver broadcasts."""
+    return _fit(e, cfg or AggregationConfig(), params).params
 
 
 def _placeholders(params: pl.DataFrame) -> pl.DataFrame:
@@ -653,21 +648,10 @@ def _placeholders(params: pl.DataFrame) -> pl.DataFrame:
                                pl.col("oa_engaged").fill_null(1.0), pl.col("oa_factor").fill_null(0.0))
 
 
-# judgments from which ``threads=True`` runs the two EMs at once (below: the thread costs more than it saves)
-THREADED_FIT_FROM = 200_000
-
-
-def _fit(e: Encoded, cfg: AggregationConfig, params: pl.DataFrame | None, *, threads: bool = False) -> AnnotatorFit:
+def _fit(e: Encoded, cfg: AggregationConfig, params: pl.DataFrame | None) -> AnnotatorFit:
     fixed_ds, fixed_oa, given_engaged = _given(e, params)
-    if threads and e.n >= THREADED_FIT_FROM and (os.cpu_count() or 1) >= 2:
-        # (NumPy's bincount, take and ufuncs release the GIL: the Dawid-Skene EM runs beside the order-aware one)
-        with ThreadPoolExecutor(1, thread_name_prefix="prefpipe-ds") as pool:
-            ds = pool.submit(ds_accuracy, e, cfg, fixed_ds)
-            used_oa, oa = order_aware(e, cfg, fixed_oa)
-            acc = ds.result()
-    else:
-        acc = ds_accuracy(e, cfg, fixed_ds)
-        used_oa, oa = order_aware(e, cfg, fixed_oa)
+    acc = ds_accuracy(e, cfg, fixed_ds)
+    used_oa, oa = order_aware(e, cfg, fixed_oa)
     fitted = np.bincount(e.ann[used_oa], minlength=e.n_annotators) > 0
     engaged = np.where(np.isnan(given_engaged), oa.engaged, given_engaged)
     indep = oa.independence if oa.independence is not None else np.ones(e.n_annotators)

@@ -159,10 +159,10 @@ def assemble(states: list[State]) -> Encoded:
                    **arrays)
 
 
-def fit(states: list[State], cfg: AggregationConfig | None = None, *, threads: bool = False) -> pl.DataFrame:
+def fit(states: list[State], cfg: AggregationConfig | None = None) -> pl.DataFrame:
     """The annotator parameters (:data:`pipeline.aggregate.PARAM_SCHEMA`, by ``annotator_id``)
-    fitted over every partition's codes (``threads``: :func:`pipeline.aggregate.annotator_params`'s)."""
-    return annotator_params(assemble(states), cfg, threads=threads).sort("annotator_id")  # (the canonical layout)
+    fitted over every partition's codes."""
+    return annotator_params(assemble(states), cfg).sort("annotator_id")  # (assembled in the canonical layout)
 
 
 # ---------------------------------------------------------------- pass 2: each partition's pairs, parameters given

@@ -296,9 +296,10 @@ def select(refs: list[PartitionRef], work: str | Path, policy: Policy, prelim_pa
         if clusters is not None and clusters.height else None
     states, _ = map_partitions(drops_step(fb, policy), refs, work / "states", client=client)
     judgments_dropped = _sum_counts(states, "drops", "reason")
-    # (the two EMs at once: the driver holds nothing else here -- at 10M judgments this lap peaked ~0.75 GB below
-    # the preliminary fit's, where the judgments' write runs beside the fit)
-    final_params = pc.fit(states, policy.checks.aggregation, threads=True)
+    # (one EM after the other: the Dawid-Skene EM on a thread beside the order-aware one took 3M's fit 8.1 -> 7.3 s, but
+    # at 10M made this fit the build's highest point -- 3,467 MiB sampled, VmHWM 3.59 -> 3.82 GB; docs/scale-out.md,
+    # "Session 34")
+    final_params = pc.fit(states, policy.checks.aggregation)
     final_dim_params = pc.fit_dimensions(states, policy.checks.aggregation)
     secs["final fit"] = round(time.perf_counter() - t0, 3)
     kept_annotators = pl.concat([s["annotators"]["annotator_id"] for s in states]).unique().sort()

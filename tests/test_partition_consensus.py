@@ -92,33 +92,6 @@ def test_the_fit_is_global_and_its_order_is_canonical(inputs, whole, sets):
         assert agg.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id").equals(want)
 
 
-def test_the_two_ems_on_two_threads_give_the_same_parameters(whole, sets, tmp_path, monkeypatch):
-    """The final fit runs the Dawid-Skene EM beside the order-aware one (``threads=True``): the same
-    parameters, bit for bit, and the Dawid-Skene EM really ran on the other thread."""
-    import threading
-
-    from pipeline import aggregate as agg
-
-    states, _ = map_partitions(pc.codes_step(), refs_of(sets[3]), tmp_path / "codes")
-    serial = pc.fit(states)
-    ran_on: list[str] = []
-    real = agg.ds_accuracy
-
-    def spy(*args, **kwargs):
-        ran_on.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(agg, "ds_accuracy", spy)
-    monkeypatch.setattr(agg, "THREADED_FIT_FROM", 0)
-    threaded = pc.fit(states, threads=True)
-    assert threaded.equals(serial)
-    assert serial["oa_alpha"].drop_nulls().len() >= 4 and serial["ds_accuracy"].drop_nulls().len() > 150
-    assert len(ran_on) == 1 and ran_on[0].startswith("prefpipe-ds")
-    monkeypatch.setattr(agg, "THREADED_FIT_FROM", whole.height + 1)  # (below the threshold: one thread)
-    assert pc.fit(states, threads=True).equals(serial)
-    assert len(ran_on) == 2 and ran_on[1] == threading.current_thread().name
-
-
 def test_dropped_pairs_leave_the_fit_and_an_id_across_partitions_is_refused(tmp_path):
     rows = [canonical(i, annotator_id=f"rev-{i % 4}", label="ab"[i % 2]) for i in range(40)]
     # one given id naming two contents that fall in different partitions
