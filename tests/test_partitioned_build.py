@@ -342,14 +342,22 @@ def test_gc_removes_a_failed_partitioned_builds_work_dir_unless_a_build_holds_it
     busy = store.root / ".work" / "v-00000000000000bb"  # a build running now (it holds its version's lock)
     for d in (left, busy):
         (d / "states").mkdir(parents=True)
+    # a first version's partitions staged while its inputs were hashed: a dead process's go, a live one's stay
+    import os
+
+    dead, alive = (store.root / ".staging" / f"partitions.{pid}.0123abcd" for pid in (2**22 + 12345, os.getpid()))
+    for d in (dead, alive):
+        (d / "set").mkdir(parents=True)
     runner = CliRunner()
     with store.lock("v-00000000000000bb"):
         res = runner.invoke(app, ["gc", "--store", str(store.root), "--json"])
         assert res.exit_code == 0 and json.loads(res.stdout)["work"] == ["v-00000000000000aa"]
+        assert json.loads(res.stdout)["staging"] == [dead.name]
         assert left.is_dir()  # a dry run
         res = runner.invoke(app, ["gc", "--store", str(store.root), "--apply"])
         assert res.exit_code == 0 and "1 work dir(s)" in res.stdout
     assert not left.exists() and busy.is_dir()
+    assert not dead.exists() and alive.is_dir()
 
 
 def test_an_input_whose_every_row_is_quarantined_builds_the_same_empty_version(tmp_path):
