@@ -101,7 +101,7 @@ def stages_table(rows: list[tuple], timings: dict[str, float], end: float, cores
     return out, idle
 
 
-def measure(batch: Path, env: dict[str, str]) -> tuple[list[list[str]], dict[str, float], float]:
+def measure(batch: Path, env: dict[str, str], samples: Path | None = None) -> tuple[list[list[str]], dict[str, float], float]:
     with tempfile.TemporaryDirectory(prefix="prefpipe-stages-") as store:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
@@ -121,6 +121,14 @@ def measure(batch: Path, env: dict[str, str]) -> tuple[list[list[str]], dict[str
         manifest = json.loads((Path(store) / "versions" / result["version_id"] / "manifest.json").read_text())
     # (the CLI's timings: the version's, then the publish and the work directory's removal, which follow its manifest)
     timings = {**manifest["lineage"]["timings_s"], **result.get("timings_s", {})}
+    if samples is not None:  # the sampler's rows and where each lap starts, to see a lap's seconds one by one
+        starts, at = [], wall - sum(v for k, v in timings.items() if "/" not in k)
+        for k, v in timings.items():
+            if "/" not in k:
+                starts.append(f"# {at:8.1f} {k}")
+                at += v
+        samples.write_text("\n".join([*starts, "# seconds busy_cores rss_kib user_s system_s",
+                                       *(f"{r[0]:.1f} {r[1]:.2f} {r[2]} {r[3]:.1f} {r[4]:.1f}" for r in sampler.rows)]) + "\n")
     rows, idle = stages_table(sampler.rows, timings, wall, sampler.cores)
     totals = {"wall_s": wall, "peak_kib": after.ru_maxrss, "user_s": after.ru_utime - before.ru_utime,
               "system_s": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt}
@@ -134,6 +142,7 @@ def main() -> None:
     src.add_argument("--input", type=Path, help="an existing JSONL batch")
     ap.add_argument("--row-bytes", type=int, default=1000, help="with --judgments: ~bytes a judgment (as scale.py)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set in the curate's environment")
+    ap.add_argument("--samples", type=Path, help="also write the sampler's rows (and each lap's start) to this file")
     a = ap.parse_args()
     env = dict(kv.split("=", 1) for kv in a.env)
     if a.input is not None:
@@ -142,7 +151,7 @@ def main() -> None:
         from gen_judgments import cached_batch
 
         batch = cached_batch(a.judgments, a.row_bytes)
-    rows, t, idle = measure(batch, env)
+    rows, t, idle = measure(batch, env, a.samples)
     headers = ["stage", "s", "busy cores", "idle core-s", "peak RSS MiB", "user s", "system s"]
     cpu = t["user_s"] + t["system_s"]
     body = "\n\n".join([

@@ -29,8 +29,9 @@ import re
 import unicodedata
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -781,24 +782,26 @@ class _ParsedBlock:
     slow: set[int]  # block line indices for the per-row path
 
 
-def _parse_blocks(path: Path, batch_rows: int, limits: IngestConfig) -> Iterator[_ParsedBlock]:
-    """Read and Arrow-parse the blocks of a canonical JSONL file (runs ahead in a thread)."""
-    shape: tuple[bool, ...] | None = None
-    split: frozenset[str] = frozenset()  # fields whose shape varied in the previous block
-    for block in jsonl_blocks(path, batch_rows, limits):
-        cand = candidate_lines(block, block.starts)
-        slow: set[int] = set(np.flatnonzero(~cand).tolist())  # blank lines too: they are dropped as rows
-        idx = np.flatnonzero(cand)
-        parts: list[ArrowPart] = []
-        if len(idx):
-            if shape is None:  # the first row's shape; then the main shape of the previous block
-                first = decode_line(0, block.line(int(idx[0])))
-                shape = _shape_of(first.obj if first is not None else None)
-            parts, failed, split = parse_block_arrow(block, idx, _canonical_schema, _POLY, _STRING_SHAPE, shape, split)
-            slow.update(failed)
-            if parts:
-                shape = max(parts, key=lambda p: p.table.num_rows).shape
-        yield _ParsedBlock(block, parts, slow)
+_Hint = tuple[tuple[bool, ...] | None, frozenset[str]]  # (a block's main shape, the fields split on)
+
+
+def _parse_block(block: LineBlock, hint: _Hint) -> tuple[_ParsedBlock, _Hint]:
+    """Arrow-parse a block of canonical JSONL, trying the shape of ``hint`` first (a block parsed before it;
+    ``None``: the block's first row's); returns the parse and this block's hint for a later one."""
+    shape, split = hint
+    cand = candidate_lines(block, block.starts)
+    slow: set[int] = set(np.flatnonzero(~cand).tolist())  # blank lines too: they are dropped as rows
+    idx = np.flatnonzero(cand)
+    parts: list[ArrowPart] = []
+    if len(idx):
+        if shape is None:
+            first = decode_line(0, block.line(int(idx[0])))
+            shape = _shape_of(first.obj if first is not None else None)
+        parts, failed, split = parse_block_arrow(block, idx, _canonical_schema, _POLY, _STRING_SHAPE, shape, split)
+        slow.update(failed)
+        if parts:
+            shape = max(parts, key=lambda p: p.table.num_rows).shape
+    return _ParsedBlock(block, parts, slow), (shape, split)
 
 
 def _process_block(parsed: _ParsedBlock, ctx: AdapterContext, source: str, finish: bool) -> _BatchOut:
@@ -834,22 +837,45 @@ def _process_block(parsed: _ParsedBlock, ctx: AdapterContext, source: str, finis
                      checked.skipped if checked else 0)
 
 
-_END = object()
+# canonical JSONL blocks parsed and processed at once, each on a thread of its own (the parse's Python share -- the
+# line scan, the shape checks -- and the processing's -- the content hashes -- hold the GIL part of the time; one
+# block at a time left ~0.3 of two cores idle, the parse of the next block waiting on none of it)
+BLOCK_THREADS = 2
 
 
-def _run_ahead(items: Iterator[Any], pool: ThreadPoolExecutor) -> Iterator[Any]:
-    """Yield ``items``, computing the next one in ``pool`` while the caller works on this one.
+def _blocks_in_order(blocks: Iterator[LineBlock], work: Callable[[_ParsedBlock], Any],
+                     pool: ThreadPoolExecutor) -> Iterator[Any]:
+    """``work`` of each parsed block, yielded in input order; while the caller takes one, the next blocks (one per
+    worker of ``pool``) are parsed and worked on.  Block k is parsed with the hint of block k - workers (known by then: the same hint whatever the
+    timing, so the same parse).  Leaving early (an error, the caller's) cancels what has not started and waits
+    for the rest."""
+    depth = pool._max_workers  # noqa: SLF001 - the pool is this module's own
+    hints: deque[Future[_Hint] | _Hint] = deque([(None, frozenset())] * depth)
+    pending: deque[Future[Any]] = deque()
 
-    Arrow's parse and Polars release the GIL, so reading + parsing block k+1 overlaps with
-    validating and hashing block k (two cores).  At most one item is computed ahead.
-    """
-    fut = pool.submit(next, items, _END)
-    while True:
-        item = fut.result()
-        if item is _END:
-            return
-        fut = pool.submit(next, items, _END)
-        yield item
+    def one(block: LineBlock, hint: _Hint, hint_out: Future[_Hint]) -> Any:
+        try:
+            parsed, after = _parse_block(block, hint)
+        except BaseException as err:
+            hint_out.set_exception(err)
+            raise
+        hint_out.set_result(after)
+        return work(parsed)
+
+    try:
+        for block in blocks:
+            hint = hints.popleft()
+            hint_out: Future[_Hint] = Future()
+            pending.append(pool.submit(one, block, hint.result() if isinstance(hint, Future) else hint, hint_out))
+            hints.append(hint_out)
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for fut in pending:
+            fut.cancel()
+        wait(pending)
 
 
 def _content_hashes(s: pl.Series) -> pl.Series:
@@ -964,7 +990,8 @@ def ingest_files(
         plans.append((p, resolve_format(p, fmt, limits)))
 
     ledger = IngestLedger()
-    pool = ThreadPoolExecutor(2)  # file hash and parse-ahead: both release the GIL (see _run_ahead)
+    pool = ThreadPoolExecutor(1)  # the file's hash beside its parse (hashlib releases the GIL)
+    work = ThreadPoolExecutor(BLOCK_THREADS, thread_name_prefix="prefpipe-ingest")  # blocks processed at once
     try:
         frames: list[pl.DataFrame] = []
         quarantine: list[dict[str, Any]] = []
@@ -986,7 +1013,9 @@ def ingest_files(
             n_in = n_valid = n_j = n_skip = 0
             q_before = len(quarantine)
             if FAST_JSONL and f == "canonical" and container_of(p) == "jsonl":
-                batches = (_process_block(b, ctx, source, keep_judgments) for b in _run_ahead(_parse_blocks(p, batch_rows, limits), pool))
+                batches = _blocks_in_order(jsonl_blocks(p, batch_rows, limits),
+                                           functools.partial(_process_block, ctx=ctx, source=source, finish=keep_judgments),
+                                           work)
             else:
                 batches = (_process_batch(rows, f, ctx, source, keep_judgments) for rows in iter_raw_rows(p, batch_rows, limits))
             for out in batches:
@@ -1021,6 +1050,7 @@ def ingest_files(
                                       rows_in=n_in, rows_valid=n_valid, quarantined=n_q, judgments=n_j))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        work.shutdown(wait=True, cancel_futures=True)
     judgments = pl.concat(frames, how="vertical") if frames else empty_frame(Judgment)
     qframe = pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA) if quarantine else pl.DataFrame(schema=QUARANTINE_SCHEMA)
     return IngestResult(judgments, qframe, ledger, sources)

@@ -310,6 +310,62 @@ def test_mixed_shapes_in_one_block_all_go_column_wise(tmp_path, monkeypatch):
     _assert_same(r, _per_row(monkeypatch, [path]))
 
 
+def _shifting_shapes(n: int) -> list[dict]:
+    """Rows whose polymorphic fields change shape every few rows (a block's parse hint is a block's before it)."""
+    rows = []
+    for i in range(n):
+        row = canonical(i, label="bad" if i % 17 == 3 else "a")
+        if (i // 7) % 2:
+            row["prompt"] = row["prompt"][0]["content"]
+        if (i // 11) % 3 == 1:
+            row["response_a"] = row["response_a"]["text"]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_blocks_worked_on_at_once_give_what_one_at_a_time_gives(tmp_path, monkeypatch, workers):
+    path = write_jsonl(tmp_path / "b.jsonl", _shifting_shapes(200))
+    raw = path.read_text(encoding="utf-8").splitlines()
+    raw[57] = raw[57][:40]  # a truncated line: the per-row path, in the middle of a block
+    path.write_text("\n".join(raw) + "\n", encoding="utf-8")
+    at_once = ingest_files([path], batch_rows=6)  # ~34 blocks, BLOCK_THREADS at a time
+    assert ingest_mod.BLOCK_THREADS == 2
+    monkeypatch.setattr(ingest_mod, "BLOCK_THREADS", workers)
+    other = ingest_files([path], batch_rows=6)
+    _assert_same(at_once, other)
+    assert at_once.ledger.rows_in == 200 and at_once.ledger.rows_valid == 200 - 12 - 1
+    assert at_once.quarantine["line"].to_list() == sorted([i + 1 for i in range(200) if i % 17 == 3] + [58])
+    assert at_once.judgments["source_line"].is_sorted()
+    _assert_same(at_once, _per_row(monkeypatch, [path], batch_rows=6))
+
+
+def test_a_failing_block_fails_the_ingest_and_leaves_no_thread(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    path = write_jsonl(tmp_path / "b.jsonl", _shifting_shapes(120))
+    calls = []
+    real = ingest_mod._process_block
+
+    def flaky(parsed, **kw):
+        calls.append(parsed.block.first_line)
+        if parsed.block.first_line > 30:
+            raise RuntimeError(f"block at line {parsed.block.first_line}")
+        return real(parsed, **kw)
+
+    monkeypatch.setattr(ingest_mod, "_process_block", flaky)
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="block at line"):
+        ingest_files([path], batch_rows=6)
+    for _ in range(200):  # (the file's hash thread ends on its own, after its hash)
+        if threading.active_count() == before:
+            break
+        time.sleep(0.01)
+    assert threading.active_count() == before  # the block threads joined, none left waiting
+    assert len(calls) < 120 // 6  # it stopped: the blocks after the failure were not all worked on
+
+
 def test_unknown_fields_reach_extra_the_same_way(tmp_path, monkeypatch):
     rows = [canonical(0, task_id="t-1"), canonical(1), canonical(2, task_id=None),
             canonical(3, response_a={"text": "A.", "model": "m", "generation": {"t": 0.7}}),
