@@ -215,3 +215,34 @@ def test_kept_annotators_are_those_of_the_kept_rows():
         for step in (1, 7, 64, 499, 500, 1 << 20):  # (an annotator kept in one piece, dropped in the others)
             assert sorted(sel.kept_annotators(step).to_list()) == want, step
     assert not whole & set(JudgmentSelection(rows=rows, dropped=dropped, dropped_by_reason={}).kept_annotators().to_list())
+
+
+def test_order_keys_and_picks_equal_their_one_at_a_time_forms():
+    """The split's vectorised cluster keys and unrolled deficit loop give what the per-cluster forms give."""
+    import random
+
+    from pipeline import split as sp
+
+    ids = ["p-0123456789abcdef", "near-7", "cl-é-ü", "", "日本-1", *(f"p-{i:016x}" for i in range(200))]
+    keys = sp._order_keys(17, pl.Series(ids, dtype=pl.String)).to_list()
+    assert keys == [sp._order_key(17, x) for x in ids]
+
+    def reference(goal, have, sizes):  # the loop as it was: the first split with the largest deficit
+        have, picks = list(have), []
+        for n in sizes:
+            best, best_d = -1, 0.0
+            for i in (0, 1, 2):
+                g = goal[i]
+                if g is not None and (best < 0 or g - have[i] > best_d):
+                    best, best_d = i, g - have[i]
+            picks.append(best)
+            have[best] += n
+        return picks
+
+    rng = random.Random(5)
+    for goal in ([80.0, 10.0, 10.0], [90.0, 5.0, 5.0], [50.0, 25.0, 25.0], [90.0, 10.0, None], [None, None, 3.0]):
+        for have in ([0, 0, 0], [70, 12, 0], [3, 3, 3]):
+            sizes = [rng.choice([1, 1, 2, 3, 7]) for _ in range(400)]
+            got = sp._picks(goal, list(have), sizes)
+            assert got == reference(goal, have, sizes)
+            assert {0, 1, 2} & set(got)  # (not a degenerate case)
