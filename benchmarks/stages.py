@@ -10,7 +10,8 @@ beside it: the machine's busy cores (``/proc/stat``), the process's RSS and its 
 stages; the laps are aligned at the process's end (what follows the last lap -- the JSON printed, the exit -- is
 well under a second).  Prints, per stage and per sub-stage: seconds, busy cores, idle core-seconds, the highest
 RSS sampled, user and system CPU seconds; then the whole run from ``getrusage`` (wall, peak RSS, user, system,
-minor page faults).  Linux only (``/proc``).  Rewrites the "Stages" section of docs/benchmarks.md unless
+minor page faults).  ``--samples FILE`` also writes every sample and each lap's start (``# seconds lap`` lines), to
+see a lap second by second (docs/scale-out.md, "Session 35").  Linux only (``/proc``).  Rewrites the "Stages" section of docs/benchmarks.md unless
 ``--no-write``.  Run nothing else meanwhile: the busy cores are the machine's.
 """
 from __future__ import annotations
