@@ -124,12 +124,14 @@ def assemble(states: list[State]) -> Encoded:
     """The whole input's :class:`Encoded` in the canonical order from every partition's codes
     (partition order: any; the result is the same)."""
     pairs = pl.concat([s["pairs"] for s in states])
-    if pairs["pair_id"].is_duplicated().any():
-        dup = pairs.filter(pl.col("pair_id").is_duplicated())["pair_id"].unique().sort().head(3).to_list()
-        raise ValueError(f"pair ids in more than one partition (a given id naming several contents; drop them first): {dup}")
     n = pairs["n"].to_numpy()
     start = _starts(n)  # each pair's first row in the concatenated codes
     order = pairs.with_columns(_start=pl.Series(start)).sort("pair_id")
+    # (an id twice is two equal neighbours once sorted: at 10M judgments 1.2 s less than is_duplicated on the union)
+    sid = order["pair_id"]
+    if sid.len() > 1 and (sid.slice(1) == sid.slice(0, sid.len() - 1)).any():
+        dup = pairs.filter(pl.col("pair_id").is_duplicated())["pair_id"].unique().sort().head(3).to_list()
+        raise ValueError(f"pair ids in more than one partition (a given id naming several contents; drop them first): {dup}")
     n_sorted, start_sorted = order["n"].to_numpy(), order["_start"].to_numpy()
     total = int(n.sum())
     out_start = _starts(n_sorted)
@@ -143,16 +145,21 @@ def assemble(states: list[State]) -> Encoded:
     part_of_row = np.repeat(np.arange(len(states)), [s["codes"].height for s in states])
     local = (codes["ann"].to_numpy().astype(np.int64) + offsets[part_of_row])[rows]  # a row of ``union``, canonical order
     glob = union["_global"].to_numpy().astype(np.int64)[local]
-    _, first, inv = np.unique(glob, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    ann, ann_first = rank[inv.ravel()], np.sort(first)
+    # each annotator's first row, and its code = its rank by first row (what np.unique's first index and inverse
+    # gave, without sorting every judgment: the ids are few, the rows many -- at 10M judgments 2.2 s -> ~0.1 s)
+    at = np.full(len(ids), total, np.int64)
+    np.minimum.at(at, glob, np.arange(total, dtype=np.int64))
+    seen = np.flatnonzero(at < total)
+    by_first = seen[np.argsort(at[seen], kind="stable")]
+    rank = np.empty(len(ids), np.int64)
+    rank[by_first] = np.arange(len(by_first))
+    ann, ann_first = rank[glob], at[by_first]
     # an annotator's kind is the one of its first judgment, as encode takes it
     ann_ids = union["annotator_id"].gather(local[ann_first])
     ann_kind = union["annotator_kind"].gather(local[ann_first])
     pair = np.repeat(np.arange(len(n_sorted), dtype=np.int64), n_sorted)
     n_ann = len(ann_first)
-    ukeys, unit = np.unique(pair * max(n_ann, 1) + ann, return_inverse=True)
+    ukeys, unit = _unique_inverse(pair * max(n_ann, 1) + ann)
     arrays = {k: codes[k].to_numpy()[rows] for k in _ARRAYS}
     return Encoded(pair=pair, pair_first=out_start, pair_ids=order["pair_id"], ann=ann, ann_ids=ann_ids,
                    ann_kind=ann_kind, unit=unit.ravel(), unit_pair=ukeys // max(n_ann, 1), unit_ann=ukeys % max(n_ann, 1),
@@ -271,6 +278,21 @@ def _concat_pairs(states: list[State]) -> State:
     if long:
         out["dimensions"] = pl.concat(long).sort("pair_id", "name")
     return out
+
+
+def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` for keys nearly in order (the units' keys are sorted by
+    pair, a pair's few judgments in any order): a stable sort finds their runs (10M judgments: 0.95 -> 0.22 s)."""
+    if not len(keys):
+        return keys.copy(), np.zeros(0, np.int64)
+    perm = np.argsort(keys, kind="stable")
+    ordered = keys[perm]
+    new = np.empty(len(keys), bool)
+    new[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    inverse = np.empty(len(keys), np.int64)
+    inverse[perm] = np.cumsum(new) - 1
+    return ordered[new], inverse
 
 
 def _starts(counts: np.ndarray) -> np.ndarray:

@@ -164,3 +164,15 @@ def test_no_judgments_give_no_parameters_and_no_pairs(tmp_path):
     params = run_step(pc.codes_step(), refs, tmp_path / "c")[0]["params"]
     assert params.height == 0
     assert run_step(pc.decide_step(params), refs, tmp_path / "d")[0]["pairs"].height == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unique_inverse_is_numpys_for_keys_in_any_order(seed):
+    rng = np.random.default_rng(seed)
+    pair = np.repeat(np.arange(500), rng.integers(1, 6, 500))
+    for keys in (pair * 7 + rng.integers(0, 7, len(pair)),  # the units' keys: sorted by pair, any order within
+                 rng.integers(-50, 50, 2000), np.zeros(0, np.int64), np.array([3], np.int64)):
+        want_u, want_i = np.unique(keys, return_inverse=True)
+        got_u, got_i = pc._unique_inverse(keys)
+        assert got_u.dtype == want_u.dtype and np.array_equal(got_u, want_u)
+        assert np.array_equal(got_i, want_i.ravel()) and len(got_i) == len(keys)
