@@ -278,15 +278,23 @@ def dawid_skene(
     acc = np.full(n_annotators, _PRIOR_A / (_PRIOR_A + _PRIOR_B))
     if fixed is not None:
         acc = np.where(pinned, fixed, acc)
+    # P(the vote is right) = [1 - q, q][the vote is for a] of its pair: one gather from a (P, 2) table (a select by
+    # the votes' mask mispredicts), into buffers allocated once; the same values, element for element
+    at_vote = 2 * np.asarray(pair_idx, np.int64) + (vote > 0)
+    table = np.empty((n_pairs, 2))
+    wv = weight * vote
+    right, term = np.empty(len(vote)), np.empty(len(vote))
     for _ in range(max(iterations, 1)):
-        qp = q[pair_idx]
-        right = np.where(vote > 0, qp, 1.0 - qp)
+        np.subtract(1.0, q, out=table[:, 0])
+        table[:, 1] = q
+        np.take(table.ravel(), at_vote, out=right)
         new = (_PRIOR_A + np.bincount(ann_idx, weights=right, minlength=n_annotators)) / (_PRIOR_A + _PRIOR_B + n_j)
         new = np.clip(new, *_ACC_CLIP)
         if fixed is not None:
             new = np.where(pinned, fixed, new)
         llr = np.log(new / (1.0 - new))
-        q = expit(np.bincount(pair_idx, weights=weight * vote * llr[ann_idx], minlength=n_pairs))
+        np.take(llr, ann_idx, out=term)
+        q = expit(np.bincount(pair_idx, weights=np.multiply(wv, term, out=term), minlength=n_pairs))
         done = np.max(np.abs(new - acc), initial=0.0) < 1e-6
         acc = new
         if done:

@@ -335,3 +335,86 @@ def test_judgment_evidence_is_the_per_judgment_formula_bit_for_bit() -> None:
     assert got.dtype == want.dtype and np.array_equal(got, want)
     assert np.array_equal(got, position_ds._judgment_evidence(judge, v, first, single, alpha, beta,
                                                               position_ds._evidence_codes(judge, first, single)))
+
+
+def _em_by_selects(pair, judge, unit, n_units, chose_a, shown_a, weight, n_pairs, n_judges, gold, iterations):
+    """position_ds.fit's EM (decorrelate=False, nothing fixed) written with a select over every judgment
+    (np.where per judgment, fresh arrays): what its gathers from the pairs' tables must equal bit for bit."""
+    from scipy.special import expit
+
+    v = np.where(chose_a, 1.0, -1.0)
+    known = shown_a >= 0
+    first = known & (chose_a == (shown_a == 1))
+    n_af = np.bincount(unit, weights=known & (shown_a == 1), minlength=n_units)
+    n_bf = np.bincount(unit, weights=known & (shown_a == 0), minlength=n_units)
+    single = known & ((n_af > 0) != (n_bf > 0))[unit]
+    engaged = position_ds.engaged_share(unit=unit, n_units=n_units, judge=judge, n_judges=n_judges, chose_a=chose_a,
+                                        shown_a=shown_a)
+    codes = position_ds._evidence_codes(judge, first, single)
+    clamp, g0 = gold >= 0, (gold == 0).astype(float)
+    mw = position_ds._mstep_weights(judge, clamp[pair], n_judges)
+    wf = weight * engaged[judge]
+    q = expit(np.bincount(pair, weights=weight * v, minlength=n_pairs))
+    alpha = np.full(n_judges, position_ds.PRIOR_RIGHT / (position_ds.PRIOR_RIGHT + position_ds.PRIOR_WRONG))
+    beta = alpha
+    pr, pw = position_ds.PRIOR_RIGHT, position_ds.PRIOR_WRONG
+    for _ in range(iterations):
+        qp = np.where(clamp, g0, q)[pair]
+        pbf = np.where(shown_a == 1, qp, 1.0 - qp)
+        half_right = 0.5 * np.where(chose_a, qp, 1.0 - qp)
+        ompbf = 1.0 - pbf
+        na = np.bincount(judge, weights=mw * np.where(known, pbf, 0.5), minlength=n_judges)
+        ka = np.bincount(judge, weights=mw * np.where(~known, half_right, pbf * first), minlength=n_judges)
+        nb = np.bincount(judge, weights=mw * np.where(known, ompbf, 0.5), minlength=n_judges)
+        kb = np.bincount(judge, weights=mw * np.where(~known, half_right, ompbf * (known & ~first)), minlength=n_judges)
+        alpha = np.clip((pr + ka) / (pr + pw + na), *position_ds.CLIP)
+        beta = np.clip((pr + kb) / (pr + pw + nb), *position_ds.CLIP)
+        t = v * position_ds._evidence_table(alpha, beta)[codes]
+        q = expit(np.bincount(pair, weights=wf * t, minlength=n_pairs))
+    return alpha, beta, q
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_ems_gathers_equal_the_selects_over_every_judgment_bit_for_bit(seed: int) -> None:
+    """Both EMs read each judgment's share of its pair's posterior by a gather from a (pairs, 2) table
+    (not a select by a mask): the same values as the per-judgment selects, every bit, with unknown
+    display orders, gold pairs (clamped; judges measured on gold only) and judges with few verdicts."""
+    from scipy.special import expit
+
+    from pipeline.aggregate import dawid_skene
+
+    rng = np.random.default_rng(seed)
+    n_pairs, n_judges = 700, 25
+    units = [(p, j) for p in range(n_pairs) for j in range(n_judges) if rng.random() < 0.15]
+    rows = [(p, j, u) for u, (p, j) in enumerate(units) for _ in range(rng.integers(1, 3))]
+    pair, judge, unit = (np.array(x, np.int64) for x in zip(*rows, strict=True))
+    n = len(pair)
+    chose_a = rng.random(n) < 0.6
+    shown_a = rng.choice(np.array([-1, 0, 1], np.int8), n, p=[0.2, 0.4, 0.4])
+    weight = 1.0 / np.bincount(unit)[unit]
+    gold = np.where(rng.random(n_pairs) < 0.3, rng.integers(0, 2, n_pairs), -1)
+    m = position_ds.fit(pair=pair, judge=judge, unit=unit, n_units=len(units), chose_a=chose_a, shown_a=shown_a,
+                        weight=weight, n_pairs=n_pairs, n_judges=n_judges, gold=gold, iterations=6, tol=0.0,
+                        decorrelate=False)
+    alpha, beta, _ = _em_by_selects(pair, judge, unit, len(units), chose_a, shown_a, weight, n_pairs, n_judges, gold, 6)
+    assert m.iterations == 6 and np.array_equal(m.alpha, alpha) and np.array_equal(m.beta, beta)
+    assert len(np.unique(m.alpha)) > 10  # (not every judge at a clip or at the prior)
+    # the one-coin EM: accuracies from [1 - q, q] by vote, its E-step's weights as weight * vote * llr
+    vote = np.where(chose_a, 1.0, -1.0)
+    got = dawid_skene(pair, judge, vote, weight, n_pairs=n_pairs, n_annotators=n_judges, iterations=6)
+    s, t = np.bincount(pair, weights=weight * vote, minlength=n_pairs), np.bincount(pair, weights=weight, minlength=n_pairs)
+    q = np.where(t > 0, 0.5 + 0.5 * s / np.maximum(t, 1e-9), 0.5)
+    n_j = np.bincount(judge, minlength=n_judges).astype(float)
+    from pipeline.aggregate import _ACC_CLIP, _PRIOR_A, _PRIOR_B
+
+    acc = None
+    for _ in range(6):
+        qp = q[pair]
+        new = np.clip((_PRIOR_A + np.bincount(judge, weights=np.where(vote > 0, qp, 1.0 - qp), minlength=n_judges))
+                      / (_PRIOR_A + _PRIOR_B + n_j), *_ACC_CLIP)
+        q = expit(np.bincount(pair, weights=weight * vote * np.log(new / (1.0 - new))[judge], minlength=n_pairs))
+        if acc is not None and np.max(np.abs(new - acc)) < 1e-6:
+            acc = new
+            break
+        acc = new
+    assert np.array_equal(got, acc) and len(np.unique(got)) > 10
