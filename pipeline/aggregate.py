@@ -89,21 +89,39 @@ _ACC_CLIP = (0.02, 0.98)
 def dense_codes(s: pl.Series) -> tuple[np.ndarray, np.ndarray]:
     """(codes in first-seen order, first row of each code) for a string column without nulls.
 
-    Fast path: 64-bit hashes; the result is verified (every row equals its code's first
-    row), and a collision falls back to an exact string window.
+    A column Polars knows sorted (a frame in the canonical order) has its equal ids side by side, so the
+    codes count the changes; any other is coded by a join with its first occurrences (exact: no hash
+    decides equality).  At 156k judgments (a 10M build's partition) 20 ms -> 3 ms sorted, 17 ms -> 11 ms
+    for the few annotator ids.
     """
     n = len(s)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     s = s.rechunk()
-    _, first, inv = np.unique(s.hash().to_numpy(), return_index=True, return_inverse=True)
-    if not bool((s.gather(first[inv]) == s).all()):
-        first_of_row = s.to_frame("k").with_row_index("_r").select(pl.col("_r").min().over("k")).to_series().to_numpy()
-        first, inv = np.unique(first_of_row, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(len(first), np.int64)
-    rank[order] = np.arange(len(first))
-    return rank[inv.ravel()], first[order].astype(np.int64)
+    if s.is_sorted() or s.is_sorted(descending=True):
+        new = np.empty(n, bool)
+        new[0] = True
+        new[1:] = (s.slice(1) != s.slice(0, n - 1)).to_numpy()
+        return np.cumsum(new, dtype=np.int64) - 1, np.flatnonzero(new).astype(np.int64)
+    first = np.flatnonzero(s.is_first_distinct().to_numpy()).astype(np.int64)
+    f = s.to_frame("k")
+    firsts = f[first].with_columns(_c=pl.int_range(len(first), dtype=pl.Int64))
+    return f.join(firsts, on="k", how="left", maintain_order="left")["_c"].to_numpy(), first
+
+
+def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)``, faster for keys nearly in order (units' keys sorted by
+    pair, a pair's few judgments in any order): a stable sort finds their runs (10M: 0.95 -> 0.22 s)."""
+    if not len(keys):
+        return keys.copy(), np.zeros(0, np.int64)
+    perm = np.argsort(keys, kind="stable")
+    ordered = keys[perm]
+    new = np.empty(len(keys), bool)
+    new[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    inverse = np.empty(len(keys), np.int64)
+    inverse[perm] = np.cumsum(new) - 1
+    return ordered[new], inverse
 
 
 def _codes(s: pl.Series, enum: pl.Enum) -> np.ndarray:
@@ -211,7 +229,7 @@ def _encode(judgments: pl.DataFrame) -> Encoded:
 
     n_ann = len(ann_first)
     keys = pair.astype(np.int64) * max(n_ann, 1) + ann
-    ukeys, unit = np.unique(keys, return_inverse=True)
+    ukeys, unit = unique_inverse(keys)
     strength = judgments["strength"].cast(pl.Float64).fill_null(np.nan).to_numpy() if "strength" in cols \
         else np.full(len(pair), np.nan)
     return Encoded(

@@ -48,7 +48,7 @@ import polars as pl
 from pydantic import BaseModel
 
 from pipeline import dimensions as dims
-from pipeline.aggregate import PAIR_TEXT_COLUMNS, PARAM_SCHEMA, Encoded, _encode, aggregate, annotator_params
+from pipeline.aggregate import PAIR_TEXT_COLUMNS, PARAM_SCHEMA, Encoded, _encode, aggregate, annotator_params, unique_inverse
 from pipeline.distributed import State, Step
 from pipeline.partition import read_partition
 from schemas.policy import AggregationConfig, DimensionsConfig
@@ -159,7 +159,7 @@ def assemble(states: list[State]) -> Encoded:
     ann_kind = union["annotator_kind"].gather(local[ann_first])
     pair = np.repeat(np.arange(len(n_sorted), dtype=np.int64), n_sorted)
     n_ann = len(ann_first)
-    ukeys, unit = _unique_inverse(pair * max(n_ann, 1) + ann)
+    ukeys, unit = unique_inverse(pair * max(n_ann, 1) + ann)
     arrays = {k: codes[k].to_numpy()[rows] for k in _ARRAYS}
     return Encoded(pair=pair, pair_first=out_start, pair_ids=order["pair_id"], ann=ann, ann_ids=ann_ids,
                    ann_kind=ann_kind, unit=unit.ravel(), unit_pair=ukeys // max(n_ann, 1), unit_ann=ukeys % max(n_ann, 1),
@@ -278,21 +278,6 @@ def _concat_pairs(states: list[State]) -> State:
     if long:
         out["dimensions"] = pl.concat(long).sort("pair_id", "name")
     return out
-
-
-def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(keys, return_inverse=True)`` for keys nearly in order (the units' keys are sorted by
-    pair, a pair's few judgments in any order): a stable sort finds their runs (10M judgments: 0.95 -> 0.22 s)."""
-    if not len(keys):
-        return keys.copy(), np.zeros(0, np.int64)
-    perm = np.argsort(keys, kind="stable")
-    ordered = keys[perm]
-    new = np.empty(len(keys), bool)
-    new[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
-    inverse = np.empty(len(keys), np.int64)
-    inverse[perm] = np.cumsum(new) - 1
-    return ordered[new], inverse
 
 
 def _starts(counts: np.ndarray) -> np.ndarray:

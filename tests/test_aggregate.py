@@ -147,13 +147,26 @@ def test_plurality_codes() -> None:
     assert plurality(v).tolist() == [0, -1, -1, -1, -1, 3]
 
 
-def test_dense_codes_first_seen_order_and_collision_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = pl.Series(["x", "y", "x", "z", "y"])
-    codes, first = dense_codes(s)
-    assert codes.tolist() == [0, 1, 0, 2, 1] and first.tolist() == [0, 1, 3]
-    monkeypatch.setattr(pl.Series, "hash", lambda self, *a, **k: pl.Series([7] * len(self), dtype=pl.UInt64))
-    codes, first = dense_codes(s)  # every hash collides: the exact path must still separate them
-    assert codes.tolist() == [0, 1, 0, 2, 1] and first.tolist() == [0, 1, 3]
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dense_codes_are_first_seen_codes_sorted_or_not(seed: int) -> None:
+    """Codes in first-seen order and each code's first row, as a dict gives them: for a column in any order
+    (coded by a join with its first occurrences) and for one Polars knows sorted, either way (counted by changes)."""
+    rng = np.random.default_rng(seed)
+    values = [f"id-{x}" for x in rng.integers(0, 40, 500)]
+
+    def by_dict(vals: list[str]) -> tuple[list[int], list[int]]:
+        seen: dict[str, int] = {}
+        first = [seen.setdefault(v, i) for i, v in enumerate(vals)]
+        rank = {row: k for k, row in enumerate(sorted(set(first)))}
+        return [rank[r] for r in first], sorted(set(first))
+
+    for s in (pl.Series(values), pl.Series(values).sort(), pl.Series(values).sort(descending=True), pl.Series(["x"])):
+        codes, first = dense_codes(s)
+        assert codes.dtype == np.int64 and first.dtype == np.int64
+        assert (codes.tolist(), first.tolist()) == by_dict(s.to_list())
+    assert pl.Series(values).sort().is_sorted() and not pl.Series(values).is_sorted()  # (both paths ran)
+    assert dense_codes(pl.Series(["x", "y", "x", "z", "y"]))[0].tolist() == [0, 1, 0, 2, 1]
+    assert [len(x) for x in dense_codes(pl.Series([], dtype=pl.String))] == [0, 0]
 
 
 def test_locale_first_non_null_and_tags_union() -> None:

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from pipeline import partition_consensus as pc
-from pipeline.aggregate import PAIR_TEXT_COLUMNS, _encode, _fit, aggregate
+from pipeline.aggregate import PAIR_TEXT_COLUMNS, _encode, _fit, aggregate, unique_inverse
 from pipeline.distributed import PartitionTaskError, map_partitions, open_runner, refs_of, run_step
 from pipeline.ingest import ingest_files
 from pipeline.partition import partition_files, partition_index, read_partition
@@ -173,6 +173,6 @@ def test_unique_inverse_is_numpys_for_keys_in_any_order(seed):
     for keys in (pair * 7 + rng.integers(0, 7, len(pair)),  # the units' keys: sorted by pair, any order within
                  rng.integers(-50, 50, 2000), np.zeros(0, np.int64), np.array([3], np.int64)):
         want_u, want_i = np.unique(keys, return_inverse=True)
-        got_u, got_i = pc._unique_inverse(keys)
+        got_u, got_i = unique_inverse(keys)
         assert got_u.dtype == want_u.dtype and np.array_equal(got_u, want_u)
         assert np.array_equal(got_i, want_i.ravel()) and len(got_i) == len(keys)
