@@ -149,7 +149,7 @@ def fit(
     # the two selects were a third of the EM; the values are the same, element for element)
     at_shown, at_chose = 2 * np.asarray(pair, np.int64) + shown_first, 2 * np.asarray(pair, np.int64) + chose_a
     table = np.empty((n_pairs, 2))
-    buf = [np.empty(len(judge)) for _ in range(4)]
+    buf = [np.empty(len(judge)) for _ in range(3)]
     mw = _mstep_weights(judge, clamp[pair], n_judges)
     indep = np.ones(n_judges)
     if fixed is not None:
@@ -177,19 +177,19 @@ def fit(
         it = 0
         wf = w * factor
         for it in range(1, max(iterations, 1) + 1):
-            # the M-step's sums over every judgment in four buffers allocated once (the per-judgment formulas as
+            # the M-step's sums over every judgment in three buffers allocated once (the per-judgment formulas as
             # written, value for value, without a fresh array for every operation)
-            pbf, half_right, ompbf, t = buf
+            pbf, half_right, t = buf
             qc = np.where(clamp, g0, q)
             np.subtract(1.0, qc, out=table[:, 0])
             table[:, 1] = qc
             np.take(table.ravel(), at_shown, out=pbf)  # P(the better response was shown first)
             np.take(table.ravel(), at_chose, out=half_right)  # P(the verdict is right), halved
             np.multiply(0.5, half_right, out=half_right)
-            np.subtract(1.0, pbf, out=ompbf)
             # alpha: right | better first  (= chose first); beta: right | better second (= chose second)
             na = _judge_sum(judge, mw, _pick(t, known, pbf, 0.5), n_judges)
             ka = _judge_sum(judge, mw, _pick(t, unknown, half_right, np.multiply(pbf, first, out=t)), n_judges)
+            ompbf = np.subtract(1.0, pbf, out=pbf)  # (pbf no longer read: its buffer takes 1 - pbf)
             nb = _judge_sum(judge, mw, _pick(t, known, ompbf, 0.5), n_judges)
             kb = _judge_sum(judge, mw, _pick(t, unknown, half_right, np.multiply(ompbf, known_second, out=t)), n_judges)
             new_a = np.clip((PRIOR_RIGHT + ka) / (PRIOR_RIGHT + PRIOR_WRONG + na), *CLIP)
