@@ -31,8 +31,10 @@ def _order_key(seed: int, cluster: str) -> str:
 
 
 def _order_keys(seed: int, clusters: pl.Series) -> pl.Series:
-    """:func:`_order_key` of every cluster id, each hashed from one UTF-8 buffer of them all (no Python string a
-    cluster: at 10M judgments ~3M fresh clusters, ~4 s in the driver's one thread as strings)."""
+    """:func:`_order_key` of every cluster id as the unsigned 64-bit number its hex digits spell (the same order:
+    16 lower-case hex digits sort as the big-endian number), each hashed from one UTF-8 buffer of them all (no
+    Python string a cluster: at 10M judgments ~3M fresh clusters; the sort by the numbers 2.6 s less than by
+    the hex strings)."""
     import numpy as np
     import pyarrow as pa
 
@@ -40,8 +42,8 @@ def _order_keys(seed: int, clusters: pl.Series) -> pl.Series:
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1].tolist()
     data = memoryview(arr.buffers()[2]) if len(arr) else memoryview(b"")
     b2 = hashlib.blake2b
-    return pl.Series([b2(data[a:b], digest_size=8).hexdigest() for a, b in zip(offsets[:-1], offsets[1:], strict=True)],
-                     dtype=pl.String)
+    digests = b"".join([b2(data[a:b], digest_size=8).digest() for a, b in zip(offsets[:-1], offsets[1:], strict=True)])
+    return pl.Series(np.frombuffer(digests, dtype=">u8").astype(np.uint64), dtype=pl.UInt64)
 
 
 # most protected first: a cluster whose members were assigned to several splits goes to the first

@@ -224,8 +224,12 @@ def test_order_keys_and_picks_equal_their_one_at_a_time_forms():
     from pipeline import split as sp
 
     ids = ["p-0123456789abcdef", "near-7", "cl-é-ü", "", "日本-1", *(f"p-{i:016x}" for i in range(200))]
-    keys = sp._order_keys(17, pl.Series(ids, dtype=pl.String)).to_list()
-    assert keys == [sp._order_key(17, x) for x in ids]
+    keys = sp._order_keys(17, pl.Series(ids, dtype=pl.String))
+    assert keys.dtype == pl.UInt64 and keys.to_list() == [int(sp._order_key(17, x), 16) for x in ids]
+    # (the numbers sort as the hex keys do: the order the fresh clusters are placed in)
+    hexes = [sp._order_key(17, x) for x in ids]
+    assert sorted(range(len(ids)), key=lambda i: keys[i]) == sorted(range(len(ids)), key=lambda i: hexes[i])
+    assert sp._order_keys(17, pl.Series([], dtype=pl.String)).len() == 0
 
     def reference(goal, have, sizes):  # the loop as it was: the first split with the largest deficit
         have, picks = list(have), []
