@@ -270,6 +270,7 @@ class _Spill:
         self.pool = ThreadPoolExecutor(1)
         self.pending: Future[None] | None = None
         self.flushes = 0
+        self.sha256s: list[str] = []  # each partition file's, once compacted
 
     def add(self, frame: pl.DataFrame) -> None:
         if frame.height == 0:
@@ -312,9 +313,9 @@ class _Spill:
         self._wait()
         self.pool.shutdown()
         with ThreadPoolExecutor(2) as pool:  # Arrow's Parquet reader and writer release the GIL
-            for fut in [pool.submit(_compact, self.chunks[p], self.stage / _part_name(p), self.schema, self.compression)
-                        for p in range(self.n)]:
-                fut.result()
+            futs = [pool.submit(_compact, self.chunks[p], self.stage / _part_name(p), self.schema, self.compression)
+                    for p in range(self.n)]
+            self.sha256s = [fut.result() for fut in futs]
         shutil.rmtree(self.chunks_dir)
 
     def abort(self) -> None:
@@ -350,12 +351,21 @@ def _spill_options(compression: str | None) -> pa.ipc.IpcWriteOptions:
     return pa.ipc.IpcWriteOptions(compression=compression)
 
 
-def _compact(chunks: list[Path], out: Path, schema: pa.Schema, compression: str | None = None) -> None:
+def _compact(chunks: list[Path], out: Path, schema: pa.Schema, compression: str | None = None) -> str:
     """Chunks, in order, into one file with row groups of exactly ROW_GROUP_ROWS rows (Parquet's
     ``compression``: none by default -- every step reads its partition again, and an uncompressed one decodes in
-    half the time of zstd's; its texts are dictionary-encoded either way)."""
-    with open(out, "wb") as fh, pq.ParquetWriter(fh, schema, compression=compression or "none",
-                                                 write_statistics=_STATS_COLUMNS) as writer:
+    half the time of zstd's; its texts are dictionary-encoded either way).  Returns the file's sha256 (hashed as
+    it is written, on the compaction's thread)."""
+    from pipeline.store import HashingSink
+
+    with open(out, "wb", buffering=1 << 20) as fh:
+        sink = HashingSink(fh)
+        _compact_into(chunks, sink, schema, compression)
+    return sink.hexdigest()
+
+
+def _compact_into(chunks: list[Path], sink: Any, schema: pa.Schema, compression: str | None) -> None:
+    with pq.ParquetWriter(sink, schema, compression=compression or "none", write_statistics=_STATS_COLUMNS) as writer:
         pending: list[pa.Table] = []
         held = 0
         for chunk in chunks:
@@ -419,7 +429,6 @@ def partition_files(
     itself ``none`` by default): it changes the files' bytes, not their rows.
     """
     from pipeline.ingest import ingest_files
-    from pipeline.store import sha256_file
 
     if flush_rows < 1:
         raise ValueError(f"flush_rows={flush_rows}: expected >= 1")
@@ -451,7 +460,7 @@ def partition_files(
             rows = pq.ParquetFile(f).metadata.num_rows  # re-read what was written
             if rows != spill.rows[p]:
                 raise RuntimeError(f"partition {p}: {rows} rows in {f.name}, {spill.rows[p]} written")
-            infos.append(PartitionInfo(p, f.name, rows, f.stat().st_size, sha256_file(f)))
+            infos.append(PartitionInfo(p, f.name, rows, f.stat().st_size, spill.sha256s[p]))
         meta = {"format": _FORMAT_VERSION, "key": KEY, "n_partitions": n, "flush_rows": flush_rows,
                 "partitions": [i.to_dict() for i in infos], "ledger": res.ledger.model_dump(),
                 "sources": [s.model_dump() for s in res.sources]}
