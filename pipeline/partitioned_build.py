@@ -63,7 +63,7 @@ from pipeline.partitioned import analyze
 from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, appended_key, bucket_counts,
                             generation_groups, part_keys, share)
 from pipeline.split import PLACEMENT, SPLITS, _stats_of_counts, assignments, leakage
-from pipeline.store import HashingSink, Store, sha256_file, sync_file
+from pipeline.store import Store, sha256_file, sync_file
 from schemas.arrow import empty_frame
 from schemas.manifest import Ledger, Manifest, SplitInfo, TableInfo
 from schemas.policy import Policy
@@ -423,7 +423,6 @@ class _Streamed:
         self.held: list[pa.Table] = []  # rows added, not yet written
         self._fh: Any = None  # the part being written (None: none open)
         self._out: pq.ParquetWriter | None = None
-        self._sink: HashingSink | None = None
         self._rel, self._part_rows = "", 0
 
     def _open(self) -> pq.ParquetWriter:
@@ -431,9 +430,8 @@ class _Streamed:
             self._rel = f"{self.name}/part-{appended_key(self.version_id, len(self.writer.parts))}.parquet"
             path = self.stage / self._rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed by _seal() / close()
-            self._sink = HashingSink(self._fh)  # (the part hashed as it is written, not read back for it)
-            self._out = pq.ParquetWriter(self._sink, self.schema, compression="zstd", compression_level=1,
+            self._fh = open(path, "wb")  # noqa: SIM115 - closed by _seal() / close()
+            self._out = pq.ParquetWriter(self._fh, self.schema, compression="zstd", compression_level=1,
                                          write_statistics=True)
             self._part_rows = 0
         return self._out
@@ -448,11 +446,10 @@ class _Streamed:
         self._fh.close()
         if pq.ParquetFile(path).metadata.num_rows != self._part_rows:
             raise OSError(f"{path}: wrote {self._part_rows} rows, read back another count")
-        assert self._sink is not None
-        sha = self._sink.hexdigest()
+        sha = sha256_file(path)
         share(self.store, path, sha)
         self.writer.parts.append(SplitInfo(path=self._rel, rows=self._part_rows, sha256=sha, bytes=path.stat().st_size))
-        self._out = self._fh = self._sink = None
+        self._out = self._fh = None
 
     def _drain(self, final: bool) -> None:
         """Write the held rows in full row groups (``final``: all of them), a part sealed when it holds ``cap`` rows."""
