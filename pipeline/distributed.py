@@ -42,7 +42,7 @@ from typing import Any
 import polars as pl
 
 from pipeline import memory
-from pipeline.store import HashingSink, sha256_file
+from pipeline.store import sha256_file
 
 __all__ = ["Step", "PartitionRef", "PartitionTaskError", "RunStats", "map_partitions", "run_step", "open_runner",
            "refs_of", "partition_progress", "cached_table", "cached_file", "read_cached_file", "table_schema", "iter_table", "iter_batches", "BATCH_ROWS", "encode_state", "decode_state", "PartitionChanged", "ENV"]
@@ -255,8 +255,10 @@ def _cache_read(cache_dir: Path, key: str, wanted: Callable[[str], bool] = lambd
 
 
 def _cache_write(cache_dir: Path, key: str, state: State, compression: str | None = None) -> dict[str, str]:
-    """A state directory: each table streamed into its file (hashed as it is written), staged and
+    """A state directory: each table streamed into its file (then hashed), staged and
     renamed into place (a reader sees all of it or nothing).  Returns the tables' sha256s."""
+    import pyarrow as pa
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / key
     tmp = cache_dir / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -266,15 +268,12 @@ def _cache_write(cache_dir: Path, key: str, state: State, compression: str | Non
         for name, frame in sorted(state.items()):
             if "/" in name or name.startswith("."):
                 raise ValueError(f"state table name {name!r}: expected a plain name")
-            # hashed as it is written (not read back for it: at 10M judgments the states are ~13 GB); Arrow's writes
-            # of a record batch's buffers come through the sink and its buffer without a copy into Python bytes
-            with open(tmp / f"{name}.arrow", "wb", buffering=1 << 20) as fh:
-                sink = HashingSink(fh)
+            with pa.OSFile(str(tmp / f"{name}.arrow"), "wb") as sink:  # (Arrow's own writes: no Python bytes per buffer)
                 try:
                     _write_stream(frame, sink, compression)
                 except TypeError as err:
                     raise TypeError(f"state table {name!r}: {err}") from None
-            digests[name] = sink.hexdigest()
+            digests[name] = sha256_file(tmp / f"{name}.arrow")
         (tmp / "DONE").write_text(json.dumps(digests, sort_keys=True), encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
