@@ -199,7 +199,8 @@ def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options:
     """A first version built over partitions, in this process or on the Dask cluster ``PREFPIPE_DASK``
     names (every input: a registry, reviews, dimension verdicts, ``train_on``).  Its partitions and task states live
     under ``<store>/.work/<version_id>/`` while it runs (on the store's filesystem: a cluster's
-    workers read them there); a failed run leaves them, so a retry computes only what is missing.
+    workers read them there); a failed run leaves them, so a retry computes only what is missing (the task
+    states go once the pair tables are written: a failure after that keeps the partitions, not the checks).
 
     Inputs of :data:`OVERLAP_HASH_FROM` bytes or more are hashed on a thread of their own while they are
     partitioned (the version id is their hashes'; at 10M judgments the hash alone took 8-13 s before the

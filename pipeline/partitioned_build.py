@@ -700,6 +700,11 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         placed = _stats_of_counts(s.cluster_counts).join(s.splits, on="_cl").group_by("_stratum", "split") \
             .agg(c("n").sum().cast(pl.Int64)).sort("_stratum", "split")
         lap("write_pairs")
+        # nothing reads the tasks' states (nor the rewritten partitions, nor the broadcast tables) from here on: they
+        # are removed on a thread of their own while the small tables and the report are written (at 10M judgments
+        # ~12 GB, 5-6 s of the kernel freeing blocks, most of the work directory's removal); a failure in what is
+        # left computes the checks again on a retry, not the ingest (the partition set stays until the version is in)
+        background.append(_Background(lambda _stop: _remove_states(work), "prefpipe-cleanup"))
         # the state tables (per pair, narrow), written before select: in the manifest in their place
         tables.update(early)
         routed_all = s.routed
@@ -771,16 +776,15 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
 
         fate_of = s.fate.drop("_p")
 
-        written = {part.path: part for part in tables["pairs"].parts}
-
-        def pair_rows(ids: pl.Series) -> pl.DataFrame:
-            """The report's few pairs with their texts: from the parts of the version's pairs table that hold them
-            (written above, checked against their sha256) -- not every partition's cached rows (at 10M judgments
-            ~70 MB a partition, read and hashed whole for a few rows)."""
+        def rows_of(name: str, ids: pl.Series, schema: pl.Schema) -> pl.DataFrame:
+            """The rows of a few pairs of the version's table ``name`` (keyed by pair): from the parts that hold
+            them (written above, checked against their sha256) -- not every partition's cached rows (at 10M
+            judgments ~70 MB a partition, read and hashed whole for a few rows; and gone by now)."""
+            written = {part.path: part for part in tables[name].parts}
             want = ids.to_frame("pair_id").unique()
             frames = []
             for key in keyed(want)["_part"].unique().sort().to_list():
-                part = written.get(f"pairs/part-{key}.parquet")
+                part = written.get(f"{name}/part-{key}.parquet")
                 if part is None:  # (no pair in that bucket)
                     continue
                 path = stage / part.path
@@ -788,24 +792,42 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
                     raise RuntimeError(f"{path}: changed since it was written (sha256)")
                 frames.append(pl.read_parquet(path, glob=False).join(want, on="pair_id", how="semi"))
             frames = [f for f in frames if f.height]
-            return pl.concat(frames) if frames else pl.DataFrame(schema={k: v for k, v in _schema_of(s, refs[0], "pairs").items()
-                                                                          if k != "_part"})
+            return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
+
+        def pair_rows(ids: pl.Series) -> pl.DataFrame:
+            """The report's few pairs with their texts."""
+            return rows_of("pairs", ids, pair_schema)
+
+        def seen_of(ids: pl.Series) -> pl.DataFrame:
+            """(pair_id, ``_seen``) of the report's few pairs (their first-seen ranks, as the preliminary rows keep them)."""
+            return rows_of(inc.PRELIM_TABLE, ids, pl.Schema({"pair_id": pl.String, "seen": pl.Int64})) \
+                .select("pair_id", _seen="seen")
 
         narrow = empty_frame(Judgment).select("pair_id", "prompt_hash", "label", "locale", "annotator_kind")
         inputs = ReportInputs(manifest=manifest, judgments=narrow, pairs=fate_of, pair_rows=pair_rows, pair_prompts=s.prompts,
                               flags=flags, annotators=annotators, routed=routed_all, quarantine=quarantine, results=results,
-                              pair_order=seen.of, label_counts=s.label_counts,
+                              pair_order=seen_of, label_counts=s.label_counts,
                               graph_clusters=results["near_duplicates"].tables.get("graph_clusters"))
         from pipeline.store import file_info
 
         for path in write_report(inputs, stage):
             manifest.files[path.name] = file_info(path, path.name)
+        background[-1].result()  # (the states' removal: done before the store syncs the version)
         lap("report")
         return manifest
     except BaseException:
         for b in background:
             b.cancel()
         raise
+
+
+def _remove_states(work: Path) -> None:
+    """The tasks' states, then what only they name (rewritten partitions, broadcast tables): a state left by an
+    interrupted removal never names a file that is gone -- a retry reads it or computes it again."""
+    import shutil
+
+    for name in ("states", "rewritten", "broadcast"):
+        shutil.rmtree(work / name, ignore_errors=True)
 
 
 def _merged_table(reuse: PartReuse, store: Store, stage: Path, name: str, rows: pk.CachedRows,
@@ -830,7 +852,7 @@ class _Seen:
     of the pairs in pair_id order by place does; their ids are read back from the caches (a few)."""
 
     def __init__(self, rows: pk.CachedRows, keys: np.ndarray) -> None:
-        self.rows_, self.keys = rows, keys
+        self.keys = keys
         shared = np.unique(keys[1:][keys[1:] == keys[:-1]]) if keys.size > 1 else keys[:0]
         self.ties = pl.DataFrame(schema={"pair_id": pl.String, "_t": pl.Int64})
         if shared.size:
@@ -849,10 +871,6 @@ class _Seen:
     def rows(self, part: pl.DataFrame) -> pl.DataFrame:
         """A merged part of the preliminary rows with ``seen`` in place of ``_o``."""
         return part.with_columns(_o=self.ranks(part)).rename({"_o": "seen"})
-
-    def of(self, ids: pl.Series) -> pl.DataFrame:
-        """(pair_id, ``_seen``) of a few pairs (the report's examples, in first-seen order)."""
-        return self.rows_.where("pair_id", ids).select("pair_id", "_o").pipe(lambda f: f.select("pair_id", _seen=self.ranks(f)))
 
 
 def _schema_of(s: ps.Selection, ref: PartitionRef, table: str) -> pl.Schema:
