@@ -890,18 +890,20 @@ def _hash_distinct(s: pl.Series, *, dedup: bool = False) -> tuple[pl.Series, pl.
     holds all of them): the distinct values are copied into a compact buffer and the rows
     are views into it, so the block's original text buffers can be freed (about a third of
     the memory for three judgments per pair).  Values are unchanged."""
-    uniq = s.unique(maintain_order=True).drop_nulls()
-    if dedup:  # a real copy (unique() alone keeps views into the original buffers)
-        uniq = pl.select(pl.concat_str([pl.lit(uniq), pl.lit("")])).to_series().alias(s.name)
-    arr = uniq.to_arrow().cast(pa.large_string())
+    # (Arrow's dictionary encoding: the distinct values in first-seen order, compact, and each row's index into
+    # them, in one pass -- a unique and a join on the texts took a quarter more time)
+    enc = pc.dictionary_encode(s.to_arrow())
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    arr = enc.dictionary.cast(pa.large_string())
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1].tolist()
     data = memoryview(arr.buffers()[2]) if len(arr) else memoryview(b"")
     b2, size = hashlib.blake2b, HASH_HEX_LEN // 2
-    digests = [b2(data[a:b], digest_size=size).hexdigest() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-    lut = pl.DataFrame({"_k": uniq, "_h": pl.Series(digests, dtype=pl.String)}).with_row_index("_i")
-    out = pl.DataFrame({"_k": s}).join(lut, on="_k", how="left", maintain_order="left")
-    texts = uniq.gather(out["_i"]).alias(s.name) if dedup else s
-    return texts, out["_h"].alias(s.name)
+    digests = pl.Series(s.name, [b2(data[a:b], digest_size=size).hexdigest() for a, b in zip(offsets[:-1], offsets[1:], strict=True)],
+                        dtype=pl.String)
+    idx = pl.from_arrow(enc.indices)
+    texts = pl.Series(s.name, arr).gather(idx) if dedup else s  # (views into the compact values)
+    return texts, digests.gather(idx)
 
 
 def _pair_ids(prompt_hash: pl.Expr, a_hash: pl.Expr, b_hash: pl.Expr) -> pl.Expr:
