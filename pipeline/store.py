@@ -92,40 +92,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-class HashingSink:
-    """A binary file object that hashes (sha256) what is written through it into ``fh``: for writers that take a
-    file object (Arrow's IPC and Parquet writers), so a file's hash comes with its write instead of a second read
-    of it.  :meth:`close` leaves ``fh`` open (its owner closes it)."""
-
-    def __init__(self, fh: Any) -> None:
-        self._fh, self._h, self.closed = fh, hashlib.sha256(), False
-
-    def write(self, data: Any) -> int:
-        self._h.update(data)
-        return self._fh.write(data)
-
-    def tell(self) -> int:
-        return self._fh.tell()
-
-    def flush(self) -> None:
-        self._fh.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

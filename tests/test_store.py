@@ -320,32 +320,3 @@ def test_sync_tree_without_syncfs_fsyncs_every_file_and_folder(tmp_path, monkeyp
     store_mod.sync_tree(tmp_path)
     want = {str(tmp_path / r) for r in ("x", "a/y", "a/b/z", "", "a", "a/b")}
     assert {s.rstrip("/") for s in synced} == {w.rstrip("/") for w in want}
-
-
-def test_a_hashing_sink_gives_the_sha256_of_the_file_arrow_writes_through_it(tmp_path):
-    """The partition files and the task states are hashed as they are written (not read back for it): the digest
-    must be the written file's, for Arrow's IPC stream and Parquet writers alike (many small writes, a footer)."""
-    import hashlib
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.distributed import _write_stream
-    from pipeline.store import HashingSink, sha256_file
-
-    frame = pl.DataFrame({"id": [f"p-{i:016x}" for i in range(20_000)], "n": list(range(20_000)),
-                          "text": ["x" * (i % 97) + "é" for i in range(20_000)]})
-    ipc, parquet = tmp_path / "t.arrow", tmp_path / "t.parquet"
-    with open(ipc, "wb", buffering=1 << 20) as fh:
-        sink = HashingSink(fh)
-        _write_stream(frame, sink)
-    assert sink.hexdigest() == sha256_file(ipc) == hashlib.sha256(ipc.read_bytes()).hexdigest()
-    assert pl.read_ipc_stream(ipc).equals(frame)
-    with open(parquet, "wb", buffering=1 << 20) as fh:
-        sink = HashingSink(fh)
-        with pq.ParquetWriter(sink, frame.to_arrow().schema) as writer:
-            for off in range(0, frame.height, 8_192):
-                writer.write_table(frame.slice(off, 8_192).to_arrow())
-    assert sink.hexdigest() == sha256_file(parquet)
-    assert pl.read_parquet(parquet).equals(frame)
-    assert pa.ipc.open_stream(ipc.read_bytes()).read_all().num_rows == frame.height
