@@ -163,3 +163,19 @@ def test_memory_does_not_grow_with_the_input(tmp_path):
     # compaction thread either way (imports dominate); it grew 1.3x before chunks replaced open writers
     print(f"VmHWM: 30k -> {peak_small} MiB, 300k -> {peak_big} MiB")
     assert peak_big < 1.2 * peak_small, (peak_small, peak_big)
+
+
+def test_the_spilled_chunks_are_removed_off_the_compaction_and_none_is_left(tmp_path, bench_file, monkeypatch):
+    """The chunks are renamed out of the set once compacted and removed on a thread of their own (on a filesystem
+    mounted with ``discard`` a file's blocks are discarded synchronously by whoever drops it): the compaction
+    unlinks nothing, the set holds no chunk, and once the removals are waited for nothing is left beside it."""
+    import pipeline.partition as part
+
+    unlinked: list[str] = []
+    real_unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: unlinked.append(self.name) or real_unlink(self, *a, **k))
+    s = partition_files([bench_file], tmp_path / "set", n_partitions=4, flush_rows=500)
+    assert not [n for n in unlinked if n.endswith(".arrows")]
+    part.wait_removals()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    assert not list((tmp_path / "set").glob("**/*.arrows")) and sum(p.judgments for p in s.partitions) > 0
