@@ -6,6 +6,7 @@ import json
 import polars as pl
 import pytest
 from conftest import ROOT, canonical
+from polars.testing import assert_frame_equal
 
 from pipeline.checks import language
 from pipeline.ingest import ingest_files, judgments_from_records
@@ -53,6 +54,50 @@ def test_planted_mismatches_are_found(locale, prompt, bad):
     res = language.run(judgments_from_records([_pair(0, locale, prompt, good, bad)]), LanguageConfig())
     assert res.flags["reason"].to_list() == ["language_mismatch"]
     assert "response_b" in res.flags["detail"][0]
+
+
+def _read_one(text, head):
+    """What ``profile`` counts for one text, read character by character in Python."""
+    low = (text or "")[:head].lower()
+    table = language._script_table()
+    cls = [int(table[ord(ch)]) for ch in low]
+    words, run = [], ""
+    for ch, c in zip(low + "\0", [*cls, language.OTHER], strict=True):
+        if c == language.LATIN:
+            run += ch
+        elif run:
+            words.append(run)
+            run = ""
+    out = {"letters": sum(language.LATIN <= c <= language.LETTER for c in cls), "latin": cls.count(language.LATIN),
+           "han": cls.count(language.HAN), "kana": cls.count(language.KANA), "hangul": cls.count(language.HANGUL),
+           "code": cls.count(language.CODE), "words": len(words)}
+    for lang, listed in language.STOPWORDS.items():
+        stop = set(listed.split())
+        out[f"w_{lang}"] = sum(w in stop for w in words)
+    return out
+
+
+def test_the_profile_counts_what_a_reading_of_each_text_counts():
+    """The compiled profile (UTF-8 bytes of many texts at once, several chunks on threads) against a
+    per-character reading: 1- to 4-byte characters, U+0130 (whose lower case is two code points),
+    words at a text's end and at the cut, empty and missing texts, every script class."""
+    import random
+
+    rng = random.Random(7)
+    pool = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'") + list("{}[]()<>=;_|#$*`")
+            + list("éèàçßøÆİıΣσςдЖяعבกनही日本語のテキストカタ한국어") + ["😀", "𠀀", "\u0307", "ǅ", "Ⅸ"]
+            + " the and you der die und le la les el los que de het een il che".split(" "))
+    texts = ["", None, "İstanbul THE and", "ΣΑΣ the", "the", "The the THE", "ab\u0130cd the", "İ" * 20 + "the",
+             "x" * 30 + " the", "日本語のテキスト the and", "𠀀x the"]
+    texts += ["".join(rng.choice(pool) for _ in range(rng.randint(0, 40))) for _ in range(40_000)]
+    for head in (24, 5):
+        got = language.profile(pl.Series(texts, dtype=pl.String), head)
+        cols = list(_read_one("", head))
+        want = pl.DataFrame([_read_one(t, head) for t in texts], schema={k: pl.Int64 for k in cols})
+        assert_frame_equal(got.select(cols).cast(pl.Int64), want)
+        assert got["best"].to_list() == [max(r) for r in want.select(f"w_{x}" for x in language.WORD_LANGS).rows()]
+    some = [t for t in texts[:3000] if t is not None]
+    assert_frame_equal(language.profile(some, 24), language.profile(pl.Series(some, dtype=pl.String), 24))
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="shared real data not present")

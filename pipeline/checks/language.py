@@ -4,7 +4,7 @@ Method
 ------
 Each distinct text (the prompt's non-system turns joined, ``response_a``, ``response_b``) of
 the pairs that have a ``locale`` is profiled once, on its first ``profile_chars``
-characters, vectorised over code points (numpy):
+characters, in one compiled pass over its UTF-8 bytes (numba, ``pipeline.jit``):
 
 1. **Script counts**: letters per script (Latin, Han, kana, Hangul, Cyrillic, Arabic, Greek,
    Hebrew, Thai, Devanagari, other) and code symbols (``{}[]()<>=;_|\\/#$*`~^@&%+``).
@@ -51,13 +51,14 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig, LanguageConfig
 from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "language"
-_CHUNK = 8192  # texts profiled per numpy pass
+_CHUNK = 8192  # texts profiled per kernel call
 _THREADS = 2  # chunks profiled at once
 # script classes
 OTHER, LATIN, HAN, KANA, HANGUL, CYRILLIC, ARABIC, GREEK, HEBREW, THAI, DEVANAGARI, LETTER, CODE = range(13)
@@ -162,69 +163,128 @@ def _word_hash_py(w: str) -> int:
     return sum(ord(c) * pow(int(_P), k, 1 << 32) for k, c in enumerate(w)) & 0xFFFFFFFF
 
 
-def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """P^k and P^-k mod 2^32 for k < n (cached, grown on demand; the pair is swapped in as one
-    tuple, so concurrent callers always get a consistent pair of at least the size they asked)."""
-    fwd, inv = _POWS[0]
-    if fwd.size < n:
-        size = max(n, 2 * fwd.size)
-        fwd, inv = np.full(size, _P, np.uint32), np.full(size, np.uint32(pow(int(_P), -1, 1 << 32)), np.uint32)
-        fwd[0] = inv[0] = 1
-        fwd, inv = np.cumprod(fwd, dtype=np.uint32), np.cumprod(inv, dtype=np.uint32)
-        _POWS[0] = (fwd, inv)
-    return fwd, inv
+@lru_cache(maxsize=1)
+def _lower_table() -> np.ndarray:
+    """``str.lower`` of every code point below the last one it changes, where the lower case is
+    one code point (every one but U+0130, whose lower case is two: the kernel handles it)."""
+    t = np.arange(0x1E944, dtype=np.uint32)
+    for c in range(t.size):
+        low = chr(c).lower()
+        if len(low) == 1 and low != chr(c):
+            t[c] = ord(low)
+    return t
 
 
-_POWS: list[tuple[np.ndarray, np.ndarray]] = [(np.ones(1, np.uint32), np.ones(1, np.uint32))]
+def _profile_kernel(data: np.ndarray, offs: np.ndarray, head: int, scripts: np.ndarray, lower: np.ndarray,
+                    keys: np.ndarray, masks: np.ndarray, mult: int, shift: int, counts: np.ndarray, wl: np.ndarray,
+                    words: np.ndarray) -> None:  # pragma: no cover - compiled (pipeline.jit); tested through profile()
+    """Per text ``i`` (UTF-8 ``data[offs[i]:offs[i + 1]]``): its first ``head`` code points, each
+    lower-cased, counted by script class into ``counts[i]``; its Latin words (runs of the Latin
+    class) counted into ``words[i]``, and each one that is a function word into ``wl[i, lang]`` for
+    every language of its mask.  A word's hash: sum of its code points times P^k mod 2^32 (k = offset
+    in the word), looked up in the collision-free table of :func:`_stopword_table`."""
+    n = offs.size - 1
+    n_lower = lower.size
+    m32 = np.uint64(0xFFFFFFFF)
+    prime = np.uint64(0x9E3779B1)
+    for i in range(n):
+        p = np.int64(offs[i])
+        end = np.int64(offs[i + 1])
+        taken = 0
+        h = np.uint64(0)
+        pk = np.uint64(1)
+        inword = False
+        pending = np.int64(-1)
+        n_latin = 0
+        n_code = 0
+        while True:
+            if pending >= 0:  # the second code point of U+0130's lower case
+                cp = pending
+                pending = -1
+            elif taken < head and p < end:
+                b = np.int64(data[p])
+                if b < 0x80:
+                    cp = b
+                    p += 1
+                elif b < 0xE0:
+                    cp = ((b & 0x1F) << 6) | (np.int64(data[p + 1]) & 0x3F)
+                    p += 2
+                elif b < 0xF0:
+                    cp = ((b & 0x0F) << 12) | ((np.int64(data[p + 1]) & 0x3F) << 6) | (np.int64(data[p + 2]) & 0x3F)
+                    p += 3
+                else:
+                    cp = ((b & 0x07) << 18) | ((np.int64(data[p + 1]) & 0x3F) << 12) \
+                        | ((np.int64(data[p + 2]) & 0x3F) << 6) | (np.int64(data[p + 3]) & 0x3F)
+                    p += 4
+                taken += 1
+                if cp == 0x130:
+                    cp = 0x69
+                    pending = 0x307
+                elif cp < n_lower:
+                    cp = np.int64(lower[cp])
+            else:  # the text's end: ends its last word
+                cp = -1
+            c = np.int64(scripts[cp]) if cp >= 0 else np.int64(OTHER)
+            if c == LATIN:
+                n_latin += 1
+                if not inword:
+                    inword = True
+                    h = np.uint64(0)
+                    pk = np.uint64(1)
+                h = (h + np.uint64(cp) * pk) & m32
+                pk = (pk * prime) & m32
+            else:
+                if c == CODE:
+                    n_code += 1
+                elif c != OTHER:
+                    counts[i, c] += 1
+                if inword:
+                    inword = False
+                    words[i] += 1
+                    slot = ((h * np.uint64(mult)) & m32) >> np.uint64(shift)
+                    if np.uint64(keys[slot]) == h:
+                        m = np.int64(masks[slot])
+                        k = 0
+                        while m:
+                            if m & 1:
+                                wl[i, k] += 1
+                            m >>= 1
+                            k += 1
+            if cp < 0:
+                break
+        counts[i, LATIN] = n_latin
+        counts[i, CODE] = n_code
 
 
 def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
     """Per text (its first ``head`` characters, lower-cased): letters per script, code
     symbols, Latin words and function words per language of :data:`STOPWORDS` (``w_<lang>``,
-    plus ``best``/``second`` count and ``best_lang``).  A Series is cut and lower-cased in
-    Polars and turned into Python strings one chunk at a time (memory stays bounded by the
-    chunk, not by all texts)."""
-    scripts = _script_table()
-    stop_keys, stop_masks, mult = _stopword_table()
-    mult = np.uint32(mult)
-    shift = np.uint32(32 - int(np.log2(stop_keys.size)))
+    plus ``best``/``second`` count and ``best_lang``).  One compiled pass over each chunk's
+    UTF-8 bytes (:func:`_profile_kernel`); a chunk is cut to ``head`` characters in Polars
+    first, so memory stays bounded by the chunk, not by all texts."""
+    from pipeline.jit import compiled
+
+    kernel = compiled(_profile_kernel)
+    scripts, lower = _script_table(), _lower_table()
+    keys, masks, mult = _stopword_table()
+    shift = 32 - int(np.log2(keys.size))
     n_lang = len(WORD_LANGS)
-    lang_bits = np.uint32(1) << np.arange(n_lang, dtype=np.uint32)
+    series = texts if isinstance(texts, pl.Series) else pl.Series(texts, dtype=pl.String)
 
     def one(s: int) -> pl.DataFrame:
-        chunk = texts[s:s + _CHUNK]
-        cut = chunk.str.slice(0, head).str.to_lowercase().fill_null("").to_list() if isinstance(chunk, pl.Series) \
-            else [t[:head].lower() for t in chunk]
-        n = len(cut)
-        lens = np.fromiter(map(len, cut), np.int64, n) + 1
-        cp = np.frombuffer(("\0".join(cut) + "\0").encode("utf-32-le"), dtype="<u4")
-        cls = scripts[cp]
-        # each code point's (text, class) cell: the text's first cell repeated, plus the class (one pass
-        # fewer than the text's index times the class count)
-        cell = np.repeat(np.arange(0, n * _NCLS, _NCLS, dtype=np.int64), lens)
-        cell += cls
-        counts = np.bincount(cell, minlength=n * _NCLS).reshape(n, _NCLS)
-        # Latin words: polynomial hash sum_k c_k P^k mod 2^32 (k = offset in the word)
-        lat = cls == LATIN
-        edge = np.flatnonzero(lat[1:] != lat[:-1]) + 1
-        if lat[0]:
-            edge = np.concatenate([[0], edge])
-        w_start, w_end = edge[0::2], edge[1::2]  # every text ends with a NUL: every run ends
-        fwd, inv = _powers(cp.size)
-        prefix = np.zeros(cp.size + 1, np.uint32)
-        np.cumsum(cp * fwd[:cp.size], dtype=np.uint32, out=prefix[1:])
-        wh = (prefix[w_end] - prefix[w_start]) * inv[w_start]
-        w_owner = cell[w_start] // _NCLS  # (the text of each word)
-        slot = (wh * mult) >> shift
-        hit = np.flatnonzero(stop_keys[slot] == wh)
-        # (function word, language) incidences -> one bincount over text x language
-        word, lang = np.nonzero((stop_masks[slot[hit]][:, None] & lang_bits) != 0)
-        wl = np.bincount(w_owner[hit][word] * n_lang + lang, minlength=n * n_lang).reshape(n, n_lang)
+        arr = series[s:s + _CHUNK].str.slice(0, head).fill_null("").to_arrow()
+        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+        n = len(arr)
+        offs = np.frombuffer(arr.buffers()[1], np.int64, n + 1, arr.offset * 8)
+        raw = arr.buffers()[2]
+        data = np.frombuffer(raw, np.uint8) if raw is not None else np.zeros(1, np.uint8)
+        counts, wl, words = np.zeros((n, _NCLS), np.int64), np.zeros((n, n_lang), np.int64), np.zeros(n, np.int64)
+        kernel(data, offs, head, scripts, lower, keys, masks, mult, shift, counts, wl, words)
         top2 = np.sort(wl, axis=1)[:, -2:] if n_lang >= 2 else np.column_stack([np.zeros(n, np.int64), wl.max(1)])
         cols: dict[str, Any] = {
             "letters": counts[:, LATIN:LETTER + 1].sum(1), "latin": counts[:, LATIN], "han": counts[:, HAN],
             "kana": counts[:, KANA], "hangul": counts[:, HANGUL], "code": counts[:, CODE],
-            "words": np.bincount(w_owner, minlength=n),
+            "words": words,
             "script_top": np.argmax(counts[:, CYRILLIC:DEVANAGARI + 1], 1) + CYRILLIC,
             "script_top_n": counts[:, CYRILLIC:DEVANAGARI + 1].max(1),
             **{f"w_{x}": wl[:, i] for i, x in enumerate(WORD_LANGS)},
@@ -232,10 +292,10 @@ def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
         }
         return pl.DataFrame(cols)
 
-    starts = range(0, len(texts), _CHUNK)
+    starts = range(0, len(series), _CHUNK)
     if len(starts) < 4:
         parts = [one(s) for s in starts]
-    else:  # numpy releases the GIL in the large array operations: two chunks at a time
+    else:  # the kernel releases the GIL: two chunks at a time
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(_THREADS) as pool:
