@@ -375,7 +375,7 @@ def _near_dup_run(cfg_json: str, paths: list[str]) -> State:
     cfg = ChecksConfig.model_validate_json(cfg_json).near_duplicate
     part = read_partition(paths, columns=["pair_id", "prompt_hash", "prompt", "prompt_text"])
     prompts = part.filter(pl.col("prompt_hash").is_first_distinct()).sort("prompt_hash")
-    sigs = nd.signatures(nd.shingle_text(prompts).to_list(), cfg) if prompts.height else \
+    sigs = nd.signatures(nd.shingle_text(prompts), cfg) if prompts.height else \
         np.zeros((0, cfg.num_perm), np.uint32)
     from pipeline.checks import near_duplicates_state as nds
 

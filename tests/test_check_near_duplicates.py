@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 from datasketch import MinHash, MinHashLSH
 
+from pipeline import kernels
 from pipeline.checks import near_duplicates as nd
 from pipeline.ingest import judgments_from_records
 from schemas.policy import ChecksConfig, NearDuplicateConfig
@@ -31,7 +32,7 @@ SHARED = ROOT.parent / "shared" / "data"
 # ---------------------------------------------------------------- plain reference
 M32 = (1 << 32) - 1
 K = [int(k) for k in nd._K32]
-P = int(nd._P)
+P = kernels.WORD_PRIME
 NO_SPACE = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3040, 0x30FF), (0x31F0, 0x31FF),
             (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F), (0x20000, 0x323AF))
 

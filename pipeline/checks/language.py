@@ -4,7 +4,7 @@ Method
 ------
 Each distinct text (the prompt's non-system turns joined, ``response_a``, ``response_b``) of
 the pairs that have a ``locale`` is profiled once, on its first ``profile_chars``
-characters, in one compiled pass over its UTF-8 bytes (numba, ``pipeline.jit``):
+characters, in compiled passes over its code points (numba, ``pipeline.kernels``):
 
 1. **Script counts**: letters per script (Latin, Han, kana, Hangul, Cyrillic, Arabic, Greek,
    Hebrew, Thai, Devanagari, other) and code symbols (``{}[]()<>=;_|\\/#$*`~^@&%+``).
@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig, LanguageConfig
@@ -97,7 +96,6 @@ STOPWORDS: dict[str, str] = {
 }
 WORD_LANGS = tuple(STOPWORDS)
 _LANG_NAMES = pl.Series("best_lang", WORD_LANGS, dtype=pl.String)  # (gathered: a NumPy array of str converts ~7x slower)
-_P = np.uint32(0x9E3779B1)
 
 
 def primary_subtag(locale: pl.Expr) -> pl.Expr:
@@ -160,126 +158,30 @@ _M = np.uint32(0x85EBCA6B)
 
 
 def _word_hash_py(w: str) -> int:
-    return sum(ord(c) * pow(int(_P), k, 1 << 32) for k, c in enumerate(w)) & 0xFFFFFFFF
+    from pipeline.kernels import WORD_PRIME
 
-
-@lru_cache(maxsize=1)
-def _lower_table() -> np.ndarray:
-    """``str.lower`` of every code point below the last one it changes, where the lower case is
-    one code point (every one but U+0130, whose lower case is two: the kernel handles it)."""
-    t = np.arange(0x1E944, dtype=np.uint32)
-    for c in range(t.size):
-        low = chr(c).lower()
-        if len(low) == 1 and low != chr(c):
-            t[c] = ord(low)
-    return t
-
-
-def _profile_kernel(data: np.ndarray, offs: np.ndarray, head: int, scripts: np.ndarray, lower: np.ndarray,
-                    keys: np.ndarray, masks: np.ndarray, mult: int, shift: int, counts: np.ndarray, wl: np.ndarray,
-                    words: np.ndarray) -> None:  # pragma: no cover - compiled (pipeline.jit); tested through profile()
-    """Per text ``i`` (UTF-8 ``data[offs[i]:offs[i + 1]]``): its first ``head`` code points, each
-    lower-cased, counted by script class into ``counts[i]``; its Latin words (runs of the Latin
-    class) counted into ``words[i]``, and each one that is a function word into ``wl[i, lang]`` for
-    every language of its mask.  A word's hash: sum of its code points times P^k mod 2^32 (k = offset
-    in the word), looked up in the collision-free table of :func:`_stopword_table`."""
-    n = offs.size - 1
-    n_lower = lower.size
-    m32 = np.uint64(0xFFFFFFFF)
-    prime = np.uint64(0x9E3779B1)
-    for i in range(n):
-        p = np.int64(offs[i])
-        end = np.int64(offs[i + 1])
-        taken = 0
-        h = np.uint64(0)
-        pk = np.uint64(1)
-        inword = False
-        pending = np.int64(-1)
-        n_latin = 0
-        n_code = 0
-        while True:
-            if pending >= 0:  # the second code point of U+0130's lower case
-                cp = pending
-                pending = -1
-            elif taken < head and p < end:
-                b = np.int64(data[p])
-                if b < 0x80:
-                    cp = b
-                    p += 1
-                elif b < 0xE0:
-                    cp = ((b & 0x1F) << 6) | (np.int64(data[p + 1]) & 0x3F)
-                    p += 2
-                elif b < 0xF0:
-                    cp = ((b & 0x0F) << 12) | ((np.int64(data[p + 1]) & 0x3F) << 6) | (np.int64(data[p + 2]) & 0x3F)
-                    p += 3
-                else:
-                    cp = ((b & 0x07) << 18) | ((np.int64(data[p + 1]) & 0x3F) << 12) \
-                        | ((np.int64(data[p + 2]) & 0x3F) << 6) | (np.int64(data[p + 3]) & 0x3F)
-                    p += 4
-                taken += 1
-                if cp == 0x130:
-                    cp = 0x69
-                    pending = 0x307
-                elif cp < n_lower:
-                    cp = np.int64(lower[cp])
-            else:  # the text's end: ends its last word
-                cp = -1
-            c = np.int64(scripts[cp]) if cp >= 0 else np.int64(OTHER)
-            if c == LATIN:
-                n_latin += 1
-                if not inword:
-                    inword = True
-                    h = np.uint64(0)
-                    pk = np.uint64(1)
-                h = (h + np.uint64(cp) * pk) & m32
-                pk = (pk * prime) & m32
-            else:
-                if c == CODE:
-                    n_code += 1
-                elif c != OTHER:
-                    counts[i, c] += 1
-                if inword:
-                    inword = False
-                    words[i] += 1
-                    slot = ((h * np.uint64(mult)) & m32) >> np.uint64(shift)
-                    if np.uint64(keys[slot]) == h:
-                        m = np.int64(masks[slot])
-                        k = 0
-                        while m:
-                            if m & 1:
-                                wl[i, k] += 1
-                            m >>= 1
-                            k += 1
-            if cp < 0:
-                break
-        counts[i, LATIN] = n_latin
-        counts[i, CODE] = n_code
+    return sum(ord(c) * pow(WORD_PRIME, k, 1 << 32) for k, c in enumerate(w)) & 0xFFFFFFFF
 
 
 def profile(texts: list[str] | pl.Series, head: int) -> pl.DataFrame:
     """Per text (its first ``head`` characters, lower-cased): letters per script, code
     symbols, Latin words and function words per language of :data:`STOPWORDS` (``w_<lang>``,
-    plus ``best``/``second`` count and ``best_lang``).  One compiled pass over each chunk's
-    UTF-8 bytes (:func:`_profile_kernel`); a chunk is cut to ``head`` characters in Polars
-    first, so memory stays bounded by the chunk, not by all texts."""
-    from pipeline.jit import compiled
+    plus ``best``/``second`` count and ``best_lang``).  Compiled passes over each chunk's
+    code points (:mod:`pipeline.kernels`), a chunk at a time: memory stays bounded by the chunk, not
+    by all texts."""
+    from pipeline import kernels
 
-    kernel = compiled(_profile_kernel)
-    scripts, lower = _script_table(), _lower_table()
+    scripts = _script_table()
     keys, masks, mult = _stopword_table()
     shift = 32 - int(np.log2(keys.size))
     n_lang = len(WORD_LANGS)
     series = texts if isinstance(texts, pl.Series) else pl.Series(texts, dtype=pl.String)
 
     def one(s: int) -> pl.DataFrame:
-        arr = series[s:s + _CHUNK].str.slice(0, head).fill_null("").to_arrow()
-        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-        n = len(arr)
-        offs = np.frombuffer(arr.buffers()[1], np.int64, n + 1, arr.offset * 8)
-        raw = arr.buffers()[2]
-        data = np.frombuffer(raw, np.uint8) if raw is not None else np.zeros(1, np.uint8)
+        cps, offs = kernels.code_points(series[s:s + _CHUNK], head)
+        n = offs.size - 1
         counts, wl, words = np.zeros((n, _NCLS), np.int64), np.zeros((n, n_lang), np.int64), np.zeros(n, np.int64)
-        kernel(data, offs, head, scripts, lower, keys, masks, mult, shift, counts, wl, words)
+        kernels.profile_texts(cps, offs, scripts, keys, masks, mult, shift, LATIN, CODE, counts, wl, words)
         top2 = np.sort(wl, axis=1)[:, -2:] if n_lang >= 2 else np.column_stack([np.zeros(n, np.int64), wl.max(1)])
         cols: dict[str, Any] = {
             "letters": counts[:, LATIN:LETTER + 1].sum(1), "latin": counts[:, LATIN], "han": counts[:, HAN],

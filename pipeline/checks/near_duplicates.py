@@ -17,17 +17,17 @@ Method
   prompts of ``/work/shared/data`` (``docs/checks-text.md``): adding or dropping one word
   keeps a word set at Jaccard >= 0.8 even for 5-7-word prompts, where char 4-grams or
   word 2/3-grams fall to 0.4-0.6, while unrelated real prompts rarely exceed 0.7.
-* **Hashing** (vectorised, numpy, stable across processes and versions, 32-bit as
-  datasketch's ``affine32`` scheme expects): a word is the polynomial hash of its code
-  points mod 2^32 (from one prefix sum per chunk of prompts), a character or bigram a
-  multiply-add of its code points, each mixed with ``fmix32``; n-grams add ``fmix32``
-  terms of their token hashes.
+* **Hashing** (compiled loops over each chunk's code points, :mod:`pipeline.kernels`; stable
+  across processes and versions, 32-bit as datasketch's ``affine32`` scheme expects): a word
+  is the polynomial hash of its code points mod 2^32, a character or bigram a multiply-add of
+  its code points, each mixed with ``fmix32``; n-grams add ``fmix32`` terms of their token
+  hashes.
 * **MinHash**: datasketch's ``affine32`` scheme reproduced exactly -- ``h' = fmix32(h)``,
   then ``min over shingles of (a_k h' + b_k) mod 2^32`` for the ``num_perm``
   permutations ``(a_k, b_k)`` that ``datasketch.MinHash(num_perm, seed)`` draws -- so a
   signature equals ``MinHash(hashfunc=identity).update_batch(shingle_hashes)`` bit for
-  bit (tested), at ~1/50 of the cost: shingles are hashed once, and the permutations
-  run over cache-sized blocks with ``np.minimum.reduceat`` per prompt.
+  bit (tested), at a small fraction of the cost: shingles are hashed once, and one compiled
+  loop keeps each prompt's ``num_perm`` minima while it reads the prompt's shingles.
 * **LSH**: the banding of ``datasketch.MinHashLSH`` at ``candidate_threshold`` (its
   optimal (b, r) for that threshold and ``num_perm``): two prompts are candidates when
   all r values of some band agree.  Candidates are kept when their estimated Jaccard
@@ -96,7 +96,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 import unicodedata
 from functools import lru_cache
@@ -118,8 +117,7 @@ FORMAT = "prefpipe-prompt-index/1"  # bump when tokenisation or hashing changes
 _CP_LETTERS = 0x323B0  # no letters or digits above CJK ext. H (tags, private use)
 _NO_SPACE_SCRIPTS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3040, 0x30FF), (0x31F0, 0x31FF),
                      (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F), (0x20000, 0x323AF))
-_TEXT_CHUNK = 4096  # prompts tokenised per numpy pass
-_BLOCK = 1 << 16  # shingles per cache-sized block of the permutation loop
+_TEXT_CHUNK = 4096  # prompts tokenised and hashed per kernel call
 _SMALL = 16  # band buckets larger than this are paired as a star + chain, not all pairs
 _U64 = np.uint64
 _M64 = (_U64(0xFF51AFD7ED558CCD), _U64(0xC4CEB9FE1A85EC53))
@@ -161,66 +159,25 @@ def _classes() -> np.ndarray:
 
 
 # ---------------------------------------------------------------- shingles
-_P = np.uint32(0x9E3779B1)  # odd: invertible mod 2^32
-_POW: list[np.ndarray] = [np.ones(1, np.uint32), np.ones(1, np.uint32)]  # P^k and P^-k, grown on demand
 _U32 = np.uint32
-_POW_LOCK = threading.Lock()
 _K32 = [_U32(x) for x in (0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0x9E3779B9, 0x7FEB352D)]
 
 
-def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    pw = _POW[:]
-    if pw[0].size >= n:
-        return pw[0], pw[1]
-    with _POW_LOCK:
-        if _POW[0].size < n:
-            size = max(n, 2 * _POW[0].size)
-            fwd, inv = np.full(size, _P, _U32), np.full(size, _U32(pow(int(_P), -1, 1 << 32)), _U32)
-            fwd[0] = inv[0] = 1
-            _POW[:] = [np.cumprod(fwd, dtype=_U32), np.cumprod(inv, dtype=_U32)]  # wraps mod 2^32
-        return _POW[0], _POW[1]
+def _token_hashes(texts: list[str] | pl.Series, max_chars: int) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit token hashes (in text order) and the token count of each text, from the code points
+    of ``text[:max_chars].lower()`` (:func:`pipeline.kernels.token_hashes`: a word's hash is its
+    polynomial hash ``sum_k c_k P^k mod 2^32``, k = offset in the word; characters and bigrams a
+    multiply-add of their code points; each mixed with ``fmix32``)."""
+    from pipeline import kernels
+
+    series = texts if isinstance(texts, pl.Series) else pl.Series(texts, dtype=pl.String)
+    cps, offs = kernels.code_points(series, max_chars)
+    out, counts = np.empty(2 * cps.size + 1, _U32), np.empty(len(series), np.int64)
+    n = kernels.token_hashes(cps, offs, _classes(), np.array(_K32[:5], _U32), out, counts)
+    return out[:n], counts
 
 
-def _token_hashes(texts: list[str], max_chars: int) -> tuple[np.ndarray, np.ndarray]:
-    """32-bit token hashes (in text order) and the token count of each text.
-
-    The lower-cased texts are joined with a NUL between them (a separator: nothing joins
-    across texts).  A word's hash is its polynomial hash ``sum_k c_k P^k mod 2^32`` (k =
-    offset in the word), taken from one prefix sum over the chunk; characters and bigrams
-    are a multiply-add of their code points; each is mixed with ``fmix32``."""
-    cls_table = _classes()
-    cut = [t[:max_chars].lower() for t in texts]
-    lens = np.fromiter(map(len, cut), np.int64, len(cut)) + 1
-    starts = np.cumsum(lens) - lens
-    cp = np.frombuffer(("\0".join(cut) + "\0").encode("utf-32-le"), dtype="<u4")
-    cls = cls_table[cp]
-    n = cp.size
-
-    word = cls == 1
-    edge = np.flatnonzero(word[1:] != word[:-1]) + 1
-    if word[0]:
-        edge = np.concatenate([[0], edge])
-    w_start, w_end = edge[0::2], edge[1::2]  # the text ends with a separator: every run ends
-    fwd, inv = _powers(n)
-    prefix = np.zeros(n + 1, _U32)
-    np.cumsum(cp * fwd[:n], dtype=_U32, out=prefix[1:])
-    w_hash = _fmix32(((prefix[w_end] - prefix[w_start]) * inv[w_start]) ^ _K32[0])
-
-    lone_pos = np.flatnonzero(cls == 2)
-    pair_pos = lone_pos[cls[lone_pos + 1] == 2]
-    lone_hash = _fmix32(cp[lone_pos] * _K32[1] + _K32[2])
-    pair_hash = _fmix32(cp[pair_pos] * _K32[1] + cp[pair_pos + 1] * _K32[3] + _K32[4])
-
-    pos = np.concatenate([w_start, lone_pos, pair_pos])
-    hashes = np.concatenate([w_hash, lone_hash, pair_hash])
-    if lone_pos.size:
-        order = np.argsort(pos, kind="stable")
-        pos, hashes = pos[order], hashes[order]
-    counts = np.diff(np.searchsorted(pos, np.append(starts, n))).astype(np.int64)
-    return hashes, counts
-
-
-def shingle_hashes(texts: list[str], max_chars: int = 2000, shingle_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes(texts: list[str] | pl.Series, max_chars: int = 2000, shingle_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """32-bit shingle hashes of each text, concatenated, and per-text counts (each >= 1)."""
     tok, counts = _token_hashes(texts, max_chars)
     if shingle_size > 1 and tok.size:
@@ -240,7 +197,7 @@ def shingle_hashes(texts: list[str], max_chars: int = 2000, shingle_size: int = 
     sh = tok
     empty = np.flatnonzero(counts == 0)
     if empty.size:  # no token at all: one shingle from the whole text (rare, done in Python)
-        fill = np.array([int(content_hash(texts[i][:max_chars])[:8], 16) for i in empty], np.uint32)
+        fill = np.array([int(content_hash((texts[int(i)] or "")[:max_chars])[:8], 16) for i in empty], np.uint32)
         sh = np.insert(sh, np.cumsum(counts)[empty], fill)
         counts[empty] = 1
     return sh, counts
@@ -260,37 +217,25 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def minhash_signatures(shingles: np.ndarray, counts: np.ndarray, num_perm: int = 128, seed: int = 1) -> np.ndarray:
     """(n_texts, num_perm) uint32 MinHash signatures of grouped 32-bit shingle hashes."""
     a, b = permutations(num_perm, seed)
-    n = counts.size
-    out = np.empty((num_perm, n), np.uint32)
-    if n == 0:
-        return out.T
-    hv = _fmix32(shingles.astype(np.uint32))
-    ends = np.cumsum(counts)
-    starts = ends - counts
-    buf = np.empty(_BLOCK + int(counts.max()), np.uint32)
-    t0 = 0
-    while t0 < n:  # blocks of whole texts holding about _BLOCK shingles
-        t1 = max(t0 + 1, int(np.searchsorted(ends, starts[t0] + _BLOCK, side="right")))
-        s, e = starts[t0], ends[t1 - 1]
-        seg = starts[t0:t1] - s
-        x, tmp = hv[s:e], buf[: e - s]
-        for k in range(num_perm):
-            np.multiply(x, a[k], out=tmp)
-            np.add(tmp, b[k], out=tmp)
-            out[k, t0:t1] = np.minimum.reduceat(tmp, seg)
-        t0 = t1
-    return np.ascontiguousarray(out.T)
+    out = np.empty((counts.size, num_perm), np.uint32)
+    if counts.size == 0:
+        return out
+    from pipeline import kernels
+
+    kernels.minhash(_fmix32(shingles.astype(np.uint32)), np.cumsum(counts), a, b, out)
+    return out
 
 
-def signatures(texts: list[str], cfg: NearDuplicateConfig | None = None, workers: int | None = None) -> np.ndarray:
+def signatures(texts: list[str] | pl.Series, cfg: NearDuplicateConfig | None = None, workers: int | None = None
+               ) -> np.ndarray:
     """MinHash signatures of prompt texts, ``(len(texts), cfg.num_perm)`` uint32.
 
-    Chunks of ``_TEXT_CHUNK`` texts run on ``workers`` threads (numpy releases the GIL in
-    the permutation loop; default: up to 2, the machine's cores)."""
+    Chunks of ``_TEXT_CHUNK`` texts run on ``workers`` threads (the kernels release the GIL;
+    default: up to 2, the machine's cores)."""
     cfg = cfg or NearDuplicateConfig()
     chunks = [texts[i:i + _TEXT_CHUNK] for i in range(0, len(texts), _TEXT_CHUNK)]
 
-    def one(chunk: list[str]) -> np.ndarray:
+    def one(chunk: list[str] | pl.Series) -> np.ndarray:
         sh, counts = shingle_hashes(chunk, cfg.max_chars, cfg.shingle_size)
         return minhash_signatures(sh, counts, cfg.num_perm, cfg.seed)
 

@@ -534,7 +534,7 @@ def run_incremental(batch: pl.DataFrame, state: NearDupState, *, generation: str
     t0 = time.perf_counter()
     fresh = prompts.join(state.hashes.to_frame("prompt_hash"), on="prompt_hash", how="anti").sort("prompt_hash")
     t1 = time.perf_counter()
-    sigs = nd.signatures(nd.shingle_text(fresh).to_list(), cfg) if fresh.height else np.zeros((0, cfg.num_perm), np.uint32)
+    sigs = nd.signatures(nd.shingle_text(fresh), cfg) if fresh.height else np.zeros((0, cfg.num_perm), np.uint32)
     pp = batch.select(pl.col("pair_id").cast(pl.String), pl.col("prompt_hash").cast(pl.String)).unique()
     t2 = time.perf_counter()
     res = _advance(state, pp, fresh["prompt_hash"], sigs, generation=generation)
