@@ -9,7 +9,8 @@ syntax tree, so comments, docstrings and ``model.eval()`` do not count, and fail
 * calls of the builtins ``eval`` / ``exec`` (``compile`` too);
 * ``yaml.load(...)`` / ``yaml.load_all(...)`` without a safe loader, and ``yaml.unsafe_load`` /
   ``yaml.full_load``;
-* ``trust_remote_code=True`` and ``allow_pickle=True``.
+* ``trust_remote_code=True`` and ``allow_pickle=True``;
+* numba's ``cache=`` on a compiled function (its on-disk cache is pickled machine code).
 
 ``test_scanner_catches_planted_code`` feeds the scanner each forbidden form, so the test can
 fail; the product test then asserts a clean tree.
@@ -73,6 +74,9 @@ def findings(source: str, filename: str = "<string>") -> list[str]:
                 hit(node, "trust_remote_code=True")
             if _is_const(_kw(node, "allow_pickle"), True):
                 hit(node, "allow_pickle=True")
+            if last in ("jit", "njit", "vectorize", "guvectorize", "cfunc") and not _is_const(_kw(node, "cache"), False) \
+                    and _kw(node, "cache") is not None:
+                hit(node, f"{name}(cache=...): numba's cache is pickled machine code")
             if last == "read_pickle":
                 hit(node, f"calls {name}()")
             if name in ("yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all", "yaml.full_load_all"):
@@ -102,12 +106,14 @@ PLANTED = {
     "m = AutoModel.from_pretrained(p, trust_remote_code=True)\n": "trust_remote_code=True",
     "a = np.load(p, allow_pickle=True)\n": "allow_pickle=True",
     "df = pd.read_pickle(p)\n": "calls pd.read_pickle()",
+    "@numba.njit(nogil=True, cache=True)\ndef k(x):\n    return x\n": "numba's cache",
 }
 ALLOWED = (
     "model.eval()\n"
     "import yaml\ncfg = yaml.safe_load(fh)\ncfg = yaml.load(fh, Loader=yaml.SafeLoader)\n"
     "import torch\nstate = torch.load(p, map_location='cpu', weights_only=True)\n"
     "a = np.load(p, allow_pickle=False)\n"
+    "@njit(nogil=True)\ndef k(x):\n    return x\n"
     "# import pickle; eval(x); weights_only=False (a comment)\n"
     "'''docstring: torch.load(p, weights_only=False), trust_remote_code=True'''\n"
 )
