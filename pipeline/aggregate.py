@@ -296,23 +296,22 @@ def dawid_skene(
     acc = np.full(n_annotators, _PRIOR_A / (_PRIOR_A + _PRIOR_B))
     if fixed is not None:
         acc = np.where(pinned, fixed, acc)
-    # P(the vote is right) = [1 - q, q][the vote is for a] of its pair: one gather from a (P, 2) table (a select by
-    # the votes' mask mispredicts), into buffers allocated once; the same values, element for element
-    at_vote = 2 * np.asarray(pair_idx, np.int64) + (vote > 0)
-    table = np.empty((n_pairs, 2))
+    # P(the vote is right) summed per annotator, the pairs' evidence summed per pair: one compiled pass over the
+    # judgments each, in judgment order (np.bincount's: the same bits, no temporary over every judgment)
+    from pipeline import kernels
+
+    for_a = vote > 0
     wv = weight * vote
-    right, term = np.empty(len(vote)), np.empty(len(vote))
     for _ in range(max(iterations, 1)):
-        np.subtract(1.0, q, out=table[:, 0])
-        table[:, 1] = q
-        np.take(table.ravel(), at_vote, out=right)
-        new = (_PRIOR_A + np.bincount(ann_idx, weights=right, minlength=n_annotators)) / (_PRIOR_A + _PRIOR_B + n_j)
+        right = np.zeros(n_annotators)
+        kernels.right_sums(q, pair_idx, for_a, ann_idx, right)
+        new = (_PRIOR_A + right) / (_PRIOR_A + _PRIOR_B + n_j)
         new = np.clip(new, *_ACC_CLIP)
         if fixed is not None:
             new = np.where(pinned, fixed, new)
-        llr = np.log(new / (1.0 - new))
-        np.take(llr, ann_idx, out=term)
-        q = expit(np.bincount(pair_idx, weights=np.multiply(wv, term, out=term), minlength=n_pairs))
+        ev = np.zeros(n_pairs)
+        kernels.gathered_sums(np.log(new / (1.0 - new)), ann_idx, wv, pair_idx, ev)
+        q = expit(ev)
         done = np.max(np.abs(new - acc), initial=0.0) < 1e-6
         acc = new
         if done:

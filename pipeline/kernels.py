@@ -77,8 +77,14 @@ def _decode(data: np.ndarray, offs: np.ndarray, lower: np.ndarray, cps: np.ndarr
 def code_points(texts: pl.Series, head: int) -> tuple[np.ndarray, np.ndarray]:
     """``text[:head].lower()`` of every text (a missing one is empty) as one uint32 array of code
     points and int64 offsets (text ``i``: ``cps[offs[i]:offs[i + 1]]``) -- one Arrow copy of the cut
-    texts and one compiled pass over their UTF-8 bytes, no Python string per text."""
-    arr = texts.str.slice(0, head).fill_null("").to_arrow()
+    texts and one compiled pass over their UTF-8 bytes, no Python string per text (but for the rare
+    text with a capital sigma, lower-cased by ``str.lower`` first: its final form depends on context)."""
+    cut = texts.str.slice(0, head).fill_null("")
+    sigma = cut.str.contains("\u03a3", literal=True)
+    if sigma.any():  # a capital sigma's lower case depends on its neighbours (Final_Sigma): str.lower does it
+        at = sigma.arg_true()
+        cut = cut.scatter(at, [t.lower() for t in cut.gather(at).to_list()])  # (lower-casing is idempotent)
+    arr = cut.to_arrow()
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     n = len(arr)
     offs = np.frombuffer(arr.buffers()[1], np.int64, n + 1, arr.offset * 8)
@@ -193,3 +199,61 @@ def minhash(hv: np.ndarray, ends: np.ndarray, a: np.ndarray, b: np.ndarray, out:
             for k in range(a.size):
                 row[k] = min(row[k], np.uint32((np.uint64(a[k]) * x + np.uint64(b[k])) & _M32))
         s = ends[t]
+
+
+@njit(nogil=True)
+def order_aware_msums(qc: np.ndarray, pair: np.ndarray, judge: np.ndarray, mw: np.ndarray, shown_first: np.ndarray,
+                      chose_a: np.ndarray, known: np.ndarray, first: np.ndarray, known_second: np.ndarray,
+                      out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """The order-aware EM's M-step sums per judge (``position_ds.fit``), ``out[:, judge]`` +=
+    ``mw`` times: n_a (P(better first) of a judgment with a known order, else 1/2), k_a (P(better
+    first) if it chose the first-shown response; half P(right) for an unknown order), n_b, k_b (the
+    same for better second).  ``qc``: P(a is better) per pair.  One pass, each sum in judgment order
+    -- the values and the order of ``np.bincount`` over the per-judgment products, so the same bits."""
+    na, ka, nb, kb = out[0], out[1], out[2], out[3]
+    for j in range(pair.size):
+        x = qc[pair[j]]
+        w = mw[j]
+        jj = judge[j]
+        if known[j]:
+            pbf = x if shown_first[j] else 1.0 - x
+            om = 1.0 - pbf
+            na[jj] += w * pbf
+            ka[jj] += w * (pbf * (1.0 if first[j] else 0.0))
+            nb[jj] += w * om
+            kb[jj] += w * (om * (1.0 if known_second[j] else 0.0))
+        else:
+            hr = 0.5 * (x if chose_a[j] else 1.0 - x)
+            na[jj] += w * 0.5
+            ka[jj] += w * hr
+            nb[jj] += w * 0.5
+            kb[jj] += w * hr
+
+
+@njit(nogil=True)
+def evidence_sums(table: np.ndarray, codes: np.ndarray, v: np.ndarray, wf: np.ndarray, pair: np.ndarray,
+                  out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``out[pair[j]] += wf[j] * (v[j] * table[codes[j]])`` in judgment order (``np.bincount`` of the
+    same products: the same bits)."""
+    for j in range(pair.size):
+        out[pair[j]] += wf[j] * (v[j] * table[codes[j]])
+
+
+@njit(nogil=True)
+def right_sums(q: np.ndarray, pair: np.ndarray, for_a: np.ndarray, ann: np.ndarray, out: np.ndarray
+               ) -> None:  # pragma: no cover - compiled
+    """The Dawid-Skene M-step (``aggregate.dawid_skene``): ``out[ann[j]] +=`` P(judgment j's vote is
+    right) -- ``q`` of its pair for a vote for a, ``1 - q`` else -- in judgment order (the same bits
+    as ``np.bincount`` of the gathered values)."""
+    for j in range(pair.size):
+        x = q[pair[j]]
+        out[ann[j]] += x if for_a[j] else 1.0 - x
+
+
+@njit(nogil=True)
+def gathered_sums(table: np.ndarray, codes: np.ndarray, w: np.ndarray, pair: np.ndarray, out: np.ndarray
+                  ) -> None:  # pragma: no cover - compiled
+    """``out[pair[j]] += w[j] * table[codes[j]]`` in judgment order (the same bits as ``np.bincount``
+    of the products)."""
+    for j in range(pair.size):
+        out[pair[j]] += w[j] * table[codes[j]]

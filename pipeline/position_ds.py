@@ -129,6 +129,8 @@ def fit(
     only the free judges are estimated, with the fixed ones' evidence in the posterior (a
     child version's rule, docs/incremental.md).  With every judge fixed there is no EM.
     """
+    from pipeline import kernels
+
     v = np.where(chose_a, 1.0, -1.0)
     known = shown_a >= 0
     first = known & (chose_a == (shown_a == 1))  # chose the first-shown response
@@ -142,14 +144,7 @@ def fit(
     g = np.full(n_pairs, -1) if gold is None else np.asarray(gold)
     clamp = g >= 0
     g0 = (g == 0).astype(float)
-    shown_first, unknown, known_second = shown_a == 1, ~known, known & ~first
-    # each judgment's place in a (P, 2) table of its pair's [1 - q, q]: by the response shown first, by the one
-    # chosen (fixed over the EM) -- P(the better response was shown first) and P(the verdict is right) are then one
-    # gather each instead of a select over every judgment by a mask that a CPU cannot predict (at 10M judgments
-    # the two selects were a third of the EM; the values are the same, element for element)
-    at_shown, at_chose = 2 * np.asarray(pair, np.int64) + shown_first, 2 * np.asarray(pair, np.int64) + chose_a
-    table = np.empty((n_pairs, 2))
-    buf = [np.empty(len(judge)) for _ in range(3)]
+    shown_first, known_second = shown_a == 1, known & ~first
     mw = _mstep_weights(judge, clamp[pair], n_judges)
     indep = np.ones(n_judges)
     if fixed is not None:
@@ -177,27 +172,19 @@ def fit(
         it = 0
         wf = w * factor
         for it in range(1, max(iterations, 1) + 1):
-            # the M-step's sums over every judgment in three buffers allocated once (the per-judgment formulas as
-            # written, value for value, without a fresh array for every operation)
-            pbf, half_right, t = buf
+            # the M-step's four sums per judge and the pairs' evidence: one compiled pass over the judgments each,
+            # the per-judgment formulas value for value, summed in judgment order (np.bincount's order: the same
+            # bits without a temporary over every judgment)
             qc = np.where(clamp, g0, q)
-            np.subtract(1.0, qc, out=table[:, 0])
-            table[:, 1] = qc
-            np.take(table.ravel(), at_shown, out=pbf)  # P(the better response was shown first)
-            np.take(table.ravel(), at_chose, out=half_right)  # P(the verdict is right), halved
-            np.multiply(0.5, half_right, out=half_right)
-            # alpha: right | better first  (= chose first); beta: right | better second (= chose second)
-            na = _judge_sum(judge, mw, _pick(t, known, pbf, 0.5), n_judges)
-            ka = _judge_sum(judge, mw, _pick(t, unknown, half_right, np.multiply(pbf, first, out=t)), n_judges)
-            ompbf = np.subtract(1.0, pbf, out=pbf)  # (pbf no longer read: its buffer takes 1 - pbf)
-            nb = _judge_sum(judge, mw, _pick(t, known, ompbf, 0.5), n_judges)
-            kb = _judge_sum(judge, mw, _pick(t, unknown, half_right, np.multiply(ompbf, known_second, out=t)), n_judges)
+            sums = np.zeros((4, n_judges))
+            kernels.order_aware_msums(qc, pair, judge, mw, shown_first, chose_a, known, first, known_second, sums)
+            na, ka, nb, kb = sums
             new_a = np.clip((PRIOR_RIGHT + ka) / (PRIOR_RIGHT + PRIOR_WRONG + na), *CLIP)
             new_b = np.clip((PRIOR_RIGHT + kb) / (PRIOR_RIGHT + PRIOR_WRONG + nb), *CLIP)
             new_a, new_b = np.where(pinned, fa, new_a), np.where(pinned, fb, new_b)
-            np.take(_evidence_table(new_a, new_b), codes, out=t)
-            np.multiply(v, t, out=t)
-            q = expit(np.bincount(pair, weights=np.multiply(wf, t, out=t), minlength=n_pairs))
+            ev = np.zeros(n_pairs)
+            kernels.evidence_sums(_evidence_table(new_a, new_b), codes, v, wf, pair, ev)
+            q = expit(ev)
             done = max(float(np.max(np.abs(new_a - alpha), initial=0.0)), float(np.max(np.abs(new_b - beta), initial=0.0))) < tol
             alpha, beta = new_a, new_b
             if done:
@@ -373,19 +360,6 @@ def _judgment_evidence(judge: np.ndarray, v: np.ndarray, first: np.ndarray, sing
 def _evidence_table(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
     """(3 J,) each judge's three evidence values (:func:`_judgment_evidence`), row by row."""
     return np.stack([np.log(alpha / (1.0 - beta)), np.log(beta / (1.0 - alpha)), logit(0.5 * (alpha + beta))], axis=1).ravel()
-
-
-def _pick(out: np.ndarray, cond: np.ndarray, yes: np.ndarray | float, no: np.ndarray | float) -> np.ndarray:
-    """``np.where(cond, yes, no)`` written into ``out`` (``no`` may be ``out`` itself)."""
-    if no is not out:
-        np.copyto(out, no)
-    np.copyto(out, yes, where=cond)
-    return out
-
-
-def _judge_sum(judge: np.ndarray, mw: np.ndarray, values: np.ndarray, n_judges: int) -> np.ndarray:
-    """Per judge, the sum of ``mw * values`` (``values`` overwritten with the products)."""
-    return np.bincount(judge, weights=np.multiply(mw, values, out=values), minlength=n_judges)
 
 
 def _evidence_codes(judge: np.ndarray, first: np.ndarray, single: np.ndarray) -> np.ndarray:
