@@ -5,7 +5,8 @@ Method
 1. **Encoding** (:func:`encode`, shared with the checks).  Pairs, annotators and
    (pair, annotator) units become dense integer codes in first-seen order; labels become
    codes 0..4 (a, b, tie, both_bad, escalate).  Every statistic below is then a
-   ``np.bincount`` -- no per-row Python, no string group-bys.
+   ``np.bincount`` (the EMs' per-iteration sums: compiled passes that sum in the same order,
+   :mod:`pipeline.kernels`) -- no per-row Python, no string group-bys.
 2. **Canonical orientation.**  Judgments of a derived ``pair_id`` may name the two
    responses in either a/b order.  The orientation of the pair's *first judgment in frame
    order* is canonical (for data given consistently that is the input's own orientation,
