@@ -18,6 +18,7 @@ from functools import lru_cache
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 from numba import njit
 
 __all__ = ["WORD_PRIME", "code_points", "lower_table", "profile_texts", "token_hashes", "minhash"]
@@ -40,15 +41,15 @@ def lower_table() -> np.ndarray:
 
 
 @njit(nogil=True)
-def _decode(data: np.ndarray, offs: np.ndarray, lower: np.ndarray, cps: np.ndarray, cp_offs: np.ndarray
-            ) -> None:  # pragma: no cover - compiled
-    """The lower-cased code points of every text (``cps``, room for one a byte; text ``i``'s are
-    ``cps[cp_offs[i]:cp_offs[i + 1]]``)."""
+def _decode(data: np.ndarray, offs: np.ndarray, limits: np.ndarray, lower: np.ndarray, cps: np.ndarray,
+            cp_offs: np.ndarray, sigma: np.ndarray) -> None:  # pragma: no cover - compiled
+    """The lower-cased code points of the first ``limits[i]`` characters of every text ``i`` (``cps``;
+    text ``i``'s are ``cps[cp_offs[i]:cp_offs[i + 1]]``); ``sigma[i]``: a capital sigma among them."""
     o = 0
     for i in range(offs.size - 1):
         cp_offs[i] = o
-        p, end = np.int64(offs[i]), np.int64(offs[i + 1])
-        while p < end:
+        p, end, taken, limit = np.int64(offs[i]), np.int64(offs[i + 1]), 0, limits[i]
+        while p < end and taken < limit:
             b = np.int64(data[p])
             if b < 0x80:
                 cp = b
@@ -63,6 +64,9 @@ def _decode(data: np.ndarray, offs: np.ndarray, lower: np.ndarray, cps: np.ndarr
                 cp = ((b & 0x07) << 18) | ((np.int64(data[p + 1]) & 0x3F) << 12) \
                     | ((np.int64(data[p + 2]) & 0x3F) << 6) | (np.int64(data[p + 3]) & 0x3F)
                 p += 4
+            taken += 1
+            if cp == 0x3A3:
+                sigma[i] = True
             if cp == 0x130:  # two bytes, two code points
                 cps[o] = 0x69
                 o += 1
@@ -74,24 +78,37 @@ def _decode(data: np.ndarray, offs: np.ndarray, lower: np.ndarray, cps: np.ndarr
     cp_offs[offs.size - 1] = o
 
 
-def code_points(texts: pl.Series, head: int) -> tuple[np.ndarray, np.ndarray]:
-    """``text[:head].lower()`` of every text (a missing one is empty) as one uint32 array of code
-    points and int64 offsets (text ``i``: ``cps[offs[i]:offs[i + 1]]``) -- one Arrow copy of the cut
-    texts and one compiled pass over their UTF-8 bytes, no Python string per text (but for the rare
-    text with a capital sigma, lower-cased by ``str.lower`` first: its final form depends on context)."""
-    cut = texts.str.slice(0, head).fill_null("")
-    sigma = cut.str.contains("\u03a3", literal=True)
-    if sigma.any():  # a capital sigma's lower case depends on its neighbours (Final_Sigma): str.lower does it
-        at = sigma.arg_true()
-        cut = cut.scatter(at, [t.lower() for t in cut.gather(at).to_list()])  # (lower-casing is idempotent)
-    arr = cut.to_arrow()
-    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+def _utf8(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     n = len(arr)
     offs = np.frombuffer(arr.buffers()[1], np.int64, n + 1, arr.offset * 8)
     raw = arr.buffers()[2]
-    data = np.frombuffer(raw, np.uint8) if raw is not None else np.zeros(1, np.uint8)
-    cps, cp_offs = np.empty(int(offs[-1] - offs[0]), np.uint32), np.empty(n + 1, np.int64)
-    _decode(data, offs, lower_table(), cps, cp_offs)
+    return (np.frombuffer(raw, np.uint8) if raw is not None else np.zeros(1, np.uint8)), offs
+
+
+def code_points(texts: pl.Series, head: int) -> tuple[np.ndarray, np.ndarray]:
+    """``text[:head].lower()`` of every text (a missing one is empty) as one uint32 array of code
+    points and int64 offsets (text ``i``: ``cps[offs[i]:offs[i + 1]]``) -- the texts' Arrow bytes
+    decoded, cut and lower-cased in one compiled pass, no Python string per text and no Polars
+    call (from several threads those queue on Polars' pool).  A text with a capital sigma among
+    its first ``head`` characters is lower-cased by ``str.lower`` and decoded again: a sigma's
+    lower case depends on its neighbours (Final_Sigma)."""
+    arr = texts.to_arrow()
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    arr = pc.fill_null(arr, "") if arr.null_count else arr
+    n = len(arr)
+    limits = np.full(n, head, np.int64)
+    for again in (False, True):
+        data, offs = _utf8(arr)
+        # (a code point taken is >= 1 byte and gives at most two: U+0130, two bytes)
+        room = int(np.minimum(np.diff(offs), 2 * limits).sum())
+        cps, cp_offs, sigma = np.empty(room, np.uint32), np.empty(n + 1, np.int64), np.zeros(n, np.bool_)
+        _decode(data, offs, limits, lower_table(), cps, cp_offs, sigma)
+        if again or not sigma.any():
+            break
+        at = np.flatnonzero(sigma)
+        low = [arr[int(i)].as_py()[:head].lower() for i in at]  # (lower-casing is idempotent)
+        arr = pc.replace_with_mask(arr, pa.array(sigma), pa.array(low, arr.type))
+        limits[at] = [len(t) for t in low]
     return cps[:cp_offs[-1]], cp_offs
 
 

@@ -11,7 +11,7 @@ from pipeline import kernels
 
 
 def test_code_points_are_the_cut_lower_cased_texts():
-    texts = ["", None, "ABC déF", "İstanbul", "İİ", "日本語", "𠀀😀x", "Σ ΣΑΣ", "x" * 50, "\x00nul"]
+    texts = ["", None, "ABC déF", "İstanbul", "İİ", "日本語", "𠀀😀x", "Σ ΣΑΣ", "x" * 50, "\x00nul", "İΣ", "ΣİΣİ ΑΣ", "ab" * 30 + "Σ"]
     for head in (1, 3, 40):
         cps, offs = kernels.code_points(pl.Series(texts, dtype=pl.String), head)
         got = [cps[offs[i]:offs[i + 1]].tolist() for i in range(len(texts))]
