@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import json
 import os
 import re
@@ -46,6 +45,7 @@ from pydantic import ValidationError
 from pipeline.adapters import FORMATS, AdapterContext, AdapterError, adapt, detect_format
 from pipeline.dimensions import DIM_STRUCT, derive_labels, parse_dimensions
 from pipeline.dimensions import from_arrow as dimensions_from_arrow
+from pipeline.hashing import pair_id_expr, text_hashes
 from pipeline.readers import (
     ArrowPart,
     LineBlock,
@@ -64,7 +64,7 @@ from schemas.arrow import conform, empty_frame, polars_schema
 from schemas.manifest import IngestLedger, SourceInfo
 from schemas.policy import DimensionsConfig, IngestConfig
 from schemas.records import ANNOTATOR_KINDS, LABELS, ROLES, Judgment, QuarantineRow, RawJudgment
-from schemas.text import HASH_HEX_LEN, WHITESPACE, prompt_text_expr
+from schemas.text import WHITESPACE, prompt_text_expr
 
 __all__ = ["IngestResult", "UnreadableFile", "ingest_files", "judgments_from_records", "file_sha256"]
 
@@ -878,40 +878,6 @@ def _blocks_in_order(blocks: Iterator[LineBlock], work: Callable[[_ParsedBlock],
         wait(pending)
 
 
-def _content_hashes(s: pl.Series) -> pl.Series:
-    """:func:`schemas.text.hash_series` (``content_hash`` of each value, each distinct value
-    hashed once), hashing the UTF-8 bytes in Arrow's buffer: no Python string per text."""
-    return _hash_distinct(s)[1]
-
-
-def _hash_distinct(s: pl.Series, *, dedup: bool = False) -> tuple[pl.Series, pl.Series]:
-    """(texts, content hashes) of a Series.  With ``dedup`` the texts come back with every
-    repeated value stored once (the judgments of a pair repeat its texts; a block usually
-    holds all of them): the distinct values are copied into a compact buffer and the rows
-    are views into it, so the block's original text buffers can be freed (about a third of
-    the memory for three judgments per pair).  Values are unchanged."""
-    # (Arrow's dictionary encoding: the distinct values in first-seen order, compact, and each row's index into
-    # them, in one pass -- a unique and a join on the texts took a quarter more time)
-    enc = pc.dictionary_encode(s.to_arrow())
-    if isinstance(enc, pa.ChunkedArray):
-        enc = enc.combine_chunks()
-    arr = enc.dictionary.cast(pa.large_string())
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1].tolist()
-    data = memoryview(arr.buffers()[2]) if len(arr) else memoryview(b"")
-    b2, size = hashlib.blake2b, HASH_HEX_LEN // 2
-    digests = pl.Series(s.name, [b2(data[a:b], digest_size=size).hexdigest() for a, b in zip(offsets[:-1], offsets[1:], strict=True)],
-                        dtype=pl.String)
-    idx = pl.from_arrow(enc.indices)
-    texts = pl.Series(s.name, arr).gather(idx) if dedup else s  # (views into the compact values)
-    return texts, digests.gather(idx)
-
-
-def _pair_ids(prompt_hash: pl.Expr, a_hash: pl.Expr, b_hash: pl.Expr) -> pl.Expr:
-    """:func:`schemas.text.derive_pair_id_expr` with :func:`_content_hashes`."""
-    key = pl.concat_str([prompt_hash, pl.min_horizontal(a_hash, b_hash), pl.max_horizontal(a_hash, b_hash)], separator="|")
-    return pl.lit("p-") + key.map_batches(_content_hashes, return_dtype=pl.String)
-
-
 def _finish(df: pl.DataFrame, batch_id: str, source: str) -> pl.DataFrame:
     """Hash the (already normalised) texts, derive ids: the canonical judgments frame."""
     if df.height == 0:
@@ -924,8 +890,8 @@ def _finish(df: pl.DataFrame, batch_id: str, source: str) -> pl.DataFrame:
         source_file=pl.lit(source),
         source_line=c("_line"),
     ).with_columns(prompt_text=prompt_text_expr(c("prompt")))
-    (pt, ph), (ra, ah), (rb, bh) = (_hash_distinct(df[c], dedup=True) for c in ("prompt_text", "response_a", "response_b"))
-    df = df.with_columns(prompt_text=pt, response_a=ra, response_b=rb, prompt_hash=ph, a_hash=ah, b_hash=bh).with_columns(pair_id=pl.coalesce(c("pair_id"), c("review_of"), _pair_ids(c("prompt_hash"), c("a_hash"), c("b_hash"))))
+    (pt, ph), (ra, ah), (rb, bh) = (text_hashes(df[c], dedup=True) for c in ("prompt_text", "response_a", "response_b"))
+    df = df.with_columns(prompt_text=pt, response_a=ra, response_b=rb, prompt_hash=ph, a_hash=ah, b_hash=bh).with_columns(pair_id=pl.coalesce(c("pair_id"), c("review_of"), pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash"))))
     return conform(df, Judgment).select(list(polars_schema(Judgment)))
 
 

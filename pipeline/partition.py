@@ -61,12 +61,12 @@ import pyarrow.compute
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
+from pipeline.hashing import pair_id_expr
 from pipeline.readers import UnreadableFile
 from schemas.arrow import empty_frame
 from schemas.manifest import IngestLedger, SourceInfo
 from schemas.policy import DimensionsConfig, IngestConfig
 from schemas.records import Judgment
-from schemas.text import derive_pair_id_expr
 
 if TYPE_CHECKING:
     from pipeline.ingest import FileHash
@@ -91,7 +91,7 @@ _STATS_COLUMNS = ["comparison_id", "batch_id", "pair_id", "prompt_hash", "a_hash
 
 def content_key_hash() -> pl.Expr:
     """``p-<16 hex>``: the blake2b digest of the content key (equal to a derived ``pair_id``)."""
-    return derive_pair_id_expr(pl.col("prompt_hash"), pl.col("a_hash"), pl.col("b_hash"))
+    return pair_id_expr(pl.col("prompt_hash"), pl.col("a_hash"), pl.col("b_hash"))
 
 
 def partition_index(frame: pl.DataFrame, n_partitions: int) -> pl.Series:

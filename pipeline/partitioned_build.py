@@ -55,6 +55,7 @@ from pipeline import select as sel
 from pipeline.checks import CHECKS, all_flags, run_checks
 from pipeline.delta import PAIR_ROWS
 from pipeline.distributed import PartitionRef, State, Step, iter_table, map_partitions, refs_of, state_compression
+from pipeline.hashing import pair_id_expr
 from pipeline.partition import PartitionSet, content_key_hash, partition_of_key, read_partition
 from pipeline.partition_stats import given_id_keys
 from pipeline.partition_write import Output, merge_grouped, merge_into
@@ -68,7 +69,6 @@ from schemas.arrow import empty_frame
 from schemas.manifest import Ledger, Manifest, SplitInfo, TableInfo
 from schemas.policy import Policy
 from schemas.records import Judgment
-from schemas.text import derive_pair_id_expr
 from schemas.version import code_version
 
 __all__ = ["build_first"]
@@ -326,7 +326,7 @@ def _attach_reviews(refs: list[PartitionRef], sources: list[str], work: Path, cl
     joined = rows.join(ref, left_on="review_of", right_on="pair_id", how="left", maintain_order="left")
     bad = c("_ph").is_not_null() & ((c("prompt_hash") != c("_ph")) | (pl.min_horizontal("a_hash", "b_hash") != c("_lo"))
                                     | (pl.max_horizontal("a_hash", "b_hash") != c("_hi")))
-    rows = joined.filter(bad).select("comparison_id", "_p", _pid=derive_pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash")))
+    rows = joined.filter(bad).select("comparison_id", "_p", _pid=pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash")))
     return _rewrite("new-pair-ids", rows.drop("_p"), sources, refs, set(rows["_p"].to_list()), work, client)[0]
 
 

@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from pipeline.hashing import pair_id_expr
 from schemas.manifest import ReviewLedger
 from schemas.records import LABELS, ROUTED_LABELS
-from schemas.text import derive_pair_id_expr
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -117,7 +117,7 @@ def attach(judgments: pl.DataFrame, *, from_row: int = 0,
                       | (pl.max_horizontal("a_hash", "b_hash") != c("_hi")))
     if bad.height == 0:
         return judgments
-    new_ids = bad.select("_r", _pid=derive_pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash")))
+    new_ids = bad.select("_r", _pid=pair_id_expr(c("prompt_hash"), c("a_hash"), c("b_hash")))
     idx = judgments.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_r")).join(new_ids, on="_r", how="left",
                                                                                      maintain_order="left")["_pid"]
     return judgments.with_columns(pair_id=pl.coalesce(idx, c("pair_id")))

@@ -546,15 +546,20 @@ def test_huge_integer_strength_is_quarantined_not_a_crash(make_jsonl, monkeypatc
 
 
 @settings(max_examples=60, deadline=None)
-@given(texts=st.lists(st.one_of(st.none(), st.text(max_size=12), st.sampled_from(["", "same", "Caf\u00e9", "\U0001f600"])), max_size=30))
+@given(texts=st.lists(st.one_of(st.none(), st.text(max_size=12), st.text(min_size=120, max_size=300),
+                                st.sampled_from(["", "same", "Caf\u00e9", "\U0001f600", "x" * 128, "é" * 64, "y" * 129])),
+                      max_size=30))
 def test_content_hashes_equal_schema_hashing(texts):
+    """The compiled column hashes (pipeline/hashing.py) are schemas.text's per-value digests, across blake2b's
+    128-byte block boundaries, for missing values and for the pair ids made of them."""
+    from pipeline.hashing import content_hashes, pair_id_expr
     from schemas.text import content_hash, derive_pair_id_expr, hash_series
 
     s = pl.Series("t", texts, dtype=pl.String)
-    assert ingest_mod._content_hashes(s).to_list() == hash_series(s).to_list()
-    assert ingest_mod._content_hashes(s).to_list() == [None if t is None else content_hash(t) for t in texts]
+    assert content_hashes(s).to_list() == hash_series(s).to_list()
+    assert content_hashes(s).to_list() == [None if t is None else content_hash(t) for t in texts]
     h = pl.DataFrame({"p": hash_series(s), "a": hash_series(s.reverse()), "b": hash_series(s.shift(1))})
-    ours = h.select(ingest_mod._pair_ids(pl.col("p"), pl.col("a"), pl.col("b")))
+    ours = h.select(pair_id_expr(pl.col("p"), pl.col("a"), pl.col("b")))
     theirs = h.select(derive_pair_id_expr(pl.col("p"), pl.col("a"), pl.col("b")))
     assert ours.to_series().to_list() == theirs.to_series().to_list()
 

@@ -51,3 +51,26 @@ def test_the_em_sums_equal_np_bincount_of_the_same_values(seed):
     right = np.zeros(n_judges)
     kernels.right_sums(q, pair, v > 0, judge, right)
     assert np.array_equal(right, np.bincount(judge, weights=np.where(v > 0, q[pair], 1.0 - q[pair]), minlength=n_judges))
+
+
+def test_blake2b64_is_hashlibs_digest_across_block_boundaries():
+    """The compiled blake2b (RFC 7693, digest size 8) gives hashlib's digests: empty values, values ending on,
+    before and after 128-byte block boundaries, multi-byte UTF-8, missing values, sliced and chunked arrays."""
+    import hashlib
+    import random
+
+    import pyarrow as pa
+
+    rng = random.Random(7)
+    alphabet = ["a", "Z", " ", "é", "日", "😀", "\x00"]
+    values = [None, ""] + ["x" * n for n in (1, 63, 64, 127, 128, 129, 255, 256, 257, 1000)]
+    values += [None if rng.random() < 0.05 else "".join(rng.choice(alphabet) for _ in range(rng.randrange(400)))
+               for _ in range(2000)]
+    ref = [None if v is None else hashlib.blake2b(v.encode(), digest_size=8).digest() for v in values]
+    for arr in (pa.array(values, pa.string()), pa.array(values, pa.large_string()), pa.array(values).slice(5, 900),
+                pa.chunked_array([values[:37], values[37:]])):
+        want = [None if v is None else hashlib.blake2b(v.encode(), digest_size=8).hexdigest() for v in arr.to_pylist()]
+        assert kernels.content_hashes(arr).to_pylist() == want
+    nums = kernels.blake2b64(pa.array(values))
+    assert nums.tolist() == [int.from_bytes(d if d is not None else hashlib.blake2b(b"", digest_size=8).digest(), "little")
+                             for d in ref]
