@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numba import njit
 
-__all__ = ["WORD_PRIME", "blake2b64", "code_points", "content_hashes", "lower_table", "profile_texts", "token_hashes", "minhash"]
+__all__ = ["WORD_PRIME", "band_keys", "blake2b64", "code_points", "content_hashes", "lower_table", "profile_texts", "token_hashes", "minhash"]
 
 _M32 = np.uint64(0xFFFFFFFF)
 WORD_PRIME = 0x9E3779B1  # the word hashes' P: sum of c_k P^k mod 2^32 (k = offset in the word); odd
@@ -216,6 +216,27 @@ def minhash(hv: np.ndarray, ends: np.ndarray, a: np.ndarray, b: np.ndarray, out:
             for k in range(a.size):
                 row[k] = min(row[k], np.uint32((np.uint64(a[k]) * x + np.uint64(b[k])) & _M32))
         s = ends[t]
+
+
+@njit(nogil=True)
+def band_keys(sigs: np.ndarray, b: int, r: int, k: np.uint64, m0: np.uint64, m1: np.uint64, out: np.ndarray
+              ) -> None:  # pragma: no cover - compiled
+    """``out[band, i]``: the LSH key of row ``i``'s band ``band`` -- its ``r`` signature values chained
+    ``acc = acc * k + v`` (mod 2^64), then MurmurHash3's ``fmix64`` (multipliers ``m0``, ``m1``)."""
+    s33 = np.uint64(33)
+    for i in range(sigs.shape[0]):
+        row = sigs[i]
+        for band in range(b):
+            base = band * r
+            acc = np.uint64(row[base])
+            for j in range(1, r):
+                acc = acc * k + np.uint64(row[base + j])
+            acc ^= acc >> s33
+            acc *= m0
+            acc ^= acc >> s33
+            acc *= m1
+            acc ^= acc >> s33
+            out[band, i] = acc
 
 
 @njit(nogil=True)

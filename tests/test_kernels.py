@@ -74,3 +74,19 @@ def test_blake2b64_is_hashlibs_digest_across_block_boundaries():
     nums = kernels.blake2b64(pa.array(values))
     assert nums.tolist() == [int.from_bytes(d if d is not None else hashlib.blake2b(b"", digest_size=8).digest(), "little")
                              for d in ref]
+
+
+def test_band_keys_equal_the_numpy_chain_and_fmix64():
+    """The LSH band keys (``near_duplicates._band_keys``) equal the NumPy form they replaced: per band the r values
+    chained ``acc * K + v`` mod 2^64, then fmix64."""
+    from pipeline.checks import near_duplicates as nd
+
+    rng = np.random.default_rng(5)
+    sigs = rng.integers(0, 2**32, (1000, 128), dtype=np.uint64).astype(np.uint32)
+    for b, r in ((16, 8), (20, 5), (1, 1)):
+        v = sigs[:, :b * r].reshape(-1, b, r)
+        acc = v[:, :, 0].astype(np.uint64)
+        for j in range(1, r):
+            acc = acc * nd._K[1] + v[:, :, j]
+        assert np.array_equal(nd._band_keys(sigs, b, r), nd._fmix64(acc).T)
+    assert nd._band_keys(sigs[:0], 16, 8).shape == (16, 0)

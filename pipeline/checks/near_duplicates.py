@@ -282,21 +282,13 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_we
 
 def _band_keys(sigs: np.ndarray, b: int, r: int) -> np.ndarray:
     """(b, n) uint64: one hash per band of r signature values (a multiply-add chain, then
-    ``fmix64``; a rare collision only adds a candidate that verification drops)."""
+    ``fmix64``; a rare collision only adds a candidate that verification drops), in one compiled
+    pass (:func:`pipeline.kernels.band_keys`; ``tests/test_kernels.py`` holds it to the NumPy form)."""
+    from pipeline import kernels
+
     out = np.empty((b, sigs.shape[0]), _U64)
-    # 65,536 rows at a time: the chain and the finaliser's temporaries are a few (rows, b) arrays each (over every
-    # prompt at once they were ~1.1 GB at 730k prompts)
-    for start in range(0, sigs.shape[0], _BAND_ROWS):
-        v = sigs[start:start + _BAND_ROWS, :b * r].reshape(-1, b, r)
-        acc = v[:, :, 0].astype(_U64)
-        for j in range(1, r):
-            acc *= _K[1]
-            acc += v[:, :, j]
-        out[:, start:start + v.shape[0]] = _fmix64(acc).T
+    kernels.band_keys(np.ascontiguousarray(sigs), b, r, _K[1], _M64[0], _M64[1], out)
     return out
-
-
-_BAND_ROWS = 65_536
 
 
 def group_pairs(group: np.ndarray, node: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
