@@ -62,7 +62,7 @@ from pipeline.partition_write import Output, merge_grouped, merge_into
 from pipeline.partition_consensus import input_order
 from pipeline.partitioned import analyze
 from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, appended_key, bucket_counts,
-                            generation_groups, part_keys, share)
+                            drop_columns, generation_groups, part_keys, share)
 from pipeline.split import PLACEMENT, SPLITS, _stats_of_counts, assignments, leakage
 from pipeline.store import Store, sha256_file, sync_file
 from schemas.arrow import empty_frame
@@ -669,14 +669,14 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         tagged = _dpo_tagger(s.splits)
 
         def of_split(code: int) -> Callable[[pl.DataFrame], pl.DataFrame]:
-            return lambda part: tagged(part).filter(pl.col("_split") == code).drop("_split")
+            return lambda part: tagged(part)[code]
 
         dpo_schema = sel.dpo_of(pl.DataFrame(schema=pair_schema)).schema
         # two writer threads: the pairs and their narrow rows on one, the DPO splits on the other (they share the
         # tagger's cache of the last part; at 10M judgments the narrow rows beside the DPO rows kept one thread busy
         # 82 s while the other worked 35 s)
         counts = merge_into([Output(pw, None, pair_schema),
-                             Output(rw, lambda part: part.drop(agg.PAIR_TEXT_COLUMNS, strict=False),
+                             Output(rw, lambda part: drop_columns(part, agg.PAIR_TEXT_COLUMNS),
                                     {k: v for k, v in pair_schema.items() if k not in agg.PAIR_TEXT_COLUMNS}),
                              *[Output(writers[split], of_split(code), dpo_schema) for code, split in enumerate(SPLITS)]],
                             [iter_table(s.step, r, s.cache_dir, "pairs") for r in refs], reuse=reuse, order_by=order,
@@ -881,18 +881,20 @@ def _schema_of(s: ps.Selection, ref: PartitionRef, table: str) -> pl.Schema:
     return pl.Schema({k: v for k, v in schema.items() if k != "_part"})
 
 
-def _dpo_tagger(splits: pl.DataFrame) -> Callable[[pl.DataFrame], pl.DataFrame]:
+def _dpo_tagger(splits: pl.DataFrame) -> Callable[[pl.DataFrame], list[pl.DataFrame]]:
     """``tagged(part)``: the DPO rows of a merged part of the pair table's kept pairs
-    (:func:`pipeline.select.dpo_of`, with the part key) and ``_split``, each row's split (its index in
-    :data:`SPLITS`) looked up by its cluster (else its pair) in ``splits`` (``_cl``, ``split``:
-    sorted once, searched per part; a join would hash every cluster for each part).  The rows of the
-    part last asked for are kept: the three splits' outputs ask for the same part in turn."""
+    (:func:`pipeline.select.dpo_of`, with the part key), one frame per split (in :data:`SPLITS`'
+    order, rows in the part's order), each row's split looked up by its cluster (else its pair) in
+    ``splits`` (``_cl``, ``split``: sorted once, searched per part; a join would hash every cluster for
+    each part).  The frames of the part last asked for are kept: the three splits' outputs ask for the
+    same part in turn.  (One ``partition_by``, not a filter per split: from a writer thread each Polars
+    call waits for Polars' pool while the merge's other threads use it.)"""
     by_cl = splits.select("_cl", _split=pl.col("split").replace_strict(list(SPLITS), list(range(len(SPLITS))),
                                                                        return_dtype=pl.UInt8)).sort("_cl")
     keys, codes = by_cl["_cl"], by_cl["_split"]
     last: list[Any] = [None, None]
 
-    def tagged(part: pl.DataFrame) -> pl.DataFrame:
+    def tagged(part: pl.DataFrame) -> list[pl.DataFrame]:
         if last[0] is part:
             return last[1]
         kept = part.filter(pl.col("decision") == "keep")
@@ -904,7 +906,9 @@ def _dpo_tagger(splits: pl.DataFrame) -> Callable[[pl.DataFrame], pl.DataFrame]:
             at = keys.search_sorted(cl).clip(0, max(keys.len() - 1, 0)) if keys.len() else None
             if at is None or not (keys.gather(at) == cl).all():
                 raise ValueError(f"part {part['_part'][0]}: a kept pair without a split")
-        last[0], last[1] = part, rows.with_columns(_split=codes.gather(at))
+        by = rows.with_columns(_split=codes.gather(at)).partition_by("_split", as_dict=True, include_key=False,
+                                                                       maintain_order=True)
+        last[0], last[1] = part, [by.get((code,), rows.clear()) for code in range(len(SPLITS))]
         return last[1]
 
     return tagged
