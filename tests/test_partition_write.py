@@ -162,9 +162,10 @@ def test_write_grouped_parts_hold_the_rows_of_one_stable_sort_by_key_then_order(
 def test_a_quick_lane_runs_ahead_of_a_slow_one(tmp_path, monkeypatch):
     """Each writer lane has up to ``IN_FLIGHT`` merged parts queued: a lane whose parts are quick writes the
     next part while a slow lane is still on the one before (with one part in flight it waited for it);
-    the tables are what they are written alone."""
+    the tables are what they are written alone.  The slow lane's first part waits until the quick lane has
+    reached its second part (or 10 s: then the quick lane did not run ahead and the test fails) -- an event,
+    not a fixed pause, so a loaded machine cannot reorder them."""
     import threading
-    import time
 
     from pipeline import partition_write as pw
 
@@ -174,18 +175,22 @@ def test_a_quick_lane_runs_ahead_of_a_slow_one(tmp_path, monkeypatch):
     done: list[tuple[str, int]] = []
     lock = threading.Lock()
     seen = {"slow": 0, "quick": 0}
+    quick_ahead = threading.Event()
 
-    def rows_of(name: str, pause: float):
+    def rows_of(name: str):
         def rows(part: pl.DataFrame) -> pl.DataFrame:
-            time.sleep(pause)
+            if name == "slow":
+                quick_ahead.wait(timeout=10)
             with lock:
                 seen[name] += 1
                 done.append((name, seen[name]))
+                if name == "quick" and seen[name] == 2:
+                    quick_ahead.set()
             return part
         return rows
 
     writers = {n: TableWriter(store, tmp_path / "b", n) for n in ("slow", "quick")}
-    outputs = [Output(writers["slow"], rows_of("slow", 0.15), frame.schema), Output(writers["quick"], rows_of("quick", 0), frame.schema)]
+    outputs = [Output(writers["slow"], rows_of("slow"), frame.schema), Output(writers["quick"], rows_of("quick"), frame.schema)]
     counts = merge_into(outputs, _cached_streams(tmp_path, frame, 3), order_by=("pair_id", "x"), lanes=[[0], [1]])
     assert counts == [3000, 3000] and pw.IN_FLIGHT == 2
     assert seen["slow"] == seen["quick"] >= 4
