@@ -14,3 +14,10 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # a 10M version: 3.9 instead of 3.65 GB): measured and not taken, docs/scale-out.md "Session 30".
 # Read when Polars first allocates, so set before it is imported; a value set by the user wins.
 os.environ.setdefault("_RJEM_MALLOC_CONF", "background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0")
+# Arrow (pyarrow) allocates through mimalloc, which gives freed pages back to the system 10 ms after they are
+# freed; the next read or write maps and faults them in again.  On a VM whose balloon reports free pages to the
+# host (virtio-balloon free page reporting, as on this project's machines) each such page costs a host fault too.
+# Kept 5 s: a 10M-judgment curate 510.9 -> 491.3 s (system CPU 242.7 -> 210.7 s), peak 3.73 -> 3.75 GB; 3M
+# 157.9-158.3 -> 152.2 s, peak +0.07 GB (docs/scale-out.md "Session 41").  Read lazily by mimalloc, set before
+# pyarrow allocates; a value set by the user wins (a Dask worker started elsewhere needs it in its own environment).
+os.environ.setdefault("MIMALLOC_PURGE_DELAY", "5000")

@@ -49,3 +49,42 @@ def test_freed_heap_blocks_stay_resident_unless_released_or_mapped_on_their_own(
     assert _grown("keep") > 400  # the control: freed, but still resident
     assert _grown("release") < 100  # malloc_trim gave the pages back
     assert _grown("bound") < 100  # 5 MiB blocks, above the fixed 4 MiB threshold: unmapped when freed
+
+
+ARROW_SCRIPT = r"""
+import sys, time
+import flows  # noqa: F401 - the CLI's allocator defaults
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+def rss():
+    for ln in open("/proc/self/status"):
+        if ln.startswith("VmRSS:"):
+            return int(ln.split()[1]) >> 10
+x = np.arange(20_000_000)
+a = pa.array(x)
+before = rss()
+b = pc.multiply(pc.add(a, 1), 2)  # two 160 MB Arrow buffers, one of them freed at once
+del b
+t = time.perf_counter()
+while time.perf_counter() - t < 0.3:  # small Arrow allocations: mimalloc purges what is due on such calls
+    pc.add(pa.array(x[:1000]), 1)
+print(rss() - before)
+"""
+
+
+def _arrow_retained(purge_delay: str | None) -> int:
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+    if purge_delay is not None:
+        env["MIMALLOC_PURGE_DELAY"] = purge_delay
+    out = subprocess.run([sys.executable, "-c", ARROW_SCRIPT], capture_output=True, text=True, check=True, env=env, cwd=ROOT)
+    return int(out.stdout.split()[-1])
+
+
+def test_the_cli_keeps_arrows_freed_pages_a_while_and_a_users_setting_wins():
+    import pyarrow as pa
+
+    if pa.default_memory_pool().backend_name != "mimalloc":
+        pytest.skip("pyarrow's default pool is not mimalloc here")
+    assert _arrow_retained(None) > 250  # flows' default (5 s): both freed buffers still resident 0.3 s later
+    assert _arrow_retained("0") < 200  # the user's setting: given back at once
