@@ -18,10 +18,12 @@ their record instead of becoming U+FFFD.
 from __future__ import annotations
 
 import csv
+import ctypes
 import functools
 import gzip
 import json
 import re
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -205,7 +207,7 @@ class _Stream:
     def __exit__(self, *exc: object) -> None:
         self.fh.close()
 
-    def _counted(self, data: bytes) -> bytes:
+    def _counted(self, data: Any) -> Any:
         self.total += len(data)
         if self.gz and self.total > self.cap:
             raise UnreadableFile(self.path, f"decompresses to more than ingest.max_decompressed_bytes ({self.cap:,} bytes); "
@@ -217,6 +219,15 @@ class _Stream:
             return self._counted(self.fh.read(size))
         except (OSError, EOFError, zlib.error) as err:
             raise UnreadableFile(self.path, f"{'damaged gzip data' if self.gz else 'read error'}: {err}") from err
+
+    def readinto(self, buf: memoryview) -> int:
+        """Up to ``len(buf)`` bytes into ``buf`` (fewer only at the end of the input); how many."""
+        try:
+            n = self.fh.readinto(buf)
+        except (OSError, EOFError, zlib.error) as err:
+            raise UnreadableFile(self.path, f"{'damaged gzip data' if self.gz else 'read error'}: {err}") from err
+        self._counted(buf[:n])
+        return n
 
     def readline(self, limit: int) -> bytes:
         try:
@@ -264,7 +275,7 @@ class LineBlock:
     """
 
     first_line: int
-    data: bytes
+    data: bytes | bytearray
     ends: np.ndarray  # int64 offsets of the b"\n" of each line
 
     def __len__(self) -> int:
@@ -280,12 +291,12 @@ class LineBlock:
 
     def line(self, i: int) -> bytes:
         start = int(self.ends[i - 1]) + 1 if i else 0
-        return self.data[start:int(self.ends[i])]
+        return bytes(memoryview(self.data)[start:int(self.ends[i])])
 
     def raw_rows(self, indices: Iterable[int] | None = None) -> list[RawRow]:
         """Decode lines one by one (the per-row path); blank lines are not rows."""
         if indices is None:
-            lines = self.data.split(b"\n")
+            lines = bytes(self.data).split(b"\n")
             rows = (decode_line(self.first_line + i, ln) for i, ln in enumerate(lines[:len(self.ends)]))
         else:
             rows = (decode_line(self.first_line + int(i), self.line(int(i))) for i in indices)
@@ -320,6 +331,31 @@ def _newlines(data: bytes) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+_resize = ctypes.pythonapi.PyByteArray_Resize  # (no temporary bytes, unlike ``+=`` or slice assignment)
+_resize.argtypes, _resize.restype = [ctypes.py_object, ctypes.c_ssize_t], ctypes.c_int
+READ_BUFFERS = 4  # a block being parsed on each of ingest's two threads, one taken by its caller, one being read
+
+
+class _ReadBuffers:
+    """The read buffers of one file, each used again once nothing refers to it any more (its block parsed
+    and dropped).  A fresh 16 MiB buffer per read -- the read's and the carried line's join's -- was ~15 %
+    of a 1M-judgment build's page faults, each a fault on fresh memory (docs/scale-out.md, "Session 42")."""
+
+    def __init__(self, n: int = READ_BUFFERS) -> None:
+        self.n, self.bufs = n, []
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes (contents unspecified) that no one else refers to."""
+        for buf in self.bufs:
+            if sys.getrefcount(buf) == 3:  # this list, the loop's name, the call's argument: free
+                _resize(buf, size)
+                return buf
+        buf = bytearray(size)
+        if len(self.bufs) < self.n:
+            self.bufs.append(buf)
+        return buf
+
+
 def iter_line_blocks(path: str | Path, max_lines: int, block_bytes: int = BLOCK_BYTES,
                      limits: IngestConfig = DEFAULT_LIMITS) -> Iterator[LineBlock]:
     """Stream a JSONL file (optionally gzip) as blocks of at most ``max_lines`` whole lines.
@@ -328,7 +364,8 @@ def iter_line_blocks(path: str | Path, max_lines: int, block_bytes: int = BLOCK_
     lines) and grow to ``block_bytes``.  A final line without a newline gets one; a UTF-8
     byte-order mark before line 1 is skipped.  A line longer than ``limits.max_line_bytes``
     raises :class:`UnreadableFile` as soon as it is that long (memory stays below the cap
-    plus one read), as does damaged gzip data or too many decompressed bytes.
+    plus one read), as does damaged gzip data or too many decompressed bytes.  A block's
+    ``data`` is a ``bytearray`` that a later block reuses once the block is no longer referred to.
     """
     p = Path(path)
     cap = int(limits.max_line_bytes)
@@ -337,32 +374,43 @@ def iter_line_blocks(path: str | Path, max_lines: int, block_bytes: int = BLOCK_
     carried = 0
     size = min(FIRST_READ_BYTES, block_bytes)
     first = True
+    buffers = _ReadBuffers()
     with _Stream(p, limits) as fh:
         while True:
+            data = buffers.take(carried + size)
+            pos = 0
+            for piece in carry:  # the carried line's start, then the read behind it
+                data[pos:pos + len(piece)] = piece
+                pos += len(piece)
             try:
-                chunk = fh.read(size)
+                with memoryview(data) as view:
+                    n = fh.readinto(view[carried:])
             except UnreadableFile as err:
                 raise _at_line(err, line) from err
-            if first and chunk.startswith(UTF8_BOM):
-                chunk = chunk[len(UTF8_BOM):]
+            end = carried + n
+            if first and data.startswith(UTF8_BOM):
+                data, end = bytearray(memoryview(data)[len(UTF8_BOM):end]), end - len(UTF8_BOM)  # (a small first read)
             first = False
             size = min(size * 4, block_bytes)
-            if not chunk:
+            if not n:
                 if not carry:
                     return
-                data = b"".join(carry)
-                data = data if data.endswith(b"\n") else data + b"\n"
+                _resize(data, end)
+                if not data.endswith(b"\n"):
+                    data.append(10)
                 carry, carried = [], 0
             else:
-                cut = chunk.rfind(b"\n") + 1
-                if cut == 0:  # no line ends in this chunk
-                    carry.append(chunk)
-                    carried += len(chunk)
+                cut = data.rfind(b"\n", carried, end) + 1
+                if cut == 0:  # no line ends in this read
+                    carry.append(bytes(memoryview(data)[carried:end]))
+                    carried = end
                     if carried > cap:
                         raise _line_too_long(p, line, cap)
+                    del data
                     continue
-                data = b"".join((*carry, memoryview(chunk)[:cut])) if carry or cut < len(chunk) else chunk
-                carry, carried = ([chunk[cut:]], len(chunk) - cut) if cut < len(chunk) else ([], 0)
+                carry = [bytes(memoryview(data)[cut:end])] if cut < end else []
+                carried = end - cut
+                _resize(data, cut)
             ends = _newlines(data)
             if len(data) > cap:  # only then can a line of it be longer than the cap
                 long = np.flatnonzero(np.diff(ends, prepend=-1) - 1 > cap)
@@ -376,8 +424,9 @@ def iter_line_blocks(path: str | Path, max_lines: int, block_bytes: int = BLOCK_
             line += len(ends)
             if carried > cap:
                 raise _line_too_long(p, line, cap)
-            if not chunk:
+            if not n:
                 return
+            del data  # (the block's buffer is free again once its reader lets go of it)
 
 
 def _jsonl_rows(path: Path, batch_rows: int, limits: IngestConfig) -> Iterator[list[RawRow]]:

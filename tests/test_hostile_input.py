@@ -395,3 +395,26 @@ def test_jsonl_nested_100k_deep_is_quarantined_not_a_crash(tmp_path):
     assert data["ledger"]["rows_in"] == 4 == data["ledger"]["rows_valid"] + data["ledger"]["quarantined"]
     assert [(e["line"], e["reason"]) for e in data["errors"]] == [(2, "invalid_json"), (3, "invalid_json")]
     assert all("levels deep" in e["error"] for e in data["errors"])
+
+
+def test_blocks_a_caller_still_holds_are_never_overwritten_by_later_reads(tmp_path):
+    # the reader reuses a block's buffer once nothing refers to it: blocks kept whole, or only through a view
+    # of their bytes (a NumPy array, a memoryview), keep their lines while many more are read
+    import numpy as np
+
+    from pipeline.readers import iter_line_blocks
+
+    lines = [f'{{"i": {i}, "t": "{"x" * (i % 97)}"}}\n'.encode() for i in range(40_000)]
+    path = tmp_path / "many.jsonl"
+    path.write_bytes(b"".join(lines))
+    kept, views = [], []
+    for k, block in enumerate(iter_line_blocks(path, 1 << 30, block_bytes=64 << 10)):
+        if k % 3 == 0:
+            kept.append((block.first_line, bytes(block.data), block))
+        elif k % 3 == 1:
+            views.append((block.first_line, bytes(block.data), np.frombuffer(block.data, dtype=np.uint8)))
+    assert len(kept) + len(views) > 25
+    for first, want, block in kept:
+        assert bytes(block.data) == want == b"".join(lines[first - 1:first - 1 + len(block)])
+    for _first, want, view in views:
+        assert view.tobytes() == want
