@@ -55,7 +55,7 @@ from pipeline.aggregate import encode
 from pipeline.checks import language, length_bias, pair_id_conflict, reliability
 from pipeline.checks import near_duplicates as nd
 from pipeline.checks.spec import Sums
-from pipeline.distributed import State, Step, cached_table, iter_batches, iter_table, map_partitions, table_schema
+from pipeline.distributed import State, Step, cached_table, iter_batches, iter_table, map_partitions, read_ipc, table_schema
 from pipeline.incremental import _EMPTY, PAIR_SCOPED, RUNNERS, Totals, declared_sums
 from pipeline.partition import read_partition
 from pipeline.partition_stats import given_id_keys
@@ -73,7 +73,7 @@ def _frame_bytes(frame: pl.DataFrame) -> bytes:
 
 
 def _frame(blob: bytes) -> pl.DataFrame:
-    return pl.read_ipc_stream(io.BytesIO(blob))
+    return read_ipc(blob)
 
 
 def _count(name: str, part: pl.DataFrame, cfg: ChecksConfig, given: dict[str, pl.DataFrame]) -> pl.DataFrame:

@@ -49,7 +49,7 @@ from pydantic import BaseModel
 
 from pipeline import dimensions as dims
 from pipeline.aggregate import PAIR_TEXT_COLUMNS, PARAM_SCHEMA, Encoded, _encode, aggregate, annotator_params, unique_inverse
-from pipeline.distributed import State, Step
+from pipeline.distributed import State, Step, read_ipc
 from pipeline.partition import read_partition
 from schemas.policy import AggregationConfig, DimensionsConfig
 
@@ -184,12 +184,12 @@ def params_blob(params: pl.DataFrame | None) -> bytes:
 
 
 def params_of(blob: bytes) -> pl.DataFrame | None:
-    return pl.read_ipc_stream(io.BytesIO(blob)) if blob else None
+    return read_ipc(blob) if blob else None
 
 
 def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], dim_ipc: bytes, dims_json: str,
                 prelim_json: str, paths: list[str]) -> State:
-    params = pl.read_ipc_stream(io.BytesIO(params_ipc))
+    params = read_ipc(params_ipc)
     part = _read(paths, None, drop)
     agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params, fitted=True,
                     dim_params=params_of(dim_ipc), dimensions=DimensionsConfig.model_validate_json(dims_json))

@@ -48,7 +48,7 @@ from pipeline import partition_consensus as pc
 from pipeline import select as sel
 from pipeline import split as sp
 from pipeline.aggregate import PARAM_SCHEMA, aggregate
-from pipeline.distributed import PartitionChanged, PartitionRef, State, Step, cached_table, map_partitions
+from pipeline.distributed import PartitionChanged, PartitionRef, State, Step, cached_table, map_partitions, read_ipc
 from pipeline.partition_write import keyed_by_part
 from pipeline.store import sha256_file
 from schemas.records import ROUTED_LABELS
@@ -133,7 +133,7 @@ def _params_blob(params: pl.DataFrame) -> bytes:
 
 
 def _params(blob: bytes) -> pl.DataFrame:
-    return pl.read_ipc_stream(io.BytesIO(blob))
+    return read_ipc(blob)
 
 
 # ---------------------------------------------------------------- pass 4: judgment drops, the kept judgments' codes

@@ -54,7 +54,7 @@ from pipeline import reviews_resolve as rr
 from pipeline import select as sel
 from pipeline.checks import CHECKS, all_flags, run_checks
 from pipeline.delta import PAIR_ROWS
-from pipeline.distributed import PartitionRef, State, Step, iter_table, map_partitions, refs_of, state_compression
+from pipeline.distributed import PartitionRef, State, Step, iter_table, map_partitions, read_ipc, refs_of, state_compression
 from pipeline.hashing import pair_id_expr
 from pipeline.partition import PartitionSet, content_key_hash, partition_of_key, read_partition
 from pipeline.partition_stats import given_id_keys
@@ -216,7 +216,7 @@ def _rewrite_run(kind: str, arg_ipc: bytes, sources: tuple[str, ...], directory:
 
     part = read_partition(paths)
     before = part.height
-    part = _CHANGES[kind](part, pl.read_ipc_stream(io.BytesIO(arg_ipc)), list(sources))
+    part = _CHANGES[kind](part, read_ipc(arg_ipc), list(sources))
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".part.{os.getpid()}.{threading.get_ident()}.tmp"

@@ -344,3 +344,30 @@ def test_a_partition_changed_in_place_after_a_step_read_it_is_still_caught(parts
             map_partitions(partition_stats.STEP, refs, tmp_path / "other-cache")
     finally:
         target.write_bytes(good)
+
+
+def test_state_bytes_are_read_without_a_python_copy_of_them():
+    # Polars' public reader wraps bytes in a BytesIO whose getbuffer() copies them all into fresh memory;
+    # read_ipc gives the same frame with no Python-side allocation near the blob's size (tracemalloc sees
+    # Python's allocations only: the copy, not Polars' own columns)
+    import tracemalloc
+
+    from pipeline.distributed import decode_state, read_ipc
+
+    frame = pl.DataFrame({"id": list(range(200_000)), "text": [f"response {i} " * 8 for i in range(200_000)],
+                          "tags": [[str(i % 7)] if i % 5 else None for i in range(200_000)]})
+    blob = encode_state({"t": frame})["t"]
+    assert len(blob) > 20 << 20
+    tracemalloc.start()
+    try:
+        got = read_ipc(blob)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        pl.read_ipc_stream(blob)
+        _, public_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got.equals(frame) and got.schema == frame.schema
+    assert decode_state({"t": blob})["t"].equals(frame)
+    assert public_peak > len(blob)  # the control: the public reader's copy
+    assert peak < 1 << 20, peak
