@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import sys
 
 __all__ = ["bound_heap", "release", "MMAP_THRESHOLD"]
 
@@ -48,8 +49,13 @@ def bound_heap() -> bool:
     return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
-def release() -> None:
-    """Return the heap's free pages to the system (a few ms)."""
+def release(arrow: bool = False) -> None:
+    """Return the heap's free pages to the system (a few ms).  ``arrow``: Arrow's pool's too (it keeps freed
+    pages ``MIMALLOC_PURGE_DELAY`` ms, 5 s by the CLI's default in :mod:`flows`, for the next read; a curate
+    gives them back at its ingest's end, where they otherwise raised the checks' peak)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+    pa = sys.modules.get("pyarrow") if arrow else None
+    if pa is not None:
+        pa.default_memory_pool().release_unused()
