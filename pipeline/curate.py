@@ -265,7 +265,8 @@ def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options:
             pass
         version_id = plan()
         # the JSON reader's Arrow pages, kept 5 s for the next block (flows/__init__.py), given back now: kept into the
-        # near-duplicate index they raised the 1M build's peak to 1.37-1.61 GB (1.20-1.23 GB with this; ~3-5 % slower)
+        # near-duplicate index they raised the 1M build's peak to 1.25-1.61 GB over 22 runs, several above goal 1's 1.5 GB
+        # (1.26-1.29 GB with this, ~3 % slower: docs/scale-out.md "Session 43")
         memory.release(arrow=True)
         t = timer.lap("ingest", t)
         if store.exists(version_id):
