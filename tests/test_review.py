@@ -440,6 +440,11 @@ def test_argilla_push_creates_the_dataset_through_the_sdk(built, tmp_path, fake_
     monkeypatch.setenv("ARGILLA_API_URL", URL)
     monkeypatch.setenv("ARGILLA_API_KEY", "test-key")
     monkeypatch.setattr(rg, "Argilla", lambda api_url, api_key: client)
+    # the SDK prints its notes ("batch size ... normalized") to stdout when it thinks it runs in a notebook (so it did
+    # under pytest-xdist's workers): --json's stdout stays one JSON document (export() parses all of it)
+    from argilla._helpers._log import LoggingMixin
+
+    monkeypatch.setattr(LoggingMixin, "_is_interactive", staticmethod(lambda: True))
     out = tmp_path / "pushed"
     res = export(built, "argilla", out, "--dimensions", "helpfulness", "--dataset-name", "review-round-1")
     assert res["pushed"] and (out / "records.json").is_file()

@@ -24,8 +24,10 @@ One reviewer's answers to one record (grouped by ``user_id``) are one item; the 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -114,7 +116,10 @@ def push(stage: Path, *, name: str, workspace: str | None, api_url: str, api_key
 
     try:
         client = client or rg.Argilla(api_url=api_url, api_key=api_key)
-        with warnings.catch_warnings():  # "workspace not provided, using the default": said in our own words
+        # "workspace not provided, using the default": said in our own words; the SDK prints its own notes
+        # ("batch size ... normalized") to stdout when ``__main__`` has no file (a notebook, a test worker): they go
+        # to stderr, so ``--json``'s stdout stays one JSON document
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             if client.datasets(name=name, workspace=workspace) is not None:
                 raise PushError(f"dataset {name!r} already exists in Argilla at {api_url}; pass another --dataset-name "
