@@ -647,10 +647,13 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
         a.lengths = a.seen = None
         memory.release()
         clusters = results["near_duplicates"].tables.get("clusters")
+        # (a sub-lap of its own: select's laps follow it, so that each sub-lap starts where the one before ended)
+        before_select = round(time.perf_counter() - t, 3)
         s = ps.select(refs, work, policy, a.params, flags, clusters, client=client, version_id=version_id,
                       layout=(my_group, buckets[my_group]), texts=a.texts)
         assert s.prompts is not None and s.flagged_pairs is not None and s.label_counts is not None
         lap("partitions:select")
+        timings["partitions:select/state tables"] = before_select
         timings.update({f"partitions:select/{k}": v for k, v in s.seconds.items()})
 
         tables: dict[str, TableInfo] = {}

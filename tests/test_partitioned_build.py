@@ -190,6 +190,11 @@ def test_curate_builds_a_first_version_over_partitions_and_a_failed_task_leaves_
     assert calls == ["part-00002"]  # only the failed partition's task ran again
     m = res.handle.manifest()
     assert m.lineage["partitions"]["n"] == n_parts
+    # select's sub-laps end to end from the stage's start (benchmarks/stages.py places them so)
+    laps = m.lineage["timings_s"]
+    subs = [k for k in laps if k.startswith("partitions:select/")]
+    assert subs == ["partitions:select/state tables", "partitions:select/final fit", "partitions:select/select"]
+    assert sum(laps[k] for k in subs) <= laps["partitions:select"] + 0.01
     assert not (tmp_path / "store" / ".work" / res.version_id).exists()  # removed once the version is written
     one = Store(tmp_path / "one")
     monkeypatch.setattr(ps, "_select_run", real)
