@@ -261,6 +261,10 @@ def main() -> None:
                     help="sizes above it get the partitioned build only (the one-process build holds ~2.3 GB per million "
                          "judgments: 10M does not fit a 24 GB machine)")
     a = ap.parse_args()
+    from machine_probe import describe, probe
+
+    before = probe()
+    print(f"machine probe before: {describe(before)}", flush=True)
     rows: list[Row] = []
     builds: list[tuple[Row | None, Row]] = []  # (--one-process or None, partitioned) of the same batch, one after the other
     for n in sorted(a.sizes):
@@ -276,6 +280,8 @@ def main() -> None:
             builds.append((one, Row(n, batch.stat().st_size / 1e6, wall, cpu, peak, l0, l1, data["ledger"].get("pairs"),
                                     data.get("timings_s"))))
             print(f"{n:>10,} judgments, partitioned: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak {peak:,.0f} MiB", flush=True)
+    after = probe()
+    print(f"machine probe after: {describe(after)}", flush=True)
     for spec in a.from_issue:
         n, wall, peak_gb = spec.split(":")
         rows.append(Row(int(n), float("nan"), float(wall), float("nan"), float(peak_gb) * 1e9 / 2**20, float("nan"), float("nan"),
@@ -302,7 +308,9 @@ def main() -> None:
         "`benchmarks/gen_judgments.py` batch (~1 KB a judgment). Wall clock from outside; CPU = user + sys of the "
         "child (wait4); peak RSS = the child's own VmHWM (`/proc/self/status`, printed at exit by a launcher; "
         "`ru_maxrss` would carry the parent's peak over across exec); load = 1-minute load average before/after "
-        "(shared 2-core machine: other jobs' load inflates wall time, less CPU time).\n\n"
+        "(shared 2-core machine: other jobs' load inflates wall time, less CPU time). "
+        f"Machine probe (`benchmarks/machine_probe.py`, lower is faster): {before['seconds']:.2f} s before the runs, "
+        f"{after['seconds']:.2f} s after.\n\n"
         + table(["judgments", "input MB", "pairs", "wall s", "CPU s", "judgments/s", "peak RSS MiB", "peak GB", "load", "source"], [
             [f"{r.judgments:,}", cell(r.input_mb, ",.0f"), f"{r.pairs:,}" if r.pairs else "-", f"{r.wall:.1f}", cell(r.cpu, ".1f"),
              f"{r.judgments / r.wall:,.0f}", f"{r.peak_mib:,.0f}", f"{r.peak_mib * 2**20 / 1e9:.2f}",

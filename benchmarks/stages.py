@@ -152,7 +152,12 @@ def main() -> None:
         from gen_judgments import cached_batch
 
         batch = cached_batch(a.judgments, a.row_bytes)
+    from machine_probe import describe, probe
+
+    before = probe()
+    print(f"machine probe before: {describe(before)}", flush=True)
     rows, t, idle = measure(batch, env, a.samples)
+    after = probe()
     headers = ["stage", "s", "busy cores", "idle core-s", "peak RSS MiB", "user s", "system s"]
     cpu = t["user_s"] + t["system_s"]
     body = "\n\n".join([
@@ -163,7 +168,8 @@ def main() -> None:
         f"Whole run: **{t['wall_s']:.1f} s, peak {t['peak_kib']:,} kB = {t['peak_kib'] * 1024 / 1e9:.2f} GB**, "
         f"{t['user_s']:.1f} s user + {t['system_s']:.1f} s system CPU ({cpu / t['wall_s']:.2f} cores; the kernel's share "
         f"{t['system_s'] / max(cpu, 1e-9):.0%}), {t['minor_faults']:,} minor page faults; {idle:.1f} idle core-seconds in "
-        f"the laps.",
+        f"the laps. Machine probe (`benchmarks/machine_probe.py`, lower is faster): {before['seconds']:.2f} s before, "
+        f"{after['seconds']:.2f} s after.",
     ])
     print(body)
     if not a.no_write:

@@ -29,3 +29,14 @@ def test_laps_are_aligned_at_the_end_and_cut_the_samples():
 def test_a_lap_with_no_sample_is_shown_without_figures():
     out, idle = stages_table([(0.5, 1.0, 1024, 0.1, 0.0)], {"write": 0.2, "report": 0.3}, end=5.0, cores=2)
     assert out[1] == ["write", "0.2", "-", "-", "-", "-", "-"] and idle == 0.0
+
+
+def test_the_machine_probe_times_its_parts_in_a_fresh_process():
+    from machine_probe import PARTS, describe, probe
+
+    p = probe(runs=1)
+    assert set(p) == {"seconds", "min", "max", *PARTS}
+    assert all(p[k] > 0 for k in PARTS)
+    # one run: its total is the figure, the least and the most
+    assert p["seconds"] == p["min"] == p["max"] == sum(p[k] for k in PARTS)
+    assert describe(p).startswith(f"{p['seconds']:.2f} s (runs ")
