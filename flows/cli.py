@@ -10,6 +10,7 @@ Exit codes (every command):
 """
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -836,6 +837,37 @@ def review_import(
               markup("[yellow]not checked against a store[/] (texts checked against the hashes recorded at export; "
                      "give --store to check the routed pairs)"))
     con.print(plain(out))
+
+
+def _reflowed(doc: str) -> str:
+    """A command's docstring as its ``--help`` shows it: each paragraph's lines joined into one (Typer's
+    rich mode keeps a docstring's line breaks, so prose wrapped at the source's width came out ragged at
+    any other), "Exit ..." sentences a paragraph of their own, and list items ("- ") kept on their lines."""
+    out: list[str] = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines: list[str] = []
+        for line in para.splitlines():
+            line = line.strip()
+            if line.startswith("Exit ") and lines:
+                out.append(" ".join(lines))
+                lines = []
+            if line.startswith("- ") and lines:
+                lines[-1] += "\n"
+            lines.append(line)
+        out.append(" ".join(lines).replace("\n ", "\n"))
+    return "\n\n".join(out)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        if info.callback is not None and info.callback.__doc__ and info.help is None:
+            info.help = _reflowed(info.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -156,3 +156,34 @@ def test_curate_shows_its_stages_on_a_terminal_only(tmp_path):
     as_json = subprocess.run([sys.executable, "-m", "flows.cli", "curate", str(batch), "--store", str(tmp_path / "s3"),
                               "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["version_id"] == piped.stdout.strip().splitlines()[-1]
+
+
+def _commands(group=None, prefix=()):
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield [*prefix, name]
+
+
+@pytest.mark.parametrize("cmd", list(_commands()), ids=" ".join)
+def test_help_prose_is_not_wrapped_at_the_sources_width(cmd):
+    """On a wide terminal every paragraph of a command's description is one line: Typer's rich mode keeps a
+    docstring's line breaks, which broke sentences mid-way ("... one JSON document that" / "holds it as ...")."""
+    res = runner.invoke(app, [*cmd, "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    head = res.output.split("╭")[0].splitlines()
+    prose = [line.strip() for line in head[2:] if line.strip()]  # (after "Usage: ..." and its blank line)
+    assert prose, res.output
+    for line in prose:
+        assert line.endswith((".", ")", ":", "`", "?")), f"{' '.join(cmd)} --help: a sentence broken at {line!r}"
+
+
+def test_command_list_gives_each_command_one_line_on_a_wide_terminal():
+    res = runner.invoke(app, ["--help"], env={"COLUMNS": "400"})
+    rows = [line for line in res.output.split("Commands")[1].splitlines()[1:] if line.startswith("│")]
+    assert len(rows) >= 10, res.output
+    assert all(line[1:].strip().split()[0].isalpha() and not line[2:4].isspace() for line in rows), res.output
