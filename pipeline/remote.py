@@ -63,8 +63,10 @@ class Staged:
                 hashed[str(path)] = h
             else:
                 path = Path(name)
+                if path.is_dir():
+                    raise UnreadableFile(path, "is a directory; expected a file (.jsonl, .jsonl.gz, .parquet or .csv)")
                 if not path.is_file():
-                    raise UnreadableFile(path, "no such file")
+                    raise UnreadableFile(path, "not a regular file" if path.exists() else "no such file")
             # one file read twice would count its rows twice and give two rows one (file, line)
             st = path.stat()
             first = seen.get((st.st_dev, st.st_ino))

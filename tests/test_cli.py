@@ -56,6 +56,14 @@ def test_unreadable_file_exit_2_real_process(tmp_path):
     assert proc.returncode == 2 and json.loads(proc.stdout)["ok"] is False
 
 
+def test_a_directory_as_input_is_exit_2_saying_so(tmp_path):
+    """A directory exists: "no such file" would send the user looking for a typo."""
+    for args in (["validate", str(tmp_path)], ["curate", str(tmp_path), "--store", str(tmp_path / "s")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert "is a directory" in res.output and "no such file" not in res.output
+    assert not (tmp_path / "s").exists()
+
 def test_bad_usage_exit_2():
     res = runner.invoke(app, ["validate", "--no-such-flag"])
     assert res.exit_code == 2
