@@ -394,6 +394,7 @@ def _error_columns(df: pl.DataFrame, dimension_rule: DimensionsConfig | None = N
     rules: list[tuple[str, str, pl.Expr]] = [
         ("comparison_id", "missing_field", c("comparison_id").is_null()),
         ("comparison_id", "invalid_value", c("comparison_id").str.strip_chars() == ""),
+        ("pair_id", "invalid_value", c("pair_id").str.strip_chars() == ""),  # (absent: derived from the content)
         ("prompt", "missing_field", c("prompt").is_null()),
         ("prompt", "invalid_value", c("prompt").list.len() == 0),
         ("prompt", "invalid_type", c("prompt").list.eval(
@@ -488,7 +489,8 @@ _EXPECTED = {
     "label": f"one of {list(LABELS)}", "shown_first": "'a' or 'b'", "strength": "a number in [0, 1]",
     "confidence": "a number in [0, 1]", "annotator_id": "a non-empty string", "annotator_kind": "'human', 'ai' or 'unknown'",
     "gold_label": f"one of {list(LABELS)}", "locale": "a BCP 47 tag such as 'en' or 'ja-JP'",
-    "created_at": "an ISO 8601 timestamp", "tags": "a list of strings", "batch_id": "a string", "pair_id": "a string",
+    "created_at": "an ISO 8601 timestamp", "tags": "a list of strings", "batch_id": "a string",
+    "pair_id": "a non-empty string (or no pair_id at all: it is then derived from the content)",
     "rubric": "a string", "critique": "a string", "dimensions": "an object of dimension name -> verdict",
     "review_of": "the pair_id of the routed pair this judgment reviews (a non-empty string equal to pair_id when both are given)",
 }

@@ -88,6 +88,8 @@ def test_pair_id_stable_across_processes():
         ({"label": ...}, "missing_field", "label"),
         ({"comparison_id": ...}, "missing_field", "comparison_id"),
         ({"annotator_id": "  "}, "invalid_value", "annotator_id"),
+        ({"pair_id": ""}, "invalid_value", "pair_id"),  # an empty id would join every such row into one pair
+        ({"pair_id": " \t"}, "invalid_value", "pair_id"),
         ({"annotator_kind": "robot"}, "invalid_value", "annotator_kind"),
         ({"strength": 1.7}, "invalid_value", "strength"),
         ({"strength": "high"}, "invalid_type", "strength"),
