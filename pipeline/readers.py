@@ -604,6 +604,9 @@ def _csv_rows(path: Path, batch_rows: int, limits: IngestConfig) -> Iterator[lis
                 raise UnreadableFile(path, f"CSV record starting here: {err}", start) from err
             if values is None:
                 break
+            if not values or (len(values) == 1 and not values[0].strip()):  # a blank line is not a row (as in JSONL)
+                start = reader.line_num + 1
+                continue
             raw = ",".join(values)
             if bad_bytes and bad_bytes[0][0] <= reader.line_num:
                 at, byte = bad_bytes[0]

@@ -198,6 +198,18 @@ def test_gzip_parquet_csv_containers(tmp_path):
     assert r.judgments.filter(pl.col("source_file").str.ends_with("csv"))["tags"][0].to_list() == ["cooking"]
 
 
+def test_blank_csv_lines_are_not_rows(tmp_path):
+    """As in JSON Lines: a blank line (a spreadsheet's or an editor's trailing one, LF or CRLF) is no
+    record and no quarantined row; line numbers still count it."""
+    head = "comparison_id,prompt,response_a,response_b,label,annotator_id,annotator_kind"
+    for name, nl in (("lf.csv", "\n"), ("crlf.csv", "\r\n")):
+        p = tmp_path / name
+        p.write_bytes(nl.join([head, "c1,hi,a,b,a,r1,human", "", "c2,bye,a,b,b,r1,human", "  ", "", "c3,x,a,b"]).encode() + nl.encode())
+        r = ingest_files([p])
+        assert (r.ledger.rows_in, r.ledger.rows_valid, r.ledger.quarantined) == (3, 2, 1), name
+        assert r.judgments["source_line"].to_list() == [2, 4]
+        assert r.quarantine["line"].to_list() == [7] and "expected 7 CSV columns, found 4" in r.quarantine["error"][0]
+
 def test_duplicate_rows_are_kept_for_the_checks(make_jsonl):
     # ingest never drops: re-delivered judgments are flagged later by the duplicates check
     r = ingest_files([make_jsonl([canonical(0), canonical(0, comparison_id="c-re")])])
