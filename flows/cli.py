@@ -106,7 +106,7 @@ def validate(
     files: InputsArg,
     fmt: FormatOpt = None,
     as_json: JsonOpt = False,
-    max_errors: Annotated[int, typer.Option("--max-errors", help="How many quarantined rows to print.")] = 20,
+    max_errors: Annotated[int, typer.Option("--max-errors", min=0, help="How many quarantined rows to print.")] = 20,
     annotator_id: Annotated[str | None, typer.Option(help="annotator_id for formats without one (trl, hh, rated).")] = None,
     annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human, ai or unknown) for formats that do not say who judged (trl, hh, rated; default unknown).")] = None,
     max_line_bytes: MaxLineOpt = None,

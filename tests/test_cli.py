@@ -64,6 +64,12 @@ def test_a_directory_as_input_is_exit_2_saying_so(tmp_path):
         assert "is a directory" in res.output and "no such file" not in res.output
     assert not (tmp_path / "s").exists()
 
+def test_validate_max_errors_below_zero_is_bad_usage(tmp_path):
+    """A negative count would be a polars ``head(-1)``: every row but the last, under "First -1 of 2"."""
+    p = write_jsonl(tmp_path / "bad.jsonl", [canonical(0, label="x"), canonical(1, label="y")])
+    res = runner.invoke(app, ["validate", str(p), "--max-errors", "-1"])
+    assert res.exit_code == 2 and "max-errors" in res.output and "First -1" not in res.output
+
 def test_bad_usage_exit_2():
     res = runner.invoke(app, ["validate", "--no-such-flag"])
     assert res.exit_code == 2
