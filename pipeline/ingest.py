@@ -58,7 +58,7 @@ from pipeline.readers import (
     jsonl_blocks,
     lines_array,
     parse_block_arrow,
-    peek_objects,
+    peek_rows,
 )
 from schemas.arrow import conform, empty_frame, polars_schema
 from schemas.manifest import IngestLedger, SourceInfo
@@ -911,14 +911,20 @@ def resolve_format(path: Path, fmt: str | None, limits: IngestConfig | None = No
         if fmt not in FORMATS:
             raise UnreadableFile(path, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         return fmt
-    detected = detect_format(peek_objects(path, 50, limits or IngestConfig()))
+    objects, first_bad, n_rows = peek_rows(path, 50, limits or IngestConfig())
+    detected = detect_format(objects)
     if detected is None:
-        raise UnreadableFile(
-            path,
-            "unknown record format: expected canonical rows (response_a/response_b/label), TRL rows "
-            "(prompt/chosen/rejected), HH-RLHF transcripts (chosen/rejected) or rated candidate lists; "
-            "force one with --format",
-        )
+        # (nothing to vote with is said as such: an empty file or a JSON array is no question of format)
+        if not n_rows:
+            why = "the file has no rows (it is empty or holds only blank lines)"
+        elif first_bad is not None and (not objects or first_bad.raw.startswith("[")):
+            why = f"line {first_bad.line}: {first_bad.error}"
+            if first_bad.raw.startswith("["):
+                why += "; JSON Lines holds one JSON object per line: a JSON array is not read (convert it, e.g. jq -c '.[]')"
+        else:
+            why = ("expected canonical rows (response_a/response_b/label), TRL rows (prompt/chosen/rejected), HH-RLHF "
+                   "transcripts (chosen/rejected) or rated candidate lists; force one with --format")
+        raise UnreadableFile(path, f"unknown record format: {why}")
     return detected
 
 

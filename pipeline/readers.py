@@ -666,12 +666,23 @@ def jsonl_blocks(path: str | Path, max_lines: int = 50_000, limits: IngestConfig
 
 def peek_objects(path: str | Path, n: int = 20, limits: IngestConfig = DEFAULT_LIMITS) -> list[dict[str, Any]]:
     """The first ``n`` decodable objects of a file (for format detection)."""
+    return peek_rows(path, n, limits)[0]
+
+
+def peek_rows(path: str | Path, n: int = 20,
+              limits: IngestConfig = DEFAULT_LIMITS) -> tuple[list[dict[str, Any]], RawRow | None, int]:
+    """(the first ``n`` decodable objects, the first row that did not decode or None, the rows read): what
+    format detection votes with, and what it says when nothing votes."""
     out: list[dict[str, Any]] = []
+    first_bad: RawRow | None = None
+    seen = 0
     for batch in iter_raw_rows(path, batch_rows=max(n, 1), limits=limits):
+        seen += len(batch)
         out.extend(r.obj for r in batch if r.obj is not None)
+        first_bad = first_bad or next((r for r in batch if r.obj is None), None)
         if len(out) >= n:
             break
-    return out[:n]
+    return out[:n], first_bad, seen
 
 
 # ---------------------------------------------------------------- strict Arrow parse of JSONL blocks

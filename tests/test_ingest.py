@@ -162,6 +162,11 @@ def test_invalid_utf8_line_inside_valid_file_is_quarantined(tmp_path):
         (b"\xff\xfe\x00garbage", "latin.jsonl", "not UTF-8"),
         (b"hello", "data.txt", "unknown file type"),
         (b'{"foo": 1}\n{"bar": 2}\n', "what.jsonl", "unknown record format"),
+        # no vote because there is nothing to vote: the message says why, not only "unknown record format"
+        (b"", "empty.jsonl", "has no rows"),
+        (b"\n \n\r\n", "blank.jsonl", "has no rows"),
+        (json.dumps([canonical(0), canonical(1)]).encode() + b"\n", "array.json", "line 1: expected a JSON object, found list"),
+        (b'[\n  {"comparison_id": "c-1"}\n]\n', "pretty.json", "a JSON array is not read"),
         (b"not a parquet file", "x.parquet", "Parquet"),
     ],
 )
