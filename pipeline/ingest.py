@@ -54,6 +54,7 @@ from pipeline.readers import (
     candidate_lines,
     container_of,
     decode_line,
+    int_beyond_64_bits,
     iter_raw_rows,
     jsonl_blocks,
     lines_array,
@@ -732,9 +733,12 @@ def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[i
     data, loads = block.data, orjson.loads
     for k, a, b in zip(todo.tolist(), block.starts[part.lines[todo]].tolist(), block.ends[part.lines[todo]].tolist(), strict=True):
         try:
-            obj = loads(data[a:b])  # the line parsed before, so it has no surrounding blanks but maybe a CR
+            line = data[a:b]  # the line parsed before, so it has no surrounding blanks but maybe a CR
+            obj = loads(line)
             if type(obj) is not dict:
                 raise ValueError("not an object")
+            if int_beyond_64_bits(line) is not None:  # (orjson would round it into ``extra``)
+                raise ValueError("an integer beyond 64 bits")
             if present_np[k]:
                 extra[k] = _extra_json(obj)
             if dims_np[k]:

@@ -134,11 +134,36 @@ def _may_repeat_a_key(text: bytes, entries: int) -> bool:
     return key_ends > entries
 
 
+# an integer literal this long may lie beyond 64 bits, which orjson reads as a float (rounded)
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
+def int_beyond_64_bits(text: bytes) -> str | None:
+    """The first integer of ``text`` (valid JSON) outside [-2**63, 2**64): one orjson would read as
+    a rounded float; None if there is none.  Cheap unless ``text`` has a run of 19+ digits."""
+    if _LONG_DIGITS.search(text) is None:
+        return None
+    found: list[str] = []
+
+    def parse_int(literal: str) -> int:
+        value = int(literal)
+        if not found and not -(1 << 63) <= value < 1 << 64:
+            found.append(literal)
+        return value
+
+    try:
+        json.loads(text, parse_int=parse_int)
+    except ValueError:  # e.g. beyond Python's digit limit: orjson's reading stands
+        return None
+    return found[0] if found else None
+
+
 def loads_json(text: bytes) -> Any:
     """``orjson.loads``, refusing what it would silently change or what cannot be written back.
 
     Raises ``orjson.JSONDecodeError`` for malformed JSON and :class:`JSONValueError` for a
-    duplicated key (orjson keeps the last value) or nesting deeper than :data:`MAX_JSON_DEPTH`.
+    duplicated key (orjson keeps the last value), nesting deeper than :data:`MAX_JSON_DEPTH` or an
+    integer beyond 64 bits (orjson rounds it to a float: :func:`int_beyond_64_bits`).
     Duplicates are ruled out by counting (:func:`_may_repeat_a_key`); only a text that could
     repeat a key is parsed again, by Python's parser, which sees every pair.
     """
@@ -161,6 +186,11 @@ def loads_json(text: bytes) -> Any:
         if key is not None:
             raise JSONValueError(f"expected a JSON object with unique keys, found key {key!r} twice "
                                  "(a JSON reader would keep only one of its values)")
+    big = int_beyond_64_bits(text)
+    if big is not None:
+        shown = big if len(big) <= 40 else f"{big[:37]}..."
+        raise JSONValueError(f"expected integers of at most 64 bits, found {shown} (a JSON reader here would round it "
+                             "to a float; write it as a string)")
     return value
 
 

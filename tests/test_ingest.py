@@ -564,6 +564,21 @@ def test_huge_integer_strength_is_quarantined_not_a_crash(make_jsonl, monkeypatc
     _assert_same(r, _per_row(monkeypatch, [path]))
 
 
+@pytest.mark.parametrize("number", ["18446744073709551616", "-9223372036854775809", "123456789012345678901234567890"])
+def test_an_integer_beyond_64_bits_is_refused_not_rounded_into_extra(make_jsonl, monkeypatch, number):
+    """orjson reads such an integer as a float: an unknown field would be carried as 1.2345678901234568e+29, the
+    input silently changed.  Refused like a duplicated key; 64-bit integers and long digit runs in strings are kept."""
+    rows = [canonical(0, task_id=18446744073709551615, note="x" * 5 + "1234567890" * 3), canonical(1), canonical(2)]
+    text = [json.dumps(r) for r in rows]
+    text[1] = text[1][:-1] + f', "task_id": {number}}}'
+    text[2] = text[2].replace('"model": "m-1"', f'"model": "m-1", "seed": [{number}]')
+    path = make_jsonl([], raw_lines=dict(enumerate(text)))
+    r = ingest_files([path])
+    assert r.quarantine.select("line", "reason").rows() == [(2, "invalid_json"), (3, "invalid_json")]
+    assert "64 bits" in r.quarantine["error"][0] and number in r.quarantine["error"][0]
+    assert json.loads(r.judgments["extra"][0])["task_id"] == 18446744073709551615
+    _assert_same(r, _per_row(monkeypatch, [path]))
+
 @settings(max_examples=60, deadline=None)
 @given(texts=st.lists(st.one_of(st.none(), st.text(max_size=12), st.text(min_size=120, max_size=300),
                                 st.sampled_from(["", "same", "Caf\u00e9", "\U0001f600", "x" * 128, "é" * 64, "y" * 129])),
