@@ -70,6 +70,17 @@ def test_validate_max_errors_below_zero_is_bad_usage(tmp_path):
     res = runner.invoke(app, ["validate", str(p), "--max-errors", "-1"])
     assert res.exit_code == 2 and "max-errors" in res.output and "First -1" not in res.output
 
+def test_an_annotator_kind_option_outside_human_ai_unknown_is_bad_usage(tmp_path):
+    """Not one quarantined row per judgment (exit 1) for a typo in one option: exit 2 before anything is read."""
+    p = tmp_path / "trl.jsonl"
+    p.write_text(json.dumps({"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    for cmd in (["validate", str(p)], ["curate", str(p), "--store", str(tmp_path / "s")]):
+        res = runner.invoke(app, [*cmd, "--annotator-kind", "robot"])
+        assert res.exit_code == 2, res.output
+        assert "annotator-kind" in res.output and "robot" in res.output and "quarantined" not in res.output
+    assert not (tmp_path / "s").exists()
+    assert runner.invoke(app, ["validate", str(p), "--annotator-kind", "ai"]).exit_code == 0
+
 def test_bad_usage_exit_2():
     res = runner.invoke(app, ["validate", "--no-such-flag"])
     assert res.exit_code == 2
