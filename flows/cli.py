@@ -62,6 +62,15 @@ def _fail_usage(message: str, *, multiline: bool = False) -> None:
     raise typer.Exit(EXIT_USAGE)
 
 
+def _annotator_kind_option(value: str | None) -> str | None:
+    """--annotator-kind checked as an option (exit 2), not row by row: a typo would quarantine every judgment."""
+    from schemas.records import ANNOTATOR_KINDS
+
+    if value is not None and value not in ANNOTATOR_KINDS:
+        raise typer.BadParameter(f"expected one of {', '.join(ANNOTATOR_KINDS)}, found {value!r}")
+    return value
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.readers import UnreadableFile
     from pipeline.signing import SigningConfigError
@@ -107,9 +116,9 @@ def validate(
     files: InputsArg,
     fmt: FormatOpt = None,
     as_json: JsonOpt = False,
-    max_errors: Annotated[int, typer.Option("--max-errors", help="How many quarantined rows to print.")] = 20,
+    max_errors: Annotated[int, typer.Option("--max-errors", min=0, help="How many quarantined rows to print.")] = 20,
     annotator_id: Annotated[str | None, typer.Option(help="annotator_id for formats without one (trl, hh, rated).")] = None,
-    annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human, ai or unknown) for formats that do not say who judged (trl, hh, rated; default unknown).")] = None,
+    annotator_kind: Annotated[str | None, typer.Option(callback=_annotator_kind_option, help="annotator_kind (human, ai or unknown) for formats that do not say who judged (trl, hh, rated; default unknown).")] = None,
     max_line_bytes: MaxLineOpt = None,
     max_decompressed_bytes: MaxGzipOpt = None,
     annotators: AnnotatorsOpt = None,
@@ -274,7 +283,7 @@ def curate(
     fmt: FormatOpt = None,
     batch_id: Annotated[str | None, typer.Option(help="batch_id for rows without one (default: the file name).")] = None,
     annotator_id: Annotated[str | None, typer.Option(help="annotator_id for formats without one (trl, hh, rated).")] = None,
-    annotator_kind: Annotated[str | None, typer.Option(help="annotator_kind (human, ai or unknown) for formats that do not say who judged (trl, hh, rated; default unknown).")] = None,
+    annotator_kind: Annotated[str | None, typer.Option(callback=_annotator_kind_option, help="annotator_kind (human, ai or unknown) for formats that do not say who judged (trl, hh, rated; default unknown).")] = None,
     max_line_bytes: MaxLineOpt = None,
     max_decompressed_bytes: MaxGzipOpt = None,
     annotators: AnnotatorsOpt = None,

@@ -54,11 +54,12 @@ from pipeline.readers import (
     candidate_lines,
     container_of,
     decode_line,
+    int_beyond_64_bits,
     iter_raw_rows,
     jsonl_blocks,
     lines_array,
     parse_block_arrow,
-    peek_objects,
+    peek_rows,
 )
 from schemas.arrow import conform, empty_frame, polars_schema
 from schemas.manifest import IngestLedger, SourceInfo
@@ -394,6 +395,7 @@ def _error_columns(df: pl.DataFrame, dimension_rule: DimensionsConfig | None = N
     rules: list[tuple[str, str, pl.Expr]] = [
         ("comparison_id", "missing_field", c("comparison_id").is_null()),
         ("comparison_id", "invalid_value", c("comparison_id").str.strip_chars() == ""),
+        ("pair_id", "invalid_value", c("pair_id").str.strip_chars() == ""),  # (absent: derived from the content)
         ("prompt", "missing_field", c("prompt").is_null()),
         ("prompt", "invalid_value", c("prompt").list.len() == 0),
         ("prompt", "invalid_type", c("prompt").list.eval(
@@ -488,7 +490,8 @@ _EXPECTED = {
     "label": f"one of {list(LABELS)}", "shown_first": "'a' or 'b'", "strength": "a number in [0, 1]",
     "confidence": "a number in [0, 1]", "annotator_id": "a non-empty string", "annotator_kind": "'human', 'ai' or 'unknown'",
     "gold_label": f"one of {list(LABELS)}", "locale": "a BCP 47 tag such as 'en' or 'ja-JP'",
-    "created_at": "an ISO 8601 timestamp", "tags": "a list of strings", "batch_id": "a string", "pair_id": "a string",
+    "created_at": "an ISO 8601 timestamp", "tags": "a list of strings", "batch_id": "a string",
+    "pair_id": "a non-empty string (or no pair_id at all: it is then derived from the content)",
     "rubric": "a string", "critique": "a string", "dimensions": "an object of dimension name -> verdict",
     "review_of": "the pair_id of the routed pair this judgment reviews (a non-empty string equal to pair_id when both are given)",
 }
@@ -730,9 +733,12 @@ def _part_frame(part: ArrowPart, block: LineBlock) -> tuple[pl.DataFrame, list[i
     data, loads = block.data, orjson.loads
     for k, a, b in zip(todo.tolist(), block.starts[part.lines[todo]].tolist(), block.ends[part.lines[todo]].tolist(), strict=True):
         try:
-            obj = loads(data[a:b])  # the line parsed before, so it has no surrounding blanks but maybe a CR
+            line = data[a:b]  # the line parsed before, so it has no surrounding blanks but maybe a CR
+            obj = loads(line)
             if type(obj) is not dict:
                 raise ValueError("not an object")
+            if int_beyond_64_bits(line) is not None:  # (orjson would round it into ``extra``)
+                raise ValueError("an integer beyond 64 bits")
             if present_np[k]:
                 extra[k] = _extra_json(obj)
             if dims_np[k]:
@@ -909,14 +915,20 @@ def resolve_format(path: Path, fmt: str | None, limits: IngestConfig | None = No
         if fmt not in FORMATS:
             raise UnreadableFile(path, f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         return fmt
-    detected = detect_format(peek_objects(path, 50, limits or IngestConfig()))
+    objects, first_bad, n_rows = peek_rows(path, 50, limits or IngestConfig())
+    detected = detect_format(objects)
     if detected is None:
-        raise UnreadableFile(
-            path,
-            "unknown record format: expected canonical rows (response_a/response_b/label), TRL rows "
-            "(prompt/chosen/rejected), HH-RLHF transcripts (chosen/rejected) or rated candidate lists; "
-            "force one with --format",
-        )
+        # (nothing to vote with is said as such: an empty file or a JSON array is no question of format)
+        if not n_rows:
+            why = "the file has no rows (it is empty or holds only blank lines)"
+        elif first_bad is not None and (not objects or first_bad.raw.startswith("[")):
+            why = f"line {first_bad.line}: {first_bad.error}"
+            if first_bad.raw.startswith("["):
+                why += "; JSON Lines holds one JSON object per line: a JSON array is not read (convert it, e.g. jq -c '.[]')"
+        else:
+            why = ("expected canonical rows (response_a/response_b/label), TRL rows (prompt/chosen/rejected), HH-RLHF "
+                   "transcripts (chosen/rejected) or rated candidate lists; force one with --format")
+        raise UnreadableFile(path, f"unknown record format: {why}")
     return detected
 
 

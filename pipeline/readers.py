@@ -37,6 +37,7 @@ import orjson
 from schemas.policy import IngestConfig
 
 SNIFF_BYTES = 64 * 1024
+SNIFF_PIECE = 4 * 1024
 # JSONL is read in blocks of whole lines of about this size: below glibc's largest mmap threshold
 # (32 MB), so freed buffers are reused instead of mapped and faulted in afresh (1M rows of 1.6 KB:
 # 2-4x fewer page faults, about 2 s less system time than with 32 MB blocks)
@@ -133,11 +134,36 @@ def _may_repeat_a_key(text: bytes, entries: int) -> bool:
     return key_ends > entries
 
 
+# an integer literal this long may lie beyond 64 bits, which orjson reads as a float (rounded)
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
+def int_beyond_64_bits(text: bytes) -> str | None:
+    """The first integer of ``text`` (valid JSON) outside [-2**63, 2**64): one orjson would read as
+    a rounded float; None if there is none.  Cheap unless ``text`` has a run of 19+ digits."""
+    if _LONG_DIGITS.search(text) is None:
+        return None
+    found: list[str] = []
+
+    def parse_int(literal: str) -> int:
+        value = int(literal)
+        if not found and not -(1 << 63) <= value < 1 << 64:
+            found.append(literal)
+        return value
+
+    try:
+        json.loads(text, parse_int=parse_int)
+    except ValueError:  # e.g. beyond Python's digit limit: orjson's reading stands
+        return None
+    return found[0] if found else None
+
+
 def loads_json(text: bytes) -> Any:
     """``orjson.loads``, refusing what it would silently change or what cannot be written back.
 
     Raises ``orjson.JSONDecodeError`` for malformed JSON and :class:`JSONValueError` for a
-    duplicated key (orjson keeps the last value) or nesting deeper than :data:`MAX_JSON_DEPTH`.
+    duplicated key (orjson keeps the last value), nesting deeper than :data:`MAX_JSON_DEPTH` or an
+    integer beyond 64 bits (orjson rounds it to a float: :func:`int_beyond_64_bits`).
     Duplicates are ruled out by counting (:func:`_may_repeat_a_key`); only a text that could
     repeat a key is parsed again, by Python's parser, which sees every pair.
     """
@@ -160,6 +186,11 @@ def loads_json(text: bytes) -> Any:
         if key is not None:
             raise JSONValueError(f"expected a JSON object with unique keys, found key {key!r} twice "
                                  "(a JSON reader would keep only one of its values)")
+    big = int_beyond_64_bits(text)
+    if big is not None:
+        shown = big if len(big) <= 40 else f"{big[:37]}..."
+        raise JSONValueError(f"expected integers of at most 64 bits, found {shown} (a JSON reader here would round it "
+                             "to a float; write it as a string)")
     return value
 
 
@@ -248,8 +279,13 @@ def _line_too_long(path: Path, line: int, cap: int) -> UnreadableFile:
 
 def _check_utf8(path: Path, limits: IngestConfig = DEFAULT_LIMITS) -> None:
     """Sniff the head of the file: a file that is not UTF-8 is rejected as a whole."""
+    head = b""
     with _Stream(path, limits) as fh:
-        head = fh.read(SNIFF_BYTES)
+        try:  # in small reads: damage met here (a short .gz) names the line it stopped at, as later reads do
+            while len(head) < SNIFF_BYTES and (piece := fh.read(min(SNIFF_PIECE, SNIFF_BYTES - len(head)))):
+                head += piece
+        except UnreadableFile as err:
+            raise _at_line(err, head.count(b"\n") + 1) from err
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise UnreadableFile(path, "not UTF-8: found a UTF-16 byte-order mark")
     # a few bad lines are quarantined row by row; a file that is mostly not UTF-8 is rejected
@@ -604,6 +640,9 @@ def _csv_rows(path: Path, batch_rows: int, limits: IngestConfig) -> Iterator[lis
                 raise UnreadableFile(path, f"CSV record starting here: {err}", start) from err
             if values is None:
                 break
+            if not values or (len(values) == 1 and not values[0].strip()):  # a blank line is not a row (as in JSONL)
+                start = reader.line_num + 1
+                continue
             raw = ",".join(values)
             if bad_bytes and bad_bytes[0][0] <= reader.line_num:
                 at, byte = bad_bytes[0]
@@ -657,12 +696,23 @@ def jsonl_blocks(path: str | Path, max_lines: int = 50_000, limits: IngestConfig
 
 def peek_objects(path: str | Path, n: int = 20, limits: IngestConfig = DEFAULT_LIMITS) -> list[dict[str, Any]]:
     """The first ``n`` decodable objects of a file (for format detection)."""
+    return peek_rows(path, n, limits)[0]
+
+
+def peek_rows(path: str | Path, n: int = 20,
+              limits: IngestConfig = DEFAULT_LIMITS) -> tuple[list[dict[str, Any]], RawRow | None, int]:
+    """(the first ``n`` decodable objects, the first row that did not decode or None, the rows read): what
+    format detection votes with, and what it says when nothing votes."""
     out: list[dict[str, Any]] = []
+    first_bad: RawRow | None = None
+    seen = 0
     for batch in iter_raw_rows(path, batch_rows=max(n, 1), limits=limits):
+        seen += len(batch)
         out.extend(r.obj for r in batch if r.obj is not None)
+        first_bad = first_bad or next((r for r in batch if r.obj is None), None)
         if len(out) >= n:
             break
-    return out[:n]
+    return out[:n], first_bad, seen
 
 
 # ---------------------------------------------------------------- strict Arrow parse of JSONL blocks

@@ -56,16 +56,25 @@ class Staged:
         staged ones, by local path (:func:`pipeline.ingest.ingest_files`' ``hashed``)."""
         paths: list[Path] = []
         hashed: dict[str, FileHash] = {}
+        seen: dict[tuple[int, int], str | Path] = {}  # (device, inode) of each local file -> the name it was given as
         for name in names:
             if is_url(name):
                 path, h = self.stage(str(name))
                 hashed[str(path)] = h
-                paths.append(path)
-                continue
-            p = Path(name)
-            if not p.is_file():
-                raise UnreadableFile(p, "no such file")
-            paths.append(p)
+            else:
+                path = Path(name)
+                if path.is_dir():
+                    raise UnreadableFile(path, "is a directory; expected a file (.jsonl, .jsonl.gz, .parquet or .csv)")
+                if not path.is_file():
+                    raise UnreadableFile(path, "not a regular file" if path.exists() else "no such file")
+            # one file read twice would count its rows twice and give two rows one (file, line)
+            st = path.stat()
+            first = seen.get((st.st_dev, st.st_ino))
+            if first is not None:
+                raise UnreadableFile(name, f"given twice (first as {str(first)!r}): each input file is read once; "
+                                           "name it once")
+            seen[(st.st_dev, st.st_ino)] = name
+            paths.append(path)
         return paths, hashed
 
     def named(self, err: UnreadableFile) -> UnreadableFile:

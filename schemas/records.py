@@ -143,6 +143,13 @@ class RawJudgment(BaseModel):
             raise ValueError("expected a pair_id, found an empty string")
         return v
 
+    @field_validator("pair_id")
+    @classmethod
+    def _pair_id_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():  # one empty id would make every such judgment one pair
+            raise ValueError("expected a non-empty pair_id or none, found an empty string")
+        return v
+
     @model_validator(mode="after")
     def _review_of_is_the_pair(self) -> RawJudgment:
         if self.review_of is not None and self.pair_id is not None and self.pair_id != self.review_of:

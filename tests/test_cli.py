@@ -56,6 +56,31 @@ def test_unreadable_file_exit_2_real_process(tmp_path):
     assert proc.returncode == 2 and json.loads(proc.stdout)["ok"] is False
 
 
+def test_a_directory_as_input_is_exit_2_saying_so(tmp_path):
+    """A directory exists: "no such file" would send the user looking for a typo."""
+    for args in (["validate", str(tmp_path)], ["curate", str(tmp_path), "--store", str(tmp_path / "s")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        assert "is a directory" in res.output and "no such file" not in res.output
+    assert not (tmp_path / "s").exists()
+
+def test_validate_max_errors_below_zero_is_bad_usage(tmp_path):
+    """A negative count would be a polars ``head(-1)``: every row but the last, under "First -1 of 2"."""
+    p = write_jsonl(tmp_path / "bad.jsonl", [canonical(0, label="x"), canonical(1, label="y")])
+    res = runner.invoke(app, ["validate", str(p), "--max-errors", "-1"])
+    assert res.exit_code == 2 and "max-errors" in res.output and "First -1" not in res.output
+
+def test_an_annotator_kind_option_outside_human_ai_unknown_is_bad_usage(tmp_path):
+    """Not one quarantined row per judgment (exit 1) for a typo in one option: exit 2 before anything is read."""
+    p = tmp_path / "trl.jsonl"
+    p.write_text(json.dumps({"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    for cmd in (["validate", str(p)], ["curate", str(p), "--store", str(tmp_path / "s")]):
+        res = runner.invoke(app, [*cmd, "--annotator-kind", "robot"])
+        assert res.exit_code == 2, res.output
+        assert "annotator-kind" in res.output and "robot" in res.output and "quarantined" not in res.output
+    assert not (tmp_path / "s").exists()
+    assert runner.invoke(app, ["validate", str(p), "--annotator-kind", "ai"]).exit_code == 0
+
 def test_bad_usage_exit_2():
     res = runner.invoke(app, ["validate", "--no-such-flag"])
     assert res.exit_code == 2

@@ -551,6 +551,23 @@ def test_missing_input_exit_2_store_untouched(full, tmp_path):
     assert snapshot(full.store) == before
 
 
+def test_the_same_input_file_given_twice_exit_2_nothing_written(tmp_path):
+    """One file named twice (the same path, another spelling of it, a link) would be read twice: its rows
+    counted twice in the ledger and, on curate's partitioned build, two rows at one (file, line).  Refused
+    before anything is read, naming both names."""
+    link = tmp_path / "again.jsonl"
+    link.symlink_to(B1)
+    for second in (B1, link):
+        store = tmp_path / "s"
+        res = cli("curate", B1, second, "--store", store, code=2)
+        assert "given twice" in res.stderr and str(second) in res.stderr and "Traceback" not in res.stderr
+        assert res.stdout == "" and not (store / "versions").exists()
+        res = cli("validate", B1, B2, second, code=2)
+        assert "given twice" in res.stderr and "Ingest ledger" not in res.stdout
+        res = cli("validate", B1, second, "--json", code=2)
+        assert json.loads(res.stdout)["ok"] is False and "given twice" in json.loads(res.stdout)["error"]
+
+
 # ---------------------------------------------------------------- faults (real processes)
 def _spawn_curate(store: Path, *files: Path) -> subprocess.Popen:
     return subprocess.Popen([*prefpipe(), "curate", *map(str, files), "--store", str(store), "--json"], cwd=ROOT,

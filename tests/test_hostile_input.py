@@ -283,6 +283,7 @@ def test_unknown_and_ai_judges_of_one_pair_make_it_mixed():
 @pytest.mark.parametrize(("builder", "why", "line"), [
     ("corrupt_gzip", "damaged gzip data", "line "),
     ("truncated_gzip", "damaged gzip data", "line "),
+    ("small_truncated_gzip", "damaged gzip data", "line "),
     ("corrupt_parquet_page", "damaged Parquet data", "rows from 1"),
 ])
 def test_damaged_containers_are_exit_2_and_write_nothing(tmp_path, builder, why, line):
@@ -291,6 +292,8 @@ def test_damaged_containers_are_exit_2_and_write_nothing(tmp_path, builder, why,
     assert code == 2 and str(path) in err and why in err and line in err
     code, out, _ = cli("validate", path, "--json")
     assert code == 2 and json.loads(out)["file"] == str(path)
+    if "gzip" in builder:
+        assert isinstance(json.loads(out)["line"], int)
     code, err, _ = curate(tmp_path / "store", path)
     assert code == 2 and why in err and "nothing written" in err and nothing_written(tmp_path / "store")
 

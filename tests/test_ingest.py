@@ -88,6 +88,8 @@ def test_pair_id_stable_across_processes():
         ({"label": ...}, "missing_field", "label"),
         ({"comparison_id": ...}, "missing_field", "comparison_id"),
         ({"annotator_id": "  "}, "invalid_value", "annotator_id"),
+        ({"pair_id": ""}, "invalid_value", "pair_id"),  # an empty id would join every such row into one pair
+        ({"pair_id": " \t"}, "invalid_value", "pair_id"),
         ({"annotator_kind": "robot"}, "invalid_value", "annotator_kind"),
         ({"strength": 1.7}, "invalid_value", "strength"),
         ({"strength": "high"}, "invalid_type", "strength"),
@@ -160,6 +162,11 @@ def test_invalid_utf8_line_inside_valid_file_is_quarantined(tmp_path):
         (b"\xff\xfe\x00garbage", "latin.jsonl", "not UTF-8"),
         (b"hello", "data.txt", "unknown file type"),
         (b'{"foo": 1}\n{"bar": 2}\n', "what.jsonl", "unknown record format"),
+        # no vote because there is nothing to vote: the message says why, not only "unknown record format"
+        (b"", "empty.jsonl", "has no rows"),
+        (b"\n \n\r\n", "blank.jsonl", "has no rows"),
+        (json.dumps([canonical(0), canonical(1)]).encode() + b"\n", "array.json", "line 1: expected a JSON object, found list"),
+        (b'[\n  {"comparison_id": "c-1"}\n]\n', "pretty.json", "a JSON array is not read"),
         (b"not a parquet file", "x.parquet", "Parquet"),
     ],
 )
@@ -195,6 +202,18 @@ def test_gzip_parquet_csv_containers(tmp_path):
     assert ids[0] == ids[1] == ids[2]  # same content in three containers -> same pair ids
     assert r.judgments.filter(pl.col("source_file").str.ends_with("csv"))["tags"][0].to_list() == ["cooking"]
 
+
+def test_blank_csv_lines_are_not_rows(tmp_path):
+    """As in JSON Lines: a blank line (a spreadsheet's or an editor's trailing one, LF or CRLF) is no
+    record and no quarantined row; line numbers still count it."""
+    head = "comparison_id,prompt,response_a,response_b,label,annotator_id,annotator_kind"
+    for name, nl in (("lf.csv", "\n"), ("crlf.csv", "\r\n")):
+        p = tmp_path / name
+        p.write_bytes(nl.join([head, "c1,hi,a,b,a,r1,human", "", "c2,bye,a,b,b,r1,human", "  ", "", "c3,x,a,b"]).encode() + nl.encode())
+        r = ingest_files([p])
+        assert (r.ledger.rows_in, r.ledger.rows_valid, r.ledger.quarantined) == (3, 2, 1), name
+        assert r.judgments["source_line"].to_list() == [2, 4]
+        assert r.quarantine["line"].to_list() == [7] and "expected 7 CSV columns, found 4" in r.quarantine["error"][0]
 
 def test_duplicate_rows_are_kept_for_the_checks(make_jsonl):
     # ingest never drops: re-delivered judgments are flagged later by the duplicates check
@@ -544,6 +563,21 @@ def test_huge_integer_strength_is_quarantined_not_a_crash(make_jsonl, monkeypatc
     assert r.quarantine.select("line", "reason", "field").rows() == [(2, "invalid_value", "strength")]
     _assert_same(r, _per_row(monkeypatch, [path]))
 
+
+@pytest.mark.parametrize("number", ["18446744073709551616", "-9223372036854775809", "123456789012345678901234567890"])
+def test_an_integer_beyond_64_bits_is_refused_not_rounded_into_extra(make_jsonl, monkeypatch, number):
+    """orjson reads such an integer as a float: an unknown field would be carried as 1.2345678901234568e+29, the
+    input silently changed.  Refused like a duplicated key; 64-bit integers and long digit runs in strings are kept."""
+    rows = [canonical(0, task_id=18446744073709551615, note="x" * 5 + "1234567890" * 3), canonical(1), canonical(2)]
+    text = [json.dumps(r) for r in rows]
+    text[1] = text[1][:-1] + f', "task_id": {number}}}'
+    text[2] = text[2].replace('"model": "m-1"', f'"model": "m-1", "seed": [{number}]')
+    path = make_jsonl([], raw_lines=dict(enumerate(text)))
+    r = ingest_files([path])
+    assert r.quarantine.select("line", "reason").rows() == [(2, "invalid_json"), (3, "invalid_json")]
+    assert "64 bits" in r.quarantine["error"][0] and number in r.quarantine["error"][0]
+    assert json.loads(r.judgments["extra"][0])["task_id"] == 18446744073709551615
+    _assert_same(r, _per_row(monkeypatch, [path]))
 
 @settings(max_examples=60, deadline=None)
 @given(texts=st.lists(st.one_of(st.none(), st.text(max_size=12), st.text(min_size=120, max_size=300),

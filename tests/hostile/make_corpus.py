@@ -168,6 +168,15 @@ def truncated_gzip(d: Path) -> Path:
     return p
 
 
+def small_truncated_gzip(d: Path) -> Path:
+    """A gzip file of less than 64 KiB of text cut in the middle: the damage is met by the first read (the
+    UTF-8 sniff), and is exit 2 naming the line all the same."""
+    data = gzip.compress(_jsonl_bytes(60), compresslevel=1)
+    p = d / "small_truncated.jsonl.gz"
+    p.write_bytes(data[: len(data) // 2])
+    return p
+
+
 def gzip_bomb(d: Path, gib: int = 2) -> Path:
     """``gib`` GiB of ``x`` without a newline, as repeated gzip members (~2 MB on disk).
     Rejected by the line or decompressed-size cap early, memory bounded."""
@@ -278,6 +287,7 @@ BUILDERS: dict[str, Callable[[Path], object]] = {
     f.__name__: f for f in (
         duplicate_keys_jsonl, duplicate_keys_trl_jsonl, bom_jsonl, bom_csv, bad_bytes_csv, duplicate_header_csv,
         pair_id_conflict_jsonl, pair_id_conflict_files, trl_without_annotator_jsonl, corrupt_gzip, truncated_gzip,
+        small_truncated_gzip,
         gzip_bomb, long_line_jsonl, corrupt_parquet_page, parquet_extra_types, parquet_not_utf8, deep_csv, deep_jsonl, long_field_csv,
         latin1_policy,
     )
