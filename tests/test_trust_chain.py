@@ -170,6 +170,26 @@ def test_damaged_certification_record_is_reported_and_replaced(store):
     assert list(st.certification_path(vid).parent.glob(f"{vid}.json.damaged-*"))  # kept aside, not lost
 
 
+def test_show_and_versions_report_a_damaged_certification_record(store):
+    """A damaged record is a broken certificate link, not a broken version: show prints the whole
+    version and says "NOT certified (certificate)" (exit 0; --json: trust names the link), and
+    versions does not pass it off as "never certified"."""
+    st, vid = store
+    st.certification_path(vid).write_text('{"history": [')
+    res = cli("show", vid, "--store", str(st.root))
+    assert res.exit_code == 0, res.output
+    shown = " ".join(res.stdout.split())  # (the console wraps long lines)
+    assert "NOT certified (certificate)" in shown and "damaged certification record" in shown
+    res = cli("show", vid, "--store", str(st.root), "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["certification"] is None and doc["trust"]["link"] == "certificate"
+    assert "damaged certification record" in doc["trust"]["reason"]
+    res = cli("versions", "--store", str(st.root))
+    assert res.exit_code == 0 and "damaged" in res.output, res.output
+    assert json.loads(cli("versions", "--store", str(st.root), "--json").stdout)[0]["certified"] is False
+
+
 # ---------------------------------------------------------------- signatures
 def test_hmac_signed_records(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFPIPE_SIGNING_KEY", "k" * 32)
