@@ -133,6 +133,21 @@ def test_verified_read_refuses_a_file_changed_after_open(store):
         h.read_split("validation")
 
 
+def test_published_report_md_is_verified_against_the_manifest(store):
+    """The Prefect markdown artifact is the version's report.md only when its bytes match the
+    manifest's sha256: a report.md edited in the store (a forged verdict, raw HTML) is refused."""
+    from pipeline.artifacts import report_markdown
+    from pipeline.store import IntegrityError
+
+    st, vid = store
+    h = st.get(vid)
+    original = h.file("report.md").read_text(encoding="utf-8")
+    assert report_markdown(h, "summary") == original
+    h.file("report.md").write_text(original + "\n**CERTIFIED** <script>alert(1)</script>\n", encoding="utf-8")
+    with pytest.raises(IntegrityError, match="report.md: sha256 differs from the manifest"):
+        report_markdown(st.get(vid), "summary")
+
+
 def test_certificate_copied_from_another_version_is_refused(tmp_path):
     st, a = certified_store(tmp_path / "s", SAMPLES[:1])
     b = curate(SAMPLES[1:2], st, POLICY).version_id
