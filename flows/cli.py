@@ -422,17 +422,22 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
     manifest.  Damaged versions are listed as DAMAGED."""
     from rich.table import Table
 
-    from pipeline.store import VersionHandle
+    from pipeline.store import DamagedVersion, VersionHandle
 
     st = _open_store(store)
     rows = []
     for e in st.list_versions():
-        if e.damaged:
-            rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
-                         "certified": False, "damaged": e.damaged, "trust": {"ok": False, "link": "manifest", "reason": e.damaged}})
-            continue
         h = VersionHandle(st, e.version_id)
-        m = h.manifest()
+        damaged = e.damaged
+        if not damaged:
+            try:
+                m = h.manifest()
+            except DamagedVersion as err:  # (changed since the listing's cache took its stat)
+                damaged = str(err)
+        if damaged:
+            rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
+                         "certified": False, "damaged": damaged, "trust": {"ok": False, "link": "manifest", "reason": damaged}})
+            continue
         chain = h.verify_chain(files=not fast)
         rows.append({"version_id": e.version_id, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
                      "pairs_kept": m.ledger.pairs_kept, "damaged": None,

@@ -295,6 +295,26 @@ def test_damaged_manifest_is_listed_and_skipped_by_latest(tmp_path):
     assert st.get(child).manifest().parent_version == old
 
 
+def test_manifest_edited_in_place_behind_the_listing_cache_is_listed_damaged(tmp_path):
+    """A manifest rewritten in place with its size and mtime put back (the listing's cache keys on
+    them) is still parsed by versions: that version is DAMAGED, the listing does not exit 2."""
+    st = Store(tmp_path / "s")
+    old = curate(SAMPLES[:1], st, POLICY).version_id
+    new = curate(SAMPLES[1:2], st, POLICY).version_id
+    assert cli("versions", "--store", str(st.root)).exit_code == 0  # the cache now has both
+    p = st.versions_dir / new / "manifest.json"
+    before = p.stat()
+    data = p.read_bytes()
+    with open(p, "r+b") as fh:  # same inode, same size
+        fh.write(data.replace(b'"version_id"', b'"version_iX"', 1))
+    os.utime(p, ns=(before.st_atime_ns, before.st_mtime_ns))
+    res = cli("versions", "--store", str(st.root), "--json")
+    assert res.exit_code == 0, res.output
+    assert {r["version_id"]: bool(r["damaged"]) for r in json.loads(res.stdout)} == {old: False, new: True}
+    res = cli("versions", "--store", str(st.root))
+    assert res.exit_code == 0 and "DAMAGED" in res.output, res.output
+
+
 def test_manifest_copied_from_another_version_is_damaged(tmp_path):
     st = Store(tmp_path / "s")
     a = curate(SAMPLES[:1], st, POLICY).version_id
