@@ -452,12 +452,12 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
         t.add_column(col)
     for r in rows:
         if r["damaged"]:
-            t.add_row(r["version_id"], "-", "-", "-", "DAMAGED")
+            t.add_row(plain(r["version_id"]), "-", "-", "-", "DAMAGED")  # a folder name: a line break in it shown as \n
             continue
         link = r["trust"]["link"]
         cert = ("yes" if r["certified"] else "-" if r["certified"] is None  # no record at all
                 else {"verdict": "rejected"}.get(link, f"no ({link} changed)"))
-        t.add_row(r["version_id"], r["created_at"], r["parent"] or "-", f"{r['pairs_kept']:,}", cert)
+        t.add_row(plain(r["version_id"]), r["created_at"], plain(r["parent"] or "-"), f"{r['pairs_kept']:,}", cert)
     out_console().print(t, markup=False)
     for r in rows:
         if r["damaged"] or (r["certified"] is not None and r["trust"]["link"] not in (None, "verdict")):
