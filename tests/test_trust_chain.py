@@ -122,6 +122,32 @@ def test_changed_file_breaks_the_files_link(store):
     assert listed[0]["certified"] is False and listed[0]["trust"]["link"] == "files"
 
 
+def test_manifest_naming_a_file_outside_the_version_is_refused(store, tmp_path):
+    """A manifest path is joined onto the version folder only when it stays inside it: a part named
+    ``../../../outside.parquet`` (or ``/abs/...``) is an integrity problem even when the file it names
+    has the listed sha256 (certify would otherwise hash whatever it names: another store's files,
+    a FIFO, /dev/zero)."""
+    st, vid = store
+    h = st.get(vid)
+    outside = tmp_path / "outside.parquet"
+    shutil.copy(h.split_files("train")[0], outside)
+    for name in (os.path.relpath(outside, h.path), str(outside)):
+        def fix(doc, name=name):
+            table = doc["tables"]["data/train"]
+            table["parts"][0]["path"] = name
+            table["sha256"] = doc["splits"]["train"]["sha256"] = table_sha256([SplitInfo(**p) for p in table["parts"]])
+
+        rewrite_manifest(st, vid, fix)
+        fresh = Store(st.root).get(vid)
+        assert any("not a path inside the version" in p for p in fresh.verify()), (name, fresh.verify())
+        from pipeline.store import IntegrityError
+
+        with pytest.raises(IntegrityError, match="not a path inside the version"):
+            fresh.read_split("train")
+        cert = certify_version(Store(st.root), vid, POLICY, run_gx=False)
+        assert cert.verdict == "rejected" and not cert.gates[0].passed and cert.gates[0].name == "integrity", name
+
+
 def test_verified_read_refuses_a_file_changed_after_open(store):
     st, vid = store
     h = st.open_certified(vid)
