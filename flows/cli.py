@@ -432,17 +432,22 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
     manifest.  Damaged versions are listed as DAMAGED."""
     from rich.table import Table
 
-    from pipeline.store import VersionHandle
+    from pipeline.store import DamagedVersion, VersionHandle
 
     st = _open_store(store)
     rows = []
     for e in st.list_versions():
-        if e.damaged:
-            rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
-                         "certified": False, "damaged": e.damaged, "trust": {"ok": False, "link": "manifest", "reason": e.damaged}})
-            continue
         h = VersionHandle(st, e.version_id)
-        m = h.manifest()
+        damaged = e.damaged
+        if not damaged:
+            try:
+                m = h.manifest()
+            except DamagedVersion as err:  # (changed since the listing's cache took its stat)
+                damaged = str(err)
+        if damaged:
+            rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
+                         "certified": False, "damaged": damaged, "trust": {"ok": False, "link": "manifest", "reason": damaged}})
+            continue
         chain = h.verify_chain(files=not fast)
         rows.append({"version_id": e.version_id, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
                      "pairs_kept": m.ledger.pairs_kept, "damaged": None,
@@ -457,14 +462,15 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
         t.add_column(col)
     for r in rows:
         if r["damaged"]:
-            t.add_row(r["version_id"], "-", "-", "-", "DAMAGED")
+            t.add_row(plain(r["version_id"]), "-", "-", "-", "DAMAGED")  # a folder name: a line break in it shown as \n
             continue
         link = r["trust"]["link"]
-        cert = "yes" if r["certified"] else {"certificate": "-", "verdict": "rejected"}.get(link, f"no ({link} changed)")
-        t.add_row(r["version_id"], r["created_at"], r["parent"] or "-", f"{r['pairs_kept']:,}", cert)
+        cert = ("yes" if r["certified"] else "-" if r["certified"] is None  # no record at all
+                else {"verdict": "rejected"}.get(link, f"no ({link} changed)"))
+        t.add_row(plain(r["version_id"]), r["created_at"], plain(r["parent"] or "-"), f"{r['pairs_kept']:,}", cert)
     out_console().print(t, markup=False)
     for r in rows:
-        if r["damaged"] or (r["trust"]["link"] not in (None, "certificate", "verdict")):
+        if r["damaged"] or (r["certified"] is not None and r["trust"]["link"] not in (None, "verdict")):
             err_console().print(markup("{vid}: {reason}", vid=r["version_id"], reason=r["trust"]["reason"]))
 
 
@@ -484,7 +490,8 @@ def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix,
     waiting = open_reviews_of(h)
     if as_json:
         listed = waiting.head(SHOW_OPEN_JSON).with_columns(routed_at=pl.col("routed_at").dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ"))
-        print(json.dumps({**m.model_dump(mode="json"), "certification": h.certification(), "trust": trust,
+        print(json.dumps({**m.model_dump(mode="json"), "certification": chain.record if chain.record is not None
+                          else _stored_certification(h), "trust": trust,
                           "path": str(h.path),
                           "open_reviews": {"total": waiting.height, "listed": listed.to_dicts(),
                                            "truncated": waiting.height > SHOW_OPEN_JSON,
@@ -500,9 +507,20 @@ def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix,
         con.print(markup("  {name:16s} {status:5s} {summary}  {flags}", name=c.name, status=c.status,
                          summary=c.summary, flags=c.flag_counts or ""))
     _print_open_reviews(waiting)
-    state = "CERTIFIED" if chain.ok else ("none yet" if chain.link == "certificate" and h.certification() is None
+    state = "CERTIFIED" if chain.ok else ("none yet" if not st.certification_path(h.version_id).exists()
                                           else f"NOT certified ({chain.link}): {chain.reason}")
     con.print(markup("certification: {state}", state=state))
+
+
+def _stored_certification(h):
+    """The latest certification record as stored; None when there is none or it is damaged (the
+    chain's ``certificate`` link then says so: a damaged record is not a damaged version)."""
+    from pipeline.store import StoreError
+
+    try:
+        return h.certification()
+    except StoreError:
+        return None
 
 
 @command()

@@ -49,10 +49,11 @@ def version_tables(h: VersionHandle) -> dict[str, Any]:
 def report_markdown(h: VersionHandle, summary: str) -> str:
     """The Markdown to publish for a version: its ``report.md`` when this code version wrote it,
     else ``summary`` (built now).  A report.md written by other code may predate the escaping of
-    user text, and the version is immutable, so it is never published as is."""
+    user text, and the version is immutable, so it is never published as is.  report.md is read
+    through the manifest (:meth:`VersionHandle.read_bytes`): one edited after the version was
+    written raises :class:`~pipeline.store.IntegrityError` instead of being published."""
     from schemas.version import code_version
 
-    md = h.file("report.md")
-    if md.exists() and h.manifest().code_version == code_version():
-        return md.read_text(encoding="utf-8")
+    if h.has("report.md") and h.manifest().code_version == code_version():
+        return h.read_bytes("report.md").decode("utf-8")
     return summary

@@ -432,22 +432,10 @@ class GcPlan:
 
 
 def plan_gc(store: Store, *, delete_versions: Iterable[str] = ()) -> GcPlan:
-    """What :func:`collect_garbage` would remove: the given versions, objects that no version
-    (other than those) links, and staging directories of dead writers."""
+    """What :func:`collect_garbage` would remove: the given versions, staging directories of dead
+    writers, work directories no build holds, and objects that nothing else links (the parts a
+    killed writer had linked from its stage are freed by the same run, not by the next one)."""
     plan = GcPlan(versions=sorted(set(delete_versions)))
-    doomed: Counter[tuple[int, int]] = Counter()  # links into objects held by the versions being deleted
-    for vid in plan.versions:
-        for p in (store.versions_dir / safe_id(vid, what="version id")).rglob("*.parquet"):
-            st = p.stat()
-            doomed[(st.st_dev, st.st_ino)] += 1
-    objects = store.root / OBJECTS
-    if objects.is_dir():
-        for obj in sorted(objects.glob("*/*.parquet")):
-            st = obj.stat()
-            # an object's links: its own name + one per version part that is this object
-            if st.st_nlink - 1 - doomed[(st.st_dev, st.st_ino)] <= 0:
-                plan.objects.append(obj)
-                plan.bytes += st.st_size
     staging = store.root / ".staging"
     if staging.is_dir():
         from pipeline.store import _pid_alive
@@ -471,12 +459,27 @@ def plan_gc(store: Store, *, delete_versions: Iterable[str] = ()) -> GcPlan:
             with store.try_lock(name) as free:
                 if free:
                     plan.work.append(d)
+    doomed: Counter[tuple[int, int]] = Counter()  # links into objects held by what is being removed
+    for folder in [store.versions_dir / safe_id(vid, what="version id") for vid in plan.versions] + plan.staging + plan.work:
+        for p in folder.rglob("*.parquet"):
+            with contextlib.suppress(OSError):  # (a file gone meanwhile holds no link)
+                st = p.lstat()
+                doomed[(st.st_dev, st.st_ino)] += 1
+    objects = store.root / OBJECTS
+    if objects.is_dir():
+        for obj in sorted(objects.glob("*/*.parquet")):
+            st = obj.stat()
+            # an object's links: its own name + one per part elsewhere that is this object
+            if st.st_nlink - 1 - doomed[(st.st_dev, st.st_ino)] <= 0:
+                plan.objects.append(obj)
+                plan.bytes += st.st_size
     return plan
 
 
 def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
     """Remove what the plan lists: versions first (moved aside atomically, then deleted, with
-    their certification records kept aside), then unlinked objects and dead staging dirs."""
+    their certification records kept aside), then dead staging and work dirs, then the objects
+    nothing links any more."""
     trash = store.root / ".staging"
     trash.mkdir(parents=True, exist_ok=True)
     for vid in plan.versions:
@@ -489,15 +492,15 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
         cert = store.certification_path(vid)
         if cert.exists():
             os.rename(cert, cert.with_name(f"{cert.name}.deleted-{int(time.time())}"))
-    for obj in plan.objects:
-        if obj.exists() and obj.stat().st_nlink == 1:
-            obj.unlink()
     for d in plan.staging:
         shutil.rmtree(d, ignore_errors=True)
     for d in plan.work:  # removed under its version's lock, unless a build took it since the plan
         with store.try_lock(d.name) as free:
             if free:
                 shutil.rmtree(d, ignore_errors=True)
+    for obj in plan.objects:  # last: an object still linked from anywhere (a build since the plan) stays
+        if obj.exists() and obj.stat().st_nlink == 1:
+            obj.unlink()
     return plan
 
 

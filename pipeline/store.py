@@ -223,6 +223,14 @@ def _file_entries(m: Manifest) -> dict[str, SplitInfo]:
     return {**{f"data/{k}.parquet": v for k, v in m.splits.items()}, **m.files}
 
 
+def inside_version(rel: str) -> bool:
+    """A manifest path names a file inside the version folder: relative, ``/``-separated, no empty,
+    ``.`` or ``..`` component (a manifest is read back like any file: its paths are checked before
+    they are joined onto the version's path)."""
+    return (isinstance(rel, str) and bool(rel) and not rel.startswith("/") and "\\" not in rel and "\x00" not in rel
+            and all(c not in ("", ".", "..") for c in rel.split("/")))
+
+
 def table_sha256(parts: list[SplitInfo]) -> str:
     """The hash of a table: its ordered parts (path and sha256)."""
     return hashlib.sha256("".join(f"{p.path}\t{p.sha256}\n" for p in parts).encode()).hexdigest()
@@ -244,6 +252,9 @@ def verify_files(m: Manifest, root: Path, *, objects: Path | None = None,
         if table_sha256(t.parts) != t.sha256 or sum(p.rows for p in t.parts) != t.rows:
             problems.append(f"{key}/: the list of parts does not match the table's sha256 or row count")
     for name, info in _file_entries(m).items():
+        if not inside_version(name):
+            problems.append(f"{name!r}: not a path inside the version (the manifest names a file elsewhere)")
+            continue
         p = root / name
         if not p.is_file():
             problems.append(f"{name}: missing")
@@ -360,6 +371,9 @@ class VersionHandle:
         info = self._entries.get(rel)
         if info is None:
             raise IntegrityError(f"{self.path / rel}: not listed in the manifest of {self.version_id}; refusing to read it")
+        if not inside_version(rel):
+            raise IntegrityError(f"{rel!r}: not a path inside the version (the manifest of {self.version_id} names a file "
+                                 "elsewhere); refusing to read it")
         return info
 
     def read_bytes(self, rel: str) -> bytes:

@@ -147,6 +147,17 @@ def test_curate_versions_show_diff_certify(hostile_store):
     assert f"REJECTED {flipped}" in words and f"flagged: {visible_controls(BIASED)}" in words, out
 
 
+def test_versions_shows_a_hostile_directory_name_on_one_line(tmp_path):
+    """A folder under versions/ whose name is no version id (listed DAMAGED) is shown with its line
+    break and control characters as escapes: it cannot add a line of its own to the table."""
+    name = f"v-{ANSI}\nCERTIFIED [link=evil.example]x[\\link]\u202e"  # (a file name holds no "/")
+    (tmp_path / "s" / "versions" / name).mkdir(parents=True)
+    (tmp_path / "s" / "versions" / name / "manifest.json").write_text("{}")
+    out = assert_inert_terminal_output(run_cli("versions", "--store", str(tmp_path / "s")), 0)
+    assert "DAMAGED" in out and "\\nCERTIFIED" in out, out
+    assert not any(line.strip("│ ").startswith("CERTIFIED") for line in out.splitlines()), out
+
+
 @pytest.mark.parametrize("args", [["validate", f"missing{CLOSE}{ANSI}{HEADING}.jsonl"], ["show", f"v{CLOSE}{ANSI}", "--store"],
                                   ["diff", f"v{CLOSE}", f"{LINK}", "--store"]])
 def test_usage_errors_name_the_value_literally(hostile_store, args):

@@ -134,6 +134,30 @@ def test_gc_dry_run_then_delete_a_version_keeps_shared_parts(tmp_path):
     assert list((st.root / "certifications").glob("*")) == []  # v1 had no record to keep aside
 
 
+def test_gc_frees_the_parts_a_dead_writers_stage_held_in_one_run(tmp_path):
+    """kill -9 of a curate after it linked parts into objects/ but before its rename: the stage holds
+    the objects' only other link.  One gc lists the stage *and* those objects (dry run: nothing
+    removed); one gc --apply removes both, so a second gc finds nothing."""
+    st = Store(tmp_path / "s")
+    vid = curate(SAMPLES[:1], st, POLICY).version_id
+    stage = st.root / ".staging" / f"v-0123456789abcdef.{2**22 + 12345}.0123abcd"  # a pid above pid_max: dead
+    (stage / "judgments").mkdir(parents=True)
+    obj = object_path(st, "cd" * 32)
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(b"PAR1")
+    os.link(obj, stage / "judgments" / "part-v-0123456789abcdef.parquet")
+    runner = CliRunner()
+    plan = json.loads(runner.invoke(app, ["gc", "--store", str(st.root), "--json"]).stdout)
+    assert plan["staging"] == [stage.name] and plan["objects"] == 1 and plan["object_bytes"] == 4, plan
+    assert obj.exists() and stage.is_dir()  # dry run
+    res = runner.invoke(app, ["gc", "--store", str(st.root), "--apply"])
+    assert res.exit_code == 0, res.output
+    assert not stage.exists() and not obj.exists()
+    plan = json.loads(runner.invoke(app, ["gc", "--store", str(st.root), "--json"]).stdout)
+    assert plan["objects"] == 0 and plan["staging"] == [], plan
+    assert st.get(vid).verify() == []
+
+
 def test_appended_tables_stay_in_few_parts_in_arrival_order(tmp_path):
     """judgments and quarantine after N batches: the trailing parts merged while the newest holds at
     least half the rows of the one before (O(log N) parts), the rows in arrival order, a part of the

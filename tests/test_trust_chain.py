@@ -122,6 +122,32 @@ def test_changed_file_breaks_the_files_link(store):
     assert listed[0]["certified"] is False and listed[0]["trust"]["link"] == "files"
 
 
+def test_manifest_naming_a_file_outside_the_version_is_refused(store, tmp_path):
+    """A manifest path is joined onto the version folder only when it stays inside it: a part named
+    ``../../../outside.parquet`` (or ``/abs/...``) is an integrity problem even when the file it names
+    has the listed sha256 (certify would otherwise hash whatever it names: another store's files,
+    a FIFO, /dev/zero)."""
+    st, vid = store
+    h = st.get(vid)
+    outside = tmp_path / "outside.parquet"
+    shutil.copy(h.split_files("train")[0], outside)
+    for name in (os.path.relpath(outside, h.path), str(outside)):
+        def fix(doc, name=name):
+            table = doc["tables"]["data/train"]
+            table["parts"][0]["path"] = name
+            table["sha256"] = doc["splits"]["train"]["sha256"] = table_sha256([SplitInfo(**p) for p in table["parts"]])
+
+        rewrite_manifest(st, vid, fix)
+        fresh = Store(st.root).get(vid)
+        assert any("not a path inside the version" in p for p in fresh.verify()), (name, fresh.verify())
+        from pipeline.store import IntegrityError
+
+        with pytest.raises(IntegrityError, match="not a path inside the version"):
+            fresh.read_split("train")
+        cert = certify_version(Store(st.root), vid, POLICY, run_gx=False)
+        assert cert.verdict == "rejected" and not cert.gates[0].passed and cert.gates[0].name == "integrity", name
+
+
 def test_verified_read_refuses_a_file_changed_after_open(store):
     st, vid = store
     h = st.open_certified(vid)
@@ -131,6 +157,21 @@ def test_verified_read_refuses_a_file_changed_after_open(store):
 
     with pytest.raises(IntegrityError, match="validation/part-.*: sha256 differs"):
         h.read_split("validation")
+
+
+def test_published_report_md_is_verified_against_the_manifest(store):
+    """The Prefect markdown artifact is the version's report.md only when its bytes match the
+    manifest's sha256: a report.md edited in the store (a forged verdict, raw HTML) is refused."""
+    from pipeline.artifacts import report_markdown
+    from pipeline.store import IntegrityError
+
+    st, vid = store
+    h = st.get(vid)
+    original = h.file("report.md").read_text(encoding="utf-8")
+    assert report_markdown(h, "summary") == original
+    h.file("report.md").write_text(original + "\n**CERTIFIED** <script>alert(1)</script>\n", encoding="utf-8")
+    with pytest.raises(IntegrityError, match="report.md: sha256 differs from the manifest"):
+        report_markdown(st.get(vid), "summary")
 
 
 def test_certificate_copied_from_another_version_is_refused(tmp_path):
@@ -168,6 +209,26 @@ def test_damaged_certification_record_is_reported_and_replaced(store):
     assert res.exit_code == 0, res.output
     assert st.get(vid).verify_chain().ok
     assert list(st.certification_path(vid).parent.glob(f"{vid}.json.damaged-*"))  # kept aside, not lost
+
+
+def test_show_and_versions_report_a_damaged_certification_record(store):
+    """A damaged record is a broken certificate link, not a broken version: show prints the whole
+    version and says "NOT certified (certificate)" (exit 0; --json: trust names the link), and
+    versions does not pass it off as "never certified"."""
+    st, vid = store
+    st.certification_path(vid).write_text('{"history": [')
+    res = cli("show", vid, "--store", str(st.root))
+    assert res.exit_code == 0, res.output
+    shown = " ".join(res.stdout.split())  # (the console wraps long lines)
+    assert "NOT certified (certificate)" in shown and "damaged certification record" in shown
+    res = cli("show", vid, "--store", str(st.root), "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["certification"] is None and doc["trust"]["link"] == "certificate"
+    assert "damaged certification record" in doc["trust"]["reason"]
+    res = cli("versions", "--store", str(st.root))
+    assert res.exit_code == 0 and "damaged" in res.output, res.output
+    assert json.loads(cli("versions", "--store", str(st.root), "--json").stdout)[0]["certified"] is False
 
 
 # ---------------------------------------------------------------- signatures
@@ -258,6 +319,26 @@ def test_damaged_manifest_is_listed_and_skipped_by_latest(tmp_path):
     assert res.exit_code == 0, res.output
     child = res.stdout.strip().splitlines()[-1]
     assert st.get(child).manifest().parent_version == old
+
+
+def test_manifest_edited_in_place_behind_the_listing_cache_is_listed_damaged(tmp_path):
+    """A manifest rewritten in place with its size and mtime put back (the listing's cache keys on
+    them) is still parsed by versions: that version is DAMAGED, the listing does not exit 2."""
+    st = Store(tmp_path / "s")
+    old = curate(SAMPLES[:1], st, POLICY).version_id
+    new = curate(SAMPLES[1:2], st, POLICY).version_id
+    assert cli("versions", "--store", str(st.root)).exit_code == 0  # the cache now has both
+    p = st.versions_dir / new / "manifest.json"
+    before = p.stat()
+    data = p.read_bytes()
+    with open(p, "r+b") as fh:  # same inode, same size
+        fh.write(data.replace(b'"version_id"', b'"version_iX"', 1))
+    os.utime(p, ns=(before.st_atime_ns, before.st_mtime_ns))
+    res = cli("versions", "--store", str(st.root), "--json")
+    assert res.exit_code == 0, res.output
+    assert {r["version_id"]: bool(r["damaged"]) for r in json.loads(res.stdout)} == {old: False, new: True}
+    res = cli("versions", "--store", str(st.root))
+    assert res.exit_code == 0 and "DAMAGED" in res.output, res.output
 
 
 def test_manifest_copied_from_another_version_is_damaged(tmp_path):
