@@ -637,3 +637,42 @@ def test_bad_import_in_a_real_process_prints_no_traceback(built, ls_tasks, tmp_p
                            "--out", str(tmp_path / "b.jsonl")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "tasks[1]" in proc.stderr and "'task_id'" in proc.stderr and not (tmp_path / "b.jsonl").exists()
+
+
+@pytest.mark.parametrize("where,field,mutate", [
+    ("result[1]", "value.choices", lambda a: a["result"][1]["value"].update(choices=[["response_1"]])),
+    ("result[1]", "value.choices", lambda a: a["result"][1]["value"].update(choices=[{"alias": "response_1"}])),
+    ("annotations[0]", "completed_by", lambda a: a.update(completed_by=[3, 4])),
+    ("annotations[0]", "completed_by", lambda a: a.update(completed_by=True)),
+    ("annotations[0]", "completed_by", lambda a: a.update(completed_by=2.5)),
+    ("annotations[0]", "completed_by", lambda a: a.update(completed_by={"id": {"nested": 1}})),
+    ("annotations[0]", "was_cancelled", lambda a: a.update(was_cancelled="false")),
+])
+def test_label_studio_values_of_the_wrong_json_type_are_refused_with_their_place(built, ls_tasks, tmp_path, where,
+                                                                                  field, mutate):
+    """A value of the wrong JSON type is exit 2 naming it, never a traceback nor coerced (``ls-[3, 4]``,
+    ``ls-True``; a ``was_cancelled`` of ``"false"`` counted as cancelled)."""
+    doc = label_studio_export(ls_tasks, {5: [pick("left", {"helpfulness": "response_1"})]})
+    mutate(doc[5]["annotations"][0])
+    refuse(built, "label-studio", _write(tmp_path / "ls.json", doc), "tasks[5].annotations[0]", where, f"'{field}'")
+
+
+def _argilla_nested(built, tmp_path, responses: dict) -> Path:
+    out = tmp_path / "argilla-export"
+    export(built, "argilla", out, "--no-push")
+    records = json.loads((out / "records.json").read_text())
+    records[2]["responses"] = responses
+    return _write(tmp_path / "nested.json", records)
+
+
+@pytest.mark.parametrize("field,responses", [
+    ("overall", {"overall": [{"value": ["response_1"], "user_id": "u1", "status": "submitted"}]}),
+    ("status", {"overall": [{"value": "response_1", "user_id": "u1", "status": ["submitted"]}]}),
+    ("dim_harmlessness", {"overall": [{"value": "response_1", "user_id": "u1", "status": "submitted"}],
+                          "dim_harmlessness": [{"value": {"v": "tie"}, "user_id": "u1", "status": "submitted"}]}),
+    ("overall.responses", {"overall": [{"value": "response_1", "user_id": {"id": "u1"}, "status": "submitted"}]}),
+    ("overall.responses", {"overall": [{"value": "response_1", "user_id": ["u1"], "status": "submitted"}]}),
+])
+def test_argilla_values_of_the_wrong_json_type_are_refused_with_their_place(built, tmp_path, monkeypatch, field, responses):
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    refuse(built, "argilla", _argilla_nested(built, tmp_path, responses), "records[2]", f"'{field}'")

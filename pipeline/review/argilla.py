@@ -164,6 +164,9 @@ def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer 
             for value, user, status in items:
                 if user in (None, ""):
                     raise reader.fail("a response without user_id", where=where, field=f"{question}.responses")
+                if isinstance(user, bool) or not isinstance(user, str | int):  # a uuid; never a coerced list or object
+                    raise reader.fail(f"expected a user_id string, found {type(user).__name__} {user!r}", where=where,
+                                      field=f"{question}.responses")
                 by_user.setdefault(str(user), {})[question] = (value, status)
         if not by_user:
             yield "unanswered", True
@@ -205,6 +208,11 @@ def _parts(rec: Any, reader: TaskReader, where: str, records: list[Any]) -> tupl
 
 def _answer(task: ReviewTask, user: str, answers: dict[str, tuple[Any, str | None]], reader: TaskReader,
             where: str) -> ReviewAnswer | str:
+    for q, (value, status) in answers.items():  # our questions' values are strings: anything else is refused, not coerced
+        if status is not None and not isinstance(status, str):
+            raise reader.fail(f"expected a status string, found {type(status).__name__} {status!r}", where=where, field="status")
+        if value is not None and not isinstance(value, str) and (q in ("overall", "critique") or q.startswith("dim_")):
+            raise reader.fail(f"expected a string, found {type(value).__name__} {value!r}", where=where, field=q)
     statuses = {status for _, status in answers.values()}
     for reason in ("discarded", "draft"):
         if reason in statuses:
