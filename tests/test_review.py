@@ -676,3 +676,12 @@ def _argilla_nested(built, tmp_path, responses: dict) -> Path:
 def test_argilla_values_of_the_wrong_json_type_are_refused_with_their_place(built, tmp_path, monkeypatch, field, responses):
     monkeypatch.delenv("ARGILLA_API_URL", raising=False)
     refuse(built, "argilla", _argilla_nested(built, tmp_path, responses), "records[2]", f"'{field}'")
+
+
+def test_argilla_two_responses_of_one_user_to_one_question_are_refused_not_collapsed(built, tmp_path, monkeypatch):
+    """Two answers of one reviewer to the same question of a record: exit 2 naming them, never
+    one of them kept in silence (the ledger must account for every answer)."""
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    twice = {"overall": [{"value": "response_1", "user_id": "u1", "status": "submitted"},
+                         {"value": "response_2", "user_id": "u1", "status": "submitted"}]}
+    refuse(built, "argilla", _argilla_nested(built, tmp_path, twice), "records[2]", "'overall.responses'", "twice", "u1")

@@ -167,7 +167,11 @@ def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer 
                 if isinstance(user, bool) or not isinstance(user, str | int):  # a uuid; never a coerced list or object
                     raise reader.fail(f"expected a user_id string, found {type(user).__name__} {user!r}", where=where,
                                       field=f"{question}.responses")
-                by_user.setdefault(str(user), {})[question] = (value, status)
+                mine = by_user.setdefault(str(user), {})
+                if question in mine:  # one of the two answers would be lost without a trace in the ledger
+                    raise reader.fail(f"user {str(user)!r} answered this question twice in one record", where=where,
+                                      field=f"{question}.responses")
+                mine[question] = (value, status)
         if not by_user:
             yield "unanswered", True
             continue
