@@ -685,3 +685,23 @@ def test_argilla_two_responses_of_one_user_to_one_question_are_refused_not_colla
     twice = {"overall": [{"value": "response_1", "user_id": "u1", "status": "submitted"},
                          {"value": "response_2", "user_id": "u1", "status": "submitted"}]}
     refuse(built, "argilla", _argilla_nested(built, tmp_path, twice), "records[2]", "'overall.responses'", "twice", "u1")
+
+
+def test_a_key_written_twice_is_refused_in_every_format(built, ls_tasks, tmp_path, monkeypatch):
+    """``{"label": "a", "label": "b"}``: a JSON reader keeps one value in silence, so which verdict
+    the reviewer gave is unknown; exit 2 naming the place and the key, as for raw batches."""
+    out = tmp_path / "tasks.jsonl"
+    export(built, "jsonl", out)
+    row = json.loads(out.read_text().splitlines()[0])
+    row.update(annotator_id="rev-09", label="a")
+    line = json.dumps(row)[:-1] + ', "label": "b"}'
+    (tmp_path / "rows.jsonl").write_text(json.dumps(dict(row, label=None)) + "\n" + line + "\n", encoding="utf-8")
+    refuse(built, "jsonl", tmp_path / "rows.jsonl", "line 2", "'label' twice")
+    text = json.dumps(label_studio_export(ls_tasks, {5: [pick("left")]}))
+    text = text.replace('"selected": "left"', '"selected": "left", "selected": "right"')
+    (tmp_path / "ls.json").write_text(text, encoding="utf-8")
+    refuse(built, "label-studio", tmp_path / "ls.json", "'selected' twice")
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    nested = _argilla_nested(built, tmp_path, {"overall": [{"value": "response_1", "user_id": "u1", "status": "submitted"}]})
+    nested.write_text(nested.read_text().replace('"user_id": "u1"', '"user_id": "u1", "user_id": "u2"'), encoding="utf-8")
+    refuse(built, "argilla", nested, "'user_id' twice")

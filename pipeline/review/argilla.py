@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.readers import JSONValueError, loads_json
 from pipeline.review.tasks import (PAYLOAD_KEYS, TEXT_KEYS, ReviewFileError, TaskReader, dumps_json, first_error,
                                    looks_like, payload, read_bytes, texts)
 from schemas.ids import safe_id
@@ -138,15 +139,23 @@ def read_records(path: Path) -> list[Any]:
     if path.is_dir():
         path = path / "records.json"
     data = read_bytes(path, what="exported Argilla records")
-    try:
-        doc = orjson.loads(data)
+    try:  # a key written twice is refused: orjson would keep one of its values in silence
+        doc = loads_json(data)
         return doc if isinstance(doc, list) else [doc]
     except orjson.JSONDecodeError:
         pass
-    try:
-        return [orjson.loads(line) for line in data.splitlines() if line.strip()]
-    except orjson.JSONDecodeError as err:
-        raise ReviewFileError(path, f"not JSON or JSON Lines ({err})") from None
+    except JSONValueError as err:
+        raise ReviewFileError(path, str(err)) from None
+    lines = [(n, line) for n, line in enumerate(data.splitlines(), start=1) if line.strip()]
+    out = []
+    for n, line in lines:
+        try:
+            out.append(loads_json(line))
+        except orjson.JSONDecodeError as err:
+            raise ReviewFileError(path, f"not JSON or JSON Lines ({err})") from None
+        except JSONValueError as err:
+            raise ReviewFileError(path, str(err), where=f"line {n}") from None
+    return out
 
 
 def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer | str, bool]]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.readers import JSONValueError, loads_json
 from pipeline.review.tasks import TaskReader, dumps_jsonl, first_error, looks_like, payload, read_bytes
 from schemas.review import ReviewAnswer, ReviewTask
 from schemas.text import prompt_text
@@ -50,9 +51,11 @@ def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer 
             continue
         where = f"line {lineno}"
         try:
-            row = orjson.loads(raw)
+            row = loads_json(raw)  # a key written twice is refused: orjson would keep one of its values in silence
         except orjson.JSONDecodeError as err:
             raise reader.fail(f"not a JSON object ({err}){_whole_document_hint(data)}", where=where) from None
+        except JSONValueError as err:
+            raise reader.fail(str(err), where=where) from None
         if not isinstance(row, dict):
             raise reader.fail(f"not a prefpipe review task row (expected a JSON object per line, found "
                               f"{type(row).__name__}){looks_like(row)}", where=where)
