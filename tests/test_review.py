@@ -705,3 +705,13 @@ def test_a_key_written_twice_is_refused_in_every_format(built, ls_tasks, tmp_pat
     nested = _argilla_nested(built, tmp_path, {"overall": [{"value": "response_1", "user_id": "u1", "status": "submitted"}]})
     nested.write_text(nested.read_text().replace('"user_id": "u1"', '"user_id": "u1", "user_id": "u2"'), encoding="utf-8")
     refuse(built, "argilla", nested, "'user_id' twice")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "label-studio", "argilla"])
+@pytest.mark.parametrize("content", [b"", b"\n \n"])
+def test_an_empty_file_is_refused_in_every_format(built, tmp_path, fmt, content):
+    """A zero-byte (or blank) file is no tool's export (a failed download, a file saved before the
+    export finished): exit 2 naming it, not an empty batch with exit 0."""
+    f = tmp_path / "answers.json"
+    f.write_bytes(content)
+    refuse(built, fmt, f, "empty")

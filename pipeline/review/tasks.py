@@ -272,6 +272,8 @@ def read_bytes(path: Path, *, what: str) -> bytes:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ReviewFileError(path, f"not UTF-8 (invalid byte 0x{data[err.start]:02x} at offset {err.start})") from None
+    if not data.strip():  # no tool exports nothing at all: a failed download or a file saved too early
+        raise ReviewFileError(path, f"is empty ({len(data)} bytes), expected {what}")
     return data
 
 
