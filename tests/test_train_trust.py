@@ -174,3 +174,15 @@ def test_template_mismatch_fails_the_run_when_asked(mismatch_store, tmp_path):
     assert res.exit_code == 2, res.output
     assert "bad-pair" in res.output and "prefix" in res.output and "Traceback" not in res.output
     assert not (mismatch_store.root / "runs" / "mm").exists()
+
+
+# ---------------------------------------------------------------- bad option values
+@pytest.mark.parametrize("flag,value,field", [("--lr", "inf", "lr"), ("--beta", "inf", "beta"),
+                                              ("--weight-decay", "inf", "weight_decay"), ("--rpo-alpha", "inf", "rpo_alpha")])
+def test_infinite_option_values_exit_2_before_anything_runs(store, flag, value, field):
+    """``--lr inf`` trained with NaN weights and exited 0 (validation loss nan); an infinite
+    learning rate, beta, weight decay or NLL weight is a bad value, refused like a negative one."""
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", flag, value)
+    assert res.exit_code == 2, res.output
+    assert "bad training options" in res.output and field in res.output and "finite" in res.output
+    assert not (store.root / "runs").exists()
