@@ -715,3 +715,15 @@ def test_an_empty_file_is_refused_in_every_format(built, tmp_path, fmt, content)
     f = tmp_path / "answers.json"
     f.write_bytes(content)
     refuse(built, fmt, f, "empty")
+
+
+@pytest.mark.parametrize("field,value", [("review_of", "p-0000000000000000"), ("comparison_id", {"id": 1}),
+                                         ("comparison_id", 7)])
+def test_jsonl_an_edited_review_of_or_a_non_string_comparison_id_is_refused(built, tmp_path, field, value):
+    """The row's ``review_of`` was replaced by the task's pair id in silence (the reviewer's tool said
+    another pair), and a ``comparison_id`` object was coerced into the answer's key: exit 2 naming the field."""
+    out = tmp_path / "tasks.jsonl"
+    export(built, "jsonl", out)
+    row = json.loads(out.read_text().splitlines()[0])
+    row.update({"annotator_id": "rev-09", "label": "a", field: value})
+    refuse(built, "jsonl", write_jsonl(tmp_path / "rows.jsonl", [row]), "line 1", f"'{field}'")

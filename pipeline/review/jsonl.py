@@ -86,6 +86,10 @@ def _answer(row: dict[str, Any], reader: TaskReader, where: str, lineno: int) ->
              "response_2": side_texts.get("b" if first == "a" else "a") if first in ("a", "b") else None}
     data = {**row, "prompt_messages": row.get("prompt") if isinstance(row.get("prompt"), list) else None}
     task = reader.task(data, shown, where)
+    if row.get("review_of") not in (None, task.pair_id):  # the judgment reviews the task's pair: never another one in silence
+        raise reader.fail(f"{row['review_of']!r} is not the task's pair {task.pair_id!r}", where=where, field="review_of")
+    if row.get("comparison_id") is not None and not isinstance(row["comparison_id"], str):
+        raise reader.fail(f"expected a string, found {type(row['comparison_id']).__name__}", where=where, field="comparison_id")
     annotator = row.get("annotator_id")
     has_verdict = any(row.get(k) is not None for k in VERDICT_FIELDS)
     if annotator in (None, "") and not has_verdict:
