@@ -727,3 +727,11 @@ def test_jsonl_an_edited_review_of_or_a_non_string_comparison_id_is_refused(buil
     row = json.loads(out.read_text().splitlines()[0])
     row.update({"annotator_id": "rev-09", "label": "a", field: value})
     refuse(built, "jsonl", write_jsonl(tmp_path / "rows.jsonl", [row]), "line 1", f"'{field}'")
+
+
+@pytest.mark.parametrize("text", [5, ["fine", 5], {"t": "x"}])
+def test_label_studio_a_critique_that_is_not_text_is_refused_not_dropped(built, ls_tasks, tmp_path, text):
+    ans = pick("left")
+    ans["result"].append(_result("critique", "prompt", "textarea", {"text": text}))
+    f = _write(tmp_path / "ls.json", label_studio_export(ls_tasks, {5: [ans]}))
+    refuse(built, "label-studio", f, "tasks[5].annotations[0].result[1]", "'value.text'")

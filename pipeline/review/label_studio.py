@@ -122,7 +122,10 @@ def _answer(task: ReviewTask, ann: Any, reader: TaskReader, where: str, task_ls_
             dims[name[4:]] = _DISPLAY.get(c := _one_choice(value, DIMENSION_CHOICES, reader, at), c)
         elif name == "critique":
             text = value.get("text")
-            critique += [text] if isinstance(text, str) else [t for t in (text or []) if isinstance(t, str)]
+            parts = [text] if isinstance(text, str) else text if isinstance(text, list) else None
+            if text is not None and (parts is None or not all(isinstance(t, str) for t in parts)):
+                raise reader.fail(f"expected a text or a list of texts, found {text!r}", where=at, field="value.text")
+            critique += parts or []
         # results of other controls a team added to the config are not ours to interpret
     if picked is None and other is None:
         return "no_verdict"
