@@ -214,3 +214,22 @@ def test_an_unusable_tokenizer_directory_exits_2_naming_it(store, tmp_path, case
     assert res.exit_code == 2, (res.output, res.exception)
     assert str(path) in res.output and needle in res.output and "Repo id" not in res.output
     assert not (store.root / "runs").exists()
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("tiny-llama:heads=0", "heads"),  # was ZeroDivisionError
+    ("tiny-llama:layers=0,hidden=32,heads=2", "layers"),  # was a model without a layer, trained
+    ("tiny-llama:layers=-1,hidden=32,heads=2", "layers"),
+    ("tiny-llama:hidden=-32,heads=2", "hidden"),  # was a negative-dimension RuntimeError
+    ("tiny-llama:hidden=32,heads=2,kv_heads=3", "kv_heads"),  # was trained with a broken attention
+    ("tiny-llama:hidden=32,heads=2,intermediate=0", "intermediate"),
+    ("tiny-llama:hidden=32,heads=2,tie=2", "tie"),
+])
+def test_bad_tiny_model_spec_values_exit_2_naming_the_key(store, spec, needle):
+    from trainer.model import ModelSpecError, parse_model
+
+    with pytest.raises(ModelSpecError, match=needle):
+        parse_model(spec)
+    res = _invoke("v-toy", "--store", str(store.root), "--model", spec, "--steps", "1")
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert needle in res.output and not (store.root / "runs").exists()
