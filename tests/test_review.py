@@ -735,3 +735,25 @@ def test_label_studio_a_critique_that_is_not_text_is_refused_not_dropped(built, 
     ans["result"].append(_result("critique", "prompt", "textarea", {"text": text}))
     f = _write(tmp_path / "ls.json", label_studio_export(ls_tasks, {5: [ans]}))
     refuse(built, "label-studio", f, "tasks[5].annotations[0].result[1]", "'value.text'")
+
+
+def test_a_truncated_file_names_the_place_where_it_breaks(built, tmp_path, monkeypatch):
+    """Argilla records as JSON Lines cut inside line 5 said "line 1 column 2873"; a pretty-printed
+    JSON list cut near its end said "line 1 column 2" (the error of reading its first line as JSON
+    Lines); review rows cut inside line 2 said "line 2: ... line 1 column 557"."""
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    out = tmp_path / "argilla-export"
+    export(built, "argilla", out, "--no-push")
+    records = json.loads((out / "records.json").read_text())
+    lines = "".join(json.dumps(r) + "\n" for r in records[:5])
+    (tmp_path / "cut.jsonl").write_text(lines[:-100], encoding="utf-8")
+    msg = refuse(built, "argilla", tmp_path / "cut.jsonl", "line 5")
+    assert "line 1" not in msg
+    pretty = json.dumps(records[:3], indent=2)[:-300]
+    (tmp_path / "cut.json").write_text(pretty, encoding="utf-8")
+    msg = refuse(built, "argilla", tmp_path / "cut.json", "not JSON")
+    assert "line 1 column 2 " not in msg and f"line {pretty.count(chr(10)) + 1}" in msg
+    export(built, "jsonl", tmp_path / "tasks.jsonl")  # the same for review rows cut inside line 2
+    (tmp_path / "cut-rows.jsonl").write_text("".join((tmp_path / "tasks.jsonl").read_text().splitlines(True)[:2])[:-50])
+    msg = refuse(built, "jsonl", tmp_path / "cut-rows.jsonl", "line 2")
+    assert "line 1" not in msg

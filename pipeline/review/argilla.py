@@ -142,17 +142,20 @@ def read_records(path: Path) -> list[Any]:
     try:  # a key written twice is refused: orjson would keep one of its values in silence
         doc = loads_json(data)
         return doc if isinstance(doc, list) else [doc]
-    except orjson.JSONDecodeError:
-        pass
+    except orjson.JSONDecodeError as err:
+        doc_error = err
     except JSONValueError as err:
         raise ReviewFileError(path, str(err)) from None
     lines = [(n, line) for n, line in enumerate(data.splitlines(), start=1) if line.strip()]
     out = []
-    for n, line in lines:
+    for k, (n, line) in enumerate(lines):
         try:
             out.append(loads_json(line))
         except orjson.JSONDecodeError as err:
-            raise ReviewFileError(path, f"not JSON or JSON Lines ({err})") from None
+            # the first line unreadable: not JSON Lines, so the document's own error says where it breaks
+            if k == 0:
+                raise ReviewFileError(path, f"not JSON or JSON Lines ({doc_error})") from None
+            raise ReviewFileError(path, f"not a JSON record ({err.msg} at column {err.colno})", where=f"line {n}") from None
         except JSONValueError as err:
             raise ReviewFileError(path, str(err), where=f"line {n}") from None
     return out

@@ -53,7 +53,8 @@ def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer 
         try:
             row = loads_json(raw)  # a key written twice is refused: orjson would keep one of its values in silence
         except orjson.JSONDecodeError as err:
-            raise reader.fail(f"not a JSON object ({err}){_whole_document_hint(data)}", where=where) from None
+            raise reader.fail(f"not a JSON object ({err.msg} at column {err.colno}){_whole_document_hint(data)}",
+                              where=where) from None
         except JSONValueError as err:
             raise reader.fail(str(err), where=where) from None
         if not isinstance(row, dict):
