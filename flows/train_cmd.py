@@ -75,7 +75,7 @@ def train(
     from trainer.model import ModelSpecError
     from trainer.runs import CheckpointError
     from trainer.evaluate import summary_lines
-    from trainer.tokenize import PrefixMismatchError, ledger_summary
+    from trainer.tokenize import PrefixMismatchError, TokenizerError, ledger_summary
     from trainer.train import ResumeMismatch, VersionRefused, make_config
     from trainer.train import train as run_training
 
@@ -111,7 +111,7 @@ def train(
             con.print(markup("[bold red]refused:[/] {err}", err=err))
             raise typer.Exit(EXIT_NOT_CERTIFIED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
-                PrefixMismatchError) as err:
+                PrefixMismatchError, TokenizerError) as err:
             con.print(markup("[bold red]error:[/] {err}", err=err))
             raise typer.Exit(EXIT_USAGE) from None
     f = result.final

@@ -637,3 +637,123 @@ def test_bad_import_in_a_real_process_prints_no_traceback(built, ls_tasks, tmp_p
                            "--out", str(tmp_path / "b.jsonl")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "tasks[1]" in proc.stderr and "'task_id'" in proc.stderr and not (tmp_path / "b.jsonl").exists()
+
+
+@pytest.mark.parametrize("where,field,mutate", [
+    ("result[1]", "value.choices", lambda a: a["result"][1]["value"].update(choices=[["response_1"]])),
+    ("result[1]", "value.choices", lambda a: a["result"][1]["value"].update(choices=[{"alias": "response_1"}])),
+    ("annotations[0]", "completed_by", lambda a: a.update(completed_by=[3, 4])),
+    ("annotations[0]", "completed_by", lambda a: a.update(completed_by=True)),
+    ("annotations[0]", "completed_by", lambda a: a.update(completed_by=2.5)),
+    ("annotations[0]", "completed_by", lambda a: a.update(completed_by={"id": {"nested": 1}})),
+    ("annotations[0]", "was_cancelled", lambda a: a.update(was_cancelled="false")),
+])
+def test_label_studio_values_of_the_wrong_json_type_are_refused_with_their_place(built, ls_tasks, tmp_path, where,
+                                                                                  field, mutate):
+    """A value of the wrong JSON type is exit 2 naming it, never a traceback nor coerced (``ls-[3, 4]``,
+    ``ls-True``; a ``was_cancelled`` of ``"false"`` counted as cancelled)."""
+    doc = label_studio_export(ls_tasks, {5: [pick("left", {"helpfulness": "response_1"})]})
+    mutate(doc[5]["annotations"][0])
+    refuse(built, "label-studio", _write(tmp_path / "ls.json", doc), "tasks[5].annotations[0]", where, f"'{field}'")
+
+
+def _argilla_nested(built, tmp_path, responses: dict) -> Path:
+    out = tmp_path / "argilla-export"
+    export(built, "argilla", out, "--no-push")
+    records = json.loads((out / "records.json").read_text())
+    records[2]["responses"] = responses
+    return _write(tmp_path / "nested.json", records)
+
+
+@pytest.mark.parametrize("field,responses", [
+    ("overall", {"overall": [{"value": ["response_1"], "user_id": "u1", "status": "submitted"}]}),
+    ("status", {"overall": [{"value": "response_1", "user_id": "u1", "status": ["submitted"]}]}),
+    ("dim_harmlessness", {"overall": [{"value": "response_1", "user_id": "u1", "status": "submitted"}],
+                          "dim_harmlessness": [{"value": {"v": "tie"}, "user_id": "u1", "status": "submitted"}]}),
+    ("overall.responses", {"overall": [{"value": "response_1", "user_id": {"id": "u1"}, "status": "submitted"}]}),
+    ("overall.responses", {"overall": [{"value": "response_1", "user_id": ["u1"], "status": "submitted"}]}),
+])
+def test_argilla_values_of_the_wrong_json_type_are_refused_with_their_place(built, tmp_path, monkeypatch, field, responses):
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    refuse(built, "argilla", _argilla_nested(built, tmp_path, responses), "records[2]", f"'{field}'")
+
+
+def test_argilla_two_responses_of_one_user_to_one_question_are_refused_not_collapsed(built, tmp_path, monkeypatch):
+    """Two answers of one reviewer to the same question of a record: exit 2 naming them, never
+    one of them kept in silence (the ledger must account for every answer)."""
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    twice = {"overall": [{"value": "response_1", "user_id": "u1", "status": "submitted"},
+                         {"value": "response_2", "user_id": "u1", "status": "submitted"}]}
+    refuse(built, "argilla", _argilla_nested(built, tmp_path, twice), "records[2]", "'overall.responses'", "twice", "u1")
+
+
+def test_a_key_written_twice_is_refused_in_every_format(built, ls_tasks, tmp_path, monkeypatch):
+    """``{"label": "a", "label": "b"}``: a JSON reader keeps one value in silence, so which verdict
+    the reviewer gave is unknown; exit 2 naming the place and the key, as for raw batches."""
+    out = tmp_path / "tasks.jsonl"
+    export(built, "jsonl", out)
+    row = json.loads(out.read_text().splitlines()[0])
+    row.update(annotator_id="rev-09", label="a")
+    line = json.dumps(row)[:-1] + ', "label": "b"}'
+    (tmp_path / "rows.jsonl").write_text(json.dumps(dict(row, label=None)) + "\n" + line + "\n", encoding="utf-8")
+    refuse(built, "jsonl", tmp_path / "rows.jsonl", "line 2", "'label' twice")
+    text = json.dumps(label_studio_export(ls_tasks, {5: [pick("left")]}))
+    text = text.replace('"selected": "left"', '"selected": "left", "selected": "right"')
+    (tmp_path / "ls.json").write_text(text, encoding="utf-8")
+    refuse(built, "label-studio", tmp_path / "ls.json", "'selected' twice")
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    nested = _argilla_nested(built, tmp_path, {"overall": [{"value": "response_1", "user_id": "u1", "status": "submitted"}]})
+    nested.write_text(nested.read_text().replace('"user_id": "u1"', '"user_id": "u1", "user_id": "u2"'), encoding="utf-8")
+    refuse(built, "argilla", nested, "'user_id' twice")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "label-studio", "argilla"])
+@pytest.mark.parametrize("content", [b"", b"\n \n"])
+def test_an_empty_file_is_refused_in_every_format(built, tmp_path, fmt, content):
+    """A zero-byte (or blank) file is no tool's export (a failed download, a file saved before the
+    export finished): exit 2 naming it, not an empty batch with exit 0."""
+    f = tmp_path / "answers.json"
+    f.write_bytes(content)
+    refuse(built, fmt, f, "empty")
+
+
+@pytest.mark.parametrize("field,value", [("review_of", "p-0000000000000000"), ("comparison_id", {"id": 1}),
+                                         ("comparison_id", 7)])
+def test_jsonl_an_edited_review_of_or_a_non_string_comparison_id_is_refused(built, tmp_path, field, value):
+    """The row's ``review_of`` was replaced by the task's pair id in silence (the reviewer's tool said
+    another pair), and a ``comparison_id`` object was coerced into the answer's key: exit 2 naming the field."""
+    out = tmp_path / "tasks.jsonl"
+    export(built, "jsonl", out)
+    row = json.loads(out.read_text().splitlines()[0])
+    row.update({"annotator_id": "rev-09", "label": "a", field: value})
+    refuse(built, "jsonl", write_jsonl(tmp_path / "rows.jsonl", [row]), "line 1", f"'{field}'")
+
+
+@pytest.mark.parametrize("text", [5, ["fine", 5], {"t": "x"}])
+def test_label_studio_a_critique_that_is_not_text_is_refused_not_dropped(built, ls_tasks, tmp_path, text):
+    ans = pick("left")
+    ans["result"].append(_result("critique", "prompt", "textarea", {"text": text}))
+    f = _write(tmp_path / "ls.json", label_studio_export(ls_tasks, {5: [ans]}))
+    refuse(built, "label-studio", f, "tasks[5].annotations[0].result[1]", "'value.text'")
+
+
+def test_a_truncated_file_names_the_place_where_it_breaks(built, tmp_path, monkeypatch):
+    """Argilla records as JSON Lines cut inside line 5 said "line 1 column 2873"; a pretty-printed
+    JSON list cut near its end said "line 1 column 2" (the error of reading its first line as JSON
+    Lines); review rows cut inside line 2 said "line 2: ... line 1 column 557"."""
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    out = tmp_path / "argilla-export"
+    export(built, "argilla", out, "--no-push")
+    records = json.loads((out / "records.json").read_text())
+    lines = "".join(json.dumps(r) + "\n" for r in records[:5])
+    (tmp_path / "cut.jsonl").write_text(lines[:-100], encoding="utf-8")
+    msg = refuse(built, "argilla", tmp_path / "cut.jsonl", "line 5")
+    assert "line 1" not in msg
+    pretty = json.dumps(records[:3], indent=2)[:-300]
+    (tmp_path / "cut.json").write_text(pretty, encoding="utf-8")
+    msg = refuse(built, "argilla", tmp_path / "cut.json", "not JSON")
+    assert "line 1 column 2 " not in msg and f"line {pretty.count(chr(10)) + 1}" in msg
+    export(built, "jsonl", tmp_path / "tasks.jsonl")  # the same for review rows cut inside line 2
+    (tmp_path / "cut-rows.jsonl").write_text("".join((tmp_path / "tasks.jsonl").read_text().splitlines(True)[:2])[:-50])
+    msg = refuse(built, "jsonl", tmp_path / "cut-rows.jsonl", "line 2")
+    assert "line 1" not in msg

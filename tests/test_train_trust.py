@@ -174,3 +174,62 @@ def test_template_mismatch_fails_the_run_when_asked(mismatch_store, tmp_path):
     assert res.exit_code == 2, res.output
     assert "bad-pair" in res.output and "prefix" in res.output and "Traceback" not in res.output
     assert not (mismatch_store.root / "runs" / "mm").exists()
+
+
+# ---------------------------------------------------------------- bad option values
+@pytest.mark.parametrize("flag,value,field", [("--lr", "inf", "lr"), ("--beta", "inf", "beta"),
+                                              ("--weight-decay", "inf", "weight_decay"), ("--rpo-alpha", "inf", "rpo_alpha")])
+def test_infinite_option_values_exit_2_before_anything_runs(store, flag, value, field):
+    """``--lr inf`` trained with NaN weights and exited 0 (validation loss nan); an infinite
+    learning rate, beta, weight decay or NLL weight is a bad value, refused like a negative one."""
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", flag, value)
+    assert res.exit_code == 2, res.output
+    assert "bad training options" in res.output and field in res.output and "finite" in res.output
+    assert not (store.root / "runs").exists()
+
+
+def _no_template_tokenizer(dst: Path) -> Path:
+    shutil.copytree(TINY_TOKENIZER, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del cfg["chat_template"]
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return dst
+
+
+def _damaged_tokenizer(dst: Path) -> Path:
+    shutil.copytree(TINY_TOKENIZER, dst)
+    (dst / "tokenizer.json").write_text('{"x": 1}', encoding="utf-8")
+    return dst
+
+
+@pytest.mark.parametrize("case,needle", [("missing", "no such directory"), ("empty", "no tokenizer.json"),
+                                         ("no_template", "no chat_template"), ("damaged", "cannot be loaded")])
+def test_an_unusable_tokenizer_directory_exits_2_naming_it(store, tmp_path, case, needle):
+    """``--tokenizer`` naming a missing directory, one without the tokenizer files, a damaged
+    tokenizer.json or a tokenizer without a chat template: exit 2 with the path and the reason, never a traceback or a Hub message."""
+    path = {"missing": lambda: tmp_path / "nope", "empty": lambda: (tmp_path / "empty").mkdir() or tmp_path / "empty",
+            "no_template": lambda: _no_template_tokenizer(tmp_path / "tok"),
+            "damaged": lambda: _damaged_tokenizer(tmp_path / "tok")}[case]()
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", "--tokenizer", str(path))
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert str(path) in res.output and needle in res.output and "Repo id" not in res.output
+    assert not (store.root / "runs").exists()
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("tiny-llama:heads=0", "heads"),  # was ZeroDivisionError
+    ("tiny-llama:layers=0,hidden=32,heads=2", "layers"),  # was a model without a layer, trained
+    ("tiny-llama:layers=-1,hidden=32,heads=2", "layers"),
+    ("tiny-llama:hidden=-32,heads=2", "hidden"),  # was a negative-dimension RuntimeError
+    ("tiny-llama:hidden=32,heads=2,kv_heads=3", "kv_heads"),  # was trained with a broken attention
+    ("tiny-llama:hidden=32,heads=2,intermediate=0", "intermediate"),
+    ("tiny-llama:hidden=32,heads=2,tie=2", "tie"),
+])
+def test_bad_tiny_model_spec_values_exit_2_naming_the_key(store, spec, needle):
+    from trainer.model import ModelSpecError, parse_model
+
+    with pytest.raises(ModelSpecError, match=needle):
+        parse_model(spec)
+    res = _invoke("v-toy", "--store", str(store.root), "--model", spec, "--steps", "1")
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert needle in res.output and not (store.root / "runs").exists()

@@ -30,6 +30,9 @@ from trainer.loss import DEFAULT_CHUNK_SIZE, SequenceLogProbs, fused_sequence_lo
 
 SPEC_FAMILIES = ("tiny-llama",)
 _SPEC_KEYS = {"layers", "hidden", "heads", "kv_heads", "intermediate", "max_pos", "tie", "seed", "vocab"}
+# allowed range per key (seed: any integer); a size of 0 or less builds no model, or one without layers
+_SPEC_RANGES = {"layers": (1, None), "hidden": (1, None), "heads": (1, None), "kv_heads": (1, None),
+                "intermediate": (1, None), "max_pos": (1, None), "tie": (0, 1), "vocab": (0, None)}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -65,8 +68,15 @@ def parse_model(model: str, *, default_seed: int = 0) -> ModelSource:
                 params[key] = int(val)
             except ValueError as err:
                 raise ModelSpecError(f"model spec {model!r}: {key} must be an integer, got {val!r}") from err
+        for key, (lo, hi) in _SPEC_RANGES.items():
+            if key in params and (params[key] < lo or (hi is not None and params[key] > hi)):
+                allowed = f"{lo} or {hi}" if hi == lo + 1 else f"at least {lo}" if hi is None else f"{lo}..{hi}"
+                raise ModelSpecError(f"model spec {model!r}: {key}={params[key]} is not allowed ({allowed})")
         if params["hidden"] % params["heads"]:
             raise ModelSpecError(f"model spec {model!r}: hidden={params['hidden']} is not divisible by heads={params['heads']}")
+        if params["heads"] % params.get("kv_heads", params["heads"]):
+            raise ModelSpecError(f"model spec {model!r}: heads={params['heads']} is not divisible by "
+                                 f"kv_heads={params['kv_heads']} (each key/value head serves a whole group of heads)")
         canon = family + ":" + ",".join(f"{k}={params[k]}" for k in sorted(params))
         return ModelSource("spec", canon, tuple(sorted(params.items())))
     path = Path(model).expanduser()

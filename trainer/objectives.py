@@ -50,10 +50,10 @@ class DPOLossConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    beta: float = Field(0.1, gt=0.0, description="KL strength (IPO's tau)")
+    beta: float = Field(0.1, gt=0.0, allow_inf_nan=False, description="KL strength (IPO's tau)")
     loss_type: LossType = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed label-flip rate (sigmoid, robust)")
-    rpo_alpha: float = Field(0.0, ge=0.0, description="weight of the chosen mean NLL term; 0 turns it off")
+    rpo_alpha: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="weight of the chosen mean NLL term; 0 turns it off")
 
     @model_validator(mode="after")
     def _smoothing_only_where_defined(self) -> DPOLossConfig:

@@ -133,6 +133,10 @@ class TokenizeLedger:
 
 
 # ---------------------------------------------------------------- tokenizer loading / identity
+class TokenizerError(ValueError):
+    """A ``--tokenizer`` that cannot be used: the message names the directory and the reason (CLI exit 2)."""
+
+
 def load_tokenizer(path: str | Path | None = None, *, light: bool = False):
     """A local tokenizer (default: the repo's tiny chat tokenizer); never downloads.
 
@@ -141,14 +145,22 @@ def load_tokenizer(path: str | Path | None = None, *, light: bool = False):
     tokenizer is always loaded with transformers' ``AutoTokenizer``.
     """
     src = Path(path) if path is not None else TINY_TOKENIZER
+    # checked here, not left to transformers: it takes a path that is not a directory for a Hub repo id
+    if not src.is_dir():
+        raise TokenizerError(f"tokenizer {src}: no such directory (a local tokenizer directory; nothing is downloaded)")
+    if not any((src / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise TokenizerError(f"tokenizer {src}: no tokenizer.json or tokenizer_config.json in the directory")
     if light and src.resolve() == TINY_TOKENIZER:
         tok = ChatTokenizer(src)
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - transformers / tokenizers raise KeyError, plain Exception... on a damaged file
+            raise TokenizerError(f"tokenizer {src}: cannot be loaded ({type(err).__name__}: {err})") from err
     if tok.chat_template is None:
-        raise ValueError(f"tokenizer at {src} has no chat_template; DPO rows are conversations and need one")
+        raise TokenizerError(f"tokenizer at {src} has no chat_template; DPO rows are conversations and need one")
     if tok.pad_token_id is None:  # right padding never reaches the loss; any id works
         tok.pad_token = tok.eos_token
     return tok

@@ -83,8 +83,8 @@ class TrainConfig(BaseModel):
                                                      "memory, not the math (the step's gradient is the same)")
     pairs_per_forward: int | None = Field(None, ge=1, description="also at most this many pairs per forward pass")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(5e-5, gt=0, allow_inf_nan=False)  # inf passes gt=0 and trains to NaN weights
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)

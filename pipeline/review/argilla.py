@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.readers import JSONValueError, loads_json
 from pipeline.review.tasks import (PAYLOAD_KEYS, TEXT_KEYS, ReviewFileError, TaskReader, dumps_json, first_error,
                                    looks_like, payload, read_bytes, texts)
 from schemas.ids import safe_id
@@ -138,15 +139,26 @@ def read_records(path: Path) -> list[Any]:
     if path.is_dir():
         path = path / "records.json"
     data = read_bytes(path, what="exported Argilla records")
-    try:
-        doc = orjson.loads(data)
+    try:  # a key written twice is refused: orjson would keep one of its values in silence
+        doc = loads_json(data)
         return doc if isinstance(doc, list) else [doc]
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return [orjson.loads(line) for line in data.splitlines() if line.strip()]
     except orjson.JSONDecodeError as err:
-        raise ReviewFileError(path, f"not JSON or JSON Lines ({err})") from None
+        doc_error = err
+    except JSONValueError as err:
+        raise ReviewFileError(path, str(err)) from None
+    lines = [(n, line) for n, line in enumerate(data.splitlines(), start=1) if line.strip()]
+    out = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            out.append(loads_json(line))
+        except orjson.JSONDecodeError as err:
+            # the first line unreadable: not JSON Lines, so the document's own error says where it breaks
+            if k == 0:
+                raise ReviewFileError(path, f"not JSON or JSON Lines ({doc_error})") from None
+            raise ReviewFileError(path, f"not a JSON record ({err.msg} at column {err.colno})", where=f"line {n}") from None
+        except JSONValueError as err:
+            raise ReviewFileError(path, str(err), where=f"line {n}") from None
+    return out
 
 
 def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer | str, bool]]:
@@ -164,7 +176,14 @@ def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer 
             for value, user, status in items:
                 if user in (None, ""):
                     raise reader.fail("a response without user_id", where=where, field=f"{question}.responses")
-                by_user.setdefault(str(user), {})[question] = (value, status)
+                if isinstance(user, bool) or not isinstance(user, str | int):  # a uuid; never a coerced list or object
+                    raise reader.fail(f"expected a user_id string, found {type(user).__name__} {user!r}", where=where,
+                                      field=f"{question}.responses")
+                mine = by_user.setdefault(str(user), {})
+                if question in mine:  # one of the two answers would be lost without a trace in the ledger
+                    raise reader.fail(f"user {str(user)!r} answered this question twice in one record", where=where,
+                                      field=f"{question}.responses")
+                mine[question] = (value, status)
         if not by_user:
             yield "unanswered", True
             continue
@@ -205,6 +224,11 @@ def _parts(rec: Any, reader: TaskReader, where: str, records: list[Any]) -> tupl
 
 def _answer(task: ReviewTask, user: str, answers: dict[str, tuple[Any, str | None]], reader: TaskReader,
             where: str) -> ReviewAnswer | str:
+    for q, (value, status) in answers.items():  # our questions' values are strings: anything else is refused, not coerced
+        if status is not None and not isinstance(status, str):
+            raise reader.fail(f"expected a status string, found {type(status).__name__} {status!r}", where=where, field="status")
+        if value is not None and not isinstance(value, str) and (q in ("overall", "critique") or q.startswith("dim_")):
+            raise reader.fail(f"expected a string, found {type(value).__name__} {value!r}", where=where, field=q)
     statuses = {status for _, status in answers.values()}
     for reason in ("discarded", "draft"):
         if reason in statuses:

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.readers import JSONValueError, loads_json
 from pipeline.review.tasks import TaskReader, dumps_jsonl, first_error, looks_like, payload, read_bytes
 from schemas.review import ReviewAnswer, ReviewTask
 from schemas.text import prompt_text
@@ -50,9 +51,12 @@ def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer 
             continue
         where = f"line {lineno}"
         try:
-            row = orjson.loads(raw)
+            row = loads_json(raw)  # a key written twice is refused: orjson would keep one of its values in silence
         except orjson.JSONDecodeError as err:
-            raise reader.fail(f"not a JSON object ({err}){_whole_document_hint(data)}", where=where) from None
+            raise reader.fail(f"not a JSON object ({err.msg} at column {err.colno}){_whole_document_hint(data)}",
+                              where=where) from None
+        except JSONValueError as err:
+            raise reader.fail(str(err), where=where) from None
         if not isinstance(row, dict):
             raise reader.fail(f"not a prefpipe review task row (expected a JSON object per line, found "
                               f"{type(row).__name__}){looks_like(row)}", where=where)
@@ -83,6 +87,10 @@ def _answer(row: dict[str, Any], reader: TaskReader, where: str, lineno: int) ->
              "response_2": side_texts.get("b" if first == "a" else "a") if first in ("a", "b") else None}
     data = {**row, "prompt_messages": row.get("prompt") if isinstance(row.get("prompt"), list) else None}
     task = reader.task(data, shown, where)
+    if row.get("review_of") not in (None, task.pair_id):  # the judgment reviews the task's pair: never another one in silence
+        raise reader.fail(f"{row['review_of']!r} is not the task's pair {task.pair_id!r}", where=where, field="review_of")
+    if row.get("comparison_id") is not None and not isinstance(row["comparison_id"], str):
+        raise reader.fail(f"expected a string, found {type(row['comparison_id']).__name__}", where=where, field="comparison_id")
     annotator = row.get("annotator_id")
     has_verdict = any(row.get(k) is not None for k in VERDICT_FIELDS)
     if annotator in (None, "") and not has_verdict:

@@ -99,7 +99,11 @@ def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer 
 def _answer(task: ReviewTask, ann: Any, reader: TaskReader, where: str, task_ls_id: Any) -> ReviewAnswer | str:
     if not isinstance(ann, dict) or not isinstance(ann.get("result", []), list):
         raise reader.fail("expected an annotation object with a 'result' list", where=where)
-    if ann.get("was_cancelled"):
+    cancelled = ann.get("was_cancelled")
+    if cancelled is not None and not isinstance(cancelled, bool):  # "false" would read as cancelled
+        raise reader.fail(f"expected true or false, found {type(cancelled).__name__} {cancelled!r}", where=where,
+                          field="was_cancelled")
+    if cancelled:
         return "cancelled"
     picked, other, dims, critique = None, None, {}, []
     for k, res in enumerate(ann.get("result") or []):
@@ -118,7 +122,10 @@ def _answer(task: ReviewTask, ann: Any, reader: TaskReader, where: str, task_ls_
             dims[name[4:]] = _DISPLAY.get(c := _one_choice(value, DIMENSION_CHOICES, reader, at), c)
         elif name == "critique":
             text = value.get("text")
-            critique += [text] if isinstance(text, str) else [t for t in (text or []) if isinstance(t, str)]
+            parts = [text] if isinstance(text, str) else text if isinstance(text, list) else None
+            if text is not None and (parts is None or not all(isinstance(t, str) for t in parts)):
+                raise reader.fail(f"expected a text or a list of texts, found {text!r}", where=at, field="value.text")
+            critique += parts or []
         # results of other controls a team added to the config are not ours to interpret
     if picked is None and other is None:
         return "no_verdict"
@@ -128,6 +135,9 @@ def _answer(task: ReviewTask, ann: Any, reader: TaskReader, where: str, task_ls_
     who = who.get("id", who.get("email")) if isinstance(who, dict) else who
     if who in (None, ""):
         raise reader.fail("missing: who annotated (completed_by)", where=where, field="completed_by")
+    if isinstance(who, bool) or not isinstance(who, int | str):  # a user id or an email, never a coerced list or flag
+        raise reader.fail(f"expected a user id (a number or a string), found {type(who).__name__} {who!r}", where=where,
+                          field="completed_by")
     try:
         return ReviewAnswer(
             task=task, annotator_id=f"ls-{who}", verdict=picked or other, dimensions=dims,
@@ -144,6 +154,6 @@ def _one_choice(value: dict[str, Any], allowed: dict[str, str], reader: TaskRead
     got = value.get("choices")
     # the alias is what Label Studio stores; the visible text is accepted too (a config edited in the UI)
     by_text = {text: alias for alias, text in allowed.items()}
-    if not isinstance(got, list) or len(got) != 1 or (got[0] not in allowed and got[0] not in by_text):
+    if not isinstance(got, list) or len(got) != 1 or not isinstance(got[0], str) or (got[0] not in allowed and got[0] not in by_text):
         raise reader.fail(f"expected one choice of {', '.join(allowed)}, found {got!r}", where=where, field="value.choices")
     return got[0] if got[0] in allowed else by_text[got[0]]

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from pipeline.readers import UnreadableFile
+from pipeline.readers import JSONValueError, UnreadableFile, loads_json
 from pipeline.store import Store, StoreError, VersionHandle
 from schemas.ids import is_safe_id
 from schemas.records import Message
@@ -251,9 +251,11 @@ def read_json(path: Path, *, what: str) -> Any:
     """A whole JSON document (a tool export); unreadable, not UTF-8, too large or not JSON: exit 2."""
     data = read_bytes(path, what=what)
     try:
-        return orjson.loads(data)
+        return loads_json(data)  # a key written twice is refused: orjson would keep one of its values in silence
     except orjson.JSONDecodeError as err:
         raise ReviewFileError(path, f"not a JSON document ({err})") from None
+    except JSONValueError as err:
+        raise ReviewFileError(path, str(err)) from None
 
 
 def read_bytes(path: Path, *, what: str) -> bytes:
@@ -270,6 +272,8 @@ def read_bytes(path: Path, *, what: str) -> bytes:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ReviewFileError(path, f"not UTF-8 (invalid byte 0x{data[err.start]:02x} at offset {err.start})") from None
+    if not data.strip():  # no tool exports nothing at all: a failed download or a file saved too early
+        raise ReviewFileError(path, f"is empty ({len(data)} bytes), expected {what}")
     return data
 
 
