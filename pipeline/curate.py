@@ -38,7 +38,7 @@ from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, appended_key, appended_slices,
                             bucket_counts, generation_groups, grouped_generations, parent_keys, parent_parts, part_keys,
                             parts_to_merge)
-from pipeline.store import Store, VersionHandle, file_info
+from pipeline.store import StageMark, Store, VersionHandle, file_info
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
 from schemas.policy import Policy
@@ -250,6 +250,7 @@ def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options:
     memory.bound_heap()  # (freed blocks go back to the system as each task ends: pipeline/memory.py)
     # (under .staging with this process's id: `prefpipe gc` leaves it while this process lives)
     staging = store.root / ".staging" / f"partitions.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    mark = StageMark(staging)
     staging.mkdir(parents=True)
     try:
         def partition(directory: Path) -> PartitionSet:
@@ -298,6 +299,7 @@ def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options:
         return CurateResult(vid, created, store, timer.t)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        mark.release()
 
 
 class _Handover:

@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.store import SplitInfo, Store, StoreError, VersionHandle, table_sha256, write_parquet
+from pipeline.store import (SplitInfo, Store, StoreError, VersionHandle, dead_stages, remove_stage, table_sha256,
+                            write_parquet)
 from schemas.ids import safe_id
 from schemas.manifest import TableInfo
 
@@ -436,17 +437,7 @@ def plan_gc(store: Store, *, delete_versions: Iterable[str] = ()) -> GcPlan:
     writers, work directories no build holds, and objects that nothing else links (the parts a
     killed writer had linked from its stage are freed by the same run, not by the next one)."""
     plan = GcPlan(versions=sorted(set(delete_versions)))
-    staging = store.root / ".staging"
-    if staging.is_dir():
-        from pipeline.store import _pid_alive
-
-        for d in sorted(staging.iterdir()):
-            try:
-                pid = int(d.name.split(".")[1])
-            except (IndexError, ValueError):
-                pid = -1
-            if not (pid > 0 and _pid_alive(pid)):
-                plan.staging.append(d)
+    plan.staging = dead_stages(store.root / ".staging", max_age=float("inf"))  # (a live writer's: never, however old)
     work = store.root / ".work"
     if work.is_dir():  # a partitioned build's partitions and states: its version's lock is held while it runs
         from schemas.ids import UnsafeId
@@ -493,7 +484,7 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
         if cert.exists():
             os.rename(cert, cert.with_name(f"{cert.name}.deleted-{int(time.time())}"))
     for d in plan.staging:
-        shutil.rmtree(d, ignore_errors=True)
+        remove_stage(d)
     for d in plan.work:  # removed under its version's lock, unless a build took it since the plan
         with store.try_lock(d.name) as free:
             if free:

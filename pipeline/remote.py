@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline.ingest import FileHash
 from pipeline.readers import UnreadableFile
+from pipeline.store import StageMark
 from schemas.ids import is_safe_id
 
 __all__ = ["CHUNK", "Staged", "is_url", "stage"]
@@ -43,8 +44,11 @@ class Staged:
         self.directory = directory
         self.made: list[Path] = []
         self.urls: dict[str, str] = {}  # local copy -> the URL it was copied from
+        self._mark: StageMark | None = None
 
     def stage(self, url: str) -> tuple[Path, FileHash]:
+        if self._mark is None:  # (its directory is this process's while it lives: pipeline.store.StageMark)
+            self._mark = StageMark(self.directory)
         path, hashed, made = stage(url, self.directory)
         if made:
             self.made.append(path)
@@ -85,6 +89,9 @@ class Staged:
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
         self.made = []
+        if self._mark is not None:
+            self._mark.release()
+            self._mark = None
 
 
 def stage(url: str, directory: Path) -> tuple[Path, FileHash, bool]:

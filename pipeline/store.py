@@ -9,7 +9,7 @@ Layout (``../shared/spec/outputs.md``)::
         judgments.parquet pairs.parquet quarantine.parquet flags.parquet routed.parquet annotators.parquet
         state/near_dup_*/           near-duplicate state as parts (children link them and add their own)
       certifications/VERSION_ID.json
-      .staging/                     in-progress writes (never read)
+      .staging/                     in-progress writes (never read); NAME.alive beside each: locked by its writer
       .locks/                       advisory locks, one per version id
       .index/versions.json          the listing's cache: per version its creation time, parent and
                                     new sources, keyed by its manifest's (inode, size, mtime_ns);
@@ -22,7 +22,9 @@ Guarantees:
   one ``syncfs(2)`` where there is one, else an fsync of every file and folder; a file written
   into the stage by another process -- a cluster's worker -- is fsynced by it) and only then is
   the directory renamed to ``versions/<id>`` (``rename(2)`` is atomic on one filesystem).  A crash (kill -9) leaves at
-  most a staging directory, which readers never see and the next writer sweeps.
+  most a staging directory, which readers never see and the next writer sweeps -- once its writer's
+  lock on ``<stage>.alive`` is free (:class:`StageMark`: a live writer's stage stays, on any host
+  that shares the store and however long its build runs).
 * **Immutable / idempotent**: the id is derived from the input content, the parent, the policy
   and the code version.  If ``versions/<id>`` exists nothing is written.  Two processes
   writing the same id: one rename wins, the other finds the directory there and returns the
@@ -726,20 +728,11 @@ class Store:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def sweep_staging(self, max_age: float = STALE_STAGING_SECONDS) -> int:
-        """Remove staging dirs left by crashed writers (dead pid, or older than ``max_age``)."""
-        staging = self.root / ".staging"
-        if not staging.is_dir():
-            return 0
+        """Remove staging dirs whose writers are gone (:func:`dead_stages`)."""
         removed = 0
-        for d in staging.iterdir():
-            try:
-                pid = int(d.name.split(".")[1])
-            except (IndexError, ValueError):
-                pid = -1
-            alive = pid > 0 and _pid_alive(pid)
-            if not alive or time.time() - d.stat().st_mtime > max_age:
-                shutil.rmtree(d, ignore_errors=True)
-                removed += 1
+        for d in dead_stages(self.root / ".staging", max_age):
+            remove_stage(d)
+            removed += 1
         return removed
 
     def _sweep_orphan(self, version_id: str) -> None:
@@ -767,6 +760,7 @@ class Store:
             self.sweep_staging()
             self._sweep_orphan(version_id)
             stage = self.root / ".staging" / f"{version_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            mark = StageMark(stage)
             stage.mkdir(parents=True)
             try:
                 with deferred_sync(stage):
@@ -794,6 +788,8 @@ class Store:
             except BaseException:
                 shutil.rmtree(stage, ignore_errors=True)
                 raise
+            finally:
+                mark.release()
         return version_id, True
 
     # -- certifications (records beside the version, never inside it)
@@ -873,6 +869,115 @@ def _check_ref(ref: str) -> None:
         safe_id(ref, what="version id")
     except UnsafeId as err:
         raise VersionNotFound(str(err)) from None
+
+
+ALIVE = ".alive"  # .staging/<name>.alive: held (flock) by the writer of .staging/<name> while it lives
+
+
+class StageMark:
+    """Marks the staging directory ``stage`` as its writer's for as long as the writer lives: an
+    exclusive ``flock`` on the sibling file ``<stage>.alive``, taken before the directory is made
+    and let go by :meth:`release` once the directory is renamed away or removed -- or by the kernel
+    when the process dies.  A sweep on any machine that shares the store (``flock`` across hosts:
+    NFSv4, EFS, docs/scale-out.md) removes the directory only when it can take that lock: a
+    process id says nothing on another host, and a build may run longer than any age rule."""
+
+    def __init__(self, stage: Path) -> None:
+        stage.parent.mkdir(parents=True, exist_ok=True)
+        self.marker = stage.with_name(stage.name + ALIVE)
+        tmp = stage.with_name(f".{stage.name}{ALIVE}.{uuid.uuid4().hex[:8]}")
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(tmp, self.marker)  # (appears locked: a sweep never finds it free while its writer lives)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.marker)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _writer_gone(d: Path, max_age: float) -> bool:
+    """Whether nobody writes the staging directory ``d`` any more: its ``.alive`` lock is free, or
+    -- a directory without one: a writer before marks, or trash being deleted (``gc-``/``orphan-``
+    names, pid 0) -- the process its name gives is not alive here or it is older than ``max_age``."""
+    try:
+        fd = os.open(d.with_name(d.name + ALIVE), os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            pid = int(d.name.split(".")[1])
+        except (IndexError, ValueError):
+            pid = -1
+        try:
+            old = time.time() - d.stat().st_mtime > max_age
+        except FileNotFoundError:  # (finished meanwhile)
+            return False
+        return not (pid > 0 and _pid_alive(pid)) or old
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def dead_stages(staging: Path, max_age: float = STALE_STAGING_SECONDS) -> list[Path]:
+    """The directories under ``staging`` whose writers are gone (:class:`StageMark`), and the marks
+    and half-made marks left without a directory by writers that died."""
+    if not staging.is_dir():
+        return []
+    dead = []
+    for d in sorted(staging.iterdir()):
+        if d.name.endswith(ALIVE) or (d.name.startswith(".") and ALIVE in d.name):
+            stem = d.name[1:].split(ALIVE)[0] if d.name.startswith(".") else d.name[:-len(ALIVE)]
+            half_made = d.name.startswith(".")  # (its writer may be between making it and locking it: a minute)
+            if not (staging / stem).exists() and _lock_free(d) and not (half_made and _younger(d, 60.0)):
+                dead.append(d)
+        elif _writer_gone(d, max_age):
+            dead.append(d)
+    return dead
+
+
+def _younger(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except FileNotFoundError:
+        return False
+
+
+def _lock_free(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def remove_stage(d: Path) -> None:
+    """Remove a dead writer's staging directory (or a mark left alone), then its mark."""
+    if d.is_dir() and not d.is_symlink():
+        shutil.rmtree(d, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            d.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        d.with_name(d.name + ALIVE).unlink()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -320,3 +320,60 @@ def test_sync_tree_without_syncfs_fsyncs_every_file_and_folder(tmp_path, monkeyp
     store_mod.sync_tree(tmp_path)
     want = {str(tmp_path / r) for r in ("x", "a/y", "a/b/z", "", "a", "a/b")}
     assert {s.rstrip("/") for s in synced} == {w.rstrip("/") for w in want}
+
+
+def _stage(st: Store, name: str, *, age: float = 0.0) -> Path:
+    d = st.root / ".staging" / name
+    (d / "data").mkdir(parents=True)
+    (d / "data" / "part.parquet").write_bytes(b"x")
+    if age:
+        os.utime(d, (time.time() - age, time.time() - age))
+    return d
+
+
+def test_a_live_writers_stage_survives_sweeps_whatever_its_pid_or_age(tmp_path):
+    """A stage is its writer's while the writer holds its ``.alive`` lock: a pid in the name says nothing on another
+    host sharing the store, and a build may run for longer than any age rule (both swept such a stage before)."""
+    from pipeline.store import StageMark
+
+    st = Store(tmp_path / "s").ensure()
+    other_host = st.root / ".staging" / f"v-0123456789abcdef.{2**22 + 12345}.0123abcd"  # (that pid is not alive here)
+    mark = StageMark(other_host)  # (a lock from another open file: as another process's, on any host)
+    _stage(st, other_host.name, age=7 * 3600)
+    st.write_version("v-a", _builder("v-a"))  # (a writer sweeps the staging area first)
+    assert (other_host / "data" / "part.parquet").is_file()
+    assert st.sweep_staging(max_age=0) == 0
+    from pipeline.parts import plan_gc
+
+    assert other_host not in plan_gc(st).staging and other_host.with_name(other_host.name + ".alive") not in plan_gc(st).staging
+    mark.release()  # the writer ends (or dies: the kernel lets go of its lock)
+    assert st.sweep_staging() == 1 and not other_host.exists()
+    assert not any((st.root / ".staging").iterdir())  # its mark went with it
+
+
+def test_marks_of_dead_writers_are_swept_and_finished_writers_leave_none(tmp_path):
+    from pipeline.parts import collect_garbage, plan_gc
+    from pipeline.store import ALIVE, StageMark
+
+    st = Store(tmp_path / "s").ensure()
+    st.write_version("v-a", _builder("v-a"))
+    assert not any((st.root / ".staging").iterdir())  # (the version's stage renamed away, its mark let go and removed)
+    dead = st.root / ".staging" / f"inputs.{os.getpid()}.deadbeef"  # a live pid: only its free lock says it is dead
+    StageMark(dead).release()
+    (dead.with_name(dead.name + ALIVE)).touch()  # (a mark left free: its writer died)
+    _stage(st, dead.name)
+    lone = st.root / ".staging" / f"partitions.{os.getpid()}.0badf00d{ALIVE}"  # a mark whose directory is gone
+    lone.touch()
+    plan = plan_gc(st)
+    assert sorted(p.name for p in plan.staging) == sorted([dead.name, lone.name])
+    collect_garbage(st, plan)
+    assert not any((st.root / ".staging").iterdir())
+
+
+def test_a_stage_without_a_mark_is_judged_by_its_pid_and_age_as_before(tmp_path):
+    st = Store(tmp_path / "s").ensure()
+    old = _stage(st, f"v-0123456789abcdef.{os.getpid()}.00000001", age=7 * 3600)  # a live pid, 7 h old
+    young = _stage(st, f"v-0123456789abcdef.{os.getpid()}.00000002")
+    gone = _stage(st, f"v-0123456789abcdef.{2**22 + 12345}.00000003")
+    assert st.sweep_staging() == 2
+    assert young.is_dir() and not old.exists() and not gone.exists()
