@@ -546,9 +546,9 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
         con.print(f"split moves: {d['split_moves']} pairs", markup=False)
         for key, n in d["split_moves_by"].items():
             src, dst = key.split("->")
-            ids = [p for p in d["split_move_pair_ids"]][:5]
-            con.print(f"  {src} -> {dst}: {n}" + (" (held-out pairs now in train)" if dst == "train" else ""), markup=False)
-        con.print(markup("  e.g. {ids}", ids=", ".join(ids)))
+            con.print(markup("  {src} -> {dst}: {n}{note}, e.g. {ids}", src=src, dst=dst, n=n,
+                             note=" (held-out pairs now in train)" if dst == "train" else "",
+                             ids=", ".join(d["split_move_examples"][key])))
     for k, (x, y) in d["metrics"].items():
         con.print(markup("  {k:40s} {x!s:>12} -> {y!s:<12}", k=k, x=x, y=y))
 

@@ -53,5 +53,7 @@ def diff_versions(a: VersionHandle, b: VersionHandle) -> dict[str, Any]:
         "split_moves": moves.height,
         "split_moves_by": {f"{x}->{y}": n for x, y, n in moves.group_by("split", "split_b").len().sort("split", "split_b").iter_rows()},
         "split_move_pair_ids": moves["pair_id"].sort().to_list(),
+        "split_move_examples": {f"{x}->{y}": ids[:5] for x, y, ids in moves.sort("pair_id").group_by(
+            "split", "split_b", maintain_order=True).agg("pair_id").sort("split", "split_b").iter_rows()},
         "metrics": {k: (ma.get(k), mb.get(k)) for k in keys if ma.get(k) != mb.get(k)},
     }

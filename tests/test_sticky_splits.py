@@ -165,3 +165,24 @@ def test_placed_clusters_count_like_the_majority_rule(rows):
                       "split": [x for _, _, x in rows]})
     want = _cluster_stats(f).join(f.group_by("_cl").agg(pl.col("split").first()), on="_cl", how="left").sort("_cl")
     assert _decided_stats(f).sort("_cl").cast(want.schema).equals(want)
+
+
+def test_diff_gives_each_split_move_its_own_examples(tmp_path):
+    """Two builds of one batch with another split seed: diff's text names, for each from -> to, pairs that moved that
+    way (it printed the same first five moved pairs, of any direction, once under all of them)."""
+    store = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], store, policy_from_dict({})).version_id
+    v2 = curate(SAMPLES[:1], store, policy_from_dict({"split": {"seed": 18}})).version_id
+    d = json.loads(CliRunner().invoke(app, ["diff", v1, v2, "--store", str(store.root), "--json"]).stdout)
+    assert len(d["split_moves_by"]) >= 3, d["split_moves_by"]
+    a, b = store.get(v1), store.get(v2)
+    split_in = [{pid: s for s in ("train", "validation", "test") for pid in h.read_split(s)["pair_id"].to_list()} for h in (a, b)]
+    res = CliRunner().invoke(app, ["diff", v1, v2, "--store", str(store.root)], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    for key, n in d["split_moves_by"].items():
+        src, dst = key.split("->")
+        examples = d["split_move_examples"][key]
+        assert 1 <= len(examples) <= min(5, n)
+        assert all(split_in[0][p] == src and split_in[1][p] == dst for p in examples), key
+        line = next(x for x in res.output.splitlines() if x.strip().startswith(f"{src} -> {dst}: {n}"))
+        assert line.endswith("e.g. " + ", ".join(examples)), line
