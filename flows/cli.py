@@ -592,7 +592,7 @@ def gc(
 
     Parts are shared between versions (hard links into STORE/objects/): deleting a version frees
     only the parts no other version uses.  Certification records of deleted versions are kept aside
-    as VERSION.json.deleted-<time>."""
+    as VERSION.json.deleted-<time>, their folders (Great Expectations results, part facts) as VERSION.deleted-<time>."""
     from pipeline.parts import collect_garbage, plan_gc
 
     st = _open_store(store)

@@ -481,8 +481,12 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
         os.rename(src, aside)  # the version disappears at once for readers
         shutil.rmtree(aside, ignore_errors=True)
         cert = store.certification_path(vid)
+        when = int(time.time())
         if cert.exists():
-            os.rename(cert, cert.with_name(f"{cert.name}.deleted-{int(time.time())}"))
+            os.rename(cert, cert.with_name(f"{cert.name}.deleted-{when}"))
+        evidence = cert.with_suffix("")  # (its Great Expectations results and Data Docs, its part facts: aside with it)
+        if evidence.is_dir():
+            os.rename(evidence, evidence.with_name(f"{evidence.name}.deleted-{when}"))
     for d in plan.staging:
         remove_stage(d)
     for d in plan.work:  # removed under its version's lock, unless a build took it since the plan

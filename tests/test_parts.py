@@ -216,3 +216,22 @@ def test_write_many_lists_the_parts_in_the_order_given(tmp_path):
     for p, f in zip(w.parts, frames, strict=True):
         assert pl.read_parquet(tmp_path / "stage" / p.path).equals(f)
         assert p.rows == f.height
+
+
+def test_gc_deleting_a_certified_version_keeps_its_whole_certification_aside(tmp_path):
+    """The record and its evidence (part facts, Great Expectations results) go aside together: the folder stayed under
+    the live name, where the same batch curated again (the same id) would have found the deleted version's files."""
+    from pipeline.certify import certify_version
+
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    certify_version(st, v1, POLICY, run_gx=False)
+    evidence = st.root / "certifications" / v1
+    assert evidence.is_dir() and any(evidence.iterdir())
+    res = CliRunner().invoke(app, ["gc", "--store", str(st.root), "--delete", v1, "--apply"])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in (st.root / "certifications").iterdir())
+    assert len(names) == 2 and names[0].startswith(f"{v1}.deleted-") and names[1].startswith(f"{v1}.json.deleted-"), names
+    assert names[0].split("deleted-")[1] == names[1].split("deleted-")[1]
+    assert curate(SAMPLES[:1], st, POLICY).version_id == v1  # built again: certified from scratch
+    assert certify_version(st, v1, POLICY, run_gx=False).verdict == "certified"
