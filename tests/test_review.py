@@ -757,3 +757,19 @@ def test_a_truncated_file_names_the_place_where_it_breaks(built, tmp_path, monke
     (tmp_path / "cut-rows.jsonl").write_text("".join((tmp_path / "tasks.jsonl").read_text().splitlines(True)[:2])[:-50])
     msg = refuse(built, "jsonl", tmp_path / "cut-rows.jsonl", "line 2")
     assert "line 1" not in msg
+
+
+def test_label_studio_results_of_controls_we_did_not_make_are_ignored(built, ls_tasks, tmp_path):
+    """A team's own controls in the labeling config -- a relation (no ``value`` at all), a rating -- are not ours
+    to read: the verdict is imported and they are passed over (a relation was refused as a result without a value)."""
+    ans = pick("left")
+    ans["result"] += [{"from_id": "a1", "to_id": "b2", "type": "relation", "direction": "right", "labels": []},
+                      _result("team_rating", "prompt", "rating", {"rating": 4})]
+    f = _write(tmp_path / "ls.json", label_studio_export(ls_tasks, {5: [ans]}))
+    out = tmp_path / "batch.jsonl"
+    res = import_(built, "label-studio", f, out)
+    assert json.loads(res.stdout)["ledger"]["judgments_out"] == 1
+    ours = pick("left")
+    ours["result"].append({"from_name": "overall_other", "to_name": "prompt", "type": "choices"})  # ours, no value
+    f = _write(tmp_path / "ls2.json", label_studio_export(ls_tasks, {5: [ours]}))
+    refuse(built, "label-studio", f, "tasks[5].annotations[0].result[1]", "'value'")

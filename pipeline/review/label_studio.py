@@ -108,9 +108,14 @@ def _answer(task: ReviewTask, ann: Any, reader: TaskReader, where: str, task_ls_
     picked, other, dims, critique = None, None, {}, []
     for k, res in enumerate(ann.get("result") or []):
         at = f"{where}.result[{k}]"
-        if not isinstance(res, dict) or not isinstance(res.get("value"), dict):
-            raise reader.fail("expected a result object with a 'value' object", where=at)
-        name, kind, value = res.get("from_name"), res.get("type"), res["value"]
+        if not isinstance(res, dict):
+            raise reader.fail("expected a result object", where=at)
+        name, kind, value = res.get("from_name"), res.get("type"), res.get("value")
+        ours = name in ("overall", "overall_other", "critique") or (isinstance(name, str) and name.startswith("dim_"))
+        if not ours:  # results of other controls a team added to the config (a relation has no value) are not ours
+            continue
+        if not isinstance(value, dict):
+            raise reader.fail("expected a result object with a 'value' object", where=at, field="value")
         if name == "overall":
             if kind != "pairwise" or value.get("selected") not in ("left", "right"):
                 raise reader.fail(f"expected a pairwise result with selected left or right, found type {kind!r} "
@@ -126,7 +131,6 @@ def _answer(task: ReviewTask, ann: Any, reader: TaskReader, where: str, task_ls_
             if text is not None and (parts is None or not all(isinstance(t, str) for t in parts)):
                 raise reader.fail(f"expected a text or a list of texts, found {text!r}", where=at, field="value.text")
             critique += parts or []
-        # results of other controls a team added to the config are not ours to interpret
     if picked is None and other is None:
         return "no_verdict"
     if picked is not None and other is not None:
