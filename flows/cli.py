@@ -7,6 +7,8 @@ Exit codes (every command):
      (the message names the file and the reason; nothing written)
   3  certify: the version was rejected
   4  train: the version is not certified (certificate -> manifest -> files does not verify)
+  5  train: the training loss (or gradient norm, or a validation / test loss) became NaN/inf;
+     the run stopped at that step and its run.json records the failure
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import typer
 
 from flows.console import err_console, markup, plain
 
-EXIT_USAGE, EXIT_NOT_CERTIFIED = 2, 4
+EXIT_USAGE, EXIT_NOT_CERTIFIED, EXIT_DIVERGED = 2, 4, 5
 
 
 def train(
@@ -60,10 +60,15 @@ def train(
     """Train a policy with DPO on a certified dataset version.
 
     Refuses (exit 4) a version without a "certified" record or whose files differ from the
-    sha256s in its manifest.  Writes STORE/runs/RUN_ID/ (config, lineage run.json,
+    sha256s in its manifest.  Stops (exit 5) at the first optimizer step whose training loss or
+    gradient norm is NaN/inf, or when a validation or test loss is: the message names the step
+    and the value; run.json says status "failed" with the failure, checkpoints written before
+    stay and none is written for that step.  Writes STORE/runs/RUN_ID/ (config, lineage run.json,
     metrics.jsonl, metrics.svg, checkpoints, eval.json + eval.parquet + report.html/.md of the
     test-split evaluation) and appends to STORE/lineage/VERSION.jsonl;
-    prints the run directory as the last line of stdout.
+    prints the run directory as the last line of stdout (on success only).
+
+    Exit 0 trained; 2 bad usage or input; 4 version not certified; 5 the loss became NaN/inf.
     """
     # Idle OpenMP threads spin by default; on a shared CPU that steals cycles from everyone
     # (measured: 2-thread steps 3-10x slower next to other jobs).  Only effective before torch loads.
@@ -76,7 +81,7 @@ def train(
     from trainer.runs import CheckpointError
     from trainer.evaluate import summary_lines
     from trainer.tokenize import PrefixMismatchError, TokenizerError, ledger_summary
-    from trainer.train import ResumeMismatch, VersionRefused, make_config
+    from trainer.train import ResumeMismatch, TrainingDiverged, VersionRefused, make_config
     from trainer.train import train as run_training
 
     con = err_console()
@@ -110,6 +115,9 @@ def train(
         except VersionRefused as err:
             con.print(markup("[bold red]refused:[/] {err}", err=err))
             raise typer.Exit(EXIT_NOT_CERTIFIED) from None
+        except TrainingDiverged as err:
+            con.print(markup("[bold red]failed:[/] {err}", err=err))
+            raise typer.Exit(EXIT_DIVERGED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
                 PrefixMismatchError, TokenizerError) as err:
             con.print(markup("[bold red]error:[/] {err}", err=err))

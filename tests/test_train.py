@@ -352,3 +352,61 @@ def test_bf16_mixed_precision_trains_with_fp32_state(store):
     run = json.loads((res.run_dir / "run.json").read_text())
     fp32 = train(make_config(store.root, "v-toy", run_id="fp32", max_steps=1, batch_size=4, **FAST))
     assert json.loads((fp32.run_dir / "run.json").read_text())["reference_cache"]["key"] != run["reference_cache"]["key"]
+
+
+# ---------------------------------------------------------------- a non-finite loss stops the run
+def _nan_loss_from(monkeypatch, *, train_call: int | None = None, in_eval: bool = False) -> None:
+    """Make ``dpo_batch_loss`` return NaN losses from its ``train_call``-th training forward on (1-based;
+    with FAST and batch_size=4 a step is one forward), or in every evaluation forward."""
+    import trainer.train as tt
+
+    real, calls = tt.dpo_batch_loss, {"train": 0}
+
+    def patched(model, b, cfg):
+        losses, weight, metrics = real(model, b, cfg)
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            poison = train_call is not None and calls["train"] >= train_call
+        else:
+            poison = in_eval
+        return (losses * float("nan"), weight, metrics) if poison else (losses, weight, metrics)
+
+    monkeypatch.setattr(tt, "dpo_batch_loss", patched)
+
+
+def test_nan_training_loss_stops_the_run_with_exit_5_naming_the_step(store, monkeypatch):
+    from typer.testing import CliRunner
+
+    _nan_loss_from(monkeypatch, train_call=3)
+    res = CliRunner().invoke(_cli(), ["train", "v-toy", "--store", str(store.root), "--model", TINY, "--steps", "5",
+                                      "--batch-size", "4", "--max-length", "64", "--threads", "1", "--lr", "1e-3",
+                                      "--warmup-steps", "2", "--eval-every", "0", "--checkpoint-every", "2",
+                                      "--run-id", "diverges"])
+    assert res.exit_code == 5, res.output
+    msg = " ".join(res.output.split())
+    assert "step 3" in msg and "loss nan" in msg and "--lr" in msg and "precision" in msg, msg
+    assert "validation loss" not in msg and not res.stdout.strip()  # no success summary, no run dir on stdout
+    run_dir = store.root / "runs" / "diverges"
+    run = json.loads((run_dir / "run.json").read_text())  # strict JSON: no NaN token
+    assert run["status"] == "failed" and "final" not in run
+    assert run["failure"]["reason"] == "non_finite_train_loss" and run["failure"]["step"] == 3
+    assert run["failure"]["loss"] == "nan" and run["failure"]["last_checkpoint"] == "step-000002"
+    assert run["failure"]["pair_ids"]
+    # the checkpoint before the failure is kept; nothing at or after the failing step
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002"]
+    assert [r["step"] for r in train_metrics(run_dir)] == [1, 2]
+    events = [json.loads(x) for x in (store.root / "lineage" / "v-toy.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["started", "failed"] and events[-1]["failure"]["step"] == 3
+
+
+def test_nan_validation_loss_at_the_end_fails_the_run(store, monkeypatch):
+    from trainer.train import TrainingDiverged
+
+    _nan_loss_from(monkeypatch, in_eval=True)
+    with pytest.raises(TrainingDiverged, match=r"after step 2: validation loss nan") as err:
+        train(make_config(store.root, "v-toy", run_id="eval-nan", max_steps=2, batch_size=4, **FAST))
+    assert err.value.step == 2 and err.value.what == "eval/loss"
+    run_dir = store.root / "runs" / "eval-nan"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "failed" and run["failure"]["reason"] == "non_finite_validation_loss"
+    assert not (run_dir / "checkpoints").exists()  # no final checkpoint of a model that evaluates to NaN

@@ -9,7 +9,7 @@ Layout::
       metrics.jsonl            one line per optimizer step ("kind": "train") and per evaluation ("eval")
       metrics.svg              plot of metrics.jsonl
       checkpoints/step-000100/   model + optimizer as safetensors, state.json, checkpoint.json (sha256s)
-    STORE/lineage/<version_id>.jsonl   one line per run event (started / finished), appended
+    STORE/lineage/<version_id>.jsonl   one line per run event (started / resumed / finished / failed), appended
 """
 from __future__ import annotations
 

@@ -10,7 +10,15 @@ with the chat template (``trainer.tokenize``; drops and truncations go to the ru
 model is freed before the policy exists); (4) policy, AdamW, warmup + cosine schedule;
 (5) run directory, lineage, or resume from the latest checkpoint; (6) the loop: gradient
 accumulation, clipping, eval every ``eval_every`` steps, checkpoints every
-``checkpoint_every``; (7) final eval, checkpoint, plot, lineage.
+``checkpoint_every``, the final eval before the final checkpoint; (7) test-split evaluation,
+plot, report, lineage.
+
+A non-finite training loss or gradient norm (NaN/inf: lr too high, bf16 overflow, a bad
+batch) stops the loop at that step before the optimizer applies it, and so does a non-finite
+validation or test loss: ``TrainingDiverged`` (CLI exit code 5), with run.json ``status:
+"failed"`` and ``failure`` (reason, step, value, lr, the pairs of the step) and a ``failed``
+lineage event; checkpoints written before stay, nothing is written for the failing step.  The
+check reads the Python floats the loop already logs (no extra device sync).
 
 Loss per optimizer step over its K micro-batches of B pairs (pairs i, weights w_i = the row's
 ``weight`` when ``use_pair_weights``): L = sum_i w_i l_i / sum_i w_i, with l_i the DPO-family
@@ -146,6 +154,16 @@ class ResumeMismatch(ValueError):
     pass
 
 
+class TrainingDiverged(FloatingPointError):
+    """A training loss, gradient norm or evaluation loss became NaN/inf at optimizer step ``step``
+    (CLI exit code 5).  ``what``: "loss", "grad_norm", "eval/loss" or "test/loss"; ``value``: the float.
+    The run directory records it (run.json ``status: "failed"``, ``failure``)."""
+
+    def __init__(self, message: str, *, step: int, what: str, value: float, run_dir: Path):
+        super().__init__(message)
+        self.step, self.what, self.value, self.run_dir = step, what, value, run_dir
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -269,6 +287,8 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         stream.position, step = state["data_position"], state["step"]
         tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
         lineage = {**_read_json(run_dir / "run.json"), "status": "running", "resumed_from": ckpt.name}
+        for key in ("failure", "failed_at"):  # an earlier failure of this run stays in the lineage's "failed" event
+            lineage.pop(key, None)
     else:
         if run_dir.exists():
             raise FileExistsError(f"run directory {run_dir} exists; pick another run_id or pass resume=True")
@@ -298,8 +318,30 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                                    "train_seconds": train_seconds, "fingerprint": fingerprint},
                              keep=cfg.keep_checkpoints)
 
+    def fail(reason: str, at_step: int, what: str, value: float, message: str, **detail: Any) -> TrainingDiverged:
+        """Record a non-finite value in run.json and the lineage; returns the exception to raise.
+        Non-finite floats are written as strings ("nan", "inf"): run.json stays strict JSON."""
+        log.close()
+        failure = {"reason": reason, "step": at_step, "at": runs.now(), what: _json_float(value),
+                   **{k: _json_float(v) for k, v in detail.items()}, "last_checkpoint": _last_checkpoint_name(run_dir)}
+        lineage.update({"status": "failed", "failed_at": failure["at"], "failure": failure})
+        runs.write_json(run_dir / "run.json", lineage)
+        runs.append_lineage(store, handle.version_id, {"event": "failed", "at": failure["at"], "run_id": run_id,
+                                                       "run_dir": str(run_dir), "failure": failure})
+        emit("failed", failure)
+        return TrainingDiverged(f"{message}; run {run_id} stopped, recorded in {run_dir / 'run.json'} (last checkpoint: "
+                                f"{failure['last_checkpoint'] or 'none'})", step=failure["step"], what=what,
+                                value=value, run_dir=run_dir)
+
     def run_eval(split: str = "validation") -> dict[str, Any]:
         metrics = evaluate(model, pairs[split], ref.logps, tok.pad_token_id, cfg)
+        if not math.isfinite(metrics["eval/loss"]):
+            name = "validation" if split == "validation" else "test"
+            raise fail(f"non_finite_{name}_loss", step, f"{'eval' if name == 'validation' else 'test'}/loss",
+                       metrics["eval/loss"],
+                       f"evaluation after step {step}: {name} loss {metrics['eval/loss']} over "
+                       f"{metrics['eval/pairs']} {name} pairs is not finite; "
+                       + _divergence_hint(cfg))
         if split == "validation":
             record = {"kind": "eval", "step": step, **metrics}
         else:  # the test split's curve: same metrics, "test/" names
@@ -314,7 +356,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         t0 = time.perf_counter()
         micro = [stream.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the step's pairs, K x B
         total_weight = sum(p.weight if cfg.use_pair_weights else 1.0 for mb in micro for p in mb)
-        step_loss, sums, tokens = 0.0, {}, 0
+        step_loss, sums, tokens, bad_part = 0.0, {}, 0, None
         for mb in micro:
             # A pair's loss needs only its own two sequences, so the micro-batch runs in parts of at
             # most `pack_tokens` tokens, each part's sequences packed into one padding-free forward:
@@ -325,21 +367,34 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
                 losses, _, metrics = dpo_batch_loss(model, b, cfg)
                 loss = losses.sum() / max(total_weight, 1e-12)  # this part's share of the step loss
                 loss.backward()
-                step_loss, tokens = step_loss + float(loss.detach()), tokens + b.num_tokens
+                part_loss = float(loss.detach())  # the one sync per part, for the log and the finiteness check
+                step_loss, tokens = step_loss + part_loss, tokens + b.num_tokens
+                if bad_part is None and not math.isfinite(part_loss):
+                    bad_part = b.pair_ids
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * b.size / (len(micro) * cfg.batch_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         lr = get_lr(step)
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # stop before the step is applied
+            what, value = ("loss", step_loss) if not math.isfinite(step_loss) else ("grad_norm", grad_norm)
+            pair_ids = bad_part or [p.pair_id for mb in micro for p in mb]
+            raise fail(f"non_finite_{'train_loss' if what == 'loss' else 'grad_norm'}", step + 1, what, value,
+                       f"training diverged at step {step + 1}: loss {step_loss}, gradient norm {grad_norm} (lr "
+                       f"{lr:.3g}), not finite; the step was not applied and nothing was written for it; pairs "
+                       f"{'of the first non-finite forward' if bad_part else 'of the step'}: {_few(pair_ids)}; "
+                       + _divergence_hint(cfg),
+                       loss=step_loss, grad_norm=grad_norm, lr=lr, pair_ids=pair_ids[:20])
         optimizer.step(lr)
         optimizer.zero_grad()
         step += 1
         dt = time.perf_counter() - t0
         tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + dt
         record = {"kind": "train", "step": step, "epoch": round(stream.epoch, 4), "lr": lr, "loss": step_loss,
-                  **sums, "grad_norm": float(grad_norm), "tokens": tokens, "tokens/s": tokens / dt,
+                  **sums, "grad_norm": grad_norm, "tokens": tokens, "tokens/s": tokens / dt,
                   "peak_rss_mib": round(runs.peak_rss_mib(), 1), "time_s": round(dt, 4)}
         log.write(record)
-        if cfg.eval_every and step % cfg.eval_every == 0:
+        # the final eval runs before the final checkpoint: a model that evaluates to NaN leaves none
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
             last_eval = run_eval()
         if cfg.test_eval_every and step % cfg.test_eval_every == 0 and pairs["test"]:
             run_eval("test")
@@ -347,7 +402,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
             checkpoint()
         emit("step", record)
 
-    # ---- 7. final eval, test-split evaluation per slice, plot, report, lineage
+    # ---- 7. final eval (here only when resuming a finished run), test-split evaluation per slice, plot, report, lineage
     if last_eval.get("step") != step:
         last_eval = run_eval()
     log.close()
@@ -427,6 +482,30 @@ def train_version(store: Store | Path | str, version: str, **options: Any) -> Pa
     return train(make_config(root, version, **options)).run_dir
 
 
+def _divergence_hint(cfg: TrainConfig) -> str:
+    low = cfg.precision != "fp32" or cfg.dtype != "float32"
+    precision = (f"an overflow in low precision (precision {cfg.precision}, dtype {cfg.dtype}; try precision fp32 "
+                 "with float32 weights)" if low else f"an overflow (precision {cfg.precision}, dtype {cfg.dtype})")
+    return (f"likely causes: a learning rate too high for this model (--lr {cfg.lr:g}; try it lower, a longer "
+            f"--warmup-steps or a smaller --grad-clip), {precision}, or a bad batch")
+
+
+def _json_float(x: Any) -> Any:
+    return str(x) if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _few(ids: list[str], n: int = 8) -> str:
+    return ", ".join(ids[:n]) + (f" (+{len(ids) - n} more)" if len(ids) > n else "")
+
+
+def _last_checkpoint_name(run_dir: Path) -> str | None:
+    try:
+        ckpt = runs.latest_checkpoint(run_dir)
+    except runs.CheckpointError:  # a foreign entry: the failure is still recorded
+        return None
+    return ckpt.name if ckpt else None
+
+
 def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
 
@@ -445,4 +524,5 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 __all__ = ["SPLITS", "TrainConfig", "RunResult", "VersionRefused", "VersionTampered", "VersionNotCertified",
-           "ResumeMismatch", "open_certified_version", "train", "train_version", "make_config", "lr_schedule"]
+           "ResumeMismatch", "TrainingDiverged", "open_certified_version", "train", "train_version", "make_config",
+           "lr_schedule"]
