@@ -362,13 +362,19 @@ def _print_open_reviews(waiting) -> None:
         con.print(f"  ... {waiting.height - SHOW_OPEN_TEXT:,} more (show --json lists up to {SHOW_OPEN_JSON:,})")
 
 
+def _counted(by_reason: dict[str, int]) -> str:
+    """``3 {'tie': 2, 'escalate': 1}``: a total and its breakdown, the breakdown left out when there is none."""
+    total = f"{sum(by_reason.values()):,}"
+    return f"{total} {by_reason}" if by_reason else total
+
+
 def _print_version_summary(m) -> None:
     con = out_console()
     led = m.ledger
     con.print(f"ledger: rows in {led.rows_in:,} -> quarantined {led.quarantined:,}, judgments {led.judgments_valid:,}"
-              f" (dropped {sum(led.judgments_dropped.values()):,} {led.judgments_dropped or ''})")
-    con.print(f"        pairs {led.pairs:,} = kept {led.pairs_kept:,} + routed {sum(led.routed.values()):,} {led.routed}"
-              f" + dropped {sum(led.dropped.values()):,} {led.dropped or ''}")
+              f" (dropped {_counted(led.judgments_dropped)})")
+    con.print(f"        pairs {led.pairs:,} = kept {led.pairs_kept:,} + routed {_counted(led.routed)}"
+              f" + dropped {_counted(led.dropped)}")
     if led.reviews is not None:
         r = led.reviews
         con.print(f"reviews: {r.judgments:,} review judgments; routed pairs {r.routed_ever:,} -> exported {r.exported:,}"

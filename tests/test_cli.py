@@ -212,3 +212,20 @@ def test_command_list_gives_each_command_one_line_on_a_wide_terminal():
     rows = [line for line in res.output.split("Commands")[1].splitlines()[1:] if line.startswith("│")]
     assert len(rows) >= 10, res.output
     assert all(line[1:].strip().split()[0].isalpha() and not line[2:4].isspace() for line in rows), res.output
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    """A store holding one version of three clean judgments (too few to certify)."""
+    root = tmp_path_factory.mktemp("tiny")
+    batch = write_jsonl(root / "b.jsonl", [canonical(i) for i in range(3)])
+    res = runner.invoke(app, ["curate", str(batch), "--store", str(root / "s")])
+    assert res.exit_code == 0, res.output
+    return root / "s", res.stdout.strip().splitlines()[-1], res.stdout
+
+
+def test_curate_summary_without_a_breakdown_has_no_stray_space(tiny_store):
+    _, _, out = tiny_store
+    assert "(dropped 0)" in out and "(dropped 0 )" not in out, out
+    pairs = next(line for line in out.splitlines() if line.lstrip().startswith("pairs "))
+    assert pairs.endswith("+ dropped 0"), repr(pairs)
