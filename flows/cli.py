@@ -9,16 +9,21 @@ Exit codes (every command):
   4  train: the version is not certified (certificate -> manifest -> files does not verify)
   5  train: the training loss (or gradient norm, or a validation / test loss) became NaN/inf;
      the run stopped at that step and its run.json records the failure
+
+With --json a failing command prints one JSON document on stdout all the same (ok: false,
+exit_code, error, and the file, line and field of the error): see :func:`_fail`.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import sys
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+import typer.core
 from rich.text import Text
 
 from flows.console import err_console, json_text, markup, out_console, plain, progress_for, stage_progress
@@ -57,11 +62,49 @@ MaxGzipOpt = Annotated[str | None, typer.Option(
     "ingest.max_decompressed_bytes.")]
 
 
-def _fail_usage(message: str, *, multiline: bool = False) -> None:
-    """Print ``error: message`` (shown literally; a line break in it as ``\\n`` unless ``multiline``:
-    a message our code lays out over several lines) and exit 2."""
-    err_console().print(markup("[bold red]error:[/] {message}", message=plain(message, multiline=multiline)))
-    raise typer.Exit(EXIT_USAGE)
+_AS_JSON: ContextVar[bool] = ContextVar("prefpipe_as_json", default=False)  # the running command's --json (set by guarded)
+
+
+def _fail(message: str, *, code: int = EXIT_USAGE, label: str = "error", err: BaseException | None = None,
+          multiline: bool = False, payload: dict | None = None) -> NoReturn:
+    """The one way a command ends with a non-zero exit: ``label: message`` on stderr (shown literally;
+    a line break in it as ``\\n`` unless ``multiline``: a message our code lays out over several lines),
+    and with --json one JSON document on stdout, nothing else there: ``ok: false``, ``exit_code``,
+    ``error`` (the message) and :func:`_error_place` (file, line, field; a registry's problems) -- or,
+    for a result that is a failure (validate's quarantine, certify's rejection), the ``payload`` the
+    command prints with ``ok: false``, ``exit_code`` and ``error`` added.  Then exit ``code``."""
+    err_console().print(markup("[bold red]{label}:[/] {message}", label=label, message=plain(message, multiline=multiline)))
+    if _AS_JSON.get():
+        place = _error_place(err) if payload is None else {}
+        _print_failure({**(payload or {}), "ok": False, "exit_code": code, "error": message, **place})
+    raise typer.Exit(code)
+
+
+def _print_failure(doc: dict) -> None:
+    print(json_text(doc, indent=2))
+
+
+def _fail_usage(message: str, *, multiline: bool = False, err: BaseException | None = None) -> NoReturn:
+    """:func:`_fail` with exit 2 (bad usage, or an input that cannot be used as a whole); ``err``: the
+    error it comes from, whose file, line and field the --json document names."""
+    _fail(message, err=err, multiline=multiline)
+
+
+def _error_place(err: BaseException | None) -> dict:
+    """Where an error is, for a --json failure: ``file``, ``line``, ``field`` (null when the error does not
+    say), ``where`` (a review file's task, answer or record) and a registry's ``problems`` when it has them."""
+    from schemas.registry import RegistryError
+
+    file = getattr(err, "path", None)  # UnreadableFile (ReviewFileError), RegistryError
+    if file is None and isinstance(err, OSError) and err.filename is not None:
+        file = err.filename
+    place = {"file": None if file is None else str(file), "line": getattr(err, "line", None),
+             "field": getattr(err, "field", None)}
+    if getattr(err, "where", None):
+        place["where"] = err.where
+    if isinstance(err, RegistryError):
+        place["problems"] = [{"line": ln, "field": f, "error": m} for ln, f, m in err.problems]
+    return place
 
 
 def _annotator_kind_option(value: str | None) -> str | None:
@@ -86,18 +129,22 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def guarded(fn):
     """Run a command so that a broken store, an unreadable file, a bad id or key, or a failing
-    disk (full, read-only) ends in exit 2 with the file and the reason, never a traceback."""
+    disk (full, read-only) ends in exit 2 with the file and the reason, never a traceback; with
+    --json, every failure of the command also prints its JSON document (:func:`_fail`)."""
     import functools
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        as_json = _AS_JSON.set(bool(kwargs.get("as_json")))  # its failures (exit != 0) as JSON on stdout too
         try:
             return fn(*args, **kwargs)
         except _known_errors() as err:
             from schemas.policy import PolicyError
             from schemas.registry import RegistryError
 
-            _fail_usage(_describe_error(err), multiline=isinstance(err, PolicyError | RegistryError))
+            _fail_usage(_describe_error(err), multiline=isinstance(err, PolicyError | RegistryError), err=err)
+        finally:
+            _AS_JSON.reset(as_json)
 
     return run
 
@@ -133,17 +180,10 @@ def validate(
     """
     from pipeline.ingest import UnreadableFile, ingest_files
     from schemas.policy import Policy
-    from schemas.registry import RegistryError, load_registry
+    from schemas.registry import load_registry
 
     limits = _with_ingest_caps(Policy(), max_line_bytes, max_decompressed_bytes).ingest
-    try:
-        registry = load_registry(annotators) if annotators else None
-    except RegistryError as err:
-        if as_json:
-            print(json.dumps({"ok": False, "error": str(err), "file": err.path,
-                              "problems": [{"line": ln, "field": f, "error": m} for ln, f, m in err.problems]}))
-            raise typer.Exit(EXIT_USAGE) from None
-        raise
+    registry = load_registry(annotators) if annotators else None  # (a RegistryError: exit 2 through guarded)
 
     import tempfile
 
@@ -158,10 +198,7 @@ def validate(
                                   annotator_id=annotator_id, annotator_kind=annotator_kind, limits=limits, hashed=hashed)
     except UnreadableFile as raw:
         err = staged.named(raw)
-        if as_json:
-            print(json.dumps({"ok": False, "error": str(err), "file": err.path, "line": err.line}))
-            raise typer.Exit(EXIT_USAGE) from None
-        _fail_usage(f"cannot read {err.path}: {err.why}")
+        _fail_usage(f"cannot read {err.path}: {err.why}", err=err)
     finally:
         staged.remove()
     q = result.quarantine
@@ -178,6 +215,11 @@ def validate(
             payload["registry"] = {"file": str(annotators), "sha256": registry.sha256(), "annotators": len(registry.annotator),
                                    "flag_counts": dict(sorted(found.group_by("reason").len().iter_rows())),
                                    "flags": found.head(max_errors).to_dicts()}
+        if not payload["ok"]:
+            led = result.ledger
+            found_in = [f"{led.quarantined:,} of {led.rows_in:,} rows quarantined"] + \
+                       ([f"{flagged:,} judgments flagged against the registry"] if flagged else [])
+            _fail("; ".join(found_in), code=EXIT_QUARANTINE, label="invalid", payload=payload)
         print(json_text(payload, indent=2))
     else:
         _print_ledger(result)
@@ -329,10 +371,9 @@ def curate(
         with stage_progress("curating", enabled=not as_json) as prog, partition_progress(prog.partitions):
             res = run_curate(files, st, pol, parent=parent, options=opts, on_stage=prog.stage, on_rows=prog.rows, full=full)
     except UnreadableFile as err:
-        _fail_usage(f"cannot read {err.path}: {err.why} (nothing written)")
+        _fail_usage(f"cannot read {err.path}: {err.why} (nothing written)", err=err)
     except PartitionTaskError as err:  # a worker's task failed: no version; a retry computes only the missing partitions
-        err_console().print(markup("[bold red]curate failed:[/] {err} (nothing written)", err=err))
-        raise typer.Exit(1) from None
+        _fail(f"{err} (nothing written)", code=1, label="curate failed")
     m = res.handle.manifest()
     if as_json:
         print(json.dumps({"version_id": res.version_id, "created": res.created, "path": str(res.handle.path),
@@ -364,13 +405,19 @@ def _print_open_reviews(waiting) -> None:
         con.print(f"  ... {waiting.height - SHOW_OPEN_TEXT:,} more (show --json lists up to {SHOW_OPEN_JSON:,})")
 
 
+def _counted(by_reason: dict[str, int]) -> str:
+    """``3 {'tie': 2, 'escalate': 1}``: a total and its breakdown, the breakdown left out when there is none."""
+    total = f"{sum(by_reason.values()):,}"
+    return f"{total} {by_reason}" if by_reason else total
+
+
 def _print_version_summary(m) -> None:
     con = out_console()
     led = m.ledger
     con.print(f"ledger: rows in {led.rows_in:,} -> quarantined {led.quarantined:,}, judgments {led.judgments_valid:,}"
-              f" (dropped {sum(led.judgments_dropped.values()):,} {led.judgments_dropped or ''})")
-    con.print(f"        pairs {led.pairs:,} = kept {led.pairs_kept:,} + routed {sum(led.routed.values()):,} {led.routed}"
-              f" + dropped {sum(led.dropped.values()):,} {led.dropped or ''}")
+              f" (dropped {_counted(led.judgments_dropped)})")
+    con.print(f"        pairs {led.pairs:,} = kept {led.pairs_kept:,} + routed {_counted(led.routed)}"
+              f" + dropped {_counted(led.dropped)}")
     if led.reviews is not None:
         r = led.reviews
         con.print(f"reviews: {r.judgments:,} review judgments; routed pairs {r.routed_ever:,} -> exported {r.exported:,}"
@@ -408,14 +455,17 @@ def certify(
     h = _resolve_or_exit(st, version)
     with progress_for("certifying", None, unit="", enabled=not as_json):
         cert = certify_version(st, h.version_id, pol, run_gx=not no_expectations, reuse=not from_scratch)
+    failing = [g.name for g in cert.gates if not g.passed]
     if as_json:
-        print(json.dumps({**cert.model_dump(mode="json"), "record": str(st.certification_path(h.version_id))}, indent=2))
+        record = {**cert.model_dump(mode="json"), "record": str(st.certification_path(h.version_id))}
+        if cert.verdict != "certified":
+            _fail(f"{h.version_id}: failing gates: {', '.join(failing)}", code=EXIT_REJECTED, label="REJECTED", payload=record)
+        print(json.dumps(record, indent=2))
     else:
         con = out_console()
         for g in cert.gates:
             mark = plain("PASS", style="green") if g.passed else plain("FAIL", style="red")
             con.print(markup("  {mark} {g.name:34s} value {g.value!s:<12} threshold {g.threshold!s:<14} {g.detail}", mark=mark, g=g))
-        failing = [g.name for g in cert.gates if not g.passed]
         if failing:
             con.print(markup("[bold red]REJECTED[/] {vid}: failing gates: {gates}", vid=h.version_id, gates=", ".join(failing)))
         else:
@@ -652,8 +702,7 @@ def serve(
         try:
             outcomes = process_inbox(**params)
         except Exception as err:  # the flow run failed visibly; say why and exit non-zero
-            err_console().print(markup("[bold red]inbox run failed:[/] {err}", err=err))
-            raise typer.Exit(1) from None
+            _fail(str(err), code=1, label="inbox run failed")
         for o in outcomes:
             out_console().print(o)
         return
@@ -887,6 +936,34 @@ def _reflowed(doc: str) -> str:
     return "\n\n".join(out)
 
 
+class _JsonUsageErrors(typer.core.TyperCommand):
+    """A command taking --json whose usage errors (an unknown option, a bad or missing value: exit 2,
+    found by click before the command runs) print the JSON failure document on stdout too when
+    --json is among its arguments, as its other failures do (:func:`_fail`); click still shows the
+    message on stderr."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        options = args[:args.index("--")] if "--" in args else args
+        wants_json = "--json" in options
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except typer.TyperException as err:  # (click's UsageError, BadParameter, ... as Typer ships them)
+            if wants_json:
+                param = getattr(err, "param", None)
+                _print_failure({"ok": False, "exit_code": err.exit_code, "error": err.format_message(), "file": None,
+                                "line": None, "field": (param.opts or [param.name])[0] if param is not None else None})
+            raise
+
+
+def _json_usage_errors(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        if info.callback is not None and "as_json" in inspect.signature(info.callback).parameters:
+            info.cls = _JsonUsageErrors
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _json_usage_errors(group.typer_instance)
+
+
 def _reflow_help(typer_app: typer.Typer) -> None:
     for info in typer_app.registered_commands:
         if info.callback is not None and info.callback.__doc__ and info.help is None:
@@ -897,6 +974,7 @@ def _reflow_help(typer_app: typer.Typer) -> None:
 
 
 _reflow_help(app)
+_json_usage_errors(app)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -212,3 +212,115 @@ def test_command_list_gives_each_command_one_line_on_a_wide_terminal():
     rows = [line for line in res.output.split("Commands")[1].splitlines()[1:] if line.startswith("│")]
     assert len(rows) >= 10, res.output
     assert all(line[1:].strip().split()[0].isalpha() and not line[2:4].isspace() for line in rows), res.output
+
+
+# ---------------------------------------------------------------- --json on failures: one JSON document on stdout
+def _json_failure(res, code: int, *said: str) -> dict:
+    """A failing command run with --json: exit ``code``; stdout is one JSON document and nothing else,
+    with ok false, the exit code and the message (which says each of ``said``); the message on stderr too."""
+    assert res.exit_code == code, res.output
+    doc = json.loads(res.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == code, doc
+    for part in said:
+        assert part in doc["error"], doc
+    assert doc["error"].split(":")[0] in res.stderr, res.stderr
+    return doc
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    """A store holding one version of three clean judgments (too few to certify)."""
+    root = tmp_path_factory.mktemp("tiny")
+    batch = write_jsonl(root / "b.jsonl", [canonical(i) for i in range(3)])
+    res = runner.invoke(app, ["curate", str(batch), "--store", str(root / "s")])
+    assert res.exit_code == 0, res.output
+    return root / "s", res.stdout.strip().splitlines()[-1], res.stdout
+
+
+def test_curate_json_on_an_unusable_input_prints_the_failure_as_json(tmp_path):
+    """validate --json said why on stdout; curate --json printed nothing there (a script read an empty string)."""
+    missing = tmp_path / "nope.jsonl"
+    res = runner.invoke(app, ["curate", str(missing), "--store", str(tmp_path / "s"), "--json"])
+    doc = _json_failure(res, 2, "no such file", str(missing))
+    assert doc["file"] == str(missing) and doc["line"] is None and doc["field"] is None
+    damaged = tmp_path / "b.jsonl.gz"
+    damaged.write_bytes(b"not gzip at all\n")
+    res = runner.invoke(app, ["curate", str(damaged), "--store", str(tmp_path / "s"), "--json"])
+    doc = _json_failure(res, 2, "damaged gzip data")
+    assert doc["file"] == str(damaged) and doc["line"] == 1
+    assert not (tmp_path / "s" / "versions").exists() or not any((tmp_path / "s" / "versions").iterdir())
+    # validate and curate say it the same way
+    same = runner.invoke(app, ["validate", str(damaged), "--json"])
+    assert {k: v for k, v in json.loads(same.stdout).items() if k != "error"} == \
+           {k: v for k, v in doc.items() if k != "error"}
+    # as a real process: stdout holds the JSON document only
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "curate", str(damaged), "--store", str(tmp_path / "s"),
+                           "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and json.loads(proc.stdout)["exit_code"] == 2 and "damaged gzip data" in proc.stderr
+
+
+def test_curate_json_on_a_bad_registry_names_its_problems(tmp_path):
+    reg = tmp_path / "r.csv"
+    reg.write_text("annotator_id,annotator_kind\nrev-01,robot\n")
+    batch = write_jsonl(tmp_path / "b.jsonl", [canonical(0)])
+    res = runner.invoke(app, ["curate", str(batch), "--store", str(tmp_path / "s"), "--annotators", str(reg), "--json"])
+    doc = _json_failure(res, 2, "annotator registry")
+    assert doc["file"] == str(reg) and doc["problems"][0]["line"] == 2 and doc["problems"][0]["field"] == "annotator_kind"
+
+
+@pytest.mark.parametrize("cmd", [["certify", "latest"], ["show", "latest"], ["diff", "latest", "latest"],
+                                 ["versions"], ["protect", "latest"], ["gc"],
+                                 ["review", "export", "latest", "--format", "jsonl", "--out", "x.jsonl"]], ids=" ".join)
+def test_store_commands_json_on_a_missing_store(tmp_path, cmd):
+    res = runner.invoke(app, [*cmd, "--store", str(tmp_path / "no-store"), "--json"])
+    _json_failure(res, 2, "is not a prefpipe store", str(tmp_path / "no-store"))
+
+
+@pytest.mark.parametrize("cmd", [["certify", "v-nope"], ["show", "v-nope"], ["diff", "latest", "v-nope"]], ids=" ".join)
+def test_version_commands_json_on_an_unknown_version(tiny_store, cmd):
+    store, _, _ = tiny_store
+    res = runner.invoke(app, [*cmd, "--store", str(store), "--json"])
+    _json_failure(res, 2, "v-nope")
+
+
+def test_policy_and_review_import_json_failures(tmp_path):
+    bad = tmp_path / "p.toml"
+    bad.write_text("[split]\nwat = 1\n")
+    _json_failure(runner.invoke(app, ["policy", "show", "--policy", str(bad), "--json"]), 2, "split.wat")
+    missing = tmp_path / "export.json"
+    res = runner.invoke(app, ["review", "import", str(missing), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl"),
+                              "--json"])
+    assert _json_failure(res, 2, str(missing))["file"] == str(missing)
+
+
+def test_certify_json_rejected_is_the_record_with_ok_false_and_exit_3(tiny_store):
+    store, vid, _ = tiny_store
+    res = runner.invoke(app, ["certify", vid, "--store", str(store), "--no-expectations", "--json"])
+    doc = _json_failure(res, 3, vid, "failing gates", "expectations")
+    assert doc["verdict"] == "rejected" and doc["version_id"] == vid and doc["record"].endswith(f"{vid}.json")
+    assert any(g["name"] == "expectations" and not g["passed"] for g in doc["gates"])
+    assert "REJECTED" in res.stderr
+
+
+def test_validate_json_quarantine_carries_the_exit_code(tmp_path):
+    p = write_jsonl(tmp_path / "bad.jsonl", [canonical(0), canonical(1, strength=3)])
+    doc = _json_failure(runner.invoke(app, ["validate", str(p), "--json"]), 1, "1 of 2 rows quarantined")
+    assert doc["ledger"]["quarantined"] == 1 and doc["errors"][0]["field"] == "strength"
+
+
+def test_usage_errors_with_json_are_json_too(tmp_path):
+    """Caught by the option parser before the command runs (exit 2): with --json, the same document."""
+    p = write_jsonl(tmp_path / "ok.jsonl", [canonical(0)])
+    res = runner.invoke(app, ["curate", str(p), "--store", str(tmp_path / "s"), "--annotator-kind", "robot", "--json"])
+    assert _json_failure(res, 2, "robot")["field"] == "--annotator-kind"
+    res = runner.invoke(app, ["validate", str(p), "--json", "--max-errors", "-1"])
+    assert _json_failure(res, 2, "--max-errors")["field"] == "--max-errors"
+    res = runner.invoke(app, ["validate", str(p), "--max-errors", "-1"])  # without --json: nothing on stdout
+    assert res.exit_code == 2 and res.stdout == ""
+
+
+def test_curate_summary_without_a_breakdown_has_no_stray_space(tiny_store):
+    _, _, out = tiny_store
+    assert "(dropped 0)" in out and "(dropped 0 )" not in out, out
+    pairs = next(line for line in out.splitlines() if line.lstrip().startswith("pairs "))
+    assert pairs.endswith("+ dropped 0"), repr(pairs)
