@@ -60,10 +60,14 @@ def train(
     """Train a policy with DPO on a certified dataset version.
 
     Refuses (exit 4) a version without a "certified" record or whose files differ from the
-    sha256s in its manifest.  Stops (exit 5) at the first optimizer step whose training loss or
-    gradient norm is NaN/inf, or when a validation or test loss is: the message names the step
-    and the value; run.json says status "failed" with the failure, checkpoints written before
-    stay and none is written for that step.  Writes STORE/runs/RUN_ID/ (config, lineage run.json,
+    sha256s in its manifest.
+
+    Stops (exit 5) at the first optimizer step whose training loss or gradient norm is NaN/inf,
+    or when a validation or test loss is: the message names the step and the value; run.json says
+    status "failed" with the failure, checkpoints written before stay and none is written for that
+    step.
+
+    Writes STORE/runs/RUN_ID/ (config, lineage run.json,
     metrics.jsonl, metrics.svg, checkpoints, eval.json + eval.parquet + report.html/.md of the
     test-split evaluation) and appends to STORE/lineage/VERSION.jsonl;
     prints the run directory as the last line of stdout (on success only).

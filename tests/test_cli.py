@@ -198,7 +198,7 @@ def _commands(group=None, prefix=()):
 def test_help_prose_is_not_wrapped_at_the_sources_width(cmd):
     """On a wide terminal every paragraph of a command's description is one line: Typer's rich mode keeps a
     docstring's line breaks, which broke sentences mid-way ("... one JSON document that" / "holds it as ...")."""
-    res = runner.invoke(app, [*cmd, "--help"], env={"COLUMNS": "400"})
+    res = runner.invoke(app, [*cmd, "--help"], env={"COLUMNS": "1000"})
     assert res.exit_code == 0, res.output
     head = res.output.split("╭")[0].splitlines()
     prose = [line.strip() for line in head[2:] if line.strip()]  # (after "Usage: ..." and its blank line)
