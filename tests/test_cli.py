@@ -100,6 +100,14 @@ def test_policy_show_and_bad_policy(tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["policy"]["checks"]["agreement"]["low_agreement_threshold"] == 0.75
 
 
+def test_bad_flag_reason_names_the_policy_file(tmp_path):
+    bad = tmp_path / "reasons.yaml"
+    bad.write_text("select:\n  flag_actions: {near_dupe: drop}\n")
+    res = runner.invoke(app, ["policy", "show", "--policy", str(bad)])
+    assert res.exit_code == 2
+    assert f"invalid policy {bad}" in res.output and "unknown reason(s) ['near_dupe']" in res.output
+
+
 def test_policy_show_round_trips(tmp_path):
     from pipeline.checks import resolve_policy
     from schemas.policy import Policy, load_policy
