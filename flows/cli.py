@@ -646,6 +646,9 @@ def serve(
         _fail_usage("give --cron, --interval or --once")
     if not inbox.is_dir():
         _fail_usage(f"inbox {inbox} is not a directory")
+    # the flow loads the file again at the start of every run (an edit takes effect on the next tick);
+    # a file that cannot be used is refused here, not found out by every scheduled run failing
+    _load_policy_or_exit(policy)
     params = {"inbox": str(inbox.resolve()), "store": str(store.resolve()),
               "policy_path": str(policy.resolve()) if policy else None, "train_model": train_model}
     if once:
