@@ -281,10 +281,14 @@ def _load_policy_or_exit(policy: Path | None):
     from pipeline.checks import resolve_policy
     from schemas.policy import PolicyError, load_policy
 
+    pol = None
     try:
-        return resolve_policy(load_policy(policy))
+        pol = load_policy(policy)
+        return resolve_policy(pol)
     except PolicyError as err:
-        _fail_usage(str(err), multiline=True)
+        # resolve_policy knows the keys, not the file: name the file the bad key is in
+        msg = str(err) if pol is None else f"invalid policy {policy or '(built-in defaults)'}:\n  {err}"
+        _fail_usage(msg, multiline=True)
 
 
 def _with_ingest_caps(pol, max_line_bytes: str | None, max_decompressed_bytes: str | None,
@@ -694,6 +698,9 @@ def serve(
         _fail_usage("give --cron, --interval or --once")
     if not inbox.is_dir():
         _fail_usage(f"inbox {inbox} is not a directory")
+    # the flow loads the file again at the start of every run (an edit takes effect on the next tick);
+    # a file that cannot be used is refused here, not found out by every scheduled run failing
+    _load_policy_or_exit(policy)
     params = {"inbox": str(inbox.resolve()), "store": str(store.resolve()),
               "policy_path": str(policy.resolve()) if policy else None, "train_model": train_model}
     if once:

@@ -33,6 +33,7 @@ from pipeline.curate import CurateOptions, build_version, ingest_source, plan_ve
 from schemas.version import code_version
 from pipeline.escape import md_escape, visible_controls  # artifact descriptions are Markdown; log lines plain
 from pipeline.ingest import FileHash, IngestResult, file_sha256
+from pipeline.readers import UnreadableFile
 from pipeline.remote import Staged
 from pipeline.store import Store
 from pipeline.checks import resolve_policy
@@ -251,6 +252,8 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
         ids = st.list_ids()
         parent = ids[-1] if ids else None
         try:
+            if batch.error:  # known before curating (an unknown file type, a file that could not be hashed)
+                raise UnreadableFile(batch.path, batch.error)
             vid = curate_batch(files=[str(batch.path)], store=store, policy_path=policy_path, parent=parent)
             cert = certify_version(store=store, version=vid, policy_path=policy_path)
             out: dict[str, Any] = {"batch": batch.path.name, "sha256": batch.sha256, "version": vid, "verdict": cert["verdict"]}
@@ -258,7 +261,8 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
                 out["run"] = train_on_version(store=store, version=vid, model=train_model or "tiny-llama")
         except Exception as err:  # noqa: BLE001 - one bad batch must not block the next
             log.error("batch %s failed: %s", visible_controls(batch.path.name), visible_controls(str(err)))
-            inbox_logic.record_failure(st, batch, str(err))
+            if batch.sha256:  # (a file that could not be hashed is looked at again on the next tick)
+                inbox_logic.record_failure(st, batch, str(err))
             out = {"batch": batch.path.name, "sha256": batch.sha256, "error": str(err)}
         outcomes.append(out)
     failed = [o for o in outcomes if "error" in o]

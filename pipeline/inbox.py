@@ -2,7 +2,10 @@
 
 A producer drops ``batch.jsonl`` into the inbox and, when the file is complete, creates
 ``batch.jsonl.done`` (an empty marker).  Only files with their marker are picked up, so a
-half-copied or still-growing file is never read.  A batch is identified by its sha256: one
+half-copied or still-growing file is never read.  Every marked file is a batch: one of a type
+the readers take (``pipeline.readers.container_of``: ``.jsonl``, ``.json``, ``.ndjson``, their
+``.gz``, ``.parquet``, ``.pq``, ``.csv``) is curated, one of another type fails with that reason
+(a marked file is never passed over without a word).  A batch is identified by its sha256: one
 already among the sources of any version in the store is never processed again (this also
 makes a killed run resume correctly: the next tick redoes only what has no version yet).
 A batch that failed is recorded in ``STORE/inbox/failed.jsonl`` and skipped until its
@@ -17,17 +20,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.ingest import file_sha256
+from pipeline.readers import UnreadableFile, container_of
 from pipeline.store import Store
 
 log = logging.getLogger(__name__)
-SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".parquet", ".csv")
 MARKER = ".done"
 
 
 @dataclass(frozen=True)
 class Batch:
     path: Path
-    sha256: str
+    sha256: str  # "" when the file could not be read to hash it
+    # why the batch cannot be curated, known before trying: a type the readers do not take (recorded as
+    # failed like any other failure), or a file that could not be hashed (vanished, unreadable: no sha256
+    # to record it under, so it is reported and looked at again on the next tick)
+    error: str | None = None  # (without the path)
 
 
 def processed_hashes(store: Store) -> set[str]:
@@ -66,14 +73,23 @@ def pending_batches(inbox: Path, store: Store) -> list[Batch]:
     out: list[Batch] = []
     seen_now: set[str] = set()
     for p in sorted(inbox.iterdir()):
-        if not p.is_file() or not p.name.lower().endswith(SUFFIXES):
+        if p.name.endswith(MARKER) or not p.with_name(p.name + MARKER).exists():
+            continue  # a marker, or still being written: no .done marker yet
+        if p.is_dir():
             continue
-        if not p.with_name(p.name + MARKER).exists():
-            continue  # still being written: no .done marker yet
-        sha = file_sha256(p)
+        try:
+            sha = file_sha256(p)
+        except UnreadableFile as err:  # one file that cannot be read must not stop the others
+            out.append(Batch(p, "", err.why))
+            continue
         if sha in done or sha in seen_now:
             continue
         seen_now.add(sha)
+        try:
+            container_of(p)
+        except UnreadableFile as err:
+            out.append(Batch(p, sha, err.why))
+            continue
         out.append(Batch(p, sha))
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,9 +23,28 @@ from schemas.registry import AnnotatorRegistry, RegistryError, load_registry
 
 FlagAction = Literal["drop", "downweight", "warn"]
 
+# what a bad value is shown as: bounded, so a YAML alias bomb or a megabyte string is not printed whole
+_SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 2, 6, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
+
+
+def _short(value: Any) -> str:
+    text = _SHORT.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
 
 class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info: Any) -> Any:
+        # Pydantic's lax mode reads true/false as 1/0: `max_quarantine_rate = true` would silently allow
+        # every row into quarantine.  A number field takes a number.
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in (int, float, ByteSize):
+            raise ValueError("expected a number, not true/false")
+        return v
 
 
 class IngestConfig(_Cfg):
@@ -217,6 +237,10 @@ class SplitConfig(_Cfg):
         return self
 
 
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class CertifyConfig(_Cfg):
     min_pairs_per_split: dict[str, int] = Field(default_factory=lambda: {"train": 20, "validation": 2, "test": 2})
     min_pairs_per_locale: int = Field(5, ge=0)
@@ -238,6 +262,28 @@ class CertifyConfig(_Cfg):
     ai_share: tuple[float, float] = (0.0, 0.8)
     require_expectations: bool = True
     train_after_certify: bool = False
+
+    @field_validator("min_pairs_per_split", mode="before")
+    @classmethod
+    def _splits_and_counts(cls, v: Any) -> Any:
+        # a misspelt split (`trian`) would otherwise be a gate nobody evaluates, and the real one keep its default
+        if isinstance(v, dict):
+            bad = sorted(str(k) for k in v if k not in ("train", "validation", "test"))
+            if bad:
+                raise ValueError(f"unknown split(s) {bad}; allowed: train, validation, test")
+            wrong = {k: n for k, n in v.items() if not _is_count(n)}
+            if wrong:
+                raise ValueError(f"expected a whole number >= 0 of pairs per split, found {_short(wrong)}")
+        return v
+
+    @field_validator("label_balance", "ai_share")
+    @classmethod
+    def _a_range_of_shares(cls, v: tuple[float, float]) -> tuple[float, float]:
+        # [lo, hi] with lo > hi, or outside [0, 1], is a gate no version can pass
+        lo, hi = v
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError("expected [low, high] with 0 <= low <= high <= 1")
+        return v
 
 
 _DIM_NAME = r"^[a-z][a-z0-9_]*$"
@@ -350,7 +396,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key")
         else:
-            lines.append(f"  {loc}: {e['msg']} (found {e.get('input')!r})")
+            lines.append(f"  {loc}: {e['msg']} (found {_short(e.get('input'))})")
     return "\n".join(lines)
 
 

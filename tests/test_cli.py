@@ -100,6 +100,28 @@ def test_policy_show_and_bad_policy(tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["policy"]["checks"]["agreement"]["low_agreement_threshold"] == 0.75
 
 
+def test_bad_flag_reason_names_the_policy_file(tmp_path):
+    bad = tmp_path / "reasons.yaml"
+    bad.write_text("select:\n  flag_actions: {near_dupe: drop}\n")
+    res = runner.invoke(app, ["policy", "show", "--policy", str(bad)])
+    assert res.exit_code == 2
+    assert f"invalid policy {bad}" in res.output and "unknown reason(s) ['near_dupe']" in res.output
+
+
+def test_serve_refuses_a_bad_policy_before_any_run(tmp_path):
+    """Otherwise every scheduled tick would fail on it (and `--once` print a Prefect traceback)."""
+    bad = tmp_path / "typo.toml"
+    bad.write_text("[certify]\nmin_pair_per_split = { train = 5 }\n")
+    (tmp_path / "inbox").mkdir()
+    for mode in (["--once"], ["--interval", "60"]):
+        res = runner.invoke(app, ["serve", "--inbox", str(tmp_path / "inbox"), "--store", str(tmp_path / "store"),
+                                  "--policy", str(bad), *mode])
+        assert res.exit_code == 2, res.output
+        assert f"invalid policy {bad}" in res.output and "certify.min_pair_per_split: unknown key" in res.output
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "store").exists()
+
+
 def test_policy_show_round_trips(tmp_path):
     from pipeline.checks import resolve_policy
     from schemas.policy import Policy, load_policy

@@ -87,6 +87,29 @@ def test_failed_batch_is_visible_and_does_not_block(tmp_path):
     assert process_inbox(inbox=str(inbox), store=str(store)) == []  # not retried, nothing re-done
 
 
+def test_marked_files_of_another_type_or_unreadable_are_reported_not_passed_over(tmp_path):
+    """A marked .json batch is curated; a marked .tsv fails once with its reason (recorded, not retried);
+    a marked file that cannot be read (a dangling link) is reported on every tick until it is readable."""
+    from flows.flows import process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    shutil.copyfile(SAMPLES[0], inbox / "a-batch.json")
+    shutil.copyfile(SAMPLES[1], inbox / "b-batch.tsv")
+    (inbox / "c-batch.jsonl").symlink_to(tmp_path / "not-there.jsonl")
+    for name in ("a-batch.json", "b-batch.tsv", "c-batch.jsonl"):
+        (inbox / (name + ".done")).touch()
+    with pytest.raises(RuntimeError, match=r"b-batch.tsv: .*unknown file type '.tsv'.*c-batch.jsonl: .*cannot read"):
+        process_inbox(inbox=str(inbox), store=str(store))
+    st = Store(store)
+    assert len(st.list_ids()) == 1  # the .json batch
+    failed = (store / "inbox" / "failed.jsonl").read_text()
+    assert "b-batch.tsv" in failed and "c-batch.jsonl" not in failed
+    with pytest.raises(RuntimeError, match="c-batch.jsonl") as err:  # the .tsv is not retried
+        process_inbox(inbox=str(inbox), store=str(store))
+    assert "b-batch.tsv" not in str(err.value) and len(st.list_ids()) == 1
+
+
 def test_dask_runner_gives_identical_version(tmp_path, monkeypatch):
     pytest.importorskip("prefect_dask")
     from flows.flows import curate_batch, curate_batch_with_runner

@@ -71,6 +71,38 @@ def test_policy_rejects_unknown_keys_and_ranges():
     assert Policy().policy_hash() != policy_from_dict({"split": {"seed": 3}}).policy_hash()
 
 
+@pytest.mark.parametrize(("data", "message"), [
+    ({"certify": {"min_pairs_per_split": {"trian": 30}}}, r"certify\.min_pairs_per_split: .*unknown split\(s\) \['trian'\]"),
+    ({"certify": {"min_pairs_per_split": {"test": -1}}}, r"certify\.min_pairs_per_split: .*whole number >= 0"),
+    ({"certify": {"label_balance": [0.65, 0.35]}}, r"certify\.label_balance: .*low <= high"),
+    ({"certify": {"ai_share": [0.0, 1.5]}}, r"certify\.ai_share: .*high <= 1"),
+    ({"certify": {"max_quarantine_rate": True}}, r"certify\.max_quarantine_rate: .*expected a number"),
+    ({"ingest": {"batch_rows": True}}, r"ingest\.batch_rows: .*expected a number"),
+])
+def test_policy_refuses_gates_no_version_can_pass_and_booleans_as_numbers(data, message):
+    """A misspelt split, an inverted or out-of-[0, 1] share range, or true/false where a number goes would
+    otherwise load: a gate nobody evaluates, a gate nothing passes, a rate of 1.0 read from `true`."""
+    with pytest.raises(PolicyError, match=message):
+        policy_from_dict(data)
+    assert policy_from_dict({"certify": {"label_balance": [0.5, 0.5], "min_pairs_per_split": {"test": 0}}})
+
+
+def test_policy_error_shows_a_bounded_value():
+    """A YAML alias bomb (each level 9 references to the one below) is small on disk and shared in memory;
+    printing the bad value whole would write 9**8 strings.  The message shows a bounded excerpt."""
+    import yaml
+
+    text = "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    text += "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 8))
+    data = {"name": yaml.safe_load(text)["a7"]}
+    with pytest.raises(PolicyError, match=r"name: Input should be a valid string") as err:
+        policy_from_dict(data)
+    assert len(str(err.value)) < 1000
+    with pytest.raises(PolicyError) as err:
+        policy_from_dict({"select": {"downweight_factor": "x" * 10**6}})
+    assert len(str(err.value)) < 1000
+
+
 def test_ledgers_must_add_up():
     with pytest.raises(ValueError, match="does not add up"):
         IngestLedger(rows_in=3, rows_valid=1, quarantined=1, quarantined_by_reason={"invalid_json": 1})

@@ -472,6 +472,30 @@ def test_kill_9_during_certify_leaves_the_old_record_or_none(store):
     assert res.exit_code == 0 and len(st.certification_history(vid)) == 2
 
 
+def test_every_marked_inbox_file_is_a_batch_or_a_reported_failure(tmp_path):
+    """The .done marker says "this file is complete": a marked .json (a type the readers take) is curated,
+    a marked .tsv fails with its reason instead of waiting unseen forever, and a marked file that cannot be
+    read (a dangling link) is reported without stopping the others.  Unmarked files are not read."""
+    from pipeline.inbox import pending_batches
+
+    st = Store(tmp_path / "s").ensure()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("a.json", "b.tsv", "c.jsonl", "d.jsonl"):
+        if name == "d.jsonl":
+            (inbox / name).symlink_to(tmp_path / "gone.jsonl")
+        else:
+            shutil.copy(SAMPLES[0] if name != "b.tsv" else SAMPLES[1], inbox / name)
+        if name != "c.jsonl":  # c.jsonl is still being copied
+            (inbox / (name + ".done")).touch()
+    (inbox / "e.jsonl.done").touch()  # a marker without its file
+    got = {b.path.name: b for b in pending_batches(inbox, st)}
+    assert sorted(got) == ["a.json", "b.tsv", "d.jsonl"]
+    assert got["a.json"].error is None and len(got["a.json"].sha256) == 64
+    assert "unknown file type '.tsv'" in got["b.tsv"].error and len(got["b.tsv"].sha256) == 64
+    assert got["d.jsonl"].sha256 == "" and "cannot read" in got["d.jsonl"].error
+
+
 def test_damaged_line_in_inbox_failures_does_not_block_the_inbox(tmp_path):
     from pipeline.inbox import failed_hashes, pending_batches
 
