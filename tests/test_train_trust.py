@@ -188,6 +188,20 @@ def test_infinite_option_values_exit_2_before_anything_runs(store, flag, value, 
     assert not (store.root / "runs").exists()
 
 
+@pytest.mark.parametrize("prompt_length", ["32", "40"])
+def test_a_prompt_budget_without_room_for_a_completion_exits_2(store, prompt_length):
+    """``--max-length 32 --max-prompt-length 32`` passed TrainConfig and failed inside ``train()``, after the
+    version was opened and hashed, with a TokenizeConfig traceback (exit 1): the config refuses it, exit 2."""
+    with pytest.raises(ValueError, match="no room"):
+        make_config(store.root, "v-toy", model=TINY, max_length=32, max_prompt_length=int(prompt_length))
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1",
+                  "--max-length", "32", "--max-prompt-length", prompt_length)
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "bad training options" in res.output and "max_prompt_length" in res.output and "no room" in res.output
+    assert not (store.root / "runs").exists()
+    make_config(store.root, "v-toy", model=TINY, max_length=32, max_prompt_length=31)  # one token of room is enough
+
+
 def _no_template_tokenizer(dst: Path) -> Path:
     shutil.copytree(TINY_TOKENIZER, dst)
     cfg = json.loads((dst / "tokenizer_config.json").read_text(encoding="utf-8"))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.store import SPLITS, NotCertified, Store, VersionHandle
 from schemas.ids import safe_id
@@ -126,6 +126,19 @@ class TrainConfig(BaseModel):
     def _run_id_is_a_plain_name(cls, v: str | None) -> str | None:
         return None if v is None else safe_id(v, what="run id")  # it becomes STORE/runs/<run_id>
 
+    @model_validator(mode="after")
+    def _prompt_budget_leaves_room(self) -> TrainConfig:
+        # TokenizeConfig holds the rule; checked here so that a bad pair of lengths is a bad option
+        # (CLI exit 2), not a traceback from inside train() after the version was opened
+        try:
+            self.tokenize_config()
+        except ValidationError as err:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
+        return self
+
+    def tokenize_config(self) -> TokenizeConfig:
+        return TokenizeConfig(max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+
     def fingerprint(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
 
@@ -218,7 +231,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     src: ModelSource = parse_model(cfg.model, default_seed=cfg.seed)
     tok_path = cfg.tokenizer or (src.value if src.kind == "path" and _has_tokenizer(Path(src.value)) else str(TINY_TOKENIZER))
     tok = load_tokenizer(tok_path, light=True)  # the repo's tokenizer without importing transformers
-    tcfg = TokenizeConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    tcfg = cfg.tokenize_config()
     pairs, ledger = {}, {}
     for split, split_rows in rows.items():
         pairs[split], led = tokenize_rows(tok, split_rows, tcfg, on_mismatch=cfg.on_template_mismatch)
