@@ -76,7 +76,7 @@ def train(
     from trainer.runs import CheckpointError
     from trainer.evaluate import summary_lines
     from trainer.tokenize import PrefixMismatchError, TokenizerError, ledger_summary
-    from trainer.train import ResumeMismatch, VersionRefused, make_config
+    from trainer.train import NoTrainingPairs, ResumeMismatch, VersionRefused, make_config
     from trainer.train import train as run_training
 
     con = err_console()
@@ -111,7 +111,7 @@ def train(
             con.print(markup("[bold red]refused:[/] {err}", err=err))
             raise typer.Exit(EXIT_NOT_CERTIFIED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
-                PrefixMismatchError, TokenizerError) as err:
+                PrefixMismatchError, TokenizerError, NoTrainingPairs) as err:
             con.print(markup("[bold red]error:[/] {err}", err=err))
             raise typer.Exit(EXIT_USAGE) from None
     f = result.final

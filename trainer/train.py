@@ -55,7 +55,14 @@ from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
 from trainer.reference import cache_key_material, compute_reference_logps, load_or_compute
 from trainer.report import write_run_report
-from trainer.tokenize import TINY_TOKENIZER, TokenizeConfig, load_tokenizer, tokenize_rows, tokenizer_fingerprint
+from trainer.tokenize import (
+    TINY_TOKENIZER,
+    TokenizeConfig,
+    ledger_summary,
+    load_tokenizer,
+    tokenize_rows,
+    tokenizer_fingerprint,
+)
 
 
 class TrainConfig(BaseModel):
@@ -159,6 +166,10 @@ class ResumeMismatch(ValueError):
     pass
 
 
+class NoTrainingPairs(ValueError):
+    """Tokenisation left no train pair (every one dropped or skipped; the message has the split's ledger)."""
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -236,6 +247,10 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     for split, split_rows in rows.items():
         pairs[split], led = tokenize_rows(tok, split_rows, tcfg, on_mismatch=cfg.on_template_mismatch)
         ledger[split] = led.as_dict()
+    if not pairs["train"]:  # said before the reference pass and the run directory, with the reasons
+        raise NoTrainingPairs(f"version {handle.version_id}: no train pair left after tokenisation "
+                              f"({ledger_summary(ledger['train'], 'train')}); a pair whose prompt alone "
+                              "does not fit in --max-length is dropped, not cut (docs/trainer.md, Truncation)")
     if cfg.eval_max_pairs is not None:
         pairs["validation"] = pairs["validation"][:cfg.eval_max_pairs]
     vocab = len(tok)
