@@ -159,6 +159,8 @@ class _Progress:
             self.prog.update(self.task, completed=payload["step"],
                              info=f"loss {payload['loss']:.4f} acc {payload['rewards/accuracies']:.2f} "
                                   f"{payload['tokens/s']:.0f} tok/s")
+        elif kind == "eval" and not payload.get("eval/pairs"):
+            self.prog.console.print(f"  step {payload['step']}: no validation pairs", highlight=False)
         elif kind == "eval":
             self.prog.console.print(f"  step {payload['step']}: validation loss {payload['eval/loss']:.4f}, "
                                     f"reward accuracy {payload['eval/rewards/accuracies']:.3f}", highlight=False)

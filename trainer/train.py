@@ -211,7 +211,8 @@ def dpo_batch_loss(model, b: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def evaluate(model, pairs, ref, pad_id: int, cfg: TrainConfig) -> dict[str, float]:
-    """Validation metrics over every pair: loss = sum w l / sum w; the rest are means over pairs."""
+    """Validation metrics over every pair: loss = sum w l / sum w; the rest are means over pairs
+    (none but ``eval/pairs`` = 0 when the split has no pair)."""
     model.eval()
     sums: dict[str, float] = {}
     wl = wsum = n = 0.0
@@ -222,6 +223,8 @@ def evaluate(model, pairs, ref, pad_id: int, cfg: TrainConfig) -> dict[str, floa
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * b.size
     model.train()
+    if not n:  # every pair of the split dropped by tokenisation: no loss (0.0 would read as a perfect one)
+        return {"eval/pairs": 0}
     return {"eval/loss": wl / max(wsum, 1e-12), **{f"eval/{k}": v / n for k, v in sums.items()}, "eval/pairs": int(n)}
 
 
