@@ -85,7 +85,7 @@ def train(
     from trainer.runs import CheckpointError
     from trainer.evaluate import summary_lines
     from trainer.tokenize import PrefixMismatchError, TokenizerError, ledger_summary
-    from trainer.train import ResumeMismatch, TrainingDiverged, VersionRefused, make_config
+    from trainer.train import NoTrainingPairs, ResumeMismatch, TrainingDiverged, VersionRefused, make_config
     from trainer.train import train as run_training
 
     con = err_console()
@@ -123,7 +123,7 @@ def train(
             con.print(markup("[bold red]failed:[/] {err}", err=err))
             raise typer.Exit(EXIT_DIVERGED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
-                PrefixMismatchError, TokenizerError) as err:
+                PrefixMismatchError, TokenizerError, NoTrainingPairs) as err:
             con.print(markup("[bold red]error:[/] {err}", err=err))
             raise typer.Exit(EXIT_USAGE) from None
     f = result.final
@@ -171,6 +171,8 @@ class _Progress:
             self.prog.update(self.task, completed=payload["step"],
                              info=f"loss {payload['loss']:.4f} acc {payload['rewards/accuracies']:.2f} "
                                   f"{payload['tokens/s']:.0f} tok/s")
+        elif kind == "eval" and not payload.get("eval/pairs"):
+            self.prog.console.print(f"  step {payload['step']}: no validation pairs", highlight=False)
         elif kind == "eval":
             self.prog.console.print(f"  step {payload['step']}: validation loss {payload['eval/loss']:.4f}, "
                                     f"reward accuracy {payload['eval/rewards/accuracies']:.3f}", highlight=False)

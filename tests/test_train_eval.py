@@ -120,6 +120,25 @@ def test_empty_test_split_is_reported_not_an_error(tmp_path):
     assert "No test-split evaluation" in (res.run_dir / "report.html").read_text()
 
 
+def test_validation_split_without_pairs_has_no_loss_not_a_zero_one(tmp_path):
+    """Every validation prompt longer than --max-length (all dropped by tokenisation): the evaluation
+    recorded eval/loss 0.0 -- a perfect loss over no pairs -- in metrics.jsonl, run.json and the CLI
+    line, and the terminal progress printer raised KeyError on its eval line."""
+    from flows.train_cmd import _Progress
+
+    long_prompt = [{"role": "user", "content": "river stone cloud " * 40}]
+    val = [{**r, "prompt": long_prompt} for r in planted_rows(4, seed=1, prefix="v")]
+    st = make_store(tmp_path / "s", {"train": planted_rows(12), "validation": val, "test": []})
+    res = train(make_config(st.root, "v-toy", run_id="no-val", max_steps=2, **{**FAST, "eval_every": 1}))
+    assert res.ledger["validation"]["dropped_prompt_too_long"] == 4
+    evals = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    assert evals and all(e["eval/pairs"] == 0 and "eval/loss" not in e for e in evals)
+    assert res.final["eval/pairs"] == 0 and "eval/loss" not in res.final
+    with _Progress(2, enabled=True) as progress:
+        progress.on_event("eval", evals[-1])  # says there were no pairs; no KeyError
+
+
 def test_cli_prints_the_evaluation_summary(tmp_path):
     import typer
     from typer.testing import CliRunner

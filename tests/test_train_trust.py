@@ -188,6 +188,35 @@ def test_infinite_option_values_exit_2_before_anything_runs(store, flag, value, 
     assert not (store.root / "runs").exists()
 
 
+@pytest.mark.parametrize("prompt_length", ["32", "40"])
+def test_a_prompt_budget_without_room_for_a_completion_exits_2(store, prompt_length):
+    """``--max-length 32 --max-prompt-length 32`` passed TrainConfig and failed inside ``train()``, after the
+    version was opened and hashed, with a TokenizeConfig traceback (exit 1): the config refuses it, exit 2."""
+    with pytest.raises(ValueError, match="no room"):
+        make_config(store.root, "v-toy", model=TINY, max_length=32, max_prompt_length=int(prompt_length))
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1",
+                  "--max-length", "32", "--max-prompt-length", prompt_length)
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "bad training options" in res.output and "max_prompt_length" in res.output and "no room" in res.output
+    assert not (store.root / "runs").exists()
+    make_config(store.root, "v-toy", model=TINY, max_length=32, max_prompt_length=31)  # one token of room is enough
+
+
+def test_no_train_pair_left_after_tokenisation_exits_2_with_the_ledger(store):
+    """Every train prompt longer than --max-length (all dropped, prompt_too_long): the run ended with
+    PairStream's bare ValueError traceback (exit 1) after computing and caching reference log-probs; now
+    exit 2 naming the split's ledger, before any reference work or run directory."""
+    from trainer.train import NoTrainingPairs
+
+    with pytest.raises(NoTrainingPairs, match="prompt_too_long 12"):
+        train(make_config(store.root, "v-toy", **{**FAST, "max_length": 8}, max_steps=1))
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", "--max-length", "8")
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "Traceback" not in res.output and "no train pair" in res.output and "12 rows in, 0 used" in res.output
+    assert "--max-length" in res.output
+    assert not (store.root / "runs").exists()
+
+
 def _no_template_tokenizer(dst: Path) -> Path:
     shutil.copytree(TINY_TOKENIZER, dst)
     cfg = json.loads((dst / "tokenizer_config.json").read_text(encoding="utf-8"))

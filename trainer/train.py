@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.store import SPLITS, NotCertified, Store, VersionHandle
 from schemas.ids import safe_id
@@ -63,7 +63,14 @@ from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
 from trainer.reference import cache_key_material, compute_reference_logps, load_or_compute
 from trainer.report import write_run_report
-from trainer.tokenize import TINY_TOKENIZER, TokenizeConfig, load_tokenizer, tokenize_rows, tokenizer_fingerprint
+from trainer.tokenize import (
+    TINY_TOKENIZER,
+    TokenizeConfig,
+    ledger_summary,
+    load_tokenizer,
+    tokenize_rows,
+    tokenizer_fingerprint,
+)
 
 
 class TrainConfig(BaseModel):
@@ -134,6 +141,19 @@ class TrainConfig(BaseModel):
     def _run_id_is_a_plain_name(cls, v: str | None) -> str | None:
         return None if v is None else safe_id(v, what="run id")  # it becomes STORE/runs/<run_id>
 
+    @model_validator(mode="after")
+    def _prompt_budget_leaves_room(self) -> TrainConfig:
+        # TokenizeConfig holds the rule; checked here so that a bad pair of lengths is a bad option
+        # (CLI exit 2), not a traceback from inside train() after the version was opened
+        try:
+            self.tokenize_config()
+        except ValidationError as err:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
+        return self
+
+    def tokenize_config(self) -> TokenizeConfig:
+        return TokenizeConfig(max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+
     def fingerprint(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
 
@@ -162,6 +182,10 @@ class TrainingDiverged(FloatingPointError):
     def __init__(self, message: str, *, step: int, what: str, value: float, run_dir: Path):
         super().__init__(message)
         self.step, self.what, self.value, self.run_dir = step, what, value, run_dir
+
+
+class NoTrainingPairs(ValueError):
+    """Tokenisation left no train pair (every one dropped or skipped; the message has the split's ledger)."""
 
 
 @dataclass
@@ -205,7 +229,8 @@ def dpo_batch_loss(model, b: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def evaluate(model, pairs, ref, pad_id: int, cfg: TrainConfig) -> dict[str, float]:
-    """Validation metrics over every pair: loss = sum w l / sum w; the rest are means over pairs."""
+    """Validation metrics over every pair: loss = sum w l / sum w; the rest are means over pairs
+    (none but ``eval/pairs`` = 0 when the split has no pair)."""
     model.eval()
     sums: dict[str, float] = {}
     wl = wsum = n = 0.0
@@ -216,6 +241,8 @@ def evaluate(model, pairs, ref, pad_id: int, cfg: TrainConfig) -> dict[str, floa
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * b.size
     model.train()
+    if not n:  # every pair of the split dropped by tokenisation: no loss (0.0 would read as a perfect one)
+        return {"eval/pairs": 0}
     return {"eval/loss": wl / max(wsum, 1e-12), **{f"eval/{k}": v / n for k, v in sums.items()}, "eval/pairs": int(n)}
 
 
@@ -236,11 +263,15 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
     src: ModelSource = parse_model(cfg.model, default_seed=cfg.seed)
     tok_path = cfg.tokenizer or (src.value if src.kind == "path" and _has_tokenizer(Path(src.value)) else str(TINY_TOKENIZER))
     tok = load_tokenizer(tok_path, light=True)  # the repo's tokenizer without importing transformers
-    tcfg = TokenizeConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    tcfg = cfg.tokenize_config()
     pairs, ledger = {}, {}
     for split, split_rows in rows.items():
         pairs[split], led = tokenize_rows(tok, split_rows, tcfg, on_mismatch=cfg.on_template_mismatch)
         ledger[split] = led.as_dict()
+    if not pairs["train"]:  # said before the reference pass and the run directory, with the reasons
+        raise NoTrainingPairs(f"version {handle.version_id}: no train pair left after tokenisation "
+                              f"({ledger_summary(ledger['train'], 'train')}); a pair whose prompt alone "
+                              "does not fit in --max-length is dropped, not cut (docs/trainer.md, Truncation)")
     if cfg.eval_max_pairs is not None:
         pairs["validation"] = pairs["validation"][:cfg.eval_max_pairs]
     vocab = len(tok)
