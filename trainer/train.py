@@ -366,7 +366,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
 
     def run_eval(split: str = "validation") -> dict[str, Any]:
         metrics = evaluate(model, pairs[split], ref.logps, tok.pad_token_id, cfg)
-        if not math.isfinite(metrics["eval/loss"]):
+        if not math.isfinite(metrics.get("eval/loss", 0.0)):  # (a split without pairs has no loss)
             name = "validation" if split == "validation" else "test"
             raise fail(f"non_finite_{name}_loss", step, f"{'eval' if name == 'validation' else 'test'}/loss",
                        metrics["eval/loss"],
