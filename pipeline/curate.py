@@ -767,7 +767,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         final_pairs = final.pairs.join(plan.dirty.to_frame("pair_id"), on="pair_id", how="semi")
         mine = jsel.kept_of(plan.dirty)  # per-pair figures of the dirty pairs
         psel = sel.select_pairs(final_pairs, flags, policy.select, clusters=clusters, judgments=mine,
-                                downweight_share=sel.downweight_shares(mine, jsel.downweighted_annotators))
+                                downweight_share=sel.downweight_shares(mine, jsel.downweighted_annotators),
+                                checks=policy.checks)
         del mine, final_pairs, final  # (the aggregation's rows: select's are what the later stages read)
         judgments_dropped = jsel.dropped_by_reason
         del jsel  # every judgment's row: no stage after select reads it (freed before split's work)
@@ -823,7 +824,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
     else:
         kept = jsel.kept
         psel = sel.select_pairs(final.pairs, flags, policy.select, all_pair_ids=all_pair_ids, clusters=clusters,
-                                downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
+                                downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept,
+                                checks=policy.checks)
         del kept, final  # (the aggregation's rows of every pair, with texts: select's are what the later stages read)
         judgments_dropped = jsel.dropped_by_reason
         del jsel  # every judgment's row: no stage after select reads it (freed before split's work)

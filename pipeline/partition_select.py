@@ -204,7 +204,8 @@ def _select_run(prelim_blob: bytes, final_blob: bytes, final_dim_blob: bytes, fl
     if cl is not None:
         cl = cl.filter(pl.col("pair_id").is_in(pair_ids.implode()))
     psel = sel.select_pairs(final.pairs, pf, policy.select, all_pair_ids=pair_ids, clusters=cl,
-                            downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
+                            downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept,
+                            checks=policy.checks)
     del final, kept, jsel
     narrow: State = {
         "fate": psel.pairs.select("pair_id", "decision", "reason", "near_dup_cluster").sort("pair_id"),

@@ -40,7 +40,7 @@ import polars as pl
 from pipeline import dimensions as dims
 from pipeline.aggregate import PAIR_TEXT_COLUMNS
 from schemas.arrow import conform, polars_schema
-from schemas.policy import SelectConfig
+from schemas.policy import ChecksConfig, SelectConfig
 from schemas.records import ROUTED_LABELS, DPORow
 
 # select's own pair outcomes and their place among the checks' pair reasons (``Reason.precedence``:
@@ -263,6 +263,15 @@ class PairSelection:
     routed_by_label: dict[str, int]
 
 
+def _still_holds(checks: ChecksConfig | None) -> dict[str, pl.Expr]:
+    """Pair reason -> its rule over the final pairs, for the reasons that declare one."""
+    if checks is None:
+        return {}
+    from pipeline.checks import pair_reasons
+
+    return {r.code: r.holds(checks) for r in pair_reasons() if r.holds is not None}
+
+
 def select_pairs(
     pairs: pl.DataFrame,
     flags: pl.DataFrame,
@@ -272,11 +281,14 @@ def select_pairs(
     clusters: pl.DataFrame | None = None,
     downweight_share: pl.DataFrame | None = None,
     judgments: pl.DataFrame | None = None,
+    checks: ChecksConfig | None = None,
 ) -> PairSelection:
     """Decide every pair.  ``all_pair_ids``: pairs that existed before judgment-level drops
     (those missing from ``pairs`` now are dropped as ``all_judgments_dropped``); ``judgments``:
     the kept judgments (routed pairs carry theirs; ``unknown`` judges set the pair kind,
-    :func:`with_unknown_kinds`)."""
+    :func:`with_unknown_kinds`); ``checks``: the policy's checks section -- a pair reason that
+    declares ``holds`` (:class:`pipeline.checks.spec.Reason`) then acts only where its rule still
+    holds on ``pairs``, the consensus of the kept judgments."""
     c = pl.col
     drop_r = _reasons_with(cfg, "drop")
     down_r = _reasons_with(cfg, "downweight")
@@ -298,8 +310,11 @@ def select_pairs(
         p = p.with_columns(_down_share=pl.lit(0.0))
     p = p.with_columns(_down_share=c("_down_share").fill_null(0.0))
 
+    holds = _still_holds(checks)
+
     def flagged(reason: str) -> pl.Expr:
-        return c("_reasons").list.contains(reason) & pl.lit(reason in drop_r)
+        cond = c("_reasons").list.contains(reason) & pl.lit(reason in drop_r)
+        return cond & holds[reason] if reason in holds else cond
 
     label = c("label_consensus")
     route_action = {k: v for k, v in cfg.route.items()}
@@ -327,7 +342,8 @@ def select_pairs(
     base = {"confidence": consensus_confidence_expr(p.columns), "agreement": c("agreement"),
             "agreement_x_strength": c("agreement") * c("strength").fill_null(1.0), "none": pl.lit(1.0)}[cfg.weight_by]
     factor = cfg.downweight_factor
-    n_down = pl.sum_horizontal([c("_reasons").list.contains(r).cast(pl.Int32) for r in sorted(down_r)]) if down_r else pl.lit(0)
+    n_down = pl.sum_horizontal([(c("_reasons").list.contains(r) & holds.get(r, pl.lit(True))).fill_null(False).cast(pl.Int32)
+                                for r in sorted(down_r)]) if down_r else pl.lit(0)
     weight = base.fill_null(1.0) * (1 - c("_down_share") * (1 - factor)) * pl.lit(factor).pow(n_down)
     p = p.with_columns(weight=weight.clip(1e-6, 1.0))
 

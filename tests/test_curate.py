@@ -636,3 +636,26 @@ def test_a_child_without_the_history_texts_writes_what_reading_them_writes(tmp_p
         assert ha.read("review_state").drop(times).equals(hb.read("review_state").drop(times))
         pa, pb = a, b
     assert ma.check("dimensions").metrics["per_dimension"]  # the last batch's verdicts were checked
+
+
+def test_low_agreement_is_decided_on_the_judgments_select_keeps(tmp_path):
+    """A 2-1 pair (agreement 0.67, kept) whose minority judgment is re-delivered once: the
+    preliminary consensus counts the copy (2-2, agreement 0.5, flagged ``low_agreement``),
+    select drops the copy and recomputes the consensus (2-1 again); the pair must be kept, not
+    dropped as ``low_agreement`` on a figure that no longer holds.  The flag stays."""
+    batch = tmp_path / "batch.jsonl"
+    base = {"prompt": "How do I reset my router to factory settings?", "response_a": "Hold the reset button for 10 s.",
+            "response_b": "Unplug it.", "annotator_kind": "human", "locale": "en"}
+    rows = [{**base, "comparison_id": f"c{i}", "annotator_id": who, "label": lab, "shown_first": "a",
+             "created_at": f"2026-01-01T00:00:0{i}Z"} for i, (who, lab) in enumerate([("h1", "a"), ("h2", "a"), ("h3", "b")])]
+    redelivered = {**rows[2], "comparison_id": "c3", "created_at": "2026-01-02T00:00:00Z",
+                   "response_a": base["response_b"], "response_b": base["response_a"], "label": "a", "shown_first": "b"}
+    batch.write_text("".join(json.dumps(r) + "\n" for r in [*rows, redelivered]), encoding="utf-8")
+    store = tmp_path / "store"
+    h = Store(store).get(curate_cli(batch, "--store", store))
+    flags = h.read("flags.parquet")
+    assert set(flags["reason"]) == {"exact_duplicate", "low_agreement"}  # the preliminary finding is reported
+    pair = h.read("pairs.parquet").row(0, named=True)
+    assert (pair["n_judgments"], pair["agreement"]) == (3, pytest.approx(2 / 3))
+    assert (pair["decision"], pair["reason"]) == ("keep", None)
+    assert h.manifest().ledger.dropped == {}

@@ -38,7 +38,8 @@ def whole(tmp_path_factory) -> dict:
     final = aggregate(kept, POLICY.checks.aggregation, texts=prelim.texts())
     clusters = results["near_duplicates"].tables.get("clusters")
     psel = sel.select_pairs(final.pairs, flags, POLICY.select, all_pair_ids=prelim.pairs["pair_id"], clusters=clusters,
-                            downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept)
+                            downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators), judgments=kept,
+                            checks=POLICY.checks)
     return {"judgments": judgments, "prelim": prelim, "flags": flags, "jsel": jsel, "final": final, "clusters": clusters,
             "psel": psel}
 
@@ -74,7 +75,7 @@ def test_select_on_each_part_gives_the_whole_inputs_rows(whole, n):
         agg = aggregate(kept, POLICY.checks.aggregation, texts=texts, params=final.params, fitted=True)
         psel = sel.select_pairs(agg.pairs, part_flags, POLICY.select, all_pair_ids=_part(prelim.pairs, "pair_id", n, i)["pair_id"],
                                 clusters=whole["clusters"], downweight_share=sel.downweight_shares(kept, jsel.downweighted_annotators),
-                                judgments=kept)
+                                judgments=kept, checks=POLICY.checks)
         dropped.update(psel.dropped_by_reason)
         routed_by.update(psel.routed_by_label)
         pairs.append(psel.pairs)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pipeline.select import filter_judgments, select_pairs
 from pipeline.split import assign_splits, leakage
 from schemas.check import make_flags
-from schemas.policy import SelectConfig, SplitConfig
+from schemas.policy import ChecksConfig, SelectConfig, SplitConfig
 
 
 def _pairs(n: int, **cols) -> pl.DataFrame:
@@ -46,6 +46,20 @@ def test_every_pair_has_exactly_one_fate():
     row = res.dpo.filter(pl.col("pair_id") == "p1").row(0, named=True)
     assert row["chosen"] == [{"role": "assistant", "content": "bad answer 1"}]  # label b -> response_b chosen
     assert row["rejected_model"] == "ma"
+
+
+def test_low_agreement_acts_only_where_the_kept_judgments_still_disagree():
+    """The flag comes from the consensus of every judgment; given the policy's checks, select drops
+    (or down-weights) only pairs whose agreement over the kept judgments is still below the threshold
+    with enough judgments used: p0 was split by a dropped vote (now 2-1), p1 still is 1-1."""
+    pairs = _pairs(2, agreement=[2 / 3, 0.5], n_judgments=[3, 2], n_human=[3, 2], n_ai=[0, 0])
+    flags = make_flags(["p0", "p1"], subject_kind="pair", check="agreement", reason="low_agreement")
+    res = select_pairs(pairs, flags, SelectConfig(), checks=ChecksConfig())
+    assert dict(res.pairs.select("pair_id", "reason").iter_rows()) == {"p0": None, "p1": "low_agreement"}
+    res = select_pairs(pairs, flags, SelectConfig(flag_actions={"low_agreement": "downweight"}, weight_by="none"),
+                       checks=ChecksConfig())
+    assert dict(res.dpo.select("pair_id", "weight").iter_rows()) == {"p0": 1.0, "p1": 0.5}
+    assert select_pairs(pairs, flags, SelectConfig()).dropped_by_reason == {"low_agreement": 2}  # (no checks: the flag)
 
 
 def test_policy_actions_drop_downweight_and_weights():

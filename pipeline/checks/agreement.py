@@ -250,11 +250,11 @@ def run(
 
     # the scored pairs' figures by expressions, and only the low ones' rows copied: a filter copies every column
     # of the rows it keeps (a million pairs' rows: ~0.3 GB)
-    is_scored = pl.col("agreement").is_not_null() & (n_used_expr() >= cfg.min_judgments)
+    is_scored = _is_scored(cfg)
     # the mean of the sorted values: a float sum depends on its order, the pairs' order on how they were computed
     n_scored, mean_agreement = pairs.select(is_scored.sum().alias("n"), pl.col("agreement").filter(is_scored).sort().mean()).row(0)
     low = pairs.select("pair_id", "agreement", "label_consensus", "annotator_kind", "n_human", "n_ai", "n_judgments") \
-        .filter(is_scored & (pl.col("agreement") < cfg.low_agreement_threshold))
+        .filter(_is_low(cfg))
     detail = low.select(
         pl.format("agreement {} over {} judgments (consensus {})", pl.col("agreement").round(3), n_used_expr(),
                   pl.col("label_consensus"))
@@ -277,6 +277,15 @@ def run(
                        summary=summary)
 
 
+def _is_scored(cfg: AgreementConfig) -> pl.Expr:
+    return pl.col("agreement").is_not_null() & (n_used_expr() >= cfg.min_judgments)
+
+
+def _is_low(cfg: AgreementConfig) -> pl.Expr:
+    """The ``low_agreement`` rule over PairRecord columns (the flags here; select's test that it still holds)."""
+    return _is_scored(cfg) & (pl.col("agreement") < cfg.low_agreement_threshold)
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -287,5 +296,6 @@ CHECK = CheckSpec(
     pair_columns=("pair_id", "locale", "tags", "agreement", "label_consensus", "annotator_kind", "n_human", "n_ai",
                   "n_judgments"),
     reasons=(
-        Reason("low_agreement", "pair", "drop", "judgments disagree beyond the policy threshold", precedence=60),
+        Reason("low_agreement", "pair", "drop", "judgments disagree beyond the policy threshold", precedence=60,
+               holds=lambda checks: _is_low(checks.agreement)),
     ))

@@ -32,7 +32,13 @@ class Reason:
 
     ``precedence`` orders pair-level drops in select (smaller first: a pair dropped for two
     reasons is counted under the first); select's own reasons sit at 10 (identical
-    responses) ... 110 (below min strength), see ``pipeline/select.py``."""
+    responses) ... 110 (below min strength), see ``pipeline/select.py``.
+
+    ``holds``: for a pair reason found on the preliminary consensus (every judgment), the rule
+    again as an expression over the *final* pairs (``PairRecord`` columns, after select's
+    judgment drops), given the policy's ``ChecksConfig``; select acts on the flag only where it
+    still holds (a re-delivered copy or a dropped annotator's vote made the finding, not the
+    judgments that decide the pair).  The flag itself stays in ``flags.parquet``."""
 
     code: str
     subject: SubjectKind
@@ -40,6 +46,7 @@ class Reason:
     doc: str
     actions: tuple[Action, ...] = ALL_ACTIONS
     precedence: int = 75
+    holds: Callable[[Any], pl.Expr] | None = None
 
     def __post_init__(self) -> None:
         if self.default_action not in self.actions:
