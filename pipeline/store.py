@@ -910,25 +910,18 @@ def _writer_gone(d: Path, max_age: float) -> bool:
     """Whether nobody writes the staging directory ``d`` any more: its ``.alive`` lock is free, or
     -- a directory without one: a writer before marks, or trash being deleted (``gc-``/``orphan-``
     names, pid 0) -- the process its name gives is not alive here or it is older than ``max_age``."""
+    free = _lock_free(d.with_name(d.name + ALIVE))
+    if free is not None:
+        return free
     try:
-        fd = os.open(d.with_name(d.name + ALIVE), os.O_RDWR)
-    except FileNotFoundError:
-        try:
-            pid = int(d.name.split(".")[1])
-        except (IndexError, ValueError):
-            pid = -1
-        try:
-            old = time.time() - d.stat().st_mtime > max_age
-        except FileNotFoundError:  # (finished meanwhile)
-            return False
-        return not (pid > 0 and _pid_alive(pid)) or old
+        pid = int(d.name.split(".")[1])
+    except (IndexError, ValueError):
+        pid = -1
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        old = time.time() - d.stat().st_mtime > max_age
+    except FileNotFoundError:  # (finished meanwhile)
         return False
-    finally:
-        os.close(fd)
-    return True
+    return not (pid > 0 and _pid_alive(pid)) or old
 
 
 def dead_stages(staging: Path, max_age: float = STALE_STAGING_SECONDS) -> list[Path]:
@@ -941,7 +934,7 @@ def dead_stages(staging: Path, max_age: float = STALE_STAGING_SECONDS) -> list[P
         if d.name.endswith(ALIVE) or (d.name.startswith(".") and ALIVE in d.name):
             stem = d.name[1:].split(ALIVE)[0] if d.name.startswith(".") else d.name[:-len(ALIVE)]
             half_made = d.name.startswith(".")  # (its writer may be between making it and locking it: a minute)
-            if not (staging / stem).exists() and _lock_free(d) and not (half_made and _younger(d, 60.0)):
+            if not (staging / stem).exists() and _lock_free(d) is True and not (half_made and _younger(d, 60.0)):
                 dead.append(d)
         elif _writer_gone(d, max_age):
             dead.append(d)
@@ -955,11 +948,12 @@ def _younger(path: Path, seconds: float) -> bool:
         return False
 
 
-def _lock_free(path: Path) -> bool:
+def _lock_free(path: Path) -> bool | None:
+    """Whether nobody holds the ``flock`` of the file ``path`` (None: there is no such file)."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
