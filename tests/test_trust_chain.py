@@ -299,6 +299,23 @@ def test_ed25519_sign_on_one_machine_verify_with_the_public_key_only(tmp_path, m
     assert not status.ok and status.link == "signature"
 
 
+def test_verify_only_key_refuses_to_certify_before_writing_anything(tmp_path, monkeypatch):
+    """README, exit 2: "a bad signing key; nothing is written" -- not the part facts and Great
+    Expectations results of a certification whose record could never be signed."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pub = tmp_path / "verify.pem"
+    pub.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    st = Store(tmp_path / "s")
+    vid = curate(SAMPLES[:1], st, POLICY).version_id
+    monkeypatch.setenv("PREFPIPE_VERIFY_KEY_FILE", str(pub))
+    res = cli("certify", vid, "--store", str(st.root), "--no-expectations", "--policy", str(policy_file(tmp_path)))
+    assert res.exit_code == 2 and "cannot sign" in res.output, res.output
+    assert not (st.root / "certifications").exists() or not any((st.root / "certifications").iterdir())
+
+
 # ---------------------------------------------------------------- a broken store: clear errors, nothing lost
 def test_damaged_manifest_is_listed_and_skipped_by_latest(tmp_path):
     st = Store(tmp_path / "s")
