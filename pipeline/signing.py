@@ -81,7 +81,13 @@ def _read_key_file(var: str) -> bytes:
 
 
 def load_keyring() -> Keyring | None:
-    """The configured key, or None when signing is not configured."""
+    """The configured key, or None when signing is not configured.  A variable that is set but
+    empty is an error, never "not configured": a key that failed to arrive (an empty secret
+    mount, ``VAR=$(cat missing)``) must not turn signing off and make unsigned records count."""
+    for var in ("PREFPIPE_SIGNING_KEY", "PREFPIPE_SIGNING_KEY_FILE", "PREFPIPE_VERIFY_KEY_FILE"):
+        if var in os.environ and not os.environ[var].strip():
+            raise SigningConfigError(f"{var} is set but empty: give the key, or unset the variable to work without "
+                                     "signatures")
     if os.environ.get("PREFPIPE_SIGNING_KEY"):
         return _hmac_ring(os.environ["PREFPIPE_SIGNING_KEY"].encode("utf-8"), "PREFPIPE_SIGNING_KEY")
     if os.environ.get("PREFPIPE_SIGNING_KEY_FILE"):

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from pipeline.certify import certify_version
 from pipeline.curate import curate
+from pipeline.signing import SigningConfigError
 from pipeline.store import NotCertified, Store, sha256_file, table_sha256
 from schemas.manifest import SplitInfo
 from schemas.policy import policy_from_dict
@@ -267,6 +268,20 @@ def test_short_secret_is_a_usage_error(store, monkeypatch):
     monkeypatch.setenv("PREFPIPE_SIGNING_KEY", "short")
     res = cli("certify", vid, "--store", str(st.root), "--no-expectations")
     assert res.exit_code == 2 and "at least 16" in res.output
+
+
+@pytest.mark.parametrize("var", ["PREFPIPE_SIGNING_KEY", "PREFPIPE_SIGNING_KEY_FILE", "PREFPIPE_VERIFY_KEY_FILE"])
+def test_empty_key_variable_is_a_usage_error_not_signing_off(store, monkeypatch, var):
+    """A key that failed to arrive must not switch verification off: an unsigned (forgeable) record
+    would then count as a certification on a machine configured to verify signatures."""
+    st, vid = store
+    monkeypatch.setenv(var, "")
+    res = cli("versions", "--store", str(st.root))
+    assert res.exit_code == 2 and var in res.output and "empty" in res.output, res.output
+    res = cli("certify", vid, "--store", str(st.root), "--no-expectations", "--policy", str(policy_file(st.root)))
+    assert res.exit_code == 2 and var in res.output, res.output
+    with pytest.raises(SigningConfigError, match="set but empty"):
+        st.open_certified(vid)
 
 
 def test_ed25519_sign_on_one_machine_verify_with_the_public_key_only(tmp_path, monkeypatch):
