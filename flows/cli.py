@@ -484,8 +484,9 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
     """List versions: id, created, parent, pairs kept, certified?
 
     "certified" means the whole chain holds: a certified record for this version whose manifest
-    sha256 (and signature, when signing is configured) verifies, and every file matching the
-    manifest.  Damaged versions are listed as DAMAGED."""
+    sha256 (and signature, when signing is configured) verifies, every file matching the
+    manifest, and no pair of a protected evaluation set in its train/validation splits (what
+    `prefpipe train` checks).  Damaged versions are listed as DAMAGED."""
     from rich.table import Table
 
     from pipeline.store import DamagedVersion, VersionHandle
@@ -504,7 +505,7 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
             rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
                          "certified": False, "damaged": damaged, "trust": {"ok": False, "link": "manifest", "reason": damaged}})
             continue
-        chain = h.verify_chain(files=not fast)
+        chain = st.trust(h, files=not fast)
         rows.append({"version_id": e.version_id, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
                      "pairs_kept": m.ledger.pairs_kept, "damaged": None,
                      # null: never certified; false: a record exists but the chain does not hold
@@ -522,7 +523,7 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
             continue
         link = r["trust"]["link"]
         cert = ("yes" if r["certified"] else "-" if r["certified"] is None  # no record at all
-                else {"verdict": "rejected"}.get(link, f"no ({link} changed)"))
+                else {"verdict": "rejected", "protected": "no (protected pairs)"}.get(link, f"no ({link} changed)"))
         t.add_row(plain(r["version_id"]), r["created_at"], plain(r["parent"] or "-"), f"{r['pairs_kept']:,}", cert)
     out_console().print(t, markup=False)
     for r in rows:
@@ -537,7 +538,7 @@ def show(version: Annotated[str, typer.Argument(help="Version id, unique prefix,
     st = _open_store(store)
     h = _resolve_or_exit(st, version)
     m = h.manifest()
-    chain = h.verify_chain()
+    chain = st.trust(h)
     trust = {"ok": chain.ok, "link": chain.link, "reason": chain.reason}
     import polars as pl
 

@@ -362,6 +362,9 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
 
     The record binds what was evaluated: the sha256 of the manifest bytes read (the manifest
     binds every file), and the policy hash."""
+    from pipeline.signing import signing_keyring
+
+    signing_keyring()  # a key that cannot sign fails now, before any work is done or written
     policy = resolve_policy(policy)
     h = store.resolve(ref)
     manifest_sha = h.manifest_sha256()

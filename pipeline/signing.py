@@ -81,7 +81,13 @@ def _read_key_file(var: str) -> bytes:
 
 
 def load_keyring() -> Keyring | None:
-    """The configured key, or None when signing is not configured."""
+    """The configured key, or None when signing is not configured.  A variable that is set but
+    empty is an error, never "not configured": a key that failed to arrive (an empty secret
+    mount, ``VAR=$(cat missing)``) must not turn signing off and make unsigned records count."""
+    for var in ("PREFPIPE_SIGNING_KEY", "PREFPIPE_SIGNING_KEY_FILE", "PREFPIPE_VERIFY_KEY_FILE"):
+        if var in os.environ and not os.environ[var].strip():
+            raise SigningConfigError(f"{var} is set but empty: give the key, or unset the variable to work without "
+                                     "signatures")
     if os.environ.get("PREFPIPE_SIGNING_KEY"):
         return _hmac_ring(os.environ["PREFPIPE_SIGNING_KEY"].encode("utf-8"), "PREFPIPE_SIGNING_KEY")
     if os.environ.get("PREFPIPE_SIGNING_KEY_FILE"):
@@ -115,11 +121,25 @@ def load_keyring() -> Keyring | None:
     return None
 
 
+def _cannot_sign() -> SigningConfigError:
+    return SigningConfigError("only a verification key is configured (PREFPIPE_VERIFY_KEY_FILE): this machine cannot "
+                              "sign certifications; set PREFPIPE_SIGNING_KEY or PREFPIPE_SIGNING_KEY_FILE")
+
+
+def signing_keyring() -> Keyring | None:
+    """The configured key when this process can sign with it, None when signing is not configured;
+    a verify-only key raises :class:`SigningConfigError`.  Certify asks before any work, so a machine
+    that cannot sign writes nothing (no GX run, no part facts)."""
+    ring = load_keyring()
+    if ring is not None and not ring.can_sign:
+        raise _cannot_sign()
+    return ring
+
+
 def sign_record(record: dict[str, Any], ring: Keyring) -> dict[str, Any]:
     """The record with ``signature``, ``signature_alg`` and ``key_id`` set."""
     if not ring.can_sign:
-        raise SigningConfigError("only a verification key is configured (PREFPIPE_VERIFY_KEY_FILE): this machine cannot "
-                                 "sign certifications; set PREFPIPE_SIGNING_KEY or PREFPIPE_SIGNING_KEY_FILE")
+        raise _cannot_sign()
     msg = canonical_bytes(record)
     if ring.alg == "hmac-sha256":
         sig = hmac.new(ring.secret, msg, hashlib.sha256).digest()
@@ -154,4 +174,5 @@ def verify_record(record: dict[str, Any], ring: Keyring) -> str | None:
     return None if ok else "the signature does not match the record (the record was edited after signing)"
 
 
-__all__ = ["Keyring", "SigningConfigError", "canonical_bytes", "load_keyring", "sign_record", "verify_record"]
+__all__ = ["Keyring", "SigningConfigError", "canonical_bytes", "load_keyring", "sign_record", "signing_keyring",
+           "verify_record"]

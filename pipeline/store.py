@@ -293,7 +293,8 @@ class ChainStatus:
     ``link`` names the first broken link: ``certificate`` (no record, damaged record, or a record
     for another version), ``verdict`` (latest record rejected), ``signature`` (signing configured
     and the record's signature missing or wrong), ``manifest`` (manifest.json is not the one the
-    record certified, or is damaged), ``files`` (a file differs from the manifest's sha256)."""
+    record certified, or is damaged), ``files`` (a file differs from the manifest's sha256); and, from
+    :meth:`Store.trust` only, ``protected`` (its train/validation splits hold protected pairs)."""
 
     ok: bool
     link: str | None
@@ -845,21 +846,33 @@ class Store:
 
         return protected_pair_ids(self)
 
-    def open_certified(self, ref: str) -> VersionHandle:
-        """The version behind ``ref`` after verifying certificate -> manifest -> files; raises
-        :class:`NotCertified` naming the broken link otherwise.  Read its files with
-        :meth:`VersionHandle.read` / :meth:`VersionHandle.read_split` (verified again at read time)."""
-        h = self.resolve(ref)
-        status = h.verify_chain()
+    def trust(self, h: VersionHandle, *, files: bool = True) -> ChainStatus:
+        """What the trainer's way in (:meth:`open_certified`) decides for ``h``: certificate -> manifest
+        -> files (:meth:`VersionHandle.verify_chain`), then no pair of a protected evaluation set in its
+        train/validation splits (link ``protected``: a protection added after the certificate still
+        counts).  ``versions`` and ``show`` report this, so they never say "certified" of a version
+        ``train`` refuses.  A protection record that cannot be read raises :class:`StoreError`."""
+        status = h.verify_chain(files=files)
         if not status.ok:
-            raise NotCertified(status.link or "certificate", status.reason)
+            return status
         from pipeline.protect import contamination, load_protections
 
         hits = contamination(h, load_protections(self))
-        if hits.height:  # a protection added after the certificate still counts
+        if hits.height:
             shown = ", ".join(f"{p} ({w} of {b})" for p, w, b in hits.select("pair_id", "why", "protected_by").head(5).iter_rows())
-            raise NotCertified("protected", f"{hits.height} pairs of {h.version_id}'s train/validation splits belong to a "
-                               f"protected evaluation set: {shown}")
+            return ChainStatus(False, "protected", f"{hits.height} pairs of {h.version_id}'s train/validation splits belong "
+                               f"to a protected evaluation set: {shown}", status.record)
+        return status
+
+    def open_certified(self, ref: str) -> VersionHandle:
+        """The version behind ``ref`` after verifying certificate -> manifest -> files and that it
+        trains on no protected pair (:meth:`trust`); raises :class:`NotCertified` naming the broken
+        link otherwise.  Read its files with :meth:`VersionHandle.read` / :meth:`VersionHandle.read_split`
+        (verified again at read time)."""
+        h = self.resolve(ref)
+        status = self.trust(h)
+        if not status.ok:
+            raise NotCertified(status.link or "certificate", status.reason)
         return h
 
 

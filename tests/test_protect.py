@@ -68,6 +68,30 @@ def test_an_unrelated_version_with_the_protected_prompts_is_rejected_and_not_tra
     assert res.exit_code == 4 and "protected" in res.output
 
 
+def test_versions_and_show_do_not_call_certified_what_train_refuses(tmp_path):
+    """A certificate from before the protection: train refuses the version (link ``protected``), so
+    the trust column of ``versions`` and ``show`` must not say certified."""
+    st = Store(tmp_path / "s")
+    other = policy_from_dict({"certify": {"require_expectations": False}, "split": {"seed": 99}})
+    v = curate(SAMPLES[:1], st, other).version_id
+    assert certify_version(st, v, other, run_gx=False).verdict == "certified"
+    base = curate(SAMPLES[:1], st, POLICY).version_id
+    assert runner.invoke(app, ["protect", base, "--store", str(st.root)]).exit_code == 0
+    with pytest.raises(NotCertified):
+        st.open_certified(v)
+    for fast in ([], ["--fast"]):
+        res = runner.invoke(app, ["versions", "--store", str(st.root), "--json", *fast])
+        row = next(r for r in json.loads(res.stdout) if r["version_id"] == v)
+        assert row["certified"] is False and row["trust"]["link"] == "protected", row
+    res = runner.invoke(app, ["versions", "--store", str(st.root)])
+    assert res.exit_code == 0 and "no (protected pairs)" in res.stdout and "yes" not in res.stdout, res.output
+    res = runner.invoke(app, ["show", v, "--store", str(st.root), "--json"])
+    trust = json.loads(res.stdout)["trust"]
+    assert not trust["ok"] and trust["link"] == "protected" and "protected evaluation set" in trust["reason"]
+    res = runner.invoke(app, ["show", v, "--store", str(st.root)])
+    assert "NOT certified (protected)" in res.stdout and "certification: CERTIFIED" not in res.stdout
+
+
 def test_a_damaged_protection_is_an_error_not_an_absence(protected):
     st, v1 = protected
     rec = next((st.root / "protected").glob("*.json"))

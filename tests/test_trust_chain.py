@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from pipeline.certify import certify_version
 from pipeline.curate import curate
+from pipeline.signing import SigningConfigError
 from pipeline.store import NotCertified, Store, sha256_file, table_sha256
 from schemas.manifest import SplitInfo
 from schemas.policy import policy_from_dict
@@ -269,6 +270,20 @@ def test_short_secret_is_a_usage_error(store, monkeypatch):
     assert res.exit_code == 2 and "at least 16" in res.output
 
 
+@pytest.mark.parametrize("var", ["PREFPIPE_SIGNING_KEY", "PREFPIPE_SIGNING_KEY_FILE", "PREFPIPE_VERIFY_KEY_FILE"])
+def test_empty_key_variable_is_a_usage_error_not_signing_off(store, monkeypatch, var):
+    """A key that failed to arrive must not switch verification off: an unsigned (forgeable) record
+    would then count as a certification on a machine configured to verify signatures."""
+    st, vid = store
+    monkeypatch.setenv(var, "")
+    res = cli("versions", "--store", str(st.root))
+    assert res.exit_code == 2 and var in res.output and "empty" in res.output, res.output
+    res = cli("certify", vid, "--store", str(st.root), "--no-expectations", "--policy", str(policy_file(st.root)))
+    assert res.exit_code == 2 and var in res.output, res.output
+    with pytest.raises(SigningConfigError, match="set but empty"):
+        st.open_certified(vid)
+
+
 def test_ed25519_sign_on_one_machine_verify_with_the_public_key_only(tmp_path, monkeypatch):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -297,6 +312,23 @@ def test_ed25519_sign_on_one_machine_verify_with_the_public_key_only(tmp_path, m
     monkeypatch.delenv("PREFPIPE_SIGNING_KEY_FILE")
     status = st.get(vid).verify_chain()
     assert not status.ok and status.link == "signature"
+
+
+def test_verify_only_key_refuses_to_certify_before_writing_anything(tmp_path, monkeypatch):
+    """README, exit 2: "a bad signing key; nothing is written" -- not the part facts and Great
+    Expectations results of a certification whose record could never be signed."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pub = tmp_path / "verify.pem"
+    pub.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    st = Store(tmp_path / "s")
+    vid = curate(SAMPLES[:1], st, POLICY).version_id
+    monkeypatch.setenv("PREFPIPE_VERIFY_KEY_FILE", str(pub))
+    res = cli("certify", vid, "--store", str(st.root), "--no-expectations", "--policy", str(policy_file(tmp_path)))
+    assert res.exit_code == 2 and "cannot sign" in res.output, res.output
+    assert not (st.root / "certifications").exists() or not any((st.root / "certifications").iterdir())
 
 
 # ---------------------------------------------------------------- a broken store: clear errors, nothing lost
