@@ -480,7 +480,7 @@ def certify(
 
 @command()
 def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
-             fast: Annotated[bool, typer.Option("--fast", help="Check certificate -> manifest only; do not hash the data files.")] = False) -> None:
+             fast: Annotated[bool, typer.Option("--fast", help="Check certificate -> manifest only; do not hash the data files (nor read them for protected pairs).")] = False) -> None:
     """List versions: id, created, parent, pairs kept, certified?
 
     "certified" means the whole chain holds: a certified record for this version whose manifest
@@ -505,7 +505,7 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
             rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
                          "certified": False, "damaged": damaged, "trust": {"ok": False, "link": "manifest", "reason": damaged}})
             continue
-        chain = st.trust(h, files=not fast)
+        chain = st.trust(h, files=not fast, protections=not fast)
         rows.append({"version_id": e.version_id, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
                      "pairs_kept": m.ledger.pairs_kept, "damaged": None,
                      # null: never certified; false: a record exists but the chain does not hold
