@@ -41,9 +41,9 @@ app.add_typer(policy_app, name="policy")
 
 EXIT_OK, EXIT_QUARANTINE, EXIT_USAGE, EXIT_REJECTED, EXIT_NOT_CERTIFIED = 0, 1, 2, 3, 4
 
-FilesArg = Annotated[list[Path], typer.Argument(help="Raw batch files: .jsonl, .jsonl.gz, .parquet or .csv.", show_default=False)]
+FilesArg = Annotated[list[Path], typer.Argument(help="Raw batch files: .jsonl, .ndjson or .json (JSON Lines; each also .gz), .parquet, .pq or .csv.", show_default=False)]
 InputsArg = Annotated[list[str], typer.Argument(
-    help="Raw batch files: .jsonl, .jsonl.gz, .parquet or .csv -- local paths, or URLs of any filesystem fsspec knows "
+    help="Raw batch files: .jsonl, .ndjson or .json (JSON Lines; each also .gz), .parquet, .pq or .csv -- local paths, or URLs of any filesystem fsspec knows "
          "(s3://, gs://, az://, https://, ... with its package installed: s3fs, gcsfs, adlfs, aiohttp), copied into "
          "the store and hashed on the way before they are read.", show_default=False)]
 FormatOpt = Annotated[
