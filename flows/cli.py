@@ -346,7 +346,7 @@ def curate(
     Prints the version id as the last line of stdout (with --json: one JSON document that
     holds it as version_id).  Re-running the same inputs with the
     same policy (and parent) returns the existing version and writes nothing.
-    Exit 0 written (or already there); 2 bad usage or unreadable input (nothing written).
+    Exit 0 written (or already there); 1 a partition task failed (no version; a retry computes only what is missing); 2 bad usage or unreadable input (nothing written).
     """
     from pipeline.curate import CurateOptions
     from pipeline.curate import curate as run_curate
