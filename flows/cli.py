@@ -41,9 +41,9 @@ app.add_typer(policy_app, name="policy")
 
 EXIT_OK, EXIT_QUARANTINE, EXIT_USAGE, EXIT_REJECTED, EXIT_NOT_CERTIFIED = 0, 1, 2, 3, 4
 
-FilesArg = Annotated[list[Path], typer.Argument(help="Raw batch files: .jsonl, .jsonl.gz, .parquet or .csv.", show_default=False)]
+FilesArg = Annotated[list[Path], typer.Argument(help="Raw batch files: .jsonl, .ndjson or .json (JSON Lines; each also .gz), .parquet, .pq or .csv.", show_default=False)]
 InputsArg = Annotated[list[str], typer.Argument(
-    help="Raw batch files: .jsonl, .jsonl.gz, .parquet or .csv -- local paths, or URLs of any filesystem fsspec knows "
+    help="Raw batch files: .jsonl, .ndjson or .json (JSON Lines; each also .gz), .parquet, .pq or .csv -- local paths, or URLs of any filesystem fsspec knows "
          "(s3://, gs://, az://, https://, ... with its package installed: s3fs, gcsfs, adlfs, aiohttp), copied into "
          "the store and hashed on the way before they are read.", show_default=False)]
 FormatOpt = Annotated[
@@ -346,7 +346,7 @@ def curate(
     Prints the version id as the last line of stdout (with --json: one JSON document that
     holds it as version_id).  Re-running the same inputs with the
     same policy (and parent) returns the existing version and writes nothing.
-    Exit 0 written (or already there); 2 bad usage or unreadable input (nothing written).
+    Exit 0 written (or already there); 1 a partition task failed (no version; a retry computes only what is missing); 2 bad usage or unreadable input (nothing written).
     """
     from pipeline.curate import CurateOptions
     from pipeline.curate import curate as run_curate

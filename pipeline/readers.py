@@ -207,6 +207,9 @@ class RawRow:
         return d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d
 
 
+ACCEPTED_SUFFIXES = ".jsonl, .ndjson or .json (JSON Lines; each also .gz), .parquet, .pq or .csv"
+
+
 def container_of(path: Path) -> str:
     name = path.name.lower()
     for suffix, kind in ((".jsonl.gz", "jsonl"), (".ndjson.gz", "jsonl"), (".json.gz", "jsonl"),
@@ -214,7 +217,7 @@ def container_of(path: Path) -> str:
                          (".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv")):
         if name.endswith(suffix):
             return kind
-    raise UnreadableFile(path, f"unknown file type {path.suffix or '(no suffix)'!r}; expected .jsonl, .jsonl.gz, .parquet or .csv")
+    raise UnreadableFile(path, f"unknown file type {path.suffix or '(no suffix)'!r}; expected {ACCEPTED_SUFFIXES}")
 
 
 class _Stream:

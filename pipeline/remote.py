@@ -68,7 +68,7 @@ class Staged:
             else:
                 path = Path(name)
                 if path.is_dir():
-                    raise UnreadableFile(path, "is a directory; expected a file (.jsonl, .jsonl.gz, .parquet or .csv)")
+                    raise UnreadableFile(path, "is a directory; expected a file (.jsonl, .ndjson, .json, their .gz, .parquet, .pq or .csv)")
                 if not path.is_file():
                     raise UnreadableFile(path, "not a regular file" if path.exists() else "no such file")
             # one file read twice would count its rows twice and give two rows one (file, line)

@@ -315,6 +315,16 @@ def test_policy_and_review_import_json_failures(tmp_path):
     assert _json_failure(res, 2, str(missing))["file"] == str(missing)
 
 
+def test_review_import_json_failure_gives_the_line_it_names(tmp_path):
+    """A JSON Lines review file refused at a line: `line` holds it (the message and `where` name it)."""
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('\n{"x": 1}\n')
+    res = runner.invoke(app, ["review", "import", str(answers), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl"),
+                              "--json"])
+    doc = _json_failure(res, 2, "line 2")
+    assert (doc["file"], doc["line"], doc["where"]) == (str(answers), 2, "line 2"), doc
+
+
 def test_certify_json_rejected_is_the_record_with_ok_false_and_exit_3(tiny_store):
     store, vid, _ = tiny_store
     res = runner.invoke(app, ["certify", vid, "--store", str(store), "--no-expectations", "--json"])

@@ -180,6 +180,18 @@ def test_unreadable_files_fail_whole(tmp_path, content, name, why):
     assert why in str(exc.value) and name in str(exc.value)
 
 
+def test_an_unknown_file_type_names_every_suffix_the_readers_take(tmp_path):
+    """The refusal says what was allowed: every suffix container_of takes (.ndjson, .json, .pq were missing)."""
+    from pipeline.readers import container_of
+
+    with pytest.raises(UnreadableFile) as exc:
+        container_of(tmp_path / "b.tsv")
+    for suffix in (".jsonl", ".ndjson", ".json", ".gz", ".parquet", ".pq", ".csv"):
+        assert suffix in str(exc.value).split("expected")[1], str(exc.value)
+    for name in ("b.ndjson.gz", "b.json", "b.pq", "B.JSONL.GZ"):
+        assert container_of(tmp_path / name)
+
+
 def test_gzip_parquet_csv_containers(tmp_path):
     rows = [canonical(i) for i in range(5)]
     gz = tmp_path / "b.jsonl.gz"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ class ReviewFileError(UnreadableFile):
         self.where, self.field = where, field
         parts = [p for p in (where, f"field {field!r}" if field else None, why) if p]
         super().__init__(path, ": ".join(parts))
+        if where is not None and (at := re.fullmatch(r"line (\d+)", where)):  # a JSON Lines file's line: --json's `line`
+            self.line = int(at.group(1))
 
 
 # ---------------------------------------------------------------- export: pairs -> tasks
