@@ -20,7 +20,8 @@ import json
 import sys
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, NoReturn
+from collections.abc import Iterator
+from typing import Annotated, Any, NoReturn
 
 import typer
 import typer.core
@@ -963,26 +964,20 @@ class _JsonUsageErrors(typer.core.TyperCommand):
             raise
 
 
-def _json_usage_errors(typer_app: typer.Typer) -> None:
-    for info in typer_app.registered_commands:
-        if info.callback is not None and "as_json" in inspect.signature(info.callback).parameters:
-            info.cls = _JsonUsageErrors
+def _commands(typer_app: typer.Typer) -> Iterator[Any]:
+    """Every command registered on ``typer_app`` and its groups (Typer's ``CommandInfo``)."""
+    yield from typer_app.registered_commands
     for group in typer_app.registered_groups:
         if group.typer_instance is not None:
-            _json_usage_errors(group.typer_instance)
+            yield from _commands(group.typer_instance)
 
 
-def _reflow_help(typer_app: typer.Typer) -> None:
-    for info in typer_app.registered_commands:
-        if info.callback is not None and info.callback.__doc__ and info.help is None:
-            info.help = _reflowed(info.callback.__doc__)
-    for group in typer_app.registered_groups:
-        if group.typer_instance is not None:
-            _reflow_help(group.typer_instance)
-
-
-_reflow_help(app)
-_json_usage_errors(app)
+for _info in _commands(app):
+    if _info.callback is not None:
+        if _info.callback.__doc__ and _info.help is None:
+            _info.help = _reflowed(_info.callback.__doc__)
+        if "as_json" in inspect.signature(_info.callback).parameters:
+            _info.cls = _JsonUsageErrors
 
 
 def main() -> None:  # pragma: no cover - console entry
