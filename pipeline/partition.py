@@ -169,6 +169,28 @@ class PartitionSet:
         return cls(directory, meta["n_partitions"], [PartitionInfo(**p) for p in meta["partitions"]],
                    IngestLedger(**meta["ledger"]), [SourceInfo(**s) for s in meta["sources"]], meta["flush_rows"])
 
+    def changed(self) -> list[int]:
+        """The partitions whose file is missing or is not the bytes ``partitions.json`` names (size, then
+        sha256): a set an earlier run left is checked before it is reused, since every task of a changed
+        partition fails on it (:class:`pipeline.distributed.PartitionChanged`) however often the run is retried."""
+        out = []
+        for p in self.partitions:
+            path = self.directory / p.path
+            try:
+                if path.stat().st_size != p.bytes:
+                    out.append(p.index)
+                    continue
+                h = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        h.update(block)
+            except OSError:
+                out.append(p.index)
+                continue
+            if h.hexdigest() != p.sha256:
+                out.append(p.index)
+        return out
+
 
 def read_partition(paths: str | Path | Sequence[str | Path], columns: list[str] | None = None) -> pl.DataFrame:
     """One partition's judgments (what a worker reads; ``columns`` to read narrow).  A partition

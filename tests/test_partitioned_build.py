@@ -547,6 +547,40 @@ def test_an_input_changed_while_it_is_hashed_and_partitioned_is_refused(inputs, 
     assert not any((store.root / ".staging").glob("partitions.*"))
 
 
+def test_a_partition_damaged_after_a_failed_run_is_partitioned_again_by_the_retry(tmp_path, monkeypatch):
+    """A partition file changed after ingest fails its tasks (its sha256 is not the ledger's) and the run; the set
+    stays for the retry, which checks it before reusing it: a changed partition is not reused (its tasks would fail
+    at every retry), the inputs are partitioned again and the retry gives the version a clean build gives."""
+    import pipeline.partitioned_build as pb
+    from pipeline.distributed import PartitionTaskError
+
+    inputs = sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))
+    policy = _small_partitions()
+    clean = curate(inputs, Store(tmp_path / "clean"), policy)
+    store = Store(tmp_path / "s")
+    real = pb.build_first
+
+    def damaging(store_, stage, version_id, pset, *args, **kwargs):
+        path = pset.path(1)
+        blob = bytearray(path.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        path.write_bytes(bytes(blob))
+        return real(store_, stage, version_id, pset, *args, **kwargs)
+
+    monkeypatch.setattr(pb, "build_first", damaging)
+    with pytest.raises(PartitionTaskError, match=r"partition 1 \(part-00001\.parquet.*PartitionChanged"):
+        curate(inputs, store, policy)
+    assert not store.exists(clean.version_id)
+    assert (store.root / ".work" / clean.version_id / "set" / "partitions.json").is_file()  # kept for the retry
+    monkeypatch.setattr(pb, "build_first", real)
+    retry = curate(inputs, store, policy)
+    assert retry.created and retry.version_id == clean.version_id
+    a, b = clean.handle.manifest(), retry.handle.manifest()
+    assert {k: t.sha256 for k, t in a.tables.items() if k not in ROWS_ONLY} == \
+        {k: t.sha256 for k, t in b.tables.items() if k not in ROWS_ONLY}
+    assert not (store.root / ".work" / clean.version_id).exists()
+
+
 def test_the_states_go_once_the_pair_tables_are_written_and_a_late_failure_keeps_the_partitions(inputs, tmp_path, monkeypatch):
     """After the pair tables, nothing reads the tasks' states: they (and the rewritten partitions, the broadcast
     tables) are removed while the rest is written, and the report takes its few rows from the version's own
