@@ -547,28 +547,36 @@ def test_an_input_changed_while_it_is_hashed_and_partitioned_is_refused(inputs, 
     assert not any((store.root / ".staging").glob("partitions.*"))
 
 
-def test_a_partition_damaged_after_a_failed_run_is_partitioned_again_by_the_retry(tmp_path, monkeypatch):
-    """A partition file changed after ingest fails its tasks (its sha256 is not the ledger's) and the run; the set
-    stays for the retry, which checks it before reusing it: a changed partition is not reused (its tasks would fail
-    at every retry), the inputs are partitioned again and the retry gives the version a clean build gives."""
+@pytest.mark.parametrize("damaged", ["part-00001.parquet", "quarantine.parquet"])
+def test_a_partition_set_changed_after_ingest_fails_the_run_and_the_retry_partitions_again(tmp_path, monkeypatch, damaged):
+    """A file of the partition set changed after ingest -- a partition (a byte flipped: its tasks check its sha256)
+    or the quarantine (other valid rows: read by the driver) -- fails the run, never becomes part of a version whose
+    id names the inputs; the set stays for the retry, which checks it before reusing it: the changed file is not
+    reused (a changed partition's tasks would fail at every retry), the inputs are partitioned again and the retry
+    gives the version a clean build gives."""
     import pipeline.partitioned_build as pb
-    from pipeline.distributed import PartitionTaskError
+
+    from pipeline.distributed import PartitionChanged, PartitionTaskError
 
     inputs = sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))
     policy = _small_partitions()
     clean = curate(inputs, Store(tmp_path / "clean"), policy)
+    assert clean.handle.read("quarantine").height >= 2
     store = Store(tmp_path / "s")
     real = pb.build_first
 
     def damaging(store_, stage, version_id, pset, *args, **kwargs):
-        path = pset.path(1)
-        blob = bytearray(path.read_bytes())
-        blob[len(blob) // 2] ^= 0xFF
-        path.write_bytes(bytes(blob))
+        path = pset.directory / damaged
+        if damaged == "quarantine.parquet":
+            pl.read_parquet(path).head(1).write_parquet(path)
+        else:
+            blob = bytearray(path.read_bytes())
+            blob[len(blob) // 2] ^= 0xFF
+            path.write_bytes(bytes(blob))
         return real(store_, stage, version_id, pset, *args, **kwargs)
 
     monkeypatch.setattr(pb, "build_first", damaging)
-    with pytest.raises(PartitionTaskError, match=r"partition 1 \(part-00001\.parquet.*PartitionChanged"):
+    with pytest.raises((PartitionTaskError, PartitionChanged), match=rf"{damaged}.*sha256"):
         curate(inputs, store, policy)
     assert not store.exists(clean.version_id)
     assert (store.root / ".work" / clean.version_id / "set" / "partitions.json").is_file()  # kept for the retry
