@@ -189,21 +189,15 @@ class PartitionSet:
         """The files (partitions, the quarantine) missing or not the bytes ``partitions.json`` names (size, then
         sha256): a set an earlier run left is checked before it is reused, since every task of a changed
         partition fails on it (:class:`pipeline.distributed.PartitionChanged`) however often the run is retried."""
+        from pipeline.distributed import _sha256_of  # (memoized by file: a task in this process does not hash it again)
+
         out = []
         for p in [*self.partitions, *([self.quarantine] if self.quarantine is not None else [])]:
             path = self.directory / p.path
             try:
-                if path.stat().st_size != p.bytes:
+                if path.stat().st_size != p.bytes or _sha256_of(str(path)) != p.sha256:
                     out.append(p.path)
-                    continue
-                h = hashlib.sha256()
-                with open(path, "rb") as fh:
-                    while block := fh.read(1 << 20):
-                        h.update(block)
             except OSError:
-                out.append(p.path)
-                continue
-            if h.hexdigest() != p.sha256:
                 out.append(p.path)
         return out
 
