@@ -182,6 +182,17 @@ def _curate(paths: list[str | Path], store: Store, policy: Policy, parent: str |
 OVERLAP_HASH_FROM = 256 << 20
 
 
+def _damaged_set(directory: Path) -> bool:
+    """Whether an earlier run's partition set cannot be reused: its ``partitions.json`` unreadable, or a
+    partition file missing or changed (:meth:`pipeline.partition.PartitionSet.changed`)."""
+    from pipeline.partition import PartitionSet
+
+    try:
+        return bool(PartitionSet.load(directory).changed())
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -276,6 +287,8 @@ def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options:
 
         def build(stage: Path) -> Manifest:
             target = work / "set"
+            if (target / LEDGER).is_file() and _damaged_set(target):  # an earlier run's, changed since: its tasks
+                shutil.rmtree(target)  # would fail at every retry; the same inputs partition into the same bytes
             if not (target / LEDGER).is_file():  # (under the version's lock: moved in, or partitioned again)
                 work.mkdir(parents=True, exist_ok=True)
                 if (staging / "set" / LEDGER).is_file():

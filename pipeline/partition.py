@@ -22,7 +22,8 @@ derived ``pair_id`` is made of), not the ``pair_id`` column:
 
 Layout of a partition set (one directory, published by one ``rename(2)``)::
 
-    DIR/partitions.json        n, key, per partition: path, judgments, bytes, sha256; ingest ledger, sources
+    DIR/partitions.json        n, key, per partition: path, judgments, bytes, sha256; the quarantine's bytes and
+                               sha256; ingest ledger, sources
     DIR/part-00000.parquet     the judgments of partition 0, in input order (Judgment schema)
     ...
     DIR/quarantine.parquet     the rows ingest quarantined (no content key: they belong to none)
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import io
 import json
 import math
 import os
@@ -82,7 +84,8 @@ FROM_ENV = "env"  # partition_files(compression=...): PREFPIPE_STATE_COMPRESSION
 MAX_PARTITIONS = 4096
 _COMPRESSION = "zstd"
 ROW_GROUP_ROWS = 8_192  # rows per row group of a compacted partition file (a merge of every partition in input order holds one of each)
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the quarantine file's bytes and sha256 in partitions.json
+QUARANTINE = "quarantine.parquet"
 # min/max statistics only where a reader filters (ids, hashes, time): long texts' statistics
 # would sit in every row group's footer entry, which the writer keeps in memory until it closes
 _STATS_COLUMNS = ["comparison_id", "batch_id", "pair_id", "prompt_hash", "a_hash", "b_hash", "annotator_id",
@@ -151,13 +154,25 @@ class PartitionSet:
     ledger: IngestLedger
     sources: list[SourceInfo] = field(default_factory=list)
     flush_rows: int = DEFAULT_FLUSH_ROWS
+    quarantine: PartitionInfo | None = None  # the quarantine file (index -1; judgments: its rows)
 
     def path(self, index: int) -> Path:
         return self.directory / self.partitions[index].path
 
     @property
     def quarantine_path(self) -> Path:
-        return self.directory / "quarantine.parquet"
+        return self.directory / QUARANTINE
+
+    def read_quarantine(self) -> pl.DataFrame:
+        """The quarantined rows, checked against the sha256 ``partitions.json`` names (a changed file would put
+        other rows into a version whose id names the inputs)."""
+        from pipeline.distributed import PartitionChanged
+
+        blob = self.quarantine_path.read_bytes()
+        if self.quarantine is not None and hashlib.sha256(blob).hexdigest() != self.quarantine.sha256:
+            raise PartitionChanged(f"{self.quarantine_path}: sha256 {hashlib.sha256(blob).hexdigest()[:12]}..., "
+                                   f"the partition ledger says {self.quarantine.sha256[:12]}...")
+        return pl.read_parquet(io.BytesIO(blob))
 
     @classmethod
     def load(cls, directory: str | Path) -> PartitionSet:
@@ -167,7 +182,24 @@ class PartitionSet:
             raise ValueError(f"{directory / LEDGER}: format {meta.get('format')!r} / key {meta.get('key')!r}; "
                              f"expected {_FORMAT_VERSION} / {KEY!r}")
         return cls(directory, meta["n_partitions"], [PartitionInfo(**p) for p in meta["partitions"]],
-                   IngestLedger(**meta["ledger"]), [SourceInfo(**s) for s in meta["sources"]], meta["flush_rows"])
+                   IngestLedger(**meta["ledger"]), [SourceInfo(**s) for s in meta["sources"]], meta["flush_rows"],
+                   PartitionInfo(**meta["quarantine"]))
+
+    def changed(self) -> list[str]:
+        """The files (partitions, the quarantine) missing or not the bytes ``partitions.json`` names (size, then
+        sha256): a set an earlier run left is checked before it is reused, since every task of a changed
+        partition fails on it (:class:`pipeline.distributed.PartitionChanged`) however often the run is retried."""
+        from pipeline.distributed import _sha256_of  # (memoized by file: a task in this process does not hash it again)
+
+        out = []
+        for p in [*self.partitions, *([self.quarantine] if self.quarantine is not None else [])]:
+            path = self.directory / p.path
+            try:
+                if path.stat().st_size != p.bytes or _sha256_of(str(path)) != p.sha256:
+                    out.append(p.path)
+            except OSError:
+                out.append(p.path)
+        return out
 
 
 def read_partition(paths: str | Path | Sequence[str | Path], columns: list[str] | None = None) -> pl.DataFrame:
@@ -484,7 +516,10 @@ def partition_files(
         if sum(spill.rows) != res.ledger.judgments:
             raise RuntimeError(f"partitioning lost rows: {sum(spill.rows)} judgments in partitions, "
                                f"{res.ledger.judgments} in the ingest ledger")
-        res.quarantine.write_parquet(stage / "quarantine.parquet", compression=_COMPRESSION)
+        res.quarantine.write_parquet(stage / QUARANTINE, compression=_COMPRESSION)
+        blob = (stage / QUARANTINE).read_bytes()  # (re-read what was written: its rows, sha256)
+        quarantine = PartitionInfo(-1, QUARANTINE, pl.read_parquet(io.BytesIO(blob)).height, len(blob),
+                                   hashlib.sha256(blob).hexdigest())
         infos = []
         for p in range(n):
             f = stage / _part_name(p)
@@ -493,7 +528,8 @@ def partition_files(
                 raise RuntimeError(f"partition {p}: {rows} rows in {f.name}, {spill.rows[p]} written")
             infos.append(PartitionInfo(p, f.name, rows, f.stat().st_size, spill.sha256s[p]))
         meta = {"format": _FORMAT_VERSION, "key": KEY, "n_partitions": n, "flush_rows": flush_rows,
-                "partitions": [i.to_dict() for i in infos], "ledger": res.ledger.model_dump(),
+                "partitions": [i.to_dict() for i in infos], "quarantine": quarantine.to_dict(),
+                "ledger": res.ledger.model_dump(),
                 "sources": [s.model_dump() for s in res.sources]}
         (stage / LEDGER).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
         try:

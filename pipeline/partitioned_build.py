@@ -734,7 +734,7 @@ def build_first(store: Store, stage: Path, version_id: str, pset: PartitionSet, 
             w = TableWriter(store, stage, name)
             w.write_grouped(frame.with_columns(_part=key_of(frame)), "_part", reuse if printed else None, order_by=fl_order)
             tables[name] = w.info()
-        quarantine = pl.read_parquet(pset.quarantine_path, glob=False)
+        quarantine = pset.read_quarantine()
         w = TableWriter(store, stage, "quarantine", arrival_order=True)
         w.write(version_id, quarantine)
         tables["quarantine"] = w.info()

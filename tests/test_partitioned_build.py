@@ -547,6 +547,48 @@ def test_an_input_changed_while_it_is_hashed_and_partitioned_is_refused(inputs, 
     assert not any((store.root / ".staging").glob("partitions.*"))
 
 
+@pytest.mark.parametrize("damaged", ["part-00001.parquet", "quarantine.parquet"])
+def test_a_partition_set_changed_after_ingest_fails_the_run_and_the_retry_partitions_again(tmp_path, monkeypatch, damaged):
+    """A file of the partition set changed after ingest -- a partition (a byte flipped: its tasks check its sha256)
+    or the quarantine (other valid rows: read by the driver) -- fails the run, never becomes part of a version whose
+    id names the inputs; the set stays for the retry, which checks it before reusing it: the changed file is not
+    reused (a changed partition's tasks would fail at every retry), the inputs are partitioned again and the retry
+    gives the version a clean build gives."""
+    import pipeline.partitioned_build as pb
+
+    from pipeline.distributed import PartitionChanged, PartitionTaskError
+
+    inputs = sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))
+    policy = _small_partitions()
+    clean = curate(inputs, Store(tmp_path / "clean"), policy)
+    assert clean.handle.read("quarantine").height >= 2
+    store = Store(tmp_path / "s")
+    real = pb.build_first
+
+    def damaging(store_, stage, version_id, pset, *args, **kwargs):
+        path = pset.directory / damaged
+        if damaged == "quarantine.parquet":
+            pl.read_parquet(path).head(1).write_parquet(path)
+        else:
+            blob = bytearray(path.read_bytes())
+            blob[len(blob) // 2] ^= 0xFF
+            path.write_bytes(bytes(blob))
+        return real(store_, stage, version_id, pset, *args, **kwargs)
+
+    monkeypatch.setattr(pb, "build_first", damaging)
+    with pytest.raises((PartitionTaskError, PartitionChanged), match=rf"{damaged}.*sha256"):
+        curate(inputs, store, policy)
+    assert not store.exists(clean.version_id)
+    assert (store.root / ".work" / clean.version_id / "set" / "partitions.json").is_file()  # kept for the retry
+    monkeypatch.setattr(pb, "build_first", real)
+    retry = curate(inputs, store, policy)
+    assert retry.created and retry.version_id == clean.version_id
+    a, b = clean.handle.manifest(), retry.handle.manifest()
+    assert {k: t.sha256 for k, t in a.tables.items() if k not in ROWS_ONLY} == \
+        {k: t.sha256 for k, t in b.tables.items() if k not in ROWS_ONLY}
+    assert not (store.root / ".work" / clean.version_id).exists()
+
+
 def test_the_states_go_once_the_pair_tables_are_written_and_a_late_failure_keeps_the_partitions(inputs, tmp_path, monkeypatch):
     """After the pair tables, nothing reads the tasks' states: they (and the rewritten partitions, the broadcast
     tables) are removed while the rest is written, and the report takes its few rows from the version's own
