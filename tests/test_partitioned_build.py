@@ -547,6 +547,16 @@ def test_an_input_changed_while_it_is_hashed_and_partitioned_is_refused(inputs, 
     assert not any((store.root / ".staging").glob("partitions.*"))
 
 
+def _retry_equals(clean, inputs, store, policy):
+    """A retry of a failed build: created now, with the clean build's id and tables."""
+    retry = curate(inputs, store, policy)
+    assert retry.created and retry.version_id == clean.version_id
+    a, b = clean.handle.manifest(), retry.handle.manifest()
+    assert {k: t.sha256 for k, t in a.tables.items() if k not in ROWS_ONLY} == \
+        {k: t.sha256 for k, t in b.tables.items() if k not in ROWS_ONLY}
+    return retry
+
+
 @pytest.mark.parametrize("damaged", ["part-00001.parquet", "quarantine.parquet"])
 def test_a_partition_set_changed_after_ingest_fails_the_run_and_the_retry_partitions_again(tmp_path, monkeypatch, damaged):
     """A file of the partition set changed after ingest -- a partition (a byte flipped: its tasks check its sha256)
@@ -581,11 +591,7 @@ def test_a_partition_set_changed_after_ingest_fails_the_run_and_the_retry_partit
     assert not store.exists(clean.version_id)
     assert (store.root / ".work" / clean.version_id / "set" / "partitions.json").is_file()  # kept for the retry
     monkeypatch.setattr(pb, "build_first", real)
-    retry = curate(inputs, store, policy)
-    assert retry.created and retry.version_id == clean.version_id
-    a, b = clean.handle.manifest(), retry.handle.manifest()
-    assert {k: t.sha256 for k, t in a.tables.items() if k not in ROWS_ONLY} == \
-        {k: t.sha256 for k, t in b.tables.items() if k not in ROWS_ONLY}
+    _retry_equals(clean, inputs, store, policy)
     assert not (store.root / ".work" / clean.version_id).exists()
 
 
@@ -615,10 +621,6 @@ def test_the_states_go_once_the_pair_tables_are_written_and_a_late_failure_keeps
     assert (work / "set" / "partitions.json").is_file()
     assert not any((work / name).exists() for name in ("states", "rewritten", "broadcast"))
     monkeypatch.setattr(report, "write_report", real)
-    retry = curate(inputs, store, policy)
-    assert retry.created and retry.version_id == clean.version_id
-    a, b = clean.handle.manifest(), retry.handle.manifest()
-    assert {k: t.sha256 for k, t in a.tables.items() if k not in ROWS_ONLY} == \
-        {k: t.sha256 for k, t in b.tables.items() if k not in ROWS_ONLY}
+    retry = _retry_equals(clean, inputs, store, policy)
     assert _report_lines(clean.handle.path)[2:] == _report_lines(retry.handle.path)[2:]
     assert not work.exists()
