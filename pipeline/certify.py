@@ -154,6 +154,9 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     elif cfg.require_expectations:  # the policy requires the suite: skipping it cannot certify
         gates.append(_gate("expectations", None, "run", False,
                            "Great Expectations suite not run (--no-expectations) but certify.require_expectations is set"))
+    else:  # (an opt-out the certificate shows, as require_agreement's)
+        gates.append(_gate("expectations", None, "opted out", True, "opted out by the policy (certify.require_expectations = "
+                           "false): the Great Expectations suite was not run (recorded in the certificate's opt_outs)"))
     return gates
 
 
@@ -395,7 +398,8 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
         certified_at=datetime.now(UTC),
         code_version=code_version(),
         manifest_sha256=manifest_sha,
-        opt_outs=[] if policy.certify.require_agreement else ["agreement"],
+        opt_outs=[name for name, required in (("agreement", policy.certify.require_agreement),
+                                              ("expectations", policy.certify.require_expectations)) if not required],
         part_facts=part_facts,
         agreement_state=state[0] if state else None,
     )

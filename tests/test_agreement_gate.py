@@ -41,10 +41,12 @@ def test_one_judgment_per_pair_is_not_certified(tmp_path):
     assert cert.verdict == "rejected"
     assert not g["agreement_overlap.human"].passed and g["agreement_overlap.human"].value == 0
     assert not g["krippendorff_alpha.human"].passed and "not measured" in g["krippendorff_alpha.human"].detail
-    assert cert.opt_outs == []
+    assert cert.opt_outs == ["expectations"]  # (NO_GX: the suite opted out, recorded as such)
 
 
 def test_explicit_opt_out_certifies_and_is_recorded(tmp_path):
+    """Both opt-outs show in the certificate, as a passing gate and in ``opt_outs`` (``require_expectations = false``
+    left no trace before: a reader could not tell a version certified without the suite)."""
     st = Store(tmp_path / "s")
     policy = policy_from_dict({"certify": {"require_expectations": False, "require_agreement": False,
                                            "min_pairs_per_locale": 0}})
@@ -53,7 +55,8 @@ def test_explicit_opt_out_certifies_and_is_recorded(tmp_path):
     g = _gates(cert)
     assert g["agreement"].passed and "opted out" in g["agreement"].detail
     assert "agreement_overlap.human" not in g
-    assert st.latest_certification(vid)["opt_outs"] == ["agreement"]
+    assert st.latest_certification(vid)["opt_outs"] == ["agreement", "expectations"]
+    assert g["expectations"].passed and "opted out" in g["expectations"].detail and g["expectations"].value is None
 
 
 def test_clean_samples_measure_agreement_on_an_independent_overlap(tmp_path):
