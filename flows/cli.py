@@ -289,7 +289,8 @@ def _load_policy_or_exit(policy: Path | None):
     except PolicyError as err:
         # resolve_policy knows the keys, not the file: name the file the bad key is in
         msg = str(err) if pol is None else f"invalid policy {policy or '(built-in defaults)'}:\n  {err}"
-        _fail_usage(msg, multiline=True)
+        err.path = err.path or policy
+        _fail_usage(msg, multiline=True, err=err)
 
 
 def _with_ingest_caps(pol, max_line_bytes: str | None, max_decompressed_bytes: str | None,

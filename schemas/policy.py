@@ -386,7 +386,12 @@ class Policy(_Cfg):
 
 
 class PolicyError(ValueError):
-    """A policy file that cannot be used; the message names the key and the rule."""
+    """A policy file that cannot be used; the message names the key and the rule.  ``path``: the file
+    (when one was read), ``field``: the first key path at fault (what a --json failure names)."""
+
+    def __init__(self, message: str, *, path: Path | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.path, self.field = path, field
 
 
 def _format_validation(err: ValidationError, source: str) -> str:
@@ -421,7 +426,8 @@ def policy_from_dict(data: dict[str, Any], source: str = "<dict>", *, base: Path
     try:
         return Policy.model_validate(_deep_merge(Policy().model_dump(mode="json"), data))
     except ValidationError as err:
-        raise PolicyError(_format_validation(err, source)) from err
+        first = err.errors()[0]["loc"] if err.errors() else ()
+        raise PolicyError(_format_validation(err, source), field=".".join(str(x) for x in first) or None) from err
 
 
 def load_policy(path: str | Path | None) -> Policy:
@@ -429,6 +435,14 @@ def load_policy(path: str | Path | None) -> Policy:
     if path is None:
         return Policy()
     p = Path(path)
+    try:
+        return _load_policy_file(p)
+    except PolicyError as err:
+        err.path = err.path or p
+        raise
+
+
+def _load_policy_file(p: Path) -> Policy:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as err:

@@ -356,3 +356,17 @@ def test_curate_summary_without_a_breakdown_has_no_stray_space(tiny_store):
     assert "(dropped 0)" in out and "(dropped 0 )" not in out, out
     pairs = next(line for line in out.splitlines() if line.lstrip().startswith("pairs "))
     assert pairs.endswith("+ dropped 0"), repr(pairs)
+
+
+def test_json_failure_for_a_bad_policy_names_its_file_and_key(tmp_path):
+    pol = tmp_path / "pol.toml"
+    pol.write_text("[certify]\nmin_pair_per_split = 3\n", encoding="utf-8")
+    data = write_jsonl(tmp_path / "ok.jsonl", [canonical(i) for i in range(3)])
+    res = runner.invoke(app, ["curate", str(data), "--store", str(tmp_path / "s"), "--policy", str(pol), "--json"])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 2 and doc["ok"] is False, res.output
+    assert doc["file"] == str(pol) and doc["field"] == "certify.min_pair_per_split", doc
+    pol.write_text("[select.flag_actions]\nnear_dupe = 'drop'\n", encoding="utf-8")  # (a key only the checks know)
+    doc = json.loads(runner.invoke(app, ["curate", str(data), "--store", str(tmp_path / "s"), "--policy", str(pol),
+                                         "--json"]).stdout)
+    assert doc["file"] == str(pol) and "near_dupe" in doc["error"], doc
