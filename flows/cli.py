@@ -616,7 +616,7 @@ def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[
 def protect(
     version: Annotated[str, typer.Argument(help="Version id, unique prefix, or 'latest'.")],
     store: StoreOpt = Path("store"),
-    split: Annotated[str, typer.Option("--split", help="The split to protect.")] = "test",
+    split: Annotated[str, typer.Option("--split", help="The held-out split to protect: test or validation.")] = "test",
     as_json: JsonOpt = False,
 ) -> None:
     """Protect a version's test split as an evaluation set: no version may train on its pairs.

@@ -48,8 +48,8 @@ def _prompt_hashes(h: VersionHandle, pair_ids: pl.Series) -> pl.DataFrame:
 
 def protect_version(store: Store, ref: str, split: str = "test") -> tuple[Path, Protection]:
     """Record ``split`` of the version as protected (idempotent: the same record is rewritten)."""
-    if split not in SPLITS:
-        raise StoreError(f"protect: split {split!r} is not one of {list(SPLITS)}")
+    if split not in SPLITS or split == "train":  # (a protected train split: no version could train at all)
+        raise StoreError(f"protect: split {split!r} is not one of {[s for s in SPLITS if s != 'train']} (a held-out split)")
     h = store.resolve(ref)
     rows = h.read_split(split, columns=["pair_id", "near_dup_cluster"])
     rows = rows.with_columns(cluster=pl.col("near_dup_cluster").fill_null(pl.col("pair_id")))
@@ -101,7 +101,8 @@ def contamination(h: VersionHandle, records: list[Protection]) -> pl.DataFrame:
         why = (pl.when(pl.col("pair_id").is_in(ids.implode())).then(pl.lit("pair"))
                .when(pl.col("cluster").is_in(here.implode())).then(pl.lit("cluster"))
                .when(pl.col("prompt_hash").is_in(prompts.implode())).then(pl.lit("prompt")))
-        hit = rows.with_columns(why=why).filter(pl.col("why").is_not_null())
+        # (a protected validation split's pairs stay where they are held out: its own split is not contamination)
+        hit = rows.with_columns(why=why).filter(pl.col("why").is_not_null() & (pl.col("split") != rec.split))
         found.append(hit.select("pair_id", "split", protected_by=pl.lit(f"{rec.version_id}/{rec.split}"), why="why"))
     out = pl.concat(found).unique("pair_id", keep="first", maintain_order=True) if found else empty
     return out.sort("pair_id")

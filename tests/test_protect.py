@@ -112,3 +112,30 @@ def test_evaluation_reports_the_protected_slice():
     members = slice_members(rows, None, {"p1", "p3"})
     assert members[("protected", "yes")] == [1, 3]
     assert ("protected", "yes") not in slice_members(rows, None, set())
+
+
+def test_a_protected_validation_split_does_not_contaminate_itself_and_train_cannot_be_protected(tmp_path):
+    """``protect --split validation`` made the protected version (and every descendant, whose sticky splits keep
+    those pairs in validation) fail its own gate: a held-out split's pairs are contamination in train only, and
+    in the other held-out split.  ``--split train`` would leave nothing to train on: refused."""
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    res = runner.invoke(app, ["protect", v1, "--split", "validation", "--store", str(st.root), "--json"])
+    assert res.exit_code == 0, res.output
+    assert contamination(st.get(v1), load_protections(st)).height == 0
+    v2 = curate(SAMPLES[1:2], st, POLICY, parent=v1).version_id
+    for vid in (v1, v2):
+        g = _gate(certify_version(st, vid, POLICY, run_gx=False))
+        assert g.passed and g.value == 0, (vid, g)
+    val = set(st.get(v1).read_split("validation")["pair_id"].to_list())
+    other = Store(tmp_path / "other")  # the same batch with another split seed: some of those pairs land in train
+    seeded = policy_from_dict({"certify": {"require_expectations": False}, "split": {"seed": 99}})
+    v3 = curate(SAMPLES[:1], other, seeded).version_id
+    (other.root / "protected").mkdir(parents=True)
+    for p in (st.root / "protected").iterdir():
+        (other.root / "protected" / p.name).write_bytes(p.read_bytes())
+    hits = contamination(other.get(v3), load_protections(other))
+    assert hits.height > 0 and set(hits.filter(hits["why"] == "pair")["pair_id"].to_list()) <= val
+    assert set(hits["split"].to_list()) <= {"train"}  # (the protected split itself is not counted)
+    res = runner.invoke(app, ["protect", v1, "--split", "train", "--store", str(st.root)])
+    assert res.exit_code == 2 and "held-out" in res.output, res.output
