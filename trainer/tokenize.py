@@ -13,10 +13,15 @@ For each pair (TRL conversational format: ``prompt`` a list of messages, ``chose
     completion_mask_s = [0] * len(P) + [1] * len(C_s)         only completion tokens count
 
 Special tokens: the text is encoded with ``add_special_tokens=False``, so the chat template
-is the one source of BOS/EOS and nothing is doubled.  Two repairs for templates that differ:
-a BOS is prepended only when the tokenizer would add one (its post-processor or
-``add_bos_token``) and the template did not emit one; a run of BOS at the start is collapsed
-to one.  An EOS is appended to a completion only if it contains none (templates that do not
+is the one source of BOS/EOS and nothing is doubled.  Text from the data (message contents,
+replies) is always text: when one contains a special-token string (``<|im_end|>``, the EOS
+string, ...), the row's template is rendered with placeholders for the contents, split at the
+template's own special tokens, and the pieces between them (template text + contents) are
+encoded with the tokenizer's specials disabled (``split_special_tokens``).  Such texts are
+counted (``special_token_text``); rows without one are encoded as one string, as TRL does.
+Two repairs for templates that differ: a BOS is prepended only when the tokenizer would add
+one (its post-processor or ``add_bos_token``) and the template did not emit one; a run of BOS
+at the start is collapsed to one.  An EOS is appended to a completion only if it contains none (templates that do not
 close the assistant turn); a completion ending in EOS EOS loses the second.
 
 Truncation policy (``max_length`` L, the budget for prompt + completion of each side;
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,13 +112,14 @@ class TokenizedPair:
 
 
 LEDGER_KEYS = ("rows_in", "kept", "dropped_prompt_too_long", "dropped_empty_completion",
-               "skipped_template_mismatch", "prompt_truncated", "completion_truncated")
+               "skipped_template_mismatch", "prompt_truncated", "completion_truncated", "special_token_text")
 LEDGER_IDS_KEPT = 50  # pair ids listed per reason (the counts are complete)
 
 
 @dataclass
 class TokenizeLedger:
-    """Where each row went: rows_in = kept + dropped_* + skipped_*; *_truncated count kept rows that were cut.
+    """Where each row went: rows_in = kept + dropped_* + skipped_*; *_truncated count kept rows that were cut;
+    ``special_token_text`` counts data texts holding a special-token string (encoded as plain text).
 
     ``skipped_*`` rows are bad for a reason of the template, not of length (a prompt that the
     chat template renders differently alone than followed by a reply); ``skipped`` lists them
@@ -203,7 +210,13 @@ class ChatTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self.backend_tokenizer.get_vocab(with_added_tokens=True)
 
-    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, Any]:
+    @property
+    def added_tokens_decoder(self) -> dict[int, Any]:
+        return self.backend_tokenizer.get_added_tokens_decoder()
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True,
+                 split_special_tokens: bool = False) -> dict[str, Any]:
+        self.backend_tokenizer.encode_special_tokens = split_special_tokens  # per call, as transformers sets it
         if isinstance(text, str):
             return {"input_ids": self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
         encs = self.backend_tokenizer.encode_batch(text, add_special_tokens=add_special_tokens)
@@ -290,8 +303,64 @@ def _render(tok, messages: list[dict[str, str]], *, generation_prompt: bool) -> 
     return tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
 
 
-def _encode(tok, texts: list[str]) -> list[list[int]]:
-    return tok(texts, add_special_tokens=False)["input_ids"]
+def _encode(tok, texts: list[str], *, as_text: bool = False) -> list[list[int]]:
+    """``as_text``: special-token strings in ``texts`` become ordinary text tokens, never control ids."""
+    return tok(texts, add_special_tokens=False, split_special_tokens=as_text)["input_ids"] if texts else []
+
+
+# ---------------------------------------------------------------- data text stays text
+_MARK = re.compile("\ue000(\\d+)\ue001")  # a content's placeholder: private-use characters, no template emits them
+
+
+def _special_pattern(tok) -> tuple[re.Pattern | None, dict[str, int]]:
+    """A regex finding the tokenizer's special added tokens (longest first, as the tokenizer matches) and their ids."""
+    ids = {t.content: i for i, t in tok.added_tokens_decoder.items() if t.special}
+    if not ids:
+        return None, ids
+    return re.compile("(" + "|".join(re.escape(s) for s in sorted(ids, key=len, reverse=True)) + ")"), ids
+
+
+def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, ids: dict[str, int], *,
+                   generation_prompt: bool) -> list[str | int] | None:
+    """The rendering as [text, special id, text, ...], where only the template's own framing yields ids.
+
+    Each content is rendered as a placeholder that keeps the content's outer whitespace (a
+    template that trims it trims the placeholder alike); the special-token strings are found in
+    that rendering, where no data text is, then the contents are put back into the text pieces.
+    None when the template changes a content otherwise (put back, it differs from the real rendering).
+    """
+    cores, marked = [], []
+    for k, m in enumerate(messages):
+        text = m["content"]
+        core = text.strip()
+        start = len(text) - len(text.lstrip())
+        cores.append(core)
+        marked.append({**m, "content": f"{text[:start]}\ue000{k}\ue001{text[start + len(core):]}"})
+    rendered = _render(tok, marked, generation_prompt=generation_prompt)
+    if _MARK.sub(lambda g: cores[int(g[1])], rendered) != _render(tok, messages, generation_prompt=generation_prompt):
+        return None
+    pieces: list[str | int] = []
+    buf = ""
+    for i, part in enumerate(_MARK.split(rendered)):
+        if i % 2:
+            buf += cores[int(part)]
+            continue
+        for j, chunk in enumerate(specials.split(part)):  # [text, special, text, ...]
+            if j % 2:
+                pieces += [buf, ids[chunk]]
+                buf = ""
+            else:
+                buf += chunk
+    return [*pieces, buf]
+
+
+def _encode_renderings(tok, renderings: list[str | list[str | int]]) -> list[list[int]]:
+    """Ids of each rendering: a string is encoded as it is, pieces with their text encoded as plain text."""
+    plain = iter(_encode(tok, [r for r in renderings if isinstance(r, str)]))
+    texts = iter(_encode(tok, [p for r in renderings if isinstance(r, list) for p in r if isinstance(p, str)],
+                         as_text=True))
+    return [next(plain) if isinstance(r, str) else [t for p in r for t in (next(texts) if isinstance(p, str) else [p])]
+            for r in renderings]
 
 
 def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledger: TokenizeLedger | None = None, *,
@@ -301,29 +370,47 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledg
     Returns the kept pairs in input order and the ledger.  A pair whose template breaks the
     prefix property raises PrefixMismatchError (``on_mismatch="fail"``) or is skipped and
     recorded as ``skipped_template_mismatch`` with its pair id, side and position (``"skip"``).
+    A pair with a special-token string in its text whose template rewrites message contents
+    (beyond trimming) is always skipped as ``skipped_template_rewrites_text``: it cannot be
+    encoded with that text kept as text.
     """
     if on_mismatch not in ("fail", "skip"):
         raise ValueError(f"on_mismatch must be 'fail' or 'skip', got {on_mismatch!r}")
     ledger = ledger or TokenizeLedger()
     rows = list(rows)
     sp = _specials(tok)
-    prompts, fulls = [], []
-    for r in rows:
+    specials, special_ids = _special_pattern(tok)
+    renderings: list[str | list[str | int]] = []  # per row: prompt, prompt + chosen, prompt + rejected
+    rewritten: set[int] = set()  # rows whose template changes a content that holds a special-token string
+    for i, r in enumerate(rows):
         pid = str(r["pair_id"])
         prompt = _messages(r["prompt"], "prompt", pid)
-        prompts.append(_render(tok, prompt, generation_prompt=True))
-        for side in ("chosen", "rejected"):
-            fulls.append(_render(tok, prompt + _messages(r[side], side, pid), generation_prompt=False))
-    p_ids, f_ids = _encode(tok, prompts), _encode(tok, fulls)
+        convs = [(prompt, True)] + [(prompt + _messages(r[side], side, pid), False) for side in ("chosen", "rejected")]
+        texts = [m["content"] for m in convs[1][0] + convs[2][0][len(prompt):]]  # each data text once
+        n_special = sum(1 for t in texts if specials.search(t)) if specials else 0
+        if not n_special:  # the common case: one string per conversation, ids exactly as TRL's
+            renderings += [_render(tok, msgs, generation_prompt=gen) for msgs, gen in convs]
+            continue
+        ledger.counts["special_token_text"] += n_special
+        pieces = [_render_pieces(tok, msgs, specials, special_ids, generation_prompt=gen) for msgs, gen in convs]
+        if None in pieces:
+            rewritten.add(i)
+            pieces = [[], [], []]
+        renderings += pieces
+    enc = _encode_renderings(tok, renderings)
 
     out: list[TokenizedPair] = []
     for i, r in enumerate(rows):
         pid = str(r["pair_id"])
         ledger.add("rows_in")
-        raw_prompt = p_ids[i]
+        if i in rewritten:
+            ledger.add("skipped_template_rewrites_text", pid)
+            ledger.skipped.append({"pair_id": pid, "reason": "template_rewrites_text"})
+            continue
+        raw_prompt = enc[3 * i]
         comps = []
         for j, side in enumerate(("chosen", "rejected")):
-            full = f_ids[2 * i + j]
+            full = enc[3 * i + 1 + j]
             if full[:len(raw_prompt)] != raw_prompt:
                 k = _first_difference(raw_prompt, full)
                 err = PrefixMismatchError(pid, side, k, tok.decode(raw_prompt[k:k + 8]), tok.decode(full[k:k + 8]))
@@ -388,5 +475,7 @@ def ledger_summary(ledger: dict[str, Any], split: str) -> str:
     line += f", {skipped} skipped"
     if skipped:
         line += f" [{reasons('skipped_')}]"
-    return line + (f", truncated: prompt {ledger.get('prompt_truncated', 0)}, "
-                   f"completion {ledger.get('completion_truncated', 0)}")
+    line += f", truncated: prompt {ledger.get('prompt_truncated', 0)}, completion {ledger.get('completion_truncated', 0)}"
+    if ledger.get("special_token_text"):
+        line += f", {ledger['special_token_text']} texts with special-token strings (encoded as plain text)"
+    return line
