@@ -622,9 +622,11 @@ def protect(
     """Protect a version's test split as an evaluation set: no version may train on its pairs.
 
     Writes STORE/protected/VERSION-SPLIT.json (pair ids, their near-duplicate clusters, prompt
-    hashes).  From then on the certify gate protected_contamination fails any version with one of
-    those pairs, a member of their clusters or the same prompt in train or validation, and
-    `prefpipe train` refuses such a version (exit 4) even with an older certificate."""
+    hashes) and VERSION-SPLIT.signatures.npy (the prompts' MinHash signatures).  From then on the
+    certify gate protected_contamination fails any version with one of those pairs, a member of
+    their clusters, the same prompt or a near duplicate of one of those prompts in train or
+    validation, and `prefpipe train` refuses such a version (exit 4) even with an older
+    certificate.  Run it again on a protection made before signatures existed."""
     from pipeline.protect import protect_version
 
     st = _open_store(store)

@@ -18,8 +18,8 @@ Gates (``policy.certify``), each recorded with value / threshold / passed:
 * ``exact_duplicate_rate``         exact-duplicate judgments / valid judgments <= ``max_exact_duplicate_rate``
 * ``near_duplicate_rate``          near-duplicate-flagged pairs / pairs <= ``max_near_duplicate_rate``
 * ``split_stability``              no pair of the parent's (or an ancestor's) validation/test split is in train
-* ``protected_contamination``      no pair of a protected evaluation set (same pair, near-duplicate cluster or prompt)
-                                   in train or validation (``prefpipe protect``)
+* ``protected_contamination``      no pair of a protected evaluation set (same pair, near-duplicate cluster or prompt,
+                                   or a near duplicate of a protected prompt) in train or validation (``prefpipe protect``)
 * ``split_leakage``                clusters/prompts in several splits == 0
 * ``quarantine_rate``              quarantined / rows in <= ``max_quarantine_rate``
 * ``label_balance``                share of kept pairs whose chosen response is ``a``, within ``label_balance``
@@ -266,8 +266,9 @@ def stability_gate(h: VersionHandle, ids: pl.DataFrame | None = None) -> GateRes
 
 
 def protection_gate(h: VersionHandle) -> GateResult:
-    """No pair of a protected evaluation set (``prefpipe protect``) in train or validation."""
-    from pipeline.protect import contamination, load_protections
+    """No pair of a protected evaluation set (``prefpipe protect``) in train or validation: not the same
+    pair, cluster or prompt, nor a near duplicate of a protected prompt (examples show both prompts)."""
+    from pipeline.protect import contamination, load_protections, near_duplicate_examples, unmatched
 
     records = load_protections(h.store)
     if not records:
@@ -276,6 +277,14 @@ def protection_gate(h: VersionHandle) -> GateResult:
     by = ", ".join(f"{w} {n}" for w, n in hits.group_by("why").len().sort("why").iter_rows())
     detail = (f"{len(records)} protected set(s); " + (f"{hits.height} train/validation pairs covered ({by}): "
               f"{', '.join(hits['pair_id'].head(10).to_list())}" if hits.height else "none in train or validation"))
+    examples = near_duplicate_examples(h.store, hits)
+    if examples:
+        detail += "; near duplicates: " + "; ".join(examples)
+    stale = unmatched(records)
+    if stale:
+        detail += ("; near-duplicate matching off for " + ", ".join(r.label for r in stale) + " (a record from before "
+                   "near-duplicate signatures: only the same pair, cluster or prompt counts until `prefpipe protect "
+                   "VERSION --split SPLIT` is run again)")
     return _gate("protected_contamination", hits.height, 0, hits.height == 0, detail)
 
 

@@ -1,8 +1,12 @@
 """A protected evaluation set: no later version trains on its pairs, their clusters or their prompts."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 
+import numpy as np
+import polars as pl
 import pytest
 from conftest import ROOT
 from typer.testing import CliRunner
@@ -139,3 +143,107 @@ def test_a_protected_validation_split_does_not_contaminate_itself_and_train_cann
     assert set(hits["split"].to_list()) <= {"train"}  # (the protected split itself is not counted)
     res = runner.invoke(app, ["protect", v1, "--split", "train", "--store", str(st.root)])
     assert res.exit_code == 2 and "held-out" in res.output, res.output
+
+
+def _reworded_export(st, v1, path):
+    """SAMPLES[0] with each prompt of ``v1``'s test split re-worded (a word appended): a fresh export
+    of the same data, whose prompts, prompt hashes and pair ids differ from the protected ones."""
+    test = st.get(v1).read_split("test", columns=["prompt"])
+    protected = {m[-1]["content"] for m in test["prompt"].to_list()}
+    lines = []
+    for line in SAMPLES[0].read_text().splitlines():
+        r = json.loads(line)
+        turns = r["prompt"] if isinstance(r["prompt"], list) else None
+        text = turns[-1]["content"] if turns else r["prompt"]
+        if text in protected:
+            if turns:
+                turns[-1]["content"] = text + " thanks"
+            else:
+                r["prompt"] = text + " thanks"
+        lines.append(json.dumps(r, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def reworded(tmp_path):
+    """A store with a version v1, and v3: a re-worded export of the same batch curated as a new root
+    (another split seed), certified *before* v1's test split is protected."""
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    seeded = policy_from_dict({"certify": {"require_expectations": False}, "split": {"seed": 99}})
+    v3 = curate([_reworded_export(st, v1, tmp_path / "reworded.jsonl")], st, seeded).version_id
+    assert certify_version(st, v3, seeded, run_gx=False).verdict == "certified"
+    assert runner.invoke(app, ["protect", v1, "--store", str(st.root)]).exit_code == 0
+    held = pl.concat([st.get(v3).read_split(s, columns=["pair_id", "prompt"]) for s in ("train", "validation")])
+    planted = set(held.filter(pl.col("prompt").list.last().struct.field("content").str.ends_with(" thanks"))["pair_id"])
+    return st, v1, v3, seeded, planted, held
+
+
+def test_a_reworded_copy_in_another_lineage_is_caught_as_a_near_duplicate(reworded):
+    """A protected prompt with a word added, in the train/validation split of a version outside the
+    protected lineage: not the same pair, prompt or cluster -- it was caught by nothing."""
+    st, v1, v3, seeded, planted, held = reworded
+    rec = load_protections(st)[0]
+    hits = contamination(st.get(v3), [rec])
+    assert planted and held.height > len(planted)  # re-worded prompts, and unrelated ones, in train/validation
+    # every re-worded copy caught, nothing else: the unrelated prompts of train/validation are not near duplicates
+    assert set(hits["pair_id"]) == planted, hits
+    assert set(hits["why"]) == {"near_duplicate"}
+    assert set(hits["matched"]) <= set(rec.pair_ids) and hits["jaccard"].min() >= rec.signatures.config.threshold
+    # the trainer's way in refuses it despite the certificate from before the protection
+    with pytest.raises(NotCertified) as err:
+        st.open_certified(v3)
+    assert err.value.link == "protected" and "near_duplicate" in str(err.value)
+    g = _gate(certify_version(st, v3, seeded, run_gx=False))
+    assert not g.passed and g.value == len(planted) and f"near_duplicate {len(planted)}" in g.detail
+    # an example names both pairs and shows both prompts
+    ex = hits.row(0, named=True)
+    theirs = st.get(v1).read_split("test").filter(pl.col("pair_id") == ex["matched"])["prompt"][0][-1]["content"]
+    assert f'{ex["pair_id"]} ({ex["split"]}) ~ {ex["matched"]} of {v1}/test' in g.detail
+    assert f'"{theirs[:120]}' in g.detail and f'"{ex["text"][:120]}' in g.detail
+
+
+def test_an_old_protection_record_keeps_its_exact_matches_and_says_to_protect_again(reworded, tmp_path):
+    """A record written before the signatures (no ``signatures`` field, no .npy): the same pair, cluster
+    or prompt still counts; near duplicates are not matched and the gate says so; protecting again
+    turns matching on."""
+    st, v1, v3, seeded, planted, _ = reworded
+    path = next((st.root / "protected").glob("*.json"))
+    doc = json.loads(path.read_text())
+    del doc["signatures"]
+    path.write_text(json.dumps(doc))
+    next((st.root / "protected").glob("*.npy")).unlink()
+    g = _gate(certify_version(st, v3, seeded, run_gx=False))
+    assert g.passed and g.value == 0 and f"near-duplicate matching off for {v1}/test" in g.detail
+    copy = curate(SAMPLES[:1], st, seeded).version_id  # the protected prompts themselves, partly in train
+    hits = contamination(st.get(copy), load_protections(st))
+    assert hits.height > 0 and set(hits["why"]) <= {"pair", "cluster", "prompt"}
+    assert runner.invoke(app, ["protect", v1, "--store", str(st.root)]).exit_code == 0
+    g = _gate(certify_version(st, v3, seeded, run_gx=False))
+    assert not g.passed and g.value == len(planted) and "matching off" not in g.detail
+
+
+@pytest.mark.parametrize("tamper", ["bytes", "shape", "pickle"])
+def test_tampered_signatures_are_refused(protected, tamper):
+    """The signature file is read only if its bytes match the record's sha256, as a plain uint32 array of
+    the record's shape, never unpickled: anything else is a damaged protection (exit 2), not "no match"."""
+    st, v1 = protected
+    npy = next((st.root / "protected").glob("*.npy"))
+    if tamper == "bytes":
+        data = bytearray(npy.read_bytes())
+        data[-1] ^= 1
+        npy.write_bytes(bytes(data))
+    else:  # a file that matches an edited sha256, but is not the signatures
+        buf = io.BytesIO()
+        bad = np.zeros((1, 3), np.uint32) if tamper == "shape" else np.array([{"x": 1}], dtype=object)
+        np.save(buf, bad, allow_pickle=True)
+        npy.write_bytes(buf.getvalue())
+        path = next((st.root / "protected").glob("*.json"))
+        doc = json.loads(path.read_text())
+        doc["signatures"]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+        path.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="damaged protection signatures"):
+        contamination(st.get(v1), load_protections(st))
+    res = runner.invoke(app, ["certify", v1, "--store", str(st.root), "--no-expectations"])
+    assert res.exit_code == 2 and "damaged protection signatures" in res.output, res.output
