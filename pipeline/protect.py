@@ -29,8 +29,10 @@ protected version on the fly: that version may be gone, and every check would pa
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,6 +48,8 @@ from schemas.policy import NearDuplicateConfig
 
 PROTECTED_DIR = "protected"
 TRAINING_SPLITS = ("train", "validation")
+NEAR_SCHEMA = {"pair_id": pl.String, "split": pl.String, "protected_by": pl.String, "matched": pl.String,
+               "jaccard": pl.Float32, "text": pl.String}  # a near-duplicate hit (:func:`_near_duplicates`)
 SIGNATURE_CHUNK = 200_000  # distinct prompts of the checked version hashed and matched at a time (bounds memory)
 
 
@@ -191,22 +195,19 @@ def _near_duplicates(store: Store, prompts: pl.DataFrame, records: list[Protecti
                                              "jaccard": hit["jaccard"]}).with_columns(protected_by=pl.lit(rec.label),
                                                                                       _held=pl.lit(rec.split)))
     if not out:
-        return pl.DataFrame(schema={"pair_id": pl.String, "split": pl.String, "protected_by": pl.String,
-                                    "matched": pl.String, "jaccard": pl.Float32, "text": pl.String})
+        return pl.DataFrame(schema=NEAR_SCHEMA)
     found = pl.concat(out).join(prompts, on="text").filter(pl.col("split") != pl.col("_held"))
     return (found.sort(["pair_id", "protected_by", "jaccard", "matched"], descending=[False, False, True, False])
             .unique(["pair_id", "protected_by"], keep="first", maintain_order=True)
             .select("pair_id", "split", "protected_by", "matched", "jaccard", "text"))
 
 
-def contamination(h: VersionHandle, records: list[Protection]) -> pl.DataFrame:
+def contamination(h: VersionHandle, records: list[Protection], *, cached: bool = False) -> pl.DataFrame:
     """Pairs of ``h``'s train/validation splits that a protection covers: pair_id, split, protected_by
     (the protected version and split), why (``pair``, ``cluster``, ``prompt`` or ``near_duplicate``, the
     first that holds), and for a near duplicate: matched (the protected pair), jaccard (estimated) and
-    text (this pair's prompt as shingled)."""
-    near_cols = {"matched": pl.String, "jaccard": pl.Float32, "text": pl.String}
-    empty = pl.DataFrame(schema={"pair_id": pl.String, "split": pl.String, "protected_by": pl.String, "why": pl.String,
-                                 **near_cols})
+    text (this pair's prompt as shingled).  ``cached``: see :func:`_near_hits`."""
+    empty = pl.DataFrame(schema={**NEAR_SCHEMA, "why": pl.String})
     if not records:
         return empty
     present = [s for s in TRAINING_SPLITS if s in h.manifest().splits]
@@ -233,9 +234,49 @@ def contamination(h: VersionHandle, records: list[Protection]) -> pl.DataFrame:
         found.append(hit.select("pair_id", "split", protected_by=pl.lit(rec.label), why="why"))
     matchable = [r for r in records if _matchable(r)]
     if matchable:  # after the exact matches: a pair they already cover keeps its first reason
-        texts = pl.concat([_split_prompts(h, s).with_columns(split=pl.lit(s)) for s in present])
-        found.append(_near_duplicates(h.store, texts, matchable).with_columns(why=pl.lit("near_duplicate")))
+        found.append(_near_hits(h, present, matchable, cached=cached).with_columns(why=pl.lit("near_duplicate")))
     return pl.concat(found, how="diagonal_relaxed").unique("pair_id", keep="first", maintain_order=True).sort("pair_id")
+
+
+MATCHES_DIR = Path(".index") / "protected-matches"  # STORE/.index/protected-matches/<VERSION>.json: a cache only
+
+
+def _match_key(rec: Protection) -> str:
+    return f"{rec.label}|{rec.signatures.sha256}"
+
+
+def _read_matches(h: VersionHandle) -> dict[str, list]:
+    """The cached near-duplicate hits of ``h`` per protection (:func:`_match_key`), when they were
+    found on these very files (the manifest's sha256); anything unreadable or foreign is no cache."""
+    try:
+        doc = json.loads((h.store.root / MATCHES_DIR / f"{safe_id(h.version_id)}.json").read_bytes())
+        if doc.get("manifest_sha256") == h.manifest_sha256() and isinstance(doc.get("hits"), dict):
+            return doc["hits"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {}
+
+
+def _near_hits(h: VersionHandle, present: list[str], records: list[Protection], *, cached: bool) -> pl.DataFrame:
+    """:func:`_near_duplicates` of ``h``'s ``present`` splits against ``records``.  ``cached``: the hits
+    of a protection already matched against this version's manifest are read from the store's cache
+    (``versions`` and ``show`` trust every version they list: matching costs ~20 s a 1M-pair version,
+    once), and only new protections are matched; the cache is rewritten best effort.  Certify and the
+    trainer's way in match afresh (``cached=False``)."""
+    cache = _read_matches(h) if cached else {}
+    todo = [r for r in records if _match_key(r) not in cache]
+    if todo:
+        texts = pl.concat([_split_prompts(h, s).with_columns(split=pl.lit(s)) for s in present])
+        new = _near_duplicates(h.store, texts, todo)
+        for rec in todo:
+            cache[_match_key(rec)] = new.filter(pl.col("protected_by") == rec.label).rows()
+        if cached:
+            keep = {_match_key(r): cache[_match_key(r)] for r in records}  # (a removed protection's hits go)
+            with contextlib.suppress(OSError):
+                atomic_write_json(h.store.root / MATCHES_DIR / f"{safe_id(h.version_id)}.json",
+                                  {"manifest_sha256": h.manifest_sha256(), "hits": keep})
+    rows = [tuple(r) for rec in records for r in cache[_match_key(rec)]]
+    return pl.DataFrame(rows, schema=NEAR_SCHEMA, orient="row")
 
 
 def near_duplicate_examples(store: Store, hits: pl.DataFrame, n: int = 3) -> list[str]:

@@ -14,6 +14,8 @@ Layout (``../shared/spec/outputs.md``)::
       .index/versions.json          the listing's cache: per version its creation time, parent and
                                     new sources, keyed by its manifest's (inode, size, mtime_ns);
                                     a cache only (rebuilt from the manifests when missing or stale)
+      .index/protected-matches/V.json  near duplicates of protected prompts found in V (pipeline.protect):
+                                    a cache for versions/show, keyed by V's manifest sha256; train ignores it
 
 Guarantees:
 
@@ -846,19 +848,21 @@ class Store:
 
         return protected_pair_ids(self)
 
-    def trust(self, h: VersionHandle, *, files: bool = True, protections: bool = True) -> ChainStatus:
+    def trust(self, h: VersionHandle, *, files: bool = True, protections: bool = True, cached: bool = True) -> ChainStatus:
         """What the trainer's way in (:meth:`open_certified`) decides for ``h``: certificate -> manifest
         -> files (:meth:`VersionHandle.verify_chain`), then no pair of a protected evaluation set in its
         train/validation splits (link ``protected``: a protection added after the certificate still
         counts).  ``versions`` and ``show`` report this, so they never say "certified" of a version
         ``train`` refuses.  A protection record that cannot be read raises :class:`StoreError`.
-        ``files=False, protections=False``: the chain to the manifest only (no data file read)."""
+        ``files=False, protections=False``: the chain to the manifest only (no data file read).
+        ``cached``: near-duplicate matches of protected prompts already found for this manifest are
+        read from the store's cache (``pipeline.protect``); the trainer's way in matches afresh."""
         status = h.verify_chain(files=files)
         if not status.ok or not protections:
             return status
         from pipeline.protect import contamination, load_protections
 
-        hits = contamination(h, load_protections(self))
+        hits = contamination(h, load_protections(self), cached=cached)
         if hits.height:
             shown = ", ".join(f"{p} ({w} of {b})" for p, w, b in hits.select("pair_id", "why", "protected_by").head(5).iter_rows())
             return ChainStatus(False, "protected", f"{hits.height} pairs of {h.version_id}'s train/validation splits belong "
@@ -871,7 +875,7 @@ class Store:
         link otherwise.  Read its files with :meth:`VersionHandle.read` / :meth:`VersionHandle.read_split`
         (verified again at read time)."""
         h = self.resolve(ref)
-        status = self.trust(h)
+        status = self.trust(h, cached=False)
         if not status.ok:
             raise NotCertified(status.link or "certificate", status.reason)
         return h

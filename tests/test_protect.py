@@ -204,6 +204,38 @@ def test_a_reworded_copy_in_another_lineage_is_caught_as_a_near_duplicate(reword
     assert f'"{theirs[:120]}' in g.detail and f'"{ex["text"][:120]}' in g.detail
 
 
+def test_listing_trust_matches_a_version_once_and_train_matches_afresh(reworded, monkeypatch):
+    """``versions``/``show`` trust every version they list: a version's near-duplicate matches are found
+    once per protection (cached beside the listing's cache, keyed by its manifest) and read back after;
+    the trainer's way in never takes them from that cache (a forged "no hits" does not open the door)."""
+    import pipeline.protect as protect
+
+    st, v1, v3, *_ = reworded
+    h = st.get(v3)
+    first = st.trust(h)
+    assert not first.ok and first.link == "protected" and "near_duplicate" in first.reason
+    cache = st.root / protect.MATCHES_DIR / f"{v3}.json"
+    assert json.loads(cache.read_text())["manifest_sha256"] == h.manifest_sha256()
+
+    def no_matching(*_a, **_k):
+        raise AssertionError("matched again")
+
+    with monkeypatch.context() as m:
+        m.setattr(protect, "_near_duplicates", no_matching)
+        again = st.trust(h)
+        assert (again.ok, again.link, again.reason) == (first.ok, first.link, first.reason)
+    doc = json.loads(cache.read_text())
+    doc["hits"] = {k: [] for k in doc["hits"]}  # a forged "no near duplicates"
+    cache.write_text(json.dumps(doc))
+    assert st.trust(h).ok  # (the listing reads its cache)
+    with pytest.raises(NotCertified) as err:
+        st.open_certified(v3)
+    assert err.value.link == "protected"
+    doc["manifest_sha256"] = "0" * 64  # a cache of other files is no cache
+    cache.write_text(json.dumps(doc))
+    assert st.trust(h).link == "protected"
+
+
 def test_an_old_protection_record_keeps_its_exact_matches_and_says_to_protect_again(reworded, tmp_path):
     """A record written before the signatures (no ``signatures`` field, no .npy): the same pair, cluster
     or prompt still counts; near duplicates are not matched and the gate says so; protecting again
