@@ -29,7 +29,7 @@ from pipeline import incremental as inc
 from pipeline import reviews_resolve as rr
 from pipeline import select as sel
 from pipeline.checks import CHECK_MODULES, all_flags, judgment_columns, pair_columns, resolve_policy, run_checks
-from pipeline.ingest import FileHash, IngestResult, file_hash, ingest_files
+from pipeline.ingest import FileHash, IngestResult, file_hash, ingest_files, quarantine_line
 from pipeline.readers import UnreadableFile
 from schemas.records import ROUTED_LABELS
 from pipeline.split import (PLACEMENT, SPLITS, assign_splits, assignment_changes, assignments, counted, leakage, placement,
@@ -92,6 +92,33 @@ class CurateResult:
         return self.store.get(self.version_id)
 
 
+class NoValidJudgments(Exception):
+    """The inputs hold no valid judgment (every row quarantined): bad input, refused before a version is written --
+    a version of nothing would pass every check.  ``ledger``, ``sources``: the ingest's; ``quarantine``: the first
+    :attr:`SHOWN` quarantined rows; ``path``, ``line``, ``field``: the first of them (where the error is);
+    ``summary``: the message without the rows (the CLI lists them as ``validate`` does)."""
+
+    SHOWN = 5
+
+    def __init__(self, ledger: IngestLedger, sources: list[SourceInfo], quarantine: pl.DataFrame) -> None:
+        self.ledger, self.sources, self.quarantine = ledger, sources, quarantine.head(self.SHOWN)
+        first = self.quarantine.row(0, named=True) if self.quarantine.height else {}
+        self.path = first.get("source_file", sources[0].path if sources else None)
+        self.line, self.field = first.get("line"), first.get("field")
+        self.summary = (f"{', '.join(s.path for s in sources)}: no valid judgment to curate (rows in {ledger.rows_in:,} = "
+                        f"valid {ledger.rows_valid:,} + quarantined {ledger.quarantined:,} {ledger.quarantined_by_reason}, "
+                        f"judgments {ledger.judgments:,}); nothing written -- fix the rows (`prefpipe validate` lists "
+                        "every one) and curate again")
+        rows = [f"  {quarantine_line(r)}" for r in self.quarantine.iter_rows(named=True)]
+        super().__init__("\n".join([self.summary, *(["first quarantined rows:", *rows] if rows else [])]))
+
+    @classmethod
+    def check(cls, ledger: IngestLedger, sources: list[SourceInfo], quarantine: Callable[[], pl.DataFrame]) -> None:
+        """Raise when the ingest produced no judgment (``quarantine``: reads the quarantined rows, then only)."""
+        if ledger.judgments == 0:
+            raise cls(ledger, sources, quarantine())
+
+
 class _Timer:
     def __init__(self, cb: Callable[[str, float], None] | None):
         self.t: dict[str, float] = {}
@@ -125,7 +152,8 @@ def curate(
     on_rows: Callable[[int], None] | None = None,
     hashed: dict[str, FileHash] | None = None,
 ) -> CurateResult:
-    """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing.
+    """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing,
+    :class:`NoValidJudgments` when no input row is a valid judgment (nothing written).
 
     ``full``: a child recomputes everything from its judgments instead of extending its parent's
     state (still a child: lineage, sticky splits; ``prefpipe curate --full``).  ``on_stage(name,
@@ -296,6 +324,11 @@ def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options:
                 else:  # (stopped for an earlier run's partitions, removed since)
                     partition(target)
             pset = PartitionSet.load(target)
+            try:
+                NoValidJudgments.check(pset.ledger, pset.sources, pset.read_quarantine)
+            except NoValidJudgments:  # bad input: no partition of it is kept for a retry
+                shutil.rmtree(work, ignore_errors=True)
+                raise
             with open_runner() as client:
                 manifest = build_first(store, stage, version_id, pset, policy, work=work, client=client,
                                        on_stage=timer.stage, timings=timer.t)
@@ -353,13 +386,15 @@ def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy,
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
                   policy: Policy, timer: _Timer | None = None, *, full: bool = False,
                   near_state: _Handover | None = None) -> CurateResult:
-    """Checks -> select -> split -> write, atomically, unless the version exists.
+    """Checks -> select -> split -> write, atomically, unless the version exists; :class:`NoValidJudgments`
+    when the ingest holds no judgment (nothing written).
 
     Takes the rows out of ``ingest`` (:meth:`IngestResult.take_judgments`): the wide
     judgments frame is written first and released after the checks.  ``near_state``: the
     parent's near-duplicate state being read (:func:`_early_state`, handed over; None: read from here)."""
     timer = timer or _Timer(None)
     policy = resolve_policy(policy)
+    NoValidJudgments.check(ingest.ledger, ingest.sources, lambda: ingest.quarantine)  # (before the store is touched)
 
     # a child's passes over its parent's parts (pipeline/parent_rows.py): their states under <store>/.work/<version_id>/,
     # their tasks in this process or on the Dask cluster PREFPIPE_DASK names
