@@ -357,8 +357,9 @@ def curate(
 
     Prints the version id as the last line of stdout (with --json: one JSON document that
     holds it as version_id).  Re-running the same inputs with the
-    same policy (and parent) returns the existing version and writes nothing.
-    Exit 0 written (or already there); 1 a partition task failed (no version; a retry computes only what is missing); 2 bad usage, unreadable input or input without a valid judgment (every row quarantined: the ledger and the first rows as `validate` lists them; nothing written).
+    same policy (and parent) returns the existing version and writes nothing (once its files are
+    checked against its manifest: a damaged one is named, never "already there").
+    Exit 0 written (or already there); 1 a partition task failed (no version; a retry computes only what is missing); 2 bad usage, unreadable input, input without a valid judgment (every row quarantined: the ledger and the first rows as `validate` lists them) or its version there but damaged (the file named); nothing written.
     """
     from pipeline.curate import CurateOptions, NoValidJudgments
     from pipeline.curate import curate as run_curate
