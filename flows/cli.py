@@ -210,7 +210,7 @@ def validate(
             "ok": result.ledger.quarantined == 0 and flagged == 0,
             "ledger": result.ledger.model_dump(),
             "sources": [s.model_dump() for s in result.sources],
-            "errors": q.select("source_file", "line", "reason", "field", "error").head(max_errors).to_dicts(),
+            "errors": _quarantine_errors(q, max_errors),
         }
         if registry is not None:
             payload["registry"] = {"file": str(annotators), "sha256": registry.sha256(), "annotators": len(registry.annotator),
@@ -223,13 +223,9 @@ def validate(
             _fail("; ".join(found_in), code=EXIT_QUARANTINE, label="invalid", payload=payload)
         print(json_text(payload, indent=2))
     else:
-        _print_ledger(result)
+        _print_ledger(result, out_console())
         if q.height:
-            con = out_console()
-            con.print(markup("\n[bold]First {shown} of {total} quarantined rows:[/]", shown=min(max_errors, q.height), total=q.height))
-            for r in q.head(max_errors).iter_rows(named=True):
-                con.print(markup("  {file}:{line}  [yellow]{reason}[/]  {error}", file=r["source_file"], line=r["line"],
-                                 reason=r["reason"], error=r["error"]), soft_wrap=True)
+            _print_quarantined(q.head(max_errors), q.height, out_console())
         if registry is not None:
             _print_registry_findings(found, registry, annotators, max_errors)
     raise typer.Exit(EXIT_QUARANTINE if result.ledger.quarantined or flagged else EXIT_OK)
@@ -256,10 +252,24 @@ def _print_registry_findings(found, registry, path: Path, max_errors: int) -> No
                          reason=r["reason"], detail=r["detail"]), soft_wrap=True)
 
 
-def _print_ledger(result) -> None:
+def _quarantine_errors(q, limit: int) -> list[dict]:
+    """The first ``limit`` quarantined rows for a --json document: file, line, reason, field, error."""
+    return q.select("source_file", "line", "reason", "field", "error").head(limit).to_dicts()
+
+
+def _print_quarantined(shown, total: int, con) -> None:
+    """The quarantined rows ``shown`` (the first of ``total``), one line each (:func:`pipeline.ingest.quarantine_line`)."""
+    from pipeline.ingest import quarantine_line
+
+    con.print(markup("\n[bold]First {shown} of {total} quarantined rows:[/]", shown=shown.height, total=total))
+    for r in shown.iter_rows(named=True):
+        con.print(plain(f"  {quarantine_line(r)}"), soft_wrap=True)
+
+
+def _print_ledger(result, con) -> None:
+    """The ingest ledger of ``result`` (anything with ``sources`` and ``ledger``) as a table, per file and in total."""
     from rich.table import Table
 
-    con = out_console()
     t = Table(title="Ingest ledger", show_lines=False)
     for col in ("file", "format", "rows in", "valid", "quarantined", "judgments"):
         t.add_column(col, justify="left" if col in ("file", "format") else "right")
@@ -347,10 +357,11 @@ def curate(
 
     Prints the version id as the last line of stdout (with --json: one JSON document that
     holds it as version_id).  Re-running the same inputs with the
-    same policy (and parent) returns the existing version and writes nothing.
-    Exit 0 written (or already there); 1 a partition task failed (no version; a retry computes only what is missing); 2 bad usage or unreadable input (nothing written).
+    same policy (and parent) returns the existing version and writes nothing (once its files are
+    checked against its manifest: a damaged one is named, never "already there").
+    Exit 0 written (or already there); 1 a partition task failed (no version; a retry computes only what is missing); 2 bad usage, unreadable input, input without a valid judgment (every row quarantined: the ledger and the first rows as `validate` lists them) or its version there but damaged (the file named); nothing written.
     """
-    from pipeline.curate import CurateOptions
+    from pipeline.curate import CurateOptions, NoValidJudgments
     from pipeline.curate import curate as run_curate
     from pipeline.readers import UnreadableFile
 
@@ -378,6 +389,8 @@ def curate(
             res = run_curate(files, st, pol, parent=parent, options=opts, on_stage=prog.stage, on_rows=prog.rows, full=full)
     except UnreadableFile as err:
         _fail_usage(f"cannot read {err.path}: {err.why} (nothing written)", err=err)
+    except NoValidJudgments as err:
+        _refuse_nothing_valid(err, as_json)
     except PartitionTaskError as err:  # a worker's task failed: no version; a retry computes only the missing partitions
         _fail(f"{err} (nothing written)", code=1, label="curate failed")
     m = res.handle.manifest()
@@ -391,6 +404,17 @@ def curate(
     con.print(f"version {res.version_id} {state}: {res.handle.path}")
     _print_version_summary(m)
     print(res.version_id)
+
+
+def _refuse_nothing_valid(err, as_json: bool) -> NoReturn:
+    """curate of inputs without a valid judgment (bad input, exit 2): the ingest ledger and the first quarantined
+    rows as ``validate`` shows them, on stderr (stdout holds nothing, or the --json document with them)."""
+    if not as_json:
+        con = err_console()
+        _print_ledger(err, con)
+        _print_quarantined(err.quarantine, err.ledger.quarantined, con)
+    _fail(err.summary, payload={"ledger": err.ledger.model_dump(), "sources": [s.model_dump() for s in err.sources],
+                                "errors": _quarantine_errors(err.quarantine, err.SHOWN), **_error_place(err)})
 
 
 SHOW_OPEN_TEXT, SHOW_OPEN_JSON = 10, 1000  # open reviews listed by `show` (oldest first)

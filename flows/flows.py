@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from pipeline import inbox as inbox_logic
-from pipeline.curate import CurateOptions, build_version, ingest_source, plan_version_id
+from pipeline.curate import CurateOptions, build_version, existing_version, ingest_source, plan_version_id
 from schemas.version import code_version
 from pipeline.escape import md_escape, visible_controls  # artifact descriptions are Markdown; log lines plain
 from pipeline.ingest import FileHash, IngestResult, file_sha256
@@ -168,7 +168,7 @@ def _curate_batch(names: list[str], st: Store, policy: Policy, parent_id: str | 
     shas = [hashed[f].sha256 if f in hashed else hash_file.submit(f) for f in files]
     sha_values = [s if isinstance(s, str) else s.result() for s in shas]
     version_id = plan_version_id(sha_values, parent_id, policy, CurateOptions(**options))
-    if st.exists(version_id):
+    if existing_version(st, version_id):  # (there and intact; there but damaged: raises, naming the file)
         log.info("version %s already exists: nothing to do", version_id)
     elif parent_id is None:  # a first version: partitioned (the files are read by the partitioning)
         res = build_first_task(files, store, policy.model_dump_json(), options, hashed or None)

@@ -53,7 +53,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.certify_parts import (NO_LOCALE, VersionFacts, agreement_state, empty_facts, full_agreement_state,
-                                    load_prior_facts, table_parts, write_facts)
+                                    load_prior_facts, stat_facts, table_parts, write_facts)
 from pipeline.store import SPLITS, Store, StoreError, VersionHandle, verify_files
 from schemas.manifest import Certification, GateResult
 from pipeline.checks import flag_actions, resolve_policy
@@ -382,7 +382,7 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
     manifest_sha = h.manifest_sha256()
     parent = _parent(store, h)
     prior, facts_from, prior_record = load_prior_facts(store, (h, parent) if reuse else ())
-    known = {r["sha256"]: (r["ino"], r["size"], r["mtime_ns"]) for r in prior.iter_rows(named=True)}
+    known = stat_facts(prior)
     checked: dict[str, tuple[int, int, int]] = {}
     problems = verify_files(h.manifest(), h.path, known=known, checked=checked)
     part_facts = state = None

@@ -61,6 +61,12 @@ def empty_facts() -> pl.DataFrame:
     return pl.DataFrame(schema=FACTS_SCHEMA)
 
 
+def stat_facts(facts: pl.DataFrame) -> dict[str, tuple[int, int, int]]:
+    """sha256 -> (inode, size, mtime_ns) a part had when its sha256 was checked: what
+    :func:`pipeline.store.verify_files` takes as ``known`` (a part that still has them is not hashed again)."""
+    return {r["sha256"]: (r["ino"], r["size"], r["mtime_ns"]) for r in facts.iter_rows(named=True)}
+
+
 def _record_ok(store: Store, h: VersionHandle, rec: dict[str, Any] | None, ring: Any) -> PartFactsRef | None:
     from pipeline.signing import verify_record
 

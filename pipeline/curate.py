@@ -1,8 +1,9 @@
 """Curate: ingest -> checks -> select -> split -> store, as plain functions (no Prefect here).
 
 The version id is computed first, from the sha256 of every input file, the parent version
-id, the policy hash, the ingest options and the code version; if that version exists,
-nothing is read or written (idempotent re-runs).  ``flows/`` wraps these steps in Prefect
+id, the policy hash, the ingest options and the code version; if that version exists (and its
+files still match its manifest: :func:`existing_version`), nothing is read or written
+(idempotent re-runs).  ``flows/`` wraps these steps in Prefect
 tasks; the CLI calls :func:`curate` directly or through the flow.
 """
 from __future__ import annotations
@@ -28,8 +29,9 @@ from pipeline import dimensions as dims
 from pipeline import incremental as inc
 from pipeline import reviews_resolve as rr
 from pipeline import select as sel
+from pipeline.certify_parts import load_prior_facts, stat_facts
 from pipeline.checks import CHECK_MODULES, all_flags, judgment_columns, pair_columns, resolve_policy, run_checks
-from pipeline.ingest import FileHash, IngestResult, file_hash, ingest_files
+from pipeline.ingest import FileHash, IngestResult, file_hash, ingest_files, quarantine_line
 from pipeline.readers import UnreadableFile
 from schemas.records import ROUTED_LABELS
 from pipeline.split import (PLACEMENT, SPLITS, assign_splits, assignment_changes, assignments, counted, leakage, placement,
@@ -38,7 +40,7 @@ from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, appended_key, appended_slices,
                             bucket_counts, generation_groups, grouped_generations, parent_keys, parent_parts, part_keys,
                             parts_to_merge)
-from pipeline.store import StageMark, Store, VersionHandle, file_info
+from pipeline.store import DamagedVersion, StageMark, Store, StoreError, VersionHandle, file_info, verify_files
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
 from schemas.policy import Policy
@@ -92,6 +94,75 @@ class CurateResult:
         return self.store.get(self.version_id)
 
 
+class NoValidJudgments(Exception):
+    """The inputs hold no valid judgment (every row quarantined): bad input, refused before a version is written --
+    a version of nothing would pass every check.  ``ledger``, ``sources``: the ingest's; ``quarantine``: the first
+    :attr:`SHOWN` quarantined rows; ``path``, ``line``, ``field``: the first of them (where the error is);
+    ``summary``: the message without the rows (the CLI lists them as ``validate`` does)."""
+
+    SHOWN = 5
+
+    def __init__(self, ledger: IngestLedger, sources: list[SourceInfo], quarantine: pl.DataFrame) -> None:
+        self.ledger, self.sources, self.quarantine = ledger, sources, quarantine.head(self.SHOWN)
+        first = self.quarantine.row(0, named=True) if self.quarantine.height else {}
+        self.path = first.get("source_file", sources[0].path if sources else None)
+        self.line, self.field = first.get("line"), first.get("field")
+        self.summary = (f"{', '.join(s.path for s in sources)}: no valid judgment to curate (rows in {ledger.rows_in:,} = "
+                        f"valid {ledger.rows_valid:,} + quarantined {ledger.quarantined:,} {ledger.quarantined_by_reason}, "
+                        f"judgments {ledger.judgments:,}); nothing written -- fix the rows (`prefpipe validate` lists "
+                        "every one) and curate again")
+        rows = [f"  {quarantine_line(r)}" for r in self.quarantine.iter_rows(named=True)]
+        super().__init__("\n".join([self.summary, *(["first quarantined rows:", *rows] if rows else [])]))
+
+    @classmethod
+    def check(cls, ledger: IngestLedger, sources: list[SourceInfo], quarantine: Callable[[], pl.DataFrame]) -> None:
+        """Raise when the ingest produced no judgment (``quarantine``: reads the quarantined rows, then only)."""
+        if ledger.judgments == 0:
+            raise cls(ledger, sources, quarantine())
+
+
+def existing_version(store: Store, version_id: str) -> bool:
+    """Whether ``version_id`` is in the store, intact: a re-run's idempotent answer ("already there", nothing
+    written) is given for a version whose files match its manifest only.  One that is there but damaged (a file
+    changed, missing or truncated; the manifest unreadable, or not the one its certification bound) raises
+    :class:`DamagedVersion` naming the file and what to do -- never "already there", never written over.
+
+    Every file is hashed against the manifest (:func:`pipeline.store.verify_files`), except the parts a verified
+    certification hashed that still have the inode, size and mtime they had then: certify's own rule for what it
+    takes from an earlier certification (pipeline/certify_parts.py), so a certified version costs a ``stat`` per
+    part.  Readers verify again: the trainer hashes every file it reads."""
+    if not store.exists(version_id):
+        return False
+    h = store.get(version_id)
+    try:
+        problems = _damage(h)
+    except DamagedVersion as err:  # (its manifest: unreadable, or not this version's)
+        problems = [str(err)]
+    if not problems:
+        return True
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    err = DamagedVersion(f"version {version_id} is in the store ({h.path}) but damaged: {problems[0]}{more}; nothing written. Remove "
+                         f"it (`prefpipe gc --delete {version_id} --apply`) and curate again, which builds it anew")
+    err.path = str(h.path)  # (the place a --json failure names)
+    raise err
+
+
+def _damage(h: VersionHandle) -> list[str]:
+    """How version ``h`` differs from its manifest and its latest certification (empty: intact)."""
+    m = h.manifest()
+    facts, _, rec = load_prior_facts(h.store, [h])
+    problems = verify_files(m, h.path, known=stat_facts(facts))
+    if rec is None:  # no facts taken: is there a record of this version that bound another manifest?
+        try:
+            rec = h.store.latest_certification(h.version_id)
+        except StoreError:  # (a damaged record is not a damaged version)
+            rec = None
+        if rec and rec.get("version_id") == h.version_id and rec.get("manifest_sha256") not in (None, h.manifest_sha256()):
+            problems.insert(0, f"{h.path / 'manifest.json'}: not the manifest its certification bound (changed after "
+                               "the version was certified)")
+    return problems
+
+
 class _Timer:
     def __init__(self, cb: Callable[[str, float], None] | None):
         self.t: dict[str, float] = {}
@@ -125,7 +196,9 @@ def curate(
     on_rows: Callable[[int], None] | None = None,
     hashed: dict[str, FileHash] | None = None,
 ) -> CurateResult:
-    """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing.
+    """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing,
+    :class:`NoValidJudgments` when no input row is a valid judgment (nothing written), and
+    :class:`pipeline.store.DamagedVersion` when the version is there but damaged (:func:`existing_version`).
 
     ``full``: a child recomputes everything from its judgments instead of extending its parent's
     state (still a child: lineage, sticky splits; ``prefpipe curate --full``).  ``on_stage(name,
@@ -165,7 +238,7 @@ def _curate(paths: list[str | Path], store: Store, policy: Policy, parent: str |
     hashed.update({str(p): file_hash(p) for p in paths if str(p) not in hashed})  # (ingest takes them: hashed once)
     version_id = plan_version_id([hashed[str(p)].sha256 for p in paths], parent_id, policy, options, full=full)
     t = timer.lap("hash_inputs", t)
-    if store.exists(version_id):
+    if existing_version(store, version_id):
         return CurateResult(version_id, False, store, timer.t)
 
     # the parent's near-duplicate state: read on a thread of its own while the batch is ingested (one core parses
@@ -247,7 +320,7 @@ def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options:
 
     if not pending:  # (every input hashed already: a URL's copy)
         t = timer.lap("hash_inputs", t)
-        if store.exists(plan()):
+        if existing_version(store, plan()):
             return CurateResult(plan(), False, store, timer.t)
     else:
         t = timer.lap("hash_inputs", t)  # (the hash runs on; its time is in the ingest's)
@@ -281,7 +354,7 @@ def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options:
         # (1.26-1.29 GB with this, ~3 % slower: docs/scale-out.md "Session 43")
         memory.release(arrow=True)
         t = timer.lap("ingest", t)
-        if store.exists(version_id):
+        if existing_version(store, version_id):
             return CurateResult(version_id, False, store, timer.t)
         work = work_root / version_id
 
@@ -296,6 +369,11 @@ def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options:
                 else:  # (stopped for an earlier run's partitions, removed since)
                     partition(target)
             pset = PartitionSet.load(target)
+            try:
+                NoValidJudgments.check(pset.ledger, pset.sources, pset.read_quarantine)
+            except NoValidJudgments:  # bad input: no partition of it is kept for a retry
+                shutil.rmtree(work, ignore_errors=True)
+                raise
             with open_runner() as client:
                 manifest = build_first(store, stage, version_id, pset, policy, work=work, client=client,
                                        on_stage=timer.stage, timings=timer.t)
@@ -353,13 +431,15 @@ def ingest_source(paths: list[Path], options: CurateOptions, policy: Policy,
 def build_version(store: Store, version_id: str, ingest: IngestResult, parent: VersionHandle | None,
                   policy: Policy, timer: _Timer | None = None, *, full: bool = False,
                   near_state: _Handover | None = None) -> CurateResult:
-    """Checks -> select -> split -> write, atomically, unless the version exists.
+    """Checks -> select -> split -> write, atomically, unless the version exists; :class:`NoValidJudgments`
+    when the ingest holds no judgment (nothing written).
 
     Takes the rows out of ``ingest`` (:meth:`IngestResult.take_judgments`): the wide
     judgments frame is written first and released after the checks.  ``near_state``: the
     parent's near-duplicate state being read (:func:`_early_state`, handed over; None: read from here)."""
     timer = timer or _Timer(None)
     policy = resolve_policy(policy)
+    NoValidJudgments.check(ingest.ledger, ingest.sources, lambda: ingest.quarantine)  # (before the store is touched)
 
     # a child's passes over its parent's parts (pipeline/parent_rows.py): their states under <store>/.work/<version_id>/,
     # their tasks in this process or on the Dask cluster PREFPIPE_DASK names

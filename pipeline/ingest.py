@@ -138,6 +138,12 @@ class IngestResult:
                    ledger, [s for p in parts for s in p.sources])
 
 
+def quarantine_line(row: dict[str, Any]) -> str:
+    """One quarantined row as ``prefpipe validate`` lists it, and a curate refused for holding no valid judgment:
+    ``FILE:LINE  REASON  ERROR`` (the error names the field, what was expected and what was found)."""
+    return f"{row['source_file']}:{row['line']}  {row['reason']}  {row['error']}"
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes (the content key of a source); :class:`UnreadableFile` if it cannot be read."""
     return file_hash(path).sha256
