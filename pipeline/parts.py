@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from pipeline.store import (SplitInfo, Store, StoreError, VersionHandle, dead_stages, remove_stage, table_sha256,
-                            write_parquet)
+from pipeline.store import (SplitInfo, Store, StoreError, VersionHandle, dead_stages, remove_stage, sha256_file,
+                            table_sha256, write_parquet)
 from schemas.ids import safe_id
 from schemas.manifest import TableInfo
 
@@ -66,7 +66,10 @@ def object_path(store: Store, sha: str) -> Path:
 
 def share(store: Store, path: Path, sha: str) -> None:
     """Make ``path`` (a freshly written part with this sha256) and the store's object one inode:
-    link the file into ``objects/`` or, when the object exists, replace the file by a link to it."""
+    link the file into ``objects/`` or, when the object exists, replace the file by a link to it --
+    once the object's bytes are checked: an object damaged in place (through any version's link to
+    it) is replaced by the fresh file, never linked into a new version (whose publication trusts
+    its objects)."""
     obj = object_path(store, sha)
     obj.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -78,15 +81,23 @@ def share(store: Store, path: Path, sha: str) -> None:
         if err.errno in _NO_LINKS:
             return  # no hard links here: the part stays a plain file
         raise
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.lnk")
+    intact = _object_intact(obj, path.stat().st_size, sha)
+    tmp = (path if intact else obj).with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.lnk")
     try:
-        os.link(obj, tmp)
-        os.replace(tmp, path)
+        os.link(obj if intact else path, tmp)
+        os.replace(tmp, path if intact else obj)  # (damaged: the versions that link it keep their damage)
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if err.errno not in _NO_LINKS:
             raise
+
+
+def _object_intact(obj: Path, size: int, sha: str) -> bool:
+    try:
+        return obj.stat().st_size == size and sha256_file(obj) == sha
+    except OSError:
+        return False
 
 
 def link_part(src: Path, dst: Path) -> None:

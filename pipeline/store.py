@@ -265,13 +265,13 @@ def verify_files(m: Manifest, root: Path, *, objects: Path | None = None,
             continue
         st = p.stat()
         stat_key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if info.bytes is not None and st.st_size != info.bytes:  # (a stat: even a shared object is sized)
+            problems.append(f"{name}: {st.st_size} bytes, the manifest says {info.bytes} (file changed after the version was written)")
+            continue
         if objects is not None and _is_object(p, objects, info.sha256):
             pass
         elif known is not None and known.get(info.sha256) == stat_key:
             pass
-        elif info.bytes is not None and st.st_size != info.bytes:
-            problems.append(f"{name}: {st.st_size} bytes, the manifest says {info.bytes} (file changed after the version was written)")
-            continue
         elif sha256_file(p) != info.sha256:
             problems.append(f"{name}: sha256 differs from the manifest (file changed after the version was written)")
             continue

@@ -102,6 +102,39 @@ def test_same_content_is_stored_once(tmp_path):
     assert _inodes(ha, "judgments") == _inodes(hb, "judgments") and _inodes(ha, "data/train") == _inodes(hb, "data/train")
 
 
+def test_a_damaged_shared_part_is_not_linked_into_a_new_version(tmp_path):
+    """A part edited in place damages the store's object too (one inode): a later build writing the
+    same content must not link that object into its new version (publication trusts objects) -- it
+    checks it, replaces it with its fresh copy, and the new version verifies; the damaged one stays
+    damaged (found by its own verification)."""
+    st = Store(tmp_path / "s")
+    a = curate(SAMPLES[:1], st, POLICY).version_id
+    part = st.get(a).manifest().tables["data/train"].parts[0]
+    path = st.get(a).path / part.path
+    with open(path, "r+b") as f:  # a byte flipped in place: same size, same inode
+        f.seek(part.bytes // 2)
+        byte = f.read(1)
+        f.seek(part.bytes // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    b = curate(SAMPLES[:1], st, policy_from_dict({"certify": {"require_expectations": False, "min_pairs_per_locale": 3}})).version_id
+    assert a != b
+    assert st.get(b).verify() == []
+    same = next(q for q in st.get(b).manifest().tables["data/train"].parts if q.sha256 == part.sha256)
+    assert os.path.samefile(st.get(b).path / same.path, object_path(st, part.sha256))  # the fresh copy is the object now
+    assert any(part.path in p for p in st.get(a).verify())
+
+
+def test_a_truncated_shared_part_is_found_without_hashing(tmp_path):
+    """The publication check skips hashing a store object, but never its size against the manifest."""
+    st = Store(tmp_path / "s")
+    a = curate(SAMPLES[:1], st, POLICY).version_id
+    part = st.get(a).manifest().tables["data/train"].parts[0]
+    os.truncate(st.get(a).path / part.path, part.bytes - 1)
+    from pipeline.store import verify_files
+    problems = verify_files(st.get(a).manifest(), st.get(a).path, objects=st.root / "objects")
+    assert any(part.path in p and "bytes" in p for p in problems), problems
+
+
 def test_a_copied_version_without_hard_links_still_verifies(tmp_path):
     st = Store(tmp_path / "s")
     vid = curate(SAMPLES[:1], st, POLICY).version_id
