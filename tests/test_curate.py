@@ -721,3 +721,34 @@ def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_pa
             .select("pair_id", "decision", "reason").rows()}
     assert fate == {"split": ("keep", None), "copied": ("keep", None), "weak": ("drop", "ambiguous"),
                     "easy": ("drop", "too_easy")}
+
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_the_agreement_figures_do_not_count_re_delivered_copies(tmp_path, path):
+    """A version's agreement figures (alpha, kappa, CIs, per kind and slice) are those of the same
+    judgments without re-delivered copies (every 4th judgment delivered again under a new id, the
+    responses named the other way round; a child's copies also of its parent's judgments): the
+    copies ``select`` drops as ``exact_duplicate`` are no annotations.  On the first version's two
+    builds and a child."""
+    from conftest import redelivered, write_jsonl
+
+    from pipeline.checks.agreement import KINDS
+    from pipeline.curate import CurateOptions, curate
+    from schemas.policy import Policy
+
+    rows = [json.loads(line) for line in _reliable_and_random_history(tmp_path / "history.jsonl").read_text().splitlines()]
+    first, second = rows[:240], rows[240:]
+    figures = {}
+    for copies in (False, True):
+        store = Store(tmp_path / f"store-{copies}")
+        if path == "child":
+            parent = curate([write_jsonl(tmp_path / "first.jsonl", first)], store, Policy()).version_id
+            batch = redelivered(first + second, 4)[len(first):] if copies else second
+            vid = curate([write_jsonl(tmp_path / f"second-{copies}.jsonl", batch)], store, Policy(), parent=parent).version_id
+        else:
+            batch = write_jsonl(tmp_path / f"all-{copies}.jsonl", redelivered(rows, 4) if copies else rows)
+            vid = curate([batch], store, Policy(), options=CurateOptions(partitioned=path == "partitions")).version_id
+        m = store.get(vid).manifest()
+        assert m.check("duplicates").metrics["exact_duplicates"] == (len(rows[::4]) if copies else 0)
+        figures[copies] = {k: m.check("agreement").metrics[k] for k in (*KINDS, "slices", "ratings_treated_as_missing")}
+    assert figures[True] == figures[False]
