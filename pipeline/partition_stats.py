@@ -20,7 +20,8 @@ Per partition (``run``, on a worker, reading only its partition file):
   (:func:`pipeline.checks.position_bias.order_consistency`), summed in the reduce;
 * ``counts``: judgments and distinct content keys (pairs);
 * ``agreement_profiles``: Krippendorff's alpha and Fleiss' kappa are sums of per-pair terms of
-  the pair's a / b / tie rating counts, so a partition sends the histogram of those count
+  the pair's a / b / tie rating counts (re-delivered copies are no ratings,
+  :func:`pipeline.checks.agreement.ratings`), so a partition sends the histogram of those count
   profiles per annotator kind (few distinct rows) -- the same compression the agreement check
   bootstraps over; pairs with a given id go as ``agreement_given_units`` (one row per pair and
   kind) and are merged by id in the reduce, since a conflicting given id may span partitions.
@@ -41,14 +42,14 @@ import polars as pl
 import numpy as np
 
 from pipeline.aggregate import encode
-from pipeline.checks.agreement import profile_metrics, unit_counts
+from pipeline.checks.agreement import profile_metrics, ratings, unit_counts
 from pipeline.checks.duplicates import exact_duplicates, identical_response_pairs
 from pipeline.checks.position_bias import order_consistency
 from pipeline.distributed import State, Step
 from pipeline.partition import content_key_hash, read_partition
 from schemas.policy import AgreementConfig
 
-VERSION = "3"
+VERSION = "4"
 COLUMNS = ["comparison_id", "pair_id", "prompt_hash", "a_hash", "b_hash", "annotator_id", "annotator_kind", "shown_first",
            "label", "response_a", "response_b", "created_at", "batch_id", "source_file", "source_line"]
 KINDS = ("human", "ai", "all", "unknown")  # the agreement check's order: its bootstrap seed is cfg.seed + 10 * index
@@ -88,7 +89,7 @@ def agreement_states(judgments: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFram
         return (pl.DataFrame(schema={**_PROFILE, "pairs": pl.Int64}),
                 pl.DataFrame(schema={"pair_id": pl.String, **_PROFILE}))
     e = encode(judgments)
-    uc = unit_counts(e, judgments["annotator_kind"])
+    uc = unit_counts(e, judgments["annotator_kind"], ratings(judgments))
     given_j = judgments.select((pl.col("pair_id") != content_key_hash()).alias("g"))["g"].to_numpy()
     given = given_j[e.pair_first]
     profiles, units = [], []

@@ -314,7 +314,8 @@ def select_pairs(
 
     def flagged(reason: str) -> pl.Expr:
         cond = c("_reasons").list.contains(reason) & pl.lit(reason in drop_r)
-        return cond & holds[reason] if reason in holds else cond
+        # (a rule read only where it can drop: a frame may lack the columns of a rule the policy does not act on)
+        return cond & holds[reason] if reason in holds and reason in drop_r else cond
 
     label = c("label_consensus")
     route_action = {k: v for k, v in cfg.route.items()}

@@ -41,6 +41,17 @@ def canonical(i: int = 0, **over) -> dict:
     return {k: v for k, v in row.items() if v is not ...}
 
 
+def redelivered(records: list[dict], every: int) -> list[dict]:
+    """``records`` plus a re-delivery of every ``every``-th one: a new comparison id, a later time,
+    the responses named the other way round (label and display order swapped with them)."""
+    swap = {"a": "b", "b": "a"}
+    copies = [{**r, "comparison_id": f"{r['comparison_id']}-again", "created_at": "2027-01-01T00:00:00Z",
+               "response_a": r["response_b"], "response_b": r["response_a"], "label": swap.get(r["label"], r["label"]),
+               **({"shown_first": swap[r["shown_first"]]} if r.get("shown_first") in swap else {})}
+              for r in records[::every]]
+    return records + copies
+
+
 def write_jsonl(path: Path, rows: list, raw_lines: dict[int, str] | None = None) -> Path:
     """Write rows as JSONL; ``raw_lines`` maps 0-based positions to literal lines to insert."""
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]

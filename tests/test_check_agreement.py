@@ -14,6 +14,7 @@ from pipeline.checks import agreement
 from pipeline.ingest import judgments_from_records
 from schemas.policy import AgreementConfig, ChecksConfig
 from schemas.text import content_hash, derive_pair_id
+from tests.conftest import redelivered
 from tests.synth import make_planted
 from tests.test_aggregate import rec
 
@@ -180,3 +181,20 @@ def test_state_adds_over_disjoint_pairs_and_gives_the_same_figures(planted) -> N
     assert whole.filter(pl.col("kind") == agreement.MISSING)["n"].sum() == direct.metrics["ratings_treated_as_missing"]
     with pytest.raises(ValueError, match="does not belong"):
         spec.merge(spec.count(left), spec.count(right), empty)
+
+
+def test_re_delivered_copies_are_not_ratings(planted) -> None:
+    """A copy the duplicates check finds (``exact_duplicate``, dropped by select) is the same
+    answer again, not another annotator's: the batch with a re-delivery of every 5th judgment
+    has the agreement figures of the batch without them (every kind, CIs, slices, missing
+    values), to the bit -- counted, they raised human alpha."""
+    from pipeline.checks import duplicates
+
+    pt, j = planted
+    again = judgments_from_records(redelivered(pt.records, 5))
+    assert duplicates.run(again).metrics["exact_duplicates"] == len(pt.records[::5])
+    cfg = AgreementConfig(bootstrap=40)
+    want, got = agreement.run(j, cfg), agreement.run(again, cfg)
+    for key in (*agreement.KINDS, "slices", "ratings_treated_as_missing"):
+        assert got.metrics[key] == want.metrics[key], key
+    assert got.tables["slices"].equals(want.tables["slices"]) and got.tables["sums"].equals(want.tables["sums"])

@@ -659,3 +659,96 @@ def test_low_agreement_is_decided_on_the_judgments_select_keeps(tmp_path):
     assert (pair["n_judgments"], pair["agreement"]) == (3, pytest.approx(2 / 3))
     assert (pair["decision"], pair["reason"]) == ("keep", None)
     assert h.manifest().ledger.dropped == {}
+
+
+def _reliable_and_random_history(path: Path) -> Path:
+    """120 pairs judged by three humans right 92 % of the time and by ``rnd``, who answers at
+    random (flagged ``low_reliability``: select drops its judgments)."""
+    import random
+
+    from conftest import canonical, write_jsonl
+
+    rng, rows = random.Random(7), []
+    for i in range(120):
+        truth = "ab"[i % 2]
+        for who in ("h1", "h2", "h3"):
+            rows.append((i, who, truth if rng.random() < 0.92 else "ba"["ab".index(truth)]))
+        rows.append((i, "rnd", rng.choice("ab")))
+    return write_jsonl(path, [canonical(n, prompt=[{"role": "user", "content": f"question {i}"}], response_a=f"good {i}",
+                                        response_b=f"bad {i}", annotator_id=who, label=lab, strength=0.8)
+                              for n, (i, who, lab) in enumerate(rows)])
+
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_path, path):
+    """``ambiguous`` and ``too_easy`` flags come from the preliminary consensus (every judgment);
+    select drops ``rnd``'s judgments and exact duplicates, and a flag acts (here: drop) only where
+    its rule still holds on the judgments kept.  ``split``: 2-1 and weak only through rnd's vote
+    (unanimous without it); ``copied``: one strong judgment and its re-delivery (two unanimous
+    judgments before the copy is dropped, one after).  ``weak`` and ``easy`` are still ambiguous
+    and too easy on the kept judgments and are dropped.  On the first version's two builds and a child."""
+    from conftest import canonical, write_jsonl
+
+    from pipeline.curate import CurateOptions, curate
+    from schemas.policy import policy_from_dict
+
+    history = _reliable_and_random_history(tmp_path / "history.jsonl")
+    planted = {"split": [("h1", "a", 0.2), ("h2", "a", 0.2), ("rnd", "b", 0.2)],
+               "copied": [("h1", "a", 0.95), ("h1", "a", 0.95)],
+               "weak": [("h1", "a", 0.2), ("h2", "b", 0.2), ("h3", "a", 0.2)],
+               "easy": [("h1", "a", 0.95), ("h2", "a", 0.95)]}
+    rows, name_of_row = [], {}
+    for name, judged in planted.items():
+        for who, lab, s in judged:
+            rows.append(canonical(1000 + len(rows), prompt=[{"role": "user", "content": f"planted {name}"}],
+                                  response_a=f"good {name}", response_b=f"bad {name}", annotator_id=who, label=lab, strength=s))
+            name_of_row[rows[-1]["comparison_id"]] = name
+    batch = write_jsonl(tmp_path / "planted.jsonl", rows)
+    policy = policy_from_dict({"select": {"flag_actions": {"ambiguous": "drop", "too_easy": "drop"}}})
+    store = Store(tmp_path / "store")
+    if path == "child":
+        vid = curate([batch], store, policy, parent=curate([history], store, policy).version_id).version_id
+    else:
+        vid = curate([history, batch], store, policy, options=CurateOptions(partitioned=path == "partitions")).version_id
+    h = store.get(vid)
+    name_of = dict(h.read("judgments.parquet").filter(pl.col("comparison_id").is_in(list(name_of_row)))
+                   .select("pair_id", pl.col("comparison_id").replace_strict(name_of_row)).unique().iter_rows())
+    flags = h.read("flags.parquet")
+    found = {(name_of[s], r) for s, r in flags.filter(pl.col("subject_id").is_in(list(name_of))).select("subject_id", "reason").rows()}
+    assert {("split", "ambiguous"), ("copied", "too_easy"), ("weak", "ambiguous"), ("easy", "too_easy")} <= found
+    assert flags.filter(pl.col("subject_id") == "rnd")["reason"].to_list() == ["low_reliability"]
+    fate = {name_of[p]: (d, r) for p, d, r in h.read("pairs.parquet").filter(pl.col("pair_id").is_in(list(name_of)))
+            .select("pair_id", "decision", "reason").rows()}
+    assert fate == {"split": ("keep", None), "copied": ("keep", None), "weak": ("drop", "ambiguous"),
+                    "easy": ("drop", "too_easy")}
+
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_the_agreement_figures_do_not_count_re_delivered_copies(tmp_path, path):
+    """A version's agreement figures (alpha, kappa, CIs, per kind and slice) are those of the same
+    judgments without re-delivered copies (every 4th judgment delivered again under a new id, the
+    responses named the other way round; a child's copies also of its parent's judgments): the
+    copies ``select`` drops as ``exact_duplicate`` are no annotations.  On the first version's two
+    builds and a child."""
+    from conftest import redelivered, write_jsonl
+
+    from pipeline.checks.agreement import KINDS
+    from pipeline.curate import CurateOptions, curate
+    from schemas.policy import Policy
+
+    rows = [json.loads(line) for line in _reliable_and_random_history(tmp_path / "history.jsonl").read_text().splitlines()]
+    first, second = rows[:240], rows[240:]
+    figures = {}
+    for copies in (False, True):
+        store = Store(tmp_path / f"store-{copies}")
+        if path == "child":
+            parent = curate([write_jsonl(tmp_path / "first.jsonl", first)], store, Policy()).version_id
+            batch = redelivered(first + second, 4)[len(first):] if copies else second
+            vid = curate([write_jsonl(tmp_path / f"second-{copies}.jsonl", batch)], store, Policy(), parent=parent).version_id
+        else:
+            batch = write_jsonl(tmp_path / f"all-{copies}.jsonl", redelivered(rows, 4) if copies else rows)
+            vid = curate([batch], store, Policy(), options=CurateOptions(partitioned=path == "partitions")).version_id
+        m = store.get(vid).manifest()
+        assert m.check("duplicates").metrics["exact_duplicates"] == (len(rows[::4]) if copies else 0)
+        figures[copies] = {k: m.check("agreement").metrics[k] for k in (*KINDS, "slices", "ratings_treated_as_missing")}
+    assert figures[True] == figures[False]

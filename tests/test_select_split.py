@@ -62,6 +62,20 @@ def test_low_agreement_acts_only_where_the_kept_judgments_still_disagree():
     assert select_pairs(pairs, flags, SelectConfig()).dropped_by_reason == {"low_agreement": 2}  # (no checks: the flag)
 
 
+def test_ambiguous_and_too_easy_act_only_where_the_kept_judgments_still_say_so():
+    """``ambiguous`` holds where either of its rules does on the final pairs: split and weak (the
+    routing check's) or a consensus that abstains (the consensus check's, confidence < 0.55);
+    ``too_easy`` where the pair is still unanimous and strong over >= 2 judgments used."""
+    pairs = _pairs(5, agreement=[1.0, 1.0, 2 / 3, 1.0, 1.0], strength=[0.2, 0.8, 0.2, 0.95, 0.95],
+                   n_judgments=[2, 2, 3, 1, 2], n_human=[2, 2, 3, 1, 2], n_ai=[0] * 5,
+                   p_a_weighted=[0.9, 0.52, 0.7, 0.9, 0.9])
+    flags = pl.concat([make_flags(["p0", "p1", "p2"], subject_kind="pair", check="routing", reason="ambiguous"),
+                       make_flags(["p3", "p4"], subject_kind="pair", check="routing", reason="too_easy")])
+    res = select_pairs(pairs, flags, SelectConfig(flag_actions={"ambiguous": "drop", "too_easy": "drop"}), checks=ChecksConfig())
+    assert dict(res.pairs.select("pair_id", "reason").iter_rows()) == {"p0": None, "p1": "ambiguous", "p2": "ambiguous",
+                                                                      "p3": None, "p4": "too_easy"}
+
+
 def test_policy_actions_drop_downweight_and_weights():
     pairs = _pairs(3, agreement=[1.0, 0.75, 0.5], strength=[0.5, None, 1.0])
     flags = make_flags(["p0"], subject_kind="pair", check="near_duplicates", reason="near_duplicate")

@@ -10,7 +10,9 @@ Method
   answer), so they are treated as **missing values**: they neither agree nor disagree.
 * Each judgment is one rating.  An annotator who judged a pair twice (an AI judge in
   both display orders) contributes two ratings, so order inconsistency lowers alpha --
-  intended: an answer that flips with the display order is not reproducible.
+  intended: an answer that flips with the display order is not reproducible.  A re-delivered
+  copy (``exact_duplicate``: same annotator, pair, display order and verdict) is not a
+  rating: it would count one answer twice and inflate agreement (:func:`ratings`).
 * **Krippendorff's alpha (nominal)** over all pairs with >= 2 ratings (missing data
   allowed): alpha = 1 - (n - 1) * sum_u D_u / (n^2 - sum_c n_c^2), see
   :mod:`pipeline.stats`.  **Fleiss' kappa** needs a constant number of ratings per unit,
@@ -39,6 +41,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import TIE, Encoded, aggregate, dense_codes, encode, n_used_expr, pair_locale, pair_tags
+from pipeline.checks.duplicates import exact_duplicates
 from pipeline.stats import (
     alpha_from_sums,
     bootstrap_sums_ci,
@@ -65,11 +68,25 @@ def _num(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def unit_counts(e: Encoded, kinds: pl.Series | None = None) -> np.ndarray:
+def ratings(judgments: pl.DataFrame) -> np.ndarray:
+    """Which judgments are ratings (bool, in frame order): all but the later copies of re-delivered
+    ones -- the duplicates check's ``exact_duplicate`` judgments, which select drops and the
+    certify gate's one rating per annotator never counted.  A copy is the same answer delivered
+    again, not another annotation: counted, a re-delivered pair looked like more raters agreeing.
+    Copies under the same pair id: a pair's ratings depend on its own judgments only (the state's
+    contract, :func:`count_sums`); a copy under another given id is a judgment of that pair."""
+    copies = exact_duplicates(judgments, per_pair=True)["comparison_id"]
+    return judgments.select(~pl.col("comparison_id").is_in(copies.implode())).to_series().to_numpy()
+
+
+def unit_counts(e: Encoded, kinds: pl.Series | None = None, rated: np.ndarray | None = None) -> np.ndarray:
     """(P, 3, 3) counts of a / b / tie ratings per pair and kind (0 human, 1 ai, 2 unknown),
     canonical orientation; both_bad / escalate are missing values.  ``kinds``: the judgments'
-    ``annotator_kind`` (without it, every judgment that is not human counts as ai)."""
+    ``annotator_kind`` (without it, every judgment that is not human counts as ai); ``rated``:
+    the judgments counted (:func:`ratings`; default all)."""
     cat = np.where(e.label <= TIE, e.label, -1)
+    if rated is not None:
+        cat = np.where(rated, cat, -1)
     if kinds is None:
         kind = np.where(e.human, 0, 1)
     else:
@@ -125,7 +142,7 @@ _ALL = ""  # the slice of every pair
 
 def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.DataFrame:
     """The check's state: everything its figures are computed from, as counts that add over
-    disjoint sets of pairs.
+    disjoint sets of pairs.  Re-delivered copies are not counted (:func:`ratings`).
 
     Per slice (``""``: every pair; ``locale=<x>``, ``tag=<t>``) and kind (human, ai, unknown,
     all), the histogram of per-pair rating counts ``(n_a, n_b, n_tie)`` of the pairs with at
@@ -138,7 +155,9 @@ def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.Da
     if judgments.height == 0:
         return pl.DataFrame(schema=SUMS_SCHEMA)
     e = encoded or encode(judgments)
-    uc = unit_counts(e, judgments["annotator_kind"] if "annotator_kind" in judgments.columns else None).astype(np.int64)
+    rated = ratings(judgments)
+    kinds = judgments["annotator_kind"] if "annotator_kind" in judgments.columns else None
+    uc = unit_counts(e, kinds, rated).astype(np.int64)
     mp, ms, names = _slice_members(judgments, e, None)
     frames = []
     for kind, counts in (("human", uc[:, 0]), ("ai", uc[:, 1]), ("unknown", uc[:, 2]), ("all", uc.sum(axis=1))):
@@ -154,7 +173,7 @@ def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.Da
     hist = pl.concat(frames)
     hist = hist.with_columns(slice=names_s.gather(hist["_s"] + 1))
     missing = pl.DataFrame({"slice": [_ALL], "kind": [MISSING], "n_a": [0], "n_b": [0], "n_tie": [0],
-                            "n": [int((e.label > TIE).sum())]}, schema=SUMS_SCHEMA)
+                            "n": [int(((e.label > TIE) & rated).sum())]}, schema=SUMS_SCHEMA)
     return pl.concat([hist.select(*SUMS_SCHEMA), missing]).filter(pl.col("n") != 0).sort(*SUMS_KEYS)
 
 
@@ -292,7 +311,7 @@ def _fmt(x: float | None) -> str:
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="agreement", doc="inter-annotator agreement (alpha, kappa with CIs); per-pair agreement",
-    inputs=("pairs", "sums"), sums=Sums(count_sums, SUMS_KEYS),
+    inputs=("pairs", "sums"), sums=Sums(count_sums, SUMS_KEYS, format="2"),  # 2: re-delivered copies not counted
     pair_columns=("pair_id", "locale", "tags", "agreement", "label_consensus", "annotator_kind", "n_human", "n_ai",
                   "n_judgments"),
     reasons=(

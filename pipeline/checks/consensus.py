@@ -40,12 +40,19 @@ from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "consensus"
 ABSTAIN_MARGIN = 0.1  # abstain when |2 confidence - 1| < this
+ABSTAIN_BELOW = 0.5 + ABSTAIN_MARGIN / 2
 
 
 def confidence_expr() -> pl.Expr:
     """Confidence of an a/b consensus (null otherwise or without ``p_a_weighted``)."""
     lab, p = pl.col("label_consensus"), pl.col("p_a_weighted")
     return pl.when(lab == "a").then(p).when(lab == "b").then(1.0 - p)
+
+
+def abstains() -> pl.Expr:
+    """The abstention rule (reason ``ambiguous``) over PairRecord columns: the flags here; select's
+    test that an ``ambiguous`` flag still holds (:mod:`pipeline.checks.routing`)."""
+    return confidence_expr() < ABSTAIN_BELOW
 
 
 def run(
@@ -64,8 +71,8 @@ def run(
     # the decided pairs' confidences without their ids (a copy of a million ids: ~30 MB); the ids of the few
     # that abstain taken from the pairs
     dec = pairs.select("annotator_kind", confidence=confidence_expr()).filter(c("confidence").is_not_null())
-    low = 0.5 + ABSTAIN_MARGIN / 2
-    abst = pairs.select("pair_id", confidence=confidence_expr()).filter(c("confidence") < low)
+    low = ABSTAIN_BELOW
+    abst = pairs.filter(abstains()).select("pair_id", confidence=confidence_expr())
     flags = make_flags(
         abst["pair_id"], subject_kind="pair", check=NAME, reason="ambiguous", severity="info",
         detail=abst.select(pl.format("consensus abstains: confidence {} < {} (the weighted evidence for the two sides "

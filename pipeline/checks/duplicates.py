@@ -48,14 +48,16 @@ def _swap_side(col: str, swapped: pl.Expr) -> pl.Expr:
     )
 
 
-def exact_duplicates(judgments: pl.DataFrame) -> pl.DataFrame:
-    """Later copies of re-delivered judgments: ``comparison_id``, ``pair_id``, ``kept_id``, ``copies``."""
+def exact_duplicates(judgments: pl.DataFrame, *, per_pair: bool = False) -> pl.DataFrame:
+    """Later copies of re-delivered judgments: ``comparison_id``, ``pair_id``, ``kept_id``, ``copies``.
+    ``per_pair``: copies under the same ``pair_id`` only (a copy under another given id is then a
+    judgment of that pair: the agreement check's ratings, counted per pair)."""
     out_schema = {"comparison_id": pl.String, "pair_id": pl.String, "kept_id": pl.String, "copies": pl.UInt32}
     if judgments.height < 2:
         return pl.DataFrame(schema=out_schema)
     c = pl.col
     swapped = c("a_hash") > c("b_hash")
-    key = ["annotator_id", "prompt_hash", "_lo", "_hi", "_shown", "_label"]
+    key = ["annotator_id", "prompt_hash", "_lo", "_hi", "_shown", "_label", *(["pair_id"] if per_pair else [])]
     order = [o for o in _ORDER if o in judgments.columns]
     shown = _swap_side("shown_first", swapped) if "shown_first" in judgments.columns else pl.lit(None, pl.String)
     k = judgments.select(

@@ -31,6 +31,7 @@ from pipeline.stats import bh_adjust, binom_two_sided_half
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig
 from schemas.records import LABELS, ROUTED_LABELS
+from pipeline.checks import consensus
 from pipeline.checks.spec import CheckSpec, Reason
 
 NAME = "routing"
@@ -102,10 +103,8 @@ def run(
     used = n_used_expr()
     # the columns read first: a filter copies every column of the rows it keeps
     pairs = pairs.select("pair_id", "label_consensus", "agreement", "strength", "annotator_kind", "n_human", "n_ai", "n_judgments")
-    easy = pairs.filter(
-        c("label_consensus").is_in(["a", "b"]) & (used >= 2) & (c("agreement") >= 1.0) & (c("strength") >= cfg.easy_strength)
-    )
-    amb = pairs.filter((used >= 2) & (c("agreement") < 1.0) & (c("strength") <= cfg.ambiguous_strength))
+    easy = pairs.filter(_is_too_easy(cfg))
+    amb = pairs.filter(_is_split_and_weak(cfg))
     easy_flags = make_flags(easy["pair_id"], subject_kind="pair", check=NAME, reason="too_easy", severity="info",
                             detail=easy.select(pl.format("unanimous over {} judgments, strength {}", used, c("strength").round(3))).to_series())
     amb_flags = make_flags(amb["pair_id"], subject_kind="pair", check=NAME, reason="ambiguous", severity="info",
@@ -128,6 +127,20 @@ def run(
                        tables={"slices": shares}, summary=summary)
 
 
+def _is_too_easy(cfg: ChecksConfig) -> pl.Expr:
+    """The ``too_easy`` rule over PairRecord columns (the flags here; select's test that it still holds)."""
+    c = pl.col
+    return c("label_consensus").is_in(["a", "b"]) & (n_used_expr() >= 2) & (c("agreement") >= 1.0) \
+        & (c("strength") >= cfg.easy_strength)
+
+
+def _is_split_and_weak(cfg: ChecksConfig) -> pl.Expr:
+    """This check's ``ambiguous`` rule over PairRecord columns (the flags here; with the consensus
+    check's abstention, select's test that an ``ambiguous`` flag still holds)."""
+    c = pl.col
+    return (n_used_expr() >= 2) & (c("agreement") < 1.0) & (c("strength") <= cfg.ambiguous_strength)
+
+
 CHECK = CheckSpec(
     name=NAME, run=run, inputs=("pairs", "label_counts"), doc="label imbalance per slice; too-easy and ambiguous pairs",
     judgment_columns=("label",),
@@ -136,7 +149,9 @@ CHECK = CheckSpec(
     reasons=(
         Reason("label_imbalance", "slice", "warn", "a slice's a/b share differs from 0.5 beyond `max_label_share`",
                actions=("warn",)),
-        Reason("too_easy", "pair", "warn", "unanimous and at least `easy_strength` strong: little to learn", precedence=80),
+        Reason("too_easy", "pair", "warn", "unanimous and at least `easy_strength` strong: little to learn", precedence=80,
+               holds=_is_too_easy),
+        # emitted by this check and the consensus check: it holds where either rule does
         Reason("ambiguous", "pair", "warn", "split and weak, or the consensus abstained: the evidence nearly cancels",
-               precedence=90),
+               precedence=90, holds=lambda checks: _is_split_and_weak(checks) | consensus.abstains()),
     ))
