@@ -368,16 +368,21 @@ def test_gc_removes_a_failed_partitioned_builds_work_dir_unless_a_build_holds_it
     assert not dead.exists() and alive.is_dir()
 
 
-def test_an_input_whose_every_row_is_quarantined_builds_the_same_empty_version(tmp_path):
+def test_an_input_whose_every_row_is_quarantined_is_refused_alike_by_both_builds(tmp_path):
+    """No valid judgment: both builds refuse with the same ledger and rows, and write no version
+    (tests/test_curate_refusals.py has the CLI's side)."""
+    from pipeline.curate import NoValidJudgments
+
     rows = [canonical(i, label="not-a-label") for i in range(3)]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    one = curate([path], Store(tmp_path / "one"), POLICY, options=ONE_PROCESS).handle
-    part = curate([path], Store(tmp_path / "part"), POLICY).handle
-    assert "partitions" in part.manifest().lineage
-    assert part.manifest().ledger.model_dump_json() == one.manifest().ledger.model_dump_json()
-    assert part.manifest().ledger.quarantined == 3 and part.manifest().ledger.pairs == 0
-    for name in ("judgments", "pairs", "data/train", "quarantine", "flags"):
-        assert part.read(name).equals(one.read(name)), name
+    errors = []
+    for name, options in (("one", ONE_PROCESS), ("part", None)):
+        with pytest.raises(NoValidJudgments) as err:
+            curate([path], Store(tmp_path / name), POLICY, **({"options": options} if options else {}))
+        assert Store(tmp_path / name).list_versions() == []
+        errors.append(err.value)
+    assert errors[0].ledger.model_dump_json() == errors[1].ledger.model_dump_json()
+    assert errors[0].ledger.quarantined == 3 and errors[0].quarantine.equals(errors[1].quarantine)
 
 
 def test_the_cli_says_which_partition_failed_and_exits_1_writing_nothing(inputs, tmp_path, monkeypatch):
