@@ -975,20 +975,29 @@ def _reflowed(doc: str) -> str:
 class _JsonUsageErrors(typer.core.TyperCommand):
     """A command taking --json whose usage errors (an unknown option, a bad or missing value: exit 2,
     found by click before the command runs) print the JSON failure document on stdout too when
-    --json is among its arguments, as its other failures do (:func:`_fail`); click still shows the
-    message on stderr."""
+    the command was given the --json flag, as its other failures do (:func:`_fail`); click still
+    shows the message on stderr."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        options = args[:args.index("--")] if "--" in args else args
-        wants_json = "--json" in options
+        given = list(args)  # (click's parser consumes the list it is handed)
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except typer.TyperException as err:  # (click's UsageError, BadParameter, ... as Typer ships them)
-            if wants_json:
+            if self._json_flag_given(info_name, given, parent):
                 param = getattr(err, "param", None)
                 _print_failure({"ok": False, "exit_code": err.exit_code, "error": err.format_message(), "file": None,
                                 "line": None, "field": (param.opts or [param.name])[0] if param is not None else None})
             raise
+
+    def _json_flag_given(self, info_name, args: list[str], parent) -> bool:
+        """Whether click's own parser takes the --json flag from ``args`` -- not ``--json`` as another
+        option's value (``--batch-id --json``) nor after ``--``.  The arguments are parsed again leniently
+        (unknown options passed over, the parse ending without an error where it fails), so a --json
+        beside an unknown option still counts."""
+        ctx = self.context_class(self, info_name=info_name, parent=parent, resilient_parsing=True,
+                                 ignore_unknown_options=True)
+        opts, _, _ = self.make_parser(ctx).parse_args(args=args)
+        return opts.get("as_json") is True
 
 
 def _commands(typer_app: typer.Typer) -> Iterator[Any]:

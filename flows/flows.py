@@ -7,7 +7,9 @@
 * ``process_inbox``     picks up finished batch files (``<file>.done`` marker) from an inbox,
                         curates each new one as a child of the latest version, certifies it
                         and, if the policy says so, trains.  A batch whose sha256 is already a
-                        source of a version is never processed twice.  A review batch
+                        source of a version is never processed twice; one that failed for a
+                        transient reason (an OS error) is tried again on later ticks, a bounded
+                        number of times (pipeline/inbox.py).  A review batch
                         (``prefpipe review import`` output) is a batch like any other: its child
                         version resolves the routed pairs it reviews (docs/reviews.md).
 
@@ -251,23 +253,45 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
     for batch in pending:
         ids = st.list_ids()
         parent = ids[-1] if ids else None
+        out: dict[str, Any] = {"batch": batch.path.name, "sha256": batch.sha256}
+        if batch.failed_tries:  # failed for a transient reason on earlier ticks
+            out["attempt"] = batch.failed_tries + 1
         try:
             if batch.error:  # known before curating (an unknown file type, a file that could not be hashed)
                 raise UnreadableFile(batch.path, batch.error)
             vid = curate_batch(files=[str(batch.path)], store=store, policy_path=policy_path, parent=parent)
             cert = certify_version(store=store, version=vid, policy_path=policy_path)
-            out: dict[str, Any] = {"batch": batch.path.name, "sha256": batch.sha256, "version": vid, "verdict": cert["verdict"]}
+            out.update(version=vid, verdict=cert["verdict"])
             if cert["verdict"] == "certified" and policy.certify.train_after_certify:
                 out["run"] = train_on_version(store=store, version=vid, model=train_model or "tiny-llama")
         except Exception as err:  # noqa: BLE001 - one bad batch must not block the next
-            log.error("batch %s failed: %s", visible_controls(batch.path.name), visible_controls(str(err)))
-            if batch.sha256:  # (a file that could not be hashed is looked at again on the next tick)
-                inbox_logic.record_failure(st, batch, str(err))
-            out = {"batch": batch.path.name, "sha256": batch.sha256, "error": str(err)}
+            out.update(_failure(st, batch, err, curated="version" in out))
+            log.error("batch %s failed: %s%s", visible_controls(batch.path.name), visible_controls(str(err)),
+                      _retry_note(out))
         outcomes.append(out)
     failed = [o for o in outcomes if "error" in o]
     create_table_artifact([{k: str(v) for k, v in o.items()} for o in outcomes], key="inbox-last-run",
                           description=f"inbox {md_escape(inbox)}: {len(outcomes)} batch(es), {len(failed)} failed")
     if failed:
-        raise RuntimeError("; ".join(f"{o['batch']}: {o['error']}" for o in failed))
+        raise RuntimeError("; ".join(f"{o['batch']}: {o['error']}{_retry_note(o)}" for o in failed))
     return outcomes
+
+
+def _failure(st: Store, batch: inbox_logic.Batch, err: Exception, *, curated: bool) -> dict[str, Any]:
+    """What a batch's outcome says of its failure, once recorded (a file that could not be hashed is not:
+    it is looked at again on the next tick).  ``transient``: an error of the operating system; ``retry``:
+    the batch is tried again on a later tick (it has tries left: pipeline/inbox.py; and no version yet --
+    a batch that is a version's source is never processed again; ``curated``: its version was written, a
+    later step failed)."""
+    out: dict[str, Any] = {"error": str(err), "transient": inbox_logic.is_transient(err)}
+    if batch.sha256:
+        rec = inbox_logic.record_failure(st, batch, str(err), transient=out["transient"])
+        out["retry"] = rec["retry"] and not curated
+    return out
+
+
+def _retry_note(outcome: dict[str, Any]) -> str:
+    if not outcome.get("transient"):
+        return ""
+    tries = f"try {outcome.get('attempt', 1)} of {inbox_logic.TRANSIENT_ATTEMPTS}"
+    return f" (transient, {tries}: {'tried again on the next tick' if outcome.get('retry') else 'not tried again'})"

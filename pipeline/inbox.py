@@ -8,8 +8,15 @@ the readers take (``pipeline.readers.container_of``: ``.jsonl``, ``.json``, ``.n
 (a marked file is never passed over without a word).  A batch is identified by its sha256: one
 already among the sources of any version in the store is never processed again (this also
 makes a killed run resume correctly: the next tick redoes only what has no version yet).
-A batch that failed is recorded in ``STORE/inbox/failed.jsonl`` and skipped until its
-content changes (or the record is removed).
+
+A batch that failed is recorded in ``STORE/inbox/failed.jsonl`` (one JSON line per failed try:
+file, sha256, reason, time, whether it was transient, which attempt).  A failure of the input
+itself (a file that cannot be read as a batch, a record format it does not have: the same
+content fails the same way) is final: the batch is skipped until its content changes (a new
+sha256) or its records are removed.  A transient one -- an error of the operating system
+(:func:`is_transient`: disk full, permission denied on the store, a network filesystem's I/O
+error) -- is tried again on the next ticks, ``TRANSIENT_ATTEMPTS`` tries in all; the failure of
+the last one is final too.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from pipeline.store import Store
 
 log = logging.getLogger(__name__)
 MARKER = ".done"
+TRANSIENT_ATTEMPTS = 3  # tries of a batch whose failures are transient, before its failure is final
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,32 @@ class Batch:
     # failed like any other failure), or a file that could not be hashed (vanished, unreadable: no sha256
     # to record it under, so it is reported and looked at again on the next tick)
     error: str | None = None  # (without the path)
+    failed_tries: int = 0  # its transient failures on earlier ticks (this is try failed_tries + 1)
+
+
+@dataclass(frozen=True)
+class FailureHistory:
+    """What ``failed.jsonl`` says of one batch content."""
+    transient: int = 0  # transient failures so far
+    bad_input: bool = False  # failed for a reason of its own (a record without ``transient``: one of those)
+
+    @property
+    def final(self) -> bool:
+        return self.bad_input or self.transient >= TRANSIENT_ATTEMPTS
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a batch's failure may not happen again: an ``OSError`` of the operating system (it has an
+    errno: ENOSPC, EACCES, EIO, ESTALE...), raised as such or the cause of the error raised.  An error that
+    says what is wrong with the input (:class:`UnreadableFile` for damaged gzip or Parquet data, a
+    bad record format, a file too large) is not, nor is an ``OSError`` without an errno (pyarrow's for a
+    damaged Parquet file)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def processed_hashes(store: Store) -> set[str]:
@@ -43,13 +77,13 @@ def processed_hashes(store: Store) -> set[str]:
     return store.source_hashes()
 
 
-def failed_hashes(store: Store) -> set[str]:
-    """sha256 of the batches recorded as failed.  A damaged line (not JSON, no sha256) is skipped
-    (with a warning), so one bad line cannot stop every later tick."""
+def failure_histories(store: Store) -> dict[str, FailureHistory]:
+    """The failures recorded for each batch content (by sha256).  A damaged line (not JSON, no sha256)
+    is skipped (with a warning), so one bad line cannot stop every later tick."""
     p = store.root / "inbox" / "failed.jsonl"
     if not p.exists():
-        return set()
-    out: set[str] = set()
+        return {}
+    out: dict[str, FailureHistory] = {}
     for n, line in enumerate(p.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
@@ -58,18 +92,26 @@ def failed_hashes(store: Store) -> set[str]:
             sha = rec["sha256"] if isinstance(rec, dict) else None
         except (ValueError, KeyError):
             sha = None
-        if isinstance(sha, str) and len(sha) == 64:
-            out.add(sha)
-        else:
+        if not (isinstance(sha, str) and len(sha) == 64):
             log.warning("%s:%d: damaged failure record skipped (not a JSON object with a sha256)", p, n)
+            continue
+        was = out.get(sha, FailureHistory())
+        out[sha] = FailureHistory(was.transient + 1, was.bad_input) if rec.get("transient") is True \
+            else FailureHistory(was.transient, True)
     return out
+
+
+def failed_hashes(store: Store) -> set[str]:
+    """sha256 of the batches whose failure is final (never tried again)."""
+    return {sha for sha, h in failure_histories(store).items() if h.final}
 
 
 def pending_batches(inbox: Path, store: Store) -> list[Batch]:
     """Finished batch files not yet processed, oldest name first."""
     if not inbox.is_dir():
         raise FileNotFoundError(f"inbox {inbox} does not exist")
-    done = processed_hashes(store) | failed_hashes(store)
+    failures = failure_histories(store)
+    done = processed_hashes(store) | {sha for sha, h in failures.items() if h.final}
     out: list[Batch] = []
     seen_now: set[str] = set()
     for p in sorted(inbox.iterdir()):
@@ -85,19 +127,24 @@ def pending_batches(inbox: Path, store: Store) -> list[Batch]:
         if sha in done or sha in seen_now:
             continue
         seen_now.add(sha)
+        tries = failures[sha].transient if sha in failures else 0
         try:
             container_of(p)
         except UnreadableFile as err:
-            out.append(Batch(p, sha, err.why))
+            out.append(Batch(p, sha, err.why, tries))
             continue
-        out.append(Batch(p, sha))
+        out.append(Batch(p, sha, failed_tries=tries))
     return out
 
 
-def record_failure(store: Store, batch: Batch, reason: str) -> None:
+def record_failure(store: Store, batch: Batch, reason: str, *, transient: bool) -> dict:
+    """Append the failure of this try of ``batch`` to ``failed.jsonl``; the record, with ``retry``: whether
+    a later tick tries the batch again (a transient failure with tries left)."""
+    attempt = batch.failed_tries + 1
+    rec = {"file": str(batch.path), "sha256": batch.sha256, "reason": reason, "at": datetime.now(UTC).isoformat(),
+           "transient": transient, "attempt": attempt}
     d = store.root / "inbox"
     d.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"file": str(batch.path), "sha256": batch.sha256, "reason": reason,
-                       "at": datetime.now(UTC).isoformat()}) + "\n"
     with store.lock("inbox-failed"), open(d / "failed.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(line)
+        fh.write(json.dumps(rec) + "\n")
+    return {**rec, "retry": transient and attempt < TRANSIENT_ATTEMPTS}

@@ -351,6 +351,21 @@ def test_usage_errors_with_json_are_json_too(tmp_path):
     assert res.exit_code == 2 and res.stdout == ""
 
 
+@pytest.mark.parametrize("args", [["--batch-id", "--json"], ["x.jsonl", "--batch-id", "--json", "--bogus"],
+                                  ["x.jsonl", "--batch-id=--json", "--bogus"], ["x.jsonl", "--bogus", "--", "--json"]])
+def test_json_as_an_option_value_is_not_the_json_flag(args):
+    """A usage error prints the JSON document only for the command's real --json flag, as click parses it:
+    not for the string --json taken as another option's value, nor for an argument after --."""
+    res = runner.invoke(app, ["curate", *args])
+    assert res.exit_code == 2 and res.stdout == "", res.stdout
+
+
+@pytest.mark.parametrize("args", [["--json"], ["x.jsonl", "--json", "--batch-id"], ["x.jsonl", "--bogus", "--json"],
+                                  ["x.jsonl", "--batch-id", "b1", "--json", "--bogus"]])
+def test_the_json_flag_beside_a_usage_error_is_json(args):
+    _json_failure(runner.invoke(app, ["curate", *args]), 2)
+
+
 def test_curate_summary_without_a_breakdown_has_no_stray_space(tiny_store):
     _, _, out = tiny_store
     assert "(dropped 0)" in out and "(dropped 0 )" not in out, out

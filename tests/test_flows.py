@@ -79,12 +79,86 @@ def test_failed_batch_is_visible_and_does_not_block(tmp_path):
     bad.write_bytes("".join(f'{{"comparison_id": "caf\xe9 {i}"}}\n' for i in range(5)).encode("latin-1"))
     (inbox / "a-broken.jsonl.done").touch()
     _drop(inbox, SAMPLES[0])
-    with pytest.raises(RuntimeError, match="a-broken.jsonl.*not UTF-8"):
+    with pytest.raises(RuntimeError, match="a-broken.jsonl.*not UTF-8") as err:
         process_inbox(inbox=str(inbox), store=str(store))
+    assert "transient" not in str(err.value)  # the input's own fault: final at once
     st = Store(store)
     assert len(st.list_ids()) == 1  # the good batch after it was processed
-    assert "a-broken.jsonl" in (store / "inbox" / "failed.jsonl").read_text()
+    [rec] = _failure_records(store)
+    assert rec["file"].endswith("a-broken.jsonl") and (rec["transient"], rec["attempt"]) == (False, 1)
     assert process_inbox(inbox=str(inbox), store=str(store)) == []  # not retried, nothing re-done
+
+
+def _disk_full(monkeypatch, times: int | None) -> None:
+    """The store's version writes fail with ENOSPC (the first ``times`` of them; None: all)."""
+    import errno
+
+    real, calls = Store.write_version, []
+
+    def write_version(self, version_id, build):
+        calls.append(version_id)
+        if times is None or len(calls) <= times:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.root / ".staging"))
+        return real(self, version_id, build)
+
+    monkeypatch.setattr(Store, "write_version", write_version)
+
+
+async def _latest_artifact_rows(key: str) -> list[dict[str, Any]]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        arts = [a for a in await client.read_artifacts(limit=200) if a.key == key]
+    latest = max(arts, key=lambda a: a.created)
+    return json.loads(latest.data) if isinstance(latest.data, str) else latest.data
+
+
+def _failure_records(store: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (store / "inbox" / "failed.jsonl").read_text().splitlines()]
+
+
+def test_a_transient_failure_is_tried_again_on_the_next_tick(tmp_path, monkeypatch):
+    """Disk full while the version is written: not the batch's fault.  The failure is recorded as transient
+    (try 1), the run fails visibly saying so, and the next tick curates the batch (try 2, in the artifact)."""
+    from flows.flows import process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    _drop(inbox, SAMPLES[0])
+    _disk_full(monkeypatch, times=1)
+    with pytest.raises(RuntimeError, match=r"No space left on device.*transient, try 1 of 3: tried again on the next tick"):
+        process_inbox(inbox=str(inbox), store=str(store))
+    assert Store(store).list_ids() == []
+    [rec] = _failure_records(store)
+    assert (rec["transient"], rec["attempt"]) == (True, 1) and "No space left" in rec["reason"]
+    [out] = process_inbox(inbox=str(inbox), store=str(store))
+    assert out["attempt"] == 2 and out["version"] == Store(store).list_ids()[0] and "error" not in out
+    rows = asyncio.run(_latest_artifact_rows("inbox-last-run"))
+    assert [(r["batch"], r["attempt"]) for r in rows] == [(SAMPLES[0].name, "2")]
+    assert process_inbox(inbox=str(inbox), store=str(store)) == []
+
+
+def test_transient_failures_end_after_the_last_try_until_the_content_changes(tmp_path, monkeypatch):
+    from flows.flows import process_inbox
+    from pipeline.inbox import TRANSIENT_ATTEMPTS
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    batch = _drop(inbox, SAMPLES[0])
+    _disk_full(monkeypatch, times=None)
+    for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+        last = attempt == TRANSIENT_ATTEMPTS
+        with pytest.raises(RuntimeError, match=f"transient, try {attempt} of {TRANSIENT_ATTEMPTS}: "
+                                               f"{'not tried again' if last else 'tried again'}"):
+            process_inbox(inbox=str(inbox), store=str(store))
+    assert [(r["transient"], r["attempt"]) for r in _failure_records(store)] == \
+        [(True, n) for n in range(1, TRANSIENT_ATTEMPTS + 1)]
+    monkeypatch.undo()  # room on the disk again: the failure stays final for this content
+    assert process_inbox(inbox=str(inbox), store=str(store)) == []
+    with batch.open("a") as fh:  # new content: a new batch
+        fh.write(SAMPLES[1].read_text())
+    [out] = process_inbox(inbox=str(inbox), store=str(store))
+    assert "error" not in out and "attempt" not in out and len(Store(store).list_ids()) == 1
 
 
 def test_marked_files_of_another_type_or_unreadable_are_reported_not_passed_over(tmp_path):

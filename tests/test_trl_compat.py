@@ -136,3 +136,36 @@ def _plain(v):
     if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}
     return v
+
+
+@pytest.fixture(scope="module")
+def tiny_version(tmp_path_factory):
+    """A version too small for a validation or test pair: both splits are empty (one zero-row part each)."""
+    from conftest import canonical, write_jsonl
+
+    d = tmp_path_factory.mktemp("tiny")
+    h = curate([write_jsonl(d / "tiny.jsonl", [canonical(i) for i in range(3)])], Store(d / "store"), Policy()).handle
+    assert {s: h.manifest().splits[s].rows for s in SPLITS} == {"train": 3, "validation": 0, "test": 0}
+    return h
+
+
+def test_an_empty_split_reads_with_its_columns_and_datasets_loads_it_as_the_readme_says(tiny_version, tmp_path):
+    """README ("A split folder reads as one table everywhere"): Polars, pandas and DuckDB read an empty split
+    with every column; `datasets` refuses a DatasetDict with an empty split whatever the file holds (its
+    reader skips a split of 0 examples: "corresponds to no data"; one empty row group instead of none breaks
+    its Parquet reader too, batch_size 0), so the README says to load the splits one by one or stream them.
+    When `datasets` loads it, this test fails: drop the limit from the README."""
+    import duckdb
+    import pandas as pd
+
+    files = {s: f"{tiny_version.split_path(s)}/*.parquet" for s in SPLITS}
+    train = pl.read_parquet(tiny_version.split_path("train"))
+    empty = tiny_version.split_path("validation")
+    assert pl.read_parquet(empty).schema == train.schema and list(pd.read_parquet(empty).columns) == train.columns
+    assert duckdb.connect().execute("SELECT count(*) FROM read_parquet(?)", [files["validation"]]).fetchone() == (0,)
+    cache = str(tmp_path / "hf-cache")
+    with pytest.raises(ValueError, match='"validation" corresponds to no data'):
+        datasets.load_dataset("parquet", data_files=files, cache_dir=cache)
+    assert datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache).num_rows == 3
+    streamed = datasets.load_dataset("parquet", data_files=files, streaming=True)["validation"]
+    assert list(streamed) == [] and list(streamed.features) == train.columns
