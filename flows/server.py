@@ -10,7 +10,9 @@ see docs/scale-out.md) is used as is.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -26,6 +29,20 @@ def _healthy(api_url: str, timeout: float = 2.0) -> bool:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _die_with_parent() -> None:
+    """In the server's child process (Linux): SIGTERM when ``prefpipe serve`` dies, even by SIGKILL
+    -- the ``finally`` below stops it otherwise, and a server left behind would hold the port."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _spawn(cmd: list[str], out: Any, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The server process: its own session (a Ctrl-C in serve's terminal is serve's to handle), and
+    gone with serve (:func:`_die_with_parent`)."""
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent)
 
 
 @contextlib.contextmanager
@@ -42,9 +59,8 @@ def local_server(port: int = 4200, *, log_path: Path | None = None, startup_time
         if log_path:
             log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = _spawn([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                      out, env)
         deadline = time.monotonic() + startup_timeout
         while not _healthy(api):
             if proc.poll() is not None:
