@@ -752,3 +752,60 @@ def test_the_agreement_figures_do_not_count_re_delivered_copies(tmp_path, path):
         assert m.check("duplicates").metrics["exact_duplicates"] == (len(rows[::4]) if copies else 0)
         figures[copies] = {k: m.check("agreement").metrics[k] for k in (*KINDS, "slices", "ratings_treated_as_missing")}
     assert figures[True] == figures[False]
+
+
+def _biased_panel() -> list[dict]:
+    """120 pairs, each judged by three humans right 90 % of the time, ``pos`` (the first-shown
+    response, always) and ``long`` (the longer response, always); the better response is the
+    longer one and is shown first on half the pairs each."""
+    import random
+
+    from conftest import canonical
+
+    rng, rows = random.Random(11), []
+    for i in range(120):
+        truth, longer, shown = "ab"[i % 2], "ab"[i // 2 % 2], "ab"[i // 4 % 2]
+        text = {s: ("good" if s == truth else "bad") + (" and a much longer answer" if s == longer else "") + f" {i}"
+                for s in "ab"}
+        verdicts = [(who, truth if rng.random() < 0.9 else "ba"["ab".index(truth)]) for who in ("h1", "h2", "h3")]
+        for who, lab in [*verdicts, ("pos", shown), ("long", longer)]:
+            rows.append(canonical(len(rows), prompt=[{"role": "user", "content": f"question {i}"}], response_a=text["a"],
+                                  response_b=text["b"], shown_first=shown, annotator_id=who, label=lab))
+    return rows
+
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_the_bias_figures_do_not_count_re_delivered_copies(tmp_path, path):
+    """A version's position- and length-bias figures and flags are those of the same judgments
+    without re-delivered copies (every 4th judgment delivered again under a new id, the responses
+    named the other way round; a child's copies also of its parent's judgments): a copy is one
+    delivery, not another judgment of its annotator.  On the first version's two builds and a
+    child (which merges its parent's states)."""
+    from conftest import redelivered, write_jsonl
+
+    from pipeline.curate import CurateOptions, curate
+    from schemas.policy import Policy
+
+    rows = _biased_panel()
+    first, second = rows[:300], rows[300:]
+    figures = {}
+    for copies in (False, True):
+        store = Store(tmp_path / f"store-{copies}")
+        if path == "child":
+            parent = curate([write_jsonl(tmp_path / "first.jsonl", first)], store, Policy()).version_id
+            batch = redelivered(first + second, 4)[len(first):] if copies else second
+            vid = curate([write_jsonl(tmp_path / f"second-{copies}.jsonl", batch)], store, Policy(), parent=parent).version_id
+        else:
+            batch = write_jsonl(tmp_path / f"all-{copies}.jsonl", redelivered(rows, 4) if copies else rows)
+            vid = curate([batch], store, Policy(), options=CurateOptions(partitioned=path == "partitions")).version_id
+        h = store.get(vid)
+        m = h.manifest()
+        assert m.check("duplicates").metrics["exact_duplicates"] == (len(rows[::4]) if copies else 0)
+        if path == "child":
+            assert {"length_bias", "position_bias"} <= set(m.lineage["check_sums"]["checks"])  # merged states
+        flags = h.read("flags.parquet").filter(pl.col("check").is_in(["position_bias", "length_bias"]))
+        figures[copies] = {"position_bias": m.check("position_bias").metrics, "length_bias": m.check("length_bias").metrics,
+                           "flags": sorted(flags.select("subject_id", "reason", "detail").rows())}
+    assert {(s, r) for s, r, _ in figures[False]["flags"]} == {("pos", "position_bias"), ("long", "length_bias")}
+    assert figures[True] == figures[False]
+
