@@ -809,3 +809,43 @@ def test_the_bias_figures_do_not_count_re_delivered_copies(tmp_path, path):
     assert {(s, r) for s, r, _ in figures[False]["flags"]} == {("pos", "position_bias"), ("long", "length_bias")}
     assert figures[True] == figures[False]
 
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_dimension_conflict_is_decided_on_the_judgments_select_keeps(tmp_path, path):
+    """``dimension_conflict`` is found on the per-dimension consensus of every judgment; select
+    drops ``rnd``'s judgments (``low_reliability``), and the flag acts (here: drop) only where the
+    final pair's per-dimension consensus still names both sides.  ``unreliable``: helpfulness a
+    from h1, harmlessness b from rnd only (one dimension left once rnd is dropped); ``opposed``:
+    the same verdicts from h1 and h2 -- still a conflict, dropped.  On the first version's two
+    builds and a child."""
+    from conftest import canonical, write_jsonl
+
+    from pipeline.curate import CurateOptions, curate
+    from schemas.policy import policy_from_dict
+
+    history = _reliable_and_random_history(tmp_path / "history.jsonl")
+    planted = {"unreliable": [("h1", {"helpfulness": "a"}), ("rnd", {"harmlessness": "b"})],
+               "opposed": [("h1", {"helpfulness": "a"}), ("h2", {"harmlessness": "b"})]}
+    rows, name_of_row = [], {}
+    for name, judged in planted.items():
+        for who, verdicts in judged:
+            rows.append(canonical(1000 + len(rows), prompt=[{"role": "user", "content": f"planted {name}"}],
+                                  response_a=f"good {name}", response_b=f"bad {name}", annotator_id=who, label="a",
+                                  dimensions=verdicts))
+            name_of_row[rows[-1]["comparison_id"]] = name
+    batch = write_jsonl(tmp_path / "planted.jsonl", rows)
+    policy = policy_from_dict({"select": {"flag_actions": {"dimension_conflict": "drop"}}})
+    store = Store(tmp_path / "store")
+    if path == "child":
+        vid = curate([batch], store, policy, parent=curate([history], store, policy).version_id).version_id
+    else:
+        vid = curate([history, batch], store, policy, options=CurateOptions(partitioned=path == "partitions")).version_id
+    h = store.get(vid)
+    name_of = dict(h.read("judgments.parquet").filter(pl.col("comparison_id").is_in(list(name_of_row)))
+                   .select("pair_id", pl.col("comparison_id").replace_strict(name_of_row)).unique().iter_rows())
+    flags = h.read("flags.parquet")
+    assert {name_of[s] for s in flags.filter(pl.col("reason") == "dimension_conflict")["subject_id"]} == {"unreliable", "opposed"}
+    assert flags.filter(pl.col("subject_id") == "rnd")["reason"].to_list() == ["low_reliability"]
+    fate = {name_of[p]: (d, r) for p, d, r in h.read("pairs.parquet").filter(pl.col("pair_id").is_in(list(name_of)))
+            .select("pair_id", "decision", "reason").rows()}
+    assert fate == {"unreliable": ("keep", None), "opposed": ("drop", "dimension_conflict")}
