@@ -63,7 +63,7 @@ from pipeline.partition_write import keyed_by_part
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
 
-VERSION = "6"
+VERSION = "7"
 
 
 def _frame_bytes(frame: pl.DataFrame) -> bytes:

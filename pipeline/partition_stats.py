@@ -8,8 +8,9 @@ Per partition (``run``, on a worker, reading only its partition file):
 * ``annotator_sums``: per annotator, the counts behind the first-shown rate
   (``decisive_shown``: a/b verdicts with ``shown_first``; ``first_chosen``: of those, the
   first-shown response won) and the longer-chosen rate (``decisive_len``: a/b verdicts on
-  pairs whose responses differ in length; ``longer_chosen``), plus ``judgments``.  Sums merge
-  by addition -- no rate is averaged;
+  pairs whose responses differ in length; ``longer_chosen``), plus ``judgments``; each delivery
+  once, as the bias checks count (re-delivered copies are not counted,
+  :func:`pipeline.checks.agreement.ratings`).  Sums merge by addition -- no rate is averaged;
 * ``given_id_keys``: the distinct (``pair_id``, content key) of rows whose ``pair_id`` is not
   the derived one (given ids, ``review_of``): a conflicting given id may span partitions, so
   conflicts are found in the reduce, from this small table (empty for derived ids);
@@ -49,7 +50,7 @@ from pipeline.distributed import State, Step
 from pipeline.partition import content_key_hash, read_partition
 from schemas.policy import AgreementConfig
 
-VERSION = "4"
+VERSION = "5"
 COLUMNS = ["comparison_id", "pair_id", "prompt_hash", "a_hash", "b_hash", "annotator_id", "annotator_kind", "shown_first",
            "label", "response_a", "response_b", "created_at", "batch_id", "source_file", "source_line"]
 KINDS = ("human", "ai", "all", "unknown")  # the agreement check's order: its bootstrap seed is cfg.seed + 10 * index
@@ -58,12 +59,14 @@ _SUM_COLUMNS = ["judgments", "decisive_shown", "first_chosen", "decisive_len", "
 
 
 def annotator_sums(judgments: pl.DataFrame) -> pl.DataFrame:
-    """Per annotator: the sufficient statistics of the first-shown and longer-chosen rates."""
+    """Per annotator: the sufficient statistics of the first-shown and longer-chosen rates (copies not counted)."""
     c = pl.col
     decisive = c("label").is_in(["a", "b"])
-    len_a, len_b = c("response_a").str.len_chars(), c("response_b").str.len_chars()
+    len_a, len_b = c("len_a"), c("len_b")
     longer = pl.when(len_a > len_b).then(pl.lit("a")).when(len_b > len_a).then(pl.lit("b")).otherwise(None)
-    return judgments.group_by("annotator_id").agg(
+    rows = judgments.select("annotator_id", "label", "shown_first", len_a=c("response_a").str.len_chars(),
+                            len_b=c("response_b").str.len_chars()).filter(pl.Series(ratings(judgments)))
+    return rows.group_by("annotator_id").agg(
         judgments=pl.len().cast(pl.Int64),
         decisive_shown=(decisive & c("shown_first").is_not_null()).sum().cast(pl.Int64),
         first_chosen=(decisive & (c("label") == c("shown_first"))).fill_null(False).sum().cast(pl.Int64),

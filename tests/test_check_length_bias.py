@@ -9,6 +9,7 @@ from pipeline.aggregate import aggregate
 from pipeline.checks import length_bias
 from pipeline.ingest import judgments_from_records
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
+from tests.conftest import redelivered
 from tests.synth import make_planted
 from tests.test_aggregate import rec
 
@@ -186,3 +187,16 @@ def test_pair_ratio_figures_are_the_same_for_aligned_and_shuffled_lengths():
     assert _ratio_metrics(kept, lengths.filter(pl.col("pair_id").is_in(kept["pair_id"].implode())), 1.2, t3) == shuffled
     assert t3["length_ratio_hist"].equals(t2["length_ratio_hist"])
     assert aligned["consensus_pairs_with_length_difference"] > 0 and aligned != shuffled
+
+
+def test_re_delivered_copies_count_once() -> None:
+    """A re-delivered judgment (``exact_duplicate``; select drops it) is one delivery: the batch
+    with a copy of every 5th judgment has the figures, tables and flags of the batch without
+    them -- counted, a copy doubled its judgment's weight in both passes' sums."""
+    pt = make_planted(3, n_pairs=400, n_honest=15, per_defect=50, ai_shared=60, ai_only=30)
+    want = length_bias.run(pt.judgments(), ChecksConfig())
+    got = length_bias.run(judgments_from_records(redelivered(pt.records, 5)), ChecksConfig())
+    assert want.flags.height and want.metrics["judgments_with_length_difference"]
+    assert got.metrics == want.metrics and got.flags.equals(want.flags)
+    for name, table in want.tables.items():
+        assert got.tables[name].equals(table), name

@@ -9,6 +9,7 @@ import pytest
 from pipeline.checks import position_bias
 from pipeline.ingest import judgments_from_records
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
+from tests.conftest import redelivered
 from tests.synth import make_planted
 from tests.test_aggregate import rec
 
@@ -170,3 +171,17 @@ def test_certify_gate_fails_on_an_order_inconsistent_judge(tmp_path) -> None:
     cert = certify_version(store, res.version_id, policy, run_gx=False)
     gate = next(g for g in cert.gates if g.name == "biased_annotator_share")
     assert not gate.passed and "ai-flipper" in gate.detail and cert.verdict == "rejected"
+
+
+def test_re_delivered_copies_count_once() -> None:
+    """A re-delivered judgment (``exact_duplicate``: same annotator, pair, display order and
+    verdict; select drops it) is one delivery, not two: the batch with a copy of every 5th
+    judgment has the figures, tables and flags of the batch without them -- counted, an
+    annotator's re-delivered judgments weighed once per copy in its first-shown test."""
+    pt = make_planted(3, n_pairs=400, n_honest=15, per_defect=50, ai_shared=60, ai_only=30)
+    want = position_bias.run(pt.judgments(), ChecksConfig())
+    got = position_bias.run(judgments_from_records(redelivered(pt.records, 5)), ChecksConfig())
+    assert want.flags.height and want.metrics["judgments"] == len(pt.records)
+    assert got.metrics == want.metrics and got.flags.equals(want.flags)
+    for name, table in want.tables.items():
+        assert got.tables[name].equals(table), name

@@ -752,3 +752,100 @@ def test_the_agreement_figures_do_not_count_re_delivered_copies(tmp_path, path):
         assert m.check("duplicates").metrics["exact_duplicates"] == (len(rows[::4]) if copies else 0)
         figures[copies] = {k: m.check("agreement").metrics[k] for k in (*KINDS, "slices", "ratings_treated_as_missing")}
     assert figures[True] == figures[False]
+
+
+def _biased_panel() -> list[dict]:
+    """120 pairs, each judged by three humans right 90 % of the time, ``pos`` (the first-shown
+    response, always) and ``long`` (the longer response, always); the better response is the
+    longer one and is shown first on half the pairs each."""
+    import random
+
+    from conftest import canonical
+
+    rng, rows = random.Random(11), []
+    for i in range(120):
+        truth, longer, shown = "ab"[i % 2], "ab"[i // 2 % 2], "ab"[i // 4 % 2]
+        text = {s: ("good" if s == truth else "bad") + (" and a much longer answer" if s == longer else "") + f" {i}"
+                for s in "ab"}
+        verdicts = [(who, truth if rng.random() < 0.9 else "ba"["ab".index(truth)]) for who in ("h1", "h2", "h3")]
+        for who, lab in [*verdicts, ("pos", shown), ("long", longer)]:
+            rows.append(canonical(len(rows), prompt=[{"role": "user", "content": f"question {i}"}], response_a=text["a"],
+                                  response_b=text["b"], shown_first=shown, annotator_id=who, label=lab))
+    return rows
+
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_the_bias_figures_do_not_count_re_delivered_copies(tmp_path, path):
+    """A version's position- and length-bias figures and flags are those of the same judgments
+    without re-delivered copies (every 4th judgment delivered again under a new id, the responses
+    named the other way round; a child's copies also of its parent's judgments): a copy is one
+    delivery, not another judgment of its annotator.  On the first version's two builds and a
+    child (which merges its parent's states)."""
+    from conftest import redelivered, write_jsonl
+
+    from pipeline.curate import CurateOptions, curate
+    from schemas.policy import Policy
+
+    rows = _biased_panel()
+    first, second = rows[:300], rows[300:]
+    figures = {}
+    for copies in (False, True):
+        store = Store(tmp_path / f"store-{copies}")
+        if path == "child":
+            parent = curate([write_jsonl(tmp_path / "first.jsonl", first)], store, Policy()).version_id
+            batch = redelivered(first + second, 4)[len(first):] if copies else second
+            vid = curate([write_jsonl(tmp_path / f"second-{copies}.jsonl", batch)], store, Policy(), parent=parent).version_id
+        else:
+            batch = write_jsonl(tmp_path / f"all-{copies}.jsonl", redelivered(rows, 4) if copies else rows)
+            vid = curate([batch], store, Policy(), options=CurateOptions(partitioned=path == "partitions")).version_id
+        h = store.get(vid)
+        m = h.manifest()
+        assert m.check("duplicates").metrics["exact_duplicates"] == (len(rows[::4]) if copies else 0)
+        if path == "child":
+            assert {"length_bias", "position_bias"} <= set(m.lineage["check_sums"]["checks"])  # merged states
+        flags = h.read("flags.parquet").filter(pl.col("check").is_in(["position_bias", "length_bias"]))
+        figures[copies] = {"position_bias": m.check("position_bias").metrics, "length_bias": m.check("length_bias").metrics,
+                           "flags": sorted(flags.select("subject_id", "reason", "detail").rows())}
+    assert {(s, r) for s, r, _ in figures[False]["flags"]} == {("pos", "position_bias"), ("long", "length_bias")}
+    assert figures[True] == figures[False]
+
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_dimension_conflict_is_decided_on_the_judgments_select_keeps(tmp_path, path):
+    """``dimension_conflict`` is found on the per-dimension consensus of every judgment; select
+    drops ``rnd``'s judgments (``low_reliability``), and the flag acts (here: drop) only where the
+    final pair's per-dimension consensus still names both sides.  ``unreliable``: helpfulness a
+    from h1, harmlessness b from rnd only (one dimension left once rnd is dropped); ``opposed``:
+    the same verdicts from h1 and h2 -- still a conflict, dropped.  On the first version's two
+    builds and a child."""
+    from conftest import canonical, write_jsonl
+
+    from pipeline.curate import CurateOptions, curate
+    from schemas.policy import policy_from_dict
+
+    history = _reliable_and_random_history(tmp_path / "history.jsonl")
+    planted = {"unreliable": [("h1", {"helpfulness": "a"}), ("rnd", {"harmlessness": "b"})],
+               "opposed": [("h1", {"helpfulness": "a"}), ("h2", {"harmlessness": "b"})]}
+    rows, name_of_row = [], {}
+    for name, judged in planted.items():
+        for who, verdicts in judged:
+            rows.append(canonical(1000 + len(rows), prompt=[{"role": "user", "content": f"planted {name}"}],
+                                  response_a=f"good {name}", response_b=f"bad {name}", annotator_id=who, label="a",
+                                  dimensions=verdicts))
+            name_of_row[rows[-1]["comparison_id"]] = name
+    batch = write_jsonl(tmp_path / "planted.jsonl", rows)
+    policy = policy_from_dict({"select": {"flag_actions": {"dimension_conflict": "drop"}}})
+    store = Store(tmp_path / "store")
+    if path == "child":
+        vid = curate([batch], store, policy, parent=curate([history], store, policy).version_id).version_id
+    else:
+        vid = curate([history, batch], store, policy, options=CurateOptions(partitioned=path == "partitions")).version_id
+    h = store.get(vid)
+    name_of = dict(h.read("judgments.parquet").filter(pl.col("comparison_id").is_in(list(name_of_row)))
+                   .select("pair_id", pl.col("comparison_id").replace_strict(name_of_row)).unique().iter_rows())
+    flags = h.read("flags.parquet")
+    assert {name_of[s] for s in flags.filter(pl.col("reason") == "dimension_conflict")["subject_id"]} == {"unreliable", "opposed"}
+    assert flags.filter(pl.col("subject_id") == "rnd")["reason"].to_list() == ["low_reliability"]
+    fate = {name_of[p]: (d, r) for p, d, r in h.read("pairs.parquet").filter(pl.col("pair_id").is_in(list(name_of)))
+            .select("pair_id", "decision", "reason").rows()}
+    assert fate == {"unreliable": ("keep", None), "opposed": ("drop", "dimension_conflict")}

@@ -19,11 +19,11 @@ from pipeline.checks.position_bias import order_consistency
 from pipeline.checks.pair_id_conflict import conflicts
 from pipeline.distributed import (AUTO_THREADS_FROM, PartitionRef, PartitionTaskError, encode_state, map_partitions,
                                   open_runner, refs_of, run_step, task_threads)
-from pipeline.ingest import ingest_files
+from pipeline.ingest import ingest_files, judgments_from_records
 from pipeline.partition import partition_files
 from pipeline.readers import UnreadableFile
 from schemas.policy import ChecksConfig
-from tests.conftest import ROOT, canonical, write_jsonl
+from tests.conftest import ROOT, canonical, redelivered, write_jsonl
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from gen_judgments import generate  # noqa: E402
@@ -52,6 +52,15 @@ def parts(inputs, tmp_path_factory):
 
 def _bytes(state) -> dict[str, str]:
     return {k: hashlib.sha256(v).hexdigest() for k, v in encode_state(state).items()}
+
+
+def test_annotator_sums_count_each_delivery_once():
+    """A re-delivered copy (``exact_duplicate``) is not another judgment of its annotator, as in the
+    bias checks: the first-shown and longer-chosen sums of a batch with copies are the batch's without."""
+    rows = [canonical(i, annotator_id=f"rev-{i % 3}", label="ab"[i % 2], shown_first="ab"[i // 2 % 2]) for i in range(30)]
+    want = partition_stats.annotator_sums(judgments_from_records(rows))
+    assert want["judgments"].sum() == len(rows) and want["first_chosen"].sum() > 0
+    assert partition_stats.annotator_sums(judgments_from_records(redelivered(rows, 3))).equals(want)
 
 
 def test_reduce_equals_the_whole_input_computation(inputs, parts, tmp_path):

@@ -76,6 +76,30 @@ def test_ambiguous_and_too_easy_act_only_where_the_kept_judgments_still_say_so()
                                                                       "p3": None, "p4": "too_easy"}
 
 
+def test_dimension_conflict_acts_only_where_the_kept_judgments_still_conflict():
+    """``dimension_conflict`` holds where the final pair's per-dimension consensus (of the kept
+    judgments) still names ``a`` on one dimension and ``b`` on another: p0's conflict was made by
+    a dropped verdict (one dimension left), p1 still conflicts, p2's other side is now a tie, p3
+    has no dimension verdict left; as a drop and as a down-weight."""
+    from schemas.arrow import polars_schema
+    from schemas.records import PairRecord
+
+    def verdicts(**labels):
+        return [{"name": n, "label": lab, "agreement": 1.0, "strength": None, "n_judgments": 1} for n, lab in labels.items()]
+
+    dims = [verdicts(helpfulness="a"), verdicts(harmlessness="b", helpfulness="a"),
+            verdicts(harmlessness="tie", helpfulness="a"), None]
+    pairs = _pairs(4, n_human=[3] * 4, n_ai=[0] * 4).with_columns(
+        dimensions=pl.Series(dims, dtype=polars_schema(PairRecord)["dimensions"]))
+    flags = make_flags(["p0", "p1", "p2", "p3"], subject_kind="pair", check="dimensions", reason="dimension_conflict")
+    res = select_pairs(pairs, flags, SelectConfig(flag_actions={"dimension_conflict": "drop"}), checks=ChecksConfig())
+    assert dict(res.pairs.select("pair_id", "reason").iter_rows()) == {"p0": None, "p1": "dimension_conflict",
+                                                                      "p2": None, "p3": None}
+    res = select_pairs(pairs, flags, SelectConfig(flag_actions={"dimension_conflict": "downweight"}, weight_by="none"),
+                       checks=ChecksConfig())
+    assert dict(res.dpo.select("pair_id", "weight").iter_rows()) == {"p0": 1.0, "p1": 0.5, "p2": 1.0, "p3": 1.0}
+
+
 def test_policy_actions_drop_downweight_and_weights():
     pairs = _pairs(3, agreement=[1.0, 0.75, 0.5], strength=[0.5, None, 1.0])
     flags = make_flags(["p0"], subject_kind="pair", check="near_duplicates", reason="near_duplicate")

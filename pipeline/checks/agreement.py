@@ -35,6 +35,7 @@ Krippendorff's "no reliable agreement" zone; certification applies its own thres
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import numpy as np
@@ -68,15 +69,28 @@ def _num(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
+_RATED: list[tuple[weakref.ref, int, tuple[str, ...], np.ndarray]] = []  # one-entry cache of :func:`ratings`
+
+
 def ratings(judgments: pl.DataFrame) -> np.ndarray:
     """Which judgments are ratings (bool, in frame order): all but the later copies of re-delivered
     ones -- the duplicates check's ``exact_duplicate`` judgments, which select drops and the
     certify gate's one rating per annotator never counted.  A copy is the same answer delivered
     again, not another annotation: counted, a re-delivered pair looked like more raters agreeing.
     Copies under the same pair id: a pair's ratings depend on its own judgments only (the state's
-    contract, :func:`count_sums`); a copy under another given id is a judgment of that pair."""
+    contract, :func:`count_sums`); a copy under another given id is a judgment of that pair.
+    The position and length bias checks count the same judgments (each delivery once); the last
+    result is cached by frame identity, as :func:`pipeline.aggregate.encode` is, so the checks
+    that run on one frame find the copies once (read-only: it is shared)."""
+    if _RATED:
+        ref, height, names, rated = _RATED[0]
+        if ref() is judgments and height == judgments.height and names == tuple(judgments.columns):
+            return rated
     copies = exact_duplicates(judgments, per_pair=True)["comparison_id"]
-    return judgments.select(~pl.col("comparison_id").is_in(copies.implode())).to_series().to_numpy()
+    rated = judgments.select(~pl.col("comparison_id").is_in(copies.implode())).to_series().to_numpy()
+    rated.flags.writeable = False
+    _RATED[:] = [(weakref.ref(judgments), judgments.height, tuple(judgments.columns), rated)]
+    return rated
 
 
 def unit_counts(e: Encoded, kinds: pl.Series | None = None, rated: np.ndarray | None = None) -> np.ndarray:

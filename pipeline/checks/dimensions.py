@@ -8,6 +8,10 @@ Method
   name opposite sides (one ``a``, another ``b``).  Default action ``warn``: the policy's
   dimension rule (``[dimensions]`` priority or primary + veto) decides such a pair's label
   (:func:`pipeline.dimensions.apply_rule`); a policy may drop or down-weight them instead.
+  Found on the preliminary consensus (every judgment); select acts on the flag only where the
+  final pair's per-dimension consensus (``PairRecord.dimensions``, of the judgments it keeps)
+  still names both sides (``Reason.holds``): a conflict made only by a dropped annotator's or a
+  re-delivered copy's verdicts does not drop the pair.
   ``metrics.conflict_matrix[d1][d2]``: pairs in conflict on d1 and d2 (symmetric).
 * Per dimension d, on the judgments that gave a verdict on d with ``label`` / ``strength``
   taken from it (:func:`pipeline.dimensions.dimension_frame`): the agreement check
@@ -117,6 +121,14 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.D
                        summary=summary)
 
 
+def _still_in_conflict(checks: ChecksConfig) -> pl.Expr:  # noqa: ARG001 - the signature of Reason.holds
+    """The ``dimension_conflict`` rule over PairRecord columns (select's test that it still holds):
+    the pair's per-dimension consensus names ``a`` on one dimension and ``b`` on another (a
+    dimension has one verdict a pair: :func:`pipeline.dimensions.conflicts` on the list)."""
+    labels = pl.col("dimensions").list.eval(pl.element().struct.field("label"))
+    return labels.list.contains("a") & labels.list.contains("b")
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -128,5 +140,6 @@ CHECK = CheckSpec(
     doc="per-dimension consensus, agreement and bias; pairs whose dimensions name opposite sides",
     reasons=(
         Reason("dimension_conflict", "pair", "warn", "the pair's consensus verdicts on two dimensions name opposite "
-               "sides (one a, another b); the policy's dimension rule decides the label", precedence=85),
+               "sides (one a, another b); the policy's dimension rule decides the label", precedence=85,
+               holds=_still_in_conflict),
     ))

@@ -9,7 +9,10 @@ Method
   responses of a pair are in the same language, so only the ratio matters).  Pairs whose
   longer/shorter ratio is below ``min_length_ratio`` (1.1) are ignored: "longer" means
   nothing there.
-* Per decisive judgment on such a pair: x = 1 when the longer response was chosen.
+* Per decisive judgment on such a pair: x = 1 when the longer response was chosen.  Each
+  delivery counts once: a re-delivered copy (``exact_duplicate`` within the pair; select drops
+  it) is not counted anywhere in this check (:func:`pipeline.checks.agreement.ratings`) --
+  counted, it doubled its judgment's weight in both passes.
 * **Paired comparison with the leave-one-out consensus rate.**  For annotator j on pair
   p, e = the other annotators' rate of choosing the longer response on p (one vote each:
   the mean x of each one's decisive judgments).  Discordance weights: W+ = sum x (1 - e)
@@ -44,6 +47,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import A, B, Encoded, encode
+from pipeline.checks.agreement import ratings
 from pipeline.checks.position_bias import kind_counts, majority_kind
 from pipeline.stats import bh_adjust, bh_reject, fractional_sign_test
 from schemas.check import CheckResult, empty_flags, make_flags
@@ -111,8 +115,9 @@ def count_sums(judgments: pl.DataFrame, cfg: AnnotatorTestConfig | ChecksConfig 
                lengths: pl.DataFrame | None = None) -> pl.DataFrame:
     """The check's state: per annotator, its judgments per kind, its decisive ones, those on pairs
     whose lengths differ and how many chose the longer response, and both passes' sums (comparable
-    judgments ``n``, W+ ``plus``, W- ``minus``, pass 2's sum of the others' rate; shares x ``FP``).
-    Pass 2 leaves ``excluded`` out of the reference (None: pass 1 of these judgments decides).  A
+    judgments ``n``, W+ ``plus``, W- ``minus``, pass 2's sum of the others' rate; shares x ``FP``);
+    re-delivered copies are not counted (:func:`pipeline.checks.agreement.ratings`).  Pass 2
+    leaves ``excluded`` out of the reference (None: pass 1 of these judgments decides).  A
     pair's contribution depends on its own judgments and the excluded set only, so with the set
     fixed the state adds over disjoint sets of pairs.  ``lengths``: see :func:`pair_lengths`.
     Sorted by annotator."""
@@ -124,7 +129,9 @@ def count_sums(judgments: pl.DataFrame, cfg: AnnotatorTestConfig | ChecksConfig 
     len_a, len_b = pair_lengths(judgments, e, lengths)
     ratio = np.maximum(len_a, len_b) / np.maximum(np.minimum(len_a, len_b), 1)
     longer = np.where(len_a > len_b, A, B)
-    d = (e.label >= A) & (e.label <= B) & (ratio >= cfg.min_length_ratio)[e.pair]  # decisive, lengths differ
+    delivered = ratings(judgments)
+    dec = (e.label >= A) & (e.label <= B) & delivered
+    d = dec & (ratio >= cfg.min_length_ratio)[e.pair]  # decisive, lengths differ
     x = d & (e.label == longer[e.pair])  # chose the longer response
     nd = np.bincount(e.unit, weights=d, minlength=e.n_units)  # per (pair, annotator) unit
     has = nd > 0
@@ -153,9 +160,8 @@ def count_sums(judgments: pl.DataFrame, cfg: AnnotatorTestConfig | ChecksConfig 
     if excluded is None:
         excluded = excluded_ids(out, cfg)
     p2 = compare(~e.ann_ids.is_in(excluded.implode()).to_numpy())
-    dec = (e.label >= A) & (e.label <= B)
     return pl.DataFrame({
-        "annotator_id": e.ann_ids, **kind_counts(judgments, e), "n_decisive": per_ann(dec), "n_length": per_ann(d),
+        "annotator_id": e.ann_ids, **kind_counts(judgments, e, delivered), "n_decisive": per_ann(dec), "n_length": per_ann(d),
         "n_longer": per_ann(x), "p1_n": p1[0], "p1_plus": p1[1], "p1_minus": p1[2],
         "p2_n": p2[0], "p2_plus": p2[1], "p2_minus": p2[2], "p2_others": p2[3],
     }, schema=SUMS_SCHEMA).sort("annotator_id")
@@ -285,7 +291,7 @@ def _ratio_metrics(pairs: pl.DataFrame, lengths: pl.DataFrame, min_ratio: float,
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="length_bias", doc="annotators preferring the longer response more than the consensus does",
-    inputs=("pairs", "lengths", "sums"), sums=Sums(count_sums, ("annotator_id",), update=_update),
+    inputs=("pairs", "lengths", "sums"), sums=Sums(count_sums, ("annotator_id",), format="2", update=_update),  # 2: copies not counted
     pair_columns=("pair_id", "label_consensus"),
     reasons=(
         Reason("length_bias", "annotator", "downweight", "prefers the longer candidate significantly more than the "

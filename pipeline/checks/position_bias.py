@@ -5,6 +5,10 @@ Method
 * Per annotator, over decisive judgments (``a``/``b``) with ``shown_first``: k = number
   won by the first-shown candidate, n = their number; ``first_shown_rate`` = k / n.
   Ties, ``both_bad`` and ``escalate`` are excluded (they favour no position).
+* Each delivery counts once: a re-delivered copy (``exact_duplicate`` within the pair: same
+  annotator, display order and verdict; select drops it) is not counted anywhere in this check
+  (:func:`pipeline.checks.agreement.ratings`) -- counted, an annotator's re-delivered
+  judgments weighed once per copy, and a batch with copies got other figures and flags.
 * Exact two-sided binomial test of k against Bin(n, 1/2): favouring the second position
   is a bias too.  Annotators with fewer than ``min_judgments`` such judgments are not
   tested (status ``insufficient_data``, never a flag).  Benjamini-Hochberg at ``alpha``
@@ -45,6 +49,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import A, B, Encoded, encode
+from pipeline.checks.agreement import ratings
 from pipeline.stats import bh_adjust, binom_greater, binom_two_sided_half
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import AnnotatorTestConfig, ChecksConfig
@@ -83,12 +88,15 @@ SUMS_SCHEMA = {"annotator_id": pl.String, **{k: pl.Int64 for k in SUMS_COLUMNS}}
 _KINDS = ("human", "ai", "unknown")
 
 
-def kind_counts(judgments: pl.DataFrame, e: Encoded) -> dict[str, np.ndarray]:
+def kind_counts(judgments: pl.DataFrame, e: Encoded, counted: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per annotator code, its judgments of each kind (``n_human``, ``n_ai``, ``n_unknown``: a
-    missing or unexpected kind counts as unknown, so every judgment counts under one kind)."""
+    missing or unexpected kind counts as unknown, so every judgment counts under one kind);
+    ``counted``: the judgments counted (bool per row; default all)."""
     kind = judgments["annotator_kind"].fill_null("unknown").to_numpy()
     kind = np.where(np.isin(kind, ("human", "ai")), kind, "unknown")
-    return {f"n_{k}": np.bincount(e.ann, weights=kind == k, minlength=e.n_annotators).astype(np.int64) for k in _KINDS}
+    ok = True if counted is None else counted
+    return {f"n_{k}": np.bincount(e.ann, weights=(kind == k) & ok, minlength=e.n_annotators).astype(np.int64)
+            for k in _KINDS}
 
 
 def majority_kind(st: pl.DataFrame) -> np.ndarray:
@@ -102,15 +110,18 @@ def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.Da
     """The check's state: per annotator, the counts every figure of the check is computed from --
     judgments per kind, decisive ones, the first-shown test's n and k, canonical-``a``-first and
     known display orders, and the pairs judged in both orders (all / decisive) with how many got
-    the same verdict.  A pair's contribution depends on its own judgments only, so the state adds
+    the same verdict.  Re-delivered copies are not counted (:func:`pipeline.checks.agreement.ratings`;
+    order consistency reads the first judgment of each pair, annotator and order, which a copy
+    cannot change).  A pair's contribution depends on its own judgments only, so the state adds
     over disjoint sets of pairs (:class:`pipeline.checks.spec.Sums`).  Sorted by annotator."""
     if judgments.height == 0:
         return pl.DataFrame(schema=SUMS_SCHEMA)
     e = encoded or encode(judgments)
     na = e.n_annotators
+    delivered = ratings(judgments)
 
     def per_ann(w: np.ndarray) -> np.ndarray:
-        return np.bincount(e.ann, weights=w, minlength=na).astype(np.int64)
+        return np.bincount(e.ann, weights=w & delivered, minlength=na).astype(np.int64)
 
     decisive = (e.raw_label >= A) & (e.raw_label <= B)
     known = e.raw_shown >= 0
@@ -118,7 +129,7 @@ def count_sums(judgments: pl.DataFrame, encoded: Encoded | None = None) -> pl.Da
     n_ord, n_same_ord = order_consistency(e, decisive=True)
     return pl.DataFrame({
         "annotator_id": e.ann_ids,
-        **kind_counts(judgments, e),
+        **kind_counts(judgments, e, delivered),
         "n_decisive": per_ann(decisive), "position_n": per_ann(decisive & known),
         "first_won": per_ann(decisive & known & (e.raw_label == e.raw_shown)),
         "a_first": per_ann(e.shown == A), "n_known": per_ann(known),
@@ -252,7 +263,7 @@ def _batch_metrics(n_all: int, known: int, a_first: int, n_pos: int, first_won: 
 
 CHECK = CheckSpec(
     name=NAME, run=run, config="position_bias", doc="annotators preferring a display position; verdicts that flip with it",
-    inputs=("sums",), sums=Sums(count_sums, ("annotator_id",)),
+    inputs=("sums",), sums=Sums(count_sums, ("annotator_id",), format="2"),  # 2: re-delivered copies not counted
     reasons=(
         Reason("position_bias", "annotator", "downweight", "prefers one display position (first or second) "
                "significantly more than chance"),
