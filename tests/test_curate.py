@@ -679,6 +679,25 @@ def _reliable_and_random_history(path: Path) -> Path:
                               for n, (i, who, lab) in enumerate(rows)])
 
 
+def _planted_version(tmp_path, history, rows: list[dict], name_of_row: dict[str, str], policy, path: str):
+    """The version of ``history`` + the planted ``rows`` on ``path`` (one process, partitions, or a
+    child of ``history``) and its planted pairs' names (pair id -> the name of its rows)."""
+    from conftest import write_jsonl
+
+    from pipeline.curate import CurateOptions, curate
+
+    batch = write_jsonl(tmp_path / "planted.jsonl", rows)
+    store = Store(tmp_path / "store")
+    if path == "child":
+        vid = curate([batch], store, policy, parent=curate([history], store, policy).version_id).version_id
+    else:
+        vid = curate([history, batch], store, policy, options=CurateOptions(partitioned=path == "partitions")).version_id
+    h = store.get(vid)
+    name_of = dict(h.read("judgments.parquet").filter(pl.col("comparison_id").is_in(list(name_of_row)))
+                   .select("pair_id", pl.col("comparison_id").replace_strict(name_of_row)).unique().iter_rows())
+    return h, name_of
+
+
 @pytest.mark.parametrize("path", ["one process", "partitions", "child"])
 def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_path, path):
     """``ambiguous`` and ``too_easy`` flags come from the preliminary consensus (every judgment);
@@ -687,9 +706,8 @@ def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_pa
     (unanimous without it); ``copied``: one strong judgment and its re-delivery (two unanimous
     judgments before the copy is dropped, one after).  ``weak`` and ``easy`` are still ambiguous
     and too easy on the kept judgments and are dropped.  On the first version's two builds and a child."""
-    from conftest import canonical, write_jsonl
+    from conftest import canonical
 
-    from pipeline.curate import CurateOptions, curate
     from schemas.policy import policy_from_dict
 
     history = _reliable_and_random_history(tmp_path / "history.jsonl")
@@ -703,16 +721,8 @@ def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_pa
             rows.append(canonical(1000 + len(rows), prompt=[{"role": "user", "content": f"planted {name}"}],
                                   response_a=f"good {name}", response_b=f"bad {name}", annotator_id=who, label=lab, strength=s))
             name_of_row[rows[-1]["comparison_id"]] = name
-    batch = write_jsonl(tmp_path / "planted.jsonl", rows)
     policy = policy_from_dict({"select": {"flag_actions": {"ambiguous": "drop", "too_easy": "drop"}}})
-    store = Store(tmp_path / "store")
-    if path == "child":
-        vid = curate([batch], store, policy, parent=curate([history], store, policy).version_id).version_id
-    else:
-        vid = curate([history, batch], store, policy, options=CurateOptions(partitioned=path == "partitions")).version_id
-    h = store.get(vid)
-    name_of = dict(h.read("judgments.parquet").filter(pl.col("comparison_id").is_in(list(name_of_row)))
-                   .select("pair_id", pl.col("comparison_id").replace_strict(name_of_row)).unique().iter_rows())
+    h, name_of = _planted_version(tmp_path, history, rows, name_of_row, policy, path)
     flags = h.read("flags.parquet")
     found = {(name_of[s], r) for s, r in flags.filter(pl.col("subject_id").is_in(list(name_of))).select("subject_id", "reason").rows()}
     assert {("split", "ambiguous"), ("copied", "too_easy"), ("weak", "ambiguous"), ("easy", "too_easy")} <= found
@@ -723,22 +733,16 @@ def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_pa
                     "easy": ("drop", "too_easy")}
 
 
-@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
-def test_the_agreement_figures_do_not_count_re_delivered_copies(tmp_path, path):
-    """A version's agreement figures (alpha, kappa, CIs, per kind and slice) are those of the same
-    judgments without re-delivered copies (every 4th judgment delivered again under a new id, the
-    responses named the other way round; a child's copies also of its parent's judgments): the
-    copies ``select`` drops as ``exact_duplicate`` are no annotations.  On the first version's two
-    builds and a child."""
+def _built_with_and_without_copies(tmp_path, rows: list[dict], n_first: int, path: str):
+    """(copies, store, version id) for ``rows`` curated without, then with re-delivered copies (every
+    4th judgment again under a new id, the responses named the other way round) on ``path``: one
+    process, partitions, or a child of ``rows[:n_first]`` (whose copies include its parent's)."""
     from conftest import redelivered, write_jsonl
 
-    from pipeline.checks.agreement import KINDS
     from pipeline.curate import CurateOptions, curate
     from schemas.policy import Policy
 
-    rows = [json.loads(line) for line in _reliable_and_random_history(tmp_path / "history.jsonl").read_text().splitlines()]
-    first, second = rows[:240], rows[240:]
-    figures = {}
+    first, second = rows[:n_first], rows[n_first:]
     for copies in (False, True):
         store = Store(tmp_path / f"store-{copies}")
         if path == "child":
@@ -748,8 +752,23 @@ def test_the_agreement_figures_do_not_count_re_delivered_copies(tmp_path, path):
         else:
             batch = write_jsonl(tmp_path / f"all-{copies}.jsonl", redelivered(rows, 4) if copies else rows)
             vid = curate([batch], store, Policy(), options=CurateOptions(partitioned=path == "partitions")).version_id
+        assert store.get(vid).manifest().check("duplicates").metrics["exact_duplicates"] == (len(rows[::4]) if copies else 0)
+        yield copies, store, vid
+
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_the_agreement_figures_do_not_count_re_delivered_copies(tmp_path, path):
+    """A version's agreement figures (alpha, kappa, CIs, per kind and slice) are those of the same
+    judgments without re-delivered copies (every 4th judgment delivered again under a new id, the
+    responses named the other way round; a child's copies also of its parent's judgments): the
+    copies ``select`` drops as ``exact_duplicate`` are no annotations.  On the first version's two
+    builds and a child."""
+    from pipeline.checks.agreement import KINDS
+
+    rows = [json.loads(line) for line in _reliable_and_random_history(tmp_path / "history.jsonl").read_text().splitlines()]
+    figures = {}
+    for copies, store, vid in _built_with_and_without_copies(tmp_path, rows, 240, path):
         m = store.get(vid).manifest()
-        assert m.check("duplicates").metrics["exact_duplicates"] == (len(rows[::4]) if copies else 0)
         figures[copies] = {k: m.check("agreement").metrics[k] for k in (*KINDS, "slices", "ratings_treated_as_missing")}
     assert figures[True] == figures[False]
 
@@ -781,26 +800,10 @@ def test_the_bias_figures_do_not_count_re_delivered_copies(tmp_path, path):
     named the other way round; a child's copies also of its parent's judgments): a copy is one
     delivery, not another judgment of its annotator.  On the first version's two builds and a
     child (which merges its parent's states)."""
-    from conftest import redelivered, write_jsonl
-
-    from pipeline.curate import CurateOptions, curate
-    from schemas.policy import Policy
-
-    rows = _biased_panel()
-    first, second = rows[:300], rows[300:]
     figures = {}
-    for copies in (False, True):
-        store = Store(tmp_path / f"store-{copies}")
-        if path == "child":
-            parent = curate([write_jsonl(tmp_path / "first.jsonl", first)], store, Policy()).version_id
-            batch = redelivered(first + second, 4)[len(first):] if copies else second
-            vid = curate([write_jsonl(tmp_path / f"second-{copies}.jsonl", batch)], store, Policy(), parent=parent).version_id
-        else:
-            batch = write_jsonl(tmp_path / f"all-{copies}.jsonl", redelivered(rows, 4) if copies else rows)
-            vid = curate([batch], store, Policy(), options=CurateOptions(partitioned=path == "partitions")).version_id
+    for copies, store, vid in _built_with_and_without_copies(tmp_path, _biased_panel(), 300, path):
         h = store.get(vid)
         m = h.manifest()
-        assert m.check("duplicates").metrics["exact_duplicates"] == (len(rows[::4]) if copies else 0)
         if path == "child":
             assert {"length_bias", "position_bias"} <= set(m.lineage["check_sums"]["checks"])  # merged states
         flags = h.read("flags.parquet").filter(pl.col("check").is_in(["position_bias", "length_bias"]))
@@ -818,9 +821,8 @@ def test_dimension_conflict_is_decided_on_the_judgments_select_keeps(tmp_path, p
     from h1, harmlessness b from rnd only (one dimension left once rnd is dropped); ``opposed``:
     the same verdicts from h1 and h2 -- still a conflict, dropped.  On the first version's two
     builds and a child."""
-    from conftest import canonical, write_jsonl
+    from conftest import canonical
 
-    from pipeline.curate import CurateOptions, curate
     from schemas.policy import policy_from_dict
 
     history = _reliable_and_random_history(tmp_path / "history.jsonl")
@@ -833,16 +835,8 @@ def test_dimension_conflict_is_decided_on_the_judgments_select_keeps(tmp_path, p
                                   response_a=f"good {name}", response_b=f"bad {name}", annotator_id=who, label="a",
                                   dimensions=verdicts))
             name_of_row[rows[-1]["comparison_id"]] = name
-    batch = write_jsonl(tmp_path / "planted.jsonl", rows)
     policy = policy_from_dict({"select": {"flag_actions": {"dimension_conflict": "drop"}}})
-    store = Store(tmp_path / "store")
-    if path == "child":
-        vid = curate([batch], store, policy, parent=curate([history], store, policy).version_id).version_id
-    else:
-        vid = curate([history, batch], store, policy, options=CurateOptions(partitioned=path == "partitions")).version_id
-    h = store.get(vid)
-    name_of = dict(h.read("judgments.parquet").filter(pl.col("comparison_id").is_in(list(name_of_row)))
-                   .select("pair_id", pl.col("comparison_id").replace_strict(name_of_row)).unique().iter_rows())
+    h, name_of = _planted_version(tmp_path, history, rows, name_of_row, policy, path)
     flags = h.read("flags.parquet")
     assert {name_of[s] for s in flags.filter(pl.col("reason") == "dimension_conflict")["subject_id"]} == {"unreliable", "opposed"}
     assert flags.filter(pl.col("subject_id") == "rnd")["reason"].to_list() == ["low_reliability"]
