@@ -24,6 +24,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "data" / "samples").glob("*.jsonl"))
 
 
+def sample_args() -> list[str]:
+    """The sample batches as typed on the command line: relative to the working directory when they lie under it
+    (``./dev demo`` runs from the checkout), else absolute -- ``python -m flows.demo`` works from anywhere."""
+    here = Path.cwd().resolve()
+    return [str(p.relative_to(here)) if p.is_relative_to(here) else str(p) for p in SAMPLES]
+
+
+def _prefpipe() -> str:
+    """The ``prefpipe`` command beside this interpreter, as a newcomer would type it from where they are."""
+    exe = Path(sys.executable).parent / "prefpipe"
+    here = Path.cwd().resolve()
+    return str(exe.relative_to(here)) if exe.is_relative_to(here) else str(exe)
+
+
 def _validate(files: list[str]) -> int:
     return _cli(["validate", *files])
 
@@ -71,7 +85,7 @@ def review_round(store: str, version: str) -> str | None:
         print(f"child {child}: routed {r.routed_ever} -> exported {r.exported} -> reviewed {r.reviewed} -> "
               f"resolved {r.resolved} ({r.resolved_by_reviews} by the reviews' majority); still open {r.open} "
               f"({r.kept_routed_by_review_tie} kept routed by a tie between reviews)")
-    print(f"open reviews with their age: .venv/bin/prefpipe show {child} --store {store}")
+    print(f"open reviews with their age: {_prefpipe()} show {child} --store {store}")
     return child
 
 
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     def lap(name: str) -> None:
         stages.append((name, time.perf_counter() - t0 - sum(t for _, t in stages)))
 
-    files = [str(p.relative_to(ROOT)) for p in SAMPLES]
+    files = sample_args()
     rc = _validate(files)
     if rc not in (0, 1):  # 1 = rows quarantined: the samples contain planted malformed rows on purpose
         return rc
@@ -103,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.escape import visible_controls  # check details quote data: no control characters to the terminal
     from pipeline.store import Store
 
-    version = curate_batch_with_runner()(files=[str(ROOT / f) for f in files], store=args.store)
+    version = curate_batch_with_runner()(files=[str(p) for p in SAMPLES], store=args.store)
     h = Store(args.store).get(version)
     m = h.manifest()
     led = m.ledger
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n== evaluation (test split, before -> after training) ==")
         print("\n".join(visible_controls(line) for line in run_summary_lines(run_dir)))
-    print(f"versions:      .venv/bin/prefpipe versions --store {args.store}")
+    print(f"versions:      {_prefpipe()} versions --store {args.store}")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s (" + ", ".join(f"{n} {t:.0f}s" for n, t in stages) + ")")
     return 0
 

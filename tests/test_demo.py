@@ -29,3 +29,17 @@ def test_demo_runs_the_review_round_and_exits_0(tmp_path):
     # review files go beside the store, never inside it (the store refuses such writes)
     assert list((tmp_path / "review").glob("*-judgments.jsonl"))
     assert not (store / "reviews" / "demo-round").exists()
+
+
+@pytest.mark.parametrize("where", ["checkout", "elsewhere"])
+def test_demo_names_the_samples_so_validate_finds_them_from_any_directory(tmp_path, monkeypatch, capsys, where):
+    """`python -m flows.demo` run outside the checkout passed `data/samples/...` (relative to the checkout) to
+    `validate`, which failed with exit 2 before anything ran."""
+    from flows import demo
+
+    monkeypatch.chdir(ROOT if where == "checkout" else tmp_path)
+    args = demo.sample_args()
+    assert len(args) == len(demo.SAMPLES) > 0 and all(Path(a).is_file() for a in args)
+    if where == "checkout":  # shown as typed in the checkout
+        assert all(a.startswith("data/samples/") for a in args)
+    assert demo._validate(args) == 1, capsys.readouterr().err  # 1: the samples' planted bad rows are quarantined
