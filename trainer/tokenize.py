@@ -354,13 +354,68 @@ def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, id
     return [*pieces, buf]
 
 
+def _never_prepend(node: Any) -> bool:
+    """Set every Metaspace ``prepend_scheme: "first"`` in a pre-tokenizer's JSON to "never"; True if one was."""
+    if isinstance(node, list):
+        return any([_never_prepend(n) for n in node])  # a list, not a generator: every one is rewritten
+    if not isinstance(node, dict):
+        return False
+    found = any([_never_prepend(v) for v in node.values() if isinstance(v, (dict, list))])
+    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+        node["prepend_scheme"] = "never"
+        found = True
+    return found
+
+
+def _after_special_encoder(tok):
+    """A backend that encodes a text piece as the one-string encoding encodes text following a special token,
+    or None when the tokenizer's own backend already does.
+
+    A Metaspace pre-tokenizer with ``prepend_scheme="first"`` (SentencePiece-style: Llama, Mistral) prepends
+    "▁" only to text at the start of the string (original offset 0); in one string the text after a special
+    token gets none, but encoded alone as a piece it is at the start and would get one (an extra "▁" token
+    after every BOS / turn marker).  The copy's Metaspace never prepends: exactly the one-string treatment
+    of text at an offset > 0.  "always" / "never" and ByteLevel treat every split alike: no copy needed.
+    """
+    from tokenizers import Tokenizer
+
+    backend = tok.backend_tokenizer
+    if backend.pre_tokenizer is None or b"Metaspace" not in backend.pre_tokenizer.__getstate__():
+        return None
+    spec = json.loads(backend.to_str())
+    if not _never_prepend(spec["pre_tokenizer"]):
+        return None
+    after = Tokenizer.from_str(json.dumps(spec))
+    after.no_truncation()
+    after.no_padding()
+    after.encode_special_tokens = True  # the pieces are plain text, as _encode(as_text=True) encodes them
+    return after
+
+
 def _encode_renderings(tok, renderings: list[str | list[str | int]]) -> list[list[int]]:
-    """Ids of each rendering: a string is encoded as it is, pieces with their text encoded as plain text."""
+    """Ids of each rendering: a string is encoded as it is, pieces with their text encoded as plain text.
+
+    The first piece of a rendering starts it; every later piece follows one of the template's special
+    tokens and is encoded as text there is (``_after_special_encoder``), so the ids of a row whose data
+    spells a special token differ from the one-string ids only where that data text is.
+    """
     plain = iter(_encode(tok, [r for r in renderings if isinstance(r, str)]))
-    texts = iter(_encode(tok, [p for r in renderings if isinstance(r, list) for p in r if isinstance(p, str)],
-                         as_text=True))
-    return [next(plain) if isinstance(r, str) else [t for p in r for t in (next(texts) if isinstance(p, str) else [p])]
-            for r in renderings]
+    pieces = [r for r in renderings if isinstance(r, list)]
+    firsts = iter(_encode(tok, [r[0] for r in pieces if r], as_text=True))
+    rest = [p for r in pieces for p in r[1:] if isinstance(p, str)]
+    after = _after_special_encoder(tok) if rest else None
+    rest_ids = iter([e.ids for e in after.encode_batch(rest, add_special_tokens=False)] if after is not None
+                    else _encode(tok, rest, as_text=True))
+    out = []
+    for r in renderings:
+        if isinstance(r, str):
+            out.append(next(plain))
+            continue
+        ids: list[int] = []
+        for k, p in enumerate(r):
+            ids += [p] if isinstance(p, int) else next(firsts) if k == 0 else next(rest_ids)
+        out.append(ids)
+    return out
 
 
 def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledger: TokenizeLedger | None = None, *,
