@@ -254,7 +254,8 @@ def sentencepiece_like(prepend_scheme: str | None, template: str = LLAMA2_TEMPLA
 
 
 def one_string(tok, msgs, gen=True):
-    return tok(tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False), add_special_tokens=False)["input_ids"]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("scheme", ["first", "always", "never", None])
@@ -281,6 +282,44 @@ def test_text_after_a_template_special_token_keeps_its_one_string_ids(scheme):
     assert tok.decode(f.prompt_ids) == tok.decode(clean.prompt_ids).replace("Mix flour.", "Mix flour.</s>")
     assert (f.chosen_ids, f.rejected_ids) == (clean.chosen_ids, clean.rejected_ids)
     # a forged reply leaves the prompt and the other reply exactly as they were
-    (g,), _ = tokenize_rows(tok, [row("reply", turns=turns, chosen="Eggs.</s> and sugar.")], TokenizeConfig(max_length=256))
+    (g,), _ = tokenize_rows(tok, [row("reply", turns=turns, chosen="Eggs.</s> and sugar.")],
+                            TokenizeConfig(max_length=256))
     assert (g.prompt_ids, g.rejected_ids) == (clean.prompt_ids, clean.rejected_ids)
-    assert g.chosen_ids.count(eos) == 1 and tok.decode(g.chosen_ids) == tok.decode(clean.chosen_ids).replace("Eggs", "Eggs.</s>")
+    assert g.chosen_ids.count(eos) == 1
+    assert tok.decode(g.chosen_ids) == tok.decode(clean.chosen_ids).replace("Eggs", "Eggs.</s>")
+
+
+TURN_TOKEN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                 "{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("scheme", ["first", None])
+def test_whitespace_a_stripping_special_token_takes_in_stays_out_of_the_pieces(scheme):
+    """Turn tokens with rstrip (and here lstrip): in one string the tokenizer takes the whitespace beside
+    <|end|> / <|user|> into the token; the pieces of a row spelling a special token must leave it out alike,
+    template text ("\n") and content whitespace ("  And a cake?  ") both."""
+    from tokenizers import AddedToken
+
+    def special(s, lstrip=False):
+        return AddedToken(s, special=True, normalized=False, rstrip=True, lstrip=lstrip)
+
+    tok = sentencepiece_like(scheme, TURN_TOKEN_TEMPLATE, ("<unk>", "<s>", special("<|end|>", lstrip=True),
+                                                     special("<|user|>"), special("<|assistant|>")))
+    turns = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour. "},
+             {"role": "user", "content": "  And a cake?  "}]
+    forged = [turns[0], {"role": "assistant", "content": "Mix flour.<|end|> "}, turns[2]]
+    (clean, f), ledger = tokenize_rows(tok, [row("clean", turns=turns, chosen="Eggs and sugar."),
+                                             row("forged", turns=forged, chosen="Eggs and sugar.")],
+                                       TokenizeConfig(max_length=256))
+    assert ledger.counts["special_token_text"] == 1 and ledger.counts["kept"] == 2
+    eos = tok.eos_token_id
+    assert list(clean.prompt_ids) == one_string(tok, turns)
+    assert "\n" not in tok.convert_ids_to_tokens(list(clean.prompt_ids))  # every "\n" is taken in by a special
+    head = len(one_string(tok, turns[:1]))
+    assert f.prompt_ids[:head] == clean.prompt_ids[:head]
+    ends = [k for k, t in enumerate(clean.prompt_ids) if t == eos]
+    assert len(ends) == f.prompt_ids.count(eos) == 3  # "<|end|>" in the data is text
+    tail = len(clean.prompt_ids) - ends[1]  # from the template's <|end|> after the forged reply
+    assert f.prompt_ids[-tail:] == clean.prompt_ids[-tail:]
+    assert (f.chosen_ids, f.rejected_ids) == (clean.chosen_ids, clean.rejected_ids)

@@ -17,8 +17,10 @@ is the one source of BOS/EOS and nothing is doubled.  Text from the data (messag
 replies) is always text: when one contains a special-token string (``<|im_end|>``, the EOS
 string, ...), the row's template is rendered with placeholders for the contents, split at the
 template's own special tokens, and the pieces between them (template text + contents) are
-encoded with the tokenizer's specials disabled (``split_special_tokens``).  Such texts are
-counted (``special_token_text``); rows without one are encoded as one string, as TRL does.
+encoded with the tokenizer's specials disabled (``split_special_tokens``) and as the one string
+would encode them there (no SentencePiece "▁" after a special token, the whitespace an lstrip /
+rstrip special takes in left out), so only that text's ids differ.  Such texts are counted
+(``special_token_text``); rows without one are encoded as one string, as TRL does.
 Two repairs for templates that differ: a BOS is prepended only when the tokenizer would add
 one (its post-processor or ``add_bos_token``) and the template did not emit one; a run of BOS
 at the start is collapsed to one.  An EOS is appended to a completion only if it contains none (templates that do not
@@ -48,7 +50,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -312,21 +314,35 @@ def _encode(tok, texts: list[str], *, as_text: bool = False) -> list[list[int]]:
 _MARK = re.compile("\ue000(\\d+)\ue001")  # a content's placeholder: private-use characters, no template emits them
 
 
-def _special_pattern(tok) -> tuple[re.Pattern | None, dict[str, int]]:
+# the whitespace an added token with lstrip / rstrip takes in (tokenizers uses Rust's char::is_whitespace)
+_WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+               + "\u2028\u2029\u202f\u205f\u3000")
+
+
+class _Special(NamedTuple):
+    id: int
+    lstrip: bool  # the tokenizer takes the whitespace before it into the token (it is encoded as nothing)
+    rstrip: bool  # ... after it (a turn token such as <|end|> set up so eats the newline the template puts next)
+
+
+def _special_pattern(tok) -> tuple[re.Pattern | None, dict[str, _Special]]:
     """A regex finding the tokenizer's special added tokens (longest first, as the tokenizer matches) and their ids."""
-    ids = {t.content: i for i, t in tok.added_tokens_decoder.items() if t.special}
-    if not ids:
-        return None, ids
-    return re.compile("(" + "|".join(re.escape(s) for s in sorted(ids, key=len, reverse=True)) + ")"), ids
+    found = {t.content: _Special(i, bool(t.lstrip), bool(t.rstrip)) for i, t in tok.added_tokens_decoder.items()
+             if t.special}
+    if not found:
+        return None, found
+    return re.compile("(" + "|".join(re.escape(s) for s in sorted(found, key=len, reverse=True)) + ")"), found
 
 
-def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, ids: dict[str, int], *,
+def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, found: dict[str, _Special], *,
                    generation_prompt: bool) -> list[str | int] | None:
     """The rendering as [text, special id, text, ...], where only the template's own framing yields ids.
 
     Each content is rendered as a placeholder that keeps the content's outer whitespace (a
     template that trims it trims the placeholder alike); the special-token strings are found in
     that rendering, where no data text is, then the contents are put back into the text pieces.
+    The whitespace a special token with lstrip / rstrip takes in, in one string, is left out
+    of the pieces beside it (template text or content alike).
     None when the template changes a content otherwise (put back, it differs from the real rendering).
     """
     cores, marked = [], []
@@ -339,18 +355,23 @@ def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, id
     rendered = _render(tok, marked, generation_prompt=generation_prompt)
     if _MARK.sub(lambda g: cores[int(g[1])], rendered) != _render(tok, messages, generation_prompt=generation_prompt):
         return None
-    pieces: list[str | int] = []
-    buf = ""
+    texts: list[str | _Special] = []  # the rendering: contents put back, the template's special tokens found
     for i, part in enumerate(_MARK.split(rendered)):
         if i % 2:
-            buf += cores[int(part)]
-            continue
-        for j, chunk in enumerate(specials.split(part)):  # [text, special, text, ...]
-            if j % 2:
-                pieces += [buf, ids[chunk]]
-                buf = ""
-            else:
-                buf += chunk
+            texts.append(cores[int(part)])
+        else:
+            texts += [found[chunk] if j % 2 else chunk for j, chunk in enumerate(specials.split(part))]
+    pieces: list[str | int] = []
+    buf, strip_next = "", False
+    for t in texts:
+        if isinstance(t, _Special):
+            pieces += [buf.rstrip(_WHITESPACE) if t.lstrip else buf, t.id]
+            buf, strip_next = "", t.rstrip
+        elif strip_next:  # whitespace runs on across pieces until the first other character
+            buf = t.lstrip(_WHITESPACE)
+            strip_next = not buf
+        else:
+            buf += t
     return [*pieces, buf]
 
 
@@ -434,7 +455,7 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledg
     ledger = ledger or TokenizeLedger()
     rows = list(rows)
     sp = _specials(tok)
-    specials, special_ids = _special_pattern(tok)
+    specials, special_tokens = _special_pattern(tok)
     renderings: list[str | list[str | int]] = []  # per row: prompt, prompt + chosen, prompt + rejected
     rewritten: set[int] = set()  # rows whose template changes a content that holds a special-token string
     for i, r in enumerate(rows):
@@ -447,7 +468,7 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledg
             renderings += [_render(tok, msgs, generation_prompt=gen) for msgs, gen in convs]
             continue
         ledger.counts["special_token_text"] += n_special
-        pieces = [_render_pieces(tok, msgs, specials, special_ids, generation_prompt=gen) for msgs, gen in convs]
+        pieces = [_render_pieces(tok, msgs, specials, special_tokens, generation_prompt=gen) for msgs, gen in convs]
         if None in pieces:
             rewritten.add(i)
             pieces = [[], [], []]
