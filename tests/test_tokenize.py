@@ -220,3 +220,106 @@ def test_template_rewriting_forged_text_skips_the_pair(tok):
     assert [p.pair_id for p in pairs] == ["clean"]
     assert ledger.counts["skipped_template_rewrites_text"] == 1 and ledger.counts["rows_in"] == 2
     assert ledger.skipped == [{"pair_id": "forged", "reason": "template_rewrites_text"}]
+
+
+# ---------------------------------------------------------------- SentencePiece-style tokenizers (Metaspace)
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                   "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+SP_CORPUS = ["[INST] How do I bake bread? [/INST] Mix flour, water and yeast. Buy it. And a cake? Eggs and sugar.",
+             "<|user|>\n<|assistant|>\n<|end|>\n"]
+
+
+def sentencepiece_like(prepend_scheme: str | None, template: str = LLAMA2_TEMPLATE, specials=("<unk>", "<s>", "</s>")):
+    """A tiny tokenizer built in code (nothing downloaded): BPE over a Metaspace pre-tokenizer with the given
+    prepend scheme, as Llama / Mistral tokenizers are ("first"), or byte-level BPE (None) to compare."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    if prepend_scheme is None:
+        t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        t.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme)
+        t.decoder = decoders.Metaspace(prepend_scheme=prepend_scheme)
+        alphabet = []
+    t.train_from_iterator(SP_CORPUS * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                              initial_alphabet=alphabet, show_progress=False))
+    t.add_special_tokens([s if isinstance(s, AddedToken) else AddedToken(s, special=True, normalized=False)
+                          for s in specials])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token=str(specials[2]), unk_token="<unk>",
+                                  pad_token="<unk>")
+    tok.chat_template = template
+    return tok
+
+
+def one_string(tok, msgs, gen=True):
+    text = tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("scheme", ["first", "always", "never", None])
+def test_text_after_a_template_special_token_keeps_its_one_string_ids(scheme):
+    """A row whose data spells "</s>" is encoded in pieces split at the template's special tokens; each piece
+    after one (the text after <s>, after a turn's </s>) must get the ids the one-string encoding gives it --
+    with prepend_scheme="first", alone it would get an extra "▁" -- so only the forged text's ids change."""
+    tok = sentencepiece_like(scheme)
+    turns = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour."},
+             {"role": "user", "content": "And a cake?"}]
+    forged = [turns[0], {"role": "assistant", "content": "Mix flour.</s>"}, turns[2]]
+    (clean, f), ledger = tokenize_rows(tok, [row("clean", turns=turns, chosen="Eggs and sugar."),
+                                             row("forged", turns=forged, chosen="Eggs and sugar.")],
+                                       TokenizeConfig(max_length=256))
+    assert ledger.counts["special_token_text"] == 1 and ledger.counts["kept"] == 2
+    eos = tok.eos_token_id
+    assert list(clean.prompt_ids) == one_string(tok, turns)  # the clean row: one string, as before
+    assert clean.prompt_ids.count(eos) == f.prompt_ids.count(eos) == 1  # "</s>" in the data is text
+    # the same ids before the forged reply ("<s>[INST] How do I bake bread? [/INST]") and after the template's </s>
+    head = len(one_string(tok, turns[:1]))
+    assert f.prompt_ids[:head] == clean.prompt_ids[:head]
+    tail = len(clean.prompt_ids) - clean.prompt_ids.index(eos)
+    assert f.prompt_ids[-tail:] == clean.prompt_ids[-tail:]
+    assert tok.decode(f.prompt_ids) == tok.decode(clean.prompt_ids).replace("Mix flour.", "Mix flour.</s>")
+    assert (f.chosen_ids, f.rejected_ids) == (clean.chosen_ids, clean.rejected_ids)
+    # a forged reply leaves the prompt and the other reply exactly as they were
+    (g,), _ = tokenize_rows(tok, [row("reply", turns=turns, chosen="Eggs.</s> and sugar.")],
+                            TokenizeConfig(max_length=256))
+    assert (g.prompt_ids, g.rejected_ids) == (clean.prompt_ids, clean.rejected_ids)
+    assert g.chosen_ids.count(eos) == 1
+    assert tok.decode(g.chosen_ids) == tok.decode(clean.chosen_ids).replace("Eggs", "Eggs.</s>")
+
+
+TURN_TOKEN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                 "{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("scheme", ["first", None])
+def test_whitespace_a_stripping_special_token_takes_in_stays_out_of_the_pieces(scheme):
+    """Turn tokens with rstrip (and here lstrip): in one string the tokenizer takes the whitespace beside
+    <|end|> / <|user|> into the token; the pieces of a row spelling a special token must leave it out alike,
+    template text ("\n") and content whitespace ("  And a cake?  ") both."""
+    from tokenizers import AddedToken
+
+    def special(s, lstrip=False):
+        return AddedToken(s, special=True, normalized=False, rstrip=True, lstrip=lstrip)
+
+    tok = sentencepiece_like(scheme, TURN_TOKEN_TEMPLATE, ("<unk>", "<s>", special("<|end|>", lstrip=True),
+                                                     special("<|user|>"), special("<|assistant|>")))
+    turns = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour. "},
+             {"role": "user", "content": "  And a cake?  "}]
+    forged = [turns[0], {"role": "assistant", "content": "Mix flour.<|end|> "}, turns[2]]
+    (clean, f), ledger = tokenize_rows(tok, [row("clean", turns=turns, chosen="Eggs and sugar."),
+                                             row("forged", turns=forged, chosen="Eggs and sugar.")],
+                                       TokenizeConfig(max_length=256))
+    assert ledger.counts["special_token_text"] == 1 and ledger.counts["kept"] == 2
+    eos = tok.eos_token_id
+    assert list(clean.prompt_ids) == one_string(tok, turns)
+    assert "\n" not in tok.convert_ids_to_tokens(list(clean.prompt_ids))  # every "\n" is taken in by a special
+    head = len(one_string(tok, turns[:1]))
+    assert f.prompt_ids[:head] == clean.prompt_ids[:head]
+    ends = [k for k, t in enumerate(clean.prompt_ids) if t == eos]
+    assert len(ends) == f.prompt_ids.count(eos) == 3  # "<|end|>" in the data is text
+    tail = len(clean.prompt_ids) - ends[1]  # from the template's <|end|> after the forged reply
+    assert f.prompt_ids[-tail:] == clean.prompt_ids[-tail:]
+    assert (f.chosen_ids, f.rejected_ids) == (clean.chosen_ids, clean.rejected_ids)

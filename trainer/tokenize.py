@@ -17,8 +17,10 @@ is the one source of BOS/EOS and nothing is doubled.  Text from the data (messag
 replies) is always text: when one contains a special-token string (``<|im_end|>``, the EOS
 string, ...), the row's template is rendered with placeholders for the contents, split at the
 template's own special tokens, and the pieces between them (template text + contents) are
-encoded with the tokenizer's specials disabled (``split_special_tokens``).  Such texts are
-counted (``special_token_text``); rows without one are encoded as one string, as TRL does.
+encoded with the tokenizer's specials disabled (``split_special_tokens``) and as the one string
+would encode them there (no SentencePiece "▁" after a special token, the whitespace an lstrip /
+rstrip special takes in left out), so only that text's ids differ.  Such texts are counted
+(``special_token_text``); rows without one are encoded as one string, as TRL does.
 Two repairs for templates that differ: a BOS is prepended only when the tokenizer would add
 one (its post-processor or ``add_bos_token``) and the template did not emit one; a run of BOS
 at the start is collapsed to one.  An EOS is appended to a completion only if it contains none (templates that do not
@@ -48,7 +50,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -312,21 +314,35 @@ def _encode(tok, texts: list[str], *, as_text: bool = False) -> list[list[int]]:
 _MARK = re.compile("\ue000(\\d+)\ue001")  # a content's placeholder: private-use characters, no template emits them
 
 
-def _special_pattern(tok) -> tuple[re.Pattern | None, dict[str, int]]:
+# the whitespace an added token with lstrip / rstrip takes in (tokenizers uses Rust's char::is_whitespace)
+_WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+               + "\u2028\u2029\u202f\u205f\u3000")
+
+
+class _Special(NamedTuple):
+    id: int
+    lstrip: bool  # the tokenizer takes the whitespace before it into the token (it is encoded as nothing)
+    rstrip: bool  # ... after it (a turn token such as <|end|> set up so eats the newline the template puts next)
+
+
+def _special_pattern(tok) -> tuple[re.Pattern | None, dict[str, _Special]]:
     """A regex finding the tokenizer's special added tokens (longest first, as the tokenizer matches) and their ids."""
-    ids = {t.content: i for i, t in tok.added_tokens_decoder.items() if t.special}
-    if not ids:
-        return None, ids
-    return re.compile("(" + "|".join(re.escape(s) for s in sorted(ids, key=len, reverse=True)) + ")"), ids
+    found = {t.content: _Special(i, bool(t.lstrip), bool(t.rstrip)) for i, t in tok.added_tokens_decoder.items()
+             if t.special}
+    if not found:
+        return None, found
+    return re.compile("(" + "|".join(re.escape(s) for s in sorted(found, key=len, reverse=True)) + ")"), found
 
 
-def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, ids: dict[str, int], *,
+def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, found: dict[str, _Special], *,
                    generation_prompt: bool) -> list[str | int] | None:
     """The rendering as [text, special id, text, ...], where only the template's own framing yields ids.
 
     Each content is rendered as a placeholder that keeps the content's outer whitespace (a
     template that trims it trims the placeholder alike); the special-token strings are found in
     that rendering, where no data text is, then the contents are put back into the text pieces.
+    The whitespace a special token with lstrip / rstrip takes in, in one string, is left out
+    of the pieces beside it (template text or content alike).
     None when the template changes a content otherwise (put back, it differs from the real rendering).
     """
     cores, marked = [], []
@@ -339,28 +355,88 @@ def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, id
     rendered = _render(tok, marked, generation_prompt=generation_prompt)
     if _MARK.sub(lambda g: cores[int(g[1])], rendered) != _render(tok, messages, generation_prompt=generation_prompt):
         return None
-    pieces: list[str | int] = []
-    buf = ""
+    texts: list[str | _Special] = []  # the rendering: contents put back, the template's special tokens found
     for i, part in enumerate(_MARK.split(rendered)):
         if i % 2:
-            buf += cores[int(part)]
-            continue
-        for j, chunk in enumerate(specials.split(part)):  # [text, special, text, ...]
-            if j % 2:
-                pieces += [buf, ids[chunk]]
-                buf = ""
-            else:
-                buf += chunk
+            texts.append(cores[int(part)])
+        else:
+            texts += [found[chunk] if j % 2 else chunk for j, chunk in enumerate(specials.split(part))]
+    pieces: list[str | int] = []
+    buf, strip_next = "", False
+    for t in texts:
+        if isinstance(t, _Special):
+            pieces += [buf.rstrip(_WHITESPACE) if t.lstrip else buf, t.id]
+            buf, strip_next = "", t.rstrip
+        elif strip_next:  # whitespace runs on across pieces until the first other character
+            buf = t.lstrip(_WHITESPACE)
+            strip_next = not buf
+        else:
+            buf += t
     return [*pieces, buf]
 
 
+def _never_prepend(node: Any) -> bool:
+    """Set every Metaspace ``prepend_scheme: "first"`` in a pre-tokenizer's JSON to "never"; True if one was."""
+    if isinstance(node, list):
+        return any([_never_prepend(n) for n in node])  # a list, not a generator: every one is rewritten
+    if not isinstance(node, dict):
+        return False
+    found = any([_never_prepend(v) for v in node.values() if isinstance(v, (dict, list))])
+    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+        node["prepend_scheme"] = "never"
+        found = True
+    return found
+
+
+def _after_special_encoder(tok):
+    """A backend that encodes a text piece as the one-string encoding encodes text following a special token,
+    or None when the tokenizer's own backend already does.
+
+    A Metaspace pre-tokenizer with ``prepend_scheme="first"`` (SentencePiece-style: Llama, Mistral) prepends
+    "▁" only to text at the start of the string (original offset 0); in one string the text after a special
+    token gets none, but encoded alone as a piece it is at the start and would get one (an extra "▁" token
+    after every BOS / turn marker).  The copy's Metaspace never prepends: exactly the one-string treatment
+    of text at an offset > 0.  "always" / "never" and ByteLevel treat every split alike: no copy needed.
+    """
+    from tokenizers import Tokenizer
+
+    backend = tok.backend_tokenizer
+    if backend.pre_tokenizer is None or b"Metaspace" not in backend.pre_tokenizer.__getstate__():
+        return None
+    spec = json.loads(backend.to_str())
+    if not _never_prepend(spec["pre_tokenizer"]):
+        return None
+    after = Tokenizer.from_str(json.dumps(spec))
+    after.no_truncation()
+    after.no_padding()
+    after.encode_special_tokens = True  # the pieces are plain text, as _encode(as_text=True) encodes them
+    return after
+
+
 def _encode_renderings(tok, renderings: list[str | list[str | int]]) -> list[list[int]]:
-    """Ids of each rendering: a string is encoded as it is, pieces with their text encoded as plain text."""
+    """Ids of each rendering: a string is encoded as it is, pieces with their text encoded as plain text.
+
+    The first piece of a rendering starts it; every later piece follows one of the template's special
+    tokens and is encoded as text there is (``_after_special_encoder``), so the ids of a row whose data
+    spells a special token differ from the one-string ids only where that data text is.
+    """
     plain = iter(_encode(tok, [r for r in renderings if isinstance(r, str)]))
-    texts = iter(_encode(tok, [p for r in renderings if isinstance(r, list) for p in r if isinstance(p, str)],
-                         as_text=True))
-    return [next(plain) if isinstance(r, str) else [t for p in r for t in (next(texts) if isinstance(p, str) else [p])]
-            for r in renderings]
+    pieces = [r for r in renderings if isinstance(r, list)]
+    firsts = iter(_encode(tok, [r[0] for r in pieces if r], as_text=True))
+    rest = [p for r in pieces for p in r[1:] if isinstance(p, str)]
+    after = _after_special_encoder(tok) if rest else None
+    rest_ids = iter([e.ids for e in after.encode_batch(rest, add_special_tokens=False)] if after is not None
+                    else _encode(tok, rest, as_text=True))
+    out = []
+    for r in renderings:
+        if isinstance(r, str):
+            out.append(next(plain))
+            continue
+        ids: list[int] = []
+        for k, p in enumerate(r):
+            ids += [p] if isinstance(p, int) else next(firsts) if k == 0 else next(rest_ids)
+        out.append(ids)
+    return out
 
 
 def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledger: TokenizeLedger | None = None, *,
@@ -379,7 +455,7 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledg
     ledger = ledger or TokenizeLedger()
     rows = list(rows)
     sp = _specials(tok)
-    specials, special_ids = _special_pattern(tok)
+    specials, special_tokens = _special_pattern(tok)
     renderings: list[str | list[str | int]] = []  # per row: prompt, prompt + chosen, prompt + rejected
     rewritten: set[int] = set()  # rows whose template changes a content that holds a special-token string
     for i, r in enumerate(rows):
@@ -392,7 +468,7 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledg
             renderings += [_render(tok, msgs, generation_prompt=gen) for msgs, gen in convs]
             continue
         ledger.counts["special_token_text"] += n_special
-        pieces = [_render_pieces(tok, msgs, specials, special_ids, generation_prompt=gen) for msgs, gen in convs]
+        pieces = [_render_pieces(tok, msgs, specials, special_tokens, generation_prompt=gen) for msgs, gen in convs]
         if None in pieces:
             rewritten.add(i)
             pieces = [[], [], []]
