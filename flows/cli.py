@@ -402,6 +402,10 @@ def curate(
         return
     state = "written" if res.created else "already exists (nothing written)"
     con.print(f"version {res.version_id} {state}: {res.handle.path}")
+    if not res.created:
+        pub = st.publication(res.handle)
+        if pub.ok is None:  # (a version from before publication records: its files were checked, its manifest not)
+            con.print(markup("[yellow]note:[/] {why}", why=pub.reason))
     _print_version_summary(m)
     print(res.version_id)
 

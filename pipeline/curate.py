@@ -127,8 +127,9 @@ def existing_version(store: Store, version_id: str) -> bool:
     changed, missing or truncated; the manifest unreadable, or not the one its certification bound) raises
     :class:`DamagedVersion` naming the file and what to do -- never "already there", never written over.
 
-    Every file is hashed against the manifest (:func:`pipeline.store.verify_files`), except the parts a verified
-    certification hashed that still have the inode, size and mtime they had then: certify's own rule for what it
+    The manifest must be one the store published as ``version_id`` (a version published before the store kept
+    publication records has nothing to compare with: the CLI says so).  Every file is hashed against the manifest
+    (:func:`pipeline.store.verify_files`), except the parts a verified certification hashed that still have the inode, size and mtime they had then: certify's own rule for what it
     takes from an earlier certification (pipeline/certify_parts.py), so a certified version costs a ``stat`` per
     part.  Readers verify again: the trainer hashes every file it reads."""
     if not store.exists(version_id):
@@ -148,10 +149,14 @@ def existing_version(store: Store, version_id: str) -> bool:
 
 
 def _damage(h: VersionHandle) -> list[str]:
-    """How version ``h`` differs from its manifest and its latest certification (empty: intact)."""
+    """How version ``h`` differs from what the store published (:meth:`pipeline.store.Store.publication`), from its
+    manifest and from its latest certification (empty: intact)."""
     m = h.manifest()
     facts, _, rec = load_prior_facts(h.store, [h])
     problems = verify_files(m, h.path, known=stat_facts(facts))
+    pub = h.store.publication(h)
+    if pub.ok is False:  # (a part edited and the manifest rewritten to match: the files agree with the manifest)
+        problems.insert(0, pub.reason)
     if rec is None:  # no facts taken: is there a record of this version that bound another manifest?
         try:
             rec = h.store.latest_certification(h.version_id)
