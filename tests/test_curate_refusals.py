@@ -263,3 +263,39 @@ def test_a_rerun_over_a_version_from_before_publication_records_says_so(uncertif
     res = run("curate", batch, "--store", store, code=0)
     assert "already exists (nothing written)" in res.stderr and f"note: the store has no publication record of {vid}" in res.stderr
     assert res.stdout.strip().splitlines()[-1] == vid
+
+
+def test_a_child_of_a_version_whose_manifest_was_rewritten_is_refused(uncertified, tmp_path):
+    """A child links its parent's parts and reads its rows against the parent's manifest: it took the edit in and the
+    store published it as the child's own (whose manifest is then the published one)."""
+    pristine, _, vid = uncertified
+    store = tmp_path / "s"
+    shutil.copytree(pristine, store)
+    h = Store(store).get(vid)
+    rewrite_to_match(h, h.split_files("train")[0])
+    batch = write_jsonl(tmp_path / "next.jsonl", [canonical(i) for i in range(3, 6)])
+    before = snapshot(store)
+    res = run("curate", batch, "--store", store, "--parent", vid, code=2)
+    assert f"parent version {vid} is damaged: {h.path / 'manifest.json'}: not the manifest the store published" \
+           in res.stderr and "nothing written" in res.stderr and res.stdout == ""
+    assert snapshot(store) == before and Store(store).list_ids() == [vid]
+
+
+def test_the_flows_child_build_refuses_a_parent_whose_manifest_was_rewritten(uncertified, tmp_path):
+    """The curate flow builds a child with :func:`build_version` directly (its ingest done as tasks)."""
+    from pipeline.checks import resolve_policy
+    from pipeline.curate import CurateOptions, build_version, ingest_source
+    from pipeline.store import DamagedVersion
+    from schemas.policy import Policy
+
+    pristine, _, vid = uncertified
+    store = tmp_path / "s"
+    shutil.copytree(pristine, store)
+    h = Store(store).get(vid)
+    rewrite_to_match(h, h.split_files("train")[0])
+    batch = write_jsonl(tmp_path / "next.jsonl", [canonical(i) for i in range(3, 6)])
+    policy = resolve_policy(Policy())
+    ingest = ingest_source([batch], CurateOptions(), policy)
+    with pytest.raises(DamagedVersion, match=f"parent version {vid} is damaged: .*not the manifest the store published"):
+        build_version(Store(store), "v-child", ingest, Store(store).get(vid), policy)
+    assert Store(store).list_ids() == [vid]
