@@ -514,9 +514,9 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
     """List versions: id, created, parent, pairs kept, certified?
 
     "certified" means the whole chain holds: a certified record for this version whose manifest
-    sha256 (and signature, when signing is configured) verifies, every file matching the
-    manifest, and no pair of a protected evaluation set in its train/validation splits (what
-    `prefpipe train` checks).  Damaged versions are listed as DAMAGED."""
+    sha256 (and signature, when signing is configured) verifies, that manifest being one the store
+    published, every file matching the manifest, and no pair of a protected evaluation set in its
+    train/validation splits (what `prefpipe train` checks).  Damaged versions are listed as DAMAGED."""
     from rich.table import Table
 
     from pipeline.store import DamagedVersion, VersionHandle

@@ -946,9 +946,9 @@ class Store:
         return protected_pair_ids(self)
 
     def trust(self, h: VersionHandle, *, files: bool = True, protections: bool = True, cached: bool = True) -> ChainStatus:
-        """What the trainer's way in (:meth:`open_certified`) decides for ``h``: certificate -> manifest
-        -> files (:meth:`VersionHandle.verify_chain`), then no pair of a protected evaluation set in its
-        train/validation splits (link ``protected``: a protection added after the certificate still
+        """What the trainer's way in (:meth:`open_certified`) decides for ``h``: certificate -> manifest (one the
+        store published: :meth:`publication`) -> files (:meth:`VersionHandle.verify_chain`), then no pair of a
+        protected evaluation set in its train/validation splits (link ``protected``: a protection added after the certificate still
         counts).  ``versions`` and ``show`` report this, so they never say "certified" of a version
         ``train`` refuses.  A protection record that cannot be read raises :class:`StoreError`.
         ``files=False, protections=False``: the chain to the manifest only (no data file read).
