@@ -129,9 +129,9 @@ def existing_version(store: Store, version_id: str) -> bool:
 
     The manifest must be one the store published as ``version_id`` (a version published before the store kept
     publication records has nothing to compare with: the CLI says so).  Every file is hashed against the manifest
-    (:func:`pipeline.store.verify_files`), except the parts a verified certification hashed that still have the inode, size and mtime they had then: certify's own rule for what it
-    takes from an earlier certification (pipeline/certify_parts.py), so a certified version costs a ``stat`` per
-    part.  Readers verify again: the trainer hashes every file it reads."""
+    (:func:`pipeline.store.verify_files`), except the parts a verified certification hashed that still have the
+    inode, size and mtime they had then: certify's own rule for what it takes from an earlier certification
+    (pipeline/certify_parts.py), so a certified version costs a ``stat`` per part.  Readers verify again: the trainer hashes every file it reads."""
     if not store.exists(version_id):
         return False
     h = store.get(version_id)
