@@ -402,6 +402,10 @@ def curate(
         return
     state = "written" if res.created else "already exists (nothing written)"
     con.print(f"version {res.version_id} {state}: {res.handle.path}")
+    if not res.created:
+        pub = st.publication(res.handle)
+        if pub.ok is None:  # (a version from before publication records: its files were checked, its manifest not)
+            con.print(markup("[yellow]note:[/] {why}", why=pub.reason))
     _print_version_summary(m)
     print(res.version_id)
 
@@ -510,9 +514,9 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
     """List versions: id, created, parent, pairs kept, certified?
 
     "certified" means the whole chain holds: a certified record for this version whose manifest
-    sha256 (and signature, when signing is configured) verifies, every file matching the
-    manifest, and no pair of a protected evaluation set in its train/validation splits (what
-    `prefpipe train` checks).  Damaged versions are listed as DAMAGED."""
+    sha256 (and signature, when signing is configured) verifies, that manifest being one the store
+    published, every file matching the manifest, and no pair of a protected evaluation set in its
+    train/validation splits (what `prefpipe train` checks).  Damaged versions are listed as DAMAGED."""
     from rich.table import Table
 
     from pipeline.store import DamagedVersion, VersionHandle

@@ -372,6 +372,9 @@ def _parent(store: Store, h: VersionHandle) -> VersionHandle | None:
 def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = True, reuse: bool = True) -> Certification:
     """Evaluate the gates, refuse a tampered version, append the record.  Never edits the version.
 
+    Tampered: a file differs from the manifest, or the manifest is not one the store published as this version
+    (:meth:`pipeline.store.Store.publication`); the ``integrity`` gate fails and no other gate runs.
+
     The record binds what was evaluated: the sha256 of the manifest bytes read (the manifest
     binds every file), and the policy hash."""
     from pipeline.signing import signing_keyring
@@ -385,6 +388,11 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
     known = stat_facts(prior)
     checked: dict[str, tuple[int, int, int]] = {}
     problems = verify_files(h.manifest(), h.path, known=known, checked=checked)
+    # the manifest the gates read must be the one the store published: a part edited and the manifest rewritten to
+    # match verifies against itself (the version id is derived from the inputs, not the manifest)
+    pub = store.publication(h)
+    if pub.ok is False:
+        problems.insert(0, pub.reason)
     part_facts = state = None
     if problems:
         gates = [_gate("integrity", len(problems), 0, False, "; ".join(problems))]
@@ -393,7 +401,8 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
         unchanged = sum(known.get(sha) == key for sha, key in checked.items())
         how = (f"; {len(checked) - unchanged} files hashed, {unchanged} unchanged since the certification of {facts_from} "
                "hashed them (same inode, size and mtime)") if unchanged else ""
-        gates = [_gate("integrity", 0, 0, True, f"every file matches its sha256 in the manifest{how}")]
+        unpublished = "" if pub.ok else f"; {pub.reason}"
+        gates = [_gate("integrity", 0, 0, True, f"every file matches its sha256 in the manifest{how}{unpublished}")]
         facts = VersionFacts(h, prior, checked)
         state = agreement_state(h, parent, prior_record, facts_from) if policy.certify.require_agreement else None
         gates += evaluate_gates(h, policy, run_gx=run_gx, gx_dir=gx_dir, facts=facts, facts_from=facts_from, agreement=state)

@@ -127,10 +127,11 @@ def existing_version(store: Store, version_id: str) -> bool:
     changed, missing or truncated; the manifest unreadable, or not the one its certification bound) raises
     :class:`DamagedVersion` naming the file and what to do -- never "already there", never written over.
 
-    Every file is hashed against the manifest (:func:`pipeline.store.verify_files`), except the parts a verified
-    certification hashed that still have the inode, size and mtime they had then: certify's own rule for what it
-    takes from an earlier certification (pipeline/certify_parts.py), so a certified version costs a ``stat`` per
-    part.  Readers verify again: the trainer hashes every file it reads."""
+    The manifest must be one the store published as ``version_id`` (a version published before the store kept
+    publication records has nothing to compare with: the CLI says so).  Every file is hashed against the manifest
+    (:func:`pipeline.store.verify_files`), except the parts a verified certification hashed that still have the
+    inode, size and mtime they had then: certify's own rule for what it takes from an earlier certification
+    (pipeline/certify_parts.py), so a certified version costs a ``stat`` per part.  Readers verify again: the trainer hashes every file it reads."""
     if not store.exists(version_id):
         return False
     h = store.get(version_id)
@@ -148,10 +149,14 @@ def existing_version(store: Store, version_id: str) -> bool:
 
 
 def _damage(h: VersionHandle) -> list[str]:
-    """How version ``h`` differs from its manifest and its latest certification (empty: intact)."""
+    """How version ``h`` differs from what the store published (:meth:`pipeline.store.Store.publication`), from its
+    manifest and from its latest certification (empty: intact)."""
     m = h.manifest()
     facts, _, rec = load_prior_facts(h.store, [h])
     problems = verify_files(m, h.path, known=stat_facts(facts))
+    pub = h.store.publication(h)
+    if pub.ok is False:  # (a part edited and the manifest rewritten to match: the files agree with the manifest)
+        problems.insert(0, pub.reason)
     if rec is None:  # no facts taken: is there a record of this version that bound another manifest?
         try:
             rec = h.store.latest_certification(h.version_id)
@@ -161,6 +166,21 @@ def _damage(h: VersionHandle) -> list[str]:
             problems.insert(0, f"{h.path / 'manifest.json'}: not the manifest its certification bound (changed after "
                                "the version was certified)")
     return problems
+
+
+def check_parent_published(parent: VersionHandle | None) -> None:
+    """A child is built on its parent's manifest (its parts are linked, its rows read against it): one rewritten after
+    publication would pass its edits on to a child the store then publishes as its own.  Raises
+    :class:`DamagedVersion` naming the manifest (a parent from before publication records is taken as it is)."""
+    if parent is None:
+        return
+    pub = parent.store.publication(parent)
+    if pub.ok is False:
+        err = DamagedVersion(f"parent version {parent.version_id} is damaged: {pub.reason}; nothing written. Build on "
+                             "another parent, or remove it (`prefpipe gc --delete "
+                             f"{parent.version_id} --apply`) and curate its inputs again")
+        err.path = str(parent.path)
+        raise err
 
 
 class _Timer:
@@ -198,7 +218,8 @@ def curate(
 ) -> CurateResult:
     """Build (or find) the version for these inputs.  Raises ``UnreadableFile`` before writing,
     :class:`NoValidJudgments` when no input row is a valid judgment (nothing written), and
-    :class:`pipeline.store.DamagedVersion` when the version is there but damaged (:func:`existing_version`).
+    :class:`pipeline.store.DamagedVersion` when the version is there but damaged (:func:`existing_version`), or the
+    parent's manifest is not the one the store published (:func:`check_parent_published`).
 
     ``full``: a child recomputes everything from its judgments instead of extending its parent's
     state (still a child: lineage, sticky splits; ``prefpipe curate --full``).  ``on_stage(name,
@@ -230,6 +251,7 @@ def _curate(paths: list[str | Path], store: Store, policy: Policy, parent: str |
     paths, hashed = staged.inputs(paths)  # URLs copied into the store, hashed on the way (pipeline/remote.py)
     hashed = {**given, **hashed}  # (files the caller copied and hashed: the curate flow's URL inputs)
     parent_handle = store.resolve(parent) if parent else None
+    check_parent_published(parent_handle)
     parent_id = parent_handle.version_id if parent_handle else None
     # a first version over partitions (unless the one-process reference is asked for); a child: in one process
     options = options.settled(parent_handle is not None)
@@ -440,6 +462,7 @@ def build_version(store: Store, version_id: str, ingest: IngestResult, parent: V
     timer = timer or _Timer(None)
     policy = resolve_policy(policy)
     NoValidJudgments.check(ingest.ledger, ingest.sources, lambda: ingest.quarantine)  # (before the store is touched)
+    check_parent_published(parent)
 
     # a child's passes over its parent's parts (pipeline/parent_rows.py): their states under <store>/.work/<version_id>/,
     # their tasks in this process or on the Dask cluster PREFPIPE_DASK names

@@ -16,6 +16,8 @@ Layout (``../shared/spec/outputs.md``)::
                                     a cache only (rebuilt from the manifests when missing or stale)
       .index/protected-matches/V.json  near duplicates of protected prompts found in V (pipeline.protect):
                                     a cache for versions/show, keyed by V's manifest sha256; train ignores it
+      .index/published/V.json       not a cache: the sha256 of every manifest.json the store published as V,
+                                    appended (atomically, under V's lock) before the rename that makes it visible
 
 Guarantees:
 
@@ -32,6 +34,12 @@ Guarantees:
   writing the same id: one rename wins, the other finds the directory there and returns the
   same id (an ``flock`` on ``.locks/<id>`` also serialises them, so the loser skips the work).
 * Files are never modified after the rename; the trainer verifies every checksum.
+* **Published is what was built**: the version id is derived from the *inputs*, not from the manifest, so a
+  version whose part was edited and whose manifest was rewritten to match (new sha256s and sizes) still verifies
+  against itself.  The store's publication record (``.index/published/V.json``) says which manifest bytes it
+  published as ``V``; a curate re-run, ``certify`` and :meth:`Store.trust` compare ``manifest.json`` with it
+  (:meth:`Store.publication`).  A version published before the store kept these records has none: that is said,
+  and the version is judged as before (files against its manifest; a certificate binds the manifest it evaluated).
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -295,8 +304,10 @@ class ChainStatus:
     ``link`` names the first broken link: ``certificate`` (no record, damaged record, or a record
     for another version), ``verdict`` (latest record rejected), ``signature`` (signing configured
     and the record's signature missing or wrong), ``manifest`` (manifest.json is not the one the
-    record certified, or is damaged), ``files`` (a file differs from the manifest's sha256); and, from
-    :meth:`Store.trust` only, ``protected`` (its train/validation splits hold protected pairs)."""
+    record certified, or is damaged), ``publication`` (manifest.json, and the certificate with it, is not
+    a manifest the store published as this version: :meth:`Store.publication`), ``files`` (a file differs
+    from the manifest's sha256); and, from :meth:`Store.trust` only, ``protected`` (its train/validation
+    splits hold protected pairs)."""
 
     ok: bool
     link: str | None
@@ -524,12 +535,16 @@ class VersionHandle:
         if have != want:
             return ChainStatus(False, "manifest", f"manifest.json of {self.version_id} is not the one that was certified "
                                f"(sha256 {have[:12]}..., certified {str(want)[:12]}...): it changed after certification", rec)
+        pub = self.store.publication(self)
+        if pub.ok is False:
+            return ChainStatus(False, "publication", pub.reason, rec)
         if files:
             problems = self.verify()
             if problems:
                 return ChainStatus(False, "files", f"files of {self.version_id} do not match the manifest: {'; '.join(problems)}", rec)
-        return ChainStatus(True, None, "certified: certificate -> manifest -> files verified" if files
-                           else "certified: certificate -> manifest verified (files not hashed)", rec)
+        ok = ("certified: certificate -> manifest -> files verified" if files
+              else "certified: certificate -> manifest verified (files not hashed)")
+        return ChainStatus(True, None, ok if pub.ok else f"{ok}; {pub.reason}", rec)
 
 
 @dataclass(frozen=True)
@@ -549,6 +564,20 @@ class VersionEntry:
 # manifest, and the manifest's (inode, size, mtime_ns) when it was read
 INDEX = Path(".index") / "versions.json"
 INDEX_FORMAT = 1
+# the publication record (STORE/.index/published/V.json): every manifest the store published as V, oldest first
+PUBLISHED = Path(".index") / "published"
+PUBLISHED_FORMAT = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Publication:
+    """Whether a version's ``manifest.json`` is one the store published under its id (:meth:`Store.publication`).
+    ``ok``: True it is; False it is not, or the record is damaged (``reason`` says which); None: the store has no
+    record of the version (published before the store kept them) -- nothing to compare with, and ``reason`` says so."""
+
+    ok: bool | None
+    reason: str
 
 
 def _entry_of(vid: str, m: Manifest) -> VersionEntry:
@@ -775,6 +804,9 @@ class Store:
                 if problems:
                     raise IntegrityError(f"staged version {version_id} failed its own check: {problems}")
                 sync_tree(stage)  # every staged file durable before the rename makes the version visible
+                # what is published, recorded before it is visible (a failed rename leaves a record of bytes never
+                # seen: harmless; a visible version without its record would be taken for one from before records)
+                self._record_publication(version_id, sha256_file(stage / "manifest.json"))
                 target = self.versions_dir / version_id
                 try:
                     os.rename(stage, target)
@@ -842,6 +874,71 @@ class Store:
             atomic_write_json(path, doc)
         return path
 
+    # -- publications (STORE/.index/published/V.json: what the store published as V; only appended to)
+    def publication_path(self, version_id: str) -> Path:
+        _check_ref(version_id)
+        return self.root / PUBLISHED / f"{version_id}.json"
+
+    def publications(self, version_id: str) -> list[dict[str, Any]] | None:
+        """Every publication of ``version_id``, oldest first: ``{"manifest_sha256", "published_at"}``; None when the
+        store has no record of it (a version published before the store kept them).  A record that cannot be read,
+        or is not one, raises :class:`StoreError` (it vouches for nothing)."""
+        p = self.publication_path(version_id)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StoreError(f"{p}: cannot read the publication record ({err.strerror or err})") from err
+        try:
+            doc = json.loads(data)
+        except ValueError as err:
+            raise StoreError(f"{p}: damaged publication record ({err})") from None
+        hist = doc.get("history") if isinstance(doc, dict) else None
+        if not (isinstance(doc, dict) and doc.get("format") == PUBLISHED_FORMAT and doc.get("version_id") == version_id
+                and isinstance(hist, list) and hist
+                and all(isinstance(r, dict) and isinstance(r.get("manifest_sha256"), str)
+                        and _SHA256.match(r["manifest_sha256"]) for r in hist)):
+            raise StoreError(f"{p}: damaged publication record (not format {PUBLISHED_FORMAT} naming version "
+                             f"{version_id!r} with a list of published manifest sha256s under 'history')")
+        return hist
+
+    def _record_publication(self, version_id: str, manifest_sha256: str) -> None:
+        """Append a publication of ``version_id`` (atomically: temp + rename).  Called by :meth:`write_version`,
+        holding the version's lock, before the rename that makes the version visible: a version is never visible
+        without its record (a failure here publishes nothing).  A damaged record is kept aside
+        (``V.json.damaged-<time>``) and a new history starts; a record outlives a deleted version (``gc --delete``),
+        and the id built anew appends to it."""
+        p = self.publication_path(version_id)
+        try:
+            hist = self.publications(version_id) or []
+        except StoreError:
+            os.rename(p, p.with_name(f"{p.name}.damaged-{int(time.time())}"))
+            hist = []
+        hist.append({"manifest_sha256": manifest_sha256, "published_at": datetime.now(UTC).isoformat()})
+        atomic_write_json(p, {"format": PUBLISHED_FORMAT, "version_id": version_id, "history": hist})
+
+    def publication(self, h: VersionHandle) -> Publication:
+        """Whether ``h``'s ``manifest.json`` (its bytes' sha256) is a manifest this store published as ``h``'s id.
+        Not: a part was changed and the manifest rewritten to match after publication -- the files verify against
+        the manifest, the id (derived from the inputs) is the same, and only this record tells.  Raises
+        :class:`DamagedVersion` when the manifest cannot be read."""
+        try:
+            hist = self.publications(h.version_id)
+        except StoreError as err:
+            return Publication(False, f"{err}: it cannot vouch for manifest.json of {h.version_id}")
+        if hist is None:
+            return Publication(None, f"the store has no publication record of {h.version_id} (published before the "
+                               f"store kept them in {PUBLISHED}/): its manifest.json could not be compared with the "
+                               "one published")
+        have = h.manifest_sha256()
+        last = hist[-1]
+        if any(r["manifest_sha256"] == have for r in hist):
+            return Publication(True, f"manifest.json of {h.version_id} is the one the store published")
+        return Publication(False, f"{h.path / 'manifest.json'}: not the manifest the store published as {h.version_id} "
+                           f"(sha256 {have[:12]}..., published {last['manifest_sha256'][:12]}... at "
+                           f"{last.get('published_at')}): it was rewritten after publication")
+
     def protected_pair_ids(self) -> set[str]:
         """Pair ids of every protected evaluation set of the store (``prefpipe protect``)."""
         from pipeline.protect import protected_pair_ids
@@ -849,9 +946,9 @@ class Store:
         return protected_pair_ids(self)
 
     def trust(self, h: VersionHandle, *, files: bool = True, protections: bool = True, cached: bool = True) -> ChainStatus:
-        """What the trainer's way in (:meth:`open_certified`) decides for ``h``: certificate -> manifest
-        -> files (:meth:`VersionHandle.verify_chain`), then no pair of a protected evaluation set in its
-        train/validation splits (link ``protected``: a protection added after the certificate still
+        """What the trainer's way in (:meth:`open_certified`) decides for ``h``: certificate -> manifest (one the
+        store published: :meth:`publication`) -> files (:meth:`VersionHandle.verify_chain`), then no pair of a
+        protected evaluation set in its train/validation splits (link ``protected``: a protection added after the certificate still
         counts).  ``versions`` and ``show`` report this, so they never say "certified" of a version
         ``train`` refuses.  A protection record that cannot be read raises :class:`StoreError`.
         ``files=False, protections=False``: the chain to the manifest only (no data file read).

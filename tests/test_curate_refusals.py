@@ -195,3 +195,107 @@ def test_the_curate_flow_over_a_damaged_version_fails_naming_the_file(built, tmp
     _truncate(part)
     with pytest.raises(DamagedVersion, match=f"{vid} is in the store .* but damaged: data/train/{part.name}"):
         curate_batch(files=[str(batch)], store=str(store))
+
+
+# ---------------------------------------------------------------- a part edited and the manifest rewritten to match
+def rewrite_to_match(h, part: Path) -> None:
+    """Swap chosen/rejected in ``part`` (a new file: the store's object stays whole) and write the part's new sha256
+    and size, and its table's, into the manifest: the files verify against the manifest."""
+    import polars as pl
+
+    from pipeline.store import sha256_file, table_sha256
+    from schemas.manifest import SplitInfo
+
+    df = pl.read_parquet(part)
+    part.unlink()
+    df.with_columns(chosen=df["rejected"], rejected=df["chosen"]).write_parquet(part)
+    doc = json.loads((h.path / "manifest.json").read_text())
+    for key, table in doc["tables"].items():
+        for p in table["parts"]:
+            if h.path / p["path"] == part:
+                p.update(sha256=sha256_file(part), bytes=part.stat().st_size)
+                table["sha256"] = table_sha256([SplitInfo(**q) for q in table["parts"]])
+                if key.startswith("data/"):
+                    doc["splits"][key.removeprefix("data/")]["sha256"] = table["sha256"]
+    (h.path / "manifest.json").write_text(json.dumps(doc, indent=2))
+
+
+@pytest.fixture(scope="module")
+def uncertified(tmp_path_factory) -> tuple[Path, Path, str]:
+    """A store with one version nobody certified, its batch, its id."""
+    root = tmp_path_factory.mktemp("uncertified")
+    batch = write_jsonl(root / "b.jsonl", [canonical(i) for i in range(3)])
+    vid = run("curate", batch, "--store", root / "s", code=0).stdout.strip().splitlines()[-1]
+    return root / "s", batch, vid
+
+
+def test_a_rerun_over_an_uncertified_version_whose_manifest_was_rewritten_is_exit_2(uncertified, tmp_path):
+    """It said "already exists (nothing written)" and exited 0: the files match the rewritten manifest, the id is
+    derived from the inputs, and no certificate bound the manifest."""
+    pristine, batch, vid = uncertified
+    store = tmp_path / "s"
+    shutil.copytree(pristine, store)
+    h = Store(store).get(vid)
+    rewrite_to_match(h, h.split_files("train")[0])
+    assert Store(store).get(vid).verify() == []
+    before = snapshot(store)
+    res = run("curate", batch, "--store", store, code=2)
+    assert f"version {vid} is in the store ({h.path}) but damaged: {h.path / 'manifest.json'}: not the manifest the " \
+           f"store published as {vid}" in res.stderr
+    assert "rewritten after publication" in res.stderr and res.stdout == ""
+    assert snapshot(store) == before  # nothing written over it
+    doc = json.loads(run("curate", batch, "--store", store, "--json", code=2).stdout)
+    assert doc["exit_code"] == 2 and doc["file"] == str(h.path) and "not the manifest the store published" in doc["error"]
+    # what it says to do works: built anew, published again (the record keeps both publications)
+    run("gc", "--store", store, "--delete", vid, "--apply", code=0)
+    assert run("curate", batch, "--store", store, code=0).stdout.strip().splitlines()[-1] == vid
+    assert len(Store(store).publications(vid)) == 2
+    assert "already exists (nothing written)" in run("curate", batch, "--store", store, code=0).stderr
+
+
+def test_a_rerun_over_a_version_from_before_publication_records_says_so(uncertified, tmp_path):
+    """A store written before publication records: the re-run is answered as before (its files are checked against
+    its manifest), and says that the manifest could not be compared with the one published."""
+    pristine, batch, vid = uncertified
+    store = tmp_path / "s"
+    shutil.copytree(pristine, store)
+    shutil.rmtree(store / ".index" / "published")
+    res = run("curate", batch, "--store", store, code=0)
+    assert "already exists (nothing written)" in res.stderr and f"note: the store has no publication record of {vid}" in res.stderr
+    assert res.stdout.strip().splitlines()[-1] == vid
+
+
+def test_a_child_of_a_version_whose_manifest_was_rewritten_is_refused(uncertified, tmp_path):
+    """A child links its parent's parts and reads its rows against the parent's manifest: it took the edit in and the
+    store published it as the child's own (whose manifest is then the published one)."""
+    pristine, _, vid = uncertified
+    store = tmp_path / "s"
+    shutil.copytree(pristine, store)
+    h = Store(store).get(vid)
+    rewrite_to_match(h, h.split_files("train")[0])
+    batch = write_jsonl(tmp_path / "next.jsonl", [canonical(i) for i in range(3, 6)])
+    before = snapshot(store)
+    res = run("curate", batch, "--store", store, "--parent", vid, code=2)
+    assert f"parent version {vid} is damaged: {h.path / 'manifest.json'}: not the manifest the store published" \
+           in res.stderr and "nothing written" in res.stderr and res.stdout == ""
+    assert snapshot(store) == before and Store(store).list_ids() == [vid]
+
+
+def test_the_flows_child_build_refuses_a_parent_whose_manifest_was_rewritten(uncertified, tmp_path):
+    """The curate flow builds a child with :func:`build_version` directly (its ingest done as tasks)."""
+    from pipeline.checks import resolve_policy
+    from pipeline.curate import CurateOptions, build_version, ingest_source
+    from pipeline.store import DamagedVersion
+    from schemas.policy import Policy
+
+    pristine, _, vid = uncertified
+    store = tmp_path / "s"
+    shutil.copytree(pristine, store)
+    h = Store(store).get(vid)
+    rewrite_to_match(h, h.split_files("train")[0])
+    batch = write_jsonl(tmp_path / "next.jsonl", [canonical(i) for i in range(3, 6)])
+    policy = resolve_policy(Policy())
+    ingest = ingest_source([batch], CurateOptions(), policy)
+    with pytest.raises(DamagedVersion, match=f"parent version {vid} is damaged: .*not the manifest the store published"):
+        build_version(Store(store), "v-child", ingest, Store(store).get(vid), policy)
+    assert Store(store).list_ids() == [vid]

@@ -377,3 +377,71 @@ def test_a_stage_without_a_mark_is_judged_by_its_pid_and_age_as_before(tmp_path)
     gone = _stage(st, f"v-0123456789abcdef.{2**22 + 12345}.00000003")
     assert st.sweep_staging() == 2
     assert young.is_dir() and not old.exists() and not gone.exists()
+
+
+# ---------------------------------------------------------------- the publication record
+def _rewrite_consistently(h) -> None:
+    """Edit the train split and write its new sha256 and size into the manifest: the files verify against the
+    manifest, the version id (derived from the inputs) is the same."""
+    from pipeline.store import atomic_write_json, file_info
+
+    p = h.split_path("train")
+    p.unlink()
+    pl.DataFrame({"pair_id": ["x", "y"], "weight": [1.0, 1.0]}).write_parquet(p)
+    m = h.manifest()
+    m = m.model_copy(update={"splits": {"train": file_info(p, "data/train.parquet", rows=2)}})
+    atomic_write_json(h.path / "manifest.json", m.model_dump(mode="json"))
+
+
+def test_the_store_records_what_it_published_and_knows_a_manifest_rewritten_after(tmp_path):
+    from pipeline.store import sha256_file
+
+    st = Store(tmp_path / "s")
+    st.write_version("v-p", _builder("v-p"))
+    h = st.get("v-p")
+    hist = st.publications("v-p")
+    assert [r["manifest_sha256"] for r in hist] == [sha256_file(h.path / "manifest.json")] and hist[0]["published_at"]
+    assert st.publication(h).ok is True
+    _rewrite_consistently(h)
+    h = Store(st.root).get("v-p")
+    assert h.verify() == []  # the files match the rewritten manifest: only the record tells
+    pub = st.publication(h)
+    assert pub.ok is False and f"{h.path / 'manifest.json'}: not the manifest the store published as v-p" in pub.reason
+    assert f"published {hist[0]['manifest_sha256'][:12]}" in pub.reason and "rewritten after publication" in pub.reason
+    # a record that cannot be read vouches for nothing
+    st.publication_path("v-p").write_text("{")
+    pub = st.publication(h)
+    assert pub.ok is False and "damaged publication record" in pub.reason
+    # a version from before publication records: nothing to compare with, said so
+    st.publication_path("v-p").unlink()
+    pub = st.publication(h)
+    assert pub.ok is None and "no publication record of v-p" in pub.reason
+
+
+def test_a_version_is_never_visible_without_its_publication_record(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    st = Store(tmp_path / "s")
+
+    def full(self, version_id, sha):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.publication_path(version_id)))
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Store, "_record_publication", full)
+        with pytest.raises(OSError, match="No space left"):
+            st.write_version("v-r", _builder("v-r"))
+    assert not st.exists("v-r") and not any((st.root / ".staging").iterdir())
+    # deleted (gc --delete) and built anew: the record keeps the first publication and appends the second
+    st.write_version("v-r", _builder("v-r"))
+    first = st.publications("v-r")
+    shutil.rmtree(st.versions_dir / "v-r")
+    st.write_version("v-r", _builder("v-r"))
+    hist = st.publications("v-r")
+    assert len(hist) == 2 and hist[0] == first[0] and st.publication(st.get("v-r")).ok is True
+    # a damaged record is kept aside and a new history starts with the next publication
+    shutil.rmtree(st.versions_dir / "v-r")
+    st.publication_path("v-r").write_text("not json")
+    st.write_version("v-r", _builder("v-r"))
+    assert len(st.publications("v-r")) == 1 and st.publication(st.get("v-r")).ok is True
+    assert [p.read_text() for p in st.publication_path("v-r").parent.glob("v-r.json.damaged-*")] == ["not json"]

@@ -80,9 +80,8 @@ def test_certified_version_verifies_whole_chain(store):
     assert st.open_certified(vid).version_id == vid
 
 
-def test_swapped_labels_with_rewritten_manifest_sha_is_not_certified(store, tmp_path):
-    """The attack of the issue: swap chosen/rejected in train.parquet, write the new sha256 into the manifest."""
-    st, vid = store
+def swap_labels_and_rewrite_manifest(st: Store, vid: str) -> None:
+    """Swap chosen/rejected in a train part and write its new sha256 into the manifest: the files match the manifest."""
     path = st.get(vid).split_files("train")[0]
     df = pl.read_parquet(path)
     path.unlink()  # (a hard link to the shared object: write a new file, as an editor would)
@@ -95,7 +94,13 @@ def test_swapped_labels_with_rewritten_manifest_sha_is_not_certified(store, tmp_
         table["sha256"] = doc["splits"]["train"]["sha256"] = table_sha256([SplitInfo(**p) for p in table["parts"]])
 
     rewrite_manifest(st, vid, fix)
-    assert st.get(vid).verify() == []  # the files match the (rewritten) manifest ...
+    assert Store(st.root).get(vid).verify() == []  # the files match the (rewritten) manifest ...
+
+
+def test_swapped_labels_with_rewritten_manifest_sha_is_not_certified(store, tmp_path):
+    """The attack of the issue: swap chosen/rejected in train.parquet, write the new sha256 into the manifest."""
+    st, vid = store
+    swap_labels_and_rewrite_manifest(st, vid)
     status = Store(st.root).get(vid).verify_chain()
     assert not status.ok and status.link == "manifest" and "changed after certification" in status.reason
     with pytest.raises(NotCertified) as err:
@@ -108,6 +113,50 @@ def test_swapped_labels_with_rewritten_manifest_sha_is_not_certified(store, tmp_
     assert shown["trust"]["ok"] is False and shown["trust"]["link"] == "manifest"
     listed = json.loads(cli("versions", "--store", str(st.root), "--json").stdout)
     assert listed[0]["certified"] is False and listed[0]["trust"]["link"] == "manifest"
+
+
+def test_an_uncertified_version_rewritten_after_publication_is_refused_by_certify(tmp_path):
+    """The same edit before anyone certified the version: no certificate bound the manifest, the files match it,
+    the id is the same.  Certify certified the swapped labels (exit 0) and versions/show/train trusted them; now the
+    integrity gate compares the manifest with the one the store published."""
+    st = Store(tmp_path / "s")
+    vid = curate(SAMPLES[:1], st, POLICY).version_id
+    swap_labels_and_rewrite_manifest(st, vid)
+    pol = str(policy_file(st.root))
+    res = cli("certify", vid, "--store", str(st.root), "--no-expectations", "--policy", pol)
+    out = " ".join(res.stdout.split())  # (the console wraps long lines)
+    assert res.exit_code == 3 and f"REJECTED {vid}: failing gates: integrity" in out, res.output
+    assert f"not the manifest the store published as {vid}" in out and "rewritten after publication" in out
+    doc = json.loads(cli("certify", vid, "--store", str(st.root), "--no-expectations", "--policy", pol, "--json").stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 3 and [g["name"] for g in doc["gates"]] == ["integrity"]
+    assert "not the manifest the store published" in doc["gates"][0]["detail"]
+    assert st.get(vid).verify_chain().link == "verdict"
+    # a record that certified the rewritten manifest (written by a prefpipe from before publication records, or by
+    # hand without a signing key): the chain breaks at the publication link
+    rejected = certify_version(st, vid, POLICY, run_gx=False)
+    assert rejected.manifest_sha256 == sha256_file(st.versions_dir / vid / "manifest.json")
+    st.add_certification(rejected.model_copy(update={"verdict": "certified"}))
+    status = Store(st.root).get(vid).verify_chain()
+    assert not status.ok and status.link == "publication" and "rewritten after publication" in status.reason
+    with pytest.raises(NotCertified) as err:
+        Store(st.root).open_certified(vid)
+    assert err.value.link == "publication"
+    res = cli("train", vid, "--store", str(st.root), "--model", "tiny-llama:layers=1,hidden=32,heads=2", "--steps", "1")
+    assert res.exit_code == 4 and "publication link broken" in res.output
+    listed = json.loads(cli("versions", "--store", str(st.root), "--json").stdout)
+    assert listed[0]["certified"] is False and listed[0]["trust"]["link"] == "publication"
+
+
+def test_a_version_from_before_publication_records_certifies_and_says_so(tmp_path):
+    st = Store(tmp_path / "s")
+    vid = curate(SAMPLES[:1], st, POLICY).version_id
+    shutil.rmtree(st.root / ".index" / "published")
+    cert = certify_version(st, vid, POLICY, run_gx=False)
+    integrity = next(g for g in cert.gates if g.name == "integrity")
+    assert cert.verdict == "certified" and f"no publication record of {vid}" in integrity.detail
+    status = st.get(vid).verify_chain()
+    assert status.ok and f"no publication record of {vid}" in status.reason
+    assert st.open_certified(vid).version_id == vid
 
 
 def test_changed_file_breaks_the_files_link(store):

@@ -204,7 +204,7 @@ def open_certified_version(store: Store, ref: str) -> VersionHandle:
     try:
         return store.open_certified(ref)
     except NotCertified as err:
-        cls = VersionTampered if err.link in ("manifest", "files", "signature") else VersionNotCertified
+        cls = VersionTampered if err.link in ("manifest", "publication", "files", "signature") else VersionNotCertified
         raise cls(f"refusing to train ({err.link} link broken): {err}") from None
 
 
