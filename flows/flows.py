@@ -40,7 +40,7 @@ from pipeline.escape import md_escape, visible_controls  # artifact descriptions
 from pipeline.ingest import FileHash, IngestResult, file_sha256
 from pipeline.readers import UnreadableFile
 from pipeline.remote import Staged
-from pipeline.store import Store
+from pipeline.store import Store, StoreError
 from pipeline.checks import resolve_policy
 from schemas.policy import Policy, load_policy
 from schemas.text import content_hash
@@ -311,15 +311,16 @@ def _failure(st: Store, batch: inbox_logic.Batch, err: Exception, *, version: st
     try:
         version = version or inbox_logic.unfinished_versions(st).get(batch.sha256)
         done = version is not None and inbox_logic.is_finished(st, version)
-    except OSError:  # (the store cannot be looked at now; the next tick's listing will)
+    except (OSError, StoreError):  # (the store cannot be looked at now; the next tick's listing will)
         done = False
     if version:
         out["version"] = version
     try:
         rec = inbox_logic.record_failure(st, batch, str(err), transient=out["transient"], version=version)
         retry = rec["retry"]
-    except OSError as rec_err:  # no record of this try: the next tick tries the batch again
-        out["unrecorded"] = f"this failure could not be recorded in {st.root / 'inbox' / 'failed.jsonl'}: {rec_err}"
+    except (OSError, StoreError) as rec_err:  # (its lock too) no record of this try: the next tick tries the batch again
+        why = getattr(rec_err, "strerror", None) or rec_err  # (an OSError's own text names the file again)
+        out["unrecorded"] = f"this failure could not be recorded in {st.root / 'inbox' / 'failed.jsonl'}: {why}"
         retry = True
     out["retry"] = retry and not done
     return out

@@ -258,6 +258,40 @@ def test_a_certification_failing_every_try_is_final_and_its_version_stays_uncert
     assert process_inbox(inbox=str(inbox), store=str(store)) == [] and st.latest_certification(vid) is None
 
 
+def test_a_failure_that_cannot_be_recorded_does_not_stop_the_run_nor_count_as_a_try(tmp_path, monkeypatch):
+    """The certification of the first batch fails (EIO), and so does writing its failure record (disk full): the
+    run goes on to the next batch, says the failure was not recorded (outcome, artifact), and the next tick
+    finishes the first batch's version as the same try (it counted for nothing)."""
+    import errno
+
+    from flows.flows import process_inbox
+    from pipeline import inbox as inbox_logic
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    _drop(inbox, SAMPLES[0])
+    _drop(inbox, SAMPLES[1])
+    _eio_in_certify(monkeypatch, times=1)
+
+    def record_failure(st, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(st.root / "inbox" / "failed.jsonl"))
+
+    monkeypatch.setattr(inbox_logic, "record_failure", record_failure)
+    with pytest.raises(RuntimeError, match=r"Input/output error.*could not be recorded in .*failed.jsonl: .*No space "
+                                           r"left on device; this try is not counted"):
+        process_inbox(inbox=str(inbox), store=str(store))
+    st = Store(store)
+    first, second = st.list_ids()
+    assert st.latest_certification(first) is None and st.latest_certification(second) is not None  # (either verdict)
+    rows = asyncio.run(_latest_artifact_rows("inbox-last-run"))
+    assert [r["batch"] for r in rows] == [SAMPLES[0].name, SAMPLES[1].name] and "No space left" in rows[0]["unrecorded"]
+    assert not (store / "inbox" / "failed.jsonl").exists()
+    monkeypatch.undo()
+    [out] = process_inbox(inbox=str(inbox), store=str(store))
+    assert "error" not in out and "attempt" not in out and (out["version"], out["verdict"]) == (first, "certified")
+    assert st.list_ids() == [first, second]
+
+
 def test_a_run_killed_after_writing_the_version_is_finished_on_the_next_tick(tmp_path):
     """kill -9 of an inbox run between writing the version and certifying it (the certification step kills
     the process group: the flow process and its temporary Prefect server).  Nothing is recorded as failed; the
