@@ -258,6 +258,31 @@ def test_a_certification_failing_every_try_is_final_and_its_version_stays_uncert
     assert process_inbox(inbox=str(inbox), store=str(store)) == [] and st.latest_certification(vid) is None
 
 
+def test_an_unfinished_version_damaged_since_is_not_certified_on_the_next_tick(tmp_path, monkeypatch):
+    """The certification failed after the version was written; then a part of the version changed on disk.  The
+    next tick verifies the version before finishing it: damaged -- a failure of its own (final, naming the file),
+    never certified, never written over."""
+    from flows.flows import process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    _drop(inbox, SAMPLES[0])
+    certified = _eio_in_certify(monkeypatch, times=1)
+    with pytest.raises(RuntimeError, match="tried again on the next tick"):
+        process_inbox(inbox=str(inbox), store=str(store))
+    st = Store(store)
+    [vid] = st.list_ids()
+    [part] = st.get(vid).path.glob("data/train/*.parquet")
+    with part.open("ab") as fh:
+        fh.write(b"garbage")
+    with pytest.raises(RuntimeError, match=f"{vid} is in the store .* but damaged: .*{part.name}.*version {vid} is "
+                                           "written, not certified, and stays so"):
+        process_inbox(inbox=str(inbox), store=str(store))
+    assert certified == [vid] and st.latest_certification(vid) is None and part.read_bytes().endswith(b"garbage")
+    assert [(r["transient"], r["attempt"], r["version"]) for r in _failure_records(store)] == [(True, 1, vid), (False, 2, vid)]
+    assert process_inbox(inbox=str(inbox), store=str(store)) == [] and st.list_ids() == [vid]
+
+
 def test_a_failure_that_cannot_be_recorded_does_not_stop_the_run_nor_count_as_a_try(tmp_path, monkeypatch):
     """The certification of the first batch fails (EIO), and so does writing its failure record (disk full): the
     run goes on to the next batch, says the failure was not recorded (outcome, artifact), and the next tick
