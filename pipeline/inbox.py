@@ -14,7 +14,8 @@ killed between writing the version and certifying it -- is picked up again with 
 finishes the remaining steps on it, never building or writing over it.
 
 A batch that failed is recorded in ``STORE/inbox/failed.jsonl`` (one JSON line per failed try:
-file, sha256, reason, time, whether it was transient, which attempt).  A failure of the input
+file, sha256, reason, time, whether it was transient, which attempt, and the version written
+from the batch when a later step failed).  A failure of the input
 itself (a file that cannot be read as a batch, a record format it does not have: the same
 content fails the same way) is final: the batch is skipped until its content changes (a new
 sha256) or its records are removed.  A transient one -- an error of the operating system
