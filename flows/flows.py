@@ -7,9 +7,11 @@
 * ``process_inbox``     picks up finished batch files (``<file>.done`` marker) from an inbox,
                         curates each new one as a child of the latest version, certifies it
                         and, if the policy says so, trains.  A batch whose sha256 is already a
-                        source of a version is never processed twice; one that failed for a
+                        source of a version is never curated twice; one that failed for a
                         transient reason (an OS error) is tried again on later ticks, a bounded
-                        number of times (pipeline/inbox.py).  A review batch
+                        number of times, and one whose version was written but not certified
+                        (a later step failed, the run was killed) has that version verified and
+                        certified by the next tick (pipeline/inbox.py).  A review batch
                         (``prefpipe review import`` output) is a batch like any other: its child
                         version resolves the routed pairs it reviews (docs/reviews.md).
 
@@ -20,6 +22,7 @@ the mapped ingest tasks on a ``DaskTaskRunner``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -37,7 +40,7 @@ from pipeline.escape import md_escape, visible_controls  # artifact descriptions
 from pipeline.ingest import FileHash, IngestResult, file_sha256
 from pipeline.readers import UnreadableFile
 from pipeline.remote import Staged
-from pipeline.store import Store
+from pipeline.store import Store, StoreError
 from pipeline.checks import resolve_policy
 from schemas.policy import Policy, load_policy
 from schemas.text import content_hash
@@ -259,13 +262,18 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
         try:
             if batch.error:  # known before curating (an unknown file type, a file that could not be hashed)
                 raise UnreadableFile(batch.path, batch.error)
-            vid = curate_batch(files=[str(batch.path)], store=store, policy_path=policy_path, parent=parent)
+            if batch.version:  # written by an earlier try or a killed run, not certified: finish it, never rebuild it
+                out["resumed"] = _resume(st, batch.version, log)
+                vid = batch.version
+            else:
+                vid = curate_batch(files=[str(batch.path)], store=store, policy_path=policy_path, parent=parent)
+            out["version"] = vid
             cert = certify_version(store=store, version=vid, policy_path=policy_path)
-            out.update(version=vid, verdict=cert["verdict"])
+            out["verdict"] = cert["verdict"]
             if cert["verdict"] == "certified" and policy.certify.train_after_certify:
                 out["run"] = train_on_version(store=store, version=vid, model=train_model or "tiny-llama")
         except Exception as err:  # noqa: BLE001 - one bad batch must not block the next
-            out.update(_failure(st, batch, err, curated="version" in out))
+            out.update(_failure(st, batch, err, version=out.get("version")))
             log.error("batch %s failed: %s%s", visible_controls(batch.path.name), visible_controls(str(err)),
                       _retry_note(out))
         outcomes.append(out)
@@ -277,21 +285,55 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
     return outcomes
 
 
-def _failure(st: Store, batch: inbox_logic.Batch, err: Exception, *, curated: bool) -> dict[str, Any]:
+def _resume(st: Store, version_id: str, log: Any) -> str:
+    """Make ready the version an earlier try wrote from a batch for the steps it did not finish: it must be
+    there and intact (``existing_version``: a damaged one raises, naming the file -- never certified, never
+    written over); its report artifacts are published again (the step that may have failed).  What the
+    outcome says of it."""
+    if not existing_version(st, version_id):  # collected since the listing: a later tick curates the batch anew
+        raise FileNotFoundError(errno.ENOENT, f"version {version_id}, written from this batch on an earlier try, "
+                                "is no longer in the store", str(st.versions_dir / version_id))
+    log.info("version %s was written on an earlier try and is intact: finishing it (report, certification)", version_id)
+    publish_version_artifacts(str(st.root), version_id)
+    return "version written on an earlier try, verified intact"
+
+
+def _failure(st: Store, batch: inbox_logic.Batch, err: Exception, *, version: str | None) -> dict[str, Any]:
     """What a batch's outcome says of its failure, once recorded (a file that could not be hashed is not:
-    it is looked at again on the next tick).  ``transient``: an error of the operating system; ``retry``:
-    the batch is tried again on a later tick (it has tries left: pipeline/inbox.py; and no version yet --
-    a batch that is a version's source is never processed again; ``curated``: its version was written, a
-    later step failed)."""
+    it is looked at again on the next tick).  ``transient``: an error of the operating system; ``version``:
+    the version written from the batch (on this try -- also by a curate flow that failed after writing it --
+    or an earlier one), when there is one; ``retry``: a later tick tries the batch again -- it has tries left
+    (pipeline/inbox.py) and is not done: no version yet, or one not certified.  A failure that cannot be
+    recorded (the store's disk full...) is said so (``unrecorded``): that try is not counted."""
     out: dict[str, Any] = {"error": str(err), "transient": inbox_logic.is_transient(err)}
-    if batch.sha256:
-        rec = inbox_logic.record_failure(st, batch, str(err), transient=out["transient"])
-        out["retry"] = rec["retry"] and not curated
+    if not batch.sha256:
+        return out
+    try:
+        version = version or inbox_logic.unfinished_versions(st).get(batch.sha256)
+        done = version is not None and inbox_logic.is_finished(st, version)
+    except (OSError, StoreError):  # (the store cannot be looked at now; the next tick's listing will)
+        done = False
+    if version:
+        out["version"] = version
+    try:
+        rec = inbox_logic.record_failure(st, batch, str(err), transient=out["transient"], version=version)
+        retry = rec["retry"]
+    except (OSError, StoreError) as rec_err:  # (its lock too) no record of this try: the next tick tries the batch again
+        why = getattr(rec_err, "strerror", None) or rec_err  # (an OSError's own text names the file again)
+        out["unrecorded"] = f"this failure could not be recorded in {st.root / 'inbox' / 'failed.jsonl'}: {why}"
+        retry = True
+    out["retry"] = retry and not done
     return out
 
 
 def _retry_note(outcome: dict[str, Any]) -> str:
-    if not outcome.get("transient"):
-        return ""
-    tries = f"try {outcome.get('attempt', 1)} of {inbox_logic.TRANSIENT_ATTEMPTS}"
-    return f" (transient, {tries}: {'tried again on the next tick' if outcome.get('retry') else 'not tried again'})"
+    notes = []
+    if outcome.get("transient"):
+        tries = f"try {outcome.get('attempt', 1)} of {inbox_logic.TRANSIENT_ATTEMPTS}"
+        notes.append(f"transient, {tries}: {'tried again on the next tick' if outcome.get('retry') else 'not tried again'}")
+    if outcome.get("unrecorded"):
+        notes.append(f"{outcome['unrecorded']}; this try is not counted")
+    if outcome.get("version") and "verdict" not in outcome:
+        notes.append(f"version {outcome['version']} is written, not certified"
+                     + ("" if outcome.get("retry") else ", and stays so"))
+    return f" ({'; '.join(notes)})" if notes else ""

@@ -161,6 +161,196 @@ def test_transient_failures_end_after_the_last_try_until_the_content_changes(tmp
     assert "error" not in out and "attempt" not in out and len(Store(store).list_ids()) == 1
 
 
+def _eio_in_certify(monkeypatch, times: int | None) -> list[str]:
+    """The certification step fails with EIO (the first ``times`` calls; None: all), after the version is
+    written: the versions it was asked to certify."""
+    import errno
+
+    from pipeline import certify
+
+    real, calls = certify.certify_version, []
+
+    def certify_version(store, ref, *args, **kwargs):
+        calls.append(ref)
+        if times is None or len(calls) <= times:
+            raise OSError(errno.EIO, "Input/output error", str(store.certification_path(ref)))
+        return real(store, ref, *args, **kwargs)
+
+    monkeypatch.setattr(certify, "certify_version", certify_version)  # (certify_task imports it when it runs)
+    return calls
+
+
+def _version_files(st: Store, vid: str) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(st.get(vid).path.rglob("*"))}
+
+
+def test_a_transient_failure_after_the_version_is_written_is_finished_on_the_next_ticks(tmp_path, monkeypatch):
+    """The version is written, then the report fails (tick 1), then the certification (tick 2): each a transient
+    try of the batch, recorded with the version.  The ticks after do not curate the batch again (its version is
+    never rebuilt nor written over): they verify that version and finish it -- tick 3 certifies it, says so in the
+    outcome and the inbox-last-run artifact; tick 4 has nothing to do."""
+    import errno
+
+    import flows.flows as flows_mod
+    from flows.flows import process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    _drop(inbox, SAMPLES[0])
+    real_publish, published = flows_mod.publish_version_artifacts, []
+
+    def publish(store_dir, version_id):
+        published.append(version_id)
+        if len(published) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", "report.html")
+        return real_publish(store_dir, version_id)
+
+    monkeypatch.setattr(flows_mod, "publish_version_artifacts", publish)
+    certified = _eio_in_certify(monkeypatch, times=1)
+    with pytest.raises(RuntimeError, match=r"No space left on device.*transient, try 1 of 3: tried again on the next "
+                                           r"tick") as first:
+        process_inbox(inbox=str(inbox), store=str(store))
+    st = Store(store)
+    [vid] = st.list_ids()
+    files = _version_files(st, vid)
+    assert certified == [] and st.latest_certification(vid) is None
+    with pytest.raises(RuntimeError, match=r"Input/output error.*transient, try 2 of 3: tried again on the next tick") as second:
+        process_inbox(inbox=str(inbox), store=str(store))
+    for err in (first, second):  # the messages name the version left behind
+        assert str(err.value).endswith(f"; version {vid} is written, not certified)")
+    assert certified == [vid] and published == [vid, vid] and st.latest_certification(vid) is None
+    assert [(r["transient"], r["attempt"], r["version"]) for r in _failure_records(store)] == [(True, 1, vid), (True, 2, vid)]
+    [out] = process_inbox(inbox=str(inbox), store=str(store))
+    assert "error" not in out and (out["attempt"], out["version"], out["verdict"]) == (3, vid, "certified")
+    assert "earlier try" in out["resumed"]
+    assert st.list_ids() == [vid] and _version_files(st, vid) == files  # not rebuilt, not written over
+    assert st.latest_certification(vid)["verdict"] == "certified" and certified == [vid, vid]
+    rows = asyncio.run(_latest_artifact_rows("inbox-last-run"))
+    assert [(r["batch"], r["attempt"], r["version"], r["verdict"]) for r in rows] == [(SAMPLES[0].name, "3", vid, "certified")]
+    assert "earlier try" in rows[0]["resumed"]
+    assert process_inbox(inbox=str(inbox), store=str(store)) == [] and len(_failure_records(store)) == 2
+
+
+def test_a_certification_failing_every_try_is_final_and_its_version_stays_uncertified(tmp_path, monkeypatch):
+    from flows.flows import process_inbox
+    from pipeline.inbox import TRANSIENT_ATTEMPTS
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    _drop(inbox, SAMPLES[0])
+    certified = _eio_in_certify(monkeypatch, times=None)
+    messages = []
+    for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+        last = attempt == TRANSIENT_ATTEMPTS
+        with pytest.raises(RuntimeError, match=f"transient, try {attempt} of {TRANSIENT_ATTEMPTS}: "
+                                               f"{'not tried again' if last else 'tried again on the next tick'}") as err:
+            process_inbox(inbox=str(inbox), store=str(store))
+        messages.append(str(err.value))
+    st = Store(store)
+    [vid] = st.list_ids()  # one version, certified on no try
+    assert messages[-1].endswith(f"; version {vid} is written, not certified, and stays so)")
+    assert certified == [vid] * TRANSIENT_ATTEMPTS and st.latest_certification(vid) is None
+    assert [(r["transient"], r["attempt"], r["version"]) for r in _failure_records(store)] == \
+        [(True, n, vid) for n in range(1, TRANSIENT_ATTEMPTS + 1)]
+    rows = asyncio.run(_latest_artifact_rows("inbox-last-run"))
+    assert [(r["attempt"], r["version"], r["retry"]) for r in rows] == [(str(TRANSIENT_ATTEMPTS), vid, "False")]
+    monkeypatch.undo()  # the disk is fine again: the failure stays final for this content
+    assert process_inbox(inbox=str(inbox), store=str(store)) == [] and st.latest_certification(vid) is None
+
+
+def test_an_unfinished_version_damaged_since_is_not_certified_on_the_next_tick(tmp_path, monkeypatch):
+    """The certification failed after the version was written; then a part of the version changed on disk.  The
+    next tick verifies the version before finishing it: damaged -- a failure of its own (final, naming the file),
+    never certified, never written over."""
+    from flows.flows import process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    _drop(inbox, SAMPLES[0])
+    certified = _eio_in_certify(monkeypatch, times=1)
+    with pytest.raises(RuntimeError, match="tried again on the next tick"):
+        process_inbox(inbox=str(inbox), store=str(store))
+    st = Store(store)
+    [vid] = st.list_ids()
+    [part] = st.get(vid).path.glob("data/train/*.parquet")
+    with part.open("ab") as fh:
+        fh.write(b"garbage")
+    with pytest.raises(RuntimeError, match=f"{vid} is in the store .* but damaged: .*{part.name}.*version {vid} is "
+                                           "written, not certified, and stays so"):
+        process_inbox(inbox=str(inbox), store=str(store))
+    assert certified == [vid] and st.latest_certification(vid) is None and part.read_bytes().endswith(b"garbage")
+    assert [(r["transient"], r["attempt"], r["version"]) for r in _failure_records(store)] == [(True, 1, vid), (False, 2, vid)]
+    assert process_inbox(inbox=str(inbox), store=str(store)) == [] and st.list_ids() == [vid]
+
+
+def test_a_failure_that_cannot_be_recorded_does_not_stop_the_run_nor_count_as_a_try(tmp_path, monkeypatch):
+    """The certification of the first batch fails (EIO), and so does writing its failure record (disk full): the
+    run goes on to the next batch, says the failure was not recorded (outcome, artifact), and the next tick
+    finishes the first batch's version as the same try (it counted for nothing)."""
+    import errno
+
+    from flows.flows import process_inbox
+    from pipeline import inbox as inbox_logic
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    _drop(inbox, SAMPLES[0])
+    _drop(inbox, SAMPLES[1])
+    _eio_in_certify(monkeypatch, times=1)
+
+    def record_failure(st, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(st.root / "inbox" / "failed.jsonl"))
+
+    monkeypatch.setattr(inbox_logic, "record_failure", record_failure)
+    with pytest.raises(RuntimeError, match=r"Input/output error.*could not be recorded in .*failed.jsonl: .*No space "
+                                           r"left on device; this try is not counted"):
+        process_inbox(inbox=str(inbox), store=str(store))
+    st = Store(store)
+    first, second = st.list_ids()
+    assert st.latest_certification(first) is None and st.latest_certification(second) is not None  # (either verdict)
+    rows = asyncio.run(_latest_artifact_rows("inbox-last-run"))
+    assert [r["batch"] for r in rows] == [SAMPLES[0].name, SAMPLES[1].name] and "No space left" in rows[0]["unrecorded"]
+    assert not (store / "inbox" / "failed.jsonl").exists()
+    monkeypatch.undo()
+    [out] = process_inbox(inbox=str(inbox), store=str(store))
+    assert "error" not in out and "attempt" not in out and (out["version"], out["verdict"]) == (first, "certified")
+    assert st.list_ids() == [first, second]
+
+
+def test_a_run_killed_after_writing_the_version_is_finished_on_the_next_tick(tmp_path):
+    """kill -9 of an inbox run between writing the version and certifying it (the certification step kills
+    the process group: the flow process and its temporary Prefect server).  Nothing is recorded as failed; the
+    next tick verifies that version and certifies it, curating nothing again."""
+    import os
+    import subprocess
+    import sys
+
+    from flows.flows import process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    _drop(inbox, SAMPLES[0])
+    killed_run = (
+        "import os, signal\n"
+        "import flows\n"
+        "from pipeline import certify\n"
+        "certify.certify_version = lambda *a, **k: os.killpg(0, signal.SIGKILL)\n"
+        "from flows.flows import process_inbox\n"
+        f"process_inbox(inbox={str(inbox)!r}, store={str(store)!r})\n")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", killed_run], cwd=ROOT, env=env, start_new_session=True,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-3000:]
+    st = Store(store)
+    [vid] = st.list_ids()
+    files = _version_files(st, vid)
+    assert st.latest_certification(vid) is None and not (store / "inbox" / "failed.jsonl").exists()
+    [out] = process_inbox(inbox=str(inbox), store=str(store))
+    assert "error" not in out and "attempt" not in out and (out["version"], out["verdict"]) == (vid, "certified")
+    assert st.list_ids() == [vid] and _version_files(st, vid) == files
+    assert process_inbox(inbox=str(inbox), store=str(store)) == []
+
+
 def test_marked_files_of_another_type_or_unreadable_are_reported_not_passed_over(tmp_path):
     """A marked .json batch is curated; a marked .tsv fails once with its reason (recorded, not retried);
     a marked file that cannot be read (a dangling link) is reported on every tick until it is readable."""
