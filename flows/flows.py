@@ -248,6 +248,24 @@ def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_
     log = get_run_logger()
     policy = resolve_policy(load_policy(policy_path))
     st = Store(store).ensure()
+    # one inbox run at a time per store: two overlapping ticks (a long run past its schedule's next tick, a run
+    # started by hand) would both take the same pending batches -- each certifying the same version, or building
+    # on a parent the other is about to replace.  The later one leaves them to the run that holds the store.
+    with st.try_lock(INBOX_RUN_LOCK) as held:
+        if not held:
+            log.warning("inbox %s: another inbox run is curating into store %s; this run leaves its batches to it "
+                        "(the next tick takes what is still pending)", visible_controls(str(inbox)),
+                        visible_controls(str(store)))
+            return []
+        return _process_pending(inbox, st, store, policy, policy_path, train_model, log)
+
+
+INBOX_RUN_LOCK = "inbox-run"  # (STORE/.locks/inbox-run.lock: held by the inbox run curating into the store)
+
+
+def _process_pending(inbox: str, st: Store, store: str, policy: Any, policy_path: str | None, train_model: str | None,
+                     log: Any) -> list[dict[str, Any]]:
+    """:func:`process_inbox`'s work, holding the store's inbox-run lock."""
     pending = inbox_logic.pending_batches(Path(inbox), st)
     if not pending:
         log.info("inbox %s: no new finished batches", visible_controls(str(inbox)))

@@ -550,3 +550,21 @@ def test_the_curate_flow_takes_urls(tmp_path):
     assert set(child.read("judgments", columns=["source_file"])["source_file"].unique().to_list()) == {url1, url2}
     assert not [p for p in (store / ".staging").iterdir() if p.name.startswith("inputs.")]
     fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
+
+
+def test_an_inbox_run_while_another_holds_the_store_leaves_the_batches_to_it(tmp_path):
+    """Two overlapping inbox runs on one store (a run past its schedule's next tick, one started by hand) both
+    took the same pending batches, each certifying the same version.  The later run now does nothing while the
+    store's inbox-run lock is held, and the next tick takes the batches."""
+    from flows.flows import INBOX_RUN_LOCK, process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    _drop(inbox, SAMPLES[0])
+    st = Store(store)
+    with st.try_lock(INBOX_RUN_LOCK) as held:  # (another run: flock conflicts between open files of one process too)
+        assert held
+        assert process_inbox(inbox=str(inbox), store=str(store)) == []
+        assert st.list_ids() == []
+    [out] = process_inbox(inbox=str(inbox), store=str(store))
+    assert "error" not in out and out["verdict"] in {"certified", "rejected"} and st.list_ids() == [out["version"]]
