@@ -42,7 +42,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import TIE, Encoded, aggregate, dense_codes, encode, n_used_expr, pair_locale, pair_tags
-from pipeline.checks.duplicates import exact_duplicates
+from pipeline.checks.duplicates import _ORDER, exact_duplicates
 from pipeline.stats import (
     alpha_from_sums,
     bootstrap_sums_ci,
@@ -70,6 +70,9 @@ def _num(x: float | None) -> float | None:
 
 
 _RATED: list[tuple[weakref.ref, int, tuple[str, ...], np.ndarray]] = []  # one-entry cache of :func:`ratings`
+# what :func:`ratings` reads of a judgment (the duplicates check's key and its order of deliveries)
+RATING_COLUMNS = list(dict.fromkeys(["comparison_id", "pair_id", "annotator_id", "prompt_hash", "a_hash", "b_hash",
+                                     "shown_first", "label", *_ORDER]))
 
 
 def ratings(judgments: pl.DataFrame) -> np.ndarray:
