@@ -15,7 +15,9 @@ Method
    ``gold_label`` have ``a`` and ``b`` exchanged.  All counts are in canonical orientation.
 3. **One vote per annotator per pair.**  An annotator who judged a pair k times (an AI
    judge run in both display orders) gives each of those judgments weight 1/k, so
-   repeating a judgment never outvotes a second opinion.
+   repeating a judgment never outvotes a second opinion.  A re-delivered copy is no
+   judgment at all where the caller says so (``rated``: the preliminary consensus, which
+   sees the copies select drops; :meth:`Encoded.only`).
 4. **Per-kind labels.**  ``label_human``: plurality of the human votes over the five labels;
    a tie of exactly ``a`` and ``b`` is broken by the Dawid-Skene estimate (below) from the
    same judgments; any other tie, or exactly balanced evidence, gives ``escalate``.

@@ -12,7 +12,9 @@ Method
   would call a judge that is often order-inconsistent "at chance" even when its consistent
   verdicts are accurate.  Order inconsistency has its own reason (``order_inconsistent``,
   checks/position_bias.py) and its own weight in the consensus (pipeline/position_ds.py).
-  For an annotator with one judgment per pair (humans) unit = judgment.
+  For an annotator with one judgment per pair (humans) unit = judgment.  A re-delivered copy
+  (``exact_duplicate`` within the pair; select drops it) is not counted anywhere in this check
+  (:func:`pipeline.checks.agreement.ratings`): in a unit with other verdicts it outweighed them.
 * **Leave-one-out (LOO) consensus** (:func:`pipeline.aggregate.loo_reference`).  For each
   unit of annotator j, the reference is the Dawid-Skene weighted a/b estimate of the *other*
   annotators on that pair (one vote per annotator, canonical orientation, any kind), used
