@@ -77,8 +77,10 @@ def _read(paths: list[str], columns: list[str] | None, drop: tuple[str, ...]) ->
 
 # ---------------------------------------------------------------- pass 1: codes, assembled and fitted on the driver
 def _codes_run(drop: tuple[str, ...], paths: list[str]) -> State:
-    part = canonical(_read(paths, list(dict.fromkeys([*FIT_COLUMNS, *RATING_COLUMNS])), drop))
-    return codes_with_dimensions(part.select(FIT_COLUMNS), ratings(part))
+    part = _read(paths, list(dict.fromkeys([*FIT_COLUMNS, *RATING_COLUMNS])), drop)
+    # which judgments vote (a set: any order of the rows finds the same), carried through the sort
+    part = canonical(part.select(FIT_COLUMNS).with_columns(_rated=pl.Series(ratings(part))))
+    return codes_with_dimensions(part.drop("_rated"), part["_rated"].to_numpy())
 
 
 def codes_with_dimensions(part: pl.DataFrame, rated: np.ndarray | None = None) -> State:
