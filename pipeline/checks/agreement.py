@@ -292,7 +292,7 @@ def run(
     if sums is None:
         sums = count_sums(judgments, encoded)
     if pairs is None:
-        pairs = aggregate(judgments, agg_cfg, encoded=encoded or encode(judgments)).pairs
+        pairs = aggregate(judgments, agg_cfg, encoded=encoded or encode(judgments), rated=ratings(judgments)).pairs
     metrics, slices = from_sums(sums, cfg)
     top = slices.group_by("slice").agg(pl.col("n_pairs").max()).sort("n_pairs", "slice", descending=True).head(MAX_SLICES_IN_METRICS)
     metrics["slices"] = {}
