@@ -373,7 +373,11 @@ def test_child_equals_building_everything_at_once(chain, full):
     cols = ["annotator_id", "n_judgments", "first_shown_rate", "agreement_with_consensus", "flags"]
     ca, fa = (x.read("annotators.parquet").select(cols).sort("annotator_id") for x in (c, f))
     assert ca.equals(fa)
-    counts = c.read("judgments.parquet").group_by("annotator_id").len().sort("annotator_id")
+    # each delivery once (the checks' tables leave re-delivered copies out: select drops them)
+    copies = c.read("flags.parquet").filter(pl.col("reason") == "exact_duplicate")["subject_id"]
+    assert copies.len() > 0
+    counts = c.read("judgments.parquet").filter(~pl.col("comparison_id").is_in(copies.implode())) \
+        .group_by("annotator_id").len().sort("annotator_id")
     assert dict(counts.iter_rows()) == dict(ca.select("annotator_id", "n_judgments").iter_rows())
     biased = ca.filter(pl.col("annotator_id") == PLANTED["position_bias"]["annotator_id"]).to_dicts()[0]
     assert biased["n_judgments"] == PLANTED["position_bias"]["n_judgments"]  # judgments from batches 2 and 3
@@ -640,9 +644,9 @@ def test_a_child_without_the_history_texts_writes_what_reading_them_writes(tmp_p
 
 def test_low_agreement_is_decided_on_the_judgments_select_keeps(tmp_path):
     """A 2-1 pair (agreement 0.67, kept) whose minority judgment is re-delivered once: the
-    preliminary consensus counts the copy (2-2, agreement 0.5, flagged ``low_agreement``),
-    select drops the copy and recomputes the consensus (2-1 again); the pair must be kept, not
-    dropped as ``low_agreement`` on a figure that no longer holds.  The flag stays."""
+    preliminary consensus does not count the copy (counted, it read 2-2, agreement 0.5, and flagged
+    ``low_agreement``), select drops the copy and recomputes the consensus (2-1); the pair is kept,
+    not dropped as ``low_agreement`` on a figure that never held."""
     batch = tmp_path / "batch.jsonl"
     base = {"prompt": "How do I reset my router to factory settings?", "response_a": "Hold the reset button for 10 s.",
             "response_b": "Unplug it.", "annotator_kind": "human", "locale": "en"}
@@ -654,7 +658,7 @@ def test_low_agreement_is_decided_on_the_judgments_select_keeps(tmp_path):
     store = tmp_path / "store"
     h = Store(store).get(curate_cli(batch, "--store", store))
     flags = h.read("flags.parquet")
-    assert set(flags["reason"]) == {"exact_duplicate", "low_agreement"}  # the preliminary finding is reported
+    assert set(flags["reason"]) == {"exact_duplicate"}  # (the copy is no vote in the preliminary consensus either)
     pair = h.read("pairs.parquet").row(0, named=True)
     assert (pair["n_judgments"], pair["agreement"]) == (3, pytest.approx(2 / 3))
     assert (pair["decision"], pair["reason"]) == ("keep", None)
@@ -700,12 +704,13 @@ def _planted_version(tmp_path, history, rows: list[dict], name_of_row: dict[str,
 
 @pytest.mark.parametrize("path", ["one process", "partitions", "child"])
 def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_path, path):
-    """``ambiguous`` and ``too_easy`` flags come from the preliminary consensus (every judgment);
-    select drops ``rnd``'s judgments and exact duplicates, and a flag acts (here: drop) only where
-    its rule still holds on the judgments kept.  ``split``: 2-1 and weak only through rnd's vote
-    (unanimous without it); ``copied``: one strong judgment and its re-delivery (two unanimous
-    judgments before the copy is dropped, one after).  ``weak`` and ``easy`` are still ambiguous
-    and too easy on the kept judgments and are dropped.  On the first version's two builds and a child."""
+    """``ambiguous`` and ``too_easy`` flags come from the preliminary consensus (every judgment but
+    re-delivered copies); select drops ``rnd``'s judgments and exact duplicates, and a flag acts
+    (here: drop) only where its rule still holds on the judgments kept.  ``split``: 2-1 and weak
+    only through rnd's vote (unanimous without it); ``copied``: one strong judgment and its
+    re-delivery -- one judgment, never too easy (counted, the copy made two unanimous judgments
+    and a flag select had to set aside).  ``weak`` and ``easy`` are still ambiguous and too easy
+    on the kept judgments and are dropped.  On the first version's two builds and a child."""
     from conftest import canonical
 
     from schemas.policy import policy_from_dict
@@ -725,7 +730,8 @@ def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_pa
     h, name_of = _planted_version(tmp_path, history, rows, name_of_row, policy, path)
     flags = h.read("flags.parquet")
     found = {(name_of[s], r) for s, r in flags.filter(pl.col("subject_id").is_in(list(name_of))).select("subject_id", "reason").rows()}
-    assert {("split", "ambiguous"), ("copied", "too_easy"), ("weak", "ambiguous"), ("easy", "too_easy")} <= found
+    assert {("split", "ambiguous"), ("weak", "ambiguous"), ("easy", "too_easy")} <= found
+    assert not {r for n, r in found if n == "copied"} & {"too_easy", "ambiguous"}
     assert flags.filter(pl.col("subject_id") == "rnd")["reason"].to_list() == ["low_reliability"]
     fate = {name_of[p]: (d, r) for p, d, r in h.read("pairs.parquet").filter(pl.col("pair_id").is_in(list(name_of)))
             .select("pair_id", "decision", "reason").rows()}
