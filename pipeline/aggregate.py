@@ -15,7 +15,9 @@ Method
    ``gold_label`` have ``a`` and ``b`` exchanged.  All counts are in canonical orientation.
 3. **One vote per annotator per pair.**  An annotator who judged a pair k times (an AI
    judge run in both display orders) gives each of those judgments weight 1/k, so
-   repeating a judgment never outvotes a second opinion.
+   repeating a judgment never outvotes a second opinion.  A re-delivered copy is no
+   judgment at all where the caller says so (``rated``: the preliminary consensus, which
+   sees the copies select drops; :meth:`Encoded.only`).
 4. **Per-kind labels.**  ``label_human``: plurality of the human votes over the five labels;
    a tie of exactly ``a`` and ``b`` is broken by the Dawid-Skene estimate (below) from the
    same judgments; any other tie, or exactly balanced evidence, gives ``escalate``.
@@ -186,6 +188,28 @@ class Encoded:
     def per_unit(self, weights: np.ndarray | None = None, codes: np.ndarray | None = None, k: int = 5) -> np.ndarray:
         """(U, k) sums by (pair, annotator) unit and code (default: canonical label)."""
         return _by(self.unit, self.n_units, self.label if codes is None else codes, weights, k)
+
+    def only(self, rows: np.ndarray | None) -> Encoded:
+        """The judgments ``rows`` (bool (N,)) marks, with every code kept: ``rows`` must leave each
+        (pair, annotator) unit a judgment -- true of :func:`pipeline.checks.agreement.ratings`, which
+        leaves out only later copies of a judgment the same unit keeps.  Labels keep the canonical
+        orientation of ``self`` (its pairs' first judgments, marked or not); ``pair_first`` is each
+        pair's first marked row.  ``None`` or every row marked: ``self``."""
+        if rows is None or rows.all():
+            return self
+        idx = np.flatnonzero(rows)
+        pair, unit = self.pair[idx], self.unit[idx]
+        if len(idx) and np.bincount(unit, minlength=self.n_units).min() == 0:
+            raise ValueError("Encoded.only: the rows left out every judgment of a (pair, annotator) unit")
+        if np.all(pair[1:] >= pair[:-1]):  # pairs in runs (the canonical layout): where each run starts
+            first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+        else:  # each pair code's first marked row (by code; ascending unless a pair's first row was left out)
+            first = np.unique(pair, return_index=True)[1]
+        return Encoded(pair=pair, pair_first=first.astype(np.int64), pair_ids=self.pair_ids, ann=self.ann[idx],
+                       ann_ids=self.ann_ids, ann_kind=self.ann_kind, human=self.human[idx], label=self.label[idx],
+                       raw_label=self.raw_label[idx], shown=self.shown[idx], raw_shown=self.raw_shown[idx],
+                       gold=self.gold[idx], flipped=self.flipped[idx], strength=self.strength[idx], unit=unit,
+                       unit_pair=self.unit_pair, unit_ann=self.unit_ann)
 
 
 def _by(group: np.ndarray, n_groups: int, codes: np.ndarray, weights: np.ndarray | None, k: int) -> np.ndarray:
@@ -493,7 +517,7 @@ class Aggregation:
 def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Encoded | None = None,
               texts: pl.DataFrame | None = None, dimensions: DimensionsConfig | None = None,
               params: pl.DataFrame | None = None, fitted: bool = False,
-              dim_params: pl.DataFrame | None = None) -> Aggregation:
+              dim_params: pl.DataFrame | None = None, rated: np.ndarray | None = None) -> Aggregation:
     """Judgments frame (``schemas.records.Judgment`` columns) -> :class:`Aggregation`.
     ``encoded``: :func:`encode` of the same frame, to share the work with the checks.
     ``texts``: the pairs' texts (:meth:`Aggregation.texts` of an aggregation that covered
@@ -507,12 +531,17 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     parameters to use as they are (a child's rule, docs/incremental.md); only the annotators
     without them are fitted, with the given ones fixed; ``fitted``: ``params`` are a finished fit
     over a superset of these judgments (:func:`fit_annotators`); ``dim_params``: the same for the
-    per-dimension consensus (:func:`pipeline.dimensions.consensus`)."""
+    per-dimension consensus (:func:`pipeline.dimensions.consensus`).  ``rated`` (bool (N,)): the
+    judgments that vote (:func:`pipeline.checks.agreement.ratings`: a re-delivered copy is no second
+    vote -- the preliminary consensus, which sees the copies select drops); the others count nowhere
+    (votes, fit, agreement, ``n_*``, ``count_*``) but keep the pair's texts, orientation, locale,
+    tags, ``source_comparison_ids`` and its per-dimension consensus.  Default: every judgment."""
     cfg = cfg or AggregationConfig()
     if judgments.height == 0:
         return Aggregation(empty_frame(PairRecord), _empty_annotators(), pl.Series("a_hash", [], pl.String),
                            pl.DataFrame(schema=PARAM_SCHEMA))
-    e = encoded or encode(judgments)
+    full = encoded or encode(judgments)
+    e = full.only(rated)  # the votes (``full``: every row of the frame, what is read of the frame)
     P, h = e.n_pairs, e.human
     w = 1.0 / np.bincount(e.unit)[e.unit]  # one vote per annotator per pair
     n_h = np.bincount(e.pair, weights=h, minlength=P)
@@ -561,14 +590,14 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     kind_ai = np.where(used_h | used_ai, used_ai, any_ai)
     pair_kind = np.where(kind_h & kind_ai, "mixed", np.where(kind_h, "human", "ai"))
 
-    canon_a = judgments["a_hash"].rechunk().gather(e.pair_first)
-    texts = _pair_texts(judgments, e, canon_a, texts)
+    canon_a = judgments["a_hash"].rechunk().gather(full.pair_first)
+    texts = _pair_texts(judgments, full, canon_a, texts)
     n_j = np.bincount(e.pair, minlength=P)
     pairs = pl.DataFrame({
         "pair_id": e.pair_ids,
         **texts.to_dict(),
-        "locale": pair_locale(judgments, e),
-        "tags": pair_tags(judgments, e),
+        "locale": pair_locale(judgments, full),
+        "tags": pair_tags(judgments, full),
         "n_judgments": n_j, "n_human": n_h.astype(np.int64), "n_ai": n_j - n_h.astype(np.int64),
         **{f"count_{x}": counts[:, i].astype(np.int64) for i, x in enumerate(LABELS)},
         "label_majority": label_strings(plurality(counts)),
@@ -579,11 +608,11 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         "agreement": pl.Series(agreement).fill_nan(None),
         "strength": pl.Series(strength).fill_nan(None),
         "annotator_kind": pair_kind,
-        "source_comparison_ids": _pair_lists(judgments["comparison_id"], e),
+        "source_comparison_ids": _pair_lists(judgments["comparison_id"], full),
     })
     from pipeline import dimensions as dims  # imports this module
 
-    long = dims.consensus(judgments, cfg, encoded=e, params=dim_params) if dims.has_dimensions(judgments) else None
+    long = dims.consensus(judgments, cfg, encoded=full, params=dim_params) if dims.has_dimensions(judgments) else None
     pairs = pairs.with_columns(dimensions=dims.pair_column(long, e.pair_ids))
     pairs = pairs.select([pl.col(k).cast(t) for k, t in polars_schema(PairRecord).items()])
     pairs = dims.apply_rule(pairs, long, dimensions)

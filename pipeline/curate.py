@@ -31,6 +31,7 @@ from pipeline import reviews_resolve as rr
 from pipeline import select as sel
 from pipeline.certify_parts import load_prior_facts, stat_facts
 from pipeline.checks import CHECK_MODULES, all_flags, judgment_columns, pair_columns, resolve_policy, run_checks
+from pipeline.checks.agreement import ratings
 from pipeline.ingest import FileHash, IngestResult, file_hash, ingest_files, quarantine_line
 from pipeline.readers import UnreadableFile
 from schemas.records import ROUTED_LABELS
@@ -532,7 +533,7 @@ def _near_union(parent: VersionHandle | None, new: pl.DataFrame, policy: Policy,
 
     if parent is None or work is None or not narrow or not defer or full or not same_policy \
             or policy.annotators is not None or dims.has_dimensions(new) or not delta.applies(parent) \
-            or parent.table("pairs") is None or not has_state(parent) or not inc.has_preliminary(parent) \
+            or parent.table("pairs") is None or not has_state(parent) or not inc.preliminary_applies(parent) \
             or not inc.has_sums(parent) or not parent.has(LABEL_COUNTS):
         return None
     # the checks run over the union (not merged from state, sums or counts) read no judgment row but the dimension
@@ -699,7 +700,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
         check_columns = pair_columns()
         ruled = inc.preliminary(wide, n_wide_parent, parent, policy.checks.aggregation, policy.dimensions, version_id,
                                 None if check_columns is None else (*check_columns, *rr.RESOLVE_COLUMNS)) \
-            if intact and same_policy and parent is not None and inc.has_preliminary(parent) else None
+            if intact and same_policy and parent is not None and inc.preliminary_applies(parent) else None
         if hydrated is not None and ruled is None:  # the parent's state lacks a column: recomputed from every text
             assert parent is not None and batch is not None
             judgments = pl.concat([inc.parent_judgments(parent, None, batch.columns).cast(batch.schema), batch])  # type: ignore[arg-type]
@@ -719,7 +720,8 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                 # take the texts of the pairs it needs only, raised the 3M child's peak by 1 GB (measured)
                 every = inc.first_texts(judgments)
         else:
-            prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions)
+            prelim = agg.aggregate(judgments, policy.checks.aggregation, dimensions=policy.dimensions,
+                                   rated=ratings(judgments))  # (a re-delivered copy is no second vote)
             every, pair_order, prelim_touched = prelim.texts(), prelim.pairs["pair_id"], None
             # every pair of the union gets the version where it was first seen (the parent's record of it)
             known = inc.parent_first_versions(parent) if parent is not None else None
@@ -1163,6 +1165,7 @@ def _build_version(store: Store, stage: Path, version_id: str, ingest: IngestRes
                  "new_sources": [s.model_dump() for s in ingest.sources],
                  "timings_s": dict(timer.t),
                  **({"union": union_rule, "consensus": rule, "preliminary": prelim_rule} if parent else {}),
+                 "preliminary_format": inc.PRELIM_FORMAT,
                  "check_sums": {**(sums_rule or {"mode": "counted"}), "formats": inc.sums_formats(),
                                 "fitted_on": inc.fitted_on(parent, (sums_rule or {}).get("checks", ()), n_union)},
                  "pair_table_parts": {"linked": reuse.linked, "written": reuse.written}},

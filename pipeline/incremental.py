@@ -40,6 +40,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.checks import duplicates, language, pair_id_conflict
+from pipeline.checks.agreement import ratings
 from pipeline.checks import near_duplicates_state as nds
 from pipeline.aggregate import PAIR_TEXT_COLUMNS as _TEXT_COLUMNS
 from pipeline.aggregate import Aggregation
@@ -541,8 +542,19 @@ PRELIM_PARAMS = "state/preliminary_params"  # the annotator parameters the preli
 _PRELIM_DROP = ("prompt", "prompt_text", "response_a", "response_b", "model_a", "model_b", "source_comparison_ids")
 
 
+# what the preliminary state means, recorded in a version's lineage (``preliminary_format``); bump when it changes:
+# a child keeps its parent's preliminary rows and parameters only in this format.  2: re-delivered copies do not vote
+PRELIM_FORMAT = "2"
+
+
 def has_preliminary(parent: VersionHandle) -> bool:
     return parent.table(PRELIM_TABLE) is not None and parent.table(PRELIM_PARAMS) is not None
+
+
+def preliminary_applies(parent: VersionHandle) -> bool:
+    """The parent keeps its preliminary state in the format this code decides pairs in (else a child
+    aggregates every pair again: its parent's rows and parameters would mix two rules)."""
+    return has_preliminary(parent) and parent.manifest().lineage.get("preliminary_format") == PRELIM_FORMAT
 
 
 def preliminary_rows(aggr: Aggregation, first_version: pl.Series) -> pl.DataFrame:
@@ -622,8 +634,8 @@ def preliminary(judgments: pl.DataFrame, n_parent_rows: int, parent: VersionHand
 
     touched = judgments.slice(n_parent_rows)["pair_id"].unique().to_frame("pair_id")
     given = parent.read(PRELIM_PARAMS).cast(PARAM_SCHEMA)  # type: ignore[arg-type]
-    fresh = aggregate(judgments.join(touched, on="pair_id", how="semi", maintain_order="left"), cfg,
-                      dimensions=dimensions, params=given)
+    mine = judgments.join(touched, on="pair_id", how="semi", maintain_order="left")
+    fresh = aggregate(mine, cfg, dimensions=dimensions, params=given, rated=ratings(mine))  # (copies do not vote)
     assert fresh.params is not None
     rows = preliminary_rows(fresh, pl.repeat(version_id, fresh.pairs.height, eager=True))
     table = parent.table(PRELIM_TABLE)
@@ -821,4 +833,4 @@ _EMPTY = {
                                      "by": pl.String}),
 }
 
-__all__ = ["aligned", "Completer", "DEFERRED", "defers", "PRELIM_KEYS", "Ruled", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "TextsSource", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_PARAMS", "PRELIM_TABLE", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "merged_state", "state_frames", "state_table", "touched_pairs"]
+__all__ = ["aligned", "Completer", "DEFERRED", "defers", "PRELIM_KEYS", "Ruled", "NARROW_DROP", "read_parent_narrow", "WIDE_COLUMNS", "Hydrated", "hydrate", "narrow_applies", "parent_judgments", "TextsSource", "declared_sums", "fitted_on", "params_fitted_on", "has_sums", "sums_params_table", "sums_formats", "merged_sums", "sums_frames", "sums_table", "PAIR_SCOPED", "PRELIM_FORMAT", "PRELIM_PARAMS", "PRELIM_TABLE", "preliminary_applies", "Totals", "PARAMS_TABLE", "first_texts", "has_preliminary", "pair_lengths", "parent_first_versions", "preliminary", "preliminary_rows", "has_state", "merge_params", "parent_pair_rows", "parent_params", "with_parent_pairs", "near_duplicates", "pairs_to_recompute", "run_touched", "merged_state", "state_frames", "state_table", "touched_pairs"]

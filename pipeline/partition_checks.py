@@ -63,7 +63,7 @@ from pipeline.partition_write import keyed_by_part
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
 
-VERSION = "7"
+VERSION = "8"  # 8: reliability (and the preliminary consensus) do not count re-delivered copies
 
 
 def _frame_bytes(frame: pl.DataFrame) -> bytes:

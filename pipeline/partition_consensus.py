@@ -48,12 +48,13 @@ import polars as pl
 from pydantic import BaseModel
 
 from pipeline import dimensions as dims
+from pipeline.checks.agreement import RATING_COLUMNS, ratings
 from pipeline.aggregate import PAIR_TEXT_COLUMNS, PARAM_SCHEMA, Encoded, _encode, aggregate, annotator_params, unique_inverse
 from pipeline.distributed import State, Step, read_ipc
 from pipeline.partition import read_partition
 from schemas.policy import AggregationConfig, DimensionsConfig
 
-VERSION = "6"
+VERSION = "7"  # 7: re-delivered copies do not vote (codes carry ``rated``)
 # what the fit reads of a judgment (the columns :func:`pipeline.aggregate.encode` codes)
 FIT_COLUMNS = ["pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "label", "shown_first", "gold_label",
                "strength", "dimensions"]
@@ -76,15 +77,20 @@ def _read(paths: list[str], columns: list[str] | None, drop: tuple[str, ...]) ->
 
 # ---------------------------------------------------------------- pass 1: codes, assembled and fitted on the driver
 def _codes_run(drop: tuple[str, ...], paths: list[str]) -> State:
-    return codes_with_dimensions(canonical(_read(paths, FIT_COLUMNS, drop)))
+    part = _read(paths, list(dict.fromkeys([*FIT_COLUMNS, *RATING_COLUMNS])), drop)
+    # which judgments vote (a set: any order of the rows finds the same), carried through the sort
+    part = canonical(part.select(FIT_COLUMNS).with_columns(_rated=pl.Series(ratings(part))))
+    return codes_with_dimensions(part.drop("_rated"), part["_rated"].to_numpy())
 
 
-def codes_with_dimensions(part: pl.DataFrame) -> State:
+def codes_with_dimensions(part: pl.DataFrame, rated: np.ndarray | None = None) -> State:
     """:func:`codes_of` of judgments in the canonical order, and, when they give dimension verdicts,
     the codes of their per-dimension rows (:func:`pipeline.dimensions.long_frame`: a pair key per
     (pair, dimension), an annotator key per (annotator, dimension)) as ``dim_*`` tables: the
-    per-dimension consensus is fitted on them as the overall one is (:func:`fit_dimensions`)."""
-    state = codes_of(part)
+    per-dimension consensus is fitted on them as the overall one is (:func:`fit_dimensions`).
+    ``rated``: the judgments that vote (:func:`pipeline.checks.agreement.ratings`; default all), sent
+    with the codes: the fit leaves out the others, as :func:`pipeline.aggregate.aggregate` does."""
+    state = codes_of(part, rated)
     if dims.has_dimensions(part):
         state.update({f"dim_{k}": v for k, v in codes_of(canonical(dims.long_frame(part))).items()})
     return state
@@ -97,13 +103,15 @@ def fit_dimensions(states: list[State], cfg: AggregationConfig | None = None) ->
     return fit(parts, cfg) if parts else None
 
 
-def codes_of(part: pl.DataFrame) -> State:
-    """The codes state of judgments already in the canonical order (:func:`canonical`)."""
+def codes_of(part: pl.DataFrame, rated: np.ndarray | None = None) -> State:
+    """The codes state of judgments already in the canonical order (:func:`canonical`); ``rated``:
+    which of them vote (default all)."""
     e = _encode(part)
     return {
         "pairs": pl.DataFrame({"pair_id": e.pair_ids, "n": np.bincount(e.pair, minlength=e.n_pairs).astype(np.int64)}),
         "annotators": pl.DataFrame({"annotator_id": e.ann_ids, "annotator_kind": e.ann_kind}),
-        "codes": pl.DataFrame({"ann": e.ann.astype(np.int32), **{k: getattr(e, k) for k in _ARRAYS}}),
+        "codes": pl.DataFrame({"ann": e.ann.astype(np.int32), **{k: getattr(e, k) for k in _ARRAYS},
+                               "rated": np.ones(e.n, bool) if rated is None else rated}),
     }
 
 
@@ -121,8 +129,10 @@ def _fit_reduce(cfg_json: str, states: list[State]) -> State:
 
 
 def assemble(states: list[State]) -> Encoded:
-    """The whole input's :class:`Encoded` in the canonical order from every partition's codes
-    (partition order: any; the result is the same)."""
+    """The whole input's votes as :class:`Encoded` in the canonical order from every partition's codes
+    (partition order: any; the result is the same): the judgments the codes mark ``rated`` (a
+    re-delivered copy is no second vote), as :func:`pipeline.aggregate.canonical_encoding` lays out
+    ``encode(judgments).only(ratings(judgments))``."""
     pairs = pl.concat([s["pairs"] for s in states])
     n = pairs["n"].to_numpy()
     start = _starts(n)  # each pair's first row in the concatenated codes
@@ -137,6 +147,12 @@ def assemble(states: list[State]) -> Encoded:
     out_start = _starts(n_sorted)
     rows = np.arange(total, dtype=np.int64) - np.repeat(out_start, n_sorted) + np.repeat(start_sorted, n_sorted)
     codes = pl.concat([s["codes"] for s in states])
+    if "rated" in codes.columns and not codes["rated"].all():  # the votes only: the rows' layout without the others
+        pair = np.repeat(np.arange(len(n_sorted), dtype=np.int64), n_sorted)
+        keep = codes["rated"].to_numpy()[rows]
+        rows, pair = rows[keep], pair[keep]
+        n_sorted = np.bincount(pair, minlength=len(n_sorted)).astype(np.int64)
+        total, out_start = len(rows), _starts(n_sorted)
     # annotators: a partition's code -> the sorted union of ids -> first-seen order in the canonical layout
     union = pl.concat([s["annotators"] for s in states])
     ids = union["annotator_id"].unique().sort()
@@ -192,7 +208,8 @@ def _decide_run(params_ipc: bytes, cfg_json: str, drop: tuple[str, ...], dim_ipc
     params = read_ipc(params_ipc)
     part = _read(paths, None, drop)
     agg = aggregate(part, AggregationConfig.model_validate_json(cfg_json), params=params, fitted=True,
-                    dim_params=params_of(dim_ipc), dimensions=DimensionsConfig.model_validate_json(dims_json))
+                    dim_params=params_of(dim_ipc), dimensions=DimensionsConfig.model_validate_json(dims_json),
+                    rated=ratings(part))
     c = pl.col
     assert agg.a_hash is not None
     first = part.group_by("pair_id", maintain_order=True).agg(source_file=c("source_file").first(),

@@ -104,11 +104,14 @@ def analyze(refs: list[PartitionRef], work: str | Path, cfg: ChecksConfig, sourc
     # the preliminary consensus: codes -> one fit on the driver -> every partition's pairs
     states, _ = map_partitions(pc.codes_step(cfg.aggregation), refs, work / "states", client=client)
     dim_params = pc.fit_dimensions(states, cfg.aggregation)
-    e = pc.assemble(states)  # (refuses a pair id in several partitions)
+    e = pc.assemble(states)  # the votes (refuses a pair id in several partitions)
+    # every judgment (a re-delivered copy is one too: the routing check's labels and the totals count it)
+    raw = pl.concat([s["codes"].select("raw_label") for s in states])["raw_label"].to_numpy()
     del states
-    n_judgments, n_pairs = e.n, e.n_pairs
-    label_counts = {lab: int(k) for lab, k in zip(LABELS, np.bincount(e.raw_label[e.raw_label >= 0], minlength=len(LABELS)),
+    n_judgments, n_pairs = len(raw), e.n_pairs
+    label_counts = {lab: int(k) for lab, k in zip(LABELS, np.bincount(raw[raw >= 0], minlength=len(LABELS)),
                                                   strict=True) if k}
+    del raw
     params = annotator_params(e, cfg.aggregation).sort("annotator_id")
     rel_params = reliability.fit_params(None, params.select("annotator_id", "ds_accuracy"), cfg.aggregation, encoded=e,
                                         laid_out=True)

@@ -43,11 +43,11 @@ def canonical(i: int = 0, **over) -> dict:
 
 def redelivered(records: list[dict], every: int) -> list[dict]:
     """``records`` plus a re-delivery of every ``every``-th one: a new comparison id, a later time,
-    the responses named the other way round (label and display order swapped with them)."""
+    the responses named the other way round (label, display order and gold label swapped with them)."""
     swap = {"a": "b", "b": "a"}
     copies = [{**r, "comparison_id": f"{r['comparison_id']}-again", "created_at": "2027-01-01T00:00:00Z",
                "response_a": r["response_b"], "response_b": r["response_a"], "label": swap.get(r["label"], r["label"]),
-               **({"shown_first": swap[r["shown_first"]]} if r.get("shown_first") in swap else {})}
+               **{k: swap[r[k]] for k in ("shown_first", "gold_label") if r.get(k) in swap}}
               for r in records[::every]]
     return records + copies
 

@@ -297,3 +297,37 @@ def test_aggregate_with_texts_matches_aggregate_with_text_columns_when_orientati
     assert p1["label_consensus"] == "a"  # both kept judgments prefer the longer answer, now named a
     with pytest.raises(ValueError, match="texts lack 1 of the pairs"):
         aggregate(kept.drop(agg_mod.PAIR_TEXT_COLUMNS), texts=prelim.texts().filter(pl.col("prompt_text") == "p1"))
+
+
+def test_re_delivered_copies_are_no_second_vote() -> None:
+    """``rated`` (the preliminary consensus's: :func:`pipeline.checks.agreement.ratings`): a batch with
+    a copy of every 5th judgment (the later delivery, the responses named the other way round) gives
+    the pairs, annotators and parameters of the batch without them, to the bit, but for the pairs'
+    comparison ids -- counted, a copy was another judgment of the pair (a lone judgment and its copy
+    made an agreeing panel of two), outweighed its annotator's other display order and weighed twice
+    in the accuracy fits.  The agreement and length-bias checks' pair figures follow."""
+    from pipeline.checks import agreement, length_bias
+    from pipeline.checks.agreement import ratings
+    from schemas.policy import ChecksConfig
+    from tests.conftest import redelivered
+
+    pt = make_planted(3, n_pairs=400, n_honest=15, per_defect=50, ai_shared=60, ai_only=30)
+    records = [{**r, "created_at": "2026-01-01T00:00:00Z"} for r in pt.records]  # (the copies are the later deliveries)
+    j, again = judgments_from_records(records), judgments_from_records(redelivered(records, 5))
+    want, got = aggregate(j), aggregate(again, rated=ratings(again))
+    counted = aggregate(again)
+    assert not counted.pairs["n_judgments"].equals(want.pairs["n_judgments"])  # what it was
+    assert not counted.params.equals(want.params)
+    assert got.pairs.drop("source_comparison_ids").equals(want.pairs.drop("source_comparison_ids"))
+    assert (got.pairs["source_comparison_ids"].list.len() - want.pairs["source_comparison_ids"].list.len()).sum() \
+        == len(records[::5])
+    assert got.annotators.equals(want.annotators) and got.params.equals(want.params)
+    assert got.texts().equals(want.texts())
+    cfg = ChecksConfig()
+    for check in (agreement, length_bias):
+        assert check.run(again, cfg, pairs=got.pairs).metrics == check.run(j, cfg, pairs=want.pairs).metrics, check.NAME
+    # counted, the copies moved the pairs' figures: which pairs agree too little, which response the consensus chose
+    low = {name: agreement.run(again, cfg, pairs=p.pairs).metrics["low_agreement_pairs"] for name, p in
+           (("counted", counted), ("rated", got))}
+    assert low["counted"] != low["rated"]
+    assert not counted.pairs["label_consensus"].equals(want.pairs["label_consensus"])

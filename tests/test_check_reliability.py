@@ -200,3 +200,34 @@ def test_stats_helpers_match_scipy() -> None:
             crit = k[binom.cdf(k, n, useful) <= 0.05]
             brute = binom.cdf(crit.max(), n, chance) if len(crit) else 0.0
             assert chance_power(np.array([n]), np.array([chance]), np.array([useful]), 0.05)[0] == pytest.approx(brute, abs=1e-12)
+
+
+def test_re_delivered_copies_count_once() -> None:
+    """A re-delivered judgment (``exact_duplicate``: same annotator, pair, display order and
+    verdict; select drops it) is one delivery: the batch with a copy of every 5th judgment has the
+    figures, tables and flags of the batch without them, with the accuracies fitted here and with
+    the preliminary consensus's (a build's) -- counted, a copy of one of an AI judge's two display
+    orders outweighed the other in its unit's vote, and the others' reference and the judgment
+    counts moved with it."""
+    from pipeline.aggregate import aggregate
+    from pipeline.checks.agreement import ratings
+    from tests.conftest import redelivered
+
+    pt = make_planted(3, n_pairs=400, n_honest=15, per_defect=50, ai_shared=60, ai_only=30)
+    # (delivered before the copies: the copies are the later deliveries, and the fits read a pair's judgments in the
+    # same order -- a float sum in another order may differ in its last bit)
+    records = [{**r, "created_at": "2026-01-01T00:00:00Z"} for r in pt.records]
+    j, again = judgments_from_records(records), judgments_from_records(redelivered(records, 5))
+    assert not ratings(again).all()
+
+    def ds(frame: pl.DataFrame) -> pl.DataFrame:
+        return aggregate(frame, rated=ratings(frame)).params.select("annotator_id", "ds_accuracy")
+
+    def same(want, got) -> None:
+        assert want.flags.height and want.metrics["tested"] > 20
+        assert got.metrics == want.metrics and got.flags.equals(want.flags)
+        for name, table in want.tables.items():
+            assert got.tables[name].equals(table), name
+
+    same(reliability.run(j, ChecksConfig()), reliability.run(again, ChecksConfig()))
+    same(reliability.run(j, ChecksConfig(), ds_accuracy=ds(j)), reliability.run(again, ChecksConfig(), ds_accuracy=ds(again)))

@@ -373,7 +373,11 @@ def test_child_equals_building_everything_at_once(chain, full):
     cols = ["annotator_id", "n_judgments", "first_shown_rate", "agreement_with_consensus", "flags"]
     ca, fa = (x.read("annotators.parquet").select(cols).sort("annotator_id") for x in (c, f))
     assert ca.equals(fa)
-    counts = c.read("judgments.parquet").group_by("annotator_id").len().sort("annotator_id")
+    # each delivery once (the checks' tables leave re-delivered copies out: select drops them)
+    copies = c.read("flags.parquet").filter(pl.col("reason") == "exact_duplicate")["subject_id"]
+    assert copies.len() > 0
+    counts = c.read("judgments.parquet").filter(~pl.col("comparison_id").is_in(copies.implode())) \
+        .group_by("annotator_id").len().sort("annotator_id")
     assert dict(counts.iter_rows()) == dict(ca.select("annotator_id", "n_judgments").iter_rows())
     biased = ca.filter(pl.col("annotator_id") == PLANTED["position_bias"]["annotator_id"]).to_dicts()[0]
     assert biased["n_judgments"] == PLANTED["position_bias"]["n_judgments"]  # judgments from batches 2 and 3
@@ -640,9 +644,9 @@ def test_a_child_without_the_history_texts_writes_what_reading_them_writes(tmp_p
 
 def test_low_agreement_is_decided_on_the_judgments_select_keeps(tmp_path):
     """A 2-1 pair (agreement 0.67, kept) whose minority judgment is re-delivered once: the
-    preliminary consensus counts the copy (2-2, agreement 0.5, flagged ``low_agreement``),
-    select drops the copy and recomputes the consensus (2-1 again); the pair must be kept, not
-    dropped as ``low_agreement`` on a figure that no longer holds.  The flag stays."""
+    preliminary consensus does not count the copy (counted, it read 2-2, agreement 0.5, and flagged
+    ``low_agreement``), select drops the copy and recomputes the consensus (2-1); the pair is kept,
+    not dropped as ``low_agreement`` on a figure that never held."""
     batch = tmp_path / "batch.jsonl"
     base = {"prompt": "How do I reset my router to factory settings?", "response_a": "Hold the reset button for 10 s.",
             "response_b": "Unplug it.", "annotator_kind": "human", "locale": "en"}
@@ -654,7 +658,7 @@ def test_low_agreement_is_decided_on_the_judgments_select_keeps(tmp_path):
     store = tmp_path / "store"
     h = Store(store).get(curate_cli(batch, "--store", store))
     flags = h.read("flags.parquet")
-    assert set(flags["reason"]) == {"exact_duplicate", "low_agreement"}  # the preliminary finding is reported
+    assert set(flags["reason"]) == {"exact_duplicate"}  # (the copy is no vote in the preliminary consensus either)
     pair = h.read("pairs.parquet").row(0, named=True)
     assert (pair["n_judgments"], pair["agreement"]) == (3, pytest.approx(2 / 3))
     assert (pair["decision"], pair["reason"]) == ("keep", None)
@@ -700,12 +704,13 @@ def _planted_version(tmp_path, history, rows: list[dict], name_of_row: dict[str,
 
 @pytest.mark.parametrize("path", ["one process", "partitions", "child"])
 def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_path, path):
-    """``ambiguous`` and ``too_easy`` flags come from the preliminary consensus (every judgment);
-    select drops ``rnd``'s judgments and exact duplicates, and a flag acts (here: drop) only where
-    its rule still holds on the judgments kept.  ``split``: 2-1 and weak only through rnd's vote
-    (unanimous without it); ``copied``: one strong judgment and its re-delivery (two unanimous
-    judgments before the copy is dropped, one after).  ``weak`` and ``easy`` are still ambiguous
-    and too easy on the kept judgments and are dropped.  On the first version's two builds and a child."""
+    """``ambiguous`` and ``too_easy`` flags come from the preliminary consensus (every judgment but
+    re-delivered copies); select drops ``rnd``'s judgments and exact duplicates, and a flag acts
+    (here: drop) only where its rule still holds on the judgments kept.  ``split``: 2-1 and weak
+    only through rnd's vote (unanimous without it); ``copied``: one strong judgment and its
+    re-delivery -- one judgment, never too easy (counted, the copy made two unanimous judgments
+    and a flag select had to set aside).  ``weak`` and ``easy`` are still ambiguous and too easy
+    on the kept judgments and are dropped.  On the first version's two builds and a child."""
     from conftest import canonical
 
     from schemas.policy import policy_from_dict
@@ -725,7 +730,8 @@ def test_ambiguous_and_too_easy_are_decided_on_the_judgments_select_keeps(tmp_pa
     h, name_of = _planted_version(tmp_path, history, rows, name_of_row, policy, path)
     flags = h.read("flags.parquet")
     found = {(name_of[s], r) for s, r in flags.filter(pl.col("subject_id").is_in(list(name_of))).select("subject_id", "reason").rows()}
-    assert {("split", "ambiguous"), ("copied", "too_easy"), ("weak", "ambiguous"), ("easy", "too_easy")} <= found
+    assert {("split", "ambiguous"), ("weak", "ambiguous"), ("easy", "too_easy")} <= found
+    assert not {r for n, r in found if n == "copied"} & {"too_easy", "ambiguous"}
     assert flags.filter(pl.col("subject_id") == "rnd")["reason"].to_list() == ["low_reliability"]
     fate = {name_of[p]: (d, r) for p, d, r in h.read("pairs.parquet").filter(pl.col("pair_id").is_in(list(name_of)))
             .select("pair_id", "decision", "reason").rows()}
@@ -843,3 +849,85 @@ def test_dimension_conflict_is_decided_on_the_judgments_select_keeps(tmp_path, p
     fate = {name_of[p]: (d, r) for p, d, r in h.read("pairs.parquet").filter(pl.col("pair_id").is_in(list(name_of)))
             .select("pair_id", "decision", "reason").rows()}
     assert fate == {"unreliable": ("keep", None), "opposed": ("drop", "dimension_conflict")}
+
+
+def _judges_in_both_orders() -> list[dict]:
+    """``_reliable_and_random_history``'s panel (three humans right 92 % of the time, ``rnd`` at random)
+    plus two AI judges that judged every pair in both display orders: ``ai-good`` (right 85 % of the
+    time in each order) and ``ai-flip`` (always the first-shown response: its two verdicts cancel)."""
+    import random
+
+    from conftest import canonical
+
+    rng, rows = random.Random(5), []
+    for i in range(120):
+        truth, other = "ab"[i % 2], "ba"[i % 2]
+        panel = [(who, "a", truth if rng.random() < 0.92 else other) for who in ("h1", "h2", "h3")]
+        panel.append(("rnd", "a", rng.choice("ab")))
+        panel += [("ai-good", shown, truth if rng.random() < 0.85 else other) for shown in "ab"]
+        panel += [("ai-flip", shown, shown) for shown in "ab"]
+        for who, shown, lab in panel:
+            rows.append(canonical(len(rows), prompt=[{"role": "user", "content": f"question {i}"}], response_a=f"good {i}",
+                                  response_b=f"bad {i}", annotator_id=who, annotator_kind="ai" if who.startswith("ai") else "human",
+                                  shown_first=shown, label=lab, strength=0.8))
+    return rows
+
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_reliability_and_the_preliminary_consensus_do_not_count_re_delivered_copies(tmp_path, path):
+    """A version's reliability figures (agreement with the others' consensus, gold, the accuracies
+    they are weighed with, the judgment counts, the flags) and the preliminary consensus's pair
+    figures (the agreement check's scored and low-agreement pairs, the length-bias check's pair
+    rates) are those of the same judgments without re-delivered copies (every 3rd judgment delivered
+    again, the responses named the other way round; a child's copies also of its parent's
+    judgments): a copy is no second vote -- counted, it weighed twice in the accuracy fits, outweighed
+    an AI judge's other display order, and made a pair's panel look larger.  On the first version's
+    two builds (the partitioned one at several partition counts) and a child."""
+    from conftest import redelivered, write_jsonl
+
+    from pipeline.checks import resolve_policy
+    from pipeline.curate import CurateOptions, curate
+    from pipeline.partition import partition_files
+    from pipeline.partitioned_build import build_first
+    from schemas.policy import Policy
+
+    rows = _judges_in_both_orders()
+    first, second = rows[:720], rows[720:]
+    # (a child merges reliability's state while its union has at most 1 + refit_growth times the judgments its
+    # parameters were fitted on: with the copies, 1280 of 720)
+    child_policy = Policy.model_validate({"checks": {"refit_growth": 1.0}})
+    figures = {}
+    for copies in (False, True):
+        for n in ((2, 5) if path == "partitions" else (None,)):
+            store = Store(tmp_path / f"store-{copies}-{n}")
+            if path == "child":
+                parent = curate([write_jsonl(tmp_path / "first.jsonl", first)], store, child_policy).version_id
+                batch = redelivered(first + second, 3)[len(first):] if copies else second
+                vid = curate([write_jsonl(tmp_path / f"second-{copies}.jsonl", batch)], store, child_policy,
+                             parent=parent).version_id
+            elif n is None:
+                batch = write_jsonl(tmp_path / f"all-{copies}.jsonl", redelivered(rows, 3) if copies else rows)
+                vid = curate([batch], store, Policy(), options=CurateOptions(partitioned=False)).version_id
+            else:  # (curate sizes partitions by policy.ingest.partition_rows, at least 1000 rows: one or two here)
+                batch = write_jsonl(tmp_path / f"all-{copies}.jsonl", redelivered(rows, 3) if copies else rows)
+                policy = resolve_policy(Policy())
+                pset = partition_files([batch], tmp_path / f"set-{copies}-{n}", n_partitions=n, limits=policy.ingest,
+                                       batch_rows=policy.ingest.batch_rows, dimensions=policy.dimensions)
+                vid = f"v-{copies}-{n}"
+                store.write_version(vid, lambda stage, v=vid, p=pset, pol=policy: build_first(
+                    store, stage, v, p, pol, work=tmp_path / f"work-{copies}-{n}"))
+            h = store.get(vid)
+            m = h.manifest()
+            assert m.check("duplicates").metrics["exact_duplicates"] == (len(rows[::3]) if copies else 0)
+            if path == "child":
+                assert m.lineage["preliminary"]["mode"] == "incremental" and "reliability" in m.lineage["check_sums"]["checks"]
+            flags = h.read("flags.parquet").filter(pl.col("check").is_in(["reliability", "agreement", "length_bias"]))
+            figures[copies, n] = {
+                **{name: m.check(name).metrics for name in ("reliability", "agreement", "length_bias", "position_bias")},
+                "flags": sorted(flags.select("subject_id", "reason", "detail").rows()),
+                "annotators": h.read("annotators.parquet").sort("annotator_id").to_dicts()}
+    want = figures[False, (2 if path == "partitions" else None)]
+    assert ("rnd", "low_reliability") in {(s, r) for s, r, _ in want["flags"]}
+    for key, got in figures.items():
+        for name in want:
+            assert got[name] == want[name], (key, name)

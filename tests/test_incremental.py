@@ -191,6 +191,29 @@ def test_a_parent_state_of_another_format_is_counted_again(tmp_path, monkeypatch
     assert other.get(curate([second], other, POLICY, parent=p2).version_id).manifest().lineage["check_sums"]["mode"] == "incremental"
 
 
+def test_a_parent_preliminary_state_of_another_format_is_aggregated_again(tmp_path, monkeypatch):
+    """A child keeps its parent's preliminary pairs and parameters only in the format its code decides
+    pairs in (``preliminary_format`` in the lineage; 2: re-delivered copies do not vote): a parent of
+    another format gets a child that aggregates every pair again."""
+    import pipeline.incremental as inc
+
+    rng = random.Random(11)
+    first = _batch(rng, 0, [])
+    write_jsonl(tmp_path / "b0.jsonl", first)
+    second = write_jsonl(tmp_path / "b1.jsonl", _batch(rng, 1, first))
+    out = {}
+    for fmt in ("older", inc.PRELIM_FORMAT):
+        store = Store(tmp_path / f"s-{fmt}")
+        monkeypatch.setattr(inc, "PRELIM_FORMAT", fmt)  # what the parent records
+        parent = curate([tmp_path / "b0.jsonl"], store, POLICY).version_id
+        assert store.get(parent).manifest().lineage["preliminary_format"] == fmt
+        monkeypatch.undo()
+        h = store.get(curate([second], store, POLICY, parent=parent).version_id)
+        out[fmt] = h.manifest().lineage["preliminary"]["mode"]
+        assert h.manifest().lineage["preliminary_format"] == inc.PRELIM_FORMAT
+    assert out == {"older": "recomputed", inc.PRELIM_FORMAT: "incremental"}
+
+
 def test_a_child_drops_ids_repeated_in_its_batch_and_ids_its_parent_has(tmp_path):
     """A child's batch that repeats one of its own comparison ids and one of its parent's: the first is
     dropped as ``duplicate_comparison_id`` (the first copy kept), the second as ``already_in_parent``; the

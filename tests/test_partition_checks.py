@@ -14,6 +14,7 @@ from pipeline import partition_checks as pk
 from pipeline import partition_consensus as pc
 from pipeline.aggregate import aggregate, annotator_params
 from pipeline.checks import agreement, length_bias, position_bias, reliability
+from pipeline.checks.agreement import ratings
 from pipeline.distributed import map_partitions, open_runner, refs_of
 from pipeline.incremental import PAIR_SCOPED, RUNNERS, Totals
 from pipeline.ingest import ingest_files
@@ -100,7 +101,7 @@ def _same(a: CheckResult, b: CheckResult) -> None:
 
 
 def test_reliability_parameters_are_fitted_the_same_from_codes_and_in_any_order(whole, refs, tmp_path):
-    ds = aggregate(whole, CFG.aggregation).params.select("annotator_id", "ds_accuracy")
+    ds = aggregate(whole, CFG.aggregation, rated=ratings(whole)).params.select("annotator_id", "ds_accuracy")
     want = reliability.fit_params(whole, ds, CFG.aggregation)
     assert _driver_params(refs, tmp_path / "codes").equals(want)
     shuffled = whole.sort(pl.col("pair_id").hash(3), maintain_order=True)  # each pair's judgments keep their order
@@ -118,7 +119,7 @@ def test_every_declared_state_added_over_partitions_is_the_whole_inputs_and_so_i
             "length_bias": length_bias.count_sums(whole, CFG), "reliability": reliability.count_sums(whole, params)}
     for name, frame in want.items():
         assert total[name].equals(frame), name
-    agg = aggregate(whole, CFG.aggregation)
+    agg = aggregate(whole, CFG.aggregation, rated=ratings(whole))  # (the preliminary consensus: copies do not vote)
     ds = agg.params.select("annotator_id", "ds_accuracy")
     _same(agreement.run(whole, CFG, pairs=agg.pairs, sums=total["agreement"]), agreement.run(whole, CFG, pairs=agg.pairs))
     _same(position_bias.run(whole, CFG, sums=total["position_bias"]), position_bias.run(whole, CFG))

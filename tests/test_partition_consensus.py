@@ -11,7 +11,8 @@ import polars as pl
 import pytest
 
 from pipeline import partition_consensus as pc
-from pipeline.aggregate import PAIR_TEXT_COLUMNS, _encode, _fit, aggregate, unique_inverse
+from pipeline.aggregate import PAIR_TEXT_COLUMNS, _encode, _fit, aggregate, canonical_encoding, unique_inverse
+from pipeline.checks.agreement import ratings
 from pipeline.distributed import PartitionTaskError, map_partitions, open_runner, refs_of, run_step
 from pipeline.ingest import ingest_files
 from pipeline.partition import partition_files, partition_index, read_partition
@@ -56,10 +57,13 @@ def _same_encoded(a, b) -> list[str]:
 def test_the_assembled_codes_are_the_whole_inputs_and_so_are_the_parameters_and_pairs(whole, sets, n, tmp_path):
     refs = refs_of(sets[n])
     states, _ = map_partitions(pc.codes_step(), refs, tmp_path / "codes")
-    assert _same_encoded(pc.assemble(states), _encode(whole)) == []
+    # the votes (re-delivered copies left out) in the canonical layout
+    votes = canonical_encoding(_encode(whole).only(ratings(whole)))
+    assert not ratings(whole).all()  # (the samples re-deliver some judgments)
+    assert _same_encoded(pc.assemble(states), votes) == []
     # in any partition order: the layout is the canonical one
-    assert _same_encoded(pc.assemble(states[::-1]), _encode(whole)) == []
-    ref = aggregate(whole)
+    assert _same_encoded(pc.assemble(states[::-1]), votes) == []
+    ref = aggregate(whole, rated=ratings(whole))
     params = run_step(pc.codes_step(), refs, tmp_path / "codes")[0]["params"]
     assert params.equals(ref.params.sort("annotator_id"))
     assert params["oa_alpha"].drop_nulls().len() >= 4 and params["ds_accuracy"].drop_nulls().len() > 150
@@ -131,7 +135,7 @@ def test_dimension_verdicts_are_fitted_once_and_decided_as_over_the_whole_input(
     rule = DimensionsConfig(priority=["harmlessness", "helpfulness"])
     files = [*inputs, ROOT / "data" / "samples" / "dimensions" / "batch-2026-11-23-dimensions.jsonl"]
     whole = pc.canonical(ingest_files(files, dimensions=rule).judgments)
-    ref = aggregate(whole, dimensions=rule)
+    ref = aggregate(whole, dimensions=rule, rated=ratings(whole))
     refs = refs_of(partition_files(files, tmp_path / "set", n_partitions=6, flush_rows=2000, dimensions=rule))
     states, _ = map_partitions(pc.codes_step(), refs, tmp_path / "codes")
     assert 0 < sum("dim_codes" in st for st in states) <= 6
@@ -153,7 +157,7 @@ def test_both_passes_on_a_two_worker_cluster_give_the_same_bytes(whole, sets, tm
         params = run_step(pc.codes_step(), refs, tmp_path / "codes", client=client)[0]["params"]
         pairs, stats = run_step(pc.decide_step(params), refs, tmp_path / "decide", client=client)
     assert stats.runner == "dask" and stats.computed == list(range(6))
-    ref = aggregate(whole)
+    ref = aggregate(whole, rated=ratings(whole))
     assert params.equals(ref.params.sort("annotator_id"))
     assert pairs["pairs"].equals(ref.pairs.drop(PAIR_TEXT_COLUMNS).sort("pair_id"))
 

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import select as sel
 from pipeline.aggregate import aggregate
+from pipeline.checks.agreement import ratings
 from pipeline.checks import all_flags, resolve_policy, run_checks
 from pipeline.ingest import ingest_files
 from schemas.policy import Policy
@@ -30,7 +31,7 @@ def whole(tmp_path_factory) -> dict:
     generate(d / "gen.jsonl", 6000, 700, seed=9)
     inputs: list[Path] = [d / "gen.jsonl", *sorted((ROOT / "data" / "samples").glob("batch-*.jsonl"))]
     judgments = ingest_files(inputs).judgments
-    prelim = aggregate(judgments, POLICY.checks.aggregation)
+    prelim = aggregate(judgments, POLICY.checks.aggregation, rated=ratings(judgments))  # (as curate: copies do not vote)
     results = run_checks(judgments, POLICY.checks, pairs=prelim.pairs)
     flags = all_flags(results)
     jsel = sel.filter_judgments(judgments, flags, POLICY.select)

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from pipeline.aggregate import PAIR_TEXT_COLUMNS, aggregate
+from pipeline.checks.agreement import ratings
 from pipeline.checks import resolve_policy, run_checks
 from pipeline.distributed import refs_of
 from pipeline.ingest import ingest_files
@@ -40,7 +41,7 @@ def test_the_partitioned_checks_are_the_one_process_checks(tmp_path, n):
     got = analyze(refs_of(pset), tmp_path / "work", POLICY.checks, [s.path for s in pset.sources])
 
     judgments = ingest_files(inputs).judgments
-    prelim = aggregate(judgments, POLICY.checks.aggregation)
+    prelim = aggregate(judgments, POLICY.checks.aggregation, rated=ratings(judgments))  # (as curate: copies do not vote)
     want = run_checks(judgments, POLICY.checks, pairs=prelim.pairs,
                       extra_kwargs={"reliability": {"ds_accuracy": prelim.params.select("annotator_id", "ds_accuracy")}})
     assert got.params.equals(prelim.params.sort("annotator_id"))

@@ -42,7 +42,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import TIE, Encoded, aggregate, dense_codes, encode, n_used_expr, pair_locale, pair_tags
-from pipeline.checks.duplicates import exact_duplicates
+from pipeline.checks.duplicates import _ORDER, exact_duplicates
 from pipeline.stats import (
     alpha_from_sums,
     bootstrap_sums_ci,
@@ -70,6 +70,9 @@ def _num(x: float | None) -> float | None:
 
 
 _RATED: list[tuple[weakref.ref, int, tuple[str, ...], np.ndarray]] = []  # one-entry cache of :func:`ratings`
+# what :func:`ratings` reads of a judgment (the duplicates check's key and its order of deliveries)
+RATING_COLUMNS = list(dict.fromkeys(["comparison_id", "pair_id", "annotator_id", "prompt_hash", "a_hash", "b_hash",
+                                     "shown_first", "label", *_ORDER]))
 
 
 def ratings(judgments: pl.DataFrame) -> np.ndarray:
@@ -77,11 +80,26 @@ def ratings(judgments: pl.DataFrame) -> np.ndarray:
     ones -- the duplicates check's ``exact_duplicate`` judgments, which select drops and the
     certify gate's one rating per annotator never counted.  A copy is the same answer delivered
     again, not another annotation: counted, a re-delivered pair looked like more raters agreeing.
-    Copies under the same pair id: a pair's ratings depend on its own judgments only (the state's
-    contract, :func:`count_sums`); a copy under another given id is a judgment of that pair.
-    The position and length bias checks count the same judgments (each delivery once); the last
-    result is cached by frame identity, as :func:`pipeline.aggregate.encode` is, so the checks
-    that run on one frame find the copies once (read-only: it is shared)."""
+    The position and length bias checks, reliability and the preliminary consensus
+    (:func:`pipeline.aggregate.aggregate`'s ``rated``) count the same judgments (each delivery
+    once); the last result is cached by frame identity, as :func:`pipeline.aggregate.encode` is,
+    so the checks that run on one frame find the copies once (read-only: it is shared).
+
+    Copies under the same pair id only: a pair's ratings depend on its own judgments (the states'
+    contract, :class:`pipeline.checks.spec.Sums`: they add over disjoint sets of pairs).  A copy
+    under *another* given pair id counts here as a judgment of that pair, although the duplicates
+    check's key has no pair id -- select drops it as ``exact_duplicate`` (its pair then has the
+    other judgments it has, or leaves as ``all_judgments_dropped``).  Left so on purpose: counted
+    across ids, a pair's ratings would depend on the judgments of every pair of the same content
+    (prompt and response set).  The first version's builds could do it exactly -- the whole frame,
+    and partitions keyed by the content key, a given id's contents moved together
+    (``partitioned_build._together``) -- but a child could not: it counts its merged states and its
+    preliminary consensus over the pairs of its batch (and, for reliability, the pairs some
+    annotators judged), not over their closure by content, so a batch's copy under a new id of an
+    old judgment (or an earlier delivery that makes the old one the copy) would be counted
+    differently than a full build counts it.  Doing it means counting a child's states and
+    preliminary pairs over that closure (:func:`pipeline.incremental.touched_pairs`, which the
+    pair-scoped checks use) and masking order consistency's first judgments with the same rule."""
     if _RATED:
         ref, height, names, rated = _RATED[0]
         if ref() is judgments and height == judgments.height and names == tuple(judgments.columns):
@@ -274,7 +292,7 @@ def run(
     if sums is None:
         sums = count_sums(judgments, encoded)
     if pairs is None:
-        pairs = aggregate(judgments, agg_cfg, encoded=encoded or encode(judgments)).pairs
+        pairs = aggregate(judgments, agg_cfg, encoded=encoded or encode(judgments), rated=ratings(judgments)).pairs
     metrics, slices = from_sums(sums, cfg)
     top = slices.group_by("slice").agg(pl.col("n_pairs").max()).sort("n_pairs", "slice", descending=True).head(MAX_SLICES_IN_METRICS)
     metrics["slices"] = {}

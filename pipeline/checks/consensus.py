@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import aggregate
+from pipeline.checks.agreement import ratings
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig
 from pipeline.checks.spec import CheckSpec, Reason
@@ -65,7 +66,7 @@ def run(
     cfg = cfg or ChecksConfig()
     c = pl.col
     if pairs is None:
-        pairs = aggregate(judgments, cfg.aggregation).pairs
+        pairs = aggregate(judgments, cfg.aggregation, rated=ratings(judgments)).pairs  # (as the preliminary consensus)
     if pairs.height == 0:
         return CheckResult(name=NAME, status="pass", metrics={"pairs": 0}, flags=empty_flags(), summary="no pairs")
     # the decided pairs' confidences without their ids (a copy of a million ids: ~30 MB); the ids of the few

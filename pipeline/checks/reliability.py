@@ -12,7 +12,9 @@ Method
   would call a judge that is often order-inconsistent "at chance" even when its consistent
   verdicts are accurate.  Order inconsistency has its own reason (``order_inconsistent``,
   checks/position_bias.py) and its own weight in the consensus (pipeline/position_ds.py).
-  For an annotator with one judgment per pair (humans) unit = judgment.
+  For an annotator with one judgment per pair (humans) unit = judgment.  A re-delivered copy
+  (``exact_duplicate`` within the pair; select drops it) is not counted anywhere in this check
+  (:func:`pipeline.checks.agreement.ratings`): in a unit with other verdicts it outweighed them.
 * **Leave-one-out (LOO) consensus** (:func:`pipeline.aggregate.loo_reference`).  For each
   unit of annotator j, the reference is the Dawid-Skene weighted a/b estimate of the *other*
   annotators on that pair (one vote per annotator, canonical orientation, any kind), used
@@ -67,6 +69,7 @@ import polars as pl
 
 from pipeline.aggregate import A, B, NONE, Encoded, canonical_encoding, encode, loo_independence, loo_reference
 from pipeline.aggregate import ds_accuracy as ds_accuracy_of
+from pipeline.checks.agreement import ratings
 from pipeline.checks.position_bias import kind_counts, majority_kind
 from pipeline.stats import bh_reject, binom_greater, binom_less, binom_upper_bound, chance_power
 from schemas.check import CheckResult, empty_flags, make_flags
@@ -166,10 +169,13 @@ def fit_params(judgments: pl.DataFrame | None, ds_accuracy: pl.DataFrame | None 
     aggregation's ``ds_accuracy`` when given) and the independence factor of its evidence in the
     others' consensus (:func:`pipeline.aggregate.loo_independence`), fitted over these judgments
     in their canonical layout (:func:`pipeline.aggregate.canonical_encoding`: the same parameters in
-    any order of the judgments, and over any partitioning of them; ``judgments`` is not read when
-    ``encoded`` is given; ``laid_out``: ``encoded`` is in that layout already, e.g.
-    :func:`pipeline.partition_consensus.assemble`'s)."""
+    any order of the judgments, and over any partitioning of them; ``encoded``: :func:`encode` of
+    ``judgments``; ``laid_out``: ``encoded`` is in that layout already, e.g.
+    :func:`pipeline.partition_consensus.assemble`'s).  Re-delivered copies are no verdicts
+    (:func:`pipeline.checks.agreement.ratings` of ``judgments``; with ``judgments`` None, ``encoded``
+    holds the votes only, as :func:`pipeline.partition_consensus.assemble`'s does)."""
     e = encoded or encode(judgments)
+    e = e.only(ratings(judgments)) if judgments is not None else e
     e = e if laid_out else canonical_encoding(e)
     acc = _accuracy(e, ds_accuracy, cfg)
     return pl.DataFrame({"annotator_id": e.ann_ids, "ds_accuracy": pl.Series(acc).fill_nan(None),
@@ -180,13 +186,17 @@ def count_sums(judgments: pl.DataFrame, params: pl.DataFrame | None = None, *, e
                ds_accuracy: pl.DataFrame | None = None) -> pl.DataFrame:
     """The check's state: per annotator, its judgments per kind, its decisive ones, and the sums
     behind its agreement with the others' consensus (LOO) and with gold (:func:`_unit_sums`).
-    With ``params`` (:func:`fit_params`) fixed, a pair's contribution depends on its own judgments
+    Re-delivered copies are not counted (:func:`pipeline.checks.agreement.ratings`: a copy is one
+    delivery, and in a unit with other verdicts -- an AI judge's two display orders -- it shifted the
+    unit's vote shares and the others' reference).  With ``params`` (:func:`fit_params`) fixed, a pair's contribution depends on its own judgments
     only, so the state adds over disjoint sets of pairs; without, they are fitted on these
     judgments.  Sorted by annotator."""
     if judgments.height == 0:
         return pl.DataFrame(schema=SUMS_SCHEMA)
-    e = encoded or encode(judgments)
-    params = fit_params(judgments, ds_accuracy, encoded=e) if params is None else params
+    full = encoded or encode(judgments)
+    params = fit_params(judgments, ds_accuracy, encoded=full) if params is None else params
+    delivered = ratings(judgments)
+    e = full.only(delivered)
     acc, indep = _by_code(e, params, "ds_accuracy"), _by_code(e, params, "independence")
     if np.isnan(indep).any():
         missing = e.ann_ids.filter(pl.Series(np.isnan(indep))).head(3).to_list()
@@ -194,7 +204,7 @@ def count_sums(judgments: pl.DataFrame, params: pl.DataFrame | None = None, *, e
     ref = loo_reference(e, acc, independence=indep)
     dec = (e.label >= A) & (e.label <= B)
     return pl.DataFrame({
-        "annotator_id": e.ann_ids, **kind_counts(judgments, e),
+        "annotator_id": e.ann_ids, **kind_counts(judgments, full, delivered),
         "n_decisive": np.bincount(e.ann, weights=dec, minlength=e.n_annotators).astype(np.int64),
         **_unit_sums(e, ref, "loo"), **_unit_sums(e, _gold_ref(e), "gold"),
     }, schema=SUMS_SCHEMA).sort("annotator_id")
@@ -331,7 +341,7 @@ def _median(s: pl.Series) -> float | None:
 CHECK = CheckSpec(
     name=NAME, run=run, config="reliability", doc="annotator reliability: gold accuracy, agreement with the consensus",
     inputs=("ds_accuracy", "sums", "sums_params"),
-    sums=Sums(count_sums, ("annotator_id",), params=True, update=_update),
+    sums=Sums(count_sums, ("annotator_id",), params=True, format="2", update=_update),  # 2: re-delivered copies not counted
     reasons=(
         Reason("low_reliability", "annotator", "drop", "agreement with consensus / gold accuracy no better than chance"),
     ))

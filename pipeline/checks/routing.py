@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.aggregate import aggregate, n_used_expr
+from pipeline.checks.agreement import ratings
 from pipeline.stats import bh_adjust, binom_two_sided_half
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig
@@ -69,7 +70,7 @@ def run(
     cfg = cfg or ChecksConfig()
     c = pl.col
     if pairs is None:
-        pairs = aggregate(judgments, cfg.aggregation).pairs
+        pairs = aggregate(judgments, cfg.aggregation, rated=ratings(judgments)).pairs  # (as the preliminary consensus)
     if label_counts is None:
         label_counts = dict(judgments.group_by("label").len().iter_rows()) if judgments.height else {}
     cons_counts = dict(pairs.group_by("label_consensus").len().drop_nulls().iter_rows()) if pairs.height else {}
