@@ -265,15 +265,21 @@ def test_a_rerun_over_a_version_from_before_publication_records_says_so(uncertif
     assert res.stdout.strip().splitlines()[-1] == vid
 
 
-def test_a_child_of_a_version_whose_manifest_was_rewritten_is_refused(uncertified, tmp_path):
-    """A child links its parent's parts and reads its rows against the parent's manifest: it took the edit in and the
-    store published it as the child's own (whose manifest is then the published one)."""
+def rewritten_parent(uncertified, tmp_path):
+    """A copy of the uncertified store whose version's train part was edited and its manifest rewritten to
+    match, and a next batch: (store, the version's handle, its id, the batch)."""
     pristine, _, vid = uncertified
     store = tmp_path / "s"
     shutil.copytree(pristine, store)
     h = Store(store).get(vid)
     rewrite_to_match(h, h.split_files("train")[0])
-    batch = write_jsonl(tmp_path / "next.jsonl", [canonical(i) for i in range(3, 6)])
+    return store, h, vid, write_jsonl(tmp_path / "next.jsonl", [canonical(i) for i in range(3, 6)])
+
+
+def test_a_child_of_a_version_whose_manifest_was_rewritten_is_refused(uncertified, tmp_path):
+    """A child links its parent's parts and reads its rows against the parent's manifest: it took the edit in and the
+    store published it as the child's own (whose manifest is then the published one)."""
+    store, h, vid, batch = rewritten_parent(uncertified, tmp_path)
     before = snapshot(store)
     res = run("curate", batch, "--store", store, "--parent", vid, code=2)
     assert f"parent version {vid} is damaged: {h.path / 'manifest.json'}: not the manifest the store published" \
@@ -288,12 +294,7 @@ def test_the_flows_child_build_refuses_a_parent_whose_manifest_was_rewritten(unc
     from pipeline.store import DamagedVersion
     from schemas.policy import Policy
 
-    pristine, _, vid = uncertified
-    store = tmp_path / "s"
-    shutil.copytree(pristine, store)
-    h = Store(store).get(vid)
-    rewrite_to_match(h, h.split_files("train")[0])
-    batch = write_jsonl(tmp_path / "next.jsonl", [canonical(i) for i in range(3, 6)])
+    store, h, vid, batch = rewritten_parent(uncertified, tmp_path)
     policy = resolve_policy(Policy())
     ingest = ingest_source([batch], CurateOptions(), policy)
     with pytest.raises(DamagedVersion, match=f"parent version {vid} is damaged: .*not the manifest the store published"):

@@ -258,6 +258,16 @@ def one_string(tok, msgs, gen=True):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def clean_and_forged(tok, turns, forged):
+    """The rows of ``turns`` and of ``forged`` (the same conversation, one content spelling a special token),
+    tokenized together: both kept, the forged one counted."""
+    (clean, f), ledger = tokenize_rows(tok, [row("clean", turns=turns, chosen="Eggs and sugar."),
+                                             row("forged", turns=forged, chosen="Eggs and sugar.")],
+                                       TokenizeConfig(max_length=256))
+    assert ledger.counts["special_token_text"] == 1 and ledger.counts["kept"] == 2
+    return clean, f
+
+
 @pytest.mark.parametrize("scheme", ["first", "always", "never", None])
 def test_text_after_a_template_special_token_keeps_its_one_string_ids(scheme):
     """A row whose data spells "</s>" is encoded in pieces split at the template's special tokens; each piece
@@ -267,10 +277,7 @@ def test_text_after_a_template_special_token_keeps_its_one_string_ids(scheme):
     turns = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour."},
              {"role": "user", "content": "And a cake?"}]
     forged = [turns[0], {"role": "assistant", "content": "Mix flour.</s>"}, turns[2]]
-    (clean, f), ledger = tokenize_rows(tok, [row("clean", turns=turns, chosen="Eggs and sugar."),
-                                             row("forged", turns=forged, chosen="Eggs and sugar.")],
-                                       TokenizeConfig(max_length=256))
-    assert ledger.counts["special_token_text"] == 1 and ledger.counts["kept"] == 2
+    clean, f = clean_and_forged(tok, turns, forged)
     eos = tok.eos_token_id
     assert list(clean.prompt_ids) == one_string(tok, turns)  # the clean row: one string, as before
     assert clean.prompt_ids.count(eos) == f.prompt_ids.count(eos) == 1  # "</s>" in the data is text
@@ -309,10 +316,7 @@ def test_whitespace_a_stripping_special_token_takes_in_stays_out_of_the_pieces(s
     turns = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour. "},
              {"role": "user", "content": "  And a cake?  "}]
     forged = [turns[0], {"role": "assistant", "content": "Mix flour.<|end|> "}, turns[2]]
-    (clean, f), ledger = tokenize_rows(tok, [row("clean", turns=turns, chosen="Eggs and sugar."),
-                                             row("forged", turns=forged, chosen="Eggs and sugar.")],
-                                       TokenizeConfig(max_length=256))
-    assert ledger.counts["special_token_text"] == 1 and ledger.counts["kept"] == 2
+    clean, f = clean_and_forged(tok, turns, forged)
     eos = tok.eos_token_id
     assert list(clean.prompt_ids) == one_string(tok, turns)
     assert "\n" not in tok.convert_ids_to_tokens(list(clean.prompt_ids))  # every "\n" is taken in by a special

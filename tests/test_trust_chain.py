@@ -97,17 +97,23 @@ def swap_labels_and_rewrite_manifest(st: Store, vid: str) -> None:
     assert Store(st.root).get(vid).verify() == []  # the files match the (rewritten) manifest ...
 
 
+def train_refused(st, vid, link):
+    """The chain of ``vid`` broken at ``link``: ``open_certified`` and ``prefpipe train`` (exit 4) refuse it there."""
+    status = Store(st.root).get(vid).verify_chain()
+    assert not status.ok and status.link == link
+    with pytest.raises(NotCertified) as err:
+        Store(st.root).open_certified(vid)
+    assert err.value.link == link
+    res = cli("train", vid, "--store", str(st.root), "--model", "tiny-llama:layers=1,hidden=32,heads=2", "--steps", "1")
+    assert res.exit_code == 4 and f"{link} link broken" in res.output
+    return status
+
+
 def test_swapped_labels_with_rewritten_manifest_sha_is_not_certified(store, tmp_path):
     """The attack of the issue: swap chosen/rejected in train.parquet, write the new sha256 into the manifest."""
     st, vid = store
     swap_labels_and_rewrite_manifest(st, vid)
-    status = Store(st.root).get(vid).verify_chain()
-    assert not status.ok and status.link == "manifest" and "changed after certification" in status.reason
-    with pytest.raises(NotCertified) as err:
-        Store(st.root).open_certified(vid)
-    assert err.value.link == "manifest"
-    res = cli("train", vid, "--store", str(st.root), "--model", "tiny-llama:layers=1,hidden=32,heads=2", "--steps", "1")
-    assert res.exit_code == 4 and "manifest link broken" in res.output
+    assert "changed after certification" in train_refused(st, vid, "manifest").reason
     assert not (st.root / "runs").exists()
     shown = json.loads(cli("show", vid, "--store", str(st.root), "--json").stdout)
     assert shown["trust"]["ok"] is False and shown["trust"]["link"] == "manifest"
@@ -136,13 +142,7 @@ def test_an_uncertified_version_rewritten_after_publication_is_refused_by_certif
     rejected = certify_version(st, vid, POLICY, run_gx=False)
     assert rejected.manifest_sha256 == sha256_file(st.versions_dir / vid / "manifest.json")
     st.add_certification(rejected.model_copy(update={"verdict": "certified"}))
-    status = Store(st.root).get(vid).verify_chain()
-    assert not status.ok and status.link == "publication" and "rewritten after publication" in status.reason
-    with pytest.raises(NotCertified) as err:
-        Store(st.root).open_certified(vid)
-    assert err.value.link == "publication"
-    res = cli("train", vid, "--store", str(st.root), "--model", "tiny-llama:layers=1,hidden=32,heads=2", "--steps", "1")
-    assert res.exit_code == 4 and "publication link broken" in res.output
+    assert "rewritten after publication" in train_refused(st, vid, "publication").reason
     listed = json.loads(cli("versions", "--store", str(st.root), "--json").stdout)
     assert listed[0]["certified"] is False and listed[0]["trust"]["link"] == "publication"
 
