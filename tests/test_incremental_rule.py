@@ -25,6 +25,7 @@ from pipeline.aggregate import aggregate, annotator_table
 from pipeline.checks import all_flags, run_checks
 from pipeline.curate import curate
 from pipeline.checks import reliability
+from pipeline.checks.agreement import ratings
 from pipeline.incremental import PARAMS_TABLE, PRELIM_PARAMS, PRELIM_TABLE, pairs_to_recompute, sums_params_table
 from pipeline.store import SPLITS, Store
 
@@ -100,7 +101,8 @@ def test_child_equals_full_recompute_except_by_the_rule(tmp_path_factory, seed, 
         assert prelim_rule["mode"] == "incremental" and prelim_rule["pairs_recomputed"] == touched.height
         assert prelim.join(touched, on="pair_id", how="anti").equals(
             p.read(PRELIM_TABLE).sort("seen").join(touched, on="pair_id", how="anti"))
-        ref = aggregate(union.join(touched, on="pair_id", how="semi"), POLICY.checks.aggregation, params=pp)
+        mine_rows = union.join(touched, on="pair_id", how="semi")  # (re-delivered copies do not vote: per pair)
+        ref = aggregate(mine_rows, POLICY.checks.aggregation, params=pp, rated=ratings(mine_rows))
         mine_pre = prelim.join(touched, on="pair_id", how="semi").sort("pair_id")
         mine_pre = mine_pre.drop("a_hash", "seen", "first_version")
         # the lengths: the first judgment's responses, in the pair's canonical orientation
