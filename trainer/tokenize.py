@@ -47,6 +47,7 @@ Every row ends in exactly one ledger bucket (``kept``, a ``dropped_*`` or a ``sk
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -366,38 +367,56 @@ def _special_tokens(tok) -> _SpecialTokens | None:
     return _SpecialTokens(_alternatives(found), found, normalizer, _alternatives(normalized))
 
 
-def _resolve_single_word(tok, texts: list[str | _Special],
-                         seen: dict[tuple[str, str, str], bool]) -> list[str | _Special]:
+@functools.cache
+def _word_probe():
+    """A tokenizer with one added ``single_word`` token, "\ue002": it is matched after a character c
+    exactly when the tokenizers library does not count c as a word character."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    probe = Tokenizer(models.WordLevel({"c": 0, "\ue002": 1}, unk_token="c"))
+    probe.add_tokens([AddedToken("\ue002", single_word=True, normalized=False)])
+    return probe
+
+
+@functools.lru_cache(maxsize=4096)
+def _word_char(c: str) -> bool:
+    """Whether a ``single_word`` added token beside ``c`` is not matched (Rust's Unicode ``\\w``; the library
+    itself is asked, so letters, digits, "_", combining marks... are exactly its word characters)."""
+    return bool(c) and 1 not in _word_probe().encode(c + "\ue002", add_special_tokens=False).ids
+
+
+def _resolve_single_word(texts: list[str | _Special], normalizer: Any | None) -> list[str | _Special]:
     """``texts`` with each ``single_word`` special the one string would not match turned back into text.
 
     The tokenizer matches such a token only where the character before it and the one after it are no
-    word characters (Rust's Unicode ``\\w``): "flour</s>" keeps "</s>" as text, "flour.</s>" does not.  Which
-    characters those are is asked of the tokenizer itself (``before + token + after`` encoded; cached in
-    ``seen``).  A token matched as written looks at the whole text; a ``normalized`` one only at its
-    stretch between the specials matched as written (those are resolved first).
+    word characters: "flour</s>" keeps "</s>" as text, "flour.</s>" does not.  A token matched as written
+    looks at the characters beside it in the whole text; a ``normalized`` one at those of the normalizer's
+    output of its stretch between the specials matched as written (those are resolved first).
     """
     out = list(texts)
 
-    def beside(k: int, step: int, in_stretch: bool) -> str:
-        j = k + step
-        while 0 <= j < len(out):
-            t = out[j]
-            if in_stretch and isinstance(t, _Special) and not t.normalized:
-                return ""
-            s = t.content if isinstance(t, _Special) else t
-            if s:
-                return s[-1] if step < 0 else s[0]
+    def text(t: str | _Special) -> str:
+        return t.content if isinstance(t, _Special) else t
+
+    def stretch(k: int, step: int) -> str:
+        """The text from ``k`` (exclusive) to the next special matched as written, normalized."""
+        j, parts = k + step, []
+        while 0 <= j < len(out) and not (isinstance(out[j], _Special) and not out[j].normalized):
+            parts.append(text(out[j]))
             j += step
-        return ""
+        joined = "".join(parts[::step])
+        return normalizer.normalize_str(joined) if normalizer is not None else joined
 
     for normalized in (False, True):
         for k, t in enumerate(out):
-            if isinstance(t, _Special) and t.single_word and t.normalized == normalized:
-                key = (beside(k, -1, normalized), t.content, beside(k, 1, normalized))
-                if key not in seen:
-                    seen[key] = t.id in _encode(tok, ["".join(key)])[0]
-                if not seen[key]:
-                    out[k] = t.content
+            if not (isinstance(t, _Special) and t.single_word and t.normalized == normalized):
+                continue
+            if normalized:
+                before, after = stretch(k, -1)[-1:], stretch(k, 1)[:1]
+            else:
+                before, after = "".join(map(text, out[:k]))[-1:], "".join(map(text, out[k + 1:]))[:1]
+            if _word_char(before) or _word_char(after):
+                out[k] = t.content
     return out
 
 
@@ -431,8 +450,8 @@ def _strips_alike(normalizer: Any | None, special: _Special, text: str, kept: st
             or normalizer.normalize_str(kept) == strip(normalizer.normalize_str(text), _WHITESPACE))
 
 
-def _render_pieces(tok, messages: list[dict[str, str]], specials: _SpecialTokens, *, generation_prompt: bool,
-                   seen: dict[tuple[str, str, str], bool]) -> list[str | int] | str:
+def _render_pieces(tok, messages: list[dict[str, str]], specials: _SpecialTokens, *,
+                   generation_prompt: bool) -> list[str | int] | str:
     """The rendering as [text, special id, text, ...], where only the template's own framing yields ids.
 
     Each content is rendered as a placeholder that keeps the content's outer whitespace (a
@@ -463,8 +482,8 @@ def _render_pieces(tok, messages: list[dict[str, str]], specials: _SpecialTokens
         else:
             texts += [specials.by_content[chunk] if j % 2 else chunk
                       for j, chunk in enumerate(specials.pattern.split(part))]
-    texts = _resolve_single_word(tok, texts, seen)
     norm = specials.normalizer
+    texts = _resolve_single_word(texts, norm)
     if norm is not None and not _normalizes_apart(norm, texts):
         return NORMALIZER_SPANS_SPECIALS
     pieces: list[str | int] = []
@@ -568,7 +587,6 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledg
     rows = list(rows)
     sp = _specials(tok)
     specials = _special_tokens(tok)
-    seen: dict[tuple[str, str, str], bool] = {}  # single_word specials: matched between these characters?
     renderings: list[str | list[str | int]] = []  # per row: prompt, prompt + chosen, prompt + rejected
     unsplittable: dict[int, str] = {}  # rows spelling a special token that cannot be split honestly: the reason
     for i, r in enumerate(rows):
@@ -581,7 +599,7 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledg
             renderings += [_render(tok, msgs, generation_prompt=gen) for msgs, gen in convs]
             continue
         ledger.counts["special_token_text"] += n_special
-        pieces = [_render_pieces(tok, msgs, specials, generation_prompt=gen, seen=seen) for msgs, gen in convs]
+        pieces = [_render_pieces(tok, msgs, specials, generation_prompt=gen) for msgs, gen in convs]
         reasons = [p for p in pieces if isinstance(p, str)]
         if reasons:
             unsplittable[i] = reasons[0]
