@@ -335,13 +335,13 @@ def test_whitespace_a_stripping_special_token_takes_in_stays_out_of_the_pieces(s
 # ---------------------------------------------------------------- single_word and normalized special tokens
 def same_outside(tok, clean: list[int], forged: list[int], clean_text: str, forged_text: str) -> None:
     """``forged`` is ``clean`` with one data text changed: the ids before and after that text are the same."""
-    a = _first_difference_len(clean, forged)
-    b = _first_difference_len(clean[a:][::-1], forged[a:][::-1])
+    a = _common_prefix_len(clean, forged)
+    b = _common_prefix_len(clean[a:][::-1], forged[a:][::-1])
     assert tok.decode(clean[a:len(clean) - b]).strip() in clean_text
     assert tok.decode(forged[a:len(forged) - b]).strip() in forged_text
 
 
-def _first_difference_len(a, b):
+def _common_prefix_len(a, b):
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
