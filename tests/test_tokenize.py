@@ -229,13 +229,16 @@ SP_CORPUS = ["[INST] How do I bake bread? [/INST] Mix flour, water and yeast. Bu
              "<|user|>\n<|assistant|>\n<|end|>\n"]
 
 
-def sentencepiece_like(prepend_scheme: str | None, template: str = LLAMA2_TEMPLATE, specials=("<unk>", "<s>", "</s>")):
+def sentencepiece_like(prepend_scheme: str | None, template: str = LLAMA2_TEMPLATE, specials=("<unk>", "<s>", "</s>"),
+                       normalizer=None):
     """A tiny tokenizer built in code (nothing downloaded): BPE over a Metaspace pre-tokenizer with the given
-    prepend scheme, as Llama / Mistral tokenizers are ("first"), or byte-level BPE (None) to compare."""
+    prepend scheme, as Llama / Mistral tokenizers are ("first"), or byte-level BPE (None) to compare;
+    ``normalizer`` is set before the specials are added (a ``normalized`` one is matched in its output)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.normalizer = normalizer
     if prepend_scheme is None:
         t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -327,3 +330,154 @@ def test_whitespace_a_stripping_special_token_takes_in_stays_out_of_the_pieces(s
     tail = len(clean.prompt_ids) - ends[1]  # from the template's <|end|> after the forged reply
     assert f.prompt_ids[-tail:] == clean.prompt_ids[-tail:]
     assert (f.chosen_ids, f.rejected_ids) == (clean.chosen_ids, clean.rejected_ids)
+
+
+# ---------------------------------------------------------------- single_word and normalized special tokens
+def same_outside(tok, clean: list[int], forged: list[int], clean_text: str, forged_text: str) -> None:
+    """``forged`` is ``clean`` with one data text changed: the ids before and after that text are the same."""
+    a = _common_prefix_len(clean, forged)
+    b = _common_prefix_len(clean[a:][::-1], forged[a:][::-1])
+    assert tok.decode(clean[a:len(clean) - b]).strip() in clean_text
+    assert tok.decode(forged[a:len(forged) - b]).strip() in forged_text
+
+
+def _common_prefix_len(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def added(content, **options):
+    from tokenizers import AddedToken
+
+    return AddedToken(content, special=True, normalized=options.pop("normalized", False), **options)
+
+
+@pytest.mark.parametrize("scheme", ["first", None])
+def test_single_word_special_beside_a_word_character_stays_text_as_in_one_string(scheme):
+    """A ``single_word`` special is matched only with no word character beside it: in one string the
+    template's "</s>" after "Eggs" (the data's last character) is text, after "Mix flour." a control id.
+    A row spelling a special token elsewhere must keep both so; its own "</s>" is text wherever it stands."""
+    tok = sentencepiece_like(scheme, specials=("<unk>", added("<s>", single_word=True), added("</s>", single_word=True)))
+    turns = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour."},
+             {"role": "user", "content": "And a cake"}]
+    forged_text = "And a cake </s> ?"
+    forged = [*turns[:2], {"role": "user", "content": forged_text}]
+    (clean, f), ledger = tokenize_rows(tok, [row("clean", turns=turns, chosen="Eggs and sugar"),
+                                             row("forged", turns=forged, chosen="Eggs and sugar")],
+                                       TokenizeConfig(max_length=256))
+    assert ledger.counts["special_token_text"] == 1 and ledger.counts["kept"] == 2
+    eos = tok.eos_token_id
+    assert list(clean.prompt_ids) == one_string(tok, turns)
+    for side, reply in (("chosen", "Eggs and sugar"), ("rejected", "Buy it.")):
+        full = one_string(tok, [*turns, {"role": "assistant", "content": reply}], gen=False)
+        # "...sugar</s>": text in one string (a control EOS appended); "...it.</s>": the control id
+        assert clean.input_ids(side) == full + ([eos] if side == "chosen" else [])
+        assert f.input_ids(side)[len(f.prompt_ids):] == clean.input_ids(side)[len(clean.prompt_ids):]
+    assert f.prompt_ids.count(eos) == clean.prompt_ids.count(eos) == 1  # the " </s> " in the data is text
+    same_outside(tok, list(clean.prompt_ids), list(f.prompt_ids), "And a cake", forged_text)
+    # in one string the data's " </s> " (no word beside it) would be the control id
+    assert one_string(tok, forged).count(eos) == 2
+
+
+@pytest.mark.parametrize(("normalizer", "spelled"), [("lowercase", "</S>"), ("nfkc", "\uff1c/s\uff1e")])
+def test_special_spelled_as_the_normalizer_matches_it_is_text(normalizer, spelled):
+    """A ``normalized`` special is matched in the normalizer's output: with a lowercasing normalizer the
+    data's "</S>", with NFKC a fullwidth "＜/s＞", is the EOS id in one string.  Such a text is found,
+    counted and encoded as text; the template's own specials and text keep their one-string ids."""
+    from tokenizers import normalizers
+
+    norm = {"lowercase": normalizers.Lowercase(), "nfkc": normalizers.NFKC()}[normalizer]
+    tok = sentencepiece_like(None, specials=("<unk>", added("<s>", normalized=True), added("</s>", normalized=True)),
+                             normalizer=norm)
+    turns = [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix flour."},
+             {"role": "user", "content": "And a cake?"}]
+    forged_text = f"Mix flour.{spelled}"
+    forged = [turns[0], {"role": "assistant", "content": forged_text}, turns[2]]
+    eos = tok.eos_token_id
+    assert one_string(tok, forged).count(eos) == 2  # the data's spelling is a control id in one string
+    clean, f = clean_and_forged(tok, turns, forged)
+    assert list(clean.prompt_ids) == one_string(tok, turns)
+    assert f.prompt_ids.count(eos) == clean.prompt_ids.count(eos) == 1
+    same_outside(tok, list(clean.prompt_ids), list(f.prompt_ids), "mix flour.", norm.normalize_str(forged_text))
+    assert (f.chosen_ids, f.rejected_ids) == (clean.chosen_ids, clean.rejected_ids)
+    (g,), ledger = tokenize_rows(tok, [row("reply", turns=turns, chosen=f"Eggs.{spelled} and sugar.")],
+                                 TokenizeConfig(max_length=256))
+    assert ledger.counts["special_token_text"] == 1
+    assert (g.prompt_ids, g.rejected_ids) == (clean.prompt_ids, clean.rejected_ids) and g.chosen_ids.count(eos) == 1
+
+
+@pytest.mark.parametrize("case", ["strip", "prepend", "replace-space-lstrip", "nfkc-lstrip"])
+def test_normalizer_working_across_specials_skips_a_row_spelling_one(case):
+    """With ``normalized`` specials the one string normalizes the text around them whole, the pieces one
+    by one: a Strip normalizer keeps the "\n" after each turn token in one string and dropped it in every
+    piece; Prepend's "▁<|end|>" is never found in one string, so the turn tokens are text there; with
+    " " -> "▁" the lstrip special takes in no whitespace in one string.  Rows spelling a special token
+    there are skipped and counted, never encoded with ids the one string does not have; NFKC is per
+    character and splits honestly.  Clean rows keep the one-string ids."""
+    from tokenizers import normalizers
+
+    norm, strip = {"strip": (normalizers.Strip(), {}), "prepend": (normalizers.Prepend("▁"), {}),
+                   "replace-space-lstrip": (normalizers.Replace(" ", "▁"), {"lstrip": True}),
+                   "nfkc-lstrip": (normalizers.NFKC(), {"lstrip": True, "rstrip": True})}[case]
+    tok = sentencepiece_like("first", TURN_TOKEN_TEMPLATE, ("<unk>", "<s>", added("<|end|>", normalized=True, **strip),
+                                                           added("<|user|>", normalized=True),
+                                                           added("<|assistant|>", normalized=True)), normalizer=norm)
+    turns = [{"role": "user", "content": "How do I bake bread? "}, {"role": "assistant", "content": "Mix flour."},
+             {"role": "user", "content": "And a cake?"}]
+    forged = [turns[0], {"role": "assistant", "content": "Mix flour.<|end|>"}, turns[2]]
+    pairs, ledger = tokenize_rows(tok, [row("clean", turns=turns, chosen="Eggs."), row("forged", turns=forged, chosen="Eggs.")],
+                                  TokenizeConfig(max_length=256))
+    assert list(pairs[0].prompt_ids) == one_string(tok, turns) and ledger.counts["special_token_text"] == 1
+    if case == "nfkc-lstrip":
+        assert [p.pair_id for p in pairs] == ["clean", "forged"]
+        same_outside(tok, list(pairs[0].prompt_ids), list(pairs[1].prompt_ids), "Mix flour.", "Mix flour.<|end|>")
+        assert (pairs[1].chosen_ids, pairs[1].rejected_ids) == (pairs[0].chosen_ids, pairs[0].rejected_ids)
+        return
+    assert [p.pair_id for p in pairs] == ["clean"]
+    assert ledger.counts["skipped_normalizer_spans_specials"] == 1 and ledger.counts["rows_in"] == 2
+    assert ledger.skipped == [{"pair_id": "forged", "reason": "normalizer_spans_specials"}]
+
+
+SPLIT_CONTENTS = ["Mix flour", "Mix flour.", "  And a cake  ", "x_", "中文", "cafe\u0301", "é", "?\n", "a b"]
+
+
+@pytest.mark.parametrize(("scheme", "normalizer", "options"), [
+    ("first", None, {"single_word": True}),
+    (None, None, {"single_word": True, "lstrip": True, "rstrip": True}),
+    ("first", "lowercase", {"single_word": True, "normalized": True}),
+    (None, "nfkc", {"single_word": True, "normalized": True, "rstrip": True}),
+    (None, "bert", {"single_word": True, "normalized": True}),
+    (None, "bert", {"normalized": True}),
+    ("never", "lowercase", {"single_word": True}),
+])
+def test_pieces_of_text_without_special_strings_are_the_one_string_ids(scheme, normalizer, options):
+    """A row whose rejected reply spells "<|end|>" is encoded in pieces, all three renderings; its prompt and
+    chosen reply hold no special-token string, so their ids must be exactly the one-string ids, whatever
+    the data's characters beside the template's single_word / normalized / stripping specials."""
+    from tokenizers import normalizers
+
+    norm = {None: None, "lowercase": normalizers.Lowercase(), "nfkc": normalizers.NFKC(),
+            "bert": normalizers.BertNormalizer()}[normalizer]
+    specials = ("<unk>", "<s>", *(added(s, **options) for s in ("<|end|>", "<|user|>", "<|assistant|>")))
+    tok = sentencepiece_like(scheme, TURN_TOKEN_TEMPLATE, specials, normalizer=norm)
+    rows = []
+    for k, (a, b, c) in enumerate(zip(SPLIT_CONTENTS, SPLIT_CONTENTS[3:] + SPLIT_CONTENTS[:3],
+                                      SPLIT_CONTENTS[5:] + SPLIT_CONTENTS[:5])):
+        turns = [{"role": "user", "content": a}, {"role": "assistant", "content": b}, {"role": "user", "content": c}]
+        rows.append(row(f"r{k}", turns=turns, chosen=b, rejected=f"{c}<|end|>"))
+    pairs, ledger = tokenize_rows(tok, rows, TokenizeConfig(max_length=512), on_mismatch="skip")
+    assert ledger.counts["special_token_text"] == len(rows) and ledger.counts.get("skipped_normalizer_spans_specials", 0) == 0
+    by_id = {r["pair_id"]: r for r in rows}
+    # BERT's normalizer makes the prompt's closing "\n" a " ", which byte-level BPE merges with a reply's
+    # first letter: those rows break the prefix property, in one string alike
+    assert {s["reason"] for s in ledger.skipped} <= ({"template_mismatch"} if normalizer == "bert" else set())
+    assert len(pairs) >= len(rows) - 2
+    for p in pairs:
+        r = by_id[p.pair_id]
+        assert list(p.prompt_ids) == one_string(tok, r["prompt"]), r["pair_id"]
+        full = one_string(tok, r["prompt"] + r["chosen"], gen=False)
+        eos = [] if tok.eos_token_id in full[len(p.prompt_ids):] else [tok.eos_token_id]  # appended when text
+        assert p.input_ids("chosen") == full + eos, r["pair_id"]
+        assert p.rejected_ids.count(tok.eos_token_id) == 1  # the reply's "<|end|>" is text

@@ -19,8 +19,11 @@ string, ...), the row's template is rendered with placeholders for the contents,
 template's own special tokens, and the pieces between them (template text + contents) are
 encoded with the tokenizer's specials disabled (``split_special_tokens``) and as the one string
 would encode them there (no SentencePiece "▁" after a special token, the whitespace an lstrip /
-rstrip special takes in left out), so only that text's ids differ.  Such texts are counted
-(``special_token_text``); rows without one are encoded as one string, as TRL does.
+rstrip special takes in left out, a ``single_word`` special beside a word character left text),
+so only that text's ids differ.  A ``normalized`` special is matched in the normalizer's output,
+so a text spelling it so ("</S>" with a lowercasing normalizer) counts too; when that normalizer
+works across the pieces (Strip, Prepend) the row is skipped (``skipped_normalizer_spans_specials``).
+Such texts are counted (``special_token_text``); rows without one are encoded as one string, as TRL does.
 Two repairs for templates that differ: a BOS is prepended only when the tokenizer would add
 one (its post-processor or ``add_bos_token``) and the template did not emit one; a run of BOS
 at the start is collapsed to one.  An EOS is appended to a completion only if it contains none (templates that do not
@@ -44,6 +47,7 @@ Every row ends in exactly one ledger bucket (``kept``, a ``dropped_*`` or a ``sk
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -321,29 +325,145 @@ _WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 
 
 class _Special(NamedTuple):
     id: int
+    content: str
     lstrip: bool  # the tokenizer takes the whitespace before it into the token (it is encoded as nothing)
     rstrip: bool  # ... after it (a turn token such as <|end|> set up so eats the newline the template puts next)
+    single_word: bool  # matched only where the characters beside it are no word characters (else it is text)
+    normalized: bool  # matched in the normalizer's output (between the other specials), not in the text as written
 
 
-def _special_pattern(tok) -> tuple[re.Pattern | None, dict[str, _Special]]:
-    """A regex finding the tokenizer's special added tokens (longest first, as the tokenizer matches) and their ids."""
-    found = {t.content: _Special(i, bool(t.lstrip), bool(t.rstrip)) for i, t in tok.added_tokens_decoder.items()
-             if t.special}
+@dataclass(frozen=True)
+class _SpecialTokens:
+    """The tokenizer's special added tokens, found where the one-string encoding finds them."""
+
+    pattern: re.Pattern  # their contents as written, longest first (as the tokenizer matches)
+    by_content: dict[str, _Special]
+    normalizer: Any | None  # the backend's normalizer when a special token is matched in its output, else None
+    normalized_pattern: re.Pattern | None  # those tokens' normalized contents (what the tokenizer matches)
+
+    def spelled_in(self, text: str) -> bool:
+        """Whether ``text`` spells a special token as written or, normalized, as the tokenizer matches it
+        (with a lowercasing normalizer "</S>" is "</s>", with NFKC fullwidth "＜/s＞" too)."""
+        if self.pattern.search(text):
+            return True
+        return self.normalizer is not None and bool(self.normalized_pattern.search(self.normalizer.normalize_str(text)))
+
+
+def _alternatives(strings: Iterable[str]) -> re.Pattern:
+    return re.compile("(" + "|".join(re.escape(s) for s in sorted(set(strings), key=len, reverse=True)) + ")")
+
+
+def _special_tokens(tok) -> _SpecialTokens | None:
+    """The tokenizer's special added tokens (None when it has none)."""
+    found = {t.content: _Special(i, t.content, bool(t.lstrip), bool(t.rstrip), bool(t.single_word), bool(t.normalized))
+             for i, t in tok.added_tokens_decoder.items() if t.special}
     if not found:
-        return None, found
-    return re.compile("(" + "|".join(re.escape(s) for s in sorted(found, key=len, reverse=True)) + ")"), found
+        return None
+    normalizer = tok.backend_tokenizer.normalizer
+    normalized = [n for s in found.values() if s.normalized and normalizer is not None
+                  and (n := normalizer.normalize_str(s.content))]
+    if not normalized:
+        return _SpecialTokens(_alternatives(found), found, None, None)
+    return _SpecialTokens(_alternatives(found), found, normalizer, _alternatives(normalized))
 
 
-def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, found: dict[str, _Special], *,
-                   generation_prompt: bool) -> list[str | int] | None:
+@functools.cache
+def _word_probe():
+    """A tokenizer with one added ``single_word`` token, "\ue002": it is matched after a character c
+    exactly when the tokenizers library does not count c as a word character."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    probe = Tokenizer(models.WordLevel({"c": 0, "\ue002": 1}, unk_token="c"))
+    probe.add_tokens([AddedToken("\ue002", single_word=True, normalized=False)])
+    return probe
+
+
+@functools.lru_cache(maxsize=4096)
+def _word_char(c: str) -> bool:
+    """Whether a ``single_word`` added token beside ``c`` is not matched (Rust's Unicode ``\\w``; the library
+    itself is asked, so letters, digits, "_", combining marks... are exactly its word characters)."""
+    return bool(c) and 1 not in _word_probe().encode(c + "\ue002", add_special_tokens=False).ids
+
+
+def _resolve_single_word(texts: list[str | _Special], normalizer: Any | None) -> list[str | _Special]:
+    """``texts`` with each ``single_word`` special the one string would not match turned back into text.
+
+    The tokenizer matches such a token only where the character before it and the one after it are no
+    word characters: "flour</s>" keeps "</s>" as text, "flour.</s>" does not.  A token matched as written
+    looks at the characters beside it in the whole text; a ``normalized`` one at those of the normalizer's
+    output of its stretch between the specials matched as written (those are resolved first).
+    """
+    out = list(texts)
+
+    def text(t: str | _Special) -> str:
+        return t.content if isinstance(t, _Special) else t
+
+    def stretch(k: int, step: int) -> str:
+        """The text from ``k`` (exclusive) to the next special matched as written, normalized."""
+        j, parts = k + step, []
+        while 0 <= j < len(out) and not (isinstance(out[j], _Special) and not out[j].normalized):
+            parts.append(text(out[j]))
+            j += step
+        joined = "".join(parts[::step])
+        return normalizer.normalize_str(joined) if normalizer is not None else joined
+
+    for normalized in (False, True):
+        for k, t in enumerate(out):
+            if not (isinstance(t, _Special) and t.single_word and t.normalized == normalized):
+                continue
+            if normalized:
+                before, after = stretch(k, -1)[-1:], stretch(k, 1)[:1]
+            else:
+                before, after = "".join(map(text, out[:k]))[-1:], "".join(map(text, out[k + 1:]))[:1]
+            if _word_char(before) or _word_char(after):
+                out[k] = t.content
+    return out
+
+
+def _normalizes_apart(normalizer: Any, texts: list[str | _Special]) -> bool:
+    """Whether each stretch between the specials matched as written normalizes as its parts do one by one.
+
+    The one string normalizes such a stretch whole and finds the ``normalized`` specials in the result;
+    the pieces are normalized apart.  Equal for a per-character normalizer (lowercase, NFKC); not for
+    Strip (the whitespace beside each special), Prepend (a "▁" before each piece, and the pattern of a
+    special, "▁<|end|>", not found in the stretch at all) and their kind: such rows cannot be split honestly.
+    """
+    stretch: list[str] = []
+    for t in [*texts, None]:
+        if t is None or (isinstance(t, _Special) and not t.normalized):
+            if normalizer.normalize_str("".join(stretch)) != "".join(normalizer.normalize_str(s) for s in stretch):
+                return False
+            stretch = []
+        else:
+            stretch.append(t.content if isinstance(t, _Special) else t)
+    return True
+
+
+REWRITES_TEXT = "template_rewrites_text"  # skip reasons of a row spelling a special token (ledger: skipped_<reason>)
+NORMALIZER_SPANS_SPECIALS = "normalizer_spans_specials"
+
+
+def _strips_alike(normalizer: Any | None, special: _Special, text: str, kept: str, strip) -> bool:
+    """Whether the whitespace a stripping special takes in as written (``text`` -> ``kept``) is what the one
+    string takes in: a ``normalized`` special strips the normalizer's output (``strip``: str.rstrip / lstrip)."""
+    return (normalizer is None or not special.normalized
+            or normalizer.normalize_str(kept) == strip(normalizer.normalize_str(text), _WHITESPACE))
+
+
+def _render_pieces(tok, messages: list[dict[str, str]], specials: _SpecialTokens, *,
+                   generation_prompt: bool) -> list[str | int] | str:
     """The rendering as [text, special id, text, ...], where only the template's own framing yields ids.
 
     Each content is rendered as a placeholder that keeps the content's outer whitespace (a
     template that trims it trims the placeholder alike); the special-token strings are found in
     that rendering, where no data text is, then the contents are put back into the text pieces.
-    The whitespace a special token with lstrip / rstrip takes in, in one string, is left out
-    of the pieces beside it (template text or content alike).
-    None when the template changes a content otherwise (put back, it differs from the real rendering).
+    A ``single_word`` special stays text where the one string leaves it text (a word character
+    beside it, data or template); the whitespace a special token with lstrip / rstrip takes in, in
+    one string, is left out of the pieces beside it (template text or content alike).
+    A skip reason instead when the pieces cannot be encoded as the one string is:
+    ``REWRITES_TEXT`` when the template changes a content otherwise than by trimming (put back, it
+    differs from the real rendering), ``NORMALIZER_SPANS_SPECIALS`` when a ``normalized`` special
+    is found in the normalizer's output and that output is not the pieces' outputs side by side.
     """
     cores, marked = [], []
     for k, m in enumerate(messages):
@@ -354,22 +474,32 @@ def _render_pieces(tok, messages: list[dict[str, str]], specials: re.Pattern, fo
         marked.append({**m, "content": f"{text[:start]}\ue000{k}\ue001{text[start + len(core):]}"})
     rendered = _render(tok, marked, generation_prompt=generation_prompt)
     if _MARK.sub(lambda g: cores[int(g[1])], rendered) != _render(tok, messages, generation_prompt=generation_prompt):
-        return None
+        return REWRITES_TEXT
     texts: list[str | _Special] = []  # the rendering: contents put back, the template's special tokens found
     for i, part in enumerate(_MARK.split(rendered)):
         if i % 2:
             texts.append(cores[int(part)])
         else:
-            texts += [found[chunk] if j % 2 else chunk for j, chunk in enumerate(specials.split(part))]
+            texts += [specials.by_content[chunk] if j % 2 else chunk
+                      for j, chunk in enumerate(specials.pattern.split(part))]
+    norm = specials.normalizer
+    texts = _resolve_single_word(texts, norm)
+    if norm is not None and not _normalizes_apart(norm, texts):
+        return NORMALIZER_SPANS_SPECIALS
     pieces: list[str | int] = []
-    buf, strip_next = "", False
+    buf, taker = "", None  # taker: the rstrip special whose whitespace after it is not yet all taken in
     for t in texts:
         if isinstance(t, _Special):
-            pieces += [buf.rstrip(_WHITESPACE) if t.lstrip else buf, t.id]
-            buf, strip_next = "", t.rstrip
-        elif strip_next:  # whitespace runs on across pieces until the first other character
+            kept = buf.rstrip(_WHITESPACE) if t.lstrip else buf
+            if t.lstrip and not _strips_alike(norm, t, buf, kept, str.rstrip):
+                return NORMALIZER_SPANS_SPECIALS
+            pieces += [kept, t.id]
+            buf, taker = "", (t if t.rstrip else None)
+        elif taker is not None:  # whitespace runs on across pieces until the first other character
             buf = t.lstrip(_WHITESPACE)
-            strip_next = not buf
+            if not _strips_alike(norm, taker, t, buf, str.lstrip):
+                return NORMALIZER_SPANS_SPECIALS
+            taker = None if buf else taker
         else:
             buf += t
     return [*pieces, buf]
@@ -447,30 +577,32 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledg
     prefix property raises PrefixMismatchError (``on_mismatch="fail"``) or is skipped and
     recorded as ``skipped_template_mismatch`` with its pair id, side and position (``"skip"``).
     A pair with a special-token string in its text whose template rewrites message contents
-    (beyond trimming) is always skipped as ``skipped_template_rewrites_text``: it cannot be
-    encoded with that text kept as text.
+    (beyond trimming) is always skipped as ``skipped_template_rewrites_text``, one whose tokenizer
+    normalizes across its ``normalized`` specials as ``skipped_normalizer_spans_specials``: it
+    cannot be encoded with that text kept as text and the rest as in one string.
     """
     if on_mismatch not in ("fail", "skip"):
         raise ValueError(f"on_mismatch must be 'fail' or 'skip', got {on_mismatch!r}")
     ledger = ledger or TokenizeLedger()
     rows = list(rows)
     sp = _specials(tok)
-    specials, special_tokens = _special_pattern(tok)
+    specials = _special_tokens(tok)
     renderings: list[str | list[str | int]] = []  # per row: prompt, prompt + chosen, prompt + rejected
-    rewritten: set[int] = set()  # rows whose template changes a content that holds a special-token string
+    unsplittable: dict[int, str] = {}  # rows spelling a special token that cannot be split honestly: the reason
     for i, r in enumerate(rows):
         pid = str(r["pair_id"])
         prompt = _messages(r["prompt"], "prompt", pid)
         convs = [(prompt, True)] + [(prompt + _messages(r[side], side, pid), False) for side in ("chosen", "rejected")]
         texts = [m["content"] for m in convs[1][0] + convs[2][0][len(prompt):]]  # each data text once
-        n_special = sum(1 for t in texts if specials.search(t)) if specials else 0
+        n_special = sum(1 for t in texts if specials.spelled_in(t)) if specials else 0
         if not n_special:  # the common case: one string per conversation, ids exactly as TRL's
             renderings += [_render(tok, msgs, generation_prompt=gen) for msgs, gen in convs]
             continue
         ledger.counts["special_token_text"] += n_special
-        pieces = [_render_pieces(tok, msgs, specials, special_tokens, generation_prompt=gen) for msgs, gen in convs]
-        if None in pieces:
-            rewritten.add(i)
+        pieces = [_render_pieces(tok, msgs, specials, generation_prompt=gen) for msgs, gen in convs]
+        reasons = [p for p in pieces if isinstance(p, str)]
+        if reasons:
+            unsplittable[i] = reasons[0]
             pieces = [[], [], []]
         renderings += pieces
     enc = _encode_renderings(tok, renderings)
@@ -479,9 +611,9 @@ def tokenize_rows(tok, rows: Iterable[dict[str, Any]], cfg: TokenizeConfig, ledg
     for i, r in enumerate(rows):
         pid = str(r["pair_id"])
         ledger.add("rows_in")
-        if i in rewritten:
-            ledger.add("skipped_template_rewrites_text", pid)
-            ledger.skipped.append({"pair_id": pid, "reason": "template_rewrites_text"})
+        if i in unsplittable:
+            ledger.add(f"skipped_{unsplittable[i]}", pid)
+            ledger.skipped.append({"pair_id": pid, "reason": unsplittable[i]})
             continue
         raw_prompt = enc[3 * i]
         comps = []
