@@ -534,8 +534,8 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     per-dimension consensus (:func:`pipeline.dimensions.consensus`).  ``rated`` (bool (N,)): the
     judgments that vote (:func:`pipeline.checks.agreement.ratings`: a re-delivered copy is no second
     vote -- the preliminary consensus, which sees the copies select drops); the others count nowhere
-    (votes, fit, agreement, ``n_*``, ``count_*``) but keep the pair's texts, orientation, locale,
-    tags, ``source_comparison_ids`` and its per-dimension consensus.  Default: every judgment."""
+    (votes, fit, agreement, ``n_*``, ``count_*``, the per-dimension consensus and its fit) but keep
+    the pair's texts, orientation, locale, tags and ``source_comparison_ids``.  Default: every judgment."""
     cfg = cfg or AggregationConfig()
     if judgments.height == 0:
         return Aggregation(empty_frame(PairRecord), _empty_annotators(), pl.Series("a_hash", [], pl.String),
@@ -612,7 +612,8 @@ def aggregate(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     })
     from pipeline import dimensions as dims  # imports this module
 
-    long = dims.consensus(judgments, cfg, encoded=full, params=dim_params) if dims.has_dimensions(judgments) else None
+    long = dims.consensus(judgments, cfg, encoded=full, params=dim_params, rated=rated) \
+        if dims.has_dimensions(judgments) else None
     pairs = pairs.with_columns(dimensions=dims.pair_column(long, e.pair_ids))
     pairs = pairs.select([pl.col(k).cast(t) for k, t in polars_schema(PairRecord).items()])
     pairs = dims.apply_rule(pairs, long, dimensions)

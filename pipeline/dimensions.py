@@ -20,7 +20,10 @@ Method
   order-aware DS for AI judges, one vote per annotator, exactly as for the overall label,
   each annotator's accuracy estimated per dimension.  The aggregation orients each (pair,
   dimension) by its own first verdict; results are turned to the pair's canonical orientation
-  (the overall aggregation's) by swapping a/b where those differ.
+  (the overall aggregation's) by swapping a/b where those differ.  A re-delivered copy of a
+  judgment (``rated``: :func:`pipeline.checks.agreement.ratings`, the overall consensus's votes)
+  gives no verdict here either: its rows are left out before the per-dimension rows are made, so
+  a copy neither adds a judgment nor outweighs its annotator's other verdicts on the pair.
 * **Training on a dimension** (:func:`for_training`, ``train_on``): ``label`` and ``strength``
   become the dimension's verdict; judgments without one do not vote (dropped as
   ``no_verdict_on_<dimension>``); ``gold_label`` (a known *overall* answer) is cleared.
@@ -40,7 +43,7 @@ from schemas.policy import AggregationConfig, DimensionsConfig
 from schemas.records import DIMENSION_LABELS, DIMENSION_NAME_MAX, DIMENSION_NAME_RE
 
 __all__ = ["DIM_STRUCT", "SEP", "apply_rule", "conflicts", "consensus", "dimension_frame", "dimension_label",
-           "for_training", "has_dimensions", "long_frame", "names", "parse_dimensions", "rule_expr"]
+           "for_training", "has_dimensions", "long_frame", "names", "parse_dimensions", "rule_expr", "voting"]
 
 SEP = "\x1f"  # joins pair/annotator ids with a dimension name (names never contain it)
 DIM_STRUCT = pl.Struct({"name": pl.String, "label": pl.String, "strength": pl.Float64, "critique": pl.String})
@@ -270,11 +273,13 @@ def names(judgments: pl.DataFrame) -> list[str]:
     return sorted(judgments["dimensions"].explode().struct.field("name").drop_nulls().unique().to_list())
 
 
-def dimension_frame(judgments: pl.DataFrame, name: str) -> pl.DataFrame:
+def dimension_frame(judgments: pl.DataFrame, name: str, rated: Any = None) -> pl.DataFrame:
     """The judgments that gave a verdict on ``name``, with ``label`` / ``strength`` taken from it
-    (``gold_label`` cleared: it is a known overall answer)."""
+    (``gold_label`` cleared: it is a known overall answer).  ``rated``: the judgments that vote
+    (:func:`voting`; default all) -- the others are left out too."""
     lab = dimension_label(pl.col("dimensions"), name)
-    out = judgments.filter(lab.is_not_null()).with_columns(
+    keep = lab.is_not_null() if rated is None or rated.all() else lab.is_not_null() & pl.lit(pl.Series(rated))
+    out = judgments.filter(keep).with_columns(
         label=lab, strength=dimension_label(pl.col("dimensions"), name, "strength"))
     return out.with_columns(gold_label=pl.lit(None, dtype=out["gold_label"].dtype)) if "gold_label" in out.columns else out
 
@@ -294,16 +299,26 @@ def for_training(judgments: pl.DataFrame, cfg: DimensionsConfig) -> tuple[pl.Dat
 
 
 # ---------------------------------------------------------------- consensus per dimension
-_CACHE: list[tuple[weakref.ref, int, tuple[str, ...], AggregationConfig, pl.DataFrame]] = []
+_CACHE: list[tuple[weakref.ref, int, tuple[str, ...], AggregationConfig, Any, pl.DataFrame]] = []
 LONG_COLUMNS = ("pair_id", "name", "label", "agreement", "strength", "p_a_weighted", "n_judgments", "n_human", "n_ai",
                 "annotator_kind", "label_human", "label_ai", "swapped")
 
 
-def long_frame(judgments: pl.DataFrame) -> pl.DataFrame:
+def voting(judgments: pl.DataFrame, rated: Any = None) -> pl.DataFrame:
+    """The judgments ``rated`` marks (bool (N,), :func:`pipeline.checks.agreement.ratings`: all but
+    re-delivered copies), in their order; None or every row marked: ``judgments``."""
+    if rated is None or rated.all():
+        return judgments
+    return judgments.filter(pl.Series(rated))
+
+
+def long_frame(judgments: pl.DataFrame, rated: Any = None) -> pl.DataFrame:
     """One row per (judgment, dimension verdict), in the judgments' order: a judgments frame whose
     pair key is ``pair_id + SEP + name`` and annotator key ``annotator_id + SEP + name`` (texts
-    empty), which :func:`pipeline.aggregate.aggregate` decides as it decides pairs."""
+    empty), which :func:`pipeline.aggregate.aggregate` decides as it decides pairs.  ``rated``:
+    the judgments that vote (:func:`voting`; default all)."""
     c = pl.col
+    judgments = voting(judgments, rated)
     keep = [x for x in ("comparison_id", "pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "shown_first")
             if x in judgments.columns]
     long = (judgments.select(*keep, "dimensions").filter(c("dimensions").is_not_null())
@@ -324,7 +339,7 @@ def long_frame(judgments: pl.DataFrame) -> pl.DataFrame:
 
 
 def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, encoded: Any = None,
-              params: pl.DataFrame | None = None) -> pl.DataFrame | None:
+              params: pl.DataFrame | None = None, rated: Any = None) -> pl.DataFrame | None:
     """Per (pair, dimension): the consensus of the judgments' verdicts on that dimension, in
     the pair's canonical orientation (columns :data:`LONG_COLUMNS`; ``label`` is the consensus
     label; ``swapped``: the dimension's own first verdict named the responses the other way
@@ -333,21 +348,25 @@ def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
     :func:`pipeline.aggregate.encode` of the same frame.  ``params``: the per-(annotator,
     dimension) parameters (``annotator_id + SEP + name``) of a finished fit over a superset of
     these judgments (a partition's pairs decided with the whole input's fit:
-    :mod:`pipeline.partition_consensus`); None: fitted here."""
+    :mod:`pipeline.partition_consensus`); None: fitted here.  ``rated`` (bool (N,)): the judgments
+    whose verdicts vote (:func:`pipeline.checks.agreement.ratings`: a re-delivered copy is no second
+    verdict; the same ``rated`` as the overall consensus); None: every judgment."""
     from pipeline import aggregate as agg
 
     if not has_dimensions(judgments):
         return None
     cfg = cfg or AggregationConfig()
     if _CACHE:
-        ref, height, cols, ccfg, out = _CACHE[0]
+        ref, height, cols, ccfg, crated, out = _CACHE[0]
         if ref() is judgments and height == judgments.height and cols == tuple(judgments.columns) and ccfg == cfg \
-                and params is None:
+                and params is None and _same(crated, rated):
             return out
     e = encoded or agg.encode(judgments)  # the overall orientation
     canon = pl.DataFrame({"pair_id": e.pair_ids, "_canon_a": judgments["a_hash"].rechunk().gather(e.pair_first)})
     c = pl.col
-    long = long_frame(judgments)
+    long = long_frame(judgments, rated)
+    if long.height == 0:  # (the only verdicts were copies')
+        return None
     res = agg.aggregate(long, cfg, encoded=agg._encode(long),  # not agg.encode: keep its cache for the main frame
                         params=params, fitted=params is not None)
     p = res.pairs.with_columns(_a=res.a_hash)
@@ -367,8 +386,19 @@ def consensus(judgments: pl.DataFrame, cfg: AggregationConfig | None = None, *, 
         label_human=turned("label_human"), label_ai=turned("label_ai"), swapped=swap,
     ).sort("pair_id", "name")
     if params is None:
-        _CACHE[:] = [(weakref.ref(judgments), judgments.height, tuple(judgments.columns), cfg, out)]
+        _CACHE[:] = [(weakref.ref(judgments), judgments.height, tuple(judgments.columns), cfg, rated, out)]
     return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two ``rated`` masks mark the same judgments (None: every one)."""
+    import numpy as np
+
+    if a is b:
+        return True
+    a = np.ones(len(b), bool) if a is None else a
+    b = np.ones(len(a), bool) if b is None else b
+    return bool(np.array_equal(a, b))
 
 
 PAIR_STRUCT_FIELDS = ("name", "label", "agreement", "strength", "n_judgments")

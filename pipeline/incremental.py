@@ -543,8 +543,9 @@ _PRELIM_DROP = ("prompt", "prompt_text", "response_a", "response_b", "model_a", 
 
 
 # what the preliminary state means, recorded in a version's lineage (``preliminary_format``); bump when it changes:
-# a child keeps its parent's preliminary rows and parameters only in this format.  2: re-delivered copies do not vote
-PRELIM_FORMAT = "2"
+# a child keeps its parent's preliminary rows and parameters only in this format.  2: re-delivered copies do not vote;
+# 3: nor in the rows' per-dimension consensus (``dimensions``, and the dimension rule's label of a pair it decides)
+PRELIM_FORMAT = "3"
 
 
 def has_preliminary(parent: VersionHandle) -> bool:

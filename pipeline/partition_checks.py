@@ -63,7 +63,7 @@ from pipeline.partition_write import keyed_by_part
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
 
-VERSION = "8"  # 8: reliability (and the preliminary consensus) do not count re-delivered copies
+VERSION = "9"  # 8: reliability (and the preliminary consensus) do not count re-delivered copies; 9: nor a dimension's sums
 
 
 def _frame_bytes(frame: pl.DataFrame) -> bytes:
@@ -92,13 +92,14 @@ def _sums_run(names: tuple[str, ...], cfg_json: str, given_ipc: tuple[tuple[str,
     if drop:
         part = part.filter(~pl.col("pair_id").is_in(pl.Series(drop, dtype=pl.String).implode()))
     extra: State = {}
-    if dimension is not None:  # the judgments with a verdict on it, labelled with that verdict
+    if dimension is not None:  # the judgments with a verdict on it that vote (no re-delivered copy), labelled with it
         from pipeline import dimensions as dims
+        from pipeline.checks.agreement import ratings
 
         extra["counts"] = pl.DataFrame(
             {"with_dimensions": [part.height - part["dimensions"].null_count()],
              "labels_derived": [int(part["label_derived"].sum())]}, schema={"with_dimensions": pl.Int64, "labels_derived": pl.Int64})
-        part = dims.dimension_frame(part, dimension)
+        part = dims.dimension_frame(part, dimension, ratings(part))
         extra["counts"] = extra["counts"].with_columns(judgments=pl.lit(part.height, pl.Int64))
     cfg = ChecksConfig.model_validate_json(cfg_json)
     given = {k: _frame(b) for k, b in given_ipc}
@@ -110,8 +111,8 @@ def sums_step(names: tuple[str, ...], cfg: ChecksConfig, given: dict[str, pl.Dat
     """Count the states of the checks ``names`` in each partition; the reduce adds them per check.
     ``given``: what the counts read besides the partition (``reliability_params``,
     ``length_bias_excluded``); ``drop``: pair ids left out; ``dimension``: counted on the
-    judgments' verdicts on that dimension (:func:`pipeline.dimensions.dimension_frame`), with the
-    ``counts`` the dimensions check reads."""
+    judgments' verdicts on that dimension (:func:`pipeline.dimensions.dimension_frame` of those that
+    vote: no re-delivered copy), with the ``counts`` the dimensions check reads (every delivery)."""
     given_ipc = tuple((k, _frame_bytes(v)) for k, v in sorted(given.items()))
     drop = tuple(sorted(set(drop)))
     cfg_json = cfg.model_dump_json()

@@ -54,7 +54,7 @@ from pipeline.distributed import State, Step, read_ipc
 from pipeline.partition import read_partition
 from schemas.policy import AggregationConfig, DimensionsConfig
 
-VERSION = "7"  # 7: re-delivered copies do not vote (codes carry ``rated``)
+VERSION = "8"  # 7: re-delivered copies do not vote (codes carry ``rated``); 8: nor in the per-dimension codes
 # what the fit reads of a judgment (the columns :func:`pipeline.aggregate.encode` codes)
 FIT_COLUMNS = ["pair_id", "a_hash", "b_hash", "annotator_id", "annotator_kind", "label", "shown_first", "gold_label",
                "strength", "dimensions"]
@@ -89,10 +89,13 @@ def codes_with_dimensions(part: pl.DataFrame, rated: np.ndarray | None = None) -
     (pair, dimension), an annotator key per (annotator, dimension)) as ``dim_*`` tables: the
     per-dimension consensus is fitted on them as the overall one is (:func:`fit_dimensions`).
     ``rated``: the judgments that vote (:func:`pipeline.checks.agreement.ratings`; default all), sent
-    with the codes: the fit leaves out the others, as :func:`pipeline.aggregate.aggregate` does."""
+    with the codes: the fit leaves out the others, as :func:`pipeline.aggregate.aggregate` does; the
+    per-dimension rows are made of them only, as :func:`pipeline.dimensions.consensus` makes them."""
     state = codes_of(part, rated)
     if dims.has_dimensions(part):
-        state.update({f"dim_{k}": v for k, v in codes_of(canonical(dims.long_frame(part))).items()})
+        long = dims.long_frame(part, rated)
+        if long.height:  # (none: the only verdicts were copies')
+            state.update({f"dim_{k}": v for k, v in codes_of(canonical(long)).items()})
     return state
 
 

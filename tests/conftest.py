@@ -43,11 +43,17 @@ def canonical(i: int = 0, **over) -> dict:
 
 def redelivered(records: list[dict], every: int) -> list[dict]:
     """``records`` plus a re-delivery of every ``every``-th one: a new comparison id, a later time,
-    the responses named the other way round (label, display order and gold label swapped with them)."""
+    the responses named the other way round (label, display order, gold label and dimension verdicts
+    swapped with them)."""
     swap = {"a": "b", "b": "a"}
+
+    def turned(v):  # a dimension verdict: a bare label or {label, strength, critique}
+        return {**v, "label": swap.get(v["label"], v["label"])} if isinstance(v, dict) else swap.get(v, v)
+
     copies = [{**r, "comparison_id": f"{r['comparison_id']}-again", "created_at": "2027-01-01T00:00:00Z",
                "response_a": r["response_b"], "response_b": r["response_a"], "label": swap.get(r["label"], r["label"]),
-               **{k: swap[r[k]] for k in ("shown_first", "gold_label") if r.get(k) in swap}}
+               **{k: swap[r[k]] for k in ("shown_first", "gold_label") if r.get(k) in swap},
+               **({"dimensions": {d: turned(v) for d, v in r["dimensions"].items()}} if r.get("dimensions") else {})}
               for r in records[::every]]
     return records + copies
 

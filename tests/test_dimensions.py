@@ -372,3 +372,116 @@ def test_rated_adapter_maps_per_aspect_ratings(tmp_path):
     (d,) = r.judgments["dimensions"].to_list()
     assert {x["name"]: x["label"] for x in d} == {"helpfulness": "a", "instruction_following": "tie", "truthfulness": "a"}
     assert r.judgments["label"].to_list() == ["a"]
+
+
+# ---------------------------------------------------------------- re-delivered copies are no second verdict
+def _swayed(i: int, who: str, shown: str, helpfulness: str, label: str) -> dict:
+    """A judgment of the planted pair ``swayed``: harmless a, helpfulness split."""
+    return _row(9000 + i, {"harmlessness": "a", "helpfulness": helpfulness}, prompt=[{"role": "user", "content": "planted swayed"}],
+                response_a="safe and helpful", response_b="unsafe", annotator_id=who, shown_first=shown, label=label,
+                created_at="2026-11-23T10:00:00Z")
+
+
+def _with_copies() -> tuple[list[dict], list[dict], list[dict]]:
+    """(the sample batch + the planted pair ``swayed``, the same with re-delivered copies, the copies):
+    every 4th judgment delivered again (the responses named the other way round, verdicts swapped with
+    them), and ``swayed``'s rev-dim-01 helpfulness-a judgment twice more (once as it was, once named
+    the other way round).  ``swayed``: rev-dim-01 judged it in both display orders (helpfulness a,
+    then b), rev-dim-02 a, rev-dim-03 b -- a tied helpfulness the fit decides b, in conflict with
+    harmlessness a; counted, the two copies outweighed rev-dim-01's other verdict (a) and hid it."""
+    from conftest import redelivered
+
+    rows = [json.loads(line) for line in DIM_BATCH.read_text().splitlines()]
+    planted = [_swayed(0, "rev-dim-01", "a", "a", "a"), _swayed(1, "rev-dim-01", "b", "b", "b"),
+               _swayed(2, "rev-dim-02", "a", "a", "a"), _swayed(3, "rev-dim-03", "a", "b", "b")]
+    again = redelivered(rows, 4)
+    swayed_again = [{**planted[0], "comparison_id": "swayed-again", "created_at": "2027-01-02T00:00:00Z"},
+                    {**redelivered(planted[:1], 1)[1], "comparison_id": "swayed-again-2"}]
+    copies = again[len(rows):] + swayed_again
+    return rows + planted, rows + planted + copies, copies
+
+
+def test_re_delivered_copies_are_no_second_verdict_on_a_dimension():
+    """The per-dimension consensus and the dimensions check leave re-delivered copies out as the
+    overall consensus does: the pairs (their per-dimension verdicts, agreements, judgment counts and
+    the rule's labels) and the check's figures and flags are those of the batch without them, but
+    for the judgments with dimensions (deliveries, counted as the totals are).  Counted, the copies
+    hid ``swayed``'s conflict and moved every copied pair's figures."""
+    from pipeline.checks.agreement import ratings
+
+    plain, again, copies = _with_copies()
+    j, ja = judgments_from_records(plain), judgments_from_records(again)
+    cfg = ChecksConfig()
+    want = aggregate(j, cfg.aggregation, dimensions=PRIORITY).pairs
+    got = aggregate(ja, cfg.aggregation, dimensions=PRIORITY, rated=ratings(ja)).pairs
+    assert got.drop("source_comparison_ids").equals(want.drop("source_comparison_ids"))
+    swayed = want.filter(pl.col("pair_id").str.starts_with("dim-p").not_())
+    assert {d["name"]: d["label"] for d in swayed["dimensions"][0]} == {"harmlessness": "a", "helpfulness": "b"}
+    w, g = dim_check.run(j, cfg, pairs=want), dim_check.run(ja, cfg, pairs=got)
+    assert g.metrics.pop("judgments_with_dimensions") - w.metrics.pop("judgments_with_dimensions") == len(copies)
+    assert g.metrics == w.metrics
+    assert g.flags.equals(w.flags) and swayed["pair_id"][0] in w.flags["subject_id"].to_list()
+    assert w.metrics["per_dimension"]["helpfulness"]["judgments"] == len(plain)
+
+
+@pytest.mark.parametrize("path", ["one process", "partitions", "child"])
+def test_the_per_dimension_consensus_does_not_count_re_delivered_copies(tmp_path, path):
+    """A version's per-dimension consensus -- the preliminary pairs' dimensions, the dimensions
+    check's figures and ``dimension_conflict`` flags, select's decisions and the final pairs -- is
+    that of the same judgments without re-delivered copies (:func:`_with_copies`; a child's copies
+    also of its parent's judgments), but for the judgments with dimensions (every delivery).
+    Counted, the copies hid ``swayed``'s conflict, and the pair was kept instead of dropped.  On
+    the first version's two builds (the partitioned one at 2 and 5 partitions) and a child."""
+    from conftest import write_jsonl
+
+    from pipeline import incremental as inc
+    from pipeline.checks import resolve_policy
+    from pipeline.curate import CurateOptions
+    from pipeline.partition import partition_files
+    from pipeline.partitioned_build import build_first
+
+    plain, again, copies = _with_copies()
+    policy = resolve_policy(policy_from_dict({"dimensions": {"priority": ["harmlessness", "helpfulness"]},
+                                              "select": {"flag_actions": {"dimension_conflict": "drop"}}}))
+    n_first = 120
+    figures = {}
+    for with_copies in (False, True):
+        rows = again if with_copies else plain
+        for n in ((2, 5) if path == "partitions" else (None,)):
+            store = Store(tmp_path / f"store-{with_copies}-{n}")
+            if path == "child":
+                parent = curate([write_jsonl(tmp_path / "first.jsonl", rows[:n_first])], store, policy).version_id
+                vid = curate([write_jsonl(tmp_path / f"second-{with_copies}.jsonl", rows[n_first:])], store, policy,
+                             parent=parent).version_id
+            elif n is None:
+                batch = write_jsonl(tmp_path / f"all-{with_copies}.jsonl", rows)
+                vid = curate([batch], store, policy, options=CurateOptions(partitioned=False)).version_id
+            else:
+                batch = write_jsonl(tmp_path / f"all-{with_copies}.jsonl", rows)
+                pset = partition_files([batch], tmp_path / f"set-{with_copies}-{n}", n_partitions=n, limits=policy.ingest,
+                                       batch_rows=policy.ingest.batch_rows, dimensions=policy.dimensions)
+                vid = f"v-{with_copies}-{n}"
+                store.write_version(vid, lambda stage, v=vid, p=pset: build_first(
+                    store, stage, v, p, policy, work=tmp_path / f"work-{with_copies}-{n}"))
+            h = store.get(vid)
+            m = h.manifest()
+            assert m.check("duplicates").metrics["exact_duplicates"] == (len(copies) if with_copies else 0)
+            if path == "child":
+                assert m.lineage["preliminary"]["mode"] == "incremental"
+            metrics = dict(m.check("dimensions").metrics)
+            delivered = metrics.pop("judgments_with_dimensions")
+            assert delivered == len(rows)
+            cols = ["pair_id", "label_consensus", "agreement", "dimensions"]
+            figures[with_copies, n] = {
+                "dimensions": metrics,
+                "flags": sorted(h.read("flags.parquet").filter(pl.col("check") == "dimensions")
+                                .select("subject_id", "reason", "detail").rows()),
+                "preliminary": h.read(inc.PRELIM_TABLE).select(cols).sort("pair_id").to_dicts(),
+                "pairs": h.read("pairs.parquet").select(*cols, "decision", "reason").sort("pair_id").to_dicts()}
+    want = figures[False, (2 if path == "partitions" else None)]
+    swayed = next(p for p in want["pairs"] if not p["pair_id"].startswith("dim-p"))
+    assert (swayed["decision"], swayed["reason"]) == ("drop", "dimension_conflict")
+    assert swayed["pair_id"] in {s for s, _, _ in want["flags"]} and len(want["flags"]) == 41
+    for key, got in figures.items():
+        for name in want:
+            assert got[name] == want[name], (key, name)

@@ -222,6 +222,24 @@ def test_dimension_verdicts_are_built_over_partitions_as_in_one_process(inputs, 
     _assert_same(got, want)
 
 
+@pytest.mark.parametrize("n", [2, 5])
+def test_dimension_verdicts_with_re_delivered_copies_are_built_over_partitions_as_in_one_process(tmp_path, n):
+    """With re-delivered copies (the dimension sample's every 4th judgment again, and a planted pair
+    whose tied helpfulness two copies used to sway: :func:`tests.test_dimensions._with_copies`), the
+    partitions' per-dimension codes, fit, decisions and sums leave the copies out as the one-process
+    build does: every table, check and count equal."""
+    from tests.test_dimensions import _with_copies
+
+    _, rows, copies = _with_copies()
+    policy = resolve_policy(Policy.model_validate({"dimensions": {"priority": ["harmlessness", "helpfulness"]},
+                                                   "select": {"flag_actions": {"dimension_conflict": "drop"}}}))
+    want, got = _build([write_jsonl(tmp_path / "copies.jsonl", rows)], tmp_path, policy, n)
+    m = want.manifest()
+    assert m.check("duplicates").metrics["exact_duplicates"] == len(copies)
+    assert m.check("dimensions").metrics["conflict_pairs"] == 41  # (the planted pair's conflict too)
+    _assert_same(got, want)
+
+
 def test_train_on_a_dimension_is_built_over_partitions_as_in_one_process(inputs, tmp_path):
     """``train_on``: the version is built on one dimension's verdicts (judgments without one
     dropped and counted), judgments.parquet keeps them as given -- as the one-process build does;

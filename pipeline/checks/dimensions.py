@@ -3,7 +3,11 @@
 Method
 ------
 * Consensus per (pair, dimension): :func:`pipeline.dimensions.consensus` (the aggregation's
-  plurality + Dawid-Skene / order-aware DS, run once over every dimension's verdicts).
+  plurality + Dawid-Skene / order-aware DS, run once over every dimension's verdicts).  A
+  re-delivered copy (:func:`pipeline.checks.agreement.ratings`, the preliminary consensus's
+  votes) gives no verdict: not in the consensus, nor in the per-dimension figures below
+  (``per_dimension[d].judgments`` counts the judgments that vote on d); ``judgments_with_dimensions``
+  and ``labels_derived`` count every delivery, as the totals do.
 * ``dimension_conflict`` (subject ``pair``): the pair's consensus verdicts on two dimensions
   name opposite sides (one ``a``, another ``b``).  Default action ``warn``: the policy's
   dimension rule (``[dimensions]`` priority or primary + veto) decides such a pair's label
@@ -14,7 +18,7 @@ Method
   re-delivered copy's verdicts does not drop the pair.
   ``metrics.conflict_matrix[d1][d2]``: pairs in conflict on d1 and d2 (symmetric).
 * Per dimension d, on the judgments that gave a verdict on d with ``label`` / ``strength``
-  taken from it (:func:`pipeline.dimensions.dimension_frame`): the agreement check
+  taken from it (:func:`pipeline.dimensions.dimension_frame` of the judgments that vote): the agreement check
   (Krippendorff's alpha and Fleiss' kappa with bootstrap CIs per annotator kind, per-pair
   agreement), the position-bias check and the length-bias check, run exactly as on the
   overall labels; their figures go into ``metrics.per_dimension[d]``.  Their annotator flags
@@ -32,6 +36,7 @@ import polars as pl
 
 from pipeline import dimensions as dims
 from pipeline.checks import agreement, length_bias, position_bias
+from pipeline.checks.agreement import ratings
 from pipeline.checks.spec import CheckSpec, Reason
 from schemas.check import CheckResult, empty_flags, make_flags
 from schemas.policy import ChecksConfig
@@ -55,12 +60,14 @@ def _flagged(result: CheckResult) -> dict[str, list[str]]:
 
 
 def per_dimension(judgments: pl.DataFrame, cfg: ChecksConfig, long: pl.DataFrame, pairs: pl.DataFrame | None,
-                  name: str, lengths: pl.DataFrame | None = None, sums: dict[str, Any] | None = None) -> dict[str, Any]:
+                  name: str, lengths: pl.DataFrame | None = None, sums: dict[str, Any] | None = None,
+                  rated: Any = None) -> dict[str, Any]:
     """Consensus counts, agreement (alpha / kappa with CIs), position and length bias on one dimension
     (``lengths``: the pairs' response lengths, :func:`pipeline.checks.length_bias.pair_lengths`).
     ``sums``: those checks' states of the dimension's verdicts and its ``counts``
-    (:func:`pipeline.partition_checks.check_sums` with ``dimension``): the judgments are then not read."""
-    fd = dims.dimension_frame(judgments, name) if sums is None else judgments.clear()
+    (:func:`pipeline.partition_checks.check_sums` with ``dimension``): the judgments are then not read.
+    ``rated``: the judgments that vote (:func:`pipeline.checks.agreement.ratings`; default all)."""
+    fd = dims.dimension_frame(judgments, name, rated) if sums is None else judgments.clear()
     pd = dims.as_written(long.filter(pl.col("name") == name))
     if pairs is not None and {"locale", "tags"} <= set(pairs.columns):
         pd = pd.join(pairs.select("pair_id", "locale", "tags"), on="pair_id", how="left", maintain_order="left")
@@ -89,8 +96,10 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.D
     rows (:func:`pipeline.dimensions.consensus` of these judgments) and, per dimension, the states
     :func:`per_dimension` reads; the judgments are then not read."""
     cfg = cfg if isinstance(cfg, ChecksConfig) else ChecksConfig()
-    if sums is None:
-        long = dims.consensus(judgments, cfg.aggregation)
+    rated = None
+    if sums is None:  # (the preliminary consensus's rows: cached when it aggregated this frame)
+        rated = ratings(judgments) if dims.has_dimensions(judgments) else None
+        long = dims.consensus(judgments, cfg.aggregation, rated=rated)
     if long is None:
         return CheckResult(name=NAME, status="pass", flags=empty_flags(), summary="no per-dimension verdicts",
                            metrics={"dimensions": [], "pairs_with_dimensions": 0, "conflict_pairs": 0, "conflict_matrix": {}})
@@ -107,8 +116,8 @@ def run(judgments: pl.DataFrame, cfg: ChecksConfig | None = None, *, pairs: pl.D
         "labels_derived": int(judgments["label_derived"].sum()) if "label_derived" in judgments.columns else 0,
         "conflict_pairs": per_pair.height,
         "conflict_matrix": dims.conflict_matrix(long),
-        "per_dimension": {n: per_dimension(judgments, cfg, long, pairs, n, lengths, None if sums is None else sums[n])
-                          for n in names},
+        "per_dimension": {n: per_dimension(judgments, cfg, long, pairs, n, lengths, None if sums is None else sums[n],
+                                           rated) for n in names},
     }
     if sums is not None:  # (every dimension's counts carry the same totals)
         counts = sums[names[0]]["counts"]
