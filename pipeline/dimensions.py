@@ -273,14 +273,24 @@ def names(judgments: pl.DataFrame) -> list[str]:
     return sorted(judgments["dimensions"].explode().struct.field("name").drop_nulls().unique().to_list())
 
 
+# the column of a judgments frame that says which of its judgments vote (:func:`dimension_frame`)
+RATED = "_rated"
+
+
 def dimension_frame(judgments: pl.DataFrame, name: str, rated: Any = None) -> pl.DataFrame:
     """The judgments that gave a verdict on ``name``, with ``label`` / ``strength`` taken from it
     (``gold_label`` cleared: it is a known overall answer).  ``rated``: the judgments that vote
-    (:func:`voting`; default all) -- the others are left out too."""
+    (:func:`voting`; default all) -- the others are left out too, and the frame then carries
+    :data:`RATED` (every row true): its copies were found on the judgments' own labels, and
+    :func:`pipeline.checks.agreement.ratings` of it takes that column instead of looking for copies
+    again on the dimension's verdicts -- where two judgments of an annotator with different labels
+    but one verdict on the dimension would look like one delivered twice."""
     lab = dimension_label(pl.col("dimensions"), name)
     keep = lab.is_not_null() if rated is None or rated.all() else lab.is_not_null() & pl.lit(pl.Series(rated))
     out = judgments.filter(keep).with_columns(
         label=lab, strength=dimension_label(pl.col("dimensions"), name, "strength"))
+    if rated is not None:
+        out = out.with_columns(pl.lit(True).alias(RATED))
     return out.with_columns(gold_label=pl.lit(None, dtype=out["gold_label"].dtype)) if "gold_label" in out.columns else out
 
 

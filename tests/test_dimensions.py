@@ -485,3 +485,33 @@ def test_the_per_dimension_consensus_does_not_count_re_delivered_copies(tmp_path
     for key, got in figures.items():
         for name in want:
             assert got[name] == want[name], (key, name)
+
+
+def _one_annotator_twice(again: str) -> list[dict]:
+    """The planted pair ``swayed`` judged by ``rev-x`` in one display order with different overall labels (a,
+    then b) and one verdict on each dimension, the second judgment by ``again`` -- ``rev-x`` itself, or another."""
+    return [_swayed(20, "rev-x", "a", "a", "a"), _swayed(21, again, "a", "a", "b")]
+
+
+def _dimension_counts(metrics: dict) -> dict:
+    """What a dimension's figures count of its ratings: agreement's per kind, the bias checks' judgments."""
+    return {d: ({k: v["n_ratings"] for k, v in m["agreement"].items() if isinstance(v, dict) and "n_ratings" in v},
+                m["position_bias"].get("decisive_with_shown_first"), m["length_bias"].get("judgments_with_length_difference"))
+            for d, m in metrics["per_dimension"].items()}
+
+
+def test_two_judgments_of_an_annotator_with_one_verdict_on_a_dimension_are_two_ratings_of_it():
+    """Two judgments of one annotator on one pair in one display order with different labels are two ratings
+    (no copy: the duplicates check's key has the label), also on a dimension where their verdicts agree -- the
+    dimension's agreement and bias figures count them as they count the same verdicts of two annotators.
+    Before, the dimension's checks looked for copies again on the dimension's verdicts and counted one."""
+    plain = _with_copies()[0]
+    cfg = ChecksConfig()
+    counts = {}
+    for again in ("rev-x", "rev-y"):
+        j = judgments_from_records(plain + _one_annotator_twice(again))
+        counts[again] = _dimension_counts(dim_check.run(j, cfg, pairs=aggregate(j, cfg.aggregation, dimensions=PRIORITY).pairs).metrics)
+    assert counts["rev-x"] == counts["rev-y"]
+    without = judgments_from_records(plain)
+    before = _dimension_counts(dim_check.run(without, cfg, pairs=aggregate(without, cfg.aggregation, dimensions=PRIORITY).pairs).metrics)
+    assert counts["rev-x"]["harmlessness"][0]["all"] == before["harmlessness"][0]["all"] + 2

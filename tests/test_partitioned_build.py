@@ -647,3 +647,20 @@ def test_the_states_go_once_the_pair_tables_are_written_and_a_late_failure_keeps
     retry = _retry_equals(clean, inputs, store, policy)
     assert _report_lines(clean.handle.path)[2:] == _report_lines(retry.handle.path)[2:]
     assert not work.exists()
+
+
+def test_a_dimension_counts_two_judgments_of_an_annotator_over_partitions_as_in_one_process(tmp_path):
+    """Two judgments of one annotator on one pair, one display order, different labels and one verdict on each
+    dimension (:func:`tests.test_dimensions._one_annotator_twice`): the partitions' dimension sums count two
+    ratings, as the one-process build does and as both count the same verdicts of two annotators."""
+    from tests.test_dimensions import _dimension_counts, _one_annotator_twice, _with_copies
+
+    plain = _with_copies()[0]
+    policy = resolve_policy(Policy.model_validate({"dimensions": {"priority": ["harmlessness", "helpfulness"]}}))
+    counts = {}
+    for again in ("rev-x", "rev-y"):
+        want, got = _build([write_jsonl(tmp_path / f"{again}.jsonl", plain + _one_annotator_twice(again))],
+                           tmp_path / again, policy, 2)
+        _assert_same(got, want)
+        counts[again] = _dimension_counts(got.manifest().check("dimensions").metrics)
+    assert counts["rev-x"] == counts["rev-y"]

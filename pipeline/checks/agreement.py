@@ -84,6 +84,8 @@ def ratings(judgments: pl.DataFrame) -> np.ndarray:
     (:func:`pipeline.aggregate.aggregate`'s ``rated``) count the same judgments (each delivery
     once); the last result is cached by frame identity, as :func:`pipeline.aggregate.encode` is,
     so the checks that run on one frame find the copies once (read-only: it is shared).
+    A frame with a ``_rated`` column says itself which judgments vote: a dimension's verdicts
+    (:func:`pipeline.dimensions.dimension_frame`), whose copies were found on the overall labels.
 
     Copies under the same pair id only: a pair's ratings depend on its own judgments (the states'
     contract, :class:`pipeline.checks.spec.Sums`: they add over disjoint sets of pairs).  A copy
@@ -100,6 +102,10 @@ def ratings(judgments: pl.DataFrame) -> np.ndarray:
     differently than a full build counts it.  Doing it means counting a child's states and
     preliminary pairs over that closure (:func:`pipeline.incremental.touched_pairs`, which the
     pair-scoped checks use) and masking order consistency's first judgments with the same rule."""
+    if "_rated" in judgments.columns:  # (a dimension's frame: its copies already left out, pipeline.dimensions.RATED)
+        given = judgments["_rated"].fill_null(False).to_numpy().copy()
+        given.flags.writeable = False
+        return given
     if _RATED:
         ref, height, names, rated = _RATED[0]
         if ref() is judgments and height == judgments.height and names == tuple(judgments.columns):
