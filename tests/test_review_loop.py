@@ -339,6 +339,29 @@ def test_unqualified_reviewers_do_not_resolve(planted, tmp_path):
     assert h.manifest().ledger.reviews.resolved_by_reviews == 3
 
 
+def test_a_reviewer_is_qualified_for_the_locale_of_the_pair_not_the_one_the_review_names(planted, tmp_path):
+    """The pairs are en; rev-ja is qualified for ja only.  A review row naming ja, or no locale at all
+    (a locale column edited or emptied in a spreadsheet between export and a JSONL import without
+    --store), is still a review of an en pair: unqualified, it resolves nothing.  rev-en's does."""
+    reg = tmp_path / "annotators.csv"
+    reg.write_text("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
+                   "rev-01,human,,,,\nrev-02,human,,,,\nrev-ja,human,ja,,,\nrev-en,human,en,,,\n", encoding="utf-8")
+    P = planted["P"]
+    no_locale = _review(P[1], "b", "q-1", who="rev-ja")
+    del no_locale["locale"]
+    batch = write_jsonl(tmp_path / "reviews.jsonl", [_review(P[0], "a", "q-0", who="rev-ja", locale="ja-JP"), no_locale,
+                                                     _review(P[2], "a", "q-2", who="rev-en")])
+    store = Store(tmp_path / "store")
+    shutil.copytree(planted["store"].root, store.root)
+    h = store.get(curate([batch], store, Policy(annotators=load_registry(reg)), parent=planted["v1"]).version_id)
+    pairs = {r["pair_id"]: r for r in h.read("pairs").iter_rows(named=True)}
+    assert [(pairs[p["pair_id"]]["decision"], pairs[p["pair_id"]]["label_consensus"]) for p in P[:3]] == \
+        [("route", "escalate"), ("route", "escalate"), ("keep", "a")]
+    assert h.manifest().ledger.reviews.resolved_by_reviews == 1
+    summary = next(c for c in h.manifest().checks if c.name == "reviews").summary
+    assert "2 unqualified" in summary and "1 qualified" in summary, summary
+
+
 def test_vote_mode_counts_reviews_as_ordinary_votes(planted):
     policy = Policy(reviews=ReviewsConfig(mode="vote"))
     h, pairs = _child(planted, policy, "store-vote")
