@@ -601,6 +601,21 @@ def test_conflicting_verdicts_are_counted(built, ls_tasks, tmp_path):
     assert res["ledger"]["skipped"] == {"conflicting_verdict": 1, "unanswered": 11}
 
 
+@pytest.mark.parametrize("second,field", [(lambda: pick("right")["result"][0], "overall"),
+                                          (lambda: other("escalate")["result"][0], "overall_other"),
+                                          (lambda: _result("dim_helpfulness", "prompt", "choices", {"choices": ["response_2"]}),
+                                           "dim_helpfulness")])
+def test_label_studio_a_control_answered_twice_in_one_annotation_is_refused_not_overwritten(built, ls_tasks, tmp_path,
+                                                                                            second, field):
+    """One annotation holds one result per control; a second one (an annotation edited through the API,
+    a merged export) used to overwrite the first in silence: the last ``selected`` won."""
+    ans = other("tie") if field == "overall_other" else pick("left", {"helpfulness": "response_1"})
+    ans["result"].append(second())
+    f = _write(tmp_path / "ls.json", label_studio_export(ls_tasks, {5: [ans]}))
+    refuse(built, "label-studio", f, f"tasks[5].annotations[0].result[{len(ans['result']) - 1}]", f"'{field}'",
+           "answered twice")
+
+
 def test_export_usage_errors_exit_2_and_write_nothing(built, tmp_path):
     before = tree(built["store"])
     out = tmp_path / "never.json"
