@@ -493,6 +493,25 @@ def test_jsonl_round_trip_with_label_or_choice(built, tmp_path):
     validate_ok(batch)
 
 
+def test_jsonl_reimport_of_the_same_answers_in_another_row_order_gives_the_same_comparison_ids(built, tmp_path):
+    """A spreadsheet or script that sorts the rows (or drops the unanswered ones) before saving gives the same
+    answers: importing them again gives the same ids, so a child of the first import's child finds them
+    ``already_in_parent`` (they were keyed by line number: every id changed)."""
+    out = tmp_path / "tasks.jsonl"
+    export(built, "jsonl", out)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    for i, r in enumerate(rows[:6]):
+        r.update(annotator_id=f"rev-{i % 2}", label="ab"[i % 2])
+    rows.append({**rows[0], "annotator_id": "rev-7", "label": "b"})  # a second reviewer of task 0
+    ids = []
+    for name, order in (("one", rows), ("two", [r for r in reversed(rows) if r.get("annotator_id")])):
+        batch = tmp_path / f"{name}.jsonl"
+        import_(built, "jsonl", write_jsonl(tmp_path / f"done-{name}.jsonl", order), batch)
+        ids.append({(j["comparison_id"], j["review_of"], j["annotator_id"], j["label"])
+                    for j in map(json.loads, batch.read_text().splitlines())})
+    assert len(ids[0]) == 7 and ids[0] == ids[1]
+
+
 # ---------------------------------------------------------------- bad input: exit 2, nothing written
 @pytest.fixture
 def ls_tasks(built, tmp_path):
