@@ -339,21 +339,30 @@ def test_unqualified_reviewers_do_not_resolve(planted, tmp_path):
     assert h.manifest().ledger.reviews.resolved_by_reviews == 3
 
 
-def test_a_reviewer_is_qualified_for_the_locale_of_the_pair_not_the_one_the_review_names(planted, tmp_path):
+@pytest.mark.parametrize("narrow", [False, True])
+def test_a_reviewer_is_qualified_for_the_locale_of_the_pair_not_the_one_the_review_names(planted, tmp_path, narrow):
     """The pairs are en; rev-ja is qualified for ja only.  A review row naming ja, or no locale at all
     (a locale column edited or emptied in a spreadsheet between export and a JSONL import without
-    --store), is still a review of an en pair: unqualified, it resolves nothing.  rev-en's does."""
+    --store), is still a review of an en pair: unqualified, it resolves nothing.  rev-en's does.
+    ``narrow``: the parent was curated under the same policy, so the child reads its parent's rows
+    without their locales (completed for the rows it needs)."""
     reg = tmp_path / "annotators.csv"
     reg.write_text("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
                    "rev-01,human,,,,\nrev-02,human,,,,\nrev-ja,human,ja,,,\nrev-en,human,en,,,\n", encoding="utf-8")
+    policy = Policy(annotators=load_registry(reg))
     P = planted["P"]
     no_locale = _review(P[1], "b", "q-1", who="rev-ja")
     del no_locale["locale"]
     batch = write_jsonl(tmp_path / "reviews.jsonl", [_review(P[0], "a", "q-0", who="rev-ja", locale="ja-JP"), no_locale,
                                                      _review(P[2], "a", "q-2", who="rev-en")])
     store = Store(tmp_path / "store")
-    shutil.copytree(planted["store"].root, store.root)
-    h = store.get(curate([batch], store, Policy(annotators=load_registry(reg)), parent=planted["v1"]).version_id)
+    if narrow:
+        parent = curate([planted["dir"] / "base.jsonl"], store, policy).version_id
+    else:
+        shutil.copytree(planted["store"].root, store.root)
+        parent = planted["v1"]
+    h = store.get(curate([batch], store, policy, parent=parent).version_id)
+    assert ("locale" in h.manifest().lineage.get("union", {}).get("deferred", [])) is narrow
     pairs = {r["pair_id"]: r for r in h.read("pairs").iter_rows(named=True)}
     assert [(pairs[p["pair_id"]]["decision"], pairs[p["pair_id"]]["label_consensus"]) for p in P[:3]] == \
         [("route", "escalate"), ("route", "escalate"), ("keep", "a")]
