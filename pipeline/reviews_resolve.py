@@ -23,7 +23,9 @@ Method, in a child version (curate calls the functions below through small hooks
    ``label_consensus`` is that verdict, ``agreement`` the share of the reviews' votes for it,
    ``strength`` their mean strength, ``annotator_kind`` human and ``p_a_weighted`` null (the
    weight is then the reviews' agreement).  A tie between reviews, or reviews without a decisive
-   qualified one, keep the pair routed as it was.  Select and split then treat it like any pair.
+   qualified one, keep the pair routed as it was -- a pair the parent still routes; one resolved
+   since is routed again by qualified reviews only (the others are ordinary judgments of it).
+   Select and split then treat it like any pair.
    Under ``mode = "vote"`` nothing is overridden: reviews are ordinary votes.  The original
    judgments are kept either way (``judgments.parquet``, ``source_comparison_ids``).
 4. :func:`finish` -- the new review state and ``ledger.reviews`` (which adds up:
@@ -246,10 +248,15 @@ def resolve(aggr: Aggregation, reviews: pl.DataFrame, ctx: ReviewContext) -> Agg
         return aggr
     c = pl.col
     v = votes(of_routed, aggr.pairs, aggr.a_hash).rename({"agreement": "_agree", "strength": "_str"})
-    touched = of_routed.select("pair_id").unique().join(ctx.before.select("pair_id", _route="route"), on="pair_id", how="left") \
+    # a pair the parent still routes stays routed without a decisive qualified review; a pair resolved before is
+    # routed again only by qualified reviews (an AI's or an unqualified reviewer's review is an ordinary judgment)
+    touched = of_routed.group_by("pair_id").agg(_qualified=(c("status") == "qualified").any()) \
+        .join(ctx.before.select("pair_id", _route="route", _open=c("status") == "open"), on="pair_id", how="left") \
         .join(v, on="pair_id", how="left")
     p = aggr.pairs.join(touched, on="pair_id", how="left", maintain_order="left")
-    decided, keep_routed = c("review_label").is_not_null(), c("_route").is_not_null() & c("_route").is_in(list(ROUTED_LABELS))
+    decided = c("review_label").is_not_null()
+    keep_routed = c("_route").is_not_null() & c("_route").is_in(list(ROUTED_LABELS)) \
+        & (c("_open").fill_null(True) | c("_qualified").fill_null(False))
     label = pl.when(decided).then(c("review_label")).when(keep_routed).then(c("_route")).otherwise(c("label_consensus"))
     p = p.with_columns(
         label_consensus=label.cast(aggr.pairs.schema["label_consensus"]),
