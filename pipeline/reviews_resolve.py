@@ -23,7 +23,9 @@ Method, in a child version (curate calls the functions below through small hooks
    ``label_consensus`` is that verdict, ``agreement`` the share of the reviews' votes for it,
    ``strength`` their mean strength, ``annotator_kind`` human and ``p_a_weighted`` null (the
    weight is then the reviews' agreement).  A tie between reviews, or reviews without a decisive
-   qualified one, keep the pair routed as it was.  Select and split then treat it like any pair.
+   qualified one, keep the pair routed as it was -- a pair the parent still routes; one resolved
+   since is routed again by qualified reviews only (the others are ordinary judgments of it).
+   Select and split then treat it like any pair.
    Under ``mode = "vote"`` nothing is overridden: reviews are ordinary votes.  The original
    judgments are kept either way (``judgments.parquet``, ``source_comparison_ids``).
 4. :func:`finish` -- the new review state and ``ledger.reviews`` (which adds up:
@@ -159,7 +161,8 @@ def classify(judgments: pl.DataFrame, ctx: ReviewContext | None,
     if ctx is not None and ctx.registry is not None and rv.height:
         from pipeline.checks.registry import findings
 
-        found = findings(_registry_input(rows), ctx.registry)  # (the review rows, completed)
+        # (the review rows, completed, with the locale of the pair each reviews)
+        found = findings(_registry_input(rows, _pair_locales(judgments, rows, complete)), ctx.registry)
         unqualified = found.filter(c("reason").is_in(list(_REGISTRY_REASONS)))["comparison_id"].to_list()
     rv = rv.with_columns(_known=c("review_of").is_in(known["pair_id"].implode()),
                          _before=c("review_of").is_in(before["pair_id"].implode()))
@@ -172,9 +175,31 @@ def classify(judgments: pl.DataFrame, ctx: ReviewContext | None,
     return rv.with_columns(status=status).drop("_known", "_before")
 
 
-def _registry_input(judgments: pl.DataFrame) -> pl.DataFrame:
-    keep = [k for k in ("comparison_id", "annotator_id", "annotator_kind", "locale", "rubric", "created_at") if k in judgments.columns]
-    return judgments.filter(pl.col("review_of").is_not_null()).select(keep)
+def _pair_locales(judgments: pl.DataFrame, reviews: pl.DataFrame,
+                  complete: Callable[[pl.DataFrame], pl.DataFrame] | None) -> pl.DataFrame:
+    """Per pair the ``reviews`` name: ``_ploc``, the first locale its non-review judgments give (the
+    pair's language, as :func:`pipeline.aggregate.pair_locale` takes it from them).  A review row's own
+    locale is what the tool sent back (a JSONL column edited or emptied between export and import, a
+    hand-written batch): it does not say which language the reviewer read."""
+    c = pl.col
+    named = reviews.select(pair_id="review_of").unique()
+    rows = judgments.filter(c("review_of").is_null()).join(named, on="pair_id", how="semi")
+    if "locale" not in rows.columns and complete is not None and rows.height:
+        rows = complete(rows)
+    if "locale" not in rows.columns:  # (the partitioned first build: no pair is routed before it, none qualifies)
+        return pl.DataFrame(schema={"pair_id": pl.String, "_ploc": pl.String})
+    return rows.group_by("pair_id", maintain_order=True).agg(_ploc=c("locale").cast(pl.String).drop_nulls().first())
+
+
+def _registry_input(judgments: pl.DataFrame, pair_locales: pl.DataFrame) -> pl.DataFrame:
+    """The review rows as the registry check reads them, each with its pair's locale where the pair has one:
+    a reviewer is qualified for the language of the pair reviewed, whatever locale the review row names."""
+    keep = [k for k in ("comparison_id", "annotator_id", "annotator_kind", "review_of", "locale", "rubric", "created_at")
+            if k in judgments.columns]
+    rows = judgments.filter(pl.col("review_of").is_not_null()).select(keep)
+    own = pl.col("locale").cast(pl.String) if "locale" in rows.columns else pl.lit(None, pl.String)
+    rows = rows.join(pair_locales, left_on="review_of", right_on="pair_id", how="left", maintain_order="left")
+    return rows.with_columns(locale=pl.coalesce("_ploc", own)).drop("_ploc", "review_of")
 
 
 # ---------------------------------------------------------------- 3. resolve
@@ -223,10 +248,15 @@ def resolve(aggr: Aggregation, reviews: pl.DataFrame, ctx: ReviewContext) -> Agg
         return aggr
     c = pl.col
     v = votes(of_routed, aggr.pairs, aggr.a_hash).rename({"agreement": "_agree", "strength": "_str"})
-    touched = of_routed.select("pair_id").unique().join(ctx.before.select("pair_id", _route="route"), on="pair_id", how="left") \
+    # a pair the parent still routes stays routed without a decisive qualified review; a pair resolved before is
+    # routed again only by qualified reviews (an AI's or an unqualified reviewer's review is an ordinary judgment)
+    touched = of_routed.group_by("pair_id").agg(_qualified=(c("status") == "qualified").any()) \
+        .join(ctx.before.select("pair_id", _route="route", _open=c("status") == "open"), on="pair_id", how="left") \
         .join(v, on="pair_id", how="left")
     p = aggr.pairs.join(touched, on="pair_id", how="left", maintain_order="left")
-    decided, keep_routed = c("review_label").is_not_null(), c("_route").is_not_null() & c("_route").is_in(list(ROUTED_LABELS))
+    decided = c("review_label").is_not_null()
+    keep_routed = c("_route").is_not_null() & c("_route").is_in(list(ROUTED_LABELS)) \
+        & (c("_open").fill_null(True) | c("_qualified").fill_null(False))
     label = pl.when(decided).then(c("review_label")).when(keep_routed).then(c("_route")).otherwise(c("label_consensus"))
     p = p.with_columns(
         label_consensus=label.cast(aggr.pairs.schema["label_consensus"]),

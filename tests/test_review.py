@@ -493,6 +493,25 @@ def test_jsonl_round_trip_with_label_or_choice(built, tmp_path):
     validate_ok(batch)
 
 
+def test_jsonl_reimport_of_the_same_answers_in_another_row_order_gives_the_same_comparison_ids(built, tmp_path):
+    """A spreadsheet or script that sorts the rows (or drops the unanswered ones) before saving gives the same
+    answers: importing them again gives the same ids, so a child of the first import's child finds them
+    ``already_in_parent`` (they were keyed by line number: every id changed)."""
+    out = tmp_path / "tasks.jsonl"
+    export(built, "jsonl", out)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    for i, r in enumerate(rows[:6]):
+        r.update(annotator_id=f"rev-{i % 2}", label="ab"[i % 2])
+    rows.append({**rows[0], "annotator_id": "rev-7", "label": "b"})  # a second reviewer of task 0
+    ids = []
+    for name, order in (("one", rows), ("two", [r for r in reversed(rows) if r.get("annotator_id")])):
+        batch = tmp_path / f"{name}.jsonl"
+        import_(built, "jsonl", write_jsonl(tmp_path / f"done-{name}.jsonl", order), batch)
+        ids.append({(j["comparison_id"], j["review_of"], j["annotator_id"], j["label"])
+                    for j in map(json.loads, batch.read_text().splitlines())})
+    assert len(ids[0]) == 7 and ids[0] == ids[1]
+
+
 # ---------------------------------------------------------------- bad input: exit 2, nothing written
 @pytest.fixture
 def ls_tasks(built, tmp_path):
@@ -599,6 +618,21 @@ def test_conflicting_verdicts_are_counted(built, ls_tasks, tmp_path):
     f = _write(tmp_path / "ls.json", label_studio_export(ls_tasks, {5: [ans]}))
     res = json.loads(import_(built, "label-studio", f, tmp_path / "b.jsonl").stdout)
     assert res["ledger"]["skipped"] == {"conflicting_verdict": 1, "unanswered": 11}
+
+
+@pytest.mark.parametrize("second,field", [(lambda: pick("right")["result"][0], "overall"),
+                                          (lambda: other("escalate")["result"][0], "overall_other"),
+                                          (lambda: _result("dim_helpfulness", "prompt", "choices", {"choices": ["response_2"]}),
+                                           "dim_helpfulness")])
+def test_label_studio_a_control_answered_twice_in_one_annotation_is_refused_not_overwritten(built, ls_tasks, tmp_path,
+                                                                                            second, field):
+    """One annotation holds one result per control; a second one (an annotation edited through the API,
+    a merged export) used to overwrite the first in silence: the last ``selected`` won."""
+    ans = other("tie") if field == "overall_other" else pick("left", {"helpfulness": "response_1"})
+    ans["result"].append(second())
+    f = _write(tmp_path / "ls.json", label_studio_export(ls_tasks, {5: [ans]}))
+    refuse(built, "label-studio", f, f"tasks[5].annotations[0].result[{len(ans['result']) - 1}]", f"'{field}'",
+           "answered twice")
 
 
 def test_export_usage_errors_exit_2_and_write_nothing(built, tmp_path):

@@ -28,7 +28,7 @@ from pipeline.ingest import ingest_files
 from pipeline.review.exports import exported_pairs, exports_dir, read_exports
 from pipeline.store import Store
 from schemas.manifest import ReviewLedger
-from schemas.policy import Policy, ReviewsConfig
+from schemas.policy import Policy, ReviewsConfig, SelectConfig
 from schemas.registry import load_registry
 
 runner = CliRunner()
@@ -337,6 +337,74 @@ def test_unqualified_reviewers_do_not_resolve(planted, tmp_path):
     assert pairs[P[5]]["decision"] == "keep" and pairs[P[5]]["agreement"] == 1.0
     assert pairs[P[0]]["decision"] == "keep"
     assert h.manifest().ledger.reviews.resolved_by_reviews == 3
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+def test_a_reviewer_is_qualified_for_the_locale_of_the_pair_not_the_one_the_review_names(planted, tmp_path, narrow):
+    """The pairs are en; rev-ja is qualified for ja only.  A review row naming ja, or no locale at all
+    (a locale column edited or emptied in a spreadsheet between export and a JSONL import without
+    --store), is still a review of an en pair: unqualified, it resolves nothing.  rev-en's does.
+    ``narrow``: the parent was curated under the same policy, so the child reads its parent's rows
+    without their locales (completed for the rows it needs)."""
+    reg = tmp_path / "annotators.csv"
+    reg.write_text("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
+                   "rev-01,human,,,,\nrev-02,human,,,,\nrev-ja,human,ja,,,\nrev-en,human,en,,,\n", encoding="utf-8")
+    policy = Policy(annotators=load_registry(reg))
+    P = planted["P"]
+    no_locale = _review(P[1], "b", "q-1", who="rev-ja")
+    del no_locale["locale"]
+    batch = write_jsonl(tmp_path / "reviews.jsonl", [_review(P[0], "a", "q-0", who="rev-ja", locale="ja-JP"), no_locale,
+                                                     _review(P[2], "a", "q-2", who="rev-en")])
+    store = Store(tmp_path / "store")
+    if narrow:
+        parent = curate([planted["dir"] / "base.jsonl"], store, policy).version_id
+    else:
+        shutil.copytree(planted["store"].root, store.root)
+        parent = planted["v1"]
+    h = store.get(curate([batch], store, policy, parent=parent).version_id)
+    assert ("locale" in h.manifest().lineage.get("union", {}).get("deferred", [])) is narrow
+    pairs = {r["pair_id"]: r for r in h.read("pairs").iter_rows(named=True)}
+    assert [(pairs[p["pair_id"]]["decision"], pairs[p["pair_id"]]["label_consensus"]) for p in P[:3]] == \
+        [("route", "escalate"), ("route", "escalate"), ("keep", "a")]
+    assert h.manifest().ledger.reviews.resolved_by_reviews == 1
+    summary = next(c for c in h.manifest().checks if c.name == "reviews").summary
+    assert "2 unqualified" in summary and "1 qualified" in summary, summary
+
+
+@pytest.mark.parametrize("who", ["ai", "unqualified"])
+def test_a_review_that_cannot_resolve_does_not_reopen_a_pair_resolved_before(planted, tmp_path, who):
+    """P4, escalated in v1, is decided by five more votes in v2 (resolved, kept).  A late review of it in v3
+    by an AI judge, or by a reviewer the registry does not qualify (kept: ``unqualified_reviewer = "warn"``),
+    agrees with it -- and yet took P4 out
+    of the training data and routed it again as escalate: only a qualified review decides a pair the
+    lineage no longer routes; the others are ordinary judgments of it."""
+    store = Store(tmp_path / "store")
+    shutil.copytree(planted["store"].root, store.root)
+    p4 = planted["P"][4]
+    votes = [canonical(100 + k, comparison_id=f"v-{k}", label="a", annotator_id=f"rev-0{k + 3}", prompt=p4["prompt"],
+                       response_a={"text": p4["response_a"], "model": "m-good"}, response_b=p4["response_b"],
+                       shown_first="ab"[k % 2]) for k in range(5)]
+    v2 = curate([write_jsonl(tmp_path / "votes.jsonl", votes)], store, Policy(), parent=planted["v1"]).version_id
+
+    def fate(v: str) -> tuple:
+        h = store.get(v)
+        pair = h.read("pairs").filter(pl.col("pair_id") == p4["pair_id"]).row(0, named=True)
+        st = h.read("review_state").filter(pl.col("pair_id") == p4["pair_id"]).row(0, named=True)
+        return pair["decision"], pair["label_consensus"], st["status"], st["resolved_in"]
+
+    assert fate(v2) == ("keep", "a", "resolved", v2)
+    policy = Policy()
+    if who == "unqualified":
+        reg = tmp_path / "annotators.csv"
+        reg.write_text("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
+                       + "".join(f"rev-0{k},human,,,,\n" for k in range(1, 8)) + "rev-20,human,ja,,,\n", encoding="utf-8")
+        # (warn: the registry check keeps the judgment, so it reaches the reviews' rule; dropped, it never would)
+        policy = Policy(annotators=load_registry(reg), select=SelectConfig(flag_actions={"unqualified_reviewer": "warn"}))
+    late = _review(p4, "a", "late-1", who="judge-x" if who == "ai" else "rev-20", kind="ai" if who == "ai" else "human")
+    v3 = curate([write_jsonl(tmp_path / "late.jsonl", [late])], store, policy, parent=v2).version_id
+    assert fate(v3) == ("keep", "a", "resolved", v2)
+    r = store.get(v3).manifest().ledger.reviews
+    assert (r.judgments_of_routed, r.reviewed, r.resolved_by_reviews) == (1, 1, 0) and r.resolved == 1
 
 
 def test_vote_mode_counts_reviews_as_ordinary_votes(planted):

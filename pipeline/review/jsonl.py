@@ -14,6 +14,7 @@ verdict is ``unanswered``; with an annotator but no verdict, ``no_verdict``.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ def export_files(tasks: list[ReviewTask], out: Path) -> dict[Path, bytes]:
 def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer | str, bool]]:
     """Yield ``(answer or skip reason, starts_a_task)`` per row (one row = one task, one item)."""
     data = read_bytes(path, what="a JSON Lines file of reviewed tasks")
+    answered: Counter[tuple[str, str]] = Counter()  # answers per (task, reviewer) so far: what keys an answer
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -62,7 +64,7 @@ def read_answers(path: Path, reader: TaskReader) -> Iterator[tuple[ReviewAnswer 
                               f"{type(row).__name__}){looks_like(row)}", where=where)
         if lineno == 1 or "task_id" not in row:
             _check_shape(row, reader, where)
-        yield _answer(row, reader, where, lineno), True
+        yield _answer(row, reader, where, answered), True
 
 
 def _whole_document_hint(data: bytes) -> str:
@@ -79,7 +81,7 @@ def _check_shape(row: dict[str, Any], reader: TaskReader, where: str) -> None:
     raise reader.fail(f"not a prefpipe review task row (no task_id / response_a){looks_like(row)}", where=where)
 
 
-def _answer(row: dict[str, Any], reader: TaskReader, where: str, lineno: int) -> ReviewAnswer | str:
+def _answer(row: dict[str, Any], reader: TaskReader, where: str, answered: Counter[tuple[str, str]]) -> ReviewAnswer | str:
     first = row.get("shown_first")
     side_texts = {"a": _text(row.get("response_a")), "b": _text(row.get("response_b"))}
     shown = {"prompt": prompt_text(row["prompt"]) if isinstance(row.get("prompt"), (str, list)) else None,
@@ -105,13 +107,17 @@ def _answer(row: dict[str, Any], reader: TaskReader, where: str, lineno: int) ->
     dims = row.get("dimensions") or {}
     if not isinstance(dims, dict):
         raise reader.fail("expected an object: dimension name -> verdict", where=where, field="dimensions")
+    # without a comparison_id, an answer is the reviewer's k-th to the task in this file (not its line: a tool
+    # that sorts the rows or leaves the unanswered ones out gives the same ids again)
+    k = answered[(task.task_id, annotator)]
+    answered[(task.task_id, annotator)] += 1
     try:
         return ReviewAnswer(
             task=task, annotator_id=annotator, annotator_kind=row.get("annotator_kind") or "human", verdict=verdict,
             dimensions={k: _dim_display(task, v) for k, v in dims.items()}, critique=row.get("critique"),
             created_at=row.get("created_at"), strength=row.get("strength"), confidence=row.get("confidence"),
             rubric=row.get("rubric"), tool="jsonl",
-            answer_key=str(row.get("comparison_id") or f"{annotator}|line-{lineno}"),
+            answer_key=str(row.get("comparison_id") or f"{annotator}|answer-{k}"),
         )
     except ValueError as err:
         raise reader.fail(first_error(err), where=where) from None

@@ -106,6 +106,7 @@ def _answer(task: ReviewTask, ann: Any, reader: TaskReader, where: str, task_ls_
     if cancelled:
         return "cancelled"
     picked, other, dims, critique = None, None, {}, []
+    answered: set[str] = set()
     for k, res in enumerate(ann.get("result") or []):
         at = f"{where}.result[{k}]"
         if not isinstance(res, dict):
@@ -114,6 +115,9 @@ def _answer(task: ReviewTask, ann: Any, reader: TaskReader, where: str, task_ls_
         ours = name in ("overall", "overall_other", "critique") or (isinstance(name, str) and name.startswith("dim_"))
         if not ours:  # results of other controls a team added to the config (a relation has no value) are not ours
             continue
+        if name != "critique" and name in answered:  # one verdict per control: a second would overwrite the first in silence
+            raise reader.fail("answered twice in one annotation (one result per control)", where=at, field=name)
+        answered.add(name)
         if not isinstance(value, dict):
             raise reader.fail("expected a result object with a 'value' object", where=at, field="value")
         if name == "overall":
