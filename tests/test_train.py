@@ -150,6 +150,52 @@ def test_resume_refuses_changed_settings(store):
         train(make_config(store.root, "v-toy", run_id="r", resume=True, max_steps=2, **{**FAST, "lr": 5e-4}))
 
 
+def test_resume_refuses_latest_that_now_names_another_version(tmp_path):
+    """'latest' is stored as typed in the fingerprint; a version curated since the run started must not
+    become the data of its second half (nor get its resumed / finished lineage events)."""
+    root = tmp_path / "store"
+    make_store(root, splits(), version_id="v-aaa")
+    cfg = dict(max_steps=4, checkpoint_every=2, batch_size=3, **{**FAST, "test_eval": False})
+    full = train(make_config(root, "v-aaa", run_id="full", **cfg))
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_2(kind, payload):
+        if kind == "step" and payload["step"] == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(make_config(root, "latest", run_id="r", **cfg), on_event=crash_after_2)
+    make_store(root, {"train": planted_rows(24, seed=7, prefix="n"), "validation": planted_rows(8, seed=8, prefix="w")},
+               version_id="v-bbb")  # now 'latest'
+    with pytest.raises(ResumeMismatch, match=r"trained on version v-aaa, but 'latest' now resolves to v-bbb"):
+        train(make_config(root, "latest", run_id="r", resume=True, **cfg))
+    assert not (root / "lineage" / "v-bbb.jsonl").exists()
+    assert not (root / "runs" / "reference-cache" / "v-bbb").exists()  # refused before the reference pass
+    resumed = train(make_config(root, "v-aaa", run_id="r", resume=True, **cfg))  # the id it started with
+    assert [r["loss"] for r in train_metrics(resumed.run_dir)] == [r["loss"] for r in train_metrics(full.run_dir)]
+    assert json.loads((resumed.run_dir / "run.json").read_text())["version_id"] == "v-aaa"
+
+
+def test_resume_refuses_a_changed_tokenizer(store, tmp_path):
+    """A tokenizer directory is named by path in the settings; its files changing since the run started
+    changes the token ids (the reference cache key says so)."""
+    import shutil
+
+    from trainer.tokenize import TINY_TOKENIZER
+
+    tok = tmp_path / "tok"
+    shutil.copytree(TINY_TOKENIZER, tok)
+    cfg = dict(max_steps=1, tokenizer=str(tok), **{**FAST, "test_eval": False})
+    train(make_config(store.root, "v-toy", run_id="t", **cfg))
+    conf = json.loads((tok / "tokenizer_config.json").read_text())
+    conf["chat_template"] = conf["chat_template"].replace("<|im_start|>", "<|im_start|> ")
+    (tok / "tokenizer_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ResumeMismatch, match=r"reference log-probs .* differing: tokenizer"):
+        train(make_config(store.root, "v-toy", run_id="t", resume=True, **cfg))
+
+
 # ---------------------------------------------------------------- run outputs
 def test_run_outputs_reference_cache_and_lineage(store):
     version_dir = store.get("v-toy").path

@@ -61,7 +61,7 @@ from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
-from trainer.reference import cache_key_material, compute_reference_logps, load_or_compute
+from trainer.reference import cache_key, cache_key_material, compute_reference_logps, load_or_compute
 from trainer.report import write_run_report
 from trainer.tokenize import (
     TINY_TOKENIZER,
@@ -283,6 +283,8 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         version_id=handle.version_id, split_sha256={s: i.sha256 for s, i in manifest.splits.items()},
         reference=ref_src.identity(vocab), tokenizer=tokenizer_fingerprint(tok), tokenize_cfg=tcfg,
         dtype=cfg.dtype if cfg.precision == "fp32" else f"{cfg.dtype}+{cfg.precision}")
+    if cfg.resume:  # before the reference pass: a resumed run continues on the data and reference it started with
+        _check_resume_inputs(store, cfg, handle.version_id, material)
     ref = load_or_compute(store, handle.version_id, material, pairs, lambda: build_model(ref_src, vocab, dtype=cfg.dtype),
                           pad_id=tok.pad_token_id, batch_size=cfg.ref_batch_size, chunk_size=cfg.chunk_size,
                           on_batch=lambda k: emit("reference", {"pairs": k}), precision=cfg.precision)
@@ -310,8 +312,11 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         if ckpt is None:
             raise ResumeMismatch(f"cannot resume {run_id}: no checkpoint under {runs.checkpoint_dir(run_dir)}")
         state = runs.load_checkpoint(ckpt)
-        if state["fingerprint"] != fingerprint:
-            diff = sorted(k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k))
+        # `version` as typed may differ ('latest' then its id): the resolved id was checked against run.json
+        same = {k: v for k, v in fingerprint.items() if k != "version"}
+        if {k: v for k, v in state["fingerprint"].items() if k != "version"} != same:
+            diff = sorted(k for k in same.keys() | state["fingerprint"].keys() - {"version"}
+                          if same.get(k) != state["fingerprint"].get(k))
             raise ResumeMismatch(f"cannot resume {run_id} from {ckpt.name}: settings differ in {', '.join(diff)}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # the schedule is a function of `step`
@@ -511,6 +516,33 @@ def train_version(store: Store | Path | str, version: str, **options: Any) -> Pa
     """Train on ``version`` with flat options (see :func:`make_config`); returns the run directory."""
     root = store.root if isinstance(store, Store) else Path(store)
     return train(make_config(root, version, **options)).run_dir
+
+
+def _check_resume_inputs(store: Store, cfg: TrainConfig, version_id: str, material: dict[str, Any]) -> None:
+    """A resume must read the version and reference log-probs its run started with.  The fingerprint
+    holds the version *reference* as typed ('latest', a prefix), which can name another version by now
+    (a newer one curated since), and a local model or tokenizer directory by path, whose files can
+    change; run.json holds the resolved version id and the reference cache key (which hashes the
+    splits, the reference model's files, the tokenizer and the tokenisation budget)."""
+    run_json = store.root / "runs" / str(cfg.run_id) / "run.json"
+    if cfg.run_id is None or not run_json.is_file():
+        return  # nothing to resume from: the checkpoint lookup says so
+    started = _read_json(run_json)
+    if started.get("version_id") != version_id:
+        raise ResumeMismatch(f"cannot resume {cfg.run_id}: it trained on version {started.get('version_id')}, but "
+                             f"{cfg.version!r} now resolves to {version_id}; resume with the version id it started "
+                             f"with ({started.get('version_id')})")
+    old_key = (started.get("reference_cache") or {}).get("key")
+    if old_key is not None and old_key != cache_key(material):
+        old_path = Path(str((started.get("reference_cache") or {}).get("path", ""))).with_suffix(".json")
+        try:
+            old = _read_json(old_path)
+            diff = ", ".join(sorted(k for k in material.keys() | old.keys() if material.get(k) != old.get(k)))
+        except (OSError, ValueError):
+            diff = "unknown: the key material of the run's cache file is gone"
+        raise ResumeMismatch(f"cannot resume {cfg.run_id}: its reference log-probs (cache key {old_key}) no longer "
+                             f"match this run's inputs (key {cache_key(material)}; differing: {diff}): the model, "
+                             "reference model, tokenizer or tokenisation changed since the run started")
 
 
 def _divergence_hint(cfg: TrainConfig) -> str:
