@@ -5,6 +5,7 @@ import json
 import sys
 import textwrap
 
+import pytest
 import torch
 from trainer_toys import make_store, planted_rows
 
@@ -71,3 +72,33 @@ def test_a_failing_eval_cmd_is_recorded_and_the_run_finishes(tmp_path):
                             **FAST))
     assert json.loads((res.run_dir / "external_eval.json").read_text())["status"] == "not started"
     assert json.loads((res.run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def test_an_eval_cmd_that_cannot_run_is_recorded_and_the_run_finishes(tmp_path):
+    """A program that exists but cannot be executed (a directory, no x bit) is 'not started', like a
+    missing one: the run still finishes (it stayed "running", without report or lineage, before)."""
+    st = make_store(tmp_path / "s", {"train": planted_rows(8), "validation": planted_rows(4, seed=1, prefix="v"),
+                                     "test": []})
+    plain = tmp_path / "not-executable.sh"
+    plain.write_text("#!/bin/sh\necho '{}'\n")
+    for run_id, cmd in (("dir", f"{tmp_path} {{checkpoint}}"), ("nox", f"{plain} {{checkpoint}}")):
+        res = train(make_config(st.root, "v-toy", run_id=run_id, max_steps=1, eval_cmd=cmd, **FAST))
+        ext = json.loads((res.run_dir / "external_eval.json").read_text())
+        assert ext["status"] == "not started" and "Permission denied" in ext["error"], ext
+        assert json.loads((res.run_dir / "run.json").read_text())["status"] == "finished"
+        assert (res.run_dir / "report.html").exists()
+
+
+def test_an_eval_cmd_with_unbalanced_quotes_exits_2_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    st = make_store(tmp_path / "s", {"train": planted_rows(8), "validation": planted_rows(4, seed=1, prefix="v")})
+    with pytest.raises(ValueError, match="cannot be split into words"):
+        make_config(st.root, "v-toy", eval_cmd="sh -c 'echo {checkpoint}", **FAST)
+    out = CliRunner().invoke(app, ["train", "v-toy", "--store", str(st.root), "--model", TINY, "--steps", "1",
+                                   "--eval-cmd", "sh -c 'echo {checkpoint}"])
+    assert out.exit_code == 2, out.output
+    assert "cannot be split into words" in out.output
+    assert not (st.root / "runs").exists()  # nothing trained, nothing written

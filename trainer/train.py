@@ -56,7 +56,7 @@ from trainer.data import (
     read_split_rows,
 )
 from trainer.evaluate import BootstrapConfig, evaluate_slices
-from trainer.external import export_checkpoint, run_eval_cmd
+from trainer.external import export_checkpoint, run_eval_cmd, split_eval_cmd
 from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
@@ -140,6 +140,13 @@ class TrainConfig(BaseModel):
     @classmethod
     def _run_id_is_a_plain_name(cls, v: str | None) -> str | None:
         return None if v is None else safe_id(v, what="run id")  # it becomes STORE/runs/<run_id>
+
+    @field_validator("eval_cmd")
+    @classmethod
+    def _eval_cmd_splits(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_eval_cmd(v)  # unbalanced quotes: a bad option (exit 2) now, not a traceback after training
+        return v
 
     @model_validator(mode="after")
     def _prompt_budget_leaves_room(self) -> TrainConfig:
