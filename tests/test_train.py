@@ -178,6 +178,29 @@ def test_resume_refuses_latest_that_now_names_another_version(tmp_path):
     assert json.loads((resumed.run_dir / "run.json").read_text())["version_id"] == "v-aaa"
 
 
+@pytest.mark.parametrize("tail", ['{"kind": "train", "step": 4, "loss": 0.69', "\x00" * 64],
+                         ids=["torn-line", "nul-bytes"])
+def test_resume_after_a_torn_last_metrics_line(store, tail):
+    """The crash a resume follows can leave half a line (killed mid-write, disk full) or NUL bytes (power
+    loss) at the end of metrics.jsonl; that line came after the checkpoint and is dropped, not a traceback."""
+    cfg = dict(max_steps=4, checkpoint_every=2, batch_size=3, **{**FAST, "test_eval": False})
+    full = train(make_config(store.root, "v-toy", run_id="full", **cfg))
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_3(kind, payload):
+        if kind == "step" and payload["step"] == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(make_config(store.root, "v-toy", run_id="r", **cfg), on_event=crash_after_3)
+    with open(store.root / "runs" / "r" / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(tail)
+    resumed = train(make_config(store.root, "v-toy", run_id="r", resume=True, **cfg))
+    assert [r["loss"] for r in train_metrics(resumed.run_dir)] == [r["loss"] for r in train_metrics(full.run_dir)]
+
+
 def test_resume_refuses_a_changed_tokenizer(store, tmp_path):
     """A tokenizer directory is named by path in the settings; its files changing since the run started
     changes the token ids (the reference cache key says so)."""

@@ -74,8 +74,7 @@ class MetricsLog:
         self.path = path
         self.records: list[dict[str, Any]] = []
         if keep_until_step is not None and path.exists():  # resume: forget what came after the checkpoint
-            lines = path.read_text(encoding="utf-8").splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= keep_until_step]
+            self.records = [r for r in _read_metrics_lines(path) if r["step"] <= keep_until_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._fh = open(path, "a", encoding="utf-8")
 
@@ -86,6 +85,30 @@ class MetricsLog:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _read_metrics_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl.  The last line may be torn -- the process that a resume follows
+    was killed while writing it, or the disk filled up, or a power loss left NUL bytes after the last
+    flushed line -- and is dropped (it came after the checkpoint); a bad line before it is an error."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip("\x00 \t"):
+        lines.pop()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("not a metrics record with an integer step")
+        except ValueError as err:
+            if n == len(lines):
+                break
+            raise CheckpointError(f"{path}: line {n} is not a metrics record ({err}); the run's log was edited "
+                                  "or damaged, so it cannot be resumed") from None
+        out.append(rec)
+    return out
 
 
 # ---------------------------------------------------------------- checkpoints
