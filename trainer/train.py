@@ -504,9 +504,9 @@ def _evaluate_test_split(cfg: TrainConfig, handle: VersionHandle, test_rows: lis
                                               protected=handle.store.protected_pair_ids(),
                                               boot=BootstrapConfig(resamples=cfg.bootstrap_resamples, seed=cfg.seed))
     summary["version_id"] = handle.version_id
-    runs.write_json(run_dir / "eval.json", summary)
-    pl.DataFrame(tidy).write_parquet(run_dir / "eval.parquet")
-    pl.DataFrame(per_pair).write_parquet(run_dir / "eval_pairs.parquet")
+    runs.atomic_write_parquet(pl.DataFrame(tidy), run_dir / "eval.parquet")
+    runs.atomic_write_parquet(pl.DataFrame(per_pair), run_dir / "eval_pairs.parquet")
+    runs.write_json(run_dir / "eval.json", summary)  # the summary last, as a checkpoint's index
     return summary
 
 
