@@ -82,6 +82,7 @@ def train(
     from pipeline.store import VersionNotFound
     from schemas.ids import UnsafeId, safe_id
     from trainer.model import ModelSpecError
+    from trainer.reference import ReferenceNotFinite
     from trainer.runs import CheckpointError
     from trainer.evaluate import summary_lines
     from trainer.tokenize import PrefixMismatchError, TokenizerError, ledger_summary
@@ -123,7 +124,7 @@ def train(
             con.print(markup("[bold red]failed:[/] {err}", err=err))
             raise typer.Exit(EXIT_DIVERGED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
-                PrefixMismatchError, TokenizerError, NoTrainingPairs) as err:
+                PrefixMismatchError, TokenizerError, NoTrainingPairs, ReferenceNotFinite) as err:
             con.print(markup("[bold red]error:[/] {err}", err=err))
             raise typer.Exit(EXIT_USAGE) from None
     f = result.final

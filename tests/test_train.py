@@ -479,3 +479,33 @@ def test_nan_validation_loss_at_the_end_fails_the_run(store, monkeypatch):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "failed" and run["failure"]["reason"] == "non_finite_validation_loss"
     assert not (run_dir / "checkpoints").exists()  # no final checkpoint of a model that evaluates to NaN
+
+
+def test_a_non_finite_reference_log_prob_exits_2_before_the_run_and_is_not_cached(store, monkeypatch):
+    """A reference model that overflows (NaN/inf log-prob) cannot be trained against: said before the run,
+    not as a training loss at step 1 with a hint to lower the lr, and not cached for every later run."""
+    import math
+
+    from typer.testing import CliRunner
+
+    import trainer.reference as reference
+
+    real = reference.compute_reference_logps
+
+    def overflowing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        pid = sorted(out)[0]
+        out[pid] = (out[pid][0], -math.inf if pid.startswith("p") else math.nan)
+        return out
+
+    monkeypatch.setattr(reference, "compute_reference_logps", overflowing)
+    args = ["train", "v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", "--max-length", "64",
+            "--threads", "1", "--eval-every", "0", "--run-id", "ref-nan"]
+    res = CliRunner().invoke(_cli(), args)
+    assert res.exit_code == 2, res.output
+    msg = " ".join(res.output.split())
+    assert "reference model's log-probs are not finite" in msg and "1 of 36 pairs" in msg, msg
+    assert not (store.root / "runs" / "ref-nan").exists() and not (store.root / "lineage").exists()
+    assert not list((store.root / "runs" / "reference-cache").rglob("*.parquet"))
+    monkeypatch.setattr(reference, "compute_reference_logps", real)  # the overflow fixed: the run trains
+    assert CliRunner().invoke(_cli(), args).exit_code == 0
