@@ -333,8 +333,10 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         for key in ("failure", "failed_at"):  # an earlier failure of this run stays in the lineage's "failed" event
             lineage.pop(key, None)
     else:
-        if run_dir.exists():
-            raise FileExistsError(f"run directory {run_dir} exists; pick another run_id or pass resume=True")
+        try:  # exclusive: two runs started together with one id (or the same settings in the same second) never share it
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise FileExistsError(f"run directory {run_dir} exists; pick another run_id or pass resume=True") from None
         lineage = {
             "run_id": run_id, "status": "running", "started_at": runs.now(), "version_id": handle.version_id,
             "certification": {k: (cert or {}).get(k) for k in ("verdict", "policy_hash", "certified_at")},
