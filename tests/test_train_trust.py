@@ -278,3 +278,16 @@ def test_two_runs_never_share_a_run_directory(store, monkeypatch):
         train(make_config(store.root, "v-toy", run_id="same", max_steps=1, **FAST))
     assert (other / "config.json").read_text() == '{"other": "run"}'
     assert sorted(p.name for p in other.iterdir()) == ["config.json"]
+
+
+def test_run_id_and_resume_naming_two_runs_exit_2(store):
+    """--run-id new --resume old resumed 'old' and ignored --run-id; one of the two was not what was meant."""
+    assert _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", "--max-length", "64",
+                   "--threads", "1", "--run-id", "old").exit_code == 0
+    before = (store.root / "lineage" / "v-toy.jsonl").read_text()
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", "--max-length", "64",
+                  "--threads", "1", "--run-id", "new", "--resume", "old")
+    assert res.exit_code == 2, res.output
+    assert "--run-id new and --resume old name two runs" in " ".join(res.output.split())
+    assert (store.root / "lineage" / "v-toy.jsonl").read_text() == before  # nothing resumed
+    assert not (store.root / "runs" / "new").exists()
