@@ -58,7 +58,7 @@ from trainer.data import (
 from trainer.evaluate import BootstrapConfig, evaluate_slices
 from trainer.external import export_checkpoint, run_eval_cmd, split_eval_cmd
 from trainer.loss import DEFAULT_CHUNK_SIZE
-from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
+from trainer.model import ModelSource, ModelSpecError, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
 from trainer.reference import cache_key, cache_key_material, compute_reference_logps, load_or_compute
@@ -286,6 +286,9 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
 
     # ---- 3. reference log-probs, computed once per key and cached beside the version
     ref_src = parse_model(cfg.reference_model, default_seed=cfg.seed) if cfg.reference_model else src
+    for role, model_src in (("model", src), ("reference model", ref_src)):
+        if model_src.kind == "path":
+            _check_same_vocabulary(role, Path(model_src.value), tok, tok_path)
     material = cache_key_material(
         version_id=handle.version_id, split_sha256={s: i.sha256 for s, i in manifest.splits.items()},
         reference=ref_src.identity(vocab), tokenizer=tokenizer_fingerprint(tok), tokenize_cfg=tcfg,
@@ -552,6 +555,28 @@ def _check_resume_inputs(store: Store, cfg: TrainConfig, version_id: str, materi
         raise ResumeMismatch(f"cannot resume {cfg.run_id}: its reference log-probs (cache key {old_key}) no longer "
                              f"match this run's inputs (key {cache_key(material)}; differing: {diff}): the model, "
                              "reference model, tokenizer or tokenisation changed since the run started")
+
+
+def _check_same_vocabulary(role: str, model_dir: Path, tok, tok_path: str) -> None:
+    """A local model directory that ships its own tokenizer must share the run's token ids: the ids of
+    the run's tokenizer index its embeddings and lm head.  A reference with another vocabulary of the same
+    size loads and scores without an error -- and the DPO rewards are then against other tokens."""
+    f = model_dir / "tokenizer.json"
+    if not f.is_file() or Path(tok_path).resolve() == model_dir.resolve():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        theirs = Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True)
+    except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception on a damaged file
+        raise ModelSpecError(f"{role} {model_dir}: its tokenizer.json cannot be read ({err})") from err
+    ours = tok.get_vocab()
+    if theirs != ours:
+        differ = sorted(t for t in theirs.keys() | ours.keys() if theirs.get(t) != ours.get(t))
+        raise ModelSpecError(
+            f"{role} {model_dir} ships a tokenizer whose vocabulary differs from the run's ({tok_path}) in "
+            f"{len(differ)} tokens (e.g. {', '.join(repr(t) for t in differ[:3])}): its embeddings and lm head index "
+            "other tokens by the run's ids; use models that share the run's tokenizer")
 
 
 def _divergence_hint(cfg: TrainConfig) -> str:
