@@ -509,3 +509,23 @@ def test_a_non_finite_reference_log_prob_exits_2_before_the_run_and_is_not_cache
     assert not list((store.root / "runs" / "reference-cache").rglob("*.parquet"))
     monkeypatch.setattr(reference, "compute_reference_logps", real)  # the overflow fixed: the run trains
     assert CliRunner().invoke(_cli(), args).exit_code == 0
+
+
+def test_resume_after_the_final_checkpoint_logs_the_final_eval_once(store):
+    """Stopped after its final checkpoint (in the test evaluation, the report), a run resumes to finish:
+    its final validation eval is in metrics.jsonl already and is not logged a second time."""
+    cfg = dict(max_steps=2, batch_size=3, **FAST)
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_test_eval(kind, payload):
+        if kind == "test_eval":
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(make_config(store.root, "v-toy", run_id="late", **cfg), on_event=crash_in_test_eval)
+    res = train(make_config(store.root, "v-toy", run_id="late", resume=True, **cfg))
+    records = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2)]
+    assert res.final["eval/loss"] == records[-1]["eval/loss"]

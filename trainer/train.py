@@ -399,7 +399,10 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         return record
 
     # ---- 6. the loop
-    last_eval: dict[str, Any] = {}
+    # a resume from the final checkpoint (the run stopped after it: test evaluation, report) has its final
+    # validation eval in the log already; computing it again would log a second one for the same step
+    last_eval: dict[str, Any] = next((r for r in reversed(log.records) if r["kind"] == "eval" and r["step"] == step),
+                                     {}) if cfg.resume else {}
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [stream.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the step's pairs, K x B
