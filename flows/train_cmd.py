@@ -82,6 +82,7 @@ def train(
     from pipeline.store import VersionNotFound
     from schemas.ids import UnsafeId, safe_id
     from trainer.model import ModelSpecError
+    from trainer.reference import ReferenceNotFinite
     from trainer.runs import CheckpointError
     from trainer.evaluate import summary_lines
     from trainer.tokenize import PrefixMismatchError, TokenizerError, ledger_summary
@@ -96,6 +97,10 @@ def train(
     except UnsafeId as err:
         con.print(markup("[bold red]error:[/] {err}", err=err))
         raise typer.Exit(EXIT_USAGE) from None
+    if run_id is not None and resume is not None and run_id != resume:  # which run would it be?
+        con.print(markup("[bold red]error:[/] --run-id {a} and --resume {b} name two runs; --resume RUN_ID alone "
+                         "continues that run", a=run_id, b=resume))
+        raise typer.Exit(EXIT_USAGE)
     if not (store / "versions").is_dir():
         con.print(markup("[bold red]error:[/] {store} is not a prefpipe store (no versions/ directory)", store=store))
         raise typer.Exit(EXIT_USAGE)
@@ -123,7 +128,7 @@ def train(
             con.print(markup("[bold red]failed:[/] {err}", err=err))
             raise typer.Exit(EXIT_DIVERGED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
-                PrefixMismatchError, TokenizerError, NoTrainingPairs) as err:
+                PrefixMismatchError, TokenizerError, NoTrainingPairs, ReferenceNotFinite) as err:
             con.print(markup("[bold red]error:[/] {err}", err=err))
             raise typer.Exit(EXIT_USAGE) from None
     f = result.final

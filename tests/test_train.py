@@ -150,6 +150,75 @@ def test_resume_refuses_changed_settings(store):
         train(make_config(store.root, "v-toy", run_id="r", resume=True, max_steps=2, **{**FAST, "lr": 5e-4}))
 
 
+def test_resume_refuses_latest_that_now_names_another_version(tmp_path):
+    """'latest' is stored as typed in the fingerprint; a version curated since the run started must not
+    become the data of its second half (nor get its resumed / finished lineage events)."""
+    root = tmp_path / "store"
+    make_store(root, splits(), version_id="v-aaa")
+    cfg = dict(max_steps=4, checkpoint_every=2, batch_size=3, **{**FAST, "test_eval": False})
+    full = train(make_config(root, "v-aaa", run_id="full", **cfg))
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_2(kind, payload):
+        if kind == "step" and payload["step"] == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(make_config(root, "latest", run_id="r", **cfg), on_event=crash_after_2)
+    make_store(root, {"train": planted_rows(24, seed=7, prefix="n"), "validation": planted_rows(8, seed=8, prefix="w")},
+               version_id="v-bbb")  # now 'latest'
+    with pytest.raises(ResumeMismatch, match=r"trained on version v-aaa, but 'latest' now resolves to v-bbb"):
+        train(make_config(root, "latest", run_id="r", resume=True, **cfg))
+    assert not (root / "lineage" / "v-bbb.jsonl").exists()
+    assert not (root / "runs" / "reference-cache" / "v-bbb").exists()  # refused before the reference pass
+    resumed = train(make_config(root, "v-aaa", run_id="r", resume=True, **cfg))  # the id it started with
+    assert [r["loss"] for r in train_metrics(resumed.run_dir)] == [r["loss"] for r in train_metrics(full.run_dir)]
+    assert json.loads((resumed.run_dir / "run.json").read_text())["version_id"] == "v-aaa"
+
+
+@pytest.mark.parametrize("tail", ['{"kind": "train", "step": 4, "loss": 0.69', "\x00" * 64],
+                         ids=["torn-line", "nul-bytes"])
+def test_resume_after_a_torn_last_metrics_line(store, tail):
+    """The crash a resume follows can leave half a line (killed mid-write, disk full) or NUL bytes (power
+    loss) at the end of metrics.jsonl; that line came after the checkpoint and is dropped, not a traceback."""
+    cfg = dict(max_steps=4, checkpoint_every=2, batch_size=3, **{**FAST, "test_eval": False})
+    full = train(make_config(store.root, "v-toy", run_id="full", **cfg))
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_3(kind, payload):
+        if kind == "step" and payload["step"] == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(make_config(store.root, "v-toy", run_id="r", **cfg), on_event=crash_after_3)
+    with open(store.root / "runs" / "r" / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(tail)
+    resumed = train(make_config(store.root, "v-toy", run_id="r", resume=True, **cfg))
+    assert [r["loss"] for r in train_metrics(resumed.run_dir)] == [r["loss"] for r in train_metrics(full.run_dir)]
+
+
+def test_resume_refuses_a_changed_tokenizer(store, tmp_path):
+    """A tokenizer directory is named by path in the settings; its files changing since the run started
+    changes the token ids (the reference cache key says so)."""
+    import shutil
+
+    from trainer.tokenize import TINY_TOKENIZER
+
+    tok = tmp_path / "tok"
+    shutil.copytree(TINY_TOKENIZER, tok)
+    cfg = dict(max_steps=1, tokenizer=str(tok), **{**FAST, "test_eval": False})
+    train(make_config(store.root, "v-toy", run_id="t", **cfg))
+    conf = json.loads((tok / "tokenizer_config.json").read_text())
+    conf["chat_template"] = conf["chat_template"].replace("<|im_start|>", "<|im_start|> ")
+    (tok / "tokenizer_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ResumeMismatch, match=r"reference log-probs .* differing: tokenizer"):
+        train(make_config(store.root, "v-toy", run_id="t", resume=True, **cfg))
+
+
 # ---------------------------------------------------------------- run outputs
 def test_run_outputs_reference_cache_and_lineage(store):
     version_dir = store.get("v-toy").path
@@ -410,3 +479,53 @@ def test_nan_validation_loss_at_the_end_fails_the_run(store, monkeypatch):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "failed" and run["failure"]["reason"] == "non_finite_validation_loss"
     assert not (run_dir / "checkpoints").exists()  # no final checkpoint of a model that evaluates to NaN
+
+
+def test_a_non_finite_reference_log_prob_exits_2_before_the_run_and_is_not_cached(store, monkeypatch):
+    """A reference model that overflows (NaN/inf log-prob) cannot be trained against: said before the run,
+    not as a training loss at step 1 with a hint to lower the lr, and not cached for every later run."""
+    import math
+
+    from typer.testing import CliRunner
+
+    import trainer.reference as reference
+
+    real = reference.compute_reference_logps
+
+    def overflowing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        pid = sorted(out)[0]
+        out[pid] = (out[pid][0], -math.inf if pid.startswith("p") else math.nan)
+        return out
+
+    monkeypatch.setattr(reference, "compute_reference_logps", overflowing)
+    args = ["train", "v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", "--max-length", "64",
+            "--threads", "1", "--eval-every", "0", "--run-id", "ref-nan"]
+    res = CliRunner().invoke(_cli(), args)
+    assert res.exit_code == 2, res.output
+    msg = " ".join(res.output.split())
+    assert "reference model's log-probs are not finite" in msg and "1 of 36 pairs" in msg, msg
+    assert not (store.root / "runs" / "ref-nan").exists() and not (store.root / "lineage").exists()
+    assert not list((store.root / "runs" / "reference-cache").rglob("*.parquet"))
+    monkeypatch.setattr(reference, "compute_reference_logps", real)  # the overflow fixed: the run trains
+    assert CliRunner().invoke(_cli(), args).exit_code == 0
+
+
+def test_resume_after_the_final_checkpoint_logs_the_final_eval_once(store):
+    """Stopped after its final checkpoint (in the test evaluation, the report), a run resumes to finish:
+    its final validation eval is in metrics.jsonl already and is not logged a second time."""
+    cfg = dict(max_steps=2, batch_size=3, **FAST)
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_test_eval(kind, payload):
+        if kind == "test_eval":
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(make_config(store.root, "v-toy", run_id="late", **cfg), on_event=crash_in_test_eval)
+    res = train(make_config(store.root, "v-toy", run_id="late", resume=True, **cfg))
+    records = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2)]
+    assert res.final["eval/loss"] == records[-1]["eval/loss"]

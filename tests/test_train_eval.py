@@ -184,3 +184,24 @@ def test_evaluation_end_to_end_on_the_samples(tmp_path):
     assert {"all", "locale", "tag", "annotator_kind", "agreement", "strength"} <= kinds
     assert {s["value"] for s in ev["slices"] if s["kind"] == "locale"} <= set(test_rows["locale"].fill_null("n/a"))
     assert (res.run_dir / "report.html").exists() and (res.run_dir / "eval.parquet").exists()
+
+
+def test_eval_tables_are_written_atomically(tmp_path, monkeypatch):
+    """A crash (disk full, a kill) while the evaluation tables are rewritten -- a finished run resumed --
+    leaves the earlier eval.parquet / eval_pairs.parquet whole, not half a file under the final name."""
+    st = make_store(tmp_path / "s", {"train": planted_rows(8), "validation": planted_rows(4, seed=1, prefix="v"),
+                                     "test": _test_rows(6)})
+    cfg = dict(run_id="at", max_steps=1, bootstrap_resamples=20, **FAST)
+    d = train(make_config(st.root, "v-toy", **cfg)).run_dir
+    before = {n: (d / n).read_bytes() for n in ("eval.parquet", "eval_pairs.parquet")}
+
+    def torn_write(self, path, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"PAR1 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", torn_write)
+    with pytest.raises(OSError, match="No space left"):
+        train(make_config(st.root, "v-toy", resume=True, **cfg))
+    assert {n: (d / n).read_bytes() for n in before} == before
+    assert not [p.name for p in d.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
 
+import pytest
 import torch
 from trainer_toys import make_store, planted_rows
 
@@ -70,4 +72,60 @@ def test_a_failing_eval_cmd_is_recorded_and_the_run_finishes(tmp_path):
     res = train(make_config(st.root, "v-toy", run_id="missing", max_steps=1, eval_cmd="/no/such/program {checkpoint}",
                             **FAST))
     assert json.loads((res.run_dir / "external_eval.json").read_text())["status"] == "not started"
+    assert json.loads((res.run_dir / "run.json").read_text())["status"] == "finished"
+
+
+def test_an_eval_cmd_that_cannot_run_is_recorded_and_the_run_finishes(tmp_path):
+    """A program that exists but cannot be executed (a directory, no x bit) is 'not started', like a
+    missing one: the run still finishes (it stayed "running", without report or lineage, before)."""
+    st = make_store(tmp_path / "s", {"train": planted_rows(8), "validation": planted_rows(4, seed=1, prefix="v"),
+                                     "test": []})
+    plain = tmp_path / "not-executable.sh"
+    plain.write_text("#!/bin/sh\necho '{}'\n")
+    for run_id, cmd in (("dir", f"{tmp_path} {{checkpoint}}"), ("nox", f"{plain} {{checkpoint}}")):
+        res = train(make_config(st.root, "v-toy", run_id=run_id, max_steps=1, eval_cmd=cmd, **FAST))
+        ext = json.loads((res.run_dir / "external_eval.json").read_text())
+        assert ext["status"] == "not started" and "Permission denied" in ext["error"], ext
+        assert json.loads((res.run_dir / "run.json").read_text())["status"] == "finished"
+        assert (res.run_dir / "report.html").exists()
+
+
+def test_an_eval_cmd_with_unbalanced_quotes_exits_2_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    st = make_store(tmp_path / "s", {"train": planted_rows(8), "validation": planted_rows(4, seed=1, prefix="v")})
+    with pytest.raises(ValueError, match="cannot be split into words"):
+        make_config(st.root, "v-toy", eval_cmd="sh -c 'echo {checkpoint}", **FAST)
+    out = CliRunner().invoke(app, ["train", "v-toy", "--store", str(st.root), "--model", TINY, "--steps", "1",
+                                   "--eval-cmd", "sh -c 'echo {checkpoint}"])
+    assert out.exit_code == 2, out.output
+    assert "cannot be split into words" in out.output
+    assert not (st.root / "runs").exists()  # nothing trained, nothing written
+
+
+def test_a_reference_model_with_another_vocabulary_is_refused(tmp_path):
+    """A local reference directory whose tokenizer maps tokens to other ids (same size: it loads and scores
+    without an error) would give DPO rewards against other tokens; refused before any work, the same
+    directory with the run's vocabulary trains."""
+    from trainer.external import export_checkpoint
+    from trainer.model import ModelSpecError, build_model, parse_model
+    from trainer.tokenize import load_tokenizer
+
+    st = make_store(tmp_path / "s", {"train": planted_rows(8), "validation": planted_rows(4, seed=1, prefix="v")})
+    tok = load_tokenizer(light=True)
+    same = export_checkpoint(build_model(parse_model(TINY + ",seed=5"), len(tok)), tok, tmp_path / "ref-same")
+    other = tmp_path / "ref-other"
+    shutil.copytree(same, other)
+    spec = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    a, b = (next(k for k, i in vocab.items() if i == n) for n in (200, 201))
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens trade ids: same size, other meaning
+    (other / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(ModelSpecError, match=r"reference model .*ref-other ships a tokenizer whose vocabulary differs "
+                                             r"from the run's .* in 2 tokens"):
+        train(make_config(st.root, "v-toy", run_id="other", max_steps=1, reference_model=str(other), **FAST))
+    assert not (st.root / "runs").exists()
+    res = train(make_config(st.root, "v-toy", run_id="same", max_steps=1, reference_model=str(same), **FAST))
     assert json.loads((res.run_dir / "run.json").read_text())["status"] == "finished"

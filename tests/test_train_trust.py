@@ -262,3 +262,32 @@ def test_bad_tiny_model_spec_values_exit_2_naming_the_key(store, spec, needle):
     res = _invoke("v-toy", "--store", str(store.root), "--model", spec, "--steps", "1")
     assert res.exit_code == 2, (res.output, res.exception)
     assert needle in res.output and not (store.root / "runs").exists()
+
+
+def test_two_runs_never_share_a_run_directory(store, monkeypatch):
+    """The directory is claimed (an exclusive mkdir), not checked and then written: another run that
+    creates it right after a check (started together with the same --run-id, or the same settings in
+    the same second) keeps it to itself."""
+    other = store.root / "runs" / "same"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text('{"other": "run"}')
+    real_exists = Path.exists
+    # what a check made a moment before the other run created the directory saw
+    monkeypatch.setattr(Path, "exists", lambda self, *a, **k: False if self == other else real_exists(self, *a, **k))
+    with pytest.raises(FileExistsError, match="exists; pick another run_id"):
+        train(make_config(store.root, "v-toy", run_id="same", max_steps=1, **FAST))
+    assert (other / "config.json").read_text() == '{"other": "run"}'
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]
+
+
+def test_run_id_and_resume_naming_two_runs_exit_2(store):
+    """--run-id new --resume old resumed 'old' and ignored --run-id; one of the two was not what was meant."""
+    assert _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", "--max-length", "64",
+                   "--threads", "1", "--run-id", "old").exit_code == 0
+    before = (store.root / "lineage" / "v-toy.jsonl").read_text()
+    res = _invoke("v-toy", "--store", str(store.root), "--model", TINY, "--steps", "1", "--max-length", "64",
+                  "--threads", "1", "--run-id", "new", "--resume", "old")
+    assert res.exit_code == 2, res.output
+    assert "--run-id new and --resume old name two runs" in " ".join(res.output.split())
+    assert (store.root / "lineage" / "v-toy.jsonl").read_text() == before  # nothing resumed
+    assert not (store.root / "runs" / "new").exists()

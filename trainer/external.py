@@ -69,14 +69,29 @@ def _json_of(stdout: str) -> Any:
     return None
 
 
+def split_eval_cmd(template: str) -> list[str]:
+    """The command's words, split like a shell would (``shlex``); ValueError for unbalanced quotes or no word."""
+    try:
+        words = shlex.split(template)
+    except ValueError as err:
+        raise ValueError(f"eval command {template!r} cannot be split into words like a shell would: {err}") from None
+    if not words:
+        raise ValueError(f"eval command {template!r} has no program to run")
+    return words
+
+
 def run_eval_cmd(template: str, checkpoint: Path, *, cwd: Path, timeout: float) -> dict[str, Any]:
     """Run the external benchmark once on ``checkpoint``; returns the record (never raises for the command's failure)."""
-    argv = [word.replace("{checkpoint}", str(checkpoint)) for word in shlex.split(template)]
-    rec: dict[str, Any] = {"template": template, "argv": argv, "checkpoint": str(checkpoint)}
+    rec: dict[str, Any] = {"template": template, "checkpoint": str(checkpoint)}
+    try:
+        argv = [word.replace("{checkpoint}", str(checkpoint)) for word in split_eval_cmd(template)]
+    except ValueError as err:  # TrainConfig checks it first; a record, not a traceback after training
+        return {**rec, "argv": None, "status": "not started", "error": str(err), "seconds": 0.0, "result": None}
+    rec["argv"] = argv
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except FileNotFoundError as err:
+    except OSError as err:  # not found, not executable (a directory, no x bit), bad interpreter line
         return {**rec, "status": "not started", "error": str(err), "seconds": 0.0, "result": None}
     except subprocess.TimeoutExpired as err:
         out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")

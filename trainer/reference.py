@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -41,6 +42,11 @@ from trainer.model import sequence_logps
 from trainer.tokenize import TokenizeConfig, TokenizedPair
 
 CACHE_FORMAT = 1
+
+
+class ReferenceNotFinite(ValueError):
+    """The reference model gave a NaN/inf log-prob (an overflow, typically in low precision): DPO
+    cannot train against it, whatever the learning rate; nothing is cached (CLI exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,10 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
             return None
         t = pl.read_parquet(path, glob=False).to_dict(as_series=False)
         got = {pid: (w, r) for pid, w, r in zip(t["pair_id"], t["ref_chosen_logps"], t["ref_rejected_logps"])}
-        return got if wanted <= got.keys() else None  # a file that lacks pairs is not this key's file
+        if not wanted <= got.keys():  # a file that lacks pairs is not this key's file
+            return None
+        # a non-finite value (a file written before they were refused) is computed again, not trained on
+        return got if all(math.isfinite(x) for pid in wanted for x in got[pid]) else None
 
     cached = read()
     if cached is not None:
@@ -131,6 +140,12 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
                                         precision=precision)
         del model
         gc.collect()
+        bad = [pid for pid, v in logps.items() if not all(math.isfinite(x) for x in v)]
+        if bad:  # said now, before a run starts: as a training loss it would read as "lr too high"
+            raise ReferenceNotFinite(
+                f"the reference model's log-probs are not finite (NaN/inf) for {len(bad)} of {len(logps)} pairs "
+                f"(first: {', '.join(bad[:5])}); likely an overflow in its dtype / precision ({material.get('dtype')}); "
+                "try float32 weights and precision fp32, or another --reference-model; nothing was cached")
         rows = [(split, p) for split, ps in pairs_by_split.items() for p in ps]
         table = pl.DataFrame({
             "pair_id": [p.pair_id for _, p in rows],

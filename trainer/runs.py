@@ -62,6 +62,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_parquet(frame, path: Path) -> None:
+    """A Polars frame to ``path`` through a temp file in the same directory and a rename: a reader (or a
+    crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        frame.write_parquet(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
@@ -74,8 +88,7 @@ class MetricsLog:
         self.path = path
         self.records: list[dict[str, Any]] = []
         if keep_until_step is not None and path.exists():  # resume: forget what came after the checkpoint
-            lines = path.read_text(encoding="utf-8").splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= keep_until_step]
+            self.records = [r for r in _read_metrics_lines(path) if r["step"] <= keep_until_step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._fh = open(path, "a", encoding="utf-8")
 
@@ -86,6 +99,30 @@ class MetricsLog:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def _read_metrics_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl.  The last line may be torn -- the process that a resume follows
+    was killed while writing it, or the disk filled up, or a power loss left NUL bytes after the last
+    flushed line -- and is dropped (it came after the checkpoint); a bad line before it is an error."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip("\x00 \t"):
+        lines.pop()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("not a metrics record with an integer step")
+        except ValueError as err:
+            if n == len(lines):
+                break
+            raise CheckpointError(f"{path}: line {n} is not a metrics record ({err}); the run's log was edited "
+                                  "or damaged, so it cannot be resumed") from None
+        out.append(rec)
+    return out
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -56,12 +56,12 @@ from trainer.data import (
     read_split_rows,
 )
 from trainer.evaluate import BootstrapConfig, evaluate_slices
-from trainer.external import export_checkpoint, run_eval_cmd
+from trainer.external import export_checkpoint, run_eval_cmd, split_eval_cmd
 from trainer.loss import DEFAULT_CHUNK_SIZE
-from trainer.model import ModelSource, build_model, describe, parse_model, sequence_logps
+from trainer.model import ModelSource, ModelSpecError, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
-from trainer.reference import cache_key_material, compute_reference_logps, load_or_compute
+from trainer.reference import cache_key, cache_key_material, compute_reference_logps, load_or_compute
 from trainer.report import write_run_report
 from trainer.tokenize import (
     TINY_TOKENIZER,
@@ -140,6 +140,13 @@ class TrainConfig(BaseModel):
     @classmethod
     def _run_id_is_a_plain_name(cls, v: str | None) -> str | None:
         return None if v is None else safe_id(v, what="run id")  # it becomes STORE/runs/<run_id>
+
+    @field_validator("eval_cmd")
+    @classmethod
+    def _eval_cmd_splits(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_eval_cmd(v)  # unbalanced quotes: a bad option (exit 2) now, not a traceback after training
+        return v
 
     @model_validator(mode="after")
     def _prompt_budget_leaves_room(self) -> TrainConfig:
@@ -279,10 +286,15 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
 
     # ---- 3. reference log-probs, computed once per key and cached beside the version
     ref_src = parse_model(cfg.reference_model, default_seed=cfg.seed) if cfg.reference_model else src
+    for role, model_src in (("model", src), ("reference model", ref_src)):
+        if model_src.kind == "path":
+            _check_same_vocabulary(role, Path(model_src.value), tok, tok_path)
     material = cache_key_material(
         version_id=handle.version_id, split_sha256={s: i.sha256 for s, i in manifest.splits.items()},
         reference=ref_src.identity(vocab), tokenizer=tokenizer_fingerprint(tok), tokenize_cfg=tcfg,
         dtype=cfg.dtype if cfg.precision == "fp32" else f"{cfg.dtype}+{cfg.precision}")
+    if cfg.resume:  # before the reference pass: a resumed run continues on the data and reference it started with
+        _check_resume_inputs(store, cfg, handle.version_id, material)
     ref = load_or_compute(store, handle.version_id, material, pairs, lambda: build_model(ref_src, vocab, dtype=cfg.dtype),
                           pad_id=tok.pad_token_id, batch_size=cfg.ref_batch_size, chunk_size=cfg.chunk_size,
                           on_batch=lambda k: emit("reference", {"pairs": k}), precision=cfg.precision)
@@ -310,8 +322,11 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         if ckpt is None:
             raise ResumeMismatch(f"cannot resume {run_id}: no checkpoint under {runs.checkpoint_dir(run_dir)}")
         state = runs.load_checkpoint(ckpt)
-        if state["fingerprint"] != fingerprint:
-            diff = sorted(k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k))
+        # `version` as typed may differ ('latest' then its id): the resolved id was checked against run.json
+        same = {k: v for k, v in fingerprint.items() if k != "version"}
+        if {k: v for k, v in state["fingerprint"].items() if k != "version"} != same:
+            diff = sorted(k for k in same.keys() | state["fingerprint"].keys() - {"version"}
+                          if same.get(k) != state["fingerprint"].get(k))
             raise ResumeMismatch(f"cannot resume {run_id} from {ckpt.name}: settings differ in {', '.join(diff)}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # the schedule is a function of `step`
@@ -321,8 +336,10 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         for key in ("failure", "failed_at"):  # an earlier failure of this run stays in the lineage's "failed" event
             lineage.pop(key, None)
     else:
-        if run_dir.exists():
-            raise FileExistsError(f"run directory {run_dir} exists; pick another run_id or pass resume=True")
+        try:  # exclusive: two runs started together with one id (or the same settings in the same second) never share it
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise FileExistsError(f"run directory {run_dir} exists; pick another run_id or pass resume=True") from None
         lineage = {
             "run_id": run_id, "status": "running", "started_at": runs.now(), "version_id": handle.version_id,
             "certification": {k: (cert or {}).get(k) for k in ("verdict", "policy_hash", "certified_at")},
@@ -382,7 +399,10 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         return record
 
     # ---- 6. the loop
-    last_eval: dict[str, Any] = {}
+    # a resume from the final checkpoint (the run stopped after it: test evaluation, report) has its final
+    # validation eval in the log already; computing it again would log a second one for the same step
+    last_eval: dict[str, Any] = next((r for r in reversed(log.records) if r["kind"] == "eval" and r["step"] == step),
+                                     {}) if cfg.resume else {}
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [stream.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the step's pairs, K x B
@@ -492,9 +512,9 @@ def _evaluate_test_split(cfg: TrainConfig, handle: VersionHandle, test_rows: lis
                                               protected=handle.store.protected_pair_ids(),
                                               boot=BootstrapConfig(resamples=cfg.bootstrap_resamples, seed=cfg.seed))
     summary["version_id"] = handle.version_id
-    runs.write_json(run_dir / "eval.json", summary)
-    pl.DataFrame(tidy).write_parquet(run_dir / "eval.parquet")
-    pl.DataFrame(per_pair).write_parquet(run_dir / "eval_pairs.parquet")
+    runs.atomic_write_parquet(pl.DataFrame(tidy), run_dir / "eval.parquet")
+    runs.atomic_write_parquet(pl.DataFrame(per_pair), run_dir / "eval_pairs.parquet")
+    runs.write_json(run_dir / "eval.json", summary)  # the summary last, as a checkpoint's index
     return summary
 
 
@@ -511,6 +531,55 @@ def train_version(store: Store | Path | str, version: str, **options: Any) -> Pa
     """Train on ``version`` with flat options (see :func:`make_config`); returns the run directory."""
     root = store.root if isinstance(store, Store) else Path(store)
     return train(make_config(root, version, **options)).run_dir
+
+
+def _check_resume_inputs(store: Store, cfg: TrainConfig, version_id: str, material: dict[str, Any]) -> None:
+    """A resume must read the version and reference log-probs its run started with.  The fingerprint
+    holds the version *reference* as typed ('latest', a prefix), which can name another version by now
+    (a newer one curated since), and a local model or tokenizer directory by path, whose files can
+    change; run.json holds the resolved version id and the reference cache key (which hashes the
+    splits, the reference model's files, the tokenizer and the tokenisation budget)."""
+    run_json = store.root / "runs" / str(cfg.run_id) / "run.json"
+    if cfg.run_id is None or not run_json.is_file():
+        return  # nothing to resume from: the checkpoint lookup says so
+    started = _read_json(run_json)
+    if started.get("version_id") != version_id:
+        raise ResumeMismatch(f"cannot resume {cfg.run_id}: it trained on version {started.get('version_id')}, but "
+                             f"{cfg.version!r} now resolves to {version_id}; resume with the version id it started "
+                             f"with ({started.get('version_id')})")
+    old_key = (started.get("reference_cache") or {}).get("key")
+    if old_key is not None and old_key != cache_key(material):
+        old_path = Path(str((started.get("reference_cache") or {}).get("path", ""))).with_suffix(".json")
+        try:
+            old = _read_json(old_path)
+            diff = ", ".join(sorted(k for k in material.keys() | old.keys() if material.get(k) != old.get(k)))
+        except (OSError, ValueError):
+            diff = "unknown: the key material of the run's cache file is gone"
+        raise ResumeMismatch(f"cannot resume {cfg.run_id}: its reference log-probs (cache key {old_key}) no longer "
+                             f"match this run's inputs (key {cache_key(material)}; differing: {diff}): the model, "
+                             "reference model, tokenizer or tokenisation changed since the run started")
+
+
+def _check_same_vocabulary(role: str, model_dir: Path, tok, tok_path: str) -> None:
+    """A local model directory that ships its own tokenizer must share the run's token ids: the ids of
+    the run's tokenizer index its embeddings and lm head.  A reference with another vocabulary of the same
+    size loads and scores without an error -- and the DPO rewards are then against other tokens."""
+    f = model_dir / "tokenizer.json"
+    if not f.is_file() or Path(tok_path).resolve() == model_dir.resolve():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        theirs = Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True)
+    except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception on a damaged file
+        raise ModelSpecError(f"{role} {model_dir}: its tokenizer.json cannot be read ({err})") from err
+    ours = tok.get_vocab()
+    if theirs != ours:
+        differ = sorted(t for t in theirs.keys() | ours.keys() if theirs.get(t) != ours.get(t))
+        raise ModelSpecError(
+            f"{role} {model_dir} ships a tokenizer whose vocabulary differs from the run's ({tok_path}) in "
+            f"{len(differ)} tokens (e.g. {', '.join(repr(t) for t in differ[:3])}): its embeddings and lm head index "
+            "other tokens by the run's ids; use models that share the run's tokenizer")
 
 
 def _divergence_hint(cfg: TrainConfig) -> str:
