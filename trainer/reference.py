@@ -9,7 +9,8 @@ Cache file::
 
     STORE/runs/reference-cache/<version_id>/<key>.parquet    pair_id, split, ref_chosen_logps,
                                                               ref_rejected_logps, chosen_tokens, rejected_tokens
-    STORE/runs/reference-cache/<version_id>/<key>.json       the key material (what the key hashes)
+    STORE/runs/reference-cache/<version_id>/<key>.json       the key material (what the key hashes) and the
+                                                              parquet file's sha256, checked on every read
 
 ``key`` = sha256 (first 24 hex) of: the version id and the sha256 of each split file (from the
 manifest), the reference model identity (local path + sha256 of config and weight files, or
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -42,6 +44,9 @@ from trainer.model import sequence_logps
 from trainer.tokenize import TokenizeConfig, TokenizedPair
 
 CACHE_FORMAT = 1
+# the sidecar's record of the cache file's bytes (not part of the key: a file from before it is computed again
+# under the same key, so a run started before it still resumes)
+SHA256_FIELD = "parquet_sha256"
 
 
 class ReferenceNotFinite(ValueError):
@@ -120,7 +125,16 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
     def read() -> dict[str, tuple[float, float]] | None:
         if not path.exists():
             return None
-        t = pl.read_parquet(path, glob=False).to_dict(as_series=False)
+        # the bytes read once, checked against the sha256 the sidecar recorded when they were written: a file
+        # changed since (damaged, edited) or from before the record is computed again, never trained against
+        data = path.read_bytes()
+        try:
+            recorded = json.loads(path.with_suffix(".json").read_text(encoding="utf-8")).get(SHA256_FIELD)
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != hashlib.sha256(data).hexdigest():
+            return None
+        t = pl.read_parquet(io.BytesIO(data)).to_dict(as_series=False)
         got = {pid: (w, r) for pid, w, r in zip(t["pair_id"], t["ref_chosen_logps"], t["ref_rejected_logps"])}
         if not wanted <= got.keys():  # a file that lacks pairs is not this key's file
             return None
@@ -156,12 +170,18 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
             "rejected_tokens": [len(p.rejected_ids) for _, p in rows],
         })
         d.mkdir(parents=True, exist_ok=True)
-        _atomic(d / f"{key}.json", (json.dumps(material, indent=2, sort_keys=True) + "\n").encode())
+        buf = io.BytesIO()
+        table.write_parquet(buf)
+        data = buf.getvalue()
         tmp = d / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.parquet.tmp"
-        table.write_parquet(tmp)
-        with open(tmp, "rb") as fh:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        # the sidecar after the file: a crash between the two leaves a file without its record (computed again)
+        _atomic(d / f"{key}.json", (json.dumps({**material, SHA256_FIELD: hashlib.sha256(data).hexdigest()}, indent=2,
+                                               sort_keys=True) + "\n").encode())
     return ReferenceLogps(key, path, False, logps)
 
 
