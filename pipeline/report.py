@@ -7,6 +7,7 @@ in-memory check results (for tables that are not persisted, e.g. the length-rati
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,25 +61,79 @@ def _quantiles(q: dict[str, float] | None) -> str:
 
 
 def _num(v: Any, digits: int = 3) -> str:
+    """A figure for a table or a sentence.  Rounding never turns a non-zero value into 0 (a position
+    p-value of 2e-19 is "<0.001", not "0.000") nor a value just under 1 into a perfect 1 (">0.999");
+    NaN is shown as missing."""
     if v is None:
         return "–"
     if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        if math.isinf(v):
+            return "∞" if v > 0 else "-∞"
+        step = 10.0 ** -digits
+        if 0 < abs(v) < step / 2:
+            return f"<{step:.{digits}f}" if v > 0 else f">-{step:.{digits}f}"
+        if 1 - step / 2 <= v < 1:
+            return f">{1 - step:.{digits}f}"
         return f"{v:.{digits}f}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
 
 
+def _value(v: Any) -> float:
+    """A figure to draw: a missing one (None: undefined, e.g. kappa over one label) is NaN -- no bar, not a bar at 0."""
+    return math.nan if v is None else float(v)
+
+
 # ---------------------------------------------------------------- sections as data (shared by html + md)
+def ingest_rows(m: Manifest) -> list[tuple[str, int]]:
+    """The ledger's stages between rows in and valid judgments: quarantined rows by reason, and when an
+    adapter turned a valid row into several judgments (``rated``: one per pair of candidates) the valid
+    rows, the judgments made of them and the candidate pairs not formed (``ingest.skipped``), so that
+    rows in -> judgments reads without a jump."""
+    ing = m.ingest
+    rows = [(f"quarantined: {k}", v) for k, v in sorted(ing.quarantined_by_reason.items())]
+    if ing.judgments != ing.rows_valid or ing.skipped:
+        rows += [("rows valid", ing.rows_valid), ("judgments made from valid rows", ing.judgments)]
+        rows += [(f"candidate pairs not formed: {k}", v) for k, v in sorted(ing.skipped.items())]
+    return rows
+
+
 def ledger_rows(m: Manifest) -> list[tuple[str, int]]:
+    """Every stage of the ledger with its count, rows in to DPO rows."""
     led = m.ledger
-    rows = [("rows in", led.rows_in), ("quarantined", led.quarantined), ("judgments valid", led.judgments_valid)]
+    rows = [("rows in", led.rows_in), ("quarantined", led.quarantined), *ingest_rows(m), ("judgments valid", led.judgments_valid)]
     rows += [(f"judgments dropped: {k}", v) for k, v in sorted(led.judgments_dropped.items())]
     rows += [("pairs", led.pairs)]
     rows += [(f"routed: {k}", v) for k, v in led.routed.items()]
     rows += [(f"dropped: {k}", v) for k, v in sorted(led.dropped.items())]
     rows += [("DPO rows (kept pairs)", led.pairs_kept)] + [(f"  {k}", v) for k, v in led.splits.items()]
     return rows
+
+
+def ledger_sums(m: Manifest) -> list[str]:
+    """The ledger's identities with their figures ("pairs 324 = kept 251 + routed 45 + dropped 28"):
+    the reader sees that nothing was lost; one that does not hold is shown with "≠"."""
+    led, ing = m.ledger, m.ingest
+
+    def eq(name: str, total: int, parts: list[tuple[str, int]]) -> str:
+        rhs = " + ".join(f"{k} {v:,}" for k, v in parts)
+        return f"{name} {total:,} {'=' if total == sum(v for _, v in parts) else '≠'} {rhs}"
+
+    dropped_j = sum(led.judgments_dropped.values())
+    out = [eq("rows in", led.rows_in, [("valid", ing.rows_valid), ("quarantined", led.quarantined)])]
+    if ing.judgments != ing.rows_valid or ing.skipped:
+        skipped = ", ".join(f"{v:,} {k}" for k, v in sorted(ing.skipped.items()))
+        out.append(f"valid rows {ing.rows_valid:,} → judgments {ing.judgments:,} (an adapter makes one judgment per pair "
+                   f"of candidates{f'; candidate pairs not formed: {skipped}' if skipped else ''})")
+    out.append(eq("judgments valid", led.judgments_valid, [("used", led.judgments_valid - dropped_j), ("dropped", dropped_j)]))
+    out.append(eq("pairs", led.pairs, [("kept", led.pairs_kept), ("routed", sum(led.routed.values())),
+                                       ("dropped", sum(led.dropped.values()))]))
+    if led.splits:
+        out.append(eq("kept", led.pairs_kept, list(led.splits.items())))
+    return out
 
 
 def review_funnel(m: Manifest) -> list[tuple[str, int, str]]:
@@ -360,7 +415,8 @@ def render_html(inp: ReportInputs) -> str:
     parts.append("</div>")
     # ledger
     parts.append("<h2>Ledger: from rows in to DPO rows</h2><div class=card>" + flow_chart(m))
-    parts.append(_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)], {1}) + "</div>")
+    parts.append(_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)], {1})
+                 + "".join(f"<div class=small>{svg.esc(line)}</div>" for line in ledger_sums(m)) + "</div>")
     funnel = review_funnel(m)
     if funnel:
         r = m.ledger.reviews
@@ -394,18 +450,19 @@ def render_html(inp: ReportInputs) -> str:
     parts.append("<h2>Length: chosen / rejected length ratio</h2><div class=card>" + chart
                  + f"<div class=small>chosen is longer in {svg.esc(_num(lm.get('chosen_longer_rate_pairs')))} of consensus pairs with a length difference;"
                  f" ratio quantiles {svg.esc(_quantiles(lm.get('chosen_rejected_ratio_quantiles')))}</div></div>")
-    ag = [r for r in agreement_rows(inp) if (r[2] or 0) >= MIN_SLICE_PAIRS]
+    # the overall figures always (the agreement verdict is theirs), the slices with enough pairs to say something
+    ag = [r for r in agreement_rows(inp) if r[0] == "all" or (r[2] or 0) >= MIN_SLICE_PAIRS]
     main_ag = [r for r in ag if r[0] == "all" or r[0].startswith("locale=")]
     cis = [agreement_cis(inp, k) if s == "all" else (None, None) for s, k, *_ in main_ag]
     parts.append("<h2>Agreement per slice</h2><div class=card>"
                  + svg.vbars("agreement", "Krippendorff's alpha and Fleiss' kappa, overall and per locale",
                              [f"{'overall' if s == 'all' else visible_controls(s.removeprefix('locale='))}\n{visible_controls(k)}\n{n} pairs"
                               for s, k, n, *_ in main_ag],
-                             {"Krippendorff α": [float(a or 0) for _, _, _, a, _ in main_ag], "Fleiss κ": [float(k or 0) for *_, k in main_ag]},
+                             {"Krippendorff α": [_value(a) for _, _, _, a, _ in main_ag], "Fleiss κ": [_value(k) for *_, k in main_ag]},
                              stacked=False, y_label="agreement (1 = perfect, 0 = chance)", y_range=(0, 1), values=True, height=300,
                              errors={"Krippendorff α": [c[0] for c in cis], "Fleiss κ": [c[1] for c in cis]})
                  + "<div class=small>Whiskers: 95% bootstrap CIs of the overall figures (per-slice figures are point estimates).</div>"
-                 + f"<div class=small>All slices with at least {MIN_SLICE_PAIRS} pairs (locale, tag, annotator kind):</div>"
+                 + f"<div class=small>Overall, and every slice with at least {MIN_SLICE_PAIRS} pairs (locale, tag, annotator kind):</div>"
                  + _table(["slice", "kind", "pairs", "Krippendorff α", "Fleiss κ"], [list(r) for r in ag], {2, 3, 4}) + "</div>")
     ann = inp.annotators
     pts = []
@@ -489,7 +546,8 @@ def render_markdown(inp: ReportInputs) -> str:
           "## Check verdicts", "",
           md_table(["check", "status", "flags", "summary"], [[c["name"], c["status"], ", ".join(f"{k}={v}" for k, v in (c.get("flag_counts") or {}).items()),
                                                                _short(c.get("summary"), 120)] for c in (c.model_dump() for c in m.checks)]),
-          "", "## Ledger", "", md_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)]), ""]
+          "", "## Ledger", "", md_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)]), "",
+          *[f"- {md_escape(line)}" for line in ledger_sums(m)], ""]
     funnel = review_funnel(m)
     if funnel:
         md += ["## Reviews: routed → exported → reviewed → resolved", "",
