@@ -186,7 +186,8 @@ def vbars(name: str, title: str, labels: Sequence[str], series: dict[str, Sequen
     errors = {k: [ci if ci and all(finite(b) for b in ci) else None for ci in e] for k, e in (errors or {}).items()}
     totals = [sum(s[i] for s in drawn.values()) if stacked else max(s[i] for s in drawn.values()) for i in range(n)]
     lows = [0.0 if stacked else min(s[i] for s in drawn.values()) for i in range(n)]
-    tops = [*totals, *(hi for e in errors.values() for ci in e if ci for hi in ci[1:])]
+    tops = [*totals, *(ci[1] for e in errors.values() for ci in e if ci)]
+    lows += [ci[0] for e in errors.values() for ci in e if ci]  # (a whisker below the bars stays on the axis)
     lo = min(0.0, *lows) if y_range is None else min(y_range[0], *lows)
     hi = max(*tops, ref or 0) if y_range is None else max(y_range[1], *tops)
     hi = hi if hi > lo else lo + 1  # all zero: a unit axis rather than a degenerate one

@@ -141,3 +141,17 @@ def test_charts_with_missing_or_non_finite_values_stay_drawable(name):
     assert not [a for a in attrs if re.search(r"\b(nan|inf)\b", a, re.I)], out
     assert not re.search(r">[^<]*\b(nan|inf)\b[^<]*<", out, re.I), out
     assert out.startswith("<svg") and out.endswith("</svg>")
+
+
+def test_a_whisker_below_zero_stays_inside_the_plot():
+    """Agreement CIs reach below 0 on few pairs: the axis extends to them instead of the whisker running
+    out of the plot over the category labels."""
+    out = svg.vbars("x", "t", ["overall\nhuman\n7 pairs"], {"α": [0.12], "κ": [0.09]}, stacked=False, y_range=(0, 1),
+                    errors={"α": [(-0.1, 0.23)], "κ": [(-0.12, 0.2)]})
+    grid = r'<line x1="[\d.]+" x2="[\d.]+" y1="([-\d.]+)" y2="[-\d.]+" stroke="#(94a3b8|e2e8f0)"/>'
+    ticks = {float(y): color for y, color in re.findall(grid, out)}
+    zero = next(y for y, color in ticks.items() if color == "94a3b8")
+    whiskers = [float(y) for pair in re.findall(r'y1="([-\d.]+)" y2="([-\d.]+)" stroke="#0f172a"', out) for y in pair]
+    labels = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.]+)" text-anchor="middle" fill="#334155" font-size="10">', out)]
+    assert whiskers and max(ticks) > zero  # a tick below the zero line
+    assert max(whiskers) <= max(ticks) < min(labels), (whiskers, ticks, labels)
