@@ -31,8 +31,10 @@ esc = html_escape  # every label, title and attribute value below goes through i
 
 
 def text_width(s: str, size: float = 11) -> float:
-    """Estimated rendered width in px: wide East Asian characters 1 em, others 0.64 em (a generous sans average)."""
-    return size * sum(1.0 if unicodedata.east_asian_width(c) in "WF" else 0.64 for c in visible_controls(str(s)))
+    """Estimated rendered width in px: wide East Asian characters 1 em, combining marks none, others 0.64 em (a
+    generous sans average)."""
+    return size * sum(1.0 if unicodedata.east_asian_width(c) in "WF" else 0.0 if unicodedata.combining(c) else 0.64
+                      for c in visible_controls(str(s)))
 
 
 def fit(s: str, width: float, size: float = 11) -> str:

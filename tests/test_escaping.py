@@ -273,6 +273,26 @@ def test_md_escape_leaves_plain_ids_readable():
     assert md_escape("_x_") == "\\_x\\_"
 
 
+def test_stacked_combining_marks_are_capped_and_real_scripts_kept():
+    """A "zalgo" id (dozens of marks on one letter) would paint over the rows above and below it in
+    report.html and report.md; the marks of real scripts (Vietnamese, Hebrew points) are left alone."""
+    import unicodedata
+
+    from pipeline.svg import fit, text_width
+
+    max_marks = 4  # pipeline.escape.MAX_MARKS
+
+    zalgo = "ann-Z" + "".join(chr(0x300 + i) for i in range(60)) + "algo"
+    for out in (html_escape(zalgo), md_escape(zalgo)):
+        runs = [len(r) for r in re.findall("[\u0300-\u036f]+", out)]
+        assert runs == [max_marks] and out.startswith("ann-Z") and out.endswith("…algo"), out
+    md = md_table(["annotator"], [[zalgo]])
+    assert max(len(r) for r in re.findall("[\u0300-\u036f]+", md)) <= max_marks
+    for text in (unicodedata.normalize("NFD", "Tiếng Việt"), "\u05e9\u05b8\u05c1\u0591\u05bc\u05dc\u05d5\u05dd", "e\u0301"):
+        assert html_escape(text) == text and md_escape(text) == text
+    assert text_width(zalgo) == text_width("ann-Zalgo") and fit(zalgo, text_width("ann-Zalgo") + 1) == zalgo  # marks take no width
+
+
 def test_html_escape():
     assert html_escape(f"{SCRIPT}'\"{HEADING}{ANSI}") == "&lt;script&gt;alert(1)&lt;/script&gt;&#x27;&quot;\\n# injected heading\\x1b[31m"
 
