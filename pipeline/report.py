@@ -56,6 +56,12 @@ def _short(text: str | None, n: int = 140) -> str:
     return t if len(t) <= n else t[: n - 1] + "…"
 
 
+def _id(value: str, n: int = 14) -> str:
+    """An id cut to ``n`` characters for a table cell, marked when cut (two long pair ids that share their
+    first 14 characters must not read as one complete id)."""
+    return value if len(value) <= n else value[: n - 1] + "…"
+
+
 def _quantiles(q: dict[str, float] | None) -> str:
     return ", ".join(f"p{float(k) * 100:g}={v:.2f}" for k, v in (q or {}).items()) or "–"
 
@@ -476,7 +482,7 @@ def render_html(inp: ReportInputs) -> str:
                  "Reliable annotators sit top right.</div></div>")
     cl = near_dup_clusters(inp)
     top_cl = list(cl.head(MAX_EXAMPLES).iter_rows(named=True)) if cl.height else []
-    cl_rows = [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 70) for t in r["prompts"][:3])] for r in top_cl]
+    cl_rows = [[_id(r["near_dup_cluster"]), r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 70) for t in r["prompts"][:3])] for r in top_cl]
     nm = _check(inp, "near_duplicates").get("metrics", {})
     parts.append("<h2>Near-duplicate prompt clusters</h2><div class=card>"
                  + svg.hbars("near-duplicates", "Largest near-duplicate clusters: pairs per cluster",
@@ -516,7 +522,7 @@ def render_html(inp: ReportInputs) -> str:
     for reason in OFFENDER_REASONS:
         ex = offender_pairs(inp, reason)
         if ex.height:
-            rows = [[r["subject_id"][:14], _short(r["prompt_text"], 90), _short(r["response_a"], 80), _short(r["response_b"], 80),
+            rows = [[_id(r["subject_id"]), _short(r["prompt_text"], 90), _short(r["response_a"], 80), _short(r["response_b"], 80),
                      f"a\u00a0{r['count_a']} · b\u00a0{r['count_b']} · tie\u00a0{r['count_tie']}", r["decision"], _short(r["detail"], 60)]
                     for r in ex.iter_rows(named=True)]
             n = inp.flags.filter(pl.col("reason") == reason)["subject_id"].n_unique()
@@ -580,13 +586,13 @@ def render_markdown(inp: ReportInputs) -> str:
     cl = near_dup_clusters(inp)
     if cl.height:
         md += ["## Near-duplicate clusters", "", md_table(["cluster", "prompts", "pairs", "examples"],
-               [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 60) for t in r["prompts"][:3])]
+               [[_id(r["near_dup_cluster"]), r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 60) for t in r["prompts"][:3])]
                 for r in cl.head(MAX_EXAMPLES).iter_rows(named=True)]), ""]
     for reason in ("low_agreement", "language_mismatch", "identical_responses"):
         ex = offender_pairs(inp, reason)
         if ex.height:
             md += [f"## Examples: {md_escape(reason)}", "", md_table(["pair", "prompt", "a", "b", "decision"],
-                   [[r["subject_id"][:14], _short(r["prompt_text"], 70), _short(r["response_a"], 50), _short(r["response_b"], 50), r["decision"]]
+                   [[_id(r["subject_id"]), _short(r["prompt_text"], 70), _short(r["response_a"], 50), _short(r["response_b"], 50), r["decision"]]
                     for r in ex.iter_rows(named=True)]), ""]
     return "\n".join(md)
 

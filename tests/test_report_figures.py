@@ -90,9 +90,15 @@ def test_a_tiny_p_value_is_not_shown_as_zero(version):
     assert row["position_p_value"] == pytest.approx(p, rel=1e-2) and row["position_p_value"] > 0
 
 
+LONG_PAIR = "pair-from-the-vendor-0000000000-"
+
+
 def test_overall_agreement_is_shown_below_the_slice_minimum(tmp_path):
-    """7 pairs (fewer than the 10 a slice needs): the agreement verdict's overall alpha is still drawn and tabled."""
-    rows = [canonical(p * 3 + k, comparison_id=f"c-{p}-{k}", pair_id=f"p-{p}", annotator_id=f"r-{k}",
+    """7 pairs (fewer than the 10 a slice needs): the agreement verdict's overall alpha is still drawn and tabled.
+    The pairs' ids are long and alike: the examples show them cut with a mark, never as complete ids."""
+    rows = [canonical(p * 3 + k, comparison_id=f"c-{p}-{k}", pair_id=f"{LONG_PAIR}{p}", annotator_id=f"r-{k}",
+                      prompt=[{"role": "user", "content": f"How do I bake bread number {p}?"}],
+                      response_a=f"Mix flour, water, yeast and salt ({p}).", response_b=f"Buy it at the store ({p}).",
                       label="a" if p % 2 == 0 or k else "b") for p in range(7) for k in range(3)]
     store = Store(tmp_path / "s")
     h = store.get(curate([write_jsonl(tmp_path / "few.jsonl", rows)], store, Policy(),
@@ -104,6 +110,12 @@ def test_overall_agreement_is_shown_below_the_slice_minimum(tmp_path):
     assert "no data" not in section
     assert re.search(r"<title>overall[^<]*Krippendorff α: ", section)
     assert f"<td class=n>{alpha:.3f}</td>" in section or f"<td class=n>{_num(alpha)}</td>" in section
+    examples = html.split("<b>near_duplicate</b>")[1].split("</table>")[0]  # ("bake bread number N": one cluster)
+    cut = LONG_PAIR[:13] + "…"
+    assert f"<td class=id>{cut}</td>" in examples and f"<td class=id>{LONG_PAIR[:14]}</td>" not in examples
+    cluster = h.read("pairs", columns=["near_dup_cluster"])["near_dup_cluster"][0]
+    md = h.file("report.md").read_text(encoding="utf-8").split("## Near-duplicate clusters")[1]
+    assert len(cluster) > 14 and f"| {cluster[:13]}… | 7 | 7 |" in md
 
 
 def test_rounding_never_turns_a_part_into_none_or_all():
