@@ -427,7 +427,8 @@ def render_html(inp: ReportInputs) -> str:
     if funnel:
         r = m.ledger.reviews
         parts.append("<h2>Reviews: routed → exported → reviewed → resolved</h2><div class=card>"
-                     + svg.hbars("review-funnel", "Routed pairs and their reviews", funnel, x_label="pairs")
+                     + svg.hbars("review-funnel", "Routed pairs and their reviews",  # ("45 pairs · 59 review judgments", not "45 59 ...")
+                                 [(stage, n, f"pairs · {note}" if note else "pairs") for stage, n, note in funnel], x_label="pairs")
                      + f"<div class=small>mode {svg.esc(r.mode)}; {r.judgments:,} judgments with review_of in this version "
                      f"({r.judgments - r.judgments_of_routed:,} of pairs never routed or unknown: see the reviews check). "
                      "Open pairs are listed by <code>prefpipe show</code> with their age.</div></div>")

@@ -74,6 +74,10 @@ def test_ledger_shows_where_every_row_went_and_adds_up(version):
             assert int(lhs.replace(",", "")) == sum(int(x.replace(",", "")) for x in re.findall(r" ([\d,]+)(?: \+|$)", rhs))
     html = version.file("report.html").read_text(encoding="utf-8")
     assert f"pairs {m.ledger.pairs:,} = kept {m.ledger.pairs_kept:,}" in html
+    r = m.ledger.reviews  # the funnel's bars say what their numbers count
+    funnel = html.split('data-chart="review-funnel"')[1].split("</svg>")[0]
+    assert f">{r.reviewed} pairs · {r.judgments_of_routed} review judgments</text>" in funnel
+    assert f">{r.routed_ever} pairs</text>" in funnel
     stages = {r["stage"]: r["count"] for r in version_tables(version)["ledger"]}  # the Prefect table artifact
     assert stages["candidate pairs not formed: identical_candidates"] == 6
     assert stages["judgments made from valid rows"] == m.ingest.judgments
