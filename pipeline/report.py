@@ -204,6 +204,17 @@ def label_distribution(inp: ReportInputs) -> tuple[list[str], dict[str, list[flo
     return slices, shares, [int(t) for t in totals]
 
 
+PRE_CHECK_DROPS = ("duplicate_comparison_id", "already_in_parent")  # judgments dropped before the version's table
+
+
+def label_base(m: Manifest, total: int) -> str:
+    """What the label shares are shares of: the version's judgments, those dropped by select included."""
+    pre = {k: m.ledger.judgments_dropped[k] for k in PRE_CHECK_DROPS if m.ledger.judgments_dropped.get(k)}
+    out = (f"Base: each slice's judgments, {total:,} in all: every judgment of the version, including those dropped "
+           f"after the checks (the ledger's {m.ledger.judgments_valid:,} valid judgments")
+    return out + (f" also count {', '.join(f'{v:,} {k}' for k, v in pre.items())}, dropped before)." if pre else ").")
+
+
 def position_items(ann: pl.DataFrame) -> list[tuple[str, float, float, float, bool]]:
     if ann.height == 0 or "first_shown_rate" not in ann.columns:
         return []
@@ -437,7 +448,8 @@ def render_html(inp: ReportInputs) -> str:
     parts.append("<h2>Label distribution per slice</h2><div class=card>"
                  + svg.vbars("label-distribution", "Share of judgment labels per slice (locale · annotator kind)",
                              [f"{visible_controls(s)}\n{n:,} judgments" for s, n in zip(slices, n_slice, strict=True)], series,
-                             y_label="share of judgments", y_range=(0, 1)) + "</div>")
+                             y_label="share of judgments", y_range=(0, 1))
+                 + f"<div class=small>{svg.esc(label_base(m, sum(n_slice)))}</div></div>")
     pos = position_items(inp.annotators)
     pm = _check(inp, "position_bias").get("metrics", {})
     parts.append("<h2>Position bias: first-shown win rate per annotator (95% CI)</h2><div class=card>"

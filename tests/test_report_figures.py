@@ -15,7 +15,7 @@ from conftest import canonical, write_jsonl
 from pipeline import svg
 from pipeline.artifacts import version_tables
 from pipeline.curate import CurateOptions, curate
-from pipeline.escape import md_escape
+from pipeline.escape import html_escape, md_escape
 from pipeline.report import _num
 from pipeline.store import Store
 from schemas.policy import Policy
@@ -171,3 +171,13 @@ def test_a_whisker_below_zero_stays_inside_the_plot():
     labels = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.]+)" text-anchor="middle" fill="#334155" font-size="10">', out)]
     assert whiskers and max(ticks) > zero  # a tick below the zero line
     assert max(whiskers) <= max(ticks) < min(labels), (whiskers, ticks, labels)
+
+
+def test_label_shares_say_their_base(version):
+    """The label distribution's shares are of the version's judgments (dropped ones included): the note says how
+    many, and it is the judgments table's size."""
+    html = version.file("report.html").read_text(encoding="utf-8")
+    note = html.split('data-chart="label-distribution"')[1].split("</svg>")[1].split("</div>")[0]
+    n = version.read("judgments", columns=["pair_id"]).height
+    assert html_escape(f"Base: each slice's judgments, {n:,} in all") in note
+    assert html_escape(f"the ledger's {version.manifest().ledger.judgments_valid:,} valid judgments") in note
