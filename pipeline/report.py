@@ -62,6 +62,13 @@ def _id(value: str, n: int = 14) -> str:
     return value if len(value) <= n else value[: n - 1] + "…"
 
 
+def _votes(r: dict[str, Any]) -> str:
+    """A pair's votes by label: a, b and tie always, both_bad and escalate when some judgment gave them (so
+    that the votes shown add up to the pair's judgments)."""
+    counts = [(lab, r.get(f"count_{lab}") or 0) for lab in LABEL_ORDER]
+    return " · ".join(f"{lab}\u00a0{n}" for lab, n in counts if n or lab in ("a", "b", "tie"))
+
+
 def _quantiles(q: dict[str, float] | None) -> str:
     return ", ".join(f"p{float(k) * 100:g}={v:.2f}" for k, v in (q or {}).items()) or "–"
 
@@ -536,7 +543,7 @@ def render_html(inp: ReportInputs) -> str:
         ex = offender_pairs(inp, reason)
         if ex.height:
             rows = [[_id(r["subject_id"]), _short(r["prompt_text"], 90), _short(r["response_a"], 80), _short(r["response_b"], 80),
-                     f"a\u00a0{r['count_a']} · b\u00a0{r['count_b']} · tie\u00a0{r['count_tie']}", r["decision"], _short(r["detail"], 60)]
+                     _votes(r), r["decision"], _short(r["detail"], 60)]
                     for r in ex.iter_rows(named=True)]
             n = inp.flags.filter(pl.col("reason") == reason)["subject_id"].n_unique()
             parts.append(f"<div class=card><b>{reason}</b> ({n} pair{'s' if n != 1 else ''}; examples)"

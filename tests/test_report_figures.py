@@ -103,7 +103,7 @@ def test_overall_agreement_is_shown_below_the_slice_minimum(tmp_path):
     rows = [canonical(p * 3 + k, comparison_id=f"c-{p}-{k}", pair_id=f"{LONG_PAIR}{p}", annotator_id=f"r-{k}",
                       prompt=[{"role": "user", "content": f"How do I bake bread number {p}?"}],
                       response_a=f"Mix flour, water, yeast and salt ({p}).", response_b=f"Buy it at the store ({p}).",
-                      label="a" if p % 2 == 0 or k else "b") for p in range(7) for k in range(3)]
+                      label="both_bad" if (p, k) == (1, 0) else "a" if p % 2 == 0 or k else "b") for p in range(7) for k in range(3)]
     store = Store(tmp_path / "s")
     h = store.get(curate([write_jsonl(tmp_path / "few.jsonl", rows)], store, Policy(),
                          options=CurateOptions(partitioned=False)).version_id)
@@ -117,6 +117,7 @@ def test_overall_agreement_is_shown_below_the_slice_minimum(tmp_path):
     examples = html.split("<b>near_duplicate</b>")[1].split("</table>")[0]  # ("bake bread number N": one cluster)
     cut = LONG_PAIR[:13] + "…"
     assert f"<td class=id>{cut}</td>" in examples and f"<td class=id>{LONG_PAIR[:14]}</td>" not in examples
+    assert "<td>a\u00a02 · b\u00a00 · tie\u00a00 · both_bad\u00a01</td>" in examples  # pair 1's 3 votes, not 2 of them
     cluster = h.read("pairs", columns=["near_dup_cluster"])["near_dup_cluster"][0]
     md = h.file("report.md").read_text(encoding="utf-8").split("## Near-duplicate clusters")[1]
     assert len(cluster) > 14 and f"| {cluster[:13]}… | 7 | 7 |" in md
