@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.escape import md_escape
-from pipeline.report import md_table
+from pipeline.report import ingest_rows, md_table
 from pipeline.store import VersionHandle
 
 
@@ -19,6 +19,7 @@ def version_tables(h: VersionHandle) -> dict[str, Any]:
     ledger = [
         {"stage": "rows in", "count": led.rows_in},
         {"stage": "quarantined", "count": led.quarantined},
+        *[{"stage": k, "count": v} for k, v in ingest_rows(m)],
         {"stage": "judgments valid", "count": led.judgments_valid},
         *[{"stage": f"judgments dropped: {k}", "count": v} for k, v in led.judgments_dropped.items()],
         {"stage": "pairs", "count": led.pairs},
@@ -39,8 +40,9 @@ def version_tables(h: VersionHandle) -> dict[str, Any]:
     cols = [c for c in ("annotator_id", "annotator_kind", "n_judgments", "agreement_with_consensus", "gold_accuracy",
                         "first_shown_rate", "position_p_value", "order_consistency", "longer_chosen_rate", "status", "flags")
             if c in ann.columns]
+    # three significant figures, not three decimals: a position p-value of 2e-19 is not 0.0
     annotators = ann.select(cols).with_columns(pl.col("flags").list.join(",")).with_columns(
-        pl.col(pl.Float64).round(3)).to_dicts() if ann.height else []
+        pl.col(pl.Float64).round_sig_figs(3)).to_dicts() if ann.height else []
     md = [f"# prefpipe version {md_escape(m.version_id)}", "", md_table(["stage", "count"], [[r["stage"], r["count"]] for r in ledger]), "",
           md_table(["check", "status", "flags"], [[c["check"], c["status"], c["flags"]] for c in checks])]
     return {"ledger": ledger, "checks": checks, "annotators": annotators, "markdown": "\n".join(md)}

@@ -7,6 +7,7 @@ in-memory check results (for tables that are not persisted, e.g. the length-rati
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,30 +56,97 @@ def _short(text: str | None, n: int = 140) -> str:
     return t if len(t) <= n else t[: n - 1] + "…"
 
 
+def _id(value: str, n: int = 14) -> str:
+    """An id cut to ``n`` characters for a table cell, marked when cut (two long pair ids that share their
+    first 14 characters must not read as one complete id)."""
+    return value if len(value) <= n else value[: n - 1] + "…"
+
+
+def _votes(r: dict[str, Any]) -> str:
+    """A pair's votes by label: a, b and tie always, both_bad and escalate when some judgment gave them (so
+    that the votes shown add up to the pair's judgments)."""
+    counts = [(lab, r.get(f"count_{lab}") or 0) for lab in LABEL_ORDER]
+    return " · ".join(f"{lab}\u00a0{n}" for lab, n in counts if n or lab in ("a", "b", "tie"))
+
+
 def _quantiles(q: dict[str, float] | None) -> str:
     return ", ".join(f"p{float(k) * 100:g}={v:.2f}" for k, v in (q or {}).items()) or "–"
 
 
 def _num(v: Any, digits: int = 3) -> str:
+    """A figure for a table or a sentence.  Rounding never turns a non-zero value into 0 (a position
+    p-value of 2e-19 is "<0.001", not "0.000") nor a value just under 1 into a perfect 1 (">0.999");
+    NaN is shown as missing."""
     if v is None:
         return "–"
     if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        if math.isinf(v):
+            return "∞" if v > 0 else "-∞"
+        step = 10.0 ** -digits
+        if 0 < abs(v) < step / 2:
+            return f"<{step:.{digits}f}" if v > 0 else f">-{step:.{digits}f}"
+        if 1 - step / 2 <= v < 1:
+            return f">{1 - step:.{digits}f}"
         return f"{v:.{digits}f}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
 
 
+def _value(v: Any) -> float:
+    """A figure to draw: a missing one (None: undefined, e.g. kappa over one label) is NaN -- no bar, not a bar at 0."""
+    return math.nan if v is None else float(v)
+
+
 # ---------------------------------------------------------------- sections as data (shared by html + md)
+def ingest_rows(m: Manifest) -> list[tuple[str, int]]:
+    """The ledger's stages between rows in and valid judgments: quarantined rows by reason, and when an
+    adapter turned a valid row into several judgments (``rated``: one per pair of candidates) the valid
+    rows, the judgments made of them and the candidate pairs not formed (``ingest.skipped``), so that
+    rows in -> judgments reads without a jump."""
+    ing = m.ingest
+    rows = [(f"quarantined: {k}", v) for k, v in sorted(ing.quarantined_by_reason.items())]
+    if ing.judgments != ing.rows_valid or ing.skipped:
+        rows += [("rows valid", ing.rows_valid), ("judgments made from valid rows", ing.judgments)]
+        rows += [(f"candidate pairs not formed: {k}", v) for k, v in sorted(ing.skipped.items())]
+    return rows
+
+
 def ledger_rows(m: Manifest) -> list[tuple[str, int]]:
+    """Every stage of the ledger with its count, rows in to DPO rows."""
     led = m.ledger
-    rows = [("rows in", led.rows_in), ("quarantined", led.quarantined), ("judgments valid", led.judgments_valid)]
+    rows = [("rows in", led.rows_in), ("quarantined", led.quarantined), *ingest_rows(m), ("judgments valid", led.judgments_valid)]
     rows += [(f"judgments dropped: {k}", v) for k, v in sorted(led.judgments_dropped.items())]
     rows += [("pairs", led.pairs)]
     rows += [(f"routed: {k}", v) for k, v in led.routed.items()]
     rows += [(f"dropped: {k}", v) for k, v in sorted(led.dropped.items())]
     rows += [("DPO rows (kept pairs)", led.pairs_kept)] + [(f"  {k}", v) for k, v in led.splits.items()]
     return rows
+
+
+def ledger_sums(m: Manifest) -> list[str]:
+    """The ledger's identities with their figures ("pairs 324 = kept 251 + routed 45 + dropped 28"):
+    the reader sees that nothing was lost; one that does not hold is shown with "≠"."""
+    led, ing = m.ledger, m.ingest
+
+    def eq(name: str, total: int, parts: list[tuple[str, int]]) -> str:
+        rhs = " + ".join(f"{k} {v:,}" for k, v in parts)
+        return f"{name} {total:,} {'=' if total == sum(v for _, v in parts) else '≠'} {rhs}"
+
+    dropped_j = sum(led.judgments_dropped.values())
+    out = [eq("rows in", led.rows_in, [("valid", ing.rows_valid), ("quarantined", led.quarantined)])]
+    if ing.judgments != ing.rows_valid or ing.skipped:
+        skipped = ", ".join(f"{v:,} {k}" for k, v in sorted(ing.skipped.items()))
+        out.append(f"valid rows {ing.rows_valid:,} → judgments {ing.judgments:,} (an adapter makes one judgment per pair "
+                   f"of candidates{f'; candidate pairs not formed: {skipped}' if skipped else ''})")
+    out.append(eq("judgments valid", led.judgments_valid, [("used", led.judgments_valid - dropped_j), ("dropped", dropped_j)]))
+    out.append(eq("pairs", led.pairs, [("kept", led.pairs_kept), ("routed", sum(led.routed.values())),
+                                       ("dropped", sum(led.dropped.values()))]))
+    if led.splits:
+        out.append(eq("kept", led.pairs_kept, list(led.splits.items())))
+    return out
 
 
 def review_funnel(m: Manifest) -> list[tuple[str, int, str]]:
@@ -141,6 +209,17 @@ def label_distribution(inp: ReportInputs) -> tuple[list[str], dict[str, list[flo
     totals = [sum(series[lab][i] for lab in LABEL_ORDER) for i in range(len(slices))]
     shares = {lab: [v / (t or 1) for v, t in zip(vals, totals, strict=True)] for lab, vals in series.items()}
     return slices, shares, [int(t) for t in totals]
+
+
+PRE_CHECK_DROPS = ("duplicate_comparison_id", "already_in_parent")  # judgments dropped before the version's table
+
+
+def label_base(m: Manifest, total: int) -> str:
+    """What the label shares are shares of: the version's judgments, those dropped by select included."""
+    pre = {k: m.ledger.judgments_dropped[k] for k in PRE_CHECK_DROPS if m.ledger.judgments_dropped.get(k)}
+    out = (f"Base: each slice's judgments, {total:,} in all: every judgment of the version, including those dropped "
+           f"after the checks (the ledger's {m.ledger.judgments_valid:,} valid judgments")
+    return out + (f" also count {', '.join(f'{v:,} {k}' for k, v in pre.items())}, dropped before)." if pre else ").")
 
 
 def position_items(ann: pl.DataFrame) -> list[tuple[str, float, float, float, bool]]:
@@ -360,12 +439,14 @@ def render_html(inp: ReportInputs) -> str:
     parts.append("</div>")
     # ledger
     parts.append("<h2>Ledger: from rows in to DPO rows</h2><div class=card>" + flow_chart(m))
-    parts.append(_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)], {1}) + "</div>")
+    parts.append(_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)], {1})
+                 + "".join(f"<div class=small>{svg.esc(line)}</div>" for line in ledger_sums(m)) + "</div>")
     funnel = review_funnel(m)
     if funnel:
         r = m.ledger.reviews
         parts.append("<h2>Reviews: routed → exported → reviewed → resolved</h2><div class=card>"
-                     + svg.hbars("review-funnel", "Routed pairs and their reviews", funnel, x_label="pairs")
+                     + svg.hbars("review-funnel", "Routed pairs and their reviews",  # ("45 pairs · 59 review judgments", not "45 59 ...")
+                                 [(stage, n, f"pairs · {note}" if note else "pairs") for stage, n, note in funnel], x_label="pairs")
                      + f"<div class=small>mode {svg.esc(r.mode)}; {r.judgments:,} judgments with review_of in this version "
                      f"({r.judgments - r.judgments_of_routed:,} of pairs never routed or unknown: see the reviews check). "
                      "Open pairs are listed by <code>prefpipe show</code> with their age.</div></div>")
@@ -374,7 +455,8 @@ def render_html(inp: ReportInputs) -> str:
     parts.append("<h2>Label distribution per slice</h2><div class=card>"
                  + svg.vbars("label-distribution", "Share of judgment labels per slice (locale · annotator kind)",
                              [f"{visible_controls(s)}\n{n:,} judgments" for s, n in zip(slices, n_slice, strict=True)], series,
-                             y_label="share of judgments", y_range=(0, 1)) + "</div>")
+                             y_label="share of judgments", y_range=(0, 1))
+                 + f"<div class=small>{svg.esc(label_base(m, sum(n_slice)))}</div></div>")
     pos = position_items(inp.annotators)
     pm = _check(inp, "position_bias").get("metrics", {})
     parts.append("<h2>Position bias: first-shown win rate per annotator (95% CI)</h2><div class=card>"
@@ -394,18 +476,19 @@ def render_html(inp: ReportInputs) -> str:
     parts.append("<h2>Length: chosen / rejected length ratio</h2><div class=card>" + chart
                  + f"<div class=small>chosen is longer in {svg.esc(_num(lm.get('chosen_longer_rate_pairs')))} of consensus pairs with a length difference;"
                  f" ratio quantiles {svg.esc(_quantiles(lm.get('chosen_rejected_ratio_quantiles')))}</div></div>")
-    ag = [r for r in agreement_rows(inp) if (r[2] or 0) >= MIN_SLICE_PAIRS]
+    # the overall figures always (the agreement verdict is theirs), the slices with enough pairs to say something
+    ag = [r for r in agreement_rows(inp) if r[0] == "all" or (r[2] or 0) >= MIN_SLICE_PAIRS]
     main_ag = [r for r in ag if r[0] == "all" or r[0].startswith("locale=")]
     cis = [agreement_cis(inp, k) if s == "all" else (None, None) for s, k, *_ in main_ag]
     parts.append("<h2>Agreement per slice</h2><div class=card>"
                  + svg.vbars("agreement", "Krippendorff's alpha and Fleiss' kappa, overall and per locale",
                              [f"{'overall' if s == 'all' else visible_controls(s.removeprefix('locale='))}\n{visible_controls(k)}\n{n} pairs"
                               for s, k, n, *_ in main_ag],
-                             {"Krippendorff α": [float(a or 0) for _, _, _, a, _ in main_ag], "Fleiss κ": [float(k or 0) for *_, k in main_ag]},
+                             {"Krippendorff α": [_value(a) for _, _, _, a, _ in main_ag], "Fleiss κ": [_value(k) for *_, k in main_ag]},
                              stacked=False, y_label="agreement (1 = perfect, 0 = chance)", y_range=(0, 1), values=True, height=300,
                              errors={"Krippendorff α": [c[0] for c in cis], "Fleiss κ": [c[1] for c in cis]})
                  + "<div class=small>Whiskers: 95% bootstrap CIs of the overall figures (per-slice figures are point estimates).</div>"
-                 + f"<div class=small>All slices with at least {MIN_SLICE_PAIRS} pairs (locale, tag, annotator kind):</div>"
+                 + f"<div class=small>Overall, and every slice with at least {MIN_SLICE_PAIRS} pairs (locale, tag, annotator kind):</div>"
                  + _table(["slice", "kind", "pairs", "Krippendorff α", "Fleiss κ"], [list(r) for r in ag], {2, 3, 4}) + "</div>")
     ann = inp.annotators
     pts = []
@@ -419,7 +502,7 @@ def render_html(inp: ReportInputs) -> str:
                  "Reliable annotators sit top right.</div></div>")
     cl = near_dup_clusters(inp)
     top_cl = list(cl.head(MAX_EXAMPLES).iter_rows(named=True)) if cl.height else []
-    cl_rows = [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 70) for t in r["prompts"][:3])] for r in top_cl]
+    cl_rows = [[_id(r["near_dup_cluster"]), r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 70) for t in r["prompts"][:3])] for r in top_cl]
     nm = _check(inp, "near_duplicates").get("metrics", {})
     parts.append("<h2>Near-duplicate prompt clusters</h2><div class=card>"
                  + svg.hbars("near-duplicates", "Largest near-duplicate clusters: pairs per cluster",
@@ -459,8 +542,8 @@ def render_html(inp: ReportInputs) -> str:
     for reason in OFFENDER_REASONS:
         ex = offender_pairs(inp, reason)
         if ex.height:
-            rows = [[r["subject_id"][:14], _short(r["prompt_text"], 90), _short(r["response_a"], 80), _short(r["response_b"], 80),
-                     f"a\u00a0{r['count_a']} · b\u00a0{r['count_b']} · tie\u00a0{r['count_tie']}", r["decision"], _short(r["detail"], 60)]
+            rows = [[_id(r["subject_id"]), _short(r["prompt_text"], 90), _short(r["response_a"], 80), _short(r["response_b"], 80),
+                     _votes(r), r["decision"], _short(r["detail"], 60)]
                     for r in ex.iter_rows(named=True)]
             n = inp.flags.filter(pl.col("reason") == reason)["subject_id"].n_unique()
             parts.append(f"<div class=card><b>{reason}</b> ({n} pair{'s' if n != 1 else ''}; examples)"
@@ -489,7 +572,8 @@ def render_markdown(inp: ReportInputs) -> str:
           "## Check verdicts", "",
           md_table(["check", "status", "flags", "summary"], [[c["name"], c["status"], ", ".join(f"{k}={v}" for k, v in (c.get("flag_counts") or {}).items()),
                                                                _short(c.get("summary"), 120)] for c in (c.model_dump() for c in m.checks)]),
-          "", "## Ledger", "", md_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)]), ""]
+          "", "## Ledger", "", md_table(["stage", "count"], [[a, b] for a, b in ledger_rows(m)]), "",
+          *[f"- {md_escape(line)}" for line in ledger_sums(m)], ""]
     funnel = review_funnel(m)
     if funnel:
         md += ["## Reviews: routed → exported → reviewed → resolved", "",
@@ -522,13 +606,13 @@ def render_markdown(inp: ReportInputs) -> str:
     cl = near_dup_clusters(inp)
     if cl.height:
         md += ["## Near-duplicate clusters", "", md_table(["cluster", "prompts", "pairs", "examples"],
-               [[r["near_dup_cluster"][:14], r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 60) for t in r["prompts"][:3])]
+               [[_id(r["near_dup_cluster"]), r["n_prompts"], r["pairs"], " ⟷ ".join(_short(t, 60) for t in r["prompts"][:3])]
                 for r in cl.head(MAX_EXAMPLES).iter_rows(named=True)]), ""]
     for reason in ("low_agreement", "language_mismatch", "identical_responses"):
         ex = offender_pairs(inp, reason)
         if ex.height:
             md += [f"## Examples: {md_escape(reason)}", "", md_table(["pair", "prompt", "a", "b", "decision"],
-                   [[r["subject_id"][:14], _short(r["prompt_text"], 70), _short(r["response_a"], 50), _short(r["response_b"], 50), r["decision"]]
+                   [[_id(r["subject_id"]), _short(r["prompt_text"], 70), _short(r["response_a"], 50), _short(r["response_b"], 50), r["decision"]]
                     for r in ex.iter_rows(named=True)]), ""]
     return "\n".join(md)
 

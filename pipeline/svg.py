@@ -31,8 +31,10 @@ esc = html_escape  # every label, title and attribute value below goes through i
 
 
 def text_width(s: str, size: float = 11) -> float:
-    """Estimated rendered width in px: wide East Asian characters 1 em, others 0.64 em (a generous sans average)."""
-    return size * sum(1.0 if unicodedata.east_asian_width(c) in "WF" else 0.64 for c in visible_controls(str(s)))
+    """Estimated rendered width in px: wide East Asian characters 1 em, combining marks none, others 0.64 em (a
+    generous sans average)."""
+    return size * sum(1.0 if unicodedata.east_asian_width(c) in "WF" else 0.0 if unicodedata.combining(c) else 0.64
+                      for c in visible_controls(str(s)))
 
 
 def fit(s: str, width: float, size: float = 11) -> str:
@@ -69,9 +71,19 @@ def _empty(name: str, title: str, msg: str = "no data") -> str:
     return _open(name, title, 420, 60) + f'<text x="10" y="35" fill="#64748b">{esc(msg)}</text></svg>'
 
 
-def _fmt(v: float) -> str:
+def finite(v: float | None) -> bool:
+    """A value that can be drawn (None, NaN and infinities are "no value": no mark, "n/a" in its title)."""
+    return v is not None and math.isfinite(v)
+
+
+def _fmt(v: float | None) -> str:
+    """A tick, bar or cell value; a non-zero value never rounds to "0" (a share of 0.004 is "0.004")."""
+    if not finite(v):
+        return "n/a"
     if v == 0:
         return "0"
+    if abs(v) < 0.01:
+        return f"{v:.2g}"
     if abs(v) >= 1000:
         return f"{v:,.0f}"
     if abs(v) >= 10:
@@ -92,8 +104,14 @@ def _legend(names: Sequence[str], colors: Sequence[str], x0: float, y: float, ma
     return out, y
 
 
-def _share(v: float, total: float) -> str:
-    return "<1%" if 0 < v < 0.01 * total else f"{v / total:.0%}"
+def _share(v: float, total: float, digits: int = 0) -> str:
+    """``v`` as a percentage of ``total``; rounding never shows a part as 0 % or 100 % of the whole ("<1%", ">99%")."""
+    step = 10.0 ** -(digits + 2)
+    if 0 < v < step * total:
+        return f"<{step:.{digits}%}"
+    if v < total and v > (1 - step) * total:
+        return f">{1 - step:.{digits}%}"
+    return f"{v / total:.{digits}%}"
 
 
 def stacked_hbars(name: str, title: str, rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], width: int = WIDTH,
@@ -104,7 +122,7 @@ def stacked_hbars(name: str, title: str, rows: Sequence[tuple[str, Sequence[tupl
     line underneath with each segment's count and share, so thin segments stay readable.
     ``colors`` fixes a segment's colour (e.g. kept green, routed amber, dropped red); others cycle the palette.
     """
-    rows = [(lab, [(s, v) for s, v in segs if v > 0]) for lab, segs in rows]
+    rows = [(lab, [(s, v) for s, v in segs if finite(v) and v > 0]) for lab, segs in rows]
     rows = [r for r in rows if r[1]]
     if not rows:
         return _empty(name, title)
@@ -121,7 +139,7 @@ def stacked_hbars(name: str, title: str, rows: Sequence[tuple[str, Sequence[tupl
             col = colors.setdefault(seg, PALETTE[len(colors) % len(PALETTE)])
             w = span * v / total
             body.append(f'<rect x="{x:.1f}" y="{y:.0f}" width="{max(w, 1):.1f}" height="{bar_h}" fill="{col}" stroke="white" stroke-width="0.5">'
-                        f'<title>{esc(seg)}: {_fmt(v)} ({v / total:.1%})</title></rect>')
+                        f'<title>{esc(seg)}: {_fmt(v)} ({_share(v, total, 1)})</title></rect>')
             inside = next((t for t in (f"{seg} {_fmt(v)}", _fmt(v)) if text_width(t) + 8 <= w), None)
             if inside:
                 body.append(f'<text x="{x + 4:.1f}" y="{y + bar_h / 2 + 4:.0f}" fill="white">{esc(inside)}</text>')
@@ -165,9 +183,13 @@ def vbars(name: str, title: str, labels: Sequence[str], series: dict[str, Sequen
     if not labels or not series:
         return _empty(name, title)
     n = len(labels)
-    totals = [sum(s[i] for s in series.values()) if stacked else max(s[i] for s in series.values()) for i in range(n)]
-    lows = [0.0 if stacked else min(s[i] for s in series.values()) for i in range(n)]
-    tops = [*totals, *(hi for e in (errors or {}).values() for ci in e if ci for hi in ci[1:])]
+    # a value that is None, NaN or infinite draws no bar (its title says n/a); a CI with such a bound no whisker
+    drawn = {k: [v if finite(v) else 0.0 for v in vals] for k, vals in series.items()}
+    errors = {k: [ci if ci and all(finite(b) for b in ci) else None for ci in e] for k, e in (errors or {}).items()}
+    totals = [sum(s[i] for s in drawn.values()) if stacked else max(s[i] for s in drawn.values()) for i in range(n)]
+    lows = [0.0 if stacked else min(s[i] for s in drawn.values()) for i in range(n)]
+    tops = [*totals, *(ci[1] for e in errors.values() for ci in e if ci)]
+    lows += [ci[0] for e in errors.values() for ci in e if ci]  # (a whisker below the bars stays on the axis)
     lo = min(0.0, *lows) if y_range is None else min(y_range[0], *lows)
     hi = max(*tops, ref or 0) if y_range is None else max(y_range[1], *tops)
     hi = hi if hi > lo else lo + 1  # all zero: a unit axis rather than a degenerate one
@@ -193,14 +215,16 @@ def vbars(name: str, title: str, labels: Sequence[str], series: dict[str, Sequen
         x0 = left + i * slot + slot * 0.15
         base = 0.0
         for j, (sname, vals) in enumerate(series.items()):
-            v = vals[i]
+            given, v = vals[i], drawn[sname][i]
+            if not finite(given):
+                continue
             a, b = (base, base + v) if stacked else (0.0, v)
             x = x0 if stacked else x0 + j * bw
             y1, y2 = sorted((Y(a), Y(b)))
             tip = str(lab).replace("\n", " ")
             out.append(f'<rect x="{x:.1f}" y="{y1:.1f}" width="{bw:.1f}" height="{max(y2 - y1, 0.5):.1f}" fill="{PALETTE[j % len(PALETTE)]}">'
                        f'<title>{esc(tip)} / {esc(sname)}: {_fmt(v)}</title></rect>')
-            ci = (errors or {}).get(sname, [None] * n)[i]
+            ci = errors.get(sname, [None] * n)[i]
             if ci:
                 cx = x + bw / 2
                 out.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{Y(ci[0]):.1f}" y2="{Y(ci[1]):.1f}" stroke="{INK}" stroke-width="1.2"/>'
@@ -246,7 +270,7 @@ def hbars(name: str, title: str, items: Sequence[tuple[str, float, str]], *, x_l
     left = min(max(text_width(lab) for lab, _, _ in items) + 16, width * 0.45)
     note_w = max(text_width(f"{_fmt(v)} {note}".strip()) for _, v, note in items) + 12
     row_h, top = 22, 8
-    ticks = nice_ticks(0, max(v for _, v, _ in items), 5, integer=integer)
+    ticks = nice_ticks(0, max((v for _, v, _ in items if finite(v)), default=0.0), 5, integer=integer)
     plot_w = width - left - 10 - note_w
     plot_bottom = top + row_h * len(items)
     height = plot_bottom + 22 + (16 if x_label else 0)
@@ -260,6 +284,10 @@ def hbars(name: str, title: str, items: Sequence[tuple[str, float, str]], *, x_l
                    f'<text x="{X(t):.1f}" y="{plot_bottom + 14}" text-anchor="middle" fill="{MUTED}">{_fmt(t)}</text>')
     for i, (lab, v, note) in enumerate(items):
         y = top + i * row_h
+        if not finite(v):  # no bar: the label and "n/a"
+            out.append(f'<text x="{left - 8:.0f}" y="{y + row_h / 2 + 4:.0f}" text-anchor="end" fill="{INK}">{esc(fit(lab, left - 12))}</text>'
+                       f'<text x="{left + 6:.1f}" y="{y + row_h / 2 + 4:.0f}" fill="{MUTED}">{esc(f"n/a {note}".strip())}</text>')
+            continue
         out.append(f'<text x="{left - 8:.0f}" y="{y + row_h / 2 + 4:.0f}" text-anchor="end" fill="{INK}">{esc(fit(lab, left - 12))}</text>'
                    f'<rect x="{left:.1f}" y="{y + 3}" width="{max(X(v) - left, 1):.1f}" height="{row_h - 6}" fill="{PALETTE[0]}">'
                    f'<title>{esc(lab)}: {_fmt(v)} {esc(note)}</title></rect>'
@@ -273,6 +301,8 @@ def hbars(name: str, title: str, items: Sequence[tuple[str, float, str]], *, x_l
 def dot_ci(name: str, title: str, items: Sequence[tuple[str, float, float, float, bool]], *, ref: float = 0.5,
            x_label: str = "", width: int = WIDTH) -> str:
     """One row per item: (label, value, ci_lo, ci_hi, highlighted) on a 0..1 axis with a reference line."""
+    items = [it for it in items if finite(it[1])]  # (a rate that is not a number has no place on the axis)
+    items = [(lab, v, lo if finite(lo) else v, hi if finite(hi) else v, hot) for lab, v, lo, hi, hot in items]
     if not items:
         return _empty(name, title)
     left = min(max(text_width(lab) for lab, *_ in items) + 16, width * 0.4)
@@ -304,6 +334,7 @@ def dot_ci(name: str, title: str, items: Sequence[tuple[str, float, float, float
 def scatter(name: str, title: str, points: Sequence[tuple[str, float, float, bool]], *, x_label: str, y_label: str,
             width: int = 560, height: int = 360) -> str:
     """Points (label, x, y, highlighted) on [0,1] x [0,1]; highlighted points are labelled."""
+    points = [p for p in points if finite(p[1]) and finite(p[2])]
     if not points:
         return _empty(name, title, "no annotator has both measures")
     left, bottom, top, right = 50, 40, 20, 20
@@ -337,6 +368,7 @@ def heatmap(name: str, title: str, rows: Sequence[str], cols: Sequence[str], val
     top, cell_h = 24 + (18 if col_title else 0), 26
     cell_w = min(90, (width - left - 10) / len(cols))
     height = top + cell_h * len(rows) + 10
+    values = [[v if finite(v) else 0.0 for v in r] for r in values]  # (counts: a cell that is not a number is empty)
     vmax = max((v for r in values for v in r), default=1) or 1
     out = [_open(name, title, left + cell_w * len(cols) + 10, height)]
     if col_title:

@@ -273,6 +273,38 @@ def test_md_escape_leaves_plain_ids_readable():
     assert md_escape("_x_") == "\\_x\\_"
 
 
+def test_stacked_combining_marks_are_capped_and_real_scripts_kept():
+    """A "zalgo" id (dozens of marks on one letter) would paint over the rows above and below it in
+    report.html and report.md; the marks of real scripts (Vietnamese, Hebrew points) are left alone."""
+    import unicodedata
+
+    from pipeline.svg import fit, text_width
+
+    max_marks = 4  # pipeline.escape.MAX_MARKS
+
+    zalgo = "ann-Z" + "".join(chr(0x300 + i) for i in range(60)) + "algo"
+    for out in (html_escape(zalgo), md_escape(zalgo)):
+        runs = [len(r) for r in re.findall("[\u0300-\u036f]+", out)]
+        assert runs == [max_marks] and out.startswith("ann-Z") and out.endswith("…algo"), out
+    md = md_table(["annotator"], [[zalgo]])
+    assert max(len(r) for r in re.findall("[\u0300-\u036f]+", md)) <= max_marks
+    for text in (unicodedata.normalize("NFD", "Tiếng Việt"), "\u05e9\u05b8\u05c1\u0591\u05bc\u05dc\u05d5\u05dd", "e\u0301"):
+        assert html_escape(text).strip("\u2068\u2069") == text and md_escape(text) == text  # (RTL: isolated)
+    assert text_width(zalgo) == text_width("ann-Zalgo") and fit(zalgo, text_width("ann-Zalgo") + 1) == zalgo  # marks take no width
+
+
+def test_right_to_left_values_are_isolated_in_html():
+    """An Arabic/Hebrew annotator id followed by figures: isolated, the figures keep their order (unisolated,
+    Chromium shows "id: 0.50, 0.60" as "0.60 ,0.50 :id" -- x and y swapped; a CI's bounds turned round)."""
+    from pipeline.svg import dot_ci, scatter
+
+    rtl = "\u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc\u05d5\u05dd"
+    assert f"<title>\u2068{rtl}\u2069: 0.50, 0.60</title>" in scatter("r", "t", [(rtl, 0.5, 0.6, True)], x_label="x", y_label="y")
+    assert f"<title>\u2068{rtl} (n=9)\u2069: 0.571 [0.250, 0.842]</title>" in dot_ci("p", "t", [(f"{rtl} (n=9)", 0.571, 0.25, 0.842, False)])
+    assert html_escape("rev-01 中文 日本語") == "rev-01 中文 日本語"  # left-to-right text: nothing added
+    assert html_escape(f"\u202e{rtl}") == f"\u2068\\u202e{rtl}\u2069"  # a bidi control from the data stays an escape
+
+
 def test_html_escape():
     assert html_escape(f"{SCRIPT}'\"{HEADING}{ANSI}") == "&lt;script&gt;alert(1)&lt;/script&gt;&#x27;&quot;\\n# injected heading\\x1b[31m"
 
