@@ -137,3 +137,36 @@ def test_adapted_row_with_invalid_canonical_value_is_quarantined_once(tmp_path):
     q = r.quarantine.row(0, named=True)
     assert q["field"] == "annotator_kind" and q["reason"] == "invalid_value"
     assert pl.DataFrame(r.judgments).height == 0
+
+
+def _rated_batch(path, topic: str, n: int = 12):
+    return write_jsonl(path, [{"instruction": f"Say something about {topic} {i}.", "completions": [
+        {"model": "m1", "response": f"A fine answer on {topic} {i}.", "overall_score": 8},
+        {"model": "m2", "response": f"A weaker answer on {topic} {i}.", "overall_score": 5},
+        {"model": "m3", "response": f"The worst answer on {topic} {i}.", "overall_score": 2}]} for i in range(n)])
+
+
+def test_a_rated_batch_is_curated_by_default_and_a_child_of_it_too(tmp_path):
+    """A first version of rated candidate lists (format detected) is built -- in one process: a row's several
+    judgments share its line, which the partitioned build orders by (it stopped with "partition 0: its rows are not
+    in input order", a traceback) -- and a child of it too (its parent, whose pairs have no locale, said only
+    ``pairs_checked`` of the language check: the child's delta stopped with a KeyError on ``texts_checked``).
+    Asked for over partitions: bad input, before anything is written."""
+    from pipeline.curate import CurateOptions, curate
+    from pipeline.readers import UnreadableFile
+    from pipeline.store import Store
+    from schemas.policy import Policy
+
+    store = Store(tmp_path / "store")
+    first = curate([_rated_batch(tmp_path / "a.jsonl", "rivers")], store, Policy())
+    m = store.get(first.version_id).manifest()
+    assert m.ledger.judgments_valid == 12 * 3 and m.sources[0].format == "rated"
+    assert m.lineage.get("partitions") is None  # (built in one process)
+    child = curate([_rated_batch(tmp_path / "b.jsonl", "mountains")], store, Policy(), parent=first.version_id)
+    c = store.get(child.version_id).manifest()
+    assert c.parent_version == first.version_id and c.ledger.judgments_valid == 2 * 12 * 3
+    assert c.check("language").metrics["texts_checked"] == 0
+    with pytest.raises(UnreadableFile, match="not built over partitions yet"):
+        curate([_rated_batch(tmp_path / "c.jsonl", "lakes")], Store(tmp_path / "other"), Policy(),
+               options=CurateOptions(partitioned=True))
+    assert not (tmp_path / "other" / "versions").exists() or not list((tmp_path / "other" / "versions").iterdir())

@@ -378,8 +378,8 @@ def summarize_delta(parent: dict[str, Any], old: pl.DataFrame, new: pl.DataFrame
     manifest's metrics) minus the touched pairs' rows as the parent had them (``old``) plus theirs
     now (``new``) -- integer counts, so the same figures as :func:`summarize` of the merged table.
     The result's table is ``new``; a parent without the figures: ``merged()`` is counted, and is the table."""
-    if "pairs_checked" not in parent:  # a parent without the figures: count the merged table
-        return summarize(merged(), flags, {})
+    if "pairs_checked" not in parent or ("texts_checked" not in parent and parent["pairs_checked"]):
+        return summarize(merged(), flags, {})  # a parent without the figures: count the merged table
     texts_table = new
     before, after = _counts(old), _counts(new)
     matrix = {(loc, lang): n for loc, row in (parent.get("matrix") or {}).items() for lang, n in row.items()}
@@ -390,7 +390,8 @@ def summarize_delta(parent: dict[str, Any], old: pl.DataFrame, new: pl.DataFrame
         for k, n in key["by"].items():
             by[k] = by.get(k, 0) + sign * n
     n_pairs = int(parent["pairs_checked"]) - old["pair_id"].n_unique() + new["pair_id"].n_unique()
-    n_texts = int(parent["texts_checked"]) - old.height + new.height
+    # (a parent whose pairs had no locale, built in one process, says only pairs_checked 0: no text either)
+    n_texts = int(parent.get("texts_checked", 0)) - old.height + new.height
     if min([n_pairs, n_texts, *matrix.values(), *by.values()], default=0) < 0:
         raise ValueError("language: the parent's figures are smaller than the rows taken out of them")
     return _result(n_pairs, n_texts, {k: v for k, v in matrix.items() if v}, {k: v for k, v in by.items() if v},
