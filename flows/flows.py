@@ -246,8 +246,9 @@ def train_on_version(store: str, version: str, model: str = "tiny-llama", max_st
 @flow(name="process-inbox", log_prints=True)
 def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_model: str | None = None) -> list[dict[str, Any]]:
     """Curate each new finished batch of the inbox as a child of the latest version, certify it,
-    and train when the policy's ``certify.train_after_certify`` is set.  Returns what happened
-    per batch; the run fails (visibly, with the reasons) if any batch failed, after the others ran."""
+    and train when the policy's ``certify.train_after_certify`` is set (on later ticks again, until a
+    finished run of the version exists).  Returns what happened per batch; the run fails (visibly,
+    with the reasons) if any batch failed, after the others ran."""
     log = get_run_logger()
     policy = resolve_policy(load_policy(policy_path))
     st = Store(store).ensure()
@@ -303,7 +304,7 @@ def _process_pending(inbox: str, st: Store, store: str, policy: Any, policy_path
         except Exception as err:  # noqa: BLE001 - one bad batch must not block the next
             out.update(_failure(st, batch.for_training(out["version"]) if training and not batch.train else batch, err,
                                 version=out.get("version")))
-            log.error("batch %s failed: %s%s", visible_controls(batch.path.name), visible_controls(str(err)),
+            log.error("batch %s failed: %s%s", visible_controls(batch.path.name), visible_controls(out["error"]),
                       _retry_note(out))
         outcomes.append(out)
     failed = [o for o in outcomes if "error" in o]

@@ -76,7 +76,7 @@ class Batch:
 
 @dataclass(frozen=True)
 class FailureHistory:
-    """What ``failed.jsonl`` says of one batch content."""
+    """What ``failed.jsonl`` says of one batch content (or of training one version: :func:`train_failure_histories`)."""
     transient: int = 0  # transient failures so far
     bad_input: bool = False  # failed for a reason of its own (a record without ``transient``: one of those)
 

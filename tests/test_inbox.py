@@ -237,3 +237,33 @@ def test_a_finished_run_is_recognised_only_when_it_trained_on_the_certified_cont
     manifest = st.get("v-1").path / "manifest.json"
     manifest.write_bytes(manifest.read_bytes().replace(b'"created_at"', b' "created_at"', 1))  # changed since certified
     assert finished_run(st, "v-1") is None
+
+
+def test_a_version_found_damaged_while_curating_says_how_to_remove_it_and_blocks_until_then(tmp_path):
+    """The flow's failure (flows.flows._failure, no Prefect run needed): a batch whose version's manifest became
+    unreadable is curated anew and the curate refuses the damaged version of that id (existing_version).  The
+    error ends with the exact remedy for this store; the record names the damaged version, final while it is
+    there; removed, the batch is tried again.  A training failure says whether the version stays untrained."""
+    from test_store import _chain_builder
+
+    from flows.flows import _failure, _retry_note
+    from pipeline.curate import existing_version
+    from pipeline.store import DamagedVersion
+
+    st = Store(tmp_path / "my store").ensure()
+    inbox = _inbox_with_sample(tmp_path)
+    [batch] = pending_batches(inbox, st)
+    st.write_version("v-1", _chain_builder("v-1", None, [batch.sha256], [batch.sha256]))
+    (st.versions_dir / "v-1" / "manifest.json").write_text("{not json")
+    [batch] = pending_batches(inbox, st)  # (a version listed as damaged is no source: curated anew)
+    with pytest.raises(DamagedVersion) as err:
+        existing_version(st, "v-1")
+    out = _failure(st, batch, err.value, version=None)
+    assert (out["damaged"], out["transient"], out["retry"]) == ("v-1", False, False) and "version" not in out
+    assert out["error"].endswith(f"; nothing written. Remove it (`prefpipe gc --store '{st.root}' --delete v-1 --apply`): "
+                                 f"the next tick curates {batch.path.name} anew")
+    assert _retry_note(out) == "" and pending_batches(inbox, st) == []
+    shutil.rmtree(st.versions_dir / "v-1")
+    assert [b.path for b in pending_batches(inbox, st)] == [batch.path]
+    trained = {"training": True, "version": "v-1", "verdict": "certified", "transient": False, "retry": False}
+    assert _retry_note(trained) == " (version v-1 is certified, not trained, and stays so)"
