@@ -145,8 +145,9 @@ def _manifest_stat(store: Store, version_id: str) -> list[int]:
 
 def _damage_still_there(store: Store, rec: dict) -> bool:
     """Whether the damaged version a ``damaged_version`` record names is still the copy that failed: the same
-    ``manifest.json`` (a record that does not say which copy: any).  Removed, or built anew since: the record no
-    longer counts.  A record that names no valid version counts (as a failure of the batch always did)."""
+    ``manifest.json`` (a record that does not say which copy: one written before the record's time).  Removed, or
+    built anew since: the record no longer counts.  A record that names no valid version counts (as a failure of
+    the batch always did)."""
     d = rec.get("damaged")
     vid = d.get("version") if isinstance(d, dict) else None
     if not is_safe_id(vid):
@@ -158,7 +159,26 @@ def _damage_still_there(store: Store, rec: dict) -> bool:
     except OSError:  # (cannot look now: it counts, as it did when recorded)
         return True
     want = d.get("manifest_stat")
-    return want is None or want == now
+    if want is not None:
+        return want == now
+    try:
+        at = datetime.fromisoformat(str(rec.get("at")))
+    except ValueError:
+        return True
+    return now[2] <= at.timestamp() * 1e9 if at.tzinfo else True
+
+
+def _legacy_damaged(rec: dict) -> dict:
+    """A record from before kinds whose reason is ``existing_version``'s for the batch's own version ("version V is
+    in the store (...) but damaged: ...") is read as the ``damaged_version`` record it would be now (the copy not
+    known: the one older than the record), so a batch an older inbox left failed for good is curated anew once
+    that version is removed."""
+    vid, reason = rec.get("version"), rec.get("reason")
+    if "kind" in rec or rec.get("transient") is True or not (is_safe_id(vid) and isinstance(reason, str)):
+        return rec
+    if reason.startswith(f"version {vid} is in the store (") and ") but damaged: " in reason:
+        return {**rec, "kind": DAMAGED_VERSION, "damaged": {"version": vid, "manifest_stat": None}}
+    return rec
 
 
 def _failure_records(store: Store) -> list[dict]:
@@ -179,7 +199,7 @@ def _failure_records(store: Store) -> list[dict]:
         if not (isinstance(sha, str) and len(sha) == 64):
             log.warning("%s:%d: damaged failure record skipped (not a JSON object with a sha256)", p, n)
             continue
-        out.append(rec)
+        out.append(_legacy_damaged(rec))
     return out
 
 

@@ -267,3 +267,37 @@ def test_a_version_found_damaged_while_curating_says_how_to_remove_it_and_blocks
     assert [b.path for b in pending_batches(inbox, st)] == [batch.path]
     trained = {"training": True, "version": "v-1", "verdict": "certified", "transient": False, "retry": False}
     assert _retry_note(trained) == " (version v-1 is certified, not trained, and stays so)"
+
+
+def test_a_damaged_version_failure_recorded_before_kinds_is_read_as_one(tmp_path):
+    """failed.jsonl written by the inbox before failures had kinds: the final failure of a batch whose version was
+    found damaged (the record names the version; its reason is existing_version's) counts while that copy is there
+    -- the batch a user could only free by editing failed.jsonl is curated anew once the version is removed, and
+    a copy built after the record does not revive it.  Other old records read as they always did."""
+    import os
+    import time
+
+    from test_store import _chain_builder
+
+    st = Store(tmp_path / "s").ensure()
+    inbox = _inbox_with_sample(tmp_path)
+    [batch] = pending_batches(inbox, st)
+    build = _chain_builder("v-1", None, [batch.sha256], [batch.sha256])
+    st.write_version("v-1", build)
+    old = {"file": str(batch.path), "sha256": batch.sha256, "at": "2026-12-01T10:00:00+00:00", "transient": False,
+           "attempt": 2, "version": "v-1", "reason": f"version v-1 is in the store ({st.versions_dir / 'v-1'}) but "
+           "damaged: data/train.parquet: 9 bytes, the manifest says 7; nothing written. Remove it (`prefpipe gc "
+           "--delete v-1 --apply`) and curate again, which builds it anew"}
+    (st.root / "inbox").mkdir()
+    (st.root / "inbox" / "failed.jsonl").write_text(json.dumps(old) + "\n")
+    manifest = st.versions_dir / "v-1" / "manifest.json"
+    os.utime(manifest, ns=(time.time_ns(), 1_764_000_000 * 10**9))  # written before the record (2025-11-24)
+    assert pending_batches(inbox, st) == [] and failed_hashes(st) == {batch.sha256}
+    shutil.rmtree(st.versions_dir / "v-1")
+    [again] = pending_batches(inbox, st)
+    assert (again.version, again.failed_tries) == (None, 0)
+    st.write_version("v-1", build)  # built after the record: not the damaged copy
+    [again] = pending_batches(inbox, st)
+    assert again.version == "v-1"
+    (st.root / "inbox" / "failed.jsonl").write_text(json.dumps({**old, "reason": "not UTF-8"}) + "\n")
+    assert pending_batches(inbox, st) == []  # another old bad-input record: final, as before
