@@ -11,7 +11,8 @@
                         transient reason (an OS error) is tried again on later ticks, a bounded
                         number of times, and one whose version was written but not certified
                         (a later step failed, the run was killed) has that version verified and
-                        certified by the next tick (pipeline/inbox.py).  A review batch
+                        certified by the next tick; one whose certified version has no finished
+                        training run yet is trained by the next tick (pipeline/inbox.py).  A review batch
                         (``prefpipe review import`` output) is a batch like any other: its child
                         version resolves the routed pairs it reviews (docs/reviews.md).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -40,9 +42,10 @@ from pipeline.escape import md_escape, visible_controls  # artifact descriptions
 from pipeline.ingest import FileHash, IngestResult, file_sha256
 from pipeline.readers import UnreadableFile
 from pipeline.remote import Staged
-from pipeline.store import Store, StoreError
+from pipeline.store import DamagedVersion, Store, StoreError
 from pipeline.checks import resolve_policy
 from schemas.policy import Policy, load_policy
+from schemas.ids import is_safe_id
 from schemas.text import content_hash
 
 SUPPORTED = (".jsonl", ".jsonl.gz", ".parquet", ".csv")
@@ -243,8 +246,9 @@ def train_on_version(store: str, version: str, model: str = "tiny-llama", max_st
 @flow(name="process-inbox", log_prints=True)
 def process_inbox(inbox: str, store: str, policy_path: str | None = None, train_model: str | None = None) -> list[dict[str, Any]]:
     """Curate each new finished batch of the inbox as a child of the latest version, certify it,
-    and train when the policy's ``certify.train_after_certify`` is set.  Returns what happened
-    per batch; the run fails (visibly, with the reasons) if any batch failed, after the others ran."""
+    and train when the policy's ``certify.train_after_certify`` is set (on later ticks again, until a
+    finished run of the version exists).  Returns what happened per batch; the run fails (visibly,
+    with the reasons) if any batch failed, after the others ran."""
     log = get_run_logger()
     policy = resolve_policy(load_policy(policy_path))
     st = Store(store).ensure()
@@ -266,7 +270,8 @@ INBOX_RUN_LOCK = "inbox-run"  # (STORE/.locks/inbox-run.lock: held by the inbox 
 def _process_pending(inbox: str, st: Store, store: str, policy: Any, policy_path: str | None, train_model: str | None,
                      log: Any) -> list[dict[str, Any]]:
     """:func:`process_inbox`'s work, holding the store's inbox-run lock."""
-    pending = inbox_logic.pending_batches(Path(inbox), st)
+    train = policy.certify.train_after_certify
+    pending = inbox_logic.pending_batches(Path(inbox), st, train=train)
     if not pending:
         log.info("inbox %s: no new finished batches", visible_controls(str(inbox)))
         return []
@@ -275,24 +280,31 @@ def _process_pending(inbox: str, st: Store, store: str, policy: Any, policy_path
         ids = st.list_ids()
         parent = ids[-1] if ids else None
         out: dict[str, Any] = {"batch": batch.path.name, "sha256": batch.sha256}
-        if batch.failed_tries:  # failed for a transient reason on earlier ticks
+        if batch.failed_tries:  # failed for a transient reason on earlier ticks (its training's, for a training try)
             out["attempt"] = batch.failed_tries + 1
+        training = False
         try:
             if batch.error:  # known before curating (an unknown file type, a file that could not be hashed)
                 raise UnreadableFile(batch.path, batch.error)
-            if batch.version:  # written by an earlier try or a killed run, not certified: finish it, never rebuild it
-                out["resumed"] = _resume(st, batch.version, log)
-                vid = batch.version
+            if batch.train:  # certified on an earlier try, no finished training run of it: train it, nothing else
+                vid, out["version"], out["verdict"] = batch.version, batch.version, "certified"
+                out["resumed"] = "version certified on an earlier try, not trained yet: training it"
             else:
-                vid = curate_batch(files=[str(batch.path)], store=store, policy_path=policy_path, parent=parent)
-            out["version"] = vid
-            cert = certify_version(store=store, version=vid, policy_path=policy_path)
-            out["verdict"] = cert["verdict"]
-            if cert["verdict"] == "certified" and policy.certify.train_after_certify:
+                if batch.version:  # written by an earlier try or a killed run, not certified: finish it, never rebuild it
+                    out["resumed"] = _resume(st, batch.version, log)
+                    vid = batch.version
+                else:
+                    vid = curate_batch(files=[str(batch.path)], store=store, policy_path=policy_path, parent=parent)
+                out["version"] = vid
+                cert = certify_version(store=store, version=vid, policy_path=policy_path)
+                out["verdict"] = cert["verdict"]
+            if out["verdict"] == "certified" and train:
+                training = True
                 out["run"] = train_on_version(store=store, version=vid, model=train_model or "tiny-llama")
         except Exception as err:  # noqa: BLE001 - one bad batch must not block the next
-            out.update(_failure(st, batch, err, version=out.get("version")))
-            log.error("batch %s failed: %s%s", visible_controls(batch.path.name), visible_controls(str(err)),
+            out.update(_failure(st, batch.for_training(out["version"]) if training and not batch.train else batch, err,
+                                version=out.get("version")))
+            log.error("batch %s failed: %s%s", visible_controls(batch.path.name), visible_controls(out["error"]),
                       _retry_note(out))
         outcomes.append(out)
     failed = [o for o in outcomes if "error" in o]
@@ -321,27 +333,61 @@ def _failure(st: Store, batch: inbox_logic.Batch, err: Exception, *, version: st
     it is looked at again on the next tick).  ``transient``: an error of the operating system; ``version``:
     the version written from the batch (on this try -- also by a curate flow that failed after writing it --
     or an earlier one), when there is one; ``retry``: a later tick tries the batch again -- it has tries left
-    (pipeline/inbox.py) and is not done: no version yet, or one not certified.  A failure that cannot be
+    (pipeline/inbox.py) and is not done: no version yet, or one not certified, or (a training try,
+    ``batch.train``) one certified but not trained.  ``damaged``: the damaged version the try failed on, and the error
+    says how to remove it (the next tick then curates the batch anew).  A failure that cannot be
     recorded (the store's disk full...) is said so (``unrecorded``): that try is not counted."""
     out: dict[str, Any] = {"error": str(err), "transient": inbox_logic.is_transient(err)}
+    if batch.train:
+        out["training"] = True
     if not batch.sha256:
         return out
+    damaged = None if out["transient"] or batch.train else _damaged_version(st, err)
+    if damaged:
+        out["damaged"] = damaged
+        out["error"] = _with_remedy(str(err), st, damaged, batch.path.name)
     try:
         version = version or inbox_logic.unfinished_versions(st).get(batch.sha256)
-        done = version is not None and inbox_logic.is_finished(st, version)
+        done = not batch.train and version is not None and inbox_logic.is_finished(st, version)
     except (OSError, StoreError):  # (the store cannot be looked at now; the next tick's listing will)
         done = False
     if version:
         out["version"] = version
     try:
-        rec = inbox_logic.record_failure(st, batch, str(err), transient=out["transient"], version=version)
+        rec = inbox_logic.record_failure(st, batch, str(err), transient=out["transient"], version=version,
+                                         damaged=damaged)
         retry = rec["retry"]
+        if batch.train:
+            out["attempt"] = rec["attempt"]  # (the training's own tries)
     except (OSError, StoreError) as rec_err:  # (its lock too) no record of this try: the next tick tries the batch again
         why = getattr(rec_err, "strerror", None) or rec_err  # (an OSError's own text names the file again)
         out["unrecorded"] = f"this failure could not be recorded in {st.root / 'inbox' / 'failed.jsonl'}: {why}"
         retry = True
     out["retry"] = retry and not done
     return out
+
+
+def _damaged_version(st: Store, err: Exception) -> str | None:
+    """The id of the version of ``st`` whose damage ``err`` reports (``existing_version``, ``check_parent_published``:
+    a :class:`DamagedVersion` with the version's directory as ``path``), else None."""
+    where = getattr(err, "path", None) if isinstance(err, DamagedVersion) else None
+    if not isinstance(where, str):
+        return None
+    d = Path(where)
+    try:
+        ours = d.parent == st.versions_dir or d.parent.resolve() == st.versions_dir.resolve()
+    except OSError:
+        ours = False
+    return d.name if ours and is_safe_id(d.name) else None
+
+
+def _with_remedy(message: str, st: Store, version_id: str, batch_name: str) -> str:
+    """The damaged-version error with the inbox's remedy in place of the one-shot CLI's ("curate again"): the
+    exact command, and that the next tick then curates the batch anew (pipeline/inbox.py)."""
+    head, sep, _ = message.partition("; nothing written.")
+    remedy = (f"Remove it (`prefpipe gc --store {shlex.quote(str(st.root))} --delete {version_id} --apply`): the next "
+              f"tick curates {batch_name} anew")
+    return f"{head}; nothing written. {remedy}" if sep else f"{message}. {remedy}"
 
 
 def _retry_note(outcome: dict[str, Any]) -> str:
@@ -351,7 +397,10 @@ def _retry_note(outcome: dict[str, Any]) -> str:
         notes.append(f"transient, {tries}: {'tried again on the next tick' if outcome.get('retry') else 'not tried again'}")
     if outcome.get("unrecorded"):
         notes.append(f"{outcome['unrecorded']}; this try is not counted")
-    if outcome.get("version") and "verdict" not in outcome:
+    if outcome.get("version") and "verdict" not in outcome and outcome.get("damaged") != outcome["version"]:
         notes.append(f"version {outcome['version']} is written, not certified"
                      + ("" if outcome.get("retry") else ", and stays so"))
+    if outcome.get("training"):
+        notes.append(f"version {outcome['version']} is certified, not trained"
+                     + (" yet" if outcome.get("retry") else ", and stays so"))
     return f" ({'; '.join(notes)})" if notes else ""

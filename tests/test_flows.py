@@ -258,10 +258,17 @@ def test_a_certification_failing_every_try_is_final_and_its_version_stays_uncert
     assert process_inbox(inbox=str(inbox), store=str(store)) == [] and st.latest_certification(vid) is None
 
 
-def test_an_unfinished_version_damaged_since_is_not_certified_on_the_next_tick(tmp_path, monkeypatch):
+def test_an_unfinished_version_damaged_since_is_not_certified_and_once_removed_the_batch_is_curated_anew(tmp_path, monkeypatch):
     """The certification failed after the version was written; then a part of the version changed on disk.  The
-    next tick verifies the version before finishing it: damaged -- a failure of its own (final, naming the file),
-    never certified, never written over."""
+    next tick verifies the version before finishing it: damaged -- a failure of its own (final while that damaged
+    version is there, naming the file and the command that removes it), never certified, never written over.  The
+    documented remedy works: once `prefpipe gc --delete V --apply` removed it, the next tick curates the batch anew
+    (the same version, built again, intact, certified) -- no hand edit of failed.jsonl."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
     from flows.flows import process_inbox
 
     inbox, store = tmp_path / "inbox", tmp_path / "store"
@@ -275,12 +282,76 @@ def test_an_unfinished_version_damaged_since_is_not_certified_on_the_next_tick(t
     [part] = st.get(vid).path.glob("data/train/*.parquet")
     with part.open("ab") as fh:
         fh.write(b"garbage")
-    with pytest.raises(RuntimeError, match=f"{vid} is in the store .* but damaged: .*{part.name}.*version {vid} is "
-                                           "written, not certified, and stays so"):
+    remedy = f"Remove it (`prefpipe gc --store {store} --delete {vid} --apply`): the next tick curates {SAMPLES[0].name} anew"
+    with pytest.raises(RuntimeError, match=f"{vid} is in the store .* but damaged: .*{part.name}.*" + re.escape(remedy)) as err:
         process_inbox(inbox=str(inbox), store=str(store))
+    assert "stays so" not in str(err.value)
     assert certified == [vid] and st.latest_certification(vid) is None and part.read_bytes().endswith(b"garbage")
     assert [(r["transient"], r["attempt"], r["version"]) for r in _failure_records(store)] == [(True, 1, vid), (False, 2, vid)]
-    assert process_inbox(inbox=str(inbox), store=str(store)) == [] and st.list_ids() == [vid]
+    assert process_inbox(inbox=str(inbox), store=str(store)) == [] and st.list_ids() == [vid]  # final while it is there
+    monkeypatch.undo()
+    res = CliRunner().invoke(app, ["gc", "--store", str(store), "--delete", vid, "--apply"])  # the remedy, as said
+    assert res.exit_code == 0, res.output
+    assert st.list_ids() == []
+    [out] = process_inbox(inbox=str(inbox), store=str(store))
+    assert "error" not in out and "resumed" not in out and (out["version"], out["verdict"]) == (vid, "certified")
+    assert st.get(vid).verify() == [] and st.latest_certification(vid)["verdict"] == "certified"
+    assert process_inbox(inbox=str(inbox), store=str(store)) == [] and len(_failure_records(store)) == 2
+
+
+TINY = "tiny-llama:layers=1,hidden=32,heads=2"
+
+
+def _train_failing(monkeypatch, fail: list[BaseException | None]) -> list[str]:
+    """The inbox's training (trainer.train.train_version, as train_on_version imports it) raises ``fail[i]`` on
+    its i-th call (None, or past the list: trains for real, 2 steps of the tiny model): the versions it was given."""
+    import trainer.train as train_mod
+
+    real, calls = train_mod.train_version, []
+
+    def train_version(store, version, **kwargs):
+        calls.append(version)
+        err = fail[len(calls) - 1] if len(calls) <= len(fail) else None
+        if err is not None:
+            raise err
+        return real(store, version, **{**kwargs, "max_steps": 2, "threads": 1, "bootstrap_resamples": 10})
+
+    monkeypatch.setattr(train_mod, "train_version", train_version)
+    return calls
+
+
+def test_a_training_failure_after_certification_is_tried_again_until_a_finished_run(tmp_path, monkeypatch):
+    """With the policy's certify.train_after_certify, the training run after the certification fails with an
+    operating-system error: the batch is certified but not trained, and the failure is a transient try of its
+    training -- the next tick trains that version again (nothing curated, nothing certified again) and the tick
+    after recognises the finished run (nothing to do).  (A training failure of another kind is final:
+    tests/test_inbox.py.)"""
+    import errno
+
+    from flows.flows import process_inbox
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[certify]\ntrain_after_certify = true\n")
+    _drop(inbox, SAMPLES[0])
+    calls = _train_failing(monkeypatch, [OSError(errno.EIO, "Input/output error", str(store / "runs"))])
+    run = dict(inbox=str(inbox), store=str(store), policy_path=str(policy), train_model=TINY)
+    with pytest.raises(RuntimeError, match=r"Input/output error.*transient, try 1 of 3: tried again on the next tick") as err:
+        process_inbox(**run)
+    st = Store(store)
+    [vid] = st.list_ids()
+    assert str(err.value).endswith(f"; version {vid} is certified, not trained yet)")
+    assert calls == [vid] and st.latest_certification(vid)["verdict"] == "certified"
+    cert_records = len(st.certification_history(vid))
+    assert [(r["transient"], r["attempt"], r["version"], r["kind"]) for r in _failure_records(store)] == [(True, 1, vid, "train")]
+    [out] = process_inbox(**run)  # the next tick trains it, and only that
+    assert "error" not in out and (out["version"], out["verdict"], out["attempt"]) == (vid, "certified", 2)
+    assert Path(out["run"]).parent == store / "runs" and json.loads((Path(out["run"]) / "run.json").read_text())["status"] == "finished"
+    assert calls == [vid, vid] and st.list_ids() == [vid] and len(st.certification_history(vid)) == cert_records
+    assert process_inbox(**run) == [] and calls == [vid, vid]  # a finished run of it: done
+    rows = asyncio.run(_latest_artifact_rows("inbox-last-run"))
+    assert [(r["batch"], r["attempt"], r["version"]) for r in rows] == [(SAMPLES[0].name, "2", vid)] and rows[0]["run"] == out["run"]
 
 
 def test_a_failure_that_cannot_be_recorded_does_not_stop_the_run_nor_count_as_a_try(tmp_path, monkeypatch):

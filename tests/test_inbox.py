@@ -1,6 +1,7 @@
 """The inbox's failure rule (pipeline/inbox.py): the input's own fault is final, an operating-system
-error is tried again a bounded number of times, and a batch whose version is written but not certified
-is picked up again with that version.  The flow that applies it: tests/test_flows.py."""
+error is tried again a bounded number of times, a batch whose version is written but not certified
+is picked up again with that version, a damaged version blocks its batch only while it is there, and a
+certified version is trained until a finished run of it exists.  The flow that applies it: tests/test_flows.py."""
 from __future__ import annotations
 
 import errno
@@ -11,8 +12,8 @@ import shutil
 import pytest
 from conftest import ROOT
 
-from pipeline.inbox import (TRANSIENT_ATTEMPTS, failed_hashes, is_transient, pending_batches, record_failure,
-                            unfinished_versions)
+from pipeline.inbox import (TRANSIENT_ATTEMPTS, failed_hashes, finished_run, is_transient, pending_batches,
+                            record_failure, train_failure_histories, unfinished_versions)
 from pipeline.readers import UnreadableFile, iter_raw_rows
 from pipeline.store import Store
 
@@ -119,3 +120,184 @@ def test_an_unfinished_batch_is_no_longer_tried_after_its_last_try(tmp_path):
         assert (batch.version, batch.failed_tries) == ("v-1", tries)
         record_failure(st, batch, "I/O error", transient=True, version="v-1")
     assert pending_batches(inbox, st) == [] and failed_hashes(st) == {batch.sha256}
+
+
+def test_a_damaged_version_failure_counts_while_that_damaged_copy_is_there(tmp_path):
+    """The batch's unfinished version was found damaged (kind damaged_version, naming it): final while that copy is
+    there; once it is removed (`gc --delete`) the batch is new again -- curated anew, its earlier tries counted as
+    before -- and a copy built anew since is not the damaged one.  A record that does not say which version
+    counts, as every bad-input record does."""
+    from test_store import _chain_builder
+
+    st = Store(tmp_path / "s").ensure()
+    inbox = _inbox_with_sample(tmp_path)
+    [batch] = pending_batches(inbox, st)
+    build = _chain_builder("v-1", None, [batch.sha256], [batch.sha256])
+    st.write_version("v-1", build)
+    [batch] = pending_batches(inbox, st)
+    record_failure(st, batch, "I/O error", transient=True, version="v-1")
+    [batch] = pending_batches(inbox, st)
+    rec = record_failure(st, batch, "version v-1 is in the store but damaged", transient=False, version="v-1",
+                         damaged="v-1")
+    assert (rec["kind"], rec["damaged"]["version"], rec["retry"]) == ("damaged_version", "v-1", False)
+    assert pending_batches(inbox, st) == [] and failed_hashes(st) == {batch.sha256}
+    shutil.rmtree(st.versions_dir / "v-1")  # what `prefpipe gc --delete v-1 --apply` does to it
+    [again] = pending_batches(inbox, st)
+    assert (again.version, again.failed_tries, again.train) == (None, 1, False) and failed_hashes(st) == set()
+    st.write_version("v-1", build)  # built anew (the next tick's curate): another copy, not the damaged one
+    [again] = pending_batches(inbox, st)
+    assert (again.version, again.failed_tries) == ("v-1", 1)
+    with (st.root / "inbox" / "failed.jsonl").open("a") as fh:  # a record naming no valid version: it counts
+        fh.write(json.dumps({**rec, "damaged": {"version": "../v-1"}}) + "\n")
+    assert pending_batches(inbox, st) == [] and failed_hashes(st) == {batch.sha256}
+
+
+def _certified_for_training(st: Store, vid: str, *, train_after_certify: bool = True) -> None:
+    """A certification record of ``vid`` as the inbox's certify writes it (binding its manifest) under a policy
+    with ``certify.train_after_certify``."""
+    from datetime import UTC, datetime
+
+    from schemas.manifest import Certification
+
+    st.add_certification(Certification(version_id=vid, verdict="certified", gates=[], policy_hash="p",
+                                       policy={"certify": {"train_after_certify": train_after_certify}},
+                                       certified_at=datetime.now(UTC), code_version="test",
+                                       manifest_sha256=st.get(vid).manifest_sha256()))
+
+
+def _finished_run(st: Store, vid: str, run_id: str, **over) -> None:
+    """What trainer.train writes of a finished run: run.json, then the lineage's ``finished`` event."""
+    splits = {name: info.sha256 for name, info in st.get(vid).manifest().splits.items()}
+    run = {"run_id": run_id, "status": "finished", "version_id": vid, "split_sha256": splits,
+           "certification": {"verdict": "certified", "policy_hash": "p", "certified_at": "2026-12-07"}, **over}
+    (st.root / "runs" / run_id).mkdir(parents=True)
+    (st.root / "runs" / run_id / "run.json").write_text(json.dumps(run))
+    (st.root / "lineage").mkdir(exist_ok=True)
+    with (st.root / "lineage" / f"{vid}.jsonl").open("a") as fh:
+        fh.write(json.dumps({"event": "finished", "run_id": run_id, "run_dir": "/elsewhere"}) + "\n")
+
+
+def test_a_certified_version_without_a_finished_run_is_pending_for_training(tmp_path):
+    """With the policy's train_after_certify, a batch whose version is certified (under a policy that says so) is
+    pending again -- to train that version, nothing else -- until a finished run of it exists.  Its training's
+    transient failures are counted apart from the batch's, TRANSIENT_ATTEMPTS tries; another failure is final."""
+    from test_store import _chain_builder
+
+    st = Store(tmp_path / "s").ensure()
+    inbox = _inbox_with_sample(tmp_path)
+    [batch] = pending_batches(inbox, st)
+    record_failure(st, batch, "disk full", transient=True)  # a try of the batch before its version was certified
+    st.write_version("v-1", _chain_builder("v-1", None, [batch.sha256], [batch.sha256]))
+    _certified_for_training(st, "v-1")
+    assert pending_batches(inbox, st) == []  # (training off)
+    for tries in range(TRANSIENT_ATTEMPTS):
+        [again] = pending_batches(inbox, st, train=True)
+        assert (again.version, again.train, again.failed_tries) == ("v-1", True, tries)
+        rec = record_failure(st, again, "I/O error", transient=True, version="v-1")
+        assert (rec["kind"], rec["attempt"], rec["retry"]) == ("train", tries + 1, tries + 1 < TRANSIENT_ATTEMPTS)
+    assert pending_batches(inbox, st, train=True) == [] and failed_hashes(st) == set()
+    assert train_failure_histories(st)["v-1"].final
+
+    st2 = Store(tmp_path / "s2").ensure()  # a failure of the training itself: final at once
+    st2.write_version("v-1", _chain_builder("v-1", None, [batch.sha256], [batch.sha256]))
+    _certified_for_training(st2, "v-1")
+    [again] = pending_batches(inbox, st2, train=True)
+    assert not record_failure(st2, again, "no train pair left", transient=False, version="v-1")["retry"]
+    assert pending_batches(inbox, st2, train=True) == []
+
+    st3 = Store(tmp_path / "s3").ensure()  # certified before the setting was on: not trained by a later tick
+    st3.write_version("v-1", _chain_builder("v-1", None, [batch.sha256], [batch.sha256]))
+    _certified_for_training(st3, "v-1", train_after_certify=False)
+    assert pending_batches(inbox, st3, train=True) == []
+
+
+def test_a_finished_run_is_recognised_only_when_it_trained_on_the_certified_content(tmp_path):
+    """finished_run: the lineage names a run, whose run.json says finished, of this version, on the splits of its
+    certified manifest.  A run still running, of another version, of other content, named by an unsafe id, or
+    whose lineage line is damaged, is not one; neither is any run once the manifest changed after certification."""
+    from test_store import _chain_builder
+
+    st = Store(tmp_path / "s").ensure()
+    inbox = _inbox_with_sample(tmp_path)
+    [batch] = pending_batches(inbox, st)
+    st.write_version("v-1", _chain_builder("v-1", None, [batch.sha256], [batch.sha256]))
+    _certified_for_training(st, "v-1")
+    _finished_run(st, "v-1", "run-running", status="running")
+    _finished_run(st, "v-1", "run-other", version_id="v-2")
+    _finished_run(st, "v-1", "run-content", split_sha256={"train": "0" * 64})
+    _finished_run(st, "v-1", "run-uncertified", certification={"verdict": "rejected"})
+    with (st.root / "lineage" / "v-1.jsonl").open("a") as fh:
+        fh.write('{"event": "finished", "run_id": "../run-x"}\n{"event": "fini\n')
+    (st.root / "runs" / "run-x").mkdir()
+    assert finished_run(st, "v-1") is None
+    assert [b.train for b in pending_batches(inbox, st, train=True)] == [True]
+    _finished_run(st, "v-1", "run-ok")
+    assert finished_run(st, "v-1") == st.root / "runs" / "run-ok"
+    assert pending_batches(inbox, st, train=True) == []
+    manifest = st.get("v-1").path / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"created_at"', b' "created_at"', 1))  # changed since certified
+    assert finished_run(st, "v-1") is None
+
+
+def test_a_version_found_damaged_while_curating_says_how_to_remove_it_and_blocks_until_then(tmp_path):
+    """The flow's failure (flows.flows._failure, no Prefect run needed): a batch whose version's manifest became
+    unreadable is curated anew and the curate refuses the damaged version of that id (existing_version).  The
+    error ends with the exact remedy for this store; the record names the damaged version, final while it is
+    there; removed, the batch is tried again.  A training failure says whether the version stays untrained."""
+    from test_store import _chain_builder
+
+    from flows.flows import _failure, _retry_note
+    from pipeline.curate import existing_version
+    from pipeline.store import DamagedVersion
+
+    st = Store(tmp_path / "my store").ensure()
+    inbox = _inbox_with_sample(tmp_path)
+    [batch] = pending_batches(inbox, st)
+    st.write_version("v-1", _chain_builder("v-1", None, [batch.sha256], [batch.sha256]))
+    (st.versions_dir / "v-1" / "manifest.json").write_text("{not json")
+    [batch] = pending_batches(inbox, st)  # (a version listed as damaged is no source: curated anew)
+    with pytest.raises(DamagedVersion) as err:
+        existing_version(st, "v-1")
+    out = _failure(st, batch, err.value, version=None)
+    assert (out["damaged"], out["transient"], out["retry"]) == ("v-1", False, False) and "version" not in out
+    assert out["error"].endswith(f"; nothing written. Remove it (`prefpipe gc --store '{st.root}' --delete v-1 --apply`): "
+                                 f"the next tick curates {batch.path.name} anew")
+    assert _retry_note(out) == "" and pending_batches(inbox, st) == []
+    shutil.rmtree(st.versions_dir / "v-1")
+    assert [b.path for b in pending_batches(inbox, st)] == [batch.path]
+    trained = {"training": True, "version": "v-1", "verdict": "certified", "transient": False, "retry": False}
+    assert _retry_note(trained) == " (version v-1 is certified, not trained, and stays so)"
+
+
+def test_a_damaged_version_failure_recorded_before_kinds_is_read_as_one(tmp_path):
+    """failed.jsonl written by the inbox before failures had kinds: the final failure of a batch whose version was
+    found damaged (the record names the version; its reason is existing_version's) counts while that copy is there
+    -- the batch a user could only free by editing failed.jsonl is curated anew once the version is removed, and
+    a copy built after the record does not revive it.  Other old records read as they always did."""
+    import os
+    import time
+
+    from test_store import _chain_builder
+
+    st = Store(tmp_path / "s").ensure()
+    inbox = _inbox_with_sample(tmp_path)
+    [batch] = pending_batches(inbox, st)
+    build = _chain_builder("v-1", None, [batch.sha256], [batch.sha256])
+    st.write_version("v-1", build)
+    old = {"file": str(batch.path), "sha256": batch.sha256, "at": "2026-12-01T10:00:00+00:00", "transient": False,
+           "attempt": 2, "version": "v-1", "reason": f"version v-1 is in the store ({st.versions_dir / 'v-1'}) but "
+           "damaged: data/train.parquet: 9 bytes, the manifest says 7; nothing written. Remove it (`prefpipe gc "
+           "--delete v-1 --apply`) and curate again, which builds it anew"}
+    (st.root / "inbox").mkdir()
+    (st.root / "inbox" / "failed.jsonl").write_text(json.dumps(old) + "\n")
+    manifest = st.versions_dir / "v-1" / "manifest.json"
+    os.utime(manifest, ns=(time.time_ns(), 1_764_000_000 * 10**9))  # written before the record (2025-11-24)
+    assert pending_batches(inbox, st) == [] and failed_hashes(st) == {batch.sha256}
+    shutil.rmtree(st.versions_dir / "v-1")
+    [again] = pending_batches(inbox, st)
+    assert (again.version, again.failed_tries) == (None, 0)
+    st.write_version("v-1", build)  # built after the record: not the damaged copy
+    [again] = pending_batches(inbox, st)
+    assert again.version == "v-1"
+    (st.root / "inbox" / "failed.jsonl").write_text(json.dumps({**old, "reason": "not UTF-8"}) + "\n")
+    assert pending_batches(inbox, st) == []  # another old bad-input record: final, as before
