@@ -291,3 +291,31 @@ def test_run_id_and_resume_naming_two_runs_exit_2(store):
     assert "--run-id new and --resume old name two runs" in " ".join(res.output.split())
     assert (store.root / "lineage" / "v-toy.jsonl").read_text() == before  # nothing resumed
     assert not (store.root / "runs" / "new").exists()
+
+
+def test_a_run_in_use_cannot_be_resumed_by_another_process(store):
+    """A run holds its lock from its claim to its end: a resume while it still trains (a scheduler's retry of a
+    run it thinks crashed) or while another resume runs is refused (exit 2), and writes nothing into the run."""
+    from pipeline.store import Store
+
+    s = Store(store.root)
+    seen = []
+
+    def probe(kind, _payload):  # while the run trains, the lock is held: another process's try fails
+        if kind == "start":
+            with s.try_lock("train-run-busy") as free:
+                seen.append(free)
+
+    train(make_config(store.root, "v-toy", run_id="busy", max_steps=2, checkpoint_every=1, **FAST), on_event=probe)
+    assert seen == [False]
+    from trainer.train import RunInUse
+
+    run = store.root / "runs" / "busy"
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with s.try_lock("train-run-busy") as free:  # (another process trains or resumes it now)
+        assert free
+        with pytest.raises(RunInUse, match="run busy is in use"):
+            train(make_config(store.root, "v-toy", run_id="busy", resume=True, max_steps=2, checkpoint_every=1, **FAST))
+    assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    # (free again: the resume goes on)
+    assert train(make_config(store.root, "v-toy", run_id="busy", resume=True, max_steps=2, checkpoint_every=1, **FAST))

@@ -30,6 +30,8 @@ gradient; only the activation memory differs.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import time
 from collections.abc import Callable
@@ -253,7 +255,27 @@ def evaluate(model, pairs, ref, pad_id: int, cfg: TrainConfig) -> dict[str, floa
     return {"eval/loss": wl / max(wsum, 1e-12), **{f"eval/{k}": v / n for k, v in sums.items()}, "eval/pairs": int(n)}
 
 
+class RunInUse(ResumeMismatch):
+    """Another process trains or resumes this run now (it holds ``STORE/.locks/train-run-<run_id>.lock``): two
+    processes writing one run directory would interleave its checkpoints and metrics (CLI exit 2)."""
+
+
 def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] | None = None) -> RunResult:
+    """A DPO run on a certified version (steps 1-7 of the module's docstring).  The run is held for the whole
+    run -- from its claim (a new run) or before its reference pass (a resume) -- by the store's lock of its id:
+    a resume while the run still trains (a scheduler's retry), or two resumes at once, is refused (:class:`RunInUse`)."""
+    with contextlib.ExitStack() as held:
+        return _train(cfg, on_event, held)
+
+
+def _hold_run(store: Store, held: contextlib.ExitStack, run_id: str) -> None:
+    if not held.enter_context(store.try_lock(f"train-run-{run_id}")):
+        raise RunInUse(f"run {run_id} is in use: another process is training or resuming it now; "
+                       "wait for it to stop (resume it then if it did not finish)")
+
+
+def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | None,
+           held: contextlib.ExitStack) -> RunResult:
     emit = on_event or (lambda kind, payload: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -294,6 +316,8 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         reference=ref_src.identity(vocab), tokenizer=tokenizer_fingerprint(tok), tokenize_cfg=tcfg,
         dtype=cfg.dtype if cfg.precision == "fp32" else f"{cfg.dtype}+{cfg.precision}")
     if cfg.resume:  # before the reference pass: a resumed run continues on the data and reference it started with
+        if cfg.run_id:
+            _hold_run(store, held, cfg.run_id)
         _check_resume_inputs(store, cfg, handle.version_id, material)
     ref = load_or_compute(store, handle.version_id, material, pairs, lambda: build_model(ref_src, vocab, dtype=cfg.dtype),
                           pad_id=tok.pad_token_id, batch_size=cfg.ref_batch_size, chunk_size=cfg.chunk_size,
@@ -336,6 +360,7 @@ def train(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] |
         for key in ("failure", "failed_at"):  # an earlier failure of this run stays in the lineage's "failed" event
             lineage.pop(key, None)
     else:
+        _hold_run(store, held, run_id)  # (before the claim: a resume of it is refused from the first moment)
         try:  # exclusive: two runs started together with one id (or the same settings in the same second) never share it
             run_dir.mkdir(parents=True)
         except FileExistsError:
