@@ -63,6 +63,7 @@ from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import ModelSource, ModelSpecError, build_model, describe, parse_model, sequence_logps
 from trainer.objectives import DPOLossConfig, dpo_objective
 from trainer.optim import AdamW
+from trainer.reference import SHA256_FIELD as REFERENCE_SHA256_FIELD
 from trainer.reference import cache_key, cache_key_material, compute_reference_logps, load_or_compute
 from trainer.report import write_run_report
 from trainer.tokenize import (
@@ -577,6 +578,7 @@ def _check_resume_inputs(store: Store, cfg: TrainConfig, version_id: str, materi
         old_path = Path(str((started.get("reference_cache") or {}).get("path", ""))).with_suffix(".json")
         try:
             old = _read_json(old_path)
+            old.pop(REFERENCE_SHA256_FIELD, None)  # (the sidecar's record of its file's bytes: not key material)
             diff = ", ".join(sorted(k for k in material.keys() | old.keys() if material.get(k) != old.get(k)))
         except (OSError, ValueError):
             diff = "unknown: the key material of the run's cache file is gone"
