@@ -276,6 +276,14 @@ class CertifyConfig(_Cfg):
                 raise ValueError(f"expected a whole number >= 0 of pairs per split, found {_short(wrong)}")
         return v
 
+    @field_validator("label_balance", "ai_share", mode="before")
+    @classmethod
+    def _shares_are_numbers(cls, v: Any) -> Any:
+        # [false, true] would otherwise read as [0.0, 1.0]: a gate every version passes
+        if isinstance(v, list | tuple) and any(isinstance(x, bool) for x in v):
+            raise ValueError("expected [low, high] as two numbers, not true/false")
+        return v
+
     @field_validator("label_balance", "ai_share")
     @classmethod
     def _a_range_of_shares(cls, v: tuple[float, float]) -> tuple[float, float]:

@@ -78,6 +78,9 @@ def test_policy_rejects_unknown_keys_and_ranges():
     ({"certify": {"ai_share": [0.0, 1.5]}}, r"certify\.ai_share: .*high <= 1"),
     ({"certify": {"max_quarantine_rate": True}}, r"certify\.max_quarantine_rate: .*expected a number"),
     ({"ingest": {"batch_rows": True}}, r"ingest\.batch_rows: .*expected a number"),
+    # [false, true] read as [0.0, 1.0]: the widest interval, a gate every version passes
+    ({"certify": {"label_balance": [False, True]}}, r"certify\.label_balance: .*two numbers, not true/false"),
+    ({"certify": {"ai_share": [0.0, True]}}, r"certify\.ai_share: .*two numbers, not true/false"),
 ])
 def test_policy_refuses_gates_no_version_can_pass_and_booleans_as_numbers(data, message):
     """A misspelt split, an inverted or out-of-[0, 1] share range, or true/false where a number goes would
