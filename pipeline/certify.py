@@ -68,8 +68,8 @@ def _check(m, name: str) -> dict[str, Any]:
 
 
 def _gate(name: str, value: Any, threshold: Any, passed: bool, detail: str = "") -> GateResult:
-    if isinstance(value, float):
-        value = round(value, 4)
+    # the value recorded is the value compared: a rounded one (0.4413 for 0.44128) read as passing a threshold of
+    # 0.4413 next to a verdict that failed it
     return GateResult(name=name, value=value, threshold=threshold, passed=bool(passed), detail=detail)
 
 
@@ -142,12 +142,19 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     keep = keep_a = 0
     for _, row in facts.pairs():
         keep, keep_a = keep + row["keep"], keep_a + row["keep_a"]
-    a_share = keep_a / keep if keep else 0.5
+    # no kept pair: neither share is measured, and a made-up value (0.5, 0.0) must not pass the interval
     lo, hi = cfg.label_balance
-    gates.append(_gate("label_balance", float(a_share), [lo, hi], lo <= a_share <= hi, "share of kept pairs where a is chosen"))
-    ai = n_ai / n_kept if n_kept else 0.0
+    if keep:
+        a_share = keep_a / keep
+        gates.append(_gate("label_balance", a_share, [lo, hi], lo <= a_share <= hi, "share of kept pairs where a is chosen"))
+    else:
+        gates.append(_gate("label_balance", None, [lo, hi], False, "no kept pairs: the share of a chosen was not measured"))
     lo, hi = cfg.ai_share
-    gates.append(_gate("ai_share", float(ai), [lo, hi], lo <= ai <= hi, "share of kept pairs labelled by AI judges only"))
+    if n_kept:
+        ai = n_ai / n_kept
+        gates.append(_gate("ai_share", ai, [lo, hi], lo <= ai <= hi, "share of kept pairs labelled by AI judges only"))
+    else:
+        gates.append(_gate("ai_share", None, [lo, hi], False, "no kept pairs in the splits: the AI share was not measured"))
 
     if cfg.require_expectations and run_gx:
         gates.append(expectations_gate(facts, ids, gx_dir or Path("gx"), facts_from))
