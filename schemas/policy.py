@@ -450,6 +450,36 @@ def load_policy(path: str | Path | None) -> Policy:
         raise
 
 
+def _no_repeated_yaml_keys(root: Any, p: Path) -> None:
+    """A key given twice in one YAML mapping is refused, as TOML refuses it: PyYAML keeps the last one silently,
+    so a threshold added further down a file replaced the one a reader saw first.  Walks the composed nodes
+    (nothing constructed), each node once (an alias is not walked again: a YAML alias bomb stays cheap)."""
+    import yaml
+
+    seen: set[int] = set()
+    todo: list[tuple[Any, str]] = [(root, "")]
+    while todo:
+        node, where = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else None
+                path = f"{where}.{key}" if where else str(key)
+                if key is not None and key in lines:
+                    err = PolicyError(f"invalid policy {p}:\n  {path}: given twice (lines {lines[key]} and "
+                                      f"{k.start_mark.line + 1}); expected each key once", path=p, field=path)
+                    err.line = k.start_mark.line + 1  # (what a --json failure names)
+                    raise err
+                if key is not None:
+                    lines[key] = k.start_mark.line + 1
+                todo.append((v, path))
+        elif isinstance(node, yaml.SequenceNode):
+            todo += [(v, f"{where}.{i}") for i, v in enumerate(node.value)]
+
+
 def _load_policy_file(p: Path) -> Policy:
     try:
         text = p.read_text(encoding="utf-8")
@@ -464,6 +494,7 @@ def _load_policy_file(p: Path) -> Policy:
         elif p.suffix in (".yaml", ".yml"):
             import yaml
 
+            _no_repeated_yaml_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)
             data = yaml.safe_load(text) or {}
         else:
             raise PolicyError(f"policy file {p}: expected .toml, .yaml or .yml, found {p.suffix or 'no suffix'!r}")

@@ -113,3 +113,30 @@ def test_ledgers_must_add_up():
         Ledger(rows_in=10, quarantined=0, judgments_valid=10, pairs=5, pairs_kept=3, dropped={"low_agreement": 1})
     Ledger(rows_in=10, quarantined=0, judgments_valid=10, pairs=5, pairs_kept=3, dropped={"low_agreement": 1},
            routed={"tie": 1, "both_bad": 0, "escalate": 0})
+
+
+def test_yaml_policy_refuses_a_key_given_twice(tmp_path):
+    """TOML refuses a repeated key; PyYAML kept the last one silently, so a threshold added further down a YAML
+    policy replaced the one a reader saw first.  Both formats refuse it, naming the file, the key and the lines;
+    YAML aliases and merge keys still load, and a YAML alias bomb is walked once per node."""
+    from schemas.policy import load_policy
+
+    y = tmp_path / "p.yaml"
+    y.write_text("certify:\n  max_quarantine_rate: 0.05\n  min_pairs_per_locale: 3\n  max_quarantine_rate: 0.9\n")
+    with pytest.raises(PolicyError, match=r"certify\.max_quarantine_rate: given twice \(lines 2 and 4\)") as err:
+        load_policy(y)
+    assert err.value.path == y and err.value.field == "certify.max_quarantine_rate" and str(y) in str(err.value)
+    t = tmp_path / "p.toml"
+    t.write_text("[certify]\nmax_quarantine_rate = 0.05\nmax_quarantine_rate = 0.9\n")
+    with pytest.raises(PolicyError, match="not valid TOML"):
+        load_policy(t)
+    y.write_text("base: &b {max_quarantine_rate: 0.2}\n")  # an unknown top-level key, but no repeat: refused as unknown
+    with pytest.raises(PolicyError, match="base: unknown key"):
+        load_policy(y)
+    y.write_text("certify:\n  <<: {max_quarantine_rate: 0.2, min_pairs_per_locale: 1}\n  max_quarantine_rate: 0.3\n")
+    assert load_policy(y).certify.max_quarantine_rate == 0.3 and load_policy(y).certify.min_pairs_per_locale == 1
+    bomb = "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 8)) + "name: *a7\n"
+    y.write_text(bomb)
+    with pytest.raises(PolicyError):
+        load_policy(y)
