@@ -199,3 +199,19 @@ def test_expectations_fail_a_planted_defect_and_data_docs_escape_it(clean, tmp_p
     pages = [p.read_text(encoding="utf-8") for p in (out / "data_docs").rglob("*.html")]
     assert any("&lt;script&gt;alert(" in t for t in pages), "the unexpected annotator kind is not shown"
     assert not any("<script>alert(" in t or "<img src=x" in t for t in pages), "Data Docs render a value as HTML"
+
+
+def test_cli_json_says_ok_and_exit_code_either_way(clean, tmp_path):
+    """--json on a certified version carries ok: true and exit_code 0, as a rejection carries ok: false and 3 (it
+    carried neither: a reader testing doc["ok"] failed on the one outcome it wanted)."""
+    store, vid = clean
+    lenient = _policy_file(tmp_path, require_expectations=False)
+    res = runner.invoke(app, ["certify", vid, "--store", str(store.root), "--policy", str(lenient), "--json"])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 0 and doc["ok"] is True and doc["exit_code"] == 0 and doc["verdict"] == "certified"
+    assert {"gates", "policy_hash", "manifest_sha256", "record", "opt_outs"} <= set(doc) and doc["opt_outs"] == ["expectations"]
+    strict = _policy_file(tmp_path, name="strict", require_expectations=False, min_pairs_per_locale=10**6)
+    res = runner.invoke(app, ["certify", vid, "--store", str(store.root), "--policy", str(strict), "--json"])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 3 and doc["ok"] is False and doc["exit_code"] == 3 and doc["verdict"] == "rejected"
+    assert all(g["name"].startswith("min_pairs.locale=") for g in doc["gates"] if not g["passed"])
