@@ -83,7 +83,7 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     facts = facts or VersionFacts(h, empty_facts(), {})
     gates: list[GateResult] = []
     for split in SPLITS:
-        need = cfg.min_pairs_per_split.get(split, 0)
+        need = cfg.min_pairs_per_split[split]  # (every split: the schema fills a left-out one with its default)
         rows = m.splits[split].rows if split in m.splits else 0
         gates.append(_gate(f"min_pairs.{split}", rows, need, rows >= need))
 

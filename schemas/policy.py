@@ -237,12 +237,15 @@ class SplitConfig(_Cfg):
         return self
 
 
+_MIN_PAIRS_PER_SPLIT = {"train": 20, "validation": 2, "test": 2}
+
+
 def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class CertifyConfig(_Cfg):
-    min_pairs_per_split: dict[str, int] = Field(default_factory=lambda: {"train": 20, "validation": 2, "test": 2})
+    min_pairs_per_split: dict[str, int] = Field(default_factory=lambda: dict(_MIN_PAIRS_PER_SPLIT))
     min_pairs_per_locale: int = Field(5, ge=0)
     min_krippendorff_alpha: float = Field(0.3, ge=-1.0, le=1.0, description="minimum nominal alpha on the independent "
                                           "overlap subset, per annotator kind (see docs/policy.md for the choice)")
@@ -274,6 +277,8 @@ class CertifyConfig(_Cfg):
             wrong = {k: n for k, n in v.items() if not _is_count(n)}
             if wrong:
                 raise ValueError(f"expected a whole number >= 0 of pairs per split, found {_short(wrong)}")
+            # a split left out keeps its default, as a policy file's does (built in Python it was no minimum at all)
+            return {**_MIN_PAIRS_PER_SPLIT, **v}
         return v
 
     @field_validator("label_balance", "ai_share", mode="before")

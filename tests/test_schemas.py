@@ -140,3 +140,14 @@ def test_yaml_policy_refuses_a_key_given_twice(tmp_path):
     y.write_text(bomb)
     with pytest.raises(PolicyError):
         load_policy(y)
+
+
+def test_min_pairs_per_split_left_out_keeps_its_default():
+    """A split left out of min_pairs_per_split keeps its default built in Python as from a file (in Python it was
+    no minimum: the gate read 0 and passed an empty test split); the hash is the file's."""
+    from schemas.policy import CertifyConfig
+
+    cfg = CertifyConfig(min_pairs_per_split={"train": 5})
+    assert cfg.min_pairs_per_split == {"train": 5, "validation": 2, "test": 2}
+    assert (Policy(certify=cfg).policy_hash()
+            == policy_from_dict({"certify": {"min_pairs_per_split": {"train": 5}}}).policy_hash())
