@@ -281,6 +281,14 @@ class CertifyConfig(_Cfg):
             return {**_MIN_PAIRS_PER_SPLIT, **v}
         return v
 
+    @field_validator("require_agreement", "require_expectations", "train_after_certify", mode="before")
+    @classmethod
+    def _a_switch_is_true_or_false(cls, v: Any) -> Any:
+        # lax mode read 0, "no" or "off" as false: a typo'd value silently opted out of a gate
+        if not isinstance(v, bool):
+            raise ValueError("expected true or false")
+        return v
+
     @field_validator("label_balance", "ai_share", mode="before")
     @classmethod
     def _shares_are_numbers(cls, v: Any) -> Any:

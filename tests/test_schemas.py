@@ -81,6 +81,9 @@ def test_policy_rejects_unknown_keys_and_ranges():
     # [false, true] read as [0.0, 1.0]: the widest interval, a gate every version passes
     ({"certify": {"label_balance": [False, True]}}, r"certify\.label_balance: .*two numbers, not true/false"),
     ({"certify": {"ai_share": [0.0, True]}}, r"certify\.ai_share: .*two numbers, not true/false"),
+    # 0 or "no" read as false: an opt-out of the agreement or expectations gates nobody wrote as one
+    ({"certify": {"require_agreement": 0}}, r"certify\.require_agreement: .*expected true or false \(found 0\)"),
+    ({"certify": {"require_expectations": "no"}}, r"certify\.require_expectations: .*expected true or false"),
 ])
 def test_policy_refuses_gates_no_version_can_pass_and_booleans_as_numbers(data, message):
     """A misspelt split, an inverted or out-of-[0, 1] share range, or true/false where a number goes would
