@@ -357,7 +357,8 @@ def qualified_overlap_gates(h: VersionHandle, cfg: CertifyConfig, locales: set[s
         q = sums["qualified"].get(loc, zero)
         pairs = q["pairs"]
         o = from_state(q["sums"])["human"]
-        need = required_overlap(pairs, cfg.min_overlap_share, cfg.min_qualified_overlap_pairs_per_locale)
+        # at least 1: a kept locale the sums do not hold (no judgment of it counted) needed 0 and passed
+        need = max(1, required_overlap(pairs, cfg.min_overlap_share, cfg.min_qualified_overlap_pairs_per_locale))
         alpha = "n/a" if o["krippendorff_alpha"] is None else f"{o['krippendorff_alpha']:.3f}"
         gates.append(_gate(f"qualified_overlap.locale={loc}", o["overlap_pairs"], need, o["overlap_pairs"] >= need,
                            f"{o['overlap_pairs']} of the locale's {pairs} pairs judged by >= 2 different qualified humans "

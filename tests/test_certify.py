@@ -215,3 +215,21 @@ def test_cli_json_says_ok_and_exit_code_either_way(clean, tmp_path):
     doc = json.loads(res.stdout)
     assert res.exit_code == 3 and doc["ok"] is False and doc["exit_code"] == 3 and doc["verdict"] == "rejected"
     assert all(g["name"].startswith("min_pairs.locale=") for g in doc["gates"] if not g["passed"])
+
+
+def test_qualified_overlap_fails_a_kept_locale_its_sums_do_not_hold(tmp_path):
+    """A locale of the kept pairs that the qualified-overlap sums have no entry for (no judgment of it counted)
+    fails its gate: it needed min(share x 0 pairs, cap) = 0 overlap pairs and passed with none."""
+    from pipeline.certify import qualified_overlap_gates
+    from pipeline.certify_parts import full_agreement_state
+    from schemas.registry import load_registry
+
+    st = Store(tmp_path / "s")
+    pol = Policy(annotators=load_registry(ROOT / "data" / "samples" / "annotators.csv"))
+    h = st.get(curate([CLEAN], st, pol).version_id)
+    state = full_agreement_state(h)
+    assert "fr-FR" not in state["qualified"] and "en" in state["qualified"]
+    gates = {g.name: g for g in qualified_overlap_gates(h, Policy().certify, locales={"en", "fr-FR"}, state=(state, ""))}
+    fr = gates["qualified_overlap.locale=fr-FR"]
+    assert (fr.value, fr.threshold, fr.passed) == (0, 1, False), fr
+    assert gates["qualified_overlap.locale=en"].passed
