@@ -115,8 +115,12 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
             j, left_on="source_comparison_ids", right_on="comparison_id", how="left")
         touched = by_pair.filter(pl.col("annotator_id").is_in(biased_ids))["pair_id"].n_unique()
         share = touched / n_kept
+    # "flagged: none" read as no bias found when the version's policy had dropped a flagged annotator: say both
+    resolved = sorted(set(biased["subject_id"].to_list()) & dropped_ids)
+    detail = f"flagged: {', '.join(biased_ids) or 'none'}" + (
+        f"; flagged and dropped by the version's policy: {', '.join(resolved)}" if resolved else "")
     gates.append(_gate("biased_annotator_share", share, cfg.max_biased_annotator_share,
-                       share <= cfg.max_biased_annotator_share, f"flagged: {', '.join(biased_ids) or 'none'}"))
+                       share <= cfg.max_biased_annotator_share, detail))
 
     n_j = max(m.ledger.judgments_valid, 1)
     exact = flags.filter(pl.col("reason") == "exact_duplicate").height

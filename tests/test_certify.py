@@ -70,6 +70,12 @@ def test_planted_version_rejected_with_reasons(store, tmp_path):
     assert {"quarantine_rate", "exact_duplicate_rate", "biased_annotator_share"} <= failing, failing
     bias = next(g for g in cert.gates if g.name == "biased_annotator_share")
     assert "rev-biased" in bias.detail
+    # dropped by the version's policy: the gate passes, and says who was flagged and dropped ("flagged: none" before)
+    dropping = policy_from_dict({"select": {"flag_actions": {"position_bias": "drop"}}})
+    cert = certify_version(store, curate([_planted_batch(tmp_path)], store, dropping).version_id, dropping, run_gx=False)
+    bias = next(g for g in cert.gates if g.name == "biased_annotator_share")
+    assert bias.passed and bias.value == 0.0
+    assert bias.detail == "flagged: none; flagged and dropped by the version's policy: rev-biased", bias.detail
     status = store.get(res.version_id).verify_chain()
     assert not status.ok and status.link == "verdict" and "quarantine_rate" in status.reason
 
