@@ -491,7 +491,9 @@ def certify(
         cert = certify_version(st, h.version_id, pol, run_gx=not no_expectations, reuse=not from_scratch)
     failing = [g.name for g in cert.gates if not g.passed]
     if as_json:
-        record = {**cert.model_dump(mode="json"), "record": str(st.certification_path(h.version_id))}
+        # ok / exit_code on success too: a reader tests one key, as on a rejection (which _fail sets to false / 3)
+        record = {**cert.model_dump(mode="json"), "record": str(st.certification_path(h.version_id)),
+                  "ok": cert.verdict == "certified", "exit_code": EXIT_OK if cert.verdict == "certified" else EXIT_REJECTED}
         if cert.verdict != "certified":
             _fail(f"{h.version_id}: failing gates: {', '.join(failing)}", code=EXIT_REJECTED, label="REJECTED", payload=record)
         print(json.dumps(record, indent=2))

@@ -68,8 +68,8 @@ def _check(m, name: str) -> dict[str, Any]:
 
 
 def _gate(name: str, value: Any, threshold: Any, passed: bool, detail: str = "") -> GateResult:
-    if isinstance(value, float):
-        value = round(value, 4)
+    # the value recorded is the value compared: a rounded one (0.4413 for 0.44128) read as passing a threshold of
+    # 0.4413 next to a verdict that failed it
     return GateResult(name=name, value=value, threshold=threshold, passed=bool(passed), detail=detail)
 
 
@@ -83,7 +83,7 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     facts = facts or VersionFacts(h, empty_facts(), {})
     gates: list[GateResult] = []
     for split in SPLITS:
-        need = cfg.min_pairs_per_split.get(split, 0)
+        need = cfg.min_pairs_per_split[split]  # (every split: the schema fills a left-out one with its default)
         rows = m.splits[split].rows if split in m.splits else 0
         gates.append(_gate(f"min_pairs.{split}", rows, need, rows >= need))
 
@@ -115,8 +115,12 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
             j, left_on="source_comparison_ids", right_on="comparison_id", how="left")
         touched = by_pair.filter(pl.col("annotator_id").is_in(biased_ids))["pair_id"].n_unique()
         share = touched / n_kept
+    # "flagged: none" read as no bias found when the version's policy had dropped a flagged annotator: say both
+    resolved = sorted(set(biased["subject_id"].to_list()) & dropped_ids)
+    detail = f"flagged: {', '.join(biased_ids) or 'none'}" + (
+        f"; flagged and dropped by the version's policy: {', '.join(resolved)}" if resolved else "")
     gates.append(_gate("biased_annotator_share", share, cfg.max_biased_annotator_share,
-                       share <= cfg.max_biased_annotator_share, f"flagged: {', '.join(biased_ids) or 'none'}"))
+                       share <= cfg.max_biased_annotator_share, detail))
 
     n_j = max(m.ledger.judgments_valid, 1)
     exact = flags.filter(pl.col("reason") == "exact_duplicate").height
@@ -142,12 +146,19 @@ def evaluate_gates(h: VersionHandle, policy: Policy, *, run_gx: bool = True, gx_
     keep = keep_a = 0
     for _, row in facts.pairs():
         keep, keep_a = keep + row["keep"], keep_a + row["keep_a"]
-    a_share = keep_a / keep if keep else 0.5
+    # no kept pair: neither share is measured, and a made-up value (0.5, 0.0) must not pass the interval
     lo, hi = cfg.label_balance
-    gates.append(_gate("label_balance", float(a_share), [lo, hi], lo <= a_share <= hi, "share of kept pairs where a is chosen"))
-    ai = n_ai / n_kept if n_kept else 0.0
+    if keep:
+        a_share = keep_a / keep
+        gates.append(_gate("label_balance", a_share, [lo, hi], lo <= a_share <= hi, "share of kept pairs where a is chosen"))
+    else:
+        gates.append(_gate("label_balance", None, [lo, hi], False, "no kept pairs: the share of a chosen was not measured"))
     lo, hi = cfg.ai_share
-    gates.append(_gate("ai_share", float(ai), [lo, hi], lo <= ai <= hi, "share of kept pairs labelled by AI judges only"))
+    if n_kept:
+        ai = n_ai / n_kept
+        gates.append(_gate("ai_share", ai, [lo, hi], lo <= ai <= hi, "share of kept pairs labelled by AI judges only"))
+    else:
+        gates.append(_gate("ai_share", None, [lo, hi], False, "no kept pairs in the splits: the AI share was not measured"))
 
     if cfg.require_expectations and run_gx:
         gates.append(expectations_gate(facts, ids, gx_dir or Path("gx"), facts_from))
@@ -350,7 +361,8 @@ def qualified_overlap_gates(h: VersionHandle, cfg: CertifyConfig, locales: set[s
         q = sums["qualified"].get(loc, zero)
         pairs = q["pairs"]
         o = from_state(q["sums"])["human"]
-        need = required_overlap(pairs, cfg.min_overlap_share, cfg.min_qualified_overlap_pairs_per_locale)
+        # at least 1: a kept locale the sums do not hold (no judgment of it counted) needed 0 and passed
+        need = max(1, required_overlap(pairs, cfg.min_overlap_share, cfg.min_qualified_overlap_pairs_per_locale))
         alpha = "n/a" if o["krippendorff_alpha"] is None else f"{o['krippendorff_alpha']:.3f}"
         gates.append(_gate(f"qualified_overlap.locale={loc}", o["overlap_pairs"], need, o["overlap_pairs"] >= need,
                            f"{o['overlap_pairs']} of the locale's {pairs} pairs judged by >= 2 different qualified humans "

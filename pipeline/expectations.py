@@ -11,7 +11,8 @@ The suite (per split): the DPO schema (exact column set in order), non-null requ
 columns, ``pair_id`` unique, ``weight`` in (0, 1], ``agreement`` in [0, 1], ``strength``
 in [0, 1], ``n_judgments`` >= 1, ``annotator_kind`` in {human, ai, unknown, mixed}, chosen text !=
 rejected text, prompt ends with a user turn, chosen/rejected are one assistant message
-(derived scalar columns: GX validates flat pandas columns).
+(derived scalar columns: GX validates flat pandas columns).  Text columns reach GX HTML-escaped (its Data
+Docs render unexpected values as they are); validation_<name>.json therefore shows them escaped.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.store import atomic_write_bytes
 from schemas.arrow import polars_schema
 from schemas.records import PAIR_ANNOTATOR_KINDS, DPORow
 
@@ -52,7 +54,19 @@ def _flatten_for_gx(df: pl.DataFrame):
         prompt_turns=pl.col("prompt").list.len(),
     ).with_columns(chosen_differs_from_rejected=pl.col("chosen_text") != pl.col("rejected_text"))
     nested = [c for c, dt in df.schema.items() if isinstance(dt, (pl.List, pl.Struct, pl.Array))]
-    return flat.with_columns([_json_text(c) for c in nested]).to_pandas()
+    flat = flat.with_columns([_json_text(c) for c in nested])
+    return flat.with_columns([_html_escaped(c) for c, dt in flat.schema.items() if dt == pl.String]).to_pandas()
+
+
+def _html_escaped(name: str) -> pl.Expr:
+    """A text column HTML-escaped: GX's Data Docs put a failing expectation's unexpected values into the page
+    as they are (a ``<script>`` in a pair id or an annotator kind ran in the reader's browser).  Escaping is
+    one-to-one and leaves every expectation of the suite meaning the same (uniqueness, non-null, non-empty,
+    membership in sets of plain words; chosen != rejected is compared before), so results do not change."""
+    e = pl.col(name)
+    for ch, ent in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ('"', "&quot;"), ("'", "&#x27;")):
+        e = e.str.replace_all(ch, ent, literal=True)
+    return e.alias(name)
 
 
 def build_suite(gx):
@@ -124,9 +138,9 @@ def run_expectations(batches: dict[str, pl.DataFrame | Callable[[], pl.DataFrame
         results[name] = {"success": bool(vr.success), "rows": df.height,
                          "evaluated": int(stats["evaluated_expectations"]), "failed": failed}
         ok = ok and results[name]["success"]
-        (out_dir / f"validation_{name}.json").write_text(json.dumps(vr.to_json_dict(), indent=1, default=str))
+        atomic_write_bytes(out_dir / f"validation_{name}.json", json.dumps(vr.to_json_dict(), indent=1, default=str).encode())
         del df, run, vr
     ctx.build_data_docs()
     summary = {"success": ok, "splits": results, "docs_index": str(docs_dir / "index.html")}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary

@@ -237,12 +237,15 @@ class SplitConfig(_Cfg):
         return self
 
 
+_MIN_PAIRS_PER_SPLIT = {"train": 20, "validation": 2, "test": 2}
+
+
 def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class CertifyConfig(_Cfg):
-    min_pairs_per_split: dict[str, int] = Field(default_factory=lambda: {"train": 20, "validation": 2, "test": 2})
+    min_pairs_per_split: dict[str, int] = Field(default_factory=lambda: dict(_MIN_PAIRS_PER_SPLIT))
     min_pairs_per_locale: int = Field(5, ge=0)
     min_krippendorff_alpha: float = Field(0.3, ge=-1.0, le=1.0, description="minimum nominal alpha on the independent "
                                           "overlap subset, per annotator kind (see docs/policy.md for the choice)")
@@ -274,6 +277,24 @@ class CertifyConfig(_Cfg):
             wrong = {k: n for k, n in v.items() if not _is_count(n)}
             if wrong:
                 raise ValueError(f"expected a whole number >= 0 of pairs per split, found {_short(wrong)}")
+            # a split left out keeps its default, as a policy file's does (built in Python it was no minimum at all)
+            return {**_MIN_PAIRS_PER_SPLIT, **v}
+        return v
+
+    @field_validator("require_agreement", "require_expectations", "train_after_certify", mode="before")
+    @classmethod
+    def _a_switch_is_true_or_false(cls, v: Any) -> Any:
+        # lax mode read 0, "no" or "off" as false: a typo'd value silently opted out of a gate
+        if not isinstance(v, bool):
+            raise ValueError("expected true or false")
+        return v
+
+    @field_validator("label_balance", "ai_share", mode="before")
+    @classmethod
+    def _shares_are_numbers(cls, v: Any) -> Any:
+        # [false, true] would otherwise read as [0.0, 1.0]: a gate every version passes
+        if isinstance(v, list | tuple) and any(isinstance(x, bool) for x in v):
+            raise ValueError("expected [low, high] as two numbers, not true/false")
         return v
 
     @field_validator("label_balance", "ai_share")
@@ -442,6 +463,36 @@ def load_policy(path: str | Path | None) -> Policy:
         raise
 
 
+def _no_repeated_yaml_keys(root: Any, p: Path) -> None:
+    """A key given twice in one YAML mapping is refused, as TOML refuses it: PyYAML keeps the last one silently,
+    so a threshold added further down a file replaced the one a reader saw first.  Walks the composed nodes
+    (nothing constructed), each node once (an alias is not walked again: a YAML alias bomb stays cheap)."""
+    import yaml
+
+    seen: set[int] = set()
+    todo: list[tuple[Any, str]] = [(root, "")]
+    while todo:
+        node, where = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else None
+                path = f"{where}.{key}" if where else str(key)
+                if key is not None and key in lines:
+                    err = PolicyError(f"invalid policy {p}:\n  {path}: given twice (lines {lines[key]} and "
+                                      f"{k.start_mark.line + 1}); expected each key once", path=p, field=path)
+                    err.line = k.start_mark.line + 1  # (what a --json failure names)
+                    raise err
+                if key is not None:
+                    lines[key] = k.start_mark.line + 1
+                todo.append((v, path))
+        elif isinstance(node, yaml.SequenceNode):
+            todo += [(v, f"{where}.{i}") for i, v in enumerate(node.value)]
+
+
 def _load_policy_file(p: Path) -> Policy:
     try:
         text = p.read_text(encoding="utf-8")
@@ -456,6 +507,7 @@ def _load_policy_file(p: Path) -> Policy:
         elif p.suffix in (".yaml", ".yml"):
             import yaml
 
+            _no_repeated_yaml_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)
             data = yaml.safe_load(text) or {}
         else:
             raise PolicyError(f"policy file {p}: expected .toml, .yaml or .yml, found {p.suffix or 'no suffix'!r}")

@@ -70,6 +70,12 @@ def test_planted_version_rejected_with_reasons(store, tmp_path):
     assert {"quarantine_rate", "exact_duplicate_rate", "biased_annotator_share"} <= failing, failing
     bias = next(g for g in cert.gates if g.name == "biased_annotator_share")
     assert "rev-biased" in bias.detail
+    # dropped by the version's policy: the gate passes, and says who was flagged and dropped ("flagged: none" before)
+    dropping = policy_from_dict({"select": {"flag_actions": {"position_bias": "drop"}}})
+    cert = certify_version(store, curate([_planted_batch(tmp_path)], store, dropping).version_id, dropping, run_gx=False)
+    bias = next(g for g in cert.gates if g.name == "biased_annotator_share")
+    assert bias.passed and bias.value == 0.0
+    assert bias.detail == "flagged: none; flagged and dropped by the version's policy: rev-biased", bias.detail
     status = store.get(res.version_id).verify_chain()
     assert not status.ok and status.link == "verdict" and "quarantine_rate" in status.reason
 
@@ -126,3 +132,110 @@ def test_skipping_required_expectations_cannot_certify(tmp_path):
     assert res.exit_code == 3 and "expectations" in res.output, res.output
     gate = [g for g in st.latest_certification(vid)["gates"] if g["name"] == "expectations"]
     assert gate and not gate[0]["passed"] and "not run" in gate[0]["detail"]
+
+
+def _gate(cert, name):
+    return next(g for g in cert.gates if g.name == name)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A store with the clean sample version, left as written (``store`` gets a file changed by a test above)."""
+    st = Store(tmp_path_factory.mktemp("clean"))
+    return st, curate([CLEAN], st, Policy()).version_id
+
+
+def test_gate_verdict_matches_the_recorded_value_at_its_threshold(clean):
+    """A threshold set to the value a certificate shows passes (>= and the interval's ends are inclusive), and one
+    just beyond it fails: the value recorded is the value compared (a rounded 0.4413 for alpha 0.44128 failed a
+    threshold of 0.4413 while the record read 0.4413 >= 0.4413)."""
+    store, vid = clean
+    opt = {"require_expectations": False}
+    base = certify_version(store, vid, policy_from_dict({"certify": opt}), run_gx=False)
+    alpha, share = _gate(base, "krippendorff_alpha.human").value, _gate(base, "label_balance").value
+    assert isinstance(alpha, float) and isinstance(share, float)
+    at = certify_version(store, vid, policy_from_dict({"certify": {**opt, "min_krippendorff_alpha": alpha,
+                                                                   "label_balance": [share, share]}}), run_gx=False)
+    for name, value, threshold in (("krippendorff_alpha.human", alpha, alpha), ("label_balance", share, [share, share])):
+        g = _gate(at, name)
+        assert g.passed and g.value == value and g.threshold == threshold, g
+    above = certify_version(store, vid, policy_from_dict({"certify": {**opt, "min_krippendorff_alpha": alpha + 1e-9,
+                                                                      "label_balance": [share + 1e-9, 1.0]}}), run_gx=False)
+    assert not _gate(above, "krippendorff_alpha.human").passed and not _gate(above, "label_balance").passed
+
+
+def test_no_kept_pairs_fails_the_share_gates(tmp_path):
+    """Every pair dropped (too long for max_tokens_per_pair) under a policy that asks for no minimum: the label
+    balance and AI share were not measured, so they fail -- they passed on made-up values (0.5, 0.0) and such a
+    version was certified with nothing to train on."""
+    st = Store(tmp_path / "s")
+    pol = policy_from_dict({"select": {"max_tokens_per_pair": 16}, "certify": {
+        "require_expectations": False, "require_agreement": False, "min_pairs_per_split": {"train": 0, "validation": 0, "test": 0}}})
+    vid = curate([CLEAN], st, pol).version_id
+    cert = certify_version(st, vid, pol, run_gx=False)
+    assert sum(_gate(cert, f"min_pairs.{s}").value for s in ("train", "validation", "test")) == 0
+    assert cert.verdict == "rejected"
+    for name in ("label_balance", "ai_share"):
+        g = _gate(cert, name)
+        assert not g.passed and g.value is None and "not measured" in g.detail, g
+
+
+def test_expectations_fail_a_planted_defect_and_data_docs_escape_it(clean, tmp_path):
+    """The GX suite run on a version's split with planted defects (an annotator kind that is a <script>, a weight
+    of 0, a repeated pair id) fails exactly those expectations, passes on the clean split, and the Data Docs show
+    the unexpected values as text: GX put them into the page as they were."""
+    import polars as pl
+
+    from pipeline.expectations import run_expectations
+
+    store, vid = clean
+    clean = store.get(vid).read_split("train")
+    row = pl.int_range(pl.len())
+    bad = clean.with_columns(
+        annotator_kind=pl.when(row == 0).then(pl.lit("<script>alert('kind')</script>")).otherwise("annotator_kind"),
+        weight=pl.when(row == 1).then(0.0).otherwise("weight"),
+        pair_id=pl.when(row == 2).then(pl.lit('<img src=x onerror="alert(1)">')).otherwise("pair_id"))
+    bad = pl.concat([bad, bad.slice(2, 1)])
+    out = tmp_path / "gx"
+    res = run_expectations({"train": clean, "bad": bad}, out)
+    assert res["splits"]["train"]["success"] and not res["splits"]["train"]["failed"]
+    assert sorted(res["splits"]["bad"]["failed"]) == ["expect_column_values_to_be_between(weight)",
+                                                      "expect_column_values_to_be_in_set(annotator_kind)",
+                                                      "expect_column_values_to_be_unique(pair_id)"]
+    pages = [p.read_text(encoding="utf-8") for p in (out / "data_docs").rglob("*.html")]
+    assert any("&lt;script&gt;alert(" in t for t in pages), "the unexpected annotator kind is not shown"
+    assert not any("<script>alert(" in t or "<img src=x" in t for t in pages), "Data Docs render a value as HTML"
+
+
+def test_cli_json_says_ok_and_exit_code_either_way(clean, tmp_path):
+    """--json on a certified version carries ok: true and exit_code 0, as a rejection carries ok: false and 3 (it
+    carried neither: a reader testing doc["ok"] failed on the one outcome it wanted)."""
+    store, vid = clean
+    lenient = _policy_file(tmp_path, require_expectations=False)
+    res = runner.invoke(app, ["certify", vid, "--store", str(store.root), "--policy", str(lenient), "--json"])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 0 and doc["ok"] is True and doc["exit_code"] == 0 and doc["verdict"] == "certified"
+    assert {"gates", "policy_hash", "manifest_sha256", "record", "opt_outs"} <= set(doc) and doc["opt_outs"] == ["expectations"]
+    strict = _policy_file(tmp_path, name="strict", require_expectations=False, min_pairs_per_locale=10**6)
+    res = runner.invoke(app, ["certify", vid, "--store", str(store.root), "--policy", str(strict), "--json"])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 3 and doc["ok"] is False and doc["exit_code"] == 3 and doc["verdict"] == "rejected"
+    assert all(g["name"].startswith("min_pairs.locale=") for g in doc["gates"] if not g["passed"])
+
+
+def test_qualified_overlap_fails_a_kept_locale_its_sums_do_not_hold(tmp_path):
+    """A locale of the kept pairs that the qualified-overlap sums have no entry for (no judgment of it counted)
+    fails its gate: it needed min(share x 0 pairs, cap) = 0 overlap pairs and passed with none."""
+    from pipeline.certify import qualified_overlap_gates
+    from pipeline.certify_parts import full_agreement_state
+    from schemas.registry import load_registry
+
+    st = Store(tmp_path / "s")
+    pol = Policy(annotators=load_registry(ROOT / "data" / "samples" / "annotators.csv"))
+    h = st.get(curate([CLEAN], st, pol).version_id)
+    state = full_agreement_state(h)
+    assert "fr-FR" not in state["qualified"] and "en" in state["qualified"]
+    gates = {g.name: g for g in qualified_overlap_gates(h, Policy().certify, locales={"en", "fr-FR"}, state=(state, ""))}
+    fr = gates["qualified_overlap.locale=fr-FR"]
+    assert (fr.value, fr.threshold, fr.passed) == (0, 1, False), fr
+    assert gates["qualified_overlap.locale=en"].passed

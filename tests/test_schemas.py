@@ -78,6 +78,12 @@ def test_policy_rejects_unknown_keys_and_ranges():
     ({"certify": {"ai_share": [0.0, 1.5]}}, r"certify\.ai_share: .*high <= 1"),
     ({"certify": {"max_quarantine_rate": True}}, r"certify\.max_quarantine_rate: .*expected a number"),
     ({"ingest": {"batch_rows": True}}, r"ingest\.batch_rows: .*expected a number"),
+    # [false, true] read as [0.0, 1.0]: the widest interval, a gate every version passes
+    ({"certify": {"label_balance": [False, True]}}, r"certify\.label_balance: .*two numbers, not true/false"),
+    ({"certify": {"ai_share": [0.0, True]}}, r"certify\.ai_share: .*two numbers, not true/false"),
+    # 0 or "no" read as false: an opt-out of the agreement or expectations gates nobody wrote as one
+    ({"certify": {"require_agreement": 0}}, r"certify\.require_agreement: .*expected true or false \(found 0\)"),
+    ({"certify": {"require_expectations": "no"}}, r"certify\.require_expectations: .*expected true or false"),
 ])
 def test_policy_refuses_gates_no_version_can_pass_and_booleans_as_numbers(data, message):
     """A misspelt split, an inverted or out-of-[0, 1] share range, or true/false where a number goes would
@@ -110,3 +116,41 @@ def test_ledgers_must_add_up():
         Ledger(rows_in=10, quarantined=0, judgments_valid=10, pairs=5, pairs_kept=3, dropped={"low_agreement": 1})
     Ledger(rows_in=10, quarantined=0, judgments_valid=10, pairs=5, pairs_kept=3, dropped={"low_agreement": 1},
            routed={"tie": 1, "both_bad": 0, "escalate": 0})
+
+
+def test_yaml_policy_refuses_a_key_given_twice(tmp_path):
+    """TOML refuses a repeated key; PyYAML kept the last one silently, so a threshold added further down a YAML
+    policy replaced the one a reader saw first.  Both formats refuse it, naming the file, the key and the lines;
+    YAML aliases and merge keys still load, and a YAML alias bomb is walked once per node."""
+    from schemas.policy import load_policy
+
+    y = tmp_path / "p.yaml"
+    y.write_text("certify:\n  max_quarantine_rate: 0.05\n  min_pairs_per_locale: 3\n  max_quarantine_rate: 0.9\n")
+    with pytest.raises(PolicyError, match=r"certify\.max_quarantine_rate: given twice \(lines 2 and 4\)") as err:
+        load_policy(y)
+    assert err.value.path == y and err.value.field == "certify.max_quarantine_rate" and str(y) in str(err.value)
+    t = tmp_path / "p.toml"
+    t.write_text("[certify]\nmax_quarantine_rate = 0.05\nmax_quarantine_rate = 0.9\n")
+    with pytest.raises(PolicyError, match="not valid TOML"):
+        load_policy(t)
+    y.write_text("base: &b {max_quarantine_rate: 0.2}\n")  # an unknown top-level key, but no repeat: refused as unknown
+    with pytest.raises(PolicyError, match="base: unknown key"):
+        load_policy(y)
+    y.write_text("certify:\n  <<: {max_quarantine_rate: 0.2, min_pairs_per_locale: 1}\n  max_quarantine_rate: 0.3\n")
+    assert load_policy(y).certify.max_quarantine_rate == 0.3 and load_policy(y).certify.min_pairs_per_locale == 1
+    bomb = "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 8)) + "name: *a7\n"
+    y.write_text(bomb)
+    with pytest.raises(PolicyError):
+        load_policy(y)
+
+
+def test_min_pairs_per_split_left_out_keeps_its_default():
+    """A split left out of min_pairs_per_split keeps its default built in Python as from a file (in Python it was
+    no minimum: the gate read 0 and passed an empty test split); the hash is the file's."""
+    from schemas.policy import CertifyConfig
+
+    cfg = CertifyConfig(min_pairs_per_split={"train": 5})
+    assert cfg.min_pairs_per_split == {"train": 5, "validation": 2, "test": 2}
+    assert (Policy(certify=cfg).policy_hash()
+            == policy_from_dict({"certify": {"min_pairs_per_split": {"train": 5}}}).policy_hash())
