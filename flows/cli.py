@@ -680,7 +680,8 @@ def gc(
     --delete / --keep-last) whole versions.  A dry run unless --apply.
 
     Parts are shared between versions (hard links into STORE/objects/): deleting a version frees
-    only the parts no other version uses.  Certification records of deleted versions are kept aside
+    only the parts no other version uses.  A version a running curate builds on (its parent) is
+    kept and listed as in use.  Certification records of deleted versions are kept aside
     as VERSION.json.deleted-<time>, their folders (Great Expectations results, part facts) as VERSION.deleted-<time>."""
     from pipeline.parts import collect_garbage, plan_gc
 
@@ -694,10 +695,10 @@ def gc(
         keep = set(ids[-keep_last:]) | {v for v in ids if st.get(v).verify_chain(files=False).ok}
         doomed += [v for v in ids if v not in keep]
     plan = plan_gc(st, delete_versions=doomed)
-    if apply:
-        collect_garbage(st, plan)
+    if apply:  # what was removed: a version a curate took into use since the plan stays, with its parts
+        plan = collect_garbage(st, plan)
     summary = {"applied": apply, "versions": plan.versions, "objects": len(plan.objects), "object_bytes": plan.bytes,
-               "staging": [d.name for d in plan.staging], "work": [d.name for d in plan.work]}
+               "staging": [d.name for d in plan.staging], "work": [d.name for d in plan.work], "in_use": plan.in_use}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -707,6 +708,8 @@ def gc(
                      "{nw} work dir(s) of partitioned builds",
                      verb=verb, nv=len(plan.versions), vs=", ".join(plan.versions) or "", no=len(plan.objects),
                      mb=f"{plan.bytes / 1e6:,.1f}", ns=len(plan.staging), nw=len(plan.work)))
+    if plan.in_use:
+        con.print(markup("kept (a running curate builds on it; run gc again once it is done): {vs}", vs=", ".join(plan.in_use)))
 
 
 @command()

@@ -268,3 +268,52 @@ def test_gc_deleting_a_certified_version_keeps_its_whole_certification_aside(tmp
     assert names[0].split("deleted-")[1] == names[1].split("deleted-")[1]
     assert curate(SAMPLES[:1], st, POLICY).version_id == v1  # built again: certified from scratch
     assert certify_version(st, v1, POLICY, run_gx=False).verdict == "certified"
+
+
+def test_gc_never_deletes_the_parent_a_running_curate_builds_on(tmp_path, monkeypatch):
+    """`prefpipe gc --delete P --apply` while a child of P is being built: P stays (the child reads
+    and links P's parts), the gc says it kept it, and the child is published whole."""
+    import pipeline.curate as cur
+    from pipeline.parts import PartReuse, collect_garbage, plan_gc
+
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    seen = {}
+    original = PartReuse.of.__func__
+
+    def of_after_gc(cls, parent):  # a gc run in another process, in the middle of the child's build
+        plan = plan_gc(st, delete_versions=[v1])
+        seen["planned"], seen["in_use"] = list(plan.versions), list(getattr(plan, "in_use", []))
+        seen["removed"] = list(plan.versions)
+        collect_garbage(st, plan)
+        return original(cls, parent)
+
+    monkeypatch.setattr(cur.PartReuse, "of", classmethod(of_after_gc))
+    v2 = curate([_lines(SAMPLES[1], 60, "small", tmp_path)], st, POLICY, parent=v1).version_id
+    assert seen == {"planned": [], "in_use": [v1], "removed": []}, seen
+    assert st.exists(v1) and st.get(v1).verify() == []
+    assert st.get(v2).verify() == [] and st.get(v2).read("judgments").height == st.get(v1).read("judgments").height + 60
+    # once the child is built, the parent is no longer in use: gc removes it and the child stays whole
+    plan = plan_gc(st, delete_versions=[v1])
+    assert plan.versions == [v1] and plan.in_use == []
+    assert collect_garbage(st, plan).versions == [v1]
+    assert not st.exists(v1) and st.get(v2).verify() == []
+
+
+def test_gc_apply_reports_what_it_removed_not_what_it_planned(tmp_path):
+    """A version taken into use between the plan and --apply stays, and is not counted as removed."""
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    plan = plan_gc(st, delete_versions=[v1])
+    assert plan.versions == [v1] and plan.objects  # its parts: linked by nothing else
+    with st.in_use(v1):
+        done = collect_garbage(st, plan)
+    assert done.versions == [] and done.in_use == [v1] and done.objects == [] and done.bytes == 0
+    assert st.exists(v1) and st.get(v1).verify() == []
+    with st.in_use(v1):  # the command says so too: nothing removed, the version listed as in use
+        res = CliRunner().invoke(app, ["gc", "--store", str(st.root), "--delete", v1, "--apply", "--json"])
+    out = json.loads(res.stdout)
+    assert res.exit_code == 0 and out["versions"] == [] and out["in_use"] == [v1] and out["objects"] == 0, res.output
+    assert st.exists(v1) and st.get(v1).verify() == []
