@@ -317,3 +317,21 @@ def test_gc_apply_reports_what_it_removed_not_what_it_planned(tmp_path):
     out = json.loads(res.stdout)
     assert res.exit_code == 0 and out["versions"] == [] and out["in_use"] == [v1] and out["objects"] == 0, res.output
     assert st.exists(v1) and st.get(v1).verify() == []
+
+
+def test_an_empty_routed_table_has_the_columns_of_a_full_one(tmp_path):
+    """`routed` is "pairs routed away from training with their judgments" (docs/outputs): a version
+    that routed nothing writes one empty part with the same columns and types, `judgments` included,
+    so one query over several versions' routed tables (or a reader selecting `judgments`) works."""
+    import pyarrow.parquet as pq
+
+    st = Store(tmp_path / "s")
+    full = st.get(curate(SAMPLES[:1], st, POLICY).version_id)  # routes ties, both_bad, escalations
+    trl = ROOT / "data" / "samples" / "extra" / "trl_conversational.jsonl"
+    from pipeline.curate import CurateOptions
+
+    empty = st.get(curate([trl], st, POLICY, options=CurateOptions(fmt="trl")).version_id)
+    assert full.read("routed").height > 0 and empty.read("routed").height == 0
+    assert empty.read("routed").schema == full.read("routed").schema
+    schemas = {pq.read_schema(h.path / p.path).remove_metadata() for h in (full, empty) for p in h.table("routed").parts}
+    assert len(schemas) == 1
