@@ -89,6 +89,8 @@ def share(store: Store, path: Path, sha: str) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if intact and isinstance(err, FileNotFoundError):  # the object was removed (`prefpipe gc`) since its check:
+            return share(store, path, sha)  # the fresh file becomes the object
         if err.errno not in _NO_LINKS:
             raise
 

@@ -335,3 +335,33 @@ def test_an_empty_routed_table_has_the_columns_of_a_full_one(tmp_path):
     assert empty.read("routed").schema == full.read("routed").schema
     schemas = {pq.read_schema(h.path / p.path).remove_metadata() for h in (full, empty) for p in h.table("routed").parts}
     assert len(schemas) == 1
+
+
+def test_a_part_whose_object_gc_removes_while_it_is_shared_becomes_the_object(tmp_path, monkeypatch):
+    """A curate writes a part whose object exists unlinked (a deleted version's); `gc --apply` removes
+    that object between the curate's check of its bytes and its link: the fresh part becomes the
+    object (the curate stopped with FileNotFoundError)."""
+    import hashlib
+
+    import pipeline.parts as parts
+
+    st = Store(tmp_path / "s")
+    st.ensure()
+    data = b"PAR1 the same bytes PAR1"
+    sha = hashlib.sha256(data).hexdigest()
+    obj = object_path(st, sha)
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(data)  # an object nothing links (nlink 1): what gc removes
+    part = tmp_path / "stage" / "part-x.parquet"
+    part.parent.mkdir()
+    part.write_bytes(data)
+    checked = parts._object_intact
+
+    def intact_then_collected(o, size, s):
+        ok = checked(o, size, s)
+        o.unlink()  # gc's unlink, right after the check
+        return ok
+
+    monkeypatch.setattr(parts, "_object_intact", intact_then_collected)
+    parts.share(st, part, sha)
+    assert obj.exists() and os.path.samefile(part, obj) and part.read_bytes() == data
