@@ -530,12 +530,16 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
             try:
                 m = h.manifest()
             except DamagedVersion as err:  # (changed since the listing's cache took its stat)
+                if not h.path.is_dir():  # removed (`prefpipe gc --apply`) since the listing: gone, not damaged
+                    continue
                 damaged = str(err)
         if damaged:
             rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
                          "certified": False, "damaged": damaged, "trust": {"ok": False, "link": "manifest", "reason": damaged}})
             continue
         chain = st.trust(h, files=not fast, protections=not fast)
+        if not chain.ok and not h.path.is_dir():  # (removed while its files were checked)
+            continue
         rows.append({"version_id": e.version_id, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
                      "pairs_kept": m.ledger.pairs_kept, "damaged": None,
                      # null: never certified; false: a record exists but the chain does not hold

@@ -365,3 +365,25 @@ def test_a_part_whose_object_gc_removes_while_it_is_shared_becomes_the_object(tm
     monkeypatch.setattr(parts, "_object_intact", intact_then_collected)
     parts.share(st, part, sha)
     assert obj.exists() and os.path.samefile(part, obj) and part.read_bytes() == data
+
+
+def test_versions_leaves_out_a_version_gc_removed_during_the_listing(tmp_path, monkeypatch):
+    """`prefpipe versions` while `gc --apply` removes a version: the version is gone, not DAMAGED
+    (it listed it as damaged: "cannot read the manifest (No such file or directory)")."""
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    v2 = curate([_lines(SAMPLES[1], 60, "small", tmp_path)], st, POLICY, parent=v1).version_id
+    listed = Store.list_versions
+
+    def listed_then_collected(self):
+        entries = listed(self)
+        collect_garbage(self, plan_gc(self, delete_versions=[v1]))  # another process's gc, right after the listing
+        return entries
+
+    monkeypatch.setattr(Store, "list_versions", listed_then_collected)
+    res = CliRunner().invoke(app, ["versions", "--store", str(st.root), "--json", "--fast"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["version_id"] for r in rows] == [v2] and rows[0]["damaged"] is None
