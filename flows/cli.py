@@ -532,12 +532,16 @@ def versions(store: StoreOpt = Path("store"), as_json: JsonOpt = False,
             try:
                 m = h.manifest()
             except DamagedVersion as err:  # (changed since the listing's cache took its stat)
+                if not h.path.is_dir():  # removed (`prefpipe gc --apply`) since the listing: gone, not damaged
+                    continue
                 damaged = str(err)
         if damaged:
             rows.append({"version_id": e.version_id, "created_at": None, "parent": None, "pairs_kept": None,
                          "certified": False, "damaged": damaged, "trust": {"ok": False, "link": "manifest", "reason": damaged}})
             continue
         chain = st.trust(h, files=not fast, protections=not fast)
+        if not chain.ok and not h.path.is_dir():  # (removed while its files were checked)
+            continue
         rows.append({"version_id": e.version_id, "created_at": m.created_at.isoformat(timespec="seconds"), "parent": m.parent_version,
                      "pairs_kept": m.ledger.pairs_kept, "damaged": None,
                      # null: never certified; false: a record exists but the chain does not hold
@@ -682,7 +686,8 @@ def gc(
     --delete / --keep-last) whole versions.  A dry run unless --apply.
 
     Parts are shared between versions (hard links into STORE/objects/): deleting a version frees
-    only the parts no other version uses.  Certification records of deleted versions are kept aside
+    only the parts no other version uses.  A version a running curate builds on (its parent) is
+    kept and listed as in use.  Certification records of deleted versions are kept aside
     as VERSION.json.deleted-<time>, their folders (Great Expectations results, part facts) as VERSION.deleted-<time>."""
     from pipeline.parts import collect_garbage, plan_gc
 
@@ -696,10 +701,10 @@ def gc(
         keep = set(ids[-keep_last:]) | {v for v in ids if st.get(v).verify_chain(files=False).ok}
         doomed += [v for v in ids if v not in keep]
     plan = plan_gc(st, delete_versions=doomed)
-    if apply:
-        collect_garbage(st, plan)
+    if apply:  # what was removed: a version a curate took into use since the plan stays, with its parts
+        plan = collect_garbage(st, plan)
     summary = {"applied": apply, "versions": plan.versions, "objects": len(plan.objects), "object_bytes": plan.bytes,
-               "staging": [d.name for d in plan.staging], "work": [d.name for d in plan.work]}
+               "staging": [d.name for d in plan.staging], "work": [d.name for d in plan.work], "in_use": plan.in_use}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -709,6 +714,8 @@ def gc(
                      "{nw} work dir(s) of partitioned builds",
                      verb=verb, nv=len(plan.versions), vs=", ".join(plan.versions) or "", no=len(plan.objects),
                      mb=f"{plan.bytes / 1e6:,.1f}", ns=len(plan.staging), nw=len(plan.work)))
+    if plan.in_use:
+        con.print(markup("kept (a running curate builds on it; run gc again once it is done): {vs}", vs=", ".join(plan.in_use)))
 
 
 @command()

@@ -41,7 +41,7 @@ from pipeline.incremental import Totals, has_state, run_touched, state_frames
 from pipeline.parts import (FINGERPRINTS, GROUPS, OTHER_KEY, PartReuse, TableWriter, appended_key, appended_slices,
                             bucket_counts, generation_groups, grouped_generations, parent_keys, parent_parts, part_keys,
                             parts_to_merge)
-from pipeline.store import DamagedVersion, StageMark, Store, StoreError, VersionHandle, file_info, verify_files
+from pipeline.store import DamagedVersion, StageMark, Store, StoreError, VersionHandle, VersionNotFound, file_info, verify_files
 from schemas.check import CheckResult
 from schemas.manifest import IngestLedger, Ledger, Manifest, SourceInfo, SplitInfo, TableInfo
 from schemas.policy import Policy
@@ -252,6 +252,19 @@ def _curate(paths: list[str | Path], store: Store, policy: Policy, parent: str |
     paths, hashed = staged.inputs(paths)  # URLs copied into the store, hashed on the way (pipeline/remote.py)
     hashed = {**given, **hashed}  # (files the caller copied and hashed: the curate flow's URL inputs)
     parent_handle = store.resolve(parent) if parent else None
+    if parent_handle is None:
+        return _curate_on(paths, store, policy, None, options, timer, full, on_rows, hashed, t)
+    with store.in_use(parent_handle.version_id):  # `prefpipe gc` leaves the parent while the child reads and links it
+        if not store.exists(parent_handle.version_id):  # (removed between its lookup and the hold)
+            raise VersionNotFound(f"parent version {parent_handle.version_id} was removed (`prefpipe gc`) before the "
+                                  "build could use it; nothing written")
+        return _curate_on(paths, store, policy, parent_handle, options, timer, full, on_rows, hashed, t)
+
+
+def _curate_on(paths: list[Path], store: Store, policy: Policy, parent_handle: VersionHandle | None,
+               options: CurateOptions, timer: _Timer, full: bool, on_rows: Callable[[int], None] | None,
+               hashed: dict[str, FileHash], t: float) -> CurateResult:
+    """:func:`_curate` once the inputs are local and the parent (if any) is held."""
     check_parent_published(parent_handle)
     parent_id = parent_handle.version_id if parent_handle else None
     # a first version over partitions (unless the one-process reference is asked for, or the input is rated candidate

@@ -89,6 +89,8 @@ def share(store: Store, path: Path, sha: str) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if intact and isinstance(err, FileNotFoundError):  # the object was removed (`prefpipe gc`) since its check:
+            return share(store, path, sha)  # the fresh file becomes the object
         if err.errno not in _NO_LINKS:
             raise
 
@@ -441,13 +443,17 @@ class GcPlan:
     staging: list[Path] = field(default_factory=list)  # staging dirs of dead writers
     work: list[Path] = field(default_factory=list)  # work dirs of partitioned builds no one is running (kept for a retry)
     bytes: int = 0
+    in_use: list[str] = field(default_factory=list)  # versions asked for that a running build reads (kept)
 
 
 def plan_gc(store: Store, *, delete_versions: Iterable[str] = ()) -> GcPlan:
     """What :func:`collect_garbage` would remove: the given versions, staging directories of dead
     writers, work directories no build holds, and objects that nothing else links (the parts a
     killed writer had linked from its stage are freed by the same run, not by the next one)."""
-    plan = GcPlan(versions=sorted(set(delete_versions)))
+    plan = GcPlan()
+    for vid in sorted(set(delete_versions)):  # a running curate's parent stays (its parts are read and linked)
+        with store.retiring(vid) as free:
+            (plan.versions if free else plan.in_use).append(vid)
     plan.staging = dead_stages(store.root / ".staging", max_age=float("inf"))  # (a live writer's: never, however old)
     work = store.root / ".work"
     if work.is_dir():  # a partitioned build's partitions and states: its version's lock is held while it runs
@@ -481,15 +487,22 @@ def plan_gc(store: Store, *, delete_versions: Iterable[str] = ()) -> GcPlan:
 def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
     """Remove what the plan lists: versions first (moved aside atomically, then deleted, with
     their certification records kept aside), then dead staging and work dirs, then the objects
-    nothing links any more."""
+    nothing links any more.  Returns what was removed: a version a build took into use since the
+    plan stays (``in_use``), and so do the objects it links; an object linked since the plan stays."""
+    done = GcPlan(in_use=list(plan.in_use))
     trash = store.root / ".staging"
     trash.mkdir(parents=True, exist_ok=True)
     for vid in plan.versions:
         src = store.versions_dir / safe_id(vid, what="version id")
         if not src.is_dir():
             raise StoreError(f"gc: no version {vid} in {store.root}")
-        aside = trash / f"gc-{vid}.0.{uuid.uuid4().hex[:8]}"
-        os.rename(src, aside)  # the version disappears at once for readers
+        with store.retiring(vid) as free:  # (held while it disappears: a build starting on it then finds it gone)
+            if not free:
+                done.in_use.append(vid)
+                continue
+            aside = trash / f"gc-{vid}.0.{uuid.uuid4().hex[:8]}"
+            os.rename(src, aside)  # the version disappears at once for readers
+        done.versions.append(vid)
         shutil.rmtree(aside, ignore_errors=True)
         cert = store.certification_path(vid)
         when = int(time.time())
@@ -500,14 +513,20 @@ def collect_garbage(store: Store, plan: GcPlan) -> GcPlan:
             os.rename(evidence, evidence.with_name(f"{evidence.name}.deleted-{when}"))
     for d in plan.staging:
         remove_stage(d)
+        done.staging.append(d)
     for d in plan.work:  # removed under its version's lock, unless a build took it since the plan
         with store.try_lock(d.name) as free:
             if free:
                 shutil.rmtree(d, ignore_errors=True)
+                done.work.append(d)
     for obj in plan.objects:  # last: an object still linked from anywhere (a build since the plan) stays
-        if obj.exists() and obj.stat().st_nlink == 1:
-            obj.unlink()
-    return plan
+        with contextlib.suppress(FileNotFoundError):
+            st = obj.stat()
+            if st.st_nlink == 1:
+                obj.unlink()
+                done.objects.append(obj)
+                done.bytes += st.st_size
+    return done
 
 
 __all__ = ["FINGERPRINTS", "OTHER_KEY", "PART_PAIRS", "GcPlan", "PartReuse", "TableWriter", "bucket_counts", "collect_garbage", "parent_keys",

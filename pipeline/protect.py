@@ -98,11 +98,15 @@ def _prompt_hashes(h: VersionHandle, pair_ids: pl.Series) -> pl.DataFrame:
 
 
 def protect_version(store: Store, ref: str, split: str = "test") -> tuple[Path, Protection]:
-    """Record ``split`` of the version as protected (idempotent: the same record is rewritten)."""
+    """Record ``split`` of the version as protected (idempotent: the same record is rewritten); an
+    empty split is refused (``StoreError``)."""
     if split not in SPLITS or split == "train":  # (a protected train split: no version could train at all)
         raise StoreError(f"protect: split {split!r} is not one of {[s for s in SPLITS if s != 'train']} (a held-out split)")
     h = store.resolve(ref)
     rows = h.read_split(split, columns=["pair_id", "near_dup_cluster"])
+    if rows.height == 0:  # (a record of nothing would read as a protected evaluation set)
+        raise StoreError(f"protect: the {split} split of {h.version_id} has no pairs: nothing to protect, nothing written "
+                         "(a version too small for a held-out pair; protect a larger version's split)")
     rows = rows.with_columns(cluster=pl.col("near_dup_cluster").fill_null(pl.col("pair_id")))
     prompts = _split_prompts(h, split).sort("pair_id")
     cfg = h.manifest().policy.checks.near_duplicate

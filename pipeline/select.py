@@ -356,7 +356,7 @@ def select_pairs(
     dpo = dpo_of(p.filter(c("decision") == "keep"))
 
     routed = p.filter(c("decision") == "route")
-    if judgments is not None and routed.height:
+    if judgments is not None:  # (nothing routed: the column all the same, so an empty routed table has every column)
         js = judgments.join(routed.select("pair_id"), on="pair_id", how="semi").group_by("pair_id").agg(
             pl.struct("comparison_id", "annotator_id", "annotator_kind", "label", "shown_first", "critique").alias("judgments"))
         routed = routed.join(js, on="pair_id", how="left")

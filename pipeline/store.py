@@ -70,6 +70,7 @@ from schemas.manifest import Certification, Manifest, SplitInfo, TableInfo
 
 SPLITS = ("train", "validation", "test")
 STALE_STAGING_SECONDS = 6 * 3600
+USE_LOCK_PREFIX = "use-"  # .locks/use-<version>.lock: shared while a build reads the version (Store.in_use)
 
 
 class StoreError(Exception):
@@ -758,6 +759,30 @@ class Store:
                 yield True
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def in_use(self, version_id: str) -> Iterator[None]:
+        """A shared hold on a version while a build reads it (a child's parent: its parts are read and
+        linked): any number of holders at once; ``prefpipe gc`` does not remove a version someone holds
+        (:meth:`retiring`).  The caller checks the version still exists once it holds it."""
+        _check_ref(version_id)
+        self.ensure()
+        try:
+            fh = open(self.root / ".locks" / f"{USE_LOCK_PREFIX}{version_id}.lock", "w")  # noqa: SIM115 - closed below
+        except OSError as err:
+            raise StoreError(f"cannot hold {version_id} in {self.root / '.locks'}: {err.strerror or err}") from err
+        with fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def retiring(self, version_id: str) -> contextlib.AbstractContextManager[bool]:
+        """:meth:`try_lock` on a version's :meth:`in_use` hold: True (held, exclusive) when no build
+        uses it -- none can start using it before this is released -- False when one does."""
+        _check_ref(version_id)
+        return self.try_lock(f"{USE_LOCK_PREFIX}{version_id}")
 
     def sweep_staging(self, max_age: float = STALE_STAGING_SECONDS) -> int:
         """Remove staging dirs whose writers are gone (:func:`dead_stages`)."""

@@ -268,3 +268,122 @@ def test_gc_deleting_a_certified_version_keeps_its_whole_certification_aside(tmp
     assert names[0].split("deleted-")[1] == names[1].split("deleted-")[1]
     assert curate(SAMPLES[:1], st, POLICY).version_id == v1  # built again: certified from scratch
     assert certify_version(st, v1, POLICY, run_gx=False).verdict == "certified"
+
+
+def test_gc_never_deletes_the_parent_a_running_curate_builds_on(tmp_path, monkeypatch):
+    """`prefpipe gc --delete P --apply` while a child of P is being built: P stays (the child reads
+    and links P's parts), the gc says it kept it, and the child is published whole."""
+    import pipeline.curate as cur
+    from pipeline.parts import PartReuse, collect_garbage, plan_gc
+
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    seen = {}
+    original = PartReuse.of.__func__
+
+    def of_after_gc(cls, parent):  # a gc run in another process, in the middle of the child's build
+        plan = plan_gc(st, delete_versions=[v1])
+        seen["planned"], seen["in_use"] = list(plan.versions), list(getattr(plan, "in_use", []))
+        seen["removed"] = list(plan.versions)
+        collect_garbage(st, plan)
+        return original(cls, parent)
+
+    monkeypatch.setattr(cur.PartReuse, "of", classmethod(of_after_gc))
+    v2 = curate([_lines(SAMPLES[1], 60, "small", tmp_path)], st, POLICY, parent=v1).version_id
+    assert seen == {"planned": [], "in_use": [v1], "removed": []}, seen
+    assert st.exists(v1) and st.get(v1).verify() == []
+    assert st.get(v2).verify() == [] and st.get(v2).read("judgments").height == st.get(v1).read("judgments").height + 60
+    # once the child is built, the parent is no longer in use: gc removes it and the child stays whole
+    plan = plan_gc(st, delete_versions=[v1])
+    assert plan.versions == [v1] and plan.in_use == []
+    assert collect_garbage(st, plan).versions == [v1]
+    assert not st.exists(v1) and st.get(v2).verify() == []
+
+
+def test_gc_apply_reports_what_it_removed_not_what_it_planned(tmp_path):
+    """A version taken into use between the plan and --apply stays, and is not counted as removed."""
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    plan = plan_gc(st, delete_versions=[v1])
+    assert plan.versions == [v1] and plan.objects  # its parts: linked by nothing else
+    with st.in_use(v1):
+        done = collect_garbage(st, plan)
+    assert done.versions == [] and done.in_use == [v1] and done.objects == [] and done.bytes == 0
+    assert st.exists(v1) and st.get(v1).verify() == []
+    with st.in_use(v1):  # the command says so too: nothing removed, the version listed as in use
+        res = CliRunner().invoke(app, ["gc", "--store", str(st.root), "--delete", v1, "--apply", "--json"])
+    out = json.loads(res.stdout)
+    assert res.exit_code == 0 and out["versions"] == [] and out["in_use"] == [v1] and out["objects"] == 0, res.output
+    assert st.exists(v1) and st.get(v1).verify() == []
+
+
+def test_an_empty_routed_table_has_the_columns_of_a_full_one(tmp_path):
+    """`routed` is "pairs routed away from training with their judgments" (docs/outputs): a version
+    that routed nothing writes one empty part with the same columns and types, `judgments` included,
+    so one query over several versions' routed tables (or a reader selecting `judgments`) works."""
+    import pyarrow.parquet as pq
+
+    st = Store(tmp_path / "s")
+    full = st.get(curate(SAMPLES[:1], st, POLICY).version_id)  # routes ties, both_bad, escalations
+    trl = ROOT / "data" / "samples" / "extra" / "trl_conversational.jsonl"
+    from pipeline.curate import CurateOptions
+
+    empty = st.get(curate([trl], st, POLICY, options=CurateOptions(fmt="trl")).version_id)
+    assert full.read("routed").height > 0 and empty.read("routed").height == 0
+    assert empty.read("routed").schema == full.read("routed").schema
+    schemas = {pq.read_schema(h.path / p.path).remove_metadata() for h in (full, empty) for p in h.table("routed").parts}
+    assert len(schemas) == 1
+
+
+def test_a_part_whose_object_gc_removes_while_it_is_shared_becomes_the_object(tmp_path, monkeypatch):
+    """A curate writes a part whose object exists unlinked (a deleted version's); `gc --apply` removes
+    that object between the curate's check of its bytes and its link: the fresh part becomes the
+    object (the curate stopped with FileNotFoundError)."""
+    import hashlib
+
+    import pipeline.parts as parts
+
+    st = Store(tmp_path / "s")
+    st.ensure()
+    data = b"PAR1 the same bytes PAR1"
+    sha = hashlib.sha256(data).hexdigest()
+    obj = object_path(st, sha)
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(data)  # an object nothing links (nlink 1): what gc removes
+    part = tmp_path / "stage" / "part-x.parquet"
+    part.parent.mkdir()
+    part.write_bytes(data)
+    checked = parts._object_intact
+
+    def intact_then_collected(o, size, s):
+        ok = checked(o, size, s)
+        o.unlink()  # gc's unlink, right after the check
+        return ok
+
+    monkeypatch.setattr(parts, "_object_intact", intact_then_collected)
+    parts.share(st, part, sha)
+    assert obj.exists() and os.path.samefile(part, obj) and part.read_bytes() == data
+
+
+def test_versions_leaves_out_a_version_gc_removed_during_the_listing(tmp_path, monkeypatch):
+    """`prefpipe versions` while `gc --apply` removes a version: the version is gone, not DAMAGED
+    (it listed it as damaged: "cannot read the manifest (No such file or directory)")."""
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = Store(tmp_path / "s")
+    v1 = curate(SAMPLES[:1], st, POLICY).version_id
+    v2 = curate([_lines(SAMPLES[1], 60, "small", tmp_path)], st, POLICY, parent=v1).version_id
+    listed = Store.list_versions
+
+    def listed_then_collected(self):
+        entries = listed(self)
+        collect_garbage(self, plan_gc(self, delete_versions=[v1]))  # another process's gc, right after the listing
+        return entries
+
+    monkeypatch.setattr(Store, "list_versions", listed_then_collected)
+    res = CliRunner().invoke(app, ["versions", "--store", str(st.root), "--json", "--fast"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [r["version_id"] for r in rows] == [v2] and rows[0]["damaged"] is None

@@ -279,3 +279,21 @@ def test_tampered_signatures_are_refused(protected, tamper):
         contamination(st.get(v1), load_protections(st))
     res = runner.invoke(app, ["certify", v1, "--store", str(st.root), "--no-expectations"])
     assert res.exit_code == 2 and "damaged protection signatures" in res.output, res.output
+
+
+def test_protecting_an_empty_split_is_refused_and_writes_nothing(tmp_path):
+    """A version too small for a test pair: `protect` would record a protection of nothing (exit 0,
+    "0 pairs") that the user takes for a protected evaluation set; it is refused, naming the split."""
+    st = Store(tmp_path / "s")
+    rows = (ROOT / "data" / "samples" / "extra" / "trl_conversational.jsonl").read_text().splitlines()[:2]
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("\n".join(rows) + "\n")
+    from pipeline.curate import CurateOptions
+
+    v = curate([tiny], st, POLICY, options=CurateOptions(fmt="trl")).version_id
+    assert st.get(v).manifest().splits["test"].rows == 0
+    res = runner.invoke(app, ["protect", v, "--store", str(st.root)])
+    assert res.exit_code == 2, res.output
+    assert "no pairs" in res.output and "test" in res.output
+    assert not (st.root / "protected").exists() or list((st.root / "protected").iterdir()) == []
+    assert load_protections(st) == []
