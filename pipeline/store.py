@@ -731,19 +731,24 @@ class Store:
 
     # -- writing
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Exclusive advisory lock (released on exit and by the kernel if the process dies)."""
+    def _flocked(self, name: str, mode: int, what: str) -> Iterator[None]:
+        """``STORE/.locks/<name>.lock`` held with ``flock(mode)`` (waiting for it) until exit; the kernel
+        releases it if the process dies.  ``what``: the error's verb ("lock", "hold")."""
         self.ensure()
         try:
             fh = open(self.root / ".locks" / f"{name}.lock", "w")  # noqa: SIM115 - closed below
         except OSError as err:
-            raise StoreError(f"cannot lock {name} in {self.root / '.locks'}: {err.strerror or err}") from err
+            raise StoreError(f"cannot {what} {name} in {self.root / '.locks'}: {err.strerror or err}") from err
         with fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            fcntl.flock(fh, mode)
             try:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Exclusive advisory lock (released on exit and by the kernel if the process dies)."""
+        return self._flocked(name, fcntl.LOCK_EX, "lock")
 
     @contextlib.contextmanager
     def try_lock(self, name: str) -> Iterator[bool]:
@@ -760,23 +765,12 @@ class Store:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    @contextlib.contextmanager
-    def in_use(self, version_id: str) -> Iterator[None]:
+    def in_use(self, version_id: str) -> contextlib.AbstractContextManager[None]:
         """A shared hold on a version while a build reads it (a child's parent: its parts are read and
         linked): any number of holders at once; ``prefpipe gc`` does not remove a version someone holds
         (:meth:`retiring`).  The caller checks the version still exists once it holds it."""
         _check_ref(version_id)
-        self.ensure()
-        try:
-            fh = open(self.root / ".locks" / f"{USE_LOCK_PREFIX}{version_id}.lock", "w")  # noqa: SIM115 - closed below
-        except OSError as err:
-            raise StoreError(f"cannot hold {version_id} in {self.root / '.locks'}: {err.strerror or err}") from err
-        with fh:
-            fcntl.flock(fh, fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return self._flocked(f"{USE_LOCK_PREFIX}{version_id}", fcntl.LOCK_SH, "hold")
 
     def retiring(self, version_id: str) -> contextlib.AbstractContextManager[bool]:
         """:meth:`try_lock` on a version's :meth:`in_use` hold: True (held, exclusive) when no build

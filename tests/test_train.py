@@ -115,19 +115,25 @@ def test_grad_accumulation_4x1_equals_1x4(store):
         assert x["tokens"] == y["tokens"]  # the same pairs in the same order
 
 
-def test_checkpoint_resume_continues_exactly(store):
-    cfg = dict(max_steps=6, checkpoint_every=3, batch_size=3, **FAST)
-    full = train(make_config(store.root, "v-toy", run_id="uninterrupted", **cfg))
-
+def _crashed(root, version: str, run_id: str, cfg: dict, when=lambda kind, payload: kind == "step" and payload["step"] == 3
+             ) -> None:
+    """A run of ``cfg`` that crashes at the first event ``when`` says (default: right after its step 3), by an
+    exception from its event hook."""
     class Crash(Exception):
         pass
 
-    def crash_after_3(kind, payload):
-        if kind == "step" and payload["step"] == 3:
+    def crash(kind, payload):
+        if when(kind, payload):
             raise Crash
 
     with pytest.raises(Crash):
-        train(make_config(store.root, "v-toy", run_id="interrupted", **cfg), on_event=crash_after_3)
+        train(make_config(root, version, run_id=run_id, **cfg), on_event=crash)
+
+
+def test_checkpoint_resume_continues_exactly(store):
+    cfg = dict(max_steps=6, checkpoint_every=3, batch_size=3, **FAST)
+    full = train(make_config(store.root, "v-toy", run_id="uninterrupted", **cfg))
+    _crashed(store.root, "v-toy", "interrupted", cfg)
     resumed = train(make_config(store.root, "v-toy", run_id="interrupted", resume=True, **cfg))
     assert resumed.steps == 6
     s1, s2 = final_state(full.run_dir), final_state(resumed.run_dir)
@@ -157,16 +163,7 @@ def test_resume_refuses_latest_that_now_names_another_version(tmp_path):
     make_store(root, splits(), version_id="v-aaa")
     cfg = dict(max_steps=4, checkpoint_every=2, batch_size=3, **{**FAST, "test_eval": False})
     full = train(make_config(root, "v-aaa", run_id="full", **cfg))
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_2(kind, payload):
-        if kind == "step" and payload["step"] == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(make_config(root, "latest", run_id="r", **cfg), on_event=crash_after_2)
+    _crashed(root, "latest", "r", cfg, when=lambda kind, payload: kind == "step" and payload["step"] == 2)
     make_store(root, {"train": planted_rows(24, seed=7, prefix="n"), "validation": planted_rows(8, seed=8, prefix="w")},
                version_id="v-bbb")  # now 'latest'
     with pytest.raises(ResumeMismatch, match=r"trained on version v-aaa, but 'latest' now resolves to v-bbb"):
@@ -185,16 +182,7 @@ def test_resume_after_a_torn_last_metrics_line(store, tail):
     loss) at the end of metrics.jsonl; that line came after the checkpoint and is dropped, not a traceback."""
     cfg = dict(max_steps=4, checkpoint_every=2, batch_size=3, **{**FAST, "test_eval": False})
     full = train(make_config(store.root, "v-toy", run_id="full", **cfg))
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_3(kind, payload):
-        if kind == "step" and payload["step"] == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(make_config(store.root, "v-toy", run_id="r", **cfg), on_event=crash_after_3)
+    _crashed(store.root, "v-toy", "r", cfg)
     with open(store.root / "runs" / "r" / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(tail)
     resumed = train(make_config(store.root, "v-toy", run_id="r", resume=True, **cfg))
@@ -515,16 +503,7 @@ def test_resume_after_the_final_checkpoint_logs_the_final_eval_once(store):
     """Stopped after its final checkpoint (in the test evaluation, the report), a run resumes to finish:
     its final validation eval is in metrics.jsonl already and is not logged a second time."""
     cfg = dict(max_steps=2, batch_size=3, **FAST)
-
-    class Crash(Exception):
-        pass
-
-    def crash_in_test_eval(kind, payload):
-        if kind == "test_eval":
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(make_config(store.root, "v-toy", run_id="late", **cfg), on_event=crash_in_test_eval)
+    _crashed(store.root, "v-toy", "late", cfg, when=lambda kind, _payload: kind == "test_eval")
     res = train(make_config(store.root, "v-toy", run_id="late", resume=True, **cfg))
     records = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2)]
