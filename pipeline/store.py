@@ -736,7 +736,8 @@ class Store:
         releases it if the process dies.  ``what``: the error's verb ("lock", "hold")."""
         self.ensure()
         try:
-            fh = open(self.root / ".locks" / f"{name}.lock", "w")  # noqa: SIM115 - closed below
+            # ("a": created if missing, never truncated -- taking a lock writes nothing, not even its mtime)
+            fh = open(self.root / ".locks" / f"{name}.lock", "a")  # noqa: SIM115 - closed below
         except OSError as err:
             raise StoreError(f"cannot {what} {name} in {self.root / '.locks'}: {err.strerror or err}") from err
         with fh:
@@ -754,7 +755,7 @@ class Store:
     def try_lock(self, name: str) -> Iterator[bool]:
         """:meth:`lock` without waiting: yields True holding it, False when someone else holds it."""
         self.ensure()
-        with open(self.root / ".locks" / f"{name}.lock", "w") as fh:
+        with open(self.root / ".locks" / f"{name}.lock", "a") as fh:  # (as in _flocked: never truncated)
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
