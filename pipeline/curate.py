@@ -32,7 +32,7 @@ from pipeline import select as sel
 from pipeline.certify_parts import load_prior_facts, stat_facts
 from pipeline.checks import CHECK_MODULES, all_flags, judgment_columns, pair_columns, resolve_policy, run_checks
 from pipeline.checks.agreement import ratings
-from pipeline.ingest import FileHash, IngestResult, file_hash, ingest_files, quarantine_line, resolve_format
+from pipeline.ingest import FileHash, IngestResult, file_hash, ingest_files, quarantine_line
 from pipeline.readers import UnreadableFile
 from schemas.records import ROUTED_LABELS
 from pipeline.split import (PLACEMENT, SPLITS, assign_splits, assignment_changes, assignments, counted, leakage, placement,
@@ -267,9 +267,7 @@ def _curate_on(paths: list[Path], store: Store, policy: Policy, parent_handle: V
     """:func:`_curate` once the inputs are local and the parent (if any) is held."""
     check_parent_published(parent_handle)
     parent_id = parent_handle.version_id if parent_handle else None
-    # a first version over partitions (unless the one-process reference is asked for, or the input is rated candidate
-    # lists); a child: in one process
-    options = _rated_in_one_process(paths, options, policy) if parent_handle is None else options
+    # a first version over partitions (unless the one-process reference is asked for); a child: in one process
     options = options.settled(parent_handle is not None)
     if options.partitioned:  # a first version built over partitions (pipeline/partitioned_build.py)
         return _partitioned_first(paths, store, policy, options, timer, on_rows, hashed, t)
@@ -314,30 +312,6 @@ def _size(path: Path) -> int:
 class _Planned(Exception):
     """The inputs' hashes are in and name a version that exists, or partitions left by an earlier run of it: the
     partitioning stops (what it staged is removed)."""
-
-
-def _rated_in_one_process(paths: list[Path], options: CurateOptions, policy: Policy) -> CurateOptions:
-    """A first version of rated candidate lists (``--format rated``, or detected) is built in one process: one of
-    its rows gives several judgments at one line, and the partitioned build orders judgments by their file and
-    line (``partition_consensus.input_order``) -- those of a row, in several partitions, would have no order between
-    them.  Asked for over partitions (``--partitioned``): bad input, said before anything is read.  (Until the
-    partitions keep each judgment's place within its row; docs/scale-out.md.)  A file whose format cannot be told
-    is left to the ingest, which says why."""
-    if options.partitioned is False:
-        return options
-    rated = []
-    for p in paths:
-        try:
-            if resolve_format(Path(p), options.fmt, policy.ingest) == "rated":
-                rated.append(Path(p))
-        except UnreadableFile:
-            continue
-    if not rated:
-        return options
-    if options.partitioned:
-        raise UnreadableFile(rated[0], "rated candidate lists (several judgments a row) are not built over partitions "
-                             "yet: leave out --partitioned (a first version of them is built in one process)")
-    return dataclasses.replace(options, partitioned=False)
 
 
 def _partitioned_first(paths: list[Path], store: Store, policy: Policy, options: CurateOptions, timer: _Timer,

@@ -641,7 +641,15 @@ def _validate_rows(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: st
 def _process_batch(rows: list[RawRow], fmt: str, ctx: AdapterContext, source: str, finish: bool = True) -> _BatchOut:
     ch = _validate_rows(rows, fmt, ctx, source)
     valid = _finish(ch.valid, ctx.batch_id, source) if finish else empty_frame(Judgment)
+    if fmt == "rated":  # a row's several judgments share its place: in the order of their pair ids (then their ids)
+        valid = valid.sort(*IN_ROW_ORDER, maintain_order=True)
     return _BatchOut(valid, ch.quarantine, len(rows), ch.rows_valid, ch.valid.height, ch.skipped)
+
+
+# the order of the judgments of one input row (a rated row gives several, all at its place -- its file and line):
+# by pair id, then comparison id.  A build over partitions, whose partitions each hold some of a row's judgments,
+# merges them back in this order (pipeline/partitioned_build.py); the pairs first seen at one place rank by pair id
+IN_ROW_ORDER = ("source_line", "pair_id", "comparison_id")
 
 
 # ---------------------------------------------------------------- one JSONL block, vectorised (canonical rows)

@@ -107,6 +107,11 @@ def _ids_step(hashes: list[int]) -> Step:
                 lambda states: states[0])
 
 
+# rows in input order: by place, and the rows of one place (a rated row's judgments) as the ingest orders them
+# (pipeline.ingest.IN_ROW_ORDER)
+_IN_PLACE = ("_o", "pair_id", "comparison_id")
+
+
 def _order(_frame: pl.DataFrame, sources: list[str]) -> pl.Expr:
     """A row's place in the input (:func:`pipeline.partition_consensus.input_order`)."""
     return input_order(sources)
@@ -131,7 +136,7 @@ def _without_repeated_ids(refs: list[PartitionRef], sources: list[str], work: Pa
     later = rows.filter(~pl.col("comparison_id").is_first_distinct())
     if later.height == 0:  # (only hash collisions)
         return _together(refs, given, sources, work, client), 0, facts
-    out, _ = _rewrite("drop-places", later.select("_o"), sources, refs, set(later["_p"].to_list()), work, client)
+    out, _ = _rewrite("drop-places", later.select("_o", "comparison_id"), sources, refs, set(later["_p"].to_list()), work, client)
     return _together(out, given, sources, work, client), later.height, facts
 
 
@@ -182,7 +187,10 @@ def _derived_homes(keys: pl.DataFrame, n: int) -> pl.DataFrame:
 # (a worker reads its partition and writes the new file next to it, on the shared filesystem: the driver never reads
 # a partition's rows for these)
 def _drop_places(part: pl.DataFrame, arg: pl.DataFrame, sources: list[str]) -> pl.DataFrame:
-    return part.filter(~_order(part, sources).is_in(arg["_o"].implode()))
+    # a judgment is its place and its comparison id: a rated row's judgments share its place (one of them a later
+    # copy of an id leaves the others)
+    return part.with_columns(_o=_order(part, sources)).join(arg.select("_o", "comparison_id"), on=["_o", "comparison_id"],
+                                                            how="anti", maintain_order="left").drop("_o")
 
 
 def _without_contents(part: pl.DataFrame, arg: pl.DataFrame, _sources: list[str]) -> pl.DataFrame:
@@ -190,7 +198,8 @@ def _without_contents(part: pl.DataFrame, arg: pl.DataFrame, _sources: list[str]
 
 
 def _with_rows(part: pl.DataFrame, arg: pl.DataFrame, sources: list[str]) -> pl.DataFrame:
-    return pl.concat([part, arg.select(part.columns)]).sort(_order(part, sources), maintain_order=True)
+    return pl.concat([part, arg.select(part.columns)]).sort(_order(part, sources), "pair_id", "comparison_id",
+                                                            maintain_order=True)
 
 
 def _new_pair_ids(part: pl.DataFrame, arg: pl.DataFrame, _sources: list[str]) -> pl.DataFrame:
@@ -286,7 +295,8 @@ REVIEWS = Step("build-reviews", f"1-{pl.__version__}", _reviews_run, lambda stat
 
 
 def _named_run(ids: tuple[str, ...], paths: list[str]) -> State:
-    part = read_partition(paths, ["pair_id", "review_of", "prompt_hash", "a_hash", "b_hash", "source_file", "source_line"])
+    part = read_partition(paths, ["pair_id", "review_of", "prompt_hash", "a_hash", "b_hash", "source_file", "source_line",
+                                  "comparison_id"])
     named = pl.Series(ids, dtype=pl.String)
     return {"rows": part.filter(pl.col("review_of").is_null() & pl.col("pair_id").is_in(named.implode())).drop("review_of")}
 
@@ -297,7 +307,7 @@ def _named_step(ids: list[str]) -> Step:
 
     ids_ = tuple(sorted(set(ids)))
     key = hashlib.sha256("\n".join(ids_).encode()).hexdigest()[:16]
-    return Step("build-reviewed-pairs", f"1-{pl.__version__}-{key}", functools.partial(_named_run, ids_),
+    return Step("build-reviewed-pairs", f"2-{pl.__version__}-{key}", functools.partial(_named_run, ids_),
                 lambda states: states[0])
 
 
@@ -307,10 +317,10 @@ def _review_rows(refs: list[PartitionRef], sources: list[str], work: Path, clien
     c = pl.col
     states, _ = map_partitions(REVIEWS, refs, work / "states", client=client)
     rows = pl.concat([s["reviews"].with_columns(_p=pl.lit(r.index, pl.Int32)) for r, s in zip(refs, states, strict=True)])
-    rows = rows.with_columns(_o=_order(rows, sources)).sort("_o")
+    rows = rows.with_columns(_o=_order(rows, sources)).sort(*_IN_PLACE)
     found, _ = map_partitions(_named_step(rows["review_of"].unique().to_list()), refs, work / "states", client=client)
     named = pl.concat([f["rows"] for f in found])
-    ref = named.with_columns(_o=_order(named, sources)).sort("_o").group_by("pair_id", maintain_order=True).agg(
+    ref = named.with_columns(_o=_order(named, sources)).sort(*_IN_PLACE).group_by("pair_id", maintain_order=True).agg(
         _ph=c("prompt_hash").first(), _lo=pl.min_horizontal("a_hash", "b_hash").first(),
         _hi=pl.max_horizontal("a_hash", "b_hash").first())
     return rows, ref
@@ -361,7 +371,11 @@ def _input_order_batches(refs: list[PartitionRef], sources: list[str], columns: 
 
     keys = [_places(r, sources) for r in refs]
     every = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-    read = None if columns is None else list(dict.fromkeys([*columns, "source_file", "source_line"]))
+    # rows sharing a place (a rated row's judgments, in one partition or in several): ordered by their pair ids, then
+    # their comparison ids, as the ingest gave them
+    tied = bool((np.diff(every) == 0).any())
+    read = None if columns is None else list(dict.fromkeys([*columns, "source_file", "source_line",
+                                                            *(["pair_id", "comparison_id"] if tied else [])]))
     readers = [_batches(r, read, read_rows or batch_rows) for r in refs]
     held: list[list[pa.RecordBatch]] = [[] for _ in refs]
     taken = np.zeros(len(refs), np.int64)
@@ -382,10 +396,17 @@ def _input_order_batches(refs: list[PartitionRef], sources: list[str], columns: 
                     if held[i][0].num_rows == 0:
                         held[i].pop(0)
             taken = upto
+            if not pieces:  # (a place's rows past a batch's end: taken whole by the batch before)
+                continue
             batch = pa.Table.from_batches(pieces)
             idx = pc.index_in(pc.cast(batch["source_file"], pa.string()), value_set=names)
             place = pc.add(pc.multiply(pc.cast(idx, pa.int64()), 1 << 40), pc.cast(batch["source_line"], pa.int64()))
-            batch = batch.take(pc.sort_indices(place))
+            if tied:  # (pipeline.ingest.IN_ROW_ORDER)
+                order = pa.table({"o": place, "p": pc.cast(batch["pair_id"], pa.string()),
+                                  "c": pc.cast(batch["comparison_id"], pa.string())})
+                batch = batch.take(pc.sort_indices(order, sort_keys=[(k, "ascending") for k in ("o", "p", "c")]))
+            else:
+                batch = batch.take(pc.sort_indices(place))
             yield batch if columns is None else batch.select(columns)
     finally:  # (each reader holds an open file: closed now, also when the consumer stops early)
         for r in readers:
@@ -393,10 +414,21 @@ def _input_order_batches(refs: list[PartitionRef], sources: list[str], columns: 
 
 
 def _places(ref: PartitionRef, sources: list[str]) -> np.ndarray:
+    """Each row's place in the input.  Rows of one place -- a rated row's judgments -- are in the order of their
+    pair ids, then comparison ids (the ingest's, :data:`pipeline.ingest.IN_ROW_ORDER`): checked where a partition
+    holds some."""
     f = read_partition(list(ref.paths), ["source_file", "source_line"])
     o = f.select(_order(f, sources)).to_series().to_numpy()
-    if o.size > 1 and not (np.diff(o) > 0).all():
+    d = np.diff(o)
+    if (d > 0).all():
+        return o
+    if (d < 0).any():
         raise ValueError(f"partition {ref.index}: its rows are not in input order")
+    ids = read_partition(list(ref.paths), ["pair_id", "comparison_id"]).with_columns(_o=pl.Series(o))
+    tied = ids.filter(pl.col("_o").is_duplicated())
+    if not tied.equals(tied.sort(*_IN_PLACE, maintain_order=True)) or tied.is_duplicated().any():
+        raise ValueError(f"partition {ref.index}: the rows of one input line are not in the order of their pair and "
+                         "comparison ids")
     return o
 
 

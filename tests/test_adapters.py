@@ -147,13 +147,12 @@ def _rated_batch(path, topic: str, n: int = 12):
 
 
 def test_a_rated_batch_is_curated_by_default_and_a_child_of_it_too(tmp_path):
-    """A first version of rated candidate lists (format detected) is built -- in one process: a row's several
+    """A first version of rated candidate lists (format detected) is built over partitions -- a row's several
     judgments share its line, which the partitioned build orders by (it stopped with "partition 0: its rows are not
-    in input order", a traceback) -- and a child of it too (its parent, whose pairs have no locale, said only
-    ``pairs_checked`` of the language check: the child's delta stopped with a KeyError on ``texts_checked``).
-    Asked for over partitions: bad input, before anything is written."""
+    in input order", a traceback; then a first version of them was built in one process) -- and a child of it too.
+    A child of a one-process parent, whose pairs have no locale: that parent said only ``pairs_checked`` of the
+    language check, and the child's delta stopped with a KeyError on ``texts_checked``."""
     from pipeline.curate import CurateOptions, curate
-    from pipeline.readers import UnreadableFile
     from pipeline.store import Store
     from schemas.policy import Policy
 
@@ -161,12 +160,11 @@ def test_a_rated_batch_is_curated_by_default_and_a_child_of_it_too(tmp_path):
     first = curate([_rated_batch(tmp_path / "a.jsonl", "rivers")], store, Policy())
     m = store.get(first.version_id).manifest()
     assert m.ledger.judgments_valid == 12 * 3 and m.sources[0].format == "rated"
-    assert m.lineage.get("partitions") is None  # (built in one process)
+    assert m.lineage.get("partitions") is not None  # (built over partitions)
     child = curate([_rated_batch(tmp_path / "b.jsonl", "mountains")], store, Policy(), parent=first.version_id)
     c = store.get(child.version_id).manifest()
     assert c.parent_version == first.version_id and c.ledger.judgments_valid == 2 * 12 * 3
-    assert c.check("language").metrics["texts_checked"] == 0
-    with pytest.raises(UnreadableFile, match="not built over partitions yet"):
-        curate([_rated_batch(tmp_path / "c.jsonl", "lakes")], Store(tmp_path / "other"), Policy(),
-               options=CurateOptions(partitioned=True))
-    assert not (tmp_path / "other" / "versions").exists() or not list((tmp_path / "other" / "versions").iterdir())
+    one = curate([_rated_batch(tmp_path / "a.jsonl", "rivers")], store, Policy(), options=CurateOptions(partitioned=False))
+    assert one.version_id != first.version_id and store.get(one.version_id).manifest().lineage.get("partitions") is None
+    child = curate([_rated_batch(tmp_path / "b.jsonl", "mountains")], store, Policy(), parent=one.version_id)
+    assert store.get(child.version_id).manifest().check("language").metrics["texts_checked"] == 0

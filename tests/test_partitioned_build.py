@@ -664,3 +664,72 @@ def test_a_dimension_counts_two_judgments_of_an_annotator_over_partitions_as_in_
         _assert_same(got, want)
         counts[again] = _dimension_counts(got.manifest().check("dimensions").metrics)
     assert counts["rev-x"] == counts["rev-y"]
+
+
+def _rated_rows() -> list[dict]:
+    """UltraFeedback-style candidate lists: rows of 2 to 13 candidates (a row of 13 gives 78 judgments), per-aspect ratings (dimensions), a row with two identical candidates (a pair
+    skipped), candidates shared between rows (one pair judged from several rows) and a row given again later by
+    another annotator."""
+    rows = []
+    for i in range(40):
+        k = 2 + (i * 5) % 12
+        cands = [{"model": f"m{c % 4}", "response": f"Answer {c % 7} to question {i % 9}: " + "detail " * (c % 5),
+                  "overall_score": float((i + 3 * c) % 10),
+                  "annotations": {"helpfulness": {"Rating": str(1 + (c * i) % 5)}, "honesty": {"Rating": str(1 + c % 3)}}}
+                 for c in range(k)]
+        if i == 8:
+            cands[1] = {**cands[0], "model": "m9"}  # (the same text twice: never paired)
+        rows.append({"id": f"row-{i:02d}", "instruction": f"Question {i % 9}: how do rivers form?",
+                     "completions": cands, "annotator_id": f"judge-{i % 4}"})
+    rows.append({**rows[5], "id": "row-05-b", "annotator_id": "judge-9"})  # (the same lists from another annotator)
+    rows.append({**rows[6], "id": "row-06-again"})  # (and re-delivered: the same annotator's judgments again)
+    return rows
+
+
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_rated_candidate_lists_are_built_over_partitions_as_in_one_process(tmp_path, n):
+    """A rated row gives several judgments at one place in the input (its file and line), which a
+    partitioned build spreads over partitions by their contents: the partitions merge them back in
+    (place, pair id, comparison id) order, the ingest's -- the version is the one-process build's,
+    table for table (the pairs first seen at one place too: ranked by pair id).  An earlier canonical row with one of a rated row's comparison ids drops that judgment
+    only (the later copy), not the row's others: a judgment is its place *and* its id."""
+    rated = _rated_rows()
+    first = canonical(7, comparison_id="row-04:0-1", annotator_id="rev-7")
+    paths = [write_jsonl(tmp_path / "early.jsonl", [first, canonical(5)]), write_jsonl(tmp_path / "rated.jsonl", rated)]
+    policy = resolve_policy(Policy())
+    want, got = _build(paths, tmp_path, policy, n)
+    m = want.manifest()
+    assert [s.format for s in m.sources] == ["canonical", "rated"]
+    assert m.ledger.judgments_dropped.get("duplicate_comparison_id") == 1 and m.ingest.skipped == {"identical_candidates": 1}
+    judgments = want.read("judgments")
+    ids = judgments["comparison_id"].to_list()
+    row7 = judgments.filter(pl.col("comparison_id").str.starts_with("row-07:"))["pair_id"]
+    assert row7.len() == 78 and row7.equals(row7.sort())  # (a row's judgments: in their pair ids' order)
+    assert max(len(r["completions"]) for r in rated) == 13
+    # row-04: 10 candidates, 45 judgments, its 0-1 the later copy of the canonical row's id (dropped): 44 + 1
+    assert sum(i.startswith("row-04:") for i in ids) == 45 and ids.count("row-04:0-1") == 1
+    if n > 1:
+        assert "rewrite-drop-places" in STEPS
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize(("n", "batch_rows", "read_rows"), [(5, 7, 3), (3, 64, 1), (8, 50, 500)])
+def test_the_merge_puts_a_rated_rows_judgments_in_ingest_order_whatever_its_batch_sizes(tmp_path, n, batch_rows, read_rows):
+    """A rated row's judgments share one place and lie in several partitions (or several in one): the
+    merge gives them in the ingest's order -- their pair ids', then comparison ids' -- also where a row's judgments are
+    more than a batch (78 of them, batches of 7) or a batch ends among them."""
+    import pyarrow as pa
+
+    from pipeline.distributed import refs_of
+    from pipeline.ingest import ingest_files
+    from pipeline.partitioned_build import _input_order_batches
+
+    path = write_jsonl(tmp_path / "rated.jsonl", _rated_rows())
+    pset = partition_files([path], tmp_path / "set", n_partitions=n, batch_rows=POLICY.ingest.batch_rows,
+                           limits=POLICY.ingest, dimensions=POLICY.dimensions)
+    want = ingest_files([path], batch_rows=POLICY.ingest.batch_rows, limits=POLICY.ingest,
+                        dimensions=POLICY.dimensions).judgments["comparison_id"].to_list()
+    got = pa.concat_tables(_input_order_batches(refs_of(pset), [s.path for s in pset.sources], ["comparison_id"],
+                                                batch_rows=batch_rows, read_rows=read_rows))
+    assert got["comparison_id"].to_pylist() == want and len(want) > 1000
+    assert sum(p.judgments > 0 for p in pset.partitions) == n
