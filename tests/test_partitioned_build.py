@@ -332,11 +332,14 @@ def test_curate_builds_a_first_version_with_reviews_over_partitions(tmp_path):
 def test_a_two_worker_local_cluster_writes_the_same_version_byte_for_byte(inputs, tmp_path):
     """Issue 15 goal 2 for a first version: the build's tasks on a 2-process LocalCluster give
     the version the in-process build gives -- every part's bytes (the review state stamps the
-    build's time: its rows), the ledger and the checks."""
+    build's time: its rows), the ledger and the checks.  With rated candidate lists among the inputs (a row's
+    judgments at one place, in several partitions)."""
     from pipeline.distributed import open_runner
 
+    files = [*inputs, write_jsonl(tmp_path / "rated.jsonl", _rated_rows())]
+
     def build(root: Path, client) -> object:
-        pset = partition_files(inputs, root / "set", n_partitions=4, batch_rows=POLICY.ingest.batch_rows,
+        pset = partition_files(files, root / "set", n_partitions=4, batch_rows=POLICY.ingest.batch_rows,
                                limits=POLICY.ingest, dimensions=POLICY.dimensions)
         store = Store(root / "store")
         store.write_version("v-0123456789abcdef", lambda stage: build_first(store, stage, "v-0123456789abcdef", pset, POLICY,
