@@ -739,7 +739,36 @@ class Generator:
         for r in self.hh_transcripts:
             ctx = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in r["prompt"])
             hh.append({"chosen": f"{ctx}\n\nAssistant: {r['chosen']}", "rejected": f"{ctx}\n\nAssistant: {r['rejected']}"})
-        return {"extra/trl_conversational.jsonl": trl, "extra/hh_transcripts.jsonl": hh}
+        return {"extra/trl_conversational.jsonl": trl, "extra/hh_transcripts.jsonl": hh,
+                "extra/ultrafeedback_rated.jsonl": self.rated_rows()}
+
+    def rated_rows(self) -> list[dict]:
+        """UltraFeedback-style candidate lists from the TRL rows' texts (the rated adapter: each pair of candidates
+        becomes a judgment): the chosen reply rated high, the rejected one lower, another row's reply as an
+        off-topic candidate rated lowest, per-aspect ratings beside the overall score (on some rows honesty ranks the
+        rejected reply higher: a dimension that disagrees with the overall verdict), and one row with a candidate
+        given twice (its pair skipped).  Its own ``random.Random``: the batches above do not move."""
+        rng = random.Random(SEED + 1)
+        rows = []
+        n = len(self.trl_rows)
+        for k, r in enumerate(self.trl_rows):
+            msgs = [{"role": m["role"], "content": m["content"]} for m in r["prompt"]]
+            other = self.trl_rows[(k + 1) % n]["chosen"]
+            honest_flip = k % 4 == 1
+            cands = [
+                {"model": "m-large", "response": r["chosen"], "overall_score": rng.choice([8.0, 8.5, 9.0, 9.5]),
+                 "annotations": _aspects(5, 4 if honest_flip else 5, 5, rng)},
+                {"model": "m-small", "response": r["rejected"], "overall_score": rng.choice([3.0, 4.0, 5.0, 6.0]),
+                 "annotations": _aspects(3, 5 if honest_flip else 3, 2, rng)},
+                {"model": "m-drift", "response": other, "overall_score": rng.choice([1.0, 1.5, 2.0]),
+                 "annotations": _aspects(1, 2, 1, rng)},
+            ]
+            if k == 3:  # the same reply from a second model: the two are never paired
+                cands.append({**cands[1], "model": "m-small-2"})
+            prompt = {"instruction": msgs[0]["content"]} if len(msgs) == 1 else {"prompt": msgs}
+            rows.append({"id": f"uf-{k:03d}", **prompt, "completions": cands, "annotator_id": "judge-gpt-4.1",
+                         "annotator_kind": "ai", "locale": "zh-CN" if r["id"].startswith("llamafactory-dpo-zh") else "en"})
+        return rows
 
     def write(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -834,6 +863,7 @@ carried through as metadata); all judgments of one pair share it.
 | `batch-2026-11-16.jsonl` | week 3: re-delivered duplicates, one malformed line, one invalid value, a near-duplicate prompt, identical responses |
 | `extra/trl_conversational.jsonl` | {len(self.trl_rows)} TRL conversational rows (`prompt`/`chosen`/`rejected` message lists) for the TRL adapter |
 | `extra/hh_transcripts.jsonl` | {len(self.hh_transcripts)} HH-RLHF rows (`chosen`/`rejected` transcripts `\\n\\nHuman: ...\\n\\nAssistant: ...`) for the HH adapter |
+| `extra/ultrafeedback_rated.jsonl` | {len(self.trl_rows)} UltraFeedback-style rows (`instruction`/`prompt` and `completions`, each with `overall_score` and per-aspect `annotations`) for the rated adapter: 3-4 candidates a row, every pair of them a judgment; honesty disagrees with the overall score on some rows; one candidate given twice (an exact duplicate judgment); the off-topic candidate of the last English and the last Chinese row is in the other language (a language mismatch) |
 | `answer_key/pairs.json` | the hidden truth per pair (`task_id`, true label, difficulty, gold, planted, comparison ids); for tests and evaluation only, never an input |
 | `answer_key/planted.json` | the planted problems below, machine-readable |
 | `annotators.csv` | the annotator registry (`--annotators`, `docs/input-format.md`): every annotator, humans qualified for their locale and its rubrics, with three planted qualification gaps (problem 7) |
@@ -1047,6 +1077,16 @@ def _ids(ids: list[str]) -> str:
 
 def _dump(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, indent=1) + "\n"
+
+
+def _aspects(helpfulness: int, honesty: int, instruction_following: int, rng: random.Random) -> dict[str, dict[str, str]]:
+    """UltraFeedback's per-aspect annotations: a rating (string) and a short rationale each."""
+    why = {5: "Fully addresses the request.", 4: "Accurate, minor gaps.", 3: "Partly useful.", 2: "Mostly off target.",
+           1: "Does not answer the request."}
+    out = {}
+    for name, rating in (("helpfulness", helpfulness), ("honesty", honesty), ("instruction_following", instruction_following)):
+        out[name] = {"Rating": str(rating), "Rationale": why[rating] if rng.random() < 0.8 else "No further notes."}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,3 +356,33 @@ def test_extra_files_have_the_adapter_shapes():
         cut = r["chosen"].rindex("\n\nAssistant: ")
         assert r["rejected"].startswith(r["chosen"][:cut + len("\n\nAssistant: ")])
         assert r["chosen"] != r["rejected"]
+
+
+def test_the_rated_sample_has_the_ultrafeedback_shape_and_curates_over_partitions(tmp_path):
+    """extra/ultrafeedback_rated.jsonl: candidate lists with overall and per-aspect ratings.  Curated as it is
+    (format detected): every pair of candidates a judgment (the candidate given twice never paired), its
+    aspects the judgments' dimensions, built over partitions, the ledger adding up."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    path = SAMPLES / "extra" / "ultrafeedback_rated.jsonl"
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    assert 8 <= len(rows) <= 12
+    for r in rows:
+        assert {"id", "completions", "annotator_id", "annotator_kind", "locale"} <= set(r)
+        assert ("instruction" in r) != ("prompt" in r)
+        assert all({"model", "response", "overall_score", "annotations"} <= set(c) for c in r["completions"])
+    twice = [r for r in rows if len(r["completions"]) == 4]
+    assert len(twice) == 1 and twice[0]["completions"][1]["response"] == twice[0]["completions"][3]["response"]
+    want = sum(len(r["completions"]) * (len(r["completions"]) - 1) // 2 for r in rows) - 1
+    res = CliRunner().invoke(app, ["curate", str(path), "--store", str(tmp_path / "store"), "--json"])
+    assert res.exit_code == 0, res.output
+    from pipeline.store import Store
+
+    m = Store(tmp_path / "store").get(json.loads(res.stdout)["version_id"]).manifest()
+    assert m.sources[0].format == "rated" and m.lineage.get("partitions") is not None
+    assert m.ingest.rows_in == len(rows) == m.ingest.rows_valid and m.ingest.judgments == want
+    assert m.ingest.skipped == {"identical_candidates": 1}
+    dims = Store(tmp_path / "store").get(m.version_id).read("judgments")["dimensions"]
+    assert dims.null_count() == 0  # (the aspects: every judgment's dimensions)
