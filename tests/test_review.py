@@ -807,3 +807,55 @@ def test_label_studio_results_of_controls_we_did_not_make_are_ignored(built, ls_
     ours["result"].append({"from_name": "overall_other", "to_name": "prompt", "type": "choices"})  # ours, no value
     f = _write(tmp_path / "ls2.json", label_studio_export(ls_tasks, {5: [ours]}))
     refuse(built, "label-studio", f, "tasks[5].annotations[0].result[1]", "'value'")
+
+
+def test_gc_keeps_a_version_a_review_export_is_reading(built, tmp_path, monkeypatch):
+    """`prefpipe gc --delete V --apply` while `review export V` reads it: V stays (listed as in use), the
+    export is written whole; once the export is done, gc removes V.  (Without the hold the gc removed V
+    under the export, which then failed reading its routed pairs.)"""
+    import shutil
+
+    import pipeline.review as review
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = Store(tmp_path / "store")
+    shutil.copytree(built["store"], st.root)
+    vid, seen = built["vid"], {}
+    read = review.routed_pairs
+
+    def read_after_gc(handle):  # a gc run in another process, in the middle of the export
+        plan = plan_gc(st, delete_versions=[vid])
+        seen["planned"], seen["in_use"] = list(plan.versions), list(plan.in_use)
+        seen["removed"] = collect_garbage(st, plan).versions
+        return read(handle)
+
+    monkeypatch.setattr(review, "routed_pairs", read_after_gc)
+    res = review.export_review(st, vid, fmt="jsonl", out=tmp_path / "tasks.jsonl")
+    assert seen == {"planned": [], "in_use": [vid], "removed": []}, seen
+    assert res.tasks == 12 and len((tmp_path / "tasks.jsonl").read_text().splitlines()) == 12
+    assert st.exists(vid) and st.get(vid).verify() == []
+    monkeypatch.setattr(review, "routed_pairs", read)
+    assert collect_garbage(st, plan_gc(st, delete_versions=[vid])).versions == [vid] and not st.exists(vid)
+
+
+def test_a_review_export_of_a_version_gc_removed_before_the_hold_writes_nothing(built, tmp_path, monkeypatch):
+    """The version removed between its lookup and the hold: a clear error (exit 2 in the CLI), nothing written."""
+    import shutil
+
+    import pipeline.review as review
+    from pipeline.parts import collect_garbage, plan_gc
+    from pipeline.store import VersionNotFound
+
+    st = Store(tmp_path / "store")
+    shutil.copytree(built["store"], st.root)
+    vid = built["vid"]
+    hold = Store.in_use
+
+    def gc_then_hold(self, version_id):
+        collect_garbage(self, plan_gc(self, delete_versions=[version_id]))
+        return hold(self, version_id)
+
+    monkeypatch.setattr(Store, "in_use", gc_then_hold)
+    with pytest.raises(VersionNotFound, match="removed"):
+        review.export_review(st, vid, fmt="jsonl", out=tmp_path / "tasks.jsonl")
+    assert not (tmp_path / "tasks.jsonl").exists()
