@@ -859,3 +859,95 @@ def test_a_review_export_of_a_version_gc_removed_before_the_hold_writes_nothing(
     with pytest.raises(VersionNotFound, match="removed"):
         review.export_review(st, vid, fmt="jsonl", out=tmp_path / "tasks.jsonl")
     assert not (tmp_path / "tasks.jsonl").exists()
+
+
+# ---------------------------------------------------------------- the pair's rubric: out with the task, back on import
+REGISTRY_RUBRIC = ("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
+                   "rev-01,human,,,,\nrev-02,human,,,,\nls-3,human,,safety-v1,,\n")
+
+
+@pytest.fixture(scope="module")
+def rubric_built(tmp_path_factory):
+    """Two escalated pairs judged under rubric helpful-v3 (the second pair's first judgment says none)."""
+    d = tmp_path_factory.mktemp("rubric")
+    rows = []
+    for p, topic in enumerate(["tides", "lichens"]):
+        for k in range(2):
+            rows.append(canonical(p * 2 + k, comparison_id=f"r-{p}-{k}", label="escalate", annotator_id=f"rev-0{k + 1}",
+                                  prompt=[{"role": "user", "content": f"Tell me about {topic}."}],
+                                  response_a=f"A careful answer about {topic}.", response_b=f"Vague {topic}.",
+                                  rubric="helpful-v3" if p == 0 or k == 1 else ...))
+    store = d / "store"
+    vid = cli("curate", write_jsonl(d / "batch.jsonl", rows), "--store", store).stdout.strip().splitlines()[-1]
+    routed = {r["pair_id"]: r for r in Store(store).resolve(vid).read("routed.parquet").iter_rows(named=True)}
+    assert len(routed) == 2
+    return {"dir": d, "store": store, "vid": vid, "routed": routed}
+
+
+def test_the_pairs_rubric_goes_out_with_every_format_and_comes_back_from_the_store(rubric_built, tmp_path, fake_argilla):
+    """Label Studio and Argilla reviews came back without a rubric, so a registry's rubric qualification was never
+    checked on them.  Every format now carries the pair's rubric (the first its judgments give); with --store the
+    pair's rubric is written whatever the tool sent back (one edited in the task data); without --store the tool's."""
+    b = rubric_built
+    ls = tmp_path / "ls.json"
+    export(b, "label-studio", ls)
+    tasks = json.loads(ls.read_text())
+    assert [t["data"]["rubric"] for t in tasks] == ["helpful-v3", "helpful-v3"]
+    export(b, "jsonl", tmp_path / "tasks.jsonl")
+    assert [json.loads(x)["rubric"] for x in (tmp_path / "tasks.jsonl").read_text().splitlines()] == ["helpful-v3"] * 2
+    export(b, "argilla", tmp_path / "argilla", "--no-push")
+    records = json.loads((tmp_path / "argilla" / "records.json").read_text())
+    assert [r["metadata"]["rubric"] for r in records] == ["helpful-v3", "helpful-v3"]
+    settings = json.loads((tmp_path / "argilla" / ".argilla" / "settings.json").read_text())
+    assert next(m for m in settings["metadata"] if m["name"] == "rubric")["visible_for_annotators"] is False
+    tasks[0]["data"]["rubric"] = "safety-v1"  # edited in the tool
+    f = _write(tmp_path / "ls-export.json", label_studio_export(tasks, {0: [pick("left")], 1: [pick("right")]}))
+    for store, want in ((True, ["helpful-v3", "helpful-v3"]), (False, ["safety-v1", "helpful-v3"])):
+        out = tmp_path / f"batch-{store}.jsonl"
+        import_(b, "label-studio", f, out, store=store)
+        got = {j["pair_id"]: j.get("rubric") for j in map(json.loads, out.read_text().splitlines())}
+        assert [got[t["data"]["pair_id"]] for t in tasks] == want, (store, got)
+    from argilla.records._io import GenericIO
+
+    records[0]["metadata"]["rubric"] = "safety-v1"  # edited in Argilla
+    u1 = str(uuid.UUID(int=1))
+    recs = argilla_answers(records, {i: [(u1, {"overall": "response_1"}, "submitted")] for i in range(2)})
+    flat = _write(tmp_path / "argilla-records.json", GenericIO.to_list(recs, flatten=True))
+    for store, want in ((True, ["helpful-v3", "helpful-v3"]), (False, ["safety-v1", "helpful-v3"])):
+        out = tmp_path / f"argilla-batch-{store}.jsonl"
+        import_(b, "argilla", flat, out, store=store)
+        got = {j["pair_id"]: j.get("rubric") for j in map(json.loads, out.read_text().splitlines())}
+        assert [got[r["metadata"]["pair_id"]] for r in records] == want, (store, got)
+
+
+def test_a_rubric_edited_in_the_tool_qualifies_no_reviewer(rubric_built, tmp_path):
+    """ls-3 is qualified for rubric safety-v1 only; the pairs are helpful-v3.  Its Label Studio reviews -- one with
+    the task's rubric edited to safety-v1, imported without --store -- are flagged unqualified_reviewer on the
+    pair's rubric and resolve nothing."""
+    import shutil
+
+    import polars as pl
+
+    from pipeline.curate import curate
+    from schemas.policy import Policy
+    from schemas.registry import load_registry
+
+    b = rubric_built
+    ls = tmp_path / "ls.json"
+    export(b, "label-studio", ls)
+    tasks = json.loads(ls.read_text())
+    tasks[0]["data"]["rubric"] = "safety-v1"
+    f = _write(tmp_path / "ls-export.json", label_studio_export(tasks, {0: [pick("left")], 1: [pick("right")]}))
+    batch = tmp_path / "batch.jsonl"
+    import_(b, "label-studio", f, batch, store=False)
+    st = Store(tmp_path / "store")
+    shutil.copytree(b["store"], st.root)
+    reg = tmp_path / "annotators.csv"
+    reg.write_text(REGISTRY_RUBRIC, encoding="utf-8")
+    h = st.get(curate([batch], st, Policy(annotators=load_registry(reg)), parent=b["vid"]).version_id)
+    flags = h.read("flags").filter(pl.col("check") == "registry")
+    assert flags["reason"].to_list() == ["unqualified_reviewer"] * 2
+    assert all("rubric helpful-v3 outside the qualified rubrics (safety-v1)" in d for d in flags["detail"])
+    assert h.manifest().ledger.reviews.resolved_by_reviews == 0
+    assert set(h.read("routed.parquet")["pair_id"].to_list()) == set(b["routed"])
+

@@ -7,7 +7,7 @@ Export writes a directory in the layout of the SDK's ``Dataset.to_disk`` (so tha
 ``response_1`` (shown first), ``response_2``; a required ``LabelQuestion`` ``overall``
 (response_1 / response_2 / tie / both_bad / escalate), one optional ``LabelQuestion``
 ``dim_<name>`` per rubric dimension, an optional ``TextQuestion`` ``critique``; terms metadata
-``pair_id``, ``version_id``, ``shown_first``, ``route``, ``locale`` (hidden from annotators) and
+``pair_id``, ``version_id``, ``shown_first``, ``route``, ``locale``, ``rubric`` (hidden from annotators) and
 the rest of the task payload as extra metadata.  With ``ARGILLA_API_URL`` and ``ARGILLA_API_KEY``
 set, the directory is also pushed with the ``argilla`` SDK (``Dataset.from_disk``) into a new
 dataset (an existing dataset of that name is refused, never appended to).
@@ -45,7 +45,7 @@ from schemas.review import ReviewAnswer, ReviewTask
 OVERALL = {"response_1": "Response 1 is better", "response_2": "Response 2 is better", "tie": "Tie",
            "both_bad": "Both bad", "escalate": "Escalate (needs an expert)"}
 DIMENSION = {"response_1": "Response 1", "response_2": "Response 2", "tie": "Tie", "both_bad": "Both bad"}
-TERMS_METADATA = ("pair_id", "version_id", "shown_first", "route", "locale")
+TERMS_METADATA = ("pair_id", "version_id", "shown_first", "route", "locale", "rubric")
 GUIDELINES = ("Each record is a prompt and two responses. Pick the response that answers the prompt better "
               "(overall), or tie / both bad / escalate when neither wins. Rate each rubric dimension the same way "
               "if asked, and say why in the critique. Response 1 and Response 2 are in a random order.")
