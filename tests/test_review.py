@@ -951,3 +951,81 @@ def test_a_rubric_edited_in_the_tool_qualifies_no_reviewer(rubric_built, tmp_pat
     assert h.manifest().ledger.reviews.resolved_by_reviews == 0
     assert set(h.read("routed.parquet")["pair_id"].to_list()) == set(b["routed"])
 
+
+# ---------------------------------------------------------------- Argilla: the time of each response
+def test_argilla_reviews_take_the_time_the_server_gives_their_responses(built, tmp_path, fake_argilla, monkeypatch):
+    """Argilla reviews came back without a date, so a registry's qualified_from / qualified_until was never checked
+    on them.  The server stamps every response (``inserted_at`` / ``updated_at``, UTC without a zone): records listed
+    by the REST API carry it and the judgment takes it; the SDK's own exports carry none (no created_at: never the
+    import's clock -- the same export imports to the same bytes)."""
+    import shutil
+
+    import argilla as rg
+    import polars as pl
+    from argilla._helpers._log import LoggingMixin
+    from argilla._models import UserResponseModel
+    from argilla.records._io import GenericIO
+
+    from pipeline.curate import curate
+    from schemas.policy import Policy
+    from schemas.registry import load_registry
+
+    server, client = fake_argilla
+    monkeypatch.setenv("ARGILLA_API_URL", URL)
+    monkeypatch.setenv("ARGILLA_API_KEY", "test-key")
+    monkeypatch.setattr(rg, "Argilla", lambda api_url, api_key: client)
+    monkeypatch.setattr(LoggingMixin, "_is_interactive", staticmethod(lambda: True))
+    export(built, "argilla", tmp_path / "pushed", "--dataset-name", "round-times")
+    did = next(d["id"] for d in server.datasets.values() if d["name"] == "round-times")
+    recs = server.records("round-times")
+    u1, u2 = str(uuid.UUID(int=1)), str(uuid.UUID(int=2))
+    for k, (rec, user, value, status, now) in enumerate([
+            (recs[0], u1, "response_1", "submitted", "2026-11-21T09:00:00"),
+            (recs[1], u1, "response_2", "submitted", "2026-11-22T18:30:00.123456"),
+            (recs[2], u2, "response_1", "draft", "2026-11-22T19:00:00")]):
+        server.now = now  # the server's clock at each submission
+        client.api.records.create_record_response(uuid.UUID(rec["id"]), UserResponseModel(
+            values={"overall": {"value": value}}, status=status, user_id=uuid.UUID(user)))
+    listed = client.api.http_client.get(f"/api/v1/datasets/{did}/records", params={"include": ["responses"]}).json()
+    api = _write(tmp_path / "api-records.json", listed["items"])
+    batch = tmp_path / "api-batch.jsonl"
+    res = json.loads(import_(built, "argilla", api, batch).stdout)
+    assert res["ledger"] == {"tasks_in": 12, "items_in": 12, "judgments_out": 2, "skipped": {"draft": 1, "unanswered": 9}}
+    pair_of = {r["external_id"]: r["metadata"]["pair_id"] for r in recs}
+    got = {j["pair_id"]: j["created_at"] for j in map(json.loads, batch.read_text().splitlines())}
+    assert got == {pair_of[recs[0]["external_id"]]: "2026-11-21T09:00:00Z",
+                   pair_of[recs[1]["external_id"]]: "2026-11-22T18:30:00.123456Z"}
+    # the dates count: argilla-<u1> qualified until the 21st -> its review of the 22nd is unqualified
+    reg = tmp_path / "annotators.csv"
+    reg.write_text("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
+                   f"rev-01,human,,,,\nrev-02,human,,,,\nargilla-{u1},human,,,,2026-11-21\n", encoding="utf-8")
+    st = Store(tmp_path / "store")
+    shutil.copytree(built["store"], st.root)
+    h = st.get(curate([batch], st, Policy(annotators=load_registry(reg)), parent=built["vid"]).version_id)
+    flags = h.read("flags").filter(pl.col("check") == "registry")
+    assert flags["detail"].to_list() == [f"annotator argilla-{u1}: judged on 2026-11-22, after qualified_until 2026-11-21"]
+    # the SDK's export of the same records: no response time, so no date -- and the same bytes on every import
+    exported = json.loads((tmp_path / "pushed" / "records.json").read_text())
+    where = {r["id"]: i for i, r in enumerate(exported)}
+    sdk = argilla_answers(exported, {where[r["external_id"]]: [(x["user_id"], {q: v["value"] for q, v in x["values"].items()},
+                                                                x["status"]) for x in r["responses"]]
+                                     for r in listed["items"] if r["responses"]})
+    flat = _write(tmp_path / "sdk-records.json", GenericIO.to_list(sdk, flatten=True))
+    outs = [tmp_path / f"sdk-batch-{k}.jsonl" for k in range(2)]
+    for out in outs:
+        import_(built, "argilla", flat, out)
+    rows = [json.loads(x) for x in outs[0].read_text().splitlines()]
+    assert len(rows) == 2 and all("created_at" not in j for j in rows)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_argilla_a_response_time_that_is_not_a_time_is_refused_with_its_place(built, tmp_path, monkeypatch):
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    out = tmp_path / "argilla-export"
+    export(built, "argilla", out, "--no-push")
+    records = json.loads((out / "records.json").read_text())
+    for bad in ("yesterday", 1763715600):
+        rest = [{**records[0], "id": str(uuid.UUID(int=9)), "external_id": records[0]["id"],
+                 "responses": [{"values": {"overall": {"value": "response_1"}}, "status": "submitted",
+                                "user_id": str(uuid.UUID(int=1)), "updated_at": bad}]}]
+        refuse(built, "argilla", _write(tmp_path / "bad.json", rest), "records[0]", "responses.overall", "not a time")
