@@ -1019,7 +1019,7 @@ def test_argilla_reviews_take_the_time_the_server_gives_their_responses(built, t
     assert outs[0].read_bytes() == outs[1].read_bytes()
 
 
-def test_argilla_a_response_time_that_is_not_a_time_is_refused_with_its_place(built, tmp_path, monkeypatch):
+def test_argilla_a_response_time_that_is_not_a_time_or_a_malformed_api_record_is_refused_with_its_place(built, tmp_path, monkeypatch):
     monkeypatch.delenv("ARGILLA_API_URL", raising=False)
     out = tmp_path / "argilla-export"
     export(built, "argilla", out, "--no-push")
@@ -1029,3 +1029,9 @@ def test_argilla_a_response_time_that_is_not_a_time_is_refused_with_its_place(bu
                  "responses": [{"values": {"overall": {"value": "response_1"}}, "status": "submitted",
                                 "user_id": str(uuid.UUID(int=1)), "updated_at": bad}]}]
         refuse(built, "argilla", _write(tmp_path / "bad.json", rest), "records[0]", "responses.overall", "not a time")
+    base = {**records[0], "id": str(uuid.UUID(int=9)), "external_id": records[0]["id"]}
+    for bad, needle in (({"responses": ["submitted"]}, "'responses[0]'"),
+                        ({"responses": [{"values": {"overall": "response_1"}, "status": "submitted"}]},
+                         "'responses[0].values.overall'"),
+                        ({"responses": [], "metadata": ["pair"]}, "'metadata'")):
+        refuse(built, "argilla", _write(tmp_path / "bad.json", [{**base, **bad}]), "records[0]", needle)

@@ -113,11 +113,13 @@ def _of_pairs(judgments: pl.DataFrame) -> pl.DataFrame:
     is_review = c("review_of").is_not_null()
     named = judgments.filter(is_review).select("pair_id").unique()
     pairs = pair_values(judgments.filter(~is_review).join(named, on="pair_id", how="semi"))
-    rows = judgments.with_row_index("_row")
-    reviewed = as_reviewed(rows.filter(is_review), pairs)
-    rest = rows.filter(~is_review).with_columns(locale=_column(rows, "locale", pl.String).cast(pl.String),
-                                                rubric=_column(rows, "rubric", pl.String).cast(pl.String))
-    return pl.concat([rest, reviewed.select(rest.columns)]).sort("_row").drop("_row")
+    # (a join on the few reviewed pairs, in row order: no row is moved)
+    out = judgments.join(pairs, on="pair_id", how="left", maintain_order="left")
+    own_loc = _column(judgments, "locale", pl.String).cast(pl.String)
+    own_rub = _column(judgments, "rubric", pl.String).cast(pl.String)
+    return out.with_columns(locale=pl.when(is_review).then(pl.coalesce("_ploc", own_loc)).otherwise(own_loc),
+                            rubric=pl.when(is_review).then(pl.coalesce("_prub", own_rub)).otherwise(own_rub)) \
+        .drop("_ploc", "_prub")
 
 
 def findings(judgments: pl.DataFrame, registry: AnnotatorRegistry) -> pl.DataFrame:
@@ -126,7 +128,7 @@ def findings(judgments: pl.DataFrame, registry: AnnotatorRegistry) -> pl.DataFra
     A review (``review_of``) is qualified for its pair's locale and rubric, not its own (:func:`_of_pairs`)."""
     c = pl.col
     reg = registry_frame(registry)
-    judgments = _of_pairs(judgments)
+    judgments = _of_pairs(judgments.select([k for k in CHECK.judgment_columns or () if k in judgments.columns]))
     j = judgments.select(
         "comparison_id", "annotator_id", "annotator_kind", _locale=_column(judgments, "locale", pl.String),
         _loc=_column(judgments, "locale", pl.String).str.replace_all("_", "-", literal=True).str.to_lowercase()

@@ -209,7 +209,10 @@ def _parts(rec: Any, reader: TaskReader, where: str, records: list[Any]) -> tupl
     if not isinstance(rec, dict):
         raise reader.fail(f"expected a record object, found {type(rec).__name__}", where=where)
     if isinstance(rec.get("fields"), dict) and isinstance(rec.get("responses"), list):  # the REST API's records
-        return rec["fields"], rec.get("metadata") or {}, _rest_responses(rec["responses"], reader, where)
+        meta = rec.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise reader.fail("expected an object", where=where, field="metadata")
+        return rec["fields"], meta, _rest_responses(rec["responses"], reader, where)
     if isinstance(rec.get("fields"), dict):  # nested: Record.to_dict
         meta, resp = rec.get("metadata") or {}, rec.get("responses") or {}
         if not isinstance(meta, dict) or not isinstance(resp, dict):
