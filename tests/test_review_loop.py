@@ -376,18 +376,21 @@ def test_vote_mode_a_review_votes_only_if_its_reviewer_is_qualified_for_the_pair
     """``reviews.mode = "vote"``: reviews are ordinary votes, so the registry *check* decides whether one counts.
     The pairs are ja-JP.  rev-en (qualified for en only) reviews P0 with its row's locale edited to en: it was
     qualified by the row and voted; the pair's locale decides -- flagged unqualified_reviewer, dropped.  rev-ja's
-    review of P1 whose row says en counts (the pair is ja-JP).  ``narrow``: the parent built under the same policy
+    review of P1 whose row says en (and another rubric) counts (the pair is ja-JP, helpful-v3).  ``narrow``: the parent built under the same policy
     (the child reads its parent's rows without their locales, completed for the checks)."""
     reg = tmp_path / "annotators.csv"
     reg.write_text("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
-                   "rev-01,human,ja,,,\nrev-02,human,ja,,,\nrev-ja,human,ja,,,\nrev-en,human,en,,,\n", encoding="utf-8")
+                   "rev-01,human,ja,,,\nrev-02,human,ja,,,\nrev-ja,human,ja,helpful-v3,,\nrev-en,human,en,,,\n",
+                   encoding="utf-8")
     policy = Policy(annotators=load_registry(reg), reviews=ReviewsConfig(mode="vote"))
     store = Store(tmp_path / "store")
-    base = write_jsonl(tmp_path / "base.jsonl", [{**r, "locale": "ja-JP"} for r in _base_rows()])
+    base = write_jsonl(tmp_path / "base.jsonl", [{**r, "locale": "ja-JP", "rubric": "helpful-v3"} for r in _base_rows()])
     v1 = curate([base], store, policy if narrow else Policy(reviews=ReviewsConfig(mode="vote"))).version_id
     P = {r["prompt_text"].split("about ")[1].rstrip("."): r for r in store.get(v1).read("pairs").iter_rows(named=True)}
     P = [P[t] for t in TOPICS]
-    reviews = [_review(P[0], "a", "e-0", who="rev-en", locale="en"), _review(P[1], "a", "j-1", who="rev-ja", locale="en")]
+    # (j-1's rubric edited too: the pair's, helpful-v3, is the one rev-ja is qualified for)
+    reviews = [_review(P[0], "a", "e-0", who="rev-en", locale="en"),
+               _review(P[1], "a", "j-1", who="rev-ja", locale="en", rubric="harmless-v2")]
     h = store.get(curate([write_jsonl(tmp_path / "reviews.jsonl", reviews)], store, policy, parent=v1).version_id)
     assert ("locale" in h.manifest().lineage.get("union", {}).get("deferred", [])) is narrow
     flags = h.read("flags").filter(pl.col("check") == "registry")
