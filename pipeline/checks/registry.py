@@ -83,7 +83,6 @@ def pair_values(rows: pl.DataFrame) -> pl.DataFrame:
     """Per ``pair_id`` of ``rows`` (a pair's non-review judgments, in input order): ``_ploc`` and
     ``_prub``, the first locale and rubric they give -- the pair's language and rubric, as
     :func:`pipeline.aggregate.pair_locale` takes the locale."""
-    c = pl.col
     return rows.group_by("pair_id", maintain_order=True).agg(
         _ploc=_column(rows, "locale", pl.String).cast(pl.String).drop_nulls().first(),
         _prub=_column(rows, "rubric", pl.String).cast(pl.String).drop_nulls().first())
@@ -102,8 +101,8 @@ def as_reviewed(reviews: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
 
 
 def _of_pairs(judgments: pl.DataFrame) -> pl.DataFrame:
-    """``judgments`` with every review row (``review_of``) taking its pair's locale and rubric
-    (:func:`as_reviewed`); the same frame without review rows.  The pair is the review's
+    """``judgments`` with every review row (``review_of``) taking its pair's locale and rubric where the
+    pair has one (the rule of :func:`as_reviewed`); the same frame without review rows.  The pair is the review's
     ``pair_id``: the pair it names (ingest and review import keep the two equal), or its own
     content's when its texts differ from that pair's (:func:`pipeline.reviews_resolve.attach`) --
     both in the review's partition, so a partitioned build decides as a whole one does."""
