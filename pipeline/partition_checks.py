@@ -63,7 +63,7 @@ from pipeline.partition_write import keyed_by_part
 from schemas.check import CheckResult, empty_flags
 from schemas.policy import ChecksConfig
 
-VERSION = "10"  # 8: reliability (and the preliminary consensus) do not count re-delivered copies; 9: nor a dimension's sums; 10: a dimension's sums take its frame's ratings (no copies looked for again on its verdicts)
+VERSION = "11"  # 8: reliability (and the preliminary consensus) do not count re-delivered copies; 9: nor a dimension's sums; 10: a dimension's sums take its frame's ratings (no copies looked for again on its verdicts); 11: the registry check takes a review's pair's locale and rubric
 
 
 def _frame_bytes(frame: pl.DataFrame) -> bytes:

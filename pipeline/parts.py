@@ -451,7 +451,8 @@ def plan_gc(store: Store, *, delete_versions: Iterable[str] = ()) -> GcPlan:
     writers, work directories no build holds, and objects that nothing else links (the parts a
     killed writer had linked from its stage are freed by the same run, not by the next one)."""
     plan = GcPlan()
-    for vid in sorted(set(delete_versions)):  # a running curate's parent stays (its parts are read and linked)
+    # a running curate's parent stays (its parts are read and linked), and so does a version a review export reads
+    for vid in sorted(set(delete_versions)):
         with store.retiring(vid) as free:
             (plan.versions if free else plan.in_use).append(vid)
     plan.staging = dead_stages(store.root / ".staging", max_age=float("inf"))  # (a live writer's: never, however old)

@@ -161,8 +161,8 @@ def classify(judgments: pl.DataFrame, ctx: ReviewContext | None,
     if ctx is not None and ctx.registry is not None and rv.height:
         from pipeline.checks.registry import findings
 
-        # (the review rows, completed, with the locale of the pair each reviews)
-        found = findings(_registry_input(rows, _pair_locales(judgments, rows, complete)), ctx.registry)
+        # (the review rows, completed, with the locale and rubric of the pair each reviews)
+        found = findings(_registry_input(rows, _pair_values(judgments, rows, complete)), ctx.registry)
         unqualified = found.filter(c("reason").is_in(list(_REGISTRY_REASONS)))["comparison_id"].to_list()
     rv = rv.with_columns(_known=c("review_of").is_in(known["pair_id"].implode()),
                          _before=c("review_of").is_in(before["pair_id"].implode()))
@@ -175,31 +175,35 @@ def classify(judgments: pl.DataFrame, ctx: ReviewContext | None,
     return rv.with_columns(status=status).drop("_known", "_before")
 
 
-def _pair_locales(judgments: pl.DataFrame, reviews: pl.DataFrame,
-                  complete: Callable[[pl.DataFrame], pl.DataFrame] | None) -> pl.DataFrame:
-    """Per pair the ``reviews`` name: ``_ploc``, the first locale its non-review judgments give (the
-    pair's language, as :func:`pipeline.aggregate.pair_locale` takes it from them).  A review row's own
-    locale is what the tool sent back (a JSONL column edited or emptied between export and import, a
-    hand-written batch): it does not say which language the reviewer read."""
+def _pair_values(judgments: pl.DataFrame, reviews: pl.DataFrame,
+                 complete: Callable[[pl.DataFrame], pl.DataFrame] | None) -> pl.DataFrame:
+    """Per pair the ``reviews`` are of (their ``pair_id``: the pair named, or their own content's when their texts
+    differ from it): ``_ploc``, ``_prub``, the first locale and rubric its non-review judgments give
+    (:func:`pipeline.checks.registry.pair_values`).  A review row's own locale and rubric are what the tool sent
+    back (a JSONL column, Label Studio task data or Argilla metadata edited or emptied between export and import,
+    a hand-written batch): they do not say which language the reviewer read nor under which rubric."""
+    from pipeline.checks.registry import pair_values
+
     c = pl.col
-    named = reviews.select(pair_id="review_of").unique()
+    named = reviews.select("pair_id").unique()
     rows = judgments.filter(c("review_of").is_null()).join(named, on="pair_id", how="semi")
     if "locale" not in rows.columns and complete is not None and rows.height:
         rows = complete(rows)
-    if "locale" not in rows.columns:  # (the partitioned first build: no pair is routed before it, none qualifies)
-        return pl.DataFrame(schema={"pair_id": pl.String, "_ploc": pl.String})
-    return rows.group_by("pair_id", maintain_order=True).agg(_ploc=c("locale").cast(pl.String).drop_nulls().first())
+    if "locale" not in rows.columns and "rubric" not in rows.columns:
+        # (the partitioned first build: no pair is routed before it, none qualifies)
+        return pl.DataFrame(schema={"pair_id": pl.String, "_ploc": pl.String, "_prub": pl.String})
+    return pair_values(rows)
 
 
-def _registry_input(judgments: pl.DataFrame, pair_locales: pl.DataFrame) -> pl.DataFrame:
-    """The review rows as the registry check reads them, each with its pair's locale where the pair has one:
-    a reviewer is qualified for the language of the pair reviewed, whatever locale the review row names."""
-    keep = [k for k in ("comparison_id", "annotator_id", "annotator_kind", "review_of", "locale", "rubric", "created_at")
+def _registry_input(judgments: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
+    """The review rows as the registry check reads them, each with its pair's locale and rubric where the pair has
+    one: a reviewer is qualified for the language and rubric of the pair reviewed, whatever the review row names."""
+    from pipeline.checks.registry import as_reviewed
+
+    keep = [k for k in ("comparison_id", "annotator_id", "annotator_kind", "pair_id", "locale", "rubric", "created_at")
             if k in judgments.columns]
     rows = judgments.filter(pl.col("review_of").is_not_null()).select(keep)
-    own = pl.col("locale").cast(pl.String) if "locale" in rows.columns else pl.lit(None, pl.String)
-    rows = rows.join(pair_locales, left_on="review_of", right_on="pair_id", how="left", maintain_order="left")
-    return rows.with_columns(locale=pl.coalesce("_ploc", own)).drop("_ploc", "review_of")
+    return as_reviewed(rows, pairs).drop("pair_id")
 
 
 # ---------------------------------------------------------------- 3. resolve

@@ -77,6 +77,7 @@ class ReviewTask(BaseModel):
     model_a: str | None = None
     model_b: str | None = None
     locale: str | None = None
+    rubric: str | None = None  # the pair's (the first its judgments give): what a reviewer must be qualified for
     tags: list[str] = Field(default_factory=list)
 
     @field_validator("task_id", "version_id")
@@ -156,7 +157,9 @@ class ReviewAnswer(BaseModel):
             "annotator_kind": self.annotator_kind,
             "strength": self.strength,
             "confidence": self.confidence,
-            "rubric": self.rubric,
+            # the task's rubric is the pair's (the export's, or the store's with --store): a rubric the reviewer's
+            # row names (JSONL) counts only where the task has none
+            "rubric": t.rubric or self.rubric,
             "locale": t.locale,
             "tags": list(t.tags) or None,
             "critique": self.critique or None,

@@ -3,7 +3,11 @@ publish it and log records (``rg.Dataset.from_disk``), served through an ``httpx
 so that the real SDK code runs without a network.  Endpoints and response shapes follow what the
 SDK 2.8 calls (``/api/v1/me``, ``/api/v1/me/workspaces``, ``/api/v1/me/datasets``,
 ``/api/v1/datasets/{id}/fields|questions|metadata-properties|vectors-settings``, ``publish``,
-``records/bulk``); anything else answers 404 so that a change in the SDK shows up as a failure."""
+``records/bulk``, ``GET /api/v1/datasets/{id}/records`` with ``include=responses``, and
+``POST /api/v1/records/{id}/responses``: a reviewer's submission); anything else answers 404 so that
+a change in the SDK shows up as a failure.  Like the server, every record and every response carries
+``inserted_at`` / ``updated_at`` (UTC, written without a zone) and its own ``id``; a record keeps the
+``external_id`` it was logged with (the SDK's record id)."""
 from __future__ import annotations
 
 import json
@@ -25,6 +29,7 @@ class FakeArgilla:
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     children: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
+    now: str = NOW  # the server's clock for the responses it stores (a test moves it between submissions)
 
     def records(self, name: str) -> list[dict[str, Any]]:
         did = next(d["id"] for d in self.datasets.values() if d["name"] == name)
@@ -60,8 +65,17 @@ class FakeArgilla:
                 ds["status"] = "ready"
                 return httpx.Response(200, json=ds)
             if sub == "records/bulk":
-                items = [{**r, "id": str(uuid.uuid4()), "dataset_id": did, "status": "pending", **stamp} for r in body["items"]]
+                items = []
+                for r in body["items"]:
+                    rid = str(uuid.uuid4())
+                    responses = [self._response(x, rid) for x in r.get("responses") or []]
+                    items.append({**r, "id": rid, "dataset_id": did, "status": "pending", "responses": responses, **stamp})
                 self.children.setdefault((did, "records"), []).extend(items)
+                return httpx.Response(200, json={"items": items, "total": len(items)})
+            if sub == "records" and method == "GET":  # responses only when asked for (include=responses)
+                include = req.url.params.get_list("include")
+                items = [r if "responses" in include else {k: v for k, v in r.items() if k != "responses"}
+                         for r in self.children.get((did, "records"), [])]
                 return httpx.Response(200, json={"items": items, "total": len(items)})
             if method == "POST":
                 item = {**body, "id": str(uuid.uuid4()), "dataset_id": did, **stamp}
@@ -69,7 +83,20 @@ class FakeArgilla:
                 return httpx.Response(201, json=item)
             if method == "GET":
                 return httpx.Response(200, json={"items": self.children.get((did, sub), [])})
+        m = re.fullmatch(r"/api/v1/records/([^/]+)/responses", path)
+        if m and method == "POST":  # a reviewer submits (or saves a draft of) an answer to a record
+            rec = next((r for (_, sub), items in self.children.items() if sub == "records" for r in items
+                        if r["id"] == m[1]), None)
+            if rec is not None:
+                response = self._response(body, rec["id"])
+                rec.setdefault("responses", []).append(response)
+                return httpx.Response(201, json=response)
         return httpx.Response(404, json={"detail": f"not in the fake server: {method} {path}"})
+
+    def _response(self, body: dict[str, Any], record_id: str) -> dict[str, Any]:
+        """A response as the server stores and lists it."""
+        return {"id": str(uuid.uuid4()), "values": body.get("values"), "status": body.get("status"),
+                "record_id": record_id, "user_id": body.get("user_id"), "inserted_at": self.now, "updated_at": self.now}
 
     def client(self):
         import argilla as rg

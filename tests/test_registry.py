@@ -245,6 +245,28 @@ def test_each_reason_is_found_exactly_on_the_planted_judgments(tmp_path, registr
     assert detail["everything-wrong"].count(";") == 1  # locale and rubric (no date window for rev-01)
 
 
+def test_a_review_is_checked_against_the_locale_and_rubric_of_its_pair_not_its_own(tmp_path, registry):
+    """Pair px is ja-JP under rubric harmless-v2 (its judgments say so).  A review of it whose row says en and
+    helpful-v3 (edited in the tool, or written by hand) by rev-01 -- qualified for en and helpful-v3 only -- is
+    unqualified: the pair decides.  rev-ja's review of it whose row says en is qualified (the pair is ja-JP), and
+    so is one with neither field.  An ordinary judgment is checked on its own fields, as before."""
+    pair = {"prompt": [{"role": "user", "content": "Explain tides."}], "response_a": "Gravity of the moon.",
+            "response_b": "Wind.", "pair_id": "px"}
+    rows = [canonical(0, comparison_id="orig-1", annotator_id="rev-02", locale="ja-JP", rubric="harmless-v2", **pair),
+            canonical(1, comparison_id="orig-2", annotator_id="rev-02", locale="ja-JP", rubric="harmless-v2", **pair)]
+    review = {k: v for k, v in pair.items() if k != "pair_id"} | {"review_of": "px"}
+    rows += [canonical(2, comparison_id="rv-en-edited", annotator_id="rev-01", locale="en", rubric="helpful-v3", **review),
+             canonical(3, comparison_id="rv-ja-edited", annotator_id="rev-ja", locale="en", **review),
+             canonical(4, comparison_id="rv-no-fields", annotator_id="rev-ja", locale=..., **review),
+             canonical(5, comparison_id="plain-en", annotator_id="rev-01", locale="en", rubric="helpful-v3")]
+    res = check.run(_judgments(tmp_path, rows), None, registry=registry)
+    got = dict(res.flags.select("subject_id", "reason").iter_rows())
+    assert got == {"rv-en-edited": "unqualified_reviewer"}, got
+    assert res.metrics["unqualified_by_field"] == {"locale": 1, "rubric": 1, "date": 0}
+    detail = res.flags.row(0, named=True)["detail"]
+    assert "locale ja-JP outside the qualified locales (en)" in detail and "rubric harmless-v2" in detail, detail
+
+
 def test_without_a_registry_the_check_does_nothing(tmp_path):
     res = check.run(_judgments(tmp_path, [canonical(0, annotator_id="anyone")]), None, registry=None)
     assert res.status == "pass" and res.flags.height == 0 and res.metrics["registry"] is None

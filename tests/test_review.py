@@ -807,3 +807,231 @@ def test_label_studio_results_of_controls_we_did_not_make_are_ignored(built, ls_
     ours["result"].append({"from_name": "overall_other", "to_name": "prompt", "type": "choices"})  # ours, no value
     f = _write(tmp_path / "ls2.json", label_studio_export(ls_tasks, {5: [ours]}))
     refuse(built, "label-studio", f, "tasks[5].annotations[0].result[1]", "'value'")
+
+
+def test_gc_keeps_a_version_a_review_export_is_reading(built, tmp_path, monkeypatch):
+    """`prefpipe gc --delete V --apply` while `review export V` reads it: V stays (listed as in use), the
+    export is written whole; once the export is done, gc removes V.  (Without the hold the gc removed V
+    under the export, which then failed reading its routed pairs.)"""
+    import shutil
+
+    import pipeline.review as review
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = Store(tmp_path / "store")
+    shutil.copytree(built["store"], st.root)
+    vid, seen = built["vid"], {}
+    read = review.routed_pairs
+
+    def read_after_gc(handle):  # a gc run in another process, in the middle of the export
+        plan = plan_gc(st, delete_versions=[vid])
+        seen["planned"], seen["in_use"] = list(plan.versions), list(plan.in_use)
+        seen["removed"] = collect_garbage(st, plan).versions
+        return read(handle)
+
+    monkeypatch.setattr(review, "routed_pairs", read_after_gc)
+    res = review.export_review(st, vid, fmt="jsonl", out=tmp_path / "tasks.jsonl")
+    assert seen == {"planned": [], "in_use": [vid], "removed": []}, seen
+    assert res.tasks == 12 and len((tmp_path / "tasks.jsonl").read_text().splitlines()) == 12
+    assert st.exists(vid) and st.get(vid).verify() == []
+    monkeypatch.setattr(review, "routed_pairs", read)
+    assert collect_garbage(st, plan_gc(st, delete_versions=[vid])).versions == [vid] and not st.exists(vid)
+
+
+def test_a_review_export_of_a_version_gc_removed_before_the_hold_writes_nothing(built, tmp_path, monkeypatch):
+    """The version removed between its lookup and the hold: a clear error (exit 2 in the CLI), nothing written."""
+    import shutil
+
+    import pipeline.review as review
+    from pipeline.parts import collect_garbage, plan_gc
+    from pipeline.store import VersionNotFound
+
+    st = Store(tmp_path / "store")
+    shutil.copytree(built["store"], st.root)
+    vid = built["vid"]
+    hold = Store.in_use
+
+    def gc_then_hold(self, version_id):
+        collect_garbage(self, plan_gc(self, delete_versions=[version_id]))
+        return hold(self, version_id)
+
+    monkeypatch.setattr(Store, "in_use", gc_then_hold)
+    with pytest.raises(VersionNotFound, match="removed"):
+        review.export_review(st, vid, fmt="jsonl", out=tmp_path / "tasks.jsonl")
+    assert not (tmp_path / "tasks.jsonl").exists()
+
+
+# ---------------------------------------------------------------- the pair's rubric: out with the task, back on import
+REGISTRY_RUBRIC = ("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
+                   "rev-01,human,,,,\nrev-02,human,,,,\nls-3,human,,safety-v1,,\n")
+
+
+@pytest.fixture(scope="module")
+def rubric_built(tmp_path_factory):
+    """Two escalated pairs judged under rubric helpful-v3 (the second pair's first judgment says none)."""
+    d = tmp_path_factory.mktemp("rubric")
+    rows = []
+    for p, topic in enumerate(["tides", "lichens"]):
+        for k in range(2):
+            rows.append(canonical(p * 2 + k, comparison_id=f"r-{p}-{k}", label="escalate", annotator_id=f"rev-0{k + 1}",
+                                  prompt=[{"role": "user", "content": f"Tell me about {topic}."}],
+                                  response_a=f"A careful answer about {topic}.", response_b=f"Vague {topic}.",
+                                  rubric="helpful-v3" if p == 0 or k == 1 else ...))
+    store = d / "store"
+    vid = cli("curate", write_jsonl(d / "batch.jsonl", rows), "--store", store).stdout.strip().splitlines()[-1]
+    routed = {r["pair_id"]: r for r in Store(store).resolve(vid).read("routed.parquet").iter_rows(named=True)}
+    assert len(routed) == 2
+    return {"dir": d, "store": store, "vid": vid, "routed": routed}
+
+
+def test_the_pairs_rubric_goes_out_with_every_format_and_comes_back_from_the_store(rubric_built, tmp_path, fake_argilla):
+    """Label Studio and Argilla reviews came back without a rubric, so a registry's rubric qualification was never
+    checked on them.  Every format now carries the pair's rubric (the first its judgments give); with --store the
+    pair's rubric is written whatever the tool sent back (one edited in the task data); without --store the tool's."""
+    b = rubric_built
+    ls = tmp_path / "ls.json"
+    export(b, "label-studio", ls)
+    tasks = json.loads(ls.read_text())
+    assert [t["data"]["rubric"] for t in tasks] == ["helpful-v3", "helpful-v3"]
+    export(b, "jsonl", tmp_path / "tasks.jsonl")
+    assert [json.loads(x)["rubric"] for x in (tmp_path / "tasks.jsonl").read_text().splitlines()] == ["helpful-v3"] * 2
+    export(b, "argilla", tmp_path / "argilla", "--no-push")
+    records = json.loads((tmp_path / "argilla" / "records.json").read_text())
+    assert [r["metadata"]["rubric"] for r in records] == ["helpful-v3", "helpful-v3"]
+    settings = json.loads((tmp_path / "argilla" / ".argilla" / "settings.json").read_text())
+    assert next(m for m in settings["metadata"] if m["name"] == "rubric")["visible_for_annotators"] is False
+    tasks[0]["data"]["rubric"] = "safety-v1"  # edited in the tool
+    f = _write(tmp_path / "ls-export.json", label_studio_export(tasks, {0: [pick("left")], 1: [pick("right")]}))
+    for store, want in ((True, ["helpful-v3", "helpful-v3"]), (False, ["safety-v1", "helpful-v3"])):
+        out = tmp_path / f"batch-{store}.jsonl"
+        import_(b, "label-studio", f, out, store=store)
+        got = {j["pair_id"]: j.get("rubric") for j in map(json.loads, out.read_text().splitlines())}
+        assert [got[t["data"]["pair_id"]] for t in tasks] == want, (store, got)
+    from argilla.records._io import GenericIO
+
+    records[0]["metadata"]["rubric"] = "safety-v1"  # edited in Argilla
+    u1 = str(uuid.UUID(int=1))
+    recs = argilla_answers(records, {i: [(u1, {"overall": "response_1"}, "submitted")] for i in range(2)})
+    flat = _write(tmp_path / "argilla-records.json", GenericIO.to_list(recs, flatten=True))
+    for store, want in ((True, ["helpful-v3", "helpful-v3"]), (False, ["safety-v1", "helpful-v3"])):
+        out = tmp_path / f"argilla-batch-{store}.jsonl"
+        import_(b, "argilla", flat, out, store=store)
+        got = {j["pair_id"]: j.get("rubric") for j in map(json.loads, out.read_text().splitlines())}
+        assert [got[r["metadata"]["pair_id"]] for r in records] == want, (store, got)
+
+
+def test_a_rubric_edited_in_the_tool_qualifies_no_reviewer(rubric_built, tmp_path):
+    """ls-3 is qualified for rubric safety-v1 only; the pairs are helpful-v3.  Its Label Studio reviews -- one with
+    the task's rubric edited to safety-v1, imported without --store -- are flagged unqualified_reviewer on the
+    pair's rubric and resolve nothing."""
+    import shutil
+
+    import polars as pl
+
+    from pipeline.curate import curate
+    from schemas.policy import Policy
+    from schemas.registry import load_registry
+
+    b = rubric_built
+    ls = tmp_path / "ls.json"
+    export(b, "label-studio", ls)
+    tasks = json.loads(ls.read_text())
+    tasks[0]["data"]["rubric"] = "safety-v1"
+    f = _write(tmp_path / "ls-export.json", label_studio_export(tasks, {0: [pick("left")], 1: [pick("right")]}))
+    batch = tmp_path / "batch.jsonl"
+    import_(b, "label-studio", f, batch, store=False)
+    st = Store(tmp_path / "store")
+    shutil.copytree(b["store"], st.root)
+    reg = tmp_path / "annotators.csv"
+    reg.write_text(REGISTRY_RUBRIC, encoding="utf-8")
+    h = st.get(curate([batch], st, Policy(annotators=load_registry(reg)), parent=b["vid"]).version_id)
+    flags = h.read("flags").filter(pl.col("check") == "registry")
+    assert flags["reason"].to_list() == ["unqualified_reviewer"] * 2
+    assert all("rubric helpful-v3 outside the qualified rubrics (safety-v1)" in d for d in flags["detail"])
+    assert h.manifest().ledger.reviews.resolved_by_reviews == 0
+    assert set(h.read("routed.parquet")["pair_id"].to_list()) == set(b["routed"])
+
+
+# ---------------------------------------------------------------- Argilla: the time of each response
+def test_argilla_reviews_take_the_time_the_server_gives_their_responses(built, tmp_path, fake_argilla, monkeypatch):
+    """Argilla reviews came back without a date, so a registry's qualified_from / qualified_until was never checked
+    on them.  The server stamps every response (``inserted_at`` / ``updated_at``, UTC without a zone): records listed
+    by the REST API carry it and the judgment takes it; the SDK's own exports carry none (no created_at: never the
+    import's clock -- the same export imports to the same bytes)."""
+    import shutil
+
+    import argilla as rg
+    import polars as pl
+    from argilla._helpers._log import LoggingMixin
+    from argilla._models import UserResponseModel
+    from argilla.records._io import GenericIO
+
+    from pipeline.curate import curate
+    from schemas.policy import Policy
+    from schemas.registry import load_registry
+
+    server, client = fake_argilla
+    monkeypatch.setenv("ARGILLA_API_URL", URL)
+    monkeypatch.setenv("ARGILLA_API_KEY", "test-key")
+    monkeypatch.setattr(rg, "Argilla", lambda api_url, api_key: client)
+    monkeypatch.setattr(LoggingMixin, "_is_interactive", staticmethod(lambda: True))
+    export(built, "argilla", tmp_path / "pushed", "--dataset-name", "round-times")
+    did = next(d["id"] for d in server.datasets.values() if d["name"] == "round-times")
+    recs = server.records("round-times")
+    u1, u2 = str(uuid.UUID(int=1)), str(uuid.UUID(int=2))
+    for k, (rec, user, value, status, now) in enumerate([
+            (recs[0], u1, "response_1", "submitted", "2026-11-21T09:00:00"),
+            (recs[1], u1, "response_2", "submitted", "2026-11-22T18:30:00.123456"),
+            (recs[2], u2, "response_1", "draft", "2026-11-22T19:00:00")]):
+        server.now = now  # the server's clock at each submission
+        client.api.records.create_record_response(uuid.UUID(rec["id"]), UserResponseModel(
+            values={"overall": {"value": value}}, status=status, user_id=uuid.UUID(user)))
+    listed = client.api.http_client.get(f"/api/v1/datasets/{did}/records", params={"include": ["responses"]}).json()
+    api = _write(tmp_path / "api-records.json", listed["items"])
+    batch = tmp_path / "api-batch.jsonl"
+    res = json.loads(import_(built, "argilla", api, batch).stdout)
+    assert res["ledger"] == {"tasks_in": 12, "items_in": 12, "judgments_out": 2, "skipped": {"draft": 1, "unanswered": 9}}
+    pair_of = {r["external_id"]: r["metadata"]["pair_id"] for r in recs}
+    got = {j["pair_id"]: j["created_at"] for j in map(json.loads, batch.read_text().splitlines())}
+    assert got == {pair_of[recs[0]["external_id"]]: "2026-11-21T09:00:00Z",
+                   pair_of[recs[1]["external_id"]]: "2026-11-22T18:30:00.123456Z"}
+    # the dates count: argilla-<u1> qualified until the 21st -> its review of the 22nd is unqualified
+    reg = tmp_path / "annotators.csv"
+    reg.write_text("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
+                   f"rev-01,human,,,,\nrev-02,human,,,,\nargilla-{u1},human,,,,2026-11-21\n", encoding="utf-8")
+    st = Store(tmp_path / "store")
+    shutil.copytree(built["store"], st.root)
+    h = st.get(curate([batch], st, Policy(annotators=load_registry(reg)), parent=built["vid"]).version_id)
+    flags = h.read("flags").filter(pl.col("check") == "registry")
+    assert flags["detail"].to_list() == [f"annotator argilla-{u1}: judged on 2026-11-22, after qualified_until 2026-11-21"]
+    # the SDK's export of the same records: no response time, so no date -- and the same bytes on every import
+    exported = json.loads((tmp_path / "pushed" / "records.json").read_text())
+    where = {r["id"]: i for i, r in enumerate(exported)}
+    sdk = argilla_answers(exported, {where[r["external_id"]]: [(x["user_id"], {q: v["value"] for q, v in x["values"].items()},
+                                                                x["status"]) for x in r["responses"]]
+                                     for r in listed["items"] if r["responses"]})
+    flat = _write(tmp_path / "sdk-records.json", GenericIO.to_list(sdk, flatten=True))
+    outs = [tmp_path / f"sdk-batch-{k}.jsonl" for k in range(2)]
+    for out in outs:
+        import_(built, "argilla", flat, out)
+    rows = [json.loads(x) for x in outs[0].read_text().splitlines()]
+    assert len(rows) == 2 and all("created_at" not in j for j in rows)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_argilla_a_response_time_that_is_not_a_time_or_a_malformed_api_record_is_refused_with_its_place(built, tmp_path, monkeypatch):
+    monkeypatch.delenv("ARGILLA_API_URL", raising=False)
+    out = tmp_path / "argilla-export"
+    export(built, "argilla", out, "--no-push")
+    records = json.loads((out / "records.json").read_text())
+    for bad in ("yesterday", 1763715600):
+        rest = [{**records[0], "id": str(uuid.UUID(int=9)), "external_id": records[0]["id"],
+                 "responses": [{"values": {"overall": {"value": "response_1"}}, "status": "submitted",
+                                "user_id": str(uuid.UUID(int=1)), "updated_at": bad}]}]
+        refuse(built, "argilla", _write(tmp_path / "bad.json", rest), "records[0]", "responses.overall", "not a time")
+    base = {**records[0], "id": str(uuid.UUID(int=9)), "external_id": records[0]["id"]}
+    for bad, needle in (({"responses": ["submitted"]}, "'responses[0]'"),
+                        ({"responses": [{"values": {"overall": "response_1"}, "status": "submitted"}]},
+                         "'responses[0].values.overall'"),
+                        ({"responses": [], "metadata": ["pair"]}, "'metadata'")):
+        refuse(built, "argilla", _write(tmp_path / "bad.json", [{**base, **bad}]), "records[0]", needle)

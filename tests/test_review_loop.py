@@ -371,6 +371,37 @@ def test_a_reviewer_is_qualified_for_the_locale_of_the_pair_not_the_one_the_revi
     assert "2 unqualified" in summary and "1 qualified" in summary, summary
 
 
+@pytest.mark.parametrize("narrow", [False, True])
+def test_vote_mode_a_review_votes_only_if_its_reviewer_is_qualified_for_the_pairs_locale(tmp_path, narrow):
+    """``reviews.mode = "vote"``: reviews are ordinary votes, so the registry *check* decides whether one counts.
+    The pairs are ja-JP.  rev-en (qualified for en only) reviews P0 with its row's locale edited to en: it was
+    qualified by the row and voted; the pair's locale decides -- flagged unqualified_reviewer, dropped.  rev-ja's
+    review of P1 whose row says en (and another rubric) counts (the pair is ja-JP, helpful-v3).  ``narrow``: the parent built under the same policy
+    (the child reads its parent's rows without their locales, completed for the checks)."""
+    reg = tmp_path / "annotators.csv"
+    reg.write_text("annotator_id,annotator_kind,locales,rubrics,qualified_from,qualified_until\n"
+                   "rev-01,human,ja,,,\nrev-02,human,ja,,,\nrev-ja,human,ja,helpful-v3,,\nrev-en,human,en,,,\n",
+                   encoding="utf-8")
+    policy = Policy(annotators=load_registry(reg), reviews=ReviewsConfig(mode="vote"))
+    store = Store(tmp_path / "store")
+    base = write_jsonl(tmp_path / "base.jsonl", [{**r, "locale": "ja-JP", "rubric": "helpful-v3"} for r in _base_rows()])
+    v1 = curate([base], store, policy if narrow else Policy(reviews=ReviewsConfig(mode="vote"))).version_id
+    P = {r["prompt_text"].split("about ")[1].rstrip("."): r for r in store.get(v1).read("pairs").iter_rows(named=True)}
+    P = [P[t] for t in TOPICS]
+    # (j-1's rubric edited too: the pair's, helpful-v3, is the one rev-ja is qualified for)
+    reviews = [_review(P[0], "a", "e-0", who="rev-en", locale="en"),
+               _review(P[1], "a", "j-1", who="rev-ja", locale="en", rubric="harmless-v2")]
+    h = store.get(curate([write_jsonl(tmp_path / "reviews.jsonl", reviews)], store, policy, parent=v1).version_id)
+    assert ("locale" in h.manifest().lineage.get("union", {}).get("deferred", [])) is narrow
+    flags = h.read("flags").filter(pl.col("check") == "registry")
+    assert dict(flags.select("subject_id", "reason").iter_rows()) == {"e-0": "unqualified_reviewer"}
+    assert "locale ja-JP outside the qualified locales (en)" in flags["detail"][0]
+    assert h.manifest().ledger.judgments_dropped.get("unqualified_reviewer") == 1
+    pairs = {r["pair_id"]: r for r in h.read("pairs").iter_rows(named=True)}
+    assert (pairs[P[0]["pair_id"]]["n_judgments"], pairs[P[1]["pair_id"]]["n_judgments"]) == (2, 3)
+    assert h.manifest().ledger.reviews.mode == "vote" and h.manifest().ledger.reviews.resolved_by_reviews == 0
+
+
 @pytest.mark.parametrize("who", ["ai", "unqualified"])
 def test_a_review_that_cannot_resolve_does_not_reopen_a_pair_resolved_before(planted, tmp_path, who):
     """P4, escalated in v1, is decided by five more votes in v2 (resolved, kept).  A late review of it in v3

@@ -17,6 +17,10 @@ applies:
   before ``qualified_from`` or after ``qualified_until`` (both inclusive).  An empty list
   qualifies for any value; a judgment without a locale, rubric or ``created_at`` is not
   checked on that field (there is nothing to compare: the language check looks at locales).
+  A *review* (``review_of``) is checked against the locale and rubric of the pair it reviews
+  (the first its non-review judgments give), not the ones its own row names: those come back
+  from a review tool, editable (an en-only reviewer's review of a ja-JP pair whose locale was
+  edited to ``en`` is unqualified; under ``reviews.mode = "vote"`` it does not vote).
 
 The qualification is decided once per distinct (annotator, locale, rubric) -- a few thousand
 combinations at most -- and joined back to the judgments; dates are compared per row.  So
@@ -75,11 +79,55 @@ def _column(judgments: pl.DataFrame, name: str, dtype: pl.DataType) -> pl.Expr:
     return pl.col(name) if name in judgments.columns else pl.lit(None, dtype).alias(name)
 
 
+def pair_values(rows: pl.DataFrame) -> pl.DataFrame:
+    """Per ``pair_id`` of ``rows`` (a pair's non-review judgments, in input order): ``_ploc`` and
+    ``_prub``, the first locale and rubric they give -- the pair's language and rubric, as
+    :func:`pipeline.aggregate.pair_locale` takes the locale."""
+    return rows.group_by("pair_id", maintain_order=True).agg(
+        _ploc=_column(rows, "locale", pl.String).cast(pl.String).drop_nulls().first(),
+        _prub=_column(rows, "rubric", pl.String).cast(pl.String).drop_nulls().first())
+
+
+def as_reviewed(reviews: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
+    """``reviews`` (review rows) with the locale and rubric of the pair each reviews (``pairs``:
+    :func:`pair_values`, joined on ``pair_id``) where the pair has one.  A review row's own
+    locale and rubric are what a tool sent back (a JSONL column, Label Studio task data or Argilla
+    metadata edited between export and import, a hand-written batch): they do not say which
+    language the reviewer read nor under which rubric, so they never qualify a reviewer."""
+    out = reviews.join(pairs.select("pair_id", "_ploc", "_prub"), on="pair_id", how="left", maintain_order="left")
+    return out.with_columns(locale=pl.coalesce("_ploc", _column(reviews, "locale", pl.String).cast(pl.String)),
+                            rubric=pl.coalesce("_prub", _column(reviews, "rubric", pl.String).cast(pl.String))) \
+        .drop("_ploc", "_prub")
+
+
+def _of_pairs(judgments: pl.DataFrame) -> pl.DataFrame:
+    """``judgments`` with every review row (``review_of``) taking its pair's locale and rubric where the
+    pair has one (the rule of :func:`as_reviewed`); the same frame without review rows.  The pair is the review's
+    ``pair_id``: the pair it names (ingest and review import keep the two equal), or its own
+    content's when its texts differ from that pair's (:func:`pipeline.reviews_resolve.attach`) --
+    both in the review's partition, so a partitioned build decides as a whole one does."""
+    if "review_of" not in judgments.columns or judgments["review_of"].null_count() == judgments.height:
+        return judgments
+    c = pl.col
+    is_review = c("review_of").is_not_null()
+    named = judgments.filter(is_review).select("pair_id").unique()
+    pairs = pair_values(judgments.filter(~is_review).join(named, on="pair_id", how="semi"))
+    # (a join on the few reviewed pairs, in row order: no row is moved)
+    out = judgments.join(pairs, on="pair_id", how="left", maintain_order="left")
+    own_loc = _column(judgments, "locale", pl.String).cast(pl.String)
+    own_rub = _column(judgments, "rubric", pl.String).cast(pl.String)
+    return out.with_columns(locale=pl.when(is_review).then(pl.coalesce("_ploc", own_loc)).otherwise(own_loc),
+                            rubric=pl.when(is_review).then(pl.coalesce("_prub", own_rub)).otherwise(own_rub)) \
+        .drop("_ploc", "_prub")
+
+
 def findings(judgments: pl.DataFrame, registry: AnnotatorRegistry) -> pl.DataFrame:
     """The judgments that get a reason: ``comparison_id``, ``reason``, ``detail``, and ``_loc_out``,
-    ``_rub_out``, ``_date_out`` (which qualification fields an unqualified judgment is outside)."""
+    ``_rub_out``, ``_date_out`` (which qualification fields an unqualified judgment is outside).
+    A review (``review_of``) is qualified for its pair's locale and rubric, not its own (:func:`_of_pairs`)."""
     c = pl.col
     reg = registry_frame(registry)
+    judgments = _of_pairs(judgments.select([k for k in CHECK.judgment_columns or () if k in judgments.columns]))
     j = judgments.select(
         "comparison_id", "annotator_id", "annotator_kind", _locale=_column(judgments, "locale", pl.String),
         _loc=_column(judgments, "locale", pl.String).str.replace_all("_", "-", literal=True).str.to_lowercase()
@@ -173,7 +221,8 @@ _ACTIONS = ("drop", "warn")  # a judgment flag has no weight to lower: downweigh
 
 CHECK = CheckSpec(
     name=NAME, run=run, inputs=("registry",),
-    judgment_columns=("comparison_id", "annotator_id", "annotator_kind", "locale", "rubric", "created_at"),
+    judgment_columns=("comparison_id", "annotator_id", "annotator_kind", "locale", "rubric", "created_at", "pair_id",
+                      "review_of"),
     doc="judgments against the annotator registry (--annotators / policy `annotators`); no-op without one",
     reasons=(
         Reason("unknown_annotator", "judgment", "drop", "a registry is given and the annotator is not in it (does not vote)",
@@ -185,4 +234,4 @@ CHECK = CheckSpec(
     ),
 )
 
-__all__ = ["CHECK", "REASONS", "findings", "part_state", "registry_frame", "result", "run"]
+__all__ = ["CHECK", "REASONS", "as_reviewed", "findings", "pair_values", "part_state", "registry_frame", "result", "run"]

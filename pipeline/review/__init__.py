@@ -25,7 +25,7 @@ from pipeline.review.argilla import PushError
 from pipeline.review.exports import record_export
 from pipeline.review.tasks import (ReviewFileError, RoutedIndex, TaskReader, check_out_path, dumps_jsonl, env_flag,
                                    first_error, routed_pairs, tasks_from_routed)
-from pipeline.store import Store, _fsync_dir
+from pipeline.store import Store, VersionHandle, VersionNotFound, _fsync_dir
 from schemas.review import REVIEW_FORMATS, ROUTE_REASONS, ImportLedger, ReviewAnswer, ReviewJudgment, dimension_name
 
 _READERS = {"jsonl": jsonl.read_answers, "label-studio": label_studio.read_answers, "argilla": argilla.read_answers}
@@ -57,10 +57,24 @@ class ExportResult:
 def export_review(store: Store, ref: str, *, fmt: str, out: Path, reasons: tuple[str, ...] = ROUTE_REASONS,
                   dimensions: tuple[str, ...] = (), dataset_name: str | None = None, workspace: str | None = None,
                   push: bool = True) -> ExportResult:
-    """Write the routed pairs of version ``ref`` as review tasks for ``fmt`` at ``out``."""
+    """Write the routed pairs of version ``ref`` as review tasks for ``fmt`` at ``out``.
+
+    The version is held (:meth:`Store.in_use`) for the whole export: ``prefpipe gc --delete V --apply``
+    running meanwhile keeps it (reported ``in_use``) instead of removing the files being read."""
     check_format(fmt)
     check_out_path(out, store.root)
     handle = store.resolve(ref)
+    with store.in_use(handle.version_id):
+        if not store.exists(handle.version_id):  # (removed between its lookup and the hold)
+            raise VersionNotFound(f"version {handle.version_id} was removed (`prefpipe gc`) before the export could "
+                                  "read it; nothing written")
+        return _export_held(store, handle, fmt=fmt, out=out, reasons=reasons, dimensions=dimensions,
+                            dataset_name=dataset_name, workspace=workspace, push=push)
+
+
+def _export_held(store: Store, handle: VersionHandle, *, fmt: str, out: Path, reasons: tuple[str, ...],
+                 dimensions: tuple[str, ...], dataset_name: str | None, workspace: str | None, push: bool) -> ExportResult:
+    """:func:`export_review` once the version is held."""
     tasks = tasks_from_routed(routed_pairs(handle), handle.version_id, reasons)
     by_reason = dict(sorted(Counter(t.route for t in tasks).items()))
     if fmt == "jsonl":

@@ -2,8 +2,8 @@
 
 Export: one row per task, a canonical raw judgment without a verdict: ``task_id``, ``pair_id``,
 ``review_of``, ``version_id``, ``route``, ``prompt`` (messages), ``response_a`` / ``response_b``
-(stable names), the randomized ``shown_first`` and the text hashes (``prompt_hash``,
-``response_1_hash`` of the first-shown text, ``response_2_hash``).
+(stable names), the randomized ``shown_first``, the pair's ``locale`` and ``rubric``, and the
+text hashes (``prompt_hash``, ``response_1_hash`` of the first-shown text, ``response_2_hash``).
 
 Import: the same rows with a verdict filled in by the reviewer's tool: ``annotator_id`` and either
 ``label`` (``a`` / ``b`` / ``tie`` / ``both_bad`` / ``escalate``, stable names) or ``choice``
@@ -36,7 +36,7 @@ def export_rows(tasks: list[ReviewTask]) -> list[dict[str, Any]]:
         rows.append({"task_id": t.task_id, "pair_id": t.pair_id, "review_of": t.pair_id, "version_id": t.version_id,
                      "route": t.route, "prompt": [m.model_dump() for m in t.prompt], "response_a": t.response_json("a"),
                      "response_b": t.response_json("b"), "shown_first": t.shown_first, "locale": t.locale,
-                     "tags": list(t.tags), **{k: p[k] for k in ("prompt_hash", "response_1_hash", "response_2_hash")}})
+                     "rubric": t.rubric, "tags": list(t.tags), **{k: p[k] for k in ("prompt_hash", "response_1_hash", "response_2_hash")}})
     return rows
 
 

@@ -5,7 +5,7 @@ Export (https://labelstud.io/guide/tasks, https://labelstud.io/tags/pairwise):
 * ``PATH``: a tasks JSON, one ``{"data": {...}}`` per routed pair.  ``data`` holds the three
   texts in display order (``prompt``, ``response_1`` shown left, ``response_2`` right) and the
   task payload (``task_id``, ``pair_id``, ``version_id``, ``shown_first``, ``route``, text hashes,
-  ``prompt_messages``, ``locale``, ``tags``).
+  ``prompt_messages``, ``locale``, ``rubric``, ``tags``).
 * ``PATH`` with ``.xml``: the labeling config: a ``Pairwise`` tag over the two responses
   (``name="overall"``: the reviewer clicks the better one), a ``Choices`` ``overall_other`` for
   tie / both bad / escalate, one single ``Choices`` ``dim_<name>`` per rubric dimension, and a

@@ -31,7 +31,7 @@ from schemas.text import content_hash, normalize_text, prompt_text
 
 MAX_INPUT_BYTES = 1 << 30  # a tool export larger than this is refused as a whole (1 GiB)
 PAYLOAD_KEYS = ("task_id", "version_id", "pair_id", "route", "shown_first", "prompt_hash", "response_1_hash",
-                "response_2_hash", "prompt_messages", "locale", "tags")
+                "response_2_hash", "prompt_messages", "locale", "rubric", "tags")
 REQUIRED_PAYLOAD = ("task_id", "version_id", "pair_id", "route", "shown_first", "prompt_hash", "response_1_hash",
                     "response_2_hash")
 TEXT_KEYS = ("prompt", "response_1", "response_2")
@@ -74,8 +74,29 @@ def parse_reasons(reasons: str | None) -> tuple[str, ...]:
 
 
 def routed_pairs(handle: VersionHandle) -> pl.DataFrame:
-    """The version's routed pairs, read through the store's verified reader."""
-    return handle.read("routed.parquet")
+    """The version's routed pairs, read through the store's verified reader, each with its ``rubric``
+    (:func:`pair_rubrics`: a pair record has no rubric of its own)."""
+    routed = handle.read("routed.parquet")
+    if "rubric" in routed.columns:
+        return routed
+    return routed.join(pair_rubrics(handle, routed["pair_id"]), on="pair_id", how="left", maintain_order="left")
+
+
+def pair_rubrics(handle: VersionHandle, pair_ids: pl.Series) -> pl.DataFrame:
+    """``pair_id``, ``rubric`` of ``pair_ids``: the first rubric the pair's non-review judgments give in the
+    version (as the registry check takes a reviewed pair's rubric: :func:`pipeline.checks.registry.pair_values`).
+    Three columns of the judgments' rows of these pairs are decoded, no text."""
+    empty = pl.DataFrame(schema={"pair_id": pl.String, "rubric": pl.String})
+    if pair_ids.len() == 0 or not handle.has("judgments"):
+        return empty
+    have = handle.read("judgments", keys=()).columns  # (one part's schema, no rows)
+    if "rubric" not in have:
+        return empty
+    where = pl.col("pair_id").is_in(pair_ids.implode())
+    if "review_of" in have:
+        where = where & pl.col("review_of").is_null()
+    rows = handle.read("judgments", columns=["pair_id", "rubric"], where=where)
+    return rows.group_by("pair_id", maintain_order=True).agg(rubric=pl.col("rubric").cast(pl.String).drop_nulls().first())
 
 
 def tasks_from_routed(routed: pl.DataFrame, version_id: str, reasons: Iterable[str] = ROUTE_REASONS) -> list[ReviewTask]:
@@ -89,7 +110,7 @@ def _task_from_pair(r: dict[str, Any], version_id: str) -> ReviewTask:
         task_id=task_id_for(version_id, r["pair_id"]), version_id=version_id, pair_id=r["pair_id"], route=r["route"],
         shown_first=shown_first_for(version_id, r["pair_id"]), prompt=r["prompt"], prompt_text=r["prompt_text"],
         response_a=r["response_a"], response_b=r["response_b"], model_a=r.get("model_a"), model_b=r.get("model_b"),
-        locale=r.get("locale"), tags=r.get("tags") or [],
+        locale=r.get("locale"), rubric=r.get("rubric"), tags=r.get("tags") or [],
     )
 
 
@@ -98,7 +119,7 @@ def payload(task: ReviewTask) -> dict[str, Any]:
     return {"task_id": task.task_id, "version_id": task.version_id, "pair_id": task.pair_id, "route": task.route,
             "shown_first": task.shown_first, **task.hashes(),
             "prompt_messages": json.dumps([m.model_dump() for m in task.prompt], ensure_ascii=False),
-            "locale": task.locale, "tags": json.dumps(task.tags, ensure_ascii=False)}
+            "locale": task.locale, "rubric": task.rubric, "tags": json.dumps(task.tags, ensure_ascii=False)}
 
 
 def texts(task: ReviewTask) -> dict[str, str]:
@@ -168,7 +189,8 @@ class TaskReader:
         try:
             task = ReviewTask(task_id=data["task_id"], version_id=vid, pair_id=pid, route=data["route"], shown_first=first,
                               prompt=prompt, prompt_text=normalize_text(text_values["prompt"]), response_a=normalize_text(a),
-                              response_b=normalize_text(b), locale=_opt_str(data.get("locale")), tags=_tags(data.get("tags")))
+                              response_b=normalize_text(b), locale=_opt_str(data.get("locale")),
+                              rubric=_opt_str(data.get("rubric")), tags=_tags(data.get("tags")))
         except ValueError as err:
             raise self.fail(first_error(err), where=where) from None
         if self.routed is not None:
@@ -210,7 +232,8 @@ class TaskReader:
         if pair["route"] != task.route:
             raise self.fail(f"{task.route!r}, but version {task.version_id} routed the pair as {pair['route']!r}",
                             where=where, field="route")
-        # the store's copy is authoritative: exact prompt turns, models, locale and tags
+        # the store's copy is authoritative: exact prompt turns, models, locale, rubric and tags (a locale or rubric
+        # edited in the tool qualifies no reviewer: the pair's decide)
         return _task_from_pair(pair, task.version_id)
 
 
