@@ -236,7 +236,10 @@ def _contribution(j: pl.DataFrame, conflicts: pl.DataFrame, unqualified: pl.Data
     out: dict[str, Any] = {"sums": overlap_state(j.join(conflicts, on="comparison_id", how="anti", maintain_order="left"),
                                                  kinds)}
     if unqualified is not None:
-        jl = j.with_columns(pl.col("locale").fill_null(NO_LOCALE))
+        from pipeline.checks.registry import _of_pairs
+
+        # a review counts under its pair's locale, not its own row's (what a tool sent back: pipeline.checks.registry)
+        jl = _of_pairs(j).with_columns(pl.col("locale").fill_null(NO_LOCALE))
         pairs = dict(jl.group_by("locale").agg(pl.col("pair_id").n_unique()).iter_rows())
         q = jl.join(unqualified, on="comparison_id", how="anti", maintain_order="left").filter(
             pl.col("annotator_kind") == "human")
@@ -264,7 +267,7 @@ def _add(a: dict[str, Any], b: dict[str, Any], sign: int) -> dict[str, Any]:
 def _columns(h: VersionHandle) -> list[str]:
     from pipeline.overlap import COLUMNS
 
-    return ["comparison_id", *(["locale"] if _registry(h) else []), *COLUMNS]
+    return ["comparison_id", *(["locale", "review_of"] if _registry(h) else []), *COLUMNS]
 
 
 def full_agreement_state(h: VersionHandle) -> dict[str, Any]:

@@ -327,3 +327,19 @@ def test_a_large_split_is_validated_in_bounded_batches_each_read_when_validated(
     facts = pl.read_parquet(st.root / cert.part_facts.path)
     split_parts = {p.sha256 for s in SPLITS for p in m.tables[f"data/{s}"].parts}
     assert facts.filter(pl.col("sha256").is_in(list(split_parts)))["gx_evaluated"].null_count() == 0
+
+
+def test_a_review_counts_under_its_pairs_locale_in_the_qualified_overlap_not_its_own():
+    """The qualified-overlap sums per locale group judgments by locale: a review row whose locale was edited
+    in the review tool (``ja-JP`` on an ``en`` pair) counted its pair under a second locale (1 pair of ja-JP, a
+    unit of one rating).  A review takes its pair's locale, as the registry check decides it (no pair moved)."""
+    rows = [{"comparison_id": f"c{i}", "pair_id": "p-1", "a_hash": "x", "b_hash": "y", "label": "a", "annotator_id": f"h{i}",
+             "annotator_kind": "human", "locale": "en", "review_of": None} for i in range(2)]
+    rows.append({**rows[0], "comparison_id": "r1", "annotator_id": "rev", "locale": "ja-JP", "review_of": "p-1"})
+    rows.append({**rows[0], "comparison_id": "c9", "pair_id": "p-2", "a_hash": "u", "locale": "ja-JP"})
+    j = pl.DataFrame(rows)
+    none = pl.DataFrame(schema={"comparison_id": pl.String})
+    got = cp._contribution(j, none, none, {})["qualified"]
+    assert {loc: v["pairs"] for loc, v in got.items()} == {"en": 1, "ja-JP": 1}
+    assert got["en"]["sums"] == cp._contribution(j.filter(pl.col("pair_id") == "p-1").with_columns(locale=pl.lit("en")),
+                                                 none, none, {})["qualified"]["en"]["sums"]
