@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.store import SPLITS, NotCertified, Store, VersionHandle
+from pipeline.store import SPLITS, NotCertified, Store, VersionHandle, VersionNotFound
 from schemas.ids import safe_id
 from trainer import runs
 from trainer.data import (
@@ -275,6 +275,20 @@ def _hold_run(store: Store, held: contextlib.ExitStack, run_id: str) -> None:
                        "wait for it to stop (resume it then if it did not finish)")
 
 
+def _hold_version(store: Store, held: contextlib.ExitStack, ref: str) -> VersionHandle:
+    """The certified version behind ``ref``, held (:meth:`Store.in_use`, shared) from before its verification to the
+    run's end: a run reads the version after its start too (the pair tags and the test split's slices in the
+    evaluation), and ``prefpipe gc --delete V --apply`` removed a version under a running run.  gc now keeps a held
+    version and lists it as in use.  Held, the version is looked up again: gc may have removed it between the
+    lookup of ``ref`` and the hold."""
+    version_id = store.resolve(ref).version_id
+    held.enter_context(store.in_use(version_id))
+    if not store.exists(version_id):
+        raise VersionNotFound(f"version {version_id} was removed (`prefpipe gc`) before the run could use it; "
+                              "nothing written")
+    return open_certified_version(store, version_id)
+
+
 def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | None,
            held: contextlib.ExitStack) -> RunResult:
     emit = on_event or (lambda kind, payload: None)
@@ -282,9 +296,9 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
         torch.set_num_threads(cfg.threads)
     runs.cap_heap_fragmentation(cfg.mmap_threshold_kib)
 
-    # ---- 1. data: only a certified version whose files match the manifest
+    # ---- 1. data: only a certified version whose files match the manifest, held until the run ends
     store = Store(cfg.store)
-    handle = open_certified_version(store, cfg.version)
+    handle = _hold_version(store, held, cfg.version)
     manifest, cert = handle.manifest(), handle.certification()
     rows = {split: read_split_rows(handle, split) for split in ("train", "validation")}
     rows["test"] = read_split_rows(handle, "test", extra=SLICE_COLUMNS) if (cfg.test_eval or cfg.test_eval_every) else []
