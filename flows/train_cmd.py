@@ -14,7 +14,17 @@ import typer
 
 from flows.console import err_console, markup, plain
 
-EXIT_USAGE, EXIT_NOT_CERTIFIED, EXIT_DIVERGED = 2, 4, 5
+EXIT_USAGE, EXIT_NOT_CERTIFIED, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 4, 5, 130
+
+
+def _with_notes(err: BaseException) -> str:
+    """The error's message and its notes (the trainer notes where a run that stopped is recorded), one text; an
+    OSError as its file and reason."""
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = str(err)
+    return "; ".join([t for t in (text,) if t] + list(getattr(err, "__notes__", ())))
 
 
 def train(
@@ -72,7 +82,11 @@ def train(
     test-split evaluation) and appends to STORE/lineage/VERSION.jsonl;
     prints the run directory as the last line of stdout (on success only).
 
-    Exit 0 trained; 2 bad usage or input; 4 version not certified; 5 the loss became NaN/inf.
+    Any other error once the run started (a full disk, Ctrl-C) is recorded too: run.json says status
+    "failed" with the error, and --resume RUN_ID continues from the last checkpoint.
+
+    Exit 0 trained; 2 bad usage or input, or an I/O error (a full disk: the file and the reason); 4 version
+    not certified; 5 the loss became NaN/inf; 130 interrupted (Ctrl-C).
     """
     # Idle OpenMP threads spin by default; on a shared CPU that steals cycles from everyone
     # (measured: 2-thread steps 3-10x slower next to other jobs).  Only effective before torch loads.
@@ -129,8 +143,14 @@ def train(
             raise typer.Exit(EXIT_DIVERGED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
                 PrefixMismatchError, TokenizerError, NoTrainingPairs, ReferenceNotFinite) as err:
-            con.print(markup("[bold red]error:[/] {err}", err=err))
+            con.print(markup("[bold red]error:[/] {err}", err=_with_notes(err)))
             raise typer.Exit(EXIT_USAGE) from None
+        except OSError as err:  # a full disk, a read-only or vanished run directory: the file, the reason, the record
+            con.print(markup("[bold red]error:[/] {err}", err=_with_notes(err)))
+            raise typer.Exit(EXIT_USAGE) from None
+        except KeyboardInterrupt as err:  # Ctrl-C: where the run stopped and how to go on, not a traceback
+            con.print(markup("[bold red]interrupted:[/] {err}", err=_with_notes(err)))
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     f = result.final
     con.print("data (tokenize ledger):", highlight=False)
     for split, led in (result.ledger or {}).items():
