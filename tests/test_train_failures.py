@@ -205,3 +205,179 @@ def test_a_new_run_that_fails_before_its_run_json_leaves_no_directory(store, mon
     assert not (store.root / "runs" / "early").exists() and not (store.root / "lineage").exists()
     monkeypatch.setattr(runs, "write_json", real)
     assert train(make_config(store.root, "v-toy", run_id="early", max_steps=1, **FAST)).steps == 1
+
+
+# ---------------------------------------------------------------- the failure paths a user meets
+def _train_cli(root: Path, *args: str):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    return CliRunner().invoke(app, ["train", "v-toy", "--store", str(root), "--model", TINY, "--max-length", "64",
+                                    "--threads", "1", "--eval-every", "0", *args])
+
+
+def test_a_full_disk_writing_a_checkpoint_exits_2_leaves_no_partial_checkpoint_and_resumes(store, monkeypatch):
+    """safetensors says a full disk as SafetensorError("... (os error 28)"), not OSError: it was a traceback, and the
+    checkpoint's temp directory (half a model file) stayed, holding the space.  Now: exit 2 naming the file and the
+    reason and the record, no temp directory left, run.json failed at the last good checkpoint; a resume finishes."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real, calls = safetensors.torch.save_file, {"n": 0}
+
+    def full_disk(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] < 3:  # step 1's checkpoint: its model and optimizer files
+            return real(tensors, filename, metadata)
+        Path(filename).write_bytes(b"\0" * 100)  # what was written before the disk filled up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    res = _train_cli(store.root, "--steps", "3", "--checkpoint-every", "1", "--run-id", "full")
+    assert res.exit_code == 2, res.output
+    msg = " ".join(res.output.split())
+    assert "Traceback" not in res.output and "model.safetensors: No space left on device" in msg, msg
+    assert "run full stopped after step 2; recorded as failed" in msg and "resume it from step-000001" in msg, msg
+    ckdir = store.root / "runs" / "full" / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["step-000001"]  # no half-written checkpoint beside it
+    f = _run_json(store.root, "full")["failure"]
+    assert (f["reason"], f["error"], f["step"], f["last_checkpoint"]) == ("error", "OSError", 2, "step-000001")
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    res = _train_cli(store.root, "--steps", "3", "--checkpoint-every", "1", "--resume", "full")
+    assert res.exit_code == 0, res.output
+    assert _run_json(store.root, "full")["status"] == "finished"
+
+
+def test_a_full_disk_writing_the_export_leaves_no_partial_export(store, monkeypatch):
+    """--export on a full disk: the OSError naming the file (a SafetensorError traceback before), the export's temp
+    directory removed, the run recorded as failed."""
+    from safetensors import SafetensorError
+
+    import trainer.runs as runs
+
+    monkeypatch.setattr(runs, "save_checkpoint", lambda *a, **k: None)  # (only the export's write fails)
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    import transformers.modeling_utils  # (it writes with the save_file it imported)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        train(make_config(store.root, "v-toy", run_id="exp", max_steps=1, export=True, **FAST))
+    assert err.value.errno == 28 and err.value.filename.endswith("model.safetensors")
+    run_dir = store.root / "runs" / "exp"
+    assert not (run_dir / ".export.tmp").exists() and not (run_dir / "export").exists()
+    assert _run_json(store.root, "exp")["failure"]["error"] == "OSError"
+
+
+def _rewrite_index(ckpt: Path, **files_override) -> None:
+    """checkpoint.json with the sha256s of the files as they are now (an edit that also rewrote the index)."""
+    import hashlib
+
+    index = json.loads((ckpt / "checkpoint.json").read_text())
+    for name in index["files"]:
+        index["files"][name]["sha256"] = hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+    index.update(files_override)
+    (ckpt / "checkpoint.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("index-files-list", "checkpoint.json: no sha256 record for each of"),
+    ("state-not-object", "state.json: missing or malformed entry"),
+    ("another-model", "its state does not fit this run"),
+])
+def test_a_damaged_checkpoint_exits_2_naming_it_and_leaves_the_run_as_it_was(store, tmp_path, damage, needle):
+    """A checkpoint whose files match an index rewritten with them, but whose content is not this run's: exit 2
+    naming the file, no traceback (AttributeError, KeyError, load_state_dict's RuntimeError before), run.json and the
+    lineage untouched; an older intact checkpoint is named as the way on."""
+    from safetensors.torch import load_file, save_file
+
+    res = _train_cli(store.root, "--steps", "2", "--checkpoint-every", "1", "--run-id", "dmg")
+    assert res.exit_code == 0, res.output
+    ckpt = store.root / "runs" / "dmg" / "checkpoints" / "step-000002"
+    if damage == "index-files-list":
+        _rewrite_index(ckpt)
+        _rewrite_index(ckpt, files=[])
+    elif damage == "state-not-object":
+        (ckpt / "state.json").write_text('"not an object"')
+        _rewrite_index(ckpt)
+    else:  # a model file of another shape under the same names
+        state = load_file(str(ckpt / "model.safetensors"))
+        save_file({k: v[..., :1].contiguous() if v.dim() == 2 else v for k, v in state.items()},
+                  str(ckpt / "model.safetensors"))
+        _rewrite_index(ckpt)
+    run_before = (store.root / "runs" / "dmg" / "run.json").read_text()
+    events_before = (store.root / "lineage" / "v-toy.jsonl").read_text()
+    res = _train_cli(store.root, "--steps", "2", "--checkpoint-every", "1", "--resume", "dmg")
+    assert res.exit_code == 2, (res.output, res.exception)
+    msg = " ".join(res.output.split())
+    assert needle in msg and "Traceback" not in res.output, msg
+    assert "older checkpoint, step-000001: move step-000002 out of" in msg, msg
+    assert (store.root / "runs" / "dmg" / "run.json").read_text() == run_before
+    assert (store.root / "lineage" / "v-toy.jsonl").read_text() == events_before
+    (ckpt.rename(tmp_path / "step-000002"))  # the way on the message gives
+    res = _train_cli(store.root, "--steps", "2", "--checkpoint-every", "1", "--resume", "dmg")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("copied", "runs/copy/run.json belongs to run 'orig' (a run directory copied or renamed?)"),
+    ("damaged", "run.json cannot be read"),
+    ("not-a-record", "run.json is not a run record"),
+    ("missing", "run.json is missing"),
+    ("no-directory", "there is no run directory"),
+])
+def test_resuming_a_run_directory_that_is_not_that_runs_exits_2(store, case, needle):
+    """`--resume copy` of `cp -r runs/orig runs/copy` resumed it: run.json kept saying 'orig' while the lineage said
+    'copy'.  A run.json that is damaged or gone was a traceback.  Now each exits 2 saying which, writing nothing."""
+    import shutil
+
+    assert _train_cli(store.root, "--steps", "1", "--run-id", "orig").exit_code == 0
+    copy = store.root / "runs" / "copy"
+    if case != "no-directory":
+        shutil.copytree(store.root / "runs" / "orig", copy)
+    if case == "damaged":
+        (copy / "run.json").write_bytes(b'{"run_id": "copy", \xff')
+    elif case == "not-a-record":
+        (copy / "run.json").write_text('["copy"]')
+    elif case == "missing":
+        (copy / "run.json").unlink()
+    events_before = (store.root / "lineage" / "v-toy.jsonl").read_text()
+    res = _train_cli(store.root, "--steps", "2", "--resume", "copy")
+    assert res.exit_code == 2, (res.output, res.exception)
+    msg = " ".join(res.output.split())
+    assert needle in msg and "Traceback" not in res.output, msg
+    assert (store.root / "lineage" / "v-toy.jsonl").read_text() == events_before
+    if case == "copied":
+        assert json.loads((copy / "run.json").read_text())["status"] == "finished"  # untouched
+
+
+def test_two_resumes_at_once_one_trains_the_other_exits_2_and_records_nothing(store):
+    """An interrupted run resumed twice at once (two scheduler retries): the second is refused (RunInUse, exit 2)
+    while the first trains, and its refusal is no failure of the run -- run.json stays the first resume's "running"
+    -- and the first finishes; one "resumed" event."""
+    class Crash(Exception):
+        pass
+
+    def crash(kind, payload):
+        if kind == "step" and payload["step"] == 1:
+            raise Crash
+
+    cfg = dict(max_steps=3, checkpoint_every=1, **FAST)
+    with pytest.raises(Crash):
+        train(make_config(store.root, "v-toy", run_id="twice", **cfg), on_event=crash)
+    seen = {}
+
+    def second_resume(kind, payload):
+        if kind == "step" and payload["step"] == 2:
+            res = _train_cli(store.root, "--steps", "3", "--checkpoint-every", "1", "--resume", "twice")
+            seen["exit"], seen["output"] = res.exit_code, " ".join(res.output.split())
+            seen["status"] = _run_json(store.root, "twice")["status"]
+
+    res = train(make_config(store.root, "v-toy", run_id="twice", resume=True, **cfg), on_event=second_resume)
+    assert seen["exit"] == 2 and "run twice is in use" in seen["output"] and seen["status"] == "running", seen
+    assert res.steps == 3 and _run_json(store.root, "twice")["status"] == "finished"
+    assert [e["event"] for e in _events(store.root)] == ["started", "failed", "resumed", "finished"]

@@ -55,11 +55,37 @@ def code_version() -> dict[str, Any]:
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:  # (a full disk: no half-written temp file left beside it)
+        tmp.unlink(missing_ok=True)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, whose I/O errors (a full disk) come as ``SafetensorError("... No space left
+    on device (os error 28)")``, not OSError: raised here as the OSError they are, naming ``path`` (exit 2 with the
+    file and the reason from the CLI, not a traceback)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as err:
+        raise safetensors_os_error(err, path) from err
+
+
+def safetensors_os_error(err: Exception, path: Path) -> OSError:
+    """The OSError a safetensors error stands for (``os error N`` in its message; EIO when it names none)."""
+    import errno
+    import re
+
+    code = re.search(r"os error (\d+)", str(err))
+    n = int(code.group(1)) if code else errno.EIO
+    return OSError(n, os.strerror(n) if code else f"{os.strerror(n)} ({err})", str(path))
 
 
 def atomic_write_parquet(frame, path: Path) -> None:
@@ -183,17 +209,31 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, torch.Te
 
     Written into a temp directory and renamed into place (atomic); keeps the newest ``keep``.
     """
-    from safetensors.torch import save_file
-
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:06d}"
     tmp = d / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, step, model_state=model_state, optimizer_state=optimizer_state, meta=meta)
+    except BaseException:  # (a full disk: the half-written files would hold the space the run needs to record it)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a re-run of the same step (resume after a crash right after saving)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(p for p in d.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                      meta: dict[str, Any]) -> None:
+    """The checkpoint's files into the directory ``tmp``, checkpoint.json (their sha256s) last."""
     moments = {f"{name}/{g}/{i}": t for name in ("exp_avg", "exp_avg_sq")
                for g, group in enumerate(optimizer_state[name]) for i, t in enumerate(group)}
-    save_file(_unshared(model_state), str(tmp / "model.safetensors"))
-    save_file(_unshared(moments), str(tmp / "optimizer.safetensors"))
+    write_safetensors(_unshared(model_state), tmp / "model.safetensors")
+    write_safetensors(_unshared(moments), tmp / "optimizer.safetensors")
     py_version, py_state, py_gauss = random.getstate()
     state = {
         **meta, "step": step,
@@ -208,12 +248,6 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, torch.Te
             os.fsync(fh.fileno())
     atomic_write_text(tmp / "checkpoint.json", json.dumps({"format": CHECKPOINT_FORMAT, "step": step, "files": files},
                                                           indent=2) + "\n")
-    if final.exists():  # a re-run of the same step (resume after a crash right after saving)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(p for p in d.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
-    return final
 
 
 def _read_json_checked(path: Path) -> Any:
@@ -241,8 +275,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{index_path}: format {index.get('format') if isinstance(index, dict) else None!r}, "
                               f"expected {CHECKPOINT_FORMAT!r}")
+    files = index.get("files")
+    if not isinstance(files, dict) or not all(isinstance(files.get(name), dict) for name in CHECKPOINT_FILES):
+        raise CheckpointError(f"{index_path}: no sha256 record for each of {', '.join(CHECKPOINT_FILES)}")
     for name in CHECKPOINT_FILES:
-        want = (index.get("files") or {}).get(name) or {}
+        want = files[name]
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
@@ -265,7 +302,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         torch_rng = torch.tensor(rng["torch"], dtype=torch.uint8)
         py_version, py_state, py_gauss = rng["python"]
         py_rng = (int(py_version), tuple(int(x) for x in py_state), py_gauss)
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path / 'state.json'}: missing or malformed entry ({err!r})") from err
     torch.set_rng_state(torch_rng)
     random.setstate(py_rng)

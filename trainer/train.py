@@ -361,16 +361,23 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
         ckpt = runs.latest_checkpoint(run_dir)
         if ckpt is None:
             raise ResumeMismatch(f"cannot resume {run_id}: no checkpoint under {runs.checkpoint_dir(run_dir)}")
-        state = runs.load_checkpoint(ckpt)
-        # `version` as typed may differ ('latest' then its id): the resolved id was checked against run.json
-        same = {k: v for k, v in fingerprint.items() if k != "version"}
-        if not isinstance(state.get("fingerprint"), dict):
-            raise runs.CheckpointError(f"{ckpt / 'state.json'}: no settings fingerprint; not a checkpoint of a run")
-        theirs = {k: v for k, v in state["fingerprint"].items() if k != "version"}
-        if theirs != same:
-            diff = sorted(k for k in same.keys() | theirs.keys() if same.get(k) != theirs.get(k))
-            raise ResumeMismatch(f"cannot resume {run_id} from {ckpt.name}: settings differ in {', '.join(diff)}")
-        step, tokens_seen, train_seconds = _restore(ckpt, state, model, optimizer, stream)
+        try:
+            state = runs.load_checkpoint(ckpt)
+            # `version` as typed may differ ('latest' then its id): the resolved id was checked against run.json
+            same = {k: v for k, v in fingerprint.items() if k != "version"}
+            if not isinstance(state.get("fingerprint"), dict):
+                raise runs.CheckpointError(f"{ckpt / 'state.json'}: no settings fingerprint; not a checkpoint of a run")
+            theirs = {k: v for k, v in state["fingerprint"].items() if k != "version"}
+            if theirs != same:
+                diff = sorted(k for k in same.keys() | theirs.keys() if same.get(k) != theirs.get(k))
+                raise ResumeMismatch(f"cannot resume {run_id} from {ckpt.name}: settings differ in {', '.join(diff)}")
+            step, tokens_seen, train_seconds = _restore(ckpt, state, model, optimizer, stream)
+        except runs.CheckpointError as err:  # the way on, when an older checkpoint of the run is intact
+            older = sorted(p.name for p in runs.checkpoint_dir(run_dir).glob("step-*") if p.is_dir() and p != ckpt)
+            if older:
+                err.add_note(f"the run has an older checkpoint, {older[-1]}: move {ckpt.name} out of "
+                             f"{ckpt.parent} to resume from it")
+            raise
         lineage = {**started, "status": "running", "resumed_from": ckpt.name}
         for key in ("failure", "failed_at"):  # an earlier failure of this run stays in the lineage's "failed" event
             lineage.pop(key, None)
@@ -422,7 +429,7 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
             return False
         err.add_note(f"run {run_id} stopped after step {step}; recorded as failed in {run_dir / 'run.json'}; "
                      + (f"resume it from {last} with --resume {run_id}" if last else
-                        "it has no checkpoint to resume from: start a new run"))
+                        f"it has no checkpoint to resume from: start a new run (another --run-id, or remove {run_dir})"))
         return False
 
     # "claimed": a new run's directory before its run.json; "running": run.json is this process's (a resume's from
@@ -683,7 +690,7 @@ def _restore(ckpt: Path, state: dict[str, Any], model, optimizer: AdamW, stream:
         tokens_seen, train_seconds = int(state["tokens_seen"]), float(state["train_seconds"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
         raise runs.CheckpointError(f"{ckpt}: its state does not fit this run ({type(err).__name__}: "
-                                   f"{_clip(str(err), 300)})") from err
+                                   f"{_clip(' '.join(str(err).split()), 300)})") from err
     stream.position = position
     return step, tokens_seen, train_seconds
 
