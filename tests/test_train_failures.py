@@ -381,3 +381,55 @@ def test_two_resumes_at_once_one_trains_the_other_exits_2_and_records_nothing(st
     assert seen["exit"] == 2 and "run twice is in use" in seen["output"] and seen["status"] == "running", seen
     assert res.steps == 3 and _run_json(store.root, "twice")["status"] == "finished"
     assert [e["event"] for e in _events(store.root)] == ["started", "failed", "resumed", "finished"]
+
+
+def test_a_full_disk_writing_the_eval_tables_exits_2_naming_the_file_and_leaves_no_temp_file(store, monkeypatch):
+    """polars says a full disk as ComputeError("... (os error 28)"): it was a traceback (after the run was recorded);
+    now the OSError naming the table, exit 2, and the temp file it wrote removed."""
+    import polars as pl
+    from polars.exceptions import ComputeError
+
+    real = pl.DataFrame.write_parquet
+
+    def full_disk(self, file, *args, **kwargs):
+        if isinstance(file, (str, Path)) and "eval" in Path(file).name:
+            Path(file).write_bytes(b"PAR1")
+            raise ComputeError("parquet: File out of specification: underlying IO error: No space left on device "
+                               "(os error 28)")
+        return real(self, file, *args, **kwargs)
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", full_disk)
+    res = _train_cli(store.root, "--steps", "1", "--run-id", "tables")
+    assert res.exit_code == 2, (res.output, res.exception)
+    msg = " ".join(res.output.split())
+    assert "eval.parquet: No space left on device" in msg and "Traceback" not in res.output, msg
+    run_dir = store.root / "runs" / "tables"
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert _run_json(store.root, "tables")["failure"]["error"] == "OSError"
+
+
+def test_writes_that_fail_leave_no_temp_files(store, tmp_path, monkeypatch):
+    """A full disk in the middle of an atomic write (run.json, the reference cache and its record): the temp file
+    goes with the error (it stayed, holding the space)."""
+    import errno
+    import os
+
+    import trainer.reference as reference
+    import trainer.runs as runs
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        runs.atomic_write_text(tmp_path / "run.json", "{}")
+    monkeypatch.undo()
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: full() if str(a).endswith(".tmp") else real_replace(a, b))
+    with pytest.raises(OSError):
+        reference._atomic(tmp_path / "key.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    res = _train_cli(store.root, "--steps", "1", "--run-id", "ref")  # the reference cache's parquet file
+    assert res.exit_code == 2 and "No space left on device" in res.output, res.output
+    cache = store.root / "runs" / "reference-cache"
+    assert not [p for p in cache.rglob("*") if p.is_file()] and not (store.root / "runs" / "ref").exists()

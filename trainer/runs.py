@@ -78,23 +78,34 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise safetensors_os_error(err, path) from err
 
 
-def safetensors_os_error(err: Exception, path: Path) -> OSError:
-    """The OSError a safetensors error stands for (``os error N`` in its message; EIO when it names none)."""
-    import errno
+def os_error_of(err: Exception, path: Path) -> OSError | None:
+    """The OSError a library's I/O error stands for -- safetensors and polars (Rust) say a full disk as their own
+    error type with ``(os error 28)`` in the message -- naming ``path``; None when the message names no OS error."""
     import re
 
     code = re.search(r"os error (\d+)", str(err))
-    n = int(code.group(1)) if code else errno.EIO
-    return OSError(n, os.strerror(n) if code else f"{os.strerror(n)} ({err})", str(path))
+    return None if code is None else OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+
+
+def safetensors_os_error(err: Exception, path: Path) -> OSError:
+    """A safetensors write error as an OSError (:func:`os_error_of`; EIO with its message when it names none)."""
+    import errno
+
+    return os_error_of(err, path) or OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({err})", str(path))
 
 
 def atomic_write_parquet(frame, path: Path) -> None:
     """A Polars frame to ``path`` through a temp file in the same directory and a rename: a reader (or a
     crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    from polars.exceptions import PolarsError
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        frame.write_parquet(tmp)
+        try:
+            frame.write_parquet(tmp)
+        except PolarsError as err:  # a full disk comes as ComputeError("... (os error 28)"): the OSError it is
+            raise (os_error_of(err, path) or err) from err
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
