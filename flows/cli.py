@@ -9,7 +9,7 @@ Exit codes (every command):
   4  train: the version is not certified (certificate -> manifest -> files does not verify)
   5  train: the training loss (or gradient norm, or a validation / test loss) became NaN/inf;
      the run stopped at that step and its run.json records the failure
-  130  train: interrupted (Ctrl-C); its run.json records it and --resume continues the run
+  130  train: interrupted (Ctrl-C; 143: SIGTERM); its run.json records it and --resume continues the run
 
 With --json a failing command prints one JSON document on stdout all the same (ok: false,
 exit_code, error, and the file, line and field of the error): see :func:`_fail`.

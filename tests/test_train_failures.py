@@ -433,3 +433,28 @@ def test_writes_that_fail_leave_no_temp_files(store, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "No space left on device" in res.output, res.output
     cache = store.root / "runs" / "reference-cache"
     assert not [p for p in cache.rglob("*") if p.is_file()] and not (store.root / "runs" / "ref").exists()
+
+
+def test_sigterm_is_recorded_as_an_interruption_and_exits_143(store, monkeypatch):
+    """`kill PID` / `timeout` / a scheduler stopping `prefpipe train`: the process died with run.json "running"; now
+    SIGTERM interrupts the run as Ctrl-C does -- recorded, exit 143 -- and the previous handler is back after."""
+    import os
+    import signal
+
+    import flows.train_cmd as tc
+
+    before = signal.getsignal(signal.SIGTERM)
+    real = tc._Progress.on_event
+
+    def terminate_at_step_1(self, kind, payload):
+        if kind == "step" and payload["step"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(self, kind, payload)
+
+    monkeypatch.setattr(tc._Progress, "on_event", terminate_at_step_1)
+    res = _train_cli(store.root, "--steps", "3", "--checkpoint-every", "1", "--run-id", "term")
+    assert res.exit_code == 143, (res.output, res.exception)
+    assert "terminated by SIGTERM; run term stopped after step 1" in " ".join(res.output.split()), res.output
+    f = _run_json(store.root, "term")["failure"]
+    assert (f["reason"], f["message"], f["last_checkpoint"]) == ("interrupted", "terminated by SIGTERM", "step-000001")
+    assert signal.getsignal(signal.SIGTERM) == before
