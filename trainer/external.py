@@ -34,12 +34,11 @@ TAIL = 2000
 
 def export_checkpoint(model, tok, dst: Path) -> Path:
     """The policy + tokenizer in ``save_pretrained`` layout (safetensors), written to a temp dir then renamed."""
-    from trainer.tiny_llama import TinyLlamaForCausalLM, to_hf
-    from trainer.tokenize import ChatTokenizer
-
     from safetensors import SafetensorError
 
     from trainer.runs import safetensors_os_error
+    from trainer.tiny_llama import TinyLlamaForCausalLM, to_hf
+    from trainer.tokenize import ChatTokenizer
 
     tmp = dst.with_name(f".{dst.name}.tmp")
     if tmp.exists():

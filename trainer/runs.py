@@ -13,9 +13,11 @@ Layout::
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import uuid
@@ -81,25 +83,21 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def os_error_of(err: Exception, path: Path) -> OSError | None:
     """The OSError a library's I/O error stands for -- safetensors and polars (Rust) say a full disk as their own
     error type with ``(os error 28)`` in the message -- naming ``path``; None when the message names no OS error."""
-    import re
-
     code = re.search(r"os error (\d+)", str(err))
     return None if code is None else OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
 
 
 def safetensors_os_error(err: Exception, path: Path) -> OSError:
     """A safetensors write error as an OSError (:func:`os_error_of`; EIO with its message when it names none)."""
-    import errno
-
     return os_error_of(err, path) or OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({err})", str(path))
 
 
 def atomic_write_parquet(frame, path: Path) -> None:
     """A Polars frame to ``path`` through a temp file in the same directory and a rename: a reader (or a
     crash) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     from polars.exceptions import PolarsError
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         try:

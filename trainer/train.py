@@ -402,14 +402,13 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
         runs.write_json(run_dir / "run.json", lineage)
         runs.append_lineage(store, handle.version_id, {"event": "failed", "at": failure["at"], "run_id": run_id,
                                                        "run_dir": str(run_dir), "failure": failure})
-        emit("failed", failure)
 
     def on_exit(_type: type[BaseException] | None, err: BaseException | None, _tb: Any) -> bool:
         """Whatever ends the run once it started -- a full disk writing a checkpoint or the eval tables, an error in
         the final evaluation, the report or the export, a KeyboardInterrupt -- is recorded: run.json says
         ``status: "failed"`` with ``failure`` (reason ``error`` or ``interrupted``, the error's type and message,
         the steps done, the last checkpoint), the lineage a "failed" event, and the error goes on with a note naming
-        the record.  (It ran "running" for ever: neither finished nor failed, until a resume finished it.)  It runs
+        the record.  (Unrecorded, run.json said "running" for ever: neither finished nor failed.)  It runs
         first as ``held`` unwinds, before the run's lock is released: a resume waiting for the lock never has its
         "running" overwritten by this record.  A new run's directory that ends before its run.json is removed."""
         if err is None or phase == "ended":
@@ -427,6 +426,8 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
         except Exception as unrecorded:  # noqa: BLE001 - (a full disk: the record may not fit) the run's error goes on
             err.add_note(f"run {run_id} could not be recorded as failed in {run_dir / 'run.json'}: {unrecorded}")
             return False
+        with contextlib.suppress(Exception):  # (the caller's hook: the run's own error is the one that goes on)
+            emit("failed", failure)
         err.add_note(f"run {run_id} stopped after step {step}; recorded as failed in {run_dir / 'run.json'}; "
                      + (f"resume it from {last} with --resume {run_id}" if last else
                         f"it has no checkpoint to resume from: start a new run (another --run-id, or remove {run_dir})"))
@@ -470,6 +471,7 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
         failure = {"reason": reason, "step": at_step, "at": runs.now(), what: _json_float(value),
                    **{k: _json_float(v) for k, v in detail.items()}, "last_checkpoint": _last_checkpoint_name(run_dir)}
         record_failure(failure)
+        emit("failed", failure)
         return TrainingDiverged(f"{message}; run {run_id} stopped, recorded in {run_dir / 'run.json'} (last checkpoint: "
                                 f"{failure['last_checkpoint'] or 'none'})", step=failure["step"], what=what,
                                 value=value, run_dir=run_dir)
