@@ -458,3 +458,25 @@ def test_sigterm_is_recorded_as_an_interruption_and_exits_143(store, monkeypatch
     f = _run_json(store.root, "term")["failure"]
     assert (f["reason"], f["message"], f["last_checkpoint"]) == ("interrupted", "terminated by SIGTERM", "step-000001")
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_lineage_line_the_disk_takes_only_part_of_is_cut_back_and_said(store, monkeypatch):
+    """On a full disk os.write may write part of a lineage line and return the short count, no error: the torn line
+    stayed, and the next event appended after it was glued to it -- both unreadable, lost without a word.  Now the
+    file is cut back to its whole lines and the write fails (OSError, ENOSPC)."""
+    import errno
+    import os
+
+    import trainer.runs as runs
+
+    runs.append_lineage(store, "v-toy", {"event": "started", "run_id": "a"})
+    path = store.root / "lineage" / "v-toy.jsonl"
+    before = path.read_bytes()
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, data[:len(data) // 2]))
+    with pytest.raises(OSError) as err:
+        runs.append_lineage(store, "v-toy", {"event": "finished", "run_id": "a"})
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC and path.read_bytes() == before
+    runs.append_lineage(store, "v-toy", {"event": "failed", "run_id": "a"})
+    assert [e["event"] for e in _events(store.root)] == ["started", "failed"]

@@ -327,8 +327,18 @@ def append_lineage(store, version_id: str, record: dict[str, Any]) -> Path:
     with store.lock(f"lineage-{version_id}"):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)  # one write of one line with O_APPEND: never interleaved
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, line)  # one write of one line with O_APPEND: never interleaved
+                if written != len(line):  # a full disk takes part of the line and says so only by the count
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {written} of {len(line)} bytes "
+                                                "of a lineage line)", str(path))
+                os.fsync(fd)
+            except OSError:
+                # a torn line would glue the next event to it (both unreadable): cut back to the whole lines
+                # (the lock is held: no other appender wrote since the size was read)
+                os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
     return path
