@@ -480,3 +480,13 @@ def test_a_lineage_line_the_disk_takes_only_part_of_is_cut_back_and_said(store, 
     assert err.value.errno == errno.ENOSPC and path.read_bytes() == before
     runs.append_lineage(store, "v-toy", {"event": "failed", "run_id": "a"})
     assert [e["event"] for e in _events(store.root)] == ["started", "failed"]
+
+
+def test_the_metrics_plot_leaves_no_temp_file_when_its_write_fails(tmp_path):
+    from trainer.plot import write_metrics_svg
+
+    target = tmp_path / "metrics.svg"
+    target.mkdir()  # (the rename into place fails, as a full disk would fail the write)
+    with pytest.raises(OSError):
+        write_metrics_svg([{"kind": "train", "step": 1, "loss": 0.69}], target, title="t")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.svg"]
