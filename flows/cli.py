@@ -9,6 +9,7 @@ Exit codes (every command):
   4  train: the version is not certified (certificate -> manifest -> files does not verify)
   5  train: the training loss (or gradient norm, or a validation / test loss) became NaN/inf;
      the run stopped at that step and its run.json records the failure
+  130  train: interrupted (Ctrl-C; 143: SIGTERM); its run.json records it and --resume continues the run
 
 With --json a failing command prints one JSON document on stdout all the same (ok: false,
 exit_code, error, and the file, line and field of the error): see :func:`_fail`.
@@ -686,8 +687,8 @@ def gc(
     --delete / --keep-last) whole versions.  A dry run unless --apply.
 
     Parts are shared between versions (hard links into STORE/objects/): deleting a version frees
-    only the parts no other version uses.  A version a running curate builds on (its parent) or a
-    running `review export` reads is kept and listed as in use.  Certification records of deleted versions are kept aside
+    only the parts no other version uses.  A version in use -- the parent a running curate builds on,
+    the version a running `review export` reads or a running `prefpipe train` trains on -- is kept and listed as in use.  Certification records of deleted versions are kept aside
     as VERSION.json.deleted-<time>, their folders (Great Expectations results, part facts) as VERSION.deleted-<time>."""
     from pipeline.parts import collect_garbage, plan_gc
 
@@ -701,7 +702,7 @@ def gc(
         keep = set(ids[-keep_last:]) | {v for v in ids if st.get(v).verify_chain(files=False).ok}
         doomed += [v for v in ids if v not in keep]
     plan = plan_gc(st, delete_versions=doomed)
-    if apply:  # what was removed: a version a curate took into use since the plan stays, with its parts
+    if apply:  # what was removed: a version a curate or a training took into use since the plan stays, with its parts
         plan = collect_garbage(st, plan)
     summary = {"applied": apply, "versions": plan.versions, "objects": len(plan.objects), "object_bytes": plan.bytes,
                "staging": [d.name for d in plan.staging], "work": [d.name for d in plan.work], "in_use": plan.in_use}
@@ -715,7 +716,8 @@ def gc(
                      verb=verb, nv=len(plan.versions), vs=", ".join(plan.versions) or "", no=len(plan.objects),
                      mb=f"{plan.bytes / 1e6:,.1f}", ns=len(plan.staging), nw=len(plan.work)))
     if plan.in_use:
-        con.print(markup("kept (a running curate builds on it or a review export reads it; run gc again once it is done): {vs}", vs=", ".join(plan.in_use)))
+        con.print(markup("kept (in use: a running curate builds on it, a review export or a training reads it; run gc "
+                         "again once it is done): {vs}", vs=", ".join(plan.in_use)))
 
 
 @command()

@@ -4,17 +4,53 @@ Registered in flows/cli.py as ``app.command()(train)``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from flows.console import err_console, markup, plain
 
-EXIT_USAGE, EXIT_NOT_CERTIFIED, EXIT_DIVERGED = 2, 4, 5
+EXIT_USAGE, EXIT_NOT_CERTIFIED, EXIT_DIVERGED = 2, 4, 5  # and 128 + the signal: interrupted (130 Ctrl-C, 143 SIGTERM)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a scheduler or container stopping the command) raises a KeyboardInterrupt, as
+    Ctrl-C does, so the run records itself as interrupted (run.json ``failed``, reason ``interrupted``) instead of
+    dying with run.json saying ``running``.  Only in the main thread (where Python runs signal handlers); the
+    previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        err = KeyboardInterrupt(f"terminated by {signal.Signals(signum).name}")
+        err.signum = signum  # type: ignore[attr-defined]  # (the exit code: 128 + signal)
+        raise err
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _with_notes(err: BaseException) -> str:
+    """The error's message and its notes (the trainer notes where a run that stopped is recorded), one text; an
+    OSError as its file and reason."""
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = str(err)
+    return "; ".join([t for t in (text,) if t] + list(getattr(err, "__notes__", ())))
 
 
 def train(
@@ -72,7 +108,11 @@ def train(
     test-split evaluation) and appends to STORE/lineage/VERSION.jsonl;
     prints the run directory as the last line of stdout (on success only).
 
-    Exit 0 trained; 2 bad usage or input; 4 version not certified; 5 the loss became NaN/inf.
+    Any other error once the run started (a full disk, Ctrl-C, SIGTERM) is recorded too: run.json says status
+    "failed" with the error, and --resume RUN_ID continues from the last checkpoint.
+
+    Exit 0 trained; 2 bad usage or input, or an I/O error (a full disk: the file and the reason); 4 version
+    not certified; 5 the loss became NaN/inf; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
     """
     # Idle OpenMP threads spin by default; on a shared CPU that steals cycles from everyone
     # (measured: 2-thread steps 3-10x slower next to other jobs).  Only effective before torch loads.
@@ -118,7 +158,7 @@ def train(
         con.print(markup("[bold red]error:[/] bad training options:\n  {err}", err=plain(err, multiline=True)))
         raise typer.Exit(EXIT_USAGE) from None
 
-    with _Progress(cfg.max_steps, enabled=sys.stderr.isatty()) as progress:
+    with _Progress(cfg.max_steps, enabled=sys.stderr.isatty()) as progress, _sigterm_interrupts():
         try:
             result = run_training(cfg, on_event=progress.on_event)
         except VersionRefused as err:
@@ -129,8 +169,14 @@ def train(
             raise typer.Exit(EXIT_DIVERGED) from None
         except (VersionNotFound, ModelSpecError, ResumeMismatch, FileExistsError, CheckpointError,
                 PrefixMismatchError, TokenizerError, NoTrainingPairs, ReferenceNotFinite) as err:
-            con.print(markup("[bold red]error:[/] {err}", err=err))
+            con.print(markup("[bold red]error:[/] {err}", err=_with_notes(err)))
             raise typer.Exit(EXIT_USAGE) from None
+        except OSError as err:  # a full disk, a read-only or vanished run directory: the file, the reason, the record
+            con.print(markup("[bold red]error:[/] {err}", err=_with_notes(err)))
+            raise typer.Exit(EXIT_USAGE) from None
+        except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: where the run stopped and how to go on, not a traceback
+            con.print(markup("[bold red]interrupted:[/] {err}", err=_with_notes(err)))
+            raise typer.Exit(128 + getattr(err, "signum", signal.SIGINT)) from None
     f = result.final
     con.print("data (tokenize ledger):", highlight=False)
     for split, led in (result.ledger or {}).items():

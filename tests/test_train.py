@@ -147,7 +147,8 @@ def test_checkpoint_resume_continues_exactly(store):
     assert [r["step"] for r in m2] == [1, 2, 3, 4, 5, 6]  # nothing duplicated after the resume
     assert [r["loss"] for r in m1] == [r["loss"] for r in m2]
     lineage = [json.loads(x) for x in (store.root / "lineage" / "v-toy.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in lineage if e["run_id"] == "interrupted"] == ["started", "resumed", "finished"]
+    # (the crash was recorded: a "failed" event, then the resume's)
+    assert [e["event"] for e in lineage if e["run_id"] == "interrupted"] == ["started", "failed", "resumed", "finished"]
 
 
 def test_resume_refuses_changed_settings(store):

@@ -34,6 +34,9 @@ TAIL = 2000
 
 def export_checkpoint(model, tok, dst: Path) -> Path:
     """The policy + tokenizer in ``save_pretrained`` layout (safetensors), written to a temp dir then renamed."""
+    from safetensors import SafetensorError
+
+    from trainer.runs import safetensors_os_error
     from trainer.tiny_llama import TinyLlamaForCausalLM, to_hf
     from trainer.tokenize import ChatTokenizer
 
@@ -41,13 +44,20 @@ def export_checkpoint(model, tok, dst: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     hf = to_hf(model) if isinstance(model, TinyLlamaForCausalLM) else model
-    hf.save_pretrained(str(tmp), safe_serialization=True)
-    if isinstance(tok, ChatTokenizer):  # the repo's tokenizer: copy its files as they are
-        for f in tok.source_dir.iterdir():
-            if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja"):
-                shutil.copy2(f, tmp / f.name)
-    else:
-        tok.save_pretrained(str(tmp))
+    try:
+        try:
+            hf.save_pretrained(str(tmp), safe_serialization=True)
+        except SafetensorError as err:  # (a full disk, said by safetensors: the OSError it is, naming the file)
+            raise safetensors_os_error(err, tmp / "model.safetensors") from err
+        if isinstance(tok, ChatTokenizer):  # the repo's tokenizer: copy its files as they are
+            for f in tok.source_dir.iterdir():
+                if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja"):
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            tok.save_pretrained(str(tmp))
+    except BaseException:  # nothing half-written stays (nor holds the space of a full disk)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)

@@ -64,6 +64,9 @@ def write_metrics_svg(records: list[dict], path: Path, title: str = "") -> Path:
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{COLS * W}" height="{40 + rows * H}" '
            f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>' + "".join(body) + "</svg>\n")
     tmp = path.with_suffix(".svg.tmp")
-    tmp.write_text(svg, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(svg, encoding="utf-8")
+        tmp.replace(path)
+    finally:  # (a full disk: no half-written temp file left in the run directory)
+        tmp.unlink(missing_ok=True)
     return path

@@ -174,11 +174,14 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
         table.write_parquet(buf)
         data = buf.getvalue()
         tmp = d / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.parquet.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:  # (a full disk: no half-written temp file left in the cache)
+            tmp.unlink(missing_ok=True)
         # the sidecar after the file: a crash between the two leaves a file without its record (computed again)
         _atomic(d / f"{key}.json", (json.dumps({**material, SHA256_FIELD: hashlib.sha256(data).hexdigest()}, indent=2,
                                                sort_keys=True) + "\n").encode())
@@ -187,5 +190,8 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
 
 def _atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

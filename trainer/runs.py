@@ -13,9 +13,11 @@ Layout::
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import uuid
@@ -55,20 +57,53 @@ def code_version() -> dict[str, Any]:
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:  # (a full disk: no half-written temp file left beside it)
+        tmp.unlink(missing_ok=True)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, whose I/O errors (a full disk) come as ``SafetensorError("... No space left
+    on device (os error 28)")``, not OSError: raised here as the OSError they are, naming ``path`` (exit 2 with the
+    file and the reason from the CLI, not a traceback)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as err:
+        raise safetensors_os_error(err, path) from err
+
+
+def os_error_of(err: Exception, path: Path) -> OSError | None:
+    """The OSError a library's I/O error stands for -- safetensors and polars (Rust) say a full disk as their own
+    error type with ``(os error 28)`` in the message -- naming ``path``; None when the message names no OS error."""
+    code = re.search(r"os error (\d+)", str(err))
+    return None if code is None else OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+
+
+def safetensors_os_error(err: Exception, path: Path) -> OSError:
+    """A safetensors write error as an OSError (:func:`os_error_of`; EIO with its message when it names none)."""
+    return os_error_of(err, path) or OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({err})", str(path))
 
 
 def atomic_write_parquet(frame, path: Path) -> None:
     """A Polars frame to ``path`` through a temp file in the same directory and a rename: a reader (or a
     crash) never sees half a file."""
+    from polars.exceptions import PolarsError
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        frame.write_parquet(tmp)
+        try:
+            frame.write_parquet(tmp)
+        except PolarsError as err:  # a full disk comes as ComputeError("... (os error 28)"): the OSError it is
+            raise (os_error_of(err, path) or err) from err
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -183,17 +218,31 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, torch.Te
 
     Written into a temp directory and renamed into place (atomic); keeps the newest ``keep``.
     """
-    from safetensors.torch import save_file
-
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:06d}"
     tmp = d / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, step, model_state=model_state, optimizer_state=optimizer_state, meta=meta)
+    except BaseException:  # (a full disk: the half-written files would hold the space the run needs to record it)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a re-run of the same step (resume after a crash right after saving)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(p for p in d.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                      meta: dict[str, Any]) -> None:
+    """The checkpoint's files into the directory ``tmp``, checkpoint.json (their sha256s) last."""
     moments = {f"{name}/{g}/{i}": t for name in ("exp_avg", "exp_avg_sq")
                for g, group in enumerate(optimizer_state[name]) for i, t in enumerate(group)}
-    save_file(_unshared(model_state), str(tmp / "model.safetensors"))
-    save_file(_unshared(moments), str(tmp / "optimizer.safetensors"))
+    write_safetensors(_unshared(model_state), tmp / "model.safetensors")
+    write_safetensors(_unshared(moments), tmp / "optimizer.safetensors")
     py_version, py_state, py_gauss = random.getstate()
     state = {
         **meta, "step": step,
@@ -208,12 +257,6 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, torch.Te
             os.fsync(fh.fileno())
     atomic_write_text(tmp / "checkpoint.json", json.dumps({"format": CHECKPOINT_FORMAT, "step": step, "files": files},
                                                           indent=2) + "\n")
-    if final.exists():  # a re-run of the same step (resume after a crash right after saving)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(p for p in d.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
-    return final
 
 
 def _read_json_checked(path: Path) -> Any:
@@ -241,8 +284,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{index_path}: format {index.get('format') if isinstance(index, dict) else None!r}, "
                               f"expected {CHECKPOINT_FORMAT!r}")
+    files = index.get("files")
+    if not isinstance(files, dict) or not all(isinstance(files.get(name), dict) for name in CHECKPOINT_FILES):
+        raise CheckpointError(f"{index_path}: no sha256 record for each of {', '.join(CHECKPOINT_FILES)}")
     for name in CHECKPOINT_FILES:
-        want = (index.get("files") or {}).get(name) or {}
+        want = files[name]
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
@@ -265,7 +311,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         torch_rng = torch.tensor(rng["torch"], dtype=torch.uint8)
         py_version, py_state, py_gauss = rng["python"]
         py_rng = (int(py_version), tuple(int(x) for x in py_state), py_gauss)
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path / 'state.json'}: missing or malformed entry ({err!r})") from err
     torch.set_rng_state(torch_rng)
     random.setstate(py_rng)
@@ -281,8 +327,18 @@ def append_lineage(store, version_id: str, record: dict[str, Any]) -> Path:
     with store.lock(f"lineage-{version_id}"):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)  # one write of one line with O_APPEND: never interleaved
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, line)  # one write of one line with O_APPEND: never interleaved
+                if written != len(line):  # a full disk takes part of the line and says so only by the count
+                    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {written} of {len(line)} bytes "
+                                                "of a lineage line)", str(path))
+                os.fsync(fd)
+            except OSError:
+                # a torn line would glue the next event to it (both unreadable): cut back to the whole lines
+                # (the lock is held: no other appender wrote since the size was read)
+                os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
     return path

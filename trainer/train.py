@@ -31,8 +31,8 @@ gradient; only the activation memory differs.
 from __future__ import annotations
 
 import contextlib
-
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.store import SPLITS, NotCertified, Store, VersionHandle
+from pipeline.store import SPLITS, NotCertified, Store, VersionHandle, VersionNotFound
 from schemas.ids import safe_id
 from trainer import runs
 from trainer.data import (
@@ -275,6 +275,20 @@ def _hold_run(store: Store, held: contextlib.ExitStack, run_id: str) -> None:
                        "wait for it to stop (resume it then if it did not finish)")
 
 
+def _hold_version(store: Store, held: contextlib.ExitStack, ref: str) -> VersionHandle:
+    """The certified version behind ``ref``, held (:meth:`Store.in_use`, shared) from before its verification to the
+    run's end: a run reads the version after its start too (the pair tags and the test split's slices in the
+    evaluation), and ``prefpipe gc --delete V --apply`` removed a version under a running run.  gc now keeps a held
+    version and lists it as in use.  Held, the version is looked up again: gc may have removed it between the
+    lookup of ``ref`` and the hold."""
+    version_id = store.resolve(ref).version_id
+    held.enter_context(store.in_use(version_id))
+    if not store.exists(version_id):
+        raise VersionNotFound(f"version {version_id} was removed (`prefpipe gc`) before the run could use it; "
+                              "nothing written")
+    return open_certified_version(store, version_id)
+
+
 def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | None,
            held: contextlib.ExitStack) -> RunResult:
     emit = on_event or (lambda kind, payload: None)
@@ -282,9 +296,9 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
         torch.set_num_threads(cfg.threads)
     runs.cap_heap_fragmentation(cfg.mmap_threshold_kib)
 
-    # ---- 1. data: only a certified version whose files match the manifest
+    # ---- 1. data: only a certified version whose files match the manifest, held until the run ends
     store = Store(cfg.store)
-    handle = open_certified_version(store, cfg.version)
+    handle = _hold_version(store, held, cfg.version)
     manifest, cert = handle.manifest(), handle.certification()
     rows = {split: read_split_rows(handle, split) for split in ("train", "validation")}
     rows["test"] = read_split_rows(handle, "test", extra=SLICE_COLUMNS) if (cfg.test_eval or cfg.test_eval_every) else []
@@ -343,29 +357,87 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
     run_dir = store.root / "runs" / run_id
     step, tokens_seen, train_seconds = 0, 0, 0.0
     if cfg.resume:
+        started = _read_run_json(run_dir, run_id)
         ckpt = runs.latest_checkpoint(run_dir)
         if ckpt is None:
             raise ResumeMismatch(f"cannot resume {run_id}: no checkpoint under {runs.checkpoint_dir(run_dir)}")
-        state = runs.load_checkpoint(ckpt)
-        # `version` as typed may differ ('latest' then its id): the resolved id was checked against run.json
-        same = {k: v for k, v in fingerprint.items() if k != "version"}
-        if {k: v for k, v in state["fingerprint"].items() if k != "version"} != same:
-            diff = sorted(k for k in same.keys() | state["fingerprint"].keys() - {"version"}
-                          if same.get(k) != state["fingerprint"].get(k))
-            raise ResumeMismatch(f"cannot resume {run_id} from {ckpt.name}: settings differ in {', '.join(diff)}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])  # the schedule is a function of `step`
-        stream.position, step = state["data_position"], state["step"]
-        tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
-        lineage = {**_read_json(run_dir / "run.json"), "status": "running", "resumed_from": ckpt.name}
+        try:
+            state = runs.load_checkpoint(ckpt)
+            # `version` as typed may differ ('latest' then its id): the resolved id was checked against run.json
+            same = {k: v for k, v in fingerprint.items() if k != "version"}
+            if not isinstance(state.get("fingerprint"), dict):
+                raise runs.CheckpointError(f"{ckpt / 'state.json'}: no settings fingerprint; not a checkpoint of a run")
+            theirs = {k: v for k, v in state["fingerprint"].items() if k != "version"}
+            if theirs != same:
+                diff = sorted(k for k in same.keys() | theirs.keys() if same.get(k) != theirs.get(k))
+                raise ResumeMismatch(f"cannot resume {run_id} from {ckpt.name}: settings differ in {', '.join(diff)}")
+            step, tokens_seen, train_seconds = _restore(ckpt, state, model, optimizer, stream)
+        except runs.CheckpointError as err:  # the way on, when an older checkpoint of the run is intact
+            older = sorted(p.name for p in runs.checkpoint_dir(run_dir).glob("step-*") if p.is_dir() and p != ckpt)
+            if older:
+                err.add_note(f"the run has an older checkpoint, {older[-1]}: move {ckpt.name} out of "
+                             f"{ckpt.parent} to resume from it")
+            raise
+        lineage = {**started, "status": "running", "resumed_from": ckpt.name}
         for key in ("failure", "failed_at"):  # an earlier failure of this run stays in the lineage's "failed" event
             lineage.pop(key, None)
+        # metrics.jsonl cut back to the checkpoint (a damaged line refuses the resume) before run.json says running
+        log = runs.MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step)
     else:
         _hold_run(store, held, run_id)  # (before the claim: a resume of it is refused from the first moment)
         try:  # exclusive: two runs started together with one id (or the same settings in the same second) never share it
             run_dir.mkdir(parents=True)
         except FileExistsError:
             raise FileExistsError(f"run directory {run_dir} exists; pick another run_id or pass resume=True") from None
+
+    def record_failure(failure: dict[str, Any]) -> None:
+        """run.json (atomically rewritten) says ``status: "failed"`` with ``failure``; the version's lineage gets a
+        "failed" event.  A failure after the run's final record (in the report, say) takes the place of ``final``."""
+        nonlocal phase
+        phase = "ended"
+        log.close()
+        for key in ("final", "finished_at"):
+            lineage.pop(key, None)
+        lineage.update({"status": "failed", "failed_at": failure["at"], "failure": failure})
+        runs.write_json(run_dir / "run.json", lineage)
+        runs.append_lineage(store, handle.version_id, {"event": "failed", "at": failure["at"], "run_id": run_id,
+                                                       "run_dir": str(run_dir), "failure": failure})
+
+    def on_exit(_type: type[BaseException] | None, err: BaseException | None, _tb: Any) -> bool:
+        """Whatever ends the run once it started -- a full disk writing a checkpoint or the eval tables, an error in
+        the final evaluation, the report or the export, a KeyboardInterrupt -- is recorded: run.json says
+        ``status: "failed"`` with ``failure`` (reason ``error`` or ``interrupted``, the error's type and message,
+        the steps done, the last checkpoint), the lineage a "failed" event, and the error goes on with a note naming
+        the record.  (Unrecorded, run.json said "running" for ever: neither finished nor failed.)  It runs
+        first as ``held`` unwinds, before the run's lock is released: a resume waiting for the lock never has its
+        "running" overwritten by this record.  A new run's directory that ends before its run.json is removed."""
+        if err is None or phase == "ended":
+            return False
+        if phase == "claimed":
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return False
+        interrupted = not isinstance(err, Exception)  # KeyboardInterrupt, SystemExit
+        last = _last_checkpoint_name(run_dir)
+        failure = {"reason": "interrupted" if interrupted else "error", "step": step, "at": runs.now(),
+                   "error": type(err).__name__, "message": _clip(str(err)) or ("interrupted" if interrupted else ""),
+                   "last_checkpoint": last}
+        try:
+            record_failure(failure)
+        except Exception as unrecorded:  # noqa: BLE001 - (a full disk: the record may not fit) the run's error goes on
+            err.add_note(f"run {run_id} could not be recorded as failed in {run_dir / 'run.json'}: {unrecorded}")
+            return False
+        with contextlib.suppress(Exception):  # (the caller's hook: the run's own error is the one that goes on)
+            emit("failed", failure)
+        err.add_note(f"run {run_id} stopped after step {step}; recorded as failed in {run_dir / 'run.json'}; "
+                     + (f"resume it from {last} with --resume {run_id}" if last else
+                        f"it has no checkpoint to resume from: start a new run (another --run-id, or remove {run_dir})"))
+        return False
+
+    # "claimed": a new run's directory before its run.json; "running": run.json is this process's (a resume's from
+    # here on); "ended": run.json says finished or failed.  What ends the run before "ended" is recorded (on_exit).
+    phase = "running" if cfg.resume else "claimed"
+    held.push(on_exit)  # (pushed last: runs before the run's and the version's holds are released)
+    if not cfg.resume:
         lineage = {
             "run_id": run_id, "status": "running", "started_at": runs.now(), "version_id": handle.version_id,
             "certification": {k: (cert or {}).get(k) for k in ("verdict", "policy_hash", "certified_at")},
@@ -377,12 +449,13 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
             "code_version": runs.code_version(), "torch": torch.__version__, "tokenize_ledger": ledger,
         }
         runs.write_json(run_dir / "config.json", cfg.model_dump(mode="json"))
+        log = runs.MetricsLog(run_dir / "metrics.jsonl")
     lineage["reference_cache"]["hit"] = ref.hit
     runs.write_json(run_dir / "run.json", lineage)
+    phase = "running"
     runs.append_lineage(store, handle.version_id, {"event": "resumed" if cfg.resume else "started", "at": runs.now(),
                                                    "run_id": run_id, "run_dir": str(run_dir), "step": step,
                                                    **{k: lineage[k] for k in ("beta", "objective", "code_version")}})
-    log = runs.MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if cfg.resume else None)
     emit("start", {"run_id": run_id, "run_dir": str(run_dir), "step": step, "max_steps": cfg.max_steps,
                    "reference_cache_hit": ref.hit, "train_pairs": len(pairs["train"])})
 
@@ -395,13 +468,9 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
     def fail(reason: str, at_step: int, what: str, value: float, message: str, **detail: Any) -> TrainingDiverged:
         """Record a non-finite value in run.json and the lineage; returns the exception to raise.
         Non-finite floats are written as strings ("nan", "inf"): run.json stays strict JSON."""
-        log.close()
         failure = {"reason": reason, "step": at_step, "at": runs.now(), what: _json_float(value),
                    **{k: _json_float(v) for k, v in detail.items()}, "last_checkpoint": _last_checkpoint_name(run_dir)}
-        lineage.update({"status": "failed", "failed_at": failure["at"], "failure": failure})
-        runs.write_json(run_dir / "run.json", lineage)
-        runs.append_lineage(store, handle.version_id, {"event": "failed", "at": failure["at"], "run_id": run_id,
-                                                       "run_dir": str(run_dir), "failure": failure})
+        record_failure(failure)
         emit("failed", failure)
         return TrainingDiverged(f"{message}; run {run_id} stopped, recorded in {run_dir / 'run.json'} (last checkpoint: "
                                 f"{failure['last_checkpoint'] or 'none'})", step=failure["step"], what=what,
@@ -502,11 +571,14 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
             runs.write_json(run_dir / "external_eval.json", ext)
             final["external_eval"] = {k: ext.get(k) for k in ("status", "result", "seconds")}
             emit("external_eval", ext)
+    # finished once all three are written: run.json (the report reads it), the report, the lineage's event; an error
+    # before the last turns run.json to failed (on_exit), and a resume writes them again
     lineage.update({"status": "finished", "finished_at": runs.now(), "final": final})
     runs.write_json(run_dir / "run.json", lineage)
     write_run_report(run_dir)
     runs.append_lineage(store, handle.version_id, {"event": "finished", "at": runs.now(), "run_id": run_id,
                                                    "run_dir": str(run_dir), "final": final})
+    phase = "ended"
     emit("done", {"run_dir": str(run_dir), **final})
     return RunResult(run_id, run_dir, step, final, ledger, test_summary)
 
@@ -565,10 +637,9 @@ def _check_resume_inputs(store: Store, cfg: TrainConfig, version_id: str, materi
     (a newer one curated since), and a local model or tokenizer directory by path, whose files can
     change; run.json holds the resolved version id and the reference cache key (which hashes the
     splits, the reference model's files, the tokenizer and the tokenisation budget)."""
-    run_json = store.root / "runs" / str(cfg.run_id) / "run.json"
-    if cfg.run_id is None or not run_json.is_file():
+    if cfg.run_id is None:
         return  # nothing to resume from: the checkpoint lookup says so
-    started = _read_json(run_json)
+    started = _read_run_json(store.root / "runs" / cfg.run_id, cfg.run_id)
     if started.get("version_id") != version_id:
         raise ResumeMismatch(f"cannot resume {cfg.run_id}: it trained on version {started.get('version_id')}, but "
                              f"{cfg.version!r} now resolves to {version_id}; resume with the version id it started "
@@ -585,6 +656,49 @@ def _check_resume_inputs(store: Store, cfg: TrainConfig, version_id: str, materi
         raise ResumeMismatch(f"cannot resume {cfg.run_id}: its reference log-probs (cache key {old_key}) no longer "
                              f"match this run's inputs (key {cache_key(material)}; differing: {diff}): the model, "
                              "reference model, tokenizer or tokenisation changed since the run started")
+
+
+def _read_run_json(run_dir: Path, run_id: str) -> dict[str, Any]:
+    """The run.json of the run a resume continues: there, readable, a JSON object naming ``run_id`` -- else
+    :class:`ResumeMismatch` (exit 2) saying which.  A run directory copied or renamed from another run
+    (``cp -r runs/a runs/b``) names that run: resumed, its run.json would say one run and the lineage another."""
+    path = run_dir / "run.json"
+    if not run_dir.is_dir():
+        raise ResumeMismatch(f"cannot resume {run_id}: there is no run directory {run_dir}")
+    try:
+        run = _read_json(path)
+    except FileNotFoundError:
+        raise ResumeMismatch(f"cannot resume {run_id}: {path} is missing (not a run directory, or a run that stopped "
+                             "before it started); start a new run") from None
+    except (OSError, ValueError) as err:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise ResumeMismatch(f"cannot resume {run_id}: {path} cannot be read ({err})") from None
+    if not isinstance(run, dict) or not isinstance(run.get("reference_cache"), dict):
+        raise ResumeMismatch(f"cannot resume {run_id}: {path} is not a run record (a JSON object with the run's "
+                             "lineage); it was edited or is not prefpipe's")
+    if run.get("run_id") != run_id:
+        raise ResumeMismatch(f"cannot resume {run_id}: {path} belongs to run {run.get('run_id')!r} (a run directory "
+                             f"copied or renamed?); resume that run under its own id, or start a new run")
+    return run
+
+
+def _restore(ckpt: Path, state: dict[str, Any], model, optimizer: AdamW, stream: PairStream) -> tuple[int, int, float]:
+    """Model, optimizer and data position from a loaded checkpoint; (step, tokens seen, train seconds).  Its files
+    matched their sha256s, but an entry of the wrong shape or type (a checkpoint of another model, an edited
+    state.json with its sha256 rewritten) is a :class:`~trainer.runs.CheckpointError` naming it, not a traceback."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])  # the schedule is a function of `step`
+        position, step = int(state["data_position"]), int(state["step"])
+        tokens_seen, train_seconds = int(state["tokens_seen"]), float(state["train_seconds"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        raise runs.CheckpointError(f"{ckpt}: its state does not fit this run ({type(err).__name__}: "
+                                   f"{_clip(' '.join(str(err).split()), 300)})") from err
+    stream.position = position
+    return step, tokens_seen, train_seconds
+
+
+def _clip(text: str, n: int = 2000) -> str:
+    return text if len(text) <= n else text[:n] + f"... ({len(text) - n} more characters)"
 
 
 def _check_same_vocabulary(role: str, model_dir: Path, tok, tok_path: str) -> None:
