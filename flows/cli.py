@@ -686,8 +686,8 @@ def gc(
     --delete / --keep-last) whole versions.  A dry run unless --apply.
 
     Parts are shared between versions (hard links into STORE/objects/): deleting a version frees
-    only the parts no other version uses.  A version a running curate builds on (its parent) is
-    kept and listed as in use.  Certification records of deleted versions are kept aside
+    only the parts no other version uses.  A version a running curate builds on (its parent), or
+    a running certify reads (the version and its parent), is kept and listed as in use.  Certification records of deleted versions are kept aside
     as VERSION.json.deleted-<time>, their folders (Great Expectations results, part facts) as VERSION.deleted-<time>."""
     from pipeline.parts import collect_garbage, plan_gc
 
@@ -715,7 +715,8 @@ def gc(
                      verb=verb, nv=len(plan.versions), vs=", ".join(plan.versions) or "", no=len(plan.objects),
                      mb=f"{plan.bytes / 1e6:,.1f}", ns=len(plan.staging), nw=len(plan.work)))
     if plan.in_use:
-        con.print(markup("kept (a running curate builds on it; run gc again once it is done): {vs}", vs=", ".join(plan.in_use)))
+        con.print(markup("kept (in use: a running curate builds on it, or a certify reads it; run gc again once it is "
+                         "done): {vs}", vs=", ".join(plan.in_use)))
 
 
 @command()

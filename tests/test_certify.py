@@ -239,3 +239,68 @@ def test_qualified_overlap_fails_a_kept_locale_its_sums_do_not_hold(tmp_path):
     fr = gates["qualified_overlap.locale=fr-FR"]
     assert (fr.value, fr.threshold, fr.passed) == (0, 1, False), fr
     assert gates["qualified_overlap.locale=en"].passed
+
+
+def _gc_json(store_root: Path, *versions: str) -> dict:
+    args = ["gc", "--store", str(store_root), "--apply", "--json"]
+    for v in versions:
+        args += ["--delete", v]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_gc_keeps_a_version_and_its_parent_while_certify_reads_them(tmp_path, monkeypatch):
+    """`prefpipe gc --delete V --apply` run while `prefpipe certify V` is reading V (paused inside its gates, gc in a
+    thread of its own) keeps V and its parent (both listed in_use), and certify completes with its record: certify
+    took no hold, so gc removed the version under it (a traceback, or a record written for a version gone)."""
+    import threading
+
+    import pipeline.certify as certify_mod
+
+    st = Store(tmp_path / "s")
+    parent = curate([CLEAN], st, Policy()).version_id
+    child = curate([ROOT / "data" / "samples" / "batch-2026-11-09.jsonl"], st, Policy(), parent=parent).version_id
+    seen: list[dict] = []
+    gates = certify_mod.evaluate_gates
+
+    def paused(*args, **kwargs):  # certify is inside its gates, having read the manifest and hashed every file
+        t = threading.Thread(target=lambda: seen.append(_gc_json(st.root, child, parent)))
+        t.start()
+        t.join(120)
+        return gates(*args, **kwargs)
+
+    monkeypatch.setattr(certify_mod, "evaluate_gates", paused)
+    lenient = policy_from_dict({"certify": {"require_expectations": False}})
+    cert = certify_version(st, child, lenient, run_gx=False)
+    assert seen and seen[0]["versions"] == [] and sorted(seen[0]["in_use"]) == sorted([child, parent]), seen
+    assert st.exists(child) and st.exists(parent)
+    assert _gate(cert, "integrity").passed and len(cert.gates) > 10  # every gate evaluated on the files as published
+    rec = st.latest_certification(child)
+    assert rec["verdict"] == cert.verdict and rec["manifest_sha256"] == st.get(child).manifest_sha256()
+    # once certify is done, gc removes them
+    monkeypatch.undo()
+    done = _gc_json(st.root, child, parent)
+    assert sorted(done["versions"]) == sorted([child, parent]) and done["in_use"] == []
+
+
+def test_certify_of_a_version_removed_before_its_hold_exits_2(tmp_path, monkeypatch):
+    """A version gc removes between certify's lookup and its hold: exit 2 saying so, and no record written (certify
+    went on reading files that were gone)."""
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = Store(tmp_path / "s")
+    vid = curate([CLEAN], st, Policy()).version_id
+    hold = Store.in_use
+
+    def gc_first(self, version_id):
+        if version_id == vid and self.exists(vid):
+            collect_garbage(self, plan_gc(self, delete_versions=[vid]))
+        return hold(self, version_id)
+
+    monkeypatch.setattr(Store, "in_use", gc_first)
+    res = runner.invoke(app, ["certify", vid, "--store", str(st.root), "--no-expectations", "--json"])
+    assert res.exit_code == 2, res.output
+    doc = json.loads(res.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 2 and f"version {vid} was removed" in doc["error"], doc
+    assert not st.exists(vid) and not st.certification_path(vid).exists()
