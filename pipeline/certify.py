@@ -228,7 +228,7 @@ def expectations_gate(facts: VersionFacts, ids: pl.DataFrame, gx_dir: Path, fact
     if batches:
         from pipeline.expectations import run_expectations
 
-        gx = run_expectations(batches, gx_dir)
+        gx = run_expectations(batches, gx_dir, staging=h.store.root / ".staging")
         docs = f"; Data Docs: {gx['docs_index']}"
         for name, r in gx["splits"].items():
             s = split_of[name]

@@ -194,6 +194,44 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
 
 
+def replace_dir(stage: Path, target: Path) -> None:
+    """Put the complete directory ``stage`` at ``target`` (both on one filesystem), replacing a directory there:
+    the old one renamed aside, the new one renamed in, the old one removed.  A reader sees the old folder or the new
+    one whole, never a mix -- or, between the two renames, none (POSIX renames a directory only onto an empty one;
+    an exchange of two is Linux's ``renameat2(RENAME_EXCHANGE)`` alone).  ``stage`` is made durable first.  Two
+    writers of one ``target``: each one's folder arrives whole, the last rename wins, and the other is removed (a
+    writer whose rename found the other's folder there moves that aside too and tries again)."""
+    sync_tree(stage)
+    asides: list[Path] = []
+    try:
+        for _ in range(100):
+            aside = target.with_name(f".{target.name}.old.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(target, aside)
+                asides.append(aside)
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(stage, target)
+                break
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # (another writer's folder arrived between the two)
+                    if asides and not target.exists():  # the old folder back in place: a failed replace changes nothing
+                        with contextlib.suppress(OSError):
+                            os.rename(asides[-1], target)
+                            asides.pop()
+                    if err.errno == errno.EXDEV:
+                        raise StoreError(f"{stage} and {target} are on different filesystems: a folder is replaced by "
+                                         "an atomic rename") from err
+                    raise
+        else:
+            raise StoreError(f"{target}: could not be replaced (other writers replaced it 100 times meanwhile)")
+        _fsync_dir(target.parent)
+    finally:
+        for aside in asides:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
 def _io_error(err: Exception, path: Path) -> Exception:
     """A Polars I/O failure as an ``OSError`` with errno and file name when it carries one ('os error 28')."""
     m = re.search(r"os error (\d+)", str(err))

@@ -304,3 +304,95 @@ def test_certify_of_a_version_removed_before_its_hold_exits_2(tmp_path, monkeypa
     doc = json.loads(res.stdout)
     assert doc["ok"] is False and doc["exit_code"] == 2 and f"version {vid} was removed" in doc["error"], doc
     assert not st.exists(vid) and not st.certification_path(vid).exists()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_docs_failing_mid_write_leave_the_previous_folder_intact(clean, tmp_path, monkeypatch):
+    """A GX run that fails after it wrote part of its folder (a batch that cannot be read after the first was
+    validated; the summary's write failing after the Data Docs were built) leaves the previous results and Data Docs
+    as they were, or no folder when there was none, and nothing half-written beside them: GX wrote straight into
+    the folder (validation_train.json and the site replaced, the summary the old one)."""
+    import pipeline.expectations as ex
+
+    store, vid = clean
+    train = store.get(vid).read_split("train")
+    out = tmp_path / "gx"
+
+    def unreadable():
+        raise OSError(5, "Input/output error", "part-x.parquet")
+
+    with pytest.raises(OSError):  # a first run failing: no folder at all
+        ex.run_expectations({"train": train.head(5), "bad": unreadable}, out)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    first = ex.run_expectations({"train": train}, out)
+    assert first["success"] and Path(first["docs_index"]) == out.resolve() / "data_docs" / "index.html"
+    before = _tree(out)
+    assert "summary.json" in before and "validation_train.json" in before and "data_docs/index.html" in before
+    with pytest.raises(OSError):
+        ex.run_expectations({"train": train.head(5), "bad": unreadable}, out)
+    assert _tree(out) == before
+    write = ex.atomic_write_bytes
+
+    def full_disk(path, data):
+        if path.name == "summary.json":
+            raise OSError(28, "No space left on device", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(ex, "atomic_write_bytes", full_disk)
+    with pytest.raises(OSError):
+        ex.run_expectations({"train": train.head(5)}, out)
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gx"]  # no staging folder left beside it
+
+
+def test_two_gx_runs_into_one_folder_never_mix_their_files(clean, tmp_path, monkeypatch):
+    """Two certifications writing one version's GX folder at once (one paused after its first file while the other
+    runs to the end): the folder is one run's, whole -- the files of both were mixed in it (the other's validation
+    results and Data Docs pages beside a summary that does not list them).  Run through the store's staging
+    directory, as certify does: the stage is marked as its writer's, and gone afterwards."""
+    import threading
+
+    import pipeline.expectations as ex
+
+    store, vid = clean
+    train = store.get(vid).read_split("train")
+    out = tmp_path / "certifications" / vid / "gx-test"
+    staging = tmp_path / ".staging"
+    wrote, go = threading.Event(), threading.Event()
+    write = ex.atomic_write_bytes
+
+    def pausing(path, data):
+        write(path, data)
+        if threading.current_thread().name == "first" and path.name.startswith("validation_"):
+            stages = [p for p in staging.iterdir() if not p.name.endswith(".alive")]
+            assert len(stages) == 1 and (stages[0].parent / (stages[0].name + ".alive")).exists(), stages
+            wrote.set()
+            go.wait(120)
+
+    monkeypatch.setattr(ex, "atomic_write_bytes", pausing)
+    errors: list[BaseException] = []
+
+    def first():
+        try:
+            ex.run_expectations({"first": train.head(20)}, out, staging=staging)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+            wrote.set()
+
+    t = threading.Thread(target=first, name="first")
+    t.start()
+    assert wrote.wait(120)
+    second = ex.run_expectations({"second": train}, out, staging=staging)  # runs to the end while the first waits
+    assert second["success"] and sorted(p.name for p in out.glob("validation_*.json")) == ["validation_second.json"]
+    go.set()
+    t.join(120)
+    assert not errors, errors
+    files = _tree(out)
+    assert sorted(n for n in files if n.startswith("validation_")) == ["validation_first.json"], sorted(files)
+    assert list(json.loads(files["summary.json"])["splits"]) == ["first"]
+    pages = [n for n in files if n.startswith("data_docs/validations/") and n.endswith(".html")]
+    assert len(pages) == 1, pages  # the site of one run: one validation page
+    assert list(staging.iterdir()) == [] and [p.name for p in out.parent.iterdir()] == ["gx-test"]
