@@ -74,7 +74,12 @@ USE_LOCK_PREFIX = "use-"  # .locks/use-<version>.lock: shared while a build read
 
 
 class StoreError(Exception):
-    """A store operation that cannot proceed; the message says what and where."""
+    """A store operation that cannot proceed; the message says what and where.  ``path``: the file it is about, when
+    there is one (a command's --json failure names it as ``file``)."""
+
+    def __init__(self, *args: object, path: str | Path | None = None) -> None:
+        super().__init__(*args)
+        self.path = path
 
 
 class VersionNotFound(StoreError):
@@ -394,7 +399,7 @@ class VersionHandle:
         try:
             return p.read_bytes()
         except OSError as err:
-            raise DamagedVersion(f"{p}: cannot read the manifest ({err.strerror or err})") from err
+            raise DamagedVersion(f"{p}: cannot read the manifest ({err.strerror or err})", path=p) from err
 
     def manifest_sha256(self) -> str:
         return hashlib.sha256(self._manifest_bytes).hexdigest()
@@ -406,10 +411,10 @@ class VersionHandle:
             m = Manifest.model_validate_json(self._manifest_bytes)
         except ValueError as err:  # pydantic ValidationError (JSON syntax included) is a ValueError
             first = str(err).splitlines()
-            raise DamagedVersion(f"{p}: damaged manifest ({first[1] if len(first) > 1 else first[0]})".strip()) from None
+            raise DamagedVersion(f"{p}: damaged manifest ({first[1] if len(first) > 1 else first[0]})".strip(), path=p) from None
         if m.version_id != self.version_id:
             raise DamagedVersion(f"{p}: the manifest names version {m.version_id!r}, not {self.version_id!r} "
-                                 "(a manifest copied from another version)")
+                                 "(a manifest copied from another version)", path=p)
         return m
 
     def manifest(self) -> Manifest:
@@ -425,10 +430,11 @@ class VersionHandle:
     def _entry(self, rel: str) -> SplitInfo:
         info = self._entries.get(rel)
         if info is None:
-            raise IntegrityError(f"{self.path / rel}: not listed in the manifest of {self.version_id}; refusing to read it")
+            raise IntegrityError(f"{self.path / rel}: not listed in the manifest of {self.version_id}; refusing to read it",
+                                 path=self.path / "manifest.json")
         if not inside_version(rel):
             raise IntegrityError(f"{rel!r}: not a path inside the version (the manifest of {self.version_id} names a file "
-                                 "elsewhere); refusing to read it")
+                                 "elsewhere); refusing to read it", path=self.path / "manifest.json")
         return info
 
     def read_bytes(self, rel: str) -> bytes:
@@ -437,9 +443,10 @@ class VersionHandle:
         try:
             data = p.read_bytes()
         except OSError as err:
-            raise IntegrityError(f"{p}: cannot read ({err.strerror or err})") from err
+            raise IntegrityError(f"{p}: cannot read ({err.strerror or err})", path=p) from err
         if hashlib.sha256(data).hexdigest() != info.sha256:
-            raise IntegrityError(f"{p}: sha256 differs from the manifest of {self.version_id} (file changed after the version was written)")
+            raise IntegrityError(f"{p}: sha256 differs from the manifest of {self.version_id} (file changed after the version "
+                                 "was written)", path=p)
         return data
 
     def read_parts(self, rel: str) -> Iterator[tuple[str, bytes]]:
@@ -455,7 +462,7 @@ class VersionHandle:
         try:
             yield
         except Exception as err:  # noqa: BLE001
-            raise DamagedVersion(f"{self.path / name}: not readable as Parquet ({err})") from err
+            raise DamagedVersion(f"{self.path / name}: not readable as Parquet ({err})", path=self.path / name) from err
 
     def verified_path(self, rel: str) -> Path:
         """The path of a manifest-listed file after checking its sha256 (for readers that need a path)."""
