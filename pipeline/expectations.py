@@ -129,7 +129,7 @@ def run_expectations(batches: dict[str, pl.DataFrame | Callable[[], pl.DataFrame
     try:
         stage.mkdir(parents=True)
         summary = _validate_into(gx, batches, stage, docs_index=final / "data_docs" / "index.html")
-        replace_dir(stage, final)
+        replace_dir(stage, final, aside_in=stage.parent if staging is not None else None)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -199,18 +199,22 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
 
 
-def replace_dir(stage: Path, target: Path) -> None:
+def replace_dir(stage: Path, target: Path, *, aside_in: Path | None = None) -> None:
     """Put the complete directory ``stage`` at ``target`` (both on one filesystem), replacing a directory there:
     the old one renamed aside, the new one renamed in, the old one removed.  A reader sees the old folder or the new
     one whole, never a mix -- or, between the two renames, none (POSIX renames a directory only onto an empty one;
     an exchange of two is Linux's ``renameat2(RENAME_EXCHANGE)`` alone).  ``stage`` is made durable first.  Two
     writers of one ``target``: each one's folder arrives whole, the last rename wins, and the other is removed (a
-    writer whose rename found the other's folder there moves that aside too and tries again)."""
+    writer whose rename found the other's folder there moves that aside too and tries again).  ``aside_in``: where
+    the old folder goes (a store's ``.staging/``, named ``old-<name>.<pid>.<nonce>``: a sweep removes it once this
+    process is gone, should it die before it does); default: a hidden folder beside ``target``."""
     sync_tree(stage)
     asides: list[Path] = []
     try:
         for _ in range(100):
-            aside = target.with_name(f".{target.name}.old.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            nonce = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            aside = (aside_in / f"old-{target.name.replace('.', '_')}.{nonce}" if aside_in is not None
+                     else target.with_name(f".{target.name}.old.{nonce}"))
             try:
                 os.rename(target, aside)
                 asides.append(aside)

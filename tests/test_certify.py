@@ -396,3 +396,22 @@ def test_two_gx_runs_into_one_folder_never_mix_their_files(clean, tmp_path, monk
     pages = [n for n in files if n.startswith("data_docs/validations/") and n.endswith(".html")]
     assert len(pages) == 1, pages  # the site of one run: one validation page
     assert list(staging.iterdir()) == [] and [p.name for p in out.parent.iterdir()] == ["gx-test"]
+
+
+def test_a_replaced_folder_left_by_a_writer_that_died_is_swept(tmp_path, monkeypatch):
+    """The old Data Docs folder goes aside into the store's .staging/ (named with its writer's pid), not beside the
+    new one: a writer that dies before removing it leaves it where a sweep finds it once the writer is gone."""
+    import pipeline.store as store_mod
+
+    target, staging = tmp_path / "certifications" / "v-x" / "gx-1", tmp_path / ".staging"
+    for d, text in ((target, "old"), (staging / "new", "new")):
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(text)
+    monkeypatch.setattr(store_mod.shutil, "rmtree", lambda *a, **k: None)  # (dies before removing the old one)
+    store_mod.replace_dir(staging / "new", target, aside_in=staging)
+    assert (target / "summary.json").read_text() == "new" and [p.name for p in target.parent.iterdir()] == ["gx-1"]
+    old = [p for p in staging.iterdir()]
+    assert len(old) == 1 and (old[0] / "summary.json").read_text() == "old"
+    assert store_mod.dead_stages(staging) == []  # its writer (this process) lives
+    monkeypatch.setattr(store_mod, "_pid_alive", lambda pid: False)
+    assert store_mod.dead_stages(staging) == old
