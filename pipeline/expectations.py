@@ -4,9 +4,10 @@ An ephemeral GX context (nothing written to a GX project), a pandas datasource w
 dataframe asset per split, one suite, one validation definition per split, run by a
 checkpoint; the Data Docs site is built once, after the last split, into ``docs_dir`` (the
 same pages as an ``UpdateDataDocsAction`` per checkpoint, which rebuilt the site every time:
-~1 s a split).  A run's folder (results, summary, Data Docs) is written into a staging directory
-and renamed into place whole: a reader never sees a half-written one.  GX is imported lazily (its import costs ~4-7 s).  Certification validates only
-the parts no earlier certification validated (``pipeline.certify_parts``).
+~1 s a split).  A run's folder (results, summary, Data Docs) is written into a staging
+directory and renamed into place whole: a reader never sees a half-written one.  GX is imported
+lazily (its import costs ~4-7 s).  Certification validates only the parts no earlier
+certification validated (``pipeline.certify_parts``).
 
 The suite (per split): the DPO schema (exact column set in order), non-null required
 columns, ``pair_id`` unique, ``weight`` in (0, 1], ``agreement`` in [0, 1], ``strength``
