@@ -620,21 +620,31 @@ def _stored_certification(h):
 @command()
 def diff(a: Annotated[str, typer.Argument(help="Older version.")], b: Annotated[str, typer.Argument(help="Newer version.")],
          store: StoreOpt = Path("store"), as_json: JsonOpt = False) -> None:
-    """Compare two versions: pairs added/removed, label flips, metric deltas."""
+    """Compare two versions: pairs added/removed, label flips, split moves, policy changes, metric deltas.
+
+    --json lists at most 1,000 pair ids per kind (label flips, split moves; `*_truncated` says when
+    there are more: the counts are whole).  Exit 0, or 2 for an unknown id or a damaged version."""
     from pipeline.diff import diff_versions
 
     st = _open_store(store)
     d = diff_versions(_resolve_or_exit(st, a), _resolve_or_exit(st, b))
     if as_json:
-        print(json.dumps(d, indent=2, default=str))
+        print(json.dumps(d, indent=2))
         return
     con = out_console()
     con.print(f"{d['a']} -> {d['b']}")
+    pol = d["policy"]
+    if pol["a"] != pol["b"]:
+        con.print(markup("policy: {a} -> {b} ({n} settings differ)", a=pol["a"], b=pol["b"], n=len(pol["changed"])))
+        for k, (x, y) in pol["changed"].items():
+            con.print(markup("  {k:40s} {x} -> {y}", k=k, x=json.dumps(x), y=json.dumps(y)))
+    if d["code_version"]:
+        con.print(markup("code: {a} -> {b}", a=d["code_version"][0], b=d["code_version"][1]))
     con.print(f"pairs kept: +{d['pairs_added']} added, -{d['pairs_removed']} removed, {d['label_flips']} label flips, "
               f"{d['pairs_common']} in both")
     if d["label_flip_pair_ids"]:
         shown = d["label_flip_pair_ids"][:10]
-        more = len(d["label_flip_pair_ids"]) - len(shown)
+        more = d["label_flips"] - len(shown)
         con.print(markup("label flipped: {ids}{more}", ids=", ".join(shown), more=f" (+{more} more)" if more else ""))
     if d["split_moves"]:
         con.print(f"split moves: {d['split_moves']} pairs", markup=False)
@@ -688,7 +698,8 @@ def gc(
 
     Parts are shared between versions (hard links into STORE/objects/): deleting a version frees
     only the parts no other version uses.  A version in use -- the parent a running curate builds on,
-    the version a running `review export` reads or a running `prefpipe train` trains on -- is kept and listed as in use.  Certification records of deleted versions are kept aside
+    a version (and its parent) a running certify reads, the version a running `review export` reads or a running
+    `prefpipe train` trains on -- is kept and listed as in use.  Certification records of deleted versions are kept aside
     as VERSION.json.deleted-<time>, their folders (Great Expectations results, part facts) as VERSION.deleted-<time>."""
     from pipeline.parts import collect_garbage, plan_gc
 
@@ -716,8 +727,8 @@ def gc(
                      verb=verb, nv=len(plan.versions), vs=", ".join(plan.versions) or "", no=len(plan.objects),
                      mb=f"{plan.bytes / 1e6:,.1f}", ns=len(plan.staging), nw=len(plan.work)))
     if plan.in_use:
-        con.print(markup("kept (in use: a running curate builds on it, a review export or a training reads it; run gc "
-                         "again once it is done): {vs}", vs=", ".join(plan.in_use)))
+        con.print(markup("kept (in use: a running curate builds on it, a certify, a review export or a training reads "
+                         "it; run gc again once it is done): {vs}", vs=", ".join(plan.in_use)))
 
 
 @command()

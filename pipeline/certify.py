@@ -41,10 +41,12 @@ updated (the touched pairs' judgments are read by filter), and every judgment fo
 biased-annotator share when an unresolved biased annotator exists.
 
 The record goes to ``STORE/certifications/VERSION.json`` (history kept); GX results and Data
-Docs to ``STORE/certifications/VERSION/``.  The version directory is never touched.
+Docs to ``STORE/certifications/VERSION/``.  The version directory is never touched.  The version
+(and its parent) is held shared (``Store.in_use``) while it is certified: ``prefpipe gc`` keeps it.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +56,7 @@ import polars as pl
 
 from pipeline.certify_parts import (NO_LOCALE, VersionFacts, agreement_state, empty_facts, full_agreement_state,
                                     load_prior_facts, stat_facts, table_parts, write_facts)
-from pipeline.store import SPLITS, Store, StoreError, VersionHandle, verify_files
+from pipeline.store import SPLITS, Store, StoreError, VersionHandle, VersionNotFound, verify_files
 from schemas.manifest import Certification, GateResult
 from pipeline.checks import flag_actions, resolve_policy
 from schemas.policy import CertifyConfig, Policy
@@ -226,7 +228,7 @@ def expectations_gate(facts: VersionFacts, ids: pl.DataFrame, gx_dir: Path, fact
     if batches:
         from pipeline.expectations import run_expectations
 
-        gx = run_expectations(batches, gx_dir)
+        gx = run_expectations(batches, gx_dir, staging=h.store.root / ".staging")
         docs = f"; Data Docs: {gx['docs_index']}"
         for name, r in gx["splits"].items():
             s = split_of[name]
@@ -388,14 +390,34 @@ def certify_version(store: Store, ref: str, policy: Policy, *, run_gx: bool = Tr
     (:meth:`pipeline.store.Store.publication`); the ``integrity`` gate fails and no other gate runs.
 
     The record binds what was evaluated: the sha256 of the manifest bytes read (the manifest
-    binds every file), and the policy hash."""
+    binds every file), and the policy hash.
+
+    The version is held (:meth:`pipeline.store.Store.in_use`) from its lookup to its record, and its parent while
+    certification reads it: ``prefpipe gc`` keeps both (``in_use``).  A version removed before the hold raises
+    :class:`pipeline.store.VersionNotFound` (exit 2) and nothing is written."""
     from pipeline.signing import signing_keyring
 
     signing_keyring()  # a key that cannot sign fails now, before any work is done or written
     policy = resolve_policy(policy)
     h = store.resolve(ref)
+    # `prefpipe gc --delete V --apply` removed V while it was read (a traceback, or a record written for a version
+    # gone): V is held from here to the record, its parent while it is read (the stability gate, the facts)
+    with contextlib.ExitStack() as held:
+        held.enter_context(store.in_use(h.version_id))
+        if not store.exists(h.version_id):  # (removed between its lookup and the hold)
+            raise VersionNotFound(f"version {h.version_id} was removed (`prefpipe gc`) before it could be certified; "
+                                  "nothing written")
+        parent = _parent(store, h)
+        if parent is not None:
+            held.enter_context(store.in_use(parent.version_id))
+            parent = parent if store.exists(parent.version_id) else None  # (gone before the hold: as one collected)
+        return _certify_held(store, h, parent, policy, run_gx=run_gx, reuse=reuse)
+
+
+def _certify_held(store: Store, h: VersionHandle, parent: VersionHandle | None, policy: Policy, *, run_gx: bool,
+                  reuse: bool) -> Certification:
+    """:func:`certify_version` once ``h`` (and its parent, if any) is held."""
     manifest_sha = h.manifest_sha256()
-    parent = _parent(store, h)
     prior, facts_from, prior_record = load_prior_facts(store, (h, parent) if reuse else ())
     known = stat_facts(prior)
     checked: dict[str, tuple[int, int, int]] = {}

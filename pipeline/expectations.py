@@ -4,8 +4,10 @@ An ephemeral GX context (nothing written to a GX project), a pandas datasource w
 dataframe asset per split, one suite, one validation definition per split, run by a
 checkpoint; the Data Docs site is built once, after the last split, into ``docs_dir`` (the
 same pages as an ``UpdateDataDocsAction`` per checkpoint, which rebuilt the site every time:
-~1 s a split).  GX is imported lazily (its import costs ~4-7 s).  Certification validates only
-the parts no earlier certification validated (``pipeline.certify_parts``).
+~1 s a split).  A run's folder (results, summary, Data Docs) is written into a staging
+directory and renamed into place whole: a reader never sees a half-written one.  GX is imported
+lazily (its import costs ~4-7 s).  Certification validates only the parts no earlier
+certification validated (``pipeline.certify_parts``).
 
 The suite (per split): the DPO schema (exact column set in order), non-null required
 columns, ``pair_id`` unique, ``weight`` in (0, 1], ``agreement`` in [0, 1], ``strength``
@@ -19,13 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from pipeline.store import atomic_write_bytes
+from pipeline.store import StageMark, atomic_write_bytes, replace_dir
 from schemas.arrow import polars_schema
 from schemas.records import PAIR_ANNOTATOR_KINDS, DPORow
 
@@ -96,25 +100,55 @@ def build_suite(gx):
     return suite
 
 
-def run_expectations(batches: dict[str, pl.DataFrame | Callable[[], pl.DataFrame]], out_dir: Path) -> dict[str, Any]:
+def run_expectations(batches: dict[str, pl.DataFrame | Callable[[], pl.DataFrame]], out_dir: Path, *,
+                     staging: Path | None = None) -> dict[str, Any]:
     """Validate each batch (rows of a split: parts that no earlier certification validated, at
-    most a bounded number of rows a batch); write ``validation_<name>.json`` and Data Docs under
-    ``out_dir``.  A batch given as a function is read when it is validated and dropped after, so
-    only one batch is in memory at a time.
+    most a bounded number of rows a batch); write ``validation_<name>.json``, ``summary.json`` and
+    Data Docs as the folder ``out_dir``.  A batch given as a function is read when it is validated
+    and dropped after, so only one batch is in memory at a time.
 
-    Returns ``{"success": bool, "splits": {name: {...}}, "docs_index": path}``.
+    The folder is written whole into a staging directory (under ``staging``, e.g. the store's
+    ``.staging/``, marked as its writer's while it lives; default: a hidden one beside ``out_dir``)
+    and renamed into place, replacing an older ``out_dir`` (:func:`pipeline.store.replace_dir`): a
+    crash or a failure leaves the older folder (or none) as it was, and two runs into one ``out_dir``
+    never mix their files (GX wrote straight into ``out_dir``: a half-written site, validation files
+    of two runs side by side).  ``out_dir`` holds one run's results: a batch another run validated is
+    not in it.
+
+    Returns ``{"success": bool, "splits": {name: {...}}, "docs_index": path}`` (the path in ``out_dir``).
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     import great_expectations as gx
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir.resolve()  # GX needs an absolute base_directory
+    final.parent.mkdir(parents=True, exist_ok=True)
+    nonce = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    stage = (staging.resolve() / f"gx-{final.parent.name}-{final.name}.{nonce}" if staging is not None
+             else final.with_name(f".{final.name}.{nonce}.tmp"))
+    mark = StageMark(stage) if staging is not None else None  # (a sweep removes it once its writer is gone)
+    try:
+        stage.mkdir(parents=True)
+        summary = _validate_into(gx, batches, stage, docs_index=final / "data_docs" / "index.html")
+        replace_dir(stage, final, aside_in=stage.parent if staging is not None else None)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        if mark is not None:
+            mark.release()
+    return summary
+
+
+def _validate_into(gx, batches: dict[str, pl.DataFrame | Callable[[], pl.DataFrame]], out_dir: Path, *,
+                   docs_index: Path) -> dict[str, Any]:
+    """:func:`run_expectations`'s work, written into the staging directory ``out_dir`` (absolute)."""
     ctx = gx.get_context(mode="ephemeral")
     try:
         ctx.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
     except Exception:  # noqa: BLE001 - cosmetic only
         pass
-    docs_dir = out_dir.resolve() / "data_docs"  # GX needs an absolute base_directory
+    docs_dir = out_dir / "data_docs"
     ctx.add_data_docs_site(site_name="prefpipe", site_config={
         "class_name": "SiteBuilder",
         "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
@@ -141,6 +175,6 @@ def run_expectations(batches: dict[str, pl.DataFrame | Callable[[], pl.DataFrame
         atomic_write_bytes(out_dir / f"validation_{name}.json", json.dumps(vr.to_json_dict(), indent=1, default=str).encode())
         del df, run, vr
     ctx.build_data_docs()
-    summary = {"success": ok, "splits": results, "docs_index": str(docs_dir / "index.html")}
+    summary = {"success": ok, "splits": results, "docs_index": str(docs_index)}
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary

@@ -74,7 +74,12 @@ USE_LOCK_PREFIX = "use-"  # .locks/use-<version>.lock: shared while a build read
 
 
 class StoreError(Exception):
-    """A store operation that cannot proceed; the message says what and where."""
+    """A store operation that cannot proceed; the message says what and where.  ``path``: the file it is about, when
+    there is one (a command's --json failure names it as ``file``)."""
+
+    def __init__(self, *args: object, path: str | Path | None = None) -> None:
+        super().__init__(*args)
+        self.path = path
 
 
 class VersionNotFound(StoreError):
@@ -192,6 +197,48 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+
+
+def replace_dir(stage: Path, target: Path, *, aside_in: Path | None = None) -> None:
+    """Put the complete directory ``stage`` at ``target`` (both on one filesystem), replacing a directory there:
+    the old one renamed aside, the new one renamed in, the old one removed.  A reader sees the old folder or the new
+    one whole, never a mix -- or, between the two renames, none (POSIX renames a directory only onto an empty one;
+    an exchange of two is Linux's ``renameat2(RENAME_EXCHANGE)`` alone).  ``stage`` is made durable first.  Two
+    writers of one ``target``: each one's folder arrives whole, the last rename wins, and the other is removed (a
+    writer whose rename found the other's folder there moves that aside too and tries again).  ``aside_in``: where
+    the old folder goes (a store's ``.staging/``, named ``old-<name>.<pid>.<nonce>``: a sweep removes it once this
+    process is gone, should it die before it does); default: a hidden folder beside ``target``."""
+    sync_tree(stage)
+    asides: list[Path] = []
+    try:
+        for _ in range(100):
+            nonce = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            aside = (aside_in / f"old-{target.name.replace('.', '_')}.{nonce}" if aside_in is not None
+                     else target.with_name(f".{target.name}.old.{nonce}"))
+            try:
+                os.rename(target, aside)
+                asides.append(aside)
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(stage, target)
+                break
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # (another writer's folder arrived between the two)
+                    if asides and not target.exists():  # the old folder back in place: a failed replace changes nothing
+                        with contextlib.suppress(OSError):
+                            os.rename(asides[-1], target)
+                            asides.pop()
+                    if err.errno == errno.EXDEV:
+                        raise StoreError(f"{stage} and {target} are on different filesystems: a folder is replaced by "
+                                         "an atomic rename") from err
+                    raise
+        else:
+            raise StoreError(f"{target}: could not be replaced (other writers replaced it 100 times meanwhile)")
+        _fsync_dir(target.parent)
+    finally:
+        for aside in asides:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _io_error(err: Exception, path: Path) -> Exception:
@@ -356,7 +403,7 @@ class VersionHandle:
         try:
             return p.read_bytes()
         except OSError as err:
-            raise DamagedVersion(f"{p}: cannot read the manifest ({err.strerror or err})") from err
+            raise DamagedVersion(f"{p}: cannot read the manifest ({err.strerror or err})", path=p) from err
 
     def manifest_sha256(self) -> str:
         return hashlib.sha256(self._manifest_bytes).hexdigest()
@@ -368,10 +415,10 @@ class VersionHandle:
             m = Manifest.model_validate_json(self._manifest_bytes)
         except ValueError as err:  # pydantic ValidationError (JSON syntax included) is a ValueError
             first = str(err).splitlines()
-            raise DamagedVersion(f"{p}: damaged manifest ({first[1] if len(first) > 1 else first[0]})".strip()) from None
+            raise DamagedVersion(f"{p}: damaged manifest ({first[1] if len(first) > 1 else first[0]})".strip(), path=p) from None
         if m.version_id != self.version_id:
             raise DamagedVersion(f"{p}: the manifest names version {m.version_id!r}, not {self.version_id!r} "
-                                 "(a manifest copied from another version)")
+                                 "(a manifest copied from another version)", path=p)
         return m
 
     def manifest(self) -> Manifest:
@@ -387,10 +434,11 @@ class VersionHandle:
     def _entry(self, rel: str) -> SplitInfo:
         info = self._entries.get(rel)
         if info is None:
-            raise IntegrityError(f"{self.path / rel}: not listed in the manifest of {self.version_id}; refusing to read it")
+            raise IntegrityError(f"{self.path / rel}: not listed in the manifest of {self.version_id}; refusing to read it",
+                                 path=self.path / "manifest.json")
         if not inside_version(rel):
             raise IntegrityError(f"{rel!r}: not a path inside the version (the manifest of {self.version_id} names a file "
-                                 "elsewhere); refusing to read it")
+                                 "elsewhere); refusing to read it", path=self.path / "manifest.json")
         return info
 
     def read_bytes(self, rel: str) -> bytes:
@@ -399,9 +447,10 @@ class VersionHandle:
         try:
             data = p.read_bytes()
         except OSError as err:
-            raise IntegrityError(f"{p}: cannot read ({err.strerror or err})") from err
+            raise IntegrityError(f"{p}: cannot read ({err.strerror or err})", path=p) from err
         if hashlib.sha256(data).hexdigest() != info.sha256:
-            raise IntegrityError(f"{p}: sha256 differs from the manifest of {self.version_id} (file changed after the version was written)")
+            raise IntegrityError(f"{p}: sha256 differs from the manifest of {self.version_id} (file changed after the version "
+                                 "was written)", path=p)
         return data
 
     def read_parts(self, rel: str) -> Iterator[tuple[str, bytes]]:
@@ -417,7 +466,7 @@ class VersionHandle:
         try:
             yield
         except Exception as err:  # noqa: BLE001
-            raise DamagedVersion(f"{self.path / name}: not readable as Parquet ({err})") from err
+            raise DamagedVersion(f"{self.path / name}: not readable as Parquet ({err})", path=self.path / name) from err
 
     def verified_path(self, rel: str) -> Path:
         """The path of a manifest-listed file after checking its sha256 (for readers that need a path)."""

@@ -239,3 +239,179 @@ def test_qualified_overlap_fails_a_kept_locale_its_sums_do_not_hold(tmp_path):
     fr = gates["qualified_overlap.locale=fr-FR"]
     assert (fr.value, fr.threshold, fr.passed) == (0, 1, False), fr
     assert gates["qualified_overlap.locale=en"].passed
+
+
+def _gc_json(store_root: Path, *versions: str) -> dict:
+    args = ["gc", "--store", str(store_root), "--apply", "--json"]
+    for v in versions:
+        args += ["--delete", v]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_gc_keeps_a_version_and_its_parent_while_certify_reads_them(tmp_path, monkeypatch):
+    """`prefpipe gc --delete V --apply` run while `prefpipe certify V` is reading V (paused inside its gates, gc in a
+    thread of its own) keeps V and its parent (both listed in_use), and certify completes with its record: certify
+    took no hold, so gc removed the version under it (a traceback, or a record written for a version gone)."""
+    import threading
+
+    import pipeline.certify as certify_mod
+
+    st = Store(tmp_path / "s")
+    parent = curate([CLEAN], st, Policy()).version_id
+    child = curate([ROOT / "data" / "samples" / "batch-2026-11-09.jsonl"], st, Policy(), parent=parent).version_id
+    seen: list[dict] = []
+    gates = certify_mod.evaluate_gates
+
+    def paused(*args, **kwargs):  # certify is inside its gates, having read the manifest and hashed every file
+        t = threading.Thread(target=lambda: seen.append(_gc_json(st.root, child, parent)))
+        t.start()
+        t.join(120)
+        return gates(*args, **kwargs)
+
+    monkeypatch.setattr(certify_mod, "evaluate_gates", paused)
+    lenient = policy_from_dict({"certify": {"require_expectations": False}})
+    cert = certify_version(st, child, lenient, run_gx=False)
+    assert seen and seen[0]["versions"] == [] and sorted(seen[0]["in_use"]) == sorted([child, parent]), seen
+    assert st.exists(child) and st.exists(parent)
+    assert _gate(cert, "integrity").passed and len(cert.gates) > 10  # every gate evaluated on the files as published
+    rec = st.latest_certification(child)
+    assert rec["verdict"] == cert.verdict and rec["manifest_sha256"] == st.get(child).manifest_sha256()
+    # once certify is done, gc removes them
+    monkeypatch.undo()
+    done = _gc_json(st.root, child, parent)
+    assert sorted(done["versions"]) == sorted([child, parent]) and done["in_use"] == []
+
+
+def test_certify_of_a_version_removed_before_its_hold_exits_2(tmp_path, monkeypatch):
+    """A version gc removes between certify's lookup and its hold: exit 2 saying so, and no record written (certify
+    went on reading files that were gone)."""
+    from pipeline.parts import collect_garbage, plan_gc
+
+    st = Store(tmp_path / "s")
+    vid = curate([CLEAN], st, Policy()).version_id
+    hold = Store.in_use
+
+    def gc_first(self, version_id):
+        if version_id == vid and self.exists(vid):
+            collect_garbage(self, plan_gc(self, delete_versions=[vid]))
+        return hold(self, version_id)
+
+    monkeypatch.setattr(Store, "in_use", gc_first)
+    res = runner.invoke(app, ["certify", vid, "--store", str(st.root), "--no-expectations", "--json"])
+    assert res.exit_code == 2, res.output
+    doc = json.loads(res.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 2 and f"version {vid} was removed" in doc["error"], doc
+    assert not st.exists(vid) and not st.certification_path(vid).exists()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_docs_failing_mid_write_leave_the_previous_folder_intact(clean, tmp_path, monkeypatch):
+    """A GX run that fails after it wrote part of its folder (a batch that cannot be read after the first was
+    validated; the summary's write failing after the Data Docs were built) leaves the previous results and Data Docs
+    as they were, or no folder when there was none, and nothing half-written beside them: GX wrote straight into
+    the folder (validation_train.json and the site replaced, the summary the old one)."""
+    import pipeline.expectations as ex
+
+    store, vid = clean
+    train = store.get(vid).read_split("train")
+    out = tmp_path / "gx"
+
+    def unreadable():
+        raise OSError(5, "Input/output error", "part-x.parquet")
+
+    with pytest.raises(OSError):  # a first run failing: no folder at all
+        ex.run_expectations({"train": train.head(5), "bad": unreadable}, out)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    first = ex.run_expectations({"train": train}, out)
+    assert first["success"] and Path(first["docs_index"]) == out.resolve() / "data_docs" / "index.html"
+    before = _tree(out)
+    assert "summary.json" in before and "validation_train.json" in before and "data_docs/index.html" in before
+    with pytest.raises(OSError):
+        ex.run_expectations({"train": train.head(5), "bad": unreadable}, out)
+    assert _tree(out) == before
+    write = ex.atomic_write_bytes
+
+    def full_disk(path, data):
+        if path.name == "summary.json":
+            raise OSError(28, "No space left on device", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(ex, "atomic_write_bytes", full_disk)
+    with pytest.raises(OSError):
+        ex.run_expectations({"train": train.head(5)}, out)
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gx"]  # no staging folder left beside it
+
+
+def test_two_gx_runs_into_one_folder_never_mix_their_files(clean, tmp_path, monkeypatch):
+    """Two certifications writing one version's GX folder at once (one paused after its first file while the other
+    runs to the end): the folder is one run's, whole -- the files of both were mixed in it (the other's validation
+    results and Data Docs pages beside a summary that does not list them).  Run through the store's staging
+    directory, as certify does: the stage is marked as its writer's, and gone afterwards."""
+    import threading
+
+    import pipeline.expectations as ex
+
+    store, vid = clean
+    train = store.get(vid).read_split("train")
+    out = tmp_path / "certifications" / vid / "gx-test"
+    staging = tmp_path / ".staging"
+    wrote, go = threading.Event(), threading.Event()
+    write = ex.atomic_write_bytes
+
+    def pausing(path, data):
+        write(path, data)
+        if threading.current_thread().name == "first" and path.name.startswith("validation_"):
+            stages = [p for p in staging.iterdir() if not p.name.endswith(".alive")]
+            assert len(stages) == 1 and (stages[0].parent / (stages[0].name + ".alive")).exists(), stages
+            wrote.set()
+            go.wait(120)
+
+    monkeypatch.setattr(ex, "atomic_write_bytes", pausing)
+    errors: list[BaseException] = []
+
+    def first():
+        try:
+            ex.run_expectations({"first": train.head(20)}, out, staging=staging)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+            wrote.set()
+
+    t = threading.Thread(target=first, name="first")
+    t.start()
+    assert wrote.wait(120)
+    second = ex.run_expectations({"second": train}, out, staging=staging)  # runs to the end while the first waits
+    assert second["success"] and sorted(p.name for p in out.glob("validation_*.json")) == ["validation_second.json"]
+    go.set()
+    t.join(120)
+    assert not errors, errors
+    files = _tree(out)
+    assert sorted(n for n in files if n.startswith("validation_")) == ["validation_first.json"], sorted(files)
+    assert list(json.loads(files["summary.json"])["splits"]) == ["first"]
+    pages = [n for n in files if n.startswith("data_docs/validations/") and n.endswith(".html")]
+    assert len(pages) == 1, pages  # the site of one run: one validation page
+    assert list(staging.iterdir()) == [] and [p.name for p in out.parent.iterdir()] == ["gx-test"]
+
+
+def test_a_replaced_folder_left_by_a_writer_that_died_is_swept(tmp_path, monkeypatch):
+    """The old Data Docs folder goes aside into the store's .staging/ (named with its writer's pid), not beside the
+    new one: a writer that dies before removing it leaves it where a sweep finds it once the writer is gone."""
+    import pipeline.store as store_mod
+
+    target, staging = tmp_path / "certifications" / "v-x" / "gx-1", tmp_path / ".staging"
+    for d, text in ((target, "old"), (staging / "new", "new")):
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(text)
+    monkeypatch.setattr(store_mod.shutil, "rmtree", lambda *a, **k: None)  # (dies before removing the old one)
+    store_mod.replace_dir(staging / "new", target, aside_in=staging)
+    assert (target / "summary.json").read_text() == "new" and [p.name for p in target.parent.iterdir()] == ["gx-1"]
+    old = [p for p in staging.iterdir()]
+    assert len(old) == 1 and (old[0] / "summary.json").read_text() == "old"
+    assert store_mod.dead_stages(staging) == []  # its writer (this process) lives
+    monkeypatch.setattr(store_mod, "_pid_alive", lambda pid: False)
+    assert store_mod.dead_stages(staging) == old

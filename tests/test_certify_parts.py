@@ -76,8 +76,8 @@ def test_a_child_validates_only_its_new_parts_and_reaches_the_gates_of_a_full_ce
     batches: list[dict[str, int]] = []
     real = expectations.run_expectations
 
-    def spy(frames, out_dir):
-        out = real(frames, out_dir)
+    def spy(frames, out_dir, **kwargs):
+        out = real(frames, out_dir, **kwargs)
         batches.append({s: r["rows"] for s, r in out["splits"].items()})
         return out
 
@@ -176,7 +176,7 @@ def test_a_failed_part_is_not_remembered_as_validated(chain, tmp_path, monkeypat
     st, v1, _ = _copy(chain, tmp_path)
     calls: list[set[str]] = []
 
-    def failing(frames, out_dir):
+    def failing(frames, out_dir, **_kwargs):
         calls.append(set(frames))
         return {"success": False, "docs_index": str(out_dir / "index.html"),
                 "splits": {s: {"success": s != "train", "rows": f().height, "evaluated": 20,
@@ -307,9 +307,9 @@ def test_a_large_split_is_validated_in_bounded_batches_each_read_when_validated(
     seen: list[tuple[str, int]] = []
     real = expectations.run_expectations
 
-    def spy(frames, out_dir):
+    def spy(frames, out_dir, **kwargs):
         assert all(callable(f) for f in frames.values())  # read when validated, one at a time
-        out = real(frames, out_dir)
+        out = real(frames, out_dir, **kwargs)
         seen.extend((name, r["rows"]) for name, r in out["splits"].items())
         return out
 
