@@ -178,6 +178,9 @@ def train(
             con.print(markup("[bold red]interrupted:[/] {err}", err=_with_notes(err)))
             raise typer.Exit(128 + getattr(err, "signum", signal.SIGINT)) from None
     f = result.final
+    if result.already_finished:
+        con.print(markup("run {r} had finished: nothing trained or written again; its recorded results follow",
+                         r=result.run_id))
     con.print("data (tokenize ledger):", highlight=False)
     for split, led in (result.ledger or {}).items():
         con.print(plain("  " + ledger_summary(led, split)))

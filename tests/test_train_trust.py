@@ -319,3 +319,32 @@ def test_a_run_in_use_cannot_be_resumed_by_another_process(store):
     assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*")} == before
     # (free again: the resume goes on)
     assert train(make_config(store.root, "v-toy", run_id="busy", resume=True, max_steps=2, checkpoint_every=1, **FAST))
+
+
+def test_a_resume_of_a_finished_run_returns_its_results_and_writes_nothing(store):
+    """A scheduler's retry of a run that finished (``--resume RUN`` again): its recorded results, and nothing
+    trained, evaluated, exported or written again -- it re-ran the test evaluation, the report and the export and
+    appended a second resumed/finished pair to the version's lineage.  With other settings: refused, as before."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from trainer.train import ResumeMismatch
+
+    first = train(make_config(store.root, "v-toy", run_id="done", max_steps=2, checkpoint_every=1, **FAST))
+    run = store.root / "runs" / "done"
+    lineage = store.root / "lineage" / "v-toy.jsonl"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    events = lineage.read_text()
+    again = train(make_config(store.root, "v-toy", run_id="done", resume=True, max_steps=2, checkpoint_every=1, **FAST))
+    assert lineage.read_text() == events and {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    assert again.final == json.loads(json.dumps(first.final)) and again.steps == first.steps == 2
+    assert again.evaluation == json.loads(json.dumps(first.evaluation))
+    assert again.already_finished and not first.already_finished
+    res = CliRunner().invoke(app, ["train", "v-toy", "--store", str(store.root), "--resume", "done", "--steps", "2",
+                                   "--checkpoint-every", "1", "--model", FAST["model"], "--max-length", "64", "--threads", "1",
+                                   "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "0"])
+    assert res.exit_code == 0, res.output
+    assert "run done had finished: nothing trained or written again" in " ".join(res.output.split())
+    assert lineage.read_text() == events
+    with pytest.raises(ResumeMismatch, match="max_steps"):
+        train(make_config(store.root, "v-toy", run_id="done", resume=True, max_steps=3, checkpoint_every=1, **FAST))

@@ -206,6 +206,7 @@ class RunResult:
     final: dict[str, Any]
     ledger: dict[str, Any] = None  # type: ignore[assignment]  # split -> tokenize ledger
     evaluation: dict[str, Any] | None = None  # eval.json's summary (test split, per slice)
+    already_finished: bool = False  # a resume of a finished run: its recorded results, nothing trained or written
 
 
 def open_certified_version(store: Store, ref: str) -> VersionHandle:
@@ -378,6 +379,11 @@ def _train(cfg: TrainConfig, on_event: Callable[[str, dict[str, Any]], None] | N
                 err.add_note(f"the run has an older checkpoint, {older[-1]}: move {ckpt.name} out of "
                              f"{ckpt.parent} to resume from it")
             raise
+        if started.get("status") == "finished":  # (same settings, checked above): nothing is trained or written again
+            emit("done", {"run_dir": str(run_dir), "already_finished": True, **(started.get("final") or {})})
+            evaluation = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
+            return RunResult(run_id, run_dir, step, started.get("final") or {}, started.get("tokenize_ledger"), evaluation,
+                             already_finished=True)
         lineage = {**started, "status": "running", "resumed_from": ckpt.name}
         for key in ("failure", "failed_at"):  # an earlier failure of this run stays in the lineage's "failed" event
             lineage.pop(key, None)
