@@ -199,16 +199,21 @@ def test_the_curate_flow_over_a_damaged_version_fails_naming_the_file(built, tmp
 
 # ---------------------------------------------------------------- a part edited and the manifest rewritten to match
 def rewrite_to_match(h, part: Path) -> None:
-    """Swap chosen/rejected in ``part`` (a new file: the store's object stays whole) and write the part's new sha256
-    and size, and its table's, into the manifest: the files verify against the manifest."""
+    """Swap chosen/rejected in ``part`` and write the new part into the manifest (:func:`rewrite_part`)."""
     import polars as pl
 
+    df = pl.read_parquet(part)
+    rewrite_part(h, part, df.with_columns(chosen=df["rejected"], rejected=df["chosen"]))
+
+
+def rewrite_part(h, part: Path, frame) -> None:
+    """Replace ``part`` by ``frame`` (a new file: the store's object stays whole) and write its sha256 and size, and
+    its table's, into the manifest: the files verify against the manifest."""
     from pipeline.store import sha256_file, table_sha256
     from schemas.manifest import SplitInfo
 
-    df = pl.read_parquet(part)
     part.unlink()
-    df.with_columns(chosen=df["rejected"], rejected=df["chosen"]).write_parquet(part)
+    frame.write_parquet(part)
     doc = json.loads((h.path / "manifest.json").read_text())
     for key, table in doc["tables"].items():
         for p in table["parts"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import ROOT, canonical, write_jsonl
+from test_curate_refusals import rewrite_part
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -123,25 +124,6 @@ def test_a_diff_holds_pair_ids_not_response_texts(flips, monkeypatch):
     assert _diff(st, a, b)["label_flips"] == 46
 
 
-def _rewrite_part(h, part: Path, frame: pl.DataFrame) -> None:
-    """Replace ``part`` by ``frame`` (a new file: the store's object stays whole) and write its sha256 and size, and
-    its table's, into the manifest: the files verify against the manifest."""
-    from pipeline.store import sha256_file, table_sha256
-    from schemas.manifest import SplitInfo
-
-    part.unlink()
-    frame.write_parquet(part)
-    doc = json.loads((h.path / "manifest.json").read_text())
-    for key, table in doc["tables"].items():
-        for p in table["parts"]:
-            if h.path / p["path"] == part:
-                p.update(sha256=sha256_file(part), bytes=part.stat().st_size)
-                table["sha256"] = table_sha256([SplitInfo(**q) for q in table["parts"]])
-                if key.startswith("data/"):
-                    doc["splits"][key.removeprefix("data/")]["sha256"] = table["sha256"]
-    (h.path / "manifest.json").write_text(json.dumps(doc, indent=2))
-
-
 def test_damaged_versions_exit_2_naming_the_file(tmp_path):
     """A part changed after the version was written, and one whose chosen column is no chat messages (its manifest
     rewritten to match): exit 2 naming the file in the message and as --json's ``file`` (it was null; the second was
@@ -150,7 +132,7 @@ def test_damaged_versions_exit_2_naming_the_file(tmp_path):
     h = st.get(b)
     part = h.split_files("train")[0]
     frame = pl.read_parquet(part)
-    _rewrite_part(h, part, frame.with_columns(chosen=pl.lit(7)))
+    rewrite_part(h, part, frame.with_columns(chosen=pl.lit(7)))
     doc = _diff(st, a, b, code=2)
     assert doc["file"] == str(part) and str(part) in doc["error"] and "chosen" in doc["error"], doc
     res = runner.invoke(app, ["diff", a, b, "--store", str(st.root)])
@@ -173,7 +155,7 @@ def test_a_chosen_stored_as_text_compares_with_messages(tmp_path):
     for s in ("train", "validation", "test"):
         for part in h.split_files(s):
             frame = pl.read_parquet(part)
-            _rewrite_part(h, part, frame.with_columns(chosen=pl.col("chosen").list.first().struct.field("content")))
+            rewrite_part(h, part, frame.with_columns(chosen=pl.col("chosen").list.first().struct.field("content")))
     d = _diff(st, a, same)
     assert d["label_flips"] == 0 and d["pairs_common"] == 46 and d["policy"]["changed"] == {
         "certify.min_pairs_per_locale": [5, 1]}

@@ -8,18 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from trainer_toys import make_store, planted_rows
+
+from test_train_trust import FAST, TINY, store  # noqa: F401 - the toy store (a fixture) and fast settings
 
 from trainer.train import make_config, train
-
-TINY = "tiny-llama:layers=1,hidden=32,heads=2"
-FAST = dict(model=TINY, max_length=64, threads=1, lr=1e-3, warmup_steps=2, eval_every=0)
-
-
-@pytest.fixture
-def store(tmp_path):
-    return make_store(tmp_path / "store", {"train": planted_rows(12), "validation": planted_rows(4, seed=1, prefix="v"),
-                                           "test": planted_rows(4, seed=2, prefix="t")})
 
 
 def _gc_delete(root: Path, version: str) -> dict:
@@ -427,7 +419,7 @@ def test_writes_that_fail_leave_no_temp_files(store, tmp_path, monkeypatch):
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: full() if str(a).endswith(".tmp") else real_replace(a, b))
     with pytest.raises(OSError):
-        reference._atomic(tmp_path / "key.json", b"{}")
+        reference.atomic_write_bytes(tmp_path / "key.json", b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
     res = _train_cli(store.root, "--steps", "1", "--run-id", "ref")  # the reference cache's parquet file
     assert res.exit_code == 2 and "No space left on device" in res.output, res.output

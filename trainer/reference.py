@@ -29,8 +29,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 
 import torch
 
+from pipeline.store import atomic_write_bytes
 from trainer.data import batches_in_order, collate
 from trainer.loss import DEFAULT_CHUNK_SIZE
 from trainer.model import sequence_logps
@@ -173,25 +172,8 @@ def load_or_compute(store, version_id: str, material: dict[str, Any], pairs_by_s
         buf = io.BytesIO()
         table.write_parquet(buf)
         data = buf.getvalue()
-        tmp = d / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.parquet.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:  # (a full disk: no half-written temp file left in the cache)
-            tmp.unlink(missing_ok=True)
+        atomic_write_bytes(path, data)  # (a full disk: no half-written temp file left in the cache)
         # the sidecar after the file: a crash between the two leaves a file without its record (computed again)
-        _atomic(d / f"{key}.json", (json.dumps({**material, SHA256_FIELD: hashlib.sha256(data).hexdigest()}, indent=2,
-                                               sort_keys=True) + "\n").encode())
+        record = {**material, SHA256_FIELD: hashlib.sha256(data).hexdigest()}
+        atomic_write_bytes(d / f"{key}.json", (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return ReferenceLogps(key, path, False, logps)
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
