@@ -187,13 +187,16 @@ def test_evaluation_end_to_end_on_the_samples(tmp_path):
 
 
 def test_eval_tables_are_written_atomically(tmp_path, monkeypatch):
-    """A crash (disk full, a kill) while the evaluation tables are rewritten -- a finished run resumed --
-    leaves the earlier eval.parquet / eval_pairs.parquet whole, not half a file under the final name."""
+    """A crash (disk full, a kill) while the evaluation tables are rewritten -- a run that failed after writing them
+    (in its report, say) resumed -- leaves the earlier eval.parquet / eval_pairs.parquet whole, not half a file under
+    the final name.  (A finished run resumed writes nothing: tests/test_train_trust.py.)"""
     st = make_store(tmp_path / "s", {"train": planted_rows(8), "validation": planted_rows(4, seed=1, prefix="v"),
                                      "test": _test_rows(6)})
     cfg = dict(run_id="at", max_steps=1, bootstrap_resamples=20, **FAST)
     d = train(make_config(st.root, "v-toy", **cfg)).run_dir
     before = {n: (d / n).read_bytes() for n in ("eval.parquet", "eval_pairs.parquet")}
+    run = json.loads((d / "run.json").read_text())
+    (d / "run.json").write_text(json.dumps({**run, "status": "failed"}))
 
     def torn_write(self, path, *args, **kwargs):
         with open(path, "wb") as fh:
